@@ -1,0 +1,2 @@
+//! The `llama32` command-line tool.
+fn main() {}

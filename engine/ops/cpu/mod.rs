@@ -1,0 +1,1 @@
+//! CPU reference kernels (f32, multithreaded).

@@ -1,0 +1,1 @@
+//! CUDA kernel wrappers (in progress).
