@@ -7,9 +7,11 @@
 #![warn(missing_docs)]
 
 pub mod chat_template;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod kv;
 pub mod model;
 pub mod npy;
 pub mod ops;

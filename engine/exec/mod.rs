@@ -1,1 +1,135 @@
-//! (in progress)
+//! Executors run one batched step of the model. The CPU reference ([`cpu::CpuExecutor`]) and the CUDA executor
+//! implement the same [`Executor`] trait over the same flat [`StepInput`], so tests can run identical steps
+//! through both.
+
+pub mod cpu;
+pub mod generate;
+
+use crate::config::LlamaConfig;
+use crate::{Error, Result};
+
+/// One batch of work in flat arrays, in the layout vLLM and FlashInfer use.
+///
+/// Sequence `s` owns the new tokens `cu_seqlens[s]..cu_seqlens[s + 1]`. Each new token has a position and a cache
+/// slot; its K/V are written to that slot before attention, and it attends to every cached position up to and
+/// including its own, read through the sequence's block table. Prefill chunks and decode tokens mix freely.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepInput {
+    /// Token ids of all new tokens, sequence after sequence.
+    pub token_ids: Vec<u32>,
+    /// Position of each new token in its sequence.
+    pub positions: Vec<u32>,
+    /// Query offsets per sequence, length `num_seqs + 1`, starting at 0.
+    pub cu_seqlens: Vec<u32>,
+    /// Block tables, `[num_seqs, max_blocks_per_seq]` row-major; unused entries may hold anything.
+    pub block_tables: Vec<u32>,
+    /// Row length of `block_tables`.
+    pub max_blocks_per_seq: usize,
+    /// Cache slot (`block * block_size + offset`) for each new token's K/V.
+    pub slot_mapping: Vec<u32>,
+    /// Indices (into the new tokens) whose logits are wanted, in output order.
+    pub logits_rows: Vec<u32>,
+}
+
+impl StepInput {
+    /// Number of sequences in the step.
+    pub fn num_seqs(&self) -> usize {
+        self.cu_seqlens.len().saturating_sub(1)
+    }
+
+    /// Number of new tokens in the step.
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Sequence index of every new token.
+    pub fn seq_of_token(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.num_tokens());
+        for s in 0..self.num_seqs() {
+            let n = (self.cu_seqlens[s + 1] - self.cu_seqlens[s]) as usize;
+            out.extend(std::iter::repeat_n(s as u32, n));
+        }
+        out
+    }
+
+    /// Checks every index against the model and the cache geometry, so that no backend ever reads out of bounds.
+    pub fn validate(&self, cfg: &LlamaConfig, num_blocks: usize, block_size: usize) -> Result<()> {
+        let bad = |msg: String| Err(Error::request(format!("step input: {msg}")));
+        let t = self.num_tokens();
+        if t == 0 {
+            return bad("no tokens".into());
+        }
+        if self.positions.len() != t || self.slot_mapping.len() != t {
+            return bad(format!(
+                "{t} tokens but {} positions and {} slots",
+                self.positions.len(),
+                self.slot_mapping.len()
+            ));
+        }
+        if self.cu_seqlens.first() != Some(&0) || self.cu_seqlens.last().map(|&x| x as usize) != Some(t) {
+            return bad(format!("cu_seqlens must start at 0 and end at {t}, got {:?}", self.cu_seqlens));
+        }
+        if self.cu_seqlens.windows(2).any(|w| w[1] <= w[0]) {
+            return bad("cu_seqlens must strictly increase (every sequence has at least one new token)".into());
+        }
+        let seqs = self.num_seqs();
+        if self.max_blocks_per_seq == 0 || self.block_tables.len() != seqs * self.max_blocks_per_seq {
+            return bad(format!(
+                "block_tables has {} entries, expected {seqs} x {}",
+                self.block_tables.len(),
+                self.max_blocks_per_seq
+            ));
+        }
+        if let Some((i, &id)) = self.token_ids.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab_size) {
+            return bad(format!("token id {id} at index {i} is outside the vocabulary (size {})", cfg.vocab_size));
+        }
+        let seq_of = self.seq_of_token();
+        for i in 0..t {
+            let (s, pos) = (seq_of[i] as usize, self.positions[i] as usize);
+            if pos >= cfg.max_position_embeddings {
+                return bad(format!(
+                    "position {pos} of token {i} exceeds max_position_embeddings {}",
+                    cfg.max_position_embeddings
+                ));
+            }
+            let blocks_needed = pos / block_size + 1;
+            if blocks_needed > self.max_blocks_per_seq {
+                return bad(format!("position {pos} of token {i} lies beyond the block table of sequence {s}"));
+            }
+            let row = &self.block_tables[s * self.max_blocks_per_seq..][..blocks_needed];
+            if let Some(&b) = row.iter().find(|&&b| b as usize >= num_blocks) {
+                return bad(format!("sequence {s} uses block {b}, but the cache has {num_blocks} blocks"));
+            }
+            let expected_slot = row[pos / block_size] as usize * block_size + pos % block_size;
+            if self.slot_mapping[i] as usize != expected_slot {
+                return bad(format!(
+                    "token {i} (sequence {s}, position {pos}) maps to slot {} but its block table gives {expected_slot}",
+                    self.slot_mapping[i]
+                ));
+            }
+        }
+        if let Some(&r) = self.logits_rows.iter().find(|&&r| r as usize >= t) {
+            return bad(format!("logits row {r} is not a token of this step ({t} tokens)"));
+        }
+        Ok(())
+    }
+}
+
+/// What a step returns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepOutput {
+    /// Logits for each requested row, `[logits_rows.len(), vocab]` row-major, f32.
+    pub logits: Vec<f32>,
+}
+
+/// A backend that owns weights, the KV block pool and workspaces, and runs batched steps.
+pub trait Executor {
+    /// The model's configuration.
+    fn config(&self) -> &LlamaConfig;
+    /// Tokens per KV block.
+    fn block_size(&self) -> usize;
+    /// Physical KV blocks in the pool.
+    fn num_blocks(&self) -> usize;
+    /// Runs one step: writes the new tokens' K/V into the cache and returns the requested logits.
+    fn step(&mut self, input: &StepInput) -> Result<StepOutput>;
+}

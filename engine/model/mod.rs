@@ -1,1 +1,141 @@
-//! (in progress)
+//! The Llama decoder, written once over the [`Ops`] trait. Backends supply the kernels and own the weights,
+//! activations and KV cache; this module only says in which order things happen.
+//!
+//! ```text
+//! x = embed(ids)
+//! for each layer l:
+//!     h = rms_norm(x (+= previous delta), attn_norm[l])
+//!     qkv = h @ Wqkv[l]^T ; rope(q, k) ; cache[slots] = k, v
+//!     delta = attention(q, cache) @ Wo[l]^T
+//!     h = rms_norm(x += delta, mlp_norm[l])
+//!     delta = (silu(h @ Wgate^T) * (h @ Wup^T)) @ Wdown^T
+//! logits = rms_norm(x += delta, final_norm)[logits_rows] @ lm_head^T
+//! ```
+
+use crate::exec::StepInput;
+use crate::Result;
+
+/// A weight matrix of the model, named by role so each backend can keep its own layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Linear {
+    /// Fused q, k and v projections of a layer.
+    Qkv(usize),
+    /// Attention output projection of a layer.
+    O(usize),
+    /// Fused gate and up projections of a layer.
+    GateUp(usize),
+    /// Down projection of a layer.
+    Down(usize),
+    /// Output projection to the vocabulary.
+    LmHead,
+}
+
+/// An RMSNorm weight of the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    /// `input_layernorm` of a layer.
+    Attn(usize),
+    /// `post_attention_layernorm` of a layer.
+    Mlp(usize),
+    /// The final `model.norm`.
+    Final,
+}
+
+/// The kernels a backend provides. Activations are `[rows, cols]` buffers of the backend's own type.
+pub trait Ops {
+    /// An activation buffer.
+    type Act;
+
+    /// Prepares per-step state (uploads metadata, sizes workspaces) before the layers run.
+    fn begin_step(&mut self, step: &StepInput) -> Result<()>;
+    /// A zero-initialized (or poisoned; it is always fully written before use) `[rows, cols]` buffer.
+    fn alloc(&mut self, rows: usize, cols: usize) -> Result<Self::Act>;
+    /// Gathers embedding rows for the step's tokens into `out`.
+    fn embed(&mut self, ids: &[u32], out: &mut Self::Act) -> Result<()>;
+    /// `out = rms_norm(x)`.
+    fn rms_norm(&mut self, x: &Self::Act, norm: Norm, out: &mut Self::Act) -> Result<()>;
+    /// `residual += delta; out = rms_norm(residual)`.
+    fn add_rms_norm(&mut self, residual: &mut Self::Act, delta: &Self::Act, norm: Norm, out: &mut Self::Act)
+        -> Result<()>;
+    /// `out = x @ W^T`.
+    fn linear(&mut self, x: &Self::Act, w: Linear, out: &mut Self::Act) -> Result<()>;
+    /// Applies RoPE to q and k inside the fused `qkv` rows and writes k, v into layer `layer`'s cache slots.
+    fn rope_and_cache(&mut self, layer: usize, qkv: &mut Self::Act, step: &StepInput) -> Result<()>;
+    /// Causal attention of the q part of `qkv` over layer `layer`'s cache into `out` `[tokens, q_dim]`.
+    fn attention(&mut self, layer: usize, qkv: &Self::Act, step: &StepInput, out: &mut Self::Act) -> Result<()>;
+    /// `out = silu(gate) * up` over fused `[rows, 2 * inter]` input.
+    fn silu_mul(&mut self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// `out[i] = x[rows[i]]`.
+    fn gather_rows(&mut self, x: &Self::Act, rows: &[u32], out: &mut Self::Act) -> Result<()>;
+}
+
+/// Widths the recipe needs from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    /// Residual width.
+    pub hidden: usize,
+    /// q_dim + 2 * kv_dim.
+    pub qkv: usize,
+    /// q_dim.
+    pub q: usize,
+    /// MLP inner width.
+    pub inter: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Decoder layers.
+    pub layers: usize,
+}
+
+impl Dims {
+    /// Widths of `cfg`.
+    pub fn of(cfg: &crate::config::LlamaConfig) -> Self {
+        Dims {
+            hidden: cfg.hidden_size,
+            qkv: cfg.q_dim() + 2 * cfg.kv_dim(),
+            q: cfg.q_dim(),
+            inter: cfg.intermediate_size,
+            vocab: cfg.vocab_size,
+            layers: cfg.num_hidden_layers,
+        }
+    }
+}
+
+/// Runs the decoder over one step and returns the logits of `step.logits_rows` as `[rows, vocab]`.
+/// The step must already be validated.
+pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act> {
+    ops.begin_step(step)?;
+    let t = step.num_tokens();
+    let mut x = ops.alloc(t, d.hidden)?;
+    let mut h = ops.alloc(t, d.hidden)?;
+    let mut delta = ops.alloc(t, d.hidden)?;
+    let mut qkv = ops.alloc(t, d.qkv)?;
+    let mut attn = ops.alloc(t, d.q)?;
+    let mut gate_up = ops.alloc(t, 2 * d.inter)?;
+    let mut act = ops.alloc(t, d.inter)?;
+    ops.embed(&step.token_ids, &mut x)?;
+    for l in 0..d.layers {
+        if l == 0 {
+            ops.rms_norm(&x, Norm::Attn(0), &mut h)?;
+        } else {
+            ops.add_rms_norm(&mut x, &delta, Norm::Attn(l), &mut h)?;
+        }
+        ops.linear(&h, Linear::Qkv(l), &mut qkv)?;
+        ops.rope_and_cache(l, &mut qkv, step)?;
+        ops.attention(l, &qkv, step, &mut attn)?;
+        ops.linear(&attn, Linear::O(l), &mut delta)?;
+        ops.add_rms_norm(&mut x, &delta, Norm::Mlp(l), &mut h)?;
+        ops.linear(&h, Linear::GateUp(l), &mut gate_up)?;
+        ops.silu_mul(&gate_up, &mut act)?;
+        ops.linear(&act, Linear::Down(l), &mut delta)?;
+    }
+    let rows = step.logits_rows.len();
+    let mut xr = ops.alloc(rows, d.hidden)?;
+    let mut dr = ops.alloc(rows, d.hidden)?;
+    let mut hr = ops.alloc(rows, d.hidden)?;
+    ops.gather_rows(&x, &step.logits_rows, &mut xr)?;
+    ops.gather_rows(&delta, &step.logits_rows, &mut dr)?;
+    ops.add_rms_norm(&mut xr, &dr, Norm::Final, &mut hr)?;
+    let mut logits = ops.alloc(rows, d.vocab)?;
+    ops.linear(&hr, Linear::LmHead, &mut logits)?;
+    Ok(logits)
+}

@@ -1,2 +1,7 @@
 //! CPU reference kernels (f32, multithreaded with rayon). Each is the twin of a CUDA kernel family.
+pub mod activation;
+pub mod attention;
+pub mod embedding;
+pub mod linear;
 pub mod norm;
+pub mod rope;

@@ -1,1 +1,146 @@
-//! CUDA kernel wrappers (in progress).
+//! CUDA backend: safe wrappers over the kernels in `kernels/*.cu`, one module per kernel family.
+//!
+//! A family's launcher is declared once in `kernels/llama32_kernels.h` (`l32_<family>_params` plus
+//! `l32_<family>(params, stream)`); bindgen turns the header into the private `ffi` module at build time. The wrapper
+//! here checks every length and shape before it launches, so a kernel never sees a malformed argument, and maps the
+//! launcher's `l32_status` to [`Error::Backend`]. Each family has a CPU twin with the same name and arguments in
+//! [`crate::ops::cpu`]; `tests/cuda_kernels.rs` runs both on fresh random inputs and compares them.
+//!
+//! Memory and streams are cudarc's: wrappers take a [`cudarc::driver::CudaStream`] and device slices
+//! ([`cudarc::driver::CudaSlice`] or views), enqueue the kernel on that stream and return without synchronizing.
+//!
+//! In a build without nvcc (or with `LLAMA32_NO_CUDA=1`, see `build.rs`) this module is a stub:
+//! [`is_available`] is false and every wrapper returns `Error::Backend("built without CUDA ...")`.
+
+#[cfg(llama32_cuda)]
+mod ffi;
+pub mod norm;
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::CudaStream;
+
+
+use crate::{Error, Result};
+
+/// The oldest driver API the static CUDA 13.0 runtime linked into the kernels works with.
+const MIN_DRIVER_VERSION: i32 = 13000;
+
+/// True when this binary was built with its CUDA kernels (nvcc was found at build time).
+pub fn built_with_cuda() -> bool {
+    cfg!(llama32_cuda)
+}
+
+/// True when the kernels are built in and a CUDA driver with at least one device is present.
+///
+/// Never panics, even where `libcuda.so` is missing (cudarc's loader would). Probed once per process.
+pub fn is_available() -> bool {
+    probe().is_ok()
+}
+
+/// Why CUDA cannot be used here, or `Ok(())` when [`is_available`]: a build without CUDA, no driver library,
+/// a driver older than CUDA 13.0, or no device. Probed once per process.
+pub fn probe() -> Result<()> {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBE.get_or_init(probe_uncached).clone().map_err(Error::Backend)
+}
+
+fn probe_uncached() -> Result<(), String> {
+    ensure_built().map_err(|e| e.to_string())?;
+    // SAFETY: only tries to dlopen the driver library by its usual names; nothing is called through it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no CUDA driver: libcuda.so was not found (is the NVIDIA driver installed?)".into());
+    }
+    // cudarc panics when a driver symbol is missing: contain that, and keep the panic message off stderr.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let probed = std::panic::catch_unwind(|| {
+        let count = cudarc::driver::CudaContext::device_count().map_err(|e| format!("cuInit failed: {e}"))?;
+        let mut version = 0i32;
+        // SAFETY: cuInit succeeded above; the call writes one int.
+        let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+        if status != cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
+            return Err(format!("cuDriverGetVersion failed: {status:?}"));
+        }
+        Ok((count, version))
+    });
+    std::panic::set_hook(hook);
+    let (count, version) = probed.map_err(|_| "the CUDA driver library is incomplete (a symbol is missing)")??;
+    if version < MIN_DRIVER_VERSION {
+        return Err(format!(
+            "the CUDA driver supports CUDA {}.{}, the kernels need 13.0 or newer: update the NVIDIA driver",
+            version / 1000,
+            version % 1000 / 10
+        ));
+    }
+    if count < 1 {
+        return Err("the CUDA driver reports no device".into());
+    }
+    Ok(())
+}
+
+/// `Ok` in a CUDA build; the "built without CUDA" error in a stub build.
+pub(crate) fn ensure_built() -> Result<()> {
+    if built_with_cuda() {
+        Ok(())
+    } else {
+        Err(Error::Backend(
+            "built without CUDA: nvcc was not found at build time, or LLAMA32_NO_CUDA was set; install the toolchain \
+             with scripts/install-cuda-toolchain.sh (or set CUDA_HOME) and rebuild"
+                .into(),
+        ))
+    }
+}
+
+/// Checks that every operand lives on the device of `stream`, before any pointer is taken.
+pub(crate) fn check_same_device(op: &str, stream: &CudaStream, operands: &[(&str, &Arc<CudaStream>)]) -> Result<()> {
+    let ordinal = stream.context().ordinal();
+    for (name, s) in operands {
+        if s.context().ordinal() != ordinal {
+            return Err(Error::Backend(format!(
+                "{op}: `{name}` is on device {} but the stream is on device {ordinal}",
+                s.context().ordinal()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The stream as the launchers take it, with its context made current on this thread (the CUDA runtime launches
+/// into the current context).
+#[cfg(llama32_cuda)]
+fn raw_stream(op: &str, stream: &CudaStream) -> Result<*mut std::ffi::c_void> {
+    stream.context().bind_to_thread().map_err(|e| Error::Backend(format!("{op}: binding the CUDA context: {e}")))?;
+    Ok(stream.cu_stream().cast())
+}
+
+/// Maps a launcher's status to a `Result`; `what` describes the call ("rms_norm (rows 7, hidden 4096)").
+#[cfg(llama32_cuda)]
+fn check_status(status: ffi::l32_status, what: impl FnOnce() -> String) -> Result<()> {
+    let reason = match status {
+        ffi::l32_status::L32_OK => return Ok(()),
+        ffi::l32_status::L32_INVALID_ARGUMENT => "invalid argument".to_string(),
+        ffi::l32_status::L32_UNSUPPORTED => "unsupported by the kernel".to_string(),
+        ffi::l32_status::L32_LAUNCH_FAILED => {
+            // SAFETY: returns a static, NUL-terminated string owned by this thread's slot in the kernels library.
+            let msg = unsafe { std::ffi::CStr::from_ptr(ffi::l32_last_cuda_error()) };
+            format!("launch failed: {}", msg.to_string_lossy())
+        }
+        other => format!("unknown status {}", other.0),
+    };
+    Err(Error::Backend(format!("{}: {reason}", what())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_never_panics_and_agrees_with_is_available() {
+        assert_eq!(probe().is_ok(), is_available());
+        if !built_with_cuda() {
+            let err = probe().unwrap_err().to_string();
+            assert!(err.contains("built without CUDA"), "{err}");
+        }
+    }
+}

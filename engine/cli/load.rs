@@ -1,0 +1,137 @@
+//! Resolving `--model` / `--preset` / `--random-weights` / `--device` into a ready executor.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::ModelArgs;
+use crate::config::{LlamaConfig, Preset};
+use crate::exec::cpu::CpuExecutor;
+use crate::exec::Executor;
+use crate::weights::{Checkpoint, ModelWeights};
+use crate::{Error, Result};
+
+/// An execution device named by `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU reference backend.
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl Device {
+    /// Parses `cpu`, `cuda` or `cuda:N`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| Error::request(format!("--device: expected cpu, cuda or cuda:N, got `{s}`"))),
+        }
+    }
+}
+
+/// Where the model's config came from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A checkpoint directory.
+    Dir(PathBuf),
+    /// A built-in preset.
+    Preset(Preset),
+}
+
+impl Source {
+    /// A one-line description for logs and JSON output.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Dir(d) => d.display().to_string(),
+            Source::Preset(p) => format!("preset {} (generated weights)", p.name()),
+        }
+    }
+}
+
+/// The config named by the arguments: `--model DIR`, `--preset NAME`, or the default 1B preset.
+pub fn resolve_config(a: &ModelArgs) -> Result<(LlamaConfig, Source)> {
+    match (&a.model, &a.preset) {
+        (Some(_), Some(_)) => Err(Error::request("pass either --model or --preset, not both")),
+        (Some(dir), None) => {
+            let mut cfg = LlamaConfig::from_model_dir(dir)?;
+            cfg.merge_generation_config(dir)?;
+            Ok((cfg, Source::Dir(dir.clone())))
+        }
+        (None, Some(name)) => {
+            let p = Preset::from_name(name)?;
+            Ok((p.config(), Source::Preset(p)))
+        }
+        (None, None) => {
+            eprintln!(
+                "no --model given: using the built-in Llama 3.2 1B preset with RANDOM weights (seed {}); \
+                 its output is meaningless text, useful only to exercise the engine",
+                a.weights_seed
+            );
+            Ok((Preset::Llama32_1B.config(), Source::Preset(Preset::Llama32_1B)))
+        }
+    }
+}
+
+/// A ready model.
+pub struct LoadedModel {
+    /// The executor.
+    pub exec: Box<dyn Executor>,
+    /// End-of-sequence ids from config.json and generation_config.json.
+    pub eos_ids: Vec<u32>,
+    /// The device, in words.
+    pub device_name: String,
+    /// The model source, in words.
+    pub source_desc: String,
+    /// Seconds spent loading or generating weights.
+    pub load_secs: f64,
+}
+
+/// Loads the model named by `a` with a KV cache for at least `min_tokens` tokens (or `--kv-tokens`).
+pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
+    let device = Device::parse(&a.device)?;
+    if let Device::Cuda(n) = device {
+        return Err(Error::Backend(format!(
+            "--device cuda:{n}: the CUDA executor is not part of this build yet; use --device cpu"
+        )));
+    }
+    if a.block_size == 0 {
+        return Err(Error::request("--block-size must be positive"));
+    }
+    let (cfg, source) = resolve_config(a)?;
+    let t0 = Instant::now();
+    let weights = match (&source, a.random_weights) {
+        (Source::Dir(dir), false) => {
+            let ckpt = Checkpoint::open(dir)?;
+            let bar = ProgressBar::new(ckpt.total_bytes()).with_style(
+                ProgressStyle::with_template("loading weights {bar:40} {binary_bytes}/{binary_total_bytes} {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let w = ModelWeights::load(&ckpt, &cfg, &|done| bar.set_position(done))?;
+            bar.finish_and_clear();
+            w
+        }
+        _ => ModelWeights::random(&cfg, a.weights_seed),
+    };
+    let load_secs = t0.elapsed().as_secs_f64();
+    let kv_tokens = a.kv_tokens.unwrap_or(min_tokens).max(min_tokens);
+    let eos_ids = cfg.eos_token_ids.clone();
+    let mut desc = source.describe();
+    if a.random_weights {
+        desc.push_str(" with random weights");
+    }
+    let exec = CpuExecutor::with_capacity(cfg, weights, kv_tokens, a.block_size)?;
+    Ok(LoadedModel {
+        exec: Box::new(exec),
+        eos_ids,
+        device_name: format!("cpu ({} threads)", rayon::current_num_threads()),
+        source_desc: desc,
+        load_secs,
+    })
+}

@@ -1,0 +1,436 @@
+//! The `llama32` command line: `logits`, `generate`, `tokenize`, `render`, `info` and `bench`.
+
+mod load;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::chat_template::{ChatRequest, ChatTemplate, RenderOptions};
+use crate::exec::generate::{generate, score, GenRequest, GenerateOptions};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::{EncodeOptions, Tokenizer};
+use crate::{Error, Result};
+
+pub use load::{load_model, Device, LoadedModel};
+
+/// Top-level command line.
+#[derive(Debug, Parser)]
+#[command(name = "llama32", version, about = "Inference engine for Meta's Llama 3.2 family")]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write float32 logits [T, vocab] for a list of token ids as .npy.
+    Logits(LogitsArgs),
+    /// Generate text or ids from a prompt.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text as JSON.
+    Tokenize(TokenizeArgs),
+    /// Print the prompt an OpenAI chat-completions request renders to.
+    Render(RenderArgs),
+    /// Print the parameter count and the memory plan.
+    Info(ModelArgs),
+    /// Time prefill and decode on the chosen model (use --random-weights at a preset's real shapes).
+    Bench(BenchArgs),
+}
+
+/// Where the model comes from.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Built-in architecture (1b, 3b) with generated weights; the default when --model is absent.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Use random weights at the model's real shapes instead of the checkpoint's (for benchmarking).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Seed for --random-weights.
+    #[arg(long, default_value_t = 0)]
+    pub weights_seed: u64,
+    /// Tokenizer file (tokenizer.json or tiktoken tokenizer.model); defaults to the model directory's.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Execution device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Tokens of KV cache to allocate (default: enough for the request).
+    #[arg(long)]
+    pub kv_tokens: Option<usize>,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+}
+
+/// `llama32 logits`.
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    ids: String,
+    /// Output .npy path.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `llama32 generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text (tokenized with BOS; with --chat, sent as one user message).
+    #[arg(long, conflicts_with = "ids")]
+    prompt: Option<String>,
+    /// Comma-separated prompt token ids, used as given.
+    #[arg(long)]
+    ids: Option<String>,
+    /// Render the prompt through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System prompt for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Top-k cutoff (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Min-p cutoff (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Frequency penalty (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Presence penalty (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Sampling seed (reproducible output).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print {"ids": [...], "text": "..."} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `llama32 tokenize`.
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// Model directory holding the tokenizer.
+    #[arg(long, required_unless_present = "tokenizer")]
+    model: Option<PathBuf>,
+    /// Tokenizer file (tokenizer.json or tokenizer.model).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Text to tokenize.
+    #[arg(long)]
+    text: String,
+    /// Parse special-token strings such as <|eot_id|> into their ids.
+    #[arg(long)]
+    special: bool,
+    /// Prepend <|begin_of_text|>.
+    #[arg(long)]
+    bos: bool,
+}
+
+/// `llama32 render`.
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Model directory holding the chat template.
+    #[arg(long)]
+    model: PathBuf,
+    /// OpenAI chat-completions request body (JSON file; `-` for stdin).
+    #[arg(long)]
+    request: PathBuf,
+    /// Date for the template's `date_string`, e.g. "26 Nov 2026".
+    #[arg(long)]
+    date: Option<String>,
+    /// Leave out the assistant header at the end.
+    #[arg(long)]
+    no_generation_prompt: bool,
+}
+
+/// `llama32 bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Generated tokens per sequence.
+    #[arg(long, default_value_t = 16)]
+    gen_tokens: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+}
+
+/// Parses a comma-separated id list, naming the bad item.
+pub fn parse_ids(s: &str, flag: &str) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().map_err(|_| Error::request(format!("{flag}: `{t}` is not a token id"))))
+        .collect::<Result<_>>()?;
+    if ids.is_empty() {
+        return Err(Error::request(format!("{flag}: no token ids given")));
+    }
+    Ok(ids)
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Logits(a) => cmd_logits(a),
+        Command::Generate(a) => cmd_generate(a),
+        Command::Tokenize(a) => cmd_tokenize(a),
+        Command::Render(a) => cmd_render(a),
+        Command::Info(a) => cmd_info(a),
+        Command::Bench(a) => cmd_bench(a),
+    }
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let ids = parse_ids(&a.ids, "--ids")?;
+    let mut m = load_model(&a.model, ids.len())?;
+    let vocab = m.exec.config().vocab_size;
+    let logits = score(m.exec.as_mut(), &ids, 512)?;
+    crate::npy::write_f32(&a.out, &[ids.len(), vocab], &logits)?;
+    eprintln!("wrote logits [{}, {vocab}] to {}", ids.len(), a.out.display());
+    Ok(())
+}
+
+fn load_tokenizer(model: &ModelArgs) -> Result<Option<Tokenizer>> {
+    if let Some(t) = &model.tokenizer {
+        return Tokenizer::from_file(t).map(Some);
+    }
+    if let Some(dir) = &model.model {
+        return Tokenizer::from_model_dir(dir).map(Some);
+    }
+    // A preset: use the real Llama 3 tokenizer when the test data names one.
+    if let Some(data) = std::env::var_os("LLAMA32_TEST_DATA") {
+        let p = PathBuf::from(data).join("tokenizer.model");
+        if p.exists() {
+            return Tokenizer::from_file(&p).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let tok = load_tokenizer(&a.model)?;
+    let prompt: Vec<u32> = match (&a.prompt, &a.ids) {
+        (_, Some(ids)) => parse_ids(ids, "--ids")?,
+        (Some(text), None) => {
+            let tok = tok.as_ref().ok_or_else(|| {
+                Error::request("--prompt needs a tokenizer: pass --model DIR with one, or --tokenizer FILE")
+            })?;
+            if a.chat {
+                let dir = a.model.model.as_ref().ok_or_else(|| Error::request("--chat needs --model DIR"))?;
+                let template = ChatTemplate::from_model_dir(dir)?;
+                let mut messages = Vec::new();
+                if let Some(sys) = &a.system {
+                    messages.push(serde_json::json!({"role": "system", "content": sys}));
+                }
+                messages.push(serde_json::json!({"role": "user", "content": text}));
+                let req = ChatRequest::from_json(&serde_json::json!({ "messages": messages }).to_string())?;
+                let rendered = template.render(&req, &RenderOptions::default())?;
+                tok.encode(&rendered, EncodeOptions { add_bos: false, parse_special: true })?
+            } else {
+                tok.encode(text, EncodeOptions { add_bos: true, parse_special: false })?
+            }
+        }
+        (None, None) => {
+            // "<|begin_of_text|>The capital of France is" in the Llama 3 vocabulary.
+            eprintln!("no --prompt or --ids: using the built-in prompt \"The capital of France is\"");
+            vec![128000, 791, 6864, 315, 9822, 374]
+        }
+    };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        stop_token_ids: Vec::new(),
+        ignore_eos: a.ignore_eos,
+    };
+    let mut m = load_model(&a.model, prompt.len() + a.max_tokens)?;
+    if tok.is_none() && !a.stop.is_empty() {
+        return Err(Error::request("--stop needs a tokenizer to see text"));
+    }
+    let mut decoder = tok.as_ref().map(|t| t.stream_decoder(true));
+    let mut detok = |_seq: usize, id: u32| -> Result<String> {
+        match decoder.as_mut() {
+            Some(d) => d.push(id),
+            None => Ok(String::new()),
+        }
+    };
+    let json = a.json;
+    let mut on_text = |_seq: usize, s: &str| {
+        if !json {
+            print!("{s}");
+            let _ = std::io::stdout().flush();
+        }
+    };
+    let opts = GenerateOptions { eos_ids: m.eos_ids.clone(), max_step_tokens: 512 };
+    let t0 = Instant::now();
+    let out = generate(m.exec.as_mut(), &[GenRequest { prompt: prompt.clone(), params }], &opts, &mut detok, &mut on_text)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let g = &out[0];
+    if json {
+        let text = if tok.is_some() { serde_json::Value::from(g.text.clone()) } else { serde_json::Value::Null };
+        println!("{}", serde_json::json!({"ids": g.ids, "text": text, "finish_reason": g.finish.as_str()}));
+    } else {
+        if tok.is_none() {
+            print!("(no tokenizer: generated ids) {:?}", g.ids);
+        }
+        println!();
+    }
+    eprintln!(
+        "{} prompt + {} generated tokens in {secs:.2} s ({:.2} tok/s overall), finish_reason={}",
+        prompt.len(),
+        g.ids.len(),
+        g.ids.len() as f64 / secs,
+        g.finish
+    );
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let tok = match (&a.tokenizer, &a.model) {
+        (Some(t), _) => Tokenizer::from_file(t)?,
+        (None, Some(dir)) => Tokenizer::from_model_dir(dir)?,
+        (None, None) => return Err(Error::request("pass --model DIR or --tokenizer FILE")),
+    };
+    let ids = tok.encode(&a.text, EncodeOptions { add_bos: a.bos, parse_special: a.special })?;
+    println!("{}", serde_json::json!({ "ids": ids }));
+    Ok(())
+}
+
+fn cmd_render(a: RenderArgs) -> Result<()> {
+    let body = if a.request.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| Error::io("<stdin>", e))?;
+        s
+    } else {
+        std::fs::read_to_string(&a.request).map_err(|e| Error::io(&a.request, e))?
+    };
+    let req = ChatRequest::from_json(&body)
+        .map_err(|e| Error::request(format!("{}: {e}", a.request.display())))?;
+    let template = ChatTemplate::from_model_dir(&a.model)?;
+    let opts = RenderOptions { add_generation_prompt: !a.no_generation_prompt, date_string: a.date.clone() };
+    print!("{}", template.render(&req, &opts)?);
+    Ok(())
+}
+
+fn cmd_info(a: ModelArgs) -> Result<()> {
+    let (cfg, source) = load::resolve_config(&a)?;
+    let params = cfg.num_parameters();
+    let ckpt_bytes = match &source {
+        load::Source::Dir(dir) if !a.random_weights => {
+            Some(crate::weights::Checkpoint::open(dir).map(|c| c.total_bytes())?)
+        }
+        _ => None,
+    };
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let ctx = cfg.max_position_embeddings;
+    let info = serde_json::json!({
+        "source": source.describe(),
+        "architecture": {
+            "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": ctx,
+            "rope": format!("{:?}", cfg.rope),
+        },
+        "parameters": params,
+        "memory_plan": {
+            "checkpoint_bytes": ckpt_bytes,
+            "weights_bf16_gib": gib(params as f64 * 2.0),
+            "weights_cpu_f32_gib": gib(params as f64 * 4.0),
+            "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(2),
+            "kv_bytes_per_token_cpu_f32": cfg.kv_bytes_per_token(4),
+            "kv_full_context_bf16_gib": gib(cfg.kv_bytes_per_token(2) as f64 * ctx as f64),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.batch == 0 {
+        return Err(Error::request("--prompt-tokens and --batch must be positive"));
+    }
+    let total = a.prompt_tokens + a.gen_tokens;
+    let model_args = ModelArgs { kv_tokens: Some(a.model.kv_tokens.unwrap_or(total * a.batch + 64)), ..a.model.clone() };
+    let mut m = load_model(&model_args, total)?;
+    let vocab = m.exec.config().vocab_size as u32;
+    let reqs: Vec<GenRequest> = (0..a.batch)
+        .map(|b| GenRequest {
+            prompt: (0..a.prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32 % (vocab - 1)) + 1).collect(),
+            params: SamplingParams { max_tokens: a.gen_tokens, ignore_eos: true, ..SamplingParams::greedy() },
+        })
+        .collect();
+    // Prefill alone (one token generated), then the full run; decode time is the difference.
+    let prefill_reqs: Vec<GenRequest> = reqs
+        .iter()
+        .map(|r| GenRequest { prompt: r.prompt.clone(), params: SamplingParams { max_tokens: 1, ..r.params.clone() } })
+        .collect();
+    let opts = GenerateOptions { eos_ids: Vec::new(), max_step_tokens: 2048 };
+    let (mut nodetok, mut notext) = (|_: usize, _: u32| Ok(String::new()), |_: usize, _: &str| {});
+    let t0 = Instant::now();
+    generate(m.exec.as_mut(), &prefill_reqs, &opts, &mut nodetok, &mut notext)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    generate(m.exec.as_mut(), &reqs, &opts, &mut nodetok, &mut notext)?;
+    let full_s = t1.elapsed().as_secs_f64();
+    let decode_steps = a.gen_tokens.saturating_sub(1).max(1) as f64;
+    let decode_s = (full_s - prefill_s).max(0.0);
+    let out = serde_json::json!({
+        "device": m.device_name,
+        "threads": rayon::current_num_threads(),
+        "model": m.source_desc,
+        "batch": a.batch, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
+        "load_s": m.load_secs,
+        "prefill_s": prefill_s,
+        "prefill_tok_per_s": (a.batch * a.prompt_tokens) as f64 / prefill_s,
+        "decode_ms_per_step": decode_s * 1e3 / decode_steps,
+        "decode_tok_per_s": a.batch as f64 * decode_steps / decode_s.max(1e-9),
+    });
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! The CPU reference executor: f32 weights, a paged f32 KV cache and the kernels of [`crate::ops::cpu`].
+
+use crate::config::LlamaConfig;
+use crate::exec::{Executor, StepInput, StepOutput};
+use crate::model::{forward, Dims, Linear, Norm, Ops};
+use crate::ops::cpu::{activation, attention, embedding, linear, norm, rope};
+use crate::ops::cpu::attention::{AttentionBatch, PagedLayout};
+use crate::weights::ModelWeights;
+use crate::{Error, Result};
+
+/// A row-major `[rows, cols]` f32 activation buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuAct {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// `rows * cols` values.
+    pub data: Vec<f32>,
+}
+
+/// The CPU backend's kernels, weights and KV cache.
+pub struct CpuOps {
+    cfg: LlamaConfig,
+    weights: ModelWeights,
+    inv_freq: Vec<f32>,
+    layout: PagedLayout,
+    num_blocks: usize,
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+    seq_of_token: Vec<u32>,
+}
+
+fn shape_err(what: &str, a: &CpuAct, rows: usize, cols: usize) -> Error {
+    Error::Backend(format!("{what}: buffer is [{}, {}], expected [{rows}, {cols}]", a.rows, a.cols))
+}
+
+fn check(what: &str, a: &CpuAct, rows: usize, cols: usize) -> Result<()> {
+    if a.rows == rows && a.cols == cols && a.data.len() == rows * cols {
+        Ok(())
+    } else {
+        Err(shape_err(what, a, rows, cols))
+    }
+}
+
+impl CpuOps {
+    fn norm_weight(&self, n: Norm) -> &[f32] {
+        match n {
+            Norm::Attn(l) => &self.weights.layers[l].attn_norm,
+            Norm::Mlp(l) => &self.weights.layers[l].mlp_norm,
+            Norm::Final => &self.weights.final_norm,
+        }
+    }
+
+    fn linear_weight(&self, w: Linear) -> (&[f32], usize) {
+        let c = &self.cfg;
+        match w {
+            Linear::Qkv(l) => (&self.weights.layers[l].wqkv, c.q_dim() + 2 * c.kv_dim()),
+            Linear::O(l) => (&self.weights.layers[l].wo, c.hidden_size),
+            Linear::GateUp(l) => (&self.weights.layers[l].w_gate_up, 2 * c.intermediate_size),
+            Linear::Down(l) => (&self.weights.layers[l].w_down, c.hidden_size),
+            Linear::LmHead => (self.weights.lm_head(), c.vocab_size),
+        }
+    }
+}
+
+impl Ops for CpuOps {
+    type Act = CpuAct;
+
+    fn begin_step(&mut self, step: &StepInput) -> Result<()> {
+        self.seq_of_token = step.seq_of_token();
+        Ok(())
+    }
+
+    fn alloc(&mut self, rows: usize, cols: usize) -> Result<CpuAct> {
+        Ok(CpuAct { rows, cols, data: vec![0.0; rows * cols] })
+    }
+
+    fn embed(&mut self, ids: &[u32], out: &mut CpuAct) -> Result<()> {
+        check("embed", out, ids.len(), self.cfg.hidden_size)?;
+        embedding::embed(&self.weights.embed, self.cfg.hidden_size, ids, &mut out.data);
+        Ok(())
+    }
+
+    fn rms_norm(&mut self, x: &CpuAct, n: Norm, out: &mut CpuAct) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        check("rms_norm x", x, x.rows, h)?;
+        check("rms_norm out", out, x.rows, h)?;
+        norm::rms_norm(&x.data, self.norm_weight(n), self.cfg.rms_norm_eps, h, &mut out.data);
+        Ok(())
+    }
+
+    fn add_rms_norm(&mut self, residual: &mut CpuAct, delta: &CpuAct, n: Norm, out: &mut CpuAct) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        check("add_rms_norm residual", residual, residual.rows, h)?;
+        check("add_rms_norm delta", delta, residual.rows, h)?;
+        check("add_rms_norm out", out, residual.rows, h)?;
+        norm::add_rms_norm(&mut residual.data, &delta.data, self.norm_weight(n), self.cfg.rms_norm_eps, h, &mut out.data);
+        Ok(())
+    }
+
+    fn linear(&mut self, x: &CpuAct, w: Linear, out: &mut CpuAct) -> Result<()> {
+        let (weight, n) = self.linear_weight(w);
+        let k = weight.len() / n.max(1);
+        check("linear x", x, x.rows, k)?;
+        check("linear out", out, x.rows, n)?;
+        linear::linear(&x.data, weight, x.rows, k, n, &mut out.data);
+        Ok(())
+    }
+
+    fn rope_and_cache(&mut self, layer: usize, qkv: &mut CpuAct, step: &StepInput) -> Result<()> {
+        let c = &self.cfg;
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        check("rope qkv", qkv, step.num_tokens(), q_dim + 2 * kv_dim)?;
+        let stride = qkv.cols;
+        // q and k are rotated as one block of heads: k's heads follow q's in each row.
+        rope::rope(
+            &mut qkv.data,
+            stride,
+            c.num_attention_heads + c.num_key_value_heads,
+            c.head_dim,
+            &step.positions,
+            &self.inv_freq,
+        );
+        let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
+        attention::write_kv(
+            &self.layout,
+            &qkv.data[q_dim..],
+            &qkv.data[q_dim + kv_dim..],
+            stride,
+            &step.slot_mapping,
+            kc,
+            vc,
+        );
+        Ok(())
+    }
+
+    fn attention(&mut self, layer: usize, qkv: &CpuAct, step: &StepInput, out: &mut CpuAct) -> Result<()> {
+        let q_dim = self.cfg.q_dim();
+        check("attention out", out, step.num_tokens(), q_dim)?;
+        let batch = AttentionBatch {
+            seq_of_token: &self.seq_of_token,
+            positions: &step.positions,
+            block_tables: &step.block_tables,
+            max_blocks_per_seq: step.max_blocks_per_seq,
+        };
+        attention::paged_attention(
+            &self.layout,
+            &qkv.data,
+            qkv.cols,
+            &batch,
+            &self.k_cache[layer],
+            &self.v_cache[layer],
+            &mut out.data,
+        );
+        Ok(())
+    }
+
+    fn silu_mul(&mut self, gate_up: &CpuAct, out: &mut CpuAct) -> Result<()> {
+        let inter = self.cfg.intermediate_size;
+        check("silu_mul in", gate_up, gate_up.rows, 2 * inter)?;
+        check("silu_mul out", out, gate_up.rows, inter)?;
+        activation::silu_mul(&gate_up.data, inter, &mut out.data);
+        Ok(())
+    }
+
+    fn gather_rows(&mut self, x: &CpuAct, rows: &[u32], out: &mut CpuAct) -> Result<()> {
+        check("gather_rows out", out, rows.len(), x.cols)?;
+        for (dst, &r) in out.data.chunks_mut(x.cols.max(1)).zip(rows) {
+            let r = r as usize;
+            if r >= x.rows {
+                return Err(Error::Backend(format!("gather_rows: row {r} of {}", x.rows)));
+            }
+            dst.copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(())
+    }
+}
+
+/// The CPU reference executor.
+pub struct CpuExecutor {
+    ops: CpuOps,
+}
+
+impl CpuExecutor {
+    /// An executor over `weights` with a KV pool of `num_blocks` blocks of `block_size` tokens.
+    pub fn new(cfg: LlamaConfig, weights: ModelWeights, num_blocks: usize, block_size: usize) -> Result<Self> {
+        if block_size == 0 || num_blocks == 0 {
+            return Err(Error::request("the KV cache needs at least one block of at least one token"));
+        }
+        let layout = PagedLayout {
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            block_size,
+        };
+        let pool = num_blocks * block_size * layout.slot_len();
+        let layers = cfg.num_hidden_layers;
+        let inv_freq = cfg.rope.inv_freq(cfg.head_dim);
+        Ok(CpuExecutor {
+            ops: CpuOps {
+                inv_freq,
+                layout,
+                num_blocks,
+                k_cache: vec![vec![0.0; pool]; layers],
+                v_cache: vec![vec![0.0; pool]; layers],
+                seq_of_token: Vec::new(),
+                weights,
+                cfg,
+            },
+        })
+    }
+
+    /// An executor whose pool holds `max_tokens` tokens (rounded up to whole blocks).
+    pub fn with_capacity(cfg: LlamaConfig, weights: ModelWeights, max_tokens: usize, block_size: usize) -> Result<Self> {
+        Self::new(cfg, weights, max_tokens.div_ceil(block_size.max(1)).max(1), block_size)
+    }
+}
+
+impl Executor for CpuExecutor {
+    fn config(&self) -> &LlamaConfig {
+        &self.ops.cfg
+    }
+
+    fn block_size(&self) -> usize {
+        self.ops.layout.block_size
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.ops.num_blocks
+    }
+
+    fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
+        input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
+        let dims = Dims::of(&self.ops.cfg);
+        let logits = forward(&mut self.ops, dims, input)?;
+        Ok(StepOutput { logits: logits.data })
+    }
+}

@@ -1,0 +1,183 @@
+//! Kernel twin tests: every CUDA kernel family (`ops::cuda::<family>`) against its f32 CPU twin
+//! (`ops::cpu::<family>`), on fresh random inputs, with the outputs poisoned (NaN) before each launch.
+//!
+//! The CPU twin runs on the bf16-rounded inputs, so the only differences left are the kernel's own bf16 roundings;
+//! each tolerance counts them. Without a CUDA build or a device, each test prints "skipped: no CUDA device" and
+//! returns (`scripts/gpu-suite.sh run` reports that as SKIP, which fails the suite on a device machine).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use half::bf16;
+use llama32::ops::{cpu, cuda};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// One bf16 rounding (round to nearest, 8 significant bits) moves a value by at most 2^-8 of itself.
+const BF16_ROUNDING: f32 = 1.0 / 256.0;
+/// Llama 3.2's `rms_norm_eps`.
+const EPS: f32 = 1e-5;
+/// Seeds: each draws its own inputs for every shape.
+const SEEDS: [u64; 3] = [1, 2, 3];
+/// (rows, hidden): the Llama hidden sizes, odd row counts, a one-warp row, rows whose hidden is not a multiple
+/// of 8 (the unvectorized path), and rows too long to keep in registers (the two-pass path).
+const SHAPES: [(usize, usize); 12] = [
+    (1, 2048),
+    (33, 2048),
+    (3, 3072),
+    (7, 4096),
+    (129, 4096),
+    (5, 8192),
+    (3, 16384),
+    (9, 64),
+    (2, 1000),
+    (3, 1001),
+    (2, 40000),
+    (2, 40001),
+];
+
+/// A stream on device 0, or None (after saying why) where CUDA cannot run.
+fn stream() -> Option<Arc<CudaStream>> {
+    if let Err(e) = cuda::probe() {
+        eprintln!("skipped: no CUDA device ({e})");
+        return None;
+    }
+    let ctx = CudaContext::new(0).expect("CUDA context on device 0");
+    Some(ctx.new_stream().expect("a CUDA stream"))
+}
+
+/// `n` bf16 values: standard normal, times a per-row scale drawn log-uniformly from [1e-2, 1e2], so rows differ
+/// in magnitude by orders (the normalization must undo that).
+fn random_rows(rng: &mut ChaCha8Rng, rows: usize, hidden: usize) -> Vec<bf16> {
+    let mut out = Vec::with_capacity(rows * hidden);
+    for _ in 0..rows {
+        let scale = 10f32.powf(rng.random_range(-2.0f32..2.0));
+        out.extend((0..hidden).map(|_| bf16::from_f32(scale * normal(rng))));
+    }
+    out
+}
+
+/// Llama-like norm weights: around 1, some negative, some near zero.
+fn random_weight(rng: &mut ChaCha8Rng, hidden: usize) -> Vec<bf16> {
+    (0..hidden).map(|_| bf16::from_f32(1.0 + 0.5 * normal(rng))).collect()
+}
+
+/// Standard normal by Box-Muller.
+fn normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+fn to_f32(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+fn upload(stream: &Arc<CudaStream>, v: &[bf16]) -> CudaSlice<bf16> {
+    stream.clone_htod(v).expect("host to device copy")
+}
+
+fn download(stream: &Arc<CudaStream>, v: &CudaSlice<bf16>) -> Vec<bf16> {
+    stream.clone_dtoh(v).expect("device to host copy")
+}
+
+/// Asserts `|got - want| <= roundings * 2^-8 * |want| + 1e-6` element by element (NaN fails: an unwritten output).
+/// The 1% on top covers the fp32 reduction order and rsqrtf, about 2^-20 of the value.
+fn assert_close(what: &str, got: &[bf16], want: &[f32], roundings: f32, hidden: usize) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let rel = roundings * BF16_ROUNDING * 1.01;
+    let mut worst = (0.0f32, 0usize);
+    for (i, (g, w)) in got.iter().map(|g| g.to_f32()).zip(want).enumerate() {
+        let err = (g - w).abs();
+        let tol = rel * w.abs() + 1e-6;
+        assert!(
+            err <= tol,
+            "{what}: row {} col {}: got {g}, want {w} (error {err:e} > tolerance {tol:e})",
+            i / hidden,
+            i % hidden
+        );
+        if w.abs() > 1e-3 && err / w.abs() > worst.0 {
+            worst = (err / w.abs(), i);
+        }
+    }
+    eprintln!("{what}: worst relative error {:.3e} ({:.2} bf16 roundings)", worst.0, worst.0 / BF16_ROUNDING);
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let Some(stream) = stream() else { return };
+    for seed in SEEDS {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for (rows, hidden) in SHAPES {
+            let what = format!("rms_norm seed {seed} rows {rows} hidden {hidden}");
+            let x = random_rows(&mut rng, rows, hidden);
+            let weight = random_weight(&mut rng, hidden);
+
+            let mut want = vec![f32::NAN; rows * hidden];
+            cpu::norm::rms_norm(&to_f32(&x), &to_f32(&weight), EPS, hidden, &mut want);
+
+            let (x_d, w_d) = (upload(&stream, &x), upload(&stream, &weight));
+            let mut out_d = upload(&stream, &vec![bf16::NAN; rows * hidden]);
+            cuda::norm::rms_norm(&stream, &x_d, &w_d, EPS, hidden, &mut out_d).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let got = download(&stream, &out_d);
+            // Two roundings: the normalized row, then its product with the weight.
+            assert_close(&what, &got, &want, 2.0, hidden);
+        }
+    }
+}
+
+#[test]
+fn add_rms_norm_matches_cpu() {
+    let Some(stream) = stream() else { return };
+    for seed in SEEDS {
+        let mut rng = ChaCha8Rng::seed_from_u64(100 + seed);
+        for (rows, hidden) in SHAPES {
+            let what = format!("add_rms_norm seed {seed} rows {rows} hidden {hidden}");
+            let residual = random_rows(&mut rng, rows, hidden);
+            let x = random_rows(&mut rng, rows, hidden);
+            let weight = random_weight(&mut rng, hidden);
+
+            let mut want_residual = to_f32(&residual);
+            let mut want = vec![f32::NAN; rows * hidden];
+            cpu::norm::add_rms_norm(&mut want_residual, &to_f32(&x), &to_f32(&weight), EPS, hidden, &mut want);
+
+            let mut res_d = upload(&stream, &residual);
+            let (x_d, w_d) = (upload(&stream, &x), upload(&stream, &weight));
+            let mut out_d = upload(&stream, &vec![bf16::NAN; rows * hidden]);
+            cuda::norm::add_rms_norm(&stream, &mut res_d, &x_d, &w_d, EPS, hidden, &mut out_d)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+
+            // The residual stream stays bf16: the kernel rounds the same f32 sum the twin computes, so the two
+            // agree bit for bit once the twin's sum is rounded.
+            let got_residual = download(&stream, &res_d);
+            for (i, (g, w)) in got_residual.iter().zip(&want_residual).enumerate() {
+                let w = bf16::from_f32(*w);
+                assert!(
+                    g.to_bits() == w.to_bits(),
+                    "{what}: residual row {} col {}: got {g}, want bf16({w})",
+                    i / hidden,
+                    i % hidden
+                );
+            }
+            // Four roundings: the residual (which also shifts the mean square, by at most one more) and the
+            // two of the norm itself.
+            let got = download(&stream, &out_d);
+            assert_close(&what, &got, &want, 4.0, hidden);
+        }
+    }
+}
+
+#[test]
+fn norm_wrappers_reject_bad_shapes_before_launch() {
+    let Some(stream) = stream() else { return };
+    let x = upload(&stream, &vec![bf16::ONE; 3 * 64]);
+    let w = upload(&stream, &vec![bf16::ONE; 64]);
+    let mut short_out = upload(&stream, &vec![bf16::NAN; 2 * 64]);
+    let err = cuda::norm::rms_norm(&stream, &x, &w, EPS, 64, &mut short_out).unwrap_err().to_string();
+    assert!(err.contains("`out`"), "{err}");
+    let mut out = upload(&stream, &vec![bf16::NAN; 3 * 64]);
+    let err = cuda::norm::rms_norm(&stream, &x, &w, EPS, 32, &mut out).unwrap_err().to_string();
+    assert!(err.contains("`weight`"), "{err}");
+    // Nothing was launched: the output is still poisoned.
+    assert!(download(&stream, &out).iter().all(|v| v.is_nan()));
+}

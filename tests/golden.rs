@@ -1,0 +1,146 @@
+//! Golden tests: the CPU reference against HF transformers on tiny random-weight checkpoints (tests/golden/).
+//! Logits must match within 1e-4 relative to the largest reference logit, and greedy ids exactly.
+
+use std::path::{Path, PathBuf};
+
+use llama32::config::LlamaConfig;
+use llama32::exec::cpu::CpuExecutor;
+use llama32::exec::generate::{build_step, generate, score, GenRequest, GenerateOptions, LogitsWanted, SeqChunk};
+use llama32::exec::Executor;
+use llama32::kv::BlockAllocator;
+use llama32::sampling::SamplingParams;
+use llama32::weights::{Checkpoint, ModelWeights};
+use serde_json::Value;
+
+const CASES: [&str; 4] = ["tied-gqa4", "untied-gqa2-sharded", "gqa3-f16", "mha-f32-norope-scaling"];
+const REL_TOL: f32 = 1e-4;
+
+fn case_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+}
+
+struct Case {
+    dir: PathBuf,
+    cfg: LlamaConfig,
+    reference: Value,
+}
+
+impl Case {
+    fn load(name: &str) -> Case {
+        let dir = case_dir(name);
+        let mut cfg = LlamaConfig::from_model_dir(&dir).unwrap();
+        cfg.merge_generation_config(&dir).unwrap();
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        Case { dir, cfg, reference }
+    }
+
+    fn ids(&self, key: &str) -> Vec<u32> {
+        self.reference[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    }
+
+    fn executor(&self, block_size: usize) -> CpuExecutor {
+        let ckpt = Checkpoint::open(&self.dir).unwrap();
+        let w = ModelWeights::load(&ckpt, &self.cfg, &|_| {}).unwrap();
+        CpuExecutor::with_capacity(self.cfg.clone(), w, 512, block_size).unwrap()
+    }
+
+    fn ref_logits(&self, file: &str) -> Vec<f32> {
+        let a = llama32::npy::read_f32(&self.dir.join(file)).unwrap();
+        assert_eq!(a.shape[1], self.cfg.vocab_size);
+        a.data
+    }
+}
+
+fn assert_close(name: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let (mut worst, mut at) = (0.0f32, 0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        if d.is_nan() || d > worst {
+            worst = if d.is_nan() { f32::INFINITY } else { d };
+            at = i;
+        }
+    }
+    assert!(
+        worst <= REL_TOL * scale,
+        "{name}: max |diff| {worst} at {at} (got {}, want {}) exceeds {REL_TOL} x max|ref| {scale}",
+        got[at],
+        want[at]
+    );
+    eprintln!("{name}: max |diff| / max|ref| = {:.2e}", worst / scale);
+}
+
+#[test]
+fn logits_match_transformers() {
+    for name in CASES {
+        let case = Case::load(name);
+        let mut exec = case.executor(16);
+        let got = score(&mut exec, &case.ids("prompt_ids"), 512).unwrap();
+        assert_close(name, &got, &case.ref_logits("logits.npy"));
+    }
+}
+
+#[test]
+fn chunked_prefill_and_odd_block_sizes_match() {
+    for name in ["tied-gqa4", "untied-gqa2-sharded"] {
+        let case = Case::load(name);
+        let mut exec = case.executor(5);
+        let got = score(&mut exec, &case.ids("prompt_ids"), 7).unwrap();
+        assert_close(&format!("{name} chunk 7, block 5"), &got, &case.ref_logits("logits.npy"));
+    }
+}
+
+#[test]
+fn two_sequences_in_one_step_match() {
+    for name in CASES {
+        let case = Case::load(name);
+        let mut exec = case.executor(16);
+        let (p1, p2) = (case.ids("prompt_ids"), case.ids("prompt2_ids"));
+        let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+        let (mut t1, mut t2) = (Vec::new(), Vec::new());
+        // Allocate the short prompt first so the two block tables interleave differently from a single run.
+        alloc.ensure(&mut t2, p2.len()).unwrap();
+        alloc.ensure(&mut t1, p1.len()).unwrap();
+        let step = build_step(
+            &[
+                SeqChunk { tokens: &p2, start_pos: 0, block_table: &t2, logits: LogitsWanted::All },
+                SeqChunk { tokens: &p1, start_pos: 0, block_table: &t1, logits: LogitsWanted::All },
+            ],
+            exec.block_size(),
+        )
+        .unwrap();
+        let out = exec.step(&step).unwrap().logits;
+        let split = p2.len() * case.cfg.vocab_size;
+        assert_close(&format!("{name} prompt2 batched"), &out[..split], &case.ref_logits("logits2.npy"));
+        assert_close(&format!("{name} prompt batched"), &out[split..], &case.ref_logits("logits.npy"));
+    }
+}
+
+#[test]
+fn greedy_ids_match_transformers_batched() {
+    for name in CASES {
+        let case = Case::load(name);
+        let mut exec = case.executor(16);
+        let n = case.reference["greedy_new_tokens"].as_u64().unwrap() as usize;
+        let params = SamplingParams { max_tokens: n, ..SamplingParams::greedy() };
+        let reqs = [
+            GenRequest { prompt: case.ids("prompt_ids"), params: params.clone() },
+            GenRequest { prompt: case.ids("prompt2_ids"), params },
+        ];
+        let opts = GenerateOptions { eos_ids: case.cfg.eos_token_ids.clone(), max_step_tokens: 64 };
+        let out = generate(&mut exec, &reqs, &opts, &mut |_, _| Ok(String::new()), &mut |_, _| {}).unwrap();
+        assert_eq!(out[0].ids, case.ids("greedy_ids"), "{name}: greedy ids of prompt");
+        assert_eq!(out[1].ids, case.ids("greedy2_ids"), "{name}: greedy ids of prompt2");
+    }
+}
+
+#[test]
+fn bad_token_id_is_rejected() {
+    let case = Case::load("tied-gqa4");
+    let mut exec = case.executor(16);
+    let vocab = case.cfg.vocab_size as u32;
+    let err = score(&mut exec, &[1, vocab, 2], 512).unwrap_err().to_string();
+    assert!(err.contains(&format!("token id {vocab}")) && err.contains("outside the vocabulary"), "{err}");
+}
