@@ -65,7 +65,7 @@ fn env_flag(var: &str) -> bool {
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
     let from_homes = ["CUDA_HOME", "CUDA_PATH"]
         .into_iter()
-        .filter_map(|var| env::var_os(var))
+        .filter_map(env::var_os)
         .map(|home| PathBuf::from(home).join("bin").join("nvcc"));
     let from_path = env::var_os("PATH").into_iter().flat_map(|p| env::split_paths(&p).collect::<Vec<_>>());
     let from_path = from_path.map(|dir| dir.join("nvcc"));
@@ -76,7 +76,10 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 /// `<cuda>` for `<cuda>/bin/nvcc`, following symlinks (Debian's /usr/bin/nvcc, the toolchain's `cuda` link).
 fn cuda_root(nvcc: &Path) -> PathBuf {
     let real = nvcc.canonicalize().unwrap_or_else(|_| nvcc.to_path_buf());
-    real.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_else(|| panic!("{}: no <cuda>/bin", real.display()))
+    real.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| panic!("{}: no <cuda>/bin", real.display()))
 }
 
 /// The gencode targets.

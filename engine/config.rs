@@ -40,10 +40,8 @@ pub struct RopeConfig {
 impl RopeConfig {
     /// Inverse frequencies for a rotary dimension of `head_dim` (length `head_dim / 2`), as transformers computes them.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
-        let base: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1.0f32 / self.theta.powf(i as f32 / head_dim as f32))
-            .collect();
+        let base: Vec<f32> =
+            (0..head_dim).step_by(2).map(|i| 1.0f32 / self.theta.powf(i as f32 / head_dim as f32)).collect();
         match self.scaling {
             RopeScaling::None => base,
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
@@ -231,7 +229,9 @@ impl<'a> Fields<'a> {
                 .iter()
                 .map(|v| one(v).ok_or_else(|| self.err(field, format!("expected token ids, got {v}"))))
                 .collect(),
-            Some(v) => one(v).map(|id| vec![id]).ok_or_else(|| self.err(field, format!("expected a token id, got {v}"))),
+            Some(v) => {
+                one(v).map(|id| vec![id]).ok_or_else(|| self.err(field, format!("expected a token id, got {v}")))
+            }
         }
     }
 }
@@ -409,7 +409,9 @@ fn parse_rope(top: &Fields<'_>) -> Result<RopeConfig> {
                 original_max_position_embeddings: orig as u32,
             }
         }
-        other => return Err(s.err("rope_type", format!("unsupported RoPE type `{other}` (supported: default, llama3)"))),
+        other => {
+            return Err(s.err("rope_type", format!("unsupported RoPE type `{other}` (supported: default, llama3)")))
+        }
     };
     Ok(RopeConfig { theta, scaling })
 }
@@ -495,9 +497,8 @@ mod tests {
         assert!(e.contains("rms_norm_eps"), "{e}");
         let e = parse(&format!(r#"{BASE},"num_key_value_heads":3}}"#)).unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
-        let e = parse(&format!(r#"{BASE},"rope_scaling":{{"rope_type":"yarn","factor":2.0}}}}"#))
-            .unwrap_err()
-            .to_string();
+        let e =
+            parse(&format!(r#"{BASE},"rope_scaling":{{"rope_type":"yarn","factor":2.0}}}}"#)).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
         let e = parse(&format!(r#"{BASE},"rope_scaling":{{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0}}}}"#))
             .unwrap_err()

@@ -118,7 +118,8 @@ fn rms_norm_matches_cpu() {
 
             let (x_d, w_d) = (upload(&stream, &x), upload(&stream, &weight));
             let mut out_d = upload(&stream, &vec![bf16::NAN; rows * hidden]);
-            cuda::norm::rms_norm(&stream, &x_d, &w_d, EPS, hidden, &mut out_d).unwrap_or_else(|e| panic!("{what}: {e}"));
+            cuda::norm::rms_norm(&stream, &x_d, &w_d, EPS, hidden, &mut out_d)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
             let got = download(&stream, &out_d);
             // Two roundings: the normalized row, then its product with the weight.
             assert_close(&what, &got, &want, 2.0, hidden);

@@ -68,14 +68,7 @@ pub fn resolve_config(a: &ModelArgs) -> Result<(LlamaConfig, Source)> {
             let p = Preset::from_name(name)?;
             Ok((p.config(), Source::Preset(p)))
         }
-        (None, None) => {
-            eprintln!(
-                "no --model given: using the built-in Llama 3.2 1B preset with RANDOM weights (seed {}); \
-                 its output is meaningless text, useful only to exercise the engine",
-                a.weights_seed
-            );
-            Ok((Preset::Llama32_1B.config(), Source::Preset(Preset::Llama32_1B)))
-        }
+        (None, None) => Ok((Preset::Llama32_1B.config(), Source::Preset(Preset::Llama32_1B))),
     }
 }
 
@@ -105,6 +98,13 @@ pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
         return Err(Error::request("--block-size must be positive"));
     }
     let (cfg, source) = resolve_config(a)?;
+    if a.model.is_none() && a.preset.is_none() {
+        eprintln!(
+            "no --model given: using the built-in Llama 3.2 1B preset with RANDOM weights (seed {}); \
+             its output is meaningless text, useful only to exercise the engine",
+            a.weights_seed
+        );
+    }
     let t0 = Instant::now();
     let weights = match (&source, a.random_weights) {
         (Source::Dir(dir), false) => {

@@ -233,6 +233,11 @@ fn load_tokenizer(model: &ModelArgs) -> Result<Option<Tokenizer>> {
         return Tokenizer::from_file(t).map(Some);
     }
     if let Some(dir) = &model.model {
+        // A checkpoint without a tokenizer can still run on token ids.
+        let files = ["tokenizer.json", "tokenizer.model", "original/tokenizer.model"];
+        if !files.iter().any(|f| dir.join(f).exists()) {
+            return Ok(None);
+        }
         return Tokenizer::from_model_dir(dir).map(Some);
     }
     // A preset: use the real Llama 3 tokenizer when the test data names one.
@@ -246,6 +251,7 @@ fn load_tokenizer(model: &ModelArgs) -> Result<Option<Tokenizer>> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    load::resolve_config(&a.model)?; // Fail fast on a bad --model before reading the tokenizer.
     let tok = load_tokenizer(&a.model)?;
     let prompt: Vec<u32> = match (&a.prompt, &a.ids) {
         (_, Some(ids)) => parse_ids(ids, "--ids")?,
@@ -308,7 +314,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let opts = GenerateOptions { eos_ids: m.eos_ids.clone(), max_step_tokens: 512 };
     let t0 = Instant::now();
-    let out = generate(m.exec.as_mut(), &[GenRequest { prompt: prompt.clone(), params }], &opts, &mut detok, &mut on_text)?;
+    let out =
+        generate(m.exec.as_mut(), &[GenRequest { prompt: prompt.clone(), params }], &opts, &mut detok, &mut on_text)?;
     let secs = t0.elapsed().as_secs_f64();
     let g = &out[0];
     if json {
@@ -349,8 +356,7 @@ fn cmd_render(a: RenderArgs) -> Result<()> {
     } else {
         std::fs::read_to_string(&a.request).map_err(|e| Error::io(&a.request, e))?
     };
-    let req = ChatRequest::from_json(&body)
-        .map_err(|e| Error::request(format!("{}: {e}", a.request.display())))?;
+    let req = ChatRequest::from_json(&body).map_err(|e| Error::request(format!("{}: {e}", a.request.display())))?;
     let template = ChatTemplate::from_model_dir(&a.model)?;
     let opts = RenderOptions { add_generation_prompt: !a.no_generation_prompt, date_string: a.date.clone() };
     print!("{}", template.render(&req, &opts)?);
@@ -396,7 +402,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         return Err(Error::request("--prompt-tokens and --batch must be positive"));
     }
     let total = a.prompt_tokens + a.gen_tokens;
-    let model_args = ModelArgs { kv_tokens: Some(a.model.kv_tokens.unwrap_or(total * a.batch + 64)), ..a.model.clone() };
+    let model_args =
+        ModelArgs { kv_tokens: Some(a.model.kv_tokens.unwrap_or(total * a.batch + 64)), ..a.model.clone() };
     let mut m = load_model(&model_args, total)?;
     let vocab = m.exec.config().vocab_size as u32;
     let reqs: Vec<GenRequest> = (0..a.batch)

@@ -3,8 +3,8 @@
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
 use crate::model::{forward, Dims, Linear, Norm, Ops};
-use crate::ops::cpu::{activation, attention, embedding, linear, norm, rope};
 use crate::ops::cpu::attention::{AttentionBatch, PagedLayout};
+use crate::ops::cpu::{activation, attention, embedding, linear, norm, rope};
 use crate::weights::ModelWeights;
 use crate::{Error, Result};
 
@@ -95,7 +95,14 @@ impl Ops for CpuOps {
         check("add_rms_norm residual", residual, residual.rows, h)?;
         check("add_rms_norm delta", delta, residual.rows, h)?;
         check("add_rms_norm out", out, residual.rows, h)?;
-        norm::add_rms_norm(&mut residual.data, &delta.data, self.norm_weight(n), self.cfg.rms_norm_eps, h, &mut out.data);
+        norm::add_rms_norm(
+            &mut residual.data,
+            &delta.data,
+            self.norm_weight(n),
+            self.cfg.rms_norm_eps,
+            h,
+            &mut out.data,
+        );
         Ok(())
     }
 
@@ -212,7 +219,12 @@ impl CpuExecutor {
     }
 
     /// An executor whose pool holds `max_tokens` tokens (rounded up to whole blocks).
-    pub fn with_capacity(cfg: LlamaConfig, weights: ModelWeights, max_tokens: usize, block_size: usize) -> Result<Self> {
+    pub fn with_capacity(
+        cfg: LlamaConfig,
+        weights: ModelWeights,
+        max_tokens: usize,
+        block_size: usize,
+    ) -> Result<Self> {
         Self::new(cfg, weights, max_tokens.div_ceil(block_size.max(1)).max(1), block_size)
     }
 }

@@ -139,7 +139,10 @@ pub fn generate<E: Executor + ?Sized>(
     let mut reserved = 0usize;
     for (i, r) in reqs.iter().enumerate() {
         let at = |msg: String| Error::request(format!("request {i}: {msg}"));
-        r.params.validate(vocab).map_err(|e| at(e.to_string()))?;
+        r.params.validate(vocab).map_err(|e| match e {
+            Error::Request(m) => at(m),
+            other => other,
+        })?;
         if r.prompt.is_empty() {
             return Err(at("empty prompt".into()));
         }

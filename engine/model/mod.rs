@@ -55,8 +55,13 @@ pub trait Ops {
     /// `out = rms_norm(x)`.
     fn rms_norm(&mut self, x: &Self::Act, norm: Norm, out: &mut Self::Act) -> Result<()>;
     /// `residual += delta; out = rms_norm(residual)`.
-    fn add_rms_norm(&mut self, residual: &mut Self::Act, delta: &Self::Act, norm: Norm, out: &mut Self::Act)
-        -> Result<()>;
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut Self::Act,
+        delta: &Self::Act,
+        norm: Norm,
+        out: &mut Self::Act,
+    ) -> Result<()>;
     /// `out = x @ W^T`.
     fn linear(&mut self, x: &Self::Act, w: Linear, out: &mut Self::Act) -> Result<()>;
     /// Applies RoPE to q and k inside the fused `qkv` rows and writes k, v into layer `layer`'s cache slots.

@@ -30,8 +30,8 @@
 //!
 //! Every non-greedy call consumes exactly one `u64` from the stream, so a fixed seed and fixed logits
 //! give the same ids on every run (the only platform dependence is the last-ulp behavior of `f64::exp`).
-//! The cost is `O(V)` plus `O(k log k)` for a small `top_k`; top-p without top-k sorts lazily in
-//! doubling chunks, `O(V log V)` in the worst case.
+//! The cost is `O(V)` plus `O(k log k)` for a small `top_k`; top-p without top-k first bounds the nucleus
+//! with a histogram of the scaled logits and sorts only that superset (`O(V log V)` in the worst case).
 
 mod sampler;
 mod stop;

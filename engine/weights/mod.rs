@@ -27,17 +27,17 @@ impl Checkpoint {
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let root: Value = serde_json::from_str(&text)
-                .map_err(|e| Error::weights(&index_path, format!("not valid JSON: {e}")))?;
+            let root: Value =
+                serde_json::from_str(&text).map_err(|e| Error::weights(&index_path, format!("not valid JSON: {e}")))?;
             let map = root
                 .get("weight_map")
                 .and_then(Value::as_object)
                 .ok_or_else(|| Error::weights(&index_path, "missing `weight_map` object"))?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
-                let file = file.as_str().ok_or_else(|| {
-                    Error::weights(&index_path, format!("weight_map[`{tensor}`] is not a file name"))
-                })?;
+                let file = file
+                    .as_str()
+                    .ok_or_else(|| Error::weights(&index_path, format!("weight_map[`{tensor}`] is not a file name")))?;
                 if file.contains('/') || file.contains('\\') || file.starts_with("..") {
                     return Err(Error::weights(&index_path, format!("weight_map[`{tensor}`]: bad file name `{file}`")));
                 }
@@ -50,10 +50,7 @@ impl Checkpoint {
         } else if dir.join("model.safetensors").exists() {
             vec!["model.safetensors".into()]
         } else {
-            return Err(Error::weights(
-                dir,
-                "no model.safetensors or model.safetensors.index.json in this directory",
-            ));
+            return Err(Error::weights(dir, "no model.safetensors or model.safetensors.index.json in this directory"));
         };
         let files: Vec<SafeTensorsFile> =
             shard_names.iter().map(|n| SafeTensorsFile::open(&dir.join(n))).collect::<Result<_>>()?;
@@ -195,7 +192,9 @@ impl ModelWeights {
         let read = |names: &[String]| -> Result<Vec<f32>> {
             let views: Vec<TensorView<'_>> = names
                 .iter()
-                .map(|n| ckpt.get(n).map(|(v, _)| v).ok_or_else(|| Error::weights(ckpt.dir(), format!("missing `{n}`"))))
+                .map(|n| {
+                    ckpt.get(n).map(|(v, _)| v).ok_or_else(|| Error::weights(ckpt.dir(), format!("missing `{n}`")))
+                })
                 .collect::<Result<_>>()?;
             let mut out = vec![0.0f32; views.iter().map(TensorView::numel).sum()];
             let mut rest = out.as_mut_slice();

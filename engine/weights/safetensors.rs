@@ -180,8 +180,8 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
         )));
     }
     let data_start = 8 + header_len as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let header: Value =
+        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_len = bytes.len() - data_start;
 
@@ -300,8 +300,7 @@ mod tests {
         let (start, t, _) = parse_header(&bytes, Path::new("x")).unwrap();
         assert_eq!(t["a"].shape, vec![2]);
         let info = &t["b"];
-        let view =
-            TensorView { dtype: info.dtype, shape: &info.shape, bytes: &bytes[start + info.range.start..][..2] };
+        let view = TensorView { dtype: info.dtype, shape: &info.shape, bytes: &bytes[start + info.range.start..][..2] };
         assert_eq!(view.to_f32(), vec![3.0]);
     }
 

@@ -80,7 +80,8 @@ pub fn paged_attention(
         let seq = batch.seq_of_token[i] as usize;
         let table = &batch.block_tables[seq * batch.max_blocks_per_seq..][..batch.max_blocks_per_seq];
         let ctx = batch.positions[i] as usize + 1;
-        let offset = |p: usize| (table[p / block_size] as usize * block_size + p % block_size) * slot_len + kvh * head_dim;
+        let offset =
+            |p: usize| (table[p / block_size] as usize * block_size + p % block_size) * slot_len + kvh * head_dim;
         let mut scores: Vec<f32> = (0..ctx)
             .map(|p| {
                 let kv = &k_cache[offset(p)..][..head_dim];

@@ -20,7 +20,6 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::CudaStream;
 
-
 use crate::{Error, Result};
 
 /// The oldest driver API the static CUDA 13.0 runtime linked into the kernels works with.
@@ -46,7 +45,9 @@ pub fn probe() -> Result<()> {
 }
 
 fn probe_uncached() -> Result<(), String> {
-    ensure_built().map_err(|e| e.to_string())?;
+    if !built_with_cuda() {
+        return Err(NOT_BUILT.into());
+    }
     // SAFETY: only tries to dlopen the driver library by its usual names; nothing is called through it.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err("no CUDA driver: libcuda.so was not found (is the NVIDIA driver installed?)".into());
@@ -79,16 +80,16 @@ fn probe_uncached() -> Result<(), String> {
     Ok(())
 }
 
+/// What every entry point says in a build without the kernels.
+const NOT_BUILT: &str = "built without CUDA: nvcc was not found at build time, or LLAMA32_NO_CUDA was set; \
+                         install the toolchain with scripts/install-cuda-toolchain.sh (or set CUDA_HOME) and rebuild";
+
 /// `Ok` in a CUDA build; the "built without CUDA" error in a stub build.
 pub(crate) fn ensure_built() -> Result<()> {
     if built_with_cuda() {
         Ok(())
     } else {
-        Err(Error::Backend(
-            "built without CUDA: nvcc was not found at build time, or LLAMA32_NO_CUDA was set; install the toolchain \
-             with scripts/install-cuda-toolchain.sh (or set CUDA_HOME) and rebuild"
-                .into(),
-        ))
+        Err(Error::Backend(NOT_BUILT.into()))
     }
 }
 

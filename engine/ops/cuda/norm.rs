@@ -26,7 +26,8 @@ pub fn rms_norm(
 ) -> Result<()> {
     const OP: &str = "rms_norm";
     super::ensure_built()?;
-    let rows = check_shapes(OP, &Lens { x: x.len(), residual: None, weight: weight.len(), out: out.len() }, hidden, eps)?;
+    let rows =
+        check_shapes(OP, &Lens { x: x.len(), residual: None, weight: weight.len(), out: out.len() }, hidden, eps)?;
     super::check_same_device(OP, stream, &[("x", x.stream()), ("weight", weight.stream()), ("out", out.stream())])?;
     let (x, _x) = x.device_ptr(stream);
     let (weight, _weight) = weight.device_ptr(stream);
@@ -54,7 +55,8 @@ pub fn add_rms_norm(
     super::ensure_built()?;
     let lens = Lens { x: x.len(), residual: Some(residual.len()), weight: weight.len(), out: out.len() };
     let rows = check_shapes(OP, &lens, hidden, eps)?;
-    let operands = [("residual", residual.stream()), ("x", x.stream()), ("weight", weight.stream()), ("out", out.stream())];
+    let operands =
+        [("residual", residual.stream()), ("x", x.stream()), ("weight", weight.stream()), ("out", out.stream())];
     super::check_same_device(OP, stream, &operands)?;
     let (residual, _residual) = residual.device_ptr_mut(stream);
     let (x, _x) = x.device_ptr(stream);

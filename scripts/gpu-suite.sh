@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The GPU suite: built here, run on a device machine (which has no Rust).
+#
+#   scripts/gpu-suite.sh [build]  here: builds the release binary and the GPU test binaries, checks they hold the
+#                                 kernels, strips them and copies them into gpu-bundle/ (gitignored).
+#   scripts/gpu-suite.sh run      on the device machine, from the repository root: runs each test of each binary in
+#                                 gpu-bundle/tests/ on its own and prints a PASS / FAIL / SKIP table last.
+#                                 Exit status 0 only when every row is PASS: a SKIP on a device machine means the test
+#                                 found no device (or no data), which is a failure there.
+#
+# A device call then reads:  run(command="scripts/gpu-suite.sh run", carry=["gpu-bundle"], timeout_s=...)
+# Logs go to $OUT/gpu-suite/ when $OUT is set (the device tool brings that folder back), else gpu-bundle/logs/.
+# The tests find the reference data through LLAMA32_TEST_DATA; when unset, `run` looks for shared/llama32 in and
+# beside the repository.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bundle="$root/gpu-bundle"
+# Integration-test targets (tests/<name>.rs) that need a GPU. Keep them few: each binary carries its own copy of
+# the kernels and the crate.
+GPU_TESTS=(cuda_kernels)
+
+build() {
+  cd "$root"
+  if [[ -n "${LLAMA32_CUDA_ARCHS:-}" ]]; then
+    echo "warning: LLAMA32_CUDA_ARCHS=$LLAMA32_CUDA_ARCHS narrows the kernels; unset it for a bundle that runs on any device" >&2
+  fi
+  cargo build --release --bin llama32
+  local args=() t
+  for t in "${GPU_TESTS[@]}"; do args+=(--test "$t"); done
+  local json
+  json=$(mktemp)
+  trap 'rm -f "$json"' RETURN
+  cargo test --release --no-run --message-format=json "${args[@]}" >"$json"
+
+  rm -rf "$bundle"
+  mkdir -p "$bundle/bin" "$bundle/tests"
+  cp target/release/llama32 "$bundle/bin/llama32"
+  # One line per test executable: "<target name> <path>".
+  local name exe found=0
+  while read -r name exe; do
+    if ! nm "$exe" 2>/dev/null | grep -q ' T l32_norm$'; then
+      echo "error: $exe has no CUDA kernels: this build found no nvcc (see scripts/install-cuda-toolchain.sh)" >&2
+      exit 1
+    fi
+    cp "$exe" "$bundle/tests/$name"
+    found=$((found + 1))
+  done < <(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])
+' "$json")
+  if ((found != ${#GPU_TESTS[@]})); then
+    echo "error: expected ${#GPU_TESTS[@]} test binaries (${GPU_TESTS[*]}), found $found" >&2
+    exit 1
+  fi
+  strip "$bundle"/bin/* "$bundle"/tests/*
+  git -C "$root" rev-parse --short HEAD >"$bundle/REVISION" 2>/dev/null || echo unknown >"$bundle/REVISION"
+  echo "gpu-bundle/ ($(du -sh "$bundle" | cut -f1)):"
+  (cd "$bundle" && ls -l bin tests | grep -v '^total')
+  echo "next: run(command=\"scripts/gpu-suite.sh run\", carry=[\"gpu-bundle\"])"
+}
+
+run() {
+  cd "$root"
+  if [[ ! -d "$bundle/tests" ]]; then
+    echo "error: $bundle/tests missing: build it with scripts/gpu-suite.sh and carry gpu-bundle" >&2
+    exit 2
+  fi
+  local logs="${OUT:+$OUT/gpu-suite}"
+  logs="${logs:-$bundle/logs}"
+  mkdir -p "$logs"
+  if [[ -z "${LLAMA32_TEST_DATA:-}" ]]; then
+    local d
+    for d in "$root/shared/llama32" "$root/../shared/llama32"; do
+      if [[ -d "$d" ]]; then export LLAMA32_TEST_DATA="$d"; break; fi
+    done
+  fi
+  export RUST_BACKTRACE=1
+
+  local device
+  device=$(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1) ||
+    device="nvidia-smi failed"
+  local rows=() failed=0 exe name t log status rc start secs
+  for exe in "$bundle"/tests/*; do
+    name=$(basename "$exe")
+    local tests=()
+    mapfile -t tests < <("$exe" --list --format=terse 2>/dev/null | sed -n 's/: test$//p')
+    if ((${#tests[@]} == 0)); then
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL "$name" "(lists no tests)" -)")
+      failed=$((failed + 1))
+      continue
+    fi
+    for t in "${tests[@]}"; do
+      log="$logs/$name.$t.log"
+      start=$(date +%s.%N)
+      rc=0
+      "$exe" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+      secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1fs", b - a }')
+      if ((rc != 0)); then
+        status=FAIL
+      elif grep -q 'skipped:' "$log"; then
+        status=SKIP
+      else
+        status=PASS
+      fi
+      if [[ $status != PASS ]]; then
+        failed=$((failed + 1))
+        echo "---- $status $name::$t (last lines of $log)"
+        tail -n 15 "$log"
+      fi
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" "$name" "$t" "$secs")")
+    done
+  done
+  rc=0
+  "$bundle/bin/llama32" --help >"$logs/llama32.help.log" 2>&1 || rc=$?
+  if ((rc == 0)); then status=PASS; else status=FAIL; failed=$((failed + 1)); fi
+  rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" llama32 "--help (the release binary starts)" -)")
+
+  echo
+  echo "GPU suite @ $(cat "$bundle/REVISION" 2>/dev/null || echo unknown) on: $device"
+  echo "LLAMA32_TEST_DATA=${LLAMA32_TEST_DATA:-<unset>}  logs: $logs"
+  printf '%s\n' "${rows[@]}"
+  echo "$((${#rows[@]} - failed)) of ${#rows[@]} passed"
+  ((failed == 0))
+}
+
+case "${1:-build}" in
+  build) build ;;
+  run) run ;;
+  *)
+    echo "usage: scripts/gpu-suite.sh [build|run]" >&2
+    exit 2
+    ;;
+esac

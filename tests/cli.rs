@@ -1,0 +1,190 @@
+//! The command line as outside checks use it: exact flag forms, output formats and error messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_llama32"))
+}
+
+fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn llama32");
+    if !out.status.success() {
+        panic!("llama32 failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+fn fails_with(cmd: &mut Command, needles: &[&str]) {
+    let out = cmd.output().expect("spawn llama32");
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+    assert!(!err.contains("panicked"), "panic: {err}");
+}
+
+fn reference(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap()
+}
+
+fn id_list(v: &Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+fn csv(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn logits_writes_npy_matching_transformers() {
+    let dir = golden("untied-gqa2-sharded");
+    let r = reference(&dir);
+    let ids = id_list(&r["prompt_ids"]);
+    let out = std::env::temp_dir().join(format!("llama32-cli-logits-{}.npy", std::process::id()));
+    run(bin().args(["logits", "--model"]).arg(&dir).args(["--ids", &csv(&ids), "--device", "cpu", "--out"]).arg(&out));
+    let got = llama32::npy::read_f32(&out).unwrap();
+    let want = llama32::npy::read_f32(&dir.join("logits.npy")).unwrap();
+    std::fs::remove_file(&out).ok();
+    assert_eq!(got.shape, want.shape);
+    let scale = want.data.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-4 * scale, "max diff {worst} vs scale {scale}");
+}
+
+#[test]
+fn generate_json_gives_greedy_ids() {
+    let dir = golden("gqa3-f16");
+    let r = reference(&dir);
+    let out = run(bin().args(["generate", "--model"]).arg(&dir).args([
+        "--ids",
+        &csv(&id_list(&r["prompt_ids"])),
+        "--max-tokens",
+        "24",
+        "--json",
+    ]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(id_list(&v["ids"]), id_list(&r["greedy_ids"]));
+    assert_eq!(v["finish_reason"], "length");
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let dir = golden("tied-gqa4");
+    let gen = |seed: &str| {
+        let out = run(bin().args(["generate", "--model"]).arg(&dir).args([
+            "--ids",
+            "5,6,7",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--json",
+        ]));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["ids"].clone()
+    };
+    assert_eq!(gen("7"), gen("7"));
+    assert_ne!(gen("7"), gen("8"));
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let dir = golden("tied-gqa4");
+    fails_with(
+        bin().args(["logits", "--model", "/nonexistent/model", "--ids", "1", "--out", "/tmp/x.npy"]),
+        &["/nonexistent/model/config.json"],
+    );
+    fails_with(
+        bin().args(["logits", "--model"]).arg(&dir).args(["--ids", "1,x", "--out", "/tmp/x.npy"]),
+        &["--ids", "`x`"],
+    );
+    fails_with(
+        bin().args(["logits", "--model"]).arg(&dir).args(["--ids", "1,512", "--out", "/tmp/x.npy"]),
+        &["token id 512", "vocabulary"],
+    );
+    fails_with(bin().args(["generate", "--model"]).arg(&dir).args(["--ids", "1", "--top-p", "1.5"]), &["top_p"]);
+    fails_with(bin().args(["generate", "--model"]).arg(&dir).args(["--prompt", "hi"]), &["tokenizer"]);
+    fails_with(bin().args(["generate", "--model"]).arg(&dir).args(["--ids", "1", "--device", "tpu"]), &["--device"]);
+    fails_with(
+        bin().args(["generate", "--model"]).arg(&dir).args(["--ids", "1", "--max-tokens", "1000"]),
+        &["context length"],
+    );
+}
+
+#[test]
+fn info_reports_parameters_and_memory() {
+    let out = run(bin().args(["info", "--preset", "3b"]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["parameters"], 3_212_749_824u64);
+    assert_eq!(v["memory_plan"]["kv_bytes_per_token_bf16"], 2 * 28 * 8 * 128 * 2);
+    let out = run(bin().args(["info", "--model"]).arg(golden("tied-gqa4")));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["memory_plan"]["checkpoint_bytes"].as_u64().unwrap() > 0);
+}
+
+fn data_dir() -> Option<PathBuf> {
+    match std::env::var_os("LLAMA32_TEST_DATA") {
+        Some(d) => Some(PathBuf::from(d)),
+        None => {
+            eprintln!("skipped: LLAMA32_TEST_DATA not set");
+            None
+        }
+    }
+}
+
+#[test]
+fn tokenize_prints_ids() {
+    let Some(data) = data_dir() else { return };
+    let out = run(bin()
+        .args(["tokenize", "--tokenizer"])
+        .arg(data.join("tokenizer.model"))
+        .args(["--text", "The capital of France is"]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // These ids are also the built-in default prompt of `llama32 generate` (after BOS).
+    assert_eq!(id_list(&v["ids"]), vec![791, 6864, 315, 9822, 374]);
+    let out = run(bin().args(["tokenize", "--tokenizer"]).arg(data.join("tokenizer.computed.json")).args([
+        "--text",
+        "<|eot_id|>",
+        "--special",
+    ]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(id_list(&v["ids"]), vec![128009]);
+}
+
+#[test]
+fn render_matches_meta_prompt_format() {
+    let Some(data) = data_dir() else { return };
+    let req = std::env::temp_dir().join(format!("llama32-cli-req-{}.json", std::process::id()));
+    std::fs::write(
+        &req,
+        r#"{"model": "x", "messages": [{"role": "system", "content": "You are a helpful assistant"},
+            {"role": "user", "content": "Who are you?"}]}"#,
+    )
+    .unwrap();
+    let out = run(bin()
+        .args(["render", "--model"])
+        .arg(data.join("Llama-3.2-3B-Instruct"))
+        .arg("--request")
+        .arg(&req)
+        .args(["--date", "26 Jul 2024"]));
+    std::fs::remove_file(&req).ok();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\
+         Today Date: 26 Jul 2024\n\nYou are a helpful assistant<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n\
+         Who are you?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+}
