@@ -73,7 +73,8 @@ fn pattern_constant_equals_pattern_txt() {
 
 #[test]
 fn vocab_and_special_tokens() {
-    let (Some(dir), Some(toks)) = (data_dir(), tokenizers()) else { return };
+    let Some(dir) = data_dir() else { return };
+    let toks = tokenizers().expect("data dir is set");
     let names = read_json(&dir.join("special_tokens.hf_text.json"));
     let names = names.as_object().unwrap();
     assert_eq!(names.len(), 256);
@@ -105,7 +106,8 @@ fn vocab_and_special_tokens() {
 
 #[test]
 fn llama_cpp_vectors() {
-    let (Some(dir), Some(toks)) = (data_dir(), tokenizers()) else { return };
+    let Some(dir) = data_dir() else { return };
+    let toks = tokenizers().expect("data dir is set");
     let v = read_json(&dir.join("test_vectors/llama_cpp_llama_bpe_vectors.json"));
     let cases = cases(&v, "cases");
     assert_eq!(cases.len(), 44);
@@ -127,7 +129,8 @@ fn llama_cpp_vectors() {
 
 #[test]
 fn meta_llama_models_vectors() {
-    let (Some(dir), Some(toks)) = (data_dir(), tokenizers()) else { return };
+    let Some(dir) = data_dir() else { return };
+    let toks = tokenizers().expect("data dir is set");
     let v = read_json(&dir.join("test_vectors/llama_models_test_tokenizer.json"));
     let header = |role: &str| format!("<|start_header_id|>{role}<|end_header_id|>\n\n");
     let mut seen = 0;
@@ -167,7 +170,8 @@ fn meta_llama_models_vectors() {
 
 #[test]
 fn chat_template_renderings() {
-    let (Some(dir), Some(toks)) = (data_dir(), tokenizers()) else { return };
+    let Some(dir) = data_dir() else { return };
+    let toks = tokenizers().expect("data dir is set");
     let v = read_json(&dir.join("test_vectors/chat_template_rendered.computed.json"));
     // The file maps <|image|> to 128256 (the HF vision id), which the text vocabulary does not have: for those
     // cases check the text around each <|image|> and that the image sits where the file says.

@@ -395,6 +395,12 @@ mod tests {
     }
 
     #[test]
+    fn tokenizer_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Tokenizer>();
+    }
+
+    #[test]
     fn bos_added_exactly_once_and_specials_split() {
         let t = toy();
         let bos = t.bos_id().unwrap();
