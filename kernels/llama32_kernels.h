@@ -49,8 +49,8 @@ const char* l32_last_cuda_error(void);
 /**
  * For each row r < rows, with h = residual[r] + x[r] when `residual` is set and h = x[r] otherwise:
  *
- *     residual[r] = bf16(h)                                          (only when `residual` is set: updated in place)
- *     out[r]      = bf16(weight * bf16(bf16(h) * rsqrt(mean(bf16(h)^2) + eps)))
+ * - residual[r] = bf16(h)   (only when `residual` is set: updated in place)
+ * - out[r] = bf16(weight * bf16(bf16(h) * rsqrt(mean(bf16(h)^2) + eps)))
  *
  * which is HF's `LlamaRMSNorm` after HF's bf16 residual add: the sum of squares is accumulated in fp32, the residual
  * stream is rounded to bf16, and the normalized row is rounded to bf16 before the weight multiply.
@@ -62,7 +62,7 @@ typedef struct l32_norm_params {
     void* residual;         /**< [rows, hidden] at row stride residual_stride, read and written; NULL: plain RMSNorm */
     const void* weight;     /**< [hidden] */
     int64_t rows;           /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
-    int64_t hidden;         /**< 1 ..= 2^31 - 1; a multiple of 8 with 16-byte aligned rows takes the vector path */
+    int64_t hidden;         /**< 1 ..= 2^30; a multiple of 8 with 16-byte aligned rows takes the vector path */
     int64_t x_stride;       /**< elements between rows of x, >= hidden */
     int64_t residual_stride; /**< elements between rows of residual, >= hidden (ignored without residual) */
     int64_t out_stride;     /**< elements between rows of out, >= hidden */

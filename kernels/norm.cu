@@ -158,7 +158,8 @@ extern "C" l32_status l32_norm(const l32_norm_params* params, void* stream) {
     if (p.rows < 0 || p.hidden <= 0 || !(p.eps >= 0.f) || !std::isfinite(p.eps)) return L32_INVALID_ARGUMENT;
     if (p.x_stride < p.hidden || p.out_stride < p.hidden) return L32_INVALID_ARGUMENT;
     if (p.residual != nullptr && p.residual_stride < p.hidden) return L32_INVALID_ARGUMENT;
-    if (p.rows > INT_MAX || p.hidden > INT_MAX) return L32_UNSUPPORTED;
+    // hidden <= 2^30 keeps the kernel's int column indices clear of overflow (c + blockDim.x < 2^31).
+    if (p.rows > INT_MAX || p.hidden > (int64_t{1} << 30)) return L32_UNSUPPORTED;
     if (p.rows == 0) return L32_OK;
     const l32::NormPlan plan = l32::plan_norm(p);
     const auto s = static_cast<cudaStream_t>(stream);

@@ -39,7 +39,8 @@ build() {
   # One line per test executable: "<target name> <path>".
   local name exe found=0
   while read -r name exe; do
-    if ! nm "$exe" 2>/dev/null | grep -q ' T l32_norm$'; then
+    # grep reads all of nm's output (no -q): with pipefail, an early exit would fail nm with SIGPIPE.
+    if ! nm "$exe" 2>/dev/null | grep ' T l32_norm$' >/dev/null; then
       echo "error: $exe has no CUDA kernels: this build found no nvcc (see scripts/install-cuda-toolchain.sh)" >&2
       exit 1
     fi

@@ -172,7 +172,7 @@ fn add_rms_norm_matches_cpu() {
 fn norm_wrappers_reject_bad_shapes_before_launch() {
     let Some(stream) = stream() else { return };
     let x = upload(&stream, &vec![bf16::ONE; 3 * 64]);
-    let w = upload(&stream, &vec![bf16::ONE; 64]);
+    let w = upload(&stream, &[bf16::ONE; 64]);
     let mut short_out = upload(&stream, &vec![bf16::NAN; 2 * 64]);
     let err = cuda::norm::rms_norm(&stream, &x, &w, EPS, 64, &mut short_out).unwrap_err().to_string();
     assert!(err.contains("`out`"), "{err}");

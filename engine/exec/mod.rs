@@ -84,8 +84,8 @@ impl StepInput {
             return bad(format!("token id {id} at index {i} is outside the vocabulary (size {})", cfg.vocab_size));
         }
         let seq_of = self.seq_of_token();
-        for i in 0..t {
-            let (s, pos) = (seq_of[i] as usize, self.positions[i] as usize);
+        for (i, (&s, &pos)) in seq_of.iter().zip(&self.positions).enumerate() {
+            let (s, pos) = (s as usize, pos as usize);
             if pos >= cfg.max_position_embeddings {
                 return bad(format!(
                     "position {pos} of token {i} exceeds max_position_embeddings {}",

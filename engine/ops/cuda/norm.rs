@@ -65,6 +65,9 @@ pub fn add_rms_norm(
     launch(OP, stream, &NormLaunch { out, x, residual: Some(residual), weight, rows, hidden, eps })
 }
 
+/// The longest row `kernels/norm.cu` takes.
+const MAX_HIDDEN: usize = 1 << 30;
+
 /// Element counts of one call's operands.
 struct Lens {
     x: usize,
@@ -76,8 +79,8 @@ struct Lens {
 /// Checks one call's lengths against `hidden` and returns the row count.
 fn check_shapes(op: &str, lens: &Lens, hidden: usize, eps: f32) -> Result<usize> {
     let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
-    if hidden == 0 || hidden > i32::MAX as usize {
-        return fail(format!("hidden is {hidden}, must be in 1..=2^31-1"));
+    if hidden == 0 || hidden > MAX_HIDDEN {
+        return fail(format!("hidden is {hidden}, must be in 1..=2^30"));
     }
     if !(eps >= 0.0 && eps.is_finite()) {
         return fail(format!("eps is {eps}, must be finite and >= 0"));
@@ -117,7 +120,7 @@ struct NormLaunch {
 fn launch(op: &str, stream: &CudaStream, l: &NormLaunch) -> Result<()> {
     use super::ffi;
     use std::ffi::c_void;
-    // Both fit in i64: check_shapes bounds them by 2^31 - 1.
+    // Both fit in i64: check_shapes bounds rows by 2^31 - 1 and hidden by 2^30.
     let (rows, hidden) = (l.rows as i64, l.hidden as i64);
     let params = ffi::l32_norm_params {
         out: l.out as *mut c_void,
