@@ -73,6 +73,26 @@ typedef struct l32_norm_params {
 /** Launches the norm family on `stream`. */
 l32_status l32_norm(const l32_norm_params* params, void* stream);
 
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* embedding gather (kernels/embedding.cu) */
+/* BEGIN embedding */
+/* END embedding */
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* fused llama3 RoPE on q/k + paged KV-cache write (kernels/rope.cu) */
+/* BEGIN rope */
+/* END rope */
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* SiLU(gate) * up (kernels/activation.cu) */
+/* BEGIN activation */
+/* END activation */
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* causal flash attention over the paged KV cache, prefill and split-KV decode (kernels/attention/) */
+/* BEGIN attention */
+/* END attention */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -117,7 +117,7 @@ pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
             bar.finish_and_clear();
             w
         }
-        _ => ModelWeights::random(&cfg, a.weights_seed),
+        _ => ModelWeights::random(&cfg, a.weights_seed)?,
     };
     let load_secs = t0.elapsed().as_secs_f64();
     let kv_tokens = a.kv_tokens.unwrap_or(min_tokens).max(min_tokens);

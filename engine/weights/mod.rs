@@ -149,6 +149,151 @@ pub fn check_checkpoint(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()> {
     }
 }
 
+/// Where weight values come from: a checked checkpoint, or seeded random values at the config's shapes.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightSource<'a> {
+    /// A checkpoint already passed through [`check_checkpoint`].
+    Checkpoint(&'a Checkpoint),
+    /// Random values from a seed: projections uniform with standard deviation 0.02 (HF's initializer range),
+    /// norms at 1. For benchmarking and smoke runs only.
+    Random(u64),
+}
+
+/// A backend tensor assembled from one or more checkpoint tensors stacked along rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FusedSpec {
+    /// Checkpoint tensor names, stacked in this order.
+    pub names: Vec<String>,
+    /// Total element count.
+    pub numel: usize,
+    /// True for RMSNorm weights (random source: ones).
+    pub is_norm: bool,
+    /// Random stream id, distinct per tensor.
+    pub stream: u64,
+}
+
+impl FusedSpec {
+    fn new(cfg_names: &[(String, Vec<usize>)], names: &[String], is_norm: bool, stream: u64) -> Self {
+        let numel = names
+            .iter()
+            .map(|n| cfg_names.iter().find(|(e, _)| e == n).map(|(_, s)| s.iter().product::<usize>()).unwrap_or(0))
+            .sum();
+        FusedSpec { names: names.to_vec(), numel, is_norm, stream }
+    }
+}
+
+/// The fused tensors of one decoder layer.
+#[derive(Clone, Debug)]
+pub struct LayerSpecs {
+    /// `input_layernorm`.
+    pub attn_norm: FusedSpec,
+    /// q, k, v stacked.
+    pub wqkv: FusedSpec,
+    /// `o_proj`.
+    pub wo: FusedSpec,
+    /// `post_attention_layernorm`.
+    pub mlp_norm: FusedSpec,
+    /// gate, up stacked.
+    pub w_gate_up: FusedSpec,
+    /// `down_proj`.
+    pub w_down: FusedSpec,
+}
+
+/// Every tensor a backend holds, in fused form.
+#[derive(Clone, Debug)]
+pub struct ModelSpecs {
+    /// Embedding table.
+    pub embed: FusedSpec,
+    /// Per layer.
+    pub layers: Vec<LayerSpecs>,
+    /// Final norm.
+    pub final_norm: FusedSpec,
+    /// Untied `lm_head`, if any.
+    pub lm_head: Option<FusedSpec>,
+}
+
+impl ModelSpecs {
+    /// The fused layout of `cfg`.
+    pub fn of(cfg: &LlamaConfig) -> Self {
+        let all = expected_tensors(cfg);
+        let spec = |names: &[String], norm: bool, stream: u64| FusedSpec::new(&all, names, norm, stream);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                let s = 16 * (l as u64 + 1);
+                LayerSpecs {
+                    attn_norm: spec(&[format!("{p}.input_layernorm.weight")], true, s + 4),
+                    wqkv: spec(
+                        &[
+                            format!("{p}.self_attn.q_proj.weight"),
+                            format!("{p}.self_attn.k_proj.weight"),
+                            format!("{p}.self_attn.v_proj.weight"),
+                        ],
+                        false,
+                        s,
+                    ),
+                    wo: spec(&[format!("{p}.self_attn.o_proj.weight")], false, s + 1),
+                    mlp_norm: spec(&[format!("{p}.post_attention_layernorm.weight")], true, s + 5),
+                    w_gate_up: spec(
+                        &[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")],
+                        false,
+                        s + 2,
+                    ),
+                    w_down: spec(&[format!("{p}.mlp.down_proj.weight")], false, s + 3),
+                }
+            })
+            .collect();
+        ModelSpecs {
+            embed: spec(&["model.embed_tokens.weight".into()], false, 1),
+            layers,
+            final_norm: spec(&["model.norm.weight".into()], true, 3),
+            lm_head: (!cfg.tie_word_embeddings).then(|| spec(&["lm_head.weight".into()], false, 2)),
+        }
+    }
+}
+
+impl WeightSource<'_> {
+    /// The values of `spec` as f32, calling `progress(bytes)` with the checkpoint bytes read.
+    pub fn read_f32(&self, spec: &FusedSpec, progress: &(dyn Fn(u64) + Sync)) -> Result<Vec<f32>> {
+        match *self {
+            WeightSource::Random(_) if spec.is_norm => Ok(vec![1.0; spec.numel]),
+            WeightSource::Random(seed) => Ok(random_values(spec.numel, seed, spec.stream)),
+            WeightSource::Checkpoint(ckpt) => {
+                let mut out = vec![0.0f32; spec.numel];
+                let mut rest = out.as_mut_slice();
+                for n in &spec.names {
+                    let (v, _) = ckpt.get(n).ok_or_else(|| Error::weights(ckpt.dir(), format!("missing `{n}`")))?;
+                    if v.numel() > rest.len() {
+                        return Err(Error::weights(
+                            ckpt.dir(),
+                            format!("tensor `{n}` is larger than its config shape"),
+                        ));
+                    }
+                    let (head, tail) = rest.split_at_mut(v.numel());
+                    v.to_f32_into(head);
+                    rest = tail;
+                    progress(v.bytes.len() as u64);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// `n` values uniform in `[-a, a]` with standard deviation 0.02, reproducible from `(seed, stream)`.
+pub fn random_values(n: usize, seed: u64, stream: u64) -> Vec<f32> {
+    let mut out = vec![0.0f32; n];
+    let a = 0.02f32 * 3f32.sqrt();
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, o)| {
+        let mut s = splitmix(seed ^ splitmix(stream.wrapping_mul(0x9E37_79B9) ^ chunk as u64));
+        for v in o {
+            s = splitmix(s);
+            *v = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
+        }
+    });
+    out
+}
+
 /// One decoder layer's weights in the CPU layout: f32, row-major `[out, in]`, projections fused.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
@@ -189,86 +334,41 @@ impl ModelWeights {
     pub fn load(ckpt: &Checkpoint, cfg: &LlamaConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<Self> {
         check_checkpoint(ckpt, cfg)?;
         let done = std::sync::atomic::AtomicU64::new(0);
-        let read = |names: &[String]| -> Result<Vec<f32>> {
-            let views: Vec<TensorView<'_>> = names
-                .iter()
-                .map(|n| {
-                    ckpt.get(n).map(|(v, _)| v).ok_or_else(|| Error::weights(ckpt.dir(), format!("missing `{n}`")))
-                })
-                .collect::<Result<_>>()?;
-            let mut out = vec![0.0f32; views.iter().map(TensorView::numel).sum()];
-            let mut rest = out.as_mut_slice();
-            for v in &views {
-                let (head, tail) = rest.split_at_mut(v.numel());
-                v.to_f32_into(head);
-                rest = tail;
-                let total = done.fetch_add(v.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                progress(total + v.bytes.len() as u64);
-            }
-            Ok(out)
+        let tick = |bytes: u64| {
+            let total = done.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+            progress(total);
         };
-        let one = |n: &str| read(&[n.to_string()]);
-        let layers = (0..cfg.num_hidden_layers)
-            .into_par_iter()
+        Self::from_source(WeightSource::Checkpoint(ckpt), cfg, &tick)
+    }
+
+    /// Random weights at the config's shapes, reproducible from `seed` (see [`WeightSource::Random`]).
+    pub fn random(cfg: &LlamaConfig, seed: u64) -> Result<Self> {
+        Self::from_source(WeightSource::Random(seed), cfg, &|_| {})
+    }
+
+    fn from_source(src: WeightSource<'_>, cfg: &LlamaConfig, tick: &(dyn Fn(u64) + Sync)) -> Result<Self> {
+        let specs = ModelSpecs::of(cfg);
+        let read = |s: &FusedSpec| src.read_f32(s, tick);
+        let layers = specs
+            .layers
+            .par_iter()
             .map(|l| {
-                let p = format!("model.layers.{l}");
                 Ok(LayerWeights {
-                    attn_norm: one(&format!("{p}.input_layernorm.weight"))?,
-                    wqkv: read(&[
-                        format!("{p}.self_attn.q_proj.weight"),
-                        format!("{p}.self_attn.k_proj.weight"),
-                        format!("{p}.self_attn.v_proj.weight"),
-                    ])?,
-                    wo: one(&format!("{p}.self_attn.o_proj.weight"))?,
-                    mlp_norm: one(&format!("{p}.post_attention_layernorm.weight"))?,
-                    w_gate_up: read(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?,
-                    w_down: one(&format!("{p}.mlp.down_proj.weight"))?,
+                    attn_norm: read(&l.attn_norm)?,
+                    wqkv: read(&l.wqkv)?,
+                    wo: read(&l.wo)?,
+                    mlp_norm: read(&l.mlp_norm)?,
+                    w_gate_up: read(&l.w_gate_up)?,
+                    w_down: read(&l.w_down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(ModelWeights {
-            embed: one("model.embed_tokens.weight")?,
+            embed: read(&specs.embed)?,
             layers,
-            final_norm: one("model.norm.weight")?,
-            lm_head: if cfg.tie_word_embeddings { None } else { Some(one("lm_head.weight")?) },
+            final_norm: read(&specs.final_norm)?,
+            lm_head: specs.lm_head.as_ref().map(read).transpose()?,
         })
-    }
-
-    /// Random weights at the config's shapes, reproducible from `seed`: projections uniform with standard
-    /// deviation 0.02 (HF's initializer range), norms at 1. Meant for benchmarking and smoke runs only.
-    pub fn random(cfg: &LlamaConfig, seed: u64) -> Self {
-        let fill = |n: usize, stream: u64| -> Vec<f32> {
-            let mut out = vec![0.0f32; n];
-            out.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, o)| {
-                let mut s = splitmix(seed ^ splitmix(stream.wrapping_mul(0x9E37_79B9) ^ chunk as u64));
-                let a = 0.02f32 * 3f32.sqrt();
-                for v in o {
-                    s = splitmix(s);
-                    *v = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
-                }
-            });
-            out
-        };
-        let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| {
-                let s = 16 * (l as u64 + 1);
-                LayerWeights {
-                    attn_norm: vec![1.0; h],
-                    wqkv: fill((cfg.q_dim() + 2 * cfg.kv_dim()) * h, s),
-                    wo: fill(h * cfg.q_dim(), s + 1),
-                    mlp_norm: vec![1.0; h],
-                    w_gate_up: fill(2 * i * h, s + 2),
-                    w_down: fill(h * i, s + 3),
-                }
-            })
-            .collect();
-        ModelWeights {
-            embed: fill(v * h, 1),
-            layers,
-            final_norm: vec![1.0; h],
-            lm_head: (!cfg.tie_word_embeddings).then(|| fill(v * h, 2)),
-        }
     }
 }
 

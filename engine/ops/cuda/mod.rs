@@ -12,9 +12,13 @@
 //! In a build without nvcc (or with `LLAMA32_NO_CUDA=1`, see `build.rs`) this module is a stub:
 //! [`is_available`] is false and every wrapper returns `Error::Backend("built without CUDA ...")`.
 
+pub mod activation;
+pub mod attention;
+pub mod embedding;
 #[cfg(llama32_cuda)]
 mod ffi;
 pub mod norm;
+pub mod rope;
 
 use std::sync::{Arc, OnceLock};
 

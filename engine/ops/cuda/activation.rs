@@ -1,0 +1,1 @@
+//! CUDA wrappers for the `activation` kernel family (in progress).

@@ -1,0 +1,1 @@
+//! CUDA wrappers for the `attention` kernel family (in progress).

@@ -1,0 +1,1 @@
+//! CUDA wrappers for the `embedding` kernel family (in progress).

@@ -1,0 +1,1 @@
+//! CUDA wrappers for the `rope` kernel family (in progress).
