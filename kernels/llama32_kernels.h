@@ -76,21 +76,167 @@ l32_status l32_norm(const l32_norm_params* params, void* stream);
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* embedding gather (kernels/embedding.cu) */
 /* BEGIN embedding */
+
+/**
+ * out[i, :] = table[ids[i], :] for each token i < tokens (a row gather, copied bit for bit).
+ *
+ * An id >= vocab never reads out of bounds: that output row is written with zeros and, when `bad_id` is set,
+ * `*bad_id` is set to 1 (never cleared: the caller zeroes it first). The Rust side validates ids before they reach
+ * the device; this is defence in depth. dtype: L32_DTYPE_BF16 only. Nothing may alias.
+ */
+typedef struct l32_embedding_params {
+    void* out;              /**< [tokens, hidden], contiguous rows */
+    const void* table;      /**< [vocab, hidden], contiguous rows */
+    const uint32_t* ids;    /**< [tokens] */
+    uint32_t* bad_id;       /**< [1], optional (NULL): set to 1 when some id is >= vocab */
+    int64_t tokens;         /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t hidden;         /**< 1 ..= 2^30; a multiple of 8 with 16-byte aligned pointers takes the vector path */
+    int64_t vocab;          /**< rows of the table, >= 1 */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_embedding_params;
+
+/** Launches the embedding family on `stream`. */
+l32_status l32_embedding(const l32_embedding_params* params, void* stream);
+
 /* END embedding */
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* fused llama3 RoPE on q/k + paged KV-cache write (kernels/rope.cu) */
 /* BEGIN rope */
+
+/** `slot_mapping` value of a padding token (a padded CUDA-graph batch): its q is rotated, nothing is cached. */
+#define L32_PAD_SLOT 0xFFFFFFFFu
+
+/**
+ * Fused QKV split + llama3 RoPE + paged KV-cache write. Each row t < tokens of `qkv` holds
+ * [q (num_heads * head_dim) | k (num_kv_heads * head_dim) | v (num_kv_heads * head_dim)] at its start.
+ * With h = head_dim / 2 and, for j < h, angle_j = float(positions[t]) * inv_freq[j] (an f32 product):
+ *
+ * - every q head x is rotated in place: (x[j], x[j+h]) <- (x[j] cos - x[j+h] sin, x[j+h] cos + x[j] sin),
+ *   computed in f32 from the bf16 inputs and rounded to bf16 once (HF's `rotate_half` layout);
+ * - every k head is rotated the same way and written to k_cache[slot_mapping[t]]; the v heads are copied to
+ *   v_cache[slot_mapping[t]]. The k and v parts of `qkv` are only read.
+ *
+ * slot_mapping[t] == L32_PAD_SLOT writes no cache slot for token t. Any other slot >= num_slots writes nothing
+ * either and, when `bad_slot` is set, sets `*bad_slot` to 1 (defence in depth: the caller zeroes the flag first).
+ * Cache slots not named by slot_mapping are left untouched. dtype: L32_DTYPE_BF16 only. Nothing may alias.
+ */
+typedef struct l32_rope_params {
+    void* qkv;                  /**< [tokens, qkv_stride]: q rotated in place, k and v read */
+    void* k_cache;              /**< [num_slots, num_kv_heads, head_dim] (= [num_blocks, block_size, ...]) */
+    void* v_cache;              /**< [num_slots, num_kv_heads, head_dim] */
+    const uint32_t* positions;  /**< [tokens] */
+    const uint32_t* slot_mapping; /**< [tokens]: < num_slots, or L32_PAD_SLOT */
+    const float* inv_freq;      /**< [head_dim / 2], f32, llama3 scaling already applied */
+    uint32_t* bad_slot;         /**< [1], optional (NULL): set to 1 when some slot is out of range */
+    int64_t tokens;             /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t qkv_stride;         /**< elements between rows of qkv, >= (num_heads + 2 * num_kv_heads) * head_dim */
+    int64_t num_slots;          /**< slots in each cache pool (num_blocks * block_size), >= 1 */
+    int32_t num_heads;          /**< q heads, >= 1 */
+    int32_t num_kv_heads;       /**< k and v heads, >= 1 */
+    int32_t head_dim;           /**< even, 2 ..= 512; 64 and 128 have their own instantiations */
+    l32_dtype dtype;            /**< L32_DTYPE_BF16 */
+} l32_rope_params;
+
+/** Launches the rope family (l32_rope_kv_write) on `stream`. */
+l32_status l32_rope_kv_write(const l32_rope_params* params, void* stream);
+
 /* END rope */
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* SiLU(gate) * up (kernels/activation.cu) */
 /* BEGIN activation */
+
+/**
+ * SwiGLU: out[r, j] = bf16(silu(gate_up[r, j]) * gate_up[r, inter + j]) for r < rows, j < inter, computed in f32
+ * from the bf16 inputs and rounded once (HF rounds silu to bf16 before the bf16 multiply: two roundings).
+ * dtype: L32_DTYPE_BF16 only. Nothing may alias.
+ */
+typedef struct l32_activation_params {
+    void* out;              /**< [rows, inter], contiguous rows */
+    const void* gate_up;    /**< [rows, 2 * inter], contiguous rows: [gate | up] */
+    int64_t rows;           /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t inter;          /**< 1 ..= 2^30; a multiple of 8 with 16-byte aligned pointers takes the vector path */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_activation_params;
+
+/** Launches the activation family (l32_silu_mul) on `stream`. */
+l32_status l32_silu_mul(const l32_activation_params* params, void* stream);
+
 /* END activation */
 
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* causal flash attention over the paged KV cache, prefill and split-KV decode (kernels/attention/) */
 /* BEGIN attention */
+
+/**
+ * Causal GQA attention of new query tokens over the paged KV cache, the twin of the CPU `paged_attention`:
+ * query token i, head h attends to the cached positions 0..=positions[i] of its sequence through kv head
+ * h / (num_heads / num_kv_heads), softmax scaled by `scale`, scores and sums in fp32, P rounded to bf16 for the
+ * P * V product, output rounded to bf16. Position p of sequence s lives in cache slot
+ * block_tables[s * max_blocks_per_seq + p / block_size] * block_size + p % block_size.
+ *
+ * Shared layout fields of both entries below:
+ * - k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim] bf16, 16-byte aligned.
+ * - q: [num_tokens, q_stride] bf16 (the fused qkv rows); the query of token i, head h is the head_dim elements at
+ *   q + i * q_stride + h * head_dim. q and q_stride must keep rows 16-byte aligned (q_stride % 8 == 0).
+ * - out: [num_tokens, num_heads * head_dim] bf16, 16-byte aligned.
+ * - head_dim in {64, 128}; num_heads a multiple of num_kv_heads; block_size >= 1; dtype L32_DTYPE_BF16.
+ * Metadata (positions, tables, block ids) is trusted: the host validates it before the launch.
+ */
+
+/** One decode token per sequence (token s belongs to sequence s), split-KV with an f32 workspace. */
+typedef struct l32_paged_decode_params {
+    void* out;                    /**< [num_seqs, num_heads * head_dim] bf16 */
+    const void* q;                /**< [num_seqs, q_stride] bf16 */
+    const void* k_cache;          /**< [num_blocks, block_size, num_kv_heads, head_dim] bf16 */
+    const void* v_cache;          /**< same shape as k_cache */
+    const uint32_t* positions;    /**< [num_seqs]: context length of sequence s is positions[s] + 1 */
+    const uint32_t* block_tables; /**< [num_seqs, max_blocks_per_seq] */
+    void* workspace;              /**< num_splits > 1: f32 acc [num_seqs, num_heads, num_splits, head_dim] then
+                                       (max, sum) [num_seqs, num_heads, num_splits, 2], 16-byte aligned, so
+                                       4 * num_seqs * num_heads * num_splits * (head_dim + 2) bytes;
+                                       ignored (may be NULL) when num_splits == 1 */
+    int64_t num_seqs;             /**< >= 0 (0 launches nothing), at most 65535 */
+    int64_t q_stride;             /**< elements between q rows, >= num_heads * head_dim, a multiple of 8 */
+    int64_t max_blocks_per_seq;   /**< row length of block_tables, >= 1 */
+    int32_t num_heads;            /**< query heads; num_heads / num_kv_heads in 1..=16 */
+    int32_t num_kv_heads;         /**< >= 1 */
+    int32_t head_dim;             /**< 64 or 128 */
+    int32_t block_size;           /**< tokens per cache block, >= 1 */
+    int32_t num_splits;           /**< KV splits per sequence, 1..=256 (chosen by the caller from the context) */
+    float scale;                  /**< softmax scale, 1 / sqrt(head_dim) for Llama */
+    l32_dtype dtype;              /**< L32_DTYPE_BF16 */
+} l32_paged_decode_params;
+
+/** Launches the paged decode (and, with num_splits > 1, its split merge) on `stream`. */
+l32_status l32_paged_decode(const l32_paged_decode_params* params, void* stream);
+
+/** Variable-length query chunks (prefill, chunked prefill, prefix reuse, or decode tokens) over the paged cache. */
+typedef struct l32_paged_prefill_params {
+    void* out;                    /**< [num_tokens, num_heads * head_dim] bf16 */
+    const void* q;                /**< [num_tokens, q_stride] bf16 */
+    const void* k_cache;          /**< [num_blocks, block_size, num_kv_heads, head_dim] bf16 */
+    const void* v_cache;          /**< same shape as k_cache */
+    const uint32_t* positions;    /**< [num_tokens]: token i attends to positions 0..=positions[i] */
+    const uint32_t* cu_seqlens;   /**< [num_seqs + 1]: sequence s owns tokens cu_seqlens[s]..cu_seqlens[s + 1] */
+    const uint32_t* block_tables; /**< [num_seqs, max_blocks_per_seq] */
+    int64_t num_tokens;           /**< >= 0 (0 launches nothing) */
+    int64_t num_seqs;             /**< 1..=65535 */
+    int64_t q_stride;             /**< elements between q rows, >= num_heads * head_dim, a multiple of 8 */
+    int64_t max_blocks_per_seq;   /**< row length of block_tables, >= 1 */
+    int64_t max_query_len;        /**< >= the longest chunk cu_seqlens[s + 1] - cu_seqlens[s] (sizes the grid) */
+    int32_t num_heads;            /**< query heads, a multiple of num_kv_heads */
+    int32_t num_kv_heads;         /**< >= 1, at most 65535 */
+    int32_t head_dim;             /**< 64 or 128 */
+    int32_t block_size;           /**< tokens per cache block, >= 1 */
+    float scale;                  /**< softmax scale, 1 / sqrt(head_dim) for Llama */
+    l32_dtype dtype;              /**< L32_DTYPE_BF16 */
+} l32_paged_prefill_params;
+
+/** Launches the paged prefill on `stream`. */
+l32_status l32_paged_prefill(const l32_paged_prefill_params* params, void* stream);
+
 /* END attention */
 
 #ifdef __cplusplus

@@ -18,7 +18,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bundle="$root/gpu-bundle"
 # Integration-test targets (tests/<name>.rs) that need a GPU. Keep them few: each binary carries its own copy of
 # the kernels and the crate.
-GPU_TESTS=(cuda_kernels cuda_elementwise cuda_attention)
+GPU_TESTS=(cuda_kernels cuda_elementwise cuda_attention cuda_golden)
 
 build() {
   cd "$root"

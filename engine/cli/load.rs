@@ -8,8 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::ModelArgs;
 use crate::config::{LlamaConfig, Preset};
 use crate::exec::cpu::CpuExecutor;
+use crate::exec::cuda::{CudaExecutor, CudaOptions};
 use crate::exec::Executor;
-use crate::weights::{Checkpoint, ModelWeights};
+use crate::weights::{check_checkpoint, Checkpoint, ModelWeights, WeightSource};
 use crate::{Error, Result};
 
 /// An execution device named by `--device`.
@@ -89,11 +90,6 @@ pub struct LoadedModel {
 /// Loads the model named by `a` with a KV cache for at least `min_tokens` tokens (or `--kv-tokens`).
 pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
     let device = Device::parse(&a.device)?;
-    if let Device::Cuda(n) = device {
-        return Err(Error::Backend(format!(
-            "--device cuda:{n}: the CUDA executor is not part of this build yet; use --device cpu"
-        )));
-    }
     if a.block_size == 0 {
         return Err(Error::request("--block-size must be positive"));
     }
@@ -105,14 +101,14 @@ pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
             a.weights_seed
         );
     }
+    if let Device::Cuda(ordinal) = device {
+        return load_cuda(a, cfg, &source, ordinal, min_tokens);
+    }
     let t0 = Instant::now();
     let weights = match (&source, a.random_weights) {
         (Source::Dir(dir), false) => {
             let ckpt = Checkpoint::open(dir)?;
-            let bar = ProgressBar::new(ckpt.total_bytes()).with_style(
-                ProgressStyle::with_template("loading weights {bar:40} {binary_bytes}/{binary_total_bytes} {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
+            let bar = progress_bar(ckpt.total_bytes());
             let w = ModelWeights::load(&ckpt, &cfg, &|done| bar.set_position(done))?;
             bar.finish_and_clear();
             w
@@ -133,5 +129,61 @@ pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
         device_name: format!("cpu ({} threads)", rayon::current_num_threads()),
         source_desc: desc,
         load_secs,
+    })
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("loading weights {bar:40} {binary_bytes}/{binary_total_bytes} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
+}
+
+fn load_cuda(
+    a: &ModelArgs,
+    cfg: LlamaConfig,
+    source: &Source,
+    ordinal: usize,
+    min_tokens: usize,
+) -> Result<LoadedModel> {
+    let opts = CudaOptions {
+        device: ordinal,
+        block_size: a.block_size,
+        kv_tokens: a.kv_tokens,
+        gpu_memory_utilization: a.gpu_memory_utilization,
+        max_step_tokens: 2048,
+    };
+    let t0 = Instant::now();
+    let eos_ids = cfg.eos_token_ids.clone();
+    let mut desc = source.describe();
+    let exec = match (source, a.random_weights) {
+        (Source::Dir(dir), false) => {
+            let ckpt = Checkpoint::open(dir)?;
+            check_checkpoint(&ckpt, &cfg)?;
+            let bar = progress_bar(ckpt.total_bytes());
+            let tick = |bytes: u64| bar.inc(bytes);
+            let e = CudaExecutor::new(cfg, WeightSource::Checkpoint(&ckpt), &opts, &tick)?;
+            bar.finish_and_clear();
+            e
+        }
+        _ => {
+            if a.random_weights {
+                desc.push_str(" with random weights");
+            }
+            CudaExecutor::new(cfg, WeightSource::Random(a.weights_seed), &opts, &|_| {})?
+        }
+    };
+    if exec.num_blocks() * exec.block_size() < min_tokens {
+        return Err(Error::request(format!(
+            "the KV cache holds {} tokens but this run needs {min_tokens}",
+            exec.num_blocks() * exec.block_size()
+        )));
+    }
+    Ok(LoadedModel {
+        device_name: format!("cuda:{ordinal} ({})", exec.device_name()),
+        exec: Box::new(exec),
+        eos_ids,
+        source_desc: desc,
+        load_secs: t0.elapsed().as_secs_f64(),
     })
 }

@@ -69,6 +69,9 @@ pub struct ModelArgs {
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// Fraction of GPU memory to use for weights, KV cache and workspaces (CUDA only).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
 }
 
 /// `llama32 logits`.

@@ -3,6 +3,7 @@
 //! through both.
 
 pub mod cpu;
+pub mod cuda;
 pub mod generate;
 
 use crate::config::LlamaConfig;

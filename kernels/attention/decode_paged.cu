@@ -1,0 +1,260 @@
+// kernels/attention/decode_paged.cu: fused-GQA split-KV decode over the paged KV cache (l32_paged_decode_params in
+// llama32_kernels.h), plus the merge of the splits.
+//
+// Three tiers: the kernels, the launcher that picks the instantiation, and the checked C entry.
+//
+// Decode kernel. One CTA per (KV split, kv head, sequence): grid (num_splits, num_kv_heads, num_seqs), kWarps warps.
+// The CTA owns every query head of its kv head (the GQA group, G <= 16), so each K/V tile is read from memory once
+// for the whole group: Q is a 16-row A operand (rows >= G are zeros) and the scores come from the tensor cores
+// (mma.m16n8k16 bf16 -> f32). The CTA walks its split's positions in tiles of kBlockN = 16 * kWarps tokens, copied
+// with 16-byte cp.async into swizzled shared memory, two stages deep (tile t + 1 loads while tile t is used);
+// warp w takes tokens 16w..16w+15 of every tile and keeps its own online-softmax state (m, l, 16 x D accumulators).
+// At the end the warps' states are merged through shared memory; with one split the result is normalized and
+// written to `out`, otherwise (m, l, unnormalized acc) go to the workspace in f32 and merge_splits_kernel combines
+// them: grid (num_heads, num_seqs), head_dim threads.
+//
+// Split policy: the caller picks num_splits (ops::cuda::attention::decode_num_splits: enough CTAs for about two
+// per SM, at least 256 positions per split). Each sequence cuts its own context into num_splits chunks of
+// ceil(ctx / num_splits) positions rounded up to a tile, so any context length is correct for any num_splits (a
+// captured CUDA graph replays with new lengths); splits past the end of a short context write an empty state.
+//
+// Instantiations: head_dim 64 with 4 warps (64-token tiles), head_dim 128 with 2 warps (32-token tiles); 34 and
+// 36 KB of dynamic shared memory per CTA. Registers then bound the residency on an H100 SM: 4 CTAs (d64) or
+// 6 CTAs (d128), so batch 64 x 8 kv heads = 512 CTAs fits in one wave of 132 SMs either way.
+// ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), no spills, 0-byte stack frames:
+//   paged_decode_kernel<64, 4>:   96 / 96 / 116 registers, 34816 B dynamic + 512 B static shared memory
+//   paged_decode_kernel<128, 2>:  160 / 160 / 160 registers, 36864 B dynamic + 256 B static shared memory
+//   merge_splits_kernel<64|128>:  32 / 39 / 32 registers
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "common/attention.cuh"
+#include "common/bf16.cuh"
+#include "common/status.cuh"
+#include "llama32_kernels.h"
+
+namespace l32 {
+namespace {
+
+using namespace attn;
+
+constexpr int kMaxGroup = 16;   // query heads per kv head: the 16 rows of one MMA tile
+constexpr int kMaxSplits = 256;
+
+// Every size derived from (head_dim, warps), read by the kernel and the launcher alike.
+template <int D, int kWarps>
+struct DecodeTraits {
+    static constexpr int kThreads = 32 * kWarps;
+    static constexpr int kBlockN = 16 * kWarps;          // tokens per K/V tile, 16 per warp
+    static constexpr int kTileElems = kBlockN * D;       // one K (or V) tile, bf16
+    static constexpr int kQElems = kMaxGroup * D;        // the Q tile, bf16
+    static constexpr int kStages = 2;
+    static constexpr int kSmemBytes = (kQElems + kStages * 2 * kTileElems) * 2;
+    static_assert(kSmemBytes <= 48 * 1024, "fits the default dynamic shared-memory limit");
+    // The warps' f32 accumulators reuse the K/V stages for the final merge.
+    static_assert(kWarps * kMaxGroup * D * 4 <= kStages * 2 * kTileElems * 2, "merge scratch fits in the stages");
+};
+
+// Workspace layout for num_splits > 1: acc [seqs, heads, splits, D] f32, then (m, l) [seqs, heads, splits, 2] f32.
+__host__ __device__ inline int64_t ws_acc_floats(int64_t seqs, int64_t heads, int64_t splits, int64_t d) {
+    return seqs * heads * splits * d;
+}
+
+// Tier 1a: the split decode. See the file comment.
+template <int D, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_constant__ l32_paged_decode_params p) {
+    using T = DecodeTraits<D, kWarps>;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ float s_m[kWarps][kMaxGroup], s_l[kWarps][kMaxGroup];
+    bf16* sq = reinterpret_cast<bf16*>(smem_raw);
+    bf16* skv = sq + T::kQElems;  // stage s: K at skv + 2 s kTileElems, V right after it
+
+    const int split = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int group = p.num_heads / p.num_kv_heads;
+    const int ctx = static_cast<int>(p.positions[seq]) + 1;
+    const int per_split = (ctx + p.num_splits - 1) / p.num_splits;
+    const int chunk = (per_split + T::kBlockN - 1) / T::kBlockN * T::kBlockN;
+    const int start = split * chunk;
+    const int end = min(ctx, start + chunk);
+    const int num_tiles = start < end ? (end - start + T::kBlockN - 1) / T::kBlockN : 0;
+
+    const bf16* k_cache = static_cast<const bf16*>(p.k_cache);
+    const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
+    const uint32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+    const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+
+    // Q rows 0..group-1 are heads kv_head * group + row of this sequence's token; the rest are zero-filled.
+    const bf16* q = static_cast<const bf16*>(p.q) + static_cast<int64_t>(seq) * p.q_stride +
+                    static_cast<int64_t>(kv_head) * group * D;
+    for (int idx = tid; idx < kMaxGroup * D / 8; idx += T::kThreads) {
+        const int row = idx / (D / 8), chunk8 = idx % (D / 8);
+        const bool valid = row < group;
+        cp_async16(sq + SwizzledTile<D>::offset(row, chunk8), valid ? q + row * D + chunk8 * 8 : q, valid);
+    }
+    if (num_tiles > 0) {
+        load_kv_tile<D, T::kBlockN, T::kThreads>(skv, skv + T::kTileElems, k_cache, v_cache, table, start, end,
+                                                 p.block_size, slot_stride, kv_head);
+    }
+    cp_async_commit();
+
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+    float o[D / 8][4];
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    RowState st;
+    uint32_t qf[D / 16][4];
+
+    for (int t = 0; t < num_tiles; ++t) {
+        const int n0 = start + t * T::kBlockN;
+        if (t + 1 < num_tiles) {
+            bf16* next = skv + ((t + 1) % T::kStages) * 2 * T::kTileElems;
+            load_kv_tile<D, T::kBlockN, T::kThreads>(next, next + T::kTileElems, k_cache, v_cache, table,
+                                                     n0 + T::kBlockN, end, p.block_size, slot_stride, kv_head);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (t == 0) load_a_fragments<D>(qf, sq, 0);
+        const bf16* sk = skv + (t % T::kStages) * 2 * T::kTileElems;
+        const bf16* sv = sk + T::kTileElems;
+
+        float s[2][4];
+        qk_scores<D, 2>(s, qf, sk, warp * 16);
+        if (n0 + T::kBlockN > end) {
+            // Past the split's end (the tile's tail): masked; the zero-filled rows must not count.
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    if (n0 + warp * 16 + j * 8 + 2 * (lane % 4) + e >= end) s[j][e] = s[j][2 + e] = -INFINITY;
+                }
+            }
+        }
+        online_softmax<2, D / 8>(s, o, st, scale_log2);
+        pv_accumulate<D, 2>(o, s, sv, warp * 16);
+        __syncthreads();  // the next iteration's load overwrites this stage
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    finish_row_sums(st);
+
+    // Merge the warps: each writes its state, then every (row < group, dim) output is combined by one thread.
+    float* so = reinterpret_cast<float*>(skv);  // [kWarps][kMaxGroup][D]
+    const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+        float* r0 = so + (warp * kMaxGroup + g) * D + d * 8 + 2 * tq;
+        r0[0] = o[d][0];
+        r0[1] = o[d][1];
+        r0[8 * D] = o[d][2];
+        r0[8 * D + 1] = o[d][3];
+    }
+    if (tq == 0) {
+        s_m[warp][g] = st.m[0];
+        s_m[warp][g + 8] = st.m[1];
+        s_l[warp][g] = st.l[0];
+        s_l[warp][g + 8] = st.l[1];
+    }
+    __syncthreads();
+
+    const int64_t head0 = static_cast<int64_t>(kv_head) * group;
+    for (int idx = tid; idx < group * D; idx += T::kThreads) {
+        const int row = idx / D, d = idx % D;
+        float m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) m = fmaxf(m, s_m[w][row]);
+        const float base = m == -INFINITY ? 0.f : m;
+        float l = 0.f, acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float f = exp2f(s_m[w][row] - base);
+            l = fmaf(s_l[w][row], f, l);
+            acc = fmaf(so[(w * kMaxGroup + row) * D + d], f, acc);
+        }
+        const int64_t head = head0 + row;
+        if (p.num_splits == 1) {
+            bf16* out = static_cast<bf16*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head) * D;
+            out[d] = __float2bfloat16_rn(l > 0.f ? acc / l : 0.f);
+        } else {
+            const int64_t part = (static_cast<int64_t>(seq) * p.num_heads + head) * p.num_splits + split;
+            float* ws = static_cast<float*>(p.workspace);
+            ws[part * D + d] = acc;
+            if (d == 0) {
+                float* ml = ws + ws_acc_floats(p.num_seqs, p.num_heads, p.num_splits, D);
+                ml[2 * part] = m;
+                ml[2 * part + 1] = l;
+            }
+        }
+    }
+}
+
+// Tier 1b: combines the splits of one (head, sequence): grid (num_heads, num_seqs), D threads, one per dimension.
+template <int D>
+__global__ void __launch_bounds__(D) merge_splits_kernel(const __grid_constant__ l32_paged_decode_params p) {
+    const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
+    const float* ws = static_cast<const float*>(p.workspace);
+    const int64_t part0 = (static_cast<int64_t>(seq) * p.num_heads + head) * p.num_splits;
+    const float* ml = ws + ws_acc_floats(p.num_seqs, p.num_heads, p.num_splits, D) + 2 * part0;
+    const float* acc_in = ws + part0 * D + d;
+    float m = -INFINITY;
+    for (int k = 0; k < p.num_splits; ++k) m = fmaxf(m, ml[2 * k]);
+    const float base = m == -INFINITY ? 0.f : m;
+    float l = 0.f, acc = 0.f;
+    for (int k = 0; k < p.num_splits; ++k) {
+        const float f = exp2f(ml[2 * k] - base);
+        l = fmaf(ml[2 * k + 1], f, l);
+        acc = fmaf(acc_in[static_cast<int64_t>(k) * D], f, acc);
+    }
+    bf16* out = static_cast<bf16*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head) * D;
+    out[d] = __float2bfloat16_rn(l > 0.f ? acc / l : 0.f);
+}
+
+// Tier 2.
+template <int D, int kWarps>
+l32_status launch(const l32_paged_decode_params& p, cudaStream_t stream) {
+    using T = DecodeTraits<D, kWarps>;
+    const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_kv_heads),
+                    static_cast<unsigned>(p.num_seqs));
+    paged_decode_kernel<D, kWarps><<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
+    l32_status status = check_launch();
+    if (status != L32_OK || p.num_splits == 1) return status;
+    merge_splits_kernel<D><<<dim3(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs)), D, 0,
+                             stream>>>(p);
+    return check_launch();
+}
+
+}  // namespace
+}  // namespace l32
+
+// Tier 3: the checked entry.
+extern "C" l32_status l32_paged_decode(const l32_paged_decode_params* params, void* stream) {
+    if (params == nullptr) return L32_INVALID_ARGUMENT;
+    const l32_paged_decode_params& p = *params;
+    if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
+    if (p.out == nullptr || p.q == nullptr || p.k_cache == nullptr || p.v_cache == nullptr ||
+        p.positions == nullptr || p.block_tables == nullptr) {
+        return L32_INVALID_ARGUMENT;
+    }
+    if (p.num_seqs < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.block_size <= 0 ||
+        p.max_blocks_per_seq <= 0 || p.num_splits <= 0 || !(p.scale > 0.f) || !std::isfinite(p.scale)) {
+        return L32_INVALID_ARGUMENT;
+    }
+    if (p.num_heads % p.num_kv_heads != 0 || p.q_stride < int64_t{p.num_heads} * p.head_dim) {
+        return L32_INVALID_ARGUMENT;
+    }
+    if (p.head_dim != 64 && p.head_dim != 128) return L32_UNSUPPORTED;
+    if (p.num_heads / p.num_kv_heads > l32::kMaxGroup || p.num_splits > l32::kMaxSplits) return L32_UNSUPPORTED;
+    if (p.num_seqs > 65535 || p.num_kv_heads > 65535 || p.num_heads > 65535) return L32_UNSUPPORTED;
+    if (p.q_stride % 8 != 0 || !l32::is_aligned(p.q, 16) || !l32::is_aligned(p.out, 16) ||
+        !l32::is_aligned(p.k_cache, 16) || !l32::is_aligned(p.v_cache, 16)) {
+        return L32_UNSUPPORTED;
+    }
+    if (p.num_splits > 1 && (p.workspace == nullptr || !l32::is_aligned(p.workspace, 16))) return L32_INVALID_ARGUMENT;
+    if (p.num_seqs == 0) return L32_OK;
+    const auto s = static_cast<cudaStream_t>(stream);
+    return p.head_dim == 64 ? l32::launch<64, 4>(p, s) : l32::launch<128, 2>(p, s);
+}

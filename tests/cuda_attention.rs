@@ -1,0 +1,406 @@
+//! Twin tests of the paged attention kernels (`ops::cuda::attention::{paged_prefill, paged_decode}`) against the
+//! f32 CPU twin `ops::cpu::attention::paged_attention`, on fresh random inputs with the outputs poisoned (NaN).
+//!
+//! Each case builds a paged cache with a random, non-contiguous block table per sequence. Every slot no sequence
+//! owns (the tails of last blocks, spare blocks, and the block the unused table entries point at) holds NaN, so a
+//! kernel that reads past a context shows up as NaN. The CPU twin runs on the same bf16 values in f32.
+//!
+//! Tolerance, per output row (one token, one head): |gpu - cpu| <= 2^-7 * max|cpu row| + 1e-3. The kernels round
+//! the probabilities to bf16 before P * V (each weight moves by at most 2^-8 of itself, with random sign, so the
+//! row moves by far less than 2^-8 * max|v|) and the output once (2^-9 of itself); scores and sums stay in f32.
+//!
+//! Without a CUDA build or device each test prints "skipped: no CUDA device (...)" and returns.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use half::bf16;
+use llama32::ops::cpu::attention::{paged_attention, AttentionBatch, PagedLayout};
+use llama32::ops::cuda;
+use llama32::ops::cuda::attention::{self as attn, DecodeMeta, KvPools, PrefillMeta, QueryRows};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// (num_heads, num_kv_heads, head_dim): 1B (4:1, d64), 3B (3:1, d128), 90B (8:1, d128), and 1:1 at both dims.
+const LAYOUTS: [(usize, usize, usize); 5] = [(32, 8, 64), (24, 8, 128), (64, 8, 128), (8, 8, 64), (4, 4, 128)];
+/// The default block size and an odd one.
+const BLOCK_SIZES: [usize; 2] = [16, 7];
+
+/// A stream on device 0, or None (after saying why) where CUDA cannot run.
+fn stream() -> Option<Arc<CudaStream>> {
+    if let Err(e) = cuda::probe() {
+        eprintln!("skipped: no CUDA device ({e})");
+        return None;
+    }
+    let ctx = CudaContext::new(0).expect("CUDA context on device 0");
+    Some(ctx.new_stream().expect("a CUDA stream"))
+}
+
+/// Standard normal by Box-Muller.
+fn normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+fn to_f32(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// One step's inputs on the host: sequences given as (first new position, new tokens), each with context
+/// `start + new`, their cache, and the fused qkv rows of the new tokens.
+struct Step {
+    layout: PagedLayout,
+    q_stride: usize,
+    qkv: Vec<bf16>,
+    k_cache: Vec<bf16>,
+    v_cache: Vec<bf16>,
+    positions: Vec<u32>,
+    cu_seqlens: Vec<u32>,
+    seq_of_token: Vec<u32>,
+    block_tables: Vec<u32>,
+    max_blocks_per_seq: usize,
+    max_query_len: usize,
+}
+
+impl Step {
+    fn new(rng: &mut ChaCha8Rng, layout: PagedLayout, seqs: &[(usize, usize)]) -> Step {
+        let PagedLayout { num_heads, num_kv_heads, head_dim, block_size } = layout;
+        let slot_len = layout.slot_len();
+        let blocks_of = |ctx: usize| ctx.div_ceil(block_size);
+        let used: usize = seqs.iter().map(|&(s, n)| blocks_of(s + n)).sum();
+        // Two spare blocks, one of them the target of every unused table entry; all blocks in shuffled order.
+        let num_blocks = used + 2;
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let poison_block = ids[used];
+        let max_blocks_per_seq = seqs.iter().map(|&(s, n)| blocks_of(s + n)).max().unwrap_or(1) + 1;
+        let mut block_tables = vec![poison_block; seqs.len() * max_blocks_per_seq];
+        let mut k_cache = vec![bf16::NAN; num_blocks * block_size * slot_len];
+        let mut v_cache = k_cache.clone();
+        let mut next = 0;
+        for (s, &(start, new)) in seqs.iter().enumerate() {
+            let ctx = start + new;
+            for b in 0..blocks_of(ctx) {
+                block_tables[s * max_blocks_per_seq + b] = ids[next];
+                next += 1;
+            }
+            for p in 0..ctx {
+                let slot = block_tables[s * max_blocks_per_seq + p / block_size] as usize * block_size + p % block_size;
+                for x in &mut k_cache[slot * slot_len..][..slot_len] {
+                    *x = bf16::from_f32(normal(rng));
+                }
+                for x in &mut v_cache[slot * slot_len..][..slot_len] {
+                    *x = bf16::from_f32(normal(rng));
+                }
+            }
+        }
+        let q_stride = (num_heads + 2 * num_kv_heads) * head_dim;
+        let (mut positions, mut cu_seqlens, mut seq_of_token) = (Vec::new(), vec![0u32], Vec::new());
+        for (s, &(start, new)) in seqs.iter().enumerate() {
+            positions.extend((start..start + new).map(|p| p as u32));
+            seq_of_token.extend(std::iter::repeat_n(s as u32, new));
+            cu_seqlens.push(positions.len() as u32);
+        }
+        // Queries twice the scale of keys: scores of std ~2, so some rows are peaked and some flat.
+        let qkv = (0..positions.len() * q_stride).map(|_| bf16::from_f32(2.0 * normal(rng))).collect();
+        let max_query_len = seqs.iter().map(|&(_, n)| n).max().unwrap_or(1);
+        Step {
+            layout,
+            q_stride,
+            qkv,
+            k_cache,
+            v_cache,
+            positions,
+            cu_seqlens,
+            seq_of_token,
+            block_tables,
+            max_blocks_per_seq,
+            max_query_len,
+        }
+    }
+
+    /// The CPU twin's output, `[tokens, num_heads * head_dim]`.
+    fn reference(&self) -> Vec<f32> {
+        let batch = AttentionBatch {
+            seq_of_token: &self.seq_of_token,
+            positions: &self.positions,
+            block_tables: &self.block_tables,
+            max_blocks_per_seq: self.max_blocks_per_seq,
+        };
+        let mut out = vec![f32::NAN; self.positions.len() * self.layout.num_heads * self.layout.head_dim];
+        let (k, v) = (to_f32(&self.k_cache), to_f32(&self.v_cache));
+        paged_attention(&self.layout, &to_f32(&self.qkv), self.q_stride, &batch, &k, &v, &mut out);
+        out
+    }
+}
+
+/// The step's operands on the device.
+struct DeviceStep {
+    qkv: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    positions: CudaSlice<u32>,
+    cu_seqlens: CudaSlice<u32>,
+    block_tables: CudaSlice<u32>,
+    out: CudaSlice<bf16>,
+}
+
+impl DeviceStep {
+    fn upload(stream: &Arc<CudaStream>, s: &Step) -> DeviceStep {
+        let up_b = |v: &[bf16]| stream.clone_htod(v).expect("host to device copy");
+        let up_u = |v: &[u32]| stream.clone_htod(v).expect("host to device copy");
+        DeviceStep {
+            qkv: up_b(&s.qkv),
+            k: up_b(&s.k_cache),
+            v: up_b(&s.v_cache),
+            positions: up_u(&s.positions),
+            cu_seqlens: up_u(&s.cu_seqlens),
+            block_tables: up_u(&s.block_tables),
+            out: up_b(&vec![bf16::NAN; s.positions.len() * s.layout.num_heads * s.layout.head_dim]),
+        }
+    }
+
+    fn poison_out(&mut self, stream: &Arc<CudaStream>) {
+        let n = self.out.len();
+        stream.memcpy_htod(&vec![bf16::NAN; n], &mut self.out).expect("host to device copy");
+    }
+
+    fn prefill(&mut self, stream: &Arc<CudaStream>, s: &Step) -> llama32::Result<()> {
+        let q = QueryRows { qkv: &self.qkv, stride: s.q_stride };
+        let kv = KvPools { layout: s.layout, k: &self.k, v: &self.v };
+        let meta = PrefillMeta {
+            positions: &self.positions,
+            cu_seqlens: &self.cu_seqlens,
+            block_tables: &self.block_tables,
+            max_blocks_per_seq: s.max_blocks_per_seq,
+            max_query_len: s.max_query_len,
+        };
+        attn::paged_prefill(stream, &q, &kv, &meta, &mut self.out)
+    }
+
+    fn decode(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        s: &Step,
+        num_splits: usize,
+        workspace: &mut CudaSlice<u8>,
+    ) -> llama32::Result<()> {
+        let q = QueryRows { qkv: &self.qkv, stride: s.q_stride };
+        let kv = KvPools { layout: s.layout, k: &self.k, v: &self.v };
+        let meta = DecodeMeta {
+            positions: &self.positions,
+            block_tables: &self.block_tables,
+            max_blocks_per_seq: s.max_blocks_per_seq,
+            num_splits,
+        };
+        attn::paged_decode(stream, &q, &kv, &meta, workspace, &mut self.out)
+    }
+
+    fn download(&self, stream: &Arc<CudaStream>) -> Vec<bf16> {
+        stream.clone_dtoh(&self.out).expect("device to host copy")
+    }
+}
+
+/// Asserts the tolerance of the file comment row by row (NaN fails) and prints the worst error of the case.
+fn assert_close(what: &str, got: &[bf16], want: &[f32], layout: &PagedLayout) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let d = layout.head_dim;
+    let mut worst = (0.0f32, 0.0f32);
+    for (r, (g_row, w_row)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
+        let scale = w_row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let tol = scale / 128.0 + 1e-3;
+        for (c, (g, w)) in g_row.iter().map(|g| g.to_f32()).zip(w_row).enumerate() {
+            let err = (g - w).abs();
+            assert!(
+                err <= tol,
+                "{what}: token {} head {} dim {c}: got {g}, want {w} (error {err:e} > tolerance {tol:e})",
+                r / layout.num_heads,
+                r % layout.num_heads
+            );
+            if err / tol > worst.1 {
+                worst = (err, err / tol);
+            }
+        }
+    }
+    eprintln!("{what}: worst error {:.3e} ({:.1}% of its tolerance)", worst.0, 100.0 * worst.1);
+}
+
+fn layout(heads: (usize, usize, usize), block_size: usize) -> PagedLayout {
+    PagedLayout { num_heads: heads.0, num_kv_heads: heads.1, head_dim: heads.2, block_size }
+}
+
+#[test]
+fn paged_prefill_matches_cpu() {
+    let Some(stream) = stream() else { return };
+    // (first new position, new tokens): fresh prefills of 1, 17 and 300 tokens, chunked prefill over an existing
+    // cache (283 + 17 = 300, 1900 + 149 = 2049) and decode-like single tokens, all in one call.
+    let seqs = [(0, 1), (0, 17), (0, 300), (283, 17), (1900, 149), (5, 1), (63, 2)];
+    for (i, heads) in LAYOUTS.into_iter().enumerate() {
+        for bs in BLOCK_SIZES {
+            let mut rng = ChaCha8Rng::seed_from_u64(1000 + 10 * i as u64 + bs as u64);
+            let l = layout(heads, bs);
+            let what = format!("paged_prefill heads {}/{} d{} block {bs}", heads.0, heads.1, heads.2);
+            let step = Step::new(&mut rng, l, &seqs);
+            let want = step.reference();
+            let mut dev = DeviceStep::upload(&stream, &step);
+            dev.prefill(&stream, &step).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_close(&what, &dev.download(&stream), &want, &l);
+        }
+    }
+}
+
+#[test]
+fn paged_decode_matches_cpu() {
+    let Some(stream) = stream() else { return };
+    let sms = attn::num_sms(&stream).expect("SM count");
+    // Contexts 1, 17, 300, 2049 in one call, then a long context beside a short one (split-KV territory).
+    let batches: [&[usize]; 2] = [&[1, 17, 300, 2049], &[16384, 33]];
+    for (i, heads) in LAYOUTS.into_iter().enumerate() {
+        for bs in BLOCK_SIZES {
+            for (b, contexts) in batches.iter().enumerate() {
+                let mut rng = ChaCha8Rng::seed_from_u64(2000 + 100 * b as u64 + 10 * i as u64 + bs as u64);
+                let l = layout(heads, bs);
+                let seqs: Vec<(usize, usize)> = contexts.iter().map(|&c| (c - 1, 1)).collect();
+                let step = Step::new(&mut rng, l, &seqs);
+                let want = step.reference();
+                let mut dev = DeviceStep::upload(&stream, &step);
+                let max_ctx = contexts.iter().copied().max().unwrap_or(1);
+                let policy = attn::decode_num_splits(&l, seqs.len(), max_ctx, sms);
+                // The policy's choice, no split, and an odd count that leaves the short contexts' later splits empty.
+                for splits in [policy, 1, 7] {
+                    let what = format!(
+                        "paged_decode heads {}/{} d{} block {bs} contexts {contexts:?} splits {splits}",
+                        heads.0, heads.1, heads.2
+                    );
+                    let bytes = attn::decode_workspace_bytes(&l, seqs.len(), splits).max(16);
+                    let mut ws = stream.alloc_zeros::<u8>(bytes).expect("workspace");
+                    dev.poison_out(&stream);
+                    dev.decode(&stream, &step, splits, &mut ws).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert_close(&what, &dev.download(&stream), &want, &l);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_wrappers_reject_bad_shapes_before_launch() {
+    let Some(stream) = stream() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let l = layout((32, 8, 64), 16);
+    let step = Step::new(&mut rng, l, &[(0, 3), (9, 2)]);
+    let mut dev = DeviceStep::upload(&stream, &step);
+
+    let bad = |r: llama32::Result<()>, needle: &str| {
+        let err = r.expect_err("a malformed call must fail").to_string();
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    };
+    // Unsupported head_dim: the pools are reinterpreted as head_dim 96 (wrong for the kernel, caught first).
+    let kv96 = KvPools { layout: PagedLayout { head_dim: 96, ..l }, k: &dev.k, v: &dev.v };
+    let q = QueryRows { qkv: &dev.qkv, stride: step.q_stride };
+    let meta = PrefillMeta {
+        positions: &dev.positions,
+        cu_seqlens: &dev.cu_seqlens,
+        block_tables: &dev.block_tables,
+        max_blocks_per_seq: step.max_blocks_per_seq,
+        max_query_len: step.max_query_len,
+    };
+    bad(attn::paged_prefill(&stream, &q, &kv96, &meta, &mut dev.out), "head_dim 96");
+    // A GQA ratio that does not divide.
+    let kv5 = KvPools { layout: PagedLayout { num_kv_heads: 5, ..l }, k: &dev.k, v: &dev.v };
+    bad(attn::paged_prefill(&stream, &q, &kv5, &meta, &mut dev.out), "num_kv_heads");
+    let kv = KvPools { layout: l, k: &dev.k, v: &dev.v };
+    // A q stride that is not a multiple of 8 elements.
+    let q_odd = QueryRows { qkv: &dev.qkv, stride: step.q_stride - 1 };
+    bad(attn::paged_prefill(&stream, &q_odd, &kv, &meta, &mut dev.out), "q stride");
+    // max_query_len past the step's tokens.
+    let meta_long = PrefillMeta { max_query_len: 99, ..meta };
+    bad(attn::paged_prefill(&stream, &q, &kv, &meta_long, &mut dev.out), "max_query_len");
+    // A block table shorter than seqs x max_blocks_per_seq.
+    let meta_tables = PrefillMeta { max_blocks_per_seq: step.max_blocks_per_seq + 1, ..meta };
+    bad(attn::paged_prefill(&stream, &q, &kv, &meta_tables, &mut dev.out), "`block_tables`");
+    // An output one row short.
+    let mut short = stream.alloc_zeros::<bf16>(dev.out.len() - 64).expect("alloc");
+    bad(attn::paged_prefill(&stream, &q, &kv, &meta, &mut short), "`out`");
+
+    // Decode: 5 positions means 5 sequences, but the block table holds 2.
+    let mut ws = stream.alloc_zeros::<u8>(16).expect("workspace");
+    let dmeta = DecodeMeta {
+        positions: &dev.positions,
+        block_tables: &dev.block_tables,
+        max_blocks_per_seq: step.max_blocks_per_seq,
+        num_splits: 1,
+    };
+    bad(attn::paged_decode(&stream, &q, &kv, &dmeta, &mut ws, &mut dev.out), "`block_tables`");
+    // Split counts out of range, and a workspace too small for the splits.
+    let two = stream.clone_htod(&[4u32, 10]).expect("upload");
+    let dmeta = DecodeMeta { positions: &two, num_splits: 0, ..dmeta };
+    let mut out2 = stream.clone_htod(&vec![bf16::NAN; 2 * 2048]).expect("upload");
+    bad(attn::paged_decode(&stream, &q, &kv, &dmeta, &mut ws, &mut out2), "num_splits");
+    let dmeta = DecodeMeta { num_splits: 4, ..dmeta };
+    bad(attn::paged_decode(&stream, &q, &kv, &dmeta, &mut ws, &mut out2), "`workspace`");
+    // Nothing was launched: the outputs are still poisoned.
+    assert!(dev.download(&stream).iter().all(|v| v.is_nan()));
+    assert!(stream.clone_dtoh(&out2).expect("download").iter().all(|v| v.is_nan()));
+}
+
+/// Throughput on the device (ignored by default; `--ignored` runs it): decode at batch 64 x 2048 context for the
+/// 1B and 3B layouts in GB/s of K/V read, and a 4 x 4096-token causal prefill of the 3B layout in TFLOP/s.
+#[test]
+#[ignore]
+fn paged_attention_throughput() {
+    let Some(stream) = stream() else { return };
+    let sms = attn::num_sms(&stream).expect("SM count");
+    let time = |f: &mut dyn FnMut()| {
+        for _ in 0..5 {
+            f();
+        }
+        stream.synchronize().expect("sync");
+        let iters = 50;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        stream.synchronize().expect("sync");
+        t.elapsed().as_secs_f64() / iters as f64
+    };
+    for heads in [(32, 8, 64), (24, 8, 128)] {
+        let l = layout(heads, 16);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let (seqs, ctx) = (64, 2048);
+        let step = Step::new(&mut rng, l, &vec![(ctx - 1, 1); seqs]);
+        let mut dev = DeviceStep::upload(&stream, &step);
+        let splits = attn::decode_num_splits(&l, seqs, ctx, sms);
+        let mut ws = stream.alloc_zeros::<u8>(attn::decode_workspace_bytes(&l, seqs, splits).max(16)).expect("ws");
+        let secs = time(&mut || dev.decode(&stream, &step, splits, &mut ws).expect("decode"));
+        let bytes = (seqs * ctx * l.slot_len() * 2 * 2) as f64;
+        eprintln!(
+            "paged_decode {}/{} d{} batch {seqs} ctx {ctx} splits {splits}: {:.1} us, {:.0} GB/s",
+            heads.0,
+            heads.1,
+            heads.2,
+            secs * 1e6,
+            bytes / secs / 1e9
+        );
+    }
+    for heads in [(24, 8, 128), (32, 8, 64)] {
+        let l = layout(heads, 16);
+        let mut rng = ChaCha8Rng::seed_from_u64(10);
+        let (seqs, len) = (4, 4096);
+        let step = Step::new(&mut rng, l, &vec![(0, len); seqs]);
+        let mut dev = DeviceStep::upload(&stream, &step);
+        let secs = time(&mut || dev.prefill(&stream, &step).expect("prefill"));
+        let flops = (seqs * heads.0 * heads.2 * 4) as f64 * (len * (len + 1) / 2) as f64;
+        eprintln!(
+            "paged_prefill {}/{} d{} {seqs} x {len} causal: {:.1} us, {:.0} TFLOP/s",
+            heads.0,
+            heads.1,
+            heads.2,
+            secs * 1e6,
+            flops / secs / 1e12
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! The CUDA executor on the golden checkpoints: logits against HF transformers' float32 reference (within bf16
+//! tolerance), the same steps through the CPU reference, and greedy ids. Skipped without a CUDA device.
+
+use std::path::{Path, PathBuf};
+
+use llama32::config::LlamaConfig;
+use llama32::exec::cpu::CpuExecutor;
+use llama32::exec::cuda::{CudaExecutor, CudaOptions};
+use llama32::exec::generate::{build_step, generate, score, GenRequest, GenerateOptions, LogitsWanted, SeqChunk};
+use llama32::exec::Executor;
+use llama32::kv::BlockAllocator;
+use llama32::sampling::SamplingParams;
+use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
+use serde_json::Value;
+
+const CASES: [&str; 4] = ["tied-gqa4", "untied-gqa2-sharded", "gqa3-f16", "mha-f32-norope-scaling"];
+/// bf16 weights and activations against an f32 reference: the largest logit error allowed, relative to the
+/// largest reference logit (about six bf16 roundings through two or three layers).
+const MAX_REL: f32 = 3e-2;
+
+fn device_ready() -> bool {
+    match llama32::ops::cuda::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            false
+        }
+    }
+}
+
+struct Case {
+    dir: PathBuf,
+    cfg: LlamaConfig,
+    reference: Value,
+}
+
+impl Case {
+    fn load(name: &str) -> Case {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        let mut cfg = LlamaConfig::from_model_dir(&dir).unwrap();
+        cfg.merge_generation_config(&dir).unwrap();
+        let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+        Case { dir, cfg, reference: serde_json::from_str(&text).unwrap() }
+    }
+
+    fn ids(&self, key: &str) -> Vec<u32> {
+        self.reference[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    }
+
+    fn cuda(&self, block_size: usize) -> CudaExecutor {
+        let ckpt = Checkpoint::open(&self.dir).unwrap();
+        let opts = CudaOptions { block_size, kv_tokens: Some(1024), max_step_tokens: 512, ..Default::default() };
+        CudaExecutor::new(self.cfg.clone(), WeightSource::Checkpoint(&ckpt), &opts, &|_| {}).unwrap()
+    }
+
+    fn cpu(&self) -> CpuExecutor {
+        let ckpt = Checkpoint::open(&self.dir).unwrap();
+        let w = ModelWeights::load(&ckpt, &self.cfg, &|_| {}).unwrap();
+        CpuExecutor::with_capacity(self.cfg.clone(), w, 1024, 16).unwrap()
+    }
+
+    fn ref_logits(&self, file: &str) -> Vec<f32> {
+        llama32::npy::read_f32(&self.dir.join(file)).unwrap().data
+    }
+}
+
+/// Max |got - want| relative to max |want|; also checks argmax agreement on rows whose reference top-2 margin
+/// exceeds twice the tolerance.
+fn compare(name: &str, got: &[f32], want: &[f32], vocab: usize) -> f32 {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite logits");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    let argmax = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, &x)| if x > r[b] { i } else { b });
+    for (row, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        let top = argmax(w);
+        let second = w.iter().enumerate().filter(|&(i, _)| i != top).fold(f32::MIN, |m, (_, &x)| m.max(x));
+        if w[top] - second > 2.0 * MAX_REL * scale {
+            assert_eq!(argmax(g), top, "{name}: argmax differs at row {row}");
+        }
+    }
+    eprintln!("{name}: max |diff| / max|ref| = {worst:.2e}");
+    assert!(worst <= MAX_REL, "{name}: max relative error {worst} exceeds {MAX_REL}");
+    worst
+}
+
+#[test]
+fn cuda_logits_match_transformers() {
+    if !device_ready() {
+        return;
+    }
+    for name in CASES {
+        let case = Case::load(name);
+        let mut exec = case.cuda(16);
+        let got = score(&mut exec, &case.ids("prompt_ids"), 512).unwrap();
+        compare(name, &got, &case.ref_logits("logits.npy"), case.cfg.vocab_size);
+        // Chunked prefill with an odd block size goes through the same kernels over an existing cache.
+        let mut odd = case.cuda(5);
+        let chunked = score(&mut odd, &case.ids("prompt_ids"), 7).unwrap();
+        compare(&format!("{name} chunk 7 block 5"), &chunked, &case.ref_logits("logits.npy"), case.cfg.vocab_size);
+    }
+}
+
+#[test]
+fn cuda_batched_step_matches_cpu_step() {
+    if !device_ready() {
+        return;
+    }
+    for name in CASES {
+        let case = Case::load(name);
+        let (p1, p2) = (case.ids("prompt_ids"), case.ids("prompt2_ids"));
+        let mut outs = Vec::new();
+        let execs: [Box<dyn Executor>; 2] = [Box::new(case.cpu()), Box::new(case.cuda(16))];
+        for mut exec in execs {
+            let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+            let (mut t1, mut t2) = (Vec::new(), Vec::new());
+            alloc.ensure(&mut t2, p2.len() + 1).unwrap();
+            alloc.ensure(&mut t1, p1.len() + 1).unwrap();
+            // A prefill step of two sequences, then a decode step of both.
+            let prefill = build_step(
+                &[
+                    SeqChunk { tokens: &p2, start_pos: 0, block_table: &t2, logits: LogitsWanted::All },
+                    SeqChunk { tokens: &p1, start_pos: 0, block_table: &t1, logits: LogitsWanted::Last },
+                ],
+                exec.block_size(),
+            )
+            .unwrap();
+            let mut logits = exec.step(&prefill).unwrap().logits;
+            let decode = build_step(
+                &[
+                    SeqChunk { tokens: &[7], start_pos: p2.len(), block_table: &t2, logits: LogitsWanted::Last },
+                    SeqChunk { tokens: &[9], start_pos: p1.len(), block_table: &t1, logits: LogitsWanted::Last },
+                ],
+                exec.block_size(),
+            )
+            .unwrap();
+            logits.extend(exec.step(&decode).unwrap().logits);
+            outs.push(logits);
+        }
+        compare(&format!("{name} cuda vs cpu steps"), &outs[1], &outs[0], case.cfg.vocab_size);
+    }
+}
+
+#[test]
+fn cuda_greedy_follows_transformers_while_margins_allow() {
+    if !device_ready() {
+        return;
+    }
+    for name in CASES {
+        let case = Case::load(name);
+        let mut exec = case.cuda(16);
+        let want = case.ids("greedy_ids");
+        let margins: Vec<f64> =
+            case.reference["greedy_top2_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let scale = case.reference["greedy_max_abs_logit"].as_f64().unwrap();
+        let params = SamplingParams { max_tokens: want.len(), ..SamplingParams::greedy() };
+        let reqs = [GenRequest { prompt: case.ids("prompt_ids"), params }];
+        let opts = GenerateOptions { eos_ids: case.cfg.eos_token_ids.clone(), max_step_tokens: 512 };
+        let got = generate(&mut exec, &reqs, &opts, &mut |_, _| Ok(String::new()), &mut |_, _| {}).unwrap();
+        // Ids must agree up to the first step whose reference margin is within bf16 noise.
+        let safe = margins.iter().take_while(|&&m| m > 2.0 * MAX_REL as f64 * scale).count();
+        assert!(safe >= 1, "{name}: no step has a margin above bf16 noise");
+        assert_eq!(&got[0].ids[..safe], &want[..safe], "{name}: greedy ids (first {safe} steps are robust)");
+        eprintln!(
+            "{name}: {} of {} greedy ids equal HF ({} robust)",
+            got[0].ids.iter().zip(&want).take_while(|(a, b)| a == b).count(),
+            want.len(),
+            safe
+        );
+    }
+}
