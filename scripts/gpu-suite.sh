@@ -80,11 +80,12 @@ run() {
     done
   fi
   export RUST_BACKTRACE=1
+  export LLAMA32_GOLDEN_DIR="$root/tests/golden"
 
   local device
   device=$(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1) ||
     device="nvidia-smi failed"
-  local rows=() failed=0 exe name t log status rc start secs
+  local rows=() benches=() failed=0 exe name t log status rc start secs
   for exe in "$bundle"/tests/*; do
     name=$(basename "$exe")
     local tests=()
@@ -120,8 +121,47 @@ run() {
   if ((rc == 0)); then status=PASS; else status=FAIL; failed=$((failed + 1)); fi
   rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" llama32 "--help (the release binary starts)" -)")
 
+  # Kernel throughput: the tests marked #[ignore] are benchmarks; their figure lines join the table.
+  for exe in "$bundle"/tests/*; do
+    name=$(basename "$exe")
+    while read -r t; do
+      [[ -n $t ]] || continue
+      log="$logs/$name.$t.bench.log"
+      rc=0
+      timeout 120 "$exe" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+      if ((rc == 0)); then
+        mapfile -t -O "${#benches[@]}" benches < <(grep -E 'GB/s|TFLOP/s' "$log")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL "$name" "$t (benchmark)" -)")
+        tail -n 5 "$log"
+      fi
+    done < <("$exe" --list --ignored --format=terse 2>/dev/null | sed -n 's/: test$//p')
+  done
+
+  # End-to-end figures on random weights at the real shapes (JSON lines in $logs/bench.jsonl).
+  local spec preset batch prompt gen line
+  for spec in "1b 1 128 64" "3b 1 128 64" "1b 64 512 64"; do
+    read -r preset batch prompt gen <<<"$spec"
+    log="$logs/bench.$preset.b$batch.log"
+    rc=0
+    timeout 180 "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
+      --prompt-tokens "$prompt" --gen-tokens "$gen" >"$log" 2>&1 || rc=$?
+    line=$(grep '^{' "$log" | tail -1 || true)
+    if ((rc == 0)) && [[ -n $line ]]; then
+      echo "$line" >>"$logs/bench.jsonl"
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen" -)")
+      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"]))' "$line" "$preset")")
+    else
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$preset b$batch p$prompt g$gen" -)")
+      tail -n 5 "$log"
+    fi
+  done
+
   echo
   echo "GPU suite @ $(cat "$bundle/REVISION" 2>/dev/null || echo unknown) on: $device"
+  ((${#benches[@]})) && printf 'bench %s\n' "${benches[@]}"
   echo "LLAMA32_TEST_DATA=${LLAMA32_TEST_DATA:-<unset>}  logs: $logs"
   printf '%s\n' "${rows[@]}"
   echo "$((${#rows[@]} - failed)) of ${#rows[@]} passed"

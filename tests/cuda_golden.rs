@@ -36,7 +36,11 @@ struct Case {
 
 impl Case {
     fn load(name: &str) -> Case {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        // On the device machine the test binary runs away from its source tree: gpu-suite.sh points here.
+        let root = std::env::var_os("LLAMA32_GOLDEN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"));
+        let dir = root.join(name);
         let mut cfg = LlamaConfig::from_model_dir(&dir).unwrap();
         cfg.merge_generation_config(&dir).unwrap();
         let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
