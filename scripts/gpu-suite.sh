@@ -40,7 +40,7 @@ build() {
   local name exe found=0
   while read -r name exe; do
     # grep reads all of nm's output (no -q): with pipefail, an early exit would fail nm with SIGPIPE.
-    if ! nm "$exe" 2>/dev/null | grep ' T l32_norm$' >/dev/null; then
+    if ! nm "$exe" 2>/dev/null | grep -E ' T l32_[a-z_]+$' >/dev/null; then
       echo "error: $exe has no CUDA kernels: this build found no nvcc (see scripts/install-cuda-toolchain.sh)" >&2
       exit 1
     fi

@@ -133,6 +133,41 @@ CASES = [
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
     },
+    # The CUDA attention kernels take head_dim 64 and 128 (the real models' sizes): these two run on both backends.
+    {
+        "name": "cuda-d64-gqa4",
+        "seed": 210,
+        "dtype": "bfloat16",
+        "max_shard_size": None,
+        "config": dict(
+            vocab_size=384,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=64,
+            tie_word_embeddings=True,
+            rope_parameters=llama3_rope(500000.0, 32.0, 64),
+        ),
+    },
+    {
+        "name": "cuda-d128-gqa3",
+        "seed": 202,
+        "dtype": "bfloat16",
+        "max_shard_size": None,
+        "config": dict(
+            vocab_size=320,
+            hidden_size=192,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=128,
+            tie_word_embeddings=False,
+            rope_parameters=llama3_rope(500000.0, 32.0, 64),
+        ),
+    },
 ]
 
 COMMON_CONFIG = dict(

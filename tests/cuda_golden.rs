@@ -13,7 +13,8 @@ use llama32::sampling::SamplingParams;
 use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
 use serde_json::Value;
 
-const CASES: [&str; 4] = ["tied-gqa4", "untied-gqa2-sharded", "gqa3-f16", "mha-f32-norope-scaling"];
+/// The golden cases whose head_dim (64, 128) the CUDA attention kernels take.
+const CASES: [&str; 2] = ["cuda-d64-gqa4", "cuda-d128-gqa3"];
 /// bf16 weights and activations against an f32 reference: the largest logit error allowed, relative to the
 /// largest reference logit (about six bf16 roundings through two or three layers).
 const MAX_REL: f32 = 3e-2;
@@ -172,4 +173,19 @@ fn cuda_greedy_follows_transformers_while_margins_allow() {
             safe
         );
     }
+}
+
+#[test]
+fn cuda_rejects_unsupported_head_dim_up_front() {
+    if !device_ready() {
+        return;
+    }
+    let case = Case::load("tied-gqa4");
+    let ckpt = Checkpoint::open(&case.dir).unwrap();
+    let opts = CudaOptions { kv_tokens: Some(64), ..Default::default() };
+    let err = match CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(&ckpt), &opts, &|_| {}) {
+        Ok(_) => panic!("head_dim 16 must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("head_dim 16"), "{err}");
 }

@@ -12,7 +12,8 @@ use llama32::sampling::SamplingParams;
 use llama32::weights::{Checkpoint, ModelWeights};
 use serde_json::Value;
 
-const CASES: [&str; 4] = ["tied-gqa4", "untied-gqa2-sharded", "gqa3-f16", "mha-f32-norope-scaling"];
+const CASES: [&str; 6] =
+    ["tied-gqa4", "untied-gqa2-sharded", "gqa3-f16", "mha-f32-norope-scaling", "cuda-d64-gqa4", "cuda-d128-gqa3"];
 const REL_TOL: f32 = 1e-4;
 
 fn case_dir(name: &str) -> PathBuf {

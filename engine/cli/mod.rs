@@ -422,6 +422,12 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         .collect();
     let opts = GenerateOptions { eos_ids: Vec::new(), max_step_tokens: 2048 };
     let (mut nodetok, mut notext) = (|_: usize, _: u32| Ok(String::new()), |_: usize, _: &str| {});
+    // Warm-up (first-call costs: module loading, GEMM heuristics, allocator pools) stays out of the figures.
+    let warm: Vec<GenRequest> = reqs
+        .iter()
+        .map(|r| GenRequest { prompt: r.prompt.clone(), params: SamplingParams { max_tokens: 3, ..r.params.clone() } })
+        .collect();
+    generate(m.exec.as_mut(), &warm, &opts, &mut nodetok, &mut notext)?;
     let t0 = Instant::now();
     generate(m.exec.as_mut(), &prefill_reqs, &opts, &mut nodetok, &mut notext)?;
     let prefill_s = t0.elapsed().as_secs_f64();

@@ -342,6 +342,14 @@ impl CudaExecutor {
         tick: &(dyn Fn(u64) + Sync),
     ) -> Result<Self> {
         k::probe()?;
+        if !matches!(cfg.head_dim, 64 | 128) || cfg.gqa_group() > 16 {
+            return Err(Error::request(format!(
+                "the CUDA attention kernels take head_dim 64 or 128 and at most 16 query heads per kv head; \
+                 this model has head_dim {} and {} (use --device cpu)",
+                cfg.head_dim,
+                cfg.gqa_group()
+            )));
+        }
         if opts.block_size == 0 {
             return Err(Error::request("--block-size must be positive"));
         }
