@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""PyTorch peers on the shapes llama32 benchmarks, timed in the same device call (CUDA events, median).
+
+Prints one JSON line per figure and a short table last. Needs torch with CUDA (and transformers for the
+end-to-end peer); runs on the device machine:  python3 scripts/peers.py [--quick]
+"""
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, warmup=3, iters=20):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def emit(rows, name, value, unit, **extra):
+    rows.append((name, value, unit))
+    print(json.dumps({"peer": name, "value": value, "unit": unit, **extra}), flush=True)
+
+
+def ceilings(rows):
+    n = 1 << 30  # 1 GiB bf16 buffers
+    src = torch.randn(n // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    s = timed(lambda: dst.copy_(src))
+    emit(rows, "copy d2d", 2 * n / s / 1e9, "GB/s")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    s = timed(lambda: a @ b)
+    emit(rows, "gemm bf16 8192^3", 2 * 8192**3 / s / 1e12, "TFLOP/s")
+
+
+def sdpa(rows):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
+    # Prefill: 4 x 4096 causal, 24 q / 8 kv heads, d128 (3B).
+    b, hq, hkv, t, d = 4, 24, 8, 4096, 128
+    q = torch.randn(b, hq, t, d, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(b, hq, t, d, dtype=torch.bfloat16, device="cuda")  # expanded GQA: what SDPA kernels take
+    v = torch.randn_like(k)
+    flops = 4 * b * hq * d * t * (t + 1) / 2
+    for name, be in backends:
+        try:
+            with sdpa_kernel(be):
+                s = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            emit(rows, f"sdpa prefill {name} 4x4096 24/8 d128 causal", flops / s / 1e12, "TFLOP/s")
+        except RuntimeError as e:
+            print(f"# sdpa prefill {name}: {e}", file=sys.stderr)
+    # Decode: batch 64, one query against 2048 cached tokens, 32 q / 8 kv heads, d64 (1B); bytes = K+V read.
+    for hq, hkv, d in [(32, 8, 64), (24, 8, 128)]:
+        b, ctx = 64, 2048
+        q = torch.randn(b, hq, 1, d, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(b, hkv, ctx, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        nbytes = 2 * b * hkv * ctx * d * 2
+        for name, be in backends:
+            try:
+                with sdpa_kernel(be):
+                    s = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                emit(rows, f"sdpa decode {name} b64 ctx2048 {hq}/{hkv} d{d}", nbytes / s / 1e9, "GB/s")
+            except RuntimeError as e:
+                print(f"# sdpa decode {name} d{d}: {e}", file=sys.stderr)
+
+
+def hf_decode(rows, preset, steps=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = {"1b": (2048, 8192, 16, 32, 64), "3b": (3072, 8192, 28, 24, 128)}[preset]
+    h, i, layers, heads, hd = dims
+    cfg = LlamaConfig(
+        vocab_size=128256, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=8, head_dim=hd, tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(1, 128000, (1, 128), device="cuda")
+
+    def gen(n):
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    with torch.no_grad():
+        gen(4)
+        t_short = timed(lambda: gen(1), warmup=1, iters=3)
+        t_long = timed(lambda: gen(steps + 1), warmup=0, iters=3)
+    emit(rows, f"hf eager decode {preset} b1", (t_long - t_short) / steps * 1e3, "ms/token")
+    del model
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="skip the end-to-end HF peers")
+    args = ap.parse_args()
+    rows = []
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    ceilings(rows)
+    sdpa(rows)
+    if not args.quick:
+        for p in ["1b", "3b"]:
+            try:
+                hf_decode(rows, p)
+            except Exception as e:  # a missing transformers must not hide the other figures
+                print(f"# hf decode {p}: {e}", file=sys.stderr)
+    for name, value, unit in rows:
+        print(f"peer  {name:<44} {value:10.2f} {unit}")
+
+
+if __name__ == "__main__":
+    main()
