@@ -366,6 +366,16 @@ def make_case(case: dict, out_dir: str) -> dict:
     new, margins, max_abs = greedy(ref_model, prompt, eos)
     new2, margins2, max_abs2 = greedy(ref_model, prompt2, eos)
 
+    # How far transformers' own bf16 forward lands from the f32 reference: the yardstick for bf16 backends.
+    bf16_model = LlamaForCausalLM.from_pretrained(
+        case_dir, dtype=torch.bfloat16, attn_implementation="eager"
+    ).eval()
+    bf16_logits = bf16_model(torch.tensor([prompt])).logits[0].float().numpy()
+    del bf16_model
+    scale = float(np.abs(logits).max())
+    bf16_max_rel = float(np.abs(bf16_logits - logits).max()) / scale
+    bf16_mean_rel = float(np.abs(bf16_logits - logits).mean()) / scale
+
     ref = {
         "case": name,
         "prompt_ids": prompt,
@@ -386,6 +396,8 @@ def make_case(case: dict, out_dir: str) -> dict:
         "greedy2_ids": new2,
         "min_top2_margin2": min(margins2),
         "logits_max_abs": float(np.abs(logits).max()),
+        "hf_bf16_max_rel_err": bf16_max_rel,
+        "hf_bf16_mean_rel_err": bf16_mean_rel,
         "seed": case["seed"],
         "files": files,
         "versions": versions(),

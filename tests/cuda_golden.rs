@@ -15,9 +15,10 @@ use serde_json::Value;
 
 /// The golden cases whose head_dim (64, 128) the CUDA attention kernels take.
 const CASES: [&str; 2] = ["cuda-d64-gqa4", "cuda-d128-gqa3"];
-/// bf16 weights and activations against an f32 reference: the largest logit error allowed, relative to the
-/// largest reference logit (about six bf16 roundings through two or three layers).
-const MAX_REL: f32 = 3e-2;
+/// bf16 against an f32 reference is judged by transformers' own bf16 forward on the same checkpoint
+/// (`hf_bf16_*_rel_err` in reference.json, relative to the largest reference logit): ours may be at most this
+/// factor worse, in the worst logit and on average.
+const SLACK: f32 = 1.25;
 
 fn device_ready() -> bool {
     match llama32::ops::cuda::probe() {
@@ -69,24 +70,42 @@ impl Case {
     }
 }
 
-/// Max |got - want| relative to max |want|; also checks argmax agreement on rows whose reference top-2 margin
-/// exceeds twice the tolerance.
-fn compare(name: &str, got: &[f32], want: &[f32], vocab: usize) -> f32 {
+/// The error budget of a case, from transformers' bf16-vs-f32 error.
+#[derive(Clone, Copy)]
+struct Budget {
+    max_rel: f32,
+    mean_rel: f32,
+}
+
+impl Case {
+    fn budget(&self) -> Budget {
+        let get = |k: &str| self.reference[k].as_f64().unwrap() as f32 * SLACK;
+        Budget { max_rel: get("hf_bf16_max_rel_err"), mean_rel: get("hf_bf16_mean_rel_err") }
+    }
+}
+
+/// Max and mean |got - want| relative to max |want|, within the budget; argmax agreement on rows whose reference
+/// top-2 margin exceeds twice the worst-logit budget.
+fn compare(name: &str, got: &[f32], want: &[f32], vocab: usize, budget: Budget) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite logits");
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    let mean = got.iter().zip(want).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() as f32 / got.len() as f32 / scale;
     let argmax = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, &x)| if x > r[b] { i } else { b });
     for (row, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
         let top = argmax(w);
         let second = w.iter().enumerate().filter(|&(i, _)| i != top).fold(f32::MIN, |m, (_, &x)| m.max(x));
-        if w[top] - second > 2.0 * MAX_REL * scale {
+        if w[top] - second > 2.0 * budget.max_rel * scale {
             assert_eq!(argmax(g), top, "{name}: argmax differs at row {row}");
         }
     }
-    eprintln!("{name}: max |diff| / max|ref| = {worst:.2e}");
-    assert!(worst <= MAX_REL, "{name}: max relative error {worst} exceeds {MAX_REL}");
-    worst
+    eprintln!(
+        "{name}: max |diff| / max|ref| = {worst:.2e} (budget {:.2e}), mean {mean:.2e} (budget {:.2e})",
+        budget.max_rel, budget.mean_rel
+    );
+    assert!(worst <= budget.max_rel, "{name}: max relative error {worst} exceeds {}", budget.max_rel);
+    assert!(mean <= budget.mean_rel, "{name}: mean relative error {mean} exceeds {}", budget.mean_rel);
 }
 
 #[test]
@@ -98,11 +117,12 @@ fn cuda_logits_match_transformers() {
         let case = Case::load(name);
         let mut exec = case.cuda(16);
         let got = score(&mut exec, &case.ids("prompt_ids"), 512).unwrap();
-        compare(name, &got, &case.ref_logits("logits.npy"), case.cfg.vocab_size);
+        compare(name, &got, &case.ref_logits("logits.npy"), case.cfg.vocab_size, case.budget());
         // Chunked prefill with an odd block size goes through the same kernels over an existing cache.
         let mut odd = case.cuda(5);
         let chunked = score(&mut odd, &case.ids("prompt_ids"), 7).unwrap();
-        compare(&format!("{name} chunk 7 block 5"), &chunked, &case.ref_logits("logits.npy"), case.cfg.vocab_size);
+        let want = case.ref_logits("logits.npy");
+        compare(&format!("{name} chunk 7 block 5"), &chunked, &want, case.cfg.vocab_size, case.budget());
     }
 }
 
@@ -142,36 +162,46 @@ fn cuda_batched_step_matches_cpu_step() {
             logits.extend(exec.step(&decode).unwrap().logits);
             outs.push(logits);
         }
-        compare(&format!("{name} cuda vs cpu steps"), &outs[1], &outs[0], case.cfg.vocab_size);
+        compare(&format!("{name} cuda vs cpu steps"), &outs[1], &outs[0], case.cfg.vocab_size, case.budget());
     }
 }
 
+/// Greedy decoding on CUDA, checked by teacher forcing: every token CUDA picks must be a near-argmax of the f32
+/// CPU reference at that point of CUDA's own trajectory (within the worst-logit budget), so a wrong pick fails
+/// even where bf16 noise legitimately reorders two close candidates.
 #[test]
-fn cuda_greedy_follows_transformers_while_margins_allow() {
+fn cuda_greedy_picks_are_reference_near_argmax() {
     if !device_ready() {
         return;
     }
     for name in CASES {
         let case = Case::load(name);
         let mut exec = case.cuda(16);
-        let want = case.ids("greedy_ids");
-        let margins: Vec<f64> =
-            case.reference["greedy_top2_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
-        let scale = case.reference["greedy_max_abs_logit"].as_f64().unwrap();
-        let params = SamplingParams { max_tokens: want.len(), ..SamplingParams::greedy() };
-        let reqs = [GenRequest { prompt: case.ids("prompt_ids"), params }];
+        let prompt = case.ids("prompt_ids");
+        let n = case.reference["greedy_new_tokens"].as_u64().unwrap() as usize;
+        let params = SamplingParams { max_tokens: n, ..SamplingParams::greedy() };
+        let reqs = [GenRequest { prompt: prompt.clone(), params }];
         let opts = GenerateOptions { eos_ids: case.cfg.eos_token_ids.clone(), max_step_tokens: 512 };
         let got = generate(&mut exec, &reqs, &opts, &mut |_, _| Ok(String::new()), &mut |_, _| {}).unwrap();
-        // Ids must agree up to the first step whose reference margin is within bf16 noise.
-        let safe = margins.iter().take_while(|&&m| m > 2.0 * MAX_REL as f64 * scale).count();
-        assert!(safe >= 1, "{name}: no step has a margin above bf16 noise");
-        assert_eq!(&got[0].ids[..safe], &want[..safe], "{name}: greedy ids (first {safe} steps are robust)");
-        eprintln!(
-            "{name}: {} of {} greedy ids equal HF ({} robust)",
-            got[0].ids.iter().zip(&want).take_while(|(a, b)| a == b).count(),
-            want.len(),
-            safe
-        );
+        let ids = &got[0].ids;
+        assert_eq!(ids.len(), n, "{name}: generated {} of {n} tokens", ids.len());
+        let mut forced = prompt.clone();
+        forced.extend_from_slice(&ids[..n - 1]);
+        let vocab = case.cfg.vocab_size;
+        let cpu = score(&mut case.cpu(), &forced, 512).unwrap();
+        let scale = case.reference["logits_max_abs"].as_f64().unwrap() as f32;
+        let tol = case.budget().max_rel * scale;
+        for (j, &id) in ids.iter().enumerate() {
+            let row = &cpu[(prompt.len() - 1 + j) * vocab..][..vocab];
+            let best = row.iter().fold(f32::MIN, |m, &x| m.max(x));
+            assert!(
+                row[id as usize] >= best - tol,
+                "{name}: step {j} picked {id} at logit {} but the reference best is {best} (tolerance {tol})",
+                row[id as usize]
+            );
+        }
+        let same = ids.iter().zip(&case.ids("greedy_ids")).take_while(|(a, b)| a == b).count();
+        eprintln!("{name}: all {n} greedy picks are reference near-argmax; first {same} equal HF f32 greedy");
     }
 }
 
