@@ -152,6 +152,7 @@ fn load_cuda(
         kv_tokens: a.kv_tokens,
         gpu_memory_utilization: a.gpu_memory_utilization,
         max_step_tokens: 2048,
+        max_graph_batch: a.cuda_graph_max_batch,
     };
     let t0 = Instant::now();
     let eos_ids = cfg.eos_token_ids.clone();

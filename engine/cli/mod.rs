@@ -72,6 +72,9 @@ pub struct ModelArgs {
     /// Fraction of GPU memory to use for weights, KV cache and workspaces (CUDA only).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
+    /// Decode steps of up to this many sequences replay CUDA graphs (0 turns graphs off).
+    #[arg(long, default_value_t = 256)]
+    pub cuda_graph_max_batch: usize,
 }
 
 /// `llama32 logits`.

@@ -76,6 +76,8 @@ impl Ops for CpuOps {
         Ok(CpuAct { rows, cols, data: vec![0.0; rows * cols] })
     }
 
+    fn release(&mut self, _act: CpuAct) {}
+
     fn embed(&mut self, ids: &[u32], out: &mut CpuAct) -> Result<()> {
         check("embed", out, ids.len(), self.cfg.hidden_size)?;
         embedding::embed(&self.weights.embed, self.cfg.hidden_size, ids, &mut out.data);

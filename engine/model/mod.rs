@@ -48,8 +48,11 @@ pub trait Ops {
 
     /// Prepares per-step state (uploads metadata, sizes workspaces) before the layers run.
     fn begin_step(&mut self, step: &StepInput) -> Result<()>;
-    /// A zero-initialized (or poisoned; it is always fully written before use) `[rows, cols]` buffer.
+    /// A `[rows, cols]` buffer; its contents are unspecified (the recipe writes every buffer before reading it).
+    /// The recipe asks for buffers in the same order every step, so a backend may hand out pooled buffers.
     fn alloc(&mut self, rows: usize, cols: usize) -> Result<Self::Act>;
+    /// Gives a buffer from [`alloc`](Ops::alloc) back when the step no longer needs it.
+    fn release(&mut self, act: Self::Act);
     /// Gathers embedding rows for the step's tokens into `out`.
     fn embed(&mut self, ids: &[u32], out: &mut Self::Act) -> Result<()>;
     /// `out = rms_norm(x)`.
@@ -118,6 +121,9 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
     let mut gate_up = ops.alloc(t, 2 * d.inter)?;
     let mut act = ops.alloc(t, d.inter)?;
     ops.embed(&step.token_ids, &mut x)?;
+    if d.layers == 0 {
+        return Err(crate::Error::Backend("a model needs at least one decoder layer".into()));
+    }
     for l in 0..d.layers {
         if l == 0 {
             ops.rms_norm(&x, Norm::Attn(0), &mut h)?;
@@ -142,5 +148,8 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
     ops.add_rms_norm(&mut xr, &dr, Norm::Final, &mut hr)?;
     let mut logits = ops.alloc(rows, d.vocab)?;
     ops.linear(&hr, Linear::LmHead, &mut logits)?;
+    for a in [x, h, delta, qkv, attn, gate_up, act, xr, dr, hr] {
+        ops.release(a);
+    }
     Ok(logits)
 }

@@ -1,0 +1,322 @@
+//! The CUDA executor: bf16 weights and a paged bf16 KV cache on one device, the kernels of `kernels/*.cu` and
+//! cuBLASLt GEMMs, behind the same [`Executor`] trait and model recipe as the CPU reference.
+//!
+//! One stream, no host synchronization inside a step except reading the logits back. Decode steps run as CUDA
+//! graphs captured per (batch bucket, KV split count): the batch is padded to a bucket (padding rows write no
+//! cache slot), the step's metadata is copied into persistent device buffers, and the graph replays the whole
+//! forward in one launch.
+
+mod ops;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{sys, CudaContext, CudaGraph, CudaSlice, CudaStream};
+use half::bf16;
+
+use self::ops::{drv, DeviceLayer};
+pub use self::ops::{CudaAct, CudaOps};
+use crate::config::LlamaConfig;
+use crate::exec::{Executor, StepInput, StepOutput};
+use crate::model::{forward, Dims, Ops};
+use crate::ops::cpu::attention::PagedLayout;
+use crate::ops::cuda as k;
+use crate::weights::{FusedSpec, ModelSpecs, WeightSource};
+use crate::{Error, Result};
+
+/// How to size the executor.
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub device: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV capacity in tokens; `None` sizes the cache from free memory.
+    pub kv_tokens: Option<usize>,
+    /// Fraction of total device memory the engine may use (weights + cache + workspaces).
+    pub gpu_memory_utilization: f32,
+    /// Most tokens one step may carry (sizes the activation reserve).
+    pub max_step_tokens: usize,
+    /// Capture decode steps of up to this many sequences as CUDA graphs (0 turns graphs off).
+    pub max_graph_batch: usize,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            device: 0,
+            block_size: 16,
+            kv_tokens: None,
+            gpu_memory_utilization: 0.9,
+            max_step_tokens: 2048,
+            max_graph_batch: 256,
+        }
+    }
+}
+
+/// The batch sizes decode graphs are captured for: 1, 2, 4, 8, then multiples of 16.
+fn graph_bucket(seqs: usize) -> usize {
+    if seqs <= 8 {
+        seqs.next_power_of_two()
+    } else {
+        seqs.div_ceil(16) * 16
+    }
+}
+
+struct DecodeGraph {
+    graph: CudaGraph,
+    generation: u64,
+    /// The pool slot the graph writes its logits to.
+    logits_slot: usize,
+}
+
+/// Converts and uploads one fused tensor.
+fn upload(
+    stream: &Arc<CudaStream>,
+    src: &WeightSource<'_>,
+    spec: &FusedSpec,
+    tick: &(dyn Fn(u64) + Sync),
+) -> Result<CudaSlice<bf16>> {
+    let host: Vec<bf16> = src.read_f32(spec, tick)?.into_iter().map(bf16::from_f32).collect();
+    stream.clone_htod(&host).map_err(drv("upload weights"))
+}
+
+/// The CUDA executor.
+pub struct CudaExecutor {
+    ops: CudaOps,
+    max_graph_batch: usize,
+    max_blocks_per_seq: usize,
+    /// Decode graphs by (batch bucket, KV splits, block-table width).
+    graphs: HashMap<(usize, usize, usize), DecodeGraph>,
+}
+
+impl CudaExecutor {
+    /// Opens device `opts.device`, uploads the weights as bf16 and sizes the paged KV cache.
+    pub fn new(
+        cfg: LlamaConfig,
+        src: WeightSource<'_>,
+        opts: &CudaOptions,
+        tick: &(dyn Fn(u64) + Sync),
+    ) -> Result<Self> {
+        k::probe()?;
+        if !matches!(cfg.head_dim, 64 | 128) || cfg.gqa_group() > 16 {
+            return Err(Error::request(format!(
+                "the CUDA attention kernels take head_dim 64 or 128 and at most 16 query heads per kv head; \
+                 this model has head_dim {} and {} (use --device cpu)",
+                cfg.head_dim,
+                cfg.gqa_group()
+            )));
+        }
+        if opts.block_size == 0 {
+            return Err(Error::request("--block-size must be positive"));
+        }
+        if !(0.05..=1.0).contains(&opts.gpu_memory_utilization) {
+            return Err(Error::request(format!(
+                "--gpu-memory-utilization must be in [0.05, 1], got {}",
+                opts.gpu_memory_utilization
+            )));
+        }
+        let ctx = CudaContext::new(opts.device).map_err(drv("open CUDA device"))?;
+        // One stream orders everything, so cudarc's per-buffer events are not needed, and they would break capture.
+        // SAFETY: called before any buffer exists; all work below goes to the single stream created next.
+        unsafe { ctx.disable_event_tracking() };
+        let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        // Graphs cannot be captured on the legacy default stream.
+        let stream = ctx.new_stream().map_err(drv("create stream"))?;
+        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| Error::Backend(format!("cuBLASLt: {e:?}")))?;
+        let specs = ModelSpecs::of(&cfg);
+        let up = |s: &FusedSpec| upload(&stream, &src, s, tick);
+        let mut layers = Vec::with_capacity(specs.layers.len());
+        for l in &specs.layers {
+            layers.push(DeviceLayer {
+                attn_norm: up(&l.attn_norm)?,
+                wqkv: up(&l.wqkv)?,
+                wo: up(&l.wo)?,
+                mlp_norm: up(&l.mlp_norm)?,
+                w_gate_up: up(&l.w_gate_up)?,
+                w_down: up(&l.w_down)?,
+            });
+        }
+        let embed = up(&specs.embed)?;
+        let final_norm = up(&specs.final_norm)?;
+        let lm_head = specs.lm_head.as_ref().map(up).transpose()?;
+        let inv_freq = stream.clone_htod(&cfg.rope.inv_freq(cfg.head_dim)).map_err(drv("upload inv_freq"))?;
+        let layout = PagedLayout {
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            block_size: opts.block_size,
+        };
+        // Memory plan: what is left under the utilization cap, after an activation reserve, goes to the cache.
+        stream.synchronize().map_err(drv("synchronize"))?;
+        let (free, total) = cudarc::driver::result::mem_get_info().map_err(drv("query device memory"))?;
+        let used = total - free;
+        let cap = (total as f64 * opts.gpu_memory_utilization as f64) as usize;
+        let t = opts.max_step_tokens;
+        let act_reserve = 2 * t * (4 * cfg.hidden_size + cfg.q_dim() + 2 * cfg.kv_dim() + 3 * cfg.intermediate_size)
+            + 2 * t.min(1024) * cfg.vocab_size
+            + (256 << 20);
+        let block_bytes = opts.block_size * layout.slot_len() * 2 * 2 * cfg.num_hidden_layers;
+        let fit_blocks = cap.saturating_sub(used + act_reserve) / block_bytes;
+        let num_blocks = match opts.kv_tokens {
+            Some(tokens) => {
+                let want = tokens.div_ceil(opts.block_size).max(1);
+                if want > fit_blocks {
+                    return Err(Error::request(format!(
+                        "--kv-tokens {tokens} needs {want} blocks but only {fit_blocks} fit under \
+                         --gpu-memory-utilization {}",
+                        opts.gpu_memory_utilization
+                    )));
+                }
+                want
+            }
+            None if fit_blocks == 0 => {
+                return Err(Error::request(format!(
+                    "no room for a KV cache: weights use {:.2} GiB of {:.2} GiB with --gpu-memory-utilization {}",
+                    used as f64 / (1u64 << 30) as f64,
+                    total as f64 / (1u64 << 30) as f64,
+                    opts.gpu_memory_utilization
+                )))
+            }
+            None => fit_blocks,
+        };
+        let pool = num_blocks * opts.block_size * layout.slot_len();
+        let mut k_cache = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut v_cache = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            k_cache.push(stream.alloc_zeros::<bf16>(pool).map_err(drv("allocate K cache"))?);
+            v_cache.push(stream.alloc_zeros::<bf16>(pool).map_err(drv("allocate V cache"))?);
+        }
+        let num_sms = k::attention::num_sms(&stream)?;
+        let ws_bytes = k::attention::decode_workspace_bytes_max(
+            &layout,
+            opts.max_step_tokens,
+            cfg.max_position_embeddings,
+            num_sms,
+        );
+        let workspace = stream.alloc_zeros::<u8>(ws_bytes.max(1)).map_err(drv("allocate attention workspace"))?;
+        let max_blocks_per_seq = cfg.max_position_embeddings.div_ceil(opts.block_size).min(num_blocks);
+        let ops = CudaOps::new(
+            cfg,
+            stream,
+            blas,
+            (embed, layers, final_norm, lm_head),
+            inv_freq,
+            layout,
+            (num_blocks, k_cache, v_cache),
+            workspace,
+            num_sms,
+            device_name,
+        );
+        Ok(CudaExecutor { ops, max_graph_batch: opts.max_graph_batch, max_blocks_per_seq, graphs: HashMap::new() })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        &self.ops.device_name
+    }
+
+    /// A decode step as a padded, fixed-shape step: `bucket` rows, block tables `width` wide, padding rows at
+    /// position 0 writing no cache slot.
+    fn padded_decode(&self, input: &StepInput, bucket: usize, width: usize) -> StepInput {
+        let seqs = input.num_seqs();
+        let mut p = StepInput {
+            token_ids: input.token_ids.clone(),
+            positions: input.positions.clone(),
+            cu_seqlens: (0..=bucket as u32).collect(),
+            block_tables: vec![0; bucket * width],
+            max_blocks_per_seq: width,
+            slot_mapping: input.slot_mapping.clone(),
+            logits_rows: (0..bucket as u32).collect(),
+        };
+        for s in 0..seqs {
+            let row = &input.block_tables[s * input.max_blocks_per_seq..][..input.max_blocks_per_seq.min(width)];
+            p.block_tables[s * width..][..row.len()].copy_from_slice(row);
+        }
+        p.token_ids.resize(bucket, 0);
+        p.positions.resize(bucket, 0);
+        p.slot_mapping.resize(bucket, k::rope::PAD_SLOT);
+        p
+    }
+
+    /// Runs a decode step through a captured graph (capturing it first if needed); logits of the real rows.
+    fn step_graph(&mut self, input: &StepInput) -> Result<Vec<f32>> {
+        let seqs = input.num_seqs();
+        let bucket = graph_bucket(seqs);
+        // Table width rounds up to a power of two so that few graphs cover all context lengths.
+        let width = input.max_blocks_per_seq.next_power_of_two().min(self.max_blocks_per_seq);
+        let padded = self.padded_decode(input, bucket, width);
+        let max_ctx = input.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
+        let key = (bucket, self.ops.decode_splits(bucket, max_ctx), width);
+        let dims = Dims::of(&self.ops.cfg);
+        // Copy this step's metadata into the persistent buffers the graph reads.
+        self.ops.begin_step(&padded)?;
+        let stale = self.graphs.get(&key).is_none_or(|g| g.generation != self.ops.generation);
+        if stale {
+            self.graphs.remove(&key);
+            // An eager run sizes every pooled buffer, so capture allocates nothing.
+            let logits = forward(&mut self.ops, dims, &padded)?;
+            self.ops.release(logits);
+            let generation = self.ops.generation;
+            let stream = self.ops.stream.clone();
+            stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(drv("begin graph capture"))?;
+            self.ops.capturing = true;
+            let captured = forward(&mut self.ops, dims, &padded);
+            self.ops.capturing = false;
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv("end graph capture"))?;
+            let logits = captured?;
+            let logits_slot = logits.slot();
+            self.ops.release(logits);
+            let graph = graph.ok_or_else(|| Error::Backend("graph capture produced no graph".into()))?;
+            if self.ops.generation != generation {
+                return Err(Error::Backend("buffers moved during graph capture".into()));
+            }
+            self.graphs.insert(key, DecodeGraph { graph, generation, logits_slot });
+        }
+        let g = self.graphs.get(&key).ok_or_else(|| Error::Backend("decode graph missing".into()))?;
+        g.graph.launch().map_err(drv("launch decode graph"))?;
+        let n = seqs * dims.vocab;
+        let buf = self.ops.pooled(g.logits_slot).ok_or_else(|| Error::Backend("graph logits buffer missing".into()))?;
+        let host = self.ops.stream.clone_dtoh(&buf.slice(..n)).map_err(drv("read logits"))?;
+        Ok(host.into_iter().map(f32::from).collect())
+    }
+}
+
+impl Executor for CudaExecutor {
+    fn config(&self) -> &LlamaConfig {
+        &self.ops.cfg
+    }
+
+    fn block_size(&self) -> usize {
+        self.ops.layout.block_size
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.ops.num_blocks
+    }
+
+    fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
+        input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
+        let seqs = input.num_seqs();
+        let is_decode = input.num_tokens() == seqs;
+        let all_rows =
+            input.logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i) && input.logits_rows.len() == seqs;
+        if is_decode && all_rows && seqs <= self.max_graph_batch && input.max_blocks_per_seq <= self.max_blocks_per_seq
+        {
+            return Ok(StepOutput { logits: self.step_graph(input)? });
+        }
+        let dims = Dims::of(&self.ops.cfg);
+        let logits = forward(&mut self.ops, dims, input)?;
+        let n = input.logits_rows.len() * dims.vocab;
+        let host = if n == 0 {
+            Vec::new()
+        } else {
+            self.ops.stream.clone_dtoh(&logits.view().slice(..n)).map_err(drv("read logits"))?
+        };
+        self.ops.release(logits);
+        Ok(StepOutput { logits: host.into_iter().map(f32::from).collect() })
+    }
+}

@@ -1,0 +1,427 @@
+//! The CUDA backend's [`Ops`]: bf16 weights, a paged bf16 KV cache, pooled activations and persistent step
+//! metadata, so that the same device addresses serve every step (what CUDA graph replay needs).
+
+use std::sync::Arc;
+
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::config::LlamaConfig;
+use crate::exec::StepInput;
+use crate::model::{Linear, Norm, Ops};
+use crate::ops::cpu::attention::PagedLayout;
+use crate::ops::cuda as k;
+use crate::{Error, Result};
+
+pub(super) fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Backend(format!("{what}: {e}"))
+}
+
+/// A `[rows, cols]` bf16 activation on the device: a buffer of the pool, lent for one step.
+pub struct CudaAct {
+    rows: usize,
+    cols: usize,
+    slot: usize,
+    buf: CudaSlice<bf16>,
+}
+
+impl CudaAct {
+    /// The pool slot this buffer returns to.
+    pub(super) fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// The first `rows * cols` elements.
+    pub fn view(&self) -> cudarc::driver::CudaView<'_, bf16> {
+        self.buf.slice(..self.rows * self.cols)
+    }
+}
+
+pub(super) struct DeviceLayer {
+    pub(super) attn_norm: CudaSlice<bf16>,
+    pub(super) wqkv: CudaSlice<bf16>,
+    pub(super) wo: CudaSlice<bf16>,
+    pub(super) mlp_norm: CudaSlice<bf16>,
+    pub(super) w_gate_up: CudaSlice<bf16>,
+    pub(super) w_down: CudaSlice<bf16>,
+}
+
+/// Step metadata on the device, in buffers that grow but never move while they are big enough, so a captured
+/// graph keeps reading the current step's values. `generation` changes whenever a buffer moves.
+pub(super) struct MetaBufs {
+    ids: CudaSlice<u32>,
+    positions: CudaSlice<u32>,
+    cu_seqlens: CudaSlice<u32>,
+    block_tables: CudaSlice<u32>,
+    slots: CudaSlice<u32>,
+    logits_rows: CudaSlice<u32>,
+}
+
+/// The host-side sizes of the step in flight.
+#[derive(Clone, Copy, Debug, Default)]
+struct StepSizes {
+    tokens: usize,
+    seqs: usize,
+    table_len: usize,
+    max_blocks_per_seq: usize,
+    max_query_len: usize,
+    max_context_len: usize,
+    decode: bool,
+}
+
+/// The CUDA backend's weights, cache, handles and kernels.
+pub struct CudaOps {
+    pub(super) cfg: LlamaConfig,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) blas: CudaBlasLT,
+    pub(super) embed: CudaSlice<bf16>,
+    pub(super) layers: Vec<DeviceLayer>,
+    pub(super) final_norm: CudaSlice<bf16>,
+    pub(super) lm_head: Option<CudaSlice<bf16>>,
+    pub(super) inv_freq: CudaSlice<f32>,
+    pub(super) layout: PagedLayout,
+    pub(super) num_blocks: usize,
+    pub(super) k_cache: Vec<CudaSlice<bf16>>,
+    pub(super) v_cache: Vec<CudaSlice<bf16>>,
+    pub(super) workspace: CudaSlice<u8>,
+    pub(super) num_sms: usize,
+    pub(super) device_name: String,
+    meta: Option<MetaBufs>,
+    sizes: StepSizes,
+    /// Activation buffers by the order the recipe asks for them; `None` while lent out.
+    pool: Vec<Option<CudaSlice<bf16>>>,
+    next_slot: usize,
+    /// Bumped whenever a pooled or metadata buffer moves: graphs captured before are stale.
+    pub(super) generation: u64,
+    /// While capturing a graph, `begin_step` must not copy (the copies happen before each replay).
+    pub(super) capturing: bool,
+}
+
+fn check(what: &str, a: &CudaAct, rows: usize, cols: usize) -> Result<()> {
+    if a.rows == rows && a.cols == cols && a.buf.len() >= rows * cols {
+        Ok(())
+    } else {
+        Err(Error::Backend(format!("{what}: buffer is [{}, {}], expected [{rows}, {cols}]", a.rows, a.cols)))
+    }
+}
+
+impl CudaOps {
+    /// Assembles the ops from uploaded weights and cache; buffers for activations and metadata come on first use.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        cfg: LlamaConfig,
+        stream: Arc<CudaStream>,
+        blas: CudaBlasLT,
+        weights: (CudaSlice<bf16>, Vec<DeviceLayer>, CudaSlice<bf16>, Option<CudaSlice<bf16>>),
+        inv_freq: CudaSlice<f32>,
+        layout: PagedLayout,
+        cache: (usize, Vec<CudaSlice<bf16>>, Vec<CudaSlice<bf16>>),
+        workspace: CudaSlice<u8>,
+        num_sms: usize,
+        device_name: String,
+    ) -> Self {
+        let (embed, layers, final_norm, lm_head) = weights;
+        let (num_blocks, k_cache, v_cache) = cache;
+        CudaOps {
+            cfg,
+            stream,
+            blas,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            inv_freq,
+            layout,
+            num_blocks,
+            k_cache,
+            v_cache,
+            workspace,
+            num_sms,
+            device_name,
+            meta: None,
+            sizes: StepSizes::default(),
+            pool: Vec::new(),
+            next_slot: 0,
+            generation: 0,
+            capturing: false,
+        }
+    }
+
+    /// The decode split count this step's attention will use (part of a decode graph's key).
+    pub(super) fn decode_splits(&self, seqs: usize, max_context_len: usize) -> usize {
+        k::attention::decode_num_splits(&self.layout, seqs, max_context_len, self.num_sms)
+    }
+
+    /// Copies `src` into `dst`, growing it (and bumping the generation) when it is too small.
+    fn put(stream: &Arc<CudaStream>, dst: &mut CudaSlice<u32>, src: &[u32], generation: &mut u64) -> Result<()> {
+        if dst.len() < src.len() {
+            *dst = stream.alloc_zeros::<u32>(src.len().next_power_of_two()).map_err(drv("grow step metadata"))?;
+            *generation += 1;
+        }
+        if !src.is_empty() {
+            stream.memcpy_htod(src, &mut dst.slice_mut(..src.len())).map_err(drv("upload step metadata"))?;
+        }
+        Ok(())
+    }
+
+    /// The pooled buffer of `slot`, when it is not lent out.
+    pub(super) fn pooled(&self, slot: usize) -> Option<&CudaSlice<bf16>> {
+        self.pool.get(slot).and_then(Option::as_ref)
+    }
+
+    fn meta(&self) -> Result<&MetaBufs> {
+        self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))
+    }
+
+    fn norm_weight(&self, n: Norm) -> &CudaSlice<bf16> {
+        match n {
+            Norm::Attn(l) => &self.layers[l].attn_norm,
+            Norm::Mlp(l) => &self.layers[l].mlp_norm,
+            Norm::Final => &self.final_norm,
+        }
+    }
+
+    fn linear_weight(&self, w: Linear) -> (&CudaSlice<bf16>, usize) {
+        let c = &self.cfg;
+        match w {
+            Linear::Qkv(l) => (&self.layers[l].wqkv, c.q_dim() + 2 * c.kv_dim()),
+            Linear::O(l) => (&self.layers[l].wo, c.hidden_size),
+            Linear::GateUp(l) => (&self.layers[l].w_gate_up, 2 * c.intermediate_size),
+            Linear::Down(l) => (&self.layers[l].w_down, c.hidden_size),
+            Linear::LmHead => (self.lm_head.as_ref().unwrap_or(&self.embed), c.vocab_size),
+        }
+    }
+}
+
+/// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation (column-major view: `out^T = w x^T`).
+fn gemm<I: DevicePtr<bf16>>(
+    blas: &CudaBlasLT,
+    x: &I,
+    w: &I,
+    rows: usize,
+    kdim: usize,
+    n: usize,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    if x.len() < rows * kdim || w.len() < n * kdim || out.len() < rows * n {
+        return Err(Error::Backend(format!("gemm: buffers too small for [{rows}, {kdim}] x [{n}, {kdim}]^T")));
+    }
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: rows as u64,
+        k: kdim as u64,
+        alpha: 1.0,
+        lda: kdim as i64,
+        ldb: kdim as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    // SAFETY: the three buffers were checked above to hold the elements the layouts address.
+    unsafe { blas.matmul(cfg, w, x, out, None, None) }.map_err(|e| Error::Backend(format!("cuBLASLt matmul: {e:?}")))
+}
+
+impl Ops for CudaOps {
+    type Act = CudaAct;
+
+    fn begin_step(&mut self, step: &StepInput) -> Result<()> {
+        self.next_slot = 0;
+        self.sizes = StepSizes {
+            tokens: step.num_tokens(),
+            seqs: step.num_seqs(),
+            table_len: step.block_tables.len(),
+            max_blocks_per_seq: step.max_blocks_per_seq,
+            max_query_len: step.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0),
+            max_context_len: step.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0),
+            decode: step.cu_seqlens.windows(2).all(|w| w[1] - w[0] == 1),
+        };
+        if self.capturing {
+            return Ok(());
+        }
+        if self.meta.is_none() {
+            let z = |n: usize| self.stream.alloc_zeros::<u32>(n).map_err(drv("allocate step metadata"));
+            self.meta = Some(MetaBufs {
+                ids: z(1)?,
+                positions: z(1)?,
+                cu_seqlens: z(2)?,
+                block_tables: z(1)?,
+                slots: z(1)?,
+                logits_rows: z(1)?,
+            });
+            self.generation += 1;
+        }
+        let (stream, gen) = (&self.stream, &mut self.generation);
+        let m = self.meta.as_mut().ok_or_else(|| Error::Backend("step metadata missing".into()))?;
+        Self::put(stream, &mut m.ids, &step.token_ids, gen)?;
+        Self::put(stream, &mut m.positions, &step.positions, gen)?;
+        Self::put(stream, &mut m.cu_seqlens, &step.cu_seqlens, gen)?;
+        Self::put(stream, &mut m.block_tables, &step.block_tables, gen)?;
+        Self::put(stream, &mut m.slots, &step.slot_mapping, gen)?;
+        Self::put(stream, &mut m.logits_rows, &step.logits_rows, gen)?;
+        Ok(())
+    }
+
+    fn alloc(&mut self, rows: usize, cols: usize) -> Result<CudaAct> {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        if self.pool.len() <= slot {
+            self.pool.resize_with(slot + 1, || None);
+        }
+        let need = (rows * cols).max(1);
+        let buf = match self.pool[slot].take() {
+            Some(b) if b.len() >= need => b,
+            _ => {
+                if self.capturing {
+                    return Err(Error::Backend("activation pool grew during graph capture".into()));
+                }
+                self.generation += 1;
+                // SAFETY: bf16 has no invalid bit patterns, and the recipe writes every buffer before reading it.
+                unsafe { self.stream.alloc::<bf16>(need) }.map_err(drv("allocate activation"))?
+            }
+        };
+        Ok(CudaAct { rows, cols, slot, buf })
+    }
+
+    fn release(&mut self, act: CudaAct) {
+        if let Some(p) = self.pool.get_mut(act.slot) {
+            *p = Some(act.buf);
+        }
+    }
+
+    fn embed(&mut self, _ids: &[u32], out: &mut CudaAct) -> Result<()> {
+        let (h, t) = (self.cfg.hidden_size, self.sizes.tokens);
+        check("embed", out, t, h)?;
+        let ids = self.meta()?.ids.slice(..t);
+        k::embedding::embed(&self.stream, &self.embed, h, &ids, &mut out.buf.slice_mut(..t * h))
+    }
+
+    fn rms_norm(&mut self, x: &CudaAct, n: Norm, out: &mut CudaAct) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        check("rms_norm out", out, x.rows, h)?;
+        let len = x.rows * h;
+        k::norm::rms_norm(
+            &self.stream,
+            &x.buf.slice(..len),
+            self.norm_weight(n),
+            self.cfg.rms_norm_eps,
+            h,
+            &mut out.buf.slice_mut(..len),
+        )
+    }
+
+    fn add_rms_norm(&mut self, residual: &mut CudaAct, delta: &CudaAct, n: Norm, out: &mut CudaAct) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        check("add_rms_norm delta", delta, residual.rows, h)?;
+        check("add_rms_norm out", out, residual.rows, h)?;
+        let len = residual.rows * h;
+        let w = match n {
+            Norm::Attn(l) => &self.layers[l].attn_norm,
+            Norm::Mlp(l) => &self.layers[l].mlp_norm,
+            Norm::Final => &self.final_norm,
+        };
+        k::norm::add_rms_norm(
+            &self.stream,
+            &mut residual.buf.slice_mut(..len),
+            &delta.buf.slice(..len),
+            w,
+            self.cfg.rms_norm_eps,
+            h,
+            &mut out.buf.slice_mut(..len),
+        )
+    }
+
+    fn linear(&mut self, x: &CudaAct, w: Linear, out: &mut CudaAct) -> Result<()> {
+        let (weight, n) = self.linear_weight(w);
+        let kdim = x.cols;
+        check("linear out", out, x.rows, n)?;
+        if weight.len() != n * kdim {
+            return Err(Error::Backend(format!(
+                "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
+                weight.len()
+            )));
+        }
+        gemm(&self.blas, &x.buf, weight, x.rows, kdim, n, &mut out.buf)
+    }
+
+    fn rope_and_cache(&mut self, layer: usize, qkv: &mut CudaAct, _step: &StepInput) -> Result<()> {
+        let t = self.sizes.tokens;
+        let meta = self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?;
+        let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: qkv.cols };
+        let len = qkv.rows * qkv.cols;
+        let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
+        k::rope::rope_kv_write(
+            &self.stream,
+            &shape,
+            &mut qkv.buf.slice_mut(..len),
+            &meta.positions.slice(..t),
+            &meta.slots.slice(..t),
+            &self.inv_freq,
+            k::rope::KvCacheMut { k: kc, v: vc },
+        )
+    }
+
+    fn attention(&mut self, layer: usize, qkv: &CudaAct, _step: &StepInput, out: &mut CudaAct) -> Result<()> {
+        let (meta, sz) = (self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?, self.sizes);
+        let q_dim = self.cfg.q_dim();
+        let positions = meta.positions.slice(..sz.tokens);
+        let tables = meta.block_tables.slice(..sz.table_len);
+        check("attention out", out, qkv.rows, q_dim)?;
+        let q = k::attention::QueryRows { qkv: &qkv.buf.slice(..qkv.rows * qkv.cols), stride: qkv.cols };
+        let kv = k::attention::KvPools { layout: self.layout, k: &self.k_cache[layer], v: &self.v_cache[layer] };
+        let out = &mut out.buf.slice_mut(..qkv.rows * q_dim);
+        if sz.decode {
+            let num_splits = k::attention::decode_num_splits(&self.layout, qkv.rows, sz.max_context_len, self.num_sms);
+            let dm = k::attention::DecodeMeta {
+                positions: &positions,
+                block_tables: &tables,
+                max_blocks_per_seq: sz.max_blocks_per_seq,
+                num_splits,
+            };
+            k::attention::paged_decode(&self.stream, &q, &kv, &dm, &mut self.workspace, out)
+        } else {
+            let cu = meta.cu_seqlens.slice(..sz.seqs + 1);
+            let pm = k::attention::PrefillMeta {
+                positions: &positions,
+                cu_seqlens: &cu,
+                block_tables: &tables,
+                max_blocks_per_seq: sz.max_blocks_per_seq,
+                max_query_len: sz.max_query_len,
+            };
+            k::attention::paged_prefill(&self.stream, &q, &kv, &pm, out)
+        }
+    }
+
+    fn silu_mul(&mut self, gate_up: &CudaAct, out: &mut CudaAct) -> Result<()> {
+        let inter = self.cfg.intermediate_size;
+        check("silu_mul out", out, gate_up.rows, inter)?;
+        let rows = gate_up.rows;
+        k::activation::silu_mul(
+            &self.stream,
+            &gate_up.buf.slice(..rows * 2 * inter),
+            inter,
+            &mut out.buf.slice_mut(..rows * inter),
+        )
+    }
+
+    fn gather_rows(&mut self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) -> Result<()> {
+        check("gather_rows out", out, rows.len(), x.cols)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // A row gather is an embedding lookup with `x` as the table.
+        let n = rows.len() * x.cols;
+        let ids = self.meta()?.logits_rows.slice(..rows.len());
+        k::embedding::embed(&self.stream, &x.view(), x.cols, &ids, &mut out.buf.slice_mut(..n))
+    }
+}
