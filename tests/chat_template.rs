@@ -8,18 +8,11 @@ use llama32::chat_template::{ChatRequest, ChatTemplate, RenderOptions};
 use llama32::tool_calls::{parse_tool_calls, to_openai_tool_calls, ParsedOutput, ToolCall};
 use serde_json::{json, Value as Json};
 
+mod common;
+use common::data_dir;
+
 const BOS: &str = "<|begin_of_text|>";
 const EOT: &str = "<|eot_id|>";
-
-fn data_dir() -> Option<PathBuf> {
-    match std::env::var_os("LLAMA32_TEST_DATA") {
-        Some(d) => Some(PathBuf::from(d)),
-        None => {
-            eprintln!("skipped: LLAMA32_TEST_DATA not set");
-            None
-        }
-    }
-}
 
 fn text_template(dir: &std::path::Path) -> ChatTemplate {
     ChatTemplate::from_model_dir(&dir.join("Llama-3.2-3B-Instruct")).expect("3B-Instruct template")

@@ -5,12 +5,15 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+use common::data_dir;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_llama32"))
 }
 
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    common::golden_dir(name)
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -133,16 +136,6 @@ fn info_reports_parameters_and_memory() {
     let out = run(bin().args(["info", "--model"]).arg(golden("tied-gqa4")));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["memory_plan"]["checkpoint_bytes"].as_u64().unwrap() > 0);
-}
-
-fn data_dir() -> Option<PathBuf> {
-    match std::env::var_os("LLAMA32_TEST_DATA") {
-        Some(d) => Some(PathBuf::from(d)),
-        None => {
-            eprintln!("skipped: LLAMA32_TEST_DATA not set");
-            None
-        }
-    }
 }
 
 #[test]

@@ -13,39 +13,20 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use llama32::ops::cpu::attention::{paged_attention, AttentionBatch, PagedLayout};
-use llama32::ops::cuda;
 use llama32::ops::cuda::attention::{self as attn, DecodeMeta, KvPools, PrefillMeta, QueryRows};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::{cuda_stream as stream, normal, to_f32};
 
 /// (num_heads, num_kv_heads, head_dim): 1B (4:1, d64), 3B (3:1, d128), 90B (8:1, d128), and 1:1 at both dims.
 const LAYOUTS: [(usize, usize, usize); 5] = [(32, 8, 64), (24, 8, 128), (64, 8, 128), (8, 8, 64), (4, 4, 128)];
 /// The default block size and an odd one.
 const BLOCK_SIZES: [usize; 2] = [16, 7];
-
-/// A stream on device 0, or None (after saying why) where CUDA cannot run.
-fn stream() -> Option<Arc<CudaStream>> {
-    if let Err(e) = cuda::probe() {
-        eprintln!("skipped: no CUDA device ({e})");
-        return None;
-    }
-    let ctx = CudaContext::new(0).expect("CUDA context on device 0");
-    Some(ctx.new_stream().expect("a CUDA stream"))
-}
-
-/// Standard normal by Box-Muller.
-fn normal(rng: &mut ChaCha8Rng) -> f32 {
-    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
-    let u2: f32 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
-
-fn to_f32(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
 
 /// One step's inputs on the host: sequences given as (first new position, new tokens), each with context
 /// `start + new`, their cache, and the fused qkv rows of the new tokens.

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use llama32::config::Preset;
 use llama32::ops::cpu::attention::PagedLayout;
@@ -24,29 +24,15 @@ use llama32::ops::{cpu, cuda};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod common;
+use common::{cuda_stream as stream, download, normal, to_f32, upload};
+
 /// One bf16 rounding (round to nearest, 8 significant bits) moves a value by at most 2^-8 of itself.
 const BF16_ROUNDING: f32 = 1.0 / 256.0;
 /// Seeds: each draws its own inputs for every shape.
 const SEEDS: [u64; 3] = [1, 2, 3];
 /// The bits every cache slot starts with (a NaN no kernel computes), so an unwritten slot is recognisable.
 const SENTINEL: u16 = 0x7fa5;
-
-/// A stream on device 0, or None (after saying why) where CUDA cannot run.
-fn stream() -> Option<Arc<CudaStream>> {
-    if let Err(e) = cuda::probe() {
-        eprintln!("skipped: no CUDA device ({e})");
-        return None;
-    }
-    let ctx = CudaContext::new(0).expect("CUDA context on device 0");
-    Some(ctx.new_stream().expect("a CUDA stream"))
-}
-
-/// Standard normal by Box-Muller.
-fn normal(rng: &mut ChaCha8Rng) -> f32 {
-    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
-    let u2: f32 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
 
 /// `rows` rows of `cols` bf16 values: standard normal times a per-row scale drawn log-uniformly from
 /// [10^lo, 10^hi].
@@ -66,18 +52,6 @@ fn shuffled(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
         v.swap(i, rng.random_range(0..=i));
     }
     v
-}
-
-fn to_f32(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
-fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, v: &[T]) -> CudaSlice<T> {
-    stream.clone_htod(v).expect("host to device copy")
-}
-
-fn download<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(stream: &Arc<CudaStream>, v: &CudaSlice<T>) -> Vec<T> {
-    stream.clone_dtoh(v).expect("device to host copy")
 }
 
 /// The largest error relative to the bf16 rounding bound, over checks of `err <= tol` (tol = rounding term + slack).

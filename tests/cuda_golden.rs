@@ -1,7 +1,7 @@
 //! The CUDA executor on the golden checkpoints: logits against HF transformers' float32 reference (within bf16
 //! tolerance), the same steps through the CPU reference, and greedy ids. Skipped without a CUDA device.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use llama32::config::LlamaConfig;
 use llama32::exec::cpu::CpuExecutor;
@@ -12,6 +12,8 @@ use llama32::kv::BlockAllocator;
 use llama32::sampling::SamplingParams;
 use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
 use serde_json::Value;
+
+mod common;
 
 /// The golden cases whose head_dim (64, 128) the CUDA attention kernels take.
 const CASES: [&str; 2] = ["cuda-d64-gqa4", "cuda-d128-gqa3"];
@@ -38,11 +40,7 @@ struct Case {
 
 impl Case {
     fn load(name: &str) -> Case {
-        // On the device machine the test binary runs away from its source tree: gpu-suite.sh points here.
-        let root = std::env::var_os("LLAMA32_GOLDEN_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"));
-        let dir = root.join(name);
+        let dir = common::golden_dir(name);
         let mut cfg = LlamaConfig::from_model_dir(&dir).unwrap();
         cfg.merge_generation_config(&dir).unwrap();
         let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();

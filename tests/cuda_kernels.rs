@@ -7,11 +7,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use llama32::ops::{cpu, cuda};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::{cuda_stream as stream, normal, to_f32};
 
 /// One bf16 rounding (round to nearest, 8 significant bits) moves a value by at most 2^-8 of itself.
 const BF16_ROUNDING: f32 = 1.0 / 256.0;
@@ -36,16 +39,6 @@ const SHAPES: [(usize, usize); 12] = [
     (2, 40001),
 ];
 
-/// A stream on device 0, or None (after saying why) where CUDA cannot run.
-fn stream() -> Option<Arc<CudaStream>> {
-    if let Err(e) = cuda::probe() {
-        eprintln!("skipped: no CUDA device ({e})");
-        return None;
-    }
-    let ctx = CudaContext::new(0).expect("CUDA context on device 0");
-    Some(ctx.new_stream().expect("a CUDA stream"))
-}
-
 /// `n` bf16 values: standard normal, times a per-row scale drawn log-uniformly from [1e-2, 1e2], so rows differ
 /// in magnitude by orders (the normalization must undo that).
 fn random_rows(rng: &mut ChaCha8Rng, rows: usize, hidden: usize) -> Vec<bf16> {
@@ -60,17 +53,6 @@ fn random_rows(rng: &mut ChaCha8Rng, rows: usize, hidden: usize) -> Vec<bf16> {
 /// Llama-like norm weights: around 1, some negative, some near zero.
 fn random_weight(rng: &mut ChaCha8Rng, hidden: usize) -> Vec<bf16> {
     (0..hidden).map(|_| bf16::from_f32(1.0 + 0.5 * normal(rng))).collect()
-}
-
-/// Standard normal by Box-Muller.
-fn normal(rng: &mut ChaCha8Rng) -> f32 {
-    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
-    let u2: f32 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
-
-fn to_f32(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
 }
 
 fn upload(stream: &Arc<CudaStream>, v: &[bf16]) -> CudaSlice<bf16> {

@@ -1,7 +1,7 @@
 //! Golden tests: the CPU reference against HF transformers on tiny random-weight checkpoints (tests/golden/).
 //! Logits must match within 1e-4 relative to the largest reference logit, and greedy ids exactly.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use llama32::config::LlamaConfig;
 use llama32::exec::cpu::CpuExecutor;
@@ -12,13 +12,11 @@ use llama32::sampling::SamplingParams;
 use llama32::weights::{Checkpoint, ModelWeights};
 use serde_json::Value;
 
+mod common;
+
 const CASES: [&str; 6] =
     ["tied-gqa4", "untied-gqa2-sharded", "gqa3-f16", "mha-f32-norope-scaling", "cuda-d64-gqa4", "cuda-d128-gqa3"];
 const REL_TOL: f32 = 1e-4;
-
-fn case_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
-}
 
 struct Case {
     dir: PathBuf,
@@ -28,7 +26,7 @@ struct Case {
 
 impl Case {
     fn load(name: &str) -> Case {
-        let dir = case_dir(name);
+        let dir = common::golden_dir(name);
         let mut cfg = LlamaConfig::from_model_dir(&dir).unwrap();
         cfg.merge_generation_config(&dir).unwrap();
         let reference: Value =

@@ -11,18 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
 
+mod common;
+use common::data_dir;
+
 const PLAIN: EncodeOptions = EncodeOptions { add_bos: false, parse_special: false };
 const SPECIAL: EncodeOptions = EncodeOptions { add_bos: false, parse_special: true };
-
-fn data_dir() -> Option<PathBuf> {
-    match std::env::var_os("LLAMA32_TEST_DATA") {
-        Some(d) => Some(PathBuf::from(d)),
-        None => {
-            eprintln!("skipped: LLAMA32_TEST_DATA not set");
-            None
-        }
-    }
-}
 
 /// Both backends, loaded once for the whole test binary: (tiktoken, tokenizer.json).
 fn tokenizers() -> Option<&'static [Tokenizer; 2]> {

@@ -6,8 +6,10 @@ use llama32::config::{LlamaConfig, Preset};
 use llama32::weights::safetensors::{serialize, DType};
 use llama32::weights::{check_checkpoint, Checkpoint, ModelWeights};
 
+mod common;
+
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    common::golden_dir(name)
 }
 
 /// A scratch copy of a golden case whose single model.safetensors is rewritten by `edit`.
