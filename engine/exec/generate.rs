@@ -121,6 +121,8 @@ struct SeqState {
     stop: StopChecker,
     text: String,
     finish: Option<FinishReason>,
+    /// Greedy with no penalties: the next id is the plain argmax of the logits.
+    plain_greedy: bool,
 }
 
 /// Generates for every request together. `detok(seq, id)` returns the text newly decoded for `id` (the caller
@@ -167,6 +169,10 @@ pub fn generate<E: Executor + ?Sized>(
             stop: StopChecker::new(&opts.eos_ids, &r.params),
             text: String::new(),
             finish: (r.params.max_tokens == 0).then_some(FinishReason::Length),
+            plain_greedy: r.params.is_greedy()
+                && r.params.repetition_penalty == 1.0
+                && r.params.frequency_penalty == 0.0
+                && r.params.presence_penalty == 0.0,
         });
     }
     if reserved > alloc.num_blocks() {
@@ -210,7 +216,13 @@ pub fn generate<E: Executor + ?Sized>(
             })
             .collect();
         let step = build_step(&chunks, block_size)?;
-        let out = exec.step(&step)?;
+        // When every sequence that samples this step is greedy without penalties, the backend picks the ids.
+        let greedy = plan.iter().all(|&(i, n)| {
+            let s = &seqs[i];
+            s.computed + n < s.tokens.len() || s.plain_greedy
+        });
+        let (logits, picked) =
+            if greedy { (Vec::new(), exec.step_greedy(&step)?) } else { (exec.step(&step)?.logits, Vec::new()) };
         let mut row = 0;
         for &(i, n) in &plan {
             let s = &mut seqs[i];
@@ -218,9 +230,17 @@ pub fn generate<E: Executor + ?Sized>(
             if s.computed < s.tokens.len() {
                 continue;
             }
-            let logits = &out.logits[row * vocab..(row + 1) * vocab];
+            let id = if greedy {
+                let id = picked
+                    .get(row)
+                    .copied()
+                    .ok_or_else(|| Error::Backend("step_greedy returned too few ids".into()))?;
+                s.sampler.accept(id);
+                id
+            } else {
+                s.sampler.sample(&logits[row * vocab..(row + 1) * vocab])
+            };
             row += 1;
-            let id = s.sampler.sample(logits);
             s.tokens.push(id);
             let piece = detok(i, id)?;
             let st = s.stop.push(id, &piece);

@@ -133,4 +133,13 @@ pub trait Executor {
     fn num_blocks(&self) -> usize;
     /// Runs one step: writes the new tokens' K/V into the cache and returns the requested logits.
     fn step(&mut self, input: &StepInput) -> Result<StepOutput>;
+
+    /// Runs one step and returns the argmax id of each requested logits row (lowest id on ties), for sequences
+    /// that decode greedily without penalties. Backends that can pick on the device override this and skip
+    /// copying the logits to the host.
+    fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
+        let out = self.step(input)?;
+        let vocab = self.config().vocab_size;
+        Ok(out.logits.chunks(vocab).map(crate::sampling::argmax).collect())
+    }
 }

@@ -19,6 +19,7 @@ pub mod embedding;
 mod ffi;
 pub mod norm;
 pub mod rope;
+pub mod sampling;
 
 use std::sync::{Arc, OnceLock};
 

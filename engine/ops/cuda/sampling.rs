@@ -1,0 +1,395 @@
+//! Next-token selection on CUDA (`kernels/sampling.cu`, family `sampling`): the twins of
+//! [`crate::sampling::argmax`] and [`crate::sampling::Sampler::sample`], one logits row per sequence.
+//!
+//! - [`argmax`]: greedy ids of a `[rows, vocab]` bf16 logits matrix (the lowest index wins ties, NaN never wins).
+//! - [`sample`]: the whole CPU pipeline per row (penalties, greedy, temperature, min-p, top-k, top-p, inverse-CDF
+//!   draw), with each row's parameters in a device array of [`SampleRow`] and its uniform `u` in `[0, 1)` drawn on
+//!   the host with [`crate::sampling::Sampler::next_uniform`] (greedy rows draw none), so a seeded sequence gives
+//!   the CPU's ids. After the step the host records the id with [`crate::sampling::Sampler::accept`].
+//! - Penalties travel as per-row sorted token lists ([`PenaltyLists`] builds them on the host, [`Penalties`] names
+//!   the uploaded arrays).
+//!
+//! Numerics: the kept set is decided exactly as on the CPU (the penalties in f32, min-p's f64 test turned into an
+//! exact f32 threshold, top-k by value then id). The weights `exp((l - max) / T)` behind top-p and the draw are f32
+//! on the GPU (relative error about `1e-7 * |(l - max) / T|`, summed in f64) where the CPU uses f64, so the chosen
+//! id can differ from the CPU's only when `u`, or `top_p`, lies within about 1e-6 of a cumulative-probability
+//! boundary.
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+
+use crate::sampling::SamplingParams;
+use crate::{Error, Result};
+
+/// One row's sampling parameters as the kernel reads them (`l32_sample_row` in `kernels/llama32_kernels.h`).
+///
+/// Build it with [`SampleRow::new`], which also computes `ln(min_p)` on the host so min-p uses the CPU's very f64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SampleRow {
+    /// Below `1e-5`: greedy.
+    pub temperature: f32,
+    /// Nucleus mass in `(0, 1]`; `1` turns it off.
+    pub top_p: f32,
+    /// In `[0, 1]`; `0` turns it off.
+    pub min_p: f32,
+    /// `> 0`; `1` turns it off.
+    pub repetition_penalty: f32,
+    /// Subtracted `count` times from each generated token.
+    pub frequency_penalty: f32,
+    /// Subtracted once from each generated token.
+    pub presence_penalty: f32,
+    /// `0` (or at least the number of candidates) turns it off.
+    pub top_k: i32,
+    /// Always 0.
+    pub reserved: i32,
+    /// `ln(min_p)` in f64 when `min_p > 0` (ignored otherwise).
+    pub ln_min_p: f64,
+}
+
+// SAFETY: plain old data (f32, i32, f64, no padding: 6 x 4 + 2 x 4 + 8 = 32 bytes), the C struct's layout (checked
+// against the bindgen struct below), and all-zero bits are a valid value.
+unsafe impl DeviceRepr for SampleRow {}
+// SAFETY: as above: every field is valid as zero bits.
+unsafe impl ValidAsZeroBits for SampleRow {}
+
+#[cfg(llama32_cuda)]
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    type C = super::ffi::l32_sample_row;
+    assert!(size_of::<SampleRow>() == size_of::<C>() && align_of::<SampleRow>() == align_of::<C>());
+    assert!(offset_of!(SampleRow, temperature) == offset_of!(C, temperature));
+    assert!(offset_of!(SampleRow, top_p) == offset_of!(C, top_p));
+    assert!(offset_of!(SampleRow, min_p) == offset_of!(C, min_p));
+    assert!(offset_of!(SampleRow, repetition_penalty) == offset_of!(C, repetition_penalty));
+    assert!(offset_of!(SampleRow, frequency_penalty) == offset_of!(C, frequency_penalty));
+    assert!(offset_of!(SampleRow, presence_penalty) == offset_of!(C, presence_penalty));
+    assert!(offset_of!(SampleRow, top_k) == offset_of!(C, top_k));
+    assert!(offset_of!(SampleRow, ln_min_p) == offset_of!(C, ln_min_p));
+};
+
+impl SampleRow {
+    /// The kernel's view of `params` (already validated with [`SamplingParams::validate`]); `top_k` above
+    /// `i32::MAX` is clamped (it exceeds any vocabulary, so it is off either way).
+    pub fn new(params: &SamplingParams) -> Self {
+        SampleRow {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            frequency_penalty: params.frequency_penalty,
+            presence_penalty: params.presence_penalty,
+            top_k: params.top_k.min(i32::MAX as usize) as i32,
+            reserved: 0,
+            ln_min_p: if params.min_p > 0.0 { (params.min_p as f64).ln() } else { f64::NEG_INFINITY },
+        }
+    }
+}
+
+/// Host-built penalty lists of a batch, one row per logits row (CSR): row `r` owns entries
+/// `offsets[r]..offsets[r + 1]` of `ids` (strictly increasing: the tokens of the prompt and of the output so far) and
+/// `counts` (each token's occurrences in the output; 0 for a prompt-only token). Upload the three arrays and pass
+/// them to [`sample`] as [`Penalties`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PenaltyLists {
+    offsets: Vec<u32>,
+    ids: Vec<u32>,
+    counts: Vec<u32>,
+}
+
+impl Default for PenaltyLists {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PenaltyLists {
+    /// No rows yet.
+    pub fn new() -> Self {
+        PenaltyLists { offsets: vec![0], ids: Vec::new(), counts: Vec::new() }
+    }
+
+    /// Appends the next row: what a [`crate::sampling::Sampler`] created with `prompt` and then given every token of
+    /// `output` (by `sample` or `accept`) penalizes. Errors when the batch outgrows u32 offsets.
+    pub fn push_row(&mut self, prompt: &[u32], output: &[u32]) -> Result<()> {
+        let mut row: Vec<(u32, u32)> = prompt.iter().map(|&t| (t, 0)).chain(output.iter().map(|&t| (t, 1))).collect();
+        row.sort_unstable_by_key(|&(id, _)| id);
+        let start = self.ids.len();
+        for (id, n) in row {
+            if self.ids.len() > start && self.ids.last() == Some(&id) {
+                if let Some(c) = self.counts.last_mut() {
+                    *c = c.saturating_add(n);
+                }
+            } else {
+                self.ids.push(id);
+                self.counts.push(n);
+            }
+        }
+        let end = u32::try_from(self.ids.len()).map_err(|_| {
+            Error::Backend(format!("penalty lists: {} entries, at most 2^32 - 1 fit u32 offsets", self.ids.len()))
+        })?;
+        self.offsets.push(end);
+        Ok(())
+    }
+
+    /// Number of rows pushed.
+    pub fn rows(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// `[rows + 1]` row offsets into [`ids`](Self::ids) and [`counts`](Self::counts).
+    pub fn offsets(&self) -> &[u32] {
+        &self.offsets
+    }
+
+    /// Penalized token ids, strictly increasing within each row.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Occurrences of each listed token in its row's output (0: prompt only).
+    pub fn counts(&self) -> &[u32] {
+        &self.counts
+    }
+}
+
+/// The device copies of a [`PenaltyLists`] (same shapes): `offsets` `[rows + 1]`, `ids` and `counts` `[entries]`.
+pub struct Penalties<'a> {
+    /// `[rows + 1]`, non-decreasing, the last at most `ids.len()`.
+    pub offsets: &'a dyn DevicePtr<u32>,
+    /// `[entries]`, strictly increasing within a row; ids `>= vocab` are ignored.
+    pub ids: &'a dyn DevicePtr<u32>,
+    /// `[entries]`: occurrences in the output.
+    pub counts: &'a dyn DevicePtr<u32>,
+}
+
+/// Greedy ids: `out_ids[r]` = the index of the largest logit of row `r` (lowest index on ties, NaN never wins,
+/// an all-NaN row gives 0), as [`crate::sampling::argmax`].
+///
+/// - `logits`: `[rows, vocab]` (`rows = logits.len() / vocab`); `out_ids`: `[rows]`, written.
+///
+/// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
+pub fn argmax(
+    stream: &CudaStream,
+    logits: &impl DevicePtr<bf16>,
+    vocab: usize,
+    out_ids: &mut impl DevicePtrMut<u32>,
+) -> Result<()> {
+    const OP: &str = "argmax";
+    super::ensure_built()?;
+    let rows = check_rows(OP, logits.len(), vocab, MAX_ARGMAX_VOCAB)?;
+    check_len(OP, "out_ids", out_ids.len(), rows)?;
+    super::check_same_device(OP, stream, &[("logits", logits.stream()), ("out_ids", out_ids.stream())])?;
+    let (logits, _logits) = logits.device_ptr(stream);
+    let (out, _out) = out_ids.device_ptr_mut(stream);
+    launch_argmax(OP, stream, &ArgmaxLaunch { out, logits, rows, vocab })
+}
+
+/// One sampled id per row, as [`crate::sampling::Sampler::sample`] with the same uniform (module docs).
+///
+/// - `logits`: `[rows, vocab]`; `params`: `[rows]`; `uniforms`: `[rows]`, each in `[0, 1)` (any value for greedy
+///   rows); `penalties`: the rows' penalty lists, or `None`; `out_ids`: `[rows]`, written.
+///
+/// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
+pub fn sample(
+    stream: &CudaStream,
+    logits: &impl DevicePtr<bf16>,
+    vocab: usize,
+    params: &impl DevicePtr<SampleRow>,
+    uniforms: &impl DevicePtr<f64>,
+    penalties: Option<&Penalties<'_>>,
+    out_ids: &mut impl DevicePtrMut<u32>,
+) -> Result<()> {
+    const OP: &str = "sample";
+    super::ensure_built()?;
+    let rows = check_rows(OP, logits.len(), vocab, MAX_SAMPLE_VOCAB)?;
+    check_len(OP, "params", params.len(), rows)?;
+    check_len(OP, "uniforms", uniforms.len(), rows)?;
+    check_len(OP, "out_ids", out_ids.len(), rows)?;
+    let mut operands = vec![
+        ("logits", logits.stream()),
+        ("params", params.stream()),
+        ("uniforms", uniforms.stream()),
+        ("out_ids", out_ids.stream()),
+    ];
+    if let Some(p) = penalties {
+        check_len(OP, "penalties.offsets", p.offsets.len(), rows + 1)?;
+        check_len(OP, "penalties.counts", p.counts.len(), p.ids.len())?;
+        if p.ids.len() > u32::MAX as usize {
+            return Err(Error::Backend(format!("{OP}: `penalties.ids` has {} entries, at most 2^32-1", p.ids.len())));
+        }
+        operands.extend([
+            ("penalties.offsets", p.offsets.stream()),
+            ("penalties.ids", p.ids.stream()),
+            ("penalties.counts", p.counts.stream()),
+        ]);
+    }
+    super::check_same_device(OP, stream, &operands)?;
+    let (logits, _logits) = logits.device_ptr(stream);
+    let (params, _params) = params.device_ptr(stream);
+    let (uniforms, _uniforms) = uniforms.device_ptr(stream);
+    let pen = penalties.map(|p| (p.offsets.device_ptr(stream), p.ids.device_ptr(stream), p.counts.device_ptr(stream)));
+    let pen_ptrs = pen.as_ref().map(|(o, i, c)| (o.0, i.0, c.0));
+    let penalty_len = penalties.map_or(0, |p| p.ids.len());
+    let (out, _out) = out_ids.device_ptr_mut(stream);
+    launch_sample(
+        OP,
+        stream,
+        &SampleLaunch { out, logits, params, uniforms, penalties: pen_ptrs, penalty_len, rows, vocab },
+    )
+}
+
+/// The largest vocabulary [`argmax`] takes.
+const MAX_ARGMAX_VOCAB: usize = 1 << 30;
+/// The largest vocabulary [`sample`] takes (its penalty bitmap lives in shared memory).
+const MAX_SAMPLE_VOCAB: usize = 1 << 19;
+
+/// Checks `logits` against `vocab` and returns the row count.
+fn check_rows(op: &str, logits: usize, vocab: usize, max_vocab: usize) -> Result<usize> {
+    let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
+    if vocab == 0 || vocab > max_vocab {
+        return fail(format!("vocab is {vocab}, must be in 1..={max_vocab}"));
+    }
+    if logits % vocab != 0 {
+        return fail(format!("`logits` has {logits} elements, not a multiple of vocab {vocab}"));
+    }
+    let rows = logits / vocab;
+    if rows > i32::MAX as usize {
+        return fail(format!("{rows} rows, at most 2^31-1 are supported"));
+    }
+    Ok(rows)
+}
+
+/// Checks that operand `name` has `want` elements.
+fn check_len(op: &str, name: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::Backend(format!("{op}: `{name}` has {got} elements, expected {want}")));
+    }
+    Ok(())
+}
+
+/// One checked argmax call, as the device pointers and sizes `l32_argmax_params` carries.
+#[cfg_attr(not(llama32_cuda), allow(dead_code))]
+struct ArgmaxLaunch {
+    out: u64,
+    logits: u64,
+    rows: usize,
+    vocab: usize,
+}
+
+/// One checked sample call: device pointers (penalties: offsets, ids, counts) and sizes.
+#[cfg_attr(not(llama32_cuda), allow(dead_code))]
+struct SampleLaunch {
+    out: u64,
+    logits: u64,
+    params: u64,
+    uniforms: u64,
+    penalties: Option<(u64, u64, u64)>,
+    penalty_len: usize,
+    rows: usize,
+    vocab: usize,
+}
+
+#[cfg(llama32_cuda)]
+fn launch_argmax(op: &str, stream: &CudaStream, l: &ArgmaxLaunch) -> Result<()> {
+    use super::ffi;
+    use std::ffi::c_void;
+    // Both fit in i64: check_rows bounds rows by 2^31 - 1 and vocab by 2^30.
+    let params = ffi::l32_argmax_params {
+        out_ids: l.out as *mut u32,
+        logits: l.logits as *const c_void,
+        rows: l.rows as i64,
+        vocab: l.vocab as i64,
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::raw_stream(op, stream)?;
+    // SAFETY: both pointers come from live device slices on this stream's device whose lengths were matched to
+    // rows x vocab and rows; the caller holds the slices' stream guards until after this launch.
+    let status = unsafe { ffi::l32_argmax(&params, raw) };
+    super::check_status(status, || format!("{op} (rows {}, vocab {})", l.rows, l.vocab))?;
+    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+}
+
+#[cfg(llama32_cuda)]
+fn launch_sample(op: &str, stream: &CudaStream, l: &SampleLaunch) -> Result<()> {
+    use super::ffi;
+    use std::ffi::c_void;
+    use std::ptr::null;
+    let (offsets, ids, counts) = match l.penalties {
+        Some((o, i, c)) => (o as *const u32, i as *const u32, c as *const u32),
+        None => (null(), null(), null()),
+    };
+    // All fit in i64: rows <= 2^31 - 1, vocab <= 2^19, penalty_len <= 2^32 - 1 (checked by the caller).
+    let params = ffi::l32_sample_params {
+        out_ids: l.out as *mut u32,
+        logits: l.logits as *const c_void,
+        row_params: l.params as *const ffi::l32_sample_row,
+        uniforms: l.uniforms as *const f64,
+        penalty_offsets: offsets,
+        penalty_ids: ids,
+        penalty_counts: counts,
+        penalty_len: l.penalty_len as i64,
+        rows: l.rows as i64,
+        vocab: l.vocab as i64,
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::raw_stream(op, stream)?;
+    // SAFETY: every pointer comes from a live device slice on this stream's device whose length sample() matched
+    // to the shapes above (SampleRow has l32_sample_row's layout, asserted at compile time); the caller holds the
+    // slices' stream guards until after this launch. The kernel clamps penalty offsets into penalty_len.
+    let status = unsafe { ffi::l32_sample(&params, raw) };
+    super::check_status(status, || format!("{op} (rows {}, vocab {})", l.rows, l.vocab))?;
+    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+}
+
+#[cfg(not(llama32_cuda))]
+fn launch_argmax(_op: &str, _stream: &CudaStream, _launch: &ArgmaxLaunch) -> Result<()> {
+    super::ensure_built()
+}
+
+#[cfg(not(llama32_cuda))]
+fn launch_sample(_op: &str, _stream: &CudaStream, _launch: &SampleLaunch) -> Result<()> {
+    super::ensure_built()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_matching_shapes() {
+        assert_eq!(check_rows("op", 3 * 128_256, 128_256, MAX_SAMPLE_VOCAB).unwrap(), 3);
+        assert_eq!(check_rows("op", 0, 7, MAX_SAMPLE_VOCAB).unwrap(), 0);
+        assert!(check_len("op", "x", 4, 4).is_ok());
+    }
+
+    #[test]
+    fn rejects_each_bad_operand_by_name() {
+        assert!(check_rows("op", 10, 0, 100).unwrap_err().to_string().contains("vocab is 0"));
+        assert!(check_rows("op", 10, 101, 100).unwrap_err().to_string().contains("vocab is 101"));
+        assert!(check_rows("op", 10, 3, 100).unwrap_err().to_string().contains("`logits`"));
+        assert!(check_len("op", "uniforms", 3, 4).unwrap_err().to_string().contains("`uniforms`"));
+    }
+
+    #[test]
+    fn penalty_lists_merge_prompt_and_output() {
+        let mut p = PenaltyLists::new();
+        p.push_row(&[5, 3, 5], &[7, 3, 7, 7]).unwrap();
+        p.push_row(&[], &[]).unwrap();
+        p.push_row(&[1], &[]).unwrap();
+        assert_eq!(p.rows(), 3);
+        assert_eq!(p.offsets(), &[0, 3, 3, 4]);
+        assert_eq!(p.ids(), &[3, 5, 7, 1]);
+        assert_eq!(p.counts(), &[1, 0, 3, 0]);
+    }
+
+    #[test]
+    fn sample_row_mirrors_the_request() {
+        let params = SamplingParams { temperature: 0.7, top_k: usize::MAX, min_p: 0.1, ..SamplingParams::default() };
+        let row = SampleRow::new(&params);
+        assert_eq!(row.top_k, i32::MAX);
+        assert_eq!(row.ln_min_p, (0.1f32 as f64).ln());
+        assert_eq!(SampleRow::new(&SamplingParams::default()).ln_min_p, f64::NEG_INFINITY);
+        assert_eq!(std::mem::size_of::<SampleRow>(), 32);
+    }
+}
