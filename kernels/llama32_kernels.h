@@ -239,6 +239,105 @@ l32_status l32_paged_prefill(const l32_paged_prefill_params* params, void* strea
 
 /* END attention */
 
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* next-token selection over logits rows: greedy argmax and full sampling (kernels/sampling.cu) */
+/* BEGIN sampling */
+
+/**
+ * Greedy selection: out_ids[r] = the index of the largest logit of row r (the CPU twin `crate::sampling::argmax`):
+ * the lowest index wins ties (-0 ties with +0), NaN never wins (+inf does), an all-NaN row gives 0.
+ * dtype: L32_DTYPE_BF16 only.
+ */
+typedef struct l32_argmax_params {
+    uint32_t* out_ids;      /**< [rows] */
+    const void* logits;     /**< [rows, vocab], contiguous rows */
+    int64_t rows;           /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t vocab;          /**< 1 ..= 2^30; a multiple of 8 with 16-byte aligned logits takes the vector path */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_argmax_params;
+
+/** Launches the greedy argmax (sampling family) on `stream`. */
+l32_status l32_argmax(const l32_argmax_params* params, void* stream);
+
+/**
+ * One row's sampling parameters: the fields of `crate::sampling::SamplingParams` plus ln(min_p), which the host
+ * computes so the min-p cut uses the very same f64 as the CPU twin. Layout: 40 bytes, 8-byte aligned, no padding.
+ */
+typedef struct l32_sample_row {
+    float temperature;          /**< < 1e-5: greedy (argmax of the penalized row; the uniform is not used) */
+    float top_p;                /**< (0, 1]; 1 turns it off */
+    float min_p;                /**< [0, 1]; 0 turns it off */
+    float repetition_penalty;   /**< > 0; 1 turns it off */
+    float frequency_penalty;    /**< subtracted count times from every token generated count >= 1 times */
+    float presence_penalty;     /**< subtracted once from every token generated at least once */
+    int32_t top_k;              /**< 0 (or >= the number of candidates) turns it off */
+    int32_t reserved;           /**< 0 */
+    double ln_min_p;            /**< ln(min_p) in f64 when min_p > 0 (ignored otherwise) */
+} l32_sample_row;
+
+/**
+ * Full sampling, the twin of `crate::sampling::Sampler::sample` for one row each (module docs of crate::sampling):
+ * penalties, greedy (temperature < 1e-5), then with T the temperature and m the largest penalized logit: min-p,
+ * top-k (ties by lower id), top-p (descending logit, ties by lower id), and the inverse-CDF draw over the kept tokens
+ * in ascending id order with the row's uniform u in [0, 1).
+ *
+ * Penalties are a per-row sorted list (CSR): the entries of row r are j in penalty_offsets[r] ..
+ * penalty_offsets[r + 1]; penalty_ids[j] is a token seen in the prompt or the output (strictly increasing within a
+ * row; ids >= vocab are ignored), penalty_counts[j] its number of occurrences in the output (0: prompt only). Every
+ * listed token gets the repetition penalty; those with a count >= 1 also get the frequency and presence penalties.
+ * penalty_offsets NULL: no penalties anywhere.
+ *
+ * Numerics: penalties, min-p, top-k and the comparisons that decide the kept set are exact (f32 as on the CPU, and
+ * min-p's f64 test turned into an exact f32 threshold); the weights exp((l - m) / T) of top-p and of the draw are f32
+ * (relative error about 1e-7 * |(l - m) / T|) summed in f64, where the CPU uses f64 throughout: the chosen id can
+ * differ from the CPU's only when u, or top_p, lies within about 1e-6 of a cumulative-probability boundary.
+ * dtype: L32_DTYPE_BF16 only. Nothing may alias out_ids.
+ */
+typedef struct l32_sample_params {
+    uint32_t* out_ids;                  /**< [rows] */
+    const void* logits;                 /**< [rows, vocab], contiguous rows */
+    const l32_sample_row* row_params;   /**< [rows] */
+    const double* uniforms;             /**< [rows], each in [0, 1) (unused by greedy rows) */
+    const uint32_t* penalty_offsets;    /**< [rows + 1], non-decreasing, <= penalty_len; or NULL */
+    const uint32_t* penalty_ids;        /**< [penalty_len] */
+    const uint32_t* penalty_counts;     /**< [penalty_len] */
+    int64_t penalty_len;                /**< entries in penalty_ids / penalty_counts, 0 ..= 2^32 - 1 */
+    int64_t rows;                       /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t vocab;                      /**< 1 ..= 2^19; a multiple of 8 with 16-byte aligned logits is faster */
+    l32_dtype dtype;                    /**< L32_DTYPE_BF16 */
+} l32_sample_params;
+
+/** Launches full sampling (sampling family) on `stream`. */
+l32_status l32_sample(const l32_sample_params* params, void* stream);
+
+/* END sampling */
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* skinny GEMM for decode: out = x @ w^T with few rows of x (kernels/gemv.cu) */
+/* BEGIN gemv */
+
+/**
+ * out[i, j] = bf16(sum_c x[i, c] * w[j, c]) for i < m, j < n: a Linear layer (w in PyTorch's [out, in] layout) at
+ * decode batch sizes, bandwidth bound on the weight. Products of the bf16 inputs are summed in f32 (tensor-core MMA,
+ * a fixed order: no atomics, the same bits on every run), then rounded to bf16 once.
+ * dtype: L32_DTYPE_BF16 only. `out` must not overlap `x` or `w` (both are read through the non-coherent cache).
+ */
+typedef struct l32_gemv_params {
+    void* out;              /**< [m, n], contiguous rows */
+    const void* x;          /**< [m, k], contiguous rows, 16-byte aligned */
+    const void* w;          /**< [n, k], contiguous rows, 16-byte aligned */
+    int64_t m;              /**< 1 ..= 16 */
+    int64_t k;              /**< a multiple of 8, 8 ..= 2^24 */
+    int64_t n;              /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int32_t warps;          /**< warps per block, which split k: 8 or 16 (the Rust heuristic gemv::warps_per_block) */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_gemv_params;
+
+/** Launches the skinny GEMM (gemv family) on `stream`. */
+l32_status l32_gemv(const l32_gemv_params* params, void* stream);
+
+/* END gemv */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -18,7 +18,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bundle="$root/gpu-bundle"
 # Integration-test targets (tests/<name>.rs) that need a GPU. Keep them few: each binary carries its own copy of
 # the kernels and the crate.
-GPU_TESTS=(cuda_kernels cuda_elementwise cuda_attention cuda_golden)
+GPU_TESTS=(cuda_kernels cuda_elementwise cuda_attention cuda_golden cuda_sampling cuda_gemv)
 
 build() {
   cd "$root"
@@ -140,21 +140,25 @@ run() {
   done
 
   # End-to-end figures on random weights at the real shapes (JSON lines in $logs/bench.jsonl).
-  local spec preset batch prompt gen line
-  for spec in "1b 1 128 64" "3b 1 128 64" "1b 64 512 64"; do
-    read -r preset batch prompt gen <<<"$spec"
-    log="$logs/bench.$preset.b$batch.log"
+  # Each spec: preset, batch, prompt tokens, generated tokens, then extra flags (ablations of graphs / skinny GEMM).
+  local spec preset batch prompt gen extra line tag
+  for spec in "1b 1 128 64" "1b 1 128 64 --no-skinny-gemm" "1b 1 128 64 --cuda-graph-max-batch 0" \
+    "3b 1 128 64" "1b 64 512 64"; do
+    read -r preset batch prompt gen extra <<<"$spec"
+    tag="$preset.b$batch${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}"
+    log="$logs/bench.$tag.log"
     rc=0
+    # shellcheck disable=SC2086 # $extra is a list of flags
     timeout 180 "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
-      --prompt-tokens "$prompt" --gen-tokens "$gen" >"$log" 2>&1 || rc=$?
+      --prompt-tokens "$prompt" --gen-tokens "$gen" $extra >"$log" 2>&1 || rc=$?
     line=$(grep '^{' "$log" | tail -1 || true)
     if ((rc == 0)) && [[ -n $line ]]; then
       echo "$line" >>"$logs/bench.jsonl"
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen" -)")
-      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"]))' "$line" "$preset")")
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen $extra" -)")
+      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$preset" "$extra")")
     else
       failed=$((failed + 1))
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$preset b$batch p$prompt g$gen" -)")
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$preset b$batch p$prompt g$gen $extra" -)")
       tail -n 5 "$log"
     fi
   done

@@ -275,3 +275,48 @@ fn cuda_graph_decode_equals_eager() {
     }
     compare("graph replay vs eager decode", &runs[1], &runs[0], case.cfg.vocab_size, case.budget());
 }
+
+/// `step_greedy` picks on the device exactly the argmax of the logits `step` returns for the same step.
+#[test]
+fn cuda_step_greedy_is_argmax_of_step_logits() {
+    if !device_ready() {
+        return;
+    }
+    let case = Case::load("cuda-d128-gqa3");
+    let prompt = case.ids("prompt_ids");
+    let mut picks = Vec::new();
+    for greedy in [false, true] {
+        let mut exec = case.cuda(16);
+        let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+        let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        let mut got = Vec::new();
+        for (s, table) in tables.iter_mut().enumerate() {
+            alloc.ensure(table, 64).unwrap();
+            let chunks =
+                [SeqChunk { tokens: &prompt[..30 + s], start_pos: 0, block_table: table, logits: LogitsWanted::All }];
+            let step = build_step(&chunks, exec.block_size()).unwrap();
+            got.extend(if greedy {
+                exec.step_greedy(&step).unwrap()
+            } else {
+                exec.step(&step).unwrap().logits.chunks(case.cfg.vocab_size).map(llama32::sampling::argmax).collect()
+            });
+        }
+        let chunks: Vec<_> = (0..3)
+            .map(|s| SeqChunk {
+                tokens: &prompt[40..41],
+                start_pos: 30 + s,
+                block_table: &tables[s],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let step = build_step(&chunks, exec.block_size()).unwrap();
+        got.extend(if greedy {
+            exec.step_greedy(&step).unwrap()
+        } else {
+            exec.step(&step).unwrap().logits.chunks(case.cfg.vocab_size).map(llama32::sampling::argmax).collect()
+        });
+        picks.push(got);
+    }
+    assert_eq!(picks[0].len(), 30 + 31 + 32 + 3);
+    assert_eq!(picks[0], picks[1]);
+}

@@ -153,6 +153,7 @@ fn load_cuda(
         gpu_memory_utilization: a.gpu_memory_utilization,
         max_step_tokens: 2048,
         max_graph_batch: a.cuda_graph_max_batch,
+        skinny_gemm: !a.no_skinny_gemm,
     };
     let t0 = Instant::now();
     let eos_ids = cfg.eos_token_ids.clone();

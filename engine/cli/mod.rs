@@ -75,6 +75,9 @@ pub struct ModelArgs {
     /// Decode steps of up to this many sequences replay CUDA graphs (0 turns graphs off).
     #[arg(long, default_value_t = 256)]
     pub cuda_graph_max_batch: usize,
+    /// Use cuBLASLt for every projection, not the skinny GEMM kernel for decode-sized batches (CUDA only).
+    #[arg(long)]
+    pub no_skinny_gemm: bool,
 }
 
 /// `llama32 logits`.

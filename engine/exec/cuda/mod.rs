@@ -40,6 +40,8 @@ pub struct CudaOptions {
     pub max_step_tokens: usize,
     /// Capture decode steps of up to this many sequences as CUDA graphs (0 turns graphs off).
     pub max_graph_batch: usize,
+    /// Run projections of up to 16 rows with the skinny GEMM kernel instead of cuBLASLt.
+    pub skinny_gemm: bool,
 }
 
 impl Default for CudaOptions {
@@ -51,6 +53,7 @@ impl Default for CudaOptions {
             gpu_memory_utilization: 0.9,
             max_step_tokens: 2048,
             max_graph_batch: 256,
+            skinny_gemm: true,
         }
     }
 }
@@ -89,6 +92,8 @@ pub struct CudaExecutor {
     max_blocks_per_seq: usize,
     /// Decode graphs by (batch bucket, KV splits, block-table width).
     graphs: HashMap<(usize, usize, usize), DecodeGraph>,
+    /// Ids picked on the device by [`Executor::step_greedy`].
+    ids: CudaSlice<u32>,
 }
 
 impl CudaExecutor {
@@ -197,7 +202,7 @@ impl CudaExecutor {
         );
         let workspace = stream.alloc_zeros::<u8>(ws_bytes.max(1)).map_err(drv("allocate attention workspace"))?;
         let max_blocks_per_seq = cfg.max_position_embeddings.div_ceil(opts.block_size).min(num_blocks);
-        let ops = CudaOps::new(
+        let mut ops = CudaOps::new(
             cfg,
             stream,
             blas,
@@ -209,7 +214,9 @@ impl CudaExecutor {
             num_sms,
             device_name,
         );
-        Ok(CudaExecutor { ops, max_graph_batch: opts.max_graph_batch, max_blocks_per_seq, graphs: HashMap::new() })
+        ops.skinny_gemm = opts.skinny_gemm;
+        let ids = ops.stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))?;
+        Ok(CudaExecutor { ops, max_graph_batch: opts.max_graph_batch, max_blocks_per_seq, graphs: HashMap::new(), ids })
     }
 
     /// The device's name.
@@ -240,8 +247,9 @@ impl CudaExecutor {
         p
     }
 
-    /// Runs a decode step through a captured graph (capturing it first if needed); logits of the real rows.
-    fn step_graph(&mut self, input: &StepInput) -> Result<Vec<f32>> {
+    /// Runs a decode step through a captured graph (capturing it first if needed); returns the pool slot holding
+    /// the logits (the real rows first).
+    fn step_graph(&mut self, input: &StepInput) -> Result<usize> {
         let seqs = input.num_seqs();
         let bucket = graph_bucket(seqs);
         // Table width rounds up to a power of two so that few graphs cover all context lengths.
@@ -278,10 +286,29 @@ impl CudaExecutor {
         }
         let g = self.graphs.get(&key).ok_or_else(|| Error::Backend("decode graph missing".into()))?;
         g.graph.launch().map_err(drv("launch decode graph"))?;
-        let n = seqs * dims.vocab;
-        let buf = self.ops.pooled(g.logits_slot).ok_or_else(|| Error::Backend("graph logits buffer missing".into()))?;
-        let host = self.ops.stream.clone_dtoh(&buf.slice(..n)).map_err(drv("read logits"))?;
-        Ok(host.into_iter().map(f32::from).collect())
+        Ok(g.logits_slot)
+    }
+
+    /// Validates and runs a step (graph replay for plain decode steps, eager otherwise); returns the pool slot
+    /// whose buffer holds the `[logits_rows, vocab]` logits until the next step.
+    fn run(&mut self, input: &StepInput) -> Result<usize> {
+        input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
+        let seqs = input.num_seqs();
+        let plain_decode = input.num_tokens() == seqs
+            && input.logits_rows.len() == seqs
+            && input.logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+        if plain_decode && seqs <= self.max_graph_batch && input.max_blocks_per_seq <= self.max_blocks_per_seq {
+            return self.step_graph(input);
+        }
+        let dims = Dims::of(&self.ops.cfg);
+        let logits = forward(&mut self.ops, dims, input)?;
+        let slot = logits.slot();
+        self.ops.release(logits);
+        Ok(slot)
+    }
+
+    fn logits_buffer(&self, slot: usize) -> Result<&CudaSlice<bf16>> {
+        self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))
     }
 }
 
@@ -299,24 +326,28 @@ impl Executor for CudaExecutor {
     }
 
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
-        input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
-        let seqs = input.num_seqs();
-        let is_decode = input.num_tokens() == seqs;
-        let all_rows =
-            input.logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i) && input.logits_rows.len() == seqs;
-        if is_decode && all_rows && seqs <= self.max_graph_batch && input.max_blocks_per_seq <= self.max_blocks_per_seq
-        {
-            return Ok(StepOutput { logits: self.step_graph(input)? });
+        let slot = self.run(input)?;
+        let n = input.logits_rows.len() * self.ops.cfg.vocab_size;
+        if n == 0 {
+            return Ok(StepOutput::default());
         }
-        let dims = Dims::of(&self.ops.cfg);
-        let logits = forward(&mut self.ops, dims, input)?;
-        let n = input.logits_rows.len() * dims.vocab;
-        let host = if n == 0 {
-            Vec::new()
-        } else {
-            self.ops.stream.clone_dtoh(&logits.view().slice(..n)).map_err(drv("read logits"))?
-        };
-        self.ops.release(logits);
+        let buf = self.logits_buffer(slot)?;
+        let host = self.ops.stream.clone_dtoh(&buf.slice(..n)).map_err(drv("read logits"))?;
         Ok(StepOutput { logits: host.into_iter().map(f32::from).collect() })
+    }
+
+    fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
+        let slot = self.run(input)?;
+        let (rows, vocab) = (input.logits_rows.len(), self.ops.cfg.vocab_size);
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        if self.ids.len() < rows {
+            self.ids = self.ops.stream.alloc_zeros::<u32>(rows.next_power_of_two()).map_err(drv("allocate ids"))?;
+        }
+        let buf = self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
+        // The logits stay on the device: one id per row comes back.
+        k::sampling::argmax(&self.ops.stream, &buf.slice(..rows * vocab), vocab, &mut self.ids.slice_mut(..rows))?;
+        self.ops.stream.clone_dtoh(&self.ids.slice(..rows)).map_err(drv("read sampled ids"))
     }
 }

@@ -96,6 +96,8 @@ pub struct CudaOps {
     pub(super) generation: u64,
     /// While capturing a graph, `begin_step` must not copy (the copies happen before each replay).
     pub(super) capturing: bool,
+    /// Use `kernels/gemv.cu` for projections of up to 16 rows.
+    pub(super) skinny_gemm: bool,
 }
 
 fn check(what: &str, a: &CudaAct, rows: usize, cols: usize) -> Result<()> {
@@ -145,6 +147,7 @@ impl CudaOps {
             next_slot: 0,
             generation: 0,
             capturing: false,
+            skinny_gemm: true,
         }
     }
 
@@ -350,6 +353,10 @@ impl Ops for CudaOps {
                 "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
                 weight.len()
             )));
+        }
+        if self.skinny_gemm && k::gemv::supports(x.rows, kdim) {
+            // Decode-sized batches stream the weight once with the skinny kernel; cuBLASLt for the rest.
+            return k::gemv::gemv(&self.stream, &x.buf, weight, x.rows, kdim, n, &mut out.buf);
         }
         gemm(&self.blas, &x.buf, weight, x.rows, kdim, n, &mut out.buf)
     }

@@ -17,6 +17,7 @@ pub mod attention;
 pub mod embedding;
 #[cfg(llama32_cuda)]
 mod ffi;
+pub mod gemv;
 pub mod norm;
 pub mod rope;
 pub mod sampling;

@@ -47,7 +47,7 @@ pub struct SampleRow {
     pub ln_min_p: f64,
 }
 
-// SAFETY: plain old data (f32, i32, f64, no padding: 6 x 4 + 2 x 4 + 8 = 32 bytes), the C struct's layout (checked
+// SAFETY: plain old data (f32, i32, f64, no padding: 6 x 4 + 2 x 4 + 8 = 40 bytes), the C struct's layout (checked
 // against the bindgen struct below), and all-zero bits are a valid value.
 unsafe impl DeviceRepr for SampleRow {}
 // SAFETY: as above: every field is valid as zero bits.
@@ -390,6 +390,6 @@ mod tests {
         assert_eq!(row.top_k, i32::MAX);
         assert_eq!(row.ln_min_p, (0.1f32 as f64).ln());
         assert_eq!(SampleRow::new(&SamplingParams::default()).ln_min_p, f64::NEG_INFINITY);
-        assert_eq!(std::mem::size_of::<SampleRow>(), 32);
+        assert_eq!(std::mem::size_of::<SampleRow>(), 40);
     }
 }

@@ -1,0 +1,196 @@
+//! The skinny GEMM of decode on CUDA (`kernels/gemv.cu`, family `gemv`): `out = x @ w^T` for 1 to 16 rows of `x`,
+//! the twin of [`crate::ops::cpu::linear::linear`] with the same dimensions after the stream.
+//!
+//! At decode batch sizes a Linear layer is a weight-streaming problem; the kernel streams `w` once with 16-byte
+//! loads and does the products on the tensor cores (bf16 in, f32 accumulate, one bf16 rounding of each output), in
+//! a fixed order (no atomics). The executor calls [`supports`] first and falls back to cuBLASLt where it is false.
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::{Error, Result};
+
+/// The most rows of `x` the kernel takes.
+pub const MAX_M: usize = 16;
+/// The longest `k` the kernel takes.
+const MAX_K: usize = 1 << 24;
+/// The most output columns `n` the kernel takes.
+const MAX_N: usize = i32::MAX as usize;
+/// Output columns (rows of `w`) per thread block, as in `kernels/gemv.cu`.
+const TILE_ROWS: usize = 16;
+
+/// True when [`gemv`] takes `m` rows of `x` with inner dimension `k`: `m` in `1..=16` and `k` a positive multiple
+/// of 8 (up to 2^24). The operands must also be 16-byte aligned, which every cudarc allocation is.
+pub fn supports(m: usize, k: usize) -> bool {
+    (1..=MAX_M).contains(&m) && k > 0 && k % 8 == 0 && k <= MAX_K
+}
+
+/// Warps per thread block (which split `k`), given `n` output columns and `sms` streaming multiprocessors.
+///
+/// A block owns 16 output columns. When all blocks fit on the SMs one per SM (`ceil(n / 16) <= sms`: n = 2048 on
+/// an H100's 132 SMs) each gets 16 warps, so every SM keeps 64 KB of weight in flight; otherwise 8 warps, two blocks
+/// fit per SM and more blocks run at once (n = 3072: all 192 at once on an H100).
+pub fn warps_per_block(n: usize, sms: usize) -> usize {
+    if n.div_ceil(TILE_ROWS) <= sms {
+        16
+    } else {
+        8
+    }
+}
+
+/// `out[i, j] = bf16(sum_c x[i, c] * w[j, c])` for `i < m`, `j < n`: a Linear layer with `w` in PyTorch's
+/// `[out_features, in_features]` layout.
+///
+/// - `x`: at least `[m, k]` (the first `m * k` elements are used); `w`: at least `[n, k]`; `out`: at least `[m, n]`,
+///   its first `m * n` elements written. `x` and `w` must start 16-byte aligned; `out` must not overlap either.
+/// - `m` in `1..=16` and `k` a multiple of 8 ([`supports`]); `n = 0` launches nothing.
+///
+/// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
+pub fn gemv(
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<bf16>,
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    const OP: &str = "gemv";
+    super::ensure_built()?;
+    check_shapes(OP, (m, k, n), (x.len(), w.len(), out.len()))?;
+    super::check_same_device(OP, stream, &[("x", x.stream()), ("w", w.stream()), ("out", out.stream())])?;
+    if n == 0 {
+        return Ok(());
+    }
+    let warps = warps_per_block(n, num_sms(stream)?);
+    let (x, _x) = x.device_ptr(stream);
+    let (w, _w) = w.device_ptr(stream);
+    for (name, ptr) in [("x", x), ("w", w)] {
+        if ptr % 16 != 0 {
+            return Err(Error::Backend(format!("{OP}: `{name}` starts at {ptr:#x}, not 16-byte aligned")));
+        }
+    }
+    let (out, _out) = out.device_ptr_mut(stream);
+    launch(OP, stream, &GemvLaunch { out, x, w, m, k, n, warps })
+}
+
+/// Streaming multiprocessors of the stream's device.
+fn num_sms(stream: &CudaStream) -> Result<usize> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+    let n = stream
+        .context()
+        .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| Error::Backend(format!("gemv: querying the SM count: {e}")))?;
+    Ok(n.max(1) as usize)
+}
+
+/// Checks the dimensions `(m, k, n)` and the operand lengths `(x, w, out)`.
+fn check_shapes(op: &str, (m, k, n): (usize, usize, usize), (x, w, out): (usize, usize, usize)) -> Result<()> {
+    let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
+    if !(1..=MAX_M).contains(&m) {
+        return fail(format!("m is {m}, must be in 1..={MAX_M} (use the GEMM for more rows)"));
+    }
+    if k == 0 || k % 8 != 0 || k > MAX_K {
+        return fail(format!("k is {k}, must be a positive multiple of 8 up to 2^24"));
+    }
+    if n > MAX_N {
+        return fail(format!("n is {n}, at most 2^31-1 is supported"));
+    }
+    let need = |name: &str, have: usize, rows: usize, cols: usize| match rows.checked_mul(cols) {
+        Some(len) if have >= len => Ok(()),
+        _ => fail(format!("`{name}` has {have} elements, needs at least {rows} x {cols}")),
+    };
+    need("x", x, m, k)?;
+    need("w", w, n, k)?;
+    need("out", out, m, n)
+}
+
+/// One checked call, as the device pointers and sizes `l32_gemv_params` carries.
+#[cfg_attr(not(llama32_cuda), allow(dead_code))]
+struct GemvLaunch {
+    out: u64,
+    x: u64,
+    w: u64,
+    m: usize,
+    k: usize,
+    n: usize,
+    warps: usize,
+}
+
+#[cfg(llama32_cuda)]
+fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch) -> Result<()> {
+    use super::ffi;
+    use std::ffi::c_void;
+    // All fit in their C types: check_shapes bounds m by 16, k by 2^24 and n by 2^31 - 1; warps is 8 or 16.
+    let params = ffi::l32_gemv_params {
+        out: l.out as *mut c_void,
+        x: l.x as *const c_void,
+        w: l.w as *const c_void,
+        m: l.m as i64,
+        k: l.k as i64,
+        n: l.n as i64,
+        warps: l.warps as i32,
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::raw_stream(op, stream)?;
+    // SAFETY: the three pointers come from live device slices on this stream's device whose lengths check_shapes
+    // matched to at least m x k, n x k and m x n; x and w were checked 16-byte aligned; the caller holds the slices'
+    // stream guards until after this launch.
+    let status = unsafe { ffi::l32_gemv(&params, raw) };
+    super::check_status(status, || format!("{op} (m {}, k {}, n {})", l.m, l.k, l.n))?;
+    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+}
+
+#[cfg(not(llama32_cuda))]
+fn launch(_op: &str, _stream: &CudaStream, _launch: &GemvLaunch) -> Result<()> {
+    super::ensure_built()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supports_the_decode_shapes_only() {
+        for m in 1..=16 {
+            for k in [8, 2048, 3072, 8192] {
+                assert!(supports(m, k), "m {m} k {k}");
+            }
+        }
+        assert!(!supports(0, 2048));
+        assert!(!supports(17, 2048));
+        assert!(!supports(1, 0));
+        assert!(!supports(1, 12));
+        assert!(!supports(1, 2049));
+        assert!(!supports(1, (1 << 24) + 8));
+    }
+
+    #[test]
+    fn picks_16_warps_only_when_every_block_has_its_own_sm() {
+        assert_eq!(warps_per_block(2048, 132), 16);
+        assert_eq!(warps_per_block(2112, 132), 16);
+        assert_eq!(warps_per_block(2113, 132), 8);
+        assert_eq!(warps_per_block(3072, 132), 8);
+        assert_eq!(warps_per_block(128_256, 132), 8);
+        assert_eq!(warps_per_block(7, 1), 16);
+    }
+
+    #[test]
+    fn accepts_matching_or_longer_operands() {
+        assert!(check_shapes("op", (3, 16, 5), (48, 80, 15)).is_ok());
+        assert!(check_shapes("op", (3, 16, 5), (100, 100, 100)).is_ok());
+        assert!(check_shapes("op", (16, 8, 0), (128, 0, 0)).is_ok());
+    }
+
+    #[test]
+    fn rejects_each_bad_operand_by_name() {
+        let err = |dims, lens| check_shapes("op", dims, lens).unwrap_err().to_string();
+        assert!(err((0, 16, 5), (0, 80, 0)).contains("m is 0"));
+        assert!(err((17, 16, 5), (272, 80, 85)).contains("m is 17"));
+        assert!(err((1, 12, 5), (12, 60, 5)).contains("k is 12"));
+        assert!(err((1, 0, 5), (0, 0, 5)).contains("k is 0"));
+        assert!(err((3, 16, 5), (47, 80, 15)).contains("`x`"));
+        assert!(err((3, 16, 5), (48, 79, 15)).contains("`w`"));
+        assert!(err((3, 16, 5), (48, 80, 14)).contains("`out`"));
+    }
+}

@@ -1,0 +1,185 @@
+// kernels/gemv.cu: the skinny GEMM of decode, out[m, n] = x[m, k] @ w[n, k]^T with m <= 16 (l32_gemv_params in
+// llama32_kernels.h).
+//
+// Three tiers: the kernel, the launcher that picks the template arguments, and the checked C entry.
+//
+// Bandwidth bound on w: at m = 16 it is 16 FLOP per weight byte, far under the tensor cores' ratio, so the goal is
+// to stream w once at the copy rate with enough bytes in flight, and to spend as few instructions per weight byte as
+// possible. Design:
+//   - A block owns a tile of kRows = 16 rows of w (16 output columns) and splits k over its `warps` warps (8 or 16).
+//     Each lane streams 16-byte vectors of w (ld.global.nc.L1::no_allocate: read once, kept out of L1) from rows
+//     g and g + 8 (g = lane / 4), kUnroll = 4 vector pairs per step, so 128 bytes of w per lane are in flight.
+//   - x is read straight from global memory through L1 (ld.global.nc.L1::evict_last): every block reads all of x,
+//     so it stays in L1/L2; a lane reads the 16-byte vector of x row g (and g + 8 when m > 8) at its w position.
+//   - The dot products are tensor-core MMAs (mma.sync m16n8k16, bf16 in, f32 accumulate): A = the 16 w rows,
+//     B = x^T (8 columns of x rows per MMA: one MMA tile for m <= 8, two for m <= 16). The MMA's k order is free as
+//     long as A and B agree, so a lane's 16-byte vector (8 consecutive k) feeds two MMAs directly: elements 0-3 to
+//     the first (fragment words a0/a2 and b0/b1), elements 4-7 to the second, with no shuffles or conversions.
+//     Per 32 bytes of w a lane issues 2 loads of w, 1 (or 2) loads of x and 2 (or 4) MMAs; an f32 FMA loop would
+//     need 8 conversions and 8 m FMAs per 16 bytes, which at m = 16 is most of an SM's FMA rate.
+//   - Rows past n and x rows past m are clamped to the last valid row (loads stay in bounds, the extra MMA columns
+//     and rows are discarded), so the main loop has no predicates; k is covered in steps of kUnroll * warps * 4
+//     vectors, and only the last, partial step checks each vector against k / 8 and zeroes what lies past it.
+//   - The warps' partial tiles meet in shared memory and are summed in warp order (deterministic), then each
+//     output is rounded to bf16 once.
+// Worked examples on an H100 (132 SMs), via gemv::warps_per_block: n = 2048 is 128 tiles, 16 warps each (one block
+// per SM, 64 KB of w in flight per SM; at k = 2048 each warp issues all its loads in one step); n = 3072 is 192 tiles
+// of 8 warps (two blocks per SM fit, so all run at once); n = 128256 is 8016 tiles of 8 warps.
+//
+// Registers from ptxas (CUDA 13.0, sm_80 / sm_89 / sm_90a), no spills, no stack frame, either warp count:
+// kTiles = 1: 114 / 114 / 116; kTiles = 2: 128 / 128 / 128 (the cap of two 256-thread blocks per SM). ptxas unrolls
+// the main loop twice and issues the next step's loads before this step's MMAs, so up to 16 w vectors (256 bytes)
+// per lane are in flight. Shared memory: warps * kTiles * 8 * 16 * 4 bytes (4 to 16 KB). SASS (sm_90a): w loads are
+// LDG.E.NA.128.CONSTANT, x loads LDG.E.EL.128.CONSTANT, the products HMMA.16816.F32.BF16.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "common/bf16.cuh"
+#include "common/status.cuh"
+#include "llama32_kernels.h"
+
+namespace l32 {
+namespace {
+
+constexpr int kRows = 16;    // w rows (output columns) per block: the M of one MMA
+constexpr int kUnroll = 4;   // 16-byte vector pairs of w per lane per step
+constexpr int64_t kMaxK = int64_t{1} << 24;
+
+// 16 bytes of a weight that is read exactly once: bypass L1 so x keeps it.
+__device__ __forceinline__ uint4 ld_stream_16(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+// 16 bytes of x, which every block reads again: keep it in L1.
+__device__ __forceinline__ uint4 ld_reuse_16(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::evict_last.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+// d += A (16 x 16, row-major, bf16) * B (16 x 8, column-major, bf16) in f32 (sm_80+). Fragments: lane (g, t) =
+// (lane / 4, lane % 4) holds A[g][2t, 2t+1] (a0), A[g+8][2t, 2t+1] (a1), A[g][2t+8, 2t+9] (a2), A[g+8][2t+8, 2t+9]
+// (a3), B[2t, 2t+1][g] (b0), B[2t+8, 2t+9][g] (b1), D[g][2t, 2t+1] (d0, d1), D[g+8][2t, 2t+1] (d2, d3).
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One step of a lane: kUnroll vectors at positions base + (u * kWarps + warp) * 4 + t of its two w rows and its
+// kTiles x rows, loaded first (all in flight together), then two MMAs per vector and x tile. kTail: the step runs
+// past kv (k / 8 vectors per row), so each vector is checked and zeroed past the end.
+template <int kTiles, int kWarps, bool kTail>
+__device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* w0, const uint4* w1,
+                                          const uint4* const (&xr)[kTiles], int base, int kv, int warp, int t) {
+    uint4 a0[kUnroll], a1[kUnroll], b[kUnroll][kTiles];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const int v = base + (u * kWarps + warp) * 4 + t;
+        if (!kTail || v < kv) {
+            a0[u] = ld_stream_16(w0 + v);
+            a1[u] = ld_stream_16(w1 + v);
+#pragma unroll
+            for (int j = 0; j < kTiles; ++j) b[u][j] = ld_reuse_16(xr[j] + v);
+        } else {
+            a0[u] = a1[u] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int j = 0; j < kTiles; ++j) b[u][j] = make_uint4(0, 0, 0, 0);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) {
+            mma_bf16_16816(acc[j], a0[u].x, a1[u].x, a0[u].y, a1[u].y, b[u][j].x, b[u][j].y);
+            mma_bf16_16816(acc[j], a0[u].z, a1[u].z, a0[u].w, a1[u].w, b[u][j].z, b[u][j].w);
+        }
+    }
+}
+
+// Tier 1. grid = ceil(n / kRows), block = kWarps * 32. kTiles = ceil(m / 8) MMA column tiles of x rows.
+// With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
+template <int kTiles, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
+    __shared__ float partial[kWarps][kTiles * 8][kRows];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
+    const int m = static_cast<int>(p.m);
+    const int kv = static_cast<int>(p.k / 8);
+
+    // Rows past n (last tile) and x rows past m read the last valid row; their results are never written.
+    const int64_t r0 = std::min(n0 + g, p.n - 1), r1 = std::min(n0 + g + 8, p.n - 1);
+    const auto* w = static_cast<const bf16*>(p.w);
+    const auto* w0 = reinterpret_cast<const uint4*>(w + r0 * p.k);
+    const auto* w1 = reinterpret_cast<const uint4*>(w + r1 * p.k);
+    const uint4* xr[kTiles];
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+        const int row = std::min(g + 8 * j, m - 1);
+        xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k);
+    }
+
+    float acc[kTiles][4];
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    constexpr int kStep = kUnroll * kWarps * 4;
+    int base = 0;
+    for (; base + kStep <= kv; base += kStep) gemv_step<kTiles, kWarps, false>(acc, w0, w1, xr, base, kv, warp, t);
+    if (base < kv) gemv_step<kTiles, kWarps, true>(acc, w0, w1, xr, base, kv, warp, t);
+
+    // D[row][col] of tile j is w row n0 + row against x row 8 j + col.
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+        partial[warp][8 * j + 2 * t][g] = acc[j][0];
+        partial[warp][8 * j + 2 * t + 1][g] = acc[j][1];
+        partial[warp][8 * j + 2 * t][g + 8] = acc[j][2];
+        partial[warp][8 * j + 2 * t + 1][g + 8] = acc[j][3];
+    }
+    __syncthreads();
+    // kTiles * 8 * kRows <= 256 outputs, at most one per thread.
+    const int i = threadIdx.x / kRows, c = threadIdx.x % kRows;
+    if (i >= m || n0 + c >= p.n) return;
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < kWarps; ++q) s += partial[q][i][c];
+    static_cast<bf16*>(p.out)[static_cast<int64_t>(i) * p.n + n0 + c] = __float2bfloat16_rn(s);
+}
+
+// Tier 2.
+template <int kTiles, int kWarps>
+l32_status launch(const l32_gemv_params& p, cudaStream_t stream) {
+    static_assert(kTiles * 8 * kRows <= kWarps * 32, "one thread per output of the block");
+    const auto grid = static_cast<unsigned>((p.n + kRows - 1) / kRows);
+    gemv_kernel<kTiles, kWarps><<<grid, kWarps * 32, 0, stream>>>(p);
+    return check_launch();
+}
+
+}  // namespace
+}  // namespace l32
+
+// Tier 3: the checked entry.
+extern "C" l32_status l32_gemv(const l32_gemv_params* params, void* stream) {
+    if (params == nullptr) return L32_INVALID_ARGUMENT;
+    const l32_gemv_params& p = *params;
+    if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
+    if (p.out == nullptr || p.x == nullptr || p.w == nullptr) return L32_INVALID_ARGUMENT;
+    if (p.m <= 0 || p.k <= 0 || p.n < 0) return L32_INVALID_ARGUMENT;
+    if (p.m > 16 || p.k % 8 != 0 || p.k > l32::kMaxK || p.n > INT_MAX) return L32_UNSUPPORTED;
+    if (!l32::is_aligned(p.x, 16) || !l32::is_aligned(p.w, 16)) return L32_UNSUPPORTED;
+    if (p.warps != 8 && p.warps != 16) return L32_UNSUPPORTED;
+    if (p.n == 0) return L32_OK;
+    const auto s = static_cast<cudaStream_t>(stream);
+    const bool two = p.m > 8;
+    if (p.warps == 16) return two ? l32::launch<2, 16>(p, s) : l32::launch<1, 16>(p, s);
+    return two ? l32::launch<2, 8>(p, s) : l32::launch<1, 8>(p, s);
+}

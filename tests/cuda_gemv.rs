@@ -1,0 +1,273 @@
+//! Twin test of the `gemv` family (the decode skinny GEMM, `kernels/gemv.cu`) against the f32 CPU twin
+//! `ops::cpu::linear::linear`, on fresh random bf16 inputs widened to f32, with every output poisoned with NaN
+//! before each launch, plus a throughput benchmark beside cuBLASLt.
+//!
+//! Tolerance, per output `(i, j)`: `|got - want| <= 2^-8 |want| + 1e-3 * sqrt(k) * rms(x[i]) * rms(w[j])`. The first
+//! term is the kernel's one bf16 rounding of the output (round to nearest: at most 2^-8 of the value); the second
+//! is slack for the different f32 summation order (tensor-core MMA partial sums, then the warps' partials), whose
+//! error grows like sqrt(k) |x| |w| 2^-24: the slack is many thousand times that, yet a wrong, missing or doubled
+//! product term moves an output by about rms(x) rms(w) (and a wrong row by sqrt(k) of it), far past the slack.
+//!
+//! Without a CUDA build or a device, each test prints "skipped: no CUDA device" and returns.
+
+use std::sync::Arc;
+
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+use llama32::ops::cpu::linear::linear;
+use llama32::ops::cuda::gemv::{gemv, supports};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::{cuda_stream as stream, download, normal, to_f32, upload};
+
+/// One bf16 rounding (round to nearest, 8 significant bits) moves a value by at most 2^-8 of itself.
+const BF16_ROUNDING: f32 = 1.0 / 256.0;
+
+/// (k, n) of every Linear layer of Llama 3.2 1B and 3B: qkv, o, gate_up, down and lm_head.
+const LLAMA_SHAPES: [(usize, usize); 10] = [
+    (2048, 3072),
+    (2048, 2048),
+    (2048, 16384),
+    (8192, 2048),
+    (2048, 128_256),
+    (3072, 5120),
+    (3072, 3072),
+    (3072, 16384),
+    (8192, 3072),
+    (3072, 128_256),
+];
+/// Rows of x for the Llama shapes; the lm_head shapes (n = 128256) take a subset to keep the CPU twin fast.
+const MS: [usize; 6] = [1, 2, 3, 5, 8, 16];
+const LM_HEAD_MS: [usize; 3] = [1, 5, 16];
+/// (k, n) with partial tiles (n not a multiple of 16), k past the last full step of the k loop (the tail: k / 8
+/// not a multiple of 4 x warps x 4), k shorter than one warp's step, and a single output column; every m in 1..=16.
+const ODD_SHAPES: [(usize, usize); 7] =
+    [(2048, 7), (8, 1001), (24, 17), (1000, 1001), (2056, 33), (64, 1), (4120, 130)];
+
+/// `rows` rows of `cols` bf16 values: uniform in (-1, 1) (or standard normal) times a per-row scale drawn
+/// log-uniformly from [10^lo, 10^hi]. Uniform draws keep the 400M-element lm_head weights quick to make.
+fn random_rows(rng: &mut ChaCha8Rng, rows: usize, cols: usize, (lo, hi): (f32, f32), gaussian: bool) -> Vec<bf16> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for _ in 0..rows {
+        let scale = 10f32.powf(rng.random_range(lo..hi));
+        if gaussian {
+            out.extend((0..cols).map(|_| bf16::from_f32(scale * normal(rng))));
+        } else {
+            out.extend((0..cols).map(|_| bf16::from_f32(scale * rng.random_range(-1.0f32..1.0))));
+        }
+    }
+    out
+}
+
+/// Root mean square of each row of `[rows, cols]`.
+fn row_rms(v: &[f32], cols: usize) -> Vec<f32> {
+    v.chunks(cols)
+        .map(|r| (r.iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>() / cols as f64).sqrt() as f32)
+        .collect()
+}
+
+/// Runs one shape for each of `ms` (fresh x each time, one weight) and checks every output against the CPU twin.
+fn check_shape(stream: &Arc<CudaStream>, rng: &mut ChaCha8Rng, k: usize, n: usize, ms: &[usize]) {
+    assert!(ms.iter().all(|&m| supports(m, k)), "k {k}: a supported shape");
+    let w = random_rows(rng, n, k, (-2.0, 0.0), false);
+    let w32 = to_f32(&w);
+    let w_rms = row_rms(&w32, k);
+    let w_d = upload(stream, &w);
+    for &m in ms {
+        let what = format!("gemv m {m} k {k} n {n}");
+        // x has 16 rows whatever m is: the wrapper takes at least m x k and must use only the first m rows.
+        let x = random_rows(rng, 16, k, (-1.0, 1.0), true);
+        let x32 = to_f32(&x[..m * k]);
+        let x_rms = row_rms(&x32, k);
+        let mut want = vec![f32::NAN; m * n];
+        linear(&x32, &w32, m, k, n, &mut want);
+
+        // 64 poisoned elements past m x n must stay untouched.
+        let x_d = upload(stream, &x);
+        let mut out_d = upload(stream, &vec![bf16::NAN; m * n + 64]);
+        gemv(stream, &x_d, &w_d, m, k, n, &mut out_d).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = download(stream, &out_d);
+        assert!(got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past m x n");
+
+        let mut worst = 0f32;
+        for i in 0..m {
+            for j in 0..n {
+                let (g, wv) = (got[i * n + j].to_f32(), want[i * n + j]);
+                let slack = 1e-3 * (k as f32).sqrt() * x_rms[i] * w_rms[j];
+                let tol = BF16_ROUNDING * wv.abs() + slack;
+                let err = (g - wv).abs();
+                assert!(err <= tol, "{what}: out[{i}, {j}] = {g}, want {wv} (error {err:e} > tolerance {tol:e})");
+                worst = worst.max(err / tol);
+            }
+        }
+        // The same inputs give the same bits: the reduction order is fixed (a moving result would be a race).
+        let mut again_d = upload(stream, &vec![bf16::NAN; m * n]);
+        gemv(stream, &x_d, &w_d, m, k, n, &mut again_d).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let again = download(stream, &again_d);
+        assert!(
+            again.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: a second run gave different bits"
+        );
+        eprintln!("{what}: worst error {worst:.3} of the tolerance");
+    }
+}
+
+#[test]
+fn gemv_matches_cpu() {
+    let Some(stream) = stream() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for (k, n) in ODD_SHAPES {
+        check_shape(&stream, &mut rng, k, n, &(1..=16).collect::<Vec<_>>());
+    }
+    for (k, n) in LLAMA_SHAPES {
+        check_shape(&stream, &mut rng, k, n, if n > 100_000 { &LM_HEAD_MS } else { &MS });
+    }
+}
+
+#[test]
+fn gemv_rejects_bad_shapes() {
+    let Some(stream) = stream() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (m, k, n) = (4, 64, 40);
+    let x_d = upload(&stream, &random_rows(&mut rng, m, k, (0.0, 0.1), true));
+    let w_d = upload(&stream, &random_rows(&mut rng, n, k, (0.0, 0.1), true));
+    let mut out_d = upload(&stream, &vec![bf16::NAN; m * n]);
+    let bad = |r: llama32::Result<()>, what: &str| {
+        let err = r.expect_err(what).to_string();
+        assert!(err.contains(what), "expected an error naming {what}, got: {err}");
+    };
+    bad(gemv(&stream, &x_d, &w_d, 0, k, n, &mut out_d), "m is 0");
+    bad(gemv(&stream, &x_d, &w_d, 17, k, n, &mut out_d), "m is 17");
+    bad(gemv(&stream, &x_d, &w_d, 1, 12, n, &mut out_d), "k is 12");
+    bad(gemv(&stream, &x_d, &w_d, m, 72, n, &mut out_d), "`x`");
+    bad(gemv(&stream, &x_d, &w_d, m, k, n + 1, &mut out_d), "`w`");
+    let mut short = upload(&stream, &vec![bf16::NAN; m * n - 1]);
+    bad(gemv(&stream, &x_d, &w_d, m, k, n, &mut short), "`out`");
+    // Views that start 2 bytes into their allocation are not 16-byte aligned.
+    bad(gemv(&stream, &x_d.slice(1..), &w_d.slice(..), 2, k, n, &mut out_d), "`x`");
+    bad(gemv(&stream, &x_d.slice(..), &w_d.slice(1..), m, k, 2, &mut out_d), "`w`");
+    // Nothing was launched: the output is still poisoned.
+    assert!(download(&stream, &out_d).iter().all(|v| v.is_nan()));
+    // n = 0 is a no-op.
+    gemv(&stream, &x_d, &w_d, m, k, 0, &mut out_d).expect("n = 0");
+    assert!(download(&stream, &out_d).iter().all(|v| v.is_nan()));
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// benchmark
+
+/// Bytes of weight copies the benchmark rotates through for a weight that fits in L2 (an H100 has 50 MB).
+const ROTATE_BYTES: usize = 200 << 20;
+/// Calls per captured graph, and timed graph launches (the median is reported).
+const CALLS: usize = 20;
+const SAMPLES: usize = 25;
+
+/// `out[m, n] = x @ w^T` through cuBLASLt, as the executor calls it (engine/exec/cuda/ops.rs `gemm`).
+fn cublaslt_gemm(
+    blas: &CudaBlasLT,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    dims: (usize, usize, usize),
+    out: &mut CudaSlice<bf16>,
+) {
+    let (m, k, n) = dims;
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: k as i64,
+        ldb: k as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    // SAFETY: x holds at least m x k, w n x k and out m x n elements (allocated so by the caller).
+    unsafe { blas.matmul(cfg, w, x, out, None, None) }.expect("cuBLASLt matmul");
+}
+
+/// Seconds per call: `calls` (each given its call index) captured into one CUDA graph, then the median over
+/// SAMPLES graph launches timed with CUDA events, divided by CALLS.
+fn time_graph(stream: &Arc<CudaStream>, call: &mut dyn FnMut(usize)) -> f64 {
+    use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+    // Warm-up outside the graph (module load, cuBLASLt's heuristic), then capture.
+    for i in 0..3 {
+        call(i);
+    }
+    stream.synchronize().expect("sync");
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).expect("begin capture");
+    for i in 0..CALLS {
+        call(i);
+    }
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).expect("end capture").expect("a graph");
+    let ctx = stream.context();
+    let (start, end) = (
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event"),
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event"),
+    );
+    graph.launch().expect("graph launch");
+    let mut ms: Vec<f32> = (0..SAMPLES)
+        .map(|_| {
+            start.record(stream).expect("record");
+            graph.launch().expect("graph launch");
+            end.record(stream).expect("record");
+            end.synchronize().expect("sync");
+            start.elapsed_ms(&end).expect("elapsed")
+        })
+        .collect();
+    ms.sort_by(f32::total_cmp);
+    f64::from(ms[SAMPLES / 2]) * 1e-3 / CALLS as f64
+}
+
+/// Every Llama 3.2 1B/3B Linear shape at m = 1 and m = 8: this kernel and cuBLASLt (as the executor calls it) on
+/// the same operands, each in GB/s of weight read (n x k x 2 bytes per call), the median of 25 CUDA-graph launches
+/// of 20 calls, rotating through several weight copies when the weight would fit in L2.
+#[test]
+#[ignore]
+fn gemv_throughput() {
+    let Some(probe) = stream() else { return };
+    let ctx = probe.context().clone();
+    // One stream orders everything here; cudarc's per-buffer events would break graph capture.
+    // SAFETY: called before this test allocates; every buffer below is used on the one stream created next.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().expect("stream");
+    let blas = CudaBlasLT::new(stream.clone()).expect("cuBLASLt");
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    // Random weights are tiled from one 1M-element block: the values do not matter to the timing, only that they are
+    // not zeros.
+    let block = random_rows(&mut rng, 1, 1 << 20, (-2.0, -1.0), false);
+    for (k, n) in LLAMA_SHAPES {
+        let bytes = n * k * 2;
+        let copies = ROTATE_BYTES.div_ceil(bytes).clamp(1, CALLS);
+        let host: Vec<bf16> = block.iter().copied().cycle().take(n * k).collect();
+        let ws: Vec<CudaSlice<bf16>> = (0..copies).map(|_| upload(&stream, &host)).collect();
+        drop(host);
+        for m in [1, 8] {
+            let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 1.0), true));
+            let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+            let ours = time_graph(&stream, &mut |i| {
+                gemv(&stream, &x, &ws[i % copies], m, k, n, &mut out).expect("gemv");
+            });
+            let theirs = time_graph(&stream, &mut |i| cublaslt_gemm(&blas, &x, &ws[i % copies], (m, k, n), &mut out));
+            let gbs = |s: f64| bytes as f64 / s / 1e9;
+            eprintln!(
+                "gemv m {m:>2} k {k:>4} n {n:>6} ({copies:>2} copies): {:7.2} us {:6.0} GB/s | cuBLASLt {:7.2} us {:6.0} GB/s | {:.2}x",
+                ours * 1e6,
+                gbs(ours),
+                theirs * 1e6,
+                gbs(theirs),
+                theirs / ours
+            );
+        }
+    }
+}
