@@ -452,6 +452,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         "prefill_tok_per_s": (a.batch * a.prompt_tokens) as f64 / prefill_s,
         "decode_ms_per_step": decode_s * 1e3 / decode_steps,
         "decode_tok_per_s": a.batch as f64 * decode_steps / decode_s.max(1e-9),
+        "total_s": full_s,
+        "output_tok_per_s": (a.batch * a.gen_tokens) as f64 / full_s,
     });
     println!("{out}");
     Ok(())
