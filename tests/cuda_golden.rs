@@ -320,3 +320,82 @@ fn cuda_step_greedy_is_argmax_of_step_logits() {
     assert_eq!(picks[0].len(), 30 + 31 + 32 + 3);
     assert_eq!(picks[0], picks[1]);
 }
+
+/// `step_sample` on the device picks what the CPU sampler picks from the same step's logits with the same random
+/// stream, for greedy rows, each filter, and penalties over prompt and output ids.
+#[test]
+fn cuda_step_sample_matches_cpu_sampler() {
+    use llama32::exec::SampleSeq;
+    use llama32::sampling::Sampler;
+    if !device_ready() {
+        return;
+    }
+    let case = Case::load("cuda-d64-gqa4");
+    let prompt = case.ids("prompt_ids");
+    let base = SamplingParams { seed: Some(11), ..SamplingParams::greedy() };
+    let params = [
+        SamplingParams { repetition_penalty: 1.3, ..base.clone() },
+        SamplingParams { temperature: 0.8, top_k: 20, ..base.clone() },
+        SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(12), ..base.clone() },
+        SamplingParams { temperature: 0.7, min_p: 0.05, repetition_penalty: 1.3, seed: Some(13), ..base.clone() },
+        SamplingParams {
+            temperature: 1.2,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.3,
+            seed: Some(14),
+            ..base.clone()
+        },
+        SamplingParams { temperature: 0.6, top_p: 0.9, top_k: 50, seed: Some(15), ..base },
+    ];
+    let n = params.len();
+    let outputs: Vec<Vec<u32>> = (0..n).map(|s| prompt[50 + s..58 + s].to_vec()).collect();
+    let prompts: Vec<Vec<u32>> = (0..n).map(|s| prompt[..20 + s].to_vec()).collect();
+    let mut exec = case.cuda(16);
+    let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+    let mut tables = vec![Vec::new(); n];
+    let mut cpu_picks = Vec::new();
+    let mut gpu_picks = Vec::new();
+    for round in 0..8 {
+        let mut cpu_samplers: Vec<Sampler> = (0..n)
+            .map(|s| {
+                let mut sm = Sampler::new(&params[s], &prompts[s]);
+                for &id in &outputs[s] {
+                    sm.accept(id);
+                }
+                // Advance the stream so every round draws fresh uniforms.
+                for _ in 0..round {
+                    sm.next_uniform();
+                }
+                sm
+            })
+            .collect();
+        let mut gpu_samplers = cpu_samplers.clone();
+        for t in tables.iter_mut() {
+            alloc.ensure(t, 64).unwrap();
+        }
+        let chunks: Vec<_> = (0..n)
+            .map(|s| SeqChunk {
+                tokens: &prompts[s],
+                start_pos: 0,
+                block_table: &tables[s],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let step = build_step(&chunks, exec.block_size()).unwrap();
+        let logits = exec.step(&step).unwrap().logits;
+        cpu_picks
+            .extend(cpu_samplers.iter_mut().zip(logits.chunks(case.cfg.vocab_size)).map(|(sm, row)| sm.sample(row)));
+        let mut rows: Vec<SampleSeq<'_>> = gpu_samplers
+            .iter_mut()
+            .enumerate()
+            .map(|(s, sampler)| SampleSeq { params: &params[s], sampler, prompt: &prompts[s], output: &outputs[s] })
+            .collect();
+        gpu_picks.extend(exec.step_sample(&step, &mut rows).unwrap());
+        for t in tables.iter_mut() {
+            alloc.release(t);
+        }
+    }
+    assert_eq!(gpu_picks, cpu_picks);
+    let distinct: std::collections::BTreeSet<_> = cpu_picks.iter().collect();
+    assert!(distinct.len() > n, "the sampled rows should not all repeat one id: {cpu_picks:?}");
+}

@@ -199,6 +199,12 @@ pub struct BenchArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
 }
 
 /// Parses a comma-separated id list, naming the bad item.
@@ -418,7 +424,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let reqs: Vec<GenRequest> = (0..a.batch)
         .map(|b| GenRequest {
             prompt: (0..a.prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32 % (vocab - 1)) + 1).collect(),
-            params: SamplingParams { max_tokens: a.gen_tokens, ignore_eos: true, ..SamplingParams::greedy() },
+            params: SamplingParams {
+                max_tokens: a.gen_tokens,
+                ignore_eos: true,
+                temperature: a.temperature,
+                top_p: a.top_p,
+                seed: Some(b as u64),
+                ..SamplingParams::greedy()
+            },
         })
         .collect();
     // Prefill alone (one token generated), then the full run; decode time is the difference.
@@ -447,6 +460,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         "threads": rayon::current_num_threads(),
         "model": m.source_desc,
         "batch": a.batch, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
+        "temperature": a.temperature, "top_p": a.top_p,
         "load_s": m.load_secs,
         "prefill_s": prefill_s,
         "prefill_tok_per_s": (a.batch * a.prompt_tokens) as f64 / prefill_s,

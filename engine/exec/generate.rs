@@ -2,7 +2,7 @@
 //! with per-sequence sampling and stop handling. The serving scheduler will replace the admission policy; the
 //! step construction here is the part it shares.
 
-use crate::exec::{Executor, StepInput};
+use crate::exec::{Executor, SampleSeq, StepInput};
 use crate::kv::BlockAllocator;
 use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
 use crate::{Error, Result};
@@ -216,13 +216,29 @@ pub fn generate<E: Executor + ?Sized>(
             })
             .collect();
         let step = build_step(&chunks, block_size)?;
-        // When every sequence that samples this step is greedy without penalties, the backend picks the ids.
-        let greedy = plan.iter().all(|&(i, n)| {
-            let s = &seqs[i];
-            s.computed + n < s.tokens.len() || s.plain_greedy
-        });
-        let (logits, picked) =
-            if greedy { (Vec::new(), exec.step_greedy(&step)?) } else { (exec.step(&step)?.logits, Vec::new()) };
+        // The sequences whose logits come back this step, in row order.
+        let sampling: Vec<usize> =
+            plan.iter().filter(|&&(i, n)| seqs[i].computed + n == seqs[i].tokens.len()).map(|&(i, _)| i).collect();
+        let picked = if sampling.iter().all(|&i| seqs[i].plain_greedy) {
+            // Greedy without penalties: the backend picks the ids (on the device where it can).
+            let ids = exec.step_greedy(&step)?;
+            for (&i, &id) in sampling.iter().zip(&ids) {
+                seqs[i].sampler.accept(id);
+            }
+            ids
+        } else {
+            let mut slots: Vec<Option<&mut SeqState>> = seqs.iter_mut().map(Some).collect();
+            let mut rows = Vec::with_capacity(sampling.len());
+            for &i in &sampling {
+                let s = slots[i].take().ok_or_else(|| Error::Backend(format!("sequence {i} sampled twice")))?;
+                let (prompt, output) = s.tokens.split_at(s.prompt_len);
+                rows.push(SampleSeq { params: &reqs[i].params, sampler: &mut s.sampler, prompt, output });
+            }
+            exec.step_sample(&step, &mut rows)?
+        };
+        if picked.len() != sampling.len() {
+            return Err(Error::Backend(format!("{} ids picked for {} sequences", picked.len(), sampling.len())));
+        }
         let mut row = 0;
         for &(i, n) in &plan {
             let s = &mut seqs[i];
@@ -230,16 +246,7 @@ pub fn generate<E: Executor + ?Sized>(
             if s.computed < s.tokens.len() {
                 continue;
             }
-            let id = if greedy {
-                let id = picked
-                    .get(row)
-                    .copied()
-                    .ok_or_else(|| Error::Backend("step_greedy returned too few ids".into()))?;
-                s.sampler.accept(id);
-                id
-            } else {
-                s.sampler.sample(&logits[row * vocab..(row + 1) * vocab])
-            };
+            let id = picked[row];
             row += 1;
             s.tokens.push(id);
             let piece = detok(i, id)?;

@@ -142,4 +142,32 @@ pub trait Executor {
         let vocab = self.config().vocab_size;
         Ok(out.logits.chunks(vocab).map(crate::sampling::argmax).collect())
     }
+
+    /// Runs one step and samples one id per requested logits row with that row's sequence state (penalties,
+    /// temperature, filters, its random stream), recording the id in the sampler. The CPU reference samples on the
+    /// host; a device backend may sample on the device, drawing the same uniforms so the picks are the same.
+    fn step_sample(&mut self, input: &StepInput, rows: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
+        let out = self.step(input)?;
+        let vocab = self.config().vocab_size;
+        if rows.len() != input.logits_rows.len() {
+            return Err(Error::request(format!(
+                "step_sample: {} sequences for {} logits rows",
+                rows.len(),
+                input.logits_rows.len()
+            )));
+        }
+        Ok(rows.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect())
+    }
+}
+
+/// One logits row's sampling state for [`Executor::step_sample`].
+pub struct SampleSeq<'a> {
+    /// The sequence's sampling parameters.
+    pub params: &'a crate::sampling::SamplingParams,
+    /// Its sampler (random stream and penalty counts); the picked id is recorded in it.
+    pub sampler: &'a mut crate::sampling::Sampler,
+    /// Prompt ids (repetition penalty).
+    pub prompt: &'a [u32],
+    /// Ids generated so far (all penalties).
+    pub output: &'a [u32],
 }

@@ -18,7 +18,7 @@ use half::bf16;
 use self::ops::{drv, DeviceLayer};
 pub use self::ops::{CudaAct, CudaOps};
 use crate::config::LlamaConfig;
-use crate::exec::{Executor, StepInput, StepOutput};
+use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
 use crate::model::{forward, Dims, Ops};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
@@ -349,5 +349,64 @@ impl Executor for CudaExecutor {
         // The logits stay on the device: one id per row comes back.
         k::sampling::argmax(&self.ops.stream, &buf.slice(..rows * vocab), vocab, &mut self.ids.slice_mut(..rows))?;
         self.ops.stream.clone_dtoh(&self.ids.slice(..rows)).map_err(drv("read sampled ids"))
+    }
+
+    fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
+        let (rows, vocab) = (input.logits_rows.len(), self.ops.cfg.vocab_size);
+        if seqs.len() != rows {
+            return Err(Error::request(format!("step_sample: {} sequences for {rows} logits rows", seqs.len())));
+        }
+        if rows == 0 || vocab > k::sampling::MAX_SAMPLE_VOCAB {
+            // Nothing to pick, or a vocabulary the kernel does not take: the host path.
+            let out = self.step(input)?;
+            return Ok(seqs.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect());
+        }
+        // Host side first: the per-row parameters, one uniform per sampled (non-greedy) row from the sequence's
+        // own stream, exactly as the CPU sampler would draw it, and the penalty lists.
+        let params: Vec<k::sampling::SampleRow> = seqs.iter().map(|r| k::sampling::SampleRow::new(r.params)).collect();
+        let uniforms: Vec<f64> =
+            seqs.iter_mut().map(|r| if r.params.is_greedy() { 0.0 } else { r.sampler.next_uniform() }).collect();
+        let penalized = seqs.iter().any(|r| {
+            r.params.repetition_penalty != 1.0 || r.params.frequency_penalty != 0.0 || r.params.presence_penalty != 0.0
+        });
+        let mut lists = k::sampling::PenaltyLists::new();
+        if penalized {
+            for r in seqs.iter() {
+                lists.push_row(r.prompt, r.output)?;
+            }
+        }
+        let slot = self.run(input)?;
+        let stream = self.ops.stream.clone();
+        let up_err = drv("upload sampling inputs");
+        let d_params = stream.clone_htod(&params).map_err(&up_err)?;
+        let d_uniforms = stream.clone_htod(&uniforms).map_err(&up_err)?;
+        let d_lists = if penalized {
+            Some((
+                stream.clone_htod(lists.offsets()).map_err(&up_err)?,
+                stream.clone_htod(lists.ids()).map_err(&up_err)?,
+                stream.clone_htod(lists.counts()).map_err(&up_err)?,
+            ))
+        } else {
+            None
+        };
+        let penalties = d_lists.as_ref().map(|(offsets, ids, counts)| k::sampling::Penalties { offsets, ids, counts });
+        if self.ids.len() < rows {
+            self.ids = stream.alloc_zeros::<u32>(rows.next_power_of_two()).map_err(drv("allocate ids"))?;
+        }
+        let buf = self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
+        k::sampling::sample(
+            &stream,
+            &buf.slice(..rows * vocab),
+            vocab,
+            &d_params,
+            &d_uniforms,
+            penalties.as_ref(),
+            &mut self.ids.slice_mut(..rows),
+        )?;
+        let ids = stream.clone_dtoh(&self.ids.slice(..rows)).map_err(drv("read sampled ids"))?;
+        for (r, &id) in seqs.iter_mut().zip(&ids) {
+            r.sampler.accept(id);
+        }
+        Ok(ids)
     }
 }

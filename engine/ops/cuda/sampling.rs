@@ -242,7 +242,7 @@ pub fn sample(
 /// The largest vocabulary [`argmax`] takes.
 const MAX_ARGMAX_VOCAB: usize = 1 << 30;
 /// The largest vocabulary [`sample`] takes (its penalty bitmap lives in shared memory).
-const MAX_SAMPLE_VOCAB: usize = 1 << 19;
+pub const MAX_SAMPLE_VOCAB: usize = 1 << 19;
 
 /// Checks `logits` against `vocab` and returns the row count.
 fn check_rows(op: &str, logits: usize, vocab: usize, max_vocab: usize) -> Result<usize> {
