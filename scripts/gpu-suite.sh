@@ -16,9 +16,9 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bundle="$root/gpu-bundle"
-# Integration-test targets (tests/<name>.rs) that need a GPU. Keep them few: each binary carries its own copy of
-# the kernels and the crate.
-GPU_TESTS=(cuda_kernels cuda_elementwise cuda_attention cuda_golden cuda_sampling cuda_gemv)
+# Integration-test targets that need a GPU: all GPU tests live in one binary, tests/gpu/ (each binary carries the
+# whole kernel library, and the device tool carries at most 64 MiB).
+GPU_TESTS=(gpu)
 
 build() {
   cd "$root"
@@ -58,7 +58,22 @@ for line in open(sys.argv[1]):
     echo "error: expected ${#GPU_TESTS[@]} test binaries (${GPU_TESTS[*]}), found $found" >&2
     exit 1
   fi
-  strip "$bundle"/bin/* "$bundle"/tests/*
+  # The criterion benches of the CUDA kernel families (bench/cuda_kernels.rs).
+  mkdir -p "$bundle/bench"
+  local bench_exe
+  bench_exe=$(cargo bench --no-run --message-format=json --bench cuda_kernels 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
+        print(m["executable"])
+' | tail -1)
+  if [[ -z $bench_exe ]]; then
+    echo "error: the cuda_kernels bench did not build" >&2
+    exit 1
+  fi
+  cp "$bench_exe" "$bundle/bench/cuda_kernels"
+  strip "$bundle"/bin/* "$bundle"/tests/* "$bundle"/bench/*
   git -C "$root" rev-parse --short HEAD >"$bundle/REVISION" 2>/dev/null || echo unknown >"$bundle/REVISION"
   echo "gpu-bundle/ ($(du -sh "$bundle" | cut -f1)):"
   (cd "$bundle" && ls -l bin tests | grep -v '^total')
@@ -139,6 +154,21 @@ run() {
       fi
     done < <("$exe" --list --ignored --format=terse 2>/dev/null | sed -n 's/: test$//p')
   done
+
+  # Criterion benches of the kernel families (CUDA-event timing); their "time:" and "thrpt:" lines join the table.
+  if [[ -x "$bundle/bench/cuda_kernels" ]]; then
+    log="$logs/criterion.log"
+    rc=0
+    (cd "$(mktemp -d)" && timeout 240 "$bundle/bench/cuda_kernels" --bench --noplot) >"$log" 2>&1 || rc=$?
+    if ((rc == 0)) && ! grep -q 'skipped:' "$log"; then
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS criterion "cuda_kernels (all groups)" -)")
+      mapfile -t -O "${#benches[@]}" benches < <(awk '/^[a-z_]+\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
+    else
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "cuda_kernels (see $log)" -)")
+      tail -n 5 "$log"
+    fi
+  fi
 
   # End-to-end figures on random weights at the real shapes (JSON lines in $logs/bench.jsonl).
   # Each spec: preset, batch, prompt tokens, generated tokens, then extra flags (ablations of graphs / skinny GEMM).

@@ -20,8 +20,7 @@ use llama32::ops::cuda::attention::{self as attn, DecodeMeta, KvPools, PrefillMe
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-mod common;
-use common::{cuda_stream as stream, normal, to_f32};
+use crate::common::{cuda_stream as stream, normal, to_f32};
 
 /// (num_heads, num_kv_heads, head_dim): 1B (4:1, d64), 3B (3:1, d128), 90B (8:1, d128), and 1:1 at both dims.
 const LAYOUTS: [(usize, usize, usize); 5] = [(32, 8, 64), (24, 8, 128), (64, 8, 128), (8, 8, 64), (4, 4, 128)];

@@ -20,8 +20,7 @@ use llama32::ops::cuda::gemv::{gemv, supports};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-mod common;
-use common::{cuda_stream as stream, download, normal, to_f32, upload};
+use crate::common::{cuda_stream as stream, download, normal, to_f32, upload};
 
 /// One bf16 rounding (round to nearest, 8 significant bits) moves a value by at most 2^-8 of itself.
 const BF16_ROUNDING: f32 = 1.0 / 256.0;

@@ -13,8 +13,7 @@ use llama32::ops::{cpu, cuda};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-mod common;
-use common::{cuda_stream as stream, normal, to_f32};
+use crate::common::{cuda_stream as stream, normal, to_f32};
 
 /// One bf16 rounding (round to nearest, 8 significant bits) moves a value by at most 2^-8 of itself.
 const BF16_ROUNDING: f32 = 1.0 / 256.0;

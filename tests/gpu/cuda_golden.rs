@@ -13,8 +13,6 @@ use llama32::sampling::SamplingParams;
 use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
 use serde_json::Value;
 
-mod common;
-
 /// The golden cases whose head_dim (64, 128) the CUDA attention kernels take.
 const CASES: [&str; 2] = ["cuda-d64-gqa4", "cuda-d128-gqa3"];
 /// bf16 against an f32 reference is judged by transformers' own bf16 forward on the same checkpoint
@@ -40,7 +38,7 @@ struct Case {
 
 impl Case {
     fn load(name: &str) -> Case {
-        let dir = common::golden_dir(name);
+        let dir = crate::common::golden_dir(name);
         let mut cfg = LlamaConfig::from_model_dir(&dir).unwrap();
         cfg.merge_generation_config(&dir).unwrap();
         let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();

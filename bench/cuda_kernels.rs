@@ -1,0 +1,230 @@
+//! Criterion benches of the CUDA kernel families at Llama 3.2 1B/3B shapes, timed with CUDA events around
+//! `iters` back-to-back launches (`iter_custom`), so host overhead and launch gaps count the way they would in a
+//! step. Without a CUDA device every bench prints that it is skipped and measures nothing.
+//!
+//! Groups are named by kernel family (as `ops::cuda::<family>`): norm, embedding, rope, activation, paged_decode,
+//! paged_prefill, gemv, sampling.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream};
+use half::bf16;
+use llama32::ops::cpu::attention::PagedLayout;
+use llama32::ops::cuda as k;
+
+struct Dev {
+    stream: Arc<CudaStream>,
+}
+
+impl Dev {
+    fn open() -> Option<Dev> {
+        if let Err(e) = k::probe() {
+            eprintln!("skipped: no CUDA device ({e})");
+            return None;
+        }
+        let ctx = CudaContext::new(0).ok()?;
+        Some(Dev { stream: ctx.new_stream().ok()? })
+    }
+
+    /// A buffer of `n` pseudo-random bf16 values in [-1, 1) (never zeros: zeros can run faster than real data).
+    fn data(&self, n: usize, seed: u32) -> CudaSlice<bf16> {
+        let host: Vec<bf16> = (0..n as u32)
+            .map(|i| {
+                let h = i.wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 8;
+                bf16::from_f32(h as f32 / (1u32 << 23) as f32 - 1.0)
+            })
+            .collect();
+        self.stream.clone_htod(&host).expect("upload")
+    }
+
+    fn u32s(&self, v: &[u32]) -> CudaSlice<u32> {
+        self.stream.clone_htod(v).expect("upload")
+    }
+
+    /// Device time of `iters` calls of `f`, between two events.
+    fn time(&self, iters: u64, f: &mut dyn FnMut()) -> Duration {
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(timing).expect("event");
+        for _ in 0..iters {
+            f();
+        }
+        let end = self.stream.record_event(timing).expect("event");
+        let ms = start.elapsed_ms(&end).expect("elapsed");
+        Duration::from_secs_f64(ms as f64 / 1e3)
+    }
+}
+
+fn norm(c: &mut Criterion) {
+    let Some(d) = Dev::open() else { return };
+    let mut g = c.benchmark_group("norm");
+    for (rows, hidden) in [(1usize, 2048usize), (64, 3072), (2048, 2048)] {
+        let (x, w) = (d.data(rows * hidden, 1), d.data(hidden, 2));
+        let (mut res, mut out) = (d.data(rows * hidden, 3), d.data(rows * hidden, 4));
+        g.throughput(Throughput::Bytes((rows * hidden * 2 * 4) as u64));
+        g.bench_function(format!("add_rms_norm/{rows}x{hidden}"), |b| {
+            b.iter_custom(|n| {
+                d.time(n, &mut || k::norm::add_rms_norm(&d.stream, &mut res, &x, &w, 1e-5, hidden, &mut out).unwrap())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn elementwise(c: &mut Criterion) {
+    let Some(d) = Dev::open() else { return };
+    let mut g = c.benchmark_group("activation");
+    for (rows, inter) in [(1usize, 8192usize), (2048, 8192)] {
+        let gu = d.data(rows * 2 * inter, 5);
+        let mut out = d.data(rows * inter, 6);
+        g.throughput(Throughput::Bytes((rows * inter * 2 * 3) as u64));
+        g.bench_function(format!("silu_mul/{rows}x{inter}"), |b| {
+            b.iter_custom(|n| d.time(n, &mut || k::activation::silu_mul(&d.stream, &gu, inter, &mut out).unwrap()))
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("embedding");
+    let (vocab, hidden) = (128_256usize, 2048usize);
+    let table = d.data(vocab * hidden, 7);
+    for tokens in [1usize, 2048] {
+        let ids = d.u32s(&(0..tokens as u32).map(|i| i * 7919 % vocab as u32).collect::<Vec<_>>());
+        let mut out = d.data(tokens * hidden, 8);
+        g.throughput(Throughput::Bytes((tokens * hidden * 4) as u64));
+        g.bench_function(format!("embed/{tokens}x{hidden}"), |b| {
+            b.iter_custom(|n| {
+                d.time(n, &mut || k::embedding::embed(&d.stream, &table, hidden, &ids, &mut out).unwrap())
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("rope");
+    let layout = PagedLayout { num_heads: 32, num_kv_heads: 8, head_dim: 64, block_size: 16 };
+    let stride = (32 + 2 * 8) * 64;
+    let inv_freq: CudaSlice<f32> = d.stream.clone_htod(&vec![0.01f32; 32]).expect("upload");
+    for tokens in [1usize, 2048] {
+        let mut qkv = d.data(tokens * stride, 9);
+        let positions = d.u32s(&(0..tokens as u32).collect::<Vec<_>>());
+        let slots = d.u32s(&(0..tokens as u32).collect::<Vec<_>>());
+        let pool = tokens.div_ceil(16) * 16 * layout.slot_len();
+        let (mut kc, mut vc) = (d.data(pool, 10), d.data(pool, 11));
+        let shape = k::rope::RopeKvShape { layout, qkv_stride: stride };
+        g.throughput(Throughput::Bytes((tokens * stride * 2 * 2) as u64));
+        g.bench_function(format!("rope_kv_write/{tokens}"), |b| {
+            b.iter_custom(|n| {
+                d.time(n, &mut || {
+                    let cache = k::rope::KvCacheMut { k: &mut kc, v: &mut vc };
+                    k::rope::rope_kv_write(&d.stream, &shape, &mut qkv, &positions, &slots, &inv_freq, cache).unwrap()
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let Some(d) = Dev::open() else { return };
+    let sms = k::attention::num_sms(&d.stream).expect("SM count");
+    let mut g = c.benchmark_group("paged_decode");
+    for (heads, kv, dim) in [(32usize, 8usize, 64usize), (24, 8, 128)] {
+        let layout = PagedLayout { num_heads: heads, num_kv_heads: kv, head_dim: dim, block_size: 16 };
+        let (seqs, ctx) = (64usize, 2048usize);
+        let blocks = seqs * ctx / 16;
+        let (kc, vc) = (d.data(blocks * 16 * layout.slot_len(), 12), d.data(blocks * 16 * layout.slot_len(), 13));
+        let stride = (heads + 2 * kv) * dim;
+        let q = d.data(seqs * stride, 14);
+        let positions = d.u32s(&vec![(ctx - 1) as u32; seqs]);
+        let tables = d.u32s(&(0..blocks as u32).collect::<Vec<_>>());
+        let splits = k::attention::decode_num_splits(&layout, seqs, ctx, sms);
+        let mut ws: CudaSlice<u8> = d
+            .stream
+            .alloc_zeros(k::attention::decode_workspace_bytes(&layout, seqs, splits).max(16))
+            .expect("workspace");
+        let mut out = d.data(seqs * heads * dim, 15);
+        g.throughput(Throughput::Bytes((seqs * ctx * layout.slot_len() * 2 * 2) as u64));
+        g.bench_function(format!("b{seqs}_ctx{ctx}_{heads}q{kv}kv_d{dim}"), |b| {
+            b.iter_custom(|n| {
+                d.time(n, &mut || {
+                    let qr = k::attention::QueryRows { qkv: &q, stride };
+                    let kvp = k::attention::KvPools { layout, k: &kc, v: &vc };
+                    let meta = k::attention::DecodeMeta {
+                        positions: &positions,
+                        block_tables: &tables,
+                        max_blocks_per_seq: ctx / 16,
+                        num_splits: splits,
+                    };
+                    k::attention::paged_decode(&d.stream, &qr, &kvp, &meta, &mut ws, &mut out).unwrap()
+                })
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("paged_prefill");
+    let layout = PagedLayout { num_heads: 24, num_kv_heads: 8, head_dim: 128, block_size: 16 };
+    let (seqs, len) = (4usize, 4096usize);
+    let blocks = seqs * len / 16;
+    let (kc, vc) = (d.data(blocks * 16 * layout.slot_len(), 16), d.data(blocks * 16 * layout.slot_len(), 17));
+    let stride = (24 + 16) * 128;
+    let q = d.data(seqs * len * stride, 18);
+    let positions = d.u32s(&(0..seqs * len).map(|i| (i % len) as u32).collect::<Vec<_>>());
+    let cu = d.u32s(&(0..=seqs).map(|s| (s * len) as u32).collect::<Vec<_>>());
+    let tables = d.u32s(&(0..blocks as u32).collect::<Vec<_>>());
+    let mut out = d.data(seqs * len * 24 * 128, 19);
+    g.throughput(Throughput::Elements((seqs * 24 * 128 * 4) as u64 * (len * (len + 1) / 2) as u64));
+    g.bench_function("4x4096_causal_24q8kv_d128 (elements = FLOPs)", |b| {
+        b.iter_custom(|n| {
+            d.time(n, &mut || {
+                let qr = k::attention::QueryRows { qkv: &q, stride };
+                let kvp = k::attention::KvPools { layout, k: &kc, v: &vc };
+                let meta = k::attention::PrefillMeta {
+                    positions: &positions,
+                    cu_seqlens: &cu,
+                    block_tables: &tables,
+                    max_blocks_per_seq: len / 16,
+                    max_query_len: len,
+                };
+                k::attention::paged_prefill(&d.stream, &qr, &kvp, &meta, &mut out).unwrap()
+            })
+        })
+    });
+    g.finish();
+}
+
+fn gemv_and_sampling(c: &mut Criterion) {
+    let Some(d) = Dev::open() else { return };
+    let mut g = c.benchmark_group("gemv");
+    for (kdim, n) in [(2048usize, 16384usize), (8192, 2048), (2048, 128_256)] {
+        let w = d.data(n * kdim, 20);
+        let x = d.data(kdim, 21);
+        let mut out = d.data(n, 22);
+        g.throughput(Throughput::Bytes((n * kdim * 2) as u64));
+        g.bench_function(format!("m1_k{kdim}_n{n}"), |b| {
+            b.iter_custom(|iters| {
+                d.time(iters, &mut || k::gemv::gemv(&d.stream, &x, &w, 1, kdim, n, &mut out).unwrap())
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("sampling");
+    let vocab = 128_256usize;
+    for rows in [1usize, 64] {
+        let logits = d.data(rows * vocab, 23);
+        let mut ids: CudaSlice<u32> = d.stream.alloc_zeros(rows).expect("ids");
+        g.throughput(Throughput::Bytes((rows * vocab * 2) as u64));
+        g.bench_function(format!("argmax/{rows}x{vocab}"), |b| {
+            b.iter_custom(|n| d.time(n, &mut || k::sampling::argmax(&d.stream, &logits, vocab, &mut ids).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(Duration::from_millis(300));
+    targets = norm, elementwise, attention, gemv_and_sampling
+}
+criterion_main!(benches);

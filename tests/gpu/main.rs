@@ -1,0 +1,13 @@
+//! Every GPU test in one binary (each binary carries the whole kernel library, and the device tool carries at most
+//! 64 MiB): the kernel twin tests, the CUDA golden tests and the ignored kernel benchmarks. Without a CUDA device
+//! each test prints "skipped: no CUDA device (...)" and returns.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cuda_attention;
+mod cuda_elementwise;
+mod cuda_gemv;
+mod cuda_golden;
+mod cuda_kernels;
+mod cuda_sampling;
