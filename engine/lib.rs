@@ -16,6 +16,7 @@ pub mod model;
 pub mod npy;
 pub mod ops;
 pub mod sampling;
+pub mod sched;
 pub mod tokenizer;
 pub mod tool_calls;
 pub mod weights;

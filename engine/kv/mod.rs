@@ -3,6 +3,8 @@
 //! The cache is a pool of fixed-size blocks. Each sequence owns a block table: logical block `i` of the sequence
 //! lives in physical block `table[i]`, so token position `p` is stored at slot `table[p / bs] * bs + p % bs`.
 
+pub mod prefix;
+
 use crate::{Error, Result};
 
 /// A free-list allocator over `num_blocks` physical blocks of `block_size` tokens.

@@ -1,0 +1,60 @@
+//! Drives a [`Scheduler`] over an [`Executor`]: schedule, run, update, until every sequence is finished.
+
+use super::{Scheduler, StepPlan, StepUpdate};
+use crate::exec::generate::Generation;
+use crate::exec::Executor;
+use crate::kv::prefix::SeqId;
+use crate::{Error, Result};
+
+/// Runs `plan` and returns the id picked for each of its logits rows: the backend's argmax
+/// ([`Executor::step_greedy`]) when every sampled sequence is plain greedy, else each sequence's sampler
+/// ([`Executor::step_sample`]). Either way the ids are recorded in the samplers.
+pub fn run_step<E: Executor + ?Sized>(sched: &mut Scheduler, exec: &mut E, plan: &StepPlan) -> Result<Vec<u32>> {
+    let picked = if sched.all_plain_greedy(plan) {
+        let ids = exec.step_greedy(&plan.input)?;
+        sched.accept_picked(plan, &ids);
+        ids
+    } else {
+        let mut rows = sched.sample_rows(plan)?;
+        exec.step_sample(&plan.input, &mut rows)?
+    };
+    if picked.len() != plan.logits_seqs.len() {
+        return Err(Error::Backend(format!(
+            "{} ids picked for {} sampled sequences",
+            picked.len(),
+            plan.logits_seqs.len()
+        )));
+    }
+    Ok(picked)
+}
+
+/// Loops schedule -> step -> update until no sequence is left, and returns the finished generations ordered by
+/// sequence id (the order the requests were added in). `detok(seq, id)` returns the text newly decoded for `id`;
+/// `on_update` sees every step's text deltas and finished sequences as they happen.
+pub fn run_to_completion<E: Executor + ?Sized>(
+    sched: &mut Scheduler,
+    exec: &mut E,
+    detok: &mut dyn FnMut(SeqId, u32) -> Result<String>,
+    on_update: &mut dyn FnMut(&StepUpdate),
+) -> Result<Vec<(SeqId, Generation)>> {
+    let (bs, nb) = (sched.kv().block_size(), sched.kv().num_blocks());
+    if bs != exec.block_size() || nb > exec.num_blocks() {
+        return Err(Error::request(format!(
+            "scheduler cache of {nb} blocks of {bs} tokens does not fit the executor's {} blocks of {}",
+            exec.num_blocks(),
+            exec.block_size()
+        )));
+    }
+    let mut done = Vec::new();
+    while sched.has_work() {
+        let Some(plan) = sched.schedule()? else {
+            return Err(Error::Backend("scheduler: sequences are left but nothing can be scheduled".into()));
+        };
+        let picked = run_step(sched, exec, &plan)?;
+        let up = sched.update(&plan, &picked, detok)?;
+        on_update(&up);
+        done.extend(up.finished.into_iter().map(|f| (f.seq, f.generation)));
+    }
+    done.sort_by_key(|(id, _)| *id);
+    Ok(done)
+}
