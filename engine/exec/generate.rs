@@ -169,10 +169,7 @@ pub fn generate<E: Executor + ?Sized>(
             stop: StopChecker::new(&opts.eos_ids, &r.params),
             text: String::new(),
             finish: (r.params.max_tokens == 0).then_some(FinishReason::Length),
-            plain_greedy: r.params.is_greedy()
-                && r.params.repetition_penalty == 1.0
-                && r.params.frequency_penalty == 0.0
-                && r.params.presence_penalty == 0.0,
+            plain_greedy: r.params.is_plain_greedy(),
         });
     }
     if reserved > alloc.num_blocks() {

@@ -106,6 +106,16 @@ impl SamplingParams {
         self.temperature < GREEDY_TEMPERATURE_EPS
     }
 
+    /// Whether any repetition, frequency or presence penalty is on.
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+    }
+
+    /// Greedy with no penalties: the next id is the plain argmax of the logits, so a backend may pick it alone.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.is_greedy() && !self.has_penalties()
+    }
+
     /// Checks every field against its allowed range; the error names the field, the range and the value.
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         fn check(ok: bool, field: &str, range: &str, value: f32) -> Result<()> {

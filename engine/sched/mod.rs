@@ -261,10 +261,7 @@ impl Scheduler {
             computed: 0,
             priority,
             text: String::new(),
-            plain_greedy: params.is_greedy()
-                && params.repetition_penalty == 1.0
-                && params.frequency_penalty == 0.0
-                && params.presence_penalty == 0.0,
+            plain_greedy: params.is_plain_greedy(),
             params,
         };
         self.seqs.insert(id, seq);

@@ -366,9 +366,7 @@ impl Executor for CudaExecutor {
         let params: Vec<k::sampling::SampleRow> = seqs.iter().map(|r| k::sampling::SampleRow::new(r.params)).collect();
         let uniforms: Vec<f64> =
             seqs.iter_mut().map(|r| if r.params.is_greedy() { 0.0 } else { r.sampler.next_uniform() }).collect();
-        let penalized = seqs.iter().any(|r| {
-            r.params.repetition_penalty != 1.0 || r.params.frequency_penalty != 0.0 || r.params.presence_penalty != 0.0
-        });
+        let penalized = seqs.iter().any(|r| r.params.has_penalties());
         let mut lists = k::sampling::PenaltyLists::new();
         if penalized {
             for r in seqs.iter() {

@@ -328,16 +328,11 @@ impl Ops for CudaOps {
         check("add_rms_norm delta", delta, residual.rows, h)?;
         check("add_rms_norm out", out, residual.rows, h)?;
         let len = residual.rows * h;
-        let w = match n {
-            Norm::Attn(l) => &self.layers[l].attn_norm,
-            Norm::Mlp(l) => &self.layers[l].mlp_norm,
-            Norm::Final => &self.final_norm,
-        };
         k::norm::add_rms_norm(
             &self.stream,
             &mut residual.buf.slice_mut(..len),
             &delta.buf.slice(..len),
-            w,
+            self.norm_weight(n),
             self.cfg.rms_norm_eps,
             h,
             &mut out.buf.slice_mut(..len),
