@@ -17,6 +17,7 @@ pub mod npy;
 pub mod ops;
 pub mod sampling;
 pub mod sched;
+pub mod serve;
 pub mod tokenizer;
 pub mod tool_calls;
 pub mod weights;

@@ -194,6 +194,43 @@ run() {
     fi
   done
 
+  # Offline throughput through the scheduler (serving issue target: 1B, 2000 x 512 prompt tokens, 256 generated).
+  log="$logs/bench.offline.log"
+  rc=0
+  timeout 240 "$bundle/bin/llama32" bench --preset 1b --device cuda --batch 2000 --prompt-tokens 512 \
+    --gen-tokens 256 >"$log" 2>&1 || rc=$?
+  line=$(grep '^{' "$log" | tail -1 || true)
+  if ((rc == 0)) && [[ -n $line ]]; then
+    echo "$line" >>"$logs/bench.jsonl"
+    rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "offline 1b 2000 x p512 g256" -)")
+    benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("offline 1b 2000x512+256: %.0f output tok/s (%.1f s)" % (d["output_tok_per_s"], d["total_s"]))' "$line")")
+  else
+    failed=$((failed + 1))
+    rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "offline 1b 2000 x p512 g256" -)")
+    tail -n 5 "$log"
+  fi
+
+  # Server latency: streaming clients against an in-process server (TTFT / ITL at 1, 16, 64, 256 clients).
+  log="$logs/bench-serve.log"
+  rc=0
+  timeout 300 "$bundle/bin/llama32" bench-serve --preset 1b --random-weights --device cuda --clients 1,16,64,256 \
+    --requests-per-client 2 --prompt-tokens 512 --max-tokens 128 >"$log" 2>&1 || rc=$?
+  if ((rc == 0)) && grep -q '^{' "$log"; then
+    grep '^{' "$log" >>"$logs/bench.jsonl"
+    rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench-serve "1b p512 g128, 1/16/64/256 clients" -)")
+    mapfile -t -O "${#benches[@]}" benches < <(grep '^{' "$log" | python3 -c '
+import json, sys
+for l in sys.stdin:
+    d = json.loads(l)
+    print("serve %3d clients: TTFT p50 %7.1f p99 %7.1f ms  ITL p50 %6.2f p99 %6.2f ms  %8.0f tok/s  ok %d err %d" % (
+        d["clients"], d["ttft_ms"]["p50"], d["ttft_ms"]["p99"], d["itl_ms"]["p50"], d["itl_ms"]["p99"],
+        d["output_tok_per_s"], d["ok"], d["errors"]))')
+  else
+    failed=$((failed + 1))
+    rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench-serve "1b p512 g128, 1/16/64/256 clients" -)")
+    tail -n 5 "$log"
+  fi
+
   echo
   echo "GPU suite @ $(cat "$bundle/REVISION" 2>/dev/null || echo unknown) on: $device"
   ((${#benches[@]})) && printf 'bench %s\n' "${benches[@]}"

@@ -121,10 +121,23 @@ fn bad_inputs_get_clear_errors() {
     fails_with(bin().args(["generate", "--model"]).arg(&dir).args(["--ids", "1", "--top-p", "1.5"]), &["top_p"]);
     fails_with(bin().args(["generate", "--model"]).arg(&dir).args(["--prompt", "hi"]), &["tokenizer"]);
     fails_with(bin().args(["generate", "--model"]).arg(&dir).args(["--ids", "1", "--device", "tpu"]), &["--device"]);
-    fails_with(
-        bin().args(["generate", "--model"]).arg(&dir).args(["--ids", "1", "--max-tokens", "1000"]),
-        &["context length"],
-    );
+    // A prompt that fills the context is refused; max_tokens past the context finishes with "length" there.
+    let long: Vec<String> = (0..256).map(|i| (i % 300).to_string()).collect();
+    fails_with(bin().args(["generate", "--model"]).arg(&dir).args(["--ids", &long.join(",")]), &["context length"]);
+    let out = run(bin().args(["generate", "--json", "--model"]).arg(&dir).args([
+        "--ids",
+        "1,2",
+        "--max-tokens",
+        "1000",
+        "--ignore-eos",
+    ]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["finish_reason"], "length");
+    let ctx = serde_json::from_str::<Value>(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+        ["max_position_embeddings"]
+        .as_u64()
+        .unwrap() as usize;
+    assert_eq!(v["ids"].as_array().unwrap().len(), ctx - 2);
 }
 
 #[test]

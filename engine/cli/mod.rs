@@ -1,6 +1,7 @@
-//! The `llama32` command line: `logits`, `generate`, `tokenize`, `render`, `info` and `bench`.
+//! The `llama32` command line: `logits`, `generate`, `tokenize`, `render`, `info`, `bench`, `serve` and `batch`.
 
 mod load;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,12 +10,16 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use crate::chat_template::{ChatRequest, ChatTemplate, RenderOptions};
-use crate::exec::generate::{generate, score, GenRequest, GenerateOptions};
+use crate::exec::generate::{score, GenRequest, Generation};
+use crate::exec::Executor;
+use crate::kv::prefix::KvManager;
 use crate::sampling::SamplingParams;
+use crate::sched::{run_to_completion, Scheduler, SchedulerConfig};
 use crate::tokenizer::{EncodeOptions, Tokenizer};
 use crate::{Error, Result};
 
 pub use load::{load_model, Device, LoadedModel};
+pub use serve::{BatchArgs, BenchServeArgs, EngineArgs, ServeArgs};
 
 /// Top-level command line.
 #[derive(Debug, Parser)]
@@ -40,6 +45,12 @@ pub enum Command {
     Info(ModelArgs),
     /// Time prefill and decode on the chosen model (use --random-weights at a preset's real shapes).
     Bench(BenchArgs),
+    /// Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
+    Serve(ServeArgs),
+    /// Run an OpenAI batch file (JSON lines) offline, resumably, writing results in input order.
+    Batch(BatchArgs),
+    /// Time to first token, inter-token latency and throughput at several numbers of streaming clients.
+    BenchServe(BenchServeArgs),
 }
 
 /// Where the model comes from.
@@ -230,6 +241,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Render(a) => cmd_render(a),
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Serve(a) => serve::cmd_serve(a),
+        Command::Batch(a) => serve::cmd_batch(a),
+        Command::BenchServe(a) => serve::cmd_bench_serve(a),
     }
 }
 
@@ -327,10 +341,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = std::io::stdout().flush();
         }
     };
-    let opts = GenerateOptions { eos_ids: m.eos_ids.clone(), max_step_tokens: 512 };
     let t0 = Instant::now();
-    let out =
-        generate(m.exec.as_mut(), &[GenRequest { prompt: prompt.clone(), params }], &opts, &mut detok, &mut on_text)?;
+    let reqs = [GenRequest { prompt: prompt.clone(), params }];
+    let out = run_scheduled(m.exec.as_mut(), &m.eos_ids, &reqs, 512, &mut detok, &mut on_text)?;
     let secs = t0.elapsed().as_secs_f64();
     let g = &out[0];
     if json {
@@ -439,19 +452,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|r| GenRequest { prompt: r.prompt.clone(), params: SamplingParams { max_tokens: 1, ..r.params.clone() } })
         .collect();
-    let opts = GenerateOptions { eos_ids: Vec::new(), max_step_tokens: 2048 };
     let (mut nodetok, mut notext) = (|_: usize, _: u32| Ok(String::new()), |_: usize, _: &str| {});
     // Warm-up (first-call costs: module loading, GEMM heuristics, allocator pools) stays out of the figures.
     let warm: Vec<GenRequest> = reqs
         .iter()
         .map(|r| GenRequest { prompt: r.prompt.clone(), params: SamplingParams { max_tokens: 3, ..r.params.clone() } })
         .collect();
-    generate(m.exec.as_mut(), &warm, &opts, &mut nodetok, &mut notext)?;
+    run_scheduled(m.exec.as_mut(), &[], &warm, 2048, &mut nodetok, &mut notext)?;
     let t0 = Instant::now();
-    generate(m.exec.as_mut(), &prefill_reqs, &opts, &mut nodetok, &mut notext)?;
+    run_scheduled(m.exec.as_mut(), &[], &prefill_reqs, 2048, &mut nodetok, &mut notext)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    generate(m.exec.as_mut(), &reqs, &opts, &mut nodetok, &mut notext)?;
+    run_scheduled(m.exec.as_mut(), &[], &reqs, 2048, &mut nodetok, &mut notext)?;
     let full_s = t1.elapsed().as_secs_f64();
     let decode_steps = a.gen_tokens.saturating_sub(1).max(1) as f64;
     let decode_s = (full_s - prefill_s).max(0.0);
@@ -471,4 +483,38 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// Runs `reqs` to completion through the serving [`Scheduler`] (continuous batching, chunked prefill of at most
+/// `max_step_tokens` tokens per step, prefix caching) and returns their generations in request order. `on_text`
+/// sees each request's text as it becomes final.
+pub fn run_scheduled(
+    exec: &mut dyn Executor,
+    eos_ids: &[u32],
+    reqs: &[GenRequest],
+    max_step_tokens: usize,
+    detok: &mut dyn FnMut(usize, u32) -> Result<String>,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<Vec<Generation>> {
+    let mut cfg = SchedulerConfig::new(exec.config(), max_step_tokens, reqs.len().max(1));
+    cfg.eos_ids = eos_ids.to_vec();
+    let kv = KvManager::new(exec.num_blocks(), exec.block_size())?;
+    let mut sched = Scheduler::new(cfg, kv)?;
+    let mut index = std::collections::HashMap::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let id = sched.add_request(r.prompt.clone(), r.params.clone(), 0).map_err(|e| match e {
+            Error::Request(m) if reqs.len() > 1 => Error::request(format!("sequence {i}: {m}")),
+            other => other,
+        })?;
+        index.insert(id, i);
+    }
+    let idx = |seq: crate::kv::prefix::SeqId| index.get(&seq).copied().unwrap_or(usize::MAX);
+    let mut detok_i = |seq: crate::kv::prefix::SeqId, id: u32| detok(idx(seq), id);
+    let mut on_update = |u: &crate::sched::StepUpdate| {
+        for (seq, text) in &u.deltas {
+            on_text(idx(*seq), text);
+        }
+    };
+    let done = run_to_completion(&mut sched, exec, &mut detok_i, &mut on_update)?;
+    Ok(done.into_iter().map(|(_, g)| g).collect())
 }

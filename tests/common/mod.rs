@@ -68,3 +68,57 @@ pub fn download<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(
 ) -> Vec<T> {
     stream.clone_dtoh(v).expect("device to host copy")
 }
+
+/// A tiny random-weight Llama in a fresh directory, with the real Llama 3 tokenizer and the genuine 3B-Instruct
+/// `tokenizer_config.json` (chat template) from `LLAMA32_TEST_DATA`: config.json only, the weights are generated.
+/// None (after printing that the test is skipped) without the test data.
+pub fn tiny_model_dir(tag: &str) -> Option<PathBuf> {
+    let data = data_dir()?;
+    let dir = std::env::temp_dir().join(format!("llama32-tiny-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp model dir");
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 256, "rope_type": "llama3"},
+        "tie_word_embeddings": false, "torch_dtype": "bfloat16", "vocab_size": 128256
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("write config.json");
+    std::fs::copy(data.join("tokenizer.model"), dir.join("tokenizer.model")).expect("copy tokenizer.model");
+    std::fs::copy(data.join("Llama-3.2-3B-Instruct/tokenizer_config.json"), dir.join("tokenizer_config.json"))
+        .expect("copy tokenizer_config.json");
+    Some(dir)
+}
+
+/// A CPU engine over the tiny model in `dir` (random weights, seed 7) with a KV cache of `kv_tokens` tokens in
+/// blocks of 16, and the handlers' context for it (served as `tiny`).
+pub fn tiny_engine(
+    dir: &Path,
+    kv_tokens: usize,
+    cfg: llama32::serve::engine::EngineConfig,
+) -> (llama32::serve::engine::EngineHandle, llama32::serve::api::ServeContext) {
+    use llama32::serve::engine::EngineHandle;
+    let d = dir.to_path_buf();
+    let make = move || -> llama32::Result<Box<dyn llama32::exec::Executor>> {
+        let cfg = llama32::config::LlamaConfig::from_model_dir(&d)?;
+        let mut w = llama32::weights::ModelWeights::random(&cfg, 7)?;
+        // Unit layer norms and a final norm of 20 give logits with a standard deviation near 3, so the next-token
+        // distribution is peaked like a trained model's: rounding differences between batchings (chunk sizes,
+        // recompute after preemption) then cannot flip a sampled token, and "same seed, same text" is testable.
+        for l in &mut w.layers {
+            l.attn_norm.fill(1.0);
+            l.mlp_norm.fill(1.0);
+        }
+        w.final_norm.fill(20.0);
+        Ok(Box::new(llama32::exec::cpu::CpuExecutor::with_capacity(cfg, w, kv_tokens, 16)?))
+    };
+    let tok = Arc::new(llama32::tokenizer::Tokenizer::from_model_dir(dir).expect("tokenizer"));
+    let engine = EngineHandle::start(make, Some(tok.clone()), cfg).expect("engine starts");
+    let ctx =
+        llama32::serve::context_for(Some(dir), Some(tok), engine.info().clone(), "tiny".into()).expect("serve context");
+    (engine, ctx)
+}

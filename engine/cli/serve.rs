@@ -1,0 +1,256 @@
+//! `llama32 serve` and `llama32 batch`: the engine thread behind the OpenAI server or an offline batch file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{load, load_tokenizer, ModelArgs};
+use crate::serve::batch::{run_batch, BatchOptions};
+use crate::serve::engine::{EngineConfig, EngineHandle};
+use crate::serve::http::{run_blocking, serve, ServerOptions};
+use crate::serve::loadgen::{run_load, LoadOptions};
+use crate::serve::{api::ServeContext, context_for};
+use crate::{Error, Result};
+
+/// Engine limits shared by `serve` and `batch`.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Most new tokens per engine step (prefill chunks are cut to fit).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Most sequences waiting for admission before new requests are refused (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_waiting: usize,
+    /// Name clients use in `model` (default: the model directory's name, or the preset's).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+}
+
+/// `llama32 serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+    /// Seconds the running requests get to finish after Ctrl-C / SIGTERM.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout: f64,
+}
+
+/// `llama32 batch`.
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// OpenAI batch input file (JSON lines with custom_id, method, url, body).
+    #[arg(long)]
+    input: PathBuf,
+    /// Results file (JSON lines with custom_id, response, error), in input order; an existing one is resumed.
+    #[arg(long)]
+    output: PathBuf,
+    /// Requests submitted to the engine and not yet finished.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// KV cache tokens on the CPU backend when `--kv-tokens` is not given (the CUDA backend sizes it from free memory).
+const CPU_DEFAULT_KV_TOKENS: usize = 16384;
+
+/// Starts the engine thread for `a` (the model is loaded there) and builds the handlers' context.
+fn start_engine(a: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, ServeContext)> {
+    let (_, source) = load::resolve_config(a)?;
+    let tok = load_tokenizer(a)?.map(Arc::new);
+    if tok.is_none() {
+        eprintln!("warning: no tokenizer found; only token-id prompts and token-id output will work");
+    }
+    let name = e.served_model_name.clone().unwrap_or_else(|| match (&a.model, &source) {
+        (Some(dir), _) => dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into()),
+        (None, load::Source::Preset(p)) => format!("llama-3.2-{}", p.name()),
+        (None, load::Source::Dir(d)) => d.display().to_string(),
+    });
+    let margs = a.clone();
+    let make = move || -> Result<Box<dyn crate::exec::Executor>> {
+        let min_tokens = if margs.device == "cpu" { margs.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS) } else { 1 };
+        let m = load::load_model(&margs, min_tokens)?;
+        eprintln!(
+            "loaded {} on {} in {:.1} s: KV cache {} blocks of {} tokens",
+            m.source_desc,
+            m.device_name,
+            m.load_secs,
+            m.exec.num_blocks(),
+            m.exec.block_size()
+        );
+        Ok(m.exec)
+    };
+    let cfg = EngineConfig {
+        max_step_tokens: e.max_num_batched_tokens,
+        max_seqs: e.max_num_seqs,
+        max_waiting: e.max_waiting,
+    };
+    let engine = EngineHandle::start(make, tok.clone(), cfg)?;
+    let ctx = context_for(a.model.as_deref(), tok, engine.info().clone(), name)?;
+    Ok((engine, ctx))
+}
+
+/// Runs `llama32 serve` until Ctrl-C / SIGTERM.
+pub fn cmd_serve(a: ServeArgs) -> Result<()> {
+    if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
+        return Err(Error::request("--shutdown-timeout must be a number of seconds >= 0"));
+    }
+    let (engine, ctx) = start_engine(&a.model, &a.engine)?;
+    eprintln!("serving model `{}` (context {} tokens)", ctx.model_name, ctx.info.config.max_position_embeddings);
+    let opts = ServerOptions {
+        host: a.host,
+        port: a.port,
+        max_body_bytes: a.max_body_bytes,
+        shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
+    };
+    run_blocking(engine, ctx, opts)
+}
+
+/// Runs `llama32 batch` and prints its summary as JSON.
+pub fn cmd_batch(a: BatchArgs) -> Result<()> {
+    if a.max_in_flight == 0 {
+        return Err(Error::request("--max-in-flight must be at least 1"));
+    }
+    if !a.input.is_file() {
+        return Err(Error::request(format!("--input {}: no such file", a.input.display())));
+    }
+    let (engine, ctx) = start_engine(&a.model, &a.engine)?;
+    let opts =
+        BatchOptions { input: a.input, output: a.output, max_in_flight: a.max_in_flight, progress: !a.no_progress };
+    let summary = run_batch(&engine, &ctx, &opts);
+    engine.shutdown(None);
+    engine.join();
+    let summary = summary?;
+    println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    Ok(())
+}
+
+/// `llama32 bench-serve`.
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// A running server (`HOST:PORT`); without it, the model is served in-process on a free loopback port.
+    #[arg(long)]
+    url: Option<String>,
+    /// Comma-separated numbers of concurrent streaming clients, one load level each.
+    #[arg(long, default_value = "1,16,64,256")]
+    clients: String,
+    /// Requests each client sends one after another, per level.
+    #[arg(long, default_value_t = 4)]
+    requests_per_client: usize,
+    /// Prompt tokens per request (random ids).
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Generated tokens per request.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+}
+
+/// Runs `llama32 bench-serve`: one JSON line per load level with TTFT, ITL and throughput.
+pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
+    let levels = super::parse_ids(&a.clients, "--clients")?;
+    if levels.contains(&0) || a.requests_per_client == 0 || a.prompt_tokens == 0 || a.max_tokens == 0 {
+        return Err(Error::request(
+            "--clients, --requests-per-client, --prompt-tokens and --max-tokens must be positive",
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Backend(format!("tokio runtime: {e}")))?;
+    let mut base = LoadOptions {
+        addr: "127.0.0.1:0".parse().map_err(|_| Error::Backend("address".into()))?,
+        clients: 1,
+        requests_per_client: a.requests_per_client,
+        prompt_tokens: a.prompt_tokens,
+        max_tokens: a.max_tokens,
+        vocab: 128000,
+        model: String::new(),
+    };
+    let report = |r: &crate::serve::loadgen::LoadResult, base: &LoadOptions| {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        v["prompt_tokens"] = base.prompt_tokens.into();
+        v["max_tokens"] = base.max_tokens.into();
+        v["requests_per_client"] = base.requests_per_client.into();
+        println!("{v}");
+    };
+    if let Some(url) = &a.url {
+        let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+        base.addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+            .ok()
+            .and_then(|mut it| it.next())
+            .ok_or_else(|| Error::request(format!("--url: cannot resolve `{url}` (expected HOST:PORT)")))?;
+        base.model = a.engine.served_model_name.clone().unwrap_or_default();
+        if base.model.is_empty() {
+            return Err(Error::request("--url needs --served-model-name (the `model` to send)"));
+        }
+        for &c in &levels {
+            let r = rt.block_on(run_load(&LoadOptions { clients: c as usize, ..base.clone() }));
+            report(&r, &base);
+        }
+        return Ok(());
+    }
+    let (engine, ctx) = start_engine(&a.model, &a.engine)?;
+    base.vocab = ctx.info.config.vocab_size.min(128000) as u32;
+    base.model = ctx.model_name.clone();
+    let need = a.prompt_tokens + a.max_tokens;
+    if need >= ctx.info.config.max_position_embeddings {
+        return Err(Error::request(format!(
+            "--prompt-tokens + --max-tokens ({need}) must stay below the context length {}",
+            ctx.info.config.max_position_embeddings
+        )));
+    }
+    let ctx = Arc::new(ctx);
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| Error::Backend(format!("bind 127.0.0.1:0: {e}")))?;
+        base.addr = listener.local_addr().map_err(|e| Error::Backend(format!("local address: {e}")))?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let opts =
+            ServerOptions { port: base.addr.port(), shutdown_timeout: Duration::from_secs(5), ..Default::default() };
+        let server = tokio::spawn(serve(listener, engine.clone(), ctx.clone(), opts, async move {
+            let _ = stop_rx.await;
+        }));
+        // Warm-up: one short request (first-call costs stay out of the figures).
+        let warm = LoadOptions { clients: 1, requests_per_client: 1, max_tokens: 4, ..base.clone() };
+        let w = run_load(&warm).await;
+        if w.ok != 1 {
+            eprintln!("warm-up failed: {:?}", w.first_error);
+        }
+        for &c in &levels {
+            let r = run_load(&LoadOptions { clients: c as usize, ..base.clone() }).await;
+            report(&r, &base);
+        }
+        let _ = stop_tx.send(());
+        match server.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Backend(format!("server task: {e}"))),
+        }
+    })
+}

@@ -1,0 +1,885 @@
+//! The OpenAI formats: request bodies of `/v1/chat/completions` and `/v1/completions` validated into
+//! [`GenerateRequest`]s ([`prepare`]), and the engine's [`Event`]s turned back into a response object
+//! ([`ResponseBuilder`]) or a stream of chunk objects ([`StreamBuilder`]).
+//!
+//! Accepted fields: the OpenAI ones (`model`, `messages`/`prompt`, `max_tokens`, `max_completion_tokens`,
+//! `temperature`, `top_p`, `n`, `stop`, `seed`, `frequency_penalty`, `presence_penalty`, `logprobs`,
+//! `top_logprobs`, `stream`, `stream_options`, `tools`, `tool_choice`, `echo`, `best_of`, `user`), and vLLM's
+//! extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
+//! `priority`, `chat_template_kwargs`). Fields the engine cannot honor (`logit_bias`, `suffix`, a non-text
+//! `response_format`, `min_tokens`) are refused with a 400 naming them rather than silently ignored; unknown
+//! fields are ignored, as OpenAI does.
+//!
+//! `tool_choice`: `"none"` renders the conversation without the tools; `"auto"` (the default when `tools` are
+//! given) renders them and parses the answer into `tool_calls`; `"required"` and a named function also force the
+//! start of the JSON call (`{"name": "` or `{"name": "f", "parameters": `) into the answer, a prefix, not a grammar.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value as Json};
+
+use super::engine::{EngineInfo, MAX_COMPLETIONS, MAX_TOP_LOGPROBS};
+use super::{Event, GenerateRequest, TokenLogprob, Usage};
+use crate::chat_template::{ChatRequest, ChatTemplate, RenderOptions};
+use crate::sampling::{FinishReason, SamplingParams};
+use crate::tokenizer::{EncodeOptions, Tokenizer};
+use crate::tool_calls::{parse_tool_calls, ParsedOutput};
+use crate::{Error, Result};
+
+/// An OpenAI-style error: HTTP status and the `{"error": {...}}` body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// What went wrong, naming the field at fault.
+    pub message: String,
+    /// OpenAI `type`: `invalid_request_error`, `server_error`, ...
+    pub kind: &'static str,
+    /// The field at fault, when there is one.
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    /// A 400 naming `param`.
+    pub fn bad_request(param: Option<&str>, message: impl Into<String>) -> Self {
+        ApiError { status: 400, message: message.into(), kind: "invalid_request_error", param: param.map(String::from) }
+    }
+
+    /// A 400 from a library error; the field is taken from a `field: message` prefix when there is one.
+    pub fn from_request_error(e: &Error) -> Self {
+        let msg = match e {
+            Error::Request(m) => m.clone(),
+            other => other.to_string(),
+        };
+        // The engine's "request N: " prefix means nothing to a client.
+        let msg = match msg.strip_prefix("request ").and_then(|r| r.split_once(": ")) {
+            Some((n, rest)) if n.chars().all(|c| c.is_ascii_digit()) => rest.to_string(),
+            _ => msg,
+        };
+        // "field: ..." or "field must ...".
+        let end = msg.find(|c: char| !(c.is_ascii_alphanumeric() || "_.[]".contains(c))).unwrap_or(msg.len());
+        let (head, rest) = msg.split_at(end);
+        let param =
+            (!head.is_empty() && (rest.starts_with(':') || rest.starts_with(" must "))).then(|| head.to_string());
+        ApiError { status: 400, message: msg, kind: "invalid_request_error", param }
+    }
+
+    /// A 500 (or another server-side status).
+    pub fn server(status: u16, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), kind: "server_error", param: None }
+    }
+
+    /// The response body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> Json {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// Sampling defaults from the model's `generation_config.json` (vLLM's `--generation-config auto`); request fields
+/// override them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplingDefaults {
+    /// `temperature`.
+    pub temperature: Option<f32>,
+    /// `top_p`.
+    pub top_p: Option<f32>,
+    /// `top_k`.
+    pub top_k: Option<usize>,
+    /// `repetition_penalty`.
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingDefaults {
+    /// Reads `generation_config.json` in `dir` (absent file: no defaults).
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let v: Json = serde_json::from_str(&text).map_err(|e| Error::config(&path, "<root>", e.to_string()))?;
+        let f = |k: &str| -> Result<Option<f32>> {
+            match v.get(k) {
+                None | Some(Json::Null) => Ok(None),
+                Some(x) => {
+                    x.as_f64().map(|x| Some(x as f32)).ok_or_else(|| Error::config(&path, k, "expected a number"))
+                }
+            }
+        };
+        let top_k = match v.get("top_k") {
+            None | Some(Json::Null) => None,
+            Some(x) => Some(x.as_u64().ok_or_else(|| Error::config(&path, "top_k", "expected an integer >= 0"))?),
+        };
+        Ok(SamplingDefaults {
+            temperature: f("temperature")?,
+            top_p: f("top_p")?,
+            top_k: top_k.map(|k| k as usize),
+            repetition_penalty: f("repetition_penalty")?,
+        })
+    }
+}
+
+/// What the request handlers share: the served model's name, tokenizer, template and limits.
+#[derive(Clone)]
+pub struct ServeContext {
+    /// The name clients must use in `model` (absent `model` also selects it).
+    pub model_name: String,
+    /// Tokenizer (required for text prompts and text output).
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Chat template (required for `/v1/chat/completions`).
+    pub template: Option<Arc<ChatTemplate>>,
+    /// Model and cache facts.
+    pub info: EngineInfo,
+    /// Sampling defaults.
+    pub defaults: SamplingDefaults,
+    /// Unix time the server started (the model's `created`).
+    pub started: u64,
+}
+
+/// The two generation endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+}
+
+impl Endpoint {
+    /// The URL path.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+        }
+    }
+
+    /// Parses a URL path (as in a batch file's `url`).
+    pub fn from_path(p: &str) -> Option<Self> {
+        match p {
+            "/v1/chat/completions" => Some(Endpoint::Chat),
+            "/v1/completions" => Some(Endpoint::Completions),
+            _ => None,
+        }
+    }
+}
+
+/// A validated request: one [`GenerateRequest`] per prompt plus what the response needs.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// Response id (`chatcmpl-...` / `cmpl-...`).
+    pub id: String,
+    /// Unix time of the request.
+    pub created: u64,
+    /// The model name echoed back.
+    pub model: String,
+    /// Stream the answer as server-sent events.
+    pub stream: bool,
+    /// Send a final usage chunk when streaming.
+    pub include_usage: bool,
+    /// One engine request per prompt (chat: exactly one).
+    pub requests: Vec<GenerateRequest>,
+    /// Completions per prompt.
+    pub n: usize,
+    /// Text put before each completion: the echoed prompt (`echo`), or the forced start of a tool call.
+    pub prefixes: Vec<String>,
+    /// Parse the answers into `tool_calls`.
+    pub parse_tools: bool,
+    /// Report log-probabilities.
+    pub logprobs: bool,
+}
+
+/// Typed access to a JSON object's fields, with errors naming the field.
+struct Fields<'a>(&'a Map<String, Json>);
+
+impl Fields<'_> {
+    fn get(&self, k: &str) -> Option<&Json> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+    fn f32(&self, k: &str) -> ApiResult<Option<f32>> {
+        self.get(k)
+            .map(|v| {
+                v.as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| ApiError::bad_request(Some(k), format!("{k}: expected a number")))
+            })
+            .transpose()
+    }
+    fn int(&self, k: &str) -> ApiResult<Option<i64>> {
+        self.get(k)
+            .map(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_f64().filter(|x| x.fract() == 0.0 && x.abs() < 9e15).map(|x| x as i64))
+                    .ok_or_else(|| ApiError::bad_request(Some(k), format!("{k}: expected an integer")))
+            })
+            .transpose()
+    }
+    fn uint(&self, k: &str, min: i64, max: i64) -> ApiResult<Option<usize>> {
+        match self.int(k)? {
+            None => Ok(None),
+            Some(v) if v < min || v > max => {
+                Err(ApiError::bad_request(Some(k), format!("{k}: must be in [{min}, {max}], got {v}")))
+            }
+            Some(v) => Ok(Some(v as usize)),
+        }
+    }
+    fn bool(&self, k: &str) -> ApiResult<Option<bool>> {
+        self.get(k)
+            .map(|v| v.as_bool().ok_or_else(|| ApiError::bad_request(Some(k), format!("{k}: expected true or false"))))
+            .transpose()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A fresh response id with `prefix`.
+pub fn new_id(prefix: &str) -> String {
+    let call = crate::tool_calls::new_call_id();
+    format!("{prefix}-{}", call.trim_start_matches("call_"))
+}
+
+/// Validates `body` for `endpoint` and turns it into engine requests. Errors are 400s naming the field.
+pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult<Prepared> {
+    let Json::Object(obj) = body else {
+        return Err(ApiError::bad_request(None, "request body: expected a JSON object"));
+    };
+    let f = Fields(obj);
+    let model = match f.get("model") {
+        None => ctx.model_name.clone(),
+        Some(Json::String(m)) if *m == ctx.model_name => m.clone(),
+        Some(Json::String(m)) => {
+            return Err(ApiError::bad_request(
+                Some("model"),
+                format!("model: `{m}` does not exist; this server serves `{}`", ctx.model_name),
+            ))
+        }
+        Some(_) => return Err(ApiError::bad_request(Some("model"), "model: expected a string")),
+    };
+    for k in ["logit_bias", "suffix"] {
+        let set = match f.get(k) {
+            Some(Json::Object(m)) => !m.is_empty(),
+            Some(Json::String(s)) => !s.is_empty(),
+            Some(_) => true,
+            None => false,
+        };
+        if set {
+            return Err(ApiError::bad_request(Some(k), format!("{k}: not supported by this server")));
+        }
+    }
+    if f.uint("min_tokens", 0, i64::MAX)?.unwrap_or(0) > 0 {
+        return Err(ApiError::bad_request(Some("min_tokens"), "min_tokens: not supported by this server"));
+    }
+    if let Some(rf) = f.get("response_format") {
+        let t = rf.get("type").and_then(Json::as_str);
+        if t != Some("text") {
+            return Err(ApiError::bad_request(
+                Some("response_format"),
+                "response_format: only {\"type\": \"text\"} is supported (no guided decoding)",
+            ));
+        }
+    }
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Json::Object(o)) => Fields(o)
+            .bool("include_usage")
+            .map_err(|e| ApiError { param: Some("stream_options.include_usage".into()), ..e })?
+            .unwrap_or(false),
+        Some(_) => return Err(ApiError::bad_request(Some("stream_options"), "stream_options: expected an object")),
+    };
+    let n = f.uint("n", 1, MAX_COMPLETIONS as i64)?.unwrap_or(1);
+    let best_of = f.uint("best_of", 1, MAX_COMPLETIONS as i64)?.unwrap_or(n);
+    if best_of < n {
+        return Err(ApiError::bad_request(Some("best_of"), format!("best_of ({best_of}) must be at least n ({n})")));
+    }
+    if stream && best_of > n {
+        return Err(ApiError::bad_request(Some("best_of"), "best_of > n is not supported when streaming"));
+    }
+    // Log-probabilities: chat has `logprobs: bool` + `top_logprobs`; completions has `logprobs: int`.
+    let logprobs = match endpoint {
+        Endpoint::Chat => {
+            let on = f.bool("logprobs")?.unwrap_or(false);
+            let top = f.uint("top_logprobs", 0, MAX_TOP_LOGPROBS as i64)?;
+            if top.is_some() && !on {
+                return Err(ApiError::bad_request(Some("top_logprobs"), "top_logprobs: needs logprobs: true"));
+            }
+            on.then(|| top.unwrap_or(0))
+        }
+        Endpoint::Completions => f.uint("logprobs", 0, MAX_TOP_LOGPROBS as i64)?,
+    };
+    let echo = f.bool("echo")?.unwrap_or(false);
+    if echo && endpoint == Endpoint::Chat {
+        return Err(ApiError::bad_request(Some("echo"), "echo: only for /v1/completions"));
+    }
+    if echo && logprobs.is_some() {
+        return Err(ApiError::bad_request(Some("echo"), "echo together with logprobs is not supported"));
+    }
+    let mut skip_special = f.bool("skip_special_tokens")?.unwrap_or(true);
+    let priority = f.int("priority")?.unwrap_or(0).clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+
+    // Prompts.
+    let tok = ctx.tokenizer.as_deref();
+    let need_tok = |what: &str| {
+        tok.ok_or_else(|| ApiError::bad_request(None, format!("{what} needs a tokenizer, and this model has none")))
+    };
+    let mut parse_tools = false;
+    let mut prompts: Vec<(Vec<u32>, String, &'static str)> = Vec::new(); // ids, prefix, param name
+    match endpoint {
+        Endpoint::Chat => {
+            let mut req = ChatRequest::from_value(body.clone()).map_err(|e| ApiError::from_request_error(&e))?;
+            if !req.images().is_empty() {
+                return Err(ApiError::bad_request(
+                    Some("messages"),
+                    "messages: image content needs a vision model; this server serves a text model",
+                ));
+            }
+            let template = ctx.template.as_deref().ok_or_else(|| {
+                ApiError::bad_request(None, "/v1/chat/completions needs a chat template, and this model has none")
+            })?;
+            let tok = need_tok("/v1/chat/completions")?;
+            let tools_given = req.tools.as_ref().is_some_and(|t| !t.is_empty());
+            let choice = req.tool_choice.clone();
+            let mut forced = String::new();
+            match &choice {
+                None => parse_tools = tools_given,
+                Some(Json::String(s)) if s == "none" => req.tools = None,
+                Some(Json::String(s)) if s == "auto" => parse_tools = tools_given,
+                Some(Json::String(s)) if s == "required" => {
+                    if !tools_given {
+                        return Err(ApiError::bad_request(
+                            Some("tool_choice"),
+                            "tool_choice: \"required\" needs tools",
+                        ));
+                    }
+                    parse_tools = true;
+                    forced = "{\"name\": \"".into();
+                }
+                Some(Json::Object(o)) => {
+                    let name =
+                        o.get("function").and_then(|f| f.get("name")).and_then(Json::as_str).ok_or_else(|| {
+                            ApiError::bad_request(Some("tool_choice"), "tool_choice.function.name: missing")
+                        })?;
+                    let known =
+                        req.tools.iter().flatten().any(|t| {
+                            t.get("function").and_then(|f| f.get("name")).and_then(Json::as_str) == Some(name)
+                        });
+                    if !known {
+                        return Err(ApiError::bad_request(
+                            Some("tool_choice"),
+                            format!("tool_choice: function `{name}` is not in tools"),
+                        ));
+                    }
+                    parse_tools = true;
+                    forced = format!("{{\"name\": \"{name}\", \"parameters\": ");
+                }
+                Some(other) => {
+                    return Err(ApiError::bad_request(
+                        Some("tool_choice"),
+                        format!("tool_choice: expected \"none\", \"auto\", \"required\" or a function, got {other}"),
+                    ))
+                }
+            }
+            if parse_tools {
+                // `<|python_tag|>` (built-in tool calls) must survive detokenization.
+                skip_special = false;
+            }
+            let rendered = template
+                .render(&req, &RenderOptions::default())
+                .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+            let ids = tok
+                .encode(&format!("{rendered}{forced}"), EncodeOptions { add_bos: false, parse_special: true })
+                .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+            prompts.push((ids, forced, "messages"));
+        }
+        Endpoint::Completions => {
+            let p = f.get("prompt").ok_or_else(|| ApiError::bad_request(Some("prompt"), "prompt: missing field"))?;
+            let bad = || {
+                ApiError::bad_request(
+                    Some("prompt"),
+                    "prompt: expected a string, an array of strings, an array of token ids, or an array of arrays of token ids",
+                )
+            };
+            let ids_of = |v: &Json| -> Option<Vec<u32>> {
+                v.as_array()?.iter().map(|x| x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32)).collect()
+            };
+            let mut texts: Vec<std::result::Result<String, Vec<u32>>> = Vec::new();
+            match p {
+                Json::String(s) => texts.push(Ok(s.clone())),
+                Json::Array(items) if items.is_empty() => return Err(bad()),
+                Json::Array(items) if items.iter().all(Json::is_string) => {
+                    texts.extend(items.iter().filter_map(Json::as_str).map(|s| Ok(s.to_string())))
+                }
+                Json::Array(items) if items.iter().all(Json::is_number) => texts.push(Err(ids_of(p).ok_or_else(bad)?)),
+                Json::Array(items) if items.iter().all(Json::is_array) => {
+                    for it in items {
+                        texts.push(Err(ids_of(it).ok_or_else(bad)?));
+                    }
+                }
+                _ => return Err(bad()),
+            }
+            for t in texts {
+                let (ids, text) = match t {
+                    Ok(s) => {
+                        let tok = need_tok("a text prompt")?;
+                        let ids = tok
+                            .encode(&s, EncodeOptions { add_bos: true, parse_special: false })
+                            .map_err(|e| ApiError::bad_request(Some("prompt"), format!("prompt: {e}")))?;
+                        (ids, s)
+                    }
+                    Err(ids) => {
+                        let text = if echo {
+                            need_tok("echo")?
+                                .decode(&ids, skip_special)
+                                .map_err(|e| ApiError::bad_request(Some("prompt"), format!("prompt: {e}")))?
+                        } else {
+                            String::new()
+                        };
+                        (ids, text)
+                    }
+                };
+                prompts.push((ids, if echo { text } else { String::new() }, "prompt"));
+            }
+        }
+    }
+
+    // Sampling.
+    let d = &ctx.defaults;
+    let cfg = &ctx.info.config;
+    let ctx_len = cfg.max_position_embeddings;
+    let max_tokens = match f.uint("max_completion_tokens", 1, i64::MAX)? {
+        Some(m) => Some((m, "max_completion_tokens")),
+        None => f.uint("max_tokens", 1, i64::MAX)?.map(|m| (m, "max_tokens")),
+    };
+    let stop = match f.get("stop") {
+        None => Vec::new(),
+        Some(Json::String(s)) => vec![s.clone()],
+        Some(Json::Array(a)) => a
+            .iter()
+            .map(|s| s.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::bad_request(Some("stop"), "stop: expected a string or an array of strings"))?,
+        Some(_) => return Err(ApiError::bad_request(Some("stop"), "stop: expected a string or an array of strings")),
+    };
+    let stop_token_ids = match f.get("stop_token_ids") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32)).collect())
+            .ok_or_else(|| {
+                ApiError::bad_request(Some("stop_token_ids"), "stop_token_ids: expected an array of token ids")
+            })?,
+    };
+    let top_k = match f.int("top_k")? {
+        None => d.top_k.unwrap_or(0),
+        Some(k) if k <= 0 => 0,
+        Some(k) => k as usize,
+    };
+    let seed = f.int("seed")?.map(|s| s as u64);
+    let base = SamplingParams {
+        temperature: f.f32("temperature")?.or(d.temperature).unwrap_or(1.0),
+        top_p: f.f32("top_p")?.or(d.top_p).unwrap_or(1.0),
+        top_k,
+        min_p: f.f32("min_p")?.unwrap_or(0.0),
+        repetition_penalty: f.f32("repetition_penalty")?.or(d.repetition_penalty).unwrap_or(1.0),
+        frequency_penalty: f.f32("frequency_penalty")?.unwrap_or(0.0),
+        presence_penalty: f.f32("presence_penalty")?.unwrap_or(0.0),
+        seed,
+        max_tokens: 1,
+        stop,
+        stop_token_ids,
+        ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+    };
+    base.validate(cfg.vocab_size).map_err(|e| ApiError::from_request_error(&e))?;
+    if !base.stop.is_empty() && tok.is_none() {
+        return Err(ApiError::bad_request(
+            Some("stop"),
+            "stop: stop strings need a tokenizer, and this model has none",
+        ));
+    }
+
+    let mut requests = Vec::with_capacity(prompts.len());
+    let mut prefixes = Vec::with_capacity(prompts.len());
+    let several = prompts.len() > 1;
+    for (i, (ids, prefix, what)) in prompts.into_iter().enumerate() {
+        let label = if several { format!("{what}[{i}]") } else { what.to_string() };
+        if ids.is_empty() {
+            return Err(ApiError::bad_request(Some(what), format!("{label}: empty prompt")));
+        }
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ApiError::bad_request(
+                Some(what),
+                format!("{label}: token id {t} is outside the vocabulary (size {})", cfg.vocab_size),
+            ));
+        }
+        if ids.len() >= ctx_len {
+            return Err(ApiError::bad_request(
+                Some(what),
+                format!(
+                    "{label}: this model's maximum context length is {ctx_len} tokens, and the prompt has {} tokens",
+                    ids.len()
+                ),
+            ));
+        }
+        let room = ctx_len - ids.len();
+        let max = match max_tokens {
+            Some((m, field)) if m > room => {
+                return Err(ApiError::bad_request(
+                    Some(field),
+                    format!(
+                        "{field}: this model's maximum context length is {ctx_len} tokens; the prompt has {} \
+                         tokens, leaving room for {room}, but {field} is {m}",
+                        ids.len()
+                    ),
+                ))
+            }
+            Some((m, _)) => m,
+            None if endpoint == Endpoint::Completions => 16.min(room),
+            None => room,
+        };
+        let params = SamplingParams { max_tokens: max, ..base.clone() };
+        requests.push(GenerateRequest {
+            prompt: ids,
+            params,
+            n,
+            best_of,
+            logprobs,
+            priority,
+            skip_special_tokens: skip_special,
+        });
+        prefixes.push(prefix);
+    }
+    let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
+    Ok(Prepared {
+        endpoint,
+        id: new_id(prefix),
+        created: unix_now(),
+        model,
+        stream,
+        include_usage,
+        requests,
+        n,
+        prefixes,
+        parse_tools,
+        logprobs: logprobs.is_some(),
+    })
+}
+
+/// One completion as it accumulates.
+#[derive(Clone, Debug, Default)]
+struct Choice {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<FinishReason>,
+}
+
+fn token_json(tok: Option<&Tokenizer>, id: u32) -> (String, Vec<u8>) {
+    let bytes = tok.and_then(|t| t.token_bytes(id)).map(<[u8]>::to_vec).unwrap_or_default();
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// Chat `logprobs.content` entries for `lps`.
+fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Json {
+    let item = |id: u32, lp: f32| {
+        let (t, b) = token_json(tok, id);
+        json!({"token": t, "logprob": finite(lp), "bytes": b})
+    };
+    let content: Vec<Json> = lps
+        .iter()
+        .map(|l| {
+            let mut e = item(l.id, l.logprob);
+            e["top_logprobs"] = Json::Array(l.top.iter().map(|&(i, p)| item(i, p)).collect());
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Completions `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), offsets from `start`.
+fn completion_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob], start: usize) -> Json {
+    let mut offset = start;
+    let (mut tokens, mut lp, mut top, mut offs) = (vec![], vec![], vec![], vec![]);
+    for l in lps {
+        let (t, _) = token_json(tok, l.id);
+        offs.push(offset);
+        offset += t.len();
+        tokens.push(Json::from(t));
+        lp.push(finite(l.logprob));
+        let mut m = Map::new();
+        for &(i, p) in &l.top {
+            m.insert(token_json(tok, i).0, finite(p));
+        }
+        top.push(Json::Object(m));
+    }
+    json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs})
+}
+
+/// JSON has no infinities: `-inf` becomes -9999.0, as vLLM does.
+fn finite(v: f32) -> Json {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        json!(-9999.0)
+    }
+}
+
+fn usage_json(u: &Usage) -> Json {
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+}
+
+/// Chat message fields and finish reason of a finished completion: parsed tool calls, or content.
+fn chat_message(parse_tools: bool, text: &str, finish: Option<FinishReason>) -> (Json, Json, Option<&'static str>) {
+    let reason = finish.map(FinishReason::as_str);
+    if parse_tools {
+        if let ParsedOutput::ToolCalls(calls) = parse_tool_calls(text) {
+            return (Json::Null, crate::tool_calls::to_openai_tool_calls(&calls), Some("tool_calls"));
+        }
+    }
+    (Json::from(text), Json::Null, reason)
+}
+
+/// Collects a request's events into the non-streaming response object.
+pub struct ResponseBuilder<'a> {
+    ctx: &'a ServeContext,
+    prep: &'a Prepared,
+    /// Per prompt, per completion.
+    choices: Vec<Vec<Choice>>,
+    usage: Usage,
+}
+
+impl<'a> ResponseBuilder<'a> {
+    /// An empty response for `prep`.
+    pub fn new(ctx: &'a ServeContext, prep: &'a Prepared) -> Self {
+        let choices = prep.requests.iter().map(|_| vec![Choice::default(); prep.n]).collect();
+        ResponseBuilder { ctx, prep, choices, usage: Usage::default() }
+    }
+
+    /// Adds one event of prompt `prompt`'s request. Returns the error message of an [`Event::Error`].
+    pub fn push(&mut self, prompt: usize, ev: Event) -> std::result::Result<(), String> {
+        match ev {
+            Event::Delta { index, text, ids, logprobs } => {
+                if let Some(c) = self.choices.get_mut(prompt).and_then(|p| p.get_mut(index)) {
+                    c.text.push_str(&text);
+                    c.ids.extend(ids);
+                    c.logprobs.extend(logprobs);
+                }
+            }
+            Event::Finished { index, reason } => {
+                if let Some(c) = self.choices.get_mut(prompt).and_then(|p| p.get_mut(index)) {
+                    c.finish = Some(reason);
+                }
+            }
+            Event::Done(u) => {
+                self.usage.prompt_tokens += u.prompt_tokens;
+                self.usage.completion_tokens += u.completion_tokens;
+                self.usage.total_tokens += u.total_tokens;
+            }
+            Event::Error(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// The response object.
+    pub fn build(self) -> Json {
+        let tok = self.ctx.tokenizer.as_deref();
+        let p = self.prep;
+        let mut out = Vec::new();
+        for (pi, cs) in self.choices.iter().enumerate() {
+            let prefix = &p.prefixes[pi];
+            for (i, c) in cs.iter().enumerate() {
+                let index = pi * p.n + i;
+                let text = format!("{prefix}{}", c.text);
+                match p.endpoint {
+                    Endpoint::Chat => {
+                        let (content, calls, reason) = chat_message(p.parse_tools, &text, c.finish);
+                        let mut message = json!({"role": "assistant", "content": content});
+                        if !calls.is_null() {
+                            message["tool_calls"] = calls;
+                        }
+                        let lp = if p.logprobs { chat_logprobs(tok, &c.logprobs) } else { Json::Null };
+                        out.push(json!({"index": index, "message": message, "logprobs": lp, "finish_reason": reason}));
+                    }
+                    Endpoint::Completions => {
+                        let lp =
+                            if p.logprobs { completion_logprobs(tok, &c.logprobs, prefix.len()) } else { Json::Null };
+                        let reason = c.finish.map(FinishReason::as_str);
+                        out.push(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason}));
+                    }
+                }
+            }
+        }
+        let object = if p.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
+        json!({
+            "id": p.id, "object": object, "created": p.created, "model": p.model,
+            "choices": out, "usage": usage_json(&self.usage),
+        })
+    }
+}
+
+/// Turns a request's events into streaming chunk objects (each sent as one `data:` line).
+///
+/// Chat: a first chunk per completion with `{"role": "assistant", "content": ""}`, content deltas, then a chunk
+/// with the finish reason. When tools are parsed, a completion's text is held back until it finishes and then sent
+/// as one `tool_calls` delta or one content delta. Completions: text chunks, the echoed prompt first.
+pub struct StreamBuilder<'a> {
+    ctx: &'a ServeContext,
+    prep: &'a Prepared,
+    started: Vec<Vec<bool>>,
+    held: Vec<Vec<Choice>>,
+    usage: Usage,
+    done: usize,
+}
+
+impl<'a> StreamBuilder<'a> {
+    /// A stream for `prep`.
+    pub fn new(ctx: &'a ServeContext, prep: &'a Prepared) -> Self {
+        StreamBuilder {
+            ctx,
+            prep,
+            started: prep.requests.iter().map(|_| vec![false; prep.n]).collect(),
+            held: prep.requests.iter().map(|_| vec![Choice::default(); prep.n]).collect(),
+            usage: Usage::default(),
+            done: 0,
+        }
+    }
+
+    fn chunk(&self, choice: Json) -> Json {
+        let p = self.prep;
+        let object = if p.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut c = json!({"id": p.id, "object": object, "created": p.created, "model": p.model, "choices": [choice]});
+        if p.include_usage {
+            c["usage"] = Json::Null;
+        }
+        c
+    }
+
+    fn first(&mut self, prompt: usize, i: usize, out: &mut Vec<Json>) {
+        if self.started[prompt][i] {
+            return;
+        }
+        self.started[prompt][i] = true;
+        let index = prompt * self.prep.n + i;
+        let prefix = self.prep.prefixes[prompt].clone();
+        match self.prep.endpoint {
+            Endpoint::Chat => out.push(self.chunk(json!({
+                "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
+            }))),
+            Endpoint::Completions if !prefix.is_empty() => out.push(self.chunk(json!({
+                "index": index, "text": prefix, "logprobs": null, "finish_reason": null
+            }))),
+            Endpoint::Completions => {}
+        }
+    }
+
+    /// The chunks for one event of prompt `prompt`'s request. Returns the message of an [`Event::Error`].
+    pub fn push(&mut self, prompt: usize, ev: Event) -> std::result::Result<Vec<Json>, String> {
+        let tok = self.ctx.tokenizer.as_deref();
+        let p = self.prep;
+        let mut out = Vec::new();
+        match ev {
+            Event::Delta { index: i, text, ids, logprobs } => {
+                self.first(prompt, i, &mut out);
+                let index = prompt * p.n + i;
+                if p.parse_tools {
+                    let h = &mut self.held[prompt][i];
+                    h.text.push_str(&text);
+                    h.ids.extend(ids);
+                    h.logprobs.extend(logprobs);
+                    return Ok(out);
+                }
+                if text.is_empty() && logprobs.is_empty() {
+                    return Ok(out);
+                }
+                match p.endpoint {
+                    Endpoint::Chat => {
+                        let lp = if p.logprobs { chat_logprobs(tok, &logprobs) } else { Json::Null };
+                        out.push(self.chunk(
+                            json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}),
+                        ));
+                    }
+                    Endpoint::Completions => {
+                        let lp = if p.logprobs { completion_logprobs(tok, &logprobs, 0) } else { Json::Null };
+                        out.push(
+                            self.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})),
+                        );
+                    }
+                }
+            }
+            Event::Finished { index: i, reason } => {
+                self.first(prompt, i, &mut out);
+                let index = prompt * p.n + i;
+                match p.endpoint {
+                    Endpoint::Chat => {
+                        let mut reason = Some(reason.as_str());
+                        if p.parse_tools {
+                            let h = std::mem::take(&mut self.held[prompt][i]);
+                            let text = format!("{}{}", p.prefixes[prompt], h.text);
+                            let (content, calls, r) = chat_message(true, &text, Some(FinishReason::Stop));
+                            if r == Some("tool_calls") {
+                                reason = r;
+                            }
+                            let mut delta = json!({});
+                            if calls.is_null() {
+                                delta["content"] = content;
+                            } else {
+                                let indexed: Vec<Json> = calls
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .enumerate()
+                                    .map(|(k, c)| {
+                                        let mut c = c.clone();
+                                        c["index"] = json!(k);
+                                        c
+                                    })
+                                    .collect();
+                                delta["tool_calls"] = Json::Array(indexed);
+                            }
+                            let lp = if p.logprobs { chat_logprobs(tok, &h.logprobs) } else { Json::Null };
+                            out.push(
+                                self.chunk(
+                                    json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": null}),
+                                ),
+                            );
+                        }
+                        out.push(
+                            self.chunk(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason})),
+                        );
+                    }
+                    Endpoint::Completions => out.push(self.chunk(
+                        json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason.as_str()}),
+                    )),
+                }
+            }
+            Event::Done(u) => {
+                self.usage.prompt_tokens += u.prompt_tokens;
+                self.usage.completion_tokens += u.completion_tokens;
+                self.usage.total_tokens += u.total_tokens;
+                self.done += 1;
+                if self.done == p.requests.len() && p.include_usage {
+                    let object = if p.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
+                    out.push(json!({
+                        "id": p.id, "object": object, "created": p.created, "model": p.model,
+                        "choices": [], "usage": usage_json(&self.usage),
+                    }));
+                }
+            }
+            Event::Error(e) => return Err(e),
+        }
+        Ok(out)
+    }
+}

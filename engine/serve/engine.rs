@@ -1,0 +1,669 @@
+//! The engine thread: one OS thread owns the executor, the scheduler and the detokenizers, and runs
+//! schedule -> step -> update while requests come and go.
+//!
+//! Requests arrive as commands on a channel; each carries an unbounded event channel back to its caller. The loop
+//! blocks only when it has no work. A caller that goes away (its [`RequestStream`] dropped, e.g. a client that
+//! disconnected) aborts its request at once through the stream's drop guard, and a failed send aborts it at the
+//! next token, so its KV blocks are freed. Shutdown stops admission, lets the running requests finish until a
+//! deadline, then fails the rest with an error event, so no caller waits forever.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use super::metrics::Metrics;
+use super::{Event, GenerateRequest, TokenLogprob, Usage};
+use crate::config::LlamaConfig;
+use crate::exec::Executor;
+use crate::kv::prefix::{KvManager, SeqId};
+use crate::sampling::FinishReason;
+use crate::sched::{run_step, Scheduler, SchedulerConfig, StepPlan};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::{Error, Result};
+
+/// Most completions (`best_of`) one request may ask for.
+pub const MAX_COMPLETIONS: usize = 128;
+/// Most alternatives per position with `logprobs`.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Engine limits.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most new tokens per step (decodes count one each; prefill chunks are cut to fit).
+    pub max_step_tokens: usize,
+    /// Most running sequences.
+    pub max_seqs: usize,
+    /// Most sequences waiting for admission before new requests are refused (0: no limit).
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_step_tokens: 2048, max_seqs: 256, max_waiting: 0 }
+    }
+}
+
+/// Facts about the running engine.
+#[derive(Clone, Debug)]
+pub struct EngineInfo {
+    /// The model's configuration (vocabulary, context length, EOS ids).
+    pub config: LlamaConfig,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks in the pool.
+    pub num_blocks: usize,
+}
+
+impl EngineInfo {
+    /// Tokens the KV cache holds.
+    pub fn kv_tokens(&self) -> usize {
+        self.block_size * self.num_blocks
+    }
+}
+
+enum Command {
+    Add { id: u64, req: Box<GenerateRequest>, events: tmpsc::UnboundedSender<Event>, ack: oneshot::Sender<Result<()>> },
+    Abort(u64),
+    Shutdown { deadline: Option<Instant> },
+}
+
+struct Shared {
+    tx: Mutex<mpsc::Sender<Command>>,
+    metrics: Arc<Metrics>,
+    info: EngineInfo,
+    next_id: AtomicU64,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A cheap, cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+}
+
+/// The events of one submitted request. Dropping it before [`Event::Done`] or [`Event::Error`] aborts the request.
+pub struct RequestStream {
+    id: u64,
+    rx: tmpsc::UnboundedReceiver<Event>,
+    shared: Arc<Shared>,
+    ended: bool,
+}
+
+impl RequestStream {
+    /// The engine's id of this request.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn see(&mut self, e: Option<Event>) -> Option<Event> {
+        match &e {
+            Some(Event::Done(_) | Event::Error(_)) | None => self.ended = true,
+            _ => {}
+        }
+        e
+    }
+
+    /// The next event; `None` after the last one.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.ended {
+            return None;
+        }
+        let e = self.rx.recv().await;
+        self.see(e)
+    }
+
+    /// The next event, blocking the thread (not for async contexts).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        if self.ended {
+            return None;
+        }
+        let e = self.rx.blocking_recv();
+        self.see(e)
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.ended {
+            if let Ok(tx) = self.shared.tx.lock() {
+                let _ = tx.send(Command::Abort(self.id));
+            }
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. `make_exec` builds the executor on that thread (so it need not be `Send`);
+    /// `tokenizer` turns ids into text (without one, text fields stay empty and stop strings are refused).
+    /// Returns once the executor is ready, or with its error.
+    pub fn start<F>(make_exec: F, tokenizer: Option<Arc<Tokenizer>>, cfg: EngineConfig) -> Result<Self>
+    where
+        F: FnOnce() -> Result<Box<dyn Executor>> + Send + 'static,
+    {
+        if cfg.max_step_tokens == 0 || cfg.max_seqs == 0 {
+            return Err(Error::request("engine: max_step_tokens and max_seqs must be at least 1"));
+        }
+        let (tx, rx) = mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<EngineInfo>>();
+        let metrics = Arc::new(Metrics::default());
+        let m2 = metrics.clone();
+        let thread = std::thread::Builder::new()
+            .name("llama32-engine".into())
+            .spawn(move || {
+                let setup = || -> Result<(Box<dyn Executor>, Scheduler, EngineInfo)> {
+                    let exec = make_exec()?;
+                    let info = EngineInfo {
+                        config: exec.config().clone(),
+                        block_size: exec.block_size(),
+                        num_blocks: exec.num_blocks(),
+                    };
+                    let kv = KvManager::new(info.num_blocks, info.block_size)?;
+                    let scfg = SchedulerConfig::new(&info.config, cfg.max_step_tokens, cfg.max_seqs);
+                    Ok((exec, Scheduler::new(scfg, kv)?, info))
+                };
+                match setup() {
+                    Ok((exec, sched, info)) => {
+                        let _ = ready_tx.send(Ok(info));
+                        let mut core = Core::new(exec, sched, tokenizer.as_deref(), cfg, m2);
+                        core.run(rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
+        let info = match ready_rx.recv() {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::Backend("the engine thread died while loading the model".into())),
+        };
+        Ok(EngineHandle {
+            shared: Arc::new(Shared {
+                tx: Mutex::new(tx),
+                metrics,
+                info,
+                next_id: AtomicU64::new(0),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The model and cache facts.
+    pub fn info(&self) -> &EngineInfo {
+        &self.shared.info
+    }
+
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    fn send(&self, cmd: Command) -> Result<()> {
+        let tx = self.shared.tx.lock().map_err(|_| Error::Backend("engine channel poisoned".into()))?;
+        tx.send(cmd).map_err(|_| Error::Backend("the engine has stopped".into()))
+    }
+
+    fn submit_inner(&self, req: GenerateRequest) -> Result<(RequestStream, oneshot::Receiver<Result<()>>)> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = tmpsc::unbounded_channel();
+        let (atx, arx) = oneshot::channel();
+        self.send(Command::Add { id, req: Box::new(req), events: etx, ack: atx })?;
+        let stream = RequestStream { id, rx: erx, shared: self.shared.clone(), ended: false };
+        Ok((stream, arx))
+    }
+
+    /// Queues a request. Fails (with [`Error::Request`]) when the engine refuses it: bad parameters, a prompt
+    /// that leaves no room in the context or cannot fit the KV cache, a full queue, or shutdown.
+    pub async fn submit(&self, req: GenerateRequest) -> Result<RequestStream> {
+        let (mut stream, ack) = self.submit_inner(req)?;
+        match ack.await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => {
+                stream.ended = true;
+                Err(e)
+            }
+            Err(_) => {
+                stream.ended = true;
+                Err(Error::Backend("the engine has stopped".into()))
+            }
+        }
+    }
+
+    /// [`submit`](Self::submit) for synchronous callers (not from inside an async runtime).
+    pub fn submit_blocking(&self, req: GenerateRequest) -> Result<RequestStream> {
+        let (mut stream, ack) = self.submit_inner(req)?;
+        match ack.blocking_recv() {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => {
+                stream.ended = true;
+                Err(e)
+            }
+            Err(_) => {
+                stream.ended = true;
+                Err(Error::Backend("the engine has stopped".into()))
+            }
+        }
+    }
+
+    /// Stops admission; running and queued requests go on until `deadline` (none: until they finish), after
+    /// which they end with an error event. Returns at once; [`join`](Self::join) waits for the thread.
+    pub fn shutdown(&self, deadline: Option<Instant>) {
+        let _ = self.send(Command::Shutdown { deadline });
+    }
+
+    /// Waits for the engine thread to exit (after [`shutdown`](Self::shutdown)).
+    pub fn join(&self) {
+        let handle = self.shared.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Log-probability of `id` and the `top` most likely ids under `softmax(logits)`, computed in f64.
+pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let m = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = if m.is_finite() {
+        m + logits.iter().filter(|v| !v.is_nan()).map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    } else {
+        m
+    };
+    let lp = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { (v as f64 - lse) as f32 };
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        // Keep the `top` largest, ties broken by lower id, with one sorted insertion per candidate that beats the
+        // current worst.
+        for (i, &v) in logits.iter().enumerate() {
+            if v.is_nan() {
+                continue;
+            }
+            if best.len() == top && v <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= v);
+            best.insert(at, (i as u32, v));
+            best.truncate(top);
+        }
+    }
+    TokenLogprob {
+        id,
+        logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |&v| lp(v)),
+        top: best.into_iter().map(|(i, v)| (i, lp(v))).collect(),
+    }
+}
+
+/// A request's state on the engine thread.
+struct Req {
+    events: tmpsc::UnboundedSender<Event>,
+    /// Sequence ids, completion `k` of `best_of` at `seqs[k]`.
+    seqs: Vec<SeqId>,
+    n: usize,
+    /// `best_of > n`: everything is buffered and the best `n` are sent at the end.
+    buffered: bool,
+    logprobs: Option<usize>,
+    prompt_len: usize,
+    arrived: Instant,
+    first_token: bool,
+    completion_tokens: usize,
+    /// Per completion: finish reason once finished.
+    finished: Vec<Option<FinishReason>>,
+    /// Per completion (buffered requests): text, ids, logprobs.
+    buf: Vec<(String, Vec<u32>, Vec<TokenLogprob>)>,
+    cum_logprob: Vec<f64>,
+}
+
+struct SeqInfo {
+    req: u64,
+    /// Index within `best_of`.
+    k: usize,
+    last_token: Option<Instant>,
+}
+
+struct Core<'t> {
+    exec: Box<dyn Executor>,
+    sched: Scheduler,
+    tok: Option<&'t Tokenizer>,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    reqs: HashMap<u64, Req>,
+    seqs: HashMap<SeqId, SeqInfo>,
+    decoders: HashMap<SeqId, StreamDecoder<'t>>,
+    shutting_down: bool,
+    deadline: Option<Instant>,
+}
+
+impl<'t> Core<'t> {
+    fn new(
+        exec: Box<dyn Executor>,
+        sched: Scheduler,
+        tok: Option<&'t Tokenizer>,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Core {
+            exec,
+            sched,
+            tok,
+            cfg,
+            metrics,
+            reqs: HashMap::new(),
+            seqs: HashMap::new(),
+            decoders: HashMap::new(),
+            shutting_down: false,
+            deadline: None,
+        }
+    }
+
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            if !self.sched.has_work() {
+                if self.shutting_down {
+                    return;
+                }
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return, // every handle is gone
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                self.fail_all("the server shut down before the request finished");
+            }
+            if self.sched.has_work() {
+                self.step();
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add { id, req, events, ack } => {
+                let r = self.add(id, *req, events);
+                if r.is_ok() {
+                    self.metrics.request_received();
+                }
+                let _ = ack.send(r);
+                self.metrics.set_sched(self.sched.metrics());
+            }
+            Command::Abort(id) => {
+                if self.reqs.contains_key(&id) {
+                    self.abort(id);
+                    self.metrics.request_finished("aborted", None);
+                    self.metrics.set_sched(self.sched.metrics());
+                }
+            }
+            Command::Shutdown { deadline } => {
+                self.shutting_down = true;
+                self.deadline = deadline;
+            }
+        }
+    }
+
+    fn add(&mut self, id: u64, req: GenerateRequest, events: tmpsc::UnboundedSender<Event>) -> Result<()> {
+        if self.shutting_down {
+            return Err(Error::request("the server is shutting down and accepts no new requests"));
+        }
+        let mut req = req;
+        req.best_of = req.best_of.max(req.n);
+        if req.n == 0 || req.best_of > MAX_COMPLETIONS {
+            return Err(Error::request(format!(
+                "n ({}) must be at least 1 and best_of ({}) at most {MAX_COMPLETIONS}",
+                req.n, req.best_of
+            )));
+        }
+        if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::request(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}")));
+        }
+        if self.tok.is_none() && !req.params.stop.is_empty() {
+            return Err(Error::request("stop strings need a tokenizer, and this model has none"));
+        }
+        let waiting = self.sched.metrics().waiting;
+        if self.cfg.max_waiting > 0 && waiting + req.best_of > self.cfg.max_waiting {
+            return Err(Error::request(format!(
+                "the queue is full ({waiting} sequences waiting, limit {}); retry later",
+                self.cfg.max_waiting
+            )));
+        }
+        let seqs = self.sched.add_request_n(req.prompt.clone(), req.params.clone(), req.best_of, req.priority)?;
+        for (k, &s) in seqs.iter().enumerate() {
+            self.seqs.insert(s, SeqInfo { req: id, k, last_token: None });
+            if let Some(t) = self.tok {
+                self.decoders.insert(s, t.stream_decoder(req.skip_special_tokens));
+            }
+        }
+        let nb = req.best_of;
+        self.reqs.insert(
+            id,
+            Req {
+                events,
+                n: req.n,
+                buffered: req.best_of > req.n,
+                logprobs: req.logprobs,
+                prompt_len: req.prompt.len(),
+                arrived: Instant::now(),
+                first_token: false,
+                completion_tokens: 0,
+                finished: vec![None; nb],
+                buf: vec![(String::new(), Vec::new(), Vec::new()); nb],
+                cum_logprob: vec![0.0; nb],
+                seqs,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops a request and frees its sequences.
+    fn abort(&mut self, id: u64) {
+        if let Some(r) = self.reqs.remove(&id) {
+            for s in r.seqs {
+                self.sched.abort(s);
+                self.seqs.remove(&s);
+                self.decoders.remove(&s);
+            }
+        }
+    }
+
+    fn fail(&mut self, id: u64, msg: &str) {
+        if let Some(r) = self.reqs.get(&id) {
+            let _ = r.events.send(Event::Error(msg.to_string()));
+        }
+        self.abort(id);
+        self.metrics.request_finished("error", None);
+    }
+
+    fn fail_all(&mut self, msg: &str) {
+        let ids: Vec<u64> = self.reqs.keys().copied().collect();
+        for id in ids {
+            self.fail(id, msg);
+        }
+        self.metrics.set_sched(self.sched.metrics());
+    }
+
+    /// Per logits row of `plan`: the number of alternatives wanted when the row's request wants log-probabilities
+    /// (requests with `best_of > n` need them for ranking).
+    fn logprob_rows(&self, plan: &StepPlan) -> Vec<Option<usize>> {
+        plan.logits_seqs
+            .iter()
+            .map(|s| {
+                let r = self.seqs.get(s).and_then(|i| self.reqs.get(&i.req))?;
+                match (r.logprobs, r.buffered) {
+                    (Some(k), _) => Some(k),
+                    (None, true) => Some(0),
+                    (None, false) => None,
+                }
+            })
+            .collect()
+    }
+
+    fn run_plan(&mut self, plan: &StepPlan) -> Result<(Vec<u32>, Vec<Option<TokenLogprob>>)> {
+        let wants = self.logprob_rows(plan);
+        if wants.iter().all(Option::is_none) {
+            let picked = run_step(&mut self.sched, self.exec.as_mut(), plan)?;
+            return Ok((picked, vec![None; plan.logits_seqs.len()]));
+        }
+        // Log-probabilities need the logits on the host: run the plain step and sample there.
+        let out = self.exec.step(&plan.input)?;
+        let vocab = self.exec.config().vocab_size;
+        let mut rows = self.sched.sample_rows(plan)?;
+        if out.logits.len() != rows.len() * vocab {
+            return Err(Error::Backend(format!("{} logits for {} rows", out.logits.len(), rows.len())));
+        }
+        let mut picked = Vec::with_capacity(rows.len());
+        let mut lps = Vec::with_capacity(rows.len());
+        for ((r, l), w) in rows.iter_mut().zip(out.logits.chunks(vocab)).zip(&wants) {
+            let id = r.sampler.sample(l);
+            picked.push(id);
+            lps.push(w.map(|k| token_logprob(l, id, k)));
+        }
+        Ok((picked, lps))
+    }
+
+    fn step(&mut self) {
+        let plan = match self.sched.schedule() {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                self.fail_all("scheduler: sequences are left but nothing can be scheduled");
+                return;
+            }
+            Err(e) => {
+                self.fail_all(&format!("scheduler: {e}"));
+                return;
+            }
+        };
+        let prompt_tokens: usize = plan
+            .chunks
+            .iter()
+            .filter(|c| self.seqs.get(&c.seq).is_some_and(|_| c.len > 1 || !c.sample))
+            .map(|c| c.len)
+            .sum();
+        let (picked, lps) = match self.run_plan(&plan) {
+            Ok(x) => x,
+            Err(e) => {
+                self.fail_all(&format!("step failed: {e}"));
+                return;
+            }
+        };
+        let (tok, decoders) = (self.tok, &mut self.decoders);
+        let mut detok = |seq: SeqId, id: u32| -> Result<String> {
+            match (tok, decoders.get_mut(&seq)) {
+                (Some(_), Some(d)) => d.push(id),
+                _ => Ok(String::new()),
+            }
+        };
+        let up = match self.sched.update(&plan, &picked, &mut detok) {
+            Ok(u) => u,
+            Err(e) => {
+                self.fail_all(&format!("scheduler: {e}"));
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut texts: HashMap<SeqId, String> = up.deltas.into_iter().collect();
+        let finished: HashMap<SeqId, FinishReason> = up.finished.iter().map(|f| (f.seq, f.generation.finish)).collect();
+        let (mut ttft, mut itl) = (Vec::new(), Vec::new());
+        let mut generated = 0;
+        let mut dead: Vec<u64> = Vec::new();
+        let mut done: Vec<u64> = Vec::new();
+        for ((&seq, &id), lp) in plan.logits_seqs.iter().zip(&picked).zip(lps) {
+            let Some(info) = self.seqs.get_mut(&seq) else { continue };
+            let Some(r) = self.reqs.get_mut(&info.req) else { continue };
+            generated += 1;
+            r.completion_tokens += 1;
+            if !r.first_token {
+                r.first_token = true;
+                ttft.push(now.duration_since(r.arrived).as_secs_f64());
+            }
+            if let Some(t) = info.last_token {
+                itl.push(now.duration_since(t).as_secs_f64());
+            }
+            info.last_token = Some(now);
+            let k = info.k;
+            if let Some(lp) = &lp {
+                r.cum_logprob[k] += lp.logprob as f64;
+            }
+            let text = texts.remove(&seq).unwrap_or_default();
+            let fin = finished.get(&seq).copied();
+            if r.buffered {
+                let b = &mut r.buf[k];
+                b.0.push_str(&text);
+                b.1.push(id);
+                b.2.extend(lp);
+            } else {
+                let logprobs = if r.logprobs.is_some() { lp.into_iter().collect() } else { Vec::new() };
+                let ok = r.events.send(Event::Delta { index: k, text, ids: vec![id], logprobs }).is_ok()
+                    && fin.is_none_or(|reason| r.events.send(Event::Finished { index: k, reason }).is_ok());
+                if !ok {
+                    dead.push(info.req);
+                    continue;
+                }
+            }
+            if let Some(reason) = fin {
+                r.finished[k] = Some(reason);
+                if r.finished.iter().all(Option::is_some) {
+                    done.push(info.req);
+                }
+                self.seqs.remove(&seq);
+                self.decoders.remove(&seq);
+            }
+        }
+        for id in dead {
+            self.abort(id);
+            self.metrics.request_finished("aborted", None);
+        }
+        // Metrics first, so that a caller who sees `Done` also sees the freed blocks.
+        self.metrics.step(self.sched.metrics(), prompt_tokens, generated, &ttft, &itl);
+        for id in done {
+            self.complete(id);
+        }
+    }
+
+    /// Sends a finished request's remaining events: for `best_of > n`, the best `n` completions (highest
+    /// cumulative log-probability, ties to the earlier one) as one delta each, then `Done` with the usage.
+    fn complete(&mut self, id: u64) {
+        let Some(mut r) = self.reqs.remove(&id) else { return };
+        if r.buffered {
+            let mut order: Vec<usize> = (0..r.seqs.len()).collect();
+            order.sort_by(|&a, &b| r.cum_logprob[b].total_cmp(&r.cum_logprob[a]).then(a.cmp(&b)));
+            for (index, &k) in order.iter().take(r.n).enumerate() {
+                let (text, ids, lps) = std::mem::take(&mut r.buf[k]);
+                let logprobs = if r.logprobs.is_some() { lps } else { Vec::new() };
+                let _ = r.events.send(Event::Delta { index, text, ids, logprobs });
+                if let Some(reason) = r.finished[k] {
+                    let _ = r.events.send(Event::Finished { index, reason });
+                }
+            }
+        }
+        let usage = Usage {
+            prompt_tokens: r.prompt_len,
+            completion_tokens: r.completion_tokens,
+            total_tokens: r.prompt_len + r.completion_tokens,
+        };
+        let _ = r.events.send(Event::Done(usage));
+        let reason = r.finished.first().copied().flatten().map_or("stop", FinishReason::as_str);
+        self.metrics.request_finished(reason, Some(r.arrived.elapsed()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_log_softmax_with_sorted_alternatives() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, f32::NAN, -1.0];
+        let lp = token_logprob(&logits, 2, 3);
+        let z: f64 = [1.0f64, 3.0, 2.0, 3.0, -1.0].iter().map(|v| v.exp()).sum();
+        assert!((lp.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        assert!((lp.top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-6);
+        assert!(token_logprob(&logits, 0, 0).top.is_empty());
+        assert_eq!(token_logprob(&logits, 4, 1).logprob, f32::NEG_INFINITY);
+    }
+}

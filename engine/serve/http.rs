@@ -1,0 +1,465 @@
+//! The OpenAI-compatible HTTP server (`llama32 serve`) on axum.
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or server-sent events), `GET /v1/models`,
+//! `GET /v1/models/{id}`, `GET /health` and `GET /metrics` (Prometheus). Every error is an OpenAI-style JSON body
+//! `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! A response owns the engine's [`RequestStream`]s of its request: when a client goes away, hyper drops the
+//! handler future (non-streaming) or the response body (streaming), which drops the streams and aborts the
+//! request in the engine at once, freeing its KV blocks.
+//!
+//! Shutdown ([`serve`]): new generation requests get a 503, the engine finishes the running requests until
+//! [`ServerOptions::shutdown_timeout`] and then ends them with an error, and the server waits for every response in
+//! flight (streams included) before it returns. Set `LLAMA32_LOG_REQUESTS=1` to log one line per request to stderr.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, BoxStream, SelectAll, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::api::{self, ApiError, Endpoint, Prepared, ResponseBuilder, ServeContext, StreamBuilder};
+use super::engine::{EngineHandle, RequestStream};
+use super::Event;
+use crate::{Error, Result};
+
+/// Where and how the server listens.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Host name or address to bind.
+    pub host: String,
+    /// TCP port (0: any free port).
+    pub port: u16,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// How long running requests may go on after a shutdown signal before they are ended with an error.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            max_body_bytes: 16 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How long after the engine's shutdown deadline [`serve`] still waits for connections to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What every handler shares.
+#[derive(Clone)]
+struct AppState {
+    engine: EngineHandle,
+    ctx: Arc<ServeContext>,
+    max_body_bytes: usize,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl AppState {
+    fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// The application's routes over `engine`. Request bodies over `max_body_bytes` are refused with a 400; while
+/// `shutting_down` is set, generation requests and `/health` get a 503.
+pub fn router(
+    engine: EngineHandle,
+    ctx: Arc<ServeContext>,
+    max_body_bytes: usize,
+    shutting_down: Arc<AtomicBool>,
+) -> Router {
+    let state = AppState { engine, ctx, max_body_bytes, shutting_down };
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state);
+    if std::env::var_os("LLAMA32_LOG_REQUESTS").is_some_and(|v| !v.is_empty() && v != "0") {
+        app.layer(axum::middleware::from_fn(log_request))
+    } else {
+        app
+    }
+}
+
+/// Serves `listener` until `shutdown` resolves, then shuts down gracefully: new generation requests get a 503, the
+/// engine gets until `opts.shutdown_timeout` to finish the running requests (after which they end with an error),
+/// the responses in flight are completed (connections still open 5 s after that deadline are abandoned), and the
+/// engine thread is joined.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: EngineHandle,
+    ctx: Arc<ServeContext>,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let app = router(engine.clone(), ctx, opts.max_body_bytes, shutting_down.clone());
+    let (flag, eng, timeout) = (shutting_down.clone(), engine.clone(), opts.shutdown_timeout);
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        flag.store(true, Ordering::SeqCst);
+        eng.shutdown(Some(Instant::now() + timeout));
+        let _ = fired_tx.send(());
+    };
+    // A client that never finishes sending its request or stops reading its response would hold a graceful
+    // shutdown forever: give up on such connections a while after the engine's deadline.
+    let cap = async move {
+        match fired_rx.await {
+            Ok(()) => tokio::time::sleep(timeout + SHUTDOWN_GRACE).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let served = tokio::select! {
+        r = axum::serve(listener, app).with_graceful_shutdown(signal) => r,
+        () = cap => {
+            eprintln!("shutdown: gave up waiting for the remaining connections");
+            Ok(())
+        }
+    };
+    if !shutting_down.swap(true, Ordering::SeqCst) {
+        // The server stopped without a signal (an I/O error): stop the engine too.
+        engine.shutdown(Some(Instant::now()));
+    }
+    let e = engine.clone();
+    let joined = tokio::task::spawn_blocking(move || e.join()).await;
+    served.map_err(|e| Error::Backend(format!("HTTP server: {e}")))?;
+    joined.map_err(|e| Error::Backend(format!("waiting for the engine thread: {e}")))?;
+    Ok(())
+}
+
+/// Runs the server on a new multi-threaded runtime until Ctrl-C or SIGTERM: binds `opts.host:opts.port`, prints
+/// `listening on http://HOST:PORT` to stderr, and shuts down as [`serve`] does.
+pub fn run_blocking(engine: EngineHandle, ctx: ServeContext, opts: ServerOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llama32-http")
+        .build()
+        .map_err(|e| Error::Backend(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        let addr = if opts.host.contains(':') {
+            format!("[{}]:{}", opts.host, opts.port)
+        } else {
+            format!("{}:{}", opts.host, opts.port)
+        };
+        let listener = match tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                engine.shutdown(Some(Instant::now()));
+                return Err(Error::io(&addr, std::io::Error::new(e.kind(), format!("cannot listen: {e}"))));
+            }
+        };
+        let port = listener.local_addr().map_or(opts.port, |a| a.port());
+        let shown =
+            if opts.host.contains(':') { format!("[{}]:{port}", opts.host) } else { format!("{}:{port}", opts.host) };
+        eprintln!("listening on http://{shown}");
+        let timeout = opts.shutdown_timeout;
+        let signal = async move {
+            shutdown_signal().await;
+            eprintln!(
+                "shutting down: finishing running requests (up to {:.0} s); press Ctrl-C again to quit at once",
+                timeout.as_secs_f64()
+            );
+            // Our handlers replaced the default ones: a second signal must still end the process.
+            tokio::spawn(async {
+                shutdown_signal().await;
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            });
+        };
+        serve(listener, engine, Arc::new(ctx), opts, signal).await
+    })
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t = Instant::now();
+    let resp = next.run(req).await;
+    eprintln!("{method} {path} {} {:.1} ms", resp.status().as_u16(), t.elapsed().as_secs_f64() * 1e3);
+    resp
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e.body())).into_response()
+}
+
+fn shutting_down_error() -> ApiError {
+    ApiError::server(503, "server is shutting down")
+}
+
+async fn not_found(req: Request) -> Response {
+    let e = ApiError {
+        status: 404,
+        message: format!("{} {}: no such route", req.method(), req.uri().path()),
+        kind: "invalid_request_error",
+        param: None,
+    };
+    error_response(&e)
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let e = ApiError {
+        status: 405,
+        message: format!("{}: method {} is not allowed", req.uri().path(), req.method()),
+        kind: "invalid_request_error",
+        param: None,
+    };
+    error_response(&e)
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    if s.shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting down"}))).into_response()
+    } else {
+        Json(json!({"status": "ok"})).into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let text = s.engine.metrics().render(&s.ctx.model_name);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+fn model_card(ctx: &ServeContext) -> Value {
+    json!({
+        "id": ctx.model_name, "object": "model", "created": ctx.started, "owned_by": "llama32",
+        "max_model_len": ctx.info.config.max_position_embeddings,
+    })
+}
+
+async fn list_models(State(s): State<AppState>) -> Response {
+    Json(json!({"object": "list", "data": [model_card(&s.ctx)]})).into_response()
+}
+
+async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    if id == s.ctx.model_name {
+        return Json(model_card(&s.ctx)).into_response();
+    }
+    let e = ApiError {
+        status: 404,
+        message: format!("model `{id}` does not exist; this server serves `{}`", s.ctx.model_name),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+    };
+    error_response(&e)
+}
+
+async fn chat_completions(State(s): State<AppState>, body: Body) -> Response {
+    generate(s, Endpoint::Chat, body).await
+}
+
+async fn completions(State(s): State<AppState>, body: Body) -> Response {
+    generate(s, Endpoint::Completions, body).await
+}
+
+/// Reads and parses a JSON request body of at most `limit` bytes.
+async fn read_json(body: Body, limit: usize) -> std::result::Result<Value, ApiError> {
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_long = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                .any(|e| e.to_string().contains("length limit exceeded"));
+            return Err(if too_long {
+                ApiError::bad_request(None, format!("request body: larger than the limit of {limit} bytes"))
+            } else {
+                ApiError::bad_request(None, format!("request body: could not be read: {e}"))
+            });
+        }
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        ApiError::bad_request(None, format!("request body is not valid UTF-8 (at byte {})", e.valid_up_to()))
+    })?;
+    serde_json::from_str(text).map_err(|e| ApiError::bad_request(None, format!("request body is not valid JSON: {e}")))
+}
+
+/// A generation request: parse, validate, submit every prompt, then answer with JSON or a stream of events.
+async fn generate(s: AppState, endpoint: Endpoint, body: Body) -> Response {
+    if s.shutting_down() {
+        return error_response(&shutting_down_error());
+    }
+    let json = match read_json(body, s.max_body_bytes).await {
+        Ok(j) => j,
+        Err(e) => return error_response(&e),
+    };
+    let prep = match api::prepare(&s.ctx, endpoint, &json) {
+        Ok(p) => p,
+        Err(e) => return error_response(&e),
+    };
+    let mut streams = Vec::with_capacity(prep.requests.len());
+    for req in &prep.requests {
+        match s.engine.submit(req.clone()).await {
+            Ok(st) => streams.push(st),
+            // Dropping `streams` aborts the prompts already submitted.
+            Err(e) => return error_response(&submit_error(&s, &e)),
+        }
+    }
+    if prep.stream {
+        stream_response(s, prep, streams)
+    } else {
+        json_response(s, prep, streams).await
+    }
+}
+
+fn submit_error(s: &AppState, e: &Error) -> ApiError {
+    if s.shutting_down() {
+        return shutting_down_error();
+    }
+    match e {
+        Error::Request(_) => ApiError::from_request_error(e),
+        Error::Backend(m) => ApiError::server(503, format!("the engine is not available: {m}")),
+        other => ApiError::server(500, other.to_string()),
+    }
+}
+
+/// The status of an error that ended a request in the engine.
+fn engine_error(s: &AppState, msg: String) -> ApiError {
+    ApiError::server(if s.shutting_down() { 503 } else { 500 }, msg)
+}
+
+/// The events of every prompt's stream, tagged with the prompt's index, in arrival order.
+fn merge(streams: Vec<RequestStream>) -> SelectAll<BoxStream<'static, (usize, Event)>> {
+    stream::select_all(
+        streams.into_iter().enumerate().map(|(i, st)| {
+            stream::unfold(st, move |mut st| async move { st.next().await.map(|e| ((i, e), st)) }).boxed()
+        }),
+    )
+}
+
+const ENDED_EARLY: &str = "the engine stopped before the request finished";
+
+async fn json_response(s: AppState, prep: Prepared, streams: Vec<RequestStream>) -> Response {
+    let total = streams.len();
+    let mut events = merge(streams);
+    let mut rb = ResponseBuilder::new(&s.ctx, &prep);
+    let mut done = 0;
+    while let Some((i, ev)) = events.next().await {
+        done += matches!(ev, Event::Done(_)) as usize;
+        if let Err(msg) = rb.push(i, ev) {
+            return error_response(&engine_error(&s, msg));
+        }
+    }
+    if done < total {
+        return error_response(&engine_error(&s, ENDED_EARLY.into()));
+    }
+    Json(rb.build()).into_response()
+}
+
+fn sse_data(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn stream_response(s: AppState, prep: Prepared, streams: Vec<RequestStream>) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let driver = async move {
+        let total = streams.len();
+        let mut events = merge(streams);
+        let mut sb = StreamBuilder::new(&s.ctx, &prep);
+        let (mut done, mut failed) = (0, false);
+        while let Some((i, ev)) = events.next().await {
+            done += matches!(ev, Event::Done(_)) as usize;
+            match sb.push(i, ev) {
+                Ok(chunks) => chunks.iter().for_each(|c| {
+                    let _ = tx.send(sse_data(c));
+                }),
+                Err(msg) => {
+                    let _ = tx.send(sse_data(&engine_error(&s, msg).body()));
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if !failed && done < total {
+            let _ = tx.send(sse_data(&engine_error(&s, ENDED_EARLY.into()).body()));
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
+    };
+    let body = Body::from_stream(Driven { rx, driver: Some(Box::pin(driver)) });
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// A body stream driven by the future that produces it: the future (which owns the request's engine streams) runs
+/// only while the body is polled, and dropping the body (a client that went away) drops it, aborting the request.
+struct Driven {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    driver: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Stream for Driven {
+    type Item = std::result::Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(b)) => return Poll::Ready(Some(Ok(b))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {}
+            }
+            let Some(d) = this.driver.as_mut() else { return Poll::Ready(None) };
+            match d.as_mut().poll(cx) {
+                // Finished: the sender is gone, so the next poll of `rx` drains what is left and ends.
+                Poll::Ready(()) => this.driver = None,
+                Poll::Pending => {
+                    return match this.rx.poll_recv(cx) {
+                        Poll::Ready(Some(b)) => Poll::Ready(Some(Ok(b))),
+                        Poll::Ready(None) => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+            }
+        }
+    }
+}

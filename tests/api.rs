@@ -1,0 +1,234 @@
+//! The OpenAI request and response formats (`serve::api`) without HTTP: validation into engine requests, tool
+//! handling, and the response / stream objects built from engine events.
+
+mod common;
+
+use llama32::sampling::FinishReason;
+use llama32::serve::api::{prepare, Endpoint, ResponseBuilder, ServeContext, StreamBuilder};
+use llama32::serve::engine::EngineConfig;
+use llama32::serve::{Event, TokenLogprob, Usage};
+use serde_json::{json, Value};
+
+fn ctx(tag: &str, with_generation_config: bool) -> Option<ServeContext> {
+    let dir = common::tiny_model_dir(tag)?;
+    if with_generation_config {
+        let data = common::data_dir()?;
+        std::fs::copy(data.join("Llama-3.2-3B-Instruct/generation_config.json"), dir.join("generation_config.json"))
+            .unwrap();
+    }
+    let (engine, ctx) = common::tiny_engine(&dir, 256, EngineConfig::default());
+    engine.shutdown(None);
+    Some(ctx)
+}
+
+fn weather_tools() -> Value {
+    json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+}
+
+fn err(ctx: &ServeContext, ep: Endpoint, body: Value) -> (String, Option<String>) {
+    let e = prepare(ctx, ep, &body).expect_err("must be refused");
+    assert_eq!(e.status, 400);
+    assert_eq!(e.body()["error"]["type"], "invalid_request_error");
+    (e.message, e.param)
+}
+
+#[test]
+fn validation_errors_name_the_field() {
+    let Some(c) = ctx("api-validate", false) else { return };
+    let chat = |extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (chat(json!({"model": "gpt-4"})), "model", "does not exist"),
+        (chat(json!({"temperature": -1})), "temperature", "temperature"),
+        (chat(json!({"temperature": "hot"})), "temperature", "temperature: invalid type"),
+        (chat(json!({"top_p": 0})), "top_p", "top_p"),
+        (chat(json!({"n": 0})), "n", "n: must be in"),
+        (chat(json!({"max_tokens": 5000})), "max_tokens", "maximum context length is 1024"),
+        (chat(json!({"max_completion_tokens": 0})), "max_completion_tokens", "max_completion_tokens"),
+        (chat(json!({"stop": 3})), "stop", "stop"),
+        (chat(json!({"logit_bias": {"1": 5}})), "logit_bias", "not supported"),
+        (chat(json!({"response_format": {"type": "json_object"}})), "response_format", "guided"),
+        (chat(json!({"top_logprobs": 3})), "top_logprobs", "needs logprobs"),
+        (chat(json!({"logprobs": true, "top_logprobs": 50})), "top_logprobs", "[0, 20]"),
+        (chat(json!({"stream": true, "best_of": 3})), "best_of", "streaming"),
+        (chat(json!({"tool_choice": "required"})), "tool_choice", "needs tools"),
+        (
+            chat(json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}})),
+            "tool_choice",
+            "`nope` is not in tools",
+        ),
+        (json!({"messages": [{"role": "robot", "content": "hi"}]}), "messages[0].role", "messages[0].role"),
+        (json!({"messages": []}), "messages", "must not be empty"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            "messages",
+            "vision model",
+        ),
+    ];
+    for (body, param, needle) in cases {
+        let (msg, p) = err(&c, Endpoint::Chat, body.clone());
+        assert!(msg.contains(needle), "{body}: message {msg:?} lacks {needle:?}");
+        assert_eq!(p.as_deref(), Some(param), "{body}: {msg}");
+    }
+    let long: Vec<u32> = (0..1100).map(|i| 1000 + i).collect();
+    let (msg, p) = err(&c, Endpoint::Completions, json!({"prompt": long}));
+    assert!(msg.contains("maximum context length is 1024") && msg.contains("1100"), "{msg}");
+    assert_eq!(p.as_deref(), Some("prompt"));
+    let (msg, _) = err(&c, Endpoint::Completions, json!({"prompt": [1, 2, 200000]}));
+    assert!(msg.contains("outside the vocabulary"), "{msg}");
+    let (msg, _) = err(&c, Endpoint::Completions, json!({"prompt": [[1, 2], "x"]}));
+    assert!(msg.contains("prompt: expected"), "{msg}");
+    let (msg, _) = err(&c, Endpoint::Completions, json!({"prompt": "a", "suffix": "b"}));
+    assert!(msg.contains("suffix"), "{msg}");
+    let (msg, _) = err(&c, Endpoint::Completions, json!({"prompt": "a", "echo": true, "logprobs": 2}));
+    assert!(msg.contains("echo"), "{msg}");
+    let (msg, _) = err(&c, Endpoint::Completions, json!({}));
+    assert!(msg.contains("prompt: missing"), "{msg}");
+}
+
+#[test]
+fn sampling_fields_defaults_and_limits() {
+    let Some(c) = ctx("api-defaults", true) else { return };
+    // generation_config.json gives temperature 0.6 and top_p 0.9; the request overrides them.
+    let p = prepare(&c, Endpoint::Chat, &json!({"messages": [{"role": "user", "content": "hi"}]})).unwrap();
+    let r = &p.requests[0];
+    assert_eq!((r.params.temperature, r.params.top_p), (0.6, 0.9));
+    assert_eq!(r.params.max_tokens, 1024 - r.prompt.len(), "chat defaults to the rest of the context");
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "top_k": -1, "seed": 5,
+        "stop": ["a", "b"], "stop_token_ids": [7], "ignore_eos": true, "n": 2, "best_of": 3, "priority": 4,
+        "logprobs": true, "top_logprobs": 2, "max_completion_tokens": 9, "max_tokens": 100,
+        "frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.1, "min_p": 0.05});
+    let p = prepare(&c, Endpoint::Chat, &body).unwrap();
+    let r = &p.requests[0];
+    assert_eq!(r.params.temperature, 0.0);
+    assert_eq!(r.params.top_k, 0);
+    assert_eq!(r.params.seed, Some(5));
+    assert_eq!(r.params.stop, vec!["a", "b"]);
+    assert_eq!(r.params.stop_token_ids, vec![7]);
+    assert!(r.params.ignore_eos);
+    assert_eq!(r.params.max_tokens, 9, "max_completion_tokens wins over max_tokens");
+    assert_eq!((r.n, r.best_of, r.priority, r.logprobs), (2, 3, 4, Some(2)));
+    assert_eq!((r.params.frequency_penalty, r.params.presence_penalty), (0.5, -0.5));
+    // Completions: BOS + text, default max_tokens 16, several prompts.
+    let p =
+        prepare(&c, Endpoint::Completions, &json!({"prompt": ["Hello", "Bonjour"], "n": 2, "logprobs": 3})).unwrap();
+    assert_eq!(p.requests.len(), 2);
+    assert_eq!(p.requests[0].prompt[0], 128000);
+    assert_eq!(p.requests[0].params.max_tokens, 16);
+    assert_eq!(p.requests[1].logprobs, Some(3));
+    let p = prepare(&c, Endpoint::Completions, &json!({"prompt": [128000, 9906], "echo": true})).unwrap();
+    assert_eq!(p.prefixes[0], "Hello", "echo decodes a token prompt (special tokens skipped)");
+}
+
+#[test]
+fn tool_choice_controls_rendering_and_parsing() {
+    let Some(c) = ctx("api-tools", false) else { return };
+    let msgs = json!([{"role": "user", "content": "Weather in Paris?"}]);
+    let plain = prepare(&c, Endpoint::Chat, &json!({"messages": msgs})).unwrap();
+    let auto = prepare(&c, Endpoint::Chat, &json!({"messages": msgs, "tools": weather_tools()})).unwrap();
+    let none = prepare(&c, Endpoint::Chat, &json!({"messages": msgs, "tools": weather_tools(), "tool_choice": "none"}))
+        .unwrap();
+    assert!(auto.parse_tools && !none.parse_tools && !plain.parse_tools);
+    assert!(auto.requests[0].prompt.len() > plain.requests[0].prompt.len() + 20, "tools are rendered");
+    assert_eq!(none.requests[0].prompt, plain.requests[0].prompt, "tool_choice none leaves the tools out");
+    assert!(!auto.requests[0].skip_special_tokens, "<|python_tag|> must survive detokenization");
+    let named = prepare(
+        &c,
+        Endpoint::Chat,
+        &json!({"messages": msgs, "tools": weather_tools(),
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+    )
+    .unwrap();
+    assert_eq!(named.prefixes[0], "{\"name\": \"get_weather\", \"parameters\": ");
+    assert!(named.requests[0].prompt.len() > auto.requests[0].prompt.len(), "the call's start is forced");
+
+    // The answer `{"city": "Paris"}}` completes the forced prefix into a call.
+    let events = |text: &str| {
+        vec![
+            Event::Delta { index: 0, text: text.to_string(), ids: vec![1, 2], logprobs: vec![] },
+            Event::Finished { index: 0, reason: FinishReason::Stop },
+            Event::Done(Usage { prompt_tokens: 10, completion_tokens: 2, total_tokens: 12 }),
+        ]
+    };
+    let mut rb = ResponseBuilder::new(&c, &named);
+    for e in events("{\"city\": \"Paris\"}}") {
+        rb.push(0, e).unwrap();
+    }
+    let v = rb.build();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(v["usage"]["total_tokens"], 12);
+    assert_eq!(v["object"], "chat.completion");
+
+    // Streaming with tools: the text is held back and sent as one tool_calls delta before the finish chunk.
+    let mut sb = StreamBuilder::new(&c, &auto);
+    let mut chunks = Vec::new();
+    for e in events("{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}") {
+        chunks.extend(sb.push(0, e).unwrap());
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let calls: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["delta"]["tool_calls"].is_null()).collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
+    assert_eq!(calls[0]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"], "get_weather");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+
+    // Plain text with tools on stays content, finish_reason from the engine.
+    let mut rb = ResponseBuilder::new(&c, &auto);
+    for e in events("It is sunny.") {
+        rb.push(0, e).unwrap();
+    }
+    let v = rb.build();
+    assert_eq!(v["choices"][0]["message"]["content"], "It is sunny.");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn completions_objects_index_choices_and_report_logprobs() {
+    let Some(c) = ctx("api-objects", false) else { return };
+    let p = prepare(
+        &c,
+        Endpoint::Completions,
+        &json!({"prompt": ["a", "b"], "n": 2, "logprobs": 1, "stream": true, "stream_options": {"include_usage": true}}),
+    )
+    .unwrap();
+    let lp = |id: u32| TokenLogprob { id, logprob: -0.5, top: vec![(id, -0.5)] };
+    let mut sb = StreamBuilder::new(&c, &p);
+    let mut chunks = Vec::new();
+    for prompt in 0..2 {
+        for index in 0..2 {
+            let ev = Event::Delta { index, text: "x".into(), ids: vec![87], logprobs: vec![lp(87)] };
+            chunks.extend(sb.push(prompt, ev).unwrap());
+            chunks.extend(sb.push(prompt, Event::Finished { index, reason: FinishReason::Length }).unwrap());
+        }
+        let u = Usage { prompt_tokens: 2, completion_tokens: 2, total_tokens: 4 };
+        chunks.extend(sb.push(prompt, Event::Done(u)).unwrap());
+    }
+    let indexes: Vec<u64> =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).filter_map(|c| c["index"].as_u64()).collect();
+    assert_eq!(indexes, vec![0, 0, 1, 1, 2, 2, 3, 3]);
+    let first = &chunks[0]["choices"][0];
+    assert_eq!(first["text"], "x");
+    assert_eq!(first["logprobs"]["tokens"], json!(["x"]));
+    assert_eq!(first["logprobs"]["token_logprobs"], json!([-0.5]));
+    assert_eq!(first["logprobs"]["top_logprobs"], json!([{"x": -0.5}]));
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["total_tokens"], 8, "usage sums over prompts");
+    assert!(sb.push(0, Event::Error("boom".into())).is_err());
+}

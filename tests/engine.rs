@@ -1,0 +1,236 @@
+//! The serving engine thread on the CPU backend with a tiny random-weight model: requests, streaming events,
+//! `n`/`best_of`, log-probabilities, aborts, KV exhaustion and shutdown.
+
+mod common;
+
+use llama32::sampling::{FinishReason, SamplingParams};
+use llama32::serve::engine::{EngineConfig, EngineHandle, RequestStream};
+use llama32::serve::{Event, GenerateRequest, TokenLogprob, Usage};
+
+/// Everything one request produced: per completion text, ids, logprobs and finish reason; and the usage.
+#[derive(Debug, Default, PartialEq)]
+struct Out {
+    text: Vec<String>,
+    ids: Vec<Vec<u32>>,
+    logprobs: Vec<Vec<TokenLogprob>>,
+    finish: Vec<Option<FinishReason>>,
+    usage: Option<Usage>,
+    error: Option<String>,
+}
+
+fn drain(mut s: RequestStream, n: usize) -> Out {
+    let mut o = Out {
+        text: vec![String::new(); n],
+        ids: vec![vec![]; n],
+        logprobs: vec![vec![]; n],
+        finish: vec![None; n],
+        ..Default::default()
+    };
+    while let Some(e) = s.blocking_next() {
+        match e {
+            Event::Delta { index, text, ids, logprobs } => {
+                assert!(o.finish[index].is_none(), "delta after finish");
+                o.text[index].push_str(&text);
+                o.ids[index].extend(ids);
+                o.logprobs[index].extend(logprobs);
+            }
+            Event::Finished { index, reason } => o.finish[index] = Some(reason),
+            Event::Done(u) => o.usage = Some(u),
+            Event::Error(m) => o.error = Some(m),
+        }
+    }
+    o
+}
+
+fn prompt(k: u32, len: usize) -> Vec<u32> {
+    let mut p = vec![128000];
+    p.extend((0..len as u32 - 1).map(|i| 1000 + (i * 37 + k * 101) % 5000));
+    p
+}
+
+fn sampled(max_tokens: usize, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: Some(seed),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+fn engine(tag: &str, kv_tokens: usize, cfg: EngineConfig) -> Option<EngineHandle> {
+    let dir = common::tiny_model_dir(tag)?;
+    Some(common::tiny_engine(&dir, kv_tokens, cfg).0)
+}
+
+#[test]
+fn concurrent_requests_equal_their_solo_runs() {
+    let Some(e) = engine("solo", 4096, EngineConfig { max_step_tokens: 64, ..Default::default() }) else { return };
+    let reqs: Vec<GenerateRequest> =
+        (0..12).map(|k| GenerateRequest::new(prompt(k, 20 + 3 * k as usize), sampled(12, k as u64))).collect();
+    let solo: Vec<Out> = reqs.iter().map(|r| drain(e.submit_blocking(r.clone()).unwrap(), 1)).collect();
+    let streams: Vec<RequestStream> = reqs.iter().map(|r| e.submit_blocking(r.clone()).unwrap()).collect();
+    let together: Vec<Out> = streams.into_iter().map(|s| drain(s, 1)).collect();
+    for (k, (a, b)) in solo.iter().zip(&together).enumerate() {
+        assert_eq!(a.error, None);
+        assert_eq!(a.ids[0].len(), 12, "request {k}");
+        assert_eq!(a.finish[0], Some(FinishReason::Length));
+        assert_eq!(a, b, "request {k}: batched run differs from the solo run");
+        let u = a.usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (reqs[k].prompt.len(), 12));
+    }
+}
+
+#[test]
+fn n_and_best_of_share_the_prompt_and_pick_the_most_likely() {
+    let Some(e) = engine("nbest", 4096, EngineConfig::default()) else { return };
+    let p = prompt(3, 40);
+    // n = 3: three different completions, each reproducible from its own seed (seed + k).
+    let mut r = GenerateRequest::new(p.clone(), sampled(10, 100));
+    r.n = 3;
+    let three = drain(e.submit_blocking(r).unwrap(), 3);
+    assert_eq!(three.error, None);
+    assert!(three.finish.iter().all(|f| *f == Some(FinishReason::Length)));
+    assert_ne!(three.ids[0], three.ids[1]);
+    for k in 0..3 {
+        let solo = drain(e.submit_blocking(GenerateRequest::new(p.clone(), sampled(10, 100 + k as u64))).unwrap(), 1);
+        assert_eq!(solo.ids[0], three.ids[k], "completion {k} differs from its seed's solo run");
+    }
+    assert_eq!(three.usage.unwrap().completion_tokens, 30);
+    // The later completions found the prompt's full blocks in the prefix cache.
+    let kv = e.metrics().snapshot().sched.kv;
+    assert!(kv.hit_tokens >= 2 * 32, "prefix hits {}", kv.hit_tokens);
+
+    // best_of = 4, n = 2: the two completions with the highest cumulative logprob, best first.
+    let mut r = GenerateRequest::new(p.clone(), sampled(6, 7));
+    r.n = 2;
+    r.best_of = 4;
+    r.logprobs = Some(0);
+    let best = drain(e.submit_blocking(r).unwrap(), 2);
+    assert_eq!(best.error, None);
+    let mut all = Vec::new();
+    for k in 0..4u64 {
+        let mut s = GenerateRequest::new(p.clone(), sampled(6, 7 + k));
+        s.logprobs = Some(0);
+        let o = drain(e.submit_blocking(s).unwrap(), 1);
+        let cum: f64 = o.logprobs[0].iter().map(|l| l.logprob as f64).sum();
+        all.push((cum, o.ids[0].clone()));
+    }
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    assert_eq!(best.ids, vec![all[0].1.clone(), all[1].1.clone()]);
+    assert_eq!(best.usage.unwrap().completion_tokens, 24, "usage counts every generated completion");
+}
+
+#[test]
+fn logprobs_match_the_logits_and_do_not_change_the_tokens() {
+    let Some(e) = engine("logprobs", 4096, EngineConfig::default()) else { return };
+    let p = prompt(5, 30);
+    let plain = drain(e.submit_blocking(GenerateRequest::new(p.clone(), sampled(8, 42))).unwrap(), 1);
+    let mut r = GenerateRequest::new(p.clone(), sampled(8, 42));
+    r.logprobs = Some(5);
+    let with = drain(e.submit_blocking(r).unwrap(), 1);
+    assert_eq!(plain.ids, with.ids, "asking for logprobs changed the sampled tokens");
+    assert_eq!(with.logprobs[0].len(), 8);
+    for (lp, &id) in with.logprobs[0].iter().zip(&with.ids[0]) {
+        assert_eq!(lp.id, id);
+        assert!(lp.logprob <= 0.0 && lp.logprob.is_finite());
+        assert_eq!(lp.top.len(), 5);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(lp.top[0].1 >= lp.logprob, "the best alternative is at least as likely as the pick");
+    }
+    // Greedy: the pick is the most likely token.
+    let mut g = GenerateRequest::new(p, SamplingParams { max_tokens: 5, ignore_eos: true, ..Default::default() });
+    g.logprobs = Some(1);
+    let greedy = drain(e.submit_blocking(g).unwrap(), 1);
+    for lp in &greedy.logprobs[0] {
+        assert_eq!(lp.top[0].0, lp.id);
+        assert_eq!(lp.top[0].1, lp.logprob);
+    }
+}
+
+#[test]
+fn kv_exhaustion_preempts_and_loses_nothing() {
+    // 24 blocks of 16 tokens; 10 requests of 40 + 60 tokens need 7 blocks each at the end.
+    let Some(e) = engine("preempt", 24 * 16, EngineConfig { max_step_tokens: 128, ..Default::default() }) else {
+        return;
+    };
+    let reqs: Vec<GenerateRequest> =
+        (0..10).map(|k| GenerateRequest::new(prompt(20 + k, 40), sampled(60, 1000 + k as u64))).collect();
+    let streams: Vec<RequestStream> = reqs.iter().map(|r| e.submit_blocking(r.clone()).unwrap()).collect();
+    let together: Vec<Out> = streams.into_iter().map(|s| drain(s, 1)).collect();
+    let snap = e.metrics().snapshot();
+    assert!(snap.sched.preemptions > 0, "the test must force preemption");
+    for (k, (r, o)) in reqs.iter().zip(&together).enumerate() {
+        assert_eq!(o.error, None);
+        let solo = drain(e.submit_blocking(r.clone()).unwrap(), 1);
+        assert_eq!(o, &solo, "request {k} changed under preemption");
+    }
+    let kv = e.metrics().snapshot().sched.kv;
+    assert_eq!(kv.used_blocks, 0, "blocks leaked");
+}
+
+#[test]
+fn dropping_a_stream_aborts_its_request_and_frees_its_blocks() {
+    let Some(e) = engine("abort", 4096, EngineConfig::default()) else { return };
+    let mut long = e.submit_blocking(GenerateRequest::new(prompt(1, 50), sampled(900, 1))).unwrap();
+    // Wait for a few tokens, then go away.
+    let mut got = 0;
+    while got < 3 {
+        if let Some(Event::Delta { .. }) = long.blocking_next() {
+            got += 1;
+        }
+    }
+    drop(long);
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = e.metrics().snapshot();
+        if s.sched.running == 0 && s.sched.kv.used_blocks == 0 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 5, "aborted request still holds {} blocks", s.sched.kv.used_blocks);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let s = e.metrics().snapshot();
+    assert!(s.requests_finished.iter().any(|&(r, c)| r == "aborted" && c == 1));
+    // The engine goes on serving.
+    let o = drain(e.submit_blocking(GenerateRequest::new(prompt(2, 10), sampled(4, 2))).unwrap(), 1);
+    assert_eq!(o.ids[0].len(), 4);
+}
+
+#[test]
+fn refusals_name_the_problem() {
+    let Some(e) = engine("refuse", 64, EngineConfig { max_waiting: 2, ..Default::default() }) else { return };
+    let err = |r: GenerateRequest| e.submit_blocking(r).err().map(|x| x.to_string()).unwrap_or_default();
+    // The prompt fills the context (1024).
+    assert!(err(GenerateRequest::new(prompt(0, 1024), sampled(1, 0))).contains("context length"));
+    // The cache (4 blocks of 16) cannot hold prompt + output.
+    assert!(err(GenerateRequest::new(prompt(0, 40), sampled(60, 0))).contains("KV blocks"));
+    let mut bad = GenerateRequest::new(prompt(0, 4), sampled(4, 0));
+    bad.params.top_p = 0.0;
+    assert!(err(bad).contains("top_p"));
+    let mut many = GenerateRequest::new(prompt(0, 4), sampled(4, 0));
+    many.n = 3;
+    assert!(err(many).contains("queue is full"));
+}
+
+#[test]
+fn shutdown_finishes_running_requests_then_refuses_and_ends() {
+    let Some(e) = engine("shutdown", 4096, EngineConfig::default()) else { return };
+    let s = e.submit_blocking(GenerateRequest::new(prompt(1, 20), sampled(40, 1))).unwrap();
+    e.shutdown(None);
+    let o = drain(s, 1);
+    assert_eq!(o.error, None);
+    assert_eq!(o.ids[0].len(), 40);
+    let err = e.submit_blocking(GenerateRequest::new(prompt(1, 20), sampled(4, 1)));
+    assert!(err.is_err());
+    e.join();
+
+    // With a deadline, what is still running ends with an error event.
+    let Some(e) = engine("deadline", 4096, EngineConfig::default()) else { return };
+    let s = e.submit_blocking(GenerateRequest::new(prompt(1, 20), sampled(1000, 1))).unwrap();
+    e.shutdown(Some(std::time::Instant::now() + std::time::Duration::from_millis(50)));
+    let o = drain(s, 1);
+    assert!(o.error.as_deref().unwrap_or("").contains("shut down"), "{:?}", o.error);
+    e.join();
+}
