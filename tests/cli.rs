@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 mod common;
 use common::data_dir;
@@ -193,4 +193,119 @@ fn render_matches_meta_prompt_format() {
          Today Date: 26 Jul 2024\n\nYou are a helpful assistant<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n\
          Who are you?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     );
+}
+
+/// `POST path` with a JSON body over a fresh connection; returns (status, body).
+fn http_post(port: u16, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn serve_answers_and_shuts_down_on_sigterm() {
+    use std::io::BufRead;
+    let Some(dir) = common::tiny_model_dir("cli-serve") else { return };
+    let mut child = bin()
+        .args([
+            "serve",
+            "--random-weights",
+            "--port",
+            "0",
+            "--kv-tokens",
+            "2048",
+            "--shutdown-timeout",
+            "10",
+            "--model",
+        ])
+        .arg(&dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn llama32 serve");
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port: u16 = loop {
+        let line = lines.next().expect("serve exited before listening").unwrap();
+        if let Some(rest) = line.strip_prefix("listening on http://127.0.0.1:") {
+            break rest.trim().parse().unwrap();
+        }
+    };
+    let (status, body) = http_post(port, "/v1/completions", r#"{"prompt": "Hello", "max_tokens": 5, "seed": 1}"#);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["model"], dir.file_name().unwrap().to_str().unwrap());
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        v["usage"]["total_tokens"].as_u64().unwrap() as usize - v["usage"]["prompt_tokens"].as_u64().unwrap() as usize
+    );
+    let (status, body) = http_post(port, "/v1/completions", r#"{"prompt": "Hello", "temperature": -2}"#);
+    assert_eq!(status, 400);
+    assert!(body.contains("temperature"), "{body}");
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "serve did not exit after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
+    assert!(status.success(), "exit status {status:?}: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
+}
+
+#[test]
+fn batch_writes_results_in_input_order_and_resumes() {
+    let Some(dir) = common::tiny_model_dir("cli-batch") else { return };
+    let input = dir.join("requests.jsonl");
+    let output = dir.join("results.jsonl");
+    let lines = [
+        r#"{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "seed": 1}}"#,
+        r#"{"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Once", "max_tokens": 3}}"#,
+        r#"{"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}"#,
+        r#"not json"#,
+        r#"{"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 7}}"#,
+    ];
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run_batch = || {
+        run(bin()
+            .args(["batch", "--random-weights", "--kv-tokens", "2048", "--no-progress", "--model"])
+            .arg(&dir)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output))
+    };
+    let out = run_batch();
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["total"].as_u64(), summary["succeeded"].as_u64(), summary["failed"].as_u64()),
+        (Some(5), Some(2), Some(3))
+    );
+    let text = std::fs::read_to_string(&output).unwrap();
+    let rows: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids: Vec<&Value> = rows.iter().map(|r| &r["custom_id"]).collect();
+    assert_eq!(ids, [&json!("a"), &json!("b"), &json!("c"), &Value::Null, &json!("e")]);
+    assert_eq!(rows[0]["response"]["status_code"], 200);
+    assert_eq!(rows[0]["response"]["body"]["object"], "chat.completion");
+    assert_eq!(rows[1]["response"]["body"]["usage"]["completion_tokens"], 3);
+    assert!(rows[2]["error"]["message"].as_str().unwrap().contains("/v1/embeddings"));
+    assert_eq!(rows[3]["response"], Value::Null);
+    assert_eq!(rows[4]["response"]["status_code"], 400);
+    assert!(rows[4]["response"]["body"]["error"]["message"].as_str().unwrap().contains("top_p"));
+    // A second run has nothing left to do and leaves the file as it was.
+    let again: Value = serde_json::from_slice(&run_batch().stdout).unwrap();
+    assert_eq!(again["skipped"], 5);
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), text);
 }

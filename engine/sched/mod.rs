@@ -14,8 +14,9 @@
 //!
 //! `n > 1` ([`Scheduler::add_request_n`]) shares the prompt's blocks through the prefix cache: the extra
 //! completions are admitted once the first one's prompt is computed, hit its full blocks and recompute only the
-//! partial last block. (Forking with copy-on-write, [`KvManager::fork`], would also share that block but needs a
-//! block-copy operation the [`crate::exec::Executor`] trait does not have yet.)
+//! partial last block, as vLLM V1 does. Forking with copy-on-write ([`KvManager::fork`]) would also share that
+//! block, saving at most `block_size - 1` tokens of prefill per extra completion, at the price of a block-copy
+//! operation in every executor; it is kept in the block manager but not used.
 
 mod driver;
 
