@@ -16,7 +16,7 @@ fn ctx(tag: &str, with_generation_config: bool) -> Option<ServeContext> {
         std::fs::copy(data.join("Llama-3.2-3B-Instruct/generation_config.json"), dir.join("generation_config.json"))
             .unwrap();
     }
-    let (engine, ctx) = common::tiny_engine(&dir, 256, EngineConfig::default());
+    let (engine, ctx) = common::tiny_engine(&dir, 2048, EngineConfig::default());
     engine.shutdown(None);
     Some(ctx)
 }

@@ -204,8 +204,10 @@ fn refusals_name_the_problem() {
     let err = |r: GenerateRequest| e.submit_blocking(r).err().map(|x| x.to_string()).unwrap_or_default();
     // The prompt fills the context (1024).
     assert!(err(GenerateRequest::new(prompt(0, 1024), sampled(1, 0))).contains("context length"));
-    // The cache (4 blocks of 16) cannot hold prompt + output.
-    assert!(err(GenerateRequest::new(prompt(0, 40), sampled(60, 0))).contains("KV blocks"));
+    // max_model_len defaults to what the cache holds (64 tokens): prompt + output stop there with "length".
+    assert_eq!(e.info().max_model_len, 64);
+    let capped = drain(e.submit_blocking(GenerateRequest::new(prompt(0, 40), sampled(60, 0))).unwrap(), 1);
+    assert_eq!((capped.ids[0].len(), capped.finish[0]), (24, Some(FinishReason::Length)));
     let mut bad = GenerateRequest::new(prompt(0, 4), sampled(4, 0));
     bad.params.top_p = 0.0;
     assert!(err(bad).contains("top_p"));
@@ -233,4 +235,24 @@ fn shutdown_finishes_running_requests_then_refuses_and_ends() {
     let o = drain(s, 1);
     assert!(o.error.as_deref().unwrap_or("").contains("shut down"), "{:?}", o.error);
     e.join();
+}
+
+#[test]
+fn max_model_len_is_checked_against_the_context_and_the_cache() {
+    let Some(dir) = common::tiny_model_dir("maxlen") else { return };
+    let start = |kv: usize, m: Option<usize>| {
+        let d = dir.clone();
+        let make = move || -> llama32::Result<Box<dyn llama32::exec::Executor>> {
+            let cfg = llama32::config::LlamaConfig::from_model_dir(&d)?;
+            let w = llama32::weights::ModelWeights::random(&cfg, 7)?;
+            Ok(Box::new(llama32::exec::cpu::CpuExecutor::with_capacity(cfg, w, kv, 16)?))
+        };
+        EngineHandle::start(make, None, EngineConfig { max_model_len: m, ..Default::default() })
+    };
+    assert_eq!(start(4096, None).unwrap().info().max_model_len, 1024, "the context length when the cache is larger");
+    assert_eq!(start(4096, Some(100)).unwrap().info().max_model_len, 100);
+    let e = start(256, Some(512)).err().expect("larger than the cache").to_string();
+    assert!(e.contains("max_model_len 512") && e.contains("KV cache 256"), "{e}");
+    let e = start(4096, Some(2000)).err().expect("larger than the context").to_string();
+    assert!(e.contains("context length 1024"), "{e}");
 }

@@ -29,6 +29,9 @@ pub struct EngineArgs {
     /// Name clients use in `model` (default: the model directory's name, or the preset's).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Longest sequence (prompt + output) served (default: the context length, capped to the KV cache).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
 }
 
 /// `llama32 serve`.
@@ -106,6 +109,7 @@ fn start_engine(a: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, ServeCon
         max_step_tokens: e.max_num_batched_tokens,
         max_seqs: e.max_num_seqs,
         max_waiting: e.max_waiting,
+        max_model_len: e.max_model_len,
     };
     let engine = EngineHandle::start(make, tok.clone(), cfg)?;
     let ctx = context_for(a.model.as_deref(), tok, engine.info().clone(), name)?;
@@ -118,7 +122,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         return Err(Error::request("--shutdown-timeout must be a number of seconds >= 0"));
     }
     let (engine, ctx) = start_engine(&a.model, &a.engine)?;
-    eprintln!("serving model `{}` (context {} tokens)", ctx.model_name, ctx.info.config.max_position_embeddings);
+    eprintln!("serving model `{}` (max_model_len {} tokens)", ctx.model_name, ctx.info.max_model_len);
     let opts = ServerOptions {
         host: a.host,
         port: a.port,
@@ -219,10 +223,10 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
     base.vocab = ctx.info.config.vocab_size.min(128000) as u32;
     base.model = ctx.model_name.clone();
     let need = a.prompt_tokens + a.max_tokens;
-    if need >= ctx.info.config.max_position_embeddings {
+    if need > ctx.info.max_model_len {
         return Err(Error::request(format!(
-            "--prompt-tokens + --max-tokens ({need}) must stay below the context length {}",
-            ctx.info.config.max_position_embeddings
+            "--prompt-tokens + --max-tokens ({need}) exceed max_model_len {}",
+            ctx.info.max_model_len
         )));
     }
     let ctx = Arc::new(ctx);

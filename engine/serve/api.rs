@@ -459,7 +459,7 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
     // Sampling.
     let d = &ctx.defaults;
     let cfg = &ctx.info.config;
-    let ctx_len = cfg.max_position_embeddings;
+    let ctx_len = ctx.info.max_model_len;
     let max_tokens = match f.uint("max_completion_tokens", 1, i64::MAX)? {
         Some(m) => Some((m, "max_completion_tokens")),
         None => f.uint("max_tokens", 1, i64::MAX)?.map(|m| (m, "max_tokens")),
@@ -529,7 +529,7 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
             return Err(ApiError::bad_request(
                 Some(what),
                 format!(
-                    "{label}: this model's maximum context length is {ctx_len} tokens, and the prompt has {} tokens",
+                    "{label}: the maximum context length is {ctx_len} tokens, and the prompt has {} tokens",
                     ids.len()
                 ),
             ));
@@ -540,7 +540,7 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
                 return Err(ApiError::bad_request(
                     Some(field),
                     format!(
-                        "{field}: this model's maximum context length is {ctx_len} tokens; the prompt has {} \
+                        "{field}: the maximum context length is {ctx_len} tokens; the prompt has {} \
                          tokens, leaving room for {room}, but {field} is {m}",
                         ids.len()
                     ),

@@ -39,11 +39,14 @@ pub struct EngineConfig {
     pub max_seqs: usize,
     /// Most sequences waiting for admission before new requests are refused (0: no limit).
     pub max_waiting: usize,
+    /// Longest sequence (prompt + output) served; `None`: the model's context length, capped to what the KV cache
+    /// holds (so that every accepted request can run alone), as vLLM does. A value above either is an error.
+    pub max_model_len: Option<usize>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_step_tokens: 2048, max_seqs: 256, max_waiting: 0 }
+        EngineConfig { max_step_tokens: 2048, max_seqs: 256, max_waiting: 0, max_model_len: None }
     }
 }
 
@@ -56,6 +59,8 @@ pub struct EngineInfo {
     pub block_size: usize,
     /// KV blocks in the pool.
     pub num_blocks: usize,
+    /// Longest sequence (prompt + output) served: the context length, or less (see [`EngineConfig::max_model_len`]).
+    pub max_model_len: usize,
 }
 
 impl EngineInfo {
@@ -156,13 +161,25 @@ impl EngineHandle {
             .spawn(move || {
                 let setup = || -> Result<(Box<dyn Executor>, Scheduler, EngineInfo)> {
                     let exec = make_exec()?;
+                    let (ctx_len, cache) =
+                        (exec.config().max_position_embeddings, exec.num_blocks() * exec.block_size());
+                    let max_model_len = match cfg.max_model_len {
+                        None => ctx_len.min(cache),
+                        Some(m) if m == 0 || m > ctx_len || m > cache => return Err(Error::request(format!(
+                            "max_model_len {m} must be in [1, {}] (context length {ctx_len}, KV cache {cache} tokens)",
+                            ctx_len.min(cache)
+                        ))),
+                        Some(m) => m,
+                    };
                     let info = EngineInfo {
                         config: exec.config().clone(),
                         block_size: exec.block_size(),
                         num_blocks: exec.num_blocks(),
+                        max_model_len,
                     };
                     let kv = KvManager::new(info.num_blocks, info.block_size)?;
-                    let scfg = SchedulerConfig::new(&info.config, cfg.max_step_tokens, cfg.max_seqs);
+                    let mut scfg = SchedulerConfig::new(&info.config, cfg.max_step_tokens, cfg.max_seqs);
+                    scfg.max_model_len = max_model_len;
                     Ok((exec, Scheduler::new(scfg, kv)?, info))
                 };
                 match setup() {

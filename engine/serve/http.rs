@@ -271,7 +271,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 fn model_card(ctx: &ServeContext) -> Value {
     json!({
         "id": ctx.model_name, "object": "model", "created": ctx.started, "owned_by": "llama32",
-        "max_model_len": ctx.info.config.max_position_embeddings,
+        "max_model_len": ctx.info.max_model_len,
     })
 }
 
