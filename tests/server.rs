@@ -685,19 +685,3 @@ async fn shutdown_deadline_ends_long_streams_with_an_error() {
     served.expect("serve task").expect("serve returns Ok");
     assert!(t.elapsed() < Duration::from_secs(5));
 }
-
-#[test]
-fn scratch_sigterm() {
-    let Some(dir) = common::tiny_model_dir("http-sig") else { return };
-    let (engine, ctx) = common::tiny_engine(&dir, 256, EngineConfig::default());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let opts = ServerOptions { port, ..Default::default() };
-    let h = std::thread::spawn(move || http::run_blocking(engine, ctx, opts));
-    std::thread::sleep(Duration::from_millis(500));
-    let out = std::process::Command::new("curl").args(["-s", &format!("http://127.0.0.1:{port}/health")]).output().unwrap();
-    eprintln!("health: {}", String::from_utf8_lossy(&out.stdout));
-    let t = Instant::now();
-    std::process::Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status().unwrap();
-    let r = h.join().unwrap();
-    eprintln!("returned {r:?} after {:?}", t.elapsed());
-}
