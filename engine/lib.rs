@@ -20,6 +20,7 @@ pub mod sched;
 pub mod serve;
 pub mod tokenizer;
 pub mod tool_calls;
+pub mod vision;
 pub mod weights;
 
 pub use error::{Error, Result};

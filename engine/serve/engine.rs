@@ -165,10 +165,12 @@ impl EngineHandle {
                         (exec.config().max_position_embeddings, exec.num_blocks() * exec.block_size());
                     let max_model_len = match cfg.max_model_len {
                         None => ctx_len.min(cache),
-                        Some(m) if m == 0 || m > ctx_len || m > cache => return Err(Error::request(format!(
+                        Some(m) if m == 0 || m > ctx_len || m > cache => {
+                            return Err(Error::request(format!(
                             "max_model_len {m} must be in [1, {}] (context length {ctx_len}, KV cache {cache} tokens)",
                             ctx_len.min(cache)
-                        ))),
+                        )))
+                        }
                         Some(m) => m,
                     };
                     let info = EngineInfo {

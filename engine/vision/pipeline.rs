@@ -1,0 +1,189 @@
+//! Llama 3.2 Vision end to end on the CPU reference: image bytes -> preprocessing ([`super::image`]) -> vision
+//! encoder and projector ([`super::encoder`]) -> text decoder with cross-attention ([`super::text`]) -> logits or
+//! generated ids. One sequence at a time; the serving engine's batched path comes later.
+
+use std::path::{Path, PathBuf};
+
+use super::config::MllamaConfig;
+use super::encoder::{project, vision_forward};
+use super::image::{ImageProcessor, PreprocessorConfig};
+use super::text::{text_forward, text_step, CrossAttentionMask, TextCache};
+use super::weights::MllamaWeights;
+use crate::exec::generate::Generation;
+use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
+use crate::weights::Checkpoint;
+use crate::{Error, Result};
+
+/// Whether `dir/config.json` names `MllamaForConditionalGeneration` (or has a `vision_config`).
+pub fn is_mllama_dir(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    let arch = v.get("architectures").and_then(|a| a.as_array()).into_iter().flatten();
+    arch.filter_map(|a| a.as_str()).any(|a| a.starts_with("Mllama")) || v.get("vision_config").is_some()
+}
+
+/// Encoded images of one prompt: the projector output every cross-attention layer reads.
+#[derive(Clone, Debug)]
+pub struct EncodedImages {
+    /// `[images * max_num_tiles, num_patches, text hidden]`.
+    pub states: Vec<f32>,
+    /// Real tiles per image.
+    pub num_tiles: Vec<usize>,
+}
+
+impl EncodedImages {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.num_tiles.len()
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.num_tiles.is_empty()
+    }
+}
+
+/// A loaded Llama 3.2 Vision model on the CPU.
+pub struct MllamaModel {
+    /// The configuration (EOS ids merged from `generation_config.json`).
+    pub cfg: MllamaConfig,
+    /// The f32 weights.
+    pub weights: MllamaWeights,
+    /// The image preprocessor.
+    pub processor: ImageProcessor,
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+}
+
+impl MllamaModel {
+    /// Loads `dir`: config.json, the checkpoint (checked tensor by tensor) and `preprocessor_config.json` (when
+    /// absent: the Llama 3.2 Vision preprocessor with the config's tile size and tile count).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let mut cfg = MllamaConfig::from_model_dir(dir)?;
+        cfg.merge_generation_config(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = MllamaWeights::load(&ckpt, &cfg)?;
+        let pre_path = dir.join("preprocessor_config.json");
+        let pre = if pre_path.exists() {
+            PreprocessorConfig::from_file(&pre_path)?
+        } else {
+            PreprocessorConfig {
+                tile_size: cfg.vision.image_size,
+                max_image_tiles: cfg.vision.max_num_tiles,
+                ..Default::default()
+            }
+        };
+        if pre.tile_size != cfg.vision.image_size || pre.max_image_tiles != cfg.vision.max_num_tiles {
+            return Err(Error::config(
+                &pre_path,
+                "size / max_image_tiles",
+                format!(
+                    "tiles of {} px, at most {}, but config.json's vision_config has image_size {} and max_num_tiles {}",
+                    pre.tile_size, pre.max_image_tiles, cfg.vision.image_size, cfg.vision.max_num_tiles
+                ),
+            ));
+        }
+        let processor = ImageProcessor::new(pre)?;
+        Ok(MllamaModel { cfg, weights, processor, dir: dir.to_path_buf() })
+    }
+
+    /// Preprocesses and encodes encoded images (JPEG, PNG or WebP bytes; `names` label the errors).
+    pub fn encode(&self, images: &[(String, Vec<u8>)]) -> Result<EncodedImages> {
+        if images.is_empty() {
+            return Ok(EncodedImages { states: Vec::new(), num_tiles: Vec::new() });
+        }
+        let (mut pixels, mut ids, mut masks, mut tiles) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (name, bytes) in images {
+            let p = self.processor.preprocess_bytes(bytes).map_err(|e| Error::request(format!("image {name}: {e}")))?;
+            pixels.extend_from_slice(&p.pixel_values);
+            ids.push(p.aspect_ratio_id);
+            masks.extend_from_slice(&p.aspect_ratio_mask);
+            tiles.push(p.num_tiles);
+        }
+        let vis = vision_forward(&self.weights.vision, &self.cfg.vision, &pixels, images.len(), &ids, &masks)?;
+        let states = project(&self.weights, &self.cfg, &vis)?;
+        Ok(EncodedImages { states, num_tiles: tiles })
+    }
+
+    /// The cross-attention mask of `prompt` (one `<|image|>` token per image, as the processor builds it).
+    pub fn mask(&self, prompt: &[u32], images: &EncodedImages) -> Result<CrossAttentionMask> {
+        CrossAttentionMask::from_image_tokens(
+            prompt,
+            self.cfg.image_token_index,
+            &images.num_tiles,
+            self.cfg.vision.max_num_tiles,
+        )
+    }
+
+    /// Logits `[prompt.len(), vocab]` of the whole prompt.
+    pub fn logits(&self, prompt: &[u32], images: &EncodedImages) -> Result<Vec<f32>> {
+        if images.is_empty() {
+            let n = prompt.iter().filter(|&&t| t == self.cfg.image_token_index).count();
+            if n > 0 {
+                return Err(Error::request(format!("the prompt has {n} <|image|> token(s) but no image was given")));
+            }
+            return text_forward(&self.weights.text, &self.cfg, prompt, None, None);
+        }
+        let mask = self.mask(prompt, images)?;
+        text_forward(&self.weights.text, &self.cfg, prompt, Some(&images.states), Some(&mask))
+    }
+
+    /// Generates from `prompt` with `params` (stop ids: the model's EOS ids plus `params.stop_token_ids`), one
+    /// token per step over the cached self-attention and cross-attention K/V. `detok(id)` gives each id's text;
+    /// `on_text` sees the text as it becomes final.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        images: &EncodedImages,
+        params: &SamplingParams,
+        detok: &mut dyn FnMut(u32) -> Result<String>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        params.validate(self.cfg.text.base.vocab_size)?;
+        let ctx = self.cfg.text.base.max_position_embeddings;
+        if prompt.is_empty() || prompt.len() >= ctx {
+            return Err(Error::request(format!(
+                "prompt of {} tokens: must be non-empty and leave room in the context length {ctx}",
+                prompt.len()
+            )));
+        }
+        let w = &self.weights.text;
+        let mut cache = TextCache::new(w, &self.cfg.text)?;
+        let per_image = images.states.len() / images.len().max(1);
+        let mask = if images.is_empty() {
+            None
+        } else {
+            for k in 0..images.len() {
+                cache.add_image(w, &self.cfg, &images.states[k * per_image..(k + 1) * per_image])?;
+            }
+            Some(self.mask(prompt, images)?)
+        };
+        let mut sampler = Sampler::new(params, prompt);
+        let mut stop = StopChecker::new(&self.cfg.text.base.eos_token_ids, params);
+        let vocab = self.cfg.text.base.vocab_size;
+        let mut logits = text_step(w, &self.cfg.text, &mut cache, prompt, mask.as_ref().map(|m| m.data()))?;
+        let last_row = mask.as_ref().map(|m| m.row(m.tokens() - 1).to_vec());
+        let (mut ids, mut text) = (Vec::new(), String::new());
+        loop {
+            let row = &logits[logits.len() - vocab..];
+            let t = sampler.sample(row);
+            ids.push(t);
+            let piece = detok(t)?;
+            let st = stop.push(t, &piece);
+            let mut emit = st.emit;
+            let mut finish = st.finished;
+            if finish.is_none() && prompt.len() + ids.len() >= ctx {
+                emit.push_str(&stop.finish());
+                finish = Some(FinishReason::Length);
+            }
+            if !emit.is_empty() {
+                on_text(&emit);
+                text.push_str(&emit);
+            }
+            if let Some(finish) = finish {
+                return Ok(Generation { ids, text, finish });
+            }
+            logits = text_step(w, &self.cfg.text, &mut cache, &[t], last_row.as_deref())?;
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! Weights of Llama 3.2 Vision (`MllamaForConditionalGeneration`): the expected tensor list, a checkpoint checker
+//! and CPU f32 weight structs for the reference forward.
+//!
+//! # Tensor names
+//! The published checkpoints, and transformers 5.24's `save_pretrained` (which maps names back on save), use the
+//! *original* layout: `vision_model.*`, `language_model.model.*`, `language_model.lm_head.weight`,
+//! `multi_modal_projector.*`. transformers 5's in-memory `state_dict()` uses another: `model.vision_model.*`,
+//! `model.language_model.*` (no inner `model.`), `lm_head.weight`, `model.multi_modal_projector.*`; a checkpoint
+//! written straight from it is accepted too ([`MllamaLayout`]). [`expected_tensors`] lists canonical (original)
+//! names.
+//!
+//! # CPU layout
+//! Everything is f32, row-major, linear weights `[out, in]` as stored. Fusions (rows stacked in this order):
+//! vision `wqkv = [q; k; v]` (`[3 * hidden, hidden]`); text self-attention layers use the text model's
+//! [`LayerWeights`] (`wqkv = [q; k; v]`, `w_gate_up = [gate; up]`); cross-attention layers keep `wq` (applied to
+//! text) apart from `wkv = [k; v]` (applied to the vision states, once per image), and fuse `w_gate_up`. The patch
+//! embedding convolution is stored as a matrix `[hidden, channels * patch * patch]` whose columns are in
+//! (channel, row, column) order, so a patch flattened in that order times its transpose gives the convolution.
+//! Gates are the raw parameters: the forward applies `tanh` (and `1 - tanh` for the position embedding) as
+//! transformers does.
+
+use std::collections::{HashMap, HashSet};
+
+use rayon::prelude::*;
+
+use super::config::MllamaConfig;
+use crate::weights::{random_values, Checkpoint, LayerWeights};
+use crate::{Error, Result};
+
+/// How tensor names are spelled in a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MllamaLayout {
+    /// `vision_model.*`, `language_model.model.*`, `language_model.lm_head.weight`, `multi_modal_projector.*`:
+    /// the published checkpoints and what transformers' `save_pretrained` writes.
+    Original,
+    /// `model.vision_model.*`, `model.language_model.*`, `lm_head.weight`, `model.multi_modal_projector.*`:
+    /// transformers 5's in-memory module names.
+    Transformers5,
+}
+
+impl MllamaLayout {
+    /// The layout of `ckpt`: [`Transformers5`](Self::Transformers5) when any tensor name starts with
+    /// `model.language_model.` or `model.vision_model.`, else [`Original`](Self::Original).
+    pub fn detect(ckpt: &Checkpoint) -> Self {
+        if ckpt.names().any(|n| n.starts_with("model.language_model.") || n.starts_with("model.vision_model.")) {
+            MllamaLayout::Transformers5
+        } else {
+            MllamaLayout::Original
+        }
+    }
+
+    /// The name under which this layout stores the tensor with canonical (original) name `canonical`.
+    pub fn tensor_name(self, canonical: &str) -> String {
+        if self == MllamaLayout::Original {
+            return canonical.to_owned();
+        }
+        const MAP: [(&str, &str); 4] = [
+            ("language_model.lm_head.", "lm_head."),
+            ("language_model.model.", "model.language_model."),
+            ("vision_model.", "model.vision_model."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ];
+        for (from, to) in MAP {
+            if let Some(rest) = canonical.strip_prefix(from) {
+                return format!("{to}{rest}");
+            }
+        }
+        canonical.to_owned()
+    }
+}
+
+/// Canonical names of the tensors of one decoder layer (`language_model.model.layers.{l}`).
+fn text_layer_prefix(l: usize) -> String {
+    format!("language_model.model.layers.{l}")
+}
+
+/// Every tensor of a `MllamaForConditionalGeneration` checkpoint with its shape, in canonical (original) names.
+pub fn expected_tensors(cfg: &MllamaConfig) -> Vec<(String, Vec<usize>)> {
+    let v = &cfg.vision;
+    let (vh, vi) = (v.hidden_size, v.intermediate_size);
+    let (np, tiles, ar_rows) = (v.num_patches(), v.max_num_tiles, v.max_aspect_ratio_id() + 1);
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>| out.push((name, shape));
+
+    let pv = "vision_model";
+    add(format!("{pv}.patch_embedding.weight"), vec![vh, v.num_channels, v.patch_size, v.patch_size]);
+    add(format!("{pv}.class_embedding"), vec![vh]);
+    add(format!("{pv}.gated_positional_embedding.embedding"), vec![np, vh]);
+    add(format!("{pv}.gated_positional_embedding.gate"), vec![1]);
+    add(format!("{pv}.gated_positional_embedding.tile_embedding.weight"), vec![ar_rows, tiles * np * vh]);
+    for which in ["pre", "post"] {
+        add(format!("{pv}.{which}_tile_positional_embedding.embedding.weight"), vec![ar_rows, tiles * vh]);
+        add(format!("{pv}.{which}_tile_positional_embedding.gate"), vec![1]);
+    }
+    for which in ["pre", "post"] {
+        add(format!("{pv}.layernorm_{which}.weight"), vec![vh]);
+        add(format!("{pv}.layernorm_{which}.bias"), vec![vh]);
+    }
+    for (encoder, n, gated) in
+        [("transformer", v.num_hidden_layers, false), ("global_transformer", v.num_global_layers, true)]
+    {
+        for l in 0..n {
+            let p = format!("{pv}.{encoder}.layers.{l}");
+            for proj in ["q", "k", "v", "o"] {
+                add(format!("{p}.self_attn.{proj}_proj.weight"), vec![vh, vh]);
+            }
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                add(format!("{p}.{norm}.weight"), vec![vh]);
+                add(format!("{p}.{norm}.bias"), vec![vh]);
+            }
+            add(format!("{p}.mlp.fc1.weight"), vec![vi, vh]);
+            add(format!("{p}.mlp.fc1.bias"), vec![vi]);
+            add(format!("{p}.mlp.fc2.weight"), vec![vh, vi]);
+            add(format!("{p}.mlp.fc2.bias"), vec![vh]);
+            if gated {
+                add(format!("{p}.gate_attn"), vec![1]);
+                add(format!("{p}.gate_ffn"), vec![1]);
+            }
+        }
+    }
+
+    let t = &cfg.text.base;
+    let (h, i) = (t.hidden_size, t.intermediate_size);
+    add("multi_modal_projector.weight".into(), vec![h, v.vision_output_dim]);
+    add("multi_modal_projector.bias".into(), vec![h]);
+    add("language_model.model.embed_tokens.weight".into(), vec![cfg.text.embed_rows(), h]);
+    for l in 0..t.num_hidden_layers {
+        let p = text_layer_prefix(l);
+        add(format!("{p}.input_layernorm.weight"), vec![h]);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        add(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
+        add(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
+        add(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
+        let attn = if cfg.text.is_cross_attention_layer(l) {
+            add(format!("{p}.cross_attn.q_norm.weight"), vec![t.head_dim]);
+            add(format!("{p}.cross_attn.k_norm.weight"), vec![t.head_dim]);
+            add(format!("{p}.cross_attn_attn_gate"), vec![1]);
+            add(format!("{p}.cross_attn_mlp_gate"), vec![1]);
+            "cross_attn"
+        } else {
+            "self_attn"
+        };
+        add(format!("{p}.{attn}.q_proj.weight"), vec![t.q_dim(), h]);
+        add(format!("{p}.{attn}.k_proj.weight"), vec![t.kv_dim(), h]);
+        add(format!("{p}.{attn}.v_proj.weight"), vec![t.kv_dim(), h]);
+        add(format!("{p}.{attn}.o_proj.weight"), vec![h, t.q_dim()]);
+    }
+    add("language_model.model.norm.weight".into(), vec![h]);
+    add("language_model.lm_head.weight".into(), vec![t.vocab_size, h]);
+    out
+}
+
+/// Checks that `ckpt` holds exactly the tensors of `cfg` with the right shapes, in either [`MllamaLayout`], and
+/// returns the layout. Every missing, unexpected or misshapen tensor is reported at once, by its name in the file.
+pub fn check_mllama_checkpoint(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<MllamaLayout> {
+    let layout = MllamaLayout::detect(ckpt);
+    let expected: Vec<(String, Vec<usize>)> =
+        expected_tensors(cfg).into_iter().map(|(n, s)| (layout.tensor_name(&n), s)).collect();
+    let (mut missing, mut misshapen, mut unexpected) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, shape) in &expected {
+        match ckpt.get(name) {
+            None => missing.push(format!("missing tensor `{name}` (expected shape {shape:?})")),
+            Some((view, path)) if view.shape != shape.as_slice() => misshapen.push(format!(
+                "tensor `{name}` in {} has shape {:?}, expected {shape:?}",
+                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                view.shape
+            )),
+            Some(_) => {}
+        }
+    }
+    let known: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let other = match layout {
+        MllamaLayout::Original => MllamaLayout::Transformers5,
+        MllamaLayout::Transformers5 => MllamaLayout::Original,
+    };
+    let other_names: HashSet<String> = expected_tensors(cfg).iter().map(|(n, _)| other.tensor_name(n)).collect();
+    let mut in_other_layout = 0;
+    for name in ckpt.names() {
+        if !known.contains(name) && !name.ends_with(".rotary_emb.inv_freq") {
+            in_other_layout += other_names.contains(name) as usize;
+            unexpected.push(format!(
+                "unexpected tensor `{name}` (not part of MllamaForConditionalGeneration with this config, {layout:?} layout)"
+            ));
+        }
+    }
+    let n = missing.len() + misshapen.len() + unexpected.len();
+    if n == 0 {
+        return Ok(layout);
+    }
+    let mut summary = format!(
+        "{n} tensor problem(s) ({} missing, {} misshapen, {} unexpected)",
+        missing.len(),
+        misshapen.len(),
+        unexpected.len()
+    );
+    if in_other_layout > 0 {
+        summary +=
+            &format!("; {in_other_layout} tensor(s) are named in the {other:?} layout while others use {layout:?}");
+    }
+    // Show some of each kind, so one long list cannot hide the others.
+    let shown: Vec<String> =
+        [missing, misshapen, unexpected].into_iter().flat_map(|v| v.into_iter().take(10)).collect();
+    let more = if n > shown.len() { format!("\n  ... and {} more", n - shown.len()) } else { String::new() };
+    Err(Error::weights(ckpt.dir(), format!("{summary}:\n  {}{more}", shown.join("\n  "))))
+}
+
+/// LayerNorm parameters (weight and bias, each `[width]`).
+#[derive(Clone, Debug)]
+pub struct LayerNormWeights {
+    /// Scale.
+    pub weight: Vec<f32>,
+    /// Shift.
+    pub bias: Vec<f32>,
+}
+
+/// One vision encoder layer (local or global).
+#[derive(Clone, Debug)]
+pub struct VisionLayerWeights {
+    /// `input_layernorm`.
+    pub attn_norm: LayerNormWeights,
+    /// q, k, v projections stacked: `[3 * hidden, hidden]` (no biases).
+    pub wqkv: Vec<f32>,
+    /// Output projection `[hidden, hidden]`.
+    pub wo: Vec<f32>,
+    /// `post_attention_layernorm`.
+    pub mlp_norm: LayerNormWeights,
+    /// `mlp.fc1` `[intermediate, hidden]`.
+    pub fc1: Vec<f32>,
+    /// `mlp.fc1` bias `[intermediate]`.
+    pub fc1_bias: Vec<f32>,
+    /// `mlp.fc2` `[hidden, intermediate]`.
+    pub fc2: Vec<f32>,
+    /// `mlp.fc2` bias `[hidden]`.
+    pub fc2_bias: Vec<f32>,
+    /// Raw `gate_attn` (global layers only; the attention output is scaled by its tanh).
+    pub gate_attn: Option<f32>,
+    /// Raw `gate_ffn` (global layers only; the MLP output is scaled by its tanh).
+    pub gate_ffn: Option<f32>,
+}
+
+/// The vision encoder (`vision_model.*`).
+#[derive(Clone, Debug)]
+pub struct VisionWeights {
+    /// Patch-embedding convolution as a matrix `[hidden, channels * patch * patch]`, columns in
+    /// (channel, row, column) order (no bias).
+    pub patch_embedding: Vec<f32>,
+    /// Class token `[hidden]`, prepended to each tile's patches.
+    pub class_embedding: Vec<f32>,
+    /// Position embedding `[num_patches, hidden]`, added scaled by `1 - tanh(position_gate)`.
+    pub position_embedding: Vec<f32>,
+    /// Raw `gated_positional_embedding.gate`.
+    pub position_gate: f32,
+    /// Per-aspect-ratio tile position embedding `[max_aspect_ratio_id + 1, max_num_tiles * num_patches * hidden]`,
+    /// added scaled by `tanh(position_gate)`.
+    pub tile_position_embedding: Vec<f32>,
+    /// `pre_tile_positional_embedding.embedding` `[max_aspect_ratio_id + 1, max_num_tiles * hidden]`.
+    pub pre_tile_embedding: Vec<f32>,
+    /// Raw `pre_tile_positional_embedding.gate`.
+    pub pre_tile_gate: f32,
+    /// `post_tile_positional_embedding.embedding` `[max_aspect_ratio_id + 1, max_num_tiles * hidden]`.
+    pub post_tile_embedding: Vec<f32>,
+    /// Raw `post_tile_positional_embedding.gate`.
+    pub post_tile_gate: f32,
+    /// `layernorm_pre` (epsilon [`VISION_OUTER_LAYERNORM_EPS`](super::config::VISION_OUTER_LAYERNORM_EPS)).
+    pub layernorm_pre: LayerNormWeights,
+    /// `layernorm_post` (same epsilon).
+    pub layernorm_post: LayerNormWeights,
+    /// Local encoder layers (`transformer.layers`).
+    pub layers: Vec<VisionLayerWeights>,
+    /// Global encoder layers (`global_transformer.layers`), gated.
+    pub global_layers: Vec<VisionLayerWeights>,
+}
+
+/// A gated cross-attention decoder layer.
+#[derive(Clone, Debug)]
+pub struct CrossAttentionLayerWeights {
+    /// `input_layernorm` `[hidden]` (RMSNorm).
+    pub attn_norm: Vec<f32>,
+    /// Query projection `[q_dim, hidden]`, applied to the text.
+    pub wq: Vec<f32>,
+    /// Key and value projections stacked `[2 * kv_dim, hidden]`, applied to the projected vision states.
+    pub wkv: Vec<f32>,
+    /// Output projection `[hidden, q_dim]`.
+    pub wo: Vec<f32>,
+    /// Per-head RMSNorm of the queries `[head_dim]`.
+    pub q_norm: Vec<f32>,
+    /// Per-head RMSNorm of the keys `[head_dim]`.
+    pub k_norm: Vec<f32>,
+    /// Raw `cross_attn_attn_gate` (the attention output is scaled by its tanh).
+    pub attn_gate: f32,
+    /// `post_attention_layernorm` `[hidden]`.
+    pub mlp_norm: Vec<f32>,
+    /// Gate and up projections stacked `[2 * intermediate, hidden]`.
+    pub w_gate_up: Vec<f32>,
+    /// Down projection `[hidden, intermediate]`.
+    pub w_down: Vec<f32>,
+    /// Raw `cross_attn_mlp_gate` (the MLP output is scaled by its tanh).
+    pub mlp_gate: f32,
+}
+
+/// One decoder layer of the text model.
+#[derive(Clone, Debug)]
+pub enum TextLayerWeights {
+    /// An ordinary Llama layer, in the text model's CPU layout.
+    SelfAttention(LayerWeights),
+    /// A gated cross-attention layer.
+    CrossAttention(CrossAttentionLayerWeights),
+}
+
+/// The text decoder (`language_model.*`).
+#[derive(Clone, Debug)]
+pub struct TextWeights {
+    /// Embedding table `[vocab_size + 8, hidden]` (includes the image token's row).
+    pub embed: Vec<f32>,
+    /// Decoder layers, in order.
+    pub layers: Vec<TextLayerWeights>,
+    /// Final RMSNorm `[hidden]`.
+    pub final_norm: Vec<f32>,
+    /// Output projection `[vocab_size, hidden]` (never tied).
+    pub lm_head: Vec<f32>,
+}
+
+/// All weights of an `MllamaForConditionalGeneration` in the CPU layout.
+#[derive(Clone, Debug)]
+pub struct MllamaWeights {
+    /// The vision encoder.
+    pub vision: VisionWeights,
+    /// `multi_modal_projector.weight` `[text hidden, vision_output_dim]`.
+    pub projector: Vec<f32>,
+    /// `multi_modal_projector.bias` `[text hidden]`.
+    pub projector_bias: Vec<f32>,
+    /// The text decoder.
+    pub text: TextWeights,
+}
+
+impl MllamaWeights {
+    /// Checks `ckpt` against `cfg` ([`check_mllama_checkpoint`]) and converts every tensor to f32.
+    pub fn load(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<Self> {
+        let layout = check_mllama_checkpoint(ckpt, cfg)?;
+        Self::build(&Reader::new(cfg, Source::Checkpoint(ckpt, layout)), cfg)
+    }
+
+    /// Random weights at the config's shapes, reproducible from `seed`: matrices, embeddings and linear biases
+    /// uniform with standard deviation 0.02 (drawn per tensor name), norm weights 1, LayerNorm biases 0, and every
+    /// gate at pi/4 (tanh 0.66) so that each gated path contributes. For benchmarks and smoke runs only.
+    pub fn random(cfg: &MllamaConfig, seed: u64) -> Result<Self> {
+        Self::build(&Reader::new(cfg, Source::Random(seed)), cfg)
+    }
+
+    fn build(r: &Reader<'_>, cfg: &MllamaConfig) -> Result<Self> {
+        let v = &cfg.vision;
+        let vision_layers = |encoder: &str, n: usize, gated: bool| -> Result<Vec<VisionLayerWeights>> {
+            (0..n)
+                .into_par_iter()
+                .map(|l| {
+                    let p = format!("vision_model.{encoder}.layers.{l}");
+                    Ok(VisionLayerWeights {
+                        attn_norm: r.layer_norm(&format!("{p}.input_layernorm"))?,
+                        wqkv: r.cat(&["q", "k", "v"].map(|x| format!("{p}.self_attn.{x}_proj.weight")))?,
+                        wo: r.read(&format!("{p}.self_attn.o_proj.weight"))?,
+                        mlp_norm: r.layer_norm(&format!("{p}.post_attention_layernorm"))?,
+                        fc1: r.read(&format!("{p}.mlp.fc1.weight"))?,
+                        fc1_bias: r.read(&format!("{p}.mlp.fc1.bias"))?,
+                        fc2: r.read(&format!("{p}.mlp.fc2.weight"))?,
+                        fc2_bias: r.read(&format!("{p}.mlp.fc2.bias"))?,
+                        gate_attn: gated.then(|| r.scalar(&format!("{p}.gate_attn"))).transpose()?,
+                        gate_ffn: gated.then(|| r.scalar(&format!("{p}.gate_ffn"))).transpose()?,
+                    })
+                })
+                .collect()
+        };
+        let pv = "vision_model";
+        let vision = VisionWeights {
+            patch_embedding: r.read(&format!("{pv}.patch_embedding.weight"))?,
+            class_embedding: r.read(&format!("{pv}.class_embedding"))?,
+            position_embedding: r.read(&format!("{pv}.gated_positional_embedding.embedding"))?,
+            position_gate: r.scalar(&format!("{pv}.gated_positional_embedding.gate"))?,
+            tile_position_embedding: r.read(&format!("{pv}.gated_positional_embedding.tile_embedding.weight"))?,
+            pre_tile_embedding: r.read(&format!("{pv}.pre_tile_positional_embedding.embedding.weight"))?,
+            pre_tile_gate: r.scalar(&format!("{pv}.pre_tile_positional_embedding.gate"))?,
+            post_tile_embedding: r.read(&format!("{pv}.post_tile_positional_embedding.embedding.weight"))?,
+            post_tile_gate: r.scalar(&format!("{pv}.post_tile_positional_embedding.gate"))?,
+            layernorm_pre: r.layer_norm(&format!("{pv}.layernorm_pre"))?,
+            layernorm_post: r.layer_norm(&format!("{pv}.layernorm_post"))?,
+            layers: vision_layers("transformer", v.num_hidden_layers, false)?,
+            global_layers: vision_layers("global_transformer", v.num_global_layers, true)?,
+        };
+
+        let layers = (0..cfg.text.base.num_hidden_layers)
+            .into_par_iter()
+            .map(|l| {
+                let p = text_layer_prefix(l);
+                let w_gate_up = r.cat(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
+                let w_down = r.read(&format!("{p}.mlp.down_proj.weight"))?;
+                let attn_norm = r.read(&format!("{p}.input_layernorm.weight"))?;
+                let mlp_norm = r.read(&format!("{p}.post_attention_layernorm.weight"))?;
+                if cfg.text.is_cross_attention_layer(l) {
+                    let a = format!("{p}.cross_attn");
+                    Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
+                        attn_norm,
+                        wq: r.read(&format!("{a}.q_proj.weight"))?,
+                        wkv: r.cat(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
+                        wo: r.read(&format!("{a}.o_proj.weight"))?,
+                        q_norm: r.read(&format!("{a}.q_norm.weight"))?,
+                        k_norm: r.read(&format!("{a}.k_norm.weight"))?,
+                        attn_gate: r.scalar(&format!("{p}.cross_attn_attn_gate"))?,
+                        mlp_norm,
+                        w_gate_up,
+                        w_down,
+                        mlp_gate: r.scalar(&format!("{p}.cross_attn_mlp_gate"))?,
+                    }))
+                } else {
+                    let a = format!("{p}.self_attn");
+                    Ok(TextLayerWeights::SelfAttention(LayerWeights {
+                        attn_norm,
+                        wqkv: r.cat(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?,
+                        wo: r.read(&format!("{a}.o_proj.weight"))?,
+                        mlp_norm,
+                        w_gate_up,
+                        w_down,
+                    }))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let text = TextWeights {
+            embed: r.read("language_model.model.embed_tokens.weight")?,
+            layers,
+            final_norm: r.read("language_model.model.norm.weight")?,
+            lm_head: r.read("language_model.lm_head.weight")?,
+        };
+        Ok(MllamaWeights {
+            vision,
+            projector: r.read("multi_modal_projector.weight")?,
+            projector_bias: r.read("multi_modal_projector.bias")?,
+            text,
+        })
+    }
+}
+
+enum Source<'a> {
+    Checkpoint(&'a Checkpoint, MllamaLayout),
+    Random(u64),
+}
+
+/// Reads tensors by canonical name, from a checked checkpoint or as seeded random values.
+struct Reader<'a> {
+    shapes: HashMap<String, Vec<usize>>,
+    src: Source<'a>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(cfg: &MllamaConfig, src: Source<'a>) -> Self {
+        Reader { shapes: expected_tensors(cfg).into_iter().collect(), src }
+    }
+
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        let numel: usize = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| Error::weights("<mllama>", format!("internal: `{name}` is not an Mllama tensor")))?
+            .iter()
+            .product();
+        match self.src {
+            Source::Random(seed) => Ok(random_tensor(name, numel, seed)),
+            Source::Checkpoint(ckpt, layout) => {
+                let stored = layout.tensor_name(name);
+                let (view, path) = ckpt
+                    .get(&stored)
+                    .ok_or_else(|| Error::weights(ckpt.dir(), format!("missing tensor `{stored}`")))?;
+                if view.numel() != numel {
+                    return Err(Error::weights(
+                        path,
+                        format!("tensor `{stored}` has {} elements, expected {numel}", view.numel()),
+                    ));
+                }
+                Ok(view.to_f32())
+            }
+        }
+    }
+
+    fn cat(&self, names: &[String]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for n in names {
+            out.extend(self.read(n)?);
+        }
+        Ok(out)
+    }
+
+    fn scalar(&self, name: &str) -> Result<f32> {
+        Ok(self.read(name)?[0])
+    }
+
+    fn layer_norm(&self, prefix: &str) -> Result<LayerNormWeights> {
+        Ok(LayerNormWeights {
+            weight: self.read(&format!("{prefix}.weight"))?,
+            bias: self.read(&format!("{prefix}.bias"))?,
+        })
+    }
+}
+
+/// Seeded values for one tensor: norms 1, LayerNorm biases 0, gates pi/4, everything else uniform (std 0.02) from
+/// a stream named by the tensor, so a tensor's values do not depend on the others.
+fn random_tensor(name: &str, numel: usize, seed: u64) -> Vec<f32> {
+    let is_gate = name.ends_with("_gate")
+        || name.ends_with(".gate")
+        || name.ends_with(".gate_attn")
+        || name.ends_with(".gate_ffn");
+    let is_norm = name.contains("norm") && !name.contains("embedding");
+    if is_gate {
+        vec![std::f32::consts::FRAC_PI_4; numel]
+    } else if is_norm && name.ends_with(".weight") {
+        vec![1.0; numel]
+    } else if is_norm && name.ends_with(".bias") {
+        vec![0.0; numel]
+    } else {
+        // FNV-1a of the name picks the stream.
+        let stream = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        random_values(numel, seed, stream)
+    }
+}

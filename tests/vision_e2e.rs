@@ -1,0 +1,81 @@
+//! Llama 3.2 Vision end to end on the CPU: the golden cases' PNG files through our preprocessing, vision encoder,
+//! projector and text decoder, against transformers' float32 logits and greedy ids.
+
+mod common;
+
+use llama32::sampling::SamplingParams;
+use llama32::vision::pipeline::{is_mllama_dir, MllamaModel};
+use serde_json::Value;
+
+const CASES: [&str; 3] = ["mllama-noresize", "mllama-resize", "mllama-two-images"];
+
+fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, |m: f64, d| if d.is_nan() { f64::NAN } else { m.max(d) })
+        / scale
+}
+
+#[test]
+fn images_to_logits_and_greedy_ids_match_transformers() {
+    for case in CASES {
+        let dir = common::golden_dir(case);
+        assert!(is_mllama_dir(&dir));
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let ids: Vec<u32> =
+            reference["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let images: Vec<(String, Vec<u8>)> = reference["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|im| {
+                let f = im["file"].as_str().unwrap();
+                (f.to_string(), std::fs::read(dir.join(f)).unwrap())
+            })
+            .collect();
+        let m = MllamaModel::load(&dir).unwrap();
+        let enc = m.encode(&images).unwrap();
+        let want_tiles: Vec<usize> = reference["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|im| im["num_tiles"].as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(enc.num_tiles, want_tiles, "{case}");
+        let states = llama32::npy::read_f32(&dir.join("cross_attention_states.npy")).unwrap();
+        let e = max_rel(&enc.states, &states.data);
+        assert!(e <= 1e-4, "{case}: projector output from our preprocessing differs by {e:.2e} of the largest value");
+        let logits = m.logits(&ids, &enc).unwrap();
+        let want = llama32::npy::read_f32(&dir.join("logits.npy")).unwrap();
+        let e = max_rel(&logits, &want.data);
+        assert!(e <= 1e-4, "{case}: logits differ by {e:.2e} of the largest logit");
+        let greedy: Vec<u32> =
+            reference["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let params = SamplingParams { max_tokens: greedy.len(), ignore_eos: true, ..SamplingParams::greedy() };
+        let g = m.generate(&ids, &enc, &params, &mut |_| Ok(String::new()), &mut |_| {}).unwrap();
+        assert_eq!(g.ids, greedy, "{case}: greedy ids");
+        eprintln!("{case}: logits max error {e:.2e} of the largest; greedy ids equal");
+    }
+}
+
+#[test]
+fn image_count_must_match_the_image_tokens() {
+    let dir = common::golden_dir("mllama-two-images");
+    let m = MllamaModel::load(&dir).unwrap();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = reference["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let one = m.encode(&[("image0.png".into(), std::fs::read(dir.join("image0.png")).unwrap())]).unwrap();
+    assert!(m.logits(&ids, &one).is_err(), "two <|image|> tokens, one image");
+    let none = m.encode(&[]).unwrap();
+    let err = m.logits(&ids, &none).unwrap_err().to_string();
+    assert!(err.contains("no image"), "{err}");
+    let bad = m.encode(&[("broken.png".into(), b"\x89PNG\r\n\x1a\nnope".to_vec())]).unwrap_err().to_string();
+    assert!(bad.contains("broken.png"), "{bad}");
+    // Text-only prompts run without images.
+    let text: Vec<u32> = ids.iter().copied().filter(|&t| t != m.cfg.image_token_index).collect();
+    assert_eq!(m.logits(&text, &none).unwrap().len(), text.len() * m.cfg.text.base.vocab_size);
+}
