@@ -309,3 +309,53 @@ fn batch_writes_results_in_input_order_and_resumes() {
     assert_eq!(again["skipped"], 5);
     assert_eq!(std::fs::read_to_string(&output).unwrap(), text);
 }
+
+#[test]
+fn vision_logits_and_generate_with_images() {
+    let dir = golden("mllama-two-images");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<String> = reference["input_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let ids = ids.join(",");
+    let out = std::env::temp_dir().join(format!("llama32-vision-logits-{}.npy", std::process::id()));
+    let with_images = |cmd: &mut Command| {
+        cmd.arg("--model")
+            .arg(&dir)
+            .arg("--image")
+            .arg(dir.join("image0.png"))
+            .arg("--image")
+            .arg(dir.join("image1.png"));
+    };
+    let mut cmd = bin();
+    cmd.args(["logits", "--ids", &ids, "--out"]).arg(&out);
+    with_images(&mut cmd);
+    run(&mut cmd);
+    let got = llama32::npy::read_f32(&out).unwrap();
+    let want = llama32::npy::read_f32(&dir.join("logits.npy")).unwrap();
+    assert_eq!(got.shape, want.shape);
+    let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err <= 1e-4 * scale, "logits differ by {err}");
+    let _ = std::fs::remove_file(&out);
+
+    let mut cmd = bin();
+    cmd.args(["generate", "--json", "--ignore-eos", "--max-tokens", "12", "--ids", &ids]);
+    with_images(&mut cmd);
+    let v: Value = serde_json::from_slice(&run(&mut cmd).stdout).unwrap();
+    assert_eq!(v["ids"], reference["greedy_ids"]);
+
+    // Wrong uses are named.
+    let mut cmd = bin();
+    cmd.args(["generate", "--ids", &ids, "--device", "cuda"]);
+    with_images(&mut cmd);
+    fails_with(&mut cmd, &["CPU reference only"]);
+    let mut cmd = bin();
+    cmd.args(["generate", "--ids", &ids]).arg("--model").arg(&dir).arg("--image").arg(dir.join("image0.png"));
+    fails_with(&mut cmd, &["image"]);
+    fails_with(
+        bin().args(["generate", "--ids", "1", "--image", "x.png", "--model"]).arg(golden("tied-gqa4")),
+        &["--image needs a Llama 3.2 Vision model"],
+    );
+    let mut cmd = bin();
+    cmd.args(["logits", "--ids", &ids, "--out", "/tmp/never.npy", "--image", "/nonexistent.png", "--model"]).arg(&dir);
+    fails_with(&mut cmd, &["/nonexistent.png"]);
+}

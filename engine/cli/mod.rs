@@ -2,6 +2,7 @@
 
 mod load;
 mod serve;
+mod vision;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -102,6 +103,9 @@ pub struct LogitsArgs {
     /// Output .npy path.
     #[arg(long)]
     out: PathBuf,
+    /// Image file (JPEG, PNG, WebP) for a Llama 3.2 Vision model, one per `<|image|>` id (repeatable).
+    #[arg(long)]
+    image: Vec<PathBuf>,
 }
 
 /// `llama32 generate`.
@@ -157,6 +161,10 @@ pub struct GenerateArgs {
     /// Print {"ids": [...], "text": "..."} instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Image file (JPEG, PNG, WebP) for a Llama 3.2 Vision model (repeatable). Without `<|image|>` in the prompt,
+    /// one is put before it per image.
+    #[arg(long)]
+    image: Vec<PathBuf>,
 }
 
 /// `llama32 tokenize`.
@@ -249,6 +257,9 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids, "--ids")?;
+    if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
+        return vision::logits(&a.model, &dir, &ids, &a.image, &a.out);
+    }
     let mut m = load_model(&a.model, ids.len())?;
     let vocab = m.exec.config().vocab_size;
     let logits = score(m.exec.as_mut(), &ids, 512)?;
@@ -280,49 +291,13 @@ fn load_tokenizer(model: &ModelArgs) -> Result<Option<Tokenizer>> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
+        return vision::generate(&a, &dir);
+    }
     load::resolve_config(&a.model)?; // Fail fast on a bad --model before reading the tokenizer.
     let tok = load_tokenizer(&a.model)?;
-    let prompt: Vec<u32> = match (&a.prompt, &a.ids) {
-        (_, Some(ids)) => parse_ids(ids, "--ids")?,
-        (Some(text), None) => {
-            let tok = tok.as_ref().ok_or_else(|| {
-                Error::request("--prompt needs a tokenizer: pass --model DIR with one, or --tokenizer FILE")
-            })?;
-            if a.chat {
-                let dir = a.model.model.as_ref().ok_or_else(|| Error::request("--chat needs --model DIR"))?;
-                let template = ChatTemplate::from_model_dir(dir)?;
-                let mut messages = Vec::new();
-                if let Some(sys) = &a.system {
-                    messages.push(serde_json::json!({"role": "system", "content": sys}));
-                }
-                messages.push(serde_json::json!({"role": "user", "content": text}));
-                let req = ChatRequest::from_json(&serde_json::json!({ "messages": messages }).to_string())?;
-                let rendered = template.render(&req, &RenderOptions::default())?;
-                tok.encode(&rendered, EncodeOptions { add_bos: false, parse_special: true })?
-            } else {
-                tok.encode(text, EncodeOptions { add_bos: true, parse_special: false })?
-            }
-        }
-        (None, None) => {
-            // "<|begin_of_text|>The capital of France is" in the Llama 3 vocabulary.
-            eprintln!("no --prompt or --ids: using the built-in prompt \"The capital of France is\"");
-            vec![128000, 791, 6864, 315, 9822, 374]
-        }
-    };
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repetition_penalty: a.repetition_penalty,
-        frequency_penalty: a.frequency_penalty,
-        presence_penalty: a.presence_penalty,
-        seed: a.seed,
-        max_tokens: a.max_tokens,
-        stop: a.stop.clone(),
-        stop_token_ids: Vec::new(),
-        ignore_eos: a.ignore_eos,
-    };
+    let prompt = build_prompt(&a, tok.as_ref(), 0)?;
+    let params = sampling_params(&a);
     let mut m = load_model(&a.model, prompt.len() + a.max_tokens)?;
     if tok.is_none() && !a.stop.is_empty() {
         return Err(Error::request("--stop needs a tokenizer to see text"));
@@ -517,4 +492,69 @@ pub fn run_scheduled(
     };
     let done = run_to_completion(&mut sched, exec, &mut detok_i, &mut on_update)?;
     Ok(done.into_iter().map(|(_, g)| g).collect())
+}
+
+/// The prompt ids of `generate`: `--ids` as given, `--prompt` tokenized (with `--chat`, rendered through the model's
+/// chat template with `images` image parts before the text), or a built-in prompt.
+fn build_prompt(a: &GenerateArgs, tok: Option<&Tokenizer>, images: usize) -> Result<Vec<u32>> {
+    Ok(match (&a.prompt, &a.ids) {
+        (_, Some(ids)) => parse_ids(ids, "--ids")?,
+        (Some(text), None) => {
+            let tok = tok.ok_or_else(|| {
+                Error::request("--prompt needs a tokenizer: pass --model DIR with one, or --tokenizer FILE")
+            })?;
+            if a.chat {
+                let dir = a.model.model.as_ref().ok_or_else(|| Error::request("--chat needs --model DIR"))?;
+                let template = ChatTemplate::from_model_dir(dir)?;
+                let mut messages = Vec::new();
+                if let Some(sys) = &a.system {
+                    messages.push(serde_json::json!({"role": "system", "content": sys}));
+                }
+                let content = if images == 0 {
+                    serde_json::json!(text)
+                } else {
+                    let mut parts = vec![serde_json::json!({"type": "image"}); images];
+                    parts.push(serde_json::json!({"type": "text", "text": text}));
+                    serde_json::Value::Array(parts)
+                };
+                messages.push(serde_json::json!({"role": "user", "content": content}));
+                let req = ChatRequest::from_json(&serde_json::json!({ "messages": messages }).to_string())?;
+                let rendered = template.render(&req, &RenderOptions::default())?;
+                tok.encode(&rendered, EncodeOptions { add_bos: false, parse_special: true })?
+            } else if images > 0 {
+                // As in the model card: "<|image|><|begin_of_text|>text", unless the text places its images itself.
+                let text = if text.contains("<|image|>") {
+                    text.clone()
+                } else {
+                    format!("{}<|begin_of_text|>{text}", "<|image|>".repeat(images))
+                };
+                tok.encode(&text, EncodeOptions { add_bos: false, parse_special: true })?
+            } else {
+                tok.encode(text, EncodeOptions { add_bos: true, parse_special: false })?
+            }
+        }
+        (None, None) => {
+            // "<|begin_of_text|>The capital of France is" in the Llama 3 vocabulary.
+            eprintln!("no --prompt or --ids: using the built-in prompt \"The capital of France is\"");
+            vec![128000, 791, 6864, 315, 9822, 374]
+        }
+    })
+}
+
+/// The sampling flags of `generate`.
+fn sampling_params(a: &GenerateArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        stop_token_ids: Vec::new(),
+        ignore_eos: a.ignore_eos,
+    }
 }
