@@ -146,6 +146,16 @@ fn info_reports_parameters_and_memory() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["parameters"], 3_212_749_824u64);
     assert_eq!(v["memory_plan"]["kv_bytes_per_token_bf16"], 2 * 28 * 8 * 128 * 2);
+    for (preset, params) in [("11b-vision", 10_670_220_835u64), ("90b-vision", 88_593_355_323)] {
+        let v: Value = serde_json::from_slice(&run(bin().args(["info", "--preset", preset])).stdout).unwrap();
+        assert_eq!(v["parameters"], params, "{preset}");
+    }
+    let v: Value = serde_json::from_slice(&run(bin().args(["info", "--preset", "11b-vision"])).stdout).unwrap();
+    assert_eq!(v["memory_plan"]["kv_bytes_per_token_bf16"], 2 * 32 * 8 * 128 * 2);
+    assert_eq!(v["memory_plan"]["cross_kv_bytes_per_image_bf16"], 2 * 8 * 8 * 128 * 2 * 4 * 1601);
+    let out = run(bin().args(["info", "--model"]).arg(golden("mllama-resize")));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["memory_plan"]["checkpoint_bytes"].as_u64().unwrap() > 0);
     let out = run(bin().args(["info", "--model"]).arg(golden("tied-gqa4")));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["memory_plan"]["checkpoint_bytes"].as_u64().unwrap() > 0);

@@ -60,7 +60,8 @@ pub struct ModelArgs {
     /// Hugging Face model directory (config.json, *.safetensors, tokenizer).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Built-in architecture (1b, 3b) with generated weights; the default when --model is absent.
+    /// Built-in architecture (1b, 3b; 11b-vision and 90b-vision for `info`) with generated weights; the default is
+    /// 1b when --model is absent.
     #[arg(long)]
     pub preset: Option<String>,
     /// Use random weights at the model's real shapes instead of the checkpoint's (for benchmarking).
@@ -367,6 +368,10 @@ fn cmd_render(a: RenderArgs) -> Result<()> {
 }
 
 fn cmd_info(a: ModelArgs) -> Result<()> {
+    if let Some(info) = vision::info(&a)? {
+        println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+        return Ok(());
+    }
     let (cfg, source) = load::resolve_config(&a)?;
     let params = cfg.num_parameters();
     let ckpt_bytes = match &source {

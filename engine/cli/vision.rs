@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{build_prompt, load_tokenizer, sampling_params, GenerateArgs, ModelArgs};
+use crate::vision::config::{MllamaConfig, MllamaPreset};
 use crate::vision::pipeline::{is_mllama_dir, EncodedImages, MllamaModel};
 use crate::{Error, Result};
 
@@ -94,4 +95,60 @@ pub fn generate(a: &GenerateArgs, dir: &Path) -> Result<()> {
     }
     eprintln!("{} prompt + {} generated tokens in {secs:.2} s, finish_reason={}", prompt.len(), g.ids.len(), g.finish);
     Ok(())
+}
+
+/// `llama32 info` for a Llama 3.2 Vision checkpoint or preset (`11b-vision`, `90b-vision`): architecture, parameter
+/// count and memory plan; `None` for text models.
+pub fn info(a: &ModelArgs) -> Result<Option<serde_json::Value>> {
+    let (cfg, source, ckpt_bytes) = match (&a.model, &a.preset) {
+        (Some(dir), None) if is_mllama_dir(dir) => {
+            let cfg = MllamaConfig::from_model_dir(dir)?;
+            let bytes =
+                if a.random_weights { None } else { Some(crate::weights::Checkpoint::open(dir)?.total_bytes()) };
+            (cfg, dir.display().to_string(), bytes)
+        }
+        (None, Some(name)) if name.ends_with("-vision") => {
+            let p = MllamaPreset::from_name(name)?;
+            (p.config(), format!("preset {} (generated weights)", p.name()), None)
+        }
+        _ => return Ok(None),
+    };
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let params = cfg.num_parameters();
+    let t = &cfg.text.base;
+    let v = &cfg.vision;
+    let self_layers = cfg.text.num_self_attention_layers();
+    // Self-attention K/V per token (bf16) and cross-attention K/V per image (bf16, every tile slot).
+    let kv_token = 2 * self_layers * t.num_key_value_heads * t.head_dim * 2;
+    let cross_image = 2
+        * cfg.text.cross_attention_layers.len()
+        * t.num_key_value_heads
+        * t.head_dim
+        * 2
+        * cfg.vision_tokens_per_image();
+    Ok(Some(serde_json::json!({
+        "source": source,
+        "architecture": {
+            "text": {
+                "layers": t.num_hidden_layers, "cross_attention_layers": cfg.text.cross_attention_layers,
+                "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+                "heads": t.num_attention_heads, "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
+                "vocab_size": t.vocab_size, "max_position_embeddings": t.max_position_embeddings,
+            },
+            "vision": {
+                "layers": v.num_hidden_layers, "global_layers": v.num_global_layers, "hidden_size": v.hidden_size,
+                "image_size": v.image_size, "patch_size": v.patch_size, "max_num_tiles": v.max_num_tiles,
+                "vision_output_dim": v.vision_output_dim, "tokens_per_image": cfg.vision_tokens_per_image(),
+            },
+            "image_token_index": cfg.image_token_index,
+        },
+        "parameters": params,
+        "memory_plan": {
+            "checkpoint_bytes": ckpt_bytes,
+            "weights_bf16_gib": gib(params as f64 * 2.0),
+            "weights_cpu_f32_gib": gib(params as f64 * 4.0),
+            "kv_bytes_per_token_bf16": kv_token,
+            "cross_kv_bytes_per_image_bf16": cross_image,
+        },
+    })))
 }
