@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod encoder;
+pub mod exec;
 pub mod image;
 pub mod pipeline;
 pub mod text;

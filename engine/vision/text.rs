@@ -364,7 +364,7 @@ pub fn cross_attention(
 }
 
 /// `down(silu(h @ Wgate^T) * (h @ Wup^T))` for `[rows, hidden]` input.
-fn mlp(cfg: &MllamaTextConfig, w_gate_up: &[f32], w_down: &[f32], h: &[f32]) -> Vec<f32> {
+pub(crate) fn mlp(cfg: &MllamaTextConfig, w_gate_up: &[f32], w_down: &[f32], h: &[f32]) -> Vec<f32> {
     let (hidden, inter) = (cfg.base.hidden_size, cfg.base.intermediate_size);
     let rows = h.len() / hidden;
     let mut gate_up = vec![0.0f32; rows * 2 * inter];

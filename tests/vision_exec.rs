@@ -1,0 +1,153 @@
+//! The batched Llama 3.2 Vision CPU executor over paged steps: chunked prefill, decode, and a vision sequence
+//! beside a text-only one in the same step, against transformers' logits and greedy ids and the dense reference.
+
+mod common;
+
+use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
+use llama32::exec::Executor;
+use llama32::kv::BlockAllocator;
+use llama32::sampling::argmax;
+use llama32::vision::exec::{MllamaCpuExecutor, SeqImages};
+use llama32::vision::pipeline::{EncodedImages, MllamaModel};
+use llama32::vision::text::text_forward;
+use serde_json::Value;
+
+struct Case {
+    model: MllamaModel,
+    ids: Vec<u32>,
+    images: EncodedImages,
+    logits: Vec<f32>,
+    greedy: Vec<u32>,
+}
+
+fn case(name: &str) -> Case {
+    let dir = common::golden_dir(name);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let list = |k: &str| -> Vec<u32> { r[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let model = MllamaModel::load(&dir).unwrap();
+    let files: Vec<(String, Vec<u8>)> = r["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|im| {
+            let f = im["file"].as_str().unwrap();
+            (f.to_string(), std::fs::read(dir.join(f)).unwrap())
+        })
+        .collect();
+    let images = model.encode(&files).unwrap();
+    let logits = llama32::npy::read_f32(&dir.join("logits.npy")).unwrap().data;
+    Case { ids: list("input_ids"), greedy: list("greedy_ids"), model, images, logits }
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
+        / scale
+}
+
+fn executor(c: &Case, block_size: usize) -> MllamaCpuExecutor {
+    let w = MllamaModel::load(&c.model.dir).unwrap().weights;
+    MllamaCpuExecutor::new(c.model.cfg.clone(), w, 512, block_size).unwrap()
+}
+
+#[test]
+fn chunked_prefill_and_decode_match_transformers() {
+    for name in ["mllama-noresize", "mllama-resize", "mllama-two-images"] {
+        let c = case(name);
+        let mut ex = executor(&c, 4);
+        ex.add_images(7, &c.images).unwrap();
+        let mask = c.model.mask(&c.ids, &c.images).unwrap();
+        let row = mask.row_len();
+        let vocab = c.model.cfg.text.base.vocab_size;
+        let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
+        let mut table = Vec::new();
+        alloc.ensure(&mut table, c.ids.len() + c.greedy.len()).unwrap();
+        // Prefill in chunks of 5 tokens with every row's logits.
+        let mut logits = Vec::new();
+        for start in (0..c.ids.len()).step_by(5) {
+            let end = (start + 5).min(c.ids.len());
+            let chunk = SeqChunk {
+                tokens: &c.ids[start..end],
+                start_pos: start,
+                block_table: &table,
+                logits: LogitsWanted::All,
+            };
+            let step = build_step(&[chunk], ex.block_size()).unwrap();
+            let im = SeqImages { key: 7, mask: &mask.data()[start * row..end * row] };
+            logits.extend(ex.step_with_images(&step, &[Some(im)]).unwrap().logits);
+        }
+        let e = max_rel(&logits, &c.logits);
+        assert!(e <= 1e-4, "{name}: chunked prefill logits differ by {e:.2e}");
+        // Greedy decode, one token per step, with the prompt's last mask row.
+        let last = mask.row(c.ids.len() - 1).to_vec();
+        let mut next = argmax(&logits[logits.len() - vocab..]);
+        let mut got = vec![next];
+        for pos in c.ids.len()..c.ids.len() + c.greedy.len() - 1 {
+            let chunk = SeqChunk { tokens: &[next], start_pos: pos, block_table: &table, logits: LogitsWanted::Last };
+            let step = build_step(&[chunk], ex.block_size()).unwrap();
+            let out = ex.step_with_images(&step, &[Some(SeqImages { key: 7, mask: &last })]).unwrap();
+            next = argmax(&out.logits);
+            got.push(next);
+        }
+        assert_eq!(got, c.greedy, "{name}: greedy ids");
+    }
+}
+
+#[test]
+fn a_vision_and_a_text_only_sequence_share_a_step() {
+    let c = case("mllama-two-images");
+    let mut ex = executor(&c, 8);
+    ex.add_images(1, &c.images).unwrap();
+    let mask = c.model.mask(&c.ids, &c.images).unwrap();
+    let text: Vec<u32> = c.ids.iter().copied().filter(|&t| t != c.model.cfg.image_token_index).collect();
+    let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    alloc.ensure(&mut ta, c.ids.len()).unwrap();
+    alloc.ensure(&mut tb, text.len()).unwrap();
+    let chunks = [
+        SeqChunk { tokens: &text, start_pos: 0, block_table: &tb, logits: LogitsWanted::All },
+        SeqChunk { tokens: &c.ids, start_pos: 0, block_table: &ta, logits: LogitsWanted::All },
+    ];
+    let step = build_step(&chunks, ex.block_size()).unwrap();
+    let out = ex.step_with_images(&step, &[None, Some(SeqImages { key: 1, mask: mask.data() })]).unwrap();
+    let vocab = c.model.cfg.text.base.vocab_size;
+    let (text_logits, vision_logits) = out.logits.split_at(text.len() * vocab);
+    let e = max_rel(vision_logits, &c.logits);
+    assert!(e <= 1e-4, "vision sequence differs by {e:.2e}");
+    let want = text_forward(&c.model.weights.text, &c.model.cfg, &text, None, None).unwrap();
+    assert_eq!(text_logits, &want[..], "the text-only sequence must not see the other's images");
+    // The text model's Executor::step runs text-only steps.
+    let mut tc = Vec::new();
+    alloc.ensure(&mut tc, text.len()).unwrap();
+    let step = build_step(
+        &[SeqChunk { tokens: &text, start_pos: 0, block_table: &tc, logits: LogitsWanted::All }],
+        ex.block_size(),
+    )
+    .unwrap();
+    assert_eq!(ex.step(&step).unwrap().logits, want);
+}
+
+#[test]
+fn bad_image_references_are_errors() {
+    let c = case("mllama-resize");
+    let mut ex = executor(&c, 16);
+    let mask = c.model.mask(&c.ids, &c.images).unwrap();
+    let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
+    let mut table = Vec::new();
+    alloc.ensure(&mut table, c.ids.len()).unwrap();
+    let step = build_step(
+        &[SeqChunk { tokens: &c.ids, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
+        ex.block_size(),
+    )
+    .unwrap();
+    let err = ex.step_with_images(&step, &[Some(SeqImages { key: 3, mask: mask.data() })]).unwrap_err().to_string();
+    assert!(err.contains("not registered"), "{err}");
+    ex.add_images(3, &c.images).unwrap();
+    let err =
+        ex.step_with_images(&step, &[Some(SeqImages { key: 3, mask: &mask.data()[1..] })]).unwrap_err().to_string();
+    assert!(err.contains("mask values"), "{err}");
+    let err = ex.step_with_images(&step, &[None, None]).unwrap_err().to_string();
+    assert!(err.contains("image entries"), "{err}");
+    assert!(ex.remove_images(3));
+    assert_eq!(ex.num_image_sets(), 0);
+}
