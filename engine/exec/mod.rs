@@ -143,6 +143,32 @@ pub trait Executor {
         Ok(out.logits.chunks(vocab).map(crate::sampling::argmax).collect())
     }
 
+    /// Registers the encoded images of a request under `key` (a vision model computes and keeps their
+    /// cross-attention K/V until [`remove_images`](Self::remove_images)). Text models refuse.
+    fn add_images(&mut self, key: u64, images: &crate::vision::pipeline::EncodedImages) -> Result<()> {
+        let _ = (key, images);
+        Err(Error::request("this model takes no images (it is not a Llama 3.2 Vision model)"))
+    }
+
+    /// Forgets the image set `key`; returns whether it existed.
+    fn remove_images(&mut self, key: u64) -> bool {
+        let _ = key;
+        false
+    }
+
+    /// Runs one step in which sequence `s` may use the image set `images[s]` (`images` empty: none does). Text
+    /// models run steps without images only.
+    fn step_with_images(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<crate::vision::exec::SeqImages<'_>>],
+    ) -> Result<StepOutput> {
+        if images.iter().any(Option::is_some) {
+            return Err(Error::request("this model takes no images (it is not a Llama 3.2 Vision model)"));
+        }
+        self.step(input)
+    }
+
     /// Runs one step and samples one id per requested logits row with that row's sequence state (penalties,
     /// temperature, filters, its random stream), recording the id in the sampler. The CPU reference samples on the
     /// host; a device backend may sample on the device, drawing the same uniforms so the picks are the same.

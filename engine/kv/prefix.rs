@@ -80,6 +80,8 @@ impl KvMetrics {
 
 #[derive(Clone, Debug)]
 struct SeqBlocks {
+    /// Parent hash of the first block: the root, or a salt (a vision request's image hash).
+    root: u64,
     table: Vec<u32>,
     tokens: Vec<u32>,
     /// Tokens whose K/V is in the cache.
@@ -194,6 +196,13 @@ impl KvManager {
     /// longest matching prefix. The last prompt token is never taken from the cache, so the model always computes
     /// at least one token and produces logits. All-or-nothing: when blocks run short, nothing changes.
     pub fn allocate(&mut self, seq: SeqId, prompt_tokens: &[u32]) -> Result<Allocation> {
+        self.allocate_salted(seq, prompt_tokens, 0)
+    }
+
+    /// [`allocate`](Self::allocate) with the hash chain seeded by `salt`: blocks are shared only between sequences
+    /// with the same salt (0 is the plain chain). A vision request salts with its images' hash, because its K/V
+    /// after an image token depends on the image, not on the tokens alone.
+    pub fn allocate_salted(&mut self, seq: SeqId, prompt_tokens: &[u32], salt: u64) -> Result<Allocation> {
         if self.seqs.contains_key(&seq) {
             return Err(Error::request(format!("KV manager: sequence {seq} already holds blocks")));
         }
@@ -203,7 +212,8 @@ impl KvManager {
         let bs = self.block_size;
         let lookup_len = prompt_tokens.len() - 1;
         let (mut hits, mut hashes) = (Vec::new(), Vec::new());
-        let mut parent = ROOT_HASH;
+        let root = if salt == 0 { ROOT_HASH } else { block_hash(ROOT_HASH ^ salt, &[]) };
+        let mut parent = root;
         for chunk in prompt_tokens[..lookup_len].chunks_exact(bs) {
             let h = block_hash(parent, chunk);
             match self.by_hash.get(&h) {
@@ -242,7 +252,7 @@ impl KvManager {
         self.queried_tokens += lookup_len as u64;
         self.seqs.insert(
             seq,
-            SeqBlocks { table: table.clone(), tokens: prompt_tokens.to_vec(), computed: cached_tokens, hashes },
+            SeqBlocks { root, table: table.clone(), tokens: prompt_tokens.to_vec(), computed: cached_tokens, hashes },
         );
         Ok(Allocation { table, cached_tokens })
     }
@@ -297,7 +307,7 @@ impl KvManager {
             )));
         }
         s.computed = s.computed.max(computed);
-        let mut parent = s.hashes.last().copied().unwrap_or(ROOT_HASH);
+        let mut parent = s.hashes.last().copied().unwrap_or(s.root);
         let mut new = Vec::new();
         for i in s.hashes.len()..s.computed / bs {
             let tokens = &s.tokens[i * bs..(i + 1) * bs];
@@ -483,6 +493,19 @@ mod tests {
         assert_eq!(kv.allocate(4, &r).unwrap().cached_tokens, 0);
         let m = kv.metrics();
         assert_eq!((m.hit_tokens, m.queried_tokens), (12, 7 + 7 + 8 + 8));
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn salted_chains_share_only_with_the_same_salt() {
+        let mut kv = KvManager::new(16, 4).unwrap();
+        let p: Vec<u32> = (0..9).collect();
+        kv.allocate_salted(1, &p, 42).unwrap();
+        kv.mark_computed(1, 9).unwrap();
+        kv.free(1);
+        assert_eq!(kv.allocate(2, &p).unwrap().cached_tokens, 0, "unsalted misses a salted chain");
+        assert_eq!(kv.allocate_salted(3, &p, 43).unwrap().cached_tokens, 0, "another salt misses");
+        assert_eq!(kv.allocate_salted(4, &p, 42).unwrap().cached_tokens, 8, "the same salt hits");
         kv.check_invariants().unwrap();
     }
 

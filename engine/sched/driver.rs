@@ -4,13 +4,23 @@ use super::{Scheduler, StepPlan, StepUpdate};
 use crate::exec::generate::Generation;
 use crate::exec::Executor;
 use crate::kv::prefix::SeqId;
+use crate::vision::exec::SeqImages;
 use crate::{Error, Result};
 
 /// Runs `plan` and returns the id picked for each of its logits rows: the backend's argmax
 /// ([`Executor::step_greedy`]) when every sampled sequence is plain greedy, else each sequence's sampler
 /// ([`Executor::step_sample`]). Either way the ids are recorded in the samplers.
 pub fn run_step<E: Executor + ?Sized>(sched: &mut Scheduler, exec: &mut E, plan: &StepPlan) -> Result<Vec<u32>> {
-    let picked = if sched.all_plain_greedy(plan) {
+    let picked = if plan.images.iter().any(Option::is_some) {
+        // Steps with images (vision models) return logits and sample on the host.
+        let out = exec.step_with_images(&plan.input, &plan_images(plan))?;
+        let vocab = exec.config().vocab_size;
+        let mut rows = sched.sample_rows(plan)?;
+        if out.logits.len() != rows.len() * vocab {
+            return Err(Error::Backend(format!("{} logits for {} rows", out.logits.len(), rows.len())));
+        }
+        rows.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect()
+    } else if sched.all_plain_greedy(plan) {
         let ids = exec.step_greedy(&plan.input)?;
         sched.accept_picked(plan, &ids);
         ids
@@ -57,4 +67,12 @@ pub fn run_to_completion<E: Executor + ?Sized>(
     }
     done.sort_by_key(|(id, _)| *id);
     Ok(done)
+}
+
+/// The per-sequence images of `plan` as [`Executor::step_with_images`] takes them (empty when no chunk has any).
+pub fn plan_images(plan: &StepPlan) -> Vec<Option<SeqImages<'_>>> {
+    if plan.images.iter().all(Option::is_none) {
+        return Vec::new();
+    }
+    plan.images.iter().map(|o| o.as_ref().map(|p| SeqImages { key: p.key, mask: &p.mask })).collect()
 }

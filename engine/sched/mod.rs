@@ -20,7 +20,7 @@
 
 mod driver;
 
-pub use driver::{run_step, run_to_completion};
+pub use driver::{plan_images, run_step, run_to_completion};
 
 use std::collections::HashMap;
 
@@ -72,6 +72,29 @@ pub struct PlannedChunk {
     pub sample: bool,
 }
 
+/// The images of a vision request's sequences (Llama 3.2 Vision).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqVision {
+    /// The image set's key with the executor ([`crate::exec::Executor::add_images`]).
+    pub key: u64,
+    /// Hash of the images: seeds the prefix-cache chain, so only requests with the same images share blocks.
+    pub salt: u64,
+    /// The prompt's cross-attention mask rows, `[prompt tokens, row_len]` (0/1).
+    pub mask: std::sync::Arc<Vec<u8>>,
+    /// `images * max_num_tiles`.
+    pub row_len: usize,
+}
+
+/// A chunk's images in a plan: the key and the mask rows of the chunk's tokens (generated tokens repeat the
+/// prompt's last row).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanImages {
+    /// The image set's key.
+    pub key: u64,
+    /// `[chunk tokens, row_len]`.
+    pub mask: Vec<u8>,
+}
+
 /// One planned step: the input to run and which sequence each part belongs to.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepPlan {
@@ -79,6 +102,8 @@ pub struct StepPlan {
     pub input: StepInput,
     /// Sequence `i` of `input` is `chunks[i]`.
     pub chunks: Vec<PlannedChunk>,
+    /// Per chunk: its images (vision requests), or `None`.
+    pub images: Vec<Option<PlanImages>>,
     /// The sequence of each logits row, in row order.
     pub logits_seqs: Vec<SeqId>,
 }
@@ -129,6 +154,7 @@ struct Seq {
     /// For the 2nd..nth sequence of an `n > 1` request: the first one, whose prompt must be computed (and its blocks
     /// cached) before this one is admitted, so that it shares the prompt's blocks.
     after: Option<SeqId>,
+    vision: Option<SeqVision>,
 }
 
 /// Continuous-batching scheduler over a [`KvManager`].
@@ -187,8 +213,8 @@ impl Scheduler {
     /// Queues a request; higher `priority` is served first. Rejects requests that could never complete: bad
     /// parameters or ids, a prompt that fills the context, or more KV blocks than the whole cache holds.
     pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams, priority: i32) -> Result<SeqId> {
-        self.check_request(&prompt, &params)?;
-        Ok(self.push_seq(prompt, params, priority, None))
+        self.check_request(&prompt, &params, None)?;
+        Ok(self.push_seq(prompt, params, priority, None, None))
     }
 
     /// Queues `n` completions of one prompt (OpenAI's `n`), returned as consecutive ids. The first is scheduled like
@@ -202,20 +228,34 @@ impl Scheduler {
         n: usize,
         priority: i32,
     ) -> Result<Vec<SeqId>> {
+        self.add_request_with(prompt, params, n, priority, None)
+    }
+
+    /// [`add_request_n`](Self::add_request_n) for a request that may carry images (`vision`): its sequences'
+    /// chunks come with their cross-attention mask rows in [`StepPlan::images`], and its prefix-cache chain is
+    /// salted with the images' hash.
+    pub fn add_request_with(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        n: usize,
+        priority: i32,
+        vision: Option<SeqVision>,
+    ) -> Result<Vec<SeqId>> {
         if n == 0 {
             return Err(Error::request(format!("request {}: n must be at least 1, got 0", self.next_id)));
         }
-        self.check_request(&prompt, &params)?;
-        let first = self.push_seq(prompt.clone(), params.clone(), priority, None);
+        self.check_request(&prompt, &params, vision.as_ref())?;
+        let first = self.push_seq(prompt.clone(), params.clone(), priority, None, vision.clone());
         let mut ids = vec![first];
         for k in 1..n {
             let p = SamplingParams { seed: params.seed.map(|s| s.wrapping_add(k as u64)), ..params.clone() };
-            ids.push(self.push_seq(prompt.clone(), p, priority, Some(first)));
+            ids.push(self.push_seq(prompt.clone(), p, priority, Some(first), vision.clone()));
         }
         Ok(ids)
     }
 
-    fn check_request(&self, prompt: &[u32], params: &SamplingParams) -> Result<()> {
+    fn check_request(&self, prompt: &[u32], params: &SamplingParams, vision: Option<&SeqVision>) -> Result<()> {
         let id = self.next_id;
         let at = |msg: String| Error::request(format!("request {id}: {msg}"));
         let vocab = self.cfg.vocab_size;
@@ -226,7 +266,19 @@ impl Scheduler {
         if prompt.is_empty() {
             return Err(at("empty prompt".into()));
         }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        if let Some(v) = vision {
+            if v.row_len == 0 || v.mask.len() != prompt.len() * v.row_len {
+                return Err(at(format!(
+                    "cross-attention mask of {} values for {} prompt tokens x {} tiles",
+                    v.mask.len(),
+                    prompt.len(),
+                    v.row_len
+                )));
+            }
+        }
+        // Vision models' embedding has 8 rows past the vocabulary (the image token is the first).
+        let rows = if vision.is_some() { vocab + 8 } else { vocab };
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= rows) {
             return Err(at(format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
         let max_len = self.cfg.max_model_len;
@@ -250,11 +302,19 @@ impl Scheduler {
         Ok(())
     }
 
-    fn push_seq(&mut self, prompt: Vec<u32>, params: SamplingParams, priority: i32, after: Option<SeqId>) -> SeqId {
+    fn push_seq(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        priority: i32,
+        after: Option<SeqId>,
+        vision: Option<SeqVision>,
+    ) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
         let seq = Seq {
             after,
+            vision,
             sampler: Sampler::new(&params, &prompt),
             stop: StopChecker::new(&self.cfg.eos_ids, &params),
             prompt_len: prompt.len(),
@@ -363,7 +423,8 @@ impl Scheduler {
                 self.waiting.remove(j);
                 continue;
             };
-            let Ok(a) = self.kv.allocate(id, &s.tokens) else { break };
+            let salt = s.vision.as_ref().map_or(0, |v| v.salt);
+            let Ok(a) = self.kv.allocate_salted(id, &s.tokens, salt) else { break };
             self.waiting.remove(j);
             s.computed = a.cached_tokens;
             let n = (s.tokens.len() - s.computed).min(budget);
@@ -388,7 +449,22 @@ impl Scheduler {
             .collect();
         let input = build_step(&seq_chunks, bs)?;
         let logits_seqs = chunks.iter().filter(|c| c.sample).map(|c| c.seq).collect();
-        Ok(Some(StepPlan { input, chunks, logits_seqs }))
+        let images = chunks
+            .iter()
+            .map(|c| {
+                let s = &self.seqs[&c.seq];
+                s.vision.as_ref().map(|v| {
+                    let last = s.prompt_len - 1;
+                    let mut mask = Vec::with_capacity(c.len * v.row_len);
+                    for pos in c.start..c.start + c.len {
+                        let r = pos.min(last);
+                        mask.extend_from_slice(&v.mask[r * v.row_len..(r + 1) * v.row_len]);
+                    }
+                    PlanImages { key: v.key, mask }
+                })
+            })
+            .collect();
+        Ok(Some(StepPlan { input, chunks, images, logits_seqs }))
     }
 
     /// Whether every sequence sampled in `plan` decodes greedily without penalties (so the backend may pick the

@@ -559,6 +559,7 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
             logprobs,
             priority,
             skip_special_tokens: skip_special,
+            images: None,
         });
         prefixes.push(prefix);
     }

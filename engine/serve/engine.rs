@@ -21,7 +21,7 @@ use crate::config::LlamaConfig;
 use crate::exec::Executor;
 use crate::kv::prefix::{KvManager, SeqId};
 use crate::sampling::FinishReason;
-use crate::sched::{run_step, Scheduler, SchedulerConfig, StepPlan};
+use crate::sched::{plan_images, run_step, Scheduler, SchedulerConfig, SeqVision, StepPlan};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -333,6 +333,8 @@ struct Req {
     /// Per completion (buffered requests): text, ids, logprobs.
     buf: Vec<(String, Vec<u32>, Vec<TokenLogprob>)>,
     cum_logprob: Vec<f64>,
+    /// The executor holds this request's image set (key: the request id).
+    has_images: bool,
 }
 
 struct SeqInfo {
@@ -449,7 +451,25 @@ impl<'t> Core<'t> {
                 self.cfg.max_waiting
             )));
         }
-        let seqs = self.sched.add_request_n(req.prompt.clone(), req.params.clone(), req.best_of, req.priority)?;
+        let vision = match &req.images {
+            Some(im) => {
+                self.exec.add_images(id, &im.encoded)?;
+                Some(SeqVision { key: id, salt: im.hash, mask: im.mask.clone(), row_len: im.row_len })
+            }
+            None => None,
+        };
+        let has_images = vision.is_some();
+        let added =
+            self.sched.add_request_with(req.prompt.clone(), req.params.clone(), req.best_of, req.priority, vision);
+        let seqs = match added {
+            Ok(s) => s,
+            Err(e) => {
+                if has_images {
+                    self.exec.remove_images(id);
+                }
+                return Err(e);
+            }
+        };
         for (k, &s) in seqs.iter().enumerate() {
             self.seqs.insert(s, SeqInfo { req: id, k, last_token: None });
             if let Some(t) = self.tok {
@@ -472,6 +492,7 @@ impl<'t> Core<'t> {
                 buf: vec![(String::new(), Vec::new(), Vec::new()); nb],
                 cum_logprob: vec![0.0; nb],
                 seqs,
+                has_images,
             },
         );
         Ok(())
@@ -480,6 +501,9 @@ impl<'t> Core<'t> {
     /// Drops a request and frees its sequences.
     fn abort(&mut self, id: u64) {
         if let Some(r) = self.reqs.remove(&id) {
+            if r.has_images {
+                self.exec.remove_images(id);
+            }
             for s in r.seqs {
                 self.sched.abort(s);
                 self.seqs.remove(&s);
@@ -527,7 +551,7 @@ impl<'t> Core<'t> {
             return Ok((picked, vec![None; plan.logits_seqs.len()]));
         }
         // Log-probabilities need the logits on the host: run the plain step and sample there.
-        let out = self.exec.step(&plan.input)?;
+        let out = self.exec.step_with_images(&plan.input, &plan_images(plan))?;
         let vocab = self.exec.config().vocab_size;
         let mut rows = self.sched.sample_rows(plan)?;
         if out.logits.len() != rows.len() * vocab {
@@ -646,6 +670,9 @@ impl<'t> Core<'t> {
     /// cumulative log-probability, ties to the earlier one) as one delta each, then `Done` with the usage.
     fn complete(&mut self, id: u64) {
         let Some(mut r) = self.reqs.remove(&id) else { return };
+        if r.has_images {
+            self.exec.remove_images(id);
+        }
         if r.buffered {
             let mut order: Vec<usize> = (0..r.seqs.len()).collect();
             order.sort_by(|&a, &b| r.cum_logprob[b].total_cmp(&r.cum_logprob[a]).then(a.cmp(&b)));

@@ -36,12 +36,66 @@ pub struct GenerateRequest {
     pub priority: i32,
     /// Leave special tokens (other than the stop tokens) out of the text.
     pub skip_special_tokens: bool,
+    /// The prompt's images (Llama 3.2 Vision models).
+    pub images: Option<RequestImages>,
 }
 
 impl GenerateRequest {
     /// A request for one completion of `prompt` with `params`.
     pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Self {
-        GenerateRequest { prompt, params, n: 1, best_of: 1, logprobs: None, priority: 0, skip_special_tokens: true }
+        GenerateRequest {
+            prompt,
+            params,
+            n: 1,
+            best_of: 1,
+            logprobs: None,
+            priority: 0,
+            skip_special_tokens: true,
+            images: None,
+        }
+    }
+}
+
+/// The encoded images of a vision request and the prompt's cross-attention mask.
+#[derive(Clone, Debug)]
+pub struct RequestImages {
+    /// The projector output of every image.
+    pub encoded: std::sync::Arc<crate::vision::pipeline::EncodedImages>,
+    /// The prompt's mask rows, `[prompt tokens, row_len]`.
+    pub mask: std::sync::Arc<Vec<u8>>,
+    /// `images * max_num_tiles`.
+    pub row_len: usize,
+    /// Hash of the encoded images (prefix-cache salt).
+    pub hash: u64,
+}
+
+impl RequestImages {
+    /// The images of `prompt`, whose `<|image|>` tokens (`image_token`) must match the images one to one; the mask
+    /// is built as transformers' processor builds it.
+    pub fn new(
+        encoded: crate::vision::pipeline::EncodedImages,
+        prompt: &[u32],
+        image_token: u32,
+        max_tiles: usize,
+    ) -> crate::Result<Self> {
+        let mask = crate::vision::text::CrossAttentionMask::from_image_tokens(
+            prompt,
+            image_token,
+            &encoded.num_tiles,
+            max_tiles,
+        )?;
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        encoded.num_tiles.hash(&mut h);
+        for v in &encoded.states {
+            v.to_bits().hash(&mut h);
+        }
+        Ok(RequestImages {
+            row_len: mask.row_len(),
+            mask: std::sync::Arc::new(mask.data().to_vec()),
+            encoded: std::sync::Arc::new(encoded),
+            hash: h.finish() | 1,
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! A batched CPU executor for Llama 3.2 Vision: the text decoder over the same flat, paged [`StepInput`] as the
 //! text models, with each sequence's images registered once ([`MllamaCpuExecutor::add_images`]) and their
 //! cross-attention K/V kept until released. This is the building block the serving engine will drive; the text
-//! model's [`Executor`] trait runs text-only steps, [`MllamaCpuExecutor::step_with_images`] steps with images.
+//! [`Executor::add_images`] registers a request's images and [`Executor::step_with_images`] runs steps with them.
 
 use std::collections::HashMap;
 
@@ -77,7 +77,7 @@ impl MllamaCpuExecutor {
 
     /// Computes and keeps every cross-attention layer's K/V of `images` under `key` (replacing an earlier set with
     /// that key).
-    pub fn add_images(&mut self, key: u64, images: &EncodedImages) -> Result<()> {
+    fn register(&mut self, key: u64, images: &EncodedImages) -> Result<()> {
         if images.is_empty() {
             return Err(Error::request("add_images: no images"));
         }
@@ -104,18 +104,13 @@ impl MllamaCpuExecutor {
         Ok(())
     }
 
-    /// Forgets the image set `key`. Returns whether it existed.
-    pub fn remove_images(&mut self, key: u64) -> bool {
-        self.images.remove(&key).is_some()
-    }
-
     /// Number of registered image sets.
     pub fn num_image_sets(&self) -> usize {
         self.images.len()
     }
 
     /// Runs one step. `images` is empty (no sequence has images) or has one entry per sequence of `input`.
-    pub fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
+    fn run(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
         let t = self.cfg.text.base.clone();
         // Token ids may use the embedding's extra rows (the image token is `vocab_size`).
         let ids_cfg = LlamaConfig { vocab_size: t.vocab_size + EXTRA_EMBED_ROWS, ..t.clone() };
@@ -228,6 +223,18 @@ impl Executor for MllamaCpuExecutor {
     }
 
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
-        self.step_with_images(input, &[])
+        self.run(input, &[])
+    }
+
+    fn add_images(&mut self, key: u64, images: &EncodedImages) -> Result<()> {
+        self.register(key, images)
+    }
+
+    fn remove_images(&mut self, key: u64) -> bool {
+        self.images.remove(&key).is_some()
+    }
+
+    fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
+        self.run(input, images)
     }
 }
