@@ -297,7 +297,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     load::resolve_config(&a.model)?; // Fail fast on a bad --model before reading the tokenizer.
     let tok = load_tokenizer(&a.model)?;
-    let prompt = build_prompt(&a, tok.as_ref(), 0)?;
+    let prompt = build_prompt(&a, tok.as_ref(), 0, None)?;
     let params = sampling_params(&a);
     let mut m = load_model(&a.model, prompt.len() + a.max_tokens)?;
     if tok.is_none() && !a.stop.is_empty() {
@@ -501,7 +501,16 @@ pub fn run_scheduled(
 
 /// The prompt ids of `generate`: `--ids` as given, `--prompt` tokenized (with `--chat`, rendered through the model's
 /// chat template with `images` image parts before the text), or a built-in prompt.
-fn build_prompt(a: &GenerateArgs, tok: Option<&Tokenizer>, images: usize) -> Result<Vec<u32>> {
+fn build_prompt(
+    a: &GenerateArgs,
+    tok: Option<&Tokenizer>,
+    images: usize,
+    image_token: Option<u32>,
+) -> Result<Vec<u32>> {
+    let encode_special = |tok: &Tokenizer, text: &str| match image_token {
+        Some(id) => crate::vision::pipeline::encode_with_images(tok, text, id),
+        None => tok.encode(text, EncodeOptions { add_bos: false, parse_special: true }),
+    };
     Ok(match (&a.prompt, &a.ids) {
         (_, Some(ids)) => parse_ids(ids, "--ids")?,
         (Some(text), None) => {
@@ -525,7 +534,7 @@ fn build_prompt(a: &GenerateArgs, tok: Option<&Tokenizer>, images: usize) -> Res
                 messages.push(serde_json::json!({"role": "user", "content": content}));
                 let req = ChatRequest::from_json(&serde_json::json!({ "messages": messages }).to_string())?;
                 let rendered = template.render(&req, &RenderOptions::default())?;
-                tok.encode(&rendered, EncodeOptions { add_bos: false, parse_special: true })?
+                encode_special(tok, &rendered)?
             } else if images > 0 {
                 // As in the model card: "<|image|><|begin_of_text|>text", unless the text places its images itself.
                 let text = if text.contains("<|image|>") {
@@ -533,7 +542,7 @@ fn build_prompt(a: &GenerateArgs, tok: Option<&Tokenizer>, images: usize) -> Res
                 } else {
                     format!("{}<|begin_of_text|>{text}", "<|image|>".repeat(images))
                 };
-                tok.encode(&text, EncodeOptions { add_bos: false, parse_special: true })?
+                encode_special(tok, &text)?
             } else {
                 tok.encode(text, EncodeOptions { add_bos: true, parse_special: false })?
             }

@@ -81,6 +81,9 @@ const CPU_DEFAULT_KV_TOKENS: usize = 16384;
 
 /// Starts the engine thread for `a` (the model is loaded there) and builds the handlers' context.
 fn start_engine(a: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, ServeContext)> {
+    if let Some(dir) = super::vision::vision_dir(a, false)? {
+        return start_vision_engine(a, e, &dir);
+    }
     let (_, source) = load::resolve_config(a)?;
     let tok = load_tokenizer(a)?.map(Arc::new);
     if tok.is_none() {
@@ -257,4 +260,33 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
             Err(e) => Err(Error::Backend(format!("server task: {e}"))),
         }
     })
+}
+
+/// [`start_engine`] for a Llama 3.2 Vision checkpoint (CPU reference): the text decoder runs in the engine's
+/// batched executor, the image encoder in the request handlers.
+fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> Result<(EngineHandle, ServeContext)> {
+    let tok = load_tokenizer(a)?.map(Arc::new);
+    let t0 = std::time::Instant::now();
+    let (encoder, text) = crate::vision::pipeline::MllamaModel::load(dir)?.split();
+    eprintln!("loaded {} (Llama 3.2 Vision, CPU reference) in {:.1} s", dir.display(), t0.elapsed().as_secs_f64());
+    let cfg = encoder.cfg.clone();
+    let kv_tokens = a.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS);
+    let block = a.block_size;
+    let make = move || -> Result<Box<dyn crate::exec::Executor>> {
+        Ok(Box::new(crate::vision::exec::MllamaCpuExecutor::new(cfg, text, kv_tokens, block)?))
+    };
+    let ecfg = EngineConfig {
+        max_step_tokens: e.max_num_batched_tokens,
+        max_seqs: e.max_num_seqs,
+        max_waiting: e.max_waiting,
+        max_model_len: e.max_model_len,
+    };
+    let engine = EngineHandle::start(make, tok.clone(), ecfg)?;
+    let name = e
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into()));
+    let mut ctx = context_for(Some(dir), tok, engine.info().clone(), name)?;
+    ctx.vision = Some(Arc::new(encoder));
+    Ok((engine, ctx))
 }

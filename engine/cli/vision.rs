@@ -63,7 +63,8 @@ pub fn logits(_m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
 /// `llama32 generate --image ...`.
 pub fn generate(a: &GenerateArgs, dir: &Path) -> Result<()> {
     let tok = load_tokenizer(&a.model)?;
-    let prompt = build_prompt(a, tok.as_ref(), a.image.len())?;
+    let image_token = MllamaConfig::from_model_dir(dir)?.image_token_index;
+    let prompt = build_prompt(a, tok.as_ref(), a.image.len(), Some(image_token))?;
     let params = sampling_params(a);
     if tok.is_none() && !a.stop.is_empty() {
         return Err(Error::request("--stop needs a tokenizer to see text"));

@@ -144,7 +144,12 @@ pub struct ServeContext {
     pub defaults: SamplingDefaults,
     /// Unix time the server started (the model's `created`).
     pub started: u64,
+    /// The image encoder of a Llama 3.2 Vision model (chat requests may then carry `data:` image URLs).
+    pub vision: Option<Arc<crate::vision::pipeline::ImageEncoder>>,
 }
+
+/// Most images in one request.
+pub const MAX_IMAGES: usize = 8;
 
 /// The two generation endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,6 +204,8 @@ pub struct Prepared {
     pub parse_tools: bool,
     /// Report log-probabilities.
     pub logprobs: bool,
+    /// Image files of a chat request (from `data:` URLs), to be encoded by [`attach_images`] before submission.
+    pub images: Vec<(String, Vec<u8>)>,
 }
 
 /// Typed access to a JSON object's fields, with errors naming the field.
@@ -337,15 +344,26 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         tok.ok_or_else(|| ApiError::bad_request(None, format!("{what} needs a tokenizer, and this model has none")))
     };
     let mut parse_tools = false;
+    let mut images: Vec<(String, Vec<u8>)> = Vec::new();
     let mut prompts: Vec<(Vec<u32>, String, &'static str)> = Vec::new(); // ids, prefix, param name
     match endpoint {
         Endpoint::Chat => {
             let mut req = ChatRequest::from_value(body.clone()).map_err(|e| ApiError::from_request_error(&e))?;
-            if !req.images().is_empty() {
+            let urls = req.images();
+            if !urls.is_empty() && ctx.vision.is_none() {
                 return Err(ApiError::bad_request(
                     Some("messages"),
                     "messages: image content needs a vision model; this server serves a text model",
                 ));
+            }
+            if urls.len() > MAX_IMAGES {
+                return Err(ApiError::bad_request(
+                    Some("messages"),
+                    format!("messages: {} images, at most {MAX_IMAGES} per request", urls.len()),
+                ));
+            }
+            for (k, url) in urls.iter().enumerate() {
+                images.push((format!("image {k}"), data_url_bytes(k, *url)?));
             }
             let template = ctx.template.as_deref().ok_or_else(|| {
                 ApiError::bad_request(None, "/v1/chat/completions needs a chat template, and this model has none")
@@ -400,9 +418,12 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
             let rendered = template
                 .render(&req, &RenderOptions::default())
                 .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
-            let ids = tok
-                .encode(&format!("{rendered}{forced}"), EncodeOptions { add_bos: false, parse_special: true })
-                .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+            let text = format!("{rendered}{forced}");
+            let ids = match &ctx.vision {
+                Some(v) => crate::vision::pipeline::encode_with_images(tok, &text, v.cfg.image_token_index),
+                None => tok.encode(&text, EncodeOptions { add_bos: false, parse_special: true }),
+            }
+            .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
             prompts.push((ids, forced, "messages"));
         }
         Endpoint::Completions => {
@@ -519,7 +540,9 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         if ids.is_empty() {
             return Err(ApiError::bad_request(Some(what), format!("{label}: empty prompt")));
         }
-        if let Some(&t) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        // A vision model's embedding has 8 rows past the vocabulary (the image token is the first).
+        let rows = cfg.vocab_size + if ctx.vision.is_some() { crate::vision::config::EXTRA_EMBED_ROWS } else { 0 };
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= rows) {
             return Err(ApiError::bad_request(
                 Some(what),
                 format!("{label}: token id {t} is outside the vocabulary (size {})", cfg.vocab_size),
@@ -576,7 +599,45 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         prefixes,
         parse_tools,
         logprobs: logprobs.is_some(),
+        images,
     })
+}
+
+/// The bytes of a `data:[<type>][;base64],<data>` image URL; anything else is refused (the server never fetches
+/// URLs or reads files for a client).
+fn data_url_bytes(k: usize, url: Option<&str>) -> ApiResult<Vec<u8>> {
+    let bad = |m: String| ApiError::bad_request(Some("messages"), format!("messages: image {k}: {m}"));
+    let url = url.ok_or_else(|| bad("no image data (send an image_url with a data: URL)".into()))?;
+    let rest = url
+        .strip_prefix("data:")
+        .ok_or_else(|| bad("only data: URLs are accepted; this server does not fetch URLs or read files".into()))?;
+    let (meta, data) = rest.split_once(',').ok_or_else(|| bad("malformed data: URL (no comma)".into()))?;
+    if !meta.ends_with(";base64") {
+        return Err(bad("data: URL must be base64-encoded (;base64)".into()));
+    }
+    use base64::Engine as _;
+    let clean: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(clean).map_err(|e| bad(format!("invalid base64: {e}")))
+}
+
+/// Encodes a chat request's images (preprocessing, vision encoder, projector: the expensive part, so callers run it
+/// off the async workers) and attaches them with the prompt's cross-attention mask to its engine request.
+pub fn attach_images(ctx: &ServeContext, prep: &mut Prepared) -> ApiResult<()> {
+    if prep.images.is_empty() {
+        return Ok(());
+    }
+    let enc = ctx
+        .vision
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request(Some("messages"), "messages: image content needs a vision model"))?;
+    let images = std::mem::take(&mut prep.images);
+    let encoded = enc.encode(&images).map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+    let req =
+        prep.requests.first_mut().ok_or_else(|| ApiError::server(500, "a chat request without an engine request"))?;
+    let im = super::RequestImages::new(encoded, &req.prompt, enc.cfg.image_token_index, enc.cfg.vision.max_num_tiles)
+        .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+    req.images = Some(im);
+    Ok(())
 }
 
 /// One completion as it accumulates.

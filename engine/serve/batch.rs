@@ -605,7 +605,9 @@ impl Run<'_> {
         // Batch results are complete objects: streaming is off whatever the body says.
         body.remove("stream");
         body.remove("stream_options");
-        match api::prepare(self.ctx, endpoint, &Json::Object(body)) {
+        match api::prepare(self.ctx, endpoint, &Json::Object(body))
+            .and_then(|mut prep| api::attach_images(self.ctx, &mut prep).map(|()| prep))
+        {
             Ok(prep) => Parsed::Run(Box::new(Job { slot: 0, custom_id: id, prep })),
             Err(e) => Parsed::Ready(api_error_record(&id, endpoint, &e)),
         }

@@ -329,10 +329,19 @@ async fn generate(s: AppState, endpoint: Endpoint, body: Body) -> Response {
         Ok(j) => j,
         Err(e) => return error_response(&e),
     };
-    let prep = match api::prepare(&s.ctx, endpoint, &json) {
+    let mut prep = match api::prepare(&s.ctx, endpoint, &json) {
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
+    if !prep.images.is_empty() {
+        // Image encoding is heavy compute: keep it off the async workers.
+        let ctx = s.ctx.clone();
+        match tokio::task::spawn_blocking(move || api::attach_images(&ctx, &mut prep).map(|()| prep)).await {
+            Ok(Ok(p)) => prep = p,
+            Ok(Err(e)) => return error_response(&e),
+            Err(e) => return error_response(&ApiError::server(500, format!("image encoding failed: {e}"))),
+        }
+    }
     let mut streams = Vec::with_capacity(prep.requests.len());
     for req in &prep.requests {
         match s.engine.submit(req.clone()).await {

@@ -169,5 +169,5 @@ pub fn context_for(
         defaults = api::SamplingDefaults::from_model_dir(dir)?;
     }
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Ok(api::ServeContext { model_name, tokenizer, template, info, defaults, started })
+    Ok(api::ServeContext { model_name, tokenizer, template, info, defaults, started, vision: None })
 }

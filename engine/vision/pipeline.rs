@@ -89,20 +89,15 @@ impl MllamaModel {
 
     /// Preprocesses and encodes encoded images (JPEG, PNG or WebP bytes; `names` label the errors).
     pub fn encode(&self, images: &[(String, Vec<u8>)]) -> Result<EncodedImages> {
-        if images.is_empty() {
-            return Ok(EncodedImages { states: Vec::new(), num_tiles: Vec::new() });
-        }
-        let (mut pixels, mut ids, mut masks, mut tiles) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (name, bytes) in images {
-            let p = self.processor.preprocess_bytes(bytes).map_err(|e| Error::request(format!("image {name}: {e}")))?;
-            pixels.extend_from_slice(&p.pixel_values);
-            ids.push(p.aspect_ratio_id);
-            masks.extend_from_slice(&p.aspect_ratio_mask);
-            tiles.push(p.num_tiles);
-        }
-        let vis = vision_forward(&self.weights.vision, &self.cfg.vision, &pixels, images.len(), &ids, &masks)?;
-        let states = project(&self.weights, &self.cfg, &vis)?;
-        Ok(EncodedImages { states, num_tiles: tiles })
+        encode_images(&self.cfg, &self.weights, &self.processor, images)
+    }
+
+    /// Splits the model into the image encoder (vision weights, projector, preprocessor) and the text decoder's
+    /// weights (for [`super::exec::MllamaCpuExecutor`]), so that each part is held once.
+    pub fn split(self) -> (ImageEncoder, MllamaWeights) {
+        let MllamaModel { cfg, mut weights, processor, dir } = self;
+        let text = MllamaWeights { text: std::mem::take(&mut weights.text), ..Default::default() };
+        (ImageEncoder { cfg, weights, processor, dir }, text)
     }
 
     /// The cross-attention mask of `prompt` (one `<|image|>` token per image, as the processor builds it).
@@ -186,4 +181,66 @@ impl MllamaModel {
             logits = text_step(w, &self.cfg.text, &mut cache, &[t], last_row.as_deref())?;
         }
     }
+}
+
+/// The vision half of a model: preprocessing, the vision encoder and the projector (the text weights left out).
+pub struct ImageEncoder {
+    /// The configuration.
+    pub cfg: MllamaConfig,
+    /// Vision and projector weights (the text part is empty).
+    weights: MllamaWeights,
+    /// The image preprocessor.
+    pub processor: ImageProcessor,
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+}
+
+impl ImageEncoder {
+    /// Preprocesses and encodes images (JPEG, PNG or WebP bytes, each with a name for errors).
+    pub fn encode(&self, images: &[(String, Vec<u8>)]) -> Result<EncodedImages> {
+        encode_images(&self.cfg, &self.weights, &self.processor, images)
+    }
+}
+
+fn encode_images(
+    cfg: &MllamaConfig,
+    w: &MllamaWeights,
+    processor: &ImageProcessor,
+    images: &[(String, Vec<u8>)],
+) -> Result<EncodedImages> {
+    if images.is_empty() {
+        return Ok(EncodedImages { states: Vec::new(), num_tiles: Vec::new() });
+    }
+    let (mut pixels, mut ids, mut masks, mut tiles) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (name, bytes) in images {
+        let p = processor.preprocess_bytes(bytes).map_err(|e| Error::request(format!("image {name}: {e}")))?;
+        pixels.extend_from_slice(&p.pixel_values);
+        ids.push(p.aspect_ratio_id);
+        masks.extend_from_slice(&p.aspect_ratio_mask);
+        tiles.push(p.num_tiles);
+    }
+    let vis = vision_forward(&w.vision, &cfg.vision, &pixels, images.len(), &ids, &masks)?;
+    let states = project(w, cfg, &vis)?;
+    Ok(EncodedImages { states, num_tiles: tiles })
+}
+
+/// Tokenizes `text` (special tokens parsed) with every `<|image|>` becoming `image_token`. A vision model's
+/// `tokenizer.json` has `<|image|>` at the image token (128256) already; the tiktoken `tokenizer.model` does not
+/// (Meta's tokenizer spells it 128011 and rewrites it before the model), so the text is split around it.
+pub fn encode_with_images(tok: &crate::tokenizer::Tokenizer, text: &str, image_token: u32) -> Result<Vec<u32>> {
+    use crate::tokenizer::EncodeOptions;
+    let opts = EncodeOptions { add_bos: false, parse_special: true };
+    if tok.token_to_id("<|image|>") == Some(image_token) {
+        return tok.encode(text, opts);
+    }
+    let mut ids = Vec::new();
+    for (k, piece) in text.split("<|image|>").enumerate() {
+        if k > 0 {
+            ids.push(image_token);
+        }
+        if !piece.is_empty() {
+            ids.extend(tok.encode(piece, opts)?);
+        }
+    }
+    Ok(ids)
 }

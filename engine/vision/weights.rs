@@ -205,7 +205,7 @@ pub fn check_mllama_checkpoint(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<
 }
 
 /// LayerNorm parameters (weight and bias, each `[width]`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct LayerNormWeights {
     /// Scale.
     pub weight: Vec<f32>,
@@ -239,7 +239,7 @@ pub struct VisionLayerWeights {
 }
 
 /// The vision encoder (`vision_model.*`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct VisionWeights {
     /// Patch-embedding convolution as a matrix `[hidden, channels * patch * patch]`, columns in
     /// (channel, row, column) order (no bias).
@@ -308,7 +308,7 @@ pub enum TextLayerWeights {
 }
 
 /// The text decoder (`language_model.*`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct TextWeights {
     /// Embedding table `[vocab_size + 8, hidden]` (includes the image token's row).
     pub embed: Vec<f32>,
@@ -321,7 +321,7 @@ pub struct TextWeights {
 }
 
 /// All weights of an `MllamaForConditionalGeneration` in the CPU layout.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct MllamaWeights {
     /// The vision encoder.
     pub vision: VisionWeights,
