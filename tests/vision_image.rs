@@ -184,11 +184,10 @@ fn check_case(reference: &Value, c: &Value) -> llama32::vision::image::Processed
     out
 }
 
-/// Our JPEG decoder (zune-jpeg, via the `image` crate) and Pillow's libjpeg-turbo differ slightly: a different
-/// integer IDCT (+-1 or 2 levels) and 4:2:0 chroma upsampling (up to ~7 levels on single pixels). Bounds for JPEG
-/// cases, in levels (1/255): the largest difference, and the mean absolute difference.
-const JPEG_MAX_LEVELS: f64 = 8.0;
-const JPEG_MEAN_LEVELS: f64 = 0.6;
+/// Our JPEG decoder (`vision::jpeg`) reproduces Pillow's libjpeg-turbo exactly. Bounds for JPEG cases, in levels
+/// (1/255): the largest difference, and the mean absolute difference.
+const JPEG_MAX_LEVELS: f64 = 0.0;
+const JPEG_MEAN_LEVELS: f64 = 0.0;
 
 /// Our decoding of a JPEG against Pillow's decoded pixels: (max, mean) absolute difference in levels.
 fn jpeg_decoder_difference(jpeg: &Path, pil_png: &Path) -> (f64, f64) {
@@ -219,12 +218,12 @@ fn pixels_match_transformers() {
             assert_eq!(diff, 0, "{name}: expected bit-identical pixel values (max diff {max:.3}/255)");
             continue;
         }
-        // JPEG: the decoders differ a little; the preprocessing of Pillow's decoded pixels is bit-exact.
+        // JPEG: our decoder and Pillow's agree exactly, and so does the preprocessing of Pillow's decoded pixels.
         let pil = golden().join(c["pil_decoded"].as_str().expect("pil_decoded"));
         let (dmax, dmean) = jpeg_decoder_difference(&golden().join(c["file"].as_str().expect("file")), &pil);
         report.push(format!("{name}: JPEG decoder vs Pillow: max {dmax} levels, mean {dmean:.3}"));
         assert!(dmax <= JPEG_MAX_LEVELS && dmean <= JPEG_MEAN_LEVELS, "{name}: decoder differs by {dmax} / {dmean}");
-        assert!(max <= JPEG_MAX_LEVELS + 1e-3, "{name}: max diff {max:.3}/255 after preprocessing");
+        assert_eq!(diff, 0, "{name}: max diff {max:.3}/255 after preprocessing");
         let rgb = decode_rgb(&read(&pil), &DecodeOptions::default()).expect("Pillow-decoded PNG");
         let from_pil = processor(&r, t).preprocess_rgb(&rgb).expect("preprocess");
         let (max, diff) = compare(from_pil.tiles(), &want.data, t * t, std, name);

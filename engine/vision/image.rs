@@ -15,8 +15,9 @@
 //!    are stacked by [`ImageProcessor::preprocess_batch`].
 //!
 //! From decoded pixels on, the output is bit-identical to transformers 5.24 with Pillow 13. Decoding: PNG and WebP
-//! (lossless and lossy) match Pillow bit-exactly; JPEG does not quite (zune-jpeg's IDCT and 4:2:0 chroma upsampling
-//! differ from libjpeg-turbo's by a few levels on some pixels, usually 1-2 levels after the resize). EXIF
+//! (lossless and lossy) match Pillow bit-exactly, and so does JPEG (decoded by [`super::jpeg`], which reproduces
+//! libjpeg-turbo's integer IDCT, fancy upsampling and YCbCr tables; the `image` crate only reads the EXIF
+//! orientation). EXIF
 //! orientation is not applied by default (transformers does not apply it to PIL images given to the processor; its
 //! `load_image` does), see [`DecodeOptions::apply_exif_orientation`]. Not reproduced: CMYK JPEGs (converted by the
 //! JPEG decoder) and tRNS colour keys on 16-bit PNGs (Pillow compares them against 8-bit values).
@@ -595,7 +596,21 @@ fn decode_dynamic(bytes: &[u8], opts: &DecodeOptions) -> Result<DynamicImage> {
         ImageFormat::Png => {
             finish_decode(PngDecoder::with_limits(cursor, limits.clone()).map_err(corrupt)?, name, opts, limits)
         }
-        ImageFormat::Jpeg => finish_decode(JpegDecoder::new(cursor).map_err(corrupt)?, name, opts, limits),
+        ImageFormat::Jpeg => {
+            let j = super::jpeg::decode_jpeg(bytes, opts.max_pixels)?;
+            let (w, h) = (j.width as u32, j.height as u32);
+            let wrong_size = || Error::request("JPEG decoder returned a buffer of the wrong size");
+            let mut img = if j.components == 1 {
+                DynamicImage::ImageLuma8(image::ImageBuffer::from_raw(w, h, j.data).ok_or_else(wrong_size)?)
+            } else {
+                DynamicImage::ImageRgb8(image::ImageBuffer::from_raw(w, h, j.data).ok_or_else(wrong_size)?)
+            };
+            if opts.apply_exif_orientation {
+                let mut dec = JpegDecoder::new(cursor).map_err(corrupt)?;
+                img.apply_orientation(dec.orientation().map_err(corrupt)?);
+            }
+            Ok(img)
+        }
         ImageFormat::WebP => finish_decode(WebPDecoder::new(cursor).map_err(corrupt)?, name, opts, limits),
     }
 }

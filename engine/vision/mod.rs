@@ -7,6 +7,7 @@ pub mod config;
 pub mod encoder;
 pub mod exec;
 pub mod image;
+pub mod jpeg;
 pub mod pipeline;
 pub mod text;
 pub mod weights;
