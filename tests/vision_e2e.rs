@@ -79,3 +79,25 @@ fn image_count_must_match_the_image_tokens() {
     let text: Vec<u32> = ids.iter().copied().filter(|&t| t != m.cfg.image_token_index).collect();
     assert_eq!(m.logits(&text, &none).unwrap().len(), text.len() * m.cfg.text.base.vocab_size);
 }
+
+#[test]
+fn the_image_encoder_caches_images_by_content() {
+    let dir = common::golden_dir("mllama-two-images");
+    let m = MllamaModel::load(&dir).unwrap();
+    let files: Vec<(String, Vec<u8>)> =
+        ["image0.png", "image1.png"].iter().map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap())).collect();
+    let together = m.encode(&files).unwrap();
+    let (enc, _text) = MllamaModel::load(&dir).unwrap().split();
+    let first = enc.encode(&files).unwrap();
+    assert_eq!(enc.cache_stats(), (0, 2));
+    assert_eq!(first.states, together.states, "per-image encoding equals encoding the images together");
+    assert_eq!(first.num_tiles, together.num_tiles);
+    // The second image again, then both in the other order: all hits, same values.
+    let again = enc.encode(&files[1..]).unwrap();
+    let swapped = enc.encode(&[files[1].clone(), files[0].clone()]).unwrap();
+    assert_eq!(enc.cache_stats(), (3, 2));
+    let per_image = together.states.len() / 2;
+    assert_eq!(again.states, together.states[per_image..]);
+    assert_eq!(&swapped.states[..per_image], &together.states[per_image..]);
+    assert_eq!(&swapped.states[per_image..], &together.states[..per_image]);
+}

@@ -129,3 +129,18 @@ fn text_models_refuse_images_and_bad_masks_are_named() {
     let err = text_engine.submit_blocking(request(&c, greedy(2))).err().unwrap().to_string();
     assert!(err.contains("takes no images"), "{err}");
 }
+
+#[test]
+fn requests_with_the_same_images_share_one_image_set() {
+    let c = case("mllama-resize");
+    let e = engine(&c.model.dir, 512, 4, EngineConfig::default());
+    // The short request finishes first and drops its reference; the long one must keep the shared set.
+    let short = e.submit_blocking(request(&c, greedy(2))).unwrap();
+    let long = e.submit_blocking(request(&c, greedy(c.greedy.len()))).unwrap();
+    let (s, l) = (drain(short), drain(long));
+    assert_eq!((s.2, l.2), (None, None));
+    assert_eq!(s.0, c.greedy[..2]);
+    assert_eq!(l.0, c.greedy);
+    // After both are done the set is gone; a new request registers it again.
+    assert_eq!(drain(e.submit_blocking(request(&c, greedy(4))).unwrap()).0, c.greedy[..4]);
+}

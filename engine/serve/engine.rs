@@ -333,8 +333,8 @@ struct Req {
     /// Per completion (buffered requests): text, ids, logprobs.
     buf: Vec<(String, Vec<u32>, Vec<TokenLogprob>)>,
     cum_logprob: Vec<f64>,
-    /// The executor holds this request's image set (key: the request id).
-    has_images: bool,
+    /// The key of the image set this request holds a reference to.
+    image_key: Option<u64>,
 }
 
 struct SeqInfo {
@@ -355,9 +355,32 @@ struct Core<'t> {
     decoders: HashMap<SeqId, StreamDecoder<'t>>,
     shutting_down: bool,
     deadline: Option<Instant>,
+    /// References to each image set registered with the executor.
+    image_refs: HashMap<u64, usize>,
 }
 
 impl<'t> Core<'t> {
+    /// Takes a reference to the image set `key`, registering it with the executor on first use.
+    fn retain_images(&mut self, key: u64, images: &crate::vision::pipeline::EncodedImages) -> Result<()> {
+        if !self.image_refs.contains_key(&key) {
+            self.exec.add_images(key, images)?;
+        }
+        *self.image_refs.entry(key).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Drops a reference to the image set `key`; the last one removes it from the executor.
+    fn release_images(&mut self, key: Option<u64>) {
+        let Some(key) = key else { return };
+        if let Some(n) = self.image_refs.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.image_refs.remove(&key);
+                self.exec.remove_images(key);
+            }
+        }
+    }
+
     fn new(
         exec: Box<dyn Executor>,
         sched: Scheduler,
@@ -376,6 +399,7 @@ impl<'t> Core<'t> {
             decoders: HashMap::new(),
             shutting_down: false,
             deadline: None,
+            image_refs: HashMap::new(),
         }
     }
 
@@ -451,22 +475,21 @@ impl<'t> Core<'t> {
                 self.cfg.max_waiting
             )));
         }
+        // Requests with the same images share one image set (its cross-attention K/V), keyed by the images' hash.
         let vision = match &req.images {
             Some(im) => {
-                self.exec.add_images(id, &im.encoded)?;
-                Some(SeqVision { key: id, salt: im.hash, mask: im.mask.clone(), row_len: im.row_len })
+                self.retain_images(im.hash, &im.encoded)?;
+                Some(SeqVision { key: im.hash, salt: im.hash, mask: im.mask.clone(), row_len: im.row_len })
             }
             None => None,
         };
-        let has_images = vision.is_some();
+        let image_key = vision.as_ref().map(|v| v.key);
         let added =
             self.sched.add_request_with(req.prompt.clone(), req.params.clone(), req.best_of, req.priority, vision);
         let seqs = match added {
             Ok(s) => s,
             Err(e) => {
-                if has_images {
-                    self.exec.remove_images(id);
-                }
+                self.release_images(image_key);
                 return Err(e);
             }
         };
@@ -492,7 +515,7 @@ impl<'t> Core<'t> {
                 buf: vec![(String::new(), Vec::new(), Vec::new()); nb],
                 cum_logprob: vec![0.0; nb],
                 seqs,
-                has_images,
+                image_key,
             },
         );
         Ok(())
@@ -501,9 +524,7 @@ impl<'t> Core<'t> {
     /// Drops a request and frees its sequences.
     fn abort(&mut self, id: u64) {
         if let Some(r) = self.reqs.remove(&id) {
-            if r.has_images {
-                self.exec.remove_images(id);
-            }
+            self.release_images(r.image_key);
             for s in r.seqs {
                 self.sched.abort(s);
                 self.seqs.remove(&s);
@@ -670,9 +691,7 @@ impl<'t> Core<'t> {
     /// cumulative log-probability, ties to the earlier one) as one delta each, then `Done` with the usage.
     fn complete(&mut self, id: u64) {
         let Some(mut r) = self.reqs.remove(&id) else { return };
-        if r.has_images {
-            self.exec.remove_images(id);
-        }
+        self.release_images(r.image_key);
         if r.buffered {
             let mut order: Vec<usize> = (0..r.seqs.len()).collect();
             order.sort_by(|&a, &b| r.cum_logprob[b].total_cmp(&r.cum_logprob[a]).then(a.cmp(&b)));

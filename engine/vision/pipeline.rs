@@ -97,7 +97,8 @@ impl MllamaModel {
     pub fn split(self) -> (ImageEncoder, MllamaWeights) {
         let MllamaModel { cfg, mut weights, processor, dir } = self;
         let text = MllamaWeights { text: std::mem::take(&mut weights.text), ..Default::default() };
-        (ImageEncoder { cfg, weights, processor, dir }, text)
+        let cache = std::sync::Mutex::new(EncoderCache::default());
+        (ImageEncoder { cfg, weights, processor, dir, cache }, text)
     }
 
     /// The cross-attention mask of `prompt` (one `<|image|>` token per image, as the processor builds it).
@@ -193,12 +194,80 @@ pub struct ImageEncoder {
     pub processor: ImageProcessor,
     /// The checkpoint directory.
     pub dir: PathBuf,
+    cache: std::sync::Mutex<EncoderCache>,
+}
+
+/// Most encoded images kept by an [`ImageEncoder`] (least recently used ones go first).
+pub const ENCODER_CACHE_IMAGES: usize = 32;
+
+#[derive(Default)]
+struct EncoderCache {
+    map: std::collections::HashMap<u64, std::sync::Arc<EncodedImages>>,
+    order: std::collections::VecDeque<u64>,
+    hits: u64,
+    misses: u64,
 }
 
 impl ImageEncoder {
-    /// Preprocesses and encodes images (JPEG, PNG or WebP bytes, each with a name for errors).
+    /// Preprocesses and encodes images (JPEG, PNG or WebP bytes, each with a name for errors). Each image's output
+    /// is cached by a hash of its bytes, so an image sent again (the next turn of a conversation) is not encoded
+    /// again; images are encoded independently, so the result is the same as encoding them together.
     pub fn encode(&self, images: &[(String, Vec<u8>)]) -> Result<EncodedImages> {
-        encode_images(&self.cfg, &self.weights, &self.processor, images)
+        let mut out = EncodedImages { states: Vec::new(), num_tiles: Vec::new() };
+        for img in images {
+            let key = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                img.1.hash(&mut h);
+                h.finish()
+            };
+            let cached = self.with_cache(|c| {
+                let hit = c.map.get(&key).cloned();
+                if hit.is_some() {
+                    c.hits += 1;
+                    c.order.retain(|&k| k != key);
+                    c.order.push_back(key);
+                } else {
+                    c.misses += 1;
+                }
+                hit
+            });
+            let one = match cached {
+                Some(e) => e,
+                None => {
+                    let e = std::sync::Arc::new(encode_images(
+                        &self.cfg,
+                        &self.weights,
+                        &self.processor,
+                        std::slice::from_ref(img),
+                    )?);
+                    self.with_cache(|c| {
+                        if c.map.insert(key, e.clone()).is_none() {
+                            c.order.push_back(key);
+                        }
+                        while c.order.len() > ENCODER_CACHE_IMAGES {
+                            if let Some(old) = c.order.pop_front() {
+                                c.map.remove(&old);
+                            }
+                        }
+                    });
+                    e
+                }
+            };
+            out.states.extend_from_slice(&one.states);
+            out.num_tiles.extend_from_slice(&one.num_tiles);
+        }
+        Ok(out)
+    }
+
+    /// Encoder cache (hits, misses) so far.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        self.with_cache(|c| (c.hits, c.misses))
+    }
+
+    fn with_cache<R>(&self, f: impl FnOnce(&mut EncoderCache) -> R) -> R {
+        let mut g = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
     }
 }
 
