@@ -5,7 +5,6 @@ mod common;
 
 use llama32::sampling::SamplingParams;
 use llama32::vision::pipeline::{is_mllama_dir, MllamaModel};
-use serde_json::Value;
 
 const CASES: [&str; 3] = ["mllama-noresize", "mllama-resize", "mllama-two-images"];
 
@@ -22,53 +21,33 @@ fn max_rel(got: &[f32], want: &[f32]) -> f64 {
 #[test]
 fn images_to_logits_and_greedy_ids_match_transformers() {
     for case in CASES {
-        let dir = common::golden_dir(case);
-        assert!(is_mllama_dir(&dir));
-        let reference: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-        let ids: Vec<u32> =
-            reference["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let images: Vec<(String, Vec<u8>)> = reference["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|im| {
-                let f = im["file"].as_str().unwrap();
-                (f.to_string(), std::fs::read(dir.join(f)).unwrap())
-            })
-            .collect();
-        let m = MllamaModel::load(&dir).unwrap();
-        let enc = m.encode(&images).unwrap();
-        let want_tiles: Vec<usize> = reference["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|im| im["num_tiles"].as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(enc.num_tiles, want_tiles, "{case}");
+        let g = common::mllama_golden(case);
+        let (dir, ids) = (&g.dir, &g.input_ids);
+        assert!(is_mllama_dir(dir));
+        let m = MllamaModel::load(dir).unwrap();
+        let enc = m.encode(&g.images).unwrap();
+        assert_eq!(enc.num_tiles, g.num_tiles, "{case}");
         let states = llama32::npy::read_f32(&dir.join("cross_attention_states.npy")).unwrap();
         let e = max_rel(&enc.states, &states.data);
         assert!(e <= 1e-4, "{case}: projector output from our preprocessing differs by {e:.2e} of the largest value");
-        let logits = m.logits(&ids, &enc).unwrap();
+        let logits = m.logits(ids, &enc).unwrap();
         let want = llama32::npy::read_f32(&dir.join("logits.npy")).unwrap();
         let e = max_rel(&logits, &want.data);
         assert!(e <= 1e-4, "{case}: logits differ by {e:.2e} of the largest logit");
-        let greedy: Vec<u32> =
-            reference["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let greedy = &g.greedy_ids;
         let params = SamplingParams { max_tokens: greedy.len(), ignore_eos: true, ..SamplingParams::greedy() };
-        let g = m.generate(&ids, &enc, &params, &mut |_| Ok(String::new()), &mut |_| {}).unwrap();
-        assert_eq!(g.ids, greedy, "{case}: greedy ids");
+        let out = m.generate(ids, &enc, &params, &mut |_| Ok(String::new()), &mut |_| {}).unwrap();
+        assert_eq!(&out.ids, greedy, "{case}: greedy ids");
         eprintln!("{case}: logits max error {e:.2e} of the largest; greedy ids equal");
     }
 }
 
 #[test]
 fn image_count_must_match_the_image_tokens() {
-    let dir = common::golden_dir("mllama-two-images");
-    let m = MllamaModel::load(&dir).unwrap();
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let ids: Vec<u32> = reference["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-    let one = m.encode(&[("image0.png".into(), std::fs::read(dir.join("image0.png")).unwrap())]).unwrap();
+    let g = common::mllama_golden("mllama-two-images");
+    let m = MllamaModel::load(&g.dir).unwrap();
+    let ids = g.input_ids;
+    let one = m.encode(&g.images[..1]).unwrap();
     assert!(m.logits(&ids, &one).is_err(), "two <|image|> tokens, one image");
     let none = m.encode(&[]).unwrap();
     let err = m.logits(&ids, &none).unwrap_err().to_string();
@@ -82,13 +61,12 @@ fn image_count_must_match_the_image_tokens() {
 
 #[test]
 fn the_image_encoder_caches_images_by_content() {
-    let dir = common::golden_dir("mllama-two-images");
-    let m = MllamaModel::load(&dir).unwrap();
-    let files: Vec<(String, Vec<u8>)> =
-        ["image0.png", "image1.png"].iter().map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap())).collect();
-    let together = m.encode(&files).unwrap();
-    let (enc, _text) = MllamaModel::load(&dir).unwrap().split();
-    let first = enc.encode(&files).unwrap();
+    let g = common::mllama_golden("mllama-two-images");
+    let files = &g.images;
+    let m = MllamaModel::load(&g.dir).unwrap();
+    let together = m.encode(files).unwrap();
+    let (enc, _text) = MllamaModel::load(&g.dir).unwrap().split();
+    let first = enc.encode(files).unwrap();
     assert_eq!(enc.cache_stats(), (0, 2));
     assert_eq!(first.states, together.states, "per-image encoding equals encoding the images together");
     assert_eq!(first.num_tiles, together.num_tiles);

@@ -10,7 +10,6 @@ use llama32::serve::engine::{EngineConfig, EngineHandle, RequestStream};
 use llama32::serve::{Event, GenerateRequest, RequestImages};
 use llama32::vision::exec::MllamaCpuExecutor;
 use llama32::vision::pipeline::{EncodedImages, MllamaModel};
-use serde_json::Value;
 
 fn engine(dir: &Path, kv_tokens: usize, block: usize, cfg: EngineConfig) -> EngineHandle {
     let d = dir.to_path_buf();
@@ -29,21 +28,10 @@ struct Case {
 }
 
 fn case(name: &str) -> Case {
-    let dir = common::golden_dir(name);
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let list = |k: &str| -> Vec<u32> { r[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
-    let model = MllamaModel::load(&dir).unwrap();
-    let files: Vec<(String, Vec<u8>)> = r["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|im| {
-            let f = im["file"].as_str().unwrap();
-            (f.to_string(), std::fs::read(dir.join(f)).unwrap())
-        })
-        .collect();
-    let images = model.encode(&files).unwrap();
-    Case { ids: list("input_ids"), greedy: list("greedy_ids"), model, images }
+    let g = common::mllama_golden(name);
+    let model = MllamaModel::load(&g.dir).unwrap();
+    let images = model.encode(&g.images).unwrap();
+    Case { ids: g.input_ids, greedy: g.greedy_ids, model, images }
 }
 
 fn request(c: &Case, params: SamplingParams) -> GenerateRequest {

@@ -10,7 +10,6 @@ use llama32::sampling::argmax;
 use llama32::vision::exec::{MllamaCpuExecutor, SeqImages};
 use llama32::vision::pipeline::{EncodedImages, MllamaModel};
 use llama32::vision::text::text_forward;
-use serde_json::Value;
 
 struct Case {
     model: MllamaModel,
@@ -21,22 +20,11 @@ struct Case {
 }
 
 fn case(name: &str) -> Case {
-    let dir = common::golden_dir(name);
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let list = |k: &str| -> Vec<u32> { r[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
-    let model = MllamaModel::load(&dir).unwrap();
-    let files: Vec<(String, Vec<u8>)> = r["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|im| {
-            let f = im["file"].as_str().unwrap();
-            (f.to_string(), std::fs::read(dir.join(f)).unwrap())
-        })
-        .collect();
-    let images = model.encode(&files).unwrap();
-    let logits = llama32::npy::read_f32(&dir.join("logits.npy")).unwrap().data;
-    Case { ids: list("input_ids"), greedy: list("greedy_ids"), model, images, logits }
+    let g = common::mllama_golden(name);
+    let model = MllamaModel::load(&g.dir).unwrap();
+    let images = model.encode(&g.images).unwrap();
+    let logits = llama32::npy::read_f32(&g.dir.join("logits.npy")).unwrap().data;
+    Case { ids: g.input_ids, greedy: g.greedy_ids, model, images, logits }
 }
 
 fn max_rel(got: &[f32], want: &[f32]) -> f32 {

@@ -321,24 +321,28 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let reqs = [GenRequest { prompt: prompt.clone(), params }];
     let out = run_scheduled(m.exec.as_mut(), &m.eos_ids, &reqs, 512, &mut detok, &mut on_text)?;
     let secs = t0.elapsed().as_secs_f64();
-    let g = &out[0];
+    print_generation(json, tok.is_some(), &out[0], prompt.len(), secs);
+    Ok(())
+}
+
+/// The end of `generate`'s output: the JSON object (`--json`), or a newline after the streamed text (the ids when
+/// there is no tokenizer); then the timing line on stderr.
+fn print_generation(json: bool, has_tokenizer: bool, g: &Generation, prompt_len: usize, secs: f64) {
     if json {
-        let text = if tok.is_some() { serde_json::Value::from(g.text.clone()) } else { serde_json::Value::Null };
+        let text = if has_tokenizer { serde_json::Value::from(g.text.clone()) } else { serde_json::Value::Null };
         println!("{}", serde_json::json!({"ids": g.ids, "text": text, "finish_reason": g.finish.as_str()}));
     } else {
-        if tok.is_none() {
+        if !has_tokenizer {
             print!("(no tokenizer: generated ids) {:?}", g.ids);
         }
         println!();
     }
     eprintln!(
-        "{} prompt + {} generated tokens in {secs:.2} s ({:.2} tok/s overall), finish_reason={}",
-        prompt.len(),
+        "{prompt_len} prompt + {} generated tokens in {secs:.2} s ({:.2} tok/s overall), finish_reason={}",
         g.ids.len(),
         g.ids.len() as f64 / secs,
         g.finish
     );
-    Ok(())
 }
 
 fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {

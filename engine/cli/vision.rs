@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{build_prompt, load_tokenizer, sampling_params, GenerateArgs, ModelArgs};
+use super::{build_prompt, load_tokenizer, print_generation, sampling_params, GenerateArgs, ModelArgs};
 use crate::vision::config::{MllamaConfig, MllamaPreset};
 use crate::vision::pipeline::{is_mllama_dir, EncodedImages, MllamaModel};
 use crate::{Error, Result};
@@ -85,16 +85,7 @@ pub fn generate(a: &GenerateArgs, dir: &Path) -> Result<()> {
     let t0 = Instant::now();
     let g = model.generate(&prompt, &enc, &params, &mut detok, &mut on_text)?;
     let secs = t0.elapsed().as_secs_f64();
-    if json {
-        let text = if tok.is_some() { serde_json::Value::from(g.text.clone()) } else { serde_json::Value::Null };
-        println!("{}", serde_json::json!({"ids": g.ids, "text": text, "finish_reason": g.finish.as_str()}));
-    } else {
-        if tok.is_none() {
-            print!("(no tokenizer: generated ids) {:?}", g.ids);
-        }
-        println!();
-    }
-    eprintln!("{} prompt + {} generated tokens in {secs:.2} s, finish_reason={}", prompt.len(), g.ids.len(), g.finish);
+    print_generation(json, tok.is_some(), &g, prompt.len(), secs);
     Ok(())
 }
 

@@ -13,13 +13,7 @@ use crate::{Error, Result};
 pub fn run_step<E: Executor + ?Sized>(sched: &mut Scheduler, exec: &mut E, plan: &StepPlan) -> Result<Vec<u32>> {
     let picked = if plan.images.iter().any(Option::is_some) {
         // Steps with images (vision models) return logits and sample on the host.
-        let out = exec.step_with_images(&plan.input, &plan_images(plan))?;
-        let vocab = exec.config().vocab_size;
-        let mut rows = sched.sample_rows(plan)?;
-        if out.logits.len() != rows.len() * vocab {
-            return Err(Error::Backend(format!("{} logits for {} rows", out.logits.len(), rows.len())));
-        }
-        rows.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect()
+        run_step_on_host(sched, exec, plan)?.0
     } else if sched.all_plain_greedy(plan) {
         let ids = exec.step_greedy(&plan.input)?;
         sched.accept_picked(plan, &ids);
@@ -67,6 +61,24 @@ pub fn run_to_completion<E: Executor + ?Sized>(
     }
     done.sort_by_key(|(id, _)| *id);
     Ok(done)
+}
+
+/// Runs `plan` (images included) with the logits copied to the host, and picks each row's id there with its
+/// sequence's sampler (the ids are recorded in the samplers). Returns the ids and the logits `[rows, vocab]`, for
+/// callers that also need log-probabilities.
+pub fn run_step_on_host<E: Executor + ?Sized>(
+    sched: &mut Scheduler,
+    exec: &mut E,
+    plan: &StepPlan,
+) -> Result<(Vec<u32>, Vec<f32>)> {
+    let out = exec.step_with_images(&plan.input, &plan_images(plan))?;
+    let vocab = exec.config().vocab_size;
+    let mut rows = sched.sample_rows(plan)?;
+    if out.logits.len() != rows.len() * vocab {
+        return Err(Error::Backend(format!("{} logits for {} rows", out.logits.len(), rows.len())));
+    }
+    let picked = rows.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect();
+    Ok((picked, out.logits))
 }
 
 /// The per-sequence images of `plan` as [`Executor::step_with_images`] takes them (empty when no chunk has any).

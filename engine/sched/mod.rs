@@ -20,7 +20,7 @@
 
 mod driver;
 
-pub use driver::{plan_images, run_step, run_to_completion};
+pub use driver::{plan_images, run_step, run_step_on_host, run_to_completion};
 
 use std::collections::HashMap;
 
@@ -276,8 +276,8 @@ impl Scheduler {
                 )));
             }
         }
-        // Vision models' embedding has 8 rows past the vocabulary (the image token is the first).
-        let rows = if vision.is_some() { vocab + 8 } else { vocab };
+        // Vision models' embedding has rows past the vocabulary (the image token is the first).
+        let rows = if vision.is_some() { vocab + crate::vision::config::EXTRA_EMBED_ROWS } else { vocab };
         if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= rows) {
             return Err(at(format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }

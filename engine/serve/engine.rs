@@ -21,7 +21,7 @@ use crate::config::LlamaConfig;
 use crate::exec::Executor;
 use crate::kv::prefix::{KvManager, SeqId};
 use crate::sampling::FinishReason;
-use crate::sched::{plan_images, run_step, Scheduler, SchedulerConfig, SeqVision, StepPlan};
+use crate::sched::{run_step, run_step_on_host, Scheduler, SchedulerConfig, SeqVision, StepPlan};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -571,20 +571,15 @@ impl<'t> Core<'t> {
             let picked = run_step(&mut self.sched, self.exec.as_mut(), plan)?;
             return Ok((picked, vec![None; plan.logits_seqs.len()]));
         }
-        // Log-probabilities need the logits on the host: run the plain step and sample there.
-        let out = self.exec.step_with_images(&plan.input, &plan_images(plan))?;
+        // Log-probabilities need the logits on the host: sample there too.
+        let (picked, logits) = run_step_on_host(&mut self.sched, self.exec.as_mut(), plan)?;
         let vocab = self.exec.config().vocab_size;
-        let mut rows = self.sched.sample_rows(plan)?;
-        if out.logits.len() != rows.len() * vocab {
-            return Err(Error::Backend(format!("{} logits for {} rows", out.logits.len(), rows.len())));
-        }
-        let mut picked = Vec::with_capacity(rows.len());
-        let mut lps = Vec::with_capacity(rows.len());
-        for ((r, l), w) in rows.iter_mut().zip(out.logits.chunks(vocab)).zip(&wants) {
-            let id = r.sampler.sample(l);
-            picked.push(id);
-            lps.push(w.map(|k| token_logprob(l, id, k)));
-        }
+        let lps = logits
+            .chunks(vocab)
+            .zip(&picked)
+            .zip(&wants)
+            .map(|((l, &id), w)| w.map(|k| token_logprob(l, id, k)))
+            .collect();
         Ok((picked, lps))
     }
 

@@ -122,3 +122,40 @@ pub fn tiny_engine(
         llama32::serve::context_for(Some(dir), Some(tok), engine.info().clone(), "tiny".into()).expect("serve context");
     (engine, ctx)
 }
+
+/// A Llama 3.2 Vision golden case (`tests/golden/mllama-*`, from scripts/make_golden_mllama.py).
+pub struct MllamaGolden {
+    /// The case directory (an HF checkpoint).
+    pub dir: PathBuf,
+    /// `reference.json`.
+    pub reference: serde_json::Value,
+    /// The prompt ids (with `<|image|>` ids).
+    pub input_ids: Vec<u32>,
+    /// transformers' greedy continuation.
+    pub greedy_ids: Vec<u32>,
+    /// The image files, named, in prompt order.
+    pub images: Vec<(String, Vec<u8>)>,
+    /// Real tiles per image.
+    pub num_tiles: Vec<usize>,
+}
+
+/// Reads the golden case `name`.
+pub fn mllama_golden(name: &str) -> MllamaGolden {
+    let dir = golden_dir(name);
+    let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
+    let reference: serde_json::Value = serde_json::from_str(&text).expect("reference.json is JSON");
+    let ids = |k: &str| -> Vec<u32> {
+        reference[k].as_array().expect("id list").iter().map(|v| v.as_u64().expect("id") as u32).collect()
+    };
+    let (input_ids, greedy_ids) = (ids("input_ids"), ids("greedy_ids"));
+    let list = reference["images"].as_array().expect("images").clone();
+    let images = list
+        .iter()
+        .map(|im| {
+            let f = im["file"].as_str().expect("file");
+            (f.to_string(), std::fs::read(dir.join(f)).expect("image file"))
+        })
+        .collect();
+    let num_tiles = list.iter().map(|im| im["num_tiles"].as_u64().expect("num_tiles") as usize).collect();
+    MllamaGolden { dir, reference, input_ids, greedy_ids, images, num_tiles }
+}
