@@ -1,0 +1,316 @@
+//! OpenAI response objects from engine events: the non-streaming response ([`ResponseBuilder`]) and the streaming
+//! chunks ([`StreamBuilder`]), with log-probabilities and tool calls in OpenAI's shapes.
+
+use serde_json::{json, Map, Value as Json};
+
+use super::{Endpoint, Prepared, ServeContext};
+use crate::sampling::FinishReason;
+use crate::serve::{Event, TokenLogprob, Usage};
+use crate::tokenizer::Tokenizer;
+use crate::tool_calls::{parse_tool_calls, ParsedOutput};
+
+/// One completion as it accumulates.
+#[derive(Clone, Debug, Default)]
+struct Choice {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<FinishReason>,
+}
+
+fn token_json(tok: Option<&Tokenizer>, id: u32) -> (String, Vec<u8>) {
+    let bytes = tok.and_then(|t| t.token_bytes(id)).map(<[u8]>::to_vec).unwrap_or_default();
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// Chat `logprobs.content` entries for `lps`.
+fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Json {
+    let item = |id: u32, lp: f32| {
+        let (t, b) = token_json(tok, id);
+        json!({"token": t, "logprob": finite(lp), "bytes": b})
+    };
+    let content: Vec<Json> = lps
+        .iter()
+        .map(|l| {
+            let mut e = item(l.id, l.logprob);
+            e["top_logprobs"] = Json::Array(l.top.iter().map(|&(i, p)| item(i, p)).collect());
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Completions `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), offsets from `start`.
+fn completion_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob], start: usize) -> Json {
+    let mut offset = start;
+    let (mut tokens, mut lp, mut top, mut offs) = (vec![], vec![], vec![], vec![]);
+    for l in lps {
+        let (t, _) = token_json(tok, l.id);
+        offs.push(offset);
+        offset += t.len();
+        tokens.push(Json::from(t));
+        lp.push(finite(l.logprob));
+        let mut m = Map::new();
+        for &(i, p) in &l.top {
+            m.insert(token_json(tok, i).0, finite(p));
+        }
+        top.push(Json::Object(m));
+    }
+    json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs})
+}
+
+/// JSON has no infinities: `-inf` becomes -9999.0, as vLLM does.
+fn finite(v: f32) -> Json {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        json!(-9999.0)
+    }
+}
+
+fn usage_json(u: &Usage) -> Json {
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+}
+
+/// Chat message fields and finish reason of a finished completion: parsed tool calls, or content.
+fn chat_message(parse_tools: bool, text: &str, finish: Option<FinishReason>) -> (Json, Json, Option<&'static str>) {
+    let reason = finish.map(FinishReason::as_str);
+    if parse_tools {
+        if let ParsedOutput::ToolCalls(calls) = parse_tool_calls(text) {
+            return (Json::Null, crate::tool_calls::to_openai_tool_calls(&calls), Some("tool_calls"));
+        }
+    }
+    (Json::from(text), Json::Null, reason)
+}
+
+/// Collects a request's events into the non-streaming response object.
+pub struct ResponseBuilder<'a> {
+    ctx: &'a ServeContext,
+    prep: &'a Prepared,
+    /// Per prompt, per completion.
+    choices: Vec<Vec<Choice>>,
+    usage: Usage,
+}
+
+impl<'a> ResponseBuilder<'a> {
+    /// An empty response for `prep`.
+    pub fn new(ctx: &'a ServeContext, prep: &'a Prepared) -> Self {
+        let choices = prep.requests.iter().map(|_| vec![Choice::default(); prep.n]).collect();
+        ResponseBuilder { ctx, prep, choices, usage: Usage::default() }
+    }
+
+    /// Adds one event of prompt `prompt`'s request. Returns the error message of an [`Event::Error`].
+    pub fn push(&mut self, prompt: usize, ev: Event) -> std::result::Result<(), String> {
+        match ev {
+            Event::Delta { index, text, ids, logprobs } => {
+                if let Some(c) = self.choices.get_mut(prompt).and_then(|p| p.get_mut(index)) {
+                    c.text.push_str(&text);
+                    c.ids.extend(ids);
+                    c.logprobs.extend(logprobs);
+                }
+            }
+            Event::Finished { index, reason } => {
+                if let Some(c) = self.choices.get_mut(prompt).and_then(|p| p.get_mut(index)) {
+                    c.finish = Some(reason);
+                }
+            }
+            Event::Done(u) => {
+                self.usage.prompt_tokens += u.prompt_tokens;
+                self.usage.completion_tokens += u.completion_tokens;
+                self.usage.total_tokens += u.total_tokens;
+            }
+            Event::Error(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// The response object.
+    pub fn build(self) -> Json {
+        let tok = self.ctx.tokenizer.as_deref();
+        let p = self.prep;
+        let mut out = Vec::new();
+        for (pi, cs) in self.choices.iter().enumerate() {
+            let prefix = &p.prefixes[pi];
+            for (i, c) in cs.iter().enumerate() {
+                let index = pi * p.n + i;
+                let text = format!("{prefix}{}", c.text);
+                match p.endpoint {
+                    Endpoint::Chat => {
+                        let (content, calls, reason) = chat_message(p.parse_tools, &text, c.finish);
+                        let mut message = json!({"role": "assistant", "content": content});
+                        if !calls.is_null() {
+                            message["tool_calls"] = calls;
+                        }
+                        let lp = if p.logprobs { chat_logprobs(tok, &c.logprobs) } else { Json::Null };
+                        out.push(json!({"index": index, "message": message, "logprobs": lp, "finish_reason": reason}));
+                    }
+                    Endpoint::Completions => {
+                        let lp =
+                            if p.logprobs { completion_logprobs(tok, &c.logprobs, prefix.len()) } else { Json::Null };
+                        let reason = c.finish.map(FinishReason::as_str);
+                        out.push(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason}));
+                    }
+                }
+            }
+        }
+        let object = if p.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
+        json!({
+            "id": p.id, "object": object, "created": p.created, "model": p.model,
+            "choices": out, "usage": usage_json(&self.usage),
+        })
+    }
+}
+
+/// Turns a request's events into streaming chunk objects (each sent as one `data:` line).
+///
+/// Chat: a first chunk per completion with `{"role": "assistant", "content": ""}`, content deltas, then a chunk
+/// with the finish reason. When tools are parsed, a completion's text is held back until it finishes and then sent
+/// as one `tool_calls` delta or one content delta. Completions: text chunks, the echoed prompt first.
+pub struct StreamBuilder<'a> {
+    ctx: &'a ServeContext,
+    prep: &'a Prepared,
+    started: Vec<Vec<bool>>,
+    held: Vec<Vec<Choice>>,
+    usage: Usage,
+    done: usize,
+}
+
+impl<'a> StreamBuilder<'a> {
+    /// A stream for `prep`.
+    pub fn new(ctx: &'a ServeContext, prep: &'a Prepared) -> Self {
+        StreamBuilder {
+            ctx,
+            prep,
+            started: prep.requests.iter().map(|_| vec![false; prep.n]).collect(),
+            held: prep.requests.iter().map(|_| vec![Choice::default(); prep.n]).collect(),
+            usage: Usage::default(),
+            done: 0,
+        }
+    }
+
+    fn chunk(&self, choice: Json) -> Json {
+        let p = self.prep;
+        let object = if p.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut c = json!({"id": p.id, "object": object, "created": p.created, "model": p.model, "choices": [choice]});
+        if p.include_usage {
+            c["usage"] = Json::Null;
+        }
+        c
+    }
+
+    fn first(&mut self, prompt: usize, i: usize, out: &mut Vec<Json>) {
+        if self.started[prompt][i] {
+            return;
+        }
+        self.started[prompt][i] = true;
+        let index = prompt * self.prep.n + i;
+        let prefix = self.prep.prefixes[prompt].clone();
+        match self.prep.endpoint {
+            Endpoint::Chat => out.push(self.chunk(json!({
+                "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
+            }))),
+            Endpoint::Completions if !prefix.is_empty() => out.push(self.chunk(json!({
+                "index": index, "text": prefix, "logprobs": null, "finish_reason": null
+            }))),
+            Endpoint::Completions => {}
+        }
+    }
+
+    /// The chunks for one event of prompt `prompt`'s request. Returns the message of an [`Event::Error`].
+    pub fn push(&mut self, prompt: usize, ev: Event) -> std::result::Result<Vec<Json>, String> {
+        let tok = self.ctx.tokenizer.as_deref();
+        let p = self.prep;
+        let mut out = Vec::new();
+        match ev {
+            Event::Delta { index: i, text, ids, logprobs } => {
+                self.first(prompt, i, &mut out);
+                let index = prompt * p.n + i;
+                if p.parse_tools {
+                    let h = &mut self.held[prompt][i];
+                    h.text.push_str(&text);
+                    h.ids.extend(ids);
+                    h.logprobs.extend(logprobs);
+                    return Ok(out);
+                }
+                if text.is_empty() && logprobs.is_empty() {
+                    return Ok(out);
+                }
+                match p.endpoint {
+                    Endpoint::Chat => {
+                        let lp = if p.logprobs { chat_logprobs(tok, &logprobs) } else { Json::Null };
+                        out.push(self.chunk(
+                            json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}),
+                        ));
+                    }
+                    Endpoint::Completions => {
+                        let lp = if p.logprobs { completion_logprobs(tok, &logprobs, 0) } else { Json::Null };
+                        out.push(
+                            self.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})),
+                        );
+                    }
+                }
+            }
+            Event::Finished { index: i, reason } => {
+                self.first(prompt, i, &mut out);
+                let index = prompt * p.n + i;
+                match p.endpoint {
+                    Endpoint::Chat => {
+                        let mut reason = Some(reason.as_str());
+                        if p.parse_tools {
+                            let h = std::mem::take(&mut self.held[prompt][i]);
+                            let text = format!("{}{}", p.prefixes[prompt], h.text);
+                            let (content, calls, r) = chat_message(true, &text, Some(FinishReason::Stop));
+                            if r == Some("tool_calls") {
+                                reason = r;
+                            }
+                            let mut delta = json!({});
+                            if calls.is_null() {
+                                delta["content"] = content;
+                            } else {
+                                let indexed: Vec<Json> = calls
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .enumerate()
+                                    .map(|(k, c)| {
+                                        let mut c = c.clone();
+                                        c["index"] = json!(k);
+                                        c
+                                    })
+                                    .collect();
+                                delta["tool_calls"] = Json::Array(indexed);
+                            }
+                            let lp = if p.logprobs { chat_logprobs(tok, &h.logprobs) } else { Json::Null };
+                            out.push(
+                                self.chunk(
+                                    json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": null}),
+                                ),
+                            );
+                        }
+                        out.push(
+                            self.chunk(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason})),
+                        );
+                    }
+                    Endpoint::Completions => out.push(self.chunk(
+                        json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason.as_str()}),
+                    )),
+                }
+            }
+            Event::Done(u) => {
+                self.usage.prompt_tokens += u.prompt_tokens;
+                self.usage.completion_tokens += u.completion_tokens;
+                self.usage.total_tokens += u.total_tokens;
+                self.done += 1;
+                if self.done == p.requests.len() && p.include_usage {
+                    let object = if p.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
+                    out.push(json!({
+                        "id": p.id, "object": object, "created": p.created, "model": p.model,
+                        "choices": [], "usage": usage_json(&self.usage),
+                    }));
+                }
+            }
+            Event::Error(e) => return Err(e),
+        }
+        Ok(out)
+    }
+}
