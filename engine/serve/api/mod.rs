@@ -1,6 +1,6 @@
 //! The OpenAI formats: request bodies of `/v1/chat/completions` and `/v1/completions` validated into
-//! [`GenerateRequest`]s ([`prepare`]), and the engine's [`Event`](crate::serve::Event)s turned back into a response object
-//! ([`ResponseBuilder`]) or a stream of chunk objects ([`StreamBuilder`]).
+//! [`GenerateRequest`]s ([`prepare`]), and the engine's events ([`crate::serve::Event`]) turned back into a
+//! response object ([`ResponseBuilder`]) or a stream of chunk objects ([`StreamBuilder`]).
 //!
 //! Accepted fields: the OpenAI ones (`model`, `messages`/`prompt`, `max_tokens`, `max_completion_tokens`,
 //! `temperature`, `top_p`, `n`, `stop`, `seed`, `frequency_penalty`, `presence_penalty`, `logprobs`,
