@@ -15,11 +15,13 @@ pub mod kv;
 pub mod model;
 pub mod npy;
 pub mod ops;
+pub mod quant;
 pub mod sampling;
 pub mod sched;
 pub mod serve;
 pub mod tokenizer;
 pub mod tool_calls;
+pub mod tp;
 pub mod vision;
 pub mod weights;
 

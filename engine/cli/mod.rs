@@ -1,6 +1,9 @@
 //! The `llama32` command line: `logits`, `generate`, `tokenize`, `render`, `info`, `bench`, `serve` and `batch`.
 
 mod load;
+mod plan;
+mod quant_eval;
+mod quantize;
 mod serve;
 mod vision;
 
@@ -20,6 +23,9 @@ use crate::tokenizer::{EncodeOptions, Tokenizer};
 use crate::{Error, Result};
 
 pub use load::{load_model, Device, LoadedModel};
+pub use plan::PlanArgs;
+pub use quant_eval::QuantEvalArgs;
+pub use quantize::QuantizeArgs;
 pub use serve::{BatchArgs, BenchServeArgs, EngineArgs, ServeArgs};
 
 /// Top-level command line.
@@ -52,6 +58,12 @@ pub enum Command {
     Batch(BatchArgs),
     /// Time to first token, inter-token latency and throughput at several numbers of streaming clients.
     BenchServe(BenchServeArgs),
+    /// Quantize a checkpoint's projections to 4 bits (w4a16-g32 or w4a8-g32) into a new checkpoint directory.
+    Quantize(QuantizeArgs),
+    /// Measure a quantization scheme's logit error and greedy-token agreement against the unquantized model.
+    QuantEval(QuantEvalArgs),
+    /// Print a tensor-parallel plan: bytes per rank, KV capacity, all-reduce volume and predicted speed.
+    Plan(PlanArgs),
 }
 
 /// Where the model comes from.
@@ -91,6 +103,10 @@ pub struct ModelArgs {
     /// Use cuBLASLt for every projection, not the skinny GEMM kernel for decode-sized batches (CUDA only).
     #[arg(long)]
     pub no_skinny_gemm: bool,
+    /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.
+    /// A checkpoint written by `llama32 quantize` is detected from its config.json and needs no flag.
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 /// `llama32 logits`.
@@ -107,6 +123,9 @@ pub struct LogitsArgs {
     /// Image file (JPEG, PNG, WebP) for a Llama 3.2 Vision model, one per `<|image|>` id (repeatable).
     #[arg(long)]
     image: Vec<PathBuf>,
+    /// Run as this many tensor-parallel ranks (in-process ranks on the CPU; 1 = no tensor parallelism).
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel: usize,
 }
 
 /// `llama32 generate`.
@@ -253,6 +272,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => serve::cmd_serve(a),
         Command::Batch(a) => serve::cmd_batch(a),
         Command::BenchServe(a) => serve::cmd_bench_serve(a),
+        Command::Quantize(a) => quantize::cmd_quantize(a),
+        Command::QuantEval(a) => quant_eval::cmd_quant_eval(a),
+        Command::Plan(a) => plan::cmd_plan(a),
     }
 }
 

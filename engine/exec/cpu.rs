@@ -44,6 +44,48 @@ fn check(what: &str, a: &CpuAct, rows: usize, cols: usize) -> Result<()> {
 }
 
 impl CpuOps {
+    /// The kernels over `weights` (for `cfg`, which may describe one tensor-parallel rank's shard) with a KV pool
+    /// of `num_blocks` blocks of `block_size` tokens.
+    pub fn new(cfg: LlamaConfig, weights: ModelWeights, num_blocks: usize, block_size: usize) -> Result<Self> {
+        if block_size == 0 || num_blocks == 0 {
+            return Err(Error::request("the KV cache needs at least one block of at least one token"));
+        }
+        let layout = PagedLayout {
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            block_size,
+        };
+        let pool = num_blocks * block_size * layout.slot_len();
+        let layers = cfg.num_hidden_layers;
+        let inv_freq = cfg.rope.inv_freq(cfg.head_dim);
+        Ok(CpuOps {
+            inv_freq,
+            layout,
+            num_blocks,
+            k_cache: vec![vec![0.0; pool]; layers],
+            v_cache: vec![vec![0.0; pool]; layers],
+            seq_of_token: Vec::new(),
+            weights,
+            cfg,
+        })
+    }
+
+    /// The config the kernels were built for.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// KV blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Tokens per KV block.
+    pub fn block_size(&self) -> usize {
+        self.layout.block_size
+    }
+
     fn norm_weight(&self, n: Norm) -> &[f32] {
         match n {
             Norm::Attn(l) => &self.weights.layers[l].attn_norm,
@@ -194,30 +236,7 @@ pub struct CpuExecutor {
 impl CpuExecutor {
     /// An executor over `weights` with a KV pool of `num_blocks` blocks of `block_size` tokens.
     pub fn new(cfg: LlamaConfig, weights: ModelWeights, num_blocks: usize, block_size: usize) -> Result<Self> {
-        if block_size == 0 || num_blocks == 0 {
-            return Err(Error::request("the KV cache needs at least one block of at least one token"));
-        }
-        let layout = PagedLayout {
-            num_heads: cfg.num_attention_heads,
-            num_kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-            block_size,
-        };
-        let pool = num_blocks * block_size * layout.slot_len();
-        let layers = cfg.num_hidden_layers;
-        let inv_freq = cfg.rope.inv_freq(cfg.head_dim);
-        Ok(CpuExecutor {
-            ops: CpuOps {
-                inv_freq,
-                layout,
-                num_blocks,
-                k_cache: vec![vec![0.0; pool]; layers],
-                v_cache: vec![vec![0.0; pool]; layers],
-                seq_of_token: Vec::new(),
-                weights,
-                cfg,
-            },
-        })
+        Ok(CpuExecutor { ops: CpuOps::new(cfg, weights, num_blocks, block_size)? })
     }
 
     /// An executor whose pool holds `max_tokens` tokens (rounded up to whole blocks).

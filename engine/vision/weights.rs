@@ -413,11 +413,11 @@ impl MllamaWeights {
                     let a = format!("{p}.self_attn");
                     Ok(TextLayerWeights::SelfAttention(LayerWeights {
                         attn_norm,
-                        wqkv: r.cat(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?,
-                        wo: r.read(&format!("{a}.o_proj.weight"))?,
+                        wqkv: r.cat(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?.into(),
+                        wo: r.read(&format!("{a}.o_proj.weight"))?.into(),
                         mlp_norm,
-                        w_gate_up,
-                        w_down,
+                        w_gate_up: w_gate_up.into(),
+                        w_down: w_down.into(),
                     }))
                 }
             })

@@ -294,21 +294,44 @@ pub fn random_values(n: usize, seed: u64, stream: u64) -> Vec<f32> {
     out
 }
 
+/// A projection weight in the CPU layout: the f32 row-major `[out, in]` matrix, plus its quantized form when the
+/// checkpoint is quantized (then `dense` holds the exactly dequantized values). Derefs to the f32 slice.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LinearWeight {
+    /// Row-major `[out, in]` f32 values.
+    pub dense: Vec<f32>,
+    /// The quantized form, for a quantized checkpoint.
+    pub quant: Option<std::sync::Arc<crate::quant::QuantLinear>>,
+}
+
+impl From<Vec<f32>> for LinearWeight {
+    fn from(dense: Vec<f32>) -> Self {
+        LinearWeight { dense, quant: None }
+    }
+}
+
+impl std::ops::Deref for LinearWeight {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.dense
+    }
+}
+
 /// One decoder layer's weights in the CPU layout: f32, row-major `[out, in]`, projections fused.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
     /// `input_layernorm` `[hidden]`.
     pub attn_norm: Vec<f32>,
     /// q, k and v projections stacked: `[q_dim + 2 * kv_dim, hidden]`.
-    pub wqkv: Vec<f32>,
+    pub wqkv: LinearWeight,
     /// Output projection `[hidden, q_dim]`.
-    pub wo: Vec<f32>,
+    pub wo: LinearWeight,
     /// `post_attention_layernorm` `[hidden]`.
     pub mlp_norm: Vec<f32>,
     /// Gate and up projections stacked: `[2 * intermediate, hidden]`.
-    pub w_gate_up: Vec<f32>,
+    pub w_gate_up: LinearWeight,
     /// Down projection `[hidden, intermediate]`.
-    pub w_down: Vec<f32>,
+    pub w_down: LinearWeight,
 }
 
 /// All weights of a text model in the CPU layout.
@@ -355,11 +378,11 @@ impl ModelWeights {
             .map(|l| {
                 Ok(LayerWeights {
                     attn_norm: read(&l.attn_norm)?,
-                    wqkv: read(&l.wqkv)?,
-                    wo: read(&l.wo)?,
+                    wqkv: read(&l.wqkv)?.into(),
+                    wo: read(&l.wo)?.into(),
                     mlp_norm: read(&l.mlp_norm)?,
-                    w_gate_up: read(&l.w_gate_up)?,
-                    w_down: read(&l.w_down)?,
+                    w_gate_up: read(&l.w_gate_up)?.into(),
+                    w_down: read(&l.w_down)?.into(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

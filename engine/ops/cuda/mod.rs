@@ -19,6 +19,7 @@ pub mod embedding;
 mod ffi;
 pub mod gemv;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 

@@ -1,0 +1,109 @@
+//! 4-bit group-wise weight quantization (W4A16 and W4A8, group 32 by default) with the numerics of torchao's
+//! `8da4w`: symmetric int4 weights per group of `group` input columns with a bf16 scale, and, for W4A8, int8
+//! activations quantized per token (asymmetric, dynamic) at run time.
+//!
+//! The in-memory form shared by every backend is [`QuantMatrix`] (unpacked int4 values, f32 scales); the on-disk
+//! layouts (this engine's own and the Hugging Face int4 formats) are read and written by the submodules.
+
+use crate::{Error, Result};
+
+/// Default quantization group size along the input dimension (K).
+pub const GROUP_SIZE: usize = 32;
+
+/// How activations are fed to a quantized projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActQuant {
+    /// Activations stay bf16 (CUDA) / f32 (CPU): W4A16.
+    None,
+    /// Activations are quantized per token to int8, asymmetric, with a dynamic scale and zero point: W4A8.
+    Int8PerToken,
+}
+
+/// A quantization scheme: 4-bit weights in groups of `group` input columns, and an activation mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Scheme {
+    /// Input columns per weight scale.
+    pub group: usize,
+    /// Activation handling.
+    pub act: ActQuant,
+}
+
+impl Scheme {
+    /// W4A16 with group 32.
+    pub const W4A16_G32: Scheme = Scheme { group: GROUP_SIZE, act: ActQuant::None };
+    /// W4A8 with group 32 (torchao 8da4w).
+    pub const W4A8_G32: Scheme = Scheme { group: GROUP_SIZE, act: ActQuant::Int8PerToken };
+
+    /// Parses `w4a16-g32`, `w4a8-g32` (and other group sizes spelled `-gN`).
+    pub fn parse(s: &str) -> Result<Scheme> {
+        let bad = || Error::request(format!("unknown quantization scheme `{s}` (expected w4a16-g32 or w4a8-g32)"));
+        let (act, rest) = if let Some(r) = s.strip_prefix("w4a16-g") {
+            (ActQuant::None, r)
+        } else if let Some(r) = s.strip_prefix("w4a8-g") {
+            (ActQuant::Int8PerToken, r)
+        } else {
+            return Err(bad());
+        };
+        let group: usize = rest.parse().map_err(|_| bad())?;
+        if group == 0 || group % 2 != 0 {
+            return Err(bad());
+        }
+        Ok(Scheme { group, act })
+    }
+
+    /// The name [`parse`](Scheme::parse) accepts.
+    pub fn name(&self) -> String {
+        match self.act {
+            ActQuant::None => format!("w4a16-g{}", self.group),
+            ActQuant::Int8PerToken => format!("w4a8-g{}", self.group),
+        }
+    }
+}
+
+/// A quantized weight matrix `[n, k]` (`out = x @ w^T`), unpacked: `w[r, c] = scales[r, c / group] * (q[r, c] -
+/// zeros[r, c / group])`, with `zeros` absent (zero) for the symmetric formats.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantMatrix {
+    /// Output features (rows).
+    pub n: usize,
+    /// Input features (columns); a multiple of `group`.
+    pub k: usize,
+    /// Columns per scale.
+    pub group: usize,
+    /// `[n, k]` int4 values in `[-8, 7]`.
+    pub q: Vec<i8>,
+    /// `[n, k / group]` scales (bf16-representable for this engine's format).
+    pub scales: Vec<f32>,
+    /// `[n, k / group]` integer zero points in `[-8, 7]` (asymmetric Hugging Face formats only).
+    pub zeros: Option<Vec<i8>>,
+}
+
+impl QuantMatrix {
+    /// Groups per row.
+    pub fn groups(&self) -> usize {
+        self.k / self.group
+    }
+
+    /// The dequantized `[n, k]` matrix in f32 (exact: a bf16 scale times a small integer).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let g = self.groups();
+        let mut out = vec![0.0f32; self.n * self.k];
+        for r in 0..self.n {
+            for c in 0..self.k {
+                let gi = r * g + c / self.group;
+                let z = self.zeros.as_ref().map_or(0, |z| z[gi]);
+                out[r * self.k + c] = self.scales[gi] * (self.q[r * self.k + c] as i32 - z as i32) as f32;
+            }
+        }
+        out
+    }
+}
+
+/// A quantized projection: its matrix and the scheme its activations follow.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantLinear {
+    /// The weights.
+    pub matrix: QuantMatrix,
+    /// The scheme (group size and activation mode).
+    pub scheme: Scheme,
+}

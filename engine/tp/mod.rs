@@ -1,0 +1,1 @@
+//! Tensor parallelism: sharding plan, communicators and the rank-parallel executors.
