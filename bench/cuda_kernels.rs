@@ -3,7 +3,8 @@
 //! step. Without a CUDA device every bench prints that it is skipped and measures nothing.
 //!
 //! Groups are named by kernel family (as `ops::cuda::<family>`): norm, embedding, rope, activation, paged_decode,
-//! paged_prefill, gemv, sampling.
+//! paged_prefill, gemv, sampling, and quant (W4A16 / W4A8 at the 1B, 11B and 90B projection shapes; compare with
+//! torch's int4 tinygemm and cuBLAS bf16 from scripts/peers.py, run in the same device call).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -222,9 +223,72 @@ fn gemv_and_sampling(c: &mut Criterion) {
     g.finish();
 }
 
+/// (name, k, n) of the projection shapes the quantized kernels are judged on: gate_up and down of 1B (hidden 2048,
+/// inter 8192), 11B (4096, 14336) and 90B (8192, 28672) text models.
+const QUANT_SHAPES: [(&str, usize, usize); 6] = [
+    ("1b_gate_up", 2048, 16384),
+    ("1b_down", 8192, 2048),
+    ("11b_gate_up", 4096, 28672),
+    ("11b_down", 14336, 4096),
+    ("90b_gate_up", 8192, 57344),
+    ("90b_down", 28672, 8192),
+];
+
+/// W4A16 at m = 1, 16, 64 (throughput = bytes of int4 weights + bf16 scales: criterion's GB/s is the effective
+/// weight bandwidth) and W4A8 at m = 256, 1024 (throughput elements = FLOPs: criterion's "Gelem/s" reads as
+/// GFLOP/s; divide by 1000 for TFLOP/s). One weight per shape; the 90B weights (up to 264 MB) exceed L2, the 1B
+/// ones (up to 19 MB) fit in an H100's 50 MB L2, so the 1B figures are an upper bound of the streaming rate.
+fn quant(c: &mut Criterion) {
+    use llama32::quant::{QuantLinear, QuantMatrix, Scheme};
+    let Some(d) = Dev::open() else { return };
+    let sms = k::attention::num_sms(&d.stream).expect("SM count");
+    let mut g = c.benchmark_group("quant");
+    g.measurement_time(Duration::from_secs(1));
+    for (name, kdim, n) in QUANT_SHAPES {
+        let q: Vec<i8> = (0..n * kdim).map(|i| ((i.wrapping_mul(2_654_435_761) >> 9) % 16) as i8 - 8).collect();
+        let qm = QuantMatrix { n, k: kdim, group: 32, q, scales: vec![0.0125; n * kdim / 32], zeros: None };
+        let weight_bytes = (n * kdim / 2 + n * kdim / 32 * 2) as u64;
+        for (scheme, ms) in [(Scheme::W4A16_G32, &[1usize, 16, 64][..]), (Scheme::W4A8_G32, &[256usize, 1024][..])] {
+            let lin = QuantLinear { matrix: qm.clone(), scheme };
+            let w = k::quant::CudaQuantLinear::upload(&d.stream, &lin).expect("upload");
+            let w4a8 = scheme == Scheme::W4A8_G32;
+            let max_m = *ms.iter().max().unwrap_or(&1);
+            let need = k::quant::workspace_bound(w4a8, max_m, n, kdim, sms);
+            let mut ws = k::quant::SplitKWorkspace::new(&d.stream, need.0, need.1, sms).expect("workspace");
+            for &m in ms {
+                let x = d.data(m * kdim, 24);
+                let mut out = d.data(m * n, 25);
+                if w4a8 {
+                    let mut acts = k::quant::QuantActs::new(&d.stream, m, kdim).expect("int8 buffers");
+                    let src = k::quant::ActSource::Rows(x.slice(..));
+                    k::quant::act_quant(&d.stream, src, m, kdim, &mut acts, None).expect("act_quant");
+                    g.throughput(Throughput::Elements(2 * (m * n * kdim) as u64));
+                    g.bench_function(format!("w4a8_m{m}_{name}_k{kdim}_n{n} (elements = FLOPs)"), |b| {
+                        b.iter_custom(|iters| {
+                            d.time(iters, &mut || {
+                                k::quant::w4a8_gemm(&d.stream, &acts, &w, m, &mut ws, &mut out).unwrap()
+                            })
+                        })
+                    });
+                } else {
+                    g.throughput(Throughput::Bytes(weight_bytes));
+                    g.bench_function(format!("w4a16_m{m}_{name}_k{kdim}_n{n}"), |b| {
+                        b.iter_custom(|iters| {
+                            d.time(iters, &mut || {
+                                k::quant::w4a16_gemm(&d.stream, &x, &w, m, &mut ws, &mut out).unwrap()
+                            })
+                        })
+                    });
+                }
+            }
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_millis(300));
-    targets = norm, elementwise, attention, gemv_and_sampling
+    targets = norm, elementwise, attention, gemv_and_sampling, quant
 }
 criterion_main!(benches);

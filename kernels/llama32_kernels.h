@@ -338,6 +338,128 @@ l32_status l32_gemv(const l32_gemv_params* params, void* stream);
 
 /* END gemv */
 
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* 4-bit group-wise quantized projections: W4A16 and W4A8, and int8 activation quantization (kernels/quant/) */
+/* BEGIN quant */
+
+/*
+ * Quantized weights are reordered once at load time (engine/ops/cuda/quant.rs; the layout is documented in
+ * kernels/quant/common.cuh): `n` is padded to n_pad = 16 * ceil(n / 16) rows, `k` must be a multiple of 64, and
+ *   qweight: n_pad / 16 * k / 64 tiles of 512 bytes (int4 nibbles in the scheme's fragment order), 16-byte aligned;
+ *   scales:  the same tiles, 8 entries of 4 values each (bf16 for W4A16, f32 for W4A8);
+ *   zeros:   optional, the same tiles (W4A16: the bf16 bias 136 + z per value; W4A8: the byte 8 + z per value).
+ * Split-K (splits > 1) needs `partials` (f32, splits * m * n_pad values) and `counters` (one u32 per output tile:
+ * W4A16 ceil(n_pad / 64), W4A8 ceil(n_pad / 128) * ceil(m / tile_m)), zeroed once by the caller; every launch
+ * leaves them zeroed again, so a CUDA graph can replay it. The result never depends on the split count's
+ * arrival order (the splits are summed in split order). Nothing may alias `out`.
+ */
+
+/**
+ * W4A16 decode GEMM: out[i, j] = bf16(sum_g s[j, g] * sum_{c in g} x[i, c] * (q[j, c] - z[j, g])) for i < m, j < n:
+ * products exact in f32 (tensor-core MMA of bf16 x and the exact integers q - z), each group's sum scaled in f32,
+ * one bf16 rounding per output. dtype: L32_DTYPE_BF16 only.
+ */
+typedef struct l32_w4a16_params {
+    void* out;              /**< [m, n] bf16, contiguous rows */
+    const void* x;          /**< [m, k] bf16, contiguous rows, 16-byte aligned */
+    const void* qweight;    /**< reordered int4 tiles (W4A16 order), 16-byte aligned */
+    const void* scales;     /**< reordered bf16 scales, 8-byte aligned */
+    const void* zeros;      /**< reordered bf16 biases 136 + z, 8-byte aligned; NULL for symmetric weights */
+    float* partials;        /**< split-K workspace, splits * m * n_pad f32 (NULL when splits == 1) */
+    uint32_t* counters;     /**< split-K tile counters, ceil(n_pad / 64), zeroed (NULL when splits == 1) */
+    int64_t m;              /**< 1 ..= 64 */
+    int64_t n;              /**< any count >= 0 (0 launches nothing), below 2^31 - 64 */
+    int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
+    int32_t splits;         /**< K splits, 1 ..= k / 64 (the Rust heuristic quant::w4a16_splits) */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_w4a16_params;
+
+/** Launches the W4A16 decode GEMM on `stream`. */
+l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* stream);
+
+/** Dequantizes a W4A16 layout into out[j, c] = bf16(s[j, g] * (q[j, c] - z[j, g])) (one f32 product, one rounding). */
+typedef struct l32_w4a16_dequant_params {
+    void* out;              /**< [n, k] bf16, contiguous rows, 16-byte aligned */
+    const void* qweight;    /**< as in l32_w4a16_params */
+    const void* scales;     /**< as in l32_w4a16_params */
+    const void* zeros;      /**< as in l32_w4a16_params, or NULL */
+    int64_t n;              /**< >= 0, below 2^31 - 64 */
+    int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_w4a16_dequant_params;
+
+/** Launches the W4A16 dequantization on `stream`. */
+l32_status l32_w4a16_dequant(const l32_w4a16_dequant_params* params, void* stream);
+
+/**
+ * W4A8 GEMM (torchao 8da4w) on the int8 tensor cores, with xq, x_scales, x_zeros from l32_act_quant:
+ * out[i, j] = bf16(x_scales[i] * (sum_g sw[j, g] * sum_{c in g} xq[i, c] * (q[j, c] - zw[j, g])
+ *                                 - x_zeros[i] * row_corr[j])),
+ * the per-group integer sums exact in s32, scaled and summed in f32. The device scales hold sw / 16 for symmetric
+ * weights (the kernel multiplies 16 q) and sw with zero points. dtype: L32_DTYPE_BF16 (the output) only.
+ */
+typedef struct l32_w4a8_params {
+    void* out;              /**< [m, n] bf16, contiguous rows */
+    const int8_t* xq;       /**< [m, k] int8, contiguous rows, 16-byte aligned */
+    const float* x_scales;  /**< [m] */
+    const int32_t* x_zeros; /**< [m] */
+    const void* qweight;    /**< reordered int4 tiles (W4A8 order), 16-byte aligned */
+    const float* scales;    /**< reordered f32 scales (see above), 16-byte aligned */
+    const uint8_t* zeros;   /**< reordered bytes 8 + zw, 16-byte aligned; NULL for symmetric weights */
+    const float* row_corr;  /**< [n_pad]: sum_g sw[j, g] * sum_{c in g} (q[j, c] - zw[j, g]) */
+    float* partials;        /**< split-K workspace, splits * m * n_pad f32 (NULL when splits == 1) */
+    uint32_t* counters;     /**< split-K tile counters, ceil(n_pad / 128) * ceil(m / tile_m), zeroed */
+    int64_t m;              /**< >= 0 (0 launches nothing), below 2^30 */
+    int64_t n;              /**< >= 0 (0 launches nothing), below 2^31 - 128 */
+    int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
+    int32_t splits;         /**< K splits, 1 ..= k / 64 */
+    int32_t tile_m;         /**< tokens per block: 8, 16, 32 (decode) or 128 (prefill) */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_w4a8_params;
+
+/** Launches the W4A8 GEMM on `stream`. */
+l32_status l32_w4a8_gemm(const l32_w4a8_params* params, void* stream);
+
+/** What l32_act_quant computes before quantizing a row. */
+typedef enum l32_act_quant_op {
+    /** The bf16 rows of x as they are. */
+    L32_ACT_QUANT_ROWS = 0,
+    /** l32_norm of x (no residual). */
+    L32_ACT_QUANT_RMS_NORM = 1,
+    /** l32_norm of x with the residual add (residual updated in place). */
+    L32_ACT_QUANT_ADD_RMS_NORM = 2,
+    /** l32_silu_mul of x = gate_up [rows, 2 * hidden]. */
+    L32_ACT_QUANT_SILU_MUL = 3,
+} l32_act_quant_op;
+
+/**
+ * Per-token asymmetric int8 quantization of bf16 rows (torchao per_token_dynamic_quant), fused with the kernel that
+ * produces them: for each row r the bf16 values v (bit for bit what l32_norm / l32_silu_mul would write), then
+ * lo = min(min(v), 0), hi = max(max(v), 0), scales[r] = max((hi - lo) / 255, 2^-23),
+ * zeros[r] = clamp(-128 - rint(lo / scales[r]), -128, 127), q[r, c] = clamp(rint(v[c] * (1 / scales[r])) + zeros[r],
+ * -128, 127), every f32 operation rounded once: the CPU twin quant::numerics::quantize_activations, bit for bit.
+ * hidden % 8 == 0 and 16-byte aligned bf16 rows (8-byte aligned q). Nothing may alias.
+ */
+typedef struct l32_act_quant_params {
+    int8_t* q;              /**< [rows, hidden] int8, contiguous rows */
+    float* scales;          /**< [rows] */
+    int32_t* zeros;         /**< [rows] */
+    void* out;              /**< optional [rows, hidden] bf16: also write the values v (NULL: not written) */
+    const void* x;          /**< [rows, hidden] bf16; SILU_MUL: [rows, 2 * hidden] = [gate | up] */
+    void* residual;         /**< ADD_RMS_NORM: [rows, hidden] bf16, read and written; otherwise ignored */
+    const void* weight;     /**< RMS_NORM / ADD_RMS_NORM: [hidden] bf16; otherwise ignored */
+    int64_t rows;           /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t hidden;         /**< a multiple of 8, 8 ..= 2^30 */
+    float eps;              /**< norms: >= 0 */
+    l32_act_quant_op op;    /**< what the row is */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_act_quant_params;
+
+/** Launches the activation quantization (act_quant family) on `stream`. */
+l32_status l32_act_quant(const l32_act_quant_params* params, void* stream);
+
+/* END quant */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -159,7 +159,8 @@ run() {
   if [[ -x "$bundle/bench/cuda_kernels" ]]; then
     log="$logs/criterion.log"
     rc=0
-    (cd "$(mktemp -d)" && timeout 240 "$bundle/bench/cuda_kernels" --bench --noplot) >"$log" 2>&1 || rc=$?
+    # 420 s: the quant group (W4A16 / W4A8 at the 1B, 11B and 90B shapes) adds about two minutes.
+    (cd "$(mktemp -d)" && timeout 420 "$bundle/bench/cuda_kernels" --bench --noplot) >"$log" 2>&1 || rc=$?
     if ((rc == 0)) && ! grep -q 'skipped:' "$log"; then
       rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS criterion "cuda_kernels (all groups)" -)")
       mapfile -t -O "${#benches[@]}" benches < <(awk '/^[a-z_]+\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
@@ -170,11 +171,28 @@ run() {
     fi
   fi
 
+  # PyTorch peers in the same call (scripts/peers.py --quick: copy/GEMM ceilings, SDPA, and the quant peers torch
+  # int4 tinygemm g32 and cuBLAS bf16 at the shapes of the criterion `quant` group); their lines join the table.
+  if [[ -f "$root/scripts/peers.py" ]] && command -v python3 >/dev/null; then
+    log="$logs/peers.log"
+    rc=0
+    timeout 300 python3 "$root/scripts/peers.py" --quick >"$log" 2>&1 || rc=$?
+    if ((rc == 0)); then
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS peers "scripts/peers.py --quick" -)")
+      mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
+    else
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "scripts/peers.py --quick (see $log)" -)")
+      tail -n 5 "$log"
+    fi
+  fi
+
   # End-to-end figures on random weights at the real shapes (JSON lines in $logs/bench.jsonl).
   # Each spec: preset, batch, prompt tokens, generated tokens, then extra flags (ablations of graphs / skinny GEMM).
   local spec preset batch prompt gen extra line tag
   for spec in "1b 1 128 64" "1b 1 128 64 --no-skinny-gemm" "1b 1 128 64 --cuda-graph-max-batch 0" \
-    "3b 1 128 64" "1b 64 512 64"; do
+    "3b 1 128 64" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" "1b 1 128 64 --quantize w4a8-g32" \
+    "1b 64 512 64 --quantize w4a8-g32"; do
     read -r preset batch prompt gen extra <<<"$spec"
     tag="$preset.b$batch${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}"
     log="$logs/bench.$tag.log"

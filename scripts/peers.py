@@ -78,6 +78,49 @@ def sdpa(rows):
                 print(f"# sdpa decode {name} d{d}: {e}", file=sys.stderr)
 
 
+# (name, k, n): gate_up and down of the 1B, 11B and 90B text models (as bench/cuda_kernels.rs group `quant`).
+QUANT_SHAPES = [("1b_gate_up", 2048, 16384), ("1b_down", 8192, 2048), ("11b_gate_up", 4096, 28672),
+                ("11b_down", 14336, 4096), ("90b_gate_up", 8192, 57344), ("90b_down", 28672, 8192)]
+
+
+def quant_peers(rows):
+    """torch's int4 tinygemm at group 32 (aten._weight_int4pack_mm, torchao's int4 weight-only path) and cuBLAS
+    bf16 (torch.matmul) at the shapes of the llama32 quant benches. GB/s count the bytes each reads: tinygemm
+    n*k/2 int4 + bf16 scale and zero per 32 (0.625 n k), cuBLAS 2 n k; llama32's W4A16 reads 0.5625 n k."""
+    group = 32
+    for name, k, n in QUANT_SHAPES:
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        packed = sz = None
+        try:
+            q = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+            w_uint8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, 8)
+            sz = torch.ones(k // group, n, 2, dtype=torch.bfloat16, device="cuda")
+            sz[:, :, 0] = 0.01
+            sz[:, :, 1] = 0.0
+        except Exception as e:  # an op missing from this torch build must not hide the other figures
+            print(f"# tinygemm {name}: {e}", file=sys.stderr)
+        for m in [1, 16, 64, 256, 1024]:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            flops = 2 * m * n * k
+            s = timed(lambda: torch.matmul(x, w.t()))
+            if m <= 64:
+                emit(rows, f"cublas bf16 m{m} {name}", 2 * n * k / s / 1e9, "GB/s", tflops=flops / s / 1e12)
+            else:
+                emit(rows, f"cublas bf16 m{m} {name}", flops / s / 1e12, "TFLOP/s")
+            if packed is not None:
+                try:
+                    s = timed(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz))
+                    if m <= 64:
+                        emit(rows, f"tinygemm g32 m{m} {name}", 0.625 * n * k / s / 1e9, "GB/s", tflops=flops / s / 1e12)
+                    else:
+                        emit(rows, f"tinygemm g32 m{m} {name}", flops / s / 1e12, "TFLOP/s")
+                except Exception as e:
+                    print(f"# tinygemm {name} m{m}: {e}", file=sys.stderr)
+        del w, packed, sz
+        torch.cuda.empty_cache()
+
+
 def hf_decode(rows, preset, steps=64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -114,6 +157,7 @@ def main():
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     ceilings(rows)
     sdpa(rows)
+    quant_peers(rows)
     if not args.quick:
         for p in ["1b", "3b"]:
             try:

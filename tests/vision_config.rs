@@ -411,7 +411,7 @@ fn weights_load_in_the_documented_layout() {
     let TextLayerWeights::SelfAttention(l0) = &w.text.layers[0] else { unreachable!() };
     let p = "language_model.model.layers.0";
     assert_eq!(
-        l0.wqkv,
+        l0.wqkv.dense,
         cat(
             &ckpt,
             &[
@@ -421,7 +421,10 @@ fn weights_load_in_the_documented_layout() {
             ]
         )
     );
-    assert_eq!(l0.w_gate_up, cat(&ckpt, &[&format!("{p}.mlp.gate_proj.weight"), &format!("{p}.mlp.up_proj.weight")]));
+    assert_eq!(
+        l0.w_gate_up.dense,
+        cat(&ckpt, &[&format!("{p}.mlp.gate_proj.weight"), &format!("{p}.mlp.up_proj.weight")])
+    );
     let TextLayerWeights::CrossAttention(l3) = &w.text.layers[3] else { unreachable!() };
     let p = "language_model.model.layers.3";
     assert_eq!(l3.wq, tensor_f32(&ckpt, &format!("{p}.cross_attn.q_proj.weight")));

@@ -1,6 +1,6 @@
 //! Resolving `--model` / `--preset` / `--random-weights` / `--device` into a ready executor.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -10,6 +10,8 @@ use crate::config::{LlamaConfig, Preset};
 use crate::exec::cpu::CpuExecutor;
 use crate::exec::cuda::{CudaExecutor, CudaOptions};
 use crate::exec::Executor;
+use crate::quant::format::QuantizationConfig;
+use crate::quant::Scheme;
 use crate::weights::{check_checkpoint, Checkpoint, ModelWeights, WeightSource};
 use crate::{Error, Result};
 
@@ -105,22 +107,16 @@ pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
         return load_cuda(a, cfg, &source, ordinal, min_tokens);
     }
     let t0 = Instant::now();
-    let weights = match (&source, a.random_weights) {
-        (Source::Dir(dir), false) => {
-            let ckpt = Checkpoint::open(dir)?;
-            let bar = progress_bar(ckpt.total_bytes());
-            let w = ModelWeights::load(&ckpt, &cfg, &|done| bar.set_position(done))?;
-            bar.finish_and_clear();
-            w
-        }
-        _ => ModelWeights::random(&cfg, a.weights_seed)?,
-    };
+    let weights = load_cpu_weights(a, &cfg, &source)?;
     let load_secs = t0.elapsed().as_secs_f64();
     let kv_tokens = a.kv_tokens.unwrap_or(min_tokens).max(min_tokens);
     let eos_ids = cfg.eos_token_ids.clone();
     let mut desc = source.describe();
     if a.random_weights {
         desc.push_str(" with random weights");
+    }
+    if let Some(scheme) = weights.quant_scheme() {
+        desc.push_str(&format!(", quantized {}", scheme.name()));
     }
     let exec = CpuExecutor::with_capacity(cfg, weights, kv_tokens, a.block_size)?;
     Ok(LoadedModel {
@@ -130,6 +126,106 @@ pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
         source_desc: desc,
         load_secs,
     })
+}
+
+/// How a model's projections are quantized: by its checkpoint (`quantization_config` in config.json) or by
+/// `--quantize` at load time.
+#[derive(Clone, Debug)]
+pub enum Quantization {
+    /// A quantized checkpoint.
+    Checkpoint(QuantizationConfig),
+    /// `--quantize SCHEME` on unquantized weights.
+    AtLoad(Scheme),
+}
+
+impl Quantization {
+    /// In words, for errors and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Quantization::Checkpoint(q) => format!("checkpoint quantized as {q}"),
+            Quantization::AtLoad(s) => format!("--quantize {}", s.name()),
+        }
+    }
+}
+
+/// The `quantization_config` of a checkpoint directory's config.json, if it has one.
+pub fn checkpoint_quantization(dir: &Path) -> Result<Option<QuantizationConfig>> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let root: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(&path, "", format!("not valid JSON: {e}")))?;
+    QuantizationConfig::from_config_json(&root, &path)
+}
+
+/// The quantization the arguments ask for: `--quantize`, or a quantized checkpoint (not both).
+pub fn quantization_of(a: &ModelArgs, source: &Source) -> Result<Option<Quantization>> {
+    let flag = a.quantize.as_deref().map(Scheme::parse).transpose()?;
+    let ckpt = match source {
+        Source::Dir(dir) => checkpoint_quantization(dir)?,
+        Source::Preset(_) => None,
+    };
+    match (flag, ckpt) {
+        (Some(s), Some(_)) => Err(Error::request(format!(
+            "--quantize {}: the checkpoint is already quantized (its config.json has a quantization_config)",
+            s.name()
+        ))),
+        (Some(s), None) => Ok(Some(Quantization::AtLoad(s))),
+        (None, Some(q)) => Ok(Some(Quantization::Checkpoint(q))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The CPU weights named by the arguments: a checkpoint (quantized or not) or random weights, then quantized by
+/// `--quantize` if given. `--random-weights` with a quantized checkpoint's config quantizes the random weights
+/// with the checkpoint's scheme.
+pub fn load_cpu_weights(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Result<ModelWeights> {
+    let quant = quantization_of(a, source)?;
+    let mut weights = match (source, a.random_weights, &quant) {
+        (Source::Dir(dir), false, Some(Quantization::Checkpoint(q))) => {
+            let ckpt = Checkpoint::open(dir)?;
+            let bar = progress_bar(ckpt.total_bytes());
+            let w = ModelWeights::load_quantized(&ckpt, cfg, q, &|done| bar.set_position(done))?;
+            bar.finish_and_clear();
+            w
+        }
+        (Source::Dir(dir), false, _) => {
+            let ckpt = Checkpoint::open(dir)?;
+            let bar = progress_bar(ckpt.total_bytes());
+            let w = ModelWeights::load(&ckpt, cfg, &|done| bar.set_position(done))?;
+            bar.finish_and_clear();
+            w
+        }
+        _ => ModelWeights::random(cfg, a.weights_seed)?,
+    };
+    match (&quant, a.random_weights) {
+        (Some(Quantization::AtLoad(scheme)), _) => weights.quantize_in_place(*scheme)?,
+        (Some(Quantization::Checkpoint(q)), true) => weights.quantize_in_place(q.scheme)?,
+        _ => {}
+    }
+    Ok(weights)
+}
+
+/// The `quantization` object of `llama32 info`: the scheme and the bytes of the quantized projections (packed
+/// int4 values plus bf16 group scales) next to their bf16 bytes; `null` for an unquantized model.
+pub fn quantization_info(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Result<serde_json::Value> {
+    let (scheme, ckpt_quant) = match quantization_of(a, source)? {
+        None => return Ok(serde_json::Value::Null),
+        Some(Quantization::AtLoad(s)) => (s, None),
+        Some(Quantization::Checkpoint(q)) => (q.scheme, Some(q.to_string())),
+    };
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let per_layer = [(cfg.q_dim() + 2 * cfg.kv_dim(), h), (h, cfg.q_dim()), (2 * i, h), (h, i)];
+    let proj_params: u64 = per_layer.iter().map(|&(n, k)| (n * k) as u64).sum::<u64>() * cfg.num_hidden_layers as u64;
+    let other_params = cfg.num_parameters() - proj_params;
+    let quant_bytes = proj_params / 2 + proj_params / scheme.group as u64 * 2;
+    Ok(serde_json::json!({
+        "scheme": scheme.name(),
+        "checkpoint_quantization": ckpt_quant,
+        "quantized_projection_parameters": proj_params,
+        "quantized_projection_bytes": quant_bytes,
+        "projection_bytes_bf16": proj_params * 2,
+        "weights_bytes_total": quant_bytes + other_params * 2,
+    }))
 }
 
 fn progress_bar(total: u64) -> ProgressBar {
@@ -158,7 +254,20 @@ fn load_cuda(
     let t0 = Instant::now();
     let eos_ids = cfg.eos_token_ids.clone();
     let mut desc = source.describe();
+    let quant = quantization_of(a, source)?;
     let exec = match (source, a.random_weights) {
+        _ if quant.is_some() => {
+            // Quantized projections are packed on the host first (the checkpoint's int4 tensors, or bf16 weights
+            // quantized by --quantize), then uploaded in the kernels' layout.
+            let w = load_cpu_weights(a, &cfg, source)?;
+            if let Some(q) = &quant {
+                desc.push_str(&format!(", {}", q.describe()));
+            }
+            if a.random_weights {
+                desc.push_str(" with random weights");
+            }
+            CudaExecutor::from_weights(cfg, &w, &opts)?
+        }
         (Source::Dir(dir), false) => {
             let ckpt = Checkpoint::open(dir)?;
             check_checkpoint(&ckpt, &cfg)?;

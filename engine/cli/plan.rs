@@ -1,14 +1,155 @@
-//! `llama32 plan`: the tensor-parallel performance model.
+//! `llama32 plan`: the tensor-parallel performance model (see docs/parallelism.md and [`crate::tp::perf`]).
 
 use clap::Args;
 
-use crate::{Error, Result};
+use crate::tp::perf::{predict, Gpu, ModelShape, Prediction, Workload};
+use crate::tp::TpPlan;
+use crate::Result;
 
 /// Arguments of the subcommand.
 #[derive(Debug, Args)]
-pub struct PlanArgs {}
+pub struct PlanArgs {
+    /// Model: a preset (1b, 3b, 11b-vision, 90b-vision) or a Hugging Face model directory.
+    #[arg(long, default_value = "90b-vision")]
+    model: String,
+    /// Tensor-parallel size to detail (the table always shows 1, 2, 4 and 8).
+    #[arg(long, default_value_t = 8)]
+    tp: usize,
+    /// GPU whose figures to use (h100).
+    #[arg(long, default_value = "h100")]
+    gpu: String,
+    /// Sequences decoding together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Context tokens per sequence.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Images per sequence (vision models: their cross-attention K/V are read every step).
+    #[arg(long, default_value_t = 0)]
+    images: usize,
+    /// Override the per-collective latency (microseconds; the default is an assumption, see the output).
+    #[arg(long)]
+    collective_latency_us: Option<f64>,
+    /// Override the NVLink bandwidth per direction (GB/s).
+    #[arg(long)]
+    link_gbps: Option<f64>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+fn gb(b: f64) -> String {
+    format!("{:.2} GB", b / 1e9)
+}
 
 /// Runs the subcommand.
-pub fn cmd_plan(_a: PlanArgs) -> Result<()> {
-    Err(Error::request("not implemented yet"))
+pub fn cmd_plan(a: PlanArgs) -> Result<()> {
+    let shape = ModelShape::resolve(&a.model)?;
+    let mut gpu = Gpu::by_name(&a.gpu)?;
+    if let Some(l) = a.collective_latency_us {
+        gpu.collective_latency_us.value = l;
+        gpu.collective_latency_us.source = "given with --collective-latency-us".into();
+    }
+    if let Some(l) = a.link_gbps {
+        gpu.link_gbps_per_direction.value = l;
+        gpu.link_gbps_per_direction.source = "given with --link-gbps".into();
+    }
+    let w = Workload { batch: a.batch.max(1), context: a.context, images: a.images };
+    let detail = predict(&shape, a.tp, &gpu, &w)?;
+    let plan = TpPlan::new(&shape.text, a.tp)?;
+    let table: Vec<std::result::Result<Prediction, String>> =
+        [1, 2, 4, 8].iter().map(|&tp| predict(&shape, tp, &gpu, &w).map_err(|e| e.to_string())).collect();
+    if a.json {
+        let rows: Vec<serde_json::Value> = table
+            .iter()
+            .zip([1, 2, 4, 8])
+            .map(|(p, tp)| match p {
+                Ok(p) => serde_json::to_value(p).unwrap_or_default(),
+                Err(e) => serde_json::json!({"tp": tp, "error": e}),
+            })
+            .collect();
+        let out = serde_json::json!({
+            "model": shape.name,
+            "gpu": gpu,
+            "workload": w,
+            "plan": {
+                "tp": a.tp,
+                "heads_per_rank": plan.heads_per_rank(),
+                "kv_heads_per_rank": plan.kv_heads_per_rank(),
+                "kv_replication": plan.kv_replication(),
+                "intermediate_per_rank": shape.text.intermediate_size / a.tp,
+                "vocab_per_rank": shape.text.vocab_size / a.tp,
+            },
+            "detail": detail,
+            "table": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(());
+    }
+    let p = &detail;
+    println!(
+        "model {} on {} x {}, batch {}, context {}, images {}",
+        shape.name, a.tp, gpu.name, w.batch, w.context, w.images
+    );
+    println!(
+        "  per rank: {} query heads, {} KV heads (each KV head on {} rank(s)), intermediate {}, vocab {}",
+        plan.heads_per_rank(),
+        plan.kv_heads_per_rank(),
+        plan.kv_replication(),
+        shape.text.intermediate_size / a.tp,
+        shape.text.vocab_size / a.tp
+    );
+    println!(
+        "  weights: {} per rank of {} (bf16); decode reads {} per rank per step",
+        gb(p.weight_bytes_per_rank),
+        gb(p.weight_bytes_total),
+        gb(p.decode_weight_bytes_per_rank)
+    );
+    println!(
+        "  KV: {:.0} B per token per rank; capacity {} tokens at {} of {} GB minus {} GB reserve{}",
+        p.kv_bytes_per_token_per_rank,
+        p.kv_capacity_tokens,
+        gpu.memory_utilization,
+        gpu.memory_gb.value,
+        gpu.activation_reserve_gb.value,
+        if p.fits { "" } else { " (weights do not fit)" }
+    );
+    if p.cross_kv_bytes_per_image_per_rank > 0.0 {
+        println!("  cross-attention KV: {} per image per rank", gb(p.cross_kv_bytes_per_image_per_rank));
+    }
+    println!(
+        "  all-reduce: {} per step, {:.0} B payload per token; ring sends {:.0} B per GPU per step; logits all-gather {:.0} B",
+        p.allreduces_per_step, p.allreduce_bytes_per_token, p.allreduce_ring_bytes_per_gpu_per_step, p.logits_gather_bytes_per_step
+    );
+    println!();
+    println!("| tp | weights/rank | fits | KV capacity (tokens) | t_mem ms | t_comm ms | step ms | tok/s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (r, tp) in table.iter().zip([1, 2, 4, 8]) {
+        match r {
+            Ok(p) => println!(
+                "| {tp} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
+                gb(p.weight_bytes_per_rank),
+                if p.fits { "yes" } else { "no" },
+                p.kv_capacity_tokens,
+                p.t_memory_ms,
+                p.t_comm_ms,
+                p.step_ms,
+                p.tokens_per_s
+            ),
+            Err(e) => println!("| {tp} | {e} |  |  |  |  |  |  |"),
+        }
+    }
+    println!();
+    println!("inputs:");
+    for (what, f) in [
+        ("HBM copy", &gpu.hbm_copy_gbps),
+        ("decode efficiency", &gpu.decode_efficiency),
+        ("NVLink per direction", &gpu.link_gbps_per_direction),
+        ("collective latency", &gpu.collective_latency_us),
+        ("memory", &gpu.memory_gb),
+        ("activation reserve", &gpu.activation_reserve_gb),
+    ] {
+        println!("  {what}: {:.3} {} ({})", f.value, f.unit, f.source);
+    }
+    Ok(())
 }

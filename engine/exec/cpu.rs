@@ -4,8 +4,10 @@ use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
 use crate::model::{forward, Dims, Linear, Norm, Ops};
 use crate::ops::cpu::attention::{AttentionBatch, PagedLayout};
+use crate::ops::cpu::quant::PreparedW4A8;
 use crate::ops::cpu::{activation, attention, embedding, linear, norm, rope};
-use crate::weights::ModelWeights;
+use crate::quant::ActQuant;
+use crate::weights::{LinearWeight, ModelWeights};
 use crate::{Error, Result};
 
 /// A row-major `[rows, cols]` f32 activation buffer.
@@ -29,6 +31,21 @@ pub struct CpuOps {
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
     seq_of_token: Vec<u32>,
+    /// W4A8 projections, prepared once: `[layer * 4 + slot]` for slots qkv, o, gate_up, down.
+    w4a8: Vec<Option<PreparedW4A8>>,
+}
+
+/// The W4A8 projections of `weights`, prepared for the int8 kernel (`None` for dense and W4A16 projections).
+fn prepare_w4a8(weights: &ModelWeights) -> Vec<Option<PreparedW4A8>> {
+    use rayon::prelude::*;
+    let all: Vec<&LinearWeight> =
+        weights.layers.iter().flat_map(|l| [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down]).collect();
+    all.par_iter()
+        .map(|w| match &w.quant {
+            Some(q) if q.scheme.act == ActQuant::Int8PerToken => Some(PreparedW4A8::new(q.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 fn shape_err(what: &str, a: &CpuAct, rows: usize, cols: usize) -> Error {
@@ -59,7 +76,36 @@ impl CpuOps {
         let pool = num_blocks * block_size * layout.slot_len();
         let layers = cfg.num_hidden_layers;
         let inv_freq = cfg.rope.inv_freq(cfg.head_dim);
+        for (l, lw) in weights.layers.iter().enumerate() {
+            let shapes = [
+                ("wqkv", &lw.wqkv, cfg.q_dim() + 2 * cfg.kv_dim(), cfg.hidden_size),
+                ("wo", &lw.wo, cfg.hidden_size, cfg.q_dim()),
+                ("w_gate_up", &lw.w_gate_up, 2 * cfg.intermediate_size, cfg.hidden_size),
+                ("w_down", &lw.w_down, cfg.hidden_size, cfg.intermediate_size),
+            ];
+            for (name, w, n, k) in shapes {
+                if let Some(q) = &w.quant {
+                    let m = &q.matrix;
+                    let groups = m.k.checked_div(m.group).unwrap_or(0);
+                    let ok = m.n == n
+                        && m.k == k
+                        && m.group > 0
+                        && k % m.group == 0
+                        && m.q.len() == n * k
+                        && m.scales.len() == n * groups
+                        && m.zeros.as_ref().is_none_or(|z| z.len() == n * groups);
+                    if !ok {
+                        return Err(Error::Backend(format!(
+                            "layer {l} {name}: quantized matrix [{}, {}] group {} does not match [{n}, {k}]",
+                            m.n, m.k, m.group
+                        )));
+                    }
+                }
+            }
+        }
+        let w4a8 = prepare_w4a8(&weights);
         Ok(CpuOps {
+            w4a8,
             inv_freq,
             layout,
             num_blocks,
@@ -92,6 +138,17 @@ impl CpuOps {
             Norm::Mlp(l) => &self.weights.layers[l].mlp_norm,
             Norm::Final => &self.weights.final_norm,
         }
+    }
+
+    fn w4a8_weight(&self, w: Linear) -> Option<&PreparedW4A8> {
+        let slot = match w {
+            Linear::Qkv(l) => l * 4,
+            Linear::O(l) => l * 4 + 1,
+            Linear::GateUp(l) => l * 4 + 2,
+            Linear::Down(l) => l * 4 + 3,
+            Linear::LmHead => return None,
+        };
+        self.w4a8.get(slot)?.as_ref()
     }
 
     fn linear_weight(&self, w: Linear) -> (&[f32], usize) {
@@ -155,7 +212,12 @@ impl Ops for CpuOps {
         let k = weight.len() / n.max(1);
         check("linear x", x, x.rows, k)?;
         check("linear out", out, x.rows, n)?;
-        linear::linear(&x.data, weight, x.rows, k, n, &mut out.data);
+        // W4A8: int8 activations x int4 weights. W4A16 (and unquantized weights): the f32 GEMM over `dense`,
+        // which holds the exactly dequantized values: that product is the W4A16 reference.
+        match self.w4a8_weight(w) {
+            Some(p) => p.forward(&x.data, x.rows, &mut out.data),
+            None => linear::linear(&x.data, weight, x.rows, k, n, &mut out.data),
+        }
         Ok(())
     }
 

@@ -75,9 +75,25 @@ pub trait Ops {
     fn silu_mul(&mut self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
     /// `out[i] = x[rows[i]]`.
     fn gather_rows(&mut self, x: &Self::Act, rows: &[u32], out: &mut Self::Act) -> Result<()>;
+
+    /// Tensor parallelism: sums `x` over all ranks in place, so every rank holds the same total. The recipe calls
+    /// it after the (vocab-parallel) embedding and after each row-parallel projection (`o`, `down`). A backend that
+    /// runs the whole model keeps this default, which does nothing.
+    fn all_reduce(&mut self, x: &mut Self::Act) -> Result<()> {
+        let _ = x;
+        Ok(())
+    }
+
+    /// Tensor parallelism: turns this rank's vocabulary slice of the logits, `[rows, vocab / tp]`, into the full
+    /// `[rows, vocab]` (rank 0's slice first). A backend that runs the whole model keeps this default, which returns
+    /// `local` unchanged.
+    fn gather_logits(&mut self, local: Self::Act) -> Result<Self::Act> {
+        Ok(local)
+    }
 }
 
-/// Widths the recipe needs from the config.
+/// Widths the recipe needs from the config. For a tensor-parallel rank, take them from the rank's config
+/// ([`crate::tp::TpPlan::rank_config`]): `qkv`, `q`, `inter` and `vocab` are then the rank's slices.
 #[derive(Clone, Copy, Debug)]
 pub struct Dims {
     /// Residual width.
@@ -110,6 +126,10 @@ impl Dims {
 
 /// Runs the decoder over one step and returns the logits of `step.logits_rows` as `[rows, vocab]`.
 /// The step must already be validated.
+///
+/// Under tensor parallelism every rank runs this same recipe over its shard; the communication points are the
+/// [`Ops::all_reduce`] calls (after the embedding, `o` and `down`) and [`Ops::gather_logits`] at the end, which
+/// return the full vocabulary even though `d.vocab` is the rank's slice.
 pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act> {
     ops.begin_step(step)?;
     let t = step.num_tokens();
@@ -120,10 +140,11 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
     let mut attn = ops.alloc(t, d.q)?;
     let mut gate_up = ops.alloc(t, 2 * d.inter)?;
     let mut act = ops.alloc(t, d.inter)?;
-    ops.embed(&step.token_ids, &mut x)?;
     if d.layers == 0 {
         return Err(crate::Error::Backend("a model needs at least one decoder layer".into()));
     }
+    ops.embed(&step.token_ids, &mut x)?;
+    ops.all_reduce(&mut x)?;
     for l in 0..d.layers {
         if l == 0 {
             ops.rms_norm(&x, Norm::Attn(0), &mut h)?;
@@ -134,10 +155,12 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
         ops.rope_and_cache(l, &mut qkv, step)?;
         ops.attention(l, &qkv, step, &mut attn)?;
         ops.linear(&attn, Linear::O(l), &mut delta)?;
+        ops.all_reduce(&mut delta)?;
         ops.add_rms_norm(&mut x, &delta, Norm::Mlp(l), &mut h)?;
         ops.linear(&h, Linear::GateUp(l), &mut gate_up)?;
         ops.silu_mul(&gate_up, &mut act)?;
         ops.linear(&act, Linear::Down(l), &mut delta)?;
+        ops.all_reduce(&mut delta)?;
     }
     let rows = step.logits_rows.len();
     let mut xr = ops.alloc(rows, d.hidden)?;
@@ -148,6 +171,7 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
     ops.add_rms_norm(&mut xr, &dr, Norm::Final, &mut hr)?;
     let mut logits = ops.alloc(rows, d.vocab)?;
     ops.linear(&hr, Linear::LmHead, &mut logits)?;
+    let logits = ops.gather_logits(logits)?;
     for a in [x, h, delta, qkv, attn, gate_up, act, xr, dr, hr] {
         ops.release(a);
     }

@@ -5,6 +5,10 @@
 //! The in-memory form shared by every backend is [`QuantMatrix`] (unpacked int4 values, f32 scales); the on-disk
 //! layouts (this engine's own and the Hugging Face int4 formats) are read and written by the submodules.
 
+pub mod format;
+pub mod hf;
+pub mod numerics;
+
 use crate::{Error, Result};
 
 /// Default quantization group size along the input dimension (K).
@@ -74,7 +78,8 @@ pub struct QuantMatrix {
     pub q: Vec<i8>,
     /// `[n, k / group]` scales (bf16-representable for this engine's format).
     pub scales: Vec<f32>,
-    /// `[n, k / group]` integer zero points in `[-8, 7]` (asymmetric Hugging Face formats only).
+    /// `[n, k / group]` integer zero points in `[-8, 8]` (asymmetric Hugging Face formats only; 8 occurs only in
+    /// GPTQ v1 checkpoints, whose stored zero point is off by one).
     pub zeros: Option<Vec<i8>>,
 }
 

@@ -5,12 +5,16 @@ pub mod safetensors;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde_json::Value;
 
 pub use self::safetensors::{DType, SafeTensorsFile, TensorInfo, TensorView};
 use crate::config::LlamaConfig;
+use crate::quant::format::{read_linear, read_table_f32, QuantizationConfig};
+use crate::quant::numerics::quantize_matrix;
+use crate::quant::{QuantLinear, QuantMatrix, Scheme};
 use crate::{Error, Result};
 
 /// All tensors of a checkpoint directory, across shards.
@@ -283,15 +287,23 @@ impl WeightSource<'_> {
 /// `n` values uniform in `[-a, a]` with standard deviation 0.02, reproducible from `(seed, stream)`.
 pub fn random_values(n: usize, seed: u64, stream: u64) -> Vec<f32> {
     let mut out = vec![0.0f32; n];
-    let a = 0.02f32 * 3f32.sqrt();
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, o)| {
-        let mut s = splitmix(seed ^ splitmix(stream.wrapping_mul(0x9E37_79B9) ^ chunk as u64));
-        for v in o {
-            s = splitmix(s);
-            *v = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
-        }
-    });
+    out.par_chunks_mut(RANDOM_CHUNK).enumerate().for_each(|(chunk, o)| random_chunk(seed, stream, chunk, o));
     out
+}
+
+/// Elements per independently seeded chunk of [`random_values`]'s stream.
+pub const RANDOM_CHUNK: usize = 1 << 16;
+
+/// Fills `out` (at most [`RANDOM_CHUNK`] values) with the first values of chunk `chunk` of the stream
+/// `(seed, stream)`: element `i` of `out` is element `chunk * RANDOM_CHUNK + i` of [`random_values`].
+pub fn random_chunk(seed: u64, stream: u64, chunk: usize, out: &mut [f32]) {
+    debug_assert!(out.len() <= RANDOM_CHUNK);
+    let a = 0.02f32 * 3f32.sqrt();
+    let mut s = splitmix(seed ^ splitmix(stream.wrapping_mul(0x9E37_79B9) ^ chunk as u64));
+    for v in out {
+        s = splitmix(s);
+        *v = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
+    }
 }
 
 /// A projection weight in the CPU layout: the f32 row-major `[out, in]` matrix, plus its quantized form when the
@@ -301,12 +313,19 @@ pub struct LinearWeight {
     /// Row-major `[out, in]` f32 values.
     pub dense: Vec<f32>,
     /// The quantized form, for a quantized checkpoint.
-    pub quant: Option<std::sync::Arc<crate::quant::QuantLinear>>,
+    pub quant: Option<Arc<QuantLinear>>,
 }
 
 impl From<Vec<f32>> for LinearWeight {
     fn from(dense: Vec<f32>) -> Self {
         LinearWeight { dense, quant: None }
+    }
+}
+
+impl LinearWeight {
+    /// A quantized projection: `dense` is its exact dequantization (the W4A16 reference on the CPU).
+    pub fn quantized(q: QuantLinear) -> Self {
+        LinearWeight { dense: q.matrix.dequantize(), quant: Some(Arc::new(q)) }
     }
 }
 
@@ -369,6 +388,123 @@ impl ModelWeights {
         Self::from_source(WeightSource::Random(seed), cfg, &|_| {})
     }
 
+    /// Loads a quantized checkpoint (one with a `quantization_config`): each projection is read with
+    /// [`read_linear`] (q;k;v and gate;up stacked along rows, as the dense layout fuses them) and kept both
+    /// quantized and exactly dequantized; norms are read as in [`load`](Self::load), and the embedding table and
+    /// an untied `lm_head` with [`read_table_f32`] (bf16, or int8 rows in an int8-embeddings checkpoint).
+    pub fn load_quantized(
+        ckpt: &Checkpoint,
+        cfg: &LlamaConfig,
+        qcfg: &QuantizationConfig,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Self> {
+        check_unquantized_tensors(ckpt, cfg)?;
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let tick = |bytes: u64| {
+            let total = done.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+            progress(total);
+        };
+        let src = WeightSource::Checkpoint(ckpt);
+        let specs = ModelSpecs::of(cfg);
+        let read = |s: &FusedSpec| src.read_f32(s, &tick);
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let proj = |prefixes: &[(String, usize)], k: usize| -> Result<LinearWeight> {
+            let parts = prefixes
+                .iter()
+                .map(|(p, n)| read_linear(ckpt, p, qcfg, *n, k))
+                .collect::<Result<Vec<QuantLinear>>>()?;
+            let q = stack_rows(parts, &prefixes[0].0)?;
+            tick(quantized_bytes(&q.matrix));
+            Ok(LinearWeight::quantized(q))
+        };
+        let layers = specs
+            .layers
+            .par_iter()
+            .enumerate()
+            .map(|(l, ls)| {
+                let p = format!("model.layers.{l}");
+                let attn = |x: &str| format!("{p}.self_attn.{x}_proj");
+                let mlp = |x: &str| format!("{p}.mlp.{x}_proj");
+                Ok(LayerWeights {
+                    attn_norm: read(&ls.attn_norm)?,
+                    wqkv: proj(&[(attn("q"), q_dim), (attn("k"), kv_dim), (attn("v"), kv_dim)], h)?,
+                    wo: proj(&[(attn("o"), h)], q_dim)?,
+                    mlp_norm: read(&ls.mlp_norm)?,
+                    w_gate_up: proj(&[(mlp("gate"), inter), (mlp("up"), inter)], h)?,
+                    w_down: proj(&[(mlp("down"), h)], inter)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let table = |name: &str| -> Result<Vec<f32>> {
+            let t = read_table_f32(ckpt, name, v, h)?;
+            tick((t.len() * 2) as u64);
+            Ok(t)
+        };
+        Ok(ModelWeights {
+            embed: table("model.embed_tokens.weight")?,
+            layers,
+            final_norm: read(&specs.final_norm)?,
+            lm_head: specs.lm_head.as_ref().map(|_| table("lm_head.weight")).transpose()?,
+        })
+    }
+
+    /// Quantizes every decoder projection with `scheme` (torchao numerics, see [`quantize_matrix`]), after
+    /// rounding its values to bf16 as a bf16 checkpoint would hold them; `dense` becomes the exact dequantization.
+    /// Embeddings, norms and `lm_head` are left as they are. For `--quantize` and `quant-eval`.
+    pub fn quantize_in_place(&mut self, scheme: Scheme) -> Result<()> {
+        let hidden = self.final_norm.len();
+        if hidden == 0 {
+            return Err(Error::request("cannot quantize a model with hidden size 0"));
+        }
+        let mut all: Vec<(usize, &str, &mut LinearWeight, usize)> = Vec::new();
+        for (l, lw) in self.layers.iter_mut().enumerate() {
+            let inner = lw.w_down.len() / hidden;
+            let o_in = lw.wo.len() / hidden;
+            all.push((l, "wqkv", &mut lw.wqkv, hidden));
+            all.push((l, "wo", &mut lw.wo, o_in));
+            all.push((l, "w_gate_up", &mut lw.w_gate_up, hidden));
+            all.push((l, "w_down", &mut lw.w_down, inner));
+        }
+        all.into_par_iter().try_for_each(|(l, name, w, k)| {
+            let n = w.dense.len() / k.max(1);
+            let rounded: Vec<f32> = w.dense.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+            let matrix = quantize_matrix(&rounded, n, k, scheme.group)
+                .map_err(|e| Error::request(format!("layer {l} {name} [{n}, {k}]: {e}")))?;
+            *w = LinearWeight::quantized(QuantLinear { matrix, scheme });
+            Ok(())
+        })
+    }
+
+    /// Rounds every weight to bf16 (round to nearest even), in place: the unquantized baseline `quant-eval`
+    /// compares against. Quantized projections are left alone (their values are already bf16 scale multiples).
+    pub fn round_to_bf16(&mut self) {
+        let round = |v: &mut [f32]| v.par_iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+        round(&mut self.embed);
+        round(&mut self.final_norm);
+        if let Some(h) = self.lm_head.as_mut() {
+            round(h);
+        }
+        for lw in &mut self.layers {
+            round(&mut lw.attn_norm);
+            round(&mut lw.mlp_norm);
+            for w in [&mut lw.wqkv, &mut lw.wo, &mut lw.w_gate_up, &mut lw.w_down] {
+                if w.quant.is_none() {
+                    round(&mut w.dense);
+                }
+            }
+        }
+    }
+
+    /// The quantization scheme of the projections, if any is quantized (the first found).
+    pub fn quant_scheme(&self) -> Option<Scheme> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down])
+            .find_map(|w| w.quant.as_ref().map(|q| q.scheme))
+    }
+
     fn from_source(src: WeightSource<'_>, cfg: &LlamaConfig, tick: &(dyn Fn(u64) + Sync)) -> Result<Self> {
         let specs = ModelSpecs::of(cfg);
         let read = |s: &FusedSpec| src.read_f32(s, tick);
@@ -393,6 +529,69 @@ impl ModelWeights {
             lm_head: specs.lm_head.as_ref().map(read).transpose()?,
         })
     }
+}
+
+/// Bytes of a quantized matrix in a packed layout: two int4 values per byte, a bf16 scale per group and, when
+/// present, an int4 zero point per group (rounded up to whole bytes).
+pub fn quantized_bytes(m: &QuantMatrix) -> u64 {
+    let groups = (m.n * m.groups()) as u64;
+    (m.n * m.k) as u64 / 2 + groups * 2 + m.zeros.as_ref().map_or(0, |_| groups.div_ceil(2))
+}
+
+/// Checks the norms of a quantized checkpoint against the config, all at once; the projections and tables are
+/// checked by [`read_linear`] and [`read_table_f32`] as they are read.
+fn check_unquantized_tensors(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, shape) in expected_tensors(cfg) {
+        if !name.ends_with("norm.weight") {
+            continue;
+        }
+        match ckpt.get(&name) {
+            None => problems.push(format!("missing tensor `{name}` (expected shape {shape:?})")),
+            Some((view, _)) if view.shape != shape.as_slice() => {
+                problems.push(format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape))
+            }
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::weights(ckpt.dir(), format!("{} tensor problem(s):\n  {}", problems.len(), problems.join("\n  "))))
+    }
+}
+
+/// Stacks quantized matrices with the same `k`, group and scheme along rows (q;k;v, gate;up).
+fn stack_rows(parts: Vec<QuantLinear>, what: &str) -> Result<QuantLinear> {
+    let mut it = parts.into_iter();
+    let first = it.next().ok_or_else(|| Error::request(format!("{what}: nothing to stack")))?;
+    let (scheme, k, group) = (first.scheme, first.matrix.k, first.matrix.group);
+    let mut m = first.matrix;
+    for p in it {
+        if p.scheme != scheme || p.matrix.k != k || p.matrix.group != group {
+            return Err(Error::request(format!(
+                "{what}: fused projections disagree (scheme {} vs {}, k {k} vs {}, group {group} vs {})",
+                scheme.name(),
+                p.scheme.name(),
+                p.matrix.k,
+                p.matrix.group
+            )));
+        }
+        let groups_before = m.n * m.groups();
+        let pg = p.matrix.n * p.matrix.groups();
+        m.zeros = match (m.zeros.take(), p.matrix.zeros) {
+            (None, None) => None,
+            (a, b) => {
+                let mut z = a.unwrap_or_else(|| vec![0; groups_before]);
+                z.extend(b.unwrap_or_else(|| vec![0; pg]));
+                Some(z)
+            }
+        };
+        m.n += p.matrix.n;
+        m.q.extend(p.matrix.q);
+        m.scales.extend(p.matrix.scales);
+    }
+    Ok(QuantLinear { matrix: m, scheme })
 }
 
 fn splitmix(mut z: u64) -> u64 {

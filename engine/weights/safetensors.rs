@@ -26,14 +26,24 @@ pub enum DType {
     F16,
     /// IEEE single precision.
     F32,
+    /// Signed 8-bit integer (int8 embeddings of quantized checkpoints).
+    I8,
+    /// Unsigned 8-bit integer (packed int4 weights).
+    U8,
+    /// Signed 32-bit integer (GPTQ/AWQ/compressed-tensors packed int4 weights, `g_idx`).
+    I32,
+    /// Signed 64-bit integer (compressed-tensors `weight_shape`).
+    I64,
 }
 
 impl DType {
     /// Size of one element in bytes.
     pub fn size(self) -> usize {
         match self {
+            DType::I8 | DType::U8 => 1,
             DType::BF16 | DType::F16 => 2,
-            DType::F32 => 4,
+            DType::F32 | DType::I32 => 4,
+            DType::I64 => 8,
         }
     }
 
@@ -43,6 +53,10 @@ impl DType {
             DType::BF16 => "BF16",
             DType::F16 => "F16",
             DType::F32 => "F32",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::I32 => "I32",
+            DType::I64 => "I64",
         }
     }
 
@@ -51,6 +65,10 @@ impl DType {
             "BF16" => Some(DType::BF16),
             "F16" => Some(DType::F16),
             "F32" => Some(DType::F32),
+            "I8" => Some(DType::I8),
+            "U8" => Some(DType::U8),
+            "I32" => Some(DType::I32),
+            "I64" => Some(DType::I64),
             _ => None,
         }
     }
@@ -84,7 +102,8 @@ impl TensorView<'_> {
         self.shape.iter().product()
     }
 
-    /// Converts the tensor to f32 into `out` (exact for bf16 and f16). `out.len()` must equal `numel()`.
+    /// Converts the tensor to f32 into `out` (exact for bf16, f16 and 8-bit integers; integers convert by value).
+    /// `out.len()` must equal `numel()`.
     pub fn to_f32_into(&self, out: &mut [f32]) {
         assert_eq!(out.len(), self.numel(), "to_f32_into: output length");
         match self.dtype {
@@ -101,6 +120,26 @@ impl TensorView<'_> {
             DType::F16 => {
                 for (o, c) in out.iter_mut().zip(self.bytes.chunks_exact(2)) {
                     *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            DType::I8 => {
+                for (o, &b) in out.iter_mut().zip(self.bytes) {
+                    *o = b as i8 as f32;
+                }
+            }
+            DType::U8 => {
+                for (o, &b) in out.iter_mut().zip(self.bytes) {
+                    *o = b as f32;
+                }
+            }
+            DType::I32 => {
+                for (o, c) in out.iter_mut().zip(self.bytes.chunks_exact(4)) {
+                    *o = i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32;
+                }
+            }
+            DType::I64 => {
+                for (o, c) in out.iter_mut().zip(self.bytes.chunks_exact(8)) {
+                    *o = i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32;
                 }
             }
         }
@@ -200,7 +239,7 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
         let e = entry.as_object().ok_or_else(|| t("entry is not an object".into()))?;
         let dtype_s = e.get("dtype").and_then(Value::as_str).ok_or_else(|| t("missing `dtype`".into()))?;
         let dtype = DType::parse(dtype_s)
-            .ok_or_else(|| t(format!("unsupported dtype {dtype_s} (supported: BF16, F16, F32)")))?;
+            .ok_or_else(|| t(format!("unsupported dtype {dtype_s} (supported: BF16, F16, F32, I8, U8, I32, I64)")))?;
         let shape: Vec<usize> = e
             .get("shape")
             .and_then(Value::as_array)
@@ -320,7 +359,7 @@ mod tests {
             16,
         ));
         assert!(e.contains("overlap"), "{e}");
-        let e = err(&header_file(r#"{"w":{"dtype":"I8","shape":[1],"data_offsets":[0,1]}}"#, 1));
+        let e = err(&header_file(r#"{"w":{"dtype":"F8_E5M2","shape":[1],"data_offsets":[0,1]}}"#, 1));
         assert!(e.contains("unsupported dtype"), "{e}");
         let e = err(&header_file(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[8,4]}}"#, 8));
         assert!(e.contains("reversed"), "{e}");

@@ -10,4 +10,5 @@ mod cuda_elementwise;
 mod cuda_gemv;
 mod cuda_golden;
 mod cuda_kernels;
+mod cuda_quant;
 mod cuda_sampling;

@@ -15,14 +15,14 @@ use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{sys, CudaContext, CudaGraph, CudaSlice, CudaStream};
 use half::bf16;
 
-use self::ops::{drv, DeviceLayer};
+use self::ops::{drv, DeviceLayer, DeviceLinear};
 pub use self::ops::{CudaAct, CudaOps};
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
 use crate::model::{forward, Dims, Ops};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
-use crate::weights::{FusedSpec, ModelSpecs, WeightSource};
+use crate::weights::{FusedSpec, LinearWeight, ModelSpecs, ModelWeights, WeightSource};
 use crate::{Error, Result};
 
 /// How to size the executor.
@@ -74,6 +74,66 @@ struct DecodeGraph {
     logits_slot: usize,
 }
 
+/// Checks the config and options, opens the device and creates the one stream and the cuBLASLt handle.
+fn open_device(cfg: &LlamaConfig, opts: &CudaOptions) -> Result<(Arc<CudaStream>, CudaBlasLT, String)> {
+    k::probe()?;
+    if !matches!(cfg.head_dim, 64 | 128) || cfg.gqa_group() > 16 {
+        return Err(Error::request(format!(
+            "the CUDA attention kernels take head_dim 64 or 128 and at most 16 query heads per kv head; \
+             this model has head_dim {} and {} (use --device cpu)",
+            cfg.head_dim,
+            cfg.gqa_group()
+        )));
+    }
+    if opts.block_size == 0 {
+        return Err(Error::request("--block-size must be positive"));
+    }
+    if !(0.05..=1.0).contains(&opts.gpu_memory_utilization) {
+        return Err(Error::request(format!(
+            "--gpu-memory-utilization must be in [0.05, 1], got {}",
+            opts.gpu_memory_utilization
+        )));
+    }
+    let ctx = CudaContext::new(opts.device).map_err(drv("open CUDA device"))?;
+    // One stream orders everything, so cudarc's per-buffer events are not needed, and they would break capture.
+    // SAFETY: called before any buffer exists; all work below goes to the single stream created next.
+    unsafe { ctx.disable_event_tracking() };
+    let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+    // Graphs cannot be captured on the legacy default stream.
+    let stream = ctx.new_stream().map_err(drv("create stream"))?;
+    let blas = CudaBlasLT::new(stream.clone()).map_err(|e| Error::Backend(format!("cuBLASLt: {e:?}")))?;
+    Ok((stream, blas, device_name))
+}
+
+/// SM count for the split heuristics.
+fn num_sms_for_plan(stream: &CudaStream) -> Result<usize> {
+    k::attention::num_sms(stream)
+}
+
+/// Bytes the quantized projections need besides their weights, for steps of up to `t` tokens: the int8
+/// activations (with scales and zero points), the largest split-K workspace, and the bf16 scratch of the
+/// prefill-sized W4A16 path (the largest W4A16 projection). 0 for an unquantized model.
+fn quant_reserve(cfg: &LlamaConfig, layers: &[DeviceLayer], t: usize, sms: usize) -> usize {
+    let (mut any_w4a8, mut partials, mut counters, mut scratch) = (false, 0, 0, 0);
+    for l in layers {
+        for w in [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down] {
+            if let DeviceLinear::Quant(q) = w {
+                let (p, c) = k::quant::workspace_bound(q.is_w4a8(), t, q.n(), q.k(), sms);
+                partials = partials.max(p);
+                counters = counters.max(c);
+                if q.is_w4a8() {
+                    any_w4a8 = true;
+                } else if t > k::quant::MAX_DECODE_M {
+                    scratch = scratch.max(2 * q.n() * q.k());
+                }
+            }
+        }
+    }
+    let width = cfg.hidden_size.max(cfg.intermediate_size).max(cfg.q_dim());
+    let acts = if any_w4a8 { t.next_power_of_two() * (width + 8) } else { 0 };
+    acts + 4 * (partials + counters) + scratch
+}
+
 /// Converts and uploads one fused tensor.
 fn upload(
     stream: &Arc<CudaStream>,
@@ -104,48 +164,121 @@ impl CudaExecutor {
         opts: &CudaOptions,
         tick: &(dyn Fn(u64) + Sync),
     ) -> Result<Self> {
-        k::probe()?;
-        if !matches!(cfg.head_dim, 64 | 128) || cfg.gqa_group() > 16 {
-            return Err(Error::request(format!(
-                "the CUDA attention kernels take head_dim 64 or 128 and at most 16 query heads per kv head; \
-                 this model has head_dim {} and {} (use --device cpu)",
-                cfg.head_dim,
-                cfg.gqa_group()
-            )));
-        }
-        if opts.block_size == 0 {
-            return Err(Error::request("--block-size must be positive"));
-        }
-        if !(0.05..=1.0).contains(&opts.gpu_memory_utilization) {
-            return Err(Error::request(format!(
-                "--gpu-memory-utilization must be in [0.05, 1], got {}",
-                opts.gpu_memory_utilization
-            )));
-        }
-        let ctx = CudaContext::new(opts.device).map_err(drv("open CUDA device"))?;
-        // One stream orders everything, so cudarc's per-buffer events are not needed, and they would break capture.
-        // SAFETY: called before any buffer exists; all work below goes to the single stream created next.
-        unsafe { ctx.disable_event_tracking() };
-        let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        // Graphs cannot be captured on the legacy default stream.
-        let stream = ctx.new_stream().map_err(drv("create stream"))?;
-        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| Error::Backend(format!("cuBLASLt: {e:?}")))?;
+        let (stream, blas, device_name) = open_device(&cfg, opts)?;
         let specs = ModelSpecs::of(&cfg);
         let up = |s: &FusedSpec| upload(&stream, &src, s, tick);
         let mut layers = Vec::with_capacity(specs.layers.len());
         for l in &specs.layers {
             layers.push(DeviceLayer {
                 attn_norm: up(&l.attn_norm)?,
-                wqkv: up(&l.wqkv)?,
-                wo: up(&l.wo)?,
+                wqkv: DeviceLinear::Dense(up(&l.wqkv)?),
+                wo: DeviceLinear::Dense(up(&l.wo)?),
                 mlp_norm: up(&l.mlp_norm)?,
-                w_gate_up: up(&l.w_gate_up)?,
-                w_down: up(&l.w_down)?,
+                w_gate_up: DeviceLinear::Dense(up(&l.w_gate_up)?),
+                w_down: DeviceLinear::Dense(up(&l.w_down)?),
             });
         }
         let embed = up(&specs.embed)?;
         let final_norm = up(&specs.final_norm)?;
         let lm_head = specs.lm_head.as_ref().map(up).transpose()?;
+        Self::assemble(cfg, opts, (stream, blas, device_name), (embed, layers, final_norm, lm_head))
+    }
+
+    /// Opens device `opts.device` and uploads CPU-side weights: a projection whose [`LinearWeight::quant`] is set
+    /// goes up in the 4-bit kernels' layout (W4A16 or W4A8, by its scheme), every other tensor as bf16. This is how
+    /// a quantized checkpoint, or weights quantized at load time, run on CUDA; unquantized weights give the same
+    /// executor as [`CudaExecutor::new`].
+    pub fn from_weights(cfg: LlamaConfig, weights: &ModelWeights, opts: &CudaOptions) -> Result<Self> {
+        let (stream, blas, device_name) = open_device(&cfg, opts)?;
+        let specs = ModelSpecs::of(&cfg);
+        if weights.layers.len() != specs.layers.len() {
+            return Err(Error::Backend(format!(
+                "weights have {} layers, the config {}",
+                weights.layers.len(),
+                specs.layers.len()
+            )));
+        }
+        let dense = |what: &str, v: &[f32], spec: &FusedSpec| -> Result<CudaSlice<bf16>> {
+            if v.len() != spec.numel {
+                return Err(Error::Backend(format!("{what}: {} values, expected {}", v.len(), spec.numel)));
+            }
+            let host: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+            stream.clone_htod(&host).map_err(drv("upload weights"))
+        };
+        let linear = |what: &str, w: &LinearWeight, spec: &FusedSpec| -> Result<DeviceLinear> {
+            match &w.quant {
+                Some(q) => {
+                    if q.matrix.n * q.matrix.k != spec.numel {
+                        return Err(Error::Backend(format!(
+                            "{what}: quantized [{}, {}], expected {} values",
+                            q.matrix.n, q.matrix.k, spec.numel
+                        )));
+                    }
+                    let d = k::quant::CudaQuantLinear::upload(&stream, q)
+                        .map_err(|e| Error::Backend(format!("{what}: {e}")))?;
+                    Ok(DeviceLinear::Quant(Box::new(d)))
+                }
+                None => Ok(DeviceLinear::Dense(dense(what, &w.dense, spec)?)),
+            }
+        };
+        let mut layers = Vec::with_capacity(specs.layers.len());
+        for (i, (l, w)) in specs.layers.iter().zip(&weights.layers).enumerate() {
+            layers.push(DeviceLayer {
+                attn_norm: dense(&format!("layer {i} attn_norm"), &w.attn_norm, &l.attn_norm)?,
+                wqkv: linear(&format!("layer {i} qkv"), &w.wqkv, &l.wqkv)?,
+                wo: linear(&format!("layer {i} o_proj"), &w.wo, &l.wo)?,
+                mlp_norm: dense(&format!("layer {i} mlp_norm"), &w.mlp_norm, &l.mlp_norm)?,
+                w_gate_up: linear(&format!("layer {i} gate_up"), &w.w_gate_up, &l.w_gate_up)?,
+                w_down: linear(&format!("layer {i} down_proj"), &w.w_down, &l.w_down)?,
+            });
+        }
+        let embed = dense("embed_tokens", &weights.embed, &specs.embed)?;
+        let final_norm = dense("norm", &weights.final_norm, &specs.final_norm)?;
+        let lm_head = match (&specs.lm_head, &weights.lm_head) {
+            (Some(spec), Some(v)) => Some(dense("lm_head", v, spec)?),
+            (None, None) => None,
+            _ => return Err(Error::Backend("lm_head: tied in one of the config and the weights only".into())),
+        };
+        Self::assemble(cfg, opts, (stream, blas, device_name), (embed, layers, final_norm, lm_head))
+    }
+
+    /// Turns the fusion of the W4A8 activation quantization into the preceding RMSNorm / SiLU kernel on or off
+    /// (on by default; off runs a separate quantization kernel on the bf16 activation, with the same result).
+    pub fn set_fuse_act_quant(&mut self, on: bool) {
+        self.ops.quant.fuse = on;
+        self.graphs.clear();
+    }
+
+    /// Device bytes of the projection weights (bf16 or quantized), the embedding, norms and lm_head.
+    pub fn weight_bytes(&self) -> usize {
+        let o = &self.ops;
+        let layers: usize = o
+            .layers
+            .iter()
+            .map(|l| {
+                2 * (l.attn_norm.len() + l.mlp_norm.len())
+                    + l.wqkv.device_bytes()
+                    + l.wo.device_bytes()
+                    + l.w_gate_up.device_bytes()
+                    + l.w_down.device_bytes()
+            })
+            .sum();
+        layers + 2 * (o.embed.len() + o.final_norm.len() + o.lm_head.as_ref().map_or(0, |h| h.len()))
+    }
+
+    /// Sizes the cache and workspaces around uploaded weights.
+    #[allow(clippy::type_complexity)]
+    fn assemble(
+        cfg: LlamaConfig,
+        opts: &CudaOptions,
+        (stream, blas, device_name): (Arc<CudaStream>, CudaBlasLT, String),
+        (embed, layers, final_norm, lm_head): (
+            CudaSlice<bf16>,
+            Vec<DeviceLayer>,
+            CudaSlice<bf16>,
+            Option<CudaSlice<bf16>>,
+        ),
+    ) -> Result<Self> {
         let inv_freq = stream.clone_htod(&cfg.rope.inv_freq(cfg.head_dim)).map_err(drv("upload inv_freq"))?;
         let layout = PagedLayout {
             num_heads: cfg.num_attention_heads,
@@ -161,6 +294,7 @@ impl CudaExecutor {
         let t = opts.max_step_tokens;
         let act_reserve = 2 * t * (4 * cfg.hidden_size + cfg.q_dim() + 2 * cfg.kv_dim() + 3 * cfg.intermediate_size)
             + 2 * t.min(1024) * cfg.vocab_size
+            + quant_reserve(&cfg, &layers, t, num_sms_for_plan(&stream)?)
             + (256 << 20);
         let block_bytes = opts.block_size * layout.slot_len() * 2 * 2 * cfg.num_hidden_layers;
         let fit_blocks = cap.saturating_sub(used + act_reserve) / block_bytes;

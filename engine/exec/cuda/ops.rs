@@ -40,11 +40,56 @@ impl CudaAct {
 
 pub(super) struct DeviceLayer {
     pub(super) attn_norm: CudaSlice<bf16>,
-    pub(super) wqkv: CudaSlice<bf16>,
-    pub(super) wo: CudaSlice<bf16>,
+    pub(super) wqkv: DeviceLinear,
+    pub(super) wo: DeviceLinear,
     pub(super) mlp_norm: CudaSlice<bf16>,
-    pub(super) w_gate_up: CudaSlice<bf16>,
-    pub(super) w_down: CudaSlice<bf16>,
+    pub(super) w_gate_up: DeviceLinear,
+    pub(super) w_down: DeviceLinear,
+}
+
+/// A projection on the device: bf16 `[n, k]`, or 4-bit in the quantized kernels' layout.
+pub(super) enum DeviceLinear {
+    /// Row-major bf16 `[n, k]`.
+    Dense(CudaSlice<bf16>),
+    /// W4A16 or W4A8 (`ops::cuda::quant`).
+    Quant(Box<k::quant::CudaQuantLinear>),
+}
+
+impl DeviceLinear {
+    /// The W4A8 weight, if this is one.
+    fn w4a8(&self) -> Option<&k::quant::CudaQuantLinear> {
+        match self {
+            DeviceLinear::Quant(q) if q.is_w4a8() => Some(q),
+            _ => None,
+        }
+    }
+
+    /// Device bytes of the weight.
+    pub(super) fn device_bytes(&self) -> usize {
+        match self {
+            DeviceLinear::Dense(d) => d.len() * 2,
+            DeviceLinear::Quant(q) => q.device_bytes(),
+        }
+    }
+}
+
+/// Buffers and state of the quantized projections: the split-K workspace, the int8 activations, the bf16 scratch
+/// of the large-m W4A16 path, and the fused activation quantization in flight.
+#[derive(Default)]
+pub(super) struct QuantState {
+    /// Split-K partials and counters (grown when a call needs more, never during capture).
+    pub(super) ws: Option<k::quant::SplitKWorkspace>,
+    /// Int8 activations with their scales and zero points.
+    pub(super) acts: Option<k::quant::QuantActs>,
+    /// `[n, k]` bf16 scratch for W4A16 at more than 64 rows (dequantize, then cuBLASLt).
+    pub(super) scratch: Option<CudaSlice<bf16>>,
+    /// Set by a norm or SiLU kernel that quantized its output straight into `acts` for the W4A8 projection named
+    /// here instead of writing its bf16 output buffer (pool slot): the next `linear` on that buffer consumes it.
+    pending: Option<(usize, Linear)>,
+    /// The last projection run (the SiLU kernel after `GateUp(l)` fuses for `Down(l)`).
+    last_linear: Option<Linear>,
+    /// Fuse the W4A8 activation quantization into the preceding norm / SiLU kernel (default on).
+    pub(super) fuse: bool,
 }
 
 /// Step metadata on the device, in buffers that grow but never move while they are big enough, so a captured
@@ -98,6 +143,8 @@ pub struct CudaOps {
     pub(super) capturing: bool,
     /// Use `kernels/gemv.cu` for projections of up to 16 rows.
     pub(super) skinny_gemm: bool,
+    /// Quantized projections' buffers and fused-quantization state.
+    pub(super) quant: QuantState,
 }
 
 fn check(what: &str, a: &CudaAct, rows: usize, cols: usize) -> Result<()> {
@@ -148,6 +195,7 @@ impl CudaOps {
             generation: 0,
             capturing: false,
             skinny_gemm: true,
+            quant: QuantState { fuse: true, ..QuantState::default() },
         }
     }
 
@@ -185,16 +233,91 @@ impl CudaOps {
         }
     }
 
-    fn linear_weight(&self, w: Linear) -> (&CudaSlice<bf16>, usize) {
-        let c = &self.cfg;
-        match w {
-            Linear::Qkv(l) => (&self.layers[l].wqkv, c.q_dim() + 2 * c.kv_dim()),
-            Linear::O(l) => (&self.layers[l].wo, c.hidden_size),
-            Linear::GateUp(l) => (&self.layers[l].w_gate_up, 2 * c.intermediate_size),
-            Linear::Down(l) => (&self.layers[l].w_down, c.hidden_size),
-            Linear::LmHead => (self.lm_head.as_ref().unwrap_or(&self.embed), c.vocab_size),
+    /// The W4A8 projection that consumes the output of `norm` when its activation quantization is fused into the
+    /// norm kernel, if any.
+    fn fused_norm_target(&self, norm: Norm, hidden: usize) -> Option<Linear> {
+        if !self.quant.fuse || hidden % 8 != 0 {
+            return None;
         }
+        let (l, lin) = match norm {
+            Norm::Attn(l) => (l, Linear::Qkv(l)),
+            Norm::Mlp(l) => (l, Linear::GateUp(l)),
+            Norm::Final => return None,
+        };
+        let layer = self.layers.get(l)?;
+        let w = if matches!(lin, Linear::Qkv(_)) { &layer.wqkv } else { &layer.w_gate_up };
+        w.w4a8().filter(|q| q.k() == hidden).map(|_| lin)
     }
+
+    /// Makes sure the int8 activation buffers hold `rows` x `cols` (allocating outside graph capture only).
+    fn ensure_acts(&mut self, rows: usize, cols: usize) -> Result<()> {
+        if self.quant.acts.as_ref().is_some_and(|a| a.holds(rows, cols)) {
+            return Ok(());
+        }
+        if self.capturing {
+            return Err(Error::Backend("int8 activation buffers grew during graph capture".into()));
+        }
+        let width = cols.max(self.cfg.hidden_size).max(self.cfg.intermediate_size).max(self.cfg.q_dim());
+        self.quant.acts = Some(k::quant::QuantActs::new(&self.stream, rows.next_power_of_two(), width)?);
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Makes sure the split-K workspace holds `need = (partials, counters)` (allocating outside capture only).
+    fn ensure_ws(&mut self, need: (usize, usize)) -> Result<()> {
+        if self.quant.ws.as_ref().is_some_and(|w| w.holds(need)) {
+            return Ok(());
+        }
+        if self.capturing {
+            return Err(Error::Backend("split-K workspace grew during graph capture".into()));
+        }
+        let (p, c) = self.quant.ws.as_ref().map_or((0, 0), |w| w.capacity());
+        let ws = k::quant::SplitKWorkspace::new(&self.stream, need.0.max(p), need.1.max(c), self.num_sms)?;
+        self.quant.ws = Some(ws);
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Makes sure the W4A16 scratch holds `len` bf16 values (allocating outside capture only).
+    fn ensure_scratch(&mut self, len: usize) -> Result<()> {
+        if self.quant.scratch.as_ref().is_some_and(|s| s.len() >= len) {
+            return Ok(());
+        }
+        if self.capturing {
+            return Err(Error::Backend("W4A16 scratch grew during graph capture".into()));
+        }
+        // SAFETY: bf16 has no invalid bit patterns; the dequantization writes the n x k values before the GEMM.
+        self.quant.scratch = Some(unsafe { self.stream.alloc::<bf16>(len) }.map_err(drv("allocate W4A16 scratch"))?);
+        self.generation += 1;
+        Ok(())
+    }
+}
+
+/// The weight of projection `w` and its output width.
+fn linear_weight<'a>(
+    cfg: &LlamaConfig,
+    layers: &'a [DeviceLayer],
+    lm_head: &'a CudaSlice<bf16>,
+    w: Linear,
+) -> (WeightRef<'a>, usize) {
+    let c = cfg;
+    let dense_or_quant = |d: &'a DeviceLinear| match d {
+        DeviceLinear::Dense(s) => WeightRef::Dense(s),
+        DeviceLinear::Quant(q) => WeightRef::Quant(q.as_ref()),
+    };
+    match w {
+        Linear::Qkv(l) => (dense_or_quant(&layers[l].wqkv), c.q_dim() + 2 * c.kv_dim()),
+        Linear::O(l) => (dense_or_quant(&layers[l].wo), c.hidden_size),
+        Linear::GateUp(l) => (dense_or_quant(&layers[l].w_gate_up), 2 * c.intermediate_size),
+        Linear::Down(l) => (dense_or_quant(&layers[l].w_down), c.hidden_size),
+        Linear::LmHead => (WeightRef::Dense(lm_head), c.vocab_size),
+    }
+}
+
+/// A projection's weight, borrowed.
+enum WeightRef<'a> {
+    Dense(&'a CudaSlice<bf16>),
+    Quant(&'a k::quant::CudaQuantLinear),
 }
 
 /// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation (column-major view: `out^T = w x^T`).
@@ -240,6 +363,8 @@ impl Ops for CudaOps {
 
     fn begin_step(&mut self, step: &StepInput) -> Result<()> {
         self.next_slot = 0;
+        self.quant.pending = None;
+        self.quant.last_linear = None;
         self.sizes = StepSizes {
             tokens: step.num_tokens(),
             seqs: step.num_seqs(),
@@ -313,6 +438,24 @@ impl Ops for CudaOps {
         let h = self.cfg.hidden_size;
         check("rms_norm out", out, x.rows, h)?;
         let len = x.rows * h;
+        if let Some(target) = self.fused_norm_target(n, h) {
+            // W4A8 next: quantize the normalized rows straight into the int8 buffers; `out` is not written.
+            self.ensure_acts(x.rows, h)?;
+            let acts = self.quant.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
+            let weight = match n {
+                Norm::Attn(l) => &self.layers[l].attn_norm,
+                Norm::Mlp(l) => &self.layers[l].mlp_norm,
+                Norm::Final => &self.final_norm,
+            };
+            let src = k::quant::ActSource::RmsNorm {
+                x: x.buf.slice(..len),
+                weight: weight.slice(..),
+                eps: self.cfg.rms_norm_eps,
+            };
+            k::quant::act_quant(&self.stream, src, x.rows, h, acts, None)?;
+            self.quant.pending = Some((out.slot, target));
+            return Ok(());
+        }
         k::norm::rms_norm(
             &self.stream,
             &x.buf.slice(..len),
@@ -328,6 +471,25 @@ impl Ops for CudaOps {
         check("add_rms_norm delta", delta, residual.rows, h)?;
         check("add_rms_norm out", out, residual.rows, h)?;
         let len = residual.rows * h;
+        if let Some(target) = self.fused_norm_target(n, h) {
+            // W4A8 next: residual add + norm + int8 quantization in one kernel; `out` is not written.
+            self.ensure_acts(residual.rows, h)?;
+            let acts = self.quant.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
+            let weight = match n {
+                Norm::Attn(l) => &self.layers[l].attn_norm,
+                Norm::Mlp(l) => &self.layers[l].mlp_norm,
+                Norm::Final => &self.final_norm,
+            };
+            let src = k::quant::ActSource::AddRmsNorm {
+                residual: residual.buf.slice_mut(..len),
+                delta: delta.buf.slice(..len),
+                weight: weight.slice(..),
+                eps: self.cfg.rms_norm_eps,
+            };
+            k::quant::act_quant(&self.stream, src, residual.rows, h, acts, None)?;
+            self.quant.pending = Some((out.slot, target));
+            return Ok(());
+        }
         k::norm::add_rms_norm(
             &self.stream,
             &mut residual.buf.slice_mut(..len),
@@ -340,20 +502,83 @@ impl Ops for CudaOps {
     }
 
     fn linear(&mut self, x: &CudaAct, w: Linear, out: &mut CudaAct) -> Result<()> {
-        let (weight, n) = self.linear_weight(w);
+        let pending = self.quant.pending.take();
+        self.quant.last_linear = Some(w);
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let (weight, n) = linear_weight(&self.cfg, &self.layers, lm_head, w);
         let kdim = x.cols;
         check("linear out", out, x.rows, n)?;
-        if weight.len() != n * kdim {
+        let fused = match pending {
+            Some((slot, target)) if slot == x.slot => {
+                if target != w {
+                    return Err(Error::Backend(format!(
+                        "linear {w:?}: its input was quantized for {target:?} and never written as bf16"
+                    )));
+                }
+                true
+            }
+            _ => false,
+        };
+        let q = match weight {
+            WeightRef::Dense(weight) => {
+                if weight.len() != n * kdim {
+                    return Err(Error::Backend(format!(
+                        "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
+                        weight.len()
+                    )));
+                }
+                if self.skinny_gemm && k::gemv::supports(x.rows, kdim) {
+                    // Decode-sized batches stream the weight once with the skinny kernel; cuBLASLt for the rest.
+                    return k::gemv::gemv(&self.stream, &x.buf, weight, x.rows, kdim, n, &mut out.buf);
+                }
+                return gemm(&self.blas, &x.buf, weight, x.rows, kdim, n, &mut out.buf);
+            }
+            WeightRef::Quant(q) => q,
+        };
+        if q.n() != n || q.k() != kdim {
             return Err(Error::Backend(format!(
-                "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
-                weight.len()
+                "linear {w:?}: quantized weight is [{}, {}], expected [{n}, {kdim}]",
+                q.n(),
+                q.k()
             )));
         }
-        if self.skinny_gemm && k::gemv::supports(x.rows, kdim) {
-            // Decode-sized batches stream the weight once with the skinny kernel; cuBLASLt for the rest.
-            return k::gemv::gemv(&self.stream, &x.buf, weight, x.rows, kdim, n, &mut out.buf);
+        let (rows, sms, is_w4a8) = (x.rows, self.num_sms, q.is_w4a8());
+        if rows == 0 {
+            return Ok(());
         }
-        gemm(&self.blas, &x.buf, weight, x.rows, kdim, n, &mut out.buf)
+        if is_w4a8 {
+            self.ensure_ws(k::quant::w4a8_workspace(rows, n, kdim, sms))?;
+            if !fused {
+                self.ensure_acts(rows, kdim)?;
+            }
+        } else if rows <= k::quant::MAX_DECODE_M {
+            self.ensure_ws(k::quant::w4a16_workspace(rows, n, kdim, sms))?;
+        } else {
+            self.ensure_scratch(n * kdim)?;
+        }
+        // Borrow again after the buffers may have moved.
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let WeightRef::Quant(q) = linear_weight(&self.cfg, &self.layers, lm_head, w).0 else {
+            return Err(Error::Backend(format!("linear {w:?}: weight changed kind")));
+        };
+        let missing = || Error::Backend("quantized projection buffers missing".into());
+        if is_w4a8 {
+            let acts = self.quant.acts.as_mut().ok_or_else(missing)?;
+            if !fused {
+                let src = k::quant::ActSource::Rows(x.buf.slice(..rows * kdim));
+                k::quant::act_quant(&self.stream, src, rows, kdim, acts, None)?;
+            }
+            let ws = self.quant.ws.as_mut().ok_or_else(missing)?;
+            return k::quant::w4a8_gemm(&self.stream, acts, q, rows, ws, &mut out.buf);
+        }
+        if rows <= k::quant::MAX_DECODE_M {
+            let ws = self.quant.ws.as_mut().ok_or_else(missing)?;
+            return k::quant::w4a16_gemm(&self.stream, &x.buf, q, rows, ws, &mut out.buf);
+        }
+        // Prefill-sized W4A16: dequantize once into the scratch, then the bf16 GEMM.
+        let scratch = self.quant.scratch.as_mut().ok_or_else(missing)?;
+        k::quant::w4a16_dequant(&self.stream, q, scratch)?;
+        gemm(&self.blas, &x.buf, &*scratch, rows, kdim, n, &mut out.buf)
     }
 
     fn rope_and_cache(&mut self, layer: usize, qkv: &mut CudaAct, _step: &StepInput) -> Result<()> {
@@ -408,6 +633,21 @@ impl Ops for CudaOps {
         let inter = self.cfg.intermediate_size;
         check("silu_mul out", out, gate_up.rows, inter)?;
         let rows = gate_up.rows;
+        // After GateUp(l), when Down(l) is W4A8: SiLU * up and the int8 quantization in one kernel.
+        let fuse_for = match self.quant.last_linear {
+            Some(Linear::GateUp(l)) if self.quant.fuse && inter % 8 == 0 => {
+                self.layers.get(l).and_then(|layer| layer.w_down.w4a8()).filter(|q| q.k() == inter).map(|_| l)
+            }
+            _ => None,
+        };
+        if let Some(l) = fuse_for {
+            self.ensure_acts(rows, inter)?;
+            let acts = self.quant.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
+            let src = k::quant::ActSource::SiluMul(gate_up.buf.slice(..rows * 2 * inter));
+            k::quant::act_quant(&self.stream, src, rows, inter, acts, None)?;
+            self.quant.pending = Some((out.slot, Linear::Down(l)));
+            return Ok(());
+        }
         k::activation::silu_mul(
             &self.stream,
             &gate_up.buf.slice(..rows * 2 * inter),

@@ -1,0 +1,315 @@
+//! The tensor-parallel performance model behind `llama32 plan` (formulas in docs/parallelism.md).
+//!
+//! Decode is bandwidth-bound: a step reads every weight a rank holds (except the embedding table, which is only
+//! gathered) and the KV of every sequence once. Per rank and step:
+//!
+//! ```text
+//! t_mem  = (decode_weight_bytes_rank + batch * context * kv_bytes_per_token_rank
+//!           + batch * images * cross_kv_bytes_per_image_rank) / (hbm_copy_gbps * decode_efficiency)
+//! t_ar   = allreduces * (latency + 2 (N-1)/N * batch * hidden * 2 B / link_gbps_per_direction)
+//! t_gath = latency + (N-1)/N * batch * vocab * 2 B / link_gbps_per_direction
+//! t_step = t_mem + t_ar + t_gath            (no overlap of communication and compute: decode waits on each)
+//! ```
+//!
+//! with `allreduces = 2 * num_hidden_layers + 1` (o and down of every layer, cross-attention layers included,
+//! plus the vocab-parallel embedding) and the communication terms zero at tp = 1.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::plan::{vision_split, Split, TpPlan};
+use crate::config::{LlamaConfig, Preset};
+use crate::vision::config::{MllamaConfig, MllamaPreset};
+use crate::{Error, Result};
+
+/// Bytes per bf16 value.
+const BF16: f64 = 2.0;
+
+/// A number and where it comes from.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    /// The value.
+    pub value: f64,
+    /// Its unit.
+    pub unit: &'static str,
+    /// `measured`, `datasheet`, `derived` or `assumption`, with the source.
+    pub source: String,
+}
+
+fn fig(value: f64, unit: &'static str, source: &str) -> Figure {
+    Figure { value, unit, source: source.to_owned() }
+}
+
+/// The hardware inputs of the model.
+#[derive(Clone, Debug, Serialize)]
+pub struct Gpu {
+    /// Short name.
+    pub name: String,
+    /// Device memory.
+    pub memory_gb: Figure,
+    /// Fraction of memory given to weights + KV + activations (the executor's `--gpu-memory-utilization`).
+    pub memory_utilization: f64,
+    /// Activations and workspaces set aside before the KV cache.
+    pub activation_reserve_gb: Figure,
+    /// HBM device-to-device copy bandwidth.
+    pub hbm_copy_gbps: Figure,
+    /// Achieved fraction of the copy bandwidth in a whole decode step.
+    pub decode_efficiency: Figure,
+    /// NVLink bandwidth per direction per GPU.
+    pub link_gbps_per_direction: Figure,
+    /// Fixed cost of one small all-reduce (or all-gather) across the group.
+    pub collective_latency_us: Figure,
+}
+
+impl Gpu {
+    /// The built-in figures for `name` (`h100`: H100 SXM 80 GB).
+    pub fn by_name(name: &str) -> Result<Gpu> {
+        match name.to_ascii_lowercase().as_str() {
+            "h100" | "h100-sxm" => Ok(Gpu {
+                name: "h100".into(),
+                memory_gb: fig(80.0, "GB", "datasheet (H100 SXM 80 GB)"),
+                memory_utilization: 0.9,
+                activation_reserve_gb: fig(1.0, "GB", "assumption (the CUDA executor's reserve for 2048 step tokens)"),
+                hbm_copy_gbps: fig(
+                    3019.0,
+                    "GB/s",
+                    "measured: H100 device-to-device copy, /work/shared/device-notes.md",
+                ),
+                decode_efficiency: fig(
+                    2.13 / 3.03,
+                    "fraction",
+                    "measured: 3B bf16 decode at batch 1, 3.03 ms/step vs its 2.13 ms copy roofline \
+                     (bench/results/2026-11-26-h100-suite-graphs-gemv-sampling.md)",
+                ),
+                link_gbps_per_direction: fig(
+                    450.0,
+                    "GB/s",
+                    "datasheet: NVLink 4, 900 GB/s total bidirectional per H100 SXM GPU",
+                ),
+                collective_latency_us: fig(
+                    8.0,
+                    "us",
+                    "assumption: neither measured here (one GPU lent) nor a datasheet figure; override with \
+                     --collective-latency-us",
+                ),
+            }),
+            other => Err(Error::request(format!("--gpu: unknown GPU `{other}`; known: h100"))),
+        }
+    }
+}
+
+/// The shapes the model needs, for a text or a vision checkpoint.
+#[derive(Clone, Debug)]
+pub struct ModelShape {
+    /// Name for output.
+    pub name: String,
+    /// The text decoder's config (for a vision model, its `text_config`).
+    pub text: LlamaConfig,
+    /// Cross-attention layers (0 for a text model).
+    pub cross_layers: usize,
+    /// Cross-attention K/V tokens per image (0 for a text model).
+    pub vision_tokens_per_image: usize,
+    /// The full model's vision config, if any.
+    pub vision: Option<MllamaConfig>,
+}
+
+impl ModelShape {
+    /// `1b`, `3b`, `11b-vision`, `90b-vision`, or a Hugging Face model directory.
+    pub fn resolve(model: &str) -> Result<ModelShape> {
+        if let Ok(p) = Preset::from_name(model) {
+            return Ok(Self::text(model, p.config()));
+        }
+        if let Ok(p) = MllamaPreset::from_name(model) {
+            return Ok(Self::vision(model, p.config()));
+        }
+        let dir = Path::new(model);
+        if !dir.join("config.json").exists() {
+            return Err(Error::request(format!(
+                "--model: `{model}` is neither a preset (1b, 3b, 11b-vision, 90b-vision) nor a directory with a \
+                 config.json"
+            )));
+        }
+        if crate::vision::pipeline::is_mllama_dir(dir) {
+            Ok(Self::vision(model, MllamaConfig::from_model_dir(dir)?))
+        } else {
+            Ok(Self::text(model, LlamaConfig::from_model_dir(dir)?))
+        }
+    }
+
+    fn text(name: &str, cfg: LlamaConfig) -> ModelShape {
+        ModelShape { name: name.into(), text: cfg, cross_layers: 0, vision_tokens_per_image: 0, vision: None }
+    }
+
+    fn vision(name: &str, cfg: MllamaConfig) -> ModelShape {
+        ModelShape {
+            name: name.into(),
+            text: cfg.text.base.clone(),
+            cross_layers: cfg.text.cross_attention_layers.len(),
+            vision_tokens_per_image: cfg.vision_tokens_per_image(),
+            vision: Some(cfg),
+        }
+    }
+
+    /// Every checkpoint tensor with its shape and rank 0's split under `plan`, and whether decode reads it.
+    fn rank_tensors(&self, plan: &TpPlan) -> Result<Vec<(f64, f64, bool)>> {
+        let rows: Vec<(String, Vec<usize>, Split)> = match &self.vision {
+            None => plan.tensor_shards(0)?.into_iter().map(|s| (s.name, s.shape, s.split)).collect(),
+            Some(v) => crate::vision::weights::expected_tensors(v)
+                .into_iter()
+                .map(|(n, s)| vision_split(plan, 0, &n, &s).map(|sp| (n, s, sp)))
+                .collect::<Result<_>>()?,
+        };
+        let tied = self.vision.is_none() && self.text.tie_word_embeddings;
+        Ok(rows
+            .into_iter()
+            .map(|(name, shape, split)| {
+                let full: usize = shape.iter().product();
+                let mine = super::plan::TensorShard { name: name.clone(), shape, split }.numel();
+                // A tied embedding table is read whole by lm_head every step; an untied one is only gathered.
+                let decode_reads = !((name.ends_with("embed_tokens.weight") && !tied)
+                    || name.starts_with("vision_model.")
+                    || name.starts_with("multi_modal_projector."));
+                (full as f64, mine as f64, decode_reads)
+            })
+            .collect())
+    }
+}
+
+/// What the batch looks like.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Workload {
+    /// Sequences decoding together.
+    pub batch: usize,
+    /// Tokens of context each sequence attends to.
+    pub context: usize,
+    /// Images per sequence (vision models: cross-attention K/V read each step).
+    pub images: usize,
+}
+
+/// The model's predictions for one tensor-parallel size.
+#[derive(Clone, Debug, Serialize)]
+pub struct Prediction {
+    /// Ranks.
+    pub tp: usize,
+    /// Weight bytes one rank holds (bf16), replicated parts included.
+    pub weight_bytes_per_rank: f64,
+    /// Weight bytes of the whole model.
+    pub weight_bytes_total: f64,
+    /// Weight bytes one rank reads per decode step.
+    pub decode_weight_bytes_per_rank: f64,
+    /// Self-attention KV bytes per token on one rank.
+    pub kv_bytes_per_token_per_rank: f64,
+    /// Cross-attention KV bytes per image on one rank.
+    pub cross_kv_bytes_per_image_per_rank: f64,
+    /// Whether weights + reserve fit in the usable memory.
+    pub fits: bool,
+    /// KV tokens one rank can hold (= tokens the group can hold; each rank holds its heads of every token).
+    pub kv_capacity_tokens: f64,
+    /// All-reduces per step.
+    pub allreduces_per_step: usize,
+    /// All-reduce payload per token per step (bytes summed over the all-reduces).
+    pub allreduce_bytes_per_token: f64,
+    /// Bytes each GPU sends per step in the ring all-reduces.
+    pub allreduce_ring_bytes_per_gpu_per_step: f64,
+    /// Logits all-gather bytes each GPU receives per step.
+    pub logits_gather_bytes_per_step: f64,
+    /// Memory time per step.
+    pub t_memory_ms: f64,
+    /// Communication time per step.
+    pub t_comm_ms: f64,
+    /// Predicted decode step time (= per-token latency).
+    pub step_ms: f64,
+    /// Predicted output tokens per second for the batch.
+    pub tokens_per_s: f64,
+}
+
+/// Predicts decode for `shape` over `tp` ranks of `gpu`.
+pub fn predict(shape: &ModelShape, tp: usize, gpu: &Gpu, w: &Workload) -> Result<Prediction> {
+    let plan = TpPlan::new(&shape.text, tp)?;
+    let tensors = shape.rank_tensors(&plan)?;
+    let total: f64 = tensors.iter().map(|t| t.0).sum::<f64>() * BF16;
+    let mine: f64 = tensors.iter().map(|t| t.1).sum::<f64>() * BF16;
+    let decode: f64 = tensors.iter().filter(|t| t.2).map(|t| t.1).sum::<f64>() * BF16;
+    let c = &shape.text;
+    let kv_heads = plan.kv_heads_per_rank() as f64;
+    let per_layer_token = 2.0 * kv_heads * c.head_dim as f64 * BF16;
+    let self_layers = (c.num_hidden_layers - shape.cross_layers) as f64;
+    let kv_tok = self_layers * per_layer_token;
+    let cross_img = shape.cross_layers as f64 * per_layer_token * shape.vision_tokens_per_image as f64;
+    let usable = gpu.memory_gb.value * 1e9 * gpu.memory_utilization - gpu.activation_reserve_gb.value * 1e9;
+    let free = usable - mine;
+    let fits = free > 0.0;
+    let kv_capacity = if fits { (free / kv_tok).floor() } else { 0.0 };
+
+    let (b, n) = (w.batch as f64, tp as f64);
+    let bw = gpu.hbm_copy_gbps.value * 1e9 * gpu.decode_efficiency.value;
+    let kv_read = b * w.context as f64 * kv_tok + b * w.images as f64 * cross_img;
+    let t_mem = (decode + kv_read) / bw;
+    let allreduces = 2 * c.num_hidden_layers + 1;
+    let payload_token = allreduces as f64 * c.hidden_size as f64 * BF16;
+    let link = gpu.link_gbps_per_direction.value * 1e9;
+    let lat = gpu.collective_latency_us.value * 1e-6;
+    let ring = if tp > 1 { 2.0 * (n - 1.0) / n * b * payload_token } else { 0.0 };
+    let gather = if tp > 1 { (n - 1.0) / n * b * c.vocab_size as f64 * BF16 } else { 0.0 };
+    let t_comm = if tp > 1 { (allreduces + 1) as f64 * lat + (ring + gather) / link } else { 0.0 };
+    let step = t_mem + t_comm;
+    Ok(Prediction {
+        tp,
+        weight_bytes_per_rank: mine,
+        weight_bytes_total: total,
+        decode_weight_bytes_per_rank: decode,
+        kv_bytes_per_token_per_rank: kv_tok,
+        cross_kv_bytes_per_image_per_rank: cross_img,
+        fits,
+        kv_capacity_tokens: kv_capacity,
+        allreduces_per_step: if tp > 1 { allreduces } else { 0 },
+        allreduce_bytes_per_token: if tp > 1 { payload_token } else { 0.0 },
+        allreduce_ring_bytes_per_gpu_per_step: ring,
+        logits_gather_bytes_per_step: gather,
+        t_memory_ms: t_mem * 1e3,
+        t_comm_ms: t_comm * 1e3,
+        step_ms: step * 1e3,
+        tokens_per_s: b / step,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ninety_b_needs_four_h100s_and_scales_sublinearly() {
+        let shape = ModelShape::resolve("90b-vision").unwrap();
+        let gpu = Gpu::by_name("h100").unwrap();
+        let w = Workload { batch: 1, context: 2048, images: 0 };
+        let p: Vec<Prediction> = [1, 2, 4, 8].iter().map(|&tp| predict(&shape, tp, &gpu, &w).unwrap()).collect();
+        // 88.6 B parameters in bf16.
+        assert!((p[0].weight_bytes_total / 1e9 - 177.2).abs() < 1.0, "{}", p[0].weight_bytes_total);
+        assert!(!p[0].fits && !p[1].fits && p[2].fits && p[3].fits);
+        // Memory time halves with each doubling (up to the replicated vision encoder); communication grows.
+        assert!(p[3].t_memory_ms < p[2].t_memory_ms * 0.55);
+        assert!(p[3].t_comm_ms > p[2].t_comm_ms);
+        assert!(p[3].step_ms < p[2].step_ms);
+        // 100 layers: 201 all-reduces of 8192 bf16 values per token.
+        assert_eq!(p[3].allreduces_per_step, 201);
+        assert_eq!(p[3].allreduce_bytes_per_token, 201.0 * 8192.0 * 2.0);
+        // tp = 8 holds one KV head per rank: 80 self-attention layers x 2 x 128 x 2 bytes.
+        assert_eq!(p[3].kv_bytes_per_token_per_rank, 80.0 * 2.0 * 128.0 * 2.0);
+    }
+
+    #[test]
+    fn text_presets_and_bad_sizes() {
+        let shape = ModelShape::resolve("3b").unwrap();
+        let gpu = Gpu::by_name("h100").unwrap();
+        let w = Workload { batch: 1, context: 0, images: 0 };
+        let p1 = predict(&shape, 1, &gpu, &w).unwrap();
+        // The tied embedding table is read once per step, as lm_head; at tp = 1 the model reproduces the measured
+        // 3B step it was calibrated on.
+        assert!((p1.step_ms - 3.03).abs() < 0.1, "{}", p1.step_ms);
+        let e = predict(&shape, 16, &gpu, &w).unwrap_err().to_string();
+        assert!(e.contains("num_attention_heads"), "{e}");
+        assert!(Gpu::by_name("a100").is_err());
+        assert!(ModelShape::resolve("/nonexistent").is_err());
+    }
+}

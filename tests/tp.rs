@@ -1,0 +1,270 @@
+//! Tensor parallelism on the CPU reference: tp = 2, 4 and 8 in-process ranks give the logits of tp = 1 within f32
+//! rounding, over a prefill step of two sequences and several decode steps with paged KV, for the golden text
+//! checkpoints and a random model with 8 query / 2 KV heads (tp = 8 replicates each KV head on 4 ranks).
+//!
+//! Tolerance: max |logit(tp) - logit(tp = 1)| <= 1e-5 x max |logit(tp = 1)| in every step. The ranks sum
+//! row-parallel partial products in a different order than one GEMM does, so bit equality is not expected; the
+//! tolerance is about 100 f32 ulps of the largest logit, far below any real error (a wrong KV head, a missing
+//! all-reduce or a misplaced vocabulary slice changes logits by tens of percent).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use llama32::config::LlamaConfig;
+use llama32::exec::cpu::CpuExecutor;
+use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
+use llama32::exec::Executor;
+use llama32::kv::BlockAllocator;
+use llama32::sampling::argmax;
+use llama32::tp::TpCpuExecutor;
+use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
+
+mod common;
+
+const REL_TOL: f32 = 1e-5;
+const BLOCK: usize = 4;
+const DECODE_STEPS: usize = 4;
+
+fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "logits length");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+        let d = (g - w).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
+    worst / scale
+}
+
+/// Runs the same steps through `reference` (tp = 1) and `tp` and returns the worst relative difference over the
+/// steps: one prefill step of two prompts (all logits), then `DECODE_STEPS` decode steps of both sequences, each
+/// fed the reference's greedy pick.
+fn compare_steps(reference: &mut dyn Executor, tp: &mut TpCpuExecutor, prompts: [&[u32]; 2], name: &str) -> f32 {
+    let mut alloc = BlockAllocator::new(reference.num_blocks(), BLOCK);
+    let mut tables = [Vec::new(), Vec::new()];
+    let total = |p: &[u32]| p.len() + DECODE_STEPS;
+    // The second prompt's blocks first, so the two tables interleave in the pool.
+    alloc.ensure(&mut tables[1], total(prompts[1])).unwrap();
+    alloc.ensure(&mut tables[0], total(prompts[0])).unwrap();
+    let chunks = [0, 1].map(|s| SeqChunk {
+        tokens: prompts[s],
+        start_pos: 0,
+        block_table: &tables[s],
+        logits: LogitsWanted::All,
+    });
+    let step = build_step(&chunks, BLOCK).unwrap();
+    let want = reference.step(&step).unwrap().logits;
+    let per_rank = tp.step_all_ranks(&step).unwrap();
+    for (r, l) in per_rank.iter().enumerate() {
+        assert!(l.iter().zip(&per_rank[0]).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: rank {r} differs");
+    }
+    let mut worst = max_rel_diff(&per_rank[0], &want);
+    let vocab = reference.config().vocab_size;
+    let last = |logits: &[f32], row: usize| argmax(&logits[row * vocab..(row + 1) * vocab]);
+    let mut next = [last(&want, prompts[0].len() - 1), last(&want, prompts[0].len() + prompts[1].len() - 1)];
+    let mut pos = [prompts[0].len(), prompts[1].len()];
+    for _ in 0..DECODE_STEPS {
+        let toks = [[next[0]], [next[1]]];
+        let chunks = [0, 1].map(|s| SeqChunk {
+            tokens: &toks[s],
+            start_pos: pos[s],
+            block_table: &tables[s],
+            logits: LogitsWanted::Last,
+        });
+        let step = build_step(&chunks, BLOCK).unwrap();
+        let want = reference.step(&step).unwrap().logits;
+        let got = tp.step(&step).unwrap().logits;
+        worst = worst.max(max_rel_diff(&got, &want));
+        next = [last(&want, 0), last(&want, 1)];
+        pos = [pos[0] + 1, pos[1] + 1];
+    }
+    assert!(worst <= REL_TOL, "{name}: max |diff| / max|logit| = {worst:.2e} exceeds {REL_TOL:.0e}");
+    eprintln!("{name}: max |diff| / max|logit| = {worst:.2e} (prefill + {DECODE_STEPS} decode steps)");
+    worst
+}
+
+fn golden_config(dir: &Path) -> LlamaConfig {
+    let mut cfg = LlamaConfig::from_model_dir(dir).unwrap();
+    cfg.merge_generation_config(dir).unwrap();
+    cfg
+}
+
+fn prompts(vocab: usize) -> (Vec<u32>, Vec<u32>) {
+    // Ids spread over the whole vocabulary, so every rank's embedding slice is used.
+    let p1: Vec<u32> = (0..11).map(|i| ((i * 97 + 5) % vocab) as u32).collect();
+    let p2: Vec<u32> = (0..6).map(|i| ((i * 53 + vocab / 2 + 1) % vocab) as u32).collect();
+    (p1, p2)
+}
+
+#[test]
+fn golden_checkpoints_match_tp1_at_tp_2_4_8() {
+    let cases: [(&str, &[usize]); 5] = [
+        ("tied-gqa4", &[2, 4, 8]),
+        ("untied-gqa2-sharded", &[2, 4]),
+        ("gqa3-f16", &[2]),
+        ("mha-f32-norope-scaling", &[2, 4]),
+        ("cuda-d64-gqa4", &[2, 4]),
+    ];
+    let mut runs = 0;
+    for (name, tps) in cases {
+        let dir = common::golden_dir(name);
+        let cfg = golden_config(&dir);
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let w = ModelWeights::load(&ckpt, &cfg, &|_| {}).unwrap();
+        let mut reference = CpuExecutor::with_capacity(cfg.clone(), w, 64, BLOCK).unwrap();
+        let (p1, p2) = prompts(cfg.vocab_size);
+        for &tp in tps {
+            let mut exec =
+                TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Checkpoint(&ckpt), tp, 64, BLOCK).unwrap();
+            assert_eq!(exec.tp(), tp);
+            compare_steps(&mut reference, &mut exec, [&p1, &p2], &format!("{name} tp={tp}"));
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 10);
+}
+
+fn random_config() -> LlamaConfig {
+    let mut cfg = llama32::config::Preset::Llama32_1B.config();
+    cfg.vocab_size = 512;
+    cfg.hidden_size = 128;
+    cfg.intermediate_size = 192;
+    cfg.num_hidden_layers = 3;
+    cfg.num_attention_heads = 8;
+    cfg.num_key_value_heads = 2;
+    cfg.head_dim = 16;
+    cfg.max_position_embeddings = 4096;
+    cfg.tie_word_embeddings = false;
+    cfg
+}
+
+/// Writes `cfg` as a Hugging Face config.json into a fresh temporary directory.
+fn write_config_dir(cfg: &LlamaConfig, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llama32-tp-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn random_model_with_kv_replication_matches_tp1() {
+    let dir = write_config_dir(&random_config(), "random");
+    let cfg = LlamaConfig::from_model_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let seed = 7;
+    let w = ModelWeights::random(&cfg, seed).unwrap();
+    let mut reference = CpuExecutor::with_capacity(cfg.clone(), w, 64, BLOCK).unwrap();
+    let (p1, p2) = prompts(cfg.vocab_size);
+    // tp = 1 through the tensor-parallel executor is the plain executor, bit for bit.
+    let mut one = TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Random(seed), 1, 64, BLOCK).unwrap();
+    assert_eq!(compare_steps(&mut reference, &mut one, [&p1, &p2], "random tp=1"), 0.0);
+    for tp in [2, 4, 8] {
+        let mut exec = TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Random(seed), tp, 64, BLOCK).unwrap();
+        assert_eq!(exec.rank_config().num_key_value_heads, 1.max(2 / tp));
+        compare_steps(&mut reference, &mut exec, [&p1, &p2], &format!("random tp={tp}"));
+    }
+    // A different seed is a different model: the comparison can fail.
+    let mut other = TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Random(seed + 1), 2, 64, BLOCK).unwrap();
+    let step = build_step(
+        &[SeqChunk { tokens: &p1, start_pos: 0, block_table: &[0, 1, 2], logits: LogitsWanted::All }],
+        BLOCK,
+    )
+    .unwrap();
+    let a = reference.step(&step).unwrap().logits;
+    let b = other.step(&step).unwrap().logits;
+    assert!(max_rel_diff(&b, &a) > 1e-2);
+}
+
+#[test]
+fn a_tp_that_does_not_divide_the_model_names_the_field() {
+    let dir = common::golden_dir("cuda-d128-gqa3"); // 3 heads, 1 KV head, vocab 320
+    let cfg = golden_config(&dir);
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let err = |tp| {
+        TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Checkpoint(&ckpt), tp, 16, BLOCK)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(err(2).contains("num_attention_heads"), "{}", err(2));
+    assert!(err(3).contains("vocab_size"), "{}", err(3));
+    assert!(err(0).contains("at least 1"), "{}", err(0));
+    let mut cfg = random_config();
+    cfg.num_attention_heads = 12;
+    cfg.num_key_value_heads = 4;
+    let e = TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Random(0), 6, 16, BLOCK).err().unwrap();
+    assert!(e.to_string().contains("num_key_value_heads"), "{e}");
+    cfg.num_attention_heads = 8;
+    cfg.num_key_value_heads = 2;
+    cfg.intermediate_size = 100;
+    let e = TpCpuExecutor::with_capacity(cfg, WeightSource::Random(0), 8, 16, BLOCK).err().unwrap();
+    assert!(e.to_string().contains("intermediate_size"), "{e}");
+}
+
+fn run_logits(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_llama32")).arg("logits").args(args).output().unwrap()
+}
+
+#[test]
+fn cli_logits_with_tensor_parallel_match_tp1() {
+    let dir = common::golden_dir("tied-gqa4");
+    let model = dir.to_str().unwrap();
+    let tmp = std::env::temp_dir().join(format!("llama32-tp-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let ids = "1,17,300,42,511,256,3,99,128";
+    let npy = |tp: usize| tmp.join(format!("tp{tp}.npy"));
+    let mut outs = Vec::new();
+    for tp in [1, 2, 4, 8] {
+        let out = npy(tp);
+        let tp_s = tp.to_string();
+        let o = run_logits(&[
+            "--model",
+            model,
+            "--ids",
+            ids,
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--tensor-parallel",
+            &tp_s,
+            "--block-size",
+            "4",
+        ]);
+        assert!(o.status.success(), "tp {tp}: {}", String::from_utf8_lossy(&o.stderr));
+        outs.push(llama32::npy::read_f32(&out).unwrap());
+    }
+    for (k, a) in outs.iter().enumerate().skip(1) {
+        assert_eq!(a.shape, outs[0].shape);
+        assert_eq!(a.shape, vec![9, 512]);
+        let d = max_rel_diff(&a.data, &outs[0].data);
+        assert!(d <= REL_TOL, "tp {}: {d:.2e}", 1 << k);
+        eprintln!("cli tp={}: max |diff| / max|logit| = {d:.2e}", 1 << k);
+    }
+    let o = run_logits(&["--model", model, "--ids", ids, "--out", npy(3).to_str().unwrap(), "--tensor-parallel", "3"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("num_attention_heads"), "{err}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
