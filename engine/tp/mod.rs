@@ -11,11 +11,13 @@
 //! docs/parallelism.md describes the design.
 
 pub mod comm;
+pub mod cuda;
 pub mod exec;
 pub mod load;
 pub mod nccl;
 pub mod perf;
 pub mod plan;
+pub mod vision;
 
 pub use comm::{Communicator, LocalComm};
 pub use exec::{TpCpuExecutor, TpRankOps};

@@ -4,6 +4,7 @@
 //! whole path from image bytes to logits or generated text ([`pipeline`]).
 
 pub mod config;
+pub mod cuda;
 pub mod encoder;
 pub mod exec;
 pub mod image;
