@@ -378,12 +378,60 @@ def make_hf(out: str) -> None:
             write_fixture(os.path.join(root, f"ct-{'sym' if sym else 'asym'}-g{group}"), cfg, tensors, exp)
 
 
+# ---------------------------------------------------------------------------------------------- end to end
+E2E_CASES = ["tied-gqa4", "untied-gqa2-sharded", "gqa3-f16"]
+E2E_ROWS = 32
+
+
+def make_e2e(golden: str) -> None:
+    """Whole quantized models through transformers (float32 eager): every `*_proj` weight rounded to bf16 and
+    quantized by torchao's `Int8DynActInt4WeightQuantizer`; W4A16 runs `F.linear` over the dequantized weights,
+    W4A8 runs torchao's `linear_forward_8da4w`. Saves the logits of the first E2E_ROWS prompt positions."""
+    from transformers import AutoModelForCausalLM
+    from torchao.quantization.linear_quant_modules import linear_forward_8da4w
+
+    out = os.path.join(golden, "quant-e2e")
+    os.makedirs(out, exist_ok=True)
+    meta = {"torch": torch.__version__, "torchao": torchao_version(), "rows": E2E_ROWS, "cases": {}}
+    for case in E2E_CASES:
+        d = os.path.join(golden, case)
+        ids = json.load(open(os.path.join(d, "reference.json")))["prompt_ids"][:E2E_ROWS]
+        for scheme in ["w4a16-g32", "w4a8-g32"]:
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            for name, mod in model.named_modules():
+                if not name.endswith("_proj"):
+                    continue
+                q, sc = torchao_8da4w(bf16(mod.weight.data))
+                n, k = q.shape
+                if scheme == "w4a16-g32":
+                    dq = (q.float().reshape(n, k // GROUP, GROUP) * sc.reshape(n, k // GROUP, 1)).reshape(n, k)
+                    mod.weight.data.copy_(dq)
+                else:
+                    q8, zeros = q.to(torch.int8), torch.zeros_like(sc)
+                    mod.forward = lambda x, q8=q8, sc=sc, zeros=zeros, n=n: linear_forward_8da4w(
+                        x, q8, None, sc, zeros, n, GROUP, torch.float32
+                    )
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].float().numpy()
+            save(out, f"{case}-{scheme}.npy", logits, np.float32)
+        meta["cases"][case] = {"prompt_ids": ids}
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def torchao_version() -> str:
+    import torchao
+
+    return torchao.__version__
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "golden"))
     a = ap.parse_args()
     ref = make_torchao(a.out)
     make_hf(a.out)
+    make_e2e(a.out)
     print(json.dumps(ref["cases"], indent=1))
 
 

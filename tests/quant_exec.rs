@@ -399,3 +399,39 @@ fn broken_quantized_checkpoints_name_the_tensor() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// Whole quantized models against transformers running torchao's quantized projections
+/// (`tests/golden/quant-e2e/`, `make_e2e` in `scripts/make_golden_quant.py`): the engine's quantized checkpoint,
+/// loaded and run through the CPU executor, gives the same logits for the first prompt positions.
+#[test]
+fn quantized_models_match_transformers_with_torchao() {
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::golden_dir("quant-e2e").join("reference.json")).expect("reference.json"),
+    )
+    .expect("json");
+    let cases = meta["cases"].as_object().expect("cases");
+    assert!(!cases.is_empty());
+    for (case, c) in cases {
+        let ids: Vec<u32> =
+            c["prompt_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        for (scheme, tol) in [(Scheme::W4A16_G32, W4A16_E2E_TOL), (Scheme::W4A8_G32, W4A8_E2E_TOL)] {
+            let dir = quantized_case(case, scheme);
+            let m = Model::open(&dir);
+            let got = m.logits(m.load().expect("load quantized"), &ids, ids.len());
+            let (shape, want) = npy("quant-e2e", &format!("{case}-{}.npy", scheme.name()));
+            assert_eq!(shape, vec![ids.len(), m.cfg.vocab_size], "{case}");
+            let err = rel_err(&got, &want);
+            eprintln!("{case} {}: max |err| / max |logit| = {err:.2e}", scheme.name());
+            assert!(err <= tol, "{case} {}: {err:.2e} > {tol:.0e}", scheme.name());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// W4A16: the same dequantized weights in f32 on both sides, so only f32 summation order differs (the
+/// unquantized golden checkpoints match transformers within 3e-6 the same way).
+const W4A16_E2E_TOL: f32 = 1e-5;
+/// W4A8: as W4A16 (the int8 activations come out identical on these cases: measured 4.6e-7 to 5.2e-7). An
+/// activation landing within f32 rounding of an int8 step boundary could round the other way on one side and move
+/// a logit by ~1e-3 of the largest; that would fail this bound and deserves a look.
+const W4A8_E2E_TOL: f32 = 1e-5;
