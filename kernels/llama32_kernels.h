@@ -460,6 +460,186 @@ l32_status l32_act_quant(const l32_act_quant_params* params, void* stream);
 
 /* END quant */
 
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* Llama 3.2 Vision: encoder pieces, gated residual norm, and a generic gather attention (kernels/vision/)            */
+/* BEGIN vision */
+
+/**
+ * Patch extraction for the patch-embedding convolution as a GEMM (the twin of engine/vision/cuda/twins.rs im2col):
+ * out[tile * grid + py * per_side + px, (c * patch + ky) * patch + kx] = bf16(pixels[tile, c, py * patch + ky,
+ * px * patch + kx]) with per_side = side / patch, grid = per_side^2; columns channels * patch^2 .. k_pad - 1 are 0.
+ */
+typedef struct l32_vision_im2col_params {
+    void* out;              /**< [tiles * grid, k_pad] bf16 */
+    const float* pixels;    /**< [tiles, channels, side, side] f32 */
+    int64_t tiles;          /**< >= 0 (0 launches nothing) */
+    int32_t channels;       /**< >= 1 */
+    int32_t side;           /**< image (tile) side in pixels, >= patch */
+    int32_t patch;          /**< patch side, >= 1 */
+    int32_t k_pad;          /**< row length of out, >= channels * patch * patch */
+} l32_vision_im2col_params;
+
+/** Launches the patch extraction on `stream`. */
+l32_status l32_vision_im2col(const l32_vision_im2col_params* params, void* stream);
+
+/**
+ * The embeddings of the vision encoder and layernorm_pre (steps 1-3 of engine/vision/encoder.rs), one row per token
+ * of the padded layout: row r = (it * padded + p) with it = image * tiles + tile. For p >= num_patches the row is 0.
+ * Otherwise, in f32: x = (p == 0 ? class_embedding : conv[it * (num_patches - 1) + p - 1] + pre_add[it]);
+ * x = (x + position[p]) + pos_gate * tile_position[ar_ids[image], (tile * num_patches + p)];
+ * out[r] = (x - mean) / sqrt(var + eps) * ln_weight + ln_bias (biased variance).
+ */
+typedef struct l32_vision_embed_params {
+    float* out;                 /**< [images * tiles * padded, hidden] f32 */
+    const void* conv;           /**< [images * tiles * (num_patches - 1), hidden] bf16: the patch GEMM */
+    const float* class_embedding; /**< [hidden] */
+    const float* pre_add;       /**< [images * tiles, hidden]: pre-tile embedding of the image's ratio x tanh(gate) */
+    const float* position;      /**< [num_patches, hidden]: (1 - tanh(gate)) x position embedding */
+    const void* tile_position;  /**< [ar_rows, tiles * num_patches * hidden] bf16 */
+    const uint32_t* ar_ids;     /**< [images], each < ar_rows */
+    const float* ln_weight;     /**< [hidden] */
+    const float* ln_bias;       /**< [hidden] */
+    int64_t images;             /**< >= 0 (0 launches nothing) */
+    int32_t tiles;              /**< tiles per image, >= 1 */
+    int32_t num_patches;        /**< tokens per tile (class token included), >= 2 */
+    int32_t padded;             /**< >= num_patches */
+    int32_t hidden;             /**< 1 ..= 16384 */
+    int32_t ar_rows;            /**< rows of tile_position */
+    float pos_gate;             /**< tanh of the gated positional embedding's gate */
+    float eps;                  /**< >= 0 */
+} l32_vision_embed_params;
+
+/** Launches the vision embedding on `stream`. */
+l32_status l32_vision_embed(const l32_vision_embed_params* params, void* stream);
+
+/**
+ * LayerNorm with bias over f32 rows, with an optional gated residual add first and an optional per-group add after:
+ * with delta set, residual[r] += gate * (delta[r] + delta_bias) (f32, written back); then
+ * y = (residual[r] - mean) / sqrt(var + eps) * weight + bias (biased variance, f32 statistics);
+ * out[r] = bf16(y) when out is set; out_f32[r] = y + post_add[r / rows_per_group] when out_f32 is set (post_add
+ * optional). out_f32 may alias residual; nothing else may alias.
+ */
+typedef struct l32_vision_layer_norm_params {
+    float* residual;            /**< [rows, width] f32 */
+    const void* delta;          /**< [rows, width] bf16, or NULL */
+    const float* delta_bias;    /**< [width], or NULL */
+    void* out;                  /**< [rows, width] bf16, or NULL */
+    float* out_f32;             /**< [rows, width] f32, or NULL */
+    const float* post_add;      /**< [rows / rows_per_group, width] f32, or NULL */
+    const float* weight;        /**< [width] (read only when out or out_f32 is set) */
+    const float* bias;          /**< [width] */
+    int64_t rows;               /**< >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t rows_per_group;     /**< >= 1 */
+    int32_t width;              /**< 1 ..= 16384 */
+    float gate;                 /**< scale of delta (1 for an ungated residual) */
+    float eps;                  /**< >= 0 */
+} l32_vision_layer_norm_params;
+
+/** Launches the LayerNorm on `stream`. */
+l32_status l32_vision_layer_norm(const l32_vision_layer_norm_params* params, void* stream);
+
+/** Activation of l32_bias_act. */
+typedef enum l32_bias_act_kind {
+    /** y = x + bias. */
+    L32_BIAS_ACT_NONE = 0,
+    /** y = gelu(x + bias), the exact erf GELU (transformers' "gelu"). */
+    L32_BIAS_ACT_GELU = 1,
+} l32_bias_act_kind;
+
+/** out[r, c] = bf16(act(float(x[r, c]) + bias[c])). out may alias x. */
+typedef struct l32_bias_act_params {
+    void* out;                  /**< [rows, cols] bf16 */
+    const void* x;              /**< [rows, cols] bf16 */
+    const float* bias;          /**< [cols] */
+    int64_t rows;               /**< >= 0 (0 launches nothing) */
+    int64_t cols;               /**< >= 1 */
+    l32_bias_act_kind act;
+} l32_bias_act_params;
+
+/** Launches the bias + activation on `stream`. */
+l32_status l32_bias_act(const l32_bias_act_params* params, void* stream);
+
+/**
+ * The vision encoder's output (step 6 of engine/vision/encoder.rs): padding tokens dropped, the final state and the
+ * interleaved intermediate states concatenated. For t < tiles_total * num_patches, with src = (t / num_patches) *
+ * padded + t % num_patches: out[t, d] = bf16(final_state[src, d]) for d < hidden, and
+ * out[t, hidden + d * n_inter + k] = bf16(inter[k, src, d]).
+ */
+typedef struct l32_vision_gather_params {
+    void* out;                  /**< [tiles_total * num_patches, hidden * (1 + n_inter)] bf16 */
+    const float* final_state;   /**< [tiles_total * padded, hidden] */
+    const float* inter;         /**< [n_inter, tiles_total * padded, hidden] (NULL when n_inter == 0) */
+    int64_t tiles_total;        /**< >= 0 (0 launches nothing) */
+    int32_t num_patches;        /**< >= 1 */
+    int32_t padded;             /**< >= num_patches */
+    int32_t hidden;             /**< >= 1 */
+    int32_t n_inter;            /**< >= 0 */
+} l32_vision_gather_params;
+
+/** Launches the output gather on `stream`. */
+l32_status l32_vision_gather(const l32_vision_gather_params* params, void* stream);
+
+/**
+ * A gated residual add + RMSNorm over bf16 rows (the cross-attention layers' tanh gates):
+ * residual[r] = bf16(residual[r] + bf16(gate * row_scale[r] * delta[r])) (row_scale NULL: 1), then, when out is
+ * set, out[r] = bf16(weight * bf16(h * rsqrt(mean(h^2) + eps))) with h the new residual row (l32_norm's numerics).
+ * Nothing may alias.
+ */
+typedef struct l32_gated_rms_norm_params {
+    void* residual;             /**< [rows, hidden] bf16, read and written */
+    const void* delta;          /**< [rows, hidden] bf16 */
+    const float* row_scale;     /**< [rows], or NULL */
+    void* out;                  /**< [rows, hidden] bf16, or NULL */
+    const void* weight;         /**< [hidden] bf16 (read only when out is set) */
+    int64_t rows;               /**< >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int32_t hidden;             /**< 1 ..= 16384 */
+    float gate;
+    float eps;                  /**< >= 0 */
+} l32_gated_rms_norm_params;
+
+/** Launches the gated residual RMSNorm on `stream`. */
+l32_status l32_gated_rms_norm(const l32_gated_rms_norm_params* params, void* stream);
+
+/**
+ * Generic attention over gathered keys, any head_dim that is a multiple of 8 up to 256 (one warp per query token and
+ * head, f32 throughout, CUDA cores): query i (head h, kv head g = h / (num_heads / num_kv_heads), sequence
+ * s = seq_of_query[i]) attends to keys j = 0 ..= positions[i]; key j lives in slot
+ * block_tables[s * max_blocks_per_seq + j / block_size] * block_size + j % block_size, its K at
+ * k + slot * kv_stride + g * head_dim and its V likewise. Score = (q . k) * scale, plus -FLT_MAX where
+ * query_flags[i] and key_flags[slot] are both non-zero (transformers' additive aspect-ratio mask; both flag arrays
+ * set or both NULL); a slot >= num_slots is skipped. Softmax and P * V in f32, output rounded to bf16 once.
+ * Serves the vision encoder (non-causal: positions = sequence length - 1) and any text attention whose head_dim the
+ * tensor-core kernels do not take.
+ */
+typedef struct l32_gather_attention_params {
+    void* out;                  /**< [tokens, out_stride] bf16: head h at h * head_dim */
+    const void* q;              /**< [tokens, q_stride] bf16 */
+    const void* k;              /**< slots at kv_stride, 16-byte aligned */
+    const void* v;              /**< slots at kv_stride, 16-byte aligned */
+    const uint32_t* seq_of_query; /**< [tokens] */
+    const uint32_t* positions;  /**< [tokens] */
+    const uint32_t* block_tables; /**< [seqs, max_blocks_per_seq] */
+    const uint8_t* key_flags;   /**< [num_slots], or NULL */
+    const uint8_t* query_flags; /**< [tokens], or NULL */
+    int64_t tokens;             /**< >= 0 (0 launches nothing), at most 2^31 / num_heads */
+    int64_t q_stride;           /**< a multiple of 8, >= num_heads * head_dim */
+    int64_t out_stride;         /**< >= num_heads * head_dim */
+    int64_t kv_stride;          /**< a multiple of 8, >= num_kv_heads * head_dim */
+    int64_t num_slots;          /**< slots addressable in k and v */
+    int64_t max_blocks_per_seq; /**< >= 1 */
+    int32_t num_heads;          /**< a multiple of num_kv_heads */
+    int32_t num_kv_heads;       /**< >= 1 */
+    int32_t head_dim;           /**< a multiple of 8, 8 ..= 256 */
+    int32_t block_size;         /**< >= 1 */
+    float scale;                /**< softmax scale */
+} l32_gather_attention_params;
+
+/** Launches the gather attention on `stream`. */
+l32_status l32_gather_attention(const l32_gather_attention_params* params, void* stream);
+
+/* END vision */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

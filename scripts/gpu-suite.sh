@@ -3,6 +3,8 @@
 #
 #   scripts/gpu-suite.sh [build]  here: builds the release binary and the GPU test binaries, checks they hold the
 #                                 kernels, strips them and copies them into gpu-bundle/ (gitignored).
+#   scripts/gpu-suite.sh run-tp   on the device machine: only the tensor-parallel tests (tests/gpu/cuda_tp.rs, a
+#                                 minute or two) with their `cuda-tp` figure lines; see docs/parallelism.md.
 #   scripts/gpu-suite.sh run      on the device machine, from the repository root: runs each test of each binary in
 #                                 gpu-bundle/tests/ on its own and prints a PASS / FAIL / SKIP table last.
 #                                 Exit status 0 only when every row is PASS: a SKIP on a device machine means the test
@@ -80,6 +82,56 @@ for line in sys.stdin:
   echo "next: run(command=\"scripts/gpu-suite.sh run\", carry=[\"gpu-bundle\"])"
 }
 
+# NCCL for the tensor-parallel tests: cudarc loads `libnccl.so` (or `libnccl.so.<major>`), not the runtime's
+# `libnccl.so.2`. Where only the latter exists (libnccl2 without libnccl-dev, or the NCCL wheel that comes with
+# PyTorch), link it as libnccl.so in a temporary folder put first on LD_LIBRARY_PATH.
+nccl_setup() {
+  local so="" d link
+  if ldconfig -p 2>/dev/null | grep -E 'libnccl\.so( |\.13 )' >/dev/null; then return 0; fi
+  so=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 / {print $NF; exit}')
+  if [[ -z $so ]] && command -v python3 >/dev/null; then
+    d=$(python3 -c 'import os, nvidia.nccl as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)
+    if [[ -n $d && -e $d/libnccl.so.2 ]]; then so="$d/libnccl.so.2"; fi
+  fi
+  if [[ -z $so ]]; then
+    echo "note: no libnccl.so.2 found: the NCCL tests will report SKIP" >&2
+    return 0
+  fi
+  link=$(mktemp -d)
+  ln -sf "$so" "$link/libnccl.so"
+  export LD_LIBRARY_PATH="$link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "NCCL: $so (as $link/libnccl.so)" >&2
+}
+
+# The tensor-parallel device checks only: every cuda_tp test of the gpu binary, then their figure lines.
+run_tp() {
+  cd "$root"
+  local exe="$bundle/tests/gpu" logs="${OUT:+$OUT/gpu-suite}" t log rc status failed=0 rows=()
+  logs="${logs:-$bundle/logs}"
+  mkdir -p "$logs"
+  [[ -x $exe ]] || { echo "error: $exe missing: build it with scripts/gpu-suite.sh and carry gpu-bundle" >&2; exit 2; }
+  export RUST_BACKTRACE=1 LLAMA32_GOLDEN_DIR="$root/tests/golden"
+  nccl_setup
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || true
+  while read -r t; do
+    [[ -n $t ]] || continue
+    log="$logs/gpu.$t.log"
+    rc=0
+    timeout 300 "$exe" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+    if ((rc != 0)); then status=FAIL; elif grep -q 'skipped:' "$log"; then status=SKIP; else status=PASS; fi
+    if [[ $status != PASS ]]; then
+      failed=$((failed + 1))
+      echo "---- $status $t"
+      tail -n 15 "$log"
+    fi
+    rows+=("$(printf '%-4s  %s' "$status" "$t")")
+  done < <("$exe" --list --format=terse 2>/dev/null | sed -n 's/: test$//p' | grep '^cuda_tp::')
+  grep -h '^cuda-tp ' "$logs"/gpu.cuda_tp::*.log 2>/dev/null || true
+  printf '%s\n' "${rows[@]}"
+  echo "$((${#rows[@]} - failed)) of ${#rows[@]} passed"
+  ((${#rows[@]} > 0 && failed == 0))
+}
+
 run() {
   cd "$root"
   if [[ ! -d "$bundle/tests" ]]; then
@@ -97,6 +149,7 @@ run() {
   fi
   export RUST_BACKTRACE=1
   export LLAMA32_GOLDEN_DIR="$root/tests/golden"
+  nccl_setup
 
   local device
   device=$(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1) ||
@@ -132,6 +185,8 @@ run() {
       rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" "$name" "$t" "$secs")")
     done
   done
+  # Tensor parallelism on CUDA (tests/gpu/cuda_tp.rs): its `cuda-tp` figure lines join the summary.
+  mapfile -t -O "${#benches[@]}" benches < <(grep -h '^cuda-tp ' "$logs"/gpu.cuda_tp::*.log 2>/dev/null || true)
   rc=0
   "$bundle/bin/llama32" --help >"$logs/llama32.help.log" 2>&1 || rc=$?
   if ((rc == 0)); then status=PASS; else status=FAIL; failed=$((failed + 1)); fi
@@ -142,6 +197,7 @@ run() {
     name=$(basename "$exe")
     while read -r t; do
       [[ -n $t ]] || continue
+      [[ $t == cuda_vision::bench_* ]] && continue # the 11B vision benches run below with a longer timeout
       log="$logs/$name.$t.bench.log"
       rc=0
       timeout 120 "$exe" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
@@ -154,6 +210,23 @@ run() {
       fi
     done < <("$exe" --list --ignored --format=terse 2>/dev/null | sed -n 's/: test$//p')
   done
+
+  # Llama 3.2 Vision at the 11B shapes on random weights (generating them takes most of the time): the encoder time
+  # per 4-tile image and batch-1 decode ms/token with one 4-tile image; their BENCH lines join the table.
+  if [[ -x "$bundle/tests/gpu" ]]; then
+    for t in cuda_vision::bench_vision_encoder_11b cuda_vision::bench_mllama_11b_decode; do
+      log="$logs/gpu.$t.bench.log"
+      rc=0
+      timeout 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+      if ((rc == 0)); then
+        mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$t (benchmark)" -)")
+        tail -n 5 "$log"
+      fi
+    done
+  fi
 
   # Criterion benches of the kernel families (CUDA-event timing); their "time:" and "thrpt:" lines join the table.
   if [[ -x "$bundle/bench/cuda_kernels" ]]; then
@@ -261,8 +334,9 @@ for l in sys.stdin:
 case "${1:-build}" in
   build) build ;;
   run) run ;;
+  run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run|run-tp]" >&2
     exit 2
     ;;
 esac

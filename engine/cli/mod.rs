@@ -280,45 +280,17 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids, "--ids")?;
-    if a.tensor_parallel == 0 {
-        return Err(Error::request("--tensor-parallel must be at least 1"));
-    }
     let tp = a.tensor_parallel;
+    serve::check_tensor_parallel(tp, &a.model.device)?;
     if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
         if tp > 1 {
-            return Err(Error::request(
-                "--tensor-parallel > 1 runs text models only so far; Llama 3.2 Vision's sharding is planned \
-                 (see `llama32 plan` and docs/parallelism.md)",
-            ));
+            return vision::logits_tp(&a.model, &dir, &ids, &a.image, &a.out, tp);
         }
         return vision::logits(&a.model, &dir, &ids, &a.image, &a.out);
     }
     let mut exec: Box<dyn Executor> = if tp > 1 {
-        if Device::parse(&a.model.device)? != Device::Cpu {
-            return Err(Error::request(format!(
-                "--tensor-parallel {tp} runs as in-process ranks on --device cpu only so far; the multi-GPU (NCCL) \
-                 executor is planned (docs/parallelism.md)"
-            )));
-        }
-        let (cfg, source) = load::resolve_config(&a.model)?;
-        let quantized = match &source {
-            load::Source::Dir(dir) => load::checkpoint_quantization(dir)?.is_some(),
-            load::Source::Preset(_) => false,
-        };
-        if a.model.quantize.is_some() || quantized {
-            return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
-        }
-        let ckpt;
-        let src = match (&source, a.model.random_weights) {
-            (load::Source::Dir(dir), false) => {
-                ckpt = crate::weights::Checkpoint::open(dir)?;
-                crate::weights::WeightSource::Checkpoint(&ckpt)
-            }
-            _ => crate::weights::WeightSource::Random(a.model.weights_seed),
-        };
         let kv_tokens = a.model.kv_tokens.unwrap_or(ids.len()).max(ids.len());
-        let block_size = a.model.block_size;
-        Box::new(crate::tp::TpCpuExecutor::with_capacity(cfg, src, tp, kv_tokens, block_size)?)
+        Box::new(serve::tp_cpu_executor(&a.model, tp, kv_tokens)?)
     } else {
         load_model(&a.model, ids.len())?.exec
     };

@@ -32,6 +32,49 @@ pub struct EngineArgs {
     /// Longest sequence (prompt + output) served (default: the context length, capped to the KV cache).
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// Tensor-parallel ranks (1 = none). On --device cpu the ranks are threads of this process, each holding its
+    /// shard of the weights and KV cache; CUDA tensor parallelism is not available yet.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel: usize,
+}
+
+/// Checks `--tensor-parallel N` against the device: any N >= 1 on the CPU (in-process ranks), only 1 on CUDA so far.
+pub(crate) fn check_tensor_parallel(tp: usize, device: &str) -> Result<()> {
+    if tp == 0 {
+        return Err(Error::request("--tensor-parallel must be at least 1"));
+    }
+    if tp > 1 && load::Device::parse(device)? != load::Device::Cpu {
+        return Err(Error::request(format!(
+            "--tensor-parallel {tp} on --device {device}: tensor parallelism runs as in-process ranks on --device cpu \
+             only so far; the multi-GPU (NCCL) executor is planned (docs/parallelism.md)"
+        )));
+    }
+    Ok(())
+}
+
+/// The text model of `a` as `tp` tensor-parallel CPU ranks ([`crate::tp::TpCpuExecutor`]) with KV pools of
+/// `kv_tokens` tokens: each rank reads only its slices of the checkpoint (or of the seeded random weights).
+pub(crate) fn tp_cpu_executor(a: &ModelArgs, tp: usize, kv_tokens: usize) -> Result<crate::tp::TpCpuExecutor> {
+    let (cfg, source) = load::resolve_config(a)?;
+    let quantized = match &source {
+        load::Source::Dir(dir) => load::checkpoint_quantization(dir)?.is_some(),
+        load::Source::Preset(_) => false,
+    };
+    if a.quantize.is_some() || quantized {
+        return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
+    }
+    if a.block_size == 0 {
+        return Err(Error::request("--block-size must be positive"));
+    }
+    let ckpt;
+    let src = match (&source, a.random_weights) {
+        (load::Source::Dir(dir), false) => {
+            ckpt = crate::weights::Checkpoint::open(dir)?;
+            crate::weights::WeightSource::Checkpoint(&ckpt)
+        }
+        _ => crate::weights::WeightSource::Random(a.weights_seed),
+    };
+    crate::tp::TpCpuExecutor::with_capacity(cfg, src, tp, kv_tokens, a.block_size)
 }
 
 /// `llama32 serve`.
@@ -81,6 +124,7 @@ const CPU_DEFAULT_KV_TOKENS: usize = 16384;
 
 /// Starts the engine thread for `a` (the model is loaded there) and builds the handlers' context.
 fn start_engine(a: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, ServeContext)> {
+    check_tensor_parallel(e.tensor_parallel, &a.device)?;
     if let Some(dir) = super::vision::vision_dir(a, false)? {
         return start_vision_engine(a, e, &dir);
     }
@@ -95,7 +139,22 @@ fn start_engine(a: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, ServeCon
         (None, load::Source::Dir(d)) => d.display().to_string(),
     });
     let margs = a.clone();
+    let tp = e.tensor_parallel;
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
+        if tp > 1 {
+            let t0 = std::time::Instant::now();
+            let kv_tokens = margs.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS);
+            let exec = tp_cpu_executor(&margs, tp, kv_tokens)?;
+            use crate::exec::Executor as _;
+            eprintln!(
+                "loaded {} as {tp} tensor-parallel CPU ranks in {:.1} s: KV cache {} blocks of {} tokens per rank",
+                load::resolve_config(&margs)?.1.describe(),
+                t0.elapsed().as_secs_f64(),
+                exec.num_blocks(),
+                exec.block_size()
+            );
+            return Ok(Box::new(exec));
+        }
         let min_tokens = if margs.device == "cpu" { margs.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS) } else { 1 };
         let m = load::load_model(&margs, min_tokens)?;
         eprintln!(
@@ -272,8 +331,22 @@ fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> 
     let cfg = encoder.cfg.clone();
     let kv_tokens = a.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS);
     let block = a.block_size;
+    let tp = e.tensor_parallel;
+    // With tensor parallelism the ranks read their own slices of the checkpoint; the full text weights go.
+    let text = (tp == 1).then_some(text);
+    let ckpt_dir = dir.to_path_buf();
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
-        Ok(Box::new(crate::vision::exec::MllamaCpuExecutor::new(cfg, text, kv_tokens, block)?))
+        match text {
+            Some(text) => Ok(Box::new(crate::vision::exec::MllamaCpuExecutor::new(cfg, text, kv_tokens, block)?)),
+            None => {
+                let ckpt = crate::weights::Checkpoint::open(&ckpt_dir)?;
+                let exec = crate::tp::vision::TpMllamaCpuExecutor::new(cfg, &ckpt, tp, kv_tokens, block)?;
+                eprintln!(
+                    "Llama 3.2 Vision text decoder as {tp} tensor-parallel CPU ranks (vision encoder replicated)"
+                );
+                Ok(Box::new(exec))
+            }
+        }
     };
     let ecfg = EngineConfig {
         max_step_tokens: e.max_num_batched_tokens,

@@ -60,6 +60,52 @@ pub fn logits(_m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
     Ok(())
 }
 
+/// `llama32 logits --image ... --tensor-parallel N` on the CPU: the images are encoded once (the vision encoder and
+/// projector are replicated), and the text decoder runs as `tp` in-process ranks
+/// ([`crate::tp::vision::TpMllamaCpuExecutor`]) in one prefill step.
+pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, tp: usize) -> Result<()> {
+    use crate::exec::generate::{build_step, LogitsWanted, SeqChunk};
+    use crate::exec::Executor;
+    let (model, enc) = load(dir, images)?;
+    let cfg = model.cfg.clone();
+    let mask = if enc.is_empty() {
+        let n = ids.iter().filter(|&&t| t == cfg.image_token_index).count();
+        if n > 0 {
+            return Err(Error::request(format!("the prompt has {n} <|image|> token(s) but no image was given")));
+        }
+        None
+    } else {
+        Some(model.mask(ids, &enc)?)
+    };
+    drop(model); // The ranks read their own slices of the text decoder.
+    if ids.is_empty() {
+        return Err(Error::request("--ids: no tokens"));
+    }
+    if m.block_size == 0 {
+        return Err(Error::request("--block-size must be positive"));
+    }
+    let kv_tokens = m.kv_tokens.unwrap_or(ids.len()).max(ids.len());
+    let ckpt = crate::weights::Checkpoint::open(dir)?;
+    let t0 = Instant::now();
+    let mut exec = crate::tp::vision::TpMllamaCpuExecutor::new(cfg.clone(), &ckpt, tp, kv_tokens, m.block_size)?;
+    eprintln!("loaded the text decoder as {tp} tensor-parallel CPU ranks in {:.2} s", t0.elapsed().as_secs_f64());
+    let table: Vec<u32> = (0..ids.len().div_ceil(m.block_size) as u32).collect();
+    let chunk = SeqChunk { tokens: ids, start_pos: 0, block_table: &table, logits: LogitsWanted::All };
+    let step = build_step(&[chunk], m.block_size)?;
+    let logits = match &mask {
+        Some(mask) => {
+            exec.add_images(0, &enc)?;
+            let seq = crate::vision::exec::SeqImages { key: 0, mask: mask.data() };
+            exec.step_with_images(&step, &[Some(seq)])?.logits
+        }
+        None => exec.step(&step)?.logits,
+    };
+    let vocab = cfg.text.base.vocab_size;
+    crate::npy::write_f32(out, &[ids.len(), vocab], &logits)?;
+    eprintln!("wrote logits [{}, {vocab}] to {} (tensor-parallel {tp})", ids.len(), out.display());
+    Ok(())
+}
+
 /// `llama32 generate --image ...`.
 pub fn generate(a: &GenerateArgs, dir: &Path) -> Result<()> {
     let tok = load_tokenizer(&a.model)?;

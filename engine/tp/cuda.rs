@@ -1,1 +1,431 @@
-//! Tensor parallelism on CUDA: ranks of the CUDA executor joined by a communicator.
+//! Tensor parallelism on CUDA: `tp` ranks of the CUDA kernels ([`CudaOps`]), each holding its shard and running
+//! [`model::forward`](crate::model::forward) on its own host thread and stream, joined by a device communicator.
+//!
+//! - [`DeviceComm`]: the collectives the [`Ops`](crate::model::Ops) hooks need, on bf16 device buffers, ordered on
+//!   the rank's stream. Two implementations: [`NcclComm`] (NCCL through cudarc: one rank per GPU, in one process or
+//!   one process per GPU over the TCP rendezvous of [`super::nccl`]) and [`HostStagedComm`] (ranks that are threads
+//!   of one process, on one or several devices: the buffers go through host memory and [`LocalComm`], which sums in
+//!   rank order in f32, so every rank holds the same bits; simple and slow, for tests and for several ranks sharing
+//!   one GPU, which NCCL refuses).
+//! - [`TpCudaExecutor`]: the [`Executor`] over the ranks.
+//!
+//! This first version runs every step eagerly: no CUDA graphs under tensor parallelism (the host-staged
+//! collectives synchronize the stream, so they cannot be captured; NCCL's could, which is future work).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use half::bf16;
+
+use super::comm::{Communicator, LocalComm};
+use super::load::load_rank_weights;
+use super::nccl::{GroupSpec, NcclComm};
+use super::plan::TpPlan;
+use crate::config::LlamaConfig;
+use crate::exec::cuda::{CudaExecutor, CudaOps, CudaOptions};
+use crate::exec::{Executor, StepInput, StepOutput};
+use crate::model::{forward, Dims, Ops};
+use crate::weights::WeightSource;
+use crate::{Error, Result};
+
+/// Collectives over a tensor-parallel group on bf16 device buffers. Every rank calls the same collectives in the
+/// same order with the same lengths; each is ordered on `stream`, the caller's (the rank's) stream.
+pub trait DeviceComm: Send {
+    /// This rank, `0..world()`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// Replaces `buf` with the element-wise sum of every rank's `buf`.
+    fn all_reduce_sum_bf16(&self, stream: &Arc<CudaStream>, buf: &mut CudaViewMut<'_, bf16>) -> Result<()>;
+    /// Writes every rank's `send` into `recv` (`world() * send.len()` values), rank 0's first.
+    fn all_gather_bf16(
+        &self,
+        stream: &Arc<CudaStream>,
+        send: &CudaView<'_, bf16>,
+        recv: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()>;
+    /// Marks the group as failed so that the other ranks' collectives return errors instead of waiting for this
+    /// rank. The default does nothing (NCCL has no such release: a failed rank stalls an NCCL group).
+    fn abort(&self, why: &str) {
+        let _ = why;
+    }
+    /// A short name for logs ("nccl", "host-staged").
+    fn name(&self) -> &'static str;
+}
+
+fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Backend(format!("tensor-parallel {what}: {e}"))
+}
+
+/// The in-process device communicator: each collective copies the rank's buffer to the host, exchanges it through
+/// a [`LocalComm`] (sums in rank order `0..N` in f32, then one rounding to bf16, so every rank holds the same bits)
+/// and copies the result back. The copies synchronize the rank's stream.
+pub struct HostStagedComm {
+    local: LocalComm,
+}
+
+impl HostStagedComm {
+    /// A group of `world` ranks; hand element `r` to rank `r`.
+    pub fn group(world: usize) -> Result<Vec<HostStagedComm>> {
+        Ok(LocalComm::group(world)?.into_iter().map(|local| HostStagedComm { local }).collect())
+    }
+}
+
+fn download(stream: &Arc<CudaStream>, buf: &CudaView<'_, bf16>) -> Result<Vec<f32>> {
+    let host = stream.clone_dtoh(buf).map_err(drv("download"))?;
+    Ok(host.into_iter().map(f32::from).collect())
+}
+
+fn upload(stream: &Arc<CudaStream>, vals: &[f32], dst: &mut CudaViewMut<'_, bf16>) -> Result<()> {
+    if dst.len() != vals.len() {
+        return Err(Error::Backend(format!("tensor-parallel upload: {} values into {}", vals.len(), dst.len())));
+    }
+    let host: Vec<bf16> = vals.iter().map(|&x| bf16::from_f32(x)).collect();
+    stream.memcpy_htod(&host, dst).map_err(drv("upload"))?;
+    stream.synchronize().map_err(drv("synchronize"))
+}
+
+impl DeviceComm for HostStagedComm {
+    fn rank(&self) -> usize {
+        self.local.rank()
+    }
+
+    fn world(&self) -> usize {
+        self.local.world()
+    }
+
+    fn all_reduce_sum_bf16(&self, stream: &Arc<CudaStream>, buf: &mut CudaViewMut<'_, bf16>) -> Result<()> {
+        if self.local.world() == 1 {
+            return Ok(());
+        }
+        let mut vals = download(stream, &buf.as_view())?;
+        self.local.all_reduce_sum_f32(&mut vals)?;
+        upload(stream, &vals, buf)
+    }
+
+    fn all_gather_bf16(
+        &self,
+        stream: &Arc<CudaStream>,
+        send: &CudaView<'_, bf16>,
+        recv: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        let mine = download(stream, send)?;
+        let mut all = vec![0.0f32; recv.len()];
+        self.local.all_gather_f32(&mine, &mut all)?;
+        upload(stream, &all, recv)
+    }
+
+    fn abort(&self, why: &str) {
+        self.local.abort(why)
+    }
+
+    fn name(&self) -> &'static str {
+        "host-staged"
+    }
+}
+
+/// Which communicator joins the ranks of a [`TpCudaExecutor`] built in one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TpCommKind {
+    /// [`HostStagedComm`]: works for any placement, including several ranks on one GPU.
+    InProcess,
+    /// [`NcclComm`]: one NCCL communicator per rank (NCCL takes one rank per GPU).
+    Nccl,
+}
+
+/// How long NCCL may take to form an in-process group before the attempt is reported as hung.
+const NCCL_INIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One process's tensor-parallel ranks on CUDA. Each rank holds only its shard of the weights and of the KV cache
+/// (its KV heads) on its device; a step runs all local ranks at once, one host thread each, and returns rank 0's
+/// (the first local rank's) full-vocabulary logits. Steps run eagerly (no CUDA graphs).
+pub struct TpCudaExecutor {
+    cfg: LlamaConfig,
+    rank_cfg: LlamaConfig,
+    /// The ranks this process runs, in rank order, each with its communicator set.
+    ranks: Vec<CudaOps>,
+    /// Their rank numbers in the group.
+    rank_ids: Vec<usize>,
+    tp: usize,
+    num_blocks: usize,
+    block_size: usize,
+}
+
+impl TpCudaExecutor {
+    /// Loads `tp` ranks in this process: rank `r` reads only its slices from `src` and runs on CUDA device
+    /// `devices[r % devices.len()]` (`&[0]` puts every rank on device 0), joined by `kind`. `opts` sizes each rank
+    /// as for [`CudaExecutor`] (its `device` and `max_graph_batch` are not used); without `kv_tokens`, the ranks of a
+    /// device split what is left under `gpu_memory_utilization` equally, and every rank gets the smallest share.
+    pub fn new(
+        cfg: LlamaConfig,
+        src: WeightSource<'_>,
+        tp: usize,
+        devices: &[usize],
+        kind: TpCommKind,
+        opts: &CudaOptions,
+    ) -> Result<Self> {
+        if devices.is_empty() {
+            return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
+        }
+        let plan = TpPlan::new(&cfg, tp)?;
+        // Fail before reading any shard when the device or the library is missing.
+        crate::ops::cuda::probe()?;
+        if kind == TpCommKind::Nccl {
+            super::nccl::nccl_available()?;
+        }
+        let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
+        let ranks = Self::load_ranks(&plan, (0..tp).collect(), &placement, src, opts)?;
+        let comms: Vec<Box<dyn DeviceComm>> = match kind {
+            TpCommKind::InProcess => {
+                HostStagedComm::group(tp)?.into_iter().map(|c| Box::new(c) as Box<dyn DeviceComm>).collect()
+            }
+            TpCommKind::Nccl => {
+                let streams = ranks.iter().map(|o| o.stream().clone()).collect();
+                NcclComm::local_group(streams, NCCL_INIT_TIMEOUT)?
+                    .into_iter()
+                    .map(|c| Box::new(c) as Box<dyn DeviceComm>)
+                    .collect()
+            }
+        };
+        Self::finish(cfg, &plan, ranks, (0..tp).collect(), comms, opts.block_size)
+    }
+
+    /// This process's one rank of a multi-process (and possibly multi-node) NCCL group described by `spec`, on CUDA
+    /// device `device`: rank `spec.rank` of `spec.world` loads its shard, then the TCP rendezvous hands rank 0's
+    /// NCCL id to every rank. Every process must make the same steps; each returns the full logits.
+    pub fn join(
+        cfg: LlamaConfig,
+        src: WeightSource<'_>,
+        device: usize,
+        spec: &GroupSpec,
+        opts: &CudaOptions,
+    ) -> Result<Self> {
+        let plan = TpPlan::new(&cfg, spec.world)?;
+        plan.rank(spec.rank)?;
+        super::nccl::nccl_available()?;
+        let ranks = Self::load_ranks(&plan, vec![spec.rank], &[device], src, opts)?;
+        let comm = NcclComm::join_on(ranks[0].stream().clone(), spec)?;
+        Self::finish(cfg, &plan, ranks, vec![spec.rank], vec![Box::new(comm)], opts.block_size)
+    }
+
+    /// Uploads the shards of `rank_ids` (rank `rank_ids[i]` on device `placement[i]`), then sizes every cache.
+    fn load_ranks(
+        plan: &TpPlan,
+        rank_ids: Vec<usize>,
+        placement: &[usize],
+        src: WeightSource<'_>,
+        opts: &CudaOptions,
+    ) -> Result<Vec<CudaOps>> {
+        let rank_cfg = plan.rank_config();
+        let mut uploaded = Vec::with_capacity(rank_ids.len());
+        for (&r, &device) in rank_ids.iter().zip(placement) {
+            let w = load_rank_weights(plan, r, src)?;
+            let o = CudaOptions { device, ..opts.clone() };
+            let up = CudaExecutor::upload_weights(&rank_cfg, &w, &o).map_err(|e| rank_err(r, device, e))?;
+            uploaded.push(up);
+        }
+        let mut opts = opts.clone();
+        if opts.kv_tokens.is_none() {
+            // Every rank gets the same number of blocks: the smallest equal share over the devices.
+            let mut blocks = usize::MAX;
+            for (i, up) in uploaded.iter().enumerate() {
+                let share = placement.iter().filter(|&&d| d == placement[i]).count();
+                blocks = blocks.min(CudaExecutor::fit_blocks(&rank_cfg, &opts, up, share)?);
+            }
+            if blocks == 0 {
+                return Err(Error::request(format!(
+                    "no room for a KV cache: the shards of {} ranks fill the devices under --gpu-memory-utilization {}",
+                    rank_ids.len(),
+                    opts.gpu_memory_utilization
+                )));
+            }
+            opts.kv_tokens = Some(blocks * opts.block_size);
+        }
+        let mut ranks = Vec::with_capacity(uploaded.len());
+        for ((up, &r), &device) in uploaded.into_iter().zip(&rank_ids).zip(placement) {
+            let o = CudaOptions { device, ..opts.clone() };
+            ranks.push(CudaExecutor::rank_ops(rank_cfg.clone(), &o, up).map_err(|e| rank_err(r, device, e))?);
+        }
+        Ok(ranks)
+    }
+
+    fn finish(
+        cfg: LlamaConfig,
+        plan: &TpPlan,
+        mut ranks: Vec<CudaOps>,
+        rank_ids: Vec<usize>,
+        comms: Vec<Box<dyn DeviceComm>>,
+        block_size: usize,
+    ) -> Result<Self> {
+        if comms.len() != ranks.len() {
+            return Err(Error::Backend(format!("{} communicators for {} ranks", comms.len(), ranks.len())));
+        }
+        let num_blocks = ranks.iter().map(CudaOps::num_blocks).min().unwrap_or(0);
+        if ranks.iter().any(|o| o.num_blocks() != num_blocks) {
+            return Err(Error::Backend("tensor-parallel ranks were given different KV pools".into()));
+        }
+        for ((ops, comm), &r) in ranks.iter_mut().zip(comms).zip(&rank_ids) {
+            if comm.rank() != r || comm.world() != plan.tp() {
+                return Err(Error::Backend(format!(
+                    "communicator is rank {} of {}, expected rank {r} of {}",
+                    comm.rank(),
+                    comm.world(),
+                    plan.tp()
+                )));
+            }
+            let vocab: Range<usize> = plan.rank(r)?.vocab;
+            ops.set_tensor_parallel(comm, vocab);
+        }
+        let rank_cfg = plan.rank_config();
+        Ok(TpCudaExecutor { cfg, rank_cfg, ranks, rank_ids, tp: plan.tp(), num_blocks, block_size })
+    }
+
+    /// The size of the group.
+    pub fn tp(&self) -> usize {
+        self.tp
+    }
+
+    /// The group ranks this process runs.
+    pub fn local_ranks(&self) -> &[usize] {
+        &self.rank_ids
+    }
+
+    /// The config each rank's kernels run with.
+    pub fn rank_config(&self) -> &LlamaConfig {
+        &self.rank_cfg
+    }
+
+    /// The communicator's name ("host-staged" or "nccl").
+    pub fn comm_name(&self) -> &'static str {
+        self.ranks.first().and_then(CudaOps::device_comm).map_or("none", |c| c.name())
+    }
+
+    /// Runs one step on every local rank and returns each local rank's full-vocabulary logits (as f32 from bf16),
+    /// in rank order.
+    pub fn step_all_ranks(&mut self, input: &StepInput) -> Result<Vec<Vec<f32>>> {
+        Ok(self.run(input, true)?.into_iter().map(|l| l.unwrap_or_default()).collect())
+    }
+
+    /// Runs the step on all local ranks at once; reads back the logits of every rank (`all`) or of the first.
+    fn run(&mut self, input: &StepInput, all: bool) -> Result<Vec<Option<Vec<f32>>>> {
+        input.validate(&self.cfg, self.num_blocks, self.block_size)?;
+        let dims = Dims::of(&self.rank_cfg);
+        let n = input.logits_rows.len() * self.cfg.vocab_size;
+        let results: Vec<Result<Option<Vec<f32>>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .ranks
+                .iter_mut()
+                .enumerate()
+                .map(|(i, ops)| {
+                    let read = all || i == 0;
+                    s.spawn(move || {
+                        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            rank_step(ops, dims, input, if read { Some(n) } else { None })
+                        }));
+                        let err = match run {
+                            Ok(Ok(logits)) => return Ok(logits),
+                            Ok(Err(e)) => e,
+                            Err(_) => Error::Backend("a tensor-parallel rank panicked".into()),
+                        };
+                        if let Some(c) = ops.device_comm() {
+                            c.abort(&err.to_string());
+                        }
+                        Err(err)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Backend("a tensor-parallel rank thread died".into()))))
+                .collect()
+        });
+        // Report the first failing rank's own error rather than the "group aborted" it caused elsewhere.
+        let mut first_err: Option<(bool, Error)> = None;
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            match r {
+                Ok(l) => out.push(l),
+                Err(e) => {
+                    let aborted = e.to_string().contains("group aborted");
+                    if first_err.as_ref().is_none_or(|(a, _)| *a && !aborted) {
+                        first_err = Some((aborted, e));
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some((_, e)) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+fn rank_err(rank: usize, device: usize, e: Error) -> Error {
+    Error::Backend(format!("tensor-parallel rank {rank} on cuda:{device}: {e}"))
+}
+
+/// One rank's step: the recipe over the rank's shard, then (when `read` is the logits length) the logits to the host.
+fn rank_step(ops: &mut CudaOps, dims: Dims, input: &StepInput, read: Option<usize>) -> Result<Option<Vec<f32>>> {
+    ops.stream().context().bind_to_thread().map_err(drv("bind device"))?;
+    let logits = forward(ops, dims, input)?;
+    let host = match read {
+        Some(n) if logits.view().len() < n => {
+            Err(Error::Backend(format!("rank logits hold {} values, expected {n}", logits.view().len())))
+        }
+        Some(0) => Ok(Some(Vec::new())),
+        Some(n) => ops
+            .stream()
+            .clone_dtoh(&logits.view().slice(..n))
+            .map(|v| Some(v.into_iter().map(f32::from).collect()))
+            .map_err(drv("read logits")),
+        // Wait for the rank's work, so that a failure shows in this step.
+        None => ops.stream().synchronize().map(|()| None).map_err(drv("synchronize")),
+    };
+    ops.release(logits);
+    host
+}
+
+impl Executor for TpCudaExecutor {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
+        let first = self.run(input, false)?.into_iter().next().flatten().unwrap_or_default();
+        Ok(StepOutput { logits: first })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_device_the_executor_is_an_error_not_a_panic() {
+        if crate::ops::cuda::is_available() {
+            return; // A machine with a GPU runs the real path in tests/gpu/cuda_tp.rs.
+        }
+        let mut cfg = crate::config::Preset::Llama32_1B.config();
+        (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (512, 128, 256, 2);
+        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (4, 2, 32);
+        let opts = CudaOptions { kv_tokens: Some(64), ..CudaOptions::default() };
+        for kind in [TpCommKind::InProcess, TpCommKind::Nccl] {
+            let e = TpCudaExecutor::new(cfg.clone(), WeightSource::Random(0), 2, &[0], kind, &opts).err();
+            assert!(e.is_some_and(|e| !e.to_string().is_empty()));
+        }
+        let e = TpCudaExecutor::new(cfg.clone(), WeightSource::Random(0), 2, &[], TpCommKind::InProcess, &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("at least one device")));
+        let e = TpCudaExecutor::new(cfg, WeightSource::Random(0), 3, &[0], TpCommKind::InProcess, &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("not divisible")), "a bad tp is refused before any upload");
+    }
+}

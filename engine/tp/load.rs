@@ -1,13 +1,20 @@
 //! Loading one rank's shard: only the rows or columns the [`TpPlan`] gives the rank are read from the memory-mapped
 //! safetensors and converted to f32, so no rank (and no host) ever holds a full copy of a sharded tensor.
+//! [`load_rank_weights`] reads a text model's shard, [`load_mllama_rank_text`] the text decoder of a Llama 3.2
+//! Vision checkpoint (split as [`super::plan::vision_split`] says).
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::plan::{RankShard, TpPlan};
+use super::plan::{vision_split, RankShard, Split, TpPlan};
+use crate::vision::config::MllamaConfig;
+use crate::vision::weights::{
+    check_mllama_checkpoint, expected_tensors as mllama_tensors, CrossAttentionLayerWeights, MllamaLayout,
+    TextLayerWeights, TextWeights,
+};
 use crate::weights::{
-    check_checkpoint, random_chunk, LayerWeights, ModelWeights, TensorView, WeightSource, RANDOM_CHUNK,
+    check_checkpoint, random_chunk, Checkpoint, LayerWeights, ModelWeights, TensorView, WeightSource, RANDOM_CHUNK,
 };
 use crate::{Error, Result};
 
@@ -191,6 +198,123 @@ pub fn load_rank_weights(plan: &TpPlan, rank: usize, src: WeightSource<'_>) -> R
         final_norm: norm(&specs.final_norm)?,
         lm_head: specs.lm_head.as_ref().map(vocab_rows).transpose()?,
     })
+}
+
+/// The rank's share of a Llama 3.2 Vision text decoder.
+#[derive(Debug)]
+pub struct MllamaRankText {
+    /// The weights in the shapes of the rank's config ([`TpPlan::rank_config`] of the text config): the rank's
+    /// query/KV heads of every self- and cross-attention layer, its MLP width, its `vocab / tp` rows of `lm_head`
+    /// and its embedding rows; norms, `q_norm`/`k_norm` and gates whole.
+    pub text: TextWeights,
+    /// The rows of the `vocab_size + 8`-row embedding table the rank holds (the whole table when `tp` does not
+    /// divide it).
+    pub embed_rows: Range<usize>,
+}
+
+/// Reads rank `rank`'s share of the text decoder of the Llama 3.2 Vision checkpoint `ckpt` for `plan` (the plan of
+/// `cfg.text.base`). The checkpoint is checked against `cfg` first (every tensor name and shape, either layout);
+/// then only the rank's rows or columns of each tensor are converted from the memory map. The vision encoder and
+/// the projector are not read (they are replicated and run once per image, outside the ranks).
+pub fn load_mllama_rank_text(
+    cfg: &MllamaConfig,
+    plan: &TpPlan,
+    rank: usize,
+    ckpt: &Checkpoint,
+) -> Result<MllamaRankText> {
+    if plan.config().hidden_size != cfg.text.base.hidden_size
+        || plan.config().num_attention_heads != cfg.text.base.num_attention_heads
+    {
+        return Err(Error::request("tensor parallelism: the plan is not the vision model's text config's"));
+    }
+    let layout: MllamaLayout = check_mllama_checkpoint(ckpt, cfg)?;
+    let shapes: std::collections::HashMap<String, Vec<usize>> = mllama_tensors(cfg).into_iter().collect();
+    let src = WeightSource::Checkpoint(ckpt);
+    // The rank's part of one canonical tensor, as a 2-D `[rows, cols]` piece (1-D tensors are one row).
+    let piece = |canonical: &str| -> Result<(Piece, Split)> {
+        let shape = shapes
+            .get(canonical)
+            .ok_or_else(|| Error::weights(ckpt.dir(), format!("internal: `{canonical}` is not an Mllama tensor")))?;
+        let (rows, cols) = match shape.as_slice() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            _ => return Err(Error::weights(ckpt.dir(), format!("internal: `{canonical}` is not a matrix"))),
+        };
+        let split = vision_split(plan, rank, canonical, shape)?;
+        let part = match &split {
+            Split::Replicated => Part { rows: 0..rows, cols: 0..cols },
+            Split::Rows(r) => Part { rows: r.clone(), cols: 0..cols },
+            Split::Cols(c) => Part { rows: 0..rows, cols: c.clone() },
+        };
+        let p = Piece {
+            name: layout.tensor_name(canonical),
+            shape: [rows, cols],
+            part,
+            random_base: 0,
+            stream: 0,
+            is_norm: false,
+        };
+        Ok((p, split))
+    };
+    let read = |names: &[String]| -> Result<Vec<f32>> {
+        let pieces = names.iter().map(|n| piece(n).map(|(p, _)| p)).collect::<Result<Vec<_>>>()?;
+        read_pieces(&src, &pieces)
+    };
+    let one = |name: String| read(std::slice::from_ref(&name));
+    let scalar = |name: String| -> Result<f32> {
+        one(name.clone())?
+            .first()
+            .copied()
+            .ok_or_else(|| Error::weights(ckpt.dir(), format!("tensor `{name}` is empty")))
+    };
+    let layers = (0..cfg.text.base.num_hidden_layers)
+        .into_par_iter()
+        .map(|l| {
+            let p = format!("language_model.model.layers.{l}");
+            let w_gate_up = read(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
+            let w_down = one(format!("{p}.mlp.down_proj.weight"))?;
+            let attn_norm = one(format!("{p}.input_layernorm.weight"))?;
+            let mlp_norm = one(format!("{p}.post_attention_layernorm.weight"))?;
+            if cfg.text.is_cross_attention_layer(l) {
+                let a = format!("{p}.cross_attn");
+                Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
+                    attn_norm,
+                    wq: one(format!("{a}.q_proj.weight"))?,
+                    wkv: read(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
+                    wo: one(format!("{a}.o_proj.weight"))?,
+                    q_norm: one(format!("{a}.q_norm.weight"))?,
+                    k_norm: one(format!("{a}.k_norm.weight"))?,
+                    attn_gate: scalar(format!("{p}.cross_attn_attn_gate"))?,
+                    mlp_norm,
+                    w_gate_up,
+                    w_down,
+                    mlp_gate: scalar(format!("{p}.cross_attn_mlp_gate"))?,
+                }))
+            } else {
+                let a = format!("{p}.self_attn");
+                Ok(TextLayerWeights::SelfAttention(LayerWeights {
+                    attn_norm,
+                    wqkv: read(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?.into(),
+                    wo: one(format!("{a}.o_proj.weight"))?.into(),
+                    mlp_norm,
+                    w_gate_up: w_gate_up.into(),
+                    w_down: w_down.into(),
+                }))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let embed_name = "language_model.model.embed_tokens.weight";
+    let embed_rows = match piece(embed_name)?.1 {
+        Split::Rows(r) => r,
+        _ => 0..cfg.text.embed_rows(),
+    };
+    let text = TextWeights {
+        embed: one(embed_name.to_owned())?,
+        layers,
+        final_norm: one("language_model.model.norm.weight".to_owned())?,
+        lm_head: one("language_model.lm_head.weight".to_owned())?,
+    };
+    Ok(MllamaRankText { text, embed_rows })
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use super::comm::Communicator;
+use super::cuda::DeviceComm;
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 6] = b"L32TP\x01";
@@ -170,50 +171,82 @@ pub fn rendezvous(spec: &GroupSpec, make_id: impl FnOnce() -> Result<Vec<u8>>) -
 /// A rank of an NCCL group on one CUDA device.
 ///
 /// Its [`Communicator`] methods take host buffers and stage them through the device (for tests and the CPU-side
-/// control path); the CUDA executor calls [`comm`](NcclComm::comm)'s device collectives on its own buffers.
+/// control path); as a [`DeviceComm`] it runs the collectives on the CUDA executor's bf16 buffers. Its collectives
+/// are enqueued on the stream it was created with; built on the executor's own stream (the `*_on` constructors)
+/// they need no cross-stream ordering.
+///
+/// NCCL takes one rank per GPU: a group with two ranks on one device is refused by NCCL ("Duplicate GPU
+/// detected"), which [`NcclComm::local_group`] reports as an error. Ranks sharing a GPU use
+/// [`HostStagedComm`](super::cuda::HostStagedComm).
 pub struct NcclComm {
     comm: cudarc::nccl::Comm,
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
 }
 
-fn nccl_available() -> Result<()> {
+// SAFETY: an NCCL communicator may be used from any thread as long as no two threads use it at once; `NcclComm` is
+// not `Sync`, so moving it to the rank's thread (which then owns it) keeps every call on one thread at a time. The
+// CUDA stream and context handles it holds are `Send` already.
+unsafe impl Send for NcclComm {}
+
+/// Checks that CUDA works and that cudarc can load NCCL, before any NCCL call (cudarc would panic otherwise).
+pub(crate) fn nccl_available() -> Result<()> {
     crate::ops::cuda::probe()?;
-    // SAFETY: only tries to dlopen libnccl by its usual names; nothing is called through it.
+    // SAFETY: only tries to dlopen libnccl by cudarc's names; nothing is called through it.
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
         return Err(Error::Backend(
-            "NCCL is not installed: libnccl.so.2 was not found (install the NCCL runtime, e.g. libnccl2)".into(),
+            "NCCL is not available: cudarc loads `libnccl.so` (or `libnccl.so.<major>`), which was not found on the \
+             library path; install the NCCL runtime and development package (libnccl2 + libnccl-dev), or put a \
+             symlink libnccl.so -> libnccl.so.2 in a directory on LD_LIBRARY_PATH (scripts/gpu-suite.sh does this \
+             for the NCCL that ships with PyTorch)"
+                .into(),
         ));
     }
     Ok(())
 }
 
-fn nccl_err(what: &str) -> impl FnOnce(cudarc::nccl::result::NcclError) -> Error + '_ {
+fn nccl_err(what: &str) -> impl Fn(cudarc::nccl::result::NcclError) -> Error + '_ {
     move |e| Error::Backend(format!("NCCL {what}: {e:?}"))
 }
 
-fn drv_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+fn drv_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("CUDA {what}: {e}"))
 }
 
+fn new_stream(device: usize) -> Result<std::sync::Arc<cudarc::driver::CudaStream>> {
+    let ctx = cudarc::driver::CudaContext::new(device).map_err(drv_err("open device"))?;
+    ctx.new_stream().map_err(drv_err("new stream"))
+}
+
+/// An NCCL id from its bytes as the rendezvous carries them.
+fn id_from_bytes(id_bytes: &[u8]) -> Result<cudarc::nccl::Id> {
+    let mut internal = [0 as std::ffi::c_char; 128];
+    if id_bytes.len() != internal.len() {
+        return Err(Error::Backend(format!("NCCL unique id has {} bytes, expected 128", id_bytes.len())));
+    }
+    for (d, s) in internal.iter_mut().zip(id_bytes) {
+        *d = *s as std::ffi::c_char;
+    }
+    Ok(cudarc::nccl::Id::uninit(internal))
+}
+
 impl NcclComm {
-    /// Joins the group described by `spec` on CUDA device `device`: the TCP rendezvous hands rank 0's NCCL unique
-    /// id to every rank, then each calls `ncclCommInitRank`. Errors (not panics) without CUDA or NCCL.
+    /// Joins the group described by `spec` on CUDA device `device` (on a stream of its own): the TCP rendezvous
+    /// hands rank 0's NCCL unique id to every rank, then each calls `ncclCommInitRank`. Errors (not panics)
+    /// without CUDA or NCCL.
     pub fn join(device: usize, spec: &GroupSpec) -> Result<Self> {
         nccl_available()?;
-        let ctx = cudarc::driver::CudaContext::new(device).map_err(drv_err("open device"))?;
-        let stream = ctx.new_stream().map_err(drv_err("new stream"))?;
+        Self::join_on(new_stream(device)?, spec)
+    }
+
+    /// [`join`](Self::join) with the collectives enqueued on `stream` (the executor's), on `stream`'s device.
+    pub fn join_on(stream: std::sync::Arc<cudarc::driver::CudaStream>, spec: &GroupSpec) -> Result<Self> {
+        nccl_available()?;
         let id_bytes = rendezvous(spec, || {
             let id = cudarc::nccl::Id::new().map_err(nccl_err("get unique id"))?;
             Ok(id.internal().iter().map(|&c| c as u8).collect())
         })?;
-        let mut internal = [0 as std::ffi::c_char; 128];
-        if id_bytes.len() != internal.len() {
-            return Err(Error::Backend(format!("NCCL unique id has {} bytes, expected 128", id_bytes.len())));
-        }
-        for (d, s) in internal.iter_mut().zip(&id_bytes) {
-            *d = *s as std::ffi::c_char;
-        }
-        let id = cudarc::nccl::Id::uninit(internal);
+        let id = id_from_bytes(&id_bytes)?;
+        stream.context().bind_to_thread().map_err(drv_err("bind device"))?;
         let comm =
             cudarc::nccl::Comm::from_rank(stream.clone(), spec.rank, spec.world, id).map_err(nccl_err("init rank"))?;
         Ok(NcclComm { comm, stream })
@@ -222,16 +255,137 @@ impl NcclComm {
     /// A one-rank group on `device` (no rendezvous): the world-size-1 NCCL path.
     pub fn single(device: usize) -> Result<Self> {
         nccl_available()?;
-        let ctx = cudarc::driver::CudaContext::new(device).map_err(drv_err("open device"))?;
-        let stream = ctx.new_stream().map_err(drv_err("new stream"))?;
-        let mut comms = cudarc::nccl::Comm::from_devices(vec![stream.clone()]).map_err(nccl_err("init"))?;
-        let comm = comms.pop().ok_or_else(|| Error::Backend("NCCL returned no communicator".into()))?;
-        Ok(NcclComm { comm, stream })
+        Self::single_on(new_stream(device)?)
+    }
+
+    /// A one-rank group whose collectives are enqueued on `stream`.
+    pub fn single_on(stream: std::sync::Arc<cudarc::driver::CudaStream>) -> Result<Self> {
+        Ok(Self::local_group(vec![stream], Duration::from_secs(120))?.remove(0))
+    }
+
+    /// A group of `streams.len()` ranks in this process, rank `r` enqueueing on `streams[r]` (on that stream's
+    /// device): one NCCL id, and each rank's `ncclCommInitRank` on a thread of its own (the calls block until every
+    /// rank has joined). NCCL refuses two ranks on one device; that, or a group not formed within `timeout`, is an
+    /// error.
+    pub fn local_group(
+        streams: Vec<std::sync::Arc<cudarc::driver::CudaStream>>,
+        timeout: Duration,
+    ) -> Result<Vec<Self>> {
+        nccl_available()?;
+        let world = streams.len();
+        if world == 0 {
+            return Err(Error::request("an NCCL group needs at least one rank"));
+        }
+        let id = cudarc::nccl::Id::new().map_err(nccl_err("get unique id"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (rank, stream) in streams.into_iter().enumerate() {
+            let tx = tx.clone();
+            // Detached: if NCCL hangs, the caller gets an error after `timeout` and the thread is left behind.
+            std::thread::spawn(move || {
+                let made = stream
+                    .context()
+                    .bind_to_thread()
+                    .map_err(drv_err("bind device"))
+                    .and_then(|()| {
+                        cudarc::nccl::Comm::from_rank(stream.clone(), rank, world, id)
+                            .map_err(nccl_err(&format!("init rank {rank} of {world}")))
+                    })
+                    .map(|comm| NcclComm { comm, stream });
+                let _ = tx.send((rank, made));
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + timeout;
+        let mut got: Vec<Option<NcclComm>> = (0..world).map(|_| None).collect();
+        let mut first_err = None;
+        for _ in 0..world {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((rank, Ok(c))) => got[rank] = Some(c),
+                Ok((_, Err(e))) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    return Err(Error::Backend(format!(
+                        "NCCL: a group of {world} ranks in one process did not form within {timeout:?}"
+                    )))
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        got.into_iter().map(|c| c.ok_or_else(|| Error::Backend("NCCL returned no communicator".into()))).collect()
     }
 
     /// The underlying cudarc communicator, for collectives on device buffers.
     pub fn comm(&self) -> &cudarc::nccl::Comm {
         &self.comm
+    }
+
+    /// Runs `op` on the communicator's stream, ordered after the work already on `stream` and before the work
+    /// enqueued on `stream` afterwards (nothing to do when they are the same stream).
+    fn ordered(
+        &self,
+        stream: &cudarc::driver::CudaStream,
+        op: impl FnOnce(&cudarc::nccl::Comm) -> Result<()>,
+    ) -> Result<()> {
+        let same = stream.cu_stream() == self.stream.cu_stream();
+        if !same {
+            self.stream.join(stream).map_err(drv_err("order the collective after the step"))?;
+        }
+        op(&self.comm)?;
+        if !same {
+            stream.join(&self.stream).map_err(drv_err("order the step after the collective"))?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceComm for NcclComm {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn all_reduce_sum_bf16(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        buf: &mut cudarc::driver::CudaViewMut<'_, half::bf16>,
+    ) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.ordered(stream, |c| {
+            c.all_reduce_in_place(buf, &cudarc::nccl::ReduceOp::Sum).map(drop).map_err(nccl_err("all_reduce bf16"))
+        })
+    }
+
+    fn all_gather_bf16(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        send: &cudarc::driver::CudaView<'_, half::bf16>,
+        recv: &mut cudarc::driver::CudaViewMut<'_, half::bf16>,
+    ) -> Result<()> {
+        if recv.len() != send.len() * self.comm.world_size() {
+            return Err(Error::Backend(format!(
+                "all_gather: receive buffer holds {} values, expected {} x {}",
+                recv.len(),
+                self.comm.world_size(),
+                send.len()
+            )));
+        }
+        if send.is_empty() {
+            return Ok(());
+        }
+        self.ordered(stream, |c| c.all_gather(send, recv).map(drop).map_err(nccl_err("all_gather bf16")))
+    }
+
+    fn name(&self) -> &'static str {
+        "nccl"
     }
 }
 
@@ -255,11 +409,11 @@ impl Communicator for NcclComm {
     }
 
     fn all_gather_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        if recv.len() != send.len() * self.world() {
+        if recv.len() != send.len() * self.comm.world_size() {
             return Err(Error::Backend(format!(
                 "all_gather: receive buffer holds {} values, expected {} x {}",
                 recv.len(),
-                self.world(),
+                self.comm.world_size(),
                 send.len()
             )));
         }

@@ -2,12 +2,20 @@
 //! text models, with each sequence's images registered once ([`MllamaCpuExecutor::add_images`]) and their
 //! cross-attention K/V kept until released. This is the building block the serving engine will drive; the text
 //! [`Executor::add_images`] registers a request's images and [`Executor::step_with_images`] runs steps with them.
+//!
+//! # Tensor parallelism
+//! The decoder has the communication points of the text recipe ([`DecoderComm`]): an all-reduce after the
+//! vocab-parallel embedding, after every attention output projection (self and cross) and after every `down_proj`,
+//! and a gather of the vocab-parallel logits. [`MllamaCpuExecutor::new`] holds the whole model and uses
+//! [`NoComm`] (nothing happens at those points); [`MllamaCpuExecutor::shard`] builds one rank of
+//! [`crate::tp::vision::TpMllamaCpuExecutor`] from the rank's config and weights.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
-use super::config::{MllamaConfig, EXTRA_EMBED_ROWS};
+use super::config::MllamaConfig;
 use super::pipeline::EncodedImages;
-use super::text::{cross_attention_decoder_layer, cross_kv, mlp, CrossKv};
+use super::text::{cross_attention_decoder_layer_reduced, cross_kv, mlp, CrossKv};
 use super::weights::{MllamaWeights, TextLayerWeights};
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
@@ -29,9 +37,42 @@ pub struct SeqImages<'a> {
     pub mask: &'a [u8],
 }
 
+/// The communication points of the decoder for a tensor-parallel rank. The defaults do nothing, which is what an
+/// executor holding the whole model needs.
+pub trait DecoderComm {
+    /// Replaces `x` (a `[rows, hidden]` partial result) by its sum over the ranks.
+    fn all_reduce(&mut self, x: &mut [f32]) -> Result<()> {
+        let _ = x;
+        Ok(())
+    }
+
+    /// Assembles the full-vocabulary logits `[rows, vocab]` from this rank's `[rows, vocab / tp]` slice.
+    fn gather_logits(&mut self, local: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        let _ = rows;
+        Ok(local)
+    }
+}
+
+/// No communication: the decoder holds the whole model.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoComm;
+
+impl DecoderComm for NoComm {}
+
+/// Which part of the full model's embedding table a decoder holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecoderShard {
+    /// Rows of the full table held (`vocab_size + 8` rows in all); token ids outside embed as zeros, and the
+    /// embedding is all-reduced, unless the range is the whole table.
+    pub embed_rows: Range<usize>,
+    /// Rows of the full table (`vocab_size + 8`): token ids are checked against it.
+    pub full_embed_rows: usize,
+}
+
 /// The CPU executor of a Llama 3.2 Vision model (f32, paged self-attention K/V, cross K/V per image set).
 pub struct MllamaCpuExecutor {
     cfg: MllamaConfig,
+    shard: DecoderShard,
     w: MllamaWeights,
     layout: PagedLayout,
     num_blocks: usize,
@@ -47,6 +88,33 @@ pub struct MllamaCpuExecutor {
 impl MllamaCpuExecutor {
     /// An executor whose self-attention pool holds `max_tokens` tokens (rounded up to whole blocks).
     pub fn new(cfg: MllamaConfig, w: MllamaWeights, max_tokens: usize, block_size: usize) -> Result<Self> {
+        let rows = cfg.text.embed_rows();
+        Self::shard(cfg, w, max_tokens, block_size, DecoderShard { embed_rows: 0..rows, full_embed_rows: rows })
+    }
+
+    /// One tensor-parallel rank: `cfg` is the rank's config (its query and KV heads, MLP width and `vocab_size / tp`,
+    /// everything else the model's), `w` the rank's text weights in that config's shapes (its embedding rows as
+    /// `shard` says), and the self-attention pool holds `max_tokens` tokens of the rank's KV heads. Steps run through
+    /// [`run_with`](Self::run_with) with the rank's communicator.
+    pub fn shard(
+        cfg: MllamaConfig,
+        w: MllamaWeights,
+        max_tokens: usize,
+        block_size: usize,
+        shard: DecoderShard,
+    ) -> Result<Self> {
+        let hidden = cfg.text.base.hidden_size;
+        if shard.embed_rows.end > shard.full_embed_rows || w.text.embed.len() != shard.embed_rows.len() * hidden {
+            return Err(Error::weights(
+                "<mllama text weights>",
+                format!(
+                    "embedding holds {} values, expected rows {:?} of {} x hidden {hidden}",
+                    w.text.embed.len(),
+                    shard.embed_rows,
+                    shard.full_embed_rows
+                ),
+            ));
+        }
         if block_size == 0 || max_tokens == 0 {
             return Err(Error::request("KV cache: block size and capacity must be positive"));
         }
@@ -67,12 +135,17 @@ impl MllamaCpuExecutor {
             v_cache.push(vec![0.0; n]);
         }
         let inv_freq = t.rope.inv_freq(t.head_dim);
-        Ok(MllamaCpuExecutor { cfg, w, layout, num_blocks, inv_freq, k_cache, v_cache, images: HashMap::new() })
+        Ok(MllamaCpuExecutor { cfg, shard, w, layout, num_blocks, inv_freq, k_cache, v_cache, images: HashMap::new() })
     }
 
-    /// The vision model's configuration.
+    /// The vision model's configuration (a rank's own for a tensor-parallel rank).
     pub fn mllama_config(&self) -> &MllamaConfig {
         &self.cfg
+    }
+
+    /// The embedding rows this decoder holds.
+    pub fn decoder_shard(&self) -> &DecoderShard {
+        &self.shard
     }
 
     /// Computes and keeps every cross-attention layer's K/V of `images` under `key` (replacing an earlier set with
@@ -111,9 +184,20 @@ impl MllamaCpuExecutor {
 
     /// Runs one step. `images` is empty (no sequence has images) or has one entry per sequence of `input`.
     fn run(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
+        self.run_with(input, images, &mut NoComm)
+    }
+
+    /// Runs one step with `comm` at the communication points (see the module docs); `images` as in
+    /// [`Executor::step_with_images`]. Every rank of a group must run the same step.
+    pub fn run_with(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<SeqImages<'_>>],
+        comm: &mut dyn DecoderComm,
+    ) -> Result<StepOutput> {
         let t = self.cfg.text.base.clone();
         // Token ids may use the embedding's extra rows (the image token is `vocab_size`).
-        let ids_cfg = LlamaConfig { vocab_size: t.vocab_size + EXTRA_EMBED_ROWS, ..t.clone() };
+        let ids_cfg = LlamaConfig { vocab_size: self.shard.full_embed_rows, ..t.clone() };
         input.validate(&ids_cfg, self.num_blocks, self.layout.block_size)?;
         let seqs = input.num_seqs();
         if !images.is_empty() && images.len() != seqs {
@@ -142,7 +226,24 @@ impl MllamaCpuExecutor {
         let n = input.num_tokens();
         let seq_of_token = input.seq_of_token();
         let mut x = vec![0.0f32; n * hidden];
-        embed(&self.w.text.embed, hidden, &input.token_ids, &mut x);
+        let held = &self.shard.embed_rows;
+        if held.start == 0 && held.end == self.shard.full_embed_rows {
+            embed(&self.w.text.embed, hidden, &input.token_ids, &mut x);
+        } else {
+            // Vocab-parallel: this rank's rows embed here, every other id as zeros; the sum over ranks is exact.
+            let local: Vec<u32> = input
+                .token_ids
+                .iter()
+                .map(|&id| if held.contains(&(id as usize)) { id - held.start as u32 } else { 0 })
+                .collect();
+            embed(&self.w.text.embed, hidden, &local, &mut x);
+            for (xr, &id) in x.chunks_mut(hidden).zip(&input.token_ids) {
+                if !held.contains(&(id as usize)) {
+                    xr.fill(0.0);
+                }
+            }
+            comm.all_reduce(&mut x)?;
+        }
         let mut h = vec![0.0f32; n * hidden];
         for (l, layer) in self.w.text.layers.iter().enumerate() {
             match layer {
@@ -172,8 +273,10 @@ impl MllamaCpuExecutor {
                     paged_attention(&self.layout, &qkv, stride, &batch, &self.k_cache[l], &self.v_cache[l], &mut attn);
                     let mut o = vec![0.0f32; n * hidden];
                     linear(&attn, &lw.wo, n, q_dim, hidden, &mut o);
+                    comm.all_reduce(&mut o)?;
                     add_rms_norm(&mut x, &o, &lw.mlp_norm, eps, hidden, &mut h);
-                    let m = mlp(&self.cfg.text, &lw.w_gate_up, &lw.w_down, &h);
+                    let mut m = mlp(&self.cfg.text, &lw.w_gate_up, &lw.w_down, &h);
+                    comm.all_reduce(&mut m)?;
                     x.iter_mut().zip(&m).for_each(|(xv, &mv)| *xv += mv);
                 }
                 TextLayerWeights::CrossAttention(cw) => {
@@ -185,12 +288,13 @@ impl MllamaCpuExecutor {
                             return Err(Error::Backend(format!("image set {} lacks layer {l}", im.key)));
                         };
                         let (a, b) = (input.cu_seqlens[s] as usize, input.cu_seqlens[s + 1] as usize);
-                        cross_attention_decoder_layer(
+                        cross_attention_decoder_layer_reduced(
                             cw,
                             &self.cfg.text,
                             &mut x[a * hidden..b * hidden],
                             kv,
                             Some(im.mask),
+                            &mut |part| comm.all_reduce(part),
                         )?;
                     }
                 }
@@ -205,6 +309,7 @@ impl MllamaCpuExecutor {
         rms_norm(&xr, &self.w.text.final_norm, eps, hidden, &mut hr);
         let mut logits = vec![0.0f32; rows * t.vocab_size];
         linear(&hr, &self.w.text.lm_head, rows, hidden, t.vocab_size, &mut logits);
+        let logits = comm.gather_logits(logits, rows)?;
         Ok(StepOutput { logits })
     }
 }

@@ -385,16 +385,33 @@ pub fn cross_attention_decoder_layer(
     kv: &CrossKv,
     mask: Option<&[u8]>,
 ) -> Result<()> {
+    cross_attention_decoder_layer_reduced(layer, cfg, x, kv, mask, &mut |_| Ok(()))
+}
+
+/// [`cross_attention_decoder_layer`] for a tensor-parallel rank holding a shard of the layer (`cfg` is the rank's
+/// config: its heads and MLP width): `reduce` sums a `[rows, hidden]` partial result over the ranks in place, and
+/// is called on the `o_proj` output and on the `down_proj` output, before each gate is applied. With a no-op
+/// `reduce` this is exactly [`cross_attention_decoder_layer`].
+pub fn cross_attention_decoder_layer_reduced(
+    layer: &CrossAttentionLayerWeights,
+    cfg: &MllamaTextConfig,
+    x: &mut [f32],
+    kv: &CrossKv,
+    mask: Option<&[u8]>,
+    reduce: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+) -> Result<()> {
     let (hidden, eps) = (cfg.base.hidden_size, cfg.base.rms_norm_eps);
     let mut h = vec![0.0f32; x.len()];
     rms_norm(x, &layer.attn_norm, eps, hidden, &mut h);
-    let attn = cross_attention(layer, cfg, &h, kv, mask)?;
+    let mut attn = cross_attention(layer, cfg, &h, kv, mask)?;
+    reduce(&mut attn)?;
     let gate = layer.attn_gate.tanh();
     for (xv, &a) in x.iter_mut().zip(&attn) {
         *xv += gate * a;
     }
     rms_norm(x, &layer.mlp_norm, eps, hidden, &mut h);
-    let m = mlp(cfg, &layer.w_gate_up, &layer.w_down, &h);
+    let mut m = mlp(cfg, &layer.w_gate_up, &layer.w_down, &h);
+    reduce(&mut m)?;
     let gate = layer.mlp_gate.tanh();
     let tiles = kv.tiles();
     for (i, (xr, mr)) in x.chunks_mut(hidden).zip(m.chunks(hidden)).enumerate() {

@@ -12,3 +12,5 @@ mod cuda_golden;
 mod cuda_kernels;
 mod cuda_quant;
 mod cuda_sampling;
+mod cuda_tp;
+mod cuda_vision;

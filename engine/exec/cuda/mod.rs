@@ -134,6 +134,36 @@ fn quant_reserve(cfg: &LlamaConfig, layers: &[DeviceLayer], t: usize, sms: usize
     acts + 4 * (partials + counters) + scratch
 }
 
+/// Device bytes in use now, the cap `opts.gpu_memory_utilization` puts on the device of `stream`, and its total.
+fn memory_in_use(stream: &Arc<CudaStream>, opts: &CudaOptions) -> Result<(usize, usize, usize)> {
+    stream.synchronize().map_err(drv("synchronize"))?;
+    stream.context().bind_to_thread().map_err(drv("bind device"))?;
+    let (free, total) = cudarc::driver::result::mem_get_info().map_err(drv("query device memory"))?;
+    Ok((total - free, (total as f64 * opts.gpu_memory_utilization as f64) as usize, total))
+}
+
+/// Bytes kept free for activations and workspaces of steps of up to `opts.max_step_tokens` tokens.
+fn act_reserve(cfg: &LlamaConfig, opts: &CudaOptions, layers: &[DeviceLayer], stream: &CudaStream) -> Result<usize> {
+    let t = opts.max_step_tokens;
+    Ok(2 * t * (4 * cfg.hidden_size + cfg.q_dim() + 2 * cfg.kv_dim() + 3 * cfg.intermediate_size)
+        + 2 * t.min(1024) * cfg.vocab_size
+        + quant_reserve(cfg, layers, t, num_sms_for_plan(stream)?)
+        + (256 << 20))
+}
+
+/// Bytes of one KV block over all layers (K and V, bf16).
+fn block_bytes(cfg: &LlamaConfig, opts: &CudaOptions) -> usize {
+    opts.block_size * cfg.kv_dim() * 2 * 2 * cfg.num_hidden_layers
+}
+
+/// Weights uploaded to a device, not yet joined to a KV cache: the device handles, then the embedding, layers,
+/// final norm and lm_head.
+#[allow(clippy::type_complexity)]
+pub(crate) struct Uploaded {
+    dev: (Arc<CudaStream>, CudaBlasLT, String),
+    weights: (CudaSlice<bf16>, Vec<DeviceLayer>, CudaSlice<bf16>, Option<CudaSlice<bf16>>),
+}
+
 /// Converts and uploads one fused tensor.
 fn upload(
     stream: &Arc<CudaStream>,
@@ -189,8 +219,16 @@ impl CudaExecutor {
     /// a quantized checkpoint, or weights quantized at load time, run on CUDA; unquantized weights give the same
     /// executor as [`CudaExecutor::new`].
     pub fn from_weights(cfg: LlamaConfig, weights: &ModelWeights, opts: &CudaOptions) -> Result<Self> {
-        let (stream, blas, device_name) = open_device(&cfg, opts)?;
-        let specs = ModelSpecs::of(&cfg);
+        let up = Self::upload_weights(&cfg, weights, opts)?;
+        Self::assemble(cfg, opts, up.dev, up.weights)
+    }
+
+    /// The first half of [`from_weights`](Self::from_weights): opens device `opts.device` and uploads `weights`
+    /// (checked against `cfg`), without sizing the cache. Tensor-parallel ranks sharing a device upload all their
+    /// shards first and then size their caches together ([`fit_blocks`](Self::fit_blocks)).
+    pub(crate) fn upload_weights(cfg: &LlamaConfig, weights: &ModelWeights, opts: &CudaOptions) -> Result<Uploaded> {
+        let (stream, blas, device_name) = open_device(cfg, opts)?;
+        let specs = ModelSpecs::of(cfg);
         if weights.layers.len() != specs.layers.len() {
             return Err(Error::Backend(format!(
                 "weights have {} layers, the config {}",
@@ -239,7 +277,26 @@ impl CudaExecutor {
             (None, None) => None,
             _ => return Err(Error::Backend("lm_head: tied in one of the config and the weights only".into())),
         };
-        Self::assemble(cfg, opts, (stream, blas, device_name), (embed, layers, final_norm, lm_head))
+        Ok(Uploaded { dev: (stream, blas, device_name), weights: (embed, layers, final_norm, lm_head) })
+    }
+
+    /// KV blocks that fit on the device of `up` when `share` executors of config `cfg` (all uploaded already, `up`
+    /// among them) split what is left under the utilization cap equally, each keeping its activation reserve.
+    pub(crate) fn fit_blocks(cfg: &LlamaConfig, opts: &CudaOptions, up: &Uploaded, share: usize) -> Result<usize> {
+        let stream = &up.dev.0;
+        let (used, cap, _) = memory_in_use(stream, opts)?;
+        let reserve = act_reserve(cfg, opts, &up.weights.1, stream)?;
+        let share = share.max(1);
+        Ok(cap.saturating_sub(used + share * reserve) / (share * block_bytes(cfg, opts)))
+    }
+
+    /// Sizes the cache of uploaded weights (`opts.kv_tokens` must be set, as from [`fit_blocks`](Self::fit_blocks))
+    /// and returns the bare kernels: a tensor-parallel rank runs [`forward`] on them itself (eagerly).
+    pub(crate) fn rank_ops(cfg: LlamaConfig, opts: &CudaOptions, up: Uploaded) -> Result<CudaOps> {
+        if opts.kv_tokens.is_none() {
+            return Err(Error::Backend("a tensor-parallel rank needs an explicit KV capacity".into()));
+        }
+        Ok(Self::assemble(cfg, opts, up.dev, up.weights)?.ops)
     }
 
     /// Turns the fusion of the W4A8 activation quantization into the preceding RMSNorm / SiLU kernel on or off
@@ -287,17 +344,9 @@ impl CudaExecutor {
             block_size: opts.block_size,
         };
         // Memory plan: what is left under the utilization cap, after an activation reserve, goes to the cache.
-        stream.synchronize().map_err(drv("synchronize"))?;
-        let (free, total) = cudarc::driver::result::mem_get_info().map_err(drv("query device memory"))?;
-        let used = total - free;
-        let cap = (total as f64 * opts.gpu_memory_utilization as f64) as usize;
-        let t = opts.max_step_tokens;
-        let act_reserve = 2 * t * (4 * cfg.hidden_size + cfg.q_dim() + 2 * cfg.kv_dim() + 3 * cfg.intermediate_size)
-            + 2 * t.min(1024) * cfg.vocab_size
-            + quant_reserve(&cfg, &layers, t, num_sms_for_plan(&stream)?)
-            + (256 << 20);
-        let block_bytes = opts.block_size * layout.slot_len() * 2 * 2 * cfg.num_hidden_layers;
-        let fit_blocks = cap.saturating_sub(used + act_reserve) / block_bytes;
+        let (used, cap, total) = memory_in_use(&stream, opts)?;
+        let act_reserve = act_reserve(&cfg, opts, &layers, &stream)?;
+        let fit_blocks = cap.saturating_sub(used + act_reserve) / block_bytes(&cfg, opts);
         let num_blocks = match opts.kv_tokens {
             Some(tokens) => {
                 let want = tokens.div_ceil(opts.block_size).max(1);

@@ -1,6 +1,7 @@
 //! The CUDA backend's [`Ops`]: bf16 weights, a paged bf16 KV cache, pooled activations and persistent step
 //! metadata, so that the same device addresses serve every step (what CUDA graph replay needs).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
@@ -12,6 +13,7 @@ use crate::exec::StepInput;
 use crate::model::{Linear, Norm, Ops};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
+use crate::tp::cuda::DeviceComm;
 use crate::{Error, Result};
 
 pub(super) fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -145,6 +147,21 @@ pub struct CudaOps {
     pub(super) skinny_gemm: bool,
     /// Quantized projections' buffers and fused-quantization state.
     pub(super) quant: QuantState,
+    /// Set on a tensor-parallel rank: the communicator behind the [`Ops`] hooks and the rank's vocabulary slice.
+    tp: Option<RankComm>,
+}
+
+/// A tensor-parallel rank's side of [`CudaOps`]: its communicator, the embedding rows it holds, and buffers of the
+/// logits all-gather.
+struct RankComm {
+    comm: Box<dyn DeviceComm>,
+    /// Token ids in this range embed from this rank's rows; the others embed as zeros.
+    vocab: Range<usize>,
+    /// The step's ids, shifted into the rank's rows (`u32::MAX`, which the kernel embeds as zeros, elsewhere).
+    local_ids: Vec<u32>,
+    /// Row order of the logits gather (see [`Ops::gather_logits`] below), for `gather_rows` logits rows.
+    gather_rows: usize,
+    gather_ids: Option<CudaSlice<u32>>,
 }
 
 fn check(what: &str, a: &CudaAct, rows: usize, cols: usize) -> Result<()> {
@@ -196,7 +213,36 @@ impl CudaOps {
             capturing: false,
             skinny_gemm: true,
             quant: QuantState { fuse: true, ..QuantState::default() },
+            tp: None,
         }
+    }
+
+    /// Makes these kernels one rank of a tensor-parallel group: they must hold the rank's shard (built from
+    /// [`crate::tp::TpPlan::rank_config`] and [`crate::tp::load_rank_weights`]), `vocab` is the rank's slice of the
+    /// vocabulary, and `comm` implements the [`Ops::all_reduce`] and [`Ops::gather_logits`] hooks. Without this
+    /// call (a single-GPU executor) both hooks do nothing.
+    pub fn set_tensor_parallel(&mut self, comm: Box<dyn DeviceComm>, vocab: Range<usize>) {
+        self.tp = Some(RankComm { comm, vocab, local_ids: Vec::new(), gather_rows: 0, gather_ids: None });
+    }
+
+    /// The rank's communicator, when [`set_tensor_parallel`](Self::set_tensor_parallel) was called.
+    pub fn device_comm(&self) -> Option<&dyn DeviceComm> {
+        self.tp.as_ref().map(|t| t.comm.as_ref())
+    }
+
+    /// The stream all of this executor's work is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The config the kernels run with (a rank's config under tensor parallelism).
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Physical KV blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
     }
 
     /// The decode split count this step's attention will use (part of a decode graph's key).
@@ -391,7 +437,24 @@ impl Ops for CudaOps {
         }
         let (stream, gen) = (&self.stream, &mut self.generation);
         let m = self.meta.as_mut().ok_or_else(|| Error::Backend("step metadata missing".into()))?;
-        Self::put(stream, &mut m.ids, &step.token_ids, gen)?;
+        match self.tp.as_mut() {
+            None => Self::put(stream, &mut m.ids, &step.token_ids, gen)?,
+            Some(tp) => {
+                // Vocab-parallel embedding: ids of this rank's rows shift to them; any other id becomes u32::MAX,
+                // which the embedding kernel turns into a zero row. The all-reduce after it sums one non-zero
+                // row per token, so it is exact.
+                let (v0, range) = (tp.vocab.start as u32, &tp.vocab);
+                tp.local_ids.clear();
+                tp.local_ids.extend(step.token_ids.iter().map(|&id| {
+                    if range.contains(&(id as usize)) {
+                        id - v0
+                    } else {
+                        u32::MAX
+                    }
+                }));
+                Self::put(stream, &mut m.ids, &tp.local_ids, gen)?;
+            }
+        }
         Self::put(stream, &mut m.positions, &step.positions, gen)?;
         Self::put(stream, &mut m.cu_seqlens, &step.cu_seqlens, gen)?;
         Self::put(stream, &mut m.block_tables, &step.block_tables, gen)?;
@@ -665,5 +728,54 @@ impl Ops for CudaOps {
         let n = rows.len() * x.cols;
         let ids = self.meta()?.logits_rows.slice(..rows.len());
         k::embedding::embed(&self.stream, &x.view(), x.cols, &ids, &mut out.buf.slice_mut(..n))
+    }
+
+    /// Tensor parallelism: the rank's communicator sums `x` over the group (nothing on a single GPU).
+    fn all_reduce(&mut self, x: &mut CudaAct) -> Result<()> {
+        let Some(tp) = self.tp.as_ref() else {
+            return Ok(());
+        };
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        tp.comm.all_reduce_sum_bf16(&self.stream, &mut x.buf.slice_mut(..n))
+    }
+
+    /// Tensor parallelism: all-gathers every rank's `[rows, vocab / tp]` logits (rank-major, `[tp * rows, vocab /
+    /// tp]`), then one row gather interleaves them into `[rows, vocab]`: output row `i * tp + r` of the
+    /// `[rows * tp, vocab / tp]` view is gathered row `r * rows + i`. A bit-exact copy.
+    fn gather_logits(&mut self, local: CudaAct) -> Result<CudaAct> {
+        let world = match self.tp.as_ref() {
+            None => return Ok(local),
+            Some(tp) => tp.comm.world(),
+        };
+        let (rows, vl) = (local.rows, local.cols);
+        let n = rows * vl;
+        let mut gathered = self.alloc(world * rows, vl)?;
+        if n > 0 {
+            let tp = self.tp.as_ref().ok_or_else(|| Error::Backend("tensor-parallel state missing".into()))?;
+            tp.comm.all_gather_bf16(&self.stream, &local.buf.slice(..n), &mut gathered.buf.slice_mut(..world * n))?;
+        }
+        self.release(local);
+        if world == 1 || rows <= 1 {
+            // One rank, or one row: rank-major is already `[rows, vocab]`.
+            gathered.rows = rows;
+            gathered.cols = world * vl;
+            return Ok(gathered);
+        }
+        let mut out = self.alloc(rows, world * vl)?;
+        let tp = self.tp.as_mut().ok_or_else(|| Error::Backend("tensor-parallel state missing".into()))?;
+        let len = rows * world;
+        if tp.gather_rows != rows || tp.gather_ids.is_none() {
+            let order: Vec<u32> = (0..len).map(|j| ((j % world) * rows + j / world) as u32).collect();
+            let ids = self.stream.clone_htod(&order).map_err(drv("upload logits gather order"))?;
+            tp.gather_ids = Some(ids);
+            tp.gather_rows = rows;
+        }
+        let ids = tp.gather_ids.as_ref().ok_or_else(|| Error::Backend("logits gather order missing".into()))?;
+        k::embedding::embed(&self.stream, &gathered.view(), vl, &ids.slice(..len), &mut out.buf.slice_mut(..len * vl))?;
+        self.release(gathered);
+        Ok(out)
     }
 }

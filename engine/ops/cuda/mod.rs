@@ -22,6 +22,7 @@ pub mod norm;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
+pub mod vision;
 
 use std::sync::{Arc, OnceLock};
 

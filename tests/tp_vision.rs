@@ -1,0 +1,538 @@
+//! Tensor parallelism for Llama 3.2 Vision on the CPU reference ([`TpMllamaCpuExecutor`]), `llama32 logits
+//! --tensor-parallel N --image ...`, and `llama32 batch --tensor-parallel N` (the serving engine over the
+//! tensor-parallel executors).
+//!
+//! The golden vision checkpoints run at tp = 2 and 4, and mllama-resize (8 query / 2 KV heads) also at tp = 8; tp = 4
+//! and 8 replicate KV heads over ranks, as does every tp > 1 of mllama-two-images (one KV head). A tp that does not
+//! divide the heads fails naming the field. A random checkpoint with 8 query / 2 KV heads and two cross-attention
+//! layers, written to a temporary directory, runs at tp = 2, 4 and 8 as well.
+//!
+//! Tolerance: max |logit(tp) - logit(tp = 1)| <= 1e-5 x max |logit(tp = 1)| over every step. The ranks sum
+//! row-parallel partial products in another order than one GEMM does, so bit equality is not expected; 1e-5 is
+//! about 100 f32 ulps of the largest logit, while a wrong head, a missing all-reduce or a misplaced vocabulary or
+//! embedding slice changes logits by tens of percent (the last test checks the comparison can fail).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
+use llama32::exec::Executor;
+use llama32::kv::BlockAllocator;
+use llama32::sampling::argmax;
+use llama32::tp::vision::TpMllamaCpuExecutor;
+use llama32::vision::config::MllamaConfig;
+use llama32::vision::exec::{MllamaCpuExecutor, SeqImages};
+use llama32::vision::pipeline::{EncodedImages, MllamaModel};
+use llama32::weights::{Checkpoint, DType};
+use serde_json::json;
+
+const REL_TOL: f32 = 1e-5;
+const BLOCK: usize = 4;
+const DECODE_STEPS: usize = 4;
+const KV_TOKENS: usize = 256;
+const IMAGES: u64 = 11;
+
+fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "logits length");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+        let d = (g - w).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
+    worst / scale
+}
+
+/// A model with its prompt and encoded images.
+struct Case {
+    model: MllamaModel,
+    ids: Vec<u32>,
+    images: EncodedImages,
+}
+
+impl Case {
+    fn load(dir: &Path, ids: Vec<u32>, images: &[(String, Vec<u8>)]) -> Case {
+        let model = MllamaModel::load(dir).unwrap();
+        let images = model.encode(images).unwrap();
+        Case { model, ids, images }
+    }
+
+    fn golden(name: &str) -> Case {
+        let g = common::mllama_golden(name);
+        Case::load(&g.dir, g.input_ids, &g.images)
+    }
+
+    fn reference(&self) -> MllamaCpuExecutor {
+        let w = MllamaModel::load(&self.model.dir).unwrap().weights;
+        MllamaCpuExecutor::new(self.model.cfg.clone(), w, KV_TOKENS, BLOCK).unwrap()
+    }
+
+    fn tp(&self, tp: usize) -> llama32::Result<TpMllamaCpuExecutor> {
+        let ckpt = Checkpoint::open(&self.model.dir).unwrap();
+        TpMllamaCpuExecutor::new(self.model.cfg.clone(), &ckpt, tp, KV_TOKENS, BLOCK)
+    }
+
+    /// A text-only prompt whose ids are spread over the vocabulary, so every rank's embedding rows are used.
+    fn text_prompt(&self) -> Vec<u32> {
+        let vocab = self.model.cfg.text.base.vocab_size;
+        (0..9).map(|i| ((i * 97 + 5) % vocab) as u32).collect()
+    }
+}
+
+/// Runs the same steps through `reference` (tp = 1) and `exec`: one mixed prefill step (a text-only prompt and the
+/// vision prompt with its images, every row's logits), then `DECODE_STEPS` decode steps of both sequences fed the
+/// reference's greedy picks (the vision one with the prompt's last mask row). Returns the worst relative difference.
+fn compare(c: &Case, reference: &mut MllamaCpuExecutor, exec: &mut TpMllamaCpuExecutor, label: &str) -> f32 {
+    reference.add_images(IMAGES, &c.images).unwrap();
+    exec.add_images(IMAGES, &c.images).unwrap();
+    let text = c.text_prompt();
+    let mask = c.model.mask(&c.ids, &c.images).unwrap();
+    let last_row = mask.row(c.ids.len() - 1).to_vec();
+    let mut alloc = BlockAllocator::new(reference.num_blocks(), BLOCK);
+    let mut tables = [Vec::new(), Vec::new()];
+    // The vision sequence's blocks first, so the two tables interleave in the pool.
+    alloc.ensure(&mut tables[1], c.ids.len() + DECODE_STEPS).unwrap();
+    alloc.ensure(&mut tables[0], text.len() + DECODE_STEPS).unwrap();
+    let prompts = [&text[..], &c.ids[..]];
+    let chunks = [0, 1].map(|s| SeqChunk {
+        tokens: prompts[s],
+        start_pos: 0,
+        block_table: &tables[s],
+        logits: LogitsWanted::All,
+    });
+    let step = build_step(&chunks, BLOCK).unwrap();
+    let images = [None, Some(SeqImages { key: IMAGES, mask: mask.data() })];
+    let want = reference.step_with_images(&step, &images).unwrap().logits;
+    let per_rank = exec.step_all_ranks(&step, &images).unwrap();
+    for (r, l) in per_rank.iter().enumerate() {
+        assert!(l.iter().zip(&per_rank[0]).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: rank {r} differs");
+    }
+    let mut worst = max_rel_diff(&per_rank[0], &want);
+    let vocab = c.model.cfg.text.base.vocab_size;
+    let pick = |logits: &[f32], row: usize| argmax(&logits[row * vocab..(row + 1) * vocab]);
+    let mut next = [pick(&want, text.len() - 1), pick(&want, text.len() + c.ids.len() - 1)];
+    let mut pos = [text.len(), c.ids.len()];
+    for _ in 0..DECODE_STEPS {
+        let toks = [[next[0]], [next[1]]];
+        let chunks = [0, 1].map(|s| SeqChunk {
+            tokens: &toks[s],
+            start_pos: pos[s],
+            block_table: &tables[s],
+            logits: LogitsWanted::Last,
+        });
+        let step = build_step(&chunks, BLOCK).unwrap();
+        let images = [None, Some(SeqImages { key: IMAGES, mask: &last_row })];
+        let want = reference.step_with_images(&step, &images).unwrap().logits;
+        let got = exec.step_with_images(&step, &images).unwrap().logits;
+        worst = worst.max(max_rel_diff(&got, &want));
+        next = [pick(&want, 0), pick(&want, 1)];
+        pos = [pos[0] + 1, pos[1] + 1];
+    }
+    assert!(worst <= REL_TOL, "{label}: max |diff| / max|logit| = {worst:.2e} exceeds {REL_TOL:.0e}");
+    eprintln!("{label}: max |diff| / max|logit| = {worst:.2e} (mixed prefill + {DECODE_STEPS} decode steps)");
+    assert!(reference.remove_images(IMAGES) && exec.remove_images(IMAGES));
+    assert_eq!(exec.num_image_sets(), 0);
+    worst
+}
+
+#[test]
+fn golden_vision_checkpoints_match_tp1_at_tp_2_4_8() {
+    // (case, query heads, KV heads, tps): tp = 8 divides only mllama-resize's 8 heads; mllama-two-images has one KV
+    // head, replicated on every rank.
+    let cases: [(&str, usize, usize, &[usize]); 3] =
+        [("mllama-noresize", 4, 2, &[2, 4]), ("mllama-resize", 8, 2, &[2, 4, 8]), ("mllama-two-images", 4, 1, &[2, 4])];
+    let mut runs = 0;
+    for (name, heads, kv, tps) in cases {
+        let c = Case::golden(name);
+        let t = &c.model.cfg.text.base;
+        assert_eq!((t.num_attention_heads, t.num_key_value_heads), (heads, kv), "{name}");
+        let mut reference = c.reference();
+        // tp = 1 through the tensor-parallel executor is the plain executor, bit for bit.
+        let mut one = c.tp(1).unwrap();
+        assert_eq!(compare(&c, &mut reference, &mut one, &format!("{name} tp=1")), 0.0);
+        for &tp in tps {
+            let mut exec = c.tp(tp).unwrap();
+            assert_eq!(exec.tp(), tp);
+            let rank_cfg = &exec.rank(tp - 1).unwrap().mllama_config().text.base;
+            assert_eq!(rank_cfg.num_attention_heads, heads / tp);
+            assert_eq!(rank_cfg.num_key_value_heads, 1.max(kv / tp));
+            // 264 embedding rows split evenly: the last rank holds the image token's row (256).
+            let rows = exec.rank(tp - 1).unwrap().decoder_shard().embed_rows.clone();
+            assert_eq!(rows, 264 - 264 / tp..264);
+            compare(&c, &mut reference, &mut exec, &format!("{name} tp={tp}"));
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 7);
+}
+
+#[test]
+fn tensor_parallel_prefill_matches_transformers() {
+    // The vision sequence's prefill at tp = 2 against transformers' logits (as tests/vision_exec.rs checks tp = 1).
+    let c = Case::golden("mllama-two-images");
+    let want = llama32::npy::read_f32(&c.model.dir.join("logits.npy")).unwrap().data;
+    let mut exec = c.tp(2).unwrap();
+    exec.add_images(1, &c.images).unwrap();
+    let mask = c.model.mask(&c.ids, &c.images).unwrap();
+    let table: Vec<u32> = (0..c.ids.len().div_ceil(BLOCK) as u32).collect();
+    let chunk = SeqChunk { tokens: &c.ids, start_pos: 0, block_table: &table, logits: LogitsWanted::All };
+    let step = build_step(&[chunk], BLOCK).unwrap();
+    let got = exec.step_with_images(&step, &[Some(SeqImages { key: 1, mask: mask.data() })]).unwrap().logits;
+    let e = max_rel_diff(&got, &want);
+    assert!(e <= 1e-4, "tp=2 vs transformers: {e:.2e}");
+}
+
+#[test]
+fn a_tp_that_does_not_divide_the_heads_names_the_field() {
+    let c = Case::golden("mllama-noresize"); // 4 heads, 2 KV heads
+    for tp in [3, 8] {
+        let e = c.tp(tp).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("num_attention_heads"), "tp {tp}: {e}");
+    }
+    let e = c.tp(0).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("at least 1"), "{e}");
+}
+
+/// A random Llama 3.2 Vision checkpoint with 8 query / 2 KV heads (head_dim 16), the golden cases' vision encoder
+/// shape, and f32 weights drawn with a fixed seed, in a fresh temporary directory.
+fn random_vision_dir(tag: &str) -> PathBuf {
+    let golden = common::golden_dir("mllama-noresize");
+    let text = std::fs::read_to_string(golden.join("config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let t = &mut config["text_config"];
+    t["num_attention_heads"] = json!(8);
+    t["num_key_value_heads"] = json!(2);
+    t["hidden_size"] = json!(128);
+    t["intermediate_size"] = json!(192);
+    t["num_hidden_layers"] = json!(4);
+    t["cross_attention_layers"] = json!([1, 3]);
+    let dir = std::env::temp_dir().join(format!("llama32-tp-vision-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write_random_vision_checkpoint(&dir, &config);
+    dir
+}
+
+/// Writes `config` as `dir/config.json` and a random f32 checkpoint for it: gates 0.8, norm weights 1 + noise,
+/// everything else uniform noise with standard deviation 0.1 (seeded per tensor).
+fn write_random_vision_checkpoint(dir: &Path, config: &serde_json::Value) {
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    let cfg = MllamaConfig::from_model_dir(dir).unwrap();
+    let tensors = llama32::vision::weights::expected_tensors(&cfg);
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let noise = llama32::weights::random_values(n, 3, k as u64);
+            let is_norm = name.contains("norm") || name.contains("layernorm");
+            let vals: Vec<f32> = if name.ends_with("gate") || name.ends_with("gate_attn") || name.ends_with("gate_ffn")
+            {
+                vec![0.8; n]
+            } else if is_norm && name.ends_with(".weight") {
+                noise.iter().map(|v| 1.0 + 5.0 * v).collect()
+            } else {
+                // Std 0.1: logits with a spread like a trained model's, so the comparison measures something.
+                noise.iter().map(|v| 5.0 * v).collect()
+            };
+            (name.clone(), shape.clone(), vals.iter().flat_map(|v| v.to_le_bytes()).collect())
+        })
+        .collect();
+    let refs: Vec<(&str, DType, &[usize], &[u8])> =
+        data.iter().map(|(n, s, b)| (n.as_str(), DType::F32, s.as_slice(), b.as_slice())).collect();
+    std::fs::write(dir.join("model.safetensors"), llama32::weights::safetensors::serialize(&refs)).unwrap();
+}
+
+#[test]
+fn random_eight_head_vision_model_matches_tp1_at_tp_2_4_8() {
+    let dir = random_vision_dir("eight");
+    let g = common::mllama_golden("mllama-two-images");
+    let c = Case::load(&dir, g.input_ids.clone(), &g.images);
+    let mut reference = c.reference();
+    for tp in [2, 4, 8] {
+        let mut exec = c.tp(tp).unwrap();
+        let rank = &exec.rank(0).unwrap().mllama_config().text.base;
+        assert_eq!((rank.num_attention_heads, rank.num_key_value_heads), (8 / tp, 1.max(2 / tp)));
+        compare(&c, &mut reference, &mut exec, &format!("random 8-head tp={tp}"));
+    }
+    // A changed model differs: the comparison can fail.
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let mut exec = TpMllamaCpuExecutor::new(c.model.cfg.clone(), &ckpt, 2, KV_TOKENS, BLOCK).unwrap();
+    let mut w = MllamaModel::load(&dir).unwrap().weights;
+    // Scale one cross-attention layer's o_proj in the reference only: the comparison must notice.
+    if let llama32::vision::weights::TextLayerWeights::CrossAttention(x) = &mut w.text.layers[1] {
+        x.wo.iter_mut().for_each(|v| *v *= 1.5);
+    }
+    let mut perturbed = MllamaCpuExecutor::new(c.model.cfg.clone(), w, KV_TOKENS, BLOCK).unwrap();
+    perturbed.add_images(1, &c.images).unwrap();
+    exec.add_images(1, &c.images).unwrap();
+    let mask = c.model.mask(&c.ids, &c.images).unwrap();
+    let table: Vec<u32> = (0..c.ids.len().div_ceil(BLOCK) as u32).collect();
+    let chunk = SeqChunk { tokens: &c.ids, start_pos: 0, block_table: &table, logits: LogitsWanted::All };
+    let step = build_step(&[chunk], BLOCK).unwrap();
+    let im = [Some(SeqImages { key: 1, mask: mask.data() })];
+    let a = perturbed.step_with_images(&step, &im).unwrap().logits;
+    let b = exec.step_with_images(&step, &im).unwrap().logits;
+    assert!(max_rel_diff(&b, &a) > 1e-3, "a changed cross-attention layer must show in the logits");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn run_cli(sub: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_llama32")).arg(sub).args(args).output().unwrap()
+}
+
+#[test]
+fn cli_vision_logits_with_tensor_parallel_match_tp1() {
+    let g = common::mllama_golden("mllama-two-images");
+    let model = g.dir.to_str().unwrap();
+    let tmp = std::env::temp_dir().join(format!("llama32-tp-vision-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let ids: Vec<String> = g.input_ids.iter().map(u32::to_string).collect();
+    let ids = ids.join(",");
+    let img: Vec<String> = g.images.iter().map(|(f, _)| g.dir.join(f).display().to_string()).collect();
+    let npy = |tp: usize| tmp.join(format!("tp{tp}.npy"));
+    let run = |tp: usize| {
+        let (out, tp_s) = (npy(tp), tp.to_string());
+        let mut args = vec![
+            "--model",
+            model,
+            "--ids",
+            &ids,
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--block-size",
+            "4",
+        ];
+        args.extend(["--tensor-parallel", &tp_s]);
+        for i in &img {
+            args.extend(["--image", i.as_str()]);
+        }
+        run_cli("logits", &args)
+    };
+    let mut outs = Vec::new();
+    for tp in [1, 2, 4] {
+        let o = run(tp);
+        assert!(o.status.success(), "tp {tp}: {}", String::from_utf8_lossy(&o.stderr));
+        outs.push(llama32::npy::read_f32(&npy(tp)).unwrap());
+    }
+    let want = llama32::npy::read_f32(&g.dir.join("logits.npy")).unwrap();
+    assert!(max_rel_diff(&outs[0].data, &want.data) <= 1e-4, "tp=1 CLI vs transformers");
+    for (k, a) in outs.iter().enumerate().skip(1) {
+        assert_eq!(a.shape, vec![g.input_ids.len(), 256]);
+        let d = max_rel_diff(&a.data, &outs[0].data);
+        assert!(d <= REL_TOL, "cli tp {}: {d:.2e}", 1 << k);
+        eprintln!("cli vision tp={}: max |diff| / max|logit| = {d:.2e}", 1 << k);
+    }
+    let o = run(8);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("num_attention_heads"), "{err}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// The tiny text model of `common::tiny_model_dir` with a checkpoint: seeded random bf16 weights with unit layer
+/// norms and a final norm of 20 (peaked next-token distributions, as `common::tiny_engine` makes them).
+fn tiny_text_checkpoint(tag: &str) -> Option<PathBuf> {
+    let dir = common::tiny_model_dir(tag)?;
+    let cfg = llama32::config::LlamaConfig::from_model_dir(&dir).unwrap();
+    let tensors = llama32::weights::expected_tensors(&cfg);
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let vals = if name == "model.norm.weight" {
+                vec![20.0; n]
+            } else if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else {
+                llama32::weights::random_values(n, 7, k as u64)
+            };
+            let bytes = vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+            (name.clone(), shape.clone(), bytes)
+        })
+        .collect();
+    let refs: Vec<(&str, DType, &[usize], &[u8])> =
+        data.iter().map(|(n, s, b)| (n.as_str(), DType::BF16, s.as_slice(), b.as_slice())).collect();
+    std::fs::write(dir.join("model.safetensors"), llama32::weights::safetensors::serialize(&refs)).unwrap();
+    Some(dir)
+}
+
+#[test]
+fn batch_with_tensor_parallel_2_answers_like_tp1() {
+    let Some(dir) = tiny_text_checkpoint("batch") else { return };
+    let input = dir.join("requests.jsonl");
+    let reqs = [
+        json!({"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+               "body": {"model": "tiny", "messages": [{"role": "user", "content": "Name three colors."}],
+                        "max_tokens": 12, "temperature": 0}}),
+        json!({"custom_id": "text", "method": "POST", "url": "/v1/completions",
+               "body": {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 10, "temperature": 0}}),
+    ];
+    let lines: Vec<String> = reqs.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |tp: &str| {
+        let out = dir.join(format!("out-tp{tp}.jsonl"));
+        let o = run_cli(
+            "batch",
+            &[
+                "--model",
+                dir.to_str().unwrap(),
+                "--served-model-name",
+                "tiny",
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--no-progress",
+                "--kv-tokens",
+                "1024",
+                "--tensor-parallel",
+                tp,
+            ],
+        );
+        assert!(o.status.success(), "tp {tp}: {}", String::from_utf8_lossy(&o.stderr));
+        if tp != "1" {
+            let log = String::from_utf8_lossy(&o.stderr);
+            assert!(log.contains(&format!("as {tp} tensor-parallel CPU ranks")), "{log}");
+        }
+        let text = std::fs::read_to_string(&out).unwrap();
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let body = &v["response"]["body"];
+                assert!(v["error"].is_null(), "tp {tp}: {v}");
+                let c = &body["choices"][0];
+                let text = if c.get("message").is_some() { c["message"]["content"].clone() } else { c["text"].clone() };
+                json!({"id": v["custom_id"], "text": text, "finish": c["finish_reason"], "usage": body["usage"]})
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = run("1");
+    let two = run("2");
+    assert_eq!(one.len(), 2);
+    assert!(one.iter().all(|r| r["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0), "{one:?}");
+    assert_eq!(one, two, "tp=2 must answer a greedy request exactly as tp=1");
+    // --tensor-parallel on CUDA is refused with a clear message (until the CUDA ranks exist).
+    let o = run_cli(
+        "batch",
+        &[
+            "--model",
+            dir.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            dir.join("cuda.jsonl").to_str().unwrap(),
+            "--device",
+            "cuda",
+            "--tensor-parallel",
+            "2",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--tensor-parallel"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A tiny Llama 3.2 Vision checkpoint (the golden mllama-two-images shapes, 4 query / 1 KV head) with the real 128K
+/// vocabulary, tokenizer and vision chat template, as tests/vision_server.rs builds it, plus random weights.
+fn tiny_vision_checkpoint(tag: &str) -> Option<PathBuf> {
+    let data = common::data_dir()?;
+    let dir = std::env::temp_dir().join(format!("llama32-tp-vision-serve-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let golden = common::golden_dir("mllama-two-images");
+    let text = std::fs::read_to_string(golden.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["image_token_index"] = json!(128256);
+    cfg["text_config"]["vocab_size"] = json!(128256);
+    cfg["text_config"]["bos_token_id"] = json!(128000);
+    cfg["text_config"]["eos_token_id"] = json!([128001, 128008, 128009]);
+    cfg["text_config"]["pad_token_id"] = json!(128004);
+    cfg["text_config"]["max_position_embeddings"] = json!(1024);
+    write_random_vision_checkpoint(&dir, &cfg);
+    std::fs::copy(data.join("tokenizer.model"), dir.join("tokenizer.model")).unwrap();
+    let path = data.join("Llama-3.2-11B-Vision-Instruct/chat_template.reconstructed.json");
+    let template: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let tc = json!({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                    "chat_template": template["chat_template"]});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    Some(dir)
+}
+
+#[test]
+fn vision_batch_with_tensor_parallel_2_answers_like_tp1() {
+    use base64::Engine as _;
+    let Some(dir) = tiny_vision_checkpoint("batch") else { return };
+    let golden = common::golden_dir("mllama-two-images");
+    let url = |f: &str| {
+        let bytes = std::fs::read(golden.join(f)).unwrap();
+        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    };
+    let ask = |id: &str, content: serde_json::Value| {
+        json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
+               "body": {"model": "tiny-vision", "messages": [{"role": "user", "content": content}],
+                        "max_tokens": 6, "temperature": 0, "ignore_eos": true}})
+    };
+    let reqs = [
+        ask(
+            "two-images",
+            json!([{"type": "image_url", "image_url": {"url": url("image0.png")}},
+                   {"type": "text", "text": "Compare"},
+                   {"type": "image_url", "image_url": {"url": url("image1.png")}},
+                   {"type": "text", "text": "with this."}]),
+        ),
+        ask("text-only", json!([{"type": "text", "text": "Describe a sunset."}])),
+    ];
+    let input = dir.join("requests.jsonl");
+    let lines: Vec<String> = reqs.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |tp: &str| {
+        let out = dir.join(format!("out-tp{tp}.jsonl"));
+        let args = [
+            "--model",
+            dir.to_str().unwrap(),
+            "--served-model-name",
+            "tiny-vision",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--no-progress",
+            "--kv-tokens",
+            "2048",
+            "--tensor-parallel",
+            tp,
+        ];
+        let o = run_cli("batch", &args);
+        let log = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "tp {tp}: {log}");
+        if tp != "1" {
+            assert!(log.contains(&format!("as {tp} tensor-parallel CPU ranks")), "{log}");
+        }
+        let text = std::fs::read_to_string(&out).unwrap();
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                assert!(v["error"].is_null(), "tp {tp}: {v}");
+                let body = &v["response"]["body"];
+                json!({"id": v["custom_id"], "text": body["choices"][0]["message"]["content"],
+                       "usage": body["usage"]})
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = run("1");
+    assert_eq!(one.len(), 2);
+    assert!(one.iter().all(|r| r["usage"]["completion_tokens"] == 6), "{one:?}");
+    assert_ne!(one[0]["usage"]["prompt_tokens"], one[1]["usage"]["prompt_tokens"]);
+    assert_eq!(one, run("2"), "tp=2 must answer greedy image requests exactly as tp=1");
+    std::fs::remove_dir_all(&dir).ok();
+}
