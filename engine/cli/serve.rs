@@ -326,14 +326,19 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
 fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> Result<(EngineHandle, ServeContext)> {
     let tok = load_tokenizer(a)?.map(Arc::new);
     let t0 = std::time::Instant::now();
-    let (encoder, text) = crate::vision::pipeline::MllamaModel::load(dir)?.split();
+    let tp = e.tensor_parallel;
+    // With tensor parallelism the ranks read their own slices of the checkpoint, so only the vision half is
+    // converted here.
+    let (encoder, text) = if tp == 1 {
+        let (encoder, text) = crate::vision::pipeline::MllamaModel::load(dir)?.split();
+        (encoder, Some(text))
+    } else {
+        (crate::vision::pipeline::ImageEncoder::load(dir)?, None)
+    };
     eprintln!("loaded {} (Llama 3.2 Vision, CPU reference) in {:.1} s", dir.display(), t0.elapsed().as_secs_f64());
     let cfg = encoder.cfg.clone();
     let kv_tokens = a.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS);
     let block = a.block_size;
-    let tp = e.tensor_parallel;
-    // With tensor parallelism the ranks read their own slices of the checkpoint; the full text weights go.
-    let text = (tp == 1).then_some(text);
     let ckpt_dir = dir.to_path_buf();
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
         match text {

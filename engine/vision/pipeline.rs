@@ -59,31 +59,8 @@ impl MllamaModel {
     /// Loads `dir`: config.json, the checkpoint (checked tensor by tensor) and `preprocessor_config.json` (when
     /// absent: the Llama 3.2 Vision preprocessor with the config's tile size and tile count).
     pub fn load(dir: &Path) -> Result<Self> {
-        let mut cfg = MllamaConfig::from_model_dir(dir)?;
-        cfg.merge_generation_config(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
+        let (cfg, ckpt, processor) = open_parts(dir)?;
         let weights = MllamaWeights::load(&ckpt, &cfg)?;
-        let pre_path = dir.join("preprocessor_config.json");
-        let pre = if pre_path.exists() {
-            PreprocessorConfig::from_file(&pre_path)?
-        } else {
-            PreprocessorConfig {
-                tile_size: cfg.vision.image_size,
-                max_image_tiles: cfg.vision.max_num_tiles,
-                ..Default::default()
-            }
-        };
-        if pre.tile_size != cfg.vision.image_size || pre.max_image_tiles != cfg.vision.max_num_tiles {
-            return Err(Error::config(
-                &pre_path,
-                "size / max_image_tiles",
-                format!(
-                    "tiles of {} px, at most {}, but config.json's vision_config has image_size {} and max_num_tiles {}",
-                    pre.tile_size, pre.max_image_tiles, cfg.vision.image_size, cfg.vision.max_num_tiles
-                ),
-            ));
-        }
-        let processor = ImageProcessor::new(pre)?;
         Ok(MllamaModel { cfg, weights, processor, dir: dir.to_path_buf() })
     }
 
@@ -184,6 +161,36 @@ impl MllamaModel {
     }
 }
 
+/// The config (with generation_config.json merged), the opened checkpoint and the image processor of `dir`
+/// (`preprocessor_config.json`; when absent, the Llama 3.2 Vision preprocessor with the config's tile size and
+/// tile count).
+fn open_parts(dir: &Path) -> Result<(MllamaConfig, Checkpoint, ImageProcessor)> {
+    let mut cfg = MllamaConfig::from_model_dir(dir)?;
+    cfg.merge_generation_config(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let pre_path = dir.join("preprocessor_config.json");
+    let pre = if pre_path.exists() {
+        PreprocessorConfig::from_file(&pre_path)?
+    } else {
+        PreprocessorConfig {
+            tile_size: cfg.vision.image_size,
+            max_image_tiles: cfg.vision.max_num_tiles,
+            ..Default::default()
+        }
+    };
+    if pre.tile_size != cfg.vision.image_size || pre.max_image_tiles != cfg.vision.max_num_tiles {
+        return Err(Error::config(
+            &pre_path,
+            "size / max_image_tiles",
+            format!(
+                "tiles of {} px, at most {}, but config.json's vision_config has image_size {} and max_num_tiles {}",
+                pre.tile_size, pre.max_image_tiles, cfg.vision.image_size, cfg.vision.max_num_tiles
+            ),
+        ));
+    }
+    Ok((cfg, ckpt, ImageProcessor::new(pre)?))
+}
+
 /// The vision half of a model: preprocessing, the vision encoder and the projector (the text weights left out).
 pub struct ImageEncoder {
     /// The configuration.
@@ -209,6 +216,15 @@ struct EncoderCache {
 }
 
 impl ImageEncoder {
+    /// Loads only the vision half of `dir` (config, preprocessor, vision encoder and projector tensors; the
+    /// checkpoint is still checked whole), for when the text decoder is loaded separately.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let (cfg, ckpt, processor) = open_parts(dir)?;
+        let weights = MllamaWeights::load_vision(&ckpt, &cfg)?;
+        let cache = std::sync::Mutex::new(EncoderCache::default());
+        Ok(ImageEncoder { cfg, weights, processor, dir: dir.to_path_buf(), cache })
+    }
+
     /// Preprocesses and encodes images (JPEG, PNG or WebP bytes, each with a name for errors). Each image's output
     /// is cached by a hash of its bytes, so an image sent again (the next turn of a conversation) is not encoded
     /// again; images are encoded independently, so the result is the same as encoding them together.

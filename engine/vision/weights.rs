@@ -347,7 +347,21 @@ impl MllamaWeights {
         Self::build(&Reader::new(cfg, Source::Random(seed)), cfg)
     }
 
+    /// Checks `ckpt` against `cfg` and converts only the vision encoder and projector tensors to f32 (the text
+    /// part is left empty): what an image encoder needs when the text decoder is loaded elsewhere, e.g. as
+    /// tensor-parallel ranks that read their own slices.
+    pub fn load_vision(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<Self> {
+        let layout = check_mllama_checkpoint(ckpt, cfg)?;
+        Self::build_vision(&Reader::new(cfg, Source::Checkpoint(ckpt, layout)), cfg)
+    }
+
     fn build(r: &Reader<'_>, cfg: &MllamaConfig) -> Result<Self> {
+        let mut w = Self::build_vision(r, cfg)?;
+        w.text = Self::build_text(r, cfg)?;
+        Ok(w)
+    }
+
+    fn build_vision(r: &Reader<'_>, cfg: &MllamaConfig) -> Result<Self> {
         let v = &cfg.vision;
         let vision_layers = |encoder: &str, n: usize, gated: bool| -> Result<Vec<VisionLayerWeights>> {
             (0..n)
@@ -385,7 +399,15 @@ impl MllamaWeights {
             layers: vision_layers("transformer", v.num_hidden_layers, false)?,
             global_layers: vision_layers("global_transformer", v.num_global_layers, true)?,
         };
+        Ok(MllamaWeights {
+            vision,
+            projector: r.read("multi_modal_projector.weight")?,
+            projector_bias: r.read("multi_modal_projector.bias")?,
+            text: TextWeights::default(),
+        })
+    }
 
+    fn build_text(r: &Reader<'_>, cfg: &MllamaConfig) -> Result<TextWeights> {
         let layers = (0..cfg.text.base.num_hidden_layers)
             .into_par_iter()
             .map(|l| {
@@ -422,17 +444,11 @@ impl MllamaWeights {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let text = TextWeights {
+        Ok(TextWeights {
             embed: r.read("language_model.model.embed_tokens.weight")?,
             layers,
             final_norm: r.read("language_model.model.norm.weight")?,
             lm_head: r.read("language_model.lm_head.weight")?,
-        };
-        Ok(MllamaWeights {
-            vision,
-            projector: r.read("multi_modal_projector.weight")?,
-            projector_bias: r.read("multi_modal_projector.bias")?,
-            text,
         })
     }
 }
