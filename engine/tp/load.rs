@@ -279,15 +279,15 @@ pub fn load_mllama_rank_text(
                 let a = format!("{p}.cross_attn");
                 Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
                     attn_norm,
-                    wq: one(format!("{a}.q_proj.weight"))?,
-                    wkv: read(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
-                    wo: one(format!("{a}.o_proj.weight"))?,
+                    wq: one(format!("{a}.q_proj.weight"))?.into(),
+                    wkv: read(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?.into(),
+                    wo: one(format!("{a}.o_proj.weight"))?.into(),
                     q_norm: one(format!("{a}.q_norm.weight"))?,
                     k_norm: one(format!("{a}.k_norm.weight"))?,
                     attn_gate: scalar(format!("{p}.cross_attn_attn_gate"))?,
                     mlp_norm,
-                    w_gate_up,
-                    w_down,
+                    w_gate_up: w_gate_up.into(),
+                    w_down: w_down.into(),
                     mlp_gate: scalar(format!("{p}.cross_attn_mlp_gate"))?,
                 }))
             } else {

@@ -22,6 +22,7 @@ use crate::exec::{Executor, StepInput, StepOutput};
 use crate::ops::cpu::attention::{paged_attention, write_kv, AttentionBatch, PagedLayout};
 use crate::ops::cpu::embedding::embed;
 use crate::ops::cpu::linear::linear;
+use crate::ops::cpu::quant::linear_weight;
 use crate::ops::cpu::norm::{add_rms_norm, rms_norm};
 use crate::ops::cpu::rope::rope;
 use crate::{Error, Result};
@@ -250,7 +251,7 @@ impl MllamaCpuExecutor {
                 TextLayerWeights::SelfAttention(lw) => {
                     rms_norm(&x, &lw.attn_norm, eps, hidden, &mut h);
                     let mut qkv = vec![0.0f32; n * stride];
-                    linear(&h, &lw.wqkv, n, hidden, stride, &mut qkv);
+                    linear_weight(&h, &lw.wqkv, n, hidden, stride, &mut qkv);
                     // k's heads follow q's in each row, so both rotate as one block of heads.
                     let heads = t.num_attention_heads + t.num_key_value_heads;
                     rope(&mut qkv, stride, heads, t.head_dim, &input.positions, &self.inv_freq);
@@ -272,7 +273,7 @@ impl MllamaCpuExecutor {
                     let mut attn = vec![0.0f32; n * q_dim];
                     paged_attention(&self.layout, &qkv, stride, &batch, &self.k_cache[l], &self.v_cache[l], &mut attn);
                     let mut o = vec![0.0f32; n * hidden];
-                    linear(&attn, &lw.wo, n, q_dim, hidden, &mut o);
+                    linear_weight(&attn, &lw.wo, n, q_dim, hidden, &mut o);
                     comm.all_reduce(&mut o)?;
                     add_rms_norm(&mut x, &o, &lw.mlp_norm, eps, hidden, &mut h);
                     let mut m = mlp(&self.cfg.text, &lw.w_gate_up, &lw.w_down, &h);

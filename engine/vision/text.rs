@@ -46,9 +46,10 @@ use crate::ops::cpu::activation::silu_mul;
 use crate::ops::cpu::attention::{paged_attention, AttentionBatch, PagedLayout};
 use crate::ops::cpu::embedding::embed;
 use crate::ops::cpu::linear::linear;
+use crate::ops::cpu::quant::linear_weight;
 use crate::ops::cpu::norm::{add_rms_norm, rms_norm};
 use crate::ops::cpu::rope::rope;
-use crate::weights::LayerWeights;
+use crate::weights::{LayerWeights, LinearWeight};
 use crate::{Error, Result};
 
 /// The processor's cross-attention mask of one sequence: `[tokens, num_images, max_tiles]` of 0/1, row-major.
@@ -270,7 +271,7 @@ pub fn cross_kv(
     }
     let rows = states.len() / hidden;
     let mut kv = vec![0.0f32; rows * 2 * kv_dim];
-    linear(states, &layer.wkv, rows, hidden, 2 * kv_dim, &mut kv);
+    linear_weight(states, &layer.wkv, rows, hidden, 2 * kv_dim, &mut kv);
     let mut k = Vec::with_capacity(rows * kv_dim);
     let mut v = Vec::with_capacity(rows * kv_dim);
     for r in kv.chunks(2 * kv_dim) {
@@ -319,7 +320,7 @@ pub fn cross_attention(
         )));
     }
     let mut q = vec![0.0f32; rows * q_dim];
-    linear(h, &layer.wq, rows, hidden, q_dim, &mut q);
+    linear_weight(h, &layer.wq, rows, hidden, q_dim, &mut q);
     let raw = q.clone();
     rms_norm(&raw, &layer.q_norm, c.rms_norm_eps, head_dim, &mut q);
 
@@ -359,20 +360,20 @@ pub fn cross_attention(
         o.iter_mut().for_each(|x| *x *= inv);
     });
     let mut out = vec![0.0f32; rows * hidden];
-    linear(&attn, &layer.wo, rows, q_dim, hidden, &mut out);
+    linear_weight(&attn, &layer.wo, rows, q_dim, hidden, &mut out);
     Ok(out)
 }
 
 /// `down(silu(h @ Wgate^T) * (h @ Wup^T))` for `[rows, hidden]` input.
-pub(crate) fn mlp(cfg: &MllamaTextConfig, w_gate_up: &[f32], w_down: &[f32], h: &[f32]) -> Vec<f32> {
+pub(crate) fn mlp(cfg: &MllamaTextConfig, w_gate_up: &LinearWeight, w_down: &LinearWeight, h: &[f32]) -> Vec<f32> {
     let (hidden, inter) = (cfg.base.hidden_size, cfg.base.intermediate_size);
     let rows = h.len() / hidden;
     let mut gate_up = vec![0.0f32; rows * 2 * inter];
-    linear(h, w_gate_up, rows, hidden, 2 * inter, &mut gate_up);
+    linear_weight(h, w_gate_up, rows, hidden, 2 * inter, &mut gate_up);
     let mut act = vec![0.0f32; rows * inter];
     silu_mul(&gate_up, inter, &mut act);
     let mut out = vec![0.0f32; rows * hidden];
-    linear(&act, w_down, rows, inter, hidden, &mut out);
+    linear_weight(&act, w_down, rows, inter, hidden, &mut out);
     out
 }
 
@@ -451,7 +452,7 @@ pub fn self_attention_decoder_layer(
     let mut h = vec![0.0f32; x.len()];
     rms_norm(x, &layer.attn_norm, eps, hidden, &mut h);
     let mut qkv = vec![0.0f32; rows * stride];
-    linear(&h, &layer.wqkv, rows, hidden, stride, &mut qkv);
+    linear_weight(&h, &layer.wqkv, rows, hidden, stride, &mut qkv);
     let positions: Vec<u32> = (start..start + rows).map(|p| p as u32).collect();
     // k's heads follow q's in each row, so both rotate as one block of heads.
     rope(&mut qkv, stride, c.num_attention_heads + c.num_key_value_heads, c.head_dim, &positions, inv_freq);
@@ -476,7 +477,7 @@ pub fn self_attention_decoder_layer(
     let mut attn = vec![0.0f32; rows * q_dim];
     paged_attention(&layout, &qkv, stride, &batch, k_cache, v_cache, &mut attn);
     let mut o = vec![0.0f32; rows * hidden];
-    linear(&attn, &layer.wo, rows, q_dim, hidden, &mut o);
+    linear_weight(&attn, &layer.wo, rows, q_dim, hidden, &mut o);
     add_rms_norm(x, &o, &layer.mlp_norm, eps, hidden, &mut h);
     let m = mlp(cfg, &layer.w_gate_up, &layer.w_down, &h);
     for (xv, &mv) in x.iter_mut().zip(&m) {

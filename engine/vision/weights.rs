@@ -24,7 +24,8 @@ use std::collections::{HashMap, HashSet};
 use rayon::prelude::*;
 
 use super::config::MllamaConfig;
-use crate::weights::{random_values, Checkpoint, LayerWeights};
+use crate::quant::format::{read_linear, read_table_f32, EmbeddingQuant, QuantizationConfig};
+use crate::weights::{random_values, stack_rows, Checkpoint, LayerWeights, LinearWeight};
 use crate::{Error, Result};
 
 /// How tensor names are spelled in a checkpoint.
@@ -153,9 +154,47 @@ pub fn expected_tensors(cfg: &MllamaConfig) -> Vec<(String, Vec<usize>)> {
 /// Checks that `ckpt` holds exactly the tensors of `cfg` with the right shapes, in either [`MllamaLayout`], and
 /// returns the layout. Every missing, unexpected or misshapen tensor is reported at once, by its name in the file.
 pub fn check_mllama_checkpoint(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<MllamaLayout> {
+    check_tensors(ckpt, cfg, None)
+}
+
+/// The `quantization_config` of the checkpoint directory's config.json, if any.
+fn checkpoint_quantization(ckpt: &Checkpoint) -> Result<Option<QuantizationConfig>> {
+    let path = ckpt.dir().join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let root: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(&path, "<root>", format!("not valid JSON: {e}")))?;
+    QuantizationConfig::from_config_json(&root, &path)
+}
+
+/// True for the embedding table and `lm_head` (canonical names).
+fn is_table(name: &str) -> bool {
+    name == "language_model.model.embed_tokens.weight" || name == "language_model.lm_head.weight"
+}
+
+/// The stored-name prefix (`... .weight` cut) of a tensor that a quantized checkpoint stores in quantized form:
+/// the language model's projections (self-attention, MLP, cross-attention) and, with int8 embeddings, the tables.
+fn quantized_prefix<'a>(canonical: &'a str, q: &QuantizationConfig) -> Option<&'a str> {
+    let proj = canonical.starts_with("language_model.model.layers.") && canonical.ends_with("_proj.weight");
+    let table = q.embeddings == EmbeddingQuant::Int8 && is_table(canonical);
+    (proj || table).then(|| canonical.strip_suffix(".weight").unwrap_or(canonical))
+}
+
+/// [`check_mllama_checkpoint`], where with a quantization config the quantized tensors are only required to
+/// exist under their prefix (their shapes are checked by [`read_linear`] / [`read_table_f32`] as they are read).
+fn check_tensors(ckpt: &Checkpoint, cfg: &MllamaConfig, q: Option<&QuantizationConfig>) -> Result<MllamaLayout> {
     let layout = MllamaLayout::detect(ckpt);
-    let expected: Vec<(String, Vec<usize>)> =
-        expected_tensors(cfg).into_iter().map(|(n, s)| (layout.tensor_name(&n), s)).collect();
+    let mut quantized: Vec<String> = Vec::new();
+    let expected: Vec<(String, Vec<usize>)> = expected_tensors(cfg)
+        .into_iter()
+        .filter(|(n, _)| match q.and_then(|q| quantized_prefix(n, q)) {
+            Some(prefix) => {
+                quantized.push(format!("{}.", layout.tensor_name(prefix)));
+                false
+            }
+            None => true,
+        })
+        .map(|(n, s)| (layout.tensor_name(&n), s))
+        .collect();
     let (mut missing, mut misshapen, mut unexpected) = (Vec::new(), Vec::new(), Vec::new());
     for (name, shape) in &expected {
         match ckpt.get(name) {
@@ -175,8 +214,14 @@ pub fn check_mllama_checkpoint(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<
     };
     let other_names: HashSet<String> = expected_tensors(cfg).iter().map(|(n, _)| other.tensor_name(n)).collect();
     let mut in_other_layout = 0;
+    for prefix in &quantized {
+        if !ckpt.names().any(|n| n.starts_with(prefix.as_str())) {
+            missing.push(format!("missing quantized tensors `{prefix}*`"));
+        }
+    }
     for name in ckpt.names() {
-        if !known.contains(name) && !name.ends_with(".rotary_emb.inv_freq") {
+        let is_quantized = quantized.iter().any(|p| name.starts_with(p.as_str()));
+        if !known.contains(name) && !is_quantized && !name.ends_with(".rotary_emb.inv_freq") {
             in_other_layout += other_names.contains(name) as usize;
             unexpected.push(format!(
                 "unexpected tensor `{name}` (not part of MllamaForConditionalGeneration with this config, {layout:?} layout)"
@@ -277,11 +322,11 @@ pub struct CrossAttentionLayerWeights {
     /// `input_layernorm` `[hidden]` (RMSNorm).
     pub attn_norm: Vec<f32>,
     /// Query projection `[q_dim, hidden]`, applied to the text.
-    pub wq: Vec<f32>,
+    pub wq: LinearWeight,
     /// Key and value projections stacked `[2 * kv_dim, hidden]`, applied to the projected vision states.
-    pub wkv: Vec<f32>,
+    pub wkv: LinearWeight,
     /// Output projection `[hidden, q_dim]`.
-    pub wo: Vec<f32>,
+    pub wo: LinearWeight,
     /// Per-head RMSNorm of the queries `[head_dim]`.
     pub q_norm: Vec<f32>,
     /// Per-head RMSNorm of the keys `[head_dim]`.
@@ -291,9 +336,9 @@ pub struct CrossAttentionLayerWeights {
     /// `post_attention_layernorm` `[hidden]`.
     pub mlp_norm: Vec<f32>,
     /// Gate and up projections stacked `[2 * intermediate, hidden]`.
-    pub w_gate_up: Vec<f32>,
+    pub w_gate_up: LinearWeight,
     /// Down projection `[hidden, intermediate]`.
-    pub w_down: Vec<f32>,
+    pub w_down: LinearWeight,
     /// Raw `cross_attn_mlp_gate` (the MLP output is scaled by its tanh).
     pub mlp_gate: f32,
 }
@@ -335,9 +380,21 @@ pub struct MllamaWeights {
 
 impl MllamaWeights {
     /// Checks `ckpt` against `cfg` ([`check_mllama_checkpoint`]) and converts every tensor to f32.
+    ///
+    /// A checkpoint written by `llama32 quantize` (a `quantization_config` in its config.json) loads with its
+    /// language-model projections quantized: [`LinearWeight::quant`] holds the int4 form and `dense` its exact
+    /// dequantization, so W4A16 runs as the f32 reference and W4A8 through its integer kernel.
     pub fn load(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<Self> {
-        let layout = check_mllama_checkpoint(ckpt, cfg)?;
-        Self::build(&Reader::new(cfg, Source::Checkpoint(ckpt, layout)), cfg)
+        match checkpoint_quantization(ckpt)? {
+            Some(q) => {
+                let layout = check_tensors(ckpt, cfg, Some(&q))?;
+                Self::build(&Reader::new(cfg, Source::Quantized(ckpt, layout, &q)), cfg)
+            }
+            None => {
+                let layout = check_mllama_checkpoint(ckpt, cfg)?;
+                Self::build(&Reader::new(cfg, Source::Checkpoint(ckpt, layout)), cfg)
+            }
+        }
     }
 
     /// Random weights at the config's shapes, reproducible from `seed`: matrices, embeddings and linear biases
@@ -351,7 +408,8 @@ impl MllamaWeights {
     /// part is left empty): what an image encoder needs when the text decoder is loaded elsewhere, e.g. as
     /// tensor-parallel ranks that read their own slices.
     pub fn load_vision(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<Self> {
-        let layout = check_mllama_checkpoint(ckpt, cfg)?;
+        let q = checkpoint_quantization(ckpt)?;
+        let layout = check_tensors(ckpt, cfg, q.as_ref())?;
         Self::build_vision(&Reader::new(cfg, Source::Checkpoint(ckpt, layout)), cfg)
     }
 
@@ -412,17 +470,17 @@ impl MllamaWeights {
             .into_par_iter()
             .map(|l| {
                 let p = text_layer_prefix(l);
-                let w_gate_up = r.cat(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
-                let w_down = r.read(&format!("{p}.mlp.down_proj.weight"))?;
+                let w_gate_up = r.proj(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
+                let w_down = r.proj(&[format!("{p}.mlp.down_proj.weight")])?;
                 let attn_norm = r.read(&format!("{p}.input_layernorm.weight"))?;
                 let mlp_norm = r.read(&format!("{p}.post_attention_layernorm.weight"))?;
                 if cfg.text.is_cross_attention_layer(l) {
                     let a = format!("{p}.cross_attn");
                     Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
                         attn_norm,
-                        wq: r.read(&format!("{a}.q_proj.weight"))?,
-                        wkv: r.cat(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
-                        wo: r.read(&format!("{a}.o_proj.weight"))?,
+                        wq: r.proj(&[format!("{a}.q_proj.weight")])?,
+                        wkv: r.proj(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
+                        wo: r.proj(&[format!("{a}.o_proj.weight")])?,
                         q_norm: r.read(&format!("{a}.q_norm.weight"))?,
                         k_norm: r.read(&format!("{a}.k_norm.weight"))?,
                         attn_gate: r.scalar(&format!("{p}.cross_attn_attn_gate"))?,
@@ -435,11 +493,11 @@ impl MllamaWeights {
                     let a = format!("{p}.self_attn");
                     Ok(TextLayerWeights::SelfAttention(LayerWeights {
                         attn_norm,
-                        wqkv: r.cat(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?.into(),
-                        wo: r.read(&format!("{a}.o_proj.weight"))?.into(),
+                        wqkv: r.proj(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?,
+                        wo: r.proj(&[format!("{a}.o_proj.weight")])?,
                         mlp_norm,
-                        w_gate_up: w_gate_up.into(),
-                        w_down: w_down.into(),
+                        w_gate_up,
+                        w_down,
                     }))
                 }
             })
@@ -455,6 +513,8 @@ impl MllamaWeights {
 
 enum Source<'a> {
     Checkpoint(&'a Checkpoint, MllamaLayout),
+    /// A checkpoint whose language-model projections are quantized (`llama32 quantize`).
+    Quantized(&'a Checkpoint, MllamaLayout, &'a QuantizationConfig),
     Random(u64),
 }
 
@@ -478,7 +538,11 @@ impl<'a> Reader<'a> {
             .product();
         match self.src {
             Source::Random(seed) => Ok(random_tensor(name, numel, seed)),
-            Source::Checkpoint(ckpt, layout) => {
+            Source::Quantized(ckpt, layout, q) if q.embeddings == EmbeddingQuant::Int8 && is_table(name) => {
+                let shape = &self.shapes[name];
+                read_table_f32(ckpt, &layout.tensor_name(name), shape[0], shape[1])
+            }
+            Source::Checkpoint(ckpt, layout) | Source::Quantized(ckpt, layout, _) => {
                 let stored = layout.tensor_name(name);
                 let (view, path) = ckpt
                     .get(&stored)
@@ -500,6 +564,24 @@ impl<'a> Reader<'a> {
             out.extend(self.read(n)?);
         }
         Ok(out)
+    }
+
+    /// A projection stacked from `names` (each `[n_i, k]`, `... .weight`): quantized matrices read with
+    /// [`read_linear`] from a quantized checkpoint (dense = their exact dequantization), f32 values otherwise.
+    fn proj(&self, names: &[String]) -> Result<LinearWeight> {
+        let Source::Quantized(ckpt, layout, q) = self.src else {
+            return Ok(self.cat(names)?.into());
+        };
+        let parts = names
+            .iter()
+            .map(|name| {
+                let shape = self.shapes.get(name).ok_or_else(|| {
+                    Error::weights("<mllama>", format!("internal: `{name}` is not an Mllama tensor"))
+                })?;
+                read_linear(ckpt, &layout.tensor_name(name), q, shape[0], shape[1])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LinearWeight::quantized(stack_rows(parts, &names[0])?))
     }
 
     fn scalar(&self, name: &str) -> Result<f32> {

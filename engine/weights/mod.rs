@@ -562,7 +562,7 @@ fn check_unquantized_tensors(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()>
 }
 
 /// Stacks quantized matrices with the same `k`, group and scheme along rows (q;k;v, gate;up).
-fn stack_rows(parts: Vec<QuantLinear>, what: &str) -> Result<QuantLinear> {
+pub(crate) fn stack_rows(parts: Vec<QuantLinear>, what: &str) -> Result<QuantLinear> {
     let mut it = parts.into_iter();
     let first = it.next().ok_or_else(|| Error::request(format!("{what}: nothing to stack")))?;
     let (scheme, k, group) = (first.scheme, first.matrix.k, first.matrix.group);

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use crate::quant::numerics::quantize_activations;
 use crate::quant::{ActQuant, QuantLinear, QuantMatrix, Scheme};
+use crate::weights::LinearWeight;
 
 /// A quantized projection prepared for [`PreparedW4A8::forward`]: the per-group sums of the weight values (needed
 /// to remove the activation zero point) computed once, and, for formats with weight zero points, the values with
@@ -101,6 +102,17 @@ impl PreparedW4A8 {
 pub fn w4a8_linear(x: &[f32], rows: usize, w: &QuantMatrix, out: &mut [f32]) {
     let scheme = Scheme { group: w.group, act: ActQuant::Int8PerToken };
     PreparedW4A8::new(Arc::new(QuantLinear { matrix: w.clone(), scheme })).forward(x, rows, out)
+}
+
+/// `out[rows, n] = x[rows, k] @ w^T` for a projection in the CPU layout: the W4A8 kernel when `w` is quantized with
+/// int8 activations, the batch-invariant f32 GEMM over `w.dense` otherwise (W4A16's reference: `dense` holds the
+/// exactly dequantized values). Prepares the W4A8 weight sums on every call; the text executor keeps a prepared
+/// form instead.
+pub fn linear_weight(x: &[f32], w: &LinearWeight, rows: usize, k: usize, n: usize, out: &mut [f32]) {
+    match &w.quant {
+        Some(q) if q.scheme.act == ActQuant::Int8PerToken => PreparedW4A8::new(Arc::clone(q)).forward(x, rows, out),
+        _ => crate::ops::cpu::linear::linear(x, &w.dense, rows, k, n, out),
+    }
 }
 
 /// The quantized activations of one call.
