@@ -357,7 +357,11 @@ fn vision_logits_and_generate_with_images() {
     let mut cmd = bin();
     cmd.args(["generate", "--ids", &ids, "--device", "cuda"]);
     with_images(&mut cmd);
-    fails_with(&mut cmd, &["CPU reference only"]);
+    fails_with(&mut cmd, &["runs on the CPU reference"]);
+    let mut cmd = bin();
+    cmd.args(["logits", "--ids", &ids, "--device", "gpu", "--out", "unused.npy"]);
+    with_images(&mut cmd);
+    fails_with(&mut cmd, &["--device"]);
     let mut cmd = bin();
     cmd.args(["generate", "--ids", &ids]).arg("--model").arg(&dir).arg("--image").arg(dir.join("image0.png"));
     fails_with(&mut cmd, &["image"]);

@@ -266,7 +266,7 @@ fn random_eight_head_vision_model_matches_tp1_at_tp_2_4_8() {
     let mut w = MllamaModel::load(&dir).unwrap().weights;
     // Scale one cross-attention layer's o_proj in the reference only: the comparison must notice.
     if let llama32::vision::weights::TextLayerWeights::CrossAttention(x) = &mut w.text.layers[1] {
-        x.wo.iter_mut().for_each(|v| *v *= 1.5);
+        x.wo.dense.iter_mut().for_each(|v| *v *= 1.5);
     }
     let mut perturbed = MllamaCpuExecutor::new(c.model.cfg.clone(), w, KV_TOKENS, BLOCK).unwrap();
     perturbed.add_images(1, &c.images).unwrap();

@@ -427,16 +427,16 @@ fn weights_load_in_the_documented_layout() {
     );
     let TextLayerWeights::CrossAttention(l3) = &w.text.layers[3] else { unreachable!() };
     let p = "language_model.model.layers.3";
-    assert_eq!(l3.wq, tensor_f32(&ckpt, &format!("{p}.cross_attn.q_proj.weight")));
+    assert_eq!(l3.wq.dense, tensor_f32(&ckpt, &format!("{p}.cross_attn.q_proj.weight")));
     assert_eq!(
-        l3.wkv,
+        l3.wkv.dense,
         cat(&ckpt, &[&format!("{p}.cross_attn.k_proj.weight"), &format!("{p}.cross_attn.v_proj.weight")])
     );
     assert_eq!(l3.k_norm, tensor_f32(&ckpt, &format!("{p}.cross_attn.k_norm.weight")));
     assert_eq!(l3.attn_gate, tensor_f32(&ckpt, &format!("{p}.cross_attn_attn_gate"))[0]);
     assert_eq!(l3.mlp_gate, tensor_f32(&ckpt, &format!("{p}.cross_attn_mlp_gate"))[0]);
     assert!(l3.attn_gate != 0.0 && l3.mlp_gate != 0.0, "the golden gates are non-zero");
-    assert_eq!(l3.w_down, tensor_f32(&ckpt, &format!("{p}.mlp.down_proj.weight")));
+    assert_eq!(l3.w_down.dense, tensor_f32(&ckpt, &format!("{p}.mlp.down_proj.weight")));
 }
 
 #[test]

@@ -321,8 +321,8 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
     })
 }
 
-/// [`start_engine`] for a Llama 3.2 Vision checkpoint (CPU reference): the text decoder runs in the engine's
-/// batched executor, the image encoder in the request handlers.
+/// [`start_engine`] for a Llama 3.2 Vision checkpoint: the text decoder runs in the engine's batched executor (CPU
+/// reference, CPU tensor-parallel ranks, or CUDA), the image encoder (CPU reference) in the request handlers.
 fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> Result<(EngineHandle, ServeContext)> {
     let tok = load_tokenizer(a)?.map(Arc::new);
     let t0 = std::time::Instant::now();
@@ -335,13 +335,30 @@ fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> 
     } else {
         (crate::vision::pipeline::ImageEncoder::load(dir)?, None)
     };
-    eprintln!("loaded {} (Llama 3.2 Vision, CPU reference) in {:.1} s", dir.display(), t0.elapsed().as_secs_f64());
+    eprintln!("loaded {} (Llama 3.2 Vision) in {:.1} s", dir.display(), t0.elapsed().as_secs_f64());
     let cfg = encoder.cfg.clone();
+    let device = super::load::Device::parse(&a.device)?;
     let kv_tokens = a.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS);
     let block = a.block_size;
     let ckpt_dir = dir.to_path_buf();
+    // The CUDA text decoder: the image encoder stays on the CPU reference in the request handlers.
+    let cuda_opts = crate::vision::cuda::text::MllamaCudaOptions {
+        device: match device {
+            super::load::Device::Cuda(ordinal) => ordinal,
+            super::load::Device::Cpu => 0,
+        },
+        block_size: block,
+        kv_tokens: a.kv_tokens.unwrap_or(crate::vision::cuda::text::MllamaCudaOptions::default().kv_tokens),
+        max_step_tokens: e.max_num_batched_tokens.max(1),
+        max_logits_rows: e.max_num_seqs.max(1),
+        skinny_gemm: !a.no_skinny_gemm,
+        ..Default::default()
+    };
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
         match text {
+            Some(text) if matches!(device, super::load::Device::Cuda(_)) => {
+                Ok(Box::new(crate::vision::cuda::text::MllamaCudaExecutor::new(cfg, &text, &cuda_opts)?))
+            }
             Some(text) => Ok(Box::new(crate::vision::exec::MllamaCpuExecutor::new(cfg, text, kv_tokens, block)?)),
             None => {
                 let ckpt = crate::weights::Checkpoint::open(&ckpt_dir)?;

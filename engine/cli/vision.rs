@@ -1,4 +1,5 @@
-//! `logits` and `generate` for Llama 3.2 Vision checkpoints (`--image`), on the CPU reference.
+//! `logits` and `generate` for Llama 3.2 Vision checkpoints (`--image`): on the CPU reference, as tensor-parallel
+//! CPU ranks (`logits`), or with the text decoder on CUDA (`logits --device cuda`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,12 +15,7 @@ use crate::{Error, Result};
 pub fn vision_dir(m: &ModelArgs, has_images: bool) -> Result<Option<PathBuf>> {
     match &m.model {
         Some(dir) if is_mllama_dir(dir) => {
-            if m.device != "cpu" {
-                return Err(Error::request(format!(
-                    "--device {}: Llama 3.2 Vision runs on the CPU reference only so far (--device cpu)",
-                    m.device
-                )));
-            }
+            super::load::Device::parse(&m.device)?;
             if m.random_weights || m.preset.is_some() {
                 return Err(Error::request("--random-weights / --preset are not supported for vision models yet"));
             }
@@ -51,7 +47,10 @@ fn load(dir: &Path, images: &[PathBuf]) -> Result<(MllamaModel, EncodedImages)> 
 }
 
 /// `llama32 logits --image ...`: float32 logits `[T, vocab]` of `ids` with the images as .npy.
-pub fn logits(_m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path) -> Result<()> {
+pub fn logits(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path) -> Result<()> {
+    if let super::load::Device::Cuda(ordinal) = super::load::Device::parse(&m.device)? {
+        return logits_cuda(m, dir, ids, images, out, ordinal);
+    }
     let (model, enc) = load(dir, images)?;
     let vocab = model.cfg.text.base.vocab_size;
     let logits = model.logits(ids, &enc)?;
@@ -64,8 +63,6 @@ pub fn logits(_m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
 /// projector are replicated), and the text decoder runs as `tp` in-process ranks
 /// ([`crate::tp::vision::TpMllamaCpuExecutor`]) in one prefill step.
 pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, tp: usize) -> Result<()> {
-    use crate::exec::generate::{build_step, LogitsWanted, SeqChunk};
-    use crate::exec::Executor;
     let (model, enc) = load(dir, images)?;
     let cfg = model.cfg.clone();
     let mask = if enc.is_empty() {
@@ -89,12 +86,57 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
     let t0 = Instant::now();
     let mut exec = crate::tp::vision::TpMllamaCpuExecutor::new(cfg.clone(), &ckpt, tp, kv_tokens, m.block_size)?;
     eprintln!("loaded the text decoder as {tp} tensor-parallel CPU ranks in {:.2} s", t0.elapsed().as_secs_f64());
-    let table: Vec<u32> = (0..ids.len().div_ceil(m.block_size) as u32).collect();
+    prefill_to_npy(&mut exec, &cfg, m.block_size, ids, &enc, mask.as_ref(), out)?;
+    eprintln!("(tensor-parallel {tp})");
+    Ok(())
+}
+
+/// `llama32 logits --image ... --device cuda[:N]`: the images encoded by the CPU reference encoder, the text
+/// decoder in [`crate::vision::cuda::text::MllamaCudaExecutor`] (bf16), in one prefill step.
+fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, device: usize) -> Result<()> {
+    if ids.is_empty() {
+        return Err(Error::request("--ids: no tokens"));
+    }
+    if m.block_size == 0 {
+        return Err(Error::request("--block-size must be positive"));
+    }
+    let (model, enc) = load(dir, images)?;
+    let cfg = model.cfg.clone();
+    let mask = if enc.is_empty() { None } else { Some(model.mask(ids, &enc)?) };
+    let opts = crate::vision::cuda::text::MllamaCudaOptions {
+        device,
+        block_size: m.block_size,
+        kv_tokens: m.kv_tokens.unwrap_or(ids.len()).max(ids.len()),
+        max_step_tokens: ids.len().max(1),
+        max_logits_rows: ids.len().max(1),
+        skinny_gemm: !m.no_skinny_gemm,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let mut exec = crate::vision::cuda::text::MllamaCudaExecutor::new(cfg.clone(), &model.weights, &opts)?;
+    drop(model);
+    eprintln!("uploaded the text decoder to cuda:{device} in {:.2} s", t0.elapsed().as_secs_f64());
+    prefill_to_npy(&mut exec, &cfg, m.block_size, ids, &enc, mask.as_ref(), out)
+}
+
+/// Runs `ids` (with the images, when `mask` is given) through `exec` in one prefill step and writes every row's
+/// logits as .npy.
+fn prefill_to_npy(
+    exec: &mut dyn crate::exec::Executor,
+    cfg: &MllamaConfig,
+    block_size: usize,
+    ids: &[u32],
+    enc: &EncodedImages,
+    mask: Option<&crate::vision::text::CrossAttentionMask>,
+    out: &Path,
+) -> Result<()> {
+    use crate::exec::generate::{build_step, LogitsWanted, SeqChunk};
+    let table: Vec<u32> = (0..ids.len().div_ceil(block_size) as u32).collect();
     let chunk = SeqChunk { tokens: ids, start_pos: 0, block_table: &table, logits: LogitsWanted::All };
-    let step = build_step(&[chunk], m.block_size)?;
-    let logits = match &mask {
+    let step = build_step(&[chunk], block_size)?;
+    let logits = match mask {
         Some(mask) => {
-            exec.add_images(0, &enc)?;
+            exec.add_images(0, enc)?;
             let seq = crate::vision::exec::SeqImages { key: 0, mask: mask.data() };
             exec.step_with_images(&step, &[Some(seq)])?.logits
         }
@@ -102,12 +144,19 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
     };
     let vocab = cfg.text.base.vocab_size;
     crate::npy::write_f32(out, &[ids.len(), vocab], &logits)?;
-    eprintln!("wrote logits [{}, {vocab}] to {} (tensor-parallel {tp})", ids.len(), out.display());
+    eprintln!("wrote logits [{}, {vocab}] to {}", ids.len(), out.display());
     Ok(())
 }
 
 /// `llama32 generate --image ...`.
 pub fn generate(a: &GenerateArgs, dir: &Path) -> Result<()> {
+    if a.model.device != "cpu" {
+        return Err(Error::request(format!(
+            "--device {}: `generate --image` runs on the CPU reference (use `serve --device cuda` or `logits --device \
+             cuda` for the CUDA text decoder)",
+            a.model.device
+        )));
+    }
     let tok = load_tokenizer(&a.model)?;
     let image_token = MllamaConfig::from_model_dir(dir)?.image_token_index;
     let prompt = build_prompt(a, tok.as_ref(), a.image.len(), Some(image_token))?;

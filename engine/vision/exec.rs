@@ -22,8 +22,8 @@ use crate::exec::{Executor, StepInput, StepOutput};
 use crate::ops::cpu::attention::{paged_attention, write_kv, AttentionBatch, PagedLayout};
 use crate::ops::cpu::embedding::embed;
 use crate::ops::cpu::linear::linear;
-use crate::ops::cpu::quant::linear_weight;
 use crate::ops::cpu::norm::{add_rms_norm, rms_norm};
+use crate::ops::cpu::quant::linear_weight;
 use crate::ops::cpu::rope::rope;
 use crate::{Error, Result};
 

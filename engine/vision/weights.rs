@@ -575,9 +575,10 @@ impl<'a> Reader<'a> {
         let parts = names
             .iter()
             .map(|name| {
-                let shape = self.shapes.get(name).ok_or_else(|| {
-                    Error::weights("<mllama>", format!("internal: `{name}` is not an Mllama tensor"))
-                })?;
+                let shape = self
+                    .shapes
+                    .get(name)
+                    .ok_or_else(|| Error::weights("<mllama>", format!("internal: `{name}` is not an Mllama tensor")))?;
                 read_linear(ckpt, &layout.tensor_name(name), q, shape[0], shape[1])
             })
             .collect::<Result<Vec<_>>>()?;
