@@ -5,7 +5,9 @@
 #                                 kernels, strips them and copies them into gpu-bundle/ (gitignored).
 #   scripts/gpu-suite.sh run-tp   on the device machine: only the tensor-parallel tests (tests/gpu/cuda_tp.rs, a
 #                                 minute or two) with their `cuda-tp` figure lines; see docs/parallelism.md.
-#   scripts/gpu-suite.sh run      on the device machine, from the repository root: runs each test of each binary in
+#   scripts/gpu-suite.sh run [STAGES]
+#                                 on the device machine, from the repository root (STAGES: see `run` below; default
+#                                 all, which takes longer than one 10-minute device call): runs each test of each binary in
 #                                 gpu-bundle/tests/ on its own and prints a PASS / FAIL / SKIP table last.
 #                                 Exit status 0 only when every row is PASS: a SKIP on a device machine means the test
 #                                 found no device (or no data), which is a failure there.
@@ -133,6 +135,11 @@ run_tp() {
 }
 
 run() {
+  # Stages, comma-separated (default all): tests (every GPU test, the correctness gate), kernels (ignored kernel
+  # benches, criterion, PyTorch peers), vision (the 11B vision benches, ~2 x 2-9 min), e2e (llama32 bench,
+  # offline throughput, bench-serve). A 15-minute device session runs them as separate calls, tests first.
+  local stages="${1:-tests,kernels,vision,e2e}"
+  want() { [[ ",$stages," == *",$1,"* ]]; }
   cd "$root"
   if [[ ! -d "$bundle/tests" ]]; then
     echo "error: $bundle/tests missing: build it with scripts/gpu-suite.sh and carry gpu-bundle" >&2
@@ -155,171 +162,181 @@ run() {
   device=$(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1) ||
     device="nvidia-smi failed"
   local rows=() benches=() failed=0 exe name t log status rc start secs
-  for exe in "$bundle"/tests/*; do
-    name=$(basename "$exe")
-    local tests=()
-    mapfile -t tests < <("$exe" --list --format=terse 2>/dev/null | sed -n 's/: test$//p')
-    if ((${#tests[@]} == 0)); then
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL "$name" "(lists no tests)" -)")
-      failed=$((failed + 1))
-      continue
-    fi
-    for t in "${tests[@]}"; do
-      log="$logs/$name.$t.log"
-      start=$(date +%s.%N)
-      rc=0
-      "$exe" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
-      secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1fs", b - a }')
-      if ((rc != 0)); then
-        status=FAIL
-      elif grep -q 'skipped:' "$log"; then
-        status=SKIP
-      else
-        status=PASS
-      fi
-      if [[ $status != PASS ]]; then
+  if want tests; then
+    for exe in "$bundle"/tests/*; do
+      name=$(basename "$exe")
+      local tests=()
+      mapfile -t tests < <("$exe" --list --format=terse 2>/dev/null | sed -n 's/: test$//p')
+      if ((${#tests[@]} == 0)); then
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL "$name" "(lists no tests)" -)")
         failed=$((failed + 1))
-        echo "---- $status $name::$t (last lines of $log)"
-        tail -n 15 "$log"
+        continue
       fi
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" "$name" "$t" "$secs")")
+      for t in "${tests[@]}"; do
+        log="$logs/$name.$t.log"
+        start=$(date +%s.%N)
+        rc=0
+        "$exe" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+        secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1fs", b - a }')
+        if ((rc != 0)); then
+          status=FAIL
+        elif grep -q 'skipped:' "$log"; then
+          status=SKIP
+        else
+          status=PASS
+        fi
+        if [[ $status != PASS ]]; then
+          failed=$((failed + 1))
+          echo "---- $status $name::$t (last lines of $log)"
+          tail -n 15 "$log"
+        fi
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" "$name" "$t" "$secs")")
+      done
     done
-  done
-  # Tensor parallelism on CUDA (tests/gpu/cuda_tp.rs): its `cuda-tp` figure lines join the summary.
-  mapfile -t -O "${#benches[@]}" benches < <(grep -h '^cuda-tp ' "$logs"/gpu.cuda_tp::*.log 2>/dev/null || true)
-  rc=0
-  "$bundle/bin/llama32" --help >"$logs/llama32.help.log" 2>&1 || rc=$?
-  if ((rc == 0)); then status=PASS; else status=FAIL; failed=$((failed + 1)); fi
-  rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" llama32 "--help (the release binary starts)" -)")
+    # Tensor parallelism on CUDA (tests/gpu/cuda_tp.rs): its `cuda-tp` figure lines join the summary.
+    mapfile -t -O "${#benches[@]}" benches < <(grep -h '^cuda-tp ' "$logs"/gpu.cuda_tp::*.log 2>/dev/null || true)
+    rc=0
+    "$bundle/bin/llama32" --help >"$logs/llama32.help.log" 2>&1 || rc=$?
+    if ((rc == 0)); then status=PASS; else status=FAIL; failed=$((failed + 1)); fi
+    rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" llama32 "--help (the release binary starts)" -)")
+  fi
 
-  # Kernel throughput: the tests marked #[ignore] are benchmarks; their figure lines join the table.
-  for exe in "$bundle"/tests/*; do
-    name=$(basename "$exe")
-    while read -r t; do
-      [[ -n $t ]] || continue
-      [[ $t == cuda_vision::bench_* ]] && continue # the 11B vision benches run below with a longer timeout
-      log="$logs/$name.$t.bench.log"
-      rc=0
-      timeout 120 "$exe" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
-      if ((rc == 0)); then
-        mapfile -t -O "${#benches[@]}" benches < <(grep -E 'GB/s|TFLOP/s' "$log")
-      else
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL "$name" "$t (benchmark)" -)")
-        tail -n 5 "$log"
-      fi
-    done < <("$exe" --list --ignored --format=terse 2>/dev/null | sed -n 's/: test$//p')
-  done
-
-  # Llama 3.2 Vision at the 11B shapes on random weights (generating them takes most of the time): the encoder time
-  # per 4-tile image and batch-1 decode ms/token with one 4-tile image; their BENCH lines join the table.
-  if [[ -x "$bundle/tests/gpu" ]]; then
-    for t in cuda_vision::bench_vision_encoder_11b cuda_vision::bench_mllama_11b_decode; do
-      log="$logs/gpu.$t.bench.log"
-      rc=0
-      timeout 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
-      if ((rc == 0)); then
-        mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
-      else
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$t (benchmark)" -)")
-        tail -n 5 "$log"
-      fi
+  if want kernels; then
+    # Kernel throughput: the tests marked #[ignore] are benchmarks; their figure lines join the table.
+    for exe in "$bundle"/tests/*; do
+      name=$(basename "$exe")
+      while read -r t; do
+        [[ -n $t ]] || continue
+        [[ $t == cuda_vision::bench_* ]] && continue # the 11B vision benches run below with a longer timeout
+        log="$logs/$name.$t.bench.log"
+        rc=0
+        timeout 120 "$exe" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+        if ((rc == 0)); then
+          mapfile -t -O "${#benches[@]}" benches < <(grep -E 'GB/s|TFLOP/s' "$log")
+        else
+          failed=$((failed + 1))
+          rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL "$name" "$t (benchmark)" -)")
+          tail -n 5 "$log"
+        fi
+      done < <("$exe" --list --ignored --format=terse 2>/dev/null | sed -n 's/: test$//p')
     done
   fi
 
-  # Criterion benches of the kernel families (CUDA-event timing); their "time:" and "thrpt:" lines join the table.
-  if [[ -x "$bundle/bench/cuda_kernels" ]]; then
-    log="$logs/criterion.log"
-    rc=0
-    # 420 s: the quant group (W4A16 / W4A8 at the 1B, 11B and 90B shapes) adds about two minutes.
-    (cd "$(mktemp -d)" && timeout 420 "$bundle/bench/cuda_kernels" --bench --noplot) >"$log" 2>&1 || rc=$?
-    if ((rc == 0)) && ! grep -q 'skipped:' "$log"; then
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS criterion "cuda_kernels (all groups)" -)")
-      mapfile -t -O "${#benches[@]}" benches < <(awk '/^[a-z_]+\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
-    else
-      failed=$((failed + 1))
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "cuda_kernels (see $log)" -)")
-      tail -n 5 "$log"
+  if want vision; then
+    # Llama 3.2 Vision at the 11B shapes on random weights (generating them takes most of the time): the encoder time
+    # per 4-tile image and batch-1 decode ms/token with one 4-tile image; their BENCH lines join the table.
+    if [[ -x "$bundle/tests/gpu" ]]; then
+      for t in cuda_vision::bench_vision_encoder_11b cuda_vision::bench_mllama_11b_decode; do
+        log="$logs/gpu.$t.bench.log"
+        rc=0
+        timeout 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+        if ((rc == 0)); then
+          mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
+        else
+          failed=$((failed + 1))
+          rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$t (benchmark)" -)")
+          tail -n 5 "$log"
+        fi
+      done
     fi
   fi
 
-  # PyTorch peers in the same call (scripts/peers.py --quick: copy/GEMM ceilings, SDPA, and the quant peers torch
-  # int4 tinygemm g32 and cuBLAS bf16 at the shapes of the criterion `quant` group); their lines join the table.
-  if [[ -f "$root/scripts/peers.py" ]] && command -v python3 >/dev/null; then
-    log="$logs/peers.log"
-    rc=0
-    timeout 300 python3 "$root/scripts/peers.py" --quick >"$log" 2>&1 || rc=$?
-    if ((rc == 0)); then
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS peers "scripts/peers.py --quick" -)")
-      mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
-    else
-      failed=$((failed + 1))
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "scripts/peers.py --quick (see $log)" -)")
-      tail -n 5 "$log"
+  if want kernels; then
+    # Criterion benches of the kernel families (CUDA-event timing); their "time:" and "thrpt:" lines join the table.
+    if [[ -x "$bundle/bench/cuda_kernels" ]]; then
+      log="$logs/criterion.log"
+      rc=0
+      # 420 s: the quant group (W4A16 / W4A8 at the 1B, 11B and 90B shapes) adds about two minutes.
+      (cd "$(mktemp -d)" && timeout 420 "$bundle/bench/cuda_kernels" --bench --noplot) >"$log" 2>&1 || rc=$?
+      if ((rc == 0)) && ! grep -q 'skipped:' "$log"; then
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS criterion "cuda_kernels (all groups)" -)")
+        mapfile -t -O "${#benches[@]}" benches < <(awk '/^[a-z_]+\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "cuda_kernels (see $log)" -)")
+        tail -n 5 "$log"
+      fi
+    fi
+
+    # PyTorch peers in the same call (scripts/peers.py --quick: copy/GEMM ceilings, SDPA, and the quant peers torch
+    # int4 tinygemm g32 and cuBLAS bf16 at the shapes of the criterion `quant` group); their lines join the table.
+    if [[ -f "$root/scripts/peers.py" ]] && command -v python3 >/dev/null; then
+      log="$logs/peers.log"
+      rc=0
+      timeout 300 python3 "$root/scripts/peers.py" --quick >"$log" 2>&1 || rc=$?
+      if ((rc == 0)); then
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS peers "scripts/peers.py --quick" -)")
+        mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "scripts/peers.py --quick (see $log)" -)")
+        tail -n 5 "$log"
+      fi
     fi
   fi
 
-  # End-to-end figures on random weights at the real shapes (JSON lines in $logs/bench.jsonl).
-  # Each spec: preset, batch, prompt tokens, generated tokens, then extra flags (ablations of graphs / skinny GEMM).
-  local spec preset batch prompt gen extra line tag
-  for spec in "1b 1 128 64" "1b 1 128 64 --no-skinny-gemm" "1b 1 128 64 --cuda-graph-max-batch 0" \
-    "3b 1 128 64" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" "1b 1 128 64 --quantize w4a8-g32" \
-    "1b 64 512 64 --quantize w4a8-g32"; do
-    read -r preset batch prompt gen extra <<<"$spec"
-    tag="$preset.b$batch${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}"
-    log="$logs/bench.$tag.log"
+  if want e2e; then
+    # End-to-end figures on random weights at the real shapes (JSON lines in $logs/bench.jsonl).
+    # Each spec: preset, batch, prompt tokens, generated tokens, then extra flags (ablations of graphs / skinny GEMM).
+    local spec preset batch prompt gen extra line tag
+    for spec in "1b 1 128 64" "1b 1 128 64 --no-skinny-gemm" "1b 1 128 64 --cuda-graph-max-batch 0" \
+      "3b 1 128 64" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" "1b 1 128 64 --quantize w4a8-g32" \
+      "1b 64 512 64 --quantize w4a8-g32"; do
+      read -r preset batch prompt gen extra <<<"$spec"
+      tag="$preset.b$batch${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}"
+      log="$logs/bench.$tag.log"
+      rc=0
+      # shellcheck disable=SC2086 # $extra is a list of flags
+      timeout 180 "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
+        --prompt-tokens "$prompt" --gen-tokens "$gen" $extra >"$log" 2>&1 || rc=$?
+      line=$(grep '^{' "$log" | tail -1 || true)
+      if ((rc == 0)) && [[ -n $line ]]; then
+        echo "$line" >>"$logs/bench.jsonl"
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen $extra" -)")
+        benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$preset" "$extra")")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$preset b$batch p$prompt g$gen $extra" -)")
+        tail -n 5 "$log"
+      fi
+    done
+
+    # Offline throughput through the scheduler (serving issue target: 1B, 2000 x 512 prompt tokens, 256 generated).
+    log="$logs/bench.offline.log"
     rc=0
-    # shellcheck disable=SC2086 # $extra is a list of flags
-    timeout 180 "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
-      --prompt-tokens "$prompt" --gen-tokens "$gen" $extra >"$log" 2>&1 || rc=$?
+    timeout 240 "$bundle/bin/llama32" bench --preset 1b --device cuda --batch 2000 --prompt-tokens 512 \
+      --gen-tokens 256 >"$log" 2>&1 || rc=$?
     line=$(grep '^{' "$log" | tail -1 || true)
     if ((rc == 0)) && [[ -n $line ]]; then
       echo "$line" >>"$logs/bench.jsonl"
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen $extra" -)")
-      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$preset" "$extra")")
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "offline 1b 2000 x p512 g256" -)")
+      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("offline 1b 2000x512+256: %.0f output tok/s (%.1f s)" % (d["output_tok_per_s"], d["total_s"]))' "$line")")
     else
       failed=$((failed + 1))
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$preset b$batch p$prompt g$gen $extra" -)")
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "offline 1b 2000 x p512 g256" -)")
       tail -n 5 "$log"
     fi
-  done
 
-  # Offline throughput through the scheduler (serving issue target: 1B, 2000 x 512 prompt tokens, 256 generated).
-  log="$logs/bench.offline.log"
-  rc=0
-  timeout 240 "$bundle/bin/llama32" bench --preset 1b --device cuda --batch 2000 --prompt-tokens 512 \
-    --gen-tokens 256 >"$log" 2>&1 || rc=$?
-  line=$(grep '^{' "$log" | tail -1 || true)
-  if ((rc == 0)) && [[ -n $line ]]; then
-    echo "$line" >>"$logs/bench.jsonl"
-    rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "offline 1b 2000 x p512 g256" -)")
-    benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("offline 1b 2000x512+256: %.0f output tok/s (%.1f s)" % (d["output_tok_per_s"], d["total_s"]))' "$line")")
-  else
-    failed=$((failed + 1))
-    rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "offline 1b 2000 x p512 g256" -)")
-    tail -n 5 "$log"
-  fi
-
-  # Server latency: streaming clients against an in-process server (TTFT / ITL at 1, 16, 64, 256 clients).
-  log="$logs/bench-serve.log"
-  rc=0
-  timeout 300 "$bundle/bin/llama32" bench-serve --preset 1b --random-weights --device cuda --clients 1,16,64,256 \
-    --requests-per-client 2 --prompt-tokens 512 --max-tokens 128 >"$log" 2>&1 || rc=$?
-  if ((rc == 0)) && grep -q '^{' "$log"; then
-    grep '^{' "$log" >>"$logs/bench.jsonl"
-    rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench-serve "1b p512 g128, 1/16/64/256 clients" -)")
-    mapfile -t -O "${#benches[@]}" benches < <(grep '^{' "$log" | python3 -c '
-import json, sys
-for l in sys.stdin:
-    d = json.loads(l)
-    print("serve %3d clients: TTFT p50 %7.1f p99 %7.1f ms  ITL p50 %6.2f p99 %6.2f ms  %8.0f tok/s  ok %d err %d" % (
-        d["clients"], d["ttft_ms"]["p50"], d["ttft_ms"]["p99"], d["itl_ms"]["p50"], d["itl_ms"]["p99"],
-        d["output_tok_per_s"], d["ok"], d["errors"]))')
-  else
-    failed=$((failed + 1))
-    rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench-serve "1b p512 g128, 1/16/64/256 clients" -)")
-    tail -n 5 "$log"
+    # Server latency: streaming clients against an in-process server (TTFT / ITL at 1, 16, 64, 256 clients).
+    log="$logs/bench-serve.log"
+    rc=0
+    timeout 300 "$bundle/bin/llama32" bench-serve --preset 1b --random-weights --device cuda --clients 1,16,64,256 \
+      --requests-per-client 2 --prompt-tokens 512 --max-tokens 128 >"$log" 2>&1 || rc=$?
+    if ((rc == 0)) && grep -q '^{' "$log"; then
+      grep '^{' "$log" >>"$logs/bench.jsonl"
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench-serve "1b p512 g128, 1/16/64/256 clients" -)")
+      mapfile -t -O "${#benches[@]}" benches < <(grep '^{' "$log" | python3 -c '
+  import json, sys
+  for l in sys.stdin:
+      d = json.loads(l)
+      print("serve %3d clients: TTFT p50 %7.1f p99 %7.1f ms  ITL p50 %6.2f p99 %6.2f ms  %8.0f tok/s  ok %d err %d" % (
+          d["clients"], d["ttft_ms"]["p50"], d["ttft_ms"]["p99"], d["itl_ms"]["p50"], d["itl_ms"]["p99"],
+          d["output_tok_per_s"], d["ok"], d["errors"]))')
+    else
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench-serve "1b p512 g128, 1/16/64/256 clients" -)")
+      tail -n 5 "$log"
+    fi
   fi
 
   echo
@@ -333,10 +350,10 @@ for l in sys.stdin:
 
 case "${1:-build}" in
   build) build ;;
-  run) run ;;
+  run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,kernels,vision,e2e]|run-tp]" >&2
     exit 2
     ;;
 esac
