@@ -19,6 +19,7 @@ pub mod quant;
 pub mod sampling;
 pub mod sched;
 pub mod serve;
+pub mod telemetry;
 pub mod tokenizer;
 pub mod tool_calls;
 pub mod tp;

@@ -235,9 +235,27 @@ pub struct BenchArgs {
     /// Generated tokens per sequence.
     #[arg(long, default_value_t = 16)]
     gen_tokens: usize,
-    /// Sequences decoded together.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Sequences decoded together; a comma list (e.g. 1,16,64) runs each, printing one JSON line per run.
+    #[arg(long, default_value = "1")]
+    batch: String,
+    /// Tensor-parallel ranks; a comma list (e.g. 1,2,4) runs each with every --batch. On the CPU the ranks are
+    /// in-process threads; on CUDA they run on --devices.
+    #[arg(long, default_value = "1")]
+    tensor_parallel: String,
+    /// CUDA devices of the ranks when tp > 1, e.g. 0,1,2,3 or cuda:0,cuda:1 (rank r runs on entry r mod the
+    /// count). Default: cuda:0..tp-1 when that many devices are visible, else --device's one device for all ranks.
+    #[arg(long)]
+    devices: Option<String>,
+    /// Communicator of CUDA ranks when tp > 1: nccl, host-staged, or auto (nccl when every rank has its own
+    /// device, host-staged when ranks share one).
+    #[arg(long, default_value = "auto")]
+    tp_comm: String,
+    /// Append each result line (JSON) to this file as well.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Milliseconds between NVML telemetry samples (CUDA only).
+    #[arg(long, default_value_t = 50)]
+    telemetry_interval_ms: u64,
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -442,16 +460,226 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parses a comma list of positive integers for `flag`, naming the bad item.
+fn parse_counts(s: &str, flag: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| match t.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(Error::request(format!("{flag}: `{t}` is not a positive integer"))),
+        })
+        .collect::<Result<_>>()?;
+    if v.is_empty() {
+        return Err(Error::request(format!("{flag}: no values given")));
+    }
+    Ok(v)
+}
+
+/// Parses `--devices` (`0,1` or `cuda:0,cuda:1`) into CUDA ordinals.
+fn parse_devices(s: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let n = t.strip_prefix("cuda:").unwrap_or(t);
+            n.parse::<usize>()
+                .map_err(|_| Error::request(format!("--devices: `{t}` is not a CUDA device (N or cuda:N)")))
+        })
+        .collect::<Result<_>>()?;
+    if v.is_empty() {
+        return Err(Error::request("--devices: no devices given"));
+    }
+    Ok(v)
+}
+
+/// One model loaded for a tensor-parallel degree of the bench sweep.
+struct BenchModel {
+    exec: Box<dyn Executor>,
+    device_name: String,
+    source_desc: String,
+    load_secs: f64,
+    /// The CUDA devices the ranks run on (empty on the CPU).
+    gpus: Vec<usize>,
+}
+
+/// Loads the model of `a` as `tp` ranks with KV room for `kv_tokens` tokens (per rank).
+fn bench_model(
+    a: &BenchArgs,
+    model_args: &ModelArgs,
+    tp: usize,
+    kv_tokens: usize,
+    min_tokens: usize,
+) -> Result<BenchModel> {
+    let device = Device::parse(&a.model.device)?;
+    if tp == 1 {
+        let m = load_model(model_args, min_tokens)?;
+        let gpus = match device {
+            Device::Cuda(o) => vec![o],
+            Device::Cpu => Vec::new(),
+        };
+        return Ok(BenchModel {
+            exec: m.exec,
+            device_name: m.device_name,
+            source_desc: m.source_desc,
+            load_secs: m.load_secs,
+            gpus,
+        });
+    }
+    let (cfg, source) = load::resolve_config(model_args)?;
+    let mut desc = source.describe();
+    if model_args.random_weights {
+        desc.push_str(" with random weights");
+    }
+    let t0 = Instant::now();
+    let ordinal = match device {
+        Device::Cpu => {
+            let exec = serve::tp_cpu_executor(model_args, tp, kv_tokens)?;
+            return Ok(BenchModel {
+                exec: Box::new(exec),
+                device_name: format!("cpu ({} threads)", rayon::current_num_threads()),
+                source_desc: desc,
+                load_secs: t0.elapsed().as_secs_f64(),
+                gpus: Vec::new(),
+            });
+        }
+        Device::Cuda(o) => o,
+    };
+    use crate::tp::cuda::{TpCommKind, TpCudaExecutor};
+    let quantized = match &source {
+        load::Source::Dir(dir) => load::checkpoint_quantization(dir)?.is_some(),
+        load::Source::Preset(_) => false,
+    };
+    if model_args.quantize.is_some() || quantized {
+        return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
+    }
+    crate::ops::cuda::probe()?;
+    let devices = match &a.devices {
+        Some(d) => parse_devices(d)?,
+        None => {
+            let count = cudarc::driver::CudaContext::device_count()
+                .map_err(|e| Error::Backend(format!("counting CUDA devices: {e}")))?;
+            if count >= 0 && tp <= count as usize {
+                (0..tp).collect()
+            } else {
+                vec![ordinal]
+            }
+        }
+    };
+    let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
+    let distinct = placement.iter().enumerate().all(|(i, d)| !placement[..i].contains(d));
+    let kind = match a.tp_comm.as_str() {
+        "nccl" => TpCommKind::Nccl,
+        "host-staged" => TpCommKind::InProcess,
+        "auto" if distinct => TpCommKind::Nccl,
+        "auto" => TpCommKind::InProcess,
+        other => {
+            return Err(Error::request(format!("--tp-comm: expected auto, nccl or host-staged, got `{other}`")));
+        }
+    };
+    let opts = crate::exec::cuda::CudaOptions {
+        device: placement[0],
+        block_size: model_args.block_size,
+        kv_tokens: model_args.kv_tokens,
+        gpu_memory_utilization: model_args.gpu_memory_utilization,
+        max_step_tokens: 2048,
+        max_graph_batch: model_args.cuda_graph_max_batch,
+        skinny_gemm: !model_args.no_skinny_gemm,
+    };
+    let ckpt;
+    let src = match (&source, model_args.random_weights) {
+        (load::Source::Dir(dir), false) => {
+            ckpt = crate::weights::Checkpoint::open(dir)?;
+            crate::weights::check_checkpoint(&ckpt, &cfg)?;
+            crate::weights::WeightSource::Checkpoint(&ckpt)
+        }
+        _ => crate::weights::WeightSource::Random(model_args.weights_seed),
+    };
+    let exec = TpCudaExecutor::new(cfg, src, tp, &devices, kind, &opts)?;
+    let mut used: Vec<usize> = Vec::new();
+    for &d in &placement {
+        if !used.contains(&d) {
+            used.push(d);
+        }
+    }
+    let names: Vec<String> = used.iter().map(|d| format!("cuda:{d}")).collect();
+    Ok(BenchModel {
+        device_name: format!("{} ({tp} ranks, {})", names.join(","), exec.comm_name()),
+        exec: Box::new(exec),
+        source_desc: desc,
+        load_secs: t0.elapsed().as_secs_f64(),
+        gpus: used,
+    })
+}
+
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    if a.prompt_tokens == 0 || a.batch == 0 {
+    let batches = parse_counts(&a.batch, "--batch")?;
+    let tps = parse_counts(&a.tensor_parallel, "--tensor-parallel")?;
+    if a.prompt_tokens == 0 {
         return Err(Error::request("--prompt-tokens and --batch must be positive"));
     }
+    let device = Device::parse(&a.model.device)?;
+    // Fail before loading anything when a degree cannot shard the model.
+    let (cfg, _) = load::resolve_config(&a.model)?;
+    for &tp in &tps {
+        if tp > 1 {
+            crate::tp::TpPlan::new(&cfg, tp)?;
+        }
+    }
     let total = a.prompt_tokens + a.gen_tokens;
-    let model_args =
-        ModelArgs { kv_tokens: Some(a.model.kv_tokens.unwrap_or(total * a.batch + 64)), ..a.model.clone() };
-    let mut m = load_model(&model_args, total)?;
+    let max_batch = batches.iter().copied().max().unwrap_or(1);
+    let kv_tokens = a.model.kv_tokens.unwrap_or(total * max_batch + 64);
+    let model_args = ModelArgs { kv_tokens: Some(kv_tokens), ..a.model.clone() };
+    let mut json_out = match &a.json_out {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::request(format!("--json-out {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    for &tp in &tps {
+        let mut m = bench_model(&a, &model_args, tp, kv_tokens, total)?;
+        let telemetry = match device {
+            Device::Cuda(_) => {
+                let interval = std::time::Duration::from_millis(a.telemetry_interval_ms.max(1));
+                let t = crate::telemetry::Telemetry::start(&m.gpus, interval);
+                if let crate::telemetry::Telemetry::Unavailable(why) = &t {
+                    eprintln!("GPU telemetry unavailable: {why}");
+                }
+                Some(t)
+            }
+            Device::Cpu => None,
+        };
+        for &batch in &batches {
+            let out = bench_one(&a, &mut m, tp, batch, telemetry.as_ref())?;
+            let line = out.to_string();
+            println!("{line}");
+            std::io::stdout().flush().ok();
+            if let (Some(f), Some(p)) = (json_out.as_mut(), &a.json_out) {
+                writeln!(f, "{line}").map_err(|e| Error::request(format!("--json-out {}: {e}", p.display())))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Times prefill and decode of `batch` sequences on `m` (`tp` ranks); the result line. With `telemetry`, adds each
+/// GPU's window summary over the full run and the energy per generated token.
+fn bench_one(
+    a: &BenchArgs,
+    m: &mut BenchModel,
+    tp: usize,
+    batch: usize,
+    telemetry: Option<&crate::telemetry::Telemetry>,
+) -> Result<serde_json::Value> {
+    use crate::telemetry::Telemetry;
     let vocab = m.exec.config().vocab_size as u32;
-    let reqs: Vec<GenRequest> = (0..a.batch)
+    let reqs: Vec<GenRequest> = (0..batch)
         .map(|b| GenRequest {
             prompt: (0..a.prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32 % (vocab - 1)) + 1).collect(),
             params: SamplingParams {
@@ -476,30 +704,67 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         .map(|r| GenRequest { prompt: r.prompt.clone(), params: SamplingParams { max_tokens: 3, ..r.params.clone() } })
         .collect();
     run_scheduled(m.exec.as_mut(), &[], &warm, 2048, &mut nodetok, &mut notext)?;
+    let sampler = match telemetry {
+        Some(Telemetry::Sampling(s)) => Some(s),
+        _ => None,
+    };
+    let mark = |fallback: Instant| sampler.map_or(fallback, |s| s.mark());
+    let p0 = mark(Instant::now());
     let t0 = Instant::now();
     run_scheduled(m.exec.as_mut(), &[], &prefill_reqs, 2048, &mut nodetok, &mut notext)?;
     let prefill_s = t0.elapsed().as_secs_f64();
+    let p1 = mark(Instant::now());
     let t1 = Instant::now();
     run_scheduled(m.exec.as_mut(), &[], &reqs, 2048, &mut nodetok, &mut notext)?;
     let full_s = t1.elapsed().as_secs_f64();
+    let f1 = mark(Instant::now());
     let decode_steps = a.gen_tokens.saturating_sub(1).max(1) as f64;
     let decode_s = (full_s - prefill_s).max(0.0);
-    let out = serde_json::json!({
+    let mut out = serde_json::json!({
         "device": m.device_name,
         "threads": rayon::current_num_threads(),
         "model": m.source_desc,
-        "batch": a.batch, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
+        "batch": batch, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
         "temperature": a.temperature, "top_p": a.top_p,
         "load_s": m.load_secs,
         "prefill_s": prefill_s,
-        "prefill_tok_per_s": (a.batch * a.prompt_tokens) as f64 / prefill_s,
+        "prefill_tok_per_s": (batch * a.prompt_tokens) as f64 / prefill_s,
         "decode_ms_per_step": decode_s * 1e3 / decode_steps,
-        "decode_tok_per_s": a.batch as f64 * decode_steps / decode_s.max(1e-9),
+        "decode_tok_per_s": batch as f64 * decode_steps / decode_s.max(1e-9),
         "total_s": full_s,
-        "output_tok_per_s": (a.batch * a.gen_tokens) as f64 / full_s,
+        "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
+        "tp": tp,
     });
-    println!("{out}");
-    Ok(())
+    let tele = match telemetry {
+        None => None,
+        Some(Telemetry::Unavailable(why)) => Some(serde_json::json!({ "unavailable": why })),
+        Some(Telemetry::Sampling(s)) => {
+            let prefill = s.window(p0, p1);
+            let full = s.window(p1, f1);
+            s.forget_before(f1);
+            let sum = |w: &[crate::telemetry::GpuWindow]| -> Option<f64> { w.iter().map(|g| g.energy_j).sum() };
+            let (e_prefill, e_full) = (sum(&prefill), sum(&full));
+            let generated = (batch * a.gen_tokens) as f64;
+            // Decode energy: the full run less a prefill-only run, over the tokens after the first.
+            let e_decode = match (e_full, e_prefill) {
+                (Some(f), Some(p)) => Some((f - p).max(0.0)),
+                _ => None,
+            };
+            let decode_tokens = (batch * a.gen_tokens.saturating_sub(1)) as f64;
+            Some(serde_json::json!({
+                "interval_ms": a.telemetry_interval_ms,
+                "energy_j": e_full,
+                "j_per_token": e_full.map(|e| e / generated.max(1.0)),
+                "prefill_energy_j": e_prefill,
+                "decode_j_per_token": e_decode.filter(|_| decode_tokens > 0.0).map(|e| e / decode_tokens),
+                "gpus": full,
+            }))
+        }
+    };
+    if let (Some(t), Some(obj)) = (tele, out.as_object_mut()) {
+        obj.insert("telemetry".into(), t);
+    }
+    Ok(out)
 }
 
 /// Runs `reqs` to completion through the serving [`Scheduler`] (continuous batching, chunked prefill of at most

@@ -45,8 +45,9 @@ pub(crate) fn check_tensor_parallel(tp: usize, device: &str) -> Result<()> {
     }
     if tp > 1 && load::Device::parse(device)? != load::Device::Cpu {
         return Err(Error::request(format!(
-            "--tensor-parallel {tp} on --device {device}: tensor parallelism runs as in-process ranks on --device cpu \
-             only so far; the multi-GPU (NCCL) executor is planned (docs/parallelism.md)"
+            "--tensor-parallel {tp} on --device {device}: `logits`/`serve`/`batch` run tensor parallelism as in-process \
+             ranks on --device cpu only so far; on CUDA, `llama32 bench --tensor-parallel` drives the (not yet \
+             device-verified) multi-GPU executor (docs/parallelism.md)"
         )));
     }
     Ok(())
@@ -352,6 +353,7 @@ fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> 
         max_step_tokens: e.max_num_batched_tokens.max(1),
         max_logits_rows: e.max_num_seqs.max(1),
         skinny_gemm: !a.no_skinny_gemm,
+        max_graph_batch: a.cuda_graph_max_batch,
         ..Default::default()
     };
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {

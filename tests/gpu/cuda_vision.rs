@@ -1,8 +1,8 @@
 //! Llama 3.2 Vision on CUDA: each kernel of `kernels/vision/` against its CPU twin (random inputs, poisoned outputs,
 //! odd sizes), the CUDA encoder and projector against the CPU reference on the golden checkpoints, end-to-end
-//! logits and greedy ids of the golden cases through `MllamaCudaExecutor`, and a mixed batch of a text-only and a
-//! vision sequence. Skipped without a CUDA device. The ignored benches time the encoder (4 tiles, 11B shapes) and
-//! 11B batch-1 decode with one 4-tile image, on random weights.
+//! logits and greedy ids of the golden cases through `MllamaCudaExecutor`, a mixed batch of a text-only and a vision
+//! sequence, and decode through CUDA graphs against eager decode. Skipped without a CUDA device. The ignored benches
+//! time the encoder (4 tiles, 11B shapes) and 11B batch-1 decode with one 4-tile image, on random weights.
 
 use std::sync::Arc;
 
@@ -519,6 +519,106 @@ fn cuda_mixed_batch_matches_cpu_executor() {
     assert!(e <= c.budget, "mixed batch differs by {e:.2e}");
     for (r, (g, w)) in results[1].chunks(vocab).zip(results[0].chunks(vocab)).enumerate() {
         assert_eq!(argmax(g), argmax(w), "mixed batch row {r}: argmax");
+    }
+}
+
+/// Decode steps replayed from CUDA graphs equal the eager steps bit for bit: a batch of two vision sequences (on
+/// two image sets) and a text-only one (bucket 4, one padding row), then the text-only and one vision sequence
+/// (bucket 2), then the text-only one alone and the vision one alone (both bucket 1: the same graph must serve a
+/// step without images and one with). The golden case's head_dim 16 takes the generic attention (no KV splits) and
+/// every projection the skinny GEMM, whose rows are independent, so padding cannot change a real row.
+#[test]
+fn cuda_mllama_graph_decode_equals_eager() {
+    if cuda_stream().is_none() {
+        return;
+    }
+    let c = text_case("mllama-two-images");
+    let mask = c.model.mask(&c.ids, &c.images).unwrap();
+    let last = mask.row(c.ids.len() - 1).to_vec();
+    let text: Vec<u32> = c.ids.iter().copied().filter(|&t| t != c.model.cfg.image_token_index).collect();
+    let prompts: [&[u32]; 3] = [&c.ids, &text, &c.ids];
+    // Sequence 0 sees image set 1, sequence 2 set 2 (the same images at another place in the pool), 1 none.
+    let keys = [Some(1u64), None, Some(2u64)];
+    let stages: [&[usize]; 4] = [&[0, 1, 2], &[0, 1], &[1], &[0]];
+    let rounds = 3;
+    let mut results = Vec::new();
+    for graphs in [0, 256] {
+        let opts = MllamaCudaOptions {
+            block_size: 8,
+            kv_tokens: 512,
+            max_step_tokens: 256,
+            max_logits_rows: 64,
+            cross_tiles: 16,
+            max_graph_batch: graphs,
+            ..Default::default()
+        };
+        let mut ex = MllamaCudaExecutor::new(c.model.cfg.clone(), &c.model.weights, &opts).unwrap();
+        ex.add_images(1, &c.images).unwrap();
+        ex.add_images(2, &c.images).unwrap();
+        let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
+        // Equal table lengths keep the block-table width (part of a graph's key) the same in every step.
+        let capacity = c.ids.len() + stages.len() * rounds + 1;
+        let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        for t in tables.iter_mut() {
+            alloc.ensure(t, capacity).unwrap();
+        }
+        let mut logits = Vec::new();
+        for s in 0..3 {
+            let chunk =
+                SeqChunk { tokens: prompts[s], start_pos: 0, block_table: &tables[s], logits: LogitsWanted::Last };
+            let step = build_step(&[chunk], ex.block_size()).unwrap();
+            let im = keys[s].map(|key| SeqImages { key, mask: mask.data() });
+            logits.extend(ex.step_with_images(&step, &[im]).unwrap().logits);
+        }
+        let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let mut decode_steps = 0u64;
+        for (stage, active) in stages.iter().enumerate() {
+            for round in 0..rounds {
+                // Distinct tokens per sequence and round, so that no two rows compute the same thing.
+                let toks: Vec<u32> =
+                    active.iter().map(|&s| text[(7 * s + 3 * (stage * rounds + round)) % text.len()]).collect();
+                let chunks: Vec<SeqChunk<'_>> = active
+                    .iter()
+                    .zip(&toks)
+                    .map(|(&s, tok)| SeqChunk {
+                        tokens: std::slice::from_ref(tok),
+                        start_pos: pos[s],
+                        block_table: &tables[s],
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
+                let step = build_step(&chunks, ex.block_size()).unwrap();
+                let images: Vec<Option<SeqImages<'_>>> =
+                    active.iter().map(|&s| keys[s].map(|key| SeqImages { key, mask: &last })).collect();
+                let out = if images.iter().all(Option::is_none) {
+                    ex.step(&step).unwrap()
+                } else {
+                    ex.step_with_images(&step, &images).unwrap()
+                };
+                logits.extend(out.logits);
+                for &s in active.iter() {
+                    pos[s] += 1;
+                }
+                decode_steps += 1;
+            }
+        }
+        let (captures, replays) = ex.graph_counts();
+        if graphs == 0 {
+            assert_eq!((captures, replays), (0, 0), "graphs off: every step eager");
+        } else {
+            // Buckets 4, 2 and 1: the vision-only stage reuses the bucket-1 graph the text-only stage captured.
+            assert_eq!(captures, 3, "one graph per batch bucket");
+            assert_eq!(replays, decode_steps, "every decode step replays a graph");
+        }
+        results.push(logits);
+    }
+    let vocab = c.model.cfg.text.base.vocab_size;
+    assert_eq!(results[0].len(), results[1].len());
+    for (r, (g, e)) in results[1].chunks(vocab).zip(results[0].chunks(vocab)).enumerate() {
+        let diff = g.iter().zip(e).position(|(a, b)| a.to_bits() != b.to_bits());
+        if let Some(i) = diff {
+            panic!("logits row {r}, column {i}: graph {} vs eager {}", g[i], e[i]);
+        }
     }
 }
 

@@ -59,7 +59,7 @@ impl Default for CudaOptions {
 }
 
 /// The batch sizes decode graphs are captured for: 1, 2, 4, 8, then multiples of 16.
-fn graph_bucket(seqs: usize) -> usize {
+pub(crate) fn graph_bucket(seqs: usize) -> usize {
     if seqs <= 8 {
         seqs.next_power_of_two()
     } else {
@@ -409,7 +409,7 @@ impl CudaExecutor {
 
     /// A decode step as a padded, fixed-shape step: `bucket` rows, block tables `width` wide, padding rows at
     /// position 0 writing no cache slot.
-    fn padded_decode(&self, input: &StepInput, bucket: usize, width: usize) -> StepInput {
+    pub(crate) fn padded_decode(input: &StepInput, bucket: usize, width: usize) -> StepInput {
         let seqs = input.num_seqs();
         let mut p = StepInput {
             token_ids: input.token_ids.clone(),
@@ -437,7 +437,7 @@ impl CudaExecutor {
         let bucket = graph_bucket(seqs);
         // Table width rounds up to a power of two so that few graphs cover all context lengths.
         let width = input.max_blocks_per_seq.next_power_of_two().min(self.max_blocks_per_seq);
-        let padded = self.padded_decode(input, bucket, width);
+        let padded = Self::padded_decode(input, bucket, width);
         let max_ctx = input.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
         let key = (bucket, self.ops.decode_splits(bucket, max_ctx), width);
         let dims = Dims::of(&self.ops.cfg);

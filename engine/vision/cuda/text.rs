@@ -21,20 +21,28 @@
 //! scale of 0, so they leave the residual unchanged, as transformers skips the layer for them. A step without any
 //! image skips the cross layers entirely.
 //!
-//! # Not yet
-//! CUDA graphs for decode steps: every pointer the forward reads is already a persistent buffer (the cross
-//! attention goes through per-token tables, never through per-set pointers), so a captured decode graph would serve
-//! any mix of images; the capture itself is not wired up yet, so decode steps run eagerly.
+//! # CUDA graphs
+//! Decode steps (one token and one logits row per sequence) of up to `max_graph_batch` sequences replay a CUDA
+//! graph captured per (batch bucket, self-attention KV splits, block-table width), with the text executor's buckets
+//! and padding ([`crate::exec::cuda::CudaExecutor`]). Every pointer the forward reads is a persistent buffer, and
+//! image sets are reached only through the per-token cross tables, which are inputs of the graph uploaded before
+//! each replay: a graph step always runs the cross layers (text-only and padding rows see the zero block with a row
+//! scale of 0), with tables `cross_tiles` wide and a cross split count fixed per bucket, so one graph serves
+//! text-only, vision and mixed steps alike. A metadata buffer that grows bumps a generation and the graphs
+//! captured before it are recaptured. Prefill and chunked steps run eagerly. Replay equals the eager step bit for
+//! bit where the split counts agree (always on the generic attention kernel; on the tensor-core kernels, contexts
+//! short enough for one split) and the projections are row-independent (the skinny GEMM, up to 16 rows).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublaslt::CudaBlasLT;
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
+use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut};
 use half::bf16;
 
 use super::{drv, gemm, open_stream, upload_bf16, upload_f32};
 use crate::config::LlamaConfig;
+use crate::exec::cuda::{graph_bucket, CudaExecutor};
 use crate::exec::{Executor, StepInput, StepOutput};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
@@ -63,6 +71,9 @@ pub struct MllamaCudaOptions {
     pub cross_tiles: usize,
     /// Run projections of up to 16 rows with the skinny GEMM kernel.
     pub skinny_gemm: bool,
+    /// Capture decode steps of up to this many sequences as CUDA graphs, one per batch bucket (as the text
+    /// executor's `--cuda-graph-max-batch`); 0 runs every step eagerly.
+    pub max_graph_batch: usize,
 }
 
 impl Default for MllamaCudaOptions {
@@ -75,6 +86,7 @@ impl Default for MllamaCudaOptions {
             max_logits_rows: 256,
             cross_tiles: 64,
             skinny_gemm: true,
+            max_graph_batch: 256,
         }
     }
 }
@@ -109,7 +121,7 @@ enum Layer {
     },
 }
 
-/// Activations, `max_step_tokens` rows each (logits: `max_logits_rows`).
+/// Activations, `max_step_tokens` rows each (logits: `max_logits_rows`), or a larger graph bucket's.
 struct Acts {
     x: CudaSlice<bf16>,
     h: CudaSlice<bf16>,
@@ -154,6 +166,9 @@ struct Sizes {
     x_width: usize,
     x_max_query: usize,
     x_max_ctx: usize,
+    /// KV splits of a decode step's self-attention and cross-attention (tensor-core kernels only).
+    splits: usize,
+    x_splits: usize,
 }
 
 /// A registered image set: its block range in the cross pools.
@@ -186,6 +201,22 @@ pub struct MllamaCudaExecutor {
     num_sms: usize,
     /// head_dim 64/128 with at most 16 query heads per kv head: the tensor-core attention kernels.
     fast_attn: bool,
+    /// Rows the activation and logits buffers hold (at least the options' limits, rounded up to a graph bucket).
+    rows_cap: usize,
+    /// Widest self-attention block table a decode graph is captured for.
+    max_blocks_per_seq: usize,
+    /// Decode graphs by (batch bucket, self-attention KV splits, block-table width).
+    graphs: HashMap<(usize, usize, usize), DecodeGraph>,
+    /// Bumped whenever a metadata buffer moves: graphs captured before are stale.
+    generation: u64,
+    /// Graphs captured and replayed so far.
+    graph_counts: (u64, u64),
+}
+
+/// A captured decode step and the buffer generation its pointers belong to.
+struct DecodeGraph {
+    graph: CudaGraph,
+    generation: u64,
 }
 
 fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -257,7 +288,11 @@ impl MllamaCudaExecutor {
             });
         }
         let num_sms = k::attention::num_sms(s)?;
-        let tmax = opts.max_step_tokens;
+        // A graph step is padded to its bucket: the buffers hold the largest bucket graphs are used for.
+        let graph_seqs = opts.max_graph_batch.min(opts.max_step_tokens).min(opts.max_logits_rows);
+        let rows_cap = if graph_seqs == 0 { 0 } else { graph_bucket(graph_seqs) };
+        let tmax = opts.max_step_tokens.max(rows_cap);
+        let logits_cap = opts.max_logits_rows.max(rows_cap);
         let max_ctx = t.max_position_embeddings;
         let ws = k::attention::decode_workspace_bytes_max(&layout, tmax.min(1024), max_ctx, num_sms).max(
             k::attention::decode_workspace_bytes_max(
@@ -276,8 +311,8 @@ impl MllamaCudaExecutor {
             q: alloc(s, tmax * q_dim)?,
             gate_up: alloc(s, tmax * 2 * inter)?,
             act: alloc(s, tmax * inter)?,
-            hr: alloc(s, opts.max_logits_rows * hidden)?,
-            logits: alloc(s, opts.max_logits_rows * t.vocab_size)?,
+            hr: alloc(s, logits_cap * hidden)?,
+            logits: alloc(s, logits_cap * t.vocab_size)?,
             workspace: alloc(s, ws)?,
         };
         let meta = Meta {
@@ -316,6 +351,11 @@ impl MllamaCudaExecutor {
             opts: opts.clone(),
             num_sms,
             fast_attn,
+            rows_cap,
+            max_blocks_per_seq: max_ctx.div_ceil(opts.block_size).min(num_blocks),
+            graphs: HashMap::new(),
+            generation: 0,
+            graph_counts: (0, 0),
             stream,
         })
     }
@@ -402,14 +442,17 @@ impl MllamaCudaExecutor {
         Ok(())
     }
 
-    /// Uploads `len` values into `dst`, growing it when it is too small.
+    /// Uploads `src` into `dst`, growing it (and bumping `generation`: captured graphs read the old address) when
+    /// it is too small.
     fn put<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         stream: &Arc<CudaStream>,
         dst: &mut CudaSlice<T>,
         src: &[T],
+        generation: &mut u64,
     ) -> Result<()> {
         if dst.len() < src.len() {
             *dst = alloc(stream, src.len().next_power_of_two())?;
+            *generation += 1;
         }
         if !src.is_empty() {
             stream.memcpy_htod(src, &mut dst.slice_mut(..src.len())).map_err(drv("upload step metadata"))?;
@@ -417,8 +460,8 @@ impl MllamaCudaExecutor {
         Ok(())
     }
 
-    /// Validates a step and uploads its metadata (the cross-attention tables when some sequence has images).
-    fn begin(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<Sizes> {
+    /// Validates a step against the executor's limits and its image references against the registered sets.
+    fn check(&self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<()> {
         input.validate(&self.ids_cfg, self.num_blocks, self.layout.block_size)?;
         let seqs = input.num_seqs();
         let tokens = input.num_tokens();
@@ -438,7 +481,7 @@ impl MllamaCudaExecutor {
         if !images.is_empty() && images.len() != seqs {
             return Err(Error::request(format!("step: {} image entries for {seqs} sequences", images.len())));
         }
-        let (tiles, tpt) = (self.cfg.vision.max_num_tiles, self.cfg.vision.num_patches());
+        let tiles = self.cfg.vision.max_num_tiles;
         for (s, im) in images.iter().enumerate() {
             let Some(im) = im else { continue };
             let set = self.sets.get(&im.key).ok_or_else(|| {
@@ -456,6 +499,20 @@ impl MllamaCudaExecutor {
                 return Err(Error::request(format!("step: sequence {s}'s cross-attention mask is not 0/1")));
             }
         }
+        Ok(())
+    }
+
+    /// Uploads the metadata of a checked step. `graph` (a padded decode step about to run through a graph) fixes
+    /// what the graph bakes in: the cross layers run even when no sequence has images, the cross tables are
+    /// `cross_tiles` wide, and the split counts are the given (self, cross) ones.
+    fn begin(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<SeqImages<'_>>],
+        graph: Option<(usize, usize)>,
+    ) -> Result<Sizes> {
+        let (seqs, tokens) = (input.num_seqs(), input.num_tokens());
+        let (tiles, tpt) = (self.cfg.vision.max_num_tiles, self.cfg.vision.num_patches());
         let lens: Vec<usize> = input.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
         let mut sz = Sizes {
             tokens,
@@ -463,18 +520,22 @@ impl MllamaCudaExecutor {
             width: input.max_blocks_per_seq,
             max_query: lens.iter().copied().max().unwrap_or(0),
             max_ctx: input.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0),
-            cross: images.iter().any(Option::is_some),
+            cross: graph.is_some() || images.iter().any(Option::is_some),
             ..Sizes::default()
         };
+        sz.splits = match graph {
+            Some((splits, _)) => splits,
+            None => k::attention::decode_num_splits(&self.layout, tokens, sz.max_ctx, self.num_sms),
+        };
         let s = self.stream.clone();
-        let m = &mut self.meta;
-        Self::put(&s, &mut m.ids, &input.token_ids)?;
-        Self::put(&s, &mut m.positions, &input.positions)?;
-        Self::put(&s, &mut m.cu_seqlens, &input.cu_seqlens)?;
-        Self::put(&s, &mut m.block_tables, &input.block_tables)?;
-        Self::put(&s, &mut m.slots, &input.slot_mapping)?;
-        Self::put(&s, &mut m.seq_of_token, &input.seq_of_token())?;
-        Self::put(&s, &mut m.logits_rows, &input.logits_rows)?;
+        let (m, gen) = (&mut self.meta, &mut self.generation);
+        Self::put(&s, &mut m.ids, &input.token_ids, gen)?;
+        Self::put(&s, &mut m.positions, &input.positions, gen)?;
+        Self::put(&s, &mut m.cu_seqlens, &input.cu_seqlens, gen)?;
+        Self::put(&s, &mut m.block_tables, &input.block_tables, gen)?;
+        Self::put(&s, &mut m.slots, &input.slot_mapping, gen)?;
+        Self::put(&s, &mut m.seq_of_token, &input.seq_of_token(), gen)?;
+        Self::put(&s, &mut m.logits_rows, &input.logits_rows, gen)?;
         if !sz.cross {
             return Ok(sz);
         }
@@ -488,7 +549,10 @@ impl MllamaCudaExecutor {
                 let (list, attn, mlp) = match im {
                     None => (vec![0u32], 0.0, 0.0),
                     Some(im) => {
-                        let set = self.sets[&im.key];
+                        let set =
+                            self.sets.get(&im.key).copied().ok_or_else(|| {
+                                Error::request(format!("step: image set {} is not registered", im.key))
+                            })?;
                         let row_len = set.images * tiles;
                         let row = &im.mask[tk * row_len..(tk + 1) * row_len];
                         let seen: Vec<u32> =
@@ -515,7 +579,11 @@ impl MllamaCudaExecutor {
                 m_scale.push(mlp);
             }
         }
-        let width = runs.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let width = match graph {
+            // Every list fits: a set never holds more than the pool's tiles.
+            Some(_) => self.cross_tiles.max(1),
+            None => runs.iter().map(Vec::len).max().unwrap_or(1).max(1),
+        };
         let mut tables = vec![0u32; runs.len() * width];
         for (r, list) in runs.iter().enumerate() {
             tables[r * width..][..list.len()].copy_from_slice(list);
@@ -524,12 +592,16 @@ impl MllamaCudaExecutor {
         sz.x_width = width;
         sz.x_max_query = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(1);
         sz.x_max_ctx = x_pos.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
-        Self::put(&s, &mut m.x_positions, &x_pos)?;
-        Self::put(&s, &mut m.x_cu, &cu)?;
-        Self::put(&s, &mut m.x_tables, &tables)?;
-        Self::put(&s, &mut m.x_seq_of_token, &x_seq)?;
-        Self::put(&s, &mut m.attn_scale, &a_scale)?;
-        Self::put(&s, &mut m.mlp_scale, &m_scale)?;
+        sz.x_splits = match graph {
+            Some((_, x_splits)) => x_splits,
+            None => k::attention::decode_num_splits(&self.cross_layout, sz.runs, sz.x_max_ctx, self.num_sms),
+        };
+        Self::put(&s, &mut m.x_positions, &x_pos, gen)?;
+        Self::put(&s, &mut m.x_cu, &cu, gen)?;
+        Self::put(&s, &mut m.x_tables, &tables, gen)?;
+        Self::put(&s, &mut m.x_seq_of_token, &x_seq, gen)?;
+        Self::put(&s, &mut m.attn_scale, &a_scale, gen)?;
+        Self::put(&s, &mut m.mlp_scale, &m_scale, gen)?;
         Ok(sz)
     }
 
@@ -538,7 +610,7 @@ impl MllamaCudaExecutor {
     #[allow(clippy::too_many_arguments)]
     fn attend(
         stream: &Arc<CudaStream>,
-        this: (&Meta, &Sizes, bool, usize),
+        this: (&Meta, &Sizes, bool),
         layout: &PagedLayout,
         (q, q_stride): (&CudaView<'_, bf16>, usize),
         (kc, vc): (&CudaSlice<bf16>, &CudaSlice<bf16>),
@@ -546,12 +618,12 @@ impl MllamaCudaExecutor {
         out: &mut CudaViewMut<'_, bf16>,
         cross: bool,
     ) -> Result<()> {
-        let (m, sz, fast, sms) = this;
+        let (m, sz, fast) = this;
         let t = sz.tokens;
-        let (positions, cu, tables, seq_of, seqs, width, max_q, max_ctx) = if cross {
-            (&m.x_positions, &m.x_cu, &m.x_tables, &m.x_seq_of_token, sz.runs, sz.x_width, sz.x_max_query, sz.x_max_ctx)
+        let (positions, cu, tables, seq_of, seqs, width, max_q, num_splits) = if cross {
+            (&m.x_positions, &m.x_cu, &m.x_tables, &m.x_seq_of_token, sz.runs, sz.x_width, sz.x_max_query, sz.x_splits)
         } else {
-            (&m.positions, &m.cu_seqlens, &m.block_tables, &m.seq_of_token, sz.seqs, sz.width, sz.max_query, sz.max_ctx)
+            (&m.positions, &m.cu_seqlens, &m.block_tables, &m.seq_of_token, sz.seqs, sz.width, sz.max_query, sz.splits)
         };
         let positions = positions.slice(..t);
         let tables = tables.slice(..seqs * width);
@@ -559,7 +631,6 @@ impl MllamaCudaExecutor {
             let qr = k::attention::QueryRows { qkv: q, stride: q_stride };
             let pools = k::attention::KvPools { layout: *layout, k: kc, v: vc };
             if seqs == t {
-                let num_splits = k::attention::decode_num_splits(layout, t, max_ctx, sms);
                 let dm = k::attention::DecodeMeta {
                     positions: &positions,
                     block_tables: &tables,
@@ -637,8 +708,12 @@ impl MllamaCudaExecutor {
                     &mut h.slice_mut(..t * hidden),
                 ),
                 Pending::Gated(gate, mlp) => {
+                    // The gated residual update, then the plain norm kernel: a row whose scale is 0 keeps its
+                    // residual and gets exactly the norm it gets when the cross layer is skipped (the fused
+                    // gated norm would sum its squares in another order), so a decode graph that always runs the
+                    // cross layers gives text-only rows the eager (skipping) result bit for bit.
                     let scale = if mlp { m.mlp_scale.slice(..t) } else { m.attn_scale.slice(..t) };
-                    kv::gated_rms_norm(
+                    kv::gated_rms_norm::<_, _, _, CudaSlice<bf16>, CudaSlice<bf16>>(
                         &s,
                         &mut x.slice_mut(..t * hidden),
                         &d.slice(..t * hidden),
@@ -646,12 +721,13 @@ impl MllamaCudaExecutor {
                         gate,
                         eps,
                         hidden,
-                        Some((weight, &mut h.slice_mut(..t * hidden))),
-                    )
+                        None,
+                    )?;
+                    k::norm::rms_norm(&s, &x.slice(..t * hidden), weight, eps, hidden, &mut h.slice_mut(..t * hidden))
                 }
             }
         };
-        let this = (&self.meta, &sz, self.fast_attn, self.num_sms);
+        let this = (&self.meta, &sz, self.fast_attn);
         for layer in self.layers.iter_mut() {
             match layer {
                 Layer::SelfAttn { attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache } => {
@@ -770,10 +846,95 @@ impl MllamaCudaExecutor {
         Ok(())
     }
 
+    /// Graphs captured and replayed so far, as `(captures, replays)`.
+    pub fn graph_counts(&self) -> (u64, u64) {
+        self.graph_counts
+    }
+
+    /// Sets the most sequences a decode step may have to run as a CUDA graph (0: every step eagerly), up to the
+    /// rows the executor's buffers were sized for at construction; drops the graphs captured so far.
+    pub fn set_max_graph_batch(&mut self, max: usize) {
+        self.opts.max_graph_batch = max;
+        self.graphs.clear();
+    }
+
+    /// Whether a checked step runs through a decode graph: one token and one logits row per sequence, in order,
+    /// few enough sequences, and a block table no wider than graphs are captured for.
+    fn graph_eligible(&self, input: &StepInput) -> bool {
+        let seqs = input.num_seqs();
+        seqs > 0
+            && seqs <= self.opts.max_graph_batch
+            && graph_bucket(seqs) <= self.rows_cap
+            && input.cu_seqlens.windows(2).all(|w| w[1] == w[0] + 1)
+            && input.logits_rows.len() == seqs
+            && input.logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i)
+            && input.max_blocks_per_seq <= self.max_blocks_per_seq
+    }
+
+    /// Runs a checked decode step through its batch bucket's graph, capturing it first when there is none or the
+    /// buffers it reads have moved. The step is padded to the bucket (padding rows write no cache slot and see the
+    /// zero cross block), its metadata and cross-attention tables uploaded into the buffers the graph reads, and
+    /// the graph replayed: the same graph serves steps with and without images. The logits of the real rows come
+    /// first in `acts.logits`.
+    fn step_graph(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<()> {
+        let seqs = input.num_seqs();
+        let bucket = graph_bucket(seqs);
+        // Table width rounds up to a power of two so that few graphs cover all context lengths.
+        let width = input.max_blocks_per_seq.next_power_of_two().min(self.max_blocks_per_seq);
+        let padded = CudaExecutor::padded_decode(input, bucket, width);
+        let mut padded_images: Vec<Option<SeqImages<'_>>> = images.to_vec();
+        padded_images.resize(bucket, None);
+        // Split counts are part of the graph: the self-attention's from this step's context (a key component, as
+        // in the text executor), the cross-attention's from the largest context an image set can give, so that
+        // text-only and vision steps share the graph (any split count is correct for any context).
+        let (splits, x_splits) = if self.fast_attn {
+            let max_ctx = input.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
+            let x_ctx = (self.cross_tiles * self.cfg.vision.num_patches()).max(1);
+            (
+                k::attention::decode_num_splits(&self.layout, bucket, max_ctx, self.num_sms),
+                k::attention::decode_num_splits(&self.cross_layout, bucket, x_ctx, self.num_sms),
+            )
+        } else {
+            (1, 1)
+        };
+        let key = (bucket, splits, width);
+        let sz = self.begin(&padded, &padded_images, Some((splits, x_splits)))?;
+        let stale = self.graphs.get(&key).is_none_or(|g| g.generation != self.generation);
+        if stale {
+            self.graphs.remove(&key);
+            // An eager run first (module loading and cuBLASLt's choices happen outside the capture); its cache
+            // writes are the ones the replay repeats.
+            self.forward(sz, bucket)?;
+            let generation = self.generation;
+            let stream = self.stream.clone();
+            stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(drv("begin graph capture"))?;
+            let captured = self.forward(sz, bucket);
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv("end graph capture"))?;
+            captured?;
+            let graph = graph.ok_or_else(|| Error::Backend("graph capture produced no graph".into()))?;
+            if self.generation != generation {
+                return Err(Error::Backend("buffers moved during graph capture".into()));
+            }
+            self.graphs.insert(key, DecodeGraph { graph, generation });
+            self.graph_counts.0 += 1;
+        }
+        let g = self.graphs.get(&key).ok_or_else(|| Error::Backend("decode graph missing".into()))?;
+        g.graph.launch().map_err(drv("launch decode graph"))?;
+        self.graph_counts.1 += 1;
+        Ok(())
+    }
+
     fn run(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
-        let sz = self.begin(input, images)?;
+        self.check(input, images)?;
         let rows = input.logits_rows.len();
-        self.forward(sz, rows)?;
+        if self.graph_eligible(input) {
+            self.step_graph(input, images)?;
+        } else {
+            let sz = self.begin(input, images, None)?;
+            self.forward(sz, rows)?;
+        }
         let n = rows * self.cfg.text.base.vocab_size;
         if n == 0 {
             return Ok(StepOutput::default());

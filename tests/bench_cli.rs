@@ -1,0 +1,95 @@
+//! `llama32 bench` sweeps: every --batch × --tensor-parallel combination gives one JSON line.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A config.json-only model directory (weights come from --random-weights) whose heads split over 1, 2 and 4 ranks.
+fn tiny_config_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llama32-bench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 1024,
+        "tie_word_embeddings": false, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    dir
+}
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_llama32")).arg("bench").args(args).output().unwrap()
+}
+
+#[test]
+fn bench_sweeps_batch_and_tensor_parallel() {
+    let dir = tiny_config_dir("sweep");
+    let out_file = dir.join("results.jsonl");
+    std::fs::write(&out_file, "{\"earlier\": true}\n").unwrap(); // --json-out appends.
+    let o = bench(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--random-weights",
+        "--device",
+        "cpu",
+        "--batch",
+        "1,2",
+        "--tensor-parallel",
+        "1,2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--block-size",
+        "4",
+        "--json-out",
+        out_file.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    let combos: Vec<(u64, u64)> =
+        lines.iter().map(|v| (v["tp"].as_u64().unwrap(), v["batch"].as_u64().unwrap())).collect();
+    assert_eq!(combos, vec![(1, 1), (1, 2), (2, 1), (2, 2)]);
+    for v in &lines {
+        for field in ["prefill_tok_per_s", "decode_ms_per_step", "decode_tok_per_s", "output_tok_per_s"] {
+            let x = v[field].as_f64().unwrap_or_else(|| panic!("{field} missing in {v}"));
+            assert!(x.is_finite() && x > 0.0, "{field} = {x} in {v}");
+        }
+        assert_eq!(v["prompt_tokens"], 8);
+        assert_eq!(v["gen_tokens"], 4);
+        assert!(v.get("telemetry").is_none(), "no GPU telemetry on the CPU: {v}");
+    }
+    let file = std::fs::read_to_string(&out_file).unwrap();
+    let file_lines: Vec<&str> = file.lines().collect();
+    assert_eq!(file_lines.len(), 5, "{file}");
+    assert_eq!(file_lines[0], "{\"earlier\": true}");
+    assert_eq!(file_lines[1..].join("\n"), stdout.trim_end());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_rejects_bad_lists_and_degrees() {
+    let dir = tiny_config_dir("bad");
+    let model = dir.to_str().unwrap();
+    let err = |extra: &[&str]| {
+        let mut args = vec!["--model", model, "--random-weights", "--prompt-tokens", "4", "--gen-tokens", "2"];
+        args.extend_from_slice(extra);
+        let o = bench(&args);
+        assert!(!o.status.success(), "{extra:?} should fail");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = err(&["--batch", "1,x"]);
+    assert!(e.contains("--batch") && e.contains("`x`"), "{e}");
+    let e = err(&["--batch", "0"]);
+    assert!(e.contains("--batch"), "{e}");
+    let e = err(&["--tensor-parallel", "1,0"]);
+    assert!(e.contains("--tensor-parallel"), "{e}");
+    // 3 ranks cannot split 4 heads: refused before anything runs.
+    let e = err(&["--tensor-parallel", "1,3"]);
+    assert!(e.contains("num_attention_heads"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
