@@ -6,7 +6,7 @@
 //! cache slot), the step's metadata is copied into persistent device buffers, and the graph replays the whole
 //! forward in one launch.
 
-mod ops;
+pub(crate) mod ops;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -367,7 +367,7 @@ enum WeightRef<'a> {
 }
 
 /// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation (column-major view: `out^T = w x^T`).
-fn gemm<I: DevicePtr<bf16>>(
+pub(crate) fn gemm<I: DevicePtr<bf16>>(
     blas: &CudaBlasLT,
     x: &I,
     w: &I,

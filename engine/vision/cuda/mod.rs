@@ -18,7 +18,7 @@ pub mod encoder;
 pub mod text;
 pub mod twins;
 
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
@@ -39,7 +39,8 @@ pub(crate) fn upload_f32(stream: &std::sync::Arc<CudaStream>, v: &[f32]) -> Resu
     stream.clone_htod(v).map_err(drv("upload weights"))
 }
 
-/// `out[rows, n] = x[rows, k] @ w[n, k]^T` through cuBLASLt (bf16 in and out, f32 accumulation).
+/// `out[rows, n] = x[rows, k] @ w[n, k]^T` through cuBLASLt (bf16 in and out, f32 accumulation): the text
+/// executor's GEMM.
 pub(crate) fn gemm<I: DevicePtr<bf16>>(
     blas: &CudaBlasLT,
     x: &I,
@@ -47,37 +48,10 @@ pub(crate) fn gemm<I: DevicePtr<bf16>>(
     (rows, kdim, n): (usize, usize, usize),
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    if rows == 0 || n == 0 {
+    if n == 0 {
         return Ok(());
     }
-    if x.len() < rows * kdim || w.len() < n * kdim || out.len() < rows * n {
-        return Err(Error::Backend(format!(
-            "gemm: buffers too small for [{rows}, {kdim}] x [{n}, {kdim}]^T (x {}, w {}, out {})",
-            x.len(),
-            w.len(),
-            out.len()
-        )));
-    }
-    let cfg = MatmulConfig {
-        transa: true,
-        transb: false,
-        transc: false,
-        m: n as u64,
-        n: rows as u64,
-        k: kdim as u64,
-        alpha: 1.0,
-        lda: kdim as i64,
-        ldb: kdim as i64,
-        beta: 0.0,
-        ldc: n as i64,
-        stride_a: None,
-        stride_b: None,
-        stride_c: None,
-        stride_bias: None,
-        batch_size: None,
-    };
-    // SAFETY: the three buffers were checked above to hold the elements the layouts address.
-    unsafe { blas.matmul(cfg, w, x, out, None, None) }.map_err(|e| Error::Backend(format!("cuBLASLt matmul: {e:?}")))
+    crate::exec::cuda::ops::gemm(blas, x, w, rows, kdim, n, out)
 }
 
 /// Opens device `ordinal` with one non-default stream and cuBLASLt on it (cudarc's event tracking off: one stream
