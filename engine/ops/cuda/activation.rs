@@ -76,8 +76,7 @@ fn launch(op: &str, stream: &CudaStream, l: &SiluMulLaunch) -> Result<()> {
     // SAFETY: both pointers come from live device slices on this stream's device whose lengths check_shapes matched
     // to rows x 2 inter and rows x inter; the caller holds the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_silu_mul(&params, raw) };
-    super::check_status(status, || format!("{op} (rows {}, inter {})", l.rows, l.inter))?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    super::check_launch(op, stream, status, || format!("{op} (rows {}, inter {})", l.rows, l.inter))
 }
 
 #[cfg(not(llama32_cuda))]

@@ -408,8 +408,7 @@ fn launch_decode(op: &str, stream: &CudaStream, layout: &PagedLayout, p: &Ptrs, 
     // SAFETY: every pointer comes from a live device slice on this stream's device whose length was checked against
     // the sizes above; the callers hold the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_paged_decode(&params, raw) };
-    super::check_status(status, || describe(op, layout, s))?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    super::check_launch(op, stream, status, || describe(op, layout, s))
 }
 
 #[cfg(llama32_cuda)]
@@ -439,8 +438,7 @@ fn launch_prefill(op: &str, stream: &CudaStream, layout: &PagedLayout, p: &Ptrs,
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: as in launch_decode.
     let status = unsafe { ffi::l32_paged_prefill(&params, raw) };
-    super::check_status(status, || describe(op, layout, s))?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    super::check_launch(op, stream, status, || describe(op, layout, s))
 }
 
 #[cfg(llama32_cuda)]

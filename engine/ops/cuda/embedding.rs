@@ -125,8 +125,9 @@ fn launch(op: &str, stream: &CudaStream, l: &EmbedLaunch) -> Result<()> {
     // matched (table: vocab x hidden, ids: tokens, out: tokens x hidden, bad_id: >= 1); the kernel reads no table
     // row at or past vocab. The callers hold the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_embedding(&params, raw) };
-    super::check_status(status, || format!("{op} (tokens {}, hidden {}, vocab {})", l.tokens, l.hidden, l.vocab))?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    super::check_launch(op, stream, status, || {
+        format!("{op} (tokens {}, hidden {}, vocab {})", l.tokens, l.hidden, l.vocab)
+    })
 }
 
 #[cfg(not(llama32_cuda))]

@@ -137,8 +137,7 @@ fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch) -> Result<()> {
     // matched to at least m x k, n x k and m x n; x and w were checked 16-byte aligned; the caller holds the slices'
     // stream guards until after this launch.
     let status = unsafe { ffi::l32_gemv(&params, raw) };
-    super::check_status(status, || format!("{op} (m {}, k {}, n {})", l.m, l.k, l.n))?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    super::check_launch(op, stream, status, || format!("{op} (m {}, k {}, n {})", l.m, l.k, l.n))
 }
 
 #[cfg(not(llama32_cuda))]

@@ -123,6 +123,14 @@ fn raw_stream(op: &str, stream: &CudaStream) -> Result<*mut std::ffi::c_void> {
     Ok(stream.cu_stream().cast())
 }
 
+/// After a launch on `stream`: the launcher's status ([`check_status`]), then any pending error of the stream's
+/// context, named by `op`.
+#[cfg(llama32_cuda)]
+fn check_launch(op: &str, stream: &CudaStream, status: ffi::l32_status, what: impl FnOnce() -> String) -> Result<()> {
+    check_status(status, what)?;
+    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+}
+
 /// Maps a launcher's status to a `Result`; `what` describes the call ("rms_norm (rows 7, hidden 4096)").
 #[cfg(llama32_cuda)]
 fn check_status(status: ffi::l32_status, what: impl FnOnce() -> String) -> Result<()> {

@@ -139,8 +139,7 @@ fn launch(op: &str, stream: &CudaStream, l: &NormLaunch) -> Result<()> {
     // SAFETY: every pointer comes from a live device slice on this stream's device whose length check_shapes matched
     // to rows x hidden (weight: hidden); the callers hold the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_norm(&params, raw) };
-    super::check_status(status, || format!("{op} (rows {}, hidden {})", l.rows, l.hidden))?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    super::check_launch(op, stream, status, || format!("{op} (rows {}, hidden {})", l.rows, l.hidden))
 }
 
 #[cfg(not(llama32_cuda))]

@@ -813,12 +813,6 @@ fn ptr<T>(p: u64) -> *mut T {
 }
 
 #[cfg(llama32_cuda)]
-fn finish(op: &str, stream: &CudaStream, status: super::ffi::l32_status, what: impl FnOnce() -> String) -> Result<()> {
-    super::check_status(status, what)?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
-}
-
-#[cfg(llama32_cuda)]
 fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
     use super::ffi;
     // All fit: m <= 64, n < 2^31 - 128, k <= 2^24, splits <= 32 (checked by the callers and the heuristics).
@@ -841,7 +835,7 @@ fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
     // checks (x: m x k, out: m x n, the layout buffers of a CudaQuantLinear of n x k, the workspace by
     // w4a16_workspace); the guards are held until after the launch.
     let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
-    finish(op, stream, status, || format!("{op} (m {}, n {}, k {}, splits {})", l.m, l.n, l.k, l.splits))
+    super::check_launch(op, stream, status, || format!("{op} (m {}, n {}, k {}, splits {})", l.m, l.n, l.k, l.splits))
 }
 
 #[cfg(llama32_cuda)]
@@ -859,7 +853,7 @@ fn launch_dequant(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: as in launch_w4a16; out holds n x k.
     let status = unsafe { ffi::l32_w4a16_dequant(&params, raw) };
-    finish(op, stream, status, || format!("{op} (n {}, k {})", l.n, l.k))
+    super::check_launch(op, stream, status, || format!("{op} (n {}, k {})", l.n, l.k))
 }
 
 #[cfg(llama32_cuda)]
@@ -886,7 +880,7 @@ fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: as in launch_w4a16; the int8 buffers hold m x k, the workspace w4a8_workspace(m, n, k).
     let status = unsafe { ffi::l32_w4a8_gemm(&params, raw) };
-    finish(op, stream, status, || {
+    super::check_launch(op, stream, status, || {
         format!("{op} (m {}, n {}, k {}, tile_m {}, splits {})", l.m, l.n, l.k, l.tile_m, l.splits)
     })
 }
@@ -912,7 +906,7 @@ fn launch_act_quant(op: &str, stream: &CudaStream, l: &ActQuantLaunch) -> Result
     // SAFETY: act_quant checked every operand's length against rows x hidden (gate_up: 2x, weight: hidden) and
     // the int8 buffers' capacity; the guards are held until after the launch.
     let status = unsafe { ffi::l32_act_quant(&params, raw) };
-    finish(op, stream, status, || format!("{op} (op {}, rows {}, hidden {})", l.op, l.rows, l.hidden))
+    super::check_launch(op, stream, status, || format!("{op} (op {}, rows {}, hidden {})", l.op, l.rows, l.hidden))
 }
 
 #[cfg(not(llama32_cuda))]

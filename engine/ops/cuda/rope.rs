@@ -252,13 +252,12 @@ fn launch(op: &str, stream: &CudaStream, shape: &RopeKvShape, p: &RopePtrs, toke
     // num_slots x num_kv_heads x head_dim, bad_slot: >= 1); the kernel writes no slot at or past num_slots. The
     // callers hold the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_rope_kv_write(&params, raw) };
-    super::check_status(status, || {
+    super::check_launch(op, stream, status, || {
         format!(
             "{op} (tokens {tokens}, heads {}/{}, head_dim {}, qkv_stride {}, slots {slots})",
             l.num_heads, l.num_kv_heads, l.head_dim, shape.qkv_stride
         )
-    })?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    })
 }
 
 #[cfg(not(llama32_cuda))]

@@ -306,8 +306,7 @@ fn launch_argmax(op: &str, stream: &CudaStream, l: &ArgmaxLaunch) -> Result<()> 
     // SAFETY: both pointers come from live device slices on this stream's device whose lengths were matched to
     // rows x vocab and rows; the caller holds the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_argmax(&params, raw) };
-    super::check_status(status, || format!("{op} (rows {}, vocab {})", l.rows, l.vocab))?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    super::check_launch(op, stream, status, || format!("{op} (rows {}, vocab {})", l.rows, l.vocab))
 }
 
 #[cfg(llama32_cuda)]
@@ -338,8 +337,7 @@ fn launch_sample(op: &str, stream: &CudaStream, l: &SampleLaunch) -> Result<()> 
     // to the shapes above (SampleRow has l32_sample_row's layout, asserted at compile time); the caller holds the
     // slices' stream guards until after this launch. The kernel clamps penalty offsets into penalty_len.
     let status = unsafe { ffi::l32_sample(&params, raw) };
-    super::check_status(status, || format!("{op} (rows {}, vocab {})", l.rows, l.vocab))?;
-    stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
+    super::check_launch(op, stream, status, || format!("{op} (rows {}, vocab {})", l.rows, l.vocab))
 }
 
 #[cfg(not(llama32_cuda))]

@@ -625,12 +625,7 @@ mod imp {
 
     use super::super::ffi;
     use super::{BiasAct, EmbedShape, GatherAttnShape, GatherShape, Im2colShape, LayerNormArgs};
-    use crate::{Error, Result};
-
-    fn finish(op: &str, stream: &CudaStream, status: ffi::l32_status, what: impl FnOnce() -> String) -> Result<()> {
-        super::super::check_status(status, what)?;
-        stream.context().check_err().map_err(|e| Error::Backend(format!("{op}: {e}")))
-    }
+    use crate::Result;
 
     pub(super) fn im2col(op: &str, stream: &CudaStream, s: &Im2colShape, px: u64, out: u64) -> Result<()> {
         let params = ffi::l32_vision_im2col_params {
@@ -645,7 +640,7 @@ mod imp {
         let raw = super::super::raw_stream(op, stream)?;
         // SAFETY: both pointers come from live device buffers whose lengths the wrapper checked.
         let status = unsafe { ffi::l32_vision_im2col(&params, raw) };
-        finish(op, stream, status, || format!("{op} ({s:?})"))
+        super::super::check_launch(op, stream, status, || format!("{op} ({s:?})"))
     }
 
     pub(super) fn embed(op: &str, stream: &CudaStream, s: &EmbedShape, p: [u64; 9], gate: f32, eps: f32) -> Result<()> {
@@ -672,7 +667,7 @@ mod imp {
         let raw = super::super::raw_stream(op, stream)?;
         // SAFETY: every pointer comes from a live device buffer whose length the wrapper checked.
         let status = unsafe { ffi::l32_vision_embed(&params, raw) };
-        finish(op, stream, status, || format!("{op} ({s:?})"))
+        super::super::check_launch(op, stream, status, || format!("{op} ({s:?})"))
     }
 
     pub(super) fn layer_norm(op: &str, stream: &CudaStream, a: &LayerNormArgs, p: [u64; 8]) -> Result<()> {
@@ -695,7 +690,7 @@ mod imp {
         let raw = super::super::raw_stream(op, stream)?;
         // SAFETY: every non-null pointer comes from a live device buffer whose length the wrapper checked.
         let status = unsafe { ffi::l32_vision_layer_norm(&params, raw) };
-        finish(op, stream, status, || format!("{op} (rows {}, width {})", a.rows, a.width))
+        super::super::check_launch(op, stream, status, || format!("{op} (rows {}, width {})", a.rows, a.width))
     }
 
     pub(super) fn bias_act(
@@ -721,7 +716,7 @@ mod imp {
         let raw = super::super::raw_stream(op, stream)?;
         // SAFETY: both pointers come from live device buffers whose lengths the wrapper checked.
         let status = unsafe { ffi::l32_bias_act(&params, raw) };
-        finish(op, stream, status, || format!("{op} (rows {rows}, cols {cols})"))
+        super::super::check_launch(op, stream, status, || format!("{op} (rows {rows}, cols {cols})"))
     }
 
     pub(super) fn gather(op: &str, stream: &CudaStream, s: &GatherShape, out: u64, f: u64, i: u64) -> Result<()> {
@@ -738,7 +733,7 @@ mod imp {
         let raw = super::super::raw_stream(op, stream)?;
         // SAFETY: every pointer comes from a live device buffer whose length the wrapper checked.
         let status = unsafe { ffi::l32_vision_gather(&params, raw) };
-        finish(op, stream, status, || format!("{op} ({s:?})"))
+        super::super::check_launch(op, stream, status, || format!("{op} ({s:?})"))
     }
 
     pub(super) fn gated_rms_norm(
@@ -765,7 +760,7 @@ mod imp {
         let raw = super::super::raw_stream(op, stream)?;
         // SAFETY: every non-null pointer comes from a live device buffer whose length the wrapper checked.
         let status = unsafe { ffi::l32_gated_rms_norm(&params, raw) };
-        finish(op, stream, status, || format!("{op} (rows {rows}, hidden {hidden})"))
+        super::super::check_launch(op, stream, status, || format!("{op} (rows {rows}, hidden {hidden})"))
     }
 
     pub(super) fn gather_attention(
@@ -803,7 +798,7 @@ mod imp {
         // SAFETY: every pointer comes from a live device buffer whose length the wrapper checked; slots past the
         // buffers are skipped by the kernel.
         let status = unsafe { ffi::l32_gather_attention(&params, raw) };
-        finish(op, stream, status, || format!("{op} ({tokens} tokens, {s:?})"))
+        super::super::check_launch(op, stream, status, || format!("{op} ({tokens} tokens, {s:?})"))
     }
 }
 
