@@ -366,6 +366,23 @@ enum WeightRef<'a> {
     Quant(&'a k::quant::CudaQuantLinear),
 }
 
+/// A bf16 projection `out[rows, n] = x[rows, k] @ w[n, k]^T`: decode-sized batches stream the weight once with the
+/// skinny kernel (when `skinny` is on), cuBLASLt takes the rest.
+pub(crate) fn dense_linear<I: DevicePtr<bf16>>(
+    stream: &CudaStream,
+    blas: &CudaBlasLT,
+    skinny: bool,
+    x: &I,
+    w: &I,
+    (rows, kdim, n): (usize, usize, usize),
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    if skinny && k::gemv::supports(rows, kdim) {
+        return k::gemv::gemv(stream, x, w, rows, kdim, n, out);
+    }
+    gemm(blas, x, w, rows, kdim, n, out)
+}
+
 /// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation (column-major view: `out^T = w x^T`).
 pub(crate) fn gemm<I: DevicePtr<bf16>>(
     blas: &CudaBlasLT,
@@ -590,11 +607,15 @@ impl Ops for CudaOps {
                         weight.len()
                     )));
                 }
-                if self.skinny_gemm && k::gemv::supports(x.rows, kdim) {
-                    // Decode-sized batches stream the weight once with the skinny kernel; cuBLASLt for the rest.
-                    return k::gemv::gemv(&self.stream, &x.buf, weight, x.rows, kdim, n, &mut out.buf);
-                }
-                return gemm(&self.blas, &x.buf, weight, x.rows, kdim, n, &mut out.buf);
+                return dense_linear(
+                    &self.stream,
+                    &self.blas,
+                    self.skinny_gemm,
+                    &x.buf,
+                    weight,
+                    (x.rows, kdim, n),
+                    &mut out.buf,
+                );
             }
             WeightRef::Quant(q) => q,
         };

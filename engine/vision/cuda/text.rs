@@ -993,10 +993,10 @@ fn linear_with(
     (rows, kdim, n): (usize, usize, usize),
     out: &mut CudaViewMut<'_, bf16>,
 ) -> Result<()> {
-    if skinny && k::gemv::supports(rows, kdim) {
-        return k::gemv::gemv(s, x, w, rows, kdim, n, out);
+    if n == 0 {
+        return Ok(());
     }
-    gemm(blas, x, &w.slice(..), (rows, kdim, n), out)
+    crate::exec::cuda::ops::dense_linear(s, blas, skinny, x, &w.slice(..), (rows, kdim, n), out)
 }
 
 /// RoPE on q and k of the fused rows and the K/V write into the layer's cache slots.
