@@ -51,19 +51,7 @@ fn chunked_prefill_and_decode_match_transformers() {
         let mut table = Vec::new();
         alloc.ensure(&mut table, c.ids.len() + c.greedy.len()).unwrap();
         // Prefill in chunks of 5 tokens with every row's logits.
-        let mut logits = Vec::new();
-        for start in (0..c.ids.len()).step_by(5) {
-            let end = (start + 5).min(c.ids.len());
-            let chunk = SeqChunk {
-                tokens: &c.ids[start..end],
-                start_pos: start,
-                block_table: &table,
-                logits: LogitsWanted::All,
-            };
-            let step = build_step(&[chunk], ex.block_size()).unwrap();
-            let im = SeqImages { key: 7, mask: &mask.data()[start * row..end * row] };
-            logits.extend(ex.step_with_images(&step, &[Some(im)]).unwrap().logits);
-        }
+        let logits = common::chunked_prefill_with_images(&mut ex, &c.ids, &table, (7, mask.data(), row), 5);
         let e = max_rel(&logits, &c.logits);
         assert!(e <= 1e-4, "{name}: chunked prefill logits differ by {e:.2e}");
         // Greedy decode, one token per step, with the prompt's last mask row.

@@ -159,3 +159,24 @@ pub fn mllama_golden(name: &str) -> MllamaGolden {
     let num_tiles = list.iter().map(|im| im["num_tiles"].as_u64().expect("num_tiles") as usize).collect();
     MllamaGolden { dir, reference, input_ids, greedy_ids, images, num_tiles }
 }
+
+/// Every row's logits of `ids` (a sequence whose KV blocks are `table`) run through `ex` as prefill chunks of
+/// `chunk` tokens, with the image set `key` and the prompt's cross-attention mask rows (`row` bytes per token).
+pub fn chunked_prefill_with_images(
+    ex: &mut dyn llama32::exec::Executor,
+    ids: &[u32],
+    table: &[u32],
+    (key, mask, row): (u64, &[u8], usize),
+    chunk: usize,
+) -> Vec<f32> {
+    use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
+    let mut logits = Vec::new();
+    for start in (0..ids.len()).step_by(chunk) {
+        let end = (start + chunk).min(ids.len());
+        let c = SeqChunk { tokens: &ids[start..end], start_pos: start, block_table: table, logits: LogitsWanted::All };
+        let step = build_step(&[c], ex.block_size()).unwrap();
+        let im = llama32::vision::exec::SeqImages { key, mask: &mask[start * row..end * row] };
+        logits.extend(ex.step_with_images(&step, &[Some(im)]).unwrap().logits);
+    }
+    logits
+}
