@@ -638,6 +638,35 @@ typedef struct l32_gather_attention_params {
 /** Launches the gather attention on `stream`. */
 l32_status l32_gather_attention(const l32_gather_attention_params* params, void* stream);
 
+/**
+ * The vision encoder's self-attention on the tensor cores (kernels/vision/encoder_attention.cu): num_seqs
+ * sequences of seq_len consecutive rows each; every row attends to all rows of its sequence (non-causal), with
+ * -FLT_MAX added where both the query's and the key's flag are set (transformers' mask; flags may be NULL).
+ * num_kv_heads == num_heads. Row r of sequence s: q at (s * seq_len + r) * q_stride + head * head_dim, k and v at
+ * ... * kv_stride, out at ... * out_stride.
+ */
+typedef struct l32_encoder_attention_params {
+    void* out;            /**< [num_seqs * seq_len, out_stride] bf16, 4-byte aligned; out_stride even */
+    const void* q;        /**< bf16, 16-byte aligned */
+    const void* k;        /**< bf16, 16-byte aligned */
+    const void* v;        /**< bf16, 16-byte aligned */
+    const uint8_t* flags; /**< [num_seqs * seq_len], or NULL */
+    int64_t q_stride;     /**< a multiple of 8, >= num_heads * head_dim */
+    int64_t kv_stride;    /**< a multiple of 8, >= num_heads * head_dim */
+    int64_t out_stride;   /**< >= num_heads * head_dim */
+    int64_t num_seqs;     /**< 0 ..= 65535 (0 launches nothing) */
+    int32_t seq_len;      /**< >= 1 */
+    int32_t num_heads;    /**< 1 ..= 65535 */
+    int32_t head_dim;     /**< one that l32_encoder_attention_supports */
+    float scale;          /**< softmax scale */
+} l32_encoder_attention_params;
+
+/** 1 when l32_encoder_attention is built for `head_dim` (16, 32, 64, 80, 128), else 0. */
+int32_t l32_encoder_attention_supports(int32_t head_dim);
+
+/** Launches the encoder attention on `stream`. */
+l32_status l32_encoder_attention(const l32_encoder_attention_params* params, void* stream);
+
 /* END vision */
 
 #ifdef __cplusplus

@@ -134,10 +134,34 @@ run_tp() {
   ((${#rows[@]} > 0 && failed == 0))
 }
 
+# Seconds left before LLAMA32_SUITE_SECONDS (counted from the start of `run`) runs out, capped at $1; 0 when the
+# budget is spent. Without LLAMA32_SUITE_SECONDS it prints $1.
+suite_start=$(date +%s)
+left() {
+  local cap=$1 rest
+  [[ -n ${LLAMA32_SUITE_SECONDS:-} ]] || { echo "$cap"; return; }
+  rest=$((LLAMA32_SUITE_SECONDS - ($(date +%s) - suite_start)))
+  ((rest < 5)) && rest=0
+  echo $((rest < cap ? rest : cap))
+}
+
+# `tmo CAP CMD...`: runs CMD under timeout for at most CAP seconds and what is left of the budget; when nothing is
+# left it runs nothing and returns 124, as timeout does.
+tmo() {
+  local t
+  t=$(left "$1")
+  shift
+  ((t > 0)) || return 124
+  timeout "$t" "$@"
+}
+
 run() {
-  # Stages, comma-separated (default all): tests (every GPU test, the correctness gate), kernels (ignored kernel
-  # benches, criterion, PyTorch peers), vision (the 11B vision benches, ~2 x 2-9 min), e2e (llama32 bench,
-  # offline throughput, bench-serve). A 15-minute device session runs them as separate calls, tests first.
+  # Stages, comma-separated (default all): tests (every GPU test, the correctness gate; GPU_TEST_FILTER, a grep -E
+  # pattern, picks some), quant (W4A16/W4A8 kernel benches, their criterion group, the torch peers of that group and
+  # 1B end to end in bf16 / W4A16 / W4A8), kernels (ignored kernel benches, criterion, PyTorch peers), vision (the 11B
+  # vision benches), e2e (llama32 bench, offline throughput, bench-serve). LLAMA32_SUITE_SECONDS bounds the whole
+  # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate
+  # calls, tests first.
   local stages="${1:-tests,kernels,vision,e2e}"
   want() { [[ ",$stages," == *",$1,"* ]]; }
   cd "$root"
@@ -145,8 +169,16 @@ run() {
     echo "error: $bundle/tests missing: build it with scripts/gpu-suite.sh and carry gpu-bundle" >&2
     exit 2
   fi
-  local logs="${OUT:+$OUT/gpu-suite}"
-  logs="${logs:-$bundle/logs}"
+  # The device tool brings back at most 8 files: with $OUT set, the logs are written to a scratch folder and packed
+  # into $OUT/gpu-suite-logs.tgz on exit, beside $OUT/summary.txt (the table printed last).
+  local logs
+  if [[ -n ${OUT:-} ]]; then
+    logs=$(mktemp -d)/gpu-suite
+    # shellcheck disable=SC2064 # expand now: $logs is local
+    trap "tar czf '$OUT/gpu-suite-logs.tgz' -C '$(dirname "$logs")' gpu-suite 2>/dev/null || true" EXIT
+  else
+    logs="$bundle/logs"
+  fi
   mkdir -p "$logs"
   if [[ -z "${LLAMA32_TEST_DATA:-}" ]]; then
     local d
@@ -166,7 +198,8 @@ run() {
     for exe in "$bundle"/tests/*; do
       name=$(basename "$exe")
       local tests=()
-      mapfile -t tests < <("$exe" --list --format=terse 2>/dev/null | sed -n 's/: test$//p')
+      mapfile -t tests < <("$exe" --list --format=terse 2>/dev/null | sed -n 's/: test$//p' |
+        grep -E "${GPU_TEST_FILTER:-.}")
       if ((${#tests[@]} == 0)); then
         rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL "$name" "(lists no tests)" -)")
         failed=$((failed + 1))
@@ -176,9 +209,16 @@ run() {
         log="$logs/$name.$t.log"
         start=$(date +%s.%N)
         rc=0
-        "$exe" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+        if (($(left 150) == 0)); then
+          failed=$((failed + 1))
+          rows+=("$(printf '%-4s  %-16s %-48s %7s' TIME "$name" "$t" -)")
+          continue
+        fi
+        tmo 150 "$exe" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
         secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1fs", b - a }')
-        if ((rc != 0)); then
+        if ((rc == 124)); then
+          status=TIME
+        elif ((rc != 0)); then
           status=FAIL
         elif grep -q 'skipped:' "$log"; then
           status=SKIP
@@ -201,13 +241,66 @@ run() {
     rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" llama32 "--help (the release binary starts)" -)")
   fi
 
+  if want quant; then
+    # W4A16 figure lines (ignored test), then the criterion `quant` group, the torch peers at the same shapes, and
+    # 1B batch-1 decode end to end in bf16 / W4A16 / W4A8.
+    log="$logs/gpu.cuda_quant::quant_throughput.bench.log"
+    rc=0
+    tmo 90 "$bundle/tests/gpu" --ignored --exact cuda_quant::quant_throughput --nocapture \
+      --test-threads=1 >"$log" 2>&1 || rc=$?
+    mapfile -t -O "${#benches[@]}" benches < <(grep -E 'GB/s|TFLOP/s' "$log")
+    if ((rc != 0)); then
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "cuda_quant::quant_throughput (benchmark)" -)")
+      tail -n 5 "$log"
+    fi
+    if [[ -x "$bundle/bench/cuda_kernels" ]]; then
+      log="$logs/criterion.quant.log"
+      rc=0
+      (cd "$(mktemp -d)" && tmo 150 "$bundle/bench/cuda_kernels" --bench --noplot quant) >"$log" 2>&1 || rc=$?
+      mapfile -t -O "${#benches[@]}" benches < <(awk '/^quant\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
+      if ((rc != 0)); then
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "quant group (see $log)" -)")
+        tail -n 5 "$log"
+      fi
+    fi
+    log="$logs/peers.quant.log"
+    rc=0
+    tmo 120 python3 "$root/scripts/peers.py" --only ceilings,quant >"$log" 2>&1 || rc=$?
+    mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
+    if ((rc != 0)); then
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "--only ceilings,quant (see $log)" -)")
+      tail -n 5 "$log"
+    fi
+    local qspec
+    for qspec in "" "--quantize w4a16-g32" "--quantize w4a8-g32"; do
+      log="$logs/bench.1b.b1.$(echo "q$qspec" | tr -c 'a-z0-9' '_').log"
+      rc=0
+      # shellcheck disable=SC2086 # $qspec is a list of flags
+      tmo 60 "$bundle/bin/llama32" bench --preset 1b --device cuda --batch 1 --prompt-tokens 128 \
+        --gen-tokens 64 $qspec >"$log" 2>&1 || rc=$?
+      line=$(grep '^{' "$log" | tail -1 || true)
+      if ((rc == 0)) && [[ -n $line ]]; then
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "1b b1 p128 g64 $qspec" -)")
+        benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("1b b1 decode %7.3f ms/step prefill %8.0f tok/s %s" % (d["decode_ms_per_step"], d["prefill_tok_per_s"], sys.argv[2]))' "$line" "$qspec")")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "1b b1 p128 g64 $qspec" -)")
+        tail -n 5 "$log"
+      fi
+    done
+  fi
+
   if want kernels; then
     # Kernel throughput: the tests marked #[ignore] are benchmarks; their figure lines join the table.
     for exe in "$bundle"/tests/*; do
       name=$(basename "$exe")
       while read -r t; do
         [[ -n $t ]] || continue
-        [[ $t == cuda_vision::bench_* ]] && continue # the 11B vision benches run below with a longer timeout
+        # the 11B vision benches run in the vision stage (longer timeouts)
+        [[ $t == cuda_vision::bench_* || $t == cuda_encoder_attention::bench_* ]] && continue
         log="$logs/$name.$t.bench.log"
         rc=0
         timeout 120 "$exe" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
@@ -226,10 +319,30 @@ run() {
     # Llama 3.2 Vision at the 11B shapes on random weights (generating them takes most of the time): the encoder time
     # per 4-tile image and batch-1 decode ms/token with one 4-tile image; their BENCH lines join the table.
     if [[ -x "$bundle/tests/gpu" ]]; then
+      # The encoder attention alone, beside torch SDPA on the same shape.
+      log="$logs/gpu.cuda_encoder_attention::bench_encoder_attention_11b.bench.log"
+      rc=0
+      tmo 60 "$bundle/tests/gpu" --ignored --exact cuda_encoder_attention::bench_encoder_attention_11b --nocapture \
+        --test-threads=1 >"$log" 2>&1 || rc=$?
+      mapfile -t -O "${#benches[@]}" benches < <(grep -E 'TFLOP/s' "$log")
+      if ((rc != 0)); then
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "bench_encoder_attention_11b (benchmark)" -)")
+        tail -n 5 "$log"
+      fi
+      log="$logs/peers.vision.log"
+      rc=0
+      tmo 60 python3 "$root/scripts/peers.py" --only vision >"$log" 2>&1 || rc=$?
+      mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
+      if ((rc != 0)); then
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "--only vision (see $log)" -)")
+        tail -n 5 "$log"
+      fi
       for t in cuda_vision::bench_vision_encoder_11b cuda_vision::bench_mllama_11b_decode; do
         log="$logs/gpu.$t.bench.log"
         rc=0
-        timeout 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+        tmo 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
         if ((rc == 0)); then
           mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
         else
@@ -339,12 +452,16 @@ run() {
     fi
   fi
 
-  echo
-  echo "GPU suite @ $(cat "$bundle/REVISION" 2>/dev/null || echo unknown) on: $device"
-  ((${#benches[@]})) && printf 'bench %s\n' "${benches[@]}"
-  echo "LLAMA32_TEST_DATA=${LLAMA32_TEST_DATA:-<unset>}  logs: $logs"
-  printf '%s\n' "${rows[@]}"
-  echo "$((${#rows[@]} - failed)) of ${#rows[@]} passed"
+  local summary=/dev/null
+  [[ -n ${OUT:-} ]] && summary="$OUT/summary.txt"
+  {
+    echo
+    echo "GPU suite @ $(cat "$bundle/REVISION" 2>/dev/null || echo unknown) on: $device"
+    ((${#benches[@]})) && printf 'bench %s\n' "${benches[@]}"
+    echo "LLAMA32_TEST_DATA=${LLAMA32_TEST_DATA:-<unset>}  logs: $logs"
+    printf '%s\n' "${rows[@]}"
+    echo "$((${#rows[@]} - failed)) of ${#rows[@]} passed"
+  } | tee "$summary"
   ((failed == 0))
 }
 

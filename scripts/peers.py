@@ -78,6 +78,31 @@ def sdpa(rows):
                 print(f"# sdpa decode {name} d{d}: {e}", file=sys.stderr)
 
 
+def vision_peers(rows):
+    """The 11B / 90B vision encoder's attention for one 4-tile image (4 x 1608 rows, 16 heads of 80, non-causal):
+    SDPA's flash, cuDNN and memory-efficient backends without a mask, and with the padding mask as an additive
+    bf16 bias (what transformers' mllama passes; flash takes no mask)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    h, t, d = 16, 4 * 1608, 80
+    q, k, v = (torch.randn(1, h, t, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    flops = 4 * h * t * t * d
+    pad = (torch.arange(t, device="cuda") % 1608 >= 1601).to(torch.bfloat16)
+    mask = (pad[:, None] * pad[None, :] * torch.finfo(torch.bfloat16).min)[None, None]
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    for masked in [False, True]:
+        for name, be in backends:
+            if masked and name == "flash":
+                continue
+            try:
+                with sdpa_kernel(be):
+                    s = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None))
+                emit(rows, f"sdpa vision {name} 1x6432 16 d80{' masked' if masked else ''}", flops / s / 1e12, "TFLOP/s")
+            except RuntimeError as e:
+                print(f"# sdpa vision {name} masked={masked}: {e}", file=sys.stderr)
+
+
 # (name, k, n): gate_up and down of the 1B, 11B and 90B text models (as bench/cuda_kernels.rs group `quant`).
 QUANT_SHAPES = [("1b_gate_up", 2048, 16384), ("1b_down", 8192, 2048), ("11b_gate_up", 4096, 28672),
                 ("11b_down", 14336, 4096), ("90b_gate_up", 8192, 57344), ("90b_down", 28672, 8192)]
@@ -152,13 +177,22 @@ def hf_decode(rows, preset, steps=64):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="skip the end-to-end HF peers")
+    ap.add_argument("--only", help="comma-separated groups to run (ceilings, sdpa, vision, quant, hf); default all")
     args = ap.parse_args()
+    groups = set(args.only.split(",")) if args.only else {"ceilings", "sdpa", "vision", "quant", "hf"}
+    if args.quick:
+        groups.discard("hf")
     rows = []
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    ceilings(rows)
-    sdpa(rows)
-    quant_peers(rows)
-    if not args.quick:
+    if "ceilings" in groups:
+        ceilings(rows)
+    if "sdpa" in groups:
+        sdpa(rows)
+    if "vision" in groups:
+        vision_peers(rows)
+    if "quant" in groups:
+        quant_peers(rows)
+    if "hf" in groups:
         for p in ["1b", "3b"]:
             try:
                 hf_decode(rows, p)

@@ -87,6 +87,18 @@ struct SwizzledTile {
     __device__ __forceinline__ static int offset(int row, int chunk) { return row * D + ((chunk ^ (row & 7)) << 3); }
 };
 
+// A [rows][D] bf16 tile whose rows are padded to D + 8 elements: any D that is a multiple of 16 (the MMA's k). The
+// row pitch is an odd number of 16-byte chunks, so the 8 rows one ldmatrix reads (same chunk column) fall in 8
+// distinct bank groups; no swizzle is needed. Costs 8 / D more shared memory than SwizzledTile.
+template <int D>
+struct PaddedTile {
+    static_assert(D % 16 == 0, "rows of whole k16 MMA steps");
+    static constexpr int kPitch = D + 8;
+    static constexpr int kChunks = D / 8;
+    // Element offset of chunk `chunk` (8 bf16) of row `row`.
+    __device__ __forceinline__ static int offset(int row, int chunk) { return row * kPitch + (chunk << 3); }
+};
+
 // Loads positions [n0, n0 + ROWS) of one sequence's K and V (kv head `kv_head`) into swizzled tiles, through the
 // block table; rows at positions >= n_end are zero-filled and their table entries are never read.
 //   k_cache, v_cache [num_blocks, block_size, num_kv_heads, D]; table [max_blocks_per_seq] of this sequence.
@@ -117,17 +129,18 @@ __device__ __forceinline__ void load_kv_tile(bf16* sk, bf16* sv, const bf16* k_c
 // ---- one warp's flash-attention step -----------------------------------------------------------------------------
 
 // The A fragments of 16 rows x D of a swizzled tile (rows row0..row0+15): kept in registers for the whole KV loop.
-template <int D>
+// Tile is the shared-memory layout (SwizzledTile<D> or PaddedTile<D>), likewise below.
+template <int D, class Tile = SwizzledTile<D>>
 __device__ __forceinline__ void load_a_fragments(uint32_t (&a)[D / 16][4], const bf16* tile, int row0) {
     const int lane = threadIdx.x % 32;
     const int row = row0 + (lane % 8) + ((lane / 8) % 2) * 8;
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(a[ks], tile + SwizzledTile<D>::offset(row, 2 * ks + lane / 16));
+    for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(a[ks], tile + Tile::offset(row, 2 * ks + lane / 16));
 }
 
 // s[j] (16 x 8 each, NT = number of 8-token column tiles) = Q (16 x D, A fragments) * K^T for tokens
 // tok0 .. tok0 + 8 * NT - 1 of the K tile.
-template <int D, int NT>
+template <int D, int NT, class Tile = SwizzledTile<D>>
 __device__ __forceinline__ void qk_scores(float (&s)[NT][4], const uint32_t (&q)[D / 16][4], const bf16* sk,
                                           int tok0) {
     static_assert(NT % 2 == 0, "column tiles come in pairs (one ldmatrix_x4 each)");
@@ -140,7 +153,7 @@ __device__ __forceinline__ void qk_scores(float (&s)[NT][4], const uint32_t (&q)
         for (int np = 0; np < NT / 2; ++np) {
             uint32_t b[4];
             const int tok = tok0 + np * 16 + (lane % 8) + (lane / 16) * 8;
-            ldmatrix_x4(b, sk + SwizzledTile<D>::offset(tok, 2 * ks + (lane / 8) % 2));
+            ldmatrix_x4(b, sk + Tile::offset(tok, 2 * ks + (lane / 8) % 2));
             mma_bf16_16816(s[2 * np], q[ks], b[0], b[1]);
             mma_bf16_16816(s[2 * np + 1], q[ks], b[2], b[3]);
         }
@@ -188,7 +201,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT]
 
 // o (16 x D as D/8 column tiles) += P (16 x 8 * NT, from online_softmax, rounded to bf16) * V for tokens
 // tok0 .. tok0 + 8 * NT - 1 of the V tile.
-template <int D, int NT>
+template <int D, int NT, class Tile = SwizzledTile<D>>
 __device__ __forceinline__ void pv_accumulate(float (&o)[D / 8][4], const float (&p)[NT][4], const bf16* sv,
                                               int tok0) {
     const int lane = threadIdx.x % 32;
@@ -201,7 +214,7 @@ __device__ __forceinline__ void pv_accumulate(float (&o)[D / 8][4], const float 
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
             uint32_t b[4];
-            ldmatrix_x4_trans(b, sv + SwizzledTile<D>::offset(tok, 2 * dp + lane / 16));
+            ldmatrix_x4_trans(b, sv + Tile::offset(tok, 2 * dp + lane / 16));
             mma_bf16_16816(o[2 * dp], a, b[0], b[1]);
             mma_bf16_16816(o[2 * dp + 1], a, b[2], b[3]);
         }

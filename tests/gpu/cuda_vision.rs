@@ -313,12 +313,14 @@ fn gather_attention_matches_cpu() {
     }
     // Paged causal text layout with GQA, odd block size and head_dim 8 and 128.
     for (heads, kvh, hd, bs) in [(8, 2, 8, 5), (4, 4, 128, 3), (6, 2, 24, 16)] {
+        // Positions reach 29: each table covers 30 tokens.
+        let max_blocks = 30usize.div_ceil(bs);
         let shape = kv::GatherAttnShape {
             num_heads: heads,
             num_kv_heads: kvh,
             head_dim: hd,
             block_size: bs,
-            max_blocks_per_seq: 6,
+            max_blocks_per_seq: max_blocks,
             q_stride: (heads + 2 * kvh) * hd,
             out_stride: heads * hd + 8,
             kv_stride: kvh * hd,
@@ -327,7 +329,8 @@ fn gather_attention_matches_cpu() {
         let slots = 20 * bs;
         let seq_of = [0u32, 0, 0, 1, 1, 2];
         let positions = [0u32, 7, 13, 2, 29, 11];
-        let tables: Vec<u32> = vec![3, 9, 1, 4, 0, 2, 7, 8, 5, 6, 10, 11, 12, 13, 14, 15, 16, 17];
+        // Scattered block ids among the 20 blocks of the cache (7 is coprime to 20).
+        let tables: Vec<u32> = (0..3 * max_blocks as u32).map(|i| (i * 7 + 3) % 20).collect();
         run_gather_attention(&s, &shape, 6, slots, &seq_of, &positions, &tables, None, 60 + hd as u64);
     }
 }
@@ -673,11 +676,12 @@ fn bench_mllama_11b_decode() {
     }
     let cfg = bench_11b();
     let w = llama32::vision::weights::MllamaWeights::random(&cfg, 1).unwrap();
+    // Room for the batch-16 part below: 16 more sequences of 128 + 40 tokens, 16 four-tile images.
     let opts = MllamaCudaOptions {
         kv_tokens: 4096,
         max_step_tokens: 512,
         max_logits_rows: 16,
-        cross_tiles: 8,
+        cross_tiles: 16 * 4,
         ..Default::default()
     };
     let mut ex = MllamaCudaExecutor::new(cfg.clone(), &w, &opts).unwrap();
@@ -709,4 +713,47 @@ fn bench_mllama_11b_decode() {
     }
     times.sort_by(f64::total_cmp);
     println!("BENCH mllama_11b_decode_b1_4tile_ms_per_token {:.3}", times[times.len() / 2]);
+
+    // Batch 16: sequences 2..=17, each with its own 4-tile image (same states, separate cross-attention K/V),
+    // prefilled one by one, then decode steps of all 16 rows.
+    let batch = 16usize;
+    assert!(ex.remove_images(1), "the batch-1 image set is registered"); // the pool holds 16 four-tile images
+    let mut tables = Vec::new();
+    let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
+    alloc.ensure(&mut Vec::new(), prompt.len() + 80).unwrap(); // the batch-1 sequence's blocks stay taken
+    let mut next_ids = Vec::new();
+    for b in 0..batch {
+        let key = 2 + b as u64;
+        ex.add_images(key, &images).unwrap();
+        let mut t = Vec::new();
+        alloc.ensure(&mut t, prompt.len() + 40).unwrap();
+        let chunk = SeqChunk { tokens: &prompt, start_pos: 0, block_table: &t, logits: LogitsWanted::Last };
+        let step = build_step(&[chunk], ex.block_size()).unwrap();
+        let out = ex.step_with_images(&step, &[Some(SeqImages { key, mask: mask.data() })]).unwrap();
+        next_ids.push(argmax(&out.logits));
+        tables.push(t);
+    }
+    let mut times = Vec::new();
+    for pos in prompt.len()..prompt.len() + 32 {
+        let tokens: Vec<[u32; 1]> = next_ids.iter().map(|&t| [t]).collect();
+        let chunks: Vec<SeqChunk<'_>> = (0..batch)
+            .map(|b| SeqChunk {
+                tokens: &tokens[b],
+                start_pos: pos,
+                block_table: &tables[b],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let step = build_step(&chunks, ex.block_size()).unwrap();
+        let imgs: Vec<Option<SeqImages<'_>>> =
+            (0..batch).map(|b| Some(SeqImages { key: 2 + b as u64, mask: &last })).collect();
+        let t0 = std::time::Instant::now();
+        let out = ex.step_with_images(&step, &imgs).unwrap();
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        let vocab = out.logits.len() / batch;
+        next_ids = out.logits.chunks(vocab).map(argmax).collect();
+    }
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    println!("BENCH mllama_11b_decode_b16_4tile_ms_per_step {ms:.3} ({:.0} tok/s)", batch as f64 * 1e3 / ms);
 }

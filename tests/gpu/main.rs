@@ -7,6 +7,7 @@ mod common;
 
 mod cuda_attention;
 mod cuda_elementwise;
+mod cuda_encoder_attention;
 mod cuda_gemv;
 mod cuda_golden;
 mod cuda_kernels;

@@ -15,6 +15,7 @@
 pub mod activation;
 pub mod attention;
 pub mod embedding;
+pub mod encoder_attention;
 #[cfg(llama32_cuda)]
 mod ffi;
 pub mod gemv;

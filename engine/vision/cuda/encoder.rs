@@ -15,6 +15,9 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
 use super::{drv, gemm, upload_bf16, upload_f32};
+use crate::ops::cuda::encoder_attention::{
+    encoder_attention, encoder_attention_supports, EncoderAttnIo, EncoderAttnShape,
+};
 use crate::ops::cuda::vision as kv;
 use crate::vision::config::{MllamaConfig, VISION_OUTER_LAYERNORM_EPS};
 use crate::vision::weights::{LayerNormWeights, MllamaWeights, VisionLayerWeights};
@@ -400,6 +403,46 @@ impl CudaVisionEncoder {
         kv::layer_norm(s, &a, &mut w.h, io)?;
         gemm(&self.blas, &w.xb.slice(..), &l.wqkv.slice(..), (rows, dim, 3 * dim), &mut w.qkv)?;
         let hd = v.head_dim();
+        if encoder_attention_supports(hd) {
+            // The tensor-core kernel: each image's `seq` rows attend to one another.
+            let shape = EncoderAttnShape {
+                num_seqs: rows / seq,
+                seq_len: seq,
+                num_heads: v.attention_heads,
+                head_dim: hd,
+                q_stride: 3 * dim,
+                kv_stride: 3 * dim,
+                out_stride: dim,
+                scale: (hd as f32).powf(-0.5),
+            };
+            let (q, k, vv) = (w.qkv.slice(..), w.qkv.slice(dim..), w.qkv.slice(2 * dim..));
+            let io = EncoderAttnIo { q: &q, k: &k, v: &vv, flags: Some(&w.flags) };
+            encoder_attention(s, &shape, &io, &mut w.attn)?;
+        } else {
+            self.gather_attention(w, rows, seq)?;
+        }
+        gemm(&self.blas, &w.attn.slice(..), &l.wo.slice(..), (rows, dim, dim), &mut w.delta)?;
+        // post_attention_layernorm, with the gated attention residual.
+        let a = kv::LayerNormArgs { rows, width: dim, gate: l.gate_attn, eps, rows_per_group: 1 };
+        let io = kv::LayerNormIo {
+            delta: Some(&w.delta),
+            out: Some(&mut w.xb),
+            norm: Some((&l.mlp_norm.weight, &l.mlp_norm.bias)),
+            ..Default::default()
+        };
+        kv::layer_norm(s, &a, &mut w.h, io)?;
+        gemm(&self.blas, &w.xb.slice(..), &l.fc1.slice(..), (rows, dim, inter), &mut w.mid)?;
+        kv::bias_act(s, &mut w.mid, &l.fc1_bias, rows, kv::BiasAct::Gelu)?;
+        gemm(&self.blas, &w.mid.slice(..), &l.fc2.slice(..), (rows, inter, dim), &mut w.delta)?;
+        *pending = Some(Pending { bias: &l.fc2_bias, gate: l.gate_ffn });
+        Ok(())
+    }
+
+    /// The CUDA-core attention over one block per image, for head widths the tensor-core kernel is not built for.
+    fn gather_attention(&self, w: &mut Work, rows: usize, seq: usize) -> Result<()> {
+        let v = &self.cfg.vision;
+        let (dim, s) = (v.hidden_size, &self.stream);
+        let hd = v.head_dim();
         let shape = kv::GatherAttnShape {
             num_heads: v.attention_heads,
             num_kv_heads: v.attention_heads,
@@ -426,21 +469,6 @@ impl CudaVisionEncoder {
             block_tables: &w.tables,
             flags: Some((&w.flags, &w.flags)),
         };
-        kv::gather_attention(s, &shape, &io, &mut w.attn)?;
-        gemm(&self.blas, &w.attn.slice(..), &l.wo.slice(..), (rows, dim, dim), &mut w.delta)?;
-        // post_attention_layernorm, with the gated attention residual.
-        let a = kv::LayerNormArgs { rows, width: dim, gate: l.gate_attn, eps, rows_per_group: 1 };
-        let io = kv::LayerNormIo {
-            delta: Some(&w.delta),
-            out: Some(&mut w.xb),
-            norm: Some((&l.mlp_norm.weight, &l.mlp_norm.bias)),
-            ..Default::default()
-        };
-        kv::layer_norm(s, &a, &mut w.h, io)?;
-        gemm(&self.blas, &w.xb.slice(..), &l.fc1.slice(..), (rows, dim, inter), &mut w.mid)?;
-        kv::bias_act(s, &mut w.mid, &l.fc1_bias, rows, kv::BiasAct::Gelu)?;
-        gemm(&self.blas, &w.mid.slice(..), &l.fc2.slice(..), (rows, inter, dim), &mut w.delta)?;
-        *pending = Some(Pending { bias: &l.fc2_bias, gate: l.gate_ffn });
-        Ok(())
+        kv::gather_attention(s, &shape, &io, &mut w.attn)
     }
 }
