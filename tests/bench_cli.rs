@@ -80,7 +80,9 @@ fn bench_rejects_bad_lists_and_degrees() {
         args.extend_from_slice(extra);
         let o = bench(&args);
         assert!(!o.status.success(), "{extra:?} should fail");
-        String::from_utf8_lossy(&o.stderr).to_string()
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(e.contains("error: ") && !e.contains("panicked"), "{extra:?}: {e}");
+        e
     };
     let e = err(&["--batch", "1,x"]);
     assert!(e.contains("--batch") && e.contains("`x`"), "{e}");
@@ -91,5 +93,40 @@ fn bench_rejects_bad_lists_and_degrees() {
     // 3 ranks cannot split 4 heads: refused before anything runs.
     let e = err(&["--tensor-parallel", "1,3"]);
     assert!(e.contains("num_attention_heads"), "{e}");
+    // CUDA placement flags are checked before anything loads, on any machine.
+    let e = err(&["--device", "cuda", "--tensor-parallel", "1,2", "--devices", "0,x"]);
+    assert!(e.contains("--devices: `x` is not a CUDA device"), "{e}");
+    let e = err(&["--device", "cuda", "--tensor-parallel", "1,2", "--tp-comm", "gloo"]);
+    assert!(e.contains("--tp-comm") && e.contains("`gloo`"), "{e}");
+    let e = err(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a16-g32"]);
+    assert!(e.contains("does not support quantized models"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_cuda_ranks_without_a_device_fail_clearly() {
+    if llama32::ops::cuda::probe().is_ok() {
+        eprintln!("skipped: a CUDA device is present (the CUDA ranks are exercised on it)");
+        return;
+    }
+    let dir = tiny_config_dir("nodevice");
+    let o = bench(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--random-weights",
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--device",
+        "cuda",
+        "--tensor-parallel",
+        "2",
+        "--devices",
+        "0",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("no usable CUDA device for --tensor-parallel 2") && !e.contains("panicked"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -268,3 +268,139 @@ fn cli_logits_with_tensor_parallel_match_tp1() {
     assert!(err.contains("num_attention_heads"), "{err}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+fn run_cli(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_llama32")).arg(cmd).args(args).output().unwrap()
+}
+
+/// The stderr of a run that must fail cleanly (an error line, no panic).
+fn failure(cmd: &str, args: &[&str]) -> String {
+    let o = run_cli(cmd, args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{cmd} {args:?} should fail: {err}");
+    assert!(err.contains("error: ") && !err.contains("panicked"), "{cmd} {args:?}: {err}");
+    err
+}
+
+#[test]
+fn cli_cuda_tensor_parallel_flags_are_checked_before_any_device() {
+    let text = common::golden_dir("cuda-d64-gqa4");
+    let text = text.to_str().unwrap();
+    let out = std::env::temp_dir().join(format!("llama32-tp-cuda-flags-{}.npy", std::process::id()));
+    let out = out.to_str().unwrap();
+    let logits = |extra: &[&str]| {
+        let mut args = vec!["--model", text, "--ids", "1,2,3", "--out", out];
+        args.extend_from_slice(extra);
+        failure("logits", &args)
+    };
+    let e = logits(&["--device", "cuda", "--tensor-parallel", "2", "--devices", "0,x"]);
+    assert!(e.contains("--devices: `x` is not a CUDA device"), "{e}");
+    let e = logits(&["--device", "cuda", "--tensor-parallel", "2", "--devices", ","]);
+    assert!(e.contains("--devices: no devices given"), "{e}");
+    let e = logits(&["--device", "cpu", "--tensor-parallel", "2", "--devices", "0"]);
+    assert!(e.contains("--devices 0") && e.contains("--device cpu"), "{e}");
+    let e = logits(&["--device", "cuda", "--devices", "0"]);
+    assert!(e.contains("--devices 0") && e.contains("--tensor-parallel N > 1"), "{e}");
+    let e = logits(&["--device", "cuda", "--tensor-parallel", "0"]);
+    assert!(e.contains("--tensor-parallel must be at least 1"), "{e}");
+    let e = logits(&["--device", "cuda:x", "--tensor-parallel", "2"]);
+    assert!(e.contains("--device"), "{e}");
+    // Quantized models: --quantize, and a quantized checkpoint.
+    let e = logits(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a16-g32"]);
+    assert!(e.contains("--tensor-parallel > 1 does not support quantized models"), "{e}");
+    let quantized = std::env::temp_dir().join(format!("llama32-tp-cuda-quantized-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&quantized);
+    let q = run_cli("quantize", &["--model", text, "--out", quantized.to_str().unwrap(), "--scheme", "w4a16-g32"]);
+    assert!(q.status.success(), "quantize: {}", String::from_utf8_lossy(&q.stderr));
+    let args = [
+        "--model",
+        quantized.to_str().unwrap(),
+        "--ids",
+        "1,2",
+        "--out",
+        out,
+        "--device",
+        "cuda",
+        "--tensor-parallel",
+        "2",
+    ];
+    let e = failure("logits", &args);
+    assert!(e.contains("--tensor-parallel > 1 does not support quantized models"), "{e}");
+    std::fs::remove_dir_all(&quantized).ok();
+    // A degree that does not divide the model names the field (3 heads).
+    let gqa3 = common::golden_dir("cuda-d128-gqa3");
+    let args =
+        ["--model", gqa3.to_str().unwrap(), "--ids", "1,2", "--out", out, "--device", "cuda", "--tensor-parallel", "2"];
+    let e = failure("logits", &args);
+    assert!(e.contains("num_attention_heads"), "{e}");
+    // Vision checkpoints on CUDA with tp > 1 are refused, naming what is supported.
+    let vision = common::golden_dir("mllama-resize");
+    let vision = vision.to_str().unwrap();
+    let e = failure(
+        "logits",
+        &["--model", vision, "--ids", "1,2", "--out", out, "--device", "cuda", "--tensor-parallel", "2"],
+    );
+    assert!(e.contains("--tensor-parallel 2 on --device cuda") && e.contains("Vision"), "{e}");
+    assert!(e.contains("--device cpu") && e.contains("text models"), "{e}");
+    let dir = std::env::temp_dir().join(format!("llama32-tp-cuda-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let (input, output) = (input.to_str().unwrap().to_string(), dir.join("out.jsonl").to_str().unwrap().to_string());
+    let batch = |model: &str, extra: &[&str]| {
+        let mut args = vec!["--model", model, "--input", &input, "--output", &output, "--no-progress"];
+        args.extend_from_slice(extra);
+        failure("batch", &args)
+    };
+    let e = batch(vision, &["--device", "cuda:0", "--tensor-parallel", "4"]);
+    assert!(e.contains("--tensor-parallel 4 on --device cuda:0") && e.contains("Vision"), "{e}");
+    let e = batch(text, &["--device", "cuda", "--tensor-parallel", "2", "--devices", "cuda:0,gpu1"]);
+    assert!(e.contains("--devices: `gpu1`"), "{e}");
+    let e = batch(text, &["--device", "cpu", "--tensor-parallel", "2", "--devices", "0,1"]);
+    assert!(e.contains("--devices 0,1"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn cli_cuda_tensor_parallel_without_a_device_fails_clearly() {
+    if llama32::ops::cuda::probe().is_ok() {
+        eprintln!("skipped: a CUDA device is present (tests/gpu/cuda_tp.rs runs the CUDA ranks)");
+        return;
+    }
+    let text = common::golden_dir("cuda-d64-gqa4");
+    let text = text.to_str().unwrap();
+    let out = std::env::temp_dir().join(format!("llama32-tp-cuda-none-{}.npy", std::process::id()));
+    let out = out.to_str().unwrap();
+    for extra in [&["--device", "cuda"][..], &["--device", "cuda", "--devices", "0"], &["--device", "cuda:1"]] {
+        let mut args = vec!["--model", text, "--ids", "1,2,3", "--out", out, "--tensor-parallel", "2"];
+        args.extend_from_slice(extra);
+        let e = failure("logits", &args);
+        assert!(e.contains("no usable CUDA device for --tensor-parallel 2"), "{extra:?}: {e}");
+        assert!(e.contains(&format!("--device {}", extra[1])), "{extra:?}: {e}");
+    }
+    assert!(!std::path::Path::new(out).exists());
+    // serve/batch load in the engine thread: the error still comes back as an error.
+    let dir = std::env::temp_dir().join(format!("llama32-tp-cuda-none-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let output = dir.join("out.jsonl");
+    let args = [
+        "--model",
+        text,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--no-progress",
+        "--device",
+        "cuda",
+        "--tensor-parallel",
+        "2",
+        "--devices",
+        "0",
+    ];
+    let e = failure("batch", &args);
+    assert!(e.contains("no usable CUDA device for --tensor-parallel 2"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

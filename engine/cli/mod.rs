@@ -123,9 +123,14 @@ pub struct LogitsArgs {
     /// Image file (JPEG, PNG, WebP) for a Llama 3.2 Vision model, one per `<|image|>` id (repeatable).
     #[arg(long)]
     image: Vec<PathBuf>,
-    /// Run as this many tensor-parallel ranks (in-process ranks on the CPU; 1 = no tensor parallelism).
+    /// Run as this many tensor-parallel ranks (1 = no tensor parallelism): in-process ranks on --device cpu; on
+    /// --device cuda[:K] (text models) rank r runs on GPU K + r, or on --devices.
     #[arg(long, default_value_t = 1)]
     tensor_parallel: usize,
+    /// CUDA devices of the ranks when --tensor-parallel N > 1 on CUDA, e.g. 0,1 or cuda:2,cuda:3 (rank r runs on
+    /// entry r mod the count, so `--devices 0` puts every rank on GPU 0). Default: cuda:K..K+N-1 for --device cuda:K.
+    #[arg(long)]
+    devices: Option<String>,
 }
 
 /// `llama32 generate`.
@@ -243,7 +248,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "1")]
     tensor_parallel: String,
     /// CUDA devices of the ranks when tp > 1, e.g. 0,1,2,3 or cuda:0,cuda:1 (rank r runs on entry r mod the
-    /// count). Default: cuda:0..tp-1 when that many devices are visible, else --device's one device for all ranks.
+    /// count). Default: cuda:K..K+tp-1 for --device cuda:K when that many devices are visible, else cuda:K for all
+    /// ranks.
     #[arg(long)]
     devices: Option<String>,
     /// Communicator of CUDA ranks when tp > 1: nccl, host-staged, or auto (nccl when every rank has its own
@@ -299,8 +305,9 @@ pub fn run(cli: Cli) -> Result<()> {
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids, "--ids")?;
     let tp = a.tensor_parallel;
-    serve::check_tensor_parallel(tp, &a.model.device)?;
+    serve::check_tensor_parallel(tp, &a.model.device, a.devices.as_deref())?;
     if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
+        serve::check_vision_tensor_parallel(tp, &a.model.device)?;
         if tp > 1 {
             return vision::logits_tp(&a.model, &dir, &ids, &a.image, &a.out, tp);
         }
@@ -308,7 +315,21 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     }
     let mut exec: Box<dyn Executor> = if tp > 1 {
         let kv_tokens = a.model.kv_tokens.unwrap_or(ids.len()).max(ids.len());
-        Box::new(serve::tp_cpu_executor(&a.model, tp, kv_tokens)?)
+        match Device::parse(&a.model.device)? {
+            Device::Cpu => Box::new(serve::tp_cpu_executor(&a.model, tp, kv_tokens)?),
+            Device::Cuda(_) => {
+                let ranks = serve::CudaRanks {
+                    devices: a.devices.as_deref(),
+                    comm: "auto",
+                    share_when_short: false,
+                    kv_tokens: Some(kv_tokens),
+                    min_tokens: ids.len(),
+                };
+                let m = serve::tp_cuda_executor(&a.model, tp, &ranks)?;
+                eprintln!("loaded {} as {tp} tensor-parallel CUDA ranks on {}", m.source_desc, m.device_name);
+                Box::new(m.exec)
+            }
+        }
     } else {
         load_model(&a.model, ids.len())?.exec
     };
@@ -528,89 +549,36 @@ fn bench_model(
             gpus,
         });
     }
-    let (cfg, source) = load::resolve_config(model_args)?;
-    let mut desc = source.describe();
-    if model_args.random_weights {
-        desc.push_str(" with random weights");
+    if device == Device::Cpu {
+        let (_, source) = load::resolve_config(model_args)?;
+        let mut desc = source.describe();
+        if model_args.random_weights {
+            desc.push_str(" with random weights");
+        }
+        let t0 = Instant::now();
+        let exec = serve::tp_cpu_executor(model_args, tp, kv_tokens)?;
+        return Ok(BenchModel {
+            exec: Box::new(exec),
+            device_name: format!("cpu ({} threads)", rayon::current_num_threads()),
+            source_desc: desc,
+            load_secs: t0.elapsed().as_secs_f64(),
+            gpus: Vec::new(),
+        });
     }
-    let t0 = Instant::now();
-    let ordinal = match device {
-        Device::Cpu => {
-            let exec = serve::tp_cpu_executor(model_args, tp, kv_tokens)?;
-            return Ok(BenchModel {
-                exec: Box::new(exec),
-                device_name: format!("cpu ({} threads)", rayon::current_num_threads()),
-                source_desc: desc,
-                load_secs: t0.elapsed().as_secs_f64(),
-                gpus: Vec::new(),
-            });
-        }
-        Device::Cuda(o) => o,
-    };
-    use crate::tp::cuda::{TpCommKind, TpCudaExecutor};
-    let quantized = match &source {
-        load::Source::Dir(dir) => load::checkpoint_quantization(dir)?.is_some(),
-        load::Source::Preset(_) => false,
-    };
-    if model_args.quantize.is_some() || quantized {
-        return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
-    }
-    crate::ops::cuda::probe()?;
-    let devices = match &a.devices {
-        Some(d) => parse_devices(d)?,
-        None => {
-            let count = cudarc::driver::CudaContext::device_count()
-                .map_err(|e| Error::Backend(format!("counting CUDA devices: {e}")))?;
-            if count >= 0 && tp <= count as usize {
-                (0..tp).collect()
-            } else {
-                vec![ordinal]
-            }
-        }
-    };
-    let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
-    let distinct = placement.iter().enumerate().all(|(i, d)| !placement[..i].contains(d));
-    let kind = match a.tp_comm.as_str() {
-        "nccl" => TpCommKind::Nccl,
-        "host-staged" => TpCommKind::InProcess,
-        "auto" if distinct => TpCommKind::Nccl,
-        "auto" => TpCommKind::InProcess,
-        other => {
-            return Err(Error::request(format!("--tp-comm: expected auto, nccl or host-staged, got `{other}`")));
-        }
-    };
-    let opts = crate::exec::cuda::CudaOptions {
-        device: placement[0],
-        block_size: model_args.block_size,
+    let ranks = serve::CudaRanks {
+        devices: a.devices.as_deref(),
+        comm: &a.tp_comm,
+        share_when_short: true,
         kv_tokens: model_args.kv_tokens,
-        gpu_memory_utilization: model_args.gpu_memory_utilization,
-        max_step_tokens: 2048,
-        max_graph_batch: model_args.cuda_graph_max_batch,
-        skinny_gemm: !model_args.no_skinny_gemm,
+        min_tokens,
     };
-    let ckpt;
-    let src = match (&source, model_args.random_weights) {
-        (load::Source::Dir(dir), false) => {
-            ckpt = crate::weights::Checkpoint::open(dir)?;
-            crate::weights::check_checkpoint(&ckpt, &cfg)?;
-            crate::weights::WeightSource::Checkpoint(&ckpt)
-        }
-        _ => crate::weights::WeightSource::Random(model_args.weights_seed),
-    };
-    let exec = TpCudaExecutor::new(cfg, src, tp, &devices, kind, &opts)?;
-    let mut used: Vec<usize> = Vec::new();
-    for &d in &placement {
-        if !used.contains(&d) {
-            used.push(d);
-        }
-    }
-    let names: Vec<String> = used.iter().map(|d| format!("cuda:{d}")).collect();
+    let m = serve::tp_cuda_executor(model_args, tp, &ranks)?;
     Ok(BenchModel {
-        device_name: format!("{} ({tp} ranks, {})", names.join(","), exec.comm_name()),
-        exec: Box::new(exec),
-        source_desc: desc,
-        load_secs: t0.elapsed().as_secs_f64(),
-        gpus: used,
+        exec: Box::new(m.exec),
+        device_name: m.device_name,
+        source_desc: m.source_desc,
+        load_secs: m.load_secs,
+        gpus: m.gpus,
     })
 }
 
@@ -621,7 +589,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         return Err(Error::request("--prompt-tokens and --batch must be positive"));
     }
     let device = Device::parse(&a.model.device)?;
-    // Fail before loading anything when a degree cannot shard the model.
+    // Fail before loading anything on a bad placement flag or when a degree cannot shard the model.
+    if let Some(d) = &a.devices {
+        parse_devices(d)?;
+    }
+    serve::tp_comm_kind(&a.tp_comm, &[])?;
     let (cfg, _) = load::resolve_config(&a.model)?;
     for &tp in &tps {
         if tp > 1 {
@@ -742,22 +714,27 @@ fn bench_one(
             let prefill = s.window(p0, p1);
             let full = s.window(p1, f1);
             s.forget_before(f1);
-            let sum = |w: &[crate::telemetry::GpuWindow]| -> Option<f64> { w.iter().map(|g| g.energy_j).sum() };
-            let (e_prefill, e_full) = (sum(&prefill), sum(&full));
-            let generated = (batch * a.gen_tokens) as f64;
-            // Decode energy: the full run less a prefill-only run, over the tokens after the first.
-            let e_decode = match (e_full, e_prefill) {
-                (Some(f), Some(p)) => Some((f - p).max(0.0)),
-                _ => None,
-            };
-            let decode_tokens = (batch * a.gen_tokens.saturating_sub(1)) as f64;
+            // Each window's energy comes only from its own samples, or is null with the reason in "note" (windows
+            // shorter than a few sampling intervals or energy counter updates get none).
+            let e = crate::telemetry::run_energy(
+                &prefill,
+                &full,
+                batch * a.gen_tokens,
+                batch * a.gen_tokens.saturating_sub(1),
+            );
             Some(serde_json::json!({
-                "interval_ms": a.telemetry_interval_ms,
-                "energy_j": e_full,
-                "j_per_token": e_full.map(|e| e / generated.max(1.0)),
-                "prefill_energy_j": e_prefill,
-                "decode_j_per_token": e_decode.filter(|_| decode_tokens > 0.0).map(|e| e / decode_tokens),
+                "interval_ms": a.telemetry_interval_ms.max(1),
+                "prefill_window_s": p1.saturating_duration_since(p0).as_secs_f64(),
+                "window_s": f1.saturating_duration_since(p1).as_secs_f64(),
+                "energy_j": e.energy_j,
+                "j_per_token": e.j_per_token,
+                "prefill_energy_j": e.prefill_energy_j,
+                "decode_j_per_token": e.decode_j_per_token,
+                "decode_rel_uncertainty": e.decode_rel_uncertainty,
+                "window_too_short": e.window_too_short,
+                "note": e.note,
                 "gpus": full,
+                "prefill_gpus": prefill,
             }))
         }
     };

@@ -159,13 +159,13 @@ fn gemv_rejects_bad_shapes() {
 // benchmark
 
 /// Bytes of weight copies the benchmark rotates through for a weight that fits in L2 (an H100 has 50 MB).
-const ROTATE_BYTES: usize = 200 << 20;
+pub(crate) const ROTATE_BYTES: usize = 200 << 20;
 /// Calls per captured graph, and timed graph launches (the median is reported).
-const CALLS: usize = 20;
+pub(crate) const CALLS: usize = 20;
 const SAMPLES: usize = 25;
 
 /// `out[m, n] = x @ w^T` through cuBLASLt, as the executor calls it (engine/exec/cuda/ops.rs `gemm`).
-fn cublaslt_gemm(
+pub(crate) fn cublaslt_gemm(
     blas: &CudaBlasLT,
     x: &CudaSlice<bf16>,
     w: &CudaSlice<bf16>,
@@ -197,7 +197,7 @@ fn cublaslt_gemm(
 
 /// Seconds per call: `calls` (each given its call index) captured into one CUDA graph, then the median over
 /// SAMPLES graph launches timed with CUDA events, divided by CALLS.
-fn time_graph(stream: &Arc<CudaStream>, call: &mut dyn FnMut(usize)) -> f64 {
+pub(crate) fn time_graph(stream: &Arc<CudaStream>, call: &mut dyn FnMut(usize)) -> f64 {
     use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
     // Warm-up outside the graph (module load, cuBLASLt's heuristic), then capture.
     for i in 0..3 {

@@ -475,20 +475,32 @@ mod e2e {
 // ------------------------------------------------------------------------------------------------------------------
 // benchmark
 
-/// W4A16 at m = 1, 16, 64 on the 1B, 11B and 90B projection shapes: a quick figure line per shape in effective GB/s (int4 + bf16 scales read per second) and
-/// TFLOP/s, timed with CUDA events over 20 calls (median of 15). The full comparison with torch tinygemm and
-/// cuBLAS bf16 is bench/cuda_kernels.rs (group `quant`) beside scripts/peers.py.
+/// W4A16 at m = 1, 16, 64 on the 1B projections and the 11B / 90B gate_up and down shapes, against the bf16 path the
+/// executor takes for the same shape (the skinny GEMV at m = 1, cuBLASLt above) in the same process: GPU time per
+/// call from CUDA graphs of 20 calls (as `cuda_gemv::gemv_throughput`: launch overhead excluded, as in the
+/// executor's decode graphs), weights rotated through copies so that they stream from HBM, not L2. W4A16 GB/s count
+/// int4 + bf16 scales (0.5625 n k bytes), bf16 GB/s 2 n k. The full comparison with torch tinygemm and cuBLAS is
+/// bench/cuda_kernels.rs (group `quant`) beside scripts/peers.py.
 #[test]
 #[ignore]
 fn quant_throughput() {
+    use crate::cuda_gemv::{cublaslt_gemm, time_graph, CALLS, ROTATE_BYTES};
+    use cudarc::cublaslt::CudaBlasLT;
     let Some(probe) = stream() else { return };
     let ctx = probe.context().clone();
+    // One stream orders everything here; cudarc's per-buffer events would break graph capture.
+    // SAFETY: called before this test allocates; every buffer below is used on the one stream created next.
+    unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().expect("stream");
+    let blas = CudaBlasLT::new(stream.clone()).expect("cuBLASLt");
     let sms = llama32::ops::cuda::attention::num_sms(&stream).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 9);
-    // (name, k, n): hidden / inter of 1B (2048 / 8192), 11B (4096 / 14336), 90B (8192 / 28672).
+    // (name, k, n): the 1B projections (hidden 2048, inter 8192), gate_up / down of 11B (4096 / 14336) and 90B
+    // (8192 / 28672).
     let shapes = [
-        ("1b gate_up", 2048usize, 16384usize),
+        ("1b qkv", 2048usize, 3072usize),
+        ("1b o", 2048, 2048),
+        ("1b gate_up", 2048, 16384),
         ("1b down", 8192, 2048),
         ("11b gate_up", 4096, 28672),
         ("11b down", 14336, 4096),
@@ -499,33 +511,47 @@ fn quant_throughput() {
         // Random int4 values with bf16 scales (the values do not change the timing).
         let q: Vec<i8> = (0..n * k).map(|i| ((i * 2_654_435_761usize) >> 7) as i8 & 7).collect();
         let scales = vec![0.01f32; n * k / 32];
-        let qm = QuantMatrix { n, k, group: 32, q, scales, zeros: None };
-        let w = CudaQuantLinear::upload(&stream, &QuantLinear { matrix: qm, scheme: Scheme::W4A16_G32 }).unwrap();
+        let lin =
+            QuantLinear { matrix: QuantMatrix { n, k, group: 32, q, scales, zeros: None }, scheme: Scheme::W4A16_G32 };
+        let qbytes = (n * k) as f64 * (0.5 + 2.0 / 32.0);
+        let copies = ROTATE_BYTES.div_ceil(qbytes as usize).clamp(1, CALLS);
+        let ws: Vec<CudaQuantLinear> = (0..copies).map(|_| CudaQuantLinear::upload(&stream, &lin).unwrap()).collect();
+        drop(lin);
+        let bf_copies = ROTATE_BYTES.div_ceil(2 * n * k).clamp(1, CALLS);
+        let dense: Vec<CudaSlice<bf16>> = (0..bf_copies)
+            .map(|_| {
+                let mut d = stream.alloc_zeros::<bf16>(n * k).expect("alloc");
+                w4a16_dequant(&stream, &ws[0], &mut d).unwrap();
+                d
+            })
+            .collect();
         let need = workspace_bound(false, 64, n, k, sms);
-        let mut ws = SplitKWorkspace::new(&stream, need.0, need.1, sms).unwrap();
+        let mut wsp = SplitKWorkspace::new(&stream, need.0, need.1, sms).unwrap();
         for m in [1usize, 16, 64] {
             let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0), false));
-            let mut out = upload(&stream, &vec![bf16::ZERO; m * n]);
-            for _ in 0..3 {
-                w4a16_gemm(&stream, &x, &w, m, &mut ws, &mut out).unwrap();
-            }
-            let mut times = Vec::new();
-            for _ in 0..15 {
-                let start = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-                for _ in 0..20 {
-                    w4a16_gemm(&stream, &x, &w, m, &mut ws, &mut out).unwrap();
-                }
-                let end = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-                times.push(start.elapsed_ms(&end).unwrap() as f64 / 20.0 * 1e-3);
-            }
-            times.sort_by(f64::total_cmp);
-            let s = times[times.len() / 2];
-            let bytes = (n * k) as f64 * (0.5 + 2.0 / 32.0);
+            let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+            let ours = time_graph(&stream, &mut |i| {
+                w4a16_gemm(&stream, &x, &ws[i % copies], m, &mut wsp, &mut out).unwrap();
+            });
+            let (theirs, path) = if llama32::ops::cuda::gemv::supports(m, k) {
+                let t = time_graph(&stream, &mut |i| {
+                    llama32::ops::cuda::gemv::gemv(&stream, &x, &dense[i % bf_copies], m, k, n, &mut out).unwrap();
+                });
+                (t, "gemv")
+            } else {
+                (
+                    time_graph(&stream, &mut |i| cublaslt_gemm(&blas, &x, &dense[i % bf_copies], (m, k, n), &mut out)),
+                    "cuBLASLt",
+                )
+            };
             eprintln!(
-                "w4a16 {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s",
-                s * 1e6,
-                bytes / s / 1e9,
-                2.0 * (m * n * k) as f64 / s / 1e12
+                "w4a16 {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x",
+                ours * 1e6,
+                qbytes / ours / 1e9,
+                2.0 * (m * n * k) as f64 / ours / 1e12,
+                theirs * 1e6,
+                2.0 * (n * k) as f64 / theirs / 1e9,
+                theirs / ours
             );
         }
     }

@@ -432,3 +432,82 @@ fn cuda_tp_nccl_two_ranks_in_one_process_on_one_device() {
     assert!(RelErr::of(&nccl, &want).within(budget), "NCCL tp=2 is off the reference");
     assert!(d.max <= FLOOR.max, "NCCL tp=2 vs in-process tp=2: {d}");
 }
+
+/// `llama32 logits` through the library's command line (as the binary runs it), on `model`'s first golden prompt;
+/// the logits it writes.
+fn cli_logits(model: &Model, tag: &str, extra: &[&str]) -> Vec<f32> {
+    use clap::Parser;
+    let dir = model.dir.as_ref().expect("a golden checkpoint");
+    let out = std::env::temp_dir().join(format!("llama32-cuda-tp-cli-{}-{tag}.npy", std::process::id()));
+    let ids = model.prompts[0].iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut args =
+        vec!["llama32", "logits", "--model", dir.to_str().unwrap(), "--ids", &ids, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let cli = llama32::cli::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    llama32::cli::run(cli).unwrap_or_else(|e| panic!("llama32 {}: {e}", args[1..].join(" ")));
+    let npy = llama32::npy::read_f32(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    assert_eq!(npy.shape, vec![model.prompts[0].len(), model.cfg.vocab_size], "{tag}: logits shape");
+    npy.data
+}
+
+/// `llama32 logits --tensor-parallel 2 --devices 0 --device cuda` (two ranks sharing GPU 0, host-staged) against
+/// `llama32 logits --device cuda` (tp = 1) and `--device cpu` (the f32 reference), with the budgets of
+/// [`check_in_process`]: tp = 2 within the golden budget of the reference, and within that budget plus tp = 1's own
+/// error of tp = 1.
+#[test]
+fn cuda_tp_cli_logits_two_ranks_on_one_gpu_match_tp1() {
+    if !device_ready() {
+        return;
+    }
+    let model = Model::golden("cuda-d64-gqa4");
+    let name = "cuda-d64-gqa4 cli logits";
+    let vocab = model.cfg.vocab_size;
+    let want = vec![cli_logits(&model, "cpu", &["--device", "cpu"])];
+    let one = vec![cli_logits(&model, "tp1", &["--device", "cuda", "--kv-tokens", "1024"])];
+    let two = vec![cli_logits(
+        &model,
+        "tp2",
+        &["--device", "cuda", "--tensor-parallel", "2", "--devices", "0", "--kv-tokens", "1024"],
+    )];
+    let budget = model.golden.unwrap();
+    let e1 = RelErr::of(&one, &want);
+    assert!(e1.within(budget), "{name}: tp=1 on CUDA is off the reference ({e1}, budget {budget}): see cuda_golden");
+    let between = RelErr { max: budget.max + e1.max, mean: budget.mean + e1.mean };
+    let en = RelErr::of(&two, &want);
+    let dn = RelErr::of(&two, &one);
+    eprintln!(
+        "cuda-tp {name} tp=2 --devices 0 (1 GPU, host-staged): vs f32 reference {en} (budget {budget}; tp=1 CUDA \
+         {e1}), vs tp=1 CUDA {dn} (budget {between}); {} prompt tokens",
+        model.prompts[0].len()
+    );
+    // bf16 ranks cannot give the f32 CPU logits bit for bit: equality would mean the ranks never ran on CUDA.
+    assert!(!bitwise_equal(&two, &want), "{name}: tp=2 equals the CPU reference bit for bit: did it run on CUDA?");
+    assert!(en.within(budget), "{name}: {en} against the f32 reference exceeds {budget}");
+    assert!(dn.within(between), "{name}: {dn} against tp=1 on CUDA exceeds {between}");
+    check_argmax(name, &two, &want, vocab, budget.max);
+    // Without --devices, tp = 2 needs two GPUs: on a one-GPU machine the command says so instead of sharing.
+    let count = CudaContext::device_count().unwrap_or(0);
+    if count == 1 {
+        use clap::Parser;
+        let dir = model.dir.as_ref().unwrap().to_str().unwrap().to_string();
+        let out = std::env::temp_dir().join(format!("llama32-cuda-tp-cli-{}-refused.npy", std::process::id()));
+        let args = [
+            "llama32",
+            "logits",
+            "--model",
+            &dir,
+            "--ids",
+            "1,2",
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cuda",
+            "--tensor-parallel",
+            "2",
+        ];
+        let e = llama32::cli::run(llama32::cli::Cli::try_parse_from(args).unwrap()).err().map(|e| e.to_string());
+        let e = e.unwrap_or_default();
+        assert!(e.contains("--tensor-parallel 2") && e.contains("--devices") && e.contains("1 CUDA device"), "{e}");
+    }
+}
