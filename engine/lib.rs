@@ -2,7 +2,7 @@
 //!
 //! The data path, from request to kernel: [`chat_template`] and [`tokenizer`] turn a request into ids,
 //! [`exec`] runs batched steps ([`exec::StepInput`]) through the model recipe in [`model`], written once over
-//! the [`ops::Ops`] trait with a CPU reference backend ([`ops::cpu`]) and CUDA kernels ([`ops::cuda`]);
+//! the [`model::Ops`] trait with a CPU reference backend ([`ops::cpu`]) and CUDA kernels ([`ops::cuda`]);
 //! [`sampling`] picks the next ids and [`tokenizer::StreamDecoder`] turns them back into text.
 #![warn(missing_docs)]
 

@@ -1,5 +1,6 @@
 //! The `llama32` command line: `logits`, `generate`, `tokenize`, `render`, `info`, `bench`, `serve` and `batch`.
 
+mod bench;
 mod load;
 mod plan;
 mod quant_eval;
@@ -22,6 +23,8 @@ use crate::sched::{run_to_completion, Scheduler, SchedulerConfig};
 use crate::tokenizer::{EncodeOptions, Tokenizer};
 use crate::{Error, Result};
 
+use bench::parse_devices;
+pub use bench::BenchArgs;
 pub use load::{load_model, Device, LoadedModel};
 pub use plan::PlanArgs;
 pub use quant_eval::QuantEvalArgs;
@@ -229,47 +232,6 @@ pub struct RenderArgs {
     no_generation_prompt: bool,
 }
 
-/// `llama32 bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Prompt tokens per sequence.
-    #[arg(long, default_value_t = 128)]
-    prompt_tokens: usize,
-    /// Generated tokens per sequence.
-    #[arg(long, default_value_t = 16)]
-    gen_tokens: usize,
-    /// Sequences decoded together; a comma list (e.g. 1,16,64) runs each, printing one JSON line per run.
-    #[arg(long, default_value = "1")]
-    batch: String,
-    /// Tensor-parallel ranks; a comma list (e.g. 1,2,4) runs each with every --batch. On the CPU the ranks are
-    /// in-process threads; on CUDA they run on --devices.
-    #[arg(long, default_value = "1")]
-    tensor_parallel: String,
-    /// CUDA devices of the ranks when tp > 1, e.g. 0,1,2,3 or cuda:0,cuda:1 (rank r runs on entry r mod the
-    /// count). Default: cuda:K..K+tp-1 for --device cuda:K when that many devices are visible, else cuda:K for all
-    /// ranks.
-    #[arg(long)]
-    devices: Option<String>,
-    /// Communicator of CUDA ranks when tp > 1: nccl, host-staged, or auto (nccl when every rank has its own
-    /// device, host-staged when ranks share one).
-    #[arg(long, default_value = "auto")]
-    tp_comm: String,
-    /// Append each result line (JSON) to this file as well.
-    #[arg(long)]
-    json_out: Option<PathBuf>,
-    /// Milliseconds between NVML telemetry samples (CUDA only).
-    #[arg(long, default_value_t = 50)]
-    telemetry_interval_ms: u64,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-}
-
 /// Parses a comma-separated id list, naming the bad item.
 pub fn parse_ids(s: &str, flag: &str) -> Result<Vec<u32>> {
     let ids: Vec<u32> = s
@@ -292,7 +254,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => cmd_tokenize(a),
         Command::Render(a) => cmd_render(a),
         Command::Info(a) => cmd_info(a),
-        Command::Bench(a) => cmd_bench(a),
+        Command::Bench(a) => bench::cmd_bench(a),
         Command::Serve(a) => serve::cmd_serve(a),
         Command::Batch(a) => serve::cmd_batch(a),
         Command::BenchServe(a) => serve::cmd_bench_serve(a),
@@ -479,269 +441,6 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
     Ok(())
-}
-
-/// Parses a comma list of positive integers for `flag`, naming the bad item.
-fn parse_counts(s: &str, flag: &str) -> Result<Vec<usize>> {
-    let v: Vec<usize> = s
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| match t.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(Error::request(format!("{flag}: `{t}` is not a positive integer"))),
-        })
-        .collect::<Result<_>>()?;
-    if v.is_empty() {
-        return Err(Error::request(format!("{flag}: no values given")));
-    }
-    Ok(v)
-}
-
-/// Parses `--devices` (`0,1` or `cuda:0,cuda:1`) into CUDA ordinals.
-fn parse_devices(s: &str) -> Result<Vec<usize>> {
-    let v: Vec<usize> = s
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| {
-            let n = t.strip_prefix("cuda:").unwrap_or(t);
-            n.parse::<usize>()
-                .map_err(|_| Error::request(format!("--devices: `{t}` is not a CUDA device (N or cuda:N)")))
-        })
-        .collect::<Result<_>>()?;
-    if v.is_empty() {
-        return Err(Error::request("--devices: no devices given"));
-    }
-    Ok(v)
-}
-
-/// One model loaded for a tensor-parallel degree of the bench sweep.
-struct BenchModel {
-    exec: Box<dyn Executor>,
-    device_name: String,
-    source_desc: String,
-    load_secs: f64,
-    /// The CUDA devices the ranks run on (empty on the CPU).
-    gpus: Vec<usize>,
-}
-
-/// Loads the model of `a` as `tp` ranks with KV room for `kv_tokens` tokens (per rank).
-fn bench_model(
-    a: &BenchArgs,
-    model_args: &ModelArgs,
-    tp: usize,
-    kv_tokens: usize,
-    min_tokens: usize,
-) -> Result<BenchModel> {
-    let device = Device::parse(&a.model.device)?;
-    if tp == 1 {
-        let m = load_model(model_args, min_tokens)?;
-        let gpus = match device {
-            Device::Cuda(o) => vec![o],
-            Device::Cpu => Vec::new(),
-        };
-        return Ok(BenchModel {
-            exec: m.exec,
-            device_name: m.device_name,
-            source_desc: m.source_desc,
-            load_secs: m.load_secs,
-            gpus,
-        });
-    }
-    if device == Device::Cpu {
-        let (_, source) = load::resolve_config(model_args)?;
-        let mut desc = source.describe();
-        if model_args.random_weights {
-            desc.push_str(" with random weights");
-        }
-        let t0 = Instant::now();
-        let exec = serve::tp_cpu_executor(model_args, tp, kv_tokens)?;
-        return Ok(BenchModel {
-            exec: Box::new(exec),
-            device_name: format!("cpu ({} threads)", rayon::current_num_threads()),
-            source_desc: desc,
-            load_secs: t0.elapsed().as_secs_f64(),
-            gpus: Vec::new(),
-        });
-    }
-    let ranks = serve::CudaRanks {
-        devices: a.devices.as_deref(),
-        comm: &a.tp_comm,
-        share_when_short: true,
-        kv_tokens: model_args.kv_tokens,
-        min_tokens,
-    };
-    let m = serve::tp_cuda_executor(model_args, tp, &ranks)?;
-    Ok(BenchModel {
-        exec: Box::new(m.exec),
-        device_name: m.device_name,
-        source_desc: m.source_desc,
-        load_secs: m.load_secs,
-        gpus: m.gpus,
-    })
-}
-
-fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let batches = parse_counts(&a.batch, "--batch")?;
-    let tps = parse_counts(&a.tensor_parallel, "--tensor-parallel")?;
-    if a.prompt_tokens == 0 {
-        return Err(Error::request("--prompt-tokens and --batch must be positive"));
-    }
-    let device = Device::parse(&a.model.device)?;
-    // Fail before loading anything on a bad placement flag or when a degree cannot shard the model.
-    if let Some(d) = &a.devices {
-        parse_devices(d)?;
-    }
-    serve::tp_comm_kind(&a.tp_comm, &[])?;
-    let (cfg, _) = load::resolve_config(&a.model)?;
-    for &tp in &tps {
-        if tp > 1 {
-            crate::tp::TpPlan::new(&cfg, tp)?;
-        }
-    }
-    let total = a.prompt_tokens + a.gen_tokens;
-    let max_batch = batches.iter().copied().max().unwrap_or(1);
-    let kv_tokens = a.model.kv_tokens.unwrap_or(total * max_batch + 64);
-    let model_args = ModelArgs { kv_tokens: Some(kv_tokens), ..a.model.clone() };
-    let mut json_out = match &a.json_out {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| Error::request(format!("--json-out {}: {e}", p.display())))?,
-        ),
-        None => None,
-    };
-    for &tp in &tps {
-        let mut m = bench_model(&a, &model_args, tp, kv_tokens, total)?;
-        let telemetry = match device {
-            Device::Cuda(_) => {
-                let interval = std::time::Duration::from_millis(a.telemetry_interval_ms.max(1));
-                let t = crate::telemetry::Telemetry::start(&m.gpus, interval);
-                if let crate::telemetry::Telemetry::Unavailable(why) = &t {
-                    eprintln!("GPU telemetry unavailable: {why}");
-                }
-                Some(t)
-            }
-            Device::Cpu => None,
-        };
-        for &batch in &batches {
-            let out = bench_one(&a, &mut m, tp, batch, telemetry.as_ref())?;
-            let line = out.to_string();
-            println!("{line}");
-            std::io::stdout().flush().ok();
-            if let (Some(f), Some(p)) = (json_out.as_mut(), &a.json_out) {
-                writeln!(f, "{line}").map_err(|e| Error::request(format!("--json-out {}: {e}", p.display())))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Times prefill and decode of `batch` sequences on `m` (`tp` ranks); the result line. With `telemetry`, adds each
-/// GPU's window summary over the full run and the energy per generated token.
-fn bench_one(
-    a: &BenchArgs,
-    m: &mut BenchModel,
-    tp: usize,
-    batch: usize,
-    telemetry: Option<&crate::telemetry::Telemetry>,
-) -> Result<serde_json::Value> {
-    use crate::telemetry::Telemetry;
-    let vocab = m.exec.config().vocab_size as u32;
-    let reqs: Vec<GenRequest> = (0..batch)
-        .map(|b| GenRequest {
-            prompt: (0..a.prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32 % (vocab - 1)) + 1).collect(),
-            params: SamplingParams {
-                max_tokens: a.gen_tokens,
-                ignore_eos: true,
-                temperature: a.temperature,
-                top_p: a.top_p,
-                seed: Some(b as u64),
-                ..SamplingParams::greedy()
-            },
-        })
-        .collect();
-    // Prefill alone (one token generated), then the full run; decode time is the difference.
-    let prefill_reqs: Vec<GenRequest> = reqs
-        .iter()
-        .map(|r| GenRequest { prompt: r.prompt.clone(), params: SamplingParams { max_tokens: 1, ..r.params.clone() } })
-        .collect();
-    let (mut nodetok, mut notext) = (|_: usize, _: u32| Ok(String::new()), |_: usize, _: &str| {});
-    // Warm-up (first-call costs: module loading, GEMM heuristics, allocator pools) stays out of the figures.
-    let warm: Vec<GenRequest> = reqs
-        .iter()
-        .map(|r| GenRequest { prompt: r.prompt.clone(), params: SamplingParams { max_tokens: 3, ..r.params.clone() } })
-        .collect();
-    run_scheduled(m.exec.as_mut(), &[], &warm, 2048, &mut nodetok, &mut notext)?;
-    let sampler = match telemetry {
-        Some(Telemetry::Sampling(s)) => Some(s),
-        _ => None,
-    };
-    let mark = |fallback: Instant| sampler.map_or(fallback, |s| s.mark());
-    let p0 = mark(Instant::now());
-    let t0 = Instant::now();
-    run_scheduled(m.exec.as_mut(), &[], &prefill_reqs, 2048, &mut nodetok, &mut notext)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let p1 = mark(Instant::now());
-    let t1 = Instant::now();
-    run_scheduled(m.exec.as_mut(), &[], &reqs, 2048, &mut nodetok, &mut notext)?;
-    let full_s = t1.elapsed().as_secs_f64();
-    let f1 = mark(Instant::now());
-    let decode_steps = a.gen_tokens.saturating_sub(1).max(1) as f64;
-    let decode_s = (full_s - prefill_s).max(0.0);
-    let mut out = serde_json::json!({
-        "device": m.device_name,
-        "threads": rayon::current_num_threads(),
-        "model": m.source_desc,
-        "batch": batch, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
-        "temperature": a.temperature, "top_p": a.top_p,
-        "load_s": m.load_secs,
-        "prefill_s": prefill_s,
-        "prefill_tok_per_s": (batch * a.prompt_tokens) as f64 / prefill_s,
-        "decode_ms_per_step": decode_s * 1e3 / decode_steps,
-        "decode_tok_per_s": batch as f64 * decode_steps / decode_s.max(1e-9),
-        "total_s": full_s,
-        "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
-        "tp": tp,
-    });
-    let tele = match telemetry {
-        None => None,
-        Some(Telemetry::Unavailable(why)) => Some(serde_json::json!({ "unavailable": why })),
-        Some(Telemetry::Sampling(s)) => {
-            let prefill = s.window(p0, p1);
-            let full = s.window(p1, f1);
-            s.forget_before(f1);
-            // Each window's energy comes only from its own samples, or is null with the reason in "note" (windows
-            // shorter than a few sampling intervals or energy counter updates get none).
-            let e = crate::telemetry::run_energy(
-                &prefill,
-                &full,
-                batch * a.gen_tokens,
-                batch * a.gen_tokens.saturating_sub(1),
-            );
-            Some(serde_json::json!({
-                "interval_ms": a.telemetry_interval_ms.max(1),
-                "prefill_window_s": p1.saturating_duration_since(p0).as_secs_f64(),
-                "window_s": f1.saturating_duration_since(p1).as_secs_f64(),
-                "energy_j": e.energy_j,
-                "j_per_token": e.j_per_token,
-                "prefill_energy_j": e.prefill_energy_j,
-                "decode_j_per_token": e.decode_j_per_token,
-                "decode_rel_uncertainty": e.decode_rel_uncertainty,
-                "window_too_short": e.window_too_short,
-                "note": e.note,
-                "gpus": full,
-                "prefill_gpus": prefill,
-            }))
-        }
-    };
-    if let (Some(t), Some(obj)) = (tele, out.as_object_mut()) {
-        obj.insert("telemetry".into(), t);
-    }
-    Ok(out)
 }
 
 /// Runs `reqs` to completion through the serving [`Scheduler`] (continuous batching, chunked prefill of at most

@@ -33,7 +33,7 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_model_len: Option<usize>,
     /// Tensor-parallel ranks (1 = none). On --device cpu the ranks are threads of this process, each holding its
-    /// shard of the weights and KV cache; on --device cuda[:K] (text models) rank r runs on GPU K + r, or on
+    /// shard of the weights and KV cache; on `--device cuda[:K]` (text models) rank r runs on GPU K + r, or on
     /// --devices.
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel: usize,
@@ -542,14 +542,15 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
 }
 
 /// [`start_engine`] for a Llama 3.2 Vision checkpoint: the text decoder runs in the engine's batched executor (CPU
-/// reference, CPU tensor-parallel ranks, or CUDA), the image encoder (CPU reference) in the request handlers.
+/// reference, CPU tensor-parallel ranks, or CUDA), the image encoder in the request handlers (on the CUDA device too
+/// with `--device cuda`, else the CPU reference).
 fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> Result<(EngineHandle, ServeContext)> {
     let tok = load_tokenizer(a)?.map(Arc::new);
     let t0 = std::time::Instant::now();
     let tp = e.tensor_parallel;
     // With tensor parallelism the ranks read their own slices of the checkpoint, so only the vision half is
     // converted here.
-    let (encoder, text) = if tp == 1 {
+    let (mut encoder, text) = if tp == 1 {
         let (encoder, text) = crate::vision::pipeline::MllamaModel::load(dir)?.split();
         (encoder, Some(text))
     } else {
@@ -558,10 +559,15 @@ fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> 
     eprintln!("loaded {} (Llama 3.2 Vision) in {:.1} s", dir.display(), t0.elapsed().as_secs_f64());
     let cfg = encoder.cfg.clone();
     let device = super::load::Device::parse(&a.device)?;
+    if let super::load::Device::Cuda(ordinal) = device {
+        // The image encoder on the same GPU as the text decoder, on a stream of its own.
+        encoder.use_cuda(ordinal)?;
+        eprintln!("image encoder on cuda:{ordinal} (bf16)");
+    }
     let kv_tokens = a.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS);
     let block = a.block_size;
     let ckpt_dir = dir.to_path_buf();
-    // The CUDA text decoder: the image encoder stays on the CPU reference in the request handlers.
+    // The CUDA text decoder.
     let cuda_opts = crate::vision::cuda::text::MllamaCudaOptions {
         device: match device {
             super::load::Device::Cuda(ordinal) => ordinal,

@@ -28,14 +28,18 @@ pub fn vision_dir(m: &ModelArgs, has_images: bool) -> Result<Option<PathBuf>> {
     }
 }
 
-fn load(dir: &Path, images: &[PathBuf]) -> Result<(MllamaModel, EncodedImages)> {
+/// Loads `dir` and encodes `images`: on the CPU reference, or on CUDA device `cuda` (bf16).
+fn load(dir: &Path, images: &[PathBuf], cuda: Option<usize>) -> Result<(MllamaModel, EncodedImages)> {
     let t0 = Instant::now();
     let model = MllamaModel::load(dir)?;
     let files = images
         .iter()
         .map(|p| Ok((p.display().to_string(), std::fs::read(p).map_err(|e| Error::io(p, e))?)))
         .collect::<Result<Vec<_>>>()?;
-    let enc = model.encode(&files)?;
+    let enc = match cuda {
+        Some(device) => model.encode_cuda(&files, device)?,
+        None => model.encode(&files)?,
+    };
     eprintln!(
         "loaded {} and encoded {} image(s) ({:?} tiles) in {:.2} s",
         dir.display(),
@@ -51,7 +55,7 @@ pub fn logits(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &
     if let super::load::Device::Cuda(ordinal) = super::load::Device::parse(&m.device)? {
         return logits_cuda(m, dir, ids, images, out, ordinal);
     }
-    let (model, enc) = load(dir, images)?;
+    let (model, enc) = load(dir, images, None)?;
     let vocab = model.cfg.text.base.vocab_size;
     let logits = model.logits(ids, &enc)?;
     crate::npy::write_f32(out, &[ids.len(), vocab], &logits)?;
@@ -63,7 +67,7 @@ pub fn logits(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &
 /// projector are replicated), and the text decoder runs as `tp` in-process ranks
 /// ([`crate::tp::vision::TpMllamaCpuExecutor`]) in one prefill step.
 pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, tp: usize) -> Result<()> {
-    let (model, enc) = load(dir, images)?;
+    let (model, enc) = load(dir, images, None)?;
     let cfg = model.cfg.clone();
     let mask = if enc.is_empty() {
         let n = ids.iter().filter(|&&t| t == cfg.image_token_index).count();
@@ -91,8 +95,9 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
     Ok(())
 }
 
-/// `llama32 logits --image ... --device cuda[:N]`: the images encoded by the CPU reference encoder, the text
-/// decoder in [`crate::vision::cuda::text::MllamaCudaExecutor`] (bf16), in one prefill step.
+/// `llama32 logits --image ... --device cuda[:N]`: the images encoded on the device
+/// ([`crate::vision::cuda::encoder::CudaVisionEncoder`], bf16), the text decoder in
+/// [`crate::vision::cuda::text::MllamaCudaExecutor`] (bf16), in one prefill step.
 fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, device: usize) -> Result<()> {
     if ids.is_empty() {
         return Err(Error::request("--ids: no tokens"));
@@ -100,7 +105,7 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
     if m.block_size == 0 {
         return Err(Error::request("--block-size must be positive"));
     }
-    let (model, enc) = load(dir, images)?;
+    let (model, enc) = load(dir, images, Some(device))?;
     let cfg = model.cfg.clone();
     let mask = if enc.is_empty() { None } else { Some(model.mask(ids, &enc)?) };
     let opts = crate::vision::cuda::text::MllamaCudaOptions {
@@ -165,7 +170,7 @@ pub fn generate(a: &GenerateArgs, dir: &Path) -> Result<()> {
     if tok.is_none() && !a.stop.is_empty() {
         return Err(Error::request("--stop needs a tokenizer to see text"));
     }
-    let (model, enc) = load(dir, &a.image)?;
+    let (model, enc) = load(dir, &a.image, None)?;
     let mut decoder = tok.as_ref().map(|t| t.stream_decoder(true));
     let mut detok = |id: u32| match decoder.as_mut() {
         Some(d) => d.push(id),

@@ -1,7 +1,7 @@
 //! Tensor parallelism on CUDA: `tp` ranks of the CUDA kernels ([`CudaOps`]), each holding its shard and running
 //! [`model::forward`](crate::model::forward) on its own host thread and stream, joined by a device communicator.
 //!
-//! - [`DeviceComm`]: the collectives the [`Ops`](crate::model::Ops) hooks need, on bf16 device buffers, ordered on
+//! - [`DeviceComm`]: the collectives the [`Ops`] hooks need, on bf16 device buffers, ordered on
 //!   the rank's stream. Two implementations: [`NcclComm`] (NCCL through cudarc: one rank per GPU, in one process or
 //!   one process per GPU over the TCP rendezvous of [`super::nccl`]) and [`HostStagedComm`] (ranks that are threads
 //!   of one process, on one or several devices: the buffers go through host memory and [`LocalComm`], which sums in

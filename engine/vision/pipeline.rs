@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::config::MllamaConfig;
+use super::cuda::encoder::CudaVisionEncoder;
 use super::encoder::{project, vision_forward};
 use super::image::{ImageProcessor, PreprocessorConfig};
 use super::text::{text_forward, text_step, CrossAttentionMask, TextCache};
@@ -66,7 +67,17 @@ impl MllamaModel {
 
     /// Preprocesses and encodes encoded images (JPEG, PNG or WebP bytes; `names` label the errors).
     pub fn encode(&self, images: &[(String, Vec<u8>)]) -> Result<EncodedImages> {
-        encode_images(&self.cfg, &self.weights, &self.processor, images)
+        encode_images(&self.cfg, &self.weights, &self.processor, images, None)
+    }
+
+    /// [`encode`](Self::encode) with the encoder and projector on CUDA device `device` (bf16; preprocessing stays
+    /// on the CPU). The device weights are uploaded for this call and freed after it.
+    pub fn encode_cuda(&self, images: &[(String, Vec<u8>)], device: usize) -> Result<EncodedImages> {
+        if images.is_empty() {
+            return Ok(EncodedImages { states: Vec::new(), num_tiles: Vec::new() });
+        }
+        let enc = open_cuda_encoder(&self.cfg, &self.weights, device)?;
+        encode_images(&self.cfg, &self.weights, &self.processor, images, Some(&enc))
     }
 
     /// Splits the model into the image encoder (vision weights, projector, preprocessor) and the text decoder's
@@ -75,7 +86,7 @@ impl MllamaModel {
         let MllamaModel { cfg, mut weights, processor, dir } = self;
         let text = MllamaWeights { text: std::mem::take(&mut weights.text), ..Default::default() };
         let cache = std::sync::Mutex::new(EncoderCache::default());
-        (ImageEncoder { cfg, weights, processor, dir, cache }, text)
+        (ImageEncoder { cfg, weights, processor, dir, cache, cuda: None }, text)
     }
 
     /// The cross-attention mask of `prompt` (one `<|image|>` token per image, as the processor builds it).
@@ -202,6 +213,8 @@ pub struct ImageEncoder {
     /// The checkpoint directory.
     pub dir: PathBuf,
     cache: std::sync::Mutex<EncoderCache>,
+    /// The encoder on a CUDA device ([`ImageEncoder::use_cuda`]); None: the f32 CPU reference.
+    cuda: Option<std::sync::Mutex<CudaVisionEncoder>>,
 }
 
 /// Most encoded images kept by an [`ImageEncoder`] (least recently used ones go first).
@@ -222,7 +235,20 @@ impl ImageEncoder {
         let (cfg, ckpt, processor) = open_parts(dir)?;
         let weights = MllamaWeights::load_vision(&ckpt, &cfg)?;
         let cache = std::sync::Mutex::new(EncoderCache::default());
-        Ok(ImageEncoder { cfg, weights, processor, dir: dir.to_path_buf(), cache })
+        Ok(ImageEncoder { cfg, weights, processor, dir: dir.to_path_buf(), cache, cuda: None })
+    }
+
+    /// Runs the encoder and projector on CUDA device `device` from now on (bf16, on a stream of its own; the
+    /// preprocessing stays on the CPU): uploads their weights there. Encoded images already cached are kept.
+    pub fn use_cuda(&mut self, device: usize) -> Result<()> {
+        let enc = open_cuda_encoder(&self.cfg, &self.weights, device)?;
+        self.cuda = Some(std::sync::Mutex::new(enc));
+        Ok(())
+    }
+
+    /// Whether the encoder runs on CUDA.
+    pub fn on_cuda(&self) -> bool {
+        self.cuda.is_some()
     }
 
     /// Preprocesses and encodes images (JPEG, PNG or WebP bytes, each with a name for errors). Each image's output
@@ -251,12 +277,14 @@ impl ImageEncoder {
             let one = match cached {
                 Some(e) => e,
                 None => {
-                    let e = std::sync::Arc::new(encode_images(
-                        &self.cfg,
-                        &self.weights,
-                        &self.processor,
-                        std::slice::from_ref(img),
-                    )?);
+                    let one = std::slice::from_ref(img);
+                    let e = std::sync::Arc::new(match &self.cuda {
+                        Some(c) => {
+                            let enc = c.lock().unwrap_or_else(|p| p.into_inner());
+                            encode_images(&self.cfg, &self.weights, &self.processor, one, Some(&enc))?
+                        }
+                        None => encode_images(&self.cfg, &self.weights, &self.processor, one, None)?,
+                    });
                     self.with_cache(|c| {
                         if c.map.insert(key, e.clone()).is_none() {
                             c.order.push_back(key);
@@ -287,11 +315,19 @@ impl ImageEncoder {
     }
 }
 
+/// The CUDA encoder of `cfg` / `w` on device `device`, on a stream of its own.
+fn open_cuda_encoder(cfg: &MllamaConfig, w: &MllamaWeights, device: usize) -> Result<CudaVisionEncoder> {
+    let (stream, _) = crate::vision::cuda::open_stream(device)?;
+    CudaVisionEncoder::new(cfg, w, stream)
+}
+
+/// Preprocesses `images` and runs the encoder and projector: the f32 CPU reference, or `cuda` (bf16).
 fn encode_images(
     cfg: &MllamaConfig,
     w: &MllamaWeights,
     processor: &ImageProcessor,
     images: &[(String, Vec<u8>)],
+    cuda: Option<&CudaVisionEncoder>,
 ) -> Result<EncodedImages> {
     if images.is_empty() {
         return Ok(EncodedImages { states: Vec::new(), num_tiles: Vec::new() });
@@ -303,6 +339,10 @@ fn encode_images(
         ids.push(p.aspect_ratio_id);
         masks.extend_from_slice(&p.aspect_ratio_mask);
         tiles.push(p.num_tiles);
+    }
+    if let Some(enc) = cuda {
+        let (_, states) = enc.encode_host(&pixels, images.len(), &ids, &masks)?;
+        return Ok(EncodedImages { states, num_tiles: tiles });
     }
     let vis = vision_forward(&w.vision, &cfg.vision, &pixels, images.len(), &ids, &masks)?;
     let states = project(w, cfg, &vis)?;

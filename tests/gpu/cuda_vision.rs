@@ -379,6 +379,35 @@ fn cuda_encoder_matches_cpu_on_goldens() {
     }
 }
 
+/// The CLI / server path: `MllamaModel::encode_cuda` and `ImageEncoder::use_cuda` (image bytes in, projected
+/// states out, the preprocessing on the CPU) against the CPU reference `encode` on the golden images.
+#[test]
+fn cuda_image_encoder_path_matches_cpu() {
+    let Some(s) = cuda_stream() else { return };
+    let ordinal = s.context().ordinal();
+    for name in CASES {
+        let g = crate::common::mllama_golden(name);
+        let model = MllamaModel::load(&g.dir).unwrap();
+        let want = model.encode(&g.images).unwrap();
+        let got = model.encode_cuda(&g.images, ordinal).unwrap();
+        assert_eq!(got.num_tiles, want.num_tiles, "{name}: tiles");
+        let e = max_rel(&got.states, &want.states);
+        eprintln!("{name}: encode_cuda vs CPU encode max rel {e:.2e}");
+        assert!(e <= 3e-2, "{name}: encode_cuda differs by {e:.2e}");
+        let (mut encoder, _) = model.split();
+        encoder.use_cuda(ordinal).unwrap();
+        assert!(encoder.on_cuda());
+        let served = encoder.encode(&g.images).unwrap();
+        // Images one at a time here, together in encode_cuda: other GEMM shapes, so bf16 roundings may differ.
+        let d = max_rel(&served.states, &want.states);
+        assert!(d <= 3e-2, "{name}: ImageEncoder on CUDA differs from the CPU by {d:.2e}");
+        // A second request with the same image bytes is served from the encoder cache.
+        let again = encoder.encode(&g.images).unwrap();
+        assert_eq!(again.states, served.states);
+        assert_eq!(encoder.cache_stats().0 as usize, g.images.len(), "{name}: cache hits");
+    }
+}
+
 #[test]
 fn cuda_encoder_rejects_bad_inputs() {
     let Some(s) = cuda_stream() else { return };

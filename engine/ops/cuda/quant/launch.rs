@@ -1,0 +1,168 @@
+//! The kernel launches: the checked calls as device pointers ([`GemmLaunch`], [`ActQuantLaunch`]), the FFI calls
+//! of a CUDA build, and the stubs of a build without CUDA (which return the "built without CUDA" error).
+
+use cudarc::driver::CudaStream;
+
+use crate::Result;
+
+/// One checked GEMM or dequantization call, as device pointers (0 = NULL) and sizes.
+#[cfg_attr(not(llama32_cuda), allow(dead_code))]
+pub(super) struct GemmLaunch {
+    pub(super) out: u64,
+    pub(super) x: u64,
+    pub(super) x_scales: u64,
+    pub(super) x_zeros: u64,
+    pub(super) qweight: u64,
+    pub(super) scales: u64,
+    pub(super) zeros: u64,
+    pub(super) row_corr: u64,
+    pub(super) partials: u64,
+    pub(super) counters: u64,
+    pub(super) m: usize,
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) splits: usize,
+    pub(super) tile_m: usize,
+}
+
+/// One checked activation quantization call (op: 0 rows, 1 rms_norm, 2 add_rms_norm, 3 silu_mul).
+#[cfg_attr(not(llama32_cuda), allow(dead_code))]
+pub(super) struct ActQuantLaunch {
+    pub(super) q: u64,
+    pub(super) scales: u64,
+    pub(super) zeros: u64,
+    pub(super) out: u64,
+    pub(super) x: u64,
+    pub(super) residual: u64,
+    pub(super) weight: u64,
+    pub(super) rows: usize,
+    pub(super) hidden: usize,
+    pub(super) eps: f32,
+    pub(super) op: u32,
+}
+
+#[cfg(llama32_cuda)]
+fn ptr<T>(p: u64) -> *mut T {
+    p as *mut T
+}
+
+#[cfg(llama32_cuda)]
+pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
+    use super::super::ffi;
+    // All fit: m <= 64, n < 2^31 - 128, k <= 2^24, splits <= 32 (checked by the callers and the heuristics).
+    let params = ffi::l32_w4a16_params {
+        out: ptr(l.out),
+        x: ptr(l.x),
+        qweight: ptr(l.qweight),
+        scales: ptr(l.scales),
+        zeros: ptr(l.zeros),
+        partials: ptr(l.partials),
+        counters: ptr(l.counters),
+        m: l.m as i64,
+        n: l.n as i64,
+        k: l.k as i64,
+        splits: l.splits as i32,
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::super::raw_stream(op, stream)?;
+    // SAFETY: every pointer comes from a live device allocation on this stream's device, sized by the caller's
+    // checks (x: m x k, out: m x n, the layout buffers of a CudaQuantLinear of n x k, the workspace by
+    // w4a16_workspace); the guards are held until after the launch.
+    let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
+    super::super::check_launch(op, stream, status, || {
+        format!("{op} (m {}, n {}, k {}, splits {})", l.m, l.n, l.k, l.splits)
+    })
+}
+
+#[cfg(llama32_cuda)]
+pub(super) fn launch_dequant(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
+    use super::super::ffi;
+    let params = ffi::l32_w4a16_dequant_params {
+        out: ptr(l.out),
+        qweight: ptr(l.qweight),
+        scales: ptr(l.scales),
+        zeros: ptr(l.zeros),
+        n: l.n as i64,
+        k: l.k as i64,
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::super::raw_stream(op, stream)?;
+    // SAFETY: as in launch_w4a16; out holds n x k.
+    let status = unsafe { ffi::l32_w4a16_dequant(&params, raw) };
+    super::super::check_launch(op, stream, status, || format!("{op} (n {}, k {})", l.n, l.k))
+}
+
+#[cfg(llama32_cuda)]
+pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
+    use super::super::ffi;
+    let params = ffi::l32_w4a8_params {
+        out: ptr(l.out),
+        xq: ptr(l.x),
+        x_scales: ptr(l.x_scales),
+        x_zeros: ptr(l.x_zeros),
+        qweight: ptr(l.qweight),
+        scales: ptr(l.scales),
+        zeros: ptr(l.zeros),
+        row_corr: ptr(l.row_corr),
+        partials: ptr(l.partials),
+        counters: ptr(l.counters),
+        m: l.m as i64,
+        n: l.n as i64,
+        k: l.k as i64,
+        splits: l.splits as i32,
+        tile_m: l.tile_m as i32,
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::super::raw_stream(op, stream)?;
+    // SAFETY: as in launch_w4a16; the int8 buffers hold m x k, the workspace w4a8_workspace(m, n, k).
+    let status = unsafe { ffi::l32_w4a8_gemm(&params, raw) };
+    super::super::check_launch(op, stream, status, || {
+        format!("{op} (m {}, n {}, k {}, tile_m {}, splits {})", l.m, l.n, l.k, l.tile_m, l.splits)
+    })
+}
+
+#[cfg(llama32_cuda)]
+pub(super) fn launch_act_quant(op: &str, stream: &CudaStream, l: &ActQuantLaunch) -> Result<()> {
+    use super::super::ffi;
+    let params = ffi::l32_act_quant_params {
+        q: ptr(l.q),
+        scales: ptr(l.scales),
+        zeros: ptr(l.zeros),
+        out: ptr(l.out),
+        x: ptr(l.x),
+        residual: ptr(l.residual),
+        weight: ptr(l.weight),
+        rows: l.rows as i64,
+        hidden: l.hidden as i64,
+        eps: l.eps,
+        op: ffi::l32_act_quant_op(l.op),
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::super::raw_stream(op, stream)?;
+    // SAFETY: act_quant checked every operand's length against rows x hidden (gate_up: 2x, weight: hidden) and
+    // the int8 buffers' capacity; the guards are held until after the launch.
+    let status = unsafe { ffi::l32_act_quant(&params, raw) };
+    super::super::check_launch(op, stream, status, || {
+        format!("{op} (op {}, rows {}, hidden {})", l.op, l.rows, l.hidden)
+    })
+}
+
+#[cfg(not(llama32_cuda))]
+pub(super) fn launch_w4a16(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -> Result<()> {
+    super::super::ensure_built()
+}
+
+#[cfg(not(llama32_cuda))]
+pub(super) fn launch_dequant(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -> Result<()> {
+    super::super::ensure_built()
+}
+
+#[cfg(not(llama32_cuda))]
+pub(super) fn launch_w4a8(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -> Result<()> {
+    super::super::ensure_built()
+}
+
+#[cfg(not(llama32_cuda))]
+pub(super) fn launch_act_quant(_op: &str, _stream: &CudaStream, _l: &ActQuantLaunch) -> Result<()> {
+    super::super::ensure_built()
+}

@@ -1,0 +1,84 @@
+//! CUDA 4-bit projections (`kernels/quant/*.cu`, families `w4a16`, `w4a8`, `act_quant`): the load-time weight
+//! layout, the device-side [`CudaQuantLinear`], and checked wrappers of the kernels.
+//!
+//! - **W4A16** ([`w4a16_gemm`], m <= 64): int4 weights streamed once, dequantized in registers into the bf16
+//!   tensor-core MMA, group scales applied in f32 after each group's MMAs (so the products are exact and the only
+//!   roundings are f32 sums and the final bf16), split-K over 64-column chunks with a deterministic in-kernel
+//!   reduction. For more rows the executor calls [`w4a16_dequant`] into a bf16 scratch and cuBLASLt: that path
+//!   multiplies by the bf16-rounded weights `bf16(s * q)` (up to 2^-9 relative per weight), the decode path by the
+//!   exact `s * q`. CPU twin: [`crate::ops::cpu::linear::linear`] over [`QuantMatrix::dequantize`].
+//! - **W4A8** ([`w4a8_gemm`]): torchao 8da4w on the int8 tensor cores (`mma.sync m16n8k32 s8`): int8 per-token
+//!   activations from [`act_quant`] (alone or fused into RMSNorm / residual add + RMSNorm / SiLU * up), s32 sums per
+//!   group of 32, scaled in f32. CPU twin: [`crate::ops::cpu::quant::w4a8_linear`]; the integer parts agree exactly,
+//!   the f32 scaling differs only in summation order (the activation zero point is removed once per output through
+//!   a precomputed per-row constant instead of once per group).
+//! - **Activation quantization** ([`act_quant`]): bit-identical to
+//!   [`crate::quant::numerics::quantize_activations`] applied to the bf16 values the unfused kernel would write.
+//!
+//! # Layout
+//! [`layout_w4a16`] / [`layout_w4a8`] reorder a [`QuantMatrix`] into tiles of 16 rows x 64 columns, 512 bytes,
+//! lane-major, in the register order of the MMA fragments (documented in `kernels/quant/common.cuh`); scales (bf16
+//! for W4A16, f32 for W4A8) and zero points follow the same tiles. `k` must be a multiple of 64 and the group a
+//! multiple of 32 (a group of 64 or 128, as in GPTQ/AWQ checkpoints, is stored as 2 or 4 groups of 32 with the same
+//! scale: exact). W4A16 scales are stored as bf16: this engine's scales are bf16 values already; the fp16 scales
+//! of Hugging Face formats are rounded to bf16 (8 significant bits) on upload.
+//!
+//! # Resources (ptxas, CUDA 13.0, sm_90a; no spills, no stack frame)
+//! `w4a16_kernel` (128 threads): 52-66 registers for m <= 8, 88-94 for m <= 32, 158 for m <= 64.
+//! `w4a8_kernel` (256 threads): 176 / 205 registers (symmetric / zero points) and 40.7 KB shared memory for the
+//! 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles. `act_quant_kernel`: 25-39 registers.
+//!
+//! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
+//! functions and heuristics work everywhere.
+//!
+//! # Files
+//! `layout` (host-side tile layout), `linear` ([`CudaQuantLinear`]: upload and device buffers), `split_k` (the
+//! split-K workspace and launch heuristics), `w4a16` and `w4a8` (the checked wrappers, with the int8 activations
+//! in `w4a8`), `launch` (the FFI calls and their stubs in a build without CUDA).
+//!
+//! [`QuantMatrix`]: crate::quant::QuantMatrix
+//! [`QuantMatrix::dequantize`]: crate::quant::QuantMatrix::dequantize
+
+mod launch;
+mod layout;
+mod linear;
+mod split_k;
+mod w4a16;
+mod w4a8;
+
+pub use layout::{layout_w4a16, layout_w4a8, HostW4A16, HostW4A8};
+pub use linear::CudaQuantLinear;
+pub use split_k::{
+    w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_workspace, workspace_bound, SplitKWorkspace, W4A8Plan,
+};
+pub use w4a16::{w4a16_dequant, w4a16_gemm};
+pub use w4a8::{act_quant, w4a8_gemm, ActSource, QuantActs};
+
+/// The most rows of `x` [`w4a16_gemm`] takes (the executor uses dequantize + cuBLASLt above).
+pub const MAX_DECODE_M: usize = 64;
+/// Columns per tile of the layout (two groups of 32).
+pub const TILE_K: usize = 64;
+/// Rows per tile of the layout.
+pub const TILE_N: usize = 16;
+/// The group size the kernels work in.
+pub const KERNEL_GROUP: usize = 32;
+/// Largest `k` the kernels take.
+const MAX_K: usize = 1 << 24;
+/// Largest `n` the kernels take.
+const MAX_N: usize = (i32::MAX as usize) - 128;
+/// Most K splits the heuristics pick.
+const MAX_SPLITS: usize = 32;
+/// Rows of `n` per W4A16 block (4 warps x 16) and per W4A8 block.
+const W4A16_BLOCK_N: usize = 64;
+const W4A8_BLOCK_N: usize = 128;
+
+/// True when the kernels take a matrix with `k` columns in groups of `group`: `k` a positive multiple of 64 (up to
+/// 2^24) and `group` a positive multiple of 32 that divides `k`.
+pub fn supports(k: usize, group: usize) -> bool {
+    k > 0 && k % TILE_K == 0 && k <= MAX_K && group > 0 && group % KERNEL_GROUP == 0 && k % group == 0
+}
+
+/// Rows padded to a multiple of 16.
+pub fn padded_n(n: usize) -> usize {
+    n.div_ceil(TILE_N) * TILE_N
+}

@@ -1,0 +1,159 @@
+//! Split-K: the [`SplitKWorkspace`] both GEMM kernels reduce through, and the launch heuristics that size it
+//! ([`w4a16_splits`], [`w4a8_plan`], the per-call needs and [`workspace_bound`]).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+
+use super::{padded_n, MAX_DECODE_M, MAX_SPLITS, TILE_K, W4A16_BLOCK_N, W4A8_BLOCK_N};
+use crate::{Error, Result};
+
+/// The split-K workspace: f32 partials and per-tile arrival counters (zeroed once; every launch leaves them zeroed).
+pub struct SplitKWorkspace {
+    pub(super) partials: CudaSlice<f32>,
+    pub(super) counters: CudaSlice<u32>,
+    pub(super) sms: usize,
+}
+
+impl SplitKWorkspace {
+    /// A workspace of `partials` f32 values and `counters` counters, for a device with `sms` multiprocessors.
+    pub fn new(stream: &Arc<CudaStream>, partials: usize, counters: usize, sms: usize) -> Result<Self> {
+        let err = |e: cudarc::driver::DriverError| Error::Backend(format!("allocate split-K workspace: {e}"));
+        Ok(SplitKWorkspace {
+            partials: stream.alloc_zeros::<f32>(partials.max(1)).map_err(err)?,
+            counters: stream.alloc_zeros::<u32>(counters.max(1)).map_err(err)?,
+            sms: sms.max(1),
+        })
+    }
+
+    /// The SM count the split heuristics use.
+    pub fn sms(&self) -> usize {
+        self.sms
+    }
+
+    /// `(partials, counters)` it holds.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.partials.len(), self.counters.len())
+    }
+
+    /// True when the workspace holds `need = (partials, counters)`.
+    pub fn holds(&self, need: (usize, usize)) -> bool {
+        self.partials.len() >= need.0 && self.counters.len() >= need.1
+    }
+}
+
+/// K splits of the W4A16 decode kernel for `n` x `k` on `sms` SMs: enough 128-thread blocks for about 4 per SM,
+/// with at least two 64-column chunks per split. 1B (132 SMs): qkv 11, o 16, gate_up 3, down 17; 11B gate_up 2;
+/// 90B gate_up 1, down 5.
+pub fn w4a16_splits(n: usize, k: usize, sms: usize) -> usize {
+    let blocks = padded_n(n).div_ceil(W4A16_BLOCK_N).max(1);
+    let chunks = (k / TILE_K).max(1);
+    let cap = (chunks / 2).clamp(1, MAX_SPLITS);
+    (4 * sms).div_ceil(blocks).clamp(1, cap)
+}
+
+/// `(partials, counters)` the W4A16 decode kernel needs at `m` rows.
+pub fn w4a16_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
+    let splits = w4a16_splits(n, k, sms);
+    if splits == 1 {
+        return (0, 0);
+    }
+    (splits * m * padded_n(n), padded_n(n).div_ceil(W4A16_BLOCK_N))
+}
+
+/// The W4A8 launch shape: tokens per block and K splits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W4A8Plan {
+    /// Tokens per block: 8, 16, 32 (decode tiles) or 128.
+    pub tile_m: usize,
+    /// K splits.
+    pub splits: usize,
+}
+
+/// The W4A8 launch shape for `m` x `n` x `k` on `sms` SMs: the smallest token tile that covers m <= 32, else 128;
+/// K splits only while the grid is smaller than the SM count (about two 256-thread blocks per SM then), with at
+/// least two 64-column chunks per split.
+pub fn w4a8_plan(m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
+    let tile_m = match m {
+        0..=8 => 8,
+        9..=16 => 16,
+        17..=32 => 32,
+        _ => 128,
+    };
+    let blocks = padded_n(n).div_ceil(W4A8_BLOCK_N).max(1) * m.div_ceil(tile_m).max(1);
+    let chunks = (k / TILE_K).max(1);
+    let cap = (chunks / 2).clamp(1, MAX_SPLITS);
+    let splits = if blocks >= sms { 1 } else { (2 * sms).div_ceil(blocks).clamp(1, cap) };
+    W4A8Plan { tile_m, splits }
+}
+
+/// `(partials, counters)` the W4A8 kernel needs at `m` rows.
+pub fn w4a8_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
+    let plan = w4a8_plan(m, n, k, sms);
+    if plan.splits == 1 {
+        return (0, 0);
+    }
+    (plan.splits * m * padded_n(n), padded_n(n).div_ceil(W4A8_BLOCK_N) * m.div_ceil(plan.tile_m))
+}
+
+/// The largest `(partials, counters)` either kernel needs for a `n` x `k` projection at up to `max_m` rows
+/// (the W4A16 decode kernel at up to 64 rows, W4A8 at any row count up to `max_m`).
+pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
+    let mut need = (0, 0);
+    let mut take = |(p, c): (usize, usize)| need = (need.0.max(p), need.1.max(c));
+    if !w4a8 {
+        take(w4a16_workspace(max_m.min(MAX_DECODE_M), n, k, sms));
+        return need;
+    }
+    // Splits depend on m only through ceil(m / tile_m): the largest m of each tile count bounds the need.
+    for m in 1..=max_m.min(32) {
+        take(w4a8_workspace(m, n, k, sms));
+    }
+    let mut m = 128;
+    while m < max_m + 128 {
+        take(w4a8_workspace(m.min(max_m.max(1)), n, k, sms));
+        m += 128;
+    }
+    need
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_heuristics_fill_an_h100() {
+        let sms = 132;
+        assert_eq!(w4a16_splits(3072, 2048, sms), 11);
+        assert_eq!(w4a16_splits(2048, 2048, sms), 16);
+        assert_eq!(w4a16_splits(16384, 2048, sms), 3);
+        assert_eq!(w4a16_splits(57344, 8192, sms), 1);
+        assert_eq!(w4a16_splits(8192, 28672, sms), 5);
+        assert_eq!(w4a16_splits(40, 64, sms), 1);
+        for (n, k) in [(3072, 2048), (2048, 8192), (57344, 8192), (17, 64)] {
+            let s = w4a16_splits(n, k, sms);
+            assert!(s >= 1 && s <= (k / 64).max(1), "{n}x{k}: {s}");
+        }
+        assert_eq!(w4a8_plan(1, 3072, 2048, sms), W4A8Plan { tile_m: 8, splits: 11 });
+        assert_eq!(w4a8_plan(20, 2048, 2048, sms).tile_m, 32);
+        assert_eq!(w4a8_plan(1024, 57344, 8192, sms), W4A8Plan { tile_m: 128, splits: 1 });
+        assert_eq!(w4a8_plan(256, 6144, 4096, sms), W4A8Plan { tile_m: 128, splits: 3 });
+    }
+
+    #[test]
+    fn workspace_bound_covers_every_row_count() {
+        let sms = 132;
+        for (n, k) in [(3072, 2048), (2048, 8192), (6144, 4096), (40, 128)] {
+            let bound = workspace_bound(true, 700, n, k, sms);
+            for m in 1..=700 {
+                let need = w4a8_workspace(m, n, k, sms);
+                assert!(need.0 <= bound.0 && need.1 <= bound.1, "w4a8 {n}x{k} m {m}");
+            }
+            let bound = workspace_bound(false, 700, n, k, sms);
+            for m in 1..=MAX_DECODE_M {
+                let need = w4a16_workspace(m, n, k, sms);
+                assert!(need.0 <= bound.0 && need.1 <= bound.1, "w4a16 {n}x{k} m {m}");
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The W4A16 wrappers: [`w4a16_gemm`] (decode, m <= 64) and [`w4a16_dequant`] (bf16 weights for cuBLASLt).
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use super::launch::{launch_dequant, launch_w4a16, GemmLaunch};
+use super::{w4a16_splits, w4a16_workspace, CudaQuantLinear, SplitKWorkspace, MAX_DECODE_M};
+use crate::{Error, Result};
+
+/// `out[m, n] = x[m, k] @ dequant(w)^T` for a W4A16 `w` and `m` in `1..=64` (see the module docs), using `ws` for
+/// split-K. `x` and `w` must be on `stream`'s device; `out` must not overlap `x`.
+///
+/// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
+pub fn w4a16_gemm(
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    w: &CudaQuantLinear,
+    m: usize,
+    ws: &mut SplitKWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    const OP: &str = "w4a16_gemm";
+    super::super::ensure_built()?;
+    let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
+    if w.is_w4a8() {
+        return fail("the weight is W4A8 (use w4a8_gemm)".into());
+    }
+    let (n, k) = (w.n, w.k);
+    if !(1..=MAX_DECODE_M).contains(&m) {
+        return fail(format!("m is {m}, must be in 1..={MAX_DECODE_M} (dequantize + GEMM above)"));
+    }
+    if x.len() < m * k {
+        return fail(format!("`x` has {} elements, needs at least {m} x {k}", x.len()));
+    }
+    if out.len() < m * n {
+        return fail(format!("`out` has {} elements, needs at least {m} x {n}", out.len()));
+    }
+    super::super::check_same_device(
+        OP,
+        stream,
+        &[("x", x.stream()), ("out", out.stream()), ("w", w.qweight.stream())],
+    )?;
+    if n == 0 {
+        return Ok(());
+    }
+    let splits = w4a16_splits(n, k, ws.sms);
+    let need = w4a16_workspace(m, n, k, ws.sms);
+    if !ws.holds(need) {
+        return fail(format!("the split-K workspace holds fewer than {} partials / {} counters", need.0, need.1));
+    }
+    let (xp, _x) = x.device_ptr(stream);
+    if xp % 16 != 0 {
+        return fail(format!("`x` starts at {xp:#x}, not 16-byte aligned"));
+    }
+    let (qweight, _q) = w.qweight.device_ptr(stream);
+    let (scales, _s) = w.scales.device_ptr(stream);
+    let zeros = w.zeros.as_ref().map(|z| z.device_ptr(stream));
+    let (partials, _p) = ws.partials.device_ptr_mut(stream);
+    let (counters, _c) = ws.counters.device_ptr_mut(stream);
+    let (outp, _o) = out.device_ptr_mut(stream);
+    let l = GemmLaunch {
+        out: outp,
+        x: xp,
+        x_scales: 0,
+        x_zeros: 0,
+        qweight,
+        scales,
+        zeros: zeros.as_ref().map_or(0, |(p, _)| *p),
+        row_corr: 0,
+        partials,
+        counters,
+        m,
+        n,
+        k,
+        splits,
+        tile_m: 0,
+    };
+    launch_w4a16(OP, stream, &l)
+}
+
+/// `out[n, k] = bf16(s * (q - z))`: the W4A16 weight dequantized (for the large-m path through cuBLASLt).
+///
+/// Enqueued on `stream`; returns without waiting.
+pub fn w4a16_dequant(stream: &CudaStream, w: &CudaQuantLinear, out: &mut impl DevicePtrMut<bf16>) -> Result<()> {
+    const OP: &str = "w4a16_dequant";
+    super::super::ensure_built()?;
+    if w.is_w4a8() {
+        return Err(Error::Backend(format!("{OP}: the weight is W4A8")));
+    }
+    if out.len() < w.n * w.k {
+        return Err(Error::Backend(format!(
+            "{OP}: `out` has {} elements, needs at least {} x {}",
+            out.len(),
+            w.n,
+            w.k
+        )));
+    }
+    super::super::check_same_device(OP, stream, &[("out", out.stream()), ("w", w.qweight.stream())])?;
+    let (qweight, _q) = w.qweight.device_ptr(stream);
+    let (scales, _s) = w.scales.device_ptr(stream);
+    let zeros = w.zeros.as_ref().map(|z| z.device_ptr(stream));
+    let (outp, _o) = out.device_ptr_mut(stream);
+    if outp % 16 != 0 {
+        return Err(Error::Backend(format!("{OP}: `out` starts at {outp:#x}, not 16-byte aligned")));
+    }
+    let l = GemmLaunch {
+        out: outp,
+        x: 0,
+        x_scales: 0,
+        x_zeros: 0,
+        qweight,
+        scales,
+        zeros: zeros.as_ref().map_or(0, |(p, _)| *p),
+        row_corr: 0,
+        partials: 0,
+        counters: 0,
+        m: 0,
+        n: w.n,
+        k: w.k,
+        splits: 1,
+        tile_m: 0,
+    };
+    launch_dequant(OP, stream, &l)
+}
