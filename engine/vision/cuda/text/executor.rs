@@ -1,0 +1,48 @@
+//! The [`Executor`] impl of [`MllamaCudaExecutor`]: text-only steps, image-set registration and vision steps.
+
+use super::super::upload_bf16;
+use super::MllamaCudaExecutor;
+use crate::config::LlamaConfig;
+use crate::exec::{Executor, StepInput, StepOutput};
+use crate::vision::exec::SeqImages;
+use crate::vision::pipeline::EncodedImages;
+use crate::{Error, Result};
+
+impl Executor for MllamaCudaExecutor {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg.text.base
+    }
+
+    fn block_size(&self) -> usize {
+        self.layout.block_size
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
+        self.run(input, &[])
+    }
+
+    fn add_images(&mut self, key: u64, images: &EncodedImages) -> Result<()> {
+        let want = images.len() * self.cfg.vision_tokens_per_image() * self.cfg.text.base.hidden_size;
+        if images.is_empty() || images.states.len() != want {
+            return Err(Error::request(format!(
+                "add_images: {} state values for {} image(s), expected {want}",
+                images.states.len(),
+                images.len()
+            )));
+        }
+        let states = upload_bf16(&self.stream, &images.states)?;
+        self.add_images_device(key, &states.slice(..), images.len())
+    }
+
+    fn remove_images(&mut self, key: u64) -> bool {
+        self.sets.remove(&key).is_some()
+    }
+
+    fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
+        self.run(input, images)
+    }
+}

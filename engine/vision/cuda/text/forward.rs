@@ -1,0 +1,296 @@
+//! The decoder's forward pass over a begun step: self-attention and cross-attention layers, the gated residual
+//! updates, the final norm and the logits rows, with the attention dispatch and the projection helpers.
+
+use std::sync::Arc;
+
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
+use half::bf16;
+
+use super::{Acts, Layer, Meta, MllamaCudaExecutor, Sizes};
+use crate::ops::cpu::attention::PagedLayout;
+use crate::ops::cuda as k;
+use crate::ops::cuda::vision as kv;
+use crate::Result;
+
+impl MllamaCudaExecutor {
+    /// Attention of the q rows (`q`, stride `q_stride`) over a paged pool: the tensor-core kernels when the head
+    /// shape allows, else the generic gather kernel. `cross` picks the cross-attention metadata.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        stream: &Arc<CudaStream>,
+        this: (&Meta, &Sizes, bool),
+        layout: &PagedLayout,
+        (q, q_stride): (&CudaView<'_, bf16>, usize),
+        (kc, vc): (&CudaSlice<bf16>, &CudaSlice<bf16>),
+        workspace: &mut CudaSlice<u8>,
+        out: &mut CudaViewMut<'_, bf16>,
+        cross: bool,
+    ) -> Result<()> {
+        let (m, sz, fast) = this;
+        let t = sz.tokens;
+        let (positions, cu, tables, seq_of, seqs, width, max_q, num_splits) = if cross {
+            (&m.x_positions, &m.x_cu, &m.x_tables, &m.x_seq_of_token, sz.runs, sz.x_width, sz.x_max_query, sz.x_splits)
+        } else {
+            (&m.positions, &m.cu_seqlens, &m.block_tables, &m.seq_of_token, sz.seqs, sz.width, sz.max_query, sz.splits)
+        };
+        let positions = positions.slice(..t);
+        let tables = tables.slice(..seqs * width);
+        if fast {
+            let qr = k::attention::QueryRows { qkv: q, stride: q_stride };
+            let pools = k::attention::KvPools { layout: *layout, k: kc, v: vc };
+            if seqs == t {
+                let dm = k::attention::DecodeMeta {
+                    positions: &positions,
+                    block_tables: &tables,
+                    max_blocks_per_seq: width,
+                    num_splits,
+                };
+                return k::attention::paged_decode(stream, &qr, &pools, &dm, workspace, out);
+            }
+            let cu = cu.slice(..seqs + 1);
+            let pm = k::attention::PrefillMeta {
+                positions: &positions,
+                cu_seqlens: &cu,
+                block_tables: &tables,
+                max_blocks_per_seq: width,
+                max_query_len: max_q,
+            };
+            return k::attention::paged_prefill(stream, &qr, &pools, &pm, out);
+        }
+        let shape = kv::GatherAttnShape {
+            num_heads: layout.num_heads,
+            num_kv_heads: layout.num_kv_heads,
+            head_dim: layout.head_dim,
+            block_size: layout.block_size,
+            max_blocks_per_seq: width,
+            q_stride,
+            out_stride: layout.num_heads * layout.head_dim,
+            kv_stride: layout.num_kv_heads * layout.head_dim,
+            scale: 1.0 / (layout.head_dim as f32).sqrt(),
+        };
+        let seq_of = seq_of.slice(..t);
+        let (kv_k, kv_v) = (kc.slice(..), vc.slice(..));
+        let io = kv::GatherAttnIo::<_, _, CudaSlice<u8>> {
+            q,
+            k: &kv_k,
+            v: &kv_v,
+            seq_of_query: &seq_of,
+            positions: &positions,
+            block_tables: &tables,
+            flags: None,
+        };
+        kv::gather_attention(stream, &shape, &io, out)
+    }
+
+    /// Runs the decoder over a begun step; the logits are in `acts.logits` (`[logits_rows, vocab]`).
+    pub(super) fn forward(&mut self, sz: Sizes, logits_rows: usize) -> Result<()> {
+        let c = self.cfg.text.base.clone();
+        let (hidden, q_dim, kv_dim, inter, eps) =
+            (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.rms_norm_eps);
+        let qkv_w = q_dim + 2 * kv_dim;
+        let t = sz.tokens;
+        let s = self.stream.clone();
+        let a = &mut self.acts;
+        let m = &self.meta;
+        k::embedding::embed(&s, &self.embed, hidden, &m.ids.slice(..t), &mut a.x.slice_mut(..t * hidden))?;
+        // The residual update still to apply before the next norm: none, plain add, or gated (gate, scale buffer).
+        enum Pending {
+            None,
+            Plain,
+            Gated(f32, bool),
+        }
+        let mut pending = Pending::None;
+        let norm = |a: &mut Acts, pending: &Pending, weight: &CudaSlice<bf16>| -> Result<()> {
+            let (x, d, h) = (&mut a.x, &a.delta, &mut a.h);
+            match *pending {
+                Pending::None => {
+                    k::norm::rms_norm(&s, &x.slice(..t * hidden), weight, eps, hidden, &mut h.slice_mut(..t * hidden))
+                }
+                Pending::Plain => k::norm::add_rms_norm(
+                    &s,
+                    &mut x.slice_mut(..t * hidden),
+                    &d.slice(..t * hidden),
+                    weight,
+                    eps,
+                    hidden,
+                    &mut h.slice_mut(..t * hidden),
+                ),
+                Pending::Gated(gate, mlp) => {
+                    // The gated residual update, then the plain norm kernel: a row whose scale is 0 keeps its
+                    // residual and gets exactly the norm it gets when the cross layer is skipped (the fused
+                    // gated norm would sum its squares in another order), so a decode graph that always runs the
+                    // cross layers gives text-only rows the eager (skipping) result bit for bit.
+                    let scale = if mlp { m.mlp_scale.slice(..t) } else { m.attn_scale.slice(..t) };
+                    kv::gated_rms_norm::<_, _, _, CudaSlice<bf16>, CudaSlice<bf16>>(
+                        &s,
+                        &mut x.slice_mut(..t * hidden),
+                        &d.slice(..t * hidden),
+                        Some(&scale),
+                        gate,
+                        eps,
+                        hidden,
+                        None,
+                    )?;
+                    k::norm::rms_norm(&s, &x.slice(..t * hidden), weight, eps, hidden, &mut h.slice_mut(..t * hidden))
+                }
+            }
+        };
+        let this = (&self.meta, &sz, self.fast_attn);
+        for layer in self.layers.iter_mut() {
+            match layer {
+                Layer::SelfAttn { attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache } => {
+                    norm(a, &pending, attn_norm)?;
+                    let lin = |x: &CudaView<'_, bf16>, w: &CudaSlice<bf16>, dims, out: &mut CudaViewMut<'_, bf16>| {
+                        linear_with(&s, &self.blas, self.opts.skinny_gemm, x, w, dims, out)
+                    };
+                    lin(&a.h.slice(..t * hidden), wqkv, (t, hidden, qkv_w), &mut a.qkv.slice_mut(..t * qkv_w))?;
+                    let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: qkv_w };
+                    rope_write(&s, &shape, &mut a.qkv.slice_mut(..t * qkv_w), m, t, &self.inv_freq, k_cache, v_cache)?;
+                    Self::attend(
+                        &s,
+                        this,
+                        &self.layout,
+                        (&a.qkv.slice(..t * qkv_w), qkv_w),
+                        (k_cache, v_cache),
+                        &mut a.workspace,
+                        &mut a.attn.slice_mut(..t * q_dim),
+                        false,
+                    )?;
+                    lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    norm(a, &Pending::Plain, mlp_norm)?;
+                    lin(
+                        &a.h.slice(..t * hidden),
+                        w_gate_up,
+                        (t, hidden, 2 * inter),
+                        &mut a.gate_up.slice_mut(..t * 2 * inter),
+                    )?;
+                    k::activation::silu_mul(
+                        &s,
+                        &a.gate_up.slice(..t * 2 * inter),
+                        inter,
+                        &mut a.act.slice_mut(..t * inter),
+                    )?;
+                    lin(&a.act.slice(..t * inter), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    pending = Pending::Plain;
+                }
+                Layer::Cross { .. } if !sz.cross => {}
+                Layer::Cross {
+                    attn_norm,
+                    wq,
+                    wo,
+                    q_norm,
+                    attn_gate,
+                    mlp_norm,
+                    w_gate_up,
+                    w_down,
+                    mlp_gate,
+                    k_pool,
+                    v_pool,
+                    ..
+                } => {
+                    let lin = |x: &CudaView<'_, bf16>, w: &CudaSlice<bf16>, dims, out: &mut CudaViewMut<'_, bf16>| {
+                        linear_with(&s, &self.blas, self.opts.skinny_gemm, x, w, dims, out)
+                    };
+                    norm(a, &pending, attn_norm)?;
+                    lin(&a.h.slice(..t * hidden), wq, (t, hidden, q_dim), &mut a.attn.slice_mut(..t * q_dim))?;
+                    k::norm::rms_norm(
+                        &s,
+                        &a.attn.slice(..t * q_dim),
+                        q_norm,
+                        eps,
+                        c.head_dim,
+                        &mut a.q.slice_mut(..t * q_dim),
+                    )?;
+                    Self::attend(
+                        &s,
+                        this,
+                        &self.cross_layout,
+                        (&a.q.slice(..t * q_dim), q_dim),
+                        (k_pool, v_pool),
+                        &mut a.workspace,
+                        &mut a.attn.slice_mut(..t * q_dim),
+                        true,
+                    )?;
+                    lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    norm(a, &Pending::Gated(*attn_gate, false), mlp_norm)?;
+                    lin(
+                        &a.h.slice(..t * hidden),
+                        w_gate_up,
+                        (t, hidden, 2 * inter),
+                        &mut a.gate_up.slice_mut(..t * 2 * inter),
+                    )?;
+                    k::activation::silu_mul(
+                        &s,
+                        &a.gate_up.slice(..t * 2 * inter),
+                        inter,
+                        &mut a.act.slice_mut(..t * inter),
+                    )?;
+                    lin(&a.act.slice(..t * inter), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    pending = Pending::Gated(*mlp_gate, true);
+                }
+            }
+        }
+        // Final norm over every row (it applies the last pending residual), then the logits rows.
+        norm(a, &pending, &self.final_norm)?;
+        if logits_rows > 0 {
+            k::embedding::embed(
+                &s,
+                &a.h.slice(..t * hidden),
+                hidden,
+                &m.logits_rows.slice(..logits_rows),
+                &mut a.hr.slice_mut(..logits_rows * hidden),
+            )?;
+            let vocab = c.vocab_size;
+            linear_with(
+                &s,
+                &self.blas,
+                self.opts.skinny_gemm,
+                &a.hr.slice(..logits_rows * hidden),
+                &self.lm_head,
+                (logits_rows, hidden, vocab),
+                &mut a.logits.slice_mut(..logits_rows * vocab),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Projections: the skinny kernel for decode-sized batches, cuBLASLt otherwise.
+fn linear_with(
+    s: &Arc<CudaStream>,
+    blas: &CudaBlasLT,
+    skinny: bool,
+    x: &CudaView<'_, bf16>,
+    w: &CudaSlice<bf16>,
+    (rows, kdim, n): (usize, usize, usize),
+    out: &mut CudaViewMut<'_, bf16>,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    crate::exec::cuda::ops::dense_linear(s, blas, skinny, x, &w.slice(..), (rows, kdim, n), out)
+}
+
+/// RoPE on q and k of the fused rows and the K/V write into the layer's cache slots.
+#[allow(clippy::too_many_arguments)]
+fn rope_write(
+    s: &Arc<CudaStream>,
+    shape: &k::rope::RopeKvShape,
+    qkv: &mut CudaViewMut<'_, bf16>,
+    m: &Meta,
+    t: usize,
+    inv_freq: &CudaSlice<f32>,
+    k_cache: &mut CudaSlice<bf16>,
+    v_cache: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    k::rope::rope_kv_write(
+        s,
+        shape,
+        qkv,
+        &m.positions.slice(..t),
+        &m.slots.slice(..t),
+        inv_freq,
+        k::rope::KvCacheMut { k: k_cache, v: v_cache },
+    )
+}
