@@ -15,7 +15,7 @@ pub struct PlanArgs {
     /// Tensor-parallel size to detail (the table always shows 1, 2, 4 and 8).
     #[arg(long, default_value_t = 8)]
     tp: usize,
-    /// GPU whose figures to use (h100).
+    /// GPU whose figures to use (h100, h200).
     #[arg(long, default_value = "h100")]
     gpu: String,
     /// Sequences decoding together.

@@ -63,7 +63,7 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// The built-in figures for `name` (`h100`: H100 SXM 80 GB).
+    /// The built-in figures for `name` (`h100`: H100 SXM 80 GB; `h200`: H200 SXM 141 GB).
     pub fn by_name(name: &str) -> Result<Gpu> {
         match name.to_ascii_lowercase().as_str() {
             "h100" | "h100-sxm" => Ok(Gpu {
@@ -94,7 +94,36 @@ impl Gpu {
                      --collective-latency-us",
                 ),
             }),
-            other => Err(Error::request(format!("--gpu: unknown GPU `{other}`; known: h100"))),
+            "h200" | "h200-sxm" => Ok(Gpu {
+                name: "h200".into(),
+                memory_gb: fig(150.75, "GB", "measured: nvidia-smi memory.total 143771 MiB on the lent H200"),
+                memory_utilization: 0.9,
+                activation_reserve_gb: fig(1.0, "GB", "assumption (the CUDA executor's reserve for 2048 step tokens)"),
+                hbm_copy_gbps: fig(
+                    4188.0,
+                    "GB/s",
+                    "measured: H200 device-to-device copy, mean of 4203.5 and 4171.6 in two calls \
+                     (bench/results/2026-11-27-h200-suite-quant-vision-tp.md)",
+                ),
+                decode_efficiency: fig(
+                    2.13 * 3019.0 / 4188.0 / 2.476,
+                    "fraction",
+                    "measured: 3B bf16 decode at batch 1, 2.476 ms/step on an H200 vs its 1.54 ms copy roofline \
+                     (bench/results/2026-11-27-h200-suite-quant-vision-tp.md)",
+                ),
+                link_gbps_per_direction: fig(
+                    450.0,
+                    "GB/s",
+                    "datasheet: NVLink 4, 900 GB/s total bidirectional per H200 SXM GPU",
+                ),
+                collective_latency_us: fig(
+                    8.0,
+                    "us",
+                    "assumption: neither measured here (one GPU lent) nor a datasheet figure; override with \
+                     --collective-latency-us",
+                ),
+            }),
+            other => Err(Error::request(format!("--gpu: unknown GPU `{other}`; known: h100, h200"))),
         }
     }
 }
@@ -296,6 +325,24 @@ mod tests {
         assert_eq!(p[3].allreduce_bytes_per_token, 201.0 * 8192.0 * 2.0);
         // tp = 8 holds one KV head per rank: 80 self-attention layers x 2 x 128 x 2 bytes.
         assert_eq!(p[3].kv_bytes_per_token_per_rank, 80.0 * 2.0 * 128.0 * 2.0);
+    }
+
+    #[test]
+    fn h200_figures_against_its_measured_decode() {
+        let gpu = Gpu::by_name("h200").unwrap();
+        // Calibrated on the measured 3B step, as for the H100.
+        let w = Workload { batch: 1, context: 0, images: 0 };
+        let p3 = predict(&ModelShape::resolve("3b").unwrap(), 1, &gpu, &w).unwrap();
+        assert!((p3.step_ms - 2.476).abs() < 0.1, "{}", p3.step_ms);
+        // 11B Vision with one 4-tile image measured 6.09-6.19 ms/token on the same card: the model, calibrated on the
+        // smaller 3B matrices, is conservative for 11B but within 25 %.
+        let w = Workload { batch: 1, context: 256, images: 1 };
+        let p11 = predict(&ModelShape::resolve("11b-vision").unwrap(), 1, &gpu, &w).unwrap();
+        assert!(p11.step_ms > 6.09 && p11.step_ms < 6.19 * 1.25, "{}", p11.step_ms);
+        // 90B in bf16 needs two H200s (four H100s).
+        let w = Workload { batch: 1, context: 2048, images: 0 };
+        let shape = ModelShape::resolve("90b-vision").unwrap();
+        assert!(!predict(&shape, 1, &gpu, &w).unwrap().fits && predict(&shape, 2, &gpu, &w).unwrap().fits);
     }
 
     #[test]
