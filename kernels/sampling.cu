@@ -651,14 +651,7 @@ size_t sample_smem_bytes(const l32_sample_params& p) {
 template <int W>
 l32_status launch_sample(const l32_sample_params& p, cudaStream_t stream) {
     const size_t smem = sample_smem_bytes(p);
-    if (smem > 44 * 1024) {
-        const cudaError_t err =
-            cudaFuncSetAttribute(sample_kernel<W>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-        if (err != cudaSuccess) {
-            last_cuda_error = err;
-            return L32_LAUNCH_FAILED;
-        }
-    }
+    if (const l32_status s = allow_dynamic_smem(sample_kernel<W>, smem, 44 * 1024); s != L32_OK) return s;
     sample_kernel<W><<<static_cast<unsigned>(p.rows), kThreads, smem, stream>>>(p);
     return check_launch();
 }

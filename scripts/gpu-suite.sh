@@ -165,6 +165,27 @@ run() {
   # (about two minutes) / the torch peers of the quant stage.
   local stages="${1:-tests,kernels,vision,e2e}"
   want() { [[ ",$stages," == *",$1,"* ]]; }
+  # `bench_e2e CAP "PRESET BATCH PROMPT GEN [FLAGS]"`: one `llama32 bench` run on CUDA (random weights), for at most
+  # CAP seconds of the budget; its JSON line goes to bench.jsonl, a row and a figure line to the table.
+  bench_e2e() {
+    local preset batch prompt gen extra tag log rc=0 line
+    read -r preset batch prompt gen extra <<<"$2"
+    tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}"
+    log="$logs/bench.$tag.log"
+    # shellcheck disable=SC2086 # $extra is a list of flags
+    tmo "$1" "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
+      --prompt-tokens "$prompt" --gen-tokens "$gen" $extra >"$log" 2>&1 || rc=$?
+    line=$(grep '^{' "$log" | tail -1 || true)
+    if ((rc == 0)) && [[ -n $line ]]; then
+      echo "$line" >>"$logs/bench.jsonl"
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen $extra" -)")
+      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$preset" "$extra")")
+    else
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$preset b$batch p$prompt g$gen $extra" -)")
+      tail -n 5 "$log"
+    fi
+  }
   cd "$root"
   if [[ ! -d "$bundle/tests" ]]; then
     echo "error: $bundle/tests missing: build it with scripts/gpu-suite.sh and carry gpu-bundle" >&2
@@ -277,25 +298,12 @@ run() {
         tail -n 5 "$log"
       fi
     fi
-    # Batch and flags, bf16 beside each scheme.
-    local qspec qbatch
-    for qspec in "1" "1 --quantize w4a16-g32" "1 --quantize w4a8-g32" "16" "16 --quantize w4a16-g32" "64" \
-      "64 --quantize w4a16-g32" "64 --quantize w4a8-g32"; do
-      read -r qbatch qspec <<<"$qspec"
-      log="$logs/bench.1b.b$qbatch.$(echo "q$qspec" | tr -c 'a-z0-9' '_').log"
-      rc=0
-      # shellcheck disable=SC2086 # $qspec is a list of flags
-      tmo 60 "$bundle/bin/llama32" bench --preset 1b --device cuda --batch "$qbatch" --prompt-tokens 128 \
-        --gen-tokens 64 $qspec >"$log" 2>&1 || rc=$?
-      line=$(grep '^{' "$log" | tail -1 || true)
-      if ((rc == 0)) && [[ -n $line ]]; then
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "1b b$qbatch p128 g64 $qspec" -)")
-        benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("1b b%-3d decode %7.3f ms/step prefill %8.0f tok/s %s" % (d["batch"], d["decode_ms_per_step"], d["prefill_tok_per_s"], sys.argv[2]))' "$line" "$qspec")")
-      else
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "1b b$qbatch p128 g64 $qspec" -)")
-        tail -n 5 "$log"
-      fi
+    # 1B, batch and flags, bf16 beside each scheme.
+    local q
+    for q in "" "--quantize w4a16-g32" "--quantize w4a8-g32"; do bench_e2e 60 "1b 1 128 64 $q"; done
+    for q in "16 128 64" "16 128 64 --quantize w4a16-g32" "64 128 64" "64 128 64 --quantize w4a16-g32" \
+      "64 128 64 --quantize w4a8-g32"; do
+      bench_e2e 60 "1b $q"
     done
   fi
 
@@ -397,27 +405,11 @@ run() {
   if want e2e; then
     # End-to-end figures on random weights at the real shapes (JSON lines in $logs/bench.jsonl).
     # Each spec: preset, batch, prompt tokens, generated tokens, then extra flags (ablations of graphs / skinny GEMM).
-    local spec preset batch prompt gen extra line tag
+    local spec line
     for spec in "1b 1 128 64" "1b 1 128 64 --no-skinny-gemm" "1b 1 128 64 --cuda-graph-max-batch 0" \
       "3b 1 128 64" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" "1b 1 128 64 --quantize w4a8-g32" \
       "1b 64 512 64 --quantize w4a8-g32"; do
-      read -r preset batch prompt gen extra <<<"$spec"
-      tag="$preset.b$batch${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}"
-      log="$logs/bench.$tag.log"
-      rc=0
-      # shellcheck disable=SC2086 # $extra is a list of flags
-      timeout 180 "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
-        --prompt-tokens "$prompt" --gen-tokens "$gen" $extra >"$log" 2>&1 || rc=$?
-      line=$(grep '^{' "$log" | tail -1 || true)
-      if ((rc == 0)) && [[ -n $line ]]; then
-        echo "$line" >>"$logs/bench.jsonl"
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen $extra" -)")
-        benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$preset" "$extra")")
-      else
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$preset b$batch p$prompt g$gen $extra" -)")
-        tail -n 5 "$log"
-      fi
+      bench_e2e 180 "$spec"
     done
 
     # Offline throughput through the scheduler (serving issue target: 1B, 2000 x 512 prompt tokens, 256 generated).

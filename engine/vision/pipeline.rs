@@ -277,14 +277,15 @@ impl ImageEncoder {
             let one = match cached {
                 Some(e) => e,
                 None => {
+                    let cuda = self.cuda.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()));
                     let one = std::slice::from_ref(img);
-                    let e = std::sync::Arc::new(match &self.cuda {
-                        Some(c) => {
-                            let enc = c.lock().unwrap_or_else(|p| p.into_inner());
-                            encode_images(&self.cfg, &self.weights, &self.processor, one, Some(&enc))?
-                        }
-                        None => encode_images(&self.cfg, &self.weights, &self.processor, one, None)?,
-                    });
+                    let e = std::sync::Arc::new(encode_images(
+                        &self.cfg,
+                        &self.weights,
+                        &self.processor,
+                        one,
+                        cuda.as_deref(),
+                    )?);
                     self.with_cache(|c| {
                         if c.map.insert(key, e.clone()).is_none() {
                             c.order.push_back(key);

@@ -188,15 +188,7 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(const __grid_constan
 template <int D>
 l32_status launch(const l32_paged_prefill_params& p, cudaStream_t stream) {
     using T = PrefillTraits<D>;
-    // Above 48 KB the dynamic shared memory must be opted in; per device and cheap, so on every call.
-    if (T::kSmemBytes > 48 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(paged_prefill_kernel<D>,
-                                                     cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
-        if (err != cudaSuccess) {
-            last_cuda_error = err;
-            return L32_LAUNCH_FAILED;
-        }
-    }
+    if (const l32_status s = allow_dynamic_smem(paged_prefill_kernel<D>, T::kSmemBytes); s != L32_OK) return s;
     const int64_t group = p.num_heads / p.num_kv_heads;
     const int64_t m_tiles = (p.max_query_len * group + T::kBlockM - 1) / T::kBlockM;
     const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(p.num_seqs),

@@ -19,4 +19,17 @@ inline l32_status check_launch() {
     return L32_LAUNCH_FAILED;
 }
 
+// Call before launching `kernel` with `bytes` of dynamic shared memory: above `limit` (48 KB, the default cap;
+// less where the kernel's static shared memory adds to it) the kernel must be opted in, per device and cheaply, so on
+// every launch. A refusal becomes L32_LAUNCH_FAILED with its error remembered, as in check_launch.
+template <class Kernel>
+inline l32_status allow_dynamic_smem(Kernel kernel, size_t bytes, size_t limit = 48 * 1024) {
+    if (bytes <= limit) return L32_OK;
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (err == cudaSuccess) return L32_OK;
+    last_cuda_error = err;
+    return L32_LAUNCH_FAILED;
+}
+
 }  // namespace l32

@@ -172,14 +172,7 @@ __global__ void __launch_bounds__(128) encoder_attention_kernel(const __grid_con
 template <int D>
 l32_status launch(const l32_encoder_attention_params& p, cudaStream_t stream) {
     using T = EncTraits<D>;
-    if (T::kSmemBytes > 48 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(encoder_attention_kernel<D>,
-                                                     cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
-        if (err != cudaSuccess) {
-            last_cuda_error = err;
-            return L32_LAUNCH_FAILED;
-        }
-    }
+    if (const l32_status s = allow_dynamic_smem(encoder_attention_kernel<D>, T::kSmemBytes); s != L32_OK) return s;
     const dim3 grid(static_cast<unsigned>((p.seq_len + T::kBlockM - 1) / T::kBlockM),
                     static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs));
     encoder_attention_kernel<D><<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);

@@ -233,14 +233,7 @@ extern "C" l32_status l32_vision_embed(const l32_vision_embed_params* params, vo
     if (rows > INT_MAX) return L32_UNSUPPORTED;
     if (rows == 0) return L32_OK;
     const size_t smem = static_cast<size_t>(p.hidden) * sizeof(float);
-    if (smem > 48 * 1024) {
-        const cudaError_t err =
-            cudaFuncSetAttribute(l32::embed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-        if (err != cudaSuccess) {
-            l32::last_cuda_error = err;
-            return L32_LAUNCH_FAILED;
-        }
-    }
+    if (const l32_status s = l32::allow_dynamic_smem(l32::embed_kernel, smem); s != L32_OK) return s;
     l32::embed_kernel<<<static_cast<unsigned>(rows), l32::kRowThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
     return l32::check_launch();
 }
@@ -256,14 +249,7 @@ extern "C" l32_status l32_vision_layer_norm(const l32_vision_layer_norm_params* 
     if (p.width > l32::kMaxWidth || p.rows > INT_MAX) return L32_UNSUPPORTED;
     if (p.rows == 0) return L32_OK;
     const size_t smem = static_cast<size_t>(p.width) * sizeof(float);
-    if (smem > 48 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(l32::layer_norm_kernel,
-                                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-        if (err != cudaSuccess) {
-            l32::last_cuda_error = err;
-            return L32_LAUNCH_FAILED;
-        }
-    }
+    if (const l32_status s = l32::allow_dynamic_smem(l32::layer_norm_kernel, smem); s != L32_OK) return s;
     l32::layer_norm_kernel<<<static_cast<unsigned>(p.rows), l32::kRowThreads, smem,
                              static_cast<cudaStream_t>(stream)>>>(p);
     return l32::check_launch();
@@ -305,14 +291,7 @@ extern "C" l32_status l32_gated_rms_norm(const l32_gated_rms_norm_params* params
     if (p.hidden > l32::kMaxWidth || p.rows > INT_MAX) return L32_UNSUPPORTED;
     if (p.rows == 0) return L32_OK;
     const size_t smem = static_cast<size_t>(p.hidden) * sizeof(float);
-    if (smem > 48 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(l32::gated_rms_norm_kernel,
-                                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-        if (err != cudaSuccess) {
-            l32::last_cuda_error = err;
-            return L32_LAUNCH_FAILED;
-        }
-    }
+    if (const l32_status s = l32::allow_dynamic_smem(l32::gated_rms_norm_kernel, smem); s != L32_OK) return s;
     l32::gated_rms_norm_kernel<<<static_cast<unsigned>(p.rows), l32::kRowThreads, smem,
                                  static_cast<cudaStream_t>(stream)>>>(p);
     return l32::check_launch();

@@ -14,17 +14,14 @@ use llama32::ops::cuda::encoder_attention::{
 use llama32::ops::cuda::vision::GatherAttnShape;
 use llama32::vision::cuda::twins;
 
-use crate::common::{cuda_stream, download, normal, rng, to_f32, upload};
+use crate::common::{cuda_stream, download, to_f32, upload};
+use crate::cuda_vision::{bf, randn, up_bf16};
 
 const POISON: f32 = 1.0e30;
 
+/// `n` normal values rounded to bf16, from `seed`.
 fn bf16_values(seed: u64, n: usize) -> Vec<f32> {
-    let mut r = rng(seed);
-    (0..n).map(|_| bf16::from_f32(normal(&mut r)).to_f32()).collect()
-}
-
-fn up(s: &Arc<CudaStream>, v: &[f32]) -> cudarc::driver::CudaSlice<bf16> {
-    upload(s, &v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())
+    bf(&randn(seed, n, 1.0))
 }
 
 /// One case: `images` sequences of `seq` rows, fused qkv rows (q at 0, k at dim, v at 2 dim), output rows of
@@ -71,7 +68,7 @@ fn check_case(
         &mut want,
     );
 
-    let d = up(s, &qkv);
+    let d = up_bf16(s, &qkv);
     let (q, k, v) = (d.slice(..), d.slice(dim..), d.slice(2 * dim..));
     let fd = flags.as_ref().map(|f| upload(s, f));
     let io = EncoderAttnIo { q: &q, k: &k, v: &v, flags: fd.as_ref() };
@@ -85,7 +82,7 @@ fn check_case(
         out_stride,
         scale: shape.scale,
     };
-    let mut out = up(s, &vec![POISON; rows * out_stride]);
+    let mut out = up_bf16(s, &vec![POISON; rows * out_stride]);
     encoder_attention(s, &es, &io, &mut out).unwrap();
     let got = to_f32(&download(s, &out));
     let name = format!("{images} x {seq} rows, {heads} x {hd}, flags {}, pad {out_pad}", flags.is_some());
@@ -128,8 +125,8 @@ fn encoder_attention_matches_cpu() {
 fn encoder_attention_rejects_bad_shapes() {
     let Some(s) = cuda_stream() else { return };
     assert!(!encoder_attention_supports(8) && !encoder_attention_supports(96) && !encoder_attention_supports(0));
-    let buf = up(&s, &vec![0.0; 4 * 3 * 64]);
-    let mut out = up(&s, &vec![0.0; 4 * 64]);
+    let buf = up_bf16(&s, &vec![0.0; 4 * 3 * 64]);
+    let mut out = up_bf16(&s, &vec![0.0; 4 * 64]);
     let view = buf.slice(..);
     let io: EncoderAttnIo<'_, _, cudarc::driver::CudaSlice<u8>> =
         EncoderAttnIo { q: &view, k: &view, v: &view, flags: None };
@@ -166,7 +163,7 @@ fn bench_encoder_attention_11b() {
     let Some(s) = cuda_stream() else { return };
     let (heads, hd, seq) = (16usize, 80usize, 4 * 1608usize);
     let dim = heads * hd;
-    let qkv = up(&s, &bf16_values(3, seq * 3 * dim));
+    let qkv = up_bf16(&s, &bf16_values(3, seq * 3 * dim));
     let flags = upload(&s, &(0..seq).map(|r| u8::from(r % 1608 >= 1601)).collect::<Vec<_>>());
     let (q, k, v) = (qkv.slice(..), qkv.slice(dim..), qkv.slice(2 * dim..));
     let io = EncoderAttnIo { q: &q, k: &k, v: &v, flags: Some(&flags) };
@@ -180,7 +177,7 @@ fn bench_encoder_attention_11b() {
         out_stride: dim,
         scale: (hd as f32).powf(-0.5),
     };
-    let mut out = up(&s, &vec![0.0; seq * dim]);
+    let mut out = up_bf16(&s, &vec![0.0; seq * dim]);
     for _ in 0..3 {
         encoder_attention(&s, &shape, &io, &mut out).unwrap();
     }

@@ -28,17 +28,19 @@ const CASES: [&str; 3] = ["mllama-noresize", "mllama-resize", "mllama-two-images
 /// Poison for outputs: a kernel that skips an element leaves it visible.
 const POISON: f32 = 1.0e30;
 
-fn randn(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+/// `n` normal values times `scale` from `seed`.
+pub(crate) fn randn(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let mut r = rng(seed);
     (0..n).map(|_| normal(&mut r) * scale).collect()
 }
 
 /// Values rounded to bf16 (what a bf16 device buffer holds), as f32.
-fn bf(v: &[f32]) -> Vec<f32> {
+pub(crate) fn bf(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
 
-fn up_bf16(s: &Arc<CudaStream>, v: &[f32]) -> cudarc::driver::CudaSlice<bf16> {
+/// `v` rounded to bf16 on the device of `s`.
+pub(crate) fn up_bf16(s: &Arc<CudaStream>, v: &[f32]) -> cudarc::driver::CudaSlice<bf16> {
     upload(s, &v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())
 }
 
