@@ -20,24 +20,11 @@ use llama32::tp::TpCpuExecutor;
 use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
 
 mod common;
+use common::max_rel_diff;
 
 const REL_TOL: f32 = 1e-5;
 const BLOCK: usize = 4;
 const DECODE_STEPS: usize = 4;
-
-fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len(), "logits length");
-    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
-        let d = (g - w).abs();
-        if d.is_nan() {
-            f32::INFINITY
-        } else {
-            m.max(d)
-        }
-    });
-    worst / scale
-}
 
 /// Runs the same steps through `reference` (tp = 1) and `tp` and returns the worst relative difference over the
 /// steps: one prefill step of two prompts (all logits), then `DECODE_STEPS` decode steps of both sequences, each

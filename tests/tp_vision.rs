@@ -13,6 +13,7 @@
 //! embedding slice changes logits by tens of percent (the last test checks the comparison can fail).
 
 mod common;
+use common::max_rel_diff;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,20 +34,6 @@ const BLOCK: usize = 4;
 const DECODE_STEPS: usize = 4;
 const KV_TOKENS: usize = 256;
 const IMAGES: u64 = 11;
-
-fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len(), "logits length");
-    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
-        let d = (g - w).abs();
-        if d.is_nan() {
-            f32::INFINITY
-        } else {
-            m.max(d)
-        }
-    });
-    worst / scale
-}
 
 /// A model with its prompt and encoded images.
 struct Case {

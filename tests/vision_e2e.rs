@@ -2,21 +2,12 @@
 //! projector and text decoder, against transformers' float32 logits and greedy ids.
 
 mod common;
+use common::max_rel;
 
 use llama32::sampling::SamplingParams;
 use llama32::vision::pipeline::{is_mllama_dir, MllamaModel};
 
 const CASES: [&str; 3] = ["mllama-noresize", "mllama-resize", "mllama-two-images"];
-
-fn max_rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs() as f64)
-        .fold(0.0, |m: f64, d| if d.is_nan() { f64::NAN } else { m.max(d) })
-        / scale
-}
 
 #[test]
 fn images_to_logits_and_greedy_ids_match_transformers() {

@@ -2,6 +2,7 @@
 //! beside a text-only one in the same step, against transformers' logits and greedy ids and the dense reference.
 
 mod common;
+use common::max_rel;
 
 use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
 use llama32::exec::Executor;
@@ -25,12 +26,6 @@ fn case(name: &str) -> Case {
     let images = model.encode(&g.images).unwrap();
     let logits = llama32::npy::read_f32(&g.dir.join("logits.npy")).unwrap().data;
     Case { ids: g.input_ids, greedy: g.greedy_ids, model, images, logits }
-}
-
-fn max_rel(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
-        / scale
 }
 
 fn executor(c: &Case, block_size: usize) -> MllamaCpuExecutor {

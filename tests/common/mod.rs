@@ -180,3 +180,27 @@ pub fn chunked_prefill_with_images(
     }
     logits
 }
+
+/// max |got - want| / max |want|; NaN when any difference is NaN (so both `<=` and `>` checks fail on it).
+pub fn max_rel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "lengths");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
+        / scale
+}
+
+/// max |got - want| / max |want| with a NaN difference counted as infinite: for worst-case folds with `f32::max`,
+/// which would drop a NaN.
+pub fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "logits length");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+        let d = (g - w).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
+    worst / scale
+}

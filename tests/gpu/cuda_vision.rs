@@ -22,7 +22,7 @@ use llama32::vision::exec::{MllamaCpuExecutor, SeqImages};
 use llama32::vision::pipeline::{EncodedImages, MllamaModel};
 use llama32::vision::weights::LayerNormWeights;
 
-use crate::common::{cuda_stream, download, normal, rng, to_f32, upload};
+use crate::common::{cuda_stream, download, max_rel, normal, rng, to_f32, upload};
 
 const CASES: [&str; 3] = ["mllama-noresize", "mllama-resize", "mllama-two-images"];
 /// Poison for outputs: a kernel that skips an element leaves it visible.
@@ -57,14 +57,6 @@ fn check_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     }
     let i = worst.1;
     assert!(worst.0 <= 1.0, "{name}: element {i}: got {} want {} (ratio {})", got[i], want[i], worst.0);
-}
-
-/// max |got - want| / max |want|.
-fn max_rel(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
-        / scale
 }
 
 #[test]
