@@ -18,6 +18,7 @@ pub mod embedding;
 pub mod encoder_attention;
 #[cfg(llama32_cuda)]
 mod ffi;
+pub mod gather_attention;
 pub mod gemv;
 pub mod norm;
 pub mod quant;
