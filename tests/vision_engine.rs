@@ -132,3 +132,100 @@ fn requests_with_the_same_images_share_one_image_set() {
     // After both are done the set is gone; a new request registers it again.
     assert_eq!(drain(e.submit_blocking(request(&c, greedy(4))).unwrap()).0, c.greedy[..4]);
 }
+
+#[test]
+fn image_sets_drop_their_padding_tiles_after_prefill_and_come_back_when_needed() {
+    let c = case("mllama-noresize");
+    let real: usize = c.images.num_tiles.iter().sum();
+    assert!(real < c.images.len() * c.model.cfg.vision.max_num_tiles, "the image must have padding tiles");
+    // Another prompt with the same image, with different tokens before its image token: those rows see no image,
+    // so they need the padding tiles again.
+    let at = c.ids.iter().position(|&t| t == c.model.cfg.image_token_index).unwrap();
+    let mut other = c.ids[..at].to_vec();
+    other.extend([17, 42, 99]);
+    other.extend_from_slice(&c.ids[at..]);
+    let other_req = |n: usize| {
+        let mut r = GenerateRequest::new(other.clone(), greedy(n));
+        let max_tiles = c.model.cfg.vision.max_num_tiles;
+        r.images =
+            Some(RequestImages::new(c.images.clone(), &other, c.model.cfg.image_token_index, max_tiles).unwrap());
+        r
+    };
+    let alone = engine(&c.model.dir, 512, 4, EngineConfig::default());
+    let want_other = drain(alone.submit_blocking(other_req(6)).unwrap());
+    assert_eq!(want_other.2, None);
+    let e = engine(&c.model.dir, 512, 4, EngineConfig::default());
+    let mut a = e.submit_blocking(request(&c, greedy(c.greedy.len()))).unwrap();
+    // The first token means the prompt ran: the set was trimmed after that step.
+    let mut ids = Vec::new();
+    while ids.is_empty() {
+        match a.blocking_next() {
+            Some(Event::Delta { ids: i, .. }) => ids.extend(i),
+            Some(Event::Error(m)) => panic!("{m}"),
+            Some(_) => {}
+            None => panic!("the request ended without a token"),
+        }
+    }
+    let snap = e.metrics().snapshot();
+    assert_eq!((snap.image_sets, snap.image_sets_trimmed, snap.image_sets_readded), (1, 1, 0));
+    let b = e.submit_blocking(other_req(6)).unwrap();
+    let (ra, rb) = (drain(a), drain(b));
+    ids.extend(ra.0);
+    assert_eq!((ra.2, rb.2), (None, None));
+    assert_eq!(ids, c.greedy, "the request that ran on the trimmed set");
+    assert_eq!(rb.0, want_other.0, "the request that needed the padding tiles back");
+    let snap = e.metrics().snapshot();
+    assert!(snap.image_sets_readded >= 1 && snap.image_sets_trimmed >= 2, "{snap:?}");
+    assert_eq!(snap.image_sets, 0, "both requests are done");
+}
+
+/// [`engine`] whose executor holds at most `tiles` cross-attention tiles at once, as a device pool does.
+fn bounded_engine(dir: &Path, tiles: usize) -> EngineHandle {
+    let d = dir.to_path_buf();
+    let make = move || -> llama32::Result<Box<dyn llama32::exec::Executor>> {
+        let m = MllamaModel::load(&d)?;
+        let mut ex = MllamaCpuExecutor::new(m.cfg, m.weights, 512, 4)?;
+        ex.limit_cross_tiles(Some(tiles));
+        Ok(Box::new(ex))
+    };
+    EngineHandle::start(make, None, EngineConfig::default()).unwrap()
+}
+
+#[test]
+fn requests_wait_for_room_in_a_bounded_cross_attention_pool() {
+    let c = case("mllama-noresize");
+    let (max_tiles, image_token) = (c.model.cfg.vision.max_num_tiles, c.model.cfg.image_token_index);
+    // A second picture (another golden's), encoded by this model.
+    let y = c.model.encode(&common::mllama_golden("mllama-resize").images).unwrap();
+    let with = |ids: &[u32], im: &EncodedImages, n: usize| {
+        let mut r = GenerateRequest::new(ids.to_vec(), greedy(n));
+        r.images = Some(RequestImages::new(im.clone(), ids, image_token, max_tiles).unwrap());
+        r
+    };
+    let want_y =
+        drain(engine(&c.model.dir, 512, 4, EngineConfig::default()).submit_blocking(with(&c.ids, &y, 8)).unwrap());
+    assert_eq!(want_y.2, None);
+    // Room for one whole set and a little more: the second request waits until the first set is gone, instead of
+    // being refused.
+    let e = bounded_engine(&c.model.dir, max_tiles + 1);
+    let a = e.submit_blocking(with(&c.ids, &c.images, c.greedy.len())).unwrap();
+    let b = e.submit_blocking(with(&c.ids, &y, 8)).unwrap();
+    let (ra, rb) = (drain(a), drain(b));
+    assert_eq!((ra.2, rb.2), (None, None));
+    assert_eq!(ra.0, c.greedy);
+    assert_eq!(rb.0, want_y.0, "the request that waited for room");
+    let snap = e.metrics().snapshot();
+    assert_eq!((snap.image_sets, snap.image_waits), (0, 1), "{snap:?}");
+    assert!(snap.image_sets_trimmed >= 2, "{snap:?}");
+    // Images that can never fit are refused at once, naming the pool; the engine goes on serving.
+    let at = c.ids.iter().position(|&t| t == image_token).unwrap();
+    let mut two = c.ids.clone();
+    two.insert(at, image_token);
+    let both = EncodedImages {
+        states: [c.images.states.clone(), y.states.clone()].concat(),
+        num_tiles: vec![c.images.num_tiles[0], y.num_tiles[0]],
+    };
+    let err = e.submit_blocking(with(&two, &both, 2)).err().unwrap().to_string();
+    assert!(err.contains("exceed the cross-attention pool"), "{err}");
+    assert_eq!(drain(e.submit_blocking(with(&c.ids, &c.images, 3)).unwrap()).0, c.greedy[..3]);
+}

@@ -122,3 +122,53 @@ fn bad_image_references_are_errors() {
     assert!(ex.remove_images(3));
     assert_eq!(ex.num_image_sets(), 0);
 }
+
+#[test]
+fn trimming_padding_tiles_keeps_decode_exact_and_sizes_sets_by_real_tiles() {
+    let mut padded = 0;
+    for name in ["mllama-noresize", "mllama-resize", "mllama-two-images"] {
+        let c = case(name);
+        let (mut full, mut trimmed) = (executor(&c, 4), executor(&c, 4));
+        full.add_images(5, &c.images).unwrap();
+        trimmed.add_images(5, &c.images).unwrap();
+        let max_tiles = c.model.cfg.vision.max_num_tiles;
+        let real: usize = c.images.num_tiles.iter().sum();
+        assert_eq!(trimmed.held_cross_tiles(), c.images.len() * max_tiles, "{name}");
+        let mask = c.model.mask(&c.ids, &c.images).unwrap();
+        let row = mask.row_len();
+        let mut alloc = BlockAllocator::new(full.num_blocks(), full.block_size());
+        let mut table = Vec::new();
+        alloc.ensure(&mut table, c.ids.len() + c.greedy.len()).unwrap();
+        let a = common::chunked_prefill_with_images(&mut full, &c.ids, &table, (5, mask.data(), row), 6);
+        let b = common::chunked_prefill_with_images(&mut trimmed, &c.ids, &table, (5, mask.data(), row), 6);
+        assert_eq!(a, b, "{name}: prefill");
+        // Every prompt row before the first image has run: the padding tiles can go.
+        assert!(trimmed.trim_images(5).unwrap());
+        assert!(!trimmed.trim_images(6).unwrap());
+        assert_eq!(trimmed.held_cross_tiles(), real, "{name}");
+        padded += c.images.len() * max_tiles - real;
+        let last = mask.row(c.ids.len() - 1).to_vec();
+        let vocab = c.model.cfg.text.base.vocab_size;
+        let mut next = argmax(&a[a.len() - vocab..]);
+        for pos in c.ids.len()..c.ids.len() + c.greedy.len() - 1 {
+            let chunk = SeqChunk { tokens: &[next], start_pos: pos, block_table: &table, logits: LogitsWanted::Last };
+            let step = build_step(&[chunk], full.block_size()).unwrap();
+            let im = [Some(SeqImages { key: 5, mask: &last })];
+            let want = full.step_with_images(&step, &im).unwrap().logits;
+            let got = trimmed.step_with_images(&step, &im).unwrap().logits;
+            assert_eq!(got, want, "{name}: decode at position {pos} after trimming");
+            next = argmax(&got);
+        }
+        // A row that sees no image needs the padding tiles: refused on the trimmed set, fine once registered again.
+        let sees_none = vec![0u8; row];
+        let chunk = SeqChunk { tokens: &c.ids[..1], start_pos: 0, block_table: &table, logits: LogitsWanted::Last };
+        let step = build_step(&[chunk], full.block_size()).unwrap();
+        let im = [Some(SeqImages { key: 5, mask: &sees_none })];
+        let err = trimmed.step_with_images(&step, &im).unwrap_err().to_string();
+        assert!(err.contains("sequence 0 token 0") && err.contains("trimmed"), "{name}: {err}");
+        trimmed.add_images(5, &c.images).unwrap();
+        assert_eq!(trimmed.held_cross_tiles(), c.images.len() * max_tiles, "{name}");
+        assert_eq!(trimmed.step_with_images(&step, &im).unwrap(), full.step_with_images(&step, &im).unwrap());
+    }
+    assert!(padded > 0, "no golden image has padding tiles: the test checks nothing");
+}

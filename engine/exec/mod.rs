@@ -156,6 +156,24 @@ pub trait Executor {
         false
     }
 
+    /// Whether images with these real tile counts can be registered now. `Ok(false)`: not until registered sets
+    /// are removed or trimmed (a device pool of bounded size is full); an error: never (the set exceeds the whole
+    /// pool). Backends without such a limit always say yes.
+    fn images_fit(&self, num_tiles: &[usize]) -> Result<bool> {
+        let _ = num_tiles;
+        Ok(true)
+    }
+
+    /// Frees the cross-attention K/V of the padding tiles of image set `key`, keeping only each image's real tiles.
+    /// Afterwards only rows that see an image may use the set: rows that see none (the tokens before a prompt's
+    /// first `<|image|>`) attend over every tile, padding included, as transformers does, and a step that has
+    /// such a row for a trimmed set fails; [`add_images`](Self::add_images) again restores the full set. Returns
+    /// whether the set exists. Backends that keep every tile do nothing.
+    fn trim_images(&mut self, key: u64) -> Result<bool> {
+        let _ = key;
+        Ok(false)
+    }
+
     /// Runs one step in which sequence `s` may use the image set `images[s]` (`images` empty: none does). Text
     /// models run steps without images only.
     fn step_with_images(

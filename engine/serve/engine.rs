@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
+use super::images::{ImageSets, Parked};
 use super::metrics::Metrics;
 use super::{Event, GenerateRequest, TokenLogprob, Usage};
 use crate::config::LlamaConfig;
@@ -355,30 +356,22 @@ struct Core<'t> {
     decoders: HashMap<SeqId, StreamDecoder<'t>>,
     shutting_down: bool,
     deadline: Option<Instant>,
-    /// References to each image set registered with the executor.
-    image_refs: HashMap<u64, usize>,
+    /// The image sets registered with the executor (holders, padding-tile trimming).
+    images: ImageSets,
 }
 
 impl<'t> Core<'t> {
-    /// Takes a reference to the image set `key`, registering it with the executor on first use.
-    fn retain_images(&mut self, key: u64, images: &crate::vision::pipeline::EncodedImages) -> Result<()> {
-        if !self.image_refs.contains_key(&key) {
-            self.exec.add_images(key, images)?;
-        }
-        *self.image_refs.entry(key).or_insert(0) += 1;
-        Ok(())
+    /// Drops a request's reference to image set `key`; the last one removes it from the executor.
+    fn release_images(&mut self, key: Option<u64>) {
+        self.images.release(self.exec.as_mut(), key);
+        self.metrics.set_images(self.images.len(), self.images.counts());
     }
 
-    /// Drops a reference to the image set `key`; the last one removes it from the executor.
-    fn release_images(&mut self, key: Option<u64>) {
-        let Some(key) = key else { return };
-        if let Some(n) = self.image_refs.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.image_refs.remove(&key);
-                self.exec.remove_images(key);
-            }
-        }
+    /// Forgets a finished or aborted sequence.
+    fn drop_seq(&mut self, seq: SeqId) {
+        self.seqs.remove(&seq);
+        self.decoders.remove(&seq);
+        self.images.seq_done(seq);
     }
 
     fn new(
@@ -399,12 +392,24 @@ impl<'t> Core<'t> {
             decoders: HashMap::new(),
             shutting_down: false,
             deadline: None,
-            image_refs: HashMap::new(),
+            images: ImageSets::default(),
+        }
+    }
+
+    /// Admits parked vision requests, oldest first, while their images fit; one that fails gets an error event.
+    fn unpark(&mut self) {
+        while let Some(p) = self.images.pop_fitting(self.exec.as_ref()) {
+            let events = p.events.clone();
+            if let Err(e) = self.admit(p.id, p.req, p.events) {
+                let _ = events.send(Event::Error(e.to_string()));
+                self.metrics.request_finished("error", None);
+            }
         }
     }
 
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
+            self.unpark();
             if !self.sched.has_work() {
                 if self.shutting_down {
                     return;
@@ -441,6 +446,8 @@ impl<'t> Core<'t> {
                     self.abort(id);
                     self.metrics.request_finished("aborted", None);
                     self.metrics.set_sched(self.sched.metrics());
+                } else if self.images.unpark_id(id) {
+                    self.metrics.request_finished("aborted", None);
                 }
             }
             Command::Shutdown { deadline } => {
@@ -468,17 +475,30 @@ impl<'t> Core<'t> {
         if self.tok.is_none() && !req.params.stop.is_empty() {
             return Err(Error::request("stop strings need a tokenizer, and this model has none"));
         }
-        let waiting = self.sched.metrics().waiting;
+        let waiting = self.sched.metrics().waiting + self.images.parked_seqs();
         if self.cfg.max_waiting > 0 && waiting + req.best_of > self.cfg.max_waiting {
             return Err(Error::request(format!(
                 "the queue is full ({waiting} sequences waiting, limit {}); retry later",
                 self.cfg.max_waiting
             )));
         }
+        // A vision request whose images do not fit the executor's cross-attention pool yet waits for room.
+        if let Some(im) = &req.images {
+            if !self.images.admits(self.exec.as_ref(), im.hash, &im.encoded.num_tiles)? {
+                self.images.park(Parked { id, req, events });
+                self.metrics.image_wait();
+                return Ok(());
+            }
+        }
+        self.admit(id, req, events)
+    }
+
+    /// Registers an accepted request with the scheduler (and its images with the executor).
+    fn admit(&mut self, id: u64, req: GenerateRequest, events: tmpsc::UnboundedSender<Event>) -> Result<()> {
         // Requests with the same images share one image set (its cross-attention K/V), keyed by the images' hash.
         let vision = match &req.images {
             Some(im) => {
-                self.retain_images(im.hash, &im.encoded)?;
+                self.images.retain(self.exec.as_mut(), im.hash, &im.encoded)?;
                 Some(SeqVision { key: im.hash, salt: im.hash, mask: im.mask.clone(), row_len: im.row_len })
             }
             None => None,
@@ -495,6 +515,9 @@ impl<'t> Core<'t> {
         };
         for (k, &s) in seqs.iter().enumerate() {
             self.seqs.insert(s, SeqInfo { req: id, k, last_token: None });
+            if let Some(key) = image_key {
+                self.images.add_seq(s, key);
+            }
             if let Some(t) = self.tok {
                 self.decoders.insert(s, t.stream_decoder(req.skip_special_tokens));
             }
@@ -527,8 +550,7 @@ impl<'t> Core<'t> {
             self.release_images(r.image_key);
             for s in r.seqs {
                 self.sched.abort(s);
-                self.seqs.remove(&s);
-                self.decoders.remove(&s);
+                self.drop_seq(s);
             }
         }
     }
@@ -545,6 +567,10 @@ impl<'t> Core<'t> {
         let ids: Vec<u64> = self.reqs.keys().copied().collect();
         for id in ids {
             self.fail(id, msg);
+        }
+        for p in self.images.take_parked() {
+            let _ = p.events.send(Event::Error(msg.to_string()));
+            self.metrics.request_finished("error", None);
         }
         self.metrics.set_sched(self.sched.metrics());
     }
@@ -601,13 +627,20 @@ impl<'t> Core<'t> {
             .filter(|c| self.seqs.get(&c.seq).is_some_and(|_| c.len > 1 || !c.sample))
             .map(|c| c.len)
             .sum();
-        let (picked, lps) = match self.run_plan(&plan) {
+        let ran = self.images.before_step(self.exec.as_mut(), &plan).and_then(|()| {
+            let out = self.run_plan(&plan)?;
+            self.images.after_step(self.exec.as_mut(), &plan)?;
+            Ok(out)
+        });
+        let (picked, lps) = match ran {
             Ok(x) => x,
             Err(e) => {
                 self.fail_all(&format!("step failed: {e}"));
                 return;
             }
         };
+        // Before any event goes out, so that a client who sees a token also sees the trims of its step.
+        self.metrics.set_images(self.images.len(), self.images.counts());
         let (tok, decoders) = (self.tok, &mut self.decoders);
         let mut detok = |seq: SeqId, id: u32| -> Result<String> {
             match (tok, decoders.get_mut(&seq)) {
@@ -667,8 +700,7 @@ impl<'t> Core<'t> {
                 if r.finished.iter().all(Option::is_some) {
                     done.push(info.req);
                 }
-                self.seqs.remove(&seq);
-                self.decoders.remove(&seq);
+                self.drop_seq(seq);
             }
         }
         for id in dead {

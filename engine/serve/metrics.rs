@@ -86,6 +86,14 @@ pub struct Snapshot {
     pub e2e: Histogram,
     /// Generated tokens per second over the last 10 s.
     pub tokens_per_s: f64,
+    /// Image sets registered with the executor (vision models).
+    pub image_sets: usize,
+    /// Image sets whose padding tiles were freed.
+    pub image_sets_trimmed: u64,
+    /// Image sets registered again in full after a trim (a sequence had to rerun rows that see no image).
+    pub image_sets_readded: u64,
+    /// Requests that had to wait for room in the cross-attention pool.
+    pub image_waits: u64,
 }
 
 struct Inner {
@@ -116,6 +124,10 @@ impl Default for Metrics {
                     itl: Histogram::new(ITL_BUCKETS),
                     e2e: Histogram::new(E2E_BUCKETS),
                     tokens_per_s: 0.0,
+                    image_sets: 0,
+                    image_sets_trimmed: 0,
+                    image_sets_readded: 0,
+                    image_waits: 0,
                 },
                 recent: VecDeque::new(),
             }),
@@ -173,6 +185,20 @@ impl Metrics {
         });
     }
 
+    /// Records the image sets registered now and the trims and re-registrations so far.
+    pub fn set_images(&self, sets: usize, (trimmed, readded): (u64, u64)) {
+        self.with(|i| {
+            i.snap.image_sets = sets;
+            i.snap.image_sets_trimmed = trimmed;
+            i.snap.image_sets_readded = readded;
+        });
+    }
+
+    /// Records a request that waits for room in the cross-attention pool.
+    pub fn image_wait(&self) {
+        self.with(|i| i.snap.image_waits += 1);
+    }
+
     /// Updates the scheduler gauges alone (after admissions or aborts outside a step).
     pub fn set_sched(&self, sched: SchedMetrics) {
         self.with(|i| i.snap.sched = sched);
@@ -216,6 +242,16 @@ impl Metrics {
         metric("llama32_engine_steps_total", "counter", "Engine steps run.", s.steps as f64);
         metric("llama32_generation_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.", {
             s.tokens_per_s
+        });
+        metric("llama32_image_sets", "gauge", "Image sets whose cross-attention K/V are held.", s.image_sets as f64);
+        metric("llama32_image_sets_trimmed_total", "counter", "Image sets whose padding tiles were freed.", {
+            s.image_sets_trimmed as f64
+        });
+        metric("llama32_image_sets_readded_total", "counter", "Image sets registered again in full after a trim.", {
+            s.image_sets_readded as f64
+        });
+        metric("llama32_image_waits_total", "counter", "Requests that waited for cross-attention pool room.", {
+            s.image_waits as f64
         });
         let name = "llama32_request_success_total";
         let _ = writeln!(out, "# HELP {name} Finished requests by finish reason.\n# TYPE {name} counter");

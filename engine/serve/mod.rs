@@ -12,6 +12,7 @@ pub mod api;
 pub mod batch;
 pub mod engine;
 pub mod http;
+pub mod images;
 pub mod loadgen;
 pub mod metrics;
 

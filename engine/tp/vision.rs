@@ -198,6 +198,14 @@ impl Executor for TpMllamaCpuExecutor {
         found
     }
 
+    fn trim_images(&mut self, key: u64) -> Result<bool> {
+        let mut found = false;
+        for (exec, _) in &mut self.ranks {
+            found |= exec.trim_images(key)?;
+        }
+        Ok(found)
+    }
+
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
         let mut all = self.step_all_ranks(input, images)?;
         Ok(StepOutput { logits: all.swap_remove(0) })

@@ -16,6 +16,7 @@ use std::ops::Range;
 use super::config::MllamaConfig;
 use super::pipeline::EncodedImages;
 use super::text::{cross_attention_decoder_layer_reduced, cross_kv, mlp, CrossKv};
+use super::tiles::{RowTiles, TileMap};
 use super::weights::{MllamaWeights, TextLayerWeights};
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
@@ -81,9 +82,17 @@ pub struct MllamaCpuExecutor {
     /// Per decoder layer: the paged K and V pools of a self-attention layer (empty for cross-attention layers).
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
-    /// Registered image sets: per decoder layer, the cross K/V (`None` for self-attention layers), and the number
-    /// of images.
-    images: HashMap<u64, (Vec<Option<CrossKv>>, usize)>,
+    /// Registered image sets.
+    images: HashMap<u64, CpuImageSet>,
+    /// Most cross-attention tiles the registered sets may hold together (`None`: no limit), as a device pool has.
+    cross_tile_limit: Option<usize>,
+}
+
+/// A registered image set: per decoder layer the cross K/V (`None` for self-attention layers), its tiles stored
+/// in [`TileMap`] order (real tiles first, then the padding ones until [`Executor::trim_images`]).
+struct CpuImageSet {
+    kv: Vec<Option<CrossKv>>,
+    map: TileMap,
 }
 
 impl MllamaCpuExecutor {
@@ -136,7 +145,18 @@ impl MllamaCpuExecutor {
             v_cache.push(vec![0.0; n]);
         }
         let inv_freq = t.rope.inv_freq(t.head_dim);
-        Ok(MllamaCpuExecutor { cfg, shard, w, layout, num_blocks, inv_freq, k_cache, v_cache, images: HashMap::new() })
+        Ok(MllamaCpuExecutor {
+            cfg,
+            shard,
+            w,
+            layout,
+            num_blocks,
+            inv_freq,
+            k_cache,
+            v_cache,
+            images: HashMap::new(),
+            cross_tile_limit: None,
+        })
     }
 
     /// The vision model's configuration (a rank's own for a tensor-parallel rank).
@@ -150,32 +170,75 @@ impl MllamaCpuExecutor {
     }
 
     /// Computes and keeps every cross-attention layer's K/V of `images` under `key` (replacing an earlier set with
-    /// that key).
+    /// that key), real tiles first (see [`TileMap`]).
     fn register(&mut self, key: u64, images: &EncodedImages) -> Result<()> {
-        if images.is_empty() {
-            return Err(Error::request("add_images: no images"));
+        let (tpt, hidden) = (self.cfg.vision.num_patches(), self.cfg.text.base.hidden_size);
+        let map = TileMap::new(&images.num_tiles, self.cfg.vision.max_num_tiles)?;
+        let tile_len = tpt * hidden;
+        if images.states.len() != map.columns() * tile_len {
+            return Err(Error::request(format!(
+                "add_images: states hold {} values, expected {} images x {} tiles x {tpt} tokens x {hidden}",
+                images.states.len(),
+                images.len(),
+                self.cfg.vision.max_num_tiles
+            )));
         }
-        let tpt = self.cfg.vision.num_patches();
-        let mut per_layer = Vec::with_capacity(self.w.text.layers.len());
+        if !self.fits(Some(key), &images.num_tiles)? {
+            return Err(Error::request(format!(
+                "add_images: {} tiles do not fit in the cross-attention pool ({} of {} free)",
+                map.columns(),
+                self.cross_tile_limit.unwrap_or(0).saturating_sub(self.held_cross_tiles()),
+                self.cross_tile_limit.unwrap_or(0)
+            )));
+        }
+        let mut states = Vec::with_capacity(images.states.len());
+        for col in map.storage_order() {
+            states.extend_from_slice(&images.states[col * tile_len..(col + 1) * tile_len]);
+        }
+        let mut kv = Vec::with_capacity(self.w.text.layers.len());
         for l in &self.w.text.layers {
-            per_layer.push(match l {
-                TextLayerWeights::CrossAttention(cl) => Some(cross_kv(cl, &self.cfg.text, &images.states, tpt)?),
+            kv.push(match l {
+                TextLayerWeights::CrossAttention(cl) => Some(cross_kv(cl, &self.cfg.text, &states, tpt)?),
                 TextLayerWeights::SelfAttention(_) => None,
             });
         }
-        let want = images.len() * self.cfg.vision.max_num_tiles;
-        if let Some(kv) = per_layer.iter().flatten().next() {
-            if kv.tiles() != want {
-                return Err(Error::request(format!(
-                    "add_images: states hold {} tiles, expected {} images x {} tiles",
-                    kv.tiles(),
-                    images.len(),
-                    self.cfg.vision.max_num_tiles
-                )));
-            }
-        }
-        self.images.insert(key, (per_layer, images.len()));
+        self.images.insert(key, CpuImageSet { kv, map });
         Ok(())
+    }
+
+    /// Bounds the cross-attention tiles all registered sets may hold together (`None`: no limit), the way a
+    /// device's cross-attention pool is bounded, so that the engine's waiting for room can be tested on the CPU.
+    pub fn limit_cross_tiles(&mut self, tiles: Option<usize>) {
+        self.cross_tile_limit = tiles;
+    }
+
+    /// Whether images of `num_tiles` tiles fit beside the registered sets other than `key` (which they would
+    /// replace).
+    fn fits(&self, key: Option<u64>, num_tiles: &[usize]) -> Result<bool> {
+        let Some(limit) = self.cross_tile_limit else { return Ok(true) };
+        let need = num_tiles.len() * self.cfg.vision.max_num_tiles;
+        if need > limit {
+            return Err(Error::request(format!(
+                "images of {need} tiles (padding tiles included) exceed the cross-attention pool of {limit} tiles"
+            )));
+        }
+        let others: usize = self.images.iter().filter(|(&k, _)| Some(k) != key).map(|(_, s)| s.map.held()).sum();
+        Ok(others + need <= limit)
+    }
+
+    /// Frees the padding tiles' K/V of set `key` (see [`Executor::trim_images`]).
+    fn trim(&mut self, key: u64) -> bool {
+        let Some(set) = self.images.get_mut(&key) else { return false };
+        set.map.trim();
+        let real = set.map.real();
+        set.kv.iter_mut().flatten().for_each(|kv| kv.truncate_tiles(real));
+        true
+    }
+
+    /// Cross-attention tiles held by the registered image sets (per cross layer; each tile is `num_patches` K and
+    /// V rows).
+    pub fn held_cross_tiles(&self) -> usize {
+        self.images.values().map(|s| s.map.held()).sum()
     }
 
     /// Number of registered image sets.
@@ -204,23 +267,34 @@ impl MllamaCpuExecutor {
         if !images.is_empty() && images.len() != seqs {
             return Err(Error::request(format!("step: {} image entries for {seqs} sequences", images.len())));
         }
-        let row_len = |n: usize| n * self.cfg.vision.max_num_tiles;
+        // Per sequence with images: its mask rows over the set's stored tiles (a row that sees no image stays all
+        // zeros: it attends over every stored tile).
+        let mut masks: Vec<Option<Vec<u8>>> = vec![None; images.len()];
         for (s, im) in images.iter().enumerate() {
             let Some(im) = im else { continue };
-            let (_, n) = self.images.get(&im.key).ok_or_else(|| {
+            let set = self.images.get(&im.key).ok_or_else(|| {
                 Error::request(format!("step: sequence {s} uses image set {} which is not registered", im.key))
             })?;
             let tokens = (input.cu_seqlens[s + 1] - input.cu_seqlens[s]) as usize;
-            if im.mask.len() != tokens * row_len(*n) {
+            let cols = set.map.columns();
+            if im.mask.len() != tokens * cols {
                 return Err(Error::request(format!(
-                    "step: sequence {s} has {} mask values for {tokens} tokens x {} tiles",
+                    "step: sequence {s} has {} mask values for {tokens} tokens x {cols} tiles",
                     im.mask.len(),
-                    row_len(*n)
                 )));
             }
             if im.mask.iter().any(|&v| v > 1) {
                 return Err(Error::request(format!("step: sequence {s}'s cross-attention mask is not 0/1")));
             }
+            let held = set.map.held();
+            let mut m = vec![0u8; tokens * held];
+            for (i, row) in im.mask.chunks(cols).enumerate() {
+                let what = || format!("step: sequence {s} token {i} (image set {})", im.key);
+                if let RowTiles::Sees(slots) = set.map.row(row, &what)? {
+                    slots.into_iter().for_each(|j| m[i * held + j] = 1);
+                }
+            }
+            masks[s] = Some(m);
         }
         let (hidden, q_dim, kv_dim, eps) = (t.hidden_size, t.q_dim(), t.kv_dim(), t.rms_norm_eps);
         let stride = q_dim + 2 * kv_dim;
@@ -283,9 +357,8 @@ impl MllamaCpuExecutor {
                 TextLayerWeights::CrossAttention(cw) => {
                     // Sequences without images skip the layer, as transformers does without vision states.
                     for (s, im) in images.iter().enumerate() {
-                        let Some(im) = im else { continue };
-                        let (sets, _) = &self.images[&im.key];
-                        let Some(kv) = sets[l].as_ref() else {
+                        let (Some(im), Some(mask)) = (im, &masks[s]) else { continue };
+                        let Some(kv) = self.images[&im.key].kv[l].as_ref() else {
                             return Err(Error::Backend(format!("image set {} lacks layer {l}", im.key)));
                         };
                         let (a, b) = (input.cu_seqlens[s] as usize, input.cu_seqlens[s + 1] as usize);
@@ -294,7 +367,7 @@ impl MllamaCpuExecutor {
                             &self.cfg.text,
                             &mut x[a * hidden..b * hidden],
                             kv,
-                            Some(im.mask),
+                            Some(mask),
                             &mut |part| comm.all_reduce(part),
                         )?;
                     }
@@ -338,6 +411,14 @@ impl Executor for MllamaCpuExecutor {
 
     fn remove_images(&mut self, key: u64) -> bool {
         self.images.remove(&key).is_some()
+    }
+
+    fn trim_images(&mut self, key: u64) -> Result<bool> {
+        Ok(self.trim(key))
+    }
+
+    fn images_fit(&self, num_tiles: &[usize]) -> Result<bool> {
+        self.fits(None, num_tiles)
     }
 
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {

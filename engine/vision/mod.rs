@@ -11,4 +11,5 @@ pub mod image;
 pub mod jpeg;
 pub mod pipeline;
 pub mod text;
+pub mod tiles;
 pub mod weights;

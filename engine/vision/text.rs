@@ -234,6 +234,15 @@ impl CrossKv {
         &self.v
     }
 
+    /// Keeps the first `tiles` (image, tile) blocks and frees the rest.
+    pub fn truncate_tiles(&mut self, tiles: usize) {
+        let n = tiles * self.tokens_per_tile * self.kv_dim;
+        self.k.truncate(n);
+        self.v.truncate(n);
+        self.k.shrink_to_fit();
+        self.v.shrink_to_fit();
+    }
+
     /// Appends `other`'s tokens (a later image) after these.
     pub fn append(&mut self, other: &CrossKv) -> Result<()> {
         if other.kv_dim != self.kv_dim || other.tokens_per_tile != self.tokens_per_tile {
