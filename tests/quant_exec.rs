@@ -496,3 +496,83 @@ fn quantized_vision_checkpoints_load_and_run() {
     }
     assert_ne!(bits(&outs[0]), bits(&outs[1]), "W4A8 must quantize the activations");
 }
+
+/// The projections of a vision text layer, in a fixed order.
+fn vision_projections(l: &llama32::vision::weights::TextLayerWeights) -> Vec<&LinearWeight> {
+    use llama32::vision::weights::TextLayerWeights;
+    match l {
+        TextLayerWeights::SelfAttention(w) => vec![&w.wqkv, &w.wo, &w.w_gate_up, &w.w_down],
+        TextLayerWeights::CrossAttention(w) => vec![&w.wq, &w.wkv, &w.wo, &w.w_gate_up, &w.w_down],
+    }
+}
+
+/// `TextSource`, the layer-at-a-time reader a device executor uploads from: the same values as the whole-model
+/// loader for plain and quantized checkpoints, quantization on reading equal to the checkpoint quantizer's, no dense
+/// copy of quantized projections, random weights generated straight in int4, and the CPU GEMM of a projection
+/// without its dense copy equal to the one with it.
+#[test]
+fn vision_text_source_reads_layers_one_at_a_time() {
+    use llama32::vision::pipeline::MllamaModel;
+    use llama32::vision::weights::{MllamaWeights, TextSource};
+    let g = common::mllama_golden("mllama-two-images");
+    let base = MllamaModel::load(&g.dir).expect("load");
+    let cfg = base.cfg.clone();
+    let ckpt = Checkpoint::open(&g.dir).expect("open");
+    let src = TextSource::checkpoint(&ckpt, &cfg, None).expect("source");
+    assert_eq!((src.scheme(), src.num_layers()), (None, base.weights.text.layers.len()));
+    for (l, want) in base.weights.text.layers.iter().enumerate() {
+        assert_eq!(format!("{:?}", src.layer(l).unwrap()), format!("{want:?}"), "layer {l}");
+    }
+    assert_eq!(src.embed().unwrap(), base.weights.text.embed);
+    assert_eq!(src.lm_head().unwrap(), base.weights.text.lm_head);
+    assert_eq!(src.final_norm().unwrap(), base.weights.text.final_norm);
+    assert!(src.layer(src.num_layers()).is_err());
+
+    let out = temp_dir("mllama-source-w4a16");
+    let scheme = Scheme::W4A16_G32;
+    quantize_checkpoint(&g.dir, &out, scheme, &QuantizeOptions::default(), &|_, _| {}).expect("quantize");
+    let qckpt = Checkpoint::open(&out).expect("open quantized");
+    let qmodel = MllamaModel::load(&out).expect("load quantized");
+    let stored = TextSource::checkpoint(&qckpt, &cfg, None).expect("quantized source");
+    let on_read = TextSource::checkpoint(&ckpt, &cfg, Some(scheme)).expect("quantize on reading");
+    assert_eq!((stored.scheme(), on_read.scheme()), (Some(scheme), Some(scheme)));
+    let err = TextSource::checkpoint(&qckpt, &cfg, Some(scheme)).err().expect("double quantization").to_string();
+    assert!(err.contains("already quantized"), "{err}");
+    let mut checked = 0;
+    for (l, want) in qmodel.weights.text.layers.iter().enumerate() {
+        let (a, b) = (stored.layer(l).unwrap(), on_read.layer(l).unwrap());
+        for ((pa, pb), pw) in
+            vision_projections(&a).into_iter().zip(vision_projections(&b)).zip(vision_projections(want))
+        {
+            assert!(pa.dense.is_empty() && pb.dense.is_empty(), "layer {l}: no dense copy");
+            assert_eq!(pa.quant, pw.quant, "layer {l}: stored int4 as the whole-model loader reads it");
+            assert_eq!(pb.quant, pw.quant, "layer {l}: quantized on reading as the checkpoint quantizer does");
+            assert_eq!(pa.numel(), pw.dense.len());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 9, "{checked} projections checked");
+    let _ = std::fs::remove_dir_all(&out);
+
+    // Random weights: the same draws as the whole-model generator, or int4 straight away.
+    let (plain, q4) = (TextSource::random(&cfg, 3, None), TextSource::random(&cfg, 3, Some(scheme)));
+    let whole = MllamaWeights::random(&cfg, 3).unwrap();
+    assert_eq!(format!("{:?}", plain.layer(1).unwrap()), format!("{:?}", whole.text.layers[1]));
+    let (a, b) = (q4.layer(1).unwrap(), TextSource::random(&cfg, 3, Some(scheme)).layer(1).unwrap());
+    assert_eq!(format!("{a:?}"), format!("{b:?}"), "reproducible");
+    for (p, d) in vision_projections(&a).into_iter().zip(vision_projections(&whole.text.layers[1])) {
+        let (n, k) = p.quant_shape().expect("quantized");
+        assert_eq!((p.dense.len(), n * k), (0, d.dense.len()));
+    }
+
+    // The CPU GEMM of a projection without its dense copy dequantizes it: same bits as with the copy.
+    let w = vision_projections(&a)[0];
+    let (n, k) = w.quant_shape().unwrap();
+    let with_dense = LinearWeight::quantized(w.quant.as_deref().unwrap().clone());
+    let x: Vec<f32> = (0..3 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    let (mut y0, mut y1) = (vec![0.0f32; 3 * n], vec![0.0f32; 3 * n]);
+    llama32::ops::cpu::quant::linear_weight(&x, w, 3, k, n, &mut y0);
+    llama32::ops::cpu::quant::linear_weight(&x, &with_dense, 3, k, n, &mut y1);
+    assert_eq!(bits(&y0), bits(&y1));
+    assert!(y0.iter().any(|&v| v != 0.0));
+}

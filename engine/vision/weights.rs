@@ -25,6 +25,8 @@ use rayon::prelude::*;
 
 use super::config::MllamaConfig;
 use crate::quant::format::{read_linear, read_table_f32, EmbeddingQuant, QuantizationConfig};
+use crate::quant::numerics::quantize_matrix;
+use crate::quant::{QuantLinear, QuantMatrix, Scheme};
 use crate::weights::{random_values, stack_rows, Checkpoint, LayerWeights, LinearWeight};
 use crate::{Error, Result};
 
@@ -468,39 +470,7 @@ impl MllamaWeights {
     fn build_text(r: &Reader<'_>, cfg: &MllamaConfig) -> Result<TextWeights> {
         let layers = (0..cfg.text.base.num_hidden_layers)
             .into_par_iter()
-            .map(|l| {
-                let p = text_layer_prefix(l);
-                let w_gate_up = r.proj(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
-                let w_down = r.proj(&[format!("{p}.mlp.down_proj.weight")])?;
-                let attn_norm = r.read(&format!("{p}.input_layernorm.weight"))?;
-                let mlp_norm = r.read(&format!("{p}.post_attention_layernorm.weight"))?;
-                if cfg.text.is_cross_attention_layer(l) {
-                    let a = format!("{p}.cross_attn");
-                    Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
-                        attn_norm,
-                        wq: r.proj(&[format!("{a}.q_proj.weight")])?,
-                        wkv: r.proj(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
-                        wo: r.proj(&[format!("{a}.o_proj.weight")])?,
-                        q_norm: r.read(&format!("{a}.q_norm.weight"))?,
-                        k_norm: r.read(&format!("{a}.k_norm.weight"))?,
-                        attn_gate: r.scalar(&format!("{p}.cross_attn_attn_gate"))?,
-                        mlp_norm,
-                        w_gate_up,
-                        w_down,
-                        mlp_gate: r.scalar(&format!("{p}.cross_attn_mlp_gate"))?,
-                    }))
-                } else {
-                    let a = format!("{p}.self_attn");
-                    Ok(TextLayerWeights::SelfAttention(LayerWeights {
-                        attn_norm,
-                        wqkv: r.proj(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?,
-                        wo: r.proj(&[format!("{a}.o_proj.weight")])?,
-                        mlp_norm,
-                        w_gate_up,
-                        w_down,
-                    }))
-                }
-            })
+            .map(|l| text_layer(r, cfg, l))
             .collect::<Result<Vec<_>>>()?;
         Ok(TextWeights {
             embed: r.read("language_model.model.embed_tokens.weight")?,
@@ -511,10 +481,128 @@ impl MllamaWeights {
     }
 }
 
+/// Decoder layer `l` read through `r`.
+fn text_layer(r: &Reader<'_>, cfg: &MllamaConfig, l: usize) -> Result<TextLayerWeights> {
+    let p = text_layer_prefix(l);
+    let w_gate_up = r.proj(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
+    let w_down = r.proj(&[format!("{p}.mlp.down_proj.weight")])?;
+    let attn_norm = r.read(&format!("{p}.input_layernorm.weight"))?;
+    let mlp_norm = r.read(&format!("{p}.post_attention_layernorm.weight"))?;
+    if cfg.text.is_cross_attention_layer(l) {
+        let a = format!("{p}.cross_attn");
+        Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
+            attn_norm,
+            wq: r.proj(&[format!("{a}.q_proj.weight")])?,
+            wkv: r.proj(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
+            wo: r.proj(&[format!("{a}.o_proj.weight")])?,
+            q_norm: r.read(&format!("{a}.q_norm.weight"))?,
+            k_norm: r.read(&format!("{a}.k_norm.weight"))?,
+            attn_gate: r.scalar(&format!("{p}.cross_attn_attn_gate"))?,
+            mlp_norm,
+            w_gate_up,
+            w_down,
+            mlp_gate: r.scalar(&format!("{p}.cross_attn_mlp_gate"))?,
+        }))
+    } else {
+        let a = format!("{p}.self_attn");
+        Ok(TextLayerWeights::SelfAttention(LayerWeights {
+            attn_norm,
+            wqkv: r.proj(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?,
+            wo: r.proj(&[format!("{a}.o_proj.weight")])?,
+            mlp_norm,
+            w_gate_up,
+            w_down,
+        }))
+    }
+}
+
+/// The text decoder's weights read one layer at a time, from a checkpoint (quantized or not) or as seeded random
+/// values, optionally quantizing the projections as they are read: what a device executor uploads layer by layer,
+/// so that no host ever holds the whole model (90B Vision is 350 GB in f32).
+///
+/// Quantized projections come without their dense f32 copy ([`LinearWeight::quantized_only`]). With `quantize`,
+/// checkpoint projections are rounded to bf16 and quantized with the checkpoint-quantizer's numerics, and random
+/// ones are generated straight in int4 ([`QuantMatrix::random`](crate::quant::QuantMatrix::random)).
+pub struct TextSource<'a> {
+    r: Reader<'a>,
+    cfg: MllamaConfig,
+}
+
+impl<'a> TextSource<'a> {
+    /// The text decoder of `ckpt` (checked whole against `cfg` first), quantized on reading with `quantize` when
+    /// given; a checkpoint that is already quantized keeps its own scheme and refuses `quantize`.
+    pub fn checkpoint(ckpt: &'a Checkpoint, cfg: &MllamaConfig, quantize: Option<Scheme>) -> Result<Self> {
+        let src = match (checkpoint_quantization(ckpt)?, quantize) {
+            (Some(q), Some(s)) => {
+                return Err(Error::weights(
+                    ckpt.dir(),
+                    format!("cannot quantize to {}: the checkpoint is already quantized ({q})", s.name()),
+                ))
+            }
+            (Some(q), None) => {
+                let layout = check_tensors(ckpt, cfg, Some(&q))?;
+                Source::QuantizedOwned(ckpt, layout, q)
+            }
+            (None, _) => Source::Checkpoint(ckpt, check_mllama_checkpoint(ckpt, cfg)?),
+        };
+        let mut r = Reader::new(cfg, src);
+        r.quantize = quantize;
+        r.keep_dense = false;
+        Ok(TextSource { r, cfg: cfg.clone() })
+    }
+
+    /// Seeded random weights at `cfg`'s shapes (as [`MllamaWeights::random`] draws them), with the projections
+    /// generated in int4 when `quantize` is given.
+    pub fn random(cfg: &MllamaConfig, seed: u64, quantize: Option<Scheme>) -> Self {
+        let mut r = Reader::new(cfg, Source::Random(seed));
+        r.quantize = quantize;
+        r.keep_dense = false;
+        TextSource { r, cfg: cfg.clone() }
+    }
+
+    /// The projections' quantization scheme, if any (the checkpoint's or the requested one).
+    pub fn scheme(&self) -> Option<Scheme> {
+        match &self.r.src {
+            Source::QuantizedOwned(_, _, q) => Some(q.scheme),
+            _ => self.r.quantize,
+        }
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.cfg.text.base.num_hidden_layers
+    }
+
+    /// Decoder layer `l`.
+    pub fn layer(&self, l: usize) -> Result<TextLayerWeights> {
+        if l >= self.num_layers() {
+            return Err(Error::request(format!("text layer {l} of {}", self.num_layers())));
+        }
+        text_layer(&self.r, &self.cfg, l)
+    }
+
+    /// Embedding table `[vocab_size + 8, hidden]`.
+    pub fn embed(&self) -> Result<Vec<f32>> {
+        self.r.read("language_model.model.embed_tokens.weight")
+    }
+
+    /// Final RMSNorm `[hidden]`.
+    pub fn final_norm(&self) -> Result<Vec<f32>> {
+        self.r.read("language_model.model.norm.weight")
+    }
+
+    /// Output projection `[vocab_size, hidden]`.
+    pub fn lm_head(&self) -> Result<Vec<f32>> {
+        self.r.read("language_model.lm_head.weight")
+    }
+}
+
 enum Source<'a> {
     Checkpoint(&'a Checkpoint, MllamaLayout),
     /// A checkpoint whose language-model projections are quantized (`llama32 quantize`).
     Quantized(&'a Checkpoint, MllamaLayout, &'a QuantizationConfig),
+    /// The same, owning its quantization config.
+    QuantizedOwned(&'a Checkpoint, MllamaLayout, QuantizationConfig),
     Random(u64),
 }
 
@@ -522,40 +610,55 @@ enum Source<'a> {
 struct Reader<'a> {
     shapes: HashMap<String, Vec<usize>>,
     src: Source<'a>,
+    /// Quantize unquantized projections with this scheme as they are read.
+    quantize: Option<Scheme>,
+    /// Keep the dense f32 copy of quantized projections (the CPU reference's W4A16 form).
+    keep_dense: bool,
 }
 
 impl<'a> Reader<'a> {
     fn new(cfg: &MllamaConfig, src: Source<'a>) -> Self {
-        Reader { shapes: expected_tensors(cfg).into_iter().collect(), src }
+        Reader { shapes: expected_tensors(cfg).into_iter().collect(), src, quantize: None, keep_dense: true }
+    }
+
+    /// The checkpoint's quantization, when its projections are stored quantized.
+    fn stored_quant(&self) -> Option<(&'a Checkpoint, MllamaLayout, &QuantizationConfig)> {
+        match &self.src {
+            Source::Quantized(c, l, q) => Some((c, *l, q)),
+            Source::QuantizedOwned(c, l, q) => Some((c, *l, q)),
+            _ => None,
+        }
+    }
+
+    fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.shapes
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::weights("<mllama>", format!("internal: `{name}` is not an Mllama tensor")))
     }
 
     fn read(&self, name: &str) -> Result<Vec<f32>> {
-        let numel: usize = self
-            .shapes
-            .get(name)
-            .ok_or_else(|| Error::weights("<mllama>", format!("internal: `{name}` is not an Mllama tensor")))?
-            .iter()
-            .product();
-        match self.src {
-            Source::Random(seed) => Ok(random_tensor(name, numel, seed)),
-            Source::Quantized(ckpt, layout, q) if q.embeddings == EmbeddingQuant::Int8 && is_table(name) => {
-                let shape = &self.shapes[name];
-                read_table_f32(ckpt, &layout.tensor_name(name), shape[0], shape[1])
-            }
-            Source::Checkpoint(ckpt, layout) | Source::Quantized(ckpt, layout, _) => {
-                let stored = layout.tensor_name(name);
-                let (view, path) = ckpt
-                    .get(&stored)
-                    .ok_or_else(|| Error::weights(ckpt.dir(), format!("missing tensor `{stored}`")))?;
-                if view.numel() != numel {
-                    return Err(Error::weights(
-                        path,
-                        format!("tensor `{stored}` has {} elements, expected {numel}", view.numel()),
-                    ));
-                }
-                Ok(view.to_f32())
+        let numel: usize = self.shape(name)?.iter().product();
+        let (ckpt, layout) = match &self.src {
+            Source::Random(seed) => return Ok(random_tensor(name, numel, *seed)),
+            Source::Checkpoint(c, l) | Source::Quantized(c, l, _) | Source::QuantizedOwned(c, l, _) => (*c, *l),
+        };
+        if let Some((_, _, q)) = self.stored_quant() {
+            if q.embeddings == EmbeddingQuant::Int8 && is_table(name) {
+                let shape = self.shape(name)?;
+                return read_table_f32(ckpt, &layout.tensor_name(name), shape[0], shape[1]);
             }
         }
+        let stored = layout.tensor_name(name);
+        let (view, path) =
+            ckpt.get(&stored).ok_or_else(|| Error::weights(ckpt.dir(), format!("missing tensor `{stored}`")))?;
+        if view.numel() != numel {
+            return Err(Error::weights(
+                path,
+                format!("tensor `{stored}` has {} elements, expected {numel}", view.numel()),
+            ));
+        }
+        Ok(view.to_f32())
     }
 
     fn cat(&self, names: &[String]) -> Result<Vec<f32>> {
@@ -567,22 +670,42 @@ impl<'a> Reader<'a> {
     }
 
     /// A projection stacked from `names` (each `[n_i, k]`, `... .weight`): quantized matrices read with
-    /// [`read_linear`] from a quantized checkpoint (dense = their exact dequantization), f32 values otherwise.
+    /// [`read_linear`] from a quantized checkpoint, quantized on reading with `quantize` (random ones generated in
+    /// int4), f32 values otherwise. Quantized ones keep their exact dequantization as `dense` when `keep_dense`.
     fn proj(&self, names: &[String]) -> Result<LinearWeight> {
-        let Source::Quantized(ckpt, layout, q) = self.src else {
+        let parts = if let Some((ckpt, layout, q)) = self.stored_quant() {
+            names
+                .iter()
+                .map(|name| {
+                    let shape = self.shape(name)?;
+                    read_linear(ckpt, &layout.tensor_name(name), q, shape[0], shape[1])
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else if let Some(scheme) = self.quantize {
+            names
+                .iter()
+                .map(|name| {
+                    let (n, k) = match self.shape(name)? {
+                        [n, k] => (*n, *k),
+                        s => return Err(Error::weights("<mllama>", format!("`{name}` has shape {s:?}, not 2-D"))),
+                    };
+                    let matrix = match self.src {
+                        Source::Random(seed) => QuantMatrix::random(n, k, scheme.group, seed, name_stream(name))?,
+                        _ => {
+                            let w: Vec<f32> =
+                                self.read(name)?.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+                            quantize_matrix(&w, n, k, scheme.group)
+                                .map_err(|e| Error::weights("<mllama>", format!("quantizing `{name}`: {e}")))?
+                        }
+                    };
+                    Ok(QuantLinear { matrix, scheme })
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
             return Ok(self.cat(names)?.into());
         };
-        let parts = names
-            .iter()
-            .map(|name| {
-                let shape = self
-                    .shapes
-                    .get(name)
-                    .ok_or_else(|| Error::weights("<mllama>", format!("internal: `{name}` is not an Mllama tensor")))?;
-                read_linear(ckpt, &layout.tensor_name(name), q, shape[0], shape[1])
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LinearWeight::quantized(stack_rows(parts, &names[0])?))
+        let q = stack_rows(parts, &names[0])?;
+        Ok(if self.keep_dense { LinearWeight::quantized(q) } else { LinearWeight::quantized_only(q) })
     }
 
     fn scalar(&self, name: &str) -> Result<f32> {
@@ -595,6 +718,11 @@ impl<'a> Reader<'a> {
             bias: self.read(&format!("{prefix}.bias"))?,
         })
     }
+}
+
+/// The random stream of a tensor: FNV-1a of its name.
+fn name_stream(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Seeded values for one tensor: norms 1, LayerNorm biases 0, gates pi/4, everything else uniform (std 0.02) from
@@ -612,8 +740,6 @@ fn random_tensor(name: &str, numel: usize, seed: u64) -> Vec<f32> {
     } else if is_norm && name.ends_with(".bias") {
         vec![0.0; numel]
     } else {
-        // FNV-1a of the name picks the stream.
-        let stream = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
-        random_values(numel, seed, stream)
+        random_values(numel, seed, name_stream(name))
     }
 }

@@ -327,6 +327,26 @@ impl LinearWeight {
     pub fn quantized(q: QuantLinear) -> Self {
         LinearWeight { dense: q.matrix.dequantize(), quant: Some(Arc::new(q)) }
     }
+
+    /// A quantized projection without its dense f32 copy (`dense` empty): for weights bound for a device, whose
+    /// kernels read only the quantized form, so a host never holds both. The CPU GEMM of
+    /// [`crate::ops::cpu::quant::linear_weight`] dequantizes such a weight on every call.
+    pub fn quantized_only(q: QuantLinear) -> Self {
+        LinearWeight { dense: Vec::new(), quant: Some(Arc::new(q)) }
+    }
+
+    /// `(out, in)` features of a quantized projection, or `None` for a dense one (whose shape the caller knows).
+    pub fn quant_shape(&self) -> Option<(usize, usize)> {
+        self.quant.as_ref().map(|q| (q.matrix.n, q.matrix.k))
+    }
+
+    /// Values of the projection: `n * k` (from the quantized form when `dense` was left out).
+    pub fn numel(&self) -> usize {
+        match (&self.quant, self.dense.is_empty()) {
+            (Some(q), true) => q.matrix.n * q.matrix.k,
+            _ => self.dense.len(),
+        }
+    }
 }
 
 impl std::ops::Deref for LinearWeight {
@@ -594,7 +614,7 @@ pub(crate) fn stack_rows(parts: Vec<QuantLinear>, what: &str) -> Result<QuantLin
     Ok(QuantLinear { matrix: m, scheme })
 }
 
-fn splitmix(mut z: u64) -> u64 {
+pub(crate) fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

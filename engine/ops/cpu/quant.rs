@@ -106,11 +106,13 @@ pub fn w4a8_linear(x: &[f32], rows: usize, w: &QuantMatrix, out: &mut [f32]) {
 
 /// `out[rows, n] = x[rows, k] @ w^T` for a projection in the CPU layout: the W4A8 kernel when `w` is quantized with
 /// int8 activations, the batch-invariant f32 GEMM over `w.dense` otherwise (W4A16's reference: `dense` holds the
-/// exactly dequantized values). Prepares the W4A8 weight sums on every call; the text executor keeps a prepared
+/// exactly dequantized values, or is computed for the call when it was left out). Prepares the W4A8 weight sums on every call; the text executor keeps a prepared
 /// form instead.
 pub fn linear_weight(x: &[f32], w: &LinearWeight, rows: usize, k: usize, n: usize, out: &mut [f32]) {
     match &w.quant {
         Some(q) if q.scheme.act == ActQuant::Int8PerToken => PreparedW4A8::new(Arc::clone(q)).forward(x, rows, out),
+        // A weight loaded for a device without its dense copy: dequantize for this call.
+        Some(q) if w.dense.is_empty() => crate::ops::cpu::linear::linear(x, &q.matrix.dequantize(), rows, k, n, out),
         _ => crate::ops::cpu::linear::linear(x, &w.dense, rows, k, n, out),
     }
 }
