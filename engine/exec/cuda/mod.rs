@@ -7,6 +7,7 @@
 //! forward in one launch.
 
 pub(crate) mod ops;
+pub(crate) mod quant_bufs;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -243,22 +244,8 @@ impl CudaExecutor {
             let host: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
             stream.clone_htod(&host).map_err(drv("upload weights"))
         };
-        let linear = |what: &str, w: &LinearWeight, spec: &FusedSpec| -> Result<DeviceLinear> {
-            match &w.quant {
-                Some(q) => {
-                    if q.matrix.n * q.matrix.k != spec.numel {
-                        return Err(Error::Backend(format!(
-                            "{what}: quantized [{}, {}], expected {} values",
-                            q.matrix.n, q.matrix.k, spec.numel
-                        )));
-                    }
-                    let d = k::quant::CudaQuantLinear::upload(&stream, q)
-                        .map_err(|e| Error::Backend(format!("{what}: {e}")))?;
-                    Ok(DeviceLinear::Quant(Box::new(d)))
-                }
-                None => Ok(DeviceLinear::Dense(dense(what, &w.dense, spec)?)),
-            }
-        };
+        let linear =
+            |what: &str, w: &LinearWeight, spec: &FusedSpec| DeviceLinear::upload(&stream, what, w, spec.numel);
         let mut layers = Vec::with_capacity(specs.layers.len());
         for (i, (l, w)) in specs.layers.iter().zip(&weights.layers).enumerate() {
             layers.push(DeviceLayer {

@@ -8,6 +8,8 @@ use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
+pub(crate) use super::quant_bufs::DeviceLinear;
+use super::quant_bufs::QuantBuffers;
 use crate::config::LlamaConfig;
 use crate::exec::StepInput;
 use crate::model::{Linear, Norm, Ops};
@@ -49,44 +51,15 @@ pub(super) struct DeviceLayer {
     pub(super) w_down: DeviceLinear,
 }
 
-/// A projection on the device: bf16 `[n, k]`, or 4-bit in the quantized kernels' layout.
-pub(super) enum DeviceLinear {
-    /// Row-major bf16 `[n, k]`.
-    Dense(CudaSlice<bf16>),
-    /// W4A16 or W4A8 (`ops::cuda::quant`).
-    Quant(Box<k::quant::CudaQuantLinear>),
-}
-
-impl DeviceLinear {
-    /// The W4A8 weight, if this is one.
-    fn w4a8(&self) -> Option<&k::quant::CudaQuantLinear> {
-        match self {
-            DeviceLinear::Quant(q) if q.is_w4a8() => Some(q),
-            _ => None,
-        }
-    }
-
-    /// Device bytes of the weight.
-    pub(super) fn device_bytes(&self) -> usize {
-        match self {
-            DeviceLinear::Dense(d) => d.len() * 2,
-            DeviceLinear::Quant(q) => q.device_bytes(),
-        }
-    }
-}
-
 /// Buffers and state of the quantized projections: the split-K workspace, the int8 activations, the bf16 scratch
 /// of the large-m W4A16 path, and the fused activation quantization in flight.
 #[derive(Default)]
 pub(super) struct QuantState {
-    /// Split-K partials and counters (grown when a call needs more, never during capture).
-    pub(super) ws: Option<k::quant::SplitKWorkspace>,
-    /// Int8 activations with their scales and zero points.
-    pub(super) acts: Option<k::quant::QuantActs>,
-    /// `[n, k]` bf16 scratch for W4A16 at more than 64 rows (dequantize, then cuBLASLt).
-    pub(super) scratch: Option<CudaSlice<bf16>>,
-    /// Set by a norm or SiLU kernel that quantized its output straight into `acts` for the W4A8 projection named
-    /// here instead of writing its bf16 output buffer (pool slot): the next `linear` on that buffer consumes it.
+    /// Split-K workspace, int8 activations and the large-m W4A16 scratch.
+    pub(super) bufs: QuantBuffers,
+    /// Set by a norm or SiLU kernel that quantized its output straight into the int8 activations for the W4A8
+    /// projection named here instead of writing its bf16 output buffer (pool slot): the next `linear` on that
+    /// buffer consumes it.
     pending: Option<(usize, Linear)>,
     /// The last projection run (the SiLU kernel after `GateUp(l)` fuses for `Down(l)`).
     last_linear: Option<Linear>,
@@ -297,44 +270,10 @@ impl CudaOps {
 
     /// Makes sure the int8 activation buffers hold `rows` x `cols` (allocating outside graph capture only).
     fn ensure_acts(&mut self, rows: usize, cols: usize) -> Result<()> {
-        if self.quant.acts.as_ref().is_some_and(|a| a.holds(rows, cols)) {
-            return Ok(());
-        }
-        if self.capturing {
-            return Err(Error::Backend("int8 activation buffers grew during graph capture".into()));
-        }
         let width = cols.max(self.cfg.hidden_size).max(self.cfg.intermediate_size).max(self.cfg.q_dim());
-        self.quant.acts = Some(k::quant::QuantActs::new(&self.stream, rows.next_power_of_two(), width)?);
-        self.generation += 1;
-        Ok(())
-    }
-
-    /// Makes sure the split-K workspace holds `need = (partials, counters)` (allocating outside capture only).
-    fn ensure_ws(&mut self, need: (usize, usize)) -> Result<()> {
-        if self.quant.ws.as_ref().is_some_and(|w| w.holds(need)) {
-            return Ok(());
+        if self.quant.bufs.ensure_acts(&self.stream, rows, cols, width, self.capturing)? {
+            self.generation += 1;
         }
-        if self.capturing {
-            return Err(Error::Backend("split-K workspace grew during graph capture".into()));
-        }
-        let (p, c) = self.quant.ws.as_ref().map_or((0, 0), |w| w.capacity());
-        let ws = k::quant::SplitKWorkspace::new(&self.stream, need.0.max(p), need.1.max(c), self.num_sms)?;
-        self.quant.ws = Some(ws);
-        self.generation += 1;
-        Ok(())
-    }
-
-    /// Makes sure the W4A16 scratch holds `len` bf16 values (allocating outside capture only).
-    fn ensure_scratch(&mut self, len: usize) -> Result<()> {
-        if self.quant.scratch.as_ref().is_some_and(|s| s.len() >= len) {
-            return Ok(());
-        }
-        if self.capturing {
-            return Err(Error::Backend("W4A16 scratch grew during graph capture".into()));
-        }
-        // SAFETY: bf16 has no invalid bit patterns; the dequantization writes the n x k values before the GEMM.
-        self.quant.scratch = Some(unsafe { self.stream.alloc::<bf16>(len) }.map_err(drv("allocate W4A16 scratch"))?);
-        self.generation += 1;
         Ok(())
     }
 }
@@ -521,7 +460,7 @@ impl Ops for CudaOps {
         if let Some(target) = self.fused_norm_target(n, h) {
             // W4A8 next: quantize the normalized rows straight into the int8 buffers; `out` is not written.
             self.ensure_acts(x.rows, h)?;
-            let acts = self.quant.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
+            let acts = self.quant.bufs.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
             let weight = match n {
                 Norm::Attn(l) => &self.layers[l].attn_norm,
                 Norm::Mlp(l) => &self.layers[l].mlp_norm,
@@ -554,7 +493,7 @@ impl Ops for CudaOps {
         if let Some(target) = self.fused_norm_target(n, h) {
             // W4A8 next: residual add + norm + int8 quantization in one kernel; `out` is not written.
             self.ensure_acts(residual.rows, h)?;
-            let acts = self.quant.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
+            let acts = self.quant.bufs.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
             let weight = match n {
                 Norm::Attn(l) => &self.layers[l].attn_norm,
                 Norm::Mlp(l) => &self.layers[l].mlp_norm,
@@ -626,43 +565,21 @@ impl Ops for CudaOps {
                 q.k()
             )));
         }
-        let (rows, sms, is_w4a8) = (x.rows, self.num_sms, q.is_w4a8());
+        let rows = x.rows;
         if rows == 0 {
             return Ok(());
         }
-        if is_w4a8 {
-            self.ensure_ws(k::quant::w4a8_workspace(rows, n, kdim, sms))?;
-            if !fused {
-                self.ensure_acts(rows, kdim)?;
-            }
-        } else if rows <= k::quant::MAX_DECODE_M {
-            self.ensure_ws(k::quant::w4a16_workspace(rows, n, kdim, sms))?;
-        } else {
-            self.ensure_scratch(n * kdim)?;
+        let width = kdim.max(self.cfg.hidden_size).max(self.cfg.intermediate_size).max(self.cfg.q_dim());
+        if self.quant.bufs.prepare(&self.stream, q, rows, (self.num_sms, fused, width, self.capturing))? {
+            self.generation += 1;
         }
         // Borrow again after the buffers may have moved.
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let WeightRef::Quant(q) = linear_weight(&self.cfg, &self.layers, lm_head, w).0 else {
             return Err(Error::Backend(format!("linear {w:?}: weight changed kind")));
         };
-        let missing = || Error::Backend("quantized projection buffers missing".into());
-        if is_w4a8 {
-            let acts = self.quant.acts.as_mut().ok_or_else(missing)?;
-            if !fused {
-                let src = k::quant::ActSource::Rows(x.buf.slice(..rows * kdim));
-                k::quant::act_quant(&self.stream, src, rows, kdim, acts, None)?;
-            }
-            let ws = self.quant.ws.as_mut().ok_or_else(missing)?;
-            return k::quant::w4a8_gemm(&self.stream, acts, q, rows, ws, &mut out.buf);
-        }
-        if rows <= k::quant::MAX_DECODE_M {
-            let ws = self.quant.ws.as_mut().ok_or_else(missing)?;
-            return k::quant::w4a16_gemm(&self.stream, &x.buf, q, rows, ws, &mut out.buf);
-        }
-        // Prefill-sized W4A16: dequantize once into the scratch, then the bf16 GEMM.
-        let scratch = self.quant.scratch.as_mut().ok_or_else(missing)?;
-        k::quant::w4a16_dequant(&self.stream, q, scratch)?;
-        gemm(&self.blas, &x.buf, &*scratch, rows, kdim, n, &mut out.buf)
+        let xv = x.buf.slice(..rows * kdim);
+        self.quant.bufs.project(&self.stream, &self.blas, q, (&xv, rows, fused), &mut out.buf)
     }
 
     fn rope_and_cache(&mut self, layer: usize, qkv: &mut CudaAct, _step: &StepInput) -> Result<()> {
@@ -726,7 +643,7 @@ impl Ops for CudaOps {
         };
         if let Some(l) = fuse_for {
             self.ensure_acts(rows, inter)?;
-            let acts = self.quant.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
+            let acts = self.quant.bufs.acts.as_mut().ok_or_else(|| Error::Backend("int8 buffers missing".into()))?;
             let src = k::quant::ActSource::SiluMul(gate_up.buf.slice(..rows * 2 * inter));
             k::quant::act_quant(&self.stream, src, rows, inter, acts, None)?;
             self.quant.pending = Some((out.slot, Linear::Down(l)));

@@ -1,0 +1,223 @@
+//! The device buffers of the quantized projections and the projection itself, shared by the text executor
+//! ([`super::CudaOps`]) and the Llama 3.2 Vision decoder ([`crate::vision::cuda::text`]).
+//!
+//! - W4A16 with at most [`k::quant::MAX_DECODE_M`] rows: the fused dequantize-and-multiply kernel, split-K partials
+//!   in the workspace;
+//! - W4A16 with more rows: the weight dequantized once into a bf16 scratch, then cuBLASLt;
+//! - W4A8: the rows quantized to int8 per token (unless a norm or SiLU kernel already did, `fused`), then the
+//!   int8 kernel.
+//!
+//! Buffers grow only outside CUDA graph capture (a captured graph keeps their addresses); each growth is reported
+//! so the caller can invalidate its graphs.
+
+use std::sync::Arc;
+
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut};
+use half::bf16;
+
+use super::ops::{drv, gemm};
+use crate::ops::cuda as k;
+use crate::{Error, Result};
+
+/// Split-K workspace, int8 activations and the large-m W4A16 scratch.
+#[derive(Default)]
+pub(crate) struct QuantBuffers {
+    /// Split-K partials and counters.
+    pub(crate) ws: Option<k::quant::SplitKWorkspace>,
+    /// Int8 activations with their scales and zero points.
+    pub(crate) acts: Option<k::quant::QuantActs>,
+    /// `[n, k]` bf16 scratch for W4A16 at more than 64 rows.
+    pub(crate) scratch: Option<CudaSlice<bf16>>,
+}
+
+fn no_growth_in_capture(capturing: bool, what: &str) -> Result<()> {
+    if capturing {
+        return Err(Error::Backend(format!("{what} grew during graph capture")));
+    }
+    Ok(())
+}
+
+impl QuantBuffers {
+    /// Makes sure the int8 activations hold `rows` x `cols` (`width`: the widest row to plan for). Returns whether
+    /// the buffers moved.
+    pub(crate) fn ensure_acts(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        rows: usize,
+        cols: usize,
+        width: usize,
+        capturing: bool,
+    ) -> Result<bool> {
+        if self.acts.as_ref().is_some_and(|a| a.holds(rows, cols)) {
+            return Ok(false);
+        }
+        no_growth_in_capture(capturing, "int8 activation buffers")?;
+        self.acts = Some(k::quant::QuantActs::new(stream, rows.next_power_of_two(), width.max(cols))?);
+        Ok(true)
+    }
+
+    /// Makes sure the split-K workspace holds `need = (partials, counters)`. Returns whether it moved.
+    pub(crate) fn ensure_ws(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        need: (usize, usize),
+        num_sms: usize,
+        capturing: bool,
+    ) -> Result<bool> {
+        if self.ws.as_ref().is_some_and(|w| w.holds(need)) {
+            return Ok(false);
+        }
+        no_growth_in_capture(capturing, "split-K workspace")?;
+        let (p, c) = self.ws.as_ref().map_or((0, 0), |w| w.capacity());
+        self.ws = Some(k::quant::SplitKWorkspace::new(stream, need.0.max(p), need.1.max(c), num_sms)?);
+        Ok(true)
+    }
+
+    /// Makes sure the W4A16 scratch holds `len` bf16 values. Returns whether it moved.
+    pub(crate) fn ensure_scratch(&mut self, stream: &Arc<CudaStream>, len: usize, capturing: bool) -> Result<bool> {
+        if self.scratch.as_ref().is_some_and(|s| s.len() >= len) {
+            return Ok(false);
+        }
+        no_growth_in_capture(capturing, "W4A16 scratch")?;
+        // SAFETY: bf16 has no invalid bit patterns; the dequantization writes the n x k values before the GEMM.
+        self.scratch = Some(unsafe { stream.alloc::<bf16>(len) }.map_err(drv("allocate W4A16 scratch"))?);
+        Ok(true)
+    }
+
+    /// Grows what `out[rows, n] = x[rows, k] @ q^T` needs (`fused`: the int8 activations are already written, and
+    /// `act_width` is the widest activation row to plan their buffer for). Returns whether any buffer moved.
+    pub(crate) fn prepare(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        q: &k::quant::CudaQuantLinear,
+        rows: usize,
+        (num_sms, fused, act_width, capturing): (usize, bool, usize, bool),
+    ) -> Result<bool> {
+        let (n, kdim) = (q.n(), q.k());
+        let mut moved = false;
+        if q.is_w4a8() {
+            moved |= self.ensure_ws(stream, k::quant::w4a8_workspace(rows, n, kdim, num_sms), num_sms, capturing)?;
+            if !fused {
+                moved |= self.ensure_acts(stream, rows, kdim, act_width, capturing)?;
+            }
+        } else if rows <= k::quant::MAX_DECODE_M {
+            moved |= self.ensure_ws(stream, k::quant::w4a16_workspace(rows, n, kdim, num_sms), num_sms, capturing)?;
+        } else {
+            moved |= self.ensure_scratch(stream, n * kdim, capturing)?;
+        }
+        Ok(moved)
+    }
+
+    /// `out[rows, n] = x[rows, k] @ q^T` for a quantized projection whose buffers were [`prepare`](Self::prepare)d;
+    /// with `fused` the W4A8 input is the int8 activations already in the buffers and `x` is not read.
+    pub(crate) fn project(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        blas: &CudaBlasLT,
+        q: &k::quant::CudaQuantLinear,
+        (x, rows, fused): (&CudaView<'_, bf16>, usize, bool),
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (n, kdim) = (q.n(), q.k());
+        let missing = || Error::Backend("quantized projection buffers missing".into());
+        if q.is_w4a8() {
+            let acts = self.acts.as_mut().ok_or_else(missing)?;
+            if !fused {
+                let src = k::quant::ActSource::Rows(x.slice(..rows * kdim));
+                k::quant::act_quant(stream, src, rows, kdim, acts, None)?;
+            }
+            let ws = self.ws.as_mut().ok_or_else(missing)?;
+            return k::quant::w4a8_gemm(stream, acts, q, rows, ws, out);
+        }
+        if rows <= k::quant::MAX_DECODE_M {
+            let ws = self.ws.as_mut().ok_or_else(missing)?;
+            return k::quant::w4a16_gemm(stream, x, q, rows, ws, out);
+        }
+        // Prefill-sized W4A16: dequantize once into the scratch, then the bf16 GEMM.
+        let scratch = self.scratch.as_mut().ok_or_else(missing)?;
+        k::quant::w4a16_dequant(stream, q, scratch)?;
+        gemm(blas, x, &scratch.slice(..), rows, kdim, n, out)
+    }
+}
+
+/// A projection on the device: bf16 `[n, k]`, or 4-bit in the quantized kernels' layout.
+pub(crate) enum DeviceLinear {
+    /// Row-major bf16 `[n, k]`.
+    Dense(CudaSlice<bf16>),
+    /// W4A16 or W4A8 (`ops::cuda::quant`).
+    Quant(Box<k::quant::CudaQuantLinear>),
+}
+
+impl DeviceLinear {
+    /// Uploads a CPU-layout projection of `numel` values (`what` names it in errors): its quantized form when it
+    /// has one, else bf16.
+    pub(crate) fn upload(
+        stream: &Arc<CudaStream>,
+        what: &str,
+        w: &crate::weights::LinearWeight,
+        numel: usize,
+    ) -> Result<Self> {
+        if w.numel() != numel {
+            return Err(Error::Backend(format!("{what}: {} values, expected {numel}", w.numel())));
+        }
+        match &w.quant {
+            Some(q) => {
+                let d =
+                    k::quant::CudaQuantLinear::upload(stream, q).map_err(|e| Error::Backend(format!("{what}: {e}")))?;
+                Ok(DeviceLinear::Quant(Box::new(d)))
+            }
+            None => Ok(DeviceLinear::Dense(crate::vision::cuda::upload_bf16(stream, &w.dense)?)),
+        }
+    }
+
+    /// The W4A8 weight, if this is one.
+    pub(crate) fn w4a8(&self) -> Option<&k::quant::CudaQuantLinear> {
+        match self {
+            DeviceLinear::Quant(q) if q.is_w4a8() => Some(q),
+            _ => None,
+        }
+    }
+
+    /// Device bytes of the weight.
+    pub(crate) fn device_bytes(&self) -> usize {
+        match self {
+            DeviceLinear::Dense(d) => d.len() * 2,
+            DeviceLinear::Quant(q) => q.device_bytes(),
+        }
+    }
+}
+
+/// `out[rows, n] = x[rows, k] @ w^T` for a bf16 weight through [`super::ops::dense_linear`], or a quantized one
+/// through `bufs` (grown here, which graph capture refuses: run a shape eagerly first). Returns whether a buffer
+/// moved.
+pub(crate) fn project(
+    stream: &Arc<CudaStream>,
+    blas: &CudaBlasLT,
+    (skinny, num_sms, capturing): (bool, usize, bool),
+    (w, bufs): (&DeviceLinear, &mut QuantBuffers),
+    (x, rows, kdim, n): (&CudaView<'_, bf16>, usize, usize, usize),
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<bool> {
+    match w {
+        DeviceLinear::Dense(d) => {
+            super::ops::dense_linear(stream, blas, skinny, x, &d.slice(..), (rows, kdim, n), out)?;
+            Ok(false)
+        }
+        DeviceLinear::Quant(q) => {
+            if q.n() != n || q.k() != kdim {
+                return Err(Error::Backend(format!(
+                    "quantized weight is [{}, {}], expected [{n}, {kdim}]",
+                    q.n(),
+                    q.k()
+                )));
+            }
+            let moved = bufs.prepare(stream, q, rows, (num_sms, false, kdim, capturing))?;
+            bufs.project(stream, blas, q, (x, rows, false), out)?;
+            Ok(moved)
+        }
+    }
+}
