@@ -6,6 +6,8 @@
 //!   TCP rendezvous for multi-process and multi-node groups.
 //! - [`exec`]: [`TpCpuExecutor`], the CPU reference run as N ranks in N threads; the model recipe calls the
 //!   [`crate::model::Ops`] hooks `all_reduce` and `gather_logits` at the communication points.
+//! - [`multinode`]: runs over several nodes: node 0 drives the other nodes' ranks over a TCP control connection
+//!   ([`multinode::MultiNodeExecutor`], [`multinode::follow`]).
 //! - [`perf`]: the performance model behind `llama32 plan`.
 //!
 //! docs/parallelism.md describes the design.
@@ -14,6 +16,7 @@ pub mod comm;
 pub mod cuda;
 pub mod exec;
 pub mod load;
+pub mod multinode;
 pub mod nccl;
 pub mod perf;
 pub mod plan;
