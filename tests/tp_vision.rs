@@ -1,6 +1,7 @@
 //! Tensor parallelism for Llama 3.2 Vision on the CPU reference ([`TpMllamaCpuExecutor`]), `llama32 logits
 //! --tensor-parallel N --image ...`, and `llama32 batch --tensor-parallel N` (the serving engine over the
-//! tensor-parallel executors).
+//! tensor-parallel executors); the CUDA ranks' command line without a CUDA device (tests/gpu/cuda_tp_vision.rs runs
+//! them on a device).
 //!
 //! The golden vision checkpoints run at tp = 2 and 4, and mllama-resize (8 query / 2 KV heads) also at tp = 8; tp = 4
 //! and 8 replicate KV heads over ranks, as does every tp > 1 of mllama-two-images (one KV head). A tp that does not
@@ -407,7 +408,12 @@ fn batch_with_tensor_parallel_2_answers_like_tp1() {
     assert_eq!(one.len(), 2);
     assert!(one.iter().all(|r| r["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0), "{one:?}");
     assert_eq!(one, two, "tp=2 must answer a greedy request exactly as tp=1");
-    // --tensor-parallel on CUDA is refused with a clear message (until the CUDA ranks exist).
+    // --tensor-parallel on CUDA without a usable device: a clear error, not a panic (tests/gpu/cuda_tp.rs runs the
+    // CUDA ranks on a device).
+    if llama32::ops::cuda::probe().is_ok() {
+        std::fs::remove_dir_all(&dir).ok();
+        return;
+    }
     let o = run_cli(
         "batch",
         &[
@@ -425,8 +431,65 @@ fn batch_with_tensor_parallel_2_answers_like_tp1() {
     );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--tensor-parallel"), "{err}");
+    assert!(err.contains("no usable CUDA device for --tensor-parallel 2"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn vision_tensor_parallel_on_cuda_without_a_device_fails_clearly() {
+    if llama32::ops::cuda::probe().is_ok() {
+        eprintln!("skipped: a CUDA device is present (tests/gpu/cuda_tp_vision.rs runs the CUDA ranks)");
+        return;
+    }
+    let g = common::mllama_golden("mllama-resize");
+    let model = g.dir.to_str().unwrap();
+    let tmp = std::env::temp_dir().join(format!("llama32-tp-vision-cuda-none-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = tmp.join("tp.npy");
+    let image = g.dir.join(&g.images[0].0);
+    let logits = |extra: &[&str]| {
+        let mut args = vec!["--model", model, "--ids", "0,256,5,6", "--out", out.to_str().unwrap()];
+        args.extend(["--image", image.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let o = run_cli("logits", &args);
+        assert!(!o.status.success(), "{extra:?} succeeded without a CUDA device");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    for extra in [&["--device", "cuda"][..], &["--device", "cuda", "--devices", "0"], &["--device", "cuda:1"]] {
+        let mut args = extra.to_vec();
+        args.extend(["--tensor-parallel", "2"]);
+        let e = logits(&args);
+        assert!(e.contains("no usable CUDA device for --tensor-parallel 2"), "{extra:?}: {e}");
+        assert!(e.contains(&format!("--device {}", extra[1])) && !e.contains("panicked"), "{extra:?}: {e}");
+    }
+    assert!(!out.exists());
+    // Refused before any device is touched: a degree that does not divide the 8 heads, and a quantized run.
+    let e = logits(&["--device", "cuda", "--tensor-parallel", "3"]);
+    assert!(e.contains("num_attention_heads"), "{e}");
+    let e = logits(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a16-g32"]);
+    assert!(e.contains("does not support quantized"), "{e}");
+    // batch (and serve) place the ranks before loading anything: the same error.
+    let input = tmp.join("in.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let output = tmp.join("out.jsonl");
+    let args = [
+        "--model",
+        model,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--no-progress",
+        "--device",
+        "cuda",
+        "--tensor-parallel",
+        "2",
+    ];
+    let o = run_cli("batch", &args);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("no usable CUDA device for --tensor-parallel 2"), "{e}");
+    std::fs::remove_dir_all(&tmp).ok();
 }
 
 /// A tiny Llama 3.2 Vision checkpoint (the golden mllama-two-images shapes, 4 query / 1 KV head) with the real 128K

@@ -127,7 +127,7 @@ pub struct LogitsArgs {
     #[arg(long)]
     image: Vec<PathBuf>,
     /// Run as this many tensor-parallel ranks (1 = no tensor parallelism): in-process ranks on --device cpu; on
-    /// --device cuda[:K] (text models) rank r runs on GPU K + r, or on --devices.
+    /// --device cuda[:K] (text and Llama 3.2 Vision models) rank r runs on GPU K + r, or on --devices.
     #[arg(long, default_value_t = 1)]
     tensor_parallel: usize,
     /// CUDA devices of the ranks when --tensor-parallel N > 1 on CUDA, e.g. 0,1 or cuda:2,cuda:3 (rank r runs on
@@ -269,7 +269,11 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let tp = a.tensor_parallel;
     serve::check_tensor_parallel(tp, &a.model.device, a.devices.as_deref())?;
     if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
-        serve::check_vision_tensor_parallel(tp, &a.model.device)?;
+        serve::check_vision_tensor_parallel(tp, a.model.quantize.as_deref())?;
+        if tp > 1 && Device::parse(&a.model.device)? != Device::Cpu {
+            let ranks = (tp, a.devices.as_deref());
+            return serve::vision_logits_tp_cuda(&a.model, &dir, &ids, &a.image, &a.out, ranks);
+        }
         if tp > 1 {
             return vision::logits_tp(&a.model, &dir, &ids, &a.image, &a.out, tp);
         }

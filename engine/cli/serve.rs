@@ -33,8 +33,8 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_model_len: Option<usize>,
     /// Tensor-parallel ranks (1 = none). On --device cpu the ranks are threads of this process, each holding its
-    /// shard of the weights and KV cache; on `--device cuda[:K]` (text models) rank r runs on GPU K + r, or on
-    /// --devices.
+    /// shard of the weights and KV cache; on `--device cuda[:K]` (text and Llama 3.2 Vision models) rank r runs on
+    /// GPU K + r, or on --devices.
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel: usize,
     /// CUDA devices of the ranks when --tensor-parallel N > 1 on CUDA, e.g. 0,1 or cuda:2,cuda:3 (rank r runs on
@@ -45,8 +45,8 @@ pub struct EngineArgs {
 
 /// Checks `--tensor-parallel N`, `--device` and `--devices` of `logits`/`serve`/`batch` before anything loads: N
 /// must be at least 1; any N runs on the CPU (in-process ranks) and on CUDA (text models: see
-/// [`tp_cuda_executor`]; vision models: [`check_vision_tensor_parallel`]); `--devices` must parse and needs N > 1 on
-/// CUDA.
+/// [`tp_cuda_executor`]; vision models: [`check_vision_tensor_parallel`] and
+/// [`crate::tp::cuda_vision::TpMllamaCudaExecutor`]); `--devices` must parse and needs N > 1 on CUDA.
 pub(crate) fn check_tensor_parallel(tp: usize, device: &str, devices: Option<&str>) -> Result<()> {
     if tp == 0 {
         return Err(Error::request("--tensor-parallel must be at least 1"));
@@ -69,15 +69,12 @@ pub(crate) fn check_tensor_parallel(tp: usize, device: &str, devices: Option<&st
     Ok(())
 }
 
-/// Refuses `--tensor-parallel N > 1` on CUDA for a Llama 3.2 Vision checkpoint: its tensor-parallel text decoder
-/// runs on the CPU reference only so far.
-pub(crate) fn check_vision_tensor_parallel(tp: usize, device: &str) -> Result<()> {
-    if tp > 1 && load::Device::parse(device)? != load::Device::Cpu {
-        return Err(Error::request(format!(
-            "--tensor-parallel {tp} on --device {device}: Llama 3.2 Vision checkpoints run tensor-parallel only as \
-             in-process ranks on --device cpu so far; on CUDA, --tensor-parallel N > 1 supports text models \
-             (LlamaForCausalLM). Use --tensor-parallel 1 on CUDA, or --device cpu (docs/parallelism.md)"
-        )));
+/// Checks `--tensor-parallel N` for a Llama 3.2 Vision checkpoint before anything loads, besides
+/// [`check_tensor_parallel`]: any N runs on `--device cpu` (in-process CPU ranks) and on `--device cuda[:K]` (CUDA
+/// ranks, [`crate::tp::cuda_vision::TpMllamaCudaExecutor`]); N > 1 refuses `--quantize`, as for text models.
+pub(crate) fn check_vision_tensor_parallel(tp: usize, quantize: Option<&str>) -> Result<()> {
+    if tp > 1 && quantize.is_some() {
+        return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
     }
     Ok(())
 }
@@ -196,37 +193,50 @@ pub(crate) fn rank_devices(
     )))
 }
 
+/// The GPU of each of `tp` ranks for `--device cuda[:K]` and `--devices` (see [`rank_devices`]), once CUDA is known
+/// to be usable: without a usable device the error reads `--device D: no usable CUDA device for --tensor-parallel
+/// N: ...`. `--devices` is parsed before any device is touched.
+pub(crate) fn cuda_rank_placement(
+    device: &str,
+    tp: usize,
+    devices: Option<&str>,
+    share_when_short: bool,
+) -> Result<Vec<usize>> {
+    let first = match load::Device::parse(device)? {
+        load::Device::Cuda(k) => k,
+        load::Device::Cpu => return Err(Error::request("tensor-parallel CUDA ranks need --device cuda or cuda:K")),
+    };
+    let listed = devices.map(super::parse_devices).transpose()?;
+    crate::ops::cuda::probe().map_err(|e| match e {
+        Error::Backend(m) => {
+            Error::Backend(format!("--device {device}: no usable CUDA device for --tensor-parallel {tp}: {m}"))
+        }
+        other => other,
+    })?;
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| Error::Backend(format!("counting CUDA devices: {e}")))?;
+    rank_devices(tp, first, listed.as_deref(), usize::try_from(count).unwrap_or(0), share_when_short)
+}
+
 /// The text model of `a` as `tp` tensor-parallel CUDA ranks ([`crate::tp::cuda::TpCudaExecutor`]) placed and sized
 /// by `r`: each rank reads only its slices of the checkpoint (or of the seeded random weights). The one place that
-/// turns the command line into CUDA ranks (`logits`, `serve`, `batch`, `bench-serve` and `bench`). Quantized models
+/// turns the command line into CUDA ranks of a text model (`logits`, `serve`, `batch`, `bench-serve` and `bench`;
+/// Llama 3.2 Vision's ranks are placed by the same [`cuda_rank_placement`] and [`tp_comm_kind`]). Quantized models
 /// and tensor-parallel degrees that do not divide the model are refused before any device is touched; without a
 /// usable CUDA device the error says so.
 pub(crate) fn tp_cuda_executor(a: &ModelArgs, tp: usize, r: &CudaRanks<'_>) -> Result<TpCudaModel> {
-    let first = match load::Device::parse(&a.device)? {
-        load::Device::Cuda(k) => k,
-        load::Device::Cpu => {
-            return Err(Error::request("tensor-parallel CUDA ranks need --device cuda or cuda:K"));
-        }
-    };
+    if load::Device::parse(&a.device)? == load::Device::Cpu {
+        return Err(Error::request("tensor-parallel CUDA ranks need --device cuda or cuda:K"));
+    }
     if a.block_size == 0 {
         return Err(Error::request("--block-size must be positive"));
     }
     let (cfg, source) = load::resolve_config(a)?;
     refuse_quantized(a, &source)?;
     crate::tp::TpPlan::new(&cfg, tp)?;
-    let listed = r.devices.map(super::parse_devices).transpose()?;
     // Checks the --tp-comm spelling before touching a device (the placement only picks auto's choice).
     tp_comm_kind(r.comm, &[])?;
-    crate::ops::cuda::probe().map_err(|e| match e {
-        Error::Backend(m) => {
-            Error::Backend(format!("--device {}: no usable CUDA device for --tensor-parallel {tp}: {m}", a.device))
-        }
-        other => other,
-    })?;
-    let count = cudarc::driver::CudaContext::device_count()
-        .map_err(|e| Error::Backend(format!("counting CUDA devices: {e}")))?;
-    let placement =
-        rank_devices(tp, first, listed.as_deref(), usize::try_from(count).unwrap_or(0), r.share_when_short)?;
+    let placement = cuda_rank_placement(&a.device, tp, r.devices, r.share_when_short)?;
     let kind = tp_comm_kind(r.comm, &placement)?;
     let mut desc = source.describe();
     if a.random_weights {
@@ -325,7 +335,7 @@ const CPU_DEFAULT_KV_TOKENS: usize = 16384;
 fn start_engine(a: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, ServeContext)> {
     check_tensor_parallel(e.tensor_parallel, &a.device, e.devices.as_deref())?;
     if let Some(dir) = super::vision::vision_dir(a, false)? {
-        check_vision_tensor_parallel(e.tensor_parallel, &a.device)?;
+        check_vision_tensor_parallel(e.tensor_parallel, a.quantize.as_deref())?;
         return start_vision_engine(a, e, &dir);
     }
     let (_, source) = load::resolve_config(a)?;
@@ -542,12 +552,26 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
 }
 
 /// [`start_engine`] for a Llama 3.2 Vision checkpoint: the text decoder runs in the engine's batched executor (CPU
-/// reference, CPU tensor-parallel ranks, or CUDA), the image encoder in the request handlers (on the CUDA device too
-/// with `--device cuda`, else the CPU reference).
+/// reference, CPU tensor-parallel ranks, CUDA, or CUDA tensor-parallel ranks), the image encoder in the request
+/// handlers (on the CUDA device too with `--device cuda`, on the first rank's GPU with tensor parallelism, else the
+/// CPU reference). On CUDA without `--kv-tokens`, the self-attention KV cache gets what the device memory holds
+/// under `--gpu-memory-utilization` (ranks sharing a GPU split it).
 fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> Result<(EngineHandle, ServeContext)> {
     let tok = load_tokenizer(a)?.map(Arc::new);
-    let t0 = std::time::Instant::now();
     let tp = e.tensor_parallel;
+    let device = load::Device::parse(&a.device)?;
+    // CUDA ranks: the degree and the placement are checked before anything loads.
+    let cuda_tp = match device {
+        load::Device::Cuda(_) if tp > 1 => {
+            let cfg = crate::vision::config::MllamaConfig::from_model_dir(dir)?;
+            crate::tp::TpPlan::new(&cfg.text.base, tp)?;
+            let placement = cuda_rank_placement(&a.device, tp, e.devices.as_deref(), false)?;
+            let kind = tp_comm_kind("auto", &placement)?;
+            Some((placement, kind))
+        }
+        _ => None,
+    };
+    let t0 = std::time::Instant::now();
     // With tensor parallelism the ranks read their own slices of the checkpoint, so only the vision half is
     // converted here.
     let (mut encoder, text) = if tp == 1 {
@@ -558,23 +582,25 @@ fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> 
     };
     eprintln!("loaded {} (Llama 3.2 Vision) in {:.1} s", dir.display(), t0.elapsed().as_secs_f64());
     let cfg = encoder.cfg.clone();
-    let device = super::load::Device::parse(&a.device)?;
-    if let super::load::Device::Cuda(ordinal) = device {
-        // The image encoder on the same GPU as the text decoder, on a stream of its own.
-        encoder.use_cuda(ordinal)?;
-        eprintln!("image encoder on cuda:{ordinal} (bf16)");
+    // The image encoder on the text decoder's GPU (its first rank's), on a stream of its own.
+    let cuda_device = match (&cuda_tp, device) {
+        (Some((placement, _)), _) => Some(placement[0]),
+        (None, load::Device::Cuda(ordinal)) => Some(ordinal),
+        (None, load::Device::Cpu) => None,
+    };
+    if let Some(d) = cuda_device {
+        encoder.use_cuda(d)?;
+        eprintln!("image encoder on cuda:{d} (bf16)");
     }
     let kv_tokens = a.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS);
     let block = a.block_size;
     let ckpt_dir = dir.to_path_buf();
-    // The CUDA text decoder.
+    // The CUDA text decoder: `--kv-tokens` exactly, or what fits under --gpu-memory-utilization.
     let cuda_opts = crate::vision::cuda::text::MllamaCudaOptions {
-        device: match device {
-            super::load::Device::Cuda(ordinal) => ordinal,
-            super::load::Device::Cpu => 0,
-        },
+        device: cuda_device.unwrap_or(0),
         block_size: block,
-        kv_tokens: a.kv_tokens.unwrap_or(crate::vision::cuda::text::MllamaCudaOptions::default().kv_tokens),
+        kv_tokens: a.kv_tokens.unwrap_or(block.max(1)),
+        gpu_memory_utilization: if a.kv_tokens.is_some() { None } else { Some(a.gpu_memory_utilization) },
         max_step_tokens: e.max_num_batched_tokens.max(1),
         max_logits_rows: e.max_num_seqs.max(1),
         skinny_gemm: !a.no_skinny_gemm,
@@ -582,9 +608,46 @@ fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> 
         ..Default::default()
     };
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
+        use crate::exec::Executor as _;
+        if let Some((placement, kind)) = cuda_tp {
+            let t0 = std::time::Instant::now();
+            let ckpt = crate::weights::Checkpoint::open(&ckpt_dir)?;
+            let exec = crate::tp::cuda_vision::TpMllamaCudaExecutor::new(cfg, &ckpt, tp, &placement, kind, &cuda_opts)?;
+            let mut gpus: Vec<String> = Vec::new();
+            for d in &placement {
+                let name = format!("cuda:{d}");
+                if !gpus.contains(&name) {
+                    gpus.push(name);
+                }
+            }
+            eprintln!(
+                "Llama 3.2 Vision text decoder as {tp} tensor-parallel CUDA ranks on {} ({}; vision encoder \
+                 replicated, on cuda:{}) in {:.1} s: KV cache {} blocks of {} tokens ({} tokens) per rank",
+                gpus.join(","),
+                exec.comm_name(),
+                placement[0],
+                t0.elapsed().as_secs_f64(),
+                exec.num_blocks(),
+                exec.block_size(),
+                exec.num_blocks() * exec.block_size()
+            );
+            return Ok(Box::new(exec));
+        }
         match text {
-            Some(text) if matches!(device, super::load::Device::Cuda(_)) => {
-                Ok(Box::new(crate::vision::cuda::text::MllamaCudaExecutor::new(cfg, &text, &cuda_opts)?))
+            Some(text) if matches!(device, load::Device::Cuda(_)) => {
+                let exec = crate::vision::cuda::text::MllamaCudaExecutor::new(cfg, &text, &cuda_opts)?;
+                eprintln!(
+                    "Llama 3.2 Vision text decoder on cuda:{}: KV cache {} blocks of {} tokens ({} tokens{})",
+                    cuda_opts.device,
+                    exec.num_blocks(),
+                    exec.block_size(),
+                    exec.num_blocks() * exec.block_size(),
+                    match cuda_opts.gpu_memory_utilization {
+                        Some(u) => format!(", sized under --gpu-memory-utilization {u}"),
+                        None => String::new(),
+                    }
+                );
+                Ok(Box::new(exec))
             }
             Some(text) => Ok(Box::new(crate::vision::exec::MllamaCpuExecutor::new(cfg, text, kv_tokens, block)?)),
             None => {
@@ -611,6 +674,99 @@ fn start_vision_engine(a: &ModelArgs, e: &EngineArgs, dir: &std::path::Path) -> 
     let mut ctx = context_for(Some(dir), tok, engine.info().clone(), name)?;
     ctx.vision = Some(Arc::new(encoder));
     Ok((engine, ctx))
+}
+
+/// `llama32 logits --image ... --tensor-parallel N --device cuda[:K] [--devices LIST]`: the images encoded once on
+/// the first rank's GPU (bf16; the encoder and projector are replicated, not sharded), the text decoder as N CUDA
+/// ranks ([`crate::tp::cuda_vision::TpMllamaCudaExecutor`], placed as for text models) in one prefill step; writes
+/// every row's logits `[T, vocab]` as .npy. The degree and the placement are checked before anything loads.
+pub(crate) fn vision_logits_tp_cuda(
+    m: &ModelArgs,
+    dir: &std::path::Path,
+    ids: &[u32],
+    images: &[PathBuf],
+    out: &std::path::Path,
+    (tp, devices): (usize, Option<&str>),
+) -> Result<()> {
+    use crate::exec::generate::{build_step, LogitsWanted, SeqChunk};
+    use crate::exec::Executor as _;
+    if ids.is_empty() {
+        return Err(Error::request("--ids: no tokens"));
+    }
+    if m.block_size == 0 {
+        return Err(Error::request("--block-size must be positive"));
+    }
+    let cfg = crate::vision::config::MllamaConfig::from_model_dir(dir)?;
+    crate::tp::TpPlan::new(&cfg.text.base, tp)?;
+    let placement = cuda_rank_placement(&m.device, tp, devices, false)?;
+    let kind = tp_comm_kind("auto", &placement)?;
+    let t0 = std::time::Instant::now();
+    let (cfg, enc, mask) = if images.is_empty() {
+        let n = ids.iter().filter(|&&t| t == cfg.image_token_index).count();
+        if n > 0 {
+            return Err(Error::request(format!("the prompt has {n} <|image|> token(s) but no image was given")));
+        }
+        (cfg, crate::vision::pipeline::EncodedImages { states: Vec::new(), num_tiles: Vec::new() }, None)
+    } else {
+        let mut encoder = crate::vision::pipeline::ImageEncoder::load(dir)?;
+        encoder.use_cuda(placement[0])?;
+        let files = images
+            .iter()
+            .map(|p| Ok((p.display().to_string(), std::fs::read(p).map_err(|e| Error::io(p, e))?)))
+            .collect::<Result<Vec<_>>>()?;
+        let enc = encoder.encode(&files)?;
+        let c = encoder.cfg.clone();
+        let mask = crate::vision::text::CrossAttentionMask::from_image_tokens(
+            ids,
+            c.image_token_index,
+            &enc.num_tiles,
+            c.vision.max_num_tiles,
+        )?;
+        eprintln!(
+            "encoded {} image(s) ({:?} tiles) on cuda:{} in {:.2} s",
+            enc.len(),
+            enc.num_tiles,
+            placement[0],
+            t0.elapsed().as_secs_f64()
+        );
+        (c, enc, Some(mask))
+    };
+    let opts = crate::vision::cuda::text::MllamaCudaOptions {
+        device: placement[0],
+        block_size: m.block_size,
+        kv_tokens: m.kv_tokens.unwrap_or(ids.len()).max(ids.len()),
+        gpu_memory_utilization: None,
+        max_step_tokens: ids.len(),
+        max_logits_rows: ids.len(),
+        cross_tiles: (enc.len() * cfg.vision.max_num_tiles).max(1),
+        skinny_gemm: !m.no_skinny_gemm,
+        max_graph_batch: 0,
+    };
+    let t0 = std::time::Instant::now();
+    let ckpt = crate::weights::Checkpoint::open(dir)?;
+    let mut exec = crate::tp::cuda_vision::TpMllamaCudaExecutor::new(cfg.clone(), &ckpt, tp, &placement, kind, &opts)?;
+    eprintln!(
+        "loaded the text decoder as {tp} tensor-parallel CUDA ranks on {:?} ({}) in {:.2} s",
+        placement,
+        exec.comm_name(),
+        t0.elapsed().as_secs_f64()
+    );
+    let block = m.block_size;
+    let table: Vec<u32> = (0..ids.len().div_ceil(block) as u32).collect();
+    let chunk = SeqChunk { tokens: ids, start_pos: 0, block_table: &table, logits: LogitsWanted::All };
+    let step = build_step(&[chunk], block)?;
+    let logits = match &mask {
+        Some(mask) => {
+            exec.add_images(0, &enc)?;
+            let seq = crate::vision::exec::SeqImages { key: 0, mask: mask.data() };
+            exec.step_with_images(&step, &[Some(seq)])?.logits
+        }
+        None => exec.step(&step)?.logits,
+    };
+    let vocab = exec.config().vocab_size;
+    crate::npy::write_f32(out, &[ids.len(), vocab], &logits)?;
+    eprintln!("wrote logits [{}, {vocab}] to {} (tensor-parallel {tp} on CUDA)", ids.len(), out.display());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -670,9 +826,11 @@ mod tests {
         assert!(e(check_tensor_parallel(2, "cuda", Some(","))).contains("--devices: no devices"));
         assert!(e(check_tensor_parallel(2, "cpu", Some("0"))).contains("--devices 0"));
         assert!(e(check_tensor_parallel(1, "cuda", Some("0"))).contains("--devices 0"));
-        assert!(check_vision_tensor_parallel(1, "cuda").is_ok());
-        assert!(check_vision_tensor_parallel(4, "cpu").is_ok());
-        let v = e(check_vision_tensor_parallel(2, "cuda:0"));
-        assert!(v.contains("--tensor-parallel 2") && v.contains("Vision") && v.contains("text models"), "{v}");
+        // Vision checkpoints take any degree on either device; only a quantized tensor-parallel run is refused.
+        assert!(check_vision_tensor_parallel(1, None).is_ok());
+        assert!(check_vision_tensor_parallel(4, None).is_ok());
+        assert!(check_vision_tensor_parallel(1, Some("w4a16-g32")).is_ok());
+        let v = e(check_vision_tensor_parallel(2, Some("w4a16-g32")));
+        assert!(v.contains("--tensor-parallel > 1") && v.contains("quantized"), "{v}");
     }
 }

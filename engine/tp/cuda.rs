@@ -7,7 +7,8 @@
 //!   of one process, on one or several devices: the buffers go through host memory and [`LocalComm`], which sums in
 //!   rank order in f32, so every rank holds the same bits; simple and slow, for tests and for several ranks sharing
 //!   one GPU, which NCCL refuses).
-//! - [`TpCudaExecutor`]: the [`Executor`] over the ranks.
+//! - [`TpCudaExecutor`]: the [`Executor`] over the ranks. The same communicators join the ranks of the Llama 3.2
+//!   Vision decoder ([`super::cuda_vision::TpMllamaCudaExecutor`]).
 //!
 //! This first version runs every step eagerly: no CUDA graphs under tensor parallelism (the host-staged
 //! collectives synchronize the stream, so they cannot be captured; NCCL's could, which is future work).
@@ -138,6 +139,43 @@ pub enum TpCommKind {
 /// How long NCCL may take to form an in-process group before the attempt is reported as hung.
 const NCCL_INIT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// One communicator per rank of an in-process group of `streams.len()` ranks (rank `r` on `streams[r]`), joined by
+/// `kind`: element `r` is rank `r`'s. NCCL communicators are created on the ranks' streams.
+pub(crate) fn device_comms(kind: TpCommKind, streams: Vec<Arc<CudaStream>>) -> Result<Vec<Box<dyn DeviceComm>>> {
+    Ok(match kind {
+        TpCommKind::InProcess => {
+            HostStagedComm::group(streams.len())?.into_iter().map(|c| Box::new(c) as Box<dyn DeviceComm>).collect()
+        }
+        TpCommKind::Nccl => NcclComm::local_group(streams, NCCL_INIT_TIMEOUT)?
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn DeviceComm>)
+            .collect(),
+    })
+}
+
+/// The per-rank results of one collective step, in rank order, or the first failing rank's own error: a rank
+/// that failed aborts the group, so the others report "group aborted", which is only returned when no rank has a
+/// more specific error.
+pub(crate) fn rank_results<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    let mut first_err: Option<(bool, Error)> = None;
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(v) => out.push(v),
+            Err(e) => {
+                let aborted = e.to_string().contains("group aborted");
+                if first_err.as_ref().is_none_or(|(a, _)| *a && !aborted) {
+                    first_err = Some((aborted, e));
+                }
+            }
+        }
+    }
+    match first_err {
+        Some((_, e)) => Err(e),
+        None => Ok(out),
+    }
+}
+
 /// One process's tensor-parallel ranks on CUDA. Each rank holds only its shard of the weights and of the KV cache
 /// (its KV heads) on its device; a step runs all local ranks at once, one host thread each, and returns rank 0's
 /// (the first local rank's) full-vocabulary logits. Steps run eagerly (no CUDA graphs).
@@ -177,18 +215,7 @@ impl TpCudaExecutor {
         }
         let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
         let ranks = Self::load_ranks(&plan, (0..tp).collect(), &placement, src, opts)?;
-        let comms: Vec<Box<dyn DeviceComm>> = match kind {
-            TpCommKind::InProcess => {
-                HostStagedComm::group(tp)?.into_iter().map(|c| Box::new(c) as Box<dyn DeviceComm>).collect()
-            }
-            TpCommKind::Nccl => {
-                let streams = ranks.iter().map(|o| o.stream().clone()).collect();
-                NcclComm::local_group(streams, NCCL_INIT_TIMEOUT)?
-                    .into_iter()
-                    .map(|c| Box::new(c) as Box<dyn DeviceComm>)
-                    .collect()
-            }
-        };
+        let comms = device_comms(kind, ranks.iter().map(|o| o.stream().clone()).collect())?;
         Self::finish(cfg, &plan, ranks, (0..tp).collect(), comms, opts.block_size)
     }
 
@@ -342,27 +369,11 @@ impl TpCudaExecutor {
                 .collect()
         });
         // Report the first failing rank's own error rather than the "group aborted" it caused elsewhere.
-        let mut first_err: Option<(bool, Error)> = None;
-        let mut out = Vec::with_capacity(results.len());
-        for r in results {
-            match r {
-                Ok(l) => out.push(l),
-                Err(e) => {
-                    let aborted = e.to_string().contains("group aborted");
-                    if first_err.as_ref().is_none_or(|(a, _)| *a && !aborted) {
-                        first_err = Some((aborted, e));
-                    }
-                }
-            }
-        }
-        match first_err {
-            Some((_, e)) => Err(e),
-            None => Ok(out),
-        }
+        rank_results(results)
     }
 }
 
-fn rank_err(rank: usize, device: usize, e: Error) -> Error {
+pub(crate) fn rank_err(rank: usize, device: usize, e: Error) -> Error {
     Error::Backend(format!("tensor-parallel rank {rank} on cuda:{device}: {e}"))
 }
 

@@ -20,7 +20,13 @@
 //! - argmax equal to the reference's on every row whose top-2 margin exceeds twice the worst-logit tolerance;
 //! - every rank's logits bit-identical (the all-gather copies, and the f32 all-reduce runs in rank order).
 //!
-//! Each run prints a `cuda-tp ...` line that scripts/gpu-suite.sh collects into its summary.
+//! Each run prints a `cuda-tp ...` line that scripts/gpu-suite.sh collects into its summary. The Llama 3.2 Vision
+//! ranks are checked in the child module `vision` (tests/gpu/cuda_tp_vision.rs).
+
+// Llama 3.2 Vision's CUDA ranks: a child module, so that `scripts/gpu-suite.sh run-tp` (every `cuda_tp::` test)
+// runs them too.
+#[path = "cuda_tp_vision.rs"]
+mod vision;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -44,11 +50,11 @@ const BLOCK: usize = 16;
 const KV_TOKENS: usize = 1024;
 const DECODE_STEPS: usize = 4;
 /// Smallest tolerances (max, mean): about 2.5 and 0.5 bf16 ulps of the largest logit.
-const FLOOR: RelErr = RelErr { max: 1e-2, mean: 2e-3 };
+pub(crate) const FLOOR: RelErr = RelErr { max: 1e-2, mean: 2e-3 };
 /// transformers' bf16 error is the golden budget, with this slack (as in cuda_golden.rs).
 const SLACK: f32 = 1.25;
 
-fn device_ready() -> bool {
+pub(crate) fn device_ready() -> bool {
     match llama32::ops::cuda::probe() {
         Ok(()) => true,
         Err(e) => {
@@ -210,13 +216,13 @@ fn run(exec: &mut dyn Executor, steps: &[StepInput]) -> Vec<Vec<f32>> {
 
 /// Worst and mean |difference|, relative to max |reference|.
 #[derive(Clone, Copy, Debug)]
-struct RelErr {
-    max: f32,
-    mean: f32,
+pub(crate) struct RelErr {
+    pub(crate) max: f32,
+    pub(crate) mean: f32,
 }
 
 impl RelErr {
-    fn of(got: &[Vec<f32>], want: &[Vec<f32>]) -> RelErr {
+    pub(crate) fn of(got: &[Vec<f32>], want: &[Vec<f32>]) -> RelErr {
         let (g, w): (Vec<f32>, Vec<f32>) = (got.concat(), want.concat());
         assert_eq!(g.len(), w.len(), "logits length");
         assert!(g.iter().all(|x| x.is_finite()), "non-finite logits");
@@ -226,12 +232,12 @@ impl RelErr {
         RelErr { max, mean }
     }
 
-    fn within(&self, budget: RelErr) -> bool {
+    pub(crate) fn within(&self, budget: RelErr) -> bool {
         self.max <= budget.max && self.mean <= budget.mean
     }
 
     /// `max(2 x self, FLOOR)`, component-wise.
-    fn doubled(&self) -> RelErr {
+    pub(crate) fn doubled(&self) -> RelErr {
         RelErr { max: (2.0 * self.max).max(FLOOR.max), mean: (2.0 * self.mean).max(FLOOR.mean) }
     }
 }
@@ -243,7 +249,7 @@ impl std::fmt::Display for RelErr {
 }
 
 /// Argmax of `got` equals the reference's on every row whose reference top-2 margin exceeds `2 * tol_rel * scale`.
-fn check_argmax(name: &str, got: &[Vec<f32>], want: &[Vec<f32>], vocab: usize, tol_rel: f32) {
+pub(crate) fn check_argmax(name: &str, got: &[Vec<f32>], want: &[Vec<f32>], vocab: usize, tol_rel: f32) {
     let scale = want.concat().iter().fold(0f32, |m, x| m.max(x.abs()));
     for (step, (g, w)) in got.iter().zip(want).enumerate() {
         for (row, (gr, wr)) in g.chunks(vocab).zip(w.chunks(vocab)).enumerate() {
@@ -256,7 +262,7 @@ fn check_argmax(name: &str, got: &[Vec<f32>], want: &[Vec<f32>], vocab: usize, t
     }
 }
 
-fn bitwise_equal(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
+pub(crate) fn bitwise_equal(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()))
 }

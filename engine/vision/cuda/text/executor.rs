@@ -1,4 +1,5 @@
-//! The [`Executor`] impl of [`MllamaCudaExecutor`]: text-only steps, image-set registration and vision steps.
+//! The [`Executor`] impl of [`MllamaCudaExecutor`]: text-only steps, image-set registration and vision steps (a
+//! tensor-parallel rank first stages its vocab-parallel token ids).
 
 use super::super::upload_bf16;
 use super::MllamaCudaExecutor;
@@ -22,6 +23,7 @@ impl Executor for MllamaCudaExecutor {
     }
 
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
+        self.stage_rank_ids(input)?;
         self.run(input, &[])
     }
 
@@ -35,7 +37,15 @@ impl Executor for MllamaCudaExecutor {
             )));
         }
         let states = upload_bf16(&self.stream, &images.states)?;
-        self.add_images_device(key, &states.slice(..), images.len())
+        self.add_images_device(key, &states.slice(..), &images.num_tiles)
+    }
+
+    fn trim_images(&mut self, key: u64) -> Result<bool> {
+        Ok(self.trim(key))
+    }
+
+    fn images_fit(&self, num_tiles: &[usize]) -> Result<bool> {
+        self.fits(num_tiles)
     }
 
     fn remove_images(&mut self, key: u64) -> bool {
@@ -43,6 +53,7 @@ impl Executor for MllamaCudaExecutor {
     }
 
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
+        self.stage_rank_ids(input)?;
         self.run(input, images)
     }
 }

@@ -7,11 +7,13 @@ use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use half::bf16;
 
+use super::super::drv;
 use super::{Acts, Layer, Meta, MllamaCudaExecutor, Sizes};
+use crate::exec::StepInput;
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
 use crate::ops::cuda::vision as kv;
-use crate::Result;
+use crate::{Error, Result};
 
 impl MllamaCudaExecutor {
     /// Attention of the q rows (`q`, stride `q_stride`) over a paged pool: the tensor-core kernels when the head
@@ -93,7 +95,26 @@ impl MllamaCudaExecutor {
         let s = self.stream.clone();
         let a = &mut self.acts;
         let m = &self.meta;
-        k::embedding::embed(&s, &self.embed, hidden, &m.ids.slice(..t), &mut a.x.slice_mut(..t * hidden))?;
+        // A tensor-parallel rank's collectives; none for the whole model.
+        let rank = self.tp.as_ref();
+        let comm = match rank {
+            Some(r) => Some(r.comm.as_deref().ok_or_else(|| no_comm(r.rank))?),
+            None => None,
+        };
+        let reduce = |buf: &mut CudaSlice<bf16>, n: usize| -> Result<()> {
+            match comm {
+                Some(c) => c.all_reduce_sum_bf16(&s, &mut buf.slice_mut(..n)),
+                None => Ok(()),
+            }
+        };
+        match rank {
+            // Vocab-parallel: the ids staged by `stage_rank_ids` (other ranks' ids embed as zeros), then the sum.
+            Some(r) if r.split_embed => {
+                k::embedding::embed(&s, &self.embed, hidden, &r.ids.slice(..t), &mut a.x.slice_mut(..t * hidden))?;
+                reduce(&mut a.x, t * hidden)?;
+            }
+            _ => k::embedding::embed(&s, &self.embed, hidden, &m.ids.slice(..t), &mut a.x.slice_mut(..t * hidden))?,
+        }
         // The residual update still to apply before the next norm: none, plain add, or gated (gate, scale buffer).
         enum Pending {
             None,
@@ -158,6 +179,7 @@ impl MllamaCudaExecutor {
                         false,
                     )?;
                     lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    reduce(&mut a.delta, t * hidden)?;
                     norm(a, &Pending::Plain, mlp_norm)?;
                     lin(
                         &a.h.slice(..t * hidden),
@@ -172,6 +194,7 @@ impl MllamaCudaExecutor {
                         &mut a.act.slice_mut(..t * inter),
                     )?;
                     lin(&a.act.slice(..t * inter), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    reduce(&mut a.delta, t * hidden)?;
                     pending = Pending::Plain;
                 }
                 Layer::Cross { .. } if !sz.cross => {}
@@ -213,6 +236,8 @@ impl MllamaCudaExecutor {
                         true,
                     )?;
                     lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    // Summed before the gate (and the row scale), which the next norm applies.
+                    reduce(&mut a.delta, t * hidden)?;
                     norm(a, &Pending::Gated(*attn_gate, false), mlp_norm)?;
                     lin(
                         &a.h.slice(..t * hidden),
@@ -227,6 +252,7 @@ impl MllamaCudaExecutor {
                         &mut a.act.slice_mut(..t * inter),
                     )?;
                     lin(&a.act.slice(..t * inter), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    reduce(&mut a.delta, t * hidden)?;
                     pending = Pending::Gated(*mlp_gate, true);
                 }
             }
@@ -241,19 +267,89 @@ impl MllamaCudaExecutor {
                 &m.logits_rows.slice(..logits_rows),
                 &mut a.hr.slice_mut(..logits_rows * hidden),
             )?;
-            let vocab = c.vocab_size;
+            let hr = a.hr.slice(..logits_rows * hidden);
+            let Some(tp) = self.tp.as_mut() else {
+                let vocab = c.vocab_size;
+                let out = &mut a.logits.slice_mut(..logits_rows * vocab);
+                return linear_with(
+                    &s,
+                    &self.blas,
+                    self.opts.skinny_gemm,
+                    &hr,
+                    &self.lm_head,
+                    (logits_rows, hidden, vocab),
+                    out,
+                );
+            };
+            // Vocab-parallel lm_head: this rank's `[rows, vocab / tp]`, all-gathered rank-major, then interleaved.
+            let (vl, world) = (tp.vocab.len(), tp.world);
+            let n = logits_rows * vl;
+            let dims = (logits_rows, hidden, vl);
             linear_with(
                 &s,
                 &self.blas,
                 self.opts.skinny_gemm,
-                &a.hr.slice(..logits_rows * hidden),
+                &hr,
                 &self.lm_head,
-                (logits_rows, hidden, vocab),
-                &mut a.logits.slice_mut(..logits_rows * vocab),
+                dims,
+                &mut tp.local_logits.slice_mut(..n),
+            )?;
+            let comm = tp.comm.as_deref().ok_or_else(|| no_comm(tp.rank))?;
+            let local = tp.local_logits.slice(..n);
+            if world == 1 || logits_rows == 1 {
+                // One rank, or one row: rank-major is already `[rows, vocab]`.
+                return comm.all_gather_bf16(&s, &local, &mut a.logits.slice_mut(..world * n));
+            }
+            comm.all_gather_bf16(&s, &local, &mut tp.gathered.slice_mut(..world * n))?;
+            // Output row `i * world + r` of the `[rows * world, vocab / tp]` view is gathered row `r * rows + i`.
+            let len = logits_rows * world;
+            if tp.order_rows != logits_rows || tp.order.is_none() {
+                let order: Vec<u32> = (0..len).map(|j| ((j % world) * logits_rows + j / world) as u32).collect();
+                tp.order = Some(s.clone_htod(&order).map_err(drv("upload logits gather order"))?);
+                tp.order_rows = logits_rows;
+            }
+            let order = tp.order.as_ref().ok_or_else(|| Error::Backend("logits gather order missing".into()))?;
+            k::embedding::embed(
+                &s,
+                &tp.gathered.slice(..world * n),
+                vl,
+                &order.slice(..len),
+                &mut a.logits.slice_mut(..len * vl),
             )?;
         }
         Ok(())
     }
+
+    /// A tensor-parallel rank whose embedding is split: uploads the step's ids shifted into the rank's rows
+    /// (`u32::MAX`, which the embedding kernel turns into a zero row, for every other id), which the forward embeds
+    /// instead of the step's ids. Nothing to do for the whole model or a replicated embedding. Runs before the
+    /// step is checked: a step too large for the buffer is left to the check to refuse.
+    pub(super) fn stage_rank_ids(&mut self, input: &StepInput) -> Result<()> {
+        let Some(tp) = self.tp.as_mut() else {
+            return Ok(());
+        };
+        if tp.comm.is_none() {
+            return Err(no_comm(tp.rank));
+        }
+        let n = input.token_ids.len();
+        if !tp.split_embed || n == 0 || n > tp.ids.len() {
+            return Ok(());
+        }
+        let (start, rows) = (tp.embed_rows.start, &tp.embed_rows);
+        tp.host_ids.clear();
+        tp.host_ids.extend(input.token_ids.iter().map(|&id| {
+            if rows.contains(&(id as usize)) {
+                id - start as u32
+            } else {
+                u32::MAX
+            }
+        }));
+        self.stream.memcpy_htod(&tp.host_ids, &mut tp.ids.slice_mut(..n)).map_err(drv("upload rank token ids"))
+    }
+}
+
+fn no_comm(rank: usize) -> Error {
+    Error::Backend(format!("tensor-parallel rank {rank} has no communicator yet"))
 }
 
 /// Projections: the skinny kernel for decode-sized batches, cuBLASLt otherwise.

@@ -27,7 +27,9 @@ impl MllamaCudaExecutor {
     /// few enough sequences, and a block table no wider than graphs are captured for.
     pub(super) fn graph_eligible(&self, input: &StepInput) -> bool {
         let seqs = input.num_seqs();
-        seqs > 0
+        // A tensor-parallel rank runs eagerly (build.rs's module docs say why).
+        self.tp.is_none()
+            && seqs > 0
             && seqs <= self.opts.max_graph_batch
             && graph_bucket(seqs) <= self.rows_cap
             && input.cu_seqlens.windows(2).all(|w| w[1] == w[0] + 1)

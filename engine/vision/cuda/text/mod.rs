@@ -12,9 +12,11 @@
 //!
 //! # Cross K/V
 //! Each cross layer has one pool `[1 + cross_tiles, num_patches, kv_heads, head_dim]`: block 0 is all zeros, and an
-//! image set registered by [`Executor::add_images`] gets a contiguous range of blocks, one per tile of each image
-//! (padding tiles included: rows that see no image attend over every tile, as transformers does), computed once
-//! (`k = k_norm(states Wk^T)`, `v = states Wv^T`) and kept until [`Executor::remove_images`]. A step turns each
+//! image set registered by [`Executor::add_images`] gets a contiguous range of blocks, one per tile of each image,
+//! computed once (`k = k_norm(states Wk^T)`, `v = states Wv^T`) and kept until [`Executor::remove_images`]. The
+//! real tiles come first and the padding tiles after them ([`TileMap`]): rows that see no image (the prompt
+//! tokens before its first `<|image|>`) attend over every tile, padding included, as transformers does, but once
+//! those rows have run [`Executor::trim_images`] frees the padding tiles and the set keeps only its real tiles. A step turns each
 //! token's mask row into a block table over the pool: the tiles it sees (or every tile of its set when it sees
 //! none); consecutive tokens of a sequence with the same row share a table ("runs"), so the cross attention is one
 //! paged prefill (or decode) call over runs. Tokens of sequences without images point at the zero block with a row
@@ -36,6 +38,7 @@
 //! [`Executor`]: crate::exec::Executor
 //! [`Executor::add_images`]: crate::exec::Executor::add_images
 //! [`Executor::remove_images`]: crate::exec::Executor::remove_images
+//! [`Executor::trim_images`]: crate::exec::Executor::trim_images
 
 mod build;
 mod executor;
@@ -57,6 +60,7 @@ use super::drv;
 use crate::config::LlamaConfig;
 use crate::ops::cpu::attention::PagedLayout;
 use crate::vision::config::MllamaConfig;
+use crate::vision::tiles::TileMap;
 use crate::Result;
 
 #[allow(clippy::large_enum_variant)] // a few per model, never moved after loading
@@ -139,11 +143,12 @@ struct Sizes {
     x_splits: usize,
 }
 
-/// A registered image set: its block range in the cross pools.
-#[derive(Clone, Copy, Debug)]
+/// A registered image set: its block range in the cross pools (`start..start + map.held()`), the tiles stored in
+/// [`TileMap`] order (real tiles first, so trimming the padding ones frees the end of the range).
+#[derive(Clone, Debug)]
 struct ImageSet {
     start: usize,
-    images: usize,
+    map: TileMap,
 }
 
 /// The CUDA executor of a Llama 3.2 Vision model's text decoder (bf16 weights, paged bf16 self-attention K/V, cross
@@ -179,6 +184,9 @@ pub struct MllamaCudaExecutor {
     generation: u64,
     /// Graphs captured and replayed so far.
     graph_counts: (u64, u64),
+    /// A tensor-parallel rank's communicator, the embedding and `lm_head` rows it holds and the buffers of the
+    /// vocab-parallel embedding and logits gather ([`MllamaCudaExecutor::new_rank`]); None: the whole model.
+    tp: Option<build::RankTp>,
 }
 
 /// A captured decode step and the buffer generation its pointers belong to.

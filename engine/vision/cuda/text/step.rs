@@ -10,6 +10,7 @@ use super::{alloc, MllamaCudaExecutor, Sizes};
 use crate::exec::{StepInput, StepOutput};
 use crate::ops::cuda as k;
 use crate::vision::exec::SeqImages;
+use crate::vision::tiles::RowTiles;
 use crate::{Error, Result};
 
 impl MllamaCudaExecutor {
@@ -31,8 +32,11 @@ impl MllamaCudaExecutor {
         Ok(())
     }
 
-    /// Validates a step against the executor's limits and its image references against the registered sets.
-    fn check(&self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<()> {
+    /// Validates a step against the executor's limits and its image references against the registered sets, as
+    /// every step does before it touches the device. A tensor-parallel group checks each step once, on its first
+    /// rank, before any rank starts it, so that a bad request fails without aborting the group (the ranks hold the
+    /// same sets, so the check is theirs too).
+    pub(crate) fn check_step(&self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<()> {
         input.validate(&self.ids_cfg, self.num_blocks, self.layout.block_size)?;
         let seqs = input.num_seqs();
         let tokens = input.num_tokens();
@@ -52,22 +56,24 @@ impl MllamaCudaExecutor {
         if !images.is_empty() && images.len() != seqs {
             return Err(Error::request(format!("step: {} image entries for {seqs} sequences", images.len())));
         }
-        let tiles = self.cfg.vision.max_num_tiles;
         for (s, im) in images.iter().enumerate() {
             let Some(im) = im else { continue };
             let set = self.sets.get(&im.key).ok_or_else(|| {
                 Error::request(format!("step: sequence {s} uses image set {} which is not registered", im.key))
             })?;
             let n = (input.cu_seqlens[s + 1] - input.cu_seqlens[s]) as usize;
-            if im.mask.len() != n * set.images * tiles {
+            let cols = set.map.columns();
+            if im.mask.len() != n * cols {
                 return Err(Error::request(format!(
-                    "step: sequence {s} has {} mask values for {n} tokens x {} tiles",
+                    "step: sequence {s} has {} mask values for {n} tokens x {cols} tiles",
                     im.mask.len(),
-                    set.images * tiles
                 )));
             }
             if im.mask.iter().any(|&v| v > 1) {
                 return Err(Error::request(format!("step: sequence {s}'s cross-attention mask is not 0/1")));
+            }
+            for (i, row) in im.mask.chunks(cols).enumerate() {
+                set.map.row(row, &|| format!("step: sequence {s} token {i} (image set {})", im.key))?;
             }
         }
         Ok(())
@@ -83,7 +89,7 @@ impl MllamaCudaExecutor {
         graph: Option<(usize, usize)>,
     ) -> Result<Sizes> {
         let (seqs, tokens) = (input.num_seqs(), input.num_tokens());
-        let (tiles, tpt) = (self.cfg.vision.max_num_tiles, self.cfg.vision.num_patches());
+        let tpt = self.cfg.vision.num_patches();
         let lens: Vec<usize> = input.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
         let mut sz = Sizes {
             tokens,
@@ -120,18 +126,17 @@ impl MllamaCudaExecutor {
                 let (list, attn, mlp) = match im {
                     None => (vec![0u32], 0.0, 0.0),
                     Some(im) => {
-                        let set =
-                            self.sets.get(&im.key).copied().ok_or_else(|| {
-                                Error::request(format!("step: image set {} is not registered", im.key))
-                            })?;
-                        let row_len = set.images * tiles;
-                        let row = &im.mask[tk * row_len..(tk + 1) * row_len];
-                        let seen: Vec<u32> =
-                            (0..row_len).filter(|&j| row[j] == 1).map(|j| (set.start + j) as u32).collect();
-                        if seen.is_empty() {
-                            ((0..row_len).map(|j| (set.start + j) as u32).collect(), 1.0, 0.0)
-                        } else {
-                            (seen, 1.0, 1.0)
+                        let set = self
+                            .sets
+                            .get(&im.key)
+                            .ok_or_else(|| Error::request(format!("step: image set {} is not registered", im.key)))?;
+                        let cols = set.map.columns();
+                        let row = &im.mask[tk * cols..(tk + 1) * cols];
+                        let what = || format!("step: sequence {si} token {tk} (image set {})", im.key);
+                        let block = |slot: usize| (set.start + slot) as u32;
+                        match set.map.row(row, &what)? {
+                            RowTiles::Sees(slots) => (slots.into_iter().map(block).collect(), 1.0, 1.0),
+                            RowTiles::None => ((0..set.map.held()).map(block).collect(), 1.0, 0.0),
                         }
                     }
                 };
@@ -177,7 +182,7 @@ impl MllamaCudaExecutor {
     }
 
     pub(super) fn run(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
-        self.check(input, images)?;
+        self.check_step(input, images)?;
         let rows = input.logits_rows.len();
         if self.graph_eligible(input) {
             self.step_graph(input, images)?;

@@ -1,0 +1,290 @@
+//! Tensor parallelism for Llama 3.2 Vision on CUDA: [`TpMllamaCudaExecutor`] runs `tp` ranks of the CUDA vision
+//! decoder ([`MllamaCudaExecutor`] built with [`MllamaCudaExecutor::upload_rank`]), one host thread each, joined by
+//! a [`DeviceComm`] (NCCL when every rank has its own GPU, [`super::cuda::HostStagedComm`] otherwise), as
+//! [`super::cuda::TpCudaExecutor`] does for the text models.
+//!
+//! - The text decoder is sharded as on the CPU reference ([`super::vision::TpMllamaCpuExecutor`]): self- and
+//!   cross-attention by heads, the MLP by its width, `lm_head` by the vocabulary, the `vocab + 8`-row embedding by
+//!   rows when `tp` divides them (else replicated); each rank reads only its slices of the checkpoint
+//!   ([`super::load::load_mllama_rank_text`]). The collectives sit where the CPU reference has them (see
+//!   `engine/vision/cuda/text/build.rs`).
+//! - The vision encoder and the projector are not part of the executor: its contract takes encoded images. The
+//!   command line runs them once per image on the first rank's GPU ([`crate::vision::pipeline::ImageEncoder`] with
+//!   `use_cuda`), and [`Executor::add_images`] hands the projected states to every rank, which computes the
+//!   cross-attention K/V of its own KV heads.
+//! - Steps run eagerly (no CUDA graphs), as for the text ranks.
+
+use super::cuda::{device_comms, rank_err, rank_results, TpCommKind};
+use super::load::load_mllama_rank_text;
+use super::plan::TpPlan;
+use crate::config::LlamaConfig;
+use crate::exec::{Executor, StepInput, StepOutput};
+use crate::vision::config::MllamaConfig;
+use crate::vision::cuda::text::{MllamaCudaExecutor, MllamaCudaOptions};
+use crate::vision::exec::SeqImages;
+use crate::vision::pipeline::EncodedImages;
+use crate::weights::Checkpoint;
+use crate::{Error, Result};
+
+/// One process's tensor-parallel ranks of a Llama 3.2 Vision text decoder on CUDA. Each rank holds only its shard
+/// of the weights, of the self-attention KV cache and of every image set's cross-attention K/V (its KV heads) on
+/// its device; a step runs all ranks at once and returns the full-vocabulary logits (bit-identical on every rank;
+/// the first rank's are returned). Implements the same [`Executor`] contract as [`MllamaCudaExecutor`]. A step is
+/// checked once before the ranks run it; a rank that fails inside a step aborts the group (releasing the ranks
+/// waiting in a collective, for the in-process communicator), after which the executor refuses every step.
+pub struct TpMllamaCudaExecutor {
+    cfg: MllamaConfig,
+    ranks: Vec<Rank>,
+    devices: Vec<usize>,
+}
+
+/// A rank, movable to the host thread that runs it for one call.
+struct Rank(MllamaCudaExecutor);
+
+// SAFETY: `MllamaCudaExecutor` is not `Send` only because of the CUDA graphs it may hold (cudarc's `CudaGraph`
+// wraps raw driver handles). A rank never captures one: a tensor-parallel rank runs every step eagerly
+// (`graph_eligible` is false for it), so its graph map stays empty. Everything else it holds (device buffers,
+// streams, the cuBLASLt handle, the communicator) is `Send`, and CUDA driver objects may be used from any host
+// thread once their context is bound, which every rank thread does first. A rank is used by one thread at a time
+// (the scoped threads of `on_all_ranks` each get a `&mut` to a different rank).
+unsafe impl Send for Rank {}
+
+impl TpMllamaCudaExecutor {
+    /// Loads `tp` ranks of the text decoder of the checkpoint `ckpt` (model config `cfg`): rank `r` reads only its
+    /// slices and runs on CUDA device `devices[r % devices.len()]` (`&[0]` puts every rank on device 0), joined by
+    /// `kind`. `opts` sizes each rank as for [`MllamaCudaExecutor`] (its `device` and `max_graph_batch` are not
+    /// used); with `gpu_memory_utilization`, the ranks of a device split what is left under it equally (all shards
+    /// are uploaded first) and every rank gets the smallest share. Fails with the config field named when `tp`
+    /// does not divide the text model, before any device is touched.
+    pub fn new(
+        cfg: MllamaConfig,
+        ckpt: &Checkpoint,
+        tp: usize,
+        devices: &[usize],
+        kind: TpCommKind,
+        opts: &MllamaCudaOptions,
+    ) -> Result<Self> {
+        if devices.is_empty() {
+            return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
+        }
+        let plan = TpPlan::new(&cfg.text.base, tp)?;
+        // Fail before reading any shard when the device or the library is missing.
+        crate::ops::cuda::probe()?;
+        if kind == TpCommKind::Nccl {
+            super::nccl::nccl_available()?;
+        }
+        let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
+        let mut ranks = Vec::with_capacity(tp);
+        for (r, &device) in placement.iter().enumerate() {
+            let shard = load_mllama_rank_text(&cfg, &plan, r, ckpt)?;
+            let o = MllamaCudaOptions { device, ..opts.clone() };
+            let rank =
+                MllamaCudaExecutor::upload_rank(&cfg, &plan, r, &shard, &o).map_err(|e| rank_err(r, device, e))?;
+            ranks.push(Rank(rank));
+        }
+        // The communicators before the caches: NCCL's buffers then count as used when the caches are sized.
+        let comms = device_comms(kind, ranks.iter().map(|x| x.0.stream().clone()).collect())?;
+        for (rank, comm) in ranks.iter_mut().zip(comms) {
+            rank.0.set_comm(comm)?;
+        }
+        // Every rank gets the same number of blocks: the smallest (equal) share over the devices.
+        let mut blocks = usize::MAX;
+        for (r, rank) in ranks.iter().enumerate() {
+            let share = placement.iter().filter(|&&d| d == placement[r]).count();
+            blocks = blocks.min(rank.0.kv_blocks(share).map_err(|e| rank_err(r, placement[r], e))?);
+        }
+        for (r, rank) in ranks.iter_mut().enumerate() {
+            rank.0.alloc_kv(blocks).map_err(|e| rank_err(r, placement[r], e))?;
+        }
+        Ok(TpMllamaCudaExecutor { cfg, ranks, devices: placement })
+    }
+
+    /// The number of ranks.
+    pub fn tp(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// The CUDA device of each rank, in rank order.
+    pub fn devices(&self) -> &[usize] {
+        &self.devices
+    }
+
+    /// The full model's configuration.
+    pub fn mllama_config(&self) -> &MllamaConfig {
+        &self.cfg
+    }
+
+    /// Rank `rank`'s decoder (its config, embedding rows and registered image sets).
+    pub fn rank(&self, rank: usize) -> Option<&MllamaCudaExecutor> {
+        self.ranks.get(rank).map(|r| &r.0)
+    }
+
+    /// The communicator's name ("host-staged" or "nccl").
+    pub fn comm_name(&self) -> &'static str {
+        self.ranks.first().and_then(|r| r.0.device_comm()).map_or("none", |c| c.name())
+    }
+
+    /// Number of registered image sets.
+    pub fn num_image_sets(&self) -> usize {
+        self.ranks.first().map_or(0, |r| r.0.num_image_sets())
+    }
+
+    /// Runs one step on every rank and returns each rank's full-vocabulary logits, rank 0 first. `images` as in
+    /// [`Executor::step_with_images`].
+    pub fn step_all_ranks(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<Vec<Vec<f32>>> {
+        self.check(input, images)?;
+        self.on_all_ranks(true, |rank| rank.step_with_images(input, images).map(|o| o.logits))
+    }
+
+    /// Checks a step once before the ranks run it: a bad request fails here, without aborting the group (a rank
+    /// that fails inside a step aborts it, which releases the others but leaves the group unusable).
+    fn check(&self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<()> {
+        match self.ranks.first() {
+            Some(r) => r.0.check_step(input, images),
+            None => Err(Error::Backend("tensor-parallel executor without ranks".into())),
+        }
+    }
+
+    /// Runs `f` on every rank at once, one thread each bound to the rank's device. A rank that fails aborts the
+    /// group (`collective`: its communicator releases the ranks waiting in a collective); the first rank's own error
+    /// is returned rather than the "group aborted" it caused.
+    fn on_all_ranks<T: Send>(
+        &mut self,
+        collective: bool,
+        f: impl Fn(&mut MllamaCudaExecutor) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let f = &f;
+        let results: Vec<Result<T>> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                self.ranks
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(r, cell)| {
+                        s.spawn(move || {
+                            let rank = &mut cell.0;
+                            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                rank.stream().context().bind_to_thread().map_err(|e| {
+                                    Error::Backend(format!("tensor-parallel rank {r}: bind device: {e}"))
+                                })?;
+                                f(rank)
+                            }));
+                            let err = match run {
+                                Ok(Ok(v)) => return Ok(v),
+                                Ok(Err(e)) => e,
+                                Err(_) => Error::Backend(format!("tensor-parallel rank {r} panicked")),
+                            };
+                            if collective {
+                                if let Some(c) = rank.device_comm() {
+                                    c.abort(&err.to_string());
+                                }
+                            }
+                            Err(err)
+                        })
+                    })
+                    .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Backend("a tensor-parallel rank thread died".into()))))
+                .collect()
+        });
+        rank_results(results)
+    }
+}
+
+impl Executor for TpMllamaCudaExecutor {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg.text.base
+    }
+
+    fn block_size(&self) -> usize {
+        self.ranks.first().map_or(0, |r| r.0.block_size())
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.ranks.first().map_or(0, |r| r.0.num_blocks())
+    }
+
+    fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
+        self.step_with_images(input, &[])
+    }
+
+    /// Every rank uploads the same projected states and computes the cross-attention K/V of its own KV heads (the
+    /// ranks work at once); a set that fails on any rank is registered on none (and an earlier set with that key is
+    /// gone).
+    fn add_images(&mut self, key: u64, images: &EncodedImages) -> Result<()> {
+        let res = self.on_all_ranks(false, |rank| rank.add_images(key, images));
+        if res.is_err() {
+            for rank in &mut self.ranks {
+                rank.0.remove_images(key);
+            }
+        }
+        res.map(|_| ())
+    }
+
+    /// Every rank's pool holds the same sets in the same places; a set fits when it fits on every rank.
+    fn images_fit(&self, num_tiles: &[usize]) -> Result<bool> {
+        let mut fit = true;
+        for rank in &self.ranks {
+            fit &= rank.0.images_fit(num_tiles)?;
+        }
+        Ok(fit)
+    }
+
+    fn remove_images(&mut self, key: u64) -> bool {
+        let mut found = false;
+        for rank in &mut self.ranks {
+            found |= rank.0.remove_images(key);
+        }
+        found
+    }
+
+    /// Trims the set on every rank; a set that fails to trim on any rank is removed from all of them, so that the
+    /// ranks never disagree on what a set holds.
+    fn trim_images(&mut self, key: u64) -> Result<bool> {
+        let mut found = false;
+        for r in 0..self.ranks.len() {
+            match self.ranks[r].0.trim_images(key) {
+                Ok(f) => found |= f,
+                Err(e) => {
+                    self.remove_images(key);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
+        self.check(input, images)?;
+        let mut all = self.on_all_ranks(true, |rank| {
+            let out = rank.step_with_images(input, images)?;
+            // Only the first rank's logits are returned; the others are dropped here.
+            Ok(if rank.tensor_parallel_rank().is_some_and(|(r, _)| r == 0) { out.logits } else { Vec::new() })
+        })?;
+        Ok(StepOutput { logits: std::mem::take(&mut all[0]) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_device_the_executor_is_an_error_not_a_panic() {
+        if crate::ops::cuda::is_available() {
+            return; // A machine with a GPU runs the real path in tests/gpu/cuda_tp_vision.rs.
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/mllama-resize");
+        let cfg = MllamaConfig::from_model_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let opts = MllamaCudaOptions { kv_tokens: 64, ..MllamaCudaOptions::default() };
+        for kind in [TpCommKind::InProcess, TpCommKind::Nccl] {
+            let e = TpMllamaCudaExecutor::new(cfg.clone(), &ckpt, 2, &[0], kind, &opts).err();
+            assert!(e.is_some_and(|e| !e.to_string().is_empty()));
+        }
+        let e = TpMllamaCudaExecutor::new(cfg.clone(), &ckpt, 2, &[], TpCommKind::InProcess, &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("at least one device")));
+        let e = TpMllamaCudaExecutor::new(cfg, &ckpt, 3, &[0], TpCommKind::InProcess, &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("num_attention_heads")), "a bad tp is refused first");
+    }
+}
