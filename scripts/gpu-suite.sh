@@ -159,7 +159,8 @@ run() {
   # Stages, comma-separated (default all): tests (every GPU test, the correctness gate; GPU_TEST_FILTER, a grep -E
   # pattern, picks some), quant (W4A16/W4A8 kernel benches, their criterion group, the torch peers of that group and
   # 1B end to end in bf16 / W4A16 / W4A8), kernels (ignored kernel benches, criterion, PyTorch peers), vision (the 11B
-  # vision benches), e2e (llama32 bench, offline throughput, bench-serve). LLAMA32_SUITE_SECONDS bounds the whole
+  # vision benches), vquant (11B and 90B Vision in W4A16 on one GPU, loaded layer by layer; opt-in: not in the
+  # default list), e2e (llama32 bench, offline throughput, bench-serve). LLAMA32_SUITE_SECONDS bounds the whole
   # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate
   # calls, tests first. GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group
   # (about two minutes) / the torch peers of the quant stage.
@@ -314,7 +315,8 @@ run() {
       while read -r t; do
         [[ -n $t ]] || continue
         # the 11B vision benches run in the vision stage (longer timeouts)
-        [[ $t == cuda_vision::bench_* || $t == cuda_encoder_attention::bench_* ]] && continue
+        [[ $t == cuda_vision::bench_* || $t == cuda_vision_quant::bench_* || $t == cuda_encoder_attention::bench_* ]] &&
+          continue
         log="$logs/$name.$t.bench.log"
         rc=0
         timeout 120 "$exe" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
@@ -366,6 +368,23 @@ run() {
         fi
       done
     fi
+  fi
+
+  if want vquant && [[ -x "$bundle/tests/gpu" ]]; then
+    # Llama 3.2 Vision in W4A16 on random weights at the real shapes, loaded layer by layer: 11B, then 90B on one GPU
+    # (the 4-bit issue's target); load time, device memory, KV capacity, batch-1 and batch-16 decode.
+    for t in cuda_vision_quant::bench_mllama_11b_w4a16_decode cuda_vision_quant::bench_mllama_90b_w4a16_decode; do
+      log="$logs/gpu.$t.bench.log"
+      rc=0
+      tmo 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+      if ((rc == 0)); then
+        mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$t (benchmark)" -)")
+        tail -n 5 "$log"
+      fi
+    done
   fi
 
   if want kernels; then
@@ -468,7 +487,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,kernels,vision,e2e]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e]|run-tp]" >&2
     exit 2
     ;;
 esac

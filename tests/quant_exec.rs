@@ -576,3 +576,37 @@ fn vision_text_source_reads_layers_one_at_a_time() {
     assert_eq!(bits(&y0), bits(&y1));
     assert!(y0.iter().any(|&v| v != 0.0));
 }
+
+/// `llama32 logits --image ... --quantize SCHEME` on a vision checkpoint quantizes the language model's projections
+/// on reading (it used to ignore the flag): the same logits as the model loaded with that quantization in memory.
+#[test]
+fn vision_logits_cli_honours_quantize() {
+    use llama32::vision::pipeline::MllamaModel;
+    let g = common::mllama_golden("mllama-noresize");
+    let ids: Vec<String> = g.input_ids.iter().map(u32::to_string).collect();
+    let out = temp_dir("cli-vision-quant");
+    std::fs::create_dir_all(&out).unwrap();
+    let image = g.dir.join(&g.images[0].0);
+    let run = |extra: &[&str], file: &str| -> Vec<f32> {
+        let path = out.join(file);
+        let o = llama32_bin()
+            .args(["logits", "--ids", &ids.join(","), "--model"])
+            .arg(&g.dir)
+            .arg("--image")
+            .arg(&image)
+            .arg("--out")
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        llama32::npy::read_f32(&path).unwrap().data
+    };
+    let plain = run(&[], "plain.npy");
+    let quant = run(&["--quantize", "w4a16-g32"], "w4a16.npy");
+    let m = MllamaModel::load_with(&g.dir, Some(Scheme::W4A16_G32)).unwrap();
+    let want = m.logits(&g.input_ids, &m.encode(&g.images).unwrap()).unwrap();
+    assert_eq!(bits(&quant), bits(&want));
+    assert_ne!(bits(&quant), bits(&plain), "the flag changes the weights");
+    let _ = std::fs::remove_dir_all(&out);
+}

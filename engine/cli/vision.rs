@@ -28,18 +28,12 @@ pub fn vision_dir(m: &ModelArgs, has_images: bool) -> Result<Option<PathBuf>> {
     }
 }
 
-/// Loads `dir` and encodes `images`: on the CPU reference, or on CUDA device `cuda` (bf16).
-fn load(dir: &Path, images: &[PathBuf], cuda: Option<usize>) -> Result<(MllamaModel, EncodedImages)> {
+/// Loads `dir` on the CPU reference (its projections quantized by `--quantize` when given) and encodes `images`.
+fn load(m: &ModelArgs, dir: &Path, images: &[PathBuf]) -> Result<(MllamaModel, EncodedImages)> {
     let t0 = Instant::now();
-    let model = MllamaModel::load(dir)?;
-    let files = images
-        .iter()
-        .map(|p| Ok((p.display().to_string(), std::fs::read(p).map_err(|e| Error::io(p, e))?)))
-        .collect::<Result<Vec<_>>>()?;
-    let enc = match cuda {
-        Some(device) => model.encode_cuda(&files, device)?,
-        None => model.encode(&files)?,
-    };
+    let quantize = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let model = MllamaModel::load_with(dir, quantize)?;
+    let enc = model.encode(&read_images(images)?)?;
     eprintln!(
         "loaded {} and encoded {} image(s) ({:?} tiles) in {:.2} s",
         dir.display(),
@@ -55,7 +49,7 @@ pub fn logits(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &
     if let super::load::Device::Cuda(ordinal) = super::load::Device::parse(&m.device)? {
         return logits_cuda(m, dir, ids, images, out, ordinal);
     }
-    let (model, enc) = load(dir, images, None)?;
+    let (model, enc) = load(m, dir, images)?;
     let vocab = model.cfg.text.base.vocab_size;
     let logits = model.logits(ids, &enc)?;
     crate::npy::write_f32(out, &[ids.len(), vocab], &logits)?;
@@ -67,7 +61,7 @@ pub fn logits(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &
 /// projector are replicated), and the text decoder runs as `tp` in-process ranks
 /// ([`crate::tp::vision::TpMllamaCpuExecutor`]) in one prefill step.
 pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, tp: usize) -> Result<()> {
-    let (model, enc) = load(dir, images, None)?;
+    let (model, enc) = load(m, dir, images)?;
     let cfg = model.cfg.clone();
     let mask = if enc.is_empty() {
         let n = ids.iter().filter(|&&t| t == cfg.image_token_index).count();
@@ -97,7 +91,8 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
 
 /// `llama32 logits --image ... --device cuda[:N]`: the images encoded on the device
 /// ([`crate::vision::cuda::encoder::CudaVisionEncoder`], bf16), the text decoder in
-/// [`crate::vision::cuda::text::MllamaCudaExecutor`] (bf16), in one prefill step.
+/// [`crate::vision::cuda::text::MllamaCudaExecutor`] (bf16, or int4 projections for a quantized checkpoint or
+/// `--quantize`), read one layer at a time ([`cuda_text_decoder`]), in one prefill step.
 fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, device: usize) -> Result<()> {
     if ids.is_empty() {
         return Err(Error::request("--ids: no tokens"));
@@ -105,9 +100,25 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
     if m.block_size == 0 {
         return Err(Error::request("--block-size must be positive"));
     }
-    let (model, enc) = load(dir, images, Some(device))?;
-    let cfg = model.cfg.clone();
-    let mask = if enc.is_empty() { None } else { Some(model.mask(ids, &enc)?) };
+    let t0 = Instant::now();
+    let mut encoder = crate::vision::pipeline::ImageEncoder::load(dir)?;
+    let cfg = encoder.cfg.clone();
+    let mask = if images.is_empty() {
+        None
+    } else {
+        encoder.use_cuda(device)?;
+        let files = read_images(images)?;
+        let enc = encoder.encode(&files)?;
+        eprintln!("encoded {} image(s) ({:?} tiles) in {:.2} s", enc.len(), enc.num_tiles, t0.elapsed().as_secs_f64());
+        let mask = crate::vision::text::CrossAttentionMask::from_image_tokens(
+            ids,
+            cfg.image_token_index,
+            &enc.num_tiles,
+            cfg.vision.max_num_tiles,
+        )?;
+        Some((mask, enc))
+    };
+    drop(encoder);
     let opts = crate::vision::cuda::text::MllamaCudaOptions {
         device,
         block_size: m.block_size,
@@ -118,11 +129,49 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
         max_graph_batch: m.cuda_graph_max_batch,
         ..Default::default()
     };
+    let mut exec = cuda_text_decoder(m, dir, &cfg, &opts)?;
+    let none = EncodedImages { states: Vec::new(), num_tiles: Vec::new() };
+    match &mask {
+        Some((mask, enc)) => prefill_to_npy(&mut exec, &cfg, m.block_size, ids, enc, Some(mask), out),
+        None => prefill_to_npy(&mut exec, &cfg, m.block_size, ids, &none, None, out),
+    }
+}
+
+/// The single-GPU CUDA text decoder of the Llama 3.2 Vision checkpoint `dir`, read and uploaded one layer at a
+/// time ([`crate::vision::weights::TextSource`]), so the host never holds the whole model: bf16, a quantized
+/// checkpoint's int4 projections, or the bf16 checkpoint quantized on reading by `--quantize SCHEME`. Shows a
+/// progress bar over the layers.
+pub(crate) fn cuda_text_decoder(
+    m: &ModelArgs,
+    dir: &Path,
+    cfg: &MllamaConfig,
+    opts: &crate::vision::cuda::text::MllamaCudaOptions,
+) -> Result<crate::vision::cuda::text::MllamaCudaExecutor> {
+    let quantize = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let ckpt = crate::weights::Checkpoint::open(dir)?;
+    let src = crate::vision::weights::TextSource::checkpoint(&ckpt, cfg, quantize)?;
     let t0 = Instant::now();
-    let mut exec = crate::vision::cuda::text::MllamaCudaExecutor::new(cfg.clone(), &model.weights, &opts)?;
-    drop(model);
-    eprintln!("uploaded the text decoder to cuda:{device} in {:.2} s", t0.elapsed().as_secs_f64());
-    prefill_to_npy(&mut exec, &cfg, m.block_size, ids, &enc, mask.as_ref(), out)
+    let bar = indicatif::ProgressBar::new(cfg.text.base.num_hidden_layers as u64).with_style(
+        indicatif::ProgressStyle::with_template("uploading the text decoder {bar:40} {pos}/{len} layers {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let exec = crate::vision::cuda::text::MllamaCudaExecutor::from_source(cfg.clone(), &src, opts, &|done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    let what = src.scheme().map_or_else(|| "bf16".to_string(), |s| s.name());
+    eprintln!(
+        "uploaded the text decoder ({what}) to cuda:{} in {:.2} s: {} KV tokens",
+        opts.device,
+        t0.elapsed().as_secs_f64(),
+        crate::exec::Executor::num_blocks(&exec) * opts.block_size
+    );
+    Ok(exec)
+}
+
+/// Reads image files for the encoder, each named by its path.
+fn read_images(images: &[PathBuf]) -> Result<Vec<(String, Vec<u8>)>> {
+    images.iter().map(|p| Ok((p.display().to_string(), std::fs::read(p).map_err(|e| Error::io(p, e))?))).collect()
 }
 
 /// Runs `ids` (with the images, when `mask` is given) through `exec` in one prefill step and writes every row's
@@ -170,7 +219,7 @@ pub fn generate(a: &GenerateArgs, dir: &Path) -> Result<()> {
     if tok.is_none() && !a.stop.is_empty() {
         return Err(Error::request("--stop needs a tokenizer to see text"));
     }
-    let (model, enc) = load(dir, &a.image, None)?;
+    let (model, enc) = load(&a.model, dir, &a.image)?;
     let mut decoder = tok.as_ref().map(|t| t.stream_decoder(true));
     let mut detok = |id: u32| match decoder.as_mut() {
         Some(d) => d.push(id),

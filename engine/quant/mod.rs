@@ -143,6 +143,30 @@ pub struct QuantLinear {
     pub scheme: Scheme,
 }
 
+impl QuantLinear {
+    /// Splits the output rows at `at`: rows `..at` and `at..` as two projections of the same scheme (rows are
+    /// quantized independently, so nothing changes in either half).
+    pub fn split_rows(&self, at: usize) -> Result<(QuantLinear, QuantLinear)> {
+        let m = &self.matrix;
+        if at > m.n {
+            return Err(Error::request(format!("split_rows: row {at} of a [{}, {}] matrix", m.n, m.k)));
+        }
+        let g = m.groups();
+        let part = |rows: std::ops::Range<usize>| QuantLinear {
+            matrix: QuantMatrix {
+                n: rows.len(),
+                k: m.k,
+                group: m.group,
+                q: m.q[rows.start * m.k..rows.end * m.k].to_vec(),
+                scales: m.scales[rows.start * g..rows.end * g].to_vec(),
+                zeros: m.zeros.as_ref().map(|z| z[rows.start * g..rows.end * g].to_vec()),
+            },
+            scheme: self.scheme,
+        };
+        Ok((part(0..at), part(at..m.n)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,9 +136,11 @@ impl ImageSets {
     }
 
     /// Whether a request with image set `key` (images of `num_tiles` tiles) can be admitted now: its set is
-    /// registered already, or the executor has room for it. `Ok(false)`: not until other sets go; an error: never.
+    /// registered whole already, or the executor has room for the whole set (a trimmed set may have to be
+    /// registered again in full for the request's rows before its first image). `Ok(false)`: not until other sets
+    /// go; an error: never.
     pub fn admits(&self, exec: &dyn Executor, key: u64, num_tiles: &[usize]) -> Result<bool> {
-        if self.sets.contains_key(&key) {
+        if self.sets.get(&key).is_some_and(|s| !s.trimmed) {
             return Ok(true);
         }
         exec.images_fit(num_tiles)

@@ -60,8 +60,14 @@ impl MllamaModel {
     /// Loads `dir`: config.json, the checkpoint (checked tensor by tensor) and `preprocessor_config.json` (when
     /// absent: the Llama 3.2 Vision preprocessor with the config's tile size and tile count).
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, None)
+    }
+
+    /// [`load`](Self::load) with the language model's projections quantized on reading by `quantize` (`llama32
+    /// ... --quantize SCHEME`; see [`MllamaWeights::load_with`]).
+    pub fn load_with(dir: &Path, quantize: Option<crate::quant::Scheme>) -> Result<Self> {
         let (cfg, ckpt, processor) = open_parts(dir)?;
-        let weights = MllamaWeights::load(&ckpt, &cfg)?;
+        let weights = MllamaWeights::load_with(&ckpt, &cfg, quantize)?;
         Ok(MllamaModel { cfg, weights, processor, dir: dir.to_path_buf() })
     }
 

@@ -399,6 +399,23 @@ impl MllamaWeights {
         }
     }
 
+    /// [`load`](Self::load), with the language model's projections quantized on reading with `quantize` when
+    /// given (the checkpoint quantizer's numerics; dense keeps the exact dequantization, as for a quantized
+    /// checkpoint). A checkpoint that is already quantized refuses `quantize`.
+    pub fn load_with(ckpt: &Checkpoint, cfg: &MllamaConfig, quantize: Option<Scheme>) -> Result<Self> {
+        let Some(scheme) = quantize else { return Self::load(ckpt, cfg) };
+        if let Some(q) = checkpoint_quantization(ckpt)? {
+            return Err(Error::weights(
+                ckpt.dir(),
+                format!("cannot quantize to {}: the checkpoint is already quantized ({q})", scheme.name()),
+            ));
+        }
+        let layout = check_mllama_checkpoint(ckpt, cfg)?;
+        let mut r = Reader::new(cfg, Source::Checkpoint(ckpt, layout));
+        r.quantize = Some(scheme);
+        Self::build(&r, cfg)
+    }
+
     /// Random weights at the config's shapes, reproducible from `seed`: matrices, embeddings and linear biases
     /// uniform with standard deviation 0.02 (drawn per tensor name), norm weights 1, LayerNorm biases 0, and every
     /// gate at pi/4 (tanh 0.66) so that each gated path contributes. For benchmarks and smoke runs only.

@@ -340,6 +340,29 @@ impl LinearWeight {
         self.quant.as_ref().map(|q| (q.matrix.n, q.matrix.k))
     }
 
+    /// Splits a `[n, k]` projection at output row `at` into rows `..at` and `at..` (both forms when present).
+    pub fn split_rows(&self, at: usize, k: usize) -> Result<(LinearWeight, LinearWeight)> {
+        let cut = at * k;
+        if cut > self.dense.len() && (self.quant.is_none() || !self.dense.is_empty()) {
+            return Err(Error::request(format!("split_rows: row {at} of a projection of {} values", self.dense.len())));
+        }
+        let (d0, d1) = if self.dense.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            (self.dense[..cut].to_vec(), self.dense[cut..].to_vec())
+        };
+        match &self.quant {
+            Some(q) => {
+                let (q0, q1) = q.split_rows(at)?;
+                Ok((
+                    LinearWeight { dense: d0, quant: Some(Arc::new(q0)) },
+                    LinearWeight { dense: d1, quant: Some(Arc::new(q1)) },
+                ))
+            }
+            None => Ok((d0.into(), d1.into())),
+        }
+    }
+
     /// Values of the projection: `n * k` (from the quantized form when `dense` was left out).
     pub fn numel(&self) -> usize {
         match (&self.quant, self.dense.is_empty()) {

@@ -15,3 +15,4 @@ mod cuda_quant;
 mod cuda_sampling;
 mod cuda_tp;
 mod cuda_vision;
+mod cuda_vision_quant;

@@ -24,6 +24,7 @@
 //! in the same order, which eager steps give for free (NCCL's collectives could be captured: future work, as for
 //! the text ranks).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use super::super::{drv, open_stream, upload_bf16, upload_f32};
 use super::{alloc, Acts, Layer, Meta, MllamaCudaExecutor};
 use crate::config::LlamaConfig;
 use crate::exec::cuda::graph_bucket;
+use crate::exec::cuda::quant_bufs::{DeviceLinear, QuantBuffers};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
 use crate::ops::cuda::vision as kv;
@@ -42,7 +44,8 @@ use crate::tp::cuda::DeviceComm;
 use crate::tp::load::MllamaRankText;
 use crate::tp::TpPlan;
 use crate::vision::config::{MllamaConfig, EXTRA_EMBED_ROWS};
-use crate::vision::weights::{MllamaWeights, TextLayerWeights, TextWeights};
+use crate::vision::weights::{MllamaWeights, TextLayerWeights, TextSource, TextWeights};
+use crate::weights::LinearWeight;
 use crate::{Error, Result};
 
 /// How to size an [`MllamaCudaExecutor`].
@@ -158,6 +161,56 @@ fn encoder_workspace_bytes(cfg: &MllamaConfig) -> usize {
         + out_rows * 2 * (v.vision_output_dim + cfg.text.base.hidden_size)
 }
 
+/// The text weights an executor uploads: whole on the host, or read one layer at a time.
+trait TextIn {
+    fn num_layers(&self) -> usize;
+    fn layer(&self, i: usize) -> Result<Cow<'_, TextLayerWeights>>;
+    fn embed(&self) -> Result<Cow<'_, [f32]>>;
+    fn final_norm(&self) -> Result<Cow<'_, [f32]>>;
+    fn lm_head(&self) -> Result<Cow<'_, [f32]>>;
+}
+
+impl TextIn for TextWeights {
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+    fn layer(&self, i: usize) -> Result<Cow<'_, TextLayerWeights>> {
+        self.layers.get(i).map(Cow::Borrowed).ok_or_else(|| Error::request(format!("text layer {i} is missing")))
+    }
+    fn embed(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(Cow::Borrowed(&self.embed))
+    }
+    fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(Cow::Borrowed(&self.final_norm))
+    }
+    fn lm_head(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(Cow::Borrowed(&self.lm_head))
+    }
+}
+
+/// A [`TextSource`] with a progress callback `(layers done, layers)`.
+struct Progress<'a, 'b>(&'a TextSource<'b>, &'a dyn Fn(usize, usize));
+
+impl TextIn for Progress<'_, '_> {
+    fn num_layers(&self) -> usize {
+        self.0.num_layers()
+    }
+    fn layer(&self, i: usize) -> Result<Cow<'_, TextLayerWeights>> {
+        let l = self.0.layer(i)?;
+        (self.1)(i + 1, self.0.num_layers());
+        Ok(Cow::Owned(l))
+    }
+    fn embed(&self) -> Result<Cow<'_, [f32]>> {
+        self.0.embed().map(Cow::Owned)
+    }
+    fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
+        self.0.final_norm().map(Cow::Owned)
+    }
+    fn lm_head(&self) -> Result<Cow<'_, [f32]>> {
+        self.0.lm_head().map(Cow::Owned)
+    }
+}
+
 /// What the device holds when an executor's KV cache is sized from memory.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct KvFit {
@@ -169,12 +222,30 @@ pub(crate) struct KvFit {
 }
 
 impl MllamaCudaExecutor {
-    /// Uploads the text weights of `w` (bf16) and sizes the caches. `w.vision` may be empty.
+    /// Uploads the text weights of `w` and sizes the caches. `w.vision` may be empty. Quantized projections
+    /// ([`crate::weights::LinearWeight::quant`]) run on the W4A16 / W4A8 kernels, the rest in bf16.
     pub fn new(cfg: MllamaConfig, w: &MllamaWeights, opts: &MllamaCudaOptions) -> Result<Self> {
         check_options(&cfg.text.base, opts)?;
         // Checks every text weight against the config (the CPU cache's check).
         crate::vision::text::TextCache::new(&w.text, &cfg.text)?;
         let mut ex = Self::upload(cfg, &w.text, opts, None)?;
+        let blocks = ex.kv_blocks(1)?;
+        ex.alloc_kv(blocks)?;
+        Ok(ex)
+    }
+
+    /// [`new`](Self::new) reading the weights one layer at a time from `src` (a checkpoint, quantized or not, or
+    /// random weights, see [`TextSource`]): each layer is read, uploaded and dropped before the next, so the host
+    /// never holds more than one layer (what 90B Vision in 4 bits on one GPU needs). `on_layer(i, n)` reports
+    /// progress.
+    pub fn from_source(
+        cfg: MllamaConfig,
+        src: &TextSource<'_>,
+        opts: &MllamaCudaOptions,
+        on_layer: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        check_options(&cfg.text.base, opts)?;
+        let mut ex = Self::upload(cfg, &Progress(src, on_layer), opts, None)?;
         let blocks = ex.kv_blocks(1)?;
         ex.alloc_kv(blocks)?;
         Ok(ex)
@@ -229,7 +300,7 @@ impl MllamaCudaExecutor {
     /// Opens the device and uploads everything but the self-attention caches (one-value placeholders until
     /// [`alloc_kv`](Self::alloc_kv)). Every tensor's size is checked against `cfg` (a rank's: its embedding and
     /// `lm_head` rows as `rank` says).
-    fn upload(cfg: MllamaConfig, w: &TextWeights, opts: &MllamaCudaOptions, rank: Option<RankSpec>) -> Result<Self> {
+    fn upload(cfg: MllamaConfig, w: &dyn TextIn, opts: &MllamaCudaOptions, rank: Option<RankSpec>) -> Result<Self> {
         let t = cfg.text.base.clone();
         let (q_dim, kv_dim, hidden, inter) = (t.q_dim(), t.kv_dim(), t.hidden_size, t.intermediate_size);
         let full_embed_rows = cfg.text.embed_rows();
@@ -237,10 +308,10 @@ impl MllamaCudaExecutor {
             Some(r) => (r.embed_rows.len(), r.vocab.len()),
             None => (full_embed_rows, t.vocab_size),
         };
-        if w.layers.len() != t.num_hidden_layers {
+        if w.num_layers() != t.num_hidden_layers {
             return Err(Error::weights(
                 "<mllama text weights>",
-                format!("{} layers, expected {}", w.layers.len(), t.num_hidden_layers),
+                format!("{} layers, expected {}", w.num_layers(), t.num_hidden_layers),
             ));
         }
         let (stream, blas) = open_stream(opts.device)?;
@@ -268,35 +339,43 @@ impl MllamaCudaExecutor {
         let tpt = cfg.vision.num_patches();
         let cross_layout = PagedLayout { block_size: tpt, ..layout };
         let cross_pool = (1 + opts.cross_tiles) * tpt * kv_dim;
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for (i, l) in w.layers.iter().enumerate() {
+        let mut layers = Vec::with_capacity(t.num_hidden_layers);
+        for i in 0..t.num_hidden_layers {
             let cross = cfg.text.is_cross_attention_layer(i);
             let p = |x: &str| format!("layer {i} {x}");
-            layers.push(match l {
+            let lin = |x: &str, w: &LinearWeight, numel: usize| DeviceLinear::upload(s, &p(x), w, numel);
+            let l = w.layer(i)?;
+            layers.push(match &*l {
                 TextLayerWeights::SelfAttention(lw) if !cross => Layer::SelfAttn {
                     attn_norm: up(&p("attn_norm"), &lw.attn_norm, hidden)?,
-                    wqkv: up(&p("wqkv"), &lw.wqkv, (q_dim + 2 * kv_dim) * hidden)?,
-                    wo: up(&p("wo"), &lw.wo, hidden * q_dim)?,
+                    wqkv: lin("wqkv", &lw.wqkv, (q_dim + 2 * kv_dim) * hidden)?,
+                    wo: lin("wo", &lw.wo, hidden * q_dim)?,
                     mlp_norm: up(&p("mlp_norm"), &lw.mlp_norm, hidden)?,
-                    w_gate_up: up(&p("w_gate_up"), &lw.w_gate_up, 2 * inter * hidden)?,
-                    w_down: up(&p("w_down"), &lw.w_down, hidden * inter)?,
+                    w_gate_up: lin("w_gate_up", &lw.w_gate_up, 2 * inter * hidden)?,
+                    w_down: lin("w_down", &lw.w_down, hidden * inter)?,
                     k_cache: alloc(s, 1)?,
                     v_cache: alloc(s, 1)?,
                 },
                 TextLayerWeights::CrossAttention(cw) if cross => {
-                    check(&p("wkv"), &cw.wkv, 2 * kv_dim * hidden)?;
+                    if cw.wkv.numel() != 2 * kv_dim * hidden {
+                        return Err(Error::weights(
+                            "<mllama text weights>",
+                            format!("{} has {} values, expected {}", p("wkv"), cw.wkv.numel(), 2 * kv_dim * hidden),
+                        ));
+                    }
+                    let (wk, wv) = cw.wkv.split_rows(kv_dim, hidden)?;
                     Layer::Cross {
                         attn_norm: up(&p("attn_norm"), &cw.attn_norm, hidden)?,
-                        wq: up(&p("wq"), &cw.wq, q_dim * hidden)?,
-                        wk: upload_bf16(s, &cw.wkv[..kv_dim * hidden])?,
-                        wv: upload_bf16(s, &cw.wkv[kv_dim * hidden..])?,
-                        wo: up(&p("wo"), &cw.wo, hidden * q_dim)?,
+                        wq: lin("wq", &cw.wq, q_dim * hidden)?,
+                        wk: lin("wk", &wk, kv_dim * hidden)?,
+                        wv: lin("wv", &wv, kv_dim * hidden)?,
+                        wo: lin("wo", &cw.wo, hidden * q_dim)?,
                         q_norm: up(&p("q_norm"), &cw.q_norm, t.head_dim)?,
                         k_norm: up(&p("k_norm"), &cw.k_norm, t.head_dim)?,
                         attn_gate: cw.attn_gate.tanh(),
                         mlp_norm: up(&p("mlp_norm"), &cw.mlp_norm, hidden)?,
-                        w_gate_up: up(&p("w_gate_up"), &cw.w_gate_up, 2 * inter * hidden)?,
-                        w_down: up(&p("w_down"), &cw.w_down, hidden * inter)?,
+                        w_gate_up: lin("w_gate_up", &cw.w_gate_up, 2 * inter * hidden)?,
+                        w_down: lin("w_down", &cw.w_down, hidden * inter)?,
                         mlp_gate: cw.mlp_gate.tanh(),
                         k_pool: alloc(s, cross_pool)?,
                         v_pool: alloc(s, cross_pool)?,
@@ -377,9 +456,9 @@ impl MllamaCudaExecutor {
         let fast_attn = matches!(t.head_dim, 64 | 128) && t.gqa_group() <= 16;
         let ids_cfg = LlamaConfig { vocab_size: t.vocab_size + EXTRA_EMBED_ROWS, ..t.clone() };
         Ok(MllamaCudaExecutor {
-            embed: up("embed", &w.embed, embed_rows * hidden)?,
-            final_norm: up("final_norm", &w.final_norm, hidden)?,
-            lm_head: up("lm_head", &w.lm_head, lm_rows * hidden)?,
+            embed: up("embed", &w.embed()?, embed_rows * hidden)?,
+            final_norm: up("final_norm", &w.final_norm()?, hidden)?,
+            lm_head: up("lm_head", &w.lm_head()?, lm_rows * hidden)?,
             inv_freq: upload_f32(s, &t.rope.inv_freq(t.head_dim))?,
             cfg,
             ids_cfg,
@@ -390,6 +469,7 @@ impl MllamaCudaExecutor {
             num_blocks: 0,
             cross_tiles: opts.cross_tiles,
             sets: HashMap::new(),
+            free_tiles: (1..=opts.cross_tiles as u32).collect(),
             acts,
             meta,
             opts: opts.clone(),
@@ -400,6 +480,8 @@ impl MllamaCudaExecutor {
             graphs: HashMap::new(),
             generation: 0,
             graph_counts: (0, 0),
+            qbufs: QuantBuffers::default(),
+            capturing: false,
             tp,
             stream,
         })

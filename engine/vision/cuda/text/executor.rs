@@ -49,7 +49,7 @@ impl Executor for MllamaCudaExecutor {
     }
 
     fn remove_images(&mut self, key: u64) -> bool {
-        self.sets.remove(&key).is_some()
+        self.release_set(key)
     }
 
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {

@@ -9,6 +9,7 @@ use half::bf16;
 
 use super::super::drv;
 use super::{Acts, Layer, Meta, MllamaCudaExecutor, Sizes};
+use crate::exec::cuda::quant_bufs::{project, DeviceLinear};
 use crate::exec::StepInput;
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
@@ -158,13 +159,22 @@ impl MllamaCudaExecutor {
             }
         };
         let this = (&self.meta, &sz, self.fast_attn);
+        // Projections: bf16 through the skinny kernel or cuBLASLt, quantized ones through their kernels (whose
+        // buffers may grow outside graph capture; a move makes the captured graphs stale).
+        let mut moved = false;
+        let (blas, qbufs) = (&self.blas, &mut self.qbufs);
+        let mode = (self.opts.skinny_gemm, self.num_sms, self.capturing);
+        let mut lin =
+            |x: &CudaView<'_, bf16>, w: &DeviceLinear, dims: (usize, usize, usize), out: &mut CudaViewMut<'_, bf16>| {
+                if dims.2 > 0 {
+                    moved |= project(&s, blas, mode, (w, &mut *qbufs), (x, dims.0, dims.1, dims.2), out)?;
+                }
+                Ok::<(), Error>(())
+            };
         for layer in self.layers.iter_mut() {
             match layer {
                 Layer::SelfAttn { attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache } => {
                     norm(a, &pending, attn_norm)?;
-                    let lin = |x: &CudaView<'_, bf16>, w: &CudaSlice<bf16>, dims, out: &mut CudaViewMut<'_, bf16>| {
-                        linear_with(&s, &self.blas, self.opts.skinny_gemm, x, w, dims, out)
-                    };
                     lin(&a.h.slice(..t * hidden), wqkv, (t, hidden, qkv_w), &mut a.qkv.slice_mut(..t * qkv_w))?;
                     let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: qkv_w };
                     rope_write(&s, &shape, &mut a.qkv.slice_mut(..t * qkv_w), m, t, &self.inv_freq, k_cache, v_cache)?;
@@ -212,9 +222,6 @@ impl MllamaCudaExecutor {
                     v_pool,
                     ..
                 } => {
-                    let lin = |x: &CudaView<'_, bf16>, w: &CudaSlice<bf16>, dims, out: &mut CudaViewMut<'_, bf16>| {
-                        linear_with(&s, &self.blas, self.opts.skinny_gemm, x, w, dims, out)
-                    };
                     norm(a, &pending, attn_norm)?;
                     lin(&a.h.slice(..t * hidden), wq, (t, hidden, q_dim), &mut a.attn.slice_mut(..t * q_dim))?;
                     k::norm::rms_norm(
@@ -256,6 +263,9 @@ impl MllamaCudaExecutor {
                     pending = Pending::Gated(*mlp_gate, true);
                 }
             }
+        }
+        if moved {
+            self.generation += 1;
         }
         // Final norm over every row (it applies the last pending residual), then the logits rows.
         norm(a, &pending, &self.final_norm)?;

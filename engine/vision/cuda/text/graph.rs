@@ -77,7 +77,9 @@ impl MllamaCudaExecutor {
             stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(drv("begin graph capture"))?;
+            self.capturing = true;
             let captured = self.forward(sz, bucket);
+            self.capturing = false;
             let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv("end graph capture"))?;
             captured?;
             let graph = graph.ok_or_else(|| Error::Backend("graph capture produced no graph".into()))?;

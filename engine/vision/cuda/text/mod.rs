@@ -12,7 +12,7 @@
 //!
 //! # Cross K/V
 //! Each cross layer has one pool `[1 + cross_tiles, num_patches, kv_heads, head_dim]`: block 0 is all zeros, and an
-//! image set registered by [`Executor::add_images`] gets a contiguous range of blocks, one per tile of each image,
+//! image set registered by [`Executor::add_images`] gets blocks from a free list, one per tile of each image,
 //! computed once (`k = k_norm(states Wk^T)`, `v = states Wv^T`) and kept until [`Executor::remove_images`]. The
 //! real tiles come first and the padding tiles after them ([`TileMap`]): rows that see no image (the prompt
 //! tokens before its first `<|image|>`) attend over every tile, padding included, as transformers does, but once
@@ -49,7 +49,7 @@ mod step;
 
 pub use build::MllamaCudaOptions;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use cudarc::cublaslt::CudaBlasLT;
@@ -58,6 +58,7 @@ use half::bf16;
 
 use super::drv;
 use crate::config::LlamaConfig;
+use crate::exec::cuda::quant_bufs::{DeviceLinear, QuantBuffers};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::vision::config::MllamaConfig;
 use crate::vision::tiles::TileMap;
@@ -67,26 +68,26 @@ use crate::Result;
 enum Layer {
     SelfAttn {
         attn_norm: CudaSlice<bf16>,
-        wqkv: CudaSlice<bf16>,
-        wo: CudaSlice<bf16>,
+        wqkv: DeviceLinear,
+        wo: DeviceLinear,
         mlp_norm: CudaSlice<bf16>,
-        w_gate_up: CudaSlice<bf16>,
-        w_down: CudaSlice<bf16>,
+        w_gate_up: DeviceLinear,
+        w_down: DeviceLinear,
         k_cache: CudaSlice<bf16>,
         v_cache: CudaSlice<bf16>,
     },
     Cross {
         attn_norm: CudaSlice<bf16>,
-        wq: CudaSlice<bf16>,
-        wk: CudaSlice<bf16>,
-        wv: CudaSlice<bf16>,
-        wo: CudaSlice<bf16>,
+        wq: DeviceLinear,
+        wk: DeviceLinear,
+        wv: DeviceLinear,
+        wo: DeviceLinear,
         q_norm: CudaSlice<bf16>,
         k_norm: CudaSlice<bf16>,
         attn_gate: f32,
         mlp_norm: CudaSlice<bf16>,
-        w_gate_up: CudaSlice<bf16>,
-        w_down: CudaSlice<bf16>,
+        w_gate_up: DeviceLinear,
+        w_down: DeviceLinear,
         mlp_gate: f32,
         k_pool: CudaSlice<bf16>,
         v_pool: CudaSlice<bf16>,
@@ -143,11 +144,11 @@ struct Sizes {
     x_splits: usize,
 }
 
-/// A registered image set: its block range in the cross pools (`start..start + map.held()`), the tiles stored in
-/// [`TileMap`] order (real tiles first, so trimming the padding ones frees the end of the range).
+/// A registered image set: the cross-pool block of each stored tile (`blocks[slot]`, `map.held()` of them), the
+/// tiles in [`TileMap`] order (real tiles first, so trimming the padding ones frees the last blocks).
 #[derive(Clone, Debug)]
 struct ImageSet {
-    start: usize,
+    blocks: Vec<u32>,
     map: TileMap,
 }
 
@@ -168,6 +169,8 @@ pub struct MllamaCudaExecutor {
     num_blocks: usize,
     cross_tiles: usize,
     sets: HashMap<u64, ImageSet>,
+    /// Cross-pool blocks no set holds (block 0, the zero block, is never free).
+    free_tiles: BTreeSet<u32>,
     acts: Acts,
     meta: Meta,
     opts: MllamaCudaOptions,
@@ -184,6 +187,10 @@ pub struct MllamaCudaExecutor {
     generation: u64,
     /// Graphs captured and replayed so far.
     graph_counts: (u64, u64),
+    /// Buffers of the quantized projections (split-K workspace, int8 activations, W4A16 scratch).
+    qbufs: QuantBuffers,
+    /// Set while a decode graph is captured: buffers must not grow then.
+    capturing: bool,
     /// A tensor-parallel rank's communicator, the embedding and `lm_head` rows it holds and the buffers of the
     /// vocab-parallel embedding and logits gather ([`MllamaCudaExecutor::new_rank`]); None: the whole model.
     tp: Option<build::RankTp>,

@@ -133,7 +133,7 @@ impl MllamaCudaExecutor {
                         let cols = set.map.columns();
                         let row = &im.mask[tk * cols..(tk + 1) * cols];
                         let what = || format!("step: sequence {si} token {tk} (image set {})", im.key);
-                        let block = |slot: usize| (set.start + slot) as u32;
+                        let block = |slot: usize| set.blocks[slot];
                         match set.map.row(row, &what)? {
                             RowTiles::Sees(slots) => (slots.into_iter().map(block).collect(), 1.0, 1.0),
                             RowTiles::None => ((0..set.map.held()).map(block).collect(), 1.0, 0.0),
