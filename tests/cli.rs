@@ -141,6 +141,27 @@ fn bad_inputs_get_clear_errors() {
 }
 
 #[test]
+fn multi_node_flags_exist_on_serve_batch_and_bench_serve() {
+    for cmd in ["serve", "batch", "bench-serve"] {
+        let out = run(bin().args([cmd, "--help"]));
+        let help = String::from_utf8_lossy(&out.stdout);
+        for flag in ["--nnodes <NNODES>", "--node-rank <NODE_RANK>", "--master-addr <MASTER_ADDR>"] {
+            assert!(help.contains(flag), "{cmd} --help lacks {flag}: {help}");
+        }
+        for flag in ["--master-port <MASTER_PORT>", "--node-timeout <NODE_TIMEOUT>"] {
+            assert!(help.contains(flag), "{cmd} --help lacks {flag}: {help}");
+        }
+        assert!(help.contains("[default: 29500]") && help.contains("[default: 600]"), "{cmd}: {help}");
+    }
+    // batch needs its files on node 0 (and on a one-node run), not on a follower.
+    let dir = golden("tied-gqa4");
+    fails_with(bin().args(["batch", "--model"]).arg(&dir).args(["--output", "/tmp/x.jsonl"]), &["--input FILE"]);
+    fails_with(bin().args(["batch", "--model"]).arg(&dir).args(["--input", "/tmp/x.jsonl"]), &["--output FILE"]);
+    let follower = ["--nnodes", "2", "--node-rank", "1", "--master-addr", "h", "--tensor-parallel", "2"];
+    fails_with(bin().args(["batch", "--model"]).arg(&dir).args(follower), &["--nnodes 2", "--device cuda"]);
+}
+
+#[test]
 fn info_reports_parameters_and_memory() {
     let out = run(bin().args(["info", "--preset", "3b"]));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -395,3 +395,97 @@ fn cli_cuda_tensor_parallel_without_a_device_fails_clearly() {
     assert!(e.contains("no usable CUDA device for --tensor-parallel 2"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `batch ARGS` with a fresh empty input file unless `with_input` is false (a follower needs none); returns the
+/// stderr of a run that must fail cleanly, and how long it took.
+fn batch_failure(tag: &str, args: &[&str], with_input: bool) -> (String, std::time::Duration) {
+    let dir = std::env::temp_dir().join(format!("llama32-tp-multinode-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let output = dir.join("out.jsonl");
+    let mut all: Vec<&str> = vec!["--no-progress"];
+    if with_input {
+        all.extend(["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    }
+    all.extend_from_slice(args);
+    let t0 = std::time::Instant::now();
+    let e = failure("batch", &all);
+    let took = t0.elapsed();
+    assert!(!output.exists(), "a refused run writes no results");
+    std::fs::remove_dir_all(&dir).ok();
+    (e, took)
+}
+
+#[test]
+fn cli_multi_node_flags_are_checked_before_any_device() {
+    let text = common::golden_dir("cuda-d64-gqa4");
+    let text = text.to_str().unwrap();
+    // A valid 2-node command on 4 ranks (2 per node), with `extra` appended.
+    fn with<'a>(text: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["--model", text, "--device", "cuda", "--tensor-parallel", "4", "--nnodes", "2"];
+        args.extend_from_slice(extra);
+        args
+    }
+    let two = |extra: &[&'static str]| with(text, extra);
+    let master = ["--master-addr", "127.0.0.1"];
+    let args = ["--model", text, "--device", "cpu", "--tensor-parallel", "4", "--nnodes", "2", master[0], master[1]];
+    let e = batch_failure("cpu", &args, true).0;
+    assert!(e.contains("--nnodes 2") && e.contains("--device cuda"), "{e}");
+    let args = ["--model", text, "--device", "cuda", "--tensor-parallel", "3", "--nnodes", "2", "--master-addr", "h"];
+    let e = batch_failure("indivisible", &args, true).0;
+    assert!(e.contains("--tensor-parallel 3") && e.contains("divisible by --nnodes 2"), "{e}");
+    let e = batch_failure("rank", &two(&["--master-addr", "h", "--node-rank", "2"]), true).0;
+    assert!(e.contains("--node-rank 2 must be less than --nnodes 2"), "{e}");
+    let e = batch_failure("addr", &two(&[]), true).0;
+    assert!(e.contains("--master-addr HOST"), "{e}");
+    let e = batch_failure("quantize", &two(&[&master[..], &["--quantize", "w4a16-g32"]].concat()), true).0;
+    assert!(e.contains("--tensor-parallel > 1 does not support quantized models"), "{e}");
+    let e = batch_failure("port", &two(&[&master[..], &["--master-port", "65535"]].concat()), true).0;
+    assert!(e.contains("--master-port 65535"), "{e}");
+    let e = batch_failure("devices", &two(&[&master[..], &["--devices", "0"]].concat()), true).0;
+    assert!(e.contains("--devices") && e.contains("would share cuda:0"), "{e}");
+    // A degree that does not divide the model (3 heads) names the field, on every node, before any device.
+    let gqa3 = common::golden_dir("cuda-d128-gqa3");
+    let args =
+        ["--model", gqa3.to_str().unwrap(), "--device", "cuda", "--tensor-parallel", "2", "--nnodes", "2", master[0]];
+    for rank in ["0", "1"] {
+        let e = batch_failure("heads", &[&args[..], &[master[1], "--node-rank", rank]].concat(), rank == "0").0;
+        assert!(e.contains("num_attention_heads"), "{e}");
+    }
+    // serve and bench-serve take the same flags.
+    let e = failure("serve", &two(&["--node-rank", "5", "--master-addr", "h"]));
+    assert!(e.contains("--node-rank 5 must be less than --nnodes 2"), "{e}");
+    let e = failure("bench-serve", &two(&[]));
+    assert!(e.contains("--master-addr HOST"), "{e}");
+    // Node 0 still needs the batch file; without --nnodes, --input is required as before.
+    let e = batch_failure("input", &two(&master), false).0;
+    assert!(e.contains("--input FILE is required"), "{e}");
+    let e = batch_failure("input1", &["--model", text], false).0;
+    assert!(e.contains("--input FILE is required"), "{e}");
+}
+
+#[test]
+fn cli_multi_node_without_a_device_fails_clearly() {
+    if llama32::ops::cuda::probe().is_ok() {
+        eprintln!("skipped: a CUDA device is present (a multi-node run needs several machines)");
+        return;
+    }
+    let text = common::golden_dir("cuda-d64-gqa4");
+    let text = text.to_str().unwrap();
+    // Node 0 and node 1 of a valid 2-node run: the error comes before any rendezvous, so nothing waits for the
+    // other node (--node-timeout is left at its 600 s default on purpose).
+    for rank in ["0", "1"] {
+        let mut args = vec!["--model", text, "--device", "cuda", "--tensor-parallel", "4", "--nnodes", "2"];
+        args.extend(["--node-rank", rank, "--master-addr", "127.0.0.1", "--master-port", "29731"]);
+        // A follower needs no --input (and reads none).
+        let (e, took) = batch_failure(&format!("none{rank}"), &args, rank == "0");
+        assert!(e.contains("no usable CUDA device for --tensor-parallel 4 over --nnodes 2"), "node {rank}: {e}");
+        assert!(e.contains("--device cuda"), "{e}");
+        assert!(took < std::time::Duration::from_secs(60), "node {rank} took {took:?}");
+        let e = failure("serve", &args);
+        assert!(e.contains("no usable CUDA device"), "serve on node {rank}: {e}");
+        let e = failure("bench-serve", &[&args[..], &["--devices", "1,0"]].concat());
+        assert!(e.contains("no usable CUDA device"), "bench-serve on node {rank}: {e}");
+    }
+}

@@ -492,6 +492,57 @@ fn vision_tensor_parallel_on_cuda_without_a_device_fails_clearly() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
+#[test]
+fn vision_multi_node_is_checked_and_fails_clearly_without_a_device() {
+    let g = common::mllama_golden("mllama-resize");
+    let model = g.dir.to_str().unwrap();
+    let tmp = std::env::temp_dir().join(format!("llama32-tp-vision-multinode-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let input = tmp.join("in.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let output = tmp.join("out.jsonl");
+    let files = ["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()];
+    // `cmd` on a 2-node run of `tp` ranks in all, as node `rank`, with `extra` flags; the stderr of its failure.
+    let fail = |cmd: &str, tp: &str, rank: &str, extra: &[&str]| {
+        let mut args = vec!["--model", model, "--device", "cuda", "--tensor-parallel", tp, "--nnodes", "2"];
+        args.extend(["--node-rank", rank, "--master-addr", "127.0.0.1", "--master-port", "29741"]);
+        if cmd == "batch" && rank == "0" {
+            args.extend(files);
+        }
+        args.extend_from_slice(extra);
+        let t0 = std::time::Instant::now();
+        let o = run_cli(cmd, &args);
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success() && e.contains("error: ") && !e.contains("panicked"), "{cmd} {args:?}: {e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{cmd} {args:?} took {:?}", t0.elapsed());
+        e
+    };
+    // Refused before any device on every node: a degree that does not divide the 8 heads, a quantized run.
+    for rank in ["0", "1"] {
+        let e = fail("batch", "6", rank, &[]);
+        assert!(e.contains("num_attention_heads"), "{e}");
+        let e = fail("batch", "4", rank, &["--quantize", "w4a16-g32"]);
+        assert!(e.contains("does not support quantized"), "{e}");
+    }
+    let e = fail("serve", "4", "0", &["--devices", "0,0"]);
+    assert!(e.contains("--devices") && e.contains("would share cuda:0"), "{e}");
+    if llama32::ops::cuda::probe().is_ok() {
+        eprintln!("skipped: a CUDA device is present (a multi-node run needs several machines)");
+        std::fs::remove_dir_all(&tmp).ok();
+        return;
+    }
+    // A valid 2-node run (4 ranks, 2 per node) on a machine without CUDA: node 0 and a follower (without
+    // --input) fail at once, before any rendezvous or image encoder load.
+    for rank in ["0", "1"] {
+        for cmd in ["batch", "serve"] {
+            let e = fail(cmd, "4", rank, &[]);
+            assert!(e.contains("no usable CUDA device for --tensor-parallel 4 over --nnodes 2"), "{cmd} {rank}: {e}");
+        }
+    }
+    assert!(!output.exists());
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
 /// A tiny Llama 3.2 Vision checkpoint (the golden mllama-two-images shapes, 4 query / 1 KV head) with the real 128K
 /// vocabulary, tokenizer and vision chat template, as tests/vision_server.rs builds it, plus random weights.
 fn tiny_vision_checkpoint(tag: &str) -> Option<PathBuf> {

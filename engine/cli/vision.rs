@@ -129,7 +129,7 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
         max_graph_batch: m.cuda_graph_max_batch,
         ..Default::default()
     };
-    let mut exec = cuda_text_decoder(m, dir, &cfg, &opts)?;
+    let mut exec = cuda_text_decoder(m.quantize.as_deref(), dir, &cfg, &opts)?;
     let none = EncodedImages { states: Vec::new(), num_tiles: Vec::new() };
     match &mask {
         Some((mask, enc)) => prefill_to_npy(&mut exec, &cfg, m.block_size, ids, enc, Some(mask), out),
@@ -139,15 +139,15 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
 
 /// The single-GPU CUDA text decoder of the Llama 3.2 Vision checkpoint `dir`, read and uploaded one layer at a
 /// time ([`crate::vision::weights::TextSource`]), so the host never holds the whole model: bf16, a quantized
-/// checkpoint's int4 projections, or the bf16 checkpoint quantized on reading by `--quantize SCHEME`. Shows a
+/// checkpoint's int4 projections, or the bf16 checkpoint quantized on reading by `quantize` (`--quantize`). Shows a
 /// progress bar over the layers.
 pub(crate) fn cuda_text_decoder(
-    m: &ModelArgs,
+    quantize: Option<&str>,
     dir: &Path,
     cfg: &MllamaConfig,
     opts: &crate::vision::cuda::text::MllamaCudaOptions,
 ) -> Result<crate::vision::cuda::text::MllamaCudaExecutor> {
-    let quantize = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let quantize = quantize.map(crate::quant::Scheme::parse).transpose()?;
     let ckpt = crate::weights::Checkpoint::open(dir)?;
     let src = crate::vision::weights::TextSource::checkpoint(&ckpt, cfg, quantize)?;
     let t0 = Instant::now();

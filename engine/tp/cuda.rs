@@ -7,7 +7,8 @@
 //!   of one process, on one or several devices: the buffers go through host memory and [`LocalComm`], which sums in
 //!   rank order in f32, so every rank holds the same bits; simple and slow, for tests and for several ranks sharing
 //!   one GPU, which NCCL refuses).
-//! - [`TpCudaExecutor`]: the [`Executor`] over the ranks. The same communicators join the ranks of the Llama 3.2
+//! - [`TpCudaExecutor`]: the [`Executor`] over the ranks (all in this process, or one node's ranks of a
+//!   multi-node group: [`TpCudaExecutor::join_node`], driven by [`super::multinode`]). The same communicators join the ranks of the Llama 3.2
 //!   Vision decoder ([`super::cuda_vision::TpMllamaCudaExecutor`]).
 //!
 //! This first version runs every step eagerly: no CUDA graphs under tensor parallelism (the host-staged
@@ -153,6 +154,13 @@ pub(crate) fn device_comms(kind: TpCommKind, streams: Vec<Arc<CudaStream>>) -> R
     })
 }
 
+/// One NCCL communicator per rank of this process's part of the group `spec` describes (global ranks
+/// `spec.rank .. spec.rank + streams.len()`, rank `spec.rank + i` on `streams[i]`), joined over the TCP rendezvous
+/// ([`NcclComm::join_ranks`]): element `i` is local rank `i`'s.
+pub(crate) fn node_comms(streams: Vec<Arc<CudaStream>>, spec: &GroupSpec) -> Result<Vec<Box<dyn DeviceComm>>> {
+    Ok(NcclComm::join_ranks(streams, spec)?.into_iter().map(|c| Box::new(c) as Box<dyn DeviceComm>).collect())
+}
+
 /// The per-rank results of one collective step, in rank order, or the first failing rank's own error: a rank
 /// that failed aborts the group, so the others report "group aborted", which is only returned when no rank has a
 /// more specific error.
@@ -229,12 +237,36 @@ impl TpCudaExecutor {
         spec: &GroupSpec,
         opts: &CudaOptions,
     ) -> Result<Self> {
+        Self::join_node(cfg, src, &[device], spec, opts)
+    }
+
+    /// This node's ranks of a multi-node NCCL group described by `spec` (one process per node): global ranks
+    /// `spec.rank .. spec.rank + devices.len()` of `spec.world`, rank `spec.rank + i` on CUDA device `devices[i]`
+    /// (one rank per GPU: NCCL refuses two on one device). Each rank loads only its slices (as in
+    /// [`new`](Self::new)), then all of them join the global group at once over the TCP rendezvous (global rank 0
+    /// serves NCCL's id at `spec.master_addr:spec.port`). Every node must make the same steps (see
+    /// [`super::multinode`]); a step returns the first local rank's full logits, the same on every node. Without
+    /// `kv_tokens` the KV pool is sized from this node's free memory; node 0's
+    /// [`MultiNodeExecutor`](super::multinode::MultiNodeExecutor) uses the smallest pool of all nodes.
+    pub fn join_node(
+        cfg: LlamaConfig,
+        src: WeightSource<'_>,
+        devices: &[usize],
+        spec: &GroupSpec,
+        opts: &CudaOptions,
+    ) -> Result<Self> {
+        if devices.is_empty() {
+            return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
+        }
         let plan = TpPlan::new(&cfg, spec.world)?;
-        plan.rank(spec.rank)?;
+        let rank_ids: Vec<usize> = (spec.rank..spec.rank + devices.len()).collect();
+        for &r in &rank_ids {
+            plan.rank(r)?;
+        }
         super::nccl::nccl_available()?;
-        let ranks = Self::load_ranks(&plan, vec![spec.rank], &[device], src, opts)?;
-        let comm = NcclComm::join_on(ranks[0].stream().clone(), spec)?;
-        Self::finish(cfg, &plan, ranks, vec![spec.rank], vec![Box::new(comm)], opts.block_size)
+        let ranks = Self::load_ranks(&plan, rank_ids.clone(), devices, src, opts)?;
+        let comms = node_comms(ranks.iter().map(|o| o.stream().clone()).collect(), spec)?;
+        Self::finish(cfg, &plan, ranks, rank_ids, comms, opts.block_size)
     }
 
     /// Uploads the shards of `rank_ids` (rank `rank_ids[i]` on device `placement[i]`), then sizes every cache.
@@ -436,7 +468,25 @@ mod tests {
         }
         let e = TpCudaExecutor::new(cfg.clone(), WeightSource::Random(0), 2, &[], TpCommKind::InProcess, &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("at least one device")));
-        let e = TpCudaExecutor::new(cfg, WeightSource::Random(0), 3, &[0], TpCommKind::InProcess, &opts).err();
+        let e = TpCudaExecutor::new(cfg.clone(), WeightSource::Random(0), 3, &[0], TpCommKind::InProcess, &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("not divisible")), "a bad tp is refused before any upload");
+        // A node's ranks of a multi-node group: refused without a device, before any rendezvous (no waiting).
+        let spec = |rank, world| GroupSpec {
+            rank,
+            world,
+            master_addr: "127.0.0.1".into(),
+            port: 1,
+            timeout: Duration::from_secs(600),
+        };
+        let t0 = std::time::Instant::now();
+        let e = TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[0, 1], &spec(2, 4), &opts).err();
+        assert!(e.is_some_and(|e| !e.to_string().is_empty()));
+        let e = TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[0, 1], &spec(3, 4), &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("rank 4 is outside")), "ranks past the world are refused");
+        let e = TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[], &spec(0, 4), &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("at least one device")));
+        let e = TpCudaExecutor::join(cfg, WeightSource::Random(0), 0, &spec(1, 3), &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("not divisible")));
+        assert!(t0.elapsed() < Duration::from_secs(60));
     }
 }

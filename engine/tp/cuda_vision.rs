@@ -1,21 +1,28 @@
 //! Tensor parallelism for Llama 3.2 Vision on CUDA: [`TpMllamaCudaExecutor`] runs `tp` ranks of the CUDA vision
-//! decoder ([`MllamaCudaExecutor`] built with [`MllamaCudaExecutor::upload_rank`]), one host thread each, joined by
+//! decoder ([`MllamaCudaExecutor`] built rank by rank from the checkpoint), one host thread each, joined by
 //! a [`DeviceComm`] (NCCL when every rank has its own GPU, [`super::cuda::HostStagedComm`] otherwise), as
 //! [`super::cuda::TpCudaExecutor`] does for the text models.
 //!
 //! - The text decoder is sharded as on the CPU reference ([`super::vision::TpMllamaCpuExecutor`]): self- and
 //!   cross-attention by heads, the MLP by its width, `lm_head` by the vocabulary, the `vocab + 8`-row embedding by
-//!   rows when `tp` divides them (else replicated); each rank reads only its slices of the checkpoint
-//!   ([`super::load::load_mllama_rank_text`]). The collectives sit where the CPU reference has them (see
+//!   rows when `tp` divides them (else replicated); each rank reads only its slices of the checkpoint, one layer at
+//!   a time ([`super::load::MllamaRankSource`]). The collectives sit where the CPU reference has them (see
 //!   `engine/vision/cuda/text/build.rs`).
 //! - The vision encoder and the projector are not part of the executor: its contract takes encoded images. The
 //!   command line runs them once per image on the first rank's GPU ([`crate::vision::pipeline::ImageEncoder`] with
 //!   `use_cuda`), and [`Executor::add_images`] hands the projected states to every rank, which computes the
 //!   cross-attention K/V of its own KV heads.
 //! - Steps run eagerly (no CUDA graphs), as for the text ranks.
+//! - Multi-node runs: [`TpMllamaCudaExecutor::join_node`] builds one node's ranks of a global NCCL group; node 0
+//!   drives the other nodes through [`super::multinode`] (the images reach them inside `add_images`).
 
-use super::cuda::{device_comms, rank_err, rank_results, TpCommKind};
-use super::load::load_mllama_rank_text;
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+
+use super::cuda::{device_comms, node_comms, rank_err, rank_results, DeviceComm, TpCommKind};
+use super::load::MllamaRankSource;
+use super::nccl::GroupSpec;
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
@@ -36,6 +43,8 @@ pub struct TpMllamaCudaExecutor {
     cfg: MllamaConfig,
     ranks: Vec<Rank>,
     devices: Vec<usize>,
+    /// The group rank of each local rank (`0..tp` in one process; this node's ranks in a multi-node group).
+    rank_ids: Vec<usize>,
 }
 
 /// A rank, movable to the host thread that runs it for one call.
@@ -74,37 +83,87 @@ impl TpMllamaCudaExecutor {
             super::nccl::nccl_available()?;
         }
         let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
-        let mut ranks = Vec::with_capacity(tp);
-        for (r, &device) in placement.iter().enumerate() {
-            let shard = load_mllama_rank_text(&cfg, &plan, r, ckpt)?;
+        Self::build(cfg, ckpt, &plan, (0..tp).collect(), placement, opts, |streams| device_comms(kind, streams))
+    }
+
+    /// This node's ranks of a multi-node group described by `spec` (one process per node): global ranks
+    /// `spec.rank .. spec.rank + devices.len()` of `spec.world`, rank `spec.rank + i` on CUDA device `devices[i]`
+    /// (one rank per GPU: NCCL refuses two on one device), each reading only its slices of `ckpt` as in
+    /// [`new`](Self::new); then all of them join the global NCCL group at once over the TCP rendezvous (global rank
+    /// 0 serves the id at `spec.master_addr:spec.port`). Every node must make the same calls (see
+    /// [`super::multinode`]); a step returns the first local rank's full logits, the same on every node. The KV
+    /// pool is sized from this node's devices; node 0's [`MultiNodeExecutor`](super::multinode::MultiNodeExecutor)
+    /// uses the smallest of all nodes.
+    pub fn join_node(
+        cfg: MllamaConfig,
+        ckpt: &Checkpoint,
+        devices: &[usize],
+        spec: &GroupSpec,
+        opts: &MllamaCudaOptions,
+    ) -> Result<Self> {
+        if devices.is_empty() {
+            return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
+        }
+        let plan = TpPlan::new(&cfg.text.base, spec.world)?;
+        let rank_ids: Vec<usize> = (spec.rank..spec.rank + devices.len()).collect();
+        for &r in &rank_ids {
+            plan.rank(r)?;
+        }
+        super::nccl::nccl_available()?;
+        Self::build(cfg, ckpt, &plan, rank_ids, devices.to_vec(), opts, |streams| node_comms(streams, spec))
+    }
+
+    /// Uploads the shards of `rank_ids` (rank `rank_ids[i]` on device `placement[i]`), joins them with the
+    /// communicators `comms` makes from their streams (element `i` for local rank `i`), then sizes every KV cache.
+    fn build(
+        cfg: MllamaConfig,
+        ckpt: &Checkpoint,
+        plan: &TpPlan,
+        rank_ids: Vec<usize>,
+        placement: Vec<usize>,
+        opts: &MllamaCudaOptions,
+        comms: impl FnOnce(Vec<Arc<CudaStream>>) -> Result<Vec<Box<dyn DeviceComm>>>,
+    ) -> Result<Self> {
+        let mut ranks = Vec::with_capacity(rank_ids.len());
+        for (&r, &device) in rank_ids.iter().zip(&placement) {
+            // One layer's slices at a time on the host (a 90B rank's whole shard is tens of GB in f32).
+            let src = MllamaRankSource::new(&cfg, plan, r, ckpt)?;
             let o = MllamaCudaOptions { device, ..opts.clone() };
             let rank =
-                MllamaCudaExecutor::upload_rank(&cfg, &plan, r, &shard, &o).map_err(|e| rank_err(r, device, e))?;
+                MllamaCudaExecutor::upload_rank_source(&cfg, plan, r, &src, &o).map_err(|e| rank_err(r, device, e))?;
             ranks.push(Rank(rank));
         }
         // The communicators before the caches: NCCL's buffers then count as used when the caches are sized.
-        let comms = device_comms(kind, ranks.iter().map(|x| x.0.stream().clone()).collect())?;
+        let comms = comms(ranks.iter().map(|x| x.0.stream().clone()).collect())?;
+        if comms.len() != ranks.len() {
+            return Err(Error::Backend(format!("{} communicators for {} ranks", comms.len(), ranks.len())));
+        }
         for (rank, comm) in ranks.iter_mut().zip(comms) {
             rank.0.set_comm(comm)?;
         }
         // Every rank gets the same number of blocks: the smallest (equal) share over the devices.
         let mut blocks = usize::MAX;
-        for (r, rank) in ranks.iter().enumerate() {
-            let share = placement.iter().filter(|&&d| d == placement[r]).count();
-            blocks = blocks.min(rank.0.kv_blocks(share).map_err(|e| rank_err(r, placement[r], e))?);
+        for (i, rank) in ranks.iter().enumerate() {
+            let share = placement.iter().filter(|&&d| d == placement[i]).count();
+            blocks = blocks.min(rank.0.kv_blocks(share).map_err(|e| rank_err(rank_ids[i], placement[i], e))?);
         }
-        for (r, rank) in ranks.iter_mut().enumerate() {
-            rank.0.alloc_kv(blocks).map_err(|e| rank_err(r, placement[r], e))?;
+        for (i, rank) in ranks.iter_mut().enumerate() {
+            rank.0.alloc_kv(blocks).map_err(|e| rank_err(rank_ids[i], placement[i], e))?;
         }
-        Ok(TpMllamaCudaExecutor { cfg, ranks, devices: placement })
+        Ok(TpMllamaCudaExecutor { cfg, ranks, devices: placement, rank_ids })
     }
 
-    /// The number of ranks.
+    /// The number of ranks in this process.
     pub fn tp(&self) -> usize {
         self.ranks.len()
     }
 
-    /// The CUDA device of each rank, in rank order.
+    /// The group rank of each rank in this process (`0..tp` unless built by [`join_node`](Self::join_node)).
+    pub fn local_ranks(&self) -> &[usize] {
+        &self.rank_ids
+    }
+
+    /// The CUDA device of each rank in this process, in rank order.
     pub fn devices(&self) -> &[usize] {
         &self.devices
     }
@@ -114,7 +173,7 @@ impl TpMllamaCudaExecutor {
         &self.cfg
     }
 
-    /// Rank `rank`'s decoder (its config, embedding rows and registered image sets).
+    /// The decoder of this process's `rank`-th rank (its config, embedding rows and registered image sets).
     pub fn rank(&self, rank: usize) -> Option<&MllamaCudaExecutor> {
         self.ranks.get(rank).map(|r| &r.0)
     }
@@ -158,8 +217,8 @@ impl TpMllamaCudaExecutor {
             let handles: Vec<_> =
                 self.ranks
                     .iter_mut()
-                    .enumerate()
-                    .map(|(r, cell)| {
+                    .zip(self.rank_ids.iter().copied())
+                    .map(|(cell, r)| {
                         s.spawn(move || {
                             let rank = &mut cell.0;
                             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -256,10 +315,12 @@ impl Executor for TpMllamaCudaExecutor {
 
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
         self.check(input, images)?;
+        let first = self.rank_ids.first().copied();
         let mut all = self.on_all_ranks(true, |rank| {
             let out = rank.step_with_images(input, images)?;
-            // Only the first rank's logits are returned; the others are dropped here.
-            Ok(if rank.tensor_parallel_rank().is_some_and(|(r, _)| r == 0) { out.logits } else { Vec::new() })
+            // Only the first local rank's logits are returned; the others are dropped here.
+            let is_first = rank.tensor_parallel_rank().map(|(r, _)| r) == first;
+            Ok(if is_first { out.logits } else { Vec::new() })
         })?;
         Ok(StepOutput { logits: std::mem::take(&mut all[0]) })
     }
@@ -284,7 +345,25 @@ mod tests {
         }
         let e = TpMllamaCudaExecutor::new(cfg.clone(), &ckpt, 2, &[], TpCommKind::InProcess, &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("at least one device")));
-        let e = TpMllamaCudaExecutor::new(cfg, &ckpt, 3, &[0], TpCommKind::InProcess, &opts).err();
+        let e = TpMllamaCudaExecutor::new(cfg.clone(), &ckpt, 3, &[0], TpCommKind::InProcess, &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("num_attention_heads")), "a bad tp is refused first");
+        // A node's ranks of a multi-node group: refused without a device, before any rendezvous (no waiting).
+        let spec = |rank, world| GroupSpec {
+            rank,
+            world,
+            master_addr: "127.0.0.1".into(),
+            port: 1,
+            timeout: std::time::Duration::from_secs(600),
+        };
+        let t0 = std::time::Instant::now();
+        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), &ckpt, &[0, 1], &spec(2, 4), &opts).err();
+        assert!(e.is_some_and(|e| !e.to_string().is_empty()));
+        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), &ckpt, &[0, 1], &spec(3, 4), &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("rank 4 is outside")), "ranks past the world are refused");
+        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), &ckpt, &[], &spec(0, 4), &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("at least one device")));
+        let e = TpMllamaCudaExecutor::join_node(cfg, &ckpt, &[0], &spec(0, 3), &opts).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("num_attention_heads")));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60));
     }
 }

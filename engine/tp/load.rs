@@ -222,100 +222,147 @@ pub fn load_mllama_rank_text(
     rank: usize,
     ckpt: &Checkpoint,
 ) -> Result<MllamaRankText> {
-    if plan.config().hidden_size != cfg.text.base.hidden_size
-        || plan.config().num_attention_heads != cfg.text.base.num_attention_heads
-    {
-        return Err(Error::request("tensor parallelism: the plan is not the vision model's text config's"));
+    let src = MllamaRankSource::new(cfg, plan, rank, ckpt)?;
+    let layers =
+        (0..cfg.text.base.num_hidden_layers).into_par_iter().map(|l| src.layer(l)).collect::<Result<Vec<_>>>()?;
+    let text = TextWeights { embed: src.embed()?, layers, final_norm: src.final_norm()?, lm_head: src.lm_head()? };
+    Ok(MllamaRankText { text, embed_rows: src.embed_rows()? })
+}
+
+/// A rank's share of a Llama 3.2 Vision text decoder read one layer at a time (what
+/// [`load_mllama_rank_text`] collects), so that a device rank can upload layer by layer and the host never holds
+/// its whole shard (a 90B rank at tp = 8 is 44 GB in f32).
+pub struct MllamaRankSource<'a> {
+    cfg: MllamaConfig,
+    plan: TpPlan,
+    rank: usize,
+    ckpt: &'a Checkpoint,
+    layout: MllamaLayout,
+    shapes: std::collections::HashMap<String, Vec<usize>>,
+}
+
+impl<'a> MllamaRankSource<'a> {
+    /// Checks `ckpt` against `cfg` (every tensor name and shape, either layout) and `plan` against the text config.
+    pub fn new(cfg: &MllamaConfig, plan: &TpPlan, rank: usize, ckpt: &'a Checkpoint) -> Result<Self> {
+        if plan.config().hidden_size != cfg.text.base.hidden_size
+            || plan.config().num_attention_heads != cfg.text.base.num_attention_heads
+        {
+            return Err(Error::request("tensor parallelism: the plan is not the vision model's text config's"));
+        }
+        plan.rank(rank)?;
+        let layout: MllamaLayout = check_mllama_checkpoint(ckpt, cfg)?;
+        let shapes = mllama_tensors(cfg).into_iter().collect();
+        Ok(MllamaRankSource { cfg: cfg.clone(), plan: plan.clone(), rank, ckpt, layout, shapes })
     }
-    let layout: MllamaLayout = check_mllama_checkpoint(ckpt, cfg)?;
-    let shapes: std::collections::HashMap<String, Vec<usize>> = mllama_tensors(cfg).into_iter().collect();
-    let src = WeightSource::Checkpoint(ckpt);
-    // The rank's part of one canonical tensor, as a 2-D `[rows, cols]` piece (1-D tensors are one row).
-    let piece = |canonical: &str| -> Result<(Piece, Split)> {
-        let shape = shapes
+
+    /// The rank's part of one canonical tensor, as a 2-D `[rows, cols]` piece (1-D tensors are one row).
+    fn piece(&self, canonical: &str) -> Result<(Piece, Split)> {
+        let dir = self.ckpt.dir();
+        let shape = self
+            .shapes
             .get(canonical)
-            .ok_or_else(|| Error::weights(ckpt.dir(), format!("internal: `{canonical}` is not an Mllama tensor")))?;
+            .ok_or_else(|| Error::weights(dir, format!("internal: `{canonical}` is not an Mllama tensor")))?;
         let (rows, cols) = match shape.as_slice() {
             [n] => (1, *n),
             [r, c] => (*r, *c),
-            _ => return Err(Error::weights(ckpt.dir(), format!("internal: `{canonical}` is not a matrix"))),
+            _ => return Err(Error::weights(dir, format!("internal: `{canonical}` is not a matrix"))),
         };
-        let split = vision_split(plan, rank, canonical, shape)?;
+        let split = vision_split(&self.plan, self.rank, canonical, shape)?;
         let part = match &split {
             Split::Replicated => Part { rows: 0..rows, cols: 0..cols },
             Split::Rows(r) => Part { rows: r.clone(), cols: 0..cols },
             Split::Cols(c) => Part { rows: 0..rows, cols: c.clone() },
         };
-        let p = Piece {
-            name: layout.tensor_name(canonical),
-            shape: [rows, cols],
-            part,
-            random_base: 0,
-            stream: 0,
-            is_norm: false,
-        };
-        Ok((p, split))
-    };
-    let read = |names: &[String]| -> Result<Vec<f32>> {
-        let pieces = names.iter().map(|n| piece(n).map(|(p, _)| p)).collect::<Result<Vec<_>>>()?;
-        read_pieces(&src, &pieces)
-    };
-    let one = |name: String| read(std::slice::from_ref(&name));
-    let scalar = |name: String| -> Result<f32> {
-        one(name.clone())?
+        let name = self.layout.tensor_name(canonical);
+        Ok((Piece { name, shape: [rows, cols], part, random_base: 0, stream: 0, is_norm: false }, split))
+    }
+
+    fn read(&self, names: &[String]) -> Result<Vec<f32>> {
+        let pieces = names.iter().map(|n| self.piece(n).map(|(p, _)| p)).collect::<Result<Vec<_>>>()?;
+        read_pieces(&WeightSource::Checkpoint(self.ckpt), &pieces)
+    }
+
+    fn one(&self, name: String) -> Result<Vec<f32>> {
+        self.read(std::slice::from_ref(&name))
+    }
+
+    fn scalar(&self, name: String) -> Result<f32> {
+        self.one(name.clone())?
             .first()
             .copied()
-            .ok_or_else(|| Error::weights(ckpt.dir(), format!("tensor `{name}` is empty")))
-    };
-    let layers = (0..cfg.text.base.num_hidden_layers)
-        .into_par_iter()
-        .map(|l| {
-            let p = format!("language_model.model.layers.{l}");
-            let w_gate_up = read(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
-            let w_down = one(format!("{p}.mlp.down_proj.weight"))?;
-            let attn_norm = one(format!("{p}.input_layernorm.weight"))?;
-            let mlp_norm = one(format!("{p}.post_attention_layernorm.weight"))?;
-            if cfg.text.is_cross_attention_layer(l) {
-                let a = format!("{p}.cross_attn");
-                Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
-                    attn_norm,
-                    wq: one(format!("{a}.q_proj.weight"))?.into(),
-                    wkv: read(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?.into(),
-                    wo: one(format!("{a}.o_proj.weight"))?.into(),
-                    q_norm: one(format!("{a}.q_norm.weight"))?,
-                    k_norm: one(format!("{a}.k_norm.weight"))?,
-                    attn_gate: scalar(format!("{p}.cross_attn_attn_gate"))?,
-                    mlp_norm,
-                    w_gate_up: w_gate_up.into(),
-                    w_down: w_down.into(),
-                    mlp_gate: scalar(format!("{p}.cross_attn_mlp_gate"))?,
-                }))
-            } else {
-                let a = format!("{p}.self_attn");
-                Ok(TextLayerWeights::SelfAttention(LayerWeights {
-                    attn_norm,
-                    wqkv: read(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?.into(),
-                    wo: one(format!("{a}.o_proj.weight"))?.into(),
-                    mlp_norm,
-                    w_gate_up: w_gate_up.into(),
-                    w_down: w_down.into(),
-                }))
-            }
+            .ok_or_else(|| Error::weights(self.ckpt.dir(), format!("tensor `{name}` is empty")))
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.cfg.text.base.num_hidden_layers
+    }
+
+    /// The rank's share of decoder layer `l`.
+    pub fn layer(&self, l: usize) -> Result<TextLayerWeights> {
+        if l >= self.num_layers() {
+            return Err(Error::request(format!("text layer {l} of {}", self.num_layers())));
+        }
+        let p = format!("language_model.model.layers.{l}");
+        let w_gate_up = self.read(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
+        let w_down = self.one(format!("{p}.mlp.down_proj.weight"))?;
+        let attn_norm = self.one(format!("{p}.input_layernorm.weight"))?;
+        let mlp_norm = self.one(format!("{p}.post_attention_layernorm.weight"))?;
+        if self.cfg.text.is_cross_attention_layer(l) {
+            let a = format!("{p}.cross_attn");
+            Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
+                attn_norm,
+                wq: self.one(format!("{a}.q_proj.weight"))?.into(),
+                wkv: self.read(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?.into(),
+                wo: self.one(format!("{a}.o_proj.weight"))?.into(),
+                q_norm: self.one(format!("{a}.q_norm.weight"))?,
+                k_norm: self.one(format!("{a}.k_norm.weight"))?,
+                attn_gate: self.scalar(format!("{p}.cross_attn_attn_gate"))?,
+                mlp_norm,
+                w_gate_up: w_gate_up.into(),
+                w_down: w_down.into(),
+                mlp_gate: self.scalar(format!("{p}.cross_attn_mlp_gate"))?,
+            }))
+        } else {
+            let a = format!("{p}.self_attn");
+            Ok(TextLayerWeights::SelfAttention(LayerWeights {
+                attn_norm,
+                wqkv: self.read(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?.into(),
+                wo: self.one(format!("{a}.o_proj.weight"))?.into(),
+                mlp_norm,
+                w_gate_up: w_gate_up.into(),
+                w_down: w_down.into(),
+            }))
+        }
+    }
+
+    /// The rows of the `vocab_size + 8`-row embedding table the rank holds (the whole table when `tp` does not
+    /// divide it).
+    pub fn embed_rows(&self) -> Result<Range<usize>> {
+        Ok(match self.piece(EMBED)?.1 {
+            Split::Rows(r) => r,
+            _ => 0..self.cfg.text.embed_rows(),
         })
-        .collect::<Result<Vec<_>>>()?;
-    let embed_name = "language_model.model.embed_tokens.weight";
-    let embed_rows = match piece(embed_name)?.1 {
-        Split::Rows(r) => r,
-        _ => 0..cfg.text.embed_rows(),
-    };
-    let text = TextWeights {
-        embed: one(embed_name.to_owned())?,
-        layers,
-        final_norm: one("language_model.model.norm.weight".to_owned())?,
-        lm_head: one("language_model.lm_head.weight".to_owned())?,
-    };
-    Ok(MllamaRankText { text, embed_rows })
+    }
+
+    /// The rank's embedding rows.
+    pub fn embed(&self) -> Result<Vec<f32>> {
+        self.one(EMBED.to_owned())
+    }
+
+    /// The final norm (whole).
+    pub fn final_norm(&self) -> Result<Vec<f32>> {
+        self.one("language_model.model.norm.weight".to_owned())
+    }
+
+    /// The rank's `lm_head` rows.
+    pub fn lm_head(&self) -> Result<Vec<f32>> {
+        self.one("language_model.lm_head.weight".to_owned())
+    }
 }
+
+/// The canonical name of the vision model's embedding table.
+const EMBED: &str = "language_model.model.embed_tokens.weight";
 
 #[cfg(test)]
 mod tests {

@@ -151,16 +151,50 @@ pub struct GroupSpec {
     pub timeout: Duration,
 }
 
-/// Runs the rendezvous: rank 0 creates the id with `make_id`, serves it and returns it; other ranks fetch it.
+/// `host:port`, with an IPv6 literal host in brackets (`[::1]:29500`).
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The address a server of a group whose rank 0 is reached at `master_addr` listens on, at `port`: `master_addr`
+/// itself when it is a loopback address (every rank runs on this machine), else every interface (`0.0.0.0`, or
+/// `[::]` for an IPv6 `master_addr`), so that the other nodes reach it however `master_addr` resolves on this one
+/// (a host name that resolves to 127.0.1.1 locally, an address behind NAT).
+pub fn listen_addr(master_addr: &str, port: u16) -> String {
+    let loopback = (master_addr, port)
+        .to_socket_addrs()
+        .map(|mut addrs| {
+            let mut any = false;
+            addrs.all(|a| {
+                any = true;
+                a.ip().is_loopback()
+            }) && any
+        })
+        .unwrap_or(false);
+    if loopback {
+        host_port(master_addr, port)
+    } else if master_addr.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[::]:{port}")
+    } else {
+        format!("0.0.0.0:{port}")
+    }
+}
+
+/// Runs the rendezvous: rank 0 creates the id with `make_id`, serves it (on [`listen_addr`]) and returns it; other
+/// ranks fetch it from `master_addr:port`.
 pub fn rendezvous(spec: &GroupSpec, make_id: impl FnOnce() -> Result<Vec<u8>>) -> Result<Vec<u8>> {
     if spec.world == 0 || spec.rank >= spec.world {
         return Err(Error::request(format!("rank {} is outside a world of {}", spec.rank, spec.world)));
     }
-    let addr = format!("{}:{}", spec.master_addr, spec.port);
+    let addr = host_port(&spec.master_addr, spec.port);
     if spec.rank == 0 {
         let id = make_id()?;
         if spec.world > 1 {
-            RendezvousServer::bind(&addr)?.serve(spec.world, &id, spec.timeout)?;
+            RendezvousServer::bind(&listen_addr(&spec.master_addr, spec.port))?.serve(spec.world, &id, spec.timeout)?;
         }
         Ok(id)
     } else {
@@ -250,6 +284,56 @@ impl NcclComm {
         let comm =
             cudarc::nccl::Comm::from_rank(stream.clone(), spec.rank, spec.world, id).map_err(nccl_err("init rank"))?;
         Ok(NcclComm { comm, stream })
+    }
+
+    /// This process's ranks `spec.rank .. spec.rank + streams.len()` of the group `spec` describes (one process per
+    /// node driving several GPUs): rank `spec.rank + i` enqueues on `streams[i]`. Each rank joins with
+    /// [`join_on`](Self::join_on) on a thread of its own, all at once (`ncclCommInitRank` blocks until every rank of
+    /// the world has joined): global rank 0's thread serves the id, the other local ranks fetch it over TCP like
+    /// the remote ones. Returns at the first rank's error, or when the group has not formed within `spec.timeout`
+    /// (the rendezvous) plus two minutes (NCCL's own initialization); a rank stuck in NCCL is then left behind.
+    pub fn join_ranks(streams: Vec<std::sync::Arc<cudarc::driver::CudaStream>>, spec: &GroupSpec) -> Result<Vec<Self>> {
+        nccl_available()?;
+        let n = streams.len();
+        if n == 0 || spec.rank + n > spec.world {
+            return Err(Error::request(format!(
+                "ranks {}..{} are not a non-empty part of a world of {}",
+                spec.rank,
+                spec.rank + n,
+                spec.world
+            )));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, stream) in streams.into_iter().enumerate() {
+            let tx = tx.clone();
+            let spec = GroupSpec { rank: spec.rank + i, ..spec.clone() };
+            // Detached: a rank stuck in NCCL must not keep the caller waiting past the deadline.
+            std::thread::spawn(move || {
+                let made = Self::join_on(stream, &spec)
+                    .map_err(|e| Error::Backend(format!("rank {} of {}: {e}", spec.rank, spec.world)));
+                let _ = tx.send((i, made));
+            });
+        }
+        drop(tx);
+        let timeout = spec.timeout + Duration::from_secs(120);
+        let deadline = Instant::now() + timeout;
+        let mut got: Vec<Option<NcclComm>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((i, Ok(c))) => got[i] = Some(c),
+                Ok((_, Err(e))) => return Err(e),
+                Err(_) => {
+                    let missing: Vec<usize> = (0..n).filter(|&i| got[i].is_none()).map(|i| spec.rank + i).collect();
+                    return Err(Error::Backend(format!(
+                        "NCCL: ranks {missing:?} of {} did not join the group within {timeout:?} (is every node \
+                         started, with the same --tensor-parallel, --nnodes, --master-addr and --master-port?)",
+                        spec.world
+                    )));
+                }
+            }
+        }
+        got.into_iter().map(|c| c.ok_or_else(|| Error::Backend("NCCL returned no communicator".into()))).collect()
     }
 
     /// A one-rank group on `device` (no rendezvous): the world-size-1 NCCL path.
@@ -488,11 +572,34 @@ mod tests {
     }
 
     #[test]
+    fn addresses_bracket_ipv6_and_listen_on_every_interface_unless_loopback() {
+        assert_eq!(host_port("node0", 29500), "node0:29500");
+        assert_eq!(host_port("10.0.0.1", 1), "10.0.0.1:1");
+        assert_eq!(host_port("fe80::1", 7), "[fe80::1]:7");
+        assert_eq!(listen_addr("127.0.0.1", 29500), "127.0.0.1:29500");
+        assert_eq!(listen_addr("::1", 29500), "[::1]:29500");
+        assert_eq!(listen_addr("10.1.2.3", 29501), "0.0.0.0:29501");
+        assert_eq!(listen_addr("fd00::5", 29501), "[::]:29501");
+        // A name that does not resolve here is another node's: listen everywhere.
+        assert_eq!(listen_addr("no-such-host.invalid", 9), "0.0.0.0:9");
+    }
+
+    #[test]
     fn nccl_without_a_device_is_an_error_not_a_panic() {
         if crate::ops::cuda::is_available() {
             return; // A machine with a GPU runs the real path in tests/gpu.
         }
         let e = NcclComm::single(0).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(!e.is_empty());
+        let spec = GroupSpec {
+            rank: 0,
+            world: 2,
+            master_addr: "127.0.0.1".into(),
+            port: 1,
+            timeout: Duration::from_secs(600),
+        };
+        let t0 = Instant::now();
+        assert!(NcclComm::join_ranks(Vec::new(), &spec).is_err());
+        assert!(t0.elapsed() < Duration::from_secs(60), "refused without waiting for the other ranks");
     }
 }

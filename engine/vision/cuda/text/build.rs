@@ -41,7 +41,7 @@ use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
 use crate::ops::cuda::vision as kv;
 use crate::tp::cuda::DeviceComm;
-use crate::tp::load::MllamaRankText;
+use crate::tp::load::{MllamaRankSource, MllamaRankText};
 use crate::tp::TpPlan;
 use crate::vision::config::{MllamaConfig, EXTRA_EMBED_ROWS};
 use crate::vision::weights::{MllamaWeights, TextLayerWeights, TextSource, TextWeights};
@@ -188,6 +188,24 @@ impl TextIn for TextWeights {
     }
 }
 
+impl TextIn for MllamaRankSource<'_> {
+    fn num_layers(&self) -> usize {
+        MllamaRankSource::num_layers(self)
+    }
+    fn layer(&self, i: usize) -> Result<Cow<'_, TextLayerWeights>> {
+        MllamaRankSource::layer(self, i).map(Cow::Owned)
+    }
+    fn embed(&self) -> Result<Cow<'_, [f32]>> {
+        MllamaRankSource::embed(self).map(Cow::Owned)
+    }
+    fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
+        MllamaRankSource::final_norm(self).map(Cow::Owned)
+    }
+    fn lm_head(&self) -> Result<Cow<'_, [f32]>> {
+        MllamaRankSource::lm_head(self).map(Cow::Owned)
+    }
+}
+
 /// A [`TextSource`] with a progress callback `(layers done, layers)`.
 struct Progress<'a, 'b>(&'a TextSource<'b>, &'a dyn Fn(usize, usize));
 
@@ -281,6 +299,28 @@ impl MllamaCudaExecutor {
         shard: &MllamaRankText,
         opts: &MllamaCudaOptions,
     ) -> Result<Self> {
+        Self::upload_rank_parts(cfg, plan, rank, (&shard.text, shard.embed_rows.clone()), opts)
+    }
+
+    /// [`upload_rank`](Self::upload_rank) reading the rank's shard one layer at a time from `src`, so the host
+    /// holds one layer's slices at a time instead of the whole shard.
+    pub(crate) fn upload_rank_source(
+        cfg: &MllamaConfig,
+        plan: &TpPlan,
+        rank: usize,
+        src: &MllamaRankSource<'_>,
+        opts: &MllamaCudaOptions,
+    ) -> Result<Self> {
+        Self::upload_rank_parts(cfg, plan, rank, (src, src.embed_rows()?), opts)
+    }
+
+    fn upload_rank_parts(
+        cfg: &MllamaConfig,
+        plan: &TpPlan,
+        rank: usize,
+        (w, embed_rows): (&dyn TextIn, Range<usize>),
+        opts: &MllamaCudaOptions,
+    ) -> Result<Self> {
         let full = &cfg.text.base;
         if plan.config().hidden_size != full.hidden_size
             || plan.config().num_attention_heads != full.num_attention_heads
@@ -292,9 +332,9 @@ impl MllamaCudaExecutor {
         let mut rank_cfg = cfg.clone();
         rank_cfg.text.base = LlamaConfig { vocab_size: full.vocab_size, ..plan.rank_config() };
         check_options(&rank_cfg.text.base, opts)?;
-        let spec = RankSpec { rank, world: plan.tp(), embed_rows: shard.embed_rows.clone(), vocab: r.vocab };
+        let spec = RankSpec { rank, world: plan.tp(), embed_rows, vocab: r.vocab };
         let opts = MllamaCudaOptions { max_graph_batch: 0, ..opts.clone() };
-        Self::upload(rank_cfg, &shard.text, &opts, Some(spec))
+        Self::upload(rank_cfg, w, &opts, Some(spec))
     }
 
     /// Opens the device and uploads everything but the self-attention caches (one-value placeholders until
