@@ -166,6 +166,22 @@ run() {
   # (about two minutes) / the torch peers of the quant stage.
   local stages="${1:-tests,kernels,vision,e2e}"
   want() { [[ ",$stages," == *",$1,"* ]]; }
+  # `gpu_benches TEST...`: ignored benches of the GPU test binary, at most 540 s each; their BENCH lines join the table.
+  gpu_benches() {
+    local t log rc
+    for t in "$@"; do
+      log="$logs/gpu.$t.bench.log"
+      rc=0
+      tmo 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+      if ((rc == 0)); then
+        mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$t (benchmark)" -)")
+        tail -n 5 "$log"
+      fi
+    done
+  }
   # `bench_e2e CAP "PRESET BATCH PROMPT GEN [FLAGS]"`: one `llama32 bench` run on CUDA (random weights), for at most
   # CAP seconds of the budget; its JSON line goes to bench.jsonl, a row and a figure line to the table.
   bench_e2e() {
@@ -355,36 +371,14 @@ run() {
         rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "--only vision (see $log)" -)")
         tail -n 5 "$log"
       fi
-      for t in cuda_vision::bench_vision_encoder_11b cuda_vision::bench_mllama_11b_decode; do
-        log="$logs/gpu.$t.bench.log"
-        rc=0
-        tmo 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
-        if ((rc == 0)); then
-          mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
-        else
-          failed=$((failed + 1))
-          rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$t (benchmark)" -)")
-          tail -n 5 "$log"
-        fi
-      done
+      gpu_benches cuda_vision::bench_vision_encoder_11b cuda_vision::bench_mllama_11b_decode
     fi
   fi
 
   if want vquant && [[ -x "$bundle/tests/gpu" ]]; then
     # Llama 3.2 Vision in W4A16 on random weights at the real shapes, loaded layer by layer: 11B, then 90B on one GPU
     # (the 4-bit issue's target); load time, device memory, KV capacity, batch-1 and batch-16 decode.
-    for t in cuda_vision_quant::bench_mllama_11b_w4a16_decode cuda_vision_quant::bench_mllama_90b_w4a16_decode; do
-      log="$logs/gpu.$t.bench.log"
-      rc=0
-      tmo 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
-      if ((rc == 0)); then
-        mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
-      else
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$t (benchmark)" -)")
-        tail -n 5 "$log"
-      fi
-    done
+    gpu_benches cuda_vision_quant::bench_mllama_11b_w4a16_decode cuda_vision_quant::bench_mllama_90b_w4a16_decode
   fi
 
   if want kernels; then

@@ -164,7 +164,40 @@ pub(crate) fn node_comms(streams: Vec<Arc<CudaStream>>, spec: &GroupSpec) -> Res
 /// The per-rank results of one collective step, in rank order, or the first failing rank's own error: a rank
 /// that failed aborts the group, so the others report "group aborted", which is only returned when no rank has a
 /// more specific error.
-pub(crate) fn rank_results<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+/// Runs `f(i, rank)` on every rank at once, one scoped host thread each. A rank whose `f` fails or panics calls
+/// `abort(rank, error)` (so that ranks waiting for it in a collective are released); the first rank's own error is
+/// returned rather than the "group aborted" it caused on the others.
+pub(crate) fn on_ranks<R: Send, T: Send>(
+    ranks: &mut [R],
+    f: &(dyn Fn(usize, &mut R) -> Result<T> + Sync),
+    abort: &(dyn Fn(&R, &str) + Sync),
+) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter_mut()
+            .enumerate()
+            .map(|(i, rank)| {
+                s.spawn(move || {
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i, &mut *rank)));
+                    let err = match run {
+                        Ok(Ok(v)) => return Ok(v),
+                        Ok(Err(e)) => e,
+                        Err(_) => Error::Backend(format!("tensor-parallel rank {i} (local) panicked")),
+                    };
+                    abort(rank, &err.to_string());
+                    Err(err)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Backend("a tensor-parallel rank thread died".into()))))
+            .collect()
+    });
+    rank_results(results)
+}
+
+fn rank_results<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
     let mut first_err: Option<(bool, Error)> = None;
     let mut out = Vec::with_capacity(results.len());
     for r in results {
@@ -372,36 +405,13 @@ impl TpCudaExecutor {
         input.validate(&self.cfg, self.num_blocks, self.block_size)?;
         let dims = Dims::of(&self.rank_cfg);
         let n = input.logits_rows.len() * self.cfg.vocab_size;
-        let results: Vec<Result<Option<Vec<f32>>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .enumerate()
-                .map(|(i, ops)| {
-                    let read = all || i == 0;
-                    s.spawn(move || {
-                        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            rank_step(ops, dims, input, if read { Some(n) } else { None })
-                        }));
-                        let err = match run {
-                            Ok(Ok(logits)) => return Ok(logits),
-                            Ok(Err(e)) => e,
-                            Err(_) => Error::Backend("a tensor-parallel rank panicked".into()),
-                        };
-                        if let Some(c) = ops.device_comm() {
-                            c.abort(&err.to_string());
-                        }
-                        Err(err)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Backend("a tensor-parallel rank thread died".into()))))
-                .collect()
-        });
-        // Report the first failing rank's own error rather than the "group aborted" it caused elsewhere.
-        rank_results(results)
+        let f = |i: usize, ops: &mut CudaOps| rank_step(ops, dims, input, (all || i == 0).then_some(n));
+        let abort = |ops: &CudaOps, why: &str| {
+            if let Some(c) = ops.device_comm() {
+                c.abort(why);
+            }
+        };
+        on_ranks(&mut self.ranks, &f, &abort)
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
-use super::cuda::{device_comms, node_comms, rank_err, rank_results, DeviceComm, TpCommKind};
+use super::cuda::{device_comms, node_comms, on_ranks, rank_err, DeviceComm, TpCommKind};
 use super::load::MllamaRankSource;
 use super::nccl::GroupSpec;
 use super::plan::TpPlan;
@@ -212,41 +212,21 @@ impl TpMllamaCudaExecutor {
         collective: bool,
         f: impl Fn(&mut MllamaCudaExecutor) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
-        let f = &f;
-        let results: Vec<Result<T>> = std::thread::scope(|s| {
-            let handles: Vec<_> =
-                self.ranks
-                    .iter_mut()
-                    .zip(self.rank_ids.iter().copied())
-                    .map(|(cell, r)| {
-                        s.spawn(move || {
-                            let rank = &mut cell.0;
-                            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                rank.stream().context().bind_to_thread().map_err(|e| {
-                                    Error::Backend(format!("tensor-parallel rank {r}: bind device: {e}"))
-                                })?;
-                                f(rank)
-                            }));
-                            let err = match run {
-                                Ok(Ok(v)) => return Ok(v),
-                                Ok(Err(e)) => e,
-                                Err(_) => Error::Backend(format!("tensor-parallel rank {r} panicked")),
-                            };
-                            if collective {
-                                if let Some(c) = rank.device_comm() {
-                                    c.abort(&err.to_string());
-                                }
-                            }
-                            Err(err)
-                        })
-                    })
-                    .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Backend("a tensor-parallel rank thread died".into()))))
-                .collect()
-        });
-        rank_results(results)
+        let ids = &self.rank_ids;
+        let run = |i: usize, cell: &mut Rank| {
+            let (rank, r) = (&mut cell.0, ids[i]);
+            rank.stream()
+                .context()
+                .bind_to_thread()
+                .map_err(|e| Error::Backend(format!("tensor-parallel rank {r}: bind device: {e}")))?;
+            f(rank)
+        };
+        let abort = |cell: &Rank, why: &str| {
+            if let Some(c) = cell.0.device_comm().filter(|_| collective) {
+                c.abort(why);
+            }
+        };
+        on_ranks(&mut self.ranks, &run, &abort)
     }
 }
 

@@ -692,91 +692,21 @@ fn bench_vision_encoder_11b() {
 }
 
 #[test]
-#[ignore = "benchmark: 11B batch-1 decode with one 4-tile image (run by scripts/gpu-suite.sh)"]
+#[ignore = "benchmark: 11B decode with 4-tile images, batch 1 and 16 (run by scripts/gpu-suite.sh)"]
 fn bench_mllama_11b_decode() {
     if cuda_stream().is_none() {
         return;
     }
     let cfg = bench_11b();
     let w = llama32::vision::weights::MllamaWeights::random(&cfg, 1).unwrap();
-    // Room for the batch-16 part below: 16 more sequences of 128 + 40 tokens, 16 four-tile images.
+    // Room for 16 sequences of 128 + 80 tokens and 16 four-tile images.
     let opts = MllamaCudaOptions {
-        kv_tokens: 4096,
+        kv_tokens: 16 * 208,
         max_step_tokens: 512,
         max_logits_rows: 16,
         cross_tiles: 16 * 4,
         ..Default::default()
     };
     let mut ex = MllamaCudaExecutor::new(cfg.clone(), &w, &opts).unwrap();
-    let (tiles, tpt, hidden) = (cfg.vision.max_num_tiles, cfg.vision.num_patches(), cfg.text.base.hidden_size);
-    let images = EncodedImages { states: randn(9, tiles * tpt * hidden, 1.0), num_tiles: vec![4] };
-    ex.add_images(1, &images).unwrap();
-    let prompt: Vec<u32> = std::iter::once(cfg.image_token_index).chain((0..127).map(|i| 1000 + i)).collect();
-    let mask =
-        llama32::vision::text::CrossAttentionMask::from_image_tokens(&prompt, cfg.image_token_index, &[4], tiles)
-            .unwrap();
-    let mut table = Vec::new();
-    BlockAllocator::new(ex.num_blocks(), ex.block_size()).ensure(&mut table, prompt.len() + 80).unwrap();
-    let step = build_step(
-        &[SeqChunk { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
-        ex.block_size(),
-    )
-    .unwrap();
-    let out = ex.step_with_images(&step, &[Some(SeqImages { key: 1, mask: mask.data() })]).unwrap();
-    let mut next = argmax(&out.logits);
-    let last = mask.row(prompt.len() - 1).to_vec();
-    let mut times = Vec::new();
-    for pos in prompt.len()..prompt.len() + 64 {
-        let chunk = SeqChunk { tokens: &[next], start_pos: pos, block_table: &table, logits: LogitsWanted::Last };
-        let step = build_step(&[chunk], ex.block_size()).unwrap();
-        let t0 = std::time::Instant::now();
-        let out = ex.step_with_images(&step, &[Some(SeqImages { key: 1, mask: &last })]).unwrap();
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-        next = argmax(&out.logits);
-    }
-    times.sort_by(f64::total_cmp);
-    println!("BENCH mllama_11b_decode_b1_4tile_ms_per_token {:.3}", times[times.len() / 2]);
-
-    // Batch 16: sequences 2..=17, each with its own 4-tile image (same states, separate cross-attention K/V),
-    // prefilled one by one, then decode steps of all 16 rows.
-    let batch = 16usize;
-    assert!(ex.remove_images(1), "the batch-1 image set is registered"); // the pool holds 16 four-tile images
-    let mut tables = Vec::new();
-    let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
-    alloc.ensure(&mut Vec::new(), prompt.len() + 80).unwrap(); // the batch-1 sequence's blocks stay taken
-    let mut next_ids = Vec::new();
-    for b in 0..batch {
-        let key = 2 + b as u64;
-        ex.add_images(key, &images).unwrap();
-        let mut t = Vec::new();
-        alloc.ensure(&mut t, prompt.len() + 40).unwrap();
-        let chunk = SeqChunk { tokens: &prompt, start_pos: 0, block_table: &t, logits: LogitsWanted::Last };
-        let step = build_step(&[chunk], ex.block_size()).unwrap();
-        let out = ex.step_with_images(&step, &[Some(SeqImages { key, mask: mask.data() })]).unwrap();
-        next_ids.push(argmax(&out.logits));
-        tables.push(t);
-    }
-    let mut times = Vec::new();
-    for pos in prompt.len()..prompt.len() + 32 {
-        let tokens: Vec<[u32; 1]> = next_ids.iter().map(|&t| [t]).collect();
-        let chunks: Vec<SeqChunk<'_>> = (0..batch)
-            .map(|b| SeqChunk {
-                tokens: &tokens[b],
-                start_pos: pos,
-                block_table: &tables[b],
-                logits: LogitsWanted::Last,
-            })
-            .collect();
-        let step = build_step(&chunks, ex.block_size()).unwrap();
-        let imgs: Vec<Option<SeqImages<'_>>> =
-            (0..batch).map(|b| Some(SeqImages { key: 2 + b as u64, mask: &last })).collect();
-        let t0 = std::time::Instant::now();
-        let out = ex.step_with_images(&step, &imgs).unwrap();
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-        let vocab = out.logits.len() / batch;
-        next_ids = out.logits.chunks(vocab).map(argmax).collect();
-    }
-    times.sort_by(f64::total_cmp);
-    let ms = times[times.len() / 2];
-    println!("BENCH mllama_11b_decode_b16_4tile_ms_per_step {ms:.3} ({:.0} tok/s)", batch as f64 * 1e3 / ms);
+    crate::cuda_vision_quant::bench_decode(&mut ex, &cfg, "11b");
 }

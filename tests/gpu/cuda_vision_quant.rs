@@ -218,6 +218,13 @@ fn bench_w4a16(cfg: MllamaConfig, name: &str) {
         (total - free) as f64 / (1u64 << 30) as f64,
         total as f64 / (1u64 << 30) as f64
     );
+    bench_decode(&mut ex, &cfg, &format!("{name}_w4a16"));
+}
+
+/// Decode step times of `ex` (random weights of `cfg`'s shapes, room for 16 four-tile images and 16 sequences of
+/// 128 + 80 tokens): batch 1 with one 4-tile image, then batch 16 with 16 images (one image set each), each
+/// sequence prefilled first. Prints `BENCH mllama_{name}_decode_b{1,16}_4tile_ms_per_step` lines.
+pub(crate) fn bench_decode(ex: &mut MllamaCudaExecutor, cfg: &MllamaConfig, name: &str) {
     let (tiles, tpt, hidden) = (cfg.vision.max_num_tiles, cfg.vision.num_patches(), cfg.text.base.hidden_size);
     let images = EncodedImages { states: randn(9, tiles * tpt * hidden, 1.0), num_tiles: vec![4] };
     let prompt: Vec<u32> = std::iter::once(cfg.image_token_index).chain((0..127).map(|i| 1000 + i)).collect();
