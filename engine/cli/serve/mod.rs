@@ -1,0 +1,387 @@
+//! `llama32 serve` and `llama32 batch`: the engine thread behind the OpenAI server or an offline batch file.
+
+mod nodes;
+mod ranks;
+mod vision;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{load, load_tokenizer, ModelArgs};
+use crate::serve::batch::{run_batch, BatchOptions};
+use crate::serve::engine::{EngineConfig, EngineHandle};
+use crate::serve::http::{run_blocking, serve, ServerOptions};
+use crate::serve::loadgen::{run_load, LoadOptions};
+use crate::serve::{api::ServeContext, context_for};
+use crate::{Error, Result};
+
+use nodes::{follow_node, lead_nodes, node_role, Lead, Role};
+use ranks::tp_cuda_node_executor;
+pub(crate) use ranks::{
+    check_tensor_parallel, check_vision_tensor_parallel, tp_comm_kind, tp_cpu_executor, tp_cuda_executor, CudaRanks,
+};
+use vision::start_vision_engine;
+pub(crate) use vision::vision_logits_tp_cuda;
+
+/// Engine limits shared by `serve` and `batch`.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Most new tokens per engine step (prefill chunks are cut to fit).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Most sequences waiting for admission before new requests are refused (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_waiting: usize,
+    /// Name clients use in `model` (default: the model directory's name, or the preset's).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Longest sequence (prompt + output) served (default: the context length, capped to the KV cache).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Tensor-parallel ranks (1 = none). On --device cpu the ranks are threads of this process, each holding its
+    /// shard of the weights and KV cache; on `--device cuda[:K]` (text and Llama 3.2 Vision models) rank r runs on
+    /// GPU K + r, or on --devices.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel: usize,
+    /// CUDA devices of the ranks when --tensor-parallel N > 1 on CUDA, e.g. 0,1 or cuda:2,cuda:3 (rank r runs on
+    /// entry r mod the count, so `--devices 0` puts every rank on GPU 0). Default: cuda:K..K+N-1 for --device cuda:K.
+    #[arg(long)]
+    pub devices: Option<String>,
+    /// Nodes of a multi-node run (1: this machine alone). With M > 1, --tensor-parallel N is the total over all
+    /// nodes: each node runs N / M ranks on its own GPUs (`--device cuda[:K]` / --devices, one rank per GPU), all
+    /// joined in one NCCL group; node 0 serves (or runs the batch) and drives the others.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's number in a multi-node run, 0..M-1. Node 0 runs the server or the batch; node K > 0 only runs
+    /// its ranks as node 0 tells it (it ignores --input/--output and the server's address flags).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Node 0's host name or address, as every node (node 0 included) reaches it; required with --nnodes > 1.
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// Port on node 0 for NCCL's id rendezvous; node 0's control connection to the other nodes uses the next one.
+    #[arg(long, default_value_t = 29500)]
+    pub master_port: u16,
+    /// Seconds a multi-node run waits for the other nodes (the NCCL rendezvous, then the control connection).
+    #[arg(long, default_value_t = 600)]
+    pub node_timeout: u64,
+    /// Llama 3.2 Vision on CUDA: image tiles whose cross-attention K/V the decoder keeps at once, all requests
+    /// together. An image takes max_num_tiles (4) until its prompt has run, then only its real tiles; requests
+    /// whose images do not fit wait for room.
+    #[arg(long, default_value_t = 64)]
+    pub cross_attention_tiles: usize,
+}
+
+/// `llama32 serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+    /// Seconds the running requests get to finish after Ctrl-C / SIGTERM.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout: f64,
+}
+
+/// `llama32 batch`.
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// OpenAI batch input file (JSON lines with custom_id, method, url, body). Required, except on the follower
+    /// nodes of a multi-node run (--node-rank > 0), which ignore it.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Results file (JSON lines with custom_id, response, error), in input order; an existing one is resumed.
+    /// Required, except on follower nodes (ignored there).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Requests submitted to the engine and not yet finished.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// KV cache tokens on the CPU backend when `--kv-tokens` is not given (the CUDA backend sizes it from free memory).
+const CPU_DEFAULT_KV_TOKENS: usize = 16384;
+
+/// Starts the engine thread for `a` (the model is loaded there) and builds the handlers' context; `lead`: this is
+/// node 0 of a multi-node run ([`node_role`]).
+fn start_engine(a: &ModelArgs, e: &EngineArgs, lead: Option<Lead>) -> Result<(EngineHandle, ServeContext)> {
+    check_tensor_parallel(e.tensor_parallel, &a.device, e.devices.as_deref())?;
+    if let Some(dir) = super::vision::vision_dir(a, false)? {
+        check_vision_tensor_parallel(e.tensor_parallel, a.quantize.as_deref())?;
+        return start_vision_engine(a, e, &dir, lead);
+    }
+    let (_, source) = load::resolve_config(a)?;
+    let tok = load_tokenizer(a)?.map(Arc::new);
+    if tok.is_none() {
+        eprintln!("warning: no tokenizer found; only token-id prompts and token-id output will work");
+    }
+    let name = e.served_model_name.clone().unwrap_or_else(|| match (&a.model, &source) {
+        (Some(dir), _) => dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into()),
+        (None, load::Source::Preset(p)) => format!("llama-3.2-{}", p.name()),
+        (None, load::Source::Dir(d)) => d.display().to_string(),
+    });
+    let margs = a.clone();
+    let tp = e.tensor_parallel;
+    let devices = e.devices.clone();
+    let make = move || -> Result<Box<dyn crate::exec::Executor>> {
+        use crate::exec::Executor as _;
+        if tp > 1 && load::Device::parse(&margs.device)? != load::Device::Cpu {
+            let ranks = CudaRanks {
+                devices: devices.as_deref(),
+                comm: "auto",
+                share_when_short: false,
+                kv_tokens: margs.kv_tokens,
+                min_tokens: 1,
+            };
+            if let Some(lead) = &lead {
+                let m = tp_cuda_node_executor(&margs, &lead.node, &lead.placement, &ranks)?;
+                eprintln!(
+                    "loaded {} on {} in {:.1} s: KV cache {} blocks of {} tokens per rank",
+                    m.source_desc,
+                    m.device_name,
+                    m.load_secs,
+                    m.exec.num_blocks(),
+                    m.exec.block_size()
+                );
+                return lead_nodes(m.exec, lead);
+            }
+            let m = tp_cuda_executor(&margs, tp, &ranks)?;
+            eprintln!(
+                "loaded {} as {tp} tensor-parallel CUDA ranks on {} in {:.1} s: KV cache {} blocks of {} tokens per rank",
+                m.source_desc,
+                m.device_name,
+                m.load_secs,
+                m.exec.num_blocks(),
+                m.exec.block_size()
+            );
+            return Ok(Box::new(m.exec));
+        }
+        if tp > 1 {
+            let t0 = std::time::Instant::now();
+            let kv_tokens = margs.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS);
+            let exec = tp_cpu_executor(&margs, tp, kv_tokens)?;
+            eprintln!(
+                "loaded {} as {tp} tensor-parallel CPU ranks in {:.1} s: KV cache {} blocks of {} tokens per rank",
+                load::resolve_config(&margs)?.1.describe(),
+                t0.elapsed().as_secs_f64(),
+                exec.num_blocks(),
+                exec.block_size()
+            );
+            return Ok(Box::new(exec));
+        }
+        let min_tokens = if margs.device == "cpu" { margs.kv_tokens.unwrap_or(CPU_DEFAULT_KV_TOKENS) } else { 1 };
+        let m = load::load_model(&margs, min_tokens)?;
+        eprintln!(
+            "loaded {} on {} in {:.1} s: KV cache {} blocks of {} tokens",
+            m.source_desc,
+            m.device_name,
+            m.load_secs,
+            m.exec.num_blocks(),
+            m.exec.block_size()
+        );
+        Ok(m.exec)
+    };
+    let cfg = EngineConfig {
+        max_step_tokens: e.max_num_batched_tokens,
+        max_seqs: e.max_num_seqs,
+        max_waiting: e.max_waiting,
+        max_model_len: e.max_model_len,
+    };
+    let engine = EngineHandle::start(make, tok.clone(), cfg)?;
+    let ctx = context_for(a.model.as_deref(), tok, engine.info().clone(), name)?;
+    Ok((engine, ctx))
+}
+
+/// Runs `llama32 serve` until Ctrl-C / SIGTERM.
+pub fn cmd_serve(a: ServeArgs) -> Result<()> {
+    if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
+        return Err(Error::request("--shutdown-timeout must be a number of seconds >= 0"));
+    }
+    let lead = match node_role(&a.model, &a.engine)? {
+        Role::Follow(node) => return follow_node(&a.model, &a.engine, &node),
+        Role::Lead(lead) => Some(lead),
+        Role::Alone => None,
+    };
+    let (engine, ctx) = start_engine(&a.model, &a.engine, lead)?;
+    eprintln!("serving model `{}` (max_model_len {} tokens)", ctx.model_name, ctx.info.max_model_len);
+    let opts = ServerOptions {
+        host: a.host,
+        port: a.port,
+        max_body_bytes: a.max_body_bytes,
+        shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
+    };
+    run_blocking(engine, ctx, opts)
+}
+
+/// Runs `llama32 batch` and prints its summary as JSON.
+pub fn cmd_batch(a: BatchArgs) -> Result<()> {
+    // A follower node (--node-rank > 0; `node_role` checks the rest) runs node 0's steps: it needs (and reads) no
+    // batch file.
+    let files = if a.engine.node_rank == 0 {
+        if a.max_in_flight == 0 {
+            return Err(Error::request("--max-in-flight must be at least 1"));
+        }
+        let note = "(only the follower nodes of a multi-node run, --node-rank > 0, run without it)";
+        let input = a.input.ok_or_else(|| Error::request(format!("--input FILE is required {note}")))?;
+        let output = a.output.ok_or_else(|| Error::request(format!("--output FILE is required {note}")))?;
+        if !input.is_file() {
+            return Err(Error::request(format!("--input {}: no such file", input.display())));
+        }
+        Some((input, output))
+    } else {
+        None
+    };
+    let lead = match node_role(&a.model, &a.engine)? {
+        Role::Follow(node) => return follow_node(&a.model, &a.engine, &node),
+        Role::Lead(lead) => Some(lead),
+        Role::Alone => None,
+    };
+    let (input, output) = files.ok_or_else(|| Error::Backend("batch: no input on node 0".into()))?;
+    let (engine, ctx) = start_engine(&a.model, &a.engine, lead)?;
+    let opts = BatchOptions { input, output, max_in_flight: a.max_in_flight, progress: !a.no_progress };
+    let summary = run_batch(&engine, &ctx, &opts);
+    engine.shutdown(None);
+    engine.join();
+    let summary = summary?;
+    println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    Ok(())
+}
+
+/// `llama32 bench-serve`.
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// A running server (`HOST:PORT`); without it, the model is served in-process on a free loopback port.
+    #[arg(long)]
+    url: Option<String>,
+    /// Comma-separated numbers of concurrent streaming clients, one load level each.
+    #[arg(long, default_value = "1,16,64,256")]
+    clients: String,
+    /// Requests each client sends one after another, per level.
+    #[arg(long, default_value_t = 4)]
+    requests_per_client: usize,
+    /// Prompt tokens per request (random ids).
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Generated tokens per request.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+}
+
+/// Runs `llama32 bench-serve`: one JSON line per load level with TTFT, ITL and throughput.
+pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
+    if a.url.is_some() && a.engine.nnodes > 1 {
+        return Err(Error::request("--url measures a running server: leave out --nnodes (start the nodes with serve)"));
+    }
+    let lead = match node_role(&a.model, &a.engine)? {
+        Role::Follow(node) => return follow_node(&a.model, &a.engine, &node),
+        Role::Lead(lead) => Some(lead),
+        Role::Alone => None,
+    };
+    let levels = super::parse_ids(&a.clients, "--clients")?;
+    if levels.contains(&0) || a.requests_per_client == 0 || a.prompt_tokens == 0 || a.max_tokens == 0 {
+        return Err(Error::request(
+            "--clients, --requests-per-client, --prompt-tokens and --max-tokens must be positive",
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Backend(format!("tokio runtime: {e}")))?;
+    let mut base = LoadOptions {
+        addr: "127.0.0.1:0".parse().map_err(|_| Error::Backend("address".into()))?,
+        clients: 1,
+        requests_per_client: a.requests_per_client,
+        prompt_tokens: a.prompt_tokens,
+        max_tokens: a.max_tokens,
+        vocab: 128000,
+        model: String::new(),
+    };
+    let report = |r: &crate::serve::loadgen::LoadResult, base: &LoadOptions| {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        v["prompt_tokens"] = base.prompt_tokens.into();
+        v["max_tokens"] = base.max_tokens.into();
+        v["requests_per_client"] = base.requests_per_client.into();
+        println!("{v}");
+    };
+    if let Some(url) = &a.url {
+        let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+        base.addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+            .ok()
+            .and_then(|mut it| it.next())
+            .ok_or_else(|| Error::request(format!("--url: cannot resolve `{url}` (expected HOST:PORT)")))?;
+        base.model = a.engine.served_model_name.clone().unwrap_or_default();
+        if base.model.is_empty() {
+            return Err(Error::request("--url needs --served-model-name (the `model` to send)"));
+        }
+        for &c in &levels {
+            let r = rt.block_on(run_load(&LoadOptions { clients: c as usize, ..base.clone() }));
+            report(&r, &base);
+        }
+        return Ok(());
+    }
+    let (engine, ctx) = start_engine(&a.model, &a.engine, lead)?;
+    base.vocab = ctx.info.config.vocab_size.min(128000) as u32;
+    base.model = ctx.model_name.clone();
+    let need = a.prompt_tokens + a.max_tokens;
+    if need > ctx.info.max_model_len {
+        return Err(Error::request(format!(
+            "--prompt-tokens + --max-tokens ({need}) exceed max_model_len {}",
+            ctx.info.max_model_len
+        )));
+    }
+    let ctx = Arc::new(ctx);
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| Error::Backend(format!("bind 127.0.0.1:0: {e}")))?;
+        base.addr = listener.local_addr().map_err(|e| Error::Backend(format!("local address: {e}")))?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let opts =
+            ServerOptions { port: base.addr.port(), shutdown_timeout: Duration::from_secs(5), ..Default::default() };
+        let server = tokio::spawn(serve(listener, engine.clone(), ctx.clone(), opts, async move {
+            let _ = stop_rx.await;
+        }));
+        // Warm-up: one short request (first-call costs stay out of the figures).
+        let warm = LoadOptions { clients: 1, requests_per_client: 1, max_tokens: 4, ..base.clone() };
+        let w = run_load(&warm).await;
+        if w.ok != 1 {
+            eprintln!("warm-up failed: {:?}", w.first_error);
+        }
+        for &c in &levels {
+            let r = run_load(&LoadOptions { clients: c as usize, ..base.clone() }).await;
+            report(&r, &base);
+        }
+        let _ = stop_tx.send(());
+        match server.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Backend(format!("server task: {e}"))),
+        }
+    })
+}
