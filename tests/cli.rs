@@ -394,3 +394,50 @@ fn vision_logits_and_generate_with_images() {
     cmd.args(["logits", "--ids", &ids, "--out", "/tmp/never.npy", "--image", "/nonexistent.png", "--model"]).arg(&dir);
     fails_with(&mut cmd, &["/nonexistent.png"]);
 }
+
+/// `--random-weights` for a Llama 3.2 Vision directory that holds only its config: `logits --image` runs the
+/// random model (the library's `MllamaModel::random` with the same seed, bit for bit), a different seed changes
+/// it, and tensor parallelism refuses it (the ranks read their slices from the checkpoint).
+#[test]
+fn vision_random_weights_need_only_the_config() {
+    let g = golden("mllama-noresize");
+    let dir = std::env::temp_dir().join(format!("llama32-vision-random-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(g.join(f), dir.join(f)).unwrap();
+    }
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(g.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = reference["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let ids_arg: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let image = g.join("image0.png");
+    let logits = |seed: &str, extra: &[&str]| -> Output {
+        let out = dir.join(format!("seed{seed}.npy"));
+        bin()
+            .args(["logits", "--random-weights", "--weights-seed", seed, "--ids", &ids_arg.join(","), "--out"])
+            .arg(&out)
+            .arg("--model")
+            .arg(&dir)
+            .arg("--image")
+            .arg(&image)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let read = |seed: &str| llama32::npy::read_f32(&dir.join(format!("seed{seed}.npy"))).unwrap().data;
+    let o = logits("7", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = llama32::vision::pipeline::MllamaModel::random(&dir, 7, None).unwrap();
+    let enc = m.encode(&[("image0.png".into(), std::fs::read(&image).unwrap())]).unwrap();
+    let want = m.logits(&ids, &enc).unwrap();
+    let got = read("7");
+    assert_eq!(
+        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    assert!(logits("8", &[]).status.success());
+    assert_ne!(read("8"), got);
+    let o = logits("7", &["--tensor-parallel", "2"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--random-weights"), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

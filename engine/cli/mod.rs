@@ -269,7 +269,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let tp = a.tensor_parallel;
     serve::check_tensor_parallel(tp, &a.model.device, a.devices.as_deref())?;
     if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
-        serve::check_vision_tensor_parallel(tp, a.model.quantize.as_deref())?;
+        serve::check_vision_tensor_parallel(tp, &a.model)?;
         if tp > 1 && Device::parse(&a.model.device)? != Device::Cpu {
             let ranks = (tp, a.devices.as_deref());
             return serve::vision_logits_tp_cuda(&a.model, &dir, &ids, &a.image, &a.out, ranks);

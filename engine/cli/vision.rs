@@ -16,8 +16,10 @@ pub fn vision_dir(m: &ModelArgs, has_images: bool) -> Result<Option<PathBuf>> {
     match &m.model {
         Some(dir) if is_mllama_dir(dir) => {
             super::load::Device::parse(&m.device)?;
-            if m.random_weights || m.preset.is_some() {
-                return Err(Error::request("--random-weights / --preset are not supported for vision models yet"));
+            if m.preset.is_some() {
+                return Err(Error::request(
+                    "--preset: Llama 3.2 Vision runs from --model DIR (a config.json is enough with --random-weights)",
+                ));
             }
             Ok(Some(dir.clone()))
         }
@@ -28,11 +30,16 @@ pub fn vision_dir(m: &ModelArgs, has_images: bool) -> Result<Option<PathBuf>> {
     }
 }
 
-/// Loads `dir` on the CPU reference (its projections quantized by `--quantize` when given) and encodes `images`.
+/// Loads `dir` on the CPU reference (random weights with `--random-weights`; projections quantized by
+/// `--quantize` when given) and encodes `images`.
 fn load(m: &ModelArgs, dir: &Path, images: &[PathBuf]) -> Result<(MllamaModel, EncodedImages)> {
     let t0 = Instant::now();
     let quantize = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
-    let model = MllamaModel::load_with(dir, quantize)?;
+    let model = if m.random_weights {
+        MllamaModel::random(dir, m.weights_seed, quantize)?
+    } else {
+        MllamaModel::load_with(dir, quantize)?
+    };
     let enc = model.encode(&read_images(images)?)?;
     eprintln!(
         "loaded {} and encoded {} image(s) ({:?} tiles) in {:.2} s",
@@ -101,7 +108,11 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
         return Err(Error::request("--block-size must be positive"));
     }
     let t0 = Instant::now();
-    let mut encoder = crate::vision::pipeline::ImageEncoder::load(dir)?;
+    let mut encoder = if m.random_weights {
+        crate::vision::pipeline::ImageEncoder::random(dir, m.weights_seed)?
+    } else {
+        crate::vision::pipeline::ImageEncoder::load(dir)?
+    };
     let cfg = encoder.cfg.clone();
     let mask = if images.is_empty() {
         None
@@ -129,7 +140,8 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
         max_graph_batch: m.cuda_graph_max_batch,
         ..Default::default()
     };
-    let mut exec = cuda_text_decoder(m.quantize.as_deref(), dir, &cfg, &opts)?;
+    let mut exec =
+        cuda_text_decoder((m.quantize.as_deref(), m.random_weights.then_some(m.weights_seed)), dir, &cfg, &opts)?;
     let none = EncodedImages { states: Vec::new(), num_tiles: Vec::new() };
     match &mask {
         Some((mask, enc)) => prefill_to_npy(&mut exec, &cfg, m.block_size, ids, enc, Some(mask), out),
@@ -139,17 +151,24 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
 
 /// The single-GPU CUDA text decoder of the Llama 3.2 Vision checkpoint `dir`, read and uploaded one layer at a
 /// time ([`crate::vision::weights::TextSource`]), so the host never holds the whole model: bf16, a quantized
-/// checkpoint's int4 projections, or the bf16 checkpoint quantized on reading by `quantize` (`--quantize`). Shows a
-/// progress bar over the layers.
+/// checkpoint's int4 projections, or the bf16 checkpoint quantized on reading by `quantize` (`--quantize`); with
+/// `random_seed` (`--random-weights`) random weights at the config's shapes instead (int4 ones with `quantize`).
+/// Shows a progress bar over the layers.
 pub(crate) fn cuda_text_decoder(
-    quantize: Option<&str>,
+    (quantize, random_seed): (Option<&str>, Option<u64>),
     dir: &Path,
     cfg: &MllamaConfig,
     opts: &crate::vision::cuda::text::MllamaCudaOptions,
 ) -> Result<crate::vision::cuda::text::MllamaCudaExecutor> {
     let quantize = quantize.map(crate::quant::Scheme::parse).transpose()?;
-    let ckpt = crate::weights::Checkpoint::open(dir)?;
-    let src = crate::vision::weights::TextSource::checkpoint(&ckpt, cfg, quantize)?;
+    let ckpt;
+    let src = match random_seed {
+        Some(seed) => crate::vision::weights::TextSource::random(cfg, seed, quantize),
+        None => {
+            ckpt = crate::weights::Checkpoint::open(dir)?;
+            crate::vision::weights::TextSource::checkpoint(&ckpt, cfg, quantize)?
+        }
+    };
     let t0 = Instant::now();
     let bar = indicatif::ProgressBar::new(cfg.text.base.num_hidden_layers as u64).with_style(
         indicatif::ProgressStyle::with_template("uploading the text decoder {bar:40} {pos}/{len} layers {eta}")

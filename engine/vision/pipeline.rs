@@ -63,6 +63,14 @@ impl MllamaModel {
         Self::load_with(dir, None)
     }
 
+    /// Random weights at the shapes of `dir`'s config (its weights are not read; the directory needs only
+    /// config.json), reproducible from `seed` ([`MllamaWeights::random_with`]): for benchmarks and smoke runs.
+    pub fn random(dir: &Path, seed: u64, quantize: Option<crate::quant::Scheme>) -> Result<Self> {
+        let (cfg, processor) = open_config(dir)?;
+        let weights = MllamaWeights::random_with(&cfg, seed, quantize)?;
+        Ok(MllamaModel { cfg, weights, processor, dir: dir.to_path_buf() })
+    }
+
     /// [`load`](Self::load) with the language model's projections quantized on reading by `quantize` (`llama32
     /// ... --quantize SCHEME`; see [`MllamaWeights::load_with`]).
     pub fn load_with(dir: &Path, quantize: Option<crate::quant::Scheme>) -> Result<Self> {
@@ -182,9 +190,14 @@ impl MllamaModel {
 /// (`preprocessor_config.json`; when absent, the Llama 3.2 Vision preprocessor with the config's tile size and
 /// tile count).
 fn open_parts(dir: &Path) -> Result<(MllamaConfig, Checkpoint, ImageProcessor)> {
+    let (cfg, processor) = open_config(dir)?;
+    Ok((cfg, Checkpoint::open(dir)?, processor))
+}
+
+/// The config (with generation_config.json merged) and the image processor of `dir`, without its weights.
+fn open_config(dir: &Path) -> Result<(MllamaConfig, ImageProcessor)> {
     let mut cfg = MllamaConfig::from_model_dir(dir)?;
     cfg.merge_generation_config(dir)?;
-    let ckpt = Checkpoint::open(dir)?;
     let pre_path = dir.join("preprocessor_config.json");
     let pre = if pre_path.exists() {
         PreprocessorConfig::from_file(&pre_path)?
@@ -205,7 +218,7 @@ fn open_parts(dir: &Path) -> Result<(MllamaConfig, Checkpoint, ImageProcessor)> 
             ),
         ));
     }
-    Ok((cfg, ckpt, ImageProcessor::new(pre)?))
+    Ok((cfg, ImageProcessor::new(pre)?))
 }
 
 /// The vision half of a model: preprocessing, the vision encoder and the projector (the text weights left out).
@@ -240,6 +253,15 @@ impl ImageEncoder {
     pub fn load(dir: &Path) -> Result<Self> {
         let (cfg, ckpt, processor) = open_parts(dir)?;
         let weights = MllamaWeights::load_vision(&ckpt, &cfg)?;
+        let cache = std::sync::Mutex::new(EncoderCache::default());
+        Ok(ImageEncoder { cfg, weights, processor, dir: dir.to_path_buf(), cache, cuda: None })
+    }
+
+    /// The vision half with random weights (as [`MllamaModel::random`] draws them) at the shapes of `dir`'s
+    /// config, whose weights are not read.
+    pub fn random(dir: &Path, seed: u64) -> Result<Self> {
+        let (cfg, processor) = open_config(dir)?;
+        let weights = MllamaWeights::random_vision(&cfg, seed)?;
         let cache = std::sync::Mutex::new(EncoderCache::default());
         Ok(ImageEncoder { cfg, weights, processor, dir: dir.to_path_buf(), cache, cuda: None })
     }

@@ -423,6 +423,19 @@ impl MllamaWeights {
         Self::build(&Reader::new(cfg, Source::Random(seed)), cfg)
     }
 
+    /// [`random`](Self::random) with the language model's projections generated in int4 by `quantize` (as
+    /// [`TextSource::random`] does), keeping their exact dequantization for the CPU reference.
+    pub fn random_with(cfg: &MllamaConfig, seed: u64, quantize: Option<Scheme>) -> Result<Self> {
+        let mut r = Reader::new(cfg, Source::Random(seed));
+        r.quantize = quantize;
+        Self::build(&r, cfg)
+    }
+
+    /// The vision encoder and projector of [`random`](Self::random) alone (the text part is empty).
+    pub fn random_vision(cfg: &MllamaConfig, seed: u64) -> Result<Self> {
+        Self::build_vision(&Reader::new(cfg, Source::Random(seed)), cfg)
+    }
+
     /// Checks `ckpt` against `cfg` and converts only the vision encoder and projector tensors to f32 (the text
     /// part is left empty): what an image encoder needs when the text decoder is loaded elsewhere, e.g. as
     /// tensor-parallel ranks that read their own slices.

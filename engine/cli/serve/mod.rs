@@ -130,7 +130,7 @@ const CPU_DEFAULT_KV_TOKENS: usize = 16384;
 fn start_engine(a: &ModelArgs, e: &EngineArgs, lead: Option<Lead>) -> Result<(EngineHandle, ServeContext)> {
     check_tensor_parallel(e.tensor_parallel, &a.device, e.devices.as_deref())?;
     if let Some(dir) = super::vision::vision_dir(a, false)? {
-        check_vision_tensor_parallel(e.tensor_parallel, a.quantize.as_deref())?;
+        check_vision_tensor_parallel(e.tensor_parallel, a)?;
         return start_vision_engine(a, e, &dir, lead);
     }
     let (_, source) = load::resolve_config(a)?;

@@ -217,7 +217,7 @@ pub(super) fn node_role(a: &ModelArgs, e: &EngineArgs) -> Result<Role> {
         return Ok(Role::Alone);
     };
     if let Some(dir) = crate::cli::vision::vision_dir(a, false)? {
-        check_vision_tensor_parallel(node.tp, a.quantize.as_deref())?;
+        check_vision_tensor_parallel(node.tp, a)?;
         let cfg = crate::vision::config::MllamaConfig::from_model_dir(&dir)?;
         crate::tp::TpPlan::new(&cfg.text.base, node.tp)?;
     } else {

@@ -34,9 +34,20 @@ pub(crate) fn check_tensor_parallel(tp: usize, device: &str, devices: Option<&st
 /// Checks `--tensor-parallel N` for a Llama 3.2 Vision checkpoint before anything loads, besides
 /// [`check_tensor_parallel`]: any N runs on `--device cpu` (in-process CPU ranks) and on `--device cuda[:K]` (CUDA
 /// ranks, [`crate::tp::cuda_vision::TpMllamaCudaExecutor`]); N > 1 refuses `--quantize`, as for text models.
-pub(crate) fn check_vision_tensor_parallel(tp: usize, quantize: Option<&str>) -> Result<()> {
+pub(crate) fn check_vision_tensor_parallel(tp: usize, a: &ModelArgs) -> Result<()> {
+    check_vision_tp_flags(tp, a.quantize.as_deref(), a.random_weights)
+}
+
+/// [`check_vision_tensor_parallel`] on the flags themselves.
+fn check_vision_tp_flags(tp: usize, quantize: Option<&str>, random_weights: bool) -> Result<()> {
     if tp > 1 && quantize.is_some() {
         return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
+    }
+    if tp > 1 && random_weights {
+        return Err(Error::request(
+            "--tensor-parallel > 1 reads each rank's slices from the checkpoint: --random-weights is not supported \
+             with it for Llama 3.2 Vision",
+        ));
     }
     Ok(())
 }
@@ -349,10 +360,12 @@ mod tests {
         assert!(e(check_tensor_parallel(2, "cpu", Some("0"))).contains("--devices 0"));
         assert!(e(check_tensor_parallel(1, "cuda", Some("0"))).contains("--devices 0"));
         // Vision checkpoints take any degree on either device; only a quantized tensor-parallel run is refused.
-        assert!(check_vision_tensor_parallel(1, None).is_ok());
-        assert!(check_vision_tensor_parallel(4, None).is_ok());
-        assert!(check_vision_tensor_parallel(1, Some("w4a16-g32")).is_ok());
-        let v = e(check_vision_tensor_parallel(2, Some("w4a16-g32")));
+        assert!(check_vision_tp_flags(1, None, false).is_ok());
+        assert!(check_vision_tp_flags(4, None, false).is_ok());
+        assert!(check_vision_tp_flags(1, Some("w4a16-g32"), true).is_ok());
+        let v = e(check_vision_tp_flags(2, Some("w4a16-g32"), false));
         assert!(v.contains("--tensor-parallel > 1") && v.contains("quantized"), "{v}");
+        let v = e(check_vision_tp_flags(2, None, true));
+        assert!(v.contains("--random-weights"), "{v}");
     }
 }

@@ -50,10 +50,20 @@ pub(super) fn start_vision_engine(
     // the checkpoint one layer at a time in the engine thread (`cli::vision::cuda_text_decoder`).
     let (mut encoder, text) = if tp == 1 && cuda_tp.is_none() && device == load::Device::Cpu {
         let quantize = a.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
-        let (encoder, text) = crate::vision::pipeline::MllamaModel::load_with(dir, quantize)?.split();
+        let model = if a.random_weights {
+            crate::vision::pipeline::MllamaModel::random(dir, a.weights_seed, quantize)?
+        } else {
+            crate::vision::pipeline::MllamaModel::load_with(dir, quantize)?
+        };
+        let (encoder, text) = model.split();
         (encoder, Some(text))
     } else {
-        (crate::vision::pipeline::ImageEncoder::load(dir)?, None)
+        let encoder = if a.random_weights {
+            crate::vision::pipeline::ImageEncoder::random(dir, a.weights_seed)?
+        } else {
+            crate::vision::pipeline::ImageEncoder::load(dir)?
+        };
+        (encoder, None)
     };
     eprintln!("loaded {} (Llama 3.2 Vision) in {:.1} s", dir.display(), t0.elapsed().as_secs_f64());
     let cfg = encoder.cfg.clone();
@@ -73,6 +83,7 @@ pub(super) fn start_vision_engine(
     // The CUDA text decoder: `--kv-tokens` exactly, or what fits under --gpu-memory-utilization.
     let cuda_opts = vision_cuda_options(a, e, cuda_device.unwrap_or(0));
     let quantize = a.quantize.clone();
+    let random_seed = a.random_weights.then_some(a.weights_seed);
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
         use crate::exec::Executor as _;
         if let Some((placement, kind)) = cuda_tp {
@@ -117,7 +128,12 @@ pub(super) fn start_vision_engine(
         }
         match text {
             None if matches!(device, load::Device::Cuda(_)) => {
-                let exec = crate::cli::vision::cuda_text_decoder(quantize.as_deref(), &ckpt_dir, &cfg, &cuda_opts)?;
+                let exec = crate::cli::vision::cuda_text_decoder(
+                    (quantize.as_deref(), random_seed),
+                    &ckpt_dir,
+                    &cfg,
+                    &cuda_opts,
+                )?;
                 eprintln!(
                     "Llama 3.2 Vision text decoder on cuda:{}: KV cache {} blocks of {} tokens ({} tokens{}), {} \
                      cross-attention tiles",
