@@ -441,3 +441,22 @@ fn vision_random_weights_need_only_the_config() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--random-weights"), "{}", String::from_utf8_lossy(&o.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `llama32 plan --quantize`: 90B Vision in W4A16 fits one H100 (in bf16 it needs four), with int4 bytes for the
+/// projections and the int4 kernels' measured efficiency among the inputs; a bad scheme is named.
+#[test]
+fn plan_models_quantized_projections() {
+    let plan = |extra: &[&str]| run(bin().args(["plan", "--model", "90b-vision", "--tp", "1", "--json"]).args(extra));
+    let v: Value = serde_json::from_slice(&plan(&["--quantize", "w4a16-g32"]).stdout).unwrap();
+    assert_eq!(v["quantize"], "w4a16-g32");
+    assert_eq!(v["detail"]["fits"], true);
+    assert!(v["gpu"]["int4_efficiency"]["source"].as_str().unwrap().contains("measured"));
+    let bf16: Value = serde_json::from_slice(&plan(&[]).stdout).unwrap();
+    assert_eq!(bf16["detail"]["fits"], false);
+    let (q, b) =
+        (v["detail"]["weight_bytes_total"].as_f64().unwrap(), bf16["detail"]["weight_bytes_total"].as_f64().unwrap());
+    assert!(q < b * 0.35 && q > b * 0.25, "{q} vs {b}");
+    let o = bin().args(["plan", "--model", "90b-vision", "--quantize", "w3a16"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("w3a16"), "{}", String::from_utf8_lossy(&o.stderr));
+}

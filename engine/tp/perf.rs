@@ -12,7 +12,9 @@
 //! ```
 //!
 //! with `allreduces = 2 * num_hidden_layers + 1` (o and down of every layer, cross-attention layers included,
-//! plus the vocab-parallel embedding) and the communication terms zero at tp = 1.
+//! plus the vocab-parallel embedding) and the communication terms zero at tp = 1. With a quantization scheme
+//! ([`predict_with`]) the language model's projections take int4 bytes and are read at the int4 kernels' measured
+//! efficiency instead: `t_mem += int4_bytes_rank / (hbm_copy_gbps * int4_efficiency)`.
 
 use std::path::Path;
 
@@ -20,6 +22,7 @@ use serde::Serialize;
 
 use super::plan::{vision_split, Split, TpPlan};
 use crate::config::{LlamaConfig, Preset};
+use crate::quant::Scheme;
 use crate::vision::config::{MllamaConfig, MllamaPreset};
 use crate::{Error, Result};
 
@@ -56,6 +59,8 @@ pub struct Gpu {
     pub hbm_copy_gbps: Figure,
     /// Achieved fraction of the copy bandwidth in a whole decode step.
     pub decode_efficiency: Figure,
+    /// Achieved fraction of the copy bandwidth of the int4 projection kernels at decode batch sizes (W4A16, m <= 16).
+    pub int4_efficiency: Figure,
     /// NVLink bandwidth per direction per GPU.
     pub link_gbps_per_direction: Figure,
     /// Fixed cost of one small all-reduce (or all-gather) across the group.
@@ -81,6 +86,13 @@ impl Gpu {
                     "fraction",
                     "measured: 3B bf16 decode at batch 1, 3.03 ms/step vs its 2.13 ms copy roofline \
                      (bench/results/2026-11-26-h100-suite-graphs-gemv-sampling.md)",
+                ),
+                int4_efficiency: fig(
+                    0.53,
+                    "fraction",
+                    "measured on an H200 (bench/results/2026-11-27-h200-suite-quant-vision-tp.md): W4A16 at m = 1 on the \
+                     90B gate_up and down shapes, 0.58 and 0.44 of the copy ceiling, weighted by their bytes; applied \
+                     as a fraction of this GPU's copy bandwidth (W4A8 assumed the same)",
                 ),
                 link_gbps_per_direction: fig(
                     450.0,
@@ -110,6 +122,13 @@ impl Gpu {
                     "fraction",
                     "measured: 3B bf16 decode at batch 1, 2.476 ms/step on an H200 vs its 1.54 ms copy roofline \
                      (bench/results/2026-11-27-h200-suite-quant-vision-tp.md)",
+                ),
+                int4_efficiency: fig(
+                    0.53,
+                    "fraction",
+                    "measured on an H200 (bench/results/2026-11-27-h200-suite-quant-vision-tp.md): W4A16 at m = 1 on the \
+                     90B gate_up and down shapes, 0.58 and 0.44 of the copy ceiling, weighted by their bytes; applied \
+                     as a fraction of this GPU's copy bandwidth (W4A8 assumed the same)",
                 ),
                 link_gbps_per_direction: fig(
                     450.0,
@@ -180,8 +199,9 @@ impl ModelShape {
         }
     }
 
-    /// Every checkpoint tensor with its shape and rank 0's split under `plan`, and whether decode reads it.
-    fn rank_tensors(&self, plan: &TpPlan) -> Result<Vec<(f64, f64, bool)>> {
+    /// Every checkpoint tensor: its values in all and on rank 0 under `plan`, whether decode reads it, and whether
+    /// `llama32 quantize` turns it into int4 (the language model's q/k/v/o/gate/up/down projections).
+    fn rank_tensors(&self, plan: &TpPlan) -> Result<Vec<(f64, f64, bool, bool)>> {
         let rows: Vec<(String, Vec<usize>, Split)> = match &self.vision {
             None => plan.tensor_shards(0)?.into_iter().map(|s| (s.name, s.shape, s.split)).collect(),
             Some(v) => crate::vision::weights::expected_tensors(v)
@@ -199,7 +219,11 @@ impl ModelShape {
                 let decode_reads = !((name.ends_with("embed_tokens.weight") && !tied)
                     || name.starts_with("vision_model.")
                     || name.starts_with("multi_modal_projector."));
-                (full as f64, mine as f64, decode_reads)
+                let projection = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                    .iter()
+                    .any(|p| name.ends_with(&format!(".{p}.weight")));
+                let quantizable = projection && !name.starts_with("vision_model.");
+                (full as f64, mine as f64, decode_reads, quantizable)
             })
             .collect())
     }
@@ -221,7 +245,7 @@ pub struct Workload {
 pub struct Prediction {
     /// Ranks.
     pub tp: usize,
-    /// Weight bytes one rank holds (bf16), replicated parts included.
+    /// Weight bytes one rank holds (bf16, quantized projections in int4), replicated parts included.
     pub weight_bytes_per_rank: f64,
     /// Weight bytes of the whole model.
     pub weight_bytes_total: f64,
@@ -253,13 +277,41 @@ pub struct Prediction {
     pub tokens_per_s: f64,
 }
 
-/// Predicts decode for `shape` over `tp` ranks of `gpu`.
+/// Predicts decode for `shape` over `tp` ranks of `gpu` in bf16.
 pub fn predict(shape: &ModelShape, tp: usize, gpu: &Gpu, w: &Workload) -> Result<Prediction> {
+    predict_with(shape, tp, gpu, w, None)
+}
+
+/// Bytes per value of a quantized projection: int4 plus the group scales (bf16 for W4A16; the W4A8 kernels keep
+/// f32 scales).
+fn int4_bytes(scheme: Scheme) -> f64 {
+    let scale = if scheme.act == crate::quant::ActQuant::None { 2.0 } else { 4.0 };
+    0.5 + scale / scheme.group as f64
+}
+
+/// [`predict`] with the language model's projections quantized by `quant`: they take [`int4_bytes`] per value and
+/// are read at the int4 kernels' efficiency ([`Gpu::int4_efficiency`]), everything else as in bf16. Decode batch
+/// sizes only (the W4A16 path dequantizes to bf16 above 64 rows, which this does not model).
+pub fn predict_with(
+    shape: &ModelShape,
+    tp: usize,
+    gpu: &Gpu,
+    w: &Workload,
+    quant: Option<Scheme>,
+) -> Result<Prediction> {
     let plan = TpPlan::new(&shape.text, tp)?;
     let tensors = shape.rank_tensors(&plan)?;
-    let total: f64 = tensors.iter().map(|t| t.0).sum::<f64>() * BF16;
-    let mine: f64 = tensors.iter().map(|t| t.1).sum::<f64>() * BF16;
-    let decode: f64 = tensors.iter().filter(|t| t.2).map(|t| t.1).sum::<f64>() * BF16;
+    let per_value = |q: bool| match (q, quant) {
+        (true, Some(s)) => int4_bytes(s),
+        _ => BF16,
+    };
+    let total: f64 = tensors.iter().map(|t| t.0 * per_value(t.3)).sum();
+    let mine: f64 = tensors.iter().map(|t| t.1 * per_value(t.3)).sum();
+    let read = |q: bool| -> f64 {
+        tensors.iter().filter(|t| t.2 && (t.3 && quant.is_some()) == q).map(|t| t.1 * per_value(t.3)).sum()
+    };
+    let (decode_dense, decode_int4) = (read(false), read(true));
+    let decode = decode_dense + decode_int4;
     let c = &shape.text;
     let kv_heads = plan.kv_heads_per_rank() as f64;
     let per_layer_token = 2.0 * kv_heads * c.head_dim as f64 * BF16;
@@ -274,7 +326,8 @@ pub fn predict(shape: &ModelShape, tp: usize, gpu: &Gpu, w: &Workload) -> Result
     let (b, n) = (w.batch as f64, tp as f64);
     let bw = gpu.hbm_copy_gbps.value * 1e9 * gpu.decode_efficiency.value;
     let kv_read = b * w.context as f64 * kv_tok + b * w.images as f64 * cross_img;
-    let t_mem = (decode + kv_read) / bw;
+    let int4_bw = gpu.hbm_copy_gbps.value * 1e9 * gpu.int4_efficiency.value;
+    let t_mem = (decode_dense + kv_read) / bw + decode_int4 / int4_bw;
     let allreduces = 2 * c.num_hidden_layers + 1;
     let payload_token = allreduces as f64 * c.hidden_size as f64 * BF16;
     let link = gpu.link_gbps_per_direction.value * 1e9;
@@ -343,6 +396,27 @@ mod tests {
         let w = Workload { batch: 1, context: 2048, images: 0 };
         let shape = ModelShape::resolve("90b-vision").unwrap();
         assert!(!predict(&shape, 1, &gpu, &w).unwrap().fits && predict(&shape, 2, &gpu, &w).unwrap().fits);
+    }
+
+    #[test]
+    fn ninety_b_vision_in_w4a16_fits_one_h100() {
+        let shape = ModelShape::resolve("90b-vision").unwrap();
+        let gpu = Gpu::by_name("h100").unwrap();
+        let w = Workload { batch: 1, context: 2048, images: 1 };
+        let bf16 = predict(&shape, 1, &gpu, &w).unwrap();
+        let q = predict_with(&shape, 1, &gpu, &w, Some(Scheme::W4A16_G32)).unwrap();
+        assert!(!bf16.fits && q.fits, "{} GB", q.weight_bytes_per_rank / 1e9);
+        // About 86 B projection values at 0.5625 B, plus 2.1 B bf16 values (embeddings, lm_head, the vision tower).
+        assert!((q.weight_bytes_total / 1e9 - 53.0).abs() < 3.0, "{}", q.weight_bytes_total / 1e9);
+        assert!(q.kv_capacity_tokens > 20_000.0, "{}", q.kv_capacity_tokens);
+        // Reading 48 GB of int4 at 0.53 of 3019 GB/s dominates: over the 20 ms target until the kernel improves.
+        assert!(q.step_ms > 25.0 && q.step_ms < 40.0, "{}", q.step_ms);
+        // Nothing but the projections changes: the 1B's tied embedding is read in bf16 either way.
+        let one = ModelShape::resolve("1b").unwrap();
+        let (a, b) =
+            (predict(&one, 1, &gpu, &w).unwrap(), predict_with(&one, 1, &gpu, &w, Some(Scheme::W4A16_G32)).unwrap());
+        assert!(b.decode_weight_bytes_per_rank < a.decode_weight_bytes_per_rank * 0.5);
+        assert!(b.decode_weight_bytes_per_rank > a.decode_weight_bytes_per_rank * 0.25);
     }
 
     #[test]
