@@ -24,7 +24,6 @@ use llama32::exec::Executor;
 use llama32::kv::BlockAllocator;
 use llama32::sampling::argmax;
 use llama32::tp::vision::TpMllamaCpuExecutor;
-use llama32::vision::config::MllamaConfig;
 use llama32::vision::exec::{MllamaCpuExecutor, SeqImages};
 use llama32::vision::pipeline::{EncodedImages, MllamaModel};
 use llama32::weights::{Checkpoint, DType};
@@ -202,38 +201,8 @@ fn random_vision_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("llama32-tp-vision-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    write_random_vision_checkpoint(&dir, &config);
+    common::write_random_vision_checkpoint(&dir, &config, 3);
     dir
-}
-
-/// Writes `config` as `dir/config.json` and a random f32 checkpoint for it: gates 0.8, norm weights 1 + noise,
-/// everything else uniform noise with standard deviation 0.1 (seeded per tensor).
-fn write_random_vision_checkpoint(dir: &Path, config: &serde_json::Value) {
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
-    let cfg = MllamaConfig::from_model_dir(dir).unwrap();
-    let tensors = llama32::vision::weights::expected_tensors(&cfg);
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .enumerate()
-        .map(|(k, (name, shape))| {
-            let n: usize = shape.iter().product();
-            let noise = llama32::weights::random_values(n, 3, k as u64);
-            let is_norm = name.contains("norm") || name.contains("layernorm");
-            let vals: Vec<f32> = if name.ends_with("gate") || name.ends_with("gate_attn") || name.ends_with("gate_ffn")
-            {
-                vec![0.8; n]
-            } else if is_norm && name.ends_with(".weight") {
-                noise.iter().map(|v| 1.0 + 5.0 * v).collect()
-            } else {
-                // Std 0.1: logits with a spread like a trained model's, so the comparison measures something.
-                noise.iter().map(|v| 5.0 * v).collect()
-            };
-            (name.clone(), shape.clone(), vals.iter().flat_map(|v| v.to_le_bytes()).collect())
-        })
-        .collect();
-    let refs: Vec<(&str, DType, &[usize], &[u8])> =
-        data.iter().map(|(n, s, b)| (n.as_str(), DType::F32, s.as_slice(), b.as_slice())).collect();
-    std::fs::write(dir.join("model.safetensors"), llama32::weights::safetensors::serialize(&refs)).unwrap();
 }
 
 #[test]
@@ -559,7 +528,7 @@ fn tiny_vision_checkpoint(tag: &str) -> Option<PathBuf> {
     cfg["text_config"]["eos_token_id"] = json!([128001, 128008, 128009]);
     cfg["text_config"]["pad_token_id"] = json!(128004);
     cfg["text_config"]["max_position_embeddings"] = json!(1024);
-    write_random_vision_checkpoint(&dir, &cfg);
+    common::write_random_vision_checkpoint(&dir, &cfg, 3);
     std::fs::copy(data.join("tokenizer.model"), dir.join("tokenizer.model")).unwrap();
     let path = data.join("Llama-3.2-11B-Vision-Instruct/chat_template.reconstructed.json");
     let template: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();

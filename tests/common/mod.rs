@@ -204,3 +204,33 @@ pub fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
     });
     worst / scale
 }
+
+/// Writes `config` as `dir/config.json` and a random f32 checkpoint for it: gates 0.8, norm weights 1 + noise,
+/// everything else uniform noise with standard deviation 0.1 (from `seed`, a stream per tensor).
+pub fn write_random_vision_checkpoint(dir: &Path, config: &serde_json::Value, seed: u64) {
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    let cfg = llama32::vision::config::MllamaConfig::from_model_dir(dir).unwrap();
+    let tensors = llama32::vision::weights::expected_tensors(&cfg);
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let noise = llama32::weights::random_values(n, seed, k as u64);
+            let is_norm = name.contains("norm") || name.contains("layernorm");
+            let vals: Vec<f32> = if name.ends_with("gate") || name.ends_with("gate_attn") || name.ends_with("gate_ffn")
+            {
+                vec![0.8; n]
+            } else if is_norm && name.ends_with(".weight") {
+                noise.iter().map(|v| 1.0 + 5.0 * v).collect()
+            } else {
+                // Std 0.1: logits with a spread like a trained model's, so the comparison measures something.
+                noise.iter().map(|v| 5.0 * v).collect()
+            };
+            (name.clone(), shape.clone(), vals.iter().flat_map(|v| v.to_le_bytes()).collect())
+        })
+        .collect();
+    let refs: Vec<(&str, llama32::weights::DType, &[usize], &[u8])> =
+        data.iter().map(|(n, s, b)| (n.as_str(), llama32::weights::DType::F32, s.as_slice(), b.as_slice())).collect();
+    std::fs::write(dir.join("model.safetensors"), llama32::weights::safetensors::serialize(&refs)).unwrap();
+}

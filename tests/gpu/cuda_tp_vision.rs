@@ -19,7 +19,7 @@
 //! argmax must equal the reference's wherever its top-2 margin exceeds twice the worst-logit budget. Each run prints
 //! a `cuda-tp vision ...` line (collected by scripts/gpu-suite.sh with the text ranks' lines).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
 use llama32::exec::{Executor, StepInput};
@@ -31,7 +31,7 @@ use llama32::vision::config::MllamaConfig;
 use llama32::vision::cuda::text::{MllamaCudaExecutor, MllamaCudaOptions};
 use llama32::vision::exec::{MllamaCpuExecutor, SeqImages};
 use llama32::vision::pipeline::{EncodedImages, MllamaModel};
-use llama32::weights::{Checkpoint, DType};
+use llama32::weights::Checkpoint;
 use serde_json::json;
 
 use crate::cuda_tp::{bitwise_equal, check_argmax, device_ready, RelErr, FLOOR};
@@ -87,7 +87,7 @@ impl Case {
         let dir = std::env::temp_dir().join(format!("llama32-cuda-tp-vision-d128-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        write_random_checkpoint(&dir, &config);
+        crate::common::write_random_vision_checkpoint(&dir, &config, 5);
         let model = MllamaModel::load(&dir).unwrap();
         assert_eq!(model.cfg.text.base.head_dim, 128);
         let images = model.encode(&g.images).unwrap();
@@ -126,35 +126,6 @@ impl Case {
         let vocab = self.cfg().text.base.vocab_size;
         (0..9).map(|i| ((i * 97 + 5) % vocab) as u32).collect()
     }
-}
-
-/// Writes `config` and a seeded random f32 checkpoint for it (gates 0.8, norms 1 + noise, the rest noise of
-/// standard deviation 0.1, as tests/tp_vision.rs writes them).
-fn write_random_checkpoint(dir: &Path, config: &serde_json::Value) {
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
-    let cfg = MllamaConfig::from_model_dir(dir).unwrap();
-    let tensors = llama32::vision::weights::expected_tensors(&cfg);
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .enumerate()
-        .map(|(k, (name, shape))| {
-            let n: usize = shape.iter().product();
-            let noise = llama32::weights::random_values(n, 5, k as u64);
-            let is_norm = name.contains("norm") || name.contains("layernorm");
-            let vals: Vec<f32> = if name.ends_with("gate") || name.ends_with("gate_attn") || name.ends_with("gate_ffn")
-            {
-                vec![0.8; n]
-            } else if is_norm && name.ends_with(".weight") {
-                noise.iter().map(|v| 1.0 + 5.0 * v).collect()
-            } else {
-                noise.iter().map(|v| 5.0 * v).collect()
-            };
-            (name.clone(), shape.clone(), vals.iter().flat_map(|v| v.to_le_bytes()).collect())
-        })
-        .collect();
-    let refs: Vec<(&str, DType, &[usize], &[u8])> =
-        data.iter().map(|(n, s, b)| (n.as_str(), DType::F32, s.as_slice(), b.as_slice())).collect();
-    std::fs::write(dir.join("model.safetensors"), llama32::weights::safetensors::serialize(&refs)).unwrap();
 }
 
 /// The steps every executor runs, with each step's mask rows for the vision sequence (sequence 1; sequence 0 is
