@@ -44,6 +44,17 @@ fn fig(value: f64, unit: &'static str, source: &str) -> Figure {
     Figure { value, unit, source: source.to_owned() }
 }
 
+/// The int4 projection kernels' fraction of the copy bandwidth, measured on an H200 and used for both GPUs.
+fn int4_efficiency() -> Figure {
+    fig(
+        0.53,
+        "fraction",
+        "measured on an H200 (bench/results/2026-11-27-h200-suite-quant-vision-tp.md): W4A16 at m = 1 on the 90B \
+         gate_up and down shapes, 0.58 and 0.44 of the copy ceiling, weighted by their bytes; applied as a fraction \
+         of this GPU's copy bandwidth (W4A8 assumed the same)",
+    )
+}
+
 /// The hardware inputs of the model.
 #[derive(Clone, Debug, Serialize)]
 pub struct Gpu {
@@ -87,13 +98,7 @@ impl Gpu {
                     "measured: 3B bf16 decode at batch 1, 3.03 ms/step vs its 2.13 ms copy roofline \
                      (bench/results/2026-11-26-h100-suite-graphs-gemv-sampling.md)",
                 ),
-                int4_efficiency: fig(
-                    0.53,
-                    "fraction",
-                    "measured on an H200 (bench/results/2026-11-27-h200-suite-quant-vision-tp.md): W4A16 at m = 1 on the \
-                     90B gate_up and down shapes, 0.58 and 0.44 of the copy ceiling, weighted by their bytes; applied \
-                     as a fraction of this GPU's copy bandwidth (W4A8 assumed the same)",
-                ),
+                int4_efficiency: int4_efficiency(),
                 link_gbps_per_direction: fig(
                     450.0,
                     "GB/s",
@@ -123,13 +128,7 @@ impl Gpu {
                     "measured: 3B bf16 decode at batch 1, 2.476 ms/step on an H200 vs its 1.54 ms copy roofline \
                      (bench/results/2026-11-27-h200-suite-quant-vision-tp.md)",
                 ),
-                int4_efficiency: fig(
-                    0.53,
-                    "fraction",
-                    "measured on an H200 (bench/results/2026-11-27-h200-suite-quant-vision-tp.md): W4A16 at m = 1 on the \
-                     90B gate_up and down shapes, 0.58 and 0.44 of the copy ceiling, weighted by their bytes; applied \
-                     as a fraction of this GPU's copy bandwidth (W4A8 assumed the same)",
-                ),
+                int4_efficiency: int4_efficiency(),
                 link_gbps_per_direction: fig(
                     450.0,
                     "GB/s",
