@@ -98,8 +98,8 @@ fn bench_rejects_bad_lists_and_degrees() {
     assert!(e.contains("--devices: `x` is not a CUDA device"), "{e}");
     let e = err(&["--device", "cuda", "--tensor-parallel", "1,2", "--tp-comm", "gloo"]);
     assert!(e.contains("--tp-comm") && e.contains("`gloo`"), "{e}");
-    let e = err(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a16-g32"]);
-    assert!(e.contains("does not support quantized models"), "{e}");
+    let e = err(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a8-g32"]);
+    assert!(e.contains("--tensor-parallel 2") && e.contains("does not support w4a8-g32"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -15,7 +15,10 @@ use llama32::exec::cpu::CpuExecutor;
 use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
 use llama32::exec::Executor;
 use llama32::kv::BlockAllocator;
+use llama32::quant::format::{quantize_checkpoint, QuantizeOptions};
+use llama32::quant::Scheme;
 use llama32::sampling::argmax;
+use llama32::tp::load::checkpoint_quantization;
 use llama32::tp::TpCpuExecutor;
 use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
 
@@ -112,6 +115,115 @@ fn golden_checkpoints_match_tp1_at_tp_2_4_8() {
         }
     }
     assert_eq!(runs, 10);
+}
+
+/// `dir` quantized by `llama32 quantize`'s library function into a fresh temporary directory.
+fn quantized_copy(dir: &Path, scheme: Scheme, tag: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("llama32-tp-quant-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    quantize_checkpoint(dir, &out, scheme, &QuantizeOptions::default(), &|_, _| {}).unwrap();
+    out
+}
+
+/// W4A16 text models as tensor-parallel CPU ranks against tp = 1 quantized: a checkpoint written by
+/// `quantize_checkpoint` (read whole and sliced per rank) and `--quantize` at load (each rank quantizes its own
+/// slices), at tp 2 and 4; every rank bit-identical, within 1e-5 of the largest logit. A degree whose row-parallel
+/// K share is not a multiple of the group is refused naming the tensor.
+#[test]
+fn quantized_golden_checkpoints_match_tp1_quantized() {
+    // (checkpoint, degrees that run, (degree refused, the tensor named)).
+    type Case<'a> = (&'a str, &'a [usize], &'a [(usize, &'a str)]);
+    let cases: [Case; 2] =
+        [("tied-gqa4", &[2, 4], &[(8, "self_attn.o_proj")]), ("untied-gqa2-sharded", &[2], &[(4, "mlp.down_proj")])];
+    let scheme = Scheme::W4A16_G32;
+    let mut runs = 0;
+    for (name, tps, refused) in cases {
+        let dir = common::golden_dir(name);
+        let cfg = golden_config(&dir);
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let (p1, p2) = prompts(cfg.vocab_size);
+        let dense = ModelWeights::load(&ckpt, &cfg, &|_| {}).unwrap();
+        let mut plain = CpuExecutor::with_capacity(cfg.clone(), dense.clone(), 64, BLOCK).unwrap();
+        // --quantize at load time.
+        let mut w = dense;
+        w.quantize_in_place(scheme).unwrap();
+        let mut reference = CpuExecutor::with_capacity(cfg.clone(), w, 64, BLOCK).unwrap();
+        let src = WeightSource::Checkpoint(&ckpt);
+        let mut one = TpCpuExecutor::with_capacity_quantized(cfg.clone(), src, 1, Some(scheme), 64, BLOCK).unwrap();
+        assert_eq!(compare_steps(&mut reference, &mut one, [&p1, &p2], &format!("{name} w4a16 tp=1")), 0.0);
+        let mut first_step = Vec::new();
+        for &tp in tps {
+            let mut exec =
+                TpCpuExecutor::with_capacity_quantized(cfg.clone(), src, tp, Some(scheme), 64, BLOCK).unwrap();
+            assert_eq!(exec.quant_scheme(), Some(scheme));
+            compare_steps(&mut reference, &mut exec, [&p1, &p2], &format!("{name} --quantize w4a16 tp={tp}"));
+            runs += 1;
+        }
+        // The ranks really run int4 weights: far from the unquantized model.
+        let mut exec = TpCpuExecutor::with_capacity_quantized(cfg.clone(), src, 2, Some(scheme), 64, BLOCK).unwrap();
+        let step = build_step(
+            &[SeqChunk { tokens: &p1, start_pos: 0, block_table: &[0, 1, 2], logits: LogitsWanted::All }],
+            BLOCK,
+        )
+        .unwrap();
+        let q = exec.step(&step).unwrap().logits;
+        let d = max_rel_diff(&q, &plain.step(&step).unwrap().logits);
+        assert!(d > 1e-4, "{name}: quantized tp=2 is {d:.2e} from bf16");
+        first_step.push(q);
+        for &(tp, tensor) in refused {
+            let e = TpCpuExecutor::with_capacity_quantized(cfg.clone(), src, tp, Some(scheme), 64, BLOCK)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(tensor) && e.contains(&format!("tp = {tp}")) && e.contains("group 32"), "{e}");
+        }
+
+        // A checkpoint written quantized: detected from its config.json, read whole and sliced per rank.
+        let qdir = quantized_copy(&dir, scheme, name);
+        let qckpt = Checkpoint::open(&qdir).unwrap();
+        let qcfg = checkpoint_quantization(&qckpt).unwrap().unwrap();
+        let w = ModelWeights::load_quantized(&qckpt, &cfg, &qcfg, &|_| {}).unwrap();
+        let mut reference = CpuExecutor::with_capacity(cfg.clone(), w, 64, BLOCK).unwrap();
+        let qsrc = WeightSource::Checkpoint(&qckpt);
+        for &tp in tps {
+            let mut exec = TpCpuExecutor::with_capacity(cfg.clone(), qsrc, tp, 64, BLOCK).unwrap();
+            assert_eq!(exec.quant_scheme(), Some(scheme));
+            compare_steps(&mut reference, &mut exec, [&p1, &p2], &format!("{name} quantized checkpoint tp={tp}"));
+            runs += 1;
+        }
+        // The same int4 weights as quantizing at load: the same logits, bit for bit.
+        let mut exec = TpCpuExecutor::with_capacity(cfg.clone(), qsrc, 2, 64, BLOCK).unwrap();
+        let q = exec.step(&step).unwrap().logits;
+        assert!(q.iter().zip(&first_step[0]).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: checkpoint vs at load");
+        for &(tp, tensor) in refused {
+            let e = TpCpuExecutor::with_capacity(cfg.clone(), qsrc, tp, 64, BLOCK).err().map(|e| e.to_string());
+            assert!(e.as_deref().is_some_and(|e| e.contains(tensor)), "{e:?}");
+        }
+        // Quantizing an already quantized checkpoint again is refused.
+        let e = TpCpuExecutor::with_capacity_quantized(cfg.clone(), qsrc, 2, Some(scheme), 64, BLOCK).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("already quantized")));
+        std::fs::remove_dir_all(&qdir).ok();
+    }
+    assert_eq!(runs, 6);
+}
+
+#[test]
+fn w4a8_with_tensor_parallelism_is_refused_naming_the_scheme() {
+    let dir = common::golden_dir("tied-gqa4");
+    let cfg = golden_config(&dir);
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let src = WeightSource::Checkpoint(&ckpt);
+    let e = TpCpuExecutor::with_capacity_quantized(cfg.clone(), src, 2, Some(Scheme::W4A8_G32), 16, BLOCK).err();
+    let e = e.map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("w4a8-g32") && e.contains("row-parallel"), "{e}");
+    // A W4A8 checkpoint too; at tp = 1 it loads (the single-device numerics).
+    let qdir = quantized_copy(&dir, Scheme::W4A8_G32, "w4a8");
+    let qckpt = Checkpoint::open(&qdir).unwrap();
+    let e = TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Checkpoint(&qckpt), 2, 16, BLOCK).err();
+    assert!(e.is_some_and(|e| e.to_string().contains("w4a8-g32")));
+    let one = TpCpuExecutor::with_capacity(cfg, WeightSource::Checkpoint(&qckpt), 1, 16, BLOCK).unwrap();
+    assert_eq!(one.quant_scheme(), Some(Scheme::W4A8_G32));
+    std::fs::remove_dir_all(&qdir).ok();
 }
 
 fn random_config() -> LlamaConfig {
@@ -256,6 +368,69 @@ fn cli_logits_with_tensor_parallel_match_tp1() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
+#[test]
+fn cli_logits_quantized_with_tensor_parallel_match_tp1() {
+    let dir = common::golden_dir("tied-gqa4");
+    let model = dir.to_str().unwrap();
+    let tmp = std::env::temp_dir().join(format!("llama32-tp-cli-quant-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let ids = "1,17,300,42,511,256,3,99,128";
+    let logits = |model: &str, tp: usize, extra: &[&str]| {
+        let out = tmp.join(format!("tp{tp}.npy"));
+        let tp_s = tp.to_string();
+        let mut args = vec!["--model", model, "--ids", ids, "--out", out.to_str().unwrap(), "--device", "cpu"];
+        args.extend(["--tensor-parallel", &tp_s, "--block-size", "4"]);
+        args.extend_from_slice(extra);
+        let o = run_logits(&args);
+        assert!(o.status.success(), "tp {tp} {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        llama32::npy::read_f32(&out).unwrap().data
+    };
+    let q = ["--quantize", "w4a16-g32"];
+    let one = logits(model, 1, &q);
+    let plain = logits(model, 1, &[]);
+    assert!(max_rel_diff(&one, &plain) > 1e-4, "--quantize changes the logits");
+    for tp in [2, 4] {
+        let d = max_rel_diff(&logits(model, tp, &q), &one);
+        assert!(d <= REL_TOL, "--quantize tp {tp}: {d:.2e}");
+        eprintln!("cli --quantize w4a16-g32 tp={tp}: max |diff| / max|logit| = {d:.2e}");
+    }
+    // A quantized checkpoint needs no flag.
+    let qdir = quantized_copy(&dir, Scheme::W4A16_G32, "cli");
+    let d = max_rel_diff(&logits(qdir.to_str().unwrap(), 2, &[]), &one);
+    assert!(d <= REL_TOL, "quantized checkpoint tp 2: {d:.2e}");
+    // Refused, naming the scheme / the tensor.
+    let out = tmp.join("x.npy");
+    let out = out.to_str().unwrap();
+    let e = failure(
+        "logits",
+        &["--model", model, "--ids", ids, "--out", out, "--tensor-parallel", "2", "--quantize", "w4a8-g32"],
+    );
+    assert!(e.contains("--tensor-parallel 2") && e.contains("w4a8-g32"), "{e}");
+    let e = failure(
+        "logits",
+        &["--model", model, "--ids", ids, "--out", out, "--tensor-parallel", "8", "--quantize", "w4a16-g32"],
+    );
+    assert!(e.contains("--tensor-parallel 8") && e.contains("self_attn.o_proj"), "{e}");
+    let e = failure(
+        "logits",
+        &[
+            "--model",
+            qdir.to_str().unwrap(),
+            "--ids",
+            ids,
+            "--out",
+            out,
+            "--tensor-parallel",
+            "2",
+            "--quantize",
+            "w4a16-g32",
+        ],
+    );
+    assert!(e.contains("already quantized"), "{e}");
+    std::fs::remove_dir_all(&qdir).ok();
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
 fn run_cli(cmd: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_llama32")).arg(cmd).args(args).output().unwrap()
 }
@@ -292,12 +467,18 @@ fn cli_cuda_tensor_parallel_flags_are_checked_before_any_device() {
     assert!(e.contains("--tensor-parallel must be at least 1"), "{e}");
     let e = logits(&["--device", "cuda:x", "--tensor-parallel", "2"]);
     assert!(e.contains("--device"), "{e}");
-    // Quantized models: --quantize, and a quantized checkpoint.
-    let e = logits(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a16-g32"]);
-    assert!(e.contains("--tensor-parallel > 1 does not support quantized models"), "{e}");
+    // Quantized models run as W4A16 ranks; W4A8 (--quantize, or a W4A8 checkpoint) is refused naming the scheme,
+    // and so is a degree whose row-parallel K share is not a multiple of the group, before any device.
+    let e = logits(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a8-g32"]);
+    assert!(e.contains("--tensor-parallel 2") && e.contains("does not support w4a8-g32"), "{e}");
+    let gqa4 = common::golden_dir("tied-gqa4");
+    let args =
+        ["--model", gqa4.to_str().unwrap(), "--ids", "1,2", "--out", out, "--device", "cuda", "--tensor-parallel", "8"];
+    let e = failure("logits", &[&args[..], &["--quantize", "w4a16-g32"]].concat());
+    assert!(e.contains("self_attn.o_proj") && e.contains("group 32"), "{e}");
     let quantized = std::env::temp_dir().join(format!("llama32-tp-cuda-quantized-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&quantized);
-    let q = run_cli("quantize", &["--model", text, "--out", quantized.to_str().unwrap(), "--scheme", "w4a16-g32"]);
+    let q = run_cli("quantize", &["--model", text, "--out", quantized.to_str().unwrap(), "--scheme", "w4a8-g32"]);
     assert!(q.status.success(), "quantize: {}", String::from_utf8_lossy(&q.stderr));
     let args = [
         "--model",
@@ -312,7 +493,7 @@ fn cli_cuda_tensor_parallel_flags_are_checked_before_any_device() {
         "2",
     ];
     let e = failure("logits", &args);
-    assert!(e.contains("--tensor-parallel > 1 does not support quantized models"), "{e}");
+    assert!(e.contains("does not support w4a8-g32"), "{e}");
     std::fs::remove_dir_all(&quantized).ok();
     // A degree that does not divide the model names the field (3 heads).
     let gqa3 = common::golden_dir("cuda-d128-gqa3");
@@ -439,8 +620,8 @@ fn cli_multi_node_flags_are_checked_before_any_device() {
     assert!(e.contains("--node-rank 2 must be less than --nnodes 2"), "{e}");
     let e = batch_failure("addr", &two(&[]), true).0;
     assert!(e.contains("--master-addr HOST"), "{e}");
-    let e = batch_failure("quantize", &two(&[&master[..], &["--quantize", "w4a16-g32"]].concat()), true).0;
-    assert!(e.contains("--tensor-parallel > 1 does not support quantized models"), "{e}");
+    let e = batch_failure("quantize", &two(&[&master[..], &["--quantize", "w4a8-g32"]].concat()), true).0;
+    assert!(e.contains("--quantize w4a8-g32"), "{e}");
     let e = batch_failure("port", &two(&[&master[..], &["--master-port", "65535"]].concat()), true).0;
     assert!(e.contains("--master-port 65535"), "{e}");
     let e = batch_failure("devices", &two(&[&master[..], &["--devices", "0"]].concat()), true).0;

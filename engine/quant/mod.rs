@@ -119,6 +119,38 @@ impl QuantMatrix {
         Ok(QuantMatrix { n, k, group, q, scales, zeros: None })
     }
 
+    /// The sub-matrix of rows `rows` and columns `cols` (zero points sliced alike): a tensor-parallel rank's part of
+    /// a column-parallel (rows) or row-parallel (columns) projection. Rows may be any range; `cols` must start and
+    /// end on group boundaries, so that every group keeps its scale.
+    pub fn slice(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> Result<QuantMatrix> {
+        let shape = format!("[{}, {}]", self.n, self.k);
+        if rows.start > rows.end || rows.end > self.n || cols.start > cols.end || cols.end > self.k {
+            return Err(Error::request(format!(
+                "quantized {shape} matrix: rows {rows:?} / columns {cols:?} are out of range"
+            )));
+        }
+        if self.group == 0 || cols.start % self.group != 0 || cols.end % self.group != 0 {
+            return Err(Error::request(format!(
+                "quantized {shape} matrix: columns {}..{} do not start and end on a boundary of the quantization \
+                 group {}",
+                cols.start, cols.end, self.group
+            )));
+        }
+        let (g, k) = (self.groups(), cols.len());
+        let (g0, g1) = (cols.start / self.group, cols.end / self.group);
+        let mut q = Vec::with_capacity(rows.len() * k);
+        let mut scales = Vec::with_capacity(rows.len() * (g1 - g0));
+        let mut zeros = self.zeros.as_ref().map(|_| Vec::with_capacity(rows.len() * (g1 - g0)));
+        for r in rows.clone() {
+            q.extend_from_slice(&self.q[r * self.k + cols.start..r * self.k + cols.end]);
+            scales.extend_from_slice(&self.scales[r * g + g0..r * g + g1]);
+            if let (Some(out), Some(z)) = (zeros.as_mut(), self.zeros.as_ref()) {
+                out.extend_from_slice(&z[r * g + g0..r * g + g1]);
+            }
+        }
+        Ok(QuantMatrix { n: rows.len(), k, group: self.group, q, scales, zeros })
+    }
+
     /// The dequantized `[n, k]` matrix in f32 (exact: a bf16 scale times a small integer).
     pub fn dequantize(&self) -> Vec<f32> {
         let g = self.groups();
@@ -170,6 +202,32 @@ impl QuantLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slices_keep_rows_groups_and_zero_points() {
+        let mut m = QuantMatrix::random(6, 128, 32, 3, 4).unwrap();
+        m.zeros = Some((0..6 * 4).map(|i| (i % 17) as i8 - 8).collect());
+        let whole = m.dequantize();
+        for (rows, cols) in [(1..4, 0..128), (0..6, 32..96), (2..5, 64..128), (0..6, 0..128), (3..3, 0..32)] {
+            let s = m.slice(rows.clone(), cols.clone()).unwrap();
+            assert_eq!((s.n, s.k, s.group), (rows.len(), cols.len(), 32));
+            assert_eq!(s.zeros.as_ref().map(Vec::len), Some(rows.len() * cols.len() / 32));
+            let want: Vec<f32> =
+                rows.clone().flat_map(|r| whole[r * 128 + cols.start..r * 128 + cols.end].to_vec()).collect();
+            assert_eq!(s.dequantize(), want, "rows {rows:?} cols {cols:?}");
+        }
+        // The first group of row 1 keeps its scale and zero point.
+        let s = m.slice(1..2, 32..64).unwrap();
+        assert_eq!((s.scales[0], s.zeros.unwrap()[0]), (m.scales[4 + 1], m.zeros.as_ref().unwrap()[4 + 1]));
+        m.zeros = None;
+        assert_eq!(m.slice(0..6, 0..64).unwrap().zeros, None);
+        for (rows, cols) in [(0..6, 16..64), (0..6, 0..48), (0..7, 0..32), (0..6, 0..160)] {
+            let e = m.slice(rows.clone(), cols.clone()).unwrap_err().to_string();
+            assert!(e.contains(&format!("{}..{}", cols.start, cols.end)) || e.contains("out of range"), "{e}");
+        }
+        let e = m.slice(0..6, 16..48).unwrap_err().to_string();
+        assert!(e.contains("columns 16..48") && e.contains("group 32"), "{e}");
+    }
 
     #[test]
     fn random_int4_weights_are_reproducible_and_scaled_like_the_dense_ones() {

@@ -22,13 +22,14 @@ use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use half::bf16;
 
 use super::comm::{Communicator, LocalComm};
-use super::load::load_rank_weights;
+use super::load::{check_quantized_plan, load_rank_weights_with, RankQuant};
 use super::nccl::{GroupSpec, NcclComm};
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::cuda::{CudaExecutor, CudaOps, CudaOptions};
 use crate::exec::{Executor, StepInput, StepOutput};
 use crate::model::{forward, Dims, Ops};
+use crate::quant::Scheme;
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -236,7 +237,8 @@ impl TpCudaExecutor {
     /// Loads `tp` ranks in this process: rank `r` reads only its slices from `src` and runs on CUDA device
     /// `devices[r % devices.len()]` (`&[0]` puts every rank on device 0), joined by `kind`. `opts` sizes each rank
     /// as for [`CudaExecutor`] (its `device` and `max_graph_batch` are not used); without `kv_tokens`, the ranks of a
-    /// device split what is left under `gpu_memory_utilization` equally, and every rank gets the smallest share.
+    /// device split what is left under `gpu_memory_utilization` equally, and every rank gets the smallest share. A
+    /// quantized checkpoint is detected from its config.json (see [`new_quantized`](Self::new_quantized)).
     pub fn new(
         cfg: LlamaConfig,
         src: WeightSource<'_>,
@@ -245,17 +247,36 @@ impl TpCudaExecutor {
         kind: TpCommKind,
         opts: &CudaOptions,
     ) -> Result<Self> {
+        Self::new_quantized(cfg, src, tp, None, devices, kind, opts)
+    }
+
+    /// [`new`](Self::new) with the projections quantized with `quantize` at load time, or, for a quantized
+    /// checkpoint (`quantize` None), read from its int4 tensors and sliced ([`RankQuant`]): each rank uploads its
+    /// int4 projections in the 4-bit kernels' layout (its host copy keeps no dense f32 form). The quantization is
+    /// checked before any device is touched ([`check_quantized_plan`]: W4A8 at `tp > 1` and a row-parallel K
+    /// share that is not a multiple of the group are refused); the kernels also need each rank's K to be a multiple
+    /// of 64.
+    pub fn new_quantized(
+        cfg: LlamaConfig,
+        src: WeightSource<'_>,
+        tp: usize,
+        quantize: Option<Scheme>,
+        devices: &[usize],
+        kind: TpCommKind,
+        opts: &CudaOptions,
+    ) -> Result<Self> {
         if devices.is_empty() {
             return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
         }
         let plan = TpPlan::new(&cfg, tp)?;
+        let quant = resolve_quant(&plan, &src, quantize)?;
         // Fail before reading any shard when the device or the library is missing.
         crate::ops::cuda::probe()?;
         if kind == TpCommKind::Nccl {
             super::nccl::nccl_available()?;
         }
         let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
-        let ranks = Self::load_ranks(&plan, (0..tp).collect(), &placement, src, opts)?;
+        let ranks = Self::load_ranks(&plan, (0..tp).collect(), &placement, src, quant.as_ref(), opts)?;
         let comms = device_comms(kind, ranks.iter().map(|o| o.stream().clone()).collect())?;
         Self::finish(cfg, &plan, ranks, (0..tp).collect(), comms, opts.block_size)
     }
@@ -270,7 +291,7 @@ impl TpCudaExecutor {
         spec: &GroupSpec,
         opts: &CudaOptions,
     ) -> Result<Self> {
-        Self::join_node(cfg, src, &[device], spec, opts)
+        Self::join_node(cfg, src, &[device], spec, None, opts)
     }
 
     /// This node's ranks of a multi-node NCCL group described by `spec` (one process per node): global ranks
@@ -280,12 +301,14 @@ impl TpCudaExecutor {
     /// serves NCCL's id at `spec.master_addr:spec.port`). Every node must make the same steps (see
     /// [`super::multinode`]); a step returns the first local rank's full logits, the same on every node. Without
     /// `kv_tokens` the KV pool is sized from this node's free memory; node 0's
-    /// [`MultiNodeExecutor`](super::multinode::MultiNodeExecutor) uses the smallest pool of all nodes.
+    /// [`MultiNodeExecutor`](super::multinode::MultiNodeExecutor) uses the smallest pool of all nodes. `quantize`
+    /// (and a quantized checkpoint) as in [`new_quantized`](Self::new_quantized).
     pub fn join_node(
         cfg: LlamaConfig,
         src: WeightSource<'_>,
         devices: &[usize],
         spec: &GroupSpec,
+        quantize: Option<Scheme>,
         opts: &CudaOptions,
     ) -> Result<Self> {
         if devices.is_empty() {
@@ -296,8 +319,9 @@ impl TpCudaExecutor {
         for &r in &rank_ids {
             plan.rank(r)?;
         }
+        let quant = resolve_quant(&plan, &src, quantize)?;
         super::nccl::nccl_available()?;
-        let ranks = Self::load_ranks(&plan, rank_ids.clone(), devices, src, opts)?;
+        let ranks = Self::load_ranks(&plan, rank_ids.clone(), devices, src, quant.as_ref(), opts)?;
         let comms = node_comms(ranks.iter().map(|o| o.stream().clone()).collect(), spec)?;
         Self::finish(cfg, &plan, ranks, rank_ids, comms, opts.block_size)
     }
@@ -308,12 +332,14 @@ impl TpCudaExecutor {
         rank_ids: Vec<usize>,
         placement: &[usize],
         src: WeightSource<'_>,
+        quant: Option<&RankQuant>,
         opts: &CudaOptions,
     ) -> Result<Vec<CudaOps>> {
         let rank_cfg = plan.rank_config();
         let mut uploaded = Vec::with_capacity(rank_ids.len());
         for (&r, &device) in rank_ids.iter().zip(placement) {
-            let w = load_rank_weights(plan, r, src)?;
+            // Quantized projections go up in int4 only: no dense f32 copy on the host.
+            let w = load_rank_weights_with(plan, r, src, quant, false)?;
             let o = CudaOptions { device, ..opts.clone() };
             let up = CudaExecutor::upload_weights(&rank_cfg, &w, &o).map_err(|e| rank_err(r, device, e))?;
             uploaded.push(up);
@@ -415,6 +441,15 @@ impl TpCudaExecutor {
     }
 }
 
+/// The quantization of a text model's ranks ([`RankQuant::resolve`]), checked against `plan`.
+fn resolve_quant(plan: &TpPlan, src: &WeightSource<'_>, quantize: Option<Scheme>) -> Result<Option<RankQuant>> {
+    let quant = RankQuant::resolve(src, quantize)?;
+    if let Some(q) = &quant {
+        check_quantized_plan(plan, q.scheme())?;
+    }
+    Ok(quant)
+}
+
 pub(crate) fn rank_err(rank: usize, device: usize, e: Error) -> Error {
     Error::Backend(format!("tensor-parallel rank {rank} on cuda:{device}: {e}"))
 }
@@ -464,6 +499,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn quantized_ranks_are_checked_before_any_device() {
+        let mut cfg = crate::config::Preset::Llama32_1B.config();
+        (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (512, 128, 256, 2);
+        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (4, 2, 32);
+        let opts = CudaOptions { kv_tokens: Some(64), ..CudaOptions::default() };
+        let new = |cfg: &LlamaConfig, tp, scheme| {
+            let kind = TpCommKind::InProcess;
+            TpCudaExecutor::new_quantized(cfg.clone(), WeightSource::Random(0), tp, Some(scheme), &[0], kind, &opts)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let e = new(&cfg, 2, Scheme::W4A8_G32);
+        assert!(e.contains("w4a8-g32") && e.contains("tp = 2"), "{e}");
+        cfg.intermediate_size = 192; // 48 columns of down_proj per rank at tp = 4
+        let e = new(&cfg, 4, Scheme::W4A16_G32);
+        assert!(e.contains("mlp.down_proj") && e.contains("tp = 4") && e.contains("group 32"), "{e}");
+        let spec = GroupSpec {
+            rank: 0,
+            world: 2,
+            master_addr: "127.0.0.1".into(),
+            port: 1,
+            timeout: Duration::from_secs(600),
+        };
+        cfg.intermediate_size = 256;
+        let e = TpCudaExecutor::join_node(cfg, WeightSource::Random(0), &[0], &spec, Some(Scheme::W4A8_G32), &opts)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("w4a8-g32"), "{e}");
+    }
+
+    #[test]
     fn without_a_device_the_executor_is_an_error_not_a_panic() {
         if crate::ops::cuda::is_available() {
             return; // A machine with a GPU runs the real path in tests/gpu/cuda_tp.rs.
@@ -489,11 +557,13 @@ mod tests {
             timeout: Duration::from_secs(600),
         };
         let t0 = std::time::Instant::now();
-        let e = TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[0, 1], &spec(2, 4), &opts).err();
+        let e =
+            TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[0, 1], &spec(2, 4), None, &opts).err();
         assert!(e.is_some_and(|e| !e.to_string().is_empty()));
-        let e = TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[0, 1], &spec(3, 4), &opts).err();
+        let e =
+            TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[0, 1], &spec(3, 4), None, &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("rank 4 is outside")), "ranks past the world are refused");
-        let e = TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[], &spec(0, 4), &opts).err();
+        let e = TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[], &spec(0, 4), None, &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("at least one device")));
         let e = TpCudaExecutor::join(cfg, WeightSource::Random(0), 0, &spec(1, 3), &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("not divisible")));

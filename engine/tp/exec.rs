@@ -4,12 +4,13 @@
 use std::ops::Range;
 
 use super::comm::{Communicator, LocalComm};
-use super::load::load_rank_weights;
+use super::load::{check_quantized_plan, load_rank_weights_with, RankQuant};
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::cpu::{CpuAct, CpuOps};
 use crate::exec::{Executor, StepInput, StepOutput};
 use crate::model::{forward, Dims, Linear, Norm, Ops};
+use crate::quant::Scheme;
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -134,11 +135,13 @@ pub struct TpCpuExecutor {
     ranks: Vec<TpRankOps<LocalComm>>,
     num_blocks: usize,
     block_size: usize,
+    scheme: Option<Scheme>,
 }
 
 impl TpCpuExecutor {
     /// Loads `tp` rank shards from `src` (each rank reads only its slices) with KV pools of `num_blocks` blocks of
-    /// `block_size` tokens. Fails with the config field named when `tp` does not divide the model.
+    /// `block_size` tokens. Fails with the config field named when `tp` does not divide the model. A quantized
+    /// checkpoint is detected from its config.json and loaded quantized (see [`new_quantized`](Self::new_quantized)).
     pub fn new(
         cfg: LlamaConfig,
         src: WeightSource<'_>,
@@ -146,16 +149,36 @@ impl TpCpuExecutor {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self> {
+        Self::new_quantized(cfg, src, tp, None, num_blocks, block_size)
+    }
+
+    /// [`new`](Self::new) with the projections quantized with `quantize` at load time (`--quantize`: each rank's
+    /// bf16-rounded f32 slices are quantized, which equals slicing the quantization of the whole model), or, for a
+    /// quantized checkpoint (`quantize` None), read from its int4 tensors and sliced ([`RankQuant`]). Refused with
+    /// the reason named: W4A8 at `tp > 1`, a row-parallel K share that is not a multiple of the group
+    /// ([`check_quantized_plan`]), and `quantize` with an already quantized checkpoint.
+    pub fn new_quantized(
+        cfg: LlamaConfig,
+        src: WeightSource<'_>,
+        tp: usize,
+        quantize: Option<Scheme>,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self> {
         let plan = TpPlan::new(&cfg, tp)?;
+        let quant = RankQuant::resolve(&src, quantize)?;
+        if let Some(q) = &quant {
+            check_quantized_plan(&plan, q.scheme())?;
+        }
         let rank_cfg = plan.rank_config();
         let comms = LocalComm::group(tp)?;
         let mut ranks = Vec::with_capacity(tp);
         for (r, comm) in comms.into_iter().enumerate() {
-            let w = load_rank_weights(&plan, r, src)?;
+            let w = load_rank_weights_with(&plan, r, src, quant.as_ref(), true)?;
             let ops = CpuOps::new(rank_cfg.clone(), w, num_blocks, block_size)?;
             ranks.push(TpRankOps::new(ops, comm, plan.rank(r)?.vocab));
         }
-        Ok(TpCpuExecutor { cfg, rank_cfg, ranks, num_blocks, block_size })
+        Ok(TpCpuExecutor { cfg, rank_cfg, ranks, num_blocks, block_size, scheme: quant.map(|q| q.scheme()) })
     }
 
     /// An executor whose pools hold `max_tokens` tokens (rounded up to whole blocks).
@@ -166,7 +189,24 @@ impl TpCpuExecutor {
         max_tokens: usize,
         block_size: usize,
     ) -> Result<Self> {
-        Self::new(cfg, src, tp, max_tokens.div_ceil(block_size.max(1)).max(1), block_size)
+        Self::with_capacity_quantized(cfg, src, tp, None, max_tokens, block_size)
+    }
+
+    /// [`new_quantized`](Self::new_quantized) with pools of `max_tokens` tokens (rounded up to whole blocks).
+    pub fn with_capacity_quantized(
+        cfg: LlamaConfig,
+        src: WeightSource<'_>,
+        tp: usize,
+        quantize: Option<Scheme>,
+        max_tokens: usize,
+        block_size: usize,
+    ) -> Result<Self> {
+        Self::new_quantized(cfg, src, tp, quantize, max_tokens.div_ceil(block_size.max(1)).max(1), block_size)
+    }
+
+    /// The scheme of the quantized projections, if the model is quantized.
+    pub fn quant_scheme(&self) -> Option<Scheme> {
+        self.scheme
     }
 
     /// The number of ranks.

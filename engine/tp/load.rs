@@ -2,19 +2,29 @@
 //! safetensors and converted to f32, so no rank (and no host) ever holds a full copy of a sharded tensor.
 //! [`load_rank_weights`] reads a text model's shard, [`load_mllama_rank_text`] the text decoder of a Llama 3.2
 //! Vision checkpoint (split as [`super::plan::vision_split`] says).
+//!
+//! Quantized text models ([`RankQuant`]): a quantized checkpoint's projections are read whole with
+//! [`read_linear`] and sliced ([`QuantMatrix::slice`](crate::quant::QuantMatrix::slice)); with quantization at load
+//! time the rank's f32 slices are rounded to bf16 and quantized with [`quantize_matrix`]. Weights are quantized
+//! per row in groups along K, so both give exactly the rank's part of the whole model's quantization, as long as
+//! the row-parallel projections (`o_proj`, `down_proj`) split K on group boundaries ([`check_quantized_plan`]).
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::plan::{vision_split, RankShard, Split, TpPlan};
+use crate::quant::format::{read_linear, read_table_f32, QuantizationConfig};
+use crate::quant::numerics::quantize_matrix;
+use crate::quant::{ActQuant, QuantLinear, Scheme};
 use crate::vision::config::MllamaConfig;
 use crate::vision::weights::{
     check_mllama_checkpoint, expected_tensors as mllama_tensors, CrossAttentionLayerWeights, MllamaLayout,
     TextLayerWeights, TextWeights,
 };
 use crate::weights::{
-    check_checkpoint, random_chunk, Checkpoint, LayerWeights, ModelWeights, TensorView, WeightSource, RANDOM_CHUNK,
+    check_checkpoint, random_chunk, stack_rows, Checkpoint, LayerWeights, LinearWeight, ModelWeights, TensorView,
+    WeightSource, RANDOM_CHUNK,
 };
 use crate::{Error, Result};
 
@@ -104,12 +114,130 @@ fn read_pieces(src: &WeightSource<'_>, pieces: &[Piece]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// How a rank's projections come quantized.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RankQuant {
+    /// A quantized checkpoint (its `quantization_config`): each projection is read whole with [`read_linear`]
+    /// (any format it reads), then the rank's rows or columns are sliced out.
+    Checkpoint(QuantizationConfig),
+    /// Unquantized weights (a checkpoint or random) quantized at load time: the rank's f32 slices, rounded to bf16,
+    /// go through [`quantize_matrix`] (the numerics of [`ModelWeights::quantize_in_place`]).
+    AtLoad(Scheme),
+}
+
+impl RankQuant {
+    /// The scheme the projections run with.
+    pub fn scheme(&self) -> Scheme {
+        match self {
+            RankQuant::Checkpoint(q) => q.scheme,
+            RankQuant::AtLoad(s) => *s,
+        }
+    }
+
+    /// The quantization of `src` with `at_load` asked for: a checkpoint's own `quantization_config` (from its
+    /// config.json), else `at_load`. A quantized checkpoint with `at_load` is refused (it is quantized already).
+    pub fn resolve(src: &WeightSource<'_>, at_load: Option<Scheme>) -> Result<Option<RankQuant>> {
+        let own = match src {
+            WeightSource::Checkpoint(ckpt) => checkpoint_quantization(ckpt)?,
+            WeightSource::Random(_) => None,
+        };
+        match (own, at_load) {
+            (Some(q), Some(s)) => Err(Error::request(format!(
+                "quantizing with {} at load: the checkpoint is already quantized ({q})",
+                s.name()
+            ))),
+            (Some(q), None) => Ok(Some(RankQuant::Checkpoint(q))),
+            (None, s) => Ok(s.map(RankQuant::AtLoad)),
+        }
+    }
+}
+
+/// The `quantization_config` of the checkpoint's config.json, if it has one (`None` also when there is no
+/// config.json next to the weights).
+pub fn checkpoint_quantization(ckpt: &Checkpoint) -> Result<Option<QuantizationConfig>> {
+    let path = ckpt.dir().join("config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::weights(&path, format!("reading: {e}")))?;
+    let root: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::weights(&path, format!("parsing: {e}")))?;
+    QuantizationConfig::from_config_json(&root, &path)
+}
+
+/// Checks that `plan` can run projections quantized with `scheme`: W4A8 is refused for `tp > 1` (a row-parallel
+/// projection would quantize each rank's partial activations per token over the rank's own K slice, other numerics
+/// than tp = 1), and the K share of each row-parallel projection (`o_proj`: the rank's query heads x `head_dim`;
+/// `down_proj`: `intermediate_size / tp`) must be a multiple of the group, so that no group straddles two ranks.
+/// Errors name the scheme, the tensor and the degree.
+pub fn check_quantized_plan(plan: &TpPlan, scheme: Scheme) -> Result<()> {
+    let tp = plan.tp();
+    if tp == 1 {
+        return Ok(());
+    }
+    if scheme.act == ActQuant::Int8PerToken {
+        return Err(Error::request(format!(
+            "tensor parallelism (tp = {tp}) does not support {}: its row-parallel projections (o_proj, down_proj) \
+             would quantize each rank's partial activations to int8 per token over the rank's own slice of K, which \
+             are other numerics than tp = 1; use w4a16-g{} (weight-only int4) or tp = 1",
+            scheme.name(),
+            scheme.group
+        )));
+    }
+    let c = plan.config();
+    let r = plan.rank(0)?;
+    let shares = [
+        ("model.layers.*.self_attn.o_proj", c.q_dim(), r.q_heads.len() * c.head_dim),
+        ("model.layers.*.mlp.down_proj", c.intermediate_size, r.inter.len()),
+    ];
+    for (name, k, share) in shares {
+        if scheme.group == 0 || share % scheme.group != 0 {
+            return Err(Error::request(format!(
+                "tensor parallelism (tp = {tp}) with {}: `{name}` is split by its {k} input columns, {share} per \
+                 rank, which is not a multiple of the quantization group {} (groups would straddle ranks); use a \
+                 degree whose share is a multiple of {}",
+                scheme.name(),
+                scheme.group,
+                scheme.group
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Reads rank `rank`'s weights for `plan` from `src`. A checkpoint is checked against the full model's config first
 /// (every tensor name and shape); then each rank reads only its slices from the memory map. Random weights give
-/// exactly the values of the same slices of [`ModelWeights::random`] with the same seed.
+/// exactly the values of the same slices of [`ModelWeights::random`] with the same seed. A quantized checkpoint
+/// (one whose config.json has a `quantization_config`) is read quantized, as [`load_rank_weights_with`] does.
 pub fn load_rank_weights(plan: &TpPlan, rank: usize, src: WeightSource<'_>) -> Result<ModelWeights> {
-    if let WeightSource::Checkpoint(ckpt) = src {
-        check_checkpoint(ckpt, plan.config())?;
+    let quant = RankQuant::resolve(&src, None)?;
+    load_rank_weights_with(plan, rank, src, quant.as_ref(), true)
+}
+
+/// [`load_rank_weights`] with the projections quantized as `quant` says (see [`RankQuant`]; `None`: dense f32).
+/// A quantized projection keeps its exact dense dequantization when `keep_dense` (the CPU reference multiplies by
+/// it); without it only the int4 form is kept ([`LinearWeight::quantized_only`], for ranks bound for a device).
+/// The plan is checked first ([`check_quantized_plan`]). Embeddings, norms and `lm_head` stay f32 (an int8 table of
+/// an int8-embeddings checkpoint is dequantized, then its rows sliced).
+pub fn load_rank_weights_with(
+    plan: &TpPlan,
+    rank: usize,
+    src: WeightSource<'_>,
+    quant: Option<&RankQuant>,
+    keep_dense: bool,
+) -> Result<ModelWeights> {
+    match (quant, &src) {
+        (Some(RankQuant::Checkpoint(_)), WeightSource::Random(_)) => {
+            return Err(Error::request(
+                "tensor parallelism: random weights cannot be read as a quantized checkpoint (quantize them at load)",
+            ))
+        }
+        (Some(RankQuant::Checkpoint(_)), WeightSource::Checkpoint(_)) => {}
+        (_, WeightSource::Checkpoint(ckpt)) => check_checkpoint(ckpt, plan.config())?,
+        (_, WeightSource::Random(_)) => {}
+    }
+    if let Some(q) = quant {
+        check_quantized_plan(plan, q.scheme())?;
     }
     let r = plan.rank(rank)?;
     let specs = crate::weights::ModelSpecs::of(plan.config());
@@ -127,6 +255,43 @@ pub fn load_rank_weights(plan: &TpPlan, rank: usize, src: WeightSource<'_>) -> R
     let norm = |spec: &crate::weights::FusedSpec| -> Result<Vec<f32>> {
         let p = piece(&spec.names[0], [1, h], Part { rows: 0..1, cols: all(h) }, 0, spec.stream, true);
         read_pieces(&src, &[p])
+    };
+    // A projection from its pieces (stacked along rows), dense or quantized.
+    let proj = |pieces: &[Piece]| -> Result<LinearWeight> {
+        let wrap = |q: QuantLinear| {
+            if keep_dense {
+                LinearWeight::quantized(q)
+            } else {
+                LinearWeight::quantized_only(q)
+            }
+        };
+        match (quant, &src) {
+            (None, _) => Ok(read_pieces(&src, pieces)?.into()),
+            (Some(RankQuant::Checkpoint(qcfg)), WeightSource::Checkpoint(ckpt)) => {
+                let parts = pieces
+                    .iter()
+                    .map(|p| {
+                        let whole = read_linear(ckpt, &p.name, qcfg, p.shape[0], p.shape[1])?;
+                        let matrix = whole.matrix.slice(p.part.rows.clone(), p.part.cols.clone()).map_err(|e| {
+                            Error::weights(ckpt.dir(), format!("`{}`, rank {rank} of {}: {e}", p.name, plan.tp()))
+                        })?;
+                        Ok(QuantLinear { matrix, scheme: whole.scheme })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(wrap(stack_rows(parts, &pieces[0].name)?))
+            }
+            (Some(q), _) => {
+                let scheme = q.scheme();
+                let k = pieces[0].part.cols.len();
+                let n: usize = pieces.iter().map(|p| p.part.rows.len()).sum();
+                let mut w = read_pieces(&src, pieces)?;
+                w.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+                let matrix = quantize_matrix(&w, n, k, scheme.group).map_err(|e| {
+                    Error::request(format!("`{}` [{n}, {k}] of rank {rank} of {}: {e}", pieces[0].name, plan.tp()))
+                })?;
+                Ok(wrap(QuantLinear { matrix, scheme }))
+            }
+        }
     };
     let heads = |x: &Range<usize>| x.start * d..x.end * d;
     let rs: &RankShard = &r;
@@ -179,17 +344,26 @@ pub fn load_rank_weights(plan: &TpPlan, rank: usize, src: WeightSource<'_>) -> R
             );
             Ok(LayerWeights {
                 attn_norm: norm(&l.attn_norm)?,
-                wqkv: read_pieces(&src, &qkv_pieces)?.into(),
-                wo: read_pieces(&src, &[wo])?.into(),
+                wqkv: proj(&qkv_pieces)?,
+                wo: proj(&[wo])?,
                 mlp_norm: norm(&l.mlp_norm)?,
-                w_gate_up: read_pieces(&src, &gu_pieces)?.into(),
-                w_down: read_pieces(&src, &[down])?.into(),
+                w_gate_up: proj(&gu_pieces)?,
+                w_down: proj(&[down])?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
     let v = c.vocab_size;
     let vocab_rows = |spec: &crate::weights::FusedSpec| -> Result<Vec<f32>> {
-        let p = piece(&spec.names[0], [v, h], Part { rows: rs.vocab.clone(), cols: all(h) }, 0, spec.stream, false);
+        let name = &spec.names[0];
+        if let (Some(RankQuant::Checkpoint(_)), WeightSource::Checkpoint(ckpt)) = (quant, &src) {
+            let prefix = name.strip_suffix(".weight").unwrap_or(name);
+            if ckpt.get(&format!("{prefix}.qweight_int8")).is_some() {
+                // An int8 table: dequantized whole (exactly), then the rank's rows.
+                let t = read_table_f32(ckpt, name, v, h)?;
+                return Ok(t[rs.vocab.start * h..rs.vocab.end * h].to_vec());
+            }
+        }
+        let p = piece(name, [v, h], Part { rows: rs.vocab.clone(), cols: all(h) }, 0, spec.stream, false);
         read_pieces(&src, &[p])
     };
     Ok(ModelWeights {
@@ -368,6 +542,77 @@ const EMBED: &str = "language_model.model.embed_tokens.weight";
 mod tests {
     use super::*;
     use crate::weights::random_values;
+
+    #[test]
+    fn quantized_rank_weights_are_slices_of_the_whole_models_quantization() {
+        let mut cfg = crate::config::Preset::Llama32_1B.config();
+        (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (256, 128, 256, 2);
+        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (8, 2, 16);
+        let seed = 3;
+        let mut whole = ModelWeights::random(&cfg, seed).unwrap();
+        whole.quantize_in_place(Scheme::W4A16_G32).unwrap();
+        let at_load = RankQuant::AtLoad(Scheme::W4A16_G32);
+        let (h, d, i, q_dim, kv_dim) = (128, 16, 256, cfg.q_dim(), cfg.kv_dim());
+        let part = |w: &LinearWeight, rows: Range<usize>, cols: Range<usize>| {
+            let q = w.quant.as_ref().unwrap();
+            QuantLinear { matrix: q.matrix.slice(rows, cols).unwrap(), scheme: q.scheme }
+        };
+        let mut checked = 0;
+        for tp in [2, 4] {
+            let plan = TpPlan::new(&cfg, tp).unwrap();
+            for rank in 0..tp {
+                let rs = plan.rank(rank).unwrap();
+                let got =
+                    load_rank_weights_with(&plan, rank, WeightSource::Random(seed), Some(&at_load), true).unwrap();
+                let bare =
+                    load_rank_weights_with(&plan, rank, WeightSource::Random(seed), Some(&at_load), false).unwrap();
+                let (qh, kvh) = (rs.q_heads.start * d..rs.q_heads.end * d, rs.kv_heads.start * d..rs.kv_heads.end * d);
+                let shift = |r: &Range<usize>, by: usize| r.start + by..r.end + by;
+                for (l, (g, w)) in got.layers.iter().zip(&whole.layers).enumerate() {
+                    let qkv = stack_rows(
+                        vec![
+                            part(&w.wqkv, qh.clone(), 0..h),
+                            part(&w.wqkv, shift(&kvh, q_dim), 0..h),
+                            part(&w.wqkv, shift(&kvh, q_dim + kv_dim), 0..h),
+                        ],
+                        "qkv",
+                    )
+                    .unwrap();
+                    let gate_up = stack_rows(
+                        vec![part(&w.w_gate_up, rs.inter.clone(), 0..h), part(&w.w_gate_up, shift(&rs.inter, i), 0..h)],
+                        "gate_up",
+                    )
+                    .unwrap();
+                    let want = [qkv, part(&w.wo, 0..h, qh.clone()), gate_up, part(&w.w_down, 0..h, rs.inter.clone())];
+                    let mine = [&g.wqkv, &g.wo, &g.w_gate_up, &g.w_down];
+                    let mine_bare = {
+                        let b = &bare.layers[l];
+                        [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]
+                    };
+                    for ((m, b), want) in mine.iter().zip(mine_bare).zip(&want) {
+                        assert_eq!(m.quant.as_deref(), Some(want), "tp {tp} rank {rank} layer {l}");
+                        assert_eq!(m.dense, want.matrix.dequantize());
+                        assert_eq!((b.quant.as_deref(), b.dense.len()), (Some(want), 0));
+                        checked += 1;
+                    }
+                }
+                // Embeddings stay dense rows of the unquantized table.
+                assert_eq!(got.embed, whole.embed[rs.vocab.start * h..rs.vocab.end * h].to_vec());
+            }
+        }
+        assert_eq!(checked, (2 + 4) * 2 * 4);
+        // tp = 8: one query head (16 columns of o_proj) per rank straddles a group of 32.
+        let plan = TpPlan::new(&cfg, 8).unwrap();
+        let e = load_rank_weights_with(&plan, 0, WeightSource::Random(seed), Some(&at_load), true).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("self_attn.o_proj") && e.contains("tp = 8") && e.contains("16 per rank"), "{e}");
+        let plan = TpPlan::new(&cfg, 2).unwrap();
+        let w4a8 = RankQuant::AtLoad(Scheme::W4A8_G32);
+        let e = load_rank_weights_with(&plan, 0, WeightSource::Random(seed), Some(&w4a8), true).unwrap_err();
+        assert!(e.to_string().contains("w4a8-g32"), "{e}");
+        // At tp = 1 W4A8 is the single-device model.
+        assert!(check_quantized_plan(&TpPlan::new(&cfg, 1).unwrap(), Scheme::W4A8_G32).is_ok());
+    }
 
     #[test]
     fn random_parts_equal_slices_of_the_whole_stream() {

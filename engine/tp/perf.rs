@@ -288,7 +288,7 @@ fn int4_bytes(scheme: Scheme) -> f64 {
     0.5 + scale / scheme.group as f64
 }
 
-/// [`predict`] with the language model's projections quantized by `quant`: they take [`int4_bytes`] per value and
+/// [`predict`] with the language model's projections quantized by `quant`: they take `int4_bytes` per value and
 /// are read at the int4 kernels' efficiency ([`Gpu::int4_efficiency`]), everything else as in bf16. Decode batch
 /// sizes only (the W4A16 path dequantizes to bf16 above 64 rows, which this does not model).
 pub fn predict_with(

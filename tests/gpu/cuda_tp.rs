@@ -39,6 +39,7 @@ use llama32::exec::cuda::{CudaExecutor, CudaOptions};
 use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
 use llama32::exec::{Executor, StepInput};
 use llama32::kv::BlockAllocator;
+use llama32::quant::Scheme;
 use llama32::sampling::argmax;
 use llama32::tp::comm::Communicator;
 use llama32::tp::cuda::{DeviceComm, TpCommKind, TpCudaExecutor};
@@ -92,6 +93,8 @@ struct Model {
     /// The golden budget (worst, mean), from transformers' bf16 error.
     golden: Option<RelErr>,
     prompts: [Vec<u32>; 2],
+    /// Projections quantized at load time (every executor of the model, the f32 reference included).
+    quantize: Option<Scheme>,
 }
 
 impl Model {
@@ -112,7 +115,18 @@ impl Model {
             prompts: [ids("prompt_ids"), ids("prompt2_ids")],
             dir: Some(dir),
             seed: 0,
+            quantize: None,
         }
+    }
+
+    /// The same model with its projections quantized with `scheme` at load time. The golden budget becomes the
+    /// one the single-GPU quantized executor is held to against the quantized f32 reference (cuda_quant.rs:
+    /// transformers' bf16 error x 2 for W4A16).
+    fn quantized(mut self, scheme: Scheme) -> Model {
+        self.name = format!("{} {}", self.name, scheme.name());
+        self.golden = self.golden.map(|g| RelErr { max: g.max / SLACK * 2.0, mean: g.mean / SLACK * 2.0 });
+        self.quantize = Some(scheme);
+        self
     }
 
     /// Random weights with head_dim 128 and 8 query / 2 KV heads: tp = 2 splits the KV heads, tp = 4 replicates
@@ -134,7 +148,15 @@ impl Model {
         // Ids spread over the whole vocabulary, so every rank's embedding slice is used.
         let p1 = (0..37).map(|i| ((i * 97 + 5) % v) as u32).collect();
         let p2 = (0..6).map(|i| ((i * 53 + v / 2 + 1) % v) as u32).collect();
-        Model { name: "random-d128-gqa4".into(), cfg, dir: None, seed: 11, golden: None, prompts: [p1, p2] }
+        Model {
+            name: "random-d128-gqa4".into(),
+            cfg,
+            dir: None,
+            seed: 11,
+            golden: None,
+            prompts: [p1, p2],
+            quantize: None,
+        }
     }
 
     fn with_src<T>(&self, f: impl FnOnce(WeightSource<'_>) -> T) -> T {
@@ -148,10 +170,14 @@ impl Model {
     }
 
     fn weights(&self) -> ModelWeights {
-        match &self.dir {
+        let mut w = match &self.dir {
             Some(dir) => ModelWeights::load(&Checkpoint::open(dir).unwrap(), &self.cfg, &|_| {}).unwrap(),
             None => ModelWeights::random(&self.cfg, self.seed).unwrap(),
+        };
+        if let Some(scheme) = self.quantize {
+            w.quantize_in_place(scheme).unwrap();
         }
+        w
     }
 
     fn cpu(&self) -> CpuExecutor {
@@ -160,6 +186,9 @@ impl Model {
 
     /// The single-GPU executor as served (decode steps through CUDA graphs).
     fn cuda(&self) -> CudaExecutor {
+        if self.quantize.is_some() {
+            return CudaExecutor::from_weights(self.cfg.clone(), &self.weights(), &opts()).unwrap();
+        }
         self.with_src(|src| CudaExecutor::new(self.cfg.clone(), src, &opts(), &|_| {})).unwrap()
     }
 
@@ -170,7 +199,9 @@ impl Model {
     }
 
     fn tp(&self, tp: usize, kind: TpCommKind) -> llama32::Result<TpCudaExecutor> {
-        self.with_src(|src| TpCudaExecutor::new(self.cfg.clone(), src, tp, &[0], kind, &opts()))
+        self.with_src(|src| {
+            TpCudaExecutor::new_quantized(self.cfg.clone(), src, tp, self.quantize, &[0], kind, &opts())
+        })
     }
 }
 
@@ -317,6 +348,32 @@ fn cuda_tp_in_process_ranks_on_one_gpu_match_tp1() {
     // 3 heads and vocabulary 320: only tp = 1 divides it; the hooks still run (world-size-1 collectives).
     check_in_process(&Model::golden("cuda-d128-gqa3"), &[1]);
     check_in_process(&Model::random_d128(), &[2, 4]);
+}
+
+/// W4A16 ranks (each quantizing its own slices at load, uploaded in the int4 kernels' layout) sharing one GPU
+/// against the single-GPU quantized executor and the quantized f32 reference, with the budgets of the bf16 runs
+/// above (the reference budget being the single-GPU W4A16 one); tp = 1 through the tensor-parallel executor equals
+/// the eager single-GPU quantized executor bit for bit.
+#[test]
+fn cuda_tp_w4a16_ranks_on_one_gpu_match_the_quantized_single_gpu() {
+    if !device_ready() {
+        return;
+    }
+    for model in
+        [Model::golden("cuda-d64-gqa4").quantized(Scheme::W4A16_G32), Model::random_d128().quantized(Scheme::W4A16_G32)]
+    {
+        check_in_process(&model, &[2, 4]);
+        let (steps, _) = reference_steps(&model);
+        let plain = run(&mut model.cuda_eager(), &steps);
+        let got = run(&mut model.tp(1, TpCommKind::InProcess).unwrap(), &steps);
+        let same = bitwise_equal(&got, &plain);
+        eprintln!("cuda-tp {} tp=1 host-staged: bitwise equal to the eager single-GPU executor: {same}", model.name);
+        assert!(same, "{}: tp = 1 differs from the single-GPU quantized executor", model.name);
+    }
+    // W4A8 is refused under tensor parallelism, naming the scheme.
+    let m = Model::golden("cuda-d64-gqa4").quantized(Scheme::W4A8_G32);
+    let e = m.tp(2, TpCommKind::InProcess).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("w4a8-g32"), "{e}");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::ranks::{
-    check_tensor_parallel, check_vision_tensor_parallel, rank_devices, refuse_quantized, tp_cuda_node_executor,
+    check_tensor_parallel, check_vision_tensor_parallel, rank_devices, tp_cuda_node_executor, tp_quantization,
     usable_cuda_devices, CudaRanks,
 };
 use super::vision::vision_cuda_options;
@@ -85,7 +85,7 @@ impl MultiNode {
 /// loads, each error naming its flag: None for a one-node run (`--nnodes 1`, where `--node-rank` must be 0 and
 /// `--master-addr`/`--master-port` are not used). With `--nnodes M > 1`: `--device cuda[:K]`, `--tensor-parallel N`
 /// divisible by M, `--node-rank` below M, `--master-addr` given, `--master-port` below 65535 (P + 1 must exist), a
-/// positive `--node-timeout`, no `--quantize`, and `--devices` (when given) naming N / M distinct GPUs, since every
+/// positive `--node-timeout`, no W4A8 `--quantize`, and `--devices` (when given) naming N / M distinct GPUs, since every
 /// rank joins one NCCL group, which takes one rank per GPU.
 pub(crate) fn check_multi_node(a: &ModelArgs, e: &EngineArgs) -> Result<Option<MultiNode>> {
     let (m, k, tp) = (e.nnodes, e.node_rank, e.tensor_parallel);
@@ -130,8 +130,17 @@ pub(crate) fn check_multi_node(a: &ModelArgs, e: &EngineArgs) -> Result<Option<M
     if e.node_timeout == 0 {
         return Err(Error::request("--node-timeout must be at least 1 second"));
     }
-    if a.quantize.is_some() {
-        return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
+    if let Some(q) = a.quantize.as_deref() {
+        let scheme = crate::quant::Scheme::parse(q)?;
+        if scheme.act != crate::quant::ActQuant::None {
+            // The full check (the degree against the model's shapes) follows in `node_role`.
+            return Err(Error::request(format!(
+                "--tensor-parallel {tp} does not support --quantize {q}: W4A8 would quantize each rank's partial \
+                 activations of the row-parallel projections over its own slice of K (other numerics than tp = 1); \
+                 use w4a16-g{}",
+                scheme.group
+            )));
+        }
     }
     let node = MultiNode {
         tp,
@@ -209,7 +218,7 @@ pub(super) enum Role {
 }
 
 /// Checks the tensor-parallel and multi-node flags before anything loads and says what this process is. For a
-/// multi-node run the degree is checked against the model (and quantized models refused) first; then node 0
+/// multi-node run the degree is checked against the model (and its quantization: [`tp_quantization`]) first; then node 0
 /// places its ranks (failing here without a usable CUDA device) and listens for the followers.
 pub(super) fn node_role(a: &ModelArgs, e: &EngineArgs) -> Result<Role> {
     check_tensor_parallel(e.tensor_parallel, &a.device, e.devices.as_deref())?;
@@ -222,8 +231,8 @@ pub(super) fn node_role(a: &ModelArgs, e: &EngineArgs) -> Result<Role> {
         crate::tp::TpPlan::new(&cfg.text.base, node.tp)?;
     } else {
         let (cfg, source) = load::resolve_config(a)?;
-        refuse_quantized(a, &source)?;
         crate::tp::TpPlan::new(&cfg, node.tp)?;
+        tp_quantization(a, &source, &cfg, node.tp)?;
     }
     if node.node_rank > 0 {
         return Ok(Role::Follow(node));
@@ -371,8 +380,10 @@ mod tests {
         assert!(e(two(&["--master-port", "65535"])).contains("--master-port 65535"));
         assert!(e(two(&["--master-port", "0"])).contains("--master-port 0"));
         assert!(e(two(&["--node-timeout", "0"])).contains("--node-timeout"));
-        let m = e(two(&["--quantize", "w4a16-g32"]));
-        assert!(m.contains("--tensor-parallel > 1 does not support quantized models"), "{m}");
+        // W4A16 ranks run across nodes as on one; W4A8 is refused naming the scheme.
+        assert!(two(&["--quantize", "w4a16-g32"]).is_ok());
+        let m = e(two(&["--quantize", "w4a8-g32"]));
+        assert!(m.contains("--quantize w4a8-g32") && m.contains("--tensor-parallel 16"), "{m}");
         // --devices: this node's 8 ranks need 8 distinct GPUs (one NCCL group takes one rank per GPU).
         assert!(two(&["--devices", "7,6,5,4,3,2,1,0"]).is_ok());
         let m = e(two(&["--devices", "0,1,2,3"]));

@@ -33,15 +33,26 @@ pub(crate) fn check_tensor_parallel(tp: usize, device: &str, devices: Option<&st
 
 /// Checks `--tensor-parallel N` for a Llama 3.2 Vision checkpoint before anything loads, besides
 /// [`check_tensor_parallel`]: any N runs on `--device cpu` (in-process CPU ranks) and on `--device cuda[:K]` (CUDA
-/// ranks, [`crate::tp::cuda_vision::TpMllamaCudaExecutor`]); N > 1 refuses `--quantize`, as for text models.
+/// ranks, [`crate::tp::cuda_vision::TpMllamaCudaExecutor`]); N > 1 refuses `--quantize` and a quantized
+/// checkpoint (text models run quantized ranks: [`tp_quantization`]).
 pub(crate) fn check_vision_tensor_parallel(tp: usize, a: &ModelArgs) -> Result<()> {
-    check_vision_tp_flags(tp, a.quantize.as_deref(), a.random_weights)
+    check_vision_tp_flags(tp, a.quantize.as_deref(), a.random_weights)?;
+    if let (true, Some(dir)) = (tp > 1, &a.model) {
+        if let Some(q) = load::checkpoint_quantization(dir)? {
+            return Err(Error::request(format!("{VISION_QUANTIZED} (the checkpoint is quantized as {q})")));
+        }
+    }
+    Ok(())
 }
+
+/// Why a quantized Llama 3.2 Vision model is refused with `--tensor-parallel > 1`.
+const VISION_QUANTIZED: &str = "--tensor-parallel > 1 does not support quantized models yet for Llama 3.2 Vision \
+                                (quantized text models run as W4A16 ranks)";
 
 /// [`check_vision_tensor_parallel`] on the flags themselves.
 fn check_vision_tp_flags(tp: usize, quantize: Option<&str>, random_weights: bool) -> Result<()> {
     if tp > 1 && quantize.is_some() {
-        return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
+        return Err(Error::request(VISION_QUANTIZED));
     }
     if tp > 1 && random_weights {
         return Err(Error::request(
@@ -52,23 +63,38 @@ fn check_vision_tp_flags(tp: usize, quantize: Option<&str>, random_weights: bool
     Ok(())
 }
 
-/// Refuses tensor parallelism for a quantized model (`--quantize`, or a checkpoint written quantized).
-pub(super) fn refuse_quantized(a: &ModelArgs, source: &load::Source) -> Result<()> {
-    let quantized = match source {
-        load::Source::Dir(dir) => load::checkpoint_quantization(dir)?.is_some(),
-        load::Source::Preset(_) => false,
+/// The quantization of a text model run as `tp` ranks, checked before anything loads: `--quantize` or a quantized
+/// checkpoint (not both), W4A8 refused at `tp > 1` and every row-parallel K share a multiple of the group
+/// ([`crate::tp::load::check_quantized_plan`]; errors name the scheme, the tensor and the degree). Returns the
+/// scheme to quantize with at load time: `--quantize`'s, or a quantized checkpoint's with `--random-weights`;
+/// `None` for an unquantized model or a quantized checkpoint, which the ranks detect and read themselves.
+pub(super) fn tp_quantization(
+    a: &ModelArgs,
+    source: &load::Source,
+    cfg: &crate::config::LlamaConfig,
+    tp: usize,
+) -> Result<Option<crate::quant::Scheme>> {
+    let Some(q) = load::quantization_of(a, source)? else {
+        return Ok(None);
     };
-    if a.quantize.is_some() || quantized {
-        return Err(Error::request("--tensor-parallel > 1 does not support quantized models yet"));
-    }
-    Ok(())
+    let (scheme, at_load) = match &q {
+        load::Quantization::AtLoad(s) => (*s, Some(*s)),
+        load::Quantization::Checkpoint(c) => (c.scheme, a.random_weights.then_some(c.scheme)),
+    };
+    let plan = crate::tp::TpPlan::new(cfg, tp)?;
+    crate::tp::load::check_quantized_plan(&plan, scheme).map_err(|e| match e {
+        Error::Request(m) => Error::request(format!("--tensor-parallel {tp} ({}): {m}", q.describe())),
+        other => other,
+    })?;
+    Ok(at_load)
 }
 
 /// The text model of `a` as `tp` tensor-parallel CPU ranks ([`crate::tp::TpCpuExecutor`]) with KV pools of
-/// `kv_tokens` tokens: each rank reads only its slices of the checkpoint (or of the seeded random weights).
+/// `kv_tokens` tokens: each rank reads only its slices of the checkpoint (or of the seeded random weights), its
+/// projections quantized as [`tp_quantization`] says.
 pub(crate) fn tp_cpu_executor(a: &ModelArgs, tp: usize, kv_tokens: usize) -> Result<crate::tp::TpCpuExecutor> {
     let (cfg, source) = load::resolve_config(a)?;
-    refuse_quantized(a, &source)?;
+    let quantize = tp_quantization(a, &source, &cfg, tp)?;
     if a.block_size == 0 {
         return Err(Error::request("--block-size must be positive"));
     }
@@ -80,7 +106,7 @@ pub(crate) fn tp_cpu_executor(a: &ModelArgs, tp: usize, kv_tokens: usize) -> Res
         }
         _ => crate::weights::WeightSource::Random(a.weights_seed),
     };
-    crate::tp::TpCpuExecutor::with_capacity(cfg, src, tp, kv_tokens, a.block_size)
+    crate::tp::TpCpuExecutor::with_capacity_quantized(cfg, src, tp, quantize, kv_tokens, a.block_size)
 }
 
 /// How [`tp_cuda_executor`] places and sizes its CUDA ranks.
@@ -199,9 +225,10 @@ pub(super) fn usable_cuda_devices(device: &str, what: &str) -> Result<usize> {
 /// The text model of `a` as `tp` tensor-parallel CUDA ranks ([`crate::tp::cuda::TpCudaExecutor`]) placed and sized
 /// by `r`: each rank reads only its slices of the checkpoint (or of the seeded random weights). The one place that
 /// turns the command line into CUDA ranks of a text model (`logits`, `serve`, `batch`, `bench-serve` and `bench`;
-/// Llama 3.2 Vision's ranks are placed by the same [`cuda_rank_placement`] and [`tp_comm_kind`]). Quantized models
-/// and tensor-parallel degrees that do not divide the model are refused before any device is touched; without a
-/// usable CUDA device the error says so.
+/// Llama 3.2 Vision's ranks are placed by the same [`cuda_rank_placement`] and [`tp_comm_kind`]). W4A16 models
+/// (`--quantize`, or a quantized checkpoint) run as int4 ranks; W4A8, a row-parallel K share that is not a multiple
+/// of the quantization group ([`tp_quantization`]) and tensor-parallel degrees that do not divide the model are
+/// refused before any device is touched; without a usable CUDA device the error says so.
 pub(crate) fn tp_cuda_executor(a: &ModelArgs, tp: usize, r: &CudaRanks<'_>) -> Result<TpCudaModel> {
     tp_cuda_model(a, tp, r, None)
 }
@@ -235,8 +262,9 @@ fn tp_cuda_model(
         return Err(Error::request("--block-size must be positive"));
     }
     let (cfg, source) = load::resolve_config(a)?;
-    refuse_quantized(a, &source)?;
     crate::tp::TpPlan::new(&cfg, tp)?;
+    let quantize = tp_quantization(a, &source, &cfg, tp)?;
+    let ckpt_quantized = matches!(load::quantization_of(a, &source)?, Some(load::Quantization::Checkpoint(_)));
     let (placement, kind) = match node {
         Some((_, placement)) => (placement.to_vec(), crate::tp::cuda::TpCommKind::Nccl),
         None => {
@@ -250,6 +278,9 @@ fn tp_cuda_model(
     let mut desc = source.describe();
     if a.random_weights {
         desc.push_str(" with random weights");
+    }
+    if let Some(q) = load::quantization_of(a, &source)? {
+        desc.push_str(&format!(", {}", q.describe()));
     }
     let t0 = std::time::Instant::now();
     let opts = crate::exec::cuda::CudaOptions {
@@ -265,14 +296,19 @@ fn tp_cuda_model(
     let src = match (&source, a.random_weights) {
         (load::Source::Dir(dir), false) => {
             ckpt = crate::weights::Checkpoint::open(dir)?;
-            crate::weights::check_checkpoint(&ckpt, &cfg)?;
+            if !ckpt_quantized {
+                // Before any device (a quantized checkpoint's tensors are checked as its ranks read them).
+                crate::weights::check_checkpoint(&ckpt, &cfg)?;
+            }
             crate::weights::WeightSource::Checkpoint(&ckpt)
         }
         _ => crate::weights::WeightSource::Random(a.weights_seed),
     };
     let exec = match node {
-        Some((n, _)) => crate::tp::cuda::TpCudaExecutor::join_node(cfg, src, &placement, &n.group_spec(), &opts)?,
-        None => crate::tp::cuda::TpCudaExecutor::new(cfg, src, tp, &placement, kind, &opts)?,
+        Some((n, _)) => {
+            crate::tp::cuda::TpCudaExecutor::join_node(cfg, src, &placement, &n.group_spec(), quantize, &opts)?
+        }
+        None => crate::tp::cuda::TpCudaExecutor::new_quantized(cfg, src, tp, quantize, &placement, kind, &opts)?,
     };
     use crate::exec::Executor as _;
     let capacity = exec.num_blocks() * exec.block_size();
