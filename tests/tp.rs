@@ -502,7 +502,7 @@ fn cli_cuda_tensor_parallel_flags_are_checked_before_any_device() {
     let e = failure("logits", &args);
     assert!(e.contains("num_attention_heads"), "{e}");
     // Vision checkpoints run as CUDA ranks too (tests/gpu/cuda_tp_vision.rs); their flags are checked before any
-    // device: a degree that does not divide the 8 heads, and a quantized run.
+    // device: a degree that does not divide the 8 heads, and a quantized split that is not group-aligned.
     let vision = common::golden_dir("mllama-resize");
     let vision = vision.to_str().unwrap();
     let e = failure(
@@ -513,7 +513,8 @@ fn cli_cuda_tensor_parallel_flags_are_checked_before_any_device() {
     let mut args = vec!["--model", vision, "--ids", "1,2", "--out", out, "--device", "cuda", "--tensor-parallel", "2"];
     args.extend(["--quantize", "w4a16-g32"]);
     let e = failure("logits", &args);
-    assert!(e.contains("--tensor-parallel > 1 does not support quantized models"), "{e}");
+    // W4A16 vision ranks exist, but this model's down_proj share at tp = 2 (48 columns) straddles the 32-groups.
+    assert!(e.contains("down_proj") && e.contains("quantization group"), "{e}");
     let dir = std::env::temp_dir().join(format!("llama32-tp-cuda-batch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let input = dir.join("in.jsonl");

@@ -433,11 +433,14 @@ fn vision_tensor_parallel_on_cuda_without_a_device_fails_clearly() {
         assert!(e.contains(&format!("--device {}", extra[1])) && !e.contains("panicked"), "{extra:?}: {e}");
     }
     assert!(!out.exists());
-    // Refused before any device is touched: a degree that does not divide the 8 heads, and a quantized run.
+    // Refused before any device is touched: a degree that does not divide the 8 heads, W4A8, and a W4A16 split
+    // whose down_proj share (96 / 2 = 48 columns) is not a multiple of the group.
     let e = logits(&["--device", "cuda", "--tensor-parallel", "3"]);
     assert!(e.contains("num_attention_heads"), "{e}");
+    let e = logits(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a8-g32"]);
+    assert!(e.contains("does not support w4a8-g32"), "{e}");
     let e = logits(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a16-g32"]);
-    assert!(e.contains("does not support quantized"), "{e}");
+    assert!(e.contains("down_proj") && e.contains("quantization group"), "{e}");
     // batch (and serve) place the ranks before loading anything: the same error.
     let input = tmp.join("in.jsonl");
     std::fs::write(&input, "").unwrap();
@@ -486,12 +489,12 @@ fn vision_multi_node_is_checked_and_fails_clearly_without_a_device() {
         assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{cmd} {args:?} took {:?}", t0.elapsed());
         e
     };
-    // Refused before any device on every node: a degree that does not divide the 8 heads, a quantized run.
+    // Refused before any device on every node: a degree that does not divide the 8 heads, a W4A8 run.
     for rank in ["0", "1"] {
         let e = fail("batch", "6", rank, &[]);
         assert!(e.contains("num_attention_heads"), "{e}");
-        let e = fail("batch", "4", rank, &["--quantize", "w4a16-g32"]);
-        assert!(e.contains("does not support quantized"), "{e}");
+        let e = fail("batch", "4", rank, &["--quantize", "w4a8-g32"]);
+        assert!(e.contains("does not support") && e.contains("w4a8-g32"), "{e}");
     }
     let e = fail("serve", "4", "0", &["--devices", "0,0"]);
     assert!(e.contains("--devices") && e.contains("would share cuda:0"), "{e}");
@@ -605,4 +608,51 @@ fn vision_batch_with_tensor_parallel_2_answers_like_tp1() {
     assert_ne!(one[0]["usage"]["prompt_tokens"], one[1]["usage"]["prompt_tokens"]);
     assert_eq!(one, run("2"), "tp=2 must answer greedy image requests exactly as tp=1");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// W4A16 Llama 3.2 Vision as tensor-parallel CPU ranks against tp = 1 quantized: a checkpoint written by
+/// `quantize_checkpoint` (each projection read whole and sliced per rank) and `--quantize` at load (each rank
+/// quantizes its own slices); every rank bit-identical, within f32 re-association of tp = 1. A degree whose
+/// row-parallel share is not a multiple of the group, and W4A8, are refused naming the tensor or the scheme.
+#[test]
+fn w4a16_vision_ranks_match_tp1_quantized() {
+    use llama32::quant::format::{quantize_checkpoint, QuantizeOptions};
+    use llama32::quant::Scheme;
+    let scheme = Scheme::W4A16_G32;
+    for name in ["mllama-noresize", "mllama-two-images"] {
+        let g = common::mllama_golden(name);
+        // A quantized checkpoint.
+        let out = std::env::temp_dir().join(format!("llama32-tp-vision-q-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        quantize_checkpoint(&g.dir, &out, scheme, &QuantizeOptions::default(), &|_, _| {}).unwrap();
+        let c = Case::load(&out, g.input_ids.clone(), &g.images);
+        let mut reference = c.reference();
+        let mut exec = c.tp(2).unwrap();
+        let e = compare(&c, &mut reference, &mut exec, &format!("{name} quantized checkpoint tp=2"));
+        assert!(e <= REL_TOL, "{name}: quantized checkpoint at tp 2 differs by {e:.2e}");
+        // --quantize at load.
+        let base = Case::golden(name);
+        let w = MllamaModel::load_with(&g.dir, Some(scheme)).unwrap().weights;
+        let mut reference = MllamaCpuExecutor::new(base.model.cfg.clone(), w, KV_TOKENS, BLOCK).unwrap();
+        let ckpt = Checkpoint::open(&g.dir).unwrap();
+        let cfg = base.model.cfg.clone();
+        let mut exec = TpMllamaCpuExecutor::new_quantized(cfg, &ckpt, 2, (KV_TOKENS, BLOCK), Some(scheme)).unwrap();
+        let e2 = compare(&base, &mut reference, &mut exec, &format!("{name} --quantize tp=2"));
+        assert!(e2 <= REL_TOL, "{name}: --quantize at tp 2 differs by {e2:.2e}");
+        eprintln!("{name}: W4A16 tp 2 vs tp 1: checkpoint {e:.2e}, at load {e2:.2e}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let g = common::mllama_golden("mllama-resize");
+    let ckpt = Checkpoint::open(&g.dir).unwrap();
+    let cfg = MllamaModel::load(&g.dir).unwrap().cfg;
+    let e = TpMllamaCpuExecutor::new_quantized(cfg.clone(), &ckpt, 2, (KV_TOKENS, BLOCK), Some(Scheme::W4A16_G32))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("down_proj") && e.contains("quantization group"), "{e}");
+    let e = TpMllamaCpuExecutor::new_quantized(cfg, &ckpt, 2, (KV_TOKENS, BLOCK), Some(Scheme::W4A8_G32))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("w4a8-g32"), "{e}");
 }

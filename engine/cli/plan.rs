@@ -147,8 +147,8 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
             Err(e) => println!("| {tp} | {e} |  |  |  |  |  |  |"),
         }
     }
-    if quant.is_some() {
-        println!("(tensor parallelism refuses quantized models today: the rows with tp > 1 are predictions only)");
+    if quant.is_some_and(|q| q.act != crate::quant::ActQuant::None) {
+        println!("(tensor parallelism refuses W4A8: the rows with tp > 1 are predictions only)");
     }
     println!();
     println!("inputs:");

@@ -89,7 +89,9 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
     let kv_tokens = m.kv_tokens.unwrap_or(ids.len()).max(ids.len());
     let ckpt = crate::weights::Checkpoint::open(dir)?;
     let t0 = Instant::now();
-    let mut exec = crate::tp::vision::TpMllamaCpuExecutor::new(cfg.clone(), &ckpt, tp, kv_tokens, m.block_size)?;
+    let at_load = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let ranks = (kv_tokens, m.block_size);
+    let mut exec = crate::tp::vision::TpMllamaCpuExecutor::new_quantized(cfg.clone(), &ckpt, tp, ranks, at_load)?;
     eprintln!("loaded the text decoder as {tp} tensor-parallel CPU ranks in {:.2} s", t0.elapsed().as_secs_f64());
     prefill_to_npy(&mut exec, &cfg, m.block_size, ids, &enc, mask.as_ref(), out)?;
     eprintln!("(tensor-parallel {tp})");

@@ -73,6 +73,19 @@ impl TpMllamaCudaExecutor {
         kind: TpCommKind,
         opts: &MllamaCudaOptions,
     ) -> Result<Self> {
+        Self::new_quantized(cfg, ckpt, tp, (devices, kind), opts, None)
+    }
+
+    /// [`new`](Self::new) with the language model's projections quantized at load by `at_load` (W4A16: each rank
+    /// quantizes its own slices and keeps only the int4 form; a quantized checkpoint is read quantized either way).
+    pub fn new_quantized(
+        cfg: MllamaConfig,
+        ckpt: &Checkpoint,
+        tp: usize,
+        (devices, kind): (&[usize], TpCommKind),
+        opts: &MllamaCudaOptions,
+        at_load: Option<crate::quant::Scheme>,
+    ) -> Result<Self> {
         if devices.is_empty() {
             return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
         }
@@ -83,7 +96,8 @@ impl TpMllamaCudaExecutor {
             super::nccl::nccl_available()?;
         }
         let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
-        Self::build(cfg, ckpt, &plan, (0..tp).collect(), placement, opts, |streams| device_comms(kind, streams))
+        let ranks = ((0..tp).collect(), placement);
+        Self::build(cfg, (ckpt, at_load), &plan, ranks, opts, |streams| device_comms(kind, streams))
     }
 
     /// This node's ranks of a multi-node group described by `spec` (one process per node): global ranks
@@ -96,7 +110,7 @@ impl TpMllamaCudaExecutor {
     /// uses the smallest of all nodes.
     pub fn join_node(
         cfg: MllamaConfig,
-        ckpt: &Checkpoint,
+        (ckpt, at_load): (&Checkpoint, Option<crate::quant::Scheme>),
         devices: &[usize],
         spec: &GroupSpec,
         opts: &MllamaCudaOptions,
@@ -110,24 +124,25 @@ impl TpMllamaCudaExecutor {
             plan.rank(r)?;
         }
         super::nccl::nccl_available()?;
-        Self::build(cfg, ckpt, &plan, rank_ids, devices.to_vec(), opts, |streams| node_comms(streams, spec))
+        Self::build(cfg, (ckpt, at_load), &plan, (rank_ids, devices.to_vec()), opts, |streams| {
+            node_comms(streams, spec)
+        })
     }
 
     /// Uploads the shards of `rank_ids` (rank `rank_ids[i]` on device `placement[i]`), joins them with the
     /// communicators `comms` makes from their streams (element `i` for local rank `i`), then sizes every KV cache.
     fn build(
         cfg: MllamaConfig,
-        ckpt: &Checkpoint,
+        (ckpt, at_load): (&Checkpoint, Option<crate::quant::Scheme>),
         plan: &TpPlan,
-        rank_ids: Vec<usize>,
-        placement: Vec<usize>,
+        (rank_ids, placement): (Vec<usize>, Vec<usize>),
         opts: &MllamaCudaOptions,
         comms: impl FnOnce(Vec<Arc<CudaStream>>) -> Result<Vec<Box<dyn DeviceComm>>>,
     ) -> Result<Self> {
         let mut ranks = Vec::with_capacity(rank_ids.len());
         for (&r, &device) in rank_ids.iter().zip(&placement) {
             // One layer's slices at a time on the host (a 90B rank's whole shard is tens of GB in f32).
-            let src = MllamaRankSource::new(&cfg, plan, r, ckpt)?;
+            let src = MllamaRankSource::new_with(&cfg, plan, r, ckpt, at_load, false)?;
             let o = MllamaCudaOptions { device, ..opts.clone() };
             let rank =
                 MllamaCudaExecutor::upload_rank_source(&cfg, plan, r, &src, &o).map_err(|e| rank_err(r, device, e))?;
@@ -336,13 +351,13 @@ mod tests {
             timeout: std::time::Duration::from_secs(600),
         };
         let t0 = std::time::Instant::now();
-        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), &ckpt, &[0, 1], &spec(2, 4), &opts).err();
+        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), (&ckpt, None), &[0, 1], &spec(2, 4), &opts).err();
         assert!(e.is_some_and(|e| !e.to_string().is_empty()));
-        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), &ckpt, &[0, 1], &spec(3, 4), &opts).err();
+        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), (&ckpt, None), &[0, 1], &spec(3, 4), &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("rank 4 is outside")), "ranks past the world are refused");
-        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), &ckpt, &[], &spec(0, 4), &opts).err();
+        let e = TpMllamaCudaExecutor::join_node(cfg.clone(), (&ckpt, None), &[], &spec(0, 4), &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("at least one device")));
-        let e = TpMllamaCudaExecutor::join_node(cfg, &ckpt, &[0], &spec(0, 3), &opts).err();
+        let e = TpMllamaCudaExecutor::join_node(cfg, (&ckpt, None), &[0], &spec(0, 3), &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("num_attention_heads")));
         assert!(t0.elapsed() < std::time::Duration::from_secs(60));
     }

@@ -396,7 +396,19 @@ pub fn load_mllama_rank_text(
     rank: usize,
     ckpt: &Checkpoint,
 ) -> Result<MllamaRankText> {
-    let src = MllamaRankSource::new(cfg, plan, rank, ckpt)?;
+    load_mllama_rank_text_with(cfg, plan, rank, ckpt, None)
+}
+
+/// [`load_mllama_rank_text`] with the projections of an unquantized checkpoint quantized at load by `at_load`
+/// ([`MllamaRankSource::new_with`]; a quantized checkpoint is read quantized either way).
+pub fn load_mllama_rank_text_with(
+    cfg: &MllamaConfig,
+    plan: &TpPlan,
+    rank: usize,
+    ckpt: &Checkpoint,
+    at_load: Option<Scheme>,
+) -> Result<MllamaRankText> {
+    let src = MllamaRankSource::new_with(cfg, plan, rank, ckpt, at_load, true)?;
     let layers =
         (0..cfg.text.base.num_hidden_layers).into_par_iter().map(|l| src.layer(l)).collect::<Result<Vec<_>>>()?;
     let text = TextWeights { embed: src.embed()?, layers, final_norm: src.final_norm()?, lm_head: src.lm_head()? };
@@ -413,20 +425,107 @@ pub struct MllamaRankSource<'a> {
     ckpt: &'a Checkpoint,
     layout: MllamaLayout,
     shapes: std::collections::HashMap<String, Vec<usize>>,
+    /// How the language model's projections come quantized (W4A16 only under tensor parallelism), and whether
+    /// quantized projections keep their dense dequantization (the CPU reference needs it).
+    quant: Option<RankQuant>,
+    keep_dense: bool,
 }
 
 impl<'a> MllamaRankSource<'a> {
     /// Checks `ckpt` against `cfg` (every tensor name and shape, either layout) and `plan` against the text config.
+    /// A quantized checkpoint is read quantized (its projections sliced from each whole tensor).
     pub fn new(cfg: &MllamaConfig, plan: &TpPlan, rank: usize, ckpt: &'a Checkpoint) -> Result<Self> {
+        Self::new_with(cfg, plan, rank, ckpt, None, true)
+    }
+
+    /// [`new`](Self::new), with the projections of an unquantized checkpoint quantized at load by `at_load` (each
+    /// rank's slice, rounded to bf16: the slices of the whole model's quantization when the row-parallel splits are
+    /// group-aligned, which [`check_quantized_plan`] requires, as it refuses W4A8); `keep_dense` keeps the dense
+    /// dequantization of quantized projections (the CPU reference), a device rank leaves it out.
+    pub fn new_with(
+        cfg: &MllamaConfig,
+        plan: &TpPlan,
+        rank: usize,
+        ckpt: &'a Checkpoint,
+        at_load: Option<Scheme>,
+        keep_dense: bool,
+    ) -> Result<Self> {
         if plan.config().hidden_size != cfg.text.base.hidden_size
             || plan.config().num_attention_heads != cfg.text.base.num_attention_heads
         {
             return Err(Error::request("tensor parallelism: the plan is not the vision model's text config's"));
         }
         plan.rank(rank)?;
-        let layout: MllamaLayout = check_mllama_checkpoint(ckpt, cfg)?;
+        let quant = RankQuant::resolve(&WeightSource::Checkpoint(ckpt), at_load)?;
+        let layout = match &quant {
+            Some(RankQuant::Checkpoint(q)) => crate::vision::weights::check_tensors(ckpt, cfg, Some(q))?,
+            _ => check_mllama_checkpoint(ckpt, cfg)?,
+        };
+        if let Some(q) = &quant {
+            check_quantized_plan(plan, q.scheme())?;
+        }
         let shapes = mllama_tensors(cfg).into_iter().collect();
-        Ok(MllamaRankSource { cfg: cfg.clone(), plan: plan.clone(), rank, ckpt, layout, shapes })
+        Ok(MllamaRankSource { cfg: cfg.clone(), plan: plan.clone(), rank, ckpt, layout, shapes, quant, keep_dense })
+    }
+
+    /// The projections' quantization scheme, if any.
+    pub fn scheme(&self) -> Option<Scheme> {
+        self.quant.as_ref().map(RankQuant::scheme)
+    }
+
+    /// A projection stacked from the rank's pieces of `names` (each `[n_i, k]`): f32, or quantized as the source
+    /// says.
+    fn proj(&self, names: &[String]) -> Result<LinearWeight> {
+        let pieces = names.iter().map(|n| self.piece(n).map(|(p, _)| p)).collect::<Result<Vec<_>>>()?;
+        let (rank, tp, dir) = (self.rank, self.plan.tp(), self.ckpt.dir());
+        let wrap = |q: QuantLinear| {
+            if self.keep_dense {
+                LinearWeight::quantized(q)
+            } else {
+                LinearWeight::quantized_only(q)
+            }
+        };
+        match &self.quant {
+            None => Ok(read_pieces(&WeightSource::Checkpoint(self.ckpt), &pieces)?.into()),
+            Some(RankQuant::Checkpoint(qcfg)) => {
+                let parts = pieces
+                    .iter()
+                    .map(|p| {
+                        let whole = read_linear(self.ckpt, &p.name, qcfg, p.shape[0], p.shape[1])?;
+                        let matrix = whole
+                            .matrix
+                            .slice(p.part.rows.clone(), p.part.cols.clone())
+                            .map_err(|e| Error::weights(dir, format!("`{}`, rank {rank} of {tp}: {e}", p.name)))?;
+                        Ok(QuantLinear { matrix, scheme: whole.scheme })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(wrap(stack_rows(parts, &pieces[0].name)?))
+            }
+            Some(RankQuant::AtLoad(scheme)) => {
+                let k = pieces[0].part.cols.len();
+                let n: usize = pieces.iter().map(|p| p.part.rows.len()).sum();
+                let mut w = read_pieces(&WeightSource::Checkpoint(self.ckpt), &pieces)?;
+                w.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+                let matrix = quantize_matrix(&w, n, k, scheme.group).map_err(|e| {
+                    Error::request(format!("`{}` [{n}, {k}] of rank {rank} of {tp}: {e}", pieces[0].name))
+                })?;
+                Ok(wrap(QuantLinear { matrix, scheme: *scheme }))
+            }
+        }
+    }
+
+    /// The rank's rows of a vocabulary table (`embed_tokens`, `lm_head`), dequantized whole first when a quantized
+    /// checkpoint stores it in int8.
+    fn table(&self, canonical: &str) -> Result<Vec<f32>> {
+        if let Some(RankQuant::Checkpoint(q)) = &self.quant {
+            if q.embeddings == crate::quant::format::EmbeddingQuant::Int8 {
+                let (p, _) = self.piece(canonical)?;
+                let t = read_table_f32(self.ckpt, &p.name, p.shape[0], p.shape[1])?;
+                let cols = p.shape[1];
+                return Ok(t[p.part.rows.start * cols..p.part.rows.end * cols].to_vec());
+            }
+        }
+        self.one(canonical.to_owned())
     }
 
     /// The rank's part of one canonical tensor, as a 2-D `[rows, cols]` piece (1-D tensors are one row).
@@ -478,34 +577,34 @@ impl<'a> MllamaRankSource<'a> {
             return Err(Error::request(format!("text layer {l} of {}", self.num_layers())));
         }
         let p = format!("language_model.model.layers.{l}");
-        let w_gate_up = self.read(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
-        let w_down = self.one(format!("{p}.mlp.down_proj.weight"))?;
+        let w_gate_up = self.proj(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
+        let w_down = self.proj(&[format!("{p}.mlp.down_proj.weight")])?;
         let attn_norm = self.one(format!("{p}.input_layernorm.weight"))?;
         let mlp_norm = self.one(format!("{p}.post_attention_layernorm.weight"))?;
         if self.cfg.text.is_cross_attention_layer(l) {
             let a = format!("{p}.cross_attn");
             Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
                 attn_norm,
-                wq: self.one(format!("{a}.q_proj.weight"))?.into(),
-                wkv: self.read(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?.into(),
-                wo: self.one(format!("{a}.o_proj.weight"))?.into(),
+                wq: self.proj(&[format!("{a}.q_proj.weight")])?,
+                wkv: self.proj(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
+                wo: self.proj(&[format!("{a}.o_proj.weight")])?,
                 q_norm: self.one(format!("{a}.q_norm.weight"))?,
                 k_norm: self.one(format!("{a}.k_norm.weight"))?,
                 attn_gate: self.scalar(format!("{p}.cross_attn_attn_gate"))?,
                 mlp_norm,
-                w_gate_up: w_gate_up.into(),
-                w_down: w_down.into(),
+                w_gate_up,
+                w_down,
                 mlp_gate: self.scalar(format!("{p}.cross_attn_mlp_gate"))?,
             }))
         } else {
             let a = format!("{p}.self_attn");
             Ok(TextLayerWeights::SelfAttention(LayerWeights {
                 attn_norm,
-                wqkv: self.read(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?.into(),
-                wo: self.one(format!("{a}.o_proj.weight"))?.into(),
+                wqkv: self.proj(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?,
+                wo: self.proj(&[format!("{a}.o_proj.weight")])?,
                 mlp_norm,
-                w_gate_up: w_gate_up.into(),
-                w_down: w_down.into(),
+                w_gate_up,
+                w_down,
             }))
         }
     }
@@ -521,7 +620,7 @@ impl<'a> MllamaRankSource<'a> {
 
     /// The rank's embedding rows.
     pub fn embed(&self) -> Result<Vec<f32>> {
-        self.one(EMBED.to_owned())
+        self.table(EMBED)
     }
 
     /// The final norm (whole).
@@ -531,7 +630,7 @@ impl<'a> MllamaRankSource<'a> {
 
     /// The rank's `lm_head` rows.
     pub fn lm_head(&self) -> Result<Vec<f32>> {
-        self.one("language_model.lm_head.weight".to_owned())
+        self.table("language_model.lm_head.weight")
     }
 }
 

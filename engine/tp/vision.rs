@@ -15,7 +15,7 @@
 //!   reasoning for GPUs.
 
 use super::comm::{Communicator, LocalComm};
-use super::load::load_mllama_rank_text;
+use super::load::load_mllama_rank_text_with;
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
@@ -70,13 +70,26 @@ impl TpMllamaCpuExecutor {
     /// vision tensors are not read) with self-attention pools of `max_tokens` tokens in blocks of `block_size`.
     /// Fails with the config field named when `tp` does not divide the text model.
     pub fn new(cfg: MllamaConfig, ckpt: &Checkpoint, tp: usize, max_tokens: usize, block_size: usize) -> Result<Self> {
+        Self::new_quantized(cfg, ckpt, tp, (max_tokens, block_size), None)
+    }
+
+    /// [`new`](Self::new) with the language model's projections quantized at load by `at_load` (W4A16; a quantized
+    /// checkpoint is read quantized either way): every rank quantizes its own slices
+    /// ([`crate::tp::load::MllamaRankSource::new_with`]).
+    pub fn new_quantized(
+        cfg: MllamaConfig,
+        ckpt: &Checkpoint,
+        tp: usize,
+        (max_tokens, block_size): (usize, usize),
+        at_load: Option<crate::quant::Scheme>,
+    ) -> Result<Self> {
         let plan = TpPlan::new(&cfg.text.base, tp)?;
         let mut rank_cfg = cfg.clone();
         rank_cfg.text.base = plan.rank_config();
         let comms = LocalComm::group(tp)?;
         let mut ranks = Vec::with_capacity(tp);
         for (r, comm) in comms.into_iter().enumerate() {
-            let shard = load_mllama_rank_text(&cfg, &plan, r, ckpt)?;
+            let shard = load_mllama_rank_text_with(&cfg, &plan, r, ckpt, at_load)?;
             let w = MllamaWeights { text: shard.text, ..Default::default() };
             let ds = DecoderShard { embed_rows: shard.embed_rows, full_embed_rows: cfg.text.embed_rows() };
             let exec = MllamaCpuExecutor::shard(rank_cfg.clone(), w, max_tokens, block_size, ds)?;

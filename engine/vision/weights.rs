@@ -183,7 +183,11 @@ fn quantized_prefix<'a>(canonical: &'a str, q: &QuantizationConfig) -> Option<&'
 
 /// [`check_mllama_checkpoint`], where with a quantization config the quantized tensors are only required to
 /// exist under their prefix (their shapes are checked by [`read_linear`] / [`read_table_f32`] as they are read).
-fn check_tensors(ckpt: &Checkpoint, cfg: &MllamaConfig, q: Option<&QuantizationConfig>) -> Result<MllamaLayout> {
+pub(crate) fn check_tensors(
+    ckpt: &Checkpoint,
+    cfg: &MllamaConfig,
+    q: Option<&QuantizationConfig>,
+) -> Result<MllamaLayout> {
     let layout = MllamaLayout::detect(ckpt);
     let mut quantized: Vec<String> = Vec::new();
     let expected: Vec<(String, Vec<usize>)> = expected_tensors(cfg)

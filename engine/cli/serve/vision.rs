@@ -83,6 +83,7 @@ pub(super) fn start_vision_engine(
     // The CUDA text decoder: `--kv-tokens` exactly, or what fits under --gpu-memory-utilization.
     let cuda_opts = vision_cuda_options(a, e, cuda_device.unwrap_or(0));
     let quantize = a.quantize.clone();
+    let at_load = a.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
     let random_seed = a.random_weights.then_some(a.weights_seed);
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
         use crate::exec::Executor as _;
@@ -91,8 +92,13 @@ pub(super) fn start_vision_engine(
             let ckpt = crate::weights::Checkpoint::open(&ckpt_dir)?;
             if let Some(lead) = &lead {
                 let spec = lead.node.group_spec();
-                let exec =
-                    crate::tp::cuda_vision::TpMllamaCudaExecutor::join_node(cfg, &ckpt, &placement, &spec, &cuda_opts)?;
+                let exec = crate::tp::cuda_vision::TpMllamaCudaExecutor::join_node(
+                    cfg,
+                    (&ckpt, at_load),
+                    &placement,
+                    &spec,
+                    &cuda_opts,
+                )?;
                 eprintln!(
                     "Llama 3.2 Vision text decoder as {} on {:?} (nccl; vision encoder on node 0's cuda:{}) in {:.1} \
                      s: KV cache {} blocks of {} tokens per rank",
@@ -105,7 +111,14 @@ pub(super) fn start_vision_engine(
                 );
                 return lead_nodes(exec, lead);
             }
-            let exec = crate::tp::cuda_vision::TpMllamaCudaExecutor::new(cfg, &ckpt, tp, &placement, kind, &cuda_opts)?;
+            let exec = crate::tp::cuda_vision::TpMllamaCudaExecutor::new_quantized(
+                cfg,
+                &ckpt,
+                tp,
+                (&placement, kind),
+                &cuda_opts,
+                at_load,
+            )?;
             let mut gpus: Vec<String> = Vec::new();
             for d in &placement {
                 let name = format!("cuda:{d}");
@@ -152,7 +165,8 @@ pub(super) fn start_vision_engine(
             Some(text) => Ok(Box::new(crate::vision::exec::MllamaCpuExecutor::new(cfg, text, kv_tokens, block)?)),
             None => {
                 let ckpt = crate::weights::Checkpoint::open(&ckpt_dir)?;
-                let exec = crate::tp::vision::TpMllamaCpuExecutor::new(cfg, &ckpt, tp, kv_tokens, block)?;
+                let exec =
+                    crate::tp::vision::TpMllamaCpuExecutor::new_quantized(cfg, &ckpt, tp, (kv_tokens, block), at_load)?;
                 eprintln!(
                     "Llama 3.2 Vision text decoder as {tp} tensor-parallel CPU ranks (vision encoder replicated)"
                 );
@@ -266,7 +280,15 @@ pub(crate) fn vision_logits_tp_cuda(
     };
     let t0 = std::time::Instant::now();
     let ckpt = crate::weights::Checkpoint::open(dir)?;
-    let mut exec = crate::tp::cuda_vision::TpMllamaCudaExecutor::new(cfg.clone(), &ckpt, tp, &placement, kind, &opts)?;
+    let at_load = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let mut exec = crate::tp::cuda_vision::TpMllamaCudaExecutor::new_quantized(
+        cfg.clone(),
+        &ckpt,
+        tp,
+        (&placement, kind),
+        &opts,
+        at_load,
+    )?;
     eprintln!(
         "loaded the text decoder as {tp} tensor-parallel CUDA ranks on {:?} ({}) in {:.2} s",
         placement,
