@@ -122,6 +122,13 @@ pub fn quantize_matrix(w: &[f32], n: usize, k: usize, group: usize) -> Result<Qu
     Ok(QuantMatrix { n, k, group, q, scales, zeros: None })
 }
 
+/// [`quantize_matrix`] of `w` rounded to bf16 first, as the checkpoint quantizer does with every source (a
+/// checkpoint's f32 / f16 values, random weights, a tensor-parallel rank's slice).
+pub fn quantize_bf16_rounded(mut w: Vec<f32>, n: usize, k: usize, group: usize) -> Result<QuantMatrix> {
+    w.iter_mut().for_each(|v| *v = round_to_bf16(*v));
+    quantize_matrix(&w, n, k, group)
+}
+
 /// Quantizes `rows` activation rows of length `k` to int8, per token, asymmetric (torchao
 /// `per_token_dynamic_quant` as used by `linear_forward_8da4w`; see the module doc). Writes `q[rows * k]`,
 /// `scales[rows]` and integer zero points `zeros[rows]` (in `[-128, 127]`); the dequantized value is

@@ -5,7 +5,7 @@
 //!
 //! Quantized text models ([`RankQuant`]): a quantized checkpoint's projections are read whole with
 //! [`read_linear`] and sliced ([`QuantMatrix::slice`](crate::quant::QuantMatrix::slice)); with quantization at load
-//! time the rank's f32 slices are rounded to bf16 and quantized with [`quantize_matrix`]. Weights are quantized
+//! time the rank's f32 slices are rounded to bf16 and quantized ([`quantize_bf16_rounded`]). Weights are quantized
 //! per row in groups along K, so both give exactly the rank's part of the whole model's quantization, as long as
 //! the row-parallel projections (`o_proj`, `down_proj`) split K on group boundaries ([`check_quantized_plan`]).
 
@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::plan::{vision_split, RankShard, Split, TpPlan};
 use crate::quant::format::{read_linear, read_table_f32, QuantizationConfig};
-use crate::quant::numerics::quantize_matrix;
+use crate::quant::numerics::quantize_bf16_rounded;
 use crate::quant::{ActQuant, QuantLinear, Scheme};
 use crate::vision::config::MllamaConfig;
 use crate::vision::weights::{
@@ -121,7 +121,7 @@ pub enum RankQuant {
     /// (any format it reads), then the rank's rows or columns are sliced out.
     Checkpoint(QuantizationConfig),
     /// Unquantized weights (a checkpoint or random) quantized at load time: the rank's f32 slices, rounded to bf16,
-    /// go through [`quantize_matrix`] (the numerics of [`ModelWeights::quantize_in_place`]).
+    /// go through [`quantize_bf16_rounded`] (the numerics of [`ModelWeights::quantize_in_place`]).
     AtLoad(Scheme),
 }
 
@@ -205,6 +205,45 @@ pub fn check_quantized_plan(plan: &TpPlan, scheme: Scheme) -> Result<()> {
     Ok(())
 }
 
+/// A rank's projection from its `pieces` (stacked along rows): f32 without `quant`; for a quantized checkpoint each
+/// tensor read whole with [`read_linear`] (any format it reads) and the rank's rows or columns sliced out; else the
+/// rank's f32 slice quantized at load (rounded to bf16 first, as the checkpoint quantizer does). `keep_dense` keeps
+/// the dense dequantization of a quantized projection (the CPU reference needs it); `(rank, tp)` label errors.
+fn rank_projection(
+    src: &WeightSource<'_>,
+    quant: Option<&RankQuant>,
+    pieces: &[Piece],
+    keep_dense: bool,
+    (rank, tp): (usize, usize),
+) -> Result<LinearWeight> {
+    let wrap = |q: QuantLinear| if keep_dense { LinearWeight::quantized(q) } else { LinearWeight::quantized_only(q) };
+    match (quant, src) {
+        (None, _) => Ok(read_pieces(src, pieces)?.into()),
+        (Some(RankQuant::Checkpoint(qcfg)), WeightSource::Checkpoint(ckpt)) => {
+            let parts = pieces
+                .iter()
+                .map(|p| {
+                    let whole = read_linear(ckpt, &p.name, qcfg, p.shape[0], p.shape[1])?;
+                    let matrix = whole
+                        .matrix
+                        .slice(p.part.rows.clone(), p.part.cols.clone())
+                        .map_err(|e| Error::weights(ckpt.dir(), format!("`{}`, rank {rank} of {tp}: {e}", p.name)))?;
+                    Ok(QuantLinear { matrix, scheme: whole.scheme })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(wrap(stack_rows(parts, &pieces[0].name)?))
+        }
+        (Some(q), _) => {
+            let scheme = q.scheme();
+            let k = pieces[0].part.cols.len();
+            let n: usize = pieces.iter().map(|p| p.part.rows.len()).sum();
+            let matrix = quantize_bf16_rounded(read_pieces(src, pieces)?, n, k, scheme.group)
+                .map_err(|e| Error::request(format!("`{}` [{n}, {k}] of rank {rank} of {tp}: {e}", pieces[0].name)))?;
+            Ok(wrap(QuantLinear { matrix, scheme }))
+        }
+    }
+}
+
 /// Reads rank `rank`'s weights for `plan` from `src`. A checkpoint is checked against the full model's config first
 /// (every tensor name and shape); then each rank reads only its slices from the memory map. Random weights give
 /// exactly the values of the same slices of [`ModelWeights::random`] with the same seed. A quantized checkpoint
@@ -256,43 +295,7 @@ pub fn load_rank_weights_with(
         let p = piece(&spec.names[0], [1, h], Part { rows: 0..1, cols: all(h) }, 0, spec.stream, true);
         read_pieces(&src, &[p])
     };
-    // A projection from its pieces (stacked along rows), dense or quantized.
-    let proj = |pieces: &[Piece]| -> Result<LinearWeight> {
-        let wrap = |q: QuantLinear| {
-            if keep_dense {
-                LinearWeight::quantized(q)
-            } else {
-                LinearWeight::quantized_only(q)
-            }
-        };
-        match (quant, &src) {
-            (None, _) => Ok(read_pieces(&src, pieces)?.into()),
-            (Some(RankQuant::Checkpoint(qcfg)), WeightSource::Checkpoint(ckpt)) => {
-                let parts = pieces
-                    .iter()
-                    .map(|p| {
-                        let whole = read_linear(ckpt, &p.name, qcfg, p.shape[0], p.shape[1])?;
-                        let matrix = whole.matrix.slice(p.part.rows.clone(), p.part.cols.clone()).map_err(|e| {
-                            Error::weights(ckpt.dir(), format!("`{}`, rank {rank} of {}: {e}", p.name, plan.tp()))
-                        })?;
-                        Ok(QuantLinear { matrix, scheme: whole.scheme })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(wrap(stack_rows(parts, &pieces[0].name)?))
-            }
-            (Some(q), _) => {
-                let scheme = q.scheme();
-                let k = pieces[0].part.cols.len();
-                let n: usize = pieces.iter().map(|p| p.part.rows.len()).sum();
-                let mut w = read_pieces(&src, pieces)?;
-                w.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
-                let matrix = quantize_matrix(&w, n, k, scheme.group).map_err(|e| {
-                    Error::request(format!("`{}` [{n}, {k}] of rank {rank} of {}: {e}", pieces[0].name, plan.tp()))
-                })?;
-                Ok(wrap(QuantLinear { matrix, scheme }))
-            }
-        }
-    };
+    let proj = |pieces: &[Piece]| rank_projection(&src, quant, pieces, keep_dense, (rank, plan.tp()));
     let heads = |x: &Range<usize>| x.start * d..x.end * d;
     let rs: &RankShard = &r;
     let layers = specs
@@ -474,44 +477,11 @@ impl<'a> MllamaRankSource<'a> {
     }
 
     /// A projection stacked from the rank's pieces of `names` (each `[n_i, k]`): f32, or quantized as the source
-    /// says.
+    /// says ([`rank_projection`]).
     fn proj(&self, names: &[String]) -> Result<LinearWeight> {
         let pieces = names.iter().map(|n| self.piece(n).map(|(p, _)| p)).collect::<Result<Vec<_>>>()?;
-        let (rank, tp, dir) = (self.rank, self.plan.tp(), self.ckpt.dir());
-        let wrap = |q: QuantLinear| {
-            if self.keep_dense {
-                LinearWeight::quantized(q)
-            } else {
-                LinearWeight::quantized_only(q)
-            }
-        };
-        match &self.quant {
-            None => Ok(read_pieces(&WeightSource::Checkpoint(self.ckpt), &pieces)?.into()),
-            Some(RankQuant::Checkpoint(qcfg)) => {
-                let parts = pieces
-                    .iter()
-                    .map(|p| {
-                        let whole = read_linear(self.ckpt, &p.name, qcfg, p.shape[0], p.shape[1])?;
-                        let matrix = whole
-                            .matrix
-                            .slice(p.part.rows.clone(), p.part.cols.clone())
-                            .map_err(|e| Error::weights(dir, format!("`{}`, rank {rank} of {tp}: {e}", p.name)))?;
-                        Ok(QuantLinear { matrix, scheme: whole.scheme })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(wrap(stack_rows(parts, &pieces[0].name)?))
-            }
-            Some(RankQuant::AtLoad(scheme)) => {
-                let k = pieces[0].part.cols.len();
-                let n: usize = pieces.iter().map(|p| p.part.rows.len()).sum();
-                let mut w = read_pieces(&WeightSource::Checkpoint(self.ckpt), &pieces)?;
-                w.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
-                let matrix = quantize_matrix(&w, n, k, scheme.group).map_err(|e| {
-                    Error::request(format!("`{}` [{n}, {k}] of rank {rank} of {tp}: {e}", pieces[0].name))
-                })?;
-                Ok(wrap(QuantLinear { matrix, scheme: *scheme }))
-            }
-        }
+        let src = WeightSource::Checkpoint(self.ckpt);
+        rank_projection(&src, self.quant.as_ref(), &pieces, self.keep_dense, (self.rank, self.plan.tp()))
     }
 
     /// The rank's rows of a vocabulary table (`embed_tokens`, `lm_head`), dequantized whole first when a quantized

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use super::config::MllamaConfig;
 use crate::quant::format::{read_linear, read_table_f32, EmbeddingQuant, QuantizationConfig};
-use crate::quant::numerics::quantize_matrix;
+use crate::quant::numerics::quantize_bf16_rounded;
 use crate::quant::{QuantLinear, QuantMatrix, Scheme};
 use crate::weights::{random_values, stack_rows, Checkpoint, LayerWeights, LinearWeight};
 use crate::{Error, Result};
@@ -725,12 +725,8 @@ impl<'a> Reader<'a> {
                     };
                     let matrix = match self.src {
                         Source::Random(seed) => QuantMatrix::random(n, k, scheme.group, seed, name_stream(name))?,
-                        _ => {
-                            let w: Vec<f32> =
-                                self.read(name)?.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
-                            quantize_matrix(&w, n, k, scheme.group)
-                                .map_err(|e| Error::weights("<mllama>", format!("quantizing `{name}`: {e}")))?
-                        }
+                        _ => quantize_bf16_rounded(self.read(name)?, n, k, scheme.group)
+                            .map_err(|e| Error::weights("<mllama>", format!("quantizing `{name}`: {e}")))?,
                     };
                     Ok(QuantLinear { matrix, scheme })
                 })

@@ -13,7 +13,7 @@ use serde_json::Value;
 pub use self::safetensors::{DType, SafeTensorsFile, TensorInfo, TensorView};
 use crate::config::LlamaConfig;
 use crate::quant::format::{read_linear, read_table_f32, QuantizationConfig};
-use crate::quant::numerics::quantize_matrix;
+use crate::quant::numerics::quantize_bf16_rounded;
 use crate::quant::{QuantLinear, QuantMatrix, Scheme};
 use crate::{Error, Result};
 
@@ -493,7 +493,7 @@ impl ModelWeights {
         })
     }
 
-    /// Quantizes every decoder projection with `scheme` (torchao numerics, see [`quantize_matrix`]), after
+    /// Quantizes every decoder projection with `scheme` (torchao numerics, see [`quantize_bf16_rounded`]), after
     /// rounding its values to bf16 as a bf16 checkpoint would hold them; `dense` becomes the exact dequantization.
     /// Embeddings, norms and `lm_head` are left as they are. For `--quantize` and `quant-eval`.
     pub fn quantize_in_place(&mut self, scheme: Scheme) -> Result<()> {
@@ -512,8 +512,7 @@ impl ModelWeights {
         }
         all.into_par_iter().try_for_each(|(l, name, w, k)| {
             let n = w.dense.len() / k.max(1);
-            let rounded: Vec<f32> = w.dense.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
-            let matrix = quantize_matrix(&rounded, n, k, scheme.group)
+            let matrix = quantize_bf16_rounded(w.dense.clone(), n, k, scheme.group)
                 .map_err(|e| Error::request(format!("layer {l} {name} [{n}, {k}]: {e}")))?;
             *w = LinearWeight::quantized(QuantLinear { matrix, scheme });
             Ok(())

@@ -9,7 +9,7 @@ use half::bf16;
 use serde_json::{json, Map, Value};
 
 use super::{pack_nibbles, EmbeddingQuant, QuantizationConfig};
-use crate::quant::numerics::{quantize_matrix, quantize_rows_int8, round_to_bf16};
+use crate::quant::numerics::{quantize_bf16_rounded, quantize_rows_int8, round_to_bf16};
 use crate::quant::Scheme;
 use crate::weights::{Checkpoint, DType};
 use crate::{Error, Result};
@@ -383,9 +383,7 @@ pub fn quantize_checkpoint(
                 }
                 Role::Int4 => {
                     let (n, k) = (view.shape[0], view.shape[1]);
-                    let mut vals = view.to_f32();
-                    vals.iter_mut().for_each(|v| *v = round_to_bf16(*v));
-                    let m = quantize_matrix(&vals, n, k, scheme.group)
+                    let m = quantize_bf16_rounded(view.to_f32(), n, k, scheme.group)
                         .map_err(|e| Error::weights(vpath, format!("tensor `{}`: {e}", p.src)))?;
                     report.tensors_int4 += 1;
                     vec![pack_nibbles(&m.q), bf16_bytes(&m.scales)]
