@@ -171,6 +171,17 @@ impl MllamaCudaExecutor {
                 }
                 Ok::<(), Error>(())
             };
+        // The MLP over the normalized rows `a.h` (gate_up, SiLU * up, down into `a.delta`), summed over the ranks.
+        type Lin<'l> =
+            dyn FnMut(&CudaView<'_, bf16>, &DeviceLinear, Dims, &mut CudaViewMut<'_, bf16>) -> Result<()> + 'l;
+        let mlp =
+            |a: &mut Acts, lin: &mut Lin<'_>, (w_gate_up, w_down): (&DeviceLinear, &DeviceLinear)| -> Result<()> {
+                let (h, gu, act) = (t * hidden, t * 2 * inter, t * inter);
+                lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.gate_up.slice_mut(..gu))?;
+                k::activation::silu_mul(&s, &a.gate_up.slice(..gu), inter, &mut a.act.slice_mut(..act))?;
+                lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
+                reduce(&mut a.delta, h)
+            };
         for layer in self.layers.iter_mut() {
             match layer {
                 Layer::SelfAttn { attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache } => {
@@ -191,20 +202,7 @@ impl MllamaCudaExecutor {
                     lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), &mut a.delta.slice_mut(..t * hidden))?;
                     reduce(&mut a.delta, t * hidden)?;
                     norm(a, &Pending::Plain, mlp_norm)?;
-                    lin(
-                        &a.h.slice(..t * hidden),
-                        w_gate_up,
-                        (t, hidden, 2 * inter),
-                        &mut a.gate_up.slice_mut(..t * 2 * inter),
-                    )?;
-                    k::activation::silu_mul(
-                        &s,
-                        &a.gate_up.slice(..t * 2 * inter),
-                        inter,
-                        &mut a.act.slice_mut(..t * inter),
-                    )?;
-                    lin(&a.act.slice(..t * inter), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..t * hidden))?;
-                    reduce(&mut a.delta, t * hidden)?;
+                    mlp(a, &mut lin, (w_gate_up, w_down))?;
                     pending = Pending::Plain;
                 }
                 Layer::Cross { .. } if !sz.cross => {}
@@ -246,20 +244,8 @@ impl MllamaCudaExecutor {
                     // Summed before the gate (and the row scale), which the next norm applies.
                     reduce(&mut a.delta, t * hidden)?;
                     norm(a, &Pending::Gated(*attn_gate, false), mlp_norm)?;
-                    lin(
-                        &a.h.slice(..t * hidden),
-                        w_gate_up,
-                        (t, hidden, 2 * inter),
-                        &mut a.gate_up.slice_mut(..t * 2 * inter),
-                    )?;
-                    k::activation::silu_mul(
-                        &s,
-                        &a.gate_up.slice(..t * 2 * inter),
-                        inter,
-                        &mut a.act.slice_mut(..t * inter),
-                    )?;
-                    lin(&a.act.slice(..t * inter), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..t * hidden))?;
-                    reduce(&mut a.delta, t * hidden)?;
+                    // Summed before the gate and the row mask, which the next norm applies.
+                    mlp(a, &mut lin, (w_gate_up, w_down))?;
                     pending = Pending::Gated(*mlp_gate, true);
                 }
             }
@@ -357,6 +343,9 @@ impl MllamaCudaExecutor {
         self.stream.memcpy_htod(&tp.host_ids, &mut tp.ids.slice_mut(..n)).map_err(drv("upload rank token ids"))
     }
 }
+
+/// `(rows, k, n)` of a projection.
+type Dims = (usize, usize, usize);
 
 fn no_comm(rank: usize) -> Error {
     Error::Backend(format!("tensor-parallel rank {rank} has no communicator yet"))
