@@ -68,8 +68,11 @@ pub fn logits(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &
 /// projector are replicated), and the text decoder runs as `tp` in-process ranks
 /// ([`crate::tp::vision::TpMllamaCpuExecutor`]) in one prefill step.
 pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, tp: usize) -> Result<()> {
-    let (model, enc) = load(m, dir, images)?;
-    let cfg = model.cfg.clone();
+    // Only the vision half is converted here: the ranks read their own slices of the text decoder.
+    let encoder = crate::vision::pipeline::ImageEncoder::load(dir)?;
+    let enc = encoder.encode(&read_images(images)?)?;
+    let cfg = encoder.cfg.clone();
+    drop(encoder);
     let mask = if enc.is_empty() {
         let n = ids.iter().filter(|&&t| t == cfg.image_token_index).count();
         if n > 0 {
@@ -77,9 +80,14 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
         }
         None
     } else {
-        Some(model.mask(ids, &enc)?)
+        let max_tiles = cfg.vision.max_num_tiles;
+        Some(crate::vision::text::CrossAttentionMask::from_image_tokens(
+            ids,
+            cfg.image_token_index,
+            &enc.num_tiles,
+            max_tiles,
+        )?)
     };
-    drop(model); // The ranks read their own slices of the text decoder.
     if ids.is_empty() {
         return Err(Error::request("--ids: no tokens"));
     }
