@@ -79,6 +79,13 @@ impl Enc {
     }
 }
 
+/// The bytes `f` encodes (without copying them out of the encoder).
+fn payload(f: impl FnOnce(&mut Enc)) -> Vec<u8> {
+    let mut e = Enc::default();
+    f(&mut e);
+    e.0
+}
+
 /// The decoder of [`Enc`]'s payloads; every read is bounds-checked.
 struct Dec<'a>(&'a [u8]);
 
@@ -358,17 +365,23 @@ impl<E: Executor> Executor for MultiNodeExecutor<E> {
     }
 
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
-        let p = Enc::default().step(input).0.clone();
+        let p = payload(|e| {
+            e.step(input);
+        });
         self.call(TAG_STEP, &p, |e| e.step(input), |o| Some(Check::Bits(logits_digest(o))))
     }
 
     fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
-        let p = Enc::default().step(input).0.clone();
+        let p = payload(|e| {
+            e.step(input);
+        });
         self.call(TAG_GREEDY, &p, |e| e.step_greedy(input), |ids| Some(Check::Exact(ids_digest(ids))))
     }
 
     fn step_sample(&mut self, input: &StepInput, rows: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
-        let p = Enc::default().step(input).0.clone();
+        let p = payload(|e| {
+            e.step(input);
+        });
         self.call(TAG_SAMPLE, &p, |e| e.step_sample(input, rows), |_| None)
     }
 
@@ -379,18 +392,24 @@ impl<E: Executor> Executor for MultiNodeExecutor<E> {
 
     fn add_images(&mut self, key: u64, images: &EncodedImages) -> Result<()> {
         let nt: Vec<u32> = images.num_tiles.iter().map(|&n| n as u32).collect();
-        let p = Enc::default().u64(key).u32s(&nt).f32s(&images.states).0.clone();
+        let p = payload(|e| {
+            e.u64(key).u32s(&nt).f32s(&images.states);
+        });
         self.call(TAG_ADD_IMAGES, &p, |e| e.add_images(key, images), |_| Some(Check::Exact(0)))
     }
 
     fn remove_images(&mut self, key: u64) -> bool {
-        let p = Enc::default().u64(key).0.clone();
+        let p = payload(|e| {
+            e.u64(key);
+        });
         // A failed follower shows at the next step; removal itself cannot fail.
         self.call(TAG_REMOVE_IMAGES, &p, |e| Ok(e.remove_images(key)), |_| None).unwrap_or(false)
     }
 
     fn trim_images(&mut self, key: u64) -> Result<bool> {
-        let p = Enc::default().u64(key).0.clone();
+        let p = payload(|e| {
+            e.u64(key);
+        });
         self.call(TAG_TRIM_IMAGES, &p, |e| e.trim_images(key), |_| None)
     }
 
@@ -617,7 +636,9 @@ mod tests {
             slot_mapping: vec![0, 1],
             logits_rows: vec![1],
         };
-        let p = Enc::default().step(&s).f32s(&[1.5, -2.0]).bytes(&[7, 8]).0.clone();
+        let p = payload(|e| {
+            e.step(&s).f32s(&[1.5, -2.0]).bytes(&[7, 8]);
+        });
         let mut d = Dec(&p);
         assert_eq!(d.step().unwrap(), s);
         assert_eq!((d.f32s().unwrap(), d.bytes().unwrap()), (vec![1.5, -2.0], vec![7, 8]));
