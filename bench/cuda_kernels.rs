@@ -272,13 +272,18 @@ fn quant(c: &mut Criterion) {
                     });
                 } else {
                     g.throughput(Throughput::Bytes(weight_bytes));
-                    g.bench_function(format!("w4a16_m{m}_{name}_k{kdim}_n{n}"), |b| {
-                        b.iter_custom(|iters| {
-                            d.time(iters, &mut || {
-                                k::quant::w4a16_gemm(&d.stream, &x, &w, m, &mut ws, &mut out).unwrap()
+                    for kernel in k::quant::W4A16Kernel::ALL {
+                        let choice = k::quant::W4A16Choice { kernel, splits: None };
+                        // The direct kernel keeps the name earlier runs recorded.
+                        let tag = if kernel == k::quant::W4A16Kernel::Direct { "" } else { "_pipelined" };
+                        g.bench_function(format!("w4a16{tag}_m{m}_{name}_k{kdim}_n{n}"), |b| {
+                            b.iter_custom(|iters| {
+                                d.time(iters, &mut || {
+                                    k::quant::w4a16_gemm_with(&d.stream, &x, &w, m, &mut ws, &mut out, choice).unwrap()
+                                })
                             })
-                        })
-                    });
+                        });
+                    }
                 }
             }
         }

@@ -354,6 +354,17 @@ l32_status l32_gemv(const l32_gemv_params* params, void* stream);
  * arrival order (the splits are summed in split order). Nothing may alias `out`.
  */
 
+/** Which W4A16 decode kernel runs (same product, same bits for the same `splits`). */
+typedef enum l32_w4a16_kernel {
+    /** One 16-row tile per warp, activations read by every warp, each chunk set loaded then computed. */
+    L32_W4A16_DIRECT = 0,
+    /**
+     * The next chunks' weights in flight while the current ones are computed; for m > 8, blocks that stage the
+     * activations once in shared memory, with two 16-row tiles per warp (128-row blocks) for m <= 32.
+     */
+    L32_W4A16_PIPELINED = 1,
+} l32_w4a16_kernel;
+
 /**
  * W4A16 decode GEMM: out[i, j] = bf16(sum_g s[j, g] * sum_{c in g} x[i, c] * (q[j, c] - z[j, g])) for i < m, j < n:
  * products exact in f32 (tensor-core MMA of bf16 x and the exact integers q - z), each group's sum scaled in f32,
@@ -371,6 +382,7 @@ typedef struct l32_w4a16_params {
     int64_t n;              /**< any count >= 0 (0 launches nothing), below 2^31 - 64 */
     int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
     int32_t splits;         /**< K splits, 1 ..= k / 64 (the Rust heuristic quant::w4a16_splits) */
+    l32_w4a16_kernel kernel; /**< which kernel; split-K tiles are 64 rows, 128 for PIPELINED with 8 < m <= 32 */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_params;
 

@@ -187,7 +187,7 @@ run() {
   bench_e2e() {
     local preset batch prompt gen extra tag log rc=0 line
     read -r preset batch prompt gen extra <<<"$2"
-    tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}"
+    tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}${LLAMA32_W4A16_KERNEL:+.$LLAMA32_W4A16_KERNEL}"
     log="$logs/bench.$tag.log"
     # shellcheck disable=SC2086 # $extra is a list of flags
     tmo "$1" "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
@@ -195,6 +195,7 @@ run() {
     line=$(grep '^{' "$log" | tail -1 || true)
     if ((rc == 0)) && [[ -n $line ]]; then
       echo "$line" >>"$logs/bench.jsonl"
+      extra="$extra${LLAMA32_W4A16_KERNEL:+ (w4a16 kernel $LLAMA32_W4A16_KERNEL)}"
       rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen $extra" -)")
       benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$preset" "$extra")")
     else
@@ -296,7 +297,7 @@ run() {
     if [[ -x "$bundle/bench/cuda_kernels" && -z ${GPU_SUITE_SKIP_CRITERION:-} ]]; then
       log="$logs/criterion.quant.log"
       rc=0
-      (cd "$(mktemp -d)" && tmo 150 "$bundle/bench/cuda_kernels" --bench --noplot quant) >"$log" 2>&1 || rc=$?
+      (cd "$(mktemp -d)" && tmo 220 "$bundle/bench/cuda_kernels" --bench --noplot quant) >"$log" 2>&1 || rc=$?
       mapfile -t -O "${#benches[@]}" benches < <(awk '/^quant\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
       if ((rc != 0)); then
         failed=$((failed + 1))
@@ -322,6 +323,10 @@ run() {
       "64 128 64 --quantize w4a8-g32"; do
       bench_e2e 60 "1b $q"
     done
+    # The same W4A16 rows with the pipelined decode kernel (LLAMA32_W4A16_KERNEL), side by side.
+    export LLAMA32_W4A16_KERNEL=pipelined
+    for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 60 "1b $q --quantize w4a16-g32"; done
+    unset LLAMA32_W4A16_KERNEL
   fi
 
   if want kernels; then

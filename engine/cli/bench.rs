@@ -294,6 +294,8 @@ fn bench_one(
         "total_s": full_s,
         "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
         "tp": tp,
+        // Which W4A16 decode kernel a W4A16 model ran (LLAMA32_W4A16_KERNEL).
+        "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::configured().ok().map(|k| k.name()),
     });
     let tele = match telemetry {
         None => None,

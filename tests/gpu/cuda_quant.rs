@@ -16,7 +16,8 @@
 //!   both sides, the f32 scaling differs in order only: `|got - want| <= 2^-8 |want| + 2e-5 mag`, where `mag` is
 //!   the sum of the magnitudes of every scaled group term of that output (computed on the host in f64); a
 //!   fragment-mapping error changes an output by a sizable fraction of `mag`.
-//! - Each GEMM gives the same bits twice (the split-K reduction order is fixed).
+//! - Each GEMM gives the same bits twice (the split-K reduction order is fixed), and the two W4A16 decode kernels
+//!   (direct and pipelined) give the same bits for the same split count.
 //!
 //! Without a CUDA build or a device, each test prints "skipped: no CUDA device" and returns.
 
@@ -27,8 +28,8 @@ use half::bf16;
 use llama32::ops::cpu::linear::linear;
 use llama32::ops::cpu::quant::w4a8_linear;
 use llama32::ops::cuda::quant::{
-    act_quant, w4a16_dequant, w4a16_gemm, w4a16_splits, w4a8_gemm, workspace_bound, ActSource, CudaQuantLinear,
-    QuantActs, SplitKWorkspace,
+    act_quant, w4a16_dequant, w4a16_gemm, w4a16_gemm_with, w4a16_splits, w4a16_workspace_for, w4a8_gemm,
+    workspace_bound, ActSource, CudaQuantLinear, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel,
 };
 use llama32::ops::cuda::{activation, norm};
 use llama32::quant::numerics::{quantize_activations, quantize_matrix};
@@ -91,6 +92,16 @@ fn workspace(stream: &Arc<CudaStream>) -> SplitKWorkspace {
         for w4a8 in [false, true] {
             let b = workspace_bound(w4a8, 512, *n, *k, sms);
             need = (need.0.max(b.0), need.1.max(b.1));
+        }
+    }
+    // The W4A16 forced split counts of w4a16_matches_cpu: up to one split per 64-column chunk on the ODD shapes,
+    // 5 on the 1B qkv shape.
+    for (n, splits) in ODD.iter().map(|&(k, n)| (n, k / 64)).chain([(3072, 5)]) {
+        for kernel in W4A16Kernel::ALL {
+            for m in 1..=64 {
+                let b = w4a16_workspace_for(kernel, m, n, splits);
+                need = (need.0.max(b.0), need.1.max(b.1));
+            }
         }
     }
     SplitKWorkspace::new(stream, need.0, need.1, sms).expect("workspace")
@@ -223,13 +234,16 @@ fn act_quant_rejects_bad_shapes() {
     assert!(download(&stream, &acts.q).iter().all(|&b| b == 0x55), "nothing was launched");
 }
 
-/// One W4A16 shape: every m of `ms` against the f32 CPU twin, twice for determinism.
+/// One W4A16 shape: every m of `ms`, with each kernel and the heuristic's splits, against the f32 CPU twin, twice
+/// for determinism; then the pipelined kernel at the direct kernel's split count (and at each of `forced` splits)
+/// must give the direct kernel's bits exactly.
 fn check_w4a16(
     stream: &Arc<CudaStream>,
     rng: &mut ChaCha8Rng,
     ws: &mut SplitKWorkspace,
     shape: (usize, usize, bool),
     ms: &[usize],
+    forced: &[usize],
 ) {
     let (k, n, zeros) = shape;
     let qm = random_matrix(rng, n, k, zeros);
@@ -245,32 +259,55 @@ fn check_w4a16(
         panic!("w4a16_dequant k {k} n {n}: element [{}, {}] = {} vs {}", i / k, i % k, deq[i], w32[i]);
     }
 
+    let run = |ws: &mut SplitKWorkspace, x_d: &CudaSlice<bf16>, m: usize, choice: W4A16Choice, what: &str| {
+        let mut out = upload(stream, &vec![bf16::NAN; m * n + 64]);
+        w4a16_gemm_with(stream, x_d, &w, m, ws, &mut out, choice).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = download(stream, &out);
+        assert!(got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past m x n");
+        got[..m * n].to_vec()
+    };
     for &m in ms {
-        let what = format!("w4a16 m {m} k {k} n {n} zeros {zeros} (splits {})", w4a16_splits(n, k, ws.sms()));
         let x = random_rows(rng, 64, k, (-1.0, 1.0), false);
         let x32 = to_f32(&x[..m * k]);
         let x_rms = row_rms(&x32, k);
         let mut want = vec![f32::NAN; m * n];
         linear(&x32, &w32, m, k, n, &mut want);
         let x_d = upload(stream, &x);
-        let mut out = upload(stream, &vec![bf16::NAN; m * n + 64]);
-        w4a16_gemm(stream, &x_d, &w, m, ws, &mut out).unwrap_or_else(|e| panic!("{what}: {e}"));
-        let got = download(stream, &out);
-        assert!(got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past m x n");
-        let mut worst = 0f32;
-        for i in 0..m {
-            for j in 0..n {
-                let (g, wv) = (got[i * n + j].to_f32(), want[i * n + j]);
-                let tol = BF16_ROUNDING * wv.abs() + 1e-3 * (k as f32).sqrt() * x_rms[i] * w_rms[j];
-                let err = (g - wv).abs();
-                assert!(err <= tol, "{what}: out[{i}, {j}] = {g}, want {wv} (error {err:e} > {tol:e})");
-                worst = worst.max(err / tol);
+        let mut direct = Vec::new();
+        for kernel in W4A16Kernel::ALL {
+            let splits = w4a16_splits(kernel, m, n, k, ws.sms());
+            let what = format!("w4a16 {} m {m} k {k} n {n} zeros {zeros} (splits {splits})", kernel.name());
+            let got = run(ws, &x_d, m, W4A16Choice { kernel, splits: None }, &what);
+            let mut worst = 0f32;
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, wv) = (got[i * n + j].to_f32(), want[i * n + j]);
+                    let tol = BF16_ROUNDING * wv.abs() + 1e-3 * (k as f32).sqrt() * x_rms[i] * w_rms[j];
+                    let err = (g - wv).abs();
+                    assert!(err <= tol, "{what}: out[{i}, {j}] = {g}, want {wv} (error {err:e} > {tol:e})");
+                    worst = worst.max(err / tol);
+                }
+            }
+            let again = run(ws, &x_d, m, W4A16Choice { kernel, splits: None }, &what);
+            assert!(same_bits(&again, &got), "{what}: a second run gave different bits");
+            eprintln!("{what}: worst error {worst:.3} of the tolerance");
+            if kernel == W4A16Kernel::Direct {
+                direct = got;
             }
         }
-        let mut again = upload(stream, &vec![bf16::NAN; m * n]);
-        w4a16_gemm(stream, &x_d, &w, m, ws, &mut again).unwrap();
-        assert!(same_bits(&download(stream, &again), &got[..m * n]), "{what}: a second run gave different bits");
-        eprintln!("{what}: worst error {worst:.3} of the tolerance");
+        let direct_splits = w4a16_splits(W4A16Kernel::Direct, m, n, k, ws.sms());
+        for splits in std::iter::once(direct_splits).chain(forced.iter().copied()) {
+            let what = format!("w4a16 m {m} k {k} n {n} zeros {zeros} at {splits} splits");
+            let want_bits = if splits == direct_splits {
+                direct.clone()
+            } else {
+                run(ws, &x_d, m, W4A16Choice { kernel: W4A16Kernel::Direct, splits: Some(splits) }, &what)
+            };
+            let got = run(ws, &x_d, m, W4A16Choice { kernel: W4A16Kernel::Pipelined, splits: Some(splits) }, &what);
+            if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want_bits[i].to_bits()) {
+                panic!("{what}: pipelined out[{}, {}] = {} but direct = {}", i / n, i % n, got[i], want_bits[i]);
+            }
+        }
     }
 }
 
@@ -281,13 +318,15 @@ fn w4a16_matches_cpu() {
     let mut ws = workspace(&stream);
     let all: Vec<usize> = vec![1, 2, 3, 5, 8, 9, 16, 17, 31, 33, 47, 64];
     for (k, n) in ODD {
-        check_w4a16(&stream, &mut rng, &mut ws, (k, n, false), &all);
-        check_w4a16(&stream, &mut rng, &mut ws, (k, n, true), &[1, 9, 64]);
+        // Forced splits: one chunk per split (every split boundary), and an odd count that leaves uneven ranges.
+        let forced = [k / 64, 3.min(k / 64)];
+        check_w4a16(&stream, &mut rng, &mut ws, (k, n, false), &all, &forced);
+        check_w4a16(&stream, &mut rng, &mut ws, (k, n, true), &[1, 9, 64], &forced);
     }
     for (k, n) in LLAMA_1B {
-        check_w4a16(&stream, &mut rng, &mut ws, (k, n, false), &[1, 7, 16, 33, 64]);
+        check_w4a16(&stream, &mut rng, &mut ws, (k, n, false), &[1, 7, 16, 33, 64], &[1]);
     }
-    check_w4a16(&stream, &mut rng, &mut ws, (2048, 3072, true), &[1, 16]);
+    check_w4a16(&stream, &mut rng, &mut ws, (2048, 3072, true), &[1, 16], &[1, 5]);
 }
 
 /// One W4A8 shape: every m of `ms` against `w4a8_linear` on the same bf16 activations, twice for determinism.
@@ -381,6 +420,10 @@ fn quant_gemms_reject_bad_operands() {
     err(w4a16_gemm(&stream, &x, &w16, 65, &mut ws, &mut out), "m is 65");
     err(w4a16_gemm(&stream, &x, &w8, 1, &mut ws, &mut out), "W4A8");
     err(w4a16_gemm(&stream, &x.slice(..100), &w16, 1, &mut ws, &mut out), "`x`");
+    for splits in [0, 3] {
+        let choice = W4A16Choice { kernel: W4A16Kernel::Pipelined, splits: Some(splits) };
+        err(w4a16_gemm_with(&stream, &x, &w16, 1, &mut ws, &mut out, choice), &format!("splits is {splits}"));
+    }
     let acts = poisoned_acts(&stream, 2, 128);
     err(w4a8_gemm(&stream, &acts, &w8, 3, &mut ws, &mut out), "int8 activations");
     err(w4a8_gemm(&stream, &acts, &w16, 1, &mut ws, &mut out), "W4A16");
@@ -475,7 +518,8 @@ mod e2e {
 // ------------------------------------------------------------------------------------------------------------------
 // benchmark
 
-/// W4A16 at m = 1, 16, 64 on the 1B projections and the 11B / 90B gate_up and down shapes, against the bf16 path the
+/// W4A16 (both decode kernels) at m = 1, 16, 64 on the 1B projections and the 11B / 90B gate_up and down shapes,
+/// against the bf16 path the
 /// executor takes for the same shape (the skinny GEMV at m = 1, cuBLASLt above) in the same process: GPU time per
 /// call from CUDA graphs of 20 calls (as `cuda_gemv::gemv_throughput`: launch overhead excluded, as in the
 /// executor's decode graphs), weights rotated through copies so that they stream from HBM, not L2. W4A16 GB/s count
@@ -530,9 +574,13 @@ fn quant_throughput() {
         for m in [1usize, 16, 64] {
             let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0), false));
             let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
-            let ours = time_graph(&stream, &mut |i| {
-                w4a16_gemm(&stream, &x, &ws[i % copies], m, &mut wsp, &mut out).unwrap();
-            });
+            let mut ours = [0f64; 2];
+            for (t, kernel) in ours.iter_mut().zip(W4A16Kernel::ALL) {
+                let choice = W4A16Choice { kernel, splits: None };
+                *t = time_graph(&stream, &mut |i| {
+                    w4a16_gemm_with(&stream, &x, &ws[i % copies], m, &mut wsp, &mut out, choice).unwrap();
+                });
+            }
             let (theirs, path) = if llama32::ops::cuda::gemv::supports(m, k) {
                 let t = time_graph(&stream, &mut |i| {
                     llama32::ops::cuda::gemv::gemv(&stream, &x, &dense[i % bf_copies], m, k, n, &mut out).unwrap();
@@ -544,15 +592,18 @@ fn quant_throughput() {
                     "cuBLASLt",
                 )
             };
-            eprintln!(
-                "w4a16 {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x",
-                ours * 1e6,
-                qbytes / ours / 1e9,
-                2.0 * (m * n * k) as f64 / ours / 1e12,
-                theirs * 1e6,
-                2.0 * (n * k) as f64 / theirs / 1e9,
-                theirs / ours
-            );
+            for (ours, kernel) in ours.into_iter().zip(W4A16Kernel::ALL) {
+                eprintln!(
+                    "w4a16 {:<9} {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x",
+                    kernel.name(),
+                    ours * 1e6,
+                    qbytes / ours / 1e9,
+                    2.0 * (m * n * k) as f64 / ours / 1e12,
+                    theirs * 1e6,
+                    2.0 * (n * k) as f64 / theirs / 1e9,
+                    theirs / ours
+                );
+            }
         }
     }
 }

@@ -102,7 +102,9 @@ impl QuantBuffers {
                 moved |= self.ensure_acts(stream, rows, kdim, act_width, capturing)?;
             }
         } else if rows <= k::quant::MAX_DECODE_M {
-            moved |= self.ensure_ws(stream, k::quant::w4a16_workspace(rows, n, kdim, num_sms), num_sms, capturing)?;
+            let kernel = k::quant::W4A16Kernel::configured()?;
+            let need = k::quant::w4a16_workspace(kernel, rows, n, kdim, num_sms);
+            moved |= self.ensure_ws(stream, need, num_sms, capturing)?;
         } else {
             moved |= self.ensure_scratch(stream, n * kdim, capturing)?;
         }

@@ -23,6 +23,8 @@ pub(super) struct GemmLaunch {
     pub(super) k: usize,
     pub(super) splits: usize,
     pub(super) tile_m: usize,
+    /// The W4A16 decode kernel (ignored by the W4A8 GEMM and the dequantization).
+    pub(super) kernel: super::W4A16Kernel,
 }
 
 /// One checked activation quantization call (op: 0 rows, 1 rms_norm, 2 add_rms_norm, 3 silu_mul).
@@ -49,7 +51,7 @@ fn ptr<T>(p: u64) -> *mut T {
 #[cfg(llama32_cuda)]
 pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
     use super::super::ffi;
-    // All fit: m <= 64, n < 2^31 - 128, k <= 2^24, splits <= 32 (checked by the callers and the heuristics).
+    // All fit: m <= 64, n < 2^31 - 128, k <= 2^24, splits <= 65535 (checked by the callers and the heuristics).
     let params = ffi::l32_w4a16_params {
         out: ptr(l.out),
         x: ptr(l.x),
@@ -62,6 +64,10 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         n: l.n as i64,
         k: l.k as i64,
         splits: l.splits as i32,
+        kernel: match l.kernel {
+            super::W4A16Kernel::Direct => ffi::l32_w4a16_kernel::L32_W4A16_DIRECT,
+            super::W4A16Kernel::Pipelined => ffi::l32_w4a16_kernel::L32_W4A16_PIPELINED,
+        },
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;
@@ -70,7 +76,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
     // w4a16_workspace); the guards are held until after the launch.
     let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
     super::super::check_launch(op, stream, status, || {
-        format!("{op} (m {}, n {}, k {}, splits {})", l.m, l.n, l.k, l.splits)
+        format!("{op} (m {}, n {}, k {}, splits {}, {} kernel)", l.m, l.n, l.k, l.splits, l.kernel.name())
     })
 }
 

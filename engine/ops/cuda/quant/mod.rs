@@ -25,6 +25,9 @@
 //!
 //! # Resources (ptxas, CUDA 13.0, sm_90a; no spills, no stack frame)
 //! `w4a16_kernel` (128 threads): 52-66 registers for m <= 8, 88-94 for m <= 32, 158 for m <= 64.
+//! The pipelined kernels (128 threads, [`W4A16Kernel::Pipelined`]): `w4a16_stream_kernel` 80 / 112 registers
+//! (symmetric / zero points); `w4a16_staged_kernel` 131-156 registers and 8.0 KB shared memory for m <= 16,
+//! 177-232 and 16.0 KB for m <= 32, 173-182 and 16.0 KB for m <= 64.
 //! `w4a8_kernel` (256 threads): 176 / 205 registers (symmetric / zero points) and 40.7 KB shared memory for the
 //! 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles. `act_quant_kernel`: 25-39 registers.
 //!
@@ -48,10 +51,11 @@ mod w4a8;
 
 pub use layout::{layout_w4a16, layout_w4a8, HostW4A16, HostW4A8};
 pub use linear::CudaQuantLinear;
+pub use split_k::w4a16_workspace_for;
 pub use split_k::{
     w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_workspace, workspace_bound, SplitKWorkspace, W4A8Plan,
 };
-pub use w4a16::{w4a16_dequant, w4a16_gemm};
+pub use w4a16::{w4a16_dequant, w4a16_gemm, w4a16_gemm_with, W4A16Choice};
 pub use w4a8::{act_quant, w4a8_gemm, ActSource, QuantActs};
 
 /// The most rows of `x` [`w4a16_gemm`] takes (the executor uses dequantize + cuBLASLt above).
@@ -68,7 +72,7 @@ const MAX_K: usize = 1 << 24;
 const MAX_N: usize = (i32::MAX as usize) - 128;
 /// Most K splits the heuristics pick.
 const MAX_SPLITS: usize = 32;
-/// Rows of `n` per W4A16 block (4 warps x 16) and per W4A8 block.
+/// Rows of `n` per W4A16 block (4 warps x 16; the pipelined kernel doubles it at 8 < m <= 32) and per W4A8 block.
 const W4A16_BLOCK_N: usize = 64;
 const W4A8_BLOCK_N: usize = 128;
 
@@ -78,7 +82,91 @@ pub fn supports(k: usize, group: usize) -> bool {
     k > 0 && k % TILE_K == 0 && k <= MAX_K && group > 0 && group % KERNEL_GROUP == 0 && k % group == 0
 }
 
+/// Which W4A16 decode kernel [`w4a16_gemm`] runs. Both compute the same product over the same layout and give the
+/// same bits for the same split count; they differ in how the weight stream overlaps the arithmetic (see
+/// `kernels/quant/w4a16_pipelined.cu`). The environment variable [`W4A16Kernel::ENV`] (`direct` or `pipelined`)
+/// picks it for the whole process; the default is [`W4A16Kernel::Direct`], the kernel measured on a device, until
+/// a device run has measured the pipelined one side by side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W4A16Kernel {
+    /// One 16-row tile per warp; every warp reads its activations; each chunk set is loaded, then computed.
+    Direct,
+    /// The next chunks in flight while the current ones are computed; for m > 8 the activations staged once per
+    /// block in shared memory (two row tiles per warp, 128-row blocks, for m <= 32).
+    Pipelined,
+}
+
+impl W4A16Kernel {
+    /// The environment variable that picks the kernel: `direct` or `pipelined`.
+    pub const ENV: &'static str = "LLAMA32_W4A16_KERNEL";
+
+    /// Both kernels.
+    pub const ALL: [W4A16Kernel; 2] = [W4A16Kernel::Direct, W4A16Kernel::Pipelined];
+
+    /// The name [`parse`](Self::parse) takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            W4A16Kernel::Direct => "direct",
+            W4A16Kernel::Pipelined => "pipelined",
+        }
+    }
+
+    /// `direct` or `pipelined`.
+    pub fn parse(s: &str) -> crate::Result<Self> {
+        match s.trim() {
+            "direct" => Ok(W4A16Kernel::Direct),
+            "pipelined" => Ok(W4A16Kernel::Pipelined),
+            other => Err(crate::Error::Request(format!(
+                "{}: unknown W4A16 kernel {other:?} (expected `direct` or `pipelined`)",
+                Self::ENV
+            ))),
+        }
+    }
+
+    /// The kernel [`Self::ENV`] names, read once per process; [`W4A16Kernel::Direct`] when it is unset or empty.
+    pub fn configured() -> crate::Result<Self> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<W4A16Kernel, String>> = std::sync::OnceLock::new();
+        let choice = CHOICE.get_or_init(|| match std::env::var(Self::ENV) {
+            Ok(v) if !v.trim().is_empty() => Self::parse(&v).map_err(|e| match e {
+                crate::Error::Request(msg) => msg,
+                other => other.to_string(),
+            }),
+            _ => Ok(W4A16Kernel::Direct),
+        });
+        choice.clone().map_err(crate::Error::Request)
+    }
+
+    /// Output rows per block at `m` rows of x, which is also the rows per split-K counter.
+    pub fn block_rows(self, m: usize) -> usize {
+        match self {
+            W4A16Kernel::Pipelined if (9..=32).contains(&m) => 2 * W4A16_BLOCK_N,
+            _ => W4A16_BLOCK_N,
+        }
+    }
+}
+
 /// Rows padded to a multiple of 16.
 pub fn padded_n(n: usize) -> usize {
     n.div_ceil(TILE_N) * TILE_N
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn w4a16_kernel_names_round_trip_and_bad_names_are_refused() {
+        for kernel in W4A16Kernel::ALL {
+            assert_eq!(W4A16Kernel::parse(kernel.name()).unwrap(), kernel);
+        }
+        assert_eq!(W4A16Kernel::parse(" pipelined\n").unwrap(), W4A16Kernel::Pipelined);
+        let e = W4A16Kernel::parse("marlin").unwrap_err().to_string();
+        assert!(e.contains(W4A16Kernel::ENV) && e.contains("marlin"), "{e}");
+        // Block rows: 64 everywhere except the pipelined kernel's two-tile warps at 8 < m <= 32.
+        for m in [1, 8, 9, 32, 33, 64] {
+            assert_eq!(W4A16Kernel::Direct.block_rows(m), 64);
+            let want = if (9..=32).contains(&m) { 128 } else { 64 };
+            assert_eq!(W4A16Kernel::Pipelined.block_rows(m), want, "m {m}");
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{padded_n, MAX_DECODE_M, MAX_SPLITS, TILE_K, W4A16_BLOCK_N, W4A8_BLOCK_N};
+use super::{padded_n, W4A16Kernel, MAX_DECODE_M, MAX_SPLITS, TILE_K, W4A8_BLOCK_N};
 use crate::{Error, Result};
 
 /// The split-K workspace: f32 partials and per-tile arrival counters (zeroed once; every launch leaves them zeroed).
@@ -42,23 +42,27 @@ impl SplitKWorkspace {
     }
 }
 
-/// K splits of the W4A16 decode kernel for `n` x `k` on `sms` SMs: enough 128-thread blocks for about 4 per SM,
-/// with at least two 64-column chunks per split. 1B (132 SMs): qkv 11, o 16, gate_up 3, down 17; 11B gate_up 2;
-/// 90B gate_up 1, down 5.
-pub fn w4a16_splits(n: usize, k: usize, sms: usize) -> usize {
-    let blocks = padded_n(n).div_ceil(W4A16_BLOCK_N).max(1);
+/// K splits of the W4A16 decode `kernel` for `m` x `n` x `k` on `sms` SMs: enough 128-thread blocks for about 4
+/// per SM, with at least two 64-column chunks per split. Direct kernel (and the pipelined one outside
+/// 8 < m <= 32), 132 SMs: 1B qkv 11, o 16, gate_up 3, down 17; 11B gate_up 2; 90B gate_up 1, down 5.
+pub fn w4a16_splits(kernel: W4A16Kernel, m: usize, n: usize, k: usize, sms: usize) -> usize {
+    let blocks = padded_n(n).div_ceil(kernel.block_rows(m)).max(1);
     let chunks = (k / TILE_K).max(1);
     let cap = (chunks / 2).clamp(1, MAX_SPLITS);
     (4 * sms).div_ceil(blocks).clamp(1, cap)
 }
 
-/// `(partials, counters)` the W4A16 decode kernel needs at `m` rows.
-pub fn w4a16_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
-    let splits = w4a16_splits(n, k, sms);
-    if splits == 1 {
+/// `(partials, counters)` the W4A16 decode `kernel` needs at `m` rows with `splits` K splits.
+pub fn w4a16_workspace_for(kernel: W4A16Kernel, m: usize, n: usize, splits: usize) -> (usize, usize) {
+    if splits <= 1 {
         return (0, 0);
     }
-    (splits * m * padded_n(n), padded_n(n).div_ceil(W4A16_BLOCK_N))
+    (splits * m * padded_n(n), padded_n(n).div_ceil(kernel.block_rows(m)))
+}
+
+/// `(partials, counters)` the W4A16 decode `kernel` needs at `m` rows with the heuristic's splits.
+pub fn w4a16_workspace(kernel: W4A16Kernel, m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
+    w4a16_workspace_for(kernel, m, n, w4a16_splits(kernel, m, n, k, sms))
 }
 
 /// The W4A8 launch shape: tokens per block and K splits.
@@ -96,13 +100,18 @@ pub fn w4a8_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize
     (plan.splits * m * padded_n(n), padded_n(n).div_ceil(W4A8_BLOCK_N) * m.div_ceil(plan.tile_m))
 }
 
-/// The largest `(partials, counters)` either kernel needs for a `n` x `k` projection at up to `max_m` rows
-/// (the W4A16 decode kernel at up to 64 rows, W4A8 at any row count up to `max_m`).
+/// The largest `(partials, counters)` a `n` x `k` projection needs at up to `max_m` rows: either W4A16 decode
+/// kernel at up to 64 rows, or W4A8 at any row count up to `max_m`.
 pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
     let mut need = (0, 0);
     let mut take = |(p, c): (usize, usize)| need = (need.0.max(p), need.1.max(c));
     if !w4a8 {
-        take(w4a16_workspace(max_m.min(MAX_DECODE_M), n, k, sms));
+        // Either kernel may run (W4A16Kernel::configured); splits depend on m through the block rows.
+        for kernel in W4A16Kernel::ALL {
+            for m in 1..=max_m.clamp(1, MAX_DECODE_M) {
+                take(w4a16_workspace(kernel, m, n, k, sms));
+            }
+        }
         return need;
     }
     // Splits depend on m only through ceil(m / tile_m): the largest m of each tile count bounds the need.
@@ -124,15 +133,26 @@ mod tests {
     #[test]
     fn split_heuristics_fill_an_h100() {
         let sms = 132;
-        assert_eq!(w4a16_splits(3072, 2048, sms), 11);
-        assert_eq!(w4a16_splits(2048, 2048, sms), 16);
-        assert_eq!(w4a16_splits(16384, 2048, sms), 3);
-        assert_eq!(w4a16_splits(57344, 8192, sms), 1);
-        assert_eq!(w4a16_splits(8192, 28672, sms), 5);
-        assert_eq!(w4a16_splits(40, 64, sms), 1);
-        for (n, k) in [(3072, 2048), (2048, 8192), (57344, 8192), (17, 64)] {
-            let s = w4a16_splits(n, k, sms);
-            assert!(s >= 1 && s <= (k / 64).max(1), "{n}x{k}: {s}");
+        let direct = |n, k| w4a16_splits(W4A16Kernel::Direct, 1, n, k, sms);
+        assert_eq!(direct(3072, 2048), 11);
+        assert_eq!(direct(2048, 2048), 16);
+        assert_eq!(direct(16384, 2048), 3);
+        assert_eq!(direct(57344, 8192), 1);
+        assert_eq!(direct(8192, 28672), 5);
+        assert_eq!(direct(40, 64), 1);
+        // The pipelined kernel matches the direct one except at 8 < m <= 32, where its blocks hold 128 rows.
+        for m in [1, 8, 33, 64] {
+            assert_eq!(w4a16_splits(W4A16Kernel::Pipelined, m, 16384, 2048, sms), 3, "m {m}");
+        }
+        assert_eq!(w4a16_splits(W4A16Kernel::Pipelined, 16, 16384, 2048, sms), 5);
+        assert_eq!(w4a16_splits(W4A16Kernel::Pipelined, 32, 28672, 4096, sms), 3);
+        for kernel in W4A16Kernel::ALL {
+            for (n, k) in [(3072, 2048), (2048, 8192), (57344, 8192), (17, 64)] {
+                for m in [1, 9, 32, 64] {
+                    let s = w4a16_splits(kernel, m, n, k, sms);
+                    assert!(s >= 1 && s <= (k / 64).max(1), "{kernel:?} m {m} {n}x{k}: {s}");
+                }
+            }
         }
         assert_eq!(w4a8_plan(1, 3072, 2048, sms), W4A8Plan { tile_m: 8, splits: 11 });
         assert_eq!(w4a8_plan(20, 2048, 2048, sms).tile_m, 32);
@@ -150,9 +170,11 @@ mod tests {
                 assert!(need.0 <= bound.0 && need.1 <= bound.1, "w4a8 {n}x{k} m {m}");
             }
             let bound = workspace_bound(false, 700, n, k, sms);
-            for m in 1..=MAX_DECODE_M {
-                let need = w4a16_workspace(m, n, k, sms);
-                assert!(need.0 <= bound.0 && need.1 <= bound.1, "w4a16 {n}x{k} m {m}");
+            for kernel in W4A16Kernel::ALL {
+                for m in 1..=MAX_DECODE_M {
+                    let need = w4a16_workspace(kernel, m, n, k, sms);
+                    assert!(need.0 <= bound.0 && need.1 <= bound.1, "w4a16 {kernel:?} {n}x{k} m {m}");
+                }
             }
         }
     }

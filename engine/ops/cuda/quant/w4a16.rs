@@ -1,14 +1,20 @@
-//! The W4A16 wrappers: [`w4a16_gemm`] (decode, m <= 64) and [`w4a16_dequant`] (bf16 weights for cuBLASLt).
+//! The W4A16 wrappers: [`w4a16_gemm`] / [`w4a16_gemm_with`] (decode, m <= 64) and [`w4a16_dequant`] (bf16 weights
+//! for cuBLASLt).
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::launch::{launch_dequant, launch_w4a16, GemmLaunch};
-use super::{w4a16_splits, w4a16_workspace, CudaQuantLinear, SplitKWorkspace, MAX_DECODE_M};
+use super::split_k::w4a16_workspace_for;
+use super::{w4a16_splits, CudaQuantLinear, SplitKWorkspace, W4A16Kernel, MAX_DECODE_M, TILE_K};
 use crate::{Error, Result};
 
+/// The most K splits an explicit [`W4A16Choice`] may ask for (the grid's y dimension).
+const MAX_SPLITS_ACCEPTED: usize = 65_535;
+
 /// `out[m, n] = x[m, k] @ dequant(w)^T` for a W4A16 `w` and `m` in `1..=64` (see the module docs), using `ws` for
-/// split-K. `x` and `w` must be on `stream`'s device; `out` must not overlap `x`.
+/// split-K, with the kernel [`W4A16Kernel::configured`] picks and the heuristic's split count. `x` and `w` must be
+/// on `stream`'s device; `out` must not overlap `x`.
 ///
 /// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
 pub fn w4a16_gemm(
@@ -18,6 +24,30 @@ pub fn w4a16_gemm(
     m: usize,
     ws: &mut SplitKWorkspace,
     out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    let choice = W4A16Choice { kernel: W4A16Kernel::configured()?, splits: None };
+    w4a16_gemm_with(stream, x, w, m, ws, out, choice)
+}
+
+/// How [`w4a16_gemm_with`] runs: the kernel, and a split count (`None`: the heuristic [`w4a16_splits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W4A16Choice {
+    /// The decode kernel.
+    pub kernel: W4A16Kernel,
+    /// K splits, `1..=k / 64` (at most 32 are worth it); `None` picks them by the heuristic.
+    pub splits: Option<usize>,
+}
+
+/// [`w4a16_gemm`] with an explicit kernel and, optionally, split count: both kernels give the same bits for the
+/// same split count, which is how the GPU tests check one against the other.
+pub fn w4a16_gemm_with(
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    w: &CudaQuantLinear,
+    m: usize,
+    ws: &mut SplitKWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    choice: W4A16Choice,
 ) -> Result<()> {
     const OP: &str = "w4a16_gemm";
     super::super::ensure_built()?;
@@ -43,8 +73,12 @@ pub fn w4a16_gemm(
     if n == 0 {
         return Ok(());
     }
-    let splits = w4a16_splits(n, k, ws.sms);
-    let need = w4a16_workspace(m, n, k, ws.sms);
+    let splits = match choice.splits {
+        None => w4a16_splits(choice.kernel, m, n, k, ws.sms),
+        Some(s) if (1..=(k / TILE_K).min(MAX_SPLITS_ACCEPTED)).contains(&s) => s,
+        Some(s) => return fail(format!("splits is {s}, must be in 1..={}", (k / TILE_K).min(MAX_SPLITS_ACCEPTED))),
+    };
+    let need = w4a16_workspace_for(choice.kernel, m, n, splits);
     if !ws.holds(need) {
         return fail(format!("the split-K workspace holds fewer than {} partials / {} counters", need.0, need.1));
     }
@@ -74,6 +108,7 @@ pub fn w4a16_gemm(
         k,
         splits,
         tile_m: 0,
+        kernel: choice.kernel,
     };
     launch_w4a16(OP, stream, &l)
 }
@@ -119,6 +154,7 @@ pub fn w4a16_dequant(stream: &CudaStream, w: &CudaQuantLinear, out: &mut impl De
         k: w.k,
         splits: 1,
         tile_m: 0,
+        kernel: W4A16Kernel::Direct,
     };
     launch_dequant(OP, stream, &l)
 }

@@ -230,6 +230,7 @@ pub fn w4a8_gemm(
         k,
         splits: plan.splits,
         tile_m: plan.tile_m,
+        kernel: super::W4A16Kernel::Direct,
     };
     launch_w4a8(OP, stream, &l)
 }

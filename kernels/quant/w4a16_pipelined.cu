@@ -1,0 +1,390 @@
+// kernels/quant/w4a16_pipelined.cu: the pipelined W4A16 decode GEMM (l32_w4a16_params.kernel ==
+// L32_W4A16_PIPELINED), the same product as the direct kernel in w4a16.cu over the same layout, organised so that
+// the weight stream never waits on the arithmetic. Entered through l32_w4a16_gemm, which checks the parameters.
+//
+// Why (H200, 2026-11-27, bench/results/2026-11-27-h200-suite-quant-vision-tp.md): the direct kernel reached only
+// 0.33-0.49 of the copy ceiling at m = 1 and 0.04-0.09 at m = 64 (0.46x cuBLAS bf16 on the 11B gate_up).
+//   - m = 1: each warp loads 4 chunks, waits, computes them, and only then issues the next loads (the loads and
+//     the MMAs are volatile asm, so nothing reorders them): at most one set per warp is in flight and none during
+//     the arithmetic. Here the loads of the next set are issued before the current set is computed (a register
+//     ping-pong, A/B), so every warp keeps one set in flight at all times.
+//   - m > 8: every warp reads its own copy of the activations, 16 * m bytes per 64-column chunk per 16 weight rows:
+//     at m = 64 that is 8 KB of x from L2 for 512 bytes of weights, 940 MB per 11B gate_up call, which is the
+//     measured 175 us at L2 bandwidth. Here a block of 4 warps x 2 row tiles stages each x chunk once in shared
+//     memory (cp.async, double-buffered) and each warp applies every x fragment to both of its row tiles: the L2
+//     traffic for x drops 8x and the shared-memory reads 2x per weight byte (4x and 1x at m > 32, where a warp
+//     keeps one row tile: see kRowTiles).
+//
+// Numerics: per row tile, group and token the two MMAs, the zeroed f32 tile and the FFMA into the accumulator run
+// in the same order as in the direct kernel, over the same chunk ranges for a given split count, and the split-K
+// finish is the same; so for the same `splits` both kernels give the same bits (the GPU test checks this).
+//
+// Two kernels:
+//   - stream (m <= 8): 4 warps, one 16-row tile each (64 rows per block, as the direct kernel), activations read
+//     through L1 (at most 8 token rows, which every block reads), weights double-buffered in registers, kUnroll
+//     chunks per set;
+//   - staged (8 < m <= 64): 4 warps, kRowTiles = 2 tiles each (128 rows per block; 1 tile and 64 rows at m > 32),
+//     x staged per kStage chunks in shared memory with the 16-byte units of odd token rows XOR-swizzled by 4 (so
+//     the eight lanes of a quarter warp, rows g and g + 1 of one tile, hit disjoint banks), weights
+//     double-buffered in registers.
+#include <algorithm>
+#include <cstdint>
+
+#include "common/bf16.cuh"
+#include "common/status.cuh"
+#include "llama32_kernels.h"
+#include "quant/common.cuh"
+#include "quant/w4a16_pipelined.cuh"
+
+namespace l32 {
+namespace quant {
+namespace {
+
+constexpr int kWarps = 4;      // warps per block, both kernels
+constexpr int kUnroll = 4;     // stream kernel: chunks per register set
+constexpr int kStage = 2;      // staged kernel: chunks per shared-memory stage and register set
+// Staged kernel: 16-row tiles per warp. 2, except 1 at m > 32: with 2 tiles x 8 token tiles the 64 f32
+// accumulators and the independent MMA chains the compiler keeps in flight exceeded 255 registers and spilled.
+template <int kMT>
+constexpr int kRowTiles = kMT >= 8 ? 1 : 2;
+
+// f32 of the bf16 in the low (hi = false) or high half of a 32-bit word.
+__device__ __forceinline__ float bf16_half(uint32_t w, bool hi) {
+    return __uint_as_float(hi ? (w & 0xFFFF0000u) : (w << 16));
+}
+
+// The bf16 pair (v, v) from the bf16 in the low or high half of w.
+__device__ __forceinline__ uint32_t bf16_splat(uint32_t w, bool hi) {
+    const uint32_t h = hi ? (w >> 16) : (w & 0xFFFFu);
+    return h | (h << 16);
+}
+
+// One lane's share of one 64-column chunk of one row tile: 16 bytes of nibbles, its row pair's scales (and biases).
+struct Frag {
+    uint4 w;
+    uint2 s;
+    uint2 z;
+};
+
+// The A fragments of one group (two MMAs) and the f32 scales of the lane's two rows.
+struct GroupA {
+    uint32_t a[8];
+    float s_lo, s_hi;
+};
+
+// Chunk c of the tile whose lane-offset pointers are wq / sc / zr.
+template <bool kZeros>
+__device__ __forceinline__ void load_frag(Frag& f, const uint4* wq, const uint2* sc, const uint2* zr, int c) {
+    f.w = ld_stream_16(wq + static_cast<int64_t>(c) * 32);
+    f.s = ld_stream_8(sc + static_cast<int64_t>(c) * 8);
+    if constexpr (kZeros) f.z = ld_stream_8(zr + static_cast<int64_t>(c) * 8);
+}
+
+// Group jg (0: columns 0..31 of the chunk, 1: 32..63) of a fragment, dequantized into MMA A registers.
+template <bool kZeros>
+__device__ __forceinline__ GroupA dequant_group(const Frag& f, int jg) {
+    const uint32_t wa = jg == 0 ? f.w.x : f.w.z;  // row g
+    const uint32_t wb = jg == 0 ? f.w.y : f.w.w;  // row g + 8
+    uint32_t bias_a = kSymmetricBias, bias_b = kSymmetricBias;
+    if constexpr (kZeros) {
+        bias_a = bf16_splat(f.z.x, jg == 1);
+        bias_b = bf16_splat(f.z.y, jg == 1);
+    }
+    GroupA r;
+    // First MMA: columns 8t..8t+3 (nibble pairs at bits 0 and 4); second: 8t+4..8t+7 (bits 8 and 12).
+    r.a[0] = dequant_bf16x2(wa, 0, bias_a);
+    r.a[1] = dequant_bf16x2(wb, 0, bias_b);
+    r.a[2] = dequant_bf16x2(wa, 4, bias_a);
+    r.a[3] = dequant_bf16x2(wb, 4, bias_b);
+    r.a[4] = dequant_bf16x2(wa, 8, bias_a);
+    r.a[5] = dequant_bf16x2(wb, 8, bias_b);
+    r.a[6] = dequant_bf16x2(wa, 12, bias_a);
+    r.a[7] = dequant_bf16x2(wb, 12, bias_b);
+    r.s_lo = bf16_half(f.s.x, jg == 1);
+    r.s_hi = bf16_half(f.s.y, jg == 1);
+    return r;
+}
+
+// acc += scale * (the group's two MMAs over the B fragment xb), in the direct kernel's order.
+__device__ __forceinline__ void group_mma(float (&acc)[4], const GroupA& a, const uint4& xb) {
+    float tile[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_bf16(tile, a.a[0], a.a[1], a.a[2], a.a[3], xb.x, xb.y);
+    mma_bf16(tile, a.a[4], a.a[5], a.a[6], a.a[7], xb.z, xb.w);
+    acc[0] = fmaf(a.s_lo, tile[0], acc[0]);
+    acc[1] = fmaf(a.s_lo, tile[1], acc[1]);
+    acc[2] = fmaf(a.s_hi, tile[2], acc[2]);
+    acc[3] = fmaf(a.s_hi, tile[3], acc[3]);
+}
+
+// The split-K finish of a block of `block_rows` output rows (every thread of the block calls it after writing its
+// partials): the last split to arrive sums all splits in split order, exactly as the direct kernel does.
+__device__ __forceinline__ void finish_split(const l32_w4a16_params& p, int m, int64_t npad, int block_rows) {
+    if (!splitk_arrive(p.counters, blockIdx.x, p.splits)) return;
+    auto* out = static_cast<bf16*>(p.out);
+    for (int i = threadIdx.x; i < m * block_rows; i += blockDim.x) {
+        const int tok = i / block_rows;
+        const int64_t row = int64_t{blockIdx.x} * block_rows + i % block_rows;
+        if (row >= p.n) continue;
+        float s = 0.f;
+        for (int sp = 0; sp < p.splits; ++sp) s += __ldcg(p.partials + (int64_t{sp} * m + tok) * npad + row);
+        out[tok * p.n + row] = __float2bfloat16_rn(s);
+    }
+}
+
+// Writes one row tile's accumulators acc[j][e] (weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd
+// e)): to `out` when there is one split, else to this split's partials.
+template <int kMT>
+__device__ __forceinline__ void store_tile(const l32_w4a16_params& p, const float (&acc)[kMT][4], int nt, int m,
+                                           int64_t npad, int g, int t) {
+    auto* out = static_cast<bf16*>(p.out);
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int64_t row = int64_t{nt} * 16 + g + (e >= 2 ? 8 : 0);
+            const int tok = 8 * j + 2 * t + (e & 1);
+            if (tok >= m) continue;
+            if (p.splits == 1) {
+                if (row < p.n) out[tok * p.n + row] = __float2bfloat16_rn(acc[j][e]);
+            } else {
+                p.partials[(int64_t{blockIdx.y} * m + tok) * npad + row] = acc[j][e];
+            }
+        }
+    }
+}
+
+// ---- stream kernel (m <= 8) ----------------------------------------------------------------------------------
+
+// Loads the chunks c .. c + kUnroll - 1 that lie below c1 (the others are left as they are and never used).
+template <bool kZeros>
+__device__ __forceinline__ void load_set(Frag (&f)[kUnroll], const uint4* wq, const uint2* sc, const uint2* zr, int c,
+                                         int c1) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        if (c + u < c1) load_frag<kZeros>(f[u], wq, sc, zr, c + u);
+    }
+}
+
+// The chunks c .. c + kUnroll - 1 below c1 of a loaded set, against token row xr (one 16-byte load per group).
+template <bool kZeros>
+__device__ __forceinline__ void compute_set(float (&acc)[1][4], const Frag (&f)[kUnroll], const uint4* xr, int c,
+                                            int c1) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        if (c + u >= c1) break;
+#pragma unroll
+        for (int jg = 0; jg < 2; ++jg) {
+            const GroupA a = dequant_group<kZeros>(f[u], jg);
+            const uint4 xb = ld_reuse_16(xr + static_cast<int64_t>(c + u) * 8 + jg * 4);
+            group_mma(acc[0], a, xb);
+        }
+    }
+}
+
+// grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32.
+template <bool kZeros>
+__global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_constant__ l32_w4a16_params p) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int m = static_cast<int>(p.m);
+    const int ntiles = static_cast<int>((p.n + 15) / 16);
+    const int64_t npad = int64_t{ntiles} * 16;
+    const int kc = static_cast<int>(p.k / 64);
+    const int nt = blockIdx.x * kWarps + warp;
+    int c0, c1;
+    split_range(kc, p.splits, blockIdx.y, c0, c1);
+
+    float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+    if (nt < ntiles) {
+        const auto* wq = static_cast<const uint4*>(p.qweight) + static_cast<int64_t>(nt) * kc * 32 + lane;
+        const auto* sc = static_cast<const uint2*>(p.scales) + static_cast<int64_t>(nt) * kc * 8 + g;
+        const uint2* zr = nullptr;
+        if constexpr (kZeros) zr = static_cast<const uint2*>(p.zeros) + static_cast<int64_t>(nt) * kc * 8 + g;
+        // Token g of the (single) token tile; rows past m repeat the last row (their outputs are discarded).
+        const int row = min(g, m - 1);
+        const auto* xr = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k) + t;
+        Frag fa[kUnroll], fb[kUnroll];
+        load_set<kZeros>(fa, wq, sc, zr, c0, c1);
+        for (int c = c0; c < c1; c += 2 * kUnroll) {
+            load_set<kZeros>(fb, wq, sc, zr, c + kUnroll, c1);  // in flight while set A is computed
+            compute_set<kZeros>(acc, fa, xr, c, c1);
+            load_set<kZeros>(fa, wq, sc, zr, c + 2 * kUnroll, c1);  // in flight while set B is computed
+            compute_set<kZeros>(acc, fb, xr, c + kUnroll, c1);
+        }
+        store_tile<1>(p, acc, nt, m, npad, g, t);
+    }
+    if (p.splits > 1) finish_split(p, m, npad, kWarps * 16);
+}
+
+// ---- staged kernel (8 < m <= 64) -----------------------------------------------------------------------------
+
+// Shared memory of the staged kernel: two stages of kStage chunks of up to kTok token rows x 8 units of 16 bytes.
+template <int kMT>
+struct StagedSmem {
+    static constexpr int kTok = 8 * kMT;
+    uint4 x[2][kStage][kTok][8];
+};
+
+// Position of 16-byte unit `unit` (0..7: columns 8 unit .. 8 unit + 7 of the chunk) of token row r in a stage.
+__device__ __forceinline__ int swizzled_unit(int r, int unit) { return unit ^ ((r & 1) << 2); }
+
+// Stages chunks cbase .. cbase + kStage - 1 of x (those below c1; token rows past m are zero-filled) into buffer
+// `buf` with cp.async, and commits one group (empty when every chunk is past c1, which keeps the group count
+// uniform for the waits).
+template <int kMT>
+__device__ __forceinline__ void stage_x(StagedSmem<kMT>& sm, int buf, const bf16* x, int64_t k, int m, int cbase,
+                                        int c1) {
+    constexpr int kTok = StagedSmem<kMT>::kTok;
+    constexpr int kUnits = kStage * kTok * 8;
+    static_assert(kUnits % (kWarps * 32) == 0, "every thread copies the same number of units");
+    if (cbase < c1) {
+#pragma unroll
+        for (int it = 0; it < kUnits / (kWarps * 32); ++it) {
+            const int i = it * kWarps * 32 + static_cast<int>(threadIdx.x);
+            const int u = i / (kTok * 8), r = (i / 8) % kTok, unit = i % 8;
+            const int c = cbase + u;
+            if (c >= c1) continue;  // never read: compute_staged stops at c1
+            const bool valid = r < m;
+            const bf16* src = x + (valid ? static_cast<int64_t>(r) * k + static_cast<int64_t>(c) * 64 + unit * 8 : 0);
+            cp_async16(&sm.x[buf][u][r][swizzled_unit(r, unit)], src, valid);
+        }
+    }
+    cp_async_commit();
+}
+
+// Loads chunks c .. c + kStage - 1 below c1 of the warp's kRT row tiles.
+template <int kRT, bool kZeros>
+__device__ __forceinline__ void load_stage_w(Frag (&f)[kStage][kRT], const uint4* const (&wq)[kRT],
+                                             const uint2* const (&sc)[kRT], const uint2* const (&zr)[kRT], int c,
+                                             int c1) {
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (c + u >= c1) continue;
+#pragma unroll
+        for (int rt = 0; rt < kRT; ++rt) load_frag<kZeros>(f[u][rt], wq[rt], sc[rt], zr[rt], c + u);
+    }
+}
+
+// The chunks c .. c + kStage - 1 below c1 of stage buffer `buf` against the warp's row tiles.
+template <int kMT, bool kZeros>
+__device__ __forceinline__ void compute_staged(float (&acc)[kRowTiles<kMT>][kMT][4], const StagedSmem<kMT>& sm,
+                                               int buf, const Frag (&f)[kStage][kRowTiles<kMT>], int c, int c1, int g,
+                                               int t) {
+    constexpr int kRT = kRowTiles<kMT>;
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (c + u >= c1) break;
+#pragma unroll
+        for (int jg = 0; jg < 2; ++jg) {
+            GroupA a[kRT];
+#pragma unroll
+            for (int rt = 0; rt < kRT; ++rt) a[rt] = dequant_group<kZeros>(f[u][rt], jg);
+#pragma unroll
+            for (int j = 0; j < kMT; ++j) {
+                const int r = 8 * j + g;
+                const uint4 xb = sm.x[buf][u][r][swizzled_unit(r, 4 * jg + t)];
+#pragma unroll
+                for (int rt = 0; rt < kRT; ++rt) group_mma(acc[rt][j], a[rt], xb);
+            }
+        }
+    }
+}
+
+// grid = (ceil(n_tiles / (kWarps * kRowTiles)), splits), block = kWarps * 32. kMT = ceil(m / 8) in {2, 4, 8}.
+template <int kMT, bool kZeros>
+__global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_constant__ l32_w4a16_params p) {
+    __shared__ StagedSmem<kMT> sm;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int m = static_cast<int>(p.m);
+    const int ntiles = static_cast<int>((p.n + 15) / 16);
+    const int64_t npad = int64_t{ntiles} * 16;
+    const int kc = static_cast<int>(p.k / 64);
+    constexpr int kRT = kRowTiles<kMT>;
+    const int tile0 = (blockIdx.x * kWarps + warp) * kRT;
+    int c0, c1;
+    split_range(kc, p.splits, blockIdx.y, c0, c1);
+
+    // Tiles past the last one (only in the last block) read the last tile's weights; their outputs are discarded.
+    const uint4* wq[kRT];
+    const uint2* sc[kRT];
+    const uint2* zr[kRT];
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+        const int64_t nt = min(tile0 + rt, ntiles - 1);
+        wq[rt] = static_cast<const uint4*>(p.qweight) + nt * kc * 32 + lane;
+        sc[rt] = static_cast<const uint2*>(p.scales) + nt * kc * 8 + g;
+        zr[rt] = kZeros ? static_cast<const uint2*>(p.zeros) + nt * kc * 8 + g : nullptr;
+    }
+    const auto* x = static_cast<const bf16*>(p.x);
+
+    float acc[kRT][kMT][4];
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+#pragma unroll
+        for (int j = 0; j < kMT; ++j) acc[rt][j][0] = acc[rt][j][1] = acc[rt][j][2] = acc[rt][j][3] = 0.f;
+    }
+
+    // Two shared-memory buffers and two register sets: while stage s is computed, stage s + 1 is in flight. Each
+    // buffer is refilled only after the __syncthreads that follows its last use.
+    constexpr int kS = kStage;
+    Frag fa[kS][kRT], fb[kS][kRT];
+    stage_x<kMT>(sm, 0, x, p.k, m, c0, c1);
+    load_stage_w<kRT, kZeros>(fa, wq, sc, zr, c0, c1);
+    for (int c = c0; c < c1; c += 2 * kS) {
+        stage_x<kMT>(sm, 1, x, p.k, m, c + kS, c1);
+        load_stage_w<kRT, kZeros>(fb, wq, sc, zr, c + kS, c1);
+        cp_async_wait<1>();
+        __syncthreads();
+        compute_staged<kMT, kZeros>(acc, sm, 0, fa, c, c1, g, t);
+        __syncthreads();
+        stage_x<kMT>(sm, 0, x, p.k, m, c + 2 * kS, c1);
+        load_stage_w<kRT, kZeros>(fa, wq, sc, zr, c + 2 * kS, c1);
+        cp_async_wait<1>();
+        __syncthreads();
+        compute_staged<kMT, kZeros>(acc, sm, 1, fb, c + kS, c1, g, t);
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+        if (tile0 + rt < ntiles) store_tile<kMT>(p, acc[rt], tile0 + rt, m, npad, g, t);
+    }
+    if (p.splits > 1) finish_split(p, m, npad, kWarps * kRT * 16);
+}
+
+template <int kMT>
+l32_status launch_staged(const l32_w4a16_params& p, cudaStream_t stream) {
+    const int64_t ntiles = (p.n + 15) / 16;
+    constexpr int kTilesPerBlock = kWarps * kRowTiles<kMT>;
+    const dim3 grid(static_cast<unsigned>((ntiles + kTilesPerBlock - 1) / kTilesPerBlock),
+                    static_cast<unsigned>(p.splits));
+    if (p.zeros != nullptr) {
+        w4a16_staged_kernel<kMT, true><<<grid, kWarps * 32, 0, stream>>>(p);
+    } else {
+        w4a16_staged_kernel<kMT, false><<<grid, kWarps * 32, 0, stream>>>(p);
+    }
+    return check_launch();
+}
+
+}  // namespace
+
+l32_status launch_w4a16_pipelined(const l32_w4a16_params& p, cudaStream_t stream) {
+    if (p.m <= 8) {
+        const int64_t ntiles = (p.n + 15) / 16;
+        const dim3 grid(static_cast<unsigned>((ntiles + kWarps - 1) / kWarps), static_cast<unsigned>(p.splits));
+        if (p.zeros != nullptr) {
+            w4a16_stream_kernel<true><<<grid, kWarps * 32, 0, stream>>>(p);
+        } else {
+            w4a16_stream_kernel<false><<<grid, kWarps * 32, 0, stream>>>(p);
+        }
+        return check_launch();
+    }
+    if (p.m <= 16) return launch_staged<2>(p, stream);
+    if (p.m <= 32) return launch_staged<4>(p, stream);
+    return launch_staged<8>(p, stream);
+}
+
+}  // namespace quant
+}  // namespace l32
