@@ -37,6 +37,7 @@ __device__ __forceinline__ float silu_mul_f32(float g, float u) { return g / (1.
 // Tier 1. grid = (ceil(inter / W / kThreads), min(rows, 65535)), block = kThreads.
 template <int W>
 __global__ void __launch_bounds__(kThreads) silu_mul_kernel(const __grid_constant__ l32_activation_params p) {
+    pdl_begin();
     using Vec = BF16Vec<W>;
     const int n = static_cast<int>(p.inter / W);
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -59,7 +60,7 @@ l32_status launch(const l32_activation_params& p, cudaStream_t stream) {
     const int64_t n = p.inter / W;
     const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads),
                     static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
-    silu_mul_kernel<W><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel(silu_mul_kernel<W>, grid, kThreads, 0, stream, p);
     return check_launch();
 }
 

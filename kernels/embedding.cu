@@ -32,6 +32,7 @@ constexpr int64_t kMaxGridY = 65535;
 // Tier 1. grid = (ceil(hidden / W / blockDim.x), min(tokens, 65535)), block = a multiple of 32 threads.
 template <int W>
 __global__ void __launch_bounds__(kMaxThreads) embedding_kernel(const __grid_constant__ l32_embedding_params p) {
+    pdl_begin();
     using Vec = BF16Vec<W>;
     const int n = static_cast<int>(p.hidden / W);
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -62,7 +63,7 @@ l32_status launch(const l32_embedding_params& p, cudaStream_t stream) {
     const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, round_up_32(n)));
     const dim3 grid(static_cast<unsigned>((n + threads - 1) / threads),
                     static_cast<unsigned>(std::min(p.tokens, kMaxGridY)));
-    embedding_kernel<W><<<grid, threads, 0, stream>>>(p);
+    launch_kernel(embedding_kernel<W>, grid, threads, 0, stream, p);
     return check_launch();
 }
 

@@ -110,6 +110,7 @@ __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* 
 // With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
 template <int kTiles, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
+    pdl_begin();
     __shared__ float partial[kWarps][kTiles * 8][kRows];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
@@ -160,7 +161,7 @@ template <int kTiles, int kWarps>
 l32_status launch(const l32_gemv_params& p, cudaStream_t stream) {
     static_assert(kTiles * 8 * kRows <= kWarps * 32, "one thread per output of the block");
     const auto grid = static_cast<unsigned>((p.n + kRows - 1) / kRows);
-    gemv_kernel<kTiles, kWarps><<<grid, kWarps * 32, 0, stream>>>(p);
+    launch_kernel(gemv_kernel<kTiles, kWarps>, grid, kWarps * 32, 0, stream, p);
     return check_launch();
 }
 

@@ -42,6 +42,17 @@ typedef enum l32_dtype {
  */
 const char* l32_last_cuda_error(void);
 
+/**
+ * Programmatic dependent launch (sm_90 and newer), process-wide, off by default: with `enabled` non-zero, later
+ * launches let a kernel's CTAs start while the previous kernel in the stream finishes (its launch latency overlaps
+ * that kernel's tail). Every kernel here waits for the previous grid (griddepcontrol.wait) before it touches
+ * memory, so results do not change. Devices below sm_90 keep ordinary launches.
+ */
+void l32_set_programmatic_launch(int enabled);
+
+/** 1 when l32_set_programmatic_launch switched programmatic dependent launch on, else 0. */
+int l32_programmatic_launch(void);
+
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* norm (kernels/norm.cu): Llama's RMSNorm, optionally fused with the residual add before it.                        */
 /* ---------------------------------------------------------------------------------------------------------------- */

@@ -55,6 +55,7 @@ __device__ __forceinline__ BF16Vec<W> scale(const BF16Vec<W>& h, const BF16Vec<W
 // Tier 1. grid = rows, block = the plan's threads (a multiple of 32). See the file comment for W and kVecs.
 template <int W, int kVecs, bool kResidual>
 __global__ void __launch_bounds__(kMaxThreads) rms_norm_kernel(const __grid_constant__ l32_norm_params p) {
+    pdl_begin();
     using Vec = BF16Vec<W>;
     const int64_t row = blockIdx.x;
     const int n = static_cast<int>(p.hidden / W);
@@ -128,7 +129,7 @@ NormPlan plan_norm(const l32_norm_params& p) {
 // Tier 2.
 template <int W, int kVecs, bool kResidual>
 l32_status launch(const l32_norm_params& p, int threads, cudaStream_t stream) {
-    rms_norm_kernel<W, kVecs, kResidual><<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(p);
+    launch_kernel(rms_norm_kernel<W, kVecs, kResidual>, static_cast<unsigned>(p.rows), threads, 0, stream, p);
     return check_launch();
 }
 

@@ -84,6 +84,7 @@ __device__ __forceinline__ void rotate(const bf16* src, bf16* dst, int h, const 
 // from the params.
 template <int W, int kHalf>
 __global__ void __launch_bounds__(kMaxThreads) rope_kv_write_kernel(const __grid_constant__ l32_rope_params p) {
+    pdl_begin();
     using Vec = BF16Vec<W>;
     __shared__ __align__(16) float cos_s[kHalf > 0 ? kHalf : kMaxHalf];
     __shared__ __align__(16) float sin_s[kHalf > 0 ? kHalf : kMaxHalf];
@@ -129,7 +130,7 @@ l32_status launch(const l32_rope_params& p, cudaStream_t stream) {
     const int64_t half = p.head_dim / 2;
     const int64_t tasks = (p.num_heads + p.num_kv_heads) * (half / W) + p.num_kv_heads * (2 * half / W);
     const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, round_up_32(tasks)));
-    rope_kv_write_kernel<W, kHalf><<<static_cast<unsigned>(p.tokens), threads, 0, stream>>>(p);
+    launch_kernel(rope_kv_write_kernel<W, kHalf>, static_cast<unsigned>(p.tokens), threads, 0, stream, p);
     return check_launch();
 }
 

@@ -101,6 +101,7 @@ struct Best {
 // Tier 1. grid = rows, block = kArgmaxThreads.
 template <int W>
 __global__ void __launch_bounds__(kArgmaxThreads) argmax_kernel(const __grid_constant__ l32_argmax_params p) {
+    pdl_begin();
     const int64_t row = blockIdx.x;
     const int n = static_cast<int>(p.vocab / W);
     const bf16* base = static_cast<const bf16*>(p.logits) + row * p.vocab;
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kArgmaxThreads) argmax_kernel(const __grid_con
 // Tier 2.
 template <int W>
 l32_status launch_argmax(const l32_argmax_params& p, cudaStream_t stream) {
-    argmax_kernel<W><<<static_cast<unsigned>(p.rows), kArgmaxThreads, 0, stream>>>(p);
+    launch_kernel(argmax_kernel<W>, static_cast<unsigned>(p.rows), kArgmaxThreads, 0, stream, p);
     return check_launch();
 }
 
@@ -531,6 +532,7 @@ __device__ int compact(const Src& src, float thr, float* cv, uint32_t* cid) {
 // Tier 1. grid = rows, block = kThreads, dynamic shared memory = sample_smem_bytes().
 template <int W>
 __global__ void __launch_bounds__(kThreads, 1) sample_kernel(const __grid_constant__ l32_sample_params p) {
+    pdl_begin();
     extern __shared__ __align__(16) unsigned char smem[];
     const int64_t row = blockIdx.x;
     const l32_sample_row r = p.row_params[row];
@@ -652,7 +654,7 @@ template <int W>
 l32_status launch_sample(const l32_sample_params& p, cudaStream_t stream) {
     const size_t smem = sample_smem_bytes(p);
     if (const l32_status s = allow_dynamic_smem(sample_kernel<W>, smem, 44 * 1024); s != L32_OK) return s;
-    sample_kernel<W><<<static_cast<unsigned>(p.rows), kThreads, smem, stream>>>(p);
+    launch_kernel(sample_kernel<W>, static_cast<unsigned>(p.rows), kThreads, smem, stream, p);
     return check_launch();
 }
 

@@ -11,3 +11,9 @@ extern "C" const char* l32_last_cuda_error(void) {
     std::snprintf(message, sizeof message, "%s: %s", cudaGetErrorName(err), cudaGetErrorString(err));
     return message;
 }
+
+extern "C" void l32_set_programmatic_launch(int enabled) {
+    l32::programmatic_launch_flag.store(enabled != 0 ? 1 : 0, std::memory_order_relaxed);
+}
+
+extern "C" int l32_programmatic_launch(void) { return l32::programmatic_launch_flag.load(std::memory_order_relaxed); }

@@ -160,7 +160,8 @@ run() {
   # pattern, picks some), quant (W4A16/W4A8 kernel benches, their criterion group, the torch peers of that group and
   # 1B end to end in bf16 / W4A16 / W4A8), kernels (ignored kernel benches, criterion, PyTorch peers), vision (the 11B
   # vision benches), vquant (11B and 90B Vision in W4A16 on one GPU, loaded layer by layer; opt-in: not in the
-  # default list), e2e (llama32 bench, offline throughput, bench-serve). LLAMA32_SUITE_SECONDS bounds the whole
+  # default list; LLAMA32_W4A16_KERNEL=pipelined runs it with the pipelined kernel), e2e (llama32 bench, offline
+  # throughput, bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=1, back to back). LLAMA32_SUITE_SECONDS bounds the whole
   # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate
   # calls, tests first. GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group
   # (about two minutes) / the torch peers of the quant stage.
@@ -187,7 +188,9 @@ run() {
   bench_e2e() {
     local preset batch prompt gen extra tag log rc=0 line
     read -r preset batch prompt gen extra <<<"$2"
-    tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}${LLAMA32_W4A16_KERNEL:+.$LLAMA32_W4A16_KERNEL}"
+    # Environment switches under test join the tag and the row.
+    local env_tag="${LLAMA32_W4A16_KERNEL:+ w4a16=$LLAMA32_W4A16_KERNEL}${LLAMA32_PDL:+ pdl=$LLAMA32_PDL}"
+    tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     # shellcheck disable=SC2086 # $extra is a list of flags
     tmo "$1" "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
@@ -195,7 +198,7 @@ run() {
     line=$(grep '^{' "$log" | tail -1 || true)
     if ((rc == 0)) && [[ -n $line ]]; then
       echo "$line" >>"$logs/bench.jsonl"
-      extra="$extra${LLAMA32_W4A16_KERNEL:+ (w4a16 kernel $LLAMA32_W4A16_KERNEL)}"
+      extra="$extra${env_tag:+ [$env_tag ]}"
       rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen $extra" -)")
       benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$preset" "$extra")")
     else
@@ -420,6 +423,15 @@ run() {
     fi
   fi
 
+  if want pdl; then
+    # A/B of programmatic dependent launch on the decode-bound rows, each pair back to back (a short device call).
+    local spec
+    for spec in "1b 1 128 64" "3b 1 128 64" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32"; do
+      bench_e2e 120 "$spec"
+      LLAMA32_PDL=1 bench_e2e 120 "$spec"
+    done
+  fi
+
   if want e2e; then
     # End-to-end figures on random weights at the real shapes (JSON lines in $logs/bench.jsonl).
     # Each spec: preset, batch, prompt tokens, generated tokens, then extra flags (ablations of graphs / skinny GEMM).
@@ -429,6 +441,10 @@ run() {
       "1b 64 512 64 --quantize w4a8-g32"; do
       bench_e2e 180 "$spec"
     done
+    # Programmatic dependent launch (LLAMA32_PDL=1) on the decode-bound rows, beside the rows above.
+    export LLAMA32_PDL=1
+    for spec in "1b 1 128 64" "3b 1 128 64" "1b 64 512 64"; do bench_e2e 180 "$spec"; done
+    unset LLAMA32_PDL
 
     # Offline throughput through the scheduler (serving issue target: 1B, 2000 x 512 prompt tokens, 256 generated).
     log="$logs/bench.offline.log"
@@ -486,7 +502,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl]|run-tp]" >&2
     exit 2
     ;;
 esac

@@ -64,6 +64,7 @@ __host__ __device__ inline int64_t ws_acc_floats(int64_t seqs, int64_t heads, in
 // Tier 1a: the split decode. See the file comment.
 template <int D, int kWarps>
 __global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_constant__ l32_paged_decode_params p) {
+    pdl_begin();
     using T = DecodeTraits<D, kWarps>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float s_m[kWarps][kMaxGroup], s_l[kWarps][kMaxGroup];
@@ -195,6 +196,7 @@ __global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_
 // Tier 1b: combines the splits of one (head, sequence): grid (num_heads, num_seqs), D threads, one per dimension.
 template <int D>
 __global__ void __launch_bounds__(D) merge_splits_kernel(const __grid_constant__ l32_paged_decode_params p) {
+    pdl_begin();
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
     const float* ws = static_cast<const float*>(p.workspace);
     const int64_t part0 = (static_cast<int64_t>(seq) * p.num_heads + head) * p.num_splits;
@@ -219,11 +221,11 @@ l32_status launch(const l32_paged_decode_params& p, cudaStream_t stream) {
     using T = DecodeTraits<D, kWarps>;
     const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_kv_heads),
                     static_cast<unsigned>(p.num_seqs));
-    paged_decode_kernel<D, kWarps><<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
+    launch_kernel(paged_decode_kernel<D, kWarps>, grid, T::kThreads, T::kSmemBytes, stream, p);
     l32_status status = check_launch();
     if (status != L32_OK || p.num_splits == 1) return status;
-    merge_splits_kernel<D><<<dim3(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs)), D, 0,
-                             stream>>>(p);
+    const dim3 merge_grid(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs));
+    launch_kernel(merge_splits_kernel<D>, merge_grid, D, 0, stream, p);
     return check_launch();
 }
 

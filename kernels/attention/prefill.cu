@@ -54,6 +54,7 @@ struct PrefillTraits {
 // Tier 1. See the file comment.
 template <int D>
 __global__ void __launch_bounds__(128) paged_prefill_kernel(const __grid_constant__ l32_paged_prefill_params p) {
+    pdl_begin();
     using T = PrefillTraits<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ int s_pos_min, s_pos_max;
@@ -193,7 +194,7 @@ l32_status launch(const l32_paged_prefill_params& p, cudaStream_t stream) {
     const int64_t m_tiles = (p.max_query_len * group + T::kBlockM - 1) / T::kBlockM;
     const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(p.num_seqs),
                     static_cast<unsigned>(p.num_kv_heads));
-    paged_prefill_kernel<D><<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
+    launch_kernel(paged_prefill_kernel<D>, grid, T::kThreads, T::kSmemBytes, stream, p);
     return check_launch();
 }
 

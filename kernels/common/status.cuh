@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/launch.cuh"
 #include "llama32_kernels.h"
 
 namespace l32 {

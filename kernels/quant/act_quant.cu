@@ -70,6 +70,7 @@ __device__ __forceinline__ float silu_mul_f32(float g, float u) { return g / (1.
 // Tier 1. grid = rows, block = the plan's threads.
 template <int kOp>
 __global__ void __launch_bounds__(kMaxThreads) act_quant_kernel(const __grid_constant__ l32_act_quant_params p) {
+    pdl_begin();
     constexpr bool kNorm = kOp == L32_ACT_QUANT_RMS_NORM || kOp == L32_ACT_QUANT_ADD_RMS_NORM;
     constexpr bool kResidual = kOp == L32_ACT_QUANT_ADD_RMS_NORM;
     constexpr bool kSilu = kOp == L32_ACT_QUANT_SILU_MUL;
@@ -159,7 +160,7 @@ int plan_threads(int64_t n) {
 // Tier 2.
 template <int kOp>
 l32_status launch(const l32_act_quant_params& p, cudaStream_t stream) {
-    act_quant_kernel<kOp><<<static_cast<unsigned>(p.rows), plan_threads(p.hidden / 8), 0, stream>>>(p);
+    launch_kernel(act_quant_kernel<kOp>, static_cast<unsigned>(p.rows), plan_threads(p.hidden / 8), 0, stream, p);
     return check_launch();
 }
 

@@ -117,6 +117,7 @@ __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* 
 // Tier 1. grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32. kMT = ceil(m / 8) token tiles.
 template <int kMT, bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constant__ l32_w4a16_params p) {
+    pdl_begin();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int m = static_cast<int>(p.m);
@@ -190,9 +191,9 @@ l32_status launch_gemm(const l32_w4a16_params& p, cudaStream_t stream) {
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((ntiles + kWarps - 1) / kWarps), static_cast<unsigned>(p.splits));
     if (p.zeros != nullptr) {
-        w4a16_kernel<kMT, true><<<grid, kWarps * 32, 0, stream>>>(p);
+        launch_kernel(w4a16_kernel<kMT, true>, grid, kWarps * 32, 0, stream, p);
     } else {
-        w4a16_kernel<kMT, false><<<grid, kWarps * 32, 0, stream>>>(p);
+        launch_kernel(w4a16_kernel<kMT, false>, grid, kWarps * 32, 0, stream, p);
     }
     return check_launch();
 }
@@ -200,6 +201,7 @@ l32_status launch_gemm(const l32_w4a16_params& p, cudaStream_t stream) {
 // Dequantization: thread i handles lane i % 32 of chunk (i / 32) of the flattened (tile, chunk) sequence.
 template <bool kZeros>
 __global__ void __launch_bounds__(256) w4a16_dequant_kernel(const __grid_constant__ l32_w4a16_dequant_params p) {
+    pdl_begin();
     const int64_t kc = p.k / 64;
     const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
     const int64_t total = (p.n + 15) / 16 * kc * 32;
@@ -279,9 +281,9 @@ extern "C" l32_status l32_w4a16_dequant(const l32_w4a16_dequant_params* params, 
     const auto grid = static_cast<unsigned>((threads + 255) / 256);
     const auto s = static_cast<cudaStream_t>(stream);
     if (p.zeros != nullptr) {
-        quant::w4a16_dequant_kernel<true><<<grid, 256, 0, s>>>(p);
+        launch_kernel(quant::w4a16_dequant_kernel<true>, grid, 256, 0, s, p);
     } else {
-        quant::w4a16_dequant_kernel<false><<<grid, 256, 0, s>>>(p);
+        launch_kernel(quant::w4a16_dequant_kernel<false>, grid, 256, 0, s, p);
     }
     return l32::check_launch();
 }

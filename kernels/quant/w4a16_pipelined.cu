@@ -184,6 +184,7 @@ __device__ __forceinline__ void compute_set(float (&acc)[1][4], const Frag (&f)[
 // grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32.
 template <bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_constant__ l32_w4a16_params p) {
+    pdl_begin();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int m = static_cast<int>(p.m);
@@ -202,7 +203,8 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_
         if constexpr (kZeros) zr = static_cast<const uint2*>(p.zeros) + static_cast<int64_t>(nt) * kc * 8 + g;
         // Token g of the (single) token tile; rows past m repeat the last row (their outputs are discarded).
         const int row = min(g, m - 1);
-        const auto* xr = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k) + t;
+        const bf16* xrow = static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k;
+        const auto* xr = reinterpret_cast<const uint4*>(xrow) + t;
         Frag fa[kUnroll], fb[kUnroll];
         load_set<kZeros>(fa, wq, sc, zr, c0, c1);
         for (int c = c0; c < c1; c += 2 * kUnroll) {
@@ -293,6 +295,7 @@ __device__ __forceinline__ void compute_staged(float (&acc)[kRowTiles<kMT>][kMT]
 // grid = (ceil(n_tiles / (kWarps * kRowTiles)), splits), block = kWarps * 32. kMT = ceil(m / 8) in {2, 4, 8}.
 template <int kMT, bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_constant__ l32_w4a16_params p) {
+    pdl_begin();
     __shared__ StagedSmem<kMT> sm;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
@@ -361,9 +364,9 @@ l32_status launch_staged(const l32_w4a16_params& p, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>((ntiles + kTilesPerBlock - 1) / kTilesPerBlock),
                     static_cast<unsigned>(p.splits));
     if (p.zeros != nullptr) {
-        w4a16_staged_kernel<kMT, true><<<grid, kWarps * 32, 0, stream>>>(p);
+        launch_kernel(w4a16_staged_kernel<kMT, true>, grid, kWarps * 32, 0, stream, p);
     } else {
-        w4a16_staged_kernel<kMT, false><<<grid, kWarps * 32, 0, stream>>>(p);
+        launch_kernel(w4a16_staged_kernel<kMT, false>, grid, kWarps * 32, 0, stream, p);
     }
     return check_launch();
 }
@@ -375,9 +378,9 @@ l32_status launch_w4a16_pipelined(const l32_w4a16_params& p, cudaStream_t stream
         const int64_t ntiles = (p.n + 15) / 16;
         const dim3 grid(static_cast<unsigned>((ntiles + kWarps - 1) / kWarps), static_cast<unsigned>(p.splits));
         if (p.zeros != nullptr) {
-            w4a16_stream_kernel<true><<<grid, kWarps * 32, 0, stream>>>(p);
+            launch_kernel(w4a16_stream_kernel<true>, grid, kWarps * 32, 0, stream, p);
         } else {
-            w4a16_stream_kernel<false><<<grid, kWarps * 32, 0, stream>>>(p);
+            launch_kernel(w4a16_stream_kernel<false>, grid, kWarps * 32, 0, stream, p);
         }
         return check_launch();
     }

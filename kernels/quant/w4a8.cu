@@ -67,6 +67,7 @@ __device__ __forceinline__ int b_offset(int r, int ch) {
 // Tier 1. grid = (ceil(n_pad / 128), ceil(m / BM), splits), block = 256; BM = kWarpsM * kWM * 8.
 template <int kWarpsN, int kWarpsM, int kWN, int kWM, bool kZeros>
 __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ l32_w4a8_params p) {
+    pdl_begin();
     static_assert(kWarpsN * kWarpsM * 32 == kThreads, "8 warps");
     static_assert(kWarpsN * kWN == kTilesN, "the warps cover the block's 8 weight row tiles");
     constexpr int kBM = kWarpsM * kWM * 8;
@@ -249,9 +250,9 @@ l32_status launch(const l32_w4a8_params& p, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>((ntiles + kTilesN - 1) / kTilesN), static_cast<unsigned>((p.m + kBM - 1) / kBM),
                     static_cast<unsigned>(p.splits));
     if (p.zeros != nullptr) {
-        w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, true><<<grid, kThreads, 0, stream>>>(p);
+        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, true>, grid, kThreads, 0, stream, p);
     } else {
-        w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, false><<<grid, kThreads, 0, stream>>>(p);
+        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, false>, grid, kThreads, 0, stream, p);
     }
     return check_launch();
 }

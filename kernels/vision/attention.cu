@@ -35,6 +35,7 @@ __device__ __forceinline__ float warp_max(float v) {
 // C = ceil(head_dim / 32): the head dims each lane accumulates.
 template <int C>
 __global__ void __launch_bounds__(32 * kWarps) gather_attention_kernel(const __grid_constant__ l32_gather_attention_params p) {
+    pdl_begin();
     __shared__ float sq[kWarps][kMaxHeadDim];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -115,7 +116,7 @@ template <int C>
 l32_status launch(const l32_gather_attention_params& p, cudaStream_t stream) {
     const int64_t tasks = p.tokens * p.num_heads;
     const int64_t blocks = (tasks + kWarps - 1) / kWarps;
-    gather_attention_kernel<C><<<static_cast<unsigned>(blocks), 32 * kWarps, 0, stream>>>(p);
+    launch_kernel(gather_attention_kernel<C>, static_cast<unsigned>(blocks), 32 * kWarps, 0, stream, p);
     return check_launch();
 }
 

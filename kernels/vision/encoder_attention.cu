@@ -66,6 +66,7 @@ __device__ __forceinline__ void load_rows(bf16* tile, const bf16* base, int64_t 
 
 template <int D>
 __global__ void __launch_bounds__(128) encoder_attention_kernel(const __grid_constant__ l32_encoder_attention_params p) {
+    pdl_begin();
     using T = EncTraits<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* sq = reinterpret_cast<bf16*>(smem_raw);
@@ -175,7 +176,7 @@ l32_status launch(const l32_encoder_attention_params& p, cudaStream_t stream) {
     if (const l32_status s = allow_dynamic_smem(encoder_attention_kernel<D>, T::kSmemBytes); s != L32_OK) return s;
     const dim3 grid(static_cast<unsigned>((p.seq_len + T::kBlockM - 1) / T::kBlockM),
                     static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs));
-    encoder_attention_kernel<D><<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
+    launch_kernel(encoder_attention_kernel<D>, grid, T::kThreads, T::kSmemBytes, stream, p);
     return check_launch();
 }
 

@@ -45,6 +45,7 @@ __device__ __forceinline__ void row_stats(const float* row, int width, float eps
 // ---- im2col ------------------------------------------------------------------------------------------------------
 
 __global__ void im2col_kernel(const __grid_constant__ l32_vision_im2col_params p) {
+    pdl_begin();
     const int per_side = p.side / p.patch;
     const int64_t grid_cells = static_cast<int64_t>(per_side) * per_side;
     const int pdim = p.channels * p.patch * p.patch;
@@ -69,6 +70,7 @@ __global__ void im2col_kernel(const __grid_constant__ l32_vision_im2col_params p
 // ---- embeddings + layernorm_pre ----------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kRowThreads) embed_kernel(const __grid_constant__ l32_vision_embed_params p) {
+    pdl_begin();
     extern __shared__ float row[];
     const int64_t r = blockIdx.x;
     const int64_t it = r / p.padded;
@@ -106,6 +108,7 @@ __global__ void __launch_bounds__(kRowThreads) embed_kernel(const __grid_constan
 // ---- LayerNorm with gated residual -------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kRowThreads) layer_norm_kernel(const __grid_constant__ l32_vision_layer_norm_params p) {
+    pdl_begin();
     extern __shared__ float row[];
     const int64_t r = blockIdx.x;
     float* res = p.residual + r * p.width;
@@ -134,6 +137,7 @@ __global__ void __launch_bounds__(kRowThreads) layer_norm_kernel(const __grid_co
 // ---- bias + activation -------------------------------------------------------------------------------------------
 
 __global__ void bias_act_kernel(const __grid_constant__ l32_bias_act_params p) {
+    pdl_begin();
     const int64_t total = p.rows * p.cols;
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -146,6 +150,7 @@ __global__ void bias_act_kernel(const __grid_constant__ l32_bias_act_params p) {
 // ---- output gather -----------------------------------------------------------------------------------------------
 
 __global__ void gather_kernel(const __grid_constant__ l32_vision_gather_params p) {
+    pdl_begin();
     const int64_t width = static_cast<int64_t>(p.hidden) * (1 + p.n_inter);
     const int64_t rows_out = p.tiles_total * p.num_patches;
     const int64_t rows_in = p.tiles_total * p.padded;
@@ -170,6 +175,7 @@ __global__ void gather_kernel(const __grid_constant__ l32_vision_gather_params p
 // ---- gated residual RMSNorm (text cross-attention layers) --------------------------------------------------------
 
 __global__ void __launch_bounds__(kRowThreads) gated_rms_norm_kernel(const __grid_constant__ l32_gated_rms_norm_params p) {
+    pdl_begin();
     extern __shared__ float row[];
     const int64_t r = blockIdx.x;
     bf16* res = static_cast<bf16*>(p.residual) + r * p.hidden;
@@ -212,7 +218,8 @@ extern "C" l32_status l32_vision_im2col(const l32_vision_im2col_params* params, 
     const int64_t per_side = p.side / p.patch;
     const int64_t total = p.tiles * per_side * per_side * p.k_pad;
     if (total == 0) return L32_OK;
-    l32::im2col_kernel<<<l32::elementwise_blocks(total), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    l32::launch_kernel(l32::im2col_kernel, l32::elementwise_blocks(total), 256, 0, static_cast<cudaStream_t>(stream),
+                       p);
     return l32::check_launch();
 }
 
@@ -234,7 +241,8 @@ extern "C" l32_status l32_vision_embed(const l32_vision_embed_params* params, vo
     if (rows == 0) return L32_OK;
     const size_t smem = static_cast<size_t>(p.hidden) * sizeof(float);
     if (const l32_status s = l32::allow_dynamic_smem(l32::embed_kernel, smem); s != L32_OK) return s;
-    l32::embed_kernel<<<static_cast<unsigned>(rows), l32::kRowThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+    l32::launch_kernel(l32::embed_kernel, static_cast<unsigned>(rows), l32::kRowThreads, smem,
+                       static_cast<cudaStream_t>(stream), p);
     return l32::check_launch();
 }
 
@@ -250,8 +258,8 @@ extern "C" l32_status l32_vision_layer_norm(const l32_vision_layer_norm_params* 
     if (p.rows == 0) return L32_OK;
     const size_t smem = static_cast<size_t>(p.width) * sizeof(float);
     if (const l32_status s = l32::allow_dynamic_smem(l32::layer_norm_kernel, smem); s != L32_OK) return s;
-    l32::layer_norm_kernel<<<static_cast<unsigned>(p.rows), l32::kRowThreads, smem,
-                             static_cast<cudaStream_t>(stream)>>>(p);
+    l32::launch_kernel(l32::layer_norm_kernel, static_cast<unsigned>(p.rows), l32::kRowThreads, smem,
+                       static_cast<cudaStream_t>(stream), p);
     return l32::check_launch();
 }
 
@@ -264,7 +272,8 @@ extern "C" l32_status l32_bias_act(const l32_bias_act_params* params, void* stre
     if (p.act != L32_BIAS_ACT_NONE && p.act != L32_BIAS_ACT_GELU) return L32_UNSUPPORTED;
     const int64_t total = p.rows * p.cols;
     if (total == 0) return L32_OK;
-    l32::bias_act_kernel<<<l32::elementwise_blocks(total), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    l32::launch_kernel(l32::bias_act_kernel, l32::elementwise_blocks(total), 256, 0, static_cast<cudaStream_t>(stream),
+                       p);
     return l32::check_launch();
 }
 
@@ -277,7 +286,8 @@ extern "C" l32_status l32_vision_gather(const l32_vision_gather_params* params, 
     }
     const int64_t total = p.tiles_total * p.num_patches * p.hidden * (1 + p.n_inter);
     if (total == 0) return L32_OK;
-    l32::gather_kernel<<<l32::elementwise_blocks(total), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    l32::launch_kernel(l32::gather_kernel, l32::elementwise_blocks(total), 256, 0, static_cast<cudaStream_t>(stream),
+                       p);
     return l32::check_launch();
 }
 
@@ -292,7 +302,7 @@ extern "C" l32_status l32_gated_rms_norm(const l32_gated_rms_norm_params* params
     if (p.rows == 0) return L32_OK;
     const size_t smem = static_cast<size_t>(p.hidden) * sizeof(float);
     if (const l32_status s = l32::allow_dynamic_smem(l32::gated_rms_norm_kernel, smem); s != L32_OK) return s;
-    l32::gated_rms_norm_kernel<<<static_cast<unsigned>(p.rows), l32::kRowThreads, smem,
-                                 static_cast<cudaStream_t>(stream)>>>(p);
+    l32::launch_kernel(l32::gated_rms_norm_kernel, static_cast<unsigned>(p.rows), l32::kRowThreads, smem,
+                       static_cast<cudaStream_t>(stream), p);
     return l32::check_launch();
 }

@@ -216,6 +216,40 @@ fn cuda_rejects_unsupported_head_dim_up_front() {
     assert!(err.contains("head_dim 16"), "{err}");
 }
 
+/// Five sequences with prompts of different lengths, then 36 decode rounds with 1, 3 and 5 of them: every step's
+/// logits, in order.
+fn prefill_and_decode_rounds(exec: &mut CudaExecutor, prompt: &[u32]) -> Vec<f32> {
+    let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+    let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 5];
+    let mut logits = Vec::new();
+    for (s, table) in tables.iter_mut().enumerate() {
+        let p = &prompt[..20 + 15 * s];
+        alloc.ensure(table, p.len() + 40).unwrap();
+        let step = build_step(
+            &[SeqChunk { tokens: p, start_pos: 0, block_table: table, logits: LogitsWanted::Last }],
+            exec.block_size(),
+        )
+        .unwrap();
+        logits.extend(exec.step(&step).unwrap().logits);
+    }
+    let mut next_pos: Vec<usize> = (0..5).map(|s| 20 + 15 * s).collect();
+    for round in 0..36 {
+        let active = [1, 3, 5][round % 3];
+        let chunks: Vec<_> = (0..active)
+            .map(|s| {
+                let tok = std::slice::from_ref(&prompt[(s + round) % prompt.len()]);
+                SeqChunk { tokens: tok, start_pos: next_pos[s], block_table: &tables[s], logits: LogitsWanted::Last }
+            })
+            .collect();
+        for p in next_pos.iter_mut().take(active) {
+            *p += 1;
+        }
+        let step = build_step(&chunks, exec.block_size()).unwrap();
+        logits.extend(exec.step(&step).unwrap().logits);
+    }
+    logits
+}
+
 /// Decode steps replayed from CUDA graphs (padded to a batch bucket) give the eager logits, across batch sizes that
 /// share and that change buckets and contexts that cross a block-table width. Padding changes GEMM shapes and KV
 /// split counts, so agreement is to bf16 rounding, not bitwise; stale metadata or a wrong row would be far off.
@@ -232,46 +266,47 @@ fn cuda_graph_decode_equals_eager() {
         CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(&ckpt), &opts, &|_| {}).unwrap()
     };
     let prompt = case.ids("prompt_ids");
-    let mut runs = Vec::new();
-    for graphs in [0, 256] {
-        let mut exec = make(graphs);
-        let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
-        let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 5];
-        let mut logits = Vec::new();
-        // Five sequences with prompts of different lengths, then decode rounds with 1, 3 and 5 of them.
-        for (s, table) in tables.iter_mut().enumerate() {
-            let p = &prompt[..20 + 15 * s];
-            alloc.ensure(table, p.len() + 40).unwrap();
-            let step = build_step(
-                &[SeqChunk { tokens: p, start_pos: 0, block_table: table, logits: LogitsWanted::Last }],
-                exec.block_size(),
-            )
-            .unwrap();
-            logits.extend(exec.step(&step).unwrap().logits);
-        }
-        let mut next_pos: Vec<usize> = (0..5).map(|s| 20 + 15 * s).collect();
-        for round in 0..36 {
-            let active = [1, 3, 5][round % 3];
-            let chunks: Vec<_> = (0..active)
-                .map(|s| {
-                    let tok = std::slice::from_ref(&prompt[(s + round) % prompt.len()]);
-                    SeqChunk {
-                        tokens: tok,
-                        start_pos: next_pos[s],
-                        block_table: &tables[s],
-                        logits: LogitsWanted::Last,
-                    }
-                })
-                .collect();
-            for p in next_pos.iter_mut().take(active) {
-                *p += 1;
-            }
-            let step = build_step(&chunks, exec.block_size()).unwrap();
-            logits.extend(exec.step(&step).unwrap().logits);
-        }
-        runs.push(logits);
-    }
+    let runs: Vec<Vec<f32>> =
+        [0, 256].iter().map(|&graphs| prefill_and_decode_rounds(&mut make(graphs), &prompt)).collect();
     compare("graph replay vs eager decode", &runs[1], &runs[0], case.cfg.vocab_size, case.budget());
+}
+
+/// Programmatic dependent launch changes no bit: the same prefill and decode rounds, eager and from CUDA graphs
+/// captured with it, give exactly the logits of ordinary launches (each kernel waits for the previous one before it
+/// touches memory). Other tests in this process may run while it is on, which must not change their results either.
+#[test]
+fn cuda_programmatic_launch_changes_no_bit() {
+    if !device_ready() {
+        return;
+    }
+    let was = llama32::ops::cuda::programmatic_launch();
+    for name in CASES {
+        let case = Case::load(name);
+        let ckpt = Checkpoint::open(&case.dir).unwrap();
+        let prompt = case.ids("prompt_ids");
+        for graphs in [0, 256] {
+            let mut runs = Vec::new();
+            for pdl in [false, true] {
+                llama32::ops::cuda::set_programmatic_launch(pdl).unwrap();
+                let opts = CudaOptions {
+                    kv_tokens: Some(4096),
+                    max_step_tokens: 512,
+                    max_graph_batch: graphs,
+                    ..Default::default()
+                };
+                let mut exec =
+                    CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(&ckpt), &opts, &|_| {}).unwrap();
+                runs.push(prefill_and_decode_rounds(&mut exec, &prompt));
+            }
+            let (off, on) = (&runs[0], &runs[1]);
+            assert_eq!(off.len(), on.len());
+            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
+                panic!("{name} graphs {graphs}: logit {i} is {} with PDL, {} without", on[i], off[i]);
+            }
+            eprintln!("{name} graphs {graphs}: {} logits bitwise equal with and without PDL", off.len());
+        }
+    }
+    llama32::ops::cuda::set_programmatic_launch(was).unwrap();
 }
 
 /// `step_greedy` picks on the device exactly the argmax of the logits `step` returns for the same step.

@@ -94,12 +94,65 @@ fn probe_uncached() -> Result<(), String> {
 const NOT_BUILT: &str = "built without CUDA: nvcc was not found at build time, or LLAMA32_NO_CUDA was set; \
                          install the toolchain with scripts/install-cuda-toolchain.sh (or set CUDA_HOME) and rebuild";
 
-/// `Ok` in a CUDA build; the "built without CUDA" error in a stub build.
+/// `Ok` in a CUDA build (the first call also applies [`PDL_ENV`]); the "built without CUDA" error in a stub build.
 pub(crate) fn ensure_built() -> Result<()> {
     if built_with_cuda() {
-        Ok(())
+        pdl_from_env()
     } else {
         Err(Error::Backend(NOT_BUILT.into()))
+    }
+}
+
+/// The environment variable that switches programmatic dependent launch on for the whole process: `1` (or `on`,
+/// `true`); `0`, `off`, `false` or unset leave it off. Read once, at the first kernel call.
+pub const PDL_ENV: &str = "LLAMA32_PDL";
+
+/// Applies [`PDL_ENV`] once per process; a value it does not know is an error naming the variable, every time.
+fn pdl_from_env() -> Result<()> {
+    static APPLIED: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    let applied = APPLIED.get_or_init(|| {
+        let value = std::env::var(PDL_ENV).unwrap_or_default();
+        let on = match value.trim().to_ascii_lowercase().as_str() {
+            "" | "0" | "off" | "false" => return Ok(()),
+            "1" | "on" | "true" => true,
+            other => return Err(format!("{PDL_ENV}: unknown value {other:?} (expected 1 or 0)")),
+        };
+        set_programmatic_launch_raw(on);
+        Ok(())
+    });
+    applied.clone().map_err(Error::Request)
+}
+
+#[cfg(llama32_cuda)]
+fn set_programmatic_launch_raw(enabled: bool) {
+    // SAFETY: stores an int in the kernels library's process-wide atomic; no pointers.
+    unsafe { ffi::l32_set_programmatic_launch(i32::from(enabled)) }
+}
+
+#[cfg(not(llama32_cuda))]
+fn set_programmatic_launch_raw(_enabled: bool) {}
+
+/// Switches programmatic dependent launch (PDL, sm_90 and newer) on or off for every later kernel launch of this
+/// library, process-wide (it overrides [`PDL_ENV`]). With it on, a kernel's launch and CTA ramp overlap the tail of
+/// the previous kernel in its stream; every kernel waits for that kernel (`griddepcontrol.wait`) before it touches
+/// memory, so results are bit for bit the same (the GPU test `cuda_golden` checks this). Launches already
+/// captured in a CUDA graph keep the mode they were captured with. Devices below sm_90 keep ordinary launches.
+pub fn set_programmatic_launch(enabled: bool) -> Result<()> {
+    ensure_built()?;
+    set_programmatic_launch_raw(enabled);
+    Ok(())
+}
+
+/// True when programmatic dependent launch is on (see [`set_programmatic_launch`]).
+pub fn programmatic_launch() -> bool {
+    #[cfg(llama32_cuda)]
+    {
+        // SAFETY: reads an int from the kernels library's process-wide atomic.
+        unsafe { ffi::l32_programmatic_launch() != 0 }
+    }
+    #[cfg(not(llama32_cuda))]
+    {
+        false
     }
 }
 

@@ -1,0 +1,71 @@
+// Kernel launches with optional programmatic dependent launch (PDL, sm_90+), shared by every launcher.
+//
+// With PDL on (l32_set_programmatic_launch), a kernel is launched with the attribute
+// cudaLaunchAttributeProgrammaticStreamSerialization: the GPU may start its CTAs as soon as every CTA of the
+// previous kernel in the stream has started and executed griddepcontrol.launch_dependents, instead of after that
+// kernel has finished. Its launch latency and CTA ramp then overlap the previous kernel's tail; in a decode step of
+// ~150 small kernels that latency is a large share of the step. Correctness rests on pdl_begin(), the first
+// statement of every kernel of this library: griddepcontrol.wait blocks until the previous grid has completed and
+// its memory operations are visible, before the kernel reads or writes any global memory. So results are bit for
+// bit those of ordinary launches. A kernel from another library (cuBLASLt) before or after ours is serialized as
+// usual, and devices below sm_90 get ordinary launches.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+
+namespace l32 {
+
+// The process-wide switch behind l32_set_programmatic_launch (kernels/status.cu), off by default.
+inline std::atomic<int> programmatic_launch_flag{0};
+
+// First statement of every kernel: wait for the previous grid in the stream (a no-op when the kernel was launched
+// without PDL, and on devices below sm_90), then let the next kernel's CTAs launch.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// True when PDL is switched on and the current device is sm_90 or newer (cached per device ordinal).
+inline bool programmatic_launch_applies() {
+    if (programmatic_launch_flag.load(std::memory_order_relaxed) == 0) return false;
+    static std::atomic<signed char> capable[64] = {};
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+    signed char c = capable[device].load(std::memory_order_relaxed);
+    if (c == 0) {
+        int major = 0;
+        c = (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9)
+                ? 1
+                : -1;
+        capable[device].store(c, std::memory_order_relaxed);
+    }
+    return c > 0;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with PDL when programmatic_launch_applies(). A launch error is
+// left for check_launch() (cudaGetLastError reports it either way).
+template <typename... KernelArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          const Args&... args) {
+    if (!programmatic_launch_applies()) {
+        kernel<<<grid, block, smem, stream>>>(args...);
+        return;
+    }
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    (void)cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+}  // namespace l32
