@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/silu.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 
@@ -29,10 +30,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
-
-// silu(g) * u in f32. expf, not __expf: the accurate one costs nothing in a memory-bound kernel. For g below about
-// -88, expf(-g) is +inf and the quotient is -0, the limit.
-__device__ __forceinline__ float silu_mul_f32(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
 // Tier 1. grid = (ceil(inter / W / kThreads), min(rows, 65535)), block = kThreads.
 template <int W>

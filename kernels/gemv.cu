@@ -20,6 +20,12 @@
 //   - Rows past n and x rows past m are clamped to the last valid row (loads stay in bounds, the extra MMA columns
 //     and rows are discarded), so the main loop has no predicates; k is covered in steps of kUnroll * warps * 4
 //     vectors, and only the last, partial step checks each vector against k / 8 and zeroes what lies past it.
+//   - With x_silu_mul, x is a gate_up row pair: each x vector is computed from a 16-byte vector of gate and one of
+//     up as bf16(silu(gate) * up), the value l32_silu_mul writes (the same function, kernels/common/silu.cuh), so the
+//     SwiGLU kernel and its round trip through memory drop out of a decode step. Every block recomputes SiLU over
+//     all of x. The lanes of a warp that read the same x vector would compute it 8 times over; with one x row
+//     (m = 1, where every lane reads row 0) they instead compute one value each and gather the vector with 8
+//     shuffles, so a vector costs one SiLU per lane instead of eight.
 //   - The warps' partial tiles meet in shared memory and are summed in warp order (deterministic), then each
 //     output is rounded to bf16 once.
 // Worked examples on an H100 (132 SMs), via gemv::warps_per_block: n = 2048 is 128 tiles, 16 warps each (one block
@@ -27,7 +33,8 @@
 // of 8 warps (two blocks per SM fit, so all run at once); n = 128256 is 8016 tiles of 8 warps.
 //
 // Registers from ptxas (CUDA 13.0, sm_80 / sm_89 / sm_90a), no spills, no stack frame, either warp count:
-// kTiles = 1: 114 / 114 / 116; kTiles = 2: 128 / 128 / 128 (the cap of two 256-thread blocks per SM). ptxas unrolls
+// kTiles = 1: 114 / 114 / 116; kTiles = 2: 128 / 128 / 128 (the cap of two 256-thread blocks per SM); with
+// x_silu_mul (sm_80 / sm_90a) 80 / 85 and 102 / 100. ptxas unrolls
 // the main loop twice and issues the next step's loads before this step's MMAs, so up to 16 w vectors (256 bytes)
 // per lane are in flight. Shared memory: warps * kTiles * 8 * 16 * 4 bytes (4 to 16 KB). SASS (sm_90a): w loads are
 // LDG.E.NA.128.CONSTANT, x loads LDG.E.EL.128.CONSTANT, the products HMMA.16816.F32.BF16.
@@ -36,6 +43,7 @@
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/silu.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 
@@ -75,25 +83,67 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The 8 bf16 values bf16(silu(g[i]) * u[i]) of two 16-byte vectors: what l32_silu_mul writes for them.
+__device__ __forceinline__ uint4 silu_mul_x8(const uint4& g, const uint4& u) {
+    BF16Vec<8> gv, uv, o;
+    memcpy(&gv, &g, sizeof g);
+    memcpy(&uv, &u, sizeof u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o.set(i, silu_mul_f32(gv.get(i), uv.get(i)));
+    uint4 r;
+    memcpy(&r, &o, sizeof r);
+    return r;
+}
+
+// One x row (m = 1), where the 8 lanes that share t need the same vector v: lane (g, t) computes its value g only
+// (one SiLU instead of eight), then the group gathers the 8 bf16 values by shuffles. Every lane of the warp must
+// call it (the shuffles); `valid` false (v past the row, the same for the whole group) gives zeros.
+__device__ __forceinline__ uint4 silu_mul_x8_shared(const uint4* row, int kv, int v, bool valid, int g, int t) {
+    uint32_t mine = 0;
+    if (valid) {
+        const auto* gate = reinterpret_cast<const unsigned short*>(row) + static_cast<int64_t>(v) * 8 + g;
+        const float gf = __bfloat162float(__ushort_as_bfloat16(__ldg(gate)));
+        const float uf = __bfloat162float(__ushort_as_bfloat16(__ldg(gate + static_cast<int64_t>(kv) * 8)));
+        mine = __bfloat16_as_ushort(__float2bfloat16_rn(silu_mul_f32(gf, uf)));
+    }
+    uint32_t h[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) h[e] = __shfl_sync(0xffffffffu, mine, 4 * e + t);
+    return make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+}
+
 // One step of a lane: kUnroll vectors at positions base + (u * kWarps + warp) * 4 + t of its two w rows and its
 // kTiles x rows, loaded first (all in flight together), then two MMAs per vector and x tile. kTail: the step runs
-// past kv (k / 8 vectors per row), so each vector is checked and zeroed past the end.
-template <int kTiles, int kWarps, bool kTail>
+// past kv (k / 8 vectors per row), so each vector is checked and zeroed past the end. kSilu: an x row is a gate_up
+// row of 2 kv vectors, and its vector v is silu(gate[v]) * up[v] (gate at v, up at kv + v), rounded to bf16; with
+// one x row (`solo`, uniform over the block) the lanes share that work (silu_mul_x8_shared).
+template <int kTiles, int kWarps, bool kTail, bool kSilu>
 __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* w0, const uint4* w1,
-                                          const uint4* const (&xr)[kTiles], int base, int kv, int warp, int t) {
+                                          const uint4* const (&xr)[kTiles], int base, int kv, int warp, int g, int t,
+                                          bool solo) {
     uint4 a0[kUnroll], a1[kUnroll], b[kUnroll][kTiles];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
         const int v = base + (u * kWarps + warp) * 4 + t;
-        if (!kTail || v < kv) {
+        const bool valid = !kTail || v < kv;
+        if (valid) {
             a0[u] = ld_stream_16(w0 + v);
             a1[u] = ld_stream_16(w1 + v);
 #pragma unroll
-            for (int j = 0; j < kTiles; ++j) b[u][j] = ld_reuse_16(xr[j] + v);
+            for (int j = 0; j < kTiles; ++j) {
+                if constexpr (kSilu) {
+                    if (!solo) b[u][j] = silu_mul_x8(ld_reuse_16(xr[j] + v), ld_reuse_16(xr[j] + kv + v));
+                } else {
+                    b[u][j] = ld_reuse_16(xr[j] + v);
+                }
+            }
         } else {
             a0[u] = a1[u] = make_uint4(0, 0, 0, 0);
 #pragma unroll
             for (int j = 0; j < kTiles; ++j) b[u][j] = make_uint4(0, 0, 0, 0);
+        }
+        if constexpr (kSilu && kTiles == 1) {
+            if (solo) b[u][0] = silu_mul_x8_shared(xr[0], kv, v, valid, g, t);
         }
     }
 #pragma unroll
@@ -106,9 +156,10 @@ __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* 
     }
 }
 
-// Tier 1. grid = ceil(n / kRows), block = kWarps * 32. kTiles = ceil(m / 8) MMA column tiles of x rows.
+// Tier 1. grid = ceil(n / kRows), block = kWarps * 32. kTiles = ceil(m / 8) MMA column tiles of x rows. kSilu:
+// x is gate_up ([m, 2 k]) and the input is its SiLU * up (p.x_silu_mul).
 // With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
-template <int kTiles, int kWarps>
+template <int kTiles, int kWarps, bool kSilu>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
     pdl_begin();
     __shared__ float partial[kWarps][kTiles * 8][kRows];
@@ -127,7 +178,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
         const int row = std::min(g + 8 * j, m - 1);
-        xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k);
+        const int64_t x_cols = kSilu ? 2 * p.k : p.k;
+        xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * x_cols);
     }
 
     float acc[kTiles][4];
@@ -135,8 +187,11 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     constexpr int kStep = kUnroll * kWarps * 4;
     int base = 0;
-    for (; base + kStep <= kv; base += kStep) gemv_step<kTiles, kWarps, false>(acc, w0, w1, xr, base, kv, warp, t);
-    if (base < kv) gemv_step<kTiles, kWarps, true>(acc, w0, w1, xr, base, kv, warp, t);
+    const bool solo = m == 1;
+    for (; base + kStep <= kv; base += kStep) {
+        gemv_step<kTiles, kWarps, false, kSilu>(acc, w0, w1, xr, base, kv, warp, g, t, solo);
+    }
+    if (base < kv) gemv_step<kTiles, kWarps, true, kSilu>(acc, w0, w1, xr, base, kv, warp, g, t, solo);
 
     // D[row][col] of tile j is w row n0 + row against x row 8 j + col.
 #pragma unroll
@@ -161,7 +216,11 @@ template <int kTiles, int kWarps>
 l32_status launch(const l32_gemv_params& p, cudaStream_t stream) {
     static_assert(kTiles * 8 * kRows <= kWarps * 32, "one thread per output of the block");
     const auto grid = static_cast<unsigned>((p.n + kRows - 1) / kRows);
-    launch_kernel(gemv_kernel<kTiles, kWarps>, grid, kWarps * 32, 0, stream, p);
+    if (p.x_silu_mul != 0) {
+        launch_kernel(gemv_kernel<kTiles, kWarps, true>, grid, kWarps * 32, 0, stream, p);
+    } else {
+        launch_kernel(gemv_kernel<kTiles, kWarps, false>, grid, kWarps * 32, 0, stream, p);
+    }
     return check_launch();
 }
 

@@ -1,6 +1,7 @@
 //! Twin test of the `gemv` family (the decode skinny GEMM, `kernels/gemv.cu`) against the f32 CPU twin
 //! `ops::cpu::linear::linear`, on fresh random bf16 inputs widened to f32, with every output poisoned with NaN
-//! before each launch, plus a throughput benchmark beside cuBLASLt.
+//! before each launch, plus a throughput benchmark beside cuBLASLt; and the SwiGLU-fused variant against the SiLU
+//! kernel followed by the plain one, bit for bit.
 //!
 //! Tolerance, per output `(i, j)`: `|got - want| <= 2^-8 |want| + 1e-3 * sqrt(k) * rms(x[i]) * rms(w[j])`. The first
 //! term is the kernel's one bf16 rounding of the output (round to nearest: at most 2^-8 of the value); the second
@@ -16,7 +17,7 @@ use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use llama32::ops::cpu::linear::linear;
-use llama32::ops::cuda::gemv::{gemv, supports};
+use llama32::ops::cuda::gemv::{gemv, gemv_silu_mul, supports};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -124,6 +125,51 @@ fn gemv_matches_cpu() {
     for (k, n) in LLAMA_SHAPES {
         check_shape(&stream, &mut rng, k, n, if n > 100_000 { &LM_HEAD_MS } else { &MS });
     }
+}
+
+/// `gemv_silu_mul` is `silu_mul` followed by `gemv`, bit for bit: gate_up rows whose gate values span the range where
+/// SiLU bends (and very negative ones, where expf overflows to inf and SiLU is -0), on the 1B/3B down shapes and odd
+/// ones (tail steps, partial tiles), every m in 1..=16 on the small shapes.
+#[test]
+fn gemv_silu_mul_equals_silu_mul_then_gemv() {
+    let Some(stream) = stream() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let shapes = [(8192usize, 2048usize), (8192, 3072), (2048, 7), (24, 17), (2056, 33), (4120, 130), (8, 1)];
+    for (k, n) in shapes {
+        let w_d = upload(&stream, &random_rows(&mut rng, n, k, (-2.0, 0.0), false));
+        let ms: Vec<usize> = if k * n > 1 << 22 { vec![1, 3, 8, 16] } else { (1..=16).collect() };
+        for m in ms {
+            let what = format!("gemv_silu_mul m {m} k {k} n {n}");
+            // gate_up rows: gate in [-12, 12] times a row scale (row 0: -100, the overflow side), up gaussian.
+            let mut gate_up = random_rows(&mut rng, 16, 2 * k, (-1.0, 1.0), true);
+            for r in 0..16 {
+                for c in 0..k {
+                    let g = if r == 0 { -100.0 } else { rng.random_range(-12.0f32..12.0) };
+                    gate_up[r * 2 * k + c] = bf16::from_f32(g);
+                }
+            }
+            let gu_d = upload(&stream, &gate_up);
+            let mut act = upload(&stream, &vec![bf16::NAN; m * k]);
+            llama32::ops::cuda::activation::silu_mul(&stream, &gu_d.slice(..m * 2 * k), k, &mut act.slice_mut(..))
+                .unwrap();
+            let mut want = upload(&stream, &vec![bf16::NAN; m * n]);
+            gemv(&stream, &act, &w_d, m, k, n, &mut want).unwrap();
+            let mut got = upload(&stream, &vec![bf16::NAN; m * n + 64]);
+            gemv_silu_mul(&stream, &gu_d, &w_d, m, k, n, &mut got).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (want, got) = (download(&stream, &want), download(&stream, &got));
+            assert!(got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past m x n");
+            if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                panic!("{what}: out[{}, {}] = {} but silu_mul + gemv = {}", i / n, i % n, got[i], want[i]);
+            }
+        }
+        eprintln!("gemv_silu_mul k {k} n {n}: bitwise equal to silu_mul + gemv");
+    }
+    // gate_up shorter than m x 2k is refused by name.
+    let gu = upload(&stream, &vec![bf16::ONE; 2 * 64 - 1]);
+    let w = upload(&stream, &vec![bf16::ONE; 64 * 4]);
+    let mut out = upload(&stream, &[bf16::NAN; 4]);
+    let e = gemv_silu_mul(&stream, &gu, &w, 1, 64, 4, &mut out).unwrap_err().to_string();
+    assert!(e.contains("`gate_up`"), "{e}");
 }
 
 #[test]

@@ -293,6 +293,13 @@ impl CudaExecutor {
         self.graphs.clear();
     }
 
+    /// Turns the SwiGLU fusion into the bf16 down projection's skinny GEMM on or off (on by default; off runs the
+    /// SiLU * up kernel and then the GEMM, with the same bits).
+    pub fn set_fuse_silu_gemv(&mut self, on: bool) {
+        self.ops.fuse_silu_gemv = on;
+        self.graphs.clear();
+    }
+
     /// Device bytes of the projection weights (bf16 or quantized), the embedding, norms and lm_head.
     pub fn weight_bytes(&self) -> usize {
         let o = &self.ops;

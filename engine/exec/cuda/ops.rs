@@ -118,6 +118,9 @@ pub struct CudaOps {
     pub(super) capturing: bool,
     /// Use `kernels/gemv.cu` for projections of up to 16 rows.
     pub(super) skinny_gemm: bool,
+    /// With the skinny GEMM, apply SwiGLU inside the bf16 down projection's kernel (`gemv_silu_mul`) instead of a
+    /// separate SiLU * up kernel: the same bits, one launch less per layer (default on).
+    pub(super) fuse_silu_gemv: bool,
     /// Quantized projections' buffers and fused-quantization state.
     pub(super) quant: QuantState,
     /// Set on a tensor-parallel rank: the communicator behind the [`Ops`] hooks and the rank's vocabulary slice.
@@ -185,6 +188,7 @@ impl CudaOps {
             generation: 0,
             capturing: false,
             skinny_gemm: true,
+            fuse_silu_gemv: true,
             quant: QuantState { fuse: true, ..QuantState::default() },
             tp: None,
         }
@@ -655,6 +659,37 @@ impl Ops for CudaOps {
             inter,
             &mut out.buf.slice_mut(..rows * inter),
         )
+    }
+
+    fn silu_mul_linear(&mut self, gate_up: &CudaAct, w: Linear, act: &mut CudaAct, out: &mut CudaAct) -> Result<()> {
+        // A bf16 projection on the skinny GEMM reads SiLU * up straight from gate_up (gemv_silu_mul); everything
+        // else (quantized weights, where W4A8 fuses its own way, or cuBLASLt batches) takes the two calls.
+        let (weight, n) = linear_weight(&self.cfg, &self.layers, self.lm_head.as_ref().unwrap_or(&self.embed), w);
+        let (rows, kdim) = (gate_up.rows, gate_up.cols / 2);
+        let fusable = self.fuse_silu_gemv
+            && self.skinny_gemm
+            && gate_up.cols == 2 * kdim
+            && act.cols == kdim
+            && k::gemv::supports(rows, kdim);
+        match weight {
+            WeightRef::Dense(weight) if fusable => {
+                check("silu_mul_linear act", act, rows, kdim)?;
+                check("silu_mul_linear out", out, rows, n)?;
+                if weight.len() != n * kdim {
+                    return Err(Error::Backend(format!(
+                        "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
+                        weight.len()
+                    )));
+                }
+                self.quant.pending = None;
+                self.quant.last_linear = Some(w);
+                k::gemv::gemv_silu_mul(&self.stream, &gate_up.buf, weight, rows, kdim, n, &mut out.buf)
+            }
+            _ => {
+                self.silu_mul(gate_up, act)?;
+                self.linear(act, w, out)
+            }
+        }
     }
 
     fn gather_rows(&mut self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) -> Result<()> {

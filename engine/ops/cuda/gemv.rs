@@ -55,10 +55,39 @@ pub fn gemv(
     n: usize,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    const OP: &str = "gemv";
+    gemv_impl("gemv", stream, (x, false), w, (m, k, n), out)
+}
+
+/// [`gemv`] of SwiGLU's output without writing it: `out = silu_mul(gate_up) @ w^T`, where `gate_up` is
+/// `[m, 2 k]` (gate in columns `0..k`, up in `k..2k`) and each input value is `bf16(silu(gate) * up)`, computed in
+/// the kernel exactly as [`super::activation::silu_mul`] computes it. So the result has the bits of `silu_mul`
+/// followed by [`gemv`], with one launch and no round trip of the `[m, k]` activation through memory.
+///
+/// `gate_up` must hold at least `m * 2 k` elements and start 16-byte aligned; the rest is as in [`gemv`].
+pub fn gemv_silu_mul(
+    stream: &CudaStream,
+    gate_up: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<bf16>,
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    gemv_impl("gemv_silu_mul", stream, (gate_up, true), w, (m, k, n), out)
+}
+
+/// The checked launch behind [`gemv`] and [`gemv_silu_mul`] (`silu`: x is gate_up, `[m, 2 k]`).
+fn gemv_impl(
+    op: &str,
+    stream: &CudaStream,
+    (x, silu): (&impl DevicePtr<bf16>, bool),
+    w: &impl DevicePtr<bf16>,
+    (m, k, n): (usize, usize, usize),
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
     super::ensure_built()?;
-    check_shapes(OP, (m, k, n), (x.len(), w.len(), out.len()))?;
-    super::check_same_device(OP, stream, &[("x", x.stream()), ("w", w.stream()), ("out", out.stream())])?;
+    check_shapes(op, (m, k, n), (x.len(), w.len(), out.len()), silu)?;
+    super::check_same_device(op, stream, &[("x", x.stream()), ("w", w.stream()), ("out", out.stream())])?;
     if n == 0 {
         return Ok(());
     }
@@ -67,11 +96,11 @@ pub fn gemv(
     let (w, _w) = w.device_ptr(stream);
     for (name, ptr) in [("x", x), ("w", w)] {
         if ptr % 16 != 0 {
-            return Err(Error::Backend(format!("{OP}: `{name}` starts at {ptr:#x}, not 16-byte aligned")));
+            return Err(Error::Backend(format!("{op}: `{name}` starts at {ptr:#x}, not 16-byte aligned")));
         }
     }
     let (out, _out) = out.device_ptr_mut(stream);
-    launch(OP, stream, &GemvLaunch { out, x, w, m, k, n, warps })
+    launch(op, stream, &GemvLaunch { out, x, w, m, k, n, warps, silu })
 }
 
 /// Streaming multiprocessors of the stream's device.
@@ -84,8 +113,13 @@ fn num_sms(stream: &CudaStream) -> Result<usize> {
     Ok(n.max(1) as usize)
 }
 
-/// Checks the dimensions `(m, k, n)` and the operand lengths `(x, w, out)`.
-fn check_shapes(op: &str, (m, k, n): (usize, usize, usize), (x, w, out): (usize, usize, usize)) -> Result<()> {
+/// Checks the dimensions `(m, k, n)` and the operand lengths `(x, w, out)`; with `silu`, x is `[m, 2 k]`.
+fn check_shapes(
+    op: &str,
+    (m, k, n): (usize, usize, usize),
+    (x, w, out): (usize, usize, usize),
+    silu: bool,
+) -> Result<()> {
     let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
     if !(1..=MAX_M).contains(&m) {
         return fail(format!("m is {m}, must be in 1..={MAX_M} (use the GEMM for more rows)"));
@@ -100,7 +134,11 @@ fn check_shapes(op: &str, (m, k, n): (usize, usize, usize), (x, w, out): (usize,
         Some(len) if have >= len => Ok(()),
         _ => fail(format!("`{name}` has {have} elements, needs at least {rows} x {cols}")),
     };
-    need("x", x, m, k)?;
+    if silu {
+        need("gate_up", x, m, 2 * k)?;
+    } else {
+        need("x", x, m, k)?;
+    }
     need("w", w, n, k)?;
     need("out", out, m, n)
 }
@@ -115,6 +153,7 @@ struct GemvLaunch {
     k: usize,
     n: usize,
     warps: usize,
+    silu: bool,
 }
 
 #[cfg(llama32_cuda)]
@@ -130,6 +169,7 @@ fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch) -> Result<()> {
         k: l.k as i64,
         n: l.n as i64,
         warps: l.warps as i32,
+        x_silu_mul: i32::from(l.silu),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::raw_stream(op, stream)?;
@@ -176,14 +216,16 @@ mod tests {
 
     #[test]
     fn accepts_matching_or_longer_operands() {
-        assert!(check_shapes("op", (3, 16, 5), (48, 80, 15)).is_ok());
-        assert!(check_shapes("op", (3, 16, 5), (100, 100, 100)).is_ok());
-        assert!(check_shapes("op", (16, 8, 0), (128, 0, 0)).is_ok());
+        assert!(check_shapes("op", (3, 16, 5), (48, 80, 15), false).is_ok());
+        assert!(check_shapes("op", (3, 16, 5), (100, 100, 100), false).is_ok());
+        assert!(check_shapes("op", (16, 8, 0), (128, 0, 0), false).is_ok());
+        // SwiGLU input: gate_up holds 2 k columns per row.
+        assert!(check_shapes("op", (3, 16, 5), (96, 80, 15), true).is_ok());
     }
 
     #[test]
     fn rejects_each_bad_operand_by_name() {
-        let err = |dims, lens| check_shapes("op", dims, lens).unwrap_err().to_string();
+        let err = |dims, lens| check_shapes("op", dims, lens, false).unwrap_err().to_string();
         assert!(err((0, 16, 5), (0, 80, 0)).contains("m is 0"));
         assert!(err((17, 16, 5), (272, 80, 85)).contains("m is 17"));
         assert!(err((1, 12, 5), (12, 60, 5)).contains("k is 12"));
@@ -191,5 +233,7 @@ mod tests {
         assert!(err((3, 16, 5), (47, 80, 15)).contains("`x`"));
         assert!(err((3, 16, 5), (48, 79, 15)).contains("`w`"));
         assert!(err((3, 16, 5), (48, 80, 14)).contains("`out`"));
+        let e = check_shapes("op", (3, 16, 5), (95, 80, 15), true).unwrap_err().to_string();
+        assert!(e.contains("`gate_up` has 95 elements, needs at least 3 x 32"), "{e}");
     }
 }

@@ -171,15 +171,25 @@ impl MllamaCudaExecutor {
                 }
                 Ok::<(), Error>(())
             };
-        // The MLP over the normalized rows `a.h` (gate_up, SiLU * up, down into `a.delta`), summed over the ranks.
+        // The MLP over the normalized rows `a.h` (gate_up, SiLU * up, down into `a.delta`), summed over the ranks. A
+        // bf16 down projection on the skinny GEMM reads SiLU * up straight from gate_up (same bits, one launch less).
         type Lin<'l> =
             dyn FnMut(&CudaView<'_, bf16>, &DeviceLinear, Dims, &mut CudaViewMut<'_, bf16>) -> Result<()> + 'l;
+        let fuse_silu = self.opts.skinny_gemm && k::gemv::supports(t, inter);
         let mlp =
             |a: &mut Acts, lin: &mut Lin<'_>, (w_gate_up, w_down): (&DeviceLinear, &DeviceLinear)| -> Result<()> {
                 let (h, gu, act) = (t * hidden, t * 2 * inter, t * inter);
                 lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.gate_up.slice_mut(..gu))?;
-                k::activation::silu_mul(&s, &a.gate_up.slice(..gu), inter, &mut a.act.slice_mut(..act))?;
-                lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
+                match w_down {
+                    DeviceLinear::Dense(wd) if fuse_silu => {
+                        let gate_up = a.gate_up.slice(..gu);
+                        k::gemv::gemv_silu_mul(&s, &gate_up, wd, t, inter, hidden, &mut a.delta.slice_mut(..h))?;
+                    }
+                    _ => {
+                        k::activation::silu_mul(&s, &a.gate_up.slice(..gu), inter, &mut a.act.slice_mut(..act))?;
+                        lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
+                    }
+                }
                 reduce(&mut a.delta, h)
             };
         for layer in self.layers.iter_mut() {
