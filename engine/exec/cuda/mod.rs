@@ -43,6 +43,9 @@ pub struct CudaOptions {
     pub max_graph_batch: usize,
     /// Run projections of up to 16 rows with the skinny GEMM kernel instead of cuBLASLt.
     pub skinny_gemm: bool,
+    /// With the skinny GEMM, apply SiLU * up inside the bf16 down projection's kernel instead of a kernel of its
+    /// own (the same bits; see [`CudaExecutor::set_fuse_silu_gemv`]).
+    pub fuse_swiglu: bool,
 }
 
 impl Default for CudaOptions {
@@ -55,6 +58,7 @@ impl Default for CudaOptions {
             max_step_tokens: 2048,
             max_graph_batch: 256,
             skinny_gemm: true,
+            fuse_swiglu: true,
         }
     }
 }
@@ -392,6 +396,7 @@ impl CudaExecutor {
             device_name,
         );
         ops.skinny_gemm = opts.skinny_gemm;
+        ops.fuse_silu_gemv = opts.fuse_swiglu;
         let ids = ops.stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))?;
         Ok(CudaExecutor { ops, max_graph_batch: opts.max_graph_batch, max_blocks_per_seq, graphs: HashMap::new(), ids })
     }

@@ -175,7 +175,7 @@ impl MllamaCudaExecutor {
         // bf16 down projection on the skinny GEMM reads SiLU * up straight from gate_up (same bits, one launch less).
         type Lin<'l> =
             dyn FnMut(&CudaView<'_, bf16>, &DeviceLinear, Dims, &mut CudaViewMut<'_, bf16>) -> Result<()> + 'l;
-        let fuse_silu = self.opts.skinny_gemm && k::gemv::supports(t, inter);
+        let fuse_silu = self.opts.skinny_gemm && self.opts.fuse_swiglu && k::gemv::supports(t, inter);
         let mlp =
             |a: &mut Acts, lin: &mut Lin<'_>, (w_gate_up, w_down): (&DeviceLinear, &DeviceLinear)| -> Result<()> {
                 let (h, gu, act) = (t * hidden, t * 2 * inter, t * inter);
