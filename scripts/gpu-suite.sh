@@ -12,7 +12,8 @@
 #                                 Exit status 0 only when every row is PASS: a SKIP on a device machine means the test
 #                                 found no device (or no data), which is a failure there.
 #
-# A device call then reads:  run(command="scripts/gpu-suite.sh run", carry=["gpu-bundle"], timeout_s=...)
+# A device call then reads:  run(command="scripts/gpu-suite.sh run", carry=["gpu-bundle.tar.xz"], timeout_s=...)
+# (the packed bundle: the unpacked one with the working tree is over the device tool's 64 MiB).
 # Logs go to $OUT/gpu-suite/ when $OUT is set (the device tool brings that folder back), else gpu-bundle/logs/.
 # The tests find the reference data through LLAMA32_TEST_DATA; when unset, `run` looks for shared/llama32 in and
 # beside the repository.
@@ -81,7 +82,21 @@ for line in sys.stdin:
   git -C "$root" rev-parse --short HEAD >"$bundle/REVISION" 2>/dev/null || echo unknown >"$bundle/REVISION"
   echo "gpu-bundle/ ($(du -sh "$bundle" | cut -f1)):"
   (cd "$bundle" && ls -l bin tests | grep -v '^total')
-  echo "next: run(command=\"scripts/gpu-suite.sh run\", carry=[\"gpu-bundle\"])"
+  # The binaries (about 59 MB with the working tree's 13 MB) exceed the device tool's 64 MiB; xz packs them to ~13 MB
+  # and `run` unpacks them on the device (a few seconds).
+  tar -C "$root" -cf - gpu-bundle | xz -T0 -6 >"$root/gpu-bundle.tar.xz"
+  echo "gpu-bundle.tar.xz: $(du -sh "$root/gpu-bundle.tar.xz" | cut -f1)"
+  echo "next: run(command=\"scripts/gpu-suite.sh run\", carry=[\"gpu-bundle.tar.xz\"])"
+}
+
+# On the device machine: unpack gpu-bundle.tar.xz over any gpu-bundle/ a warm machine kept from an earlier call
+# (carry the tarball, not the folder, so the two never disagree).
+unpack_bundle() {
+  if [[ -f "$root/gpu-bundle.tar.xz" ]]; then
+    rm -rf "$bundle"
+    tar -C "$root" -xJf "$root/gpu-bundle.tar.xz"
+    echo "unpacked gpu-bundle.tar.xz (revision $(cat "$bundle/REVISION" 2>/dev/null || echo unknown))"
+  fi
 }
 
 # NCCL for the tensor-parallel tests: cudarc loads `libnccl.so` (or `libnccl.so.<major>`), not the runtime's
@@ -108,10 +123,11 @@ nccl_setup() {
 # The tensor-parallel device checks only: every cuda_tp test of the gpu binary, then their figure lines.
 run_tp() {
   cd "$root"
+  unpack_bundle
   local exe="$bundle/tests/gpu" logs="${OUT:+$OUT/gpu-suite}" t log rc status failed=0 rows=()
   logs="${logs:-$bundle/logs}"
   mkdir -p "$logs"
-  [[ -x $exe ]] || { echo "error: $exe missing: build it with scripts/gpu-suite.sh and carry gpu-bundle" >&2; exit 2; }
+  [[ -x $exe ]] || { echo "error: $exe missing: build it with scripts/gpu-suite.sh and carry gpu-bundle.tar.xz" >&2; exit 2; }
   export RUST_BACKTRACE=1 LLAMA32_GOLDEN_DIR="$root/tests/golden"
   nccl_setup
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || true
@@ -209,8 +225,9 @@ run() {
     fi
   }
   cd "$root"
+  unpack_bundle
   if [[ ! -d "$bundle/tests" ]]; then
-    echo "error: $bundle/tests missing: build it with scripts/gpu-suite.sh and carry gpu-bundle" >&2
+    echo "error: $bundle/tests missing: build it with scripts/gpu-suite.sh and carry gpu-bundle.tar.xz" >&2
     exit 2
   fi
   # The device tool brings back at most 8 files: with $OUT set, the logs are written to a scratch folder and packed
