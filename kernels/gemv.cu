@@ -161,7 +161,6 @@ __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* 
 // With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
 template <int kTiles, int kWarps, bool kSilu>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
-    pdl_begin();
     __shared__ float partial[kWarps][kTiles * 8][kRows];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
@@ -174,6 +173,17 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     const auto* w = static_cast<const bf16*>(p.w);
     const auto* w0 = reinterpret_cast<const uint4*>(w + r0 * p.k);
     const auto* w1 = reinterpret_cast<const uint4*>(w + r1 * p.k);
+    // The weights of this lane's first step into L2, then wait for the previous kernel (which writes x): under PDL
+    // the first weight bytes stream while that kernel finishes (see kernels/common/launch.cuh).
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const int v = (u * kWarps + warp) * 4 + t;
+        if (v < kv) {
+            prefetch_l2(w0 + v);
+            prefetch_l2(w1 + v);
+        }
+    }
+    pdl_begin();
     const uint4* xr[kTiles];
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {

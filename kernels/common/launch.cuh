@@ -6,7 +6,8 @@
 // kernel has finished. Its launch latency and CTA ramp then overlap the previous kernel's tail; in a decode step of
 // ~150 small kernels that latency is a large share of the step. Correctness rests on pdl_begin(), the first
 // statement of every kernel of this library: griddepcontrol.wait blocks until the previous grid has completed and
-// its memory operations are visible, before the kernel reads or writes any global memory. So results are bit for
+// its memory operations are visible, before the kernel reads or writes any global memory. (The weight-streaming
+// kernels first ask L2 for their first weights, which no kernel of a step writes.) So results are bit for
 // bit those of ordinary launches. A kernel from another library (cuBLASLt) before or after ours is serialized as
 // usual, and devices below sm_90 get ordinary launches.
 #pragma once
@@ -20,13 +21,34 @@ namespace l32 {
 // The process-wide switch behind l32_set_programmatic_launch (kernels/status.cu), off by default.
 inline std::atomic<int> programmatic_launch_flag{0};
 
-// First statement of every kernel: wait for the previous grid in the stream (a no-op when the kernel was launched
-// without PDL, and on devices below sm_90), then let the next kernel's CTAs launch.
-__device__ __forceinline__ void pdl_begin() {
+// Waits until the previous grid in the stream has completed and its writes are visible (returns at once when the
+// kernel was launched without PDL; nothing below sm_90). No global memory that an earlier kernel may write may be
+// touched before it.
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel in the stream launch its CTAs once every CTA of this one has called it (or exited).
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// First statement of every kernel that has nothing to do before its inputs are ready: pdl_wait(), then
+// pdl_trigger().
+__device__ __forceinline__ void pdl_begin() {
+    pdl_wait();
+    pdl_trigger();
+}
+
+// Asks for the 128-byte line holding `p` in L2, without waiting. The weight-streaming kernels issue it for their
+// first weights before pdl_wait(): weights are written once at load time, never by a kernel of the step, so under
+// PDL their first bytes arrive while the previous kernel finishes.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // True when PDL is switched on and the current device is sm_90 or newer (cached per device ordinal).

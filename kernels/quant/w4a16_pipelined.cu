@@ -184,7 +184,6 @@ __device__ __forceinline__ void compute_set(float (&acc)[1][4], const Frag (&f)[
 // grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32.
 template <bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_constant__ l32_w4a16_params p) {
-    pdl_begin();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int m = static_cast<int>(p.m);
@@ -194,6 +193,13 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_
     const int nt = blockIdx.x * kWarps + warp;
     int c0, c1;
     split_range(kc, p.splits, blockIdx.y, c0, c1);
+    // This warp's first two chunk sets into L2 before waiting for the previous kernel (which writes x): weights are
+    // never written by a kernel of the step (see kernels/common/launch.cuh).
+    if (nt < ntiles) {
+        const auto* wq = static_cast<const uint4*>(p.qweight) + static_cast<int64_t>(nt) * kc * 32 + lane;
+        for (int c = c0; c < min(c1, c0 + 2 * kUnroll); ++c) prefetch_l2(wq + static_cast<int64_t>(c) * 32);
+    }
+    pdl_begin();
 
     float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
     if (nt < ntiles) {
@@ -295,7 +301,6 @@ __device__ __forceinline__ void compute_staged(float (&acc)[kRowTiles<kMT>][kMT]
 // grid = (ceil(n_tiles / (kWarps * kRowTiles)), splits), block = kWarps * 32. kMT = ceil(m / 8) in {2, 4, 8}.
 template <int kMT, bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_constant__ l32_w4a16_params p) {
-    pdl_begin();
     __shared__ StagedSmem<kMT> sm;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
@@ -319,6 +324,12 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_
         sc[rt] = static_cast<const uint2*>(p.scales) + nt * kc * 8 + g;
         zr[rt] = kZeros ? static_cast<const uint2*>(p.zeros) + nt * kc * 8 + g : nullptr;
     }
+    // The first two stages' weights into L2 before waiting for the previous kernel (which writes x).
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+        for (int c = c0; c < min(c1, c0 + 2 * kStage); ++c) prefetch_l2(wq[rt] + static_cast<int64_t>(c) * 32);
+    }
+    pdl_begin();
     const auto* x = static_cast<const bf16*>(p.x);
 
     float acc[kRT][kMT][4];
