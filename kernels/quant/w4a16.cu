@@ -48,6 +48,7 @@
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
+#include "quant/w4a16_common.cuh"
 #include "quant/w4a16_pipelined.cuh"
 
 namespace l32 {
@@ -57,17 +58,6 @@ namespace {
 constexpr int kWarps = 4;   // 16-row tiles per block (one per warp)
 constexpr int kUnroll = 4;  // 64-column chunks loaded ahead per lane
 constexpr int64_t kMaxK = int64_t{1} << 24;
-
-// f32 of the bf16 in the low (hi = false) or high half of a 32-bit word.
-__device__ __forceinline__ float bf16_half(uint32_t w, bool hi) {
-    return __uint_as_float(hi ? (w & 0xFFFF0000u) : (w << 16));
-}
-
-// The bf16 pair (v, v) from the bf16 in the low or high half of w.
-__device__ __forceinline__ uint32_t bf16_splat(uint32_t w, bool hi) {
-    const uint32_t h = hi ? (w >> 16) : (w & 0xFFFFu);
-    return h | (h << 16);
-}
 
 // kN chunks starting at chunk c: all loads first, then per chunk and group the dequantization and the MMAs.
 template <int kMT, bool kZeros, int kN>
@@ -173,16 +163,7 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
             }
         }
     }
-    if (!splitk_arrive(p.counters, blockIdx.x, p.splits)) return;
-    constexpr int kBlockRows = kWarps * 16;
-    for (int i = threadIdx.x; i < m * kBlockRows; i += blockDim.x) {
-        const int tok = i / kBlockRows;
-        const int64_t row = int64_t{blockIdx.x} * kBlockRows + i % kBlockRows;
-        if (row >= p.n) continue;
-        float s = 0.f;
-        for (int sp = 0; sp < p.splits; ++sp) s += __ldcg(p.partials + (int64_t{sp} * m + tok) * npad + row);
-        out[tok * p.n + row] = __float2bfloat16_rn(s);
-    }
+    w4a16_finish_split(p, m, npad, kWarps * 16);
 }
 
 // Tier 2.

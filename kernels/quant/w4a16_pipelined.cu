@@ -34,6 +34,7 @@
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
+#include "quant/w4a16_common.cuh"
 #include "quant/w4a16_pipelined.cuh"
 
 namespace l32 {
@@ -47,17 +48,6 @@ constexpr int kStage = 2;      // staged kernel: chunks per shared-memory stage 
 // accumulators and the independent MMA chains the compiler keeps in flight exceeded 255 registers and spilled.
 template <int kMT>
 constexpr int kRowTiles = kMT >= 8 ? 1 : 2;
-
-// f32 of the bf16 in the low (hi = false) or high half of a 32-bit word.
-__device__ __forceinline__ float bf16_half(uint32_t w, bool hi) {
-    return __uint_as_float(hi ? (w & 0xFFFF0000u) : (w << 16));
-}
-
-// The bf16 pair (v, v) from the bf16 in the low or high half of w.
-__device__ __forceinline__ uint32_t bf16_splat(uint32_t w, bool hi) {
-    const uint32_t h = hi ? (w >> 16) : (w & 0xFFFFu);
-    return h | (h << 16);
-}
 
 // One lane's share of one 64-column chunk of one row tile: 16 bytes of nibbles, its row pair's scales (and biases).
 struct Frag {
@@ -114,21 +104,6 @@ __device__ __forceinline__ void group_mma(float (&acc)[4], const GroupA& a, cons
     acc[1] = fmaf(a.s_lo, tile[1], acc[1]);
     acc[2] = fmaf(a.s_hi, tile[2], acc[2]);
     acc[3] = fmaf(a.s_hi, tile[3], acc[3]);
-}
-
-// The split-K finish of a block of `block_rows` output rows (every thread of the block calls it after writing its
-// partials): the last split to arrive sums all splits in split order, exactly as the direct kernel does.
-__device__ __forceinline__ void finish_split(const l32_w4a16_params& p, int m, int64_t npad, int block_rows) {
-    if (!splitk_arrive(p.counters, blockIdx.x, p.splits)) return;
-    auto* out = static_cast<bf16*>(p.out);
-    for (int i = threadIdx.x; i < m * block_rows; i += blockDim.x) {
-        const int tok = i / block_rows;
-        const int64_t row = int64_t{blockIdx.x} * block_rows + i % block_rows;
-        if (row >= p.n) continue;
-        float s = 0.f;
-        for (int sp = 0; sp < p.splits; ++sp) s += __ldcg(p.partials + (int64_t{sp} * m + tok) * npad + row);
-        out[tok * p.n + row] = __float2bfloat16_rn(s);
-    }
 }
 
 // Writes one row tile's accumulators acc[j][e] (weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd
@@ -221,7 +196,7 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_
         }
         store_tile<1>(p, acc, nt, m, npad, g, t);
     }
-    if (p.splits > 1) finish_split(p, m, npad, kWarps * 16);
+    if (p.splits > 1) w4a16_finish_split(p, m, npad, kWarps * 16);
 }
 
 // ---- staged kernel (8 < m <= 64) -----------------------------------------------------------------------------
@@ -365,7 +340,7 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_
     for (int rt = 0; rt < kRT; ++rt) {
         if (tile0 + rt < ntiles) store_tile<kMT>(p, acc[rt], tile0 + rt, m, npad, g, t);
     }
-    if (p.splits > 1) finish_split(p, m, npad, kWarps * kRT * 16);
+    if (p.splits > 1) w4a16_finish_split(p, m, npad, kWarps * kRT * 16);
 }
 
 template <int kMT>

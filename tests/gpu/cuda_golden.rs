@@ -271,6 +271,34 @@ fn cuda_graph_decode_equals_eager() {
     compare("graph replay vs eager decode", &runs[1], &runs[0], case.cfg.vocab_size, case.budget());
 }
 
+/// For every CUDA golden case, eager and from CUDA graphs: the prefill and decode rounds with a switch off and on
+/// (`make` builds the executor for a case, a graph limit and the switch) give bitwise-equal logits.
+fn assert_switch_changes_no_bit(what: &str, make: &dyn Fn(&Case, &Checkpoint, CudaOptions, bool) -> CudaExecutor) {
+    for name in CASES {
+        let case = Case::load(name);
+        let ckpt = Checkpoint::open(&case.dir).unwrap();
+        let prompt = case.ids("prompt_ids");
+        for graphs in [0, 256] {
+            let opts = CudaOptions {
+                kv_tokens: Some(4096),
+                max_step_tokens: 512,
+                max_graph_batch: graphs,
+                ..Default::default()
+            };
+            let runs: Vec<Vec<f32>> = [false, true]
+                .iter()
+                .map(|&on| prefill_and_decode_rounds(&mut make(&case, &ckpt, opts.clone(), on), &prompt))
+                .collect();
+            let (off, on) = (&runs[0], &runs[1]);
+            assert_eq!(off.len(), on.len());
+            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
+                panic!("{name} graphs {graphs}: logit {i} is {} with {what}, {} without", on[i], off[i]);
+            }
+            eprintln!("{name} graphs {graphs}: {} logits bitwise equal with and without {what}", off.len());
+        }
+    }
+}
+
 /// Programmatic dependent launch changes no bit: the same prefill and decode rounds, eager and from CUDA graphs
 /// captured with it, give exactly the logits of ordinary launches (each kernel waits for the previous one before it
 /// touches memory). Other tests in this process may run while it is on, which must not change their results either.
@@ -280,32 +308,10 @@ fn cuda_programmatic_launch_changes_no_bit() {
         return;
     }
     let was = llama32::ops::cuda::programmatic_launch();
-    for name in CASES {
-        let case = Case::load(name);
-        let ckpt = Checkpoint::open(&case.dir).unwrap();
-        let prompt = case.ids("prompt_ids");
-        for graphs in [0, 256] {
-            let mut runs = Vec::new();
-            for pdl in [false, true] {
-                llama32::ops::cuda::set_programmatic_launch(pdl).unwrap();
-                let opts = CudaOptions {
-                    kv_tokens: Some(4096),
-                    max_step_tokens: 512,
-                    max_graph_batch: graphs,
-                    ..Default::default()
-                };
-                let mut exec =
-                    CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(&ckpt), &opts, &|_| {}).unwrap();
-                runs.push(prefill_and_decode_rounds(&mut exec, &prompt));
-            }
-            let (off, on) = (&runs[0], &runs[1]);
-            assert_eq!(off.len(), on.len());
-            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
-                panic!("{name} graphs {graphs}: logit {i} is {} with PDL, {} without", on[i], off[i]);
-            }
-            eprintln!("{name} graphs {graphs}: {} logits bitwise equal with and without PDL", off.len());
-        }
-    }
+    assert_switch_changes_no_bit("PDL", &|case, ckpt, opts, on| {
+        llama32::ops::cuda::set_programmatic_launch(on).unwrap();
+        CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap()
+    });
     llama32::ops::cuda::set_programmatic_launch(was).unwrap();
 }
 
@@ -316,30 +322,11 @@ fn cuda_silu_gemv_fusion_changes_no_bit() {
     if !device_ready() {
         return;
     }
-    for name in CASES {
-        let case = Case::load(name);
-        let ckpt = Checkpoint::open(&case.dir).unwrap();
-        let prompt = case.ids("prompt_ids");
-        for graphs in [0, 256] {
-            let mut runs = Vec::new();
-            for fuse in [false, true] {
-                let opts = CudaOptions {
-                    kv_tokens: Some(4096),
-                    max_step_tokens: 512,
-                    max_graph_batch: graphs,
-                    ..Default::default()
-                };
-                let mut exec =
-                    CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(&ckpt), &opts, &|_| {}).unwrap();
-                exec.set_fuse_silu_gemv(fuse);
-                runs.push(prefill_and_decode_rounds(&mut exec, &prompt));
-            }
-            if let Some(i) = (0..runs[0].len()).find(|&i| runs[0][i].to_bits() != runs[1][i].to_bits()) {
-                panic!("{name} graphs {graphs}: logit {i} is {} fused, {} unfused", runs[1][i], runs[0][i]);
-            }
-            eprintln!("{name} graphs {graphs}: {} logits bitwise equal with and without the fusion", runs[0].len());
-        }
-    }
+    assert_switch_changes_no_bit("the SwiGLU fusion", &|case, ckpt, opts, on| {
+        let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap();
+        exec.set_fuse_silu_gemv(on);
+        exec
+    });
 }
 
 /// `step_greedy` picks on the device exactly the argmax of the logits `step` returns for the same step.
