@@ -307,7 +307,7 @@ run() {
     # 1B batch-1 decode end to end in bf16 / W4A16 / W4A8.
     log="$logs/gpu.cuda_quant::quant_throughput.bench.log"
     rc=0
-    tmo 120 "$bundle/tests/gpu" --ignored --exact cuda_quant::quant_throughput --nocapture --test-threads=1 >"$log" 2>&1 ||
+    tmo 180 "$bundle/tests/gpu" --ignored --exact cuda_quant::quant_throughput --nocapture --test-threads=1 >"$log" 2>&1 ||
       rc=$?
     mapfile -t -O "${#benches[@]}" benches < <(grep -E 'GB/s|TFLOP/s' "$log")
     if ((rc != 0)); then

@@ -276,7 +276,8 @@ pub(crate) fn time_graph(stream: &Arc<CudaStream>, call: &mut dyn FnMut(usize)) 
 
 /// Every Llama 3.2 1B/3B Linear shape at m = 1 and m = 8: this kernel and cuBLASLt (as the executor calls it) on
 /// the same operands, each in GB/s of weight read (n x k x 2 bytes per call), the median of 25 CUDA-graph launches
-/// of 20 calls, rotating through several weight copies when the weight would fit in L2.
+/// of 20 calls, rotating through several weight copies when the weight would fit in L2; and this kernel again with
+/// programmatic dependent launch on (`LLAMA32_PDL`), side by side.
 #[test]
 #[ignore]
 fn gemv_throughput() {
@@ -304,14 +305,24 @@ fn gemv_throughput() {
                 gemv(&stream, &x, &ws[i % copies], m, k, n, &mut out).expect("gemv");
             });
             let theirs = time_graph(&stream, &mut |i| cublaslt_gemm(&blas, &x, &ws[i % copies], (m, k, n), &mut out));
+            // The same graph with programmatic dependent launch: each call's launch and first weights overlap the
+            // previous call's tail.
+            let was = llama32::ops::cuda::programmatic_launch();
+            llama32::ops::cuda::set_programmatic_launch(true).expect("PDL on");
+            let pdl = time_graph(&stream, &mut |i| {
+                gemv(&stream, &x, &ws[i % copies], m, k, n, &mut out).expect("gemv");
+            });
+            llama32::ops::cuda::set_programmatic_launch(was).expect("PDL back");
             let gbs = |s: f64| bytes as f64 / s / 1e9;
             eprintln!(
-                "gemv m {m:>2} k {k:>4} n {n:>6} ({copies:>2} copies): {:7.2} us {:6.0} GB/s | cuBLASLt {:7.2} us {:6.0} GB/s | {:.2}x",
+                "gemv m {m:>2} k {k:>4} n {n:>6} ({copies:>2} copies): {:7.2} us {:6.0} GB/s | cuBLASLt {:7.2} us {:6.0} GB/s | {:.2}x | PDL {:7.2} us {:6.0} GB/s",
                 ours * 1e6,
                 gbs(ours),
                 theirs * 1e6,
                 gbs(theirs),
-                theirs / ours
+                theirs / ours,
+                pdl * 1e6,
+                gbs(pdl)
             );
         }
     }

@@ -592,10 +592,18 @@ fn quant_throughput() {
                     "cuBLASLt",
                 )
             };
-            for (ours, kernel) in ours.into_iter().zip(W4A16Kernel::ALL) {
+            // The pipelined kernel again under programmatic dependent launch (its first weights are prefetched
+            // before it waits for the previous call).
+            let was = llama32::ops::cuda::programmatic_launch();
+            llama32::ops::cuda::set_programmatic_launch(true).unwrap();
+            let choice = W4A16Choice { kernel: W4A16Kernel::Pipelined, splits: None };
+            let pdl = time_graph(&stream, &mut |i| {
+                w4a16_gemm_with(&stream, &x, &ws[i % copies], m, &mut wsp, &mut out, choice).unwrap();
+            });
+            llama32::ops::cuda::set_programmatic_launch(was).unwrap();
+            for (ours, label) in ours.into_iter().chain([pdl]).zip(["direct", "pipelined", "pipe+PDL"]) {
                 eprintln!(
-                    "w4a16 {:<9} {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x",
-                    kernel.name(),
+                    "w4a16 {label:<9} {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x",
                     ours * 1e6,
                     qbytes / ours / 1e9,
                     2.0 * (m * n * k) as f64 / ours / 1e12,
