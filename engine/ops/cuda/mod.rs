@@ -207,6 +207,96 @@ fn check_status(status: ffi::l32_status, what: impl FnOnce() -> String) -> Resul
 mod tests {
     use super::*;
 
+    /// Every `.cu` / `.cuh` under `dir`, recursively.
+    fn cuda_sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                cuda_sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "cu" || e == "cuh") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// The body of the function whose definition starts at `start` (from its first `{` after the parameter list to
+    /// the matching `}`).
+    fn body_at(src: &str, start: usize) -> &str {
+        let bytes = src.as_bytes();
+        // The parameter list: the parenthesised group followed by `{`.
+        let mut i = start;
+        loop {
+            let open = i + src[i..].find('(').expect("a parameter list");
+            let mut depth = 0;
+            let mut j = open;
+            loop {
+                match bytes[j] {
+                    b'(' => depth += 1,
+                    b')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            if src[j + 1..].trim_start().starts_with('{') {
+                i = j + 1 + src[j + 1..].find('{').unwrap();
+                break;
+            }
+            i = j + 1;
+        }
+        let mut depth = 0;
+        for (k, &b) in bytes.iter().enumerate().skip(i) {
+            match b {
+                b'{' => depth += 1,
+                b'}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return &src[i..=k];
+                    }
+                }
+                _ => {}
+            }
+        }
+        panic!("unbalanced braces after byte {start}");
+    }
+
+    /// Programmatic dependent launch is only safe because every kernel waits for the previous one
+    /// (`pdl_begin`) before it touches memory a kernel may have written, and because every launch goes through
+    /// `launch_kernel` (which sets the attribute): a new kernel that forgets either fails here, without a GPU.
+    #[test]
+    fn every_kernel_waits_under_pdl_and_launches_through_launch_kernel() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut files = Vec::new();
+        cuda_sources(&dir, &mut files);
+        let mut kernels = 0;
+        for file in &files {
+            let src = std::fs::read_to_string(file).unwrap();
+            let name = file.strip_prefix(&dir).unwrap().display().to_string();
+            if name != "common/launch.cuh" {
+                assert!(!src.contains("<<<"), "{name}: launch through launch_kernel, not <<<...>>>");
+            }
+            let mut from = 0;
+            while let Some(at) = src[from..].find("__global__") {
+                let start = from + at;
+                let body = body_at(&src, start);
+                let wait = body.find("pdl_begin();");
+                assert!(wait.is_some(), "{name}: the kernel at byte {start} never calls pdl_begin()");
+                // Before the wait, only the weight prefetches of the streaming kernels may touch memory.
+                let before = &body[..wait.unwrap_or(0)];
+                for banned in ["ld_", "load_", "__ldg", "cp_async", "store_", "atomic", "out["] {
+                    assert!(!before.contains(banned), "{name}: `{banned}` before pdl_begin() at byte {start}");
+                }
+                kernels += 1;
+                from = start + body.len().max(1);
+            }
+        }
+        assert!(kernels >= 24, "found only {kernels} kernels under {}", dir.display());
+    }
+
     #[test]
     fn probe_never_panics_and_agrees_with_is_available() {
         assert_eq!(probe().is_ok(), is_available());
