@@ -43,10 +43,10 @@ typedef enum l32_dtype {
 const char* l32_last_cuda_error(void);
 
 /**
- * Programmatic dependent launch (sm_90 and newer), process-wide, off by default: with `enabled` non-zero, later
+ * Programmatic dependent launch (Hopper, sm_90), process-wide, off by default: with `enabled` non-zero, later
  * launches let a kernel's CTAs start while the previous kernel in the stream finishes (its launch latency overlaps
  * that kernel's tail). Every kernel here waits for the previous grid (griddepcontrol.wait) before it touches
- * memory, so results do not change. Devices below sm_90 keep ordinary launches.
+ * memory, so results do not change. Other devices keep ordinary launches (newer ones JIT PTX without the wait).
  */
 void l32_set_programmatic_launch(int enabled);
 

@@ -9,7 +9,7 @@
 // its memory operations are visible, before the kernel reads or writes any global memory. (The weight-streaming
 // kernels first ask L2 for their first weights, which no kernel of a step writes.) So results are bit for
 // bit those of ordinary launches. A kernel from another library (cuBLASLt) before or after ours is serialized as
-// usual, and devices below sm_90 get ordinary launches.
+// usual, and devices other than sm_90 (Hopper) get ordinary launches (see programmatic_launch_applies).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,7 +51,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// True when PDL is switched on and the current device is sm_90 or newer (cached per device ordinal).
+// True when PDL is switched on and the current device runs this library's sm_90a SASS, i.e. compute capability 9.x
+// (cached per device ordinal). Not on newer GPUs: they JIT the compute_80 PTX, which has no griddepcontrol.wait
+// (it is compiled for sm_90 and up only), so their kernels would not wait for the previous one.
 inline bool programmatic_launch_applies() {
     if (programmatic_launch_flag.load(std::memory_order_relaxed) == 0) return false;
     static std::atomic<signed char> capable[64] = {};
@@ -60,7 +62,7 @@ inline bool programmatic_launch_applies() {
     signed char c = capable[device].load(std::memory_order_relaxed);
     if (c == 0) {
         int major = 0;
-        c = (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9)
+        c = (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9)
                 ? 1
                 : -1;
         capable[device].store(c, std::memory_order_relaxed);

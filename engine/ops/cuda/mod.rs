@@ -132,11 +132,12 @@ fn set_programmatic_launch_raw(enabled: bool) {
 #[cfg(not(llama32_cuda))]
 fn set_programmatic_launch_raw(_enabled: bool) {}
 
-/// Switches programmatic dependent launch (PDL, sm_90 and newer) on or off for every later kernel launch of this
+/// Switches programmatic dependent launch (PDL, Hopper sm_90) on or off for every later kernel launch of this
 /// library, process-wide (it overrides [`PDL_ENV`]). With it on, a kernel's launch and CTA ramp overlap the tail of
 /// the previous kernel in its stream; every kernel waits for that kernel (`griddepcontrol.wait`) before it touches
 /// memory, so results are bit for bit the same (the GPU test `cuda_golden` checks this). Launches already
-/// captured in a CUDA graph keep the mode they were captured with. Devices below sm_90 keep ordinary launches.
+/// captured in a CUDA graph keep the mode they were captured with. Other devices keep ordinary launches (newer
+/// ones run this library's compute_80 PTX, which lacks the wait).
 pub fn set_programmatic_launch(enabled: bool) -> Result<()> {
     ensure_built()?;
     set_programmatic_launch_raw(enabled);
