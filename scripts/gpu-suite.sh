@@ -451,6 +451,28 @@ run() {
     # The SwiGLU fusion (on by default) against its ablation, at batch 1 where it matters.
     bench_e2e 120 "1b 1 128 64 --no-fused-swiglu"
     bench_e2e 120 "3b 1 128 64 --no-fused-swiglu"
+    # One line per pair: decode ms/step without / with each switch, from bench.jsonl.
+    if [[ -f $logs/bench.jsonl ]]; then
+      mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+def key(d):
+    return (d.get("model"), d["batch"], d["prompt_tokens"], d.get("w4a16_kernel"))
+for switch in ("pdl", "fused_swiglu"):
+    for d in rows:
+        if d.get(switch) is not True:
+            continue
+        for e in rows:
+            if e is d or key(e) != key(d) or e.get(switch) is not False:
+                continue
+            if any(e.get(o) != d.get(o) for o in ("pdl", "fused_swiglu") if o != switch):
+                continue
+            print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)" % (switch, d.get("model"), d["batch"],
+                  e["decode_ms_per_step"], d["decode_ms_per_step"], e["decode_ms_per_step"] / d["decode_ms_per_step"]))
+            break
+PY
+      )
+    fi
   fi
 
   if want e2e; then

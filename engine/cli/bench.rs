@@ -294,8 +294,11 @@ fn bench_one(
         "total_s": full_s,
         "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
         "tp": tp,
-        // Which W4A16 decode kernel a W4A16 model ran (LLAMA32_W4A16_KERNEL).
+        // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), programmatic dependent
+        // launch (LLAMA32_PDL) and the SwiGLU fusion (--no-fused-swiglu).
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::configured().ok().map(|k| k.name()),
+        "pdl": crate::ops::cuda::programmatic_launch(),
+        "fused_swiglu": !a.model.no_fused_swiglu,
     });
     let tele = match telemetry {
         None => None,
