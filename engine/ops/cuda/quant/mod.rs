@@ -25,9 +25,9 @@
 //!
 //! # Resources (ptxas, CUDA 13.0, sm_90a; no spills, no stack frame)
 //! `w4a16_kernel` (128 threads): 52-66 registers for m <= 8, 88-94 for m <= 32, 158 for m <= 64.
-//! The pipelined kernels (128 threads, [`W4A16Kernel::Pipelined`]): `w4a16_stream_kernel` 80 / 112 registers
-//! (symmetric / zero points); `w4a16_staged_kernel` 131-156 registers and 8.0 KB shared memory for m <= 16,
-//! 177-232 and 16.0 KB for m <= 32, 173-182 and 16.0 KB for m <= 64.
+//! The pipelined kernels (128 threads, [`W4A16Kernel::Pipelined`]): `w4a16_stream_kernel` 80 / 114 registers
+//! (symmetric / zero points); `w4a16_staged_kernel` 131 / 157 registers and 8 KB shared memory for m <= 16,
+//! 177 / 232 and 16 KB for m <= 32, 182 / 173 and 32 KB for m <= 64.
 //! `w4a8_kernel` (256 threads): 176 / 205 registers (symmetric / zero points) and 40.7 KB shared memory for the
 //! 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles. `act_quant_kernel`: 25-39 registers.
 //!
