@@ -188,21 +188,7 @@ fn a_tp_that_does_not_divide_the_heads_names_the_field() {
 /// A random Llama 3.2 Vision checkpoint with 8 query / 2 KV heads (head_dim 16), the golden cases' vision encoder
 /// shape, and f32 weights drawn with a fixed seed, in a fresh temporary directory.
 fn random_vision_dir(tag: &str) -> PathBuf {
-    let golden = common::golden_dir("mllama-noresize");
-    let text = std::fs::read_to_string(golden.join("config.json")).unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let t = &mut config["text_config"];
-    t["num_attention_heads"] = json!(8);
-    t["num_key_value_heads"] = json!(2);
-    t["hidden_size"] = json!(128);
-    t["intermediate_size"] = json!(192);
-    t["num_hidden_layers"] = json!(4);
-    t["cross_attention_layers"] = json!([1, 3]);
-    let dir = std::env::temp_dir().join(format!("llama32-tp-vision-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    common::write_random_vision_checkpoint(&dir, &config, 3);
-    dir
+    common::random_gqa4_vision_dir("mllama-noresize", &format!("tp-vision-{tag}"), (128, 192), 3)
 }
 
 #[test]

@@ -205,6 +205,26 @@ pub fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
     worst / scale
 }
 
+/// A fresh temporary directory (`llama32-{tag}-{pid}`) holding a random Llama 3.2 Vision checkpoint: golden case
+/// `golden`'s config (and so its vision encoder) with an 8-query / 2-KV-head text model of `hidden` x `inter`,
+/// 4 layers, cross-attention at layers 1 and 3, weights drawn from `seed` (see [`write_random_vision_checkpoint`]).
+pub fn random_gqa4_vision_dir(golden: &str, tag: &str, (hidden, inter): (usize, usize), seed: u64) -> PathBuf {
+    let text = std::fs::read_to_string(golden_dir(golden).join("config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let t = &mut config["text_config"];
+    t["num_attention_heads"] = serde_json::json!(8);
+    t["num_key_value_heads"] = serde_json::json!(2);
+    t["hidden_size"] = serde_json::json!(hidden);
+    t["intermediate_size"] = serde_json::json!(inter);
+    t["num_hidden_layers"] = serde_json::json!(4);
+    t["cross_attention_layers"] = serde_json::json!([1, 3]);
+    let dir = std::env::temp_dir().join(format!("llama32-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write_random_vision_checkpoint(&dir, &config, seed);
+    dir
+}
+
 /// Writes `config` as `dir/config.json` and a random f32 checkpoint for it: gates 0.8, norm weights 1 + noise,
 /// everything else uniform noise with standard deviation 0.1 (from `seed`, a stream per tensor).
 pub fn write_random_vision_checkpoint(dir: &Path, config: &serde_json::Value, seed: u64) {

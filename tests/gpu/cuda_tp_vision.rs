@@ -32,7 +32,6 @@ use llama32::vision::cuda::text::{MllamaCudaExecutor, MllamaCudaOptions};
 use llama32::vision::exec::{MllamaCpuExecutor, SeqImages};
 use llama32::vision::pipeline::{EncodedImages, MllamaModel};
 use llama32::weights::Checkpoint;
-use serde_json::json;
 
 use crate::cuda_tp::{bitwise_equal, check_argmax, device_ready, RelErr, FLOOR};
 
@@ -75,19 +74,7 @@ impl Case {
     /// vision encoder's shape), the golden two-image prompt: tp = 2 splits the KV heads, tp = 4 replicates them.
     fn random_d128() -> Case {
         let g = crate::common::mllama_golden("mllama-two-images");
-        let text = std::fs::read_to_string(g.dir.join("config.json")).unwrap();
-        let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let t = &mut config["text_config"];
-        t["num_attention_heads"] = json!(8);
-        t["num_key_value_heads"] = json!(2);
-        t["hidden_size"] = json!(1024);
-        t["intermediate_size"] = json!(512);
-        t["num_hidden_layers"] = json!(4);
-        t["cross_attention_layers"] = json!([1, 3]);
-        let dir = std::env::temp_dir().join(format!("llama32-cuda-tp-vision-d128-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        crate::common::write_random_vision_checkpoint(&dir, &config, 5);
+        let dir = crate::common::random_gqa4_vision_dir("mllama-two-images", "cuda-tp-vision-d128", (1024, 512), 5);
         let model = MllamaModel::load(&dir).unwrap();
         assert_eq!(model.cfg.text.base.head_dim, 128);
         let images = model.encode(&g.images).unwrap();
