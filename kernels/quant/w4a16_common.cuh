@@ -1,5 +1,6 @@
-// Device pieces both W4A16 decode kernels share (kernels/quant/w4a16.cu, kernels/quant/w4a16_pipelined.cu): bf16
-// halves of the layout's packed scale and bias words, and the deterministic split-K finish of a block of rows.
+// Device pieces of the W4A16 decode kernels (kernels/quant/w4a16.cu, kernels/quant/w4a16_pipelined.cu): bf16
+// halves of the layout's packed scale and bias words and the deterministic split-K finish of a block of rows (both
+// kernels), and the launch coordinates, tile pointers and tile store (the pipelined kernels).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,6 +22,71 @@ __device__ __forceinline__ float bf16_half(uint32_t w, bool hi) {
 __device__ __forceinline__ uint32_t bf16_splat(uint32_t w, bool hi) {
     const uint32_t h = hi ? (w >> 16) : (w & 0xFFFFu);
     return h | (h << 16);
+}
+
+// The direct kernel (w4a16.cu) keeps its own copies of the three pieces below on purpose: it is the kernel the
+// device runs measured, and routing it through them changed its ptxas register counts. Once a device run has picked
+// one kernel, the other goes, and so does this duplication.
+//
+// What a W4A16 decode kernel derives from its launch: the thread's lane coordinates (g = lane / 4,
+// t = lane % 4), the token count, the 16-row tile count and padded row count, the 64-column chunks per row, and
+// the chunk range [c0, c1) of this block's split (blockIdx.y).
+struct W4A16Launch {
+    int lane, warp, g, t, m, ntiles, kc, c0, c1;
+    int64_t npad;
+};
+
+__device__ __forceinline__ W4A16Launch w4a16_launch(const l32_w4a16_params& p) {
+    W4A16Launch l;
+    l.lane = threadIdx.x % 32;
+    l.warp = threadIdx.x / 32;
+    l.g = l.lane / 4;
+    l.t = l.lane % 4;
+    l.m = static_cast<int>(p.m);
+    l.ntiles = static_cast<int>((p.n + 15) / 16);
+    l.npad = int64_t{l.ntiles} * 16;
+    l.kc = static_cast<int>(p.k / 64);
+    split_range(l.kc, p.splits, blockIdx.y, l.c0, l.c1);
+    return l;
+}
+
+// The lane's pointers into 16-row tile `nt`: its 16-byte weight slot of chunk 0, and its row pair's scale (and
+// bias) entry; chunk c is 32 (weights) and 8 (scales, biases) elements further.
+struct W4A16Tile {
+    const uint4* wq;
+    const uint2* sc;
+    const uint2* zr;  // nullptr without zero points
+};
+
+template <bool kZeros>
+__device__ __forceinline__ W4A16Tile w4a16_tile(const l32_w4a16_params& p, const W4A16Launch& l, int64_t nt) {
+    W4A16Tile tile;
+    tile.wq = static_cast<const uint4*>(p.qweight) + nt * l.kc * 32 + l.lane;
+    tile.sc = static_cast<const uint2*>(p.scales) + nt * l.kc * 8 + l.g;
+    tile.zr = kZeros ? static_cast<const uint2*>(p.zeros) + nt * l.kc * 8 + l.g : nullptr;
+    return tile;
+}
+
+// Writes one row tile's accumulators acc[j][e] (weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd
+// e)): bf16 to `out` when there is one split, else f32 to this split's partials.
+template <int kMT>
+__device__ __forceinline__ void w4a16_store_tile(const l32_w4a16_params& p, const W4A16Launch& l,
+                                                 const float (&acc)[kMT][4], int nt) {
+    auto* out = static_cast<bf16*>(p.out);
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int64_t row = int64_t{nt} * 16 + l.g + (e >= 2 ? 8 : 0);
+            const int tok = 8 * j + 2 * l.t + (e & 1);
+            if (tok >= l.m) continue;
+            if (p.splits == 1) {
+                if (row < p.n) out[tok * p.n + row] = __float2bfloat16_rn(acc[j][e]);
+            } else {
+                p.partials[(int64_t{blockIdx.y} * l.m + tok) * l.npad + row] = acc[j][e];
+            }
+        }
+    }
 }
 
 // Split-K finish of the block of `block_rows` output rows blockIdx.x covers (every thread of the block calls it

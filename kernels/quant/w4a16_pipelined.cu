@@ -106,28 +106,6 @@ __device__ __forceinline__ void group_mma(float (&acc)[4], const GroupA& a, cons
     acc[3] = fmaf(a.s_hi, tile[3], acc[3]);
 }
 
-// Writes one row tile's accumulators acc[j][e] (weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd
-// e)): to `out` when there is one split, else to this split's partials.
-template <int kMT>
-__device__ __forceinline__ void store_tile(const l32_w4a16_params& p, const float (&acc)[kMT][4], int nt, int m,
-                                           int64_t npad, int g, int t) {
-    auto* out = static_cast<bf16*>(p.out);
-#pragma unroll
-    for (int j = 0; j < kMT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int64_t row = int64_t{nt} * 16 + g + (e >= 2 ? 8 : 0);
-            const int tok = 8 * j + 2 * t + (e & 1);
-            if (tok >= m) continue;
-            if (p.splits == 1) {
-                if (row < p.n) out[tok * p.n + row] = __float2bfloat16_rn(acc[j][e]);
-            } else {
-                p.partials[(int64_t{blockIdx.y} * m + tok) * npad + row] = acc[j][e];
-            }
-        }
-    }
-}
-
 // ---- stream kernel (m <= 8) ----------------------------------------------------------------------------------
 
 // Loads the chunks c .. c + kUnroll - 1 that lie below c1 (the others are left as they are and never used).
@@ -159,44 +137,34 @@ __device__ __forceinline__ void compute_set(float (&acc)[1][4], const Frag (&f)[
 // grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32.
 template <bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_constant__ l32_w4a16_params p) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int g = lane / 4, t = lane % 4;
-    const int m = static_cast<int>(p.m);
-    const int ntiles = static_cast<int>((p.n + 15) / 16);
-    const int64_t npad = int64_t{ntiles} * 16;
-    const int kc = static_cast<int>(p.k / 64);
-    const int nt = blockIdx.x * kWarps + warp;
-    int c0, c1;
-    split_range(kc, p.splits, blockIdx.y, c0, c1);
+    const W4A16Launch l = w4a16_launch(p);
+    const int nt = blockIdx.x * kWarps + l.warp;
+    const W4A16Tile tile = w4a16_tile<kZeros>(p, l, min(nt, l.ntiles - 1));
     // This warp's first two chunk sets into L2 before waiting for the previous kernel (which writes x): weights are
     // never written by a kernel of the step (see kernels/common/launch.cuh).
-    if (nt < ntiles) {
-        const auto* wq = static_cast<const uint4*>(p.qweight) + static_cast<int64_t>(nt) * kc * 32 + lane;
-        for (int c = c0; c < min(c1, c0 + 2 * kUnroll); ++c) prefetch_l2(wq + static_cast<int64_t>(c) * 32);
+    if (nt < l.ntiles) {
+        for (int c = l.c0; c < min(l.c1, l.c0 + 2 * kUnroll); ++c) prefetch_l2(tile.wq + static_cast<int64_t>(c) * 32);
     }
     pdl_begin();
 
     float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-    if (nt < ntiles) {
-        const auto* wq = static_cast<const uint4*>(p.qweight) + static_cast<int64_t>(nt) * kc * 32 + lane;
-        const auto* sc = static_cast<const uint2*>(p.scales) + static_cast<int64_t>(nt) * kc * 8 + g;
-        const uint2* zr = nullptr;
-        if constexpr (kZeros) zr = static_cast<const uint2*>(p.zeros) + static_cast<int64_t>(nt) * kc * 8 + g;
+    if (nt < l.ntiles) {
         // Token g of the (single) token tile; rows past m repeat the last row (their outputs are discarded).
-        const int row = min(g, m - 1);
+        const int row = min(l.g, l.m - 1);
         const bf16* xrow = static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k;
-        const auto* xr = reinterpret_cast<const uint4*>(xrow) + t;
+        const auto* xr = reinterpret_cast<const uint4*>(xrow) + l.t;
+        const int c0 = l.c0, c1 = l.c1;
         Frag fa[kUnroll], fb[kUnroll];
-        load_set<kZeros>(fa, wq, sc, zr, c0, c1);
+        load_set<kZeros>(fa, tile.wq, tile.sc, tile.zr, c0, c1);
         for (int c = c0; c < c1; c += 2 * kUnroll) {
-            load_set<kZeros>(fb, wq, sc, zr, c + kUnroll, c1);  // in flight while set A is computed
+            load_set<kZeros>(fb, tile.wq, tile.sc, tile.zr, c + kUnroll, c1);  // in flight while set A is computed
             compute_set<kZeros>(acc, fa, xr, c, c1);
-            load_set<kZeros>(fa, wq, sc, zr, c + 2 * kUnroll, c1);  // in flight while set B is computed
+            load_set<kZeros>(fa, tile.wq, tile.sc, tile.zr, c + 2 * kUnroll, c1);  // in flight while B is computed
             compute_set<kZeros>(acc, fb, xr, c + kUnroll, c1);
         }
-        store_tile<1>(p, acc, nt, m, npad, g, t);
+        w4a16_store_tile<1>(p, l, acc, nt);
     }
-    if (p.splits > 1) w4a16_finish_split(p, m, npad, kWarps * 16);
+    if (p.splits > 1) w4a16_finish_split(p, l.m, l.npad, kWarps * 16);
 }
 
 // ---- staged kernel (8 < m <= 64) -----------------------------------------------------------------------------
@@ -277,16 +245,10 @@ __device__ __forceinline__ void compute_staged(float (&acc)[kRowTiles<kMT>][kMT]
 template <int kMT, bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_constant__ l32_w4a16_params p) {
     __shared__ StagedSmem<kMT> sm;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int g = lane / 4, t = lane % 4;
-    const int m = static_cast<int>(p.m);
-    const int ntiles = static_cast<int>((p.n + 15) / 16);
-    const int64_t npad = int64_t{ntiles} * 16;
-    const int kc = static_cast<int>(p.k / 64);
+    const W4A16Launch l = w4a16_launch(p);
+    const int g = l.g, t = l.t, m = l.m, c0 = l.c0, c1 = l.c1;
     constexpr int kRT = kRowTiles<kMT>;
-    const int tile0 = (blockIdx.x * kWarps + warp) * kRT;
-    int c0, c1;
-    split_range(kc, p.splits, blockIdx.y, c0, c1);
+    const int tile0 = (blockIdx.x * kWarps + l.warp) * kRT;
 
     // Tiles past the last one (only in the last block) read the last tile's weights; their outputs are discarded.
     const uint4* wq[kRT];
@@ -294,10 +256,10 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_
     const uint2* zr[kRT];
 #pragma unroll
     for (int rt = 0; rt < kRT; ++rt) {
-        const int64_t nt = min(tile0 + rt, ntiles - 1);
-        wq[rt] = static_cast<const uint4*>(p.qweight) + nt * kc * 32 + lane;
-        sc[rt] = static_cast<const uint2*>(p.scales) + nt * kc * 8 + g;
-        zr[rt] = kZeros ? static_cast<const uint2*>(p.zeros) + nt * kc * 8 + g : nullptr;
+        const W4A16Tile tile = w4a16_tile<kZeros>(p, l, min(tile0 + rt, l.ntiles - 1));
+        wq[rt] = tile.wq;
+        sc[rt] = tile.sc;
+        zr[rt] = tile.zr;
     }
     // The first two stages' weights into L2 before waiting for the previous kernel (which writes x).
 #pragma unroll
@@ -338,9 +300,9 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_
 
 #pragma unroll
     for (int rt = 0; rt < kRT; ++rt) {
-        if (tile0 + rt < ntiles) store_tile<kMT>(p, acc[rt], tile0 + rt, m, npad, g, t);
+        if (tile0 + rt < l.ntiles) w4a16_store_tile<kMT>(p, l, acc[rt], tile0 + rt);
     }
-    if (p.splits > 1) w4a16_finish_split(p, m, npad, kWarps * kRT * 16);
+    if (p.splits > 1) w4a16_finish_split(p, m, l.npad, kWarps * kRT * 16);
 }
 
 template <int kMT>
