@@ -184,21 +184,23 @@ run() {
   # (about two minutes) / the torch peers of the quant stage.
   local stages="${1:-tests,kernels,vision,e2e}"
   want() { [[ ",$stages," == *",$1,"* ]]; }
+  # `gpu_bench CAP PATTERN TEST`: one ignored bench of the GPU test binary for at most CAP seconds of the budget;
+  # when it passes, its log lines matching PATTERN (grep -E) join the table; a failure adds a FAIL row instead.
+  gpu_bench() {
+    local log="$logs/gpu.$3.bench.log" rc=0
+    tmo "$1" "$bundle/tests/gpu" --ignored --exact "$3" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
+    if ((rc == 0)); then
+      mapfile -t -O "${#benches[@]}" benches < <(grep -E "$2" "$log")
+    else
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$3 (benchmark)" -)")
+      tail -n 5 "$log"
+    fi
+  }
   # `gpu_benches TEST...`: ignored benches of the GPU test binary, at most 540 s each; their BENCH lines join the table.
   gpu_benches() {
-    local t log rc
-    for t in "$@"; do
-      log="$logs/gpu.$t.bench.log"
-      rc=0
-      tmo 540 "$bundle/tests/gpu" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
-      if ((rc == 0)); then
-        mapfile -t -O "${#benches[@]}" benches < <(grep -E '^BENCH ' "$log")
-      else
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "$t (benchmark)" -)")
-        tail -n 5 "$log"
-      fi
-    done
+    local t
+    for t in "$@"; do gpu_bench 540 '^BENCH ' "$t"; done
   }
   # `bench_e2e CAP "PRESET BATCH PROMPT GEN [FLAGS]"`: one `llama32 bench` run on CUDA (random weights), for at most
   # CAP seconds of the budget; its JSON line goes to bench.jsonl, a row and a figure line to the table.
@@ -305,16 +307,7 @@ run() {
   if want quant; then
     # W4A16 figure lines (ignored test), then the criterion `quant` group, the torch peers at the same shapes, and
     # 1B batch-1 decode end to end in bf16 / W4A16 / W4A8.
-    log="$logs/gpu.cuda_quant::quant_throughput.bench.log"
-    rc=0
-    tmo 180 "$bundle/tests/gpu" --ignored --exact cuda_quant::quant_throughput --nocapture --test-threads=1 >"$log" 2>&1 ||
-      rc=$?
-    mapfile -t -O "${#benches[@]}" benches < <(grep -E 'GB/s|TFLOP/s' "$log")
-    if ((rc != 0)); then
-      failed=$((failed + 1))
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "cuda_quant::quant_throughput (benchmark)" -)")
-      tail -n 5 "$log"
-    fi
+    gpu_bench 180 'GB/s|TFLOP/s' cuda_quant::quant_throughput
     if [[ -x "$bundle/bench/cuda_kernels" && -z ${GPU_SUITE_SKIP_CRITERION:-} ]]; then
       log="$logs/criterion.quant.log"
       rc=0
@@ -378,16 +371,7 @@ run() {
     # per 4-tile image and batch-1 decode ms/token with one 4-tile image; their BENCH lines join the table.
     if [[ -x "$bundle/tests/gpu" ]]; then
       # The encoder attention alone, beside torch SDPA on the same shape.
-      log="$logs/gpu.cuda_encoder_attention::bench_encoder_attention_11b.bench.log"
-      rc=0
-      tmo 60 "$bundle/tests/gpu" --ignored --exact cuda_encoder_attention::bench_encoder_attention_11b --nocapture \
-        --test-threads=1 >"$log" 2>&1 || rc=$?
-      mapfile -t -O "${#benches[@]}" benches < <(grep -E 'TFLOP/s' "$log")
-      if ((rc != 0)); then
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "bench_encoder_attention_11b (benchmark)" -)")
-        tail -n 5 "$log"
-      fi
+      gpu_bench 60 'TFLOP/s' cuda_encoder_attention::bench_encoder_attention_11b
       log="$logs/peers.vision.log"
       rc=0
       tmo 60 python3 "$root/scripts/peers.py" --only vision >"$log" 2>&1 || rc=$?
