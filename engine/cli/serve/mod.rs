@@ -78,6 +78,18 @@ pub struct EngineArgs {
     pub cross_attention_tiles: usize,
 }
 
+impl EngineArgs {
+    /// The scheduler limits these flags set.
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            max_step_tokens: self.max_num_batched_tokens,
+            max_seqs: self.max_num_seqs,
+            max_waiting: self.max_waiting,
+            max_model_len: self.max_model_len,
+        }
+    }
+}
+
 /// `llama32 serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -204,13 +216,7 @@ fn start_engine(a: &ModelArgs, e: &EngineArgs, lead: Option<Lead>) -> Result<(En
         );
         Ok(m.exec)
     };
-    let cfg = EngineConfig {
-        max_step_tokens: e.max_num_batched_tokens,
-        max_seqs: e.max_num_seqs,
-        max_waiting: e.max_waiting,
-        max_model_len: e.max_model_len,
-    };
-    let engine = EngineHandle::start(make, tok.clone(), cfg)?;
+    let engine = EngineHandle::start(make, tok.clone(), e.engine_config())?;
     let ctx = context_for(a.model.as_deref(), tok, engine.info().clone(), name)?;
     Ok((engine, ctx))
 }

@@ -8,7 +8,7 @@ use super::nodes::{lead_nodes, Lead};
 use super::ranks::{cuda_rank_placement, tp_comm_kind};
 use super::{EngineArgs, CPU_DEFAULT_KV_TOKENS};
 use crate::cli::{load, load_tokenizer, ModelArgs};
-use crate::serve::engine::{EngineConfig, EngineHandle};
+use crate::serve::engine::EngineHandle;
 use crate::serve::{api::ServeContext, context_for};
 use crate::{Error, Result};
 
@@ -174,13 +174,7 @@ pub(super) fn start_vision_engine(
             }
         }
     };
-    let ecfg = EngineConfig {
-        max_step_tokens: e.max_num_batched_tokens,
-        max_seqs: e.max_num_seqs,
-        max_waiting: e.max_waiting,
-        max_model_len: e.max_model_len,
-    };
-    let engine = EngineHandle::start(make, tok.clone(), ecfg)?;
+    let engine = EngineHandle::start(make, tok.clone(), e.engine_config())?;
     let name = e
         .served_model_name
         .clone()
