@@ -516,13 +516,7 @@ mod tests {
         cfg.intermediate_size = 192; // 48 columns of down_proj per rank at tp = 4
         let e = new(&cfg, 4, Scheme::W4A16_G32);
         assert!(e.contains("mlp.down_proj") && e.contains("tp = 4") && e.contains("group 32"), "{e}");
-        let spec = GroupSpec {
-            rank: 0,
-            world: 2,
-            master_addr: "127.0.0.1".into(),
-            port: 1,
-            timeout: Duration::from_secs(600),
-        };
+        let spec = GroupSpec::unreachable(0, 2);
         cfg.intermediate_size = 256;
         let e = TpCudaExecutor::join_node(cfg, WeightSource::Random(0), &[0], &spec, Some(Scheme::W4A8_G32), &opts)
             .err()
@@ -549,13 +543,7 @@ mod tests {
         let e = TpCudaExecutor::new(cfg.clone(), WeightSource::Random(0), 3, &[0], TpCommKind::InProcess, &opts).err();
         assert!(e.is_some_and(|e| e.to_string().contains("not divisible")), "a bad tp is refused before any upload");
         // A node's ranks of a multi-node group: refused without a device, before any rendezvous (no waiting).
-        let spec = |rank, world| GroupSpec {
-            rank,
-            world,
-            master_addr: "127.0.0.1".into(),
-            port: 1,
-            timeout: Duration::from_secs(600),
-        };
+        let spec = GroupSpec::unreachable;
         let t0 = std::time::Instant::now();
         let e =
             TpCudaExecutor::join_node(cfg.clone(), WeightSource::Random(0), &[0, 1], &spec(2, 4), None, &opts).err();

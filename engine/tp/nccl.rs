@@ -151,6 +151,15 @@ pub struct GroupSpec {
     pub timeout: Duration,
 }
 
+#[cfg(test)]
+impl GroupSpec {
+    /// Rank `rank` of a group of `world` that meets at 127.0.0.1:1, where nothing listens, with the default
+    /// 600 s wait: for tests that must fail before or at the rendezvous without waiting.
+    pub(crate) fn unreachable(rank: usize, world: usize) -> GroupSpec {
+        GroupSpec { rank, world, master_addr: "127.0.0.1".into(), port: 1, timeout: Duration::from_secs(600) }
+    }
+}
+
 /// `host:port`, with an IPv6 literal host in brackets (`[::1]:29500`).
 pub fn host_port(host: &str, port: u16) -> String {
     if host.parse::<std::net::Ipv6Addr>().is_ok() {
@@ -591,13 +600,7 @@ mod tests {
         }
         let e = NcclComm::single(0).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(!e.is_empty());
-        let spec = GroupSpec {
-            rank: 0,
-            world: 2,
-            master_addr: "127.0.0.1".into(),
-            port: 1,
-            timeout: Duration::from_secs(600),
-        };
+        let spec = GroupSpec::unreachable(0, 2);
         let t0 = Instant::now();
         assert!(NcclComm::join_ranks(Vec::new(), &spec).is_err());
         assert!(t0.elapsed() < Duration::from_secs(60), "refused without waiting for the other ranks");
