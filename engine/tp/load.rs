@@ -19,7 +19,7 @@ use crate::quant::numerics::quantize_bf16_rounded;
 use crate::quant::{ActQuant, QuantLinear, Scheme};
 use crate::vision::config::MllamaConfig;
 use crate::vision::weights::{
-    check_mllama_checkpoint, expected_tensors as mllama_tensors, CrossAttentionLayerWeights, MllamaLayout,
+    check_mllama_checkpoint, expected_tensors as mllama_tensors, text_layer, LayerTensors, MllamaLayout,
     TextLayerWeights, TextWeights,
 };
 use crate::weights::{
@@ -434,6 +434,20 @@ pub struct MllamaRankSource<'a> {
     keep_dense: bool,
 }
 
+impl LayerTensors for MllamaRankSource<'_> {
+    fn proj(&self, names: &[String]) -> Result<LinearWeight> {
+        MllamaRankSource::proj(self, names)
+    }
+
+    fn vector(&self, name: &str) -> Result<Vec<f32>> {
+        self.one(name.to_owned())
+    }
+
+    fn scalar(&self, name: &str) -> Result<f32> {
+        MllamaRankSource::scalar(self, name.to_owned())
+    }
+}
+
 impl<'a> MllamaRankSource<'a> {
     /// Checks `ckpt` against `cfg` (every tensor name and shape, either layout) and `plan` against the text config.
     /// A quantized checkpoint is read quantized (its projections sliced from each whole tensor).
@@ -546,37 +560,7 @@ impl<'a> MllamaRankSource<'a> {
         if l >= self.num_layers() {
             return Err(Error::request(format!("text layer {l} of {}", self.num_layers())));
         }
-        let p = format!("language_model.model.layers.{l}");
-        let w_gate_up = self.proj(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
-        let w_down = self.proj(&[format!("{p}.mlp.down_proj.weight")])?;
-        let attn_norm = self.one(format!("{p}.input_layernorm.weight"))?;
-        let mlp_norm = self.one(format!("{p}.post_attention_layernorm.weight"))?;
-        if self.cfg.text.is_cross_attention_layer(l) {
-            let a = format!("{p}.cross_attn");
-            Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
-                attn_norm,
-                wq: self.proj(&[format!("{a}.q_proj.weight")])?,
-                wkv: self.proj(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
-                wo: self.proj(&[format!("{a}.o_proj.weight")])?,
-                q_norm: self.one(format!("{a}.q_norm.weight"))?,
-                k_norm: self.one(format!("{a}.k_norm.weight"))?,
-                attn_gate: self.scalar(format!("{p}.cross_attn_attn_gate"))?,
-                mlp_norm,
-                w_gate_up,
-                w_down,
-                mlp_gate: self.scalar(format!("{p}.cross_attn_mlp_gate"))?,
-            }))
-        } else {
-            let a = format!("{p}.self_attn");
-            Ok(TextLayerWeights::SelfAttention(LayerWeights {
-                attn_norm,
-                wqkv: self.proj(&["q", "k", "v"].map(|x| format!("{a}.{x}_proj.weight")))?,
-                wo: self.proj(&[format!("{a}.o_proj.weight")])?,
-                mlp_norm,
-                w_gate_up,
-                w_down,
-            }))
-        }
+        text_layer(self, &self.cfg, l)
     }
 
     /// The rows of the `vocab_size + 8`-row embedding table the rank holds (the whole table when `tp` does not

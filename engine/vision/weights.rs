@@ -515,13 +515,38 @@ impl MllamaWeights {
     }
 }
 
+/// Where [`text_layer`] reads a decoder layer's tensors (canonical names): the whole model ([`Reader`]) or one
+/// tensor-parallel rank's share of it (`tp::load::MllamaRankSource`).
+pub(crate) trait LayerTensors {
+    /// A projection stacked from `names` (each `[n_i, k]`), f32 or quantized as the source says.
+    fn proj(&self, names: &[String]) -> Result<LinearWeight>;
+    /// One tensor, flattened.
+    fn vector(&self, name: &str) -> Result<Vec<f32>>;
+    /// The value of a one-element tensor (a tanh gate).
+    fn scalar(&self, name: &str) -> Result<f32>;
+}
+
+impl LayerTensors for Reader<'_> {
+    fn proj(&self, names: &[String]) -> Result<LinearWeight> {
+        Reader::proj(self, names)
+    }
+
+    fn vector(&self, name: &str) -> Result<Vec<f32>> {
+        self.read(name)
+    }
+
+    fn scalar(&self, name: &str) -> Result<f32> {
+        Reader::scalar(self, name)
+    }
+}
+
 /// Decoder layer `l` read through `r`.
-fn text_layer(r: &Reader<'_>, cfg: &MllamaConfig, l: usize) -> Result<TextLayerWeights> {
+pub(crate) fn text_layer(r: &impl LayerTensors, cfg: &MllamaConfig, l: usize) -> Result<TextLayerWeights> {
     let p = text_layer_prefix(l);
     let w_gate_up = r.proj(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?;
     let w_down = r.proj(&[format!("{p}.mlp.down_proj.weight")])?;
-    let attn_norm = r.read(&format!("{p}.input_layernorm.weight"))?;
-    let mlp_norm = r.read(&format!("{p}.post_attention_layernorm.weight"))?;
+    let attn_norm = r.vector(&format!("{p}.input_layernorm.weight"))?;
+    let mlp_norm = r.vector(&format!("{p}.post_attention_layernorm.weight"))?;
     if cfg.text.is_cross_attention_layer(l) {
         let a = format!("{p}.cross_attn");
         Ok(TextLayerWeights::CrossAttention(CrossAttentionLayerWeights {
@@ -529,8 +554,8 @@ fn text_layer(r: &Reader<'_>, cfg: &MllamaConfig, l: usize) -> Result<TextLayerW
             wq: r.proj(&[format!("{a}.q_proj.weight")])?,
             wkv: r.proj(&[format!("{a}.k_proj.weight"), format!("{a}.v_proj.weight")])?,
             wo: r.proj(&[format!("{a}.o_proj.weight")])?,
-            q_norm: r.read(&format!("{a}.q_norm.weight"))?,
-            k_norm: r.read(&format!("{a}.k_norm.weight"))?,
+            q_norm: r.vector(&format!("{a}.q_norm.weight"))?,
+            k_norm: r.vector(&format!("{a}.k_norm.weight"))?,
             attn_gate: r.scalar(&format!("{p}.cross_attn_attn_gate"))?,
             mlp_norm,
             w_gate_up,
