@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/launch.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
 
@@ -65,6 +66,12 @@ __device__ __forceinline__ W4A16Tile w4a16_tile(const l32_w4a16_params& p, const
     tile.sc = static_cast<const uint2*>(p.scales) + nt * l.kc * 8 + l.g;
     tile.zr = kZeros ? static_cast<const uint2*>(p.zeros) + nt * l.kc * 8 + l.g : nullptr;
     return tile;
+}
+
+// Asks L2 for the lane's weight slots of the first `chunks` chunks of [c0, c1) of a tile (whose chunk-0 slot is
+// wq), before the kernel waits for the previous one (see kernels/common/launch.cuh).
+__device__ __forceinline__ void w4a16_prefetch(const uint4* wq, int c0, int c1, int chunks) {
+    for (int c = c0; c < min(c1, c0 + chunks); ++c) prefetch_l2(wq + static_cast<int64_t>(c) * 32);
 }
 
 // Writes one row tile's accumulators acc[j][e] (weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd

@@ -142,9 +142,7 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_
     const W4A16Tile tile = w4a16_tile<kZeros>(p, l, min(nt, l.ntiles - 1));
     // This warp's first two chunk sets into L2 before waiting for the previous kernel (which writes x): weights are
     // never written by a kernel of the step (see kernels/common/launch.cuh).
-    if (nt < l.ntiles) {
-        for (int c = l.c0; c < min(l.c1, l.c0 + 2 * kUnroll); ++c) prefetch_l2(tile.wq + static_cast<int64_t>(c) * 32);
-    }
+    if (nt < l.ntiles) w4a16_prefetch(tile.wq, l.c0, l.c1, 2 * kUnroll);
     pdl_begin();
 
     float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
@@ -263,9 +261,7 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_staged_kernel(const __grid_
     }
     // The first two stages' weights into L2 before waiting for the previous kernel (which writes x).
 #pragma unroll
-    for (int rt = 0; rt < kRT; ++rt) {
-        for (int c = c0; c < min(c1, c0 + 2 * kStage); ++c) prefetch_l2(wq[rt] + static_cast<int64_t>(c) * 32);
-    }
+    for (int rt = 0; rt < kRT; ++rt) w4a16_prefetch(wq[rt], c0, c1, 2 * kStage);
     pdl_begin();
     const auto* x = static_cast<const bf16*>(p.x);
 
