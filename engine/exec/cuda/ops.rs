@@ -303,6 +303,17 @@ fn linear_weight<'a>(
     }
 }
 
+/// Checks that projection `w`'s bf16 weight holds `n x kdim` values.
+fn check_dense(w: Linear, weight: &CudaSlice<bf16>, n: usize, kdim: usize) -> Result<()> {
+    if weight.len() != n * kdim {
+        return Err(Error::Backend(format!(
+            "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
+            weight.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A projection's weight, borrowed.
 enum WeightRef<'a> {
     Dense(&'a CudaSlice<bf16>),
@@ -544,12 +555,7 @@ impl Ops for CudaOps {
         };
         let q = match weight {
             WeightRef::Dense(weight) => {
-                if weight.len() != n * kdim {
-                    return Err(Error::Backend(format!(
-                        "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
-                        weight.len()
-                    )));
-                }
+                check_dense(w, weight, n, kdim)?;
                 return dense_linear(
                     &self.stream,
                     &self.blas,
@@ -675,12 +681,7 @@ impl Ops for CudaOps {
             WeightRef::Dense(weight) if fusable => {
                 check("silu_mul_linear act", act, rows, kdim)?;
                 check("silu_mul_linear out", out, rows, n)?;
-                if weight.len() != n * kdim {
-                    return Err(Error::Backend(format!(
-                        "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
-                        weight.len()
-                    )));
-                }
+                check_dense(w, weight, n, kdim)?;
                 self.quant.pending = None;
                 self.quant.last_linear = Some(w);
                 k::gemv::gemv_silu_mul(&self.stream, &gate_up.buf, weight, rows, kdim, n, &mut out.buf)
