@@ -123,17 +123,13 @@ impl W4A16Kernel {
         }
     }
 
-    /// The kernel [`Self::ENV`] names, read once per process; [`W4A16Kernel::Direct`] when it is unset or empty.
+    /// The kernel [`Self::ENV`] names (read once per process); [`W4A16Kernel::Direct`] when it is unset or empty.
     pub fn configured() -> crate::Result<Self> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<W4A16Kernel, String>> = std::sync::OnceLock::new();
-        let choice = CHOICE.get_or_init(|| match std::env::var(Self::ENV) {
-            Ok(v) if !v.trim().is_empty() => Self::parse(&v).map_err(|e| match e {
-                crate::Error::Request(msg) => msg,
-                other => other.to_string(),
-            }),
-            _ => Ok(W4A16Kernel::Direct),
-        });
-        choice.clone().map_err(crate::Error::Request)
+        static VALUE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        match VALUE.get_or_init(|| std::env::var(Self::ENV).ok().filter(|v| !v.trim().is_empty())) {
+            Some(v) => Self::parse(v),
+            None => Ok(W4A16Kernel::Direct),
+        }
     }
 
     /// Output rows per block at `m` rows of x, which is also the rows per split-K counter.
