@@ -81,18 +81,8 @@ fn compare(c: &Case, reference: &mut MllamaCpuExecutor, exec: &mut TpMllamaCpuEx
     let mask = c.model.mask(&c.ids, &c.images).unwrap();
     let last_row = mask.row(c.ids.len() - 1).to_vec();
     let mut alloc = BlockAllocator::new(reference.num_blocks(), BLOCK);
-    let mut tables = [Vec::new(), Vec::new()];
-    // The vision sequence's blocks first, so the two tables interleave in the pool.
-    alloc.ensure(&mut tables[1], c.ids.len() + DECODE_STEPS).unwrap();
-    alloc.ensure(&mut tables[0], text.len() + DECODE_STEPS).unwrap();
-    let prompts = [&text[..], &c.ids[..]];
-    let chunks = [0, 1].map(|s| SeqChunk {
-        tokens: prompts[s],
-        start_pos: 0,
-        block_table: &tables[s],
-        logits: LogitsWanted::All,
-    });
-    let step = build_step(&chunks, BLOCK).unwrap();
+    let tables = common::interleaved_tables(&mut alloc, [text.len() + DECODE_STEPS, c.ids.len() + DECODE_STEPS]);
+    let step = common::two_seq_step([&text, &c.ids], [0, 0], &tables, LogitsWanted::All, BLOCK);
     let images = [None, Some(SeqImages { key: IMAGES, mask: mask.data() })];
     let want = reference.step_with_images(&step, &images).unwrap().logits;
     let per_rank = exec.step_all_ranks(&step, &images).unwrap();
@@ -105,14 +95,7 @@ fn compare(c: &Case, reference: &mut MllamaCpuExecutor, exec: &mut TpMllamaCpuEx
     let mut next = [pick(&want, text.len() - 1), pick(&want, text.len() + c.ids.len() - 1)];
     let mut pos = [text.len(), c.ids.len()];
     for _ in 0..DECODE_STEPS {
-        let toks = [[next[0]], [next[1]]];
-        let chunks = [0, 1].map(|s| SeqChunk {
-            tokens: &toks[s],
-            start_pos: pos[s],
-            block_table: &tables[s],
-            logits: LogitsWanted::Last,
-        });
-        let step = build_step(&chunks, BLOCK).unwrap();
+        let step = common::two_seq_step([&[next[0]], &[next[1]]], pos, &tables, LogitsWanted::Last, BLOCK);
         let images = [None, Some(SeqImages { key: IMAGES, mask: &last_row })];
         let want = reference.step_with_images(&step, &images).unwrap().logits;
         let got = exec.step_with_images(&step, &images).unwrap().logits;

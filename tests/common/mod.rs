@@ -205,6 +205,32 @@ pub fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
     worst / scale
 }
 
+/// Block tables for a text-only sequence (0) and a vision sequence (1) with room for `lens[s]` tokens each; the
+/// vision sequence's blocks are allocated first, so the two tables interleave in the pool.
+pub fn interleaved_tables(alloc: &mut llama32::kv::BlockAllocator, lens: [usize; 2]) -> [Vec<u32>; 2] {
+    let mut tables = [Vec::new(), Vec::new()];
+    alloc.ensure(&mut tables[1], lens[1]).unwrap();
+    alloc.ensure(&mut tables[0], lens[0]).unwrap();
+    tables
+}
+
+/// One step of sequences 0 and 1: `tokens[s]` from position `start[s]` over `tables[s]`, with `logits` rows.
+pub fn two_seq_step(
+    tokens: [&[u32]; 2],
+    start: [usize; 2],
+    tables: &[Vec<u32>; 2],
+    logits: llama32::exec::generate::LogitsWanted,
+    block: usize,
+) -> llama32::exec::StepInput {
+    let chunks = [0, 1].map(|s| llama32::exec::generate::SeqChunk {
+        tokens: tokens[s],
+        start_pos: start[s],
+        block_table: &tables[s],
+        logits,
+    });
+    llama32::exec::generate::build_step(&chunks, block).unwrap()
+}
+
 /// A fresh temporary directory (`llama32-{tag}-{pid}`) holding a random Llama 3.2 Vision checkpoint: golden case
 /// `golden`'s config (and so its vision encoder) with an 8-query / 2-KV-head text model of `hidden` x `inter`,
 /// 4 layers, cross-attention at layers 1 and 3, weights drawn from `seed` (see [`write_random_vision_checkpoint`]).

@@ -21,7 +21,7 @@
 
 use std::path::PathBuf;
 
-use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
+use llama32::exec::generate::LogitsWanted;
 use llama32::exec::{Executor, StepInput};
 use llama32::kv::BlockAllocator;
 use llama32::sampling::argmax;
@@ -139,33 +139,16 @@ fn reference_steps(c: &Case) -> Steps {
     let mask = c.model.mask(&c.ids, &c.images).unwrap();
     let last_row = mask.row(c.ids.len() - 1).to_vec();
     let mut alloc = BlockAllocator::new(KV_TOKENS / BLOCK, BLOCK);
-    let mut tables = [Vec::new(), Vec::new()];
-    // The vision sequence's blocks first, so the two tables interleave in the pool.
-    alloc.ensure(&mut tables[1], c.ids.len() + DECODE_STEPS).unwrap();
-    alloc.ensure(&mut tables[0], text.len() + DECODE_STEPS).unwrap();
-    let prompts = [&text[..], &c.ids[..]];
-    let chunks = [0, 1].map(|s| SeqChunk {
-        tokens: prompts[s],
-        start_pos: 0,
-        block_table: &tables[s],
-        logits: LogitsWanted::All,
-    });
-    let mut s =
-        Steps { steps: vec![build_step(&chunks, BLOCK).unwrap()], masks: vec![mask.data().to_vec()], want: vec![] };
+    let tables = crate::common::interleaved_tables(&mut alloc, [text.len() + DECODE_STEPS, c.ids.len() + DECODE_STEPS]);
+    let prefill = crate::common::two_seq_step([&text, &c.ids], [0, 0], &tables, LogitsWanted::All, BLOCK);
+    let mut s = Steps { steps: vec![prefill], masks: vec![mask.data().to_vec()], want: vec![] };
     s.want.push(cpu.step_with_images(&s.steps[0], &s.images(0)).unwrap().logits);
     let vocab = c.cfg().text.base.vocab_size;
     let pick = |l: &[f32], row: usize| argmax(&l[row * vocab..(row + 1) * vocab]);
     let mut next = [pick(&s.want[0], text.len() - 1), pick(&s.want[0], text.len() + c.ids.len() - 1)];
     let mut pos = [text.len(), c.ids.len()];
     for _ in 0..DECODE_STEPS {
-        let toks = [[next[0]], [next[1]]];
-        let chunks = [0, 1].map(|q| SeqChunk {
-            tokens: &toks[q],
-            start_pos: pos[q],
-            block_table: &tables[q],
-            logits: LogitsWanted::Last,
-        });
-        s.steps.push(build_step(&chunks, BLOCK).unwrap());
+        s.steps.push(crate::common::two_seq_step([&[next[0]], &[next[1]]], pos, &tables, LogitsWanted::Last, BLOCK));
         s.masks.push(last_row.clone());
         let i = s.steps.len() - 1;
         let l = cpu.step_with_images(&s.steps[i], &s.images(i)).unwrap().logits;
