@@ -176,9 +176,9 @@ run() {
   # pattern, picks some), quant (W4A16/W4A8 kernel benches, their criterion group, the torch peers of that group and
   # 1B end to end in bf16 / W4A16 / W4A8), kernels (ignored kernel benches, criterion, PyTorch peers), vision (the 11B
   # vision benches), vquant (11B and 90B Vision in W4A16 on one GPU, loaded layer by layer; opt-in: not in the
-  # default list; LLAMA32_W4A16_KERNEL=pipelined runs it with the pipelined kernel), e2e (llama32 bench, offline
-  # throughput, bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=1, back to back, and the SwiGLU
-  # fusion's ablation). LLAMA32_SUITE_SECONDS bounds the whole
+  # default list; LLAMA32_W4A16_KERNEL=direct|pipelined forces one kernel), e2e (llama32 bench, offline
+  # throughput, bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=0, back to back, and the SwiGLU
+  # fusion against the default). LLAMA32_SUITE_SECONDS bounds the whole
   # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate
   # calls, tests first. GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group
   # (about two minutes) / the torch peers of the quant stage.
@@ -337,9 +337,12 @@ run() {
       "64 128 64 --quantize w4a8-g32"; do
       bench_e2e 60 "1b $q"
     done
-    # The same W4A16 rows with the pipelined decode kernel (LLAMA32_W4A16_KERNEL), side by side.
-    export LLAMA32_W4A16_KERNEL=pipelined
-    for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 60 "1b $q --quantize w4a16-g32"; done
+    # The same W4A16 rows with each decode kernel forced (LLAMA32_W4A16_KERNEL; the default picks per shape).
+    local kern
+    for kern in direct pipelined; do
+      export LLAMA32_W4A16_KERNEL=$kern
+      for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 60 "1b $q --quantize w4a16-g32"; done
+    done
     unset LLAMA32_W4A16_KERNEL
   fi
 
@@ -426,15 +429,15 @@ run() {
   fi
 
   if want pdl; then
-    # A/B of programmatic dependent launch on the decode-bound rows, each pair back to back (a short device call).
+    # A/B of programmatic dependent launch (on by default) on the decode-bound rows, each pair back to back.
     local spec
     for spec in "1b 1 128 64" "3b 1 128 64" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32"; do
       bench_e2e 120 "$spec"
-      LLAMA32_PDL=1 bench_e2e 120 "$spec"
+      LLAMA32_PDL=0 bench_e2e 120 "$spec"
     done
-    # The SwiGLU fusion (on by default) against its ablation, at batch 1 where it matters.
-    bench_e2e 120 "1b 1 128 64 --no-fused-swiglu"
-    bench_e2e 120 "3b 1 128 64 --no-fused-swiglu"
+    # The SwiGLU fusion (off by default) against the default, at batch 1 where it matters.
+    bench_e2e 120 "1b 1 128 64 --fused-swiglu"
+    bench_e2e 120 "3b 1 128 64 --fused-swiglu"
     # One line per pair: decode ms/step without / with each switch, from bench.jsonl.
     if [[ -f $logs/bench.jsonl ]]; then
       mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
@@ -464,13 +467,13 @@ PY
     # Each spec: preset, batch, prompt tokens, generated tokens, then extra flags (ablations of graphs / skinny GEMM).
     local spec line
     for spec in "1b 1 128 64" "1b 1 128 64 --no-skinny-gemm" "1b 1 128 64 --cuda-graph-max-batch 0" \
-      "1b 1 128 64 --no-fused-swiglu" \
+      "1b 1 128 64 --fused-swiglu" \
       "3b 1 128 64" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" "1b 1 128 64 --quantize w4a8-g32" \
       "1b 64 512 64 --quantize w4a8-g32"; do
       bench_e2e 180 "$spec"
     done
-    # Programmatic dependent launch (LLAMA32_PDL=1) on the decode-bound rows, beside the rows above.
-    export LLAMA32_PDL=1
+    # Without programmatic dependent launch (LLAMA32_PDL=0) on the decode-bound rows, beside the rows above.
+    export LLAMA32_PDL=0
     for spec in "1b 1 128 64" "3b 1 128 64" "1b 64 512 64"; do bench_e2e 180 "$spec"; done
     unset LLAMA32_PDL
 

@@ -188,7 +188,7 @@ impl CudaOps {
             generation: 0,
             capturing: false,
             skinny_gemm: true,
-            fuse_silu_gemv: true,
+            fuse_silu_gemv: false,
             quant: QuantState { fuse: true, ..QuantState::default() },
             tp: None,
         }

@@ -102,7 +102,7 @@ impl QuantBuffers {
                 moved |= self.ensure_acts(stream, rows, kdim, act_width, capturing)?;
             }
         } else if rows <= k::quant::MAX_DECODE_M {
-            let kernel = k::quant::W4A16Kernel::configured()?;
+            let kernel = k::quant::W4A16Kernel::configured(rows, n, kdim)?;
             let need = k::quant::w4a16_workspace(kernel, rows, n, kdim, num_sms);
             moved |= self.ensure_ws(stream, need, num_sms, capturing)?;
         } else {

@@ -84,9 +84,9 @@ pub fn supports(k: usize, group: usize) -> bool {
 
 /// Which W4A16 decode kernel [`w4a16_gemm`] runs. Both compute the same product over the same layout and give the
 /// same bits for the same split count; they differ in how the weight stream overlaps the arithmetic (see
-/// `kernels/quant/w4a16_pipelined.cu`). The environment variable [`W4A16Kernel::ENV`] (`direct` or `pipelined`)
-/// picks it for the whole process; the default is [`W4A16Kernel::Direct`], the kernel measured on a device, until
-/// a device run has measured the pipelined one side by side.
+/// `kernels/quant/w4a16_pipelined.cu`). By default each call picks by shape ([`W4A16Kernel::for_shape`], from the
+/// H200 measurements of 2026-11-27); the environment variable [`W4A16Kernel::ENV`] (`auto`, `direct` or
+/// `pipelined`) can force one for the whole process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A16Kernel {
     /// One 16-row tile per warp; every warp reads its activations; each chunk set is loaded, then computed.
@@ -97,7 +97,7 @@ pub enum W4A16Kernel {
 }
 
 impl W4A16Kernel {
-    /// The environment variable that picks the kernel: `direct` or `pipelined`.
+    /// The environment variable that picks the kernel: `auto` (the default), `direct` or `pipelined`.
     pub const ENV: &'static str = "LLAMA32_W4A16_KERNEL";
 
     /// Both kernels.
@@ -111,24 +111,52 @@ impl W4A16Kernel {
         }
     }
 
-    /// `direct` or `pipelined`.
-    pub fn parse(s: &str) -> crate::Result<Self> {
+    /// `direct` or `pipelined` (a forced kernel); `auto` is `None` (pick by shape).
+    pub fn parse(s: &str) -> crate::Result<Option<Self>> {
         match s.trim() {
-            "direct" => Ok(W4A16Kernel::Direct),
-            "pipelined" => Ok(W4A16Kernel::Pipelined),
+            "auto" => Ok(None),
+            "direct" => Ok(Some(W4A16Kernel::Direct)),
+            "pipelined" => Ok(Some(W4A16Kernel::Pipelined)),
             other => Err(crate::Error::Request(format!(
-                "{}: unknown W4A16 kernel {other:?} (expected `direct` or `pipelined`)",
+                "{}: unknown W4A16 kernel {other:?} (expected `auto`, `direct` or `pipelined`)",
                 Self::ENV
             ))),
         }
     }
 
-    /// The kernel [`Self::ENV`] names (read once per process); [`W4A16Kernel::Direct`] when it is unset or empty.
-    pub fn configured() -> crate::Result<Self> {
+    /// The kernel [`Self::ENV`] forces (read once per process), or `None` when it is unset, empty or `auto`.
+    pub fn forced() -> crate::Result<Option<Self>> {
         static VALUE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
         match VALUE.get_or_init(|| std::env::var(Self::ENV).ok().filter(|v| !v.trim().is_empty())) {
             Some(v) => Self::parse(v),
-            None => Ok(W4A16Kernel::Direct),
+            None => Ok(None),
+        }
+    }
+
+    /// The setting's name for reports: `auto`, `direct` or `pipelined`.
+    pub fn setting() -> crate::Result<&'static str> {
+        Ok(Self::forced()?.map_or("auto", Self::name))
+    }
+
+    /// The kernel for an `m x k` by `k x n` product: the forced one, else [`for_shape`](Self::for_shape).
+    pub fn configured(m: usize, n: usize, k: usize) -> crate::Result<Self> {
+        Ok(Self::forced()?.unwrap_or_else(|| Self::for_shape(m, n, k)))
+    }
+
+    /// The faster kernel at this shape, as measured on an H200 (2026-11-27, `cuda_quant::quant_throughput`, the
+    /// 1B / 11B / 90B projections at m = 1, 16, 64, `bench/results/`):
+    /// - pipelined at m <= 8 (where both kernels run one 8-token tile) when k >= 2 n, the down projections:
+    ///   1B 10.05 -> 9.62 us, 11B 22.9 -> 19.7 us, 90B 71.4 -> 55.0 us; with n > k (gate_up) it lost up to 25%;
+    /// - pipelined at m > 32 for wide, large matrices (n >= 4 k and n k >= 2^26): 11B gate_up 177 -> 168 us and
+    ///   90B gate_up 547 -> 487 us at m = 64, where 1B gate_up (2^25 weights) lost 16%;
+    /// - direct everywhere else, and at 8 < m <= 32 in particular, where the pipelined kernel lost 1.2-2.3x.
+    pub fn for_shape(m: usize, n: usize, k: usize) -> Self {
+        let down_like = m <= 8 && k >= 2 * n;
+        let wide = m > 32 && n >= 4 * k && n.saturating_mul(k) >= 1 << 26;
+        if down_like || wide {
+            W4A16Kernel::Pipelined
+        } else {
+            W4A16Kernel::Direct
         }
     }
 
@@ -151,11 +179,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn w4a16_kernel_for_shape_follows_the_measurements() {
+        use W4A16Kernel::{Direct, Pipelined};
+        // (m, n, k, kernel): the measured winners of 2026-11-27 (H200), at the 1B / 11B / 90B projections.
+        let cases = [
+            (1, 2048, 8192, Pipelined),   // 1B down
+            (1, 4096, 14336, Pipelined),  // 11B down
+            (1, 8192, 28672, Pipelined),  // 90B down
+            (8, 8192, 28672, Pipelined),  // the same 8-token tile
+            (1, 57344, 8192, Direct),     // 90B gate_up
+            (1, 16384, 2048, Direct),     // 1B gate_up
+            (1, 3072, 2048, Direct),      // 1B qkv
+            (16, 8192, 28672, Direct),    // 8 < m <= 32: direct
+            (32, 57344, 8192, Direct),    //
+            (64, 57344, 8192, Pipelined), // 90B gate_up
+            (64, 28672, 4096, Pipelined), // 11B gate_up
+            (64, 16384, 2048, Direct),    // 1B gate_up: too small
+            (64, 8192, 28672, Direct),    // 90B down
+        ];
+        for (m, n, k, want) in cases {
+            assert_eq!(W4A16Kernel::for_shape(m, n, k), want, "m {m} n {n} k {k}");
+        }
+    }
+
+    #[test]
     fn w4a16_kernel_names_round_trip_and_bad_names_are_refused() {
         for kernel in W4A16Kernel::ALL {
-            assert_eq!(W4A16Kernel::parse(kernel.name()).unwrap(), kernel);
+            assert_eq!(W4A16Kernel::parse(kernel.name()).unwrap(), Some(kernel));
         }
-        assert_eq!(W4A16Kernel::parse(" pipelined\n").unwrap(), W4A16Kernel::Pipelined);
+        assert_eq!(W4A16Kernel::parse(" pipelined\n").unwrap(), Some(W4A16Kernel::Pipelined));
+        assert_eq!(W4A16Kernel::parse("auto").unwrap(), None);
         let e = W4A16Kernel::parse("marlin").unwrap_err().to_string();
         assert!(e.contains(W4A16Kernel::ENV) && e.contains("marlin"), "{e}");
         // Block rows: 64 everywhere except the pipelined kernel's two-tile warps at 8 < m <= 32.

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 const MAX_SPLITS_ACCEPTED: usize = 65_535;
 
 /// `out[m, n] = x[m, k] @ dequant(w)^T` for a W4A16 `w` and `m` in `1..=64` (see the module docs), using `ws` for
-/// split-K, with the kernel [`W4A16Kernel::configured`] picks and the heuristic's split count. `x` and `w` must be
+/// split-K, with the kernel [`W4A16Kernel::configured`] picks for the shape and the heuristic's split count. `x` and `w` must be
 /// on `stream`'s device; `out` must not overlap `x`.
 ///
 /// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
@@ -25,7 +25,7 @@ pub fn w4a16_gemm(
     ws: &mut SplitKWorkspace,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    let choice = W4A16Choice { kernel: W4A16Kernel::configured()?, splits: None };
+    let choice = W4A16Choice { kernel: W4A16Kernel::configured(m, w.n, w.k)?, splits: None };
     w4a16_gemm_with(stream, x, w, m, ws, out, choice)
 }
 
