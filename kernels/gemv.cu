@@ -20,12 +20,15 @@
 //   - Rows past n and x rows past m are clamped to the last valid row (loads stay in bounds, the extra MMA columns
 //     and rows are discarded), so the main loop has no predicates; k is covered in steps of kUnroll * warps * 4
 //     vectors, and only the last, partial step checks each vector against k / 8 and zeroes what lies past it.
-//   - With x_silu_mul, x is a gate_up row pair: each x vector is computed from a 16-byte vector of gate and one of
-//     up as bf16(silu(gate) * up), the value l32_silu_mul writes (the same function, kernels/common/silu.cuh), so the
-//     SwiGLU kernel and its round trip through memory drop out of a decode step. Every block recomputes SiLU over
-//     all of x. The lanes of a warp that read the same x vector would compute it 8 times over; with one x row
-//     (m = 1, where every lane reads row 0) they instead compute one value each and gather the vector with 8
-//     shuffles, so a vector costs one SiLU per lane instead of eight.
+//   - With silu_pairs, w is SwiGLU's gate_up projection [2 n, k] and the output is silu(gate) * up [m, n]: a
+//     block takes 8 gate rows (MMA rows 0-7) and the 8 matching up rows (MMA rows 8-15), so a lane's two weight
+//     rows are gate j and up j, and the final reduction holds both sums of an output in one thread. It rounds
+//     each to bf16 (what the plain kernel writes) and applies l32_silu_mul's element function
+//     (kernels/common/silu.cuh): the bits of gemv then silu_mul, with one kernel and one [m, 2 n] round trip
+//     less, and one SiLU per output. Per element, an MMA's result depends only on its own row and column, and the
+//     warp split of k is the same (the block count is ceil(2 n / 16) either way), so nothing else changes.
+//     (An earlier version fused SwiGLU into the *down* projection's input instead: every block recomputed SiLU
+//     over all of x, which made the kernel ALU-bound and slower than two kernels on an H200.)
 //   - The warps' partial tiles meet in shared memory and are summed in warp order (deterministic), then each
 //     output is rounded to bf16 once.
 // Worked examples on an H100 (132 SMs), via gemv::warps_per_block: n = 2048 is 128 tiles, 16 warps each (one block
@@ -33,8 +36,8 @@
 // of 8 warps (two blocks per SM fit, so all run at once); n = 128256 is 8016 tiles of 8 warps.
 //
 // Registers from ptxas (CUDA 13.0, sm_80 / sm_89 / sm_90a), no spills, no stack frame, either warp count:
-// kTiles = 1: 114 / 114 / 116; kTiles = 2: 128 / 128 / 128 (the cap of two 256-thread blocks per SM); with
-// x_silu_mul (sm_80 / sm_90a) 80 / 85 and 102 / 100. ptxas unrolls
+// kTiles = 1: 114 / 114 / 116; kTiles = 2: 128 / 128 / 128 (the cap of two 256-thread blocks per SM); the
+// silu_pairs variants the same. ptxas unrolls
 // the main loop twice and issues the next step's loads before this step's MMAs, so up to 16 w vectors (256 bytes)
 // per lane are in flight. Shared memory: warps * kTiles * 8 * 16 * 4 bytes (4 to 16 KB). SASS (sm_90a): w loads are
 // LDG.E.NA.128.CONSTANT, x loads LDG.E.EL.128.CONSTANT, the products HMMA.16816.F32.BF16.
@@ -83,67 +86,25 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// The 8 bf16 values bf16(silu(g[i]) * u[i]) of two 16-byte vectors: what l32_silu_mul writes for them.
-__device__ __forceinline__ uint4 silu_mul_x8(const uint4& g, const uint4& u) {
-    BF16Vec<8> gv, uv, o;
-    memcpy(&gv, &g, sizeof g);
-    memcpy(&uv, &u, sizeof u);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) o.set(i, silu_mul_f32(gv.get(i), uv.get(i)));
-    uint4 r;
-    memcpy(&r, &o, sizeof r);
-    return r;
-}
-
-// One x row (m = 1), where the 8 lanes that share t need the same vector v: lane (g, t) computes its value g only
-// (one SiLU instead of eight), then the group gathers the 8 bf16 values by shuffles. Every lane of the warp must
-// call it (the shuffles); `valid` false (v past the row, the same for the whole group) gives zeros.
-__device__ __forceinline__ uint4 silu_mul_x8_shared(const uint4* row, int kv, int v, bool valid, int g, int t) {
-    uint32_t mine = 0;
-    if (valid) {
-        const auto* gate = reinterpret_cast<const unsigned short*>(row) + static_cast<int64_t>(v) * 8 + g;
-        const float gf = __bfloat162float(__ushort_as_bfloat16(__ldg(gate)));
-        const float uf = __bfloat162float(__ushort_as_bfloat16(__ldg(gate + static_cast<int64_t>(kv) * 8)));
-        mine = __bfloat16_as_ushort(__float2bfloat16_rn(silu_mul_f32(gf, uf)));
-    }
-    uint32_t h[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) h[e] = __shfl_sync(0xffffffffu, mine, 4 * e + t);
-    return make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
-}
-
 // One step of a lane: kUnroll vectors at positions base + (u * kWarps + warp) * 4 + t of its two w rows and its
 // kTiles x rows, loaded first (all in flight together), then two MMAs per vector and x tile. kTail: the step runs
-// past kv (k / 8 vectors per row), so each vector is checked and zeroed past the end. kSilu: an x row is a gate_up
-// row of 2 kv vectors, and its vector v is silu(gate[v]) * up[v] (gate at v, up at kv + v), rounded to bf16; with
-// one x row (`solo`, uniform over the block) the lanes share that work (silu_mul_x8_shared).
-template <int kTiles, int kWarps, bool kTail, bool kSilu>
+// past kv (k / 8 vectors per row), so each vector is checked and zeroed past the end.
+template <int kTiles, int kWarps, bool kTail>
 __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* w0, const uint4* w1,
-                                          const uint4* const (&xr)[kTiles], int base, int kv, int warp, int g, int t,
-                                          bool solo) {
+                                          const uint4* const (&xr)[kTiles], int base, int kv, int warp, int t) {
     uint4 a0[kUnroll], a1[kUnroll], b[kUnroll][kTiles];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
         const int v = base + (u * kWarps + warp) * 4 + t;
-        const bool valid = !kTail || v < kv;
-        if (valid) {
+        if (!kTail || v < kv) {
             a0[u] = ld_stream_16(w0 + v);
             a1[u] = ld_stream_16(w1 + v);
 #pragma unroll
-            for (int j = 0; j < kTiles; ++j) {
-                if constexpr (kSilu) {
-                    if (!solo) b[u][j] = silu_mul_x8(ld_reuse_16(xr[j] + v), ld_reuse_16(xr[j] + kv + v));
-                } else {
-                    b[u][j] = ld_reuse_16(xr[j] + v);
-                }
-            }
+            for (int j = 0; j < kTiles; ++j) b[u][j] = ld_reuse_16(xr[j] + v);
         } else {
             a0[u] = a1[u] = make_uint4(0, 0, 0, 0);
 #pragma unroll
             for (int j = 0; j < kTiles; ++j) b[u][j] = make_uint4(0, 0, 0, 0);
-        }
-        if constexpr (kSilu && kTiles == 1) {
-            if (solo) b[u][0] = silu_mul_x8_shared(xr[0], kv, v, valid, g, t);
         }
     }
 #pragma unroll
@@ -156,20 +117,22 @@ __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* 
     }
 }
 
-// Tier 1. grid = ceil(n / kRows), block = kWarps * 32. kTiles = ceil(m / 8) MMA column tiles of x rows. kSilu:
-// x is gate_up ([m, 2 k]) and the input is its SiLU * up (p.x_silu_mul).
+// Tier 1. grid = ceil(n / kRows) (kPairs: ceil(n / 8)), block = kWarps * 32. kTiles = ceil(m / 8) MMA column
+// tiles of x rows. kPairs (p.silu_pairs): w is a gate_up pair [2 n, k]; the block's MMA rows 0-7 are gate rows
+// n0 + 0..7 and rows 8-15 the up rows n + n0 + 0..7, so every output's gate and up sums meet in one thread.
 // With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
-template <int kTiles, int kWarps, bool kSilu>
+template <int kTiles, int kWarps, bool kPairs>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
     __shared__ float partial[kWarps][kTiles * 8][kRows];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
-    const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
+    const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (kPairs ? kRows / 2 : kRows);
     const int m = static_cast<int>(p.m);
     const int kv = static_cast<int>(p.k / 8);
 
     // Rows past n (last tile) and x rows past m read the last valid row; their results are never written.
-    const int64_t r0 = std::min(n0 + g, p.n - 1), r1 = std::min(n0 + g + 8, p.n - 1);
+    const int64_t r0 = std::min(n0 + g, p.n - 1);
+    const int64_t r1 = kPairs ? p.n + r0 : std::min(n0 + g + 8, p.n - 1);
     const auto* w = static_cast<const bf16*>(p.w);
     const auto* w0 = reinterpret_cast<const uint4*>(w + r0 * p.k);
     const auto* w1 = reinterpret_cast<const uint4*>(w + r1 * p.k);
@@ -188,8 +151,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
         const int row = std::min(g + 8 * j, m - 1);
-        const int64_t x_cols = kSilu ? 2 * p.k : p.k;
-        xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * x_cols);
+        xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k);
     }
 
     float acc[kTiles][4];
@@ -197,13 +159,10 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     constexpr int kStep = kUnroll * kWarps * 4;
     int base = 0;
-    const bool solo = m == 1;
-    for (; base + kStep <= kv; base += kStep) {
-        gemv_step<kTiles, kWarps, false, kSilu>(acc, w0, w1, xr, base, kv, warp, g, t, solo);
-    }
-    if (base < kv) gemv_step<kTiles, kWarps, true, kSilu>(acc, w0, w1, xr, base, kv, warp, g, t, solo);
+    for (; base + kStep <= kv; base += kStep) gemv_step<kTiles, kWarps, false>(acc, w0, w1, xr, base, kv, warp, t);
+    if (base < kv) gemv_step<kTiles, kWarps, true>(acc, w0, w1, xr, base, kv, warp, t);
 
-    // D[row][col] of tile j is w row n0 + row against x row 8 j + col.
+    // D[row][col] of tile j is MMA row `row` (w row r0 or r1) against x row 8 j + col.
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
         partial[warp][8 * j + 2 * t][g] = acc[j][0];
@@ -214,21 +173,37 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     __syncthreads();
     // kTiles * 8 * kRows <= 256 outputs, at most one per thread.
     const int i = threadIdx.x / kRows, c = threadIdx.x % kRows;
-    if (i >= m || n0 + c >= p.n) return;
-    float s = 0.f;
+    if constexpr (kPairs) {
+        // Gate (MMA row c) and up (row c + 8), each summed in warp order and rounded to bf16 as the plain kernel
+        // writes them, then SwiGLU's element function as l32_silu_mul computes it.
+        if (i >= m || c >= kRows / 2 || n0 + c >= p.n) return;
+        float gs = 0.f, us = 0.f;
 #pragma unroll
-    for (int q = 0; q < kWarps; ++q) s += partial[q][i][c];
-    static_cast<bf16*>(p.out)[static_cast<int64_t>(i) * p.n + n0 + c] = __float2bfloat16_rn(s);
+        for (int q = 0; q < kWarps; ++q) gs += partial[q][i][c];
+#pragma unroll
+        for (int q = 0; q < kWarps; ++q) us += partial[q][i][c + kRows / 2];
+        const float gate = __bfloat162float(__float2bfloat16_rn(gs));
+        const float up = __bfloat162float(__float2bfloat16_rn(us));
+        const bf16 o = __float2bfloat16_rn(silu_mul_f32(gate, up));
+        static_cast<bf16*>(p.out)[static_cast<int64_t>(i) * p.n + n0 + c] = o;
+    } else {
+        if (i >= m || n0 + c >= p.n) return;
+        float s = 0.f;
+#pragma unroll
+        for (int q = 0; q < kWarps; ++q) s += partial[q][i][c];
+        static_cast<bf16*>(p.out)[static_cast<int64_t>(i) * p.n + n0 + c] = __float2bfloat16_rn(s);
+    }
 }
 
 // Tier 2.
 template <int kTiles, int kWarps>
 l32_status launch(const l32_gemv_params& p, cudaStream_t stream) {
     static_assert(kTiles * 8 * kRows <= kWarps * 32, "one thread per output of the block");
-    const auto grid = static_cast<unsigned>((p.n + kRows - 1) / kRows);
-    if (p.x_silu_mul != 0) {
+    if (p.silu_pairs != 0) {
+        const auto grid = static_cast<unsigned>((p.n + kRows / 2 - 1) / (kRows / 2));
         launch_kernel(gemv_kernel<kTiles, kWarps, true>, grid, kWarps * 32, 0, stream, p);
     } else {
+        const auto grid = static_cast<unsigned>((p.n + kRows - 1) / kRows);
         launch_kernel(gemv_kernel<kTiles, kWarps, false>, grid, kWarps * 32, 0, stream, p);
     }
     return check_launch();
@@ -244,7 +219,9 @@ extern "C" l32_status l32_gemv(const l32_gemv_params* params, void* stream) {
     if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
     if (p.out == nullptr || p.x == nullptr || p.w == nullptr) return L32_INVALID_ARGUMENT;
     if (p.m <= 0 || p.k <= 0 || p.n < 0) return L32_INVALID_ARGUMENT;
-    if (p.m > 16 || p.k % 8 != 0 || p.k > l32::kMaxK || p.n > INT_MAX) return L32_UNSUPPORTED;
+    if (p.m > 16 || p.k % 8 != 0 || p.k > l32::kMaxK || p.n > INT_MAX / (p.silu_pairs != 0 ? 2 : 1)) {
+        return L32_UNSUPPORTED;
+    }
     if (!l32::is_aligned(p.x, 16) || !l32::is_aligned(p.w, 16)) return L32_UNSUPPORTED;
     if (p.warps != 8 && p.warps != 16) return L32_UNSUPPORTED;
     if (p.n == 0) return L32_OK;

@@ -342,10 +342,11 @@ typedef struct l32_gemv_params {
     int64_t n;              /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
     int32_t warps;          /**< warps per block, which split k: 8 or 16 (the Rust heuristic gemv::warps_per_block) */
     /**
-     * 0: x is [m, k]. 1: x is a SwiGLU input gate_up [m, 2 k] (gate in columns 0..k, up in k..2k) and the product
-     * uses bf16(silu(gate) * up), bit for bit what l32_silu_mul writes, so gemv(silu_mul(gate_up)) in one kernel.
+     * 0: w is [n, k] and out = x @ w^T. 1: w is SwiGLU's gate_up [2 n, k] (gate rows 0..n, up rows n..2n, n at
+     * most 2^30 - 1) and out[i, j] = bf16(silu(g) * u) with g, u the bf16 outputs the plain kernel would write
+     * for gate row j and up row j: bit for bit l32_silu_mul after l32_gemv, in one kernel.
      */
-    int32_t x_silu_mul;
+    int32_t silu_pairs;
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_gemv_params;
 

@@ -106,9 +106,8 @@ pub struct ModelArgs {
     /// Use cuBLASLt for every projection, not the skinny GEMM kernel for decode-sized batches (CUDA only).
     #[arg(long)]
     pub no_skinny_gemm: bool,
-    /// Compute SiLU * up inside the skinny GEMM of the bf16 down projection instead of as its own kernel (CUDA
-    /// only; the same results). Off by default: it measured slower (H200, 2026-11-27: 3B batch-1 decode 2.56 ->
-    /// 2.80 ms/step), because every block recomputes SiLU over all of its input.
+    /// Compute SiLU * up in the epilogue of the decode gate_up projection (bf16 skinny GEMM) instead of as its own
+    /// kernel (CUDA only; the same results).
     #[arg(long)]
     pub fused_swiglu: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.

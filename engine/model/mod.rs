@@ -73,17 +73,18 @@ pub trait Ops {
     fn attention(&mut self, layer: usize, qkv: &Self::Act, step: &StepInput, out: &mut Self::Act) -> Result<()>;
     /// `out = silu(gate) * up` over fused `[rows, 2 * inter]` input.
     fn silu_mul(&mut self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
-    /// `out = silu_mul(gate_up) @ W^T`, with `act` as the `[rows, inter]` buffer between the two. A backend may do
-    /// both in one kernel and leave `act` unwritten; the result must be what the two calls give.
-    fn silu_mul_linear(
+    /// `out = silu_mul(x @ W^T)` for SwiGLU's fused gate_up projection `w`, with `gate_up` as the `[rows,
+    /// 2 * inter]` buffer between the two. A backend may do both in one kernel and leave `gate_up` unwritten; the
+    /// result must be what the two calls give.
+    fn linear_silu_mul(
         &mut self,
-        gate_up: &Self::Act,
+        x: &Self::Act,
         w: Linear,
-        act: &mut Self::Act,
+        gate_up: &mut Self::Act,
         out: &mut Self::Act,
     ) -> Result<()> {
-        self.silu_mul(gate_up, act)?;
-        self.linear(act, w, out)
+        self.linear(x, w, gate_up)?;
+        self.silu_mul(gate_up, out)
     }
     /// `out[i] = x[rows[i]]`.
     fn gather_rows(&mut self, x: &Self::Act, rows: &[u32], out: &mut Self::Act) -> Result<()>;
@@ -169,8 +170,8 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
         ops.linear(&attn, Linear::O(l), &mut delta)?;
         ops.all_reduce(&mut delta)?;
         ops.add_rms_norm(&mut x, &delta, Norm::Mlp(l), &mut h)?;
-        ops.linear(&h, Linear::GateUp(l), &mut gate_up)?;
-        ops.silu_mul_linear(&gate_up, Linear::Down(l), &mut act, &mut delta)?;
+        ops.linear_silu_mul(&h, Linear::GateUp(l), &mut gate_up, &mut act)?;
+        ops.linear(&act, Linear::Down(l), &mut delta)?;
         ops.all_reduce(&mut delta)?;
     }
     let rows = step.logits_rows.len();

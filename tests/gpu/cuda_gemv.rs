@@ -17,7 +17,7 @@ use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use llama32::ops::cpu::linear::linear;
-use llama32::ops::cuda::gemv::{gemv, gemv_silu_mul, supports};
+use llama32::ops::cuda::gemv::{gemv, gemv_gate_up_silu, supports};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -127,49 +127,52 @@ fn gemv_matches_cpu() {
     }
 }
 
-/// `gemv_silu_mul` is `silu_mul` followed by `gemv`, bit for bit: gate_up rows whose gate values span the range where
-/// SiLU bends (and very negative ones, where expf overflows to inf and SiLU is -0), on the 1B/3B down shapes and odd
-/// ones (tail steps, partial tiles), every m in 1..=16 on the small shapes.
+/// `gemv_gate_up_silu` is `gemv` over all 2 n rows followed by `silu_mul`, bit for bit: x positive, so that gate row
+/// j (a constant times 1 + noise) sums to about `level[j]`, from -100 (expf overflows to inf and SiLU is -0) through
+/// the range where SiLU bends; up rows random. On the 1B/3B/11B gate_up shapes at decode batch sizes (n = inter)
+/// and odd ones (tail steps, partial tiles, n not a multiple of 8), every m in 1..=16 on the small shapes.
 #[test]
-fn gemv_silu_mul_equals_silu_mul_then_gemv() {
+fn gemv_gate_up_silu_equals_gemv_then_silu_mul() {
     let Some(stream) = stream() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let shapes = [(8192usize, 2048usize), (8192, 3072), (2048, 7), (24, 17), (2056, 33), (4120, 130), (8, 1)];
+    let shapes = [(2048usize, 8192usize), (3072, 8192), (4096, 14336), (2048, 7), (24, 17), (2056, 33), (8, 1)];
     for (k, n) in shapes {
-        let w_d = upload(&stream, &random_rows(&mut rng, n, k, (-2.0, 0.0), false));
-        let ms: Vec<usize> = if k * n > 1 << 22 { vec![1, 3, 8, 16] } else { (1..=16).collect() };
+        // w: gate rows 0..n, then up rows n..2n.
+        let mut w = Vec::with_capacity(2 * n * k);
+        for j in 0..n {
+            let level = if j % 7 == 0 { -100.0 } else { rng.random_range(-12.0f32..12.0) };
+            w.extend((0..k).map(|_| bf16::from_f32(level / k as f32 * (1.0 + 0.1 * rng.random_range(-1.0f32..1.0)))));
+        }
+        w.extend(random_rows(&mut rng, n, k, (-2.0, 0.0), false));
+        let w_d = upload(&stream, &w);
+        let ms: Vec<usize> = if k * n > 1 << 22 { vec![1, 3, 8, 9, 16] } else { (1..=16).collect() };
         for m in ms {
-            let what = format!("gemv_silu_mul m {m} k {k} n {n}");
-            // gate_up rows: gate in [-12, 12] times a row scale (row 0: -100, the overflow side), up gaussian.
-            let mut gate_up = random_rows(&mut rng, 16, 2 * k, (-1.0, 1.0), true);
-            for r in 0..16 {
-                for c in 0..k {
-                    let g = if r == 0 { -100.0 } else { rng.random_range(-12.0f32..12.0) };
-                    gate_up[r * 2 * k + c] = bf16::from_f32(g);
-                }
-            }
-            let gu_d = upload(&stream, &gate_up);
-            let mut act = upload(&stream, &vec![bf16::NAN; m * k]);
-            llama32::ops::cuda::activation::silu_mul(&stream, &gu_d.slice(..m * 2 * k), k, &mut act.slice_mut(..))
-                .unwrap();
+            let what = format!("gemv_gate_up_silu m {m} k {k} n {n}");
+            let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.random_range(0.5f32..1.5))).collect();
+            let x_d = upload(&stream, &x);
+            let mut gate_up = upload(&stream, &vec![bf16::NAN; m * 2 * n]);
+            gemv(&stream, &x_d, &w_d, m, k, 2 * n, &mut gate_up).unwrap();
             let mut want = upload(&stream, &vec![bf16::NAN; m * n]);
-            gemv(&stream, &act, &w_d, m, k, n, &mut want).unwrap();
+            llama32::ops::cuda::activation::silu_mul(&stream, &gate_up, n, &mut want).unwrap();
             let mut got = upload(&stream, &vec![bf16::NAN; m * n + 64]);
-            gemv_silu_mul(&stream, &gu_d, &w_d, m, k, n, &mut got).unwrap_or_else(|e| panic!("{what}: {e}"));
+            gemv_gate_up_silu(&stream, &x_d, &w_d, m, k, n, &mut got).unwrap_or_else(|e| panic!("{what}: {e}"));
             let (want, got) = (download(&stream, &want), download(&stream, &got));
             assert!(got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past m x n");
             if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-                panic!("{what}: out[{}, {}] = {} but silu_mul + gemv = {}", i / n, i % n, got[i], want[i]);
+                panic!("{what}: out[{}, {}] = {} but gemv + silu_mul = {}", i / n, i % n, got[i], want[i]);
             }
+            // Both sides are exercised: zeros from the overflow rows (every 7th) and nonzero outputs elsewhere.
+            let zeros = want.iter().filter(|v| v.to_f32() == 0.0).count();
+            assert!(zeros >= m * n.div_ceil(7) && (n < 2 || zeros < m * n), "{what}: {zeros} zeros");
         }
-        eprintln!("gemv_silu_mul k {k} n {n}: bitwise equal to silu_mul + gemv");
+        eprintln!("gemv_gate_up_silu k {k} n {n}: bitwise equal to gemv + silu_mul");
     }
-    // gate_up shorter than m x 2k is refused by name.
-    let gu = upload(&stream, &vec![bf16::ONE; 2 * 64 - 1]);
-    let w = upload(&stream, &vec![bf16::ONE; 64 * 4]);
+    // A weight shorter than 2 n x k is refused by name.
+    let x = upload(&stream, &[bf16::ONE; 64]);
+    let w = upload(&stream, &vec![bf16::ONE; 2 * 4 * 64 - 1]);
     let mut out = upload(&stream, &[bf16::NAN; 4]);
-    let e = gemv_silu_mul(&stream, &gu, &w, 1, 64, 4, &mut out).unwrap_err().to_string();
-    assert!(e.contains("`gate_up`"), "{e}");
+    let e = gemv_gate_up_silu(&stream, &x, &w, 1, 64, 4, &mut out).unwrap_err().to_string();
+    assert!(e.contains("`w`") && e.contains("8 x 64"), "{e}");
 }
 
 #[test]
@@ -301,18 +304,18 @@ fn gemv_throughput() {
         for m in [1, 8] {
             let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 1.0), true));
             let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+            let was = llama32::ops::cuda::programmatic_launch();
+            llama32::ops::cuda::set_programmatic_launch(false).expect("PDL off");
             let ours = time_graph(&stream, &mut |i| {
                 gemv(&stream, &x, &ws[i % copies], m, k, n, &mut out).expect("gemv");
             });
             let theirs = time_graph(&stream, &mut |i| cublaslt_gemm(&blas, &x, &ws[i % copies], (m, k, n), &mut out));
             // The same graph with programmatic dependent launch: each call's launch and first weights overlap the
             // previous call's tail.
-            let was = llama32::ops::cuda::programmatic_launch();
             llama32::ops::cuda::set_programmatic_launch(true).expect("PDL on");
             let pdl = time_graph(&stream, &mut |i| {
                 gemv(&stream, &x, &ws[i % copies], m, k, n, &mut out).expect("gemv");
             });
-            llama32::ops::cuda::set_programmatic_launch(was).expect("PDL back");
             let gbs = |s: f64| bytes as f64 / s / 1e9;
             eprintln!(
                 "gemv m {m:>2} k {k:>4} n {n:>6} ({copies:>2} copies): {:7.2} us {:6.0} GB/s | cuBLASLt {:7.2} us {:6.0} GB/s | {:.2}x | PDL {:7.2} us {:6.0} GB/s",
@@ -324,6 +327,25 @@ fn gemv_throughput() {
                 pdl * 1e6,
                 gbs(pdl)
             );
+            if n == 16_384 {
+                // The 1B/3B gate_up (inter 8192): gemv + silu_mul against the fused epilogue, both under PDL.
+                let inter = n / 2;
+                let mut act = stream.alloc_zeros::<bf16>(m * inter).expect("alloc");
+                let two = time_graph(&stream, &mut |i| {
+                    gemv(&stream, &x, &ws[i % copies], m, k, n, &mut out).expect("gemv");
+                    llama32::ops::cuda::activation::silu_mul(&stream, &out, inter, &mut act).expect("silu_mul");
+                });
+                let fused = time_graph(&stream, &mut |i| {
+                    gemv_gate_up_silu(&stream, &x, &ws[i % copies], m, k, inter, &mut act).expect("fused");
+                });
+                eprintln!(
+                    "gemv m {m:>2} k {k:>4} gate_up {n:>6}: gemv + silu_mul {:7.2} us | gemv_gate_up_silu {:7.2} us | {:.2}x",
+                    two * 1e6,
+                    fused * 1e6,
+                    two / fused
+                );
+            }
+            llama32::ops::cuda::set_programmatic_launch(was).expect("PDL back");
         }
     }
 }

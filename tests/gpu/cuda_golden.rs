@@ -315,8 +315,8 @@ fn cuda_programmatic_launch_changes_no_bit() {
     llama32::ops::cuda::set_programmatic_launch(was).unwrap();
 }
 
-/// The SwiGLU fusion into the down projection's skinny GEMM changes no bit: decode steps (batches of 1 to 5 rows,
-/// eager and from graphs) with and without it give the same logits.
+/// The SwiGLU fusion into the gate_up projection's skinny GEMM changes no bit: decode steps (batches of 1 to 5
+/// rows, eager and from graphs) with and without it give the same logits.
 #[test]
 fn cuda_silu_gemv_fusion_changes_no_bit() {
     if !device_ready() {
@@ -324,7 +324,7 @@ fn cuda_silu_gemv_fusion_changes_no_bit() {
     }
     assert_switch_changes_no_bit("the SwiGLU fusion", &|case, ckpt, opts, on| {
         let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap();
-        exec.set_fuse_silu_gemv(on);
+        exec.set_fuse_swiglu(on);
         exec
     });
 }

@@ -43,8 +43,8 @@ pub struct CudaOptions {
     pub max_graph_batch: usize,
     /// Run projections of up to 16 rows with the skinny GEMM kernel instead of cuBLASLt.
     pub skinny_gemm: bool,
-    /// With the skinny GEMM, apply SiLU * up inside the bf16 down projection's kernel instead of a kernel of its
-    /// own (the same bits; see [`CudaExecutor::set_fuse_silu_gemv`]).
+    /// With the skinny GEMM, apply SiLU * up in the epilogue of the bf16 gate_up projection instead of a kernel of
+    /// its own (the same bits; see [`CudaExecutor::set_fuse_swiglu`]).
     pub fuse_swiglu: bool,
 }
 
@@ -297,10 +297,10 @@ impl CudaExecutor {
         self.graphs.clear();
     }
 
-    /// Turns the SwiGLU fusion into the bf16 down projection's skinny GEMM on or off (off by default, measured
-    /// slower; off runs the SiLU * up kernel and then the GEMM, with the same bits).
-    pub fn set_fuse_silu_gemv(&mut self, on: bool) {
-        self.ops.fuse_silu_gemv = on;
+    /// Turns the SwiGLU fusion into the bf16 gate_up projection's skinny GEMM on or off ([`CudaOptions::fuse_swiglu`];
+    /// off runs the GEMM and then the SiLU * up kernel, with the same bits).
+    pub fn set_fuse_swiglu(&mut self, on: bool) {
+        self.ops.fuse_swiglu = on;
         self.graphs.clear();
     }
 
@@ -396,7 +396,7 @@ impl CudaExecutor {
             device_name,
         );
         ops.skinny_gemm = opts.skinny_gemm;
-        ops.fuse_silu_gemv = opts.fuse_swiglu;
+        ops.fuse_swiglu = opts.fuse_swiglu;
         let ids = ops.stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))?;
         Ok(CudaExecutor { ops, max_graph_batch: opts.max_graph_batch, max_blocks_per_seq, graphs: HashMap::new(), ids })
     }

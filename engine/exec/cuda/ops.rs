@@ -118,9 +118,9 @@ pub struct CudaOps {
     pub(super) capturing: bool,
     /// Use `kernels/gemv.cu` for projections of up to 16 rows.
     pub(super) skinny_gemm: bool,
-    /// With the skinny GEMM, apply SwiGLU inside the bf16 down projection's kernel (`gemv_silu_mul`) instead of a
-    /// separate SiLU * up kernel: the same bits, one launch less per layer (default on).
-    pub(super) fuse_silu_gemv: bool,
+    /// With the skinny GEMM, apply SwiGLU in the epilogue of the bf16 gate_up projection (`gemv_gate_up_silu`)
+    /// instead of a kernel of its own (the same bits).
+    pub(super) fuse_swiglu: bool,
     /// Quantized projections' buffers and fused-quantization state.
     pub(super) quant: QuantState,
     /// Set on a tensor-parallel rank: the communicator behind the [`Ops`] hooks and the rank's vocabulary slice.
@@ -188,7 +188,7 @@ impl CudaOps {
             generation: 0,
             capturing: false,
             skinny_gemm: true,
-            fuse_silu_gemv: false,
+            fuse_swiglu: false,
             quant: QuantState { fuse: true, ..QuantState::default() },
             tp: None,
         }
@@ -667,28 +667,27 @@ impl Ops for CudaOps {
         )
     }
 
-    fn silu_mul_linear(&mut self, gate_up: &CudaAct, w: Linear, act: &mut CudaAct, out: &mut CudaAct) -> Result<()> {
-        // A bf16 projection on the skinny GEMM reads SiLU * up straight from gate_up (gemv_silu_mul); everything
-        // else (quantized weights, where W4A8 fuses its own way, or cuBLASLt batches) takes the two calls.
+    fn linear_silu_mul(&mut self, x: &CudaAct, w: Linear, gate_up: &mut CudaAct, out: &mut CudaAct) -> Result<()> {
+        // A bf16 gate_up on the skinny GEMM applies SwiGLU in its epilogue (gemv_gate_up_silu); everything else
+        // (quantized weights, where W4A8 fuses its own way, or cuBLASLt batches) takes the two calls.
         let (weight, n) = linear_weight(&self.cfg, &self.layers, self.lm_head.as_ref().unwrap_or(&self.embed), w);
-        let (rows, kdim) = (gate_up.rows, gate_up.cols / 2);
-        let fusable = self.fuse_silu_gemv
+        let (rows, kdim, inter) = (x.rows, x.cols, n / 2);
+        let fusable = self.fuse_swiglu
             && self.skinny_gemm
-            && gate_up.cols == 2 * kdim
-            && act.cols == kdim
+            && n == 2 * inter
+            && out.cols == inter
             && k::gemv::supports(rows, kdim);
         match weight {
             WeightRef::Dense(weight) if fusable => {
-                check("silu_mul_linear act", act, rows, kdim)?;
-                check("silu_mul_linear out", out, rows, n)?;
+                check("linear_silu_mul out", out, rows, inter)?;
                 check_dense(w, weight, n, kdim)?;
                 self.quant.pending = None;
                 self.quant.last_linear = Some(w);
-                k::gemv::gemv_silu_mul(&self.stream, &gate_up.buf, weight, rows, kdim, n, &mut out.buf)
+                k::gemv::gemv_gate_up_silu(&self.stream, &x.buf, weight, rows, kdim, inter, &mut out.buf)
             }
             _ => {
-                self.silu_mul(gate_up, act)?;
-                self.linear(act, w, out)
+                self.linear(x, w, gate_up)?;
+                self.silu_mul(gate_up, out)
             }
         }
     }

@@ -58,40 +58,42 @@ pub fn gemv(
     gemv_impl("gemv", stream, (x, false), w, (m, k, n), out)
 }
 
-/// [`gemv`] of SwiGLU's output without writing it: `out = silu_mul(gate_up) @ w^T`, where `gate_up` is
-/// `[m, 2 k]` (gate in columns `0..k`, up in `k..2k`) and each input value is `bf16(silu(gate) * up)`, computed in
-/// the kernel exactly as [`super::activation::silu_mul`] computes it. So the result has the bits of `silu_mul`
-/// followed by [`gemv`], with one launch and no round trip of the `[m, k]` activation through memory.
+/// SwiGLU's gate_up projection and activation in one kernel: `out[i, j] = bf16(silu(g) * u)`, where `g` and `u`
+/// are the bf16 outputs [`gemv`] gives for rows `j` and `n + j` of `w` (`[2 n, k]`: gate rows, then up rows).
+/// The bits are those of [`gemv`] into a `[m, 2 n]` buffer followed by [`super::activation::silu_mul`], with one
+/// launch and no round trip of that buffer through memory.
 ///
-/// `gate_up` must hold at least `m * 2 k` elements and start 16-byte aligned; the rest is as in [`gemv`].
-pub fn gemv_silu_mul(
+/// `w` must hold at least `2 n * k` elements and `out` `m * n`; `n` at most 2^30 - 1; the rest is as in [`gemv`].
+pub fn gemv_gate_up_silu(
     stream: &CudaStream,
-    gate_up: &impl DevicePtr<bf16>,
+    x: &impl DevicePtr<bf16>,
     w: &impl DevicePtr<bf16>,
     m: usize,
     k: usize,
     n: usize,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    gemv_impl("gemv_silu_mul", stream, (gate_up, true), w, (m, k, n), out)
+    gemv_impl("gemv_gate_up_silu", stream, (x, true), w, (m, k, n), out)
 }
 
-/// The checked launch behind [`gemv`] and [`gemv_silu_mul`] (`silu`: x is gate_up, `[m, 2 k]`).
+/// The checked launch behind [`gemv`] and [`gemv_gate_up_silu`] (`pairs`: `w` is `[2 n, k]`, gate then up).
 fn gemv_impl(
     op: &str,
     stream: &CudaStream,
-    (x, silu): (&impl DevicePtr<bf16>, bool),
+    (x, pairs): (&impl DevicePtr<bf16>, bool),
     w: &impl DevicePtr<bf16>,
     (m, k, n): (usize, usize, usize),
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
     super::ensure_built()?;
-    check_shapes(op, (m, k, n), (x.len(), w.len(), out.len()), silu)?;
+    check_shapes(op, (m, k, n), (x.len(), w.len(), out.len()), pairs)?;
     super::check_same_device(op, stream, &[("x", x.stream()), ("w", w.stream()), ("out", out.stream())])?;
     if n == 0 {
         return Ok(());
     }
-    let warps = warps_per_block(n, num_sms(stream)?);
+    // The warp count of the plain gemv over all 2 n rows, so the k split (and the bits) are the same.
+    let rows = if pairs { 2 * n } else { n };
+    let warps = warps_per_block(rows, num_sms(stream)?);
     let (x, _x) = x.device_ptr(stream);
     let (w, _w) = w.device_ptr(stream);
     for (name, ptr) in [("x", x), ("w", w)] {
@@ -100,7 +102,7 @@ fn gemv_impl(
         }
     }
     let (out, _out) = out.device_ptr_mut(stream);
-    launch(op, stream, &GemvLaunch { out, x, w, m, k, n, warps, silu })
+    launch(op, stream, &GemvLaunch { out, x, w, m, k, n, warps, pairs })
 }
 
 /// Streaming multiprocessors of the stream's device.
@@ -113,12 +115,12 @@ fn num_sms(stream: &CudaStream) -> Result<usize> {
     Ok(n.max(1) as usize)
 }
 
-/// Checks the dimensions `(m, k, n)` and the operand lengths `(x, w, out)`; with `silu`, x is `[m, 2 k]`.
+/// Checks the dimensions `(m, k, n)` and the operand lengths `(x, w, out)`; with `pairs`, w is `[2 n, k]`.
 fn check_shapes(
     op: &str,
     (m, k, n): (usize, usize, usize),
     (x, w, out): (usize, usize, usize),
-    silu: bool,
+    pairs: bool,
 ) -> Result<()> {
     let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
     if !(1..=MAX_M).contains(&m) {
@@ -127,19 +129,16 @@ fn check_shapes(
     if k == 0 || k % 8 != 0 || k > MAX_K {
         return fail(format!("k is {k}, must be a positive multiple of 8 up to 2^24"));
     }
-    if n > MAX_N {
-        return fail(format!("n is {n}, at most 2^31-1 is supported"));
+    let max_n = if pairs { MAX_N / 2 } else { MAX_N };
+    if n > max_n {
+        return fail(format!("n is {n}, at most {max_n} is supported"));
     }
     let need = |name: &str, have: usize, rows: usize, cols: usize| match rows.checked_mul(cols) {
         Some(len) if have >= len => Ok(()),
         _ => fail(format!("`{name}` has {have} elements, needs at least {rows} x {cols}")),
     };
-    if silu {
-        need("gate_up", x, m, 2 * k)?;
-    } else {
-        need("x", x, m, k)?;
-    }
-    need("w", w, n, k)?;
+    need("x", x, m, k)?;
+    need("w", w, if pairs { 2 * n } else { n }, k)?;
     need("out", out, m, n)
 }
 
@@ -153,14 +152,14 @@ struct GemvLaunch {
     k: usize,
     n: usize,
     warps: usize,
-    silu: bool,
+    pairs: bool,
 }
 
 #[cfg(llama32_cuda)]
 fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch) -> Result<()> {
     use super::ffi;
     use std::ffi::c_void;
-    // All fit in their C types: check_shapes bounds m by 16, k by 2^24 and n by 2^31 - 1; warps is 8 or 16.
+    // All fit in their C types: check_shapes bounds m by 16, k by 2^24 and n by 2^31 - 1 (2^30 - 1 with pairs); warps is 8 or 16.
     let params = ffi::l32_gemv_params {
         out: l.out as *mut c_void,
         x: l.x as *const c_void,
@@ -169,12 +168,12 @@ fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch) -> Result<()> {
         k: l.k as i64,
         n: l.n as i64,
         warps: l.warps as i32,
-        x_silu_mul: i32::from(l.silu),
+        silu_pairs: i32::from(l.pairs),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: the three pointers come from live device slices on this stream's device whose lengths check_shapes
-    // matched to at least m x k, n x k and m x n; x and w were checked 16-byte aligned; the caller holds the slices'
+    // matched to at least m x k, n x k (2 n x k with pairs) and m x n; x and w were checked 16-byte aligned; the caller holds the slices'
     // stream guards until after this launch.
     let status = unsafe { ffi::l32_gemv(&params, raw) };
     super::check_launch(op, stream, status, || format!("{op} (m {}, k {}, n {})", l.m, l.k, l.n))
@@ -219,8 +218,8 @@ mod tests {
         assert!(check_shapes("op", (3, 16, 5), (48, 80, 15), false).is_ok());
         assert!(check_shapes("op", (3, 16, 5), (100, 100, 100), false).is_ok());
         assert!(check_shapes("op", (16, 8, 0), (128, 0, 0), false).is_ok());
-        // SwiGLU input: gate_up holds 2 k columns per row.
-        assert!(check_shapes("op", (3, 16, 5), (96, 80, 15), true).is_ok());
+        // SwiGLU pairs: w holds 2 n rows.
+        assert!(check_shapes("op", (3, 16, 5), (48, 160, 15), true).is_ok());
     }
 
     #[test]
@@ -233,7 +232,9 @@ mod tests {
         assert!(err((3, 16, 5), (47, 80, 15)).contains("`x`"));
         assert!(err((3, 16, 5), (48, 79, 15)).contains("`w`"));
         assert!(err((3, 16, 5), (48, 80, 14)).contains("`out`"));
-        let e = check_shapes("op", (3, 16, 5), (95, 80, 15), true).unwrap_err().to_string();
-        assert!(e.contains("`gate_up` has 95 elements, needs at least 3 x 32"), "{e}");
+        let e = check_shapes("op", (3, 16, 5), (48, 159, 15), true).unwrap_err().to_string();
+        assert!(e.contains("`w` has 159 elements, needs at least 10 x 16"), "{e}");
+        let e = check_shapes("op", (1, 16, 1 << 30), (16, usize::MAX, usize::MAX), true).unwrap_err().to_string();
+        assert!(e.contains("n is 1073741824, at most 1073741823"), "{e}");
     }
 }

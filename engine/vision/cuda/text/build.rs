@@ -72,7 +72,7 @@ pub struct MllamaCudaOptions {
     pub cross_tiles: usize,
     /// Run projections of up to 16 rows with the skinny GEMM kernel.
     pub skinny_gemm: bool,
-    /// With the skinny GEMM, apply SiLU * up inside the bf16 down projection's kernel (the same bits).
+    /// With the skinny GEMM, apply SiLU * up in the epilogue of the bf16 gate_up projection (the same bits).
     pub fuse_swiglu: bool,
     /// Capture decode steps of up to this many sequences as CUDA graphs, one per batch bucket (as the text
     /// executor's `--cuda-graph-max-batch`); 0 runs every step eagerly. A tensor-parallel rank always runs eagerly.

@@ -172,24 +172,24 @@ impl MllamaCudaExecutor {
                 Ok::<(), Error>(())
             };
         // The MLP over the normalized rows `a.h` (gate_up, SiLU * up, down into `a.delta`), summed over the ranks. A
-        // bf16 down projection on the skinny GEMM reads SiLU * up straight from gate_up (same bits, one launch less).
+        // bf16 gate_up on the skinny GEMM applies SiLU * up in its epilogue (same bits, one launch less).
         type Lin<'l> =
             dyn FnMut(&CudaView<'_, bf16>, &DeviceLinear, Dims, &mut CudaViewMut<'_, bf16>) -> Result<()> + 'l;
-        let fuse_silu = self.opts.skinny_gemm && self.opts.fuse_swiglu && k::gemv::supports(t, inter);
+        let fuse_silu = self.opts.skinny_gemm && self.opts.fuse_swiglu && k::gemv::supports(t, hidden);
         let mlp =
             |a: &mut Acts, lin: &mut Lin<'_>, (w_gate_up, w_down): (&DeviceLinear, &DeviceLinear)| -> Result<()> {
                 let (h, gu, act) = (t * hidden, t * 2 * inter, t * inter);
-                lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.gate_up.slice_mut(..gu))?;
-                match w_down {
-                    DeviceLinear::Dense(wd) if fuse_silu => {
-                        let gate_up = a.gate_up.slice(..gu);
-                        k::gemv::gemv_silu_mul(&s, &gate_up, wd, t, inter, hidden, &mut a.delta.slice_mut(..h))?;
+                match w_gate_up {
+                    DeviceLinear::Dense(wgu) if fuse_silu => {
+                        let x = a.h.slice(..h);
+                        k::gemv::gemv_gate_up_silu(&s, &x, wgu, t, hidden, inter, &mut a.act.slice_mut(..act))?;
                     }
                     _ => {
+                        lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.gate_up.slice_mut(..gu))?;
                         k::activation::silu_mul(&s, &a.gate_up.slice(..gu), inter, &mut a.act.slice_mut(..act))?;
-                        lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
                     }
                 }
+                lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
                 reduce(&mut a.delta, h)
             };
         for layer in self.layers.iter_mut() {
