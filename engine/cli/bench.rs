@@ -295,10 +295,10 @@ fn bench_one(
         "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
         "tp": tp,
         // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), programmatic dependent
-        // launch (LLAMA32_PDL) and the SwiGLU fusion (--fused-swiglu).
+        // launch (LLAMA32_PDL) and the SwiGLU fusion (--no-fused-swiglu).
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::setting().ok(),
         "pdl": crate::ops::cuda::programmatic_launch(),
-        "fused_swiglu": a.model.fused_swiglu,
+        "fused_swiglu": !a.model.no_fused_swiglu,
     });
     let tele = match telemetry {
         None => None,

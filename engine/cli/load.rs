@@ -250,7 +250,7 @@ fn load_cuda(
         max_step_tokens: 2048,
         max_graph_batch: a.cuda_graph_max_batch,
         skinny_gemm: !a.no_skinny_gemm,
-        fuse_swiglu: a.fused_swiglu,
+        fuse_swiglu: !a.no_fused_swiglu,
     };
     let t0 = Instant::now();
     let eos_ids = cfg.eos_token_ids.clone();

@@ -106,10 +106,10 @@ pub struct ModelArgs {
     /// Use cuBLASLt for every projection, not the skinny GEMM kernel for decode-sized batches (CUDA only).
     #[arg(long)]
     pub no_skinny_gemm: bool,
-    /// Compute SiLU * up in the epilogue of the decode gate_up projection (bf16 skinny GEMM) instead of as its own
-    /// kernel (CUDA only; the same results).
+    /// Run SiLU * up as its own kernel after the decode gate_up projection instead of in that projection's epilogue
+    /// (CUDA only; the same results, for ablations).
     #[arg(long)]
-    pub fused_swiglu: bool,
+    pub no_fused_swiglu: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.
     /// A checkpoint written by `llama32 quantize` is detected from its config.json and needs no flag.
     #[arg(long)]

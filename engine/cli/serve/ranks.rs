@@ -293,7 +293,7 @@ fn tp_cuda_model(
         max_step_tokens: 2048,
         max_graph_batch: a.cuda_graph_max_batch,
         skinny_gemm: !a.no_skinny_gemm,
-        fuse_swiglu: a.fused_swiglu,
+        fuse_swiglu: !a.no_fused_swiglu,
     };
     let ckpt;
     let src = match (&source, a.random_weights) {

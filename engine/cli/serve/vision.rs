@@ -201,7 +201,7 @@ pub(super) fn vision_cuda_options(
         max_step_tokens: e.max_num_batched_tokens.max(1),
         max_logits_rows: e.max_num_seqs.max(1),
         skinny_gemm: !a.no_skinny_gemm,
-        fuse_swiglu: a.fused_swiglu,
+        fuse_swiglu: !a.no_fused_swiglu,
         max_graph_batch: a.cuda_graph_max_batch,
         cross_tiles: e.cross_attention_tiles,
     }
@@ -271,7 +271,7 @@ pub(crate) fn vision_logits_tp_cuda(
         max_logits_rows: ids.len(),
         cross_tiles: (enc.len() * cfg.vision.max_num_tiles).max(1),
         skinny_gemm: !m.no_skinny_gemm,
-        fuse_swiglu: m.fused_swiglu,
+        fuse_swiglu: !m.no_fused_swiglu,
         max_graph_batch: 0,
     };
     let t0 = std::time::Instant::now();

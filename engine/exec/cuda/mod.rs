@@ -44,7 +44,7 @@ pub struct CudaOptions {
     /// Run projections of up to 16 rows with the skinny GEMM kernel instead of cuBLASLt.
     pub skinny_gemm: bool,
     /// With the skinny GEMM, apply SiLU * up in the epilogue of the bf16 gate_up projection instead of a kernel of
-    /// its own (the same bits; see [`CudaExecutor::set_fuse_swiglu`]).
+    /// its own (on by default; the same bits; see [`CudaExecutor::set_fuse_swiglu`]).
     pub fuse_swiglu: bool,
 }
 
@@ -58,7 +58,7 @@ impl Default for CudaOptions {
             max_step_tokens: 2048,
             max_graph_batch: 256,
             skinny_gemm: true,
-            fuse_swiglu: false,
+            fuse_swiglu: true,
         }
     }
 }

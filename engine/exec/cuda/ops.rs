@@ -188,7 +188,7 @@ impl CudaOps {
             generation: 0,
             capturing: false,
             skinny_gemm: true,
-            fuse_swiglu: false,
+            fuse_swiglu: true,
             quant: QuantState { fuse: true, ..QuantState::default() },
             tp: None,
         }

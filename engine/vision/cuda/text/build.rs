@@ -90,7 +90,7 @@ impl Default for MllamaCudaOptions {
             max_logits_rows: 256,
             cross_tiles: 64,
             skinny_gemm: true,
-            fuse_swiglu: false,
+            fuse_swiglu: true,
             max_graph_batch: 256,
         }
     }
