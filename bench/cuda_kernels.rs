@@ -275,7 +275,10 @@ fn quant(c: &mut Criterion) {
                     for kernel in k::quant::W4A16Kernel::ALL {
                         let choice = k::quant::W4A16Choice { kernel, splits: None };
                         // The direct kernel keeps the name earlier runs recorded.
-                        let tag = if kernel == k::quant::W4A16Kernel::Direct { "" } else { "_pipelined" };
+                        let tag = match kernel {
+                            k::quant::W4A16Kernel::Direct => String::new(),
+                            other => format!("_{}", other.name()),
+                        };
                         g.bench_function(format!("w4a16{tag}_m{m}_{name}_k{kdim}_n{n}"), |b| {
                             b.iter_custom(|iters| {
                                 d.time(iters, &mut || {

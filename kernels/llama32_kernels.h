@@ -380,6 +380,11 @@ typedef enum l32_w4a16_kernel {
      * activations once in shared memory, with two 16-row tiles per warp (128-row blocks) for m <= 32.
      */
     L32_W4A16_PIPELINED = 1,
+    /**
+     * For batches: 128-row blocks (two 16-row tiles per warp at every m) whose activations and weights are both
+     * staged in shared memory with cp.async, double-buffered, so one activation fragment feeds both row tiles.
+     */
+    L32_W4A16_TILED = 2,
 } l32_w4a16_kernel;
 
 /**
@@ -399,7 +404,7 @@ typedef struct l32_w4a16_params {
     int64_t n;              /**< any count >= 0 (0 launches nothing), below 2^31 - 64 */
     int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
     int32_t splits;         /**< K splits, 1 ..= k / 64 (the Rust heuristic quant::w4a16_splits) */
-    l32_w4a16_kernel kernel; /**< which kernel; split-K tiles are 64 rows, 128 for PIPELINED with 8 < m <= 32 */
+    l32_w4a16_kernel kernel; /**< which kernel; split-K tiles are 64 rows, 128 for TILED and for PIPELINED with 8 < m <= 32 */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_params;
 

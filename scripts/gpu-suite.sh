@@ -339,7 +339,7 @@ run() {
     done
     # The same W4A16 rows with each decode kernel forced (LLAMA32_W4A16_KERNEL; the default picks per shape).
     local kern
-    for kern in direct pipelined; do
+    for kern in direct pipelined tiled; do
       export LLAMA32_W4A16_KERNEL=$kern
       for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 60 "1b $q --quantize w4a16-g32"; done
     done

@@ -1,8 +1,9 @@
 // kernels/quant/w4a16.cu: 4-bit group-wise weights x bf16 activations (l32_w4a16_params in llama32_kernels.h):
 // the decode GEMM out[m, n] = x[m, k] @ dequant(w)[n, k]^T for m <= 64, and the dequantization of the same layout
 // into a bf16 [n, k] matrix (the large-m path: dequantize once into a scratch buffer, then cuBLASLt). This file
-// holds the direct decode kernel (L32_W4A16_DIRECT) and the checked entry of both; the pipelined one
-// (L32_W4A16_PIPELINED) is kernels/quant/w4a16_pipelined.cu.
+// holds the direct decode kernel (L32_W4A16_DIRECT) and the checked entry of all three; the pipelined one
+// (L32_W4A16_PIPELINED) is kernels/quant/w4a16_pipelined.cu, the tiled one (L32_W4A16_TILED)
+// kernels/quant/w4a16_tiled.cu.
 //
 // Three tiers per kernel: the kernel, the launcher that picks the template arguments, and the checked C entry.
 // The weight layout is described in kernels/quant/common.cuh (tiles of 16 rows x 64 columns, 512 bytes, lane-major).
@@ -50,6 +51,7 @@
 #include "quant/common.cuh"
 #include "quant/w4a16_common.cuh"
 #include "quant/w4a16_pipelined.cuh"
+#include "quant/w4a16_tiled.cuh"
 
 namespace l32 {
 namespace quant {
@@ -230,7 +232,9 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     if (params == nullptr) return L32_INVALID_ARGUMENT;
     const l32_w4a16_params& p = *params;
     if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
-    if (p.kernel != L32_W4A16_DIRECT && p.kernel != L32_W4A16_PIPELINED) return L32_INVALID_ARGUMENT;
+    if (p.kernel != L32_W4A16_DIRECT && p.kernel != L32_W4A16_PIPELINED && p.kernel != L32_W4A16_TILED) {
+        return L32_INVALID_ARGUMENT;
+    }
     if (p.out == nullptr || p.x == nullptr || p.qweight == nullptr || p.scales == nullptr) return L32_INVALID_ARGUMENT;
     if (p.m <= 0 || p.k <= 0 || p.n < 0 || p.splits < 1) return L32_INVALID_ARGUMENT;
     if (p.m > 64 || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 64) return L32_UNSUPPORTED;
@@ -241,6 +245,7 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     if (p.n == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
     if (p.kernel == L32_W4A16_PIPELINED) return quant::launch_w4a16_pipelined(p, s);
+    if (p.kernel == L32_W4A16_TILED) return quant::launch_w4a16_tiled(p, s);
     if (p.m <= 8) return quant::launch_gemm<1>(p, s);
     if (p.m <= 16) return quant::launch_gemm<2>(p, s);
     if (p.m <= 32) return quant::launch_gemm<4>(p, s);

@@ -1,4 +1,4 @@
-// Device pieces of the W4A16 decode kernels (kernels/quant/w4a16.cu, kernels/quant/w4a16_pipelined.cu): bf16
+// Device pieces of the W4A16 decode kernels (kernels/quant/w4a16.cu, w4a16_pipelined.cu, w4a16_tiled.cu): bf16
 // halves of the layout's packed scale and bias words and the deterministic split-K finish of a block of rows (both
 // kernels), and the launch coordinates, tile pointers and tile store (the pipelined kernels).
 #pragma once
@@ -25,9 +25,9 @@ __device__ __forceinline__ uint32_t bf16_splat(uint32_t w, bool hi) {
     return h | (h << 16);
 }
 
-// The direct kernel (w4a16.cu) keeps its own copies of the three pieces below on purpose: it is the kernel the
-// device runs measured, and routing it through them changed its ptxas register counts. Once a device run has picked
-// one kernel, the other goes, and so does this duplication.
+// The direct kernel (w4a16.cu) keeps its own copies of the three pieces below on purpose: routing it through them
+// changed its ptxas register counts. The H200 run of 2026-11-27 found each of the direct and pipelined kernels
+// faster on some shapes (W4A16Kernel::for_shape picks per shape), so both stay.
 //
 // What a W4A16 decode kernel derives from its launch: the thread's lane coordinates (g = lane / 4,
 // t = lane % 4), the token count, the 16-row tile count and padded row count, the 64-column chunks per row, and

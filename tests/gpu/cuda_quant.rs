@@ -303,9 +303,12 @@ fn check_w4a16(
             } else {
                 run(ws, &x_d, m, W4A16Choice { kernel: W4A16Kernel::Direct, splits: Some(splits) }, &what)
             };
-            let got = run(ws, &x_d, m, W4A16Choice { kernel: W4A16Kernel::Pipelined, splits: Some(splits) }, &what);
-            if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want_bits[i].to_bits()) {
-                panic!("{what}: pipelined out[{}, {}] = {} but direct = {}", i / n, i % n, got[i], want_bits[i]);
+            for kernel in W4A16Kernel::ALL.into_iter().filter(|&k| k != W4A16Kernel::Direct) {
+                let got = run(ws, &x_d, m, W4A16Choice { kernel, splits: Some(splits) }, &what);
+                if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want_bits[i].to_bits()) {
+                    let name = kernel.name();
+                    panic!("{what}: {name} out[{}, {}] = {} but direct = {}", i / n, i % n, got[i], want_bits[i]);
+                }
             }
         }
     }
@@ -574,7 +577,10 @@ fn quant_throughput() {
         for m in [1usize, 16, 64] {
             let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0), false));
             let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
-            let mut ours = [0f64; 2];
+            // Each kernel alone (PDL off), then the pipelined one with PDL.
+            let was = llama32::ops::cuda::programmatic_launch();
+            llama32::ops::cuda::set_programmatic_launch(false).unwrap();
+            let mut ours = [0f64; W4A16Kernel::ALL.len()];
             for (t, kernel) in ours.iter_mut().zip(W4A16Kernel::ALL) {
                 let choice = W4A16Choice { kernel, splits: None };
                 *t = time_graph(&stream, &mut |i| {
@@ -594,14 +600,14 @@ fn quant_throughput() {
             };
             // The pipelined kernel again under programmatic dependent launch (its first weights are prefetched
             // before it waits for the previous call).
-            let was = llama32::ops::cuda::programmatic_launch();
             llama32::ops::cuda::set_programmatic_launch(true).unwrap();
             let choice = W4A16Choice { kernel: W4A16Kernel::Pipelined, splits: None };
             let pdl = time_graph(&stream, &mut |i| {
                 w4a16_gemm_with(&stream, &x, &ws[i % copies], m, &mut wsp, &mut out, choice).unwrap();
             });
             llama32::ops::cuda::set_programmatic_launch(was).unwrap();
-            for (ours, label) in ours.into_iter().chain([pdl]).zip(["direct", "pipelined", "pipe+PDL"]) {
+            let labels = W4A16Kernel::ALL.iter().map(|k| k.name()).chain(["pipe+PDL"]);
+            for (ours, label) in ours.into_iter().chain([pdl]).zip(labels) {
                 eprintln!(
                     "w4a16 {label:<9} {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x",
                     ours * 1e6,

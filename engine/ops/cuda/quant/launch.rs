@@ -67,6 +67,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         kernel: match l.kernel {
             super::W4A16Kernel::Direct => ffi::l32_w4a16_kernel::L32_W4A16_DIRECT,
             super::W4A16Kernel::Pipelined => ffi::l32_w4a16_kernel::L32_W4A16_PIPELINED,
+            super::W4A16Kernel::Tiled => ffi::l32_w4a16_kernel::L32_W4A16_TILED,
         },
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };

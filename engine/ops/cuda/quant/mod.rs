@@ -72,7 +72,8 @@ const MAX_K: usize = 1 << 24;
 const MAX_N: usize = (i32::MAX as usize) - 128;
 /// Most K splits the heuristics pick.
 const MAX_SPLITS: usize = 32;
-/// Rows of `n` per W4A16 block (4 warps x 16; the pipelined kernel doubles it at 8 < m <= 32) and per W4A8 block.
+/// Rows of `n` per W4A16 block (4 warps x 16; the pipelined kernel doubles it at 8 < m <= 32, the tiled one at every
+/// m) and per W4A8 block.
 const W4A16_BLOCK_N: usize = 64;
 const W4A8_BLOCK_N: usize = 128;
 
@@ -85,8 +86,8 @@ pub fn supports(k: usize, group: usize) -> bool {
 /// Which W4A16 decode kernel [`w4a16_gemm`] runs. Both compute the same product over the same layout and give the
 /// same bits for the same split count; they differ in how the weight stream overlaps the arithmetic (see
 /// `kernels/quant/w4a16_pipelined.cu`). By default each call picks by shape ([`W4A16Kernel::for_shape`], from the
-/// H200 measurements of 2026-11-27); the environment variable [`W4A16Kernel::ENV`] (`auto`, `direct` or
-/// `pipelined`) can force one for the whole process.
+/// H200 measurements of 2026-11-27); the environment variable [`W4A16Kernel::ENV`] (`auto`, `direct`, `pipelined`
+/// or `tiled`) can force one for the whole process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A16Kernel {
     /// One 16-row tile per warp; every warp reads its activations; each chunk set is loaded, then computed.
@@ -94,31 +95,37 @@ pub enum W4A16Kernel {
     /// The next chunks in flight while the current ones are computed; for m > 8 the activations staged once per
     /// block in shared memory (two row tiles per warp, 128-row blocks, for m <= 32).
     Pipelined,
+    /// For batches: 128-row blocks at every m, the activations and the weights both staged in shared memory with
+    /// cp.async (double-buffered), so each activation fragment feeds both of a warp's row tiles. Not yet measured,
+    /// so [`for_shape`](Self::for_shape) does not pick it.
+    Tiled,
 }
 
 impl W4A16Kernel {
-    /// The environment variable that picks the kernel: `auto` (the default), `direct` or `pipelined`.
+    /// The environment variable that picks the kernel: `auto` (the default), `direct`, `pipelined` or `tiled`.
     pub const ENV: &'static str = "LLAMA32_W4A16_KERNEL";
 
-    /// Both kernels.
-    pub const ALL: [W4A16Kernel; 2] = [W4A16Kernel::Direct, W4A16Kernel::Pipelined];
+    /// Every kernel.
+    pub const ALL: [W4A16Kernel; 3] = [W4A16Kernel::Direct, W4A16Kernel::Pipelined, W4A16Kernel::Tiled];
 
     /// The name [`parse`](Self::parse) takes.
     pub fn name(self) -> &'static str {
         match self {
             W4A16Kernel::Direct => "direct",
             W4A16Kernel::Pipelined => "pipelined",
+            W4A16Kernel::Tiled => "tiled",
         }
     }
 
-    /// `direct` or `pipelined` (a forced kernel); `auto` is `None` (pick by shape).
+    /// `direct`, `pipelined` or `tiled` (a forced kernel); `auto` is `None` (pick by shape).
     pub fn parse(s: &str) -> crate::Result<Option<Self>> {
         match s.trim() {
             "auto" => Ok(None),
             "direct" => Ok(Some(W4A16Kernel::Direct)),
             "pipelined" => Ok(Some(W4A16Kernel::Pipelined)),
+            "tiled" => Ok(Some(W4A16Kernel::Tiled)),
             other => Err(crate::Error::Request(format!(
-                "{}: unknown W4A16 kernel {other:?} (expected `auto`, `direct` or `pipelined`)",
+                "{}: unknown W4A16 kernel {other:?} (expected `auto`, `direct`, `pipelined` or `tiled`)",
                 Self::ENV
             ))),
         }
@@ -133,7 +140,7 @@ impl W4A16Kernel {
         }
     }
 
-    /// The setting's name for reports: `auto`, `direct` or `pipelined`.
+    /// The setting's name for reports: `auto` or a kernel's name.
     pub fn setting() -> crate::Result<&'static str> {
         Ok(Self::forced()?.map_or("auto", Self::name))
     }
@@ -164,6 +171,7 @@ impl W4A16Kernel {
     pub fn block_rows(self, m: usize) -> usize {
         match self {
             W4A16Kernel::Pipelined if (9..=32).contains(&m) => 2 * W4A16_BLOCK_N,
+            W4A16Kernel::Tiled => 2 * W4A16_BLOCK_N,
             _ => W4A16_BLOCK_N,
         }
     }
@@ -211,11 +219,12 @@ mod tests {
         assert_eq!(W4A16Kernel::parse("auto").unwrap(), None);
         let e = W4A16Kernel::parse("marlin").unwrap_err().to_string();
         assert!(e.contains(W4A16Kernel::ENV) && e.contains("marlin"), "{e}");
-        // Block rows: 64 everywhere except the pipelined kernel's two-tile warps at 8 < m <= 32.
+        // Block rows: 64, except the pipelined kernel's two-tile warps at 8 < m <= 32 and the tiled kernel's.
         for m in [1, 8, 9, 32, 33, 64] {
             assert_eq!(W4A16Kernel::Direct.block_rows(m), 64);
             let want = if (9..=32).contains(&m) { 128 } else { 64 };
             assert_eq!(W4A16Kernel::Pipelined.block_rows(m), want, "m {m}");
+            assert_eq!(W4A16Kernel::Tiled.block_rows(m), 128, "m {m}");
         }
     }
 }

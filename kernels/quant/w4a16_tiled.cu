@@ -1,0 +1,290 @@
+// kernels/quant/w4a16_tiled.cu: the tiled W4A16 decode GEMM (l32_w4a16_params.kernel == L32_W4A16_TILED), the
+// same product as the direct kernel in w4a16.cu over the same layout, for batches of 9 to 64 rows. Entered through
+// l32_w4a16_gemm, which checks the parameters.
+//
+// Why (H200, 2026-11-27, bench/results/2026-11-27-h200-pdl-w4a16-defaults.md): at m = 64 both earlier kernels ran
+// at 0.22-0.46x cuBLASLt bf16 (90B gate_up: 546 us direct, 487 us pipelined, against 223 us in bf16), and at
+// m = 16 the pipelined kernel lost up to 2.3x to the direct one. Counting per warp and 64-column chunk at m = 64
+// (8 token tiles): the direct kernel reads 8 KB of x through L1 for one 16-row tile (512 bytes of int4), in 16
+// loads that each touch 8 lines, so an SM spends about 128 L1 cycles per warp-chunk on x, about 220 us for the 90B
+// gate_up; the pipelined kernel stages x in shared memory but, at m > 32, keeps one row tile per warp (two spilled,
+// because the weights ride in a register ring) and syncs the block every two chunks.
+//
+// Design: a block is 4 warps x kRT = 2 row tiles (128 rows). Per stage of kS chunks, all 128 threads copy, with
+// cp.async and nothing in registers,
+//   - x: kS chunks x 8 kMT token rows x 128 bytes (16-byte units of odd rows XOR-swizzled by 4, as in the staged
+//     pipelined kernel, so a quarter warp's reads hit disjoint banks);
+//   - the weights: kS chunks x 8 tiles x 512 bytes (the layout's lane-major 16-byte slots, so a warp's read of one
+//     tile's chunk is 512 contiguous bytes), and the tiles' scales (and biases): 64 bytes per tile and chunk,
+//     copied 8 bytes at a time (the scales are only 8-byte aligned).
+// Two stage buffers: stage s + 1 is in flight while stage s is computed. With the weights out of registers, each
+// warp keeps both row tiles at every m: an x fragment read from shared memory feeds 4 MMAs (2 per row tile), and
+// the accumulators are kRT x kMT x 4 = 64 registers at m = 64.
+//
+// Numerics: per row tile, group and token the two MMAs, the zeroed f32 tile and the FFMA into the accumulator run
+// in the direct kernel's order over the same chunk ranges for a given split count, and the split-K finish is the
+// same, so for the same `splits` it gives the direct kernel's bits (the GPU test checks this).
+//
+// Shared memory per block (two buffers; kS = 4 chunks per stage at m <= 32, 2 at m > 32), with biases: 49 KB at
+// m <= 8, 57 KB at m <= 16, 74 KB at m <= 32, 53 KB at m <= 64 (2 x (16 KB x + 8 KB w + 1 KB s + 1 KB z)); the
+// launcher raises the dynamic limit above 48 KB (allow_dynamic_smem). All fit sm_89's 99 KB per block.
+#include <algorithm>
+#include <cstdint>
+
+#include "common/bf16.cuh"
+#include "common/status.cuh"
+#include "llama32_kernels.h"
+#include "quant/common.cuh"
+#include "quant/w4a16_common.cuh"
+#include "quant/w4a16_tiled.cuh"
+
+namespace l32 {
+namespace quant {
+namespace {
+
+constexpr int kWarps = 4;              // warps per block
+constexpr int kRT = 2;                 // 16-row tiles per warp
+constexpr int kTS = kWarps * kRT;      // row tiles per block (128 rows)
+constexpr int kThreads = kWarps * 32;  // threads per block
+
+// Chunks per stage: 4, except 2 at m > 32, where x takes 8 KB per chunk.
+template <int kMT>
+constexpr int kStageChunks = kMT >= 8 ? 2 : 4;
+
+// Offsets (in 16-byte units) of the parts of one stage buffer, and its size.
+template <int kMT, bool kZeros>
+struct TiledSmem {
+    static constexpr int kS = kStageChunks<kMT>;
+    static constexpr int kTok = 8 * kMT;
+    static constexpr int kX = kS * kTok * 8;   // x: [kS][kTok][8 units]
+    static constexpr int kW = kS * kTS * 32;   // weights: [kS][kTS][32 lanes]
+    static constexpr int kSc = kS * kTS * 4;   // scales: [kS][kTS][8 x 8 bytes]
+    static constexpr int kZ = kZeros ? kSc : 0;  // biases, as the scales
+    static constexpr int kUnits = kX + kW + kSc + kZ;
+    static constexpr size_t kBytes = size_t{2} * kUnits * 16;  // two buffers
+};
+
+// Position of 16-byte unit `unit` (0..7: columns 8 unit .. 8 unit + 7 of a chunk) of token row r.
+__device__ __forceinline__ int swizzled(int r, int unit) { return unit ^ ((r & 1) << 2); }
+
+// 8 bytes global -> shared, asynchronously (cp.async.ca: the 8-byte size needs the .ca form).
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+
+// What every thread of a block needs to stage: x and the block's first tile (tiles past the last one read the
+// last tile; their outputs are discarded).
+struct TiledSource {
+    const bf16* x;
+    const uint4* wq;   // qweight
+    const uint2* sc;   // scales
+    const uint2* zr;   // zeros or nullptr
+    int64_t k;
+    int m, kc, tile0, ntiles;
+};
+
+// Stages chunks cbase .. cbase + kS - 1 (those below c1) into buffer `buf` and commits one cp.async group (empty
+// when every chunk is past c1, which keeps the group count uniform for the waits). Token rows past m are
+// zero-filled.
+template <int kMT, bool kZeros>
+__device__ __forceinline__ void stage(uint4* smem, int buf, const TiledSource& src, int cbase, int c1) {
+    using S = TiledSmem<kMT, kZeros>;
+    uint4* base = smem + buf * S::kUnits;
+    if (cbase < c1) {
+        const int tid = static_cast<int>(threadIdx.x);
+        static_assert(S::kX % kThreads == 0 && S::kW % kThreads == 0, "every thread copies as many units");
+#pragma unroll
+        for (int it = 0; it < S::kX / kThreads; ++it) {
+            const int i = it * kThreads + tid;
+            const int u = i / (S::kTok * 8), r = (i / 8) % S::kTok, unit = i % 8;
+            const int c = cbase + u;
+            if (c >= c1) continue;  // never read: the compute stops at c1
+            const bool valid = r < src.m;
+            const int64_t at = static_cast<int64_t>(r) * src.k + static_cast<int64_t>(c) * 64 + unit * 8;
+            const bf16* from = src.x + (valid ? at : 0);
+            cp_async16(base + (u * S::kTok + r) * 8 + swizzled(r, unit), from, valid);
+        }
+#pragma unroll
+        for (int it = 0; it < S::kW / kThreads; ++it) {
+            const int i = it * kThreads + tid;
+            const int u = i / (kTS * 32), ts = (i / 32) % kTS, lane = i % 32;
+            const int c = cbase + u;
+            if (c >= c1) continue;
+            const int64_t nt = min(src.tile0 + ts, src.ntiles - 1);
+            cp_async16(base + S::kX + i, src.wq + (nt * src.kc + c) * 32 + lane, true);
+        }
+        // Scales (and biases): kS x kTS x 8 entries of 8 bytes each.
+        constexpr int kEntries = S::kS * kTS * 8;
+        auto* sc_dst = reinterpret_cast<uint2*>(base + S::kX + S::kW);
+        for (int i = tid; i < kEntries; i += kThreads) {
+            const int u = i / (kTS * 8), ts = (i / 8) % kTS, e = i % 8;
+            const int c = cbase + u;
+            if (c >= c1) continue;
+            const int64_t nt = min(src.tile0 + ts, src.ntiles - 1);
+            const int64_t at = (nt * src.kc + c) * 8 + e;
+            cp_async8(sc_dst + i, src.sc + at);
+            if constexpr (kZeros) cp_async8(sc_dst + kEntries + i, src.zr + at);
+        }
+    }
+    cp_async_commit();
+}
+
+// acc += scale * (the group's two MMAs over the B fragment xb), in the direct kernel's order.
+__device__ __forceinline__ void tiled_group_mma(float (&acc)[4], const uint32_t (&a)[8], float s_lo, float s_hi,
+                                                const uint4& xb) {
+    float tile[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_bf16(tile, a[0], a[1], a[2], a[3], xb.x, xb.y);
+    mma_bf16(tile, a[4], a[5], a[6], a[7], xb.z, xb.w);
+    acc[0] = fmaf(s_lo, tile[0], acc[0]);
+    acc[1] = fmaf(s_lo, tile[1], acc[1]);
+    acc[2] = fmaf(s_hi, tile[2], acc[2]);
+    acc[3] = fmaf(s_hi, tile[3], acc[3]);
+}
+
+// The chunks c .. c + kS - 1 below c1 of buffer `buf` against the warp's two row tiles.
+template <int kMT, bool kZeros>
+__device__ __forceinline__ void compute(float (&acc)[kRT][kMT][4], const uint4* smem, int buf, int c, int c1,
+                                        int warp, int lane) {
+    using S = TiledSmem<kMT, kZeros>;
+    const uint4* base = smem + buf * S::kUnits;
+    const auto* sc = reinterpret_cast<const uint2*>(base + S::kX + S::kW);
+    constexpr int kEntries = S::kS * kTS * 8;
+    const int g = lane / 4, t = lane % 4;
+    // Neither this loop nor the group loop is unrolled: one group's fragments at a time keeps every variant (sm_80,
+    // sm_89, sm_90a) without spills.
+#pragma unroll 1
+    for (int u = 0; u < S::kS; ++u) {
+        if (c + u >= c1) break;
+        uint4 w[kRT];
+        uint2 s[kRT], z[kRT];
+#pragma unroll
+        for (int rt = 0; rt < kRT; ++rt) {
+            const int ts = warp * kRT + rt;
+            w[rt] = base[S::kX + (u * kTS + ts) * 32 + lane];
+            s[rt] = sc[(u * kTS + ts) * 8 + g];
+            if constexpr (kZeros) z[rt] = sc[kEntries + (u * kTS + ts) * 8 + g];
+        }
+#pragma unroll 1
+        for (int jg = 0; jg < 2; ++jg) {
+            uint32_t a[kRT][8];
+            float s_lo[kRT], s_hi[kRT];
+#pragma unroll
+            for (int rt = 0; rt < kRT; ++rt) {
+                const uint32_t wa = jg == 0 ? w[rt].x : w[rt].z;  // row g
+                const uint32_t wb = jg == 0 ? w[rt].y : w[rt].w;  // row g + 8
+                uint32_t bias_a = kSymmetricBias, bias_b = kSymmetricBias;
+                if constexpr (kZeros) {
+                    bias_a = bf16_splat(z[rt].x, jg == 1);
+                    bias_b = bf16_splat(z[rt].y, jg == 1);
+                }
+                // First MMA: columns 8t..8t+3 (nibble pairs at bits 0 and 4); second: 8t+4..8t+7 (8 and 12).
+                a[rt][0] = dequant_bf16x2(wa, 0, bias_a);
+                a[rt][1] = dequant_bf16x2(wb, 0, bias_b);
+                a[rt][2] = dequant_bf16x2(wa, 4, bias_a);
+                a[rt][3] = dequant_bf16x2(wb, 4, bias_b);
+                a[rt][4] = dequant_bf16x2(wa, 8, bias_a);
+                a[rt][5] = dequant_bf16x2(wb, 8, bias_b);
+                a[rt][6] = dequant_bf16x2(wa, 12, bias_a);
+                a[rt][7] = dequant_bf16x2(wb, 12, bias_b);
+                s_lo[rt] = bf16_half(s[rt].x, jg == 1);
+                s_hi[rt] = bf16_half(s[rt].y, jg == 1);
+            }
+#pragma unroll
+            for (int j = 0; j < kMT; ++j) {
+                const int r = 8 * j + g;
+                const uint4 xb = base[(u * S::kTok + r) * 8 + swizzled(r, 4 * jg + t)];
+#pragma unroll
+                for (int rt = 0; rt < kRT; ++rt) tiled_group_mma(acc[rt][j], a[rt], s_lo[rt], s_hi[rt], xb);
+            }
+        }
+    }
+}
+
+// grid = (ceil(n_tiles / kTS), splits), block = kThreads, dynamic shared memory TiledSmem::kBytes.
+template <int kMT, bool kZeros>
+__global__ void __launch_bounds__(kThreads, 1) w4a16_tiled_kernel(const __grid_constant__ l32_w4a16_params p) {
+    extern __shared__ uint4 smem[];
+    using S = TiledSmem<kMT, kZeros>;
+    constexpr int kS = S::kS;
+    const W4A16Launch l = w4a16_launch(p);
+    const int c0 = l.c0, c1 = l.c1;
+    const int tile0 = blockIdx.x * kTS;
+    // The lane's slots of this warp's tiles for the first two stages into L2 before waiting for the previous
+    // kernel (which writes x): weights are never written by a kernel of the step (see kernels/common/launch.cuh).
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+        const W4A16Tile tile = w4a16_tile<kZeros>(p, l, min(tile0 + l.warp * kRT + rt, l.ntiles - 1));
+        w4a16_prefetch(tile.wq, c0, c1, 2 * kS);
+    }
+    pdl_begin();
+    TiledSource src;
+    src.x = static_cast<const bf16*>(p.x);
+    src.wq = static_cast<const uint4*>(p.qweight);
+    src.sc = static_cast<const uint2*>(p.scales);
+    src.zr = static_cast<const uint2*>(p.zeros);
+    src.k = p.k;
+    src.m = l.m;
+    src.kc = l.kc;
+    src.tile0 = tile0;
+    src.ntiles = l.ntiles;
+
+    float acc[kRT][kMT][4];
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+#pragma unroll
+        for (int j = 0; j < kMT; ++j) acc[rt][j][0] = acc[rt][j][1] = acc[rt][j][2] = acc[rt][j][3] = 0.f;
+    }
+
+    // While one buffer is computed the other is in flight; each is refilled only after the __syncthreads that
+    // follows its last use.
+    stage<kMT, kZeros>(smem, 0, src, c0, c1);
+    for (int c = c0; c < c1; c += 2 * kS) {
+        stage<kMT, kZeros>(smem, 1, src, c + kS, c1);
+        cp_async_wait<1>();
+        __syncthreads();
+        compute<kMT, kZeros>(acc, smem, 0, c, c1, l.warp, l.lane);
+        __syncthreads();
+        stage<kMT, kZeros>(smem, 0, src, c + 2 * kS, c1);
+        cp_async_wait<1>();
+        __syncthreads();
+        compute<kMT, kZeros>(acc, smem, 1, c + kS, c1, l.warp, l.lane);
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+        const int nt = tile0 + l.warp * kRT + rt;
+        if (nt < l.ntiles) w4a16_store_tile<kMT>(p, l, acc[rt], nt);
+    }
+    if (p.splits > 1) w4a16_finish_split(p, l.m, l.npad, kTS * 16);
+}
+
+template <int kMT, bool kZeros>
+l32_status launch_tiled_as(const l32_w4a16_params& p, cudaStream_t stream) {
+    constexpr size_t kBytes = TiledSmem<kMT, kZeros>::kBytes;
+    const auto kernel = w4a16_tiled_kernel<kMT, kZeros>;
+    const l32_status allowed = allow_dynamic_smem(kernel, kBytes);
+    if (allowed != L32_OK) return allowed;
+    const int64_t ntiles = (p.n + 15) / 16;
+    const dim3 grid(static_cast<unsigned>((ntiles + kTS - 1) / kTS), static_cast<unsigned>(p.splits));
+    launch_kernel(kernel, grid, kThreads, kBytes, stream, p);
+    return check_launch();
+}
+
+template <int kMT>
+l32_status launch_tiled(const l32_w4a16_params& p, cudaStream_t stream) {
+    return p.zeros != nullptr ? launch_tiled_as<kMT, true>(p, stream) : launch_tiled_as<kMT, false>(p, stream);
+}
+
+}  // namespace
+
+l32_status launch_w4a16_tiled(const l32_w4a16_params& p, cudaStream_t stream) {
+    if (p.m <= 8) return launch_tiled<1>(p, stream);
+    if (p.m <= 16) return launch_tiled<2>(p, stream);
+    if (p.m <= 32) return launch_tiled<4>(p, stream);
+    return launch_tiled<8>(p, stream);
+}
+
+}  // namespace quant
+}  // namespace l32
