@@ -320,8 +320,15 @@ enum WeightRef<'a> {
     Quant(&'a k::quant::CudaQuantLinear),
 }
 
+/// Above this many output columns the decode projection goes to cuBLASLt even when the skinny GEMM takes it: on the
+/// vocabulary-wide `lm_head` cuBLASLt streamed the weight faster, side by side in `cuda_gemv::gemv_throughput`
+/// (H200, 2026-11-27, us per call, skinny GEMM / cuBLASLt): 1B (k 2048, n 128256) 134.5 / 121.2 at m = 1 and
+/// 142.6 / 124.0 at m = 8; 3B (k 3072) 199.9 / 179.7 and 193.6 / 182.8. Every other Llama projection has
+/// n <= 16384.
+pub const SKINNY_MAX_N: usize = 1 << 16;
+
 /// A bf16 projection `out[rows, n] = x[rows, k] @ w[n, k]^T`: decode-sized batches stream the weight once with the
-/// skinny kernel (when `skinny` is on), cuBLASLt takes the rest.
+/// skinny kernel (when `skinny` is on and `n <= SKINNY_MAX_N`), cuBLASLt takes the rest.
 pub(crate) fn dense_linear<I: DevicePtr<bf16>>(
     stream: &CudaStream,
     blas: &CudaBlasLT,
@@ -331,7 +338,7 @@ pub(crate) fn dense_linear<I: DevicePtr<bf16>>(
     (rows, kdim, n): (usize, usize, usize),
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    if skinny && k::gemv::supports(rows, kdim) {
+    if skinny && n <= SKINNY_MAX_N && k::gemv::supports(rows, kdim) {
         return k::gemv::gemv(stream, x, w, rows, kdim, n, out);
     }
     gemm(blas, x, w, rows, kdim, n, out)
