@@ -111,5 +111,56 @@ __device__ __forceinline__ void w4a16_finish_split(const l32_w4a16_params& p, in
     }
 }
 
+// ---- pieces of the pipelined and tiled kernels' inner loop (w4a16_pipelined.cu, w4a16_tiled.cu) ----
+
+// One lane's share of one 64-column chunk of one row tile: 16 bytes of nibbles, its row pair's scales (and biases).
+struct Frag {
+    uint4 w;
+    uint2 s;
+    uint2 z;
+};
+
+// The A fragments of one group (two MMAs) and the f32 scales of the lane's two rows.
+struct GroupA {
+    uint32_t a[8];
+    float s_lo, s_hi;
+};
+
+// Group jg (0: columns 0..31 of the chunk, 1: 32..63) of a fragment, dequantized into MMA A registers.
+template <bool kZeros>
+__device__ __forceinline__ GroupA dequant_group(const Frag& f, int jg) {
+    const uint32_t wa = jg == 0 ? f.w.x : f.w.z;  // row g
+    const uint32_t wb = jg == 0 ? f.w.y : f.w.w;  // row g + 8
+    uint32_t bias_a = kSymmetricBias, bias_b = kSymmetricBias;
+    if constexpr (kZeros) {
+        bias_a = bf16_splat(f.z.x, jg == 1);
+        bias_b = bf16_splat(f.z.y, jg == 1);
+    }
+    GroupA r;
+    // First MMA: columns 8t..8t+3 (nibble pairs at bits 0 and 4); second: 8t+4..8t+7 (bits 8 and 12).
+    r.a[0] = dequant_bf16x2(wa, 0, bias_a);
+    r.a[1] = dequant_bf16x2(wb, 0, bias_b);
+    r.a[2] = dequant_bf16x2(wa, 4, bias_a);
+    r.a[3] = dequant_bf16x2(wb, 4, bias_b);
+    r.a[4] = dequant_bf16x2(wa, 8, bias_a);
+    r.a[5] = dequant_bf16x2(wb, 8, bias_b);
+    r.a[6] = dequant_bf16x2(wa, 12, bias_a);
+    r.a[7] = dequant_bf16x2(wb, 12, bias_b);
+    r.s_lo = bf16_half(f.s.x, jg == 1);
+    r.s_hi = bf16_half(f.s.y, jg == 1);
+    return r;
+}
+
+// acc += scale * (the group's two MMAs over the B fragment xb), in the direct kernel's order.
+__device__ __forceinline__ void group_mma(float (&acc)[4], const GroupA& a, const uint4& xb) {
+    float tile[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_bf16(tile, a.a[0], a.a[1], a.a[2], a.a[3], xb.x, xb.y);
+    mma_bf16(tile, a.a[4], a.a[5], a.a[6], a.a[7], xb.z, xb.w);
+    acc[0] = fmaf(a.s_lo, tile[0], acc[0]);
+    acc[1] = fmaf(a.s_lo, tile[1], acc[1]);
+    acc[2] = fmaf(a.s_hi, tile[2], acc[2]);
+    acc[3] = fmaf(a.s_hi, tile[3], acc[3]);
+}
+
 }  // namespace quant
 }  // namespace l32

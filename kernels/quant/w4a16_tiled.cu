@@ -129,18 +129,6 @@ __device__ __forceinline__ void stage(uint4* smem, int buf, const TiledSource& s
     cp_async_commit();
 }
 
-// acc += scale * (the group's two MMAs over the B fragment xb), in the direct kernel's order.
-__device__ __forceinline__ void tiled_group_mma(float (&acc)[4], const uint32_t (&a)[8], float s_lo, float s_hi,
-                                                const uint4& xb) {
-    float tile[4] = {0.f, 0.f, 0.f, 0.f};
-    mma_bf16(tile, a[0], a[1], a[2], a[3], xb.x, xb.y);
-    mma_bf16(tile, a[4], a[5], a[6], a[7], xb.z, xb.w);
-    acc[0] = fmaf(s_lo, tile[0], acc[0]);
-    acc[1] = fmaf(s_lo, tile[1], acc[1]);
-    acc[2] = fmaf(s_hi, tile[2], acc[2]);
-    acc[3] = fmaf(s_hi, tile[3], acc[3]);
-}
-
 // The chunks c .. c + kS - 1 below c1 of buffer `buf` against the warp's two row tiles.
 template <int kMT, bool kZeros>
 __device__ __forceinline__ void compute(float (&acc)[kRT][kMT][4], const uint4* smem, int buf, int c, int c1,
@@ -155,46 +143,25 @@ __device__ __forceinline__ void compute(float (&acc)[kRT][kMT][4], const uint4* 
 #pragma unroll 1
     for (int u = 0; u < S::kS; ++u) {
         if (c + u >= c1) break;
-        uint4 w[kRT];
-        uint2 s[kRT], z[kRT];
+        Frag f[kRT];
 #pragma unroll
         for (int rt = 0; rt < kRT; ++rt) {
             const int ts = warp * kRT + rt;
-            w[rt] = base[S::kX + (u * kTS + ts) * 32 + lane];
-            s[rt] = sc[(u * kTS + ts) * 8 + g];
-            if constexpr (kZeros) z[rt] = sc[kEntries + (u * kTS + ts) * 8 + g];
+            f[rt].w = base[S::kX + (u * kTS + ts) * 32 + lane];
+            f[rt].s = sc[(u * kTS + ts) * 8 + g];
+            if constexpr (kZeros) f[rt].z = sc[kEntries + (u * kTS + ts) * 8 + g];
         }
 #pragma unroll 1
         for (int jg = 0; jg < 2; ++jg) {
-            uint32_t a[kRT][8];
-            float s_lo[kRT], s_hi[kRT];
+            GroupA a[kRT];
 #pragma unroll
-            for (int rt = 0; rt < kRT; ++rt) {
-                const uint32_t wa = jg == 0 ? w[rt].x : w[rt].z;  // row g
-                const uint32_t wb = jg == 0 ? w[rt].y : w[rt].w;  // row g + 8
-                uint32_t bias_a = kSymmetricBias, bias_b = kSymmetricBias;
-                if constexpr (kZeros) {
-                    bias_a = bf16_splat(z[rt].x, jg == 1);
-                    bias_b = bf16_splat(z[rt].y, jg == 1);
-                }
-                // First MMA: columns 8t..8t+3 (nibble pairs at bits 0 and 4); second: 8t+4..8t+7 (8 and 12).
-                a[rt][0] = dequant_bf16x2(wa, 0, bias_a);
-                a[rt][1] = dequant_bf16x2(wb, 0, bias_b);
-                a[rt][2] = dequant_bf16x2(wa, 4, bias_a);
-                a[rt][3] = dequant_bf16x2(wb, 4, bias_b);
-                a[rt][4] = dequant_bf16x2(wa, 8, bias_a);
-                a[rt][5] = dequant_bf16x2(wb, 8, bias_b);
-                a[rt][6] = dequant_bf16x2(wa, 12, bias_a);
-                a[rt][7] = dequant_bf16x2(wb, 12, bias_b);
-                s_lo[rt] = bf16_half(s[rt].x, jg == 1);
-                s_hi[rt] = bf16_half(s[rt].y, jg == 1);
-            }
+            for (int rt = 0; rt < kRT; ++rt) a[rt] = dequant_group<kZeros>(f[rt], jg);
 #pragma unroll
             for (int j = 0; j < kMT; ++j) {
                 const int r = 8 * j + g;
                 const uint4 xb = base[(u * S::kTok + r) * 8 + swizzled(r, 4 * jg + t)];
 #pragma unroll
-                for (int rt = 0; rt < kRT; ++rt) tiled_group_mma(acc[rt][j], a[rt], s_lo[rt], s_hi[rt], xb);
+                for (int rt = 0; rt < kRT; ++rt) group_mma(acc[rt][j], a[rt], xb);
             }
         }
     }
