@@ -29,6 +29,12 @@
 //     warp split of k is the same (the block count is ceil(2 n / 16) either way), so nothing else changes.
 //     (An earlier version fused SwiGLU into the *down* projection's input instead: every block recomputed SiLU
 //     over all of x, which made the kernel ALU-bound and slower than two kernels on an H200.)
+//   - With rope_on, w is the fused qkv projection and the epilogue is l32_rope_kv_write's: a q or k block takes the
+//     8 rotation pairs (j, j + head_dim / 2) of one head as its MMA rows 0-7 and 8-15, a v block 16 plain rows;
+//     the reducing thread rounds both sums to bf16, computes the angle and sincosf as the RoPE kernel does and
+//     rotates with its function (kernels/common/rope.cuh), then writes q into out and the rotated k and the v
+//     into the token's cache slot. The k and v parts of out are not written (attention reads k and v from the
+//     cache).
 //   - The warps' partial tiles meet in shared memory and are summed in warp order (deterministic), then each
 //     output is rounded to bf16 once.
 // Worked examples on an H100 (132 SMs), via gemv::warps_per_block: n = 2048 is 128 tiles, 16 warps each (one block
@@ -37,7 +43,8 @@
 //
 // Registers from ptxas (CUDA 13.0, sm_80 / sm_89 / sm_90a), no spills, no stack frame, either warp count:
 // kTiles = 1: 114 / 114 / 116; kTiles = 2: 128 / 128 / 128 (the cap of two 256-thread blocks per SM); the
-// silu_pairs variants the same. ptxas unrolls
+// silu_pairs variants the same. The rope_on variants: 118 / 128, with a 32-40-byte stack frame for sincosf's
+// large-angle reduction and, at kTiles = 2, a 4-12-byte spill in the epilogue. ptxas unrolls
 // the main loop twice and issues the next step's loads before this step's MMAs, so up to 16 w vectors (256 bytes)
 // per lane are in flight. Shared memory: warps * kTiles * 8 * 16 * 4 bytes (4 to 16 KB). SASS (sm_90a): w loads are
 // LDG.E.NA.128.CONSTANT, x loads LDG.E.EL.128.CONSTANT, the products HMMA.16816.F32.BF16.
@@ -46,6 +53,7 @@
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/rope.cuh"
 #include "common/silu.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
@@ -117,25 +125,74 @@ __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* 
     }
 }
 
-// Tier 1. grid = ceil(n / kRows) (kPairs: ceil(n / 8)), block = kWarps * 32. kTiles = ceil(m / 8) MMA column
-// tiles of x rows. kPairs (p.silu_pairs): w is a gate_up pair [2 n, k]; the block's MMA rows 0-7 are gate rows
-// n0 + 0..7 and rows 8-15 the up rows n + n0 + 0..7, so every output's gate and up sums meet in one thread.
+// Epilogue modes of the kernel.
+enum Mode : int {
+    kPlain = 0,  // out = x @ w^T
+    kSilu = 1,   // p.silu_pairs: w is gate_up [2 n, k], out = silu(gate) * up [m, n]
+    kRope = 2,   // p.rope_on: w is the fused qkv projection, RoPE + KV-cache write in the epilogue
+};
+
+// The two w rows a block's MMA rows g and g + 8 read, and what its outputs are. kPlain: rows n0 + g and
+// n0 + g + 8 (n0 = 16 b). kSilu: gate row n0 + g and up row n + n0 + g (n0 = 8 b). kRope: the first
+// (num_heads + num_kv_heads) * head_dim / 16 blocks take 8 rotation pairs of one q or k head, rows
+// head * head_dim + j0 + g and that + head_dim / 2 (j0 a multiple of 8 below head_dim / 2); the rest take 16
+// consecutive v rows, as kPlain.
+struct BlockRows {
+    int64_t r0, r1;
+    int64_t n0;   // kPlain / kSilu / v blocks: the first output column
+    int head;     // kRope pair blocks: the head (q heads first, then k), else -1
+    int j0;       // kRope pair blocks: the first pair index within the head
+};
+
+template <int kMode>
+__device__ __forceinline__ BlockRows block_rows(const l32_gemv_params& p, int g) {
+    BlockRows b;
+    b.head = -1;
+    b.j0 = 0;
+    const int64_t blk = blockIdx.x;
+    if constexpr (kMode == kSilu) {
+        b.n0 = blk * (kRows / 2);
+        b.r0 = std::min(b.n0 + g, p.n - 1);
+        b.r1 = p.n + b.r0;
+    } else if constexpr (kMode == kRope) {
+        const int d = p.rope.head_dim, half = d / 2;
+        const int64_t pair_blocks = int64_t{p.rope.num_heads + p.rope.num_kv_heads} * (half / 8);
+        if (blk < pair_blocks) {
+            b.head = static_cast<int>(blk / (half / 8));
+            b.j0 = static_cast<int>(blk % (half / 8)) * 8;
+            b.n0 = int64_t{b.head} * d + b.j0;
+            b.r0 = b.n0 + g;
+            b.r1 = b.r0 + half;
+        } else {
+            b.n0 = int64_t{p.rope.num_heads + p.rope.num_kv_heads} * d + (blk - pair_blocks) * kRows;
+            b.r0 = b.n0 + g;
+            b.r1 = b.r0 + 8;
+        }
+    } else {
+        b.n0 = blk * kRows;
+        b.r0 = std::min(b.n0 + g, p.n - 1);
+        b.r1 = std::min(b.n0 + g + 8, p.n - 1);
+    }
+    return b;
+}
+
+// Tier 1. grid = ceil(n / kRows) (kSilu: ceil(n / 8); kRope: n / 16), block = kWarps * 32. kTiles = ceil(m / 8)
+// MMA column tiles of x rows. In kSilu and kRope pair blocks, MMA rows 0-7 and 8-15 are the two halves of each
+// output's pair, so an output's two sums meet in one thread of the final reduction (see BlockRows).
 // With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
-template <int kTiles, int kWarps, bool kPairs>
+template <int kTiles, int kWarps, int kMode>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
     __shared__ float partial[kWarps][kTiles * 8][kRows];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
-    const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (kPairs ? kRows / 2 : kRows);
     const int m = static_cast<int>(p.m);
     const int kv = static_cast<int>(p.k / 8);
 
     // Rows past n (last tile) and x rows past m read the last valid row; their results are never written.
-    const int64_t r0 = std::min(n0 + g, p.n - 1);
-    const int64_t r1 = kPairs ? p.n + r0 : std::min(n0 + g + 8, p.n - 1);
+    const BlockRows br = block_rows<kMode>(p, g);
     const auto* w = static_cast<const bf16*>(p.w);
-    const auto* w0 = reinterpret_cast<const uint4*>(w + r0 * p.k);
-    const auto* w1 = reinterpret_cast<const uint4*>(w + r1 * p.k);
+    const auto* w0 = reinterpret_cast<const uint4*>(w + br.r0 * p.k);
+    const auto* w1 = reinterpret_cast<const uint4*>(w + br.r1 * p.k);
     // The weights of this lane's first step into L2, then wait for the previous kernel (which writes x): under PDL
     // the first weight bytes stream while that kernel finishes (see kernels/common/launch.cuh).
 #pragma unroll
@@ -171,27 +228,55 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
         partial[warp][8 * j + 2 * t + 1][g + 8] = acc[j][3];
     }
     __syncthreads();
-    // kTiles * 8 * kRows <= 256 outputs, at most one per thread.
+    // kTiles * 8 * kRows <= 256 outputs, at most one per thread. Each sum runs in warp order and is rounded to
+    // bf16 as the plain kernel writes it; the paired modes then apply their element function.
     const int i = threadIdx.x / kRows, c = threadIdx.x % kRows;
-    if constexpr (kPairs) {
-        // Gate (MMA row c) and up (row c + 8), each summed in warp order and rounded to bf16 as the plain kernel
-        // writes them, then SwiGLU's element function as l32_silu_mul computes it.
-        if (i >= m || c >= kRows / 2 || n0 + c >= p.n) return;
-        float gs = 0.f, us = 0.f;
-#pragma unroll
-        for (int q = 0; q < kWarps; ++q) gs += partial[q][i][c];
-#pragma unroll
-        for (int q = 0; q < kWarps; ++q) us += partial[q][i][c + kRows / 2];
-        const float gate = __bfloat162float(__float2bfloat16_rn(gs));
-        const float up = __bfloat162float(__float2bfloat16_rn(us));
-        const bf16 o = __float2bfloat16_rn(silu_mul_f32(gate, up));
-        static_cast<bf16*>(p.out)[static_cast<int64_t>(i) * p.n + n0 + c] = o;
-    } else {
-        if (i >= m || n0 + c >= p.n) return;
+    if (i >= m) return;
+    const auto sum = [&](int col) {
         float s = 0.f;
 #pragma unroll
-        for (int q = 0; q < kWarps; ++q) s += partial[q][i][c];
-        static_cast<bf16*>(p.out)[static_cast<int64_t>(i) * p.n + n0 + c] = __float2bfloat16_rn(s);
+        for (int q = 0; q < kWarps; ++q) s += partial[q][i][col];
+        return __float2bfloat16_rn(s);
+    };
+    auto* out = static_cast<bf16*>(p.out);
+    if constexpr (kMode == kSilu) {
+        // Gate (MMA row c) and up (row c + 8), then SwiGLU's element function as l32_silu_mul computes it.
+        if (c >= kRows / 2 || br.n0 + c >= p.n) return;
+        const float gate = __bfloat162float(sum(c)), up = __bfloat162float(sum(c + kRows / 2));
+        out[static_cast<int64_t>(i) * p.n + br.n0 + c] = __float2bfloat16_rn(silu_mul_f32(gate, up));
+    } else if constexpr (kMode == kRope) {
+        const l32_rope_params& r = p.rope;
+        const int d = r.head_dim, half = d / 2;
+        const uint32_t slot = r.slot_mapping[i];
+        const bool cached = slot < static_cast<uint64_t>(r.num_slots);
+        if (!cached && slot != L32_PAD_SLOT && r.bad_slot != nullptr && c == 0 && blockIdx.x == 0) *r.bad_slot = 1u;
+        const int64_t slot_base = cached ? static_cast<int64_t>(slot) * r.num_kv_heads * d : 0;
+        if (br.head < 0) {
+            // v: 16 consecutive values of the v part, straight to the cache slot.
+            if (!cached) return;
+            const int64_t vi = br.n0 + c - int64_t{r.num_heads + r.num_kv_heads} * d;
+            static_cast<bf16*>(r.v_cache)[slot_base + vi] = sum(c);
+            return;
+        }
+        // q or k: pair (j0 + c, j0 + c + half) of head br.head, rotated as l32_rope_kv_write rotates it.
+        if (c >= kRows / 2) return;
+        const int j = br.j0 + c;
+        float sn, cs;
+        sincosf(__fmul_rn(static_cast<float>(r.positions[i]), r.inv_freq[j]), &sn, &cs);
+        float o1, o2;
+        rope_rotate(__bfloat162float(sum(c)), __bfloat162float(sum(c + kRows / 2)), cs, sn, o1, o2);
+        if (br.head < r.num_heads) {
+            bf16* q = out + static_cast<int64_t>(i) * p.n + int64_t{br.head} * d + j;
+            q[0] = __float2bfloat16_rn(o1);
+            q[half] = __float2bfloat16_rn(o2);
+        } else if (cached) {
+            bf16* kc = static_cast<bf16*>(r.k_cache) + slot_base + int64_t{br.head - r.num_heads} * d + j;
+            kc[0] = __float2bfloat16_rn(o1);
+            kc[half] = __float2bfloat16_rn(o2);
+        }
+    } else {
+        if (br.n0 + c >= p.n) return;
+        out[static_cast<int64_t>(i) * p.n + br.n0 + c] = sum(c);
     }
 }
 
@@ -201,10 +286,13 @@ l32_status launch(const l32_gemv_params& p, cudaStream_t stream) {
     static_assert(kTiles * 8 * kRows <= kWarps * 32, "one thread per output of the block");
     if (p.silu_pairs != 0) {
         const auto grid = static_cast<unsigned>((p.n + kRows / 2 - 1) / (kRows / 2));
-        launch_kernel(gemv_kernel<kTiles, kWarps, true>, grid, kWarps * 32, 0, stream, p);
+        launch_kernel(gemv_kernel<kTiles, kWarps, kSilu>, grid, kWarps * 32, 0, stream, p);
+    } else if (p.rope_on != 0) {
+        const auto grid = static_cast<unsigned>(p.n / kRows);
+        launch_kernel(gemv_kernel<kTiles, kWarps, kRope>, grid, kWarps * 32, 0, stream, p);
     } else {
         const auto grid = static_cast<unsigned>((p.n + kRows - 1) / kRows);
-        launch_kernel(gemv_kernel<kTiles, kWarps, false>, grid, kWarps * 32, 0, stream, p);
+        launch_kernel(gemv_kernel<kTiles, kWarps, kPlain>, grid, kWarps * 32, 0, stream, p);
     }
     return check_launch();
 }
@@ -224,6 +312,19 @@ extern "C" l32_status l32_gemv(const l32_gemv_params* params, void* stream) {
     }
     if (!l32::is_aligned(p.x, 16) || !l32::is_aligned(p.w, 16)) return L32_UNSUPPORTED;
     if (p.warps != 8 && p.warps != 16) return L32_UNSUPPORTED;
+    if (p.rope_on != 0) {
+        // The fused QKV projection: head_dim / 2 a multiple of 8 (so the pair blocks and the v blocks tile the
+        // row), and the row exactly the q, k and v heads.
+        const l32_rope_params& r = p.rope;
+        if (p.silu_pairs != 0) return L32_INVALID_ARGUMENT;
+        if (r.k_cache == nullptr || r.v_cache == nullptr || r.positions == nullptr || r.slot_mapping == nullptr ||
+            r.inv_freq == nullptr || r.num_heads <= 0 || r.num_kv_heads <= 0 || r.num_slots <= 0) {
+            return L32_INVALID_ARGUMENT;
+        }
+        if (r.head_dim <= 0 || r.head_dim % 16 != 0 || r.head_dim > 512) return L32_UNSUPPORTED;
+        if (p.n != (int64_t{r.num_heads} + 2 * int64_t{r.num_kv_heads}) * r.head_dim) return L32_INVALID_ARGUMENT;
+        if (r.num_slots > int64_t{L32_PAD_SLOT}) return L32_UNSUPPORTED;
+    }
     if (p.n == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
     const bool two = p.m > 8;

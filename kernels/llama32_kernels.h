@@ -347,6 +347,15 @@ typedef struct l32_gemv_params {
      * for gate row j and up row j: bit for bit l32_silu_mul after l32_gemv, in one kernel.
      */
     int32_t silu_pairs;
+    /**
+     * 0: no RoPE. 1: w is the fused qkv projection [(num_heads + 2 num_kv_heads) head_dim, k] (n that width,
+     * head_dim a multiple of 16, up to 512) and the epilogue is l32_rope_kv_write's, bit for bit: the q heads of
+     * out are written rotated, the rotated k heads and the v heads go to cache slot rope.slot_mapping[i] (not for
+     * L32_PAD_SLOT), and the k and v parts of out are left unwritten. rope.qkv, rope.tokens (= m) and
+     * rope.qkv_stride (= n) are not read. Exclusive with silu_pairs.
+     */
+    int32_t rope_on;
+    l32_rope_params rope;   /**< with rope_on: positions, slots, inv_freq, caches and heads of l32_rope_kv_write */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_gemv_params;
 

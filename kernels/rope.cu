@@ -23,13 +23,15 @@
 // Numerics: angle = float(position) * inv_freq[j], the f32 product transformers computes, then sincosf (the precise
 // one, not __sinf: angles reach 1.3e5 rad at 128K context, where __sinf's error is unbounded in practice; sincosf
 // takes its Payne-Hanek path above 105615 rad). The rotation is computed in f32 from the bf16
-// inputs and rounded to bf16 once. (HF rounds cos/sin to bf16 and rounds q * cos, rotate_half(q) * sin and their
+// inputs (kernels/common/rope.cuh, uncontracted products and sums, shared with the skinny GEMM's RoPE epilogue)
+// and rounded to bf16 once. (HF rounds cos/sin to bf16 and rounds q * cos, rotate_half(q) * sin and their
 // sum in bf16, so it may differ from this result by a few bf16 roundings.)
 #include <algorithm>
 #include <climits>
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/rope.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 
@@ -72,9 +74,10 @@ __device__ __forceinline__ void rotate(const bf16* src, bf16* dst, int h, const 
     Vec o1, o2;
 #pragma unroll
     for (int i = 0; i < W; ++i) {
-        const float a = x1.get(i), b = x2.get(i);
-        o1.set(i, a * c[i] - b * s[i]);
-        o2.set(i, b * c[i] + a * s[i]);
+        float r1, r2;
+        rope_rotate(x1.get(i), x2.get(i), c[i], s[i], r1, r2);
+        o1.set(i, r1);
+        o2.set(i, r2);
     }
     store_vec(reinterpret_cast<Vec*>(dst), o1);
     store_vec(reinterpret_cast<Vec*>(dst + h), o2);
@@ -93,7 +96,7 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kv_write_kernel(const __grid
     const int half = kHalf > 0 ? kHalf : p.head_dim / 2;
     const int d = 2 * half;
     const float pos = static_cast<float>(p.positions[t]);
-    for (int j = threadIdx.x; j < half; j += blockDim.x) sincosf(pos * p.inv_freq[j], &sin_s[j], &cos_s[j]);
+    for (int j = threadIdx.x; j < half; j += blockDim.x) sincosf(__fmul_rn(pos, p.inv_freq[j]), &sin_s[j], &cos_s[j]);
 
     const uint32_t slot = p.slot_mapping[t];
     const bool cached = slot < static_cast<uint64_t>(p.num_slots);

@@ -177,8 +177,8 @@ run() {
   # 1B end to end in bf16 / W4A16 / W4A8), kernels (ignored kernel benches, criterion, PyTorch peers), vision (the 11B
   # vision benches), vquant (11B and 90B Vision in W4A16 on one GPU, loaded layer by layer; opt-in: not in the
   # default list; LLAMA32_W4A16_KERNEL=direct|pipelined forces one kernel), e2e (llama32 bench, offline
-  # throughput, bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=0, back to back, and the SwiGLU
-  # fusion's ablation). LLAMA32_SUITE_SECONDS bounds the whole
+  # throughput, bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=0, back to back, the SwiGLU
+  # fusion's ablation and the RoPE fusion). LLAMA32_SUITE_SECONDS bounds the whole
   # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate
   # calls, tests first. GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group
   # (about two minutes) / the torch peers of the quant stage.
@@ -435,9 +435,12 @@ run() {
       bench_e2e 120 "$spec"
       LLAMA32_PDL=0 bench_e2e 120 "$spec"
     done
-    # The SwiGLU fusion (on by default) against its ablation, at batch 1 where it matters.
+    # The SwiGLU fusion (on by default) against its ablation, and the RoPE fusion (off by default) against the
+    # default, at batch 1 where they matter.
     bench_e2e 120 "1b 1 128 64 --no-fused-swiglu"
     bench_e2e 120 "3b 1 128 64 --no-fused-swiglu"
+    bench_e2e 120 "1b 1 128 64 --fused-rope"
+    bench_e2e 120 "3b 1 128 64 --fused-rope"
     # One line per pair: decode ms/step without / with each switch, from bench.jsonl.
     if [[ -f $logs/bench.jsonl ]]; then
       mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
@@ -445,14 +448,14 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 def key(d):
     return (d.get("model"), d["batch"], d["prompt_tokens"], d.get("w4a16_kernel"))
-for switch in ("pdl", "fused_swiglu"):
+for switch in ("pdl", "fused_swiglu", "fused_rope"):
     for d in rows:
         if d.get(switch) is not True:
             continue
         for e in rows:
             if e is d or key(e) != key(d) or e.get(switch) is not False:
                 continue
-            if any(e.get(o) != d.get(o) for o in ("pdl", "fused_swiglu") if o != switch):
+            if any(e.get(o) != d.get(o) for o in ("pdl", "fused_swiglu", "fused_rope") if o != switch):
                 continue
             print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)" % (switch, d.get("model"), d["batch"],
                   e["decode_ms_per_step"], d["decode_ms_per_step"], e["decode_ms_per_step"] / d["decode_ms_per_step"]))

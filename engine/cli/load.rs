@@ -251,6 +251,7 @@ fn load_cuda(
         max_graph_batch: a.cuda_graph_max_batch,
         skinny_gemm: !a.no_skinny_gemm,
         fuse_swiglu: !a.no_fused_swiglu,
+        fuse_rope: a.fused_rope,
     };
     let t0 = Instant::now();
     let eos_ids = cfg.eos_token_ids.clone();

@@ -110,6 +110,10 @@ pub struct ModelArgs {
     /// (CUDA only; the same results, for ablations).
     #[arg(long)]
     pub no_fused_swiglu: bool,
+    /// Apply RoPE and the KV-cache write in the epilogue of the decode QKV projection (bf16 skinny GEMM) instead of
+    /// in a kernel of their own (CUDA text models only; the same results; experimental: not yet timed on a GPU).
+    #[arg(long)]
+    pub fused_rope: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.
     /// A checkpoint written by `llama32 quantize` is detected from its config.json and needs no flag.
     #[arg(long)]

@@ -73,6 +73,20 @@ pub trait Ops {
     fn attention(&mut self, layer: usize, qkv: &Self::Act, step: &StepInput, out: &mut Self::Act) -> Result<()>;
     /// `out = silu(gate) * up` over fused `[rows, 2 * inter]` input.
     fn silu_mul(&mut self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// `qkv = x @ W^T` for the fused QKV projection `w`, then [`rope_and_cache`](Self::rope_and_cache). A backend
+    /// may do both in one kernel; the q part of `qkv` and the cache must then be what the two calls give (the k
+    /// and v parts of `qkv` are not read afterwards, and may be left unwritten).
+    fn linear_rope_cache(
+        &mut self,
+        x: &Self::Act,
+        w: Linear,
+        layer: usize,
+        qkv: &mut Self::Act,
+        step: &StepInput,
+    ) -> Result<()> {
+        self.linear(x, w, qkv)?;
+        self.rope_and_cache(layer, qkv, step)
+    }
     /// `out = silu_mul(x @ W^T)` for SwiGLU's fused gate_up projection `w`, with `gate_up` as the `[rows,
     /// 2 * inter]` buffer between the two. A backend may do both in one kernel and leave `gate_up` unwritten; the
     /// result must be what the two calls give.
@@ -164,8 +178,7 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
         } else {
             ops.add_rms_norm(&mut x, &delta, Norm::Attn(l), &mut h)?;
         }
-        ops.linear(&h, Linear::Qkv(l), &mut qkv)?;
-        ops.rope_and_cache(l, &mut qkv, step)?;
+        ops.linear_rope_cache(&h, Linear::Qkv(l), l, &mut qkv, step)?;
         ops.attention(l, &qkv, step, &mut attn)?;
         ops.linear(&attn, Linear::O(l), &mut delta)?;
         ops.all_reduce(&mut delta)?;

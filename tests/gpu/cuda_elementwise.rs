@@ -376,6 +376,104 @@ fn rope_kv_write_matches_cpu() {
     }
 }
 
+/// `gemv_qkv_rope` (the decode QKV projection with RoPE and the cache write in its epilogue) equals `gemv` then
+/// `rope_kv_write`, bit for bit: the q part of every row and both caches (poisoned alike beforehand), on the cases
+/// whose head_dim is a multiple of 16 and whose rows are unpadded, cut to at most 16 tokens, with one padding
+/// token, for k = 64 and 2056 (a tail step); the k and v parts of the fused output are never read, so not compared.
+#[test]
+fn gemv_qkv_rope_equals_gemv_then_rope_kv_write() {
+    let Some(stream) = stream() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let mut ran = 0;
+    for case in ROPE_CASES.iter().filter(|c| c.heads.2 % 16 == 0 && c.stride_pad == 0) {
+        let mut b = draw_batch(&mut rng, case);
+        let m = b.positions.len().min(16);
+        b.positions.truncate(m);
+        b.slots.truncate(m);
+        b.slots[m / 2] = PAD_SLOT;
+        let n = b.stride;
+        let q_dim = b.layout.num_heads * b.layout.head_dim;
+        for k in [64usize, 2056] {
+            let what = format!("gemv_qkv_rope {} m {m} k {k}", case.name);
+            let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0)));
+            let w = upload(&stream, &random_rows(&mut rng, n, k, (-1.5, -0.5)));
+            let cache = vec![bf16::from_bits(SENTINEL); b.num_slots * b.layout.slot_len()];
+            let shape = RopeKvShape { layout: b.layout, qkv_stride: n };
+            let (pos_d, slots_d, freq_d) =
+                (upload(&stream, &b.positions), upload(&stream, &b.slots), upload(&stream, &b.inv_freq));
+            // Unfused: the projection, then RoPE and the cache write.
+            let (mut k_a, mut v_a) = (upload(&stream, &cache), upload(&stream, &cache));
+            let mut qkv_a = upload(&stream, &vec![bf16::NAN; m * n]);
+            cuda::gemv::gemv(&stream, &x, &w, m, k, n, &mut qkv_a).unwrap();
+            let caches = KvCacheMut { k: &mut k_a, v: &mut v_a };
+            cuda::rope::rope_kv_write(&stream, &shape, &mut qkv_a, &pos_d, &slots_d, &freq_d, caches).unwrap();
+            // Fused.
+            let (mut k_b, mut v_b) = (upload(&stream, &cache), upload(&stream, &cache));
+            let mut qkv_b = upload(&stream, &vec![bf16::NAN; m * n]);
+            let caches = KvCacheMut { k: &mut k_b, v: &mut v_b };
+            cuda::gemv::gemv_qkv_rope(&stream, &x, &w, (m, k), &shape, &mut qkv_b, (&pos_d, &slots_d, &freq_d), caches)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (qa, qb) = (download(&stream, &qkv_a), download(&stream, &qkv_b));
+            for i in 0..m {
+                let (ra, rb) = (&qa[i * n..i * n + q_dim], &qb[i * n..i * n + q_dim]);
+                if let Some(j) = (0..q_dim).find(|&j| ra[j].to_bits() != rb[j].to_bits()) {
+                    panic!("{what}: q[{i}, {j}] = {} fused, {} unfused", rb[j], ra[j]);
+                }
+            }
+            for (name, a, bb) in [("k", &k_a, &k_b), ("v", &v_a, &v_b)] {
+                let (a, bb) = (download(&stream, a), download(&stream, bb));
+                if let Some(j) = (0..a.len()).find(|&j| a[j].to_bits() != bb[j].to_bits()) {
+                    panic!("{what}: {name}_cache[{j}] = {} fused, {} unfused", bb[j], a[j]);
+                }
+                let written = a.iter().filter(|v| v.to_bits() != SENTINEL).count();
+                assert_eq!(written, (m - 1) * b.layout.slot_len(), "{what}: {name} slots written (one padding token)");
+            }
+            ran += 1;
+        }
+        eprintln!("gemv_qkv_rope {}: q rows and caches bitwise equal to gemv + rope_kv_write", case.name);
+    }
+    assert!(ran >= 8, "only {ran} cases ran");
+    // Refused by name: a head_dim that is not a multiple of 16, a padded row.
+    let b = draw_batch(&mut rng, &ROPE_CASES[0]);
+    let m = 1;
+    let n = b.stride;
+    let x = upload(&stream, &vec![bf16::ONE; m * 64]);
+    let w = upload(&stream, &vec![bf16::ONE; n * 64]);
+    let (pos_d, slots_d, freq_d) =
+        (upload(&stream, &b.positions[..m]), upload(&stream, &b.slots[..m]), upload(&stream, &b.inv_freq));
+    let cache = vec![bf16::ZERO; b.num_slots * b.layout.slot_len()];
+    let (mut kc, mut vc) = (upload(&stream, &cache), upload(&stream, &cache));
+    let mut qkv = upload(&stream, &vec![bf16::ZERO; m * (n + 8)]);
+    let padded = RopeKvShape { layout: b.layout, qkv_stride: n + 8 };
+    let e = cuda::gemv::gemv_qkv_rope(
+        &stream,
+        &x,
+        &w,
+        (m, 64),
+        &padded,
+        &mut qkv,
+        (&pos_d, &slots_d, &freq_d),
+        KvCacheMut { k: &mut kc, v: &mut vc },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("qkv_stride"), "{e}");
+    let d8 = RopeKvShape { layout: PagedLayout { head_dim: 8, ..b.layout }, qkv_stride: n };
+    let e = cuda::gemv::gemv_qkv_rope(
+        &stream,
+        &x,
+        &w,
+        (m, 64),
+        &d8,
+        &mut qkv,
+        (&pos_d, &slots_d, &freq_d),
+        KvCacheMut { k: &mut kc, v: &mut vc },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("head_dim is 8"), "{e}");
+}
+
 #[test]
 fn rope_kv_write_skips_padding_and_flags_bad_slots() {
     let Some(stream) = stream() else { return };

@@ -329,6 +329,20 @@ fn cuda_silu_gemv_fusion_changes_no_bit() {
     });
 }
 
+/// The RoPE + KV-write fusion into the QKV projection's skinny GEMM changes no bit: decode steps (batches of 1 to 5
+/// rows, eager and from graphs) with and without it give the same logits.
+#[test]
+fn cuda_rope_gemv_fusion_changes_no_bit() {
+    if !device_ready() {
+        return;
+    }
+    assert_switch_changes_no_bit("the RoPE fusion", &|case, ckpt, opts, on| {
+        let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap();
+        exec.set_fuse_rope(on);
+        exec
+    });
+}
+
 /// `step_greedy` picks on the device exactly the argmax of the logits `step` returns for the same step.
 #[test]
 fn cuda_step_greedy_is_argmax_of_step_logits() {

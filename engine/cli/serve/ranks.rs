@@ -294,6 +294,7 @@ fn tp_cuda_model(
         max_graph_batch: a.cuda_graph_max_batch,
         skinny_gemm: !a.no_skinny_gemm,
         fuse_swiglu: !a.no_fused_swiglu,
+        fuse_rope: a.fused_rope,
     };
     let ckpt;
     let src = match (&source, a.random_weights) {

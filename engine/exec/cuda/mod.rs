@@ -46,6 +46,10 @@ pub struct CudaOptions {
     /// With the skinny GEMM, apply SiLU * up in the epilogue of the bf16 gate_up projection instead of a kernel of
     /// its own (on by default; the same bits; see [`CudaExecutor::set_fuse_swiglu`]).
     pub fuse_swiglu: bool,
+    /// With the skinny GEMM, apply RoPE and the KV-cache write in the epilogue of the bf16 QKV projection instead
+    /// of a kernel of their own (off by default until a device run measures it; the same bits; see
+    /// [`CudaExecutor::set_fuse_rope`]).
+    pub fuse_rope: bool,
 }
 
 impl Default for CudaOptions {
@@ -59,6 +63,7 @@ impl Default for CudaOptions {
             max_graph_batch: 256,
             skinny_gemm: true,
             fuse_swiglu: true,
+            fuse_rope: false,
         }
     }
 }
@@ -297,6 +302,13 @@ impl CudaExecutor {
         self.graphs.clear();
     }
 
+    /// Turns the RoPE + KV-write fusion into the bf16 QKV projection's skinny GEMM on or off
+    /// ([`CudaOptions::fuse_rope`]; off runs the GEMM and then the RoPE kernel, with the same bits).
+    pub fn set_fuse_rope(&mut self, on: bool) {
+        self.ops.fuse_rope = on;
+        self.graphs.clear();
+    }
+
     /// Turns the SwiGLU fusion into the bf16 gate_up projection's skinny GEMM on or off ([`CudaOptions::fuse_swiglu`];
     /// off runs the GEMM and then the SiLU * up kernel, with the same bits).
     pub fn set_fuse_swiglu(&mut self, on: bool) {
@@ -397,6 +409,7 @@ impl CudaExecutor {
         );
         ops.skinny_gemm = opts.skinny_gemm;
         ops.fuse_swiglu = opts.fuse_swiglu;
+        ops.fuse_rope = opts.fuse_rope;
         let ids = ops.stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))?;
         Ok(CudaExecutor { ops, max_graph_batch: opts.max_graph_batch, max_blocks_per_seq, graphs: HashMap::new(), ids })
     }

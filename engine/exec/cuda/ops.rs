@@ -121,6 +121,9 @@ pub struct CudaOps {
     /// With the skinny GEMM, apply SwiGLU in the epilogue of the bf16 gate_up projection (`gemv_gate_up_silu`)
     /// instead of a kernel of its own (the same bits).
     pub(super) fuse_swiglu: bool,
+    /// With the skinny GEMM, apply RoPE and the KV-cache write in the epilogue of the bf16 QKV projection
+    /// (`gemv_qkv_rope`) instead of a kernel of their own (the same bits).
+    pub(super) fuse_rope: bool,
     /// Quantized projections' buffers and fused-quantization state.
     pub(super) quant: QuantState,
     /// Set on a tensor-parallel rank: the communicator behind the [`Ops`] hooks and the rank's vocabulary slice.
@@ -189,6 +192,7 @@ impl CudaOps {
             capturing: false,
             skinny_gemm: true,
             fuse_swiglu: true,
+            fuse_rope: false,
             quant: QuantState { fuse: true, ..QuantState::default() },
             tp: None,
         }
@@ -672,6 +676,52 @@ impl Ops for CudaOps {
             inter,
             &mut out.buf.slice_mut(..rows * inter),
         )
+    }
+
+    fn linear_rope_cache(
+        &mut self,
+        x: &CudaAct,
+        w: Linear,
+        layer: usize,
+        qkv: &mut CudaAct,
+        step: &StepInput,
+    ) -> Result<()> {
+        // A bf16 QKV projection on the skinny GEMM applies RoPE and writes the cache in its epilogue
+        // (gemv_qkv_rope); everything else takes the two calls.
+        let (weight, n) = linear_weight(&self.cfg, &self.layers, self.lm_head.as_ref().unwrap_or(&self.embed), w);
+        let (rows, kdim, t) = (x.rows, x.cols, self.sizes.tokens);
+        let fusable = self.fuse_rope
+            && self.skinny_gemm
+            && rows == t
+            && qkv.cols == n
+            && self.layout.head_dim % 16 == 0
+            && n <= SKINNY_MAX_N
+            && k::gemv::supports(rows, kdim);
+        match weight {
+            WeightRef::Dense(weight) if fusable => {
+                check("linear_rope_cache qkv", qkv, rows, n)?;
+                check_dense(w, weight, n, kdim)?;
+                self.quant.pending = None;
+                self.quant.last_linear = Some(w);
+                let meta = self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?;
+                let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: n };
+                let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
+                k::gemv::gemv_qkv_rope(
+                    &self.stream,
+                    &x.buf.slice(..rows * kdim),
+                    weight,
+                    (rows, kdim),
+                    &shape,
+                    &mut qkv.buf.slice_mut(..rows * n),
+                    (&meta.positions.slice(..t), &meta.slots.slice(..t), &self.inv_freq),
+                    k::rope::KvCacheMut { k: kc, v: vc },
+                )
+            }
+            _ => {
+                self.linear(x, w, qkv)?;
+                self.rope_and_cache(layer, qkv, step)
+            }
+        }
     }
 
     fn linear_silu_mul(&mut self, x: &CudaAct, w: Linear, gate_up: &mut CudaAct, out: &mut CudaAct) -> Result<()> {

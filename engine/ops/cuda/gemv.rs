@@ -102,8 +102,65 @@ fn gemv_impl(
         }
     }
     let (out, _out) = out.device_ptr_mut(stream);
-    launch(op, stream, &GemvLaunch { out, x, w, m, k, n, warps, pairs })
+    launch(op, stream, &GemvLaunch { out, x, w, m, k, n, warps, pairs }, None)
 }
+
+/// The decode QKV projection with RoPE and the paged KV-cache write in its epilogue: what [`gemv`] into `qkv`
+/// followed by [`super::rope::rope_kv_write`] gives, bit for bit, for the parts that are read afterwards. The q
+/// heads of `qkv` are written rotated; the rotated k heads and the v heads go to cache slot `slot_mapping[i]` of
+/// each token (none for [`super::rope::PAD_SLOT`]); the k and v parts of `qkv` are left unwritten. One launch and
+/// no round trip of the fused row, for `m` decode tokens (1 to 16, `m` = `positions.len()`).
+///
+/// - `w`: the fused `[(num_heads + 2 num_kv_heads) head_dim, k]` projection; `shape.qkv_stride` must be that row
+///   width, and `head_dim` a multiple of 16 (64 and 128 are).
+/// - The other operands are those of [`super::rope::rope_kv_write`], with the same checks.
+///
+/// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
+#[allow(clippy::too_many_arguments)] // the operands of gemv and of rope_kv_write
+pub fn gemv_qkv_rope(
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<bf16>,
+    (m, k): (usize, usize),
+    shape: &super::rope::RopeKvShape,
+    qkv: &mut impl DevicePtrMut<bf16>,
+    (positions, slot_mapping, inv_freq): (&impl DevicePtr<u32>, &impl DevicePtr<u32>, &impl DevicePtr<f32>),
+    cache: super::rope::KvCacheMut<'_, impl DevicePtrMut<bf16>, impl DevicePtrMut<bf16>>,
+) -> Result<()> {
+    const OP: &str = "gemv_qkv_rope";
+    super::ensure_built()?;
+    let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
+    let l = shape.layout;
+    let n = (l.num_heads + 2 * l.num_kv_heads) * l.head_dim;
+    if l.head_dim == 0 || l.head_dim % 16 != 0 {
+        return fail(format!("head_dim is {}, must be a positive multiple of 16", l.head_dim));
+    }
+    if shape.qkv_stride != n {
+        return fail(format!("qkv_stride is {}, must be the fused row width {n}", shape.qkv_stride));
+    }
+    if positions.len() != m {
+        return fail(format!("`positions` has {} entries, expected one per row of x ({m})", positions.len()));
+    }
+    check_shapes(OP, (m, k, n), (x.len(), w.len(), qkv.len()), false)?;
+    super::check_same_device(OP, stream, &[("x", x.stream()), ("w", w.stream())])?;
+    let warps = warps_per_block(n, num_sms(stream)?);
+    let (x, _x) = x.device_ptr(stream);
+    let (w, _w) = w.device_ptr(stream);
+    for (name, ptr) in [("x", x), ("w", w)] {
+        if ptr % 16 != 0 {
+            return fail(format!("`{name}` starts at {ptr:#x}, not 16-byte aligned"));
+        }
+    }
+    let operands = (positions, slot_mapping, inv_freq);
+    let no_flag = None::<&mut cudarc::driver::CudaSlice<u32>>;
+    super::rope::with_checked(stream, OP, shape, qkv, operands, cache, no_flag, |p, tokens, slots| {
+        let g = GemvLaunch { out: p.qkv, x, w, m, k, n, warps, pairs: false };
+        launch(OP, stream, &g, Some((shape, p, tokens, slots)))
+    })
+}
+
+/// The RoPE epilogue's operands: the geometry, the checked pointers, the tokens and the cache slots.
+type RopeArgs<'a> = (&'a super::rope::RopeKvShape, &'a super::rope::RopePtrs, usize, usize);
 
 /// Streaming multiprocessors of the stream's device.
 fn num_sms(stream: &CudaStream) -> Result<usize> {
@@ -156,10 +213,17 @@ struct GemvLaunch {
 }
 
 #[cfg(llama32_cuda)]
-fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch) -> Result<()> {
+fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch, rope: Option<RopeArgs<'_>>) -> Result<()> {
     use super::ffi;
     use std::ffi::c_void;
-    // All fit in their C types: check_shapes bounds m by 16, k by 2^24 and n by 2^31 - 1 (2^30 - 1 with pairs); warps is 8 or 16.
+    let rope_params = match rope {
+        Some((shape, p, tokens, slots)) => super::rope::params(shape, p, tokens, slots),
+        // SAFETY: l32_rope_params is plain C data (pointers, integers, and a dtype enum whose 0 is BF16); all zeros
+        // is a valid value, and the kernel reads none of it without rope_on.
+        None => unsafe { std::mem::zeroed() },
+    };
+    // All fit in their C types: check_shapes bounds m by 16, k by 2^24 and n by 2^31 - 1 (2^30 - 1 with pairs);
+    // warps is 8 or 16.
     let params = ffi::l32_gemv_params {
         out: l.out as *mut c_void,
         x: l.x as *const c_void,
@@ -169,18 +233,21 @@ fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch) -> Result<()> {
         n: l.n as i64,
         warps: l.warps as i32,
         silu_pairs: i32::from(l.pairs),
+        rope_on: i32::from(rope.is_some()),
+        rope: rope_params,
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: the three pointers come from live device slices on this stream's device whose lengths check_shapes
-    // matched to at least m x k, n x k (2 n x k with pairs) and m x n; x and w were checked 16-byte aligned; the caller holds the slices'
-    // stream guards until after this launch.
+    // matched to at least m x k, n x k (2 n x k with pairs) and m x n; x and w were checked 16-byte aligned; with
+    // RoPE, rope::with_checked checked its operands (the kernel writes no cache slot at or past num_slots). The
+    // callers hold the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_gemv(&params, raw) };
     super::check_launch(op, stream, status, || format!("{op} (m {}, k {}, n {})", l.m, l.k, l.n))
 }
 
 #[cfg(not(llama32_cuda))]
-fn launch(_op: &str, _stream: &CudaStream, _launch: &GemvLaunch) -> Result<()> {
+fn launch(_op: &str, _stream: &CudaStream, _launch: &GemvLaunch, _rope: Option<RopeArgs<'_>>) -> Result<()> {
     super::ensure_built()
 }
 

@@ -57,7 +57,10 @@ pub fn rope_kv_write(
     inv_freq: &impl DevicePtr<f32>,
     cache: KvCacheMut<'_, impl DevicePtrMut<bf16>, impl DevicePtrMut<bf16>>,
 ) -> Result<()> {
-    run(stream, "rope_kv_write", shape, qkv, (positions, slot_mapping, inv_freq), cache, None::<&mut Flag>)
+    let operands = (positions, slot_mapping, inv_freq);
+    with_checked(stream, "rope_kv_write", shape, qkv, operands, cache, None::<&mut Flag>, |p, tokens, slots| {
+        launch("rope_kv_write", stream, shape, p, tokens, slots)
+    })
 }
 
 /// [`rope_kv_write`], and `bad_slot[0] = 1` when some slot is out of range (neither `< num_slots` nor
@@ -76,7 +79,11 @@ pub fn rope_kv_write_flagged(
     cache: KvCacheMut<'_, impl DevicePtrMut<bf16>, impl DevicePtrMut<bf16>>,
     bad_slot: &mut impl DevicePtrMut<u32>,
 ) -> Result<()> {
-    run(stream, "rope_kv_write_flagged", shape, qkv, (positions, slot_mapping, inv_freq), cache, Some(bad_slot))
+    const OP: &str = "rope_kv_write_flagged";
+    let operands = (positions, slot_mapping, inv_freq);
+    with_checked(stream, OP, shape, qkv, operands, cache, Some(bad_slot), |p, tokens, slots| {
+        launch(OP, stream, shape, p, tokens, slots)
+    })
 }
 
 /// The flag type named when there is no flag.
@@ -87,8 +94,11 @@ const MAX_HEAD_DIM: usize = 512;
 /// The longest fused row the kernel takes.
 const MAX_ROW: usize = 1 << 30;
 
-/// Checks, takes the pointers, launches: the body of both entry points.
-fn run<F: DevicePtrMut<u32>>(
+/// Checks one call's operands, takes their device pointers and runs `launch` with them, the token count and the
+/// number of cache slots while the pointers' stream guards are held: the body of both entry points here and of
+/// the skinny GEMM's RoPE epilogue ([`super::gemv::gemv_qkv_rope`]).
+#[allow(clippy::too_many_arguments)] // the operands of rope_kv_write_flagged, plus the launch
+pub(super) fn with_checked<F: DevicePtrMut<u32>>(
     stream: &CudaStream,
     op: &str,
     shape: &RopeKvShape,
@@ -96,6 +106,7 @@ fn run<F: DevicePtrMut<u32>>(
     (positions, slot_mapping, inv_freq): (&impl DevicePtr<u32>, &impl DevicePtr<u32>, &impl DevicePtr<f32>),
     cache: KvCacheMut<'_, impl DevicePtrMut<bf16>, impl DevicePtrMut<bf16>>,
     bad_slot: Option<&mut F>,
+    launch: impl FnOnce(&RopePtrs, usize, usize) -> Result<()>,
 ) -> Result<()> {
     super::ensure_built()?;
     let lens = Lens {
@@ -134,7 +145,7 @@ fn run<F: DevicePtrMut<u32>>(
         None => (None, None),
     };
     let ptrs = RopePtrs { qkv, k_cache, v_cache, positions, slot_mapping, inv_freq, bad_slot };
-    launch(op, stream, shape, &ptrs, lens.positions, num_slots)
+    launch(&ptrs, lens.positions, num_slots)
 }
 
 /// Element counts of one call's operands.
@@ -213,8 +224,8 @@ fn check_shapes(op: &str, shape: &RopeKvShape, lens: &Lens) -> Result<usize> {
 
 /// The device pointers of one checked call.
 #[cfg_attr(not(llama32_cuda), allow(dead_code))]
-struct RopePtrs {
-    qkv: u64,
+pub(super) struct RopePtrs {
+    pub(super) qkv: u64,
     k_cache: u64,
     v_cache: u64,
     positions: u64,
@@ -223,14 +234,15 @@ struct RopePtrs {
     bad_slot: Option<u64>,
 }
 
+/// The C parameters of one checked call ([`with_checked`]'s pointers, tokens and slots).
 #[cfg(llama32_cuda)]
-fn launch(op: &str, stream: &CudaStream, shape: &RopeKvShape, p: &RopePtrs, tokens: usize, slots: usize) -> Result<()> {
+pub(super) fn params(shape: &RopeKvShape, p: &RopePtrs, tokens: usize, slots: usize) -> super::ffi::l32_rope_params {
     use super::ffi;
     use std::ffi::c_void;
     let l = &shape.layout;
     // All fit: check_shapes bounds tokens by 2^31 - 1, the fused row (so every head count and head_dim) by 2^30,
     // and the slots by 2^32 - 2; qkv_stride is a stride of a live allocation.
-    let params = ffi::l32_rope_params {
+    ffi::l32_rope_params {
         qkv: p.qkv as *mut c_void,
         k_cache: p.k_cache as *mut c_void,
         v_cache: p.v_cache as *mut c_void,
@@ -245,13 +257,19 @@ fn launch(op: &str, stream: &CudaStream, shape: &RopeKvShape, p: &RopePtrs, toke
         num_kv_heads: l.num_kv_heads as i32,
         head_dim: l.head_dim as i32,
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
-    };
+    }
+}
+
+#[cfg(llama32_cuda)]
+fn launch(op: &str, stream: &CudaStream, shape: &RopeKvShape, p: &RopePtrs, tokens: usize, slots: usize) -> Result<()> {
+    let l = &shape.layout;
+    let params = params(shape, p, tokens, slots);
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: every pointer comes from a live device slice on this stream's device whose length check_shapes
     // matched (qkv: tokens x qkv_stride, positions and slot_mapping: tokens, inv_freq: head_dim / 2, each cache:
     // num_slots x num_kv_heads x head_dim, bad_slot: >= 1); the kernel writes no slot at or past num_slots. The
     // callers hold the slices' stream guards until after this launch.
-    let status = unsafe { ffi::l32_rope_kv_write(&params, raw) };
+    let status = unsafe { super::ffi::l32_rope_kv_write(&params, raw) };
     super::check_launch(op, stream, status, || {
         format!(
             "{op} (tokens {tokens}, heads {}/{}, head_dim {}, qkv_stride {}, slots {slots})",
