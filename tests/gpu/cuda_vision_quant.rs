@@ -138,6 +138,36 @@ fn cuda_vision_layer_at_a_time_upload_equals_the_whole_model() {
     assert_eq!(run(&mut streamed, &m, &g.input_ids, &enc, 6), a);
 }
 
+/// The SwiGLU epilogue fusion (on by default) changes no bit in the vision decoder: bf16 golden models, prefill in
+/// chunks of 5 and greedy decode steps (at most 16 rows, so the skinny GEMM runs every MLP), decode from graphs and
+/// eagerly, with and without it.
+#[test]
+fn cuda_vision_swiglu_fusion_changes_no_bit() {
+    if cuda_stream().is_none() {
+        return;
+    }
+    for name in ["mllama-noresize", "mllama-two-images"] {
+        let g = crate::common::mllama_golden(name);
+        let m = MllamaModel::load(&g.dir).unwrap();
+        let enc = m.encode(&g.images).unwrap();
+        for graphs in [0, 256] {
+            let logits: Vec<Vec<f32>> = [false, true]
+                .iter()
+                .map(|&fuse| {
+                    let o = MllamaCudaOptions { fuse_swiglu: fuse, max_graph_batch: graphs, ..opts() };
+                    let mut ex = MllamaCudaExecutor::new(m.cfg.clone(), &m.weights, &o).unwrap();
+                    run(&mut ex, &m, &g.input_ids, &enc, 6)
+                })
+                .collect();
+            let (off, on) = (&logits[0], &logits[1]);
+            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
+                panic!("{name} graphs {graphs}: logit {i} is {} with the SwiGLU fusion, {} without", on[i], off[i]);
+            }
+            eprintln!("{name} graphs {graphs}: {} logits bitwise equal with and without the SwiGLU fusion", off.len());
+        }
+    }
+}
+
 #[test]
 fn cuda_trimmed_image_sets_decode_exactly_and_free_their_padding() {
     if cuda_stream().is_none() {
