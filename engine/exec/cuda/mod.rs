@@ -6,6 +6,7 @@
 //! cache slot), the step's metadata is copied into persistent device buffers, and the graph replays the whole
 //! forward in one launch.
 
+pub(crate) mod dense;
 pub(crate) mod ops;
 pub(crate) mod quant_bufs;
 

@@ -4,10 +4,11 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
+use super::dense::{dense_linear, SKINNY_MAX_N};
 pub(crate) use super::quant_bufs::DeviceLinear;
 use super::quant_bufs::QuantBuffers;
 use crate::config::LlamaConfig;
@@ -65,6 +66,15 @@ pub(super) struct QuantState {
     last_linear: Option<Linear>,
     /// Fuse the W4A8 activation quantization into the preceding norm / SiLU kernel (default on).
     pub(super) fuse: bool,
+}
+
+impl QuantState {
+    /// Records that projection `w` runs now and hands over the int8 activations a preceding kernel left for it, if
+    /// any: the bookkeeping every projection entry (`linear` and the fused ones) does first.
+    fn start_projection(&mut self, w: Linear) -> Option<(usize, Linear)> {
+        self.last_linear = Some(w);
+        self.pending.take()
+    }
 }
 
 /// Step metadata on the device, in buffers that grow but never move while they are big enough, so a captured
@@ -324,68 +334,6 @@ enum WeightRef<'a> {
     Quant(&'a k::quant::CudaQuantLinear),
 }
 
-/// Above this many output columns the decode projection goes to cuBLASLt even when the skinny GEMM takes it: on the
-/// vocabulary-wide `lm_head` cuBLASLt streamed the weight faster, side by side in `cuda_gemv::gemv_throughput`
-/// (H200, 2026-11-27, us per call, skinny GEMM / cuBLASLt): 1B (k 2048, n 128256) 134.5 / 121.2 at m = 1 and
-/// 142.6 / 124.0 at m = 8; 3B (k 3072) 199.9 / 179.7 and 193.6 / 182.8. Every other Llama projection has
-/// n <= 16384.
-pub const SKINNY_MAX_N: usize = 1 << 16;
-
-/// A bf16 projection `out[rows, n] = x[rows, k] @ w[n, k]^T`: decode-sized batches stream the weight once with the
-/// skinny kernel (when `skinny` is on and `n <= SKINNY_MAX_N`), cuBLASLt takes the rest.
-pub(crate) fn dense_linear<I: DevicePtr<bf16>>(
-    stream: &CudaStream,
-    blas: &CudaBlasLT,
-    skinny: bool,
-    x: &I,
-    w: &I,
-    (rows, kdim, n): (usize, usize, usize),
-    out: &mut impl DevicePtrMut<bf16>,
-) -> Result<()> {
-    if skinny && n <= SKINNY_MAX_N && k::gemv::supports(rows, kdim) {
-        return k::gemv::gemv(stream, x, w, rows, kdim, n, out);
-    }
-    gemm(blas, x, w, rows, kdim, n, out)
-}
-
-/// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation (column-major view: `out^T = w x^T`).
-pub(crate) fn gemm<I: DevicePtr<bf16>>(
-    blas: &CudaBlasLT,
-    x: &I,
-    w: &I,
-    rows: usize,
-    kdim: usize,
-    n: usize,
-    out: &mut impl DevicePtrMut<bf16>,
-) -> Result<()> {
-    if rows == 0 {
-        return Ok(());
-    }
-    if x.len() < rows * kdim || w.len() < n * kdim || out.len() < rows * n {
-        return Err(Error::Backend(format!("gemm: buffers too small for [{rows}, {kdim}] x [{n}, {kdim}]^T")));
-    }
-    let cfg = MatmulConfig {
-        transa: true,
-        transb: false,
-        transc: false,
-        m: n as u64,
-        n: rows as u64,
-        k: kdim as u64,
-        alpha: 1.0,
-        lda: kdim as i64,
-        ldb: kdim as i64,
-        beta: 0.0,
-        ldc: n as i64,
-        stride_a: None,
-        stride_b: None,
-        stride_c: None,
-        stride_bias: None,
-        batch_size: None,
-    };
-    // SAFETY: the three buffers were checked above to hold the elements the layouts address.
-    unsafe { blas.matmul(cfg, w, x, out, None, None) }.map_err(|e| Error::Backend(format!("cuBLASLt matmul: {e:?}")))
-}
-
 impl Ops for CudaOps {
     type Act = CudaAct;
 
@@ -547,8 +495,7 @@ impl Ops for CudaOps {
     }
 
     fn linear(&mut self, x: &CudaAct, w: Linear, out: &mut CudaAct) -> Result<()> {
-        let pending = self.quant.pending.take();
-        self.quant.last_linear = Some(w);
+        let pending = self.quant.start_projection(w);
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (weight, n) = linear_weight(&self.cfg, &self.layers, lm_head, w);
         let kdim = x.cols;
@@ -701,8 +648,7 @@ impl Ops for CudaOps {
             WeightRef::Dense(weight) if fusable => {
                 check("linear_rope_cache qkv", qkv, rows, n)?;
                 check_dense(w, weight, n, kdim)?;
-                self.quant.pending = None;
-                self.quant.last_linear = Some(w);
+                self.quant.start_projection(w);
                 let meta = self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?;
                 let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: n };
                 let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
@@ -738,8 +684,7 @@ impl Ops for CudaOps {
             WeightRef::Dense(weight) if fusable => {
                 check("linear_silu_mul out", out, rows, inter)?;
                 check_dense(w, weight, n, kdim)?;
-                self.quant.pending = None;
-                self.quant.last_linear = Some(w);
+                self.quant.start_projection(w);
                 k::gemv::gemv_gate_up_silu(&self.stream, &x.buf, weight, rows, kdim, inter, &mut out.buf)
             }
             _ => {

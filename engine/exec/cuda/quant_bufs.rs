@@ -16,7 +16,8 @@ use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut};
 use half::bf16;
 
-use super::ops::{drv, gemm};
+use super::dense::gemm;
+use super::ops::drv;
 use crate::ops::cuda as k;
 use crate::{Error, Result};
 
@@ -193,7 +194,7 @@ impl DeviceLinear {
     }
 }
 
-/// `out[rows, n] = x[rows, k] @ w^T` for a bf16 weight through [`super::ops::dense_linear`], or a quantized one
+/// `out[rows, n] = x[rows, k] @ w^T` for a bf16 weight through [`super::dense::dense_linear`], or a quantized one
 /// through `bufs` (grown here, which graph capture refuses: run a shape eagerly first). Returns whether a buffer
 /// moved.
 pub(crate) fn project(
@@ -206,7 +207,7 @@ pub(crate) fn project(
 ) -> Result<bool> {
     match w {
         DeviceLinear::Dense(d) => {
-            super::ops::dense_linear(stream, blas, skinny, x, &d.slice(..), (rows, kdim, n), out)?;
+            super::dense::dense_linear(stream, blas, skinny, x, &d.slice(..), (rows, kdim, n), out)?;
             Ok(false)
         }
         DeviceLinear::Quant(q) => {

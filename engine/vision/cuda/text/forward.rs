@@ -374,7 +374,7 @@ fn linear_with(
     if n == 0 {
         return Ok(());
     }
-    crate::exec::cuda::ops::dense_linear(s, blas, skinny, x, &w.slice(..), (rows, kdim, n), out)
+    crate::exec::cuda::dense::dense_linear(s, blas, skinny, x, &w.slice(..), (rows, kdim, n), out)
 }
 
 /// RoPE on q and k of the fused rows and the K/V write into the layer's cache slots.

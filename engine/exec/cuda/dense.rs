@@ -1,0 +1,71 @@
+//! The bf16 projections of the CUDA executors (text and vision): the skinny GEMM for decode-sized batches, cuBLASLt
+//! for the rest.
+
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::ops::cuda as k;
+use crate::{Error, Result};
+
+/// Above this many output columns the decode projection goes to cuBLASLt even when the skinny GEMM takes it: on the
+/// vocabulary-wide `lm_head` cuBLASLt streamed the weight faster, side by side in `cuda_gemv::gemv_throughput`
+/// (H200, 2026-11-27, us per call, skinny GEMM / cuBLASLt): 1B (k 2048, n 128256) 134.5 / 121.2 at m = 1 and
+/// 142.6 / 124.0 at m = 8; 3B (k 3072) 199.9 / 179.7 and 193.6 / 182.8. Every other Llama projection has
+/// n <= 16384.
+pub const SKINNY_MAX_N: usize = 1 << 16;
+
+/// A bf16 projection `out[rows, n] = x[rows, k] @ w[n, k]^T`: decode-sized batches stream the weight once with the
+/// skinny kernel (when `skinny` is on and `n <= SKINNY_MAX_N`), cuBLASLt takes the rest.
+pub(crate) fn dense_linear<I: DevicePtr<bf16>>(
+    stream: &CudaStream,
+    blas: &CudaBlasLT,
+    skinny: bool,
+    x: &I,
+    w: &I,
+    (rows, kdim, n): (usize, usize, usize),
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    if skinny && n <= SKINNY_MAX_N && k::gemv::supports(rows, kdim) {
+        return k::gemv::gemv(stream, x, w, rows, kdim, n, out);
+    }
+    gemm(blas, x, w, rows, kdim, n, out)
+}
+
+/// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation (column-major view: `out^T = w x^T`).
+pub(crate) fn gemm<I: DevicePtr<bf16>>(
+    blas: &CudaBlasLT,
+    x: &I,
+    w: &I,
+    rows: usize,
+    kdim: usize,
+    n: usize,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    if x.len() < rows * kdim || w.len() < n * kdim || out.len() < rows * n {
+        return Err(Error::Backend(format!("gemm: buffers too small for [{rows}, {kdim}] x [{n}, {kdim}]^T")));
+    }
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: rows as u64,
+        k: kdim as u64,
+        alpha: 1.0,
+        lda: kdim as i64,
+        ldb: kdim as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    // SAFETY: the three buffers were checked above to hold the elements the layouts address.
+    unsafe { blas.matmul(cfg, w, x, out, None, None) }.map_err(|e| Error::Backend(format!("cuBLASLt matmul: {e:?}")))
+}
