@@ -444,33 +444,14 @@ fn gemv_qkv_rope_equals_gemv_then_rope_kv_write() {
     let cache = vec![bf16::ZERO; b.num_slots * b.layout.slot_len()];
     let (mut kc, mut vc) = (upload(&stream, &cache), upload(&stream, &cache));
     let mut qkv = upload(&stream, &vec![bf16::ZERO; m * (n + 8)]);
-    let padded = RopeKvShape { layout: b.layout, qkv_stride: n + 8 };
-    let e = cuda::gemv::gemv_qkv_rope(
-        &stream,
-        &x,
-        &w,
-        (m, 64),
-        &padded,
-        &mut qkv,
-        (&pos_d, &slots_d, &freq_d),
-        KvCacheMut { k: &mut kc, v: &mut vc },
-    )
-    .unwrap_err()
-    .to_string();
+    let mut refusal = |shape: &RopeKvShape| {
+        let caches = KvCacheMut { k: &mut kc, v: &mut vc };
+        let operands = (&pos_d, &slots_d, &freq_d);
+        cuda::gemv::gemv_qkv_rope(&stream, &x, &w, (m, 64), shape, &mut qkv, operands, caches).unwrap_err().to_string()
+    };
+    let e = refusal(&RopeKvShape { layout: b.layout, qkv_stride: n + 8 });
     assert!(e.contains("qkv_stride"), "{e}");
-    let d8 = RopeKvShape { layout: PagedLayout { head_dim: 8, ..b.layout }, qkv_stride: n };
-    let e = cuda::gemv::gemv_qkv_rope(
-        &stream,
-        &x,
-        &w,
-        (m, 64),
-        &d8,
-        &mut qkv,
-        (&pos_d, &slots_d, &freq_d),
-        KvCacheMut { k: &mut kc, v: &mut vc },
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refusal(&RopeKvShape { layout: PagedLayout { head_dim: 8, ..b.layout }, qkv_stride: n });
     assert!(e.contains("head_dim is 8"), "{e}");
 }
 

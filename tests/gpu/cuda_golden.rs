@@ -299,6 +299,15 @@ fn assert_switch_changes_no_bit(what: &str, make: &dyn Fn(&Case, &Checkpoint, Cu
     }
 }
 
+/// [`assert_switch_changes_no_bit`] for a switch of the executor itself, turned by `set` on a freshly built one.
+fn assert_setter_changes_no_bit(what: &str, set: fn(&mut CudaExecutor, bool)) {
+    assert_switch_changes_no_bit(what, &|case, ckpt, opts, on| {
+        let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap();
+        set(&mut exec, on);
+        exec
+    });
+}
+
 /// Programmatic dependent launch changes no bit: the same prefill and decode rounds, eager and from CUDA graphs
 /// captured with it, give exactly the logits of ordinary launches (each kernel waits for the previous one before it
 /// touches memory). Other tests in this process may run while it is on, which must not change their results either.
@@ -322,11 +331,7 @@ fn cuda_silu_gemv_fusion_changes_no_bit() {
     if !device_ready() {
         return;
     }
-    assert_switch_changes_no_bit("the SwiGLU fusion", &|case, ckpt, opts, on| {
-        let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap();
-        exec.set_fuse_swiglu(on);
-        exec
-    });
+    assert_setter_changes_no_bit("the SwiGLU fusion", CudaExecutor::set_fuse_swiglu);
 }
 
 /// The RoPE + KV-write fusion into the QKV projection's skinny GEMM changes no bit: decode steps (batches of 1 to 5
@@ -336,11 +341,7 @@ fn cuda_rope_gemv_fusion_changes_no_bit() {
     if !device_ready() {
         return;
     }
-    assert_switch_changes_no_bit("the RoPE fusion", &|case, ckpt, opts, on| {
-        let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap();
-        exec.set_fuse_rope(on);
-        exec
-    });
+    assert_setter_changes_no_bit("the RoPE fusion", CudaExecutor::set_fuse_rope);
 }
 
 /// `step_greedy` picks on the device exactly the argmax of the logits `step` returns for the same step.

@@ -72,6 +72,14 @@ fn run_fed(
     (logits, fed)
 }
 
+/// A golden vision checkpoint: its reference data, the model, and its images encoded on the CPU.
+fn golden(name: &str) -> (crate::common::MllamaGolden, MllamaModel, EncodedImages) {
+    let g = crate::common::mllama_golden(name);
+    let m = MllamaModel::load(&g.dir).unwrap();
+    let enc = m.encode(&g.images).unwrap();
+    (g, m, enc)
+}
+
 fn temp_dir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("llama32-gpu-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -84,9 +92,7 @@ fn cuda_quantized_vision_checkpoints_match_the_cpu_reference() {
         return;
     }
     for name in ["mllama-noresize", "mllama-two-images"] {
-        let g = crate::common::mllama_golden(name);
-        let base = MllamaModel::load(&g.dir).unwrap();
-        let enc = base.encode(&g.images).unwrap();
+        let (g, _, enc) = golden(name);
         let hf = g.reference["hf_bf16_max_rel_err"].as_f64().unwrap_or(0.0) as f32;
         for scheme in [Scheme::W4A16_G32, Scheme::W4A8_G32] {
             let out = temp_dir(&format!("{name}-{}", scheme.name()));
@@ -125,9 +131,7 @@ fn cuda_vision_layer_at_a_time_upload_equals_the_whole_model() {
     if cuda_stream().is_none() {
         return;
     }
-    let g = crate::common::mllama_golden("mllama-resize");
-    let m = MllamaModel::load(&g.dir).unwrap();
-    let enc = m.encode(&g.images).unwrap();
+    let (g, m, enc) = golden("mllama-resize");
     let mut whole = MllamaCudaExecutor::new(m.cfg.clone(), &m.weights, &opts()).unwrap();
     let ckpt = Checkpoint::open(&g.dir).unwrap();
     let src = TextSource::checkpoint(&ckpt, &m.cfg, None).unwrap();
@@ -147,9 +151,7 @@ fn cuda_vision_swiglu_fusion_changes_no_bit() {
         return;
     }
     for name in ["mllama-noresize", "mllama-two-images"] {
-        let g = crate::common::mllama_golden(name);
-        let m = MllamaModel::load(&g.dir).unwrap();
-        let enc = m.encode(&g.images).unwrap();
+        let (g, m, enc) = golden(name);
         for graphs in [0, 256] {
             let logits: Vec<Vec<f32>> = [false, true]
                 .iter()
@@ -173,9 +175,7 @@ fn cuda_trimmed_image_sets_decode_exactly_and_free_their_padding() {
     if cuda_stream().is_none() {
         return;
     }
-    let g = crate::common::mllama_golden("mllama-noresize");
-    let m = MllamaModel::load(&g.dir).unwrap();
-    let enc = m.encode(&g.images).unwrap();
+    let (g, m, enc) = golden("mllama-noresize");
     let (max_tiles, real) = (m.cfg.vision.max_num_tiles, enc.num_tiles.iter().sum::<usize>());
     assert!(real < max_tiles, "the image must have padding tiles");
     let (mut full, mut trimmed) = (
@@ -234,9 +234,7 @@ fn cuda_quantized_vision_graph_decode_matches_eager() {
     if cuda_stream().is_none() {
         return;
     }
-    let g = crate::common::mllama_golden("mllama-two-images");
-    let m = MllamaModel::load(&g.dir).unwrap();
-    let enc = m.encode(&g.images).unwrap();
+    let (g, m, enc) = golden("mllama-two-images");
     let ckpt = Checkpoint::open(&g.dir).unwrap();
     let src = TextSource::checkpoint(&ckpt, &m.cfg, Some(Scheme::W4A16_G32)).unwrap();
     let mut graphs = MllamaCudaExecutor::from_source(m.cfg.clone(), &src, &opts(), &|_, _| {}).unwrap();
