@@ -175,22 +175,28 @@ fn attention(c: &mut Criterion) {
     let tables = d.u32s(&(0..blocks as u32).collect::<Vec<_>>());
     let mut out = d.data(seqs * len * 24 * 128, 19);
     g.throughput(Throughput::Elements((seqs * 24 * 128 * 4) as u64 * (len * (len + 1) / 2) as u64));
-    g.bench_function("4x4096_causal_24q8kv_d128 (elements = FLOPs)", |b| {
-        b.iter_custom(|n| {
-            d.time(n, &mut || {
-                let qr = k::attention::QueryRows { qkv: &q, stride };
-                let kvp = k::attention::KvPools { layout, k: &kc, v: &vc };
-                let meta = k::attention::PrefillMeta {
-                    positions: &positions,
-                    cu_seqlens: &cu,
-                    block_tables: &tables,
-                    max_blocks_per_seq: len / 16,
-                    max_query_len: len,
-                };
-                k::attention::paged_prefill(&d.stream, &qr, &kvp, &meta, &mut out).unwrap()
+    for kernel in k::attention::PrefillKernel::ALL {
+        if !kernel.supported(&d.stream).unwrap() {
+            continue;
+        }
+        let name = format!("4x4096_causal_24q8kv_d128_{} (elements = FLOPs)", kernel.name());
+        g.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                d.time(n, &mut || {
+                    let qr = k::attention::QueryRows { qkv: &q, stride };
+                    let kvp = k::attention::KvPools { layout, k: &kc, v: &vc };
+                    let meta = k::attention::PrefillMeta {
+                        positions: &positions,
+                        cu_seqlens: &cu,
+                        block_tables: &tables,
+                        max_blocks_per_seq: len / 16,
+                        max_query_len: len,
+                    };
+                    k::attention::paged_prefill_with(&d.stream, kernel, &qr, &kvp, &meta, &mut out).unwrap()
+                })
             })
-        })
-    });
+        });
+    }
     g.finish();
 }
 

@@ -223,6 +223,15 @@ typedef struct l32_paged_decode_params {
 /** Launches the paged decode (and, with num_splits > 1, its split merge) on `stream`. */
 l32_status l32_paged_decode(const l32_paged_decode_params* params, void* stream);
 
+/** Which paged prefill kernel runs (the same attention; the bits may differ by f32 summation order). */
+typedef enum l32_prefill_kernel {
+    /** mma.sync m16n8k16 with ldmatrix operands, 64-row CTAs of 4 warps: every target (sm_80, sm_89, sm_90a). */
+    L32_PREFILL_MMA = 0,
+    /** Hopper warpgroup MMA (wgmma) with both operands of Q K^T and V read from 128-byte-swizzled shared memory,
+     * 128-row CTAs of 2 warpgroups, 128-position KV tiles: sm_90a only (L32_UNSUPPORTED on any other device). */
+    L32_PREFILL_WGMMA = 1,
+} l32_prefill_kernel;
+
 /** Variable-length query chunks (prefill, chunked prefill, prefix reuse, or decode tokens) over the paged cache. */
 typedef struct l32_paged_prefill_params {
     void* out;                    /**< [num_tokens, num_heads * head_dim] bf16 */
@@ -243,6 +252,7 @@ typedef struct l32_paged_prefill_params {
     int32_t block_size;           /**< tokens per cache block, >= 1 */
     float scale;                  /**< softmax scale, 1 / sqrt(head_dim) for Llama */
     l32_dtype dtype;              /**< L32_DTYPE_BF16 */
+    l32_prefill_kernel kernel;    /**< which kernel (0, L32_PREFILL_MMA, runs everywhere) */
 } l32_paged_prefill_params;
 
 /** Launches the paged prefill on `stream`. */

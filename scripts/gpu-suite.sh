@@ -178,7 +178,9 @@ run() {
   # vision benches), vquant (11B and 90B Vision in W4A16 on one GPU, loaded layer by layer; opt-in: not in the
   # default list; LLAMA32_W4A16_KERNEL=direct|pipelined forces one kernel), e2e (llama32 bench, offline
   # throughput, bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=0, back to back, the SwiGLU
-  # fusion's ablation and the RoPE fusion). LLAMA32_SUITE_SECONDS bounds the whole
+  # fusion's ablation and the RoPE fusion), prefill (opt-in: the Hopper wgmma prefill attention against the mma.sync
+  # one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both kernels' TFLOP/s beside torch SDPA, and
+  # 3B prefill end to end with each). LLAMA32_SUITE_SECONDS bounds the whole
   # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate
   # calls, tests first. GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group
   # (about two minutes) / the torch peers of the quant stage.
@@ -209,6 +211,7 @@ run() {
     read -r preset batch prompt gen extra <<<"$2"
     # Environment switches under test join the tag and the row.
     local env_tag="${LLAMA32_W4A16_KERNEL:+ w4a16=$LLAMA32_W4A16_KERNEL}${LLAMA32_PDL:+ pdl=$LLAMA32_PDL}"
+    env_tag+="${LLAMA32_PREFILL_KERNEL:+ prefill=$LLAMA32_PREFILL_KERNEL}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     # shellcheck disable=SC2086 # $extra is a list of flags
@@ -463,6 +466,39 @@ for switch in ("pdl", "fused_swiglu", "fused_rope"):
 PY
       )
     fi
+  fi
+
+  if want prefill && [[ -x "$bundle/tests/gpu" ]]; then
+    # The kernel twin test (cuda_attention::paged_prefill_matches_cpu, both kernels) runs in the tests stage; here the
+    # golden checkpoints go through the executor with the wgmma kernel forced, in one process.
+    log="$logs/gpu.cuda_golden.prefill-wgmma.log"
+    rc=0
+    LLAMA32_PREFILL_KERNEL=wgmma tmo 150 "$bundle/tests/gpu" cuda_golden:: --test-threads=1 >"$log" 2>&1 || rc=$?
+    if ((rc == 0)) && ! grep -q 'skipped:' "$log"; then
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS gpu "cuda_golden:: with LLAMA32_PREFILL_KERNEL=wgmma" -)")
+    else
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "cuda_golden:: with LLAMA32_PREFILL_KERNEL=wgmma" -)")
+      tail -n 15 "$log"
+    fi
+    gpu_bench 120 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput
+    if [[ -z ${GPU_SUITE_SKIP_PEERS:-} ]]; then
+      log="$logs/peers.sdpa.log"
+      rc=0
+      tmo 90 python3 "$root/scripts/peers.py" --only ceilings,sdpa >"$log" 2>&1 || rc=$?
+      mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
+      if ((rc != 0)); then
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "--only ceilings,sdpa (see $log)" -)")
+        tail -n 5 "$log"
+      fi
+    fi
+    # Prefill-bound rows end to end (prefill tok/s), each kernel back to back.
+    local pspec
+    for pspec in "3b 4 2048 8" "1b 4 4096 8"; do
+      LLAMA32_PREFILL_KERNEL=mma bench_e2e 90 "$pspec"
+      LLAMA32_PREFILL_KERNEL=wgmma bench_e2e 90 "$pspec"
+    done
   fi
 
   if want e2e; then

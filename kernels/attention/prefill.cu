@@ -22,11 +22,12 @@
 //   paged_prefill_kernel<64>:   128 / 128 / 128 registers (40 KB dynamic shared memory)
 //   paged_prefill_kernel<128>:  240 / 240 / 244 registers (80 KB dynamic shared memory; 2 CTAs per SM)
 //
-// Future work: a Hopper path (wgmma with K/V through TMA, warp-specialized producer) for sm_90a.
+// The Hopper path (wgmma, params.kernel = L32_PREFILL_WGMMA) is prefill_sm90.cu; this entry checks for both.
 #include <climits>
 #include <cmath>
 #include <cstdint>
 
+#include "attention/prefill_sm90.cuh"
 #include "common/attention.cuh"
 #include "common/bf16.cuh"
 #include "common/status.cuh"
@@ -228,7 +229,9 @@ extern "C" l32_status l32_paged_prefill(const l32_paged_prefill_params* params, 
         !l32::is_aligned(p.k_cache, 16) || !l32::is_aligned(p.v_cache, 16)) {
         return L32_UNSUPPORTED;
     }
+    if (p.kernel != L32_PREFILL_MMA && p.kernel != L32_PREFILL_WGMMA) return L32_INVALID_ARGUMENT;
     if (p.num_tokens == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
+    if (p.kernel == L32_PREFILL_WGMMA) return l32::launch_paged_prefill_wgmma(p, s);
     return p.head_dim == 64 ? l32::launch<64>(p, s) : l32::launch<128>(p, s);
 }

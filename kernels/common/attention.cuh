@@ -99,14 +99,14 @@ struct PaddedTile {
     __device__ __forceinline__ static int offset(int row, int chunk) { return row * kPitch + (chunk << 3); }
 };
 
-// Loads positions [n0, n0 + ROWS) of one sequence's K and V (kv head `kv_head`) into swizzled tiles, through the
-// block table; rows at positions >= n_end are zero-filled and their table entries are never read.
+// Loads positions [n0, n0 + ROWS) of one sequence's K and V (kv head `kv_head`) into swizzled tiles (layout Tile,
+// with a static offset(row, chunk) and kChunks), through the block table; rows at positions >= n_end are
+// zero-filled and their table entries are never read.
 //   k_cache, v_cache [num_blocks, block_size, num_kv_heads, D]; table [max_blocks_per_seq] of this sequence.
-template <int D, int ROWS, int THREADS>
+template <int D, int ROWS, int THREADS, class Tile = SwizzledTile<D>>
 __device__ __forceinline__ void load_kv_tile(bf16* sk, bf16* sv, const bf16* k_cache, const bf16* v_cache,
                                              const uint32_t* table, int n0, int n_end, int block_size,
                                              int64_t slot_stride, int kv_head) {
-    using Tile = SwizzledTile<D>;
     constexpr int kTotal = ROWS * Tile::kChunks;
     static_assert(kTotal % THREADS == 0, "every thread copies the same number of chunks");
 #pragma unroll

@@ -51,11 +51,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// True when PDL is switched on and the current device runs this library's sm_90a SASS, i.e. compute capability 9.x
-// (cached per device ordinal). Not on newer GPUs: they JIT the compute_80 PTX, which has no griddepcontrol.wait
-// (it is compiled for sm_90 and up only), so their kernels would not wait for the previous one.
-inline bool programmatic_launch_applies() {
-    if (programmatic_launch_flag.load(std::memory_order_relaxed) == 0) return false;
+// True when the current device has compute capability 9.x (Hopper: H100, H200, GH200), i.e. runs this library's
+// sm_90a SASS, where the wgmma kernels exist (cached per device ordinal).
+inline bool device_runs_sm90a() {
     static std::atomic<signed char> capable[64] = {};
     int device = 0;
     if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
@@ -68,6 +66,13 @@ inline bool programmatic_launch_applies() {
         capable[device].store(c, std::memory_order_relaxed);
     }
     return c > 0;
+}
+
+// True when PDL is switched on and the current device runs this library's sm_90a SASS, i.e. compute capability 9.x
+// (cached per device ordinal). Not on newer GPUs: they JIT the compute_80 PTX, which has no griddepcontrol.wait
+// (it is compiled for sm_90 and up only), so their kernels would not wait for the previous one.
+inline bool programmatic_launch_applies() {
+    return programmatic_launch_flag.load(std::memory_order_relaxed) != 0 && device_runs_sm90a();
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with PDL when programmatic_launch_applies(). A launch error is

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use llama32::ops::cpu::attention::{paged_attention, AttentionBatch, PagedLayout};
-use llama32::ops::cuda::attention::{self as attn, DecodeMeta, KvPools, PrefillMeta, QueryRows};
+use llama32::ops::cuda::attention::{self as attn, DecodeMeta, KvPools, PrefillKernel, PrefillMeta, QueryRows};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -148,7 +148,7 @@ impl DeviceStep {
         stream.memcpy_htod(&vec![bf16::NAN; n], &mut self.out).expect("host to device copy");
     }
 
-    fn prefill(&mut self, stream: &Arc<CudaStream>, s: &Step) -> llama32::Result<()> {
+    fn prefill(&mut self, stream: &Arc<CudaStream>, s: &Step, kernel: PrefillKernel) -> llama32::Result<()> {
         let q = QueryRows { qkv: &self.qkv, stride: s.q_stride };
         let kv = KvPools { layout: s.layout, k: &self.k, v: &self.v };
         let meta = PrefillMeta {
@@ -158,7 +158,7 @@ impl DeviceStep {
             max_blocks_per_seq: s.max_blocks_per_seq,
             max_query_len: s.max_query_len,
         };
-        attn::paged_prefill(stream, &q, &kv, &meta, &mut self.out)
+        attn::paged_prefill_with(stream, kernel, &q, &kv, &meta, &mut self.out)
     }
 
     fn decode(
@@ -212,22 +212,37 @@ fn layout(heads: (usize, usize, usize), block_size: usize) -> PagedLayout {
     PagedLayout { num_heads: heads.0, num_kv_heads: heads.1, head_dim: heads.2, block_size }
 }
 
+/// Every prefill kernel against the CPU twin; a kernel the device lacks (wgmma below compute capability 9.x) must
+/// be refused by name before any launch, and the test says it was not run.
 #[test]
 fn paged_prefill_matches_cpu() {
     let Some(stream) = stream() else { return };
     // (first new position, new tokens): fresh prefills of 1, 17 and 300 tokens, chunked prefill over an existing
     // cache (283 + 17 = 300, 1900 + 149 = 2049) and decode-like single tokens, all in one call.
     let seqs = [(0, 1), (0, 17), (0, 300), (283, 17), (1900, 149), (5, 1), (63, 2)];
-    for (i, heads) in LAYOUTS.into_iter().enumerate() {
-        for bs in BLOCK_SIZES {
-            let mut rng = ChaCha8Rng::seed_from_u64(1000 + 10 * i as u64 + bs as u64);
-            let l = layout(heads, bs);
-            let what = format!("paged_prefill heads {}/{} d{} block {bs}", heads.0, heads.1, heads.2);
-            let step = Step::new(&mut rng, l, &seqs);
-            let want = step.reference();
-            let mut dev = DeviceStep::upload(&stream, &step);
-            dev.prefill(&stream, &step).unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_close(&what, &dev.download(&stream), &want, &l);
+    for kernel in PrefillKernel::ALL {
+        let supported = kernel.supported(&stream).expect("compute capability");
+        for (i, heads) in LAYOUTS.into_iter().enumerate() {
+            for bs in BLOCK_SIZES {
+                let mut rng = ChaCha8Rng::seed_from_u64(1000 + 10 * i as u64 + bs as u64);
+                let l = layout(heads, bs);
+                let what =
+                    format!("paged_prefill [{}] heads {}/{} d{} block {bs}", kernel.name(), heads.0, heads.1, heads.2);
+                let step = Step::new(&mut rng, l, &seqs);
+                let mut dev = DeviceStep::upload(&stream, &step);
+                let result = dev.prefill(&stream, &step, kernel);
+                if !supported {
+                    let err = result.expect_err("an unsupported kernel must be refused").to_string();
+                    assert!(err.contains("compute capability 9.x"), "{what}: {err}");
+                    assert!(dev.download(&stream).iter().all(|v| v.is_nan()), "{what}: launched anyway");
+                    continue;
+                }
+                result.unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_close(&what, &dev.download(&stream), &step.reference(), &l);
+            }
+        }
+        if !supported {
+            eprintln!("paged_prefill [{}]: not run, this device lacks it (refused as it should be)", kernel.name());
         }
     }
 }
@@ -372,15 +387,22 @@ fn paged_attention_throughput() {
         let (seqs, len) = (4, 4096);
         let step = Step::new(&mut rng, l, &vec![(0, len); seqs]);
         let mut dev = DeviceStep::upload(&stream, &step);
-        let secs = time(&mut || dev.prefill(&stream, &step).expect("prefill"));
-        let flops = (seqs * heads.0 * heads.2 * 4) as f64 * (len * (len + 1) / 2) as f64;
-        eprintln!(
-            "paged_prefill {}/{} d{} {seqs} x {len} causal: {:.1} us, {:.0} TFLOP/s",
-            heads.0,
-            heads.1,
-            heads.2,
-            secs * 1e6,
-            flops / secs / 1e12
-        );
+        for kernel in PrefillKernel::ALL {
+            if !kernel.supported(&stream).expect("compute capability") {
+                eprintln!("paged_prefill [{}]: not on this device", kernel.name());
+                continue;
+            }
+            let secs = time(&mut || dev.prefill(&stream, &step, kernel).expect("prefill"));
+            let flops = (seqs * heads.0 * heads.2 * 4) as f64 * (len * (len + 1) / 2) as f64;
+            eprintln!(
+                "paged_prefill [{}] {}/{} d{} {seqs} x {len} causal: {:.1} us, {:.0} TFLOP/s",
+                kernel.name(),
+                heads.0,
+                heads.1,
+                heads.2,
+                secs * 1e6,
+                flops / secs / 1e12
+            );
+        }
     }
 }

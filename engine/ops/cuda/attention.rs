@@ -3,7 +3,8 @@
 //!
 //! - [`paged_prefill`]: any mix of query chunks (fresh prefill, chunked prefill over an existing cache, prefix
 //!   reuse, decode tokens): each token attends to positions `0..=position` of its sequence. Flash-attention on the
-//!   tensor cores with the GQA group folded into the query rows.
+//!   tensor cores with the GQA group folded into the query rows, by mma.sync or, on Hopper, wgmma
+//!   ([`PrefillKernel`]).
 //! - [`paged_decode`]: one query token per sequence, fused GQA, split-KV with an f32 workspace
 //!   ([`decode_num_splits`], [`decode_workspace_bytes`]).
 //!
@@ -67,6 +68,85 @@ pub struct PrefillMeta<'a, M> {
     /// At least the longest chunk `cu_seqlens[s + 1] - cu_seqlens[s]` (it sizes the grid; shorter chunks are fine,
     /// a longer one would leave rows unwritten).
     pub max_query_len: usize,
+}
+
+/// Which paged prefill kernel [`paged_prefill`] runs. Both compute the same attention with the same numerics (f32
+/// scores and sums, P rounded to bf16); their bits may differ by f32 summation order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// mma.sync with ldmatrix operands, 64-row CTAs: every GPU (sm_80, sm_89, sm_90a). The default.
+    Mma,
+    /// Hopper warpgroup MMA (wgmma) with Q, K and V read from swizzled shared memory, 128-row CTAs of two
+    /// warpgroups and 128-position KV tiles: compute capability 9.x only. Not yet measured on a GPU, so the
+    /// default does not pick it.
+    Wgmma,
+}
+
+impl PrefillKernel {
+    /// The environment variable that picks the kernel: `auto` (the default, [`PrefillKernel::Mma`] for now), `mma`
+    /// or `wgmma`.
+    pub const ENV: &'static str = "LLAMA32_PREFILL_KERNEL";
+
+    /// Every kernel.
+    pub const ALL: [PrefillKernel; 2] = [PrefillKernel::Mma, PrefillKernel::Wgmma];
+
+    /// The name [`parse`](Self::parse) takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefillKernel::Mma => "mma",
+            PrefillKernel::Wgmma => "wgmma",
+        }
+    }
+
+    /// `mma` or `wgmma` (a forced kernel); `auto` is `None`.
+    pub fn parse(s: &str) -> Result<Option<Self>> {
+        match s.trim() {
+            "auto" => Ok(None),
+            "mma" => Ok(Some(PrefillKernel::Mma)),
+            "wgmma" => Ok(Some(PrefillKernel::Wgmma)),
+            other => Err(Error::Request(format!(
+                "{}: unknown prefill kernel {other:?} (expected `auto`, `mma` or `wgmma`)",
+                Self::ENV
+            ))),
+        }
+    }
+
+    /// The kernel [`Self::ENV`] forces (read once per process), or `None` when it is unset, empty or `auto`.
+    pub fn forced() -> Result<Option<Self>> {
+        static VALUE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        match VALUE.get_or_init(|| std::env::var(Self::ENV).ok().filter(|v| !v.trim().is_empty())) {
+            Some(v) => Self::parse(v),
+            None => Ok(None),
+        }
+    }
+
+    /// The setting's name for reports: `auto` or a kernel's name.
+    pub fn setting() -> Result<&'static str> {
+        Ok(Self::forced()?.map_or("auto", Self::name))
+    }
+
+    /// The kernel [`paged_prefill`] runs: the forced one, else [`PrefillKernel::Mma`].
+    pub fn configured() -> Result<Self> {
+        Ok(Self::forced()?.unwrap_or(PrefillKernel::Mma))
+    }
+
+    /// Whether this kernel runs on the stream's device (wgmma: compute capability 9.x).
+    pub fn supported(self, stream: &CudaStream) -> Result<bool> {
+        Ok(match self {
+            PrefillKernel::Mma => true,
+            PrefillKernel::Wgmma => compute_capability(stream)?.0 == 9,
+        })
+    }
+}
+
+/// The stream's device's compute capability, (major, minor).
+pub fn compute_capability(stream: &CudaStream) -> Result<(i32, i32)> {
+    use cudarc::driver::sys::CUdevice_attribute::{
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+    };
+    let ctx = stream.context();
+    let query = |attr| ctx.attribute(attr).map_err(|e| Error::Backend(format!("querying the compute capability: {e}")));
+    Ok((query(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, query(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?))
 }
 
 /// The most KV splits the decode kernel takes.
@@ -218,9 +298,29 @@ where
 ///   positions, `cu_seqlens`, block tables and longest chunk.
 /// - `out`: `[tokens, num_heads * head_dim]`, written.
 ///
-/// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
+/// Enqueued on `stream`; returns without waiting. Errors name the operand at fault. Runs
+/// [`PrefillKernel::configured`]; [`paged_prefill_with`] picks the kernel.
 pub fn paged_prefill<Q, C, M, O>(
     stream: &CudaStream,
+    q: &QueryRows<'_, Q>,
+    kv: &KvPools<'_, C>,
+    meta: &PrefillMeta<'_, M>,
+    out: &mut O,
+) -> Result<()>
+where
+    Q: DevicePtr<bf16>,
+    C: DevicePtr<bf16>,
+    M: DevicePtr<u32>,
+    O: DevicePtrMut<bf16>,
+{
+    paged_prefill_with(stream, PrefillKernel::configured()?, q, kv, meta, out)
+}
+
+/// [`paged_prefill`] with the kernel chosen by the caller. [`PrefillKernel::Wgmma`] on a device other than
+/// compute capability 9.x is an error, before any launch.
+pub fn paged_prefill_with<Q, C, M, O>(
+    stream: &CudaStream,
+    kernel: PrefillKernel,
     q: &QueryRows<'_, Q>,
     kv: &KvPools<'_, C>,
     meta: &PrefillMeta<'_, M>,
@@ -271,6 +371,13 @@ where
         ("out", out.stream()),
     ];
     super::check_same_device(OP, stream, &operands)?;
+    if !kernel.supported(stream)? {
+        let (major, minor) = compute_capability(stream)?;
+        return fail(format!(
+            "the {} kernel needs a compute capability 9.x GPU (Hopper); this device is {major}.{minor}",
+            kernel.name()
+        ));
+    }
     if tokens == 0 {
         return Ok(());
     }
@@ -290,7 +397,7 @@ where
         max_blocks_per_seq: meta.max_blocks_per_seq,
         extra: meta.max_query_len,
     };
-    launch_prefill(OP, stream, &kv.layout, &ptrs, &sizes)
+    launch_prefill(OP, stream, kernel, &kv.layout, &ptrs, &sizes)
 }
 
 /// Element counts of one call's operands.
@@ -412,7 +519,14 @@ fn launch_decode(op: &str, stream: &CudaStream, layout: &PagedLayout, p: &Ptrs, 
 }
 
 #[cfg(llama32_cuda)]
-fn launch_prefill(op: &str, stream: &CudaStream, layout: &PagedLayout, p: &Ptrs, s: &Sizes) -> Result<()> {
+fn launch_prefill(
+    op: &str,
+    stream: &CudaStream,
+    kernel: PrefillKernel,
+    layout: &PagedLayout,
+    p: &Ptrs,
+    s: &Sizes,
+) -> Result<()> {
     use super::ffi;
     use std::ffi::c_void;
     let params = ffi::l32_paged_prefill_params {
@@ -434,11 +548,15 @@ fn launch_prefill(op: &str, stream: &CudaStream, layout: &PagedLayout, p: &Ptrs,
         block_size: layout.block_size as i32,
         scale: softmax_scale(layout),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+        kernel: match kernel {
+            PrefillKernel::Mma => ffi::l32_prefill_kernel::L32_PREFILL_MMA,
+            PrefillKernel::Wgmma => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA,
+        },
     };
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: as in launch_decode.
     let status = unsafe { ffi::l32_paged_prefill(&params, raw) };
-    super::check_launch(op, stream, status, || describe(op, layout, s))
+    super::check_launch(op, stream, status, || format!("{} [{} kernel]", describe(op, layout, s), kernel.name()))
 }
 
 #[cfg(llama32_cuda)]
@@ -455,7 +573,14 @@ fn launch_decode(_op: &str, _stream: &CudaStream, _layout: &PagedLayout, _p: &Pt
 }
 
 #[cfg(not(llama32_cuda))]
-fn launch_prefill(_op: &str, _stream: &CudaStream, _layout: &PagedLayout, _p: &Ptrs, _s: &Sizes) -> Result<()> {
+fn launch_prefill(
+    _op: &str,
+    _stream: &CudaStream,
+    _kernel: PrefillKernel,
+    _layout: &PagedLayout,
+    _p: &Ptrs,
+    _s: &Sizes,
+) -> Result<()> {
     super::ensure_built()
 }
 
@@ -507,6 +632,16 @@ mod tests {
         assert!(err(L1B, Lens { v: 9 * 16 * 512, ..lens() }).contains("`v`"));
         assert!(err(L1B, Lens { block_tables: 7, ..lens() }).contains("`block_tables`"));
         assert!(err(L1B, Lens { max_blocks_per_seq: 0, block_tables: 0, ..lens() }).contains("`block_tables`"));
+    }
+
+    #[test]
+    fn prefill_kernel_names_round_trip() {
+        for k in PrefillKernel::ALL {
+            assert_eq!(PrefillKernel::parse(k.name()).unwrap(), Some(k));
+        }
+        assert_eq!(PrefillKernel::parse(" auto ").unwrap(), None);
+        let e = PrefillKernel::parse("tma").unwrap_err().to_string();
+        assert!(e.contains(PrefillKernel::ENV) && e.contains("\"tma\""), "{e}");
     }
 
     #[test]

@@ -1,0 +1,267 @@
+// kernels/attention/prefill_sm90.cu: the paged causal prefill of prefill.cu (same parameters, same attention,
+// same GQA folding and causal tile skipping) on Hopper's warpgroup MMA, for sm_90a. Launched by l32_paged_prefill
+// when params.kernel is L32_PREFILL_WGMMA.
+//
+// Why: the mma.sync kernel feeds every tensor-core instruction through ldmatrix into registers; at 16 rows per warp
+// each K/V fragment serves one MMA, so shared-memory bandwidth caps it (171 TFLOP/s at 4 x 4096, d128, on an H100
+// against cuDNN's 559). wgmma reads Q, K and V straight from shared memory, a 64 x 128 x 16 product per
+// instruction per warpgroup, with no register traffic for the operands.
+//
+// Tiles. One CTA of 2 warpgroups (256 threads) per (128 folded query rows, sequence, kv head); warpgroup w owns rows
+// 64w..64w+63. The KV loop walks 128-position tiles from 0 to the CTA's largest position, two stages of K and V in
+// shared memory, loaded by every thread with 16-byte cp.async through the block table while the other stage is
+// used. Per tile and warpgroup:
+//   S (64 x 128, f32 in registers) = Q K^T: D / 16 wgmma m64n128k16, A = Q and B = K both K-major in shared memory;
+//   mask (only on tiles that cross some row's own position), online softmax in f32 with exp2 (common/attention.cuh,
+//   the same code as the mma.sync kernel: the accumulator layout is mma.m16n8k16's per warp);
+//   P rounded to bf16 into A fragments (registers);
+//   O (64 x D, f32 in registers) += P V: 128 / 16 wgmma m64nDk16 with A from registers and B = V MN-major
+//   ("transposed") in shared memory, so V needs no transposed copy.
+// Each product is committed and waited for before its result is read; the two warpgroups (and their softmax and
+// tensor-core phases) overlap only as the warp schedulers interleave them. Not yet: a TMA producer warpgroup and
+// ping-pong scheduling of the two consumer warpgroups (FlashAttention-3's next steps).
+// The output goes through this warpgroup's own Q rows in shared memory and leaves in 16-byte stores.
+//
+// Shared memory: 1024-byte-aligned (the swizzle atoms), Q 128 x D + 2 stages x (K + V) 128 x D bf16:
+// 160 KB + 1 KB of alignment slack (D = 128) or 80 KB + 1 KB (D = 64); one CTA per SM either way (registers).
+#include <climits>
+#include <cstdint>
+
+#include "attention/prefill_sm90.cuh"
+#include "common/attention.cuh"
+#include "common/bf16.cuh"
+#include "common/launch.cuh"
+#include "common/status.cuh"
+#include "common/wgmma.cuh"
+
+namespace l32 {
+namespace {
+
+using namespace attn;
+
+// Every size derived from head_dim, read by the kernel and the launcher alike.
+// ptxas (CUDA 13.0, sm_90a), no spills, 0-byte stack frames, 16 B static shared memory:
+//   paged_prefill_wgmma_kernel<64>:  177 registers (81 KB dynamic shared memory; one CTA per SM)
+//   paged_prefill_wgmma_kernel<128>: 233 registers (161 KB dynamic shared memory; one CTA per SM)
+template <int D>
+struct HopperPrefillTraits {
+    static constexpr int kWarpGroups = 2;
+    static constexpr int kThreads = 128 * kWarpGroups;
+    static constexpr int kBlockM = 64 * kWarpGroups;  // folded query rows per CTA
+    static constexpr int kBlockN = 128;               // KV positions per tile
+    static constexpr int kStages = 2;
+    using QTile = wgmma::Sw128Tile<D, kBlockM>;
+    using KVTile = wgmma::Sw128Tile<D, kBlockN>;
+    static constexpr int kAlign = 1024;  // the 128-byte swizzle atom
+    static constexpr int kSmemBytes = (QTile::kElems + kStages * 2 * KVTile::kElems) * 2 + kAlign;
+    static_assert(kSmemBytes <= 227 * 1024, "the sm_90 opt-in limit per CTA");
+    static_assert((QTile::kElems * 2) % kAlign == 0 && (KVTile::kElems * 2) % kAlign == 0, "aligned tiles");
+};
+
+#if L32_WGMMA_AVAILABLE
+// Descriptor of a 128-byte-swizzled K-major operand (Q as A, K as B): SBO 1024 (8-row atoms), LBO unused.
+__device__ __forceinline__ uint64_t k_major_desc(uint32_t addr) { return wgmma::desc_sw128(addr, 16, 1024); }
+#endif
+
+// Tier 1. See the file comment.
+template <int D>
+__global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __grid_constant__ l32_paged_prefill_params p) {
+#if L32_WGMMA_AVAILABLE
+    pdl_begin();
+    using T = HopperPrefillTraits<D>;
+    using QTile = typename T::QTile;
+    using KVTile = typename T::KVTile;
+    constexpr int NT = T::kBlockN / 8;  // 8-position column tiles of S
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ int s_pos_min, s_pos_max;
+    const uint32_t raw_addr = smem_addr(smem_raw);
+    const uint32_t base_addr = (raw_addr + T::kAlign - 1) & ~static_cast<uint32_t>(T::kAlign - 1);
+    bf16* sq = reinterpret_cast<bf16*>(smem_raw + (base_addr - raw_addr));
+    bf16* skv = sq + QTile::kElems;  // stage s: K at skv + 2 s KVTile::kElems, V right after it
+    const uint32_t sq_addr = base_addr;
+    const uint32_t skv_addr = base_addr + QTile::kElems * 2;
+
+    const int seq = blockIdx.y, kv_head = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
+    const int group = p.num_heads / p.num_kv_heads;
+    const int64_t tok_begin = p.cu_seqlens[seq];
+    const int rows = static_cast<int>(p.cu_seqlens[seq + 1] - tok_begin) * group;
+    const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * T::kBlockM;
+    if (m0 >= rows) return;  // uniform over the CTA: this sequence's chunk is shorter than the grid
+
+    const uint32_t* positions = p.positions + tok_begin;
+    if (tid == 0) {
+        s_pos_min = INT_MAX;
+        s_pos_max = -1;
+    }
+    __syncthreads();
+    if (tid < T::kBlockM && m0 + tid < rows) {
+        const int pos = static_cast<int>(positions[(m0 + tid) / group]);
+        atomicMin(&s_pos_min, pos);
+        atomicMax(&s_pos_max, pos);
+    }
+
+    // Q rows: token r / group, head kv_head * group + r % group; rows past the chunk are zero-filled.
+    const bf16* q = static_cast<const bf16*>(p.q) + tok_begin * p.q_stride + static_cast<int64_t>(kv_head) * group * D;
+#pragma unroll
+    for (int i = 0; i < QTile::kElems / 8 / T::kThreads; ++i) {
+        const int idx = tid + i * T::kThreads;
+        const int row = idx / QTile::kChunks, chunk8 = idx % QTile::kChunks;
+        const int r = m0 + row;
+        const bool valid = r < rows;
+        const bf16* src = valid ? q + (r / group) * p.q_stride + (r % group) * D + chunk8 * 8 : q;
+        cp_async16(sq + QTile::offset(row, chunk8), src, valid);
+    }
+    __syncthreads();
+    const int pos_min = s_pos_min, pos_max = s_pos_max;
+    const int n_end = pos_max + 1;
+    const int num_tiles = (n_end + T::kBlockN - 1) / T::kBlockN;
+
+    const bf16* k_cache = static_cast<const bf16*>(p.k_cache);
+    const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
+    const uint32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+    const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+    load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(skv, skv + KVTile::kElems, k_cache, v_cache, table, 0, n_end,
+                                                     p.block_size, slot_stride, kv_head);
+    cp_async_commit();  // one group: Q and KV tile 0
+
+    // This thread's two rows (g and g + 8 of its warp's 16 within its warpgroup's 64) and their positions; padding
+    // rows take pos_max.
+    const int g = lane / 4, tq = lane % 4;
+    const int row0 = wg * 64 + warp * 16 + g;  // row within the CTA tile
+    int row_pos[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = m0 + row0 + 8 * h;
+        row_pos[h] = r < rows ? static_cast<int>(positions[r / group]) : pos_max;
+    }
+
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+    float o[D / 8][4];
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    RowState st;
+    // This warpgroup's 64 Q rows: column block c at sq + c * 128 rows * 128 bytes, rows 64 wg.. at 64 wg * 128 bytes.
+    const uint32_t q_addr = sq_addr + wg * 64 * 128;
+
+    for (int t = 0; t < num_tiles; ++t) {
+        const int n0 = t * T::kBlockN;
+        if (t + 1 < num_tiles) {
+            bf16* next = skv + ((t + 1) % T::kStages) * 2 * KVTile::kElems;
+            load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(next, next + KVTile::kElems, k_cache, v_cache, table,
+                                                             n0 + T::kBlockN, n_end, p.block_size, slot_stride,
+                                                             kv_head);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        wgmma::fence_proxy_async_shared();  // this thread's cp.async data, to the proxy wgmma reads through
+        __syncthreads();
+        const uint32_t k_addr = skv_addr + (t % T::kStages) * 2 * KVTile::kElems * 2;
+        const uint32_t v_addr = k_addr + KVTile::kElems * 2;
+
+        // S = Q K^T over D in k16 steps: step ks is column block ks / 4, 32-byte offset ks % 4 within its rows.
+        wgmma::fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const uint32_t qa = q_addr + (ks / 4) * QTile::kBlockBytes + (ks % 4) * 32;
+            const uint32_t kb = k_addr + (ks / 4) * KVTile::kBlockBytes + (ks % 4) * 32;
+            wgmma::mma_ss<T::kBlockN>(s, k_major_desc(qa), k_major_desc(kb), ks > 0);
+        }
+        wgmma::commit();
+        wgmma::wait<0>();
+        wgmma::fence_operands(s);
+
+        if (n0 + T::kBlockN - 1 > pos_min) {
+            // The causal boundary crosses this tile for some row: mask key positions past each row's own.
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = n0 + j * 8 + 2 * tq + e;
+                    if (key > row_pos[0]) s[j][e] = -INFINITY;
+                    if (key > row_pos[1]) s[j][2 + e] = -INFINITY;
+                }
+            }
+        }
+        online_softmax<NT, D / 8>(s, o, st, scale_log2);
+
+        // O += P V over the tile's positions in k16 steps: step kk is rows 16 kk.. of V (16 * 128 bytes each).
+        uint32_t pa[NT / 2][4];
+#pragma unroll
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            pa[kk][0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        wgmma::fence();  // o was rescaled and pa written by ordinary instructions
+#pragma unroll
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            const uint64_t vb = wgmma::desc_sw128(v_addr + kk * 16 * 128, KVTile::kBlockBytes, 1024);
+            wgmma::mma_rs_bt<D>(o, pa[kk], vb);
+        }
+        wgmma::commit();
+        wgmma::wait<0>();
+        wgmma::fence_operands(o);
+        wgmma::fence_operands(pa);  // the A registers stay allocated until the products that read them are done
+        __syncthreads();            // the next iteration's load overwrites this stage
+    }
+    finish_row_sums(st);
+
+    // Epilogue: normalize, round to bf16 into this warp's own Q rows (only this warpgroup's products read them, all
+    // complete), then 16-byte stores of whole rows.
+    const float inv[2] = {st.l[0] > 0.f ? 1.f / st.l[0] : 0.f, st.l[1] > 0.f ? 1.f / st.l[1] : 0.f};
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            *reinterpret_cast<uint32_t*>(sq + QTile::offset(row0 + 8 * h, d) + 2 * tq) =
+                pack_bf16x2(o[d][2 * h] * inv[h], o[d][2 * h + 1] * inv[h]);
+        }
+    }
+    __syncwarp();
+    bf16* out = static_cast<bf16*>(p.out) + tok_begin * p.num_heads * D + static_cast<int64_t>(kv_head) * group * D;
+#pragma unroll
+    for (int i = 0; i < 16 * (D / 8) / 32; ++i) {
+        const int idx = lane + 32 * i;
+        const int row = wg * 64 + warp * 16 + idx / (D / 8), chunk8 = idx % (D / 8);
+        const int r = m0 + row;
+        if (r < rows) {
+            const BF16Vec<8>* src = reinterpret_cast<const BF16Vec<8>*>(sq + QTile::offset(row, chunk8));
+            BF16Vec<8>* dst = reinterpret_cast<BF16Vec<8>*>(out + static_cast<int64_t>(r / group) * p.num_heads * D +
+                                                            (r % group) * D + chunk8 * 8);
+            store_vec(dst, load_vec(src));
+        }
+    }
+#else
+    (void)p;
+    __trap();  // only sm_90a runs this kernel; the launcher refuses every other device
+#endif
+}
+
+// Tier 2.
+template <int D>
+l32_status launch(const l32_paged_prefill_params& p, cudaStream_t stream) {
+    using T = HopperPrefillTraits<D>;
+    if (const l32_status s = allow_dynamic_smem(paged_prefill_wgmma_kernel<D>, T::kSmemBytes); s != L32_OK) return s;
+    const int64_t group = p.num_heads / p.num_kv_heads;
+    const int64_t m_tiles = (p.max_query_len * group + T::kBlockM - 1) / T::kBlockM;
+    const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(p.num_seqs),
+                    static_cast<unsigned>(p.num_kv_heads));
+    launch_kernel(paged_prefill_wgmma_kernel<D>, grid, T::kThreads, T::kSmemBytes, stream, p);
+    return check_launch();
+}
+
+}  // namespace
+
+l32_status launch_paged_prefill_wgmma(const l32_paged_prefill_params& p, cudaStream_t stream) {
+    if (!device_runs_sm90a()) return L32_UNSUPPORTED;
+    return p.head_dim == 64 ? launch<64>(p, stream) : launch<128>(p, stream);
+}
+
+}  // namespace l32

@@ -1,0 +1,15 @@
+// The Hopper paged prefill (kernels/attention/prefill_sm90.cu), launched by l32_paged_prefill in prefill.cu after
+// its checks when params.kernel is L32_PREFILL_WGMMA.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "llama32_kernels.h"
+
+namespace l32 {
+
+// Launches the wgmma prefill for checked parameters (head_dim 64 or 128, at least one token); L32_UNSUPPORTED
+// when the current device is not compute capability 9.x.
+l32_status launch_paged_prefill_wgmma(const l32_paged_prefill_params& p, cudaStream_t stream);
+
+}  // namespace l32
