@@ -8,9 +8,9 @@
 // instruction per warpgroup, with no register traffic for the operands.
 //
 // Tiles. One CTA of 2 warpgroups (256 threads) per (128 folded query rows, sequence, kv head); warpgroup w owns rows
-// 64w..64w+63. The KV loop walks 128-position tiles from 0 to the CTA's largest position, two stages of K and V in
-// shared memory, loaded by every thread with 16-byte cp.async through the block table while the other stage is
-// used. Per tile and warpgroup:
+// 64w..64w+63. The KV loop walks 128-position tiles from 0 to the CTA's largest position, three stages of K and V
+// in shared memory, loaded by every thread with 16-byte cp.async through the block table two tiles ahead (one
+// barrier per tile). Per tile and warpgroup:
 //   S (64 x 128, f32 in registers) = Q K^T: D / 16 wgmma m64n128k16, A = Q and B = K both K-major in shared memory;
 //   mask (only on tiles that cross some row's own position), online softmax in f32 with exp2 (common/attention.cuh,
 //   the same code as the mma.sync kernel: the accumulator layout is mma.m16n8k16's per warp);
@@ -22,8 +22,9 @@
 // ping-pong scheduling of the two consumer warpgroups (FlashAttention-3's next steps).
 // The output goes through this warpgroup's own Q rows in shared memory and leaves in 16-byte stores.
 //
-// Shared memory: 1024-byte-aligned (the swizzle atoms), Q 128 x D + 2 stages x (K + V) 128 x D bf16:
-// 160 KB + 1 KB of alignment slack (D = 128) or 80 KB + 1 KB (D = 64); one CTA per SM either way (registers).
+// Shared memory: 1024-byte-aligned (the swizzle atoms), Q 128 x D + 3 stages x (K + V) 128 x D bf16:
+// 224 KB + 1 KB of alignment slack (D = 128, just under sm_90's 227 KB) or 112 KB + 1 KB (D = 64); one CTA per SM
+// either way (registers).
 #include <climits>
 #include <cstdint>
 
@@ -41,20 +42,20 @@ using namespace attn;
 
 // Every size derived from head_dim, read by the kernel and the launcher alike.
 // ptxas (CUDA 13.0, sm_90a), no spills, 0-byte stack frames, 16 B static shared memory:
-//   paged_prefill_wgmma_kernel<64>:  177 registers (81 KB dynamic shared memory; one CTA per SM)
-//   paged_prefill_wgmma_kernel<128>: 233 registers (161 KB dynamic shared memory; one CTA per SM)
+//   paged_prefill_wgmma_kernel<64>:  177 registers (113 KB dynamic shared memory; one CTA per SM)
+//   paged_prefill_wgmma_kernel<128>: 231 registers (225 KB dynamic shared memory; one CTA per SM)
 template <int D>
 struct HopperPrefillTraits {
     static constexpr int kWarpGroups = 2;
     static constexpr int kThreads = 128 * kWarpGroups;
     static constexpr int kBlockM = 64 * kWarpGroups;  // folded query rows per CTA
     static constexpr int kBlockN = 128;               // KV positions per tile
-    static constexpr int kStages = 2;
+    static constexpr int kStages = 3;  // two tiles in flight while one is used
     using QTile = wgmma::Sw128Tile<D, kBlockM>;
     using KVTile = wgmma::Sw128Tile<D, kBlockN>;
     static constexpr int kAlign = 1024;  // the 128-byte swizzle atom
     static constexpr int kSmemBytes = (QTile::kElems + kStages * 2 * KVTile::kElems) * 2 + kAlign;
-    static_assert(kSmemBytes <= 227 * 1024, "the sm_90 opt-in limit per CTA");
+    static_assert(kSmemBytes + 16 <= 227 * 1024, "the sm_90 opt-in limit per CTA (with the 16 static bytes)");
     static_assert((QTile::kElems * 2) % kAlign == 0 && (KVTile::kElems * 2) % kAlign == 0, "aligned tiles");
 };
 
@@ -121,9 +122,17 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
     const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
     const uint32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
     const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+    // Commit groups: Q with KV tile 0, then one group per later tile t (empty past the last tile), committed two
+    // iterations ahead, so that at iteration t only tile t + 1's group may still be in flight.
     load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(skv, skv + KVTile::kElems, k_cache, v_cache, table, 0, n_end,
                                                      p.block_size, slot_stride, kv_head);
-    cp_async_commit();  // one group: Q and KV tile 0
+    cp_async_commit();
+    if (num_tiles > 1) {
+        bf16* next = skv + 2 * KVTile::kElems;
+        load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(next, next + KVTile::kElems, k_cache, v_cache, table,
+                                                         T::kBlockN, n_end, p.block_size, slot_stride, kv_head);
+    }
+    cp_async_commit();
 
     // This thread's two rows (g and g + 8 of its warp's 16 within its warpgroup's 64) and their positions; padding
     // rows take pos_max.
@@ -149,18 +158,17 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
 
     for (int t = 0; t < num_tiles; ++t) {
         const int n0 = t * T::kBlockN;
-        if (t + 1 < num_tiles) {
-            bf16* next = skv + ((t + 1) % T::kStages) * 2 * KVTile::kElems;
+        cp_async_wait<1>();                 // this thread's part of tile t has landed
+        wgmma::fence_proxy_async_shared();  // ... and is visible to the proxy wgmma reads through
+        __syncthreads();                    // every part of tile t; every thread is done with tile t - 1's stage
+        if (t + 2 < num_tiles) {
+            // Tile t + 2 into the stage tile t - 1 used.
+            bf16* next = skv + ((t + 2) % T::kStages) * 2 * KVTile::kElems;
             load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(next, next + KVTile::kElems, k_cache, v_cache, table,
-                                                             n0 + T::kBlockN, n_end, p.block_size, slot_stride,
+                                                             n0 + 2 * T::kBlockN, n_end, p.block_size, slot_stride,
                                                              kv_head);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
         }
-        wgmma::fence_proxy_async_shared();  // this thread's cp.async data, to the proxy wgmma reads through
-        __syncthreads();
+        cp_async_commit();
         const uint32_t k_addr = skv_addr + (t % T::kStages) * 2 * KVTile::kElems * 2;
         const uint32_t v_addr = k_addr + KVTile::kElems * 2;
 
@@ -209,7 +217,6 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
         wgmma::wait<0>();
         wgmma::fence_operands(o);
         wgmma::fence_operands(pa);  // the A registers stay allocated until the products that read them are done
-        __syncthreads();            // the next iteration's load overwrites this stage
     }
     finish_row_sums(st);
 
