@@ -35,6 +35,13 @@
 //     rotates with its function (kernels/common/rope.cuh), then writes q into out and the rotated k and the v
 //     into the token's cache slot. The k and v parts of out are not written (attention reads k and v from the
 //     cache).
+//   - With the norm prologue (p.norm.weight set; any epilogue mode), x is the residual stream and every block first
+//     writes rms_norm(x [+ delta]) for all m rows into shared memory (norm_prologue: l32_norm's per-thread sums of
+//     squares and reduction tree replayed by this block's warps, then its rounding, so the rows are bit for bit
+//     what l32_norm writes); the main loop then reads x from there (ld.shared, rows padded by 16 bytes) instead of
+//     global memory. With delta, the last block through the prologue (an atomic counter, reset by that block)
+//     writes bf16(x + delta) back to x: every block has read x by then. One norm kernel and its [m, k] round trip
+//     less per projection.
 //   - The warps' partial tiles meet in shared memory and are summed in warp order (deterministic), then each
 //     output is rounded to bf16 once.
 // Worked examples on an H100 (132 SMs), via gemv::warps_per_block: n = 2048 is 128 tiles, 16 warps each (one block
@@ -44,15 +51,20 @@
 // Registers from ptxas (CUDA 13.0, sm_80 / sm_89 / sm_90a), no spills, no stack frame, either warp count:
 // kTiles = 1: 114 / 114 / 116; kTiles = 2: 128 / 128 / 128 (the cap of two 256-thread blocks per SM); the
 // silu_pairs variants the same. The rope_on variants: 118 / 128, with a 32-40-byte stack frame for sincosf's
-// large-angle reduction and, at kTiles = 2, a 4-12-byte spill in the epilogue. ptxas unrolls
+// large-angle reduction and, at kTiles = 2, a 4-12-byte spill in the epilogue. With the norm prologue: 88-94
+// (kTiles = 1) and 104-114 (kTiles = 2) registers, no spills, plus m (k + 8) * 2 bytes of dynamic shared memory
+// (at most 100 KB). ptxas unrolls
 // the main loop twice and issues the next step's loads before this step's MMAs, so up to 16 w vectors (256 bytes)
 // per lane are in flight. Shared memory: warps * kTiles * 8 * 16 * 4 bytes (4 to 16 KB). SASS (sm_90a): w loads are
 // LDG.E.NA.128.CONSTANT, x loads LDG.E.EL.128.CONSTANT, the products HMMA.16816.F32.BF16.
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/reduce.cuh"
+#include "common/rmsnorm.cuh"
 #include "common/rope.cuh"
 #include "common/silu.cuh"
 #include "common/status.cuh"
@@ -94,12 +106,27 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// 16 bytes of shared memory at a shared-state-space byte address.
+__device__ __forceinline__ uint4 ld_shared_16(uint32_t addr) {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+    return r;
+}
+
+// Where a lane's x rows come from: global memory (xr, through L1), or with the norm prologue the normalized rows in
+// shared memory (xs: byte addresses of the rows' vector 0).
+template <int kTiles>
+struct XRows {
+    const uint4* xr[kTiles];
+    uint32_t xs[kTiles];
+};
+
 // One step of a lane: kUnroll vectors at positions base + (u * kWarps + warp) * 4 + t of its two w rows and its
 // kTiles x rows, loaded first (all in flight together), then two MMAs per vector and x tile. kTail: the step runs
-// past kv (k / 8 vectors per row), so each vector is checked and zeroed past the end.
-template <int kTiles, int kWarps, bool kTail>
+// past kv (k / 8 vectors per row), so each vector is checked and zeroed past the end. kSmemX: x from shared memory.
+template <int kTiles, int kWarps, bool kTail, bool kSmemX>
 __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* w0, const uint4* w1,
-                                          const uint4* const (&xr)[kTiles], int base, int kv, int warp, int t) {
+                                          const XRows<kTiles>& x, int base, int kv, int warp, int t) {
     uint4 a0[kUnroll], a1[kUnroll], b[kUnroll][kTiles];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -108,7 +135,9 @@ __device__ __forceinline__ void gemv_step(float (&acc)[kTiles][4], const uint4* 
             a0[u] = ld_stream_16(w0 + v);
             a1[u] = ld_stream_16(w1 + v);
 #pragma unroll
-            for (int j = 0; j < kTiles; ++j) b[u][j] = ld_reuse_16(xr[j] + v);
+            for (int j = 0; j < kTiles; ++j) {
+                b[u][j] = kSmemX ? ld_shared_16(x.xs[j] + 16u * static_cast<uint32_t>(v)) : ld_reuse_16(x.xr[j] + v);
+            }
         } else {
             a0[u] = a1[u] = make_uint4(0, 0, 0, 0);
 #pragma unroll
@@ -176,13 +205,73 @@ __device__ __forceinline__ BlockRows block_rows(const l32_gemv_params& p, int g)
     return b;
 }
 
+// The norm prologue (l32_gemv_norm): rows 0..m-1 of rms_norm(x [+ delta]) into shared memory at xs (row stride
+// `stride` bytes), with l32_norm's bits. l32_norm runs one block of split.threads threads per row, thread t
+// summing the squares of vectors t + i * threads (i in order, from 0) before block_sum's two butterflies; here warp
+// w plays l32_norm's warps w, w + kWarps, ..., so every partial sum and the tree are the same. Then, with delta,
+// the last block to get here writes bf16(x + delta) back to x (every block has read x by then).
+template <int kWarps>
+__device__ __forceinline__ void norm_prologue(const l32_gemv_params& p, unsigned char* xs, int stride, int m,
+                                              int kv) {
+    using Vec = BF16Vec<8>;
+    __shared__ float s_warp_sums[kNormMaxThreads / 32];
+    __shared__ int s_last;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const NormSplit split = norm_split_vec8(kv);
+    const int split_warps = split.threads / 32;
+    const Vec* weight = static_cast<const Vec*>(p.norm.weight);
+    const float inv_hidden = 1.f / static_cast<float>(p.k);
+    for (int r = 0; r < m; ++r) {
+        const Vec* x = reinterpret_cast<const Vec*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(r) * p.k);
+        const Vec* delta = p.norm.delta == nullptr
+                               ? nullptr
+                               : reinterpret_cast<const Vec*>(static_cast<const bf16*>(p.norm.delta) +
+                                                              static_cast<int64_t>(r) * p.k);
+        const auto input = [&](int c) { return delta == nullptr ? load_vec(x + c) : add_round(load_vec(x + c), load_vec(delta + c)); };
+        for (int sw = warp; sw < split_warps; sw += kWarps) {
+            const int st = sw * 32 + lane;
+            float sum_sq = 0.f;
+            for (int i = 0; i < split.per_thread; ++i) {
+                const int c = st + i * split.threads;
+                if (c < kv) sum_sq += sum_squares(input(c));
+            }
+            sum_sq = warp_sum(sum_sq);
+            if (lane == 0) s_warp_sums[sw] = sum_sq;
+        }
+        __syncthreads();
+        const float inv = rms_inv(warp_sum(lane < split_warps ? s_warp_sums[lane] : 0.f), inv_hidden, p.norm.eps);
+        for (int c = threadIdx.x; c < kv; c += blockDim.x) {
+            *reinterpret_cast<Vec*>(xs + static_cast<int64_t>(r) * stride + 16 * c) =
+                norm_scale(input(c), load_vec(weight + c), inv);
+        }
+        __syncthreads();  // s_warp_sums is reused by the next row; the last row's xs is complete
+    }
+    if (p.norm.delta == nullptr) return;
+    if (threadIdx.x == 0) {
+        // Every read of x by this block is done (its values were used above, before the barrier).
+        __threadfence();
+        s_last = atomicAdd(p.norm.counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    for (int r = 0; r < m; ++r) {
+        Vec* x = reinterpret_cast<Vec*>(const_cast<bf16*>(static_cast<const bf16*>(p.x)) + static_cast<int64_t>(r) * p.k);
+        const Vec* delta =
+            reinterpret_cast<const Vec*>(static_cast<const bf16*>(p.norm.delta) + static_cast<int64_t>(r) * p.k);
+        for (int c = threadIdx.x; c < kv; c += blockDim.x) store_vec(x + c, add_round(load_vec(x + c), load_vec(delta + c)));
+    }
+    if (threadIdx.x == 0) *p.norm.counter = 0u;  // for the next launch (a CUDA graph replays this one)
+}
+
 // Tier 1. grid = ceil(n / kRows) (kSilu: ceil(n / 8); kRope: n / 16), block = kWarps * 32. kTiles = ceil(m / 8)
 // MMA column tiles of x rows. In kSilu and kRope pair blocks, MMA rows 0-7 and 8-15 are the two halves of each
 // output's pair, so an output's two sums meet in one thread of the final reduction (see BlockRows).
 // With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
-template <int kTiles, int kWarps, int kMode>
+// kNorm: the norm prologue (l32_gemv_norm) stages the normalized x rows in dynamic shared memory first.
+template <int kTiles, int kWarps, int kMode, bool kNorm>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
     __shared__ float partial[kWarps][kTiles * 8][kRows];
+    extern __shared__ __align__(16) unsigned char x_norm[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int m = static_cast<int>(p.m);
@@ -204,11 +293,16 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
         }
     }
     pdl_begin();
-    const uint4* xr[kTiles];
+    // Normalized rows in shared memory: kv + 1 vectors per row, so the 8 rows a warp reads at one position start in
+    // different banks.
+    const int xs_stride = 16 * (kv + 1);
+    if constexpr (kNorm) norm_prologue<kWarps>(p, x_norm, xs_stride, m, kv);
+    XRows<kTiles> xrows;
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
         const int row = std::min(g + 8 * j, m - 1);
-        xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k);
+        xrows.xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k);
+        xrows.xs[j] = static_cast<uint32_t>(__cvta_generic_to_shared(x_norm)) + static_cast<uint32_t>(row * xs_stride);
     }
 
     float acc[kTiles][4];
@@ -216,8 +310,10 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     constexpr int kStep = kUnroll * kWarps * 4;
     int base = 0;
-    for (; base + kStep <= kv; base += kStep) gemv_step<kTiles, kWarps, false>(acc, w0, w1, xr, base, kv, warp, t);
-    if (base < kv) gemv_step<kTiles, kWarps, true>(acc, w0, w1, xr, base, kv, warp, t);
+    for (; base + kStep <= kv; base += kStep) {
+        gemv_step<kTiles, kWarps, false, kNorm>(acc, w0, w1, xrows, base, kv, warp, t);
+    }
+    if (base < kv) gemv_step<kTiles, kWarps, true, kNorm>(acc, w0, w1, xrows, base, kv, warp, t);
 
     // D[row][col] of tile j is MMA row `row` (w row r0 or r1) against x row 8 j + col.
 #pragma unroll
@@ -280,21 +376,35 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     }
 }
 
+// Bytes of the norm prologue's normalized rows: m rows of k + 8 bf16.
+int64_t norm_smem_bytes(const l32_gemv_params& p) { return p.m * (p.k + 8) * 2; }
+
 // Tier 2.
-template <int kTiles, int kWarps>
+template <int kTiles, int kWarps, int kMode, bool kNorm>
+l32_status launch_mode(const l32_gemv_params& p, unsigned grid, cudaStream_t stream) {
+    const auto kernel = gemv_kernel<kTiles, kWarps, kMode, kNorm>;
+    const size_t smem = kNorm ? static_cast<size_t>(norm_smem_bytes(p)) : 0;
+    if (const l32_status s = allow_dynamic_smem(kernel, smem); s != L32_OK) return s;
+    launch_kernel(kernel, grid, kWarps * 32, smem, stream, p);
+    return check_launch();
+}
+
+template <int kTiles, int kWarps, bool kNorm>
 l32_status launch(const l32_gemv_params& p, cudaStream_t stream) {
     static_assert(kTiles * 8 * kRows <= kWarps * 32, "one thread per output of the block");
     if (p.silu_pairs != 0) {
         const auto grid = static_cast<unsigned>((p.n + kRows / 2 - 1) / (kRows / 2));
-        launch_kernel(gemv_kernel<kTiles, kWarps, kSilu>, grid, kWarps * 32, 0, stream, p);
-    } else if (p.rope_on != 0) {
-        const auto grid = static_cast<unsigned>(p.n / kRows);
-        launch_kernel(gemv_kernel<kTiles, kWarps, kRope>, grid, kWarps * 32, 0, stream, p);
-    } else {
-        const auto grid = static_cast<unsigned>((p.n + kRows - 1) / kRows);
-        launch_kernel(gemv_kernel<kTiles, kWarps, kPlain>, grid, kWarps * 32, 0, stream, p);
+        return launch_mode<kTiles, kWarps, kSilu, kNorm>(p, grid, stream);
     }
-    return check_launch();
+    if (p.rope_on != 0) return launch_mode<kTiles, kWarps, kRope, kNorm>(p, static_cast<unsigned>(p.n / kRows), stream);
+    return launch_mode<kTiles, kWarps, kPlain, kNorm>(p, static_cast<unsigned>((p.n + kRows - 1) / kRows), stream);
+}
+
+template <bool kNorm>
+l32_status dispatch(const l32_gemv_params& p, cudaStream_t stream) {
+    const bool two = p.m > 8;
+    if (p.warps == 16) return two ? launch<2, 16, kNorm>(p, stream) : launch<1, 16, kNorm>(p, stream);
+    return two ? launch<2, 8, kNorm>(p, stream) : launch<1, 8, kNorm>(p, stream);
 }
 
 }  // namespace
@@ -325,9 +435,23 @@ extern "C" l32_status l32_gemv(const l32_gemv_params* params, void* stream) {
         if (p.n != (int64_t{r.num_heads} + 2 * int64_t{r.num_kv_heads}) * r.head_dim) return L32_INVALID_ARGUMENT;
         if (r.num_slots > int64_t{L32_PAD_SLOT}) return L32_UNSUPPORTED;
     }
+    const l32_gemv_norm& nm = p.norm;
+    const bool norm = nm.weight != nullptr;
+    if (norm) {
+        if (!(nm.eps >= 0.f) || !std::isfinite(nm.eps) || (nm.delta != nullptr && nm.counter == nullptr)) {
+            return L32_INVALID_ARGUMENT;
+        }
+        if (!l32::is_aligned(nm.weight, 16) || (nm.delta != nullptr && !l32::is_aligned(nm.delta, 16))) {
+            return L32_UNSUPPORTED;
+        }
+        // l32_norm's in-register rows (k / 8 <= 8 * 512 vectors) and the shared-memory budget.
+        if (p.k > 8 * 8 * l32::kNormMaxThreads || l32::norm_smem_bytes(p) > L32_GEMV_NORM_MAX_SMEM) {
+            return L32_UNSUPPORTED;
+        }
+    } else if (nm.delta != nullptr) {
+        return L32_INVALID_ARGUMENT;
+    }
     if (p.n == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
-    const bool two = p.m > 8;
-    if (p.warps == 16) return two ? l32::launch<2, 16>(p, s) : l32::launch<1, 16>(p, s);
-    return two ? l32::launch<2, 8>(p, s) : l32::launch<1, 8>(p, s);
+    return norm ? l32::dispatch<true>(p, s) : l32::dispatch<false>(p, s);
 }

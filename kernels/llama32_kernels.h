@@ -343,9 +343,22 @@ l32_status l32_sample(const l32_sample_params* params, void* stream);
  * a fixed order: no atomics, the same bits on every run), then rounded to bf16 once.
  * dtype: L32_DTYPE_BF16 only. `out` must not overlap `x` or `w` (both are read through the non-coherent cache).
  */
+/**
+ * The RMSNorm prologue of l32_gemv: the product takes rms_norm(x) (or, with delta, rms_norm(x + delta)) instead of
+ * x, bit for bit what l32_norm writes for the same rows, normalized into shared memory by every block. With delta,
+ * x is the residual stream and is updated to bf16(x + delta) as l32_norm's fused add does: the last block to finish
+ * its prologue (a counter) writes it, after every block has read x.
+ */
+typedef struct l32_gemv_norm {
+    const void* weight;  /**< [k] bf16 norm weight, 16-byte aligned; NULL: no prologue (x is taken as it is) */
+    const void* delta;   /**< [m, k] bf16, 16-byte aligned, or NULL (no residual add; x is not written) */
+    uint32_t* counter;   /**< with delta: one u32, zero before the launch; the launch leaves it zero */
+    float eps;           /**< the norm's epsilon, >= 0 */
+} l32_gemv_norm;
+
 typedef struct l32_gemv_params {
     void* out;              /**< [m, n], contiguous rows */
-    const void* x;          /**< [m, k], contiguous rows, 16-byte aligned */
+    const void* x;          /**< [m, k], contiguous rows, 16-byte aligned (written with norm.delta: see l32_gemv_norm) */
     const void* w;          /**< [n, k], contiguous rows, 16-byte aligned */
     int64_t m;              /**< 1 ..= 16 */
     int64_t k;              /**< a multiple of 8, 8 ..= 2^24 */
@@ -367,7 +380,15 @@ typedef struct l32_gemv_params {
     int32_t rope_on;
     l32_rope_params rope;   /**< with rope_on: positions, slots, inv_freq, caches and heads of l32_rope_kv_write */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+    /**
+     * Optional RMSNorm prologue (norm.weight non-NULL), with any epilogue mode: k at most 32768 (l32_norm's
+     * in-register rows) and m * (k + 8) * 2 bytes of shared memory at most L32_GEMV_NORM_MAX_SMEM.
+     */
+    l32_gemv_norm norm;
 } l32_gemv_params;
+
+/** The most shared memory the gemv's norm prologue may stage its normalized rows in, in bytes. */
+#define L32_GEMV_NORM_MAX_SMEM (100 * 1024)
 
 /** Launches the skinny GEMM (gemv family) on `stream`. */
 l32_status l32_gemv(const l32_gemv_params* params, void* stream);

@@ -21,6 +21,7 @@
 
 #include "common/bf16.cuh"
 #include "common/reduce.cuh"
+#include "common/rmsnorm.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 
@@ -30,7 +31,7 @@ namespace {
 // 512 threads per block at most. Registers from ptxas (CUDA 13.0, sm_80 / sm_90a), no spills: kVecs = 1: 28 / 30,
 // so 4 blocks (2048 threads) stay resident per SM; kVecs = 2 (hidden 8192): 31 / 47, 4 / 2 blocks;
 // kVecs = 4: 32 / 48; kVecs = 8: 52 / 82, 1 block on sm_90a.
-constexpr int kMaxThreads = 512;
+constexpr int kMaxThreads = kNormMaxThreads;
 
 // Vector c of the row: x, or with the fused add bf16(residual + x), written back to the residual.
 template <int W, bool kResidual>
@@ -43,13 +44,10 @@ __device__ __forceinline__ BF16Vec<W> load_input(const BF16Vec<W>* x, BF16Vec<W>
     return h;
 }
 
-// bf16(w * bf16(h * inv)): the two roundings of HF's `weight * hidden.to(bf16)`.
+// bf16(w * bf16(h * inv)) (common/rmsnorm.cuh).
 template <int W>
 __device__ __forceinline__ BF16Vec<W> scale(const BF16Vec<W>& h, const BF16Vec<W>& w, float inv) {
-    BF16Vec<W> r;
-#pragma unroll
-    for (int i = 0; i < W; ++i) r.set(i, w.get(i) * __bfloat162float(__float2bfloat16_rn(h.get(i) * inv)));
-    return r;
+    return norm_scale(h, w, inv);
 }
 
 // Tier 1. grid = rows, block = the plan's threads (a multiple of 32). See the file comment for W and kVecs.
@@ -81,7 +79,7 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_kernel(const __grid_cons
                 sum_sq += sum_squares(h[i]);
             }
         }
-        const float inv = rsqrtf(block_sum(sum_sq) * inv_hidden + p.eps);
+        const float inv = rms_inv(block_sum(sum_sq), inv_hidden, p.eps);
 #pragma unroll
         for (int i = 0; i < kVecs; ++i) {
             const int c = threadIdx.x + i * blockDim.x;
@@ -89,7 +87,7 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_kernel(const __grid_cons
         }
     } else {
         for (int c = threadIdx.x; c < n; c += blockDim.x) sum_sq += sum_squares(load_input<W, kResidual>(x, residual, c));
-        const float inv = rsqrtf(block_sum(sum_sq) * inv_hidden + p.eps);
+        const float inv = rms_inv(block_sum(sum_sq), inv_hidden, p.eps);
         // Second pass: each thread re-reads the vectors it read (or, with the fused add, wrote) in the first.
         for (int c = threadIdx.x; c < n; c += blockDim.x) {
             Vec h;
@@ -119,9 +117,9 @@ NormPlan plan_norm(const l32_norm_params& p) {
                       is_aligned(p.out, 16) && is_aligned(p.weight, 16) && residual_ok;
     const int64_t n = vec8 ? p.hidden / 8 : p.hidden;
     if (vec8) {
-        for (int vecs : {1, 2, 4, 8}) {
-            if (n <= int64_t{vecs} * kMaxThreads) return {8, vecs, static_cast<int>(round_up_32((n + vecs - 1) / vecs))};
-        }
+        // The split the gemv's norm prologue reproduces (common/rmsnorm.cuh).
+        const NormSplit split = norm_split_vec8(n);
+        if (split.per_thread > 0) return {8, split.per_thread, split.threads};
     }
     return {vec8 ? 8 : 1, 0, static_cast<int>(std::min<int64_t>(kMaxThreads, round_up_32(n)))};
 }

@@ -178,7 +178,7 @@ run() {
   # vision benches), vquant (11B and 90B Vision in W4A16 on one GPU, loaded layer by layer; opt-in: not in the
   # default list; LLAMA32_W4A16_KERNEL=direct|pipelined forces one kernel), e2e (llama32 bench, offline
   # throughput, bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=0, back to back, the SwiGLU
-  # fusion's ablation and the RoPE fusion), prefill (opt-in: the Hopper wgmma prefill attention against the mma.sync
+  # fusion's ablation, the RoPE fusion and the norm fusion), prefill (opt-in: the Hopper wgmma prefill attention against the mma.sync
   # one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both kernels' TFLOP/s beside torch SDPA, and
   # 3B prefill end to end with each). LLAMA32_SUITE_SECONDS bounds the whole
   # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate
@@ -444,6 +444,12 @@ run() {
     bench_e2e 120 "3b 1 128 64 --no-fused-swiglu"
     bench_e2e 120 "1b 1 128 64 --fused-rope"
     bench_e2e 120 "3b 1 128 64 --fused-rope"
+    # The norm prologue fusion (off by default), alone and with the RoPE fusion.
+    bench_e2e 120 "1b 1 128 64 --fused-norm"
+    bench_e2e 120 "3b 1 128 64 --fused-norm"
+    bench_e2e 120 "1b 1 128 64 --fused-rope --fused-norm"
+    bench_e2e 120 "1b 8 128 64 --fused-norm"
+    bench_e2e 120 "1b 8 128 64"
     # One line per pair: decode ms/step without / with each switch, from bench.jsonl.
     if [[ -f $logs/bench.jsonl ]]; then
       mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
@@ -451,14 +457,15 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 def key(d):
     return (d.get("model"), d["batch"], d["prompt_tokens"], d.get("w4a16_kernel"))
-for switch in ("pdl", "fused_swiglu", "fused_rope"):
+switches = ("pdl", "fused_swiglu", "fused_rope", "fused_norm")
+for switch in switches:
     for d in rows:
         if d.get(switch) is not True:
             continue
         for e in rows:
             if e is d or key(e) != key(d) or e.get(switch) is not False:
                 continue
-            if any(e.get(o) != d.get(o) for o in ("pdl", "fused_swiglu", "fused_rope") if o != switch):
+            if any(e.get(o) != d.get(o) for o in switches if o != switch):
                 continue
             print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)" % (switch, d.get("model"), d["batch"],
                   e["decode_ms_per_step"], d["decode_ms_per_step"], e["decode_ms_per_step"] / d["decode_ms_per_step"]))

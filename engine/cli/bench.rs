@@ -296,12 +296,13 @@ fn bench_one(
         "tp": tp,
         // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), the prefill attention
         // kernel (LLAMA32_PREFILL_KERNEL), programmatic dependent launch (LLAMA32_PDL), the SwiGLU fusion
-        // (--no-fused-swiglu) and the RoPE fusion (--fused-rope).
+        // (--no-fused-swiglu), the RoPE fusion (--fused-rope) and the norm fusion (--fused-norm).
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::setting().ok(),
         "prefill_kernel": crate::ops::cuda::attention::PrefillKernel::setting().ok(),
         "pdl": crate::ops::cuda::programmatic_launch(),
         "fused_swiglu": !a.model.no_fused_swiglu,
         "fused_rope": a.model.fused_rope,
+        "fused_norm": a.model.fused_norm,
     });
     let tele = match telemetry {
         None => None,

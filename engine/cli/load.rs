@@ -252,6 +252,7 @@ fn load_cuda(
         skinny_gemm: !a.no_skinny_gemm,
         fuse_swiglu: !a.no_fused_swiglu,
         fuse_rope: a.fused_rope,
+        fuse_norm: a.fused_norm,
     };
     let t0 = Instant::now();
     let eos_ids = cfg.eos_token_ids.clone();

@@ -114,6 +114,11 @@ pub struct ModelArgs {
     /// in a kernel of their own (CUDA text models only; the same results; experimental: not yet timed on a GPU).
     #[arg(long)]
     pub fused_rope: bool,
+    /// Run residual add + RMSNorm in the prologue of the decode QKV and gate_up projections (bf16 skinny GEMM)
+    /// instead of in a kernel of its own (CUDA text models only; the same results; experimental: not yet timed on a
+    /// GPU).
+    #[arg(long)]
+    pub fused_norm: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.
     /// A checkpoint written by `llama32 quantize` is detected from its config.json and needs no flag.
     #[arg(long)]

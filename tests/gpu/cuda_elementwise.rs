@@ -428,9 +428,57 @@ fn gemv_qkv_rope_equals_gemv_then_rope_kv_write() {
                 let written = a.iter().filter(|v| v.to_bits() != SENTINEL).count();
                 assert_eq!(written, (m - 1) * b.layout.slot_len(), "{what}: {name} slots written (one padding token)");
             }
+            // With the norm prologue: x is rms_norm(resid), unfused by the norm kernel, fused in the prologue.
+            let resid = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 1.0)));
+            let nw = upload(&stream, &random_rows(&mut rng, 1, k, (-0.3, 0.3)));
+            let mut h = upload(&stream, &vec![bf16::NAN; m * k]);
+            cuda::norm::rms_norm(&stream, &resid, &nw, 1e-5, k, &mut h).unwrap();
+            let (mut k_c, mut v_c) = (upload(&stream, &cache), upload(&stream, &cache));
+            let mut qkv_c = upload(&stream, &vec![bf16::NAN; m * n]);
+            cuda::gemv::gemv(&stream, &h, &w, m, k, n, &mut qkv_c).unwrap();
+            let caches = KvCacheMut { k: &mut k_c, v: &mut v_c };
+            cuda::rope::rope_kv_write(&stream, &shape, &mut qkv_c, &pos_d, &slots_d, &freq_d, caches).unwrap();
+            let (mut k_d, mut v_d) = (upload(&stream, &cache), upload(&stream, &cache));
+            let mut qkv_d = upload(&stream, &vec![bf16::NAN; m * n]);
+            let mut resid_b = upload(&stream, &download(&stream, &resid));
+            let none: Option<&CudaSlice<bf16>> = None;
+            let no_counter: Option<&mut CudaSlice<u32>> = None;
+            // SAFETY: the operands live past the launch below, and nothing else touches them before it.
+            let pro =
+                unsafe { cuda::gemv::NormPrologue::new(&stream, &mut resid_b, none, &nw, no_counter, 1e-5, (m, k)) }
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let caches = KvCacheMut { k: &mut k_d, v: &mut v_d };
+            cuda::gemv::gemv_qkv_rope(
+                &stream,
+                &pro,
+                &w,
+                (m, k),
+                &shape,
+                &mut qkv_d,
+                (&pos_d, &slots_d, &freq_d),
+                caches,
+            )
+            .unwrap_or_else(|e| panic!("{what} with the norm prologue: {e}"));
+            let (qc, qd) = (download(&stream, &qkv_c), download(&stream, &qkv_d));
+            for i in 0..m {
+                let (rc, rd) = (&qc[i * n..i * n + q_dim], &qd[i * n..i * n + q_dim]);
+                if let Some(j) = (0..q_dim).find(|&j| rc[j].to_bits() != rd[j].to_bits()) {
+                    panic!("{what}: norm prologue q[{i}, {j}] = {} fused, {} unfused", rd[j], rc[j]);
+                }
+            }
+            for (name, c, d) in [("k", &k_c, &k_d), ("v", &v_c, &v_d)] {
+                let (c, d) = (download(&stream, c), download(&stream, d));
+                if let Some(j) = (0..c.len()).find(|&j| c[j].to_bits() != d[j].to_bits()) {
+                    panic!("{what}: norm prologue {name}_cache[{j}] = {} fused, {} unfused", d[j], c[j]);
+                }
+            }
+            assert_eq!(download(&stream, &resid_b), download(&stream, &resid), "{what}: no add, no residual write");
             ran += 1;
         }
-        eprintln!("gemv_qkv_rope {}: q rows and caches bitwise equal to gemv + rope_kv_write", case.name);
+        eprintln!(
+            "gemv_qkv_rope {}: q rows and caches bitwise equal to gemv + rope_kv_write, also with the norm prologue",
+            case.name
+        );
     }
     assert!(ran >= 8, "only {ran} cases ran");
     // Refused by name: a head_dim that is not a multiple of 16, a padded row.

@@ -1,7 +1,8 @@
 //! Twin test of the `gemv` family (the decode skinny GEMM, `kernels/gemv.cu`) against the f32 CPU twin
 //! `ops::cpu::linear::linear`, on fresh random bf16 inputs widened to f32, with every output poisoned with NaN
-//! before each launch, plus a throughput benchmark beside cuBLASLt; and the SwiGLU-fused variant against the SiLU
-//! kernel followed by the plain one, bit for bit.
+//! before each launch, plus a throughput benchmark beside cuBLASLt; the SwiGLU-fused variant against the SiLU
+//! kernel followed by the plain one, and the norm prologue against the norm kernel followed by the plain one, bit
+//! for bit.
 //!
 //! Tolerance, per output `(i, j)`: `|got - want| <= 2^-8 |want| + 1e-3 * sqrt(k) * rms(x[i]) * rms(w[j])`. The first
 //! term is the kernel's one bf16 rounding of the output (round to nearest: at most 2^-8 of the value); the second
@@ -17,7 +18,7 @@ use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use llama32::ops::cpu::linear::linear;
-use llama32::ops::cuda::gemv::{gemv, gemv_gate_up_silu, supports};
+use llama32::ops::cuda::gemv::{gemv, gemv_gate_up_silu, supports, NormPrologue};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -173,6 +174,97 @@ fn gemv_gate_up_silu_equals_gemv_then_silu_mul() {
     let mut out = upload(&stream, &[bf16::NAN; 4]);
     let e = gemv_gate_up_silu(&stream, &x, &w, 1, 64, 4, &mut out).unwrap_err().to_string();
     assert!(e.contains("`w`") && e.contains("8 x 64"), "{e}");
+}
+
+/// The norm prologue ([`NormPrologue`]) is `add_rms_norm` (or `rms_norm`) followed by the plain kernel, bit for bit:
+/// the product, and with the residual add the updated residual, which the last block writes after every block has
+/// read it (n = 3072 and 16384 give 192 and 1024 blocks racing for the counter). Hidden sizes of 1B, 3B, 11B and
+/// 90B (l32_norm splits of 256, 384, 512 threads, and 2 vectors per thread at 8192), a one-warp split (k = 64),
+/// and rows of 128 and 125 vectors; the SwiGLU epilogue with the prologue too. The counter is left zero.
+#[test]
+fn gemv_norm_prologue_equals_norm_then_gemv() {
+    let Some(stream) = stream() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let eps = 1e-5f32;
+    let mut ran = 0;
+    for (k, n) in [(2048usize, 3072usize), (3072, 16384), (4096, 3072), (8192, 2048), (64, 300), (1024, 40), (1000, 33)]
+    {
+        let w = upload(&stream, &random_rows(&mut rng, 2 * n, k, (-1.5, -0.5), false));
+        let nw = upload(&stream, &random_rows(&mut rng, 1, k, (-0.3, 0.3), true));
+        for m in [1usize, 3, 8, 16] {
+            if !NormPrologue::fits(m, k) {
+                continue;
+            }
+            for (add, silu) in [(true, false), (false, false), (true, true)] {
+                let what = format!("norm prologue m {m} k {k} n {n} add {add} silu {silu}");
+                let resid = random_rows(&mut rng, m, k, (-1.0, 1.0), true);
+                let delta = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.5), true));
+                let outs = if silu { n } else { 2 * n };
+                let launch = |x: &dyn Fn(&mut CudaSlice<bf16>) -> llama32::Result<()>| {
+                    let mut out = upload(&stream, &vec![bf16::NAN; m * outs]);
+                    x(&mut out).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    download(&stream, &out)
+                };
+                // Unfused: the norm kernel into h, then the product of h.
+                let mut r_a = upload(&stream, &resid);
+                let mut h = upload(&stream, &vec![bf16::NAN; m * k]);
+                if add {
+                    llama32::ops::cuda::norm::add_rms_norm(&stream, &mut r_a, &delta, &nw, eps, k, &mut h).unwrap();
+                } else {
+                    llama32::ops::cuda::norm::rms_norm(&stream, &r_a, &nw, eps, k, &mut h).unwrap();
+                }
+                let want = launch(&|out| {
+                    if silu {
+                        gemv_gate_up_silu(&stream, &h, &w, m, k, n, out)
+                    } else {
+                        gemv(&stream, &h, &w, m, k, outs, out)
+                    }
+                });
+                // Fused.
+                let mut r_b = upload(&stream, &resid);
+                let mut counter = upload(&stream, &[0u32]);
+                // SAFETY: every operand lives past the launch below, and nothing else touches them before it.
+                let pro = unsafe {
+                    NormPrologue::new(&stream, &mut r_b, add.then_some(&delta), &nw, Some(&mut counter), eps, (m, k))
+                }
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got = launch(&|out| {
+                    if silu {
+                        gemv_gate_up_silu(&stream, &pro, &w, m, k, n, out)
+                    } else {
+                        gemv(&stream, &pro, &w, m, k, outs, out)
+                    }
+                });
+                if let Some(i) = (0..m * outs).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                    panic!("{what}: out[{}, {}] = {} fused, {} unfused", i / outs, i % outs, got[i], want[i]);
+                }
+                let (ra, rb) = (download(&stream, &r_a), download(&stream, &r_b));
+                if let Some(i) = (0..m * k).find(|&i| ra[i].to_bits() != rb[i].to_bits()) {
+                    panic!("{what}: residual[{}, {}] = {} fused, {} unfused", i / k, i % k, rb[i], ra[i]);
+                }
+                assert_eq!(download(&stream, &counter), vec![0u32], "{what}: the counter was not left zero");
+                ran += 1;
+            }
+        }
+        eprintln!("norm prologue k {k} n {n}: bitwise equal to the norm kernel + gemv");
+    }
+    assert!(ran >= 50, "only {ran} cases ran");
+    // Refused by name: rows that do not fit, a residual add without a counter, a prologue for other rows.
+    let mut r = upload(&stream, &vec![bf16::ONE; 16 * 4096]);
+    let d = upload(&stream, &vec![bf16::ONE; 16 * 4096]);
+    let nw = upload(&stream, &vec![bf16::ONE; 4096]);
+    let mut c = upload(&stream, &[0u32]);
+    // SAFETY (each): nothing is launched with a refused prologue; the accepted one below is refused by gemv.
+    let e = unsafe { NormPrologue::new(&stream, &mut r, Some(&d), &nw, Some(&mut c), 1e-5, (16, 4096)) }.unwrap_err();
+    assert!(e.to_string().contains("16 rows of 4096"), "{e}");
+    let no_counter: Option<&mut CudaSlice<u32>> = None;
+    let e = unsafe { NormPrologue::new(&stream, &mut r, Some(&d), &nw, no_counter, 1e-5, (2, 64)) }.unwrap_err();
+    assert!(e.to_string().contains("counter"), "{e}");
+    let pro = unsafe { NormPrologue::new(&stream, &mut r, Some(&d), &nw, Some(&mut c), 1e-5, (2, 64)) }.unwrap();
+    let w = upload(&stream, &vec![bf16::ONE; 8 * 64]);
+    let mut out = upload(&stream, &[bf16::NAN; 3 * 8]);
+    let e = gemv(&stream, &pro, &w, 3, 64, 8, &mut out).unwrap_err().to_string();
+    assert!(e.contains("`x`") || e.contains("covers 2 rows of 64"), "{e}");
 }
 
 #[test]

@@ -344,6 +344,29 @@ fn cuda_rope_gemv_fusion_changes_no_bit() {
     assert_setter_changes_no_bit("the RoPE fusion", CudaExecutor::set_fuse_rope);
 }
 
+/// The residual add + RMSNorm fusion into the QKV and gate_up projections' prologue changes no bit: decode steps
+/// (batches of 1 to 5 rows, eager and from graphs) with and without it give the same logits.
+#[test]
+fn cuda_norm_gemv_fusion_changes_no_bit() {
+    if !device_ready() {
+        return;
+    }
+    assert_setter_changes_no_bit("the norm fusion", CudaExecutor::set_fuse_norm);
+}
+
+/// The norm prologue beside the RoPE epilogue in one QKV kernel, and beside the SwiGLU epilogue in the gate_up one,
+/// changes no bit either.
+#[test]
+fn cuda_norm_and_rope_gemv_fusions_change_no_bit() {
+    if !device_ready() {
+        return;
+    }
+    assert_setter_changes_no_bit("the norm fusion (with the RoPE fusion on)", |exec, on| {
+        exec.set_fuse_rope(true);
+        exec.set_fuse_norm(on);
+    });
+}
+
 /// `step_greedy` picks on the device exactly the argmax of the logits `step` returns for the same step.
 #[test]
 fn cuda_step_greedy_is_argmax_of_step_logits() {

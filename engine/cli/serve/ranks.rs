@@ -295,6 +295,7 @@ fn tp_cuda_model(
         skinny_gemm: !a.no_skinny_gemm,
         fuse_swiglu: !a.no_fused_swiglu,
         fuse_rope: a.fused_rope,
+        fuse_norm: a.fused_norm,
     };
     let ckpt;
     let src = match (&source, a.random_weights) {

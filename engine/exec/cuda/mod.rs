@@ -51,6 +51,10 @@ pub struct CudaOptions {
     /// of a kernel of their own (off by default until a device run measures it; the same bits; see
     /// [`CudaExecutor::set_fuse_rope`]).
     pub fuse_rope: bool,
+    /// With the skinny GEMM, run residual add + RMSNorm in the prologue of the bf16 projection that reads it (QKV,
+    /// gate_up) instead of a kernel of its own (off by default until a device run measures it; the same bits; see
+    /// [`CudaExecutor::set_fuse_norm`]).
+    pub fuse_norm: bool,
 }
 
 impl Default for CudaOptions {
@@ -65,6 +69,7 @@ impl Default for CudaOptions {
             skinny_gemm: true,
             fuse_swiglu: true,
             fuse_rope: false,
+            fuse_norm: false,
         }
     }
 }
@@ -310,6 +315,13 @@ impl CudaExecutor {
         self.graphs.clear();
     }
 
+    /// Turns the residual add + RMSNorm fusion into the prologue of the bf16 QKV and gate_up projections' skinny GEMM
+    /// on or off ([`CudaOptions::fuse_norm`]; off runs the norm kernel first, with the same bits).
+    pub fn set_fuse_norm(&mut self, on: bool) {
+        self.ops.fuse_norm = on;
+        self.graphs.clear();
+    }
+
     /// Turns the SwiGLU fusion into the bf16 gate_up projection's skinny GEMM on or off ([`CudaOptions::fuse_swiglu`];
     /// off runs the GEMM and then the SiLU * up kernel, with the same bits).
     pub fn set_fuse_swiglu(&mut self, on: bool) {
@@ -411,6 +423,7 @@ impl CudaExecutor {
         ops.skinny_gemm = opts.skinny_gemm;
         ops.fuse_swiglu = opts.fuse_swiglu;
         ops.fuse_rope = opts.fuse_rope;
+        ops.fuse_norm = opts.fuse_norm;
         let ids = ops.stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))?;
         Ok(CudaExecutor { ops, max_graph_batch: opts.max_graph_batch, max_blocks_per_seq, graphs: HashMap::new(), ids })
     }

@@ -19,6 +19,8 @@ use crate::ops::cuda as k;
 use crate::tp::cuda::DeviceComm;
 use crate::{Error, Result};
 
+mod norm_fusion;
+
 pub(super) fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{what}: {e}"))
 }
@@ -134,6 +136,13 @@ pub struct CudaOps {
     /// With the skinny GEMM, apply RoPE and the KV-cache write in the epilogue of the bf16 QKV projection
     /// (`gemv_qkv_rope`) instead of a kernel of their own (the same bits).
     pub(super) fuse_rope: bool,
+    /// With the skinny GEMM, defer residual add + RMSNorm into the prologue of the bf16 projection that reads it
+    /// (`ops/norm_fusion.rs`; the same bits).
+    pub(super) fuse_norm: bool,
+    /// The fused norm's residual-update counter (one u32, zero between launches), allocated on first use.
+    norm_counter: Option<CudaSlice<u32>>,
+    /// A norm deferred into the next projection's prologue.
+    pending_norm: Option<norm_fusion::PendingNorm>,
     /// Quantized projections' buffers and fused-quantization state.
     pub(super) quant: QuantState,
     /// Set on a tensor-parallel rank: the communicator behind the [`Ops`] hooks and the rank's vocabulary slice.
@@ -203,6 +212,9 @@ impl CudaOps {
             skinny_gemm: true,
             fuse_swiglu: true,
             fuse_rope: false,
+            fuse_norm: false,
+            norm_counter: None,
+            pending_norm: None,
             quant: QuantState { fuse: true, ..QuantState::default() },
             tp: None,
         }
@@ -339,6 +351,7 @@ impl Ops for CudaOps {
 
     fn begin_step(&mut self, step: &StepInput) -> Result<()> {
         self.next_slot = 0;
+        self.pending_norm = None;
         self.quant.pending = None;
         self.quant.last_linear = None;
         self.sizes = StepSizes {
@@ -421,6 +434,7 @@ impl Ops for CudaOps {
     }
 
     fn embed(&mut self, _ids: &[u32], out: &mut CudaAct) -> Result<()> {
+        self.no_pending_norm("embed")?;
         let (h, t) = (self.cfg.hidden_size, self.sizes.tokens);
         check("embed", out, t, h)?;
         let ids = self.meta()?.ids.slice(..t);
@@ -428,6 +442,7 @@ impl Ops for CudaOps {
     }
 
     fn rms_norm(&mut self, x: &CudaAct, n: Norm, out: &mut CudaAct) -> Result<()> {
+        self.no_pending_norm("rms_norm")?;
         let h = self.cfg.hidden_size;
         check("rms_norm out", out, x.rows, h)?;
         let len = x.rows * h;
@@ -460,6 +475,7 @@ impl Ops for CudaOps {
     }
 
     fn add_rms_norm(&mut self, residual: &mut CudaAct, delta: &CudaAct, n: Norm, out: &mut CudaAct) -> Result<()> {
+        self.no_pending_norm("add_rms_norm")?;
         let h = self.cfg.hidden_size;
         check("add_rms_norm delta", delta, residual.rows, h)?;
         check("add_rms_norm out", out, residual.rows, h)?;
@@ -483,6 +499,9 @@ impl Ops for CudaOps {
             self.quant.pending = Some((out.slot, target));
             return Ok(());
         }
+        if self.defer_add_rms_norm(residual, delta, n, out)? {
+            return Ok(());
+        }
         k::norm::add_rms_norm(
             &self.stream,
             &mut residual.buf.slice_mut(..len),
@@ -495,6 +514,7 @@ impl Ops for CudaOps {
     }
 
     fn linear(&mut self, x: &CudaAct, w: Linear, out: &mut CudaAct) -> Result<()> {
+        let norm = norm_fusion::take_norm(&mut self.pending_norm, x, w)?;
         let pending = self.quant.start_projection(w);
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (weight, n) = linear_weight(&self.cfg, &self.layers, lm_head, w);
@@ -512,6 +532,12 @@ impl Ops for CudaOps {
             _ => false,
         };
         let q = match weight {
+            WeightRef::Dense(weight) if norm.is_some() => {
+                // A deferred norm: norm_gemv_target admitted this projection for the skinny GEMM.
+                check_dense(w, weight, n, kdim)?;
+                let norm = norm.as_ref().ok_or_else(|| Error::Backend("norm prologue missing".into()))?;
+                return k::gemv::gemv(&self.stream, norm, weight, x.rows, kdim, n, &mut out.buf);
+            }
             WeightRef::Dense(weight) => {
                 check_dense(w, weight, n, kdim)?;
                 return dense_linear(
@@ -523,6 +549,9 @@ impl Ops for CudaOps {
                     (x.rows, kdim, n),
                     &mut out.buf,
                 );
+            }
+            WeightRef::Quant(_) if norm.is_some() => {
+                return Err(Error::Backend(format!("linear {w:?}: a norm was deferred into a quantized projection")));
             }
             WeightRef::Quant(q) => q,
         };
@@ -551,6 +580,7 @@ impl Ops for CudaOps {
     }
 
     fn rope_and_cache(&mut self, layer: usize, qkv: &mut CudaAct, _step: &StepInput) -> Result<()> {
+        self.no_pending_norm("rope_and_cache")?;
         let t = self.sizes.tokens;
         let meta = self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?;
         let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: qkv.cols };
@@ -568,6 +598,7 @@ impl Ops for CudaOps {
     }
 
     fn attention(&mut self, layer: usize, qkv: &CudaAct, _step: &StepInput, out: &mut CudaAct) -> Result<()> {
+        self.no_pending_norm("attention")?;
         let (meta, sz) = (self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?, self.sizes);
         let q_dim = self.cfg.q_dim();
         let positions = meta.positions.slice(..sz.tokens);
@@ -599,6 +630,7 @@ impl Ops for CudaOps {
     }
 
     fn silu_mul(&mut self, gate_up: &CudaAct, out: &mut CudaAct) -> Result<()> {
+        self.no_pending_norm("silu_mul")?;
         let inter = self.cfg.intermediate_size;
         check("silu_mul out", out, gate_up.rows, inter)?;
         let rows = gate_up.rows;
@@ -649,19 +681,22 @@ impl Ops for CudaOps {
                 check("linear_rope_cache qkv", qkv, rows, n)?;
                 check_dense(w, weight, n, kdim)?;
                 self.quant.start_projection(w);
+                let norm = norm_fusion::take_norm(&mut self.pending_norm, x, w)?;
                 let meta = self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?;
                 let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: n };
                 let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
-                k::gemv::gemv_qkv_rope(
-                    &self.stream,
-                    &x.buf.slice(..rows * kdim),
-                    weight,
-                    (rows, kdim),
-                    &shape,
-                    &mut qkv.buf.slice_mut(..rows * n),
-                    (&meta.positions.slice(..t), &meta.slots.slice(..t), &self.inv_freq),
-                    k::rope::KvCacheMut { k: kc, v: vc },
-                )
+                let meta_args = (&meta.positions.slice(..t), &meta.slots.slice(..t), &self.inv_freq);
+                let cache = k::rope::KvCacheMut { k: kc, v: vc };
+                let out = &mut qkv.buf.slice_mut(..rows * n);
+                match norm {
+                    Some(p) => {
+                        k::gemv::gemv_qkv_rope(&self.stream, &p, weight, (rows, kdim), &shape, out, meta_args, cache)
+                    }
+                    None => {
+                        let xv = x.buf.slice(..rows * kdim);
+                        k::gemv::gemv_qkv_rope(&self.stream, &xv, weight, (rows, kdim), &shape, out, meta_args, cache)
+                    }
+                }
             }
             _ => {
                 self.linear(x, w, qkv)?;
@@ -685,7 +720,10 @@ impl Ops for CudaOps {
                 check("linear_silu_mul out", out, rows, inter)?;
                 check_dense(w, weight, n, kdim)?;
                 self.quant.start_projection(w);
-                k::gemv::gemv_gate_up_silu(&self.stream, &x.buf, weight, rows, kdim, inter, &mut out.buf)
+                match norm_fusion::take_norm(&mut self.pending_norm, x, w)? {
+                    Some(p) => k::gemv::gemv_gate_up_silu(&self.stream, &p, weight, rows, kdim, inter, &mut out.buf),
+                    None => k::gemv::gemv_gate_up_silu(&self.stream, &x.buf, weight, rows, kdim, inter, &mut out.buf),
+                }
             }
             _ => {
                 self.linear(x, w, gate_up)?;
@@ -695,6 +733,7 @@ impl Ops for CudaOps {
     }
 
     fn gather_rows(&mut self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) -> Result<()> {
+        self.no_pending_norm("gather_rows")?;
         check("gather_rows out", out, rows.len(), x.cols)?;
         if rows.is_empty() {
             return Ok(());
@@ -707,6 +746,7 @@ impl Ops for CudaOps {
 
     /// Tensor parallelism: the rank's communicator sums `x` over the group (nothing on a single GPU).
     fn all_reduce(&mut self, x: &mut CudaAct) -> Result<()> {
+        self.no_pending_norm("all_reduce")?;
         let Some(tp) = self.tp.as_ref() else {
             return Ok(());
         };
@@ -721,6 +761,7 @@ impl Ops for CudaOps {
     /// tp]`), then one row gather interleaves them into `[rows, vocab]`: output row `i * tp + r` of the
     /// `[rows * tp, vocab / tp]` view is gathered row `r * rows + i`. A bit-exact copy.
     fn gather_logits(&mut self, local: CudaAct) -> Result<CudaAct> {
+        self.no_pending_norm("gather_logits")?;
         let world = match self.tp.as_ref() {
             None => return Ok(local),
             Some(tp) => tp.comm.world(),

@@ -19,6 +19,169 @@ const MAX_N: usize = i32::MAX as usize;
 /// Output columns (rows of `w`) per thread block, as in `kernels/gemv.cu`.
 const TILE_ROWS: usize = 16;
 
+/// The most shared memory the norm prologue stages its normalized rows in (`L32_GEMV_NORM_MAX_SMEM`).
+const NORM_MAX_SMEM: usize = 100 * 1024;
+/// The longest row the norm prologue takes (l32_norm's in-register rows: 8 vectors of 8 for each of 512 threads).
+const NORM_MAX_K: usize = 8 * 8 * 512;
+
+/// The input rows of a gemv-family call ([`gemv`], [`gemv_gate_up_silu`], [`gemv_qkv_rope`]): `x` in device memory
+/// (any bf16 device slice), or a [`NormPrologue`], whose normalized rows the kernel computes first.
+pub trait GemvInput {
+    /// Elements available as `x` (a prologue: exactly its `m * k`).
+    fn input_len(&self) -> usize;
+    /// Checks the input against `op`'s stream, then calls `f` with the launch's `x` pointer and the prologue (if
+    /// any), holding whatever stream guards the input needs until `f` returns.
+    fn with_input<R>(
+        &self,
+        op: &str,
+        stream: &CudaStream,
+        f: impl FnOnce(u64, Option<&NormPrologue>) -> Result<R>,
+    ) -> Result<R>;
+}
+
+impl<T: DevicePtr<bf16>> GemvInput for T {
+    fn input_len(&self) -> usize {
+        self.len()
+    }
+
+    fn with_input<R>(
+        &self,
+        op: &str,
+        stream: &CudaStream,
+        f: impl FnOnce(u64, Option<&NormPrologue>) -> Result<R>,
+    ) -> Result<R> {
+        super::check_same_device(op, stream, &[("x", self.stream())])?;
+        let (x, _x) = self.device_ptr(stream);
+        f(x, None)
+    }
+}
+
+/// The RMSNorm prologue of the gemv family: the kernel multiplies `rms_norm(residual + delta)` (or
+/// `rms_norm(residual)` without `delta`) instead of a stored `x`, normalizing the rows into shared memory in every
+/// block, bit for bit what [`super::norm::add_rms_norm`] / [`super::norm::rms_norm`] write. With `delta` it also
+/// updates `residual` to `bf16(residual + delta)` as the fused add does (the last block to finish its prologue
+/// writes it, after every block has read it). One kernel and one `[m, k]` round trip less per norm at decode.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(llama32_cuda), allow(dead_code))]
+pub struct NormPrologue {
+    residual: u64,
+    delta: u64,
+    weight: u64,
+    counter: u64,
+    eps: f32,
+    m: usize,
+    k: usize,
+    ordinal: usize,
+}
+
+impl NormPrologue {
+    /// True when the prologue takes `m` rows of width `k`: [`supports`], `k` at most 32768, and the normalized rows
+    /// (`m * (k + 8)` bf16) within 100 KB of shared memory.
+    pub fn fits(m: usize, k: usize) -> bool {
+        supports(m, k) && k <= NORM_MAX_K && m * (k + 8) * 2 <= NORM_MAX_SMEM
+    }
+
+    /// The prologue over `m` rows of width `k` of `residual`, with the norm `weight` (`[k]`) and `eps`; with
+    /// `delta` (`[m, k]`), the residual add first and the residual update, which needs `counter` (one u32, zero:
+    /// each launch leaves it zero again, so a CUDA graph can replay it). Errors name the operand at fault.
+    ///
+    /// # Safety
+    /// The prologue keeps raw device pointers. Until the launch that takes it has run (in stream order), every
+    /// operand must stay allocated, nothing may write `delta` or `weight`, and nothing but that launch may touch
+    /// `residual` or `counter`. It is for one launch.
+    #[allow(clippy::too_many_arguments)] // the operands of the fused norm
+    pub unsafe fn new(
+        stream: &CudaStream,
+        residual: &mut impl DevicePtrMut<bf16>,
+        delta: Option<&impl DevicePtr<bf16>>,
+        weight: &impl DevicePtr<bf16>,
+        counter: Option<&mut impl DevicePtrMut<u32>>,
+        eps: f32,
+        (m, k): (usize, usize),
+    ) -> Result<Self> {
+        const OP: &str = "gemv norm prologue";
+        let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
+        if !Self::fits(m, k) {
+            return fail(format!(
+                "{m} rows of {k}: needs m in 1..={MAX_M}, k a multiple of 8 up to {NORM_MAX_K}, and m * (k + 8) * 2 \
+                 <= {NORM_MAX_SMEM} bytes"
+            ));
+        }
+        if !(eps >= 0.0 && eps.is_finite()) {
+            return fail(format!("eps is {eps}, must be finite and >= 0"));
+        }
+        if residual.len() < m * k {
+            return fail(format!("`residual` has {} elements, needs {m} x {k}", residual.len()));
+        }
+        if weight.len() < k {
+            return fail(format!("`weight` has {} elements, needs {k}", weight.len()));
+        }
+        let mut operands = vec![("residual", residual.stream()), ("weight", weight.stream())];
+        if let Some(d) = delta {
+            if d.len() < m * k {
+                return fail(format!("`delta` has {} elements, needs {m} x {k}", d.len()));
+            }
+            operands.push(("delta", d.stream()));
+        }
+        let counter = match (delta.is_some(), counter) {
+            (false, _) => None,
+            (true, None) => return fail("a residual add needs a counter".into()),
+            (true, Some(c)) if c.len() == 0 => return fail("`counter` is empty".into()),
+            (true, Some(c)) => Some(c),
+        };
+        if let Some(c) = counter.as_ref() {
+            operands.push(("counter", c.stream()));
+        }
+        super::check_same_device(OP, stream, &operands)?;
+        let (residual_ptr, _r) = residual.device_ptr_mut(stream);
+        let (weight_ptr, _w) = weight.device_ptr(stream);
+        let delta_ptr = delta.map(|d| d.device_ptr(stream).0).unwrap_or(0);
+        let counter_ptr = counter.map(|c| c.device_ptr_mut(stream).0).unwrap_or(0);
+        for (name, ptr) in [("residual", residual_ptr), ("weight", weight_ptr), ("delta", delta_ptr)] {
+            if ptr % 16 != 0 {
+                return fail(format!("`{name}` starts at {ptr:#x}, not 16-byte aligned"));
+            }
+        }
+        Ok(NormPrologue {
+            residual: residual_ptr,
+            delta: delta_ptr,
+            weight: weight_ptr,
+            counter: counter_ptr,
+            eps,
+            m,
+            k,
+            ordinal: stream.context().ordinal(),
+        })
+    }
+
+    /// Rows of the prologue.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+}
+
+impl GemvInput for NormPrologue {
+    fn input_len(&self) -> usize {
+        self.m * self.k
+    }
+
+    fn with_input<R>(
+        &self,
+        op: &str,
+        stream: &CudaStream,
+        f: impl FnOnce(u64, Option<&NormPrologue>) -> Result<R>,
+    ) -> Result<R> {
+        let ordinal = stream.context().ordinal();
+        if self.ordinal != ordinal {
+            return Err(Error::Backend(format!(
+                "{op}: the norm prologue is on device {} but the stream is on device {ordinal}",
+                self.ordinal
+            )));
+        }
+        f(self.residual, Some(self))
+    }
+}
+
 /// True when [`gemv`] takes `m` rows of `x` with inner dimension `k`: `m` in `1..=16` and `k` a positive multiple
 /// of 8 (up to 2^24). The operands must also be 16-byte aligned, which every cudarc allocation is.
 pub fn supports(m: usize, k: usize) -> bool {
@@ -48,7 +211,7 @@ pub fn warps_per_block(n: usize, sms: usize) -> usize {
 /// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
 pub fn gemv(
     stream: &CudaStream,
-    x: &impl DevicePtr<bf16>,
+    x: &impl GemvInput,
     w: &impl DevicePtr<bf16>,
     m: usize,
     k: usize,
@@ -66,7 +229,7 @@ pub fn gemv(
 /// `w` must hold at least `2 n * k` elements and `out` `m * n`; `n` at most 2^30 - 1; the rest is as in [`gemv`].
 pub fn gemv_gate_up_silu(
     stream: &CudaStream,
-    x: &impl DevicePtr<bf16>,
+    x: &impl GemvInput,
     w: &impl DevicePtr<bf16>,
     m: usize,
     k: usize,
@@ -80,29 +243,45 @@ pub fn gemv_gate_up_silu(
 fn gemv_impl(
     op: &str,
     stream: &CudaStream,
-    (x, pairs): (&impl DevicePtr<bf16>, bool),
+    (x, pairs): (&impl GemvInput, bool),
     w: &impl DevicePtr<bf16>,
     (m, k, n): (usize, usize, usize),
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
     super::ensure_built()?;
-    check_shapes(op, (m, k, n), (x.len(), w.len(), out.len()), pairs)?;
-    super::check_same_device(op, stream, &[("x", x.stream()), ("w", w.stream()), ("out", out.stream())])?;
-    if n == 0 {
-        return Ok(());
-    }
-    // The warp count of the plain gemv over all 2 n rows, so the k split (and the bits) are the same.
-    let rows = if pairs { 2 * n } else { n };
-    let warps = warps_per_block(rows, num_sms(stream)?);
-    let (x, _x) = x.device_ptr(stream);
-    let (w, _w) = w.device_ptr(stream);
-    for (name, ptr) in [("x", x), ("w", w)] {
-        if ptr % 16 != 0 {
-            return Err(Error::Backend(format!("{op}: `{name}` starts at {ptr:#x}, not 16-byte aligned")));
+    check_shapes(op, (m, k, n), (x.input_len(), w.len(), out.len()), pairs)?;
+    super::check_same_device(op, stream, &[("w", w.stream()), ("out", out.stream())])?;
+    x.with_input(op, stream, |x, norm| {
+        check_prologue(op, norm, (m, k, n))?;
+        if n == 0 {
+            return Ok(());
         }
+        // The warp count of the plain gemv over all 2 n rows, so the k split (and the bits) are the same.
+        let rows = if pairs { 2 * n } else { n };
+        let warps = warps_per_block(rows, num_sms(stream)?);
+        let (w, _w) = w.device_ptr(stream);
+        for (name, ptr) in [("x", x), ("w", w)] {
+            if ptr % 16 != 0 {
+                return Err(Error::Backend(format!("{op}: `{name}` starts at {ptr:#x}, not 16-byte aligned")));
+            }
+        }
+        let (out, _out) = out.device_ptr_mut(stream);
+        launch(op, stream, &GemvLaunch { out, x, w, m, k, n, warps, pairs, norm: norm.copied() }, None)
+    })
+}
+
+/// A prologue must cover exactly the call's rows, and a residual update needs a launch (at least one output).
+fn check_prologue(op: &str, norm: Option<&NormPrologue>, (m, k, n): (usize, usize, usize)) -> Result<()> {
+    match norm {
+        Some(p) if (p.m, p.k) != (m, k) => Err(Error::Backend(format!(
+            "{op}: the norm prologue covers {} rows of {}, the call {m} rows of {k}",
+            p.m, p.k
+        ))),
+        Some(p) if p.delta != 0 && n == 0 => {
+            Err(Error::Backend(format!("{op}: a norm prologue with a residual add needs n >= 1 to run")))
+        }
+        _ => Ok(()),
     }
-    let (out, _out) = out.device_ptr_mut(stream);
-    launch(op, stream, &GemvLaunch { out, x, w, m, k, n, warps, pairs }, None)
 }
 
 /// The decode QKV projection with RoPE and the paged KV-cache write in its epilogue: what [`gemv`] into `qkv`
@@ -119,7 +298,7 @@ fn gemv_impl(
 #[allow(clippy::too_many_arguments)] // the operands of gemv and of rope_kv_write
 pub fn gemv_qkv_rope(
     stream: &CudaStream,
-    x: &impl DevicePtr<bf16>,
+    x: &impl GemvInput,
     w: &impl DevicePtr<bf16>,
     (m, k): (usize, usize),
     shape: &super::rope::RopeKvShape,
@@ -141,21 +320,23 @@ pub fn gemv_qkv_rope(
     if positions.len() != m {
         return fail(format!("`positions` has {} entries, expected one per row of x ({m})", positions.len()));
     }
-    check_shapes(OP, (m, k, n), (x.len(), w.len(), qkv.len()), false)?;
-    super::check_same_device(OP, stream, &[("x", x.stream()), ("w", w.stream())])?;
+    check_shapes(OP, (m, k, n), (x.input_len(), w.len(), qkv.len()), false)?;
+    super::check_same_device(OP, stream, &[("w", w.stream())])?;
     let warps = warps_per_block(n, num_sms(stream)?);
-    let (x, _x) = x.device_ptr(stream);
-    let (w, _w) = w.device_ptr(stream);
-    for (name, ptr) in [("x", x), ("w", w)] {
-        if ptr % 16 != 0 {
-            return fail(format!("`{name}` starts at {ptr:#x}, not 16-byte aligned"));
+    x.with_input(OP, stream, |x, norm| {
+        check_prologue(OP, norm, (m, k, n))?;
+        let (w, _w) = w.device_ptr(stream);
+        for (name, ptr) in [("x", x), ("w", w)] {
+            if ptr % 16 != 0 {
+                return fail(format!("`{name}` starts at {ptr:#x}, not 16-byte aligned"));
+            }
         }
-    }
-    let operands = (positions, slot_mapping, inv_freq);
-    let no_flag = None::<&mut cudarc::driver::CudaSlice<u32>>;
-    super::rope::with_checked(stream, OP, shape, qkv, operands, cache, no_flag, |p, tokens, slots| {
-        let g = GemvLaunch { out: p.qkv, x, w, m, k, n, warps, pairs: false };
-        launch(OP, stream, &g, Some((shape, p, tokens, slots)))
+        let operands = (positions, slot_mapping, inv_freq);
+        let no_flag = None::<&mut cudarc::driver::CudaSlice<u32>>;
+        super::rope::with_checked(stream, OP, shape, qkv, operands, cache, no_flag, |p, tokens, slots| {
+            let g = GemvLaunch { out: p.qkv, x, w, m, k, n, warps, pairs: false, norm: norm.copied() };
+            launch(OP, stream, &g, Some((shape, p, tokens, slots)))
+        })
     })
 }
 
@@ -210,6 +391,7 @@ struct GemvLaunch {
     n: usize,
     warps: usize,
     pairs: bool,
+    norm: Option<NormPrologue>,
 }
 
 #[cfg(llama32_cuda)]
@@ -236,12 +418,27 @@ fn launch(op: &str, stream: &CudaStream, l: &GemvLaunch, rope: Option<RopeArgs<'
         rope_on: i32::from(rope.is_some()),
         rope: rope_params,
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+        norm: match &l.norm {
+            Some(n) => ffi::l32_gemv_norm {
+                weight: n.weight as *const c_void,
+                delta: n.delta as *const c_void,
+                counter: n.counter as *mut u32,
+                eps: n.eps,
+            },
+            None => ffi::l32_gemv_norm {
+                weight: std::ptr::null(),
+                delta: std::ptr::null(),
+                counter: std::ptr::null_mut(),
+                eps: 0.0,
+            },
+        },
     };
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: the three pointers come from live device slices on this stream's device whose lengths check_shapes
     // matched to at least m x k, n x k (2 n x k with pairs) and m x n; x and w were checked 16-byte aligned; with
     // RoPE, rope::with_checked checked its operands (the kernel writes no cache slot at or past num_slots). The
-    // callers hold the slices' stream guards until after this launch.
+    // callers hold the slices' stream guards until after this launch. A norm prologue's pointers were checked by
+    // NormPrologue::new, whose caller keeps them valid and unshared until this launch (its safety contract).
     let status = unsafe { ffi::l32_gemv(&params, raw) };
     super::check_launch(op, stream, status, || format!("{op} (m {}, k {}, n {})", l.m, l.k, l.n))
 }
