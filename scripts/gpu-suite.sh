@@ -199,6 +199,18 @@ run() {
       tail -n 5 "$log"
     fi
   }
+  # `peers CAP GROUPS NAME`: scripts/peers.py --only GROUPS for at most CAP seconds, its log $logs/peers.NAME.log;
+  # its `peer` lines join the table, a failure adds a FAIL row.
+  peers() {
+    local log="$logs/peers.$3.log" rc=0
+    tmo "$1" python3 "$root/scripts/peers.py" --only "$2" >"$log" 2>&1 || rc=$?
+    mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
+    if ((rc != 0)); then
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "--only $2 (see $log)" -)")
+      tail -n 5 "$log"
+    fi
+  }
   # `gpu_benches TEST...`: ignored benches of the GPU test binary, at most 540 s each; their BENCH lines join the table.
   gpu_benches() {
     local t
@@ -322,17 +334,7 @@ run() {
         tail -n 5 "$log"
       fi
     fi
-    if [[ -z ${GPU_SUITE_SKIP_PEERS:-} ]]; then
-      log="$logs/peers.quant.log"
-      rc=0
-      tmo 120 python3 "$root/scripts/peers.py" --only ceilings,quant >"$log" 2>&1 || rc=$?
-      mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
-      if ((rc != 0)); then
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "--only ceilings,quant (see $log)" -)")
-        tail -n 5 "$log"
-      fi
-    fi
+    [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 120 ceilings,quant quant
     # 1B, batch and flags, bf16 beside each scheme.
     local q
     for q in "" "--quantize w4a16-g32" "--quantize w4a8-g32"; do bench_e2e 60 "1b 1 128 64 $q"; done
@@ -378,15 +380,7 @@ run() {
     if [[ -x "$bundle/tests/gpu" ]]; then
       # The encoder attention alone, beside torch SDPA on the same shape.
       gpu_bench 60 'TFLOP/s' cuda_encoder_attention::bench_encoder_attention_11b
-      log="$logs/peers.vision.log"
-      rc=0
-      tmo 60 python3 "$root/scripts/peers.py" --only vision >"$log" 2>&1 || rc=$?
-      mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
-      if ((rc != 0)); then
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "--only vision (see $log)" -)")
-        tail -n 5 "$log"
-      fi
+      peers 60 vision vision
       gpu_benches cuda_vision::bench_vision_encoder_11b cuda_vision::bench_mllama_11b_decode
     fi
   fi
@@ -489,17 +483,7 @@ PY
       tail -n 15 "$log"
     fi
     gpu_bench 120 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput
-    if [[ -z ${GPU_SUITE_SKIP_PEERS:-} ]]; then
-      log="$logs/peers.sdpa.log"
-      rc=0
-      tmo 90 python3 "$root/scripts/peers.py" --only ceilings,sdpa >"$log" 2>&1 || rc=$?
-      mapfile -t -O "${#benches[@]}" benches < <(grep -E '^peer ' "$log")
-      if ((rc != 0)); then
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL peers "--only ceilings,sdpa (see $log)" -)")
-        tail -n 5 "$log"
-      fi
-    fi
+    [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 90 ceilings,sdpa sdpa
     # Prefill-bound rows end to end (prefill tok/s), each kernel back to back.
     local pspec
     for pspec in "3b 4 2048 8" "1b 4 4096 8"; do

@@ -28,6 +28,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "attention/prefill_common.cuh"
 #include "attention/prefill_sm90.cuh"
 #include "common/attention.cuh"
 #include "common/bf16.cuh"
@@ -43,7 +44,7 @@ using namespace attn;
 // Every size derived from head_dim, read by the kernel and the launcher alike.
 // ptxas (CUDA 13.0, sm_90a), no spills, 0-byte stack frames, 16 B static shared memory:
 //   paged_prefill_wgmma_kernel<64>:  177 registers (113 KB dynamic shared memory; one CTA per SM)
-//   paged_prefill_wgmma_kernel<128>: 231 registers (225 KB dynamic shared memory; one CTA per SM)
+//   paged_prefill_wgmma_kernel<128>: 230 registers (225 KB dynamic shared memory; one CTA per SM)
 template <int D>
 struct HopperPrefillTraits {
     static constexpr int kWarpGroups = 2;
@@ -74,7 +75,6 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
     using KVTile = typename T::KVTile;
     constexpr int NT = T::kBlockN / 8;  // 8-position column tiles of S
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    __shared__ int s_pos_min, s_pos_max;
     const uint32_t raw_addr = smem_addr(smem_raw);
     const uint32_t base_addr = (raw_addr + T::kAlign - 1) & ~static_cast<uint32_t>(T::kAlign - 1);
     bf16* sq = reinterpret_cast<bf16*>(smem_raw + (base_addr - raw_addr));
@@ -83,38 +83,13 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
     const uint32_t skv_addr = base_addr + QTile::kElems * 2;
 
     const int seq = blockIdx.y, kv_head = blockIdx.z;
-    const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
-    const int group = p.num_heads / p.num_kv_heads;
-    const int64_t tok_begin = p.cu_seqlens[seq];
-    const int rows = static_cast<int>(p.cu_seqlens[seq + 1] - tok_begin) * group;
-    const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * T::kBlockM;
-    if (m0 >= rows) return;  // uniform over the CTA: this sequence's chunk is shorter than the grid
+    const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, tq = lane % 4;
+    const prefill::ChunkTile c = prefill::chunk_tile<T::kBlockM>(p);
+    if (c.m0 >= c.rows) return;  // uniform over the CTA: this sequence's chunk is shorter than the grid
 
-    const uint32_t* positions = p.positions + tok_begin;
-    if (tid == 0) {
-        s_pos_min = INT_MAX;
-        s_pos_max = -1;
-    }
-    __syncthreads();
-    if (tid < T::kBlockM && m0 + tid < rows) {
-        const int pos = static_cast<int>(positions[(m0 + tid) / group]);
-        atomicMin(&s_pos_min, pos);
-        atomicMax(&s_pos_max, pos);
-    }
-
-    // Q rows: token r / group, head kv_head * group + r % group; rows past the chunk are zero-filled.
-    const bf16* q = static_cast<const bf16*>(p.q) + tok_begin * p.q_stride + static_cast<int64_t>(kv_head) * group * D;
-#pragma unroll
-    for (int i = 0; i < QTile::kElems / 8 / T::kThreads; ++i) {
-        const int idx = tid + i * T::kThreads;
-        const int row = idx / QTile::kChunks, chunk8 = idx % QTile::kChunks;
-        const int r = m0 + row;
-        const bool valid = r < rows;
-        const bf16* src = valid ? q + (r / group) * p.q_stride + (r % group) * D + chunk8 * 8 : q;
-        cp_async16(sq + QTile::offset(row, chunk8), src, valid);
-    }
-    __syncthreads();
-    const int pos_min = s_pos_min, pos_max = s_pos_max;
+    // Q rows into sq (in flight), and the positions they span.
+    const int2 range = prefill::load_query_tile<D, T::kBlockM, T::kThreads, QTile>(p, c, kv_head, sq, tid);
+    const int pos_min = range.x, pos_max = range.y;
     const int n_end = pos_max + 1;
     const int num_tiles = (n_end + T::kBlockN - 1) / T::kBlockN;
 
@@ -134,16 +109,10 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
     }
     cp_async_commit();
 
-    // This thread's two rows (g and g + 8 of its warp's 16 within its warpgroup's 64) and their positions; padding
-    // rows take pos_max.
-    const int g = lane / 4, tq = lane % 4;
-    const int row0 = wg * 64 + warp * 16 + g;  // row within the CTA tile
+    // This thread's two rows (g and g + 8 of its warp's 16 within its warpgroup's 64) and their positions.
+    const int warp_row0 = wg * 64 + warp * 16;  // within the CTA tile
     int row_pos[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = m0 + row0 + 8 * h;
-        row_pos[h] = r < rows ? static_cast<int>(positions[r / group]) : pos_max;
-    }
+    prefill::row_positions(row_pos, p, c, warp_row0, lane, pos_max);
 
     const float scale_log2 = p.scale * 1.4426950408889634f;
     float o[D / 8][4];
@@ -153,7 +122,7 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
 #pragma unroll
     for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
     RowState st;
-    // This warpgroup's 64 Q rows: column block c at sq + c * 128 rows * 128 bytes, rows 64 wg.. at 64 wg * 128 bytes.
+    // This warpgroup's 64 Q rows: column block b at sq + b * 128 rows * 128 bytes, rows 64 wg.. at 64 wg * 128 bytes.
     const uint32_t q_addr = sq_addr + wg * 64 * 128;
 
     for (int t = 0; t < num_tiles; ++t) {
@@ -184,18 +153,8 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
         wgmma::wait<0>();
         wgmma::fence_operands(s);
 
-        if (n0 + T::kBlockN - 1 > pos_min) {
-            // The causal boundary crosses this tile for some row: mask key positions past each row's own.
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int key = n0 + j * 8 + 2 * tq + e;
-                    if (key > row_pos[0]) s[j][e] = -INFINITY;
-                    if (key > row_pos[1]) s[j][2 + e] = -INFINITY;
-                }
-            }
-        }
+        // Only tiles the causal boundary crosses for some row pay for the mask.
+        if (n0 + T::kBlockN - 1 > pos_min) prefill::mask_causal(s, n0, row_pos, tq);
         online_softmax<NT, D / 8>(s, o, st, scale_log2);
 
         // O += P V over the tile's positions in k16 steps: step kk is rows 16 kk.. of V (16 * 128 bytes each).
@@ -220,31 +179,8 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
     }
     finish_row_sums(st);
 
-    // Epilogue: normalize, round to bf16 into this warp's own Q rows (only this warpgroup's products read them, all
-    // complete), then 16-byte stores of whole rows.
-    const float inv[2] = {st.l[0] > 0.f ? 1.f / st.l[0] : 0.f, st.l[1] > 0.f ? 1.f / st.l[1] : 0.f};
-#pragma unroll
-    for (int d = 0; d < D / 8; ++d) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            *reinterpret_cast<uint32_t*>(sq + QTile::offset(row0 + 8 * h, d) + 2 * tq) =
-                pack_bf16x2(o[d][2 * h] * inv[h], o[d][2 * h + 1] * inv[h]);
-        }
-    }
-    __syncwarp();
-    bf16* out = static_cast<bf16*>(p.out) + tok_begin * p.num_heads * D + static_cast<int64_t>(kv_head) * group * D;
-#pragma unroll
-    for (int i = 0; i < 16 * (D / 8) / 32; ++i) {
-        const int idx = lane + 32 * i;
-        const int row = wg * 64 + warp * 16 + idx / (D / 8), chunk8 = idx % (D / 8);
-        const int r = m0 + row;
-        if (r < rows) {
-            const BF16Vec<8>* src = reinterpret_cast<const BF16Vec<8>*>(sq + QTile::offset(row, chunk8));
-            BF16Vec<8>* dst = reinterpret_cast<BF16Vec<8>*>(out + static_cast<int64_t>(r / group) * p.num_heads * D +
-                                                            (r % group) * D + chunk8 * 8);
-            store_vec(dst, load_vec(src));
-        }
-    }
+    // Epilogue through this warp's own Q rows (only this warpgroup's products read them, all complete).
+    prefill::store_rows<D, QTile>(p, c, kv_head, o, st, sq, warp_row0, lane);
 #else
     (void)p;
     __trap();  // only sm_90a runs this kernel; the launcher refuses every other device
