@@ -115,8 +115,8 @@ pub struct ModelArgs {
     #[arg(long)]
     pub fused_rope: bool,
     /// Run residual add + RMSNorm in the prologue of the decode QKV and gate_up projections (bf16 skinny GEMM)
-    /// instead of in a kernel of its own (CUDA text models only; the same results; experimental: not yet timed on a
-    /// GPU).
+    /// instead of in a kernel of its own (CUDA; text models, and the vision models' self-attention layers; the same
+    /// results; experimental: not yet timed on a GPU).
     #[arg(long)]
     pub fused_norm: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.

@@ -148,6 +148,7 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
         max_logits_rows: ids.len().max(1),
         skinny_gemm: !m.no_skinny_gemm,
         fuse_swiglu: !m.no_fused_swiglu,
+        fuse_norm: m.fused_norm,
         max_graph_batch: m.cuda_graph_max_batch,
         ..Default::default()
     };

@@ -709,4 +709,7 @@ fn bench_mllama_11b_decode() {
     };
     let mut ex = MllamaCudaExecutor::new(cfg.clone(), &w, &opts).unwrap();
     crate::cuda_vision_quant::bench_decode(&mut ex, &cfg, "11b");
+    // The same with the norm prologue fusion (off by default), on the same weights: its A/B.
+    ex.set_fuse_norm(true);
+    crate::cuda_vision_quant::bench_decode(&mut ex, &cfg, "11b_fused_norm");
 }

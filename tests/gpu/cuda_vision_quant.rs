@@ -142,32 +142,48 @@ fn cuda_vision_layer_at_a_time_upload_equals_the_whole_model() {
     assert_eq!(run(&mut streamed, &m, &g.input_ids, &enc, 6), a);
 }
 
-/// The SwiGLU epilogue fusion (on by default) changes no bit in the vision decoder: bf16 golden models, prefill in
-/// chunks of 5 and greedy decode steps (at most 16 rows, so the skinny GEMM runs every MLP), decode from graphs and
-/// eagerly, with and without it.
-#[test]
-fn cuda_vision_swiglu_fusion_changes_no_bit() {
-    if cuda_stream().is_none() {
-        return;
-    }
+/// An executor switch changes no bit in the vision decoder: bf16 golden models, prefill in chunks of 5 and greedy
+/// decode steps (at most 16 rows, so the skinny GEMM runs every projection), decode from graphs and eagerly, with
+/// `set` on and off.
+fn assert_vision_switch_changes_no_bit(what: &str, set: fn(&mut MllamaCudaOptions, bool)) {
     for name in ["mllama-noresize", "mllama-two-images"] {
         let (g, m, enc) = golden(name);
         for graphs in [0, 256] {
             let logits: Vec<Vec<f32>> = [false, true]
                 .iter()
-                .map(|&fuse| {
-                    let o = MllamaCudaOptions { fuse_swiglu: fuse, max_graph_batch: graphs, ..opts() };
+                .map(|&on| {
+                    let mut o = MllamaCudaOptions { max_graph_batch: graphs, ..opts() };
+                    set(&mut o, on);
                     let mut ex = MllamaCudaExecutor::new(m.cfg.clone(), &m.weights, &o).unwrap();
                     run(&mut ex, &m, &g.input_ids, &enc, 6)
                 })
                 .collect();
             let (off, on) = (&logits[0], &logits[1]);
             if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
-                panic!("{name} graphs {graphs}: logit {i} is {} with the SwiGLU fusion, {} without", on[i], off[i]);
+                panic!("{name} graphs {graphs}: logit {i} is {} with {what}, {} without", on[i], off[i]);
             }
-            eprintln!("{name} graphs {graphs}: {} logits bitwise equal with and without the SwiGLU fusion", off.len());
+            eprintln!("{name} graphs {graphs}: {} logits bitwise equal with and without {what}", off.len());
         }
     }
+}
+
+/// The SwiGLU epilogue fusion (on by default) changes no bit in the vision decoder.
+#[test]
+fn cuda_vision_swiglu_fusion_changes_no_bit() {
+    if cuda_stream().is_none() {
+        return;
+    }
+    assert_vision_switch_changes_no_bit("the SwiGLU fusion", |o, on| o.fuse_swiglu = on);
+}
+
+/// The norm prologue fusion (`--fused-norm`) changes no bit in the vision decoder: the self-attention layers' norms
+/// in their QKV and gate_up projections, after plain and gated residual updates alike.
+#[test]
+fn cuda_vision_norm_fusion_changes_no_bit() {
+    if cuda_stream().is_none() {
+        return;
+    }
+    assert_vision_switch_changes_no_bit("the norm fusion", |o, on| o.fuse_norm = on);
 }
 
 #[test]
@@ -325,10 +341,7 @@ pub(crate) fn bench_decode(ex: &mut MllamaCudaExecutor, cfg: &MllamaConfig, name
         }
         times.sort_by(f64::total_cmp);
         let ms = times[times.len() / 2];
-        println!(
-            "BENCH mllama_{name}_w4a16_decode_b{rows}_4tile_ms_per_step {ms:.3} ({:.0} tok/s)",
-            rows as f64 * 1e3 / ms
-        );
+        println!("BENCH mllama_{name}_decode_b{rows}_4tile_ms_per_step {ms:.3} ({:.0} tok/s)", rows as f64 * 1e3 / ms);
     }
 }
 

@@ -202,6 +202,7 @@ pub(super) fn vision_cuda_options(
         max_logits_rows: e.max_num_seqs.max(1),
         skinny_gemm: !a.no_skinny_gemm,
         fuse_swiglu: !a.no_fused_swiglu,
+        fuse_norm: a.fused_norm,
         max_graph_batch: a.cuda_graph_max_batch,
         cross_tiles: e.cross_attention_tiles,
     }
@@ -272,6 +273,7 @@ pub(crate) fn vision_logits_tp_cuda(
         cross_tiles: (enc.len() * cfg.vision.max_num_tiles).max(1),
         skinny_gemm: !m.no_skinny_gemm,
         fuse_swiglu: !m.no_fused_swiglu,
+        fuse_norm: m.fused_norm,
         max_graph_batch: 0,
     };
     let t0 = std::time::Instant::now();

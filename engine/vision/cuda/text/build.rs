@@ -74,6 +74,9 @@ pub struct MllamaCudaOptions {
     pub skinny_gemm: bool,
     /// With the skinny GEMM, apply SiLU * up in the epilogue of the bf16 gate_up projection (the same bits).
     pub fuse_swiglu: bool,
+    /// With the skinny GEMM, run the self-attention layers' residual add + RMSNorm in the prologue of the bf16 QKV
+    /// and gate_up projections (the same bits; off by default until a device run measures it).
+    pub fuse_norm: bool,
     /// Capture decode steps of up to this many sequences as CUDA graphs, one per batch bucket (as the text
     /// executor's `--cuda-graph-max-batch`); 0 runs every step eagerly. A tensor-parallel rank always runs eagerly.
     pub max_graph_batch: usize,
@@ -91,6 +94,7 @@ impl Default for MllamaCudaOptions {
             cross_tiles: 64,
             skinny_gemm: true,
             fuse_swiglu: true,
+            fuse_norm: false,
             max_graph_batch: 256,
         }
     }
@@ -463,6 +467,9 @@ impl MllamaCudaExecutor {
             hr: alloc(s, logits_cap * hidden)?,
             logits: alloc(s, logits_cap * t.vocab_size)?,
             workspace: alloc(s, ws)?,
+            norm_counter: s
+                .alloc_zeros::<u32>(1)
+                .map_err(|e| Error::Backend(format!("allocate the norm counter: {e}")))?,
         };
         let meta = Meta {
             ids: alloc(s, 1)?,

@@ -9,6 +9,7 @@ use half::bf16;
 
 use super::super::drv;
 use super::{Acts, Layer, Meta, MllamaCudaExecutor, Sizes};
+use crate::exec::cuda::dense::SKINNY_MAX_N;
 use crate::exec::cuda::quant_bufs::{project, DeviceLinear};
 use crate::exec::StepInput;
 use crate::ops::cpu::attention::PagedLayout;
@@ -176,27 +177,68 @@ impl MllamaCudaExecutor {
         type Lin<'l> =
             dyn FnMut(&CudaView<'_, bf16>, &DeviceLinear, Dims, &mut CudaViewMut<'_, bf16>) -> Result<()> + 'l;
         let fuse_silu = self.opts.skinny_gemm && self.opts.fuse_swiglu && k::gemv::supports(t, hidden);
-        let mlp =
-            |a: &mut Acts, lin: &mut Lin<'_>, (w_gate_up, w_down): (&DeviceLinear, &DeviceLinear)| -> Result<()> {
-                let (h, gu, act) = (t * hidden, t * 2 * inter, t * inter);
-                match w_gate_up {
-                    DeviceLinear::Dense(wgu) if fuse_silu => {
-                        let x = a.h.slice(..h);
-                        k::gemv::gemv_gate_up_silu(&s, &x, wgu, t, hidden, inter, &mut a.act.slice_mut(..act))?;
-                    }
-                    _ => {
-                        lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.gate_up.slice_mut(..gu))?;
-                        k::activation::silu_mul(&s, &a.gate_up.slice(..gu), inter, &mut a.act.slice_mut(..act))?;
-                    }
+        // The self-attention layers' norms in the prologue of their bf16 QKV and gate_up skinny GEMMs (`--fused-norm`).
+        let fuse_norm = self.opts.skinny_gemm && self.opts.fuse_norm && k::gemv::NormPrologue::fits(t, hidden);
+        // The norm prologue over the residual `a.x` (with the residual add of `a.delta` when `add`).
+        let prologue = |a: &mut Acts, add: bool, weight: &CudaSlice<bf16>| -> Result<k::gemv::NormPrologue> {
+            let delta = a.delta.slice(..t * hidden);
+            // SAFETY: the prologue is consumed by the next launch on this stream (the projection right below each
+            // call); the buffers belong to this executor and nothing else touches them in between.
+            unsafe {
+                k::gemv::NormPrologue::new(
+                    &s,
+                    &mut a.x.slice_mut(..t * hidden),
+                    add.then_some(&delta),
+                    weight,
+                    Some(&mut a.norm_counter),
+                    eps,
+                    (t, hidden),
+                )
+            }
+        };
+        // The MLP over the normalized rows `a.h`, or with `pro` over the rows its prologue normalizes (gate_up,
+        // SiLU * up, down into `a.delta`), summed over the ranks.
+        let mlp = |a: &mut Acts,
+                   lin: &mut Lin<'_>,
+                   (w_gate_up, w_down): (&DeviceLinear, &DeviceLinear),
+                   pro: Option<k::gemv::NormPrologue>|
+         -> Result<()> {
+            let (h, gu, act) = (t * hidden, t * 2 * inter, t * inter);
+            match (w_gate_up, pro) {
+                (DeviceLinear::Dense(wgu), Some(p)) if fuse_silu => {
+                    k::gemv::gemv_gate_up_silu(&s, &p, wgu, t, hidden, inter, &mut a.act.slice_mut(..act))?;
                 }
-                lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
-                reduce(&mut a.delta, h)
-            };
+                (_, Some(_)) => return Err(Error::Backend("a norm prologue needs the fused bf16 gate_up".into())),
+                (DeviceLinear::Dense(wgu), None) if fuse_silu => {
+                    let x = a.h.slice(..h);
+                    k::gemv::gemv_gate_up_silu(&s, &x, wgu, t, hidden, inter, &mut a.act.slice_mut(..act))?;
+                }
+                _ => {
+                    lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.gate_up.slice_mut(..gu))?;
+                    k::activation::silu_mul(&s, &a.gate_up.slice(..gu), inter, &mut a.act.slice_mut(..act))?;
+                }
+            }
+            lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
+            reduce(&mut a.delta, h)
+        };
         for layer in self.layers.iter_mut() {
             match layer {
                 Layer::SelfAttn { attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache } => {
-                    norm(a, &pending, attn_norm)?;
-                    lin(&a.h.slice(..t * hidden), wqkv, (t, hidden, qkv_w), &mut a.qkv.slice_mut(..t * qkv_w))?;
+                    // The attention norm in the QKV projection's prologue (not after a gated cross layer, whose
+                    // update the norm kernel applies), else the norm kernel and the projection.
+                    match (&*wqkv, &pending) {
+                        (DeviceLinear::Dense(w), Pending::None | Pending::Plain)
+                            if fuse_norm && qkv_w <= SKINNY_MAX_N =>
+                        {
+                            let pro = prologue(a, matches!(pending, Pending::Plain), attn_norm)?;
+                            k::gemv::gemv(&s, &pro, w, t, hidden, qkv_w, &mut a.qkv.slice_mut(..t * qkv_w))?;
+                        }
+                        _ => {
+                            norm(a, &pending, attn_norm)?;
+                            let qkv = &mut a.qkv.slice_mut(..t * qkv_w);
+                            lin(&a.h.slice(..t * hidden), wqkv, (t, hidden, qkv_w), qkv)?;
+                        }
+                    }
                     let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: qkv_w };
                     rope_write(&s, &shape, &mut a.qkv.slice_mut(..t * qkv_w), m, t, &self.inv_freq, k_cache, v_cache)?;
                     Self::attend(
@@ -211,8 +253,13 @@ impl MllamaCudaExecutor {
                     )?;
                     lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), &mut a.delta.slice_mut(..t * hidden))?;
                     reduce(&mut a.delta, t * hidden)?;
-                    norm(a, &Pending::Plain, mlp_norm)?;
-                    mlp(a, &mut lin, (w_gate_up, w_down))?;
+                    if fuse_norm && fuse_silu && matches!(w_gate_up, DeviceLinear::Dense(_)) {
+                        let pro = prologue(a, true, mlp_norm)?;
+                        mlp(a, &mut lin, (w_gate_up, w_down), Some(pro))?;
+                    } else {
+                        norm(a, &Pending::Plain, mlp_norm)?;
+                        mlp(a, &mut lin, (w_gate_up, w_down), None)?;
+                    }
                     pending = Pending::Plain;
                 }
                 Layer::Cross { .. } if !sz.cross => {}
@@ -255,7 +302,7 @@ impl MllamaCudaExecutor {
                     reduce(&mut a.delta, t * hidden)?;
                     norm(a, &Pending::Gated(*attn_gate, false), mlp_norm)?;
                     // Summed before the gate and the row mask, which the next norm applies.
-                    mlp(a, &mut lin, (w_gate_up, w_down))?;
+                    mlp(a, &mut lin, (w_gate_up, w_down), None)?;
                     pending = Pending::Gated(*mlp_gate, true);
                 }
             }

@@ -23,6 +23,13 @@ impl MllamaCudaExecutor {
         self.graphs.clear();
     }
 
+    /// Turns the norm prologue fusion ([`super::MllamaCudaOptions::fuse_norm`]) on or off; drops the graphs captured
+    /// so far. The results are the same bits either way.
+    pub fn set_fuse_norm(&mut self, on: bool) {
+        self.opts.fuse_norm = on;
+        self.graphs.clear();
+    }
+
     /// Whether a checked step runs through a decode graph: one token and one logits row per sequence, in order,
     /// few enough sequences, and a block table no wider than graphs are captured for.
     pub(super) fn graph_eligible(&self, input: &StepInput) -> bool {

@@ -107,6 +107,8 @@ struct Acts {
     hr: CudaSlice<bf16>,
     logits: CudaSlice<bf16>,
     workspace: CudaSlice<u8>,
+    /// The norm prologue's residual-update counter (one u32, zero between launches).
+    norm_counter: CudaSlice<u32>,
 }
 
 /// Step metadata on the device.
