@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "attention/prefill_common.cuh"
 #include "attention/prefill_sm90.cuh"
 #include "common/attention.cuh"
 #include "common/bf16.cuh"
@@ -192,13 +193,7 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(const __grid_constan
 template <int D>
 l32_status launch(const l32_paged_prefill_params& p, cudaStream_t stream) {
     using T = PrefillTraits<D>;
-    if (const l32_status s = allow_dynamic_smem(paged_prefill_kernel<D>, T::kSmemBytes); s != L32_OK) return s;
-    const int64_t group = p.num_heads / p.num_kv_heads;
-    const int64_t m_tiles = (p.max_query_len * group + T::kBlockM - 1) / T::kBlockM;
-    const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(p.num_seqs),
-                    static_cast<unsigned>(p.num_kv_heads));
-    launch_kernel(paged_prefill_kernel<D>, grid, T::kThreads, T::kSmemBytes, stream, p);
-    return check_launch();
+    return prefill::launch<T::kBlockM, T::kThreads, T::kSmemBytes>(paged_prefill_kernel<D>, p, stream);
 }
 
 }  // namespace

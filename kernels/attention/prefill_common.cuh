@@ -1,6 +1,6 @@
 // The parts the two paged prefill kernels share (prefill.cu on mma.sync, prefill_sm90.cu on wgmma): the CTA's
 // share of a sequence's chunk with the GQA group folded into the rows, the Q tile load with the rows' position
-// range, each thread's row positions, the causal mask of a score tile, and the epilogue. Both kernels keep
+// range, each thread's row positions, the causal mask of a score tile, the epilogue, and the launcher. Both kernels keep
 // mma.m16n8k16's C layout per warp (16 rows: g and g + 8 per thread), so every piece works on a warp's 16 rows.
 #pragma once
 
@@ -10,6 +10,8 @@
 
 #include "common/attention.cuh"
 #include "common/bf16.cuh"
+#include "common/launch.cuh"
+#include "common/status.cuh"
 #include "llama32_kernels.h"
 
 namespace l32 {
@@ -129,6 +131,19 @@ __device__ __forceinline__ void store_rows(const l32_paged_prefill_params& p, co
             store_vec(dst, load_vec(src));
         }
     }
+}
+
+// Tier 2 of both kernels: the shared-memory opt-in, then the grid of (row tiles of BLOCK_M folded rows of the
+// longest chunk, sequences, kv heads) with THREADS threads and SMEM bytes of dynamic shared memory.
+template <int BLOCK_M, int THREADS, int SMEM>
+l32_status launch(void (*kernel)(l32_paged_prefill_params), const l32_paged_prefill_params& p, cudaStream_t stream) {
+    if (const l32_status s = allow_dynamic_smem(kernel, SMEM); s != L32_OK) return s;
+    const int64_t group = p.num_heads / p.num_kv_heads;
+    const int64_t m_tiles = (p.max_query_len * group + BLOCK_M - 1) / BLOCK_M;
+    const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(p.num_seqs),
+                    static_cast<unsigned>(p.num_kv_heads));
+    launch_kernel(kernel, grid, THREADS, SMEM, stream, p);
+    return check_launch();
 }
 
 }  // namespace prefill

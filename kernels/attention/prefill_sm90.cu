@@ -191,13 +191,7 @@ __global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __gri
 template <int D>
 l32_status launch(const l32_paged_prefill_params& p, cudaStream_t stream) {
     using T = HopperPrefillTraits<D>;
-    if (const l32_status s = allow_dynamic_smem(paged_prefill_wgmma_kernel<D>, T::kSmemBytes); s != L32_OK) return s;
-    const int64_t group = p.num_heads / p.num_kv_heads;
-    const int64_t m_tiles = (p.max_query_len * group + T::kBlockM - 1) / T::kBlockM;
-    const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(p.num_seqs),
-                    static_cast<unsigned>(p.num_kv_heads));
-    launch_kernel(paged_prefill_wgmma_kernel<D>, grid, T::kThreads, T::kSmemBytes, stream, p);
-    return check_launch();
+    return prefill::launch<T::kBlockM, T::kThreads, T::kSmemBytes>(paged_prefill_wgmma_kernel<D>, p, stream);
 }
 
 }  // namespace
