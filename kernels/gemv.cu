@@ -227,7 +227,9 @@ __device__ __forceinline__ void norm_prologue(const l32_gemv_params& p, unsigned
                                ? nullptr
                                : reinterpret_cast<const Vec*>(static_cast<const bf16*>(p.norm.delta) +
                                                               static_cast<int64_t>(r) * p.k);
-        const auto input = [&](int c) { return delta == nullptr ? load_vec(x + c) : add_round(load_vec(x + c), load_vec(delta + c)); };
+        const auto input = [&](int c) {
+            return delta == nullptr ? load_vec(x + c) : add_round(load_vec(x + c), load_vec(delta + c));
+        };
         for (int sw = warp; sw < split_warps; sw += kWarps) {
             const int st = sw * 32 + lane;
             float sum_sq = 0.f;
@@ -255,10 +257,12 @@ __device__ __forceinline__ void norm_prologue(const l32_gemv_params& p, unsigned
     __syncthreads();
     if (!s_last) return;
     for (int r = 0; r < m; ++r) {
-        Vec* x = reinterpret_cast<Vec*>(const_cast<bf16*>(static_cast<const bf16*>(p.x)) + static_cast<int64_t>(r) * p.k);
-        const Vec* delta =
-            reinterpret_cast<const Vec*>(static_cast<const bf16*>(p.norm.delta) + static_cast<int64_t>(r) * p.k);
-        for (int c = threadIdx.x; c < kv; c += blockDim.x) store_vec(x + c, add_round(load_vec(x + c), load_vec(delta + c)));
+        const int64_t row = static_cast<int64_t>(r) * p.k;
+        Vec* x = reinterpret_cast<Vec*>(const_cast<bf16*>(static_cast<const bf16*>(p.x)) + row);
+        const Vec* delta = reinterpret_cast<const Vec*>(static_cast<const bf16*>(p.norm.delta) + row);
+        for (int c = threadIdx.x; c < kv; c += blockDim.x) {
+            store_vec(x + c, add_round(load_vec(x + c), load_vec(delta + c)));
+        }
     }
     if (threadIdx.x == 0) *p.norm.counter = 0u;  // for the next launch (a CUDA graph replays this one)
 }

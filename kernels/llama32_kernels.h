@@ -358,7 +358,7 @@ typedef struct l32_gemv_norm {
 
 typedef struct l32_gemv_params {
     void* out;              /**< [m, n], contiguous rows */
-    const void* x;          /**< [m, k], contiguous rows, 16-byte aligned (written with norm.delta: see l32_gemv_norm) */
+    const void* x;          /**< [m, k], contiguous rows, 16-byte aligned (with norm.delta also written) */
     const void* w;          /**< [n, k], contiguous rows, 16-byte aligned */
     int64_t m;              /**< 1 ..= 16 */
     int64_t k;              /**< a multiple of 8, 8 ..= 2^24 */

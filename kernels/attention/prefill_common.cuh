@@ -1,7 +1,8 @@
 // The parts the two paged prefill kernels share (prefill.cu on mma.sync, prefill_sm90.cu on wgmma): the CTA's
 // share of a sequence's chunk with the GQA group folded into the rows, the Q tile load with the rows' position
-// range, each thread's row positions, the causal mask of a score tile, the epilogue, and the launcher. Both kernels keep
-// mma.m16n8k16's C layout per warp (16 rows: g and g + 8 per thread), so every piece works on a warp's 16 rows.
+// range, each thread's row positions, the causal mask of a score tile, the epilogue, and the launcher. Both kernels
+// keep mma.m16n8k16's C layout per warp (16 rows: g and g + 8 per thread), so every piece works on a warp's 16
+// rows. (prefill.cu uses only the launcher: see its Tier 1 comment.)
 #pragma once
 
 #include <climits>

@@ -67,7 +67,8 @@ __device__ __forceinline__ uint64_t k_major_desc(uint32_t addr) { return wgmma::
 
 // Tier 1. See the file comment.
 template <int D>
-__global__ void __launch_bounds__(256, 1) paged_prefill_wgmma_kernel(const __grid_constant__ l32_paged_prefill_params p) {
+__global__ void __launch_bounds__(256, 1)
+    paged_prefill_wgmma_kernel(const __grid_constant__ l32_paged_prefill_params p) {
 #if L32_WGMMA_AVAILABLE
     pdl_begin();
     using T = HopperPrefillTraits<D>;
