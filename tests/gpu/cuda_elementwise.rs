@@ -376,6 +376,54 @@ fn rope_kv_write_matches_cpu() {
     }
 }
 
+/// The q rows and both caches after one QKV projection with RoPE and the cache write.
+struct QkvOut {
+    q: Vec<bf16>,
+    k: Vec<bf16>,
+    v: Vec<bf16>,
+}
+
+/// One QKV projection of `x` (rows in device memory or a norm prologue) into fresh caches filled with `cache`, run
+/// either way: `gemv` then `rope_kv_write`, or `gemv_qkv_rope` when `fused`; the output poisoned beforehand.
+#[allow(clippy::too_many_arguments)] // the operands of gemv and of rope_kv_write
+fn project_qkv(
+    stream: &Arc<CudaStream>,
+    x: &impl cuda::gemv::GemvInput,
+    w: &CudaSlice<bf16>,
+    (m, k, n): (usize, usize, usize),
+    shape: &RopeKvShape,
+    cache: &[bf16],
+    (pos, slots, freq): (&CudaSlice<u32>, &CudaSlice<u32>, &CudaSlice<f32>),
+    fused: bool,
+) -> llama32::Result<QkvOut> {
+    let (mut kc, mut vc) = (upload(stream, cache), upload(stream, cache));
+    let mut qkv = upload(stream, &vec![bf16::NAN; m * n]);
+    let caches = KvCacheMut { k: &mut kc, v: &mut vc };
+    if fused {
+        cuda::gemv::gemv_qkv_rope(stream, x, w, (m, k), shape, &mut qkv, (pos, slots, freq), caches)?;
+    } else {
+        cuda::gemv::gemv(stream, x, w, m, k, n, &mut qkv)?;
+        cuda::rope::rope_kv_write(stream, shape, &mut qkv, pos, slots, freq, caches)?;
+    }
+    Ok(QkvOut { q: download(stream, &qkv), k: download(stream, &kc), v: download(stream, &vc) })
+}
+
+/// The q part of every row and both caches of the two runs are bitwise equal (the k and v parts of the fused
+/// output are never read, so not compared).
+fn assert_same_qkv(what: &str, (m, n, q_dim): (usize, usize, usize), unfused: &QkvOut, fused: &QkvOut) {
+    for i in 0..m {
+        let (ra, rb) = (&unfused.q[i * n..i * n + q_dim], &fused.q[i * n..i * n + q_dim]);
+        if let Some(j) = (0..q_dim).find(|&j| ra[j].to_bits() != rb[j].to_bits()) {
+            panic!("{what}: q[{i}, {j}] = {} fused, {} unfused", rb[j], ra[j]);
+        }
+    }
+    for (name, a, b) in [("k", &unfused.k, &fused.k), ("v", &unfused.v, &fused.v)] {
+        if let Some(j) = (0..a.len()).find(|&j| a[j].to_bits() != b[j].to_bits()) {
+            panic!("{what}: {name}_cache[{j}] = {} fused, {} unfused", b[j], a[j]);
+        }
+    }
+}
+
 /// `gemv_qkv_rope` (the decode QKV projection with RoPE and the cache write in its epilogue) equals `gemv` then
 /// `rope_kv_write`, bit for bit: the q part of every row and both caches (poisoned alike beforehand), on the cases
 /// whose head_dim is a multiple of 16 and whose rows are unpadded, cut to at most 16 tokens, with one padding
@@ -401,31 +449,17 @@ fn gemv_qkv_rope_equals_gemv_then_rope_kv_write() {
             let shape = RopeKvShape { layout: b.layout, qkv_stride: n };
             let (pos_d, slots_d, freq_d) =
                 (upload(&stream, &b.positions), upload(&stream, &b.slots), upload(&stream, &b.inv_freq));
-            // Unfused: the projection, then RoPE and the cache write.
-            let (mut k_a, mut v_a) = (upload(&stream, &cache), upload(&stream, &cache));
-            let mut qkv_a = upload(&stream, &vec![bf16::NAN; m * n]);
-            cuda::gemv::gemv(&stream, &x, &w, m, k, n, &mut qkv_a).unwrap();
-            let caches = KvCacheMut { k: &mut k_a, v: &mut v_a };
-            cuda::rope::rope_kv_write(&stream, &shape, &mut qkv_a, &pos_d, &slots_d, &freq_d, caches).unwrap();
-            // Fused.
-            let (mut k_b, mut v_b) = (upload(&stream, &cache), upload(&stream, &cache));
-            let mut qkv_b = upload(&stream, &vec![bf16::NAN; m * n]);
-            let caches = KvCacheMut { k: &mut k_b, v: &mut v_b };
-            cuda::gemv::gemv_qkv_rope(&stream, &x, &w, (m, k), &shape, &mut qkv_b, (&pos_d, &slots_d, &freq_d), caches)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let (qa, qb) = (download(&stream, &qkv_a), download(&stream, &qkv_b));
-            for i in 0..m {
-                let (ra, rb) = (&qa[i * n..i * n + q_dim], &qb[i * n..i * n + q_dim]);
-                if let Some(j) = (0..q_dim).find(|&j| ra[j].to_bits() != rb[j].to_bits()) {
-                    panic!("{what}: q[{i}, {j}] = {} fused, {} unfused", rb[j], ra[j]);
-                }
-            }
-            for (name, a, bb) in [("k", &k_a, &k_b), ("v", &v_a, &v_b)] {
-                let (a, bb) = (download(&stream, a), download(&stream, bb));
-                if let Some(j) = (0..a.len()).find(|&j| a[j].to_bits() != bb[j].to_bits()) {
-                    panic!("{what}: {name}_cache[{j}] = {} fused, {} unfused", bb[j], a[j]);
-                }
-                let written = a.iter().filter(|v| v.to_bits() != SENTINEL).count();
+            // Unfused (the projection, then RoPE and the cache write) against fused.
+            let operands = (&pos_d, &slots_d, &freq_d);
+            let dims = (m, k, n);
+            let run = |x: &_, fused| {
+                project_qkv(&stream, x, &w, dims, &shape, &cache, operands, fused)
+                    .unwrap_or_else(|e| panic!("{what} (fused {fused}): {e}"))
+            };
+            let (a, fused) = (run(&x, false), run(&x, true));
+            assert_same_qkv(&what, (m, n, q_dim), &a, &fused);
+            for (name, c) in [("k", &a.k), ("v", &a.v)] {
+                let written = c.iter().filter(|v| v.to_bits() != SENTINEL).count();
                 assert_eq!(written, (m - 1) * b.layout.slot_len(), "{what}: {name} slots written (one padding token)");
             }
             // With the norm prologue: x is rms_norm(resid), unfused by the norm kernel, fused in the prologue.
@@ -433,13 +467,6 @@ fn gemv_qkv_rope_equals_gemv_then_rope_kv_write() {
             let nw = upload(&stream, &random_rows(&mut rng, 1, k, (-0.3, 0.3)));
             let mut h = upload(&stream, &vec![bf16::NAN; m * k]);
             cuda::norm::rms_norm(&stream, &resid, &nw, 1e-5, k, &mut h).unwrap();
-            let (mut k_c, mut v_c) = (upload(&stream, &cache), upload(&stream, &cache));
-            let mut qkv_c = upload(&stream, &vec![bf16::NAN; m * n]);
-            cuda::gemv::gemv(&stream, &h, &w, m, k, n, &mut qkv_c).unwrap();
-            let caches = KvCacheMut { k: &mut k_c, v: &mut v_c };
-            cuda::rope::rope_kv_write(&stream, &shape, &mut qkv_c, &pos_d, &slots_d, &freq_d, caches).unwrap();
-            let (mut k_d, mut v_d) = (upload(&stream, &cache), upload(&stream, &cache));
-            let mut qkv_d = upload(&stream, &vec![bf16::NAN; m * n]);
             let mut resid_b = upload(&stream, &download(&stream, &resid));
             let none: Option<&CudaSlice<bf16>> = None;
             let no_counter: Option<&mut CudaSlice<u32>> = None;
@@ -447,31 +474,10 @@ fn gemv_qkv_rope_equals_gemv_then_rope_kv_write() {
             let pro =
                 unsafe { cuda::gemv::NormPrologue::new(&stream, &mut resid_b, none, &nw, no_counter, 1e-5, (m, k)) }
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let caches = KvCacheMut { k: &mut k_d, v: &mut v_d };
-            cuda::gemv::gemv_qkv_rope(
-                &stream,
-                &pro,
-                &w,
-                (m, k),
-                &shape,
-                &mut qkv_d,
-                (&pos_d, &slots_d, &freq_d),
-                caches,
-            )
-            .unwrap_or_else(|e| panic!("{what} with the norm prologue: {e}"));
-            let (qc, qd) = (download(&stream, &qkv_c), download(&stream, &qkv_d));
-            for i in 0..m {
-                let (rc, rd) = (&qc[i * n..i * n + q_dim], &qd[i * n..i * n + q_dim]);
-                if let Some(j) = (0..q_dim).find(|&j| rc[j].to_bits() != rd[j].to_bits()) {
-                    panic!("{what}: norm prologue q[{i}, {j}] = {} fused, {} unfused", rd[j], rc[j]);
-                }
-            }
-            for (name, c, d) in [("k", &k_c, &k_d), ("v", &v_c, &v_d)] {
-                let (c, d) = (download(&stream, c), download(&stream, d));
-                if let Some(j) = (0..c.len()).find(|&j| c[j].to_bits() != d[j].to_bits()) {
-                    panic!("{what}: norm prologue {name}_cache[{j}] = {} fused, {} unfused", d[j], c[j]);
-                }
-            }
+            let c = run(&h, false);
+            let d = project_qkv(&stream, &pro, &w, dims, &shape, &cache, operands, true)
+                .unwrap_or_else(|e| panic!("{what} with the norm prologue: {e}"));
+            assert_same_qkv(&format!("{what}: norm prologue"), (m, n, q_dim), &c, &d);
             assert_eq!(download(&stream, &resid_b), download(&stream, &resid), "{what}: no add, no residual write");
             ran += 1;
         }
