@@ -51,8 +51,8 @@
 // Registers from ptxas (CUDA 13.0, sm_80 / sm_89 / sm_90a), no spills, no stack frame, either warp count:
 // kTiles = 1: 114 / 114 / 116; kTiles = 2: 128 / 128 / 128 (the cap of two 256-thread blocks per SM); the
 // silu_pairs variants the same. The rope_on variants: 118 / 128, with a 32-40-byte stack frame for sincosf's
-// large-angle reduction and, at kTiles = 2, a 4-12-byte spill in the epilogue. With the norm prologue: 88-94
-// (kTiles = 1) and 104-114 (kTiles = 2) registers, no spills, plus m (k + 8) * 2 bytes of dynamic shared memory
+// large-angle reduction and, at kTiles = 2, a 4-12-byte spill in the epilogue. With the norm prologue: 86-94
+// (kTiles = 1) and 102-114 (kTiles = 2) registers, no spills, plus m (k + 8) * 2 bytes of dynamic shared memory
 // (at most 99 KB). ptxas unrolls
 // the main loop twice and issues the next step's loads before this step's MMAs, so up to 16 w vectors (256 bytes)
 // per lane are in flight. Shared memory: warps * kTiles * 8 * 16 * 4 bytes (4 to 16 KB). SASS (sm_90a): w loads are
@@ -208,8 +208,9 @@ __device__ __forceinline__ BlockRows block_rows(const l32_gemv_params& p, int g)
 // The norm prologue (l32_gemv_norm): rows 0..m-1 of rms_norm(x [+ delta]) into shared memory at xs (row stride
 // `stride` bytes), with l32_norm's bits. l32_norm runs one block of split.threads threads per row, thread t
 // summing the squares of vectors t + i * threads (i in order, from 0) before block_sum's two butterflies; here warp
-// w plays l32_norm's warps w, w + kWarps, ..., so every partial sum and the tree are the same. Then, with delta,
-// the last block to get here writes bf16(x + delta) back to x (every block has read x by then).
+// w plays l32_norm's warps w, w + kWarps, ..., so every partial sum and the tree are the same. The row (x + delta
+// rounded) is read from global memory once, into xs, and normalized there in place. Then, with delta, the last
+// block to get here writes bf16(x + delta) back to x (every block has read x by then).
 template <int kWarps>
 __device__ __forceinline__ void norm_prologue(const l32_gemv_params& p, unsigned char* xs, int stride, int m,
                                               int kv) {
@@ -230,21 +231,26 @@ __device__ __forceinline__ void norm_prologue(const l32_gemv_params& p, unsigned
         const auto input = [&](int c) {
             return delta == nullptr ? load_vec(x + c) : add_round(load_vec(x + c), load_vec(delta + c));
         };
+        Vec* row = reinterpret_cast<Vec*>(xs + static_cast<int64_t>(r) * stride);
+        // The split covers every vector once: each is read from global memory here, kept in shared memory.
         for (int sw = warp; sw < split_warps; sw += kWarps) {
             const int st = sw * 32 + lane;
             float sum_sq = 0.f;
             for (int i = 0; i < split.per_thread; ++i) {
                 const int c = st + i * split.threads;
-                if (c < kv) sum_sq += sum_squares(input(c));
+                if (c < kv) {
+                    const Vec h = input(c);
+                    store_vec(row + c, h);
+                    sum_sq += sum_squares(h);
+                }
             }
             sum_sq = warp_sum(sum_sq);
             if (lane == 0) s_warp_sums[sw] = sum_sq;
         }
-        __syncthreads();
+        __syncthreads();  // also: every vector of the row is in shared memory
         const float inv = rms_inv(warp_sum(lane < split_warps ? s_warp_sums[lane] : 0.f), inv_hidden, p.norm.eps);
         for (int c = threadIdx.x; c < kv; c += blockDim.x) {
-            *reinterpret_cast<Vec*>(xs + static_cast<int64_t>(r) * stride + 16 * c) =
-                norm_scale(input(c), load_vec(weight + c), inv);
+            store_vec(row + c, norm_scale(load_vec(row + c), load_vec(weight + c), inv));
         }
         __syncthreads();  // s_warp_sums is reused by the next row; the last row's xs is complete
     }
