@@ -128,6 +128,11 @@ impl Archs {
         if let Some(a) = &self.ptx {
             flags.push(format!("-gencode=arch=compute_{a},code=compute_{a}"));
         }
+        // The wgmma kernels exist only in sm_90a SASS; without it their launchers refuse (L32_UNSUPPORTED) rather
+        // than launch a body that traps.
+        if self.sass.iter().any(|a| a == "90a") {
+            flags.push("-DL32_SASS_SM90A=1".into());
+        }
         flags
     }
 }

@@ -53,7 +53,7 @@
 // silu_pairs variants the same. The rope_on variants: 118 / 128, with a 32-40-byte stack frame for sincosf's
 // large-angle reduction and, at kTiles = 2, a 4-12-byte spill in the epilogue. With the norm prologue: 86-94
 // (kTiles = 1) and 102-114 (kTiles = 2) registers, no spills, plus m (k + 8) * 2 bytes of dynamic shared memory
-// (at most 99 KB). ptxas unrolls
+// (at most L32_GEMV_NORM_MAX_SMEM, 82 KB, so that with the 4-16 KB below it fits sm_89's 99 KB). ptxas unrolls
 // the main loop twice and issues the next step's loads before this step's MMAs, so up to 16 w vectors (256 bytes)
 // per lane are in flight. Shared memory: warps * kTiles * 8 * 16 * 4 bytes (4 to 16 KB). SASS (sm_90a): w loads are
 // LDG.E.NA.128.CONSTANT, x loads LDG.E.EL.128.CONSTANT, the products HMMA.16816.F32.BF16.

@@ -387,8 +387,11 @@ typedef struct l32_gemv_params {
     l32_gemv_norm norm;
 } l32_gemv_params;
 
-/** The most shared memory the gemv's norm prologue may stage its normalized rows in, in bytes. */
-#define L32_GEMV_NORM_MAX_SMEM (99 * 1024) /* the sm_89 per-block opt-in limit */
+/**
+ * The most shared memory the gemv's norm prologue may stage its normalized rows in, in bytes: the sm_86 / sm_89
+ * per-block opt-in limit (99 KB) less the kernel's own static shared memory (at most 16464 bytes, 2 tiles of 16 warps).
+ */
+#define L32_GEMV_NORM_MAX_SMEM (82 * 1024)
 
 /** Launches the skinny GEMM (gemv family) on `stream`. */
 l32_status l32_gemv(const l32_gemv_params* params, void* stream);

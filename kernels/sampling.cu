@@ -647,13 +647,13 @@ size_t sample_smem_bytes(const l32_sample_params& p) {
     return words * 4 + static_cast<size_t>(kCap) * 8;
 }
 
-// Tier 2. Raises the dynamic shared-memory limit when the bitmap and the helpers' static buffers (under 2 KB) could
-// push the CTA over the default 48 KB (with penalties, from vocab ~110000 on); at the 2^19 vocabulary limit the CTA
+// Tier 2. Raises the dynamic shared-memory limit when the bitmap and the helpers' static buffers (under 2 KB) push
+// the CTA over the default 48 KB (with penalties, from vocab ~110000 on); at the 2^19 vocabulary limit the CTA
 // needs 97 KB, within every supported GPU's 99 KB.
 template <int W>
 l32_status launch_sample(const l32_sample_params& p, cudaStream_t stream) {
     const size_t smem = sample_smem_bytes(p);
-    if (const l32_status s = allow_dynamic_smem(sample_kernel<W>, smem, 44 * 1024); s != L32_OK) return s;
+    if (const l32_status s = allow_dynamic_smem(sample_kernel<W>, smem); s != L32_OK) return s;
     launch_kernel(sample_kernel<W>, static_cast<unsigned>(p.rows), kThreads, smem, stream, p);
     return check_launch();
 }

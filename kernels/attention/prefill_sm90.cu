@@ -143,6 +143,9 @@ __global__ void __launch_bounds__(256, 1)
         const uint32_t v_addr = k_addr + KVTile::kElems * 2;
 
         // S = Q K^T over D in k16 steps: step ks is column block ks / 4, 32-byte offset ks % 4 within its rows.
+        // fence_operands pins the last iteration's reads of s (P's packing) above the fence, as the PTX ISA asks
+        // of registers an asynchronous wgmma writes; the compiler could otherwise sink them below it.
+        wgmma::fence_operands(s);
         wgmma::fence();
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
@@ -167,7 +170,11 @@ __global__ void __launch_bounds__(256, 1)
             pa[kk][2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             pa[kk][3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
-        wgmma::fence();  // o was rescaled and pa written by ordinary instructions
+        // o was rescaled and pa written by ordinary instructions: pinned above the fence that orders them before
+        // the asynchronous products.
+        wgmma::fence_operands(o);
+        wgmma::fence_operands(pa);
+        wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < NT / 2; ++kk) {
             const uint64_t vb = wgmma::desc_sw128(v_addr + kk * 16 * 128, KVTile::kBlockBytes, 1024);
@@ -198,6 +205,10 @@ l32_status launch(const l32_paged_prefill_params& p, cudaStream_t stream) {
 }  // namespace
 
 l32_status launch_paged_prefill_wgmma(const l32_paged_prefill_params& p, cudaStream_t stream) {
+#ifndef L32_SASS_SM90A
+    // Built without sm_90a SASS (LLAMA32_CUDA_ARCHS without 90a, see build.rs): the kernel body would only trap.
+    return L32_UNSUPPORTED;
+#endif
     if (!device_runs_sm90a()) return L32_UNSUPPORTED;
     return p.head_dim == 64 ? launch<64>(p, stream) : launch<128>(p, stream);
 }

@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "common/launch.cuh"
 #include "llama32_kernels.h"
 
@@ -20,14 +22,22 @@ inline l32_status check_launch() {
     return L32_LAUNCH_FAILED;
 }
 
-// Call before launching `kernel` with `bytes` of dynamic shared memory: above `limit` (48 KB, the default cap;
-// less where the kernel's static shared memory adds to it) the kernel must be opted in, per device and cheaply, so on
-// every launch. A refusal becomes L32_LAUNCH_FAILED with its error remembered, as in check_launch.
+// Call before launching `kernel` with `bytes` of dynamic shared memory. A block may use 48 KB of shared memory,
+// static and dynamic together, unless its kernel is opted in to more (per device, up to the device's opt-in limit).
+// So when the kernel's static shared memory plus `bytes` exceeds 48 KB, this raises the kernel's dynamic limit to
+// `bytes`, or keeps the higher limit an earlier launch set (a captured graph may still launch with it): it never
+// lowers it. Checked on every launch (two cheap runtime calls above 48 KB, one below). A refusal becomes
+// L32_LAUNCH_FAILED with its error remembered, as in check_launch.
 template <class Kernel>
-inline l32_status allow_dynamic_smem(Kernel kernel, size_t bytes, size_t limit = 48 * 1024) {
-    if (bytes <= limit) return L32_OK;
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+inline l32_status allow_dynamic_smem(Kernel kernel, size_t bytes) {
+    if (bytes == 0) return L32_OK;
+    cudaFuncAttributes attr{};
+    cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+    if (err == cudaSuccess) {
+        if (bytes + attr.sharedSizeBytes <= 48 * 1024) return L32_OK;
+        const size_t raised = std::max(bytes, static_cast<size_t>(std::max(attr.maxDynamicSharedSizeBytes, 0)));
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(raised));
+    }
     if (err == cudaSuccess) return L32_OK;
     last_cuda_error = err;
     return L32_LAUNCH_FAILED;

@@ -25,7 +25,7 @@
 // in the direct kernel's order over the same chunk ranges for a given split count, and the split-K finish is the
 // same, so for the same `splits` it gives the direct kernel's bits (the GPU test checks this).
 //
-// Shared memory per block (two buffers; kS = 4 chunks per stage at m <= 32, 2 at m > 32), with biases: 49 KB at
+// Shared memory per block (two buffers; kS = 4 chunks per stage at m <= 32, 2 at m > 32), with biases: 48 KB (exactly 48 KiB, plus 16 static bytes) at
 // m <= 8, 57 KB at m <= 16, 74 KB at m <= 32, 53 KB at m <= 64 (2 x (16 KB x + 8 KB w + 1 KB s + 1 KB z)); the
 // launcher raises the dynamic limit above 48 KB (allow_dynamic_smem). All fit sm_89's 99 KB per block.
 #include <algorithm>
