@@ -746,6 +746,17 @@ l32_status l32_encoder_attention(const l32_encoder_attention_params* params, voi
 
 /* END vision */
 
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* busy wait (kernels/timing.cu): a head start for the host when profiling a step */
+
+/** The longest wait l32_busy_wait takes: one second. */
+#define L32_BUSY_WAIT_MAX_NS 1000000000ull
+
+/** Launches one warp that returns after `nanoseconds` of device time (at most L32_BUSY_WAIT_MAX_NS) on `stream`. */
+l32_status l32_busy_wait(uint64_t nanoseconds, void* stream);
+
+/* END timing */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -173,17 +173,18 @@ tmo() {
 
 run() {
   # Stages, comma-separated (default all): tests (every GPU test, the correctness gate; GPU_TEST_FILTER, a grep -E
-  # pattern, picks some), quant (W4A16/W4A8 kernel benches, their criterion group, the torch peers of that group and
-  # 1B end to end in bf16 / W4A16 / W4A8), kernels (ignored kernel benches, criterion, PyTorch peers), vision (the 11B
-  # vision benches), vquant (11B and 90B Vision in W4A16 on one GPU, loaded layer by layer; opt-in: not in the
-  # default list; LLAMA32_W4A16_KERNEL=direct|pipelined forces one kernel), e2e (llama32 bench, offline
-  # throughput, bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=0, back to back, the SwiGLU
-  # fusion's ablation, the RoPE fusion and the norm fusion), prefill (opt-in: the Hopper wgmma prefill attention against the mma.sync
-  # one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both kernels' TFLOP/s beside torch SDPA, and
-  # 3B prefill end to end with each). LLAMA32_SUITE_SECONDS bounds the whole
-  # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate
-  # calls, tests first. GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group
-  # (about two minutes) / the torch peers of the quant stage.
+  # pattern, picks some), quant (W4A16/W4A8 kernel benches, their criterion group, the torch peers of that group and 1B
+  # end to end in bf16 / W4A16 / W4A8), kernels (ignored kernel benches, criterion, PyTorch peers), vision (the 11B
+  # vision benches), vquant (11B and 90B Vision in W4A16 on one GPU, loaded layer by layer; opt-in: not in the default
+  # list; LLAMA32_W4A16_KERNEL=direct|pipelined forces one kernel), e2e (llama32 bench, offline throughput,
+  # bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=0, back to back, the SwiGLU fusion's ablation,
+  # the RoPE fusion and the norm fusion), profile (opt-in: `llama32 bench --profile`, the decode and prefill steps of 1B
+  # and 3B call by call, with each call's share of the step and weight-read rate), prefill (opt-in: the Hopper wgmma
+  # prefill attention against the mma.sync one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both
+  # kernels' TFLOP/s beside torch SDPA, and 3B prefill end to end with each). LLAMA32_SUITE_SECONDS bounds the whole
+  # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate calls,
+  # tests first. GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two
+  # minutes) / the torch peers of the quant stage.
   local stages="${1:-tests,kernels,vision,e2e}"
   want() { [[ ",$stages," == *",$1,"* ]]; }
   # `gpu_bench CAP PATTERN TEST`: one ignored bench of the GPU test binary for at most CAP seconds of the budget;
@@ -489,6 +490,19 @@ PY
     for pspec in "3b 4 2048 8" "1b 4 4096 8"; do
       LLAMA32_PREFILL_KERNEL=mma bench_e2e 90 "$pspec"
       LLAMA32_PREFILL_KERNEL=wgmma bench_e2e 90 "$pspec"
+    done
+  fi
+
+  if want profile; then
+    # Where a step's time goes, call by call (llama32 bench --profile: eager, with an event around each call, after a
+    # device head start long enough for the host to issue the whole step), for the decode-bound rows and the
+    # fusions. Each run's decode and prefill tables join the table, prefixed with its spec.
+    local pspec plog
+    for pspec in "1b 1 128 16" "1b 1 128 16 --fused-rope --fused-norm" "3b 1 128 16" "1b 64 512 16" \
+      "1b 1 128 16 --quantize w4a16-g32"; do
+      bench_e2e 120 "$pspec --profile 5"
+      plog=$(ls -t "$logs"/bench.*.log | head -1)
+      mapfile -t -O "${#benches[@]}" benches < <(sed -n '/^profile: /,/^step /p' "$plog" | sed "s/^/[$pspec] /")
     done
   fi
 

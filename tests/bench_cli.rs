@@ -100,6 +100,8 @@ fn bench_rejects_bad_lists_and_degrees() {
     assert!(e.contains("--tp-comm") && e.contains("`gloo`"), "{e}");
     let e = err(&["--device", "cuda", "--tensor-parallel", "2", "--quantize", "w4a8-g32"]);
     assert!(e.contains("--tensor-parallel 2") && e.contains("does not support w4a8-g32"), "{e}");
+    let e = err(&["--tensor-parallel", "1,2", "--profile", "2"]);
+    assert!(e.contains("--profile") && e.contains("--tensor-parallel"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -128,5 +130,35 @@ fn bench_cuda_ranks_without_a_device_fail_clearly() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{e}");
     assert!(e.contains("no usable CUDA device for --tensor-parallel 2") && !e.contains("panicked"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_profile_times_decode_and_prefill_calls() {
+    let dir = tiny_config_dir("profile");
+    let args = ["--random-weights", "--device", "cpu", "--batch", "3", "--prompt-tokens", "9", "--gen-tokens", "3"];
+    let mut all = vec!["--model", dir.to_str().unwrap(), "--block-size", "4", "--profile", "2"];
+    all.extend_from_slice(&args);
+    let o = bench(&all);
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let layers = 2;
+    for (kind, tokens, seqs) in [("decode", 3, 3), ("prefill", 27, 3)] {
+        let p = &v["profile"][kind];
+        assert_eq!(
+            (p["tokens"].as_u64(), p["seqs"].as_u64(), p["steps"].as_u64()),
+            (Some(tokens), Some(seqs), Some(2))
+        );
+        let ops = p["ops"].as_array().unwrap_or_else(|| panic!("{kind}: no ops in {p}"));
+        let find = |name: &str| ops.iter().find(|o| o["op"] == name).unwrap_or_else(|| panic!("{kind}: no {name}"));
+        assert_eq!(find("attention")["calls"], layers);
+        assert_eq!(find("linear lm_head")["calls"], 1);
+        let step = p["step_seconds"].as_f64().unwrap();
+        let in_calls: f64 = ops.iter().map(|o| o["seconds"].as_f64().unwrap()).sum();
+        assert!(step > 0.0 && in_calls <= step * (1.0 + 1e-9), "{kind}: {p}");
+        assert!(stderr.contains(&format!("profile: {kind} step")), "{stderr}");
+    }
+    assert!(stderr.contains("linear down") && stderr.contains("(between calls)"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -143,3 +143,54 @@ fn bad_token_id_is_rejected() {
     let err = score(&mut exec, &[1, vocab, 2], 512).unwrap_err().to_string();
     assert!(err.contains(&format!("token id {vocab}")) && err.contains("outside the vocabulary"), "{err}");
 }
+
+#[test]
+fn profiled_step_returns_the_step_and_times_every_call() {
+    use llama32::model::profile::StepProfile;
+    let case = Case::load("untied-gqa2-sharded");
+    let layers = case.cfg.num_hidden_layers;
+    let mut exec = case.executor(16);
+    let prompt = case.ids("prompt_ids");
+    let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+    let mut table = Vec::new();
+    alloc.ensure(&mut table, prompt.len() + 1).unwrap();
+    let chunk = |tokens, start_pos, logits| SeqChunk { tokens, start_pos, block_table: &table, logits };
+    let prefill = build_step(&[chunk(&prompt, 0, LogitsWanted::All)], exec.block_size()).unwrap();
+    let next = [prompt[0]];
+    let decode = build_step(&[chunk(&next, prompt.len(), LogitsWanted::Last)], exec.block_size()).unwrap();
+    for (kind, step) in [("prefill", &prefill), ("decode", &decode)] {
+        // The same step rewrites the same cache slots with the same values, so each run sees the same cache.
+        let want = exec.step(step).unwrap().logits;
+        let mut p = StepProfile::new(step.num_tokens(), step.num_seqs());
+        for _ in 0..2 {
+            let got = exec.profile_step(step, &mut p).unwrap().logits;
+            assert_eq!(got, want, "{kind}: profiling changed the output");
+        }
+        assert_eq!((p.steps, p.tokens, p.seqs, p.late_steps), (2, step.num_tokens(), 1, 0), "{kind}");
+        let calls: Vec<(&str, usize)> = p.ops.iter().map(|o| (o.op, o.calls)).collect();
+        let l = layers;
+        let expected = [
+            ("begin_step", 1),
+            ("embed", 1),
+            ("all_reduce", 2 * l + 1),
+            ("rms_norm", 1),
+            ("linear qkv+rope+cache", l),
+            ("attention", l),
+            ("linear o", l),
+            ("add_rms_norm", 2 * l - 1),
+            ("linear gate_up+silu_mul", l),
+            ("linear down", l),
+            ("gather_rows", 2),
+            ("final norm", 1),
+            ("linear lm_head", 1),
+            ("gather_logits", 1),
+        ];
+        assert_eq!(calls, expected, "{kind}: calls per step in first-call order");
+        assert!(p.ops.iter().all(|o| o.seconds >= 0.0 && o.seconds.is_finite()), "{kind}: {p:?}");
+        assert!(p.ops.iter().find(|o| o.op == "linear down").is_some_and(|o| o.seconds > 0.0), "{kind}");
+        assert!(p.in_calls() <= p.step_seconds * (1.0 + 1e-9), "{kind}: calls outlast the step: {p:?}");
+        assert!(p.host_seconds >= p.step_seconds * (1.0 - 1e-9), "{kind}: {p:?}");
+        let table = p.table();
+        assert!(table.contains("linear lm_head") && table.contains("(between calls)"), "{table}");
+    }
+}

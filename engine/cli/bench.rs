@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::{load, load_model, run_scheduled, serve, Device, ModelArgs};
 use crate::exec::generate::GenRequest;
-use crate::exec::Executor;
+use crate::exec::{Executor, StepInput};
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
 
@@ -52,6 +52,12 @@ pub struct BenchArgs {
     /// Nucleus sampling mass.
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// After each run, time this many decode steps (batch sequences at the prompt's length, in the shape their
+    /// CUDA graph has) and prefill steps (up to 2048 prompt tokens) call by call: a table per step kind on stderr
+    /// and a "profile" object in the JSON line. Eager, with an event around each call (see
+    /// `engine/model/profile.rs`); 0 (the default) profiles nothing. Text models on the CPU or one GPU.
+    #[arg(long, default_value_t = 0)]
+    profile: usize,
 }
 
 /// Parses a comma list of positive integers for `flag`, naming the bad item.
@@ -167,6 +173,9 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         parse_devices(d)?;
     }
     serve::tp_comm_kind(&a.tp_comm, &[])?;
+    if a.profile > 0 && tps.iter().any(|&tp| tp > 1) {
+        return Err(Error::request("--profile: profiles one rank only; leave --tensor-parallel at 1"));
+    }
     let (cfg, _) = load::resolve_config(&a.model)?;
     for &tp in &tps {
         if tp > 1 {
@@ -338,5 +347,70 @@ fn bench_one(
     if let (Some(t), Some(obj)) = (tele, out.as_object_mut()) {
         obj.insert("telemetry".into(), t);
     }
+    if a.profile > 0 {
+        let p = profile_steps(m.exec.as_mut(), batch, a.prompt_tokens, a.profile)?;
+        if let Some(obj) = out.as_object_mut() {
+            obj.insert("profile".into(), p);
+        }
+    }
     Ok(out)
+}
+
+/// The most new tokens of the profiled prefill step (the scheduler's default step budget).
+const PROFILE_PREFILL_TOKENS: usize = 2048;
+
+/// A step of `seqs` sequences with `new` new tokens each, at positions `start..start + new`, every sequence on
+/// its own blocks from block 0 up, asking for each sequence's last logits row. The KV cache holds whatever earlier
+/// steps left there, which is all a timing needs.
+fn synthetic_step(exec: &dyn Executor, seqs: usize, start: usize, new: usize) -> Result<StepInput> {
+    let bs = exec.block_size();
+    let per_seq = (start + new).div_ceil(bs);
+    if seqs * per_seq > exec.num_blocks() {
+        return Err(Error::request(format!(
+            "--profile: {seqs} sequences of {} tokens need {} KV blocks, the cache has {}",
+            start + new,
+            seqs * per_seq,
+            exec.num_blocks()
+        )));
+    }
+    let vocab = exec.config().vocab_size as u64;
+    let mut step = StepInput { max_blocks_per_seq: per_seq, cu_seqlens: vec![0], ..Default::default() };
+    for s in 0..seqs {
+        let table: Vec<u32> = (0..per_seq).map(|j| (s * per_seq + j) as u32).collect();
+        for pos in start..start + new {
+            step.token_ids.push(((pos as u64 * 7919 + s as u64 * 104729) % (vocab - 1) + 1) as u32);
+            step.positions.push(pos as u32);
+            step.slot_mapping.push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
+        }
+        step.block_tables.extend(table);
+        step.cu_seqlens.push(step.token_ids.len() as u32);
+        step.logits_rows.push(step.token_ids.len() as u32 - 1);
+    }
+    Ok(step)
+}
+
+/// Profiles `steps` decode steps of `batch` sequences after `prompt` tokens, and `steps` prefill steps of as many
+/// whole prompts as fit in [`PROFILE_PREFILL_TOKENS`] (one prompt cut to that length if it is longer); prints each
+/// table to stderr and returns both profiles as JSON.
+fn profile_steps(exec: &mut dyn Executor, batch: usize, prompt: usize, steps: usize) -> Result<serde_json::Value> {
+    use crate::model::profile::StepProfile;
+    let prefill_len = prompt.min(PROFILE_PREFILL_TOKENS);
+    let prefill_seqs = batch.min((PROFILE_PREFILL_TOKENS / prefill_len).max(1));
+    let kinds = [
+        ("decode", synthetic_step(exec, batch, prompt, 1)?),
+        ("prefill", synthetic_step(exec, prefill_seqs, 0, prefill_len)?),
+    ];
+    let mut out = serde_json::Map::new();
+    for (kind, step) in kinds {
+        // One unrecorded step first: it sizes buffers and sets the device's head start.
+        exec.profile_step(&step, &mut StepProfile::default())?;
+        let mut p = StepProfile::new(step.num_tokens(), step.num_seqs());
+        for _ in 0..steps {
+            exec.profile_step(&step, &mut p)?;
+        }
+        eprint!("profile: {kind} step\n{}", p.table());
+        let v = serde_json::to_value(&p).map_err(|e| Error::Backend(format!("profile to JSON: {e}")))?;
+        out.insert(kind.into(), v);
+    }
+    Ok(serde_json::Value::Object(out))
 }

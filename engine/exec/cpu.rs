@@ -2,6 +2,7 @@
 
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
+use crate::model::profile::{HostClock, OpClock, Profiled, StepProfile};
 use crate::model::{forward, Dims, Linear, Norm, Ops};
 use crate::ops::cpu::attention::{AttentionBatch, PagedLayout};
 use crate::ops::cpu::quant::PreparedW4A8;
@@ -277,6 +278,10 @@ impl Ops for CpuOps {
         Ok(())
     }
 
+    fn weight_bytes(&self, w: Linear) -> usize {
+        std::mem::size_of_val(self.linear_weight(w).0)
+    }
+
     fn gather_rows(&mut self, x: &CpuAct, rows: &[u32], out: &mut CpuAct) -> Result<()> {
         check("gather_rows out", out, rows.len(), x.cols)?;
         for (dst, &r) in out.data.chunks_mut(x.cols.max(1)).zip(rows) {
@@ -329,6 +334,20 @@ impl Executor for CpuExecutor {
         input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
         let dims = Dims::of(&self.ops.cfg);
         let logits = forward(&mut self.ops, dims, input)?;
+        Ok(StepOutput { logits: logits.data })
+    }
+
+    fn profile_step(&mut self, input: &StepInput, profile: &mut StepProfile) -> Result<StepOutput> {
+        input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
+        let dims = Dims::of(&self.ops.cfg);
+        let mut clock = HostClock::default();
+        let t0 = std::time::Instant::now();
+        let mut profiled = Profiled::new(&mut self.ops, &mut clock);
+        let logits = forward(&mut profiled, dims, input)?;
+        let weight_bytes = profiled.take_weight_bytes();
+        let host = t0.elapsed().as_secs_f64();
+        let (calls, total) = clock.finish()?;
+        profile.add_step(&calls, &weight_bytes, total, host);
         Ok(StepOutput { logits: logits.data })
     }
 }

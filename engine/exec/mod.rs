@@ -143,6 +143,22 @@ pub trait Executor {
         Ok(out.logits.chunks(vocab).map(crate::sampling::argmax).collect())
     }
 
+    /// Runs `input` as [`step`](Self::step) does (a decode step in the padded shape its CUDA graph has), but
+    /// eagerly and with every [`crate::model::Ops`] call timed, and adds the step to `profile`
+    /// ([`crate::model::profile`]). Returns the step's output. Executors without a profiler (tensor-parallel
+    /// ranks, the vision models) refuse.
+    fn profile_step(
+        &mut self,
+        input: &StepInput,
+        profile: &mut crate::model::profile::StepProfile,
+    ) -> Result<StepOutput> {
+        let _ = (input, profile);
+        Err(Error::request(
+            "this executor has no step profiler (it profiles text models on the CPU or one GPU, without tensor \
+             parallelism)",
+        ))
+    }
+
     /// Registers the encoded images of a request under `key` (a vision model computes and keeps their
     /// cross-attention K/V until [`remove_images`](Self::remove_images)). Text models refuse.
     fn add_images(&mut self, key: u64, images: &crate::vision::pipeline::EncodedImages) -> Result<()> {

@@ -12,6 +12,8 @@
 //! logits = rms_norm(x += delta, final_norm)[logits_rows] @ lm_head^T
 //! ```
 
+pub mod profile;
+
 use crate::exec::StepInput;
 use crate::Result;
 
@@ -99,6 +101,12 @@ pub trait Ops {
     ) -> Result<()> {
         self.linear(x, w, gate_up)?;
         self.silu_mul(gate_up, out)
+    }
+    /// Bytes of projection `w`'s weight as this backend keeps it, which one call of `w` reads: the step
+    /// profiler's bandwidth figure ([`profile`]). 0 when the backend does not say.
+    fn weight_bytes(&self, w: Linear) -> usize {
+        let _ = w;
+        0
     }
     /// `out[i] = x[rows[i]]`.
     fn gather_rows(&mut self, x: &Self::Act, rows: &[u32], out: &mut Self::Act) -> Result<()>;

@@ -490,3 +490,54 @@ fn cuda_step_sample_matches_cpu_sampler() {
     let distinct: std::collections::BTreeSet<_> = cpu_picks.iter().collect();
     assert!(distinct.len() > n, "the sampled rows should not all repeat one id: {cpu_picks:?}");
 }
+
+/// The step profiler (`llama32 bench --profile`) returns the step's own logits bit for bit (a decode step runs
+/// eagerly in the padded shape its CUDA graph replays), times every call with device events after a head start
+/// long enough for the host to issue the whole step, and counts each projection's weight bytes.
+#[test]
+fn cuda_profiled_steps_return_the_step_and_time_every_call() {
+    use llama32::model::profile::StepProfile;
+    if !device_ready() {
+        return;
+    }
+    for name in CASES {
+        let case = Case::load(name);
+        let mut exec = case.cuda(16);
+        let bs = exec.block_size();
+        let prompt = case.ids("prompt_ids");
+        let mut alloc = BlockAllocator::new(exec.num_blocks(), bs);
+        let (mut t1, mut t2) = (Vec::new(), Vec::new());
+        alloc.ensure(&mut t1, prompt.len() + 1).unwrap();
+        alloc.ensure(&mut t2, 21).unwrap();
+        let chunk =
+            |tokens, start_pos, block_table| SeqChunk { tokens, start_pos, block_table, logits: LogitsWanted::Last };
+        let prefill = build_step(&[chunk(&prompt, 0, &t1), chunk(&prompt[..20], 0, &t2)], bs).unwrap();
+        let decode = build_step(&[chunk(&prompt[..1], prompt.len(), &t1), chunk(&prompt[1..2], 20, &t2)], bs).unwrap();
+        for (kind, step) in [("prefill", &prefill), ("decode", &decode)] {
+            // Each run rewrites the same cache slots with the same values.
+            let want = exec.step(step).unwrap().logits;
+            let mut p = StepProfile::new(step.num_tokens(), step.num_seqs());
+            for _ in 0..3 {
+                let got = exec.profile_step(step, &mut p).unwrap().logits;
+                assert_eq!(got.len(), want.len());
+                if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                    panic!("{name} {kind}: profiled logit {i} is {}, the step's {}", got[i], want[i]);
+                }
+            }
+            eprintln!("{name} {kind} step:\n{}", p.table());
+            assert_eq!((p.steps, p.late_steps), (3, 0), "{name} {kind}: {p:?}");
+            let op = |label: &str| p.ops.iter().find(|o| o.op == label).unwrap_or_else(|| panic!("{label}: {p:?}"));
+            let layers = case.cfg.num_hidden_layers;
+            assert_eq!(op("attention").calls, layers);
+            for label in
+                ["linear qkv+rope+cache", "linear o", "linear gate_up+silu_mul", "linear down", "linear lm_head"]
+            {
+                let o = op(label);
+                assert!(o.seconds > 0.0 && o.weight_bytes > 0, "{name} {kind} {label}: {o:?}");
+            }
+            let head = case.cfg.vocab_size * case.cfg.hidden_size * 2;
+            assert_eq!(op("linear lm_head").weight_bytes, head);
+            assert!(p.in_calls() <= p.step_seconds * 1.0001, "{name} {kind}: calls outlast the step: {p:?}");
+        }
+    }
+}

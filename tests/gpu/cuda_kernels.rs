@@ -163,3 +163,21 @@ fn norm_wrappers_reject_bad_shapes_before_launch() {
     // Nothing was launched: the output is still poisoned.
     assert!(download(&stream, &out).iter().all(|v| v.is_nan()));
 }
+
+/// The step profiler's head start (`kernels/timing.cu`, which computes nothing and so has no CPU twin): the stream
+/// stays busy for the time asked, and a wait over the kernel's limit is refused by name before any launch.
+#[test]
+fn busy_wait_keeps_the_stream_busy() {
+    let Some(s) = stream() else { return };
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    for ms in [1u64, 5] {
+        let start = s.record_event(timing).unwrap();
+        cuda::timing::busy_wait(&s, std::time::Duration::from_millis(ms)).unwrap();
+        let end = s.record_event(timing).unwrap();
+        let got = start.elapsed_ms(&end).unwrap();
+        assert!(got >= ms as f32 * 0.999 && got < ms as f32 + 20.0, "asked {ms} ms, the stream waited {got} ms");
+        eprintln!("busy_wait {ms} ms: the stream waited {got:.3} ms");
+    }
+    let e = cuda::timing::busy_wait(&s, std::time::Duration::from_secs(2)).unwrap_err().to_string();
+    assert!(e.contains("busy_wait") && e.contains("longer than"), "{e}");
+}

@@ -8,6 +8,7 @@
 
 pub(crate) mod dense;
 pub(crate) mod ops;
+mod profile;
 pub(crate) mod quant_bufs;
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use self::ops::{drv, DeviceLayer, DeviceLinear};
 pub use self::ops::{CudaAct, CudaOps};
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
+use crate::model::profile::{OpClock, Profiled, StepProfile};
 use crate::model::{forward, Dims, Ops};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
@@ -200,6 +202,8 @@ pub struct CudaExecutor {
     graphs: HashMap<(usize, usize, usize), DecodeGraph>,
     /// Ids picked on the device by [`Executor::step_greedy`].
     ids: CudaSlice<u32>,
+    /// The step profiler's events, made on the first [`Executor::profile_step`].
+    clock: Option<profile::EventClock>,
 }
 
 impl CudaExecutor {
@@ -425,7 +429,14 @@ impl CudaExecutor {
         ops.fuse_rope = opts.fuse_rope;
         ops.fuse_norm = opts.fuse_norm;
         let ids = ops.stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))?;
-        Ok(CudaExecutor { ops, max_graph_batch: opts.max_graph_batch, max_blocks_per_seq, graphs: HashMap::new(), ids })
+        Ok(CudaExecutor {
+            ops,
+            max_graph_batch: opts.max_graph_batch,
+            max_blocks_per_seq,
+            graphs: HashMap::new(),
+            ids,
+            clock: None,
+        })
     }
 
     /// The device's name.
@@ -459,11 +470,8 @@ impl CudaExecutor {
     /// Runs a decode step through a captured graph (capturing it first if needed); returns the pool slot holding
     /// the logits (the real rows first).
     fn step_graph(&mut self, input: &StepInput) -> Result<usize> {
-        let seqs = input.num_seqs();
-        let bucket = graph_bucket(seqs);
-        // Table width rounds up to a power of two so that few graphs cover all context lengths.
-        let width = input.max_blocks_per_seq.next_power_of_two().min(self.max_blocks_per_seq);
-        let padded = Self::padded_decode(input, bucket, width);
+        let padded = self.graph_input(input);
+        let (bucket, width) = (padded.num_seqs(), padded.max_blocks_per_seq);
         let max_ctx = input.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
         let key = (bucket, self.ops.decode_splits(bucket, max_ctx), width);
         let dims = Dims::of(&self.ops.cfg);
@@ -498,15 +506,28 @@ impl CudaExecutor {
         Ok(g.logits_slot)
     }
 
-    /// Validates and runs a step (graph replay for plain decode steps, eager otherwise); returns the pool slot
-    /// whose buffer holds the `[logits_rows, vocab]` logits until the next step.
-    fn run(&mut self, input: &StepInput) -> Result<usize> {
-        input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
+    /// The padded, fixed-shape step a CUDA graph runs for the plain decode step `input`: the batch rounded up to
+    /// its bucket, the block tables to a power-of-two width (so that few graphs cover all context lengths).
+    fn graph_input(&self, input: &StepInput) -> StepInput {
+        let width = input.max_blocks_per_seq.next_power_of_two().min(self.max_blocks_per_seq);
+        Self::padded_decode(input, graph_bucket(input.num_seqs()), width)
+    }
+
+    /// Whether the validated step `input` runs as a CUDA graph: a plain decode step (one new token per sequence,
+    /// the logits of every row in order) within the graph limits.
+    fn runs_as_graph(&self, input: &StepInput) -> bool {
         let seqs = input.num_seqs();
         let plain_decode = input.num_tokens() == seqs
             && input.logits_rows.len() == seqs
             && input.logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
-        if plain_decode && seqs <= self.max_graph_batch && input.max_blocks_per_seq <= self.max_blocks_per_seq {
+        plain_decode && seqs <= self.max_graph_batch && input.max_blocks_per_seq <= self.max_blocks_per_seq
+    }
+
+    /// Validates and runs a step (graph replay for plain decode steps, eager otherwise); returns the pool slot
+    /// whose buffer holds the `[logits_rows, vocab]` logits until the next step.
+    fn run(&mut self, input: &StepInput) -> Result<usize> {
+        input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
+        if self.runs_as_graph(input) {
             return self.step_graph(input);
         }
         let dims = Dims::of(&self.ops.cfg);
@@ -518,6 +539,17 @@ impl CudaExecutor {
 
     fn logits_buffer(&self, slot: usize) -> Result<&CudaSlice<bf16>> {
         self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))
+    }
+
+    /// The logits of `input`'s rows from pool slot `slot` (the padded rows of a graph step come after them), as f32.
+    fn read_logits(&self, input: &StepInput, slot: usize) -> Result<StepOutput> {
+        let n = input.logits_rows.len() * self.ops.cfg.vocab_size;
+        if n == 0 {
+            return Ok(StepOutput::default());
+        }
+        let buf = self.logits_buffer(slot)?;
+        let host = self.ops.stream.clone_dtoh(&buf.slice(..n)).map_err(drv("read logits"))?;
+        Ok(StepOutput { logits: host.into_iter().map(f32::from).collect() })
     }
 }
 
@@ -536,13 +568,38 @@ impl Executor for CudaExecutor {
 
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
         let slot = self.run(input)?;
-        let n = input.logits_rows.len() * self.ops.cfg.vocab_size;
-        if n == 0 {
-            return Ok(StepOutput::default());
-        }
-        let buf = self.logits_buffer(slot)?;
-        let host = self.ops.stream.clone_dtoh(&buf.slice(..n)).map_err(drv("read logits"))?;
-        Ok(StepOutput { logits: host.into_iter().map(f32::from).collect() })
+        self.read_logits(input, slot)
+    }
+
+    fn profile_step(&mut self, input: &StepInput, profile: &mut StepProfile) -> Result<StepOutput> {
+        input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
+        let step = if self.runs_as_graph(input) { self.graph_input(input) } else { input.clone() };
+        let dims = Dims::of(&self.ops.cfg);
+        let stream = self.ops.stream.clone();
+        let mut clock = self.clock.take().unwrap_or_else(|| profile::EventClock::new(stream.clone()));
+        // The device waits while the host issues the step, so the step's kernels then run back to back.
+        let head_start = clock.head_start;
+        let timed = k::timing::busy_wait(&stream, head_start).and_then(|()| {
+            let t0 = std::time::Instant::now();
+            let mut profiled = Profiled::new(&mut self.ops, &mut clock);
+            let logits = forward(&mut profiled, dims, &step)?;
+            let weight_bytes = profiled.take_weight_bytes();
+            let host = t0.elapsed();
+            let slot = logits.slot();
+            self.ops.release(logits);
+            Ok((slot, host, weight_bytes, clock.finish()?))
+        });
+        clock.reset();
+        let result = timed.map(|(slot, host, weight_bytes, (calls, total))| {
+            if host > head_start {
+                profile.late_steps += 1;
+            }
+            clock.head_start = (2 * host).clamp(std::time::Duration::from_millis(1), k::timing::MAX_BUSY_WAIT);
+            profile.add_step(&calls, &weight_bytes, total, host.as_secs_f64());
+            slot
+        });
+        self.clock = Some(clock);
+        self.read_logits(input, result?)
     }
 
     fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {

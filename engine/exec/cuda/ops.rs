@@ -732,6 +732,16 @@ impl Ops for CudaOps {
         }
     }
 
+    fn weight_bytes(&self, w: Linear) -> usize {
+        match w {
+            Linear::Qkv(l) => self.layers[l].wqkv.device_bytes(),
+            Linear::O(l) => self.layers[l].wo.device_bytes(),
+            Linear::GateUp(l) => self.layers[l].w_gate_up.device_bytes(),
+            Linear::Down(l) => self.layers[l].w_down.device_bytes(),
+            Linear::LmHead => self.lm_head.as_ref().unwrap_or(&self.embed).len() * 2,
+        }
+    }
+
     fn gather_rows(&mut self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) -> Result<()> {
         self.no_pending_norm("gather_rows")?;
         check("gather_rows out", out, rows.len(), x.cols)?;
