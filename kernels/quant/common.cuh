@@ -74,17 +74,21 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// d = A (16 x 32 s8, row-major) * B (32 x 8 s8, col-major), s32 accumulate from zero (sm_80+). Lane (g, t):
-// a0 = A[g][4t..4t+3], a1 = A[g+8][4t..4t+3], a2 = A[g][4t+16..4t+19], a3 = A[g+8][4t+16..4t+19] (byte j = column
-// +j), b0 = B[4t..4t+3][g], b1 = B[4t+16..4t+19][g], d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
-// Exact: every product and partial sum is an integer far inside s32 (no saturation is requested or needed).
+// The bit pattern of the float 1.5 * 2^23 (see exact_i2f).
+constexpr int kI2fBias = 0x4B400000;
+
+// d = c + A (16 x 32 s8, row-major) * B (32 x 8 s8, col-major), s32 accumulate from c in every element (sm_80+).
+// Lane (g, t): a0 = A[g][4t..4t+3], a1 = A[g+8][4t..4t+3], a2 = A[g][4t+16..4t+19], a3 = A[g+8][4t+16..4t+19]
+// (byte j = column +j), b0 = B[4t..4t+3][g], b1 = B[4t+16..4t+19][g], d = D[g][2t], D[g][2t+1], D[g+8][2t],
+// D[g+8][2t+1]. Exact: every product and partial sum is an integer far inside s32 (no saturation is requested or
+// needed). With c = kI2fBias the tensor core does exact_i2f's integer add: see biased_i2f.
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                       uint32_t b1) {
+                                       uint32_t b1, int c = 0) {
     asm volatile(
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%10, %10, %10, %10};"
         : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(c));
 }
 
 // Two bf16 values, exactly q_lo - z and q_hi - z, from the nibbles at bits s and s + 16 of w (W4A16 order above).
@@ -109,7 +113,13 @@ constexpr uint32_t kSymmetricBias = 0x43084308u;
 // the bit pattern of 1.5 * 2^23 gives the float 1.5 * 2^23 + v exactly (its ulp is 1), and subtracting
 // 1.5 * 2^23 leaves v.
 __device__ __forceinline__ float exact_i2f(int v) {
-    return __int_as_float(v + 0x4B400000) - 12582912.0f;
+    return __int_as_float(v + kI2fBias) - 12582912.0f;
+}
+
+// exact_i2f(v) for b = v + kI2fBias already added (by an MMA accumulating from kI2fBias): one full-rate op, the
+// same float.
+__device__ __forceinline__ float biased_i2f(int b) {
+    return __int_as_float(b) - 12582912.0f;
 }
 
 // 32-bit shared-state-space address of a generic pointer into shared memory.

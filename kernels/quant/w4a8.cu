@@ -20,11 +20,14 @@
 //     the A operand, sign-extended from nibbles in registers: symmetric weights as 16 q via one LOP3 per 4 values
 //     ((w << 4) & 0xF0F0F0F0 and w & 0xF0F0F0F0; the device scales hold sw / 16, exact), weights with zero points
 //     as q - zw through a bytewise biased subtraction (see expand_zeros). Then acc += scale * float(s32) in f32,
-//     with an exact two-op int -> float conversion (|s32| < 2^20 here, see exact_i2f).
+//     with exact_i2f's exact int -> float conversion (|s32| < 2^20 here). In the prefill tile the MMA does its
+//     integer add: it accumulates from 0x4B400000, the bits of 1.5 * 2^23, so one FADD leaves the float of s32
+//     (biased_i2f).
 //   - Split-K as in w4a16.cu: f32 partials, the last block of a tile sums them in split order and finishes.
 // For large m this is bound by the per-group epilogue, not the MMAs: each m16n8k32 MMA (4096 multiply-adds, a
-// couple of cycles of an SM's int8 tensor cores) leaves 4 s32 per lane that must be converted and scaled (3 ALU ops
-// each, about 384 per MMA per warp), because with group 32 every k32 MMA output carries its own scale. wgmma
+// couple of cycles of an SM's int8 tensor cores) leaves 4 s32 per lane that must be converted and scaled (2 ALU ops
+// each in the prefill tile, FADD and FFMA: 256 lane-ops per MMA per warp), because with group 32 every k32 MMA output carries its own
+// scale. wgmma
 // (sm_90a) would speed up the MMA part only; it is left as a follow-up.
 //
 // Registers from ptxas: see engine/ops/cuda/quant.rs (module docs).
@@ -70,6 +73,8 @@ __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ 
     pdl_begin();
     static_assert(kWarpsN * kWarpsM * 32 == kThreads, "8 warps");
     static_assert(kWarpsN * kWN == kTilesN, "the warps cover the block's 8 weight row tiles");
+    // The prefill tile (several warps along m), whose per-group epilogue bounds it, takes the biased MMA.
+    constexpr bool kBiasedMma = kWarpsM > 1;
     constexpr int kBM = kWarpsM * kWM * 8;
     constexpr int kBBytes = kBM * 64;
     constexpr int kStageBytes = kABytes + kSBytes + kZBytes + kBBytes;
@@ -186,12 +191,25 @@ __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ 
                 const uint2 b = *reinterpret_cast<const uint2*>(sb + r * 64 + ((jg ^ ((r >> 1) & 1)) * 32) + 8 * t);
 #pragma unroll
                 for (int i = 0; i < kWN; ++i) {
+                    // In the prefill tile the MMA accumulates from kI2fBias, so each partial leaves it as
+                    // 1.5 * 2^23 + s32 in float bits: one FADD and one FFMA per partial (exact_i2f's integer add
+                    // is done by the tensor core). The decode tiles, bound by memory, keep exact_i2f: ptxas
+                    // spills 16 bytes in some of them when the bias takes a register.
                     int d[4];
-                    mma_s8(d, a0[i], a1[i], a2[i], a3[i], b.x, b.y);
-                    acc[i][j][0] = fmaf(s_a[i], exact_i2f(d[0]), acc[i][j][0]);
-                    acc[i][j][1] = fmaf(s_a[i], exact_i2f(d[1]), acc[i][j][1]);
-                    acc[i][j][2] = fmaf(s_b[i], exact_i2f(d[2]), acc[i][j][2]);
-                    acc[i][j][3] = fmaf(s_b[i], exact_i2f(d[3]), acc[i][j][3]);
+                    float f[4];
+                    if constexpr (kBiasedMma) {
+                        mma_s8(d, a0[i], a1[i], a2[i], a3[i], b.x, b.y, kI2fBias);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) f[e] = biased_i2f(d[e]);
+                    } else {
+                        mma_s8(d, a0[i], a1[i], a2[i], a3[i], b.x, b.y);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) f[e] = exact_i2f(d[e]);
+                    }
+                    acc[i][j][0] = fmaf(s_a[i], f[0], acc[i][j][0]);
+                    acc[i][j][1] = fmaf(s_a[i], f[1], acc[i][j][1]);
+                    acc[i][j][2] = fmaf(s_b[i], f[2], acc[i][j][2]);
+                    acc[i][j][3] = fmaf(s_b[i], f[3], acc[i][j][3]);
                 }
             }
         }

@@ -205,7 +205,7 @@ struct RopeCase {
 
 /// Prefill chunks, prefix reuse (cached tokens before the chunk), decode batches; positions up to 131000 (128K
 /// context) for the f32 angle; block sizes 16 and 5; strides padded by 8 (still vectorized) and by 3 (scalar path).
-const ROPE_CASES: [RopeCase; 9] = [
+const ROPE_CASES: [RopeCase; 11] = [
     RopeCase { name: "1B prefill", heads: (32, 8, 64), block_size: 16, stride_pad: 0, seqs: &[(0, 37, 0), (0, 5, 0)] },
     RopeCase {
         name: "1B decode, far positions",
@@ -239,6 +239,16 @@ const ROPE_CASES: [RopeCase; 9] = [
     RopeCase { name: "MHA d128", heads: (8, 8, 128), block_size: 16, stride_pad: 0, seqs: &[(0, 18, 0)] },
     RopeCase { name: "GQA 3 d80", heads: (6, 2, 80), block_size: 5, stride_pad: 0, seqs: &[(4, 9, 100_003)] },
     RopeCase { name: "odd d6", heads: (3, 1, 6), block_size: 5, stride_pad: 1, seqs: &[(0, 7, 0), (2, 3, 100_000)] },
+    // Few heads (a small n, which the skinny GEMM runs one tile per block with 16 warps), three decode tokens.
+    RopeCase {
+        name: "small GQA decode",
+        heads: (4, 2, 64),
+        block_size: 16,
+        stride_pad: 0,
+        seqs: &[(5, 1, 0), (0, 1, 9), (16, 1, 3)],
+    },
+    // One token (in the fused test, a padding row 0 that writes no slot).
+    RopeCase { name: "one token", heads: (4, 2, 128), block_size: 16, stride_pad: 0, seqs: &[(7, 1, 0)] },
 ];
 
 /// One drawn batch: the host inputs of a rope_kv_write call.
