@@ -29,8 +29,8 @@
 //! (symmetric / zero points); `w4a16_staged_kernel` 131 / 157 registers and 8 KB shared memory for m <= 16,
 //! 177 / 232 and 16 KB for m <= 32, 182 / 173 and 32 KB for m <= 64.
 //! `w4a8_kernel` (256 threads): 198 / 215 registers on sm_90a (symmetric / zero points; the biased MMA accumulator)
-//! and 40.7 KB shared memory for the
-//! 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles. `act_quant_kernel`: 25-39 registers.
+//! and 40.7 KB shared memory for the 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles.
+//! `act_quant_kernel`: 25-39 registers.
 //!
 //! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
 //! functions and heuristics work everywhere.
