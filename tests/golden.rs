@@ -155,7 +155,7 @@ fn profiled_step_returns_the_step_and_times_every_call() {
     let mut table = Vec::new();
     alloc.ensure(&mut table, prompt.len() + 1).unwrap();
     let chunk = |tokens, start_pos, logits| SeqChunk { tokens, start_pos, block_table: &table, logits };
-    let prefill = build_step(&[chunk(&prompt, 0, LogitsWanted::All)], exec.block_size()).unwrap();
+    let prefill = build_step(&[chunk(&prompt, 0, LogitsWanted::Last)], exec.block_size()).unwrap();
     let next = [prompt[0]];
     let decode = build_step(&[chunk(&next, prompt.len(), LogitsWanted::Last)], exec.block_size()).unwrap();
     for (kind, step) in [("prefill", &prefill), ("decode", &decode)] {
@@ -169,7 +169,7 @@ fn profiled_step_returns_the_step_and_times_every_call() {
         assert_eq!((p.steps, p.tokens, p.seqs, p.late_steps), (2, step.num_tokens(), 1, 0), "{kind}");
         let calls: Vec<(&str, usize)> = p.ops.iter().map(|o| (o.op, o.calls)).collect();
         let l = layers;
-        let expected = [
+        let mut expected = vec![
             ("begin_step", 1),
             ("embed", 1),
             ("all_reduce", 2 * l + 1),
@@ -185,6 +185,10 @@ fn profiled_step_returns_the_step_and_times_every_call() {
             ("linear lm_head", 1),
             ("gather_logits", 1),
         ];
+        if kind == "decode" {
+            // Its one row is every row in order: the recipe skips the gathers (the prefill wants its last row).
+            expected.retain(|&(op, _)| op != "gather_rows");
+        }
         assert_eq!(calls, expected, "{kind}: calls per step in first-call order");
         assert!(p.ops.iter().all(|o| o.seconds >= 0.0 && o.seconds.is_finite()), "{kind}: {p:?}");
         assert!(p.ops.iter().find(|o| o.op == "linear down").is_some_and(|o| o.seconds > 0.0), "{kind}");

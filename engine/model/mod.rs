@@ -9,7 +9,7 @@
 //!     delta = attention(q, cache) @ Wo[l]^T
 //!     h = rms_norm(x += delta, mlp_norm[l])
 //!     delta = (silu(h @ Wgate^T) * (h @ Wup^T)) @ Wdown^T
-//! logits = rms_norm(x += delta, final_norm)[logits_rows] @ lm_head^T
+//! logits = rms_norm(x += delta, final_norm)[logits_rows] @ lm_head^T   (rows gathered first unless all, in order)
 //! ```
 
 pub mod profile;
@@ -196,12 +196,18 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
         ops.all_reduce(&mut delta)?;
     }
     let rows = step.logits_rows.len();
+    // xr and dr are asked for even when unused, so that every step asks for buffers in the same order.
     let mut xr = ops.alloc(rows, d.hidden)?;
     let mut dr = ops.alloc(rows, d.hidden)?;
     let mut hr = ops.alloc(rows, d.hidden)?;
-    ops.gather_rows(&x, &step.logits_rows, &mut xr)?;
-    ops.gather_rows(&delta, &step.logits_rows, &mut dr)?;
-    ops.add_rms_norm(&mut xr, &dr, Norm::Final, &mut hr)?;
+    if rows == t && step.logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i) {
+        // Every row in order (a decode step): the gathers would copy x and delta whole.
+        ops.add_rms_norm(&mut x, &delta, Norm::Final, &mut hr)?;
+    } else {
+        ops.gather_rows(&x, &step.logits_rows, &mut xr)?;
+        ops.gather_rows(&delta, &step.logits_rows, &mut dr)?;
+        ops.add_rms_norm(&mut xr, &dr, Norm::Final, &mut hr)?;
+    }
     let mut logits = ops.alloc(rows, d.vocab)?;
     ops.linear(&hr, Linear::LmHead, &mut logits)?;
     let logits = ops.gather_logits(logits)?;
