@@ -258,7 +258,7 @@ impl LlamaConfig {
             let names: Vec<&str> = arch.iter().filter_map(|a| a.as_str()).collect();
             if !names.is_empty() && !names.contains(&"LlamaForCausalLM") {
                 let hint = if names.iter().any(|n| n.starts_with("Mllama")) {
-                    " (a Llama 3.2 Vision model: `llama32 logits` and `generate` run it with `--image` on the CPU reference; other commands and the CUDA backend do not support it yet)"
+                    " (a Llama 3.2 Vision model: `llama32 logits`, `generate`, `serve`, `batch`, `info`, `plan` and `quantize` take it, on the CPU or CUDA; this command takes text models only)"
                 } else {
                     ""
                 };
