@@ -179,12 +179,14 @@ run() {
   # list; LLAMA32_W4A16_KERNEL=direct|pipelined forces one kernel), e2e (llama32 bench, offline throughput,
   # bench-serve), pdl (opt-in: decode rows with and without LLAMA32_PDL=0, back to back, the SwiGLU fusion's ablation,
   # the RoPE fusion and the norm fusion), profile (opt-in: `llama32 bench --profile`, the decode and prefill steps of 1B
-  # and 3B call by call, with each call's share of the step and weight-read rate), prefill (opt-in: the Hopper wgmma
-  # prefill attention against the mma.sync one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both
-  # kernels' TFLOP/s beside torch SDPA, and 3B prefill end to end with each). LLAMA32_SUITE_SECONDS bounds the whole
-  # run: a step that would start past it is reported as TIME. A 15-minute device session runs them as separate calls,
-  # tests first. GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two
-  # minutes) / the torch peers of the quant stage.
+  # and 3B call by call, with each call's share of the step and weight-read rate), ncu (opt-in: Nsight Compute over one
+  # launch of each W4A16, W4A8, skinny GEMM and attention kernel of interest, the ignored ncu_* tests: duration, DRAM /
+  # L2 / SM throughput, occupancy, cycles per issued instruction), prefill (opt-in: the Hopper wgmma prefill attention
+  # against the mma.sync one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both kernels' TFLOP/s
+  # beside torch SDPA, and 3B prefill end to end with each). LLAMA32_SUITE_SECONDS bounds the whole run: a step that
+  # would start past it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
+  # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
+  # torch peers of the quant stage.
   local stages="${1:-tests,kernels,vision,e2e}"
   want() { [[ ",$stages," == *",$1,"* ]]; }
   # `gpu_bench CAP PATTERN TEST`: one ignored bench of the GPU test binary for at most CAP seconds of the budget;
@@ -491,6 +493,53 @@ PY
       LLAMA32_PREFILL_KERNEL=mma bench_e2e 90 "$pspec"
       LLAMA32_PREFILL_KERNEL=wgmma bench_e2e 90 "$pspec"
     done
+  fi
+
+  if want ncu && [[ -x "$bundle/tests/gpu" ]]; then
+    # Nsight Compute over one launch of each kernel of interest (the ignored ncu_* tests): speed of light, memory
+    # workload, occupancy and warp states. The whole report stays in the log; one line per kernel joins the table.
+    log="$logs/ncu.log"
+    rc=0
+    if ! command -v ncu >/dev/null; then
+      failed=$((failed + 1))
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL ncu "ncu is not on this machine" -)")
+    else
+      tmo 300 ncu --kernel-name regex:'w4a16|w4a8|gemv|prefill|decode' --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        "$bundle/tests/gpu" --ignored ncu_ --test-threads=1 --nocapture >"$log" 2>&1 || rc=$?
+      if ((rc == 0)) && grep -q '^ncu target' "$log"; then
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS ncu "ncu_* targets (see $log)" -)")
+        mapfile -t -O "${#benches[@]}" benches < <(python3 - "$log" <<'PY'
+import re, sys
+kernel, m = None, {}
+def flush():
+    if kernel:
+        get = lambda k: m.get(k, ("?", ""))
+        d = get("Duration")
+        name = re.sub(r"\([^()]*\)$", "", kernel.replace("<unnamed>::", "").replace("(anonymous namespace)::", ""))
+        name = re.sub(r"^void ", "", name).split("::")[-1]
+        print("ncu %-40s %8s %-2s DRAM %5s%%  L2 %5s%%  SM %5s%%  occupancy %5s%%  cycles/issue %s" % (
+            name[:40], d[0], d[1], get("DRAM Throughput")[0], get("L2 Cache Throughput")[0],
+            get("Compute (SM) Throughput")[0], get("Achieved Occupancy")[0],
+            get("Warp Cycles Per Issued Instruction")[0]))
+for line in open(sys.argv[1], errors="replace"):
+    h = re.match(r"^  (\S.*?) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context", line)
+    if h:
+        flush()
+        kernel, m = h.group(1), {}
+        continue
+    v = re.match(r"^\s{4}(\S.*?\S)\s{2,}(\S+)\s+([\d.,]+)\s*$", line)
+    if v and kernel and v.group(1) not in m:
+        m[v.group(1)] = (v.group(3).replace(",", ""), v.group(2))
+flush()
+PY
+        )
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL ncu "ncu_* targets (see $log)" -)")
+        tail -n 15 "$log"
+      fi
+    fi
   fi
 
   if want profile; then

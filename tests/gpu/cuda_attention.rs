@@ -406,3 +406,32 @@ fn paged_attention_throughput() {
         }
     }
 }
+
+/// One launch of each attention kernel worth a hardware profile, for `scripts/gpu-suite.sh run ncu` (Nsight Compute
+/// profiles every launch of this test): paged decode at batch 64 and 2048 context (d128, 24/8 heads) and both
+/// prefill kernels (where the device runs them) on 4 x 4096 causal tokens (d128, 24/8 heads).
+#[test]
+#[ignore]
+fn ncu_attention_targets() {
+    let Some(stream) = stream() else { return };
+    let sms = attn::num_sms(&stream).expect("SM count");
+    let l = layout((24, 8, 128), 16);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (seqs, ctx) = (64, 2048);
+    let step = Step::new(&mut rng, l, &vec![(ctx - 1, 1); seqs]);
+    let mut dev = DeviceStep::upload(&stream, &step);
+    let splits = attn::decode_num_splits(&l, seqs, ctx, sms);
+    let mut ws = stream.alloc_zeros::<u8>(attn::decode_workspace_bytes(&l, seqs, splits).max(16)).expect("ws");
+    dev.decode(&stream, &step, splits, &mut ws).expect("decode");
+    stream.synchronize().expect("sync");
+    eprintln!("ncu target: paged_decode 24/8 d128 batch {seqs} ctx {ctx} splits {splits}");
+    let step = Step::new(&mut rng, l, &[(0, 4096); 4]);
+    let mut dev = DeviceStep::upload(&stream, &step);
+    for kernel in PrefillKernel::ALL {
+        if kernel.supported(&stream).expect("compute capability") {
+            dev.prefill(&stream, &step, kernel).expect("prefill");
+            stream.synchronize().expect("sync");
+            eprintln!("ncu target: paged_prefill [{}] 24/8 d128 4 x 4096 causal", kernel.name());
+        }
+    }
+}

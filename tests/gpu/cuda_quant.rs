@@ -621,3 +621,57 @@ fn quant_throughput() {
         }
     }
 }
+
+/// One launch of each quantized and skinny-GEMM kernel worth a hardware profile, for `scripts/gpu-suite.sh run
+/// ncu` (Nsight Compute profiles every launch of this test): the W4A16 decode kernels at m = 1 and 16 on the 11B
+/// gate_up and down shapes, the W4A8 kernel at m = 256 on 11B gate_up, and the bf16 skinny GEMM at m = 1 on the 1B
+/// qkv, o and gate_up shapes. Each output is checked for finite values, so a broken launch fails here too.
+#[test]
+#[ignore]
+fn ncu_quant_targets() {
+    let Some(stream) = stream() else { return };
+    let sms = llama32::ops::cuda::attention::num_sms(&stream).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x5c);
+    let weights = |n: usize, k: usize, scheme| {
+        let q: Vec<i8> = (0..n * k).map(|i| ((i * 2_654_435_761usize) >> 7) as i8 & 7).collect();
+        let matrix = QuantMatrix { n, k, group: 32, q, scales: vec![0.01f32; n * k / 32], zeros: None };
+        CudaQuantLinear::upload(&stream, &QuantLinear { matrix, scheme }).unwrap()
+    };
+    let finite = |what: &str, out: &CudaSlice<bf16>| {
+        assert!(download(&stream, out).iter().all(|v| v.is_finite()), "{what}: non-finite output");
+        eprintln!("ncu target: {what}");
+    };
+    for (name, k, n) in [("11b gate_up", 4096usize, 28672usize), ("11b down", 14336, 4096)] {
+        let w = weights(n, k, Scheme::W4A16_G32);
+        let need = workspace_bound(false, 64, n, k, sms);
+        let mut ws = SplitKWorkspace::new(&stream, need.0, need.1, sms).unwrap();
+        for (m, kernels) in
+            [(1usize, [W4A16Kernel::Direct, W4A16Kernel::Pipelined]), (16, [W4A16Kernel::Direct, W4A16Kernel::Tiled])]
+        {
+            let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0), false));
+            for kernel in kernels {
+                let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
+                let choice = W4A16Choice { kernel, splits: None };
+                w4a16_gemm_with(&stream, &x, &w, m, &mut ws, &mut out, choice).unwrap();
+                finite(&format!("w4a16 {} {name} m {m}", kernel.name()), &out);
+            }
+        }
+    }
+    let (k, n, m) = (4096usize, 28672usize, 256usize);
+    let w = weights(n, k, Scheme::W4A8_G32);
+    let need = workspace_bound(true, m, n, k, sms);
+    let mut ws = SplitKWorkspace::new(&stream, need.0, need.1, sms).unwrap();
+    let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 1.0), false));
+    let mut acts = poisoned_acts(&stream, m, k);
+    act_quant(&stream, ActSource::Rows(x.slice(..)), m, k, &mut acts, None).unwrap();
+    let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
+    w4a8_gemm(&stream, &acts, &w, m, &mut ws, &mut out).unwrap();
+    finite("w4a8 11b gate_up m 256", &out);
+    for (name, k, n) in [("1b qkv", 2048usize, 3072usize), ("1b o", 2048, 2048), ("1b gate_up", 2048, 16384)] {
+        let w = upload(&stream, &random_rows(&mut rng, n, k, (-0.05, 0.05), false));
+        let x = upload(&stream, &random_rows(&mut rng, 1, k, (-1.0, 0.0), false));
+        let mut out = stream.alloc_zeros::<bf16>(n).unwrap();
+        llama32::ops::cuda::gemv::gemv(&stream, &x, &w, 1, k, n, &mut out).unwrap();
+        finite(&format!("gemv {name} m 1"), &out);
+    }
+}
