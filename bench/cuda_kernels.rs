@@ -14,6 +14,7 @@ use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 use llama32::ops::cpu::attention::PagedLayout;
 use llama32::ops::cuda as k;
+use llama32::ops::cuda::switch::KernelSwitch;
 
 struct Dev {
     stream: Arc<CudaStream>,

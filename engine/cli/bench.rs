@@ -10,6 +10,7 @@ use clap::Args;
 use super::{load, load_model, run_scheduled, serve, Device, ModelArgs};
 use crate::exec::generate::GenRequest;
 use crate::exec::{Executor, StepInput};
+use crate::ops::cuda::switch::KernelSwitch;
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
 

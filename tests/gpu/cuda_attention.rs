@@ -17,6 +17,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use llama32::ops::cpu::attention::{paged_attention, AttentionBatch, PagedLayout};
 use llama32::ops::cuda::attention::{self as attn, DecodeMeta, KvPools, PrefillKernel, PrefillMeta, QueryRows};
+use llama32::ops::cuda::switch::KernelSwitch;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -31,6 +31,7 @@ use llama32::ops::cuda::quant::{
     act_quant, w4a16_dequant, w4a16_gemm, w4a16_gemm_with, w4a16_splits, w4a16_workspace_for, w4a8_gemm,
     workspace_bound, ActSource, CudaQuantLinear, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel,
 };
+use llama32::ops::cuda::switch::KernelSwitch;
 use llama32::ops::cuda::{activation, norm};
 use llama32::quant::numerics::{quantize_activations, quantize_matrix};
 use llama32::quant::{QuantLinear, QuantMatrix, Scheme};

@@ -18,6 +18,7 @@
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
+use super::switch::KernelSwitch;
 pub use crate::ops::cpu::attention::PagedLayout;
 use crate::{Error, Result};
 
@@ -82,48 +83,28 @@ pub enum PrefillKernel {
     Wgmma,
 }
 
-impl PrefillKernel {
-    /// The environment variable that picks the kernel: `auto` (the default, [`PrefillKernel::Mma`] for now), `mma`
-    /// or `wgmma`.
-    pub const ENV: &'static str = "LLAMA32_PREFILL_KERNEL";
+impl super::switch::KernelSwitch for PrefillKernel {
+    /// `auto` (the default, [`PrefillKernel::Mma`] for now), `mma` or `wgmma`.
+    const ENV: &'static str = "LLAMA32_PREFILL_KERNEL";
+    const WHAT: &'static str = "prefill kernel";
+    const KERNELS: &'static [Self] = &Self::ALL;
 
-    /// Every kernel.
-    pub const ALL: [PrefillKernel; 2] = [PrefillKernel::Mma, PrefillKernel::Wgmma];
-
-    /// The name [`parse`](Self::parse) takes.
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             PrefillKernel::Mma => "mma",
             PrefillKernel::Wgmma => "wgmma",
         }
     }
 
-    /// `mma` or `wgmma` (a forced kernel); `auto` is `None`.
-    pub fn parse(s: &str) -> Result<Option<Self>> {
-        match s.trim() {
-            "auto" => Ok(None),
-            "mma" => Ok(Some(PrefillKernel::Mma)),
-            "wgmma" => Ok(Some(PrefillKernel::Wgmma)),
-            other => Err(Error::Request(format!(
-                "{}: unknown prefill kernel {other:?} (expected `auto`, `mma` or `wgmma`)",
-                Self::ENV
-            ))),
-        }
-    }
-
-    /// The kernel [`Self::ENV`] forces (read once per process), or `None` when it is unset, empty or `auto`.
-    pub fn forced() -> Result<Option<Self>> {
+    fn env_cell() -> &'static std::sync::OnceLock<Option<String>> {
         static VALUE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        match VALUE.get_or_init(|| std::env::var(Self::ENV).ok().filter(|v| !v.trim().is_empty())) {
-            Some(v) => Self::parse(v),
-            None => Ok(None),
-        }
+        &VALUE
     }
+}
 
-    /// The setting's name for reports: `auto` or a kernel's name.
-    pub fn setting() -> Result<&'static str> {
-        Ok(Self::forced()?.map_or("auto", Self::name))
-    }
+impl PrefillKernel {
+    /// Every kernel.
+    pub const ALL: [PrefillKernel; 2] = [PrefillKernel::Mma, PrefillKernel::Wgmma];
 
     /// The kernel [`paged_prefill`] runs: the forced one, else [`PrefillKernel::Mma`].
     pub fn configured() -> Result<Self> {

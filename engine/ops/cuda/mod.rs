@@ -24,6 +24,7 @@ pub mod norm;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
+pub mod switch;
 pub mod timing;
 pub mod vision;
 

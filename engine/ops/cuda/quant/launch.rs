@@ -3,6 +3,8 @@
 
 use cudarc::driver::CudaStream;
 
+#[cfg(llama32_cuda)]
+use crate::ops::cuda::switch::KernelSwitch;
 use crate::Result;
 
 /// One checked GEMM or dequantization call, as device pointers (0 = NULL) and sizes.

@@ -50,6 +50,7 @@ mod split_k;
 mod w4a16;
 mod w4a8;
 
+use crate::ops::cuda::switch::KernelSwitch;
 pub use layout::{layout_w4a16, layout_w4a8, HostW4A16, HostW4A8};
 pub use linear::CudaQuantLinear;
 pub use split_k::w4a16_workspace_for;
@@ -102,15 +103,13 @@ pub enum W4A16Kernel {
     Tiled,
 }
 
-impl W4A16Kernel {
-    /// The environment variable that picks the kernel: `auto` (the default), `direct`, `pipelined` or `tiled`.
-    pub const ENV: &'static str = "LLAMA32_W4A16_KERNEL";
+impl crate::ops::cuda::switch::KernelSwitch for W4A16Kernel {
+    /// `auto` (the default), `direct`, `pipelined` or `tiled`.
+    const ENV: &'static str = "LLAMA32_W4A16_KERNEL";
+    const WHAT: &'static str = "W4A16 kernel";
+    const KERNELS: &'static [Self] = &Self::ALL;
 
-    /// Every kernel.
-    pub const ALL: [W4A16Kernel; 3] = [W4A16Kernel::Direct, W4A16Kernel::Pipelined, W4A16Kernel::Tiled];
-
-    /// The name [`parse`](Self::parse) takes.
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             W4A16Kernel::Direct => "direct",
             W4A16Kernel::Pipelined => "pipelined",
@@ -118,33 +117,15 @@ impl W4A16Kernel {
         }
     }
 
-    /// `direct`, `pipelined` or `tiled` (a forced kernel); `auto` is `None` (pick by shape).
-    pub fn parse(s: &str) -> crate::Result<Option<Self>> {
-        match s.trim() {
-            "auto" => Ok(None),
-            "direct" => Ok(Some(W4A16Kernel::Direct)),
-            "pipelined" => Ok(Some(W4A16Kernel::Pipelined)),
-            "tiled" => Ok(Some(W4A16Kernel::Tiled)),
-            other => Err(crate::Error::Request(format!(
-                "{}: unknown W4A16 kernel {other:?} (expected `auto`, `direct`, `pipelined` or `tiled`)",
-                Self::ENV
-            ))),
-        }
-    }
-
-    /// The kernel [`Self::ENV`] forces (read once per process), or `None` when it is unset, empty or `auto`.
-    pub fn forced() -> crate::Result<Option<Self>> {
+    fn env_cell() -> &'static std::sync::OnceLock<Option<String>> {
         static VALUE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        match VALUE.get_or_init(|| std::env::var(Self::ENV).ok().filter(|v| !v.trim().is_empty())) {
-            Some(v) => Self::parse(v),
-            None => Ok(None),
-        }
+        &VALUE
     }
+}
 
-    /// The setting's name for reports: `auto` or a kernel's name.
-    pub fn setting() -> crate::Result<&'static str> {
-        Ok(Self::forced()?.map_or("auto", Self::name))
-    }
+impl W4A16Kernel {
+    /// Every kernel.
+    pub const ALL: [W4A16Kernel; 3] = [W4A16Kernel::Direct, W4A16Kernel::Pipelined, W4A16Kernel::Tiled];
 
     /// The kernel for an `m x k` by `k x n` product: the forced one, else [`for_shape`](Self::for_shape).
     pub fn configured(m: usize, n: usize, k: usize) -> crate::Result<Self> {
