@@ -229,6 +229,7 @@ run() {
     env_tag+="${LLAMA32_PREFILL_KERNEL:+ prefill=$LLAMA32_PREFILL_KERNEL}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
+    last_bench_log=$log
     # shellcheck disable=SC2086 # $extra is a list of flags
     tmo "$1" "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
       --prompt-tokens "$prompt" --gen-tokens "$gen" $extra >"$log" 2>&1 || rc=$?
@@ -274,7 +275,7 @@ run() {
   local device
   device=$(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1) ||
     device="nvidia-smi failed"
-  local rows=() benches=() failed=0 exe name t log status rc start secs
+  local rows=() benches=() failed=0 exe name t log status rc start secs last_bench_log=""
   if want tests; then
     for exe in "$bundle"/tests/*; do
       name=$(basename "$exe")
@@ -504,36 +505,41 @@ PY
       failed=$((failed + 1))
       rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL ncu "ncu is not on this machine" -)")
     else
-      tmo 300 ncu --kernel-name regex:'w4a16|w4a8|gemv|prefill|decode' --section SpeedOfLight \
+      # --clock-control none: the GPU's own clocks, as in the benches (ncu locks base clocks by default).
+      tmo 300 ncu --clock-control none --kernel-name regex:'w4a16|w4a8|gemv|prefill|decode' --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
         "$bundle/tests/gpu" --ignored ncu_ --test-threads=1 --nocapture >"$log" 2>&1 || rc=$?
-      if ((rc == 0)) && grep -q '^ncu target' "$log"; then
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS ncu "ncu_* targets (see $log)" -)")
-        mapfile -t -O "${#benches[@]}" benches < <(python3 - "$log" <<'PY'
+      local ncu_lines=()
+      mapfile -t ncu_lines < <(python3 - "$log" <<'PY'
 import re, sys
-kernel, m = None, {}
+kernel, grid, m = None, "", {}
 def flush():
     if kernel:
         get = lambda k: m.get(k, ("?", ""))
         d = get("Duration")
         name = re.sub(r"\([^()]*\)$", "", kernel.replace("<unnamed>::", "").replace("(anonymous namespace)::", ""))
         name = re.sub(r"^void ", "", name).split("::")[-1]
-        print("ncu %-40s %8s %-2s DRAM %5s%%  L2 %5s%%  SM %5s%%  occupancy %5s%%  cycles/issue %s" % (
-            name[:40], d[0], d[1], get("DRAM Throughput")[0], get("L2 Cache Throughput")[0],
+        print("ncu %-34s %-22s %8s %-2s DRAM %5s%%  L2 %5s%%  SM %5s%%  occupancy %5s%%  cycles/issue %s" % (
+            name[:34], grid, d[0], d[1], get("DRAM Throughput")[0], get("L2 Cache Throughput")[0],
             get("Compute (SM) Throughput")[0], get("Achieved Occupancy")[0],
             get("Warp Cycles Per Issued Instruction")[0]))
 for line in open(sys.argv[1], errors="replace"):
-    h = re.match(r"^  (\S.*?) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context", line)
+    h = re.match(r"^  (\S.*?) (\(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)), Context", line)
     if h:
         flush()
-        kernel, m = h.group(1), {}
+        kernel, grid, m = h.group(1), h.group(2).replace(" ", ""), {}
         continue
     v = re.match(r"^\s{4}(\S.*?\S)\s{2,}(\S+)\s+([\d.,]+)\s*$", line)
     if v and kernel and v.group(1) not in m:
         m[v.group(1)] = (v.group(3).replace(",", ""), v.group(2))
 flush()
 PY
-        )
+      )
+      # PASS needs the targets to have run and ncu to have reported on them (blocked performance counters print
+      # no sections).
+      if ((rc == 0)) && grep -q '^ncu target' "$log" && ((${#ncu_lines[@]} > 0)); then
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS ncu "ncu_* targets (see $log)" -)")
+        benches+=("${ncu_lines[@]}")
       else
         failed=$((failed + 1))
         rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL ncu "ncu_* targets (see $log)" -)")
@@ -550,7 +556,7 @@ PY
     for pspec in "1b 1 128 16" "1b 1 128 16 --fused-rope --fused-norm" "3b 1 128 16" "1b 64 512 16" \
       "1b 1 128 16 --quantize w4a16-g32"; do
       bench_e2e 120 "$pspec --profile 5"
-      plog=$(ls -t "$logs"/bench.*.log | head -1)
+      plog=$last_bench_log
       mapfile -t -O "${#benches[@]}" benches < <(sed -n '/^profile: /,/^step /p' "$plog" | sed "s/^/[$pspec] /")
     done
   fi
@@ -626,7 +632,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill]|run-tp]" >&2
     exit 2
     ;;
 esac

@@ -185,7 +185,10 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     }
     let total = a.prompt_tokens + a.gen_tokens;
     let max_batch = batches.iter().copied().max().unwrap_or(1);
-    let kv_tokens = a.model.kv_tokens.unwrap_or(total * max_batch + 64);
+    // A profiled decode step puts every sequence at the prompt's length plus one, on blocks of its own.
+    let per_seq =
+        if a.profile > 0 { total.max(a.prompt_tokens + 1).next_multiple_of(a.model.block_size.max(1)) } else { total };
+    let kv_tokens = a.model.kv_tokens.unwrap_or(per_seq * max_batch + 64);
     let model_args = ModelArgs { kv_tokens: Some(kv_tokens), ..a.model.clone() };
     let mut json_out = match &a.json_out {
         Some(p) => Some(
@@ -211,12 +214,16 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             Device::Cpu => None,
         };
         for &batch in &batches {
-            let out = bench_one(&a, &mut m, tp, batch, telemetry.as_ref())?;
+            let (out, profile_err) = bench_one(&a, &mut m, tp, batch, telemetry.as_ref())?;
             let line = out.to_string();
             println!("{line}");
             std::io::stdout().flush().ok();
             if let (Some(f), Some(p)) = (json_out.as_mut(), &a.json_out) {
                 writeln!(f, "{line}").map_err(|e| Error::request(format!("--json-out {}: {e}", p.display())))?;
+            }
+            // The run's figures are out; a failed profile still fails the command.
+            if let Some(e) = profile_err {
+                return Err(e);
             }
         }
     }
@@ -224,14 +231,15 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
 }
 
 /// Times prefill and decode of `batch` sequences on `m` (`tp` ranks); the result line. With `telemetry`, adds each
-/// GPU's window summary over the full run and the energy per generated token.
+/// GPU's window summary over the full run and the energy per generated token. With `--profile`, adds the step
+/// profiles, or `profile_error` and the error (returned beside the line, so that the run's figures are not lost).
 fn bench_one(
     a: &BenchArgs,
     m: &mut BenchModel,
     tp: usize,
     batch: usize,
     telemetry: Option<&crate::telemetry::Telemetry>,
-) -> Result<serde_json::Value> {
+) -> Result<(serde_json::Value, Option<Error>)> {
     use crate::telemetry::Telemetry;
     let vocab = m.exec.config().vocab_size as u32;
     let reqs: Vec<GenRequest> = (0..batch)
@@ -348,13 +356,21 @@ fn bench_one(
     if let (Some(t), Some(obj)) = (tele, out.as_object_mut()) {
         obj.insert("telemetry".into(), t);
     }
+    let mut profile_err = None;
     if a.profile > 0 {
-        let p = profile_steps(m.exec.as_mut(), batch, a.prompt_tokens, a.profile)?;
+        let (key, value) = match profile_steps(m.exec.as_mut(), batch, a.prompt_tokens, a.profile) {
+            Ok(p) => ("profile", p),
+            Err(e) => {
+                let v = serde_json::Value::String(e.to_string());
+                profile_err = Some(e);
+                ("profile_error", v)
+            }
+        };
         if let Some(obj) = out.as_object_mut() {
-            obj.insert("profile".into(), p);
+            obj.insert(key.into(), value);
         }
     }
-    Ok(out)
+    Ok((out, profile_err))
 }
 
 /// The most new tokens of the profiled prefill step (the scheduler's default step budget).

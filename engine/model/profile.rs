@@ -276,6 +276,10 @@ impl StepProfile {
         }
         let n = self.steps as f64;
         let avg = |old: f64, new: f64| (old * n + new) / (n + 1.0);
+        // A label this step did not call averages in as zero.
+        for o in self.ops.iter_mut().filter(|o| per_label.iter().all(|t| t.op != o.op)) {
+            o.seconds = avg(o.seconds, 0.0);
+        }
         for t in per_label {
             match self.ops.iter_mut().find(|o| o.op == t.op) {
                 Some(o) => {
@@ -300,7 +304,7 @@ impl StepProfile {
     /// projections, the rate at which they read their weights (GB/s).
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{:<26} {:>6} {:>11} {:>7} {:>9}\n",
+            "{:<26} {:>6} {:>11} {:>7} {:>11}\n",
             format!("op ({} tok, {} seq)", self.tokens, self.seqs),
             "calls",
             "us/step",
@@ -316,7 +320,7 @@ impl StepProfile {
                 b => format!("{:.0}", b as f64 / o.seconds.max(1e-12) * 1e-9),
             };
             s.push_str(&format!(
-                "{:<26} {:>6} {:>11.1} {:>6.1}% {:>9}\n",
+                "{:<26} {:>6} {:>11.1} {:>6.1}% {:>11}\n",
                 o.op,
                 o.calls,
                 o.seconds * 1e6,
@@ -362,6 +366,9 @@ mod tests {
         assert!(t.lines().nth(1).is_some_and(|l| l.starts_with("embed")), "{t}");
         assert!(t.contains("(between calls)"), "{t}");
         assert_eq!((p.ops[0].weight_bytes, p.ops[1].weight_bytes), (0, 6_000_000_000));
+        // A label missing from a step averages in as zero.
+        p.add_step(&[("embed", 6.0)], &[], 3.0, 3.0);
+        assert_eq!((p.ops[0].seconds, p.ops[1].seconds), (16.0 / 3.0, 2.0));
         // 6 GB in 3 s.
         assert!(t.lines().any(|l| l.starts_with("linear o") && l.ends_with(" 2")), "{t}");
     }

@@ -525,7 +525,8 @@ fn cuda_profiled_steps_return_the_step_and_time_every_call() {
                 }
             }
             eprintln!("{name} {kind} step:\n{}", p.table());
-            assert_eq!((p.steps, p.late_steps), (3, 0), "{name} {kind}: {p:?}");
+            // A host hiccup longer than the head start (at least 5 ms) may make one step late.
+            assert!(p.steps == 3 && p.late_steps <= 1, "{name} {kind}: {p:?}");
             let op = |label: &str| p.ops.iter().find(|o| o.op == label).unwrap_or_else(|| panic!("{label}: {p:?}"));
             let layers = case.cfg.num_hidden_layers;
             assert_eq!(op("attention").calls, layers);

@@ -578,8 +578,7 @@ impl Executor for CudaExecutor {
         let stream = self.ops.stream.clone();
         let mut clock = self.clock.take().unwrap_or_else(|| profile::EventClock::new(stream.clone()));
         // The device waits while the host issues the step, so the step's kernels then run back to back.
-        let head_start = clock.head_start;
-        let timed = k::timing::busy_wait(&stream, head_start).and_then(|()| {
+        let timed = k::timing::busy_wait(&stream, clock.head_start()).and_then(|()| {
             let t0 = std::time::Instant::now();
             let mut profiled = Profiled::new(&mut self.ops, &mut clock);
             let logits = forward(&mut profiled, dims, &step)?;
@@ -591,10 +590,9 @@ impl Executor for CudaExecutor {
         });
         clock.reset();
         let result = timed.map(|(slot, host, weight_bytes, (calls, total))| {
-            if host > head_start {
+            if clock.adapt(host) {
                 profile.late_steps += 1;
             }
-            clock.head_start = (2 * host).clamp(std::time::Duration::from_millis(1), k::timing::MAX_BUSY_WAIT);
             profile.add_step(&calls, &weight_bytes, total, host.as_secs_f64());
             slot
         });
