@@ -11,10 +11,13 @@
 // Decode GEMM design (bandwidth bound on the weight: at m = 1 it is 4 FLOP per weight byte):
 //   - A block is 4 warps; warp w owns the 16-row tile nt = 4 blockIdx.x + w for the K range of split blockIdx.y.
 //     Per 64-column chunk each lane issues one 16-byte load of weights (ld.global.nc.L1::no_allocate, read once)
-//     and one 8-byte load of its row pair's scales; kUnroll = 4 chunks are loaded before the first is used, so
-//     96 bytes per lane (12 KB per block) are in flight. Weights go straight to registers: the layout already is
-//     the MMA fragment order, so there is nothing for shared memory (or cp.async) to reshuffle; a 4-chunk
-//     register double-buffer that ptxas software-pipelines takes the place of a cp.async ring.
+//     and one 8-byte load of its row pair's scales. Weights go straight to registers: the layout already is the
+//     MMA fragment order, so there is nothing for shared memory (or cp.async) to reshuffle. The source issues a
+//     set of kUnroll = 4 chunks' loads before their arithmetic, but ptxas places each chunk's loads next to its
+//     use (SASS, sm_90a, CUDA 13.0: load, dequantize, MMA, then the next chunk's load), so a warp has about one
+//     chunk in flight; at m = 1 that bounded the kernel to 0.5-0.6 of the copy rate (H200). So each set first asks
+//     L2 for the next set's weights, scales and zero points (prefetch.global.L2, 2 KB per warp), which keeps the
+//     DRAM stream going while the set's loads, now L2 hits, wait their turn.
 //   - Dequantization in registers: per 32-bit word (8 nibbles) four LOP3 + four HSUB2.BF16 give the four bf16x2
 //     A-fragment registers of a group's two m16n8k16 MMAs (exact: the registers hold q - z, see
 //     dequant_bf16x2). The activations are the B operand (8 tokens per MMA column tile; kMT = ceil(m / 8) tiles),
@@ -61,10 +64,20 @@ constexpr int kWarps = 4;   // 16-row tiles per block (one per warp)
 constexpr int kUnroll = 4;  // 64-column chunks loaded ahead per lane
 constexpr int64_t kMaxK = int64_t{1} << 24;
 
-// kN chunks starting at chunk c: all loads first, then per chunk and group the dequantization and the MMAs.
+// kN chunks starting at chunk c (of the warp's range, which ends at c_end): first the next kN chunks' weights,
+// scales and zero points are asked of L2, then this set's loads are issued, then per chunk and group come the
+// dequantization and the MMAs.
 template <int kMT, bool kZeros, int kN>
 __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* wq, const uint2* sc, const uint2* zr,
-                                             const uint4* const (&xr)[kMT], int c) {
+                                             const uint4* const (&xr)[kMT], int c, int c_end) {
+#pragma unroll
+    for (int u = kN; u < 2 * kN; ++u) {
+        if (c + u < c_end) {
+            prefetch_l2(wq + static_cast<int64_t>(c + u) * 32);
+            prefetch_l2(sc + static_cast<int64_t>(c + u) * 8);
+            if constexpr (kZeros) prefetch_l2(zr + static_cast<int64_t>(c + u) * 8);
+        }
+    }
     uint4 w[kN];
     uint2 s[kN], z[kN];
 #pragma unroll
@@ -135,8 +148,8 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
             xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k) + t;
         }
         int c = c0;
-        for (; c + kUnroll <= c1; c += kUnroll) w4a16_chunks<kMT, kZeros, kUnroll>(acc, wq, sc, zr, xr, c);
-        for (; c < c1; ++c) w4a16_chunks<kMT, kZeros, 1>(acc, wq, sc, zr, xr, c);
+        for (; c + kUnroll <= c1; c += kUnroll) w4a16_chunks<kMT, kZeros, kUnroll>(acc, wq, sc, zr, xr, c, c1);
+        for (; c < c1; ++c) w4a16_chunks<kMT, kZeros, 1>(acc, wq, sc, zr, xr, c, c1);
     }
 
     // acc[j][e]: weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd e).

@@ -4,10 +4,10 @@
 //
 // Why (H200, 2026-11-27, bench/results/2026-11-27-h200-suite-quant-vision-tp.md): the direct kernel reached only
 // 0.33-0.49 of the copy ceiling at m = 1 and 0.04-0.09 at m = 64 (0.46x cuBLAS bf16 on the 11B gate_up).
-//   - m = 1: each warp loads 4 chunks, waits, computes them, and only then issues the next loads (the loads and
-//     the MMAs are volatile asm, so nothing reorders them): at most one set per warp is in flight and none during
-//     the arithmetic. Here the loads of the next set are issued before the current set is computed (a register
-//     ping-pong, A/B), so every warp keeps one set in flight at all times.
+//   - m = 1: in the direct kernel's SASS each chunk's loads sit right before their arithmetic (ptxas schedules
+//     them there, asm volatile notwithstanding), so a warp has about one chunk in flight and none between sets.
+//     Here the loads of the next set are issued before the current set is computed (a register ping-pong, A/B),
+//     and the SASS keeps them there (sm_90a), so every warp keeps one set in flight at all times.
 //   - m > 8: every warp reads its own copy of the activations, 16 * m bytes per 64-column chunk per 16 weight rows:
 //     at m = 64 that is 8 KB of x from L2 for 512 bytes of weights, 940 MB per 11B gate_up call, which is the
 //     measured 175 us at L2 bandwidth. Here a block of 4 warps x 2 row tiles stages each x chunk once in shared
