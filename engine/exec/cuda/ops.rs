@@ -20,6 +20,9 @@ use crate::tp::cuda::DeviceComm;
 use crate::{Error, Result};
 
 mod norm_fusion;
+mod weights;
+
+use self::weights::{check_dense, linear_weight, WeightRef};
 
 pub(super) fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{what}: {e}"))
@@ -306,44 +309,6 @@ impl CudaOps {
         }
         Ok(())
     }
-}
-
-/// The weight of projection `w` and its output width.
-fn linear_weight<'a>(
-    cfg: &LlamaConfig,
-    layers: &'a [DeviceLayer],
-    lm_head: &'a CudaSlice<bf16>,
-    w: Linear,
-) -> (WeightRef<'a>, usize) {
-    let c = cfg;
-    let dense_or_quant = |d: &'a DeviceLinear| match d {
-        DeviceLinear::Dense(s) => WeightRef::Dense(s),
-        DeviceLinear::Quant(q) => WeightRef::Quant(q.as_ref()),
-    };
-    match w {
-        Linear::Qkv(l) => (dense_or_quant(&layers[l].wqkv), c.q_dim() + 2 * c.kv_dim()),
-        Linear::O(l) => (dense_or_quant(&layers[l].wo), c.hidden_size),
-        Linear::GateUp(l) => (dense_or_quant(&layers[l].w_gate_up), 2 * c.intermediate_size),
-        Linear::Down(l) => (dense_or_quant(&layers[l].w_down), c.hidden_size),
-        Linear::LmHead => (WeightRef::Dense(lm_head), c.vocab_size),
-    }
-}
-
-/// Checks that projection `w`'s bf16 weight holds `n x kdim` values.
-fn check_dense(w: Linear, weight: &CudaSlice<bf16>, n: usize, kdim: usize) -> Result<()> {
-    if weight.len() != n * kdim {
-        return Err(Error::Backend(format!(
-            "linear {w:?}: weight has {} elements, expected {n} x {kdim}",
-            weight.len()
-        )));
-    }
-    Ok(())
-}
-
-/// A projection's weight, borrowed.
-enum WeightRef<'a> {
-    Dense(&'a CudaSlice<bf16>),
-    Quant(&'a k::quant::CudaQuantLinear),
 }
 
 impl Ops for CudaOps {
@@ -733,13 +698,8 @@ impl Ops for CudaOps {
     }
 
     fn weight_bytes(&self, w: Linear) -> usize {
-        match w {
-            Linear::Qkv(l) => self.layers[l].wqkv.device_bytes(),
-            Linear::O(l) => self.layers[l].wo.device_bytes(),
-            Linear::GateUp(l) => self.layers[l].w_gate_up.device_bytes(),
-            Linear::Down(l) => self.layers[l].w_down.device_bytes(),
-            Linear::LmHead => self.lm_head.as_ref().unwrap_or(&self.embed).len() * 2,
-        }
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        linear_weight(&self.cfg, &self.layers, lm_head, w).0.device_bytes()
     }
 
     fn gather_rows(&mut self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) -> Result<()> {
