@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Args;
 
 use super::{load, load_model, run_scheduled, serve, Device, ModelArgs};
-use crate::exec::generate::GenRequest;
+use crate::exec::generate::{build_step, GenRequest, LogitsWanted, SeqChunk};
 use crate::exec::{Executor, StepInput};
 use crate::ops::cuda::switch::KernelSwitch;
 use crate::sampling::SamplingParams;
@@ -391,19 +391,18 @@ fn synthetic_step(exec: &dyn Executor, seqs: usize, start: usize, new: usize) ->
         )));
     }
     let vocab = exec.config().vocab_size as u64;
-    let mut step = StepInput { max_blocks_per_seq: per_seq, cu_seqlens: vec![0], ..Default::default() };
-    for s in 0..seqs {
-        let table: Vec<u32> = (0..per_seq).map(|j| (s * per_seq + j) as u32).collect();
-        for pos in start..start + new {
-            step.token_ids.push(((pos as u64 * 7919 + s as u64 * 104729) % (vocab - 1) + 1) as u32);
-            step.positions.push(pos as u32);
-            step.slot_mapping.push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
-        }
-        step.block_tables.extend(table);
-        step.cu_seqlens.push(step.token_ids.len() as u32);
-        step.logits_rows.push(step.token_ids.len() as u32 - 1);
-    }
-    Ok(step)
+    let tables: Vec<Vec<u32>> = (0..seqs).map(|s| (0..per_seq).map(|j| (s * per_seq + j) as u32).collect()).collect();
+    let tokens: Vec<Vec<u32>> = (0..seqs)
+        .map(|s| {
+            (start..start + new).map(|pos| ((pos as u64 * 7919 + s as u64 * 104729) % (vocab - 1) + 1) as u32).collect()
+        })
+        .collect();
+    let chunks: Vec<SeqChunk<'_>> = tokens
+        .iter()
+        .zip(&tables)
+        .map(|(t, table)| SeqChunk { tokens: t, start_pos: start, block_table: table, logits: LogitsWanted::Last })
+        .collect();
+    build_step(&chunks, bs)
 }
 
 /// Profiles `steps` decode steps of `batch` sequences after `prompt` tokens, and `steps` prefill steps of as many
