@@ -522,6 +522,13 @@ mod e2e {
 // ------------------------------------------------------------------------------------------------------------------
 // benchmark
 
+/// An `n x k` int4 matrix (group 32, symmetric) for the timing benches: hashed values in 0..8 and a constant scale,
+/// since the values do not change the timing.
+fn timing_weights(n: usize, k: usize, scheme: Scheme) -> QuantLinear {
+    let q: Vec<i8> = (0..n * k).map(|i| ((i * 2_654_435_761usize) >> 7) as i8 & 7).collect();
+    QuantLinear { matrix: QuantMatrix { n, k, group: 32, q, scales: vec![0.01f32; n * k / 32], zeros: None }, scheme }
+}
+
 /// W4A16 (both decode kernels) at m = 1, 16, 64 on the 1B projections and the 11B / 90B gate_up and down shapes,
 /// against the bf16 path the
 /// executor takes for the same shape (the skinny GEMV at m = 1, cuBLASLt above) in the same process: GPU time per
@@ -556,11 +563,7 @@ fn quant_throughput() {
         ("90b down", 28672, 8192),
     ];
     for (name, k, n) in shapes {
-        // Random int4 values with bf16 scales (the values do not change the timing).
-        let q: Vec<i8> = (0..n * k).map(|i| ((i * 2_654_435_761usize) >> 7) as i8 & 7).collect();
-        let scales = vec![0.01f32; n * k / 32];
-        let lin =
-            QuantLinear { matrix: QuantMatrix { n, k, group: 32, q, scales, zeros: None }, scheme: Scheme::W4A16_G32 };
+        let lin = timing_weights(n, k, Scheme::W4A16_G32);
         let qbytes = (n * k) as f64 * (0.5 + 2.0 / 32.0);
         let copies = ROTATE_BYTES.div_ceil(qbytes as usize).clamp(1, CALLS);
         let ws: Vec<CudaQuantLinear> = (0..copies).map(|_| CudaQuantLinear::upload(&stream, &lin).unwrap()).collect();
@@ -633,11 +636,7 @@ fn ncu_quant_targets() {
     let Some(stream) = stream() else { return };
     let sms = llama32::ops::cuda::attention::num_sms(&stream).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x5c);
-    let weights = |n: usize, k: usize, scheme| {
-        let q: Vec<i8> = (0..n * k).map(|i| ((i * 2_654_435_761usize) >> 7) as i8 & 7).collect();
-        let matrix = QuantMatrix { n, k, group: 32, q, scales: vec![0.01f32; n * k / 32], zeros: None };
-        CudaQuantLinear::upload(&stream, &QuantLinear { matrix, scheme }).unwrap()
-    };
+    let weights = |n: usize, k: usize, scheme| CudaQuantLinear::upload(&stream, &timing_weights(n, k, scheme)).unwrap();
     let finite = |what: &str, out: &CudaSlice<bf16>| {
         assert!(download(&stream, out).iter().all(|v| v.is_finite()), "{what}: non-finite output");
         eprintln!("ncu target: {what}");
