@@ -448,6 +448,7 @@ typedef struct l32_w4a16_params {
     int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
     int32_t splits;         /**< K splits, 1 ..= k / 64 (the Rust heuristic quant::w4a16_splits) */
     l32_w4a16_kernel kernel; /**< which kernel; split-K tiles are 64 rows, 128 for TILED and for PIPELINED with 8 < m <= 32 */
+    int32_t l2_prefetch;    /**< DIRECT only: nonzero asks L2 for the next chunk set while loading this one (same bits) */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_params;
 

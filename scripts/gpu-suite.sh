@@ -183,16 +183,19 @@ run() {
   # launch of each W4A16, W4A8, skinny GEMM and attention kernel of interest, the ignored ncu_* tests: duration, DRAM /
   # L2 / SM throughput, occupancy, cycles per issued instruction), prefill (opt-in: the Hopper wgmma prefill attention
   # against the mma.sync one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both kernels' TFLOP/s
-  # beside torch SDPA, and 3B prefill end to end with each). LLAMA32_SUITE_SECONDS bounds the whole run: a step that
+  # beside torch SDPA, and 3B prefill end to end with each), targets (opt-in: the text issues' target rows on this
+  # card, the decode fusions beside them, the direct W4A16 kernel's L2 prefetch against LLAMA32_W4A16_PREFETCH=0, and
+  # the copy / GEMM ceilings and HF transformers decode). LLAMA32_SUITE_SECONDS bounds the whole run: a step that
   # would start past it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
   # torch peers of the quant stage.
   local stages="${1:-tests,kernels,vision,e2e}"
   want() { [[ ",$stages," == *",$1,"* ]]; }
-  # `gpu_bench CAP PATTERN TEST`: one ignored bench of the GPU test binary for at most CAP seconds of the budget;
-  # when it passes, its log lines matching PATTERN (grep -E) join the table; a failure adds a FAIL row instead.
+  # `gpu_bench CAP PATTERN TEST [TAG]`: one ignored bench of the GPU test binary for at most CAP seconds of the
+  # budget (its log gpu.TEST[.TAG].bench.log); when it passes, its log lines matching PATTERN (grep -E) join the
+  # table; a failure adds a FAIL row instead.
   gpu_bench() {
-    local log="$logs/gpu.$3.bench.log" rc=0
+    local log="$logs/gpu.$3${4:+.$4}.bench.log" rc=0
     tmo "$1" "$bundle/tests/gpu" --ignored --exact "$3" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
     if ((rc == 0)); then
       mapfile -t -O "${#benches[@]}" benches < <(grep -E "$2" "$log")
@@ -226,6 +229,7 @@ run() {
     read -r preset batch prompt gen extra <<<"$2"
     # Environment switches under test join the tag and the row.
     local env_tag="${LLAMA32_W4A16_KERNEL:+ w4a16=$LLAMA32_W4A16_KERNEL}${LLAMA32_PDL:+ pdl=$LLAMA32_PDL}"
+    env_tag+="${LLAMA32_W4A16_PREFETCH:+ prefetch=$LLAMA32_W4A16_PREFETCH}"
     env_tag+="${LLAMA32_PREFILL_KERNEL:+ prefill=$LLAMA32_PREFILL_KERNEL}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
@@ -496,6 +500,25 @@ PY
     done
   fi
 
+  if want targets; then
+    # The text issues' targets on this card, back to back: 1B and 3B batch-1 decode (the defaults, then both decode
+    # fusions), 1B batch 64, 1B W4A16 batch 1 with and without the direct kernel's L2 prefetch; then the W4A16
+    # kernels at the 1B and 90B shapes with and without that prefetch; then the copy and GEMM ceilings and HF
+    # transformers eager decode (1B, 3B).
+    local tspec
+    for tspec in "1b 1 128 64" "1b 1 128 64 --fused-rope --fused-norm" "3b 1 128 64" \
+      "3b 1 128 64 --fused-rope --fused-norm" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32"; do
+      bench_e2e 60 "$tspec"
+    done
+    LLAMA32_W4A16_PREFETCH=0 bench_e2e 60 "1b 1 128 64 --quantize w4a16-g32"
+    if [[ -x "$bundle/tests/gpu" ]]; then
+      LLAMA32_QUANT_SHAPES=1b,90b gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput
+      LLAMA32_QUANT_SHAPES=1b,90b LLAMA32_W4A16_PREFETCH=0 gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput \
+        no-prefetch
+    fi
+    [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 90 ceilings,hf ceilings-hf
+  fi
+
   if want ncu && [[ -x "$bundle/tests/gpu" ]]; then
     # Nsight Compute over one launch of each kernel of interest (the ignored ncu_* tests): speed of light, memory
     # workload, occupancy and warp states. The whole report stays in the log; one line per kernel joins the table.
@@ -632,7 +655,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets]|run-tp]" >&2
     exit 2
     ;;
 esac

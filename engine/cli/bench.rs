@@ -313,9 +313,11 @@ fn bench_one(
         "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
         "tp": tp,
         // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), the prefill attention
-        // kernel (LLAMA32_PREFILL_KERNEL), programmatic dependent launch (LLAMA32_PDL), the SwiGLU fusion
+        // kernel (LLAMA32_PREFILL_KERNEL), the direct W4A16 kernel's L2 prefetch (LLAMA32_W4A16_PREFETCH),
+        // programmatic dependent launch (LLAMA32_PDL), the SwiGLU fusion
         // (--no-fused-swiglu), the RoPE fusion (--fused-rope) and the norm fusion (--fused-norm).
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::setting().ok(),
+        "w4a16_prefetch": crate::ops::cuda::quant::w4a16_l2_prefetch().ok(),
         "prefill_kernel": crate::ops::cuda::attention::PrefillKernel::setting().ok(),
         "pdl": crate::ops::cuda::programmatic_launch(),
         "fused_swiglu": !a.model.no_fused_swiglu,

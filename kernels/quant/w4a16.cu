@@ -64,15 +64,15 @@ constexpr int kWarps = 4;   // 16-row tiles per block (one per warp)
 constexpr int kUnroll = 4;  // 64-column chunks loaded ahead per lane
 constexpr int64_t kMaxK = int64_t{1} << 24;
 
-// kN chunks starting at chunk c (of the warp's range, which ends at c_end): first the next kN chunks' weights,
-// scales and zero points are asked of L2, then this set's loads are issued, then per chunk and group come the
-// dequantization and the MMAs.
+// kN chunks starting at chunk c (of the warp's range, which ends at c_end): first (when `prefetch`) the next kN
+// chunks' weights, scales and zero points are asked of L2, then this set's loads are issued, then per chunk and
+// group come the dequantization and the MMAs. `prefetch` is uniform across the grid (an ablation switch).
 template <int kMT, bool kZeros, int kN>
 __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* wq, const uint2* sc, const uint2* zr,
-                                             const uint4* const (&xr)[kMT], int c, int c_end) {
+                                             const uint4* const (&xr)[kMT], int c, int c_end, bool prefetch) {
 #pragma unroll
     for (int u = kN; u < 2 * kN; ++u) {
-        if (c + u < c_end) {
+        if (prefetch && c + u < c_end) {
             prefetch_l2(wq + static_cast<int64_t>(c + u) * 32);
             prefetch_l2(sc + static_cast<int64_t>(c + u) * 8);
             if constexpr (kZeros) prefetch_l2(zr + static_cast<int64_t>(c + u) * 8);
@@ -147,9 +147,10 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
             const int row = min(8 * j + g, m - 1);
             xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k) + t;
         }
+        const bool prefetch = p.l2_prefetch != 0;
         int c = c0;
-        for (; c + kUnroll <= c1; c += kUnroll) w4a16_chunks<kMT, kZeros, kUnroll>(acc, wq, sc, zr, xr, c, c1);
-        for (; c < c1; ++c) w4a16_chunks<kMT, kZeros, 1>(acc, wq, sc, zr, xr, c, c1);
+        for (; c + kUnroll <= c1; c += kUnroll) w4a16_chunks<kMT, kZeros, kUnroll>(acc, wq, sc, zr, xr, c, c1, prefetch);
+        for (; c < c1; ++c) w4a16_chunks<kMT, kZeros, 1>(acc, wq, sc, zr, xr, c, c1, prefetch);
     }
 
     // acc[j][e]: weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd e).

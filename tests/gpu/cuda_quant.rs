@@ -562,7 +562,12 @@ fn quant_throughput() {
         ("90b gate_up", 8192, 57344),
         ("90b down", 28672, 8192),
     ];
-    for (name, k, n) in shapes {
+    // LLAMA32_QUANT_SHAPES (comma-separated name prefixes, e.g. "1b,90b") picks some shapes; the lines say when
+    // the direct kernel's L2 prefetch is off (LLAMA32_W4A16_PREFETCH=0).
+    let only = std::env::var("LLAMA32_QUANT_SHAPES").unwrap_or_default();
+    let picked = |name: &str| only.trim().is_empty() || only.split(',').any(|p| name.starts_with(p.trim()));
+    let prefetch = if llama32::ops::cuda::quant::w4a16_l2_prefetch().unwrap() { "" } else { " (no L2 prefetch)" };
+    for (name, k, n) in shapes.into_iter().filter(|s| picked(s.0)) {
         let lin = timing_weights(n, k, Scheme::W4A16_G32);
         let qbytes = (n * k) as f64 * (0.5 + 2.0 / 32.0);
         let copies = ROTATE_BYTES.div_ceil(qbytes as usize).clamp(1, CALLS);
@@ -613,7 +618,7 @@ fn quant_throughput() {
             let labels = W4A16Kernel::ALL.iter().map(|k| k.name()).chain(["pipe+PDL"]);
             for (ours, label) in ours.into_iter().chain([pdl]).zip(labels) {
                 eprintln!(
-                    "w4a16 {label:<9} {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x",
+                    "w4a16 {label:<9} {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x{prefetch}",
                     ours * 1e6,
                     qbytes / ours / 1e9,
                     2.0 * (m * n * k) as f64 / ours / 1e12,

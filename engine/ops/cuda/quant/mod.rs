@@ -159,6 +159,28 @@ impl W4A16Kernel {
     }
 }
 
+/// The environment variable that switches off the direct W4A16 kernel's L2 prefetch of the next chunk set: `0`
+/// (or `off`, `false`); `1`, `on`, `true` or unset leave it on. An ablation for the benches: the product and its
+/// bits are the same either way. Read once per process.
+pub const W4A16_PREFETCH_ENV: &str = "LLAMA32_W4A16_PREFETCH";
+
+/// Whether the direct W4A16 kernel prefetches into L2 ([`W4A16_PREFETCH_ENV`]); a value it does not know is an
+/// error naming the variable.
+pub fn w4a16_l2_prefetch() -> crate::Result<bool> {
+    static VALUE: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    VALUE
+        .get_or_init(|| {
+            let value = std::env::var(W4A16_PREFETCH_ENV).unwrap_or_default();
+            match value.trim().to_ascii_lowercase().as_str() {
+                "0" | "off" | "false" => Ok(false),
+                "" | "1" | "on" | "true" => Ok(true),
+                other => Err(format!("{W4A16_PREFETCH_ENV}: unknown value {other:?} (expected 1 or 0)")),
+            }
+        })
+        .clone()
+        .map_err(crate::Error::Request)
+}
+
 /// Rows padded to a multiple of 16.
 pub fn padded_n(n: usize) -> usize {
     n.div_ceil(TILE_N) * TILE_N
