@@ -98,8 +98,8 @@ pub enum W4A16Kernel {
     /// block in shared memory (two row tiles per warp, 128-row blocks, for m <= 32).
     Pipelined,
     /// For batches: 128-row blocks at every m, the activations and the weights both staged in shared memory with
-    /// cp.async (double-buffered), so each activation fragment feeds both of a warp's row tiles. Not yet measured,
-    /// so [`for_shape`](Self::for_shape) does not pick it.
+    /// cp.async (double-buffered), so each activation fragment feeds both of a warp's row tiles. The default at
+    /// m > 32 for the largest matrices (see [`for_shape`](Self::for_shape)).
     Tiled,
 }
 
@@ -133,16 +133,26 @@ impl W4A16Kernel {
     }
 
     /// The faster kernel at this shape, as measured on an H200 (2026-11-27, `cuda_quant::quant_throughput`, the
-    /// 1B / 11B / 90B projections at m = 1, 16, 64, `bench/results/`):
+    /// 1B / 11B / 90B projections at m = 1, 16, 64) and on an H100 (2026-11-27, seventh session, the 1B and 90B
+    /// projections, `bench/results/2026-11-27-h100-targets-prefill-w4a16.md`):
     /// - pipelined at m <= 8 (where both kernels run one 8-token tile) when k >= 2 n, the down projections:
-    ///   1B 10.05 -> 9.62 us, 11B 22.9 -> 19.7 us, 90B 71.4 -> 55.0 us; with n > k (gate_up) it lost up to 25%;
-    /// - pipelined at m > 32 for wide, large matrices (n >= 4 k and n k >= 2^26): 11B gate_up 177 -> 168 us and
-    ///   90B gate_up 547 -> 487 us at m = 64, where 1B gate_up (2^25 weights) lost 16%;
-    /// - direct everywhere else, and at 8 < m <= 32 in particular, where the pipelined kernel lost 1.2-2.3x.
+    ///   1B 10.05 -> 9.62 us, 11B 22.9 -> 19.7 us, 90B 71.4 -> 55.0 us (H200); 90B 74.4 -> 61.0 us (H100); with
+    ///   n > k (gate_up) it lost up to 25%;
+    /// - tiled at m > 32 for the largest matrices (n k >= 2^27, the 90B gate_up and down): 90B gate_up 475 -> 394
+    ///   us and down 265 -> 242 us at m = 64 on the H100 (pipelined / direct -> tiled), where it lost 1.4-1.7x on
+    ///   the 1B shapes;
+    /// - pipelined at m > 32 for the other wide, large matrices (n >= 4 k and n k >= 2^26): 11B gate_up 177 -> 168
+    ///   us at m = 64 (H200), where 1B gate_up (2^25 weights) lost 16%;
+    /// - direct everywhere else, and at 8 < m <= 32 in particular, where the pipelined kernel lost 1.2-2.3x (H200)
+    ///   and up to 1.15x on the 90B gate_up (H100).
     pub fn for_shape(m: usize, n: usize, k: usize) -> Self {
+        let weights = n.saturating_mul(k);
         let down_like = m <= 8 && k >= 2 * n;
-        let wide = m > 32 && n >= 4 * k && n.saturating_mul(k) >= 1 << 26;
-        if down_like || wide {
+        let largest = m > 32 && weights >= 1 << 27;
+        let wide = m > 32 && n >= 4 * k && weights >= 1 << 26;
+        if largest {
+            W4A16Kernel::Tiled
+        } else if down_like || wide {
             W4A16Kernel::Pipelined
         } else {
             W4A16Kernel::Direct
@@ -159,8 +169,10 @@ impl W4A16Kernel {
     }
 }
 
-/// The environment variable that switches off the direct W4A16 kernel's L2 prefetch of the next chunk set: `0`
-/// (or `off`, `false`); `1`, `on`, `true` or unset leave it on. An ablation for the benches: the product and its
+/// The environment variable that switches on the direct W4A16 kernel's L2 prefetch of the next chunk set: `1` (or
+/// `on`, `true`); `0`, `off`, `false` or unset leave it off. Off by default since the H100 run of 2026-11-27: at
+/// m = 1 it changed the direct kernel's time by -2% to +4% on the 1B and 90B gate_up / qkv / o shapes, and at m = 16
+/// and 64 it cost up to 1.7x (90B down, m = 64: 265 -> 441 us). An ablation for the benches: the product and its
 /// bits are the same either way. Read once per process.
 pub const W4A16_PREFETCH_ENV: &str = "LLAMA32_W4A16_PREFETCH";
 
@@ -172,8 +184,8 @@ pub fn w4a16_l2_prefetch() -> crate::Result<bool> {
         .get_or_init(|| {
             let value = std::env::var(W4A16_PREFETCH_ENV).unwrap_or_default();
             match value.trim().to_ascii_lowercase().as_str() {
-                "0" | "off" | "false" => Ok(false),
-                "" | "1" | "on" | "true" => Ok(true),
+                "" | "0" | "off" | "false" => Ok(false),
+                "1" | "on" | "true" => Ok(true),
                 other => Err(format!("{W4A16_PREFETCH_ENV}: unknown value {other:?} (expected 1 or 0)")),
             }
         })
@@ -192,8 +204,8 @@ mod tests {
 
     #[test]
     fn w4a16_kernel_for_shape_follows_the_measurements() {
-        use W4A16Kernel::{Direct, Pipelined};
-        // (m, n, k, kernel): the measured winners of 2026-11-27 (H200), at the 1B / 11B / 90B projections.
+        use W4A16Kernel::{Direct, Pipelined, Tiled};
+        // (m, n, k, kernel): the measured winners of 2026-11-27 (H200, then H100), at the 1B / 11B / 90B projections.
         let cases = [
             (1, 2048, 8192, Pipelined),   // 1B down
             (1, 4096, 14336, Pipelined),  // 11B down
@@ -204,10 +216,11 @@ mod tests {
             (1, 3072, 2048, Direct),      // 1B qkv
             (16, 8192, 28672, Direct),    // 8 < m <= 32: direct
             (32, 57344, 8192, Direct),    //
-            (64, 57344, 8192, Pipelined), // 90B gate_up
+            (64, 57344, 8192, Tiled),     // 90B gate_up
+            (33, 8192, 28672, Tiled),     // 90B down
             (64, 28672, 4096, Pipelined), // 11B gate_up
             (64, 16384, 2048, Direct),    // 1B gate_up: too small
-            (64, 8192, 28672, Direct),    // 90B down
+            (64, 4096, 14336, Direct),    // 11B down
         ];
         for (m, n, k, want) in cases {
             assert_eq!(W4A16Kernel::for_shape(m, n, k), want, "m {m} n {n} k {k}");
