@@ -258,6 +258,12 @@ typedef struct l32_paged_prefill_params {
 /** Launches the paged prefill on `stream`. */
 l32_status l32_paged_prefill(const l32_paged_prefill_params* params, void* stream);
 
+/**
+ * 1 when L32_PREFILL_WGMMA can run on the current device: this library holds sm_90a SASS and the device has compute
+ * capability 9.x; else 0.
+ */
+int l32_prefill_wgmma_available(void);
+
 /* END attention */
 
 /* ---------------------------------------------------------------------------------------------------------------- */

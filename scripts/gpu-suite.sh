@@ -184,9 +184,10 @@ run() {
   # L2 / SM throughput, occupancy, cycles per issued instruction), prefill (opt-in: the Hopper wgmma prefill attention
   # against the mma.sync one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both kernels' TFLOP/s
   # beside torch SDPA, and 3B prefill end to end with each), targets (opt-in: the text issues' target rows on this
-  # card, the decode fusions beside them, the direct W4A16 kernel without and with its L2 prefetch
-  # (LLAMA32_W4A16_PREFETCH=1), and the copy / GEMM ceilings and HF transformers decode). LLAMA32_SUITE_SECONDS bounds the whole run: a step that
-  # would start past it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
+  # card, the decode fusions beside them, the direct W4A16 kernel's L2 prefetch forced off and on
+  # (LLAMA32_W4A16_PREFETCH), and the copy / GEMM ceilings and HF transformers decode). LLAMA32_SUITE_SECONDS
+  # bounds the whole run: a step that would start past it is reported as TIME. A 15-minute device session runs them
+  # as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
   # torch peers of the quant stage.
   local stages="${1:-tests,kernels,vision,e2e}"
@@ -502,19 +503,23 @@ PY
 
   if want targets; then
     # The text issues' targets on this card, back to back: 1B and 3B batch-1 decode (the defaults, then both decode
-    # fusions), 1B batch 64, 1B W4A16 batch 1 without and with the direct kernel's L2 prefetch; then the W4A16
-    # kernels at the 1B and 90B shapes without and with that prefetch; then the copy and GEMM ceilings and HF
-    # transformers eager decode (1B, 3B).
-    local tspec
+    # fusions), 1B batch 64, 1B W4A16 at batch 1 and 16 (the direct kernel's L2 prefetch by shape, then forced off
+    # and on at batch 16); then the W4A16 kernels at the 1B and 90B shapes with that prefetch forced off, then on;
+    # then the copy and GEMM ceilings and HF transformers eager decode (1B, 3B).
+    local tspec pf
     for tspec in "1b 1 128 64" "1b 1 128 64 --fused-rope --fused-norm" "3b 1 128 64" \
-      "3b 1 128 64 --fused-rope --fused-norm" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32"; do
+      "3b 1 128 64 --fused-rope --fused-norm" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" \
+      "1b 16 128 64 --quantize w4a16-g32"; do
       bench_e2e 60 "$tspec"
     done
-    LLAMA32_W4A16_PREFETCH=1 bench_e2e 60 "1b 1 128 64 --quantize w4a16-g32"
+    for pf in 0 1; do
+      LLAMA32_W4A16_PREFETCH=$pf bench_e2e 60 "1b 16 128 64 --quantize w4a16-g32"
+    done
     if [[ -x "$bundle/tests/gpu" ]]; then
-      LLAMA32_QUANT_SHAPES=1b,90b gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput
-      LLAMA32_QUANT_SHAPES=1b,90b LLAMA32_W4A16_PREFETCH=1 gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput \
-        prefetch
+      for pf in 0 1; do
+        LLAMA32_QUANT_SHAPES=1b,90b LLAMA32_W4A16_PREFETCH=$pf gpu_bench 90 'GB/s|TFLOP/s' \
+          cuda_quant::quant_throughput "prefetch$pf"
+      done
     fi
     [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 90 ceilings,hf ceilings-hf
   fi

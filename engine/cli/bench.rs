@@ -317,7 +317,7 @@ fn bench_one(
         // programmatic dependent launch (LLAMA32_PDL), the SwiGLU fusion
         // (--no-fused-swiglu), the RoPE fusion (--fused-rope) and the norm fusion (--fused-norm).
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::setting().ok(),
-        "w4a16_prefetch": crate::ops::cuda::quant::w4a16_l2_prefetch().ok(),
+        "w4a16_prefetch": crate::ops::cuda::quant::w4a16_l2_prefetch_setting().ok(),
         "prefill_kernel": crate::ops::cuda::attention::PrefillKernel::setting().ok(),
         "pdl": crate::ops::cuda::programmatic_launch(),
         "fused_swiglu": !a.model.no_fused_swiglu,

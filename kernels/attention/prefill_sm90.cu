@@ -204,13 +204,21 @@ l32_status launch(const l32_paged_prefill_params& p, cudaStream_t stream) {
 
 }  // namespace
 
-l32_status launch_paged_prefill_wgmma(const l32_paged_prefill_params& p, cudaStream_t stream) {
+// Built without sm_90a SASS (LLAMA32_CUDA_ARCHS without 90a, see build.rs) the kernel body would only trap, so the
+// launcher refuses (L32_UNSUPPORTED), as it does on devices other than compute capability 9.x.
+bool prefill_wgmma_available() {
 #ifndef L32_SASS_SM90A
-    // Built without sm_90a SASS (LLAMA32_CUDA_ARCHS without 90a, see build.rs): the kernel body would only trap.
-    return L32_UNSUPPORTED;
+    return false;
+#else
+    return device_runs_sm90a();
 #endif
-    if (!device_runs_sm90a()) return L32_UNSUPPORTED;
+}
+
+l32_status launch_paged_prefill_wgmma(const l32_paged_prefill_params& p, cudaStream_t stream) {
+    if (!prefill_wgmma_available()) return L32_UNSUPPORTED;
     return p.head_dim == 64 ? launch<64>(p, stream) : launch<128>(p, stream);
 }
 
 }  // namespace l32
+
+extern "C" int l32_prefill_wgmma_available(void) { return l32::prefill_wgmma_available() ? 1 : 0; }

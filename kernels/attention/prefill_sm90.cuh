@@ -12,4 +12,7 @@ namespace l32 {
 // when the current device is not compute capability 9.x.
 l32_status launch_paged_prefill_wgmma(const l32_paged_prefill_params& p, cudaStream_t stream);
 
+// True when the wgmma kernel can run here: built with sm_90a SASS, on a compute capability 9.x device.
+bool prefill_wgmma_available();
+
 }  // namespace l32

@@ -17,8 +17,9 @@
 //     use (SASS, sm_90a, CUDA 13.0: load, dequantize, MMA, then the next chunk's load), so a warp has about one
 //     chunk in flight; at m = 1 that bounded the kernel to 0.5-0.6 of the copy rate (H200). With p.l2_prefetch each
 //     set first asks L2 for the next set's weights, scales and zero points (prefetch.global.L2, 2 KB per warp).
-//     Timed on an H100 (2026-11-27) that changed m = 1 by -2% to +4% and cost up to 1.7x at m = 16 and 64, so the
-//     engine leaves it off (LLAMA32_W4A16_PREFETCH=1 switches it on; docs/quantization.md).
+//     Timed on an H100 (2026-11-27) that moved m = 1 by -4% to +12% and won up to 8% at m = 16 on the 1B shapes,
+//     but cost 1.4-1.7x at m = 16 and 64 on the 90B matrices, so the engine asks for it by shape
+//     (quant::w4a16_l2_prefetch_for; docs/quantization.md).
 //   - Dequantization in registers: per 32-bit word (8 nibbles) four LOP3 + four HSUB2.BF16 give the four bf16x2
 //     A-fragment registers of a group's two m16n8k16 MMAs (exact: the registers hold q - z, see
 //     dequant_bf16x2). The activations are the B operand (8 tokens per MMA column tile; kMT = ceil(m / 8) tiles),

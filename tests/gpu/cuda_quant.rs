@@ -563,10 +563,14 @@ fn quant_throughput() {
         ("90b down", 28672, 8192),
     ];
     // LLAMA32_QUANT_SHAPES (comma-separated name prefixes, e.g. "1b,90b") picks some shapes; the lines say when
-    // the direct kernel's L2 prefetch is on (LLAMA32_W4A16_PREFETCH=1).
+    // the direct kernel's L2 prefetch is forced (LLAMA32_W4A16_PREFETCH=1 or 0; by default it depends on the shape).
     let only = std::env::var("LLAMA32_QUANT_SHAPES").unwrap_or_default();
     let picked = |name: &str| only.trim().is_empty() || only.split(',').any(|p| name.starts_with(p.trim()));
-    let prefetch = if llama32::ops::cuda::quant::w4a16_l2_prefetch().unwrap() { " (L2 prefetch)" } else { "" };
+    let prefetch = match llama32::ops::cuda::quant::w4a16_l2_prefetch_forced().unwrap() {
+        None => "",
+        Some(true) => " (L2 prefetch on)",
+        Some(false) => " (L2 prefetch off)",
+    };
     for (name, k, n) in shapes.into_iter().filter(|s| picked(s.0)) {
         let lin = timing_weights(n, k, Scheme::W4A16_G32);
         let qbytes = (n * k) as f64 * (0.5 + 2.0 / 32.0);

@@ -133,26 +133,24 @@ impl W4A16Kernel {
     }
 
     /// The faster kernel at this shape, as measured on an H200 (2026-11-27, `cuda_quant::quant_throughput`, the
-    /// 1B / 11B / 90B projections at m = 1, 16, 64) and on an H100 (2026-11-27, seventh session, the 1B and 90B
-    /// projections, `bench/results/2026-11-27-h100-targets-prefill-w4a16.md`):
+    /// 1B / 11B / 90B projections at m = 1, 16, 64) and on an H100 (2026-11-27, seventh session, the same shapes
+    /// and the tiled kernel, `bench/results/2026-11-27-h100-targets-prefill-w4a16.md`):
     /// - pipelined at m <= 8 (where both kernels run one 8-token tile) when k >= 2 n, the down projections:
-    ///   1B 10.05 -> 9.62 us, 11B 22.9 -> 19.7 us, 90B 71.4 -> 55.0 us (H200); 90B 74.4 -> 61.0 us (H100); with
-    ///   n > k (gate_up) it lost up to 25%;
-    /// - tiled at m > 32 for the largest matrices (n k >= 2^27, the 90B gate_up and down): 90B gate_up 475 -> 394
-    ///   us and down 265 -> 242 us at m = 64 on the H100 (pipelined / direct -> tiled), where it lost 1.4-1.7x on
-    ///   the 1B shapes;
-    /// - pipelined at m > 32 for the other wide, large matrices (n >= 4 k and n k >= 2^26): 11B gate_up 177 -> 168
-    ///   us at m = 64 (H200), where 1B gate_up (2^25 weights) lost 16%;
+    ///   1B 10.05 -> 9.62 us, 11B 22.9 -> 19.7 us, 90B 71.4 -> 55.0 us (H200); 11B 23.5 -> 20.9 us, 90B 74.4 ->
+    ///   61.0 us (H100); with n > k (gate_up) it lost up to 25%;
+    /// - tiled at m > 32 for the largest matrices (n k >= 2^27, the 90B gate_up and down) and the other wide, large
+    ///   ones (n >= 4 k and n k >= 2^26, 11B gate_up): at m = 64 on the H100, 90B gate_up 475 -> 394 us, 90B down
+    ///   265 -> 242 us and 11B gate_up 167 -> 155 us (the next best -> tiled), where it lost 1.3-1.7x on the 1B
+    ///   matrices and 11B down;
     /// - direct everywhere else, and at 8 < m <= 32 in particular, where the pipelined kernel lost 1.2-2.3x (H200)
-    ///   and up to 1.15x on the 90B gate_up (H100).
+    ///   and the tiled one 1.1-2.3x (H100).
     pub fn for_shape(m: usize, n: usize, k: usize) -> Self {
         let weights = n.saturating_mul(k);
         let down_like = m <= 8 && k >= 2 * n;
-        let largest = m > 32 && weights >= 1 << 27;
-        let wide = m > 32 && n >= 4 * k && weights >= 1 << 26;
-        if largest {
+        let large = m > 32 && (weights >= 1 << 27 || (n >= 4 * k && weights >= 1 << 26));
+        if large {
             W4A16Kernel::Tiled
-        } else if down_like || wide {
+        } else if down_like {
             W4A16Kernel::Pipelined
         } else {
             W4A16Kernel::Direct
@@ -169,28 +167,47 @@ impl W4A16Kernel {
     }
 }
 
-/// The environment variable that switches on the direct W4A16 kernel's L2 prefetch of the next chunk set: `1` (or
-/// `on`, `true`); `0`, `off`, `false` or unset leave it off. Off by default since the H100 run of 2026-11-27: at
-/// m = 1 it changed the direct kernel's time by -2% to +4% on the 1B and 90B gate_up / qkv / o shapes, and at m = 16
-/// and 64 it cost up to 1.7x (90B down, m = 64: 265 -> 441 us). An ablation for the benches: the product and its
-/// bits are the same either way. Read once per process.
+/// The environment variable that forces the direct W4A16 kernel's L2 prefetch of the next chunk set on (`1`, `on`,
+/// `true`) or off (`0`, `off`, `false`); unset, empty or `auto`, each call decides by shape
+/// ([`w4a16_l2_prefetch_for`]). The product and its bits are the same either way. Read once per process.
 pub const W4A16_PREFETCH_ENV: &str = "LLAMA32_W4A16_PREFETCH";
 
-/// Whether the direct W4A16 kernel prefetches into L2 ([`W4A16_PREFETCH_ENV`]); a value it does not know is an
-/// error naming the variable.
-pub fn w4a16_l2_prefetch() -> crate::Result<bool> {
-    static VALUE: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+/// The prefetch forced by [`W4A16_PREFETCH_ENV`], or `None` for `auto`; a value it does not know is an error naming
+/// the variable.
+pub fn w4a16_l2_prefetch_forced() -> crate::Result<Option<bool>> {
+    static VALUE: std::sync::OnceLock<std::result::Result<Option<bool>, String>> = std::sync::OnceLock::new();
     VALUE
         .get_or_init(|| {
             let value = std::env::var(W4A16_PREFETCH_ENV).unwrap_or_default();
             match value.trim().to_ascii_lowercase().as_str() {
-                "" | "0" | "off" | "false" => Ok(false),
-                "1" | "on" | "true" => Ok(true),
-                other => Err(format!("{W4A16_PREFETCH_ENV}: unknown value {other:?} (expected 1 or 0)")),
+                "" | "auto" => Ok(None),
+                "0" | "off" | "false" => Ok(Some(false)),
+                "1" | "on" | "true" => Ok(Some(true)),
+                other => Err(format!("{W4A16_PREFETCH_ENV}: unknown value {other:?} (expected auto, 1 or 0)")),
             }
         })
         .clone()
         .map_err(crate::Error::Request)
+}
+
+/// The setting's name for reports: `auto`, `on` or `off`.
+pub fn w4a16_l2_prefetch_setting() -> crate::Result<&'static str> {
+    Ok(match w4a16_l2_prefetch_forced()? {
+        None => "auto",
+        Some(true) => "on",
+        Some(false) => "off",
+    })
+}
+
+/// Whether the direct W4A16 kernel asks L2 for its next chunk set ahead, for an `m x k` by `k x n` product: the
+/// forced setting, else on except for m > 8 on the largest matrices (n k >= 2^27). Measured on an H100 (2026-11-27,
+/// seventh session, `quant_throughput`, direct kernel, us per call with / without): at m = 1 it moved the 1B and
+/// 90B shapes by -4% to +12% (90B down 65.3 / 74.4, 1B gate_up 13.8 / 13.2); at m = 16 it won 1-8% on the 1B shapes
+/// and cost 1.4-1.5x on the 90B ones (gate_up 185 / 128, down 123 / 89); at m = 64 it was even on the 1B shapes and
+/// cost up to 1.7x on the 90B ones (down 441 / 265). End to end, 1B W4A16 decode at batch 16 took 1.358 ms/step
+/// with it and 1.435 without.
+pub fn w4a16_l2_prefetch_for(m: usize, n: usize, k: usize) -> crate::Result<bool> {
+    Ok(w4a16_l2_prefetch_forced()?.unwrap_or(m <= 8 || n.saturating_mul(k) < 1 << 27))
 }
 
 /// Rows padded to a multiple of 16.
@@ -207,23 +224,47 @@ mod tests {
         use W4A16Kernel::{Direct, Pipelined, Tiled};
         // (m, n, k, kernel): the measured winners of 2026-11-27 (H200, then H100), at the 1B / 11B / 90B projections.
         let cases = [
-            (1, 2048, 8192, Pipelined),   // 1B down
-            (1, 4096, 14336, Pipelined),  // 11B down
-            (1, 8192, 28672, Pipelined),  // 90B down
-            (8, 8192, 28672, Pipelined),  // the same 8-token tile
-            (1, 57344, 8192, Direct),     // 90B gate_up
-            (1, 16384, 2048, Direct),     // 1B gate_up
-            (1, 3072, 2048, Direct),      // 1B qkv
-            (16, 8192, 28672, Direct),    // 8 < m <= 32: direct
-            (32, 57344, 8192, Direct),    //
-            (64, 57344, 8192, Tiled),     // 90B gate_up
-            (33, 8192, 28672, Tiled),     // 90B down
-            (64, 28672, 4096, Pipelined), // 11B gate_up
-            (64, 16384, 2048, Direct),    // 1B gate_up: too small
-            (64, 4096, 14336, Direct),    // 11B down
+            (1, 2048, 8192, Pipelined),  // 1B down
+            (1, 4096, 14336, Pipelined), // 11B down
+            (1, 8192, 28672, Pipelined), // 90B down
+            (8, 8192, 28672, Pipelined), // the same 8-token tile
+            (1, 57344, 8192, Direct),    // 90B gate_up
+            (1, 16384, 2048, Direct),    // 1B gate_up
+            (1, 3072, 2048, Direct),     // 1B qkv
+            (16, 8192, 28672, Direct),   // 8 < m <= 32: direct
+            (32, 57344, 8192, Direct),   //
+            (64, 57344, 8192, Tiled),    // 90B gate_up
+            (33, 8192, 28672, Tiled),    // 90B down
+            (64, 28672, 4096, Tiled),    // 11B gate_up
+            (64, 16384, 2048, Direct),   // 1B gate_up: too small
+            (64, 4096, 14336, Direct),   // 11B down
         ];
         for (m, n, k, want) in cases {
             assert_eq!(W4A16Kernel::for_shape(m, n, k), want, "m {m} n {n} k {k}");
+        }
+    }
+
+    #[test]
+    fn w4a16_prefetch_follows_the_measurements() {
+        if w4a16_l2_prefetch_forced().unwrap().is_some() {
+            eprintln!("skipped: {W4A16_PREFETCH_ENV} is set");
+            return;
+        }
+        // (m, n, k, prefetch): the faster choice per shape on the H100 (2026-11-27).
+        let cases = [
+            (1, 3072, 2048, true),    // 1B qkv
+            (1, 8192, 28672, true),   // 90B down
+            (1, 57344, 8192, true),   // 90B gate_up (even)
+            (8, 57344, 8192, true),   // the same 8-token tile
+            (16, 3072, 2048, true),   // 1B qkv
+            (16, 2048, 8192, true),   // 1B down
+            (16, 28672, 4096, true),  // 11B gate_up (end to end: batch 16 decode)
+            (16, 57344, 8192, false), // 90B gate_up
+            (9, 8192, 28672, false),  // 90B down
+            (64, 8192, 28672, false), // 90B down
+        ];
+        for (m, n, k, want) in cases {
+            assert_eq!(w4a16_l2_prefetch_for(m, n, k).unwrap(), want, "m {m} n {n} k {k}");
         }
     }
 
