@@ -185,9 +185,9 @@ run() {
   # against the mma.sync one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both kernels' TFLOP/s
   # beside torch SDPA, and 3B prefill end to end with each), targets (opt-in: the text issues' target rows on this
   # card, the decode fusions beside them, the direct W4A16 kernel's L2 prefetch forced off and on
-  # (LLAMA32_W4A16_PREFETCH), and the copy / GEMM ceilings and HF transformers decode). LLAMA32_SUITE_SECONDS
-  # bounds the whole run: a step that would start past it is reported as TIME. A 15-minute device session runs them
-  # as separate calls, tests first.
+  # (LLAMA32_W4A16_PREFETCH), the marginal cost of each kind of call (`bench --ablate`), and the copy / GEMM
+  # ceilings and HF transformers decode). LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
+  # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
   # torch peers of the quant stage.
   local stages="${1:-tests,kernels,vision,e2e}"
@@ -504,7 +504,7 @@ PY
   if want targets; then
     # The text issues' targets on this card, back to back: 1B and 3B batch-1 decode (the defaults, then both decode
     # fusions), 1B batch 64, 1B W4A16 at batch 1 and 16 (the direct kernel's L2 prefetch by shape, then forced off
-    # and on at batch 16); then the W4A16 kernels at the 1B and 90B shapes with that prefetch forced off, then on;
+    # and on at batch 16), 1B batch 1 with each kind of call left out in turn; then the W4A16 kernels at the 1B and 90B shapes with that prefetch forced off, then on;
     # then the copy and GEMM ceilings and HF transformers eager decode (1B, 3B).
     local tspec pf
     for tspec in "1b 1 128 64" "1b 1 128 64 --fused-rope --fused-norm" "3b 1 128 64" \
@@ -515,6 +515,28 @@ PY
     for pf in 0 1; do
       LLAMA32_W4A16_PREFETCH=$pf bench_e2e 60 "1b 16 128 64 --quantize w4a16-g32"
     done
+    # Marginal costs in the real pipeline (graphs, PDL): 1B batch 1 with one kind of call left out (`--ablate`; the
+    # tokens are meaningless), against the first row above.
+    local ab
+    for ab in add_rms_norm attention linear_o linear_qkv+rope+cache linear_down linear_lm_head; do
+      bench_e2e 60 "1b 1 128 64 --ablate $ab"
+    done
+    if [[ -f $logs/bench.jsonl ]]; then
+      mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+same = ("model", "batch", "prompt_tokens", "fused_rope", "fused_norm", "fused_swiglu", "pdl", "w4a16_prefetch")
+for d in rows:
+    if not d.get("ablate"):
+        continue
+    base = next((e for e in rows if not e.get("ablate") and all(e.get(k) == d.get(k) for k in same)), None)
+    if base:
+        a, b = base["decode_ms_per_step"], d["decode_ms_per_step"]
+        print("ablate %-24s %s b%d: %.3f -> %.3f ms/step (marginal %.1f us/step)" % (
+            ",".join(d["ablate"]), d.get("model"), d["batch"], a, b, (a - b) * 1e3))
+PY
+      )
+    fi
     if [[ -x "$bundle/tests/gpu" ]]; then
       for pf in 0 1; do
         LLAMA32_QUANT_SHAPES=1b,90b LLAMA32_W4A16_PREFETCH=$pf gpu_bench 90 'GB/s|TFLOP/s' \

@@ -134,6 +134,37 @@ fn bench_cuda_ranks_without_a_device_fail_clearly() {
 }
 
 #[test]
+fn bench_ablate_leaves_out_the_named_calls_and_refuses_unknown_ones() {
+    let dir = tiny_config_dir("ablate");
+    let args = ["--random-weights", "--device", "cpu", "--batch", "2", "--prompt-tokens", "9", "--gen-tokens", "3"];
+    let mut all = vec!["--model", dir.to_str().unwrap(), "--block-size", "4", "--profile", "1"];
+    all.extend_from_slice(&args);
+    all.extend_from_slice(&["--ablate", " attention, linear o ,attention"]);
+    let o = bench(&all);
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["ablate"], serde_json::json!(["attention", "linear o"]), "{v}");
+    // The profiled steps ran without them, and with everything else.
+    for kind in ["decode", "prefill"] {
+        let ops = v["profile"][kind]["ops"].as_array().unwrap_or_else(|| panic!("{kind}: no ops in {v}"));
+        let names: Vec<&str> = ops.iter().filter_map(|o| o["op"].as_str()).collect();
+        assert!(!names.contains(&"attention") && !names.contains(&"linear o"), "{kind}: {names:?}");
+        assert!(names.contains(&"linear down") && names.contains(&"add_rms_norm"), "{kind}: {names:?}");
+    }
+    let mut bad = vec!["--model", dir.to_str().unwrap(), "--ablate", "attention,begin_step"];
+    bad.extend_from_slice(&args);
+    let o = bench(&bad);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "begin_step cannot be left out");
+    assert!(
+        stderr.contains("--ablate") && stderr.contains("\"begin_step\"") && stderr.contains("add_rms_norm"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn bench_profile_times_decode_and_prefill_calls() {
     let dir = tiny_config_dir("profile");
     let args = ["--random-weights", "--device", "cpu", "--batch", "3", "--prompt-tokens", "9", "--gen-tokens", "3"];

@@ -144,6 +144,44 @@ fn bad_token_id_is_rejected() {
     assert!(err.contains(&format!("token id {vocab}")) && err.contains("outside the vocabulary"), "{err}");
 }
 
+/// `Executor::set_ablation` leaves out exactly the named calls (the profile sees none of them and every other call
+/// as often as before), changes the output, and an empty list restores the full step bit for bit. Every label the
+/// recipe calls, except `begin_step` and `gather_logits`, can be left out.
+#[test]
+fn ablated_steps_leave_out_exactly_the_named_calls() {
+    use llama32::model::profile::{StepProfile, ABLATABLE};
+    let case = Case::load("untied-gqa2-sharded");
+    let mut exec = case.executor(16);
+    let prompt = case.ids("prompt_ids");
+    let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+    let mut table = Vec::new();
+    alloc.ensure(&mut table, prompt.len()).unwrap();
+    let chunk = SeqChunk { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last };
+    let step = build_step(&[chunk], exec.block_size()).unwrap();
+    let full = exec.step(&step).unwrap().logits;
+    let mut p = StepProfile::default();
+    exec.profile_step(&step, &mut p).unwrap();
+    for o in &p.ops {
+        assert!(
+            ["begin_step", "gather_logits"].contains(&o.op) || ABLATABLE.contains(&o.op),
+            "{} cannot be left out",
+            o.op
+        );
+    }
+    exec.set_ablation(vec!["attention", "linear o"]).unwrap();
+    let ablated = exec.step(&step).unwrap().logits;
+    assert_eq!(ablated.len(), full.len());
+    assert_ne!(ablated, full, "leaving out attention changed nothing");
+    let mut q = StepProfile::default();
+    exec.profile_step(&step, &mut q).unwrap();
+    let calls = |p: &StepProfile| -> Vec<(&str, usize)> { p.ops.iter().map(|o| (o.op, o.calls)).collect() };
+    let kept: Vec<(&str, usize)> =
+        calls(&p).into_iter().filter(|(op, _)| *op != "attention" && *op != "linear o").collect();
+    assert_eq!(calls(&q), kept);
+    exec.set_ablation(Vec::new()).unwrap();
+    assert_eq!(exec.step(&step).unwrap().logits, full, "the full step is back");
+}
+
 #[test]
 fn profiled_step_returns_the_step_and_times_every_call() {
     use llama32::model::profile::StepProfile;

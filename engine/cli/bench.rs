@@ -59,6 +59,12 @@ pub struct BenchArgs {
     /// `engine/model/profile.rs`); 0 (the default) profiles nothing. Text models on the CPU or one GPU.
     #[arg(long, default_value_t = 0)]
     profile: usize,
+    /// Leave out every call under these comma-separated labels (the profile's op names, e.g. "add_rms_norm",
+    /// "attention", "linear o" or linear_o), in graphs and eager steps alike: the step time against a run without --ablate is
+    /// their marginal cost in the real pipeline. The generated tokens are then meaningless. Text models on the CPU
+    /// or one GPU.
+    #[arg(long)]
+    ablate: Option<String>,
 }
 
 /// Parses a comma list of positive integers for `flag`, naming the bad item.
@@ -177,6 +183,10 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.profile > 0 && tps.iter().any(|&tp| tp > 1) {
         return Err(Error::request("--profile: profiles one rank only; leave --tensor-parallel at 1"));
     }
+    let ablate = crate::model::profile::parse_ablation(a.ablate.as_deref().unwrap_or(""))?;
+    if !ablate.is_empty() && tps.iter().any(|&tp| tp > 1) {
+        return Err(Error::request("--ablate: text models on one rank only; leave --tensor-parallel at 1"));
+    }
     let (cfg, _) = load::resolve_config(&a.model)?;
     for &tp in &tps {
         if tp > 1 {
@@ -202,6 +212,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     };
     for &tp in &tps {
         let mut m = bench_model(&a, &model_args, tp, kv_tokens, total)?;
+        m.exec.set_ablation(ablate.clone())?;
         let telemetry = match device {
             Device::Cuda(_) => {
                 let interval = std::time::Duration::from_millis(a.telemetry_interval_ms.max(1));
@@ -323,6 +334,7 @@ fn bench_one(
         "fused_swiglu": !a.model.no_fused_swiglu,
         "fused_rope": a.model.fused_rope,
         "fused_norm": a.model.fused_norm,
+        "ablate": crate::model::profile::parse_ablation(a.ablate.as_deref().unwrap_or("")).unwrap_or_default(),
     });
     let tele = match telemetry {
         None => None,

@@ -2,7 +2,7 @@
 
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
-use crate::model::profile::{HostClock, OpClock, Profiled, StepProfile};
+use crate::model::profile::{forward_skipping, HostClock, OpClock, Profiled, StepProfile};
 use crate::model::{forward, Dims, Linear, Norm, Ops};
 use crate::ops::cpu::attention::{AttentionBatch, PagedLayout};
 use crate::ops::cpu::quant::PreparedW4A8;
@@ -298,12 +298,14 @@ impl Ops for CpuOps {
 /// The CPU reference executor.
 pub struct CpuExecutor {
     ops: CpuOps,
+    /// The calls [`Executor::set_ablation`] leaves out.
+    ablate: Vec<&'static str>,
 }
 
 impl CpuExecutor {
     /// An executor over `weights` with a KV pool of `num_blocks` blocks of `block_size` tokens.
     pub fn new(cfg: LlamaConfig, weights: ModelWeights, num_blocks: usize, block_size: usize) -> Result<Self> {
-        Ok(CpuExecutor { ops: CpuOps::new(cfg, weights, num_blocks, block_size)? })
+        Ok(CpuExecutor { ops: CpuOps::new(cfg, weights, num_blocks, block_size)?, ablate: Vec::new() })
     }
 
     /// An executor whose pool holds `max_tokens` tokens (rounded up to whole blocks).
@@ -333,8 +335,13 @@ impl Executor for CpuExecutor {
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
         input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
         let dims = Dims::of(&self.ops.cfg);
-        let logits = forward(&mut self.ops, dims, input)?;
+        let logits = forward_skipping(&mut self.ops, &self.ablate, dims, input)?;
         Ok(StepOutput { logits: logits.data })
+    }
+
+    fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
+        self.ablate = labels;
+        Ok(())
     }
 
     fn profile_step(&mut self, input: &StepInput, profile: &mut StepProfile) -> Result<StepOutput> {
@@ -342,7 +349,7 @@ impl Executor for CpuExecutor {
         let dims = Dims::of(&self.ops.cfg);
         let mut clock = HostClock::default();
         let t0 = std::time::Instant::now();
-        let mut profiled = Profiled::new(&mut self.ops, &mut clock);
+        let mut profiled = Profiled::new(&mut self.ops, &mut clock).skipping(&self.ablate);
         let logits = forward(&mut profiled, dims, input)?;
         let weight_bytes = profiled.take_weight_bytes();
         let host = t0.elapsed().as_secs_f64();

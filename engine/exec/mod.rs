@@ -159,6 +159,20 @@ pub trait Executor {
         ))
     }
 
+    /// Leaves out every later step's calls under `labels` (see [`crate::model::profile::ABLATABLE`]; an empty list
+    /// restores the full steps), for `llama32 bench --ablate`: a run's step time without them, against a full
+    /// run, is their marginal cost. The steps' outputs are then meaningless. Executors without it
+    /// (tensor-parallel ranks, the vision models) refuse a non-empty list.
+    fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
+        if labels.is_empty() {
+            return Ok(());
+        }
+        Err(Error::request(
+            "--ablate: this executor cannot leave calls out (text models on the CPU or one GPU, without tensor \
+             parallelism)",
+        ))
+    }
+
     /// Registers the encoded images of a request under `key` (a vision model computes and keeps their
     /// cross-attention K/V until [`remove_images`](Self::remove_images)). Text models refuse.
     fn add_images(&mut self, key: u64, images: &crate::vision::pipeline::EncodedImages) -> Result<()> {

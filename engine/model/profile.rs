@@ -5,6 +5,11 @@
 //! What a label covers is what the backend does inside that call. A backend that defers work to a later call
 //! (the CUDA norm fusion runs `add_rms_norm` inside the next projection) shows the deferred call near zero and the
 //! later one with both.
+//!
+//! [`Profiled::skipping`] is the other measurement: it leaves out every call under some labels (`llama32 bench
+//! --ablate`), so that the step time of a run without them, against a full run, is their marginal cost in the
+//! real pipeline (CUDA graphs and programmatic dependent launch included), which per-call events cannot see. The
+//! outputs of such steps are meaningless.
 
 use crate::exec::StepInput;
 use crate::model::{Linear, Norm, Ops};
@@ -56,6 +61,80 @@ impl OpClock for HostClock {
     }
 }
 
+/// A clock that marks nothing: for [`Profiled::skipping`] without timing.
+#[derive(Debug, Default)]
+pub struct NullClock;
+
+impl OpClock for NullClock {
+    fn begin(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn end(&mut self, _label: &'static str) -> Result<()> {
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(Vec<(&'static str, f64)>, f64)> {
+        Ok((Vec::new(), 0.0))
+    }
+}
+
+/// The labels whose calls [`Profiled::skipping`] can leave out: every call that only writes its outputs (not
+/// `begin_step`, which stages the step's metadata, nor `gather_logits`, which returns the logits).
+pub const ABLATABLE: [&str; 16] = [
+    "embed",
+    "rms_norm",
+    "add_rms_norm",
+    "final norm",
+    "linear qkv",
+    "linear o",
+    "linear gate_up",
+    "linear down",
+    "linear lm_head",
+    "linear qkv+rope+cache",
+    "linear gate_up+silu_mul",
+    "rope+cache",
+    "attention",
+    "silu_mul",
+    "gather_rows",
+    "all_reduce",
+];
+
+/// Parses `--ablate`'s comma-separated labels (surrounding white space ignored, `_` for a space, as in
+/// `linear_o`, duplicates dropped) into [`ABLATABLE`] entries; an unknown label is an error that lists the known
+/// ones.
+pub fn parse_ablation(list: &str) -> Result<Vec<&'static str>> {
+    let key = |s: &str| s.replace(' ', "_");
+    let mut labels: Vec<&'static str> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let Some(&label) = ABLATABLE.iter().find(|&&l| key(l) == key(item)) else {
+            return Err(crate::Error::request(format!(
+                "--ablate: unknown call {item:?} (known: {})",
+                ABLATABLE.join(", ")
+            )));
+        };
+        if !labels.contains(&label) {
+            labels.push(label);
+        }
+    }
+    Ok(labels)
+}
+
+/// [`crate::model::forward`] over `ops`, with the calls under `skip` left out ([`Profiled::skipping`]; none when
+/// empty, which is the plain forward).
+pub fn forward_skipping<O: Ops>(
+    ops: &mut O,
+    skip: &[&'static str],
+    dims: crate::model::Dims,
+    input: &StepInput,
+) -> Result<O::Act> {
+    if skip.is_empty() {
+        return crate::model::forward(ops, dims, input);
+    }
+    let mut clock = NullClock;
+    crate::model::forward(&mut Profiled::new(ops, &mut clock).skipping(skip), dims, input)
+}
+
 /// The error of an `end` without its `begin`.
 pub(crate) fn unbalanced(label: &str) -> crate::Error {
     crate::Error::Backend(format!("profile: `{label}` ended without a begin"))
@@ -84,17 +163,25 @@ fn norm_label(op: &'static str, n: Norm) -> &'static str {
     }
 }
 
-/// `inner`'s [`Ops`] with every call timed on `clock`. Results are those of `inner` unchanged.
+/// `inner`'s [`Ops`] with every call timed on `clock`. Results are those of `inner` unchanged, unless some labels
+/// are [skipped](Self::skipping).
 pub struct Profiled<'a, O: Ops, C: OpClock> {
     inner: &'a mut O,
     clock: &'a mut C,
     weight_bytes: Vec<(&'static str, usize)>,
+    skip: &'a [&'static str],
 }
 
 impl<'a, O: Ops, C: OpClock> Profiled<'a, O, C> {
     /// Times the calls made on `inner` with `clock`.
     pub fn new(inner: &'a mut O, clock: &'a mut C) -> Self {
-        Profiled { inner, clock, weight_bytes: Vec::new() }
+        Profiled { inner, clock, weight_bytes: Vec::new(), skip: &[] }
+    }
+
+    /// Leaves out every call under one of `labels` (see [`ABLATABLE`]; others cannot be left out): it returns at
+    /// once, its outputs unwritten, and is neither timed nor counted.
+    pub fn skipping(self, labels: &'a [&'static str]) -> Self {
+        Profiled { skip: labels, ..self }
     }
 
     /// The weight bytes ([`Ops::weight_bytes`]) the projection calls read since the last take, per label.
@@ -117,6 +204,23 @@ impl<'a, O: Ops, C: OpClock> Profiled<'a, O, C> {
         self.clock.end(label)?;
         Ok(out)
     }
+
+    /// [`timed`](Self::timed) for a call that only writes its outputs, unless `label` is skipped.
+    fn op(&mut self, label: &'static str, f: impl FnOnce(&mut O) -> Result<()>) -> Result<()> {
+        if self.skip.contains(&label) {
+            return Ok(());
+        }
+        self.timed(label, f)
+    }
+
+    /// [`op`](Self::op) for a projection: counts its weight bytes when it runs.
+    fn projection(&mut self, label: &'static str, w: Linear, f: impl FnOnce(&mut O) -> Result<()>) -> Result<()> {
+        if self.skip.contains(&label) {
+            return Ok(());
+        }
+        self.count_weight(label, w);
+        self.timed(label, f)
+    }
 }
 
 impl<O: Ops, C: OpClock> Ops for Profiled<'_, O, C> {
@@ -135,11 +239,11 @@ impl<O: Ops, C: OpClock> Ops for Profiled<'_, O, C> {
     }
 
     fn embed(&mut self, ids: &[u32], out: &mut Self::Act) -> Result<()> {
-        self.timed("embed", |o| o.embed(ids, out))
+        self.op("embed", |o| o.embed(ids, out))
     }
 
     fn rms_norm(&mut self, x: &Self::Act, norm: Norm, out: &mut Self::Act) -> Result<()> {
-        self.timed(norm_label("rms_norm", norm), |o| o.rms_norm(x, norm, out))
+        self.op(norm_label("rms_norm", norm), |o| o.rms_norm(x, norm, out))
     }
 
     fn add_rms_norm(
@@ -149,25 +253,23 @@ impl<O: Ops, C: OpClock> Ops for Profiled<'_, O, C> {
         norm: Norm,
         out: &mut Self::Act,
     ) -> Result<()> {
-        self.timed(norm_label("add_rms_norm", norm), |o| o.add_rms_norm(residual, delta, norm, out))
+        self.op(norm_label("add_rms_norm", norm), |o| o.add_rms_norm(residual, delta, norm, out))
     }
 
     fn linear(&mut self, x: &Self::Act, w: Linear, out: &mut Self::Act) -> Result<()> {
-        let label = linear_label("linear", w);
-        self.count_weight(label, w);
-        self.timed(label, |o| o.linear(x, w, out))
+        self.projection(linear_label("linear", w), w, |o| o.linear(x, w, out))
     }
 
     fn rope_and_cache(&mut self, layer: usize, qkv: &mut Self::Act, step: &StepInput) -> Result<()> {
-        self.timed("rope+cache", |o| o.rope_and_cache(layer, qkv, step))
+        self.op("rope+cache", |o| o.rope_and_cache(layer, qkv, step))
     }
 
     fn attention(&mut self, layer: usize, qkv: &Self::Act, step: &StepInput, out: &mut Self::Act) -> Result<()> {
-        self.timed("attention", |o| o.attention(layer, qkv, step, out))
+        self.op("attention", |o| o.attention(layer, qkv, step, out))
     }
 
     fn silu_mul(&mut self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()> {
-        self.timed("silu_mul", |o| o.silu_mul(gate_up, out))
+        self.op("silu_mul", |o| o.silu_mul(gate_up, out))
     }
 
     fn linear_rope_cache(
@@ -178,9 +280,7 @@ impl<O: Ops, C: OpClock> Ops for Profiled<'_, O, C> {
         qkv: &mut Self::Act,
         step: &StepInput,
     ) -> Result<()> {
-        let label = linear_label("linear+rope+cache", w);
-        self.count_weight(label, w);
-        self.timed(label, |o| o.linear_rope_cache(x, w, layer, qkv, step))
+        self.projection(linear_label("linear+rope+cache", w), w, |o| o.linear_rope_cache(x, w, layer, qkv, step))
     }
 
     fn linear_silu_mul(
@@ -190,9 +290,7 @@ impl<O: Ops, C: OpClock> Ops for Profiled<'_, O, C> {
         gate_up: &mut Self::Act,
         out: &mut Self::Act,
     ) -> Result<()> {
-        let label = linear_label("linear+silu_mul", w);
-        self.count_weight(label, w);
-        self.timed(label, |o| o.linear_silu_mul(x, w, gate_up, out))
+        self.projection(linear_label("linear+silu_mul", w), w, |o| o.linear_silu_mul(x, w, gate_up, out))
     }
 
     fn weight_bytes(&self, w: Linear) -> usize {
@@ -200,11 +298,11 @@ impl<O: Ops, C: OpClock> Ops for Profiled<'_, O, C> {
     }
 
     fn gather_rows(&mut self, x: &Self::Act, rows: &[u32], out: &mut Self::Act) -> Result<()> {
-        self.timed("gather_rows", |o| o.gather_rows(x, rows, out))
+        self.op("gather_rows", |o| o.gather_rows(x, rows, out))
     }
 
     fn all_reduce(&mut self, x: &mut Self::Act) -> Result<()> {
-        self.timed("all_reduce", |o| o.all_reduce(x))
+        self.op("all_reduce", |o| o.all_reduce(x))
     }
 
     fn gather_logits(&mut self, local: Self::Act) -> Result<Self::Act> {
@@ -371,6 +469,16 @@ mod tests {
         assert_eq!((p.ops[0].seconds, p.ops[1].seconds), (16.0 / 3.0, 2.0));
         // 6 GB in 3 s.
         assert!(t.lines().any(|l| l.starts_with("linear o") && l.ends_with(" 2")), "{t}");
+    }
+
+    #[test]
+    fn ablation_lists_parse_to_known_labels_once() {
+        assert_eq!(parse_ablation("").unwrap(), Vec::<&str>::new());
+        assert_eq!(parse_ablation(" attention ,linear o,, attention").unwrap(), vec!["attention", "linear o"]);
+        assert_eq!(parse_ablation("linear_o,final_norm,linear o").unwrap(), vec!["linear o", "final norm"]);
+        let e = parse_ablation("attention,begin_step").unwrap_err().to_string();
+        assert!(e.contains("--ablate") && e.contains("\"begin_step\"") && e.contains("linear lm_head"), "{e}");
+        assert!(parse_ablation("gather_logits").is_err());
     }
 
     #[test]

@@ -271,6 +271,34 @@ fn cuda_graph_decode_equals_eager() {
     compare("graph replay vs eager decode", &runs[1], &runs[0], case.cfg.vocab_size, case.budget());
 }
 
+/// `Executor::set_ablation` on CUDA, eager and from graphs: leaving out attention changes the logits, and clearing
+/// the list (which drops the graphs captured without it) gives the full run's logits bit for bit.
+#[test]
+fn cuda_ablation_leaves_calls_out_of_eager_steps_and_graphs() {
+    if !device_ready() {
+        return;
+    }
+    let case = Case::load("cuda-d64-gqa4");
+    let ckpt = Checkpoint::open(&case.dir).unwrap();
+    let prompt = case.ids("prompt_ids");
+    for graphs in [0, 256] {
+        let opts =
+            CudaOptions { kv_tokens: Some(4096), max_step_tokens: 512, max_graph_batch: graphs, ..Default::default() };
+        let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(&ckpt), &opts, &|_| {}).unwrap();
+        let full = prefill_and_decode_rounds(&mut exec, &prompt);
+        exec.set_ablation(vec!["attention"]).unwrap();
+        let ablated = prefill_and_decode_rounds(&mut exec, &prompt);
+        assert_eq!(ablated.len(), full.len());
+        assert!(ablated.iter().zip(&full).any(|(a, b)| a.to_bits() != b.to_bits()), "graphs {graphs}: no change");
+        exec.set_ablation(Vec::new()).unwrap();
+        let back = prefill_and_decode_rounds(&mut exec, &prompt);
+        if let Some(i) = (0..full.len()).find(|&i| full[i].to_bits() != back[i].to_bits()) {
+            panic!("graphs {graphs}: logit {i} is {} after the ablation, {} before", back[i], full[i]);
+        }
+        eprintln!("graphs {graphs}: attention left out and restored ({} logits)", full.len());
+    }
+}
+
 /// For every CUDA golden case, eager and from CUDA graphs: the prefill and decode rounds with a switch off and on
 /// (`make` builds the executor for a case, a graph limit and the switch) give bitwise-equal logits.
 fn assert_switch_changes_no_bit(what: &str, make: &dyn Fn(&Case, &Checkpoint, CudaOptions, bool) -> CudaExecutor) {

@@ -22,7 +22,7 @@ use self::ops::{drv, DeviceLayer, DeviceLinear};
 pub use self::ops::{CudaAct, CudaOps};
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
-use crate::model::profile::{OpClock, Profiled, StepProfile};
+use crate::model::profile::{forward_skipping, OpClock, Profiled, StepProfile};
 use crate::model::{forward, Dims, Ops};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
@@ -204,6 +204,8 @@ pub struct CudaExecutor {
     ids: CudaSlice<u32>,
     /// The step profiler's events, made on the first [`Executor::profile_step`].
     clock: Option<profile::EventClock>,
+    /// The calls [`Executor::set_ablation`] leaves out (graphs are captured without them).
+    ablate: Vec<&'static str>,
 }
 
 impl CudaExecutor {
@@ -436,6 +438,7 @@ impl CudaExecutor {
             graphs: HashMap::new(),
             ids,
             clock: None,
+            ablate: Vec::new(),
         })
     }
 
@@ -481,7 +484,7 @@ impl CudaExecutor {
         if stale {
             self.graphs.remove(&key);
             // An eager run sizes every pooled buffer, so capture allocates nothing.
-            let logits = forward(&mut self.ops, dims, &padded)?;
+            let logits = forward_skipping(&mut self.ops, &self.ablate, dims, &padded)?;
             self.ops.release(logits);
             let generation = self.ops.generation;
             let stream = self.ops.stream.clone();
@@ -489,7 +492,7 @@ impl CudaExecutor {
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(drv("begin graph capture"))?;
             self.ops.capturing = true;
-            let captured = forward(&mut self.ops, dims, &padded);
+            let captured = forward_skipping(&mut self.ops, &self.ablate, dims, &padded);
             self.ops.capturing = false;
             let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv("end graph capture"))?;
             let logits = captured?;
@@ -531,7 +534,7 @@ impl CudaExecutor {
             return self.step_graph(input);
         }
         let dims = Dims::of(&self.ops.cfg);
-        let logits = forward(&mut self.ops, dims, input)?;
+        let logits = forward_skipping(&mut self.ops, &self.ablate, dims, input)?;
         let slot = logits.slot();
         self.ops.release(logits);
         Ok(slot)
@@ -571,6 +574,15 @@ impl Executor for CudaExecutor {
         self.read_logits(input, slot)
     }
 
+    fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
+        if labels != self.ablate {
+            // The captured graphs hold the old calls.
+            self.graphs.clear();
+            self.ablate = labels;
+        }
+        Ok(())
+    }
+
     fn profile_step(&mut self, input: &StepInput, profile: &mut StepProfile) -> Result<StepOutput> {
         input.validate(&self.ops.cfg, self.ops.num_blocks, self.ops.layout.block_size)?;
         let step = if self.runs_as_graph(input) { self.graph_input(input) } else { input.clone() };
@@ -580,7 +592,7 @@ impl Executor for CudaExecutor {
         // The device waits while the host issues the step, so the step's kernels then run back to back.
         let timed = k::timing::busy_wait(&stream, clock.head_start()).and_then(|()| {
             let t0 = std::time::Instant::now();
-            let mut profiled = Profiled::new(&mut self.ops, &mut clock);
+            let mut profiled = Profiled::new(&mut self.ops, &mut clock).skipping(&self.ablate);
             let logits = forward(&mut profiled, dims, &step)?;
             let weight_bytes = profiled.take_weight_bytes();
             let host = t0.elapsed();
