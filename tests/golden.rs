@@ -180,6 +180,9 @@ fn ablated_steps_leave_out_exactly_the_named_calls() {
     assert_eq!(calls(&q), kept);
     exec.set_ablation(Vec::new()).unwrap();
     assert_eq!(exec.step(&step).unwrap().logits, full, "the full step is back");
+    // A call the text recipe does not make is refused by name.
+    let e = exec.set_ablation(vec!["cross attention"]).unwrap_err().to_string();
+    assert!(e.contains("--ablate") && e.contains("\"cross attention\""), "{e}");
 }
 
 #[test]

@@ -340,6 +340,7 @@ impl Executor for CpuExecutor {
     }
 
     fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
+        crate::model::profile::check_ablation(&labels, &crate::model::profile::ABLATABLE, "the CPU executor")?;
         self.ablate = labels;
         Ok(())
     }

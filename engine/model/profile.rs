@@ -120,6 +120,18 @@ pub fn parse_ablation(list: &str) -> Result<Vec<&'static str>> {
     Ok(labels)
 }
 
+/// Checks that `what` (an executor) knows every label of `labels` among `known` (the calls it can leave out); the
+/// error names the first unknown one and lists the known ones.
+pub fn check_ablation(labels: &[&'static str], known: &[&str], what: &str) -> Result<()> {
+    match labels.iter().find(|l| !known.contains(l)) {
+        None => Ok(()),
+        Some(l) => Err(crate::Error::request(format!(
+            "--ablate: {what} has no call {l:?} to leave out (known: {})",
+            known.join(", ")
+        ))),
+    }
+}
+
 /// [`crate::model::forward`] over `ops`, with the calls under `skip` left out ([`Profiled::skipping`]; none when
 /// empty, which is the plain forward).
 pub fn forward_skipping<O: Ops>(

@@ -446,6 +446,36 @@ fn cuda_exec(c: &TextCase, block_size: usize) -> MllamaCudaExecutor {
     MllamaCudaExecutor::new(c.model.cfg.clone(), &c.model.weights, &opts).unwrap()
 }
 
+/// `set_ablation` on the vision decoder: leaving out the cross-attention changes an image prompt's logits, an
+/// empty list restores them bit for bit, and a label the decoder does not know (or a text-only one) is refused by
+/// name.
+#[test]
+fn cuda_mllama_ablation_leaves_calls_out_and_restores() {
+    if cuda_stream().is_none() {
+        return;
+    }
+    let c = text_case(CASES[0]);
+    let mut ex = cuda_exec(&c, 4);
+    ex.add_images(7, &c.images).unwrap();
+    let mask = c.model.mask(&c.ids, &c.images).unwrap();
+    let row = mask.row_len();
+    let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
+    let mut table = Vec::new();
+    alloc.ensure(&mut table, c.ids.len()).unwrap();
+    let run = |ex: &mut MllamaCudaExecutor| {
+        crate::common::chunked_prefill_with_images(ex, &c.ids, &table, (7, mask.data(), row), 5)
+    };
+    let full = run(&mut ex);
+    ex.set_ablation(vec!["cross attention"]).unwrap();
+    let ablated = run(&mut ex);
+    assert!(full.iter().zip(&ablated).any(|(a, b)| a.to_bits() != b.to_bits()), "no change without cross attention");
+    ex.set_ablation(Vec::new()).unwrap();
+    let back = run(&mut ex);
+    assert!(full.iter().zip(&back).all(|(a, b)| a.to_bits() == b.to_bits()), "the full step did not come back");
+    let e = ex.set_ablation(vec!["linear gate_up"]).unwrap_err().to_string();
+    assert!(e.contains("--ablate") && e.contains("\"linear gate_up\"") && e.contains("cross attention"), "{e}");
+}
+
 #[test]
 fn cuda_mllama_logits_and_greedy_match_transformers() {
     if cuda_stream().is_none() {

@@ -12,7 +12,7 @@ use llama32::quant::format::{quantize_checkpoint, QuantizeOptions};
 use llama32::quant::Scheme;
 use llama32::sampling::argmax;
 use llama32::vision::config::MllamaConfig;
-use llama32::vision::cuda::text::{MllamaCudaExecutor, MllamaCudaOptions};
+use llama32::vision::cuda::text::{MllamaCudaExecutor, MllamaCudaOptions, VISION_ABLATABLE};
 use llama32::vision::exec::{MllamaCpuExecutor, SeqImages};
 use llama32::vision::pipeline::{EncodedImages, MllamaModel};
 use llama32::vision::weights::TextSource;
@@ -293,7 +293,8 @@ fn bench_w4a16(cfg: MllamaConfig, name: &str) {
 
 /// Decode step times of `ex` (random weights of `cfg`'s shapes, room for 16 four-tile images and 16 sequences of
 /// 128 + 80 tokens): batch 1 with one 4-tile image, then batch 16 with 16 images (one image set each), each
-/// sequence prefilled first. Prints `BENCH mllama_{name}_decode_b{1,16}_4tile_ms_per_step` lines.
+/// sequence prefilled first. Prints `BENCH mllama_{name}_decode_b{1,16}_4tile_ms_per_step` lines, then one
+/// `BENCH mllama_{name}_decode_b1_without_{label}` line per call kind of [`VISION_ABLATABLE`] with its marginal cost.
 pub(crate) fn bench_decode(ex: &mut MllamaCudaExecutor, cfg: &MllamaConfig, name: &str) {
     let (tiles, tpt, hidden) = (cfg.vision.max_num_tiles, cfg.vision.num_patches(), cfg.text.base.hidden_size);
     let images = EncodedImages { states: randn(9, tiles * tpt * hidden, 1.0), num_tiles: vec![4] };
@@ -316,9 +317,10 @@ pub(crate) fn bench_decode(ex: &mut MllamaCudaExecutor, cfg: &MllamaConfig, name
         next.push(argmax(&out.logits));
         tables.push(t);
     }
-    for rows in [1usize, batch] {
+    // The median ms of `steps` decode steps of the first `rows` sequences (positions from the prompt's end on).
+    let mut decode = |ex: &mut MllamaCudaExecutor, rows: usize, steps: usize| -> f64 {
         let mut times = Vec::new();
-        for pos in prompt.len()..prompt.len() + 32 {
+        for pos in prompt.len()..prompt.len() + steps {
             let tokens: Vec<[u32; 1]> = next[..rows].iter().map(|&t| [t]).collect();
             let chunks: Vec<SeqChunk<'_>> = (0..rows)
                 .map(|b| SeqChunk {
@@ -340,9 +342,25 @@ pub(crate) fn bench_decode(ex: &mut MllamaCudaExecutor, cfg: &MllamaConfig, name
             }
         }
         times.sort_by(f64::total_cmp);
-        let ms = times[times.len() / 2];
+        times[times.len() / 2]
+    };
+    for rows in [1usize, batch] {
+        let ms = decode(ex, rows, 32);
         println!("BENCH mllama_{name}_decode_b{rows}_4tile_ms_per_step {ms:.3} ({:.0} tok/s)", rows as f64 * 1e3 / ms);
     }
+    // Batch 1 with one kind of call left out at a time (`set_ablation`; the tokens are meaningless): its marginal
+    // cost against a full run just before.
+    let full = decode(ex, 1, 16);
+    for label in VISION_ABLATABLE {
+        ex.set_ablation(vec![label]).unwrap();
+        let ms = decode(ex, 1, 16);
+        println!(
+            "BENCH mllama_{name}_decode_b1_without_{} {ms:.3} ms/step (marginal {:.1} us of {full:.3} ms)",
+            label.replace(' ', "_"),
+            (full - ms) * 1e3
+        );
+    }
+    ex.set_ablation(Vec::new()).unwrap();
 }
 
 #[test]

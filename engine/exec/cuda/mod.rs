@@ -575,6 +575,7 @@ impl Executor for CudaExecutor {
     }
 
     fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
+        crate::model::profile::check_ablation(&labels, &crate::model::profile::ABLATABLE, "the CUDA executor")?;
         if labels != self.ablate {
             // The captured graphs hold the old calls.
             self.graphs.clear();

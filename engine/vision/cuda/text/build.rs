@@ -533,6 +533,7 @@ impl MllamaCudaExecutor {
             qbufs: QuantBuffers::default(),
             capturing: false,
             tp,
+            ablate: Vec::new(),
             stream,
         })
     }

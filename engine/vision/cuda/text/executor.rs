@@ -27,6 +27,10 @@ impl Executor for MllamaCudaExecutor {
         self.run(input, &[])
     }
 
+    fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
+        MllamaCudaExecutor::set_ablation(self, labels)
+    }
+
     fn add_images(&mut self, key: u64, images: &EncodedImages) -> Result<()> {
         let want = images.len() * self.cfg.vision_tokens_per_image() * self.cfg.text.base.hidden_size;
         if images.is_empty() || images.states.len() != want {

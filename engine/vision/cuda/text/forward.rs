@@ -17,7 +17,70 @@ use crate::ops::cuda as k;
 use crate::ops::cuda::vision as kv;
 use crate::{Error, Result};
 
+/// The calls [`MllamaCudaExecutor::set_ablation`] can leave out of the decoder's steps (see
+/// `crate::model::profile` for the text recipe's): every norm kernel, each self-attention layer's QKV projection,
+/// RoPE + cache write and attention, the output projections of both layer kinds, the MLP's two halves, the cross
+/// layers' q projection (with its q_norm) and attention, and lm_head.
+pub const VISION_ABLATABLE: [&str; 10] = [
+    "add_rms_norm",
+    "linear qkv",
+    "rope+cache",
+    "attention",
+    "linear o",
+    "linear gate_up+silu_mul",
+    "linear down",
+    "linear q",
+    "cross attention",
+    "linear lm_head",
+];
+
+/// Which kinds of call a step leaves out (all false: the full step).
+#[derive(Clone, Copy, Debug, Default)]
+struct Ablation {
+    norm: bool,
+    qkv: bool,
+    rope: bool,
+    attention: bool,
+    o: bool,
+    gate_up: bool,
+    down: bool,
+    cross_q: bool,
+    cross_attention: bool,
+    lm_head: bool,
+}
+
+impl Ablation {
+    fn of(labels: &[&'static str]) -> Self {
+        let has = |l: &str| labels.contains(&l);
+        Ablation {
+            norm: has("add_rms_norm"),
+            qkv: has("linear qkv"),
+            rope: has("rope+cache"),
+            attention: has("attention"),
+            o: has("linear o"),
+            gate_up: has("linear gate_up+silu_mul"),
+            down: has("linear down"),
+            cross_q: has("linear q"),
+            cross_attention: has("cross attention"),
+            lm_head: has("linear lm_head"),
+        }
+    }
+}
+
 impl MllamaCudaExecutor {
+    /// Leaves out every later step's calls under `labels` ([`VISION_ABLATABLE`]; empty: the full steps) and drops
+    /// the graphs captured so far: a run's decode time without them, against a full run, is their marginal cost.
+    /// The outputs are then meaningless. A tensor-parallel rank refuses a non-empty list.
+    pub fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
+        crate::model::profile::check_ablation(&labels, &VISION_ABLATABLE, "the vision decoder")?;
+        if !labels.is_empty() && self.tp.is_some() {
+            return Err(Error::request("--ablate: a tensor-parallel rank cannot leave calls out"));
+        }
+        self.ablate = labels;
+        self.graphs.clear();
+        Ok(())
+    }
+
     /// Attention of the q rows (`q`, stride `q_stride`) over a paged pool: the tensor-core kernels when the head
     /// shape allows, else the generic gather kernel. `cross` picks the cross-attention metadata.
     #[allow(clippy::too_many_arguments)]
@@ -124,7 +187,11 @@ impl MllamaCudaExecutor {
             Gated(f32, bool),
         }
         let mut pending = Pending::None;
+        let ab = Ablation::of(&self.ablate);
         let norm = |a: &mut Acts, pending: &Pending, weight: &CudaSlice<bf16>| -> Result<()> {
+            if ab.norm {
+                return Ok(());
+            }
             let (x, d, h) = (&mut a.x, &a.delta, &mut a.h);
             match *pending {
                 Pending::None => {
@@ -205,6 +272,7 @@ impl MllamaCudaExecutor {
          -> Result<()> {
             let (h, gu, act) = (t * hidden, t * 2 * inter, t * inter);
             match (w_gate_up, pro) {
+                _ if ab.gate_up => {}
                 (DeviceLinear::Dense(wgu), Some(p)) if fuse_silu => {
                     k::gemv::gemv_gate_up_silu(&s, &p, wgu, t, hidden, inter, &mut a.act.slice_mut(..act))?;
                 }
@@ -218,7 +286,9 @@ impl MllamaCudaExecutor {
                     k::activation::silu_mul(&s, &a.gate_up.slice(..gu), inter, &mut a.act.slice_mut(..act))?;
                 }
             }
-            lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
+            if !ab.down {
+                lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
+            }
             reduce(&mut a.delta, h)
         };
         for layer in self.layers.iter_mut() {
@@ -227,6 +297,7 @@ impl MllamaCudaExecutor {
                     // The attention norm in the QKV projection's prologue (not after a gated cross layer, whose
                     // update the norm kernel applies), else the norm kernel and the projection.
                     match (&*wqkv, &pending) {
+                        _ if ab.qkv => norm(a, &pending, attn_norm)?,
                         (DeviceLinear::Dense(w), Pending::None | Pending::Plain)
                             if fuse_norm && qkv_w <= SKINNY_MAX_N =>
                         {
@@ -240,18 +311,26 @@ impl MllamaCudaExecutor {
                         }
                     }
                     let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: qkv_w };
-                    rope_write(&s, &shape, &mut a.qkv.slice_mut(..t * qkv_w), m, t, &self.inv_freq, k_cache, v_cache)?;
-                    Self::attend(
-                        &s,
-                        this,
-                        &self.layout,
-                        (&a.qkv.slice(..t * qkv_w), qkv_w),
-                        (k_cache, v_cache),
-                        &mut a.workspace,
-                        &mut a.attn.slice_mut(..t * q_dim),
-                        false,
-                    )?;
-                    lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    if !ab.rope {
+                        let qkv = &mut a.qkv.slice_mut(..t * qkv_w);
+                        rope_write(&s, &shape, qkv, m, t, &self.inv_freq, k_cache, v_cache)?;
+                    }
+                    if !ab.attention {
+                        Self::attend(
+                            &s,
+                            this,
+                            &self.layout,
+                            (&a.qkv.slice(..t * qkv_w), qkv_w),
+                            (k_cache, v_cache),
+                            &mut a.workspace,
+                            &mut a.attn.slice_mut(..t * q_dim),
+                            false,
+                        )?;
+                    }
+                    if !ab.o {
+                        let delta = &mut a.delta.slice_mut(..t * hidden);
+                        lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), delta)?;
+                    }
                     reduce(&mut a.delta, t * hidden)?;
                     if fuse_norm && fuse_silu && matches!(w_gate_up, DeviceLinear::Dense(_)) {
                         let pro = prologue(a, true, mlp_norm)?;
@@ -278,26 +357,33 @@ impl MllamaCudaExecutor {
                     ..
                 } => {
                     norm(a, &pending, attn_norm)?;
-                    lin(&a.h.slice(..t * hidden), wq, (t, hidden, q_dim), &mut a.attn.slice_mut(..t * q_dim))?;
-                    k::norm::rms_norm(
-                        &s,
-                        &a.attn.slice(..t * q_dim),
-                        q_norm,
-                        eps,
-                        c.head_dim,
-                        &mut a.q.slice_mut(..t * q_dim),
-                    )?;
-                    Self::attend(
-                        &s,
-                        this,
-                        &self.cross_layout,
-                        (&a.q.slice(..t * q_dim), q_dim),
-                        (k_pool, v_pool),
-                        &mut a.workspace,
-                        &mut a.attn.slice_mut(..t * q_dim),
-                        true,
-                    )?;
-                    lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), &mut a.delta.slice_mut(..t * hidden))?;
+                    if !ab.cross_q {
+                        lin(&a.h.slice(..t * hidden), wq, (t, hidden, q_dim), &mut a.attn.slice_mut(..t * q_dim))?;
+                        k::norm::rms_norm(
+                            &s,
+                            &a.attn.slice(..t * q_dim),
+                            q_norm,
+                            eps,
+                            c.head_dim,
+                            &mut a.q.slice_mut(..t * q_dim),
+                        )?;
+                    }
+                    if !ab.cross_attention {
+                        Self::attend(
+                            &s,
+                            this,
+                            &self.cross_layout,
+                            (&a.q.slice(..t * q_dim), q_dim),
+                            (k_pool, v_pool),
+                            &mut a.workspace,
+                            &mut a.attn.slice_mut(..t * q_dim),
+                            true,
+                        )?;
+                    }
+                    if !ab.o {
+                        let delta = &mut a.delta.slice_mut(..t * hidden);
+                        lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), delta)?;
+                    }
                     // Summed before the gate (and the row scale), which the next norm applies.
                     reduce(&mut a.delta, t * hidden)?;
                     norm(a, &Pending::Gated(*attn_gate, false), mlp_norm)?;
@@ -322,6 +408,9 @@ impl MllamaCudaExecutor {
             )?;
             let hr = a.hr.slice(..logits_rows * hidden);
             let Some(tp) = self.tp.as_mut() else {
+                if ab.lm_head {
+                    return Ok(());
+                }
                 let vocab = c.vocab_size;
                 let out = &mut a.logits.slice_mut(..logits_rows * vocab);
                 return linear_with(

@@ -48,6 +48,7 @@ mod images;
 mod step;
 
 pub use build::MllamaCudaOptions;
+pub use forward::VISION_ABLATABLE;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -196,6 +197,8 @@ pub struct MllamaCudaExecutor {
     /// A tensor-parallel rank's communicator, the embedding and `lm_head` rows it holds and the buffers of the
     /// vocab-parallel embedding and logits gather ([`MllamaCudaExecutor::new_rank`]); None: the whole model.
     tp: Option<build::RankTp>,
+    /// The calls [`MllamaCudaExecutor::set_ablation`] leaves out.
+    ablate: Vec<&'static str>,
 }
 
 /// A captured decode step and the buffer generation its pointers belong to.
