@@ -307,6 +307,42 @@ pub(crate) const ROTATE_BYTES: usize = 200 << 20;
 pub(crate) const CALLS: usize = 20;
 const SAMPLES: usize = 25;
 
+/// `Blas::gemm` (a cuBLASLt plan kept per shape) against cudarc's `Matmul::matmul` (which plans every call): the
+/// same bits on a shape's first call and on a later one, one plan per shape, and a too-small buffer refused by
+/// name.
+#[test]
+fn planned_cublaslt_gemm_equals_cudarc_matmul() {
+    let Some(stream) = stream() else { return };
+    let reference = CudaBlasLT::new(stream.clone()).expect("cuBLASLt");
+    let blas = llama32::exec::cuda::blas::Blas::new(&stream).expect("Blas");
+    let mut rng = ChaCha8Rng::seed_from_u64(0xb1a5);
+    // (rows, k, n): odd sizes, a 1B prefill projection, and the 1B lm_head at one row.
+    let shapes = [(17, 64, 40), (300, 512, 1000), (128, 2048, 3072), (1, 2048, 128_256)];
+    for (i, &(m, k, n)) in shapes.iter().enumerate() {
+        let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.5), true));
+        let w = upload(&stream, &random_rows(&mut rng, n, k, (-2.0, -1.0), true));
+        let mut want = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+        cublaslt_gemm(&reference, &x, &w, (m, k, n), &mut want);
+        let want: Vec<bf16> = download(&stream, &want);
+        for call in 0..2 {
+            let mut got = upload(&stream, &vec![bf16::NAN; m * n]);
+            blas.gemm(&x, &w, m, k, n, &mut got).expect("gemm");
+            let got: Vec<bf16> = download(&stream, &got);
+            if let Some(j) = (0..m * n).find(|&j| got[j].to_bits() != want[j].to_bits()) {
+                panic!(
+                    "[{m}, {k}] x [{n}, {k}]^T call {call}: element {j} is {} planned, {} per call",
+                    got[j], want[j]
+                );
+            }
+        }
+        assert_eq!(blas.plans(), i + 1, "one plan per shape");
+    }
+    let (x, w) = (upload(&stream, &vec![bf16::ONE; 8 * 64]), upload(&stream, &vec![bf16::ONE; 40 * 64]));
+    let mut out = stream.alloc_zeros::<bf16>(9 * 40).expect("alloc");
+    let err = blas.gemm(&x, &w, 9, 64, 40, &mut out).unwrap_err().to_string();
+    assert!(err.contains("too small") && err.contains("[9, 64]"), "{err}");
+}
+
 /// `out[m, n] = x @ w^T` through cuBLASLt, as the executor calls it (engine/exec/cuda/ops.rs `gemm`).
 pub(crate) fn cublaslt_gemm(
     blas: &CudaBlasLT,

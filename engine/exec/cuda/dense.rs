@@ -1,12 +1,12 @@
 //! The bf16 projections of the CUDA executors (text and vision): the skinny GEMM for decode-sized batches, cuBLASLt
 //! for the rest.
 
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use crate::ops::cuda as k;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Above this many output columns the decode projection goes to cuBLASLt even when the skinny GEMM takes it: on the
 /// vocabulary-wide `lm_head` cuBLASLt streamed the weight faster, side by side in `cuda_gemv::gemv_throughput`
@@ -19,7 +19,7 @@ pub const SKINNY_MAX_N: usize = 1 << 16;
 /// skinny kernel (when `skinny` is on and `n <= SKINNY_MAX_N`), cuBLASLt takes the rest.
 pub(crate) fn dense_linear<I: DevicePtr<bf16>>(
     stream: &CudaStream,
-    blas: &CudaBlasLT,
+    blas: &Blas,
     skinny: bool,
     x: &I,
     w: &I,
@@ -32,9 +32,9 @@ pub(crate) fn dense_linear<I: DevicePtr<bf16>>(
     gemm(blas, x, w, rows, kdim, n, out)
 }
 
-/// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation (column-major view: `out^T = w x^T`).
+/// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation, through cuBLASLt ([`Blas::gemm`]).
 pub(crate) fn gemm<I: DevicePtr<bf16>>(
-    blas: &CudaBlasLT,
+    blas: &Blas,
     x: &I,
     w: &I,
     rows: usize,
@@ -42,30 +42,5 @@ pub(crate) fn gemm<I: DevicePtr<bf16>>(
     n: usize,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    if rows == 0 {
-        return Ok(());
-    }
-    if x.len() < rows * kdim || w.len() < n * kdim || out.len() < rows * n {
-        return Err(Error::Backend(format!("gemm: buffers too small for [{rows}, {kdim}] x [{n}, {kdim}]^T")));
-    }
-    let cfg = MatmulConfig {
-        transa: true,
-        transb: false,
-        transc: false,
-        m: n as u64,
-        n: rows as u64,
-        k: kdim as u64,
-        alpha: 1.0,
-        lda: kdim as i64,
-        ldb: kdim as i64,
-        beta: 0.0,
-        ldc: n as i64,
-        stride_a: None,
-        stride_b: None,
-        stride_c: None,
-        stride_bias: None,
-        batch_size: None,
-    };
-    // SAFETY: the three buffers were checked above to hold the elements the layouts address.
-    unsafe { blas.matmul(cfg, w, x, out, None, None) }.map_err(|e| Error::Backend(format!("cuBLASLt matmul: {e:?}")))
+    blas.gemm(x, w, rows, kdim, n, out)
 }

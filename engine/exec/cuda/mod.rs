@@ -6,6 +6,7 @@
 //! cache slot), the step's metadata is copied into persistent device buffers, and the graph replays the whole
 //! forward in one launch.
 
+pub mod blas;
 pub(crate) mod dense;
 pub(crate) mod ops;
 mod profile;
@@ -14,7 +15,7 @@ pub(crate) mod quant_bufs;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::cublaslt::CudaBlasLT;
+use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{sys, CudaContext, CudaGraph, CudaSlice, CudaStream};
 use half::bf16;
 
@@ -93,7 +94,7 @@ struct DecodeGraph {
 }
 
 /// Checks the config and options, opens the device and creates the one stream and the cuBLASLt handle.
-fn open_device(cfg: &LlamaConfig, opts: &CudaOptions) -> Result<(Arc<CudaStream>, CudaBlasLT, String)> {
+fn open_device(cfg: &LlamaConfig, opts: &CudaOptions) -> Result<(Arc<CudaStream>, Blas, String)> {
     k::probe()?;
     if !matches!(cfg.head_dim, 64 | 128) || cfg.gqa_group() > 16 {
         return Err(Error::request(format!(
@@ -119,7 +120,7 @@ fn open_device(cfg: &LlamaConfig, opts: &CudaOptions) -> Result<(Arc<CudaStream>
     let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
     // Graphs cannot be captured on the legacy default stream.
     let stream = ctx.new_stream().map_err(drv("create stream"))?;
-    let blas = CudaBlasLT::new(stream.clone()).map_err(|e| Error::Backend(format!("cuBLASLt: {e:?}")))?;
+    let blas = blas::Blas::new(&stream)?;
     Ok((stream, blas, device_name))
 }
 
@@ -178,7 +179,7 @@ fn block_bytes(cfg: &LlamaConfig, opts: &CudaOptions) -> usize {
 /// final norm and lm_head.
 #[allow(clippy::type_complexity)]
 pub(crate) struct Uploaded {
-    dev: (Arc<CudaStream>, CudaBlasLT, String),
+    dev: (Arc<CudaStream>, Blas, String),
     weights: (CudaSlice<bf16>, Vec<DeviceLayer>, CudaSlice<bf16>, Option<CudaSlice<bf16>>),
 }
 
@@ -357,7 +358,7 @@ impl CudaExecutor {
     fn assemble(
         cfg: LlamaConfig,
         opts: &CudaOptions,
-        (stream, blas, device_name): (Arc<CudaStream>, CudaBlasLT, String),
+        (stream, blas, device_name): (Arc<CudaStream>, Blas, String),
         (embed, layers, final_norm, lm_head): (
             CudaSlice<bf16>,
             Vec<DeviceLayer>,

@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::cublaslt::CudaBlasLT;
+use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
@@ -109,7 +109,7 @@ struct StepSizes {
 pub struct CudaOps {
     pub(super) cfg: LlamaConfig,
     pub(super) stream: Arc<CudaStream>,
-    pub(super) blas: CudaBlasLT,
+    pub(super) blas: Blas,
     pub(super) embed: CudaSlice<bf16>,
     pub(super) layers: Vec<DeviceLayer>,
     pub(super) final_norm: CudaSlice<bf16>,
@@ -179,7 +179,7 @@ impl CudaOps {
     pub(super) fn new(
         cfg: LlamaConfig,
         stream: Arc<CudaStream>,
-        blas: CudaBlasLT,
+        blas: Blas,
         weights: (CudaSlice<bf16>, Vec<DeviceLayer>, CudaSlice<bf16>, Option<CudaSlice<bf16>>),
         inv_freq: CudaSlice<f32>,
         layout: PagedLayout,

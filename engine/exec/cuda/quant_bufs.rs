@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use cudarc::cublaslt::CudaBlasLT;
+use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut};
 use half::bf16;
 
@@ -117,7 +117,7 @@ impl QuantBuffers {
     pub(crate) fn project(
         &mut self,
         stream: &Arc<CudaStream>,
-        blas: &CudaBlasLT,
+        blas: &Blas,
         q: &k::quant::CudaQuantLinear,
         (x, rows, fused): (&CudaView<'_, bf16>, usize, bool),
         out: &mut impl DevicePtrMut<bf16>,
@@ -199,7 +199,7 @@ impl DeviceLinear {
 /// moved.
 pub(crate) fn project(
     stream: &Arc<CudaStream>,
-    blas: &CudaBlasLT,
+    blas: &Blas,
     (skinny, num_sms, capturing): (bool, usize, bool),
     (w, bufs): (&DeviceLinear, &mut QuantBuffers),
     (x, rows, kdim, n): (&CudaView<'_, bf16>, usize, usize, usize),

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use cudarc::cublaslt::CudaBlasLT;
+use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
@@ -70,7 +70,7 @@ impl DevLayer {
 pub struct CudaVisionEncoder {
     cfg: MllamaConfig,
     stream: Arc<CudaStream>,
-    blas: CudaBlasLT,
+    blas: Blas,
     /// `[hidden, k_pad]`: the convolution with its columns padded to a multiple of 8.
     patch: CudaSlice<bf16>,
     k_pad: usize,
@@ -153,7 +153,7 @@ impl CudaVisionEncoder {
         let (pre_gate, post_gate) = (vw.pre_tile_gate.tanh(), vw.post_tile_gate.tanh());
         let layers = vw.layers.iter().map(|l| DevLayer::new(&stream, l)).collect::<Result<Vec<_>>>()?;
         let global_layers = vw.global_layers.iter().map(|l| DevLayer::new(&stream, l)).collect::<Result<Vec<_>>>()?;
-        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| Error::Backend(format!("cuBLASLt: {e:?}")))?;
+        let blas = Blas::new(&stream)?;
         Ok(CudaVisionEncoder {
             cfg: cfg.clone(),
             blas,

@@ -18,7 +18,7 @@ pub mod encoder;
 pub mod text;
 pub mod twins;
 
-use cudarc::cublaslt::CudaBlasLT;
+use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
@@ -42,7 +42,7 @@ pub(crate) fn upload_f32(stream: &std::sync::Arc<CudaStream>, v: &[f32]) -> Resu
 /// `out[rows, n] = x[rows, k] @ w[n, k]^T` through cuBLASLt (bf16 in and out, f32 accumulation): the text
 /// executor's GEMM.
 pub(crate) fn gemm<I: DevicePtr<bf16>>(
-    blas: &CudaBlasLT,
+    blas: &Blas,
     x: &I,
     w: &I,
     (rows, kdim, n): (usize, usize, usize),
@@ -56,12 +56,12 @@ pub(crate) fn gemm<I: DevicePtr<bf16>>(
 
 /// Opens device `ordinal` with one non-default stream and cuBLASLt on it (cudarc's event tracking off: one stream
 /// orders everything, which CUDA graph capture needs).
-pub(crate) fn open_stream(ordinal: usize) -> Result<(std::sync::Arc<CudaStream>, CudaBlasLT)> {
+pub(crate) fn open_stream(ordinal: usize) -> Result<(std::sync::Arc<CudaStream>, Blas)> {
     crate::ops::cuda::probe()?;
     let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(drv("open CUDA device"))?;
     // SAFETY: called before any buffer of this context exists; all work goes to the single stream below.
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().map_err(drv("create stream"))?;
-    let blas = CudaBlasLT::new(stream.clone()).map_err(|e| Error::Backend(format!("cuBLASLt: {e:?}")))?;
+    let blas = Blas::new(&stream)?;
     Ok((stream, blas))
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::cublaslt::CudaBlasLT;
+use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use half::bf16;
 
@@ -500,7 +500,7 @@ fn no_comm(rank: usize) -> Error {
 /// Projections: the skinny kernel for decode-sized batches, cuBLASLt otherwise.
 fn linear_with(
     s: &Arc<CudaStream>,
-    blas: &CudaBlasLT,
+    blas: &Blas,
     skinny: bool,
     x: &CudaView<'_, bf16>,
     w: &CudaSlice<bf16>,

@@ -53,7 +53,7 @@ pub use forward::VISION_ABLATABLE;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use cudarc::cublaslt::CudaBlasLT;
+use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 use half::bf16;
 
@@ -161,7 +161,7 @@ pub struct MllamaCudaExecutor {
     cfg: MllamaConfig,
     ids_cfg: LlamaConfig,
     stream: Arc<CudaStream>,
-    blas: CudaBlasLT,
+    blas: Blas,
     embed: CudaSlice<bf16>,
     layers: Vec<Layer>,
     final_norm: CudaSlice<bf16>,
