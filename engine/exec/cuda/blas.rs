@@ -50,8 +50,17 @@ fn lt(what: &str) -> impl Fn(result::CublasError) -> Error + '_ {
 }
 
 impl Blas {
-    /// A handle and workspace for work on `stream`.
+    /// A handle and workspace for work on `stream`. A missing cuBLASLt library is an error that says so (cudarc
+    /// would panic on its first call).
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        // SAFETY: only tries to dlopen the library by its usual names; nothing is called through it.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::Backend(
+                "cuBLASLt: libcublasLt.so was not found (install the CUDA 13 runtime libraries, or put them on \
+                 LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
         let ctx = stream.context();
         ctx.bind_to_thread().map_err(|e| Error::Backend(format!("cuBLASLt: binding the CUDA context: {e}")))?;
         let major = ctx
