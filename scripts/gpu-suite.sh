@@ -231,6 +231,7 @@ run() {
     # Environment switches under test join the tag and the row.
     local env_tag="${LLAMA32_W4A16_KERNEL:+ w4a16=$LLAMA32_W4A16_KERNEL}${LLAMA32_PDL:+ pdl=$LLAMA32_PDL}"
     env_tag+="${LLAMA32_W4A16_PREFETCH:+ prefetch=$LLAMA32_W4A16_PREFETCH}"
+    env_tag+="${LLAMA32_DECODE_SPLIT_POSITIONS:+ split=$LLAMA32_DECODE_SPLIT_POSITIONS}"
     env_tag+="${LLAMA32_PREFILL_KERNEL:+ prefill=$LLAMA32_PREFILL_KERNEL}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
@@ -504,7 +505,8 @@ PY
   if want targets; then
     # The text issues' targets on this card, back to back: 1B and 3B batch-1 decode (the defaults, then both decode
     # fusions), 1B batch 64, 1B W4A16 at batch 1 and 16 (the direct kernel's L2 prefetch by shape, then forced off
-    # and on at batch 16), 1B batch 1 with each kind of call left out in turn; then the W4A16 kernels at the 1B and 90B shapes with that prefetch forced off, then on;
+    # and on at batch 16), 1B batch 1 with each kind of call left out in turn, 1B / 3B batch 1 with the decode
+    # attention split at 64 and 32 positions; then the W4A16 kernels at the 1B and 90B shapes with that prefetch forced off, then on;
     # then the copy and GEMM ceilings and HF transformers eager decode (1B, 3B).
     local tspec pf
     for tspec in "1b 1 128 64" "1b 1 128 64 --fused-rope --fused-norm" "3b 1 128 64" \
@@ -521,19 +523,35 @@ PY
     for ab in add_rms_norm attention linear_o linear_qkv+rope+cache linear_down linear_lm_head; do
       bench_e2e 60 "1b 1 128 64 --ablate $ab"
     done
+    # Decode attention split at short contexts (LLAMA32_DECODE_SPLIT_POSITIONS, default 256): batch 1 of 1B and 3B.
+    local sp
+    for sp in 64 32; do
+      LLAMA32_DECODE_SPLIT_POSITIONS=$sp bench_e2e 60 "1b 1 128 64"
+      LLAMA32_DECODE_SPLIT_POSITIONS=$sp bench_e2e 60 "3b 1 128 64"
+    done
     if [[ -f $logs/bench.jsonl ]]; then
       mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 same = ("model", "batch", "prompt_tokens", "fused_rope", "fused_norm", "fused_swiglu", "pdl", "w4a16_prefetch")
+def base_of(d, differ):
+    keys = [k for k in same + ("decode_split_positions",) if k != differ]
+    return next((e for e in rows if not e.get("ablate") and e.get("decode_split_positions") == 256
+                 and all(e.get(k) == d.get(k) for k in keys)), None)
 for d in rows:
-    if not d.get("ablate"):
-        continue
-    base = next((e for e in rows if not e.get("ablate") and all(e.get(k) == d.get(k) for k in same)), None)
-    if base:
-        a, b = base["decode_ms_per_step"], d["decode_ms_per_step"]
-        print("ablate %-24s %s b%d: %.3f -> %.3f ms/step (marginal %.1f us/step)" % (
-            ",".join(d["ablate"]), d.get("model"), d["batch"], a, b, (a - b) * 1e3))
+    split = d.get("decode_split_positions")
+    if d.get("ablate"):
+        base = base_of(d, None)
+        if base:
+            a, b = base["decode_ms_per_step"], d["decode_ms_per_step"]
+            print("ablate %-24s %s b%d: %.3f -> %.3f ms/step (marginal %.1f us/step)" % (
+                ",".join(d["ablate"]), d.get("model"), d["batch"], a, b, (a - b) * 1e3))
+    elif split not in (None, 256):
+        base = base_of(d, "decode_split_positions")
+        if base:
+            a, b = base["decode_ms_per_step"], d["decode_ms_per_step"]
+            print("split  %-24s %s b%d: %.3f -> %.3f ms/step (%.2fx)" % (
+                "%d positions" % split, d.get("model"), d["batch"], a, b, a / b))
 PY
       )
     fi

@@ -331,6 +331,7 @@ fn bench_one(
         "w4a16_prefetch": crate::ops::cuda::quant::w4a16_l2_prefetch_setting().ok(),
         "prefill_kernel": crate::ops::cuda::attention::PrefillKernel::setting().ok(),
         "pdl": crate::ops::cuda::programmatic_launch(),
+        "decode_split_positions": crate::ops::cuda::attention::decode_split_positions().ok(),
         "fused_swiglu": !a.model.no_fused_swiglu,
         "fused_rope": a.model.fused_rope,
         "fused_norm": a.model.fused_norm,

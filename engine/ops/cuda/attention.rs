@@ -151,20 +151,47 @@ pub fn compute_capability(stream: &CudaStream) -> Result<(i32, i32)> {
 
 /// The most KV splits the decode kernel takes.
 pub const MAX_DECODE_SPLITS: usize = 256;
-/// Fewest positions worth a split of their own: below this, the merge costs more than the parallelism gains.
+/// Fewest positions worth a split of their own by default: below this, the merge was assumed to cost more than
+/// the parallelism gains (not yet measured; [`DECODE_SPLIT_ENV`] changes it for an A/B).
 const MIN_POSITIONS_PER_SPLIT: usize = 256;
+
+/// The environment variable that sets the fewest positions a decode KV split takes (16 to 65536; default 256),
+/// read once per process. At batch 1 and short contexts the default leaves one split: 8 CTAs, each walking the
+/// whole context tile by tile, which the H100 profile of 2026-11-27 timed at 7 us (1B) and 15 us (3B) a layer at
+/// ~140 positions. A smaller value splits such contexts (then a merge kernel runs); an A/B for the benches.
+pub const DECODE_SPLIT_ENV: &str = "LLAMA32_DECODE_SPLIT_POSITIONS";
+
+/// [`DECODE_SPLIT_ENV`]'s value, or why it is not one.
+fn split_positions_setting() -> &'static std::result::Result<usize, String> {
+    static VALUE: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
+    VALUE.get_or_init(|| match std::env::var(DECODE_SPLIT_ENV) {
+        Err(_) => Ok(MIN_POSITIONS_PER_SPLIT),
+        Ok(v) if v.trim().is_empty() => Ok(MIN_POSITIONS_PER_SPLIT),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (16..=65536).contains(&n) => Ok(n),
+            _ => Err(format!("{DECODE_SPLIT_ENV}: {v:?} is not a position count in 16..=65536")),
+        },
+    })
+}
+
+/// The fewest positions per decode split in force ([`DECODE_SPLIT_ENV`], default 256); an error names a bad value.
+pub fn decode_split_positions() -> Result<usize> {
+    split_positions_setting().clone().map_err(Error::Request)
+}
 /// The most query heads per kv head the decode kernel takes (one 16-row MMA tile).
 const MAX_DECODE_GROUP: usize = 16;
 
 /// The number of KV splits for a decode step: enough CTAs (`num_seqs * num_kv_heads * splits`) for about two per
-/// SM, but at least 256 positions per split, at most [`MAX_DECODE_SPLITS`].
+/// SM, but at least 256 positions per split ([`DECODE_SPLIT_ENV`] changes that), at most [`MAX_DECODE_SPLITS`].
 ///
 /// Examples on an H100 (132 SMs), 8 kv heads: batch 64 at 2k context is 512 CTAs already, so 1 split; batch 1 at
 /// 16k context: ceil(264 / 8) = 33 splits of about 500 positions; batch 1 at 2k: 8 splits of 256.
 pub fn decode_num_splits(layout: &PagedLayout, num_seqs: usize, max_context_len: usize, num_sms: usize) -> usize {
     let ctas = (num_seqs * layout.num_kv_heads).max(1);
     let wanted = (2 * num_sms.max(1)).div_ceil(ctas);
-    let most = (max_context_len / MIN_POSITIONS_PER_SPLIT).clamp(1, MAX_DECODE_SPLITS);
+    // A bad DECODE_SPLIT_ENV is refused by every kernel call (ops::cuda::ensure_built); the default stands in here.
+    let min = split_positions_setting().clone().unwrap_or(MIN_POSITIONS_PER_SPLIT);
+    let most = (max_context_len / min).clamp(1, MAX_DECODE_SPLITS);
     wanted.clamp(1, most)
 }
 

@@ -99,7 +99,8 @@ const NOT_BUILT: &str = "built without CUDA: nvcc was not found at build time, o
 /// `Ok` in a CUDA build (the first call also applies [`PDL_ENV`]); the "built without CUDA" error in a stub build.
 pub(crate) fn ensure_built() -> Result<()> {
     if built_with_cuda() {
-        pdl_from_env()
+        pdl_from_env()?;
+        attention::decode_split_positions().map(|_| ())
     } else {
         Err(Error::Backend(NOT_BUILT.into()))
     }
