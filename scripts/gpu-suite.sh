@@ -232,6 +232,7 @@ run() {
     local env_tag="${LLAMA32_W4A16_KERNEL:+ w4a16=$LLAMA32_W4A16_KERNEL}${LLAMA32_PDL:+ pdl=$LLAMA32_PDL}"
     env_tag+="${LLAMA32_W4A16_PREFETCH:+ prefetch=$LLAMA32_W4A16_PREFETCH}"
     env_tag+="${LLAMA32_DECODE_SPLIT_POSITIONS:+ split=$LLAMA32_DECODE_SPLIT_POSITIONS}"
+    env_tag+="${LLAMA32_W4A16_BLOCKS_PER_SM:+ blocks=$LLAMA32_W4A16_BLOCKS_PER_SM}"
     env_tag+="${LLAMA32_PREFILL_KERNEL:+ prefill=$LLAMA32_PREFILL_KERNEL}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
@@ -506,8 +507,9 @@ PY
     # The text issues' targets on this card, back to back: 1B and 3B batch-1 decode (the defaults, then both decode
     # fusions), 1B batch 64, 1B W4A16 at batch 1 and 16 (the direct kernel's L2 prefetch by shape, then forced off
     # and on at batch 16), 1B batch 1 with each kind of call left out in turn, 1B / 3B batch 1 with the decode
-    # attention split at 64 and 32 positions; then the W4A16 kernels at the 1B and 90B shapes with that prefetch forced off, then on;
-    # then the copy and GEMM ceilings and HF transformers eager decode (1B, 3B).
+    # attention split at 64 and 32 positions; then the W4A16 kernels at the 1B and 90B shapes with that prefetch
+    # forced off, then on, and at the 11B and 90B shapes with 8 split-K blocks per SM (default 4); then the copy
+    # and GEMM ceilings and HF transformers eager decode (1B, 3B).
     local tspec pf
     for tspec in "1b 1 128 64" "1b 1 128 64 --fused-rope --fused-norm" "3b 1 128 64" \
       "3b 1 128 64 --fused-rope --fused-norm" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" \
@@ -560,6 +562,9 @@ PY
         LLAMA32_QUANT_SHAPES=1b,90b LLAMA32_W4A16_PREFETCH=$pf gpu_bench 90 'GB/s|TFLOP/s' \
           cuda_quant::quant_throughput "prefetch$pf"
       done
+      # More split-K blocks per SM (default 4) on the 11B / 90B shapes: more loads in flight at m = 1.
+      LLAMA32_QUANT_SHAPES=11b,90b LLAMA32_W4A16_BLOCKS_PER_SM=8 gpu_bench 90 'GB/s|TFLOP/s' \
+        cuda_quant::quant_throughput blocks8
     fi
     [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 90 ceilings,hf ceilings-hf
   fi

@@ -566,11 +566,15 @@ fn quant_throughput() {
     // the direct kernel's L2 prefetch is forced (LLAMA32_W4A16_PREFETCH=1 or 0; by default it depends on the shape).
     let only = std::env::var("LLAMA32_QUANT_SHAPES").unwrap_or_default();
     let picked = |name: &str| only.trim().is_empty() || only.split(',').any(|p| name.starts_with(p.trim()));
-    let prefetch = match llama32::ops::cuda::quant::w4a16_l2_prefetch_forced().unwrap() {
-        None => "",
-        Some(true) => " (L2 prefetch on)",
-        Some(false) => " (L2 prefetch off)",
+    let mut prefetch = match llama32::ops::cuda::quant::w4a16_l2_prefetch_forced().unwrap() {
+        None => "".to_string(),
+        Some(true) => " (L2 prefetch on)".to_string(),
+        Some(false) => " (L2 prefetch off)".to_string(),
     };
+    let per_sm = llama32::ops::cuda::quant::w4a16_blocks_per_sm().unwrap();
+    if per_sm != 4 {
+        prefetch.push_str(&format!(" ({per_sm} blocks per SM)"));
+    }
     for (name, k, n) in shapes.into_iter().filter(|s| picked(s.0)) {
         let lin = timing_weights(n, k, Scheme::W4A16_G32);
         let qbytes = (n * k) as f64 * (0.5 + 2.0 / 32.0);

@@ -100,7 +100,8 @@ const NOT_BUILT: &str = "built without CUDA: nvcc was not found at build time, o
 pub(crate) fn ensure_built() -> Result<()> {
     if built_with_cuda() {
         pdl_from_env()?;
-        attention::decode_split_positions().map(|_| ())
+        attention::decode_split_positions()?;
+        quant::w4a16_blocks_per_sm().map(|_| ())
     } else {
         Err(Error::Backend(NOT_BUILT.into()))
     }

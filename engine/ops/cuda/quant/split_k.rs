@@ -42,14 +42,43 @@ impl SplitKWorkspace {
     }
 }
 
+/// The blocks per SM [`w4a16_splits`] aims for by default.
+const W4A16_BLOCKS_PER_SM: usize = 4;
+
+/// The environment variable that sets the 128-thread blocks per SM [`w4a16_splits`] aims for (1 to 16; default 4),
+/// read once per process: an A/B for the m = 1 rate. On the H100 (2026-11-27) the direct kernel at m = 1 ran at
+/// 42% occupancy on 11B gate_up (its whole grid resident) and at 23-55% of DRAM bandwidth with 12-20 cycles per
+/// issue, latency-bound; more splits put more warps, and so more loads, in flight.
+pub const W4A16_BLOCKS_ENV: &str = "LLAMA32_W4A16_BLOCKS_PER_SM";
+
+/// [`W4A16_BLOCKS_ENV`]'s value, or why it is not one.
+fn blocks_setting() -> &'static std::result::Result<usize, String> {
+    static VALUE: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
+    VALUE.get_or_init(|| match std::env::var(W4A16_BLOCKS_ENV) {
+        Err(_) => Ok(W4A16_BLOCKS_PER_SM),
+        Ok(v) if v.trim().is_empty() => Ok(W4A16_BLOCKS_PER_SM),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => Ok(n),
+            _ => Err(format!("{W4A16_BLOCKS_ENV}: {v:?} is not a block count in 1..=16")),
+        },
+    })
+}
+
+/// The blocks per SM in force ([`W4A16_BLOCKS_ENV`], default 4); an error names a bad value.
+pub fn w4a16_blocks_per_sm() -> Result<usize> {
+    blocks_setting().clone().map_err(Error::Request)
+}
+
 /// K splits of the W4A16 decode `kernel` for `m` x `n` x `k` on `sms` SMs: enough 128-thread blocks for about 4
-/// per SM, with at least two 64-column chunks per split. Direct kernel (and the pipelined one outside
-/// 8 < m <= 32), 132 SMs: 1B qkv 11, o 16, gate_up 3, down 17; 11B gate_up 2; 90B gate_up 1, down 5.
+/// per SM ([`W4A16_BLOCKS_ENV`]), with at least two 64-column chunks per split. Direct kernel (and the pipelined one
+/// outside 8 < m <= 32), 132 SMs: 1B qkv 11, o 16, gate_up 3, down 17; 11B gate_up 2; 90B gate_up 1, down 5.
 pub fn w4a16_splits(kernel: W4A16Kernel, m: usize, n: usize, k: usize, sms: usize) -> usize {
     let blocks = padded_n(n).div_ceil(kernel.block_rows(m)).max(1);
     let chunks = (k / TILE_K).max(1);
     let cap = (chunks / 2).clamp(1, MAX_SPLITS);
-    (4 * sms).div_ceil(blocks).clamp(1, cap)
+    // A bad W4A16_BLOCKS_ENV is refused by every kernel call (ops::cuda::ensure_built); the default stands in here.
+    let per_sm = blocks_setting().clone().unwrap_or(W4A16_BLOCKS_PER_SM);
+    (per_sm * sms).div_ceil(blocks).clamp(1, cap)
 }
 
 /// `(partials, counters)` the W4A16 decode `kernel` needs at `m` rows with `splits` K splits.
