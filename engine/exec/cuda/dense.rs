@@ -29,18 +29,5 @@ pub(crate) fn dense_linear<I: DevicePtr<bf16>>(
     if skinny && n <= SKINNY_MAX_N && k::gemv::supports(rows, kdim) {
         return k::gemv::gemv(stream, x, w, rows, kdim, n, out);
     }
-    gemm(blas, x, w, rows, kdim, n, out)
-}
-
-/// `out[rows, n] = x[rows, k] @ w[n, k]^T` in bf16 with f32 accumulation, through cuBLASLt ([`Blas::gemm`]).
-pub(crate) fn gemm<I: DevicePtr<bf16>>(
-    blas: &Blas,
-    x: &I,
-    w: &I,
-    rows: usize,
-    kdim: usize,
-    n: usize,
-    out: &mut impl DevicePtrMut<bf16>,
-) -> Result<()> {
     blas.gemm(x, w, rows, kdim, n, out)
 }

@@ -16,7 +16,6 @@ use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut};
 use half::bf16;
 
-use super::dense::gemm;
 use super::ops::drv;
 use crate::ops::cuda as k;
 use crate::{Error, Result};
@@ -143,7 +142,7 @@ impl QuantBuffers {
         // Prefill-sized W4A16: dequantize once into the scratch, then the bf16 GEMM.
         let scratch = self.scratch.as_mut().ok_or_else(missing)?;
         k::quant::w4a16_dequant(stream, q, scratch)?;
-        gemm(blas, x, &scratch.slice(..), rows, kdim, n, out)
+        blas.gemm(x, &scratch.slice(..), rows, kdim, n, out)
     }
 }
 

@@ -164,14 +164,7 @@ pub const DECODE_SPLIT_ENV: &str = "LLAMA32_DECODE_SPLIT_POSITIONS";
 /// [`DECODE_SPLIT_ENV`]'s value, or why it is not one.
 fn split_positions_setting() -> &'static std::result::Result<usize, String> {
     static VALUE: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
-    VALUE.get_or_init(|| match std::env::var(DECODE_SPLIT_ENV) {
-        Err(_) => Ok(MIN_POSITIONS_PER_SPLIT),
-        Ok(v) if v.trim().is_empty() => Ok(MIN_POSITIONS_PER_SPLIT),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (16..=65536).contains(&n) => Ok(n),
-            _ => Err(format!("{DECODE_SPLIT_ENV}: {v:?} is not a position count in 16..=65536")),
-        },
-    })
+    VALUE.get_or_init(|| super::env_count(DECODE_SPLIT_ENV, MIN_POSITIONS_PER_SPLIT, 16..=65536))
 }
 
 /// The fewest positions per decode split in force ([`DECODE_SPLIT_ENV`], default 256); an error names a bad value.

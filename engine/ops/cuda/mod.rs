@@ -92,6 +92,23 @@ fn probe_uncached() -> Result<(), String> {
     Ok(())
 }
 
+/// A count from environment variable `var`: `default` when unset or blank, else a number in `range`; anything else
+/// is an error naming the variable and the range (read by the callers once per process).
+pub(crate) fn env_count(
+    var: &str,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> std::result::Result<usize, String> {
+    match std::env::var(var) {
+        Err(_) => Ok(default),
+        Ok(v) if v.trim().is_empty() => Ok(default),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(format!("{var}: {v:?} is not a count in {}..={}", range.start(), range.end())),
+        },
+    }
+}
+
 /// What every entry point says in a build without the kernels.
 const NOT_BUILT: &str = "built without CUDA: nvcc was not found at build time, or LLAMA32_NO_CUDA was set; \
                          install the toolchain with scripts/install-cuda-toolchain.sh (or set CUDA_HOME) and rebuild";

@@ -51,7 +51,7 @@ pub(crate) fn gemm<I: DevicePtr<bf16>>(
     if n == 0 {
         return Ok(());
     }
-    crate::exec::cuda::dense::gemm(blas, x, w, rows, kdim, n, out)
+    blas.gemm(x, w, rows, kdim, n, out)
 }
 
 /// Opens device `ordinal` with one non-default stream and cuBLASLt on it (cudarc's event tracking off: one stream

@@ -54,14 +54,7 @@ pub const W4A16_BLOCKS_ENV: &str = "LLAMA32_W4A16_BLOCKS_PER_SM";
 /// [`W4A16_BLOCKS_ENV`]'s value, or why it is not one.
 fn blocks_setting() -> &'static std::result::Result<usize, String> {
     static VALUE: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
-    VALUE.get_or_init(|| match std::env::var(W4A16_BLOCKS_ENV) {
-        Err(_) => Ok(W4A16_BLOCKS_PER_SM),
-        Ok(v) if v.trim().is_empty() => Ok(W4A16_BLOCKS_PER_SM),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=16).contains(&n) => Ok(n),
-            _ => Err(format!("{W4A16_BLOCKS_ENV}: {v:?} is not a block count in 1..=16")),
-        },
-    })
+    VALUE.get_or_init(|| crate::ops::cuda::env_count(W4A16_BLOCKS_ENV, W4A16_BLOCKS_PER_SM, 1..=16))
 }
 
 /// The blocks per SM in force ([`W4A16_BLOCKS_ENV`], default 4); an error names a bad value.
