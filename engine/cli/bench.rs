@@ -225,7 +225,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             Device::Cpu => None,
         };
         for &batch in &batches {
-            let (out, profile_err) = bench_one(&a, &mut m, tp, batch, telemetry.as_ref())?;
+            let (out, profile_err) = bench_one(&a, &mut m, (tp, batch), &ablate, telemetry.as_ref())?;
             let line = out.to_string();
             println!("{line}");
             std::io::stdout().flush().ok();
@@ -244,11 +244,12 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
 /// Times prefill and decode of `batch` sequences on `m` (`tp` ranks); the result line. With `telemetry`, adds each
 /// GPU's window summary over the full run and the energy per generated token. With `--profile`, adds the step
 /// profiles, or `profile_error` and the error (returned beside the line, so that the run's figures are not lost).
+/// `ablate` is the parsed `--ablate` list the executor was given, reported in the line.
 fn bench_one(
     a: &BenchArgs,
     m: &mut BenchModel,
-    tp: usize,
-    batch: usize,
+    (tp, batch): (usize, usize),
+    ablate: &[&'static str],
     telemetry: Option<&crate::telemetry::Telemetry>,
 ) -> Result<(serde_json::Value, Option<Error>)> {
     use crate::telemetry::Telemetry;
@@ -336,7 +337,7 @@ fn bench_one(
         "fused_swiglu": !a.model.no_fused_swiglu,
         "fused_rope": a.model.fused_rope,
         "fused_norm": a.model.fused_norm,
-        "ablate": crate::model::profile::parse_ablation(a.ablate.as_deref().unwrap_or("")).unwrap_or_default(),
+        "ablate": ablate,
     });
     let tele = match telemetry {
         None => None,

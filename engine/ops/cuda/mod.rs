@@ -92,6 +92,16 @@ fn probe_uncached() -> Result<(), String> {
     Ok(())
 }
 
+/// The switch an environment variable's trimmed, lower-case value names: `0`, `off`, `false` (off) or `1`, `on`,
+/// `true` (on); `None` for anything else, which each variable's reader handles (its default, or an error).
+pub(crate) fn on_off(value: &str) -> Option<bool> {
+    match value {
+        "0" | "off" | "false" => Some(false),
+        "1" | "on" | "true" => Some(true),
+        _ => None,
+    }
+}
+
 /// A count from environment variable `var`: `default` when unset or blank, else a number in `range`; anything else
 /// is an error naming the variable and the range (read by the callers once per process).
 pub(crate) fn env_count(
@@ -135,10 +145,11 @@ fn pdl_from_env() -> Result<()> {
     static APPLIED: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     let applied = APPLIED.get_or_init(|| {
         let value = std::env::var(PDL_ENV).unwrap_or_default();
-        let on = match value.trim().to_ascii_lowercase().as_str() {
-            "0" | "off" | "false" => false,
-            "" | "1" | "on" | "true" => true,
-            other => return Err(format!("{PDL_ENV}: unknown value {other:?} (expected 1 or 0)")),
+        let value = value.trim().to_ascii_lowercase();
+        let on = match on_off(&value) {
+            Some(on) => on,
+            None if value.is_empty() => true,
+            None => return Err(format!("{PDL_ENV}: unknown value {value:?} (expected 1 or 0)")),
         };
         set_programmatic_launch_raw(on);
         Ok(())

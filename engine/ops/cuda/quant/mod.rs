@@ -180,11 +180,11 @@ pub fn w4a16_l2_prefetch_forced() -> crate::Result<Option<bool>> {
     VALUE
         .get_or_init(|| {
             let value = std::env::var(W4A16_PREFETCH_ENV).unwrap_or_default();
-            match value.trim().to_ascii_lowercase().as_str() {
-                "" | "auto" => Ok(None),
-                "0" | "off" | "false" => Ok(Some(false)),
-                "1" | "on" | "true" => Ok(Some(true)),
-                other => Err(format!("{W4A16_PREFETCH_ENV}: unknown value {other:?} (expected auto, 1 or 0)")),
+            let value = value.trim().to_ascii_lowercase();
+            match crate::ops::cuda::on_off(&value) {
+                Some(on) => Ok(Some(on)),
+                None if value.is_empty() || value == "auto" => Ok(None),
+                None => Err(format!("{W4A16_PREFETCH_ENV}: unknown value {value:?} (expected auto, 1 or 0)")),
             }
         })
         .clone()
