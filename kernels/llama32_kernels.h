@@ -420,7 +420,10 @@ l32_status l32_gemv(const l32_gemv_params* params, void* stream);
  * arrival order (the splits are summed in split order). Nothing may alias `out`.
  */
 
-/** Which W4A16 decode kernel runs (same product, same bits for the same `splits`). */
+/**
+ * Which W4A16 decode kernel runs. DIRECT, PIPELINED and TILED compute the same product and give the same bits for
+ * the same `splits`; BULK gives the same bits wherever one of its warps covers a whole 16-row tile.
+ */
 typedef enum l32_w4a16_kernel {
     /** One 16-row tile per warp, activations read by every warp, each chunk set loaded then computed. */
     L32_W4A16_DIRECT = 0,
@@ -434,6 +437,13 @@ typedef enum l32_w4a16_kernel {
      * staged in shared memory with cp.async, double-buffered, so one activation fragment feeds both row tiles.
      */
     L32_W4A16_TILED = 2,
+    /**
+     * m <= 16 on compute capability 9.x only (l32_w4a16_bulk_available): `splits` persistent blocks whose warps
+     * each take an equal share of the (tile, chunk) sequence and stream it through a shared-memory ring filled by
+     * TMA bulk copies. Needs partials (2 * 4 * splits * 16 * m f32) and counters (one per 16-row tile) always, and
+     * 16-byte aligned scales and zero points.
+     */
+    L32_W4A16_BULK = 3,
 } l32_w4a16_kernel;
 
 /**
@@ -452,7 +462,7 @@ typedef struct l32_w4a16_params {
     int64_t m;              /**< 1 ..= 64 */
     int64_t n;              /**< any count >= 0 (0 launches nothing), below 2^31 - 64 */
     int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
-    int32_t splits;         /**< K splits, 1 ..= k / 64 (the Rust heuristic quant::w4a16_splits) */
+    int32_t splits;         /**< K splits, 1 ..= k / 64 (the Rust heuristic quant::w4a16_splits); BULK: blocks, 1 ..= 65535 */
     l32_w4a16_kernel kernel; /**< which kernel; split-K tiles are 64 rows, 128 for TILED and for PIPELINED with 8 < m <= 32 */
     int32_t l2_prefetch;    /**< DIRECT only: nonzero asks L2 for the next chunk set while loading this one (same bits) */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
@@ -460,6 +470,9 @@ typedef struct l32_w4a16_params {
 
 /** Launches the W4A16 decode GEMM on `stream`. */
 l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* stream);
+
+/** 1 when the current device runs L32_W4A16_BULK (built with sm_90a SASS, compute capability 9.x), else 0. */
+int l32_w4a16_bulk_available(void);
 
 /** Dequantizes a W4A16 layout into out[j, c] = bf16(s[j, g] * (q[j, c] - z[j, g])) (one f32 product, one rounding). */
 typedef struct l32_w4a16_dequant_params {

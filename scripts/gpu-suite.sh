@@ -186,7 +186,9 @@ run() {
   # beside torch SDPA, and 3B prefill end to end with each), targets (opt-in: the text issues' target rows on this
   # card, the decode fusions beside them, the direct W4A16 kernel's L2 prefetch forced off and on
   # (LLAMA32_W4A16_PREFETCH), the marginal cost of each kind of call (`bench --ablate`), and the copy / GEMM
-  # ceilings and HF transformers decode). LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
+  # ceilings and HF transformers decode), bulk (opt-in: the bulk W4A16 kernel beside the others, kernel by kernel and
+  # end to end on 1B and 11B Vision W4A16, forced against the default; GPU_SUITE_SKIP_VISION=1 leaves out the 11B
+  # rows). LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
   # torch peers of the quant stage.
@@ -569,6 +571,24 @@ PY
     [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 90 ceilings,hf ceilings-hf
   fi
 
+  if want bulk; then
+    # The bulk W4A16 kernel (TMA ring, stream-K; Hopper, m <= 16) beside the others: every kernel at the 1B / 11B /
+    # 90B shapes, then 1B W4A16 decode at batch 1 and 16 and 11B Vision W4A16 at batch 1 and 16, each by shape (the
+    # default) and with the bulk kernel forced (LLAMA32_W4A16_KERNEL=bulk; it applies at m <= 16), bf16 1B beside.
+    [[ -x "$bundle/tests/gpu" ]] && gpu_bench 150 'GB/s|TFLOP/s' cuda_quant::quant_throughput
+    local bspec
+    for bspec in "1b 1 128 64" "1b 1 128 64 --quantize w4a16-g32" "1b 16 128 64 --quantize w4a16-g32"; do
+      bench_e2e 60 "$bspec"
+    done
+    for bspec in "1b 1 128 64 --quantize w4a16-g32" "1b 16 128 64 --quantize w4a16-g32"; do
+      LLAMA32_W4A16_KERNEL=bulk bench_e2e 60 "$bspec"
+    done
+    if [[ -x "$bundle/tests/gpu" && -z ${GPU_SUITE_SKIP_VISION:-} ]]; then
+      gpu_bench 150 '^BENCH ' cuda_vision_quant::bench_mllama_11b_w4a16_decode auto
+      LLAMA32_W4A16_KERNEL=bulk gpu_bench 150 '^BENCH ' cuda_vision_quant::bench_mllama_11b_w4a16_decode bulk
+    fi
+  fi
+
   if want ncu && [[ -x "$bundle/tests/gpu" ]]; then
     # Nsight Compute over one launch of each kernel of interest (the ignored ncu_* tests): speed of light, memory
     # workload, occupancy and warp states. The whole report stays in the log; one line per kernel joins the table.
@@ -705,7 +725,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk]|run-tp]" >&2
     exit 2
     ;;
 esac

@@ -54,6 +54,7 @@
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
+#include "quant/w4a16_bulk.cuh"
 #include "quant/w4a16_common.cuh"
 #include "quant/w4a16_pipelined.cuh"
 #include "quant/w4a16_tiled.cuh"
@@ -248,13 +249,14 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     if (params == nullptr) return L32_INVALID_ARGUMENT;
     const l32_w4a16_params& p = *params;
     if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
-    if (p.kernel != L32_W4A16_DIRECT && p.kernel != L32_W4A16_PIPELINED && p.kernel != L32_W4A16_TILED) {
+    if (p.kernel != L32_W4A16_DIRECT && p.kernel != L32_W4A16_PIPELINED && p.kernel != L32_W4A16_TILED &&
+        p.kernel != L32_W4A16_BULK) {
         return L32_INVALID_ARGUMENT;
     }
     if (p.out == nullptr || p.x == nullptr || p.qweight == nullptr || p.scales == nullptr) return L32_INVALID_ARGUMENT;
     if (p.m <= 0 || p.k <= 0 || p.n < 0 || p.splits < 1) return L32_INVALID_ARGUMENT;
     if (p.m > 64 || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 64) return L32_UNSUPPORTED;
-    if (p.splits > p.k / 64 || p.splits > 65535) return L32_UNSUPPORTED;
+    if ((p.kernel != L32_W4A16_BULK && p.splits > p.k / 64) || p.splits > 65535) return L32_UNSUPPORTED;
     if (p.splits > 1 && (p.partials == nullptr || p.counters == nullptr)) return L32_INVALID_ARGUMENT;
     if (!is_aligned(p.x, 16) || !is_aligned(p.qweight, 16) || !is_aligned(p.scales, 8)) return L32_UNSUPPORTED;
     if (p.zeros != nullptr && !is_aligned(p.zeros, 8)) return L32_UNSUPPORTED;
@@ -262,6 +264,7 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     const auto s = static_cast<cudaStream_t>(stream);
     if (p.kernel == L32_W4A16_PIPELINED) return quant::launch_w4a16_pipelined(p, s);
     if (p.kernel == L32_W4A16_TILED) return quant::launch_w4a16_tiled(p, s);
+    if (p.kernel == L32_W4A16_BULK) return quant::launch_w4a16_bulk(p, s);
     if (p.m <= 8) return quant::launch_gemm<1>(p, s);
     if (p.m <= 16) return quant::launch_gemm<2>(p, s);
     if (p.m <= 32) return quant::launch_gemm<4>(p, s);

@@ -16,8 +16,9 @@
 //!   both sides, the f32 scaling differs in order only: `|got - want| <= 2^-8 |want| + 2e-5 mag`, where `mag` is
 //!   the sum of the magnitudes of every scaled group term of that output (computed on the host in f64); a
 //!   fragment-mapping error changes an output by a sizable fraction of `mag`.
-//! - Each GEMM gives the same bits twice (the split-K reduction order is fixed), and the two W4A16 decode kernels
-//!   (direct and pipelined) give the same bits for the same split count.
+//! - Each GEMM gives the same bits twice (the split-K reduction order is fixed), and the W4A16 decode kernels
+//!   direct, pipelined and tiled give the same bits for the same split count; the bulk kernel (Hopper, m <= 16)
+//!   gives the direct kernel's bits at one split when each of its warps covers whole tiles.
 //!
 //! Without a CUDA build or a device, each test prints "skipped: no CUDA device" and returns.
 
@@ -98,12 +99,17 @@ fn workspace(stream: &Arc<CudaStream>) -> SplitKWorkspace {
     // The W4A16 forced split counts of w4a16_matches_cpu: up to one split per 64-column chunk on the ODD shapes,
     // 5 on the 1B qkv shape.
     for (n, splits) in ODD.iter().map(|&(k, n)| (n, k / 64)).chain([(3072, 5)]) {
-        for kernel in W4A16Kernel::ALL {
+        for kernel in W4A16Kernel::ALL.into_iter().filter(|k| k.splits_k()) {
             for m in 1..=64 {
                 let b = w4a16_workspace_for(kernel, m, n, splits);
                 need = (need.0.max(b.0), need.1.max(b.1));
             }
         }
+    }
+    // The bulk kernel's forced block counts (BULK_BLOCKS), at up to 16 rows.
+    for (_, n) in LLAMA_1B.iter().chain(&ODD) {
+        let b = w4a16_workspace_for(W4A16Kernel::Bulk, 16, *n, *BULK_BLOCKS.iter().max().unwrap());
+        need = (need.0.max(b.0), need.1.max(b.1));
     }
     SplitKWorkspace::new(stream, need.0, need.1, sms).expect("workspace")
 }
@@ -235,9 +241,15 @@ fn act_quant_rejects_bad_shapes() {
     assert!(download(&stream, &acts.q).iter().all(|&b| b == 0x55), "nothing was launched");
 }
 
-/// One W4A16 shape: every m of `ms`, with each kernel and the heuristic's splits, against the f32 CPU twin, twice
-/// for determinism; then the pipelined kernel at the direct kernel's split count (and at each of `forced` splits)
-/// must give the direct kernel's bits exactly.
+/// Block counts the bulk kernel is also run at: one block (four warps), small counts that cut tiles at uneven
+/// chunks, and more warps than most of the small shapes have chunks (the launcher caps them).
+const BULK_BLOCKS: [usize; 5] = [1, 2, 3, 7, 64];
+
+/// One W4A16 shape: every m of `ms`, with each kernel that runs at m and the heuristic's splits, against the f32 CPU
+/// twin, twice for determinism; then the pipelined and tiled kernels at the direct kernel's split count (and at each
+/// of `forced` splits) must give the direct kernel's bits exactly. The bulk kernel (m <= 16, Hopper) also runs at
+/// each of BULK_BLOCKS blocks against the twin, and with one block on a matrix of a multiple of 4 tiles (each warp
+/// then covers whole tiles) must give the bits of the direct kernel at one split.
 fn check_w4a16(
     stream: &Arc<CudaStream>,
     rng: &mut ChaCha8Rng,
@@ -274,11 +286,8 @@ fn check_w4a16(
         let mut want = vec![f32::NAN; m * n];
         linear(&x32, &w32, m, k, n, &mut want);
         let x_d = upload(stream, &x);
-        let mut direct = Vec::new();
-        for kernel in W4A16Kernel::ALL {
-            let splits = w4a16_splits(kernel, m, n, k, ws.sms());
-            let what = format!("w4a16 {} m {m} k {k} n {n} zeros {zeros} (splits {splits})", kernel.name());
-            let got = run(ws, &x_d, m, W4A16Choice { kernel, splits: None }, &what);
+        // The worst error of `got` as a share of the tolerance; panics past it.
+        let close = |got: &[bf16], what: &str| {
             let mut worst = 0f32;
             for i in 0..m {
                 for j in 0..n {
@@ -289,11 +298,46 @@ fn check_w4a16(
                     worst = worst.max(err / tol);
                 }
             }
+            worst
+        };
+        let mut direct = Vec::new();
+        for kernel in W4A16Kernel::ALL {
+            if !kernel.runs(m) {
+                eprintln!("w4a16 {} m {m}: skipped (the kernel does not run at this m on this device)", kernel.name());
+                continue;
+            }
+            let splits = w4a16_splits(kernel, m, n, k, ws.sms());
+            let what = format!("w4a16 {} m {m} k {k} n {n} zeros {zeros} (splits {splits})", kernel.name());
+            let got = run(ws, &x_d, m, W4A16Choice { kernel, splits: None }, &what);
+            let worst = close(&got, &what);
             let again = run(ws, &x_d, m, W4A16Choice { kernel, splits: None }, &what);
             assert!(same_bits(&again, &got), "{what}: a second run gave different bits");
             eprintln!("{what}: worst error {worst:.3} of the tolerance");
             if kernel == W4A16Kernel::Direct {
                 direct = got;
+            }
+        }
+        if W4A16Kernel::Bulk.runs(m) {
+            for blocks in BULK_BLOCKS {
+                let what = format!("w4a16 bulk m {m} k {k} n {n} zeros {zeros} at {blocks} blocks");
+                let choice = W4A16Choice { kernel: W4A16Kernel::Bulk, splits: Some(blocks) };
+                let got = run(ws, &x_d, m, choice, &what);
+                let worst = close(&got, &what);
+                assert!(same_bits(&run(ws, &x_d, m, choice, &what), &got), "{what}: a second run gave different bits");
+                eprintln!("{what}: worst error {worst:.3} of the tolerance");
+                if blocks == 1 && n.div_ceil(16) % 4 == 0 {
+                    let one = W4A16Choice { kernel: W4A16Kernel::Direct, splits: Some(1) };
+                    let want_bits = run(ws, &x_d, m, one, &what);
+                    if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want_bits[i].to_bits()) {
+                        panic!(
+                            "{what}: out[{}, {}] = {} but direct at 1 split = {}",
+                            i / n,
+                            i % n,
+                            got[i],
+                            want_bits[i]
+                        );
+                    }
+                }
             }
         }
         let direct_splits = w4a16_splits(W4A16Kernel::Direct, m, n, k, ws.sms());
@@ -304,7 +348,7 @@ fn check_w4a16(
             } else {
                 run(ws, &x_d, m, W4A16Choice { kernel: W4A16Kernel::Direct, splits: Some(splits) }, &what)
             };
-            for kernel in W4A16Kernel::ALL.into_iter().filter(|&k| k != W4A16Kernel::Direct) {
+            for kernel in W4A16Kernel::ALL.into_iter().filter(|&k| k != W4A16Kernel::Direct && k.splits_k()) {
                 let got = run(ws, &x_d, m, W4A16Choice { kernel, splits: Some(splits) }, &what);
                 if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want_bits[i].to_bits()) {
                     let name = kernel.name();
@@ -428,6 +472,8 @@ fn quant_gemms_reject_bad_operands() {
         let choice = W4A16Choice { kernel: W4A16Kernel::Pipelined, splits: Some(splits) };
         err(w4a16_gemm_with(&stream, &x, &w16, 1, &mut ws, &mut out, choice), &format!("splits is {splits}"));
     }
+    let bulk = W4A16Choice { kernel: W4A16Kernel::Bulk, splits: None };
+    err(w4a16_gemm_with(&stream, &x, &w16, 17, &mut ws, &mut out, bulk), "m is 17; the bulk kernel takes m <= 16");
     let acts = poisoned_acts(&stream, 2, 128);
     err(w4a8_gemm(&stream, &acts, &w8, 3, &mut ws, &mut out), "int8 activations");
     err(w4a8_gemm(&stream, &acts, &w16, 1, &mut ws, &mut out), "W4A16");
@@ -599,6 +645,10 @@ fn quant_throughput() {
             llama32::ops::cuda::set_programmatic_launch(false).unwrap();
             let mut ours = [0f64; W4A16Kernel::ALL.len()];
             for (t, kernel) in ours.iter_mut().zip(W4A16Kernel::ALL) {
+                if !kernel.runs(m) {
+                    *t = f64::NAN; // bulk above 16 rows or off Hopper: no line
+                    continue;
+                }
                 let choice = W4A16Choice { kernel, splits: None };
                 *t = time_graph(&stream, &mut |i| {
                     w4a16_gemm_with(&stream, &x, &ws[i % copies], m, &mut wsp, &mut out, choice).unwrap();
@@ -624,7 +674,7 @@ fn quant_throughput() {
             });
             llama32::ops::cuda::set_programmatic_launch(was).unwrap();
             let labels = W4A16Kernel::ALL.iter().map(|k| k.name()).chain(["pipe+PDL"]);
-            for (ours, label) in ours.into_iter().chain([pdl]).zip(labels) {
+            for (ours, label) in ours.into_iter().chain([pdl]).zip(labels).filter(|(t, _)| !t.is_nan()) {
                 eprintln!(
                     "w4a16 {label:<9} {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x{prefetch}",
                     ours * 1e6,
@@ -662,7 +712,7 @@ fn ncu_quant_targets() {
             [(1usize, [W4A16Kernel::Direct, W4A16Kernel::Pipelined]), (16, [W4A16Kernel::Direct, W4A16Kernel::Tiled])]
         {
             let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0), false));
-            for kernel in kernels {
+            for kernel in kernels.into_iter().chain(W4A16Kernel::Bulk.runs(m).then_some(W4A16Kernel::Bulk)) {
                 let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
                 let choice = W4A16Choice { kernel, splits: None };
                 w4a16_gemm_with(&stream, &x, &w, m, &mut ws, &mut out, choice).unwrap();

@@ -70,6 +70,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
             super::W4A16Kernel::Direct => ffi::l32_w4a16_kernel::L32_W4A16_DIRECT,
             super::W4A16Kernel::Pipelined => ffi::l32_w4a16_kernel::L32_W4A16_PIPELINED,
             super::W4A16Kernel::Tiled => ffi::l32_w4a16_kernel::L32_W4A16_TILED,
+            super::W4A16Kernel::Bulk => ffi::l32_w4a16_kernel::L32_W4A16_BULK,
         },
         l2_prefetch: i32::from(super::w4a16_l2_prefetch_for(l.m, l.n, l.k)?),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,

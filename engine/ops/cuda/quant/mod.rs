@@ -56,7 +56,7 @@ pub use linear::CudaQuantLinear;
 pub use split_k::w4a16_workspace_for;
 pub use split_k::{
     w4a16_blocks_per_sm, w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_workspace, workspace_bound, SplitKWorkspace,
-    W4A8Plan, W4A16_BLOCKS_ENV,
+    W4A8Plan, BULK_BLOCKS_PER_SM, W4A16_BLOCKS_ENV,
 };
 pub use w4a16::{w4a16_dequant, w4a16_gemm, w4a16_gemm_with, W4A16Choice};
 pub use w4a8::{act_quant, w4a8_gemm, ActSource, QuantActs};
@@ -86,11 +86,13 @@ pub fn supports(k: usize, group: usize) -> bool {
     k > 0 && k % TILE_K == 0 && k <= MAX_K && group > 0 && group % KERNEL_GROUP == 0 && k % group == 0
 }
 
-/// Which W4A16 decode kernel [`w4a16_gemm`] runs. Both compute the same product over the same layout and give the
-/// same bits for the same split count; they differ in how the weight stream overlaps the arithmetic (see
-/// `kernels/quant/w4a16_pipelined.cu`). By default each call picks by shape ([`W4A16Kernel::for_shape`], from the
-/// H200 measurements of 2026-11-27); the environment variable [`W4A16Kernel::ENV`] (`auto`, `direct`, `pipelined`
-/// or `tiled`) can force one for the whole process.
+/// Which W4A16 decode kernel [`w4a16_gemm`] runs. All compute the same product over the same layout; direct,
+/// pipelined and tiled give the same bits for the same split count, bulk wherever one warp covers a whole 16-row
+/// tile. They differ in how the weight stream overlaps the arithmetic (see `kernels/quant/w4a16_pipelined.cu` and
+/// `kernels/quant/w4a16_bulk.cu`). By default each call picks by shape ([`W4A16Kernel::for_shape`], from the
+/// H200 and H100 measurements of 2026-11-27); the environment variable [`W4A16Kernel::ENV`] (`auto`, `direct`,
+/// `pipelined`, `tiled` or `bulk`) can force one for the whole process, at the row counts and on the devices where
+/// it runs ([`W4A16Kernel::runs`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A16Kernel {
     /// One 16-row tile per warp; every warp reads its activations; each chunk set is loaded, then computed.
@@ -102,6 +104,11 @@ pub enum W4A16Kernel {
     /// cp.async (double-buffered), so each activation fragment feeds both of a warp's row tiles. The default at
     /// m > 32 for the largest matrices (see [`for_shape`](Self::for_shape)).
     Tiled,
+    /// For m <= 16 on Hopper (compute capability 9.x): a persistent grid whose warps each take an equal share of the
+    /// matrix's 64-column chunks, streamed through a shared-memory ring that TMA bulk copies fill (6-8 KB in flight
+    /// per warp, whatever the registers), with a deterministic in-kernel sum of the tiles a warp boundary cuts.
+    /// Its `splits` count blocks, not K splits.
+    Bulk,
 }
 
 impl crate::ops::cuda::switch::KernelSwitch for W4A16Kernel {
@@ -115,6 +122,7 @@ impl crate::ops::cuda::switch::KernelSwitch for W4A16Kernel {
             W4A16Kernel::Direct => "direct",
             W4A16Kernel::Pipelined => "pipelined",
             W4A16Kernel::Tiled => "tiled",
+            W4A16Kernel::Bulk => "bulk",
         }
     }
 
@@ -126,11 +134,27 @@ impl crate::ops::cuda::switch::KernelSwitch for W4A16Kernel {
 
 impl W4A16Kernel {
     /// Every kernel.
-    pub const ALL: [W4A16Kernel; 3] = [W4A16Kernel::Direct, W4A16Kernel::Pipelined, W4A16Kernel::Tiled];
+    pub const ALL: [W4A16Kernel; 4] =
+        [W4A16Kernel::Direct, W4A16Kernel::Pipelined, W4A16Kernel::Tiled, W4A16Kernel::Bulk];
 
-    /// The kernel for an `m x k` by `k x n` product: the forced one, else [`for_shape`](Self::for_shape).
+    /// The kernel for an `m x k` by `k x n` product: the forced one where it runs at `m` on this device
+    /// ([`runs`](Self::runs)), else [`for_shape`](Self::for_shape).
     pub fn configured(m: usize, n: usize, k: usize) -> crate::Result<Self> {
-        Ok(Self::forced()?.unwrap_or_else(|| Self::for_shape(m, n, k)))
+        Ok(Self::forced()?.filter(|kernel| kernel.runs(m)).unwrap_or_else(|| Self::for_shape(m, n, k)))
+    }
+
+    /// Whether the kernel takes `m` rows of x on the current device: bulk only at m <= 16 on a device that runs it
+    /// ([`bulk_available`]), the others at every m of the decode path (1..=64).
+    pub fn runs(self, m: usize) -> bool {
+        match self {
+            W4A16Kernel::Bulk => m <= BULK_MAX_M && bulk_available(),
+            _ => true,
+        }
+    }
+
+    /// Whether `splits` counts K splits (direct, pipelined, tiled), which also fixes the bits; bulk's counts blocks.
+    pub fn splits_k(self) -> bool {
+        self != W4A16Kernel::Bulk
     }
 
     /// The faster kernel at this shape, as measured on an H200 (2026-11-27, `cuda_quant::quant_throughput`, the
@@ -209,6 +233,23 @@ pub fn w4a16_l2_prefetch_setting() -> crate::Result<&'static str> {
 /// with it and 1.435 without.
 pub fn w4a16_l2_prefetch_for(m: usize, n: usize, k: usize) -> crate::Result<bool> {
     Ok(w4a16_l2_prefetch_forced()?.unwrap_or(m <= 8 || n.saturating_mul(k) < 1 << 27))
+}
+
+/// The most rows of x the bulk kernel takes.
+pub const BULK_MAX_M: usize = 16;
+
+/// True when the current device runs the bulk W4A16 kernel: this build holds sm_90a SASS and the device has compute
+/// capability 9.x (cached per device in the library).
+#[cfg(llama32_cuda)]
+pub fn bulk_available() -> bool {
+    // SAFETY: no arguments; reads the current device's compute capability (cached per device).
+    unsafe { super::ffi::l32_w4a16_bulk_available() != 0 }
+}
+
+/// True when the current device runs the bulk W4A16 kernel: never in a build without CUDA.
+#[cfg(not(llama32_cuda))]
+pub fn bulk_available() -> bool {
+    false
 }
 
 /// Rows padded to a multiple of 16.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{padded_n, W4A16Kernel, MAX_DECODE_M, MAX_SPLITS, TILE_K, W4A8_BLOCK_N};
+use super::{padded_n, W4A16Kernel, MAX_DECODE_M, MAX_SPLITS, TILE_K, TILE_N, W4A8_BLOCK_N};
 use crate::{Error, Result};
 
 /// The split-K workspace: f32 partials and per-tile arrival counters (zeroed once; every launch leaves them zeroed).
@@ -65,17 +65,36 @@ pub fn w4a16_blocks_per_sm() -> Result<usize> {
 /// K splits of the W4A16 decode `kernel` for `m` x `n` x `k` on `sms` SMs: enough 128-thread blocks for about 4
 /// per SM ([`W4A16_BLOCKS_ENV`]), with at least two 64-column chunks per split. Direct kernel (and the pipelined one
 /// outside 8 < m <= 32), 132 SMs: 1B qkv 11, o 16, gate_up 3, down 17; 11B gate_up 2; 90B gate_up 1, down 5.
+///
+/// For [`W4A16Kernel::Bulk`] the count is of persistent blocks instead: the same blocks per SM, at most
+/// [`BULK_BLOCKS_PER_SM`] (what its shared memory lets stay resident), and no more than one warp per 64-column
+/// chunk of the matrix (132 SMs: 528 blocks on every 1B, 11B and 90B projection).
 pub fn w4a16_splits(kernel: W4A16Kernel, m: usize, n: usize, k: usize, sms: usize) -> usize {
-    let blocks = padded_n(n).div_ceil(kernel.block_rows(m)).max(1);
-    let chunks = (k / TILE_K).max(1);
-    let cap = (chunks / 2).clamp(1, MAX_SPLITS);
     // A bad W4A16_BLOCKS_ENV is refused by every kernel call (ops::cuda::ensure_built); the default stands in here.
     let per_sm = blocks_setting().clone().unwrap_or(W4A16_BLOCKS_PER_SM);
+    let chunks = (k / TILE_K).max(1);
+    if kernel == W4A16Kernel::Bulk {
+        let units = padded_n(n) / TILE_N * chunks;
+        return (per_sm.min(BULK_BLOCKS_PER_SM) * sms).min(units / BULK_WARPS).clamp(1, MAX_BULK_BLOCKS);
+    }
+    let blocks = padded_n(n).div_ceil(kernel.block_rows(m)).max(1);
+    let cap = (chunks / 2).clamp(1, MAX_SPLITS);
     (per_sm * sms).div_ceil(blocks).clamp(1, cap)
 }
 
-/// `(partials, counters)` the W4A16 decode `kernel` needs at `m` rows with `splits` K splits.
+/// Warps per block of the bulk kernel.
+const BULK_WARPS: usize = 4;
+/// The most bulk blocks per SM [`w4a16_splits`] asks for: 37-41 KB of shared memory each.
+pub const BULK_BLOCKS_PER_SM: usize = 5;
+/// The most bulk blocks a launch takes (the grid's x dimension as the C entry accepts it).
+pub const MAX_BULK_BLOCKS: usize = 65_535;
+
+/// `(partials, counters)` the W4A16 decode `kernel` needs at `m` rows with `splits` K splits (bulk: `splits`
+/// blocks, two 16-row partial tiles per warp and one counter per 16-row tile, needed at every count).
 pub fn w4a16_workspace_for(kernel: W4A16Kernel, m: usize, n: usize, splits: usize) -> (usize, usize) {
+    if kernel == W4A16Kernel::Bulk {
+        return (2 * BULK_WARPS * splits * TILE_N * m, padded_n(n) / TILE_N);
+    }
     if splits <= 1 {
         return (0, 0);
     }
@@ -130,7 +149,8 @@ pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize)
     if !w4a8 {
         // Either kernel may run (W4A16Kernel::configured); splits depend on m through the block rows.
         for kernel in W4A16Kernel::ALL {
-            for m in 1..=max_m.clamp(1, MAX_DECODE_M) {
+            let top = if kernel == W4A16Kernel::Bulk { super::BULK_MAX_M } else { MAX_DECODE_M };
+            for m in 1..=max_m.clamp(1, top) {
                 take(w4a16_workspace(kernel, m, n, k, sms));
             }
         }
@@ -168,7 +188,7 @@ mod tests {
         }
         assert_eq!(w4a16_splits(W4A16Kernel::Pipelined, 16, 16384, 2048, sms), 5);
         assert_eq!(w4a16_splits(W4A16Kernel::Pipelined, 32, 28672, 4096, sms), 3);
-        for kernel in W4A16Kernel::ALL {
+        for kernel in W4A16Kernel::ALL.into_iter().filter(|k| k.splits_k()) {
             for (n, k) in [(3072, 2048), (2048, 8192), (57344, 8192), (17, 64)] {
                 for m in [1, 9, 32, 64] {
                     let s = w4a16_splits(kernel, m, n, k, sms);
@@ -176,6 +196,15 @@ mod tests {
                 }
             }
         }
+        // Bulk: 4 blocks per SM on every model projection, fewer where the matrix has fewer than 4 chunks per warp's
+        // share, and one block for a single tile.
+        let bulk = |n, k| w4a16_splits(W4A16Kernel::Bulk, 1, n, k, sms);
+        for (n, k) in [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (57344, 8192), (8192, 28672)] {
+            assert_eq!(bulk(n, k), 4 * sms, "{n}x{k}");
+        }
+        assert_eq!(bulk(64, 1024), 16);
+        assert_eq!(bulk(17, 64), 1);
+        assert_eq!(w4a16_workspace_for(W4A16Kernel::Bulk, 16, 57344, 528), (2 * 4 * 528 * 16 * 16, 3584));
         assert_eq!(w4a8_plan(1, 3072, 2048, sms), W4A8Plan { tile_m: 8, splits: 11 });
         assert_eq!(w4a8_plan(20, 2048, 2048, sms).tile_m, 32);
         assert_eq!(w4a8_plan(1024, 57344, 8192, sms), W4A8Plan { tile_m: 128, splits: 1 });
@@ -193,7 +222,8 @@ mod tests {
             }
             let bound = workspace_bound(false, 700, n, k, sms);
             for kernel in W4A16Kernel::ALL {
-                for m in 1..=MAX_DECODE_M {
+                let top = if kernel == W4A16Kernel::Bulk { crate::ops::cuda::quant::BULK_MAX_M } else { MAX_DECODE_M };
+                for m in 1..=top {
                     let need = w4a16_workspace(kernel, m, n, k, sms);
                     assert!(need.0 <= bound.0 && need.1 <= bound.1, "w4a16 {kernel:?} {n}x{k} m {m}");
                 }

@@ -6,7 +6,7 @@ use half::bf16;
 
 use super::launch::{launch_dequant, launch_w4a16, GemmLaunch};
 use super::split_k::w4a16_workspace_for;
-use super::{w4a16_splits, CudaQuantLinear, SplitKWorkspace, W4A16Kernel, MAX_DECODE_M, TILE_K};
+use super::{w4a16_splits, CudaQuantLinear, SplitKWorkspace, W4A16Kernel, BULK_MAX_M, MAX_DECODE_M, TILE_K};
 use crate::{Error, Result};
 
 /// The most K splits an explicit [`W4A16Choice`] may ask for (the grid's y dimension).
@@ -38,8 +38,9 @@ pub struct W4A16Choice {
     pub splits: Option<usize>,
 }
 
-/// [`w4a16_gemm`] with an explicit kernel and, optionally, split count: both kernels give the same bits for the
-/// same split count, which is how the GPU tests check one against the other.
+/// [`w4a16_gemm`] with an explicit kernel and, optionally, split count: the direct, pipelined and tiled kernels
+/// give the same bits for the same split count, which is how the GPU tests check one against the other (the bulk
+/// kernel's count is of blocks; it takes m <= 16, and only on a device where [`W4A16Kernel::runs`]).
 pub fn w4a16_gemm_with(
     stream: &CudaStream,
     x: &impl DevicePtr<bf16>,
@@ -73,10 +74,15 @@ pub fn w4a16_gemm_with(
     if n == 0 {
         return Ok(());
     }
+    if choice.kernel == W4A16Kernel::Bulk && m > BULK_MAX_M {
+        return fail(format!("m is {m}; the bulk kernel takes m <= {BULK_MAX_M}"));
+    }
+    // Bulk counts blocks (any number the grid takes), the others K splits (at most one per 64-column chunk).
+    let most = if choice.kernel.splits_k() { (k / TILE_K).min(MAX_SPLITS_ACCEPTED) } else { MAX_SPLITS_ACCEPTED };
     let splits = match choice.splits {
         None => w4a16_splits(choice.kernel, m, n, k, ws.sms),
-        Some(s) if (1..=(k / TILE_K).min(MAX_SPLITS_ACCEPTED)).contains(&s) => s,
-        Some(s) => return fail(format!("splits is {s}, must be in 1..={}", (k / TILE_K).min(MAX_SPLITS_ACCEPTED))),
+        Some(s) if (1..=most).contains(&s) => s,
+        Some(s) => return fail(format!("splits is {s}, must be in 1..={most}")),
     };
     let need = w4a16_workspace_for(choice.kernel, m, n, splits);
     if !ws.holds(need) {
