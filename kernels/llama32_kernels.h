@@ -465,6 +465,8 @@ typedef struct l32_w4a16_params {
     int32_t splits;         /**< K splits, 1 ..= k / 64 (the Rust heuristic quant::w4a16_splits); BULK: blocks, 1 ..= 65535 */
     l32_w4a16_kernel kernel; /**< which kernel; split-K tiles are 64 rows, 128 for TILED and for PIPELINED with 8 < m <= 32 */
     int32_t l2_prefetch;    /**< DIRECT only: nonzero asks L2 for the next chunk set while loading this one (same bits) */
+    int32_t bulk_variant;   /**< BULK only, for measurements (0 normally): bit 0 streams the weights without arithmetic
+                                 and writes nothing; bit 1 drops the copies' L2 evict-first hint (same bits) */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_params;
 

@@ -110,8 +110,8 @@ __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* 
             for (int j = 0; j < kMT; ++j) {
                 // Columns 8t..8t+7 of this group for token row g of tile j.
                 const uint4 xb = ld_reuse_16(xr[j] + static_cast<int64_t>(c + u) * 8 + jg * 4);
-                float tile[4] = {0.f, 0.f, 0.f, 0.f};
-                mma_bf16(tile, a00, a01, a02, a03, xb.x, xb.y);
+                float tile[4];
+                mma_bf16_zero(tile, a00, a01, a02, a03, xb.x, xb.y);
                 mma_bf16(tile, a10, a11, a12, a13, xb.z, xb.w);
                 acc[j][0] = fmaf(s_a, tile[0], acc[j][0]);
                 acc[j][1] = fmaf(s_a, tile[1], acc[j][1]);

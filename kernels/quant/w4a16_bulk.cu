@@ -101,23 +101,42 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
 }
 
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` to shared `dst`, completing as
-// transaction bytes on `bar`.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t policy) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-        ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
-        : "memory");
+// transaction bytes on `bar`; with `hint`, under the L2 cache policy `policy`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t policy,
+                                          bool hint) {
+    if (hint) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+            ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+            : "memory");
+    } else {
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                     : "memory");
+    }
 }
 
-// The stream-K partition: U units over W warps, warp w taking [U w / W, U (w + 1) / W).
+// The stream-K partition: U units over W <= U warps, warp w taking [U w / W, U (w + 1) / W) (never empty).
 struct Partition {
     int64_t units, warps, kc;
     __device__ __forceinline__ int64_t begin(int64_t w) const { return units * w / warps; }
     // The warp whose range holds unit u: the largest w with begin(w) <= u.
     __device__ __forceinline__ int64_t owner(int64_t u) const { return ((u + 1) * warps + units - 1) / units - 1; }
-    // Partial slot of warp w's part of tile `tile` (its first tile: 2 w, its last: 2 w + 1).
-    __device__ __forceinline__ int64_t slot(int64_t w, int64_t tile) const {
-        return tile == begin(w) / kc ? 2 * w : 2 * w + 1;
+};
+
+// The tile's warps, first..last, and where each one's part is: warp w's part of tile t is in slot 2 w when t is
+// w's first tile, else (t is its last tile) in slot 2 w + 1. Every warp after `first` starts inside t, so t is
+// its first tile; `first` may have started in an earlier tile.
+struct TileParts {
+    int64_t first, last;
+    bool first_starts_here;
+    __device__ __forceinline__ TileParts(const Partition& part, int64_t tile) {
+        first = part.owner(tile * part.kc);
+        last = part.owner((tile + 1) * part.kc - 1);
+        first_starts_here = part.begin(first) >= tile * part.kc;
+    }
+    __device__ __forceinline__ int64_t slot(int64_t w) const {
+        return w == first && !first_starts_here ? 2 * w + 1 : 2 * w;
     }
 };
 
@@ -149,7 +168,8 @@ __device__ __forceinline__ void flush_tile(const l32_w4a16_params& p, const Part
         return;
     }
     const int m = static_cast<int>(p.m);
-    float* slot = p.partials + part.slot(wid, tile) * 16 * m;
+    const TileParts parts(part, tile);
+    float* slot = p.partials + parts.slot(wid) * 16 * m;
 #pragma unroll
     for (int j = 0; j < kMT; ++j) {
 #pragma unroll
@@ -158,10 +178,7 @@ __device__ __forceinline__ void flush_tile(const l32_w4a16_params& p, const Part
             if (tok < m) slot[tok * 16 + g + (e >= 2 ? 8 : 0)] = acc[j][e];
         }
     }
-    // The tile's warps: the owners of its first and last units and every warp between them with a non-empty range.
-    const int64_t first = part.owner(tile * part.kc), last = part.owner((tile + 1) * part.kc - 1);
-    unsigned count = 0;
-    for (int64_t w = first; w <= last; ++w) count += part.begin(w) < part.begin(w + 1) ? 1u : 0u;
+    const auto count = static_cast<unsigned>(parts.last - parts.first + 1);
     __threadfence();  // this lane's partials are visible device-wide before the warp's arrival is counted
     __syncwarp();
     unsigned done = 0;
@@ -179,10 +196,7 @@ __device__ __forceinline__ void flush_tile(const l32_w4a16_params& p, const Part
         const int64_t row = tile * 16 + r;
         if (row >= p.n) continue;
         float s = 0.f;
-        for (int64_t w = first; w <= last; ++w) {
-            if (part.begin(w) == part.begin(w + 1)) continue;
-            s += __ldcg(p.partials + (part.slot(w, tile) * m + tok) * 16 + r);
-        }
+        for (int64_t w = parts.first; w <= parts.last; ++w) s += __ldcg(p.partials + (parts.slot(w) * m + tok) * 16 + r);
         out[tok * p.n + row] = __float2bfloat16_rn(s);
     }
 }
@@ -201,12 +215,14 @@ __global__ void __launch_bounds__(kWarps * 32, 4) w4a16_bulk_kernel(const __grid
     Partition part;
     part.kc = p.k / 64;
     part.units = (p.n + 15) / 16 * part.kc;
-    part.warps = int64_t{gridDim.x} * kWarps;
+    part.warps = min(int64_t{gridDim.x} * kWarps, part.units);  // warps past it (fewer than 4 chunks) sit out
     const int64_t wid = int64_t{blockIdx.x} * kWarps + warp;
-    const int64_t u0 = part.begin(wid), u1 = part.begin(wid + 1);
+    const bool works = wid < part.warps;
+    const int64_t u0 = works ? part.begin(wid) : 0, u1 = works ? part.begin(wid + 1) : 0;
     const int64_t stages = (u1 - u0 + kUnits - 1) / kUnits;
     WarpRing<kZeros>& ring = rings[warp];
-    const uint64_t policy = evict_first_policy();
+    const bool probe = (p.bulk_variant & 1) != 0, hint = (p.bulk_variant & 2) == 0;
+    const uint64_t policy = hint ? evict_first_policy() : 0;
 
     // Lane 0 fills slot `stage % kStages` with the chunks [u0 + kUnits stage, ...) of this warp's range.
     auto fill = [&](int64_t stage) {
@@ -214,11 +230,13 @@ __global__ void __launch_bounds__(kWarps * 32, 4) w4a16_bulk_kernel(const __grid
         const int64_t ub = u0 + stage * kUnits;
         const auto cnt = static_cast<unsigned>(min(int64_t{kUnits}, u1 - ub));
         mbar_arrive_expect(&ring.bar[slot], cnt * (kWBytes + kSBytes * (kZeros ? 2 : 1)));
-        bulk_copy(ring.w[slot], static_cast<const uint4*>(p.qweight) + ub * 32, cnt * kWBytes, &ring.bar[slot], policy);
-        bulk_copy(ring.s[slot], static_cast<const uint2*>(p.scales) + ub * 8, cnt * kSBytes, &ring.bar[slot], policy);
+        bulk_copy(ring.w[slot], static_cast<const uint4*>(p.qweight) + ub * 32, cnt * kWBytes, &ring.bar[slot], policy,
+                  hint);
+        bulk_copy(ring.s[slot], static_cast<const uint2*>(p.scales) + ub * 8, cnt * kSBytes, &ring.bar[slot], policy,
+                  hint);
         if constexpr (kZeros) {
             bulk_copy(ring.z[slot], static_cast<const uint2*>(p.zeros) + ub * 8, cnt * kSBytes, &ring.bar[slot],
-                      policy);
+                      policy, hint);
         }
     };
     if (lane == 0) {
@@ -247,6 +265,11 @@ __global__ void __launch_bounds__(kWarps * 32, 4) w4a16_bulk_kernel(const __grid
         mbar_wait(&ring.bar[slot], static_cast<unsigned>((stage / kStages) & 1));
         const int64_t ub = u0 + stage * kUnits;
         const int cnt = static_cast<int>(min(int64_t{kUnits}, u1 - ub));
+        if (probe) {  // measurement only: the copy path alone
+            __syncwarp();
+            if (lane == 0 && stage + kStages < stages) fill(stage + kStages);
+            continue;
+        }
 #pragma unroll
         for (int u = 0; u < kUnits; ++u) {
             if (u >= cnt) break;
@@ -275,7 +298,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) w4a16_bulk_kernel(const __grid
             fill(stage + kStages);
         }
     }
-    if (seg < u1) flush_tile<kMT>(p, part, acc, wid, tile, seg, u1, lane);  // the last tile, when partial
+    if (seg < u1 && !probe) flush_tile<kMT>(p, part, acc, wid, tile, seg, u1, lane);  // the last tile, when partial
 #endif
 }
 

@@ -153,8 +153,8 @@ __device__ __forceinline__ GroupA dequant_group(const Frag& f, int jg) {
 
 // acc += scale * (the group's two MMAs over the B fragment xb), in the direct kernel's order.
 __device__ __forceinline__ void group_mma(float (&acc)[4], const GroupA& a, const uint4& xb) {
-    float tile[4] = {0.f, 0.f, 0.f, 0.f};
-    mma_bf16(tile, a.a[0], a.a[1], a.a[2], a.a[3], xb.x, xb.y);
+    float tile[4];
+    mma_bf16_zero(tile, a.a[0], a.a[1], a.a[2], a.a[3], xb.x, xb.y);
     mma_bf16(tile, a.a[4], a.a[5], a.a[6], a.a[7], xb.z, xb.w);
     acc[0] = fmaf(a.s_lo, tile[0], acc[0]);
     acc[1] = fmaf(a.s_lo, tile[1], acc[1]);

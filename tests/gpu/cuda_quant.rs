@@ -621,6 +621,10 @@ fn quant_throughput() {
     if per_sm != 4 {
         prefetch.push_str(&format!(" ({per_sm} blocks per SM)"));
     }
+    let variant = llama32::ops::cuda::quant::w4a16_bulk_variant().unwrap();
+    if variant != 0 {
+        prefetch.push_str(&format!(" (bulk variant {variant})"));
+    }
     for (name, k, n) in shapes.into_iter().filter(|s| picked(s.0)) {
         let lin = timing_weights(n, k, Scheme::W4A16_G32);
         let qbytes = (n * k) as f64 * (0.5 + 2.0 / 32.0);

@@ -128,7 +128,8 @@ pub(crate) fn ensure_built() -> Result<()> {
     if built_with_cuda() {
         pdl_from_env()?;
         attention::decode_split_positions()?;
-        quant::w4a16_blocks_per_sm().map(|_| ())
+        quant::w4a16_blocks_per_sm()?;
+        quant::w4a16_bulk_variant().map(|_| ())
     } else {
         Err(Error::Backend(NOT_BUILT.into()))
     }

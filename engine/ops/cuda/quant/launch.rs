@@ -73,6 +73,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
             super::W4A16Kernel::Bulk => ffi::l32_w4a16_kernel::L32_W4A16_BULK,
         },
         l2_prefetch: i32::from(super::w4a16_l2_prefetch_for(l.m, l.n, l.k)?),
+        bulk_variant: super::w4a16_bulk_variant()? as i32,
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;

@@ -235,6 +235,20 @@ pub fn w4a16_l2_prefetch_for(m: usize, n: usize, k: usize) -> crate::Result<bool
     Ok(w4a16_l2_prefetch_forced()?.unwrap_or(m <= 8 || n.saturating_mul(k) < 1 << 27))
 }
 
+/// The environment variable that runs the bulk W4A16 kernel in a measurement variant (0 to 3; default 0, the
+/// product): bit 0 streams the weights through its ring without arithmetic and writes no output (the copy path's
+/// rate alone; results are garbage), bit 1 drops its copies' L2 evict-first hint (same bits). Read once per process.
+pub const W4A16_BULK_VARIANT_ENV: &str = "LLAMA32_W4A16_BULK_VARIANT";
+
+/// [`W4A16_BULK_VARIANT_ENV`]'s value (default 0); an error names a bad value.
+pub fn w4a16_bulk_variant() -> crate::Result<usize> {
+    static VALUE: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
+    VALUE
+        .get_or_init(|| crate::ops::cuda::env_count(W4A16_BULK_VARIANT_ENV, 0, 0..=3))
+        .clone()
+        .map_err(crate::Error::Request)
+}
+
 /// The most rows of x the bulk kernel takes.
 pub const BULK_MAX_M: usize = 16;
 
