@@ -270,26 +270,51 @@ __global__ void __launch_bounds__(kWarps * 32, 4) w4a16_bulk_kernel(const __grid
             if (lane == 0 && stage + kStages < stages) fill(stage + kStages);
             continue;
         }
+        if (cnt == kUnits && chunk + kUnits < part.kc) {
+            // The common case: a full slot inside one tile, which it does not finish. No branch between its chunks,
+            // so their fragment and activation loads, dequantizations and MMAs interleave (only the FFMAs into
+            // acc keep their order).
+            Frag f[kUnits];
 #pragma unroll
-        for (int u = 0; u < kUnits; ++u) {
-            if (u >= cnt) break;
-            Frag f;
-            f.w = ring.w[slot][u * 32 + lane];
-            f.s = ring.s[slot][u * 8 + g];
-            if constexpr (kZeros) f.z = ring.z[slot][u * 8 + g];
-#pragma unroll
-            for (int jg = 0; jg < 2; ++jg) {
-                const GroupA a = dequant_group<kZeros>(f, jg);
-#pragma unroll
-                for (int j = 0; j < kMT; ++j) group_mma(acc[j], a, ld_reuse_16(xr[j] + chunk * 8 + jg * 4));
+            for (int u = 0; u < kUnits; ++u) {
+                f[u].w = ring.w[slot][u * 32 + lane];
+                f[u].s = ring.s[slot][u * 8 + g];
+                if constexpr (kZeros) f[u].z = ring.z[slot][u * 8 + g];
             }
-            if (++chunk == part.kc) {
-                flush_tile<kMT>(p, part, acc, wid, tile, seg, ub + u + 1, lane);
 #pragma unroll
-                for (int j = 0; j < kMT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-                ++tile;
-                chunk = 0;
-                seg = ub + u + 1;
+            for (int u = 0; u < kUnits; ++u) {
+#pragma unroll
+                for (int jg = 0; jg < 2; ++jg) {
+                    const GroupA a = dequant_group<kZeros>(f[u], jg);
+#pragma unroll
+                    for (int j = 0; j < kMT; ++j) {
+                        group_mma(acc[j], a, ld_reuse_16(xr[j] + (chunk + u) * 8 + jg * 4));
+                    }
+                }
+            }
+            chunk += kUnits;
+        } else {
+#pragma unroll
+            for (int u = 0; u < kUnits; ++u) {
+                if (u >= cnt) break;
+                Frag f;
+                f.w = ring.w[slot][u * 32 + lane];
+                f.s = ring.s[slot][u * 8 + g];
+                if constexpr (kZeros) f.z = ring.z[slot][u * 8 + g];
+#pragma unroll
+                for (int jg = 0; jg < 2; ++jg) {
+                    const GroupA a = dequant_group<kZeros>(f, jg);
+#pragma unroll
+                    for (int j = 0; j < kMT; ++j) group_mma(acc[j], a, ld_reuse_16(xr[j] + chunk * 8 + jg * 4));
+                }
+                if (++chunk == part.kc) {
+                    flush_tile<kMT>(p, part, acc, wid, tile, seg, ub + u + 1, lane);
+#pragma unroll
+                    for (int j = 0; j < kMT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+                    ++tile;
+                    chunk = 0;
+                    seg = ub + u + 1;
+                }
             }
         }
         __syncwarp();  // every lane has read the slot (its values feed the MMAs above)
