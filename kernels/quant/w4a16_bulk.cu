@@ -22,6 +22,14 @@
 //     (first tile) or 2 w + 1 (last tile), and the warp that completes the tile's arrivals sums the partials of
 //     the tile's warps in warp order and writes bf16 (deterministic: the order never depends on who arrives last).
 //
+// Measured (H100, 2026-11-27, eighth session, bench/results/2026-11-27-h100-w4a16-bulk.md): the ring alone, without
+// arithmetic (bulk_variant bit 0), streams 90B gate_up at 2941 GB/s, the copy ceiling; so the limit was never the
+// bytes in flight but the arithmetic per chunk. With it, 90B gate_up at m = 1 runs at 2531 GB/s (104.4 us; direct
+// 116.0) and 90B down at 2279 GB/s (58.0 us; pipelined 61.0), once a full slot inside one tile is computed without
+// a branch between its chunks (the first version, with a tile test after each chunk, took 120 us). On the 11B and
+// 1B matrices the fixed costs (a ring fill before any arithmetic, a partial sum for most tiles) lose to the direct
+// kernel, so W4A16Kernel::for_shape takes this kernel only for the largest matrices.
+//
 // Numerics: per tile and group the two MMAs, the zeroed f32 tile and the FFMA into the accumulator are the direct
 // kernel's (dequant_group / group_mma), in chunk order inside each warp's part of a tile; the parts are summed in
 // f32 in warp order. So the bits equal the direct kernel's wherever one warp covers a whole tile, and otherwise

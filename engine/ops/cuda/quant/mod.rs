@@ -28,6 +28,8 @@
 //! The pipelined kernels (128 threads, [`W4A16Kernel::Pipelined`]): `w4a16_stream_kernel` 80 / 114 registers
 //! (symmetric / zero points); `w4a16_staged_kernel` 131 / 157 registers and 8 KB shared memory for m <= 16,
 //! 177 / 232 and 16 KB for m <= 32, 182 / 173 and 32 KB for m <= 64.
+//! The bulk kernel (128 threads, [`W4A16Kernel::Bulk`], sm_90a only): 107 / 104 registers for m <= 8 and 128 / 128 for
+//! m <= 16 (symmetric / zero points, the cap of four blocks per SM), 37 / 41 KB of static shared memory.
 //! `w4a8_kernel` (256 threads): 198 / 215 registers on sm_90a (symmetric / zero points; the biased MMA accumulator)
 //! and 40.7 KB shared memory for the 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles.
 //! `act_quant_kernel`: 25-39 registers.
@@ -157,9 +159,20 @@ impl W4A16Kernel {
         self != W4A16Kernel::Bulk
     }
 
+    /// The faster kernel at this shape on the current device: [`pick`](Self::pick) with the bulk kernel allowed
+    /// where it runs ([`bulk_available`]).
+    pub fn for_shape(m: usize, n: usize, k: usize) -> Self {
+        Self::pick(m, n, k, bulk_available())
+    }
+
     /// The faster kernel at this shape, as measured on an H200 (2026-11-27, `cuda_quant::quant_throughput`, the
-    /// 1B / 11B / 90B projections at m = 1, 16, 64) and on an H100 (2026-11-27, seventh session, the same shapes
-    /// and the tiled kernel, `bench/results/2026-11-27-h100-targets-prefill-w4a16.md`):
+    /// 1B / 11B / 90B projections at m = 1, 16, 64) and on an H100 (2026-11-27, seventh and eighth sessions, the
+    /// same shapes with the tiled and bulk kernels; `bench/results/2026-11-27-h100-targets-prefill-w4a16.md` and
+    /// `bench/results/2026-11-27-h100-w4a16-bulk.md`), with `bulk` saying whether the bulk kernel runs here:
+    /// - bulk, where it runs, on the largest matrices (n k >= 2^27: the 90B gate_up and down) at m <= 8, and at
+    ///   m <= 16 for the down-like ones (k >= 2 n): H100, us per call, best other -> bulk: 90B gate_up m = 1
+    ///   116.0 -> 104.4, 90B down m = 1 61.0 -> 58.0 and m = 16 87.6 -> 74.3; it lost on 90B gate_up at m = 16
+    ///   (128.6 -> 133.6), on the 11B matrices (1.02-1.11x slower) and on every 1B one (1.2-2x slower);
     /// - pipelined at m <= 8 (where both kernels run one 8-token tile) when k >= 2 n, the down projections:
     ///   1B 10.05 -> 9.62 us, 11B 22.9 -> 19.7 us, 90B 71.4 -> 55.0 us (H200); 11B 23.5 -> 20.9 us, 90B 74.4 ->
     ///   61.0 us (H100); with n > k (gate_up) it lost up to 25%;
@@ -169,11 +182,14 @@ impl W4A16Kernel {
     ///   matrices and 11B down;
     /// - direct everywhere else, and at 8 < m <= 32 in particular, where the pipelined kernel lost 1.2-2.3x (H200)
     ///   and the tiled one 1.1-2.3x (H100).
-    pub fn for_shape(m: usize, n: usize, k: usize) -> Self {
+    pub fn pick(m: usize, n: usize, k: usize, bulk: bool) -> Self {
         let weights = n.saturating_mul(k);
         let down_like = m <= 8 && k >= 2 * n;
         let large = m > 32 && (weights >= 1 << 27 || (n >= 4 * k && weights >= 1 << 26));
-        if large {
+        let bulk = bulk && weights >= 1 << 27 && (m <= 8 || (m <= BULK_MAX_M && k >= 2 * n));
+        if bulk {
+            W4A16Kernel::Bulk
+        } else if large {
             W4A16Kernel::Tiled
         } else if down_like {
             W4A16Kernel::Pipelined
@@ -277,7 +293,7 @@ mod tests {
 
     #[test]
     fn w4a16_kernel_for_shape_follows_the_measurements() {
-        use W4A16Kernel::{Direct, Pipelined, Tiled};
+        use W4A16Kernel::{Bulk, Direct, Pipelined, Tiled};
         // (m, n, k, kernel): the measured winners of 2026-11-27 (H200, then H100), at the 1B / 11B / 90B projections.
         let cases = [
             (1, 2048, 8192, Pipelined),  // 1B down
@@ -296,7 +312,23 @@ mod tests {
             (64, 4096, 14336, Direct),   // 11B down
         ];
         for (m, n, k, want) in cases {
-            assert_eq!(W4A16Kernel::for_shape(m, n, k), want, "m {m} n {n} k {k}");
+            assert_eq!(W4A16Kernel::pick(m, n, k, false), want, "m {m} n {n} k {k}");
+        }
+        // Where the bulk kernel runs (Hopper): the H100 winners of 2026-11-27 (eighth session).
+        let hopper = [
+            (1, 57344, 8192, Bulk),      // 90B gate_up
+            (8, 57344, 8192, Bulk),      //
+            (16, 57344, 8192, Direct),   // 90B gate_up at m = 16: direct
+            (1, 8192, 28672, Bulk),      // 90B down
+            (16, 8192, 28672, Bulk),     //
+            (17, 8192, 28672, Direct),   // past the bulk kernel's rows
+            (64, 8192, 28672, Tiled),    //
+            (1, 28672, 4096, Direct),    // 11B gate_up: too small
+            (1, 4096, 14336, Pipelined), // 11B down
+            (1, 16384, 2048, Direct),    // 1B gate_up
+        ];
+        for (m, n, k, want) in hopper {
+            assert_eq!(W4A16Kernel::pick(m, n, k, true), want, "hopper: m {m} n {n} k {k}");
         }
     }
 
