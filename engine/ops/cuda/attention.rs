@@ -161,15 +161,12 @@ const MIN_POSITIONS_PER_SPLIT: usize = 256;
 /// ~140 positions. A smaller value splits such contexts (then a merge kernel runs); an A/B for the benches.
 pub const DECODE_SPLIT_ENV: &str = "LLAMA32_DECODE_SPLIT_POSITIONS";
 
-/// [`DECODE_SPLIT_ENV`]'s value, or why it is not one.
-fn split_positions_setting() -> &'static std::result::Result<usize, String> {
-    static VALUE: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
-    VALUE.get_or_init(|| super::env_count(DECODE_SPLIT_ENV, MIN_POSITIONS_PER_SPLIT, 16..=65536))
-}
+/// [`DECODE_SPLIT_ENV`]'s setting.
+static SPLIT_POSITIONS: super::EnvCount = super::EnvCount::new(DECODE_SPLIT_ENV, MIN_POSITIONS_PER_SPLIT, 16..=65536);
 
 /// The fewest positions per decode split in force ([`DECODE_SPLIT_ENV`], default 256); an error names a bad value.
 pub fn decode_split_positions() -> Result<usize> {
-    split_positions_setting().clone().map_err(Error::Request)
+    SPLIT_POSITIONS.get()
 }
 /// The most query heads per kv head the decode kernel takes (one 16-row MMA tile).
 const MAX_DECODE_GROUP: usize = 16;
@@ -182,8 +179,7 @@ const MAX_DECODE_GROUP: usize = 16;
 pub fn decode_num_splits(layout: &PagedLayout, num_seqs: usize, max_context_len: usize, num_sms: usize) -> usize {
     let ctas = (num_seqs * layout.num_kv_heads).max(1);
     let wanted = (2 * num_sms.max(1)).div_ceil(ctas);
-    // A bad DECODE_SPLIT_ENV is refused by every kernel call (ops::cuda::ensure_built); the default stands in here.
-    let min = split_positions_setting().clone().unwrap_or(MIN_POSITIONS_PER_SPLIT);
+    let min = SPLIT_POSITIONS.or_default();
     let most = (max_context_len / min).clamp(1, MAX_DECODE_SPLITS);
     wanted.clamp(1, most)
 }

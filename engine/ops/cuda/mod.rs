@@ -102,20 +102,43 @@ pub(crate) fn on_off(value: &str) -> Option<bool> {
     }
 }
 
-/// A count from environment variable `var`: `default` when unset or blank, else a number in `range`; anything else
-/// is an error naming the variable and the range (read by the callers once per process).
-pub(crate) fn env_count(
-    var: &str,
+/// A count read once per process from an environment variable: `default` when unset or blank, else a number in
+/// `range`; anything else is an error naming the variable and the range. Each setting is a `static` of its own.
+pub(crate) struct EnvCount {
+    var: &'static str,
     default: usize,
     range: std::ops::RangeInclusive<usize>,
-) -> std::result::Result<usize, String> {
-    match std::env::var(var) {
-        Err(_) => Ok(default),
-        Ok(v) if v.trim().is_empty() => Ok(default),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if range.contains(&n) => Ok(n),
-            _ => Err(format!("{var}: {v:?} is not a count in {}..={}", range.start(), range.end())),
-        },
+    value: std::sync::OnceLock<std::result::Result<usize, String>>,
+}
+
+impl EnvCount {
+    /// The setting of `var`, read on first use.
+    pub(crate) const fn new(var: &'static str, default: usize, range: std::ops::RangeInclusive<usize>) -> Self {
+        EnvCount { var, default, range, value: std::sync::OnceLock::new() }
+    }
+
+    fn read(&self) -> &std::result::Result<usize, String> {
+        self.value.get_or_init(|| match std::env::var(self.var) {
+            Err(_) => Ok(self.default),
+            Ok(v) if v.trim().is_empty() => Ok(self.default),
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(n) if self.range.contains(&n) => Ok(n),
+                _ => {
+                    Err(format!("{}: {v:?} is not a count in {}..={}", self.var, self.range.start(), self.range.end()))
+                }
+            },
+        })
+    }
+
+    /// The count in force; a bad value is an error that names the variable.
+    pub(crate) fn get(&self) -> Result<usize> {
+        self.read().clone().map_err(Error::Request)
+    }
+
+    /// The count in force, or the default where the value is bad (which every kernel call refuses through
+    /// [`ensure_built`]).
+    pub(crate) fn or_default(&self) -> usize {
+        self.read().clone().unwrap_or(self.default)
     }
 }
 

@@ -148,9 +148,14 @@ impl W4A16Kernel {
     /// Whether the kernel takes `m` rows of x on the current device: bulk only at m <= 16 on a device that runs it
     /// ([`bulk_available`]), the others at every m of the decode path (1..=64).
     pub fn runs(self, m: usize) -> bool {
+        m <= self.max_m() && (self != W4A16Kernel::Bulk || bulk_available())
+    }
+
+    /// The most rows of x the kernel takes: [`BULK_MAX_M`] for bulk, [`MAX_DECODE_M`] for the others.
+    pub fn max_m(self) -> usize {
         match self {
-            W4A16Kernel::Bulk => m <= BULK_MAX_M && bulk_available(),
-            _ => true,
+            W4A16Kernel::Bulk => BULK_MAX_M,
+            _ => MAX_DECODE_M,
         }
     }
 
@@ -162,7 +167,14 @@ impl W4A16Kernel {
     /// The faster kernel at this shape on the current device: [`pick`](Self::pick) with the bulk kernel allowed
     /// where it runs ([`bulk_available`]).
     pub fn for_shape(m: usize, n: usize, k: usize) -> Self {
-        Self::pick(m, n, k, bulk_available())
+        // The device is asked only for the shapes the bulk kernel would take.
+        Self::pick(m, n, k, Self::bulk_shape(m, n, k) && bulk_available())
+    }
+
+    /// The shapes where the bulk kernel measured fastest (see [`pick`](Self::pick)): n k >= 2^27 at m <= 8, and
+    /// the down-like ones (k >= 2 n) at m <= 16.
+    fn bulk_shape(m: usize, n: usize, k: usize) -> bool {
+        n.saturating_mul(k) >= 1 << 27 && (m <= 8 || (m <= BULK_MAX_M && k >= 2 * n))
     }
 
     /// The faster kernel at this shape, as measured on an H200 (2026-11-27, `cuda_quant::quant_throughput`, the
@@ -186,8 +198,7 @@ impl W4A16Kernel {
         let weights = n.saturating_mul(k);
         let down_like = m <= 8 && k >= 2 * n;
         let large = m > 32 && (weights >= 1 << 27 || (n >= 4 * k && weights >= 1 << 26));
-        let bulk = bulk && weights >= 1 << 27 && (m <= 8 || (m <= BULK_MAX_M && k >= 2 * n));
-        if bulk {
+        if bulk && Self::bulk_shape(m, n, k) {
             W4A16Kernel::Bulk
         } else if large {
             W4A16Kernel::Tiled
@@ -258,11 +269,8 @@ pub const W4A16_BULK_VARIANT_ENV: &str = "LLAMA32_W4A16_BULK_VARIANT";
 
 /// [`W4A16_BULK_VARIANT_ENV`]'s value (default 0); an error names a bad value.
 pub fn w4a16_bulk_variant() -> crate::Result<usize> {
-    static VALUE: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
-    VALUE
-        .get_or_init(|| crate::ops::cuda::env_count(W4A16_BULK_VARIANT_ENV, 0, 0..=3))
-        .clone()
-        .map_err(crate::Error::Request)
+    static VARIANT: crate::ops::cuda::EnvCount = crate::ops::cuda::EnvCount::new(W4A16_BULK_VARIANT_ENV, 0, 0..=3);
+    VARIANT.get()
 }
 
 /// The most rows of x the bulk kernel takes.

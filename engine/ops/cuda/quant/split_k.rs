@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{padded_n, W4A16Kernel, MAX_DECODE_M, MAX_SPLITS, TILE_K, TILE_N, W4A8_BLOCK_N};
+use super::{padded_n, W4A16Kernel, MAX_SPLITS, TILE_K, TILE_N, W4A8_BLOCK_N};
 use crate::{Error, Result};
 
 /// The split-K workspace: f32 partials and per-tile arrival counters (zeroed once; every launch leaves them zeroed).
@@ -51,15 +51,13 @@ const W4A16_BLOCKS_PER_SM: usize = 4;
 /// issue, latency-bound; more splits put more warps, and so more loads, in flight.
 pub const W4A16_BLOCKS_ENV: &str = "LLAMA32_W4A16_BLOCKS_PER_SM";
 
-/// [`W4A16_BLOCKS_ENV`]'s value, or why it is not one.
-fn blocks_setting() -> &'static std::result::Result<usize, String> {
-    static VALUE: std::sync::OnceLock<std::result::Result<usize, String>> = std::sync::OnceLock::new();
-    VALUE.get_or_init(|| crate::ops::cuda::env_count(W4A16_BLOCKS_ENV, W4A16_BLOCKS_PER_SM, 1..=16))
-}
+/// [`W4A16_BLOCKS_ENV`]'s setting.
+static BLOCKS_PER_SM: crate::ops::cuda::EnvCount =
+    crate::ops::cuda::EnvCount::new(W4A16_BLOCKS_ENV, W4A16_BLOCKS_PER_SM, 1..=16);
 
 /// The blocks per SM in force ([`W4A16_BLOCKS_ENV`], default 4); an error names a bad value.
 pub fn w4a16_blocks_per_sm() -> Result<usize> {
-    blocks_setting().clone().map_err(Error::Request)
+    BLOCKS_PER_SM.get()
 }
 
 /// K splits of the W4A16 decode `kernel` for `m` x `n` x `k` on `sms` SMs: enough 128-thread blocks for about 4
@@ -70,8 +68,7 @@ pub fn w4a16_blocks_per_sm() -> Result<usize> {
 /// [`BULK_BLOCKS_PER_SM`] (what its shared memory lets stay resident), and no more than one warp per 64-column
 /// chunk of the matrix (132 SMs: 528 blocks on every 1B, 11B and 90B projection).
 pub fn w4a16_splits(kernel: W4A16Kernel, m: usize, n: usize, k: usize, sms: usize) -> usize {
-    // A bad W4A16_BLOCKS_ENV is refused by every kernel call (ops::cuda::ensure_built); the default stands in here.
-    let per_sm = blocks_setting().clone().unwrap_or(W4A16_BLOCKS_PER_SM);
+    let per_sm = BLOCKS_PER_SM.or_default();
     let chunks = (k / TILE_K).max(1);
     if kernel == W4A16Kernel::Bulk {
         let units = padded_n(n) / TILE_N * chunks;
@@ -149,8 +146,7 @@ pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize)
     if !w4a8 {
         // Either kernel may run (W4A16Kernel::configured); splits depend on m through the block rows.
         for kernel in W4A16Kernel::ALL {
-            let top = if kernel == W4A16Kernel::Bulk { super::BULK_MAX_M } else { MAX_DECODE_M };
-            for m in 1..=max_m.clamp(1, top) {
+            for m in 1..=max_m.clamp(1, kernel.max_m()) {
                 take(w4a16_workspace(kernel, m, n, k, sms));
             }
         }
@@ -222,8 +218,7 @@ mod tests {
             }
             let bound = workspace_bound(false, 700, n, k, sms);
             for kernel in W4A16Kernel::ALL {
-                let top = if kernel == W4A16Kernel::Bulk { crate::ops::cuda::quant::BULK_MAX_M } else { MAX_DECODE_M };
-                for m in 1..=top {
+                for m in 1..=kernel.max_m() {
                     let need = w4a16_workspace(kernel, m, n, k, sms);
                     assert!(need.0 <= bound.0 && need.1 <= bound.1, "w4a16 {kernel:?} {n}x{k} m {m}");
                 }

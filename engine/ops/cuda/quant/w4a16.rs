@@ -6,7 +6,8 @@ use half::bf16;
 
 use super::launch::{launch_dequant, launch_w4a16, GemmLaunch};
 use super::split_k::w4a16_workspace_for;
-use super::{w4a16_splits, CudaQuantLinear, SplitKWorkspace, W4A16Kernel, BULK_MAX_M, MAX_DECODE_M, TILE_K};
+use super::{w4a16_splits, CudaQuantLinear, SplitKWorkspace, W4A16Kernel, MAX_DECODE_M, TILE_K};
+use crate::ops::cuda::switch::KernelSwitch;
 use crate::{Error, Result};
 
 /// The most K splits an explicit [`W4A16Choice`] may ask for (the grid's y dimension).
@@ -74,8 +75,8 @@ pub fn w4a16_gemm_with(
     if n == 0 {
         return Ok(());
     }
-    if choice.kernel == W4A16Kernel::Bulk && m > BULK_MAX_M {
-        return fail(format!("m is {m}; the bulk kernel takes m <= {BULK_MAX_M}"));
+    if m > choice.kernel.max_m() {
+        return fail(format!("m is {m}; the {} kernel takes m <= {}", choice.kernel.name(), choice.kernel.max_m()));
     }
     // Bulk counts blocks (any number the grid takes), the others K splits (at most one per 64-column chunk).
     let most = if choice.kernel.splits_k() { (k / TILE_K).min(MAX_SPLITS_ACCEPTED) } else { MAX_SPLITS_ACCEPTED };
