@@ -211,6 +211,36 @@ __device__ __forceinline__ void flush_tile(const l32_w4a16_params& p, const Part
 
 #endif
 
+// Lane `lane`'s fragment of chunk `u` of ring slot `slot`: its 16 bytes of weights, its row pair's scales (and
+// biases).
+template <bool kZeros>
+__device__ __forceinline__ Frag slot_frag(const WarpRing<kZeros>& ring, int slot, int u, int lane) {
+    Frag f;
+    f.w = ring.w[slot][u * 32 + lane];
+    f.s = ring.s[slot][u * 8 + lane / 4];
+    if constexpr (kZeros) f.z = ring.z[slot][u * 8 + lane / 4];
+    return f;
+}
+
+// acc += one 64-column chunk (column chunk `chunk` of the tile) of fragment f against the token rows xr, group by
+// group in the direct kernel's order.
+template <int kMT, bool kZeros>
+__device__ __forceinline__ void chunk_mma(float (&acc)[kMT][4], const Frag& f, const uint4* const (&xr)[kMT],
+                                          int64_t chunk) {
+#pragma unroll
+    for (int jg = 0; jg < 2; ++jg) {
+        const GroupA a = dequant_group<kZeros>(f, jg);
+#pragma unroll
+        for (int j = 0; j < kMT; ++j) group_mma(acc[j], a, ld_reuse_16(xr[j] + chunk * 8 + jg * 4));
+    }
+}
+
+template <int kMT>
+__device__ __forceinline__ void zero_acc(float (&acc)[kMT][4]) {
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
 // grid = splits persistent blocks (the launcher caps them so every warp has a chunk where the matrix has enough),
 // block = kWarps * 32. kMT = ceil(m / 8) token tiles (1 or 2).
 template <int kMT, bool kZeros>
@@ -265,8 +295,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) w4a16_bulk_kernel(const __grid
         xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k) + t;
     }
     float acc[kMT][4];
-#pragma unroll
-    for (int j = 0; j < kMT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    zero_acc<kMT>(acc);
     int64_t tile = u0 / part.kc, chunk = u0 % part.kc, seg = u0;
     for (int64_t stage = 0; stage < stages; ++stage) {
         const int slot = static_cast<int>(stage % kStages);
@@ -284,41 +313,18 @@ __global__ void __launch_bounds__(kWarps * 32, 4) w4a16_bulk_kernel(const __grid
             // acc keep their order).
             Frag f[kUnits];
 #pragma unroll
-            for (int u = 0; u < kUnits; ++u) {
-                f[u].w = ring.w[slot][u * 32 + lane];
-                f[u].s = ring.s[slot][u * 8 + g];
-                if constexpr (kZeros) f[u].z = ring.z[slot][u * 8 + g];
-            }
+            for (int u = 0; u < kUnits; ++u) f[u] = slot_frag<kZeros>(ring, slot, u, lane);
 #pragma unroll
-            for (int u = 0; u < kUnits; ++u) {
-#pragma unroll
-                for (int jg = 0; jg < 2; ++jg) {
-                    const GroupA a = dequant_group<kZeros>(f[u], jg);
-#pragma unroll
-                    for (int j = 0; j < kMT; ++j) {
-                        group_mma(acc[j], a, ld_reuse_16(xr[j] + (chunk + u) * 8 + jg * 4));
-                    }
-                }
-            }
+            for (int u = 0; u < kUnits; ++u) chunk_mma<kMT, kZeros>(acc, f[u], xr, chunk + u);
             chunk += kUnits;
         } else {
 #pragma unroll
             for (int u = 0; u < kUnits; ++u) {
                 if (u >= cnt) break;
-                Frag f;
-                f.w = ring.w[slot][u * 32 + lane];
-                f.s = ring.s[slot][u * 8 + g];
-                if constexpr (kZeros) f.z = ring.z[slot][u * 8 + g];
-#pragma unroll
-                for (int jg = 0; jg < 2; ++jg) {
-                    const GroupA a = dequant_group<kZeros>(f, jg);
-#pragma unroll
-                    for (int j = 0; j < kMT; ++j) group_mma(acc[j], a, ld_reuse_16(xr[j] + chunk * 8 + jg * 4));
-                }
+                chunk_mma<kMT, kZeros>(acc, slot_frag<kZeros>(ring, slot, u, lane), xr, chunk);
                 if (++chunk == part.kc) {
                     flush_tile<kMT>(p, part, acc, wid, tile, seg, ub + u + 1, lane);
-#pragma unroll
-                    for (int j = 0; j < kMT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+                    zero_acc<kMT>(acc);
                     ++tile;
                     chunk = 0;
                     seg = ub + u + 1;
