@@ -467,6 +467,11 @@ typedef struct l32_w4a16_params {
     int32_t l2_prefetch;    /**< DIRECT only: nonzero asks L2 for the next chunk set while loading this one (same bits) */
     int32_t bulk_variant;   /**< BULK only, for measurements (0 normally): bit 0 streams the weights without arithmetic
                                  and writes nothing; bit 1 drops the copies' L2 evict-first hint (same bits) */
+    int64_t pair_half;      /**< 0, or the layout is paired (SwiGLU's gate_up): n == 2 pair_half, pair_half a multiple
+                                 of 8, and 16-row tile t holds matrix rows 8 t .. 8 t + 7 (its rows 0-7) and
+                                 pair_half + 8 t .. (rows 8-15); the plain output is still in matrix row order */
+    int32_t silu;           /**< with pair_half: out is [m, pair_half] = bf16(silu(bf16 gate) * bf16 up), the bits of
+                                 the plain output followed by l32_silu_mul */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_params;
 
@@ -484,6 +489,7 @@ typedef struct l32_w4a16_dequant_params {
     const void* zeros;      /**< as in l32_w4a16_params, or NULL */
     int64_t n;              /**< >= 0, below 2^31 - 64 */
     int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
+    int64_t pair_half;      /**< as in l32_w4a16_params: out is in matrix row order either way */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_dequant_params;
 

@@ -449,6 +449,10 @@ run() {
     # default, at batch 1 where they matter.
     bench_e2e 120 "1b 1 128 64 --no-fused-swiglu"
     bench_e2e 120 "3b 1 128 64 --no-fused-swiglu"
+    # The W4A16 SwiGLU epilogue (paired gate_up rows; on by default) against its ablation, at batch 1 and 16.
+    bench_e2e 120 "1b 1 128 64 --quantize w4a16-g32 --no-fused-swiglu"
+    bench_e2e 120 "1b 16 128 64 --quantize w4a16-g32"
+    bench_e2e 120 "1b 16 128 64 --quantize w4a16-g32 --no-fused-swiglu"
     bench_e2e 120 "1b 1 128 64 --fused-rope"
     bench_e2e 120 "3b 1 128 64 --fused-rope"
     # The norm prologue fusion (off by default), alone and with the RoPE fusion.

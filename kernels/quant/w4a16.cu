@@ -36,6 +36,10 @@
 //     64-row tile sums them in split order (deterministic, one launch, no atomics on data; see splitk_arrive).
 //   - Rows past n: the layout pads n to a multiple of 16 with zero rows; those outputs are never written. Token
 //     rows past m read the last valid row (the MMA's extra columns are discarded).
+//   - Every output store of the four kernels goes through w4a16_emit_pair (w4a16_common.cuh) with the sums of a
+//     tile's rows r and r + 8, which lane (g, t) holds together. With a paired layout (p.pair_half: SwiGLU's
+//     gate_up, gate j and up j in one tile) it writes them at their matrix rows, or with p.silu silu(gate) * up
+//     with the bits of l32_silu_mul, one launch and one [m, 2 inter] round trip less per layer.
 //
 // Bytes streamed per call: n_pad * k / 2 (int4) + n_pad * k / 16 (bf16 scale per 32) = 0.5625 n k, plus
 // 2 m k (x, L1/L2 resident) and 2 m n (out) or 8 splits m n (f32 partials, L2 resident). Examples:
@@ -156,17 +160,16 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
         for (; c < c1; ++c) w4a16_chunks<kMT, kZeros, 1>(acc, wq, sc, zr, xr, c, c1, prefetch);
     }
 
-    // acc[j][e]: weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd e).
-    auto* out = static_cast<bf16*>(p.out);
+    // acc[j][e]: layout row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd e).
+    const int64_t row = int64_t{nt} * 16 + g;
     if (p.splits == 1) {
         if (nt >= ntiles) return;
 #pragma unroll
         for (int j = 0; j < kMT; ++j) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int64_t row = int64_t{nt} * 16 + g + (e >= 2 ? 8 : 0);
-                const int tok = 8 * j + 2 * t + (e & 1);
-                if (tok < m && row < p.n) out[tok * p.n + row] = __float2bfloat16_rn(acc[j][e]);
+            for (int e = 0; e < 2; ++e) {
+                const int tok = 8 * j + 2 * t + e;
+                if (tok < m) w4a16_emit_pair(p, tok, row, acc[j][e], acc[j][e + 2]);
             }
         }
         return;
@@ -175,10 +178,12 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
 #pragma unroll
         for (int j = 0; j < kMT; ++j) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int64_t row = int64_t{nt} * 16 + g + (e >= 2 ? 8 : 0);
-                const int tok = 8 * j + 2 * t + (e & 1);
-                if (tok < m) p.partials[(int64_t{blockIdx.y} * m + tok) * npad + row] = acc[j][e];
+            for (int e = 0; e < 2; ++e) {
+                const int tok = 8 * j + 2 * t + e;
+                if (tok >= m) continue;
+                float* part = p.partials + (int64_t{blockIdx.y} * m + tok) * npad + row;
+                part[0] = acc[j][e];
+                part[8] = acc[j][e + 2];
             }
         }
     }
@@ -217,8 +222,9 @@ __global__ void __launch_bounds__(256) w4a16_dequant_kernel(const __grid_constan
     auto* out = static_cast<bf16*>(p.out);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int64_t row = nt * 16 + g + 8 * r;
-        if (row >= p.n) continue;
+        const int64_t layout_row = nt * 16 + g + 8 * r;
+        if (layout_row >= p.n) continue;
+        const int64_t row = w4a16_matrix_row(layout_row, p.pair_half);
 #pragma unroll
         for (int jg = 0; jg < 2; ++jg) {
             const uint32_t word = r == 0 ? (jg == 0 ? w.x : w.z) : (jg == 0 ? w.y : w.w);
@@ -258,6 +264,10 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     if (p.m > 64 || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 64) return L32_UNSUPPORTED;
     if ((p.kernel != L32_W4A16_BULK && p.splits > p.k / 64) || p.splits > 65535) return L32_UNSUPPORTED;
     if (p.splits > 1 && (p.partials == nullptr || p.counters == nullptr)) return L32_INVALID_ARGUMENT;
+    if (p.pair_half < 0 || (p.pair_half > 0 && (p.pair_half % 8 != 0 || p.n != 2 * p.pair_half))) {
+        return L32_INVALID_ARGUMENT;
+    }
+    if (p.silu != 0 && p.pair_half == 0) return L32_INVALID_ARGUMENT;
     if (!is_aligned(p.x, 16) || !is_aligned(p.qweight, 16) || !is_aligned(p.scales, 8)) return L32_UNSUPPORTED;
     if (p.zeros != nullptr && !is_aligned(p.zeros, 8)) return L32_UNSUPPORTED;
     if (p.n == 0) return L32_OK;
@@ -279,6 +289,9 @@ extern "C" l32_status l32_w4a16_dequant(const l32_w4a16_dequant_params* params, 
     if (p.out == nullptr || p.qweight == nullptr || p.scales == nullptr) return L32_INVALID_ARGUMENT;
     if (p.k <= 0 || p.n < 0) return L32_INVALID_ARGUMENT;
     if (p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 64) return L32_UNSUPPORTED;
+    if (p.pair_half < 0 || (p.pair_half > 0 && (p.pair_half % 8 != 0 || p.n != 2 * p.pair_half))) {
+        return L32_INVALID_ARGUMENT;
+    }
     if (!is_aligned(p.out, 16) || !is_aligned(p.qweight, 16) || !is_aligned(p.scales, 8)) return L32_UNSUPPORTED;
     if (p.zeros != nullptr && !is_aligned(p.zeros, 8)) return L32_UNSUPPORTED;
     if (p.n == 0) return L32_OK;

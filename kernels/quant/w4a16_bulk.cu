@@ -148,19 +148,18 @@ struct TileParts {
     }
 };
 
-// Writes the accumulators of tile `tile` as bf16 (lane (g, t): rows g, g + 8, tokens 8 j + 2 t (+1)).
+// Writes the accumulators of tile `tile` through w4a16_emit_pair (lane (g, t): rows g, g + 8, tokens 8 j + 2 t
+// (+1)).
 template <int kMT>
 __device__ __forceinline__ void store_out(const l32_w4a16_params& p, const float (&acc)[kMT][4], int64_t tile, int g,
                                           int t) {
-    auto* out = static_cast<bf16*>(p.out);
     const int m = static_cast<int>(p.m);
 #pragma unroll
     for (int j = 0; j < kMT; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int64_t row = tile * 16 + g + (e >= 2 ? 8 : 0);
-            const int tok = 8 * j + 2 * t + (e & 1);
-            if (tok < m && row < p.n) out[tok * p.n + row] = __float2bfloat16_rn(acc[j][e]);
+        for (int e = 0; e < 2; ++e) {
+            const int tok = 8 * j + 2 * t + e;
+            if (tok < m) w4a16_emit_pair(p, tok, tile * 16 + g, acc[j][e], acc[j][e + 2]);
         }
     }
 }
@@ -198,14 +197,17 @@ __device__ __forceinline__ void flush_tile(const l32_w4a16_params& p, const Part
     done = __shfl_sync(0xffffffffu, done, 0);
     if (done == 0) return;
     __threadfence();  // order the arrival before the reads of the other warps' partials
-    auto* out = static_cast<bf16*>(p.out);
-    for (int i = lane; i < 16 * m; i += 32) {
-        const int tok = i / 16, r = i % 16;
+    for (int i = lane; i < 8 * m; i += 32) {
+        const int tok = i / 8, r = i % 8;
         const int64_t row = tile * 16 + r;
         if (row >= p.n) continue;
-        float s = 0.f;
-        for (int64_t w = parts.first; w <= parts.last; ++w) s += __ldcg(p.partials + (parts.slot(w) * m + tok) * 16 + r);
-        out[tok * p.n + row] = __float2bfloat16_rn(s);
+        float lo = 0.f, hi = 0.f;
+        for (int64_t w = parts.first; w <= parts.last; ++w) {
+            const float* part = p.partials + (parts.slot(w) * m + tok) * 16 + r;
+            lo += __ldcg(part);
+            hi += __ldcg(part + 8);
+        }
+        w4a16_emit_pair(p, tok, row, lo, hi);
     }
 }
 

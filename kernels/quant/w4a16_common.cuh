@@ -1,6 +1,7 @@
-// Device pieces of the W4A16 decode kernels (kernels/quant/w4a16.cu, w4a16_pipelined.cu, w4a16_tiled.cu): bf16
-// halves of the layout's packed scale and bias words and the deterministic split-K finish of a block of rows (both
-// kernels), and the launch coordinates, tile pointers and tile store (the pipelined kernels).
+// Device pieces of the W4A16 decode kernels (kernels/quant/w4a16.cu, w4a16_pipelined.cu, w4a16_tiled.cu,
+// w4a16_bulk.cu): the output store every kernel writes through (w4a16_emit_pair, with the paired layout's row map),
+// bf16 halves of the layout's packed scale and bias words and the deterministic split-K finish of a block of rows,
+// and the launch coordinates, tile pointers and tile store (the pipelined kernels).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,7 @@
 
 #include "common/bf16.cuh"
 #include "common/launch.cuh"
+#include "common/silu.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
 
@@ -23,6 +25,36 @@ __device__ __forceinline__ float bf16_half(uint32_t w, bool hi) {
 __device__ __forceinline__ uint32_t bf16_splat(uint32_t w, bool hi) {
     const uint32_t h = hi ? (w >> 16) : (w & 0xFFFFu);
     return h | (h << 16);
+}
+
+// The matrix row that layout row `row` holds: itself, or in a paired layout (p.pair_half, SwiGLU's gate_up) gate
+// row 8 t + r for rows r = 0..7 of 16-row tile t, and up row pair_half + 8 t + r - 8 for rows 8..15.
+__device__ __forceinline__ int64_t w4a16_matrix_row(int64_t row, int64_t pair_half) {
+    if (pair_half == 0) return row;
+    const int64_t j = row / 16 * 8 + row % 8;
+    return row % 16 < 8 ? j : pair_half + j;
+}
+
+// Every W4A16 kernel writes its outputs through this: the f32 sums `lo` of layout row `row` (a row of a tile's
+// first half, row % 16 < 8) and `hi` of row + 8, token `tok`. Each is rounded to bf16 and stored at its matrix row
+// (rows past n are not stored); with p.silu (a paired layout: lo is gate j, hi is up j) the output is instead
+// silu(gate) * up at column j of the [m, pair_half] output, computed from the two bf16 values as l32_silu_mul
+// does, so the bits are those of the plain output followed by that kernel.
+__device__ __forceinline__ void w4a16_emit_pair(const l32_w4a16_params& p, int tok, int64_t row, float lo, float hi) {
+    auto* out = static_cast<bf16*>(p.out);
+    if (p.pair_half == 0) {
+        if (row < p.n) out[tok * p.n + row] = __float2bfloat16_rn(lo);
+        if (row + 8 < p.n) out[tok * p.n + row + 8] = __float2bfloat16_rn(hi);
+        return;
+    }
+    const int64_t j = row / 16 * 8 + row % 8;
+    const bf16 gate = __float2bfloat16_rn(lo), up = __float2bfloat16_rn(hi);
+    if (p.silu != 0) {
+        out[tok * p.pair_half + j] = __float2bfloat16_rn(silu_mul_f32(__bfloat162float(gate), __bfloat162float(up)));
+    } else {
+        out[tok * p.n + j] = gate;
+        out[tok * p.n + p.pair_half + j] = up;
+    }
 }
 
 // The direct kernel (w4a16.cu) keeps its own copies of the three pieces below on purpose: routing it through them
@@ -74,40 +106,47 @@ __device__ __forceinline__ void w4a16_prefetch(const uint4* wq, int c0, int c1, 
     for (int c = c0; c < min(c1, c0 + chunks); ++c) prefetch_l2(wq + static_cast<int64_t>(c) * 32);
 }
 
-// Writes one row tile's accumulators acc[j][e] (weight row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd
-// e)): bf16 to `out` when there is one split, else f32 to this split's partials.
+// Writes one row tile's accumulators acc[j][e] (layout row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd
+// e)): through w4a16_emit_pair when there is one split, else f32 to this split's partials (every row of the tile,
+// padding included, so that the finish may read a pair whole).
 template <int kMT>
 __device__ __forceinline__ void w4a16_store_tile(const l32_w4a16_params& p, const W4A16Launch& l,
                                                  const float (&acc)[kMT][4], int nt) {
-    auto* out = static_cast<bf16*>(p.out);
 #pragma unroll
     for (int j = 0; j < kMT; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int64_t row = int64_t{nt} * 16 + l.g + (e >= 2 ? 8 : 0);
-            const int tok = 8 * j + 2 * l.t + (e & 1);
+        for (int e = 0; e < 2; ++e) {
+            const int64_t row = int64_t{nt} * 16 + l.g;
+            const int tok = 8 * j + 2 * l.t + e;
             if (tok >= l.m) continue;
             if (p.splits == 1) {
-                if (row < p.n) out[tok * p.n + row] = __float2bfloat16_rn(acc[j][e]);
+                w4a16_emit_pair(p, tok, row, acc[j][e], acc[j][e + 2]);
             } else {
-                p.partials[(int64_t{blockIdx.y} * l.m + tok) * l.npad + row] = acc[j][e];
+                float* part = p.partials + (int64_t{blockIdx.y} * l.m + tok) * l.npad + row;
+                part[0] = acc[j][e];
+                part[8] = acc[j][e + 2];
             }
         }
     }
 }
 
-// Split-K finish of the block of `block_rows` output rows blockIdx.x covers (every thread of the block calls it
-// after writing its f32 partials): the last split to arrive sums all splits in split order and writes bf16.
+// Split-K finish of the block of `block_rows` (a multiple of 16) layout rows blockIdx.x covers (every thread of the
+// block calls it after writing its f32 partials): the last split to arrive sums all splits in split order, row
+// pair by row pair (rows r and r + 8 of a tile), and writes them through w4a16_emit_pair.
 __device__ __forceinline__ void w4a16_finish_split(const l32_w4a16_params& p, int m, int64_t npad, int block_rows) {
     if (!splitk_arrive(p.counters, blockIdx.x, p.splits)) return;
-    auto* out = static_cast<bf16*>(p.out);
-    for (int i = threadIdx.x; i < m * block_rows; i += blockDim.x) {
-        const int tok = i / block_rows;
-        const int64_t row = int64_t{blockIdx.x} * block_rows + i % block_rows;
+    const int pairs = block_rows / 2;
+    for (int i = threadIdx.x; i < m * pairs; i += blockDim.x) {
+        const int tok = i / pairs, q = i % pairs;
+        const int64_t row = int64_t{blockIdx.x} * block_rows + q / 8 * 16 + q % 8;
         if (row >= p.n) continue;
-        float s = 0.f;
-        for (int sp = 0; sp < p.splits; ++sp) s += __ldcg(p.partials + (int64_t{sp} * m + tok) * npad + row);
-        out[tok * p.n + row] = __float2bfloat16_rn(s);
+        float lo = 0.f, hi = 0.f;
+        for (int sp = 0; sp < p.splits; ++sp) {
+            const float* part = p.partials + (int64_t{sp} * m + tok) * npad + row;
+            lo += __ldcg(part);
+            hi += __ldcg(part + 8);
+        }
+        w4a16_emit_pair(p, tok, row, lo, hi);
     }
 }
 

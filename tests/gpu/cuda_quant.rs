@@ -29,8 +29,9 @@ use half::bf16;
 use llama32::ops::cpu::linear::linear;
 use llama32::ops::cpu::quant::w4a8_linear;
 use llama32::ops::cuda::quant::{
-    act_quant, w4a16_dequant, w4a16_gemm, w4a16_gemm_with, w4a16_splits, w4a16_workspace_for, w4a8_gemm,
-    workspace_bound, ActSource, CudaQuantLinear, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel,
+    act_quant, w4a16_dequant, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, w4a16_splits,
+    w4a16_workspace_for, w4a8_gemm, workspace_bound, ActSource, CudaQuantLinear, QuantActs, SplitKWorkspace,
+    W4A16Choice, W4A16Kernel,
 };
 use llama32::ops::cuda::switch::KernelSwitch;
 use llama32::ops::cuda::{activation, norm};
@@ -377,6 +378,95 @@ fn w4a16_matches_cpu() {
     check_w4a16(&stream, &mut rng, &mut ws, (2048, 3072, true), &[1, 16], &[1, 5]);
 }
 
+/// SwiGLU's `[gate; up]` weight uploaded with its rows paired (`CudaQuantLinear::upload_swiglu`): for every kernel
+/// that runs at each m, the plain product equals that of the unpaired upload (the same bits for the split-K kernels,
+/// whose per-output order does not depend on a row's tile; within one bf16 step for the bulk kernel, whose
+/// stream-K cuts fall elsewhere), its dequantization is the same matrix bit for bit, and `w4a16_gemm_silu` gives
+/// exactly the bits of the paired plain product followed by `silu_mul`, writing nothing past `[m, n / 2]`.
+#[test]
+fn w4a16_paired_swiglu_matches_plain_then_silu_mul() {
+    let Some(stream) = stream() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 4);
+    let mut ws = workspace(&stream);
+    for (k, n, zeros) in [(64, 16, false), (128, 48, true), (4096, 32, false), (320, 128, false), (2048, 16384, false)]
+    {
+        let half = n / 2;
+        let qm = random_matrix(&mut rng, n, k, zeros);
+        let w_rms = row_rms(&qm.dequantize(), k);
+        let ql = QuantLinear { matrix: qm, scheme: Scheme::W4A16_G32 };
+        let plain = CudaQuantLinear::upload(&stream, &ql).unwrap();
+        let paired = CudaQuantLinear::upload_swiglu(&stream, &ql).unwrap();
+        assert!(paired.swiglu_paired() && !plain.swiglu_paired());
+        let deq = |w: &CudaQuantLinear| {
+            let mut d = upload(&stream, &vec![bf16::NAN; n * k]);
+            w4a16_dequant(&stream, w, &mut d).unwrap();
+            download(&stream, &d)
+        };
+        assert!(same_bits(&deq(&plain), &deq(&paired)), "k {k} n {n}: the paired dequantization differs");
+        for m in [1, 3, 8, 9, 16, 17, 33, 64] {
+            let xh = random_rows(&mut rng, m, k, (-1.0, 1.0), false);
+            let x_rms = row_rms(&to_f32(&xh), k);
+            let x = upload(&stream, &xh);
+            for kernel in W4A16Kernel::ALL.into_iter().filter(|kernel| kernel.runs(m)) {
+                let what = format!("w4a16 paired {} m {m} k {k} n {n} zeros {zeros}", kernel.name());
+                let choice = W4A16Choice { kernel, splits: None };
+                let product = |ws: &mut SplitKWorkspace, w: &CudaQuantLinear| {
+                    let mut out = upload(&stream, &vec![bf16::NAN; m * n]);
+                    w4a16_gemm_with(&stream, &x, w, m, ws, &mut out, choice).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    out
+                };
+                let want = download(&stream, &product(&mut ws, &plain));
+                let got_d = product(&mut ws, &paired);
+                let got = download(&stream, &got_d);
+                for i in 0..m * n {
+                    let (a, b) = (got[i].to_f32(), want[i].to_f32());
+                    let ok = if kernel.splits_k() {
+                        a.to_bits() == b.to_bits()
+                    } else {
+                        // Another f32 cut of the same sums: within one bf16 step, or the summation slack of
+                        // check_w4a16 near zero.
+                        let slack = 1e-3 * (k as f32).sqrt() * x_rms[i / n] * w_rms[i % n];
+                        (a - b).abs() <= BF16_ROUNDING * (a.abs() + b.abs()) + slack
+                    };
+                    assert!(ok, "{what}: out[{}, {}] = {a}, unpaired {b}", i / n, i % n);
+                }
+                let mut act = upload(&stream, &vec![bf16::NAN; m * half]);
+                activation::silu_mul(&stream, &got_d, half, &mut act).unwrap();
+                let mut fused = upload(&stream, &vec![bf16::NAN; m * half + 64]);
+                w4a16_gemm_silu_with(&stream, &x, &paired, m, &mut ws, &mut fused, choice)
+                    .unwrap_or_else(|e| panic!("{what} silu: {e}"));
+                let (fused, act) = (download(&stream, &fused), download(&stream, &act));
+                assert!(
+                    fused[m * half..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()),
+                    "{what}: wrote past m x n / 2"
+                );
+                if let Some(i) = (0..m * half).find(|&i| fused[i].to_bits() != act[i].to_bits()) {
+                    panic!(
+                        "{what}: fused out[{}, {}] = {} but gemm + silu_mul = {}",
+                        i / half,
+                        i % half,
+                        fused[i],
+                        act[i]
+                    );
+                }
+            }
+        }
+        // SiLU needs the paired upload, and W4A16.
+        let x = upload(&stream, &vec![bf16::ONE; k]);
+        let mut out = upload(&stream, &vec![bf16::NAN; n]);
+        let e = w4a16_gemm_silu(&stream, &x, &plain, 1, &mut ws, &mut out).unwrap_err().to_string();
+        assert!(e.contains("paired"), "{e}");
+    }
+    // A [gate; up] weight whose half is not a multiple of 8 goes up unpaired, and the fused call says why not.
+    let ql = QuantLinear { matrix: random_matrix(&mut rng, 24, 64, false), scheme: Scheme::W4A16_G32 };
+    assert!(!CudaQuantLinear::upload_swiglu(&stream, &ql).unwrap().swiglu_paired());
+    let ql8 = QuantLinear { matrix: random_matrix(&mut rng, 32, 64, false), scheme: Scheme::W4A8_G32 };
+    let w8 = CudaQuantLinear::upload_swiglu(&stream, &ql8).unwrap();
+    let (x, mut out) = (upload(&stream, &[bf16::ONE; 64]), upload(&stream, &[bf16::NAN; 32]));
+    let e = w4a16_gemm_silu(&stream, &x, &w8, 1, &mut ws, &mut out).unwrap_err().to_string();
+    assert!(e.contains("W4A8"), "{e}");
+}
+
 /// One W4A8 shape: every m of `ms` against `w4a8_linear` on the same bf16 activations, twice for determinism.
 fn check_w4a8(
     stream: &Arc<CudaStream>,
@@ -514,7 +604,7 @@ mod e2e {
     /// CUDA (`CudaExecutor::from_weights`) with logits close to the CPU quantized reference, for prefill in one
     /// chunk (W4A16 through dequantize + cuBLASLt above 64 rows, W4A8 with 128-token tiles), in chunks of 7
     /// (the decode kernels) and one token at a time (decode steps through CUDA graphs), with the W4A8 activation
-    /// quantization fused and unfused (which must agree bit for bit). Budget: transformers' own bf16-vs-f32 error
+    /// quantization and the W4A16 SwiGLU epilogue fused and unfused (which must agree bit for bit). Budget: transformers' own bf16-vs-f32 error
     /// on this checkpoint (reference.json) times 2 for W4A16 and times 4 for W4A8, whose int8 rounding of bf16
     /// versus f32 activations can differ by one step.
     #[test]
@@ -543,6 +633,7 @@ mod e2e {
                 for fuse in [true, false] {
                     let mut cuda = CudaExecutor::from_weights(cfg.clone(), &w, &opts).unwrap();
                     cuda.set_fuse_act_quant(fuse);
+                    cuda.set_fuse_swiglu(fuse);
                     for chunk in [512usize, 7, 1] {
                         let got = score(&mut cuda, &ids, chunk).unwrap();
                         let what = format!("{name} {} chunk {chunk} fuse {fuse}", scheme.name());
@@ -556,7 +647,7 @@ mod e2e {
                         } else {
                             let i = [512usize, 7, 1].iter().position(|&c| c == chunk).unwrap();
                             let same = got.iter().zip(&fused_logits[i]).all(|(a, b)| a.to_bits() == b.to_bits());
-                            assert!(same, "{what}: fused and unfused activation quantization differ");
+                            assert!(same, "{what}: fused and unfused (activation quantization, SwiGLU) differ");
                         }
                     }
                 }
@@ -641,6 +732,13 @@ fn quant_throughput() {
             .collect();
         let need = workspace_bound(false, 64, n, k, sms);
         let mut wsp = SplitKWorkspace::new(&stream, need.0, need.1, sms).unwrap();
+        // gate_up shapes: the same weights with the gate and up rows paired, for the fused SwiGLU lines.
+        let paired: Vec<CudaQuantLinear> = if name.ends_with("gate_up") {
+            let lin = timing_weights(n, k, Scheme::W4A16_G32);
+            (0..copies).map(|_| CudaQuantLinear::upload_swiglu(&stream, &lin).unwrap()).collect()
+        } else {
+            Vec::new()
+        };
         for m in [1usize, 16, 64] {
             let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0), false));
             let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
@@ -676,6 +774,29 @@ fn quant_throughput() {
             let pdl = time_graph(&stream, &mut |i| {
                 w4a16_gemm_with(&stream, &x, &ws[i % copies], m, &mut wsp, &mut out, choice).unwrap();
             });
+            // SwiGLU as the executor runs it at decode (the configured kernel, PDL on): the paired gate_up
+            // projection and then the SiLU * up kernel, against the projection that applies SiLU * up as it writes.
+            if !paired.is_empty() && m <= 16 {
+                let half = n / 2;
+                let mut gate_up = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
+                let mut act = stream.alloc_zeros::<bf16>(m * half).expect("alloc");
+                let choice = W4A16Choice { kernel: W4A16Kernel::configured(m, n, k).unwrap(), splits: None };
+                let two = time_graph(&stream, &mut |i| {
+                    w4a16_gemm_with(&stream, &x, &paired[i % copies], m, &mut wsp, &mut gate_up, choice).unwrap();
+                    activation::silu_mul(&stream, &gate_up, half, &mut act).unwrap();
+                });
+                let one = time_graph(&stream, &mut |i| {
+                    w4a16_gemm_silu_with(&stream, &x, &paired[i % copies], m, &mut wsp, &mut act, choice).unwrap();
+                });
+                eprintln!(
+                    "w4a16 swiglu    {name:<12} m {m:>2} k {k:>5} n {n:>5}: {} + silu_mul {:8.2} us | fused {:8.2} us {:6.0} GB/s | {:.2}x",
+                    choice.kernel.name(),
+                    two * 1e6,
+                    one * 1e6,
+                    qbytes / one / 1e9,
+                    two / one
+                );
+            }
             llama32::ops::cuda::set_programmatic_launch(was).unwrap();
             let labels = W4A16Kernel::ALL.iter().map(|k| k.name()).chain(["pipe+PDL"]);
             for (ours, label) in ours.into_iter().chain([pdl]).zip(labels).filter(|(t, _)| !t.is_nan()) {

@@ -265,6 +265,33 @@ fn cuda_quantized_vision_graph_decode_matches_eager() {
     assert!(e <= 1e-2, "{e:.2e}");
 }
 
+/// The W4A16 gate_up projection's SwiGLU epilogue (its gate and up rows paired at upload) changes no bit: prefill in
+/// chunks of 5 and greedy decode steps, from graphs and eagerly, with the fusion on and off.
+#[test]
+fn cuda_quantized_vision_swiglu_fusion_changes_no_bit() {
+    if cuda_stream().is_none() {
+        return;
+    }
+    let (g, m, enc) = golden("mllama-two-images");
+    let ckpt = Checkpoint::open(&g.dir).unwrap();
+    let src = TextSource::checkpoint(&ckpt, &m.cfg, Some(Scheme::W4A16_G32)).unwrap();
+    for graphs in [0, 256] {
+        let logits: Vec<Vec<f32>> = [false, true]
+            .iter()
+            .map(|&on| {
+                let o = MllamaCudaOptions { max_graph_batch: graphs, fuse_swiglu: on, ..opts() };
+                let mut ex = MllamaCudaExecutor::from_source(m.cfg.clone(), &src, &o, &|_, _| {}).unwrap();
+                run(&mut ex, &m, &g.input_ids, &enc, 6)
+            })
+            .collect();
+        let (off, on) = (&logits[0], &logits[1]);
+        if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
+            panic!("W4A16 graphs {graphs}: logit {i} is {} with the SwiGLU fusion, {} without", on[i], off[i]);
+        }
+        eprintln!("W4A16 graphs {graphs}: {} logits bitwise equal with and without the SwiGLU fusion", off.len());
+    }
+}
+
 /// Decode timings of a Llama 3.2 Vision model in W4A16 on random weights at its real shapes, loaded layer by layer:
 /// batch 1 with one 4-tile image, then batch 16 with 16 images. Prints the load time, the device memory in use,
 /// the KV capacity and the step times.

@@ -47,8 +47,9 @@ pub struct CudaOptions {
     pub max_graph_batch: usize,
     /// Run projections of up to 16 rows with the skinny GEMM kernel instead of cuBLASLt.
     pub skinny_gemm: bool,
-    /// With the skinny GEMM, apply SiLU * up in the epilogue of the bf16 gate_up projection instead of a kernel of
-    /// its own (on by default; the same bits; see [`CudaExecutor::set_fuse_swiglu`]).
+    /// Apply SiLU * up in the epilogue of the decode gate_up projection instead of a kernel of its own: the bf16
+    /// skinny GEMM's, and the W4A16 decode kernels' (whose gate_up goes up with its gate and up rows paired) (on by
+    /// default; the same bits; see [`CudaExecutor::set_fuse_swiglu`]).
     pub fuse_swiglu: bool,
     /// With the skinny GEMM, apply RoPE and the KV-cache write in the epilogue of the bf16 QKV projection instead
     /// of a kernel of their own (off by default until a device run measures it; the same bits; see
@@ -268,6 +269,8 @@ impl CudaExecutor {
         };
         let linear =
             |what: &str, w: &LinearWeight, spec: &FusedSpec| DeviceLinear::upload(&stream, what, w, spec.numel);
+        let gate_up =
+            |what: &str, w: &LinearWeight, spec: &FusedSpec| DeviceLinear::upload_gate_up(&stream, what, w, spec.numel);
         let mut layers = Vec::with_capacity(specs.layers.len());
         for (i, (l, w)) in specs.layers.iter().zip(&weights.layers).enumerate() {
             layers.push(DeviceLayer {
@@ -275,7 +278,7 @@ impl CudaExecutor {
                 wqkv: linear(&format!("layer {i} qkv"), &w.wqkv, &l.wqkv)?,
                 wo: linear(&format!("layer {i} o_proj"), &w.wo, &l.wo)?,
                 mlp_norm: dense(&format!("layer {i} mlp_norm"), &w.mlp_norm, &l.mlp_norm)?,
-                w_gate_up: linear(&format!("layer {i} gate_up"), &w.w_gate_up, &l.w_gate_up)?,
+                w_gate_up: gate_up(&format!("layer {i} gate_up"), &w.w_gate_up, &l.w_gate_up)?,
                 w_down: linear(&format!("layer {i} down_proj"), &w.w_down, &l.w_down)?,
             });
         }
@@ -329,8 +332,8 @@ impl CudaExecutor {
         self.graphs.clear();
     }
 
-    /// Turns the SwiGLU fusion into the bf16 gate_up projection's skinny GEMM on or off ([`CudaOptions::fuse_swiglu`];
-    /// off runs the GEMM and then the SiLU * up kernel, with the same bits).
+    /// Turns the SwiGLU fusion into the decode gate_up projection (bf16 skinny GEMM or W4A16) on or off
+    /// ([`CudaOptions::fuse_swiglu`]; off runs the projection and then the SiLU * up kernel, with the same bits).
     pub fn set_fuse_swiglu(&mut self, on: bool) {
         self.ops.fuse_swiglu = on;
         self.graphs.clear();

@@ -671,8 +671,10 @@ impl Ops for CudaOps {
     }
 
     fn linear_silu_mul(&mut self, x: &CudaAct, w: Linear, gate_up: &mut CudaAct, out: &mut CudaAct) -> Result<()> {
-        // A bf16 gate_up on the skinny GEMM applies SwiGLU in its epilogue (gemv_gate_up_silu); everything else
-        // (quantized weights, where W4A8 fuses its own way, or cuBLASLt batches) takes the two calls.
+        // A bf16 gate_up on the skinny GEMM applies SwiGLU in its epilogue (gemv_gate_up_silu), and so does a W4A16
+        // gate_up at decode sizes (uploaded with its gate and up rows paired, w4a16_gemm_silu); everything else
+        // (W4A8, which fuses SwiGLU into the down projection's int8 quantization, or cuBLASLt batches) takes the
+        // two calls.
         let (weight, n) = linear_weight(&self.cfg, &self.layers, self.lm_head.as_ref().unwrap_or(&self.embed), w);
         let (rows, kdim, inter) = (x.rows, x.cols, n / 2);
         let fusable = self.fuse_swiglu
@@ -680,6 +682,34 @@ impl Ops for CudaOps {
             && n == 2 * inter
             && out.cols == inter
             && k::gemv::supports(rows, kdim);
+        let quant_fusable = match (&weight, w) {
+            (WeightRef::Quant(q), Linear::GateUp(l)) => {
+                self.fuse_swiglu
+                    && out.cols == inter
+                    && q.n() == n
+                    && q.k() == kdim
+                    && QuantBuffers::silu_fusable(q, rows)
+                    && self.layers.get(l).is_some_and(|layer| layer.w_down.w4a8().is_none())
+            }
+            _ => false,
+        };
+        if quant_fusable {
+            check("linear_silu_mul out", out, rows, inter)?;
+            if norm_fusion::take_norm(&mut self.pending_norm, x, w)?.is_some() {
+                return Err(Error::Backend(format!("linear {w:?}: a norm was deferred into a quantized projection")));
+            }
+            self.quant.start_projection(w);
+            let width = kdim.max(self.cfg.hidden_size).max(self.cfg.intermediate_size).max(self.cfg.q_dim());
+            let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            let WeightRef::Quant(q) = linear_weight(&self.cfg, &self.layers, lm_head, w).0 else {
+                return Err(Error::Backend(format!("linear {w:?}: weight changed kind")));
+            };
+            if self.quant.bufs.prepare(&self.stream, q, rows, (self.num_sms, false, width, self.capturing))? {
+                self.generation += 1;
+            }
+            let xv = x.buf.slice(..rows * kdim);
+            return self.quant.bufs.project_silu(&self.stream, q, (&xv, rows), &mut out.buf);
+        }
         match weight {
             WeightRef::Dense(weight) if fusable => {
                 check("linear_silu_mul out", out, rows, inter)?;

@@ -144,6 +144,33 @@ impl QuantBuffers {
         k::quant::w4a16_dequant(stream, q, scratch)?;
         blas.gemm(x, &scratch.slice(..), rows, kdim, n, out)
     }
+
+    /// True when [`project_silu`](Self::project_silu) takes `rows` rows through `q`: a W4A16 `[gate; up]` weight
+    /// uploaded with its rows paired ([`DeviceLinear::upload_gate_up`]), at decode sizes.
+    pub(crate) fn silu_fusable(q: &k::quant::CudaQuantLinear, rows: usize) -> bool {
+        !q.is_w4a8() && q.swiglu_paired() && (1..=k::quant::MAX_DECODE_M).contains(&rows)
+    }
+
+    /// `out[rows, n / 2] = silu(gate) * up` of `x[rows, k] @ q^T` in one kernel, for a `q` and `rows` that
+    /// [`silu_fusable`](Self::silu_fusable) admits and whose buffers were [`prepare`](Self::prepare)d: the bits of
+    /// [`project`](Self::project) followed by the SiLU * up kernel.
+    pub(crate) fn project_silu(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        q: &k::quant::CudaQuantLinear,
+        (x, rows): (&CudaView<'_, bf16>, usize),
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        if !Self::silu_fusable(q, rows) {
+            return Err(Error::Backend(format!(
+                "fused SwiGLU projection: {rows} rows through a [{}, {}] weight it does not take",
+                q.n(),
+                q.k()
+            )));
+        }
+        let ws = self.ws.as_mut().ok_or_else(|| Error::Backend("quantized projection buffers missing".into()))?;
+        k::quant::w4a16_gemm_silu(stream, x, q, rows, ws, out)
+    }
 }
 
 /// A projection on the device: bf16 `[n, k]`, or 4-bit in the quantized kernels' layout.
@@ -163,13 +190,39 @@ impl DeviceLinear {
         w: &crate::weights::LinearWeight,
         numel: usize,
     ) -> Result<Self> {
+        Self::upload_with(stream, what, w, numel, false)
+    }
+
+    /// [`upload`](Self::upload) for SwiGLU's fused `[gate; up]` projection: a W4A16 weight goes up with its gate
+    /// and up rows paired ([`k::quant::CudaQuantLinear::upload_swiglu`]), so that
+    /// [`QuantBuffers::project_silu`] can apply SiLU * up in the projection's kernel.
+    pub(crate) fn upload_gate_up(
+        stream: &Arc<CudaStream>,
+        what: &str,
+        w: &crate::weights::LinearWeight,
+        numel: usize,
+    ) -> Result<Self> {
+        Self::upload_with(stream, what, w, numel, true)
+    }
+
+    fn upload_with(
+        stream: &Arc<CudaStream>,
+        what: &str,
+        w: &crate::weights::LinearWeight,
+        numel: usize,
+        gate_up: bool,
+    ) -> Result<Self> {
         if w.numel() != numel {
             return Err(Error::Backend(format!("{what}: {} values, expected {numel}", w.numel())));
         }
         match &w.quant {
             Some(q) => {
-                let d =
-                    k::quant::CudaQuantLinear::upload(stream, q).map_err(|e| Error::Backend(format!("{what}: {e}")))?;
+                let d = if gate_up {
+                    k::quant::CudaQuantLinear::upload_swiglu(stream, q)
+                } else {
+                    k::quant::CudaQuantLinear::upload(stream, q)
+                }
+                .map_err(|e| Error::Backend(format!("{what}: {e}")))?;
                 Ok(DeviceLinear::Quant(Box::new(d)))
             }
             None => Ok(DeviceLinear::Dense(crate::vision::cuda::upload_bf16(stream, &w.dense)?)),
@@ -222,4 +275,25 @@ pub(crate) fn project(
             Ok(moved)
         }
     }
+}
+
+/// `out[rows, n / 2] = silu(gate) * up` of `x[rows, k] @ w^T` in one kernel, for a W4A16 `[gate; up]` weight that
+/// [`QuantBuffers::silu_fusable`] admits at `rows` (its buffers grown here, as [`project`] does). Returns whether a
+/// buffer moved.
+pub(crate) fn project_silu(
+    stream: &Arc<CudaStream>,
+    (num_sms, capturing): (usize, bool),
+    (w, bufs): (&DeviceLinear, &mut QuantBuffers),
+    (x, rows, kdim, n): (&CudaView<'_, bf16>, usize, usize, usize),
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<bool> {
+    let DeviceLinear::Quant(q) = w else {
+        return Err(Error::Backend("fused SwiGLU projection: the weight is bf16, not W4A16".into()));
+    };
+    if q.n() != n || q.k() != kdim {
+        return Err(Error::Backend(format!("quantized weight is [{}, {}], expected [{n}, {kdim}]", q.n(), q.k())));
+    }
+    let moved = bufs.prepare(stream, q, rows, (num_sms, false, kdim, capturing))?;
+    bufs.project_silu(stream, q, (x, rows), out)?;
+    Ok(moved)
 }

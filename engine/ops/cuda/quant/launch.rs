@@ -27,6 +27,10 @@ pub(super) struct GemmLaunch {
     pub(super) tile_m: usize,
     /// The W4A16 decode kernel (ignored by the W4A8 GEMM and the dequantization).
     pub(super) kernel: super::W4A16Kernel,
+    /// W4A16: the paired layout's half (`CudaQuantLinear::pair_half`), 0 for the plain layout.
+    pub(super) pair_half: usize,
+    /// W4A16 decode GEMM with a paired layout: write `silu(gate) * up` (`[m, pair_half]`).
+    pub(super) silu: bool,
 }
 
 /// One checked activation quantization call (op: 0 rows, 1 rms_norm, 2 add_rms_norm, 3 silu_mul).
@@ -74,6 +78,8 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         },
         l2_prefetch: i32::from(super::w4a16_l2_prefetch_for(l.m, l.n, l.k)?),
         bulk_variant: super::w4a16_bulk_variant()? as i32,
+        pair_half: l.pair_half as i64,
+        silu: i32::from(l.silu),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;
@@ -82,7 +88,8 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
     // w4a16_workspace); the guards are held until after the launch.
     let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
     super::super::check_launch(op, stream, status, || {
-        format!("{op} (m {}, n {}, k {}, splits {}, {} kernel)", l.m, l.n, l.k, l.splits, l.kernel.name())
+        let silu = if l.silu { ", SiLU * up" } else { "" };
+        format!("{op} (m {}, n {}, k {}, splits {}, {} kernel{silu})", l.m, l.n, l.k, l.splits, l.kernel.name())
     })
 }
 
@@ -96,6 +103,7 @@ pub(super) fn launch_dequant(op: &str, stream: &CudaStream, l: &GemmLaunch) -> R
         zeros: ptr(l.zeros),
         n: l.n as i64,
         k: l.k as i64,
+        pair_half: l.pair_half as i64,
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;

@@ -62,6 +62,33 @@ fn check_matrix(m: &QuantMatrix) -> Result<()> {
     Ok(())
 }
 
+/// Which matrix row each layout row holds: the matrix's own order, or SwiGLU's pairing (see
+/// [`layout_w4a16_paired`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RowOrder {
+    /// Layout row `r` is matrix row `r`.
+    Plain,
+    /// Layout rows `16 t + r` are gate row `8 t + r` (`r < 8`) and up row `half + 8 t + r - 8` (`r >= 8`).
+    Paired { half: usize },
+}
+
+impl RowOrder {
+    /// The matrix row of layout row `r` (`kernels/quant/w4a16_common.cuh`, `w4a16_matrix_row`).
+    fn matrix_row(self, r: usize) -> usize {
+        match self {
+            RowOrder::Plain => r,
+            RowOrder::Paired { half } => {
+                let j = r / 16 * 8 + r % 8;
+                if r % 16 < 8 {
+                    j
+                } else {
+                    half + j
+                }
+            }
+        }
+    }
+}
+
 /// The scale and zero point of row `r`, column `c` (0 for the padding rows `r >= n`).
 fn group_params(m: &QuantMatrix, r: usize, c: usize) -> (f32, i8) {
     if r >= m.n {
@@ -71,8 +98,13 @@ fn group_params(m: &QuantMatrix, r: usize, c: usize) -> (f32, i8) {
     (m.scales[gi], m.zeros.as_ref().map_or(0, |z| z[gi]))
 }
 
-/// The 512-byte tiles of `m` with the given nibble order.
+/// The 512-byte tiles of `m` with the given nibble order, rows in the matrix's order.
 fn pack_tiles(m: &QuantMatrix, nibble: fn(usize) -> usize) -> Vec<u8> {
+    pack_tiles_ordered(m, nibble, RowOrder::Plain)
+}
+
+/// The 512-byte tiles of `m` with the given nibble order, layout row `r` holding matrix row `order.matrix_row(r)`.
+fn pack_tiles_ordered(m: &QuantMatrix, nibble: fn(usize) -> usize, order: RowOrder) -> Vec<u8> {
     let (n_pad, k) = (padded_n(m.n), m.k);
     let kc = k / TILE_K;
     let mut out = vec![0u8; n_pad / TILE_N * kc * 512];
@@ -82,7 +114,7 @@ fn pack_tiles(m: &QuantMatrix, nibble: fn(usize) -> usize) -> Vec<u8> {
         for lane in 0..32 {
             let (g, t) = (lane / 4, lane % 4);
             for word in 0..4 {
-                let row = nt * TILE_N + g + 8 * (word & 1);
+                let row = order.matrix_row(nt * TILE_N + g + 8 * (word & 1));
                 let col0 = c * TILE_K + 32 * (word >> 1) + 8 * t;
                 let mut w = 0u32;
                 if row < m.n {
@@ -133,11 +165,31 @@ pub struct HostW4A16 {
 
 /// Reorders `m` for the W4A16 kernels (see the module docs). Errors name what the kernels cannot take.
 pub fn layout_w4a16(m: &QuantMatrix) -> Result<HostW4A16> {
+    layout_w4a16_ordered(m, RowOrder::Plain)
+}
+
+/// [`layout_w4a16`] for SwiGLU's fused `[gate; up]` projection (`n = 2 half`, `half` a multiple of 8), with the rows
+/// paired: 16-row tile `t` holds gate rows `8 t .. 8 t + 8` as its rows 0-7 and the matching up rows
+/// `half + 8 t ..` as its rows 8-15, so that one lane of a kernel's MMA tile holds both sums of an output and the
+/// kernel can apply SiLU * up as it writes (`l32_w4a16_params.silu`). The kernels still write a plain output in the
+/// matrix's row order, so the paired layout serves every W4A16 path. Errors name what the kernels cannot take.
+pub fn layout_w4a16_paired(m: &QuantMatrix) -> Result<HostW4A16> {
+    if m.n % 16 != 0 {
+        return Err(Error::request(format!(
+            "quantized [{}, {}] matrix: pairing gate and up rows needs n = 2 x a multiple of 8",
+            m.n, m.k
+        )));
+    }
+    layout_w4a16_ordered(m, RowOrder::Paired { half: m.n / 2 })
+}
+
+fn layout_w4a16_ordered(m: &QuantMatrix, order: RowOrder) -> Result<HostW4A16> {
     check_matrix(m)?;
-    let scales = pack_entries(m, |r, c| bf16::from_f32(group_params(m, r, c).0));
+    let row = |r: usize| order.matrix_row(r);
+    let scales = pack_entries(m, |r, c| bf16::from_f32(group_params(m, row(r), c).0));
     let zeros =
-        m.zeros.as_ref().map(|_| pack_entries(m, |r, c| bf16::from_f32(136.0 + group_params(m, r, c).1 as f32)));
-    Ok(HostW4A16 { n: m.n, k: m.k, qweight: pack_tiles(m, nibble_w4a16), scales, zeros })
+        m.zeros.as_ref().map(|_| pack_entries(m, |r, c| bf16::from_f32(136.0 + group_params(m, row(r), c).1 as f32)));
+    Ok(HostW4A16 { n: m.n, k: m.k, qweight: pack_tiles_ordered(m, nibble_w4a16, order), scales, zeros })
 }
 
 /// A W4A8 matrix in the kernels' layout, on the host.
@@ -340,6 +392,44 @@ mod tests {
             let b = layout_w4a8(&m).unwrap();
             assert_eq!(unpack(&b.qweight, n, k, nibble_w4a8), m.q, "w4a8 {n}x{k}");
         }
+    }
+
+    /// `m` with its rows in the paired order: row `r` of the result is row `RowOrder::Paired.matrix_row(r)` of `m`.
+    fn paired_rows(m: &QuantMatrix) -> QuantMatrix {
+        let order = RowOrder::Paired { half: m.n / 2 };
+        let g = m.k / m.group;
+        let mut out =
+            QuantMatrix { q: Vec::new(), scales: Vec::new(), zeros: m.zeros.as_ref().map(|_| Vec::new()), ..*m };
+        for r in 0..m.n {
+            let src = order.matrix_row(r);
+            out.q.extend_from_slice(&m.q[src * m.k..][..m.k]);
+            out.scales.extend_from_slice(&m.scales[src * g..][..g]);
+            if let (Some(o), Some(z)) = (out.zeros.as_mut(), m.zeros.as_ref()) {
+                o.extend_from_slice(&z[src * g..][..g]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn paired_layout_is_the_plain_layout_of_the_paired_rows() {
+        for (n, k, zeros) in [(16, 64, false), (32, 128, true), (48, 64, false), (64, 192, true)] {
+            let m = matrix(n, k, 32, zeros);
+            let paired = layout_w4a16_paired(&m).unwrap();
+            assert_eq!(paired, layout_w4a16(&paired_rows(&m)).unwrap(), "{n}x{k} zeros {zeros}");
+            // Every matrix row appears once, gate j and up j in one tile at rows r and r + 8.
+            let order = RowOrder::Paired { half: n / 2 };
+            let mut seen: Vec<usize> = (0..n).map(|r| order.matrix_row(r)).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>());
+            for r in (0..n).filter(|r| r % 16 < 8) {
+                assert_eq!(order.matrix_row(r + 8), n / 2 + order.matrix_row(r), "pair of layout row {r}");
+            }
+        }
+        assert_eq!(RowOrder::Paired { half: 16 }.matrix_row(17), 9);
+        assert_eq!(RowOrder::Paired { half: 16 }.matrix_row(24), 24);
+        let err = layout_w4a16_paired(&matrix(24, 64, 32, false)).unwrap_err().to_string();
+        assert!(err.contains("pairing"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
-use super::{layout_w4a16, layout_w4a8};
+use super::{layout_w4a16, layout_w4a16_paired, layout_w4a8};
 use crate::quant::{ActQuant, QuantLinear, Scheme};
 use crate::{Error, Result};
 
@@ -29,20 +29,36 @@ pub struct CudaQuantLinear {
     pub(super) zeros: Option<CudaSlice<u8>>,
     /// W4A8 only.
     pub(super) row_corr: Option<CudaSlice<f32>>,
+    /// W4A16 with SwiGLU's rows paired ([`layout_w4a16_paired`]): `n / 2`; else 0.
+    pub(super) pair_half: usize,
 }
 
 impl CudaQuantLinear {
     /// Reorders `w` for its scheme and uploads it on `stream`.
     pub fn upload(stream: &Arc<CudaStream>, w: &QuantLinear) -> Result<Self> {
+        Self::upload_with(stream, w, false)
+    }
+
+    /// [`upload`](Self::upload) for SwiGLU's fused `[gate; up]` projection: a W4A16 weight whose half `n / 2` is a
+    /// multiple of 8 goes up with its rows paired ([`layout_w4a16_paired`]), so that
+    /// [`w4a16_gemm_silu`](super::w4a16_gemm_silu) can apply SiLU * up as it writes; any other weight goes up as
+    /// [`upload`](Self::upload) does. Either way the plain product is the same matrix.
+    pub fn upload_swiglu(stream: &Arc<CudaStream>, w: &QuantLinear) -> Result<Self> {
+        Self::upload_with(stream, w, true)
+    }
+
+    fn upload_with(stream: &Arc<CudaStream>, w: &QuantLinear, swiglu: bool) -> Result<Self> {
         let up_err = |e: cudarc::driver::DriverError| Error::Backend(format!("upload quantized weights: {e}"));
         let m = &w.matrix;
         match w.scheme.act {
             ActQuant::None => {
-                let h = layout_w4a16(m)?;
+                let paired = swiglu && m.n % 16 == 0 && m.n > 0;
+                let h = if paired { layout_w4a16_paired(m)? } else { layout_w4a16(m)? };
                 Ok(CudaQuantLinear {
                     scheme: w.scheme,
                     n: m.n,
                     k: m.k,
+                    pair_half: if paired { m.n / 2 } else { 0 },
                     has_zeros: h.zeros.is_some(),
                     qweight: stream.clone_htod(&h.qweight).map_err(up_err)?,
                     scales: stream.clone_htod(&bytes_of_bf16(&h.scales)).map_err(up_err)?,
@@ -56,6 +72,7 @@ impl CudaQuantLinear {
                     scheme: w.scheme,
                     n: m.n,
                     k: m.k,
+                    pair_half: 0,
                     has_zeros: h.zeros.is_some(),
                     qweight: stream.clone_htod(&h.qweight).map_err(up_err)?,
                     scales: stream.clone_htod(&bytes_of_f32(&h.scales)).map_err(up_err)?,
@@ -84,6 +101,12 @@ impl CudaQuantLinear {
     /// True for W4A8 (int8 activations).
     pub fn is_w4a8(&self) -> bool {
         self.scheme.act == ActQuant::Int8PerToken
+    }
+
+    /// True for a W4A16 `[gate; up]` weight uploaded with its rows paired
+    /// ([`upload_swiglu`](Self::upload_swiglu)): [`w4a16_gemm_silu`](super::w4a16_gemm_silu) takes it.
+    pub fn swiglu_paired(&self) -> bool {
+        self.pair_half > 0
     }
 
     /// True when the weights have zero points (asymmetric Hugging Face formats).

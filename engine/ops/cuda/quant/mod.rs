@@ -53,14 +53,14 @@ mod w4a16;
 mod w4a8;
 
 use crate::ops::cuda::switch::KernelSwitch;
-pub use layout::{layout_w4a16, layout_w4a8, HostW4A16, HostW4A8};
+pub use layout::{layout_w4a16, layout_w4a16_paired, layout_w4a8, HostW4A16, HostW4A8};
 pub use linear::CudaQuantLinear;
 pub use split_k::w4a16_workspace_for;
 pub use split_k::{
     w4a16_blocks_per_sm, w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_workspace, workspace_bound, SplitKWorkspace,
     W4A8Plan, BULK_BLOCKS_PER_SM, W4A16_BLOCKS_ENV,
 };
-pub use w4a16::{w4a16_dequant, w4a16_gemm, w4a16_gemm_with, W4A16Choice};
+pub use w4a16::{w4a16_dequant, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, W4A16Choice};
 pub use w4a8::{act_quant, w4a8_gemm, ActSource, QuantActs};
 
 /// The most rows of `x` [`w4a16_gemm`] takes (the executor uses dequantize + cuBLASLt above).

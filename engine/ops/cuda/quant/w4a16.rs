@@ -1,5 +1,6 @@
-//! The W4A16 wrappers: [`w4a16_gemm`] / [`w4a16_gemm_with`] (decode, m <= 64) and [`w4a16_dequant`] (bf16 weights
-//! for cuBLASLt).
+//! The W4A16 wrappers: [`w4a16_gemm`] / [`w4a16_gemm_with`] (decode, m <= 64), [`w4a16_gemm_silu`] /
+//! [`w4a16_gemm_silu_with`] (the same with SwiGLU applied as the kernel writes, for a paired `[gate; up]` weight)
+//! and [`w4a16_dequant`] (bf16 weights for cuBLASLt).
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -51,24 +52,69 @@ pub fn w4a16_gemm_with(
     out: &mut impl DevicePtrMut<bf16>,
     choice: W4A16Choice,
 ) -> Result<()> {
-    const OP: &str = "w4a16_gemm";
+    gemm("w4a16_gemm", stream, (x, w, m), ws, out, choice, false)
+}
+
+/// `out[m, n / 2] = silu(gate) * up` of `x[m, k] @ dequant(w)^T` for SwiGLU's `[gate; up]` weight uploaded with
+/// [`CudaQuantLinear::upload_swiglu`] ([`CudaQuantLinear::swiglu_paired`]), in one kernel: the bits of
+/// [`w4a16_gemm`] followed by [`crate::ops::cuda::activation::silu_mul`], without the `[m, n]` intermediate or the
+/// second launch. Otherwise as [`w4a16_gemm`].
+pub fn w4a16_gemm_silu(
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    w: &CudaQuantLinear,
+    m: usize,
+    ws: &mut SplitKWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    let choice = W4A16Choice { kernel: W4A16Kernel::configured(m, w.n, w.k)?, splits: None };
+    w4a16_gemm_silu_with(stream, x, w, m, ws, out, choice)
+}
+
+/// [`w4a16_gemm_silu`] with an explicit kernel and split count, as [`w4a16_gemm_with`].
+pub fn w4a16_gemm_silu_with(
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    w: &CudaQuantLinear,
+    m: usize,
+    ws: &mut SplitKWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    choice: W4A16Choice,
+) -> Result<()> {
+    gemm("w4a16_gemm_silu", stream, (x, w, m), ws, out, choice, true)
+}
+
+/// The checked launch of [`w4a16_gemm_with`] (`silu` false) and [`w4a16_gemm_silu_with`] (true).
+fn gemm(
+    op: &str,
+    stream: &CudaStream,
+    (x, w, m): (&impl DevicePtr<bf16>, &CudaQuantLinear, usize),
+    ws: &mut SplitKWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    choice: W4A16Choice,
+    silu: bool,
+) -> Result<()> {
     super::super::ensure_built()?;
-    let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
+    let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
     if w.is_w4a8() {
         return fail("the weight is W4A8 (use w4a8_gemm)".into());
     }
+    if silu && !w.swiglu_paired() {
+        return fail("the weight was not uploaded with its gate and up rows paired (upload_swiglu)".into());
+    }
     let (n, k) = (w.n, w.k);
+    let out_cols = if silu { n / 2 } else { n };
     if !(1..=MAX_DECODE_M).contains(&m) {
         return fail(format!("m is {m}, must be in 1..={MAX_DECODE_M} (dequantize + GEMM above)"));
     }
     if x.len() < m * k {
         return fail(format!("`x` has {} elements, needs at least {m} x {k}", x.len()));
     }
-    if out.len() < m * n {
-        return fail(format!("`out` has {} elements, needs at least {m} x {n}", out.len()));
+    if out.len() < m * out_cols {
+        return fail(format!("`out` has {} elements, needs at least {m} x {out_cols}", out.len()));
     }
     super::super::check_same_device(
-        OP,
+        op,
         stream,
         &[("x", x.stream()), ("out", out.stream()), ("w", w.qweight.stream())],
     )?;
@@ -116,8 +162,10 @@ pub fn w4a16_gemm_with(
         splits,
         tile_m: 0,
         kernel: choice.kernel,
+        pair_half: w.pair_half,
+        silu,
     };
-    launch_w4a16(OP, stream, &l)
+    launch_w4a16(op, stream, &l)
 }
 
 /// `out[n, k] = bf16(s * (q - z))`: the W4A16 weight dequantized (for the large-m path through cuBLASLt).
@@ -162,6 +210,8 @@ pub fn w4a16_dequant(stream: &CudaStream, w: &CudaQuantLinear, out: &mut impl De
         splits: 1,
         tile_m: 0,
         kernel: W4A16Kernel::Direct,
+        pair_half: w.pair_half,
+        silu: false,
     };
     launch_dequant(OP, stream, &l)
 }

@@ -231,6 +231,8 @@ pub fn w4a8_gemm(
         splits: plan.splits,
         tile_m: plan.tile_m,
         kernel: super::W4A16Kernel::Direct,
+        pair_half: 0,
+        silu: false,
     };
     launch_w4a8(OP, stream, &l)
 }

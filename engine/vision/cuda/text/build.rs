@@ -72,7 +72,8 @@ pub struct MllamaCudaOptions {
     pub cross_tiles: usize,
     /// Run projections of up to 16 rows with the skinny GEMM kernel.
     pub skinny_gemm: bool,
-    /// With the skinny GEMM, apply SiLU * up in the epilogue of the bf16 gate_up projection (the same bits).
+    /// Apply SiLU * up in the epilogue of the decode gate_up projection: the bf16 skinny GEMM's, and the W4A16
+    /// decode kernels' (the same bits).
     pub fuse_swiglu: bool,
     /// With the skinny GEMM, run the self-attention layers' residual add + RMSNorm in the prologue of the bf16 QKV
     /// and gate_up projections (the same bits; off by default until a device run measures it).
@@ -391,6 +392,7 @@ impl MllamaCudaExecutor {
             let cross = cfg.text.is_cross_attention_layer(i);
             let p = |x: &str| format!("layer {i} {x}");
             let lin = |x: &str, w: &LinearWeight, numel: usize| DeviceLinear::upload(s, &p(x), w, numel);
+            let gate_up = |x: &str, w: &LinearWeight, numel: usize| DeviceLinear::upload_gate_up(s, &p(x), w, numel);
             let l = w.layer(i)?;
             layers.push(match &*l {
                 TextLayerWeights::SelfAttention(lw) if !cross => Layer::SelfAttn {
@@ -398,7 +400,7 @@ impl MllamaCudaExecutor {
                     wqkv: lin("wqkv", &lw.wqkv, (q_dim + 2 * kv_dim) * hidden)?,
                     wo: lin("wo", &lw.wo, hidden * q_dim)?,
                     mlp_norm: up(&p("mlp_norm"), &lw.mlp_norm, hidden)?,
-                    w_gate_up: lin("w_gate_up", &lw.w_gate_up, 2 * inter * hidden)?,
+                    w_gate_up: gate_up("w_gate_up", &lw.w_gate_up, 2 * inter * hidden)?,
                     w_down: lin("w_down", &lw.w_down, hidden * inter)?,
                     k_cache: alloc(s, 1)?,
                     v_cache: alloc(s, 1)?,
@@ -421,7 +423,7 @@ impl MllamaCudaExecutor {
                         k_norm: up(&p("k_norm"), &cw.k_norm, t.head_dim)?,
                         attn_gate: cw.attn_gate.tanh(),
                         mlp_norm: up(&p("mlp_norm"), &cw.mlp_norm, hidden)?,
-                        w_gate_up: lin("w_gate_up", &cw.w_gate_up, 2 * inter * hidden)?,
+                        w_gate_up: gate_up("w_gate_up", &cw.w_gate_up, 2 * inter * hidden)?,
                         w_down: lin("w_down", &cw.w_down, hidden * inter)?,
                         mlp_gate: cw.mlp_gate.tanh(),
                         k_pool: alloc(s, cross_pool)?,

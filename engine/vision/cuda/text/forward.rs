@@ -10,7 +10,7 @@ use half::bf16;
 use super::super::drv;
 use super::{Acts, Layer, Meta, MllamaCudaExecutor, Sizes};
 use crate::exec::cuda::dense::SKINNY_MAX_N;
-use crate::exec::cuda::quant_bufs::{project, DeviceLinear};
+use crate::exec::cuda::quant_bufs::{project, project_silu, DeviceLinear, QuantBuffers};
 use crate::exec::StepInput;
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
@@ -232,18 +232,28 @@ impl MllamaCudaExecutor {
         let mut moved = false;
         let (blas, qbufs) = (&self.blas, &mut self.qbufs);
         let mode = (self.opts.skinny_gemm, self.num_sms, self.capturing);
-        let mut lin =
-            |x: &CudaView<'_, bf16>, w: &DeviceLinear, dims: (usize, usize, usize), out: &mut CudaViewMut<'_, bf16>| {
-                if dims.2 > 0 {
-                    moved |= project(&s, blas, mode, (w, &mut *qbufs), (x, dims.0, dims.1, dims.2), out)?;
-                }
-                Ok::<(), Error>(())
-            };
+        // With `silu`, `w` is the [gate; up] projection and `out` gets SiLU * up (`project_silu`).
+        let mut lin = |x: &CudaView<'_, bf16>,
+                       w: &DeviceLinear,
+                       dims: (usize, usize, usize),
+                       out: &mut CudaViewMut<'_, bf16>,
+                       silu: bool| {
+            if dims.2 > 0 {
+                let io = (x, dims.0, dims.1, dims.2);
+                moved |= if silu {
+                    project_silu(&s, (mode.1, mode.2), (w, &mut *qbufs), io, out)?
+                } else {
+                    project(&s, blas, mode, (w, &mut *qbufs), io, out)?
+                };
+            }
+            Ok::<(), Error>(())
+        };
         // The MLP over the normalized rows `a.h` (gate_up, SiLU * up, down into `a.delta`), summed over the ranks. A
         // bf16 gate_up on the skinny GEMM applies SiLU * up in its epilogue (same bits, one launch less).
         type Lin<'l> =
-            dyn FnMut(&CudaView<'_, bf16>, &DeviceLinear, Dims, &mut CudaViewMut<'_, bf16>) -> Result<()> + 'l;
+            dyn FnMut(&CudaView<'_, bf16>, &DeviceLinear, Dims, &mut CudaViewMut<'_, bf16>, bool) -> Result<()> + 'l;
         let fuse_silu = self.opts.skinny_gemm && self.opts.fuse_swiglu && k::gemv::supports(t, hidden);
+        let fuse_silu_quant = self.opts.fuse_swiglu;
         // The self-attention layers' norms in the prologue of their bf16 QKV and gate_up skinny GEMMs (`--fused-norm`).
         let fuse_norm = self.opts.skinny_gemm && self.opts.fuse_norm && k::gemv::NormPrologue::fits(t, hidden);
         // The norm prologue over the residual `a.x` (with the residual add of `a.delta` when `add`).
@@ -281,13 +291,17 @@ impl MllamaCudaExecutor {
                     let x = a.h.slice(..h);
                     k::gemv::gemv_gate_up_silu(&s, &x, wgu, t, hidden, inter, &mut a.act.slice_mut(..act))?;
                 }
+                // A W4A16 gate_up uploaded with its rows paired applies SiLU * up as its kernel writes (same bits).
+                (DeviceLinear::Quant(q), None) if fuse_silu_quant && QuantBuffers::silu_fusable(q, t) => {
+                    lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.act.slice_mut(..act), true)?;
+                }
                 _ => {
-                    lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.gate_up.slice_mut(..gu))?;
+                    lin(&a.h.slice(..h), w_gate_up, (t, hidden, 2 * inter), &mut a.gate_up.slice_mut(..gu), false)?;
                     k::activation::silu_mul(&s, &a.gate_up.slice(..gu), inter, &mut a.act.slice_mut(..act))?;
                 }
             }
             if !ab.down {
-                lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h))?;
+                lin(&a.act.slice(..act), w_down, (t, inter, hidden), &mut a.delta.slice_mut(..h), false)?;
             }
             reduce(&mut a.delta, h)
         };
@@ -307,7 +321,7 @@ impl MllamaCudaExecutor {
                         _ => {
                             norm(a, &pending, attn_norm)?;
                             let qkv = &mut a.qkv.slice_mut(..t * qkv_w);
-                            lin(&a.h.slice(..t * hidden), wqkv, (t, hidden, qkv_w), qkv)?;
+                            lin(&a.h.slice(..t * hidden), wqkv, (t, hidden, qkv_w), qkv, false)?;
                         }
                     }
                     let shape = k::rope::RopeKvShape { layout: self.layout, qkv_stride: qkv_w };
@@ -329,7 +343,7 @@ impl MllamaCudaExecutor {
                     }
                     if !ab.o {
                         let delta = &mut a.delta.slice_mut(..t * hidden);
-                        lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), delta)?;
+                        lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), delta, false)?;
                     }
                     reduce(&mut a.delta, t * hidden)?;
                     if fuse_norm && fuse_silu && matches!(w_gate_up, DeviceLinear::Dense(_)) {
@@ -358,7 +372,13 @@ impl MllamaCudaExecutor {
                 } => {
                     norm(a, &pending, attn_norm)?;
                     if !ab.cross_q {
-                        lin(&a.h.slice(..t * hidden), wq, (t, hidden, q_dim), &mut a.attn.slice_mut(..t * q_dim))?;
+                        lin(
+                            &a.h.slice(..t * hidden),
+                            wq,
+                            (t, hidden, q_dim),
+                            &mut a.attn.slice_mut(..t * q_dim),
+                            false,
+                        )?;
                         k::norm::rms_norm(
                             &s,
                             &a.attn.slice(..t * q_dim),
@@ -382,7 +402,7 @@ impl MllamaCudaExecutor {
                     }
                     if !ab.o {
                         let delta = &mut a.delta.slice_mut(..t * hidden);
-                        lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), delta)?;
+                        lin(&a.attn.slice(..t * q_dim), wo, (t, q_dim, hidden), delta, false)?;
                     }
                     // Summed before the gate (and the row scale), which the next norm applies.
                     reduce(&mut a.delta, t * hidden)?;
