@@ -97,7 +97,9 @@ l32_status l32_norm(const l32_norm_params* params, void* stream);
  */
 typedef struct l32_embedding_params {
     void* out;              /**< [tokens, hidden], contiguous rows */
-    const void* table;      /**< [vocab, hidden], contiguous rows */
+    const void* table;      /**< [vocab, hidden] bf16, or int8 when `scales` is set, contiguous rows */
+    const void* scales;     /**< NULL for a bf16 table; else [vocab] bf16 per-row scales of an int8 table, whose
+                                 rows are written as bf16(scales[id] * q[id, c]) (one exact f32 product, one rounding) */
     const uint32_t* ids;    /**< [tokens] */
     uint32_t* bad_id;       /**< [1], optional (NULL): set to 1 when some id is >= vocab */
     int64_t tokens;         /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
@@ -562,6 +564,27 @@ typedef struct l32_act_quant_params {
 
 /** Launches the activation quantization (act_quant family) on `stream`. */
 l32_status l32_act_quant(const l32_act_quant_params* params, void* stream);
+
+/**
+ * The skinny GEMM of decode over an int8 table (the token embedding or lm_head of an int8-embeddings model, Meta's
+ * 8-bit per-channel option): out[i, j] = bf16(scales[j] * sum_c x[i, c] * q[j, c]) for i < m, j < n, the products
+ * exact in f32 (tensor-core MMA of bf16 x and the int8 values, which bf16 holds exactly), one f32 scaling and one
+ * bf16 rounding per output. dtype: L32_DTYPE_BF16 (x and out) only. Nothing may alias.
+ */
+typedef struct l32_gemv_int8_params {
+    void* out;              /**< [m, n] bf16, contiguous rows */
+    const void* x;          /**< [m, k] bf16, contiguous rows, 16-byte aligned */
+    const int8_t* q;        /**< [n, k] int8, contiguous rows, 16-byte aligned */
+    const void* scales;     /**< [n] bf16 */
+    int64_t m;              /**< 1 ..= 16 */
+    int64_t n;              /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t k;              /**< a multiple of 16, 16 ..= 2^24 */
+    int32_t warps;          /**< warps per block: 8 or 16 (the Rust heuristic gemv::warps_per_block) */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_gemv_int8_params;
+
+/** Launches the int8-table skinny GEMM on `stream`. */
+l32_status l32_gemv_int8(const l32_gemv_int8_params* params, void* stream);
 
 /* END quant */
 

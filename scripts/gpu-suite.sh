@@ -239,18 +239,27 @@ run() {
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
+    # A preset name, or a model directory (a config.json only) run with random weights.
+    local source=(--preset "$preset") name=$preset
+    if [[ -d $preset ]]; then
+      source=(--model "$preset" --random-weights)
+      name=$(basename "$preset")
+      tag="$(basename "$preset").${tag#"$preset".}"
+      log="$logs/bench.$tag.log"
+      last_bench_log=$log
+    fi
     # shellcheck disable=SC2086 # $extra is a list of flags
-    tmo "$1" "$bundle/bin/llama32" bench --preset "$preset" --device cuda --batch "$batch" \
+    tmo "$1" "$bundle/bin/llama32" bench "${source[@]}" --device cuda --batch "$batch" \
       --prompt-tokens "$prompt" --gen-tokens "$gen" $extra >"$log" 2>&1 || rc=$?
     line=$(grep '^{' "$log" | tail -1 || true)
     if ((rc == 0)) && [[ -n $line ]]; then
       echo "$line" >>"$logs/bench.jsonl"
       extra="$extra${env_tag:+ [$env_tag ]}"
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$preset b$batch p$prompt g$gen $extra" -)")
-      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$preset" "$extra")")
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$name b$batch p$prompt g$gen $extra" -)")
+      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$name" "$extra")")
     else
       failed=$((failed + 1))
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$preset b$batch p$prompt g$gen $extra" -)")
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$name b$batch p$prompt g$gen $extra" -)")
       tail -n 5 "$log"
     fi
   }
@@ -355,6 +364,21 @@ run() {
       "64 128 64 --quantize w4a8-g32"; do
       bench_e2e 60 "1b $q"
     done
+    # 1B W4A16 with the embedding / lm_head in int8 on the device: a quantized config with "embeddings": "int8"
+    # (random weights, the tables quantized as `llama32 quantize --embeddings int8` does).
+    if [[ -f ${LLAMA32_TEST_DATA:-}/Llama-3.2-1B/config.json ]]; then
+      local int8dir="$logs/1b-w4a16-int8-tables"
+      mkdir -p "$int8dir"
+      python3 - "$LLAMA32_TEST_DATA/Llama-3.2-1B/config.json" "$int8dir/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["quantization_config"] = {"quant_method": "llama32", "format_version": 1, "scheme": "w4a16-g32", "bits": 4,
+                            "group_size": 32, "weight_mapping": "symmetric", "scale_dtype": "bfloat16",
+                            "activation": "none", "embeddings": "int8", "modules_not_converted": []}
+json.dump(c, open(sys.argv[2], "w"))
+PY
+      for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 90 "$int8dir $q"; done
+    fi
     # The same W4A16 rows with each decode kernel forced (LLAMA32_W4A16_KERNEL; the default picks per shape).
     local kern
     for kern in direct pipelined tiled; do

@@ -6,7 +6,8 @@ use std::process::Command;
 
 use llama32::npy;
 use llama32::quant::format::{
-    quantize_checkpoint, read_linear, read_table_f32, EmbeddingQuant, QuantFormat, QuantizationConfig, QuantizeOptions,
+    quantize_checkpoint, read_linear, read_table_f32, read_table_int8, EmbeddingQuant, QuantFormat, QuantizationConfig,
+    QuantizeOptions,
 };
 use llama32::quant::numerics::{quantize_activations, quantize_matrix, quantize_rows_int8};
 use llama32::quant::{ActQuant, Scheme};
@@ -330,6 +331,49 @@ fn int8_embeddings_and_sharded_output() {
     assert_ne!(bits(&plain), bits(&got));
     assert_eq!(qcfg_of(&out).embeddings, EmbeddingQuant::Int8);
     std::fs::remove_dir_all(&out).ok();
+}
+
+/// An int8-embeddings checkpoint keeps its tables' int8 form through `ModelWeights::load_quantized` (for the CUDA
+/// executor), the f32 tables being exactly their dequantization, and `quantize_tables_int8` on the bf16 checkpoint's
+/// weights (the `--random-weights` path of such a config) gives the same int8 values and scales, tied or untied.
+#[test]
+fn int8_tables_load_as_int8_and_equal_load_time_quantization() {
+    use llama32::config::LlamaConfig;
+    use llama32::weights::ModelWeights;
+    for case in ["tied-gqa4", "untied-gqa2-sharded"] {
+        let src = golden(case);
+        let out = scratch(&format!("int8-tables-{case}"));
+        let opts = QuantizeOptions { embeddings: EmbeddingQuant::Int8, ..Default::default() };
+        quantize_checkpoint(&src, &out, Scheme::W4A16_G32, &opts, &|_, _| {}).unwrap();
+        let cfg = LlamaConfig::from_model_dir(&src).unwrap();
+        let ckpt = Checkpoint::open(&out).unwrap();
+        let loaded = ModelWeights::load_quantized(&ckpt, &cfg, &qcfg_of(&out), &|_| {}).unwrap();
+        let e = loaded.embed_int8.as_ref().expect("the embedding loads as int8");
+        assert_eq!(bits(&loaded.embed), bits(&e.dequantize()), "{case}: embed is its int8 form's dequantization");
+        let (n, k) = (cfg.vocab_size, cfg.hidden_size);
+        let read = read_table_int8(&ckpt, "model.embed_tokens.weight", n, k).unwrap().unwrap();
+        assert_eq!(&read, e);
+        assert_eq!(loaded.lm_head.is_some(), loaded.lm_head_int8.is_some(), "{case}: an untied lm_head is int8 too");
+        assert_eq!(loaded.lm_head_int8(), loaded.lm_head_int8.as_ref().or(loaded.embed_int8.as_ref()));
+        if let (Some(h), Some(hq)) = (&loaded.lm_head, &loaded.lm_head_int8) {
+            assert_eq!(bits(h), bits(&hq.dequantize()), "{case}: lm_head is its int8 form's dequantization");
+        }
+        let mut w = ModelWeights::load(&Checkpoint::open(&src).unwrap(), &cfg, &|_| {}).unwrap();
+        w.quantize_tables_int8().unwrap();
+        assert_eq!(w.embed_int8, loaded.embed_int8, "{case}: embedding");
+        assert_eq!(w.lm_head_int8, loaded.lm_head_int8, "{case}: lm_head");
+        assert_eq!(bits(&w.embed), bits(&loaded.embed));
+        // Quantizing again leaves int8 tables alone; rounding to bf16 drops them (no longer their dequantization).
+        let before = w.embed.clone();
+        w.quantize_tables_int8().unwrap();
+        assert_eq!(bits(&w.embed), bits(&before));
+        w.round_to_bf16();
+        assert!(w.embed_int8.is_none() && w.lm_head_int8.is_none());
+        // An unquantized table has no int8 form.
+        let plain = Checkpoint::open(&src).unwrap();
+        assert!(read_table_int8(&plain, "model.embed_tokens.weight", n, k).unwrap().is_none());
+        std::fs::remove_dir_all(&out).ok();
+    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ use crate::config::{LlamaConfig, Preset};
 use crate::exec::cpu::CpuExecutor;
 use crate::exec::cuda::{CudaExecutor, CudaOptions};
 use crate::exec::Executor;
-use crate::quant::format::QuantizationConfig;
+use crate::quant::format::{EmbeddingQuant, QuantizationConfig};
 use crate::quant::Scheme;
 use crate::weights::{check_checkpoint, Checkpoint, ModelWeights, WeightSource};
 use crate::{Error, Result};
@@ -118,6 +118,9 @@ pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
     if let Some(scheme) = weights.quant_scheme() {
         desc.push_str(&format!(", quantized {}", scheme.name()));
     }
+    if weights.embed_int8.is_some() {
+        desc.push_str(", int8 embeddings");
+    }
     let exec = CpuExecutor::with_capacity(cfg, weights, kv_tokens, a.block_size)?;
     Ok(LoadedModel {
         exec: Box::new(exec),
@@ -177,7 +180,7 @@ pub fn quantization_of(a: &ModelArgs, source: &Source) -> Result<Option<Quantiza
 
 /// The CPU weights named by the arguments: a checkpoint (quantized or not) or random weights, then quantized by
 /// `--quantize` if given. `--random-weights` with a quantized checkpoint's config quantizes the random weights
-/// with the checkpoint's scheme.
+/// with the checkpoint's scheme, and its tables to int8 when the config says `"embeddings": "int8"`.
 pub fn load_cpu_weights(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Result<ModelWeights> {
     let quant = quantization_of(a, source)?;
     let mut weights = match (source, a.random_weights, &quant) {
@@ -199,7 +202,13 @@ pub fn load_cpu_weights(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Re
     };
     match (&quant, a.random_weights) {
         (Some(Quantization::AtLoad(scheme)), _) => weights.quantize_in_place(*scheme)?,
-        (Some(Quantization::Checkpoint(q)), true) => weights.quantize_in_place(q.scheme)?,
+        (Some(Quantization::Checkpoint(q)), true) => {
+            weights.quantize_in_place(q.scheme)?;
+            // A config whose checkpoint keeps the tables in int8: the random tables too (for benchmarks).
+            if q.embeddings == EmbeddingQuant::Int8 {
+                weights.quantize_tables_int8()?;
+            }
+        }
         _ => {}
     }
     Ok(weights)

@@ -166,6 +166,66 @@ impl QuantMatrix {
     }
 }
 
+/// An `[rows, cols]` table (the token embedding or `lm_head`) in symmetric int8 with one scale per row (Meta's
+/// 8-bit per-channel option, [`numerics::quantize_rows_int8`]): `w[r, c] = scales[r] * q[r, c]`. The scales are
+/// bf16 values held as f32, so every dequantized value is exact in f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Int8Table {
+    /// Rows (vocabulary entries).
+    pub rows: usize,
+    /// Columns (the hidden size).
+    pub cols: usize,
+    /// `[rows, cols]` int8 values.
+    pub q: Vec<i8>,
+    /// `[rows]` scales (bf16-representable).
+    pub scales: Vec<f32>,
+}
+
+impl Int8Table {
+    /// Quantizes an f32 `[rows, cols]` table the way `llama32 quantize --embeddings int8` does: each value rounded
+    /// to bf16 first, then [`numerics::quantize_rows_int8`]. Errors name the table (`what`) and the bad value.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, what: &str) -> Result<Int8Table> {
+        let rounded: Vec<f32> = w.iter().map(|&v| numerics::round_to_bf16(v)).collect();
+        let (q, scales) =
+            numerics::quantize_rows_int8(&rounded, rows, cols).map_err(|e| Error::request(format!("{what}: {e}")))?;
+        Ok(Int8Table { rows, cols, q, scales })
+    }
+
+    /// Checks the shape and that every scale is a finite bf16 value; errors name the table (`what`).
+    pub fn check(&self, what: &str) -> Result<()> {
+        let fail = |msg: String| Err(Error::request(format!("{what} (int8 [{}, {}]): {msg}", self.rows, self.cols)));
+        if self.q.len() != self.rows * self.cols {
+            return fail(format!("{} values, expected {}", self.q.len(), self.rows * self.cols));
+        }
+        if self.scales.len() != self.rows {
+            return fail(format!("{} scales, expected {}", self.scales.len(), self.rows));
+        }
+        if let Some(r) = self.scales.iter().position(|&s| !s.is_finite() || numerics::round_to_bf16(s) != s) {
+            return fail(format!("scale of row {r} is {}, not a finite bf16 value", self.scales[r]));
+        }
+        Ok(())
+    }
+
+    /// The `[rows, cols]` table in f32 (exact: an int8 times a bf16 scale).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        if self.cols == 0 {
+            return out;
+        }
+        for ((o, q), &s) in out.chunks_exact_mut(self.cols).zip(self.q.chunks_exact(self.cols)).zip(&self.scales) {
+            for (x, &v) in o.iter_mut().zip(q) {
+                *x = f32::from(v) * s;
+            }
+        }
+        out
+    }
+
+    /// Bytes of the table as the GPU keeps it: the int8 values and a bf16 scale per row.
+    pub fn device_bytes(&self) -> usize {
+        self.rows * self.cols + 2 * self.rows
+    }
+}
+
 /// A quantized projection: its matrix and the scheme its activations follow.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantLinear {
@@ -243,5 +303,45 @@ mod tests {
         let var = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64;
         assert!((var.sqrt() - 0.02).abs() < 0.003, "std {}", var.sqrt());
         assert!(QuantMatrix::random(4, 48, 32, 0, 0).is_err());
+    }
+}
+
+#[cfg(test)]
+mod int8_table_tests {
+    use super::*;
+
+    #[test]
+    fn quantizes_rows_checks_and_dequantizes_exactly() {
+        let (rows, cols) = (3, 5);
+        let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 - 7.0) * 0.013).collect();
+        let t = Int8Table::quantize(&w, rows, cols, "table").unwrap();
+        t.check("table").unwrap();
+        assert_eq!(t.device_bytes(), rows * cols + 2 * rows);
+        let d = t.dequantize();
+        for r in 0..rows {
+            // Each row's largest magnitude maps to about 127.5 steps, and each value to within a step (half a step
+            // but where the clamp at 127 cuts the top one).
+            let amax = w[r * cols..][..cols].iter().fold(0f32, |m, v| m.max(v.abs()));
+            for c in 0..cols {
+                let i = r * cols + c;
+                assert_eq!(d[i], f32::from(t.q[i]) * t.scales[r]);
+                assert!((d[i] - numerics::round_to_bf16(w[i])).abs() <= t.scales[r], "row {r} col {c}");
+            }
+            assert!(t.scales[r] >= amax / 128.0);
+        }
+        let e = Int8Table::quantize(&[f32::NAN], 1, 1, "lm_head.weight").unwrap_err().to_string();
+        assert!(e.contains("lm_head.weight"), "{e}");
+    }
+
+    #[test]
+    fn check_names_the_table_and_the_fault() {
+        let ok = Int8Table { rows: 2, cols: 2, q: vec![1, -2, 3, -128], scales: vec![0.5, 0.25] };
+        ok.check("t").unwrap();
+        let err = |t: Int8Table| t.check("embed").unwrap_err().to_string();
+        assert!(err(Int8Table { q: vec![1; 3], ..ok.clone() }).contains("3 values"));
+        assert!(err(Int8Table { scales: vec![0.5], ..ok.clone() }).contains("1 scales"));
+        assert!(err(Int8Table { scales: vec![0.5, f32::INFINITY], ..ok.clone() }).contains("row 1"));
+        let e = err(Int8Table { scales: vec![0.5, 0.1], ..ok });
+        assert!(e.contains("embed") && e.contains("not a finite bf16"), "{e}");
     }
 }

@@ -374,6 +374,9 @@ pub fn load_rank_weights_with(
         layers,
         final_norm: norm(&specs.final_norm)?,
         lm_head: specs.lm_head.as_ref().map(vocab_rows).transpose()?,
+        // A rank's vocabulary slice of an int8 table runs as bf16 (docs/quantization.md).
+        embed_int8: None,
+        lm_head_int8: None,
     })
 }
 

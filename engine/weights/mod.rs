@@ -12,9 +12,9 @@ use serde_json::Value;
 
 pub use self::safetensors::{DType, SafeTensorsFile, TensorInfo, TensorView};
 use crate::config::LlamaConfig;
-use crate::quant::format::{read_linear, read_table_f32, QuantizationConfig};
+use crate::quant::format::{read_linear, read_table_f32, read_table_int8, QuantizationConfig};
 use crate::quant::numerics::quantize_bf16_rounded;
-use crate::quant::{QuantLinear, QuantMatrix, Scheme};
+use crate::quant::{Int8Table, QuantLinear, QuantMatrix, Scheme};
 use crate::{Error, Result};
 
 /// All tensors of a checkpoint directory, across shards.
@@ -407,6 +407,11 @@ pub struct ModelWeights {
     pub final_norm: Vec<f32>,
     /// Untied output projection `[vocab, hidden]`; `None` when tied to `embed`.
     pub lm_head: Option<Vec<f32>>,
+    /// The embedding table in int8 (an int8-embeddings checkpoint, or [`quantize_tables_int8`]
+    /// (Self::quantize_tables_int8)); `embed` is then exactly its dequantization. The CUDA executor keeps this form.
+    pub embed_int8: Option<Int8Table>,
+    /// The untied `lm_head` in int8, as `embed_int8`.
+    pub lm_head_int8: Option<Int8Table>,
 }
 
 impl ModelWeights {
@@ -480,17 +485,53 @@ impl ModelWeights {
             })
             .collect::<Result<Vec<_>>>()?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let table = |name: &str| -> Result<Vec<f32>> {
-            let t = read_table_f32(ckpt, name, v, h)?;
-            tick((t.len() * 2) as u64);
+        // A table as f32, with its int8 form when the checkpoint stores it so.
+        let table = |name: &str| -> Result<(Vec<f32>, Option<Int8Table>)> {
+            let t = match read_table_int8(ckpt, name, v, h)? {
+                Some(q) => (q.dequantize(), Some(q)),
+                None => (read_table_f32(ckpt, name, v, h)?, None),
+            };
+            tick((t.0.len() * 2) as u64);
             Ok(t)
         };
-        Ok(ModelWeights {
-            embed: table("model.embed_tokens.weight")?,
-            layers,
-            final_norm: read(&specs.final_norm)?,
-            lm_head: specs.lm_head.as_ref().map(|_| table("lm_head.weight")).transpose()?,
-        })
+        let (embed, embed_int8) = table("model.embed_tokens.weight")?;
+        let (lm_head, lm_head_int8) = match specs.lm_head {
+            Some(_) => {
+                let (t, q) = table("lm_head.weight")?;
+                (Some(t), q)
+            }
+            None => (None, None),
+        };
+        Ok(ModelWeights { embed, layers, final_norm: read(&specs.final_norm)?, lm_head, embed_int8, lm_head_int8 })
+    }
+
+    /// Quantizes the embedding table and an untied `lm_head` to int8 per row, as `llama32 quantize --embeddings
+    /// int8` writes them ([`Int8Table::quantize`]): the f32 tables become their exact dequantizations and the int8
+    /// forms are kept for the CUDA executor. Tables already in int8 are left as they are. For `--embeddings int8`.
+    pub fn quantize_tables_int8(&mut self) -> Result<()> {
+        let cols = self.final_norm.len();
+        if cols == 0 {
+            return Err(Error::request("cannot quantize the tables of a model with hidden size 0"));
+        }
+        if self.embed_int8.is_none() {
+            let t = Int8Table::quantize(&self.embed, self.embed.len() / cols, cols, "model.embed_tokens.weight")?;
+            self.embed = t.dequantize();
+            self.embed_int8 = Some(t);
+        }
+        if let (Some(h), None) = (self.lm_head.as_mut(), self.lm_head_int8.as_ref()) {
+            let t = Int8Table::quantize(h, h.len() / cols, cols, "lm_head.weight")?;
+            *h = t.dequantize();
+            self.lm_head_int8 = Some(t);
+        }
+        Ok(())
+    }
+
+    /// The int8 form of the output projection (`lm_head_int8`, or `embed_int8` when tied), if it has one.
+    pub fn lm_head_int8(&self) -> Option<&Int8Table> {
+        match self.lm_head {
+            Some(_) => self.lm_head_int8.as_ref(),
+            None => self.embed_int8.as_ref(),
+        }
     }
 
     /// Quantizes every decoder projection with `scheme` (torchao numerics, see [`quantize_bf16_rounded`]), after
@@ -523,6 +564,9 @@ impl ModelWeights {
     /// compares against. Quantized projections are left alone (their values are already bf16 scale multiples).
     pub fn round_to_bf16(&mut self) {
         let round = |v: &mut [f32]| v.par_iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+        // Rounded, the tables are no longer their int8 forms' dequantizations.
+        self.embed_int8 = None;
+        self.lm_head_int8 = None;
         round(&mut self.embed);
         round(&mut self.final_norm);
         if let Some(h) = self.lm_head.as_mut() {
@@ -569,6 +613,8 @@ impl ModelWeights {
             layers,
             final_norm: read(&specs.final_norm)?,
             lm_head: specs.lm_head.as_ref().map(read).transpose()?,
+            embed_int8: None,
+            lm_head_int8: None,
         })
     }
 }

@@ -24,12 +24,12 @@ use crate::{Error, Result};
 const MAX_PLANS: usize = 1024;
 
 /// A cuBLASLt handle on one stream, with its workspace (32 MiB on compute capability 9.x and later, 4 MiB before,
-/// as NVIDIA recommends) and a plan per `(rows, k, n)` shape of [`Blas::gemm`].
+/// as NVIDIA recommends) and a plan per `(rows, k, n, output row stride)` shape of [`Blas::gemm_strided`].
 pub struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
-    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    plans: Mutex<HashMap<(usize, usize, usize, usize), Plan>>,
 }
 
 // SAFETY: the handle is only used with `stream`'s context, and the plans (host objects of cuBLASLt that
@@ -91,14 +91,31 @@ impl Blas {
         n: usize,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.gemm_strided(x, w, (rows, kdim, n), out, n)
+    }
+
+    /// [`gemm`](Self::gemm) into rows `out_stride` elements apart: `out[r * out_stride + j]` for `r < rows`, `j < n`
+    /// (so a column block of a wider output, `out` starting at the block's first column); the other elements are
+    /// not touched.
+    pub fn gemm_strided<I: DevicePtr<bf16>>(
+        &self,
+        x: &I,
+        w: &I,
+        (rows, kdim, n): (usize, usize, usize),
+        out: &mut impl DevicePtrMut<bf16>,
+        out_stride: usize,
+    ) -> Result<()> {
         if rows == 0 {
             return Ok(());
         }
-        if x.len() < rows * kdim || w.len() < n * kdim || out.len() < rows * n {
-            return Err(Error::Backend(format!("gemm: buffers too small for [{rows}, {kdim}] x [{n}, {kdim}]^T")));
+        let out_need = (rows - 1) * out_stride + n;
+        if out_stride < n || x.len() < rows * kdim || w.len() < n * kdim || out.len() < out_need {
+            return Err(Error::Backend(format!(
+                "gemm: buffers too small for [{rows}, {kdim}] x [{n}, {kdim}]^T (output rows {out_stride} apart)"
+            )));
         }
         let mut plans = self.plans.lock().map_err(|_| Error::Backend("gemm: the plan cache is poisoned".into()))?;
-        let key = (rows, kdim, n);
+        let key = (rows, kdim, n, out_stride);
         if !plans.contains_key(&key) {
             if plans.len() >= MAX_PLANS {
                 plans.clear();
@@ -151,7 +168,8 @@ impl Drop for Blas {
 }
 
 /// One shape's descriptors and algorithm: the weight `[n, k]` read transposed as A (`k x n`, leading dimension k),
-/// the activations as B (`k x rows`), the output as C and D (`n x rows`), f32 compute and scale.
+/// the activations as B (`k x rows`), the output as C and D (`n x rows`, leading dimension the output row stride),
+/// f32 compute and scale.
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     w: sys::cublasLtMatrixLayout_t,
@@ -161,7 +179,11 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(handle: sys::cublasLtHandle_t, (rows, kdim, n): (usize, usize, usize), workspace: usize) -> Result<Plan> {
+    fn new(
+        handle: sys::cublasLtHandle_t,
+        (rows, kdim, n, out_stride): (usize, usize, usize, usize),
+        workspace: usize,
+    ) -> Result<Plan> {
         let bf = sys::cudaDataType_t::CUDA_R_16BF;
         let (r, k, n) = (rows as u64, kdim as u64, n as u64);
         // Each handle goes into the plan as soon as it exists, so that an error below destroys what was made.
@@ -175,7 +197,7 @@ impl Plan {
         };
         plan.w = result::create_matrix_layout(bf, k, n, kdim as i64).map_err(lt("matrix layout"))?;
         plan.x = result::create_matrix_layout(bf, k, r, kdim as i64).map_err(lt("matrix layout"))?;
-        plan.out = result::create_matrix_layout(bf, n, r, n as i64).map_err(lt("matrix layout"))?;
+        plan.out = result::create_matrix_layout(bf, n, r, out_stride as i64).map_err(lt("matrix layout"))?;
         plan.desc =
             result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(lt("matmul descriptor"))?;

@@ -19,7 +19,7 @@ use crate::exec::cuda::blas::Blas;
 use cudarc::driver::{sys, CudaContext, CudaGraph, CudaSlice, CudaStream};
 use half::bf16;
 
-use self::ops::{drv, DeviceLayer, DeviceLinear};
+use self::ops::{drv, DeviceLayer, DeviceLinear, DeviceTable};
 pub use self::ops::{CudaAct, CudaOps};
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
@@ -181,7 +181,7 @@ fn block_bytes(cfg: &LlamaConfig, opts: &CudaOptions) -> usize {
 #[allow(clippy::type_complexity)]
 pub(crate) struct Uploaded {
     dev: (Arc<CudaStream>, Blas, String),
-    weights: (CudaSlice<bf16>, Vec<DeviceLayer>, CudaSlice<bf16>, Option<CudaSlice<bf16>>),
+    weights: (DeviceTable, Vec<DeviceLayer>, CudaSlice<bf16>, Option<DeviceTable>),
 }
 
 /// Converts and uploads one fused tensor.
@@ -232,9 +232,9 @@ impl CudaExecutor {
                 w_down: DeviceLinear::Dense(up(&l.w_down)?),
             });
         }
-        let embed = up(&specs.embed)?;
+        let embed = DeviceTable::Bf16(up(&specs.embed)?);
         let final_norm = up(&specs.final_norm)?;
-        let lm_head = specs.lm_head.as_ref().map(up).transpose()?;
+        let lm_head = specs.lm_head.as_ref().map(up).transpose()?.map(DeviceTable::Bf16);
         Self::assemble(cfg, opts, (stream, blas, device_name), (embed, layers, final_norm, lm_head))
     }
 
@@ -282,10 +282,13 @@ impl CudaExecutor {
                 w_down: linear(&format!("layer {i} down_proj"), &w.w_down, &l.w_down)?,
             });
         }
-        let embed = dense("embed_tokens", &weights.embed, &specs.embed)?;
+        // The tables go up in int8 when the weights hold them so (an int8-embeddings model).
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let table = |what: &str, values: &[f32], int8| DeviceTable::upload(&stream, what, (values, int8), (v, h));
+        let embed = table("embed_tokens", &weights.embed, weights.embed_int8.as_ref())?;
         let final_norm = dense("norm", &weights.final_norm, &specs.final_norm)?;
         let lm_head = match (&specs.lm_head, &weights.lm_head) {
-            (Some(spec), Some(v)) => Some(dense("lm_head", v, spec)?),
+            (Some(_), Some(values)) => Some(table("lm_head", values, weights.lm_head_int8.as_ref())?),
             (None, None) => None,
             _ => return Err(Error::Backend("lm_head: tied in one of the config and the weights only".into())),
         };
@@ -353,7 +356,7 @@ impl CudaExecutor {
                     + l.w_down.device_bytes()
             })
             .sum();
-        layers + 2 * (o.embed.len() + o.final_norm.len() + o.lm_head.as_ref().map_or(0, |h| h.len()))
+        layers + o.embed.device_bytes() + 2 * o.final_norm.len() + o.lm_head.as_ref().map_or(0, |h| h.device_bytes())
     }
 
     /// Sizes the cache and workspaces around uploaded weights.
@@ -362,12 +365,7 @@ impl CudaExecutor {
         cfg: LlamaConfig,
         opts: &CudaOptions,
         (stream, blas, device_name): (Arc<CudaStream>, Blas, String),
-        (embed, layers, final_norm, lm_head): (
-            CudaSlice<bf16>,
-            Vec<DeviceLayer>,
-            CudaSlice<bf16>,
-            Option<CudaSlice<bf16>>,
-        ),
+        (embed, layers, final_norm, lm_head): (DeviceTable, Vec<DeviceLayer>, CudaSlice<bf16>, Option<DeviceTable>),
     ) -> Result<Self> {
         let inv_freq = stream.clone_htod(&cfg.rope.inv_freq(cfg.head_dim)).map_err(drv("upload inv_freq"))?;
         let layout = PagedLayout {

@@ -9,8 +9,8 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
 use super::dense::{dense_linear, SKINNY_MAX_N};
-pub(crate) use super::quant_bufs::DeviceLinear;
 use super::quant_bufs::QuantBuffers;
+pub(crate) use super::quant_bufs::{DeviceLinear, DeviceTable, Int8Lm};
 use crate::config::LlamaConfig;
 use crate::exec::StepInput;
 use crate::model::{Linear, Norm, Ops};
@@ -110,10 +110,10 @@ pub struct CudaOps {
     pub(super) cfg: LlamaConfig,
     pub(super) stream: Arc<CudaStream>,
     pub(super) blas: Blas,
-    pub(super) embed: CudaSlice<bf16>,
+    pub(super) embed: DeviceTable,
     pub(super) layers: Vec<DeviceLayer>,
     pub(super) final_norm: CudaSlice<bf16>,
-    pub(super) lm_head: Option<CudaSlice<bf16>>,
+    pub(super) lm_head: Option<DeviceTable>,
     pub(super) inv_freq: CudaSlice<f32>,
     pub(super) layout: PagedLayout,
     pub(super) num_blocks: usize,
@@ -180,7 +180,7 @@ impl CudaOps {
         cfg: LlamaConfig,
         stream: Arc<CudaStream>,
         blas: Blas,
-        weights: (CudaSlice<bf16>, Vec<DeviceLayer>, CudaSlice<bf16>, Option<CudaSlice<bf16>>),
+        weights: (DeviceTable, Vec<DeviceLayer>, CudaSlice<bf16>, Option<DeviceTable>),
         inv_freq: CudaSlice<f32>,
         layout: PagedLayout,
         cache: (usize, Vec<CudaSlice<bf16>>, Vec<CudaSlice<bf16>>),
@@ -403,7 +403,7 @@ impl Ops for CudaOps {
         let (h, t) = (self.cfg.hidden_size, self.sizes.tokens);
         check("embed", out, t, h)?;
         let ids = self.meta()?.ids.slice(..t);
-        k::embedding::embed(&self.stream, &self.embed, h, &ids, &mut out.buf.slice_mut(..t * h))
+        self.embed.embed(&self.stream, h, &ids, &mut out.buf.slice_mut(..t * h))
     }
 
     fn rms_norm(&mut self, x: &CudaAct, n: Norm, out: &mut CudaAct) -> Result<()> {
@@ -480,6 +480,29 @@ impl Ops for CudaOps {
 
     fn linear(&mut self, x: &CudaAct, w: Linear, out: &mut CudaAct) -> Result<()> {
         let norm = norm_fusion::take_norm(&mut self.pending_norm, x, w)?;
+        if w == Linear::LmHead {
+            // An int8 lm_head (or tied int8 embedding): the int8 skinny GEMM, or chunks through cuBLASLt.
+            let table = match self.lm_head.as_mut() {
+                Some(t) => t,
+                None => &mut self.embed,
+            };
+            if let DeviceTable::Int8(t) = table {
+                if norm.is_some() {
+                    return Err(Error::Backend("linear LmHead: a norm was deferred into the int8 lm_head".into()));
+                }
+                self.quant.start_projection(w);
+                check("linear out", out, x.rows, t.rows())?;
+                if x.cols != t.cols() {
+                    return Err(Error::Backend(format!(
+                        "linear LmHead: input rows have {} columns, the int8 table {}",
+                        x.cols,
+                        t.cols()
+                    )));
+                }
+                let xv = x.buf.slice(..x.rows * x.cols);
+                return t.product(&self.stream, &self.blas, (&xv, x.rows), &mut out.buf);
+            }
+        }
         let pending = self.quant.start_projection(w);
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (weight, n) = linear_weight(&self.cfg, &self.layers, lm_head, w);
@@ -519,6 +542,7 @@ impl Ops for CudaOps {
                 return Err(Error::Backend(format!("linear {w:?}: a norm was deferred into a quantized projection")));
             }
             WeightRef::Quant(q) => q,
+            WeightRef::Int8(_) => return Err(Error::Backend(format!("linear {w:?}: an int8 table out of place"))),
         };
         if q.n() != n || q.k() != kdim {
             return Err(Error::Backend(format!(

@@ -297,3 +297,126 @@ pub(crate) fn project_silu(
     bufs.project_silu(stream, q, (x, rows), out)?;
     Ok(moved)
 }
+
+/// The bf16 scratch of an int8 table's cuBLASLt path (above 16 rows): at most 32 MiB, which stays in L2 between the
+/// dequantization and the GEMM that reads it, and at most an eighth of the table's rows (so the scratch costs at
+/// most a quarter of the bytes the int8 table saves).
+const TABLE_CHUNK_BYTES: usize = 32 << 20;
+
+/// The token embedding or `lm_head` on the device: bf16, or int8 per row with the scratch of its large-batch path.
+pub(crate) enum DeviceTable {
+    /// `[rows, cols]` bf16.
+    Bf16(CudaSlice<bf16>),
+    /// An int8-embeddings model's table.
+    Int8(Box<Int8Lm>),
+}
+
+/// An int8 table and the bf16 scratch its large-batch product dequantizes chunks of rows into.
+pub(crate) struct Int8Lm {
+    table: k::quant::CudaInt8Table,
+    scratch: CudaSlice<bf16>,
+    chunk_rows: usize,
+}
+
+impl DeviceTable {
+    /// Uploads a table of `rows` x `cols` f32 `values` (`what` names it in errors): its int8 form when it has one
+    /// (with the scratch of its cuBLASLt path), else bf16.
+    pub(crate) fn upload(
+        stream: &Arc<CudaStream>,
+        what: &str,
+        (values, int8): (&[f32], Option<&crate::quant::Int8Table>),
+        (rows, cols): (usize, usize),
+    ) -> Result<Self> {
+        if values.len() != rows * cols {
+            return Err(Error::Backend(format!("{what}: {} values, expected {rows} x {cols}", values.len())));
+        }
+        let Some(t) = int8 else {
+            return Ok(DeviceTable::Bf16(crate::vision::cuda::upload_bf16(stream, values)?));
+        };
+        if (t.rows, t.cols) != (rows, cols) {
+            return Err(Error::Backend(format!(
+                "{what}: int8 table is [{}, {}], expected [{rows}, {cols}]",
+                t.rows, t.cols
+            )));
+        }
+        let table = k::quant::CudaInt8Table::upload(stream, t, what)?;
+        let chunk_rows = (TABLE_CHUNK_BYTES / (2 * cols.max(1))).min(rows.div_ceil(8)).max(16).min(rows.max(1));
+        // SAFETY: bf16 has no invalid bit patterns; each chunk is written by the dequantization before its GEMM.
+        let scratch = unsafe { stream.alloc::<bf16>(chunk_rows * cols) }.map_err(drv("allocate int8 table scratch"))?;
+        Ok(DeviceTable::Int8(Box::new(Int8Lm { table, scratch, chunk_rows })))
+    }
+
+    /// Device bytes of the table (an int8 table's scratch included).
+    pub(crate) fn device_bytes(&self) -> usize {
+        match self {
+            DeviceTable::Bf16(d) => 2 * d.len(),
+            DeviceTable::Int8(t) => t.table.device_bytes() + 2 * t.scratch.len(),
+        }
+    }
+
+    /// Gathers the rows `ids` (`[tokens]`, each below the table's rows) into `out` (`[tokens, cols]`), as bf16.
+    pub(crate) fn embed(
+        &self,
+        stream: &CudaStream,
+        cols: usize,
+        ids: &impl cudarc::driver::DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        match self {
+            DeviceTable::Bf16(t) => k::embedding::embed(stream, t, cols, ids, out),
+            DeviceTable::Int8(t) => k::embedding::embed_int8(stream, t.table.parts(), cols, ids, out),
+        }
+    }
+}
+
+impl Int8Lm {
+    /// Output columns: the table's rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.table.rows()
+    }
+
+    /// Input columns: the table's columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.table.cols()
+    }
+
+    /// Device bytes of the int8 values and scales (what one product reads).
+    pub(crate) fn table_bytes(&self) -> usize {
+        self.table.device_bytes()
+    }
+
+    /// `out[rows, n] = x[rows, k] @ table^T` (n the table's rows, k its columns): the int8 skinny GEMM at decode
+    /// sizes, else the table dequantized a chunk of rows at a time into the scratch and multiplied by cuBLASLt into
+    /// its column block of `out`.
+    pub(crate) fn product(
+        &mut self,
+        stream: &CudaStream,
+        blas: &Blas,
+        (x, rows): (&CudaView<'_, bf16>, usize),
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        let (n, kdim) = (self.table.rows(), self.table.cols());
+        if rows == 0 {
+            return Ok(());
+        }
+        if out.len() < rows * n {
+            return Err(Error::Backend(format!(
+                "lm_head (int8): `out` has {} elements, needs {rows} x {n}",
+                out.len()
+            )));
+        }
+        if k::quant::gemv_int8_supports(rows, kdim) {
+            return k::quant::gemv_int8(stream, x, &self.table, rows, out);
+        }
+        let mut c0 = 0;
+        while c0 < n {
+            let c1 = (c0 + self.chunk_rows).min(n);
+            k::quant::dequant_rows(stream, &self.table, c0..c1, &mut self.scratch)?;
+            let w = self.scratch.slice(..(c1 - c0) * kdim);
+            let mut block = out.slice_mut(c0..rows * n);
+            blas.gemm_strided(x, &w, (rows, kdim, c1 - c0), &mut block, n)?;
+            c0 = c1;
+        }
+        Ok(())
+    }
+}

@@ -31,7 +31,41 @@ pub fn embed(
     let (table, _table) = table.device_ptr(stream);
     let (ids, _ids) = ids.device_ptr(stream);
     let (out, _out) = out.device_ptr_mut(stream);
-    launch(OP, stream, &EmbedLaunch { out, table, ids, bad_id: None, tokens: lens.ids, hidden, vocab })
+    launch(OP, stream, &EmbedLaunch { out, table, scales: None, ids, bad_id: None, tokens: lens.ids, hidden, vocab })
+}
+
+/// [`embed`] from an int8 table with one bf16 scale per row (an int8-embeddings model):
+/// `out[i, c] = bf16(scales[ids[i]] * q[ids[i], c])`, the exact f32 product rounded once, so the rows are bit for bit
+/// those [`embed`] gathers from the bf16 rounding of the dequantized table.
+///
+/// - `q`: `[vocab, hidden]` int8; `scales`: `[vocab]`; `ids`, `out` as in [`embed`].
+///
+/// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
+pub fn embed_int8(
+    stream: &CudaStream,
+    (q, scales): (&impl DevicePtr<i8>, &impl DevicePtr<bf16>),
+    hidden: usize,
+    ids: &impl DevicePtr<u32>,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    const OP: &str = "embed_int8";
+    super::ensure_built()?;
+    let lens = Lens { table: q.len(), ids: ids.len(), out: out.len(), bad_id: None };
+    let vocab = check_shapes(OP, &lens, hidden)?;
+    if scales.len() != vocab {
+        return Err(Error::Backend(format!(
+            "{OP}: `scales` has {} elements, expected one per row ({vocab})",
+            scales.len()
+        )));
+    }
+    let operands = [("table", q.stream()), ("scales", scales.stream()), ("ids", ids.stream()), ("out", out.stream())];
+    super::check_same_device(OP, stream, &operands)?;
+    let (table, _table) = q.device_ptr(stream);
+    let (scales, _scales) = scales.device_ptr(stream);
+    let (ids, _ids) = ids.device_ptr(stream);
+    let (out, _out) = out.device_ptr_mut(stream);
+    let l = EmbedLaunch { out, table, scales: Some(scales), ids, bad_id: None, tokens: lens.ids, hidden, vocab };
+    launch(OP, stream, &l)
 }
 
 /// [`embed`], and `bad_id[0] = 1` when some id is `>= vocab` (its row is zeroed).
@@ -57,7 +91,8 @@ pub fn embed_flagged(
     let (ids, _ids) = ids.device_ptr(stream);
     let (out, _out) = out.device_ptr_mut(stream);
     let (bad_id, _bad_id) = bad_id.device_ptr_mut(stream);
-    launch(OP, stream, &EmbedLaunch { out, table, ids, bad_id: Some(bad_id), tokens: lens.ids, hidden, vocab })
+    let l = EmbedLaunch { out, table, scales: None, ids, bad_id: Some(bad_id), tokens: lens.ids, hidden, vocab };
+    launch(OP, stream, &l)
 }
 
 /// The longest row `kernels/embedding.cu` takes.
@@ -98,6 +133,8 @@ fn check_shapes(op: &str, lens: &Lens, hidden: usize) -> Result<usize> {
 struct EmbedLaunch {
     out: u64,
     table: u64,
+    /// An int8 table's per-row scales.
+    scales: Option<u64>,
     ids: u64,
     bad_id: Option<u64>,
     tokens: usize,
@@ -113,6 +150,7 @@ fn launch(op: &str, stream: &CudaStream, l: &EmbedLaunch) -> Result<()> {
     let params = ffi::l32_embedding_params {
         out: l.out as *mut c_void,
         table: l.table as *const c_void,
+        scales: l.scales.map_or(std::ptr::null(), |p| p as *const c_void),
         ids: l.ids as *const u32,
         bad_id: l.bad_id.map_or(std::ptr::null_mut(), |p| p as *mut u32),
         tokens: l.tokens as i64,
@@ -122,8 +160,8 @@ fn launch(op: &str, stream: &CudaStream, l: &EmbedLaunch) -> Result<()> {
     };
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: every pointer comes from a live device slice on this stream's device whose length check_shapes
-    // matched (table: vocab x hidden, ids: tokens, out: tokens x hidden, bad_id: >= 1); the kernel reads no table
-    // row at or past vocab. The callers hold the slices' stream guards until after this launch.
+    // matched (table: vocab x hidden, scales: vocab, ids: tokens, out: tokens x hidden, bad_id: >= 1); the kernel
+    // reads no table row at or past vocab. The callers hold the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_embedding(&params, raw) };
     super::check_launch(op, stream, status, || {
         format!("{op} (tokens {}, hidden {}, vocab {})", l.tokens, l.hidden, l.vocab)

@@ -45,7 +45,7 @@ use super::{ActQuant, Scheme};
 use crate::{Error, Result};
 
 pub(crate) use read::tensor;
-pub use read::{pack_nibbles, read_linear, read_table_f32, unpack_nibbles};
+pub use read::{pack_nibbles, read_linear, read_table_f32, read_table_int8, unpack_nibbles};
 pub use write::{quantize_checkpoint, QuantizeOptions, QuantizeReport};
 
 /// The `quant_method` of this engine's own format.

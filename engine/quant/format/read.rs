@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::{QuantFormat, QuantizationConfig};
-use crate::quant::{hf, QuantLinear, QuantMatrix};
+use crate::quant::{hf, Int8Table, QuantLinear, QuantMatrix};
 use crate::weights::{Checkpoint, DType, TensorView};
 use crate::{Error, Result};
 
@@ -89,23 +89,28 @@ pub fn unpack_nibbles(bytes: &[u8]) -> Vec<i8> {
 /// checkpoint, as `<prefix>.qweight_int8` + `<prefix>.scales`, dequantized to f32 (exactly: int8 times a bf16
 /// scale). `name` is the unquantized tensor name, e.g. `model.embed_tokens.weight`.
 pub fn read_table_f32(ckpt: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let prefix = name.strip_suffix(".weight").unwrap_or(name);
-    let qname = format!("{prefix}.qweight_int8");
-    if ckpt.get(&qname).is_some() {
-        let why = "llama32 int8 table";
-        let (q, _) = tensor(ckpt, &qname, &[DType::I8], &[rows, cols], why)?;
-        let (s, _) = tensor(ckpt, &format!("{prefix}.scales"), &[DType::BF16], &[rows], why)?;
-        let scales = s.to_f32();
-        let mut out = vec![0.0f32; rows * cols];
-        for ((o, qr), sc) in out.chunks_exact_mut(cols.max(1)).zip(q.bytes.chunks_exact(cols.max(1))).zip(&scales) {
-            for (x, &b) in o.iter_mut().zip(qr) {
-                *x = (b as i8) as f32 * sc;
-            }
-        }
-        return Ok(out);
+    if let Some(t) = read_table_int8(ckpt, name, rows, cols)? {
+        return Ok(t.dequantize());
     }
     let (v, _) = tensor(ckpt, name, &[DType::BF16, DType::F16, DType::F32], &[rows, cols], "unquantized table")?;
     Ok(v.to_f32())
+}
+
+/// The int8 form of an `[rows, cols]` table of an int8-embeddings checkpoint (`<prefix>.qweight_int8` +
+/// `<prefix>.scales`), or `None` when the checkpoint stores it unquantized (`<prefix>.weight`). Shapes and dtypes are
+/// checked, naming the tensor.
+pub fn read_table_int8(ckpt: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Option<Int8Table>> {
+    let prefix = name.strip_suffix(".weight").unwrap_or(name);
+    let qname = format!("{prefix}.qweight_int8");
+    if ckpt.get(&qname).is_none() {
+        return Ok(None);
+    }
+    let why = "llama32 int8 table";
+    let (q, _) = tensor(ckpt, &qname, &[DType::I8], &[rows, cols], why)?;
+    let (s, _) = tensor(ckpt, &format!("{prefix}.scales"), &[DType::BF16], &[rows], why)?;
+    let table = Int8Table { rows, cols, q: q.bytes.iter().map(|&b| b as i8).collect(), scales: s.to_f32() };
+    table.check(&qname)?;
+    Ok(Some(table))
 }
 
 #[cfg(test)]

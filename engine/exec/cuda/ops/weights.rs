@@ -4,7 +4,7 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
-use super::{DeviceLayer, DeviceLinear};
+use super::{DeviceLayer, DeviceLinear, DeviceTable, Int8Lm};
 use crate::config::LlamaConfig;
 use crate::model::Linear;
 use crate::ops::cuda as k;
@@ -14,7 +14,7 @@ use crate::{Error, Result};
 pub(super) fn linear_weight<'a>(
     cfg: &LlamaConfig,
     layers: &'a [DeviceLayer],
-    lm_head: &'a CudaSlice<bf16>,
+    lm_head: &'a DeviceTable,
     w: Linear,
 ) -> (WeightRef<'a>, usize) {
     let c = cfg;
@@ -27,7 +27,10 @@ pub(super) fn linear_weight<'a>(
         Linear::O(l) => (dense_or_quant(&layers[l].wo), c.hidden_size),
         Linear::GateUp(l) => (dense_or_quant(&layers[l].w_gate_up), 2 * c.intermediate_size),
         Linear::Down(l) => (dense_or_quant(&layers[l].w_down), c.hidden_size),
-        Linear::LmHead => (WeightRef::Dense(lm_head), c.vocab_size),
+        Linear::LmHead => match lm_head {
+            DeviceTable::Bf16(s) => (WeightRef::Dense(s), c.vocab_size),
+            DeviceTable::Int8(t) => (WeightRef::Int8(t.as_ref()), c.vocab_size),
+        },
     }
 }
 
@@ -46,6 +49,8 @@ pub(super) fn check_dense(w: Linear, weight: &CudaSlice<bf16>, n: usize, kdim: u
 pub(super) enum WeightRef<'a> {
     Dense(&'a CudaSlice<bf16>),
     Quant(&'a k::quant::CudaQuantLinear),
+    /// An int8 `lm_head` (int8-embeddings models).
+    Int8(&'a Int8Lm),
 }
 
 impl WeightRef<'_> {
@@ -54,6 +59,7 @@ impl WeightRef<'_> {
         match self {
             WeightRef::Dense(s) => s.len() * 2,
             WeightRef::Quant(q) => q.device_bytes(),
+            WeightRef::Int8(t) => t.table_bytes(),
         }
     }
 }

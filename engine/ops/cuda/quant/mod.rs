@@ -40,7 +40,8 @@
 //! # Files
 //! `layout` (host-side tile layout), `linear` ([`CudaQuantLinear`]: upload and device buffers), `split_k` (the
 //! split-K workspace and launch heuristics), `w4a16` and `w4a8` (the checked wrappers, with the int8 activations
-//! in `w4a8`), `launch` (the FFI calls and their stubs in a build without CUDA).
+//! in `w4a8`), `table` (int8 embedding / `lm_head` tables: [`CudaInt8Table`], [`gemv_int8`]), `launch` (the FFI
+//! calls and their stubs in a build without CUDA).
 //!
 //! [`QuantMatrix`]: crate::quant::QuantMatrix
 //! [`QuantMatrix::dequantize`]: crate::quant::QuantMatrix::dequantize
@@ -49,6 +50,7 @@ mod launch;
 mod layout;
 mod linear;
 mod split_k;
+mod table;
 mod w4a16;
 mod w4a8;
 
@@ -60,6 +62,7 @@ pub use split_k::{
     w4a16_blocks_per_sm, w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_workspace, workspace_bound, SplitKWorkspace,
     W4A8Plan, BULK_BLOCKS_PER_SM, W4A16_BLOCKS_ENV,
 };
+pub use table::{dequant_rows, gemv_int8, gemv_int8_supports, CudaInt8Table, GEMV_INT8_MAX_M};
 pub use w4a16::{w4a16_dequant, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, W4A16Choice};
 pub use w4a8::{act_quant, w4a8_gemm, ActSource, QuantActs};
 
