@@ -67,6 +67,7 @@
 #include "common/rmsnorm.cuh"
 #include "common/rope.cuh"
 #include "common/silu.cuh"
+#include "common/warp_tiles.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 
@@ -325,24 +326,14 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     }
     if (base < kv) gemv_step<kTiles, kWarps, true, kNorm>(acc, w0, w1, xrows, base, kv, warp, t);
 
-    // D[row][col] of tile j is MMA row `row` (w row r0 or r1) against x row 8 j + col.
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-        partial[warp][8 * j + 2 * t][g] = acc[j][0];
-        partial[warp][8 * j + 2 * t + 1][g] = acc[j][1];
-        partial[warp][8 * j + 2 * t][g + 8] = acc[j][2];
-        partial[warp][8 * j + 2 * t + 1][g + 8] = acc[j][3];
-    }
+    store_warp_tiles<kTiles, kWarps, kRows>(partial, acc, warp, g, t);
     __syncthreads();
     // kTiles * 8 * kRows <= 256 outputs, at most one per thread. Each sum runs in warp order and is rounded to
     // bf16 as the plain kernel writes it; the paired modes then apply their element function.
     const int i = threadIdx.x / kRows, c = threadIdx.x % kRows;
     if (i >= m) return;
     const auto sum = [&](int col) {
-        float s = 0.f;
-#pragma unroll
-        for (int q = 0; q < kWarps; ++q) s += partial[q][i][col];
-        return __float2bfloat16_rn(s);
+        return __float2bfloat16_rn(warp_order_sum<kTiles, kWarps, kRows>(partial, i, col));
     };
     auto* out = static_cast<bf16*>(p.out);
     if constexpr (kMode == kSilu) {

@@ -426,6 +426,12 @@ PY
     # Llama 3.2 Vision in W4A16 on random weights at the real shapes, loaded layer by layer: 11B, then 90B on one GPU
     # (the 4-bit issue's target); load time, device memory, KV capacity, batch-1 and batch-16 decode.
     gpu_benches cuda_vision_quant::bench_mllama_11b_w4a16_decode cuda_vision_quant::bench_mllama_90b_w4a16_decode
+    # 11B again with the embedding and lm_head in int8 on the device (`--embeddings int8`); GPU_SUITE_INT8_90B=1 adds
+    # the 90B run (about 3 more minutes of load).
+    LLAMA32_BENCH_INT8_TABLES=1 gpu_bench 540 '^BENCH ' cuda_vision_quant::bench_mllama_11b_w4a16_decode int8
+    if [[ -n ${GPU_SUITE_INT8_90B:-} ]]; then
+      LLAMA32_BENCH_INT8_TABLES=1 gpu_bench 540 '^BENCH ' cuda_vision_quant::bench_mllama_90b_w4a16_decode int8
+    fi
   fi
 
   if want kernels; then

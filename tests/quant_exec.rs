@@ -577,6 +577,43 @@ fn vision_text_source_reads_layers_one_at_a_time() {
     assert!(y0.iter().any(|&v| v != 0.0));
 }
 
+/// A vision checkpoint quantized with `--embeddings int8` keeps its tables' int8 form for the CUDA decoder: the
+/// whole-model loader and `TextSource` give the same int8 tables, whose dequantization is the f32 table the CPU
+/// reference runs; `TextSource::with_int8_tables` on the bf16 checkpoint (the benchmarks' path) quantizes them the
+/// same way, and the plain source has none.
+#[test]
+fn vision_int8_tables_load_as_int8() {
+    use llama32::quant::format::EmbeddingQuant;
+    use llama32::vision::pipeline::MllamaModel;
+    use llama32::vision::weights::TextSource;
+    let g = common::mllama_golden("mllama-noresize");
+    let cfg = MllamaModel::load(&g.dir).expect("load").cfg;
+    let out = temp_dir("mllama-int8-tables");
+    let opts = QuantizeOptions { embeddings: EmbeddingQuant::Int8, ..Default::default() };
+    quantize_checkpoint(&g.dir, &out, Scheme::W4A16_G32, &opts, &|_, _| {}).expect("quantize");
+    let whole = MllamaModel::load(&out).expect("load the quantized checkpoint");
+    let t = &whole.weights.text;
+    let (e, h) = (t.embed_int8.as_ref().expect("embed int8"), t.lm_head_int8.as_ref().expect("lm_head int8"));
+    assert_eq!(bits(&t.embed), bits(&e.dequantize()));
+    assert_eq!(bits(&t.lm_head), bits(&h.dequantize()));
+    let qckpt = Checkpoint::open(&out).expect("open quantized");
+    let stored = TextSource::checkpoint(&qckpt, &cfg, None).expect("quantized source");
+    let (se, sei) = stored.embed_table().unwrap();
+    let (sh, shi) = stored.lm_head_table().unwrap();
+    assert_eq!((bits(&se), sei.as_ref()), (bits(&t.embed), Some(e)));
+    assert_eq!((bits(&sh), shi.as_ref()), (bits(&t.lm_head), Some(h)));
+    let ckpt = Checkpoint::open(&g.dir).expect("open");
+    let on_read = TextSource::checkpoint(&ckpt, &cfg, Some(Scheme::W4A16_G32)).expect("source").with_int8_tables();
+    assert_eq!(on_read.embed_table().unwrap().1.as_ref(), Some(e), "quantized on reading as the quantizer does");
+    assert_eq!(on_read.lm_head_table().unwrap().1.as_ref(), Some(h));
+    let plain = TextSource::checkpoint(&ckpt, &cfg, None).expect("source");
+    assert!(plain.embed_table().unwrap().1.is_none() && plain.lm_head_table().unwrap().1.is_none());
+    let random = TextSource::random(&cfg, 5, Some(Scheme::W4A16_G32)).with_int8_tables();
+    let (v, q) = random.lm_head_table().unwrap();
+    assert_eq!(bits(&v), bits(&q.expect("random int8 lm_head").dequantize()));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// `llama32 logits --image ... --quantize SCHEME` on a vision checkpoint quantizes the language model's projections
 /// on reading (it used to ignore the flag): the same logits as the model loaded with that quantization in memory.
 #[test]

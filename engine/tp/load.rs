@@ -417,7 +417,15 @@ pub fn load_mllama_rank_text_with(
     let src = MllamaRankSource::new_with(cfg, plan, rank, ckpt, at_load, true)?;
     let layers =
         (0..cfg.text.base.num_hidden_layers).into_par_iter().map(|l| src.layer(l)).collect::<Result<Vec<_>>>()?;
-    let text = TextWeights { embed: src.embed()?, layers, final_norm: src.final_norm()?, lm_head: src.lm_head()? };
+    // A rank's vocabulary slices of int8 tables run as bf16 (docs/quantization.md).
+    let text = TextWeights {
+        embed: src.embed()?,
+        layers,
+        final_norm: src.final_norm()?,
+        lm_head: src.lm_head()?,
+        embed_int8: None,
+        lm_head_int8: None,
+    };
     Ok(MllamaRankText { text, embed_rows: src.embed_rows()? })
 }
 

@@ -24,9 +24,9 @@ use std::collections::{HashMap, HashSet};
 use rayon::prelude::*;
 
 use super::config::MllamaConfig;
-use crate::quant::format::{read_linear, read_table_f32, EmbeddingQuant, QuantizationConfig};
+use crate::quant::format::{read_linear, read_table_f32, read_table_int8, EmbeddingQuant, QuantizationConfig};
 use crate::quant::numerics::quantize_bf16_rounded;
-use crate::quant::{QuantLinear, QuantMatrix, Scheme};
+use crate::quant::{Int8Table, QuantLinear, QuantMatrix, Scheme};
 use crate::weights::{random_values, stack_rows, Checkpoint, LayerWeights, LinearWeight};
 use crate::{Error, Result};
 
@@ -369,6 +369,11 @@ pub struct TextWeights {
     pub final_norm: Vec<f32>,
     /// Output projection `[vocab_size, hidden]` (never tied).
     pub lm_head: Vec<f32>,
+    /// The embedding table in int8, when the checkpoint keeps it so (`--embeddings int8`); `embed` is then exactly
+    /// its dequantization. The CUDA decoder keeps this form.
+    pub embed_int8: Option<Int8Table>,
+    /// `lm_head` in int8, as `embed_int8`.
+    pub lm_head_int8: Option<Int8Table>,
 }
 
 /// All weights of an `MllamaForConditionalGeneration` in the CPU layout.
@@ -506,11 +511,15 @@ impl MllamaWeights {
             .into_par_iter()
             .map(|l| text_layer(r, cfg, l))
             .collect::<Result<Vec<_>>>()?;
+        let (embed, embed_int8) = r.read_table("language_model.model.embed_tokens.weight")?;
+        let (lm_head, lm_head_int8) = r.read_table("language_model.lm_head.weight")?;
         Ok(TextWeights {
-            embed: r.read("language_model.model.embed_tokens.weight")?,
+            embed,
             layers,
             final_norm: r.read("language_model.model.norm.weight")?,
-            lm_head: r.read("language_model.lm_head.weight")?,
+            lm_head,
+            embed_int8,
+            lm_head_int8,
         })
     }
 }
@@ -645,6 +654,26 @@ impl<'a> TextSource<'a> {
         self.r.read("language_model.model.embed_tokens.weight")
     }
 
+    /// The embedding table with its int8 form, when it has one: an int8-embeddings checkpoint's, or, after
+    /// [`with_int8_tables`](Self::with_int8_tables), the table quantized as `llama32 quantize --embeddings int8`
+    /// does. The f32 table is then exactly its dequantization.
+    pub fn embed_table(&self) -> Result<(Vec<f32>, Option<Int8Table>)> {
+        self.r.read_table("language_model.model.embed_tokens.weight")
+    }
+
+    /// `lm_head` with its int8 form, as [`embed_table`](Self::embed_table).
+    pub fn lm_head_table(&self) -> Result<(Vec<f32>, Option<Int8Table>)> {
+        self.r.read_table("language_model.lm_head.weight")
+    }
+
+    /// Quantizes the embedding table and `lm_head` to int8 as they are read (for random weights or a bf16
+    /// checkpoint: what an int8-embeddings checkpoint holds); an int8-embeddings checkpoint's tables are int8
+    /// either way.
+    pub fn with_int8_tables(mut self) -> Self {
+        self.r.tables_int8 = true;
+        self
+    }
+
     /// Final RMSNorm `[hidden]`.
     pub fn final_norm(&self) -> Result<Vec<f32>> {
         self.r.read("language_model.model.norm.weight")
@@ -673,11 +702,40 @@ struct Reader<'a> {
     quantize: Option<Scheme>,
     /// Keep the dense f32 copy of quantized projections (the CPU reference's W4A16 form).
     keep_dense: bool,
+    /// Quantize the embedding table and `lm_head` to int8 as they are read ([`TextSource::with_int8_tables`]).
+    tables_int8: bool,
 }
 
 impl<'a> Reader<'a> {
     fn new(cfg: &MllamaConfig, src: Source<'a>) -> Self {
-        Reader { shapes: expected_tensors(cfg).into_iter().collect(), src, quantize: None, keep_dense: true }
+        Reader {
+            shapes: expected_tensors(cfg).into_iter().collect(),
+            src,
+            quantize: None,
+            keep_dense: true,
+            tables_int8: false,
+        }
+    }
+
+    /// A table (`embed_tokens` or `lm_head`, canonical name) in f32 with its int8 form: an int8-embeddings
+    /// checkpoint's, or the table quantized when `tables_int8` asks for it; else the f32 table alone.
+    fn read_table(&self, name: &str) -> Result<(Vec<f32>, Option<Int8Table>)> {
+        if let Some((ckpt, layout, q)) = self.stored_quant() {
+            if q.embeddings == EmbeddingQuant::Int8 && is_table(name) {
+                let shape = self.shape(name)?;
+                let stored = layout.tensor_name(name);
+                if let Some(t) = read_table_int8(ckpt, &stored, shape[0], shape[1])? {
+                    return Ok((t.dequantize(), Some(t)));
+                }
+            }
+        }
+        let values = self.read(name)?;
+        if !self.tables_int8 {
+            return Ok((values, None));
+        }
+        let shape = self.shape(name)?;
+        let t = Int8Table::quantize(&values, shape[0], shape[1], name)?;
+        Ok((t.dequantize(), Some(t)))
     }
 
     /// The checkpoint's quantization, when its projections are stored quantized.

@@ -38,6 +38,7 @@
 #include "common/bf16.cuh"
 #include "common/launch.cuh"
 #include "common/status.cuh"
+#include "common/warp_tiles.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
 
@@ -147,21 +148,12 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_int8_kernel(con
     for (; base + kStep <= kv; base += kStep) int8_step<kTiles, kWarps, false>(acc, w0, w1, xr, base, kv, warp, t);
     if (base < kv) int8_step<kTiles, kWarps, true>(acc, w0, w1, xr, base, kv, warp, t);
 
-    // D[row][col] of tile j is MMA row `row` (table row r0 or r1) against x row 8 j + col.
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-        partial[warp][8 * j + 2 * t][g] = acc[j][0];
-        partial[warp][8 * j + 2 * t + 1][g] = acc[j][1];
-        partial[warp][8 * j + 2 * t][g + 8] = acc[j][2];
-        partial[warp][8 * j + 2 * t + 1][g + 8] = acc[j][3];
-    }
+    store_warp_tiles<kTiles, kWarps, kRows>(partial, acc, warp, g, t);
     __syncthreads();
     // kTiles * 8 * kRows <= 256 outputs, at most one per thread, each summed in warp order.
     const int i = threadIdx.x / kRows, c = threadIdx.x % kRows;
     if (i >= m || n0 + c >= p.n) return;
-    float s = 0.f;
-#pragma unroll
-    for (int q = 0; q < kWarps; ++q) s += partial[q][i][c];
+    const float s = warp_order_sum<kTiles, kWarps, kRows>(partial, i, c);
     const float scale = __bfloat162float(static_cast<const bf16*>(p.scales)[n0 + c]);
     static_cast<bf16*>(p.out)[static_cast<int64_t>(i) * p.n + n0 + c] = __float2bfloat16_rn(scale * s);
 }

@@ -83,6 +83,29 @@ fn row_rms(v: &[f32], cols: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The worst error of a `[m, n]` GEMM output `got` against the f32 twin `want`, as a share of the bound
+/// `2^-8 |want| + 1e-3 sqrt(k) rms(x_i) rms(w_j)` (one bf16 rounding, and summation slack; see the module docs);
+/// panics past it, naming the output.
+fn within_gemm_bound(
+    got: &[bf16],
+    want: &[f32],
+    (m, n, k): (usize, usize, usize),
+    (x_rms, w_rms): (&[f32], &[f32]),
+    what: &str,
+) -> f32 {
+    let mut worst = 0f32;
+    for i in 0..m {
+        for j in 0..n {
+            let (g, wv) = (got[i * n + j].to_f32(), want[i * n + j]);
+            let tol = BF16_ROUNDING * wv.abs() + 1e-3 * (k as f32).sqrt() * x_rms[i] * w_rms[j];
+            let err = (g - wv).abs();
+            assert!(err <= tol, "{what}: out[{i}, {j}] = {g}, want {wv} (error {err:e} > {tol:e})");
+            worst = worst.max(err / tol);
+        }
+    }
+    worst
+}
+
 fn same_bits(a: &[bf16], b: &[bf16]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
@@ -287,20 +310,7 @@ fn check_w4a16(
         let mut want = vec![f32::NAN; m * n];
         linear(&x32, &w32, m, k, n, &mut want);
         let x_d = upload(stream, &x);
-        // The worst error of `got` as a share of the tolerance; panics past it.
-        let close = |got: &[bf16], what: &str| {
-            let mut worst = 0f32;
-            for i in 0..m {
-                for j in 0..n {
-                    let (g, wv) = (got[i * n + j].to_f32(), want[i * n + j]);
-                    let tol = BF16_ROUNDING * wv.abs() + 1e-3 * (k as f32).sqrt() * x_rms[i] * w_rms[j];
-                    let err = (g - wv).abs();
-                    assert!(err <= tol, "{what}: out[{i}, {j}] = {g}, want {wv} (error {err:e} > {tol:e})");
-                    worst = worst.max(err / tol);
-                }
-            }
-            worst
-        };
+        let close = |got: &[bf16], what: &str| within_gemm_bound(got, &want, (m, n, k), (&x_rms, &w_rms), what);
         let mut direct = Vec::new();
         for kernel in W4A16Kernel::ALL {
             if !kernel.runs(m) {
@@ -541,16 +551,7 @@ fn gemv_int8_matches_cpu() {
             };
             let got = run();
             assert!(got[m * n..].iter().all(|v| v.is_nan()), "{what}: wrote past m x n");
-            let mut worst = 0f32;
-            for i in 0..m {
-                for j in 0..n {
-                    let (g, wv) = (got[i * n + j].to_f32(), want[i * n + j]);
-                    let tol = BF16_ROUNDING * wv.abs() + 1e-3 * (k as f32).sqrt() * x_rms[i] * w_rms[j];
-                    let err = (g - wv).abs();
-                    assert!(err <= tol, "{what}: out[{i}, {j}] = {g}, want {wv} (error {err:e} > {tol:e})");
-                    worst = worst.max(err / tol);
-                }
-            }
+            let worst = within_gemm_bound(&got, &want, (m, n, k), (&x_rms, &w_rms), &what);
             assert!(same_bits(&run(), &got), "{what}: a second run gave different bits");
             eprintln!("{what}: worst error {worst:.3} of the tolerance");
         }
@@ -807,6 +808,16 @@ fn int8_tables_on_cuda_match_cpu() {
 // ------------------------------------------------------------------------------------------------------------------
 // benchmark
 
+/// A stream for the timing benches, or `None` (and "skipped") without a device. One stream orders everything there,
+/// so cudarc's per-buffer events (which would break graph capture) are turned off first: call it before the bench
+/// allocates, and use every buffer on this one stream.
+fn bench_stream() -> Option<Arc<CudaStream>> {
+    let ctx = stream()?.context().clone();
+    // SAFETY: the caller allocates nothing before this and uses its buffers on the stream returned.
+    unsafe { ctx.disable_event_tracking() };
+    Some(ctx.new_stream().expect("stream"))
+}
+
 /// An `n x k` int4 matrix (group 32, symmetric) for the timing benches: hashed values in 0..8 and a constant scale,
 /// since the values do not change the timing.
 fn timing_weights(n: usize, k: usize, scheme: Scheme) -> QuantLinear {
@@ -826,12 +837,7 @@ fn timing_weights(n: usize, k: usize, scheme: Scheme) -> QuantLinear {
 fn quant_throughput() {
     use crate::cuda_gemv::{cublaslt_gemm, time_graph, CALLS, ROTATE_BYTES};
     use cudarc::cublaslt::CudaBlasLT;
-    let Some(probe) = stream() else { return };
-    let ctx = probe.context().clone();
-    // One stream orders everything here; cudarc's per-buffer events would break graph capture.
-    // SAFETY: called before this test allocates; every buffer below is used on the one stream created next.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().expect("stream");
+    let Some(stream) = bench_stream() else { return };
     let blas = CudaBlasLT::new(stream.clone()).expect("cuBLASLt");
     let sms = llama32::ops::cuda::attention::num_sms(&stream).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 9);
@@ -970,11 +976,7 @@ fn quant_throughput() {
 #[ignore]
 fn int8_lm_head_throughput() {
     use crate::cuda_gemv::time_graph;
-    let Some(probe) = stream() else { return };
-    let ctx = probe.context().clone();
-    // SAFETY: called before this test allocates; every buffer below is used on the one stream created next.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().expect("stream");
+    let Some(stream) = bench_stream() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 10);
     for (name, n, k) in
         [("1b lm_head", 128_256usize, 2048usize), ("3b lm_head", 128_256, 3072), ("90b lm_head", 128_256, 8192)]

@@ -8,7 +8,7 @@
 use llama32::exec::generate::{build_step, LogitsWanted, SeqChunk};
 use llama32::exec::Executor;
 use llama32::kv::BlockAllocator;
-use llama32::quant::format::{quantize_checkpoint, QuantizeOptions};
+use llama32::quant::format::{quantize_checkpoint, EmbeddingQuant, QuantizeOptions};
 use llama32::quant::Scheme;
 use llama32::sampling::argmax;
 use llama32::vision::config::MllamaConfig;
@@ -94,10 +94,18 @@ fn cuda_quantized_vision_checkpoints_match_the_cpu_reference() {
     for name in ["mllama-noresize", "mllama-two-images"] {
         let (g, _, enc) = golden(name);
         let hf = g.reference["hf_bf16_max_rel_err"].as_f64().unwrap_or(0.0) as f32;
-        for scheme in [Scheme::W4A16_G32, Scheme::W4A8_G32] {
-            let out = temp_dir(&format!("{name}-{}", scheme.name()));
-            quantize_checkpoint(&g.dir, &out, scheme, &QuantizeOptions::default(), &|_, _| {}).unwrap();
+        // W4A16 and W4A8, and W4A16 with the embedding and lm_head in int8 (kept int8 on the device).
+        for (scheme, tables) in [
+            (Scheme::W4A16_G32, EmbeddingQuant::Bf16),
+            (Scheme::W4A8_G32, EmbeddingQuant::Bf16),
+            (Scheme::W4A16_G32, EmbeddingQuant::Int8),
+        ] {
+            let what = format!("{name} {} {} tables", scheme.name(), tables.name());
+            let out = temp_dir(&format!("{name}-{}-{}", scheme.name(), tables.name()));
+            let qopts = QuantizeOptions { embeddings: tables, ..Default::default() };
+            quantize_checkpoint(&g.dir, &out, scheme, &qopts, &|_, _| {}).unwrap();
             let qm = MllamaModel::load(&out).unwrap();
+            assert_eq!(qm.weights.text.embed_int8.is_some(), tables == EmbeddingQuant::Int8, "{what}");
             let mut cpu = MllamaCpuExecutor::new(qm.cfg.clone(), qm.weights.clone(), 512, 4).unwrap();
             // The CUDA runs decode the CPU's tokens: under W4A8 the CPU's logits of mllama-noresize's second decode
             // step have a top-2 margin of 0.7% of the largest logit, well inside W4A8's error, so a greedy CUDA run
@@ -113,14 +121,18 @@ fn cuda_quantized_vision_checkpoints_match_the_cpu_reference() {
             // and W4A16 measured 1.07x of it there.
             let budget = if scheme == Scheme::W4A8_G32 { 4.0 } else { 2.0 } * (2e-2f32).max(1.25 * hf);
             let e = max_rel(&got, &want);
-            eprintln!("{name} {}: CUDA vs CPU quantized logits max rel {e:.2e} (budget {budget:.2e})", scheme.name());
-            assert!(e <= budget, "{name} {}: {e:.2e}", scheme.name());
-            // Quantizing the bf16 checkpoint on reading gives the same int4 weights, so the same bits.
+            eprintln!("{what}: CUDA vs CPU quantized logits max rel {e:.2e} (budget {budget:.2e})");
+            assert!(e <= budget, "{what}: {e:.2e}");
+            // Quantizing the bf16 checkpoint on reading gives the same int4 weights (and int8 tables), so the same
+            // bits.
             let orig = Checkpoint::open(&g.dir).unwrap();
-            let on_read = TextSource::checkpoint(&orig, &qm.cfg, Some(scheme)).unwrap();
+            let mut on_read = TextSource::checkpoint(&orig, &qm.cfg, Some(scheme)).unwrap();
+            if tables == EmbeddingQuant::Int8 {
+                on_read = on_read.with_int8_tables();
+            }
             let mut cuda2 = MllamaCudaExecutor::from_source(qm.cfg.clone(), &on_read, &opts(), &|_, _| {}).unwrap();
             let again = run_fed(&mut cuda2, &qm, &g.input_ids, &enc, 4, Some(&tokens)).0;
-            assert_eq!(again, got, "{name} {}: on reading", scheme.name());
+            assert_eq!(again, got, "{what}: on reading");
             let _ = std::fs::remove_dir_all(&out);
         }
     }
@@ -297,7 +309,14 @@ fn cuda_quantized_vision_swiglu_fusion_changes_no_bit() {
 /// the KV capacity and the step times.
 fn bench_w4a16(cfg: MllamaConfig, name: &str) {
     let t0 = std::time::Instant::now();
-    let src = TextSource::random(&cfg, 1, Some(Scheme::W4A16_G32));
+    let mut src = TextSource::random(&cfg, 1, Some(Scheme::W4A16_G32));
+    // The int8 tables of an `--embeddings int8` checkpoint (half the bytes of the embedding and lm_head).
+    let name = if std::env::var("LLAMA32_BENCH_INT8_TABLES").is_ok_and(|v| v == "1") {
+        src = src.with_int8_tables();
+        format!("{name}_int8tables")
+    } else {
+        name.to_string()
+    };
     let o = MllamaCudaOptions {
         kv_tokens: 4096,
         gpu_memory_utilization: Some(0.9),

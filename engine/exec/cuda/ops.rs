@@ -500,7 +500,8 @@ impl Ops for CudaOps {
                     )));
                 }
                 let xv = x.buf.slice(..x.rows * x.cols);
-                return t.product(&self.stream, &self.blas, (&xv, x.rows), &mut out.buf);
+                let n = t.rows();
+                return t.product(&self.stream, &self.blas, (&xv, x.rows), &mut out.buf.slice_mut(..x.rows * n));
             }
         }
         let pending = self.quant.start_projection(w);

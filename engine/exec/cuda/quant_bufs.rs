@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use crate::exec::cuda::blas::Blas;
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut};
 use half::bf16;
 
 use super::ops::drv;
@@ -393,7 +393,7 @@ impl Int8Lm {
         stream: &CudaStream,
         blas: &Blas,
         (x, rows): (&CudaView<'_, bf16>, usize),
-        out: &mut CudaSlice<bf16>,
+        out: &mut CudaViewMut<'_, bf16>,
     ) -> Result<()> {
         let (n, kdim) = (self.table.rows(), self.table.cols());
         if rows == 0 {

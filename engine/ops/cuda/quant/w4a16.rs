@@ -27,8 +27,7 @@ pub fn w4a16_gemm(
     ws: &mut SplitKWorkspace,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    let choice = W4A16Choice { kernel: W4A16Kernel::configured(m, w.n, w.k)?, splits: None };
-    w4a16_gemm_with(stream, x, w, m, ws, out, choice)
+    w4a16_gemm_with(stream, x, w, m, ws, out, W4A16Choice::configured(w, m)?)
 }
 
 /// How [`w4a16_gemm_with`] runs: the kernel, and a split count (`None`: the heuristic [`w4a16_splits`]).
@@ -38,6 +37,13 @@ pub struct W4A16Choice {
     pub kernel: W4A16Kernel,
     /// K splits, `1..=k / 64` (at most 32 are worth it); `None` picks them by the heuristic.
     pub splits: Option<usize>,
+}
+
+impl W4A16Choice {
+    /// The kernel [`W4A16Kernel::configured`] picks for `m` rows through `w`, with the heuristic's splits.
+    pub fn configured(w: &CudaQuantLinear, m: usize) -> Result<Self> {
+        Ok(W4A16Choice { kernel: W4A16Kernel::configured(m, w.n, w.k)?, splits: None })
+    }
 }
 
 /// [`w4a16_gemm`] with an explicit kernel and, optionally, split count: the direct, pipelined and tiled kernels
@@ -67,8 +73,7 @@ pub fn w4a16_gemm_silu(
     ws: &mut SplitKWorkspace,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    let choice = W4A16Choice { kernel: W4A16Kernel::configured(m, w.n, w.k)?, splits: None };
-    w4a16_gemm_silu_with(stream, x, w, m, ws, out, choice)
+    w4a16_gemm_silu_with(stream, x, w, m, ws, out, W4A16Choice::configured(w, m)?)
 }
 
 /// [`w4a16_gemm_silu`] with an explicit kernel and split count, as [`w4a16_gemm_with`].

@@ -36,10 +36,11 @@ use super::super::{drv, open_stream, upload_bf16, upload_f32};
 use super::{alloc, Acts, Layer, Meta, MllamaCudaExecutor};
 use crate::config::LlamaConfig;
 use crate::exec::cuda::graph_bucket;
-use crate::exec::cuda::quant_bufs::{DeviceLinear, QuantBuffers};
+use crate::exec::cuda::quant_bufs::{DeviceLinear, DeviceTable, QuantBuffers};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
 use crate::ops::cuda::vision as kv;
+use crate::quant::Int8Table;
 use crate::tp::cuda::DeviceComm;
 use crate::tp::load::{MllamaRankSource, MllamaRankText};
 use crate::tp::TpPlan;
@@ -169,13 +170,20 @@ fn encoder_workspace_bytes(cfg: &MllamaConfig) -> usize {
         + out_rows * 2 * (v.vision_output_dim + cfg.text.base.hidden_size)
 }
 
+/// A table in f32 with its int8 form, when it has one.
+type TableIn<'a> = (Cow<'a, [f32]>, Option<Cow<'a, Int8Table>>);
+
 /// The text weights an executor uploads: whole on the host, or read one layer at a time.
 trait TextIn {
     fn num_layers(&self) -> usize;
     fn layer(&self, i: usize) -> Result<Cow<'_, TextLayerWeights>>;
-    fn embed(&self) -> Result<Cow<'_, [f32]>>;
+    fn embed(&self) -> Result<TableIn<'_>>;
     fn final_norm(&self) -> Result<Cow<'_, [f32]>>;
-    fn lm_head(&self) -> Result<Cow<'_, [f32]>>;
+    fn lm_head(&self) -> Result<TableIn<'_>>;
+}
+
+fn owned_table((values, int8): (Vec<f32>, Option<Int8Table>)) -> TableIn<'static> {
+    (Cow::Owned(values), int8.map(Cow::Owned))
 }
 
 impl TextIn for TextWeights {
@@ -185,14 +193,14 @@ impl TextIn for TextWeights {
     fn layer(&self, i: usize) -> Result<Cow<'_, TextLayerWeights>> {
         self.layers.get(i).map(Cow::Borrowed).ok_or_else(|| Error::request(format!("text layer {i} is missing")))
     }
-    fn embed(&self) -> Result<Cow<'_, [f32]>> {
-        Ok(Cow::Borrowed(&self.embed))
+    fn embed(&self) -> Result<TableIn<'_>> {
+        Ok((Cow::Borrowed(&self.embed), self.embed_int8.as_ref().map(Cow::Borrowed)))
     }
     fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
         Ok(Cow::Borrowed(&self.final_norm))
     }
-    fn lm_head(&self) -> Result<Cow<'_, [f32]>> {
-        Ok(Cow::Borrowed(&self.lm_head))
+    fn lm_head(&self) -> Result<TableIn<'_>> {
+        Ok((Cow::Borrowed(&self.lm_head), self.lm_head_int8.as_ref().map(Cow::Borrowed)))
     }
 }
 
@@ -203,14 +211,15 @@ impl TextIn for MllamaRankSource<'_> {
     fn layer(&self, i: usize) -> Result<Cow<'_, TextLayerWeights>> {
         MllamaRankSource::layer(self, i).map(Cow::Owned)
     }
-    fn embed(&self) -> Result<Cow<'_, [f32]>> {
-        MllamaRankSource::embed(self).map(Cow::Owned)
+    // A rank's vocabulary slices of int8 tables run as bf16 (docs/quantization.md).
+    fn embed(&self) -> Result<TableIn<'_>> {
+        MllamaRankSource::embed(self).map(|v| (Cow::Owned(v), None))
     }
     fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
         MllamaRankSource::final_norm(self).map(Cow::Owned)
     }
-    fn lm_head(&self) -> Result<Cow<'_, [f32]>> {
-        MllamaRankSource::lm_head(self).map(Cow::Owned)
+    fn lm_head(&self) -> Result<TableIn<'_>> {
+        MllamaRankSource::lm_head(self).map(|v| (Cow::Owned(v), None))
     }
 }
 
@@ -226,14 +235,14 @@ impl TextIn for Progress<'_, '_> {
         (self.1)(i + 1, self.0.num_layers());
         Ok(Cow::Owned(l))
     }
-    fn embed(&self) -> Result<Cow<'_, [f32]>> {
-        self.0.embed().map(Cow::Owned)
+    fn embed(&self) -> Result<TableIn<'_>> {
+        self.0.embed_table().map(owned_table)
     }
     fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
         self.0.final_norm().map(Cow::Owned)
     }
-    fn lm_head(&self) -> Result<Cow<'_, [f32]>> {
-        self.0.lm_head().map(Cow::Owned)
+    fn lm_head(&self) -> Result<TableIn<'_>> {
+        self.0.lm_head_table().map(owned_table)
     }
 }
 
@@ -378,6 +387,11 @@ impl MllamaCudaExecutor {
             check(what, v, want)?;
             upload_bf16(s, v)
         };
+        // A table in int8 on the device when it comes with its int8 form, else bf16.
+        let table = |what: &str, (values, int8): TableIn<'_>, rows: usize| -> Result<DeviceTable> {
+            check(what, &values, rows * hidden)?;
+            DeviceTable::upload(s, what, (&values, int8.as_deref()), (rows, hidden))
+        };
         let layout = PagedLayout {
             num_heads: t.num_attention_heads,
             num_kv_heads: t.num_key_value_heads,
@@ -508,9 +522,9 @@ impl MllamaCudaExecutor {
         let fast_attn = matches!(t.head_dim, 64 | 128) && t.gqa_group() <= 16;
         let ids_cfg = LlamaConfig { vocab_size: t.vocab_size + EXTRA_EMBED_ROWS, ..t.clone() };
         Ok(MllamaCudaExecutor {
-            embed: up("embed", &w.embed()?, embed_rows * hidden)?,
+            embed: table("embed", w.embed()?, embed_rows)?,
             final_norm: up("final_norm", &w.final_norm()?, hidden)?,
-            lm_head: up("lm_head", &w.lm_head()?, lm_rows * hidden)?,
+            lm_head: table("lm_head", w.lm_head()?, lm_rows)?,
             inv_freq: upload_f32(s, &t.rope.inv_freq(t.head_dim))?,
             cfg,
             ids_cfg,

@@ -10,7 +10,7 @@ use half::bf16;
 use super::super::drv;
 use super::{Acts, Layer, Meta, MllamaCudaExecutor, Sizes};
 use crate::exec::cuda::dense::SKINNY_MAX_N;
-use crate::exec::cuda::quant_bufs::{project, project_silu, DeviceLinear, QuantBuffers};
+use crate::exec::cuda::quant_bufs::{project, project_silu, DeviceLinear, DeviceTable, QuantBuffers};
 use crate::exec::StepInput;
 use crate::ops::cpu::attention::PagedLayout;
 use crate::ops::cuda as k;
@@ -175,10 +175,10 @@ impl MllamaCudaExecutor {
         match rank {
             // Vocab-parallel: the ids staged by `stage_rank_ids` (other ranks' ids embed as zeros), then the sum.
             Some(r) if r.split_embed => {
-                k::embedding::embed(&s, &self.embed, hidden, &r.ids.slice(..t), &mut a.x.slice_mut(..t * hidden))?;
+                self.embed.embed(&s, hidden, &r.ids.slice(..t), &mut a.x.slice_mut(..t * hidden))?;
                 reduce(&mut a.x, t * hidden)?;
             }
-            _ => k::embedding::embed(&s, &self.embed, hidden, &m.ids.slice(..t), &mut a.x.slice_mut(..t * hidden))?,
+            _ => self.embed.embed(&s, hidden, &m.ids.slice(..t), &mut a.x.slice_mut(..t * hidden))?,
         }
         // The residual update still to apply before the next norm: none, plain add, or gated (gate, scale buffer).
         enum Pending {
@@ -433,12 +433,12 @@ impl MllamaCudaExecutor {
                 }
                 let vocab = c.vocab_size;
                 let out = &mut a.logits.slice_mut(..logits_rows * vocab);
-                return linear_with(
+                return lm_head_with(
                     &s,
                     &self.blas,
                     self.opts.skinny_gemm,
                     &hr,
-                    &self.lm_head,
+                    &mut self.lm_head,
                     (logits_rows, hidden, vocab),
                     out,
                 );
@@ -447,12 +447,12 @@ impl MllamaCudaExecutor {
             let (vl, world) = (tp.vocab.len(), tp.world);
             let n = logits_rows * vl;
             let dims = (logits_rows, hidden, vl);
-            linear_with(
+            lm_head_with(
                 &s,
                 &self.blas,
                 self.opts.skinny_gemm,
                 &hr,
-                &self.lm_head,
+                &mut self.lm_head,
                 dims,
                 &mut tp.local_logits.slice_mut(..n),
             )?;
@@ -531,6 +531,28 @@ fn linear_with(
         return Ok(());
     }
     crate::exec::cuda::dense::dense_linear(s, blas, skinny, x, &w.slice(..), (rows, kdim, n), out)
+}
+
+/// The `lm_head` product `out[rows, n] = x[rows, k] @ table^T`: a bf16 table as [`linear_with`], an int8 one through
+/// its int8 skinny GEMM or chunks through cuBLASLt (`Int8Lm::product`).
+fn lm_head_with(
+    s: &Arc<CudaStream>,
+    blas: &Blas,
+    skinny: bool,
+    x: &CudaView<'_, bf16>,
+    table: &mut DeviceTable,
+    (rows, kdim, n): (usize, usize, usize),
+    out: &mut CudaViewMut<'_, bf16>,
+) -> Result<()> {
+    match table {
+        DeviceTable::Bf16(w) => linear_with(s, blas, skinny, x, w, (rows, kdim, n), out),
+        DeviceTable::Int8(t) if (t.rows(), t.cols()) == (n, kdim) => t.product(s, blas, (x, rows), out),
+        DeviceTable::Int8(t) => Err(Error::Backend(format!(
+            "lm_head: the int8 table is [{}, {}], expected [{n}, {kdim}]",
+            t.rows(),
+            t.cols()
+        ))),
+    }
 }
 
 /// RoPE on q and k of the fused rows and the K/V write into the layer's cache slots.

@@ -59,7 +59,7 @@ use half::bf16;
 
 use super::drv;
 use crate::config::LlamaConfig;
-use crate::exec::cuda::quant_bufs::{DeviceLinear, QuantBuffers};
+use crate::exec::cuda::quant_bufs::{DeviceLinear, DeviceTable, QuantBuffers};
 use crate::ops::cpu::attention::PagedLayout;
 use crate::vision::config::MllamaConfig;
 use crate::vision::tiles::TileMap;
@@ -162,10 +162,10 @@ pub struct MllamaCudaExecutor {
     ids_cfg: LlamaConfig,
     stream: Arc<CudaStream>,
     blas: Blas,
-    embed: CudaSlice<bf16>,
+    embed: DeviceTable,
     layers: Vec<Layer>,
     final_norm: CudaSlice<bf16>,
-    lm_head: CudaSlice<bf16>,
+    lm_head: DeviceTable,
     inv_freq: CudaSlice<f32>,
     layout: PagedLayout,
     cross_layout: PagedLayout,
