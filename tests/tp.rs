@@ -207,6 +207,46 @@ fn quantized_golden_checkpoints_match_tp1_quantized() {
     assert_eq!(runs, 6);
 }
 
+/// An int8-embeddings W4A16 checkpoint as tensor-parallel ranks: each rank keeps its vocabulary slice of the tables
+/// in int8 (the rows of the whole model's int8 tables, the f32 rows their dequantization), and the ranks' logits
+/// match tp = 1 on the same checkpoint.
+#[test]
+fn int8_table_ranks_hold_their_int8_rows() {
+    use llama32::quant::format::EmbeddingQuant;
+    use llama32::tp::load::load_rank_weights;
+    use llama32::tp::TpPlan;
+    for (name, tp) in [("tied-gqa4", 2), ("untied-gqa2-sharded", 2)] {
+        let dir = common::golden_dir(name);
+        let cfg = golden_config(&dir);
+        let out = std::env::temp_dir().join(format!("llama32-tp-int8-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let opts = QuantizeOptions { embeddings: EmbeddingQuant::Int8, ..Default::default() };
+        quantize_checkpoint(&dir, &out, Scheme::W4A16_G32, &opts, &|_, _| {}).unwrap();
+        let ckpt = Checkpoint::open(&out).unwrap();
+        let qcfg = checkpoint_quantization(&ckpt).unwrap().unwrap();
+        let whole = ModelWeights::load_quantized(&ckpt, &cfg, &qcfg, &|_| {}).unwrap();
+        let plan = TpPlan::new(&cfg, tp).unwrap();
+        for rank in 0..tp {
+            let w = load_rank_weights(&plan, rank, WeightSource::Checkpoint(&ckpt)).unwrap();
+            let vocab = plan.rank(rank).unwrap().vocab;
+            let want = whole.embed_int8.as_ref().unwrap().slice_rows(vocab.clone(), "embed").unwrap();
+            assert_eq!(w.embed_int8.as_ref(), Some(&want), "{name} rank {rank}: embed rows");
+            assert_eq!(w.embed, want.dequantize(), "{name} rank {rank}");
+            if let Some(h) = whole.lm_head_int8.as_ref() {
+                assert_eq!(w.lm_head_int8, Some(h.slice_rows(vocab, "lm_head").unwrap()), "{name} rank {rank}");
+            } else {
+                assert!(w.lm_head.is_none() && w.lm_head_int8.is_none());
+            }
+        }
+        let (p1, p2) = prompts(cfg.vocab_size);
+        let mut reference = CpuExecutor::with_capacity(cfg.clone(), whole, 64, BLOCK).unwrap();
+        let mut ranks =
+            TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Checkpoint(&ckpt), tp, 64, BLOCK).unwrap();
+        compare_steps(&mut reference, &mut ranks, [&p1, &p2], &format!("{name} int8 tables tp={tp}"));
+        std::fs::remove_dir_all(&out).ok();
+    }
+}
+
 #[test]
 fn w4a8_with_tensor_parallelism_is_refused_naming_the_scheme() {
     let dir = common::golden_dir("tied-gqa4");

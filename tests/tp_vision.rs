@@ -625,3 +625,40 @@ fn w4a16_vision_ranks_match_tp1_quantized() {
         .to_string();
     assert!(e.contains("w4a8-g32"), "{e}");
 }
+
+/// An int8-embeddings W4A16 vision checkpoint as tensor-parallel ranks: each rank's `MllamaRankSource` keeps its
+/// rows of the tables in int8 (slices of the whole model's int8 tables, the f32 rows their dequantization), and the
+/// CPU ranks match tp = 1.
+#[test]
+fn int8_table_vision_ranks_hold_their_int8_rows() {
+    use llama32::quant::format::{quantize_checkpoint, EmbeddingQuant, QuantizeOptions};
+    use llama32::quant::Scheme;
+    use llama32::tp::load::MllamaRankSource;
+    use llama32::tp::TpPlan;
+    let name = "mllama-two-images";
+    let g = common::mllama_golden(name);
+    let out = std::env::temp_dir().join(format!("llama32-tp-vision-int8-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = QuantizeOptions { embeddings: EmbeddingQuant::Int8, ..Default::default() };
+    quantize_checkpoint(&g.dir, &out, Scheme::W4A16_G32, &opts, &|_, _| {}).unwrap();
+    let c = Case::load(&out, g.input_ids.clone(), &g.images);
+    let whole = &c.model.weights.text;
+    let (e, h) = (whole.embed_int8.as_ref().unwrap(), whole.lm_head_int8.as_ref().unwrap());
+    let ckpt = Checkpoint::open(&out).unwrap();
+    let plan = TpPlan::new(&c.model.cfg.text.base, 2).unwrap();
+    for rank in 0..2 {
+        let src = MllamaRankSource::new(&c.model.cfg, &plan, rank, &ckpt).unwrap();
+        let (ev, eq) = src.embed_table().unwrap();
+        let want = e.slice_rows(src.embed_rows().unwrap(), "embed").unwrap();
+        assert_eq!(eq.as_ref(), Some(&want), "rank {rank}: embedding rows");
+        assert_eq!(ev, want.dequantize());
+        let (_, hq) = src.lm_head_table().unwrap();
+        let want = h.slice_rows(plan.rank(rank).unwrap().vocab, "lm_head").unwrap();
+        assert_eq!(hq.as_ref(), Some(&want), "rank {rank}: lm_head rows");
+    }
+    let mut reference = c.reference();
+    let mut exec = c.tp(2).unwrap();
+    let err = compare(&c, &mut reference, &mut exec, &format!("{name} int8 tables tp=2"));
+    assert!(err <= REL_TOL, "{name}: int8 tables at tp 2 differ by {err:.2e}");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -206,6 +206,19 @@ impl Int8Table {
         Ok(())
     }
 
+    /// Rows `rows` of the table (a tensor-parallel rank's vocabulary slice); errors name the table (`what`).
+    pub fn slice_rows(&self, rows: std::ops::Range<usize>, what: &str) -> Result<Int8Table> {
+        if rows.start > rows.end || rows.end > self.rows {
+            return Err(Error::request(format!("{what}: rows {rows:?} of an int8 table of {}", self.rows)));
+        }
+        Ok(Int8Table {
+            rows: rows.len(),
+            cols: self.cols,
+            q: self.q[rows.start * self.cols..rows.end * self.cols].to_vec(),
+            scales: self.scales[rows.clone()].to_vec(),
+        })
+    }
+
     /// The `[rows, cols]` table in f32 (exact: an int8 times a bf16 scale).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.rows * self.cols];

@@ -14,9 +14,9 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::plan::{vision_split, RankShard, Split, TpPlan};
-use crate::quant::format::{read_linear, read_table_f32, QuantizationConfig};
+use crate::quant::format::{read_linear, read_table_int8, QuantizationConfig};
 use crate::quant::numerics::quantize_bf16_rounded;
-use crate::quant::{ActQuant, QuantLinear, Scheme};
+use crate::quant::{ActQuant, Int8Table, QuantLinear, Scheme};
 use crate::vision::config::MllamaConfig;
 use crate::vision::weights::{
     check_mllama_checkpoint, expected_tensors as mllama_tensors, text_layer, LayerTensors, MllamaLayout,
@@ -256,8 +256,9 @@ pub fn load_rank_weights(plan: &TpPlan, rank: usize, src: WeightSource<'_>) -> R
 /// [`load_rank_weights`] with the projections quantized as `quant` says (see [`RankQuant`]; `None`: dense f32).
 /// A quantized projection keeps its exact dense dequantization when `keep_dense` (the CPU reference multiplies by
 /// it); without it only the int4 form is kept ([`LinearWeight::quantized_only`], for ranks bound for a device).
-/// The plan is checked first ([`check_quantized_plan`]). Embeddings, norms and `lm_head` stay f32 (an int8 table of
-/// an int8-embeddings checkpoint is dequantized, then its rows sliced).
+/// The plan is checked first ([`check_quantized_plan`]). Embeddings, norms and `lm_head` stay f32; an int8 table of
+/// an int8-embeddings checkpoint is sliced to the rank's rows, kept in int8 (`embed_int8`, `lm_head_int8`) beside
+/// its exact dequantization.
 pub fn load_rank_weights_with(
     plan: &TpPlan,
     rank: usize,
@@ -356,28 +357,27 @@ pub fn load_rank_weights_with(
         })
         .collect::<Result<Vec<_>>>()?;
     let v = c.vocab_size;
-    let vocab_rows = |spec: &crate::weights::FusedSpec| -> Result<Vec<f32>> {
+    // The rank's rows of a vocabulary table, with their int8 form when the checkpoint stores the table in int8.
+    let vocab_rows = |spec: &crate::weights::FusedSpec| -> Result<(Vec<f32>, Option<Int8Table>)> {
         let name = &spec.names[0];
         if let (Some(RankQuant::Checkpoint(_)), WeightSource::Checkpoint(ckpt)) = (quant, &src) {
-            let prefix = name.strip_suffix(".weight").unwrap_or(name);
-            if ckpt.get(&format!("{prefix}.qweight_int8")).is_some() {
-                // An int8 table: dequantized whole (exactly), then the rank's rows.
-                let t = read_table_f32(ckpt, name, v, h)?;
-                return Ok(t[rs.vocab.start * h..rs.vocab.end * h].to_vec());
+            if let Some(t) = read_table_int8(ckpt, name, v, h)? {
+                let mine = t.slice_rows(rs.vocab.clone(), name)?;
+                return Ok((mine.dequantize(), Some(mine)));
             }
         }
         let p = piece(name, [v, h], Part { rows: rs.vocab.clone(), cols: all(h) }, 0, spec.stream, false);
-        read_pieces(&src, &[p])
+        Ok((read_pieces(&src, &[p])?, None))
     };
-    Ok(ModelWeights {
-        embed: vocab_rows(&specs.embed)?,
-        layers,
-        final_norm: norm(&specs.final_norm)?,
-        lm_head: specs.lm_head.as_ref().map(vocab_rows).transpose()?,
-        // A rank's vocabulary slice of an int8 table runs as bf16 (docs/quantization.md).
-        embed_int8: None,
-        lm_head_int8: None,
-    })
+    let (embed, embed_int8) = vocab_rows(&specs.embed)?;
+    let (lm_head, lm_head_int8) = match &specs.lm_head {
+        Some(spec) => {
+            let (t, q) = vocab_rows(spec)?;
+            (Some(t), q)
+        }
+        None => (None, None),
+    };
+    Ok(ModelWeights { embed, layers, final_norm: norm(&specs.final_norm)?, lm_head, embed_int8, lm_head_int8 })
 }
 
 /// The rank's share of a Llama 3.2 Vision text decoder.
@@ -417,15 +417,8 @@ pub fn load_mllama_rank_text_with(
     let src = MllamaRankSource::new_with(cfg, plan, rank, ckpt, at_load, true)?;
     let layers =
         (0..cfg.text.base.num_hidden_layers).into_par_iter().map(|l| src.layer(l)).collect::<Result<Vec<_>>>()?;
-    // A rank's vocabulary slices of int8 tables run as bf16 (docs/quantization.md).
-    let text = TextWeights {
-        embed: src.embed()?,
-        layers,
-        final_norm: src.final_norm()?,
-        lm_head: src.lm_head()?,
-        embed_int8: None,
-        lm_head_int8: None,
-    };
+    let ((embed, embed_int8), (lm_head, lm_head_int8)) = (src.embed_table()?, src.lm_head_table()?);
+    let text = TextWeights { embed, layers, final_norm: src.final_norm()?, lm_head, embed_int8, lm_head_int8 };
     Ok(MllamaRankText { text, embed_rows: src.embed_rows()? })
 }
 
@@ -509,18 +502,19 @@ impl<'a> MllamaRankSource<'a> {
         rank_projection(&src, self.quant.as_ref(), &pieces, self.keep_dense, (self.rank, self.plan.tp()))
     }
 
-    /// The rank's rows of a vocabulary table (`embed_tokens`, `lm_head`), dequantized whole first when a quantized
-    /// checkpoint stores it in int8.
-    fn table(&self, canonical: &str) -> Result<Vec<f32>> {
+    /// The rank's rows of a vocabulary table (`embed_tokens`, `lm_head`), with their int8 form when a quantized
+    /// checkpoint stores the table in int8 (then the f32 rows are exactly its dequantization).
+    fn table(&self, canonical: &str) -> Result<(Vec<f32>, Option<Int8Table>)> {
         if let Some(RankQuant::Checkpoint(q)) = &self.quant {
             if q.embeddings == crate::quant::format::EmbeddingQuant::Int8 {
                 let (p, _) = self.piece(canonical)?;
-                let t = read_table_f32(self.ckpt, &p.name, p.shape[0], p.shape[1])?;
-                let cols = p.shape[1];
-                return Ok(t[p.part.rows.start * cols..p.part.rows.end * cols].to_vec());
+                if let Some(t) = read_table_int8(self.ckpt, &p.name, p.shape[0], p.shape[1])? {
+                    let mine = t.slice_rows(p.part.rows.clone(), &p.name)?;
+                    return Ok((mine.dequantize(), Some(mine)));
+                }
             }
         }
-        self.one(canonical.to_owned())
+        Ok((self.one(canonical.to_owned())?, None))
     }
 
     /// The rank's part of one canonical tensor, as a 2-D `[rows, cols]` piece (1-D tensors are one row).
@@ -585,6 +579,11 @@ impl<'a> MllamaRankSource<'a> {
 
     /// The rank's embedding rows.
     pub fn embed(&self) -> Result<Vec<f32>> {
+        Ok(self.table(EMBED)?.0)
+    }
+
+    /// The rank's embedding rows with their int8 form, when the checkpoint stores the table in int8.
+    pub fn embed_table(&self) -> Result<(Vec<f32>, Option<Int8Table>)> {
         self.table(EMBED)
     }
 
@@ -595,12 +594,19 @@ impl<'a> MllamaRankSource<'a> {
 
     /// The rank's `lm_head` rows.
     pub fn lm_head(&self) -> Result<Vec<f32>> {
-        self.table("language_model.lm_head.weight")
+        Ok(self.table(LM_HEAD)?.0)
+    }
+
+    /// The rank's `lm_head` rows with their int8 form, as [`embed_table`](Self::embed_table).
+    pub fn lm_head_table(&self) -> Result<(Vec<f32>, Option<Int8Table>)> {
+        self.table(LM_HEAD)
     }
 }
 
 /// The canonical name of the vision model's embedding table.
 const EMBED: &str = "language_model.model.embed_tokens.weight";
+/// The canonical name of the vision model's `lm_head`.
+const LM_HEAD: &str = "language_model.lm_head.weight";
 
 #[cfg(test)]
 mod tests {

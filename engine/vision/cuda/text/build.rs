@@ -211,15 +211,14 @@ impl TextIn for MllamaRankSource<'_> {
     fn layer(&self, i: usize) -> Result<Cow<'_, TextLayerWeights>> {
         MllamaRankSource::layer(self, i).map(Cow::Owned)
     }
-    // A rank's vocabulary slices of int8 tables run as bf16 (docs/quantization.md).
     fn embed(&self) -> Result<TableIn<'_>> {
-        MllamaRankSource::embed(self).map(|v| (Cow::Owned(v), None))
+        self.embed_table().map(owned_table)
     }
     fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
         MllamaRankSource::final_norm(self).map(Cow::Owned)
     }
     fn lm_head(&self) -> Result<TableIn<'_>> {
-        MllamaRankSource::lm_head(self).map(|v| (Cow::Owned(v), None))
+        self.lm_head_table().map(owned_table)
     }
 }
 
