@@ -443,7 +443,8 @@ fn vision_random_weights_need_only_the_config() {
 }
 
 /// `llama32 plan --quantize`: 90B Vision in W4A16 fits one H100 (in bf16 it needs four), with int4 bytes for the
-/// projections and the int4 kernels' measured efficiency among the inputs; a bad scheme is named.
+/// projections and the int4 kernels' measured efficiency among the inputs, and with `--embeddings int8` the tables
+/// in one byte per value; a bad scheme or embeddings mode is named.
 #[test]
 fn plan_models_quantized_projections() {
     let plan = |extra: &[&str]| run(bin().args(["plan", "--model", "90b-vision", "--tp", "1", "--json"]).args(extra));
@@ -459,4 +460,17 @@ fn plan_models_quantized_projections() {
     let o = bin().args(["plan", "--model", "90b-vision", "--quantize", "w3a16"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("w3a16"), "{}", String::from_utf8_lossy(&o.stderr));
+    // --embeddings int8: the two 128k x 8192 tables in one byte per value, so more KV fits.
+    let i8: Value = serde_json::from_slice(&plan(&["--quantize", "w4a16-g32", "--embeddings", "int8"]).stdout).unwrap();
+    assert_eq!(i8["embeddings"], "int8");
+    let saved = q - i8["detail"]["weight_bytes_total"].as_f64().unwrap();
+    assert!((saved / 1e9 - 2.1).abs() < 0.1, "{saved}");
+    assert!(i8["detail"]["kv_capacity_tokens"].as_f64().unwrap() > v["detail"]["kv_capacity_tokens"].as_f64().unwrap());
+    let o = bin().args(["plan", "--embeddings", "int4"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--embeddings `int4`"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -2,10 +2,11 @@
 
 use clap::Args;
 
+use crate::quant::format::EmbeddingQuant;
 use crate::quant::Scheme;
-use crate::tp::perf::{predict_with, Gpu, ModelShape, Prediction, Workload};
+use crate::tp::perf::{predict_stored, Gpu, ModelShape, Prediction, Storage, Workload};
 use crate::tp::TpPlan;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Arguments of the subcommand.
 #[derive(Debug, Args)]
@@ -38,6 +39,10 @@ pub struct PlanArgs {
     /// measured efficiency.
     #[arg(long)]
     quantize: Option<String>,
+    /// How the embedding and lm_head are stored: bf16, or int8 (one byte per value, as `llama32 quantize
+    /// --embeddings int8` writes them and the CUDA executors keep them).
+    #[arg(long, default_value = "bf16")]
+    embeddings: String,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -61,10 +66,17 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
     }
     let w = Workload { batch: a.batch.max(1), context: a.context, images: a.images };
     let quant = a.quantize.as_deref().map(Scheme::parse).transpose()?;
-    let detail = predict_with(&shape, a.tp, &gpu, &w, quant)?;
+    let int8_tables = match EmbeddingQuant::parse(&a.embeddings) {
+        Ok(e) => e == EmbeddingQuant::Int8,
+        Err(_) => {
+            return Err(Error::request(format!("--embeddings `{}`: expected bf16 or int8", a.embeddings)));
+        }
+    };
+    let st = Storage { projections: quant, int8_tables };
+    let detail = predict_stored(&shape, a.tp, &gpu, &w, st)?;
     let plan = TpPlan::new(&shape.text, a.tp)?;
     let table: Vec<std::result::Result<Prediction, String>> =
-        [1, 2, 4, 8].iter().map(|&tp| predict_with(&shape, tp, &gpu, &w, quant).map_err(|e| e.to_string())).collect();
+        [1, 2, 4, 8].iter().map(|&tp| predict_stored(&shape, tp, &gpu, &w, st).map_err(|e| e.to_string())).collect();
     if a.json {
         let rows: Vec<serde_json::Value> = table
             .iter()
@@ -79,6 +91,7 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
             "gpu": gpu,
             "workload": w,
             "quantize": quant.map(|q| q.name()),
+            "embeddings": if int8_tables { "int8" } else { "bf16" },
             "plan": {
                 "tp": a.tp,
                 "heads_per_rank": plan.heads_per_rank(),
@@ -107,10 +120,11 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
         shape.text.vocab_size / a.tp
     );
     println!(
-        "  weights: {} per rank of {} ({}); decode reads {} per rank per step",
+        "  weights: {} per rank of {} ({}{}); decode reads {} per rank per step",
         gb(p.weight_bytes_per_rank),
         gb(p.weight_bytes_total),
         quant.map_or_else(|| "bf16".to_string(), |q| format!("bf16, projections {}", q.name())),
+        if int8_tables { ", int8 embedding and lm_head" } else { "" },
         gb(p.decode_weight_bytes_per_rank)
     );
     println!(
