@@ -139,14 +139,25 @@ fn wgmma_built() -> bool {
     false
 }
 
-/// The stream's device's compute capability, (major, minor).
+/// The stream's device's compute capability, (major, minor), asked of the driver once per device ordinal (the
+/// prefill asks for every call: which kernel, and whether it runs).
 pub fn compute_capability(stream: &CudaStream) -> Result<(i32, i32)> {
     use cudarc::driver::sys::CUdevice_attribute::{
         CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
     };
+    static CACHE: std::sync::Mutex<Vec<(usize, (i32, i32))>> = std::sync::Mutex::new(Vec::new());
     let ctx = stream.context();
+    let ordinal = ctx.ordinal();
+    if let Some(&(_, cc)) = CACHE.lock().ok().as_deref().and_then(|c| c.iter().find(|(o, _)| *o == ordinal)) {
+        return Ok(cc);
+    }
     let query = |attr| ctx.attribute(attr).map_err(|e| Error::Backend(format!("querying the compute capability: {e}")));
-    Ok((query(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, query(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?))
+    let cc =
+        (query(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, query(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
+    if let Ok(mut c) = CACHE.lock() {
+        c.push((ordinal, cc));
+    }
+    Ok(cc)
 }
 
 /// The most KV splits the decode kernel takes.
