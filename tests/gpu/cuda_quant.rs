@@ -29,9 +29,9 @@ use half::bf16;
 use llama32::ops::cpu::linear::linear;
 use llama32::ops::cpu::quant::w4a8_linear;
 use llama32::ops::cuda::quant::{
-    act_quant, dequant_rows, gemv_int8, w4a16_dequant, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with,
-    w4a16_gemm_with, w4a16_splits, w4a16_workspace_for, w4a8_gemm, workspace_bound, ActSource, CudaInt8Table,
-    CudaQuantLinear, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel,
+    act_quant, dequant_rows, gemv_int8, w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu,
+    w4a16_gemm_silu_with, w4a16_gemm_with, w4a16_splits, w4a16_workspace_for, w4a8_gemm, workspace_bound, ActSource,
+    CudaInt8Table, CudaQuantLinear, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel,
 };
 use llama32::ops::cuda::switch::KernelSwitch;
 use llama32::ops::cuda::{activation, embedding, norm};
@@ -475,6 +475,52 @@ fn w4a16_paired_swiglu_matches_plain_then_silu_mul() {
     let (x, mut out) = (upload(&stream, &[bf16::ONE; 64]), upload(&stream, &[bf16::NAN; 32]));
     let e = w4a16_gemm_silu(&stream, &x, &w8, 1, &mut ws, &mut out).unwrap_err().to_string();
     assert!(e.contains("W4A8"), "{e}");
+}
+
+/// `w4a16_dequant_rows` over 16-row-tile chunks gives the rows of the whole dequantization (a paired gate_up
+/// chunk: its gate rows, then the matching up rows), with and without zero points, the last chunk ending at an `n`
+/// that is not a multiple of 16; a chunk off the tiles is refused.
+#[test]
+fn w4a16_dequant_rows_are_the_rows_of_the_whole() {
+    let Some(stream) = stream() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 7);
+    for (n, k, zeros, paired) in [(96, 128, false, false), (90, 64, true, false), (96, 192, true, true)] {
+        let ql = QuantLinear { matrix: random_matrix(&mut rng, n, k, zeros), scheme: Scheme::W4A16_G32 };
+        let w =
+            if paired { CudaQuantLinear::upload_swiglu(&stream, &ql) } else { CudaQuantLinear::upload(&stream, &ql) };
+        let w = w.unwrap();
+        assert_eq!(w.swiglu_paired(), paired);
+        let mut whole = upload(&stream, &vec![bf16::NAN; n * k]);
+        w4a16_dequant(&stream, &w, &mut whole).unwrap();
+        let whole = download(&stream, &whole);
+        let row = |r: usize| &whole[r * k..(r + 1) * k];
+        for chunk in [16, 32, 48] {
+            let mut r0 = 0;
+            while r0 < n {
+                let r1 = (r0 + chunk).min(n);
+                let mut out = upload(&stream, &vec![bf16::NAN; (r1 - r0) * k + 8]);
+                w4a16_dequant_rows(&stream, &w, r0..r1, &mut out).unwrap();
+                let got = download(&stream, &out);
+                let want: Vec<usize> = if paired {
+                    let (h, j0) = ((r1 - r0) / 2, r0 / 2);
+                    (j0..j0 + h).chain(n / 2 + j0..n / 2 + j0 + h).collect()
+                } else {
+                    (r0..r1).collect()
+                };
+                for (i, &r) in want.iter().enumerate() {
+                    assert!(
+                        same_bits(&got[i * k..(i + 1) * k], row(r)),
+                        "n {n} k {k} rows {r0}..{r1}: row {i} is not {r}"
+                    );
+                }
+                assert!(got[(r1 - r0) * k..].iter().all(|v| v.is_nan()), "wrote past the chunk");
+                r0 = r1;
+            }
+        }
+        let mut out = upload(&stream, &vec![bf16::NAN; 32 * k]);
+        let e = w4a16_dequant_rows(&stream, &w, 8..24, &mut out).unwrap_err().to_string();
+        assert!(e.contains("16-row tile"), "{e}");
+    }
 }
 
 /// A random int8 table (per-row bf16 scales spread over two decades) and its exact f32 dequantization.

@@ -132,7 +132,7 @@ fn num_sms_for_plan(stream: &CudaStream) -> Result<usize> {
 
 /// Bytes the quantized projections need besides their weights, for steps of up to `t` tokens: the int8
 /// activations (with scales and zero points), the largest split-K workspace, and the bf16 scratch of the
-/// prefill-sized W4A16 path (the largest W4A16 projection). 0 for an unquantized model.
+/// prefill-sized W4A16 path (a chunk of the largest W4A16 projection). 0 for an unquantized model.
 fn quant_reserve(cfg: &LlamaConfig, layers: &[DeviceLayer], t: usize, sms: usize) -> usize {
     let (mut any_w4a8, mut partials, mut counters, mut scratch) = (false, 0, 0, 0);
     for l in layers {
@@ -144,7 +144,7 @@ fn quant_reserve(cfg: &LlamaConfig, layers: &[DeviceLayer], t: usize, sms: usize
                 if q.is_w4a8() {
                     any_w4a8 = true;
                 } else if t > k::quant::MAX_DECODE_M {
-                    scratch = scratch.max(2 * q.n() * q.k());
+                    scratch = scratch.max(2 * quant_bufs::w4a16_chunk_rows(q.n(), q.k()) * q.k());
                 }
             }
         }

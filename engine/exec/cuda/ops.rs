@@ -566,7 +566,7 @@ impl Ops for CudaOps {
             return Err(Error::Backend(format!("linear {w:?}: weight changed kind")));
         };
         let xv = x.buf.slice(..rows * kdim);
-        self.quant.bufs.project(&self.stream, &self.blas, q, (&xv, rows, fused), &mut out.buf)
+        self.quant.bufs.project(&self.stream, &self.blas, q, (&xv, rows, fused), &mut out.buf.slice_mut(..rows * n))
     }
 
     fn rope_and_cache(&mut self, layer: usize, qkv: &mut CudaAct, _step: &StepInput) -> Result<()> {

@@ -3,7 +3,8 @@
 //!
 //! - W4A16 with at most [`k::quant::MAX_DECODE_M`] rows: the fused dequantize-and-multiply kernel, split-K partials
 //!   in the workspace;
-//! - W4A16 with more rows: the weight dequantized once into a bf16 scratch, then cuBLASLt;
+//! - W4A16 with more rows: the weight dequantized a chunk of rows at a time (at most [`W4A16_CHUNK_BYTES`] of
+//!   bf16) into a scratch, each chunk multiplied by cuBLASLt into its columns of the output while it sits in L2;
 //! - W4A8: the rows quantized to int8 per token (unless a norm or SiLU kernel already did, `fused`), then the
 //!   int8 kernel.
 //!
@@ -19,6 +20,16 @@ use half::bf16;
 use super::ops::drv;
 use crate::ops::cuda as k;
 use crate::{Error, Result};
+
+/// The most bf16 bytes of a W4A16 weight the large-m path dequantizes at once: 128 MiB, instead of the whole
+/// matrix (940 MB for 90B's gate_up), so the scratch stays small and each chunk is read back mostly from L2.
+pub(crate) const W4A16_CHUNK_BYTES: usize = 128 << 20;
+
+/// Rows of an `[n, k]` W4A16 weight per chunk of the large-m path: whole 16-row tiles within
+/// [`W4A16_CHUNK_BYTES`], at least one tile, at most `n`.
+pub(crate) fn w4a16_chunk_rows(n: usize, k: usize) -> usize {
+    (W4A16_CHUNK_BYTES / (2 * k.max(1)) / 16 * 16).max(16).min(n)
+}
 
 /// Split-K workspace, int8 activations and the large-m W4A16 scratch.
 #[derive(Default)]
@@ -106,7 +117,7 @@ impl QuantBuffers {
             let need = k::quant::w4a16_workspace(kernel, rows, n, kdim, num_sms);
             moved |= self.ensure_ws(stream, need, num_sms, capturing)?;
         } else {
-            moved |= self.ensure_scratch(stream, n * kdim, capturing)?;
+            moved |= self.ensure_scratch(stream, w4a16_chunk_rows(n, kdim) * kdim, capturing)?;
         }
         Ok(moved)
     }
@@ -119,7 +130,7 @@ impl QuantBuffers {
         blas: &Blas,
         q: &k::quant::CudaQuantLinear,
         (x, rows, fused): (&CudaView<'_, bf16>, usize, bool),
-        out: &mut impl DevicePtrMut<bf16>,
+        out: &mut CudaViewMut<'_, bf16>,
     ) -> Result<()> {
         if rows == 0 {
             return Ok(());
@@ -139,10 +150,34 @@ impl QuantBuffers {
             let ws = self.ws.as_mut().ok_or_else(missing)?;
             return k::quant::w4a16_gemm(stream, x, q, rows, ws, out);
         }
-        // Prefill-sized W4A16: dequantize once into the scratch, then the bf16 GEMM.
+        // Prefill-sized W4A16: a chunk of rows at a time, dequantized into the scratch, then the bf16 GEMM into the
+        // chunk's columns of `out` (a paired gate_up chunk holds gate rows then their up rows: two column blocks).
+        if out.len() < rows * n {
+            return Err(Error::Backend(format!(
+                "W4A16 projection: `out` has {} elements, needs {rows} x {n}",
+                out.len()
+            )));
+        }
         let scratch = self.scratch.as_mut().ok_or_else(missing)?;
-        k::quant::w4a16_dequant(stream, q, scratch)?;
-        blas.gemm(x, &scratch.slice(..), rows, kdim, n, out)
+        let chunk = w4a16_chunk_rows(n, kdim);
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + chunk).min(n);
+            k::quant::w4a16_dequant_rows(stream, q, r0..r1, scratch)?;
+            let blocks = if q.swiglu_paired() {
+                let (h, j0) = ((r1 - r0) / 2, r0 / 2);
+                vec![(0, j0, h), (h, n / 2 + j0, h)]
+            } else {
+                vec![(0, r0, r1 - r0)]
+            };
+            for (first, col, cols) in blocks {
+                let w = scratch.slice(first * kdim..(first + cols) * kdim);
+                let mut block = out.slice_mut(col..rows * n);
+                blas.gemm_strided(x, &w, (rows, kdim, cols), &mut block, n)?;
+            }
+            r0 = r1;
+        }
+        Ok(())
     }
 
     /// True when [`project_silu`](Self::project_silu) takes `rows` rows through `q`: a W4A16 `[gate; up]` weight
@@ -255,7 +290,7 @@ pub(crate) fn project(
     (skinny, num_sms, capturing): (bool, usize, bool),
     (w, bufs): (&DeviceLinear, &mut QuantBuffers),
     (x, rows, kdim, n): (&CudaView<'_, bf16>, usize, usize, usize),
-    out: &mut impl DevicePtrMut<bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
 ) -> Result<bool> {
     match w {
         DeviceLinear::Dense(d) => {

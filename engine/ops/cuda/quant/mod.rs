@@ -63,7 +63,9 @@ pub use split_k::{
     W4A8Plan, BULK_BLOCKS_PER_SM, W4A16_BLOCKS_ENV,
 };
 pub use table::{dequant_rows, gemv_int8, gemv_int8_supports, CudaInt8Table, GEMV_INT8_MAX_M};
-pub use w4a16::{w4a16_dequant, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, W4A16Choice};
+pub use w4a16::{
+    w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, W4A16Choice,
+};
 pub use w4a8::{act_quant, w4a8_gemm, ActSource, QuantActs};
 
 /// The most rows of `x` [`w4a16_gemm`] takes (the executor uses dequantize + cuBLASLt above).

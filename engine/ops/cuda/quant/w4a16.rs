@@ -173,6 +173,66 @@ fn gemm(
     launch_w4a16(op, stream, &l)
 }
 
+/// Rows `rows` of the W4A16 weight dequantized into `out[rows.len(), k]` (a chunk of the large-m path, which then
+/// multiplies it by cuBLASLt while it sits in L2): `rows` must start on a 16-row tile and end on one or at `n`. For a
+/// weight uploaded paired ([`CudaQuantLinear::upload_swiglu`]) the chunk's tiles hold gate rows `rows.start / 2 ..`
+/// and the matching up rows: `out` gets the chunk's `rows.len() / 2` gate rows, then its up rows.
+///
+/// Enqueued on `stream`; returns without waiting.
+pub fn w4a16_dequant_rows(
+    stream: &CudaStream,
+    w: &CudaQuantLinear,
+    rows: std::ops::Range<usize>,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    const OP: &str = "w4a16_dequant_rows";
+    super::super::ensure_built()?;
+    let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
+    if w.is_w4a8() {
+        return fail("the weight is W4A8".into());
+    }
+    let on_tile = |r: usize| r % 16 == 0;
+    if rows.is_empty() || rows.end > w.n || !on_tile(rows.start) || !(on_tile(rows.end) || rows.end == w.n) {
+        return fail(format!("rows {rows:?} of {}: a chunk starts and ends on a 16-row tile (or at n)", w.n));
+    }
+    if out.len() < rows.len() * w.k {
+        return fail(format!("`out` has {} elements, needs at least {} x {}", out.len(), rows.len(), w.k));
+    }
+    super::super::check_same_device(OP, stream, &[("out", out.stream()), ("w", w.qweight.stream())])?;
+    // The layout stores each 16-row tile whole (k / 64 chunks of 512 bytes of weights, 64 of scales or zeros), so
+    // the chunk is the same layout starting `rows.start / 16` tiles in.
+    let tiles = (rows.start / 16) as u64;
+    let kc = (w.k / TILE_K) as u64;
+    let (qweight, _q) = w.qweight.device_ptr(stream);
+    let (scales, _s) = w.scales.device_ptr(stream);
+    let zeros = w.zeros.as_ref().map(|z| z.device_ptr(stream));
+    let (outp, _o) = out.device_ptr_mut(stream);
+    if outp % 16 != 0 {
+        return fail(format!("`out` starts at {outp:#x}, not 16-byte aligned"));
+    }
+    let l = GemmLaunch {
+        out: outp,
+        x: 0,
+        x_scales: 0,
+        x_zeros: 0,
+        qweight: qweight + tiles * kc * 512,
+        scales: scales + tiles * kc * 64,
+        zeros: zeros.as_ref().map_or(0, |(p, _)| *p + tiles * kc * 64),
+        row_corr: 0,
+        partials: 0,
+        counters: 0,
+        m: 0,
+        n: rows.len(),
+        k: w.k,
+        splits: 1,
+        tile_m: 0,
+        kernel: W4A16Kernel::Direct,
+        pair_half: if w.pair_half > 0 { rows.len() / 2 } else { 0 },
+        silu: false,
+    };
+    launch_dequant(OP, stream, &l)
+}
+
 /// `out[n, k] = bf16(s * (q - z))`: the W4A16 weight dequantized (for the large-m path through cuBLASLt).
 ///
 /// Enqueued on `stream`; returns without waiting.
