@@ -191,6 +191,96 @@ fn launch(_op: &str, _stream: &CudaStream, _l: &Int8Launch) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// `__byte_perm(x, y, s)`: byte n of the result is byte (s >> 4n) & 7 of y:x (x bytes 0-3, y bytes 4-7).
+    fn byte_perm(x: u32, y: u32, s: u32) -> u32 {
+        let bytes = (u64::from(y) << 32) | u64::from(x);
+        (0..4).map(|n| (((bytes >> (8 * ((s >> (4 * n)) & 7))) & 0xFF) as u32) << (8 * n)).sum()
+    }
+
+    /// The kernel's `int8_pair_bf16x2` on the host: two exact bf16 (low, high half) of bytes `lo`, `lo + 1` of the
+    /// biased word.
+    fn pair_bf16x2(biased: u32, lo: u32) -> u32 {
+        let magic = 8_388_736.0f32;
+        let a = f32::from_bits(byte_perm(biased, 0x4B00_0000, 0x7440 + lo)) - magic;
+        let b = f32::from_bits(byte_perm(biased, 0x4B00_0000, 0x7440 + lo + 1)) - magic;
+        u32::from(half::bf16::from_f32(a).to_bits()) | (u32::from(half::bf16::from_f32(b).to_bits()) << 16)
+    }
+
+    /// The kernel's `int8x16_to_bf16`.
+    fn int8x16_to_bf16(v: [u32; 4]) -> [u32; 8] {
+        let mut out = [0u32; 8];
+        for (i, &w) in v.iter().enumerate() {
+            let biased = w ^ 0x8080_8080;
+            out[2 * i] = pair_bf16x2(biased, 0);
+            out[2 * i + 1] = pair_bf16x2(biased, 2);
+        }
+        out
+    }
+
+    fn bf16_halves(w: u32) -> (f64, f64) {
+        let f = |h: u32| f64::from(half::bf16::from_bits(h as u16).to_f32());
+        (f(w & 0xFFFF), f(w >> 16))
+    }
+
+    #[test]
+    fn every_int8_becomes_its_exact_bf16() {
+        for b in 0..=255u32 {
+            let word = b | (((b + 1) & 0xFF) << 8) | (((b + 2) & 0xFF) << 16) | (((b + 3) & 0xFF) << 24);
+            let out = int8x16_to_bf16([word, 0, 0, 0]);
+            let want = |j: u32| f64::from(((b + j) & 0xFF) as u8 as i8);
+            assert_eq!(bf16_halves(out[0]), (want(0), want(1)), "byte {b}");
+            assert_eq!(bf16_halves(out[1]), (want(2), want(3)), "byte {b}");
+        }
+    }
+
+    /// Emulates one warp of `gemv_int8` (one warp per block, one step of one vector per lane) on one 16-row tile
+    /// and 64 columns: each lane builds its MMA fragments from its 16-byte vectors as the kernel does, the fragments
+    /// go where the m16n8k16 layout puts them, and D = A B summed over the four MMAs must equal the dot products.
+    #[test]
+    #[allow(clippy::needless_range_loop)] // fragment coordinates read clearer as indices
+    fn emulated_fragments_compute_the_dot_products() {
+        let k = 64;
+        let q: Vec<i8> = (0..16 * k).map(|i| ((i * 37 + i / 7) % 256) as u8 as i8).collect();
+        let x: Vec<f64> = (0..8 * k).map(|i| ((i * 13 + 5) % 31) as f64 - 15.0).collect();
+        let word = |row: usize, t: usize, w: usize| -> u32 {
+            let base = row * k + 16 * t + 4 * w;
+            u32::from_le_bytes([q[base] as u8, q[base + 1] as u8, q[base + 2] as u8, q[base + 3] as u8])
+        };
+        let mut d = [[0f64; 8]; 16];
+        for i in 0..4 {
+            let (mut a, mut b) = ([[0f64; 16]; 16], [[0f64; 8]; 16]);
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                let r0 = int8x16_to_bf16([0, 1, 2, 3].map(|w| word(g, t, w)));
+                let r1 = int8x16_to_bf16([0, 1, 2, 3].map(|w| word(g + 8, t, w)));
+                // a0: A[g][2t..], a1: A[g+8][2t..], a2: A[g][2t+8..], a3: A[g+8][2t+8..].
+                let regs = [(g, 2 * t, r0[2 * i]), (g + 8, 2 * t, r1[2 * i]), (g, 2 * t + 8, r0[2 * i + 1])];
+                for (row, col, reg) in regs.into_iter().chain([(g + 8, 2 * t + 8, r1[2 * i + 1])]) {
+                    let (lo, hi) = bf16_halves(reg);
+                    a[row][col] = lo;
+                    a[row][col + 1] = hi;
+                }
+                // x words 2i, 2i+1 of token g: elements 16t + 4i .. 16t + 4i + 3; b0 = B[2t..][g], b1 = B[2t+8..][g].
+                let xe = |j: usize| x[g * k + 16 * t + 4 * i + j];
+                b[2 * t][g] = xe(0);
+                b[2 * t + 1][g] = xe(1);
+                b[2 * t + 8][g] = xe(2);
+                b[2 * t + 9][g] = xe(3);
+            }
+            for (r, dr) in d.iter_mut().enumerate() {
+                for (tok, v) in dr.iter_mut().enumerate() {
+                    *v += (0..16).map(|s| a[r][s] * b[s][tok]).sum::<f64>();
+                }
+            }
+        }
+        for r in 0..16 {
+            for tok in 0..8 {
+                let want: f64 = (0..k).map(|c| f64::from(q[r * k + c]) * x[tok * k + c]).sum();
+                assert_eq!(d[r][tok], want, "row {r} token {tok}");
+            }
+        }
+    }
+
     #[test]
     fn supports_decode_rows_and_multiples_of_16() {
         assert!(gemv_int8_supports(1, 2048) && gemv_int8_supports(16, 16) && gemv_int8_supports(3, 8192));
