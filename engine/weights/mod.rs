@@ -407,8 +407,9 @@ pub struct ModelWeights {
     pub final_norm: Vec<f32>,
     /// Untied output projection `[vocab, hidden]`; `None` when tied to `embed`.
     pub lm_head: Option<Vec<f32>>,
-    /// The embedding table in int8 (an int8-embeddings checkpoint, or [`quantize_tables_int8`]
-    /// (Self::quantize_tables_int8)); `embed` is then exactly its dequantization. The CUDA executor keeps this form.
+    /// The embedding table in int8 (an int8-embeddings checkpoint, or
+    /// [`quantize_tables_int8`](Self::quantize_tables_int8)); `embed` is then exactly its dequantization. The CUDA
+    /// executor keeps this form.
     pub embed_int8: Option<Int8Table>,
     /// The untied `lm_head` in int8, as `embed_int8`.
     pub lm_head_int8: Option<Int8Table>,
