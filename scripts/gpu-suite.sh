@@ -236,6 +236,7 @@ run() {
     env_tag+="${LLAMA32_DECODE_SPLIT_POSITIONS:+ split=$LLAMA32_DECODE_SPLIT_POSITIONS}"
     env_tag+="${LLAMA32_W4A16_BLOCKS_PER_SM:+ blocks=$LLAMA32_W4A16_BLOCKS_PER_SM}"
     env_tag+="${LLAMA32_PREFILL_KERNEL:+ prefill=$LLAMA32_PREFILL_KERNEL}"
+    env_tag+="${LLAMA32_W4A16_CHUNK_MIB:+ chunk=$LLAMA32_W4A16_CHUNK_MIB}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -379,6 +380,10 @@ json.dump(c, open(sys.argv[2], "w"))
 PY
       for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 90 "$int8dir $q"; done
     fi
+    # The large-m W4A16 path (prefill of 64 x 512 tokens): 32 MiB chunks (the default) against the whole matrix
+    # dequantized at once (the path before the ninth session).
+    LLAMA32_W4A16_CHUNK_MIB=65536 bench_e2e 60 "1b 64 512 64 --quantize w4a16-g32"
+    bench_e2e 60 "1b 64 512 64 --quantize w4a16-g32"
     # The same W4A16 rows with each decode kernel forced (LLAMA32_W4A16_KERNEL; the default picks per shape).
     local kern
     for kern in direct pipelined tiled; do

@@ -331,6 +331,7 @@ fn bench_one(
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::setting().ok(),
         "w4a16_prefetch": crate::ops::cuda::quant::w4a16_l2_prefetch_setting().ok(),
         "w4a16_blocks_per_sm": crate::ops::cuda::quant::w4a16_blocks_per_sm().ok(),
+        "w4a16_chunk_mib": crate::ops::cuda::quant::w4a16_chunk_mib().ok(),
         "prefill_kernel": crate::ops::cuda::attention::PrefillKernel::setting().ok(),
         "pdl": crate::ops::cuda::programmatic_launch(),
         "decode_split_positions": crate::ops::cuda::attention::decode_split_positions().ok(),

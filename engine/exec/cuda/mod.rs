@@ -144,7 +144,7 @@ fn quant_reserve(cfg: &LlamaConfig, layers: &[DeviceLayer], t: usize, sms: usize
                 if q.is_w4a8() {
                     any_w4a8 = true;
                 } else if t > k::quant::MAX_DECODE_M {
-                    scratch = scratch.max(2 * quant_bufs::w4a16_chunk_rows(q.n(), q.k()) * q.k());
+                    scratch = scratch.max(2 * k::quant::w4a16_chunk_rows(q.n(), q.k()) * q.k());
                 }
             }
         }

@@ -3,8 +3,8 @@
 //!
 //! - W4A16 with at most [`k::quant::MAX_DECODE_M`] rows: the fused dequantize-and-multiply kernel, split-K partials
 //!   in the workspace;
-//! - W4A16 with more rows: the weight dequantized a chunk of rows at a time (at most [`W4A16_CHUNK_BYTES`] of
-//!   bf16) into a scratch, each chunk multiplied by cuBLASLt into its columns of the output while it sits in L2;
+//! - W4A16 with more rows: the weight dequantized a chunk of rows at a time ([`k::quant::w4a16_chunk_rows`]) into
+//!   a scratch, each chunk multiplied by cuBLASLt into its columns of the output while it sits in L2;
 //! - W4A8: the rows quantized to int8 per token (unless a norm or SiLU kernel already did, `fused`), then the
 //!   int8 kernel.
 //!
@@ -20,19 +20,6 @@ use half::bf16;
 use super::ops::drv;
 use crate::ops::cuda as k;
 use crate::{Error, Result};
-
-/// The most bf16 bytes of a W4A16 weight the large-m path dequantizes at once: 32 MiB, instead of the whole matrix
-/// (940 MB for 90B's gate_up). The scratch is rewritten by every chunk and fits the H100's 50 MB L2 (beside the
-/// activations at decode-like m), so the GEMM reads the chunk from L2 and HBM sees mostly the int4 weights: where
-/// the whole-matrix path wrote and read back 2 bytes per weight. The price is one read of the activations per
-/// chunk (29 chunks for 90B gate_up: about 0.9 GB at 2048 rows, against 1.9 GB of scratch traffic saved).
-pub(crate) const W4A16_CHUNK_BYTES: usize = 32 << 20;
-
-/// Rows of an `[n, k]` W4A16 weight per chunk of the large-m path: whole 16-row tiles within
-/// [`W4A16_CHUNK_BYTES`], at least one tile, at most `n`.
-pub(crate) fn w4a16_chunk_rows(n: usize, k: usize) -> usize {
-    (W4A16_CHUNK_BYTES / (2 * k.max(1)) / 16 * 16).max(16).min(n)
-}
 
 /// Split-K workspace, int8 activations and the large-m W4A16 scratch.
 #[derive(Default)]
@@ -120,7 +107,7 @@ impl QuantBuffers {
             let need = k::quant::w4a16_workspace(kernel, rows, n, kdim, num_sms);
             moved |= self.ensure_ws(stream, need, num_sms, capturing)?;
         } else {
-            moved |= self.ensure_scratch(stream, w4a16_chunk_rows(n, kdim) * kdim, capturing)?;
+            moved |= self.ensure_scratch(stream, k::quant::w4a16_chunk_rows(n, kdim) * kdim, capturing)?;
         }
         Ok(moved)
     }
@@ -162,7 +149,7 @@ impl QuantBuffers {
             )));
         }
         let scratch = self.scratch.as_mut().ok_or_else(missing)?;
-        let chunk = w4a16_chunk_rows(n, kdim);
+        let chunk = k::quant::w4a16_chunk_rows(n, kdim);
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + chunk).min(n);

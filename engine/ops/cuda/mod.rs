@@ -152,6 +152,7 @@ pub(crate) fn ensure_built() -> Result<()> {
         pdl_from_env()?;
         attention::decode_split_positions()?;
         quant::w4a16_blocks_per_sm()?;
+        quant::w4a16_chunk_mib()?;
         quant::w4a16_bulk_variant().map(|_| ())
     } else {
         Err(Error::Backend(NOT_BUILT.into()))

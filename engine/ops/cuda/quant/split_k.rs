@@ -55,6 +55,31 @@ pub const W4A16_BLOCKS_ENV: &str = "LLAMA32_W4A16_BLOCKS_PER_SM";
 static BLOCKS_PER_SM: crate::ops::cuda::EnvCount =
     crate::ops::cuda::EnvCount::new(W4A16_BLOCKS_ENV, W4A16_BLOCKS_PER_SM, 1..=16);
 
+/// The environment variable that sets the MiB of bf16 the large-m W4A16 path dequantizes at once (1 to 65536,
+/// default 32: a chunk that fits the H100's L2; a large value dequantizes the whole matrix, as before the ninth
+/// session), read once per process, for an A/B of the chunked path.
+pub const W4A16_CHUNK_ENV: &str = "LLAMA32_W4A16_CHUNK_MIB";
+
+/// [`W4A16_CHUNK_ENV`]'s setting.
+static CHUNK_MIB: crate::ops::cuda::EnvCount = crate::ops::cuda::EnvCount::new(W4A16_CHUNK_ENV, 32, 1..=65536);
+
+/// The MiB per chunk of the large-m W4A16 path in force ([`W4A16_CHUNK_ENV`], default 32); an error names a bad
+/// value.
+pub fn w4a16_chunk_mib() -> Result<usize> {
+    CHUNK_MIB.get()
+}
+
+/// Rows of an `[n, k]` W4A16 weight per chunk of the large-m path (above 64 rows: dequantized to bf16 a chunk at a
+/// time, each chunk multiplied by cuBLASLt): whole 16-row tiles within [`w4a16_chunk_mib`] MiB of bf16, at least
+/// one tile, at most `n`. The default 32 MiB, instead of the whole matrix (940 MB for 90B's gate_up), is rewritten
+/// by every chunk and fits the H100's 50 MB L2, so the GEMM should read it from L2 and HBM see mostly the int4
+/// weights, where the whole-matrix path wrote and read back 2 bytes per weight. The price is one read of the
+/// activations per chunk (29 chunks for 90B gate_up: about 0.9 GB at 2048 rows, against 1.9 GB of scratch traffic
+/// saved).
+pub fn w4a16_chunk_rows(n: usize, k: usize) -> usize {
+    ((CHUNK_MIB.or_default() << 20) / (2 * k.max(1)) / 16 * 16).max(16).min(n)
+}
+
 /// The blocks per SM in force ([`W4A16_BLOCKS_ENV`], default 4); an error names a bad value.
 pub fn w4a16_blocks_per_sm() -> Result<usize> {
     BLOCKS_PER_SM.get()
@@ -167,6 +192,18 @@ pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_m_chunks_are_whole_tiles_of_32_mib() {
+        // 90B gate_up: 2048 rows of 8192 (32 MiB), 29 chunks; 1B gate_up: 8192 rows of 2048; a small matrix whole.
+        assert_eq!(w4a16_chunk_rows(57_344, 8192), 2048);
+        assert_eq!(w4a16_chunk_rows(16_384, 2048), 8192);
+        assert_eq!(w4a16_chunk_rows(3072, 2048), 3072);
+        // Never less than one tile, however long the rows.
+        assert_eq!(w4a16_chunk_rows(1 << 20, 1 << 24), 16);
+        assert_eq!(w4a16_chunk_rows(40, 1 << 24), 16);
+        assert_eq!(w4a16_chunk_rows(40, 64), 40, "at most n");
+    }
 
     #[test]
     fn split_heuristics_fill_an_h100() {
