@@ -150,24 +150,10 @@ impl QuantBuffers {
         }
         let scratch = self.scratch.as_mut().ok_or_else(missing)?;
         let chunk = k::quant::w4a16_chunk_rows(n, kdim);
-        let mut r0 = 0;
-        while r0 < n {
-            let r1 = (r0 + chunk).min(n);
-            k::quant::w4a16_dequant_rows(stream, q, r0..r1, scratch)?;
-            let blocks = if q.swiglu_paired() {
-                let (h, j0) = ((r1 - r0) / 2, r0 / 2);
-                vec![(0, j0, h), (h, n / 2 + j0, h)]
-            } else {
-                vec![(0, r0, r1 - r0)]
-            };
-            for (first, col, cols) in blocks {
-                let w = scratch.slice(first * kdim..(first + cols) * kdim);
-                let mut block = out.slice_mut(col..rows * n);
-                blas.gemm_strided(x, &w, (rows, kdim, cols), &mut block, n)?;
-            }
-            r0 = r1;
-        }
-        Ok(())
+        let paired = q.swiglu_paired();
+        chunked_product(blas, (x, rows, kdim, n), (chunk, paired), scratch, out, |r, scratch| {
+            k::quant::w4a16_dequant_rows(stream, q, r, scratch)
+        })
     }
 
     /// True when [`project_silu`](Self::project_silu) takes `rows` rows through `q`: a W4A16 `[gate; up]` weight
@@ -433,15 +419,39 @@ impl Int8Lm {
         if k::quant::gemv_int8_supports(rows, kdim) {
             return k::quant::gemv_int8(stream, x, &self.table, rows, out);
         }
-        let mut c0 = 0;
-        while c0 < n {
-            let c1 = (c0 + self.chunk_rows).min(n);
-            k::quant::dequant_rows(stream, &self.table, c0..c1, &mut self.scratch)?;
-            let w = self.scratch.slice(..(c1 - c0) * kdim);
-            let mut block = out.slice_mut(c0..rows * n);
-            blas.gemm_strided(x, &w, (rows, kdim, c1 - c0), &mut block, n)?;
-            c0 = c1;
-        }
-        Ok(())
+        let table = &self.table;
+        chunked_product(blas, (x, rows, kdim, n), (self.chunk_rows, false), &mut self.scratch, out, |r, scratch| {
+            k::quant::dequant_rows(stream, table, r, scratch)
+        })
     }
+}
+
+/// `out[rows, n] = x[rows, k] @ W^T` for a weight `W` that `dequant(r0..r1, scratch)` writes into `scratch` as bf16
+/// rows, `chunk` rows at a time: each chunk is multiplied by cuBLASLt into its column block of `out` right after its
+/// dequantization, while it is still in L2. With `paired` (a W4A16 `[gate; up]` weight uploaded paired) a chunk's
+/// first half is gate rows `r0 / 2 ..` and its second half the matching up rows, two column blocks.
+fn chunked_product(
+    blas: &Blas,
+    (x, rows, kdim, n): (&CudaView<'_, bf16>, usize, usize, usize),
+    (chunk, paired): (usize, bool),
+    scratch: &mut CudaSlice<bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
+    mut dequant: impl FnMut(std::ops::Range<usize>, &mut CudaSlice<bf16>) -> Result<()>,
+) -> Result<()> {
+    let mut r0 = 0;
+    while r0 < n {
+        let r1 = (r0 + chunk).min(n);
+        dequant(r0..r1, scratch)?;
+        // (first scratch row, first output column, columns) of each block.
+        let (h, j0) = ((r1 - r0) / 2, r0 / 2);
+        let blocks: &[(usize, usize, usize)] =
+            if paired { &[(0, j0, h), (h, n / 2 + j0, h)] } else { &[(0, r0, r1 - r0)] };
+        for &(first, col, cols) in blocks {
+            let w = scratch.slice(first * kdim..(first + cols) * kdim);
+            let mut block = out.slice_mut(col..rows * n);
+            blas.gemm_strided(x, &w, (rows, kdim, cols), &mut block, n)?;
+        }
+        r0 = r1;
+    }
+    Ok(())
 }

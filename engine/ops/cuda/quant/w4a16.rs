@@ -185,22 +185,41 @@ pub fn w4a16_dequant_rows(
     rows: std::ops::Range<usize>,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    const OP: &str = "w4a16_dequant_rows";
+    dequant("w4a16_dequant_rows", stream, w, rows, out)
+}
+
+/// `out[n, k] = bf16(s * (q - z))`: the W4A16 weight dequantized whole, in matrix row order.
+///
+/// Enqueued on `stream`; returns without waiting.
+pub fn w4a16_dequant(stream: &CudaStream, w: &CudaQuantLinear, out: &mut impl DevicePtrMut<bf16>) -> Result<()> {
+    dequant("w4a16_dequant", stream, w, 0..w.n, out)
+}
+
+/// The checked launch of [`w4a16_dequant_rows`] and [`w4a16_dequant`] (`rows` = `0..n`, which may be empty).
+fn dequant(
+    op: &str,
+    stream: &CudaStream,
+    w: &CudaQuantLinear,
+    rows: std::ops::Range<usize>,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
     super::super::ensure_built()?;
-    let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
+    let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
     if w.is_w4a8() {
         return fail("the weight is W4A8".into());
     }
     let on_tile = |r: usize| r % 16 == 0;
-    if rows.is_empty() || rows.end > w.n || !on_tile(rows.start) || !(on_tile(rows.end) || rows.end == w.n) {
+    let whole = rows == (0..w.n);
+    if (rows.is_empty() && !whole) || rows.end > w.n || !on_tile(rows.start) || !(on_tile(rows.end) || rows.end == w.n)
+    {
         return fail(format!("rows {rows:?} of {}: a chunk starts and ends on a 16-row tile (or at n)", w.n));
     }
     if out.len() < rows.len() * w.k {
         return fail(format!("`out` has {} elements, needs at least {} x {}", out.len(), rows.len(), w.k));
     }
-    super::super::check_same_device(OP, stream, &[("out", out.stream()), ("w", w.qweight.stream())])?;
+    super::super::check_same_device(op, stream, &[("out", out.stream()), ("w", w.qweight.stream())])?;
     // The layout stores each 16-row tile whole (k / 64 chunks of 512 bytes of weights, 64 of scales or zeros), so
-    // the chunk is the same layout starting `rows.start / 16` tiles in.
+    // a chunk is the same layout starting `rows.start / 16` tiles in.
     let tiles = (rows.start / 16) as u64;
     let kc = (w.k / TILE_K) as u64;
     let (qweight, _q) = w.qweight.device_ptr(stream);
@@ -227,56 +246,9 @@ pub fn w4a16_dequant_rows(
         splits: 1,
         tile_m: 0,
         kernel: W4A16Kernel::Direct,
+        // A paired chunk is paired within itself: its gate rows, then its up rows (the whole: w.pair_half).
         pair_half: if w.pair_half > 0 { rows.len() / 2 } else { 0 },
         silu: false,
     };
-    launch_dequant(OP, stream, &l)
-}
-
-/// `out[n, k] = bf16(s * (q - z))`: the W4A16 weight dequantized (for the large-m path through cuBLASLt).
-///
-/// Enqueued on `stream`; returns without waiting.
-pub fn w4a16_dequant(stream: &CudaStream, w: &CudaQuantLinear, out: &mut impl DevicePtrMut<bf16>) -> Result<()> {
-    const OP: &str = "w4a16_dequant";
-    super::super::ensure_built()?;
-    if w.is_w4a8() {
-        return Err(Error::Backend(format!("{OP}: the weight is W4A8")));
-    }
-    if out.len() < w.n * w.k {
-        return Err(Error::Backend(format!(
-            "{OP}: `out` has {} elements, needs at least {} x {}",
-            out.len(),
-            w.n,
-            w.k
-        )));
-    }
-    super::super::check_same_device(OP, stream, &[("out", out.stream()), ("w", w.qweight.stream())])?;
-    let (qweight, _q) = w.qweight.device_ptr(stream);
-    let (scales, _s) = w.scales.device_ptr(stream);
-    let zeros = w.zeros.as_ref().map(|z| z.device_ptr(stream));
-    let (outp, _o) = out.device_ptr_mut(stream);
-    if outp % 16 != 0 {
-        return Err(Error::Backend(format!("{OP}: `out` starts at {outp:#x}, not 16-byte aligned")));
-    }
-    let l = GemmLaunch {
-        out: outp,
-        x: 0,
-        x_scales: 0,
-        x_zeros: 0,
-        qweight,
-        scales,
-        zeros: zeros.as_ref().map_or(0, |(p, _)| *p),
-        row_corr: 0,
-        partials: 0,
-        counters: 0,
-        m: 0,
-        n: w.n,
-        k: w.k,
-        splits: 1,
-        tile_m: 0,
-        kernel: W4A16Kernel::Direct,
-        pair_half: w.pair_half,
-        silu: false,
-    };
-    launch_dequant(OP, stream, &l)
+    launch_dequant(op, stream, &l)
 }
