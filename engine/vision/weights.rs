@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use rayon::prelude::*;
 
 use super::config::MllamaConfig;
-use crate::quant::format::{read_linear, read_table_f32, read_table_int8, EmbeddingQuant, QuantizationConfig};
+use crate::quant::format::{read_linear, read_table_int8, EmbeddingQuant, QuantizationConfig};
 use crate::quant::numerics::quantize_bf16_rounded;
 use crate::quant::{Int8Table, QuantLinear, QuantMatrix, Scheme};
 use crate::weights::{random_values, stack_rows, Checkpoint, LayerWeights, LinearWeight};
@@ -182,7 +182,7 @@ fn quantized_prefix<'a>(canonical: &'a str, q: &QuantizationConfig) -> Option<&'
 }
 
 /// [`check_mllama_checkpoint`], where with a quantization config the quantized tensors are only required to
-/// exist under their prefix (their shapes are checked by [`read_linear`] / [`read_table_f32`] as they are read).
+/// exist under their prefix (their shapes are checked by [`read_linear`] / [`read_table_int8`] as they are read).
 pub(crate) fn check_tensors(
     ckpt: &Checkpoint,
     cfg: &MllamaConfig,
@@ -729,7 +729,7 @@ impl<'a> Reader<'a> {
                 }
             }
         }
-        let values = self.read(name)?;
+        let values = self.read_tensor(name)?;
         if !self.tables_int8 {
             return Ok((values, None));
         }
@@ -754,18 +754,21 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| Error::weights("<mllama>", format!("internal: `{name}` is not an Mllama tensor")))
     }
 
+    /// Tensor `name` in f32; a table (`embed_tokens`, `lm_head`) as [`read_table`](Self::read_table) gives it.
     fn read(&self, name: &str) -> Result<Vec<f32>> {
+        if is_table(name) {
+            return Ok(self.read_table(name)?.0);
+        }
+        self.read_tensor(name)
+    }
+
+    /// Tensor `name` as the source stores it unquantized, in f32.
+    fn read_tensor(&self, name: &str) -> Result<Vec<f32>> {
         let numel: usize = self.shape(name)?.iter().product();
         let (ckpt, layout) = match &self.src {
             Source::Random(seed) => return Ok(random_tensor(name, numel, *seed)),
             Source::Checkpoint(c, l) | Source::Quantized(c, l, _) | Source::QuantizedOwned(c, l, _) => (*c, *l),
         };
-        if let Some((_, _, q)) = self.stored_quant() {
-            if q.embeddings == EmbeddingQuant::Int8 && is_table(name) {
-                let shape = self.shape(name)?;
-                return read_table_f32(ckpt, &layout.tensor_name(name), shape[0], shape[1]);
-            }
-        }
         let stored = layout.tensor_name(name);
         let (view, path) =
             ckpt.get(&stored).ok_or_else(|| Error::weights(ckpt.dir(), format!("missing tensor `{stored}`")))?;

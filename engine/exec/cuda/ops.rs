@@ -165,6 +165,11 @@ struct RankComm {
     gather_ids: Option<CudaSlice<u32>>,
 }
 
+/// The widest activation row the int8 buffers plan for: `cols` or any of the model's projection inputs.
+fn act_width(cfg: &LlamaConfig, cols: usize) -> usize {
+    cols.max(cfg.hidden_size).max(cfg.intermediate_size).max(cfg.q_dim())
+}
+
 fn check(what: &str, a: &CudaAct, rows: usize, cols: usize) -> Result<()> {
     if a.rows == rows && a.cols == cols && a.buf.len() >= rows * cols {
         Ok(())
@@ -303,7 +308,7 @@ impl CudaOps {
 
     /// Makes sure the int8 activation buffers hold `rows` x `cols` (allocating outside graph capture only).
     fn ensure_acts(&mut self, rows: usize, cols: usize) -> Result<()> {
-        let width = cols.max(self.cfg.hidden_size).max(self.cfg.intermediate_size).max(self.cfg.q_dim());
+        let width = act_width(&self.cfg, cols);
         if self.quant.bufs.ensure_acts(&self.stream, rows, cols, width, self.capturing)? {
             self.generation += 1;
         }
@@ -556,15 +561,10 @@ impl Ops for CudaOps {
         if rows == 0 {
             return Ok(());
         }
-        let width = kdim.max(self.cfg.hidden_size).max(self.cfg.intermediate_size).max(self.cfg.q_dim());
+        let width = act_width(&self.cfg, kdim);
         if self.quant.bufs.prepare(&self.stream, q, rows, (self.num_sms, fused, width, self.capturing))? {
             self.generation += 1;
         }
-        // Borrow again after the buffers may have moved.
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let WeightRef::Quant(q) = linear_weight(&self.cfg, &self.layers, lm_head, w).0 else {
-            return Err(Error::Backend(format!("linear {w:?}: weight changed kind")));
-        };
         let xv = x.buf.slice(..rows * kdim);
         self.quant.bufs.project(&self.stream, &self.blas, q, (&xv, rows, fused), &mut out.buf.slice_mut(..rows * n))
     }
@@ -707,28 +707,26 @@ impl Ops for CudaOps {
             && n == 2 * inter
             && out.cols == inter
             && k::gemv::supports(rows, kdim);
-        let quant_fusable = match (&weight, w) {
-            (WeightRef::Quant(q), Linear::GateUp(l)) => {
-                self.fuse_swiglu
+        let quant_fused = match (&weight, w) {
+            (WeightRef::Quant(q), Linear::GateUp(l))
+                if self.fuse_swiglu
                     && out.cols == inter
                     && q.n() == n
                     && q.k() == kdim
                     && QuantBuffers::silu_fusable(q, rows)
-                    && self.layers.get(l).is_some_and(|layer| layer.w_down.w4a8().is_none())
+                    && self.layers.get(l).is_some_and(|layer| layer.w_down.w4a8().is_none()) =>
+            {
+                Some(*q)
             }
-            _ => false,
+            _ => None,
         };
-        if quant_fusable {
+        if let Some(q) = quant_fused {
             check("linear_silu_mul out", out, rows, inter)?;
             if norm_fusion::take_norm(&mut self.pending_norm, x, w)?.is_some() {
                 return Err(Error::Backend(format!("linear {w:?}: a norm was deferred into a quantized projection")));
             }
             self.quant.start_projection(w);
-            let width = kdim.max(self.cfg.hidden_size).max(self.cfg.intermediate_size).max(self.cfg.q_dim());
-            let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            let WeightRef::Quant(q) = linear_weight(&self.cfg, &self.layers, lm_head, w).0 else {
-                return Err(Error::Backend(format!("linear {w:?}: weight changed kind")));
-            };
+            let width = act_width(&self.cfg, kdim);
             if self.quant.bufs.prepare(&self.stream, q, rows, (self.num_sms, false, width, self.capturing))? {
                 self.generation += 1;
             }

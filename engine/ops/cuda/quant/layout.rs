@@ -98,13 +98,8 @@ fn group_params(m: &QuantMatrix, r: usize, c: usize) -> (f32, i8) {
     (m.scales[gi], m.zeros.as_ref().map_or(0, |z| z[gi]))
 }
 
-/// The 512-byte tiles of `m` with the given nibble order, rows in the matrix's order.
-fn pack_tiles(m: &QuantMatrix, nibble: fn(usize) -> usize) -> Vec<u8> {
-    pack_tiles_ordered(m, nibble, RowOrder::Plain)
-}
-
 /// The 512-byte tiles of `m` with the given nibble order, layout row `r` holding matrix row `order.matrix_row(r)`.
-fn pack_tiles_ordered(m: &QuantMatrix, nibble: fn(usize) -> usize, order: RowOrder) -> Vec<u8> {
+fn pack_tiles(m: &QuantMatrix, nibble: fn(usize) -> usize, order: RowOrder) -> Vec<u8> {
     let (n_pad, k) = (padded_n(m.n), m.k);
     let kc = k / TILE_K;
     let mut out = vec![0u8; n_pad / TILE_N * kc * 512];
@@ -189,7 +184,7 @@ fn layout_w4a16_ordered(m: &QuantMatrix, order: RowOrder) -> Result<HostW4A16> {
     let scales = pack_entries(m, |r, c| bf16::from_f32(group_params(m, row(r), c).0));
     let zeros =
         m.zeros.as_ref().map(|_| pack_entries(m, |r, c| bf16::from_f32(136.0 + group_params(m, row(r), c).1 as f32)));
-    Ok(HostW4A16 { n: m.n, k: m.k, qweight: pack_tiles_ordered(m, nibble_w4a16, order), scales, zeros })
+    Ok(HostW4A16 { n: m.n, k: m.k, qweight: pack_tiles(m, nibble_w4a16, order), scales, zeros })
 }
 
 /// A W4A8 matrix in the kernels' layout, on the host.
@@ -226,7 +221,7 @@ pub fn layout_w4a8(m: &QuantMatrix) -> Result<HostW4A8> {
         }
         *corr = acc as f32;
     }
-    Ok(HostW4A8 { n: m.n, k: m.k, qweight: pack_tiles(m, nibble_w4a8), scales, zeros, row_corr })
+    Ok(HostW4A8 { n: m.n, k: m.k, qweight: pack_tiles(m, nibble_w4a8, RowOrder::Plain), scales, zeros, row_corr })
 }
 
 #[cfg(test)]
