@@ -29,31 +29,37 @@ use half::bf16;
 use llama32::ops::cpu::linear::linear;
 use llama32::ops::cpu::quant::w4a8_linear;
 use llama32::ops::cuda::quant::{
-    act_quant, dequant_rows, gemv_int8, w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu,
-    w4a16_gemm_silu_with, w4a16_gemm_with, w4a16_splits, w4a16_workspace_for, w4a8_gemm, workspace_bound, ActSource,
-    CudaInt8Table, CudaQuantLinear, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel,
+    act_quant, w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with,
+    w4a16_splits, w4a16_workspace_for, w4a8_gemm, workspace_bound, ActSource, CudaQuantLinear, QuantActs,
+    SplitKWorkspace, W4A16Choice, W4A16Kernel,
 };
 use llama32::ops::cuda::switch::KernelSwitch;
-use llama32::ops::cuda::{activation, embedding, norm};
+use llama32::ops::cuda::{activation, norm};
 use llama32::quant::numerics::{quantize_activations, quantize_matrix};
-use llama32::quant::{Int8Table, QuantLinear, QuantMatrix, Scheme};
+use llama32::quant::{QuantLinear, QuantMatrix, Scheme};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::common::{cuda_stream as stream, download, normal, to_f32, upload};
 
 /// One bf16 rounding moves a value by at most 2^-8 of itself.
-const BF16_ROUNDING: f32 = 1.0 / 256.0;
+pub(crate) const BF16_ROUNDING: f32 = 1.0 / 256.0;
 /// (k, n) of every projection of Llama 3.2 1B: qkv, o, gate_up, down.
 const LLAMA_1B: [(usize, usize); 4] = [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)];
 /// Small and odd shapes: n not a multiple of 16 (padded tiles), one row, k of one chunk, k not a power of two.
 const ODD: [(usize, usize); 6] = [(64, 1), (64, 17), (128, 40), (192, 1001), (4096, 33), (320, 130)];
 /// The tests' base seed (each test derives its own).
-const SEED: u64 = 0x5eed_4b17;
+pub(crate) const SEED: u64 = 0x5eed_4b17;
 
 /// `rows` x `cols` bf16 values: normal times a per-row scale drawn log-uniformly from [10^lo, 10^hi]; with
 /// `shift`, some rows are moved to be all positive (a zero point at -128) or all negative.
-fn random_rows(rng: &mut ChaCha8Rng, rows: usize, cols: usize, (lo, hi): (f32, f32), shift: bool) -> Vec<bf16> {
+pub(crate) fn random_rows(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+    (lo, hi): (f32, f32),
+    shift: bool,
+) -> Vec<bf16> {
     let mut out = Vec::with_capacity(rows * cols);
     for r in 0..rows {
         let scale = 10f32.powf(rng.random_range(lo..hi));
@@ -77,7 +83,7 @@ fn random_matrix(rng: &mut ChaCha8Rng, n: usize, k: usize, zeros: bool) -> Quant
     m
 }
 
-fn row_rms(v: &[f32], cols: usize) -> Vec<f32> {
+pub(crate) fn row_rms(v: &[f32], cols: usize) -> Vec<f32> {
     v.chunks(cols)
         .map(|r| (r.iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>() / cols as f64).sqrt() as f32)
         .collect()
@@ -86,7 +92,7 @@ fn row_rms(v: &[f32], cols: usize) -> Vec<f32> {
 /// The worst error of a `[m, n]` GEMM output `got` against the f32 twin `want`, as a share of the bound
 /// `2^-8 |want| + 1e-3 sqrt(k) rms(x_i) rms(w_j)` (one bf16 rounding, and summation slack; see the module docs);
 /// panics past it, naming the output.
-fn within_gemm_bound(
+pub(crate) fn within_gemm_bound(
     got: &[bf16],
     want: &[f32],
     (m, n, k): (usize, usize, usize),
@@ -106,7 +112,7 @@ fn within_gemm_bound(
     worst
 }
 
-fn same_bits(a: &[bf16], b: &[bf16]) -> bool {
+pub(crate) fn same_bits(a: &[bf16], b: &[bf16]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
@@ -523,97 +529,6 @@ fn w4a16_dequant_rows_are_the_rows_of_the_whole() {
     }
 }
 
-/// A random int8 table (per-row bf16 scales spread over two decades) and its exact f32 dequantization.
-fn random_int8_table(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Int8Table {
-    let q: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-128i32..=127) as i8).collect();
-    let scales = (0..rows).map(|_| bf16::from_f32(10f32.powf(rng.random_range(-4.0f32..-2.0))).to_f32()).collect();
-    Int8Table { rows, cols, q, scales }
-}
-
-/// `embed_int8` writes bit for bit what `embed` gathers from the bf16 rounding of the dequantized table (the CUDA
-/// path of a bf16-uploaded int8 checkpoint), on the vector path (cols a multiple of 8) and the scalar one, with
-/// repeated ids; `dequant_rows` is the same gather over a range of rows.
-#[test]
-fn embed_int8_equals_embed_of_the_rounded_table() {
-    let Some(stream) = stream() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 5);
-    for (rows, cols) in [(37, 8), (300, 2048), (41, 12), (5, 1)] {
-        let t = random_int8_table(&mut rng, rows, cols);
-        let dev = CudaInt8Table::upload(&stream, &t, "table").unwrap();
-        let rounded: Vec<bf16> = t.dequantize().iter().map(|&v| bf16::from_f32(v)).collect();
-        let table_bf16 = upload(&stream, &rounded);
-        let ids: Vec<u32> = (0..23).map(|i| ((i * 7 + 3) % rows) as u32).chain([0, (rows - 1) as u32, 0]).collect();
-        let ids_d = upload(&stream, &ids);
-        let mut a = upload(&stream, &vec![bf16::NAN; ids.len() * cols]);
-        let mut b = upload(&stream, &vec![bf16::NAN; ids.len() * cols]);
-        embedding::embed_int8(&stream, dev.parts(), cols, &ids_d, &mut a).unwrap();
-        embedding::embed(&stream, &table_bf16, cols, &ids_d, &mut b).unwrap();
-        assert!(same_bits(&download(&stream, &a), &download(&stream, &b)), "embed_int8 [{rows}, {cols}]");
-        let (r0, r1) = (rows / 3, rows);
-        let mut d = upload(&stream, &vec![bf16::NAN; rows * cols]);
-        dequant_rows(&stream, &dev, r0..r1, &mut d).unwrap();
-        let d = download(&stream, &d);
-        assert!(same_bits(&d[..(r1 - r0) * cols], &rounded[r0 * cols..r1 * cols]), "dequant_rows [{rows}, {cols}]");
-        assert!(d[(r1 - r0) * cols..].iter().all(|v| v.is_nan()), "dequant_rows wrote past its rows");
-    }
-    // Bad operands are named.
-    let t = random_int8_table(&mut rng, 4, 16);
-    let dev = CudaInt8Table::upload(&stream, &t, "table").unwrap();
-    let ids = upload(&stream, &[0u32, 1]);
-    let mut out = upload(&stream, &[bf16::NAN; 30]);
-    let e = embedding::embed_int8(&stream, dev.parts(), 16, &ids, &mut out).unwrap_err().to_string();
-    assert!(e.contains("`out`"), "{e}");
-    let e = dequant_rows(&stream, &dev, 3..5, &mut out).unwrap_err().to_string();
-    assert!(e.contains("rows 3..5"), "{e}");
-    let bad = Int8Table { scales: vec![1.0, 0.1, 1.0, 1.0], ..t };
-    let e = CudaInt8Table::upload(&stream, &bad, "lm_head").err().unwrap().to_string();
-    assert!(e.contains("lm_head") && e.contains("row 1"), "{e}");
-}
-
-/// `gemv_int8` against `linear` over the dequantized table in f32, with the bound of `check_w4a16` (one bf16
-/// rounding, and summation slack), twice for determinism, on odd shapes and the 1B lm_head's k; it writes nothing
-/// past `[m, n]`, and refuses what it does not take.
-#[test]
-fn gemv_int8_matches_cpu() {
-    let Some(stream) = stream() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 6);
-    for (n, k) in [(1, 16), (17, 48), (1001, 128), (40, 2048), (4099, 2048)] {
-        let t = random_int8_table(&mut rng, n, k);
-        let w32 = t.dequantize();
-        let w_rms = row_rms(&w32, k);
-        let dev = CudaInt8Table::upload(&stream, &t, "table").unwrap();
-        for m in [1, 2, 5, 8, 9, 16] {
-            let what = format!("gemv_int8 m {m} n {n} k {k}");
-            let x = random_rows(&mut rng, m, k, (-1.0, 1.0), false);
-            let x32 = to_f32(&x);
-            let x_rms = row_rms(&x32, k);
-            let mut want = vec![f32::NAN; m * n];
-            linear(&x32, &w32, m, k, n, &mut want);
-            let x_d = upload(&stream, &x);
-            let run = || {
-                let mut out = upload(&stream, &vec![bf16::NAN; m * n + 64]);
-                gemv_int8(&stream, &x_d, &dev, m, &mut out).unwrap_or_else(|e| panic!("{what}: {e}"));
-                download(&stream, &out)
-            };
-            let got = run();
-            assert!(got[m * n..].iter().all(|v| v.is_nan()), "{what}: wrote past m x n");
-            let worst = within_gemm_bound(&got, &want, (m, n, k), (&x_rms, &w_rms), &what);
-            assert!(same_bits(&run(), &got), "{what}: a second run gave different bits");
-            eprintln!("{what}: worst error {worst:.3} of the tolerance");
-        }
-    }
-    let t = random_int8_table(&mut rng, 8, 32);
-    let dev = CudaInt8Table::upload(&stream, &t, "table").unwrap();
-    let x = upload(&stream, &vec![bf16::ONE; 17 * 32]);
-    let mut out = upload(&stream, &vec![bf16::NAN; 17 * 8]);
-    for (m, what) in [(0, "m is 0"), (17, "m is 17")] {
-        let e = gemv_int8(&stream, &x, &dev, m, &mut out).unwrap_err().to_string();
-        assert!(e.contains(what), "{e}");
-    }
-    let e = gemv_int8(&stream, &x.slice(..31), &dev, 1, &mut out).unwrap_err().to_string();
-    assert!(e.contains("`x`"), "{e}");
-}
-
 /// One W4A8 shape: every m of `ms` against `w4a8_linear` on the same bf16 activations, twice for determinism.
 fn check_w4a8(
     stream: &Arc<CudaStream>,
@@ -803,61 +718,13 @@ mod e2e {
     }
 }
 
-/// An int8-embeddings model on CUDA: the tables stay int8 on the device (embedding gather, the int8 skinny GEMM for
-/// the lm_head at decode, chunks through cuBLASLt at prefill), the logits stay close to the CPU reference over the
-/// same (dequantized) tables, and the device holds fewer weight bytes than with the tables uploaded as bf16.
-#[test]
-fn int8_tables_on_cuda_match_cpu() {
-    use llama32::config::LlamaConfig;
-    use llama32::exec::cpu::CpuExecutor;
-    use llama32::exec::cuda::{CudaExecutor, CudaOptions};
-    use llama32::exec::generate::score;
-    use llama32::weights::{Checkpoint, ModelWeights};
-    if let Err(e) = llama32::ops::cuda::probe() {
-        eprintln!("skipped: no CUDA device ({e})");
-        return;
-    }
-    for name in ["cuda-d64-gqa4", "cuda-d128-gqa3"] {
-        let dir = crate::common::golden_dir(name);
-        let mut cfg = LlamaConfig::from_model_dir(&dir).unwrap();
-        cfg.merge_generation_config(&dir).unwrap();
-        let reference: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-        let ids: Vec<u32> =
-            reference["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let budget = |k: &str| 2.0 * reference[k].as_f64().unwrap() as f32;
-        let mut w = ModelWeights::load(&Checkpoint::open(&dir).unwrap(), &cfg, &|_| {}).unwrap();
-        w.quantize_in_place(Scheme::W4A16_G32).unwrap();
-        let bf16_tables = w.clone();
-        w.quantize_tables_int8().unwrap();
-        let mut cpu = CpuExecutor::with_capacity(cfg.clone(), w.clone(), 1024, 16).unwrap();
-        let want = score(&mut cpu, &ids, 512).unwrap();
-        let opts = CudaOptions { kv_tokens: Some(1024), max_step_tokens: 512, ..Default::default() };
-        let mut cuda = CudaExecutor::from_weights(cfg.clone(), &w, &opts).unwrap();
-        for chunk in [512usize, 7, 1] {
-            let got = score(&mut cuda, &ids, chunk).unwrap();
-            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!(got.iter().all(|x| x.is_finite()), "{name} chunk {chunk}: non-finite logits");
-            let max = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-            let (bmax, _) = (budget("hf_bf16_max_rel_err"), budget("hf_bf16_mean_rel_err"));
-            eprintln!("{name} int8 tables chunk {chunk}: max rel {max:.2e} (budget {bmax:.2e})");
-            assert!(max <= bmax, "{name} chunk {chunk}: logits too far from the CPU reference");
-        }
-        let plain = CudaExecutor::from_weights(cfg.clone(), &bf16_tables, &opts).unwrap();
-        let tables = (1 + usize::from(w.lm_head.is_some())) * cfg.vocab_size * cfg.hidden_size;
-        eprintln!("{name}: weight bytes {} with int8 tables, {} with bf16", cuda.weight_bytes(), plain.weight_bytes());
-        assert!(cuda.weight_bytes() < plain.weight_bytes(), "{name}: the int8 tables take fewer bytes");
-        assert!(plain.weight_bytes() - cuda.weight_bytes() <= tables, "{name}: at most the tables' bf16 half saved");
-    }
-}
-
 // ------------------------------------------------------------------------------------------------------------------
 // benchmark
 
 /// A stream for the timing benches, or `None` (and "skipped") without a device. One stream orders everything there,
 /// so cudarc's per-buffer events (which would break graph capture) are turned off first: call it before the bench
 /// allocates, and use every buffer on this one stream.
-fn bench_stream() -> Option<Arc<CudaStream>> {
+pub(crate) fn bench_stream() -> Option<Arc<CudaStream>> {
     let ctx = stream()?.context().clone();
     // SAFETY: the caller allocates nothing before this and uses its buffers on the stream returned.
     unsafe { ctx.disable_event_tracking() };
@@ -1010,46 +877,6 @@ fn quant_throughput() {
                     theirs / ours
                 );
             }
-        }
-    }
-}
-
-/// The int8 lm_head (`gemv_int8`) at m = 1 and 16 on the 1B, 3B and 90B lm_head shapes (vocabulary 128256), beside
-/// the bf16 skinny GEMM over the same table in bf16, in the same process: GPU time per call from CUDA graphs of 20
-/// calls (as `quant_throughput`; both tables are far larger than L2). GB/s count the table's bytes (int8 + scales,
-/// or bf16).
-#[test]
-#[ignore]
-fn int8_lm_head_throughput() {
-    use crate::cuda_gemv::time_graph;
-    let Some(stream) = bench_stream() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 10);
-    for (name, n, k) in
-        [("1b lm_head", 128_256usize, 2048usize), ("3b lm_head", 128_256, 3072), ("90b lm_head", 128_256, 8192)]
-    {
-        // Timing values: hashed int8 and one scale (the values do not change the timing).
-        let q: Vec<i8> = (0..n * k).map(|i| ((i * 2_654_435_761usize) >> 9) as i8).collect();
-        let t = Int8Table { rows: n, cols: k, q, scales: vec![0.01; n] };
-        let dev = CudaInt8Table::upload(&stream, &t, name).unwrap();
-        drop(t);
-        let mut dense = stream.alloc_zeros::<bf16>(n * k).expect("alloc");
-        dequant_rows(&stream, &dev, 0..n, &mut dense).unwrap();
-        for m in [1usize, 16] {
-            let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0), false));
-            let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
-            let ours = time_graph(&stream, &mut |_| gemv_int8(&stream, &x, &dev, m, &mut out).unwrap());
-            let theirs = time_graph(&stream, &mut |_| {
-                llama32::ops::cuda::gemv::gemv(&stream, &x, &dense, m, k, n, &mut out).unwrap();
-            });
-            let bytes = (n * k + 2 * n) as f64;
-            eprintln!(
-                "int8 lm_head {name:<12} m {m:>2} k {k:>5} n {n}: {:8.2} us {:6.0} GB/s | bf16 gemv {:8.2} us {:6.0} GB/s | {:.2}x",
-                ours * 1e6,
-                bytes / ours / 1e9,
-                theirs * 1e6,
-                2.0 * (n * k) as f64 / theirs / 1e9,
-                theirs / ours
-            );
         }
     }
 }

@@ -10,6 +10,7 @@ mod cuda_elementwise;
 mod cuda_encoder_attention;
 mod cuda_gemv;
 mod cuda_golden;
+mod cuda_int8_table;
 mod cuda_kernels;
 mod cuda_quant;
 mod cuda_sampling;
