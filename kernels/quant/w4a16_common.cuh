@@ -42,19 +42,15 @@ __device__ __forceinline__ int64_t w4a16_matrix_row(int64_t row, int64_t pair_ha
 // does, so the bits are those of the plain output followed by that kernel.
 __device__ __forceinline__ void w4a16_emit_pair(const l32_w4a16_params& p, int tok, int64_t row, float lo, float hi) {
     auto* out = static_cast<bf16*>(p.out);
-    if (p.pair_half == 0) {
-        if (row < p.n) out[tok * p.n + row] = __float2bfloat16_rn(lo);
-        if (row + 8 < p.n) out[tok * p.n + row + 8] = __float2bfloat16_rn(hi);
+    // Matrix rows of the pair: row and row + 8, or in a paired layout gate j and up pair_half + j.
+    const int64_t lo_row = w4a16_matrix_row(row, p.pair_half), hi_row = w4a16_matrix_row(row + 8, p.pair_half);
+    if (p.silu != 0) {
+        const float gate = __bfloat162float(__float2bfloat16_rn(lo)), up = __bfloat162float(__float2bfloat16_rn(hi));
+        out[tok * p.pair_half + lo_row] = __float2bfloat16_rn(silu_mul_f32(gate, up));
         return;
     }
-    const int64_t j = row / 16 * 8 + row % 8;
-    const bf16 gate = __float2bfloat16_rn(lo), up = __float2bfloat16_rn(hi);
-    if (p.silu != 0) {
-        out[tok * p.pair_half + j] = __float2bfloat16_rn(silu_mul_f32(__bfloat162float(gate), __bfloat162float(up)));
-    } else {
-        out[tok * p.n + j] = gate;
-        out[tok * p.n + p.pair_half + j] = up;
-    }
+    if (lo_row < p.n) out[tok * p.n + lo_row] = __float2bfloat16_rn(lo);
+    if (hi_row < p.n) out[tok * p.n + hi_row] = __float2bfloat16_rn(hi);
 }
 
 // The direct kernel (w4a16.cu) keeps its own copies of the three pieces below on purpose: routing it through them
