@@ -237,6 +237,7 @@ run() {
     env_tag+="${LLAMA32_W4A16_BLOCKS_PER_SM:+ blocks=$LLAMA32_W4A16_BLOCKS_PER_SM}"
     env_tag+="${LLAMA32_PREFILL_KERNEL:+ prefill=$LLAMA32_PREFILL_KERNEL}"
     env_tag+="${LLAMA32_W4A16_CHUNK_MIB:+ chunk=$LLAMA32_W4A16_CHUNK_MIB}"
+    env_tag+="${LLAMA32_W4A8_KERNEL:+ w4a8=$LLAMA32_W4A8_KERNEL}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -334,6 +335,17 @@ run() {
         rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" "$name" "$t" "$secs")")
       done
     done
+    # The quantized golden end-to-end test again with the Hopper W4A8 kernel forced (the executor's prefill and
+    # decode projections through kernels/quant/w4a8_sm90.cu where it runs; elsewhere the same run as above).
+    t=cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu
+    if [[ -z ${GPU_TEST_FILTER:-} ]] && (($(left 150) > 0)); then
+      log="$logs/gpu.$t.w4a8-wgmma.log"
+      rc=0
+      LLAMA32_W4A8_KERNEL=wgmma tmo 150 "$bundle/tests/gpu" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 ||
+        rc=$?
+      if ((rc == 0)); then status=PASS; else status=FAIL; failed=$((failed + 1)); tail -n 15 "$log"; fi
+      rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" gpu "$t [w4a8=wgmma]" -)")
+    fi
     # Tensor parallelism on CUDA (tests/gpu/cuda_tp.rs): its `cuda-tp` figure lines join the summary.
     mapfile -t -O "${#benches[@]}" benches < <(grep -h '^cuda-tp ' "$logs"/gpu.cuda_tp::*.log 2>/dev/null || true)
     rc=0
@@ -365,6 +377,8 @@ run() {
       "64 128 64 --quantize w4a8-g32"; do
       bench_e2e 60 "1b $q"
     done
+    # W4A8 with the Hopper kernel forced (prefill of 64 x 128 tokens at m = 8192, decode at m = 64).
+    LLAMA32_W4A8_KERNEL=wgmma bench_e2e 60 "1b 64 128 64 --quantize w4a8-g32"
     # 1B W4A16 with the embedding / lm_head in int8 on the device: a quantized config with "embeddings": "int8"
     # (random weights, the tables quantized as `llama32 quantize --embeddings int8` does).
     if [[ -f ${LLAMA32_TEST_DATA:-}/Llama-3.2-1B/config.json ]]; then

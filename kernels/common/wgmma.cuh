@@ -58,6 +58,15 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t smem_byte_addr, uint32_t
            (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
 }
 
+// The descriptor of a shared-memory operand without swizzle ("interleave" mode 0): core matrices of 8 rows x 16
+// bytes, each 128 contiguous bytes; `lbo_bytes` apart along K (the contraction dimension), `sbo_bytes` apart along
+// M or N (from one 8-row group to the next). Each core matrix must be 16-byte aligned.
+__device__ __forceinline__ uint64_t desc_interleave(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFF) |
+           (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+           (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32);
+}
+
 // Orders this thread's earlier register writes (accumulators, A fragments) before the wgmma that follows.
 __device__ __forceinline__ void fence() {
 #if L32_WGMMA_AVAILABLE
@@ -107,6 +116,22 @@ __device__ __forceinline__ void fence_operands(uint32_t (&a)[NT][4]) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
     }
+}
+
+// The same for integer accumulators.
+template <int NT>
+__device__ __forceinline__ void fence_operands(int (&d)[NT][4]) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(d[j][e])::"memory");
+    }
+}
+
+// The same for one A fragment.
+__device__ __forceinline__ void fence_operands(uint32_t (&a)[4]) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[e])::"memory");
 }
 
 #define L32_ACC4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
@@ -194,6 +219,55 @@ __device__ __forceinline__ void mma_rs_bt<128>(float (&d)[16][4], const uint32_t
 
 #undef L32_ACC8TILES
 #undef L32_ACC4
+
+#define L32_IACC4(j) "+r"(d[j][0]), "+r"(d[j][1]), "+r"(d[j][2]), "+r"(d[j][3])
+#define L32_IACC8TILES(b)                                                                                     \
+    L32_IACC4(b + 0), L32_IACC4(b + 1), L32_IACC4(b + 2), L32_IACC4(b + 3), L32_IACC4(b + 4), L32_IACC4(b + 5), \
+        L32_IACC4(b + 6), L32_IACC4(b + 7)
+
+// d (64 x N, s32) += A (64 x 32 s8, this warp's 16 rows as an mma.m16n8k32 A fragment: a0 = A[g][4t..4t+3],
+// a1 = A[g+8][4t..4t+3], a2 = A[g][4t+16..4t+19], a3 = A[g+8][4t+16..4t+19], byte j = column + j) * B (32 x N s8,
+// K-major shared memory by descriptor: N rows of 32 k). Exact integer accumulation onto d (scale-d = 1); d's layout
+// is the f32 accumulator's (see the file comment).
+template <int N>
+__device__ __forceinline__ void mma_rs_s8(int (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b);
+
+template <>
+__device__ __forceinline__ void mma_rs_s8<64>(int (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+#if L32_WGMMA_AVAILABLE
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+        "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, "
+        "%28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p;\n}\n"
+        : L32_IACC8TILES(0)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+    (void)d, (void)a, (void)desc_b;
+    __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma_rs_s8<128>(int (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
+#if L32_WGMMA_AVAILABLE
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
+        "%9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, "
+        "%28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "
+        "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p;\n}\n"
+        : L32_IACC8TILES(0), L32_IACC8TILES(8)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+    (void)d, (void)a, (void)desc_b;
+    __trap();
+#endif
+}
+
+#undef L32_IACC8TILES
+#undef L32_IACC4
 
 }  // namespace wgmma
 }  // namespace l32

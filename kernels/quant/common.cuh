@@ -144,6 +144,14 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                  : "memory");
 }
 
+// 4-byte global -> shared copy (through L1: cp.async takes only 16 bytes with .cg); with `valid` false nothing is read
+// and the bytes are zero-filled. For layouts that move 4-byte words apart (the wgmma W4A8 activations).
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+    const int src_size = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_size)
+                 : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int N>

@@ -27,8 +27,8 @@
 // For large m this is bound by the per-group epilogue, not the MMAs: each m16n8k32 MMA (4096 multiply-adds, a
 // couple of cycles of an SM's int8 tensor cores) leaves 4 s32 per lane that must be converted and scaled (2 ALU ops
 // each in the prefill tile, FADD and FFMA: 256 lane-ops per MMA per warp), because with group 32 every k32 MMA output carries its own
-// scale. wgmma
-// (sm_90a) would speed up the MMA part only; it is left as a follow-up.
+// scale. On Hopper, w4a8_sm90.cu (L32_W4A8_WGMMA) feeds the tensor cores with wgmma and spends one FFMA per
+// output and group instead of two.
 //
 // Registers from ptxas: see engine/ops/cuda/quant.rs (module docs).
 #include <algorithm>
@@ -39,6 +39,8 @@
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
+#include "quant/w4a8_common.cuh"
+#include "quant/w4a8_sm90.cuh"
 
 namespace l32 {
 namespace quant {
@@ -217,11 +219,6 @@ __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ 
     cp_async_wait<0>();
 
     // acc[i][j][e]: weight row 16 (nt0 + wn kWN + i) + g (+8 for e >= 2), token m0 + 8 (wm kWM + j) + 2t (+1, odd e).
-    auto* out = static_cast<bf16*>(p.out);
-    auto finish = [&](float v, int tok, int64_t row) {
-        const float centered = fmaf(-static_cast<float>(p.x_zeros[tok]), p.row_corr[row], v);
-        out[tok * p.n + row] = __float2bfloat16_rn(p.x_scales[tok] * centered);
-    };
     if (p.splits == 1) {
 #pragma unroll
         for (int i = 0; i < kWN; ++i) {
@@ -231,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ 
                 for (int e = 0; e < 4; ++e) {
                     const int64_t row = int64_t{nt0 + wn * kWN + i} * 16 + g + (e >= 2 ? 8 : 0);
                     const int tok = m0 + (wm * kWM + j) * 8 + 2 * t + (e & 1);
-                    if (tok < m && row < p.n) finish(acc[i][j][e], tok, row);
+                    if (tok < m && row < p.n) w4a8_finish(p, acc[i][j][e], tok, row);
                 }
             }
         }
@@ -249,15 +246,7 @@ __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ 
             }
         }
     }
-    if (!splitk_arrive(p.counters, blockIdx.y * gridDim.x + blockIdx.x, p.splits)) return;
-    for (int i = threadIdx.x; i < kBM * kBN; i += kThreads) {
-        const int tok = m0 + i / kBN;
-        const int64_t row = int64_t{nt0} * 16 + i % kBN;
-        if (tok >= m || row >= p.n) continue;
-        float v = 0.f;
-        for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(p.partials + (int64_t{sp} * m + tok) * npad + row);
-        finish(v, tok, row);
-    }
+    w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, kBM, int64_t{nt0} * 16, kBN, npad);
 }
 
 // Tier 2.
@@ -292,13 +281,21 @@ extern "C" l32_status l32_w4a8_gemm(const l32_w4a8_params* params, void* stream)
     if (p.m < 0 || p.k <= 0 || p.n < 0 || p.splits < 1) return L32_INVALID_ARGUMENT;
     if (p.m > INT_MAX / 2 || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 128) return L32_UNSUPPORTED;
     if (p.splits > p.k / 64 || p.splits > 65535) return L32_UNSUPPORTED;
-    if (p.tile_m != 8 && p.tile_m != 16 && p.tile_m != 32 && p.tile_m != 128) return L32_UNSUPPORTED;
-    if ((p.m + p.tile_m - 1) / p.tile_m > 65535) return L32_UNSUPPORTED;
+    if (p.kernel != L32_W4A8_MMA && p.kernel != L32_W4A8_WGMMA) return L32_INVALID_ARGUMENT;
+    if (p.kernel == L32_W4A8_WGMMA) {
+        // Grid (m tiles, 128-row blocks, splits): the blocks along y are limited to 65535.
+        if (p.tile_m != 64 && p.tile_m != 128) return L32_UNSUPPORTED;
+        if ((p.n + 127) / 128 > 65535 || p.zeros != nullptr) return L32_UNSUPPORTED;
+    } else {
+        if (p.tile_m != 8 && p.tile_m != 16 && p.tile_m != 32 && p.tile_m != 128) return L32_UNSUPPORTED;
+        if ((p.m + p.tile_m - 1) / p.tile_m > 65535) return L32_UNSUPPORTED;
+    }
     if (p.splits > 1 && (p.partials == nullptr || p.counters == nullptr)) return L32_INVALID_ARGUMENT;
     if (!is_aligned(p.xq, 16) || !is_aligned(p.qweight, 16) || !is_aligned(p.scales, 16)) return L32_UNSUPPORTED;
     if (p.zeros != nullptr && !is_aligned(p.zeros, 16)) return L32_UNSUPPORTED;
     if (p.m == 0 || p.n == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
+    if (p.kernel == L32_W4A8_WGMMA) return quant::launch_w4a8_wgmma(p, s);
     switch (p.tile_m) {
         case 8: return quant::launch<8, 1, 1, 1>(p, s);
         case 16: return quant::launch<8, 1, 1, 2>(p, s);

@@ -30,8 +30,8 @@ use llama32::ops::cpu::linear::linear;
 use llama32::ops::cpu::quant::w4a8_linear;
 use llama32::ops::cuda::quant::{
     act_quant, w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with,
-    w4a16_splits, w4a16_workspace_for, w4a8_gemm, workspace_bound, ActSource, CudaQuantLinear, QuantActs,
-    SplitKWorkspace, W4A16Choice, W4A16Kernel,
+    w4a16_splits, w4a16_workspace_for, w4a8_gemm, w4a8_gemm_with, w4a8_plan, workspace_bound, ActSource,
+    CudaQuantLinear, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel, W4A8Kernel,
 };
 use llama32::ops::cuda::switch::KernelSwitch;
 use llama32::ops::cuda::{activation, norm};
@@ -74,7 +74,7 @@ pub(crate) fn random_rows(
 }
 
 /// A quantized `[n, k]` matrix from random bf16 weights (torchao numerics), with random zero points when asked.
-fn random_matrix(rng: &mut ChaCha8Rng, n: usize, k: usize, zeros: bool) -> QuantMatrix {
+pub(crate) fn random_matrix(rng: &mut ChaCha8Rng, n: usize, k: usize, zeros: bool) -> QuantMatrix {
     let w = to_f32(&random_rows(rng, n, k, (-2.0, -1.0), false));
     let mut m = quantize_matrix(&w, n, k, 32).expect("quantize_matrix");
     if zeros {
@@ -145,7 +145,7 @@ fn workspace(stream: &Arc<CudaStream>) -> SplitKWorkspace {
 }
 
 /// Poisons the int8 buffers: q = 0x55, scales NaN, zero points i32::MIN.
-fn poisoned_acts(stream: &Arc<CudaStream>, rows: usize, k: usize) -> QuantActs {
+pub(crate) fn poisoned_acts(stream: &Arc<CudaStream>, rows: usize, k: usize) -> QuantActs {
     QuantActs {
         q: upload(stream, &vec![0x55i8; rows * k]),
         scales: upload(stream, &vec![f32::NAN; rows]),
@@ -733,7 +733,7 @@ pub(crate) fn bench_stream() -> Option<Arc<CudaStream>> {
 
 /// An `n x k` int4 matrix (group 32, symmetric) for the timing benches: hashed values in 0..8 and a constant scale,
 /// since the values do not change the timing.
-fn timing_weights(n: usize, k: usize, scheme: Scheme) -> QuantLinear {
+pub(crate) fn timing_weights(n: usize, k: usize, scheme: Scheme) -> QuantLinear {
     let q: Vec<i8> = (0..n * k).map(|i| ((i * 2_654_435_761usize) >> 7) as i8 & 7).collect();
     QuantLinear { matrix: QuantMatrix { n, k, group: 32, q, scales: vec![0.01f32; n * k / 32], zeros: None }, scheme }
 }
@@ -883,7 +883,7 @@ fn quant_throughput() {
 
 /// One launch of each quantized and skinny-GEMM kernel worth a hardware profile, for `scripts/gpu-suite.sh run
 /// ncu` (Nsight Compute profiles every launch of this test): the W4A16 decode kernels at m = 1 and 16 on the 11B
-/// gate_up and down shapes, the W4A8 kernel at m = 256 on 11B gate_up, and the bf16 skinny GEMM at m = 1 on the 1B
+/// gate_up and down shapes, the W4A8 kernels at m = 256 on 11B gate_up, and the bf16 skinny GEMM at m = 1 on the 1B
 /// qkv, o and gate_up shapes. Each output is checked for finite values, so a broken launch fails here too.
 #[test]
 #[ignore]
@@ -919,9 +919,11 @@ fn ncu_quant_targets() {
     let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 1.0), false));
     let mut acts = poisoned_acts(&stream, m, k);
     act_quant(&stream, ActSource::Rows(x.slice(..)), m, k, &mut acts, None).unwrap();
-    let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
-    w4a8_gemm(&stream, &acts, &w, m, &mut ws, &mut out).unwrap();
-    finite("w4a8 11b gate_up m 256", &out);
+    for kernel in W4A8Kernel::ALL.into_iter().filter(|kernel| kernel.runs(&w)) {
+        let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
+        w4a8_gemm_with(&stream, &acts, &w, m, &mut ws, &mut out, w4a8_plan(kernel, m, n, k, sms)).unwrap();
+        finite(&format!("w4a8 {} 11b gate_up m 256", kernel.name()), &out);
+    }
     for (name, k, n) in [("1b qkv", 2048usize, 3072usize), ("1b o", 2048, 2048), ("1b gate_up", 2048, 16384)] {
         let w = upload(&stream, &random_rows(&mut rng, n, k, (-0.05, 0.05), false));
         let x = upload(&stream, &random_rows(&mut rng, 1, k, (-1.0, 0.0), false));

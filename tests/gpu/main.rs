@@ -17,3 +17,4 @@ mod cuda_sampling;
 mod cuda_tp;
 mod cuda_vision;
 mod cuda_vision_quant;
+mod cuda_w4a8_wgmma;

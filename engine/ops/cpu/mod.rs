@@ -6,3 +6,4 @@ pub mod linear;
 pub mod norm;
 pub mod quant;
 pub mod rope;
+pub mod w4a8_segmented;

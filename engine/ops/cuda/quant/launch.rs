@@ -113,7 +113,7 @@ pub(super) fn launch_dequant(op: &str, stream: &CudaStream, l: &GemmLaunch) -> R
 }
 
 #[cfg(llama32_cuda)]
-pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
+pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch, kernel: super::W4A8Kernel) -> Result<()> {
     use super::super::ffi;
     let params = ffi::l32_w4a8_params {
         out: ptr(l.out),
@@ -131,13 +131,18 @@ pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Resu
         k: l.k as i64,
         splits: l.splits as i32,
         tile_m: l.tile_m as i32,
+        kernel: match kernel {
+            super::W4A8Kernel::Mma => ffi::l32_w4a8_kernel::L32_W4A8_MMA,
+            super::W4A8Kernel::Wgmma => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA,
+        },
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;
-    // SAFETY: as in launch_w4a16; the int8 buffers hold m x k, the workspace w4a8_workspace(m, n, k).
+    // SAFETY: as in launch_w4a16; the int8 buffers hold m x k, the workspace w4a8_workspace_for(plan, m, n).
     let status = unsafe { ffi::l32_w4a8_gemm(&params, raw) };
     super::super::check_launch(op, stream, status, || {
-        format!("{op} (m {}, n {}, k {}, tile_m {}, splits {})", l.m, l.n, l.k, l.tile_m, l.splits)
+        let name = kernel.name();
+        format!("{op} ({name} kernel, m {}, n {}, k {}, tile_m {}, splits {})", l.m, l.n, l.k, l.tile_m, l.splits)
     })
 }
 
@@ -178,7 +183,7 @@ pub(super) fn launch_dequant(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -
 }
 
 #[cfg(not(llama32_cuda))]
-pub(super) fn launch_w4a8(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -> Result<()> {
+pub(super) fn launch_w4a8(_op: &str, _stream: &CudaStream, _l: &GemmLaunch, _kernel: super::W4A8Kernel) -> Result<()> {
     super::super::ensure_built()
 }
 

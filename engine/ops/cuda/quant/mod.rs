@@ -7,7 +7,8 @@
 //!   reduction. For more rows the executor calls [`w4a16_dequant`] into a bf16 scratch and cuBLASLt: that path
 //!   multiplies by the bf16-rounded weights `bf16(s * q)` (up to 2^-9 relative per weight), the decode path by the
 //!   exact `s * q`. CPU twin: [`crate::ops::cpu::linear::linear`] over [`QuantMatrix::dequantize`].
-//! - **W4A8** ([`w4a8_gemm`]): torchao 8da4w on the int8 tensor cores (`mma.sync m16n8k32 s8`): int8 per-token
+//! - **W4A8** ([`w4a8_gemm`]): torchao 8da4w on the int8 tensor cores (`mma.sync m16n8k32 s8`, or on Hopper
+//!   `wgmma` with [`W4A8Kernel::Wgmma`], whose f32 rounding has its own CPU twin): int8 per-token
 //!   activations from [`act_quant`] (alone or fused into RMSNorm / residual add + RMSNorm / SiLU * up), s32 sums per
 //!   group of 32, scaled in f32. CPU twin: [`crate::ops::cpu::quant::w4a8_linear`]; the integer parts agree exactly,
 //!   the f32 scaling differs only in summation order (the activation zero point is removed once per output through
@@ -32,6 +33,9 @@
 //! m <= 16 (symmetric / zero points, the cap of four blocks per SM), 37 / 41 KB of static shared memory.
 //! `w4a8_kernel` (256 threads): 198 / 215 registers on sm_90a (symmetric / zero points; the biased MMA accumulator)
 //! and 40.7 KB shared memory for the 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles.
+//! `w4a8_wgmma_kernel` (256 threads, [`W4A8Kernel::Wgmma`], sm_90a only): 222 registers and 65 KB dynamic shared
+//! memory for 128-token tiles (5 stages, one block per SM), 128 registers and 54 KB for 64-token tiles (6 stages,
+//! two per SM).
 //! `act_quant_kernel`: 25-39 registers.
 //!
 //! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
@@ -60,13 +64,14 @@ pub use linear::CudaQuantLinear;
 pub use split_k::w4a16_workspace_for;
 pub use split_k::{
     w4a16_blocks_per_sm, w4a16_chunk_mib, w4a16_chunk_rows, w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_workspace,
-    workspace_bound, SplitKWorkspace, W4A8Plan, BULK_BLOCKS_PER_SM, W4A16_BLOCKS_ENV, W4A16_CHUNK_ENV,
+    w4a8_workspace_for, workspace_bound, SplitKWorkspace, W4A8Plan, BULK_BLOCKS_PER_SM, W4A16_BLOCKS_ENV,
+    W4A16_CHUNK_ENV,
 };
 pub use table::{dequant_rows, gemv_int8, gemv_int8_supports, CudaInt8Table, GEMV_INT8_MAX_M};
 pub use w4a16::{
     w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, W4A16Choice,
 };
-pub use w4a8::{act_quant, w4a8_gemm, ActSource, QuantActs};
+pub use w4a8::{act_quant, w4a8_gemm, w4a8_gemm_with, wgmma_available, ActSource, QuantActs, W4A8Kernel};
 
 /// The most rows of `x` [`w4a16_gemm`] takes (the executor uses dequantize + cuBLASLt above).
 pub const MAX_DECODE_M: usize = 64;

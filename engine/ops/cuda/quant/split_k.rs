@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{padded_n, W4A16Kernel, MAX_SPLITS, TILE_K, TILE_N, W4A8_BLOCK_N};
+use super::{padded_n, W4A16Kernel, W4A8Kernel, MAX_SPLITS, TILE_K, TILE_N, W4A8_BLOCK_N};
 use crate::{Error, Result};
 
 /// The split-K workspace: f32 partials and per-tile arrival counters (zeroed once; every launch leaves them zeroed).
@@ -128,39 +128,60 @@ pub fn w4a16_workspace(kernel: W4A16Kernel, m: usize, n: usize, k: usize, sms: u
     w4a16_workspace_for(kernel, m, n, w4a16_splits(kernel, m, n, k, sms))
 }
 
-/// The W4A8 launch shape: tokens per block and K splits.
+/// The W4A8 launch shape: kernel, tokens per block and K splits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct W4A8Plan {
-    /// Tokens per block: 8, 16, 32 (decode tiles) or 128.
+    /// The kernel.
+    pub kernel: W4A8Kernel,
+    /// Tokens per block: 8, 16, 32 (decode tiles) or 128 for the mma kernel, 64 or 128 for the wgmma kernel.
     pub tile_m: usize,
     /// K splits.
     pub splits: usize,
 }
 
-/// The W4A8 launch shape for `m` x `n` x `k` on `sms` SMs: the smallest token tile that covers m <= 32, else 128;
-/// K splits only while the grid is smaller than the SM count (about two 256-thread blocks per SM then), with at
-/// least two 64-column chunks per split.
-pub fn w4a8_plan(m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
-    let tile_m = match m {
-        0..=8 => 8,
-        9..=16 => 16,
-        17..=32 => 32,
-        _ => 128,
-    };
-    let blocks = padded_n(n).div_ceil(W4A8_BLOCK_N).max(1) * m.div_ceil(tile_m).max(1);
+/// The launch shape of `kernel` for `m` x `n` x `k` on `sms` SMs.
+/// - mma: the smallest token tile that covers m <= 32, else 128; K splits only while the grid is smaller than the
+///   SM count (about two 256-thread blocks per SM then), with at least two 64-column chunks per split.
+/// - wgmma: 128-token tiles (one block per SM: 222 registers x 256 threads) when they make at least one block per
+///   SM, else 64-token tiles (two per SM); then K splits up to two blocks per SM (one for 128), with at least one
+///   whole 4-chunk segment per split.
+pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
+    let row_blocks = padded_n(n).div_ceil(W4A8_BLOCK_N).max(1);
     let chunks = (k / TILE_K).max(1);
-    let cap = (chunks / 2).clamp(1, MAX_SPLITS);
-    let splits = if blocks >= sms { 1 } else { (2 * sms).div_ceil(blocks).clamp(1, cap) };
-    W4A8Plan { tile_m, splits }
+    let (tile_m, per_sm, min_chunks) = match kernel {
+        W4A8Kernel::Mma => {
+            let tile = match m {
+                0..=8 => 8,
+                9..=16 => 16,
+                17..=32 => 32,
+                _ => 128,
+            };
+            (tile, 2, 2)
+        }
+        W4A8Kernel::Wgmma if row_blocks * m.div_ceil(128) >= sms => (128, 1, 4),
+        W4A8Kernel::Wgmma => (64, 2, 4),
+    };
+    let blocks = row_blocks * m.div_ceil(tile_m).max(1);
+    let cap = (chunks / min_chunks).clamp(1, MAX_SPLITS);
+    let splits = if blocks >= sms { 1 } else { (per_sm * sms).div_ceil(blocks).clamp(1, cap) };
+    W4A8Plan { kernel, tile_m, splits }
 }
 
-/// `(partials, counters)` the W4A8 kernel needs at `m` rows.
-pub fn w4a8_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
-    let plan = w4a8_plan(m, n, k, sms);
+/// `(partials, counters)` a W4A8 launch with `plan` needs at `m` rows.
+pub fn w4a8_workspace_for(plan: W4A8Plan, m: usize, n: usize) -> (usize, usize) {
     if plan.splits == 1 {
         return (0, 0);
     }
     (plan.splits * m * padded_n(n), padded_n(n).div_ceil(W4A8_BLOCK_N) * m.div_ceil(plan.tile_m))
+}
+
+/// `(partials, counters)` the W4A8 GEMM needs at `m` rows with the heuristic plan of either kernel (so that either
+/// may run: [`W4A8Kernel::configured`] depends on the environment and the weight).
+pub fn w4a8_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
+    W4A8Kernel::ALL.iter().fold((0, 0), |need, &kernel| {
+        let (p, c) = w4a8_workspace_for(w4a8_plan(kernel, m, n, k, sms), m, n);
+        (need.0.max(p), need.1.max(c))
+    })
 }
 
 /// The largest `(partials, counters)` a `n` x `k` projection needs at up to `max_m` rows: either W4A16 decode
@@ -177,14 +198,15 @@ pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize)
         }
         return need;
     }
-    // Splits depend on m only through ceil(m / tile_m): the largest m of each tile count bounds the need.
+    // Splits depend on m only through ceil(m / tile_m) (tiles of 8, 16, 32, 64 and 128 tokens) and the tile
+    // choice: the largest m of each tile count bounds the need, so m up to 32, then every multiple of 64 and max_m.
     for m in 1..=max_m.min(32) {
         take(w4a8_workspace(m, n, k, sms));
     }
-    let mut m = 128;
-    while m < max_m + 128 {
+    let mut m = 64;
+    while m < max_m + 64 {
         take(w4a8_workspace(m.min(max_m.max(1)), n, k, sms));
-        m += 128;
+        m += 64;
     }
     need
 }
@@ -238,10 +260,38 @@ mod tests {
         assert_eq!(bulk(64, 1024), 16);
         assert_eq!(bulk(17, 64), 1);
         assert_eq!(w4a16_workspace_for(W4A16Kernel::Bulk, 16, 57344, 528), (2 * 4 * 528 * 16 * 16, 3584));
-        assert_eq!(w4a8_plan(1, 3072, 2048, sms), W4A8Plan { tile_m: 8, splits: 11 });
-        assert_eq!(w4a8_plan(20, 2048, 2048, sms).tile_m, 32);
-        assert_eq!(w4a8_plan(1024, 57344, 8192, sms), W4A8Plan { tile_m: 128, splits: 1 });
-        assert_eq!(w4a8_plan(256, 6144, 4096, sms), W4A8Plan { tile_m: 128, splits: 3 });
+        let mma = |m, n, k| w4a8_plan(W4A8Kernel::Mma, m, n, k, sms);
+        let plan = |kernel, tile_m, splits| W4A8Plan { kernel, tile_m, splits };
+        assert_eq!(mma(1, 3072, 2048), plan(W4A8Kernel::Mma, 8, 11));
+        assert_eq!(mma(20, 2048, 2048).tile_m, 32);
+        assert_eq!(mma(1024, 57344, 8192), plan(W4A8Kernel::Mma, 128, 1));
+        assert_eq!(mma(256, 6144, 4096), plan(W4A8Kernel::Mma, 128, 3));
+    }
+
+    #[test]
+    fn wgmma_w4a8_plans_fill_an_h100() {
+        let sms = 132;
+        let wgmma = |m, n, k| w4a8_plan(W4A8Kernel::Wgmma, m, n, k, sms);
+        let plan = |tile_m, splits| W4A8Plan { kernel: W4A8Kernel::Wgmma, tile_m, splits };
+        // 11B / 90B gate_up at m = 256: 224 / 448 blocks of 128 rows x 128 tokens, one per SM.
+        assert_eq!(wgmma(256, 28672, 4096), plan(128, 1));
+        assert_eq!(wgmma(1024, 57344, 8192), plan(128, 1));
+        // 11B down at m = 256: 32 x 2 = 64 blocks of 128 tokens are too few; 32 x 4 of 64 tokens, split in 3
+        // (2 x 132 blocks wanted); 90B down: 64 x 2 = 128 blocks of 128 tokens are too few, 64 x 4 = 256 of 64
+        // tokens about fill the two per SM, no split.
+        assert_eq!(wgmma(256, 4096, 14336), plan(64, 3));
+        assert_eq!(wgmma(256, 8192, 28672), plan(64, 1));
+        // m = 1024: 32 x 8 = 256 blocks of 128 tokens.
+        assert_eq!(wgmma(1024, 4096, 14336), plan(128, 1));
+        // Splits keep a whole 4-chunk segment each: k = 256 is 4 chunks, one split.
+        assert_eq!(wgmma(64, 128, 256), plan(64, 1));
+        assert_eq!(wgmma(64, 128, 512), plan(64, 2));
+        // The workspace covers either kernel's plan.
+        let both = w4a8_workspace(256, 4096, 14336, sms);
+        for kernel in W4A8Kernel::ALL {
+            let need = w4a8_workspace_for(w4a8_plan(kernel, 256, 4096, 14336, sms), 256, 4096);
+            assert!(need.0 <= both.0 && need.1 <= both.1, "{kernel:?}");
+        }
     }
 
     #[test]

@@ -7,8 +7,77 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, De
 use half::bf16;
 
 use super::launch::{launch_act_quant, launch_w4a8, ActQuantLaunch, GemmLaunch};
-use super::{w4a8_plan, w4a8_workspace, CudaQuantLinear, SplitKWorkspace};
+use super::{w4a8_plan, w4a8_workspace_for, CudaQuantLinear, SplitKWorkspace, W4A8Plan};
+use crate::ops::cuda::switch::KernelSwitch;
 use crate::{Error, Result};
+
+/// Which W4A8 kernel [`w4a8_gemm`] runs. Both compute torchao's 8da4w product with exact s32 group sums; they
+/// differ in how the f32 sum of the scaled group terms is rounded (see [`W4A8Kernel::Wgmma`]). The environment
+/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`) forces one where it runs; `auto` takes
+/// [`W4A8Kernel::Mma`] until the wgmma kernel has been measured on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W4A8Kernel {
+    /// `mma.sync m16n8k32 s8` (`kernels/quant/w4a8.cu`), every device; decode tiles of 8, 16 or 32 tokens and a
+    /// 128-token prefill tile; weights with or without zero points; two ALU ops per output and group.
+    Mma,
+    /// Hopper's `wgmma m64nNk32 s8` (`kernels/quant/w4a8_sm90.cu`, compute capability 9.x with sm_90a SASS,
+    /// [`wgmma_available`]), symmetric weights only, 64- or 128-token tiles: one FFMA per output and group through
+    /// a segmented, telescoped sum whose f32 roundings differ from the mma kernel's (about sw / 16 per group at
+    /// most); CPU twin of its bits: [`crate::ops::cpu::w4a8_segmented::w4a8_segmented`].
+    Wgmma,
+}
+
+impl KernelSwitch for W4A8Kernel {
+    /// `auto` (the default), `mma` or `wgmma`.
+    const ENV: &'static str = "LLAMA32_W4A8_KERNEL";
+    const WHAT: &'static str = "W4A8 kernel";
+    const KERNELS: &'static [Self] = &W4A8Kernel::ALL;
+
+    fn name(self) -> &'static str {
+        match self {
+            W4A8Kernel::Mma => "mma",
+            W4A8Kernel::Wgmma => "wgmma",
+        }
+    }
+
+    fn env_cell() -> &'static std::sync::OnceLock<Option<String>> {
+        static VALUE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        &VALUE
+    }
+}
+
+impl W4A8Kernel {
+    /// Every kernel.
+    pub const ALL: [W4A8Kernel; 2] = [W4A8Kernel::Mma, W4A8Kernel::Wgmma];
+
+    /// Whether the kernel takes `w` on the current device (wgmma: symmetric weights where [`wgmma_available`]).
+    pub fn runs(self, w: &CudaQuantLinear) -> bool {
+        match self {
+            W4A8Kernel::Mma => true,
+            W4A8Kernel::Wgmma => w.zeros.is_none() && wgmma_available(),
+        }
+    }
+
+    /// The kernel [`w4a8_gemm`] runs for `w`: the forced one where it runs, else [`W4A8Kernel::Mma`]. An error
+    /// names a bad value of [`W4A8Kernel::ENV`].
+    pub fn configured(w: &CudaQuantLinear) -> Result<Self> {
+        Ok(Self::forced()?.filter(|k| k.runs(w)).unwrap_or(W4A8Kernel::Mma))
+    }
+}
+
+/// True when the current device runs [`W4A8Kernel::Wgmma`]: this build holds sm_90a SASS and the device has
+/// compute capability 9.x (cached per device in the library).
+#[cfg(llama32_cuda)]
+pub fn wgmma_available() -> bool {
+    // SAFETY: no arguments; reads the current device's compute capability (cached per device).
+    unsafe { super::super::ffi::l32_w4a8_wgmma_available() != 0 }
+}
+
+/// True when the current device runs [`W4A8Kernel::Wgmma`]: never in a build without CUDA.
+#[cfg(not(llama32_cuda))]
+pub fn wgmma_available() -> bool {
+    false
+}
 
 /// Int8 activations with their per-row scales and zero points, the output of [`act_quant`] and the input of
 /// [`w4a8_gemm`]. Rows are `k` long and contiguous; the buffers hold up to `rows` rows of up to `k` columns.
@@ -174,6 +243,22 @@ pub fn w4a8_gemm(
     ws: &mut SplitKWorkspace,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
+    let plan = w4a8_plan(W4A8Kernel::configured(w)?, m, w.n, w.k, ws.sms);
+    w4a8_gemm_with(stream, acts, w, m, ws, out, plan)
+}
+
+/// [`w4a8_gemm`] with an explicit launch plan (kernel, token tile, K splits), as the GPU tests and benches choose
+/// it: the mma kernel takes tiles of 8, 16, 32 or 128 tokens, the wgmma kernel 64 or 128 (and only where
+/// [`W4A8Kernel::runs`]); splits are `1..=k / 64`, and `ws` must hold [`w4a8_workspace_for`] of the plan.
+pub fn w4a8_gemm_with(
+    stream: &CudaStream,
+    acts: &QuantActs,
+    w: &CudaQuantLinear,
+    m: usize,
+    ws: &mut SplitKWorkspace,
+    out: &mut impl DevicePtrMut<bf16>,
+    plan: W4A8Plan,
+) -> Result<()> {
     const OP: &str = "w4a8_gemm";
     super::super::ensure_built()?;
     let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
@@ -195,11 +280,24 @@ pub fn w4a8_gemm(
         stream,
         &[("acts", acts.q.stream()), ("out", out.stream()), ("w", w.qweight.stream())],
     )?;
+    if !plan.kernel.runs(w) {
+        let why = if w.zeros.is_some() { "the weight has zero points" } else { "this device or build lacks it" };
+        return fail(format!("the {} kernel does not run here: {why}", plan.kernel.name()));
+    }
+    let tiles: &[usize] = match plan.kernel {
+        W4A8Kernel::Mma => &[8, 16, 32, 128],
+        W4A8Kernel::Wgmma => &[64, 128],
+    };
+    if !tiles.contains(&plan.tile_m) {
+        return fail(format!("tile_m is {}; the {} kernel takes {tiles:?}", plan.tile_m, plan.kernel.name()));
+    }
+    if plan.splits == 0 || plan.splits > k / 64 {
+        return fail(format!("splits is {}, must be in 1..={}", plan.splits, k / 64));
+    }
     if n == 0 || m == 0 {
         return Ok(());
     }
-    let plan = w4a8_plan(m, n, k, ws.sms);
-    let need = w4a8_workspace(m, n, k, ws.sms);
+    let need = w4a8_workspace_for(plan, m, n);
     if !ws.holds(need) {
         return fail(format!("the split-K workspace holds fewer than {} partials / {} counters", need.0, need.1));
     }
@@ -234,5 +332,5 @@ pub fn w4a8_gemm(
         pair_half: 0,
         silu: false,
     };
-    launch_w4a8(OP, stream, &l)
+    launch_w4a8(OP, stream, &l, plan.kernel)
 }

@@ -1,0 +1,286 @@
+// kernels/quant/w4a8_sm90.cu: the W4A8 GEMM of w4a8.cu (same parameters, same torchao 8da4w result up to f32
+// rounding) on Hopper's warpgroup MMA, for sm_90a, symmetric weights only. Launched by l32_w4a8_gemm when
+// params.kernel is L32_W4A8_WGMMA.
+//
+// Why. With group 32 every k32 MMA output carries its own weight scale, so each group costs every output an f32
+// step after the tensor cores. w4a8.cu pays two ALU ops per output and group (FADD of the biased MMA accumulator,
+// then FFMA) plus the mma.sync issue and fragment loads: 0.3x cuBLAS bf16 on the 11B / 90B shapes (H200,
+// 2026-11-27). An SM's int8 tensor cores do 4096 multiply-adds a cycle, i.e. 128 (output, group) pairs a cycle,
+// and its FP32 pipes 128 lane-ops: at two ops per pair the ALU caps the kernel at half the int8 peak. This kernel
+// spends one FFMA per pair and feeds the tensor cores with wgmma (A, the weights, from registers; B, the
+// activations, from shared memory), which frees the issue slots mma.sync and its fragment loads took.
+//
+// One FFMA per group: a telescoped sum over a running biased accumulator. Each wgmma adds its group's exact s32
+// sum s_g onto the accumulator registers D, which start at the bits of B = 1.5 * 2^23 (kI2fBias). While
+// B + sum stays in [2^23, 2^24], whose float ulp is 1, the bits of D read as a float are exactly D_g = B + s_a + ...
+// + s_g (the trick of exact_i2f, with the integer add done by the tensor core). Over a segment of groups a..b,
+//   sum_g sw_g s_g = sum_g sw_g (D_g - D_{g-1}) = sum_{g<b} (sw_g - sw_{g+1}) D_g + sw_b D_b - sw_a B,
+// so each group is one FFMA of the bias-free float of D by a coefficient computed once per (row, group), and each
+// segment adds the constant -sw_a B first. The sum never leaves the binade: |s_g| <= 32 * 128 * 128 = 2^19 (int8
+// activations times 16 q, see the scale note below), so a segment of 8 groups (kSegChunks = 4 chunks of 64 columns)
+// moves D by at most 2^22; D restarts at B with every segment (one MOV per output per segment).
+// Cost and accuracy: (8 FFMA + 1 MOV + 1 FFMA) per output per 8 groups instead of 16 ops. Each FFMA rounds a value
+// of magnitude ~sw * 2^24 (the transient terms), so it adds up to about sw' = sw / 16 of absolute error per group,
+// where the exact kernel adds ~2^-24 of the term; against a group term sw' * 16 |sum x q| that is ~1e-4 relative
+// (measured on the CPU twin: engine/ops/cpu/quant.rs, w4a8_segmented, which does these f32 operations in this
+// order, so the GPU tests compare this kernel with it bit for bit, and with torchao's numerics within the bound).
+//
+// Scales: the device scales hold sw / 16 and the weights enter the MMA as 16 q (one LOP3 per 4 values, see
+// common.cuh), as in w4a8.cu.
+//
+// Tiles. A block of kWG warpgroups (kWG * 128 threads) owns 64 kWG weight rows (warp w owns row tile w: warp w % 4 of
+// warpgroup w / 4 holds rows 16 (w % 4).. of that warpgroup's 64-row A) and kBN tokens, over the 64-column chunks
+// of split blockIdx.z. grid = (ceil(m / kBN), ceil(n_pad / 128), splits): the m tiles of a weight tile run next to
+// each other, so each weight byte is read from DRAM about once. Per chunk, a kStages-deep cp.async ring holds:
+//   - the activations of both groups, kBN rows x 32 bytes each, in wgmma's K-major core-matrix layout without
+//     swizzle (8 tokens x 16 bytes per 128-byte core matrix; LBO 128 between the two K halves, SBO 256 between
+//     8-token groups). The MMA's k order follows the weight layout's A fragments (k slots 4t..4t+3 are columns
+//     8t..8t+3, slots 16+4t.. are 8t+4..8t+7), so column word cw (4 bytes) of a token goes to K half cw & 1,
+//     word cw >> 1 of its 16-byte row: 4-byte cp.async copies do that permutation on the way in;
+//   - the block's weight tiles (512 bytes each, already in fragment order) and their scale entries.
+// Per chunk and warp: one 16-byte weight load and one scale entry from shared memory, then per group one
+// m64nNk32 wgmma (N = kBN) from the A fragment in registers, waited for, and the FFMAs. The warpgroups overlap only
+// as the warp schedulers interleave them (one warpgroup's FFMAs during the other's wgmma).
+//   Split-K: f32 partials and the deterministic finish of w4a8.cu (w4a8_common.cuh); segments restart with each
+// split's first chunk.
+//
+// Registers from ptxas: see engine/ops/cuda/quant/mod.rs (module docs).
+#include <climits>
+#include <cstdint>
+
+#include "common/bf16.cuh"
+#include "common/status.cuh"
+#include "common/wgmma.cuh"
+#include "llama32_kernels.h"
+#include "quant/common.cuh"
+#include "quant/w4a8_common.cuh"
+#include "quant/w4a8_sm90.cuh"
+
+namespace l32 {
+namespace quant {
+namespace {
+
+template <int kWG, int kBN, int kStages>
+struct W4A8WgmmaTraits {
+    static_assert(kBN == 64 || kBN == 128, "wgmma n64 or n128");
+    static_assert(kStages >= 3, "the next chunk's scales are read while the current chunk is computed");
+    static constexpr int kThreads = kWG * 128;
+    static constexpr int kTiles = kWG * 4;        // weight row tiles of 16 per block
+    static constexpr int kActBytes = 2 * kBN * 32;  // both groups of a chunk, kBN tokens x 32 bytes each
+    static constexpr int kWBytes = kTiles * 512;
+    static constexpr int kSBytes = kTiles * 128;    // 8 entries of 4 f32 per tile
+    static constexpr int kStageBytes = kActBytes + kWBytes + kSBytes;
+    static constexpr int kSmemBytes = kStages * kStageBytes;
+    static_assert(kSmemBytes <= 227 * 1024, "the sm_90 opt-in limit per CTA");
+    static constexpr int kMinBlocks = kBN == 64 ? 2 : 1;
+    static constexpr int kSegChunks = 4;  // 8 groups per segment (see the file comment)
+    static_assert(kSegChunks * 2 * (32 * 128 * 128) <= (1 << 22), "a segment keeps D in [2^23, 2^24]");
+};
+
+// Byte offset, in a stage's activations, of column word cw (0..7) of token r of group j (see the file comment).
+template <int kBN>
+__device__ __forceinline__ int act_offset(int j, int r, int cw) {
+    return j * (kBN * 32) + (r / 8) * 256 + (cw & 1) * 128 + (r % 8) * 16 + (cw >> 1) * 4;
+}
+
+// Tier 1. grid = (ceil(m / kBN), ceil(n_pad / (64 kWG)), splits), block = kWG * 128, dynamic shared memory
+// kSmemBytes.
+template <int kWG, int kBN, int kStages>
+__global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages>::kMinBlocks)
+    w4a8_wgmma_kernel(const __grid_constant__ l32_w4a8_params p) {
+#if L32_WGMMA_AVAILABLE
+    using T = W4A8WgmmaTraits<kWG, kBN, kStages>;
+    constexpr int NT = kBN / 8;            // accumulator column tiles of 8 tokens
+    constexpr float kBias = 12582912.0f;  // 1.5 * 2^23, the float whose bits are kI2fBias
+    pdl_begin();
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int m = static_cast<int>(p.m);
+    const int ntiles = static_cast<int>((p.n + 15) / 16);
+    const int64_t npad = int64_t{ntiles} * 16;
+    const int kc = static_cast<int>(p.k / 64);
+    const int m0 = blockIdx.x * kBN;
+    const int nt0 = blockIdx.y * T::kTiles;
+    int c0, c1;
+    split_range(kc, p.splits, blockIdx.z, c0, c1);
+
+    const auto* wq = static_cast<const uint8_t*>(p.qweight);
+    const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
+    const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
+
+    // Copies chunk c into stage `stage`. Token rows past m and weight tiles past n are zero-filled.
+    auto load_stage = [&](int stage, int c) {
+        uint8_t* s = smem + stage * T::kStageBytes;
+        // Activations: word w (0..15) of a token's 64 bytes; a warp copies two tokens' rows, 128 bytes.
+        for (int i = threadIdx.x; i < kBN * 16; i += T::kThreads) {
+            const int r = i / 16, w = i % 16;
+            const int tok = m0 + r;
+            const bool ok = tok < m;
+            const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + w * 4;
+            cp_async4(s + act_offset<kBN>(w / 8, r, w % 8), xq + src, ok);
+        }
+        for (int i = threadIdx.x; i < T::kTiles * 32; i += T::kThreads) {
+            const int nt = nt0 + i / 32;
+            const bool ok = nt < ntiles;
+            const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
+            cp_async16(s + T::kActBytes + i * 16, wq + src, ok);
+        }
+        for (int i = threadIdx.x; i < T::kTiles * 8; i += T::kThreads) {
+            const int nt = nt0 + i / 8;
+            const bool ok = nt < ntiles;
+            const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 8 + i % 8) * 16;
+            cp_async16(s + T::kActBytes + T::kWBytes + i * 16, sc + src, ok);
+        }
+    };
+    // This lane's scale entry of chunk c: (row g, group 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
+    auto scale_entry = [&](int c) {
+        const uint8_t* s = smem + ((c - c0) % kStages) * T::kStageBytes;
+        return *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + (warp * 8 + g) * 16);
+    };
+
+    int d[NT][4];
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (c0 + s < c1) load_stage(s, c0 + s);
+        cp_async_commit();
+    }
+#pragma unroll 1
+    for (int c = c0; c < c1; ++c) {
+        // Chunks c and c + 1 have landed (the next chunk's first scales close this chunk's segment terms).
+        cp_async_wait<kStages - 3>();
+        wgmma::fence_proxy_async_shared();
+        __syncthreads();  // ... for every thread; the stage refilled below (chunk c - 1's) is no longer read
+        const int next = c + kStages - 1;
+        if (next < c1) load_stage((next - c0) % kStages, next);
+        cp_async_commit();
+
+        const uint8_t* s = smem + ((c - c0) % kStages) * T::kStageBytes;
+        const uint4 wv = *reinterpret_cast<const uint4*>(s + T::kActBytes + warp * 512 + lane * 16);
+        const float4 sv = scale_entry(c);
+        const int rel = c - c0;
+        const bool seg_end = rel % T::kSegChunks == T::kSegChunks - 1 || c + 1 == c1;
+        float next_lo = 0.f, next_hi = 0.f;
+        if (!seg_end) {
+            const float4 sn = scale_entry(c + 1);
+            next_lo = sn.x;
+            next_hi = sn.z;
+        }
+        if (rel % T::kSegChunks == 0) {
+            // A segment starts: D back at the bias, and the segment's constant -sw_a B.
+            const float k_lo = -sv.x, k_hi = -sv.z;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    d[j][e] = kI2fBias;
+                    acc[j][e] = fmaf(e < 2 ? k_lo : k_hi, kBias, acc[j][e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int jg = 0; jg < 2; ++jg) {
+            const uint32_t wa = jg == 0 ? wv.x : wv.z;  // row g
+            const uint32_t wb = jg == 0 ? wv.y : wv.w;  // row g + 8
+            uint32_t a[4] = {(wa << 4) & 0xF0F0F0F0u, (wb << 4) & 0xF0F0F0F0u, wa & 0xF0F0F0F0u, wb & 0xF0F0F0F0u};
+            const uint64_t desc = wgmma::desc_interleave(smem_addr(s + jg * (kBN * 32)), 128, 256);
+            wgmma::fence_operands(d);
+            wgmma::fence_operands(a);
+            wgmma::fence();
+            wgmma::mma_rs_s8<kBN>(d, a, desc);
+            wgmma::commit();
+            wgmma::wait<0>();
+            wgmma::fence_operands(d);
+            // The group's coefficients: sw_g - sw_{g+1} inside the segment, sw_b at its end.
+            float c_lo, c_hi;
+            if (jg == 0) {
+                c_lo = sv.x - sv.y;
+                c_hi = sv.z - sv.w;
+            } else if (seg_end) {
+                c_lo = sv.y;
+                c_hi = sv.w;
+            } else {
+                c_lo = sv.y - next_lo;
+                c_hi = sv.w - next_hi;
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[j][e] = fmaf(e < 2 ? c_lo : c_hi, __int_as_float(d[j][e]), acc[j][e]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // acc[j][e]: weight row 16 (nt0 + warp) + g (+8 for e >= 2), token m0 + 8 j + 2 t (+1 for odd e).
+    const int64_t row_lo = int64_t{nt0 + warp} * 16 + g;
+    if (p.splits == 1) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int64_t row = row_lo + (e >= 2 ? 8 : 0);
+                const int tok = m0 + 8 * j + 2 * t + (e & 1);
+                if (tok < m && row < p.n) w4a8_finish(p, acc[j][e], tok, row);
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int64_t row = row_lo + (e >= 2 ? 8 : 0);
+            const int tok = m0 + 8 * j + 2 * t + (e & 1);
+            if (tok < m && row < npad) p.partials[(int64_t{blockIdx.z} * m + tok) * npad + row] = acc[j][e];
+        }
+    }
+    w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, kBN, int64_t{nt0} * 16, T::kTiles * 16, npad);
+#else
+    (void)p;
+    __trap();  // only sm_90a runs this kernel; the launcher refuses every other device
+#endif
+}
+
+// Tier 2.
+template <int kWG, int kBN, int kStages>
+l32_status launch(const l32_w4a8_params& p, cudaStream_t stream) {
+    using T = W4A8WgmmaTraits<kWG, kBN, kStages>;
+    const int64_t ntiles = (p.n + 15) / 16;
+    const dim3 grid(static_cast<unsigned>((p.m + kBN - 1) / kBN),
+                    static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles), static_cast<unsigned>(p.splits));
+    const auto kernel = w4a8_wgmma_kernel<kWG, kBN, kStages>;
+    const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
+    if (smem != L32_OK) return smem;
+    launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, p);
+    return check_launch();
+}
+
+}  // namespace
+
+// Built without sm_90a SASS (LLAMA32_CUDA_ARCHS without 90a, see build.rs) the kernel body would only trap, so the
+// launcher refuses (L32_UNSUPPORTED), as it does on devices other than compute capability 9.x.
+bool w4a8_wgmma_available() {
+#ifndef L32_SASS_SM90A
+    return false;
+#else
+    return device_runs_sm90a();
+#endif
+}
+
+l32_status launch_w4a8_wgmma(const l32_w4a8_params& p, cudaStream_t stream) {
+    if (!w4a8_wgmma_available()) return L32_UNSUPPORTED;
+    if (p.zeros != nullptr || (p.tile_m != 64 && p.tile_m != 128)) return L32_UNSUPPORTED;
+    if ((p.m + p.tile_m - 1) / p.tile_m > INT_MAX) return L32_UNSUPPORTED;
+    return p.tile_m == 64 ? launch<2, 64, 6>(p, stream) : launch<2, 128, 5>(p, stream);
+}
+
+}  // namespace quant
+}  // namespace l32
+
+extern "C" int l32_w4a8_wgmma_available(void) { return l32::quant::w4a8_wgmma_available() ? 1 : 0; }
