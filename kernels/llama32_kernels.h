@@ -504,11 +504,17 @@ typedef enum l32_w4a8_kernel {
     L32_W4A8_MMA = 0,
     /**
      * Hopper warpgroup MMA (wgmma m64nNk32 s8, sm_90a only, see l32_w4a8_wgmma_available): tile_m 64 or 128 tokens
-     * by 128 weight rows per block, symmetric weights only (zeros NULL). Its f32 accumulation of the per-group
+     * by 128 weight rows per block, symmetric weights only (zeros NULL); each group's product is two wgmma over the
+     * token halves, whose scaling overlaps the other half's product. Its f32 accumulation of the per-group
      * integer sums is segmented (kernels/quant/w4a8_sm90.cu), so its bits differ from L32_W4A8_MMA's by f32
      * rounding; the CPU twin of those bits is llama32::ops::cpu::quant::w4a8_segmented.
      */
     L32_W4A8_WGMMA = 1,
+    /**
+     * L32_W4A8_WGMMA with each product waited for before its scaling (no overlap of the FFMAs with the next
+     * product): the same bits, kept to measure what the overlap buys.
+     */
+    L32_W4A8_WGMMA_SERIAL = 2,
 } l32_w4a8_kernel;
 
 /**
@@ -533,7 +539,7 @@ typedef struct l32_w4a8_params {
     int64_t n;              /**< >= 0 (0 launches nothing), below 2^31 - 128 */
     int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
     int32_t splits;         /**< K splits, 1 ..= k / 64 */
-    int32_t tile_m;         /**< tokens per block: 8, 16, 32 (decode) or 128 (prefill); 64 or 128 for WGMMA */
+    int32_t tile_m;         /**< tokens per block: 8, 16, 32 (decode) or 128 (prefill); 64 or 128 for the WGMMA ones */
     l32_w4a8_kernel kernel; /**< which kernel */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a8_params;
@@ -541,7 +547,7 @@ typedef struct l32_w4a8_params {
 /** Launches the W4A8 GEMM on `stream`. */
 l32_status l32_w4a8_gemm(const l32_w4a8_params* params, void* stream);
 
-/** 1 when the current device runs L32_W4A8_WGMMA (built with sm_90a SASS, compute capability 9.x), else 0. */
+/** 1 when the current device runs L32_W4A8_WGMMA(_SERIAL) (built with sm_90a SASS, compute capability 9.x), else 0. */
 int l32_w4a8_wgmma_available(void);
 
 /** What l32_act_quant computes before quantizing a row. */

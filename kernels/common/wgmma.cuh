@@ -233,6 +233,21 @@ template <int N>
 __device__ __forceinline__ void mma_rs_s8(int (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b);
 
 template <>
+__device__ __forceinline__ void mma_rs_s8<32>(int (&d)[4][4], const uint32_t (&a)[4], uint64_t desc_b) {
+#if L32_WGMMA_AVAILABLE
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+        "%10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p;\n}\n"
+        : L32_IACC4(0), L32_IACC4(1), L32_IACC4(2), L32_IACC4(3)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+    (void)d, (void)a, (void)desc_b;
+    __trap();
+#endif
+}
+
+template <>
 __device__ __forceinline__ void mma_rs_s8<64>(int (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
 #if L32_WGMMA_AVAILABLE
     asm volatile(

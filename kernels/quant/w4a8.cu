@@ -281,8 +281,10 @@ extern "C" l32_status l32_w4a8_gemm(const l32_w4a8_params* params, void* stream)
     if (p.m < 0 || p.k <= 0 || p.n < 0 || p.splits < 1) return L32_INVALID_ARGUMENT;
     if (p.m > INT_MAX / 2 || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 128) return L32_UNSUPPORTED;
     if (p.splits > p.k / 64 || p.splits > 65535) return L32_UNSUPPORTED;
-    if (p.kernel != L32_W4A8_MMA && p.kernel != L32_W4A8_WGMMA) return L32_INVALID_ARGUMENT;
-    if (p.kernel == L32_W4A8_WGMMA) {
+    if (p.kernel != L32_W4A8_MMA && p.kernel != L32_W4A8_WGMMA && p.kernel != L32_W4A8_WGMMA_SERIAL) {
+        return L32_INVALID_ARGUMENT;
+    }
+    if (p.kernel != L32_W4A8_MMA) {
         // Grid (m tiles, 128-row blocks, splits): the blocks along y are limited to 65535.
         if (p.tile_m != 64 && p.tile_m != 128) return L32_UNSUPPORTED;
         if ((p.n + 127) / 128 > 65535 || p.zeros != nullptr) return L32_UNSUPPORTED;
@@ -295,7 +297,7 @@ extern "C" l32_status l32_w4a8_gemm(const l32_w4a8_params* params, void* stream)
     if (p.zeros != nullptr && !is_aligned(p.zeros, 16)) return L32_UNSUPPORTED;
     if (p.m == 0 || p.n == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
-    if (p.kernel == L32_W4A8_WGMMA) return quant::launch_w4a8_wgmma(p, s);
+    if (p.kernel != L32_W4A8_MMA) return quant::launch_w4a8_wgmma(p, s);
     switch (p.tile_m) {
         case 8: return quant::launch<8, 1, 1, 1>(p, s);
         case 16: return quant::launch<8, 1, 1, 2>(p, s);

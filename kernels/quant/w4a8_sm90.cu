@@ -1,6 +1,6 @@
 // kernels/quant/w4a8_sm90.cu: the W4A8 GEMM of w4a8.cu (same parameters, same torchao 8da4w result up to f32
 // rounding) on Hopper's warpgroup MMA, for sm_90a, symmetric weights only. Launched by l32_w4a8_gemm when
-// params.kernel is L32_W4A8_WGMMA.
+// params.kernel is L32_W4A8_WGMMA or L32_W4A8_WGMMA_SERIAL.
 //
 // Why. With group 32 every k32 MMA output carries its own weight scale, so each group costs every output an f32
 // step after the tensor cores. w4a8.cu pays two ALU ops per output and group (FADD of the biased MMA accumulator,
@@ -22,8 +22,8 @@
 // Cost and accuracy: (8 FFMA + 1 MOV + 1 FFMA) per output per 8 groups instead of 16 ops. Each FFMA rounds a value
 // of magnitude ~sw * 2^24 (the transient terms), so it adds up to about sw' = sw / 16 of absolute error per group,
 // where the exact kernel adds ~2^-24 of the term; against a group term sw' * 16 |sum x q| that is ~1e-4 relative
-// (measured on the CPU twin: engine/ops/cpu/quant.rs, w4a8_segmented, which does these f32 operations in this
-// order, so the GPU tests compare this kernel with it bit for bit, and with torchao's numerics within the bound).
+// at worst, and the CPU twin (engine/ops/cpu/w4a8_segmented.rs, these f32 operations in this order, which the GPU
+// tests match bit for bit) measured an RMS error of 1.0e-5 of the RMS output against torchao's numerics.
 //
 // Scales: the device scales hold sw / 16 and the weights enter the MMA as 16 q (one LOP3 per 4 values, see
 // common.cuh), as in w4a8.cu.
@@ -37,10 +37,13 @@
 //     8-token groups). The MMA's k order follows the weight layout's A fragments (k slots 4t..4t+3 are columns
 //     8t..8t+3, slots 16+4t.. are 8t+4..8t+7), so column word cw (4 bytes) of a token goes to K half cw & 1,
 //     word cw >> 1 of its 16-byte row: 4-byte cp.async copies do that permutation on the way in;
-//   - the block's weight tiles (512 bytes each, already in fragment order) and their scale entries.
-// Per chunk and warp: one 16-byte weight load and one scale entry from shared memory, then per group one
-// m64nNk32 wgmma (N = kBN) from the A fragment in registers, waited for, and the FFMAs. The warpgroups overlap only
-// as the warp schedulers interleave them (one warpgroup's FFMAs during the other's wgmma).
+//   - the block's weight tiles (512 bytes each, already in fragment order) and their scale entries, with those of
+//     the next chunk (whose first scales close this chunk's last coefficient).
+// Per chunk and warp: one 16-byte weight load and two scale entries from shared memory, then per group the
+// product from the A fragment in registers and its FFMAs: with kOverlap (L32_W4A8_WGMMA) two m64n(kBN/2)k32 wgmma
+// over the token halves, one half's FFMAs running while the other half computes (see the kernel); without it
+// (L32_W4A8_WGMMA_SERIAL) one m64n(kBN)k32, waited for. The warpgroups also overlap as the warp schedulers
+// interleave them (one warpgroup's FFMAs during the other's wgmma).
 //   Split-K: f32 partials and the deterministic finish of w4a8.cu (w4a8_common.cuh); segments restart with each
 // split's first chunk.
 //
@@ -60,18 +63,26 @@ namespace l32 {
 namespace quant {
 namespace {
 
-template <int kWG, int kBN, int kStages>
+template <int kWG, int kBN, int kStages, bool kOverlap>
 struct W4A8WgmmaTraits {
-    static_assert(kBN == 64 || kBN == 128, "wgmma n64 or n128");
-    static_assert(kStages >= 3, "the next chunk's scales are read while the current chunk is computed");
+    static_assert(kBN == 64 || kBN == 128, "64 or 128 tokens per block");
     static constexpr int kThreads = kWG * 128;
-    static constexpr int kTiles = kWG * 4;        // weight row tiles of 16 per block
+    static constexpr int kTiles = kWG * 4;          // weight row tiles of 16 per block
+    static constexpr int kHalves = kOverlap ? 2 : 1;  // wgmma products per group: token halves in flight in turn
+    static constexpr int kHN = kBN / kHalves;       // tokens per wgmma
+    static_assert(kHN == 32 || kHN == 64 || kHN == 128, "a wgmma n32, n64 or n128 per product");
     static constexpr int kActBytes = 2 * kBN * 32;  // both groups of a chunk, kBN tokens x 32 bytes each
     static constexpr int kWBytes = kTiles * 512;
-    static constexpr int kSBytes = kTiles * 128;    // 8 entries of 4 f32 per tile
-    static constexpr int kStageBytes = kActBytes + kWBytes + kSBytes;
+    static constexpr int kSBytes = kTiles * 128;    // one chunk's scale entries: 8 of 4 f32 per tile
+    // A stage: activations, weights, and the scale entries of its chunk and of the next one (whose first scales
+    // close the chunk's last coefficient).
+    static constexpr int kStageBytes = kActBytes + kWBytes + 2 * kSBytes;
     static constexpr int kSmemBytes = kStages * kStageBytes;
     static_assert(kSmemBytes <= 227 * 1024, "the sm_90 opt-in limit per CTA");
+    // Chunks loaded ahead of the one computed: every product of a chunk is waited for within its iteration, so the
+    // stage refilled after the next barrier (the previous chunk's) is free.
+    static constexpr int kAhead = kStages - 1;
+    static_assert(kAhead >= 2, "at least two chunks in flight");
     static constexpr int kMinBlocks = kBN == 64 ? 2 : 1;
     static constexpr int kSegChunks = 4;  // 8 groups per segment (see the file comment)
     static_assert(kSegChunks * 2 * (32 * 128 * 128) <= (1 << 22), "a segment keeps D in [2^23, 2^24]");
@@ -84,13 +95,17 @@ __device__ __forceinline__ int act_offset(int j, int r, int cw) {
 }
 
 // Tier 1. grid = (ceil(m / kBN), ceil(n_pad / (64 kWG)), splits), block = kWG * 128, dynamic shared memory
-// kSmemBytes.
-template <int kWG, int kBN, int kStages>
-__global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages>::kMinBlocks)
+// kSmemBytes. kOverlap: each group's product is two wgmma over the token halves, and the FFMAs of one half run
+// while the tensor cores compute the other (the next wgmma is issued before the previous one's results are
+// scaled); without it each product is waited for before its FFMAs. Both do the same f32 operations in the same
+// order per output, so they give the same bits.
+template <int kWG, int kBN, int kStages, bool kOverlap>
+__global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap>::kMinBlocks)
     w4a8_wgmma_kernel(const __grid_constant__ l32_w4a8_params p) {
 #if L32_WGMMA_AVAILABLE
-    using T = W4A8WgmmaTraits<kWG, kBN, kStages>;
-    constexpr int NT = kBN / 8;            // accumulator column tiles of 8 tokens
+    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap>;
+    constexpr int kH = T::kHalves;
+    constexpr int NT = T::kHN / 8;       // accumulator column tiles of 8 tokens per half
     constexpr float kBias = 12582912.0f;  // 1.5 * 2^23, the float whose bits are kI2fBias
     pdl_begin();
     extern __shared__ __align__(128) uint8_t smem[];
@@ -110,16 +125,20 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages>:
     const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
     const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
 
-    // Copies chunk c into stage `stage`. Token rows past m and weight tiles past n are zero-filled.
+    // Copies chunk c into stage `stage`. Token rows past m, weight tiles past n and chunks past k are zero-filled.
     auto load_stage = [&](int stage, int c) {
         uint8_t* s = smem + stage * T::kStageBytes;
-        // Activations: word w (0..15) of a token's 64 bytes; a warp copies two tokens' rows, 128 bytes.
+        // Activations, 4 bytes per copy: a warp fills one 128-byte core matrix (8 tokens x K half h of group j),
+        // lane (rr, wd) = (lane / 4, lane % 4) token 8 q + rr, word wd of its row there, i.e. column word
+        // 2 wd + h. So the 32 lanes write 32 distinct banks; their global reads (every other word of 8 rows)
+        // take two instructions per 32-byte sector, the second from L1.
         for (int i = threadIdx.x; i < kBN * 16; i += T::kThreads) {
-            const int r = i / 16, w = i % 16;
+            const int lane_i = i % 32, q = i / 32;
+            const int j = (q % 4) / 2, h = q % 2, r = (q / 4) * 8 + lane_i / 4, cw = 2 * (lane_i % 4) + h;
             const int tok = m0 + r;
             const bool ok = tok < m;
-            const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + w * 4;
-            cp_async4(s + act_offset<kBN>(w / 8, r, w % 8), xq + src, ok);
+            const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + (j * 8 + cw) * 4;
+            cp_async4(s + act_offset<kBN>(j, r, cw), xq + src, ok);
         }
         for (int i = threadIdx.x; i < T::kTiles * 32; i += T::kThreads) {
             const int nt = nt0 + i / 32;
@@ -127,75 +146,67 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages>:
             const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
             cp_async16(s + T::kActBytes + i * 16, wq + src, ok);
         }
-        for (int i = threadIdx.x; i < T::kTiles * 8; i += T::kThreads) {
-            const int nt = nt0 + i / 8;
-            const bool ok = nt < ntiles;
-            const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 8 + i % 8) * 16;
+        for (int i = threadIdx.x; i < 2 * T::kTiles * 8; i += T::kThreads) {
+            const int cc = c + i / (T::kTiles * 8), e = i % (T::kTiles * 8);  // this chunk's entries, then the next's
+            const int nt = nt0 + e / 8;
+            const bool ok = nt < ntiles && cc < kc;
+            const int64_t src = ((int64_t{ok ? nt : 0} * kc + (ok ? cc : 0)) * 8 + e % 8) * 16;
             cp_async16(s + T::kActBytes + T::kWBytes + i * 16, sc + src, ok);
         }
     };
-    // This lane's scale entry of chunk c: (row g, group 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
-    auto scale_entry = [&](int c) {
-        const uint8_t* s = smem + ((c - c0) % kStages) * T::kStageBytes;
-        return *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + (warp * 8 + g) * 16);
+
+    int d[kH][NT][4];
+    float acc[kH][NT][4];
+#pragma unroll
+    for (int h = 0; h < kH; ++h) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[h][j][e] = 0.f;
+        }
+    }
+    // acc[h] += c * float(d[h]) for every output of token half h: c_lo for row g, c_hi for row g + 8.
+    auto scale_add = [&](int h, float c_lo, float c_hi) {
+        wgmma::fence_operands(d[h]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[h][j][e] = fmaf(e < 2 ? c_lo : c_hi, __int_as_float(d[h][j][e]), acc[h][j][e]);
+            }
+        }
     };
 
-    int d[NT][4];
-    float acc[NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < T::kAhead; ++s) {
         if (c0 + s < c1) load_stage(s, c0 + s);
         cp_async_commit();
     }
+    float pend_lo = 0.f, pend_hi = 0.f;  // overlap: the coefficients of the half still in flight
 #pragma unroll 1
     for (int c = c0; c < c1; ++c) {
-        // Chunks c and c + 1 have landed (the next chunk's first scales close this chunk's segment terms).
-        cp_async_wait<kStages - 3>();
+        cp_async_wait<T::kAhead - 1>();  // chunk c has landed for this thread ...
         wgmma::fence_proxy_async_shared();
-        __syncthreads();  // ... for every thread; the stage refilled below (chunk c - 1's) is no longer read
-        const int next = c + kStages - 1;
+        __syncthreads();  // ... and for every thread; no product reads the stage refilled below any more
+        const int next = c + T::kAhead;
         if (next < c1) load_stage((next - c0) % kStages, next);
         cp_async_commit();
 
         const uint8_t* s = smem + ((c - c0) % kStages) * T::kStageBytes;
         const uint4 wv = *reinterpret_cast<const uint4*>(s + T::kActBytes + warp * 512 + lane * 16);
-        const float4 sv = scale_entry(c);
+        // Scale entries of chunks c and c + 1: (row g, group 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8,
+        // 2c + 1).
+        const float4 sv = *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + (warp * 8 + g) * 16);
+        const float4 sn =
+            *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + T::kSBytes + (warp * 8 + g) * 16);
         const int rel = c - c0;
+        const bool seg_start = rel % T::kSegChunks == 0;
         const bool seg_end = rel % T::kSegChunks == T::kSegChunks - 1 || c + 1 == c1;
-        float next_lo = 0.f, next_hi = 0.f;
-        if (!seg_end) {
-            const float4 sn = scale_entry(c + 1);
-            next_lo = sn.x;
-            next_hi = sn.z;
-        }
-        if (rel % T::kSegChunks == 0) {
-            // A segment starts: D back at the bias, and the segment's constant -sw_a B.
-            const float k_lo = -sv.x, k_hi = -sv.z;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    d[j][e] = kI2fBias;
-                    acc[j][e] = fmaf(e < 2 ? k_lo : k_hi, kBias, acc[j][e]);
-                }
-            }
-        }
 #pragma unroll
         for (int jg = 0; jg < 2; ++jg) {
             const uint32_t wa = jg == 0 ? wv.x : wv.z;  // row g
             const uint32_t wb = jg == 0 ? wv.y : wv.w;  // row g + 8
             uint32_t a[4] = {(wa << 4) & 0xF0F0F0F0u, (wb << 4) & 0xF0F0F0F0u, wa & 0xF0F0F0F0u, wb & 0xF0F0F0F0u};
-            const uint64_t desc = wgmma::desc_interleave(smem_addr(s + jg * (kBN * 32)), 128, 256);
-            wgmma::fence_operands(d);
-            wgmma::fence_operands(a);
-            wgmma::fence();
-            wgmma::mma_rs_s8<kBN>(d, a, desc);
-            wgmma::commit();
-            wgmma::wait<0>();
-            wgmma::fence_operands(d);
             // The group's coefficients: sw_g - sw_{g+1} inside the segment, sw_b at its end.
             float c_lo, c_hi;
             if (jg == 0) {
@@ -205,39 +216,81 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages>:
                 c_lo = sv.y;
                 c_hi = sv.w;
             } else {
-                c_lo = sv.y - next_lo;
-                c_hi = sv.w - next_hi;
+                c_lo = sv.y - sn.x;
+                c_hi = sv.w - sn.z;
             }
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
+            for (int h = 0; h < kH; ++h) {
+                if (seg_start && jg == 0) {
+                    // A segment starts: D back at the bias, and the segment's constant -sw_a B (each half's last
+                    // FFMAs of the previous segment are done: they precede this half's next product).
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[j][e] = fmaf(e < 2 ? c_lo : c_hi, __int_as_float(d[j][e]), acc[j][e]);
+                    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            d[h][j][e] = kI2fBias;
+                            acc[h][j][e] = fmaf(e < 2 ? -sv.x : -sv.z, kBias, acc[h][j][e]);
+                        }
+                    }
+                }
+                const uint32_t b_addr = smem_addr(s + jg * (kBN * 32) + h * (T::kHN / 8) * 256);
+                wgmma::fence_operands(d[h]);
+                wgmma::fence_operands(a);
+                wgmma::fence();
+                wgmma::mma_rs_s8<T::kHN>(d[h], a, wgmma::desc_interleave(b_addr, 128, 256));
+                wgmma::commit();
+                if constexpr (!kOverlap) {
+                    wgmma::wait<0>();
+                    scale_add(h, c_lo, c_hi);
+                } else if (h == 1) {
+                    // Half 0 of this group is done while half 1 computes.
+                    wgmma::wait<1>();
+                    scale_add(0, c_lo, c_hi);
+                    pend_lo = c_lo;
+                    pend_hi = c_hi;
+                } else if (jg == 1) {
+                    // Half 1 of the chunk's first group is done while half 0 of its second computes.
+                    wgmma::wait<1>();
+                    scale_add(1, pend_lo, pend_hi);
+                }
             }
+        }
+        if constexpr (kOverlap) {
+            // The chunk's last half, not overlapped: a product still in flight across the loop's back edge (or a
+            // data-dependent wait) makes ptxas serialize every wgmma of the kernel (C7514).
+            wgmma::wait<0>();
+            scale_add(1, pend_lo, pend_hi);
         }
     }
     cp_async_wait<0>();
 
-    // acc[j][e]: weight row 16 (nt0 + warp) + g (+8 for e >= 2), token m0 + 8 j + 2 t (+1 for odd e).
+    // acc[h][j][e]: weight row 16 (nt0 + warp) + g (+8 for e >= 2), token m0 + kHN h + 8 j + 2 t (+1 for odd e).
     const int64_t row_lo = int64_t{nt0 + warp} * 16 + g;
     if (p.splits == 1) {
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
+        for (int h = 0; h < kH; ++h) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int64_t row = row_lo + (e >= 2 ? 8 : 0);
-                const int tok = m0 + 8 * j + 2 * t + (e & 1);
-                if (tok < m && row < p.n) w4a8_finish(p, acc[j][e], tok, row);
+            for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int64_t row = row_lo + (e >= 2 ? 8 : 0);
+                    const int tok = m0 + T::kHN * h + 8 * j + 2 * t + (e & 1);
+                    if (tok < m && row < p.n) w4a8_finish(p, acc[h][j][e], tok, row);
+                }
             }
         }
         return;
     }
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+    for (int h = 0; h < kH; ++h) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int64_t row = row_lo + (e >= 2 ? 8 : 0);
-            const int tok = m0 + 8 * j + 2 * t + (e & 1);
-            if (tok < m && row < npad) p.partials[(int64_t{blockIdx.z} * m + tok) * npad + row] = acc[j][e];
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int64_t row = row_lo + (e >= 2 ? 8 : 0);
+                const int tok = m0 + T::kHN * h + 8 * j + 2 * t + (e & 1);
+                if (tok < m && row < npad) p.partials[(int64_t{blockIdx.z} * m + tok) * npad + row] = acc[h][j][e];
+            }
         }
     }
     w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, kBN, int64_t{nt0} * 16, T::kTiles * 16, npad);
@@ -248,13 +301,13 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages>:
 }
 
 // Tier 2.
-template <int kWG, int kBN, int kStages>
+template <int kWG, int kBN, int kStages, bool kOverlap>
 l32_status launch(const l32_w4a8_params& p, cudaStream_t stream) {
-    using T = W4A8WgmmaTraits<kWG, kBN, kStages>;
+    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap>;
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((p.m + kBN - 1) / kBN),
                     static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles), static_cast<unsigned>(p.splits));
-    const auto kernel = w4a8_wgmma_kernel<kWG, kBN, kStages>;
+    const auto kernel = w4a8_wgmma_kernel<kWG, kBN, kStages, kOverlap>;
     const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
     if (smem != L32_OK) return smem;
     launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, p);
@@ -277,7 +330,10 @@ l32_status launch_w4a8_wgmma(const l32_w4a8_params& p, cudaStream_t stream) {
     if (!w4a8_wgmma_available()) return L32_UNSUPPORTED;
     if (p.zeros != nullptr || (p.tile_m != 64 && p.tile_m != 128)) return L32_UNSUPPORTED;
     if ((p.m + p.tile_m - 1) / p.tile_m > INT_MAX) return L32_UNSUPPORTED;
-    return p.tile_m == 64 ? launch<2, 64, 6>(p, stream) : launch<2, 128, 5>(p, stream);
+    if (p.kernel == L32_W4A8_WGMMA_SERIAL) {
+        return p.tile_m == 64 ? launch<2, 64, 6, false>(p, stream) : launch<2, 128, 6, false>(p, stream);
+    }
+    return p.tile_m == 64 ? launch<2, 64, 6, true>(p, stream) : launch<2, 128, 8, true>(p, stream);
 }
 
 }  // namespace quant

@@ -1,5 +1,5 @@
 // The Hopper W4A8 GEMM (kernels/quant/w4a8_sm90.cu), launched by l32_w4a8_gemm in w4a8.cu after its checks when
-// params.kernel is L32_W4A8_WGMMA.
+// params.kernel is L32_W4A8_WGMMA or L32_W4A8_WGMMA_SERIAL.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,4 +1,5 @@
-//! Twin tests of the Hopper W4A8 kernel (`kernels/quant/w4a8_sm90.cu`, `W4A8Kernel::Wgmma`): bit for bit against
+//! Twin tests of the Hopper W4A8 kernels (`kernels/quant/w4a8_sm90.cu`, `W4A8Kernel::Wgmma` and `WgmmaSerial`, which
+//! give the same bits): bit for bit against
 //! its CPU twin (`ops::cpu::w4a8_segmented`, the same f32 operations in the same order), within a stated bound of
 //! torchao's numerics (`w4a8_linear`), deterministic, for 64- and 128-token tiles and several K splits, on fresh
 //! random weights and activations with the output poisoned before each launch.
@@ -17,6 +18,7 @@ use llama32::ops::cuda::quant::{
     act_quant, layout_w4a8, w4a8_gemm_with, w4a8_plan, w4a8_workspace_for, wgmma_available, ActSource, CudaQuantLinear,
     SplitKWorkspace, W4A8Kernel, W4A8Plan,
 };
+use llama32::ops::cuda::switch::KernelSwitch;
 use llama32::quant::numerics::quantize_activations;
 use llama32::quant::{QuantLinear, Scheme};
 use rand::SeedableRng;
@@ -30,15 +32,18 @@ use crate::cuda_quant::{poisoned_acts, random_matrix, random_rows, same_bits, BF
 const SHAPES: [(usize, usize); 7] =
     [(64, 1), (128, 40), (192, 1001), (320, 130), (4096, 33), (2048, 3072), (8192, 2048)];
 
-/// The plans each (shape, m) runs: both token tiles, one split, the heuristic's splits, 3 splits (segments cut
-/// short by the split boundaries) and, for k <= 512, one split per 64-column chunk.
+/// The plans each (shape, m) runs, for both wgmma kernels: both token tiles, one split, the heuristic's splits,
+/// 3 splits (segments cut short by the split boundaries) and, for k <= 512, one split per 64-column chunk.
 fn plans(m: usize, n: usize, k: usize, sms: usize) -> Vec<W4A8Plan> {
-    let mut out = vec![w4a8_plan(W4A8Kernel::Wgmma, m, n, k, sms)];
-    for tile_m in [64, 128] {
-        for splits in [1, 3, if k <= 512 { k / 64 } else { 1 }] {
-            let plan = W4A8Plan { kernel: W4A8Kernel::Wgmma, tile_m, splits };
-            if splits <= k / 64 && !out.contains(&plan) {
-                out.push(plan);
+    let mut out = Vec::new();
+    for kernel in [W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial] {
+        out.push(w4a8_plan(kernel, m, n, k, sms));
+        for tile_m in [64, 128] {
+            for splits in [1, 3, if k <= 512 { k / 64 } else { 1 }] {
+                let plan = W4A8Plan { kernel, tile_m, splits };
+                if splits <= k / 64 && !out.contains(&plan) {
+                    out.push(plan);
+                }
             }
         }
     }
@@ -97,7 +102,8 @@ fn w4a8_wgmma_matches_its_cpu_twin_bit_for_bit() {
             // The twin's bits depend on the split count only (not on the token tile).
             let mut twins: Vec<(usize, Vec<bf16>)> = Vec::new();
             for plan in plans {
-                let what = format!("w4a8 wgmma m {m} k {k} n {n} tile_m {} splits {}", plan.tile_m, plan.splits);
+                let (tile, splits, name) = (plan.tile_m, plan.splits, plan.kernel.name());
+                let what = format!("w4a8 {name} m {m} k {k} n {n} tile_m {tile} splits {splits}");
                 if !twins.iter().any(|(s, _)| *s == plan.splits) {
                     let twin = w4a8_segmented(&xq, &sx, &zx, m, &qm, &corr, plan.splits).unwrap();
                     twins.push((plan.splits, twin.iter().map(|&v| bf16::from_f32(v)).collect()));

@@ -134,6 +134,7 @@ pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch, kernel:
         kernel: match kernel {
             super::W4A8Kernel::Mma => ffi::l32_w4a8_kernel::L32_W4A8_MMA,
             super::W4A8Kernel::Wgmma => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA,
+            super::W4A8Kernel::WgmmaSerial => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_SERIAL,
         },
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };

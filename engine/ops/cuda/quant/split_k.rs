@@ -142,7 +142,7 @@ pub struct W4A8Plan {
 /// The launch shape of `kernel` for `m` x `n` x `k` on `sms` SMs.
 /// - mma: the smallest token tile that covers m <= 32, else 128; K splits only while the grid is smaller than the
 ///   SM count (about two 256-thread blocks per SM then), with at least two 64-column chunks per split.
-/// - wgmma: 128-token tiles (one block per SM: 222 registers x 256 threads) when they make at least one block per
+/// - wgmma (both): 128-token tiles (one block per SM: ~200 registers x 256 threads) when they make at least one block per
 ///   SM, else 64-token tiles (two per SM); then K splits up to two blocks per SM (one for 128), with at least one
 ///   whole 4-chunk segment per split.
 pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
@@ -158,8 +158,8 @@ pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -
             };
             (tile, 2, 2)
         }
-        W4A8Kernel::Wgmma if row_blocks * m.div_ceil(128) >= sms => (128, 1, 4),
-        W4A8Kernel::Wgmma => (64, 2, 4),
+        _ if row_blocks * m.div_ceil(128) >= sms => (128, 1, 4),
+        _ => (64, 2, 4),
     };
     let blocks = row_blocks * m.div_ceil(tile_m).max(1);
     let cap = (chunks / min_chunks).clamp(1, MAX_SPLITS);

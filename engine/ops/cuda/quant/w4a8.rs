@@ -13,7 +13,7 @@ use crate::{Error, Result};
 
 /// Which W4A8 kernel [`w4a8_gemm`] runs. Both compute torchao's 8da4w product with exact s32 group sums; they
 /// differ in how the f32 sum of the scaled group terms is rounded (see [`W4A8Kernel::Wgmma`]). The environment
-/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`) forces one where it runs; `auto` takes
+/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`) forces one where it runs; `auto` takes
 /// [`W4A8Kernel::Mma`] until the wgmma kernel has been measured on a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A8Kernel {
@@ -23,12 +23,16 @@ pub enum W4A8Kernel {
     /// Hopper's `wgmma m64nNk32 s8` (`kernels/quant/w4a8_sm90.cu`, compute capability 9.x with sm_90a SASS,
     /// [`wgmma_available`]), symmetric weights only, 64- or 128-token tiles: one FFMA per output and group through
     /// a segmented, telescoped sum whose f32 roundings differ from the mma kernel's (about sw / 16 per group at
-    /// most); CPU twin of its bits: [`crate::ops::cpu::w4a8_segmented::w4a8_segmented`].
+    /// most); CPU twin of its bits: [`crate::ops::cpu::w4a8_segmented::w4a8_segmented`]. Each group's product is
+    /// two wgmma over the token halves, and one half's FFMAs run while the other half's product computes.
     Wgmma,
+    /// [`W4A8Kernel::Wgmma`] with each product waited for before its FFMAs (one wgmma per group): the same bits,
+    /// kept to measure what the overlap buys.
+    WgmmaSerial,
 }
 
 impl KernelSwitch for W4A8Kernel {
-    /// `auto` (the default), `mma` or `wgmma`.
+    /// `auto` (the default), `mma`, `wgmma` or `wgmma-serial`.
     const ENV: &'static str = "LLAMA32_W4A8_KERNEL";
     const WHAT: &'static str = "W4A8 kernel";
     const KERNELS: &'static [Self] = &W4A8Kernel::ALL;
@@ -37,6 +41,7 @@ impl KernelSwitch for W4A8Kernel {
         match self {
             W4A8Kernel::Mma => "mma",
             W4A8Kernel::Wgmma => "wgmma",
+            W4A8Kernel::WgmmaSerial => "wgmma-serial",
         }
     }
 
@@ -48,14 +53,16 @@ impl KernelSwitch for W4A8Kernel {
 
 impl W4A8Kernel {
     /// Every kernel.
-    pub const ALL: [W4A8Kernel; 2] = [W4A8Kernel::Mma, W4A8Kernel::Wgmma];
+    pub const ALL: [W4A8Kernel; 3] = [W4A8Kernel::Mma, W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial];
+
+    /// True for the Hopper kernels ([`W4A8Kernel::Wgmma`], [`W4A8Kernel::WgmmaSerial`]).
+    pub fn is_wgmma(self) -> bool {
+        self != W4A8Kernel::Mma
+    }
 
     /// Whether the kernel takes `w` on the current device (wgmma: symmetric weights where [`wgmma_available`]).
     pub fn runs(self, w: &CudaQuantLinear) -> bool {
-        match self {
-            W4A8Kernel::Mma => true,
-            W4A8Kernel::Wgmma => w.zeros.is_none() && wgmma_available(),
-        }
+        !self.is_wgmma() || (w.zeros.is_none() && wgmma_available())
     }
 
     /// The kernel [`w4a8_gemm`] runs for `w`: the forced one where it runs, else [`W4A8Kernel::Mma`]. An error
@@ -65,7 +72,7 @@ impl W4A8Kernel {
     }
 }
 
-/// True when the current device runs [`W4A8Kernel::Wgmma`]: this build holds sm_90a SASS and the device has
+/// True when the current device runs the wgmma W4A8 kernels: this build holds sm_90a SASS and the device has
 /// compute capability 9.x (cached per device in the library).
 #[cfg(llama32_cuda)]
 pub fn wgmma_available() -> bool {
@@ -73,7 +80,7 @@ pub fn wgmma_available() -> bool {
     unsafe { super::super::ffi::l32_w4a8_wgmma_available() != 0 }
 }
 
-/// True when the current device runs [`W4A8Kernel::Wgmma`]: never in a build without CUDA.
+/// True when the current device runs the wgmma W4A8 kernels: never in a build without CUDA.
 #[cfg(not(llama32_cuda))]
 pub fn wgmma_available() -> bool {
     false
@@ -284,10 +291,7 @@ pub fn w4a8_gemm_with(
         let why = if w.zeros.is_some() { "the weight has zero points" } else { "this device or build lacks it" };
         return fail(format!("the {} kernel does not run here: {why}", plan.kernel.name()));
     }
-    let tiles: &[usize] = match plan.kernel {
-        W4A8Kernel::Mma => &[8, 16, 32, 128],
-        W4A8Kernel::Wgmma => &[64, 128],
-    };
+    let tiles: &[usize] = if plan.kernel.is_wgmma() { &[64, 128] } else { &[8, 16, 32, 128] };
     if !tiles.contains(&plan.tile_m) {
         return fail(format!("tile_m is {}; the {} kernel takes {tiles:?}", plan.tile_m, plan.kernel.name()));
     }
