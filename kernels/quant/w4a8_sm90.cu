@@ -265,22 +265,8 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
     cp_async_wait<0>();
 
     // acc[h][j][e]: weight row 16 (nt0 + warp) + g (+8 for e >= 2), token m0 + kHN h + 8 j + 2 t (+1 for odd e).
+    // One split: finished here; several: f32 partials, then the split-K finish.
     const int64_t row_lo = int64_t{nt0 + warp} * 16 + g;
-    if (p.splits == 1) {
-#pragma unroll
-        for (int h = 0; h < kH; ++h) {
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int64_t row = row_lo + (e >= 2 ? 8 : 0);
-                    const int tok = m0 + T::kHN * h + 8 * j + 2 * t + (e & 1);
-                    if (tok < m && row < p.n) w4a8_finish(p, acc[h][j][e], tok, row);
-                }
-            }
-        }
-        return;
-    }
 #pragma unroll
     for (int h = 0; h < kH; ++h) {
 #pragma unroll
@@ -289,10 +275,16 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
             for (int e = 0; e < 4; ++e) {
                 const int64_t row = row_lo + (e >= 2 ? 8 : 0);
                 const int tok = m0 + T::kHN * h + 8 * j + 2 * t + (e & 1);
-                if (tok < m && row < npad) p.partials[(int64_t{blockIdx.z} * m + tok) * npad + row] = acc[h][j][e];
+                if (tok >= m) continue;
+                if (p.splits == 1) {
+                    if (row < p.n) w4a8_finish(p, acc[h][j][e], tok, row);
+                } else if (row < npad) {
+                    p.partials[(int64_t{blockIdx.z} * m + tok) * npad + row] = acc[h][j][e];
+                }
             }
         }
     }
+    if (p.splits == 1) return;
     w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, kBN, int64_t{nt0} * 16, T::kTiles * 16, npad);
 #else
     (void)p;

@@ -34,8 +34,8 @@
 //! `w4a8_kernel` (256 threads): 198 / 215 registers on sm_90a (symmetric / zero points; the biased MMA accumulator)
 //! and 40.7 KB shared memory for the 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles.
 //! `w4a8_wgmma_kernel` (256 threads, sm_90a only): [`W4A8Kernel::Wgmma`] 196 registers and 112 KB dynamic shared
-//! memory for 128-token tiles (8 stages, one block per SM), 125 registers and 60 KB for 64-token tiles (6 stages,
-//! two per SM); [`W4A8Kernel::WgmmaSerial`] 198 / 84 KB and 128 / 60 KB.
+//! memory for 128-token tiles (8 stages, one block per SM), 123 registers and 60 KB for 64-token tiles (6 stages,
+//! two per SM); [`W4A8Kernel::WgmmaSerial`] 198 / 84 KB and 124 / 60 KB.
 //! `act_quant_kernel`: 25-39 registers.
 //!
 //! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
