@@ -6,6 +6,7 @@ end-to-end peer); runs on the device machine:  python3 scripts/peers.py [--quick
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -106,6 +107,8 @@ def vision_peers(rows):
 # (name, k, n): gate_up and down of the 1B, 11B and 90B text models (as bench/cuda_kernels.rs group `quant`).
 QUANT_SHAPES = [("1b_gate_up", 2048, 16384), ("1b_down", 8192, 2048), ("11b_gate_up", 4096, 28672),
                 ("11b_down", 14336, 4096), ("90b_gate_up", 8192, 57344), ("90b_down", 28672, 8192)]
+# The m of the quant peers; LLAMA32_PEERS_QUANT_M (comma-separated) picks some, e.g. "256,1024" for the W4A8 rows.
+QUANT_MS = [int(v) for v in os.environ.get("LLAMA32_PEERS_QUANT_M", "1,16,64,256,1024").split(",") if v.strip()]
 
 
 def quant_peers(rows):
@@ -125,7 +128,7 @@ def quant_peers(rows):
             sz[:, :, 1] = 0.0
         except Exception as e:  # an op missing from this torch build must not hide the other figures
             print(f"# tinygemm {name}: {e}", file=sys.stderr)
-        for m in [1, 16, 64, 256, 1024]:
+        for m in QUANT_MS:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             flops = 2 * m * n * k
             s = timed(lambda: torch.matmul(x, w.t()))
