@@ -391,4 +391,16 @@ mod tests {
             assert_eq!(W4A16Kernel::Tiled.block_rows(m), 128, "m {m}");
         }
     }
+
+    #[test]
+    fn w4a8_kernel_names_round_trip_and_bad_names_are_refused() {
+        for kernel in W4A8Kernel::ALL {
+            assert_eq!(W4A8Kernel::parse(kernel.name()).unwrap(), Some(kernel));
+            assert_eq!(kernel.is_wgmma(), kernel != W4A8Kernel::Mma);
+        }
+        assert_eq!(W4A8Kernel::parse(" wgmma-serial ").unwrap(), Some(W4A8Kernel::WgmmaSerial));
+        assert_eq!(W4A8Kernel::parse("auto").unwrap(), None);
+        let e = W4A8Kernel::parse("wgmma2").unwrap_err().to_string();
+        assert!(e.contains(W4A8Kernel::ENV) && e.contains("wgmma2") && e.contains("`wgmma-serial`"), "{e}");
+    }
 }
