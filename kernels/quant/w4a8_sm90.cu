@@ -202,11 +202,13 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
         const int rel = c - c0;
         const bool seg_start = rel % T::kSegChunks == 0;
         const bool seg_end = rel % T::kSegChunks == T::kSegChunks - 1 || c + 1 == c1;
+        // Both groups' A fragments (16 q as int8; row g from .x / .z, row g + 8 from .y / .w), kept in registers
+        // until the chunk's last product is done: a product reads its A registers while it runs.
+        constexpr uint32_t kHi = 0xF0F0F0F0u;
+        uint32_t a[2][4] = {{(wv.x << 4) & kHi, (wv.y << 4) & kHi, wv.x & kHi, wv.y & kHi},
+                            {(wv.z << 4) & kHi, (wv.w << 4) & kHi, wv.z & kHi, wv.w & kHi}};
 #pragma unroll
         for (int jg = 0; jg < 2; ++jg) {
-            const uint32_t wa = jg == 0 ? wv.x : wv.z;  // row g
-            const uint32_t wb = jg == 0 ? wv.y : wv.w;  // row g + 8
-            uint32_t a[4] = {(wa << 4) & 0xF0F0F0F0u, (wb << 4) & 0xF0F0F0F0u, wa & 0xF0F0F0F0u, wb & 0xF0F0F0F0u};
             // The group's coefficients: sw_g - sw_{g+1} inside the segment, sw_b at its end.
             float c_lo, c_hi;
             if (jg == 0) {
@@ -235,9 +237,9 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
                 }
                 const uint32_t b_addr = smem_addr(s + jg * (kBN * 32) + h * (T::kHN / 8) * 256);
                 wgmma::fence_operands(d[h]);
-                wgmma::fence_operands(a);
+                wgmma::fence_operands(a[jg]);
                 wgmma::fence();
-                wgmma::mma_rs_s8<T::kHN>(d[h], a, wgmma::desc_interleave(b_addr, 128, 256));
+                wgmma::mma_rs_s8<T::kHN>(d[h], a[jg], wgmma::desc_interleave(b_addr, 128, 256));
                 wgmma::commit();
                 if constexpr (!kOverlap) {
                     wgmma::wait<0>();
@@ -261,6 +263,8 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
             wgmma::wait<0>();
             scale_add(1, pend_lo, pend_hi);
         }
+        wgmma::fence_operands(a[0]);  // every product of the chunk is done: the A registers may be reused
+        wgmma::fence_operands(a[1]);
     }
     cp_async_wait<0>();
 
