@@ -71,7 +71,7 @@ pub use table::{dequant_rows, gemv_int8, gemv_int8_supports, CudaInt8Table, GEMV
 pub use w4a16::{
     w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, W4A16Choice,
 };
-pub use w4a8::{act_quant, w4a8_gemm, w4a8_gemm_with, wgmma_available, ActSource, QuantActs, W4A8Kernel};
+pub use w4a8::{act_quant, w4a8_gemm, w4a8_gemm_with, wgmma_available, ActSource, QuantActs, W4A8Kernel, WGMMA_MIN_M};
 
 /// The most rows of `x` [`w4a16_gemm`] takes (the executor uses dequantize + cuBLASLt above).
 pub const MAX_DECODE_M: usize = 64;

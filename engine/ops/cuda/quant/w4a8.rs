@@ -65,12 +65,19 @@ impl W4A8Kernel {
         !self.is_wgmma() || (w.zeros.is_none() && wgmma_available())
     }
 
-    /// The kernel [`w4a8_gemm`] runs for `w`: the forced one where it runs, else [`W4A8Kernel::Mma`]. An error
+    /// The kernel [`w4a8_gemm`] runs for `m` rows through `w`: the forced one where it runs, else
+    /// [`W4A8Kernel::Mma`]. A forced wgmma kernel applies above [`WGMMA_MIN_M`] rows only: below, the mma kernel's
+    /// decode tiles (8, 16, 32 tokens) stream the weights without the wgmma kernels' 64-token padding. An error
     /// names a bad value of [`W4A8Kernel::ENV`].
-    pub fn configured(w: &CudaQuantLinear) -> Result<Self> {
-        Ok(Self::forced()?.filter(|k| k.runs(w)).unwrap_or(W4A8Kernel::Mma))
+    pub fn configured(w: &CudaQuantLinear, m: usize) -> Result<Self> {
+        let applies = |k: &W4A8Kernel| k.runs(w) && (!k.is_wgmma() || m > WGMMA_MIN_M);
+        Ok(Self::forced()?.filter(applies).unwrap_or(W4A8Kernel::Mma))
     }
 }
+
+/// Rows at and below which [`W4A8Kernel::configured`] keeps the mma kernel (its decode tiles) even when a wgmma
+/// kernel is forced.
+pub const WGMMA_MIN_M: usize = 32;
 
 /// True when the current device runs the wgmma W4A8 kernels: this build holds sm_90a SASS and the device has
 /// compute capability 9.x (cached per device in the library).
@@ -250,7 +257,7 @@ pub fn w4a8_gemm(
     ws: &mut SplitKWorkspace,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
-    let plan = w4a8_plan(W4A8Kernel::configured(w)?, m, w.n, w.k, ws.sms);
+    let plan = w4a8_plan(W4A8Kernel::configured(w, m)?, m, w.n, w.k, ws.sms);
     w4a8_gemm_with(stream, acts, w, m, ws, out, plan)
 }
 
