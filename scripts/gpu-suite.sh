@@ -188,8 +188,9 @@ run() {
   # (LLAMA32_W4A16_PREFETCH), the marginal cost of each kind of call (`bench --ablate`), and the copy / GEMM
   # ceilings and HF transformers decode), bulk (opt-in: the bulk W4A16 kernel beside the others, kernel by kernel and
   # end to end on 1B and 11B Vision W4A16, forced against the default; GPU_SUITE_SKIP_VISION=1 leaves out the 11B
-  # rows), w4a8 (opt-in: the Hopper W4A8 kernels beside mma: their tests, the golden end-to-end test with each forced,
-  # the criterion W4A8 lines with cuBLAS at the same shapes, 1B W4A8 end to end with each kernel).
+  # rows), wgmma (opt-in: the Hopper W4A8 kernels beside mma and the large-m W4A16 kernel beside dequantize +
+  # cuBLASLt: their tests, the golden end-to-end test with each forced, their criterion lines with cuBLAS at the same
+  # shapes, 1B end to end with each).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -240,6 +241,7 @@ run() {
     env_tag+="${LLAMA32_PREFILL_KERNEL:+ prefill=$LLAMA32_PREFILL_KERNEL}"
     env_tag+="${LLAMA32_W4A16_CHUNK_MIB:+ chunk=$LLAMA32_W4A16_CHUNK_MIB}"
     env_tag+="${LLAMA32_W4A8_KERNEL:+ w4a8=$LLAMA32_W4A8_KERNEL}"
+    env_tag+="${LLAMA32_W4A16_LARGE:+ large=$LLAMA32_W4A16_LARGE}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -644,22 +646,26 @@ PY
     fi
   fi
 
-  if want w4a8; then
-    # The Hopper W4A8 kernels (wgmma, wgmma-serial: kernels/quant/w4a8_sm90.cu) beside mma: their twin tests and the
-    # golden end-to-end test with each forced, the criterion W4A8 lines (m = 256 and 1024 at the 1B / 11B / 90B
-    # shapes, every kernel that runs here) with cuBLAS bf16 at the same shapes in the same call, and 1B W4A8 end to
-    # end with each kernel. About five minutes.
+  if want wgmma; then
+    # The Hopper GEMMs of the tenth session beside the default paths: the W4A8 kernels (wgmma, wgmma-serial:
+    # kernels/quant/w4a8_sm90.cu) and the large-m W4A16 kernel (kernels/quant/w4a16_sm90.cu). Their twin tests and
+    # the golden end-to-end test with each forced, the criterion W4A8 and large-m W4A16 lines (m = 256 and 1024 at
+    # the 1B / 11B / 90B shapes) with cuBLAS bf16 at the same shapes in the same call, and 1B end to end with each.
+    # About six minutes.
     if [[ -x "$bundle/tests/gpu" ]]; then
       local wt wk
       for wt in cuda_w4a8_wgmma::w4a8_wgmma_matches_its_cpu_twin_bit_for_bit \
         cuda_w4a8_wgmma::w4a8_wgmma_refuses_what_it_cannot_take cuda_quant::w4a8_matches_cpu \
+        cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul \
         cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu; do
-        for wk in auto wgmma wgmma-serial; do
+        for wk in auto wgmma wgmma-serial large; do
           [[ $wk == auto || $wt == *e2e* ]] || continue
-          log="$logs/gpu.$wt.w4a8-$wk.log"
+          log="$logs/gpu.$wt.$wk.log"
           rc=0
-          LLAMA32_W4A8_KERNEL=$wk tmo 150 "$bundle/tests/gpu" --exact "$wt" --nocapture --test-threads=1 >"$log" 2>&1 ||
-            rc=$?
+          local w8=$wk w16=auto
+          [[ $wk == large ]] && w8=auto w16=wgmma
+          LLAMA32_W4A8_KERNEL=$w8 LLAMA32_W4A16_LARGE=$w16 tmo 150 "$bundle/tests/gpu" --exact "$wt" --nocapture \
+            --test-threads=1 >"$log" 2>&1 || rc=$?
           if ((rc != 0)); then
             status=FAIL
             failed=$((failed + 1))
@@ -669,26 +675,30 @@ PY
           else
             status=PASS
           fi
-          rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" gpu "$wt [w4a8=$wk]" -)")
-          mapfile -t -O "${#benches[@]}" benches < <(grep -E '^w4a8 wgmma: ' "$log" || true)
+          rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" gpu "$wt [$wk]" -)")
+          mapfile -t -O "${#benches[@]}" benches < <(grep -E '^(w4a8 wgmma|w4a16 large): ' "$log" || true)
         done
       done
     fi
     if [[ -x "$bundle/bench/cuda_kernels" ]]; then
-      log="$logs/criterion.w4a8.log"
+      log="$logs/criterion.wgmma.log"
       rc=0
-      (cd "$(mktemp -d)" && tmo 150 "$bundle/bench/cuda_kernels" --bench --noplot 'quant/w4a8') >"$log" 2>&1 || rc=$?
+      (cd "$(mktemp -d)" && tmo 180 "$bundle/bench/cuda_kernels" --bench --noplot 'quant/w4a(8|16_large)') >"$log" 2>&1 ||
+        rc=$?
       mapfile -t -O "${#benches[@]}" benches < <(awk '/^quant\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
       if ((rc != 0)); then
         failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "quant/w4a8 (see $log)" -)")
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "quant/w4a8, w4a16_large (see $log)" -)")
         tail -n 5 "$log"
       fi
     fi
-    LLAMA32_PEERS_QUANT_M=256,1024 peers 90 quant w4a8
+    LLAMA32_PEERS_QUANT_M=256,1024 peers 90 quant wgmma
     local w8
     for w8 in mma wgmma wgmma-serial; do
       LLAMA32_W4A8_KERNEL=$w8 bench_e2e 60 "1b 64 128 64 --quantize w4a8-g32"
+    done
+    for w8 in dequant wgmma; do
+      LLAMA32_W4A16_LARGE=$w8 bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
     done
   fi
 

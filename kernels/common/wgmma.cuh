@@ -178,6 +178,47 @@ __device__ __forceinline__ void mma_ss<128>(float (&d)[16][4], uint64_t desc_a, 
 #endif
 }
 
+// d (64 x N, f32) = (accumulate ? d : 0) + A (64 x 16 bf16, this warp's 16 rows as an mma.m16n8k16 A fragment)
+// * B (16 x N, K-major shared memory by descriptor: N rows of 16 contiguous k).
+template <int N>
+__device__ __forceinline__ void mma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate);
+
+template <>
+__device__ __forceinline__ void mma_rs<64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                           bool accumulate) {
+#if L32_WGMMA_AVAILABLE
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+        "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, "
+        "%28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : L32_ACC8TILES(0)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+    (void)d, (void)a, (void)desc_b, (void)accumulate;
+    __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma_rs<128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                            bool accumulate) {
+#if L32_WGMMA_AVAILABLE
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
+        "%9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, "
+        "%28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "
+        "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : L32_ACC8TILES(0), L32_ACC8TILES(8)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+    (void)d, (void)a, (void)desc_b, (void)accumulate;
+    __trap();
+#endif
+}
+
 // d (64 x N, f32) += A (64 x 16 bf16, this warp's 16 rows as an mma.m16n8k16 A fragment) * B (16 x N, MN-major
 // shared memory: 16 rows of N contiguous elements, by descriptor; the "transposed" B).
 template <int N>

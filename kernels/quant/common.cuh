@@ -116,6 +116,17 @@ __device__ __forceinline__ uint32_t dequant_bf16x2(uint32_t w, int s, uint32_t b
     return out;
 }
 
+// The bf16 pair a * b (each half rounded once to nearest even, as the f32 product of two bf16 rounded to bf16).
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+    __nv_bfloat162 x, y;
+    memcpy(&x, &a, 4);
+    memcpy(&y, &b, 4);
+    const __nv_bfloat162 r = __hmul2(x, y);
+    uint32_t out;
+    memcpy(&out, &r, 4);
+    return out;
+}
+
 // The bf16 pair (136 + z, 136 + z): the dequantization bias of a symmetric group (z = 0) is 0x43084308.
 constexpr uint32_t kSymmetricBias = 0x43084308u;
 
@@ -141,6 +152,13 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
     const int src_size = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_size)
+                 : "memory");
+}
+
+// 8-byte global -> shared copy (through L1); with `valid` false nothing is read and the bytes are zero-filled.
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem, bool valid) {
+    const int src_size = valid ? 8 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_size)
                  : "memory");
 }
 

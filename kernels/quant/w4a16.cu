@@ -59,6 +59,7 @@
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
 #include "quant/w4a16_bulk.cuh"
+#include "quant/w4a16_sm90.cuh"
 #include "quant/w4a16_common.cuh"
 #include "quant/w4a16_pipelined.cuh"
 #include "quant/w4a16_tiled.cuh"
@@ -256,12 +257,13 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     const l32_w4a16_params& p = *params;
     if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
     if (p.kernel != L32_W4A16_DIRECT && p.kernel != L32_W4A16_PIPELINED && p.kernel != L32_W4A16_TILED &&
-        p.kernel != L32_W4A16_BULK) {
+        p.kernel != L32_W4A16_BULK && p.kernel != L32_W4A16_WGMMA) {
         return L32_INVALID_ARGUMENT;
     }
     if (p.out == nullptr || p.x == nullptr || p.qweight == nullptr || p.scales == nullptr) return L32_INVALID_ARGUMENT;
     if (p.m <= 0 || p.k <= 0 || p.n < 0 || p.splits < 1) return L32_INVALID_ARGUMENT;
-    if (p.m > 64 || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 64) return L32_UNSUPPORTED;
+    const int64_t max_m = p.kernel == L32_W4A16_WGMMA ? int64_t{1} << 30 : 64;
+    if (p.m > max_m || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 64) return L32_UNSUPPORTED;
     if ((p.kernel != L32_W4A16_BULK && p.splits > p.k / 64) || p.splits > 65535) return L32_UNSUPPORTED;
     if (p.splits > 1 && (p.partials == nullptr || p.counters == nullptr)) return L32_INVALID_ARGUMENT;
     if (p.pair_half < 0 || (p.pair_half > 0 && (p.pair_half % 8 != 0 || p.n != 2 * p.pair_half))) {
@@ -275,6 +277,7 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     if (p.kernel == L32_W4A16_PIPELINED) return quant::launch_w4a16_pipelined(p, s);
     if (p.kernel == L32_W4A16_TILED) return quant::launch_w4a16_tiled(p, s);
     if (p.kernel == L32_W4A16_BULK) return quant::launch_w4a16_bulk(p, s);
+    if (p.kernel == L32_W4A16_WGMMA) return quant::launch_w4a16_wgmma(p, s);
     if (p.m <= 8) return quant::launch_gemm<1>(p, s);
     if (p.m <= 16) return quant::launch_gemm<2>(p, s);
     if (p.m <= 32) return quant::launch_gemm<4>(p, s);

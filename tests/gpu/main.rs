@@ -17,4 +17,5 @@ mod cuda_sampling;
 mod cuda_tp;
 mod cuda_vision;
 mod cuda_vision_quant;
+mod cuda_w4a16_large;
 mod cuda_w4a8_wgmma;

@@ -80,6 +80,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         bulk_variant: super::w4a16_bulk_variant()? as i32,
         pair_half: l.pair_half as i64,
         silu: i32::from(l.silu),
+        tile_m: 0,
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;
@@ -90,6 +91,40 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
     super::super::check_launch(op, stream, status, || {
         let silu = if l.silu { ", SiLU * up" } else { "" };
         format!("{op} (m {}, n {}, k {}, splits {}, {} kernel{silu})", l.m, l.n, l.k, l.splits, l.kernel.name())
+    })
+}
+
+/// The Hopper W4A16 GEMM for many rows (`L32_W4A16_WGMMA`, no split-K): `l.tile_m` tokens per block.
+#[cfg(llama32_cuda)]
+pub(super) fn launch_w4a16_large(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
+    use super::super::ffi;
+    // All fit: m < 2^30, n < 2^31 - 64, k <= 2^24 (checked by the caller).
+    let params = ffi::l32_w4a16_params {
+        out: ptr(l.out),
+        x: ptr(l.x),
+        qweight: ptr(l.qweight),
+        scales: ptr(l.scales),
+        zeros: ptr(l.zeros),
+        partials: ptr(0),
+        counters: ptr(0),
+        m: l.m as i64,
+        n: l.n as i64,
+        k: l.k as i64,
+        splits: 1,
+        kernel: ffi::l32_w4a16_kernel::L32_W4A16_WGMMA,
+        l2_prefetch: 0,
+        bulk_variant: 0,
+        pair_half: l.pair_half as i64,
+        silu: i32::from(l.silu),
+        tile_m: l.tile_m as i32,
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::super::raw_stream(op, stream)?;
+    // SAFETY: as in launch_w4a16 (x: m x k, out: m x n, the layout buffers of a CudaQuantLinear of n x k); no
+    // workspace.
+    let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
+    super::super::check_launch(op, stream, status, || {
+        format!("{op} (m {}, n {}, k {}, wgmma kernel, tile_m {})", l.m, l.n, l.k, l.tile_m)
     })
 }
 
@@ -175,6 +210,11 @@ pub(super) fn launch_act_quant(op: &str, stream: &CudaStream, l: &ActQuantLaunch
 
 #[cfg(not(llama32_cuda))]
 pub(super) fn launch_w4a16(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -> Result<()> {
+    super::super::ensure_built()
+}
+
+#[cfg(not(llama32_cuda))]
+pub(super) fn launch_w4a16_large(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -> Result<()> {
     super::super::ensure_built()
 }
 

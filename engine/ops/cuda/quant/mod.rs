@@ -6,7 +6,9 @@
 //!   roundings are f32 sums and the final bf16), split-K over 64-column chunks with a deterministic in-kernel
 //!   reduction. For more rows the executor calls [`w4a16_dequant`] into a bf16 scratch and cuBLASLt: that path
 //!   multiplies by the bf16-rounded weights `bf16(s * q)` (up to 2^-9 relative per weight), the decode path by the
-//!   exact `s * q`. CPU twin: [`crate::ops::cpu::linear::linear`] over [`QuantMatrix::dequantize`].
+//!   exact `s * q`. On Hopper [`w4a16_gemm_large`] (`LLAMA32_W4A16_LARGE=wgmma`, [`W4A16LargeKernel`]) does the
+//!   large-m product in one kernel instead, the weights dequantized in registers to the same `bf16(s * q)`. CPU
+//!   twin: [`crate::ops::cpu::linear::linear`] over [`QuantMatrix::dequantize`].
 //! - **W4A8** ([`w4a8_gemm`]): torchao 8da4w on the int8 tensor cores (`mma.sync m16n8k32 s8`, or on Hopper
 //!   `wgmma` with [`W4A8Kernel::Wgmma`], whose f32 rounding has its own CPU twin): int8 per-token
 //!   activations from [`act_quant`] (alone or fused into RMSNorm / residual add + RMSNorm / SiLU * up), s32 sums per
@@ -36,13 +38,16 @@
 //! `w4a8_wgmma_kernel` (256 threads, sm_90a only): [`W4A8Kernel::Wgmma`] 196 registers and 112 KB dynamic shared
 //! memory for 128-token tiles (8 stages, one block per SM), 123 registers and 60 KB for 64-token tiles (6 stages,
 //! two per SM); [`W4A8Kernel::WgmmaSerial`] 198 / 84 KB and 124 / 60 KB.
+//! `w4a16_wgmma_kernel` (256 threads, [`w4a16_gemm_large`], sm_90a only, two blocks per SM): 127 / 128 registers
+//! (symmetric / zero points) and 107 KB dynamic shared memory (5 stages) for 128-token tiles, 84 / 92 registers and
+//! 80 KB (6 stages) for 64-token tiles.
 //! `act_quant_kernel`: 25-39 registers.
 //!
 //! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
 //! functions and heuristics work everywhere.
 //!
 //! # Files
-//! `layout` (host-side tile layout), `linear` ([`CudaQuantLinear`]: upload and device buffers), `split_k` (the
+//! `large` (the large-m W4A16 path's switch and its Hopper kernel), `layout` (host-side tile layout), `linear` ([`CudaQuantLinear`]: upload and device buffers), `split_k` (the
 //! split-K workspace and launch heuristics), `w4a16` and `w4a8` (the checked wrappers, with the int8 activations
 //! in `w4a8`), `table` (int8 embedding / `lm_head` tables: [`CudaInt8Table`], [`gemv_int8`]), `launch` (the FFI
 //! calls and their stubs in a build without CUDA).
@@ -50,6 +55,7 @@
 //! [`QuantMatrix`]: crate::quant::QuantMatrix
 //! [`QuantMatrix::dequantize`]: crate::quant::QuantMatrix::dequantize
 
+mod large;
 mod launch;
 mod layout;
 mod linear;
@@ -59,6 +65,7 @@ mod w4a16;
 mod w4a8;
 
 use crate::ops::cuda::switch::KernelSwitch;
+pub use large::{large_tile_m, large_wgmma_available, w4a16_gemm_large, W4A16LargeKernel};
 pub use layout::{layout_w4a16, layout_w4a16_paired, layout_w4a8, HostW4A16, HostW4A8};
 pub use linear::CudaQuantLinear;
 pub use split_k::w4a16_workspace_for;

@@ -1,0 +1,187 @@
+//! W4A16 above [`MAX_DECODE_M`](super::MAX_DECODE_M) rows (prefill): which path runs ([`W4A16LargeKernel`]), and the Hopper kernel that
+//! dequantizes in registers ([`w4a16_gemm_large`], `kernels/quant/w4a16_sm90.cu`). The other path, dequantize a
+//! chunk of rows into a scratch and multiply it with cuBLASLt, lives with the executor's buffers
+//! (`exec::cuda::quant_bufs`), since it needs the scratch and a cuBLASLt handle.
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use super::launch::{launch_w4a16_large, GemmLaunch};
+use super::{padded_n, CudaQuantLinear, W4A16Kernel};
+use crate::ops::cuda::switch::KernelSwitch;
+use crate::{Error, Result};
+
+/// How a W4A16 projection of more than [`MAX_DECODE_M`](super::MAX_DECODE_M) rows runs. Both multiply by the same bf16 weights
+/// `bf16(s * (q - z))` with f32 accumulation; they differ in the order of the f32 sums. The environment variable
+/// [`W4A16LargeKernel::ENV`] (`auto`, `dequant`, `wgmma`) forces one where it runs; `auto` keeps
+/// [`W4A16LargeKernel::Dequant`] until the wgmma kernel has been measured on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W4A16LargeKernel {
+    /// A chunk of rows dequantized into a bf16 scratch ([`super::w4a16_dequant_rows`]), then cuBLASLt; every device.
+    Dequant,
+    /// `kernels/quant/w4a16_sm90.cu`: Hopper's wgmma with the weights dequantized in registers, no scratch
+    /// (compute capability 9.x with sm_90a SASS, [`large_wgmma_available`]).
+    Wgmma,
+}
+
+impl KernelSwitch for W4A16LargeKernel {
+    /// `auto` (the default), `dequant` or `wgmma`.
+    const ENV: &'static str = "LLAMA32_W4A16_LARGE";
+    const WHAT: &'static str = "large-m W4A16 path";
+    const KERNELS: &'static [Self] = &[W4A16LargeKernel::Dequant, W4A16LargeKernel::Wgmma];
+
+    fn name(self) -> &'static str {
+        match self {
+            W4A16LargeKernel::Dequant => "dequant",
+            W4A16LargeKernel::Wgmma => "wgmma",
+        }
+    }
+
+    fn env_cell() -> &'static std::sync::OnceLock<Option<String>> {
+        static VALUE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        &VALUE
+    }
+}
+
+impl W4A16LargeKernel {
+    /// Whether the path runs on the current device.
+    pub fn runs(self) -> bool {
+        self == W4A16LargeKernel::Dequant || large_wgmma_available()
+    }
+
+    /// The path the executor takes: the forced one where it runs, else [`W4A16LargeKernel::Dequant`]. An error
+    /// names a bad value of [`W4A16LargeKernel::ENV`].
+    pub fn configured() -> Result<Self> {
+        Ok(Self::forced()?.filter(|k| k.runs()).unwrap_or(W4A16LargeKernel::Dequant))
+    }
+}
+
+/// True when the current device runs [`w4a16_gemm_large`]: this build holds sm_90a SASS and the device has
+/// compute capability 9.x (cached per device in the library).
+#[cfg(llama32_cuda)]
+pub fn large_wgmma_available() -> bool {
+    // SAFETY: no arguments; reads the current device's compute capability (cached per device).
+    unsafe { super::super::ffi::l32_w4a16_wgmma_available() != 0 }
+}
+
+/// True when the current device runs [`w4a16_gemm_large`]: never in a build without CUDA.
+#[cfg(not(llama32_cuda))]
+pub fn large_wgmma_available() -> bool {
+    false
+}
+
+/// Tokens per block of [`w4a16_gemm_large`] for `m` x `n` on `sms` SMs: 128 when those tiles make two blocks per
+/// SM (the kernel's residency), else 64.
+pub fn large_tile_m(m: usize, n: usize, sms: usize) -> usize {
+    let row_blocks = padded_n(n).div_ceil(128).max(1);
+    if row_blocks * m.div_ceil(128) >= 2 * sms {
+        128
+    } else {
+        64
+    }
+}
+
+/// `out[m, n] = x[m, k] @ bf16(s * (q - z))^T` for any `m` on Hopper, `tile_m` (64 or 128) tokens per block: the
+/// weights dequantized in registers (no scratch), f32 accumulation over all of `k`, one bf16 rounding per output.
+/// A weight uploaded paired ([`CudaQuantLinear::upload_swiglu`]) writes its output in matrix row order, or with
+/// `silu` the `[m, n / 2]` output `silu(gate) * up` (the bits of the plain output followed by the SiLU * up
+/// kernel). Errors name the operand at fault, and a device or build without the kernel.
+///
+/// Enqueued on `stream`; returns without waiting.
+pub fn w4a16_gemm_large(
+    stream: &CudaStream,
+    (x, w, m): (&impl DevicePtr<bf16>, &CudaQuantLinear, usize),
+    tile_m: usize,
+    silu: bool,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    const OP: &str = "w4a16_gemm_large";
+    super::super::ensure_built()?;
+    let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
+    if w.is_w4a8() {
+        return fail("the weight is W4A8 (use w4a8_gemm)".into());
+    }
+    if !large_wgmma_available() {
+        return fail("this device or build has no wgmma W4A16 kernel (compute capability 9.x with sm_90a)".into());
+    }
+    if silu && !w.swiglu_paired() {
+        return fail("the weight was not uploaded with its gate and up rows paired (upload_swiglu)".into());
+    }
+    if tile_m != 64 && tile_m != 128 {
+        return fail(format!("tile_m is {tile_m}, must be 64 or 128"));
+    }
+    let (n, k) = (w.n, w.k);
+    if m == 0 || m >= 1 << 30 {
+        return fail(format!("m is {m}, must be in 1..2^30"));
+    }
+    let out_cols = if silu { n / 2 } else { n };
+    if x.len() < m * k {
+        return fail(format!("`x` has {} elements, needs at least {m} x {k}", x.len()));
+    }
+    if out.len() < m * out_cols {
+        return fail(format!("`out` has {} elements, needs at least {m} x {out_cols}", out.len()));
+    }
+    super::super::check_same_device(
+        OP,
+        stream,
+        &[("x", x.stream()), ("out", out.stream()), ("w", w.qweight.stream())],
+    )?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (xp, _x) = x.device_ptr(stream);
+    if xp % 16 != 0 {
+        return fail(format!("`x` starts at {xp:#x}, not 16-byte aligned"));
+    }
+    let (qweight, _q) = w.qweight.device_ptr(stream);
+    let (scales, _s) = w.scales.device_ptr(stream);
+    let zeros = w.zeros.as_ref().map(|z| z.device_ptr(stream));
+    let (outp, _o) = out.device_ptr_mut(stream);
+    let l = GemmLaunch {
+        out: outp,
+        x: xp,
+        x_scales: 0,
+        x_zeros: 0,
+        qweight,
+        scales,
+        zeros: zeros.as_ref().map_or(0, |(p, _)| *p),
+        row_corr: 0,
+        partials: 0,
+        counters: 0,
+        m,
+        n,
+        k,
+        splits: 1,
+        tile_m,
+        kernel: W4A16Kernel::Direct,
+        pair_half: w.pair_half,
+        silu,
+    };
+    launch_w4a16_large(OP, stream, &l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_tiles_fill_two_blocks_per_sm() {
+        let sms = 132;
+        // 1B prefill of 512 tokens: qkv 3072 rows = 24 row blocks x 4 = 96 < 264 -> 64-token tiles.
+        assert_eq!(large_tile_m(512, 3072, sms), 64);
+        // 90B gate_up at 1024 tokens: 448 x 8 blocks.
+        assert_eq!(large_tile_m(1024, 57344, sms), 128);
+        assert_eq!(large_tile_m(65, 1, sms), 64);
+    }
+
+    #[test]
+    fn large_kernel_names_round_trip() {
+        for k in [W4A16LargeKernel::Dequant, W4A16LargeKernel::Wgmma] {
+            assert_eq!(W4A16LargeKernel::parse(k.name()).unwrap(), Some(k));
+        }
+        let e = W4A16LargeKernel::parse("cublas").unwrap_err().to_string();
+        assert!(e.contains(W4A16LargeKernel::ENV) && e.contains("cublas"), "{e}");
+        // Dequant runs everywhere; so the configured path is never one that cannot run.
+        assert!(W4A16LargeKernel::Dequant.runs());
+    }
+}
