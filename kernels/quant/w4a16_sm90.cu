@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
             const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
             cp_async16(s + T::kXBytes + i * 16, wq + src, ok);
         }
-        if (threadIdx.x < T::kTiles * 8) {  // 64 entries of 8 bytes: two per 16-byte copy would split tiles; 8-byte
-            const int i = threadIdx.x;      // entries are read whole by one lane group, so copy them one by one
+        if (threadIdx.x < T::kTiles * 8) {  // 64 entries of 8 bytes (the scales are only 8-byte aligned)
+            const int i = threadIdx.x;
             const int nt = nt0 + i / 8;
             const bool ok = nt < ntiles;
             const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 8 + i % 8) * 8;
@@ -180,7 +180,9 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
     wgmma::fence_operands(d);
     cp_async_wait<0>();
 
-    // d[j][e]: layout row 16 (nt0 + warp) + g (+8 for e >= 2), token m0 + 8 j + 2 t (+1 for odd e).
+    // d[j][e]: layout row 16 (nt0 + warp) + g (+8 for e >= 2), token m0 + 8 j + 2 t (+1 for odd e). A tile past
+    // the matrix (zero-filled) stores nothing: in a paired layout its rows would map onto real columns.
+    if (nt0 + warp >= ntiles) return;
     const int64_t row = int64_t{nt0 + warp} * 16 + g;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
