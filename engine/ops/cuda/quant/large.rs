@@ -7,6 +7,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::launch::{launch_w4a16_large, GemmLaunch};
+use super::w4a16::check_operands;
 use super::{padded_n, CudaQuantLinear, W4A16Kernel};
 use crate::ops::cuda::switch::KernelSwitch;
 use crate::{Error, Result};
@@ -98,14 +99,9 @@ pub fn w4a16_gemm_large(
     const OP: &str = "w4a16_gemm_large";
     super::super::ensure_built()?;
     let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
-    if w.is_w4a8() {
-        return fail("the weight is W4A8 (use w4a8_gemm)".into());
-    }
+    check_operands(OP, stream, (x, w, m), out, silu)?;
     if !large_wgmma_available() {
         return fail("this device or build has no wgmma W4A16 kernel (compute capability 9.x with sm_90a)".into());
-    }
-    if silu && !w.swiglu_paired() {
-        return fail("the weight was not uploaded with its gate and up rows paired (upload_swiglu)".into());
     }
     if tile_m != 64 && tile_m != 128 {
         return fail(format!("tile_m is {tile_m}, must be 64 or 128"));
@@ -114,18 +110,6 @@ pub fn w4a16_gemm_large(
     if m == 0 || m >= 1 << 30 {
         return fail(format!("m is {m}, must be in 1..2^30"));
     }
-    let out_cols = if silu { n / 2 } else { n };
-    if x.len() < m * k {
-        return fail(format!("`x` has {} elements, needs at least {m} x {k}", x.len()));
-    }
-    if out.len() < m * out_cols {
-        return fail(format!("`out` has {} elements, needs at least {m} x {out_cols}", out.len()));
-    }
-    super::super::check_same_device(
-        OP,
-        stream,
-        &[("x", x.stream()), ("out", out.stream()), ("w", w.qweight.stream())],
-    )?;
     if n == 0 {
         return Ok(());
     }

@@ -89,6 +89,33 @@ pub fn w4a16_gemm_silu_with(
     gemm("w4a16_gemm_silu", stream, (x, w, m), ws, out, choice, true)
 }
 
+/// The operand checks every W4A16 GEMM makes: `w` is W4A16 (and paired for `silu`), `x` holds `m x k` values and
+/// `out` `m x n` (`m x n / 2` with `silu`), all on the stream's device. Errors start with `op`.
+pub(super) fn check_operands(
+    op: &str,
+    stream: &CudaStream,
+    (x, w, m): (&impl DevicePtr<bf16>, &CudaQuantLinear, usize),
+    out: &impl DevicePtrMut<bf16>,
+    silu: bool,
+) -> Result<()> {
+    let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
+    if w.is_w4a8() {
+        return fail("the weight is W4A8 (use w4a8_gemm)".into());
+    }
+    if silu && !w.swiglu_paired() {
+        return fail("the weight was not uploaded with its gate and up rows paired (upload_swiglu)".into());
+    }
+    let (n, k) = (w.n, w.k);
+    let out_cols = if silu { n / 2 } else { n };
+    if x.len() < m * k {
+        return fail(format!("`x` has {} elements, needs at least {m} x {k}", x.len()));
+    }
+    if out.len() < m * out_cols {
+        return fail(format!("`out` has {} elements, needs at least {m} x {out_cols}", out.len()));
+    }
+    super::super::check_same_device(op, stream, &[("x", x.stream()), ("out", out.stream()), ("w", w.qweight.stream())])
+}
+
 /// The checked launch of [`w4a16_gemm_with`] (`silu` false) and [`w4a16_gemm_silu_with`] (true).
 fn gemm(
     op: &str,
@@ -101,28 +128,11 @@ fn gemm(
 ) -> Result<()> {
     super::super::ensure_built()?;
     let fail = |msg: String| Err(Error::Backend(format!("{op}: {msg}")));
-    if w.is_w4a8() {
-        return fail("the weight is W4A8 (use w4a8_gemm)".into());
-    }
-    if silu && !w.swiglu_paired() {
-        return fail("the weight was not uploaded with its gate and up rows paired (upload_swiglu)".into());
-    }
+    check_operands(op, stream, (x, w, m), out, silu)?;
     let (n, k) = (w.n, w.k);
-    let out_cols = if silu { n / 2 } else { n };
     if !(1..=MAX_DECODE_M).contains(&m) {
         return fail(format!("m is {m}, must be in 1..={MAX_DECODE_M} (dequantize + GEMM above)"));
     }
-    if x.len() < m * k {
-        return fail(format!("`x` has {} elements, needs at least {m} x {k}", x.len()));
-    }
-    if out.len() < m * out_cols {
-        return fail(format!("`out` has {} elements, needs at least {m} x {out_cols}", out.len()));
-    }
-    super::super::check_same_device(
-        op,
-        stream,
-        &[("x", x.stream()), ("out", out.stream()), ("w", w.qweight.stream())],
-    )?;
     if n == 0 {
         return Ok(());
     }
