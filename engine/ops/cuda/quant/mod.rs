@@ -39,8 +39,8 @@
 //! memory for 128-token tiles (8 stages, one block per SM), 123 registers and 60 KB for 64-token tiles (6 stages,
 //! two per SM); [`W4A8Kernel::WgmmaSerial`] 198 / 84 KB and 124 / 60 KB.
 //! `w4a16_wgmma_kernel` (256 threads, [`w4a16_gemm_large`], sm_90a only, two blocks per SM): 127 / 128 registers
-//! (symmetric / zero points) and 107 KB dynamic shared memory (5 stages) for 128-token tiles, 84 / 92 registers and
-//! 80 KB (6 stages) for 64-token tiles.
+//! (symmetric / zero points) and 106 KB dynamic shared memory (5 stages) for 128-token tiles, 84 / 92 registers and
+//! 79 KB (6 stages) for 64-token tiles.
 //! `act_quant_kernel`: 25-39 registers.
 //!
 //! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
