@@ -6,8 +6,7 @@
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::launch::{launch_w4a16_large, GemmLaunch};
-use super::w4a16::check_operands;
+use super::w4a16::{check_operands, launch_gemm};
 use super::{padded_n, CudaQuantLinear, W4A16Kernel};
 use crate::ops::cuda::switch::KernelSwitch;
 use crate::{Error, Result};
@@ -106,42 +105,13 @@ pub fn w4a16_gemm_large(
     if tile_m != 64 && tile_m != 128 {
         return fail(format!("tile_m is {tile_m}, must be 64 or 128"));
     }
-    let (n, k) = (w.n, w.k);
     if m == 0 || m >= 1 << 30 {
         return fail(format!("m is {m}, must be in 1..2^30"));
     }
-    if n == 0 {
+    if w.n == 0 {
         return Ok(());
     }
-    let (xp, _x) = x.device_ptr(stream);
-    if xp % 16 != 0 {
-        return fail(format!("`x` starts at {xp:#x}, not 16-byte aligned"));
-    }
-    let (qweight, _q) = w.qweight.device_ptr(stream);
-    let (scales, _s) = w.scales.device_ptr(stream);
-    let zeros = w.zeros.as_ref().map(|z| z.device_ptr(stream));
-    let (outp, _o) = out.device_ptr_mut(stream);
-    let l = GemmLaunch {
-        out: outp,
-        x: xp,
-        x_scales: 0,
-        x_zeros: 0,
-        qweight,
-        scales,
-        zeros: zeros.as_ref().map_or(0, |(p, _)| *p),
-        row_corr: 0,
-        partials: 0,
-        counters: 0,
-        m,
-        n,
-        k,
-        splits: 1,
-        tile_m,
-        kernel: W4A16Kernel::Direct,
-        pair_half: w.pair_half,
-        silu,
-    };
-    launch_w4a16_large(OP, stream, &l)
+    launch_gemm(OP, stream, (x, w, m), None, out, (W4A16Kernel::Direct, 1, tile_m), silu)
 }
 
 #[cfg(test)]

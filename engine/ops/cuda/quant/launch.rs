@@ -24,8 +24,10 @@ pub(super) struct GemmLaunch {
     pub(super) n: usize,
     pub(super) k: usize,
     pub(super) splits: usize,
+    /// W4A8: tokens per block. W4A16: 0 for the decode kernels; nonzero runs the large-m Hopper kernel with this
+    /// many tokens per block.
     pub(super) tile_m: usize,
-    /// The W4A16 decode kernel (ignored by the W4A8 GEMM and the dequantization).
+    /// The W4A16 decode kernel (ignored by the W4A8 GEMM, the dequantization and the large-m kernel).
     pub(super) kernel: super::W4A16Kernel,
     /// W4A16: the paired layout's half (`CudaQuantLinear::pair_half`), 0 for the plain layout.
     pub(super) pair_half: usize,
@@ -54,10 +56,14 @@ fn ptr<T>(p: u64) -> *mut T {
     p as *mut T
 }
 
+/// A checked W4A16 GEMM: a decode kernel (`l.kernel`, m <= 64, split-K), or with `l.tile_m` nonzero the Hopper
+/// kernel for many rows (`L32_W4A16_WGMMA`, `l.tile_m` tokens per block, no split-K).
 #[cfg(llama32_cuda)]
 pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
     use super::super::ffi;
-    // All fit: m <= 64, n < 2^31 - 128, k <= 2^24, splits <= 65535 (checked by the callers and the heuristics).
+    let large = l.tile_m != 0;
+    // All fit: m <= 64 (large: m < 2^30), n < 2^31 - 128, k <= 2^24, splits <= 65535 (checked by the callers and the
+    // heuristics).
     let params = ffi::l32_w4a16_params {
         out: ptr(l.out),
         x: ptr(l.x),
@@ -71,60 +77,29 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         k: l.k as i64,
         splits: l.splits as i32,
         kernel: match l.kernel {
+            _ if large => ffi::l32_w4a16_kernel::L32_W4A16_WGMMA,
             super::W4A16Kernel::Direct => ffi::l32_w4a16_kernel::L32_W4A16_DIRECT,
             super::W4A16Kernel::Pipelined => ffi::l32_w4a16_kernel::L32_W4A16_PIPELINED,
             super::W4A16Kernel::Tiled => ffi::l32_w4a16_kernel::L32_W4A16_TILED,
             super::W4A16Kernel::Bulk => ffi::l32_w4a16_kernel::L32_W4A16_BULK,
         },
-        l2_prefetch: i32::from(super::w4a16_l2_prefetch_for(l.m, l.n, l.k)?),
-        bulk_variant: super::w4a16_bulk_variant()? as i32,
-        pair_half: l.pair_half as i64,
-        silu: i32::from(l.silu),
-        tile_m: 0,
-        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
-    };
-    let raw = super::super::raw_stream(op, stream)?;
-    // SAFETY: every pointer comes from a live device allocation on this stream's device, sized by the caller's
-    // checks (x: m x k, out: m x n, the layout buffers of a CudaQuantLinear of n x k, the workspace by
-    // w4a16_workspace); the guards are held until after the launch.
-    let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
-    super::super::check_launch(op, stream, status, || {
-        let silu = if l.silu { ", SiLU * up" } else { "" };
-        format!("{op} (m {}, n {}, k {}, splits {}, {} kernel{silu})", l.m, l.n, l.k, l.splits, l.kernel.name())
-    })
-}
-
-/// The Hopper W4A16 GEMM for many rows (`L32_W4A16_WGMMA`, no split-K): `l.tile_m` tokens per block.
-#[cfg(llama32_cuda)]
-pub(super) fn launch_w4a16_large(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
-    use super::super::ffi;
-    // All fit: m < 2^30, n < 2^31 - 64, k <= 2^24 (checked by the caller).
-    let params = ffi::l32_w4a16_params {
-        out: ptr(l.out),
-        x: ptr(l.x),
-        qweight: ptr(l.qweight),
-        scales: ptr(l.scales),
-        zeros: ptr(l.zeros),
-        partials: ptr(0),
-        counters: ptr(0),
-        m: l.m as i64,
-        n: l.n as i64,
-        k: l.k as i64,
-        splits: 1,
-        kernel: ffi::l32_w4a16_kernel::L32_W4A16_WGMMA,
-        l2_prefetch: 0,
-        bulk_variant: 0,
+        l2_prefetch: i32::from(!large && super::w4a16_l2_prefetch_for(l.m, l.n, l.k)?),
+        bulk_variant: if large { 0 } else { super::w4a16_bulk_variant()? as i32 },
         pair_half: l.pair_half as i64,
         silu: i32::from(l.silu),
         tile_m: l.tile_m as i32,
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;
-    // SAFETY: as in launch_w4a16 (x: m x k, out: m x n, the layout buffers of a CudaQuantLinear of n x k); no
-    // workspace.
+    // SAFETY: every pointer comes from a live device allocation on this stream's device, sized by the caller's
+    // checks (x: m x k, out: m x n, the layout buffers of a CudaQuantLinear of n x k, the workspace by
+    // w4a16_workspace; none for the large kernel); the guards are held until after the launch.
     let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
     super::super::check_launch(op, stream, status, || {
-        format!("{op} (m {}, n {}, k {}, wgmma kernel, tile_m {})", l.m, l.n, l.k, l.tile_m)
+        let silu = if l.silu { ", SiLU * up" } else { "" };
+        let kernel =
+            if large { format!("wgmma kernel, tile_m {}", l.tile_m) } else { format!("{} kernel", l.kernel.name()) };
+        format!("{op} (m {}, n {}, k {}, splits {}, {kernel}{silu})", l.m, l.n, l.k, l.splits)
     })
 }
 
@@ -210,11 +185,6 @@ pub(super) fn launch_act_quant(op: &str, stream: &CudaStream, l: &ActQuantLaunch
 
 #[cfg(not(llama32_cuda))]
 pub(super) fn launch_w4a16(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -> Result<()> {
-    super::super::ensure_built()
-}
-
-#[cfg(not(llama32_cuda))]
-pub(super) fn launch_w4a16_large(_op: &str, _stream: &CudaStream, _l: &GemmLaunch) -> Result<()> {
     super::super::ensure_built()
 }
 

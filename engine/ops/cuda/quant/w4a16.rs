@@ -150,15 +150,29 @@ fn gemm(
     if !ws.holds(need) {
         return fail(format!("the split-K workspace holds fewer than {} partials / {} counters", need.0, need.1));
     }
+    launch_gemm(op, stream, (x, w, m), Some(ws), out, (choice.kernel, splits, 0), silu)
+}
+
+/// Launches a checked W4A16 GEMM: refuses an `x` that is not 16-byte aligned, then takes the device pointers of
+/// `x`, `w`, `out` and the split-K workspace `ws` (`None` for the large-m kernel, which needs none) for
+/// [`launch_w4a16`]. `(kernel, splits, tile_m)` as in [`GemmLaunch`] (`tile_m` nonzero: the large-m kernel).
+pub(super) fn launch_gemm(
+    op: &str,
+    stream: &CudaStream,
+    (x, w, m): (&impl DevicePtr<bf16>, &CudaQuantLinear, usize),
+    ws: Option<&mut SplitKWorkspace>,
+    out: &mut impl DevicePtrMut<bf16>,
+    (kernel, splits, tile_m): (W4A16Kernel, usize, usize),
+    silu: bool,
+) -> Result<()> {
     let (xp, _x) = x.device_ptr(stream);
     if xp % 16 != 0 {
-        return fail(format!("`x` starts at {xp:#x}, not 16-byte aligned"));
+        return Err(Error::Backend(format!("{op}: `x` starts at {xp:#x}, not 16-byte aligned")));
     }
     let (qweight, _q) = w.qweight.device_ptr(stream);
     let (scales, _s) = w.scales.device_ptr(stream);
     let zeros = w.zeros.as_ref().map(|z| z.device_ptr(stream));
-    let (partials, _p) = ws.partials.device_ptr_mut(stream);
-    let (counters, _c) = ws.counters.device_ptr_mut(stream);
+    let workspace = ws.map(|ws| (ws.partials.device_ptr_mut(stream), ws.counters.device_ptr_mut(stream)));
     let (outp, _o) = out.device_ptr_mut(stream);
     let l = GemmLaunch {
         out: outp,
@@ -169,14 +183,14 @@ fn gemm(
         scales,
         zeros: zeros.as_ref().map_or(0, |(p, _)| *p),
         row_corr: 0,
-        partials,
-        counters,
+        partials: workspace.as_ref().map_or(0, |((p, _), _)| *p),
+        counters: workspace.as_ref().map_or(0, |(_, (c, _))| *c),
         m,
-        n,
-        k,
+        n: w.n,
+        k: w.k,
         splits,
-        tile_m: 0,
-        kernel: choice.kernel,
+        tile_m,
+        kernel,
         pair_half: w.pair_half,
         silu,
     };
