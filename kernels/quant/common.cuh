@@ -155,18 +155,15 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                  : "memory");
 }
 
-// 8-byte global -> shared copy (through L1); with `valid` false nothing is read and the bytes are zero-filled.
-__device__ __forceinline__ void cp_async8(void* smem, const void* gmem, bool valid) {
-    const int src_size = valid ? 8 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_size)
-                 : "memory");
-}
-
-// 4-byte global -> shared copy (through L1: cp.async takes only 16 bytes with .cg); with `valid` false nothing is read
-// and the bytes are zero-filled. For layouts that move 4-byte words apart (the wgmma W4A8 activations).
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
-    const int src_size = valid ? 4 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_size)
+// N-byte global -> shared copy through L1 (cp.async takes 4 or 8 bytes only with .ca; 16-byte copies use
+// cp_async16): with `valid` false nothing is read and the bytes are zero-filled. For layouts that move 4-byte words
+// apart (the wgmma activations) and for 8-byte entries that are only 8-byte aligned.
+template <int N>
+__device__ __forceinline__ void cp_async_ca(void* smem, const void* gmem, bool valid) {
+    static_assert(N == 4 || N == 8, "cp.async.ca copies 4, 8 or 16 bytes; use cp_async16 for 16");
+    const int src_size = valid ? N : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(smem)), "l"(gmem), "n"(N),
+                 "r"(src_size)
                  : "memory");
 }
 

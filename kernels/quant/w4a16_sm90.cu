@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
             const int byte = 32 * step + 4 * slot;  // within the 128-byte row
             const int elem = XTile::offset(r, byte / 16) + (byte % 16) / 2;
             const int64_t src = (int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64) * 2 + cw * 4;
-            cp_async4(s + elem * 2, x + src, ok);
+            cp_async_ca<4>(s + elem * 2, x + src, ok);
         }
         for (int i = threadIdx.x; i < T::kTiles * 32; i += T::kThreads) {
             const int nt = nt0 + i / 32;
@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
             const int nt = nt0 + i / 8;
             const bool ok = nt < ntiles;
             const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 8 + i % 8) * 8;
-            cp_async8(s + T::kXBytes + T::kWBytes + i * 8, sc + src, ok);
-            if constexpr (kZeros) cp_async8(s + T::kXBytes + T::kWBytes + T::kSBytes + i * 8, zr + src, ok);
+            cp_async_ca<8>(s + T::kXBytes + T::kWBytes + i * 8, sc + src, ok);
+            if constexpr (kZeros) cp_async_ca<8>(s + T::kXBytes + T::kWBytes + T::kSBytes + i * 8, zr + src, ok);
         }
     };
 

@@ -67,11 +67,6 @@ struct TiledSmem {
 // Position of 16-byte unit `unit` (0..7: columns 8 unit .. 8 unit + 7 of a chunk) of token row r.
 __device__ __forceinline__ int swizzled(int r, int unit) { return unit ^ ((r & 1) << 2); }
 
-// 8 bytes global -> shared, asynchronously (cp.async.ca: the 8-byte size needs the .ca form).
-__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
-}
-
 // What every thread of a block needs to stage: x and the block's first tile (tiles past the last one read the
 // last tile; their outputs are discarded).
 struct TiledSource {
@@ -122,8 +117,8 @@ __device__ __forceinline__ void stage(uint4* smem, int buf, const TiledSource& s
             if (c >= c1) continue;
             const int64_t nt = min(src.tile0 + ts, src.ntiles - 1);
             const int64_t at = (nt * src.kc + c) * 8 + e;
-            cp_async8(sc_dst + i, src.sc + at);
-            if constexpr (kZeros) cp_async8(sc_dst + kEntries + i, src.zr + at);
+            cp_async_ca<8>(sc_dst + i, src.sc + at, true);
+            if constexpr (kZeros) cp_async_ca<8>(sc_dst + kEntries + i, src.zr + at, true);
         }
     }
     cp_async_commit();

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
             const int tok = m0 + r;
             const bool ok = tok < m;
             const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + (j * 8 + cw) * 4;
-            cp_async4(s + act_offset<kBN>(j, r, cw), xq + src, ok);
+            cp_async_ca<4>(s + act_offset<kBN>(j, r, cw), xq + src, ok);
         }
         for (int i = threadIdx.x; i < T::kTiles * 32; i += T::kThreads) {
             const int nt = nt0 + i / 32;
