@@ -228,6 +228,30 @@ run() {
     local t
     for t in "$@"; do gpu_bench 540 '^BENCH ' "$t"; done
   }
+  # `gpu_test_env TAG TEST [VAR=VALUE...]`: one test of the GPU test binary run again with the given environment
+  # (its log gpu.TEST.TAG.log); a row `TEST [TAG]` joins the table, and its figure lines (`w4a8 wgmma:`,
+  # `w4a16 large:`) the summary.
+  gpu_test_env() {
+    local tag=$1 test=$2 log rc=0 status
+    shift 2
+    log="$logs/gpu.$test.$tag.log"
+    (export "$@" && tmo 150 "$bundle/tests/gpu" --exact "$test" --nocapture --test-threads=1) >"$log" 2>&1 || rc=$?
+    if ((rc == 124)); then
+      status=TIME
+    elif ((rc != 0)); then
+      status=FAIL
+    elif grep -q 'skipped:' "$log"; then
+      status=SKIP
+    else
+      status=PASS
+    fi
+    if [[ $status != PASS && $status != SKIP ]]; then
+      failed=$((failed + 1))
+      tail -n 15 "$log"
+    fi
+    rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" gpu "$test [$tag]" -)")
+    mapfile -t -O "${#benches[@]}" benches < <(grep -E '^(w4a8 wgmma|w4a16 large): ' "$log" || true)
+  }
   # `bench_e2e CAP "PRESET BATCH PROMPT GEN [FLAGS]"`: one `llama32 bench` run on CUDA (random weights), for at most
   # CAP seconds of the budget; its JSON line goes to bench.jsonl, a row and a figure line to the table.
   bench_e2e() {
@@ -341,14 +365,8 @@ run() {
     done
     # The quantized golden end-to-end test again with the Hopper W4A8 kernel forced (the executor's prefill and
     # decode projections through kernels/quant/w4a8_sm90.cu where it runs; elsewhere the same run as above).
-    t=cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu
-    if [[ -z ${GPU_TEST_FILTER:-} ]] && (($(left 150) > 0)); then
-      log="$logs/gpu.$t.w4a8-wgmma.log"
-      rc=0
-      LLAMA32_W4A8_KERNEL=wgmma tmo 150 "$bundle/tests/gpu" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 ||
-        rc=$?
-      if ((rc == 0)); then status=PASS; else status=FAIL; failed=$((failed + 1)); tail -n 15 "$log"; fi
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" gpu "$t [w4a8=wgmma]" -)")
+    if [[ -z ${GPU_TEST_FILTER:-} ]]; then
+      gpu_test_env w4a8=wgmma cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma
     fi
     # Tensor parallelism on CUDA (tests/gpu/cuda_tp.rs): its `cuda-tp` figure lines join the summary.
     mapfile -t -O "${#benches[@]}" benches < <(grep -h '^cuda-tp ' "$logs"/gpu.cuda_tp::*.log 2>/dev/null || true)
@@ -660,23 +678,9 @@ PY
         cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu; do
         for wk in auto wgmma wgmma-serial large; do
           [[ $wk == auto || $wt == *e2e* ]] || continue
-          log="$logs/gpu.$wt.$wk.log"
-          rc=0
           local w8=$wk w16=auto
           [[ $wk == large ]] && w8=auto w16=wgmma
-          LLAMA32_W4A8_KERNEL=$w8 LLAMA32_W4A16_LARGE=$w16 tmo 150 "$bundle/tests/gpu" --exact "$wt" --nocapture \
-            --test-threads=1 >"$log" 2>&1 || rc=$?
-          if ((rc != 0)); then
-            status=FAIL
-            failed=$((failed + 1))
-            tail -n 15 "$log"
-          elif grep -q 'skipped:' "$log"; then
-            status=SKIP
-          else
-            status=PASS
-          fi
-          rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" gpu "$wt [$wk]" -)")
-          mapfile -t -O "${#benches[@]}" benches < <(grep -E '^(w4a8 wgmma|w4a16 large): ' "$log" || true)
+          gpu_test_env "$wk" "$wt" LLAMA32_W4A8_KERNEL="$w8" LLAMA32_W4A16_LARGE="$w16"
         done
       done
     fi
