@@ -228,6 +228,19 @@ run() {
     local t
     for t in "$@"; do gpu_bench 540 '^BENCH ' "$t"; done
   }
+  # `test_status RC LOG`: TIME (cut off), FAIL, SKIP (the test printed "skipped:") or PASS for a test's exit status
+  # and log. Anything but PASS counts as a failure on a device.
+  test_status() {
+    if (($1 == 124)); then
+      echo TIME
+    elif (($1 != 0)); then
+      echo FAIL
+    elif grep -q 'skipped:' "$2"; then
+      echo SKIP
+    else
+      echo PASS
+    fi
+  }
   # `gpu_test_env TAG TEST [VAR=VALUE...]`: one test of the GPU test binary run again with the given environment
   # (its log gpu.TEST.TAG.log); a row `TEST [TAG]` joins the table, and its figure lines (`w4a8 wgmma:`,
   # `w4a16 large:`) the summary.
@@ -236,16 +249,8 @@ run() {
     shift 2
     log="$logs/gpu.$test.$tag.log"
     (export "$@" && tmo 150 "$bundle/tests/gpu" --exact "$test" --nocapture --test-threads=1) >"$log" 2>&1 || rc=$?
-    if ((rc == 124)); then
-      status=TIME
-    elif ((rc != 0)); then
-      status=FAIL
-    elif grep -q 'skipped:' "$log"; then
-      status=SKIP
-    else
-      status=PASS
-    fi
-    if [[ $status != PASS && $status != SKIP ]]; then
+    status=$(test_status "$rc" "$log")
+    if [[ $status != PASS ]]; then
       failed=$((failed + 1))
       tail -n 15 "$log"
     fi
@@ -346,15 +351,7 @@ run() {
         fi
         tmo 150 "$exe" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
         secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1fs", b - a }')
-        if ((rc == 124)); then
-          status=TIME
-        elif ((rc != 0)); then
-          status=FAIL
-        elif grep -q 'skipped:' "$log"; then
-          status=SKIP
-        else
-          status=PASS
-        fi
+        status=$(test_status "$rc" "$log")
         if [[ $status != PASS ]]; then
           failed=$((failed + 1))
           echo "---- $status $name::$t (last lines of $log)"
