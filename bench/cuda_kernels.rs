@@ -242,7 +242,8 @@ const QUANT_SHAPES: [(&str, usize, usize); 6] = [
 ];
 
 /// W4A16 at m = 1, 16, 64 (throughput = bytes of int4 weights + bf16 scales: criterion's GB/s is the effective
-/// weight bandwidth), the large-m W4A16 kernel (Hopper) and W4A8 at m = 256, 1024 (throughput elements = FLOPs:
+/// weight bandwidth), the large-m W4A16 kernel (Hopper) at m = 256, 1024 and W4A8 at m = 256, 1024 or the m values
+/// of `LLAMA32_BENCH_W4A8_M` (throughput elements = FLOPs:
 /// criterion's "Gelem/s" reads as GFLOP/s; divide by 1000 for TFLOP/s). One weight per shape; the 90B weights (up
 /// to 264 MB) exceed L2, the 1B ones (up to 19 MB) fit in an H100's 50 MB L2, so the 1B figures are an upper bound
 /// of the streaming rate.
@@ -252,6 +253,11 @@ fn quant(c: &mut Criterion) {
     let sms = k::attention::num_sms(&d.stream).expect("SM count");
     let mut g = c.benchmark_group("quant");
     g.measurement_time(Duration::from_secs(1));
+    // W4A8 rows: LLAMA32_BENCH_W4A8_M (comma-separated m values) or 256 and 1024.
+    let w4a8_ms: Vec<usize> = match std::env::var("LLAMA32_BENCH_W4A8_M") {
+        Ok(list) => list.split(',').map(|m| m.trim().parse().expect("LLAMA32_BENCH_W4A8_M: m values")).collect(),
+        Err(_) => vec![256, 1024],
+    };
     for (name, kdim, n) in QUANT_SHAPES {
         let q: Vec<i8> = (0..n * kdim).map(|i| ((i.wrapping_mul(2_654_435_761) >> 9) % 16) as i8 - 8).collect();
         let qm = QuantMatrix { n, k: kdim, group: 32, q, scales: vec![0.0125; n * kdim / 32], zeros: None };
@@ -274,7 +280,7 @@ fn quant(c: &mut Criterion) {
                 });
             }
         }
-        for (scheme, ms) in [(Scheme::W4A16_G32, &[1usize, 16, 64][..]), (Scheme::W4A8_G32, &[256usize, 1024][..])] {
+        for (scheme, ms) in [(Scheme::W4A16_G32, &[1usize, 16, 64][..]), (Scheme::W4A8_G32, &w4a8_ms[..])] {
             let lin = QuantLinear { matrix: qm.clone(), scheme };
             let w = k::quant::CudaQuantLinear::upload(&d.stream, &lin).expect("upload");
             let w4a8 = scheme == Scheme::W4A8_G32;

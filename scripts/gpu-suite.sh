@@ -713,8 +713,10 @@ PY
       rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL ncu "ncu is not on this machine" -)")
     else
       # --clock-control none: the GPU's own clocks, as in the benches (ncu locks base clocks by default).
-      tmo 300 ncu --clock-control none --kernel-name regex:'w4a16|w4a8|gemv|prefill|decode' --section SpeedOfLight \
-        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      # GPU_SUITE_NCU_KERNELS (a regex of kernel names) narrows the launches profiled.
+      tmo 300 ncu --clock-control none --kernel-name regex:"${GPU_SUITE_NCU_KERNELS:-w4a16|w4a8|gemv|prefill|decode}" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section LaunchStats \
         "$bundle/tests/gpu" --ignored ncu_ --test-threads=1 --nocapture >"$log" 2>&1 || rc=$?
       local ncu_lines=()
       mapfile -t ncu_lines < <(python3 - "$log" <<'PY'

@@ -12,10 +12,11 @@
 //!   `|got - want| <= 2^-8 |want| + 1e-3 sqrt(k) rms(x_i) rms(w_j)` (one bf16 rounding, and slack for a different
 //!   f32 summation order that is thousands of times the real f32 error, while a wrong, missing or doubled product
 //!   moves an output by about rms(x) rms(w)).
-//! - `w4a8_gemm` against `w4a8_linear` (torchao 8da4w) on the same bf16 activations: the integer sums are exact on
-//!   both sides, the f32 scaling differs in order only: `|got - want| <= 2^-8 |want| + 2e-5 mag`, where `mag` is
-//!   the sum of the magnitudes of every scaled group term of that output (computed on the host in f64); a
-//!   fragment-mapping error changes an output by a sizable fraction of `mag`.
+//! - the mma W4A8 kernel (`w4a8_gemm_with`, its plan) against `w4a8_linear` (torchao 8da4w) on the same bf16
+//!   activations: the integer sums are exact on both sides, the f32 scaling differs in order only:
+//!   `|got - want| <= 2^-8 |want| + 2e-5 mag`, where `mag` is the sum of the magnitudes of every scaled group term
+//!   of that output (computed on the host in f64); a fragment-mapping error changes an output by a sizable
+//!   fraction of `mag`.
 //! - Each GEMM gives the same bits twice (the split-K reduction order is fixed), and the W4A16 decode kernels
 //!   direct, pipelined and tiled give the same bits for the same split count; the bulk kernel (Hopper, m <= 16)
 //!   gives the direct kernel's bits at one split when each of its warps covers whole tiles.
@@ -529,7 +530,9 @@ fn w4a16_dequant_rows_are_the_rows_of_the_whole() {
     }
 }
 
-/// One W4A8 shape: every m of `ms` against `w4a8_linear` on the same bf16 activations, twice for determinism.
+/// One W4A8 shape through the mma kernel (whatever `auto` picks: the wgmma kernels round differently and have
+/// their own twin test, tests/gpu/cuda_w4a8_wgmma.rs): every m of `ms` against `w4a8_linear` on the same bf16
+/// activations, twice for determinism.
 fn check_w4a8(
     stream: &Arc<CudaStream>,
     rng: &mut ChaCha8Rng,
@@ -538,6 +541,7 @@ fn check_w4a8(
     ms: &[usize],
 ) {
     let (k, n, zeros) = shape;
+    let sms = llama32::ops::cuda::attention::num_sms(stream).expect("SM count");
     let qm = random_matrix(rng, n, k, zeros);
     let w = CudaQuantLinear::upload(stream, &QuantLinear { matrix: qm.clone(), scheme: Scheme::W4A8_G32 }).unwrap();
     let groups = k / 32;
@@ -555,7 +559,8 @@ fn check_w4a8(
         let mut acts = poisoned_acts(stream, m, k);
         act_quant(stream, ActSource::Rows(x_d.slice(..)), m, k, &mut acts, None).unwrap();
         let mut out = upload(stream, &vec![bf16::NAN; m * n + 64]);
-        w4a8_gemm(stream, &acts, &w, m, ws, &mut out).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let plan = w4a8_plan(W4A8Kernel::Mma, m, n, k, sms);
+        w4a8_gemm_with(stream, &acts, &w, m, ws, &mut out, plan).unwrap_or_else(|e| panic!("{what}: {e}"));
         let got = download(stream, &out);
         assert!(got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past m x n");
         let mut worst = 0f32;
@@ -581,7 +586,7 @@ fn check_w4a8(
             }
         }
         let mut again = upload(stream, &vec![bf16::NAN; m * n]);
-        w4a8_gemm(stream, &acts, &w, m, ws, &mut again).unwrap();
+        w4a8_gemm_with(stream, &acts, &w, m, ws, &mut again, plan).unwrap();
         assert!(same_bits(&download(stream, &again), &got[..m * n]), "{what}: a second run gave different bits");
         eprintln!("{what}: worst error {worst:.3} of the tolerance");
     }
@@ -806,7 +811,8 @@ fn quant_throughput() {
 
 /// One launch of each quantized and skinny-GEMM kernel worth a hardware profile, for `scripts/gpu-suite.sh run
 /// ncu` (Nsight Compute profiles every launch of this test): the W4A16 decode kernels at m = 1 and 16 on the 11B
-/// gate_up and down shapes, the W4A8 kernels at m = 256 on 11B gate_up, and the bf16 skinny GEMM at m = 1 on the 1B
+/// gate_up and down shapes, the W4A8 kernels and the large-m W4A16 kernel (Hopper) at m = 256 on 11B gate_up, and
+/// the bf16 skinny GEMM at m = 1 on the 1B
 /// qkv, o and gate_up shapes. Each output is checked for finite values, so a broken launch fails here too.
 #[test]
 #[ignore]
@@ -846,6 +852,13 @@ fn ncu_quant_targets() {
         let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
         w4a8_gemm_with(&stream, &acts, &w, m, &mut ws, &mut out, w4a8_plan(kernel, m, n, k, sms)).unwrap();
         finite(&format!("w4a8 {} 11b gate_up m 256", kernel.name()), &out);
+    }
+    if llama32::ops::cuda::quant::large_wgmma_available() {
+        let w = weights(n, k, Scheme::W4A16_G32);
+        let tile = llama32::ops::cuda::quant::large_tile_m(m, n, sms);
+        let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
+        llama32::ops::cuda::quant::w4a16_gemm_large(&stream, (&x, &w, m), tile, false, &mut out).unwrap();
+        finite(&format!("w4a16 large wgmma 11b gate_up m 256 tile {tile}"), &out);
     }
     for (name, k, n) in [("1b qkv", 2048usize, 3072usize), ("1b o", 2048, 2048), ("1b gate_up", 2048, 16384)] {
         let w = upload(&stream, &random_rows(&mut rng, n, k, (-0.05, 0.05), false));

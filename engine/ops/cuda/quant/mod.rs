@@ -78,7 +78,10 @@ pub use table::{dequant_rows, gemv_int8, gemv_int8_supports, CudaInt8Table, GEMV
 pub use w4a16::{
     w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, W4A16Choice,
 };
-pub use w4a8::{act_quant, w4a8_gemm, w4a8_gemm_with, wgmma_available, ActSource, QuantActs, W4A8Kernel, WGMMA_MIN_M};
+pub use w4a8::{
+    act_quant, w4a8_gemm, w4a8_gemm_with, wgmma_available, ActSource, QuantActs, W4A8Kernel, WGMMA_AUTO_MAX_M,
+    WGMMA_MIN_M,
+};
 
 /// The most rows of `x` [`w4a16_gemm`] takes (the executor uses dequantize + cuBLASLt above).
 pub const MAX_DECODE_M: usize = 64;
@@ -409,5 +412,15 @@ mod tests {
         assert_eq!(W4A8Kernel::parse("auto").unwrap(), None);
         let e = W4A8Kernel::parse("wgmma2").unwrap_err().to_string();
         assert!(e.contains(W4A8Kernel::ENV) && e.contains("wgmma2") && e.contains("`wgmma-serial`"), "{e}");
+    }
+
+    #[test]
+    fn w4a8_auto_takes_wgmma_only_in_its_measured_rows() {
+        for m in [1, 8, 16, 32, 33, 48, 64, 65, 128, 256, 1024, 8192] {
+            let want = if m > WGMMA_MIN_M && m <= WGMMA_AUTO_MAX_M { W4A8Kernel::Wgmma } else { W4A8Kernel::Mma };
+            assert_eq!(W4A8Kernel::auto_for(true, m), want, "m {m}");
+            // Where the wgmma kernel cannot run (another device, or weights with zero points): always mma.
+            assert_eq!(W4A8Kernel::auto_for(false, m), W4A8Kernel::Mma, "m {m}");
+        }
     }
 }

@@ -14,7 +14,8 @@ use crate::{Error, Result};
 /// Which W4A8 kernel [`w4a8_gemm`] runs. Both compute torchao's 8da4w product with exact s32 group sums; they
 /// differ in how the f32 sum of the scaled group terms is rounded (see [`W4A8Kernel::Wgmma`]). The environment
 /// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`) forces one where it runs; `auto` takes
-/// [`W4A8Kernel::Mma`] until the wgmma kernel has been measured on a device.
+/// [`W4A8Kernel::Wgmma`] from [`WGMMA_MIN_M`] + 1 to [`WGMMA_AUTO_MAX_M`] rows where it runs, else
+/// [`W4A8Kernel::Mma`] (measured on an H100, 2026-11-28: `bench/results/2026-11-28-h100-gate-wgmma.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A8Kernel {
     /// `mma.sync m16n8k32 s8` (`kernels/quant/w4a8.cu`), every device; decode tiles of 8, 16 or 32 tokens and a
@@ -65,19 +66,40 @@ impl W4A8Kernel {
         !self.is_wgmma() || (w.zeros.is_none() && wgmma_available())
     }
 
-    /// The kernel [`w4a8_gemm`] runs for `m` rows through `w`: the forced one where it runs, else
-    /// [`W4A8Kernel::Mma`]. A forced wgmma kernel applies above [`WGMMA_MIN_M`] rows only: below, the mma kernel's
-    /// decode tiles (8, 16, 32 tokens) stream the weights without the wgmma kernels' 64-token padding. An error
-    /// names a bad value of [`W4A8Kernel::ENV`].
+    /// The kernel [`w4a8_gemm`] runs for `m` rows through `w`: the forced one where it runs, else (and for
+    /// `auto`) [`W4A8Kernel::auto`]. A forced wgmma kernel applies above [`WGMMA_MIN_M`] rows only: below, the mma
+    /// kernel's decode tiles (8, 16, 32 tokens) stream the weights without the wgmma kernels' 64-token padding. An
+    /// error names a bad value of [`W4A8Kernel::ENV`].
     pub fn configured(w: &CudaQuantLinear, m: usize) -> Result<Self> {
         let applies = |k: &W4A8Kernel| k.runs(w) && (!k.is_wgmma() || m > WGMMA_MIN_M);
-        Ok(Self::forced()?.filter(applies).unwrap_or(W4A8Kernel::Mma))
+        Ok(Self::forced()?.filter(applies).unwrap_or_else(|| Self::auto(w, m)))
+    }
+
+    /// The default for `m` rows through `w`: [`W4A8Kernel::Wgmma`] where it runs and `m` is in
+    /// ([`WGMMA_MIN_M`], [`WGMMA_AUTO_MAX_M`]], else [`W4A8Kernel::Mma`].
+    pub fn auto(w: &CudaQuantLinear, m: usize) -> Self {
+        Self::auto_for(W4A8Kernel::Wgmma.runs(w), m)
+    }
+
+    /// [`W4A8Kernel::auto`] given whether the wgmma kernel runs on `w` here.
+    pub fn auto_for(wgmma_runs: bool, m: usize) -> Self {
+        if wgmma_runs && m > WGMMA_MIN_M && m <= WGMMA_AUTO_MAX_M {
+            W4A8Kernel::Wgmma
+        } else {
+            W4A8Kernel::Mma
+        }
     }
 }
 
 /// Rows at and below which [`W4A8Kernel::configured`] keeps the mma kernel (its decode tiles) even when a wgmma
 /// kernel is forced.
 pub const WGMMA_MIN_M: usize = 32;
+
+/// Rows up to which `auto` takes [`W4A8Kernel::Wgmma`] (above [`WGMMA_MIN_M`]). Measured on an H100 (2026-11-28):
+/// 1B W4A8 decode at batch 64 (m = 64 in every projection) took 3.81 ms a step with it against 4.38 with the mma
+/// kernel, while at m = 256 and 1024 the mma kernel was up to 1.4x faster on the 11B / 90B gate_up shapes and
+/// 1B prefill (m = 8192) ran at 104k tokens/s against 73k. Between 65 and 255 rows nothing was measured.
+pub const WGMMA_AUTO_MAX_M: usize = 64;
 
 /// True when the current device runs the wgmma W4A8 kernels: this build holds sm_90a SASS and the device has
 /// compute capability 9.x (cached per device in the library).
