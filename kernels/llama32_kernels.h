@@ -453,6 +453,11 @@ typedef enum l32_w4a16_kernel {
      * order). splits must be 1; partials and counters are not used.
      */
     L32_W4A16_WGMMA = 4,
+    /**
+     * L32_W4A16_WGMMA with the activations copied in natural k order (16-byte copies) and the weights' A fragments
+     * composed from the quad's words instead: the same bits, an eighth of the activation copies.
+     */
+    L32_W4A16_WGMMA_ROW = 5,
 } l32_w4a16_kernel;
 
 /**
@@ -468,7 +473,7 @@ typedef struct l32_w4a16_params {
     const void* zeros;      /**< reordered bf16 biases 136 + z, 8-byte aligned; NULL for symmetric weights */
     float* partials;        /**< split-K workspace, splits * m * n_pad f32 (NULL when splits == 1) */
     uint32_t* counters;     /**< split-K tile counters, ceil(n_pad / 64), zeroed (NULL when splits == 1) */
-    int64_t m;              /**< 1 ..= 64; WGMMA: 1 ..= 2^30 */
+    int64_t m;              /**< 1 ..= 64; WGMMA(_ROW): 1 ..= 2^30 */
     int64_t n;              /**< any count >= 0 (0 launches nothing), below 2^31 - 64 */
     int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */
     int32_t splits;         /**< K splits, 1 ..= k / 64 (the Rust heuristic quant::w4a16_splits); BULK: blocks, 1 ..= 65535 */
@@ -481,7 +486,7 @@ typedef struct l32_w4a16_params {
                                  pair_half + 8 t .. (rows 8-15); the plain output is still in matrix row order */
     int32_t silu;           /**< with pair_half: out is [m, pair_half] = bf16(silu(bf16 gate) * bf16 up), the bits of
                                  the plain output followed by l32_silu_mul */
-    int32_t tile_m;         /**< WGMMA only: tokens per block, 64 or 128 */
+    int32_t tile_m;         /**< WGMMA(_ROW) only: tokens per block, 64 or 128 */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_params;
 
@@ -491,7 +496,7 @@ l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* stream);
 /** 1 when the current device runs L32_W4A16_BULK (built with sm_90a SASS, compute capability 9.x), else 0. */
 int l32_w4a16_bulk_available(void);
 
-/** 1 when the current device runs L32_W4A16_WGMMA (built with sm_90a SASS, compute capability 9.x), else 0. */
+/** 1 when the current device runs L32_W4A16_WGMMA(_ROW) (built with sm_90a SASS, compute capability 9.x), else 0. */
 int l32_w4a16_wgmma_available(void);
 
 /** Dequantizes a W4A16 layout into out[j, c] = bf16(s[j, g] * (q[j, c] - z[j, g])) (one f32 product, one rounding). */
@@ -526,6 +531,11 @@ typedef enum l32_w4a8_kernel {
      * product): the same bits, kept to measure what the overlap buys.
      */
     L32_W4A8_WGMMA_SERIAL = 2,
+    /**
+     * L32_W4A8_WGMMA_SERIAL with the activations copied in natural k order (16-byte copies) and the weights' A
+     * fragments composed from the quad's words instead: the same bits, a quarter of the activation copies.
+     */
+    L32_W4A8_WGMMA_ROW = 3,
 } l32_w4a8_kernel;
 
 /**

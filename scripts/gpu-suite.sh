@@ -360,10 +360,14 @@ run() {
         rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" "$name" "$t" "$secs")")
       done
     done
-    # The quantized golden end-to-end test again with the Hopper W4A8 kernel forced (the executor's prefill and
-    # decode projections through kernels/quant/w4a8_sm90.cu where it runs; elsewhere the same run as above).
+    # The quantized golden end-to-end test again with a Hopper kernel forced: W4A8 wgmma and wgmma-row (the
+    # executor's prefill and decode projections through kernels/quant/w4a8_sm90.cu), and the large-m W4A16 wgmma-row
+    # kernel (kernels/quant/w4a16_sm90.cu); where they do not run, the same run as above.
     if [[ -z ${GPU_TEST_FILTER:-} ]]; then
       gpu_test_env w4a8=wgmma cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma
+      gpu_test_env w4a8=wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma-row
+      gpu_test_env large=wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
+        LLAMA32_W4A16_LARGE=wgmma-row
     fi
     # Tensor parallelism on CUDA (tests/gpu/cuda_tp.rs): its `cuda-tp` figure lines join the summary.
     mapfile -t -O "${#benches[@]}" benches < <(grep -h '^cuda-tp ' "$logs"/gpu.cuda_tp::*.log 2>/dev/null || true)
@@ -662,21 +666,22 @@ PY
   fi
 
   if want wgmma; then
-    # The Hopper GEMMs of the tenth session beside the default paths: the W4A8 kernels (wgmma, wgmma-serial:
-    # kernels/quant/w4a8_sm90.cu) and the large-m W4A16 kernel (kernels/quant/w4a16_sm90.cu). Their twin tests and
-    # the golden end-to-end test with each forced, the criterion W4A8 and large-m W4A16 lines (m = 256 and 1024 at
-    # the 1B / 11B / 90B shapes) with cuBLAS bf16 at the same shapes in the same call, and 1B end to end with each.
-    # About six minutes.
+    # The Hopper GEMMs beside the default paths: the W4A8 kernels (wgmma, wgmma-serial, wgmma-row:
+    # kernels/quant/w4a8_sm90.cu) and the large-m W4A16 kernels (wgmma, wgmma-row: kernels/quant/w4a16_sm90.cu).
+    # Their twin tests and the golden end-to-end test with each forced, the criterion W4A8 (m = 64, 256, 1024) and
+    # large-m W4A16 (m = 256, 1024) lines at the 1B / 11B / 90B shapes with cuBLAS bf16 at the same shapes in the
+    # same call, and 1B end to end with each. About six minutes.
     if [[ -x "$bundle/tests/gpu" ]]; then
       local wt wk
       for wt in cuda_w4a8_wgmma::w4a8_wgmma_matches_its_cpu_twin_bit_for_bit \
         cuda_w4a8_wgmma::w4a8_wgmma_refuses_what_it_cannot_take cuda_quant::w4a8_matches_cpu \
         cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul \
         cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu; do
-        for wk in auto wgmma wgmma-serial large; do
+        for wk in auto wgmma wgmma-serial wgmma-row large large-row; do
           [[ $wk == auto || $wt == *e2e* ]] || continue
           local w8=$wk w16=auto
           [[ $wk == large ]] && w8=auto w16=wgmma
+          [[ $wk == large-row ]] && w8=auto w16=wgmma-row
           gpu_test_env "$wk" "$wt" LLAMA32_W4A8_KERNEL="$w8" LLAMA32_W4A16_LARGE="$w16"
         done
       done
@@ -684,8 +689,8 @@ PY
     if [[ -x "$bundle/bench/cuda_kernels" ]]; then
       log="$logs/criterion.wgmma.log"
       rc=0
-      (cd "$(mktemp -d)" && tmo 180 "$bundle/bench/cuda_kernels" --bench --noplot 'quant/w4a(8|16_large)') >"$log" 2>&1 ||
-        rc=$?
+      (cd "$(mktemp -d)" && LLAMA32_BENCH_W4A8_M=64,256,1024 tmo 240 "$bundle/bench/cuda_kernels" --bench --noplot \
+        'quant/w4a(8|16_large)') >"$log" 2>&1 || rc=$?
       mapfile -t -O "${#benches[@]}" benches < <(awk '/^quant\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
       if ((rc != 0)); then
         failed=$((failed + 1))
@@ -693,12 +698,12 @@ PY
         tail -n 5 "$log"
       fi
     fi
-    LLAMA32_PEERS_QUANT_M=256,1024 peers 90 quant wgmma
+    LLAMA32_PEERS_QUANT_M=64,256,1024 peers 90 quant wgmma
     local w8
-    for w8 in mma wgmma wgmma-serial; do
+    for w8 in mma wgmma wgmma-serial wgmma-row; do
       LLAMA32_W4A8_KERNEL=$w8 bench_e2e 60 "1b 64 128 64 --quantize w4a8-g32"
     done
-    for w8 in dequant wgmma; do
+    for w8 in dequant wgmma wgmma-row; do
       LLAMA32_W4A16_LARGE=$w8 bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
     done
   fi

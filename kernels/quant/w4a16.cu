@@ -257,12 +257,13 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     const l32_w4a16_params& p = *params;
     if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
     if (p.kernel != L32_W4A16_DIRECT && p.kernel != L32_W4A16_PIPELINED && p.kernel != L32_W4A16_TILED &&
-        p.kernel != L32_W4A16_BULK && p.kernel != L32_W4A16_WGMMA) {
+        p.kernel != L32_W4A16_BULK && p.kernel != L32_W4A16_WGMMA && p.kernel != L32_W4A16_WGMMA_ROW) {
         return L32_INVALID_ARGUMENT;
     }
     if (p.out == nullptr || p.x == nullptr || p.qweight == nullptr || p.scales == nullptr) return L32_INVALID_ARGUMENT;
     if (p.m <= 0 || p.k <= 0 || p.n < 0 || p.splits < 1) return L32_INVALID_ARGUMENT;
-    const int64_t max_m = p.kernel == L32_W4A16_WGMMA ? int64_t{1} << 30 : 64;
+    const bool large = p.kernel == L32_W4A16_WGMMA || p.kernel == L32_W4A16_WGMMA_ROW;
+    const int64_t max_m = large ? int64_t{1} << 30 : 64;
     if (p.m > max_m || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 64) return L32_UNSUPPORTED;
     if ((p.kernel != L32_W4A16_BULK && p.splits > p.k / 64) || p.splits > 65535) return L32_UNSUPPORTED;
     if (p.splits > 1 && (p.partials == nullptr || p.counters == nullptr)) return L32_INVALID_ARGUMENT;
@@ -277,7 +278,7 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     if (p.kernel == L32_W4A16_PIPELINED) return quant::launch_w4a16_pipelined(p, s);
     if (p.kernel == L32_W4A16_TILED) return quant::launch_w4a16_tiled(p, s);
     if (p.kernel == L32_W4A16_BULK) return quant::launch_w4a16_bulk(p, s);
-    if (p.kernel == L32_W4A16_WGMMA) return quant::launch_w4a16_wgmma(p, s);
+    if (large) return quant::launch_w4a16_wgmma(p, s);
     if (p.m <= 8) return quant::launch_gemm<1>(p, s);
     if (p.m <= 16) return quant::launch_gemm<2>(p, s);
     if (p.m <= 32) return quant::launch_gemm<4>(p, s);

@@ -1,7 +1,7 @@
 // kernels/quant/w4a16_sm90.cu: the W4A16 GEMM for many rows of x (prefill) on Hopper's warpgroup MMA, for sm_90a:
 // out = x @ bf16(s * (q - z))^T with the weights dequantized in registers, the product of what the large-m path
 // of engine/ops/cuda/quant (l32_w4a16_dequant into a bf16 scratch, then cuBLASLt) computes, without the scratch.
-// Launched by l32_w4a16_gemm when params.kernel is L32_W4A16_WGMMA.
+// Launched by l32_w4a16_gemm when params.kernel is L32_W4A16_WGMMA or L32_W4A16_WGMMA_ROW.
 //
 // Why. The dequantize-then-cuBLASLt path writes and reads a bf16 copy of each weight chunk on top of cuBLAS's own
 // traffic, so it can only be slower than cuBLAS bf16 (issue 6 asks for no slower). Here each weight byte is read
@@ -23,6 +23,10 @@
 // 4-byte column word is copied to its slot with a 4-byte cp.async. Per chunk each warpgroup issues 4 wgmma
 // m64n(kBN)k16 with A from registers (this chunk's dequantized fragments) and B by descriptor, commits them and
 // waits for them (see the loop for why not later); the two warpgroups overlap each other.
+//   kRow (L32_W4A16_WGMMA_ROW, measured on no device yet): the activations in natural k order, 16-byte copies (8 per
+// token row: four per thread and chunk at 128-token tiles instead of sixteen 4-byte ones), and the permutation on
+// the A side: step 2 jg + st takes pair t of the words of quad lanes 2 st (registers r) and 2 st + 1 (registers
+// r + 2), i.e. four 4-byte weight loads per (group, row) from shared memory instead of one. Same products, same bits.
 //
 // Registers from ptxas: see engine/ops/cuda/quant/mod.rs (module docs).
 #include <climits>
@@ -61,7 +65,7 @@ struct W4A16WgmmaTraits {
 };
 
 // Tier 1. grid = (ceil(m / kBN), ceil(n_pad / 128)), block = 256, dynamic shared memory kSmemBytes.
-template <int kBN, int kStages, bool kZeros>
+template <int kBN, int kStages, bool kZeros, bool kRow>
 __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlocks)
     w4a16_wgmma_kernel(const __grid_constant__ l32_w4a16_params p) {
 #if L32_WGMMA_AVAILABLE
@@ -90,20 +94,38 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
     // Copies chunk c into stage `stage`. Token rows past m and weight tiles past n are zero-filled.
     auto load_stage = [&](int stage, int c) {
         unsigned char* s = smem + stage * T::kStageBytes;
-        // Activations: column word cw (0..31, 2 bf16) of token r goes to k16 step 2 (cw / 16) + (cw % 4) / 2,
-        // slot word (cw % 16) / 4 + 4 (cw % 2), i.e. byte 32 step + 4 slot of the row before the swizzle. A warp
-        // copies one token's 32 words: 128 bytes read, 32 distinct banks written.
-        for (int i = threadIdx.x; i < kBN * 32; i += T::kThreads) {
-            const int r = i / 32, cw = i % 32;
-            const int tok = m0 + r;
-            const bool ok = tok < m;
-            const int step = 2 * (cw / 16) + (cw % 4) / 2, slot = (cw % 16) / 4 + 4 * (cw % 2);
-            const int byte = 32 * step + 4 * slot;  // within the 128-byte row
-            const int elem = XTile::offset(r, byte / 16) + (byte % 16) / 2;
-            const int64_t src = (int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64) * 2 + cw * 4;
-            cp_async_ca<4>(s + elem * 2, x + src, ok);
+        if constexpr (kRow) {
+            // Activations in natural k order (k16 step ks at bytes 32 ks of the row before the swizzle), 16 bytes
+            // per copy: 8 lanes copy one token's 128 bytes into one swizzled 128-byte row (conflict-free).
+            static_assert(kBN * 8 % T::kThreads == 0, "whole copy rounds");
+#pragma unroll
+            for (int it = 0; it < kBN * 8 / T::kThreads; ++it) {
+                const int i = threadIdx.x + it * T::kThreads;
+                const int r = i / 8, piece = i % 8;
+                const int tok = m0 + r;
+                const bool ok = tok < m;
+                const int64_t src = (int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64) * 2 + piece * 16;
+                cp_async16(s + XTile::offset(r, piece) * 2, x + src, ok);
+            }
+        } else {
+            // Activations: column word cw (0..31, 2 bf16) of token r goes to k16 step 2 (cw / 16) + (cw % 4) / 2,
+            // slot word (cw % 16) / 4 + 4 (cw % 2), i.e. byte 32 step + 4 slot of the row before the swizzle. A
+            // warp copies one token's 32 words: 128 bytes read, 32 distinct banks written.
+            // (A runtime loop: unrolled, its hoisted address arithmetic spills at 128-token tiles.)
+            for (int i = threadIdx.x; i < kBN * 32; i += T::kThreads) {
+                const int r = i / 32, cw = i % 32;
+                const int tok = m0 + r;
+                const bool ok = tok < m;
+                const int step = 2 * (cw / 16) + (cw % 4) / 2, slot = (cw % 16) / 4 + 4 * (cw % 2);
+                const int byte = 32 * step + 4 * slot;  // within the 128-byte row
+                const int elem = XTile::offset(r, byte / 16) + (byte % 16) / 2;
+                const int64_t src = (int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64) * 2 + cw * 4;
+                cp_async_ca<4>(s + elem * 2, x + src, ok);
+            }
         }
-        for (int i = threadIdx.x; i < T::kTiles * 32; i += T::kThreads) {
+        static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
+        {
+            const int i = threadIdx.x;
             const int nt = nt0 + i / 32;
             const bool ok = nt < ntiles;
             const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
@@ -137,25 +159,39 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
         cp_async_commit();
 
         const unsigned char* s = smem + (c % kStages) * T::kStageBytes;
-        const uint4 wv = *reinterpret_cast<const uint4*>(s + T::kXBytes + warp * 512 + lane * 16);
         const uint2 sv = *reinterpret_cast<const uint2*>(s + T::kXBytes + T::kWBytes + (warp * 8 + g) * 8);
         uint2 zv = make_uint2(kSymmetricBias, kSymmetricBias);
         if constexpr (kZeros) {
             zv = *reinterpret_cast<const uint2*>(s + T::kXBytes + T::kWBytes + T::kSBytes + (warp * 8 + g) * 8);
         }
-        // A fragments of the chunk's 4 k16 steps: step 2 jg + pair / 2 takes columns 8t + 2 pair, + 1 of group jg
-        // (the W4A16 order of quant/common.cuh): register r + 2 (pair % 2) for row g (r = 0) or g + 8 (r = 1).
+        // A fragments of the chunk's 4 k16 steps. A lane's word (row g from .x / .z, row g + 8 from .y / .w of its
+        // 16 bytes, group jg = 0 / 1) holds columns 8t + 2 pair, + 1 of the group as pair `pair` (the W4A16 order of
+        // quant/common.cuh).
         uint32_t a[4][4];
+        const unsigned char* wt = s + T::kXBytes + warp * 512;
 #pragma unroll
         for (int jg = 0; jg < 2; ++jg) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const uint32_t word = r == 0 ? (jg == 0 ? wv.x : wv.z) : (jg == 0 ? wv.y : wv.w);
                 const uint32_t bias = kZeros ? bf16_splat(r == 0 ? zv.x : zv.y, jg == 1) : kSymmetricBias;
                 const uint32_t scale2 = bf16_splat(r == 0 ? sv.x : sv.y, jg == 1);
+                if constexpr (kRow) {
+                    // Natural k order: step 2 jg + st takes columns 16 st + 2t, + 1 (registers r) and
+                    // 16 st + 8 + 2t, + 1 (registers r + 2), pair t of quad lanes 2 st and 2 st + 1.
 #pragma unroll
-                for (int pair = 0; pair < 4; ++pair) {
-                    a[2 * jg + pair / 2][r + 2 * (pair % 2)] = bf16x2_mul(dequant_bf16x2(word, 4 * pair, bias), scale2);
+                    for (int u = 0; u < 4; ++u) {
+                        const uint32_t word =
+                            *reinterpret_cast<const uint32_t*>(wt + ((lane & ~3) + u) * 16 + (2 * jg + r) * 4);
+                        a[2 * jg + u / 2][r + 2 * (u % 2)] = bf16x2_mul(dequant_bf16x2(word, 4 * t, bias), scale2);
+                    }
+                } else {
+                    // Step 2 jg + pair / 2 takes the lane's own pair `pair`: register r + 2 (pair % 2).
+                    const uint32_t word = *reinterpret_cast<const uint32_t*>(wt + lane * 16 + (2 * jg + r) * 4);
+#pragma unroll
+                    for (int pair = 0; pair < 4; ++pair) {
+                        a[2 * jg + pair / 2][r + 2 * (pair % 2)] =
+                            bf16x2_mul(dequant_bf16x2(word, 4 * pair, bias), scale2);
+                    }
                 }
             }
         }
@@ -199,14 +235,14 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
 }
 
 // Tier 2.
-template <int kBN, int kStages>
+template <int kBN, int kStages, bool kRow>
 l32_status launch(const l32_w4a16_params& p, cudaStream_t stream) {
     using T = W4A16WgmmaTraits<kBN, kStages>;
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((p.m + kBN - 1) / kBN),
                     static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles));
-    const auto kernel = p.zeros != nullptr ? w4a16_wgmma_kernel<kBN, kStages, true>
-                                           : w4a16_wgmma_kernel<kBN, kStages, false>;
+    const auto kernel = p.zeros != nullptr ? w4a16_wgmma_kernel<kBN, kStages, true, kRow>
+                                           : w4a16_wgmma_kernel<kBN, kStages, false, kRow>;
     const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
     if (smem != L32_OK) return smem;
     launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, p);
@@ -227,7 +263,10 @@ l32_status launch_w4a16_wgmma(const l32_w4a16_params& p, cudaStream_t stream) {
     if (!w4a16_wgmma_available()) return L32_UNSUPPORTED;
     if (p.splits != 1 || (p.tile_m != 64 && p.tile_m != 128)) return L32_UNSUPPORTED;
     if ((p.n + 127) / 128 > 65535 || (p.m + p.tile_m - 1) / p.tile_m > INT_MAX) return L32_UNSUPPORTED;
-    return p.tile_m == 64 ? launch<64, 6>(p, stream) : launch<128, 5>(p, stream);
+    if (p.kernel == L32_W4A16_WGMMA_ROW) {
+        return p.tile_m == 64 ? launch<64, 6, true>(p, stream) : launch<128, 5, true>(p, stream);
+    }
+    return p.tile_m == 64 ? launch<64, 6, false>(p, stream) : launch<128, 5, false>(p, stream);
 }
 
 }  // namespace quant

@@ -1,6 +1,6 @@
 // kernels/quant/w4a8_sm90.cu: the W4A8 GEMM of w4a8.cu (same parameters, same torchao 8da4w result up to f32
 // rounding) on Hopper's warpgroup MMA, for sm_90a, symmetric weights only. Launched by l32_w4a8_gemm when
-// params.kernel is L32_W4A8_WGMMA or L32_W4A8_WGMMA_SERIAL.
+// params.kernel is L32_W4A8_WGMMA, L32_W4A8_WGMMA_SERIAL or L32_W4A8_WGMMA_ROW.
 //
 // Why. With group 32 every k32 MMA output carries its own weight scale, so each group costs every output an f32
 // step after the tensor cores. w4a8.cu pays two ALU ops per output and group (FADD of the biased MMA accumulator,
@@ -9,6 +9,11 @@
 // and its FP32 pipes 128 lane-ops: at two ops per pair the ALU caps the kernel at half the int8 peak. This kernel
 // spends one FFMA per pair and feeds the tensor cores with wgmma (A, the weights, from registers; B, the
 // activations, from shared memory), which frees the issue slots mma.sync and its fragment loads took.
+//   Measured (H100, 2026-11-28, bench/results/2026-11-28-h100-gate-wgmma.md): bit-equal to its twin, but 0.24-0.50x
+// cuBLAS bf16 at m >= 256 (the mma kernel: 0.33-0.69x); faster than mma only at m = 64 (1B decode, batch 64). The
+// count there put the loss in issue slots: each chunk's copy loops (runtime trip counts, 4-byte copies) cost more
+// instructions than the FFMAs. Since then the copy loops have compile-time trip counts (straight-line SASS; the
+// per-thread copy addresses computed once per chunk), and kRow below moves the k permutation off the copies.
 //
 // One FFMA per group: a telescoped sum over a running biased accumulator. Each wgmma adds its group's exact s32
 // sum s_g onto the accumulator registers D, which start at the bits of B = 1.5 * 2^23 (kI2fBias). While
@@ -39,6 +44,11 @@
 //     word cw >> 1 of its 16-byte row: 4-byte cp.async copies do that permutation on the way in;
 //   - the block's weight tiles (512 bytes each, already in fragment order) and their scale entries, with those of
 //     the next chunk (whose first scales close this chunk's last coefficient).
+// kRow (L32_W4A8_WGMMA_ROW, measured on no device yet): the activations in natural k order instead, 16-byte copies
+// (two per thread and chunk at 128-token tiles instead of eight 4-byte ones, whose index arithmetic dominated the
+// loop), and the permutation moves to the A side: lane t of a quad takes slots 4t.. from the word of quad lane t / 2
+// and slots 16 + 4t.. from that of lane 2 + t / 2 (low nibbles for even t, high for odd), i.e. two 16-byte weight
+// loads from shared memory instead of one. The integer sums are the same, so are the bits.
 // Per chunk and warp: one 16-byte weight load and two scale entries from shared memory, then per group the
 // product from the A fragment in registers and its FFMAs: with kOverlap (L32_W4A8_WGMMA) two m64n(kBN/2)k32 wgmma
 // over the token halves, one half's FFMAs running while the other half computes (see the kernel); without it
@@ -63,7 +73,7 @@ namespace l32 {
 namespace quant {
 namespace {
 
-template <int kWG, int kBN, int kStages, bool kOverlap>
+template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow>
 struct W4A8WgmmaTraits {
     static_assert(kBN == 64 || kBN == 128, "64 or 128 tokens per block");
     static constexpr int kThreads = kWG * 128;
@@ -94,16 +104,23 @@ __device__ __forceinline__ int act_offset(int j, int r, int cw) {
     return j * (kBN * 32) + (r / 8) * 256 + (cw & 1) * 128 + (r % 8) * 16 + (cw >> 1) * 4;
 }
 
+// kRow: byte offset, in a stage's activations, of the 16 bytes of K half h (columns 16 h .. 16 h + 15, natural
+// order) of token r of group j.
+template <int kBN>
+__device__ __forceinline__ int act_row_offset(int j, int r, int h) {
+    return j * (kBN * 32) + (r / 8) * 256 + h * 128 + (r % 8) * 16;
+}
+
 // Tier 1. grid = (ceil(m / kBN), ceil(n_pad / (64 kWG)), splits), block = kWG * 128, dynamic shared memory
 // kSmemBytes. kOverlap: each group's product is two wgmma over the token halves, and the FFMAs of one half run
 // while the tensor cores compute the other (the next wgmma is issued before the previous one's results are
 // scaled); without it each product is waited for before its FFMAs. Both do the same f32 operations in the same
 // order per output, so they give the same bits.
-template <int kWG, int kBN, int kStages, bool kOverlap>
-__global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap>::kMinBlocks)
+template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow>
+__global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>::kMinBlocks)
     w4a8_wgmma_kernel(const __grid_constant__ l32_w4a8_params p) {
 #if L32_WGMMA_AVAILABLE
-    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap>;
+    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>;
     constexpr int kH = T::kHalves;
     constexpr int NT = T::kHN / 8;       // accumulator column tiles of 8 tokens per half
     constexpr float kBias = 12582912.0f;  // 1.5 * 2^23, the float whose bits are kI2fBias
@@ -128,25 +145,50 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
     // Copies chunk c into stage `stage`. Token rows past m, weight tiles past n and chunks past k are zero-filled.
     auto load_stage = [&](int stage, int c) {
         uint8_t* s = smem + stage * T::kStageBytes;
-        // Activations, 4 bytes per copy: a warp fills one 128-byte core matrix (8 tokens x K half h of group j),
-        // lane (rr, wd) = (lane / 4, lane % 4) token 8 q + rr, word wd of its row there, i.e. column word
-        // 2 wd + h. So the 32 lanes write 32 distinct banks; their global reads (every other word of 8 rows)
-        // take two instructions per 32-byte sector, the second from L1.
-        for (int i = threadIdx.x; i < kBN * 16; i += T::kThreads) {
-            const int lane_i = i % 32, q = i / 32;
-            const int j = (q % 4) / 2, h = q % 2, r = (q / 4) * 8 + lane_i / 4, cw = 2 * (lane_i % 4) + h;
-            const int tok = m0 + r;
-            const bool ok = tok < m;
-            const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + (j * 8 + cw) * 4;
-            cp_async_ca<4>(s + act_offset<kBN>(j, r, cw), xq + src, ok);
+        if constexpr (kRow) {
+            // Activations in natural k order, 16 bytes per copy: a warp copies 8 tokens x 64 bytes, lane
+            // (piece, rr) = (lane / 8, lane % 8) the 16 bytes `piece` (group piece / 2, K half piece % 2) of token
+            // 8 q + rr. Each 8 lanes fill one 128-byte core matrix (conflict-free); the warp reads 8 rows x 64
+            // contiguous bytes.
+            static_assert(kBN * 4 % T::kThreads == 0, "whole copy rounds");
+#pragma unroll
+            for (int it = 0; it < kBN * 4 / T::kThreads; ++it) {
+                const int i = threadIdx.x + it * T::kThreads;
+                const int lane_i = i % 32, q = i / 32;
+                const int piece = lane_i / 8, r = q * 8 + lane_i % 8;
+                const int tok = m0 + r;
+                const bool ok = tok < m;
+                const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + piece * 16;
+                cp_async16(s + act_row_offset<kBN>(piece / 2, r, piece % 2), xq + src, ok);
+            }
+        } else {
+            // Activations, 4 bytes per copy: a warp fills one 128-byte core matrix (8 tokens x K half h of group
+            // j), lane (rr, wd) = (lane / 4, lane % 4) token 8 q + rr, word wd of its row there, i.e. column word
+            // 2 wd + h. So the 32 lanes write 32 distinct banks; their global reads (every other word of 8 rows)
+            // take two instructions per 32-byte sector, the second from L1.
+            static_assert(kBN * 16 % T::kThreads == 0, "whole copy rounds");
+#pragma unroll
+            for (int it = 0; it < kBN * 16 / T::kThreads; ++it) {
+                const int i = threadIdx.x + it * T::kThreads;
+                const int lane_i = i % 32, q = i / 32;
+                const int j = (q % 4) / 2, h = q % 2, r = (q / 4) * 8 + lane_i / 4, cw = 2 * (lane_i % 4) + h;
+                const int tok = m0 + r;
+                const bool ok = tok < m;
+                const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + (j * 8 + cw) * 4;
+                cp_async_ca<4>(s + act_offset<kBN>(j, r, cw), xq + src, ok);
+            }
         }
-        for (int i = threadIdx.x; i < T::kTiles * 32; i += T::kThreads) {
+        static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
+        {
+            const int i = threadIdx.x;
             const int nt = nt0 + i / 32;
             const bool ok = nt < ntiles;
             const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
             cp_async16(s + T::kActBytes + i * 16, wq + src, ok);
         }
-        for (int i = threadIdx.x; i < 2 * T::kTiles * 8; i += T::kThreads) {
+        static_assert(2 * T::kTiles * 8 <= T::kThreads, "one scale copy per thread at most");
+        if (threadIdx.x < 2 * T::kTiles * 8) {
+            const int i = threadIdx.x;
             const int cc = c + i / (T::kTiles * 8), e = i % (T::kTiles * 8);  // this chunk's entries, then the next's
             const int nt = nt0 + e / 8;
             const bool ok = nt < ntiles && cc < kc;
@@ -193,7 +235,6 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
         cp_async_commit();
 
         const uint8_t* s = smem + ((c - c0) % kStages) * T::kStageBytes;
-        const uint4 wv = *reinterpret_cast<const uint4*>(s + T::kActBytes + warp * 512 + lane * 16);
         // Scale entries of chunks c and c + 1: (row g, group 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8,
         // 2c + 1).
         const float4 sv = *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + (warp * 8 + g) * 16);
@@ -202,11 +243,39 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
         const int rel = c - c0;
         const bool seg_start = rel % T::kSegChunks == 0;
         const bool seg_end = rel % T::kSegChunks == T::kSegChunks - 1 || c + 1 == c1;
-        // Both groups' A fragments (16 q as int8; row g from .x / .z, row g + 8 from .y / .w), kept in registers
-        // until the chunk's last product is done: a product reads its A registers while it runs.
+        // Both groups' A fragments (16 q as int8; row g from .x / .z, row g + 8 from .y / .w of a lane's 16 bytes),
+        // kept in registers until the chunk's last product is done: a product reads its A registers while it runs.
+        // A lane's word holds columns 8t..8t+3 in its low nibbles and 8t+4..8t+7 in its high ones.
         constexpr uint32_t kHi = 0xF0F0F0F0u;
-        uint32_t a[2][4] = {{(wv.x << 4) & kHi, (wv.y << 4) & kHi, wv.x & kHi, wv.y & kHi},
-                            {(wv.z << 4) & kHi, (wv.w << 4) & kHi, wv.z & kHi, wv.w & kHi}};
+        uint32_t a[2][4];
+        if constexpr (kRow) {
+            // Natural k order (slot s is column s): slots 4t..4t+3 are columns 4t.. of quad lane t / 2, slots
+            // 16 + 4t.. those of quad lane 2 + t / 2, in its low nibbles for even t, high nibbles for odd t.
+            const uint8_t* wt = s + T::kActBytes + warp * 512 + (lane & ~3) * 16;
+            const uint4 lo = *reinterpret_cast<const uint4*>(wt + (t >> 1) * 16);
+            const uint4 hi = *reinterpret_cast<const uint4*>(wt + (2 + (t >> 1)) * 16);
+            const int sh = (t & 1) ? 0 : 4;
+            a[0][0] = (lo.x << sh) & kHi;
+            a[0][1] = (lo.y << sh) & kHi;
+            a[0][2] = (hi.x << sh) & kHi;
+            a[0][3] = (hi.y << sh) & kHi;
+            a[1][0] = (lo.z << sh) & kHi;
+            a[1][1] = (lo.w << sh) & kHi;
+            a[1][2] = (hi.z << sh) & kHi;
+            a[1][3] = (hi.w << sh) & kHi;
+        } else {
+            // The activations' k order follows the lane's own word: slot 4t + i is column 8t + i, slot
+            // 16 + 4t + i is column 8t + 4 + i.
+            const uint4 wv = *reinterpret_cast<const uint4*>(s + T::kActBytes + warp * 512 + lane * 16);
+            a[0][0] = (wv.x << 4) & kHi;
+            a[0][1] = (wv.y << 4) & kHi;
+            a[0][2] = wv.x & kHi;
+            a[0][3] = wv.y & kHi;
+            a[1][0] = (wv.z << 4) & kHi;
+            a[1][1] = (wv.w << 4) & kHi;
+            a[1][2] = wv.z & kHi;
+            a[1][3] = wv.w & kHi;
+        }
 #pragma unroll
         for (int jg = 0; jg < 2; ++jg) {
             // The group's coefficients: sw_g - sw_{g+1} inside the segment, sw_b at its end.
@@ -297,13 +366,13 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
 }
 
 // Tier 2.
-template <int kWG, int kBN, int kStages, bool kOverlap>
+template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow = false>
 l32_status launch(const l32_w4a8_params& p, cudaStream_t stream) {
-    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap>;
+    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>;
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((p.m + kBN - 1) / kBN),
                     static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles), static_cast<unsigned>(p.splits));
-    const auto kernel = w4a8_wgmma_kernel<kWG, kBN, kStages, kOverlap>;
+    const auto kernel = w4a8_wgmma_kernel<kWG, kBN, kStages, kOverlap, kRow>;
     const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
     if (smem != L32_OK) return smem;
     launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, p);
@@ -326,6 +395,9 @@ l32_status launch_w4a8_wgmma(const l32_w4a8_params& p, cudaStream_t stream) {
     if (!w4a8_wgmma_available()) return L32_UNSUPPORTED;
     if (p.zeros != nullptr || (p.tile_m != 64 && p.tile_m != 128)) return L32_UNSUPPORTED;
     if ((p.m + p.tile_m - 1) / p.tile_m > INT_MAX) return L32_UNSUPPORTED;
+    if (p.kernel == L32_W4A8_WGMMA_ROW) {
+        return p.tile_m == 64 ? launch<2, 64, 6, false, true>(p, stream) : launch<2, 128, 6, false, true>(p, stream);
+    }
     if (p.kernel == L32_W4A8_WGMMA_SERIAL) {
         return p.tile_m == 64 ? launch<2, 64, 6, false>(p, stream) : launch<2, 128, 6, false>(p, stream);
     }

@@ -855,10 +855,13 @@ fn ncu_quant_targets() {
     }
     if llama32::ops::cuda::quant::large_wgmma_available() {
         let w = weights(n, k, Scheme::W4A16_G32);
-        let tile = llama32::ops::cuda::quant::large_tile_m(m, n, sms);
-        let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
-        llama32::ops::cuda::quant::w4a16_gemm_large(&stream, (&x, &w, m), tile, false, &mut out).unwrap();
-        finite(&format!("w4a16 large wgmma 11b gate_up m 256 tile {tile}"), &out);
+        use llama32::ops::cuda::quant::{large_plan, W4A16LargeKernel};
+        for kernel in W4A16LargeKernel::ALL.into_iter().filter(|k| k.is_wgmma()) {
+            let plan = large_plan(kernel, m, n, sms);
+            let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
+            llama32::ops::cuda::quant::w4a16_gemm_large(&stream, (&x, &w, m), plan, false, &mut out).unwrap();
+            finite(&format!("w4a16 large {} 11b gate_up m 256 tile {}", kernel.name(), plan.tile_m), &out);
+        }
     }
     for (name, k, n) in [("1b qkv", 2048usize, 3072usize), ("1b o", 2048, 2048), ("1b gate_up", 2048, 16384)] {
         let w = upload(&stream, &random_rows(&mut rng, n, k, (-0.05, 0.05), false));

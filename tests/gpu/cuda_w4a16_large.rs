@@ -1,7 +1,8 @@
-//! Twin tests of the Hopper W4A16 kernel for many rows (`kernels/quant/w4a16_sm90.cu`, `w4a16_gemm_large`) against
-//! the f32 GEMM over the bf16-rounded dequantized weights (what the dequantize + cuBLASLt path multiplies by), on
-//! fresh random weights (with and without zero points) and activations, both token tiles, the paired SwiGLU layout
-//! and its fused SiLU * up, with every output poisoned before each launch.
+//! Twin tests of the Hopper W4A16 kernels for many rows (`kernels/quant/w4a16_sm90.cu`, `w4a16_gemm_large`,
+//! `W4A16LargeKernel::Wgmma` and `WgmmaRow`, which give the same bits) against the f32 GEMM over the bf16-rounded
+//! dequantized weights (what the dequantize + cuBLASLt path multiplies by), on fresh random weights (with and
+//! without zero points) and activations, both token tiles, the paired SwiGLU layout and its fused SiLU * up, with
+//! every output poisoned before each launch.
 //!
 //! Without a CUDA build or a device, each test prints "skipped: no CUDA device" and returns; on a device without
 //! the kernel (not compute capability 9.x, or a build without sm_90a) it prints "skipped:" too, after checking that
@@ -10,7 +11,10 @@
 use half::bf16;
 use llama32::ops::cpu::linear::linear;
 use llama32::ops::cuda::activation;
-use llama32::ops::cuda::quant::{large_tile_m, large_wgmma_available, w4a16_gemm_large, CudaQuantLinear};
+use llama32::ops::cuda::quant::{
+    large_tile_m, large_wgmma_available, w4a16_gemm_large, CudaQuantLinear, LargePlan, W4A16LargeKernel,
+};
+use llama32::ops::cuda::switch::KernelSwitch;
 use llama32::quant::{QuantLinear, Scheme};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -22,8 +26,12 @@ use crate::cuda_quant::{random_matrix, random_rows, row_rms, same_bits, within_g
 const SHAPES: [(usize, usize, bool); 6] =
     [(64, 17, false), (192, 1001, true), (320, 130, false), (4096, 40, true), (2048, 3072, false), (8192, 2048, false)];
 
-/// Every (shape, m, tile): within the GEMM bound of the f32 product over the bf16-rounded weights, the same bits on
-/// a second run, nothing written past `[m, n]`; the plan's tile (`large_tile_m`) is one of those run.
+/// The kernels of `w4a16_gemm_large`.
+const KERNELS: [W4A16LargeKernel; 2] = [W4A16LargeKernel::Wgmma, W4A16LargeKernel::WgmmaRow];
+
+/// Every (shape, m, tile, kernel): within the GEMM bound of the f32 product over the bf16-rounded weights, the same
+/// bits on a second run and from both kernels, nothing written past `[m, n]`; the plan's tile (`large_tile_m`) is
+/// one of those run.
 #[test]
 fn w4a16_large_matches_cpu() {
     let Some(stream) = stream() else { return };
@@ -34,7 +42,8 @@ fn w4a16_large_matches_cpu() {
         let w = CudaQuantLinear::upload(&stream, &QuantLinear { matrix: qm, scheme: Scheme::W4A16_G32 }).unwrap();
         let x = upload(&stream, &vec![bf16::ONE; 65 * 64]);
         let mut out = upload(&stream, &vec![bf16::NAN; 65 * 16]);
-        let e = w4a16_gemm_large(&stream, (&x, &w, 65), 64, false, &mut out).unwrap_err().to_string();
+        let plan = LargePlan { kernel: W4A16LargeKernel::Wgmma, tile_m: 64 };
+        let e = w4a16_gemm_large(&stream, (&x, &w, 65), plan, false, &mut out).unwrap_err().to_string();
         assert!(e.contains("no wgmma W4A16 kernel"), "{e}");
         println!("skipped: this device or build has no wgmma W4A16 kernel (compute capability 9.x with sm_90a)");
         return;
@@ -55,27 +64,35 @@ fn w4a16_large_matches_cpu() {
             linear(&x32, &w32, m, k, n, &mut want);
             let x = upload(&stream, &xh);
             assert!([64, 128].contains(&large_tile_m(m, n, sms)));
-            for tile in [64, 128] {
-                let what = format!("w4a16 large m {m} k {k} n {n} zeros {zeros} tile {tile}");
-                let run = || {
-                    let mut out = upload(&stream, &vec![bf16::NAN; m * n + 64]);
-                    w4a16_gemm_large(&stream, (&x, &w, m), tile, false, &mut out)
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
-                    download(&stream, &out)
-                };
-                let got = run();
-                assert!(got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past m x n");
-                worst = worst.max(within_gemm_bound(&got[..m * n], &want, (m, n, k), (&x_rms, &w_rms), &what));
-                assert!(same_bits(&run(), &got), "{what}: a second run gave different bits");
+            for tile_m in [64, 128] {
+                let mut first: Option<Vec<bf16>> = None;
+                for kernel in KERNELS {
+                    let what = format!("w4a16 large {} m {m} k {k} n {n} zeros {zeros} tile {tile_m}", kernel.name());
+                    let run = || {
+                        let mut out = upload(&stream, &vec![bf16::NAN; m * n + 64]);
+                        w4a16_gemm_large(&stream, (&x, &w, m), LargePlan { kernel, tile_m }, false, &mut out)
+                            .unwrap_or_else(|e| panic!("{what}: {e}"));
+                        download(&stream, &out)
+                    };
+                    let got = run();
+                    let past = got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits());
+                    assert!(past, "{what}: wrote past m x n");
+                    worst = worst.max(within_gemm_bound(&got[..m * n], &want, (m, n, k), (&x_rms, &w_rms), &what));
+                    assert!(same_bits(&run(), &got), "{what}: a second run gave different bits");
+                    match &first {
+                        None => first = Some(got),
+                        Some(f) => assert!(same_bits(f, &got), "{what}: other bits than the wgmma kernel"),
+                    }
+                }
             }
         }
     }
     eprintln!("w4a16 large: worst error {worst:.3} of the GEMM bound");
 }
 
-/// With the `[gate; up]` weight uploaded paired, the plain product is the unpaired one in matrix order (within the
-/// GEMM bound: another row position in the tile), and `silu = true` gives exactly the bits of that product
-/// followed by `silu_mul`, writing nothing past `[m, n / 2]`.
+/// With the `[gate; up]` weight uploaded paired, for both kernels, the plain product is the unpaired one in matrix
+/// order (within the GEMM bound: another row position in the tile), and `silu = true` gives exactly the bits of
+/// that product followed by `silu_mul`, writing nothing past `[m, n / 2]`.
 #[test]
 fn w4a16_large_paired_swiglu_matches_plain_then_silu_mul() {
     let Some(stream) = stream() else { return };
@@ -92,16 +109,17 @@ fn w4a16_large_paired_swiglu_matches_plain_then_silu_mul() {
         let ql = QuantLinear { matrix: qm, scheme: Scheme::W4A16_G32 };
         let plain = CudaQuantLinear::upload(&stream, &ql).unwrap();
         let paired = CudaQuantLinear::upload_swiglu(&stream, &ql).unwrap();
-        for m in [65, 130] {
+        for (m, kernel) in [65, 130].into_iter().flat_map(|m| KERNELS.map(|kernel| (m, kernel))) {
             let xh = random_rows(&mut rng, m, k, (-1.0, 1.0), false);
             let x32 = to_f32(&xh);
             let mut want = vec![f32::NAN; m * n];
             linear(&x32, &w32, m, k, n, &mut want);
             let x = upload(&stream, &xh);
-            let what = format!("w4a16 large paired m {m} k {k} n {n} zeros {zeros}");
+            let what = format!("w4a16 large {} paired m {m} k {k} n {n} zeros {zeros}", kernel.name());
+            let plan = LargePlan { kernel, tile_m: 64 };
             let product = |w: &CudaQuantLinear| {
                 let mut out = upload(&stream, &vec![bf16::NAN; m * n]);
-                w4a16_gemm_large(&stream, (&x, w, m), 64, false, &mut out).unwrap_or_else(|e| panic!("{what}: {e}"));
+                w4a16_gemm_large(&stream, (&x, w, m), plan, false, &mut out).unwrap_or_else(|e| panic!("{what}: {e}"));
                 out
             };
             let got_d = product(&paired);
@@ -117,7 +135,7 @@ fn w4a16_large_paired_swiglu_matches_plain_then_silu_mul() {
             let mut act = upload(&stream, &vec![bf16::NAN; m * half]);
             activation::silu_mul(&stream, &got_d, half, &mut act).unwrap();
             let mut fused = upload(&stream, &vec![bf16::NAN; m * half + 64]);
-            w4a16_gemm_large(&stream, (&x, &paired, m), 64, true, &mut fused)
+            w4a16_gemm_large(&stream, (&x, &paired, m), plan, true, &mut fused)
                 .unwrap_or_else(|e| panic!("{what} silu: {e}"));
             let (fused, act) = (download(&stream, &fused), download(&stream, &act));
             assert!(fused[m * half..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past");
@@ -128,10 +146,15 @@ fn w4a16_large_paired_swiglu_matches_plain_then_silu_mul() {
         // SiLU needs the paired upload.
         let x = upload(&stream, &vec![bf16::ONE; 65 * k]);
         let mut out = upload(&stream, &vec![bf16::NAN; 65 * n]);
-        let e = w4a16_gemm_large(&stream, (&x, &plain, 65), 64, true, &mut out).unwrap_err().to_string();
+        let plan = LargePlan { kernel: W4A16LargeKernel::Wgmma, tile_m: 64 };
+        let e = w4a16_gemm_large(&stream, (&x, &plain, 65), plan, true, &mut out).unwrap_err().to_string();
         assert!(e.contains("paired"), "{e}");
-        let e = w4a16_gemm_large(&stream, (&x, &plain, 65), 96, false, &mut out).unwrap_err().to_string();
+        let bad = LargePlan { tile_m: 96, ..plan };
+        let e = w4a16_gemm_large(&stream, (&x, &plain, 65), bad, false, &mut out).unwrap_err().to_string();
         assert!(e.contains("tile_m is 96"), "{e}");
+        let dequant = LargePlan { kernel: W4A16LargeKernel::Dequant, ..plan };
+        let e = w4a16_gemm_large(&stream, (&x, &plain, 65), dequant, false, &mut out).unwrap_err().to_string();
+        assert!(e.contains("dequant"), "{e}");
         assert!(download(&stream, &out).iter().all(|v| v.is_nan()), "nothing was launched");
     }
 }

@@ -1,5 +1,5 @@
-//! Twin tests of the Hopper W4A8 kernels (`kernels/quant/w4a8_sm90.cu`, `W4A8Kernel::Wgmma` and `WgmmaSerial`, which
-//! give the same bits): bit for bit against
+//! Twin tests of the Hopper W4A8 kernels (`kernels/quant/w4a8_sm90.cu`, `W4A8Kernel::Wgmma`, `WgmmaSerial` and
+//! `WgmmaRow`, which give the same bits): bit for bit against
 //! its CPU twin (`ops::cpu::w4a8_segmented`, the same f32 operations in the same order), within a stated bound of
 //! torchao's numerics (`w4a8_linear`), deterministic, for 64- and 128-token tiles and several K splits, on fresh
 //! random weights and activations with the output poisoned before each launch.
@@ -32,11 +32,11 @@ use crate::cuda_quant::{poisoned_acts, random_matrix, random_rows, same_bits, BF
 const SHAPES: [(usize, usize); 7] =
     [(64, 1), (128, 40), (192, 1001), (320, 130), (4096, 33), (2048, 3072), (8192, 2048)];
 
-/// The plans each (shape, m) runs, for both wgmma kernels: both token tiles, one split, the heuristic's splits,
+/// The plans each (shape, m) runs, for every wgmma kernel: both token tiles, one split, the heuristic's splits,
 /// 3 splits (segments cut short by the split boundaries) and, for k <= 512, one split per 64-column chunk.
 fn plans(m: usize, n: usize, k: usize, sms: usize) -> Vec<W4A8Plan> {
     let mut out = Vec::new();
-    for kernel in [W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial] {
+    for kernel in W4A8Kernel::ALL.into_iter().filter(|k| k.is_wgmma()) {
         out.push(w4a8_plan(kernel, m, n, k, sms));
         for tile_m in [64, 128] {
             for splits in [1, 3, if k <= 512 { k / 64 } else { 1 }] {

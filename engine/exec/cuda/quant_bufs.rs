@@ -5,7 +5,7 @@
 //!   in the workspace;
 //! - W4A16 with more rows: the weight dequantized a chunk of rows at a time ([`k::quant::w4a16_chunk_rows`]) into
 //!   a scratch, each chunk multiplied by cuBLASLt into its columns of the output while it sits in L2; or, where
-//!   [`k::quant::W4A16LargeKernel::configured`] says so (Hopper, `LLAMA32_W4A16_LARGE=wgmma`), one kernel that
+//!   [`k::quant::W4A16LargeKernel::configured`] says so (Hopper, `LLAMA32_W4A16_LARGE=wgmma` or `wgmma-row`), one kernel that
 //!   dequantizes in registers ([`k::quant::w4a16_gemm_large`]);
 //! - W4A8: the rows quantized to int8 per token (unless a norm or SiLU kernel already did, `fused`), then the
 //!   int8 kernel.
@@ -142,9 +142,10 @@ impl QuantBuffers {
             let ws = self.ws.as_mut().ok_or_else(missing)?;
             return k::quant::w4a16_gemm(stream, x, q, rows, ws, out);
         }
-        if k::quant::W4A16LargeKernel::configured()? == k::quant::W4A16LargeKernel::Wgmma {
-            let tile_m = k::quant::large_tile_m(rows, n, k::attention::num_sms(stream)?);
-            return k::quant::w4a16_gemm_large(stream, (x, q, rows), tile_m, false, out);
+        let large = k::quant::W4A16LargeKernel::configured()?;
+        if large.is_wgmma() {
+            let plan = k::quant::large_plan(large, rows, n, k::attention::num_sms(stream)?);
+            return k::quant::w4a16_gemm_large(stream, (x, q, rows), plan, false, out);
         }
         // Prefill-sized W4A16: a chunk of rows at a time, dequantized into the scratch, then the bf16 GEMM into the
         // chunk's columns of `out` (a paired gate_up chunk holds gate rows then their up rows: two column blocks).

@@ -13,8 +13,9 @@ use crate::{Error, Result};
 
 /// How a W4A16 projection of more than [`MAX_DECODE_M`](super::MAX_DECODE_M) rows runs. Both multiply by the same bf16 weights
 /// `bf16(s * (q - z))` with f32 accumulation; they differ in the order of the f32 sums. The environment variable
-/// [`W4A16LargeKernel::ENV`] (`auto`, `dequant`, `wgmma`) forces one where it runs; `auto` keeps
-/// [`W4A16LargeKernel::Dequant`] until the wgmma kernel has been measured on a device.
+/// [`W4A16LargeKernel::ENV`] (`auto`, `dequant`, `wgmma`, `wgmma-row`) forces one where it runs; `auto` keeps
+/// [`W4A16LargeKernel::Dequant`], which an H100 measured 4x faster than [`W4A16LargeKernel::Wgmma`] on 1B prefill
+/// (2026-11-28).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A16LargeKernel {
     /// A chunk of rows dequantized into a bf16 scratch ([`super::w4a16_dequant_rows`]), then cuBLASLt; every device.
@@ -22,18 +23,23 @@ pub enum W4A16LargeKernel {
     /// `kernels/quant/w4a16_sm90.cu`: Hopper's wgmma with the weights dequantized in registers, no scratch
     /// (compute capability 9.x with sm_90a SASS, [`large_wgmma_available`]).
     Wgmma,
+    /// [`W4A16LargeKernel::Wgmma`] with the activations copied in natural k order (four 16-byte copies per thread
+    /// and chunk at 128-token tiles instead of sixteen 4-byte ones) and each lane's A fragments composed from the
+    /// words of its quad's lanes: the same bits. Not yet measured.
+    WgmmaRow,
 }
 
 impl KernelSwitch for W4A16LargeKernel {
-    /// `auto` (the default), `dequant` or `wgmma`.
+    /// `auto` (the default), `dequant`, `wgmma` or `wgmma-row`.
     const ENV: &'static str = "LLAMA32_W4A16_LARGE";
     const WHAT: &'static str = "large-m W4A16 path";
-    const KERNELS: &'static [Self] = &[W4A16LargeKernel::Dequant, W4A16LargeKernel::Wgmma];
+    const KERNELS: &'static [Self] = &W4A16LargeKernel::ALL;
 
     fn name(self) -> &'static str {
         match self {
             W4A16LargeKernel::Dequant => "dequant",
             W4A16LargeKernel::Wgmma => "wgmma",
+            W4A16LargeKernel::WgmmaRow => "wgmma-row",
         }
     }
 
@@ -44,13 +50,22 @@ impl KernelSwitch for W4A16LargeKernel {
 }
 
 impl W4A16LargeKernel {
-    /// Whether the path runs on the current device.
-    pub fn runs(self) -> bool {
-        self == W4A16LargeKernel::Dequant || large_wgmma_available()
+    /// Every path.
+    pub const ALL: [W4A16LargeKernel; 3] =
+        [W4A16LargeKernel::Dequant, W4A16LargeKernel::Wgmma, W4A16LargeKernel::WgmmaRow];
+
+    /// True for the kernels of [`w4a16_gemm_large`] (every path but [`W4A16LargeKernel::Dequant`]).
+    pub fn is_wgmma(self) -> bool {
+        self != W4A16LargeKernel::Dequant
     }
 
-    /// The path the executor takes: the forced one where it runs, else [`W4A16LargeKernel::Dequant`]. An error
-    /// names a bad value of [`W4A16LargeKernel::ENV`].
+    /// Whether the path runs on the current device.
+    pub fn runs(self) -> bool {
+        !self.is_wgmma() || large_wgmma_available()
+    }
+
+    /// The path the executor takes: the forced one where it runs, else (and for `auto`)
+    /// [`W4A16LargeKernel::Dequant`]. An error names a bad value of [`W4A16LargeKernel::ENV`].
     pub fn configured() -> Result<Self> {
         Ok(Self::forced()?.filter(|k| k.runs()).unwrap_or(W4A16LargeKernel::Dequant))
     }
@@ -70,6 +85,15 @@ pub fn large_wgmma_available() -> bool {
     false
 }
 
+/// How [`w4a16_gemm_large`] runs: which of its kernels, and how many tokens per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LargePlan {
+    /// [`W4A16LargeKernel::Wgmma`] or [`W4A16LargeKernel::WgmmaRow`].
+    pub kernel: W4A16LargeKernel,
+    /// 64 or 128.
+    pub tile_m: usize,
+}
+
 /// Tokens per block of [`w4a16_gemm_large`] for `m` x `n` on `sms` SMs: 128 when those tiles make two blocks per
 /// SM (the kernel's residency), else 64.
 pub fn large_tile_m(m: usize, n: usize, sms: usize) -> usize {
@@ -81,8 +105,14 @@ pub fn large_tile_m(m: usize, n: usize, sms: usize) -> usize {
     }
 }
 
-/// `out[m, n] = x[m, k] @ bf16(s * (q - z))^T` for any `m` on Hopper, `tile_m` (64 or 128) tokens per block: the
-/// weights dequantized in registers (no scratch), f32 accumulation over all of `k`, one bf16 rounding per output.
+/// The plan of `kernel` for `m` x `n` on `sms` SMs (its tile from [`large_tile_m`]).
+pub fn large_plan(kernel: W4A16LargeKernel, m: usize, n: usize, sms: usize) -> LargePlan {
+    LargePlan { kernel, tile_m: large_tile_m(m, n, sms) }
+}
+
+/// `out[m, n] = x[m, k] @ bf16(s * (q - z))^T` for any `m` on Hopper with `plan` (its kernel, and 64 or 128 tokens
+/// per block): the weights dequantized in registers (no scratch), f32 accumulation over all of `k`, one bf16
+/// rounding per output; both kernels give the same bits.
 /// A weight uploaded paired ([`CudaQuantLinear::upload_swiglu`]) writes its output in matrix row order, or with
 /// `silu` the `[m, n / 2]` output `silu(gate) * up` (the bits of the plain output followed by the SiLU * up
 /// kernel). Errors name the operand at fault, and a device or build without the kernel.
@@ -91,7 +121,7 @@ pub fn large_tile_m(m: usize, n: usize, sms: usize) -> usize {
 pub fn w4a16_gemm_large(
     stream: &CudaStream,
     (x, w, m): (&impl DevicePtr<bf16>, &CudaQuantLinear, usize),
-    tile_m: usize,
+    plan: LargePlan,
     silu: bool,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
@@ -102,8 +132,11 @@ pub fn w4a16_gemm_large(
     if !large_wgmma_available() {
         return fail("this device or build has no wgmma W4A16 kernel (compute capability 9.x with sm_90a)".into());
     }
-    if tile_m != 64 && tile_m != 128 {
-        return fail(format!("tile_m is {tile_m}, must be 64 or 128"));
+    if !plan.kernel.is_wgmma() {
+        return fail(format!("the {} path is not a kernel of this call", plan.kernel.name()));
+    }
+    if plan.tile_m != 64 && plan.tile_m != 128 {
+        return fail(format!("tile_m is {}, must be 64 or 128", plan.tile_m));
     }
     if m == 0 || m >= 1 << 30 {
         return fail(format!("m is {m}, must be in 1..2^30"));
@@ -111,7 +144,7 @@ pub fn w4a16_gemm_large(
     if w.n == 0 {
         return Ok(());
     }
-    launch_gemm(OP, stream, (x, w, m), None, out, (W4A16Kernel::Direct, 1, tile_m), silu)
+    launch_gemm(OP, stream, (x, w, m), None, out, (W4A16Kernel::Direct, 1, Some(plan)), silu)
 }
 
 #[cfg(test)]
@@ -130,8 +163,9 @@ mod tests {
 
     #[test]
     fn large_kernel_names_round_trip() {
-        for k in [W4A16LargeKernel::Dequant, W4A16LargeKernel::Wgmma] {
+        for k in W4A16LargeKernel::ALL {
             assert_eq!(W4A16LargeKernel::parse(k.name()).unwrap(), Some(k));
+            assert_eq!(k.is_wgmma(), k != W4A16LargeKernel::Dequant);
         }
         let e = W4A16LargeKernel::parse("cublas").unwrap_err().to_string();
         assert!(e.contains(W4A16LargeKernel::ENV) && e.contains("cublas"), "{e}");

@@ -27,6 +27,8 @@ pub(super) struct GemmLaunch {
     /// W4A8: tokens per block. W4A16: 0 for the decode kernels; nonzero runs the large-m Hopper kernel with this
     /// many tokens per block.
     pub(super) tile_m: usize,
+    /// W4A16 large-m kernel (`tile_m` nonzero): the natural-order variant (`L32_W4A16_WGMMA_ROW`).
+    pub(super) large_row: bool,
     /// The W4A16 decode kernel (ignored by the W4A8 GEMM, the dequantization and the large-m kernel).
     pub(super) kernel: super::W4A16Kernel,
     /// W4A16: the paired layout's half (`CudaQuantLinear::pair_half`), 0 for the plain layout.
@@ -57,7 +59,7 @@ fn ptr<T>(p: u64) -> *mut T {
 }
 
 /// A checked W4A16 GEMM: a decode kernel (`l.kernel`, m <= 64, split-K), or with `l.tile_m` nonzero the Hopper
-/// kernel for many rows (`L32_W4A16_WGMMA`, `l.tile_m` tokens per block, no split-K).
+/// kernel for many rows (`L32_W4A16_WGMMA`, or `_ROW` with `l.large_row`; `l.tile_m` tokens per block, no split-K).
 #[cfg(llama32_cuda)]
 pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
     use super::super::ffi;
@@ -77,6 +79,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         k: l.k as i64,
         splits: l.splits as i32,
         kernel: match l.kernel {
+            _ if large && l.large_row => ffi::l32_w4a16_kernel::L32_W4A16_WGMMA_ROW,
             _ if large => ffi::l32_w4a16_kernel::L32_W4A16_WGMMA,
             super::W4A16Kernel::Direct => ffi::l32_w4a16_kernel::L32_W4A16_DIRECT,
             super::W4A16Kernel::Pipelined => ffi::l32_w4a16_kernel::L32_W4A16_PIPELINED,
@@ -97,8 +100,11 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
     let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
     super::super::check_launch(op, stream, status, || {
         let silu = if l.silu { ", SiLU * up" } else { "" };
-        let kernel =
-            if large { format!("wgmma kernel, tile_m {}", l.tile_m) } else { format!("{} kernel", l.kernel.name()) };
+        let kernel = match (large, l.large_row) {
+            (true, true) => format!("wgmma-row kernel, tile_m {}", l.tile_m),
+            (true, false) => format!("wgmma kernel, tile_m {}", l.tile_m),
+            _ => format!("{} kernel", l.kernel.name()),
+        };
         format!("{op} (m {}, n {}, k {}, splits {}, {kernel}{silu})", l.m, l.n, l.k, l.splits)
     })
 }
@@ -145,6 +151,7 @@ pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch, kernel:
             super::W4A8Kernel::Mma => ffi::l32_w4a8_kernel::L32_W4A8_MMA,
             super::W4A8Kernel::Wgmma => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA,
             super::W4A8Kernel::WgmmaSerial => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_SERIAL,
+            super::W4A8Kernel::WgmmaRow => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_ROW,
         },
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };

@@ -142,7 +142,7 @@ pub struct W4A8Plan {
 /// The launch shape of `kernel` for `m` x `n` x `k` on `sms` SMs.
 /// - mma: the smallest token tile that covers m <= 32, else 128; K splits only while the grid is smaller than the
 ///   SM count (about two 256-thread blocks per SM then), with at least two 64-column chunks per split.
-/// - wgmma (both): 128-token tiles (one block per SM: ~200 registers x 256 threads) when they make at least one block per
+/// - wgmma (every variant): 128-token tiles (one block per SM: ~200 registers x 256 threads) when they make at least one block per
 ///   SM, else 64-token tiles (two per SM); then K splits up to two blocks per SM (one for 128), with at least one
 ///   whole 4-chunk segment per split.
 pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {

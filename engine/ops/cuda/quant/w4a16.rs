@@ -150,19 +150,20 @@ fn gemm(
     if !ws.holds(need) {
         return fail(format!("the split-K workspace holds fewer than {} partials / {} counters", need.0, need.1));
     }
-    launch_gemm(op, stream, (x, w, m), Some(ws), out, (choice.kernel, splits, 0), silu)
+    launch_gemm(op, stream, (x, w, m), Some(ws), out, (choice.kernel, splits, None), silu)
 }
 
 /// Launches a checked W4A16 GEMM: refuses an `x` that is not 16-byte aligned, then takes the device pointers of
 /// `x`, `w`, `out` and the split-K workspace `ws` (`None` for the large-m kernel, which needs none) for
-/// [`launch_w4a16`]. `(kernel, splits, tile_m)` as in [`GemmLaunch`] (`tile_m` nonzero: the large-m kernel).
+/// [`launch_w4a16`]. `(kernel, splits, large)`: the decode kernel and its K splits, or with `large` the large-m
+/// kernel's plan (which takes neither).
 pub(super) fn launch_gemm(
     op: &str,
     stream: &CudaStream,
     (x, w, m): (&impl DevicePtr<bf16>, &CudaQuantLinear, usize),
     ws: Option<&mut SplitKWorkspace>,
     out: &mut impl DevicePtrMut<bf16>,
-    (kernel, splits, tile_m): (W4A16Kernel, usize, usize),
+    (kernel, splits, large): (W4A16Kernel, usize, Option<super::LargePlan>),
     silu: bool,
 ) -> Result<()> {
     let (xp, _x) = x.device_ptr(stream);
@@ -189,7 +190,8 @@ pub(super) fn launch_gemm(
         n: w.n,
         k: w.k,
         splits,
-        tile_m,
+        tile_m: large.map_or(0, |plan| plan.tile_m),
+        large_row: large.is_some_and(|plan| plan.kernel == super::W4A16LargeKernel::WgmmaRow),
         kernel,
         pair_half: w.pair_half,
         silu,
@@ -269,6 +271,7 @@ fn dequant(
         k: w.k,
         splits: 1,
         tile_m: 0,
+        large_row: false,
         kernel: W4A16Kernel::Direct,
         // A paired chunk is paired within itself: its gate rows, then its up rows (the whole: w.pair_half).
         pair_half: if w.pair_half > 0 { rows.len() / 2 } else { 0 },

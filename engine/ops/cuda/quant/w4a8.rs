@@ -13,7 +13,7 @@ use crate::{Error, Result};
 
 /// Which W4A8 kernel [`w4a8_gemm`] runs. Both compute torchao's 8da4w product with exact s32 group sums; they
 /// differ in how the f32 sum of the scaled group terms is rounded (see [`W4A8Kernel::Wgmma`]). The environment
-/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`) forces one where it runs; `auto` takes
+/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`, `wgmma-row`) forces one where it runs; `auto` takes
 /// [`W4A8Kernel::Wgmma`] from [`WGMMA_MIN_M`] + 1 to [`WGMMA_AUTO_MAX_M`] rows where it runs, else
 /// [`W4A8Kernel::Mma`] (measured on an H100, 2026-11-28: `bench/results/2026-11-28-h100-gate-wgmma.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,13 +27,17 @@ pub enum W4A8Kernel {
     /// most); CPU twin of its bits: [`crate::ops::cpu::w4a8_segmented::w4a8_segmented`]. Each group's product is
     /// two wgmma over the token halves, and one half's FFMAs run while the other half's product computes.
     Wgmma,
-    /// [`W4A8Kernel::Wgmma`] with each product waited for before its FFMAs (one wgmma per group): the same bits,
-    /// kept to measure what the overlap buys.
+    /// [`W4A8Kernel::Wgmma`] with each product waited for before its FFMAs (one wgmma per group): the same bits.
+    /// Measured on an H100 (2026-11-28) equal to or 0-4% faster than the overlap at m >= 256.
     WgmmaSerial,
+    /// [`W4A8Kernel::WgmmaSerial`] with the activations copied in natural k order (two 16-byte copies per thread
+    /// and chunk instead of eight 4-byte ones) and each lane's A fragments composed from the words of its quad's
+    /// lanes: the same bits. Not yet measured.
+    WgmmaRow,
 }
 
 impl KernelSwitch for W4A8Kernel {
-    /// `auto` (the default), `mma`, `wgmma` or `wgmma-serial`.
+    /// `auto` (the default), `mma`, `wgmma`, `wgmma-serial` or `wgmma-row`.
     const ENV: &'static str = "LLAMA32_W4A8_KERNEL";
     const WHAT: &'static str = "W4A8 kernel";
     const KERNELS: &'static [Self] = &W4A8Kernel::ALL;
@@ -43,6 +47,7 @@ impl KernelSwitch for W4A8Kernel {
             W4A8Kernel::Mma => "mma",
             W4A8Kernel::Wgmma => "wgmma",
             W4A8Kernel::WgmmaSerial => "wgmma-serial",
+            W4A8Kernel::WgmmaRow => "wgmma-row",
         }
     }
 
@@ -54,9 +59,10 @@ impl KernelSwitch for W4A8Kernel {
 
 impl W4A8Kernel {
     /// Every kernel.
-    pub const ALL: [W4A8Kernel; 3] = [W4A8Kernel::Mma, W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial];
+    pub const ALL: [W4A8Kernel; 4] =
+        [W4A8Kernel::Mma, W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial, W4A8Kernel::WgmmaRow];
 
-    /// True for the Hopper kernels ([`W4A8Kernel::Wgmma`], [`W4A8Kernel::WgmmaSerial`]).
+    /// True for the Hopper kernels (every kernel but [`W4A8Kernel::Mma`]).
     pub fn is_wgmma(self) -> bool {
         self != W4A8Kernel::Mma
     }
@@ -361,6 +367,7 @@ pub fn w4a8_gemm_with(
         k,
         splits: plan.splits,
         tile_m: plan.tile_m,
+        large_row: false,
         kernel: super::W4A16Kernel::Direct,
         pair_half: 0,
         silu: false,
