@@ -365,6 +365,108 @@ mod tests {
         }
     }
 
+    /// The wgmma-row kernels (`kRow` in kernels/quant/w4a8_sm90.cu and w4a16_sm90.cu), emulated like the test above:
+    /// each lane composes its A fragments from the words of its quad's lanes with the kernels' bit operations, the
+    /// B operand holds the activations in natural k order (slot s is column s), and D = A B must equal the group's
+    /// dot products. This checks the A-side permutation of both kernels without a GPU.
+    #[test]
+    #[allow(clippy::needless_range_loop)] // fragment coordinates read clearer as indices
+    fn emulated_row_fragments_take_natural_k_order() {
+        let (n, k) = (16, 64);
+        for zeros in [false, true] {
+            let m = matrix(n, k, 32, zeros);
+            let zero = |r: usize, grp: usize| m.zeros.as_ref().map_or(0i32, |z| i32::from(z[r * 2 + grp]));
+            let x: Vec<i32> = (0..8 * k).map(|i| ((i * 53 + 7) % 255) as i32 - 127).collect();
+            let h = layout_w4a16(&m).unwrap();
+            let e = layout_w4a8(&m).unwrap();
+            // The word `wi` (0: row g group 0, 1: row g + 8 group 0, 2 / 3: group 1) of lane `lane`.
+            let word = |tiles: &[u8], lane: usize, wi: usize| {
+                u32::from_le_bytes(tiles[lane * 16 + wi * 4..][..4].try_into().unwrap())
+            };
+            for jg in 0..2 {
+                let want = |r: usize, tok: usize| -> i64 {
+                    (0..32)
+                        .map(|i| {
+                            let c = jg * 32 + i;
+                            (i64::from(m.q[r * k + c]) - i64::from(zero(r, jg))) * i64::from(x[tok * k + c])
+                        })
+                        .sum()
+                };
+                // W4A16: k16 steps st = 0, 1 of the group; registers r (rows g / g + 8) from quad lane 2 st,
+                // registers r + 2 from quad lane 2 st + 1, pair t of each (shift 4 t).
+                let mut d = [[0f64; 8]; 16];
+                for st in 0..2 {
+                    let (mut a, mut b) = ([[0f64; 16]; 16], [[0f64; 8]; 16]);
+                    for lane in 0..32 {
+                        let (g, t) = (lane / 4, lane % 4);
+                        let deq = |w: u32, row: usize| {
+                            let v = ((w >> (4 * t)) & 0x000F_000F) ^ 0x4308_4308;
+                            let bias = 136.0 + zero(row, jg) as f64;
+                            (
+                                f32::from_bits((v & 0xFFFF) << 16) as f64 - bias,
+                                f32::from_bits(v & 0xFFFF_0000) as f64 - bias,
+                            )
+                        };
+                        for (r, row) in [(0, g), (1, g + 8)] {
+                            for (half, u) in [(0, 2 * st), (1, 2 * st + 1)] {
+                                let (lo, hi) = deq(word(&h.qweight, 4 * g + u, 2 * jg + r), row);
+                                // Register r + 2 half: A[row][2t + 8 half ..].
+                                a[row][2 * t + 8 * half] = lo;
+                                a[row][2 * t + 8 * half + 1] = hi;
+                            }
+                        }
+                    }
+                    for s in 0..16 {
+                        for tok in 0..8 {
+                            b[s][tok] = x[tok * k + jg * 32 + 16 * st + s] as f64;
+                        }
+                    }
+                    for (r, dr) in d.iter_mut().enumerate() {
+                        for (tok, v) in dr.iter_mut().enumerate() {
+                            *v += (0..16).map(|s| a[r][s] * b[s][tok]).sum::<f64>();
+                        }
+                    }
+                }
+                for (r, dr) in d.iter().enumerate() {
+                    for (tok, &v) in dr.iter().enumerate() {
+                        assert_eq!(v as i64, want(r, tok), "w4a16 row zeros {zeros} group {jg} row {r} token {tok}");
+                    }
+                }
+                // W4A8 (symmetric weights only): slots 4t.. from quad lane t / 2, slots 16 + 4t.. from quad lane
+                // 2 + t / 2; low nibbles (shift 4) for even t, high nibbles for odd t.
+                if zeros {
+                    continue;
+                }
+                let (mut a, mut b) = ([[0i64; 32]; 16], [[0i64; 8]; 32]);
+                for lane in 0..32 {
+                    let (g, t) = (lane / 4, lane % 4);
+                    let sh = if t % 2 == 1 { 0 } else { 4 };
+                    let frag = |u: usize, wi: usize| (word(&e.qweight, 4 * g + u, wi) << sh) & 0xF0F0_F0F0;
+                    let (lo_q, hi_q) = (t / 2, 2 + t / 2);
+                    let regs = [frag(lo_q, 2 * jg), frag(lo_q, 2 * jg + 1), frag(hi_q, 2 * jg), frag(hi_q, 2 * jg + 1)];
+                    let byte = |v: u32, j: usize| i64::from((v >> (8 * j)) as u8 as i8);
+                    for j in 0..4 {
+                        a[g][4 * t + j] = byte(regs[0], j);
+                        a[g + 8][4 * t + j] = byte(regs[1], j);
+                        a[g][16 + 4 * t + j] = byte(regs[2], j);
+                        a[g + 8][16 + 4 * t + j] = byte(regs[3], j);
+                    }
+                }
+                for s in 0..32 {
+                    for tok in 0..8 {
+                        b[s][tok] = i64::from(x[tok * k + jg * 32 + s]);
+                    }
+                }
+                for r in 0..16 {
+                    for tok in 0..8 {
+                        let v: i64 = (0..32).map(|s| a[r][s] * b[s][tok]).sum();
+                        assert_eq!(v, 16 * want(r, tok), "w4a8 row group {jg} row {r} token {tok}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn nibble_orders_are_permutations() {
         for f in [nibble_w4a16 as fn(usize) -> usize, nibble_w4a8] {
