@@ -300,12 +300,31 @@ fn quant(c: &mut Criterion) {
                     k::quant::act_quant(&d.stream, src, m, kdim, &mut acts, None).expect("act_quant");
                     g.throughput(Throughput::Elements(2 * (m * n * kdim) as u64));
                     // Each kernel that runs here with its heuristic plan; mma keeps the name earlier runs recorded.
-                    for kernel in k::quant::W4A8Kernel::ALL.into_iter().filter(|kernel| kernel.runs(&w)) {
-                        let plan = k::quant::w4a8_plan(kernel, m, n, kdim, sms);
-                        let tag = match kernel {
-                            k::quant::W4A8Kernel::Mma => String::new(),
-                            other => format!("_{}", other.name()),
-                        };
+                    // wgmma-row also with 64-token tiles where the plan takes 128 (two blocks per SM against one).
+                    let mut plans: Vec<(k::quant::W4A8Plan, String)> = k::quant::W4A8Kernel::ALL
+                        .into_iter()
+                        .filter(|kernel| kernel.runs(&w))
+                        .map(|kernel| {
+                            let tag = match kernel {
+                                k::quant::W4A8Kernel::Mma => String::new(),
+                                other => format!("_{}", other.name()),
+                            };
+                            (k::quant::w4a8_plan(kernel, m, n, kdim, sms), tag)
+                        })
+                        .collect();
+                    let row = plans.iter().find(|(p, _)| p.kernel == k::quant::W4A8Kernel::WgmmaRow && p.tile_m == 128);
+                    if let Some(&(row, _)) = row {
+                        let t64 = k::quant::w4a8_plan_tiled(row.kernel, 64, m, n, kdim, sms);
+                        plans.push((t64, "_wgmma-row-t64".into()));
+                    }
+                    let need = plans.iter().fold((0, 0), |a, (p, _)| {
+                        let b = k::quant::w4a8_workspace_for(*p, m, n);
+                        (a.0.max(b.0), a.1.max(b.1))
+                    });
+                    if !ws.holds(need) {
+                        ws = k::quant::SplitKWorkspace::new(&d.stream, need.0, need.1, sms).expect("workspace");
+                    }
+                    for (plan, tag) in plans {
                         g.bench_function(format!("w4a8{tag}_m{m}_{name}_k{kdim}_n{n} (elements = FLOPs)"), |b| {
                             b.iter_custom(|iters| {
                                 d.time(iters, &mut || {

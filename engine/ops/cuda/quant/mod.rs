@@ -71,9 +71,9 @@ pub use layout::{layout_w4a16, layout_w4a16_paired, layout_w4a8, HostW4A16, Host
 pub use linear::CudaQuantLinear;
 pub use split_k::w4a16_workspace_for;
 pub use split_k::{
-    w4a16_blocks_per_sm, w4a16_chunk_mib, w4a16_chunk_rows, w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_workspace,
-    w4a8_workspace_for, workspace_bound, SplitKWorkspace, W4A8Plan, BULK_BLOCKS_PER_SM, W4A16_BLOCKS_ENV,
-    W4A16_CHUNK_ENV,
+    w4a16_blocks_per_sm, w4a16_chunk_mib, w4a16_chunk_rows, w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_plan_tiled,
+    w4a8_workspace, w4a8_workspace_for, workspace_bound, SplitKWorkspace, W4A8Plan, BULK_BLOCKS_PER_SM,
+    W4A16_BLOCKS_ENV, W4A16_CHUNK_ENV,
 };
 pub use table::{dequant_rows, gemv_int8, gemv_int8_supports, CudaInt8Table, GEMV_INT8_MAX_M};
 pub use w4a16::{

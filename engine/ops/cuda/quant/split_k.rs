@@ -147,19 +147,28 @@ pub struct W4A8Plan {
 ///   whole 4-chunk segment per split.
 pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
     let row_blocks = padded_n(n).div_ceil(W4A8_BLOCK_N).max(1);
+    let tile_m = match kernel {
+        W4A8Kernel::Mma => match m {
+            0..=8 => 8,
+            9..=16 => 16,
+            17..=32 => 32,
+            _ => 128,
+        },
+        _ if row_blocks * m.div_ceil(128) >= sms => 128,
+        _ => 64,
+    };
+    w4a8_plan_tiled(kernel, tile_m, m, n, k, sms)
+}
+
+/// [`w4a8_plan`] with the token tile given (`tile_m` one that `kernel` takes): its K splits, by the same rule.
+pub fn w4a8_plan_tiled(kernel: W4A8Kernel, tile_m: usize, m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
+    let row_blocks = padded_n(n).div_ceil(W4A8_BLOCK_N).max(1);
     let chunks = (k / TILE_K).max(1);
-    let (tile_m, per_sm, min_chunks) = match kernel {
-        W4A8Kernel::Mma => {
-            let tile = match m {
-                0..=8 => 8,
-                9..=16 => 16,
-                17..=32 => 32,
-                _ => 128,
-            };
-            (tile, 2, 2)
-        }
-        _ if row_blocks * m.div_ceil(128) >= sms => (128, 1, 4),
-        _ => (64, 2, 4),
+    // Blocks per SM the kernel keeps resident, and the fewest 64-column chunks per split.
+    let (per_sm, min_chunks) = match kernel {
+        W4A8Kernel::Mma => (2, 2),
+        _ if tile_m == 128 => (1, 4),
+        _ => (2, 4),
     };
     let blocks = row_blocks * m.div_ceil(tile_m).max(1);
     let cap = (chunks / min_chunks).clamp(1, MAX_SPLITS);
@@ -292,6 +301,16 @@ mod tests {
             let need = w4a8_workspace_for(w4a8_plan(kernel, 256, 4096, 14336, sms), 256, 4096);
             assert!(need.0 <= both.0 && need.1 <= both.1, "{kernel:?}");
         }
+        // A given tile gets the heuristic's splits for that tile: each plan is its own tile's plan, and 90B
+        // gate_up at m = 256 with 64-token tiles (448 x 4 blocks, two per SM) needs no split.
+        for kernel in W4A8Kernel::ALL {
+            for (m, n, k) in [(1, 3072, 2048), (64, 2048, 8192), (256, 4096, 14336), (1024, 57344, 8192)] {
+                let p = w4a8_plan(kernel, m, n, k, sms);
+                assert_eq!(w4a8_plan_tiled(kernel, p.tile_m, m, n, k, sms), p, "{kernel:?} m {m} n {n} k {k}");
+            }
+        }
+        let row64 = w4a8_plan_tiled(W4A8Kernel::WgmmaRow, 64, 256, 57344, 8192, sms);
+        assert_eq!(row64, W4A8Plan { kernel: W4A8Kernel::WgmmaRow, tile_m: 64, splits: 1 });
     }
 
     #[test]
