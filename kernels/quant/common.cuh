@@ -169,6 +169,37 @@ __device__ __forceinline__ void cp_async_ca(void* smem, const void* gmem, bool v
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
+// One thread's share of a block's 16-byte row copies, the same for every k chunk but for the chunk's column offset,
+// planned once before the chunk loop (the wgmma kernels' natural-order activations). Copy i = threadIdx.x +
+// it * threads (it < kCopies) reads 16 bytes at byte 16 piece of row m0 + r (zero-filled past row m) and writes
+// them at byte `dst` of a stage; `place(i, r, piece, dst)` sets the three for copy i.
+template <int kCopies>
+struct RowCopies {
+    const uint8_t* src[kCopies];
+    int dst[kCopies];
+    bool ok[kCopies];
+
+    // `base`: row 0 of the matrix; `row_bytes`: its row pitch.
+    template <class Place>
+    __device__ __forceinline__ RowCopies(const uint8_t* base, int64_t row_bytes, int m0, int m, int threads,
+                                         Place place) {
+#pragma unroll
+        for (int it = 0; it < kCopies; ++it) {
+            int r, piece;
+            place(static_cast<int>(threadIdx.x) + it * threads, r, piece, dst[it]);
+            const int tok = m0 + r;
+            ok[it] = tok < m;
+            src[it] = base + int64_t{ok[it] ? tok : 0} * row_bytes + piece * 16;
+        }
+    }
+
+    // Issues the copies of the chunk at byte `offset` of each row into `stage`.
+    __device__ __forceinline__ void issue(uint8_t* stage, int64_t offset) const {
+#pragma unroll
+        for (int it = 0; it < kCopies; ++it) cp_async16(stage + dst[it], src[it] + offset, ok[it]);
+    }
+};
+
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

@@ -94,29 +94,19 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
     // kRow: each thread's activation copies, the same in every chunk but for the chunk's 128-byte column offset
     // (computed once). Natural k order (k16 step ks at bytes 32 ks of the row before the swizzle), 16 bytes per
     // copy: 8 lanes copy one token's 128 bytes into one swizzled 128-byte row (conflict-free).
-    constexpr int kRowCopies = kRow ? kBN * 8 / T::kThreads : 1;
     static_assert(!kRow || kBN * 8 % T::kThreads == 0, "whole copy rounds");
-    const uint8_t* row_src[kRowCopies];
-    int row_dst[kRowCopies];
-    bool row_ok[kRowCopies];
-#pragma unroll
-    for (int it = 0; it < kRowCopies; ++it) {
-        const int i = threadIdx.x + it * T::kThreads;
-        const int r = i / 8, piece = i % 8;
-        const int tok = m0 + r;
-        row_ok[it] = tok < m;
-        row_src[it] = x + int64_t{row_ok[it] ? tok : 0} * p.k * 2 + piece * 16;
-        row_dst[it] = XTile::offset(r, piece) * 2;
-    }
+    const RowCopies<kRow ? kBN * 8 / T::kThreads : 1> row_copies(
+        x, p.k * 2, m0, m, T::kThreads, [](int i, int& r, int& piece, int& dst) {
+            r = i / 8;
+            piece = i % 8;
+            dst = XTile::offset(r, piece) * 2;
+        });
 
     // Copies chunk c into stage `stage`. Token rows past m and weight tiles past n are zero-filled.
     auto load_stage = [&](int stage, int c) {
         unsigned char* s = smem + stage * T::kStageBytes;
         if constexpr (kRow) {
-#pragma unroll
-            for (int it = 0; it < kRowCopies; ++it) {
-                cp_async16(s + row_dst[it], row_src[it] + int64_t{c} * 128, row_ok[it]);
-            }
+            row_copies.issue(s, int64_t{c} * 128);
         } else {
             // Activations: column word cw (0..31, 2 bf16) of token r goes to k16 step 2 (cw / 16) + (cw % 4) / 2,
             // slot word (cw % 16) / 4 + 4 (cw % 2), i.e. byte 32 step + 4 slot of the row before the swizzle. A

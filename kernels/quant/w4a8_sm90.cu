@@ -147,31 +147,20 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
     // tokens x 64 bytes, lane (piece, rr) = (lane / 8, lane % 8) the 16 bytes `piece` (group piece / 2, K half
     // piece % 2) of token 8 q + rr: each 8 lanes fill one 128-byte core matrix (conflict-free), the warp reads 8
     // rows x 64 contiguous bytes.
-    constexpr int kRowCopies = kRow ? kBN * 4 / T::kThreads : 1;
     static_assert(!kRow || kBN * 4 % T::kThreads == 0, "whole copy rounds");
-    const uint8_t* row_src[kRowCopies];
-    int row_dst[kRowCopies];
-    bool row_ok[kRowCopies];
-#pragma unroll
-    for (int it = 0; it < kRowCopies; ++it) {
-        const int i = threadIdx.x + it * T::kThreads;
-        const int lane_i = i % 32, q = i / 32;
-        const int piece = lane_i / 8, r = q * 8 + lane_i % 8;
-        const int tok = m0 + r;
-        row_ok[it] = tok < m;
-        row_src[it] = xq + int64_t{row_ok[it] ? tok : 0} * p.k + piece * 16;
-        row_dst[it] = act_row_offset<kBN>(piece / 2, r, piece % 2);
-    }
+    const RowCopies<kRow ? kBN * 4 / T::kThreads : 1> row_copies(
+        xq, p.k, m0, m, T::kThreads, [](int i, int& r, int& piece, int& dst) {
+            const int lane_i = i % 32;
+            piece = lane_i / 8;
+            r = (i / 32) * 8 + lane_i % 8;
+            dst = act_row_offset<kBN>(piece / 2, r, piece % 2);
+        });
 
     // Copies chunk c into stage `stage`. Token rows past m, weight tiles past n and chunks past k are zero-filled.
     auto load_stage = [&](int stage, int c) {
         uint8_t* s = smem + stage * T::kStageBytes;
         if constexpr (kRow) {
-            // Activations in natural k order, 16 bytes per copy (see row_src above).
-#pragma unroll
-            for (int it = 0; it < kRowCopies; ++it) {
-                cp_async16(s + row_dst[it], row_src[it] + int64_t{c} * 64, row_ok[it]);
-            }
+            row_copies.issue(s, int64_t{c} * 64);  // natural k order, 16 bytes per copy (see above)
         } else {
             // Activations, 4 bytes per copy: a warp fills one 128-byte core matrix (8 tokens x K half h of group
             // j), lane (rr, wd) = (lane / 4, lane % 4) token 8 q + rr, word wd of its row there, i.e. column word

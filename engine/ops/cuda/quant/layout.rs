@@ -257,6 +257,14 @@ mod tests {
         q
     }
 
+    /// The exact dot product of group `jg` of row `r` of `m` (minus its zero point) with token `tok` of the `[8, k]`
+    /// activations `x`.
+    fn group_dot(m: &QuantMatrix, x: &[i32], jg: usize, r: usize, tok: usize) -> i64 {
+        let (k, groups) = (m.k, m.k / m.group);
+        let z = m.zeros.as_ref().map_or(0, |z| i64::from(z[r * groups + jg]));
+        (jg * 32..(jg + 1) * 32).map(|c| (i64::from(m.q[r * k + c]) - z) * i64::from(x[tok * k + c])).sum()
+    }
+
     /// Emulates, on the host, one warp of the kernels on one tile: each lane builds its MMA fragments from the
     /// packed words with the kernels' bit operations, the fragments are placed into the A / B matrices where the
     /// PTX fragment layout says they go, and D = A B must equal the group's dot products computed directly. This
@@ -274,14 +282,7 @@ mod tests {
             let h = layout_w4a16(&m).unwrap();
             let e = layout_w4a8(&m).unwrap();
             for jg in 0..2 {
-                let want = |r: usize, tok: usize| -> i64 {
-                    (0..32)
-                        .map(|i| {
-                            let c = jg * 32 + i;
-                            (i64::from(m.q[r * k + c]) - i64::from(zero(r, jg))) * i64::from(x[tok * k + c])
-                        })
-                        .sum()
-                };
+                let want = |r: usize, tok: usize| group_dot(&m, &x, jg, r, tok);
                 // W4A16: two m16n8k16 MMAs per group into one accumulator.
                 let mut d = [[0f64; 8]; 16];
                 for mma in 0..2 {
@@ -384,14 +385,7 @@ mod tests {
                 u32::from_le_bytes(tiles[lane * 16 + wi * 4..][..4].try_into().unwrap())
             };
             for jg in 0..2 {
-                let want = |r: usize, tok: usize| -> i64 {
-                    (0..32)
-                        .map(|i| {
-                            let c = jg * 32 + i;
-                            (i64::from(m.q[r * k + c]) - i64::from(zero(r, jg))) * i64::from(x[tok * k + c])
-                        })
-                        .sum()
-                };
+                let want = |r: usize, tok: usize| group_dot(&m, &x, jg, r, tok);
                 // W4A16: k16 steps st = 0, 1 of the group; registers r (rows g / g + 8) from quad lane 2 st,
                 // registers r + 2 from quad lane 2 st + 1, pair t of each (shift 4 t).
                 let mut d = [[0f64; 8]; 16];
