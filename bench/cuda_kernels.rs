@@ -242,8 +242,8 @@ const QUANT_SHAPES: [(&str, usize, usize); 6] = [
 ];
 
 /// W4A16 at m = 1, 16, 64 (throughput = bytes of int4 weights + bf16 scales: criterion's GB/s is the effective
-/// weight bandwidth), the large-m W4A16 kernel (Hopper) at m = 256, 1024 and W4A8 at m = 256, 1024 or the m values
-/// of `LLAMA32_BENCH_W4A8_M` (throughput elements = FLOPs:
+/// weight bandwidth), the large-m W4A16 kernels (Hopper) at m = 64, 256, 1024 and W4A8 at m = 256, 1024 or the m
+/// values of `LLAMA32_BENCH_W4A8_M` (throughput elements = FLOPs:
 /// criterion's "Gelem/s" reads as GFLOP/s; divide by 1000 for TFLOP/s). One weight per shape; the 90B weights (up
 /// to 264 MB) exceed L2, the 1B ones (up to 19 MB) fit in an H100's 50 MB L2, so the 1B figures are an upper bound
 /// of the streaming rate.
@@ -262,11 +262,12 @@ fn quant(c: &mut Criterion) {
         let q: Vec<i8> = (0..n * kdim).map(|i| ((i.wrapping_mul(2_654_435_761) >> 9) % 16) as i8 - 8).collect();
         let qm = QuantMatrix { n, k: kdim, group: 32, q, scales: vec![0.0125; n * kdim / 32], zeros: None };
         let weight_bytes = (n * kdim / 2 + n * kdim / 32 * 2) as u64;
-        // The large-m W4A16 kernel (Hopper) at the W4A8 rows, against cuBLAS bf16 at the same shapes (peers.py).
+        // The large-m W4A16 kernels (Hopper) at the W4A8 rows and at m = 64 (batched decode through the large-m
+        // path, LLAMA32_W4A16_LARGE_MIN_M), against cuBLAS bf16 at the same shapes (peers.py).
         if k::quant::large_wgmma_available() {
             let lin = QuantLinear { matrix: qm.clone(), scheme: Scheme::W4A16_G32 };
             let w = k::quant::CudaQuantLinear::upload(&d.stream, &lin).expect("upload");
-            for m in [256usize, 1024] {
+            for m in [64usize, 256, 1024] {
                 let x = d.data(m * kdim, 26);
                 let mut out = d.data(m * n, 27);
                 g.throughput(Throughput::Elements(2 * (m * n * kdim) as u64));

@@ -271,6 +271,7 @@ run() {
     env_tag+="${LLAMA32_W4A16_CHUNK_MIB:+ chunk=$LLAMA32_W4A16_CHUNK_MIB}"
     env_tag+="${LLAMA32_W4A8_KERNEL:+ w4a8=$LLAMA32_W4A8_KERNEL}"
     env_tag+="${LLAMA32_W4A16_LARGE:+ large=$LLAMA32_W4A16_LARGE}"
+    env_tag+="${LLAMA32_W4A16_LARGE_MIN_M:+ large_min_m=$LLAMA32_W4A16_LARGE_MIN_M}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -705,6 +706,12 @@ PY
     done
     for w8 in dequant wgmma wgmma-row; do
       LLAMA32_W4A16_LARGE=$w8 bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
+    done
+    # Batch-64 decode through the large-m path instead of the decode kernels (LLAMA32_W4A16_LARGE_MIN_M=33), with
+    # the dequantize + cuBLASLt path and with the wgmma-row kernel; bf16 at the same batch beside them.
+    bench_e2e 60 "1b 64 128 64"
+    for w8 in dequant wgmma-row; do
+      LLAMA32_W4A16_LARGE_MIN_M=33 LLAMA32_W4A16_LARGE=$w8 bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
     done
   fi
 

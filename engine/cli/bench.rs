@@ -324,11 +324,16 @@ fn bench_one(
         "total_s": full_s,
         "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
         "tp": tp,
-        // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), the prefill attention
+        // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), the W4A8 kernel
+        // (LLAMA32_W4A8_KERNEL), the large-m W4A16 path and where it starts (LLAMA32_W4A16_LARGE,
+        // LLAMA32_W4A16_LARGE_MIN_M), the prefill attention
         // kernel (LLAMA32_PREFILL_KERNEL), the direct W4A16 kernel's L2 prefetch (LLAMA32_W4A16_PREFETCH),
         // programmatic dependent launch (LLAMA32_PDL), the SwiGLU fusion
         // (--no-fused-swiglu), the RoPE fusion (--fused-rope) and the norm fusion (--fused-norm).
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::setting().ok(),
+        "w4a8_kernel": crate::ops::cuda::quant::W4A8Kernel::setting().ok(),
+        "w4a16_large": crate::ops::cuda::quant::W4A16LargeKernel::setting().ok(),
+        "w4a16_large_min_m": crate::ops::cuda::quant::large_min_m().ok(),
         "w4a16_prefetch": crate::ops::cuda::quant::w4a16_l2_prefetch_setting().ok(),
         "w4a16_blocks_per_sm": crate::ops::cuda::quant::w4a16_blocks_per_sm().ok(),
         "w4a16_chunk_mib": crate::ops::cuda::quant::w4a16_chunk_mib().ok(),

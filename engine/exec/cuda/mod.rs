@@ -143,7 +143,7 @@ fn quant_reserve(cfg: &LlamaConfig, layers: &[DeviceLayer], t: usize, sms: usize
                 counters = counters.max(c);
                 if q.is_w4a8() {
                     any_w4a8 = true;
-                } else if t > k::quant::MAX_DECODE_M {
+                } else if k::quant::takes_large_path(t) {
                     scratch = scratch.max(2 * k::quant::w4a16_chunk_rows(q.n(), q.k()) * q.k());
                 }
             }

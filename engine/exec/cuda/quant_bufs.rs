@@ -1,8 +1,9 @@
 //! The device buffers of the quantized projections and the projection itself, shared by the text executor
 //! ([`super::CudaOps`]) and the Llama 3.2 Vision decoder ([`crate::vision::cuda::text`]).
 //!
-//! - W4A16 with at most [`k::quant::MAX_DECODE_M`] rows: the fused dequantize-and-multiply kernel, split-K partials
-//!   in the workspace;
+//! - W4A16 with at most [`k::quant::MAX_DECODE_M`] rows (below [`k::quant::large_min_m`], which
+//!   `LLAMA32_W4A16_LARGE_MIN_M` can lower): the fused dequantize-and-multiply kernel, split-K partials in the
+//!   workspace;
 //! - W4A16 with more rows: the weight dequantized a chunk of rows at a time ([`k::quant::w4a16_chunk_rows`]) into
 //!   a scratch, each chunk multiplied by cuBLASLt into its columns of the output while it sits in L2; or, where
 //!   [`k::quant::W4A16LargeKernel::configured`] says so (Hopper, `LLAMA32_W4A16_LARGE=wgmma` or `wgmma-row`), one kernel that
@@ -104,7 +105,7 @@ impl QuantBuffers {
             if !fused {
                 moved |= self.ensure_acts(stream, rows, kdim, act_width, capturing)?;
             }
-        } else if rows <= k::quant::MAX_DECODE_M {
+        } else if !k::quant::takes_large_path(rows) {
             let kernel = k::quant::W4A16Kernel::configured(rows, n, kdim)?;
             let need = k::quant::w4a16_workspace(kernel, rows, n, kdim, num_sms);
             moved |= self.ensure_ws(stream, need, num_sms, capturing)?;
@@ -138,7 +139,7 @@ impl QuantBuffers {
             let ws = self.ws.as_mut().ok_or_else(missing)?;
             return k::quant::w4a8_gemm(stream, acts, q, rows, ws, out);
         }
-        if rows <= k::quant::MAX_DECODE_M {
+        if !k::quant::takes_large_path(rows) {
             let ws = self.ws.as_mut().ok_or_else(missing)?;
             return k::quant::w4a16_gemm(stream, x, q, rows, ws, out);
         }
@@ -166,7 +167,7 @@ impl QuantBuffers {
     /// True when [`project_silu`](Self::project_silu) takes `rows` rows through `q`: a W4A16 `[gate; up]` weight
     /// uploaded with its rows paired ([`DeviceLinear::upload_gate_up`]), at decode sizes.
     pub(crate) fn silu_fusable(q: &k::quant::CudaQuantLinear, rows: usize) -> bool {
-        !q.is_w4a8() && q.swiglu_paired() && (1..=k::quant::MAX_DECODE_M).contains(&rows)
+        !q.is_w4a8() && q.swiglu_paired() && rows >= 1 && !k::quant::takes_large_path(rows)
     }
 
     /// `out[rows, n / 2] = silu(gate) * up` of `x[rows, k] @ q^T` in one kernel, for a `q` and `rows` that

@@ -1,4 +1,5 @@
-//! W4A16 above [`MAX_DECODE_M`](super::MAX_DECODE_M) rows (prefill): which path runs ([`W4A16LargeKernel`]), and the Hopper kernel that
+//! W4A16 above [`MAX_DECODE_M`](super::MAX_DECODE_M) rows (prefill; from [`large_min_m`] rows): which path runs
+//! ([`W4A16LargeKernel`]), and the Hopper kernel that
 //! dequantizes in registers ([`w4a16_gemm_large`], `kernels/quant/w4a16_sm90.cu`). The other path, dequantize a
 //! chunk of rows into a scratch and multiply it with cuBLASLt, lives with the executor's buffers
 //! (`exec::cuda::quant_bufs`), since it needs the scratch and a cuBLASLt handle.
@@ -69,6 +70,29 @@ impl W4A16LargeKernel {
     pub fn configured() -> Result<Self> {
         Ok(Self::forced()?.filter(|k| k.runs()).unwrap_or(W4A16LargeKernel::Dequant))
     }
+}
+
+/// The environment variable that lowers the fewest rows a W4A16 projection sends down the large-m path
+/// ([`W4A16LargeKernel`]) instead of a decode kernel: 1 to [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1 (the default),
+/// read once per process. An A/B switch for batched decode, where the decode kernels ran at 0.41-0.46x cuBLAS bf16
+/// at m = 64 on the 90B shapes (H200, 2026-11-27) and 1B W4A16 decode at batch 64 took 3.53 ms a step against
+/// bf16's 2.72 (H100).
+pub const LARGE_MIN_M_ENV: &str = "LLAMA32_W4A16_LARGE_MIN_M";
+
+/// [`LARGE_MIN_M_ENV`]'s setting.
+static LARGE_MIN_M: crate::ops::cuda::EnvCount =
+    crate::ops::cuda::EnvCount::new(LARGE_MIN_M_ENV, super::MAX_DECODE_M + 1, 1..=super::MAX_DECODE_M + 1);
+
+/// The fewest rows a W4A16 projection takes through the large-m path ([`LARGE_MIN_M_ENV`]; default
+/// [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1); an error names a bad value.
+pub fn large_min_m() -> Result<usize> {
+    LARGE_MIN_M.get()
+}
+
+/// True when a W4A16 projection of `rows` rows takes the large-m path ([`large_min_m`]; a bad value of
+/// [`LARGE_MIN_M_ENV`], which every kernel call refuses, counts as the default).
+pub fn takes_large_path(rows: usize) -> bool {
+    rows >= LARGE_MIN_M.or_default()
 }
 
 /// True when the current device runs [`w4a16_gemm_large`]: this build holds sm_90a SASS and the device has
@@ -159,6 +183,16 @@ mod tests {
         // 90B gate_up at 1024 tokens: 448 x 8 blocks.
         assert_eq!(large_tile_m(1024, 57344, sms), 128);
         assert_eq!(large_tile_m(65, 1, sms), 64);
+    }
+
+    #[test]
+    fn decode_sizes_keep_the_decode_kernels_by_default() {
+        // The default (the variable is not set in the test environment): up to MAX_DECODE_M rows decode kernels.
+        if std::env::var(LARGE_MIN_M_ENV).is_err() {
+            assert_eq!(large_min_m().unwrap(), super::super::MAX_DECODE_M + 1);
+            assert!(!takes_large_path(super::super::MAX_DECODE_M));
+            assert!(takes_large_path(super::super::MAX_DECODE_M + 1));
+        }
     }
 
     #[test]

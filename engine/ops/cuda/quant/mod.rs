@@ -66,7 +66,10 @@ mod w4a16;
 mod w4a8;
 
 use crate::ops::cuda::switch::KernelSwitch;
-pub use large::{large_plan, large_tile_m, large_wgmma_available, w4a16_gemm_large, LargePlan, W4A16LargeKernel};
+pub use large::{
+    large_min_m, large_plan, large_tile_m, large_wgmma_available, takes_large_path, w4a16_gemm_large, LargePlan,
+    W4A16LargeKernel, LARGE_MIN_M_ENV,
+};
 pub use layout::{layout_w4a16, layout_w4a16_paired, layout_w4a8, HostW4A16, HostW4A8};
 pub use linear::CudaQuantLinear;
 pub use split_k::w4a16_workspace_for;
