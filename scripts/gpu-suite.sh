@@ -363,12 +363,17 @@ run() {
     done
     # The quantized golden end-to-end test again with a Hopper kernel forced: W4A8 wgmma and wgmma-row (the
     # executor's prefill and decode projections through kernels/quant/w4a8_sm90.cu), and the large-m W4A16 wgmma-row
-    # kernel (kernels/quant/w4a16_sm90.cu); where they do not run, the same run as above.
+    # kernel (kernels/quant/w4a16_sm90.cu); where they do not run, the same run as above. Then with every W4A16
+    # projection sent down the large-m path (LLAMA32_W4A16_LARGE_MIN_M=1).
     if [[ -z ${GPU_TEST_FILTER:-} ]]; then
       gpu_test_env w4a8=wgmma cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma
       gpu_test_env w4a8=wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma-row
       gpu_test_env large=wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
         LLAMA32_W4A16_LARGE=wgmma-row
+      # Every W4A16 projection, decode steps and graphs included, through the large-m path (either kind).
+      gpu_test_env large_min_m=1 cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A16_LARGE_MIN_M=1
+      gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
+        LLAMA32_W4A16_LARGE_MIN_M=1 LLAMA32_W4A16_LARGE=wgmma-row
     fi
     # Tensor parallelism on CUDA (tests/gpu/cuda_tp.rs): its `cuda-tp` figure lines join the summary.
     mapfile -t -O "${#benches[@]}" benches < <(grep -h '^cuda-tp ' "$logs"/gpu.cuda_tp::*.log 2>/dev/null || true)
