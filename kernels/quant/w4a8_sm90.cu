@@ -156,6 +156,20 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
             dst = act_row_offset<kBN>(piece / 2, r, piece % 2);
         });
 
+    // Each thread's weight copy (one 16-byte piece of the block's tiles) and scale copy (threads below 2 kTiles 8:
+    // an entry of this chunk, or of the next one for s_next), planned once: chunk c adds c * 512 (weights) and
+    // c * 128 (scales) bytes. Tiles past n and chunks past k are zero-filled.
+    static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
+    static_assert(2 * T::kTiles * 8 <= T::kThreads, "one scale copy per thread at most");
+    const int w_nt = nt0 + static_cast<int>(threadIdx.x) / 32;
+    const bool w_ok = w_nt < ntiles;
+    const uint8_t* w_src = wq + (int64_t{w_ok ? w_nt : 0} * kc * 32 + threadIdx.x % 32) * 16;
+    const bool has_scale = threadIdx.x < 2 * T::kTiles * 8;
+    const int s_next = static_cast<int>(threadIdx.x) / (T::kTiles * 8), s_e = threadIdx.x % (T::kTiles * 8);
+    const int s_nt = nt0 + s_e / 8;
+    const bool s_ok = s_nt < ntiles;
+    const uint8_t* s_src = sc + ((int64_t{s_ok ? s_nt : 0} * kc + s_next) * 8 + s_e % 8) * 16;
+
     // Copies chunk c into stage `stage`. Token rows past m, weight tiles past n and chunks past k are zero-filled.
     auto load_stage = [&](int stage, int c) {
         uint8_t* s = smem + stage * T::kStageBytes;
@@ -178,22 +192,10 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
                 cp_async_ca<4>(s + act_offset<kBN>(j, r, cw), xq + src, ok);
             }
         }
-        static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
-        {
-            const int i = threadIdx.x;
-            const int nt = nt0 + i / 32;
-            const bool ok = nt < ntiles;
-            const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
-            cp_async16(s + T::kActBytes + i * 16, wq + src, ok);
-        }
-        static_assert(2 * T::kTiles * 8 <= T::kThreads, "one scale copy per thread at most");
-        if (threadIdx.x < 2 * T::kTiles * 8) {
-            const int i = threadIdx.x;
-            const int cc = c + i / (T::kTiles * 8), e = i % (T::kTiles * 8);  // this chunk's entries, then the next's
-            const int nt = nt0 + e / 8;
-            const bool ok = nt < ntiles && cc < kc;
-            const int64_t src = ((int64_t{ok ? nt : 0} * kc + (ok ? cc : 0)) * 8 + e % 8) * 16;
-            cp_async16(s + T::kActBytes + T::kWBytes + i * 16, sc + src, ok);
+        cp_async16(s + T::kActBytes + threadIdx.x * 16, w_src + int64_t{c} * 512, w_ok);
+        if (has_scale) {
+            const bool ok = s_ok && c + s_next < kc;
+            cp_async16(s + T::kActBytes + T::kWBytes + threadIdx.x * 16, s_src + (ok ? int64_t{c} * 128 : 0), ok);
         }
     };
 

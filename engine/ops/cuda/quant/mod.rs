@@ -35,10 +35,10 @@
 //! m <= 16 (symmetric / zero points, the cap of four blocks per SM), 37 / 41 KB of static shared memory.
 //! `w4a8_kernel` (256 threads): 198 / 215 registers on sm_90a (symmetric / zero points; the biased MMA accumulator)
 //! and 40.7 KB shared memory for the 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles.
-//! `w4a8_wgmma_kernel` (256 threads, sm_90a only): [`W4A8Kernel::Wgmma`] 240 registers and 112 KB dynamic shared
-//! memory for 128-token tiles (8 stages, one block per SM), 122 registers and 60 KB for 64-token tiles (6 stages,
-//! two per SM); [`W4A8Kernel::WgmmaSerial`] 240 / 84 KB and 122 / 60 KB; [`W4A8Kernel::WgmmaRow`] 164 / 84 KB and
-//! 96 / 60 KB.
+//! `w4a8_wgmma_kernel` (256 threads, sm_90a only): [`W4A8Kernel::Wgmma`] 237 registers and 112 KB dynamic shared
+//! memory for 128-token tiles (8 stages, one block per SM), 120 registers and 60 KB for 64-token tiles (6 stages,
+//! two per SM); [`W4A8Kernel::WgmmaSerial`] 240 / 84 KB and 126 / 60 KB; [`W4A8Kernel::WgmmaRow`] 164 / 84 KB and
+//! 98 / 60 KB.
 //! `w4a16_wgmma_kernel` (256 threads, [`w4a16_gemm_large`], sm_90a only, two blocks per SM): 110 / 115 registers
 //! (symmetric / zero points) and 106 KB dynamic shared memory (5 stages) for 128-token tiles, 76 / 79 registers and
 //! 79 KB (6 stages) for 64-token tiles; [`W4A16LargeKernel::WgmmaRow`] 127 / 127 and 79 / 79.
