@@ -36,12 +36,12 @@ use llama32::ops::cuda::quant::{
 };
 use llama32::ops::cuda::switch::KernelSwitch;
 use llama32::ops::cuda::{activation, norm};
-use llama32::quant::numerics::{quantize_activations, quantize_matrix};
-use llama32::quant::{QuantLinear, QuantMatrix, Scheme};
-use rand::{RngExt, SeedableRng};
+use llama32::quant::numerics::quantize_activations;
+use llama32::quant::{QuantLinear, Scheme};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{cuda_stream as stream, download, normal, to_f32, upload};
+use crate::common::{cuda_stream as stream, download, to_f32, upload};
 
 /// One bf16 rounding moves a value by at most 2^-8 of itself.
 pub(crate) const BF16_ROUNDING: f32 = 1.0 / 256.0;
@@ -52,70 +52,10 @@ const ODD: [(usize, usize); 6] = [(64, 1), (64, 17), (128, 40), (192, 1001), (40
 /// The tests' base seed (each test derives its own).
 pub(crate) const SEED: u64 = 0x5eed_4b17;
 
-/// `rows` x `cols` bf16 values: normal times a per-row scale drawn log-uniformly from [10^lo, 10^hi]; with
-/// `shift`, some rows are moved to be all positive (a zero point at -128) or all negative.
-pub(crate) fn random_rows(
-    rng: &mut ChaCha8Rng,
-    rows: usize,
-    cols: usize,
-    (lo, hi): (f32, f32),
-    shift: bool,
-) -> Vec<bf16> {
-    let mut out = Vec::with_capacity(rows * cols);
-    for r in 0..rows {
-        let scale = 10f32.powf(rng.random_range(lo..hi));
-        let offset = match (shift, r % 4) {
-            (true, 1) => 4.0 * scale,
-            (true, 2) => -4.0 * scale,
-            _ => 0.0,
-        };
-        out.extend((0..cols).map(|_| bf16::from_f32(scale * normal(rng) + offset)));
-    }
-    out
-}
-
-/// A quantized `[n, k]` matrix from random bf16 weights (torchao numerics), with random zero points when asked.
-pub(crate) fn random_matrix(rng: &mut ChaCha8Rng, n: usize, k: usize, zeros: bool) -> QuantMatrix {
-    let w = to_f32(&random_rows(rng, n, k, (-2.0, -1.0), false));
-    let mut m = quantize_matrix(&w, n, k, 32).expect("quantize_matrix");
-    if zeros {
-        m.zeros = Some((0..n * (k / 32)).map(|_| rng.random_range(-8i8..=7)).collect());
-    }
-    m
-}
-
-pub(crate) fn row_rms(v: &[f32], cols: usize) -> Vec<f32> {
-    v.chunks(cols)
-        .map(|r| (r.iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>() / cols as f64).sqrt() as f32)
-        .collect()
-}
-
-/// The worst error of a `[m, n]` GEMM output `got` against the f32 twin `want`, as a share of the bound
-/// `2^-8 |want| + 1e-3 sqrt(k) rms(x_i) rms(w_j)` (one bf16 rounding, and summation slack; see the module docs);
-/// panics past it, naming the output.
-pub(crate) fn within_gemm_bound(
-    got: &[bf16],
-    want: &[f32],
-    (m, n, k): (usize, usize, usize),
-    (x_rms, w_rms): (&[f32], &[f32]),
-    what: &str,
-) -> f32 {
-    let mut worst = 0f32;
-    for i in 0..m {
-        for j in 0..n {
-            let (g, wv) = (got[i * n + j].to_f32(), want[i * n + j]);
-            let tol = BF16_ROUNDING * wv.abs() + 1e-3 * (k as f32).sqrt() * x_rms[i] * w_rms[j];
-            let err = (g - wv).abs();
-            assert!(err <= tol, "{what}: out[{i}, {j}] = {g}, want {wv} (error {err:e} > {tol:e})");
-            worst = worst.max(err / tol);
-        }
-    }
-    worst
-}
-
-pub(crate) fn same_bits(a: &[bf16], b: &[bf16]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-}
+mod data;
+pub(crate) use data::{
+    bench_stream, poisoned_acts, random_matrix, random_rows, row_rms, same_bits, timing_weights, within_gemm_bound,
+};
 
 /// A workspace big enough for every call of these tests.
 fn workspace(stream: &Arc<CudaStream>) -> SplitKWorkspace {
@@ -143,15 +83,6 @@ fn workspace(stream: &Arc<CudaStream>) -> SplitKWorkspace {
         need = (need.0.max(b.0), need.1.max(b.1));
     }
     SplitKWorkspace::new(stream, need.0, need.1, sms).expect("workspace")
-}
-
-/// Poisons the int8 buffers: q = 0x55, scales NaN, zero points i32::MIN.
-pub(crate) fn poisoned_acts(stream: &Arc<CudaStream>, rows: usize, k: usize) -> QuantActs {
-    QuantActs {
-        q: upload(stream, &vec![0x55i8; rows * k]),
-        scales: upload(stream, &vec![f32::NAN; rows]),
-        zeros: upload(stream, &vec![i32::MIN; rows]),
-    }
 }
 
 /// Checks the device's int8 rows against the CPU twin applied to the bf16 values `v`.
@@ -648,23 +579,6 @@ mod e2e;
 
 // ------------------------------------------------------------------------------------------------------------------
 // benchmark
-
-/// A stream for the timing benches, or `None` (and "skipped") without a device. One stream orders everything there,
-/// so cudarc's per-buffer events (which would break graph capture) are turned off first: call it before the bench
-/// allocates, and use every buffer on this one stream.
-pub(crate) fn bench_stream() -> Option<Arc<CudaStream>> {
-    let ctx = stream()?.context().clone();
-    // SAFETY: the caller allocates nothing before this and uses its buffers on the stream returned.
-    unsafe { ctx.disable_event_tracking() };
-    Some(ctx.new_stream().expect("stream"))
-}
-
-/// An `n x k` int4 matrix (group 32, symmetric) for the timing benches: hashed values in 0..8 and a constant scale,
-/// since the values do not change the timing.
-pub(crate) fn timing_weights(n: usize, k: usize, scheme: Scheme) -> QuantLinear {
-    let q: Vec<i8> = (0..n * k).map(|i| ((i * 2_654_435_761usize) >> 7) as i8 & 7).collect();
-    QuantLinear { matrix: QuantMatrix { n, k, group: 32, q, scales: vec![0.01f32; n * k / 32], zeros: None }, scheme }
-}
 
 /// W4A16 (both decode kernels) at m = 1, 16, 64 on the 1B projections and the 11B / 90B gate_up and down shapes,
 /// against the bf16 path the
