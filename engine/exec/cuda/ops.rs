@@ -781,8 +781,8 @@ impl Ops for CudaOps {
         tp.comm.all_reduce_sum_bf16(&self.stream, &mut x.buf.slice_mut(..n))
     }
 
-    /// Tensor parallelism: all-gathers every rank's logits into `[rows, vocab]` (see
-    /// [`CudaOps::tp_gather_logits`]).
+    /// Tensor parallelism: all-gathers every rank's `[rows, vocab / tp]` logits and interleaves them into
+    /// `[rows, vocab]` (a bit-exact copy; ops/tp_logits.rs).
     fn gather_logits(&mut self, local: CudaAct) -> Result<CudaAct> {
         self.tp_gather_logits(local)
     }
