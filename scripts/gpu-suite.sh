@@ -288,9 +288,9 @@ run() {
     tmo "$1" "$bundle/bin/llama32" bench "${source[@]}" --device cuda --batch "$batch" \
       --prompt-tokens "$prompt" --gen-tokens "$gen" $extra >"$log" 2>&1 || rc=$?
     line=$(grep '^{' "$log" | tail -1 || true)
+    extra="$extra${env_tag:+ [$env_tag ]}"
     if ((rc == 0)) && [[ -n $line ]]; then
       echo "$line" >>"$logs/bench.jsonl"
-      extra="$extra${env_tag:+ [$env_tag ]}"
       rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$name b$batch p$prompt g$gen $extra" -)")
       benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$name" "$extra")")
     else
