@@ -567,7 +567,8 @@ impl Ops for CudaOps {
             self.generation += 1;
         }
         let xv = x.buf.slice(..rows * kdim);
-        self.quant.bufs.project(&self.stream, &self.blas, q, (&xv, rows, fused), &mut out.buf.slice_mut(..rows * n))
+        let out = &mut out.buf.slice_mut(..rows * n);
+        self.quant.bufs.project(&self.stream, (&self.blas, self.num_sms), q, (&xv, rows, fused), out)
     }
 
     fn rope_and_cache(&mut self, layer: usize, qkv: &mut CudaAct, _step: &StepInput) -> Result<()> {

@@ -116,11 +116,12 @@ impl QuantBuffers {
     }
 
     /// `out[rows, n] = x[rows, k] @ q^T` for a quantized projection whose buffers were [`prepare`](Self::prepare)d;
-    /// with `fused` the W4A8 input is the int8 activations already in the buffers and `x` is not read.
+    /// with `fused` the W4A8 input is the int8 activations already in the buffers and `x` is not read. `num_sms`:
+    /// the device's SM count, for the large-m kernel's tile.
     pub(crate) fn project(
         &mut self,
         stream: &Arc<CudaStream>,
-        blas: &Blas,
+        (blas, num_sms): (&Blas, usize),
         q: &k::quant::CudaQuantLinear,
         (x, rows, fused): (&CudaView<'_, bf16>, usize, bool),
         out: &mut CudaViewMut<'_, bf16>,
@@ -145,7 +146,7 @@ impl QuantBuffers {
         }
         let large = k::quant::W4A16LargeKernel::configured()?;
         if large.is_wgmma() {
-            let plan = k::quant::large_plan(large, rows, n, k::attention::num_sms(stream)?);
+            let plan = k::quant::large_plan(large, rows, n, num_sms);
             return k::quant::w4a16_gemm_large(stream, (x, q, rows), plan, false, out);
         }
         // Prefill-sized W4A16: a chunk of rows at a time, dequantized into the scratch, then the bf16 GEMM into the
@@ -290,7 +291,7 @@ pub(crate) fn project(
                 )));
             }
             let moved = bufs.prepare(stream, q, rows, (num_sms, false, kdim, capturing))?;
-            bufs.project(stream, blas, q, (x, rows, false), out)?;
+            bufs.project(stream, (blas, num_sms), q, (x, rows, false), out)?;
             Ok(moved)
         }
     }
