@@ -408,21 +408,9 @@ run() {
     done
     # W4A8 with the Hopper kernel forced (prefill of 64 x 128 tokens at m = 8192, decode at m = 64).
     LLAMA32_W4A8_KERNEL=wgmma bench_e2e 60 "1b 64 128 64 --quantize w4a8-g32"
-    # 1B W4A16 with the embedding / lm_head in int8 on the device: a quantized config with "embeddings": "int8"
-    # (random weights, the tables quantized as `llama32 quantize --embeddings int8` does).
-    if [[ -f ${LLAMA32_TEST_DATA:-}/Llama-3.2-1B/config.json ]]; then
-      local int8dir="$logs/1b-w4a16-int8-tables"
-      mkdir -p "$int8dir"
-      python3 - "$LLAMA32_TEST_DATA/Llama-3.2-1B/config.json" "$int8dir/config.json" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))
-c["quantization_config"] = {"quant_method": "llama32", "format_version": 1, "scheme": "w4a16-g32", "bits": 4,
-                            "group_size": 32, "weight_mapping": "symmetric", "scale_dtype": "bfloat16",
-                            "activation": "none", "embeddings": "int8", "modules_not_converted": []}
-json.dump(c, open(sys.argv[2], "w"))
-PY
-      for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 90 "$int8dir $q"; done
-    fi
+    # 1B W4A16 with the embedding / lm_head in int8 on the device (`--embeddings int8` at load time: the tables
+    # quantized as `llama32 quantize --embeddings int8` does).
+    for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 90 "1b $q --quantize w4a16-g32 --embeddings int8"; done
     # The large-m W4A16 path (prefill of 64 x 512 tokens): 32 MiB chunks (the default) against the whole matrix
     # dequantized at once (the path before the ninth session).
     LLAMA32_W4A16_CHUNK_MIB=65536 bench_e2e 60 "1b 64 512 64 --quantize w4a16-g32"
@@ -589,15 +577,15 @@ PY
 
   if want targets; then
     # The text issues' targets on this card, back to back: 1B and 3B batch-1 decode (the defaults, then both decode
-    # fusions), 1B batch 64, 1B W4A16 at batch 1 and 16 (the direct kernel's L2 prefetch by shape, then forced off
-    # and on at batch 16), 1B batch 1 with each kind of call left out in turn, 1B / 3B batch 1 with the decode
-    # attention split at 64 and 32 positions; then the W4A16 kernels at the 1B and 90B shapes with that prefetch
-    # forced off, then on, and at the 11B and 90B shapes with 8 split-K blocks per SM (default 4); then the copy
-    # and GEMM ceilings and HF transformers eager decode (1B, 3B).
+    # fusions), 1B batch 64, 1B W4A16 at batch 1 (also with int8 tables) and 16 (the direct kernel's L2 prefetch by
+    # shape, then forced off and on at batch 16), 1B batch 1 with each kind of call left out in turn, 1B / 3B batch 1
+    # with the decode attention split at 64 and 32 positions; then the W4A16 kernels at the 1B and 90B shapes with
+    # that prefetch forced off, then on, and at the 11B and 90B shapes with 8 split-K blocks per SM (default 4);
+    # then the copy and GEMM ceilings and HF transformers eager decode (1B, 3B).
     local tspec pf
     for tspec in "1b 1 128 64" "1b 1 128 64 --fused-rope --fused-norm" "3b 1 128 64" \
       "3b 1 128 64 --fused-rope --fused-norm" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" \
-      "1b 16 128 64 --quantize w4a16-g32"; do
+      "1b 1 128 64 --quantize w4a16-g32 --embeddings int8" "1b 16 128 64 --quantize w4a16-g32"; do
       bench_e2e 60 "$tspec"
     done
     for pf in 0 1; do

@@ -180,6 +180,29 @@ fn info_reports_parameters_and_memory() {
     let out = run(bin().args(["info", "--model"]).arg(golden("tied-gqa4")));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["memory_plan"]["checkpoint_bytes"].as_u64().unwrap() > 0);
+    // The quantization object: none for bf16; the 1B's tied 128256 x 2048 table in bf16 or, with --embeddings
+    // int8, one byte per value plus a bf16 scale per row.
+    let info = |extra: &[&str]| -> Value {
+        serde_json::from_slice(&run(bin().args(["info", "--preset", "1b"]).args(extra)).stdout).unwrap()
+    };
+    assert!(info(&[])["quantization"].is_null());
+    let q = info(&["--quantize", "w4a16-g32"]);
+    assert_eq!(q["quantization"]["scheme"], "w4a16-g32");
+    assert_eq!(q["quantization"]["embeddings"], "bf16");
+    assert_eq!(q["quantization"]["table_bytes"], 128_256u64 * 2048 * 2);
+    let i8 = info(&["--quantize", "w4a16-g32", "--embeddings", "int8"]);
+    assert_eq!(i8["quantization"]["embeddings"], "int8");
+    assert_eq!(i8["quantization"]["table_bytes"], 128_256u64 * 2048 + 128_256 * 2);
+    let saved = q["quantization"]["weights_bytes_total"].as_u64().unwrap()
+        - i8["quantization"]["weights_bytes_total"].as_u64().unwrap();
+    assert_eq!(saved, 128_256 * 2048 - 128_256 * 2);
+    let tables_only = info(&["--embeddings", "int8"]);
+    assert!(tables_only["quantization"]["scheme"].is_null());
+    assert_eq!(tables_only["quantization"]["quantized_projection_bytes"], 0);
+    assert_eq!(
+        tables_only["quantization"]["weights_bytes_total"].as_u64().unwrap(),
+        2 * 1_235_814_400 - 128_256 * 2048 + 128_256 * 2
+    );
 }
 
 #[test]

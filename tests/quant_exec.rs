@@ -343,6 +343,60 @@ fn logits_cli_honours_quantize_and_loads_quantized_checkpoints() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `--embeddings int8` at load time: with `--quantize w4a16-g32` the same logits, bit for bit, as the checkpoint
+/// `llama32 quantize --embeddings int8` writes; alone, those of the bf16 model with its tables quantized in memory
+/// ([`ModelWeights::quantize_tables_int8`]), on a tied and an untied model. A bad value names the flag.
+#[test]
+fn logits_cli_honours_embeddings_int8() {
+    use llama32::quant::format::EmbeddingQuant;
+    for case in ["untied-gqa2-sharded", "tied-gqa4"] {
+        let ids = prompt(case)[..12].to_vec();
+        let ids_arg: Vec<String> = ids.iter().map(u32::to_string).collect();
+        let golden = common::golden_dir(case);
+        let out = temp_dir("cli-int8-tables");
+        std::fs::create_dir_all(&out).unwrap();
+        let run = |model: &Path, extra: &[&str], file: &str| -> Vec<f32> {
+            let path = out.join(file);
+            let o = llama32_bin()
+                .args(["logits", "--model"])
+                .arg(model)
+                .args(["--ids", &ids_arg.join(","), "--out"])
+                .arg(&path)
+                .args(extra)
+                .output()
+                .expect("run llama32");
+            assert!(o.status.success(), "{case} llama32 logits {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+            llama32::npy::read_f32(&path).expect("logits npy").data
+        };
+        let at_load = run(&golden, &["--quantize", "w4a16-g32", "--embeddings", "int8"], "at-load.npy");
+        let qdir = temp_dir("int8-tables-ckpt");
+        let opts = QuantizeOptions { embeddings: EmbeddingQuant::Int8, ..Default::default() };
+        quantize_checkpoint(&golden, &qdir, Scheme::W4A16_G32, &opts, &|_, _| {}).expect("quantize");
+        assert_eq!(bits(&at_load), bits(&run(&qdir, &[], "ckpt.npy")), "{case}: at load vs the int8 checkpoint");
+        let quant_only = run(&golden, &["--quantize", "w4a16-g32"], "quant.npy");
+        assert_ne!(bits(&at_load), bits(&quant_only), "{case}: --embeddings int8 changes the tables");
+        // Tables alone, bf16 projections.
+        let m = Model::open(&golden);
+        let mut w = m.load().expect("load");
+        w.quantize_tables_int8().expect("tables");
+        assert!(w.embed_int8.is_some());
+        let tables_only = run(&golden, &["--embeddings", "int8"], "tables.npy");
+        assert_eq!(bits(&tables_only), bits(&m.logits(w, &ids, 512)), "{case}: --embeddings int8 alone");
+        let o = llama32_bin()
+            .args(["logits", "--model"])
+            .arg(&golden)
+            .args(["--ids", "1,2", "--out"])
+            .arg(out.join("x.npy"))
+            .args(["--embeddings", "int4"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--embeddings `int4`"), "{err}");
+        let _ = std::fs::remove_dir_all(&qdir);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
 /// Rewrites `dir/model.safetensors` with `edit` applied to its tensor list.
 fn rewrite(dir: &Path, edit: impl Fn(&mut Vec<(String, llama32::weights::DType, Vec<usize>, Vec<u8>)>)) {
     let path = dir.join("model.safetensors");
@@ -615,7 +669,8 @@ fn vision_int8_tables_load_as_int8() {
 }
 
 /// `llama32 logits --image ... --quantize SCHEME` on a vision checkpoint quantizes the language model's projections
-/// on reading (it used to ignore the flag): the same logits as the model loaded with that quantization in memory.
+/// on reading (it used to ignore the flag): the same logits as the model loaded with that quantization in memory;
+/// with `--embeddings int8` too, the model loaded with its tables in int8.
 #[test]
 fn vision_logits_cli_honours_quantize() {
     use llama32::vision::pipeline::MllamaModel;
@@ -645,5 +700,13 @@ fn vision_logits_cli_honours_quantize() {
     let want = m.logits(&g.input_ids, &m.encode(&g.images).unwrap()).unwrap();
     assert_eq!(bits(&quant), bits(&want));
     assert_ne!(bits(&quant), bits(&plain), "the flag changes the weights");
+    // --embeddings int8: the tables quantized per row as well, as the model loaded that way.
+    let tables = run(&["--quantize", "w4a16-g32", "--embeddings", "int8"], "w4a16-int8.npy");
+    let at_load = llama32::quant::AtLoad { scheme: Some(Scheme::W4A16_G32), tables_int8: true };
+    let m = MllamaModel::load_with(&g.dir, at_load).unwrap();
+    assert!(m.weights.text.embed_int8.is_some() && m.weights.text.lm_head_int8.is_some());
+    let want = m.logits(&g.input_ids, &m.encode(&g.images).unwrap()).unwrap();
+    assert_eq!(bits(&tables), bits(&want));
+    assert_ne!(bits(&tables), bits(&quant), "--embeddings int8 changes the tables");
     let _ = std::fs::remove_dir_all(&out);
 }

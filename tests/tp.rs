@@ -209,12 +209,15 @@ fn quantized_golden_checkpoints_match_tp1_quantized() {
 
 /// An int8-embeddings W4A16 checkpoint as tensor-parallel ranks: each rank keeps its vocabulary slice of the tables
 /// in int8 (the rows of the whole model's int8 tables, the f32 rows their dequantization), and the ranks' logits
-/// match tp = 1 on the same checkpoint.
+/// match tp = 1 on the same checkpoint. The bf16 checkpoint quantized at load (`--quantize w4a16-g32 --embeddings
+/// int8`, [`AtLoad`]) gives every rank the same int8 rows, and its ranks match that tp = 1 reference too.
 #[test]
 fn int8_table_ranks_hold_their_int8_rows() {
     use llama32::quant::format::EmbeddingQuant;
-    use llama32::tp::load::load_rank_weights;
+    use llama32::quant::AtLoad;
+    use llama32::tp::load::{load_rank_weights, load_rank_weights_at, RankQuant};
     use llama32::tp::TpPlan;
+    let at_load = AtLoad { scheme: Some(Scheme::W4A16_G32), tables_int8: true };
     for (name, tp) in [("tied-gqa4", 2), ("untied-gqa2-sharded", 2)] {
         let dir = common::golden_dir(name);
         let cfg = golden_config(&dir);
@@ -223,6 +226,7 @@ fn int8_table_ranks_hold_their_int8_rows() {
         let opts = QuantizeOptions { embeddings: EmbeddingQuant::Int8, ..Default::default() };
         quantize_checkpoint(&dir, &out, Scheme::W4A16_G32, &opts, &|_, _| {}).unwrap();
         let ckpt = Checkpoint::open(&out).unwrap();
+        let bf16 = Checkpoint::open(&dir).unwrap();
         let qcfg = checkpoint_quantization(&ckpt).unwrap().unwrap();
         let whole = ModelWeights::load_quantized(&ckpt, &cfg, &qcfg, &|_| {}).unwrap();
         let plan = TpPlan::new(&cfg, tp).unwrap();
@@ -237,12 +241,29 @@ fn int8_table_ranks_hold_their_int8_rows() {
             } else {
                 assert!(w.lm_head.is_none() && w.lm_head_int8.is_none());
             }
+            // The same rows from the bf16 checkpoint, quantized by the rank as it reads them.
+            let src = WeightSource::Checkpoint(&bf16);
+            let quant = RankQuant::resolve(&src, at_load.scheme).unwrap();
+            let mine = load_rank_weights_at(&plan, rank, src, (quant.as_ref(), true), true).unwrap();
+            assert_eq!(mine.embed_int8, w.embed_int8, "{name} rank {rank}: embed rows quantized at load");
+            assert_eq!(mine.lm_head_int8, w.lm_head_int8, "{name} rank {rank}: lm_head rows quantized at load");
+            assert_eq!(mine.embed, w.embed, "{name} rank {rank}");
         }
         let (p1, p2) = prompts(cfg.vocab_size);
         let mut reference = CpuExecutor::with_capacity(cfg.clone(), whole, 64, BLOCK).unwrap();
         let mut ranks =
             TpCpuExecutor::with_capacity(cfg.clone(), WeightSource::Checkpoint(&ckpt), tp, 64, BLOCK).unwrap();
         compare_steps(&mut reference, &mut ranks, [&p1, &p2], &format!("{name} int8 tables tp={tp}"));
+        let mut at_load_ranks = TpCpuExecutor::with_capacity_quantized(
+            cfg.clone(),
+            WeightSource::Checkpoint(&bf16),
+            tp,
+            at_load,
+            64,
+            BLOCK,
+        )
+        .unwrap();
+        compare_steps(&mut reference, &mut at_load_ranks, [&p1, &p2], &format!("{name} at-load int8 tables tp={tp}"));
         std::fs::remove_dir_all(&out).ok();
     }
 }

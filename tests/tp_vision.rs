@@ -628,11 +628,13 @@ fn w4a16_vision_ranks_match_tp1_quantized() {
 
 /// An int8-embeddings W4A16 vision checkpoint as tensor-parallel ranks: each rank's `MllamaRankSource` keeps its
 /// rows of the tables in int8 (slices of the whole model's int8 tables, the f32 rows their dequantization), and the
-/// CPU ranks match tp = 1.
+/// CPU ranks match tp = 1. The bf16 checkpoint read with `--quantize w4a16-g32 --embeddings int8` ([`AtLoad`])
+/// gives the same rows, on every rank and whole, and its ranks match tp = 1 too.
 #[test]
 fn int8_table_vision_ranks_hold_their_int8_rows() {
     use llama32::quant::format::{quantize_checkpoint, EmbeddingQuant, QuantizeOptions};
-    use llama32::quant::Scheme;
+    use llama32::quant::{AtLoad, Scheme};
+    let at_load = AtLoad { scheme: Some(Scheme::W4A16_G32), tables_int8: true };
     use llama32::tp::load::MllamaRankSource;
     use llama32::tp::TpPlan;
     let name = "mllama-two-images";
@@ -655,10 +657,24 @@ fn int8_table_vision_ranks_hold_their_int8_rows() {
         let (_, hq) = src.lm_head_table().unwrap();
         let want = h.slice_rows(plan.rank(rank).unwrap().vocab, "lm_head").unwrap();
         assert_eq!(hq.as_ref(), Some(&want), "rank {rank}: lm_head rows");
+        let bf16 = Checkpoint::open(&g.dir).unwrap();
+        let at = MllamaRankSource::new_with(&c.model.cfg, &plan, rank, &bf16, at_load, true).unwrap();
+        assert_eq!(at.embed_table().unwrap().1, eq, "rank {rank}: embedding rows quantized at load");
+        assert_eq!(at.lm_head_table().unwrap().1, hq, "rank {rank}: lm_head rows quantized at load");
     }
+    // Whole, on the CPU reference: the same tables.
+    let loaded = MllamaModel::load_with(&g.dir, at_load).unwrap();
+    assert_eq!(loaded.weights.text.embed_int8.as_ref(), Some(e));
+    assert_eq!(loaded.weights.text.lm_head_int8.as_ref(), Some(h));
+    assert_eq!(loaded.weights.text.lm_head, h.dequantize());
     let mut reference = c.reference();
     let mut exec = c.tp(2).unwrap();
     let err = compare(&c, &mut reference, &mut exec, &format!("{name} int8 tables tp=2"));
     assert!(err <= REL_TOL, "{name}: int8 tables at tp 2 differ by {err:.2e}");
+    let bf16 = Checkpoint::open(&g.dir).unwrap();
+    let mut exec =
+        TpMllamaCpuExecutor::new_quantized(c.model.cfg.clone(), &bf16, 2, (KV_TOKENS, BLOCK), at_load).unwrap();
+    let err = compare(&c, &mut reference, &mut exec, &format!("{name} at-load int8 tables tp=2"));
+    assert!(err <= REL_TOL, "{name}: int8 tables quantized at load at tp 2 differ by {err:.2e}");
     let _ = std::fs::remove_dir_all(&out);
 }

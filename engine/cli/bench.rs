@@ -324,6 +324,7 @@ fn bench_one(
         "total_s": full_s,
         "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
         "tp": tp,
+        "embeddings": a.model.embeddings,
         // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), the W4A8 kernel
         // (LLAMA32_W4A8_KERNEL), the large-m W4A16 path and where it starts (LLAMA32_W4A16_LARGE,
         // LLAMA32_W4A16_LARGE_MIN_M), the prefill attention

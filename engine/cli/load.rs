@@ -11,7 +11,7 @@ use crate::exec::cpu::CpuExecutor;
 use crate::exec::cuda::{CudaExecutor, CudaOptions};
 use crate::exec::Executor;
 use crate::quant::format::{EmbeddingQuant, QuantizationConfig};
-use crate::quant::Scheme;
+use crate::quant::{AtLoad, Scheme};
 use crate::weights::{check_checkpoint, Checkpoint, ModelWeights, WeightSource};
 use crate::{Error, Result};
 
@@ -160,6 +160,21 @@ pub fn checkpoint_quantization(dir: &Path) -> Result<Option<QuantizationConfig>>
     QuantizationConfig::from_config_json(&root, &path)
 }
 
+/// Whether `--embeddings` asks for int8 vocabulary tables (`bf16` or `int8`; anything else is refused, naming the
+/// flag).
+pub fn tables_int8(a: &ModelArgs) -> Result<bool> {
+    match EmbeddingQuant::parse(&a.embeddings) {
+        Ok(e) => Ok(e == EmbeddingQuant::Int8),
+        Err(_) => Err(Error::request(format!("--embeddings `{}`: expected bf16 or int8", a.embeddings))),
+    }
+}
+
+/// What `--quantize` and `--embeddings` ask to convert at load time, both flags checked.
+pub fn at_load(a: &ModelArgs) -> Result<AtLoad> {
+    let scheme = a.quantize.as_deref().map(Scheme::parse).transpose()?;
+    Ok(AtLoad { scheme, tables_int8: tables_int8(a)? })
+}
+
 /// The quantization the arguments ask for: `--quantize`, or a quantized checkpoint (not both).
 pub fn quantization_of(a: &ModelArgs, source: &Source) -> Result<Option<Quantization>> {
     let flag = a.quantize.as_deref().map(Scheme::parse).transpose()?;
@@ -179,9 +194,21 @@ pub fn quantization_of(a: &ModelArgs, source: &Source) -> Result<Option<Quantiza
 }
 
 /// The CPU weights named by the arguments: a checkpoint (quantized or not) or random weights, then quantized by
-/// `--quantize` if given. `--random-weights` with a quantized checkpoint's config quantizes the random weights
-/// with the checkpoint's scheme, and its tables to int8 when the config says `"embeddings": "int8"`.
+/// `--quantize` if given, and their tables to int8 with `--embeddings int8`. `--random-weights` with a quantized
+/// checkpoint's config quantizes the random weights with the checkpoint's scheme, and its tables to int8 when the
+/// config says `"embeddings": "int8"`.
 pub fn load_cpu_weights(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Result<ModelWeights> {
+    let mut weights = load_cpu_weights_as_stored(a, cfg, source)?;
+    if tables_int8(a)? {
+        weights.quantize_tables_int8()?;
+    }
+    Ok(weights)
+}
+
+/// [`load_cpu_weights`] without `--embeddings int8` (the flag is still checked): the tables as the checkpoint
+/// stores them (for `quant-eval`, whose bf16 baseline keeps them).
+pub fn load_cpu_weights_as_stored(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Result<ModelWeights> {
+    tables_int8(a)?;
     let quant = quantization_of(a, source)?;
     let mut weights = match (source, a.random_weights, &quant) {
         (Source::Dir(dir), false, Some(Quantization::Checkpoint(q))) => {
@@ -215,25 +242,39 @@ pub fn load_cpu_weights(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Re
 }
 
 /// The `quantization` object of `llama32 info`: the scheme and the bytes of the quantized projections (packed
-/// int4 values plus bf16 group scales) next to their bf16 bytes; `null` for an unquantized model.
+/// int4 values plus bf16 group scales) next to their bf16 bytes, and how the vocabulary tables are held (int8: one
+/// byte per value plus a bf16 scale per row); `null` for a model with neither.
 pub fn quantization_info(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Result<serde_json::Value> {
-    let (scheme, ckpt_quant) = match quantization_of(a, source)? {
-        None => return Ok(serde_json::Value::Null),
-        Some(Quantization::AtLoad(s)) => (s, None),
-        Some(Quantization::Checkpoint(q)) => (q.scheme, Some(q.to_string())),
+    let tables_flag = tables_int8(a)?;
+    let (scheme, ckpt_quant, ckpt_tables) = match quantization_of(a, source)? {
+        None if !tables_flag => return Ok(serde_json::Value::Null),
+        None => (None, None, false),
+        Some(Quantization::AtLoad(s)) => (Some(s), None, false),
+        Some(Quantization::Checkpoint(q)) => {
+            (Some(q.scheme), Some(q.to_string()), q.embeddings == EmbeddingQuant::Int8)
+        }
     };
+    let int8_tables = tables_flag || ckpt_tables;
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let per_layer = [(cfg.q_dim() + 2 * cfg.kv_dim(), h), (h, cfg.q_dim()), (2 * i, h), (h, i)];
     let proj_params: u64 = per_layer.iter().map(|&(n, k)| (n * k) as u64).sum::<u64>() * cfg.num_hidden_layers as u64;
-    let other_params = cfg.num_parameters() - proj_params;
-    let quant_bytes = proj_params / 2 + proj_params / scheme.group as u64 * 2;
+    let table_rows = cfg.vocab_size as u64 * if cfg.tie_word_embeddings { 1 } else { 2 };
+    let table_params = table_rows * h as u64;
+    let other_params = cfg.num_parameters() - proj_params - table_params;
+    let proj_bytes = match scheme {
+        Some(s) => proj_params / 2 + proj_params / s.group as u64 * 2,
+        None => proj_params * 2,
+    };
+    let table_bytes = if int8_tables { table_params + table_rows * 2 } else { table_params * 2 };
     Ok(serde_json::json!({
-        "scheme": scheme.name(),
+        "scheme": scheme.map(|s| s.name()),
         "checkpoint_quantization": ckpt_quant,
-        "quantized_projection_parameters": proj_params,
-        "quantized_projection_bytes": quant_bytes,
+        "quantized_projection_parameters": if scheme.is_some() { proj_params } else { 0 },
+        "quantized_projection_bytes": if scheme.is_some() { proj_bytes } else { 0 },
         "projection_bytes_bf16": proj_params * 2,
-        "weights_bytes_total": quant_bytes + other_params * 2,
+        "embeddings": if int8_tables { "int8" } else { "bf16" },
+        "table_bytes": table_bytes,
+        "weights_bytes_total": proj_bytes + table_bytes + other_params * 2,
     }))
 }
 
@@ -267,16 +308,20 @@ fn load_cuda(
     let eos_ids = cfg.eos_token_ids.clone();
     let mut desc = source.describe();
     let quant = quantization_of(a, source)?;
+    let tables = tables_int8(a)?;
     let exec = match (source, a.random_weights) {
-        _ if quant.is_some() => {
-            // Quantized projections are packed on the host first (the checkpoint's int4 tensors, or bf16 weights
-            // quantized by --quantize), then uploaded in the kernels' layout.
+        _ if quant.is_some() || tables => {
+            // Quantized projections and int8 tables are made on the host first (the checkpoint's int4 tensors, or
+            // bf16 weights quantized by --quantize / --embeddings), then uploaded in the kernels' layout.
             let w = load_cpu_weights(a, &cfg, source)?;
             if let Some(q) = &quant {
                 desc.push_str(&format!(", {}", q.describe()));
             }
             if a.random_weights {
                 desc.push_str(" with random weights");
+            }
+            if w.embed_int8.is_some() {
+                desc.push_str(", int8 embeddings");
             }
             CudaExecutor::from_weights(cfg, &w, &opts)?
         }

@@ -123,6 +123,11 @@ pub struct ModelArgs {
     /// A checkpoint written by `llama32 quantize` is detected from its config.json and needs no flag.
     #[arg(long)]
     pub quantize: Option<String>,
+    /// How to hold the token embedding and lm_head: bf16, or int8 with one scale per row (the numerics of
+    /// `llama32 quantize --embeddings int8`, Meta's 8-bit option for its quantized models: half the bytes of the
+    /// largest decode read of the small models). A checkpoint that stores int8 tables keeps them either way.
+    #[arg(long, default_value = "bf16")]
+    pub embeddings: String,
 }
 
 /// `llama32 logits`.

@@ -1,8 +1,9 @@
 //! `llama32 quant-eval`: logit error and greedy agreement of a quantization scheme.
 //!
 //! The baseline is the model with every weight rounded to bf16 (what a bf16 checkpoint holds), run by the f32 CPU
-//! reference. Each scheme quantizes those same bf16 projections ([`ModelWeights::quantize_in_place`]; embeddings,
-//! norms and `lm_head` stay bf16) and runs on the CPU reference too (W4A16: f32 GEMM over the exact dequantized
+//! reference. Each scheme quantizes those same bf16 projections ([`ModelWeights::quantize_in_place`]; norms stay
+//! bf16, and so do the embedding and `lm_head` unless `--embeddings int8` quantizes them per row too, as Meta's
+//! quantized models hold them) and runs on the CPU reference too (W4A16: f32 GEMM over the exact dequantized
 //! weights; W4A8: the int8 x int4 kernel). The same deterministic prompt is scored teacher-forced by both, then
 //! decoded greedily by both.
 
@@ -11,7 +12,7 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::load::{load_cpu_weights, resolve_config, Device, Source};
+use super::load::{load_cpu_weights_as_stored, resolve_config, tables_int8, Device, Source};
 use super::{run_scheduled, ModelArgs};
 use crate::config::LlamaConfig;
 use crate::exec::cpu::CpuExecutor;
@@ -185,7 +186,9 @@ pub fn cmd_quant_eval(a: QuantEvalArgs) -> Result<()> {
     }
     let vocab = cfg.vocab_size;
     let prompt = prompt_ids(a.prompt_tokens, vocab);
-    let load = || load_cpu_weights(&a.model, &cfg, &source);
+    // The baseline keeps the tables as stored; --embeddings int8 applies to the quantized runs only.
+    let int8_tables = tables_int8(&a.model)?;
+    let load = || load_cpu_weights_as_stored(&a.model, &cfg, &source);
     let t_load = Instant::now();
     let stored = run(&cfg, load()?, &a, &prompt)?;
     let load_note = t_load.elapsed().as_secs_f64();
@@ -201,12 +204,16 @@ pub fn cmd_quant_eval(a: QuantEvalArgs) -> Result<()> {
         let mut w = load()?;
         w.round_to_bf16();
         w.quantize_in_place(*scheme)?;
+        if int8_tables {
+            w.quantize_tables_int8()?;
+        }
         let quant_secs = t0.elapsed().as_secs_f64();
         let out = run(&cfg, w, &a, &prompt)?;
         let err = LogitError::of(&out.logits, &base.logits, vocab)?;
         let (first, prefix, overall) = greedy_agreement(&out.greedy, &base.greedy);
         results.push(json!({
             "scheme": scheme.name(),
+            "embeddings": if int8_tables { "int8" } else { "bf16" },
             "teacher_forced": err.to_json(),
             "greedy": {
                 "ids": out.greedy,

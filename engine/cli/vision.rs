@@ -34,11 +34,11 @@ pub fn vision_dir(m: &ModelArgs, has_images: bool) -> Result<Option<PathBuf>> {
 /// `--quantize` when given) and encodes `images`.
 fn load(m: &ModelArgs, dir: &Path, images: &[PathBuf]) -> Result<(MllamaModel, EncodedImages)> {
     let t0 = Instant::now();
-    let quantize = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let at_load = super::load::at_load(m)?;
     let model = if m.random_weights {
-        MllamaModel::random(dir, m.weights_seed, quantize)?
+        MllamaModel::random(dir, m.weights_seed, at_load)?
     } else {
-        MllamaModel::load_with(dir, quantize)?
+        MllamaModel::load_with(dir, at_load)?
     };
     let enc = model.encode(&read_images(images)?)?;
     eprintln!(
@@ -97,7 +97,7 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
     let kv_tokens = m.kv_tokens.unwrap_or(ids.len()).max(ids.len());
     let ckpt = crate::weights::Checkpoint::open(dir)?;
     let t0 = Instant::now();
-    let at_load = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let at_load = super::load::at_load(m)?;
     let ranks = (kv_tokens, m.block_size);
     let mut exec = crate::tp::vision::TpMllamaCpuExecutor::new_quantized(cfg.clone(), &ckpt, tp, ranks, at_load)?;
     eprintln!("loaded the text decoder as {tp} tensor-parallel CPU ranks in {:.2} s", t0.elapsed().as_secs_f64());
@@ -153,7 +153,7 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
         ..Default::default()
     };
     let mut exec =
-        cuda_text_decoder((m.quantize.as_deref(), m.random_weights.then_some(m.weights_seed)), dir, &cfg, &opts)?;
+        cuda_text_decoder((super::load::at_load(m)?, m.random_weights.then_some(m.weights_seed)), dir, &cfg, &opts)?;
     let none = EncodedImages { states: Vec::new(), num_tiles: Vec::new() };
     match &mask {
         Some((mask, enc)) => prefill_to_npy(&mut exec, &cfg, m.block_size, ids, enc, Some(mask), out),
@@ -163,24 +163,28 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
 
 /// The single-GPU CUDA text decoder of the Llama 3.2 Vision checkpoint `dir`, read and uploaded one layer at a
 /// time ([`crate::vision::weights::TextSource`]), so the host never holds the whole model: bf16, a quantized
-/// checkpoint's int4 projections, or the bf16 checkpoint quantized on reading by `quantize` (`--quantize`); with
-/// `random_seed` (`--random-weights`) random weights at the config's shapes instead (int4 ones with `quantize`).
+/// checkpoint's int4 projections, or the bf16 checkpoint quantized on reading by `at_load.scheme` (`--quantize`);
+/// with `random_seed` (`--random-weights`) random weights at the config's shapes instead (int4 ones with a scheme).
+/// `at_load.tables_int8` (`--embeddings int8`) quantizes the embedding and `lm_head` to int8 as they are read.
 /// Shows a progress bar over the layers.
 pub(crate) fn cuda_text_decoder(
-    (quantize, random_seed): (Option<&str>, Option<u64>),
+    (at_load, random_seed): (crate::quant::AtLoad, Option<u64>),
     dir: &Path,
     cfg: &MllamaConfig,
     opts: &crate::vision::cuda::text::MllamaCudaOptions,
 ) -> Result<crate::vision::cuda::text::MllamaCudaExecutor> {
-    let quantize = quantize.map(crate::quant::Scheme::parse).transpose()?;
+    let quantize = at_load.scheme;
     let ckpt;
-    let src = match random_seed {
+    let mut src = match random_seed {
         Some(seed) => crate::vision::weights::TextSource::random(cfg, seed, quantize),
         None => {
             ckpt = crate::weights::Checkpoint::open(dir)?;
             crate::vision::weights::TextSource::checkpoint(&ckpt, cfg, quantize)?
         }
     };
+    if at_load.tables_int8 {
+        src = src.with_int8_tables();
+    }
     let t0 = Instant::now();
     let bar = indicatif::ProgressBar::new(cfg.text.base.num_hidden_layers as u64).with_style(
         indicatif::ProgressStyle::with_template("uploading the text decoder {bar:40} {pos}/{len} layers {eta}")

@@ -64,6 +64,29 @@ impl Scheme {
     }
 }
 
+/// What a model load converts on the host before the weights reach the executor: the decoder projections to int4
+/// (`--quantize`, [`Scheme`]) and the vocabulary tables to int8 per row (`--embeddings int8`, [`Int8Table`]), each
+/// with the numerics of `llama32 quantize`. A checkpoint that already stores either form keeps it; asking to
+/// quantize already quantized projections is refused where the checkpoint is opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AtLoad {
+    /// Quantize the projections with this scheme.
+    pub scheme: Option<Scheme>,
+    /// Quantize the token embedding and `lm_head` to int8 per row.
+    pub tables_int8: bool,
+}
+
+impl AtLoad {
+    /// Nothing converted at load time.
+    pub const NONE: AtLoad = AtLoad { scheme: None, tables_int8: false };
+}
+
+impl From<Option<Scheme>> for AtLoad {
+    fn from(scheme: Option<Scheme>) -> Self {
+        AtLoad { scheme, tables_int8: false }
+    }
+}
+
 /// A quantized weight matrix `[n, k]` (`out = x @ w^T`), unpacked: `w[r, c] = scales[r, c / group] * (q[r, c] -
 /// zeros[r, c / group])`, with `zeros` absent (zero) for the symmetric formats.
 #[derive(Clone, Debug, PartialEq)]

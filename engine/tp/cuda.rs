@@ -22,14 +22,14 @@ use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
 use half::bf16;
 
 use super::comm::{Communicator, LocalComm};
-use super::load::{check_quantized_plan, load_rank_weights_with, RankQuant};
+use super::load::{check_quantized_plan, load_rank_weights_at, RankQuant};
 use super::nccl::{GroupSpec, NcclComm};
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::cuda::{CudaExecutor, CudaOps, CudaOptions};
 use crate::exec::{Executor, StepInput, StepOutput};
 use crate::model::{forward, Dims, Ops};
-use crate::quant::Scheme;
+use crate::quant::{AtLoad, Scheme};
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -247,11 +247,12 @@ impl TpCudaExecutor {
         kind: TpCommKind,
         opts: &CudaOptions,
     ) -> Result<Self> {
-        Self::new_quantized(cfg, src, tp, None, devices, kind, opts)
+        Self::new_quantized(cfg, src, tp, AtLoad::NONE, devices, kind, opts)
     }
 
-    /// [`new`](Self::new) with the projections quantized with `quantize` at load time, or, for a quantized
-    /// checkpoint (`quantize` None), read from its int4 tensors and sliced ([`RankQuant`]): each rank uploads its
+    /// [`new`](Self::new) with the projections quantized with `at_load.scheme` at load time (an `Option<Scheme>`
+    /// converts), or, for a quantized checkpoint (no scheme), read from its int4 tensors and sliced ([`RankQuant`]);
+    /// `at_load.tables_int8` quantizes each rank's vocabulary rows to int8 (`--embeddings int8`). Each rank uploads its
     /// int4 projections in the 4-bit kernels' layout (its host copy keeps no dense f32 form). The quantization is
     /// checked before any device is touched ([`check_quantized_plan`]: W4A8 at `tp > 1` and a row-parallel K
     /// share that is not a multiple of the group are refused); the kernels also need each rank's K to be a multiple
@@ -260,7 +261,7 @@ impl TpCudaExecutor {
         cfg: LlamaConfig,
         src: WeightSource<'_>,
         tp: usize,
-        quantize: Option<Scheme>,
+        at_load: impl Into<AtLoad>,
         devices: &[usize],
         kind: TpCommKind,
         opts: &CudaOptions,
@@ -268,15 +269,17 @@ impl TpCudaExecutor {
         if devices.is_empty() {
             return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
         }
+        let at_load = at_load.into();
         let plan = TpPlan::new(&cfg, tp)?;
-        let quant = resolve_quant(&plan, &src, quantize)?;
+        let quant = resolve_quant(&plan, &src, at_load.scheme)?;
         // Fail before reading any shard when the device or the library is missing.
         crate::ops::cuda::probe()?;
         if kind == TpCommKind::Nccl {
             super::nccl::nccl_available()?;
         }
         let placement: Vec<usize> = (0..tp).map(|r| devices[r % devices.len()]).collect();
-        let ranks = Self::load_ranks(&plan, (0..tp).collect(), &placement, src, quant.as_ref(), opts)?;
+        let ranks =
+            Self::load_ranks(&plan, (0..tp).collect(), &placement, src, (quant.as_ref(), at_load.tables_int8), opts)?;
         let comms = device_comms(kind, ranks.iter().map(|o| o.stream().clone()).collect())?;
         Self::finish(cfg, &plan, ranks, (0..tp).collect(), comms, opts.block_size)
     }
@@ -291,7 +294,7 @@ impl TpCudaExecutor {
         spec: &GroupSpec,
         opts: &CudaOptions,
     ) -> Result<Self> {
-        Self::join_node(cfg, src, &[device], spec, None, opts)
+        Self::join_node(cfg, src, &[device], spec, AtLoad::NONE, opts)
     }
 
     /// This node's ranks of a multi-node NCCL group described by `spec` (one process per node): global ranks
@@ -301,16 +304,17 @@ impl TpCudaExecutor {
     /// serves NCCL's id at `spec.master_addr:spec.port`). Every node must make the same steps (see
     /// [`super::multinode`]); a step returns the first local rank's full logits, the same on every node. Without
     /// `kv_tokens` the KV pool is sized from this node's free memory; node 0's
-    /// [`MultiNodeExecutor`](super::multinode::MultiNodeExecutor) uses the smallest pool of all nodes. `quantize`
+    /// [`MultiNodeExecutor`](super::multinode::MultiNodeExecutor) uses the smallest pool of all nodes. `at_load`
     /// (and a quantized checkpoint) as in [`new_quantized`](Self::new_quantized).
     pub fn join_node(
         cfg: LlamaConfig,
         src: WeightSource<'_>,
         devices: &[usize],
         spec: &GroupSpec,
-        quantize: Option<Scheme>,
+        at_load: impl Into<AtLoad>,
         opts: &CudaOptions,
     ) -> Result<Self> {
+        let at_load = at_load.into();
         if devices.is_empty() {
             return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
         }
@@ -319,9 +323,10 @@ impl TpCudaExecutor {
         for &r in &rank_ids {
             plan.rank(r)?;
         }
-        let quant = resolve_quant(&plan, &src, quantize)?;
+        let quant = resolve_quant(&plan, &src, at_load.scheme)?;
         super::nccl::nccl_available()?;
-        let ranks = Self::load_ranks(&plan, rank_ids.clone(), devices, src, quant.as_ref(), opts)?;
+        let ranks =
+            Self::load_ranks(&plan, rank_ids.clone(), devices, src, (quant.as_ref(), at_load.tables_int8), opts)?;
         let comms = node_comms(ranks.iter().map(|o| o.stream().clone()).collect(), spec)?;
         Self::finish(cfg, &plan, ranks, rank_ids, comms, opts.block_size)
     }
@@ -332,14 +337,14 @@ impl TpCudaExecutor {
         rank_ids: Vec<usize>,
         placement: &[usize],
         src: WeightSource<'_>,
-        quant: Option<&RankQuant>,
+        quant: (Option<&RankQuant>, bool),
         opts: &CudaOptions,
     ) -> Result<Vec<CudaOps>> {
         let rank_cfg = plan.rank_config();
         let mut uploaded = Vec::with_capacity(rank_ids.len());
         for (&r, &device) in rank_ids.iter().zip(placement) {
             // Quantized projections go up in int4 only: no dense f32 copy on the host.
-            let w = load_rank_weights_with(plan, r, src, quant, false)?;
+            let w = load_rank_weights_at(plan, r, src, quant, false)?;
             let o = CudaOptions { device, ..opts.clone() };
             let up = CudaExecutor::upload_weights(&rank_cfg, &w, &o).map_err(|e| rank_err(r, device, e))?;
             uploaded.push(up);

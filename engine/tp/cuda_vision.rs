@@ -26,6 +26,7 @@ use super::nccl::GroupSpec;
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::{Executor, StepInput, StepOutput};
+use crate::quant::AtLoad;
 use crate::vision::config::MllamaConfig;
 use crate::vision::cuda::text::{MllamaCudaExecutor, MllamaCudaOptions};
 use crate::vision::exec::SeqImages;
@@ -73,19 +74,21 @@ impl TpMllamaCudaExecutor {
         kind: TpCommKind,
         opts: &MllamaCudaOptions,
     ) -> Result<Self> {
-        Self::new_quantized(cfg, ckpt, tp, (devices, kind), opts, None)
+        Self::new_quantized(cfg, ckpt, tp, (devices, kind), opts, AtLoad::NONE)
     }
 
     /// [`new`](Self::new) with the language model's projections quantized at load by `at_load` (W4A16: each rank
-    /// quantizes its own slices and keeps only the int4 form; a quantized checkpoint is read quantized either way).
+    /// quantizes its own slices and keeps only the int4 form; a quantized checkpoint is read quantized either way),
+    /// and the vocabulary tables in int8 when `at_load` says so. `at_load` takes an `Option<Scheme>` too.
     pub fn new_quantized(
         cfg: MllamaConfig,
         ckpt: &Checkpoint,
         tp: usize,
         (devices, kind): (&[usize], TpCommKind),
         opts: &MllamaCudaOptions,
-        at_load: Option<crate::quant::Scheme>,
+        at_load: impl Into<AtLoad>,
     ) -> Result<Self> {
+        let at_load = at_load.into();
         if devices.is_empty() {
             return Err(Error::request("tensor parallelism on CUDA needs at least one device"));
         }
@@ -110,7 +113,7 @@ impl TpMllamaCudaExecutor {
     /// uses the smallest of all nodes.
     pub fn join_node(
         cfg: MllamaConfig,
-        (ckpt, at_load): (&Checkpoint, Option<crate::quant::Scheme>),
+        (ckpt, at_load): (&Checkpoint, impl Into<AtLoad>),
         devices: &[usize],
         spec: &GroupSpec,
         opts: &MllamaCudaOptions,
@@ -124,7 +127,7 @@ impl TpMllamaCudaExecutor {
             plan.rank(r)?;
         }
         super::nccl::nccl_available()?;
-        Self::build(cfg, (ckpt, at_load), &plan, (rank_ids, devices.to_vec()), opts, |streams| {
+        Self::build(cfg, (ckpt, at_load.into()), &plan, (rank_ids, devices.to_vec()), opts, |streams| {
             node_comms(streams, spec)
         })
     }
@@ -133,7 +136,7 @@ impl TpMllamaCudaExecutor {
     /// communicators `comms` makes from their streams (element `i` for local rank `i`), then sizes every KV cache.
     fn build(
         cfg: MllamaConfig,
-        (ckpt, at_load): (&Checkpoint, Option<crate::quant::Scheme>),
+        (ckpt, at_load): (&Checkpoint, AtLoad),
         plan: &TpPlan,
         (rank_ids, placement): (Vec<usize>, Vec<usize>),
         opts: &MllamaCudaOptions,

@@ -4,13 +4,13 @@
 use std::ops::Range;
 
 use super::comm::{Communicator, LocalComm};
-use super::load::{check_quantized_plan, load_rank_weights_with, RankQuant};
+use super::load::{check_quantized_plan, load_rank_weights_at, RankQuant};
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::cpu::{CpuAct, CpuOps};
 use crate::exec::{Executor, StepInput, StepOutput};
 use crate::model::{forward, Dims, Linear, Norm, Ops};
-use crate::quant::Scheme;
+use crate::quant::{AtLoad, Scheme};
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -149,24 +149,27 @@ impl TpCpuExecutor {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self> {
-        Self::new_quantized(cfg, src, tp, None, num_blocks, block_size)
+        Self::new_quantized(cfg, src, tp, AtLoad::NONE, num_blocks, block_size)
     }
 
-    /// [`new`](Self::new) with the projections quantized with `quantize` at load time (`--quantize`: each rank's
-    /// bf16-rounded f32 slices are quantized, which equals slicing the quantization of the whole model), or, for a
-    /// quantized checkpoint (`quantize` None), read from its int4 tensors and sliced ([`RankQuant`]). Refused with
-    /// the reason named: W4A8 at `tp > 1`, a row-parallel K share that is not a multiple of the group
-    /// ([`check_quantized_plan`]), and `quantize` with an already quantized checkpoint.
+    /// [`new`](Self::new) with the projections quantized with `at_load.scheme` at load time (`--quantize`: each
+    /// rank's bf16-rounded f32 slices are quantized, which equals slicing the quantization of the whole model), or,
+    /// for a quantized checkpoint (no scheme given), read from its int4 tensors and sliced ([`RankQuant`]); with
+    /// `at_load.tables_int8` (`--embeddings int8`) each rank's vocabulary rows are quantized to int8 per row, which
+    /// equals slicing the quantized tables. Refused with the reason named: W4A8 at `tp > 1`, a row-parallel K share
+    /// that is not a multiple of the group ([`check_quantized_plan`]), and a scheme with an already quantized
+    /// checkpoint. `at_load` takes an `Option<Scheme>` too.
     pub fn new_quantized(
         cfg: LlamaConfig,
         src: WeightSource<'_>,
         tp: usize,
-        quantize: Option<Scheme>,
+        at_load: impl Into<AtLoad>,
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self> {
+        let at_load = at_load.into();
         let plan = TpPlan::new(&cfg, tp)?;
-        let quant = RankQuant::resolve(&src, quantize)?;
+        let quant = RankQuant::resolve(&src, at_load.scheme)?;
         if let Some(q) = &quant {
             check_quantized_plan(&plan, q.scheme())?;
         }
@@ -174,7 +177,7 @@ impl TpCpuExecutor {
         let comms = LocalComm::group(tp)?;
         let mut ranks = Vec::with_capacity(tp);
         for (r, comm) in comms.into_iter().enumerate() {
-            let w = load_rank_weights_with(&plan, r, src, quant.as_ref(), true)?;
+            let w = load_rank_weights_at(&plan, r, src, (quant.as_ref(), at_load.tables_int8), true)?;
             let ops = CpuOps::new(rank_cfg.clone(), w, num_blocks, block_size)?;
             ranks.push(TpRankOps::new(ops, comm, plan.rank(r)?.vocab));
         }
@@ -189,7 +192,7 @@ impl TpCpuExecutor {
         max_tokens: usize,
         block_size: usize,
     ) -> Result<Self> {
-        Self::with_capacity_quantized(cfg, src, tp, None, max_tokens, block_size)
+        Self::with_capacity_quantized(cfg, src, tp, AtLoad::NONE, max_tokens, block_size)
     }
 
     /// [`new_quantized`](Self::new_quantized) with pools of `max_tokens` tokens (rounded up to whole blocks).
@@ -197,11 +200,11 @@ impl TpCpuExecutor {
         cfg: LlamaConfig,
         src: WeightSource<'_>,
         tp: usize,
-        quantize: Option<Scheme>,
+        at_load: impl Into<AtLoad>,
         max_tokens: usize,
         block_size: usize,
     ) -> Result<Self> {
-        Self::new_quantized(cfg, src, tp, quantize, max_tokens.div_ceil(block_size.max(1)).max(1), block_size)
+        Self::new_quantized(cfg, src, tp, at_load, max_tokens.div_ceil(block_size.max(1)).max(1), block_size)
     }
 
     /// The scheme of the quantized projections, if the model is quantized.

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::plan::{vision_split, RankShard, Split, TpPlan};
 use crate::quant::format::{read_linear, read_table_int8, QuantizationConfig};
 use crate::quant::numerics::quantize_bf16_rounded;
-use crate::quant::{ActQuant, Int8Table, QuantLinear, Scheme};
+use crate::quant::{ActQuant, AtLoad, Int8Table, QuantLinear, Scheme};
 use crate::vision::config::MllamaConfig;
 use crate::vision::weights::{
     check_mllama_checkpoint, expected_tensors as mllama_tensors, text_layer, LayerTensors, MllamaLayout,
@@ -253,6 +253,23 @@ pub fn load_rank_weights(plan: &TpPlan, rank: usize, src: WeightSource<'_>) -> R
     load_rank_weights_with(plan, rank, src, quant.as_ref(), true)
 }
 
+/// [`load_rank_weights_with`], then, when `tables_int8` (`--embeddings int8`), the rank's vocabulary rows quantized
+/// to int8 per row ([`ModelWeights::quantize_tables_int8`]): one scale per row, so a rank's rows are exactly those
+/// rows of the whole quantized table. Rows a quantized checkpoint already stores in int8 stay as they are.
+pub fn load_rank_weights_at(
+    plan: &TpPlan,
+    rank: usize,
+    src: WeightSource<'_>,
+    (quant, tables_int8): (Option<&RankQuant>, bool),
+    keep_dense: bool,
+) -> Result<ModelWeights> {
+    let mut w = load_rank_weights_with(plan, rank, src, quant, keep_dense)?;
+    if tables_int8 {
+        w.quantize_tables_int8().map_err(|e| Error::request(format!("tensor-parallel rank {rank}: {e}")))?;
+    }
+    Ok(w)
+}
+
 /// [`load_rank_weights`] with the projections quantized as `quant` says (see [`RankQuant`]; `None`: dense f32).
 /// A quantized projection keeps its exact dense dequantization when `keep_dense` (the CPU reference multiplies by
 /// it); without it only the int4 form is kept ([`LinearWeight::quantized_only`], for ranks bound for a device).
@@ -402,17 +419,18 @@ pub fn load_mllama_rank_text(
     rank: usize,
     ckpt: &Checkpoint,
 ) -> Result<MllamaRankText> {
-    load_mllama_rank_text_with(cfg, plan, rank, ckpt, None)
+    load_mllama_rank_text_with(cfg, plan, rank, ckpt, AtLoad::NONE)
 }
 
-/// [`load_mllama_rank_text`] with the projections of an unquantized checkpoint quantized at load by `at_load`
-/// ([`MllamaRankSource::new_with`]; a quantized checkpoint is read quantized either way).
+/// [`load_mllama_rank_text`] with the projections of an unquantized checkpoint quantized at load by `at_load`, and
+/// the vocabulary tables in int8 when it says so ([`MllamaRankSource::new_with`]; a quantized checkpoint is read
+/// quantized either way). `at_load` takes an `Option<Scheme>` too.
 pub fn load_mllama_rank_text_with(
     cfg: &MllamaConfig,
     plan: &TpPlan,
     rank: usize,
     ckpt: &Checkpoint,
-    at_load: Option<Scheme>,
+    at_load: impl Into<AtLoad>,
 ) -> Result<MllamaRankText> {
     let src = MllamaRankSource::new_with(cfg, plan, rank, ckpt, at_load, true)?;
     let layers =
@@ -436,6 +454,8 @@ pub struct MllamaRankSource<'a> {
     /// quantized projections keep their dense dequantization (the CPU reference needs it).
     quant: Option<RankQuant>,
     keep_dense: bool,
+    /// Quantize the rank's vocabulary rows to int8 per row as they are read (`--embeddings int8`).
+    tables_int8: bool,
 }
 
 impl LayerTensors for MllamaRankSource<'_> {
@@ -456,28 +476,31 @@ impl<'a> MllamaRankSource<'a> {
     /// Checks `ckpt` against `cfg` (every tensor name and shape, either layout) and `plan` against the text config.
     /// A quantized checkpoint is read quantized (its projections sliced from each whole tensor).
     pub fn new(cfg: &MllamaConfig, plan: &TpPlan, rank: usize, ckpt: &'a Checkpoint) -> Result<Self> {
-        Self::new_with(cfg, plan, rank, ckpt, None, true)
+        Self::new_with(cfg, plan, rank, ckpt, AtLoad::NONE, true)
     }
 
-    /// [`new`](Self::new), with the projections of an unquantized checkpoint quantized at load by `at_load` (each
-    /// rank's slice, rounded to bf16: the slices of the whole model's quantization when the row-parallel splits are
-    /// group-aligned, which [`check_quantized_plan`] requires, as it refuses W4A8); `keep_dense` keeps the dense
-    /// dequantization of quantized projections (the CPU reference), a device rank leaves it out.
+    /// [`new`](Self::new), with the projections of an unquantized checkpoint quantized at load by `at_load.scheme`
+    /// (each rank's slice, rounded to bf16: the slices of the whole model's quantization when the row-parallel
+    /// splits are group-aligned, which [`check_quantized_plan`] requires, as it refuses W4A8) and, with
+    /// `at_load.tables_int8`, the rank's vocabulary rows quantized to int8 per row (the rows of the whole quantized
+    /// table); `keep_dense` keeps the dense dequantization of quantized projections (the CPU reference), a device
+    /// rank leaves it out. `at_load` takes an `Option<Scheme>` too.
     pub fn new_with(
         cfg: &MllamaConfig,
         plan: &TpPlan,
         rank: usize,
         ckpt: &'a Checkpoint,
-        at_load: Option<Scheme>,
+        at_load: impl Into<AtLoad>,
         keep_dense: bool,
     ) -> Result<Self> {
+        let at_load = at_load.into();
         if plan.config().hidden_size != cfg.text.base.hidden_size
             || plan.config().num_attention_heads != cfg.text.base.num_attention_heads
         {
             return Err(Error::request("tensor parallelism: the plan is not the vision model's text config's"));
         }
         plan.rank(rank)?;
-        let quant = RankQuant::resolve(&WeightSource::Checkpoint(ckpt), at_load)?;
+        let quant = RankQuant::resolve(&WeightSource::Checkpoint(ckpt), at_load.scheme)?;
         let layout = match &quant {
             Some(RankQuant::Checkpoint(q)) => crate::vision::weights::check_tensors(ckpt, cfg, Some(q))?,
             _ => check_mllama_checkpoint(ckpt, cfg)?,
@@ -486,7 +509,18 @@ impl<'a> MllamaRankSource<'a> {
             check_quantized_plan(plan, q.scheme())?;
         }
         let shapes = mllama_tensors(cfg).into_iter().collect();
-        Ok(MllamaRankSource { cfg: cfg.clone(), plan: plan.clone(), rank, ckpt, layout, shapes, quant, keep_dense })
+        let tables_int8 = at_load.tables_int8;
+        Ok(MllamaRankSource {
+            cfg: cfg.clone(),
+            plan: plan.clone(),
+            rank,
+            ckpt,
+            layout,
+            shapes,
+            quant,
+            keep_dense,
+            tables_int8,
+        })
     }
 
     /// The projections' quantization scheme, if any.
@@ -503,7 +537,8 @@ impl<'a> MllamaRankSource<'a> {
     }
 
     /// The rank's rows of a vocabulary table (`embed_tokens`, `lm_head`), with their int8 form when a quantized
-    /// checkpoint stores the table in int8 (then the f32 rows are exactly its dequantization).
+    /// checkpoint stores the table in int8 or `tables_int8` asks for it (then the f32 rows are exactly its
+    /// dequantization).
     fn table(&self, canonical: &str) -> Result<(Vec<f32>, Option<Int8Table>)> {
         if let Some(RankQuant::Checkpoint(q)) = &self.quant {
             if q.embeddings == crate::quant::format::EmbeddingQuant::Int8 {
@@ -514,7 +549,18 @@ impl<'a> MllamaRankSource<'a> {
                 }
             }
         }
-        Ok((self.one(canonical.to_owned())?, None))
+        let values = self.one(canonical.to_owned())?;
+        if !self.tables_int8 {
+            return Ok((values, None));
+        }
+        // One scale per whole row: a rank's rows (or the replicated table) quantize as the same rows of the whole
+        // table do; a column slice would not.
+        let (p, _) = self.piece(canonical)?;
+        if p.part.cols.len() != p.shape[1] {
+            return Err(Error::request(format!("`{}`: an int8 table cannot be split by columns", p.name)));
+        }
+        let t = Int8Table::quantize(&values, p.part.rows.len(), p.shape[1], &p.name)?;
+        Ok((t.dequantize(), Some(t)))
     }
 
     /// The rank's part of one canonical tensor, as a 2-D `[rows, cols]` piece (1-D tensors are one row).

@@ -70,19 +70,21 @@ impl TpMllamaCpuExecutor {
     /// vision tensors are not read) with self-attention pools of `max_tokens` tokens in blocks of `block_size`.
     /// Fails with the config field named when `tp` does not divide the text model.
     pub fn new(cfg: MllamaConfig, ckpt: &Checkpoint, tp: usize, max_tokens: usize, block_size: usize) -> Result<Self> {
-        Self::new_quantized(cfg, ckpt, tp, (max_tokens, block_size), None)
+        Self::new_quantized(cfg, ckpt, tp, (max_tokens, block_size), crate::quant::AtLoad::NONE)
     }
 
     /// [`new`](Self::new) with the language model's projections quantized at load by `at_load` (W4A16; a quantized
-    /// checkpoint is read quantized either way): every rank quantizes its own slices
-    /// ([`crate::tp::load::MllamaRankSource::new_with`]).
+    /// checkpoint is read quantized either way), and its vocabulary tables in int8 when `at_load` says so: every rank
+    /// quantizes its own slices ([`crate::tp::load::MllamaRankSource::new_with`]). `at_load` takes an
+    /// `Option<Scheme>` too.
     pub fn new_quantized(
         cfg: MllamaConfig,
         ckpt: &Checkpoint,
         tp: usize,
         (max_tokens, block_size): (usize, usize),
-        at_load: Option<crate::quant::Scheme>,
+        at_load: impl Into<crate::quant::AtLoad>,
     ) -> Result<Self> {
+        let at_load = at_load.into();
         let plan = TpPlan::new(&cfg.text.base, tp)?;
         let mut rank_cfg = cfg.clone();
         rank_cfg.text.base = plan.rank_config();

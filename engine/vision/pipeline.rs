@@ -60,22 +60,33 @@ impl MllamaModel {
     /// Loads `dir`: config.json, the checkpoint (checked tensor by tensor) and `preprocessor_config.json` (when
     /// absent: the Llama 3.2 Vision preprocessor with the config's tile size and tile count).
     pub fn load(dir: &Path) -> Result<Self> {
-        Self::load_with(dir, None)
+        Self::load_with(dir, crate::quant::AtLoad::NONE)
     }
 
     /// Random weights at the shapes of `dir`'s config (its weights are not read; the directory needs only
     /// config.json), reproducible from `seed` ([`MllamaWeights::random_with`]): for benchmarks and smoke runs.
-    pub fn random(dir: &Path, seed: u64, quantize: Option<crate::quant::Scheme>) -> Result<Self> {
+    /// `at_load` (or an `Option<Scheme>`) quantizes the language model's projections and, when it says so, its
+    /// vocabulary tables to int8 ([`TextWeights::quantize_tables_int8`](super::weights::TextWeights)).
+    pub fn random(dir: &Path, seed: u64, at_load: impl Into<crate::quant::AtLoad>) -> Result<Self> {
+        let at_load = at_load.into();
         let (cfg, processor) = open_config(dir)?;
-        let weights = MllamaWeights::random_with(&cfg, seed, quantize)?;
+        let mut weights = MllamaWeights::random_with(&cfg, seed, at_load.scheme)?;
+        if at_load.tables_int8 {
+            weights.text.quantize_tables_int8()?;
+        }
         Ok(MllamaModel { cfg, weights, processor, dir: dir.to_path_buf() })
     }
 
-    /// [`load`](Self::load) with the language model's projections quantized on reading by `quantize` (`llama32
-    /// ... --quantize SCHEME`; see [`MllamaWeights::load_with`]).
-    pub fn load_with(dir: &Path, quantize: Option<crate::quant::Scheme>) -> Result<Self> {
+    /// [`load`](Self::load) with the language model's projections quantized on reading by `at_load.scheme`
+    /// (`llama32 ... --quantize SCHEME`; see [`MllamaWeights::load_with`]) and its vocabulary tables in int8 when
+    /// `at_load.tables_int8` (`--embeddings int8`). `at_load` takes an `Option<Scheme>` too.
+    pub fn load_with(dir: &Path, at_load: impl Into<crate::quant::AtLoad>) -> Result<Self> {
+        let at_load = at_load.into();
         let (cfg, ckpt, processor) = open_parts(dir)?;
-        let weights = MllamaWeights::load_with(&ckpt, &cfg, quantize)?;
+        let mut weights = MllamaWeights::load_with(&ckpt, &cfg, at_load.scheme)?;
+        if at_load.tables_int8 {
+            weights.text.quantize_tables_int8()?;
+        }
         Ok(MllamaModel { cfg, weights, processor, dir: dir.to_path_buf() })
     }
 

@@ -216,6 +216,31 @@ pub struct TextWeights {
     pub lm_head_int8: Option<Int8Table>,
 }
 
+impl TextWeights {
+    /// Quantizes the embedding table and `lm_head` to int8 per row ([`Int8Table::quantize`], the numerics of
+    /// `llama32 quantize --embeddings int8`): the f32 tables become their exact dequantizations and the int8 forms
+    /// are kept for the CUDA decoder. Tables already in int8 are left as they are. For `--embeddings int8`.
+    pub fn quantize_tables_int8(&mut self) -> Result<()> {
+        let cols = self.final_norm.len();
+        if cols == 0 {
+            return Err(Error::request("cannot quantize the tables of a model with hidden size 0"));
+        }
+        if self.embed_int8.is_none() {
+            let name = "language_model.model.embed_tokens.weight";
+            let t = Int8Table::quantize(&self.embed, self.embed.len() / cols, cols, name)?;
+            self.embed = t.dequantize();
+            self.embed_int8 = Some(t);
+        }
+        if self.lm_head_int8.is_none() {
+            let name = "language_model.lm_head.weight";
+            let t = Int8Table::quantize(&self.lm_head, self.lm_head.len() / cols, cols, name)?;
+            self.lm_head = t.dequantize();
+            self.lm_head_int8 = Some(t);
+        }
+        Ok(())
+    }
+}
+
 /// All weights of an `MllamaForConditionalGeneration` in the CPU layout.
 #[derive(Clone, Debug, Default)]
 pub struct MllamaWeights {

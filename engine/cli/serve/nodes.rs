@@ -281,7 +281,7 @@ pub(super) fn follow_node(a: &ModelArgs, e: &EngineArgs, node: &MultiNode) -> Re
         let cfg = crate::vision::config::MllamaConfig::from_model_dir(&dir)?;
         let opts = vision_cuda_options(a, e, placement[0]);
         let ckpt = crate::weights::Checkpoint::open(&dir)?;
-        let at_load = a.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+        let at_load = crate::cli::load::at_load(a)?;
         let spec = node.group_spec();
         let mut exec =
             crate::tp::cuda_vision::TpMllamaCudaExecutor::join_node(cfg, (&ckpt, at_load), &placement, &spec, &opts)?;

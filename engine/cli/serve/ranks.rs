@@ -67,21 +67,27 @@ fn check_vision_tp_flags(tp: usize, random_weights: bool) -> Result<()> {
 
 /// The quantization of a text model run as `tp` ranks, checked before anything loads: `--quantize` or a quantized
 /// checkpoint (not both), W4A8 refused at `tp > 1` and every row-parallel K share a multiple of the group
-/// ([`crate::tp::load::check_quantized_plan`]; errors name the scheme, the tensor and the degree). Returns the
-/// scheme to quantize with at load time: `--quantize`'s, or a quantized checkpoint's with `--random-weights`;
-/// `None` for an unquantized model or a quantized checkpoint, which the ranks detect and read themselves.
+/// ([`crate::tp::load::check_quantized_plan`]; errors name the scheme, the tensor and the degree). Returns what to
+/// convert at load time: the scheme of `--quantize`, or a quantized checkpoint's with `--random-weights` (none
+/// for an unquantized model or a quantized checkpoint, which the ranks detect and read themselves), and int8
+/// tables for `--embeddings int8` (or, with `--random-weights`, a quantized checkpoint config that says so).
 pub(super) fn tp_quantization(
     a: &ModelArgs,
     source: &load::Source,
     cfg: &crate::config::LlamaConfig,
     tp: usize,
-) -> Result<Option<crate::quant::Scheme>> {
+) -> Result<crate::quant::AtLoad> {
+    let tables_int8 = load::tables_int8(a)?;
     let Some(q) = load::quantization_of(a, source)? else {
-        return Ok(None);
+        return Ok(crate::quant::AtLoad { scheme: None, tables_int8 });
     };
     let (scheme, at_load) = match &q {
-        load::Quantization::AtLoad(s) => (*s, Some(*s)),
-        load::Quantization::Checkpoint(c) => (c.scheme, a.random_weights.then_some(c.scheme)),
+        load::Quantization::AtLoad(s) => (*s, crate::quant::AtLoad { scheme: Some(*s), tables_int8 }),
+        load::Quantization::Checkpoint(c) => {
+            let random = a.random_weights;
+            let tables = tables_int8 || (random && c.embeddings == crate::quant::format::EmbeddingQuant::Int8);
+            (c.scheme, crate::quant::AtLoad { scheme: random.then_some(c.scheme), tables_int8: tables })
+        }
     };
     let plan = crate::tp::TpPlan::new(cfg, tp)?;
     crate::tp::load::check_quantized_plan(&plan, scheme).map_err(|e| match e {
@@ -283,6 +289,9 @@ fn tp_cuda_model(
     }
     if let Some(q) = load::quantization_of(a, &source)? {
         desc.push_str(&format!(", {}", q.describe()));
+    }
+    if quantize.tables_int8 {
+        desc.push_str(", int8 embeddings");
     }
     let t0 = std::time::Instant::now();
     let opts = crate::exec::cuda::CudaOptions {

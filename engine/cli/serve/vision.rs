@@ -49,11 +49,11 @@ pub(super) fn start_vision_engine(
     // The CPU reference converts the whole model (its projections quantized by --quantize); the CUDA decoder reads
     // the checkpoint one layer at a time in the engine thread (`cli::vision::cuda_text_decoder`).
     let (mut encoder, text) = if tp == 1 && cuda_tp.is_none() && device == load::Device::Cpu {
-        let quantize = a.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+        let at_load = load::at_load(a)?;
         let model = if a.random_weights {
-            crate::vision::pipeline::MllamaModel::random(dir, a.weights_seed, quantize)?
+            crate::vision::pipeline::MllamaModel::random(dir, a.weights_seed, at_load)?
         } else {
-            crate::vision::pipeline::MllamaModel::load_with(dir, quantize)?
+            crate::vision::pipeline::MllamaModel::load_with(dir, at_load)?
         };
         let (encoder, text) = model.split();
         (encoder, Some(text))
@@ -82,8 +82,7 @@ pub(super) fn start_vision_engine(
     let ckpt_dir = dir.to_path_buf();
     // The CUDA text decoder: `--kv-tokens` exactly, or what fits under --gpu-memory-utilization.
     let cuda_opts = vision_cuda_options(a, e, cuda_device.unwrap_or(0));
-    let quantize = a.quantize.clone();
-    let at_load = a.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let at_load = load::at_load(a)?;
     let random_seed = a.random_weights.then_some(a.weights_seed);
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
         use crate::exec::Executor as _;
@@ -141,12 +140,7 @@ pub(super) fn start_vision_engine(
         }
         match text {
             None if matches!(device, load::Device::Cuda(_)) => {
-                let exec = crate::cli::vision::cuda_text_decoder(
-                    (quantize.as_deref(), random_seed),
-                    &ckpt_dir,
-                    &cfg,
-                    &cuda_opts,
-                )?;
+                let exec = crate::cli::vision::cuda_text_decoder((at_load, random_seed), &ckpt_dir, &cfg, &cuda_opts)?;
                 eprintln!(
                     "Llama 3.2 Vision text decoder on cuda:{}: KV cache {} blocks of {} tokens ({} tokens{}), {} \
                      cross-attention tiles",
@@ -278,7 +272,7 @@ pub(crate) fn vision_logits_tp_cuda(
     };
     let t0 = std::time::Instant::now();
     let ckpt = crate::weights::Checkpoint::open(dir)?;
-    let at_load = m.quantize.as_deref().map(crate::quant::Scheme::parse).transpose()?;
+    let at_load = load::at_load(m)?;
     let mut exec = crate::tp::cuda_vision::TpMllamaCudaExecutor::new_quantized(
         cfg.clone(),
         &ckpt,
