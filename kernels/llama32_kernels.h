@@ -232,6 +232,9 @@ typedef enum l32_prefill_kernel {
     /** Hopper warpgroup MMA (wgmma) with both operands of Q K^T and V read from 128-byte-swizzled shared memory,
      * 128-row CTAs of 2 warpgroups, 128-position KV tiles: sm_90a only (L32_UNSUPPORTED on any other device). */
     L32_PREFILL_WGMMA = 1,
+    /** L32_PREFILL_WGMMA's tiles and products with warp specialization: a producer warpgroup copies K / V into an
+     * mbarrier ring and two consumer warpgroups take turns on the tensor cores; sm_90a only. */
+    L32_PREFILL_WGMMA_WS = 2,
 } l32_prefill_kernel;
 
 /** Variable-length query chunks (prefill, chunked prefill, prefix reuse, or decode tokens) over the paged cache. */

@@ -182,8 +182,9 @@ run() {
   # and 3B call by call, with each call's share of the step and weight-read rate), ncu (opt-in: Nsight Compute over one
   # launch of each W4A16, W4A8, skinny GEMM and attention kernel of interest, the ignored ncu_* tests: duration, DRAM /
   # L2 / SM throughput, occupancy, cycles per issued instruction), prefill (opt-in: the Hopper wgmma prefill attention
-  # against the mma.sync one: the golden tests end to end with LLAMA32_PREFILL_KERNEL=wgmma, both kernels' TFLOP/s
-  # beside torch SDPA, and 3B prefill end to end with each), targets (opt-in: the text issues' target rows on this
+  # and its warp-specialized form against the mma.sync one: the golden tests end to end with
+  # LLAMA32_PREFILL_KERNEL=wgmma and wgmma-ws, every kernel's TFLOP/s beside torch SDPA, and 3B / 1B prefill end to
+  # end with each), targets (opt-in: the text issues' target rows on this
   # card, the decode fusions beside them, the direct W4A16 kernel's L2 prefetch forced off and on
   # (LLAMA32_W4A16_PREFETCH), the marginal cost of each kind of call (`bench --ablate`), and the copy / GEMM
   # ceilings and HF transformers decode), bulk (opt-in: the bulk W4A16 kernel beside the others, kernel by kernel and
@@ -553,25 +554,28 @@ PY
   fi
 
   if want prefill && [[ -x "$bundle/tests/gpu" ]]; then
-    # The kernel twin test (cuda_attention::paged_prefill_matches_cpu, both kernels) runs in the tests stage; here the
-    # golden checkpoints go through the executor with the wgmma kernel forced, in one process.
-    log="$logs/gpu.cuda_golden.prefill-wgmma.log"
-    rc=0
-    LLAMA32_PREFILL_KERNEL=wgmma tmo 150 "$bundle/tests/gpu" cuda_golden:: --test-threads=1 >"$log" 2>&1 || rc=$?
-    if ((rc == 0)) && ! grep -q 'skipped:' "$log"; then
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS gpu "cuda_golden:: with LLAMA32_PREFILL_KERNEL=wgmma" -)")
-    else
-      failed=$((failed + 1))
-      rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "cuda_golden:: with LLAMA32_PREFILL_KERNEL=wgmma" -)")
-      tail -n 15 "$log"
-    fi
+    # The kernel twin tests (cuda_attention::paged_prefill_matches_cpu, and paged_prefill_ws_matches_wgmma_bits for
+    # the warp-specialized kernel) run in the tests stage; here the golden checkpoints go through the executor with
+    # each Hopper kernel forced, one process each.
+    local pk
+    for pk in wgmma wgmma-ws; do
+      log="$logs/gpu.cuda_golden.prefill-$pk.log"
+      rc=0
+      LLAMA32_PREFILL_KERNEL=$pk tmo 150 "$bundle/tests/gpu" cuda_golden:: --test-threads=1 >"$log" 2>&1 || rc=$?
+      if ((rc == 0)) && ! grep -q 'skipped:' "$log"; then
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS gpu "cuda_golden:: with LLAMA32_PREFILL_KERNEL=$pk" -)")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL gpu "cuda_golden:: with LLAMA32_PREFILL_KERNEL=$pk" -)")
+        tail -n 15 "$log"
+      fi
+    done
     gpu_bench 120 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput
     [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 90 ceilings,sdpa sdpa
     # Prefill-bound rows end to end (prefill tok/s), each kernel back to back.
     local pspec
     for pspec in "3b 4 2048 8" "1b 4 4096 8"; do
-      LLAMA32_PREFILL_KERNEL=mma bench_e2e 90 "$pspec"
-      LLAMA32_PREFILL_KERNEL=wgmma bench_e2e 90 "$pspec"
+      for pk in mma wgmma wgmma-ws; do LLAMA32_PREFILL_KERNEL=$pk bench_e2e 90 "$pspec"; done
     done
   fi
 

@@ -285,6 +285,20 @@ fn llama32_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_llama32"))
 }
 
+/// `llama32 logits --model MODEL --ids IDS --out PATH EXTRA...`, which must succeed: the logits it wrote.
+fn cli_logits(model: &Path, ids: &str, path: &Path, extra: &[&str]) -> Vec<f32> {
+    let o = llama32_bin()
+        .args(["logits", "--model"])
+        .arg(model)
+        .args(["--ids", ids, "--out"])
+        .arg(path)
+        .args(extra)
+        .output()
+        .expect("run llama32");
+    assert!(o.status.success(), "llama32 logits {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+    llama32::npy::read_f32(path).expect("logits npy").data
+}
+
 #[test]
 fn logits_cli_honours_quantize_and_loads_quantized_checkpoints() {
     let case = "untied-gqa2-sharded";
@@ -293,19 +307,7 @@ fn logits_cli_honours_quantize_and_loads_quantized_checkpoints() {
     let golden = common::golden_dir(case);
     let out = temp_dir("cli-logits");
     std::fs::create_dir_all(&out).unwrap();
-    let run = |model: &Path, extra: &[&str], file: &str| -> Vec<f32> {
-        let path = out.join(file);
-        let o = llama32_bin()
-            .args(["logits", "--model"])
-            .arg(model)
-            .args(["--ids", &ids_arg.join(","), "--out"])
-            .arg(&path)
-            .args(extra)
-            .output()
-            .expect("run llama32");
-        assert!(o.status.success(), "llama32 logits {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
-        llama32::npy::read_f32(&path).expect("logits npy").data
-    };
+    let run = |model: &Path, extra: &[&str], file: &str| cli_logits(model, &ids_arg.join(","), &out.join(file), extra);
     let m = Model::open(&golden);
     for scheme in [Scheme::W4A16_G32, Scheme::W4A8_G32] {
         let flag = run(&golden, &["--quantize", &scheme.name()], "flag.npy");
@@ -355,19 +357,8 @@ fn logits_cli_honours_embeddings_int8() {
         let golden = common::golden_dir(case);
         let out = temp_dir("cli-int8-tables");
         std::fs::create_dir_all(&out).unwrap();
-        let run = |model: &Path, extra: &[&str], file: &str| -> Vec<f32> {
-            let path = out.join(file);
-            let o = llama32_bin()
-                .args(["logits", "--model"])
-                .arg(model)
-                .args(["--ids", &ids_arg.join(","), "--out"])
-                .arg(&path)
-                .args(extra)
-                .output()
-                .expect("run llama32");
-            assert!(o.status.success(), "{case} llama32 logits {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
-            llama32::npy::read_f32(&path).expect("logits npy").data
-        };
+        let run =
+            |model: &Path, extra: &[&str], file: &str| cli_logits(model, &ids_arg.join(","), &out.join(file), extra);
         let at_load = run(&golden, &["--quantize", "w4a16-g32", "--embeddings", "int8"], "at-load.npy");
         let qdir = temp_dir("int8-tables-ckpt");
         let opts = QuantizeOptions { embeddings: EmbeddingQuant::Int8, ..Default::default() };

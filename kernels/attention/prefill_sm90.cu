@@ -30,6 +30,7 @@
 
 #include "attention/prefill_common.cuh"
 #include "attention/prefill_sm90.cuh"
+#include "attention/prefill_sm90_common.cuh"
 #include "common/attention.cuh"
 #include "common/bf16.cuh"
 #include "common/launch.cuh"
@@ -46,24 +47,13 @@ using namespace attn;
 //   paged_prefill_wgmma_kernel<64>:  177 registers (113 KB dynamic shared memory; one CTA per SM)
 //   paged_prefill_wgmma_kernel<128>: 230 registers (225 KB dynamic shared memory; one CTA per SM)
 template <int D>
-struct HopperPrefillTraits {
+struct HopperPrefillTraits : prefill90::Tiles<D> {
     static constexpr int kWarpGroups = 2;
     static constexpr int kThreads = 128 * kWarpGroups;
-    static constexpr int kBlockM = 64 * kWarpGroups;  // folded query rows per CTA
-    static constexpr int kBlockN = 128;               // KV positions per tile
-    static constexpr int kStages = 3;  // two tiles in flight while one is used
-    using QTile = wgmma::Sw128Tile<D, kBlockM>;
-    using KVTile = wgmma::Sw128Tile<D, kBlockN>;
-    static constexpr int kAlign = 1024;  // the 128-byte swizzle atom
-    static constexpr int kSmemBytes = (QTile::kElems + kStages * 2 * KVTile::kElems) * 2 + kAlign;
-    static_assert(kSmemBytes + 16 <= 227 * 1024, "the sm_90 opt-in limit per CTA (with the 16 static bytes)");
-    static_assert((QTile::kElems * 2) % kAlign == 0 && (KVTile::kElems * 2) % kAlign == 0, "aligned tiles");
+    static_assert(prefill90::Tiles<D>::kBlockM == 64 * kWarpGroups, "64 folded query rows per warpgroup");
+    static_assert(prefill90::Tiles<D>::kSmemBytes + 16 <= 227 * 1024,
+                  "the sm_90 opt-in limit per CTA (with the 16 static bytes)");
 };
-
-#if L32_WGMMA_AVAILABLE
-// Descriptor of a 128-byte-swizzled K-major operand (Q as A, K as B): SBO 1024 (8-row atoms), LBO unused.
-__device__ __forceinline__ uint64_t k_major_desc(uint32_t addr) { return wgmma::desc_sw128(addr, 16, 1024); }
-#endif
 
 // Tier 1. See the file comment.
 template <int D>
@@ -74,14 +64,11 @@ __global__ void __launch_bounds__(256, 1)
     using T = HopperPrefillTraits<D>;
     using QTile = typename T::QTile;
     using KVTile = typename T::KVTile;
-    constexpr int NT = T::kBlockN / 8;  // 8-position column tiles of S
+    constexpr int NT = T::NT;  // 8-position column tiles of S
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const uint32_t raw_addr = smem_addr(smem_raw);
-    const uint32_t base_addr = (raw_addr + T::kAlign - 1) & ~static_cast<uint32_t>(T::kAlign - 1);
-    bf16* sq = reinterpret_cast<bf16*>(smem_raw + (base_addr - raw_addr));
-    bf16* skv = sq + QTile::kElems;  // stage s: K at skv + 2 s KVTile::kElems, V right after it
-    const uint32_t sq_addr = base_addr;
-    const uint32_t skv_addr = base_addr + QTile::kElems * 2;
+    const prefill90::Smem<D> sm(smem_raw);
+    bf16* sq = sm.sq;
+    bf16* skv = sm.skv;  // stage s: K at skv + 2 s KVTile::kElems, V right after it
 
     const int seq = blockIdx.y, kv_head = blockIdx.z;
     const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, tq = lane % 4;
@@ -124,7 +111,7 @@ __global__ void __launch_bounds__(256, 1)
     for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
     RowState st;
     // This warpgroup's 64 Q rows: column block b at sq + b * 128 rows * 128 bytes, rows 64 wg.. at 64 wg * 128 bytes.
-    const uint32_t q_addr = sq_addr + wg * 64 * 128;
+    const uint32_t q_addr = sm.sq_addr + wg * 64 * 128;
 
     for (int t = 0; t < num_tiles; ++t) {
         const int n0 = t * T::kBlockN;
@@ -139,20 +126,13 @@ __global__ void __launch_bounds__(256, 1)
                                                              kv_head);
         }
         cp_async_commit();
-        const uint32_t k_addr = skv_addr + (t % T::kStages) * 2 * KVTile::kElems * 2;
-        const uint32_t v_addr = k_addr + KVTile::kElems * 2;
+        const int stage = t % T::kStages;
 
-        // S = Q K^T over D in k16 steps: step ks is column block ks / 4, 32-byte offset ks % 4 within its rows.
-        // fence_operands pins the last iteration's reads of s (P's packing) above the fence, as the PTX ISA asks
-        // of registers an asynchronous wgmma writes; the compiler could otherwise sink them below it.
+        // S = Q K^T. fence_operands pins the last iteration's reads of s (P's packing) above the fence, as the PTX
+        // ISA asks of registers an asynchronous wgmma writes; the compiler could otherwise sink them below it.
         wgmma::fence_operands(s);
         wgmma::fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-            const uint32_t qa = q_addr + (ks / 4) * QTile::kBlockBytes + (ks % 4) * 32;
-            const uint32_t kb = k_addr + (ks / 4) * KVTile::kBlockBytes + (ks % 4) * 32;
-            wgmma::mma_ss<T::kBlockN>(s, k_major_desc(qa), k_major_desc(kb), ks > 0);
-        }
+        prefill90::issue_qk<D>(s, q_addr, sm.k_addr(stage));
         wgmma::commit();
         wgmma::wait<0>();
         wgmma::fence_operands(s);
@@ -161,25 +141,15 @@ __global__ void __launch_bounds__(256, 1)
         if (n0 + T::kBlockN - 1 > pos_min) prefill::mask_causal(s, n0, row_pos, tq);
         online_softmax<NT, D / 8>(s, o, st, scale_log2);
 
-        // O += P V over the tile's positions in k16 steps: step kk is rows 16 kk.. of V (16 * 128 bytes each).
+        // O += P V.
         uint32_t pa[NT / 2][4];
-#pragma unroll
-        for (int kk = 0; kk < NT / 2; ++kk) {
-            pa[kk][0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-            pa[kk][1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-            pa[kk][2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[kk][3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
+        prefill90::pack_p<NT>(pa, s);
         // o was rescaled and pa written by ordinary instructions: pinned above the fence that orders them before
         // the asynchronous products.
         wgmma::fence_operands(o);
         wgmma::fence_operands(pa);
         wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < NT / 2; ++kk) {
-            const uint64_t vb = wgmma::desc_sw128(v_addr + kk * 16 * 128, KVTile::kBlockBytes, 1024);
-            wgmma::mma_rs_bt<D>(o, pa[kk], vb);
-        }
+        prefill90::issue_pv<D>(o, pa, sm.v_addr(stage));
         wgmma::commit();
         wgmma::wait<0>();
         wgmma::fence_operands(o);

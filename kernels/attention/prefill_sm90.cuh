@@ -1,5 +1,6 @@
-// The Hopper paged prefill (kernels/attention/prefill_sm90.cu), launched by l32_paged_prefill in prefill.cu after
-// its checks when params.kernel is L32_PREFILL_WGMMA.
+// The Hopper paged prefills (kernels/attention/prefill_sm90.cu and its warp-specialized form prefill_sm90_ws.cu),
+// launched by l32_paged_prefill in prefill.cu after its checks when params.kernel is L32_PREFILL_WGMMA or
+// L32_PREFILL_WGMMA_WS.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,7 +13,10 @@ namespace l32 {
 // when the current device is not compute capability 9.x.
 l32_status launch_paged_prefill_wgmma(const l32_paged_prefill_params& p, cudaStream_t stream);
 
-// True when the wgmma kernel can run here: built with sm_90a SASS, on a compute capability 9.x device.
+// The warp-specialized wgmma prefill, as launch_paged_prefill_wgmma.
+l32_status launch_paged_prefill_wgmma_ws(const l32_paged_prefill_params& p, cudaStream_t stream);
+
+// True when the wgmma kernels can run here: built with sm_90a SASS, on a compute capability 9.x device.
 bool prefill_wgmma_available();
 
 }  // namespace l32

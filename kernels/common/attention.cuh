@@ -167,11 +167,13 @@ struct RowState {
     float l[2] = {0.f, 0.f};
 };
 
-// Online-softmax update with the scores of one tile: s (raw q.k, masked entries already -inf) becomes P = exp2(s *
-// scale_log2 - m) in place, and o and l are rescaled to the new max. A row that has seen only -inf so far keeps
-// m = -inf and contributes zeros (its base is taken as 0, so no -inf - -inf).
-template <int NT, int DT>
-__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2) {
+// The score half of the online-softmax update with one tile: s (raw q.k, masked entries already -inf) becomes P =
+// exp2(s * scale_log2 - m) in place, l is rescaled to the new max, and alpha gets each row's factor (exp2 of old
+// max minus new) for o, which the caller applies with rescale_rows (at once: online_softmax; or later, when o is
+// still being written by an asynchronous product). A row that has seen only -inf so far keeps m = -inf and
+// contributes zeros (its base is taken as 0, so no -inf - -inf).
+template <int NT>
+__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], RowState& st, float scale_log2, float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -181,7 +183,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT]
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(st.m[r], mx * scale_log2);
         const float base = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(st.m[r] - base);
+        alpha[r] = exp2f(st.m[r] - base);
         st.m[r] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -190,13 +192,28 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT]
             s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], scale_log2, -base));
             sum += s[j][2 * r] + s[j][2 * r + 1];
         }
-        st.l[r] = st.l[r] * alpha + sum;
-#pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            o[d][2 * r] *= alpha;
-            o[d][2 * r + 1] *= alpha;
-        }
+        st.l[r] = st.l[r] * alpha[r] + sum;
     }
+}
+
+// o's two rows (g: elements 0-1 of each column tile, g + 8: 2-3) times their factors from softmax_scores.
+template <int DT>
+__device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+        o[d][0] *= alpha[0];
+        o[d][1] *= alpha[0];
+        o[d][2] *= alpha[1];
+        o[d][3] *= alpha[1];
+    }
+}
+
+// Online-softmax update with the scores of one tile: softmax_scores, then o rescaled to the new max at once.
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2) {
+    float alpha[2];
+    softmax_scores(s, st, scale_log2, alpha);
+    rescale_rows(o, alpha);
 }
 
 // o (16 x D as D/8 column tiles) += P (16 x 8 * NT, from online_softmax, rounded to bf16) * V for tokens

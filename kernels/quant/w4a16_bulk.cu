@@ -42,6 +42,7 @@
 
 #include "common/bf16.cuh"
 #include "common/launch.cuh"
+#include "common/mbarrier.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
@@ -68,34 +69,10 @@ struct alignas(128) WarpRing {
 };
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // the host pass parses it; no SASS below sm_90
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-// Makes the initialized barriers visible to the async proxy (the TMA unit) before the first copy names them.
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-
-// Arrives once on `bar` (its count is 1) and tells it `bytes` more will be delivered by copies before it completes.
-__device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, unsigned bytes) {
-    [[maybe_unused]] uint64_t state;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;"
-                 : "=l"(state)
-                 : "r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-    (void)state;
-}
-
-// Spins until the phase of `bar` with parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-    unsigned done = 0;
-    do {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-    } while (done == 0);
-}
+using sync90::mbar_arrive_expect;
+using sync90::mbar_init;
+using sync90::mbar_init_fence;
+using sync90::mbar_wait;
 
 // Orders this thread's earlier generic-proxy accesses to shared memory before its later async-proxy ones (a slot's
 // refill after its last reads).

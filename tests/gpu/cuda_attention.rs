@@ -228,39 +228,67 @@ fn prefill_auto_picks_wgmma_where_it_runs() {
     assert_eq!(PrefillKernel::configured(&stream).unwrap(), want);
 }
 
-/// Every prefill kernel against the CPU twin; a kernel the device lacks (wgmma below compute capability 9.x) must
-/// be refused by name before any launch, and the test says it was not run.
+/// (first new position, new tokens) of the prefill twin tests: fresh prefills of 1, 17 and 300 tokens, chunked
+/// prefill over an existing cache (283 + 17 = 300, 1900 + 149 = 2049) and decode-like single tokens, all in one call.
+const PREFILL_SEQS: [(usize, usize); 7] = [(0, 1), (0, 17), (0, 300), (283, 17), (1900, 149), (5, 1), (63, 2)];
+
+/// One prefill kernel against the CPU twin on every layout and block size: the outputs' bits per (layout, block
+/// size), or `None` (said on stderr) where the device lacks the kernel, which must then be refused by name before
+/// any launch.
+fn prefill_cases(stream: &Arc<CudaStream>, kernel: PrefillKernel) -> Option<Vec<Vec<u16>>> {
+    let supported = kernel.supported(stream).expect("compute capability");
+    let mut bits = Vec::new();
+    for (i, heads) in LAYOUTS.into_iter().enumerate() {
+        for bs in BLOCK_SIZES {
+            let mut rng = ChaCha8Rng::seed_from_u64(1000 + 10 * i as u64 + bs as u64);
+            let l = layout(heads, bs);
+            let what =
+                format!("paged_prefill [{}] heads {}/{} d{} block {bs}", kernel.name(), heads.0, heads.1, heads.2);
+            let step = Step::new(&mut rng, l, &PREFILL_SEQS);
+            let mut dev = DeviceStep::upload(stream, &step);
+            let result = dev.prefill(stream, &step, kernel);
+            if !supported {
+                let err = result.expect_err("an unsupported kernel must be refused").to_string();
+                assert!(err.contains("compute capability 9.x"), "{what}: {err}");
+                assert!(dev.download(stream).iter().all(|v| v.is_nan()), "{what}: launched anyway");
+                continue;
+            }
+            result.unwrap_or_else(|e| panic!("{what}: {e}"));
+            let got = dev.download(stream);
+            assert_close(&what, &got, &step.reference(), &l);
+            bits.push(got.iter().map(|v| v.to_bits()).collect());
+        }
+    }
+    if !supported {
+        eprintln!("paged_prefill [{}]: not run, this device lacks it (refused as it should be)", kernel.name());
+        return None;
+    }
+    Some(bits)
+}
+
+/// The mma and wgmma prefill kernels against the CPU twin; a kernel the device lacks (wgmma below compute
+/// capability 9.x) must be refused by name before any launch, and the test says it was not run.
 #[test]
 fn paged_prefill_matches_cpu() {
     let Some(stream) = stream() else { return };
-    // (first new position, new tokens): fresh prefills of 1, 17 and 300 tokens, chunked prefill over an existing
-    // cache (283 + 17 = 300, 1900 + 149 = 2049) and decode-like single tokens, all in one call.
-    let seqs = [(0, 1), (0, 17), (0, 300), (283, 17), (1900, 149), (5, 1), (63, 2)];
-    for kernel in PrefillKernel::ALL {
-        let supported = kernel.supported(&stream).expect("compute capability");
-        for (i, heads) in LAYOUTS.into_iter().enumerate() {
-            for bs in BLOCK_SIZES {
-                let mut rng = ChaCha8Rng::seed_from_u64(1000 + 10 * i as u64 + bs as u64);
-                let l = layout(heads, bs);
-                let what =
-                    format!("paged_prefill [{}] heads {}/{} d{} block {bs}", kernel.name(), heads.0, heads.1, heads.2);
-                let step = Step::new(&mut rng, l, &seqs);
-                let mut dev = DeviceStep::upload(&stream, &step);
-                let result = dev.prefill(&stream, &step, kernel);
-                if !supported {
-                    let err = result.expect_err("an unsupported kernel must be refused").to_string();
-                    assert!(err.contains("compute capability 9.x"), "{what}: {err}");
-                    assert!(dev.download(&stream).iter().all(|v| v.is_nan()), "{what}: launched anyway");
-                    continue;
-                }
-                result.unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_close(&what, &dev.download(&stream), &step.reference(), &l);
-            }
-        }
-        if !supported {
-            eprintln!("paged_prefill [{}]: not run, this device lacks it (refused as it should be)", kernel.name());
-        }
+    for kernel in [PrefillKernel::Mma, PrefillKernel::Wgmma] {
+        prefill_cases(&stream, kernel);
     }
+}
+
+/// The warp-specialized wgmma prefill against the CPU twin, and bit for bit against the wgmma kernel: it does the
+/// same f32 operations per output in the same order. Its own test, so that a failure of the newer kernel leaves
+/// the other two's verdict standing.
+#[test]
+fn paged_prefill_ws_matches_wgmma_bits() {
+    let Some(stream) = stream() else { return };
+    let Some(ws) = prefill_cases(&stream, PrefillKernel::WgmmaWs) else { return };
+    let want = prefill_cases(&stream, PrefillKernel::Wgmma).expect("the wgmma kernel runs where its ws form does");
+    for (case, (got, want)) in ws.iter().zip(&want).enumerate() {
+        let diff = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 0, "case {case}: {diff} of {} outputs differ from the wgmma kernel's", got.len());
+    }
+    eprintln!("paged_prefill [wgmma-ws]: {} cases, bit-equal to the wgmma kernel", ws.len());
 }
 
 #[test]

@@ -83,10 +83,16 @@ pub enum PrefillKernel {
     /// default there: on an H100 (2026-11-27) it ran 4 x 4096 causal prefill at 281 TFLOP/s (d128) and 239 (d64)
     /// against the mma kernel's 171 and 183, and 3B / 1B prefill end to end 1.14x / 1.11x faster.
     Wgmma,
+    /// The wgmma kernel's tiles and products, warp-specialized (`kernels/attention/prefill_sm90_ws.cu`): a
+    /// producer warpgroup fills an mbarrier ring of K / V tiles, two consumer warpgroups take turns on the tensor
+    /// cores, and each overlaps its softmax with its own P V. Where the wgmma kernel runs; compiled and checked
+    /// here, not yet run on a GPU, so `auto` does not pick it.
+    WgmmaWs,
 }
 
 impl super::switch::KernelSwitch for PrefillKernel {
-    /// `auto` (the default: [`PrefillKernel::Wgmma`] where it runs, else [`PrefillKernel::Mma`]), `mma` or `wgmma`.
+    /// `auto` (the default: [`PrefillKernel::Wgmma`] where it runs, else [`PrefillKernel::Mma`]), `mma`, `wgmma`
+    /// or `wgmma-ws`.
     const ENV: &'static str = "LLAMA32_PREFILL_KERNEL";
     const WHAT: &'static str = "prefill kernel";
     const KERNELS: &'static [Self] = &Self::ALL;
@@ -95,6 +101,7 @@ impl super::switch::KernelSwitch for PrefillKernel {
         match self {
             PrefillKernel::Mma => "mma",
             PrefillKernel::Wgmma => "wgmma",
+            PrefillKernel::WgmmaWs => "wgmma-ws",
         }
     }
 
@@ -106,7 +113,7 @@ impl super::switch::KernelSwitch for PrefillKernel {
 
 impl PrefillKernel {
     /// Every kernel.
-    pub const ALL: [PrefillKernel; 2] = [PrefillKernel::Mma, PrefillKernel::Wgmma];
+    pub const ALL: [PrefillKernel; 3] = [PrefillKernel::Mma, PrefillKernel::Wgmma, PrefillKernel::WgmmaWs];
 
     /// The kernel [`paged_prefill`] runs on the stream's device: the forced one, else the wgmma kernel where it
     /// runs ([`supported`](Self::supported)), else the mma kernel.
@@ -122,7 +129,7 @@ impl PrefillKernel {
     pub fn supported(self, stream: &CudaStream) -> Result<bool> {
         Ok(match self {
             PrefillKernel::Mma => true,
-            PrefillKernel::Wgmma => compute_capability(stream)?.0 == 9 && wgmma_built(),
+            PrefillKernel::Wgmma | PrefillKernel::WgmmaWs => compute_capability(stream)?.0 == 9 && wgmma_built(),
         })
     }
 }
@@ -343,8 +350,8 @@ where
     paged_prefill_with(stream, PrefillKernel::configured(stream)?, q, kv, meta, out)
 }
 
-/// [`paged_prefill`] with the kernel chosen by the caller. [`PrefillKernel::Wgmma`] on a device other than
-/// compute capability 9.x is an error, before any launch.
+/// [`paged_prefill`] with the kernel chosen by the caller. [`PrefillKernel::Wgmma`] or [`PrefillKernel::WgmmaWs`]
+/// on a device other than compute capability 9.x is an error, before any launch.
 pub fn paged_prefill_with<Q, C, M, O>(
     stream: &CudaStream,
     kernel: PrefillKernel,
@@ -579,6 +586,7 @@ fn launch_prefill(
         kernel: match kernel {
             PrefillKernel::Mma => ffi::l32_prefill_kernel::L32_PREFILL_MMA,
             PrefillKernel::Wgmma => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA,
+            PrefillKernel::WgmmaWs => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA_WS,
         },
     };
     let raw = super::raw_stream(op, stream)?;
