@@ -539,6 +539,11 @@ typedef enum l32_w4a8_kernel {
      * fragments composed from the quad's words instead: the same bits, a quarter of the activation copies.
      */
     L32_W4A8_WGMMA_ROW = 3,
+    /**
+     * L32_W4A8_WGMMA_ROW's products, warp-specialized: a producer warpgroup fills an mbarrier ring and two consumer
+     * warpgroups compute without a block barrier per chunk; the same bits.
+     */
+    L32_W4A8_WGMMA_WS = 4,
 } l32_w4a8_kernel;
 
 /**

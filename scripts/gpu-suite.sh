@@ -362,13 +362,14 @@ run() {
         rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" "$name" "$t" "$secs")")
       done
     done
-    # The quantized golden end-to-end test again with a Hopper kernel forced: W4A8 wgmma and wgmma-row (the
+    # The quantized golden end-to-end test again with a Hopper kernel forced: W4A8 wgmma, wgmma-row and wgmma-ws (the
     # executor's prefill and decode projections through kernels/quant/w4a8_sm90.cu), and the large-m W4A16 wgmma-row
     # kernel (kernels/quant/w4a16_sm90.cu); where they do not run, the same run as above. Then with every W4A16
     # projection sent down the large-m path (LLAMA32_W4A16_LARGE_MIN_M=1).
     if [[ -z ${GPU_TEST_FILTER:-} ]]; then
       gpu_test_env w4a8=wgmma cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma
       gpu_test_env w4a8=wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma-row
+      gpu_test_env w4a8=wgmma-ws cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma-ws
       gpu_test_env large=wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
         LLAMA32_W4A16_LARGE=wgmma-row
       # Every W4A16 projection, decode steps and graphs included, through the large-m path (either kind).
@@ -664,7 +665,7 @@ PY
   fi
 
   if want wgmma; then
-    # The Hopper GEMMs beside the default paths: the W4A8 kernels (wgmma, wgmma-serial, wgmma-row:
+    # The Hopper GEMMs beside the default paths: the W4A8 kernels (wgmma, wgmma-serial, wgmma-row, wgmma-ws:
     # kernels/quant/w4a8_sm90.cu) and the large-m W4A16 kernels (wgmma, wgmma-row: kernels/quant/w4a16_sm90.cu).
     # Their twin tests and the golden end-to-end test with each forced, the criterion W4A8 (m = 64, 256, 1024) and
     # large-m W4A16 (m = 256, 1024) lines at the 1B / 11B / 90B shapes with cuBLAS bf16 at the same shapes in the
@@ -675,7 +676,7 @@ PY
         cuda_w4a8_wgmma::w4a8_wgmma_refuses_what_it_cannot_take cuda_quant::w4a8_matches_cpu \
         cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul \
         cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu; do
-        for wk in auto wgmma wgmma-serial wgmma-row large large-row; do
+        for wk in auto wgmma wgmma-serial wgmma-row wgmma-ws large large-row; do
           [[ $wk == auto || $wt == *e2e* ]] || continue
           local w8=$wk w16=auto
           [[ $wk == large ]] && w8=auto w16=wgmma
@@ -698,7 +699,7 @@ PY
     fi
     LLAMA32_PEERS_QUANT_M=64,256,1024 peers 90 quant wgmma
     local w8
-    for w8 in mma wgmma wgmma-serial wgmma-row; do
+    for w8 in mma wgmma wgmma-serial wgmma-row wgmma-ws; do
       LLAMA32_W4A8_KERNEL=$w8 bench_e2e 60 "1b 64 128 64 --quantize w4a8-g32"
     done
     for w8 in dequant wgmma wgmma-row; do

@@ -1,6 +1,7 @@
 // kernels/quant/w4a8_sm90.cu: the W4A8 GEMM of w4a8.cu (same parameters, same torchao 8da4w result up to f32
 // rounding) on Hopper's warpgroup MMA, for sm_90a, symmetric weights only. Launched by l32_w4a8_gemm when
-// params.kernel is L32_W4A8_WGMMA, L32_W4A8_WGMMA_SERIAL or L32_W4A8_WGMMA_ROW.
+// params.kernel is L32_W4A8_WGMMA, L32_W4A8_WGMMA_SERIAL, L32_W4A8_WGMMA_ROW or L32_W4A8_WGMMA_WS (the row
+// kernel's products, warp-specialized: see w4a8_wgmma_ws_kernel).
 //
 // Why. With group 32 every k32 MMA output carries its own weight scale, so each group costs every output an f32
 // step after the tensor cores. w4a8.cu pays two ALU ops per output and group (FADD of the biased MMA accumulator,
@@ -62,6 +63,7 @@
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/mbarrier.cuh"
 #include "common/status.cuh"
 #include "common/wgmma.cuh"
 #include "llama32_kernels.h"
@@ -76,6 +78,7 @@ namespace {
 template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow>
 struct W4A8WgmmaTraits {
     static_assert(kBN == 64 || kBN == 128, "64 or 128 tokens per block");
+    static constexpr int kTokens = kBN;             // tokens per block (the grid's x tiles)
     static constexpr int kThreads = kWG * 128;
     static constexpr int kTiles = kWG * 4;          // weight row tiles of 16 per block
     static constexpr int kHalves = kOverlap ? 2 : 1;  // wgmma products per group: token halves in flight in turn
@@ -111,106 +114,46 @@ __device__ __forceinline__ int act_row_offset(int j, int r, int h) {
     return j * (kBN * 32) + (r / 8) * 256 + h * 128 + (r % 8) * 16;
 }
 
-// Tier 1. grid = (ceil(m / kBN), ceil(n_pad / (64 kWG)), splits), block = kWG * 128, dynamic shared memory
-// kSmemBytes. kOverlap: each group's product is two wgmma over the token halves, and the FFMAs of one half run
-// while the tensor cores compute the other (the next wgmma is issued before the previous one's results are
-// scaled); without it each product is waited for before its FFMAs. Both do the same f32 operations in the same
-// order per output, so they give the same bits.
-template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow>
-__global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>::kMinBlocks)
-    w4a8_wgmma_kernel(const __grid_constant__ l32_w4a8_params p) {
+// The activation copy of piece i (0 .. kBN * 4 - 1) of a chunk in natural k order (kRow): lane (piece, rr) =
+// (i % 32 / 8, i % 8) of copy warp i / 32 takes the 16 bytes `piece` (group piece / 2, K half piece % 2) of token
+// 8 (i / 32) + rr, so each 8 lanes fill one 128-byte core matrix and a warp reads 8 rows x 64 contiguous bytes.
+template <int kBN>
+__device__ __forceinline__ void row_piece(int i, int& r, int& piece, int& dst) {
+    const int lane_i = i % 32;
+    piece = lane_i / 8;
+    r = (i / 32) * 8 + lane_i % 8;
+    dst = act_row_offset<kBN>(piece / 2, r, piece % 2);
+}
+
 #if L32_WGMMA_AVAILABLE
+// One consumer warp's products and f32 sums over the chunks of its split (what the kernels below share): warp
+// `tile` of the block (warp tile % 4 of warpgroup tile / 4) owns weight row tile `tile`, with every token of the
+// block's kBN. chunk() runs one chunk from its stage in shared memory; store() writes the sums out (finished at one
+// split, f32 partials otherwise).
+template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow>
+struct Products {
     using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>;
-    constexpr int kH = T::kHalves;
-    constexpr int NT = T::kHN / 8;       // accumulator column tiles of 8 tokens per half
-    constexpr float kBias = 12582912.0f;  // 1.5 * 2^23, the float whose bits are kI2fBias
-    pdl_begin();
-    extern __shared__ __align__(128) uint8_t smem[];
-
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int g = lane / 4, t = lane % 4;
-    const int m = static_cast<int>(p.m);
-    const int ntiles = static_cast<int>((p.n + 15) / 16);
-    const int64_t npad = int64_t{ntiles} * 16;
-    const int kc = static_cast<int>(p.k / 64);
-    const int m0 = blockIdx.x * kBN;
-    const int nt0 = blockIdx.y * T::kTiles;
-    int c0, c1;
-    split_range(kc, p.splits, blockIdx.z, c0, c1);
-
-    const auto* wq = static_cast<const uint8_t*>(p.qweight);
-    const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
-    const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
-
-    // kRow: each thread's activation copies, the same in every chunk but for the chunk's 64-byte column offset
-    // (computed once: source row, shared-memory offset in a stage, and whether the token exists). A warp copies 8
-    // tokens x 64 bytes, lane (piece, rr) = (lane / 8, lane % 8) the 16 bytes `piece` (group piece / 2, K half
-    // piece % 2) of token 8 q + rr: each 8 lanes fill one 128-byte core matrix (conflict-free), the warp reads 8
-    // rows x 64 contiguous bytes.
-    static_assert(!kRow || kBN * 4 % T::kThreads == 0, "whole copy rounds");
-    const RowCopies<kRow ? kBN * 4 / T::kThreads : 1> row_copies(
-        xq, p.k, m0, m, T::kThreads, [](int i, int& r, int& piece, int& dst) {
-            const int lane_i = i % 32;
-            piece = lane_i / 8;
-            r = (i / 32) * 8 + lane_i % 8;
-            dst = act_row_offset<kBN>(piece / 2, r, piece % 2);
-        });
-
-    // Each thread's weight copy (one 16-byte piece of the block's tiles) and scale copy (threads below 2 kTiles 8:
-    // an entry of this chunk, or of the next one for s_next), planned once: chunk c adds c * 512 (weights) and
-    // c * 128 (scales) bytes. Tiles past n and chunks past k are zero-filled.
-    static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
-    static_assert(2 * T::kTiles * 8 <= T::kThreads, "one scale copy per thread at most");
-    const int w_nt = nt0 + static_cast<int>(threadIdx.x) / 32;
-    const bool w_ok = w_nt < ntiles;
-    const uint8_t* w_src = wq + (int64_t{w_ok ? w_nt : 0} * kc * 32 + threadIdx.x % 32) * 16;
-    const bool has_scale = threadIdx.x < 2 * T::kTiles * 8;
-    const int s_next = static_cast<int>(threadIdx.x) / (T::kTiles * 8), s_e = threadIdx.x % (T::kTiles * 8);
-    const int s_nt = nt0 + s_e / 8;
-    const bool s_ok = s_nt < ntiles;
-    const uint8_t* s_src = sc + ((int64_t{s_ok ? s_nt : 0} * kc + s_next) * 8 + s_e % 8) * 16;
-
-    // Copies chunk c into stage `stage`. Token rows past m, weight tiles past n and chunks past k are zero-filled.
-    auto load_stage = [&](int stage, int c) {
-        uint8_t* s = smem + stage * T::kStageBytes;
-        if constexpr (kRow) {
-            row_copies.issue(s, int64_t{c} * 64);  // natural k order, 16 bytes per copy (see above)
-        } else {
-            // Activations, 4 bytes per copy: a warp fills one 128-byte core matrix (8 tokens x K half h of group
-            // j), lane (rr, wd) = (lane / 4, lane % 4) token 8 q + rr, word wd of its row there, i.e. column word
-            // 2 wd + h. So the 32 lanes write 32 distinct banks; their global reads (every other word of 8 rows)
-            // take two instructions per 32-byte sector, the second from L1.
-            static_assert(kBN * 16 % T::kThreads == 0, "whole copy rounds");
-#pragma unroll
-            for (int it = 0; it < kBN * 16 / T::kThreads; ++it) {
-                const int i = threadIdx.x + it * T::kThreads;
-                const int lane_i = i % 32, q = i / 32;
-                const int j = (q % 4) / 2, h = q % 2, r = (q / 4) * 8 + lane_i / 4, cw = 2 * (lane_i % 4) + h;
-                const int tok = m0 + r;
-                const bool ok = tok < m;
-                const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + (j * 8 + cw) * 4;
-                cp_async_ca<4>(s + act_offset<kBN>(j, r, cw), xq + src, ok);
-            }
-        }
-        cp_async16(s + T::kActBytes + threadIdx.x * 16, w_src + int64_t{c} * 512, w_ok);
-        if (has_scale) {
-            const bool ok = s_ok && c + s_next < kc;
-            cp_async16(s + T::kActBytes + T::kWBytes + threadIdx.x * 16, s_src + (ok ? int64_t{c} * 128 : 0), ok);
-        }
-    };
+    static constexpr int kH = T::kHalves;
+    static constexpr int NT = T::kHN / 8;        // accumulator column tiles of 8 tokens per half
+    static constexpr float kBias = 12582912.0f;  // 1.5 * 2^23, the float whose bits are kI2fBias
 
     int d[kH][NT][4];
     float acc[kH][NT][4];
+    float pend_lo = 0.f, pend_hi = 0.f;  // overlap: the coefficients of the half still in flight
+
+    __device__ __forceinline__ Products() {
 #pragma unroll
-    for (int h = 0; h < kH; ++h) {
+        for (int h = 0; h < kH; ++h) {
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
+            for (int j = 0; j < NT; ++j) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[h][j][e] = 0.f;
+                for (int e = 0; e < 4; ++e) acc[h][j][e] = 0.f;
+            }
         }
     }
+
     // acc[h] += c * float(d[h]) for every output of token half h: c_lo for row g, c_hi for row g + 8.
-    auto scale_add = [&](int h, float c_lo, float c_hi) {
+    __device__ __forceinline__ void scale_add(int h, float c_lo, float c_hi) {
         wgmma::fence_operands(d[h]);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
@@ -219,32 +162,18 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
                 acc[h][j][e] = fmaf(e < 2 ? c_lo : c_hi, __int_as_float(d[h][j][e]), acc[h][j][e]);
             }
         }
-    };
-
-#pragma unroll
-    for (int s = 0; s < T::kAhead; ++s) {
-        if (c0 + s < c1) load_stage(s, c0 + s);
-        cp_async_commit();
     }
-    float pend_lo = 0.f, pend_hi = 0.f;  // overlap: the coefficients of the half still in flight
-#pragma unroll 1
-    for (int c = c0; c < c1; ++c) {
-        cp_async_wait<T::kAhead - 1>();  // chunk c has landed for this thread ...
-        wgmma::fence_proxy_async_shared();
-        __syncthreads();  // ... and for every thread; no product reads the stage refilled below any more
-        const int next = c + T::kAhead;
-        if (next < c1) load_stage((next - c0) % kStages, next);
-        cp_async_commit();
 
-        const uint8_t* s = smem + ((c - c0) % kStages) * T::kStageBytes;
+    // The products of one chunk (the rel-th of the split; `last`: the split's last) from its stage `s`.
+    __device__ __forceinline__ void chunk(const uint8_t* s, int tile, int lane, int rel, bool last) {
+        const int g = lane / 4, t = lane % 4;
         // Scale entries of chunks c and c + 1: (row g, group 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8,
         // 2c + 1).
-        const float4 sv = *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + (warp * 8 + g) * 16);
+        const float4 sv = *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + (tile * 8 + g) * 16);
         const float4 sn =
-            *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + T::kSBytes + (warp * 8 + g) * 16);
-        const int rel = c - c0;
+            *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + T::kSBytes + (tile * 8 + g) * 16);
         const bool seg_start = rel % T::kSegChunks == 0;
-        const bool seg_end = rel % T::kSegChunks == T::kSegChunks - 1 || c + 1 == c1;
+        const bool seg_end = rel % T::kSegChunks == T::kSegChunks - 1 || last;
         // Both groups' A fragments (16 q as int8; row g from .x / .z, row g + 8 from .y / .w of a lane's 16 bytes),
         // kept in registers until the chunk's last product is done: a product reads its A registers while it runs.
         // A lane's word holds columns 8t..8t+3 in its low nibbles and 8t+4..8t+7 in its high ones.
@@ -253,7 +182,7 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
         if constexpr (kRow) {
             // Natural k order (slot s is column s): slots 4t..4t+3 are columns 4t.. of quad lane t / 2, slots
             // 16 + 4t.. those of quad lane 2 + t / 2, in its low nibbles for even t, high nibbles for odd t.
-            const uint8_t* wt = s + T::kActBytes + warp * 512 + (lane & ~3) * 16;
+            const uint8_t* wt = s + T::kActBytes + tile * 512 + (lane & ~3) * 16;
             const uint4 lo = *reinterpret_cast<const uint4*>(wt + (t >> 1) * 16);
             const uint4 hi = *reinterpret_cast<const uint4*>(wt + (2 + (t >> 1)) * 16);
             const int sh = (t & 1) ? 0 : 4;
@@ -268,7 +197,7 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
         } else {
             // The activations' k order follows the lane's own word: slot 4t + i is column 8t + i, slot
             // 16 + 4t + i is column 8t + 4 + i.
-            const uint4 wv = *reinterpret_cast<const uint4*>(s + T::kActBytes + warp * 512 + lane * 16);
+            const uint4 wv = *reinterpret_cast<const uint4*>(s + T::kActBytes + tile * 512 + lane * 16);
             a[0][0] = (wv.x << 4) & kHi;
             a[0][1] = (wv.y << 4) & kHi;
             a[0][2] = wv.x & kHi;
@@ -337,27 +266,239 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
         wgmma::fence_operands(a[0]);  // every product of the chunk is done: the A registers may be reused
         wgmma::fence_operands(a[1]);
     }
-    cp_async_wait<0>();
 
-    // acc[h][j][e]: weight row 16 (nt0 + warp) + g (+8 for e >= 2), token m0 + kHN h + 8 j + 2 t (+1 for odd e).
-    // One split: finished here; several: f32 partials, then the split-K finish.
-    const int64_t row_lo = int64_t{nt0 + warp} * 16 + g;
+    // The sums out: finished at one split, else this split's f32 partials (the split-K finish follows).
+    __device__ __forceinline__ void store(const l32_w4a8_params& p, int64_t npad, int nt0, int tile, int m0,
+                                          int lane) const {
+        const int g = lane / 4, t = lane % 4;
+        const int m = static_cast<int>(p.m);
+        // acc[h][j][e]: weight row 16 (nt0 + tile) + g (+8 for e >= 2), token m0 + kHN h + 8 j + 2 t (+1 for odd e).
+        // One split: finished here; several: f32 partials, then the split-K finish.
+        const int64_t row_lo = int64_t{nt0 + tile} * 16 + g;
 #pragma unroll
-    for (int h = 0; h < kH; ++h) {
+        for (int h = 0; h < kH; ++h) {
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
+            for (int j = 0; j < NT; ++j) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int64_t row = row_lo + (e >= 2 ? 8 : 0);
-                const int tok = m0 + T::kHN * h + 8 * j + 2 * t + (e & 1);
-                if (tok >= m) continue;
-                if (p.splits == 1) {
-                    if (row < p.n) w4a8_finish(p, acc[h][j][e], tok, row);
-                } else if (row < npad) {
-                    p.partials[(int64_t{blockIdx.z} * m + tok) * npad + row] = acc[h][j][e];
+                for (int e = 0; e < 4; ++e) {
+                    const int64_t row = row_lo + (e >= 2 ? 8 : 0);
+                    const int tok = m0 + T::kHN * h + 8 * j + 2 * t + (e & 1);
+                    if (tok >= m) continue;
+                    if (p.splits == 1) {
+                        if (row < p.n) w4a8_finish(p, acc[h][j][e], tok, row);
+                    } else if (row < npad) {
+                        p.partials[(int64_t{blockIdx.z} * m + tok) * npad + row] = acc[h][j][e];
+                    }
                 }
             }
         }
+    }
+};
+#endif
+
+// Tier 1. grid = (ceil(m / kBN), ceil(n_pad / (64 kWG)), splits), block = kWG * 128, dynamic shared memory
+// kSmemBytes. kOverlap: each group's product is two wgmma over the token halves, and the FFMAs of one half run
+// while the tensor cores compute the other (the next wgmma is issued before the previous one's results are
+// scaled); without it each product is waited for before its FFMAs. Both do the same f32 operations in the same
+// order per output, so they give the same bits.
+template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow>
+__global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>::kMinBlocks)
+    w4a8_wgmma_kernel(const __grid_constant__ l32_w4a8_params p) {
+#if L32_WGMMA_AVAILABLE
+    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>;
+    pdl_begin();
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int m = static_cast<int>(p.m);
+    const int ntiles = static_cast<int>((p.n + 15) / 16);
+    const int64_t npad = int64_t{ntiles} * 16;
+    const int kc = static_cast<int>(p.k / 64);
+    const int m0 = blockIdx.x * kBN;
+    const int nt0 = blockIdx.y * T::kTiles;
+    int c0, c1;
+    split_range(kc, p.splits, blockIdx.z, c0, c1);
+
+    const auto* wq = static_cast<const uint8_t*>(p.qweight);
+    const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
+    const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
+
+    // kRow: each thread's activation copies, the same in every chunk but for the chunk's 64-byte column offset
+    // (computed once: source row, shared-memory offset in a stage, and whether the token exists). A warp copies 8
+    // tokens x 64 bytes, lane (piece, rr) = (lane / 8, lane % 8) the 16 bytes `piece` (group piece / 2, K half
+    // piece % 2) of token 8 q + rr: each 8 lanes fill one 128-byte core matrix (conflict-free), the warp reads 8
+    // rows x 64 contiguous bytes.
+    static_assert(!kRow || kBN * 4 % T::kThreads == 0, "whole copy rounds");
+    const RowCopies<kRow ? kBN * 4 / T::kThreads : 1> row_copies(xq, p.k, m0, m, T::kThreads, row_piece<kBN>);
+
+    // Each thread's weight copy (one 16-byte piece of the block's tiles) and scale copy (threads below 2 kTiles 8:
+    // an entry of this chunk, or of the next one for s_next), planned once: chunk c adds c * 512 (weights) and
+    // c * 128 (scales) bytes. Tiles past n and chunks past k are zero-filled.
+    static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
+    static_assert(2 * T::kTiles * 8 <= T::kThreads, "one scale copy per thread at most");
+    const int w_nt = nt0 + static_cast<int>(threadIdx.x) / 32;
+    const bool w_ok = w_nt < ntiles;
+    const uint8_t* w_src = wq + (int64_t{w_ok ? w_nt : 0} * kc * 32 + threadIdx.x % 32) * 16;
+    const bool has_scale = threadIdx.x < 2 * T::kTiles * 8;
+    const int s_next = static_cast<int>(threadIdx.x) / (T::kTiles * 8), s_e = threadIdx.x % (T::kTiles * 8);
+    const int s_nt = nt0 + s_e / 8;
+    const bool s_ok = s_nt < ntiles;
+    const uint8_t* s_src = sc + ((int64_t{s_ok ? s_nt : 0} * kc + s_next) * 8 + s_e % 8) * 16;
+
+    // Copies chunk c into stage `stage`. Token rows past m, weight tiles past n and chunks past k are zero-filled.
+    auto load_stage = [&](int stage, int c) {
+        uint8_t* s = smem + stage * T::kStageBytes;
+        if constexpr (kRow) {
+            row_copies.issue(s, int64_t{c} * 64);  // natural k order, 16 bytes per copy (see above)
+        } else {
+            // Activations, 4 bytes per copy: a warp fills one 128-byte core matrix (8 tokens x K half h of group
+            // j), lane (rr, wd) = (lane / 4, lane % 4) token 8 q + rr, word wd of its row there, i.e. column word
+            // 2 wd + h. So the 32 lanes write 32 distinct banks; their global reads (every other word of 8 rows)
+            // take two instructions per 32-byte sector, the second from L1.
+            static_assert(kBN * 16 % T::kThreads == 0, "whole copy rounds");
+#pragma unroll
+            for (int it = 0; it < kBN * 16 / T::kThreads; ++it) {
+                const int i = threadIdx.x + it * T::kThreads;
+                const int lane_i = i % 32, q = i / 32;
+                const int j = (q % 4) / 2, h = q % 2, r = (q / 4) * 8 + lane_i / 4, cw = 2 * (lane_i % 4) + h;
+                const int tok = m0 + r;
+                const bool ok = tok < m;
+                const int64_t src = int64_t{ok ? tok : 0} * p.k + int64_t{c} * 64 + (j * 8 + cw) * 4;
+                cp_async_ca<4>(s + act_offset<kBN>(j, r, cw), xq + src, ok);
+            }
+        }
+        cp_async16(s + T::kActBytes + threadIdx.x * 16, w_src + int64_t{c} * 512, w_ok);
+        if (has_scale) {
+            const bool ok = s_ok && c + s_next < kc;
+            cp_async16(s + T::kActBytes + T::kWBytes + threadIdx.x * 16, s_src + (ok ? int64_t{c} * 128 : 0), ok);
+        }
+    };
+
+    Products<kWG, kBN, kStages, kOverlap, kRow> prod;
+#pragma unroll
+    for (int s = 0; s < T::kAhead; ++s) {
+        if (c0 + s < c1) load_stage(s, c0 + s);
+        cp_async_commit();
+    }
+#pragma unroll 1
+    for (int c = c0; c < c1; ++c) {
+        cp_async_wait<T::kAhead - 1>();  // chunk c has landed for this thread ...
+        wgmma::fence_proxy_async_shared();
+        __syncthreads();  // ... and for every thread; no product reads the stage refilled below any more
+        const int next = c + T::kAhead;
+        if (next < c1) load_stage((next - c0) % kStages, next);
+        cp_async_commit();
+        prod.chunk(smem + ((c - c0) % kStages) * T::kStageBytes, warp, lane, c - c0, c + 1 == c1);
+    }
+    cp_async_wait<0>();
+    prod.store(p, npad, nt0, warp, m0, lane);
+    if (p.splits == 1) return;
+    w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, kBN, int64_t{nt0} * 16, T::kTiles * 16, npad);
+#else
+    (void)p;
+    __trap();  // only sm_90a runs this kernel; the launcher refuses every other device
+#endif
+}
+
+// Tier 1, warp-specialized (L32_W4A8_WGMMA_WS, measured on no device yet). The products of the row kernel
+// (Products<2, kBN, kStages, false, true>: serial, natural-order activations, the same bits), with the copies
+// taken off the consumers and the block barrier taken out of the chunk loop:
+//   - threads 0-127 (a producer warpgroup) copy each chunk's activations, weights and scales into a ring of
+//     kStages stages; per stage an mbarrier `full` (128 arrivals: each producer thread once its copies of the
+//     chunk have landed and are fenced for the async proxy, kLag chunks after issuing them) and an mbarrier
+//     `empty` (8 arrivals: lane 0 of each consumer warp once the chunk's products are done);
+//   - threads 128-383 (two consumer warpgroups, warp 4 + w owning weight row tile w) wait for a stage, run its
+//     products and release it. Nothing else ties the two consumers together, so one's FFMAs can run while the
+//     other's wgmma does: in the block-barrier kernels both do the same phase at the same time.
+// One block of 384 threads per SM (the consumers need ~164 registers); grid as the other kernels. Split-K: every
+// thread (the producer's too) reaches the finish, whose block barriers count all 384.
+template <int kBN, int kStages>
+__global__ void __launch_bounds__(384, 1) w4a8_wgmma_ws_kernel(const __grid_constant__ l32_w4a8_params p) {
+#if L32_WGMMA_AVAILABLE
+    using T = W4A8WgmmaTraits<2, kBN, kStages, false, true>;
+    constexpr int kProducers = 128;
+    constexpr int kLag = 2;  // chunks a producer thread keeps in flight before it signals the oldest
+    static_assert(kLag < kStages, "a chunk is signalled before the producer waits for its stage to come back");
+    pdl_begin();
+    extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ uint64_t full[kStages], empty[kStages];
+
+    const int m = static_cast<int>(p.m);
+    const int ntiles = static_cast<int>((p.n + 15) / 16);
+    const int64_t npad = int64_t{ntiles} * 16;
+    const int kc = static_cast<int>(p.k / 64);
+    const int m0 = blockIdx.x * kBN;
+    const int nt0 = blockIdx.y * T::kTiles;
+    int c0, c1;
+    split_range(kc, p.splits, blockIdx.z, c0, c1);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < kStages; ++s) {
+            sync90::mbar_init(&full[s], kProducers);
+            sync90::mbar_init(&empty[s], T::kTiles);
+        }
+    }
+    __syncthreads();
+
+    if (threadIdx.x < kProducers) {
+        const int pt = static_cast<int>(threadIdx.x);
+        const auto* wq = static_cast<const uint8_t*>(p.qweight);
+        const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
+        const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
+        // The producer's copies, planned once as in the other kernels (chunk c adds 64 bytes to each activation
+        // row, c * 512 to the weights and c * 128 to the scales): kBN * 4 activation pieces, the block's kTiles * 32
+        // weight pieces and its 2 kTiles * 8 scale entries (this chunk's and the next one's) over 128 threads.
+        static_assert(kBN * 4 % kProducers == 0 && T::kTiles * 32 == 2 * kProducers, "whole copy rounds");
+        static_assert(2 * T::kTiles * 8 == kProducers, "one scale entry per producer thread");
+        const RowCopies<kBN * 4 / kProducers> row_copies(xq, p.k, m0, m, kProducers, row_piece<kBN>);
+        const uint8_t* w_src[2];
+        bool w_ok[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int i = pt + j * kProducers;
+            const int w_nt = nt0 + i / 32;
+            w_ok[j] = w_nt < ntiles;
+            w_src[j] = wq + (int64_t{w_ok[j] ? w_nt : 0} * kc * 32 + i % 32) * 16;
+        }
+        const int s_next = pt / (T::kTiles * 8), s_e = pt % (T::kTiles * 8);
+        const int s_nt = nt0 + s_e / 8;
+        const bool s_ok = s_nt < ntiles;
+        const uint8_t* s_src = sc + ((int64_t{s_ok ? s_nt : 0} * kc + s_next) * 8 + s_e % 8) * 16;
+        for (int c = c0; c < c1; ++c) {
+            const int rel = c - c0, stage = rel % kStages;
+            if (rel >= kStages) sync90::mbar_wait_bounded(&empty[stage], (rel / kStages - 1) & 1);
+            uint8_t* st = smem + stage * T::kStageBytes;
+            row_copies.issue(st, int64_t{c} * 64);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                cp_async16(st + T::kActBytes + (pt + j * kProducers) * 16, w_src[j] + int64_t{c} * 512, w_ok[j]);
+            }
+            const bool ok = s_ok && c + s_next < kc;
+            cp_async16(st + T::kActBytes + T::kWBytes + pt * 16, s_src + (ok ? int64_t{c} * 128 : 0), ok);
+            cp_async_commit();
+            if (rel >= kLag) {
+                cp_async_wait<kLag>();  // chunk rel - kLag has landed for this thread ...
+                wgmma::fence_proxy_async_shared();  // ... and is visible to the proxy wgmma reads through
+                sync90::mbar_arrive(&full[(rel - kLag) % kStages]);
+            }
+        }
+        cp_async_wait<0>();
+        wgmma::fence_proxy_async_shared();
+        for (int rel = c1 - c0 - kLag < 0 ? 0 : c1 - c0 - kLag; rel < c1 - c0; ++rel) {
+            sync90::mbar_arrive(&full[rel % kStages]);
+        }
+    } else {
+        const int tile = static_cast<int>(threadIdx.x) / 32 - kProducers / 32, lane = threadIdx.x % 32;
+        Products<2, kBN, kStages, false, true> prod;
+#pragma unroll 1
+        for (int c = c0; c < c1; ++c) {
+            const int rel = c - c0, stage = rel % kStages;
+            sync90::mbar_wait(&full[stage], (rel / kStages) & 1);
+            prod.chunk(smem + stage * T::kStageBytes, tile, lane, rel, c + 1 == c1);
+            __syncwarp();
+            if (lane == 0) sync90::mbar_arrive(&empty[stage]);
+        }
+        prod.store(p, npad, nt0, tile, m0, lane);
     }
     if (p.splits == 1) return;
     w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, kBN, int64_t{nt0} * 16, T::kTiles * 16, npad);
@@ -367,18 +508,30 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
 #endif
 }
 
-// Tier 2.
+// Tier 2. `kernel` over the grid of T's tiles (token tiles, weight row blocks, splits) with `threads` threads.
+template <class T>
+l32_status launch_tiles(void (*kernel)(l32_w4a8_params), int threads, const l32_w4a8_params& p, cudaStream_t stream) {
+    const int64_t ntiles = (p.n + 15) / 16;
+    const dim3 grid(static_cast<unsigned>((p.m + T::kTokens - 1) / T::kTokens),
+                    static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles), static_cast<unsigned>(p.splits));
+    const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
+    if (smem != L32_OK) return smem;
+    launch_kernel(kernel, grid, threads, T::kSmemBytes, stream, p);
+    return check_launch();
+}
+
 template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow = false>
 l32_status launch(const l32_w4a8_params& p, cudaStream_t stream) {
     using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>;
-    const int64_t ntiles = (p.n + 15) / 16;
-    const dim3 grid(static_cast<unsigned>((p.m + kBN - 1) / kBN),
-                    static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles), static_cast<unsigned>(p.splits));
-    const auto kernel = w4a8_wgmma_kernel<kWG, kBN, kStages, kOverlap, kRow>;
-    const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
-    if (smem != L32_OK) return smem;
-    launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, p);
-    return check_launch();
+    return launch_tiles<T>(w4a8_wgmma_kernel<kWG, kBN, kStages, kOverlap, kRow>, T::kThreads, p, stream);
+}
+
+template <int kBN, int kStages>
+l32_status launch_ws(const l32_w4a8_params& p, cudaStream_t stream) {
+    using T = W4A8WgmmaTraits<2, kBN, kStages, false, true>;
+    static_assert(T::kThreads + 128 == 384 && T::kMinBlocks >= 1,
+                  "the consumers are the row kernel's block, beside a producer warpgroup (one block per SM)");
+    return launch_tiles<T>(w4a8_wgmma_ws_kernel<kBN, kStages>, 384, p, stream);
 }
 
 }  // namespace
@@ -397,6 +550,7 @@ l32_status launch_w4a8_wgmma(const l32_w4a8_params& p, cudaStream_t stream) {
     if (!w4a8_wgmma_available()) return L32_UNSUPPORTED;
     if (p.zeros != nullptr || (p.tile_m != 64 && p.tile_m != 128)) return L32_UNSUPPORTED;
     if ((p.m + p.tile_m - 1) / p.tile_m > INT_MAX) return L32_UNSUPPORTED;
+    if (p.kernel == L32_W4A8_WGMMA_WS) return p.tile_m == 64 ? launch_ws<64, 8>(p, stream) : launch_ws<128, 6>(p, stream);
     if (p.kernel == L32_W4A8_WGMMA_ROW) {
         return p.tile_m == 64 ? launch<2, 64, 6, false, true>(p, stream) : launch<2, 128, 6, false, true>(p, stream);
     }

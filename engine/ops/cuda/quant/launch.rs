@@ -152,6 +152,7 @@ pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch, kernel:
             super::W4A8Kernel::Wgmma => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA,
             super::W4A8Kernel::WgmmaSerial => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_SERIAL,
             super::W4A8Kernel::WgmmaRow => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_ROW,
+            super::W4A8Kernel::WgmmaWs => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_WS,
         },
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };

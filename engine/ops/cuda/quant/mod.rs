@@ -38,7 +38,8 @@
 //! `w4a8_wgmma_kernel` (256 threads, sm_90a only): [`W4A8Kernel::Wgmma`] 237 registers and 112 KB dynamic shared
 //! memory for 128-token tiles (8 stages, one block per SM), 120 registers and 60 KB for 64-token tiles (6 stages,
 //! two per SM); [`W4A8Kernel::WgmmaSerial`] 240 / 84 KB and 126 / 60 KB; [`W4A8Kernel::WgmmaRow`] 164 / 84 KB and
-//! 98 / 60 KB.
+//! 98 / 60 KB. `w4a8_wgmma_ws_kernel` ([`W4A8Kernel::WgmmaWs`], 384 threads, one block per SM): 161 registers and
+//! 84 KB (6 stages) for 128-token tiles, 98 registers and 80 KB (8 stages) for 64-token tiles.
 //! `w4a16_wgmma_kernel` (256 threads, [`w4a16_gemm_large`], sm_90a only, two blocks per SM): 110 / 115 registers
 //! (symmetric / zero points) and 106 KB dynamic shared memory (5 stages) for 128-token tiles, 76 / 79 registers and
 //! 79 KB (6 stages) for 64-token tiles; [`W4A16LargeKernel::WgmmaRow`] 127 / 127 and 79 / 79.

@@ -143,8 +143,8 @@ pub struct W4A8Plan {
 /// - mma: the smallest token tile that covers m <= 32, else 128; K splits only while the grid is smaller than the
 ///   SM count (about two 256-thread blocks per SM then), with at least two 64-column chunks per split.
 /// - wgmma (every variant): 128-token tiles (one block per SM: ~200 registers x 256 threads) when they make at least one block per
-///   SM, else 64-token tiles (two per SM); then K splits up to two blocks per SM (one for 128), with at least one
-///   whole 4-chunk segment per split.
+///   SM, else 64-token tiles (two per SM; one for wgmma-ws, whose blocks have 384 threads); then K splits up to two
+///   blocks per SM (one for 128 and for wgmma-ws), with at least one whole 4-chunk segment per split.
 pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
     let row_blocks = padded_n(n).div_ceil(W4A8_BLOCK_N).max(1);
     let tile_m = match kernel {
@@ -167,6 +167,7 @@ pub fn w4a8_plan_tiled(kernel: W4A8Kernel, tile_m: usize, m: usize, n: usize, k:
     // Blocks per SM the kernel keeps resident, and the fewest 64-column chunks per split.
     let (per_sm, min_chunks) = match kernel {
         W4A8Kernel::Mma => (2, 2),
+        W4A8Kernel::WgmmaWs => (1, 4), // 384 threads: one block per SM at either tile
         _ if tile_m == 128 => (1, 4),
         _ => (2, 4),
     };

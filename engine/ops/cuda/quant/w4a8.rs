@@ -13,7 +13,8 @@ use crate::{Error, Result};
 
 /// Which W4A8 kernel [`w4a8_gemm`] runs. Both compute torchao's 8da4w product with exact s32 group sums; they
 /// differ in how the f32 sum of the scaled group terms is rounded (see [`W4A8Kernel::Wgmma`]). The environment
-/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`, `wgmma-row`) forces one where it runs; `auto` takes
+/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`, `wgmma-row`, `wgmma-ws`) forces one where it
+/// runs; `auto` takes
 /// [`W4A8Kernel::Wgmma`] from [`WGMMA_MIN_M`] + 1 to [`WGMMA_AUTO_MAX_M`] rows where it runs, else
 /// [`W4A8Kernel::Mma`] (measured on an H100, 2026-11-28: `bench/results/2026-11-28-h100-gate-wgmma.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,10 +35,14 @@ pub enum W4A8Kernel {
     /// and chunk instead of eight 4-byte ones) and each lane's A fragments composed from the words of its quad's
     /// lanes: the same bits. Not yet measured.
     WgmmaRow,
+    /// [`W4A8Kernel::WgmmaRow`]'s products, warp-specialized: a producer warpgroup copies each chunk into an
+    /// mbarrier ring and the two consumer warpgroups run without a block barrier per chunk (384 threads, one block
+    /// per SM): the same bits. Not yet run on a GPU.
+    WgmmaWs,
 }
 
 impl KernelSwitch for W4A8Kernel {
-    /// `auto` (the default), `mma`, `wgmma`, `wgmma-serial` or `wgmma-row`.
+    /// `auto` (the default), `mma`, `wgmma`, `wgmma-serial`, `wgmma-row` or `wgmma-ws`.
     const ENV: &'static str = "LLAMA32_W4A8_KERNEL";
     const WHAT: &'static str = "W4A8 kernel";
     const KERNELS: &'static [Self] = &W4A8Kernel::ALL;
@@ -48,6 +53,7 @@ impl KernelSwitch for W4A8Kernel {
             W4A8Kernel::Wgmma => "wgmma",
             W4A8Kernel::WgmmaSerial => "wgmma-serial",
             W4A8Kernel::WgmmaRow => "wgmma-row",
+            W4A8Kernel::WgmmaWs => "wgmma-ws",
         }
     }
 
@@ -59,8 +65,8 @@ impl KernelSwitch for W4A8Kernel {
 
 impl W4A8Kernel {
     /// Every kernel.
-    pub const ALL: [W4A8Kernel; 4] =
-        [W4A8Kernel::Mma, W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial, W4A8Kernel::WgmmaRow];
+    pub const ALL: [W4A8Kernel; 5] =
+        [W4A8Kernel::Mma, W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial, W4A8Kernel::WgmmaRow, W4A8Kernel::WgmmaWs];
 
     /// True for the Hopper kernels (every kernel but [`W4A8Kernel::Mma`]).
     pub fn is_wgmma(self) -> bool {
