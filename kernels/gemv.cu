@@ -58,6 +58,7 @@
 // per lane are in flight. Shared memory: warps * kTiles * 8 * 16 * 4 bytes (4 to 16 KB). SASS (sm_90a): w loads are
 // LDG.E.NA.128.CONSTANT, x loads LDG.E.EL.128.CONSTANT, the products HMMA.16816.F32.BF16.
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -279,8 +280,11 @@ __device__ __forceinline__ void norm_prologue(const l32_gemv_params& p, unsigned
 // output's pair, so an output's two sums meet in one thread of the final reduction (see BlockRows).
 // With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
 // kNorm: the norm prologue (l32_gemv_norm) stages the normalized x rows in dynamic shared memory first.
+// prefetch_whole (l32_set_gemv_prefetch_whole): before waiting for the previous kernel, ask L2 for the block's
+// whole weight rows (one bulk prefetch per row, sm_90) instead of each lane's first step.
 template <int kTiles, int kWarps, int kMode, bool kNorm>
-__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
+__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
+    gemv_kernel(const __grid_constant__ l32_gemv_params p, int prefetch_whole) {
     __shared__ float partial[kWarps][kTiles * 8][kRows];
     extern __shared__ __align__(16) unsigned char x_norm[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -293,14 +297,22 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     const auto* w = static_cast<const bf16*>(p.w);
     const auto* w0 = reinterpret_cast<const uint4*>(w + br.r0 * p.k);
     const auto* w1 = reinterpret_cast<const uint4*>(w + br.r1 * p.k);
-    // The weights of this lane's first step into L2, then wait for the previous kernel (which writes x): under PDL
-    // the first weight bytes stream while that kernel finishes (see kernels/common/launch.cuh).
+    // The weights of this lane's first step into L2 (or, with prefetch_whole, the block's 16 rows whole: lanes
+    // t = 0 of warp 0 hold rows g and g + 8), then wait for the previous kernel (which writes x): under PDL the
+    // first weight bytes stream while that kernel finishes (see kernels/common/launch.cuh).
+    if (prefetch_whole != 0) {
+        if (warp == 0 && t == 0) {
+            prefetch_l2_bulk(w0, static_cast<uint32_t>(p.k * 2));
+            prefetch_l2_bulk(w1, static_cast<uint32_t>(p.k * 2));
+        }
+    } else {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-        const int v = (u * kWarps + warp) * 4 + t;
-        if (v < kv) {
-            prefetch_l2(w0 + v);
-            prefetch_l2(w1 + v);
+        for (int u = 0; u < kUnroll; ++u) {
+            const int v = (u * kWarps + warp) * 4 + t;
+            if (v < kv) {
+                prefetch_l2(w0 + v);
+                prefetch_l2(w1 + v);
+            }
         }
     }
     pdl_begin();
@@ -377,6 +389,9 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     }
 }
 
+// The switch behind l32_set_gemv_prefetch_whole, off by default.
+std::atomic<int> gemv_prefetch_whole_flag{0};
+
 // Bytes of the norm prologue's normalized rows: m rows of k + 8 bf16.
 int64_t norm_smem_bytes(const l32_gemv_params& p) { return p.m * (p.k + 8) * 2; }
 
@@ -386,7 +401,9 @@ l32_status launch_mode(const l32_gemv_params& p, unsigned grid, cudaStream_t str
     const auto kernel = gemv_kernel<kTiles, kWarps, kMode, kNorm>;
     const size_t smem = kNorm ? static_cast<size_t>(norm_smem_bytes(p)) : 0;
     if (const l32_status s = allow_dynamic_smem(kernel, smem); s != L32_OK) return s;
-    launch_kernel(kernel, grid, kWarps * 32, smem, stream, p);
+    // The whole-row prefetch is an sm_90 instruction; elsewhere the first-step prefetch stays.
+    const int whole = gemv_prefetch_whole_flag.load(std::memory_order_relaxed) != 0 && device_runs_sm90a() ? 1 : 0;
+    launch_kernel(kernel, grid, kWarps * 32, smem, stream, p, whole);
     return check_launch();
 }
 
@@ -410,6 +427,12 @@ l32_status dispatch(const l32_gemv_params& p, cudaStream_t stream) {
 
 }  // namespace
 }  // namespace l32
+
+extern "C" void l32_set_gemv_prefetch_whole(int enabled) {
+    l32::gemv_prefetch_whole_flag.store(enabled != 0 ? 1 : 0, std::memory_order_relaxed);
+}
+
+extern "C" int l32_gemv_prefetch_whole(void) { return l32::gemv_prefetch_whole_flag.load(std::memory_order_relaxed); }
 
 // Tier 3: the checked entry.
 extern "C" l32_status l32_gemv(const l32_gemv_params* params, void* stream) {

@@ -407,6 +407,17 @@ typedef struct l32_gemv_params {
 /** Launches the skinny GEMM (gemv family) on `stream`. */
 l32_status l32_gemv(const l32_gemv_params* params, void* stream);
 
+/**
+ * Process-wide, off by default: with `enabled` non-zero, each gemv block asks L2 for its whole weight rows (one
+ * bulk prefetch per row, sm_90 only) before it waits for the previous kernel, instead of each lane's first step.
+ * Under programmatic dependent launch that moves more of a small projection's weights in while the kernel before
+ * it finishes. The same results either way.
+ */
+void l32_set_gemv_prefetch_whole(int enabled);
+
+/** 1 when l32_set_gemv_prefetch_whole switched the whole-row prefetch on, else 0. */
+int l32_gemv_prefetch_whole(void);
+
 /* END gemv */
 
 /* ---------------------------------------------------------------------------------------------------------------- */

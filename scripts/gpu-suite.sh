@@ -152,6 +152,7 @@ run() {
     env_tag+="${LLAMA32_W4A8_KERNEL:+ w4a8=$LLAMA32_W4A8_KERNEL}"
     env_tag+="${LLAMA32_W4A16_LARGE:+ large=$LLAMA32_W4A16_LARGE}"
     env_tag+="${LLAMA32_W4A16_LARGE_MIN_M:+ large_min_m=$LLAMA32_W4A16_LARGE_MIN_M}"
+    env_tag+="${LLAMA32_GEMV_PREFETCH:+ gemv_prefetch=$LLAMA32_GEMV_PREFETCH}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -475,6 +476,9 @@ PY
     for pf in 0 1; do
       LLAMA32_W4A16_PREFETCH=$pf bench_e2e 60 "1b 16 128 64 --quantize w4a16-g32"
     done
+    # The bf16 skinny GEMM asking L2 for its blocks' whole weight rows before it waits (LLAMA32_GEMV_PREFETCH=whole)
+    # against the first step only (the default), at batch 1.
+    for tspec in "1b 1 128 64" "3b 1 128 64"; do LLAMA32_GEMV_PREFETCH=whole bench_e2e 60 "$tspec"; done
     # Marginal costs in the real pipeline (graphs, PDL): 1B batch 1 with one kind of call left out (`--ablate`; the
     # tokens are meaningless), against the first row above.
     local ab

@@ -340,6 +340,7 @@ fn bench_one(
         "w4a16_chunk_mib": crate::ops::cuda::quant::w4a16_chunk_mib().ok(),
         "prefill_kernel": crate::ops::cuda::attention::PrefillKernel::setting().ok(),
         "pdl": crate::ops::cuda::programmatic_launch(),
+        "gemv_prefetch": if crate::ops::cuda::gemv_prefetch_whole_on() { "whole" } else { "first" },
         "decode_split_positions": crate::ops::cuda::attention::decode_split_positions().ok(),
         "fused_swiglu": !a.model.no_fused_swiglu,
         "fused_rope": a.model.fused_rope,

@@ -51,6 +51,17 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// Asks L2 for `bytes` (a multiple of 16) from the 16-byte-aligned global address `p`, in one instruction, without
+// waiting (sm_90's cp.async.bulk.prefetch; nothing below sm_90).
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
 // True when the current device has compute capability 9.x (Hopper: H100, H200, GH200), i.e. runs this library's
 // sm_90a SASS, where the wgmma kernels exist (cached per device ordinal).
 inline bool device_runs_sm90a() {

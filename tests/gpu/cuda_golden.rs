@@ -352,6 +352,21 @@ fn cuda_programmatic_launch_changes_no_bit() {
     llama32::ops::cuda::set_programmatic_launch(was).unwrap();
 }
 
+/// The skinny GEMM's whole-row L2 prefetch (`LLAMA32_GEMV_PREFETCH=whole`) changes no bit: a prefetch moves no
+/// data the kernel reads, only where it comes from.
+#[test]
+fn cuda_gemv_whole_prefetch_changes_no_bit() {
+    if !device_ready() {
+        return;
+    }
+    let was = llama32::ops::cuda::gemv_prefetch_whole_on();
+    assert_switch_changes_no_bit("the whole-row gemv prefetch", &|case, ckpt, opts, on| {
+        llama32::ops::cuda::set_gemv_prefetch_whole(on).unwrap();
+        CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap()
+    });
+    llama32::ops::cuda::set_gemv_prefetch_whole(was).unwrap();
+}
+
 /// The SwiGLU fusion into the gate_up projection's skinny GEMM changes no bit: decode steps (batches of 1 to 5
 /// rows, eager and from graphs) with and without it give the same logits.
 #[test]

@@ -150,6 +150,7 @@ const NOT_BUILT: &str = "built without CUDA: nvcc was not found at build time, o
 pub(crate) fn ensure_built() -> Result<()> {
     if built_with_cuda() {
         pdl_from_env()?;
+        gemv_prefetch_whole()?;
         attention::decode_split_positions()?;
         quant::w4a16_blocks_per_sm()?;
         quant::w4a16_chunk_mib()?;
@@ -182,6 +183,61 @@ fn pdl_from_env() -> Result<()> {
     });
     applied.clone().map_err(Error::Request)
 }
+
+/// The environment variable that picks what a bf16 skinny GEMM block asks L2 for before it waits for the previous
+/// kernel: `first` (the default: each lane's first step, 32 KB a block at k >= 1024) or `whole` (the block's 16
+/// weight rows whole, one bulk prefetch per row; Hopper only). Under programmatic dependent launch `whole` moves more
+/// of a small projection's weights (1B qkv and o: 12.6 and 8.4 MB) in while the norm or attention kernel before it
+/// runs. The same results either way. Not yet measured: an A/B for batch-1 decode. Read once per process.
+pub const GEMV_PREFETCH_ENV: &str = "LLAMA32_GEMV_PREFETCH";
+
+/// Applies [`GEMV_PREFETCH_ENV`] once per process and returns whether `whole` is on; a value it does not know is an
+/// error naming the variable, every time.
+pub fn gemv_prefetch_whole() -> Result<bool> {
+    static APPLIED: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    let applied = APPLIED.get_or_init(|| {
+        let value = std::env::var(GEMV_PREFETCH_ENV).unwrap_or_default();
+        let whole = match value.trim().to_ascii_lowercase().as_str() {
+            "" | "first" => false,
+            "whole" => true,
+            other => return Err(format!("{GEMV_PREFETCH_ENV}: unknown value {other:?} (expected first or whole)")),
+        };
+        set_gemv_prefetch_whole_raw(whole);
+        Ok(whole)
+    });
+    applied.clone().map_err(Error::Request)
+}
+
+/// Switches the bf16 skinny GEMM's whole-row L2 prefetch ([`GEMV_PREFETCH_ENV`]) on or off for every later launch,
+/// process-wide (it overrides the variable; launches already captured in a CUDA graph keep theirs). The same
+/// results either way (the GPU test `cuda_golden::cuda_gemv_whole_prefetch_changes_no_bit` checks it).
+pub fn set_gemv_prefetch_whole(enabled: bool) -> Result<()> {
+    ensure_built()?;
+    set_gemv_prefetch_whole_raw(enabled);
+    Ok(())
+}
+
+/// True when the whole-row prefetch is on (see [`set_gemv_prefetch_whole`]).
+pub fn gemv_prefetch_whole_on() -> bool {
+    #[cfg(llama32_cuda)]
+    {
+        // SAFETY: reads an int from the kernels library's process-wide atomic.
+        unsafe { ffi::l32_gemv_prefetch_whole() != 0 }
+    }
+    #[cfg(not(llama32_cuda))]
+    {
+        false
+    }
+}
+
+#[cfg(llama32_cuda)]
+fn set_gemv_prefetch_whole_raw(enabled: bool) {
+    // SAFETY: stores an int in the kernels library's process-wide atomic; no pointers.
+    unsafe { ffi::l32_set_gemv_prefetch_whole(i32::from(enabled)) }
+}
+
+#[cfg(not(llama32_cuda))]
+fn set_gemv_prefetch_whole_raw(_enabled: bool) {}
 
 #[cfg(llama32_cuda)]
 fn set_programmatic_launch_raw(enabled: bool) {
