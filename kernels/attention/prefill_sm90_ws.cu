@@ -99,28 +99,37 @@ __global__ void __launch_bounds__(384, 1)
     if (wg == 0) {
         // The producer: tile t into stage t % kStages once the consumers released the tile kStages before it; the
         // stage's `full` phase completes when every producer thread's copies of the tile (and, for tile 0, of Q)
-        // have landed. A tile's arrival waits for the next tile's copies to be issued, so two are in flight.
+        // have landed and are fenced for the async proxy (wgmma reads through it). While the ring fills, tile t - 1
+        // is signalled after tile t is issued (two tiles in flight); after that, before the wait for tile t's
+        // stage, so that the consumers never wait for this thread to issue the next tile (the ring's depth hides
+        // the copies' latency then).
         sync90::regs_dealloc<T::kProducerRegs>();
         const bf16* k_cache = static_cast<const bf16*>(p.k_cache);
         const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
         const uint32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
         const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+        auto landed = [&](int t) {
+            wgmma::fence_proxy_async_shared();
+            sync90::mbar_arrive(&full[t % T::kStages]);
+        };
         for (int t = 0; t < num_tiles; ++t) {
             const int stage = t % T::kStages;
-            if (t >= T::kStages) sync90::mbar_wait_bounded(&empty[stage], (t / T::kStages - 1) & 1);
+            if (t >= T::kStages) {
+                cp_async_wait<0>();  // tile t - 1, the only one in flight
+                landed(t - 1);
+                sync90::mbar_wait_bounded(&empty[stage], (t / T::kStages - 1) & 1);
+            }
             bf16* sk = sm.skv + stage * 2 * KVTile::kElems;
             load_kv_tile<D, T::kBlockN, 128, KVTile>(sk, sk + KVTile::kElems, k_cache, v_cache, table, t * T::kBlockN,
                                                      n_end, p.block_size, slot_stride, kv_head);
             cp_async_commit();
-            if (t > 0) {
-                cp_async_wait<1>();                 // tile t - 1 has landed for this thread ...
-                wgmma::fence_proxy_async_shared();  // ... and is visible to the proxy wgmma reads through
-                sync90::mbar_arrive(&full[(t - 1) % T::kStages]);
+            if (t > 0 && t < T::kStages) {
+                cp_async_wait<1>();  // tile t - 1 has landed for this thread
+                landed(t - 1);
             }
         }
         cp_async_wait<0>();
-        wgmma::fence_proxy_async_shared();
-        sync90::mbar_arrive(&full[(num_tiles - 1) % T::kStages]);
+        landed(num_tiles - 1);
         return;
     }
 
