@@ -42,8 +42,8 @@ __device__ __forceinline__ ChunkTile chunk_tile(const l32_paged_prefill_params& 
 
 // Issues the cp.async of the CTA's BLOCK_M Q rows into sq (layout Tile; rows past the chunk zero-filled; not
 // committed) by threads 0..THREADS-1 and returns the smallest and largest position of its rows (x, y). Every thread
-// of the CTA calls it (tid = threadIdx.x; a CTA may have more than THREADS threads); it ends with a barrier.
-template <int D, int BLOCK_M, int THREADS, class Tile>
+// of the CTA (CTA_THREADS of them, THREADS or more) calls it (tid = threadIdx.x); it ends with a barrier.
+template <int D, int BLOCK_M, int THREADS, class Tile, int CTA_THREADS = THREADS>
 __device__ __forceinline__ int2 load_query_tile(const l32_paged_prefill_params& p, const ChunkTile& c, int kv_head,
                                                 bf16* sq, int tid) {
     __shared__ int s_pos_min, s_pos_max;
@@ -62,7 +62,9 @@ __device__ __forceinline__ int2 load_query_tile(const l32_paged_prefill_params& 
         static_cast<const bf16*>(p.q) + c.tok_begin * p.q_stride + static_cast<int64_t>(kv_head) * c.group * D;
 #pragma unroll
     for (int i = 0; i < BLOCK_M * D / 8 / THREADS; ++i) {
-        if (tid >= THREADS) break;
+        if constexpr (CTA_THREADS > THREADS) {
+            if (tid >= THREADS) break;
+        }
         const int idx = tid + i * THREADS;
         const int row = idx / (D / 8), chunk8 = idx % (D / 8);
         const int r = c.m0 + row;

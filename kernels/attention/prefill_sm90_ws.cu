@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(384, 1)
     }
     // Q rows into sq, copied by the producer warpgroup (threads 0-127; in flight, joining tile 0's group), and the
     // positions they span. It ends with a block barrier, which also publishes the mbarriers' initialization.
-    const int2 range = prefill::load_query_tile<D, T::kBlockM, 128, QTile>(p, c, kv_head, sq, tid);
+    const int2 range = prefill::load_query_tile<D, T::kBlockM, 128, QTile, T::kThreads>(p, c, kv_head, sq, tid);
     const int pos_min = range.x, pos_max = range.y;
     const int n_end = pos_max + 1;
     const int num_tiles = (n_end + T::kBlockN - 1) / T::kBlockN;

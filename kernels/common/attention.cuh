@@ -167,11 +167,41 @@ struct RowState {
     float l[2] = {0.f, 0.f};
 };
 
-// The score half of the online-softmax update with one tile: s (raw q.k, masked entries already -inf) becomes P =
-// exp2(s * scale_log2 - m) in place, l is rescaled to the new max, and alpha gets each row's factor (exp2 of old
-// max minus new) for o, which the caller applies with rescale_rows (at once: online_softmax; or later, when o is
-// still being written by an asynchronous product). A row that has seen only -inf so far keeps m = -inf and
-// contributes zeros (its base is taken as 0, so no -inf - -inf).
+// Online-softmax update with the scores of one tile: s (raw q.k, masked entries already -inf) becomes P = exp2(s *
+// scale_log2 - m) in place, and o and l are rescaled to the new max. A row that has seen only -inf so far keeps
+// m = -inf and contributes zeros (its base is taken as 0, so no -inf - -inf).
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(st.m[r], mx * scale_log2);
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = exp2f(st.m[r] - base);
+        st.m[r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            s[j][2 * r] = exp2f(fmaf(s[j][2 * r], scale_log2, -base));
+            s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], scale_log2, -base));
+            sum += s[j][2 * r] + s[j][2 * r + 1];
+        }
+        st.l[r] = st.l[r] * alpha + sum;
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            o[d][2 * r] *= alpha;
+            o[d][2 * r + 1] *= alpha;
+        }
+    }
+}
+
+// online_softmax's update for an o still being written by an asynchronous product: s and st as there, and each
+// row's factor for o (exp2 of old max minus new) into alpha, applied later by rescale_rows. The same f32 operations
+// per element as online_softmax; a separate body so that online_softmax's kernels keep their code as measured.
 template <int NT>
 __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], RowState& st, float scale_log2, float (&alpha)[2]) {
 #pragma unroll
@@ -206,14 +236,6 @@ __device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&al
         o[d][2] *= alpha[1];
         o[d][3] *= alpha[1];
     }
-}
-
-// Online-softmax update with the scores of one tile: softmax_scores, then o rescaled to the new max at once.
-template <int NT, int DT>
-__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2) {
-    float alpha[2];
-    softmax_scores(s, st, scale_log2, alpha);
-    rescale_rows(o, alpha);
 }
 
 // o (16 x D as D/8 column tiles) += P (16 x 8 * NT, from online_softmax, rounded to bf16) * V for tokens
