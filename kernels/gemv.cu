@@ -280,11 +280,11 @@ __device__ __forceinline__ void norm_prologue(const l32_gemv_params& p, unsigned
 // output's pair, so an output's two sums meet in one thread of the final reduction (see BlockRows).
 // With 8 warps two blocks fit per SM (at most 128 registers), with 16 warps one.
 // kNorm: the norm prologue (l32_gemv_norm) stages the normalized x rows in dynamic shared memory first.
-// prefetch_whole (l32_set_gemv_prefetch_whole): before waiting for the previous kernel, ask L2 for the block's
-// whole weight rows (one bulk prefetch per row, sm_90) instead of each lane's first step.
-template <int kTiles, int kWarps, int kMode, bool kNorm>
-__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
-    gemv_kernel(const __grid_constant__ l32_gemv_params p, int prefetch_whole) {
+// kWhole (l32_set_gemv_prefetch_whole; a template argument, so the default kernels keep their code): before waiting
+// for the previous kernel, ask L2 for the block's whole weight rows (one bulk prefetch per row, sm_90) instead of
+// each lane's first step.
+template <int kTiles, int kWarps, int kMode, bool kNorm, bool kWhole = false>
+__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __grid_constant__ l32_gemv_params p) {
     __shared__ float partial[kWarps][kTiles * 8][kRows];
     extern __shared__ __align__(16) unsigned char x_norm[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     // The weights of this lane's first step into L2 (or, with prefetch_whole, the block's 16 rows whole: lanes
     // t = 0 of warp 0 hold rows g and g + 8), then wait for the previous kernel (which writes x): under PDL the
     // first weight bytes stream while that kernel finishes (see kernels/common/launch.cuh).
-    if (prefetch_whole != 0) {
+    if constexpr (kWhole) {
         if (warp == 0 && t == 0) {
             prefetch_l2_bulk(w0, static_cast<uint32_t>(p.k * 2));
             prefetch_l2_bulk(w1, static_cast<uint32_t>(p.k * 2));
@@ -398,12 +398,14 @@ int64_t norm_smem_bytes(const l32_gemv_params& p) { return p.m * (p.k + 8) * 2; 
 // Tier 2.
 template <int kTiles, int kWarps, int kMode, bool kNorm>
 l32_status launch_mode(const l32_gemv_params& p, unsigned grid, cudaStream_t stream) {
-    const auto kernel = gemv_kernel<kTiles, kWarps, kMode, kNorm>;
+    // The whole-row prefetch (an sm_90 instruction) applies to the kernels without the norm prologue; elsewhere the
+    // first-step prefetch stays.
+    const bool whole =
+        !kNorm && gemv_prefetch_whole_flag.load(std::memory_order_relaxed) != 0 && device_runs_sm90a();
+    const auto kernel = whole ? gemv_kernel<kTiles, kWarps, kMode, kNorm, !kNorm> : gemv_kernel<kTiles, kWarps, kMode, kNorm>;
     const size_t smem = kNorm ? static_cast<size_t>(norm_smem_bytes(p)) : 0;
     if (const l32_status s = allow_dynamic_smem(kernel, smem); s != L32_OK) return s;
-    // The whole-row prefetch is an sm_90 instruction; elsewhere the first-step prefetch stays.
-    const int whole = gemv_prefetch_whole_flag.load(std::memory_order_relaxed) != 0 && device_runs_sm90a() ? 1 : 0;
-    launch_kernel(kernel, grid, kWarps * 32, smem, stream, p, whole);
+    launch_kernel(kernel, grid, kWarps * 32, smem, stream, p);
     return check_launch();
 }
 

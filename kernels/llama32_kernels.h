@@ -409,7 +409,8 @@ l32_status l32_gemv(const l32_gemv_params* params, void* stream);
 
 /**
  * Process-wide, off by default: with `enabled` non-zero, each gemv block asks L2 for its whole weight rows (one
- * bulk prefetch per row, sm_90 only) before it waits for the previous kernel, instead of each lane's first step.
+ * bulk prefetch per row, sm_90 only) before it waits for the previous kernel, instead of each lane's first step
+ * (not with the norm prologue, which keeps the first-step prefetch).
  * Under programmatic dependent launch that moves more of a small projection's weights in while the kernel before
  * it finishes. The same results either way.
  */

@@ -186,9 +186,10 @@ fn pdl_from_env() -> Result<()> {
 
 /// The environment variable that picks what a bf16 skinny GEMM block asks L2 for before it waits for the previous
 /// kernel: `first` (the default: each lane's first step, 32 KB a block at k >= 1024) or `whole` (the block's 16
-/// weight rows whole, one bulk prefetch per row; Hopper only). Under programmatic dependent launch `whole` moves more
-/// of a small projection's weights (1B qkv and o: 12.6 and 8.4 MB) in while the norm or attention kernel before it
-/// runs. The same results either way. Not yet measured: an A/B for batch-1 decode. Read once per process.
+/// weight rows whole, one bulk prefetch per row; Hopper only, and not with the norm prologue). Under programmatic
+/// dependent launch `whole` moves more of a small projection's weights (1B qkv and o: 12.6 and 8.4 MB) in while the
+/// norm or attention kernel before it runs. The same results either way; the default kernels keep their code (a
+/// template argument picks the other one). Not yet measured: an A/B for batch-1 decode. Read once per process.
 pub const GEMV_PREFETCH_ENV: &str = "LLAMA32_GEMV_PREFETCH";
 
 /// Applies [`GEMV_PREFETCH_ENV`] once per process and returns whether `whole` is on; a value it does not know is an
