@@ -167,11 +167,15 @@ struct RowState {
     float l[2] = {0.f, 0.f};
 };
 
-// Online-softmax update with the scores of one tile: s (raw q.k, masked entries already -inf) becomes P = exp2(s *
-// scale_log2 - m) in place, and o and l are rescaled to the new max. A row that has seen only -inf so far keeps
-// m = -inf and contributes zeros (its base is taken as 0, so no -inf - -inf).
-template <int NT, int DT>
-__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2) {
+// The online-softmax update with the scores of one tile, for a thread's two rows (g and g + 8): s (raw q.k, masked
+// entries already -inf) becomes P = exp2(s * scale_log2 - m) in place and l is rescaled to the new max. Each row's
+// factor for o (exp2 of old max minus new) multiplies o's row right away with kRescale, else goes to alpha (for an
+// o still being written by an asynchronous product; rescale_rows applies it later: the same f32 operations per
+// element). A row that has seen only -inf so far keeps m = -inf and contributes zeros (its base is taken as 0, so
+// no -inf - -inf).
+template <bool kRescale, int NT, int DT>
+__device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2,
+                                             float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -181,7 +185,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT]
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(st.m[r], mx * scale_log2);
         const float base = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(st.m[r] - base);
+        const float a = exp2f(st.m[r] - base);
         st.m[r] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -190,40 +194,31 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT]
             s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], scale_log2, -base));
             sum += s[j][2 * r] + s[j][2 * r + 1];
         }
-        st.l[r] = st.l[r] * alpha + sum;
+        st.l[r] = st.l[r] * a + sum;
+        if constexpr (kRescale) {
 #pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            o[d][2 * r] *= alpha;
-            o[d][2 * r + 1] *= alpha;
+            for (int d = 0; d < DT; ++d) {
+                o[d][2 * r] *= a;
+                o[d][2 * r + 1] *= a;
+            }
+        } else {
+            alpha[r] = a;
         }
     }
 }
 
-// online_softmax's update for an o still being written by an asynchronous product: s and st as there, and each
-// row's factor for o (exp2 of old max minus new) into alpha, applied later by rescale_rows. The same f32 operations
-// per element as online_softmax; a separate body so that online_softmax's kernels keep their code as measured.
-template <int NT>
-__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], RowState& st, float scale_log2, float (&alpha)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(st.m[r], mx * scale_log2);
-        const float base = m_new == -INFINITY ? 0.f : m_new;
-        alpha[r] = exp2f(st.m[r] - base);
-        st.m[r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            s[j][2 * r] = exp2f(fmaf(s[j][2 * r], scale_log2, -base));
-            s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], scale_log2, -base));
-            sum += s[j][2 * r] + s[j][2 * r + 1];
-        }
-        st.l[r] = st.l[r] * alpha[r] + sum;
-    }
+// Online-softmax update with the scores of one tile, o rescaled at once (softmax_rows).
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2) {
+    float unused[2];
+    softmax_rows<true>(s, o, st, scale_log2, unused);
+}
+
+// softmax_rows for an o still in flight: each row's factor into alpha, for rescale_rows later.
+template <int NT, int DT>
+__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2,
+                                               float (&alpha)[2]) {
+    softmax_rows<false>(s, o, st, scale_log2, alpha);
 }
 
 // o's two rows (g: elements 0-1 of each column tile, g + 8: 2-3) times their factors from softmax_scores.
