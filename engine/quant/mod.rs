@@ -214,6 +214,33 @@ impl Int8Table {
         Ok(Int8Table { rows, cols, q, scales })
     }
 
+    /// [`quantize`](Self::quantize) with the table's exact dequantization beside it: the f32 values a table held in
+    /// int8 keeps for the CPU reference.
+    pub fn quantize_with_f32(w: &[f32], rows: usize, cols: usize, what: &str) -> Result<(Vec<f32>, Int8Table)> {
+        let t = Int8Table::quantize(w, rows, cols, what)?;
+        Ok((t.dequantize(), t))
+    }
+
+    /// A model's f32 table `values` (`cols` columns) held in int8 too, for `--embeddings int8`: quantized
+    /// ([`quantize_with_f32`](Self::quantize_with_f32)) into `int8`, `values` becoming its exact dequantization;
+    /// nothing changes when `int8` already holds the table's int8 form (an int8-embeddings checkpoint's).
+    pub fn quantize_in_place(
+        values: &mut Vec<f32>,
+        int8: &mut Option<Int8Table>,
+        cols: usize,
+        what: &str,
+    ) -> Result<()> {
+        if cols == 0 {
+            return Err(Error::request(format!("{what}: cannot quantize a table of 0 columns")));
+        }
+        if int8.is_none() {
+            let (f32s, t) = Int8Table::quantize_with_f32(values, values.len() / cols, cols, what)?;
+            *values = f32s;
+            *int8 = Some(t);
+        }
+        Ok(())
+    }
+
     /// Checks the shape and that every scale is a finite bf16 value; errors name the table (`what`).
     pub fn check(&self, what: &str) -> Result<()> {
         let fail = |msg: String| Err(Error::request(format!("{what} (int8 [{}, {}]): {msg}", self.rows, self.cols)));

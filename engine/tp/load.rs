@@ -559,8 +559,8 @@ impl<'a> MllamaRankSource<'a> {
         if p.part.cols.len() != p.shape[1] {
             return Err(Error::request(format!("`{}`: an int8 table cannot be split by columns", p.name)));
         }
-        let t = Int8Table::quantize(&values, p.part.rows.len(), p.shape[1], &p.name)?;
-        Ok((t.dequantize(), Some(t)))
+        let (f32s, t) = Int8Table::quantize_with_f32(&values, p.part.rows.len(), p.shape[1], &p.name)?;
+        Ok((f32s, Some(t)))
     }
 
     /// The rank's part of one canonical tensor, as a 2-D `[rows, cols]` piece (1-D tensors are one row).

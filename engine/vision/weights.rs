@@ -225,18 +225,9 @@ impl TextWeights {
         if cols == 0 {
             return Err(Error::request("cannot quantize the tables of a model with hidden size 0"));
         }
-        if self.embed_int8.is_none() {
-            let name = "language_model.model.embed_tokens.weight";
-            let t = Int8Table::quantize(&self.embed, self.embed.len() / cols, cols, name)?;
-            self.embed = t.dequantize();
-            self.embed_int8 = Some(t);
-        }
-        if self.lm_head_int8.is_none() {
-            let name = "language_model.lm_head.weight";
-            let t = Int8Table::quantize(&self.lm_head, self.lm_head.len() / cols, cols, name)?;
-            self.lm_head = t.dequantize();
-            self.lm_head_int8 = Some(t);
-        }
+        let embed = "language_model.model.embed_tokens.weight";
+        Int8Table::quantize_in_place(&mut self.embed, &mut self.embed_int8, cols, embed)?;
+        Int8Table::quantize_in_place(&mut self.lm_head, &mut self.lm_head_int8, cols, "language_model.lm_head.weight")?;
         Ok(())
     }
 }
@@ -599,8 +590,8 @@ impl<'a> Reader<'a> {
             return Ok((values, None));
         }
         let shape = self.shape(name)?;
-        let t = Int8Table::quantize(&values, shape[0], shape[1], name)?;
-        Ok((t.dequantize(), Some(t)))
+        let (f32s, t) = Int8Table::quantize_with_f32(&values, shape[0], shape[1], name)?;
+        Ok((f32s, Some(t)))
     }
 
     /// The checkpoint's quantization, when its projections are stored quantized.

@@ -514,15 +514,9 @@ impl ModelWeights {
         if cols == 0 {
             return Err(Error::request("cannot quantize the tables of a model with hidden size 0"));
         }
-        if self.embed_int8.is_none() {
-            let t = Int8Table::quantize(&self.embed, self.embed.len() / cols, cols, "model.embed_tokens.weight")?;
-            self.embed = t.dequantize();
-            self.embed_int8 = Some(t);
-        }
-        if let (Some(h), None) = (self.lm_head.as_mut(), self.lm_head_int8.as_ref()) {
-            let t = Int8Table::quantize(h, h.len() / cols, cols, "lm_head.weight")?;
-            *h = t.dequantize();
-            self.lm_head_int8 = Some(t);
+        Int8Table::quantize_in_place(&mut self.embed, &mut self.embed_int8, cols, "model.embed_tokens.weight")?;
+        if let Some(h) = self.lm_head.as_mut() {
+            Int8Table::quantize_in_place(h, &mut self.lm_head_int8, cols, "lm_head.weight")?;
         }
         Ok(())
     }
