@@ -68,6 +68,7 @@
 #include "common/rmsnorm.cuh"
 #include "common/rope.cuh"
 #include "common/silu.cuh"
+#include "common/smem.cuh"
 #include "common/warp_tiles.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) gemv_kernel(const __
     for (int j = 0; j < kTiles; ++j) {
         const int row = std::min(g + 8 * j, m - 1);
         xrows.xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k);
-        xrows.xs[j] = static_cast<uint32_t>(__cvta_generic_to_shared(x_norm)) + static_cast<uint32_t>(row * xs_stride);
+        xrows.xs[j] = smem_addr(x_norm) + static_cast<uint32_t>(row * xs_stride);
     }
 
     float acc[kTiles][4];

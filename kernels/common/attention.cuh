@@ -12,16 +12,14 @@
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/smem.cuh"
 
 namespace l32 {
 namespace attn {
 
 // ---- named PTX wrappers ------------------------------------------------------------------------------------------
 
-// 32-bit shared-state-space address of a generic pointer into shared memory (what cp.async and ldmatrix take).
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using ::l32::smem_addr;  // common/smem.cuh: what cp.async and ldmatrix take
 
 // 16-byte global -> shared copy that bypasses L1 (.cg: K/V tiles are read once per CTA). With `valid` false nothing
 // is read and the 16 shared bytes are zero-filled (src-size 0), so tiles past the end of a range hold zeros, never

@@ -7,18 +7,16 @@
 
 #include <cstdint>
 
+#include "common/smem.cuh"
+
 namespace l32 {
 namespace sync90 {
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
-__device__ __forceinline__ uint32_t shared_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Initializes `bar` to expect `count` arrivals per phase (one thread, before the barrier that publishes it).
 __device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_addr(bar)), "r"(count) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }
 
 // Makes the initialized barriers visible to the async proxy (the TMA unit) before the first copy names them.
@@ -27,12 +25,12 @@ __device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier
 // Arrives once on `bar` (release: this thread's earlier shared-memory accesses happen before the phase completes
 // for any thread that waits on it).
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_addr(bar)) : "memory");
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
 // Arrives once on `bar` (its count is 1) and tells it `bytes` more will be delivered by copies before it completes.
 __device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_addr(bar)), "r"(bytes)
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
                  : "memory");
 }
 
@@ -43,7 +41,7 @@ __device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, unsigned parity) {
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
         : "=r"(done)
-        : "r"(shared_addr(bar)), "r"(parity)
+        : "r"(smem_addr(bar)), "r"(parity)
         : "memory");
     return done != 0;
 }

@@ -34,6 +34,7 @@
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/smem.cuh"
 
 namespace l32 {
 namespace quant {
@@ -143,10 +144,6 @@ __device__ __forceinline__ float biased_i2f(int b) {
     return __int_as_float(b) - 12582912.0f;
 }
 
-// 32-bit shared-state-space address of a generic pointer into shared memory.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // 16-byte global -> shared copy bypassing L1; with `valid` false nothing is read and the bytes are zero-filled.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
