@@ -125,6 +125,52 @@ __device__ __forceinline__ void row_piece(int i, int& r, int& piece, int& dst) {
     dst = act_row_offset<kBN>(piece / 2, r, piece % 2);
 }
 
+// One copying thread's share of a chunk's weights and scales, planned once (both kernels below copy the same
+// stage layout): the block's kTiles weight tiles are kTiles * 32 pieces of 16 bytes, piece i to byte 16 i of the
+// stage's weights; its 2 kTiles * 8 scale entries (this chunk's, then the next one's, for s_next) go to byte 16 e
+// of the stage's scales. Copier `i` of kCopiers takes pieces i, i + kCopiers, ... and scale entry i when
+// i < 2 kTiles * 8. Chunk c adds c * 512 (weights) and c * 128 (scales) bytes to the sources; tiles past n and
+// chunks past k are zero-filled.
+template <class T, int kCopiers>
+struct ChunkCopies {
+    static constexpr int kPieces = T::kTiles * 32 / kCopiers;
+    static_assert(kPieces * kCopiers == T::kTiles * 32, "whole rounds of weight pieces");
+    const uint8_t* w_src[kPieces];
+    bool w_ok[kPieces];
+    const uint8_t* s_src;
+    bool s_ok;
+    int s_next;
+
+    __device__ __forceinline__ ChunkCopies(const l32_w4a8_params& p, unsigned i, int nt0, int ntiles, int kc) {
+        const auto* wq = static_cast<const uint8_t*>(p.qweight);
+        const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
+#pragma unroll
+        for (int j = 0; j < kPieces; ++j) {
+            const unsigned piece = i + j * kCopiers;
+            const int w_nt = nt0 + static_cast<int>(piece) / 32;
+            w_ok[j] = w_nt < ntiles;
+            w_src[j] = wq + (int64_t{w_ok[j] ? w_nt : 0} * kc * 32 + piece % 32) * 16;
+        }
+        s_next = static_cast<int>(i) / (T::kTiles * 8);
+        const unsigned s_e = i % (T::kTiles * 8);
+        const int s_nt = nt0 + s_e / 8;
+        s_ok = s_nt < ntiles;
+        s_src = sc + ((int64_t{s_ok ? s_nt : 0} * kc + s_next) * 8 + s_e % 8) * 16;
+    }
+
+    // Issues copier i's copies of chunk c (of kc) into `stage`.
+    __device__ __forceinline__ void issue(uint8_t* stage, unsigned i, int c, int kc) const {
+#pragma unroll
+        for (int j = 0; j < kPieces; ++j) {
+            cp_async16(stage + T::kActBytes + (i + j * kCopiers) * 16, w_src[j] + int64_t{c} * 512, w_ok[j]);
+        }
+        if (i < 2 * T::kTiles * 8) {
+            const bool ok = s_ok && c + s_next < kc;
+            cp_async16(stage + T::kActBytes + T::kWBytes + i * 16, s_src + (ok ? int64_t{c} * 128 : 0), ok);
+        }
+    }
+};
+
 #if L32_WGMMA_AVAILABLE
 // One consumer warp's products and f32 sums over the chunks of its split (what the kernels below share): warp
 // `tile` of the block (warp tile % 4 of warpgroup tile / 4) owns weight row tile `tile`, with every token of the
@@ -319,8 +365,6 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
     int c0, c1;
     split_range(kc, p.splits, blockIdx.z, c0, c1);
 
-    const auto* wq = static_cast<const uint8_t*>(p.qweight);
-    const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
     const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
 
     // kRow: each thread's activation copies, the same in every chunk but for the chunk's 64-byte column offset
@@ -331,19 +375,10 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
     static_assert(!kRow || kBN * 4 % T::kThreads == 0, "whole copy rounds");
     const RowCopies<kRow ? kBN * 4 / T::kThreads : 1> row_copies(xq, p.k, m0, m, T::kThreads, row_piece<kBN>);
 
-    // Each thread's weight copy (one 16-byte piece of the block's tiles) and scale copy (threads below 2 kTiles 8:
-    // an entry of this chunk, or of the next one for s_next), planned once: chunk c adds c * 512 (weights) and
-    // c * 128 (scales) bytes. Tiles past n and chunks past k are zero-filled.
+    // Each thread's weight copy (one 16-byte piece of the block's tiles) and scale copy (threads below 2 kTiles 8).
     static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
     static_assert(2 * T::kTiles * 8 <= T::kThreads, "one scale copy per thread at most");
-    const int w_nt = nt0 + static_cast<int>(threadIdx.x) / 32;
-    const bool w_ok = w_nt < ntiles;
-    const uint8_t* w_src = wq + (int64_t{w_ok ? w_nt : 0} * kc * 32 + threadIdx.x % 32) * 16;
-    const bool has_scale = threadIdx.x < 2 * T::kTiles * 8;
-    const int s_next = static_cast<int>(threadIdx.x) / (T::kTiles * 8), s_e = threadIdx.x % (T::kTiles * 8);
-    const int s_nt = nt0 + s_e / 8;
-    const bool s_ok = s_nt < ntiles;
-    const uint8_t* s_src = sc + ((int64_t{s_ok ? s_nt : 0} * kc + s_next) * 8 + s_e % 8) * 16;
+    const ChunkCopies<T, T::kThreads> chunk_copies(p, threadIdx.x, nt0, ntiles, kc);
 
     // Copies chunk c into stage `stage`. Token rows past m, weight tiles past n and chunks past k are zero-filled.
     auto load_stage = [&](int stage, int c) {
@@ -367,11 +402,7 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
                 cp_async_ca<4>(s + act_offset<kBN>(j, r, cw), xq + src, ok);
             }
         }
-        cp_async16(s + T::kActBytes + threadIdx.x * 16, w_src + int64_t{c} * 512, w_ok);
-        if (has_scale) {
-            const bool ok = s_ok && c + s_next < kc;
-            cp_async16(s + T::kActBytes + T::kWBytes + threadIdx.x * 16, s_src + (ok ? int64_t{c} * 128 : 0), ok);
-        }
+        chunk_copies.issue(s, threadIdx.x, c, kc);
     };
 
     Products<kWG, kBN, kStages, kOverlap, kRow> prod;
@@ -441,40 +472,19 @@ __global__ void __launch_bounds__(384, 1) w4a8_wgmma_ws_kernel(const __grid_cons
     __syncthreads();
 
     if (threadIdx.x < kProducers) {
-        const int pt = static_cast<int>(threadIdx.x);
-        const auto* wq = static_cast<const uint8_t*>(p.qweight);
-        const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
         const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
-        // The producer's copies, planned once as in the other kernels (chunk c adds 64 bytes to each activation
-        // row, c * 512 to the weights and c * 128 to the scales): kBN * 4 activation pieces, the block's kTiles * 32
-        // weight pieces and its 2 kTiles * 8 scale entries (this chunk's and the next one's) over 128 threads.
+        // The producer's copies, planned once as in the other kernels: kBN * 4 activation pieces, two weight pieces
+        // and one scale entry per producer thread.
         static_assert(kBN * 4 % kProducers == 0 && T::kTiles * 32 == 2 * kProducers, "whole copy rounds");
         static_assert(2 * T::kTiles * 8 == kProducers, "one scale entry per producer thread");
         const RowCopies<kBN * 4 / kProducers> row_copies(xq, p.k, m0, m, kProducers, row_piece<kBN>);
-        const uint8_t* w_src[2];
-        bool w_ok[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int i = pt + j * kProducers;
-            const int w_nt = nt0 + i / 32;
-            w_ok[j] = w_nt < ntiles;
-            w_src[j] = wq + (int64_t{w_ok[j] ? w_nt : 0} * kc * 32 + i % 32) * 16;
-        }
-        const int s_next = pt / (T::kTiles * 8), s_e = pt % (T::kTiles * 8);
-        const int s_nt = nt0 + s_e / 8;
-        const bool s_ok = s_nt < ntiles;
-        const uint8_t* s_src = sc + ((int64_t{s_ok ? s_nt : 0} * kc + s_next) * 8 + s_e % 8) * 16;
+        const ChunkCopies<T, kProducers> chunk_copies(p, threadIdx.x, nt0, ntiles, kc);
         for (int c = c0; c < c1; ++c) {
             const int rel = c - c0, stage = rel % kStages;
             if (rel >= kStages) sync90::mbar_wait_bounded(&empty[stage], (rel / kStages - 1) & 1);
             uint8_t* st = smem + stage * T::kStageBytes;
             row_copies.issue(st, int64_t{c} * 64);
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                cp_async16(st + T::kActBytes + (pt + j * kProducers) * 16, w_src[j] + int64_t{c} * 512, w_ok[j]);
-            }
-            const bool ok = s_ok && c + s_next < kc;
-            cp_async16(st + T::kActBytes + T::kWBytes + pt * 16, s_src + (ok ? int64_t{c} * 128 : 0), ok);
+            chunk_copies.issue(st, threadIdx.x, c, kc);
             cp_async_commit();
             if (rel >= kLag) {
                 cp_async_wait<kLag>();  // chunk rel - kLag has landed for this thread ...
