@@ -144,13 +144,11 @@ __global__ void __launch_bounds__(384, 1)
     const float scale_log2 = p.scale * 1.4426950408889634f;
     float o[D / 8][4];
     float s[NT][4];
-    uint32_t pa[NT / 2][4];
+    uint32_t pa[NT / 2][4];  // P of the previous tile, packed (by tile 0's softmax before any product reads it)
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 #pragma unroll
     for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
     RowState st;
     const uint32_t q_addr = sm.sq_addr + cw * 64 * 128;
 
