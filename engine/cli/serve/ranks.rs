@@ -102,7 +102,7 @@ pub(super) fn tp_quantization(
 /// projections quantized as [`tp_quantization`] says.
 pub(crate) fn tp_cpu_executor(a: &ModelArgs, tp: usize, kv_tokens: usize) -> Result<crate::tp::TpCpuExecutor> {
     let (cfg, source) = load::resolve_config(a)?;
-    let quantize = tp_quantization(a, &source, &cfg, tp)?;
+    let at_load = tp_quantization(a, &source, &cfg, tp)?;
     if a.block_size == 0 {
         return Err(Error::request("--block-size must be positive"));
     }
@@ -114,7 +114,7 @@ pub(crate) fn tp_cpu_executor(a: &ModelArgs, tp: usize, kv_tokens: usize) -> Res
         }
         _ => crate::weights::WeightSource::Random(a.weights_seed),
     };
-    crate::tp::TpCpuExecutor::with_capacity_quantized(cfg, src, tp, quantize, kv_tokens, a.block_size)
+    crate::tp::TpCpuExecutor::with_capacity_quantized(cfg, src, tp, at_load, kv_tokens, a.block_size)
 }
 
 /// How [`tp_cuda_executor`] places and sizes its CUDA ranks.
@@ -271,7 +271,7 @@ fn tp_cuda_model(
     }
     let (cfg, source) = load::resolve_config(a)?;
     crate::tp::TpPlan::new(&cfg, tp)?;
-    let quantize = tp_quantization(a, &source, &cfg, tp)?;
+    let at_load = tp_quantization(a, &source, &cfg, tp)?;
     let ckpt_quantized = matches!(load::quantization_of(a, &source)?, Some(load::Quantization::Checkpoint(_)));
     let (placement, kind) = match node {
         Some((_, placement)) => (placement.to_vec(), crate::tp::cuda::TpCommKind::Nccl),
@@ -290,7 +290,7 @@ fn tp_cuda_model(
     if let Some(q) = load::quantization_of(a, &source)? {
         desc.push_str(&format!(", {}", q.describe()));
     }
-    if quantize.tables_int8 {
+    if at_load.tables_int8 {
         desc.push_str(", int8 embeddings");
     }
     let t0 = std::time::Instant::now();
@@ -320,9 +320,9 @@ fn tp_cuda_model(
     };
     let exec = match node {
         Some((n, _)) => {
-            crate::tp::cuda::TpCudaExecutor::join_node(cfg, src, &placement, &n.group_spec(), quantize, &opts)?
+            crate::tp::cuda::TpCudaExecutor::join_node(cfg, src, &placement, &n.group_spec(), at_load, &opts)?
         }
-        None => crate::tp::cuda::TpCudaExecutor::new_quantized(cfg, src, tp, quantize, &placement, kind, &opts)?,
+        None => crate::tp::cuda::TpCudaExecutor::new_quantized(cfg, src, tp, at_load, &placement, kind, &opts)?,
     };
     use crate::exec::Executor as _;
     let capacity = exec.num_blocks() * exec.block_size();
