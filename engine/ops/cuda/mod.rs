@@ -169,17 +169,28 @@ pub const PDL_ENV: &str = "LLAMA32_PDL";
 
 /// Applies [`PDL_ENV`] once per process; a value it does not know is an error naming the variable, every time.
 fn pdl_from_env() -> Result<()> {
-    static APPLIED: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
-    let applied = APPLIED.get_or_init(|| {
-        let value = std::env::var(PDL_ENV).unwrap_or_default();
+    static APPLIED: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    let parse = |v: &str| if v.is_empty() { Some(true) } else { on_off(v) };
+    switch_from_env(&APPLIED, PDL_ENV, "1 or 0", parse, set_programmatic_launch_raw).map(|_| ())
+}
+
+/// A process-wide on / off switch read from the environment variable `env` once (`cell` keeps the outcome):
+/// `parse` maps its trimmed, lower-cased value (empty when unset) to on or off, or `None` for a value it does not
+/// know, which is an error naming the variable and the `expected` values, every time. The first read hands the
+/// value to `apply` (the kernels library's setter).
+fn switch_from_env(
+    cell: &'static std::sync::OnceLock<std::result::Result<bool, String>>,
+    env: &str,
+    expected: &str,
+    parse: fn(&str) -> Option<bool>,
+    apply: fn(bool),
+) -> Result<bool> {
+    let applied = cell.get_or_init(|| {
+        let value = std::env::var(env).unwrap_or_default();
         let value = value.trim().to_ascii_lowercase();
-        let on = match on_off(&value) {
-            Some(on) => on,
-            None if value.is_empty() => true,
-            None => return Err(format!("{PDL_ENV}: unknown value {value:?} (expected 1 or 0)")),
-        };
-        set_programmatic_launch_raw(on);
-        Ok(())
+        let on = parse(&value).ok_or_else(|| format!("{env}: unknown value {value:?} (expected {expected})"))?;
+        apply(on);
+        Ok(on)
     });
     applied.clone().map_err(Error::Request)
 }
@@ -196,17 +207,12 @@ pub const GEMV_PREFETCH_ENV: &str = "LLAMA32_GEMV_PREFETCH";
 /// error naming the variable, every time.
 pub fn gemv_prefetch_whole() -> Result<bool> {
     static APPLIED: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
-    let applied = APPLIED.get_or_init(|| {
-        let value = std::env::var(GEMV_PREFETCH_ENV).unwrap_or_default();
-        let whole = match value.trim().to_ascii_lowercase().as_str() {
-            "" | "first" => false,
-            "whole" => true,
-            other => return Err(format!("{GEMV_PREFETCH_ENV}: unknown value {other:?} (expected first or whole)")),
-        };
-        set_gemv_prefetch_whole_raw(whole);
-        Ok(whole)
-    });
-    applied.clone().map_err(Error::Request)
+    let parse = |v: &str| match v {
+        "" | "first" => Some(false),
+        "whole" => Some(true),
+        _ => None,
+    };
+    switch_from_env(&APPLIED, GEMV_PREFETCH_ENV, "first or whole", parse, set_gemv_prefetch_whole_raw)
 }
 
 /// Switches the bf16 skinny GEMM's whole-row L2 prefetch ([`GEMV_PREFETCH_ENV`]) on or off for every later launch,
