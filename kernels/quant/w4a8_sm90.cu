@@ -125,6 +125,24 @@ __device__ __forceinline__ void row_piece(int i, int& r, int& piece, int& dst) {
     dst = act_row_offset<kBN>(piece / 2, r, piece % 2);
 }
 
+// What a block of either kernel below covers: tokens m0 .. m0 + kTokens of m, weight row tiles nt0 .. nt0 + kTiles
+// of ntiles (npad rows padded to whole tiles), and the 64-column chunks [c0, c1) of kc that its split takes.
+template <class T>
+struct BlockSpan {
+    int m, ntiles, kc, m0, nt0, c0, c1;
+    int64_t npad;
+
+    __device__ __forceinline__ explicit BlockSpan(const l32_w4a8_params& p) {
+        m = static_cast<int>(p.m);
+        ntiles = static_cast<int>((p.n + 15) / 16);
+        npad = int64_t{ntiles} * 16;
+        kc = static_cast<int>(p.k / 64);
+        m0 = blockIdx.x * T::kTokens;
+        nt0 = blockIdx.y * T::kTiles;
+        split_range(kc, p.splits, blockIdx.z, c0, c1);
+    }
+};
+
 // One copying thread's share of a chunk's weights and scales, planned once (both kernels below copy the same
 // stage layout): the block's kTiles weight tiles are kTiles * 32 pieces of 16 bytes, piece i to byte 16 i of the
 // stage's weights; its 2 kTiles * 8 scale entries (this chunk's, then the next one's, for s_next) go to byte 16 e
@@ -356,14 +374,9 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
     extern __shared__ __align__(128) uint8_t smem[];
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int m = static_cast<int>(p.m);
-    const int ntiles = static_cast<int>((p.n + 15) / 16);
-    const int64_t npad = int64_t{ntiles} * 16;
-    const int kc = static_cast<int>(p.k / 64);
-    const int m0 = blockIdx.x * kBN;
-    const int nt0 = blockIdx.y * T::kTiles;
-    int c0, c1;
-    split_range(kc, p.splits, blockIdx.z, c0, c1);
+    const BlockSpan<T> span(p);
+    const int m = span.m, ntiles = span.ntiles, kc = span.kc, m0 = span.m0, nt0 = span.nt0, c0 = span.c0, c1 = span.c1;
+    const int64_t npad = span.npad;
 
     const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
 
@@ -454,14 +467,9 @@ __global__ void __launch_bounds__(384, 1) w4a8_wgmma_ws_kernel(const __grid_cons
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ uint64_t full[kStages], empty[kStages];
 
-    const int m = static_cast<int>(p.m);
-    const int ntiles = static_cast<int>((p.n + 15) / 16);
-    const int64_t npad = int64_t{ntiles} * 16;
-    const int kc = static_cast<int>(p.k / 64);
-    const int m0 = blockIdx.x * kBN;
-    const int nt0 = blockIdx.y * T::kTiles;
-    int c0, c1;
-    split_range(kc, p.splits, blockIdx.z, c0, c1);
+    const BlockSpan<T> span(p);
+    const int m = span.m, ntiles = span.ntiles, kc = span.kc, m0 = span.m0, nt0 = span.nt0, c0 = span.c0, c1 = span.c1;
+    const int64_t npad = span.npad;
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int s = 0; s < kStages; ++s) {
