@@ -141,6 +141,14 @@ struct BlockSpan {
         nt0 = blockIdx.y * T::kTiles;
         split_range(kc, p.splits, blockIdx.z, c0, c1);
     }
+
+    // After every thread of the block stored its sums: with several splits, the split-K finish of the block's tile
+    // (w4a8_splitk_finish, every thread); with one, nothing.
+    __device__ __forceinline__ void splitk_finish(const l32_w4a8_params& p) const {
+        if (p.splits == 1) return;
+        w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, T::kTokens, int64_t{nt0} * 16, T::kTiles * 16,
+                           npad);
+    }
 };
 
 // One copying thread's share of a chunk's weights and scales, planned once (both kernels below copy the same
@@ -436,8 +444,7 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
     }
     cp_async_wait<0>();
     prod.store(p, npad, nt0, warp, m0, lane);
-    if (p.splits == 1) return;
-    w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, kBN, int64_t{nt0} * 16, T::kTiles * 16, npad);
+    span.splitk_finish(p);
 #else
     (void)p;
     __trap();  // only sm_90a runs this kernel; the launcher refuses every other device
@@ -518,8 +525,7 @@ __global__ void __launch_bounds__(384, 1) w4a8_wgmma_ws_kernel(const __grid_cons
         }
         prod.store(p, npad, nt0, tile, m0, lane);
     }
-    if (p.splits == 1) return;
-    w4a8_splitk_finish(p, blockIdx.y * gridDim.x + blockIdx.x, m0, kBN, int64_t{nt0} * 16, T::kTiles * 16, npad);
+    span.splitk_finish(p);
 #else
     (void)p;
     __trap();  // only sm_90a runs this kernel; the launcher refuses every other device
