@@ -205,10 +205,9 @@ pub fn load_cpu_weights(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Re
     Ok(weights)
 }
 
-/// [`load_cpu_weights`] without `--embeddings int8` (the flag is still checked): the tables as the checkpoint
-/// stores them (for `quant-eval`, whose bf16 baseline keeps them).
+/// [`load_cpu_weights`] without `--embeddings int8` (not read here): the tables as the checkpoint stores them (for
+/// `quant-eval`, whose bf16 baseline keeps them and which applies the flag to its quantized runs itself).
 pub fn load_cpu_weights_as_stored(a: &ModelArgs, cfg: &LlamaConfig, source: &Source) -> Result<ModelWeights> {
-    tables_int8(a)?;
     let quant = quantization_of(a, source)?;
     let mut weights = match (source, a.random_weights, &quant) {
         (Source::Dir(dir), false, Some(Quantization::Checkpoint(q))) => {
