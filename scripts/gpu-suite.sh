@@ -8,7 +8,7 @@
 #   scripts/gpu-suite.sh run [STAGES]
 #                                 on the device machine, from the repository root (STAGES: see `run` below; default
 #                                 all, which takes longer than one 10-minute device call): runs each test of each binary in
-#                                 gpu-bundle/tests/ on its own and prints a PASS / FAIL / SKIP table last.
+#                                 gpu-bundle/tests/ on its own and prints a PASS / FAIL / SKIP / TIME / HANG table last.
 #                                 Exit status 0 only when every row is PASS: a SKIP on a device machine means the test
 #                                 found no device (or no data), which is a failure there.
 #
@@ -108,11 +108,13 @@ run() {
     local t
     for t in "$@"; do gpu_bench 540 '^BENCH ' "$t"; done
   }
-  # `test_status RC LOG`: TIME (cut off), FAIL, SKIP (the test printed "skipped:") or PASS for a test's exit status
-  # and log. Anything but PASS counts as a failure on a device.
+  # `test_status RC LOG`: TIME (cut off), HANG (its watchdog aborted it), FAIL, SKIP (the test printed "skipped:")
+  # or PASS for a test's exit status and log. Anything but PASS counts as a failure on a device.
   test_status() {
     if (($1 == 124)); then
       echo TIME
+    elif (($1 != 0)) && grep -q '^HANG: ' "$2"; then
+      echo HANG # the test's watchdog (tests/common Watchdog) aborted it; the log names the launch
     elif (($1 != 0)); then
       echo FAIL
     elif grep -q 'skipped:' "$2"; then
@@ -135,7 +137,7 @@ run() {
       tail -n 15 "$log"
     fi
     rows+=("$(printf '%-4s  %-16s %-48s %7s' "$status" gpu "$test [$tag]" -)")
-    mapfile -t -O "${#benches[@]}" benches < <(grep -E '^(w4a8 wgmma|w4a16 large): ' "$log" || true)
+    mapfile -t -O "${#benches[@]}" benches < <(grep -E '^(w4a8 wgmma|w4a16 large)[^:]*: ' "$log" || true)
   }
   # `bench_e2e CAP "PRESET BATCH PROMPT GEN [FLAGS]"`: one `llama32 bench` run on CUDA (random weights), for at most
   # CAP seconds of the budget; its JSON line goes to bench.jsonl, a row and a figure line to the table.
@@ -215,7 +217,8 @@ run() {
     for exe in "$bundle"/tests/*; do
       name=$(basename "$exe")
       local tests=()
-      mapfile -t tests < <("$exe" --list --format=terse 2>/dev/null | sed -n 's/: test$//p' |
+      # watchdog::* test the test harness's hang guard on the CPU (CI runs them); no device time for them here.
+      mapfile -t tests < <("$exe" --list --format=terse 2>/dev/null | sed -n 's/: test$//p' | grep -v '^watchdog::' |
         grep -E "${GPU_TEST_FILTER:-.}")
       if ((${#tests[@]} == 0)); then
         rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL "$name" "(lists no tests)" -)")
@@ -315,6 +318,7 @@ run() {
         # the 11B vision benches run in the vision stage (longer timeouts)
         [[ $t == cuda_vision::bench_* || $t == cuda_vision_quant::bench_* || $t == cuda_encoder_attention::bench_* ]] &&
           continue
+        [[ $t == watchdog::* ]] && continue # the watchdog tests' fixture, not a benchmark
         log="$logs/$name.$t.bench.log"
         rc=0
         timeout 120 "$exe" --ignored --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1 || rc=$?
@@ -556,8 +560,11 @@ PY
     if [[ -x "$bundle/tests/gpu" ]]; then
       local wt wk
       for wt in cuda_w4a8_wgmma::w4a8_wgmma_matches_its_cpu_twin_bit_for_bit \
+        cuda_w4a8_wgmma::w4a8_wgmma_row_matches_its_cpu_twin_bit_for_bit \
+        cuda_w4a8_wgmma::w4a8_wgmma_ws_matches_its_cpu_twin_bit_for_bit \
         cuda_w4a8_wgmma::w4a8_wgmma_refuses_what_it_cannot_take cuda_quant::w4a8_matches_cpu \
-        cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul \
+        cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \
+        cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul \
         cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu; do
         for wk in auto wgmma wgmma-serial wgmma-row wgmma-ws large large-row; do
           [[ $wk == auto || $wt == *e2e* ]] || continue

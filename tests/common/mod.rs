@@ -280,3 +280,57 @@ pub fn write_random_vision_checkpoint(dir: &Path, config: &serde_json::Value, se
         data.iter().map(|(n, s, b)| (n.as_str(), llama32::weights::DType::F32, s.as_slice(), b.as_slice())).collect();
     std::fs::write(dir.join("model.safetensors"), llama32::weights::safetensors::serialize(&refs)).unwrap();
 }
+
+/// A GPU test's guard against a kernel that never finishes (a new kernel's barrier protocol, say). Each
+/// [`at`](Watchdog::at) names the step about to run and restarts the clock; when no step follows within the stall
+/// limit (`LLAMA32_TEST_STALL_S`, default 60 seconds), a thread prints the test and the step that hung and aborts
+/// the process. A test runner's timeout would end it too, but later, and without saying which launch hung.
+/// Dropping the guard stops the thread.
+pub struct Watchdog {
+    state: Arc<WatchState>,
+}
+
+struct WatchState {
+    step: std::sync::Mutex<(String, std::time::Instant)>,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl Watchdog {
+    /// Starts the guard for `test`, at step "start".
+    pub fn start(test: &str) -> Watchdog {
+        let limit = std::env::var("LLAMA32_TEST_STALL_S").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(60);
+        let state = Arc::new(WatchState {
+            step: std::sync::Mutex::new(("start".to_string(), std::time::Instant::now())),
+            done: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (watched, test) = (state.clone(), test.to_string());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if watched.done.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let (step, since) = {
+                let s = watched.step.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                (s.0.clone(), s.1)
+            };
+            if since.elapsed().as_secs() >= limit {
+                // abort, not exit: exit's handlers could wait on the hung device.
+                eprintln!("HANG: {test}: no progress for {limit} s after `{step}` (LLAMA32_TEST_STALL_S); aborting");
+                std::process::abort();
+            }
+        });
+        Watchdog { state }
+    }
+
+    /// Names the step about to run and restarts the clock.
+    pub fn at(&self, step: impl Into<String>) {
+        *self.state.step.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            (step.into(), std::time::Instant::now());
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.state.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

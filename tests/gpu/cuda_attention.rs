@@ -21,7 +21,7 @@ use llama32::ops::cuda::switch::KernelSwitch;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{cuda_stream as stream, normal, to_f32};
+use crate::common::{cuda_stream as stream, normal, to_f32, Watchdog};
 
 /// (num_heads, num_kv_heads, head_dim): 1B (4:1, d64), 3B (3:1, d128), 90B (8:1, d128), and 1:1 at both dims.
 const LAYOUTS: [(usize, usize, usize); 5] = [(32, 8, 64), (24, 8, 128), (64, 8, 128), (8, 8, 64), (4, 4, 128)];
@@ -235,7 +235,7 @@ const PREFILL_SEQS: [(usize, usize); 7] = [(0, 1), (0, 17), (0, 300), (283, 17),
 /// One prefill kernel against the CPU twin on every layout and block size: the outputs' bits per (layout, block
 /// size), or `None` (said on stderr) where the device lacks the kernel, which must then be refused by name before
 /// any launch.
-fn prefill_cases(stream: &Arc<CudaStream>, kernel: PrefillKernel) -> Option<Vec<Vec<u16>>> {
+fn prefill_cases(stream: &Arc<CudaStream>, kernel: PrefillKernel, dog: &Watchdog) -> Option<Vec<Vec<u16>>> {
     let supported = kernel.supported(stream).expect("compute capability");
     let mut bits = Vec::new();
     for (i, heads) in LAYOUTS.into_iter().enumerate() {
@@ -246,6 +246,7 @@ fn prefill_cases(stream: &Arc<CudaStream>, kernel: PrefillKernel) -> Option<Vec<
                 format!("paged_prefill [{}] heads {}/{} d{} block {bs}", kernel.name(), heads.0, heads.1, heads.2);
             let step = Step::new(&mut rng, l, &PREFILL_SEQS);
             let mut dev = DeviceStep::upload(stream, &step);
+            dog.at(format!("launch {what}"));
             let result = dev.prefill(stream, &step, kernel);
             if !supported {
                 let err = result.expect_err("an unsupported kernel must be refused").to_string();
@@ -255,6 +256,7 @@ fn prefill_cases(stream: &Arc<CudaStream>, kernel: PrefillKernel) -> Option<Vec<
             }
             result.unwrap_or_else(|e| panic!("{what}: {e}"));
             let got = dev.download(stream);
+            dog.at(format!("check {what}"));
             assert_close(&what, &got, &step.reference(), &l);
             bits.push(got.iter().map(|v| v.to_bits()).collect());
         }
@@ -271,8 +273,9 @@ fn prefill_cases(stream: &Arc<CudaStream>, kernel: PrefillKernel) -> Option<Vec<
 #[test]
 fn paged_prefill_matches_cpu() {
     let Some(stream) = stream() else { return };
+    let dog = Watchdog::start("paged_prefill_matches_cpu");
     for kernel in [PrefillKernel::Mma, PrefillKernel::Wgmma] {
-        prefill_cases(&stream, kernel);
+        prefill_cases(&stream, kernel, &dog);
     }
 }
 
@@ -282,8 +285,10 @@ fn paged_prefill_matches_cpu() {
 #[test]
 fn paged_prefill_ws_matches_wgmma_bits() {
     let Some(stream) = stream() else { return };
-    let Some(ws) = prefill_cases(&stream, PrefillKernel::WgmmaWs) else { return };
-    let want = prefill_cases(&stream, PrefillKernel::Wgmma).expect("the wgmma kernel runs where its ws form does");
+    let dog = Watchdog::start("paged_prefill_ws_matches_wgmma_bits");
+    let Some(ws) = prefill_cases(&stream, PrefillKernel::WgmmaWs, &dog) else { return };
+    let want =
+        prefill_cases(&stream, PrefillKernel::Wgmma, &dog).expect("the wgmma kernel runs where its ws form does");
     for (case, (got, want)) in ws.iter().zip(&want).enumerate() {
         let diff = got.iter().zip(want).filter(|(a, b)| a != b).count();
         assert_eq!(diff, 0, "case {case}: {diff} of {} outputs differ from the wgmma kernel's", got.len());

@@ -1,5 +1,6 @@
 //! Twin tests of the Hopper W4A16 kernels for many rows (`kernels/quant/w4a16_sm90.cu`, `w4a16_gemm_large`,
-//! `W4A16LargeKernel::Wgmma` and `WgmmaRow`, which give the same bits) against the f32 GEMM over the bf16-rounded
+//! `W4A16LargeKernel::Wgmma` and `WgmmaRow`, which give the same bits; each launch announced to a watchdog that
+//! aborts a hung test and names the launch) against the f32 GEMM over the bf16-rounded
 //! dequantized weights (what the dequantize + cuBLASLt path multiplies by), on fresh random weights (with and
 //! without zero points) and activations, both token tiles, the paired SwiGLU layout and its fused SiLU * up, with
 //! every output poisoned before each launch.
@@ -19,7 +20,7 @@ use llama32::quant::{QuantLinear, Scheme};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{cuda_stream as stream, download, to_f32, upload};
+use crate::common::{cuda_stream as stream, download, to_f32, upload, Watchdog};
 use crate::cuda_quant::{random_matrix, random_rows, row_rms, same_bits, within_gemm_bound, SEED};
 
 /// `(k, n, zero points)`: one chunk, n not a multiple of 16 or 128, k not a power of two, then 1B qkv and down.
@@ -29,12 +30,25 @@ const SHAPES: [(usize, usize, bool); 6] =
 /// The kernels of `w4a16_gemm_large`.
 const KERNELS: [W4A16LargeKernel; 2] = [W4A16LargeKernel::Wgmma, W4A16LargeKernel::WgmmaRow];
 
-/// Every (shape, m, tile, kernel): within the GEMM bound of the f32 product over the bf16-rounded weights, the same
-/// bits on a second run and from both kernels, nothing written past `[m, n]`; the plan's tile (`large_tile_m`) is
-/// one of those run.
+/// The wgmma kernel (measured on an H100) against the CPU ([`large_test`]).
 #[test]
 fn w4a16_large_matches_cpu() {
+    large_test("w4a16_large_matches_cpu", &KERNELS[..1]);
+}
+
+/// The wgmma-row kernel against the CPU and bit for bit against the wgmma kernel. Its own test, so that a failure
+/// of the newer kernel leaves the other's verdict standing.
+#[test]
+fn w4a16_large_row_matches_cpu() {
+    large_test("w4a16_large_row_matches_cpu", &KERNELS);
+}
+
+/// Every (shape, m, tile) of each of `kernels`: within the GEMM bound of the f32 product over the bf16-rounded
+/// weights, the same bits on a second run and from every kernel of the list, nothing written past `[m, n]`; the
+/// plan's tile (`large_tile_m`) is one of those run. Each launch is announced to a [`Watchdog`] first.
+fn large_test(test: &str, kernels: &[W4A16LargeKernel]) {
     let Some(stream) = stream() else { return };
+    let dog = Watchdog::start(test);
     let sms = llama32::ops::cuda::attention::num_sms(&stream).expect("SM count");
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x1a6);
     if !large_wgmma_available() {
@@ -66,13 +80,16 @@ fn w4a16_large_matches_cpu() {
             assert!([64, 128].contains(&large_tile_m(m, n, sms)));
             for tile_m in [64, 128] {
                 let mut first: Option<Vec<bf16>> = None;
-                for kernel in KERNELS {
+                for &kernel in kernels {
                     let what = format!("w4a16 large {} m {m} k {k} n {n} zeros {zeros} tile {tile_m}", kernel.name());
                     let run = || {
                         let mut out = upload(&stream, &vec![bf16::NAN; m * n + 64]);
+                        dog.at(format!("launch {what}"));
                         w4a16_gemm_large(&stream, (&x, &w, m), LargePlan { kernel, tile_m }, false, &mut out)
                             .unwrap_or_else(|e| panic!("{what}: {e}"));
-                        download(&stream, &out)
+                        let got = download(&stream, &out);
+                        dog.at(format!("check {what}"));
+                        got
                     };
                     let got = run();
                     let past = got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits());
@@ -87,7 +104,8 @@ fn w4a16_large_matches_cpu() {
             }
         }
     }
-    eprintln!("w4a16 large: worst error {worst:.3} of the GEMM bound");
+    let names: Vec<&str> = kernels.iter().map(|k| k.name()).collect();
+    eprintln!("w4a16 large ({}): worst error {worst:.3} of the GEMM bound", names.join(", "));
 }
 
 /// With the `[gate; up]` weight uploaded paired, for both kernels, the plain product is the unpaired one in matrix
@@ -109,7 +127,8 @@ fn w4a16_large_paired_swiglu_matches_plain_then_silu_mul() {
         let ql = QuantLinear { matrix: qm, scheme: Scheme::W4A16_G32 };
         let plain = CudaQuantLinear::upload(&stream, &ql).unwrap();
         let paired = CudaQuantLinear::upload_swiglu(&stream, &ql).unwrap();
-        for (m, kernel) in [65, 130].into_iter().flat_map(|m| KERNELS.map(|kernel| (m, kernel))) {
+        // The measured kernel first, at every m: a failure of the newer one comes after the older one's cases.
+        for (kernel, m) in KERNELS.into_iter().flat_map(|kernel| [65, 130].map(|m| (kernel, m))) {
             let xh = random_rows(&mut rng, m, k, (-1.0, 1.0), false);
             let x32 = to_f32(&xh);
             let mut want = vec![f32::NAN; m * n];

@@ -1,11 +1,12 @@
-//! Twin tests of the Hopper W4A8 kernels (`kernels/quant/w4a8_sm90.cu`, `W4A8Kernel::Wgmma`, `WgmmaSerial` and
-//! `WgmmaRow`, which give the same bits): bit for bit against
+//! Twin tests of the Hopper W4A8 kernels (`kernels/quant/w4a8_sm90.cu`, `W4A8Kernel::Wgmma`, `WgmmaSerial`,
+//! `WgmmaRow` and `WgmmaWs`, which give the same bits; one test for the measured pair and one for each newer
+//! kernel, each launch announced to a watchdog that aborts a hung test and names the launch): bit for bit against
 //! its CPU twin (`ops::cpu::w4a8_segmented`, the same f32 operations in the same order), within a stated bound of
 //! torchao's numerics (`w4a8_linear`), deterministic, for 64- and 128-token tiles and several K splits, on fresh
 //! random weights and activations with the output poisoned before each launch.
 //!
 //! Without a CUDA build or a device, each test prints "skipped: no CUDA device" and returns; on a device without
-//! the kernel (not compute capability 9.x, or a build without sm_90a) the twin test prints "skipped:" too, after
+//! the kernel (not compute capability 9.x, or a build without sm_90a) the twin tests print "skipped:" too, after
 //! checking that the wrapper refuses the kernel with a clear error.
 
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use llama32::quant::{QuantLinear, Scheme};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{cuda_stream as stream, download, to_f32, upload};
+use crate::common::{cuda_stream as stream, download, to_f32, upload, Watchdog};
 use crate::cuda_quant::{poisoned_acts, random_matrix, random_rows, same_bits, BF16_ROUNDING, SEED};
 
 /// `(k, n)`: odd and small shapes (one chunk, n not a multiple of 16 or 128, k not a multiple of a segment), then
@@ -34,9 +35,9 @@ const SHAPES: [(usize, usize); 7] =
 
 /// The plans each (shape, m) runs, for every wgmma kernel: both token tiles, one split, the heuristic's splits,
 /// 3 splits (segments cut short by the split boundaries) and, for k <= 512, one split per 64-column chunk.
-fn plans(m: usize, n: usize, k: usize, sms: usize) -> Vec<W4A8Plan> {
+fn plans(kernels: &[W4A8Kernel], m: usize, n: usize, k: usize, sms: usize) -> Vec<W4A8Plan> {
     let mut out = Vec::new();
-    for kernel in W4A8Kernel::ALL.into_iter().filter(|k| k.is_wgmma()) {
+    for &kernel in kernels {
         out.push(w4a8_plan(kernel, m, n, k, sms));
         for tile_m in [64, 128] {
             for splits in [1, 3, if k <= 512 { k / 64 } else { 1 }] {
@@ -58,12 +59,33 @@ fn workspace_for(stream: &Arc<CudaStream>, plans: &[W4A8Plan], m: usize, n: usiz
     SplitKWorkspace::new(stream, need.0, need.1, sms).expect("workspace")
 }
 
-/// Every (shape, m, plan): the kernel's bits are the bf16 rounding of the twin's values, a second run gives the
-/// same bits, and the result is within the segmented sum's bound of torchao's numerics (one bf16 rounding, the
-/// exact path's f32 slack, and 4 sx sum_g sw_g / 16 for the segmented sum, as the twin's own test states).
+/// The block-barrier kernels measured on an H100 (`wgmma`, `wgmma-serial`) against the twin ([`twin_test`]).
 #[test]
 fn w4a8_wgmma_matches_its_cpu_twin_bit_for_bit() {
+    twin_test("w4a8_wgmma_matches_its_cpu_twin_bit_for_bit", &[W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial]);
+}
+
+/// `wgmma-row` (natural-order activation copies, A fragments composed within each quad) against the twin. Its own
+/// test, as is `wgmma-ws`'s, so that a failure of a newer kernel leaves the others' verdict standing.
+#[test]
+fn w4a8_wgmma_row_matches_its_cpu_twin_bit_for_bit() {
+    twin_test("w4a8_wgmma_row_matches_its_cpu_twin_bit_for_bit", &[W4A8Kernel::WgmmaRow]);
+}
+
+/// `wgmma-ws` (the warp-specialized kernel: producer warpgroup, mbarrier ring) against the twin. A hung ring
+/// aborts the test after the watchdog's stall limit, naming the launch.
+#[test]
+fn w4a8_wgmma_ws_matches_its_cpu_twin_bit_for_bit() {
+    twin_test("w4a8_wgmma_ws_matches_its_cpu_twin_bit_for_bit", &[W4A8Kernel::WgmmaWs]);
+}
+
+/// Every (shape, m, plan) of `kernels`: the kernel's bits are the bf16 rounding of the twin's values, a second run
+/// gives the same bits, and the result is within the segmented sum's bound of torchao's numerics (one bf16
+/// rounding, the exact path's f32 slack, and 4 sx sum_g sw_g / 16 for the segmented sum, as the twin's own test
+/// states). Each launch is announced to a [`Watchdog`] first.
+fn twin_test(test: &str, kernels: &[W4A8Kernel]) {
     let Some(stream) = stream() else { return };
+    let dog = Watchdog::start(test);
     let sms = llama32::ops::cuda::attention::num_sms(&stream).expect("SM count");
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x4a8);
     if !wgmma_available() {
@@ -96,7 +118,7 @@ fn w4a8_wgmma_matches_its_cpu_twin_bit_for_bit() {
             let x_d = upload(&stream, &x);
             let mut acts = poisoned_acts(&stream, m, k);
             act_quant(&stream, ActSource::Rows(x_d.slice(..)), m, k, &mut acts, None).unwrap();
-            let plans = plans(m, n, k, sms);
+            let plans = plans(kernels, m, n, k, sms);
             let mut ws = workspace_for(&stream, &plans, m, n, sms);
             let tol = segmented_bound(&exact, &xq, &sx, &qm, m);
             // The twin's bits depend on the split count only (not on the token tile).
@@ -110,14 +132,17 @@ fn w4a8_wgmma_matches_its_cpu_twin_bit_for_bit() {
                 }
                 let want = &twins.iter().find(|(s, _)| *s == plan.splits).expect("computed above").1;
                 let mut out = upload(&stream, &vec![bf16::NAN; m * n + 64]);
+                dog.at(format!("launch {what}"));
                 w4a8_gemm_with(&stream, &acts, &w, m, &mut ws, &mut out, plan)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 let got = download(&stream, &out);
+                dog.at(format!("check {what}"));
                 assert!(got[m * n..].iter().all(|v| v.to_bits() == bf16::NAN.to_bits()), "{what}: wrote past m x n");
                 if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
                     panic!("{what}: out[{}, {}] = {} but the twin gives {}", i / n, i % n, got[i], want[i]);
                 }
                 let mut again = upload(&stream, &vec![bf16::NAN; m * n]);
+                dog.at(format!("second launch {what}"));
                 w4a8_gemm_with(&stream, &acts, &w, m, &mut ws, &mut again, plan).unwrap();
                 assert!(same_bits(&download(&stream, &again), &got[..m * n]), "{what}: a second run differs");
                 for (i, ((g, wv), t)) in got.iter().zip(&exact).zip(&tol).enumerate() {
@@ -133,7 +158,11 @@ fn w4a8_wgmma_matches_its_cpu_twin_bit_for_bit() {
             }
         }
     }
-    eprintln!("w4a8 wgmma: bit-equal to the twin everywhere; worst error {worst:.3} of the bound to torchao numerics");
+    let names: Vec<&str> = kernels.iter().map(|k| k.name()).collect();
+    eprintln!(
+        "w4a8 {}: bit-equal to the twin everywhere; worst error {worst:.3} of the bound to torchao numerics",
+        names.join(", ")
+    );
 }
 
 /// Per output, the bound of the segmented kernel's distance from torchao's numerics `exact` (see the test).

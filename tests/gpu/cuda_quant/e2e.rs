@@ -9,6 +9,8 @@ use llama32::quant::Scheme;
 use llama32::weights::{Checkpoint, ModelWeights};
 use serde_json::Value;
 
+use crate::common::Watchdog;
+
 /// The golden cases the CUDA attention kernels take (head_dim 64 / 128); their projections have k a multiple
 /// of 64, so every one is quantized.
 const CASES: [&str; 2] = ["cuda-d64-gqa4", "cuda-d128-gqa3"];
@@ -36,6 +38,8 @@ fn quantized_checkpoint_on_cuda_matches_cpu() {
         eprintln!("skipped: no CUDA device ({e})");
         return;
     }
+    // The suite reruns this test with each Hopper kernel forced, some of them new: a hung step names itself.
+    let dog = Watchdog::start("quantized_checkpoint_on_cuda_matches_cpu");
     for name in CASES {
         let dir = crate::common::golden_dir(name);
         let mut cfg = LlamaConfig::from_model_dir(&dir).unwrap();
@@ -58,8 +62,9 @@ fn quantized_checkpoint_on_cuda_matches_cpu() {
                 cuda.set_fuse_act_quant(fuse);
                 cuda.set_fuse_swiglu(fuse);
                 for chunk in [512usize, 7, 1] {
-                    let got = score(&mut cuda, &ids, chunk).unwrap();
                     let what = format!("{name} {} chunk {chunk} fuse {fuse}", scheme.name());
+                    dog.at(format!("score {what}"));
+                    let got = score(&mut cuda, &ids, chunk).unwrap();
                     let (max, mean) = rel_err(&got, &want);
                     let (bmax, bmean) =
                         (factor * budget("hf_bf16_max_rel_err"), factor * budget("hf_bf16_mean_rel_err"));
