@@ -502,6 +502,8 @@ typedef struct l32_w4a16_params {
     int32_t silu;           /**< with pair_half: out is [m, pair_half] = bf16(silu(bf16 gate) * bf16 up), the bits of
                                  the plain output followed by l32_silu_mul */
     int32_t tile_m;         /**< WGMMA(_ROW) only: tokens per block, 64 or 128 */
+    int32_t tiled_stages;   /**< TILED only: stage buffers in its cp.async ring, 2 ..= 4 (0 means 2), lowered to what
+                                 fits the device's shared memory per block; the same bits at every depth */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_params;
 

@@ -155,6 +155,7 @@ run() {
     env_tag+="${LLAMA32_W4A16_LARGE:+ large=$LLAMA32_W4A16_LARGE}"
     env_tag+="${LLAMA32_W4A16_LARGE_MIN_M:+ large_min_m=$LLAMA32_W4A16_LARGE_MIN_M}"
     env_tag+="${LLAMA32_GEMV_PREFETCH:+ gemv_prefetch=$LLAMA32_GEMV_PREFETCH}"
+    env_tag+="${LLAMA32_W4A16_TILED_STAGES:+ tiled_stages=$LLAMA32_W4A16_TILED_STAGES}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -305,6 +306,11 @@ run() {
     for kern in direct pipelined tiled; do
       export LLAMA32_W4A16_KERNEL=$kern
       for q in "1 128 64" "16 128 64" "64 128 64"; do bench_e2e 60 "1b $q --quantize w4a16-g32"; done
+    done
+    # The tiled kernel with a 4-stage ring (LLAMA32_W4A16_TILED_STAGES; quant_throughput's tiled/3 and tiled/4
+    # lines time it per shape).
+    for q in "16 128 64" "64 128 64"; do
+      LLAMA32_W4A16_TILED_STAGES=4 bench_e2e 60 "1b $q --quantize w4a16-g32"
     done
     unset LLAMA32_W4A16_KERNEL
   fi

@@ -328,7 +328,8 @@ fn bench_one(
         // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), the W4A8 kernel
         // (LLAMA32_W4A8_KERNEL), the large-m W4A16 path and where it starts (LLAMA32_W4A16_LARGE,
         // LLAMA32_W4A16_LARGE_MIN_M), the prefill attention
-        // kernel (LLAMA32_PREFILL_KERNEL), the direct W4A16 kernel's L2 prefetch (LLAMA32_W4A16_PREFETCH),
+        // kernel (LLAMA32_PREFILL_KERNEL), the direct W4A16 kernel's L2 prefetch (LLAMA32_W4A16_PREFETCH), the tiled
+        // one's ring depth (LLAMA32_W4A16_TILED_STAGES),
         // programmatic dependent launch (LLAMA32_PDL), the SwiGLU fusion
         // (--no-fused-swiglu), the RoPE fusion (--fused-rope) and the norm fusion (--fused-norm).
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::setting().ok(),
@@ -338,6 +339,7 @@ fn bench_one(
         "w4a16_prefetch": crate::ops::cuda::quant::w4a16_l2_prefetch_setting().ok(),
         "w4a16_blocks_per_sm": crate::ops::cuda::quant::w4a16_blocks_per_sm().ok(),
         "w4a16_chunk_mib": crate::ops::cuda::quant::w4a16_chunk_mib().ok(),
+        "w4a16_tiled_stages": crate::ops::cuda::quant::w4a16_tiled_stages().ok(),
         "prefill_kernel": crate::ops::cuda::attention::PrefillKernel::setting().ok(),
         "pdl": crate::ops::cuda::programmatic_launch(),
         "gemv_prefetch": if crate::ops::cuda::gemv_prefetch_whole_on() { "whole" } else { "first" },

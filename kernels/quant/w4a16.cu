@@ -271,6 +271,7 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
         return L32_INVALID_ARGUMENT;
     }
     if (p.silu != 0 && p.pair_half == 0) return L32_INVALID_ARGUMENT;
+    if (p.tiled_stages != 0 && (p.tiled_stages < 2 || p.tiled_stages > 4)) return L32_INVALID_ARGUMENT;
     if (!is_aligned(p.x, 16) || !is_aligned(p.qweight, 16) || !is_aligned(p.scales, 8)) return L32_UNSUPPORTED;
     if (p.zeros != nullptr && !is_aligned(p.zeros, 8)) return L32_UNSUPPORTED;
     if (p.n == 0) return L32_OK;

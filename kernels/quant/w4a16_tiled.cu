@@ -17,7 +17,8 @@
 //   - the weights: kS chunks x 8 tiles x 512 bytes (the layout's lane-major 16-byte slots, so a warp's read of one
 //     tile's chunk is 512 contiguous bytes), and the tiles' scales (and biases): 64 bytes per tile and chunk,
 //     copied 8 bytes at a time (the scales are only 8-byte aligned).
-// Two stage buffers: stage s + 1 is in flight while stage s is computed. With the weights out of registers, each
+// Two stage buffers by default: stage s + 1 is in flight while stage s is computed (p.tiled_stages = 3 or 4 keeps
+// two or three in flight; see the kernel's ring and docs/quantization.md). With the weights out of registers, each
 // warp keeps both row tiles at every m: an x fragment read from shared memory feeds 4 MMAs (2 per row tile), and
 // the accumulators are kRT x kMT x 4 = 64 registers at m = 64.
 //
@@ -27,7 +28,8 @@
 //
 // Shared memory per block (two buffers; kS = 4 chunks per stage at m <= 32, 2 at m > 32), with biases: 48 KB (exactly 48 KiB, plus 16 static bytes) at
 // m <= 8, 57 KB at m <= 16, 74 KB at m <= 32, 53 KB at m <= 64 (2 x (16 KB x + 8 KB w + 1 KB s + 1 KB z)); the
-// launcher raises the dynamic limit above 48 KB (allow_dynamic_smem). All fit sm_89's 99 KB per block.
+// launcher raises the dynamic limit above 48 KB (allow_dynamic_smem). All fit sm_89's 99 KB per block. A ring of
+// 3 or 4 buffers takes 1.5 or 2 times as much (up to 148 KB at 16 < m <= 32 with biases).
 #include <algorithm>
 #include <cstdint>
 
@@ -61,7 +63,9 @@ struct TiledSmem {
     static constexpr int kSc = kS * kTS * 4;   // scales: [kS][kTS][8 x 8 bytes]
     static constexpr int kZ = kZeros ? kSc : 0;  // biases, as the scales
     static constexpr int kUnits = kX + kW + kSc + kZ;
-    static constexpr size_t kBytes = size_t{2} * kUnits * 16;  // two buffers
+    // A ring of kStages buffers (two, the measured default; three or four with LLAMA32_W4A16_TILED_STAGES).
+    template <int kStages>
+    static constexpr size_t kBytes = size_t{kStages} * kUnits * 16;
 };
 
 // Position of 16-byte unit `unit` (0..7: columns 8 unit .. 8 unit + 7 of a chunk) of token row r.
@@ -162,9 +166,10 @@ __device__ __forceinline__ void compute(float (&acc)[kRT][kMT][4], const uint4* 
     }
 }
 
-// grid = (ceil(n_tiles / kTS), splits), block = kThreads, dynamic shared memory TiledSmem::kBytes.
-template <int kMT, bool kZeros>
+// grid = (ceil(n_tiles / kTS), splits), block = kThreads, dynamic shared memory TiledSmem::kBytes<kStages>.
+template <int kMT, bool kZeros, int kStages>
 __global__ void __launch_bounds__(kThreads, 1) w4a16_tiled_kernel(const __grid_constant__ l32_w4a16_params p) {
+    static_assert(kStages >= 2 && kStages <= 4, "a ring of two to four stage buffers");
     extern __shared__ uint4 smem[];
     using S = TiledSmem<kMT, kZeros>;
     constexpr int kS = S::kS;
@@ -176,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_tiled_kernel(const __grid_c
 #pragma unroll
     for (int rt = 0; rt < kRT; ++rt) {
         const W4A16Tile tile = w4a16_tile<kZeros>(p, l, min(tile0 + l.warp * kRT + rt, l.ntiles - 1));
-        w4a16_prefetch(tile.wq, c0, c1, 2 * kS);
+        w4a16_prefetch(tile.wq, c0, c1, kStages * kS);
     }
     pdl_begin();
     TiledSource src;
@@ -197,20 +202,39 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_tiled_kernel(const __grid_c
         for (int j = 0; j < kMT; ++j) acc[rt][j][0] = acc[rt][j][1] = acc[rt][j][2] = acc[rt][j][3] = 0.f;
     }
 
-    // While one buffer is computed the other is in flight; each is refilled only after the __syncthreads that
-    // follows its last use.
-    stage<kMT, kZeros>(smem, 0, src, c0, c1);
-    for (int c = c0; c < c1; c += 2 * kS) {
-        stage<kMT, kZeros>(smem, 1, src, c + kS, c1);
-        cp_async_wait<1>();
-        __syncthreads();
-        compute<kMT, kZeros>(acc, smem, 0, c, c1, l.warp, l.lane);
-        __syncthreads();
-        stage<kMT, kZeros>(smem, 0, src, c + 2 * kS, c1);
-        cp_async_wait<1>();
-        __syncthreads();
-        compute<kMT, kZeros>(acc, smem, 1, c + kS, c1, l.warp, l.lane);
-        __syncthreads();
+    if constexpr (kStages == 2) {
+        // While one buffer is computed the other is in flight; each is refilled only after the __syncthreads that
+        // follows its last use.
+        stage<kMT, kZeros>(smem, 0, src, c0, c1);
+        for (int c = c0; c < c1; c += 2 * kS) {
+            stage<kMT, kZeros>(smem, 1, src, c + kS, c1);
+            cp_async_wait<1>();
+            __syncthreads();
+            compute<kMT, kZeros>(acc, smem, 0, c, c1, l.warp, l.lane);
+            __syncthreads();
+            stage<kMT, kZeros>(smem, 0, src, c + 2 * kS, c1);
+            cp_async_wait<1>();
+            __syncthreads();
+            compute<kMT, kZeros>(acc, smem, 1, c + kS, c1, l.warp, l.lane);
+            __syncthreads();
+        }
+    } else {
+        // A ring: kStages - 1 stages in flight while one is computed. Every stage() commits one cp.async group
+        // (empty past c1), so before the wait of the stage starting at chunk c = c0 + i kS, kStages - 1 + i groups
+        // are committed and cp_async_wait<kStages - 2> leaves stage i landed (for this thread's copies; the
+        // barrier then for everyone's). The same barrier also ends every warp's compute of the previous stage, whose
+        // buffer the refill that follows it takes: one barrier per stage.
+#pragma unroll
+        for (int s = 0; s < kStages - 1; ++s) stage<kMT, kZeros>(smem, s, src, c0 + s * kS, c1);
+        int buf = 0;
+        for (int c = c0; c < c1; c += kS) {
+            cp_async_wait<kStages - 2>();
+            __syncthreads();
+            const int refill = buf == 0 ? kStages - 1 : buf - 1;
+            stage<kMT, kZeros>(smem, refill, src, c + (kStages - 1) * kS, c1);
+            compute<kMT, kZeros>(acc, smem, buf, c, c1, l.warp, l.lane);
+            buf = buf == kStages - 1 ? 0 : buf + 1;
+        }
     }
     cp_async_wait<0>();
 
@@ -222,16 +246,40 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_tiled_kernel(const __grid_c
     if (p.splits > 1) w4a16_finish_split(p, l.m, l.npad, kTS * 16);
 }
 
-template <int kMT, bool kZeros>
-l32_status launch_tiled_as(const l32_w4a16_params& p, cudaStream_t stream) {
-    constexpr size_t kBytes = TiledSmem<kMT, kZeros>::kBytes;
-    const auto kernel = w4a16_tiled_kernel<kMT, kZeros>;
+template <int kMT, bool kZeros, int kStages>
+l32_status launch_tiled_stages(const l32_w4a16_params& p, cudaStream_t stream) {
+    constexpr size_t kBytes = TiledSmem<kMT, kZeros>::template kBytes<kStages>;
+    const auto kernel = w4a16_tiled_kernel<kMT, kZeros, kStages>;
     const l32_status allowed = allow_dynamic_smem(kernel, kBytes);
     if (allowed != L32_OK) return allowed;
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((ntiles + kTS - 1) / kTS), static_cast<unsigned>(p.splits));
     launch_kernel(kernel, grid, kThreads, kBytes, stream, p);
     return check_launch();
+}
+
+// p.tiled_stages (0: two) lowered to the deepest ring that fits the device's shared memory per block (sm_89 takes
+// 99 KB: four stages at m <= 8, three at 8 < m <= 16 and at m > 32, two at 16 < m <= 32). The stage count changes
+// no bit.
+template <int kMT, bool kZeros>
+l32_status launch_tiled_as(const l32_w4a16_params& p, cudaStream_t stream) {
+    using S = TiledSmem<kMT, kZeros>;
+    int stages = p.tiled_stages == 0 ? 2 : p.tiled_stages;
+    if (stages > 2) {
+        int device = 0, optin = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        if (err != cudaSuccess) {
+            last_cuda_error = err;
+            return L32_LAUNCH_FAILED;
+        }
+        while (stages > 2 && static_cast<size_t>(stages) * S::kUnits * 16 > static_cast<size_t>(optin)) --stages;
+    }
+    switch (stages) {
+        case 4: return launch_tiled_stages<kMT, kZeros, 4>(p, stream);
+        case 3: return launch_tiled_stages<kMT, kZeros, 3>(p, stream);
+        default: return launch_tiled_stages<kMT, kZeros, 2>(p, stream);
+    }
 }
 
 template <int kMT>

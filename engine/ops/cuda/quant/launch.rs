@@ -91,6 +91,11 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         pair_half: l.pair_half as i64,
         silu: i32::from(l.silu),
         tile_m: l.tile_m as i32,
+        tiled_stages: if !large && l.kernel == super::W4A16Kernel::Tiled {
+            super::w4a16_tiled_stages()? as i32
+        } else {
+            0
+        },
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;

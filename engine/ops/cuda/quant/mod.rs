@@ -298,6 +298,41 @@ pub fn w4a16_bulk_variant() -> crate::Result<usize> {
     VARIANT.get()
 }
 
+/// The environment variable that sets the tiled W4A16 kernel's ring of shared-memory stage buffers: 2 (the
+/// default, the kernel as measured: one stage in flight while the other is computed), 3 or 4 (two or three in
+/// flight, one barrier per stage). At m = 64 on the 90B shapes the tiled kernel keeps only 8 KB of weights in
+/// flight per block (two blocks per SM), which bounds it to about 0.7 TB/s at a microsecond or two of loaded
+/// latency; a deeper ring is the A/B for that (not yet measured). The kernel lowers it to what fits the device's
+/// shared memory per block. The same bits at every depth. Read once per process.
+pub const W4A16_TILED_STAGES_ENV: &str = "LLAMA32_W4A16_TILED_STAGES";
+
+/// A depth set by [`set_w4a16_tiled_stages`] (0: none, the variable's).
+static TILED_STAGES_SET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The tiled W4A16 kernel's ring depth in force: [`set_w4a16_tiled_stages`]'s, else [`W4A16_TILED_STAGES_ENV`]'s
+/// (default 2); an error names a bad value of the variable.
+pub fn w4a16_tiled_stages() -> crate::Result<usize> {
+    static STAGES: crate::ops::cuda::EnvCount = crate::ops::cuda::EnvCount::new(W4A16_TILED_STAGES_ENV, 2, 2..=4);
+    match TILED_STAGES_SET.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => STAGES.get(),
+        set => Ok(set),
+    }
+}
+
+/// Sets the tiled W4A16 kernel's ring depth (2 to 4) for every later launch, process-wide, over the variable's;
+/// `None` goes back to the variable's. Launches already captured in a CUDA graph keep theirs.
+pub fn set_w4a16_tiled_stages(stages: Option<usize>) -> crate::Result<()> {
+    match stages {
+        Some(s) if !(2..=4).contains(&s) => {
+            Err(crate::Error::Request(format!("tiled W4A16 stages: {s} is not in 2..=4")))
+        }
+        _ => {
+            TILED_STAGES_SET.store(stages.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+    }
+}
+
 /// The most rows of x the bulk kernel takes.
 pub const BULK_MAX_M: usize = 16;
 
@@ -363,6 +398,28 @@ mod tests {
         for (m, n, k, want) in hopper {
             assert_eq!(W4A16Kernel::pick(m, n, k, true), want, "hopper: m {m} n {n} k {k}");
         }
+    }
+
+    #[test]
+    fn w4a16_tiled_stages_are_set_and_checked() {
+        if std::env::var_os(W4A16_TILED_STAGES_ENV).is_some() {
+            eprintln!("skipped: {W4A16_TILED_STAGES_ENV} is set");
+            return;
+        }
+        // Only this test sets the depth (the GPU test resets it after itself, in its own binary).
+        assert_eq!(w4a16_tiled_stages().unwrap(), 2, "the measured default");
+        for bad in [0, 1, 5] {
+            let e = set_w4a16_tiled_stages(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("tiled W4A16 stages") && e.contains(&bad.to_string()), "{e}");
+            assert_eq!(w4a16_tiled_stages().unwrap(), 2, "a refused depth changes nothing");
+        }
+        for depth in [3, 4, 2] {
+            set_w4a16_tiled_stages(Some(depth)).unwrap();
+            assert_eq!(w4a16_tiled_stages().unwrap(), depth);
+        }
+        set_w4a16_tiled_stages(Some(4)).unwrap();
+        set_w4a16_tiled_stages(None).unwrap();
+        assert_eq!(w4a16_tiled_stages().unwrap(), 2, "None goes back to the variable's");
     }
 
     #[test]
