@@ -273,7 +273,10 @@ l32_status launch_tiled_as(const l32_w4a16_params& p, cudaStream_t stream) {
             last_cuda_error = err;
             return L32_LAUNCH_FAILED;
         }
-        while (stages > 2 && static_cast<size_t>(stages) * S::kUnits * 16 > static_cast<size_t>(optin)) --stages;
+        // 1 KB kept for the kernel's static shared memory (16 bytes; the split-K finish flag).
+        while (stages > 2 && static_cast<size_t>(stages) * S::kUnits * 16 + 1024 > static_cast<size_t>(optin)) {
+            --stages;
+        }
     }
     switch (stages) {
         case 4: return launch_tiled_stages<kMT, kZeros, 4>(p, stream);
