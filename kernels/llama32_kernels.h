@@ -210,6 +210,9 @@ typedef struct l32_paged_decode_params {
                                        (max, sum) [num_seqs, num_heads, num_splits, 2], 16-byte aligned, so
                                        4 * num_seqs * num_heads * num_splits * (head_dim + 2) bytes;
                                        ignored (may be NULL) when num_splits == 1 */
+    uint32_t* merge_counters;     /**< fused_merge with num_splits > 1: [num_seqs, num_kv_heads] u32, zeroed before
+                                       the first launch (every launch leaves them zeroed), apart from the workspace
+                                       above; else ignored (may be NULL) */
     int64_t num_seqs;             /**< >= 0 (0 launches nothing), at most 65535 */
     int64_t q_stride;             /**< elements between q rows, >= num_heads * head_dim, a multiple of 8 */
     int64_t max_blocks_per_seq;   /**< row length of block_tables, >= 1 */
@@ -219,6 +222,9 @@ typedef struct l32_paged_decode_params {
     int32_t block_size;           /**< tokens per cache block, >= 1 */
     int32_t num_splits;           /**< KV splits per sequence, 1..=256 (chosen by the caller from the context) */
     float scale;                  /**< softmax scale, 1 / sqrt(head_dim) for Llama */
+    int32_t fused_merge;          /**< num_splits > 1: nonzero merges the splits in the last CTA of each (sequence,
+                                       kv head) to finish (an atomic counter in the workspace) instead of a second
+                                       kernel; the same bits */
     l32_dtype dtype;              /**< L32_DTYPE_BF16 */
 } l32_paged_decode_params;
 

@@ -156,6 +156,7 @@ run() {
     env_tag+="${LLAMA32_W4A16_LARGE_MIN_M:+ large_min_m=$LLAMA32_W4A16_LARGE_MIN_M}"
     env_tag+="${LLAMA32_GEMV_PREFETCH:+ gemv_prefetch=$LLAMA32_GEMV_PREFETCH}"
     env_tag+="${LLAMA32_W4A16_TILED_STAGES:+ tiled_stages=$LLAMA32_W4A16_TILED_STAGES}"
+    env_tag+="${LLAMA32_DECODE_MERGE:+ merge=$LLAMA32_DECODE_MERGE}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -497,9 +498,12 @@ PY
     done
     # Decode attention split at short contexts (LLAMA32_DECODE_SPLIT_POSITIONS, default 256): batch 1 of 1B and 3B.
     local sp
+    # Then with the splits merged in the decode kernel's last CTA (LLAMA32_DECODE_MERGE=fused: no merge launch).
     for sp in 64 32; do
       LLAMA32_DECODE_SPLIT_POSITIONS=$sp bench_e2e 60 "1b 1 128 64"
       LLAMA32_DECODE_SPLIT_POSITIONS=$sp bench_e2e 60 "3b 1 128 64"
+      LLAMA32_DECODE_SPLIT_POSITIONS=$sp LLAMA32_DECODE_MERGE=fused bench_e2e 60 "1b 1 128 64"
+      LLAMA32_DECODE_SPLIT_POSITIONS=$sp LLAMA32_DECODE_MERGE=fused bench_e2e 60 "3b 1 128 64"
     done
     if [[ -f $logs/bench.jsonl ]]; then
       mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
@@ -522,8 +526,9 @@ for d in rows:
         base = base_of(d, "decode_split_positions")
         if base:
             a, b = base["decode_ms_per_step"], d["decode_ms_per_step"]
+            merge = ", fused merge" if d.get("decode_merge") == "fused" else ""
             print("split  %-24s %s b%d: %.3f -> %.3f ms/step (%.2fx)" % (
-                "%d positions" % split, d.get("model"), d["batch"], a, b, a / b))
+                "%d positions%s" % (split, merge), d.get("model"), d["batch"], a, b, a / b))
 PY
       )
     fi

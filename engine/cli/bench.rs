@@ -329,7 +329,7 @@ fn bench_one(
         // (LLAMA32_W4A8_KERNEL), the large-m W4A16 path and where it starts (LLAMA32_W4A16_LARGE,
         // LLAMA32_W4A16_LARGE_MIN_M), the prefill attention
         // kernel (LLAMA32_PREFILL_KERNEL), the direct W4A16 kernel's L2 prefetch (LLAMA32_W4A16_PREFETCH), the tiled
-        // one's ring depth (LLAMA32_W4A16_TILED_STAGES),
+        // one's ring depth (LLAMA32_W4A16_TILED_STAGES), the decode split merge (LLAMA32_DECODE_MERGE),
         // programmatic dependent launch (LLAMA32_PDL), the SwiGLU fusion
         // (--no-fused-swiglu), the RoPE fusion (--fused-rope) and the norm fusion (--fused-norm).
         "w4a16_kernel": crate::ops::cuda::quant::W4A16Kernel::setting().ok(),
@@ -344,6 +344,7 @@ fn bench_one(
         "pdl": crate::ops::cuda::programmatic_launch(),
         "gemv_prefetch": if crate::ops::cuda::gemv_prefetch_whole_on() { "whole" } else { "first" },
         "decode_split_positions": crate::ops::cuda::attention::decode_split_positions().ok(),
+        "decode_merge": crate::ops::cuda::attention::decode_fused_merge().ok().map(|f| if f { "fused" } else { "kernel" }),
         "fused_swiglu": !a.model.no_fused_swiglu,
         "fused_rope": a.model.fused_rope,
         "fused_norm": a.model.fused_norm,

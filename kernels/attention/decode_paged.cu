@@ -11,7 +11,11 @@
 // warp w takes tokens 16w..16w+15 of every tile and keeps its own online-softmax state (m, l, 16 x D accumulators).
 // At the end the warps' states are merged through shared memory; with one split the result is normalized and
 // written to `out`, otherwise (m, l, unnormalized acc) go to the workspace in f32 and merge_splits_kernel combines
-// them: grid (num_heads, num_seqs), head_dim threads.
+// them: grid (num_heads, num_seqs), head_dim threads. With p.fused_merge (LLAMA32_DECODE_MERGE=fused, not yet run on
+// a GPU) there is no second kernel: each CTA fences its partials and counts itself on its (sequence, kv head)'s
+// counter in p.merge_counters; the CTA that completes the count resets it and merges the group's heads with the merge
+// kernel's arithmetic in its order (merge_split_output), so the bits are the same. It saves the merge launch, which
+// matters where splitting short contexts at small batch might pay (LLAMA32_DECODE_SPLIT_POSITIONS).
 //
 // Split policy: the caller picks num_splits (ops::cuda::attention::decode_num_splits: enough CTAs for about two
 // per SM, at least 256 positions per split). Each sequence cuts its own context into num_splits chunks of
@@ -61,8 +65,38 @@ __host__ __device__ inline int64_t ws_acc_floats(int64_t seqs, int64_t heads, in
     return seqs * heads * splits * d;
 }
 
-// Tier 1a: the split decode. See the file comment.
-template <int D, int kWarps>
+// Combines the splits of output (seq, head), dimension d, from the workspace `ws`, and writes it as bf16: the merge
+// kernel's arithmetic, and with kL2 the fused merge's (the same operations in the same order, so the same bits),
+// whose loads go to L2 (ld.global.cg): the other CTAs' partials were written there within this launch.
+template <int D, bool kL2>
+__device__ __forceinline__ void merge_split_output(const l32_paged_decode_params& p, const float* ws, int seq,
+                                                   int head, int d) {
+    const auto load = [](const float* a) {
+        if constexpr (kL2) {
+            return __ldcg(a);
+        } else {
+            return *a;
+        }
+    };
+    const int64_t part0 = (static_cast<int64_t>(seq) * p.num_heads + head) * p.num_splits;
+    const float* ml = ws + ws_acc_floats(p.num_seqs, p.num_heads, p.num_splits, D) + 2 * part0;
+    const float* acc_in = ws + part0 * D + d;
+    float m = -INFINITY;
+    for (int k = 0; k < p.num_splits; ++k) m = fmaxf(m, load(ml + 2 * k));
+    const float base = m == -INFINITY ? 0.f : m;
+    float l = 0.f, acc = 0.f;
+    for (int k = 0; k < p.num_splits; ++k) {
+        const float f = exp2f(load(ml + 2 * k) - base);
+        l = fmaf(load(ml + 2 * k + 1), f, l);
+        acc = fmaf(load(acc_in + static_cast<int64_t>(k) * D), f, acc);
+    }
+    bf16* out = static_cast<bf16*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head) * D;
+    out[d] = __float2bfloat16_rn(l > 0.f ? acc / l : 0.f);
+}
+
+// Tier 1a: the split decode. See the file comment. kFused: with num_splits > 1 the last CTA of each (sequence, kv
+// head) to finish merges its group's splits (p.fused_merge).
+template <int D, int kWarps, bool kFused>
 __global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_constant__ l32_paged_decode_params p) {
     pdl_begin();
     using T = DecodeTraits<D, kWarps>;
@@ -191,6 +225,29 @@ __global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_
             }
         }
     }
+    if constexpr (kFused) {
+        if (p.num_splits > 1) {
+            // Every thread's partials are visible device-wide before the CTA counts itself; the CTA whose count
+            // completes the (sequence, kv head) resets the counter for the next launch and merges the group.
+            __shared__ bool s_last;
+            float* ws = static_cast<float*>(p.workspace);
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) {
+                unsigned int* counter = p.merge_counters + static_cast<int64_t>(seq) * p.num_kv_heads + kv_head;
+                const unsigned int arrived = atomicAdd(counter, 1u) + 1u;
+                s_last = arrived == static_cast<unsigned int>(p.num_splits);
+                if (s_last) *counter = 0u;
+            }
+            __syncthreads();
+            if (s_last) {
+                __threadfence();
+                for (int idx = tid; idx < group * D; idx += T::kThreads) {
+                    merge_split_output<D, true>(p, ws, seq, static_cast<int>(head0) + idx / D, idx % D);
+                }
+            }
+        }
+    }
 }
 
 // Tier 1b: combines the splits of one (head, sequence): grid (num_heads, num_seqs), D threads, one per dimension.
@@ -198,21 +255,7 @@ template <int D>
 __global__ void __launch_bounds__(D) merge_splits_kernel(const __grid_constant__ l32_paged_decode_params p) {
     pdl_begin();
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
-    const float* ws = static_cast<const float*>(p.workspace);
-    const int64_t part0 = (static_cast<int64_t>(seq) * p.num_heads + head) * p.num_splits;
-    const float* ml = ws + ws_acc_floats(p.num_seqs, p.num_heads, p.num_splits, D) + 2 * part0;
-    const float* acc_in = ws + part0 * D + d;
-    float m = -INFINITY;
-    for (int k = 0; k < p.num_splits; ++k) m = fmaxf(m, ml[2 * k]);
-    const float base = m == -INFINITY ? 0.f : m;
-    float l = 0.f, acc = 0.f;
-    for (int k = 0; k < p.num_splits; ++k) {
-        const float f = exp2f(ml[2 * k] - base);
-        l = fmaf(ml[2 * k + 1], f, l);
-        acc = fmaf(acc_in[static_cast<int64_t>(k) * D], f, acc);
-    }
-    bf16* out = static_cast<bf16*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head) * D;
-    out[d] = __float2bfloat16_rn(l > 0.f ? acc / l : 0.f);
+    merge_split_output<D, false>(p, static_cast<const float*>(p.workspace), seq, head, d);
 }
 
 // Tier 2.
@@ -221,7 +264,12 @@ l32_status launch(const l32_paged_decode_params& p, cudaStream_t stream) {
     using T = DecodeTraits<D, kWarps>;
     const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_kv_heads),
                     static_cast<unsigned>(p.num_seqs));
-    launch_kernel(paged_decode_kernel<D, kWarps>, grid, T::kThreads, T::kSmemBytes, stream, p);
+    const bool fused = p.fused_merge != 0 && p.num_splits > 1;
+    if (fused) {
+        launch_kernel(paged_decode_kernel<D, kWarps, true>, grid, T::kThreads, T::kSmemBytes, stream, p);
+        return check_launch();
+    }
+    launch_kernel(paged_decode_kernel<D, kWarps, false>, grid, T::kThreads, T::kSmemBytes, stream, p);
     l32_status status = check_launch();
     if (status != L32_OK || p.num_splits == 1) return status;
     const dim3 merge_grid(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs));
@@ -256,6 +304,8 @@ extern "C" l32_status l32_paged_decode(const l32_paged_decode_params* params, vo
         return L32_UNSUPPORTED;
     }
     if (p.num_splits > 1 && (p.workspace == nullptr || !l32::is_aligned(p.workspace, 16))) return L32_INVALID_ARGUMENT;
+    const bool fused = p.fused_merge != 0 && p.num_splits > 1;
+    if (fused && (p.merge_counters == nullptr || !l32::is_aligned(p.merge_counters, 4))) return L32_INVALID_ARGUMENT;
     if (p.num_seqs == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
     return p.head_dim == 64 ? l32::launch<64, 4>(p, s) : l32::launch<128, 2>(p, s);

@@ -330,6 +330,70 @@ fn paged_decode_matches_cpu() {
     }
 }
 
+/// The fused split merge (`set_decode_fused_merge`, `LLAMA32_DECODE_MERGE=fused`; not yet measured): the last CTA
+/// of each (sequence, kv head) merges the splits, with the merge kernel's arithmetic, so its output has the merge
+/// kernel's bits, on a second run too (the first must leave its counters zeroed: they are checked after every
+/// launch), at every layout, both block sizes, short and long contexts, and split counts that leave later splits
+/// empty. The merge goes back to the variable's at the end, also on a failure.
+#[test]
+fn paged_decode_fused_merge_gives_the_merge_kernel_bits() {
+    let Some(stream) = stream() else { return };
+    let dog = Watchdog::start("paged_decode_fused_merge_gives_the_merge_kernel_bits");
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            attn::set_decode_fused_merge(None);
+        }
+    }
+    let _reset = Reset;
+    let batches: [&[usize]; 3] = [&[1, 17, 300, 2049], &[16384, 33], &[140]];
+    let mut runs = 0;
+    for (i, heads) in LAYOUTS.into_iter().enumerate() {
+        for bs in BLOCK_SIZES {
+            for (b, contexts) in batches.iter().enumerate() {
+                let mut rng = ChaCha8Rng::seed_from_u64(3000 + 100 * b as u64 + 10 * i as u64 + bs as u64);
+                let l = layout(heads, bs);
+                let seqs: Vec<(usize, usize)> = contexts.iter().map(|&c| (c - 1, 1)).collect();
+                let step = Step::new(&mut rng, l, &seqs);
+                let mut dev = DeviceStep::upload(&stream, &step);
+                for splits in [2, 3, 7, 64] {
+                    let what = format!(
+                        "paged_decode heads {}/{} d{} block {bs} contexts {contexts:?} splits {splits}",
+                        heads.0, heads.1, heads.2
+                    );
+                    let bytes = attn::decode_workspace_bytes(&l, seqs.len(), splits);
+                    let mut ws = stream.alloc_zeros::<u8>(bytes).expect("workspace");
+                    attn::set_decode_fused_merge(Some(false));
+                    dev.poison_out(&stream);
+                    dog.at(format!("merge kernel: {what}"));
+                    dev.decode(&stream, &step, splits, &mut ws).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let want: Vec<u16> = dev.download(&stream).iter().map(|v| v.to_bits()).collect();
+                    attn::set_decode_fused_merge(Some(true));
+                    for run in 0..2 {
+                        dev.poison_out(&stream);
+                        dog.at(format!("fused merge run {run}: {what}"));
+                        dev.decode(&stream, &step, splits, &mut ws).unwrap_or_else(|e| panic!("{what}: {e}"));
+                        let got = dev.download(&stream);
+                        dog.at(format!("check fused run {run}: {what}"));
+                        if let Some(j) = (0..got.len()).find(|&j| got[j].to_bits() != want[j]) {
+                            panic!(
+                                "{what}, fused run {run}: out[{j}] = {} but the merge kernel gives {:?}",
+                                got[j],
+                                bf16::from_bits(want[j])
+                            );
+                        }
+                        let tail =
+                            stream.clone_dtoh(&ws).expect("workspace")[bytes - attn::DECODE_COUNTER_BYTES..].to_vec();
+                        assert!(tail.iter().all(|&v| v == 0), "{what}, fused run {run}: counters left nonzero");
+                        runs += 1;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("paged_decode fused merge: {runs} runs, bit-equal to the merge kernel, counters left zeroed");
+}
+
 #[test]
 fn attention_wrappers_reject_bad_shapes_before_launch() {
     let Some(stream) = stream() else { return };

@@ -202,12 +202,60 @@ pub fn decode_num_splits(layout: &PagedLayout, num_seqs: usize, max_context_len:
     wanted.clamp(1, most)
 }
 
-/// Bytes of workspace [`paged_decode`] needs with `num_splits` splits (0 for one split).
+/// Bytes of workspace [`paged_decode`] needs with `num_splits` splits (0 for one split): the splits' f32 partials,
+/// then [`DECODE_COUNTER_BYTES`] for the fused merge's counters, which [`paged_decode`] takes from the end of the
+/// workspace it is given (so that they stay put whatever the step's shape; they must start zeroed, as
+/// `alloc_zeros` leaves them, and every launch leaves them zeroed).
 pub fn decode_workspace_bytes(layout: &PagedLayout, num_seqs: usize, num_splits: usize) -> usize {
     if num_splits <= 1 {
         return 0;
     }
-    4 * num_seqs * layout.num_heads * num_splits * (layout.head_dim + 2)
+    4 * num_seqs * layout.num_heads * num_splits * (layout.head_dim + 2) + DECODE_COUNTER_BYTES
+}
+
+/// Bytes at the end of a decode workspace kept for the fused merge's counters (one u32 per sequence and kv head):
+/// a step with more than `DECODE_COUNTER_BYTES / 4` (sequence, kv head) pairs merges with the merge kernel instead.
+pub const DECODE_COUNTER_BYTES: usize = 64 * 1024;
+
+/// The environment variable that picks how decode attention combines its KV splits: `kernel` (the default, as
+/// measured: a second, small kernel) or `fused` (the last CTA of each sequence and kv head to finish merges its
+/// group, counted on an atomic counter; one launch less per layer, the same bits; not yet measured). Read once per
+/// process; [`set_decode_fused_merge`] overrides it.
+pub const DECODE_MERGE_ENV: &str = "LLAMA32_DECODE_MERGE";
+
+/// The merge [`set_decode_fused_merge`] chose (0: none, the variable's; 1: kernel; 2: fused).
+static DECODE_MERGE_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether decode attention merges its splits in the last CTA ([`DECODE_MERGE_ENV`]); an error names a bad value.
+pub fn decode_fused_merge() -> Result<bool> {
+    static VALUE: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    match DECODE_MERGE_SET.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => return Ok(false),
+        2 => return Ok(true),
+        _ => {}
+    }
+    VALUE
+        .get_or_init(|| {
+            let value = std::env::var(DECODE_MERGE_ENV).unwrap_or_default();
+            match value.trim().to_ascii_lowercase().as_str() {
+                "" | "kernel" => Ok(false),
+                "fused" => Ok(true),
+                other => Err(format!("{DECODE_MERGE_ENV}: unknown value {other:?} (expected kernel or fused)")),
+            }
+        })
+        .clone()
+        .map_err(Error::Request)
+}
+
+/// Sets how later decode launches merge their splits, process-wide: `Some(true)` fused, `Some(false)` the merge
+/// kernel, `None` back to [`DECODE_MERGE_ENV`]. Launches already captured in a CUDA graph keep theirs.
+pub fn set_decode_fused_merge(fused: Option<bool>) {
+    let v = match fused {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    DECODE_MERGE_SET.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The largest [`decode_workspace_bytes`] of any decode step of up to `max_seqs` sequences whose split count comes
@@ -311,10 +359,26 @@ where
     let (vp, _v) = kv.v.device_ptr(stream);
     let (pos, _pos) = meta.positions.device_ptr(stream);
     let (tables, _tables) = meta.block_tables.device_ptr(stream);
+    // The fused merge's counters: the end of the workspace (see decode_workspace_bytes), 4-byte aligned down.
+    let counters_at = workspace.len() - DECODE_COUNTER_BYTES.min(workspace.len());
+    let fused = meta.num_splits > 1
+        && decode_fused_merge()?
+        && num_seqs * kv.layout.num_kv_heads <= DECODE_COUNTER_BYTES / 4
+        && workspace.len() >= DECODE_COUNTER_BYTES;
     let (ws, _ws) = workspace.device_ptr_mut(stream);
     let (op, _out) = out.device_ptr_mut(stream);
-    let ptrs =
-        Ptrs { out: op, q: qp, k: kp, v: vp, positions: pos, cu_seqlens: 0, block_tables: tables, workspace: ws };
+    let merge_counters = if fused { (ws + counters_at as u64) & !3 } else { 0 };
+    let ptrs = Ptrs {
+        out: op,
+        q: qp,
+        k: kp,
+        v: vp,
+        positions: pos,
+        cu_seqlens: 0,
+        block_tables: tables,
+        workspace: ws,
+        merge_counters,
+    };
     let sizes = Sizes {
         tokens: num_seqs,
         seqs: num_seqs,
@@ -423,8 +487,17 @@ where
     let (cu, _cu) = meta.cu_seqlens.device_ptr(stream);
     let (tables, _tables) = meta.block_tables.device_ptr(stream);
     let (op, _out) = out.device_ptr_mut(stream);
-    let ptrs =
-        Ptrs { out: op, q: qp, k: kp, v: vp, positions: pos, cu_seqlens: cu, block_tables: tables, workspace: 0 };
+    let ptrs = Ptrs {
+        out: op,
+        q: qp,
+        k: kp,
+        v: vp,
+        positions: pos,
+        cu_seqlens: cu,
+        block_tables: tables,
+        workspace: 0,
+        merge_counters: 0,
+    };
     let sizes = Sizes {
         tokens,
         seqs,
@@ -504,6 +577,8 @@ struct Ptrs {
     cu_seqlens: u64,
     block_tables: u64,
     workspace: u64,
+    /// Decode: the fused merge's counters (0: the merge kernel).
+    merge_counters: u64,
 }
 
 /// Sizes of one checked call; `extra` is num_splits (decode) or max_query_len (prefill).
@@ -535,6 +610,7 @@ fn launch_decode(op: &str, stream: &CudaStream, layout: &PagedLayout, p: &Ptrs, 
         positions: p.positions as *const u32,
         block_tables: p.block_tables as *const u32,
         workspace: if s.extra > 1 { p.workspace as *mut c_void } else { std::ptr::null_mut() },
+        merge_counters: p.merge_counters as *mut u32,
         num_seqs: s.seqs as i64,
         q_stride: s.q_stride as i64,
         max_blocks_per_seq: s.max_blocks_per_seq as i64,
@@ -544,11 +620,13 @@ fn launch_decode(op: &str, stream: &CudaStream, layout: &PagedLayout, p: &Ptrs, 
         block_size: layout.block_size as i32,
         num_splits: s.extra as i32,
         scale: softmax_scale(layout),
+        fused_merge: i32::from(p.merge_counters != 0),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: every pointer comes from a live device slice on this stream's device whose length was checked against
-    // the sizes above; the callers hold the slices' stream guards until after this launch.
+    // the sizes above (the merge counters lie in the workspace's last DECODE_COUNTER_BYTES, past the partials); the
+    // callers hold the slices' stream guards until after this launch.
     let status = unsafe { ffi::l32_paged_decode(&params, raw) };
     super::check_launch(op, stream, status, || describe(op, layout, s))
 }
@@ -693,9 +771,26 @@ mod tests {
     }
 
     #[test]
+    fn decode_merge_is_set_and_read() {
+        if std::env::var_os(DECODE_MERGE_ENV).is_some() {
+            eprintln!("skipped: {DECODE_MERGE_ENV} is set");
+            return;
+        }
+        // Only this test sets the merge (the GPU test resets it after itself, in its own binary).
+        assert!(!decode_fused_merge().unwrap(), "the merge kernel by default");
+        set_decode_fused_merge(Some(true));
+        assert!(decode_fused_merge().unwrap());
+        set_decode_fused_merge(Some(false));
+        assert!(!decode_fused_merge().unwrap());
+        set_decode_fused_merge(Some(true));
+        set_decode_fused_merge(None);
+        assert!(!decode_fused_merge().unwrap(), "None goes back to the variable's");
+    }
+
+    #[test]
     fn workspace_covers_every_split() {
         assert_eq!(decode_workspace_bytes(&L1B, 3, 1), 0);
-        assert_eq!(decode_workspace_bytes(&L1B, 3, 4), 4 * 3 * 32 * 4 * 66);
+        assert_eq!(decode_workspace_bytes(&L1B, 3, 4), 4 * 3 * 32 * 4 * 66 + DECODE_COUNTER_BYTES);
         // 132 SMs, 8 kv heads: 1 sequence takes 33 splits, 16 take 3 (48 in all), 32 take 2 (64, the most),
         // 33 and more take 1 (no workspace).
         let max = decode_workspace_bytes_max(&L1B, 256, 131072, 132);
