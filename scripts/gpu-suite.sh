@@ -70,7 +70,10 @@ run() {
   # end to end on 1B and 11B Vision W4A16, forced against the default; GPU_SUITE_SKIP_VISION=1 leaves out the 11B
   # rows), wgmma (opt-in: the Hopper W4A8 kernels beside mma and the large-m W4A16 kernel beside dequantize +
   # cuBLASLt: their tests, the golden end-to-end test with each forced, their criterion lines with cuBLAS at the same
-  # shapes, 1B end to end with each).
+  # shapes, 1B end to end with each), fresh (opt-in: what has never run on a GPU, in one call: the never-run kernels'
+  # tests under a 30-second stall watchdog, then their headline figures beside the measured defaults: W4A8 at
+  # m = 1024 on the 90B shapes with cuBLAS, the tiled W4A16 rings, prefill wgmma-ws, and 1B batch-1 decode with the
+  # split / fused merge / gemv whole-row prefetch A/Bs).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -445,6 +448,45 @@ PY
     fi
   fi
 
+  if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
+    # What has never run on a GPU, in one call of about six minutes, most telling first: the never-run kernels'
+    # tests (each launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then each one's headline
+    # figure beside the measured default in the same call.
+    local ft
+    for ft in cuda_attention::paged_prefill_ws_matches_wgmma_bits \
+      cuda_w4a8_wgmma::w4a8_wgmma_row_matches_its_cpu_twin_bit_for_bit \
+      cuda_w4a8_wgmma::w4a8_wgmma_ws_matches_its_cpu_twin_bit_for_bit \
+      cuda_w4a16_large::w4a16_large_row_matches_cpu cuda_quant::w4a16_tiled_stages_change_no_bit \
+      cuda_attention::paged_decode_fused_merge_gives_the_merge_kernel_bits \
+      cuda_golden::cuda_gemv_whole_prefetch_changes_no_bit; do
+      gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
+    done
+    # W4A8 at m = 1024 on the 90B shapes: every kernel (wgmma-row and wgmma-ws new) against cuBLAS bf16.
+    if [[ -x "$bundle/bench/cuda_kernels" ]]; then
+      log="$logs/criterion.fresh.log"
+      rc=0
+      (cd "$(mktemp -d)" && LLAMA32_BENCH_W4A8_M=1024 tmo 120 "$bundle/bench/cuda_kernels" --bench --noplot \
+        'quant/w4a8.*_m1024_90b') >"$log" 2>&1 || rc=$?
+      mapfile -t -O "${#benches[@]}" benches < <(awk '/^quant\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
+      if ((rc != 0)); then
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "quant/w4a8 m 1024 90b (see $log)" -)")
+        tail -n 5 "$log"
+      fi
+    fi
+    LLAMA32_PEERS_QUANT_M=1024 peers 60 quant fresh
+    # The tiled W4A16 kernel's deeper rings (tiled/3, tiled/4 beside tiled) on the 11B / 90B shapes at m = 1, 16, 64.
+    LLAMA32_QUANT_SHAPES=11b,90b gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput fresh
+    # Prefill attention, wgmma against wgmma-ws (and decode attention) TFLOP/s.
+    gpu_bench 90 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput fresh
+    # 1B batch-1 decode: the default, the split of short contexts with the merge kernel and fused, the gemv
+    # whole-row prefetch.
+    bench_e2e 60 "1b 1 128 64"
+    LLAMA32_DECODE_SPLIT_POSITIONS=64 bench_e2e 60 "1b 1 128 64"
+    LLAMA32_DECODE_SPLIT_POSITIONS=64 LLAMA32_DECODE_MERGE=fused bench_e2e 60 "1b 1 128 64"
+    LLAMA32_GEMV_PREFETCH=whole bench_e2e 60 "1b 1 128 64"
+  fi
+
   if want prefill && [[ -x "$bundle/tests/gpu" ]]; then
     # The kernel twin tests (cuda_attention::paged_prefill_matches_cpu, and paged_prefill_ws_matches_wgmma_bits for
     # the warp-specialized kernel) run in the tests stage; here the golden checkpoints go through the executor with
@@ -752,7 +794,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk,wgmma,fresh]|run-tp]" >&2
     exit 2
     ;;
 esac
