@@ -474,7 +474,7 @@ PY
         tail -n 5 "$log"
       fi
     fi
-    LLAMA32_PEERS_QUANT_M=1024 peers 60 quant fresh
+    [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || LLAMA32_PEERS_QUANT_M=1024 peers 60 quant fresh
     # The tiled W4A16 kernel's deeper rings (tiled/3, tiled/4 beside tiled) on the 11B / 90B shapes at m = 1, 16, 64.
     LLAMA32_QUANT_SHAPES=11b,90b gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput fresh
     # Prefill attention, wgmma against wgmma-ws (and decode attention) TFLOP/s.
