@@ -36,6 +36,7 @@
 
 #include "common/attention.cuh"
 #include "common/bf16.cuh"
+#include "common/last_block.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 
@@ -228,21 +229,10 @@ __global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_
     }
     if constexpr (kFused) {
         if (p.num_splits > 1) {
-            // Every thread's partials are visible device-wide before the CTA counts itself; the CTA whose count
-            // completes the (sequence, kv head) resets the counter for the next launch and merges the group.
-            __shared__ bool s_last;
-            float* ws = static_cast<float*>(p.workspace);
-            __threadfence();
-            __syncthreads();
-            if (tid == 0) {
-                unsigned int* counter = p.merge_counters + static_cast<int64_t>(seq) * p.num_kv_heads + kv_head;
-                const unsigned int arrived = atomicAdd(counter, 1u) + 1u;
-                s_last = arrived == static_cast<unsigned int>(p.num_splits);
-                if (s_last) *counter = 0u;
-            }
-            __syncthreads();
-            if (s_last) {
-                __threadfence();
+            // The CTA whose arrival completes its (sequence, kv head) merges the group (and has reset the counter).
+            // At most DECODE_COUNTER_BYTES / 4 (sequence, kv head) pairs take the fused merge: the index fits an int.
+            if (last_block_arrive(p.merge_counters, seq * p.num_kv_heads + kv_head, p.num_splits)) {
+                const float* ws = static_cast<const float*>(p.workspace);
                 for (int idx = tid; idx < group * D; idx += T::kThreads) {
                     merge_split_output<D, true>(p, ws, seq, static_cast<int>(head0) + idx / D, idx % D);
                 }

@@ -34,6 +34,7 @@
 #include <cstdint>
 
 #include "common/bf16.cuh"
+#include "common/last_block.cuh"
 #include "common/smem.cuh"
 
 namespace l32 {
@@ -210,22 +211,11 @@ __device__ __forceinline__ void split_range(int chunks, int splits, int s, int& 
 
 // Deterministic split-K, part 1: called by every thread of a block after it wrote its f32 partials (plain stores)
 // for tile `tile`. Returns true in every thread of the block whose arrival completes the tile (the last of
-// `splits`); that block then sums the partials of all splits in split order (read with __ldcg: they were written
-// by other SMs, so L1 must not serve them) and resets the counter to 0 for the next launch (a CUDA graph replays
-// with the same counters). The order of the sum never depends on which block arrives last, so the result has the
-// same bits on every run. The fences follow the CUDA programming guide's "last block" reduction pattern.
+// `splits`; last_block_arrive, which also resets the counter); that block then sums the partials of all splits in
+// split order (read with __ldcg). The order of the sum never depends on which block arrives last, so the result has
+// the same bits on every run.
 __device__ __forceinline__ bool splitk_arrive(unsigned* counters, int tile, int splits) {
-    __shared__ bool last;
-    __threadfence();  // this thread's partials are visible device-wide before the block's arrival is counted
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned prev = atomicAdd(counters + tile, 1u);
-        last = prev == static_cast<unsigned>(splits - 1);
-        if (last) counters[tile] = 0;  // every split has arrived: nobody else touches it in this launch
-    }
-    __syncthreads();
-    if (last) __threadfence();  // order the arrival before the reads of the other splits' partials
-    return last;
+    return last_block_arrive(counters, tile, splits);
 }
 
 }  // namespace quant
