@@ -300,7 +300,7 @@ impl LlamaConfig {
         }
         let rope = parse_rope(&top)?;
         let dtype = top.get("dtype").or_else(|| top.get("torch_dtype")).and_then(|v| v.as_str()).map(str::to_owned);
-        Ok(LlamaConfig {
+        let cfg = LlamaConfig {
             vocab_size: top.usize("vocab_size")?,
             hidden_size,
             intermediate_size: top.usize("intermediate_size")?,
@@ -315,7 +315,46 @@ impl LlamaConfig {
             bos_token_id: top.ids("bos_token_id")?.first().copied(),
             eos_token_ids: top.ids("eos_token_id")?,
             dtype,
-        })
+        };
+        cfg.check_sizes(&top)?;
+        Ok(cfg)
+    }
+
+    /// Refuses sizes no Llama has, before anything is allocated or enumerated from them: more than [`MAX_LAYERS`]
+    /// layers, a width (hidden, intermediate, q or kv) over [`MAX_WIDTH`], a vocabulary over [`MAX_VOCAB`], or
+    /// more than [`MAX_PARAMETERS`] parameters in all. Without this an absurd config (a typo, a corrupted file)
+    /// made a loader enumerate billions of tensors or ask the allocator for terabytes and abort.
+    fn check_sizes(&self, top: &Fields<'_>) -> Result<()> {
+        if self.num_hidden_layers > MAX_LAYERS {
+            let msg = format!("{} layers, at most {MAX_LAYERS} are supported", self.num_hidden_layers);
+            return Err(top.err("num_hidden_layers", msg));
+        }
+        let widths = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads * self.head_dim),
+            ("num_key_value_heads", self.num_key_value_heads * self.head_dim),
+        ];
+        for (field, w) in widths {
+            if w > MAX_WIDTH {
+                let what = if field.ends_with("heads") { " (heads x head_dim)" } else { "" };
+                return Err(top.err(field, format!("a width of {w}{what}, at most {MAX_WIDTH} is supported")));
+            }
+        }
+        if self.vocab_size > MAX_VOCAB {
+            return Err(top.err("vocab_size", format!("{}, at most {MAX_VOCAB} is supported", self.vocab_size)));
+        }
+        // Within those bounds the count stays below 2^56: no overflow.
+        let params = self.num_parameters();
+        if params > MAX_PARAMETERS {
+            let msg = format!(
+                "{params} parameters in all (hidden_size {}, intermediate_size {}, {} layers, vocabulary {}), at most \
+                 {MAX_PARAMETERS} are supported",
+                self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+            );
+            return Err(top.err("num_hidden_layers", msg));
+        }
+        Ok(())
     }
 
     /// Query heads per key/value head.
@@ -416,6 +455,15 @@ fn parse_rope(top: &Fields<'_>) -> Result<RopeConfig> {
     Ok(RopeConfig { theta, scaling })
 }
 
+/// The most decoder layers a config may give (Llama 3.2 90B has 100, Llama 3.1 405B 126).
+pub const MAX_LAYERS: usize = 1024;
+/// The widest hidden, intermediate, q or kv width a config may give (Llama 3.1 405B: 53248).
+pub const MAX_WIDTH: usize = 1 << 20;
+/// The largest vocabulary a config may give (Llama 3: 128256).
+pub const MAX_VOCAB: usize = 1 << 24;
+/// The most parameters a config may describe (Llama 3.1 405B: 4.1e11).
+pub const MAX_PARAMETERS: u64 = 1 << 40;
+
 /// Where a model comes from: a checkpoint directory or a preset with generated weights.
 #[derive(Clone, Debug)]
 pub enum ModelSource {
@@ -506,6 +554,32 @@ mod tests {
         assert!(e.contains("rope_scaling.original_max_position_embeddings"), "{e}");
         let e = parse("[1]").unwrap_err().to_string();
         assert!(e.contains("config.json"), "{e}");
+    }
+
+    #[test]
+    fn sizes_no_llama_has_are_refused_by_field() {
+        let cases: [(&str, &str); 5] = [
+            (r#""num_hidden_layers":1000000000"#, "num_hidden_layers"),
+            (r#""hidden_size":2147483648,"head_dim":16"#, "hidden_size"),
+            (r#""num_attention_heads":1048576,"num_key_value_heads":1,"head_dim":16"#, "num_attention_heads"),
+            (r#""vocab_size":33554432"#, "vocab_size"),
+            // Every width within bounds, but 2^20 x 2^20 x 3 x 1024 parameters.
+            (
+                r#""hidden_size":1048576,"intermediate_size":1048576,"num_hidden_layers":1024,"head_dim":16"#,
+                "parameters",
+            ),
+        ];
+        for (fields, needle) in cases {
+            // The case's fields override BASE's (serde_json keeps the last of repeated keys).
+            let e = parse(&format!(r#"{BASE},{fields}}}"#)).unwrap_err().to_string();
+            assert!(e.contains(needle) && e.contains("supported"), "{fields}: {e}");
+            assert!(e.contains("config.json"), "{e}");
+        }
+        // The largest published Llama shapes pass.
+        let ok = r#""hidden_size":16384,"intermediate_size":53248,"num_hidden_layers":126,"num_attention_heads":128,
+            "num_key_value_heads":8,"vocab_size":128256"#;
+        let cfg = parse(&format!(r#"{BASE},{ok}}}"#)).unwrap();
+        assert!(cfg.num_parameters() > 400_000_000_000);
     }
 
     #[test]

@@ -140,6 +140,45 @@ fn bad_inputs_get_clear_errors() {
     assert_eq!(v["ids"].as_array().unwrap().len(), ctx - 2);
 }
 
+/// A config with sizes no Llama has (a typo, a corrupted file) ends in an error naming the file and field, or the
+/// memory it would need, before anything is allocated: it used to make the loader enumerate a billion layers'
+/// tensors (no answer in minutes), abort in the allocator, or panic on a capacity overflow.
+#[test]
+fn absurd_sizes_get_clear_errors_not_aborts() {
+    let base: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("tied-gqa4").join("config.json")).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("llama32-cli-absurd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (wide, huge) = (1_048_576, 4_294_967_295u64);
+    let cases: [(Value, &[&str]); 5] = [
+        (json!({"num_hidden_layers": 1_000_000_000u64}), &["config.json", "num_hidden_layers", "at most 1024"]),
+        (json!({"hidden_size": 2_147_483_648u64, "head_dim": 16}), &["config.json", "hidden_size"]),
+        (json!({"intermediate_size": huge}), &["config.json", "intermediate_size"]),
+        // Every width within bounds, but 3 x 2^20 x 2^10 x 1000 parameters in all.
+        (json!({"intermediate_size": wide, "hidden_size": 1024, "num_hidden_layers": 1000}), &["parameters in all"]),
+        // Within every bound, but 3 x 2^20 x 2^10 x 100 f32 parameters: 1.2 TiB of host memory.
+        (json!({"intermediate_size": wide, "hidden_size": 1024, "num_hidden_layers": 100}), &["GiB of host memory"]),
+    ];
+    for (over, needles) in cases {
+        if needles[0].contains("host memory") && !Path::new("/proc/meminfo").exists() {
+            eprintln!("skipped {over}: no /proc/meminfo here, so the host-memory check does not run");
+            continue;
+        }
+        let mut cfg = base.clone();
+        for (k, v) in over.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        let started = std::time::Instant::now();
+        fails_with(
+            bin().args(["logits", "--random-weights", "--model"]).arg(&dir).args(["--ids", "1", "--out", "/tmp/x.npy"]),
+            needles,
+        );
+        assert!(started.elapsed().as_secs() < 30, "{over}: took {:?}", started.elapsed());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn multi_node_flags_exist_on_serve_batch_and_bench_serve() {
     for cmd in ["serve", "batch", "bench-serve"] {

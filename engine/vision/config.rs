@@ -223,6 +223,17 @@ impl MllamaConfig {
 
     /// Total parameter count: every tensor of the checkpoint (see [`crate::vision::weights::expected_tensors`]).
     pub fn num_parameters(&self) -> u64 {
+        let (vision, rest) = self.parameter_split();
+        vision + rest
+    }
+
+    /// Parameters of the vision encoder and projector alone (what an image encoder loads).
+    pub fn num_vision_parameters(&self) -> u64 {
+        self.parameter_split().0
+    }
+
+    /// (vision encoder + projector, language model) parameter counts.
+    fn parameter_split(&self) -> (u64, u64) {
         let v = &self.vision;
         let (h, i) = (v.hidden_size as u64, v.intermediate_size as u64);
         let (p, tiles, ar_rows) = (v.num_patches() as u64, v.max_num_tiles as u64, v.max_aspect_ratio_id() as u64 + 1);
@@ -251,7 +262,7 @@ impl MllamaConfig {
             + cross_layer * n_cross;
 
         let projector = th * v.vision_output_dim as u64 + th;
-        vision + text + projector
+        (vision + projector, text)
     }
 }
 
@@ -502,6 +513,25 @@ fn parse_vision(path: &Path, obj: Option<&Map<String, Value>>) -> Result<MllamaV
             return Err(v.err(&format!("supported_aspect_ratios[{k}]"), format!("[{h}, {w}] is listed twice")));
         }
     }
+    let intermediate_size = v.usize_or("intermediate_size", 5120)?;
+    let num_global_layers = v.usize_or("num_global_layers", 8)?;
+    let num_channels = v.usize_or("num_channels", 3)?;
+    // Sizes no Mllama has are refused before anything is allocated or enumerated from them (the text model's
+    // bounds, crate::config::MAX_LAYERS and MAX_WIDTH).
+    use crate::config::{MAX_LAYERS, MAX_WIDTH};
+    for (field, n) in [("num_hidden_layers", num_hidden_layers), ("num_global_layers", num_global_layers)] {
+        if n > MAX_LAYERS {
+            return Err(v.err(field, format!("{n} layers, at most {MAX_LAYERS} are supported")));
+        }
+    }
+    for (field, w) in [("hidden_size", hidden_size), ("intermediate_size", intermediate_size)] {
+        if w > MAX_WIDTH {
+            return Err(v.err(field, format!("a width of {w}, at most {MAX_WIDTH} is supported")));
+        }
+    }
+    if num_channels > 64 {
+        return Err(v.err("num_channels", format!("{num_channels} channels, at most 64 are supported")));
+    }
     let vision_output_dim = v.usize_or("vision_output_dim", 7680)?;
     let want = hidden_size * (1 + intermediate_layers_indices.len());
     if vision_output_dim != want {
@@ -515,11 +545,11 @@ fn parse_vision(path: &Path, obj: Option<&Map<String, Value>>) -> Result<MllamaV
     }
     Ok(MllamaVisionConfig {
         hidden_size,
-        intermediate_size: v.usize_or("intermediate_size", 5120)?,
+        intermediate_size,
         num_hidden_layers,
-        num_global_layers: v.usize_or("num_global_layers", 8)?,
+        num_global_layers,
         attention_heads,
-        num_channels: v.usize_or("num_channels", 3)?,
+        num_channels,
         image_size,
         patch_size,
         max_num_tiles,
@@ -674,6 +704,29 @@ mod tests {
         assert_eq!(cfg.image_token_index, 128256);
         assert_eq!(cfg.text.embed_rows(), 128264);
         assert_eq!(cfg.text.base.eos_token_ids, vec![128001]);
+    }
+
+    #[test]
+    fn vision_sizes_no_mllama_has_are_refused_by_field() {
+        for (fields, needle) in [
+            (r#""num_hidden_layers":1000000000"#, "vision_config.num_hidden_layers"),
+            (r#""num_global_layers":1000000000"#, "vision_config.num_global_layers"),
+            (r#""intermediate_size":67108864"#, "vision_config.intermediate_size"),
+            (r#""num_channels":1000"#, "vision_config.num_channels"),
+        ] {
+            let text = format!(
+                r#"{{"architectures":["MllamaForConditionalGeneration"],"text_config":{{}},"vision_config":{{{fields}}}}}"#
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(needle) && e.contains("supported"), "{fields}: {e}");
+        }
+        let e = parse(r#"{"architectures":["MllamaForConditionalGeneration"],"text_config":{"num_hidden_layers":2000000},"vision_config":{}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text_config.num_hidden_layers"), "{e}");
+        // The vision encoder and projector of the 11B preset: 0.90 B of its 10.67 B parameters.
+        let c = MllamaPreset::Vision11B.config();
+        assert!(c.num_vision_parameters() < c.num_parameters() / 10, "{}", c.num_vision_parameters());
     }
 
     #[test]

@@ -311,12 +311,14 @@ impl MllamaWeights {
     }
 
     fn build(r: &Reader<'_>, cfg: &MllamaConfig) -> Result<Self> {
+        crate::weights::check_host_f32("the model's", cfg.num_parameters(), || sizes_of(cfg))?;
         let mut w = Self::build_vision(r, cfg)?;
         w.text = Self::build_text(r, cfg)?;
         Ok(w)
     }
 
     fn build_vision(r: &Reader<'_>, cfg: &MllamaConfig) -> Result<Self> {
+        crate::weights::check_host_f32("the vision encoder's", cfg.num_vision_parameters(), || sizes_of(cfg))?;
         let v = &cfg.vision;
         let vision_layers = |encoder: &str, n: usize, gated: bool| -> Result<Vec<VisionLayerWeights>> {
             (0..n)
@@ -714,4 +716,21 @@ fn random_tensor(name: &str, numel: usize, seed: u64) -> Vec<f32> {
     } else {
         random_values(numel, seed, name_stream(name))
     }
+}
+
+/// The config sizes an out-of-memory refusal names.
+fn sizes_of(cfg: &MllamaConfig) -> String {
+    let (v, t) = (&cfg.vision, &cfg.text.base);
+    format!(
+        "vision hidden_size {}, intermediate_size {}, {} + {} layers; text hidden_size {}, intermediate_size {}, {} \
+         layers, vocabulary {}",
+        v.hidden_size,
+        v.intermediate_size,
+        v.num_hidden_layers,
+        v.num_global_layers,
+        t.hidden_size,
+        t.intermediate_size,
+        t.num_hidden_layers,
+        t.vocab_size
+    )
 }

@@ -94,6 +94,41 @@ impl Checkpoint {
     }
 }
 
+/// Refuses a model whose f32 host copy (what [`ModelWeights`] keeps: 4 bytes per parameter) exceeds the memory
+/// the kernel reports available (`MemAvailable` in /proc/meminfo; where that cannot be read, nothing is checked),
+/// with an error that gives both sizes, instead of an allocation failure that aborts the process part way.
+pub fn check_host_memory(cfg: &LlamaConfig) -> Result<()> {
+    check_host_f32("the model's", cfg.num_parameters(), || {
+        format!(
+            "hidden_size {}, intermediate_size {}, {} layers, vocabulary {}",
+            cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+        )
+    })
+}
+
+/// [`check_host_memory`] for `params` parameters of `what` ("the model's"), `sizes` naming the config's sizes.
+pub fn check_host_f32(what: &str, params: u64, sizes: impl FnOnce() -> String) -> Result<()> {
+    let need = params.saturating_mul(4);
+    match host_memory_available() {
+        Some(avail) if need > avail => Err(Error::Request(format!(
+            "{what} f32 weights need {:.1} GiB of host memory ({params} parameters: {}), but only {:.1} GiB is \
+             available; run it on a GPU (--device cuda), quantized, or on a machine with more memory",
+            need as f64 / (1u64 << 30) as f64,
+            sizes(),
+            avail as f64 / (1u64 << 30) as f64
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes, or None where it cannot be read.
+fn host_memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
 /// The tensors a `LlamaForCausalLM` checkpoint must hold, with their shapes.
 pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
@@ -448,6 +483,7 @@ impl ModelWeights {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Self> {
         check_unquantized_tensors(ckpt, cfg)?;
+        check_host_memory(cfg)?;
         let done = std::sync::atomic::AtomicU64::new(0);
         let tick = |bytes: u64| {
             let total = done.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
@@ -587,6 +623,7 @@ impl ModelWeights {
     }
 
     fn from_source(src: WeightSource<'_>, cfg: &LlamaConfig, tick: &(dyn Fn(u64) + Sync)) -> Result<Self> {
+        check_host_memory(cfg)?;
         let specs = ModelSpecs::of(cfg);
         let read = |s: &FusedSpec| src.read_f32(s, tick);
         let layers = specs
