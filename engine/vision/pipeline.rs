@@ -374,7 +374,11 @@ fn encode_images(
     }
     let (mut pixels, mut ids, mut masks, mut tiles) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (name, bytes) in images {
-        let p = processor.preprocess_bytes(bytes).map_err(|e| Error::request(format!("image {name}: {e}")))?;
+        // The inner message without its own "invalid request: " (the outer error says it once).
+        let p = processor.preprocess_bytes(bytes).map_err(|e| match e {
+            Error::Request(m) => Error::request(format!("image {name}: {m}")),
+            other => Error::request(format!("image {name}: {other}")),
+        })?;
         pixels.extend_from_slice(&p.pixel_values);
         ids.push(p.aspect_ratio_id);
         masks.extend_from_slice(&p.aspect_ratio_mask);
