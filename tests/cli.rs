@@ -177,6 +177,18 @@ fn absurd_sizes_get_clear_errors_not_aborts() {
         assert!(started.elapsed().as_secs() < 30, "{over}: took {:?}", started.elapsed());
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // A KV cache past the host's memory: `bench --batch 10^8` asked the allocator for 64 GB and aborted.
+    if Path::new("/proc/meminfo").exists() {
+        let model = golden("tied-gqa4");
+        fails_with(
+            bin().args(["bench", "--model"]).arg(&model).args(["--batch", "100000000", "--prompt-tokens", "4"]),
+            &["KV cache", "GiB of host memory", "--kv-tokens"],
+        );
+        fails_with(
+            bin().args(["generate", "--model"]).arg(&model).args(["--ids", "1", "--kv-tokens", "18446744073709551615"]),
+            &["KV cache", "too large"],
+        );
+    }
 }
 
 #[test]

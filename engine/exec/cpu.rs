@@ -74,8 +74,26 @@ impl CpuOps {
             head_dim: cfg.head_dim,
             block_size,
         };
-        let pool = num_blocks * block_size * layout.slot_len();
         let layers = cfg.num_hidden_layers;
+        // The f32 K and V pools of every layer, refused with both sizes where they cannot fit the host (a huge
+        // --batch or --kv-tokens used to abort in the allocator).
+        let pool = num_blocks
+            .checked_mul(block_size)
+            .and_then(|t| t.checked_mul(layout.slot_len()))
+            .filter(|&p| p.checked_mul(8 * layers).is_some())
+            .ok_or_else(|| {
+                Error::request(format!("a KV cache of {num_blocks} blocks of {block_size} tokens is too large"))
+            })?;
+        let kv_bytes = (pool * 8 * layers) as u64;
+        if let Some(avail) = crate::weights::host_memory_available().filter(|&a| kv_bytes > a) {
+            return Err(Error::request(format!(
+                "the KV cache of {} tokens ({num_blocks} blocks of {block_size}) needs {:.1} GiB of host memory in f32, \
+                 but only {:.1} GiB is available: ask for fewer tokens (--kv-tokens, or a smaller --batch or prompt)",
+                num_blocks * block_size,
+                kv_bytes as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            )));
+        }
         let inv_freq = cfg.rope.inv_freq(cfg.head_dim);
         for (l, lw) in weights.layers.iter().enumerate() {
             let shapes = [

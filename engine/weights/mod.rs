@@ -122,7 +122,7 @@ pub fn check_host_f32(what: &str, params: u64, sizes: impl FnOnce() -> String) -
 }
 
 /// `MemAvailable` of /proc/meminfo in bytes, or None where it cannot be read.
-fn host_memory_available() -> Option<u64> {
+pub(crate) fn host_memory_available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
