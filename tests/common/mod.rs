@@ -334,3 +334,13 @@ impl Drop for Watchdog {
         self.state.done.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Runs its closure when dropped, also when a test panics: `let _reset = OnDrop(|| set_something(None));` puts a
+/// process-wide setting a test changed back for the tests after it.
+pub struct OnDrop<F: FnMut()>(pub F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}

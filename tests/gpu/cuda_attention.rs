@@ -21,7 +21,7 @@ use llama32::ops::cuda::switch::KernelSwitch;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{cuda_stream as stream, normal, to_f32, Watchdog};
+use crate::common::{cuda_stream as stream, normal, to_f32, OnDrop, Watchdog};
 
 /// (num_heads, num_kv_heads, head_dim): 1B (4:1, d64), 3B (3:1, d128), 90B (8:1, d128), and 1:1 at both dims.
 const LAYOUTS: [(usize, usize, usize); 5] = [(32, 8, 64), (24, 8, 128), (64, 8, 128), (8, 8, 64), (4, 4, 128)];
@@ -339,13 +339,7 @@ fn paged_decode_matches_cpu() {
 fn paged_decode_fused_merge_gives_the_merge_kernel_bits() {
     let Some(stream) = stream() else { return };
     let dog = Watchdog::start("paged_decode_fused_merge_gives_the_merge_kernel_bits");
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            attn::set_decode_fused_merge(None);
-        }
-    }
-    let _reset = Reset;
+    let _reset = OnDrop(|| attn::set_decode_fused_merge(None));
     let batches: [&[usize]; 3] = [&[1, 17, 300, 2049], &[16384, 33], &[140]];
     let mut runs = 0;
     for (i, heads) in LAYOUTS.into_iter().enumerate() {

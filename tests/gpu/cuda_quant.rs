@@ -41,7 +41,7 @@ use llama32::quant::{QuantLinear, Scheme};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{cuda_stream as stream, download, to_f32, upload, Watchdog};
+use crate::common::{cuda_stream as stream, download, to_f32, upload, OnDrop, Watchdog};
 
 /// One bf16 rounding moves a value by at most 2^-8 of itself.
 pub(crate) const BF16_ROUNDING: f32 = 1.0 / 256.0;
@@ -335,13 +335,9 @@ fn w4a16_matches_cpu() {
 fn w4a16_tiled_stages_change_no_bit() {
     let Some(stream) = stream() else { return };
     let dog = Watchdog::start("w4a16_tiled_stages_change_no_bit");
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            let _ = set_w4a16_tiled_stages(None);
-        }
-    }
-    let _reset = Reset;
+    let _reset = OnDrop(|| {
+        let _ = set_w4a16_tiled_stages(None);
+    });
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x71ed);
     let sms = llama32::ops::cuda::attention::num_sms(&stream).expect("SM count");
     let cases = ODD.iter().map(|&(k, n)| (k, n, true)).chain(LLAMA_1B.iter().map(|&(k, n)| (k, n, false)));
