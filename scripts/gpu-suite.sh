@@ -111,13 +111,13 @@ run() {
     local t
     for t in "$@"; do gpu_bench 540 '^BENCH ' "$t"; done
   }
-  # `test_status RC LOG`: TIME (cut off), HANG (its watchdog aborted it), FAIL, SKIP (the test printed "skipped:")
+  # `test_status RC LOG`: TIME (cut off), HANG (its watchdog ended it), FAIL, SKIP (the test printed "skipped:")
   # or PASS for a test's exit status and log. Anything but PASS counts as a failure on a device.
   test_status() {
     if (($1 == 124)); then
       echo TIME
     elif (($1 != 0)) && grep -q '^HANG: ' "$2"; then
-      echo HANG # the test's watchdog (tests/common Watchdog) aborted it; the log names the launch
+      echo HANG # the test's watchdog (tests/common Watchdog) ended it; the log names the launch
     elif (($1 != 0)); then
       echo FAIL
     elif grep -q 'skipped:' "$2"; then

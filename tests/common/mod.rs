@@ -281,10 +281,13 @@ pub fn write_random_vision_checkpoint(dir: &Path, config: &serde_json::Value, se
     std::fs::write(dir.join("model.safetensors"), llama32::weights::safetensors::serialize(&refs)).unwrap();
 }
 
+/// The exit status of a test the [`Watchdog`] ended (not timeout's 124, which the suite reads as TIME).
+pub const WATCHDOG_EXIT: i32 = 125;
+
 /// A GPU test's guard against a kernel that never finishes (a new kernel's barrier protocol, say). Each
 /// [`at`](Watchdog::at) names the step about to run and restarts the clock; when no step follows within the stall
-/// limit (`LLAMA32_TEST_STALL_S`, default 60 seconds), a thread prints the test and the step that hung and aborts
-/// the process. A test runner's timeout would end it too, but later, and without saying which launch hung.
+/// limit (`LLAMA32_TEST_STALL_S`, default 60 seconds), a thread prints the test and the step that hung and ends
+/// the process with [`WATCHDOG_EXIT`]. A test runner's timeout would end it too, but later, and without saying which launch hung.
 /// Dropping the guard stops the thread.
 pub struct Watchdog {
     state: Arc<WatchState>,
@@ -314,9 +317,11 @@ impl Watchdog {
                 (s.0.clone(), s.1)
             };
             if since.elapsed().as_secs() >= limit {
-                // abort, not exit: exit's handlers could wait on the hung device.
-                eprintln!("HANG: {test}: no progress for {limit} s after `{step}` (LLAMA32_TEST_STALL_S); aborting");
-                std::process::abort();
+                eprintln!("HANG: {test}: no progress for {limit} s after `{step}` (LLAMA32_TEST_STALL_S); ending it");
+                // _exit, not exit or abort: exit's handlers (the CUDA runtime's among them) could wait on the hung
+                // device, and abort could write a core dump of a process that maps GPU memory.
+                // SAFETY: _exit ends the process at once; nothing of this process runs after it.
+                unsafe { libc::_exit(WATCHDOG_EXIT) };
             }
         });
         Watchdog { state }
