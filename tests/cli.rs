@@ -533,6 +533,12 @@ fn plan_models_quantized_projections() {
     assert!(q < b * 0.35 && q > b * 0.25, "{q} vs {b}");
     let o = bin().args(["plan", "--model", "90b-vision", "--quantize", "w3a16"]).output().unwrap();
     assert!(!o.status.success());
+    // Link and latency overrides that would print infinities are refused by flag.
+    fails_with(bin().args(["plan", "--model", "1b", "--link-gbps", "0"]), &["--link-gbps", "> 0"]);
+    fails_with(
+        bin().args(["plan", "--model", "1b", "--collective-latency-us=-1"]),
+        &["--collective-latency-us", ">= 0"],
+    );
     assert!(String::from_utf8_lossy(&o.stderr).contains("w3a16"), "{}", String::from_utf8_lossy(&o.stderr));
     // --embeddings int8: the two 128k x 8192 tables in one byte per value, so more KV fits.
     let i8: Value = serde_json::from_slice(&plan(&["--quantize", "w4a16-g32", "--embeddings", "int8"]).stdout).unwrap();

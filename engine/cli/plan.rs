@@ -57,10 +57,16 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
     let shape = ModelShape::resolve(&a.model)?;
     let mut gpu = Gpu::by_name(&a.gpu)?;
     if let Some(l) = a.collective_latency_us {
+        if !(l.is_finite() && l >= 0.0) {
+            return Err(Error::request(format!("--collective-latency-us: must be a finite number >= 0, got {l}")));
+        }
         gpu.collective_latency_us.value = l;
         gpu.collective_latency_us.source = "given with --collective-latency-us".into();
     }
     if let Some(l) = a.link_gbps {
+        if !(l.is_finite() && l > 0.0) {
+            return Err(Error::request(format!("--link-gbps: must be a finite number > 0, got {l}")));
+        }
         gpu.link_gbps_per_direction.value = l;
         gpu.link_gbps_per_direction.source = "given with --link-gbps".into();
     }
