@@ -191,6 +191,28 @@ fn absurd_sizes_get_clear_errors_not_aborts() {
     }
 }
 
+/// `bench-serve` on a small model: its prompts start with the model's own BOS (a vocabulary of 512 refused the
+/// Llama 3 BOS, 128000, so every request failed and the run still exited 0); every request succeeds, and a run in
+/// which none succeeds fails, naming the level and the error.
+#[test]
+fn bench_serve_runs_on_a_small_model_and_fails_when_nothing_succeeds() {
+    let model = golden("tied-gqa4");
+    let args = ["--requests-per-client", "1", "--prompt-tokens", "4", "--max-tokens", "2"];
+    let out = run(bin().args(["bench-serve", "--model"]).arg(&model).args(["--clients", "2"]).args(args));
+    let v: Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert_eq!((v["ok"].as_u64(), v["errors"].as_u64()), (Some(2), Some(0)), "{v}");
+    // A --url whose server answers nothing useful: no request succeeds, and the run fails.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    fails_with(
+        bin()
+            .args(["bench-serve", "--url", &format!("127.0.0.1:{port}"), "--served-model-name", "x", "--clients", "1"])
+            .args(args),
+        &["no request succeeded at 1 client(s)"],
+    );
+}
+
 #[test]
 fn multi_node_flags_exist_on_serve_batch_and_bench_serve() {
     for cmd in ["serve", "batch", "bench-serve"] {

@@ -32,6 +32,8 @@ pub struct LoadOptions {
     pub max_tokens: usize,
     /// Prompt ids are drawn below this.
     pub vocab: u32,
+    /// The first id of every prompt: the model's BOS (Llama 3's `<|begin_of_text|>` is 128000).
+    pub bos: u32,
     /// The `model` field.
     pub model: String,
 }
@@ -149,7 +151,7 @@ pub async fn run_load(o: &LoadOptions) -> LoadResult {
 
 fn prompt_ids(o: &LoadOptions, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut ids = vec![128000u32];
+    let mut ids = vec![o.bos];
     for _ in 1..o.prompt_tokens.max(1) {
         s ^= s << 13;
         s ^= s >> 7;

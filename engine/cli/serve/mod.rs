@@ -327,6 +327,7 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         prompt_tokens: a.prompt_tokens,
         max_tokens: a.max_tokens,
         vocab: 128000,
+        bos: 128000,
         model: String::new(),
     };
     let report = |r: &crate::serve::loadgen::LoadResult, base: &LoadOptions| {
@@ -346,14 +347,21 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         if base.model.is_empty() {
             return Err(Error::request("--url needs --served-model-name (the `model` to send)"));
         }
+        let mut failed_levels = Vec::new();
         for &c in &levels {
             let r = rt.block_on(run_load(&LoadOptions { clients: c as usize, ..base.clone() }));
             report(&r, &base);
+            if r.ok == 0 {
+                failed_levels.push((c, r.first_error.clone()));
+            }
         }
-        return Ok(());
+        return no_failed_level(&failed_levels);
     }
     let (engine, ctx) = start_engine(&a.model, &a.engine, lead)?;
     base.vocab = ctx.info.config.vocab_size.min(128000) as u32;
+    // The model's own BOS where it has one inside its vocabulary (a small test model's 128000 would be refused).
+    let vocab = ctx.info.config.vocab_size;
+    base.bos = ctx.info.config.bos_token_id.filter(|&b| (b as usize) < vocab).unwrap_or(0);
     base.model = ctx.model_name.clone();
     let need = a.prompt_tokens + a.max_tokens;
     if need > ctx.info.max_model_len {
@@ -380,14 +388,34 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         if w.ok != 1 {
             eprintln!("warm-up failed: {:?}", w.first_error);
         }
+        // A level where no request succeeded measured nothing: the run fails (after every level's report).
+        let mut failed_levels = Vec::new();
         for &c in &levels {
             let r = run_load(&LoadOptions { clients: c as usize, ..base.clone() }).await;
             report(&r, &base);
+            if r.ok == 0 {
+                failed_levels.push((c, r.first_error.clone()));
+            }
         }
         let _ = stop_tx.send(());
-        match server.await {
+        let served = match server.await {
             Ok(r) => r,
             Err(e) => Err(Error::Backend(format!("server task: {e}"))),
-        }
+        };
+        served?;
+        no_failed_level(&failed_levels)
     })
+}
+
+/// bench-serve's verdict: an error naming the first client level at which no request succeeded (it measured
+/// nothing), after every level's report was printed.
+fn no_failed_level(failed: &[(u32, Option<String>)]) -> Result<()> {
+    match failed.first() {
+        None => Ok(()),
+        Some((c, e)) => Err(Error::Backend(format!(
+            "bench-serve: no request succeeded at {c} client(s) ({} level(s) in all); first error: {}",
+            failed.len(),
+            e.as_deref().unwrap_or("unknown")
+        ))),
+    }
 }
