@@ -84,14 +84,12 @@ impl CpuOps {
             .ok_or_else(|| {
                 Error::request(format!("a KV cache of {num_blocks} blocks of {block_size} tokens is too large"))
             })?;
-        let kv_bytes = (pool * 8 * layers) as u64;
-        if let Some(avail) = crate::weights::host_memory_available().filter(|&a| kv_bytes > a) {
+        if let Some((need, avail)) = crate::weights::host_shortfall((pool * 8 * layers) as u64) {
             return Err(Error::request(format!(
-                "the KV cache of {} tokens ({num_blocks} blocks of {block_size}) needs {:.1} GiB of host memory in f32, \
-                 but only {:.1} GiB is available: ask for fewer tokens (--kv-tokens, or a smaller --batch or prompt)",
-                num_blocks * block_size,
-                kv_bytes as f64 / (1u64 << 30) as f64,
-                avail as f64 / (1u64 << 30) as f64
+                "the KV cache of {} tokens ({num_blocks} blocks of {block_size}) needs {need:.1} GiB of host memory in \
+                 f32, but only {avail:.1} GiB is available: ask for fewer tokens (--kv-tokens, or a smaller --batch or \
+                 prompt)",
+                num_blocks * block_size
             )));
         }
         let inv_freq = cfg.rope.inv_freq(cfg.head_dim);

@@ -298,6 +298,7 @@ impl MllamaWeights {
 
     /// The vision encoder and projector of [`random`](Self::random) alone (the text part is empty).
     pub fn random_vision(cfg: &MllamaConfig, seed: u64) -> Result<Self> {
+        check_vision_host_memory(cfg)?;
         Self::build_vision(&Reader::new(cfg, Source::Random(seed)), cfg)
     }
 
@@ -307,6 +308,7 @@ impl MllamaWeights {
     pub fn load_vision(ckpt: &Checkpoint, cfg: &MllamaConfig) -> Result<Self> {
         let q = checkpoint_quantization(ckpt)?;
         let layout = check_tensors(ckpt, cfg, q.as_ref())?;
+        check_vision_host_memory(cfg)?;
         Self::build_vision(&Reader::new(cfg, Source::Checkpoint(ckpt, layout)), cfg)
     }
 
@@ -318,7 +320,6 @@ impl MllamaWeights {
     }
 
     fn build_vision(r: &Reader<'_>, cfg: &MllamaConfig) -> Result<Self> {
-        crate::weights::check_host_f32("the vision encoder's", cfg.num_vision_parameters(), || sizes_of(cfg))?;
         let v = &cfg.vision;
         let vision_layers = |encoder: &str, n: usize, gated: bool| -> Result<Vec<VisionLayerWeights>> {
             (0..n)
@@ -716,6 +717,12 @@ fn random_tensor(name: &str, numel: usize, seed: u64) -> Vec<f32> {
     } else {
         random_values(numel, seed, name_stream(name))
     }
+}
+
+/// The host-memory check of the vision encoder and projector alone, for the loads that build only them (`build`
+/// checks the whole model's).
+fn check_vision_host_memory(cfg: &MllamaConfig) -> Result<()> {
+    crate::weights::check_host_f32("the vision encoder's", cfg.num_vision_parameters(), || sizes_of(cfg))
 }
 
 /// The config sizes an out-of-memory refusal names.

@@ -108,21 +108,26 @@ pub fn check_host_memory(cfg: &LlamaConfig) -> Result<()> {
 
 /// [`check_host_memory`] for `params` parameters of `what` ("the model's"), `sizes` naming the config's sizes.
 pub fn check_host_f32(what: &str, params: u64, sizes: impl FnOnce() -> String) -> Result<()> {
-    let need = params.saturating_mul(4);
-    match host_memory_available() {
-        Some(avail) if need > avail => Err(Error::Request(format!(
-            "{what} f32 weights need {:.1} GiB of host memory ({params} parameters: {}), but only {:.1} GiB is \
-             available; run it on a GPU (--device cuda), quantized, or on a machine with more memory",
-            need as f64 / (1u64 << 30) as f64,
-            sizes(),
-            avail as f64 / (1u64 << 30) as f64
+    match host_shortfall(params.saturating_mul(4)) {
+        Some((need, avail)) => Err(Error::Request(format!(
+            "{what} f32 weights need {need:.1} GiB of host memory ({params} parameters: {}), but only {avail:.1} GiB \
+             is available; run it on a GPU (--device cuda), quantized, or on a machine with more memory",
+            sizes()
         ))),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 
+/// `Some((need, available))` in GiB when `need` bytes exceed the host's `MemAvailable`; None when they fit or
+/// where /proc/meminfo cannot be read (nothing is checked there).
+pub(crate) fn host_shortfall(need: u64) -> Option<(f64, f64)> {
+    let avail = host_memory_available().filter(|&a| need > a)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Some((gib(need), gib(avail)))
+}
+
 /// `MemAvailable` of /proc/meminfo in bytes, or None where it cannot be read.
-pub(crate) fn host_memory_available() -> Option<u64> {
+fn host_memory_available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
