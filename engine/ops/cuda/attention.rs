@@ -228,23 +228,19 @@ static DECODE_MERGE_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::Atomic
 
 /// Whether decode attention merges its splits in the last CTA ([`DECODE_MERGE_ENV`]); an error names a bad value.
 pub fn decode_fused_merge() -> Result<bool> {
-    static VALUE: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    static FROM_ENV: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
     match DECODE_MERGE_SET.load(std::sync::atomic::Ordering::Relaxed) {
         1 => return Ok(false),
         2 => return Ok(true),
         _ => {}
     }
-    VALUE
-        .get_or_init(|| {
-            let value = std::env::var(DECODE_MERGE_ENV).unwrap_or_default();
-            match value.trim().to_ascii_lowercase().as_str() {
-                "" | "kernel" => Ok(false),
-                "fused" => Ok(true),
-                other => Err(format!("{DECODE_MERGE_ENV}: unknown value {other:?} (expected kernel or fused)")),
-            }
-        })
-        .clone()
-        .map_err(Error::Request)
+    let parse = |v: &str| match v {
+        "" | "kernel" => Some(false),
+        "fused" => Some(true),
+        _ => None,
+    };
+    // Nothing to hand to the kernels library: each launch passes the choice in its parameters.
+    super::switch_from_env(&FROM_ENV, DECODE_MERGE_ENV, "kernel or fused", parse, |_| {})
 }
 
 /// Sets how later decode launches merge their splits, process-wide: `Some(true)` fused, `Some(false)` the merge
@@ -359,15 +355,14 @@ where
     let (vp, _v) = kv.v.device_ptr(stream);
     let (pos, _pos) = meta.positions.device_ptr(stream);
     let (tables, _tables) = meta.block_tables.device_ptr(stream);
-    // The fused merge's counters: the end of the workspace (see decode_workspace_bytes), 4-byte aligned down.
-    let counters_at = workspace.len() - DECODE_COUNTER_BYTES.min(workspace.len());
-    let fused = meta.num_splits > 1
-        && decode_fused_merge()?
-        && num_seqs * kv.layout.num_kv_heads <= DECODE_COUNTER_BYTES / 4
-        && workspace.len() >= DECODE_COUNTER_BYTES;
+    // The fused merge's counters: the last DECODE_COUNTER_BYTES of the workspace, 4-byte aligned down (with more
+    // than one split the workspace holds at least `need`, which counts them).
+    let fused =
+        meta.num_splits > 1 && decode_fused_merge()? && num_seqs * kv.layout.num_kv_heads <= DECODE_COUNTER_BYTES / 4;
+    let counters_at = (workspace.len() - if fused { DECODE_COUNTER_BYTES } else { 0 }) as u64;
     let (ws, _ws) = workspace.device_ptr_mut(stream);
     let (op, _out) = out.device_ptr_mut(stream);
-    let merge_counters = if fused { (ws + counters_at as u64) & !3 } else { 0 };
+    let merge_counters = if fused { (ws + counters_at) & !3 } else { 0 };
     let ptrs = Ptrs {
         out: op,
         q: qp,

@@ -177,7 +177,7 @@ fn pdl_from_env() -> Result<()> {
 /// A process-wide on / off switch read from the environment variable `env` once (`cell` keeps the outcome):
 /// `parse` maps its trimmed, lower-cased value (empty when unset) to on or off, or `None` for a value it does not
 /// know, which is an error naming the variable and the `expected` values, every time. The first read hands the
-/// value to `apply` (the kernels library's setter).
+/// value to `apply` (the kernels library's setter, where the switch lives there).
 fn switch_from_env(
     cell: &'static std::sync::OnceLock<std::result::Result<bool, String>>,
     env: &str,
