@@ -330,7 +330,12 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         bos: 128000,
         model: String::new(),
     };
-    let report = |r: &crate::serve::loadgen::LoadResult, base: &LoadOptions| {
+    // Prints a level's report; a level where no request succeeded measured nothing, and is kept in `failed` for
+    // the verdict after every level's report (no_failed_level).
+    let report = |c: u32, r: &crate::serve::loadgen::LoadResult, base: &LoadOptions, failed: &mut Vec<_>| {
+        if r.ok == 0 {
+            failed.push((c, r.first_error.clone()));
+        }
         let mut v = serde_json::to_value(r).unwrap_or_default();
         v["prompt_tokens"] = base.prompt_tokens.into();
         v["max_tokens"] = base.max_tokens.into();
@@ -350,10 +355,7 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         let mut failed_levels = Vec::new();
         for &c in &levels {
             let r = rt.block_on(run_load(&LoadOptions { clients: c as usize, ..base.clone() }));
-            report(&r, &base);
-            if r.ok == 0 {
-                failed_levels.push((c, r.first_error.clone()));
-            }
+            report(c, &r, &base, &mut failed_levels);
         }
         return no_failed_level(&failed_levels);
     }
@@ -388,21 +390,13 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         if w.ok != 1 {
             eprintln!("warm-up failed: {:?}", w.first_error);
         }
-        // A level where no request succeeded measured nothing: the run fails (after every level's report).
         let mut failed_levels = Vec::new();
         for &c in &levels {
             let r = run_load(&LoadOptions { clients: c as usize, ..base.clone() }).await;
-            report(&r, &base);
-            if r.ok == 0 {
-                failed_levels.push((c, r.first_error.clone()));
-            }
+            report(c, &r, &base, &mut failed_levels);
         }
         let _ = stop_tx.send(());
-        let served = match server.await {
-            Ok(r) => r,
-            Err(e) => Err(Error::Backend(format!("server task: {e}"))),
-        };
-        served?;
+        server.await.map_err(|e| Error::Backend(format!("server task: {e}")))??;
         no_failed_level(&failed_levels)
     })
 }
