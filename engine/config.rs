@@ -325,20 +325,18 @@ impl LlamaConfig {
     /// more than [`MAX_PARAMETERS`] parameters in all. Without this an absurd config (a typo, a corrupted file)
     /// made a loader enumerate billions of tensors or ask the allocator for terabytes and abort.
     fn check_sizes(&self, top: &Fields<'_>) -> Result<()> {
-        if self.num_hidden_layers > MAX_LAYERS {
-            let msg = format!("{} layers, at most {MAX_LAYERS} are supported", self.num_hidden_layers);
+        if let Some(msg) = too_many_layers(self.num_hidden_layers) {
             return Err(top.err("num_hidden_layers", msg));
         }
         let widths = [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads * self.head_dim),
-            ("num_key_value_heads", self.num_key_value_heads * self.head_dim),
+            ("hidden_size", self.hidden_size, ""),
+            ("intermediate_size", self.intermediate_size, ""),
+            ("num_attention_heads", self.num_attention_heads * self.head_dim, " (heads x head_dim)"),
+            ("num_key_value_heads", self.num_key_value_heads * self.head_dim, " (heads x head_dim)"),
         ];
-        for (field, w) in widths {
-            if w > MAX_WIDTH {
-                let what = if field.ends_with("heads") { " (heads x head_dim)" } else { "" };
-                return Err(top.err(field, format!("a width of {w}{what}, at most {MAX_WIDTH} is supported")));
+        for (field, w, what) in widths {
+            if let Some(msg) = too_wide(w, what) {
+                return Err(top.err(field, msg));
             }
         }
         if self.vocab_size > MAX_VOCAB {
@@ -463,6 +461,16 @@ pub const MAX_WIDTH: usize = 1 << 20;
 pub const MAX_VOCAB: usize = 1 << 24;
 /// The most parameters a config may describe (Llama 3.1 405B: 4.1e11).
 pub const MAX_PARAMETERS: u64 = 1 << 40;
+
+/// The refusal of `n` layers past [`MAX_LAYERS`], or None (the text and vision configs share it).
+pub(crate) fn too_many_layers(n: usize) -> Option<String> {
+    (n > MAX_LAYERS).then(|| format!("{n} layers, at most {MAX_LAYERS} are supported"))
+}
+
+/// The refusal of a width `w` past [`MAX_WIDTH`] (`what` says what it is made of, or is empty), or None.
+pub(crate) fn too_wide(w: usize, what: &str) -> Option<String> {
+    (w > MAX_WIDTH).then(|| format!("a width of {w}{what}, at most {MAX_WIDTH} is supported"))
+}
 
 /// Where a model comes from: a checkpoint directory or a preset with generated weights.
 #[derive(Clone, Debug)]

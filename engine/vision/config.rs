@@ -517,16 +517,15 @@ fn parse_vision(path: &Path, obj: Option<&Map<String, Value>>) -> Result<MllamaV
     let num_global_layers = v.usize_or("num_global_layers", 8)?;
     let num_channels = v.usize_or("num_channels", 3)?;
     // Sizes no Mllama has are refused before anything is allocated or enumerated from them (the text model's
-    // bounds, crate::config::MAX_LAYERS and MAX_WIDTH).
-    use crate::config::{MAX_LAYERS, MAX_WIDTH};
+    // bounds).
     for (field, n) in [("num_hidden_layers", num_hidden_layers), ("num_global_layers", num_global_layers)] {
-        if n > MAX_LAYERS {
-            return Err(v.err(field, format!("{n} layers, at most {MAX_LAYERS} are supported")));
+        if let Some(msg) = crate::config::too_many_layers(n) {
+            return Err(v.err(field, msg));
         }
     }
     for (field, w) in [("hidden_size", hidden_size), ("intermediate_size", intermediate_size)] {
-        if w > MAX_WIDTH {
-            return Err(v.err(field, format!("a width of {w}, at most {MAX_WIDTH} is supported")));
+        if let Some(msg) = crate::config::too_wide(w, "") {
+            return Err(v.err(field, msg));
         }
     }
     if num_channels > 64 {
