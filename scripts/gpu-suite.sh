@@ -456,7 +456,7 @@ PY
     for ft in cuda_attention::paged_prefill_ws_matches_wgmma_bits \
       cuda_w4a8_wgmma::w4a8_wgmma_row_matches_its_cpu_twin_bit_for_bit \
       cuda_w4a8_wgmma::w4a8_wgmma_ws_matches_its_cpu_twin_bit_for_bit \
-      cuda_w4a16_large::w4a16_large_row_matches_cpu cuda_quant::w4a16_tiled_stages_change_no_bit \
+      cuda_w4a16_large::w4a16_large_row_matches_cpu cuda_quant::tiled::w4a16_tiled_stages_change_no_bit \
       cuda_attention::paged_decode_fused_merge_gives_the_merge_kernel_bits \
       cuda_golden::cuda_gemv_whole_prefetch_changes_no_bit; do
       gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
