@@ -26,7 +26,9 @@
 //   kRow (L32_W4A16_WGMMA_ROW, measured on no device yet): the activations in natural k order, 16-byte copies (8 per
 // token row: four per thread and chunk at 128-token tiles instead of sixteen 4-byte ones), and the permutation on
 // the A side: step 2 jg + st takes pair t of the words of quad lanes 2 st (registers r) and 2 st + 1 (registers
-// r + 2), i.e. four 4-byte weight loads per (group, row) from shared memory instead of one. Same products, same bits.
+// r + 2), i.e. four 4-byte weight loads per (group, row) from shared memory instead of one. Same products, but
+// each k16 step holds 16 consecutive columns instead of spread ones, and wgmma rounds each step's sum into the f32
+// accumulator: other bits than kRow = false (seen on an H200, 2026-11-28), within the summation-order bound.
 //
 // Registers from ptxas: see engine/ops/cuda/quant/mod.rs (module docs).
 #include <climits>

@@ -55,6 +55,7 @@ pub(crate) const SEED: u64 = 0x5eed_4b17;
 mod data;
 pub(crate) use data::{
     bench_stream, poisoned_acts, random_matrix, random_rows, row_rms, same_bits, timing_weights, within_gemm_bound,
+    within_order_bound,
 };
 
 /// A workspace big enough for every call of these tests.

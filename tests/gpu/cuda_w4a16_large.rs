@@ -1,5 +1,6 @@
 //! Twin tests of the Hopper W4A16 kernels for many rows (`kernels/quant/w4a16_sm90.cu`, `w4a16_gemm_large`,
-//! `W4A16LargeKernel::Wgmma` and `WgmmaRow`, which give the same bits; each launch announced to a watchdog that
+//! `W4A16LargeKernel::Wgmma` and `WgmmaRow`, which sum the same products in another order: the k16 steps of their
+//! wgmma hold other columns; each launch announced to a watchdog that
 //! aborts a hung test and names the launch) against the f32 GEMM over the bf16-rounded
 //! dequantized weights (what the dequantize + cuBLASLt path multiplies by), on fresh random weights (with and
 //! without zero points) and activations, both token tiles, the paired SwiGLU layout and its fused SiLU * up, with
@@ -21,7 +22,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::common::{cuda_stream as stream, download, to_f32, upload, Watchdog};
-use crate::cuda_quant::{random_matrix, random_rows, row_rms, same_bits, within_gemm_bound, SEED};
+use crate::cuda_quant::{random_matrix, random_rows, row_rms, same_bits, within_gemm_bound, within_order_bound, SEED};
 
 /// `(k, n, zero points)`: one chunk, n not a multiple of 16 or 128, k not a power of two, then 1B qkv and down.
 const SHAPES: [(usize, usize, bool); 6] =
@@ -36,15 +37,17 @@ fn w4a16_large_matches_cpu() {
     large_test("w4a16_large_matches_cpu", &KERNELS[..1]);
 }
 
-/// The wgmma-row kernel against the CPU and bit for bit against the wgmma kernel. Its own test, so that a failure
-/// of the newer kernel leaves the other's verdict standing.
+/// The wgmma-row kernel against the CPU and against the wgmma kernel, within the summation-order bound
+/// ([`within_order_bound`]: an H200 showed, 2026-11-28, that the two do not give the same bits). Its own test, so
+/// that a failure of the newer kernel leaves the other's verdict standing.
 #[test]
 fn w4a16_large_row_matches_cpu() {
     large_test("w4a16_large_row_matches_cpu", &KERNELS);
 }
 
 /// Every (shape, m, tile) of each of `kernels`: within the GEMM bound of the f32 product over the bf16-rounded
-/// weights, the same bits on a second run and from every kernel of the list, nothing written past `[m, n]`; the
+/// weights, the same bits on a second run, the first kernel's outputs within the summation-order bound of every
+/// other's (the count of differing outputs is printed), nothing written past `[m, n]`; the
 /// plan's tile (`large_tile_m`) is one of those run. Each launch is announced to a [`Watchdog`] first.
 fn large_test(test: &str, kernels: &[W4A16LargeKernel]) {
     let Some(stream) = stream() else { return };
@@ -62,7 +65,7 @@ fn large_test(test: &str, kernels: &[W4A16LargeKernel]) {
         println!("skipped: this device or build has no wgmma W4A16 kernel (compute capability 9.x with sm_90a)");
         return;
     }
-    let mut worst = 0f32;
+    let (mut worst, mut differ, mut compared) = (0f32, 0usize, 0usize);
     for (k, n, zeros) in SHAPES {
         let qm = random_matrix(&mut rng, n, k, zeros);
         // The weights the dequantize + cuBLASLt path multiplies by: bf16(s * (q - z)).
@@ -98,7 +101,11 @@ fn large_test(test: &str, kernels: &[W4A16LargeKernel]) {
                     assert!(same_bits(&run(), &got), "{what}: a second run gave different bits");
                     match &first {
                         None => first = Some(got),
-                        Some(f) => assert!(same_bits(f, &got), "{what}: other bits than the wgmma kernel"),
+                        Some(f) => {
+                            let rms = (&x_rms[..], &w_rms[..]);
+                            differ += within_order_bound(f, &got, (m, n, k), rms, &what);
+                            compared += m * n;
+                        }
                     }
                 }
             }
@@ -106,6 +113,11 @@ fn large_test(test: &str, kernels: &[W4A16LargeKernel]) {
     }
     let names: Vec<&str> = kernels.iter().map(|k| k.name()).collect();
     eprintln!("w4a16 large ({}): worst error {worst:.3} of the GEMM bound", names.join(", "));
+    if compared > 0 {
+        eprintln!(
+            "w4a16 large: {differ} of {compared} outputs differ from the first kernel's, all within the order bound"
+        );
+    }
 }
 
 /// With the `[gate; up]` weight uploaded paired, for both kernels, the plain product is the unpaired one in matrix

@@ -75,6 +75,35 @@ pub(crate) fn within_gemm_bound(
     worst
 }
 
+/// Two `[m, n]` GEMM outputs of the same bf16 products summed in f32 in different orders (as two wgmma kernels
+/// that split k into their k16 steps differently): each pair of outputs may differ by one bf16 step of the larger
+/// (`2^-7` of it) plus twice the summation-order slack `(k / 16) 2^-22 k rms(x_i) rms(w_j)` (k / 16 accumulations, each
+/// off by at most 2^-22 of a partial sum, which is at most `k rms(x_i) rms(w_j)` by Cauchy-Schwarz; 4x the f32
+/// rounding, for the tensor cores' truncation). Any fragment or index error is O(1) of the output, far past it.
+/// Panics past the bound, naming the output; returns how many outputs differ at all.
+pub(crate) fn within_order_bound(
+    a: &[bf16],
+    b: &[bf16],
+    (m, n, k): (usize, usize, usize),
+    (x_rms, w_rms): (&[f32], &[f32]),
+    what: &str,
+) -> usize {
+    let mut differ = 0;
+    for i in 0..m {
+        for j in 0..n {
+            let (x, y) = (a[i * n + j].to_f32(), b[i * n + j].to_f32());
+            if x.to_bits() == y.to_bits() {
+                continue;
+            }
+            differ += 1;
+            let slack = 2.0 * (k as f32 / 16.0) * 2f32.powi(-22) * k as f32 * x_rms[i] * w_rms[j];
+            let tol = 2.0 * BF16_ROUNDING * x.abs().max(y.abs()) + slack;
+            assert!((x - y).abs() <= tol, "{what}: out[{i}, {j}] = {x} against {y} (more than {tol:e} apart)");
+        }
+    }
+    differ
+}
+
 pub(crate) fn same_bits(a: &[bf16], b: &[bf16]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }

@@ -26,7 +26,8 @@ pub enum W4A16LargeKernel {
     Wgmma,
     /// [`W4A16LargeKernel::Wgmma`] with the activations copied in natural k order (four 16-byte copies per thread
     /// and chunk at 128-token tiles instead of sixteen 4-byte ones) and each lane's A fragments composed from the
-    /// words of its quad's lanes: the same bits. Not yet measured.
+    /// words of its quad's lanes. Its k16 steps hold other columns than [`W4A16LargeKernel::Wgmma`]'s, so the f32
+    /// sums round differently (other bits, within the summation-order bound; H200, 2026-11-28).
     WgmmaRow,
 }
 
@@ -136,7 +137,8 @@ pub fn large_plan(kernel: W4A16LargeKernel, m: usize, n: usize, sms: usize) -> L
 
 /// `out[m, n] = x[m, k] @ bf16(s * (q - z))^T` for any `m` on Hopper with `plan` (its kernel, and 64 or 128 tokens
 /// per block): the weights dequantized in registers (no scratch), f32 accumulation over all of `k`, one bf16
-/// rounding per output; both kernels give the same bits.
+/// rounding per output; the two kernels group the products into wgmma's k16 steps differently, so their f32
+/// roundings (not their products) differ.
 /// A weight uploaded paired ([`CudaQuantLinear::upload_swiglu`]) writes its output in matrix row order, or with
 /// `silu` the `[m, n / 2]` output `silu(gate) * up` (the bits of the plain output followed by the SiLU * up
 /// kernel). Errors name the operand at fault, and a device or build without the kernel.

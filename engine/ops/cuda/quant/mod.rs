@@ -84,7 +84,7 @@ pub use w4a16::{
     w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with, W4A16Choice,
 };
 pub use w4a8::{
-    act_quant, w4a8_gemm, w4a8_gemm_with, wgmma_available, ActSource, QuantActs, W4A8Kernel, WGMMA_AUTO_MAX_M,
+    act_quant, w4a8_gemm, w4a8_gemm_with, wgmma_available, ActSource, QuantActs, W4A8Kernel, ROW_AUTO_MIN_M,
     WGMMA_MIN_M,
 };
 
@@ -477,9 +477,12 @@ mod tests {
     }
 
     #[test]
-    fn w4a8_auto_takes_wgmma_only_in_its_measured_rows() {
-        for m in [1, 8, 16, 32, 33, 48, 64, 65, 128, 256, 1024, 8192] {
-            let want = if m > WGMMA_MIN_M && m <= WGMMA_AUTO_MAX_M { W4A8Kernel::Wgmma } else { W4A8Kernel::Mma };
+    fn w4a8_auto_takes_the_kernel_measured_fastest_at_each_m() {
+        let cases = [(1, W4A8Kernel::Mma), (8, W4A8Kernel::Mma), (16, W4A8Kernel::Mma), (32, W4A8Kernel::Mma)]
+            .into_iter()
+            .chain([33, 48, 64, 65, 128, 255].map(|m| (m, W4A8Kernel::WgmmaWs)))
+            .chain([256, 1024, 8192].map(|m| (m, W4A8Kernel::WgmmaRow)));
+        for (m, want) in cases {
             assert_eq!(W4A8Kernel::auto_for(true, m), want, "m {m}");
             // Where the wgmma kernel cannot run (another device, or weights with zero points): always mma.
             assert_eq!(W4A8Kernel::auto_for(false, m), W4A8Kernel::Mma, "m {m}");

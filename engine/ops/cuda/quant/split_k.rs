@@ -142,9 +142,13 @@ pub struct W4A8Plan {
 /// The launch shape of `kernel` for `m` x `n` x `k` on `sms` SMs.
 /// - mma: the smallest token tile that covers m <= 32, else 128; K splits only while the grid is smaller than the
 ///   SM count (about two 256-thread blocks per SM then), with at least two 64-column chunks per split.
-/// - wgmma (every variant): 128-token tiles (one block per SM: ~200 registers x 256 threads) when they make at least one block per
-///   SM, else 64-token tiles (two per SM; one for wgmma-ws, whose blocks have 384 threads); then K splits up to two
-///   blocks per SM (one for 128 and for wgmma-ws), with at least one whole 4-chunk segment per split.
+/// - wgmma, wgmma-serial and wgmma-ws: 128-token tiles (one block per SM: ~200 registers x 256 threads) when they
+///   make at least one block per SM, else 64-token tiles (two per SM; one for wgmma-ws, whose blocks have 384
+///   threads);
+/// - wgmma-row: 64-token tiles always (98 registers: two blocks per SM), which an H200 measured 12-15% faster than
+///   its 128-token tiles at m = 256 and 1024 on every 11B / 90B row where the rule above takes 128 (2026-11-28);
+/// - then K splits (every wgmma variant) up to two blocks per SM (one for 128 and for wgmma-ws), with at least one
+///   whole 4-chunk segment per split.
 pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
     let row_blocks = padded_n(n).div_ceil(W4A8_BLOCK_N).max(1);
     let tile_m = match kernel {
@@ -154,6 +158,7 @@ pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -
             17..=32 => 32,
             _ => 128,
         },
+        W4A8Kernel::WgmmaRow => 64,
         _ if row_blocks * m.div_ceil(128) >= sms => 128,
         _ => 64,
     };
@@ -312,6 +317,11 @@ mod tests {
         }
         let row64 = w4a8_plan_tiled(W4A8Kernel::WgmmaRow, 64, 256, 57344, 8192, sms);
         assert_eq!(row64, W4A8Plan { kernel: W4A8Kernel::WgmmaRow, tile_m: 64, splits: 1 });
+        // The row kernel's plan takes 64-token tiles where the others take 128.
+        for (m, n, k) in [(256, 28672, 4096), (1024, 57344, 8192), (1024, 4096, 14336), (8192, 16384, 2048)] {
+            assert_eq!(w4a8_plan(W4A8Kernel::Wgmma, m, n, k, sms).tile_m, 128, "m {m} n {n} k {k}");
+            assert_eq!(w4a8_plan(W4A8Kernel::WgmmaRow, m, n, k, sms).tile_m, 64, "m {m} n {n} k {k}");
+        }
     }
 
     #[test]

@@ -14,9 +14,9 @@ use crate::{Error, Result};
 /// Which W4A8 kernel [`w4a8_gemm`] runs. Both compute torchao's 8da4w product with exact s32 group sums; they
 /// differ in how the f32 sum of the scaled group terms is rounded (see [`W4A8Kernel::Wgmma`]). The environment
 /// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`, `wgmma-row`, `wgmma-ws`) forces one where it
-/// runs; `auto` takes
-/// [`W4A8Kernel::Wgmma`] from [`WGMMA_MIN_M`] + 1 to [`WGMMA_AUTO_MAX_M`] rows where it runs, else
-/// [`W4A8Kernel::Mma`] (measured on an H100, 2026-11-28: `bench/results/2026-11-28-h100-gate-wgmma.md`).
+/// runs; `auto` takes [`W4A8Kernel::Mma`] up to [`WGMMA_MIN_M`] rows (its decode tiles), then where the Hopper kernels
+/// run [`W4A8Kernel::WgmmaWs`] below [`ROW_AUTO_MIN_M`] rows and [`W4A8Kernel::WgmmaRow`] (64-token tiles) from
+/// there (measured on an H200, 2026-11-28: `bench/results/2026-11-28-h200-fresh-kernels.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A8Kernel {
     /// `mma.sync m16n8k32 s8` (`kernels/quant/w4a8.cu`), every device; decode tiles of 8, 16 or 32 tokens and a
@@ -33,11 +33,15 @@ pub enum W4A8Kernel {
     WgmmaSerial,
     /// [`W4A8Kernel::WgmmaSerial`] with the activations copied in natural k order (two 16-byte copies per thread
     /// and chunk instead of eight 4-byte ones) and each lane's A fragments composed from the words of its quad's
-    /// lanes: the same bits. Not yet measured.
+    /// lanes: the same bits. Always 64-token tiles ([`super::w4a8_plan`]: two blocks per SM), which an H200 measured
+    /// 2-11% faster than the ws kernel at m = 256 and 1024 on six of the seven 11B / 90B rows where they differ
+    /// (2026-11-28), so `auto` takes it from [`ROW_AUTO_MIN_M`] rows.
     WgmmaRow,
     /// [`W4A8Kernel::WgmmaRow`]'s products, warp-specialized: a producer warpgroup copies each chunk into an
     /// mbarrier ring and the two consumer warpgroups run without a block barrier per chunk (384 threads, one block
-    /// per SM): the same bits. Not yet run on a GPU.
+    /// per SM): the same bits. `auto` takes it above [`WGMMA_MIN_M`] and below [`ROW_AUTO_MIN_M`] rows: 1B W4A8 at
+    /// batch 64 (m = 64) decoded in 3.10 ms a step with it against 3.49 (row), 3.66 (wgmma) and 4.40 (mma) on an
+    /// H200 (2026-11-28).
     WgmmaWs,
 }
 
@@ -87,18 +91,19 @@ impl W4A8Kernel {
         Ok(Self::forced()?.filter(applies).unwrap_or_else(|| Self::auto(w, m)))
     }
 
-    /// The default for `m` rows through `w`: [`W4A8Kernel::Wgmma`] where it runs and `m` is in
-    /// ([`WGMMA_MIN_M`], [`WGMMA_AUTO_MAX_M`]], else [`W4A8Kernel::Mma`].
+    /// The default for `m` rows through `w` where the Hopper kernels run on it: [`W4A8Kernel::Mma`] up to
+    /// [`WGMMA_MIN_M`] rows, [`W4A8Kernel::WgmmaWs`] below [`ROW_AUTO_MIN_M`], [`W4A8Kernel::WgmmaRow`] from there;
+    /// elsewhere [`W4A8Kernel::Mma`].
     pub fn auto(w: &CudaQuantLinear, m: usize) -> Self {
         Self::auto_for(W4A8Kernel::Wgmma.runs(w), m)
     }
 
     /// [`W4A8Kernel::auto`] given whether the wgmma kernel runs on `w` here.
     pub fn auto_for(wgmma_runs: bool, m: usize) -> Self {
-        if wgmma_runs && m > WGMMA_MIN_M && m <= WGMMA_AUTO_MAX_M {
-            W4A8Kernel::Wgmma
-        } else {
-            W4A8Kernel::Mma
+        match m {
+            _ if !wgmma_runs || m <= WGMMA_MIN_M => W4A8Kernel::Mma,
+            _ if m < ROW_AUTO_MIN_M => W4A8Kernel::WgmmaWs,
+            _ => W4A8Kernel::WgmmaRow,
         }
     }
 }
@@ -107,11 +112,12 @@ impl W4A8Kernel {
 /// kernel is forced.
 pub const WGMMA_MIN_M: usize = 32;
 
-/// Rows up to which `auto` takes [`W4A8Kernel::Wgmma`] (above [`WGMMA_MIN_M`]). Measured on an H100 (2026-11-28):
-/// 1B W4A8 decode at batch 64 (m = 64 in every projection) took 3.81 ms a step with it against 4.38 with the mma
-/// kernel, while at m = 256 and 1024 the mma kernel was up to 1.4x faster on the 11B / 90B gate_up shapes and
-/// 1B prefill (m = 8192) ran at 104k tokens/s against 73k. Between 65 and 255 rows nothing was measured.
-pub const WGMMA_AUTO_MAX_M: usize = 64;
+/// Rows from which `auto` takes [`W4A8Kernel::WgmmaRow`] instead of [`W4A8Kernel::WgmmaWs`]. Measured on an H200
+/// (2026-11-28, criterion, 11B / 90B gate_up and down): at m = 256 and 1024 the row kernel with 64-token tiles beat
+/// the ws kernel by 2-11% on six of seven rows (the ws kernel won 11B down at m = 256 by 18%), and both beat the
+/// mma kernel by 1.2-1.6x; at m = 64 (1B decode at batch 64) the ws kernel was 11% faster. Between 65 and 255
+/// rows nothing was measured.
+pub const ROW_AUTO_MIN_M: usize = 256;
 
 /// True when the current device runs the wgmma W4A8 kernels: this build holds sm_90a SASS and the device has
 /// compute capability 9.x (cached per device in the library).
