@@ -57,7 +57,11 @@ for line in sys.stdin:
   fi
   cp "$bench_exe" "$bundle/bench/cuda_kernels"
   strip "$bundle"/bin/* "$bundle"/tests/* "$bundle"/bench/*
-  git -C "$root" rev-parse --short HEAD >"$bundle/REVISION" 2>/dev/null || echo unknown >"$bundle/REVISION"
+  # The commit, with "+dirty" when tracked files differ from it (the binaries were built from that tree).
+  local rev
+  rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [[ $rev != unknown ]] && ! git -C "$root" diff --quiet HEAD -- 2>/dev/null; then rev+="+dirty"; fi
+  echo "$rev" >"$bundle/REVISION"
   echo "gpu-bundle/ ($(du -sh "$bundle" | cut -f1)):"
   (cd "$bundle" && ls -l bin tests | grep -v '^total')
   # The binaries (about 59 MB with the working tree's 13 MB) exceed the device tool's 64 MiB; xz packs them to ~13 MB

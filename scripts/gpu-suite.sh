@@ -70,7 +70,8 @@ run() {
   # end to end on 1B and 11B Vision W4A16, forced against the default; GPU_SUITE_SKIP_VISION=1 leaves out the 11B
   # rows), wgmma (opt-in: the Hopper W4A8 kernels beside mma and the large-m W4A16 kernel beside dequantize +
   # cuBLASLt: their tests, the golden end-to-end test with each forced, their criterion lines with cuBLAS at the same
-  # shapes, 1B end to end with each), fresh (opt-in: what has never run on a GPU, in one call: the never-run kernels'
+  # shapes, 1B end to end with each), fresh (opt-in: the thirteenth session's never-run kernels, first run on an H200
+  # on 2026-11-28, bench/results/2026-11-28-h200-fresh-kernels.md; in one call: those kernels'
   # tests under a 30-second stall watchdog, then their headline figures beside the measured defaults: W4A8 at
   # m = 1024 on the 90B shapes with cuBLAS, the tiled W4A16 rings, prefill wgmma-ws, and 1B batch-1 decode with the
   # split / fused merge / gemv whole-row prefetch A/Bs).
@@ -449,7 +450,7 @@ PY
   fi
 
   if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
-    # What has never run on a GPU, in one call of about six minutes, most telling first: the never-run kernels'
+    # What had never run on a GPU before 2026-11-28, in one call (103 s on an H200), most telling first: the kernels'
     # tests (each launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then each one's headline
     # figure beside the measured default in the same call.
     local ft

@@ -111,12 +111,13 @@ pub struct ModelArgs {
     #[arg(long)]
     pub no_fused_swiglu: bool,
     /// Apply RoPE and the KV-cache write in the epilogue of the decode QKV projection (bf16 skinny GEMM) instead of
-    /// in a kernel of their own (CUDA text models only; the same results; experimental: not yet timed on a GPU).
+    /// in a kernel of their own (CUDA text models only; the same results; off by default: slower as timed on an
+    /// H100, 2026-11-27).
     #[arg(long)]
     pub fused_rope: bool,
     /// Run residual add + RMSNorm in the prologue of the decode QKV and gate_up projections (bf16 skinny GEMM)
     /// instead of in a kernel of its own (CUDA; text models, and the vision models' self-attention layers; the same
-    /// results; experimental: not yet timed on a GPU).
+    /// results; off by default: slower as timed on an H100, 2026-11-27).
     #[arg(long)]
     pub fused_norm: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.

@@ -45,7 +45,7 @@
 //     word cw >> 1 of its 16-byte row: 4-byte cp.async copies do that permutation on the way in;
 //   - the block's weight tiles (512 bytes each, already in fragment order) and their scale entries, with those of
 //     the next chunk (whose first scales close this chunk's last coefficient).
-// kRow (L32_W4A8_WGMMA_ROW, measured on no device yet): the activations in natural k order instead, 16-byte copies
+// kRow (L32_W4A8_WGMMA_ROW; `auto` from 256 rows, with 64-token tiles, as measured on an H200): the activations in natural k order instead, 16-byte copies
 // (two per thread and chunk at 128-token tiles instead of eight 4-byte ones, whose index arithmetic dominated the
 // loop), and the permutation moves to the A side: lane t of a quad takes slots 4t.. from the word of quad lane t / 2
 // and slots 16 + 4t.. from that of lane 2 + t / 2 (low nibbles for even t, high for odd), i.e. two 16-byte weight
@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(kWG * 128, W4A8WgmmaTraits<kWG, kBN, kStages, 
 #endif
 }
 
-// Tier 1, warp-specialized (L32_W4A8_WGMMA_WS, measured on no device yet). The products of the row kernel
+// Tier 1, warp-specialized (L32_W4A8_WGMMA_WS; `auto` for 33-255 rows, as measured on an H200). The products of the row kernel
 // (Products<2, kBN, kStages, false, true>: serial, natural-order activations, the same bits), with the copies
 // taken off the consumers and the block barrier taken out of the chunk loop:
 //   - threads 0-127 (a producer warpgroup) copy each chunk's activations, weights and scales into a ring of

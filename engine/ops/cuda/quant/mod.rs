@@ -302,8 +302,9 @@ pub fn w4a16_bulk_variant() -> crate::Result<usize> {
 /// default, the kernel as measured: one stage in flight while the other is computed), 3 or 4 (two or three in
 /// flight, one barrier per stage). At m = 64 on the 90B shapes the tiled kernel keeps only 8 KB of weights in
 /// flight per block (two blocks per SM), which bounds it to about 0.7 TB/s at a microsecond or two of loaded
-/// latency; a deeper ring is the A/B for that (not yet measured). The kernel lowers it to what fits the device's
-/// shared memory per block. The same bits at every depth. Read once per process.
+/// latency; a deeper ring was the A/B for that, and it bought nothing: on an H200 (2026-11-28) 3 and 4 stages were
+/// within 1% of 2 at m = 64 and 1-24% slower at m = 1 and 16, so the limit is elsewhere. The kernel lowers it to
+/// what fits the device's shared memory per block. The same bits at every depth. Read once per process.
 pub const W4A16_TILED_STAGES_ENV: &str = "LLAMA32_W4A16_TILED_STAGES";
 
 /// A depth set by [`set_w4a16_tiled_stages`] (0: none, the variable's).
