@@ -201,6 +201,12 @@ fn bench_serve_runs_on_a_small_model_and_fails_when_nothing_succeeds() {
     let out = run(bin().args(["bench-serve", "--model"]).arg(&model).args(["--clients", "2"]).args(args));
     let v: Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
     assert_eq!((v["ok"].as_u64(), v["errors"].as_u64()), (Some(2), Some(0)), "{v}");
+    // The model has no tokenizer: its stream carries token ids, so every request has a first token and each later
+    // token an inter-token latency (before, the empty texts left no token to time and TTFT read 0).
+    let tokens = v["output_tokens"].as_u64().unwrap();
+    assert_eq!(v["ttft_ms"]["count"].as_u64(), Some(2), "{v}");
+    assert_eq!(v["itl_ms"]["count"].as_u64(), Some(tokens - 2), "{v}");
+    assert!(v["ttft_ms"]["mean"].as_f64().unwrap() > 0.0, "{v}");
     // A --url whose server answers nothing useful: no request succeeds, and the run fails.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -33,6 +33,39 @@ async fn tiny(tag: &str, kv_tokens: usize, cfg: EngineConfig) -> Option<(EngineH
 
 async fn start(tag: &str, kv_tokens: usize, cfg: EngineConfig, opts: ServerOptions) -> Option<Server> {
     let (engine, ctx) = tiny(tag, kv_tokens, cfg).await?;
+    Some(serve_on(engine, ctx, opts).await)
+}
+
+/// A tiny CPU model with no tokenizer (a config.json only: vocabulary 512, random weights), served as `tiny`. It
+/// needs no reference data.
+async fn start_without_tokenizer(tag: &str) -> Server {
+    let dir = std::env::temp_dir().join(format!("llama32-notok-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp model dir");
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16", "vocab_size": 512
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("write config.json");
+    let (engine, ctx) = tokio::task::spawn_blocking(move || {
+        let d = dir.clone();
+        let make = move || -> llama32::Result<Box<dyn llama32::exec::Executor>> {
+            let cfg = llama32::config::LlamaConfig::from_model_dir(&d)?;
+            let w = llama32::weights::ModelWeights::random(&cfg, 11)?;
+            Ok(Box::new(llama32::exec::cpu::CpuExecutor::with_capacity(cfg, w, 2048, 16)?))
+        };
+        let engine = EngineHandle::start(make, None, EngineConfig::default()).expect("engine starts");
+        let ctx = llama32::serve::context_for(Some(&dir), None, engine.info().clone(), "tiny".into()).expect("context");
+        (engine, ctx)
+    })
+    .await
+    .expect("engine");
+    serve_on(engine, ctx, ServerOptions::default()).await
+}
+
+async fn serve_on(engine: EngineHandle, ctx: ServeContext, opts: ServerOptions) -> Server {
     let started = ctx.started;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("local addr"));
@@ -40,7 +73,7 @@ async fn start(tag: &str, kv_tokens: usize, cfg: EngineConfig, opts: ServerOptio
     let task = tokio::spawn(http::serve(listener, engine, Arc::new(ctx), opts, async move {
         let _ = rx.await;
     }));
-    Some(Server { base, client: reqwest::Client::new(), shutdown: Some(tx), task: Some(task), started })
+    Server { base, client: reqwest::Client::new(), shutdown: Some(tx), task: Some(task), started }
 }
 
 impl Server {
@@ -433,6 +466,7 @@ async fn malformed_requests_get_400s_naming_the_field() {
     let bad_role = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]});
     check("role", srv.post(c, &bad_role).await, "messages[1].role");
     check("stop", srv.post(c, &chat(json!({"stop": 5}))).await, "stop");
+    check("return_token_ids", srv.post(p, &cmpl(json!({"return_token_ids": "yes"}))).await, "return_token_ids");
     check("logit_bias", srv.post(p, &cmpl(json!({"logit_bias": {"50": 10}}))).await, "logit_bias");
     check("missing prompt", srv.post(p, &json!({"max_tokens": 2})).await, "prompt");
     check("missing messages", srv.post(c, &json!({"max_tokens": 2})).await, "messages");
@@ -684,4 +718,89 @@ async fn shutdown_deadline_ends_long_streams_with_an_error() {
     let served = stopping.await.expect("stop task").expect("serve returns in time");
     served.expect("serve task").expect("serve returns Ok");
     assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+/// The token ids of the chunks of choice `index`, in order, and how many chunks carried some.
+fn streamed_ids(sse: &Sse, index: u64) -> (Vec<u64>, usize) {
+    let lists: Vec<Vec<u64>> = sse
+        .choices(index)
+        .filter_map(|c| c["token_ids"].as_array())
+        .map(|a| a.iter().map(|v| v.as_u64().expect("token id")).collect())
+        .collect();
+    let carrying = lists.iter().filter(|l| !l.is_empty()).count();
+    (lists.concat(), carrying)
+}
+
+fn id_list(v: &Value) -> Vec<u64> {
+    v.as_array().unwrap_or_else(|| panic!("not an id list: {v}")).iter().map(|x| x.as_u64().expect("id")).collect()
+}
+
+/// A model without a tokenizer returns its output as token ids (its text is empty): every choice carries
+/// `token_ids` and `prompt_token_ids`, and a stream sends one chunk per generated token with its id, the same ids
+/// as the non-streamed answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_a_tokenizer_returns_token_ids() {
+    let mut srv = start_without_tokenizer("ids").await;
+    let body =
+        json!({"model": "tiny", "prompt": [1, 17, 99, 300], "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+    let (status, resp) = srv.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    let c = &resp["choices"][0];
+    assert_eq!(c["text"], "", "{resp}");
+    let ids = id_list(&c["token_ids"]);
+    assert_eq!(ids.len(), 6, "{resp}");
+    assert!(ids.iter().all(|&t| t < 512), "{resp}");
+    assert_eq!(id_list(&c["prompt_token_ids"]), vec![1, 17, 99, 300], "{resp}");
+    assert_eq!(resp["usage"]["completion_tokens"], 6, "{resp}");
+
+    let sse = stream_all(&srv, "/v1/completions", &with(body, json!({"stream": true}))).await;
+    let (streamed, carrying) = streamed_ids(&sse, 0);
+    assert_eq!(streamed, ids, "the stream's ids are the answer's: {sse:?}");
+    assert_eq!(carrying, 6, "one chunk per token: {sse:?}");
+    let first = sse.choices(0).next().expect("a first chunk");
+    assert_eq!(id_list(&first["prompt_token_ids"]), vec![1, 17, 99, 300], "{sse:?}");
+    assert_eq!(sse.finish_reason(0).as_deref(), Some("length"));
+    srv.stop(Duration::from_secs(30)).await.expect("clean stop");
+}
+
+/// `return_token_ids` on a model with a tokenizer: the ids decode to the text, the chat prompt's ids are the
+/// rendered prompt (as many as `usage.prompt_tokens`), the stream's ids equal the answer's, and without the field
+/// no ids are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn return_token_ids_gives_the_ids_of_text_and_prompt() {
+    let Some(mut srv) = start("http-ids", 4096, EngineConfig::default(), ServerOptions::default()).await else {
+        return;
+    };
+    let tok = llama32::tokenizer::Tokenizer::from_model_dir(&common::data_dir().expect("data")).expect("tokenizer");
+    let body = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                      "ignore_eos": true, "return_token_ids": true});
+    let (status, resp) = srv.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    let c = &resp["choices"][0];
+    let ids: Vec<u32> = id_list(&c["token_ids"]).into_iter().map(|t| t as u32).collect();
+    assert_eq!(ids.len(), 8, "{resp}");
+    assert_eq!(tok.decode(&ids, true).expect("decode"), choice_text(&resp, 0), "{resp}");
+    let prompt_ids = id_list(&c["prompt_token_ids"]);
+    assert_eq!(prompt_ids.len() as u64, resp["usage"]["prompt_tokens"].as_u64().unwrap(), "{resp}");
+    assert_eq!(prompt_ids[0], 128000, "the prompt starts with BOS: {resp}");
+    let sse = stream_all(&srv, "/v1/completions", &with(body.clone(), json!({"stream": true}))).await;
+    let want: Vec<u64> = ids.iter().map(|&t| u64::from(t)).collect();
+    assert_eq!(streamed_ids(&sse, 0).0, want, "{sse:?}");
+
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                      "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let (status, resp) = srv.post("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(id_list(&resp["choices"][0]["token_ids"]).len(), 4, "{resp}");
+    let prompt_ids = id_list(&resp["prompt_token_ids"]);
+    assert_eq!(prompt_ids.len() as u64, resp["usage"]["prompt_tokens"].as_u64().unwrap(), "{resp}");
+    let sse = stream_all(&srv, "/v1/chat/completions", &with(chat.clone(), json!({"stream": true}))).await;
+    assert_eq!(id_list(&sse.chunks[0]["prompt_token_ids"]), prompt_ids, "{sse:?}");
+    assert_eq!(streamed_ids(&sse, 0).0, id_list(&resp["choices"][0]["token_ids"]), "{sse:?}");
+
+    let mut plain = chat;
+    plain.as_object_mut().unwrap().remove("return_token_ids");
+    let (_, resp) = srv.post("/v1/chat/completions", &plain).await;
+    assert!(resp["choices"][0].get("token_ids").is_none() && resp.get("prompt_token_ids").is_none(), "{resp}");
+    srv.stop(Duration::from_secs(30)).await.expect("clean stop");
 }

@@ -81,7 +81,8 @@ pub struct LoadResult {
     pub output_tokens: usize,
     /// Output tokens per second over the level.
     pub output_tok_per_s: f64,
-    /// Time to first token.
+    /// Time to first token, over the successful requests that streamed one (a stream with neither text nor token
+    /// ids has no first token and is left out rather than counted as 0).
     pub ttft_ms: Stats,
     /// Time between consecutive streamed chunks of a request.
     pub itl_ms: Stats,
@@ -90,7 +91,7 @@ pub struct LoadResult {
 }
 
 struct One {
-    ttft: f64,
+    ttft: Option<f64>,
     itl: Vec<f64>,
     e2e: f64,
     tokens: usize,
@@ -122,7 +123,7 @@ pub async fn run_load(o: &LoadOptions) -> LoadResult {
             match r {
                 Ok(one) => {
                     ok += 1;
-                    ttft.push(one.ttft);
+                    ttft.extend(one.ttft);
                     itl.extend(one.itl);
                     e2e.push(one.e2e);
                     tokens += one.tokens;
@@ -245,12 +246,7 @@ async fn one_request(o: &LoadOptions, seed: u64) -> Result<One> {
     if !sse.finished {
         return Err(Error::Backend("stream ended without a finish reason".into()));
     }
-    Ok(One {
-        ttft: sse.ttft.unwrap_or(0.0),
-        itl: sse.itl,
-        e2e: start.elapsed().as_secs_f64() * 1e3,
-        tokens: sse.tokens.unwrap_or(0),
-    })
+    Ok(One { ttft: sse.ttft, itl: sse.itl, e2e: start.elapsed().as_secs_f64() * 1e3, tokens: sse.tokens.unwrap_or(0) })
 }
 
 struct SseState {
@@ -283,7 +279,10 @@ impl SseState {
             if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
                 self.finished = true;
             }
-            if c.get("text").and_then(Json::as_str).is_some_and(|t| !t.is_empty()) {
+            // A token arrived: text, or (a model without a tokenizer, or `return_token_ids`) token ids.
+            let text = c.get("text").and_then(Json::as_str).is_some_and(|t| !t.is_empty());
+            let ids = c.get("token_ids").and_then(Json::as_array).is_some_and(|a| !a.is_empty());
+            if text || ids {
                 let now = Instant::now();
                 match self.last {
                     None => self.ttft = Some(now.duration_since(self.start).as_secs_f64() * 1e3),

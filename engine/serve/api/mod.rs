@@ -6,13 +6,18 @@
 //! `temperature`, `top_p`, `n`, `stop`, `seed`, `frequency_penalty`, `presence_penalty`, `logprobs`,
 //! `top_logprobs`, `stream`, `stream_options`, `tools`, `tool_choice`, `echo`, `best_of`, `user`), and vLLM's
 //! extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
-//! `priority`, `chat_template_kwargs`). Fields the engine cannot honor (`logit_bias`, `suffix`, a non-text
+//! `priority`, `chat_template_kwargs`, `return_token_ids`). Fields the engine cannot honor (`logit_bias`, `suffix`, a non-text
 //! `response_format`, `min_tokens`) are refused with a 400 naming them rather than silently ignored; unknown
 //! fields are ignored, as OpenAI does.
 //!
 //! `tool_choice`: `"none"` renders the conversation without the tools; `"auto"` (the default when `tools` are
 //! given) renders them and parses the answer into `tool_calls`; `"required"` and a named function also force the
 //! start of the JSON call (`{"name": "` or `{"name": "f", "parameters": `) into the answer, a prefix, not a grammar.
+//!
+//! `return_token_ids` (vLLM's extension): each choice also carries its generated `token_ids` (the stop token
+//! included) and the prompt's `prompt_token_ids` (per choice for completions, at the top level for chat); in a
+//! stream each delta carries the ids generated since the last one, and the first chunk of a choice the prompt's.
+//! A model without a tokenizer always returns them: its text is empty, so the ids are its only output.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -203,6 +208,8 @@ pub struct Prepared {
     pub parse_tools: bool,
     /// Report log-probabilities.
     pub logprobs: bool,
+    /// Return the prompt's and the completions' token ids (`return_token_ids`, or a model without a tokenizer).
+    pub return_token_ids: bool,
     /// Image files of a chat request (from `data:` URLs), to be encoded by [`attach_images`] before submission.
     pub images: Vec<(String, Vec<u8>)>,
 }
@@ -335,6 +342,7 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         return Err(ApiError::bad_request(Some("echo"), "echo together with logprobs is not supported"));
     }
     let mut skip_special = f.bool("skip_special_tokens")?.unwrap_or(true);
+    let return_token_ids = f.bool("return_token_ids")?.unwrap_or(false) || ctx.tokenizer.is_none();
     let priority = f.int("priority")?.unwrap_or(0).clamp(i32::MIN as i64, i32::MAX as i64) as i32;
 
     // Prompts.
@@ -598,6 +606,7 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         prefixes,
         parse_tools,
         logprobs: logprobs.is_some(),
+        return_token_ids,
         images,
     })
 }

@@ -142,22 +142,36 @@ impl<'a> ResponseBuilder<'a> {
                             message["tool_calls"] = calls;
                         }
                         let lp = if p.logprobs { chat_logprobs(tok, &c.logprobs) } else { Json::Null };
-                        out.push(json!({"index": index, "message": message, "logprobs": lp, "finish_reason": reason}));
+                        let mut choice =
+                            json!({"index": index, "message": message, "logprobs": lp, "finish_reason": reason});
+                        if p.return_token_ids {
+                            choice["token_ids"] = json!(c.ids);
+                        }
+                        out.push(choice);
                     }
                     Endpoint::Completions => {
                         let lp =
                             if p.logprobs { completion_logprobs(tok, &c.logprobs, prefix.len()) } else { Json::Null };
                         let reason = c.finish.map(FinishReason::as_str);
-                        out.push(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason}));
+                        let mut choice = json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason});
+                        if p.return_token_ids {
+                            choice["token_ids"] = json!(c.ids);
+                            choice["prompt_token_ids"] = json!(p.requests[pi].prompt);
+                        }
+                        out.push(choice);
                     }
                 }
             }
         }
         let object = if p.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
-        json!({
+        let mut resp = json!({
             "id": p.id, "object": object, "created": p.created, "model": p.model,
             "choices": out, "usage": usage_json(&self.usage),
-        })
+        });
+        if p.return_token_ids && p.endpoint == Endpoint::Chat {
+            resp["prompt_token_ids"] = p.requests.first().map_or(Json::Null, |r| json!(r.prompt));
+        }
+        resp
     }
 }
 
@@ -165,7 +179,9 @@ impl<'a> ResponseBuilder<'a> {
 ///
 /// Chat: a first chunk per completion with `{"role": "assistant", "content": ""}`, content deltas, then a chunk
 /// with the finish reason. When tools are parsed, a completion's text is held back until it finishes and then sent
-/// as one `tool_calls` delta or one content delta. Completions: text chunks, the echoed prompt first.
+/// as one `tool_calls` delta or one content delta. Completions: text chunks, the echoed prompt first. With
+/// [`Prepared::return_token_ids`] every delta carries its `token_ids` (a delta with ids but no text is sent too) and
+/// the first chunk of a choice the prompt's `prompt_token_ids`.
 pub struct StreamBuilder<'a> {
     ctx: &'a ServeContext,
     prep: &'a Prepared,
@@ -205,13 +221,27 @@ impl<'a> StreamBuilder<'a> {
         self.started[prompt][i] = true;
         let index = prompt * self.prep.n + i;
         let prefix = self.prep.prefixes[prompt].clone();
+        let ids = self.prep.return_token_ids;
+        let prompt_ids = || json!(self.prep.requests[prompt].prompt);
         match self.prep.endpoint {
-            Endpoint::Chat => out.push(self.chunk(json!({
-                "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
-            }))),
-            Endpoint::Completions if !prefix.is_empty() => out.push(self.chunk(json!({
-                "index": index, "text": prefix, "logprobs": null, "finish_reason": null
-            }))),
+            Endpoint::Chat => {
+                let mut c = self.chunk(json!({
+                    "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
+                    "finish_reason": null
+                }));
+                if ids {
+                    c["prompt_token_ids"] = prompt_ids();
+                }
+                out.push(c);
+            }
+            Endpoint::Completions if !prefix.is_empty() || ids => {
+                let mut choice = json!({"index": index, "text": prefix, "logprobs": null, "finish_reason": null});
+                if ids {
+                    choice["token_ids"] = json!([]);
+                    choice["prompt_token_ids"] = prompt_ids();
+                }
+                out.push(self.chunk(choice));
+            }
             Endpoint::Completions => {}
         }
     }
@@ -232,23 +262,24 @@ impl<'a> StreamBuilder<'a> {
                     h.logprobs.extend(logprobs);
                     return Ok(out);
                 }
-                if text.is_empty() && logprobs.is_empty() {
+                let sends_ids = p.return_token_ids && !ids.is_empty();
+                if text.is_empty() && logprobs.is_empty() && !sends_ids {
                     return Ok(out);
                 }
-                match p.endpoint {
+                let mut choice = match p.endpoint {
                     Endpoint::Chat => {
                         let lp = if p.logprobs { chat_logprobs(tok, &logprobs) } else { Json::Null };
-                        out.push(self.chunk(
-                            json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}),
-                        ));
+                        json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
                     }
                     Endpoint::Completions => {
                         let lp = if p.logprobs { completion_logprobs(tok, &logprobs, 0) } else { Json::Null };
-                        out.push(
-                            self.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})),
-                        );
+                        json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
                     }
+                };
+                if p.return_token_ids {
+                    choice["token_ids"] = json!(ids);
                 }
+                out.push(self.chunk(choice));
             }
             Event::Finished { index: i, reason } => {
                 self.first(prompt, i, &mut out);
@@ -281,11 +312,12 @@ impl<'a> StreamBuilder<'a> {
                                 delta["tool_calls"] = Json::Array(indexed);
                             }
                             let lp = if p.logprobs { chat_logprobs(tok, &h.logprobs) } else { Json::Null };
-                            out.push(
-                                self.chunk(
-                                    json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": null}),
-                                ),
-                            );
+                            let mut choice =
+                                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": null});
+                            if p.return_token_ids {
+                                choice["token_ids"] = json!(h.ids);
+                            }
+                            out.push(self.chunk(choice));
                         }
                         out.push(
                             self.chunk(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason})),
