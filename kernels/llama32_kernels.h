@@ -319,11 +319,14 @@ typedef struct l32_sample_row {
  * top-k (ties by lower id), top-p (descending logit, ties by lower id), and the inverse-CDF draw over the kept tokens
  * in ascending id order with the row's uniform u in [0, 1).
  *
- * Penalties are a per-row sorted list (CSR): the entries of row r are j in penalty_offsets[r] ..
- * penalty_offsets[r + 1]; penalty_ids[j] is a token seen in the prompt or the output (strictly increasing within a
- * row; ids >= vocab are ignored), penalty_counts[j] its number of occurrences in the output (0: prompt only). Every
- * listed token gets the repetition penalty; those with a count >= 1 also get the frequency and presence penalties.
- * penalty_offsets NULL: no penalties anywhere.
+ * Penalties and logit bias are a per-row sorted list (CSR): the entries of row r are j in penalty_offsets[r] ..
+ * penalty_offsets[r + 1]; penalty_ids[j] is a token seen in the prompt or the output, or a token with a bias
+ * (strictly increasing within a row; ids >= vocab are ignored), penalty_counts[j] its number of occurrences in the
+ * output (0: prompt only), with bit 31 (L32_PENALTY_UNSEEN) set for a token listed only for its bias. Per listed
+ * token, in this order (each an f32 operation): l += penalty_bias[j] (when penalty_bias is not NULL and the bias is
+ * not zero); the repetition
+ * penalty unless L32_PENALTY_UNSEEN; with a count >= 1 the frequency and presence penalties. A row's list is used
+ * when the row has a penalty on or penalty_bias is not NULL. penalty_offsets NULL: no penalties and no bias anywhere.
  *
  * Numerics: penalties, min-p, top-k and the comparisons that decide the kept set are exact (f32 as on the CPU, and
  * min-p's f64 test turned into an exact f32 threshold); the weights exp((l - m) / T) of top-p and of the draw are f32
@@ -331,6 +334,9 @@ typedef struct l32_sample_row {
  * differ from the CPU's only when u, or top_p, lies within about 1e-6 of a cumulative-probability boundary.
  * dtype: L32_DTYPE_BF16 only. Nothing may alias out_ids.
  */
+/** Set in a penalty_counts entry whose token is listed only for its logit bias (no repetition penalty). */
+#define L32_PENALTY_UNSEEN 0x80000000u
+
 typedef struct l32_sample_params {
     uint32_t* out_ids;                  /**< [rows] */
     const void* logits;                 /**< [rows, vocab], contiguous rows */
@@ -338,7 +344,8 @@ typedef struct l32_sample_params {
     const double* uniforms;             /**< [rows], each in [0, 1) (unused by greedy rows) */
     const uint32_t* penalty_offsets;    /**< [rows + 1], non-decreasing, <= penalty_len; or NULL */
     const uint32_t* penalty_ids;        /**< [penalty_len] */
-    const uint32_t* penalty_counts;     /**< [penalty_len] */
+    const uint32_t* penalty_counts;     /**< [penalty_len], bit 31: L32_PENALTY_UNSEEN */
+    const float* penalty_bias;          /**< [penalty_len] logit bias per entry (0 for none), or NULL: no bias */
     int64_t penalty_len;                /**< entries in penalty_ids / penalty_counts, 0 ..= 2^32 - 1 */
     int64_t rows;                       /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
     int64_t vocab;                      /**< 1 ..= 2^19; a multiple of 8 with 16-byte aligned logits is faster */

@@ -11,8 +11,9 @@
 //
 // sample: one CTA of 512 threads per row, every pass over the row reading it from L2 (16 MB for 64 rows of Llama 3's
 // vocabulary stays resident on an H100). The pipeline, in the CPU twin's order:
-//   0. penalties: the row's sorted (id, count) list becomes a bitmap in shared memory (vocab / 8 bytes); an element
-//      whose bit is set gets its penalized value from the list by binary search, everything else is read as is;
+//   0. logit bias and penalties: the row's sorted (id, count, bias) list becomes a bitmap in shared memory (vocab / 8
+//      bytes); an element whose bit is set gets its biased and penalized value from the list by binary search,
+//      everything else is read as is;
 //   A. one pass: the argmax of the penalized row (greedy rows, and rows with nothing finite, stop here);
 //   B. one pass: count, weight sum and smallest value of the min-p survivors, with min-p's f64 test
 //      (l - m) / T >= ln(min_p) turned into an exact f32 threshold by bisection over the f32 values (no pass);
@@ -29,8 +30,8 @@
 // exp2f((l - m) * (log2(e) / T)) in f32, summed in f32 over at most 32 elements and in f64 beyond.
 //
 // Registers from ptxas (CUDA 13.0, sm_80 / sm_89 / sm_90a), no spills: argmax W = 8: 29 / 29 / 28, W = 1: 32;
-// sample W = 8: 76 / 80 / 102 (one 512-thread CTA per SM), W = 1: 64 / 66 / 72; sample keeps a 56-byte stack frame
-// for the out-of-line penalty lookup (called only for listed tokens). argmax's loop is 4 LDG.E.EF.128, 8 three-input
+// sample W = 8: 76 / 80 / 100 (one 512-thread CTA per SM), W = 1: 64 / 66 / 72; sample keeps a 64-byte stack frame
+// for the out-of-line penalty and bias lookup (called only for listed tokens). argmax's loop is 4 LDG.E.EF.128, 8 three-input
 // VHMNMX.BF16_V2 and one FMNMX per 32 logits.
 #include <algorithm>
 #include <cfloat>
@@ -185,10 +186,12 @@ struct RowSource {
     const uint32_t* bitmap;      // shared memory, a bit per id with penalties; nullptr: no penalties in this row
     const uint32_t* pen_ids;     // this row's sorted list
     const uint32_t* pen_counts;
+    const float* pen_bias;       // this row's biases, or nullptr
     int pen_n;
     float rep, freq, pres;
 
-    // Exactly Sampler::apply_penalties in f32, with no contraction into FMAs.
+    // Exactly Sampler::apply_penalties in f32, with no contraction into FMAs: the bias, then the repetition penalty
+    // (not for a token listed only for its bias), then the frequency and presence penalties.
     __device__ __noinline__ float penalize(uint32_t id, float l) const {
         int lo = 0, hi = pen_n;
         while (lo < hi) {
@@ -199,8 +202,13 @@ struct RowSource {
                 hi = mid;
             }
         }
-        const uint32_t count = lo < pen_n && pen_ids[lo] == id ? pen_counts[lo] : 0u;
-        l = l > 0.f ? __fdiv_rn(l, rep) : __fmul_rn(l, rep);
+        const bool found = lo < pen_n && pen_ids[lo] == id;
+        const uint32_t raw = found ? pen_counts[lo] : 0u;
+        const uint32_t count = raw & ~L32_PENALTY_UNSEEN;
+        // A zero bias is no bias (adding +0 would turn -0 into +0), here and on the CPU.
+        const float bias = found && pen_bias != nullptr ? pen_bias[lo] : 0.f;
+        if (bias != 0.f) l = __fadd_rn(l, bias);
+        if ((raw & L32_PENALTY_UNSEEN) == 0u) l = l > 0.f ? __fdiv_rn(l, rep) : __fmul_rn(l, rep);
         if (count > 0) {
             l = __fsub_rn(l, __fmul_rn(freq, __uint2float_rn(count)));
             l = __fsub_rn(l, pres);
@@ -543,15 +551,15 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(const __grid_consta
     uint32_t* cid = reinterpret_cast<uint32_t*>(cv + kCap);
 
     RowSource<W> src{reinterpret_cast<const BF16Vec<W>*>(static_cast<const bf16*>(p.logits) + row * p.vocab),
-                     vocab / W, nullptr, nullptr, nullptr, 0, r.repetition_penalty, r.frequency_penalty,
+                     vocab / W, nullptr, nullptr, nullptr, nullptr, 0, r.repetition_penalty, r.frequency_penalty,
                      r.presence_penalty};
-    // Step 0: penalties (the offsets are clamped into the list: defence in depth).
+    // Step 0: logit bias and penalties (the offsets are clamped into the list: defence in depth).
     if (p.penalty_offsets != nullptr) {
         const uint64_t len = static_cast<uint64_t>(p.penalty_len);
         const uint64_t hi = std::min<uint64_t>(p.penalty_offsets[row + 1], len);
         const uint64_t lo = std::min<uint64_t>(p.penalty_offsets[row], hi);
-        const bool active =
-            hi > lo && (r.repetition_penalty != 1.f || r.frequency_penalty != 0.f || r.presence_penalty != 0.f);
+        const bool active = hi > lo && (p.penalty_bias != nullptr || r.repetition_penalty != 1.f ||
+                                        r.frequency_penalty != 0.f || r.presence_penalty != 0.f);
         if (active) {
             for (int i = threadIdx.x; i < words; i += kThreads) bitmap[i] = 0;
             __syncthreads();
@@ -563,6 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(const __grid_consta
             src.bitmap = bitmap;
             src.pen_ids = p.penalty_ids + lo;
             src.pen_counts = p.penalty_counts + lo;
+            src.pen_bias = p.penalty_bias != nullptr ? p.penalty_bias + lo : nullptr;
             src.pen_n = static_cast<int>(hi - lo);
         }
     }
@@ -687,6 +696,7 @@ extern "C" l32_status l32_sample(const l32_sample_params* params, void* stream) 
     if (p.penalty_offsets != nullptr && p.penalty_len > 0 && (p.penalty_ids == nullptr || p.penalty_counts == nullptr)) {
         return L32_INVALID_ARGUMENT;
     }
+    if (p.penalty_bias != nullptr && p.penalty_offsets == nullptr) return L32_INVALID_ARGUMENT;
     // vocab <= 2^19 bounds the bitmap (64 KB) plus the candidates (32 KB) by 96 KB of shared memory.
     if (p.rows > INT_MAX || p.vocab > (int64_t{1} << 19) || p.penalty_len > int64_t{UINT32_MAX}) {
         return L32_UNSUPPORTED;

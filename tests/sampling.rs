@@ -248,6 +248,42 @@ fn frequency_penalty_accumulates_over_sampled_tokens() {
 }
 
 #[test]
+fn logit_bias_is_added_before_the_penalties() {
+    let row = [10.0, 9.5, 0.0];
+    // +1 on token 1 makes it the argmax (10.5 > 10); -100 bans token 0 in a draw too.
+    let p = SamplingParams { logit_bias: vec![(1, 1.0)], ..SamplingParams::greedy() };
+    assert!(!p.is_plain_greedy(), "a biased greedy row is not a plain argmax");
+    assert_eq!(Sampler::new(&p, &[]).sample(&row), 1);
+    let p = SamplingParams { logit_bias: vec![(0, -100.0), (1, -100.0)], ..params(1.0, 3) };
+    assert_eq!(draw_counts(&p, &[10.0, 9.5, 8.0], 200)[..2], [0, 0]);
+    // Bias first, then the repetition penalty on the biased value: token 0 (in the prompt) becomes (10 - 12) * 3 = -6
+    // (penalty first would give 10 / 3 - 12 = -8.67); token 1, not in the prompt, only its bias: 9.5 - 12.
+    let p = SamplingParams { logit_bias: vec![(0, -12.0), (1, -12.0)], repetition_penalty: 3.0, ..Default::default() };
+    let mut biased = row;
+    Sampler::new(&p, &[0]).apply_penalties(&mut biased);
+    assert_eq!(biased, [(10.0f32 - 12.0) * 3.0, 9.5 - 12.0, 0.0]);
+    // Ids outside the row are ignored, as for the penalties.
+    let p = SamplingParams { logit_bias: vec![(7, 5.0)], ..SamplingParams::greedy() };
+    assert_eq!(Sampler::new(&p, &[]).sample(&row), 0);
+}
+
+#[test]
+fn logit_bias_is_validated() {
+    let check = |bias: Vec<(u32, f32)>, needle: &str| {
+        let p = SamplingParams { logit_bias: bias, ..SamplingParams::greedy() };
+        let e = p.validate(100).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    };
+    check(vec![(100, 1.0)], "token id 100 must be in [0, 100)");
+    check(vec![(5, 1.0), (5, 2.0)], "strictly increasing");
+    check(vec![(6, 1.0), (5, 2.0)], "strictly increasing");
+    check(vec![(5, 100.5)], "logit_bias[5] must be in [-100, 100]");
+    check(vec![(5, f32::NAN)], "logit_bias[5]");
+    let ok = SamplingParams { logit_bias: vec![(0, -100.0), (99, 100.0)], ..SamplingParams::greedy() };
+    ok.validate(100).unwrap();
+}
+
+#[test]
 fn greedy_is_argmax_with_lowest_index_ties() {
     assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
     assert_eq!(argmax(&[f32::NAN, 1.0, f32::NAN]), 1);

@@ -467,7 +467,11 @@ async fn malformed_requests_get_400s_naming_the_field() {
     check("role", srv.post(c, &bad_role).await, "messages[1].role");
     check("stop", srv.post(c, &chat(json!({"stop": 5}))).await, "stop");
     check("return_token_ids", srv.post(p, &cmpl(json!({"return_token_ids": "yes"}))).await, "return_token_ids");
-    check("logit_bias", srv.post(p, &cmpl(json!({"logit_bias": {"50": 10}}))).await, "logit_bias");
+    check("logit_bias key", srv.post(p, &cmpl(json!({"logit_bias": {"fifty": 10}}))).await, "key `fifty`");
+    check("logit_bias value", srv.post(p, &cmpl(json!({"logit_bias": {"50": 101}}))).await, "logit_bias[50]");
+    check("logit_bias id", srv.post(p, &cmpl(json!({"logit_bias": {"999999": 1}}))).await, "token id 999999");
+    check("logit_bias shape", srv.post(c, &chat(json!({"logit_bias": [1, 2]}))).await, "expected an object");
+    check("logit_bias twice", srv.post(p, &cmpl(json!({"logit_bias": {"50": 1, "050": 2}}))).await, "given twice");
     check("missing prompt", srv.post(p, &json!({"max_tokens": 2})).await, "prompt");
     check("missing messages", srv.post(c, &json!({"max_tokens": 2})).await, "messages");
 
@@ -802,5 +806,27 @@ async fn return_token_ids_gives_the_ids_of_text_and_prompt() {
     plain.as_object_mut().unwrap().remove("return_token_ids");
     let (_, resp) = srv.post("/v1/chat/completions", &plain).await;
     assert!(resp["choices"][0].get("token_ids").is_none() && resp.get("prompt_token_ids").is_none(), "{resp}");
+    srv.stop(Duration::from_secs(30)).await.expect("clean stop");
+}
+
+/// `logit_bias`: +100 on a token makes greedy decoding pick it every step; -100 on the token greedy decoding picks
+/// first makes it pick another, in a stream too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_steers_greedy_decoding() {
+    let mut srv = start_without_tokenizer("bias").await;
+    let body =
+        json!({"model": "tiny", "prompt": [1, 17, 99, 300], "max_tokens": 5, "temperature": 0, "ignore_eos": true});
+    let (_, plain) = srv.post("/v1/completions", &body).await;
+    let first = id_list(&plain["choices"][0]["token_ids"])[0];
+    let forced = if first == 7 { 8 } else { 7 };
+    let (status, resp) =
+        srv.post("/v1/completions", &with(body.clone(), json!({"logit_bias": {forced.to_string(): 100}}))).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(id_list(&resp["choices"][0]["token_ids"]), vec![forced; 5], "{resp}");
+    let banned = with(body, json!({"logit_bias": {first.to_string(): -100}, "stream": true}));
+    let sse = stream_all(&srv, "/v1/completions", &banned).await;
+    let (ids, _) = streamed_ids(&sse, 0);
+    assert_eq!(ids.len(), 5, "{sse:?}");
+    assert!(!ids.contains(&first), "token {first} was banned: {ids:?}");
     srv.stop(Duration::from_secs(30)).await.expect("clean stop");
 }

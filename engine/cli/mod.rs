@@ -571,5 +571,6 @@ fn sampling_params(a: &GenerateArgs) -> SamplingParams {
         stop: a.stop.clone(),
         stop_token_ids: Vec::new(),
         ignore_eos: a.ignore_eos,
+        logit_bias: Vec::new(),
     }
 }

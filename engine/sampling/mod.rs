@@ -8,7 +8,9 @@
 //!
 //! For a logits row `l` (one `f32` per vocabulary entry), [`Sampler::sample`] does:
 //!
-//! 1. **Penalties**, in `f32`, in this order (see [`Sampler::apply_penalties`]):
+//! 1. **Logit bias and penalties**, in `f32`, in this order (see [`Sampler::apply_penalties`]):
+//!    * logit bias (OpenAI `logit_bias`): `l = l + b` for each listed token (vLLM applies it before the
+//!      penalties too);
 //!    * repetition (HF/vLLM): for every token that occurs in the prompt or in the output so far,
 //!      `l = if l > 0 { l / r } else { l * r }`;
 //!    * frequency (OpenAI): `l = l - f * count` where `count` is the token's number of occurrences in
@@ -74,7 +76,13 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past the model's EOS ids (`stop_token_ids` still apply).
     pub ignore_eos: bool,
+    /// OpenAI `logit_bias`: `(token id, bias)` pairs, ids strictly increasing, each bias in
+    /// [-[`MAX_LOGIT_BIAS`], [`MAX_LOGIT_BIAS`]], added to the token's logit before the penalties.
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// The largest `|bias|` of [`SamplingParams::logit_bias`] (OpenAI's range, -100 to 100).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -91,6 +99,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -111,9 +120,10 @@ impl SamplingParams {
         self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 
-    /// Greedy with no penalties: the next id is the plain argmax of the logits, so a backend may pick it alone.
+    /// Greedy with no penalties and no logit bias: the next id is the plain argmax of the logits, so a backend may
+    /// pick it alone.
     pub fn is_plain_greedy(&self) -> bool {
-        self.is_greedy() && !self.has_penalties()
+        self.is_greedy() && !self.has_penalties() && self.logit_bias.is_empty()
     }
 
     /// Checks every field against its allowed range; the error names the field, the range and the value.
@@ -147,6 +157,18 @@ impl SamplingParams {
             return Err(Error::request(format!(
                 "stop_token_ids must be in [0, {vocab_size}) (the vocabulary size), got {id}"
             )));
+        }
+        for (i, &(id, bias)) in self.logit_bias.iter().enumerate() {
+            if id as usize >= vocab_size {
+                return Err(Error::request(format!(
+                    "logit_bias: token id {id} must be in [0, {vocab_size}) (the vocabulary size)"
+                )));
+            }
+            if i > 0 && self.logit_bias[i - 1].0 >= id {
+                return Err(Error::request(format!("logit_bias: token ids must be strictly increasing, got {id}")));
+            }
+            let ok = bias.is_finite() && bias.abs() <= MAX_LOGIT_BIAS;
+            check(ok, &format!("logit_bias[{id}]"), "in [-100, 100]", bias)?;
         }
         Ok(())
     }

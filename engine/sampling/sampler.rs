@@ -1,4 +1,4 @@
-//! The per-sequence [`Sampler`]: penalties, temperature, min-p, top-k, top-p and the seeded draw.
+//! The per-sequence [`Sampler`]: logit bias, penalties, temperature, min-p, top-k, top-p and the seeded draw.
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
@@ -42,6 +42,8 @@ pub struct Sampler {
     repetition_penalty: f32,
     frequency_penalty: f32,
     presence_penalty: f32,
+    /// `(id, bias)`, ids strictly increasing ([`SamplingParams::logit_bias`]).
+    logit_bias: Vec<(u32, f32)>,
     rng: ChaCha20Rng,
     /// Tokens of the prompt or the output (repetition penalty).
     seen: HashSet<u32>,
@@ -70,6 +72,7 @@ impl Sampler {
             repetition_penalty: params.repetition_penalty,
             frequency_penalty: params.frequency_penalty,
             presence_penalty: params.presence_penalty,
+            logit_bias: params.logit_bias.clone(),
             rng,
             seen: prompt_ids.iter().copied().collect(),
             counts: HashMap::new(),
@@ -122,7 +125,8 @@ impl Sampler {
 
     /// Whether [`apply_penalties`](Self::apply_penalties) can change anything.
     fn penalties_active(&self) -> bool {
-        (self.repetition_penalty != 1.0 && !self.seen.is_empty())
+        !self.logit_bias.is_empty()
+            || (self.repetition_penalty != 1.0 && !self.seen.is_empty())
             || ((self.frequency_penalty != 0.0 || self.presence_penalty != 0.0) && !self.counts.is_empty())
     }
 
@@ -139,9 +143,15 @@ impl Sampler {
         (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    /// Applies the repetition, frequency and presence penalties to `logits` in place, exactly as
-    /// [`sample`](Self::sample) does. Ids outside the row are ignored.
+    /// Adds the logit bias, then applies the repetition, frequency and presence penalties to `logits` in place,
+    /// exactly as [`sample`](Self::sample) does. Ids outside the row are ignored.
     pub fn apply_penalties(&self, logits: &mut [f32]) {
+        // A zero bias is no bias (adding +0 would turn -0 into +0), as in the GPU sampler.
+        for &(id, b) in self.logit_bias.iter().filter(|&&(_, b)| b != 0.0) {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
         let r = self.repetition_penalty;
         if r != 1.0 {
             for &id in &self.seen {

@@ -456,7 +456,8 @@ fn cuda_step_greedy_is_argmax_of_step_logits() {
 }
 
 /// `step_sample` on the device picks what the CPU sampler picks from the same step's logits with the same random
-/// stream, for greedy rows, each filter, and penalties over prompt and output ids.
+/// stream, for greedy rows, each filter, penalties over prompt and output ids, and logit bias (greedy alone, and
+/// sampled with penalties, some biased tokens in the history).
 #[test]
 fn cuda_step_sample_matches_cpu_sampler() {
     use llama32::exec::SampleSeq;
@@ -467,6 +468,10 @@ fn cuda_step_sample_matches_cpu_sampler() {
     let case = Case::load("cuda-d64-gqa4");
     let prompt = case.ids("prompt_ids");
     let base = SamplingParams { seed: Some(11), ..SamplingParams::greedy() };
+    // Biased tokens from the prompt (so some are in the history) and outside it; sorted, each id once.
+    let mut history_bias = vec![(prompt[2], 4.0f32), (prompt[55], -3.0), (100, 7.0), (101, 0.0)];
+    history_bias.sort_by_key(|&(id, _)| id);
+    history_bias.dedup_by_key(|&mut (id, _)| id);
     let params = [
         SamplingParams { repetition_penalty: 1.3, ..base.clone() },
         SamplingParams { temperature: 0.8, top_k: 20, ..base.clone() },
@@ -479,7 +484,9 @@ fn cuda_step_sample_matches_cpu_sampler() {
             seed: Some(14),
             ..base.clone()
         },
-        SamplingParams { temperature: 0.6, top_p: 0.9, top_k: 50, seed: Some(15), ..base },
+        SamplingParams { temperature: 0.6, top_p: 0.9, top_k: 50, seed: Some(15), ..base.clone() },
+        SamplingParams { logit_bias: vec![(3, 6.0), (40, -100.0), (77, 9.5)], ..base.clone() },
+        SamplingParams { temperature: 0.9, repetition_penalty: 1.2, logit_bias: history_bias, seed: Some(16), ..base },
     ];
     let n = params.len();
     let outputs: Vec<Vec<u32>> = (0..n).map(|s| prompt[50 + s..58 + s].to_vec()).collect();

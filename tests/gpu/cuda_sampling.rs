@@ -137,8 +137,9 @@ fn argmax_matches_cpu() {
 // ------------------------------------------------------------------------------------------------------------------
 // sample
 
-/// Random parameters of menu entry `kind`: greedy, each filter alone, combinations, penalties, and the two cases
-/// that take the kernel's whole-row path (top-k above its 4096 candidates; a flat nucleus).
+/// Random parameters of menu entry `kind`: greedy, each filter alone, combinations, penalties, the two cases
+/// that take the kernel's whole-row path (top-k above its 4096 candidates; a flat nucleus), and logit bias (set by
+/// [`prepare`], which knows the row) greedy and with penalties.
 fn params_for(rng: &mut ChaCha8Rng, kind: usize, seed: u64) -> SamplingParams {
     let t = [0.3f32, 0.7, 1.0, 1.5][rng.random_range(0..4)];
     let mut p = SamplingParams { temperature: t, seed: Some(seed), ..SamplingParams::default() };
@@ -175,14 +176,42 @@ fn params_for(rng: &mut ChaCha8Rng, kind: usize, seed: u64) -> SamplingParams {
             p.repetition_penalty = 0.8;
             p.min_p = 0.01;
         }
-        _ => {
+        11 => {
             p.top_k = 3;
             p.top_p = 0.6;
+        }
+        12 => p.temperature = 0.0,
+        _ => {
+            p.repetition_penalty = 1.3;
+            p.presence_penalty = 0.5;
+            p.top_k = 40;
         }
     }
     p
 }
-const PARAM_KINDS: usize = 12;
+const PARAM_KINDS: usize = 14;
+/// The kinds whose rows get a logit bias.
+const BIASED: [usize; 2] = [12, 13];
+
+/// A logit bias for `row`: -100 on its argmax, and up to 6 more tokens, mostly among its 64 largest logits, with
+/// biases in [-8, 8] (so they reorder the top), one of them possibly 0 (no bias); ids strictly increasing.
+fn bias_for(rng: &mut ChaCha8Rng, row: &[f32]) -> Vec<(u32, f32)> {
+    let mut order: Vec<u32> = (0..row.len() as u32).collect();
+    order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+    let mut bias = vec![(order[0], -100.0f32)];
+    for _ in 0..rng.random_range(0..7) {
+        let id = if rng.random_range(0..4) == 0 {
+            rng.random_range(0..row.len() as u32)
+        } else {
+            order[rng.random_range(0..order.len().min(64))]
+        };
+        let b = if rng.random_range(0..8) == 0 { 0.0 } else { rng.random_range(-8.0f32..8.0) };
+        bias.push((id, b));
+    }
+    bias.sort_by_key(|&(id, _)| id);
+    bias.dedup_by_key(|&mut (id, _)| id);
+    bias
+}
 
 /// Prompt and output tokens for the penalties: mostly among the row's 64 largest logits, so they change the result.
 fn history(rng: &mut ChaCha8Rng, row: &[f32]) -> (Vec<u32>, Vec<u32>) {
@@ -236,12 +265,14 @@ fn u_ambiguous(s: &Sampler, row: &[f32], u: f64) -> bool {
     })
 }
 
-/// One prepared row: its kernel parameters, uniform, history and the CPU's choice.
+/// One prepared row: its kernel parameters, uniform, history, logit bias and the CPU's choice.
 struct Case {
     row: SampleRow,
     u: f64,
     prompt: Vec<u32>,
     output: Vec<u32>,
+    penalized: bool,
+    bias: Vec<(u32, f32)>,
     want: u32,
     kind: usize,
 }
@@ -249,7 +280,10 @@ struct Case {
 /// Parameters of `kind` for `row`, moved off the ambiguous boundaries, and the CPU's id for them.
 fn prepare(rng: &mut ChaCha8Rng, row: &[f32], kind: usize, seed: u64) -> Case {
     let mut params = params_for(rng, kind, seed);
-    let (prompt, output) = if matches!(kind, 6 | 7 | 9 | 10) || rng.random_range(0..4) == 0 {
+    if BIASED.contains(&kind) {
+        params.logit_bias = bias_for(rng, row);
+    }
+    let (prompt, output) = if matches!(kind, 6 | 7 | 9 | 10 | 13) || rng.random_range(0..4) == 0 {
         history(rng, row)
     } else {
         (Vec::new(), Vec::new())
@@ -272,7 +306,8 @@ fn prepare(rng: &mut ChaCha8Rng, row: &[f32], kind: usize, seed: u64) -> Case {
         }
     }
     let want = s.clone().sample(row);
-    Case { row: SampleRow::new(&params), u, prompt, output, want, kind }
+    let (penalized, bias) = (params.has_penalties(), params.logit_bias.clone());
+    Case { row: SampleRow::new(&params), u, prompt, output, penalized, bias, want, kind }
 }
 
 /// (vocab, rows): Llama 3's vocabulary, a small vector-path one, odd sizes (scalar path) and a single token.
@@ -294,9 +329,11 @@ fn sample_matches_cpu() {
                 cases.push(prepare(&mut rng, &to_f32(&row), kind, seed * 1000 + r as u64));
                 logits.extend(row);
             }
+            // As the executor builds them: a row's history only with a penalty on, and its biased tokens.
             let mut lists = PenaltyLists::new();
             for c in &cases {
-                lists.push_row(&c.prompt, &c.output).expect("penalty lists");
+                let (prompt, output) = if c.penalized { (&c.prompt[..], &c.output[..]) } else { (&[][..], &[][..]) };
+                lists.push_row_biased(prompt, output, &c.bias).expect("penalty lists");
             }
             let params: Vec<SampleRow> = cases.iter().map(|c| c.row).collect();
             let uniforms: Vec<f64> = cases.iter().map(|c| c.u).collect();
@@ -309,7 +346,9 @@ fn sample_matches_cpu() {
             } else {
                 let (o, i, c) =
                     (upload(&stream, lists.offsets()), upload(&stream, lists.ids()), upload(&stream, lists.counts()));
-                let pen = Penalties { offsets: &o, ids: &i, counts: &c };
+                let b = lists.has_bias().then(|| upload(&stream, lists.bias()));
+                let bias = b.as_ref().map(|b| b as &dyn cudarc::driver::DevicePtr<f32>);
+                let pen = Penalties { offsets: &o, ids: &i, counts: &c, bias };
                 cuda::sampling::sample(&stream, &logits_d, vocab, &params_d, &uniforms_d, Some(&pen), &mut out_d)
                     .expect("sample");
             }
@@ -385,18 +424,24 @@ fn sampling_rejects_bad_shapes() {
         upload(&stream, &[1u32, 2]),
         upload(&stream, &[0u32]),
     );
-    let bad_offsets = Penalties { offsets: &o3, ids: &ids, counts: &ids };
+    let bad_offsets = Penalties { offsets: &o3, ids: &ids, counts: &ids, bias: None };
     expect(
         cuda::sampling::sample(&stream, &logits, vocab, &params, &uniforms, Some(&bad_offsets), &mut out),
         "`penalties.offsets`",
     );
-    let bad_counts = Penalties { offsets: &o4, ids: &ids, counts: &counts1 };
+    let bad_counts = Penalties { offsets: &o4, ids: &ids, counts: &counts1, bias: None };
     expect(
         cuda::sampling::sample(&stream, &logits, vocab, &params, &uniforms, Some(&bad_counts), &mut out),
         "`penalties.counts`",
     );
+    let short_bias = upload(&stream, &[1.0f32]);
+    let bad_bias = Penalties { offsets: &o4, ids: &ids, counts: &ids, bias: Some(&short_bias) };
+    expect(
+        cuda::sampling::sample(&stream, &logits, vocab, &params, &uniforms, Some(&bad_bias), &mut out),
+        "`penalties.bias`",
+    );
     // A well-formed call still works: all-zero rows under greedy give id 0.
-    let good = Penalties { offsets: &o4, ids: &ids, counts: &ids };
+    let good = Penalties { offsets: &o4, ids: &ids, counts: &ids, bias: None };
     cuda::sampling::sample(&stream, &logits, vocab, &params, &uniforms, Some(&good), &mut out).expect("valid call");
     assert_eq!(download(&stream, &out), [0, 0, 0]);
 }
@@ -464,7 +509,7 @@ fn sampling_throughput() {
         lists.push_row(&prompt, &prompt[..16]).expect("lists");
     }
     let (o, i, c) = (upload(&stream, lists.offsets()), upload(&stream, lists.ids()), upload(&stream, lists.counts()));
-    let pen = Penalties { offsets: &o, ids: &i, counts: &c };
+    let pen = Penalties { offsets: &o, ids: &i, counts: &c, bias: None };
     let p = SamplingParams {
         temperature: 0.8,
         top_k: 50,

@@ -645,11 +645,14 @@ impl Executor for CudaExecutor {
         let params: Vec<k::sampling::SampleRow> = seqs.iter().map(|r| k::sampling::SampleRow::new(r.params)).collect();
         let uniforms: Vec<f64> =
             seqs.iter_mut().map(|r| if r.params.is_greedy() { 0.0 } else { r.sampler.next_uniform() }).collect();
-        let penalized = seqs.iter().any(|r| r.params.has_penalties());
+        // Penalties and logit bias: a row lists its prompt and output only when it has a penalty on, and its biased
+        // tokens.
+        let penalized = seqs.iter().any(|r| r.params.has_penalties() || !r.params.logit_bias.is_empty());
         let mut lists = k::sampling::PenaltyLists::new();
         if penalized {
             for r in seqs.iter() {
-                lists.push_row(r.prompt, r.output)?;
+                let (prompt, output) = if r.params.has_penalties() { (r.prompt, r.output) } else { (&[][..], &[][..]) };
+                lists.push_row_biased(prompt, output, &r.params.logit_bias)?;
             }
         }
         let slot = self.run(input)?;
@@ -662,11 +665,17 @@ impl Executor for CudaExecutor {
                 stream.clone_htod(lists.offsets()).map_err(&up_err)?,
                 stream.clone_htod(lists.ids()).map_err(&up_err)?,
                 stream.clone_htod(lists.counts()).map_err(&up_err)?,
+                if lists.has_bias() { Some(stream.clone_htod(lists.bias()).map_err(&up_err)?) } else { None },
             ))
         } else {
             None
         };
-        let penalties = d_lists.as_ref().map(|(offsets, ids, counts)| k::sampling::Penalties { offsets, ids, counts });
+        let penalties = d_lists.as_ref().map(|(offsets, ids, counts, bias)| k::sampling::Penalties {
+            offsets,
+            ids,
+            counts,
+            bias: bias.as_ref().map(|b| b as &dyn cudarc::driver::DevicePtr<f32>),
+        });
         if self.ids.len() < rows {
             self.ids = stream.alloc_zeros::<u32>(rows.next_power_of_two()).map_err(drv("allocate ids"))?;
         }

@@ -6,8 +6,8 @@
 //!   draw), with each row's parameters in a device array of [`SampleRow`] and its uniform `u` in `[0, 1)` drawn on
 //!   the host with [`crate::sampling::Sampler::next_uniform`] (greedy rows draw none), so a seeded sequence gives
 //!   the CPU's ids. After the step the host records the id with [`crate::sampling::Sampler::accept`].
-//! - Penalties travel as per-row sorted token lists ([`PenaltyLists`] builds them on the host, [`Penalties`] names
-//!   the uploaded arrays).
+//! - Penalties and the logit bias travel as per-row sorted token lists ([`PenaltyLists`] builds them on the host,
+//!   [`Penalties`] names the uploaded arrays).
 //!
 //! Numerics: the kept set is decided exactly as on the CPU (the penalties in f32, min-p's f64 test turned into an
 //! exact f32 threshold, top-k by value then id). The weights `exp((l - max) / T)` behind top-p and the draw are f32
@@ -86,16 +86,22 @@ impl SampleRow {
     }
 }
 
-/// Host-built penalty lists of a batch, one row per logits row (CSR): row `r` owns entries
-/// `offsets[r]..offsets[r + 1]` of `ids` (strictly increasing: the tokens of the prompt and of the output so far) and
-/// `counts` (each token's occurrences in the output; 0 for a prompt-only token). Upload the three arrays and pass
+/// Host-built penalty and logit-bias lists of a batch, one row per logits row (CSR): row `r` owns entries
+/// `offsets[r]..offsets[r + 1]` of `ids` (strictly increasing: the tokens of the prompt and of the output so far,
+/// and the tokens with a bias), `counts` (each token's occurrences in the output; 0 for a prompt-only token;
+/// [`PENALTY_UNSEEN`] set for a token listed only for its bias) and `bias` (0 for none). Upload the arrays and pass
 /// them to [`sample`] as [`Penalties`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PenaltyLists {
     offsets: Vec<u32>,
     ids: Vec<u32>,
     counts: Vec<u32>,
+    bias: Vec<f32>,
 }
+
+/// Set in a [`PenaltyLists::counts`] entry whose token is listed only for its logit bias: it gets no repetition
+/// penalty (`L32_PENALTY_UNSEEN`). Counts saturate below it.
+pub const PENALTY_UNSEEN: u32 = 1 << 31;
 
 impl Default for PenaltyLists {
     fn default() -> Self {
@@ -106,23 +112,42 @@ impl Default for PenaltyLists {
 impl PenaltyLists {
     /// No rows yet.
     pub fn new() -> Self {
-        PenaltyLists { offsets: vec![0], ids: Vec::new(), counts: Vec::new() }
+        PenaltyLists { offsets: vec![0], ids: Vec::new(), counts: Vec::new(), bias: Vec::new() }
     }
 
     /// Appends the next row: what a [`crate::sampling::Sampler`] created with `prompt` and then given every token of
     /// `output` (by `sample` or `accept`) penalizes. Errors when the batch outgrows u32 offsets.
     pub fn push_row(&mut self, prompt: &[u32], output: &[u32]) -> Result<()> {
-        let mut row: Vec<(u32, u32)> = prompt.iter().map(|&t| (t, 0)).chain(output.iter().map(|&t| (t, 1))).collect();
-        row.sort_unstable_by_key(|&(id, _)| id);
+        self.push_row_biased(prompt, output, &[])
+    }
+
+    /// [`push_row`](Self::push_row) with the row's logit bias (`(id, bias)` pairs, as
+    /// [`crate::sampling::SamplingParams::logit_bias`]): a biased token that is neither in the prompt nor in the
+    /// output gets an entry of its own marked [`PENALTY_UNSEEN`]. A row without penalties passes an empty `prompt`
+    /// and `output`, so that only its biased tokens are listed.
+    pub fn push_row_biased(&mut self, prompt: &[u32], output: &[u32], bias: &[(u32, f32)]) -> Result<()> {
+        // (id, output occurrences, seen, bias).
+        let mut row: Vec<(u32, u32, bool, f32)> = prompt
+            .iter()
+            .map(|&t| (t, 0, true, 0.0))
+            .chain(output.iter().map(|&t| (t, 1, true, 0.0)))
+            .chain(bias.iter().map(|&(t, b)| (t, 0, false, b)))
+            .collect();
+        row.sort_unstable_by_key(|&(id, ..)| id);
         let start = self.ids.len();
-        for (id, n) in row {
+        for (id, n, seen, b) in row {
             if self.ids.len() > start && self.ids.last() == Some(&id) {
-                if let Some(c) = self.counts.last_mut() {
-                    *c = c.saturating_add(n);
+                let (Some(c), Some(last)) = (self.counts.last_mut(), self.bias.last_mut()) else { continue };
+                let unseen = *c & PENALTY_UNSEEN != 0 && !seen;
+                *c = ((*c & !PENALTY_UNSEEN).saturating_add(n)).min(PENALTY_UNSEEN - 1);
+                if unseen {
+                    *c |= PENALTY_UNSEEN;
                 }
+                *last += b;
             } else {
                 self.ids.push(id);
-                self.counts.push(n);
+                self.counts.push(n.min(PENALTY_UNSEEN - 1) | if seen { 0 } else { PENALTY_UNSEEN });
+                self.bias.push(b);
             }
         }
         let end = u32::try_from(self.ids.len()).map_err(|_| {
@@ -147,9 +172,20 @@ impl PenaltyLists {
         &self.ids
     }
 
-    /// Occurrences of each listed token in its row's output (0: prompt only).
+    /// Occurrences of each listed token in its row's output (0: prompt only), with [`PENALTY_UNSEEN`] set for a token
+    /// listed only for its bias.
     pub fn counts(&self) -> &[u32] {
         &self.counts
+    }
+
+    /// Each entry's logit bias (0: none).
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
+    /// Whether any entry has a bias (else the bias array need not be uploaded).
+    pub fn has_bias(&self) -> bool {
+        self.bias.iter().any(|&b| b != 0.0)
     }
 }
 
@@ -159,8 +195,10 @@ pub struct Penalties<'a> {
     pub offsets: &'a dyn DevicePtr<u32>,
     /// `[entries]`, strictly increasing within a row; ids `>= vocab` are ignored.
     pub ids: &'a dyn DevicePtr<u32>,
-    /// `[entries]`: occurrences in the output.
+    /// `[entries]`: occurrences in the output, [`PENALTY_UNSEEN`] for a token listed only for its bias.
     pub counts: &'a dyn DevicePtr<u32>,
+    /// `[entries]`: each entry's logit bias, or `None` when no row has one.
+    pub bias: Option<&'a dyn DevicePtr<f32>>,
 }
 
 /// Greedy ids: `out_ids[r]` = the index of the largest logit of row `r` (lowest index on ties, NaN never wins,
@@ -215,6 +253,10 @@ pub fn sample(
     if let Some(p) = penalties {
         check_len(OP, "penalties.offsets", p.offsets.len(), rows + 1)?;
         check_len(OP, "penalties.counts", p.counts.len(), p.ids.len())?;
+        if let Some(b) = p.bias {
+            check_len(OP, "penalties.bias", b.len(), p.ids.len())?;
+            operands.push(("penalties.bias", b.stream()));
+        }
         if p.ids.len() > u32::MAX as usize {
             return Err(Error::Backend(format!("{OP}: `penalties.ids` has {} entries, at most 2^32-1", p.ids.len())));
         }
@@ -230,12 +272,14 @@ pub fn sample(
     let (uniforms, _uniforms) = uniforms.device_ptr(stream);
     let pen = penalties.map(|p| (p.offsets.device_ptr(stream), p.ids.device_ptr(stream), p.counts.device_ptr(stream)));
     let pen_ptrs = pen.as_ref().map(|(o, i, c)| (o.0, i.0, c.0));
+    let bias = penalties.and_then(|p| p.bias).map(|b| b.device_ptr(stream));
+    let bias_ptr = bias.as_ref().map(|b| b.0);
     let penalty_len = penalties.map_or(0, |p| p.ids.len());
     let (out, _out) = out_ids.device_ptr_mut(stream);
     launch_sample(
         OP,
         stream,
-        &SampleLaunch { out, logits, params, uniforms, penalties: pen_ptrs, penalty_len, rows, vocab },
+        &SampleLaunch { out, logits, params, uniforms, penalties: pen_ptrs, bias: bias_ptr, penalty_len, rows, vocab },
     )
 }
 
@@ -277,7 +321,7 @@ struct ArgmaxLaunch {
     vocab: usize,
 }
 
-/// One checked sample call: device pointers (penalties: offsets, ids, counts) and sizes.
+/// One checked sample call: device pointers (penalties: offsets, ids, counts; the bias) and sizes.
 #[cfg_attr(not(llama32_cuda), allow(dead_code))]
 struct SampleLaunch {
     out: u64,
@@ -285,6 +329,7 @@ struct SampleLaunch {
     params: u64,
     uniforms: u64,
     penalties: Option<(u64, u64, u64)>,
+    bias: Option<u64>,
     penalty_len: usize,
     rows: usize,
     vocab: usize,
@@ -327,6 +372,7 @@ fn launch_sample(op: &str, stream: &CudaStream, l: &SampleLaunch) -> Result<()> 
         penalty_offsets: offsets,
         penalty_ids: ids,
         penalty_counts: counts,
+        penalty_bias: l.bias.map_or(null(), |b| b as *const f32),
         penalty_len: l.penalty_len as i64,
         rows: l.rows as i64,
         vocab: l.vocab as i64,
@@ -379,6 +425,24 @@ mod tests {
         assert_eq!(p.offsets(), &[0, 3, 3, 4]);
         assert_eq!(p.ids(), &[3, 5, 7, 1]);
         assert_eq!(p.counts(), &[1, 0, 3, 0]);
+    }
+
+    #[test]
+    fn penalty_lists_merge_the_logit_bias() {
+        let mut p = PenaltyLists::new();
+        // Token 3 is seen and biased, 9 and 1 only biased; a row without penalties lists its bias alone.
+        p.push_row_biased(&[5, 3], &[3], &[(1, -2.0), (3, 1.5), (9, 100.0)]).unwrap();
+        p.push_row_biased(&[], &[], &[(4, 0.5)]).unwrap();
+        p.push_row(&[2], &[]).unwrap();
+        assert_eq!(p.offsets(), &[0, 4, 5, 6]);
+        assert_eq!(p.ids(), &[1, 3, 5, 9, 4, 2]);
+        let u = PENALTY_UNSEEN;
+        assert_eq!(p.counts(), &[u, 1, 0, u, u, 0]);
+        assert_eq!(p.bias(), &[-2.0, 1.5, 0.0, 100.0, 0.5, 0.0]);
+        assert!(p.has_bias());
+        let mut q = PenaltyLists::new();
+        q.push_row(&[1], &[1]).unwrap();
+        assert!(!q.has_bias());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! `temperature`, `top_p`, `n`, `stop`, `seed`, `frequency_penalty`, `presence_penalty`, `logprobs`,
 //! `top_logprobs`, `stream`, `stream_options`, `tools`, `tool_choice`, `echo`, `best_of`, `user`), and vLLM's
 //! extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
-//! `priority`, `chat_template_kwargs`, `return_token_ids`). Fields the engine cannot honor (`logit_bias`, `suffix`, a non-text
+//! `priority`, `chat_template_kwargs`, `return_token_ids`); `logit_bias` maps token ids (as strings, OpenAI's
+//! shape) to biases in [-100, 100]. Fields the engine cannot honor (`suffix`, a non-text
 //! `response_format`, `min_tokens`) are refused with a 400 naming them rather than silently ignored; unknown
 //! fields are ignored, as OpenAI does.
 //!
@@ -282,17 +283,10 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         }
         Some(_) => return Err(ApiError::bad_request(Some("model"), "model: expected a string")),
     };
-    for k in ["logit_bias", "suffix"] {
-        let set = match f.get(k) {
-            Some(Json::Object(m)) => !m.is_empty(),
-            Some(Json::String(s)) => !s.is_empty(),
-            Some(_) => true,
-            None => false,
-        };
-        if set {
-            return Err(ApiError::bad_request(Some(k), format!("{k}: not supported by this server")));
-        }
+    if f.get("suffix").is_some_and(|s| s.as_str() != Some("")) {
+        return Err(ApiError::bad_request(Some("suffix"), "suffix: not supported by this server"));
     }
+    let logit_bias = logit_bias(f.get("logit_bias"))?;
     if f.uint("min_tokens", 0, i64::MAX)?.unwrap_or(0) > 0 {
         return Err(ApiError::bad_request(Some("min_tokens"), "min_tokens: not supported by this server"));
     }
@@ -530,6 +524,7 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         stop,
         stop_token_ids,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        logit_bias,
     };
     base.validate(cfg.vocab_size).map_err(|e| ApiError::from_request_error(&e))?;
     if !base.stop.is_empty() && tok.is_none() {
@@ -609,6 +604,27 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         return_token_ids,
         images,
     })
+}
+
+/// OpenAI's `logit_bias` (`{"token id": bias, ...}`) as [`SamplingParams::logit_bias`]: sorted by id, each id
+/// once. The ranges (ids in the vocabulary, biases in [-100, 100]) are checked with the other sampling fields.
+fn logit_bias(v: Option<&Json>) -> ApiResult<Vec<(u32, f32)>> {
+    let bad = |m: String| ApiError::bad_request(Some("logit_bias"), m);
+    let Some(v) = v else { return Ok(Vec::new()) };
+    let Json::Object(m) = v else {
+        return Err(bad("logit_bias: expected an object mapping token ids to biases".into()));
+    };
+    let mut out = Vec::with_capacity(m.len());
+    for (k, b) in m {
+        let id: u32 = k.trim().parse().map_err(|_| bad(format!("logit_bias: key `{k}` is not a token id")))?;
+        let b = b.as_f64().ok_or_else(|| bad(format!("logit_bias[{k}]: expected a number")))?;
+        out.push((id, b as f32));
+    }
+    out.sort_by_key(|&(id, _)| id);
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(bad(format!("logit_bias: token id {} is given twice", w[0].0)));
+    }
+    Ok(out)
 }
 
 /// The bytes of a `data:[<type>][;base64],<data>` image URL; anything else is refused (the server never fetches
