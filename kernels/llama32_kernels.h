@@ -225,6 +225,9 @@ typedef struct l32_paged_decode_params {
     int32_t fused_merge;          /**< num_splits > 1: nonzero merges the splits in the last CTA of each (sequence,
                                        kv head) to finish (an atomic counter in the workspace) instead of a second
                                        kernel; the same bits */
+    int32_t stages;               /**< the K/V ring's depth: 0 or 2 (the default: one tile in flight while one is
+                                       used) or 3 (two in flight, over 48 KB of shared memory per CTA); the same
+                                       bits */
     l32_dtype dtype;              /**< L32_DTYPE_BF16 */
 } l32_paged_decode_params;
 

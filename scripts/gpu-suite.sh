@@ -70,11 +70,9 @@ run() {
   # end to end on 1B and 11B Vision W4A16, forced against the default; GPU_SUITE_SKIP_VISION=1 leaves out the 11B
   # rows), wgmma (opt-in: the Hopper W4A8 kernels beside mma and the large-m W4A16 kernel beside dequantize +
   # cuBLASLt: their tests, the golden end-to-end test with each forced, their criterion lines with cuBLAS at the same
-  # shapes, 1B end to end with each), fresh (opt-in: the thirteenth session's never-run kernels, first run on an H200
-  # on 2026-11-28, bench/results/2026-11-28-h200-fresh-kernels.md; in one call: those kernels'
-  # tests under a 30-second stall watchdog, then their headline figures beside the measured defaults: W4A8 at
-  # m = 1024 on the 90B shapes with cuBLAS, the tiled W4A16 rings, prefill wgmma-ws, and 1B batch-1 decode with the
-  # split / fused merge / gemv whole-row prefetch A/Bs).
+  # shapes, 1B end to end with each), fresh (opt-in: what has never run on a GPU, in one call: the tests of the
+  # 3-stage decode K/V ring and of the logit bias in the GPU sampler under a 30-second stall watchdog, then decode
+  # attention with 3 stages beside the default, kernel and 1B / 3B batch-64 end to end).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -161,6 +159,7 @@ run() {
     env_tag+="${LLAMA32_GEMV_PREFETCH:+ gemv_prefetch=$LLAMA32_GEMV_PREFETCH}"
     env_tag+="${LLAMA32_W4A16_TILED_STAGES:+ tiled_stages=$LLAMA32_W4A16_TILED_STAGES}"
     env_tag+="${LLAMA32_DECODE_MERGE:+ merge=$LLAMA32_DECODE_MERGE}"
+    env_tag+="${LLAMA32_DECODE_STAGES:+ decode_stages=$LLAMA32_DECODE_STAGES}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -450,42 +449,23 @@ PY
   fi
 
   if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
-    # What had never run on a GPU before 2026-11-28, in one call (103 s on an H200), most telling first: the kernels'
-    # tests (each launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then each one's headline
-    # figure beside the measured default in the same call.
+    # What has never run on a GPU (the fourteenth session's), in one short call, most telling first: the tests (each
+    # launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then the headline figures beside the
+    # measured defaults. The thirteenth session's list ran on an H200 on 2026-11-28
+    # (bench/results/2026-11-28-h200-fresh-kernels.md).
     local ft
-    for ft in cuda_attention::paged_prefill_ws_matches_wgmma_bits \
-      cuda_w4a8_wgmma::w4a8_wgmma_row_matches_its_cpu_twin_bit_for_bit \
-      cuda_w4a8_wgmma::w4a8_wgmma_ws_matches_its_cpu_twin_bit_for_bit \
-      cuda_w4a16_large::w4a16_large_row_matches_cpu cuda_quant::tiled::w4a16_tiled_stages_change_no_bit \
-      cuda_attention::paged_decode_fused_merge_gives_the_merge_kernel_bits \
-      cuda_golden::cuda_gemv_whole_prefetch_changes_no_bit; do
+    for ft in cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
+      cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes; do
       gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     done
-    # W4A8 at m = 1024 on the 90B shapes: every kernel (wgmma-row and wgmma-ws new) against cuBLAS bf16.
-    if [[ -x "$bundle/bench/cuda_kernels" ]]; then
-      log="$logs/criterion.fresh.log"
-      rc=0
-      (cd "$(mktemp -d)" && LLAMA32_BENCH_W4A8_M=1024 tmo 120 "$bundle/bench/cuda_kernels" --bench --noplot \
-        'quant/w4a8.*_m1024_90b') >"$log" 2>&1 || rc=$?
-      mapfile -t -O "${#benches[@]}" benches < <(awk '/^quant\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
-      if ((rc != 0)); then
-        failed=$((failed + 1))
-        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "quant/w4a8 m 1024 90b (see $log)" -)")
-        tail -n 5 "$log"
-      fi
-    fi
-    [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || LLAMA32_PEERS_QUANT_M=1024 peers 60 quant fresh
-    # The tiled W4A16 kernel's deeper rings (tiled/3, tiled/4 beside tiled) on the 11B / 90B shapes at m = 1, 16, 64.
-    LLAMA32_QUANT_SHAPES=11b,90b gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput fresh
-    # Prefill attention, wgmma against wgmma-ws (and decode attention) TFLOP/s.
+    # Decode attention at batch 64, 2k context, with the 3-stage K/V ring beside the default (and prefill).
     gpu_bench 90 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput fresh
-    # 1B batch-1 decode: the default, the split of short contexts with the merge kernel and fused, the gemv
-    # whole-row prefetch.
-    bench_e2e 60 "1b 1 128 64"
-    LLAMA32_DECODE_SPLIT_POSITIONS=64 bench_e2e 60 "1b 1 128 64"
-    LLAMA32_DECODE_SPLIT_POSITIONS=64 LLAMA32_DECODE_MERGE=fused bench_e2e 60 "1b 1 128 64"
-    LLAMA32_GEMV_PREFETCH=whole bench_e2e 60 "1b 1 128 64"
+    # End to end where decode attention weighs most: 1B and 3B at batch 64, 1k-token prompts, default and 3 stages.
+    local st
+    for st in "" 3; do
+      LLAMA32_DECODE_STAGES=$st bench_e2e 60 "1b 64 1024 64"
+      LLAMA32_DECODE_STAGES=$st bench_e2e 60 "3b 64 1024 64"
+    done
   fi
 
   if want prefill && [[ -x "$bundle/tests/gpu" ]]; then

@@ -345,6 +345,7 @@ fn bench_one(
         "gemv_prefetch": if crate::ops::cuda::gemv_prefetch_whole_on() { "whole" } else { "first" },
         "decode_split_positions": crate::ops::cuda::attention::decode_split_positions().ok(),
         "decode_merge": crate::ops::cuda::attention::decode_fused_merge().ok().map(|f| if f { "fused" } else { "kernel" }),
+        "decode_stages": crate::ops::cuda::attention::decode_stages().ok(),
         "fused_swiglu": !a.model.no_fused_swiglu,
         "fused_rope": a.model.fused_rope,
         "fused_norm": a.model.fused_norm,

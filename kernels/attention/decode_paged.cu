@@ -48,16 +48,19 @@ using namespace attn;
 constexpr int kMaxGroup = 16;   // query heads per kv head: the 16 rows of one MMA tile
 constexpr int kMaxSplits = 256;
 
-// Every size derived from (head_dim, warps), read by the kernel and the launcher alike.
-template <int D, int kWarps>
+// Every size derived from (head_dim, warps, stages), read by the kernel and the launcher alike. kStages: the K/V
+// ring's depth (LLAMA32_DECODE_STAGES): 2 is the measured kernel (one tile in flight while one is used); 3 keeps two
+// in flight (53 KB at d128, 51 KB at d64: four CTAs per SM, over the default 48 KB, so the launcher opts in).
+template <int D, int kWarps, int kStages = 2>
 struct DecodeTraits {
     static constexpr int kThreads = 32 * kWarps;
     static constexpr int kBlockN = 16 * kWarps;          // tokens per K/V tile, 16 per warp
     static constexpr int kTileElems = kBlockN * D;       // one K (or V) tile, bf16
     static constexpr int kQElems = kMaxGroup * D;        // the Q tile, bf16
-    static constexpr int kStages = 2;
     static constexpr int kSmemBytes = (kQElems + kStages * 2 * kTileElems) * 2;
-    static_assert(kSmemBytes <= 48 * 1024, "fits the default dynamic shared-memory limit");
+    static_assert(kStages == 2 || kStages == 3, "two or three stages");
+    static_assert(kStages > 2 || kSmemBytes <= 48 * 1024, "the measured kernel fits the default shared-memory limit");
+    static_assert(kSmemBytes <= 99 * 1024, "fits every supported GPU's opt-in limit per block");
     // The warps' f32 accumulators reuse the K/V stages for the final merge.
     static_assert(kWarps * kMaxGroup * D * 4 <= kStages * 2 * kTileElems * 2, "merge scratch fits in the stages");
 };
@@ -97,11 +100,11 @@ __device__ __forceinline__ void merge_split_output(const l32_paged_decode_params
 }
 
 // Tier 1a: the split decode. See the file comment. kFused: with num_splits > 1 the last CTA of each (sequence, kv
-// head) to finish merges its group's splits (p.fused_merge).
-template <int D, int kWarps, bool kFused>
+// head) to finish merges its group's splits (p.fused_merge). kStages: see DecodeTraits; the same bits at either.
+template <int D, int kWarps, bool kFused, int kStages>
 __global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_constant__ l32_paged_decode_params p) {
     pdl_begin();
-    using T = DecodeTraits<D, kWarps>;
+    using T = DecodeTraits<D, kWarps, kStages>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float s_m[kWarps][kMaxGroup], s_l[kWarps][kMaxGroup];
     bf16* sq = reinterpret_cast<bf16*>(smem_raw);
@@ -130,11 +133,16 @@ __global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_
         const bool valid = row < group;
         cp_async16(sq + SwizzledTile<D>::offset(row, chunk8), valid ? q + row * D + chunk8 * 8 : q, valid);
     }
-    if (num_tiles > 0) {
-        load_kv_tile<D, T::kBlockN, T::kThreads>(skv, skv + T::kTileElems, k_cache, v_cache, table, start, end,
-                                                 p.block_size, slot_stride, kv_head);
+    // Tiles 0 .. kStages - 2, one commit group each (Q joins tile 0's).
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < num_tiles) {
+            bf16* stage = skv + s * 2 * T::kTileElems;
+            load_kv_tile<D, T::kBlockN, T::kThreads>(stage, stage + T::kTileElems, k_cache, v_cache, table,
+                                                     start + s * T::kBlockN, end, p.block_size, slot_stride, kv_head);
+        }
+        cp_async_commit();
     }
-    cp_async_commit();
 
     const float scale_log2 = p.scale * 1.4426950408889634f;
     float o[D / 8][4];
@@ -145,18 +153,34 @@ __global__ void __launch_bounds__(32 * kWarps) paged_decode_kernel(const __grid_
 
     for (int t = 0; t < num_tiles; ++t) {
         const int n0 = start + t * T::kBlockN;
-        if (t + 1 < num_tiles) {
-            bf16* next = skv + ((t + 1) % T::kStages) * 2 * T::kTileElems;
-            load_kv_tile<D, T::kBlockN, T::kThreads>(next, next + T::kTileElems, k_cache, v_cache, table,
-                                                     n0 + T::kBlockN, end, p.block_size, slot_stride, kv_head);
-            cp_async_commit();
-            cp_async_wait<1>();
+        if constexpr (kStages == 2) {
+            // The measured kernel, as it was (its SASS unchanged).
+            if (t + 1 < num_tiles) {
+                bf16* next = skv + ((t + 1) % kStages) * 2 * T::kTileElems;
+                load_kv_tile<D, T::kBlockN, T::kThreads>(next, next + T::kTileElems, k_cache, v_cache, table,
+                                                         n0 + T::kBlockN, end, p.block_size, slot_stride, kv_head);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
         } else {
-            cp_async_wait<0>();
+            // Tile t + kStages - 1 goes into the stage tile t - 1 used (freed by the barrier at the end of the last
+            // iteration); one commit group per iteration, empty past the last tile, so that waiting for all but
+            // the newest kStages - 1 groups means tile t has landed.
+            const int ahead = t + kStages - 1;
+            if (ahead < num_tiles) {
+                bf16* next = skv + (ahead % kStages) * 2 * T::kTileElems;
+                load_kv_tile<D, T::kBlockN, T::kThreads>(next, next + T::kTileElems, k_cache, v_cache, table,
+                                                         start + ahead * T::kBlockN, end, p.block_size, slot_stride,
+                                                         kv_head);
+            }
+            cp_async_commit();
+            cp_async_wait<kStages - 1>();
         }
         __syncthreads();
         if (t == 0) load_a_fragments<D>(qf, sq, 0);
-        const bf16* sk = skv + (t % T::kStages) * 2 * T::kTileElems;
+        const bf16* sk = skv + (t % kStages) * 2 * T::kTileElems;
         const bf16* sv = sk + T::kTileElems;
 
         float s[2][4];
@@ -250,17 +274,19 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const __grid_constant__
 }
 
 // Tier 2.
-template <int D, int kWarps>
+template <int D, int kWarps, int kStages>
 l32_status launch(const l32_paged_decode_params& p, cudaStream_t stream) {
-    using T = DecodeTraits<D, kWarps>;
+    using T = DecodeTraits<D, kWarps, kStages>;
     const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_kv_heads),
                     static_cast<unsigned>(p.num_seqs));
     const bool fused = p.fused_merge != 0 && p.num_splits > 1;
-    if (fused) {
-        launch_kernel(paged_decode_kernel<D, kWarps, true>, grid, T::kThreads, T::kSmemBytes, stream, p);
-        return check_launch();
+    const auto kernel =
+        fused ? paged_decode_kernel<D, kWarps, true, kStages> : paged_decode_kernel<D, kWarps, false, kStages>;
+    if constexpr (kStages > 2) {
+        if (const l32_status s = allow_dynamic_smem(kernel, T::kSmemBytes); s != L32_OK) return s;
     }
-    launch_kernel(paged_decode_kernel<D, kWarps, false>, grid, T::kThreads, T::kSmemBytes, stream, p);
+    launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, p);
+    if (fused) return check_launch();
     l32_status status = check_launch();
     if (status != L32_OK || p.num_splits == 1) return status;
     const dim3 merge_grid(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs));
@@ -297,7 +323,9 @@ extern "C" l32_status l32_paged_decode(const l32_paged_decode_params* params, vo
     if (p.num_splits > 1 && (p.workspace == nullptr || !l32::is_aligned(p.workspace, 16))) return L32_INVALID_ARGUMENT;
     const bool fused = p.fused_merge != 0 && p.num_splits > 1;
     if (fused && (p.merge_counters == nullptr || !l32::is_aligned(p.merge_counters, 4))) return L32_INVALID_ARGUMENT;
+    if (p.stages != 0 && p.stages != 2 && p.stages != 3) return L32_INVALID_ARGUMENT;
     if (p.num_seqs == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
-    return p.head_dim == 64 ? l32::launch<64, 4>(p, s) : l32::launch<128, 2>(p, s);
+    if (p.stages == 3) return p.head_dim == 64 ? l32::launch<64, 4, 3>(p, s) : l32::launch<128, 2, 3>(p, s);
+    return p.head_dim == 64 ? l32::launch<64, 4, 2>(p, s) : l32::launch<128, 2, 2>(p, s);
 }

@@ -388,6 +388,56 @@ fn paged_decode_fused_merge_gives_the_merge_kernel_bits() {
     eprintln!("paged_decode fused merge: {runs} runs, bit-equal to the merge kernel, counters left zeroed");
 }
 
+/// The 3-stage K/V ring (`LLAMA32_DECODE_STAGES=3`) gives the 2-stage kernel's bits, with the merge kernel and the
+/// fused merge, at every layout, both block sizes, contexts from one token to more than a split's worth of tiles
+/// (so that the ring wraps and the last tiles are partial), one split and several. The depth goes back to the
+/// variable's at the end, also on a failure.
+#[test]
+fn paged_decode_stages_change_no_bit() {
+    let Some(stream) = stream() else { return };
+    let dog = Watchdog::start("paged_decode_stages_change_no_bit");
+    let _reset = OnDrop(|| {
+        attn::set_decode_stages(None).expect("reset the decode stages");
+        attn::set_decode_fused_merge(None);
+    });
+    let batches: [&[usize]; 3] = [&[1, 2, 17, 65, 300, 2049], &[16384, 33], &[140, 129]];
+    let mut runs = 0;
+    for (i, heads) in LAYOUTS.into_iter().enumerate() {
+        for bs in BLOCK_SIZES {
+            for (b, contexts) in batches.iter().enumerate() {
+                let mut rng = ChaCha8Rng::seed_from_u64(4000 + 100 * b as u64 + 10 * i as u64 + bs as u64);
+                let l = layout(heads, bs);
+                let seqs: Vec<(usize, usize)> = contexts.iter().map(|&c| (c - 1, 1)).collect();
+                let step = Step::new(&mut rng, l, &seqs);
+                let mut dev = DeviceStep::upload(&stream, &step);
+                for (splits, fused) in [(1, false), (3, false), (7, true), (64, false)] {
+                    let what = format!(
+                        "paged_decode heads {}/{} d{} block {bs} contexts {contexts:?} splits {splits} fused {fused}",
+                        heads.0, heads.1, heads.2
+                    );
+                    let bytes = attn::decode_workspace_bytes(&l, seqs.len(), splits).max(16);
+                    let mut ws = stream.alloc_zeros::<u8>(bytes).expect("workspace");
+                    attn::set_decode_fused_merge(Some(fused));
+                    let mut outs = Vec::new();
+                    for stages in [2, 3] {
+                        attn::set_decode_stages(Some(stages)).expect("decode stages");
+                        dev.poison_out(&stream);
+                        dog.at(format!("{stages} stages: {what}"));
+                        dev.decode(&stream, &step, splits, &mut ws).unwrap_or_else(|e| panic!("{what}: {e}"));
+                        outs.push(dev.download(&stream));
+                        dog.at(format!("check {stages} stages: {what}"));
+                    }
+                    if let Some(j) = (0..outs[0].len()).find(|&j| outs[0][j].to_bits() != outs[1][j].to_bits()) {
+                        panic!("{what}: out[{j}] = {} with 3 stages, {} with 2", outs[1][j], outs[0][j]);
+                    }
+                    runs += 1;
+                }
+            }
+        }
+    }
+    eprintln!("paged_decode stages: {runs} runs, 3 stages bit-equal to 2");
+}
+
 #[test]
 fn attention_wrappers_reject_bad_shapes_before_launch() {
     let Some(stream) = stream() else { return };
@@ -491,16 +541,21 @@ fn paged_attention_throughput() {
         let mut dev = DeviceStep::upload(&stream, &step);
         let splits = attn::decode_num_splits(&l, seqs, ctx, sms);
         let mut ws = stream.alloc_zeros::<u8>(attn::decode_workspace_bytes(&l, seqs, splits).max(16)).expect("ws");
-        let secs = time(&mut || dev.decode(&stream, &step, splits, &mut ws).expect("decode"));
         let bytes = (seqs * ctx * l.slot_len() * 2 * 2) as f64;
-        eprintln!(
-            "paged_decode {}/{} d{} batch {seqs} ctx {ctx} splits {splits}: {:.1} us, {:.0} GB/s",
-            heads.0,
-            heads.1,
-            heads.2,
-            secs * 1e6,
-            bytes / secs / 1e9
-        );
+        // The default ring first (the line earlier runs recorded), then the 3-stage one (LLAMA32_DECODE_STAGES).
+        let _reset = OnDrop(|| attn::set_decode_stages(None).expect("reset the decode stages"));
+        for (stages, tag) in [(None, ""), (Some(3), " stages 3")] {
+            attn::set_decode_stages(stages).expect("decode stages");
+            let secs = time(&mut || dev.decode(&stream, &step, splits, &mut ws).expect("decode"));
+            eprintln!(
+                "paged_decode {}/{} d{} batch {seqs} ctx {ctx} splits {splits}{tag}: {:.1} us, {:.0} GB/s",
+                heads.0,
+                heads.1,
+                heads.2,
+                secs * 1e6,
+                bytes / secs / 1e9
+            );
+        }
     }
     for heads in [(24, 8, 128), (32, 8, 64)] {
         let l = layout(heads, 16);

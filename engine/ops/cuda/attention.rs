@@ -257,6 +257,46 @@ pub fn set_decode_fused_merge(fused: Option<bool>) {
     DECODE_MERGE_SET.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The environment variable that sets the decode kernel's K/V ring: `2` (the default, the kernel as measured: one
+/// tile in flight while the other is used) or `3` (two in flight: 51-53 KB of shared memory per CTA, four CTAs per
+/// SM). On an H200 (2026-11-28, batch 64, 2k context) decode attention reached 0.89 of the copy rate at d64 but 0.72
+/// at d128, whose CTAs have the same 16 KB tile in flight with half the warps (2); the third stage is the A/B for
+/// whether more bytes in flight close that gap (not yet run on a GPU). The same bits either way. Read once per
+/// process; [`set_decode_stages`] overrides it.
+pub const DECODE_STAGES_ENV: &str = "LLAMA32_DECODE_STAGES";
+
+/// The depth [`set_decode_stages`] chose (0: none, the variable's).
+static DECODE_STAGES_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The decode kernel's ring depth, 2 or 3 ([`DECODE_STAGES_ENV`]); an error names a bad value.
+pub fn decode_stages() -> Result<usize> {
+    static FROM_ENV: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    match DECODE_STAGES_SET.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {}
+        set => return Ok(usize::from(set)),
+    }
+    let parse = |v: &str| match v {
+        "" | "2" => Some(false),
+        "3" => Some(true),
+        _ => None,
+    };
+    // Nothing to hand to the kernels library: each launch passes the depth in its parameters.
+    let deep = super::switch_from_env(&FROM_ENV, DECODE_STAGES_ENV, "2 or 3", parse, |_| {})?;
+    Ok(if deep { 3 } else { 2 })
+}
+
+/// Sets the ring depth of later decode launches, process-wide: `Some(2)` or `Some(3)`, or `None` back to
+/// [`DECODE_STAGES_ENV`]. Launches already captured in a CUDA graph keep theirs. Another depth is an error.
+pub fn set_decode_stages(stages: Option<usize>) -> Result<()> {
+    let v = match stages {
+        None => 0,
+        Some(s @ (2 | 3)) => s as u8,
+        Some(s) => return Err(Error::Request(format!("decode stages: {s} (expected 2 or 3)"))),
+    };
+    DECODE_STAGES_SET.store(v, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
 /// The largest [`decode_workspace_bytes`] of any decode step of up to `max_seqs` sequences whose split count comes
 /// from [`decode_num_splits`] with these `max_context_len` and `num_sms`: what an executor allocates once.
 ///
@@ -383,6 +423,7 @@ where
         q_stride: q.stride,
         max_blocks_per_seq: meta.max_blocks_per_seq,
         extra: meta.num_splits,
+        stages: decode_stages()?,
     };
     launch_decode(OP, stream, &kv.layout, &ptrs, &sizes)
 }
@@ -502,6 +543,7 @@ where
         q_stride: q.stride,
         max_blocks_per_seq: meta.max_blocks_per_seq,
         extra: meta.max_query_len,
+        stages: 0,
     };
     launch_prefill(OP, stream, kernel, &kv.layout, &ptrs, &sizes)
 }
@@ -579,7 +621,8 @@ struct Ptrs {
     merge_counters: u64,
 }
 
-/// Sizes of one checked call; `extra` is num_splits (decode) or max_query_len (prefill).
+/// Sizes of one checked call; `extra` is num_splits (decode) or max_query_len (prefill); `stages` the decode ring's
+/// depth (0 for prefill).
 #[cfg_attr(not(llama32_cuda), allow(dead_code))]
 struct Sizes {
     tokens: usize,
@@ -587,6 +630,7 @@ struct Sizes {
     q_stride: usize,
     max_blocks_per_seq: usize,
     extra: usize,
+    stages: usize,
 }
 
 /// `1 / sqrt(head_dim)`, the scale of [`crate::ops::cpu::attention::paged_attention`].
@@ -619,6 +663,7 @@ fn launch_decode(op: &str, stream: &CudaStream, layout: &PagedLayout, p: &Ptrs, 
         num_splits: s.extra as i32,
         scale: softmax_scale(layout),
         fused_merge: i32::from(p.merge_counters != 0),
+        stages: s.stages as i32,
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::raw_stream(op, stream)?;
@@ -783,6 +828,23 @@ mod tests {
         set_decode_fused_merge(Some(true));
         set_decode_fused_merge(None);
         assert!(!decode_fused_merge().unwrap(), "None goes back to the variable's");
+    }
+
+    #[test]
+    fn decode_stages_are_set_and_read() {
+        if std::env::var_os(DECODE_STAGES_ENV).is_some() {
+            eprintln!("skipped: {DECODE_STAGES_ENV} is set");
+            return;
+        }
+        // Only this test sets the depth in this binary.
+        assert_eq!(decode_stages().unwrap(), 2, "the measured ring by default");
+        set_decode_stages(Some(3)).unwrap();
+        assert_eq!(decode_stages().unwrap(), 3);
+        let e = set_decode_stages(Some(4)).unwrap_err().to_string();
+        assert!(e.contains("expected 2 or 3"), "{e}");
+        assert_eq!(decode_stages().unwrap(), 3, "a refused depth changes nothing");
+        set_decode_stages(None).unwrap();
+        assert_eq!(decode_stages().unwrap(), 2, "None goes back to the variable's");
     }
 
     #[test]
