@@ -268,6 +268,41 @@ fn logit_bias_is_added_before_the_penalties() {
 }
 
 #[test]
+fn min_tokens_holds_back_the_stop_ids() {
+    // Token 2 (EOS) leads; with min_tokens 3 the first three draws cannot take it, the fourth can.
+    let row = [1.0, 0.5, 9.0, 0.0];
+    let p = SamplingParams { min_tokens: 3, max_tokens: 10, ..SamplingParams::greedy() };
+    assert!(!p.is_plain_greedy());
+    let mut s = Sampler::new(&p, &[]).with_eos_ids(&[2], &p);
+    let ids: Vec<u32> = (0..4).map(|_| s.sample(&row)).collect();
+    assert_eq!(ids, [0, 0, 0, 2]);
+    // stop_token_ids are held back too, even without EOS ids; ignore_eos leaves EOS free.
+    let p = SamplingParams { min_tokens: 1, max_tokens: 4, stop_token_ids: vec![0], ..SamplingParams::greedy() };
+    let s = Sampler::new(&p, &[]).with_eos_ids(&[2], &p);
+    assert_eq!(s.banned_now(), &[0, 2]);
+    assert_eq!(s.clone().sample(&[5.0, 1.0, 4.0]), 1, "0 and 2 banned");
+    let free = SamplingParams { ignore_eos: true, ..p.clone() };
+    assert_eq!(Sampler::new(&free, &[]).with_eos_ids(&[2], &free).banned_now(), &[0]);
+    // The distribution agrees with the draws: a banned token has no mass.
+    let p = SamplingParams { min_tokens: 2, max_tokens: 4, ..params(1.0, 5) };
+    let s = Sampler::new(&p, &[]).with_eos_ids(&[2], &p);
+    assert!(s.distribution(&row).iter().all(|&(id, _)| id != 2));
+    // The stop checker lets neither a stop id nor a stop string end the sequence before min_tokens.
+    let p = SamplingParams { min_tokens: 3, max_tokens: 8, stop: vec!["ab".into()], ..SamplingParams::greedy() };
+    let mut c = StopChecker::new(&[2], &p);
+    assert_eq!(c.push(7, "xab").finished, None, "a stop string before min_tokens");
+    assert_eq!(c.push(2, "").finished, None, "EOS before min_tokens");
+    assert_eq!(c.push(2, "").finished, Some(FinishReason::Stop), "EOS at min_tokens");
+    let mut c = StopChecker::new(&[2], &p);
+    c.push(7, "x");
+    c.push(7, "y");
+    let last = c.push(7, "zab");
+    assert_eq!((last.emit.as_str(), last.finished), ("z", Some(FinishReason::Stop)));
+    let e = SamplingParams { min_tokens: 9, max_tokens: 8, ..SamplingParams::greedy() }.validate(10).unwrap_err();
+    assert!(e.to_string().contains("min_tokens must be at most max_tokens (8), got 9"), "{e}");
+}
+
+#[test]
 fn logit_bias_is_validated() {
     let check = |bias: Vec<(u32, f32)>, needle: &str| {
         let p = SamplingParams { logit_bias: bias, ..SamplingParams::greedy() };

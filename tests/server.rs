@@ -830,3 +830,35 @@ async fn logit_bias_steers_greedy_decoding() {
     assert!(!ids.contains(&first), "token {first} was banned: {ids:?}");
     srv.stop(Duration::from_secs(30)).await.expect("clean stop");
 }
+
+/// `min_tokens`: with EOS made the argmax (`logit_bias` +100 on it), a completion ends at its first token; with
+/// `min_tokens` it generates that many tokens first (none of them EOS), then ends with EOS, streamed alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_tokens_holds_back_eos() {
+    let mut srv = start_without_tokenizer("min-tokens").await;
+    let body = json!({"model": "tiny", "prompt": [1, 17, 99], "max_tokens": 10, "temperature": 0,
+                      "logit_bias": {"2": 100}});
+    let (status, resp) = srv.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(id_list(&resp["choices"][0]["token_ids"]), vec![2], "EOS first: {resp}");
+    assert_eq!(resp["choices"][0]["finish_reason"], "stop", "{resp}");
+    for stream in [false, true] {
+        let req = with(body.clone(), json!({"min_tokens": 4, "stream": stream}));
+        let ids = if stream {
+            let sse = stream_all(&srv, "/v1/completions", &req).await;
+            assert_eq!(sse.finish_reason(0).as_deref(), Some("stop"), "{sse:?}");
+            streamed_ids(&sse, 0).0
+        } else {
+            let (status, resp) = srv.post("/v1/completions", &req).await;
+            assert_eq!(status, 200, "{resp}");
+            assert_eq!(resp["choices"][0]["finish_reason"], "stop", "{resp}");
+            id_list(&resp["choices"][0]["token_ids"])
+        };
+        assert_eq!(ids.len(), 5, "4 tokens, then EOS: {ids:?}");
+        assert!(ids[..4].iter().all(|&t| t != 2) && ids[4] == 2, "{ids:?}");
+    }
+    let (status, resp) = srv.post("/v1/completions", &with(body, json!({"min_tokens": 11}))).await;
+    assert_eq!(status, 400, "{resp}");
+    assert_eq!(resp["error"]["param"], "min_tokens", "{resp}");
+    srv.stop(Duration::from_secs(30)).await.expect("clean stop");
+}

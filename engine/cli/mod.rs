@@ -572,5 +572,6 @@ fn sampling_params(a: &GenerateArgs) -> SamplingParams {
         stop_token_ids: Vec::new(),
         ignore_eos: a.ignore_eos,
         logit_bias: Vec::new(),
+        min_tokens: 0,
     }
 }

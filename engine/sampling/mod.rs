@@ -15,7 +15,9 @@
 //!      `l = if l > 0 { l / r } else { l * r }`;
 //!    * frequency (OpenAI): `l = l - f * count` where `count` is the token's number of occurrences in
 //!      the output (`f * count` computed in `f32`);
-//!    * presence (OpenAI): `l = l - p` for every token that occurs at least once in the output.
+//!    * presence (OpenAI): `l = l - p` for every token that occurs at least once in the output;
+//!    * `min_tokens` (vLLM): while fewer than `min_tokens` tokens have been generated, the stop ids'
+//!      logits become `-inf` ([`Sampler::banned_now`]).
 //! 2. **Greedy** if `temperature < 1e-5` (vLLM's epsilon; `0` is the documented "greedy" value):
 //!    the result is [`argmax`] of the penalized row and no random number is consumed.
 //! 3. Otherwise, in `f64`: NaN and `-inf` logits are excluded, `+inf` is treated as `f32::MAX`, `-0.0`
@@ -79,6 +81,22 @@ pub struct SamplingParams {
     /// OpenAI `logit_bias`: `(token id, bias)` pairs, ids strictly increasing, each bias in
     /// [-[`MAX_LOGIT_BIAS`], [`MAX_LOGIT_BIAS`]], added to the token's logit before the penalties.
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `min_tokens`: until this many tokens are generated, the stop ids (the model's EOS ids unless
+    /// `ignore_eos`, and `stop_token_ids`) cannot be sampled (their logits are `-inf`) and stop strings do not end
+    /// the sequence. At most `max_tokens`.
+    pub min_tokens: usize,
+}
+
+/// The ids that end a sequence with `params`: `stop_token_ids`, and `eos_ids` unless `ignore_eos`; sorted, each
+/// once.
+pub fn stop_ids(eos_ids: &[u32], params: &SamplingParams) -> Vec<u32> {
+    let mut ids: Vec<u32> = params.stop_token_ids.clone();
+    if !params.ignore_eos {
+        ids.extend_from_slice(eos_ids);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The largest `|bias|` of [`SamplingParams::logit_bias`] (OpenAI's range, -100 to 100).
@@ -100,6 +118,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logit_bias: Vec::new(),
+            min_tokens: 0,
         }
     }
 }
@@ -120,10 +139,10 @@ impl SamplingParams {
         self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 
-    /// Greedy with no penalties and no logit bias: the next id is the plain argmax of the logits, so a backend may
-    /// pick it alone.
+    /// Greedy with no penalties, no logit bias and no `min_tokens`: the next id is the plain argmax of the logits,
+    /// so a backend may pick it alone.
     pub fn is_plain_greedy(&self) -> bool {
-        self.is_greedy() && !self.has_penalties() && self.logit_bias.is_empty()
+        self.is_greedy() && !self.has_penalties() && self.logit_bias.is_empty() && self.min_tokens == 0
     }
 
     /// Checks every field against its allowed range; the error names the field, the range and the value.
@@ -149,6 +168,12 @@ impl SamplingParams {
         check((-2.0..=2.0).contains(&pp), "presence_penalty", "in [-2, 2]", pp)?;
         if self.max_tokens == 0 {
             return Err(Error::request("max_tokens must be at least 1, got 0"));
+        }
+        if self.min_tokens > self.max_tokens {
+            return Err(Error::request(format!(
+                "min_tokens must be at most max_tokens ({}), got {}",
+                self.max_tokens, self.min_tokens
+            )));
         }
         if let Some(i) = self.stop.iter().position(|s| s.is_empty()) {
             return Err(Error::request(format!("stop[{i}] must be a non-empty string")));

@@ -44,6 +44,9 @@ pub struct Sampler {
     presence_penalty: f32,
     /// `(id, bias)`, ids strictly increasing ([`SamplingParams::logit_bias`]).
     logit_bias: Vec<(u32, f32)>,
+    /// [`SamplingParams::min_tokens`], and the ids kept from being drawn until then ([`Sampler::with_eos_ids`]).
+    min_tokens: usize,
+    min_tokens_banned: Vec<u32>,
     rng: ChaCha20Rng,
     /// Tokens of the prompt or the output (repetition penalty).
     seen: HashSet<u32>,
@@ -73,6 +76,8 @@ impl Sampler {
             frequency_penalty: params.frequency_penalty,
             presence_penalty: params.presence_penalty,
             logit_bias: params.logit_bias.clone(),
+            min_tokens: params.min_tokens,
+            min_tokens_banned: if params.min_tokens > 0 { super::stop_ids(&[], params) } else { Vec::new() },
             rng,
             seen: prompt_ids.iter().copied().collect(),
             counts: HashMap::new(),
@@ -80,6 +85,26 @@ impl Sampler {
             row: Vec::new(),
             cand: Vec::new(),
             wts: Vec::new(),
+        }
+    }
+
+    /// Adds the model's EOS ids (unless `ignore_eos`) to the ids that cannot be drawn before `min_tokens` tokens
+    /// (`stop_token_ids` are always among them), as [`super::StopChecker`] counts them. Without `min_tokens`, no
+    /// effect.
+    pub fn with_eos_ids(mut self, eos_ids: &[u32], params: &SamplingParams) -> Self {
+        if self.min_tokens > 0 {
+            self.min_tokens_banned = super::stop_ids(eos_ids, params);
+        }
+        self
+    }
+
+    /// The ids whose logits are `-inf` for the next draw: the stop ids while fewer than `min_tokens` tokens have
+    /// been generated, else none.
+    pub fn banned_now(&self) -> &[u32] {
+        if self.n_output < self.min_tokens {
+            &self.min_tokens_banned
+        } else {
+            &[]
         }
     }
 
@@ -126,6 +151,7 @@ impl Sampler {
     /// Whether [`apply_penalties`](Self::apply_penalties) can change anything.
     fn penalties_active(&self) -> bool {
         !self.logit_bias.is_empty()
+            || !self.banned_now().is_empty()
             || (self.repetition_penalty != 1.0 && !self.seen.is_empty())
             || ((self.frequency_penalty != 0.0 || self.presence_penalty != 0.0) && !self.counts.is_empty())
     }
@@ -143,8 +169,9 @@ impl Sampler {
         (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    /// Adds the logit bias, then applies the repetition, frequency and presence penalties to `logits` in place,
-    /// exactly as [`sample`](Self::sample) does. Ids outside the row are ignored.
+    /// Adds the logit bias, then applies the repetition, frequency and presence penalties to `logits` in place, and
+    /// sets the logits of [`banned_now`](Self::banned_now) to `-inf`, exactly as [`sample`](Self::sample) does. Ids
+    /// outside the row are ignored.
     pub fn apply_penalties(&self, logits: &mut [f32]) {
         // A zero bias is no bias (adding +0 would turn -0 into +0), as in the GPU sampler.
         for &(id, b) in self.logit_bias.iter().filter(|&&(_, b)| b != 0.0) {
@@ -167,6 +194,11 @@ impl Sampler {
                     *l -= f * count as f32;
                     *l -= p;
                 }
+            }
+        }
+        for &id in self.banned_now() {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
             }
         }
     }

@@ -47,12 +47,14 @@ pub struct StopStep {
 /// [`FinishReason::Stop`] and its own text is not emitted; a stop string (which may span several tokens)
 /// finishes with `Stop` and neither it nor anything after it is emitted; otherwise the `max_tokens`-th
 /// token finishes with [`FinishReason::Length`]. Until then, a tail of the text that could be the start
-/// of a stop string is held back.
+/// of a stop string is held back. Before the `min_tokens`-th token neither stop ids nor stop strings end the
+/// sequence (vLLM's rule; the sampler keeps the stop ids from being drawn then).
 #[derive(Clone, Debug)]
 pub struct StopChecker {
     stop_ids: Vec<u32>,
     stop_strings: Vec<String>,
     max_tokens: usize,
+    min_tokens: usize,
     n_tokens: usize,
     pending: String,
     finished: Option<FinishReason>,
@@ -61,16 +63,11 @@ pub struct StopChecker {
 impl StopChecker {
     /// A checker for one sequence; `eos_ids` are the model's end-of-sequence ids.
     pub fn new(eos_ids: &[u32], params: &SamplingParams) -> Self {
-        let mut stop_ids: Vec<u32> = params.stop_token_ids.clone();
-        if !params.ignore_eos {
-            stop_ids.extend_from_slice(eos_ids);
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
         StopChecker {
-            stop_ids,
+            stop_ids: super::stop_ids(eos_ids, params),
             stop_strings: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
             max_tokens: params.max_tokens,
+            min_tokens: params.min_tokens,
             n_tokens: 0,
             pending: String::new(),
             finished: None,
@@ -84,11 +81,13 @@ impl StopChecker {
             return StopStep { emit: String::new(), finished: Some(reason) };
         }
         self.n_tokens += 1;
-        if self.stop_ids.binary_search(&id).is_ok() {
+        // Before min_tokens nothing but max_tokens ends the sequence.
+        let checks = self.n_tokens >= self.min_tokens;
+        if checks && self.stop_ids.binary_search(&id).is_ok() {
             return self.end(FinishReason::Stop);
         }
         self.pending.push_str(new_text);
-        if let Some(pos) = self.earliest_stop() {
+        if let Some(pos) = self.earliest_stop().filter(|_| checks) {
             self.pending.truncate(pos);
             return self.end(FinishReason::Stop);
         }

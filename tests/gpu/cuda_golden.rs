@@ -456,8 +456,9 @@ fn cuda_step_greedy_is_argmax_of_step_logits() {
 }
 
 /// `step_sample` on the device picks what the CPU sampler picks from the same step's logits with the same random
-/// stream, for greedy rows, each filter, penalties over prompt and output ids, and logit bias (greedy alone, and
-/// sampled with penalties, some biased tokens in the history).
+/// stream, for greedy rows, each filter, penalties over prompt and output ids, logit bias (greedy alone, and
+/// sampled with penalties, some biased tokens in the history), and `min_tokens` holding back stop ids (one of them
+/// also biased).
 #[test]
 fn cuda_step_sample_matches_cpu_sampler() {
     use llama32::exec::SampleSeq;
@@ -486,7 +487,22 @@ fn cuda_step_sample_matches_cpu_sampler() {
         },
         SamplingParams { temperature: 0.6, top_p: 0.9, top_k: 50, seed: Some(15), ..base.clone() },
         SamplingParams { logit_bias: vec![(3, 6.0), (40, -100.0), (77, 9.5)], ..base.clone() },
-        SamplingParams { temperature: 0.9, repetition_penalty: 1.2, logit_bias: history_bias, seed: Some(16), ..base },
+        SamplingParams {
+            temperature: 0.9,
+            repetition_penalty: 1.2,
+            logit_bias: history_bias,
+            seed: Some(16),
+            ..base.clone()
+        },
+        SamplingParams {
+            temperature: 0.5,
+            min_tokens: 64,
+            max_tokens: 64,
+            stop_token_ids: vec![3, prompt[4], 200],
+            logit_bias: vec![(3, 50.0)],
+            seed: Some(17),
+            ..base
+        },
     ];
     let n = params.len();
     let outputs: Vec<Vec<u32>> = (0..n).map(|s| prompt[50 + s..58 + s].to_vec()).collect();

@@ -646,13 +646,16 @@ impl Executor for CudaExecutor {
         let uniforms: Vec<f64> =
             seqs.iter_mut().map(|r| if r.params.is_greedy() { 0.0 } else { r.sampler.next_uniform() }).collect();
         // Penalties and logit bias: a row lists its prompt and output only when it has a penalty on, and its biased
-        // tokens.
-        let penalized = seqs.iter().any(|r| r.params.has_penalties() || !r.params.logit_bias.is_empty());
+        // tokens, with a bias of -inf on the stop ids while `min_tokens` holds them back.
+        let biased = |r: &SampleSeq<'_>| !r.params.logit_bias.is_empty() || !r.sampler.banned_now().is_empty();
+        let penalized = seqs.iter().any(|r| r.params.has_penalties() || biased(r));
         let mut lists = k::sampling::PenaltyLists::new();
         if penalized {
             for r in seqs.iter() {
                 let (prompt, output) = if r.params.has_penalties() { (r.prompt, r.output) } else { (&[][..], &[][..]) };
-                lists.push_row_biased(prompt, output, &r.params.logit_bias)?;
+                let banned = r.sampler.banned_now().iter().map(|&id| (id, f32::NEG_INFINITY));
+                let bias: Vec<(u32, f32)> = r.params.logit_bias.iter().copied().chain(banned).collect();
+                lists.push_row_biased(prompt, output, &bias)?;
             }
         }
         let slot = self.run(input)?;

@@ -122,9 +122,10 @@ impl PenaltyLists {
     }
 
     /// [`push_row`](Self::push_row) with the row's logit bias (`(id, bias)` pairs, as
-    /// [`crate::sampling::SamplingParams::logit_bias`]): a biased token that is neither in the prompt nor in the
-    /// output gets an entry of its own marked [`PENALTY_UNSEEN`]. A row without penalties passes an empty `prompt`
-    /// and `output`, so that only its biased tokens are listed.
+    /// [`crate::sampling::SamplingParams::logit_bias`], in any order; the biases of an id given twice add up, so
+    /// `-inf` bans it whatever else it has): a biased token that is neither in the prompt nor in the output gets an
+    /// entry of its own marked [`PENALTY_UNSEEN`]. A row without penalties passes an empty `prompt` and `output`, so
+    /// that only its biased tokens are listed.
     pub fn push_row_biased(&mut self, prompt: &[u32], output: &[u32], bias: &[(u32, f32)]) -> Result<()> {
         // (id, output occurrences, seen, bias).
         let mut row: Vec<(u32, u32, bool, f32)> = prompt

@@ -6,10 +6,10 @@
 //! `temperature`, `top_p`, `n`, `stop`, `seed`, `frequency_penalty`, `presence_penalty`, `logprobs`,
 //! `top_logprobs`, `stream`, `stream_options`, `tools`, `tool_choice`, `echo`, `best_of`, `user`), and vLLM's
 //! extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
-//! `priority`, `chat_template_kwargs`, `return_token_ids`); `logit_bias` maps token ids (as strings, OpenAI's
-//! shape) to biases in [-100, 100]. Fields the engine cannot honor (`suffix`, a non-text
-//! `response_format`, `min_tokens`) are refused with a 400 naming them rather than silently ignored; unknown
-//! fields are ignored, as OpenAI does.
+//! `priority`, `chat_template_kwargs`, `return_token_ids`, `min_tokens`); `logit_bias` maps token ids (as strings,
+//! OpenAI's shape) to biases in [-100, 100]. Fields the engine cannot honor (`suffix`, a non-text
+//! `response_format`) are refused with a 400 naming them rather than silently ignored; unknown fields are ignored,
+//! as OpenAI does.
 //!
 //! `tool_choice`: `"none"` renders the conversation without the tools; `"auto"` (the default when `tools` are
 //! given) renders them and parses the answer into `tool_calls`; `"required"` and a named function also force the
@@ -287,9 +287,7 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         return Err(ApiError::bad_request(Some("suffix"), "suffix: not supported by this server"));
     }
     let logit_bias = logit_bias(f.get("logit_bias"))?;
-    if f.uint("min_tokens", 0, i64::MAX)?.unwrap_or(0) > 0 {
-        return Err(ApiError::bad_request(Some("min_tokens"), "min_tokens: not supported by this server"));
-    }
+    let min_tokens = f.uint("min_tokens", 0, i64::MAX)?.unwrap_or(0);
     if let Some(rf) = f.get("response_format") {
         let t = rf.get("type").and_then(Json::as_str);
         if t != Some("text") {
@@ -525,6 +523,8 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         stop_token_ids,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
         logit_bias,
+        // Set per prompt, against its max_tokens.
+        min_tokens: 0,
     };
     base.validate(cfg.vocab_size).map_err(|e| ApiError::from_request_error(&e))?;
     if !base.stop.is_empty() && tok.is_none() {
@@ -575,7 +575,13 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
             None if endpoint == Endpoint::Completions => 16.min(room),
             None => room,
         };
-        let params = SamplingParams { max_tokens: max, ..base.clone() };
+        if min_tokens > max {
+            return Err(ApiError::bad_request(
+                Some("min_tokens"),
+                format!("min_tokens: {min_tokens} is more than the {max} tokens {label} may generate"),
+            ));
+        }
+        let params = SamplingParams { max_tokens: max, min_tokens, ..base.clone() };
         requests.push(GenerateRequest {
             prompt: ids,
             params,
