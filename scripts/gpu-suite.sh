@@ -71,8 +71,9 @@ run() {
   # rows), wgmma (opt-in: the Hopper W4A8 kernels beside mma and the large-m W4A16 kernel beside dequantize +
   # cuBLASLt: their tests, the golden end-to-end test with each forced, their criterion lines with cuBLAS at the same
   # shapes, 1B end to end with each), fresh (opt-in: what has never run on a GPU, in one call: the tests of the
-  # 3-stage decode K/V ring and of the logit bias in the GPU sampler under a 30-second stall watchdog, then decode
-  # attention with 3 stages beside the default, kernel and 1B / 3B batch-64 end to end).
+  # 3-stage decode K/V ring and of the logit bias / min_tokens in the GPU sampler under a 30-second stall watchdog,
+  # then decode attention with 3 stages beside the default, kernel and 1B / 3B batch-64 end to end, and 1B W4A16
+  # batch-64 decode through the large-m row kernel).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -466,6 +467,10 @@ PY
       LLAMA32_DECODE_STAGES=$st bench_e2e 60 "1b 64 1024 64"
       LLAMA32_DECODE_STAGES=$st bench_e2e 60 "3b 64 1024 64"
     done
+    # W4A16 batch-64 decode through the large-m row kernel (faster than the decode kernels at m = 64 on the 11B /
+    # 90B gate_up shapes on an H200, slower on the down shapes) against the default.
+    bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
+    LLAMA32_W4A16_LARGE_MIN_M=33 LLAMA32_W4A16_LARGE=wgmma-row bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
   fi
 
   if want prefill && [[ -x "$bundle/tests/gpu" ]]; then
