@@ -444,6 +444,14 @@ mod tests {
         let mut q = PenaltyLists::new();
         q.push_row(&[1], &[1]).unwrap();
         assert!(!q.has_bias());
+        // min_tokens adds -inf on a stop id that may also carry a user bias: the two add up to -inf, and the entry
+        // stays unseen unless the history lists the id.
+        let mut m = PenaltyLists::new();
+        m.push_row_biased(&[], &[], &[(3, 50.0), (2, f32::NEG_INFINITY), (3, f32::NEG_INFINITY)]).unwrap();
+        m.push_row_biased(&[2], &[], &[(2, f32::NEG_INFINITY)]).unwrap();
+        assert_eq!(m.ids(), &[2, 3, 2]);
+        assert_eq!(m.counts(), &[PENALTY_UNSEEN, PENALTY_UNSEEN, 0]);
+        assert!(m.bias().iter().all(|&b| b == f32::NEG_INFINITY), "{:?}", m.bias());
     }
 
     #[test]
