@@ -145,7 +145,7 @@ pub struct W4A8Plan {
 /// - wgmma, wgmma-serial and wgmma-ws: 128-token tiles (one block per SM: ~200 registers x 256 threads) when they
 ///   make at least one block per SM, else 64-token tiles (two per SM; one for wgmma-ws, whose blocks have 384
 ///   threads);
-/// - wgmma-row: 64-token tiles always (98 registers: two blocks per SM), which an H200 measured 12-15% faster than
+/// - wgmma-row: 64-token tiles always (98 registers: two blocks per SM), which an H200 measured 10-18% faster than
 ///   its 128-token tiles at m = 256 and 1024 on every 11B / 90B row where the rule above takes 128 (2026-11-28);
 /// - then K splits (every wgmma variant) up to two blocks per SM (one for 128 and for wgmma-ws), with at least one
 ///   whole 4-chunk segment per split.

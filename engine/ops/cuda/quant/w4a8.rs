@@ -34,8 +34,8 @@ pub enum W4A8Kernel {
     /// [`W4A8Kernel::WgmmaSerial`] with the activations copied in natural k order (two 16-byte copies per thread
     /// and chunk instead of eight 4-byte ones) and each lane's A fragments composed from the words of its quad's
     /// lanes: the same bits. Always 64-token tiles ([`super::w4a8_plan`]: two blocks per SM), which an H200 measured
-    /// 2-11% faster than the ws kernel at m = 256 and 1024 on six of the seven 11B / 90B rows where they differ
-    /// (2026-11-28), so `auto` takes it from [`ROW_AUTO_MIN_M`] rows.
+    /// 2-12% faster than the ws kernel at m = 256 and 1024 on seven of the eight 11B / 90B rows (2026-11-28), so
+    /// `auto` takes it from [`ROW_AUTO_MIN_M`] rows.
     WgmmaRow,
     /// [`W4A8Kernel::WgmmaRow`]'s products, warp-specialized: a producer warpgroup copies each chunk into an
     /// mbarrier ring and the two consumer warpgroups run without a block barrier per chunk (384 threads, one block
@@ -114,9 +114,9 @@ pub const WGMMA_MIN_M: usize = 32;
 
 /// Rows from which `auto` takes [`W4A8Kernel::WgmmaRow`] instead of [`W4A8Kernel::WgmmaWs`]. Measured on an H200
 /// (2026-11-28, criterion, 11B / 90B gate_up and down): at m = 256 and 1024 the row kernel with 64-token tiles beat
-/// the ws kernel by 2-11% on six of seven rows (the ws kernel won 11B down at m = 256 by 18%), and both beat the
-/// mma kernel by 1.2-1.6x; at m = 64 (1B decode at batch 64) the ws kernel was 11% faster. Between 65 and 255
-/// rows nothing was measured.
+/// the ws kernel by 2-12% on seven of eight rows (the ws kernel won 11B down at m = 256: 114 against 139 us), and
+/// both beat the mma kernel by 1.2-1.6x; at m = 64 (1B decode at batch 64) the ws kernel took 11% less time per
+/// step. Between 65 and 255 rows nothing was measured.
 pub const ROW_AUTO_MIN_M: usize = 256;
 
 /// True when the current device runs the wgmma W4A8 kernels: this build holds sm_90a SASS and the device has
