@@ -115,7 +115,7 @@ pub const WGMMA_MIN_M: usize = 32;
 /// Rows from which `auto` takes [`W4A8Kernel::WgmmaRow`] instead of [`W4A8Kernel::WgmmaWs`]. Measured on an H200
 /// (2026-11-28, criterion, 11B / 90B gate_up and down): at m = 256 and 1024 the row kernel with 64-token tiles beat
 /// the ws kernel by 2-12% on seven of eight rows (the ws kernel won 11B down at m = 256: 114 against 139 us), and
-/// both beat the mma kernel by 1.2-1.6x; at m = 64 (1B decode at batch 64) the ws kernel took 11% less time per
+/// both beat the mma kernel by 1.3-1.8x; at m = 64 (1B decode at batch 64) the ws kernel took 11% less time per
 /// step. Between 65 and 255 rows nothing was measured.
 pub const ROW_AUTO_MIN_M: usize = 256;
 
