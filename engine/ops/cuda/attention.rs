@@ -265,36 +265,24 @@ pub fn set_decode_fused_merge(fused: Option<bool>) {
 /// process; [`set_decode_stages`] overrides it.
 pub const DECODE_STAGES_ENV: &str = "LLAMA32_DECODE_STAGES";
 
-/// The depth [`set_decode_stages`] chose (0: none, the variable's).
-static DECODE_STAGES_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// The decode kernel's ring depth ([`DECODE_STAGES_ENV`], default 2; [`set_decode_stages`]).
+static DECODE_STAGES: super::EnvCount = super::EnvCount::new(DECODE_STAGES_ENV, 2, 2..=3);
 
-/// The decode kernel's ring depth, 2 or 3 ([`DECODE_STAGES_ENV`]); an error names a bad value.
+/// The decode kernel's ring depth, 2 or 3 ([`DECODE_STAGES_ENV`]); an error names a bad value. Each launch passes
+/// it in its parameters.
 pub fn decode_stages() -> Result<usize> {
-    static FROM_ENV: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
-    match DECODE_STAGES_SET.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => {}
-        set => return Ok(usize::from(set)),
-    }
-    let parse = |v: &str| match v {
-        "" | "2" => Some(false),
-        "3" => Some(true),
-        _ => None,
-    };
-    // Nothing to hand to the kernels library: each launch passes the depth in its parameters.
-    let deep = super::switch_from_env(&FROM_ENV, DECODE_STAGES_ENV, "2 or 3", parse, |_| {})?;
-    Ok(if deep { 3 } else { 2 })
+    DECODE_STAGES.get()
 }
 
 /// Sets the ring depth of later decode launches, process-wide: `Some(2)` or `Some(3)`, or `None` back to
 /// [`DECODE_STAGES_ENV`]. Launches already captured in a CUDA graph keep theirs. Another depth is an error.
 pub fn set_decode_stages(stages: Option<usize>) -> Result<()> {
-    let v = match stages {
-        None => 0,
-        Some(s @ (2 | 3)) => s as u8,
-        Some(s) => return Err(Error::Request(format!("decode stages: {s} (expected 2 or 3)"))),
-    };
-    DECODE_STAGES_SET.store(v, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
+    if DECODE_STAGES.set(stages) {
+        return Ok(());
+    }
+    // Only a depth outside the range is refused.
+    let s = stages.unwrap_or_default();
+    Err(Error::Request(format!("decode stages: {s} (expected 2 or 3)")))
 }
 
 /// The largest [`decode_workspace_bytes`] of any decode step of up to `max_seqs` sequences whose split count comes

@@ -104,20 +104,46 @@ pub(crate) fn on_off(value: &str) -> Option<bool> {
 
 /// A count read once per process from an environment variable: `default` when unset or blank, else a number in
 /// `range`; anything else is an error naming the variable and the range. Each setting is a `static` of its own.
+/// [`EnvCount::set`] overrides the variable in process (tests and A/Bs).
 pub(crate) struct EnvCount {
     var: &'static str,
     default: usize,
     range: std::ops::RangeInclusive<usize>,
     value: std::sync::OnceLock<std::result::Result<usize, String>>,
+    /// The value [`EnvCount::set`] put in force, or `usize::MAX` for none (the variable's).
+    set: std::sync::atomic::AtomicUsize,
 }
 
 impl EnvCount {
     /// The setting of `var`, read on first use.
     pub(crate) const fn new(var: &'static str, default: usize, range: std::ops::RangeInclusive<usize>) -> Self {
-        EnvCount { var, default, range, value: std::sync::OnceLock::new() }
+        EnvCount {
+            var,
+            default,
+            range,
+            value: std::sync::OnceLock::new(),
+            set: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        }
     }
 
-    fn read(&self) -> &std::result::Result<usize, String> {
+    /// Puts `value` in force over the variable, process-wide (`None`: back to the variable's). A value outside the
+    /// range changes nothing and returns false.
+    pub(crate) fn set(&self, value: Option<usize>) -> bool {
+        if value.is_some_and(|v| !self.range.contains(&v)) {
+            return false;
+        }
+        self.set.store(value.unwrap_or(usize::MAX), std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    fn read(&self) -> std::result::Result<usize, String> {
+        match self.set.load(std::sync::atomic::Ordering::Relaxed) {
+            usize::MAX => self.env_value().clone(),
+            set => Ok(set),
+        }
+    }
+
+    fn env_value(&self) -> &std::result::Result<usize, String> {
         self.value.get_or_init(|| match std::env::var(self.var) {
             Err(_) => Ok(self.default),
             Ok(v) if v.trim().is_empty() => Ok(self.default),
@@ -132,13 +158,13 @@ impl EnvCount {
 
     /// The count in force; a bad value is an error that names the variable.
     pub(crate) fn get(&self) -> Result<usize> {
-        self.read().clone().map_err(Error::Request)
+        self.read().map_err(Error::Request)
     }
 
     /// The count in force, or the default where the value is bad (which every kernel call refuses through
     /// [`ensure_built`]).
     pub(crate) fn or_default(&self) -> usize {
-        self.read().clone().unwrap_or(self.default)
+        self.read().unwrap_or(self.default)
     }
 }
 

@@ -307,31 +307,24 @@ pub fn w4a16_bulk_variant() -> crate::Result<usize> {
 /// what fits the device's shared memory per block. The same bits at every depth. Read once per process.
 pub const W4A16_TILED_STAGES_ENV: &str = "LLAMA32_W4A16_TILED_STAGES";
 
-/// A depth set by [`set_w4a16_tiled_stages`] (0: none, the variable's).
-static TILED_STAGES_SET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// The tiled W4A16 kernel's ring depth ([`W4A16_TILED_STAGES_ENV`], default 2; [`set_w4a16_tiled_stages`]).
+static TILED_STAGES: crate::ops::cuda::EnvCount = crate::ops::cuda::EnvCount::new(W4A16_TILED_STAGES_ENV, 2, 2..=4);
 
 /// The tiled W4A16 kernel's ring depth in force: [`set_w4a16_tiled_stages`]'s, else [`W4A16_TILED_STAGES_ENV`]'s
 /// (default 2); an error names a bad value of the variable.
 pub fn w4a16_tiled_stages() -> crate::Result<usize> {
-    static STAGES: crate::ops::cuda::EnvCount = crate::ops::cuda::EnvCount::new(W4A16_TILED_STAGES_ENV, 2, 2..=4);
-    match TILED_STAGES_SET.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => STAGES.get(),
-        set => Ok(set),
-    }
+    TILED_STAGES.get()
 }
 
 /// Sets the tiled W4A16 kernel's ring depth (2 to 4) for every later launch, process-wide, over the variable's;
 /// `None` goes back to the variable's. Launches already captured in a CUDA graph keep theirs.
 pub fn set_w4a16_tiled_stages(stages: Option<usize>) -> crate::Result<()> {
-    match stages {
-        Some(s) if !(2..=4).contains(&s) => {
-            Err(crate::Error::Request(format!("tiled W4A16 stages: {s} is not in 2..=4")))
-        }
-        _ => {
-            TILED_STAGES_SET.store(stages.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        }
+    if TILED_STAGES.set(stages) {
+        return Ok(());
     }
+    // Only a depth outside the range is refused.
+    let s = stages.unwrap_or_default();
+    Err(crate::Error::Request(format!("tiled W4A16 stages: {s} is not in 2..=4")))
 }
 
 /// The most rows of x the bulk kernel takes.
