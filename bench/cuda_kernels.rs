@@ -267,21 +267,31 @@ fn quant(c: &mut Criterion) {
         if k::quant::large_wgmma_available() {
             let lin = QuantLinear { matrix: qm.clone(), scheme: Scheme::W4A16_G32 };
             let w = k::quant::CudaQuantLinear::upload(&d.stream, &lin).expect("upload");
+            let need = k::quant::large_workspace_bound(1024, n, kdim, sms);
+            let mut ws = k::quant::SplitKWorkspace::new(&d.stream, need.0, need.1, sms).expect("workspace");
             for m in [64usize, 256, 1024] {
                 let x = d.data(m * kdim, 26);
                 let mut out = d.data(m * n, 27);
                 g.throughput(Throughput::Elements(2 * (m * n * kdim) as u64));
-                // The wgmma kernel keeps the name earlier runs recorded.
+                // The wgmma kernel keeps the name earlier runs recorded, for one split; a plan with K splits adds
+                // `_split{S}` beside it.
                 for kernel in k::quant::W4A16LargeKernel::ALL.into_iter().filter(|k| k.is_wgmma()) {
-                    let plan = k::quant::large_plan(kernel, m, n, sms);
+                    let plan = k::quant::large_plan(kernel, m, n, kdim, sms);
                     let tag = if kernel == k::quant::W4A16LargeKernel::Wgmma { "" } else { "_row" };
-                    g.bench_function(format!("w4a16_large{tag}_m{m}_{name}_k{kdim}_n{n} (elements = FLOPs)"), |b| {
-                        b.iter_custom(|iters| {
-                            d.time(iters, &mut || {
-                                k::quant::w4a16_gemm_large(&d.stream, (&x, &w, m), plan, false, &mut out).unwrap()
+                    let whole = k::quant::LargePlan { splits: 1, ..plan };
+                    for plan in std::iter::once(whole).chain((plan.splits > 1).then_some(plan)) {
+                        let split = if plan.splits > 1 { format!("_split{}", plan.splits) } else { String::new() };
+                        let id = format!("w4a16_large{tag}{split}_m{m}_{name}_k{kdim}_n{n} (elements = FLOPs)");
+                        g.bench_function(id, |b| {
+                            b.iter_custom(|iters| {
+                                d.time(iters, &mut || {
+                                    let io = (&x, &w, m);
+                                    k::quant::w4a16_gemm_large(&d.stream, io, plan, false, Some(&mut ws), &mut out)
+                                        .unwrap()
+                                })
                             })
-                        })
-                    });
+                        });
+                    }
                 }
             }
         }

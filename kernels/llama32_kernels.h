@@ -448,7 +448,8 @@ int l32_gemv_prefetch_whole(void);
  *   scales:  the same tiles, 8 entries of 4 values each (bf16 for W4A16, f32 for W4A8);
  *   zeros:   optional, the same tiles (W4A16: the bf16 bias 136 + z per value; W4A8: the byte 8 + z per value).
  * Split-K (splits > 1) needs `partials` (f32, splits * m * n_pad values) and `counters` (one u32 per output tile:
- * W4A16 ceil(n_pad / 64), W4A8 ceil(n_pad / 128) * ceil(m / tile_m)), zeroed once by the caller; every launch
+ * W4A16 ceil(n_pad / 64) (128 for TILED and PIPELINED with 8 < m <= 32), W4A16 WGMMA(_ROW) and W4A8
+ * ceil(n_pad / 128) * ceil(m / tile_m)), zeroed once by the caller; every launch
  * leaves them zeroed again, so a CUDA graph can replay it. The result never depends on the split count's
  * arrival order (the splits are summed in split order). Nothing may alias `out`.
  */
@@ -481,7 +482,8 @@ typedef enum l32_w4a16_kernel {
      * Any m (prefill), compute capability 9.x only (l32_w4a16_wgmma_available): warpgroup MMA over tile_m tokens by
      * 128 weight rows per block, the weights dequantized in registers to bf16(s * (q - z)) as l32_w4a16_dequant
      * writes them, f32 accumulation over all of k (so its sums are those of dequantize + a bf16 GEMM, in another
-     * order). splits must be 1; partials and counters are not used.
+     * order). With splits > 1 each split sums its share of the 64-column chunks into f32 partials, and the last
+     * split of each (token tile, 128-row block) to finish sums them in split order.
      */
     L32_W4A16_WGMMA = 4,
     /**
@@ -503,7 +505,7 @@ typedef struct l32_w4a16_params {
     const void* scales;     /**< reordered bf16 scales, 8-byte aligned */
     const void* zeros;      /**< reordered bf16 biases 136 + z, 8-byte aligned; NULL for symmetric weights */
     float* partials;        /**< split-K workspace, splits * m * n_pad f32 (NULL when splits == 1) */
-    uint32_t* counters;     /**< split-K tile counters, ceil(n_pad / 64), zeroed (NULL when splits == 1) */
+    uint32_t* counters;     /**< split-K tile counters (see above), zeroed (NULL when splits == 1) */
     int64_t m;              /**< 1 ..= 64; WGMMA(_ROW): 1 ..= 2^30 */
     int64_t n;              /**< any count >= 0 (0 launches nothing), below 2^31 - 64 */
     int64_t k;              /**< a multiple of 64, 64 ..= 2^24 */

@@ -157,6 +157,7 @@ run() {
     env_tag+="${LLAMA32_W4A8_KERNEL:+ w4a8=$LLAMA32_W4A8_KERNEL}"
     env_tag+="${LLAMA32_W4A16_LARGE:+ large=$LLAMA32_W4A16_LARGE}"
     env_tag+="${LLAMA32_W4A16_LARGE_MIN_M:+ large_min_m=$LLAMA32_W4A16_LARGE_MIN_M}"
+    env_tag+="${LLAMA32_W4A16_LARGE_SPLITS:+ large_splits=$LLAMA32_W4A16_LARGE_SPLITS}"
     env_tag+="${LLAMA32_GEMV_PREFETCH:+ gemv_prefetch=$LLAMA32_GEMV_PREFETCH}"
     env_tag+="${LLAMA32_W4A16_TILED_STAGES:+ tiled_stages=$LLAMA32_W4A16_TILED_STAGES}"
     env_tag+="${LLAMA32_DECODE_MERGE:+ merge=$LLAMA32_DECODE_MERGE}"
@@ -450,15 +451,24 @@ PY
   fi
 
   if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
-    # What has never run on a GPU (the fourteenth session's), in one short call, most telling first: the tests (each
-    # launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then the headline figures beside the
-    # measured defaults. The thirteenth session's list ran on an H200 on 2026-11-28
-    # (bench/results/2026-11-28-h200-fresh-kernels.md).
+    # What has never run on a GPU, in one short call, most telling first: the tests (each launch watched: a hang is
+    # reported as HANG within LLAMA32_TEST_STALL_S), then the headline figures beside the measured defaults. The
+    # fourteenth session's (sampling bias and min_tokens, the 3-stage decode ring), then the fifteenth's (split-K
+    # in the large-m W4A16 kernels, its SiLU epilogue on the executor's path). The thirteenth session's list ran on
+    # an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
     local ft
     for ft in cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
-      cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes; do
+      cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
+      cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \
+      cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul; do
       gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     done
+    # Every W4A16 projection through the row kernel (split where its grid is small, SiLU fused), golden checkpoint.
+    gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
+      LLAMA32_W4A16_LARGE_MIN_M=1 LLAMA32_W4A16_LARGE=wgmma-row
+    # W4A16 at m = 64 on every shape: the decode kernels beside the large-m row kernel with one and with its
+    # plan's K splits (lines `row/s1`, `row/sS`).
+    LLAMA32_QUANT_MS=64 gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput m64
     # Decode attention at batch 64, 2k context, with the 3-stage K/V ring beside the default (and prefill).
     gpu_bench 90 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput fresh
     # End to end where decode attention weighs most: 1B and 3B at batch 64, 1k-token prompts, default and 3 stages.
@@ -467,10 +477,12 @@ PY
       LLAMA32_DECODE_STAGES=$st bench_e2e 60 "1b 64 1024 64"
       LLAMA32_DECODE_STAGES=$st bench_e2e 60 "3b 64 1024 64"
     done
-    # W4A16 batch-64 decode through the large-m row kernel (faster than the decode kernels at m = 64 on the 11B /
-    # 90B gate_up shapes on an H200, slower on the down shapes) against the default.
+    # W4A16 batch-64 decode through the large-m row kernel against the default decode kernels, with K splits (the
+    # default plan) and without (LLAMA32_W4A16_LARGE_SPLITS=1).
     bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
     LLAMA32_W4A16_LARGE_MIN_M=33 LLAMA32_W4A16_LARGE=wgmma-row bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
+    LLAMA32_W4A16_LARGE_MIN_M=33 LLAMA32_W4A16_LARGE=wgmma-row LLAMA32_W4A16_LARGE_SPLITS=1 \
+      bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
   fi
 
   if want prefill && [[ -x "$bundle/tests/gpu" ]]; then

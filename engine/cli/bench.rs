@@ -326,8 +326,8 @@ fn bench_one(
         "tp": tp,
         "embeddings": a.model.embeddings,
         // The CUDA switches under test: the W4A16 decode kernel (LLAMA32_W4A16_KERNEL), the W4A8 kernel
-        // (LLAMA32_W4A8_KERNEL), the large-m W4A16 path and where it starts (LLAMA32_W4A16_LARGE,
-        // LLAMA32_W4A16_LARGE_MIN_M), the prefill attention
+        // (LLAMA32_W4A8_KERNEL), the large-m W4A16 path, where it starts and its forced K splits (LLAMA32_W4A16_LARGE,
+        // LLAMA32_W4A16_LARGE_MIN_M, LLAMA32_W4A16_LARGE_SPLITS; 0 is the heuristic), the prefill attention
         // kernel (LLAMA32_PREFILL_KERNEL), the direct W4A16 kernel's L2 prefetch (LLAMA32_W4A16_PREFETCH), the tiled
         // one's ring depth (LLAMA32_W4A16_TILED_STAGES), the decode split merge (LLAMA32_DECODE_MERGE),
         // programmatic dependent launch (LLAMA32_PDL), the SwiGLU fusion
@@ -336,6 +336,7 @@ fn bench_one(
         "w4a8_kernel": crate::ops::cuda::quant::W4A8Kernel::setting().ok(),
         "w4a16_large": crate::ops::cuda::quant::W4A16LargeKernel::setting().ok(),
         "w4a16_large_min_m": crate::ops::cuda::quant::large_min_m().ok(),
+        "w4a16_large_splits": crate::ops::cuda::quant::large_splits_setting().ok(),
         "w4a16_prefetch": crate::ops::cuda::quant::w4a16_l2_prefetch_setting().ok(),
         "w4a16_blocks_per_sm": crate::ops::cuda::quant::w4a16_blocks_per_sm().ok(),
         "w4a16_chunk_mib": crate::ops::cuda::quant::w4a16_chunk_mib().ok(),

@@ -126,9 +126,31 @@ __device__ __forceinline__ void w4a16_store_tile(const l32_w4a16_params& p, cons
     }
 }
 
-// Split-K finish of the block of `block_rows` (a multiple of 16) layout rows blockIdx.x covers (every thread of the
-// block calls it after writing its f32 partials): the last split to arrive sums all splits in split order, row
-// pair by row pair (rows r and r + 8 of a tile), and writes them through w4a16_emit_pair.
+// Split-K finish of layout rows [row0, row0 + block_rows) (block_rows a multiple of 16) for tokens [m0, m0 + bm) of
+// m, whose blocks count their arrivals on counter `tile` (every thread of the block calls it after writing its f32
+// partials at p.partials[(split * m + tok) * npad + row]): the last split to arrive sums all splits in split order,
+// row pair by row pair (rows r and r + 8 of a tile), and writes them through w4a16_emit_pair.
+__device__ __forceinline__ void w4a16_finish_rows(const l32_w4a16_params& p, int m, int64_t npad, int tile, int m0,
+                                                  int bm, int64_t row0, int block_rows) {
+    if (!splitk_arrive(p.counters, tile, p.splits)) return;
+    const int pairs = block_rows / 2;
+    for (int i = threadIdx.x; i < bm * pairs; i += blockDim.x) {
+        const int tok = m0 + i / pairs, q = i % pairs;
+        const int64_t row = row0 + q / 8 * 16 + q % 8;
+        if (row >= p.n) continue;
+        float lo = 0.f, hi = 0.f;
+        for (int sp = 0; sp < p.splits; ++sp) {
+            const float* part = p.partials + (int64_t{sp} * m + tok) * npad + row;
+            lo += __ldcg(part);
+            hi += __ldcg(part + 8);
+        }
+        w4a16_emit_pair(p, tok, row, lo, hi);
+    }
+}
+
+// Split-K finish of the decode kernels: w4a16_finish_rows for the block of `block_rows` layout rows blockIdx.x
+// covers, every token (counter blockIdx.x). Kept written out: through w4a16_finish_rows the same sums compile to
+// other SASS for the measured decode kernels (w4a16.cu's, checked with cuobjdump), which this keeps as measured.
 __device__ __forceinline__ void w4a16_finish_split(const l32_w4a16_params& p, int m, int64_t npad, int block_rows) {
     if (!splitk_arrive(p.counters, blockIdx.x, p.splits)) return;
     const int pairs = block_rows / 2;

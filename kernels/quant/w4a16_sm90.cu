@@ -30,6 +30,11 @@
 // each k16 step holds 16 consecutive columns instead of spread ones, and wgmma rounds each step's sum into the f32
 // accumulator: other bits than kRow = false (seen on an H200, 2026-11-28), within the summation-order bound.
 //
+//   Split-K (grid.z = splits, fifteenth session, not yet run on a GPU): each split takes its share of the 64-column chunks
+// (split_range), writes f32 partials, and the block whose arrival completes its (token tile, row block) sums the
+// splits in split order and writes through w4a16_emit_pair (w4a16_finish_rows, as the decode kernels finish). For
+// few blocks: at 64 tokens on 11B's down projection the grid is 32 blocks on 132 SMs without it.
+//
 // Registers from ptxas: see engine/ops/cuda/quant/mod.rs (module docs).
 #include <climits>
 #include <cstdint>
@@ -66,7 +71,7 @@ struct W4A16WgmmaTraits {
     static_assert(kStages >= 3, "at least two chunks in flight");
 };
 
-// Tier 1. grid = (ceil(m / kBN), ceil(n_pad / 128)), block = 256, dynamic shared memory kSmemBytes.
+// Tier 1. grid = (ceil(m / kBN), ceil(n_pad / 128), splits), block = 256, dynamic shared memory kSmemBytes.
 template <int kBN, int kStages, bool kZeros, bool kRow>
 __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlocks)
     w4a16_wgmma_kernel(const __grid_constant__ l32_w4a16_params p) {
@@ -87,6 +92,9 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
     const int kc = static_cast<int>(p.k / 64);
     const int m0 = blockIdx.x * kBN;
     const int nt0 = blockIdx.y * T::kTiles;
+    int c0 = 0, c1 = kc;  // this split's chunks
+    split_range(kc, p.splits, blockIdx.z, c0, c1);
+    const int nchunks = c1 - c0;
 
     const auto* wq = static_cast<const uint8_t*>(p.qweight);
     const auto* sc = static_cast<const uint8_t*>(p.scales);
@@ -146,18 +154,19 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
     float d[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) d[j][0] = d[j][1] = d[j][2] = d[j][3] = 0.f;
+    // Local chunk i is chunk c0 + i of the matrix, in stage i % kStages.
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < kc) load_stage(s, s);
+        if (s < nchunks) load_stage(s, c0 + s);
         cp_async_commit();
     }
 #pragma unroll 1
-    for (int c = 0; c < kc; ++c) {
+    for (int c = 0; c < nchunks; ++c) {
         cp_async_wait<kStages - 2>();  // chunk c has landed for this thread ...
         wgmma::fence_proxy_async_shared();
         __syncthreads();  // ... and for every thread; chunk c - 1's products are done (waited in its iteration)
         const int next = c + kStages - 1;
-        if (next < kc) load_stage(next % kStages, next);
+        if (next < nchunks) load_stage(next % kStages, c0 + next);
         cp_async_commit();
 
         const unsigned char* s = smem + (c % kStages) * T::kStageBytes;
@@ -220,15 +229,29 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
 
     // d[j][e]: layout row 16 (nt0 + warp) + g (+8 for e >= 2), token m0 + 8 j + 2 t (+1 for odd e). A tile past
     // the matrix (zero-filled) stores nothing: in a paired layout its rows would map onto real columns.
-    if (nt0 + warp >= ntiles) return;
+    const int64_t npad = int64_t{ntiles} * 16;
     const int64_t row = int64_t{nt0 + warp} * 16 + g;
+    if (nt0 + warp < ntiles) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+        for (int j = 0; j < NT; ++j) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int tok = m0 + 8 * j + 2 * t + e;
-            if (tok < m) w4a16_emit_pair(p, tok, row, d[j][e], d[j][e + 2]);
+            for (int e = 0; e < 2; ++e) {
+                const int tok = m0 + 8 * j + 2 * t + e;
+                if (tok >= m) continue;
+                if (p.splits == 1) {
+                    w4a16_emit_pair(p, tok, row, d[j][e], d[j][e + 2]);
+                } else {
+                    float* part = p.partials + (int64_t{blockIdx.z} * m + tok) * npad + row;
+                    part[0] = d[j][e];
+                    part[8] = d[j][e + 2];
+                }
+            }
         }
+    }
+    // Split-K: the block that completes the (token tile, row block) sums its splits in split order and writes.
+    if (p.splits > 1) {
+        const int tile = static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x);
+        w4a16_finish_rows(p, m, npad, tile, m0, min(kBN, m - m0), int64_t{nt0} * 16, 16 * T::kTiles);
     }
 #else
     (void)p;
@@ -242,7 +265,7 @@ l32_status launch(const l32_w4a16_params& p, cudaStream_t stream) {
     using T = W4A16WgmmaTraits<kBN, kStages>;
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((p.m + kBN - 1) / kBN),
-                    static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles));
+                    static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles), static_cast<unsigned>(p.splits));
     const auto kernel = p.zeros != nullptr ? w4a16_wgmma_kernel<kBN, kStages, true, kRow>
                                            : w4a16_wgmma_kernel<kBN, kStages, false, kRow>;
     const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
@@ -263,8 +286,10 @@ bool w4a16_wgmma_available() {
 
 l32_status launch_w4a16_wgmma(const l32_w4a16_params& p, cudaStream_t stream) {
     if (!w4a16_wgmma_available()) return L32_UNSUPPORTED;
-    if (p.splits != 1 || (p.tile_m != 64 && p.tile_m != 128)) return L32_UNSUPPORTED;
+    if (p.tile_m != 64 && p.tile_m != 128) return L32_UNSUPPORTED;
     if ((p.n + 127) / 128 > 65535 || (p.m + p.tile_m - 1) / p.tile_m > INT_MAX) return L32_UNSUPPORTED;
+    // Split-K: one counter per (token tile, row block), an int index.
+    if (p.splits > 1 && (p.m + p.tile_m - 1) / p.tile_m * ((p.n + 127) / 128) > INT_MAX) return L32_UNSUPPORTED;
     if (p.kernel == L32_W4A16_WGMMA_ROW) {
         return p.tile_m == 64 ? launch<64, 6, true>(p, stream) : launch<128, 5, true>(p, stream);
     }

@@ -30,9 +30,10 @@ use half::bf16;
 use llama32::ops::cpu::linear::linear;
 use llama32::ops::cpu::quant::w4a8_linear;
 use llama32::ops::cuda::quant::{
-    act_quant, set_w4a16_tiled_stages, w4a16_dequant, w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_silu,
-    w4a16_gemm_silu_with, w4a16_gemm_with, w4a16_splits, w4a16_workspace_for, w4a8_gemm, w4a8_gemm_with, w4a8_plan,
-    workspace_bound, ActSource, CudaQuantLinear, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel, W4A8Kernel,
+    act_quant, large_plan, large_wgmma_available, large_workspace_bound, set_w4a16_tiled_stages, w4a16_dequant,
+    w4a16_dequant_rows, w4a16_gemm, w4a16_gemm_large, w4a16_gemm_silu, w4a16_gemm_silu_with, w4a16_gemm_with,
+    w4a16_splits, w4a16_workspace_for, w4a8_gemm, w4a8_gemm_with, w4a8_plan, workspace_bound, ActSource,
+    CudaQuantLinear, LargePlan, QuantActs, SplitKWorkspace, W4A16Choice, W4A16Kernel, W4A16LargeKernel, W4A8Kernel,
 };
 use llama32::ops::cuda::switch::KernelSwitch;
 use llama32::ops::cuda::{activation, norm};
@@ -585,8 +586,9 @@ mod tiled;
 // ------------------------------------------------------------------------------------------------------------------
 // benchmark
 
-/// W4A16 (both decode kernels) at m = 1, 16, 64 on the 1B projections and the 11B / 90B gate_up and down shapes,
-/// against the bf16 path the
+/// W4A16 (the decode kernels; at m = 64 on Hopper also the large-m row kernel with one and with its plan's K
+/// splits) at m = 1, 16, 64 on the 1B projections and the 11B / 90B gate_up and down shapes, against the bf16 path
+/// the
 /// executor takes for the same shape (the skinny GEMV at m = 1, cuBLASLt above) in the same process: GPU time per
 /// call from CUDA graphs of 20 calls (as `cuda_gemv::gemv_throughput`: launch overhead excluded, as in the
 /// executor's decode graphs), weights rotated through copies so that they stream from HBM, not L2. W4A16 GB/s count
@@ -617,6 +619,12 @@ fn quant_throughput() {
     // the direct kernel's L2 prefetch is forced (LLAMA32_W4A16_PREFETCH=1 or 0; by default it depends on the shape).
     let only = std::env::var("LLAMA32_QUANT_SHAPES").unwrap_or_default();
     let picked = |name: &str| only.trim().is_empty() || only.split(',').any(|p| name.starts_with(p.trim()));
+    // LLAMA32_QUANT_MS (comma-separated, from 1, 16, 64) picks some row counts.
+    let ms_only = std::env::var("LLAMA32_QUANT_MS").unwrap_or_default();
+    let ms: Vec<usize> = [1usize, 16, 64]
+        .into_iter()
+        .filter(|m| ms_only.trim().is_empty() || ms_only.split(',').any(|p| p.trim() == m.to_string()))
+        .collect();
     let mut prefetch = match llama32::ops::cuda::quant::w4a16_l2_prefetch_forced().unwrap() {
         None => "".to_string(),
         Some(true) => " (L2 prefetch on)".to_string(),
@@ -653,7 +661,7 @@ fn quant_throughput() {
         } else {
             Vec::new()
         };
-        for m in [1usize, 16, 64] {
+        for &m in &ms {
             let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 0.0), false));
             let mut out = stream.alloc_zeros::<bf16>(m * n).expect("alloc");
             // Each kernel alone (PDL off), then the pipelined one with PDL.
@@ -681,6 +689,21 @@ fn quant_throughput() {
                 });
             }
             set_w4a16_tiled_stages(None).unwrap();
+            // At m = 64 on Hopper, the large-m row kernel (batched decode sent down the large-m path,
+            // LLAMA32_W4A16_LARGE_MIN_M) with one K split and with its plan's splits: lines `row/s1`, `row/sS`.
+            let mut large = Vec::new();
+            if m == 64 && large_wgmma_available() {
+                let plan = large_plan(W4A16LargeKernel::WgmmaRow, m, n, k, sms);
+                let need = large_workspace_bound(m, n, k, sms);
+                let mut lws = SplitKWorkspace::new(&stream, need.0, need.1, sms).unwrap();
+                for plan in std::iter::once(LargePlan { splits: 1, ..plan }).chain((plan.splits > 1).then_some(plan)) {
+                    let t = time_graph(&stream, &mut |i| {
+                        let io = (&x, &ws[i % copies], m);
+                        w4a16_gemm_large(&stream, io, plan, false, Some(&mut lws), &mut out).unwrap();
+                    });
+                    large.push((format!("row/s{}", plan.splits), t));
+                }
+            }
             let (theirs, path) = if llama32::ops::cuda::gemv::supports(m, k) {
                 let t = time_graph(&stream, &mut |i| {
                     llama32::ops::cuda::gemv::gemv(&stream, &x, &dense[i % bf_copies], m, k, n, &mut out).unwrap();
@@ -724,7 +747,8 @@ fn quant_throughput() {
             }
             llama32::ops::cuda::set_programmatic_launch(was).unwrap();
             let labels = W4A16Kernel::ALL.iter().map(|k| k.name()).chain(["pipe+PDL", "tiled/3", "tiled/4"]);
-            let times = ours.into_iter().chain([pdl]).chain(deeper);
+            let labels = labels.map(String::from).chain(large.iter().map(|(label, _)| label.clone()));
+            let times = ours.into_iter().chain([pdl]).chain(deeper).chain(large.iter().map(|&(_, t)| t));
             for (ours, label) in times.zip(labels).filter(|(t, _)| !t.is_nan()) {
                 eprintln!(
                     "w4a16 {label:<9} {name:<12} m {m:>2} k {k:>5} n {n:>5}: {:8.2} us {:6.0} GB/s {:6.1} TFLOP/s | bf16 {path} {:8.2} us {:6.0} GB/s | {:.2}x{prefetch}",
@@ -784,13 +808,12 @@ fn ncu_quant_targets() {
         w4a8_gemm_with(&stream, &acts, &w, m, &mut ws, &mut out, w4a8_plan(kernel, m, n, k, sms)).unwrap();
         finite(&format!("w4a8 {} 11b gate_up m 256", kernel.name()), &out);
     }
-    if llama32::ops::cuda::quant::large_wgmma_available() {
+    if large_wgmma_available() {
         let w = weights(n, k, Scheme::W4A16_G32);
-        use llama32::ops::cuda::quant::{large_plan, W4A16LargeKernel};
         for kernel in W4A16LargeKernel::ALL.into_iter().filter(|k| k.is_wgmma()) {
-            let plan = large_plan(kernel, m, n, sms);
+            let plan = large_plan(kernel, m, n, k, sms);
             let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
-            llama32::ops::cuda::quant::w4a16_gemm_large(&stream, (&x, &w, m), plan, false, &mut out).unwrap();
+            w4a16_gemm_large(&stream, (&x, &w, m), plan, false, Some(&mut ws), &mut out).unwrap();
             finite(&format!("w4a16 large {} 11b gate_up m 256 tile {}", kernel.name(), plan.tile_m), &out);
         }
     }

@@ -699,7 +699,8 @@ impl Ops for CudaOps {
 
     fn linear_silu_mul(&mut self, x: &CudaAct, w: Linear, gate_up: &mut CudaAct, out: &mut CudaAct) -> Result<()> {
         // A bf16 gate_up on the skinny GEMM applies SwiGLU in its epilogue (gemv_gate_up_silu), and so does a W4A16
-        // gate_up at decode sizes (uploaded with its gate and up rows paired, w4a16_gemm_silu); everything else
+        // gate_up at decode sizes (uploaded with its gate and up rows paired, w4a16_gemm_silu) or on a Hopper
+        // large-m kernel (w4a16_gemm_large); everything else
         // (W4A8, which fuses SwiGLU into the down projection's int8 quantization, or cuBLASLt batches) takes the
         // two calls.
         let (weight, n) = linear_weight(&self.cfg, &self.layers, self.lm_head.as_ref().unwrap_or(&self.embed), w);
@@ -733,7 +734,7 @@ impl Ops for CudaOps {
                 self.generation += 1;
             }
             let xv = x.buf.slice(..rows * kdim);
-            return self.quant.bufs.project_silu(&self.stream, q, (&xv, rows), &mut out.buf);
+            return self.quant.bufs.project_silu(&self.stream, (q, self.num_sms), (&xv, rows), &mut out.buf);
         }
         match weight {
             WeightRef::Dense(weight) if fusable => {

@@ -111,6 +111,10 @@ impl QuantBuffers {
             moved |= self.ensure_ws(stream, need, num_sms, capturing)?;
         } else if k::quant::W4A16LargeKernel::configured()? == k::quant::W4A16LargeKernel::Dequant {
             moved |= self.ensure_scratch(stream, k::quant::w4a16_chunk_rows(n, kdim) * kdim, capturing)?;
+        } else {
+            let large = k::quant::W4A16LargeKernel::configured()?;
+            let plan = k::quant::large_plan(large, rows, n, kdim, num_sms);
+            moved |= self.ensure_ws(stream, k::quant::large_workspace_for(plan, rows, n), num_sms, capturing)?;
         }
         Ok(moved)
     }
@@ -146,8 +150,8 @@ impl QuantBuffers {
         }
         let large = k::quant::W4A16LargeKernel::configured()?;
         if large.is_wgmma() {
-            let plan = k::quant::large_plan(large, rows, n, num_sms);
-            return k::quant::w4a16_gemm_large(stream, (x, q, rows), plan, false, out);
+            let plan = k::quant::large_plan(large, rows, n, kdim, num_sms);
+            return k::quant::w4a16_gemm_large(stream, (x, q, rows), plan, false, self.ws.as_mut(), out);
         }
         // Prefill-sized W4A16: a chunk of rows at a time, dequantized into the scratch, then the bf16 GEMM into the
         // chunk's columns of `out` (a paired gate_up chunk holds gate rows then their up rows: two column blocks).
@@ -166,9 +170,18 @@ impl QuantBuffers {
     }
 
     /// True when [`project_silu`](Self::project_silu) takes `rows` rows through `q`: a W4A16 `[gate; up]` weight
-    /// uploaded with its rows paired ([`DeviceLinear::upload_gate_up`]), at decode sizes.
+    /// uploaded with its rows paired ([`DeviceLinear::upload_gate_up`]), at decode sizes or where the large-m path
+    /// is a Hopper kernel ([`k::quant::W4A16LargeKernel::configured`]; the dequantize path has no SiLU epilogue).
     pub(crate) fn silu_fusable(q: &k::quant::CudaQuantLinear, rows: usize) -> bool {
-        !q.is_w4a8() && q.swiglu_paired() && rows >= 1 && !k::quant::takes_large_path(rows)
+        !q.is_w4a8()
+            && q.swiglu_paired()
+            && rows >= 1
+            && (!k::quant::takes_large_path(rows) || Self::large_kernel().is_some())
+    }
+
+    /// The large-m W4A16 kernel in force when it is a Hopper kernel (not the dequantize path).
+    fn large_kernel() -> Option<k::quant::W4A16LargeKernel> {
+        k::quant::W4A16LargeKernel::configured().ok().filter(|kernel| kernel.is_wgmma())
     }
 
     /// `out[rows, n / 2] = silu(gate) * up` of `x[rows, k] @ q^T` in one kernel, for a `q` and `rows` that
@@ -177,7 +190,7 @@ impl QuantBuffers {
     pub(crate) fn project_silu(
         &mut self,
         stream: &Arc<CudaStream>,
-        q: &k::quant::CudaQuantLinear,
+        (q, num_sms): (&k::quant::CudaQuantLinear, usize),
         (x, rows): (&CudaView<'_, bf16>, usize),
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
@@ -187,6 +200,11 @@ impl QuantBuffers {
                 q.n(),
                 q.k()
             )));
+        }
+        if k::quant::takes_large_path(rows) {
+            let large = Self::large_kernel().ok_or_else(|| Error::Backend("no large-m W4A16 kernel".into()))?;
+            let plan = k::quant::large_plan(large, rows, q.n(), q.k(), num_sms);
+            return k::quant::w4a16_gemm_large(stream, (x, q, rows), plan, true, self.ws.as_mut(), out);
         }
         let ws = self.ws.as_mut().ok_or_else(|| Error::Backend("quantized projection buffers missing".into()))?;
         k::quant::w4a16_gemm_silu(stream, x, q, rows, ws, out)
@@ -314,7 +332,7 @@ pub(crate) fn project_silu(
         return Err(Error::Backend(format!("quantized weight is [{}, {}], expected [{n}, {kdim}]", q.n(), q.k())));
     }
     let moved = bufs.prepare(stream, q, rows, (num_sms, false, kdim, capturing))?;
-    bufs.project_silu(stream, q, (x, rows), out)?;
+    bufs.project_silu(stream, (q, num_sms), (x, rows), out)?;
     Ok(moved)
 }
 

@@ -181,6 +181,7 @@ pub(crate) fn ensure_built() -> Result<()> {
         quant::w4a16_blocks_per_sm()?;
         quant::w4a16_chunk_mib()?;
         quant::large_min_m()?;
+        quant::large_splits_setting()?;
         quant::w4a16_bulk_variant().map(|_| ())
     } else {
         Err(Error::Backend(NOT_BUILT.into()))

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::w4a16::{check_operands, launch_gemm};
-use super::{padded_n, CudaQuantLinear, W4A16Kernel};
+use super::{padded_n, CudaQuantLinear, SplitKWorkspace, W4A16Kernel, MAX_SPLITS, TILE_K};
 use crate::ops::cuda::switch::KernelSwitch;
 use crate::{Error, Result};
 
@@ -110,13 +110,80 @@ pub fn large_wgmma_available() -> bool {
     false
 }
 
-/// How [`w4a16_gemm_large`] runs: which of its kernels, and how many tokens per block.
+/// How [`w4a16_gemm_large`] runs: which of its kernels, how many tokens per block, and how many K splits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LargePlan {
     /// [`W4A16LargeKernel::Wgmma`] or [`W4A16LargeKernel::WgmmaRow`].
     pub kernel: W4A16LargeKernel,
     /// 64 or 128.
     pub tile_m: usize,
+    /// K splits, 1 to `k / 64`: above 1 the blocks write f32 partials to a [`SplitKWorkspace`] of
+    /// [`large_workspace_for`] and the last of each tile's splits sums them in split order.
+    pub splits: usize,
+}
+
+/// The environment variable that sets the K splits of [`w4a16_gemm_large`] where [`large_splits`] considers splitting
+/// (grids of fewer blocks than SMs): 0 (or unset) for the heuristic, 1 to 32 to force a count (capped at a split
+/// per 64-column chunk), read once per process: the A/B of split-K at batched-decode sizes.
+pub const LARGE_SPLITS_ENV: &str = "LLAMA32_W4A16_LARGE_SPLITS";
+
+/// [`LARGE_SPLITS_ENV`]'s setting (0: the heuristic).
+static LARGE_SPLITS: crate::ops::cuda::EnvCount = crate::ops::cuda::EnvCount::new(LARGE_SPLITS_ENV, 0, 0..=MAX_SPLITS);
+
+/// The forced split count ([`LARGE_SPLITS_ENV`]; 0 for the heuristic); an error names a bad value.
+pub fn large_splits_setting() -> Result<usize> {
+    LARGE_SPLITS.get()
+}
+
+/// Puts a forced split count in force over [`LARGE_SPLITS_ENV`] for this process (`Some(0)`: the heuristic;
+/// `None`: back to the variable's), for tests and A/Bs. A count above 32 changes nothing and returns false.
+pub fn set_large_splits(splits: Option<usize>) -> bool {
+    LARGE_SPLITS.set(splits)
+}
+
+/// K splits of [`w4a16_gemm_large`] with `tile_m`-token tiles for `m` x `n` x `k` on `sms` SMs: none while the grid
+/// (128-row blocks by token tiles) has a block per SM; else enough for its two blocks per SM, with at least four
+/// 64-column chunks per split. At 64-token tiles on 132 SMs: m = 64 on 11B down (32 blocks) 9 splits, 90B down
+/// (64 blocks) 5; 11B gate_up (224 blocks) none. [`LARGE_SPLITS_ENV`] forces the count of a grid that would be
+/// split (capped at a split per chunk).
+pub fn large_splits(tile_m: usize, m: usize, n: usize, k: usize, sms: usize) -> usize {
+    let chunks = (k / TILE_K).max(1);
+    let blocks = padded_n(n).div_ceil(128).max(1) * m.div_ceil(tile_m.max(1)).max(1);
+    if blocks >= sms {
+        return 1;
+    }
+    match LARGE_SPLITS.or_default() {
+        0 => (2 * sms).div_ceil(blocks).clamp(1, (chunks / 4).clamp(1, MAX_SPLITS)),
+        forced => forced.min(chunks),
+    }
+}
+
+/// `(partials, counters)` [`w4a16_gemm_large`] needs with `plan` at `m` rows of `n`: none without splits, else
+/// `splits * m * n_pad` f32 partials and a counter per (token tile, 128-row block).
+pub fn large_workspace_for(plan: LargePlan, m: usize, n: usize) -> (usize, usize) {
+    if plan.splits <= 1 {
+        return (0, 0);
+    }
+    (plan.splits * m * padded_n(n), padded_n(n).div_ceil(128) * m.div_ceil(plan.tile_m))
+}
+
+/// The largest `(partials, counters)` the plans of [`W4A16LargeKernel`]'s kernels need at up to `max_m` rows of an
+/// `n` x `k` projection. The plan depends on `m` only through its tile count and tile: the largest `m` of each
+/// count of 64-token tiles bounds the need, and from the count whose blocks fill the SMs on, no split is taken.
+pub fn large_workspace_bound(max_m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
+    let mut need = (0, 0);
+    let mut tiles = 1;
+    loop {
+        let m = (64 * tiles).min(max_m.max(1));
+        for kernel in [W4A16LargeKernel::Wgmma, W4A16LargeKernel::WgmmaRow] {
+            let (p, c) = large_workspace_for(large_plan(kernel, m, n, k, sms), m, n);
+            need = (need.0.max(p), need.1.max(c));
+        }
+        if m >= max_m || padded_n(n).div_ceil(128) * tiles >= sms {
+            return need;
+        }
+        tiles += 1;
+    }
 }
 
 /// Tokens per block of [`w4a16_gemm_large`] for `m` x `n` on `sms` SMs: 128 when those tiles make two blocks per
@@ -130,15 +197,19 @@ pub fn large_tile_m(m: usize, n: usize, sms: usize) -> usize {
     }
 }
 
-/// The plan of `kernel` for `m` x `n` on `sms` SMs (its tile from [`large_tile_m`]).
-pub fn large_plan(kernel: W4A16LargeKernel, m: usize, n: usize, sms: usize) -> LargePlan {
-    LargePlan { kernel, tile_m: large_tile_m(m, n, sms) }
+/// The plan of `kernel` for `m` x `n` x `k` on `sms` SMs: its tile from [`large_tile_m`], its splits from
+/// [`large_splits`].
+pub fn large_plan(kernel: W4A16LargeKernel, m: usize, n: usize, k: usize, sms: usize) -> LargePlan {
+    let tile_m = large_tile_m(m, n, sms);
+    LargePlan { kernel, tile_m, splits: large_splits(tile_m, m, n, k, sms) }
 }
 
-/// `out[m, n] = x[m, k] @ bf16(s * (q - z))^T` for any `m` on Hopper with `plan` (its kernel, and 64 or 128 tokens
-/// per block): the weights dequantized in registers (no scratch), f32 accumulation over all of `k`, one bf16
-/// rounding per output; the two kernels group the products into wgmma's k16 steps differently, so their f32
-/// roundings (not their products) differ.
+/// `out[m, n] = x[m, k] @ bf16(s * (q - z))^T` for any `m` on Hopper with `plan` (its kernel, 64 or 128 tokens
+/// per block, and K splits): the weights dequantized in registers (no scratch), f32 accumulation over all of `k`
+/// (with splits: over each split's columns, then the splits' partials summed in split order), one bf16 rounding
+/// per output; the two kernels group the products into wgmma's k16 steps differently, so their f32 roundings (not
+/// their products) differ. `ws` holds the partials and counters of a plan with splits ([`large_workspace_for`];
+/// `None` for one split).
 /// A weight uploaded paired ([`CudaQuantLinear::upload_swiglu`]) writes its output in matrix row order, or with
 /// `silu` the `[m, n / 2]` output `silu(gate) * up` (the bits of the plain output followed by the SiLU * up
 /// kernel). Errors name the operand at fault, and a device or build without the kernel.
@@ -149,6 +220,7 @@ pub fn w4a16_gemm_large(
     (x, w, m): (&impl DevicePtr<bf16>, &CudaQuantLinear, usize),
     plan: LargePlan,
     silu: bool,
+    ws: Option<&mut SplitKWorkspace>,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
     const OP: &str = "w4a16_gemm_large";
@@ -167,10 +239,26 @@ pub fn w4a16_gemm_large(
     if m == 0 || m >= 1 << 30 {
         return fail(format!("m is {m}, must be in 1..2^30"));
     }
+    if plan.splits == 0 || plan.splits > w.k / TILE_K || plan.splits > MAX_SPLITS {
+        let most = (w.k / TILE_K).min(MAX_SPLITS);
+        return fail(format!("splits is {}, must be in 1..={most} (k {})", plan.splits, w.k));
+    }
+    let ws = match ws {
+        _ if plan.splits == 1 => None,
+        Some(ws) => {
+            let need = large_workspace_for(plan, m, w.n);
+            if !ws.holds(need) {
+                let msg = format!("the split-K workspace holds fewer than {} partials / {} counters", need.0, need.1);
+                return fail(msg);
+            }
+            Some(ws)
+        }
+        None => return fail(format!("{} splits need a split-K workspace", plan.splits)),
+    };
     if w.n == 0 {
         return Ok(());
     }
-    launch_gemm(OP, stream, (x, w, m), None, out, (W4A16Kernel::Direct, 1, Some(plan)), silu)
+    launch_gemm(OP, stream, (x, w, m), ws, out, (W4A16Kernel::Direct, plan.splits, Some(plan)), silu)
 }
 
 #[cfg(test)]
@@ -185,6 +273,59 @@ mod tests {
         // 90B gate_up at 1024 tokens: 448 x 8 blocks.
         assert_eq!(large_tile_m(1024, 57344, sms), 128);
         assert_eq!(large_tile_m(65, 1, sms), 64);
+    }
+
+    /// The split heuristic, the workspace bound and the forced count in one test: [`set_large_splits`] is
+    /// process-wide, so nothing else here may read the plan while it is set.
+    #[test]
+    fn large_splits_fill_two_blocks_per_sm() {
+        let sms = 132;
+        let splits = |m, n, k| large_plan(W4A16LargeKernel::WgmmaRow, m, n, k, sms).splits;
+        // m = 64: 11B down 32 blocks -> 9; 90B down 64 -> 5; 11B gate_up 224 -> none; 1B qkv 24 blocks, capped
+        // at 32 chunks / 4 = 8.
+        assert_eq!(splits(64, 4096, 14336), 9);
+        assert_eq!(splits(64, 8192, 28672), 5);
+        assert_eq!(splits(64, 28672, 4096), 1);
+        assert_eq!(splits(64, 3072, 2048), 8);
+        assert_eq!(splits(64, 2048, 2048), 8);
+        assert_eq!(splits(64, 16384, 2048), 3);
+        assert_eq!(splits(64, 2048, 8192), 17);
+        // m = 256 on 11B down: 4 x 32 = 128 blocks, just under the SM count -> 3; prefill sizes never split.
+        assert_eq!(splits(256, 4096, 14336), 3);
+        assert_eq!(splits(8192, 2048, 8192), 1);
+        // A single chunk cannot split; tiny k keeps at least four chunks per split.
+        assert_eq!(splits(64, 128, 64), 1);
+        assert_eq!(splits(64, 128, 512), 2);
+        for (n, k) in [(3072, 2048), (4096, 14336), (40, 128), (8192, 28672)] {
+            let bound = large_workspace_bound(700, n, k, sms);
+            for m in 1..=700 {
+                for kernel in [W4A16LargeKernel::Wgmma, W4A16LargeKernel::WgmmaRow] {
+                    let plan = large_plan(kernel, m, n, k, sms);
+                    assert!(plan.splits >= 1 && plan.splits <= (k / 64).clamp(1, MAX_SPLITS), "{plan:?}");
+                    let need = large_workspace_for(plan, m, n);
+                    assert!(need.0 <= bound.0 && need.1 <= bound.1, "{kernel:?} {n}x{k} m {m}: {need:?} > {bound:?}");
+                }
+            }
+        }
+        assert_eq!(
+            large_workspace_for(LargePlan { kernel: W4A16LargeKernel::Wgmma, tile_m: 64, splits: 1 }, 64, 40),
+            (0, 0)
+        );
+        let plan = LargePlan { kernel: W4A16LargeKernel::WgmmaRow, tile_m: 64, splits: 9 };
+        assert_eq!(large_workspace_for(plan, 100, 4096), (9 * 100 * 4096, 32 * 2));
+        // A forced count applies where the heuristic would split, capped at a split per chunk; 0 is the heuristic.
+        if std::env::var(LARGE_SPLITS_ENV).is_err() {
+            assert!(set_large_splits(Some(2)));
+            assert_eq!(splits(64, 4096, 14336), 2);
+            assert_eq!(splits(64, 28672, 4096), 1, "a full grid is not split");
+            assert!(set_large_splits(Some(32)));
+            assert_eq!(splits(64, 128, 128), 2, "capped at the chunks");
+            assert!(!set_large_splits(Some(33)), "out of range");
+            assert!(set_large_splits(Some(0)));
+            assert_eq!(splits(64, 4096, 14336), 9);
+            assert!(set_large_splits(None));
+            assert_eq!(large_splits_setting().unwrap(), 0);
+        }
     }
 
     #[test]

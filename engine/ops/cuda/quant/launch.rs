@@ -59,7 +59,7 @@ fn ptr<T>(p: u64) -> *mut T {
 }
 
 /// A checked W4A16 GEMM: a decode kernel (`l.kernel`, m <= 64, split-K), or with `l.tile_m` nonzero the Hopper
-/// kernel for many rows (`L32_W4A16_WGMMA`, or `_ROW` with `l.large_row`; `l.tile_m` tokens per block, no split-K).
+/// kernel for many rows (`L32_W4A16_WGMMA`, or `_ROW` with `l.large_row`; `l.tile_m` tokens per block, split-K).
 #[cfg(llama32_cuda)]
 pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Result<()> {
     use super::super::ffi;
@@ -101,7 +101,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
     let raw = super::super::raw_stream(op, stream)?;
     // SAFETY: every pointer comes from a live device allocation on this stream's device, sized by the caller's
     // checks (x: m x k, out: m x n, the layout buffers of a CudaQuantLinear of n x k, the workspace by
-    // w4a16_workspace; none for the large kernel); the guards are held until after the launch.
+    // w4a16_workspace, or large_workspace_for for the large kernel); the guards are held until after the launch.
     let status = unsafe { ffi::l32_w4a16_gemm(&params, raw) };
     super::super::check_launch(op, stream, status, || {
         let silu = if l.silu { ", SiLU * up" } else { "" };

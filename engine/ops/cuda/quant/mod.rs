@@ -40,9 +40,10 @@
 //! two per SM); [`W4A8Kernel::WgmmaSerial`] 240 / 84 KB and 126 / 60 KB; [`W4A8Kernel::WgmmaRow`] 164 / 84 KB and
 //! 98 / 60 KB. `w4a8_wgmma_ws_kernel` ([`W4A8Kernel::WgmmaWs`], 384 threads, one block per SM): 161 registers and
 //! 84 KB (6 stages) for 128-token tiles, 98 registers and 80 KB (8 stages) for 64-token tiles.
-//! `w4a16_wgmma_kernel` (256 threads, [`w4a16_gemm_large`], sm_90a only, two blocks per SM): 110 / 115 registers
-//! (symmetric / zero points) and 106 KB dynamic shared memory (5 stages) for 128-token tiles, 76 / 79 registers and
-//! 79 KB (6 stages) for 64-token tiles; [`W4A16LargeKernel::WgmmaRow`] 127 / 127 and 79 / 79.
+//! `w4a16_wgmma_kernel` (256 threads, [`w4a16_gemm_large`], sm_90a only, two blocks per SM; with split-K since the
+//! fifteenth session): 116 / 117 registers (symmetric / zero points) and 106 KB dynamic shared memory (5 stages) for
+//! 128-token tiles, 74 / 75 registers and 79 KB (6 stages) for 64-token tiles; [`W4A16LargeKernel::WgmmaRow`]
+//! 128 / 125 and 79 / 80; no spills (before split-K: 110 / 115, 76 / 79, 127 / 127, 79 / 79).
 //! `act_quant_kernel`: 25-39 registers.
 //!
 //! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
@@ -68,8 +69,9 @@ mod w4a8;
 
 use crate::ops::cuda::switch::KernelSwitch;
 pub use large::{
-    large_min_m, large_plan, large_tile_m, large_wgmma_available, takes_large_path, w4a16_gemm_large, LargePlan,
-    W4A16LargeKernel, LARGE_MIN_M_ENV,
+    large_min_m, large_plan, large_splits, large_splits_setting, large_tile_m, large_wgmma_available,
+    large_workspace_bound, large_workspace_for, set_large_splits, takes_large_path, w4a16_gemm_large, LargePlan,
+    W4A16LargeKernel, LARGE_MIN_M_ENV, LARGE_SPLITS_ENV,
 };
 pub use layout::{layout_w4a16, layout_w4a16_paired, layout_w4a8, HostW4A16, HostW4A8};
 pub use linear::CudaQuantLinear;

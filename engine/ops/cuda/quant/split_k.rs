@@ -199,8 +199,9 @@ pub fn w4a8_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize
     })
 }
 
-/// The largest `(partials, counters)` a `n` x `k` projection needs at up to `max_m` rows: either W4A16 decode
-/// kernel at up to 64 rows, or W4A8 at any row count up to `max_m`.
+/// The largest `(partials, counters)` a `n` x `k` projection needs at up to `max_m` rows: any W4A16 decode
+/// kernel at up to 64 rows and, where the large-m path is a Hopper kernel ([`super::W4A16LargeKernel::configured`])
+/// and takes some of those rows ([`super::large_min_m`]), its split plans; or W4A8 at any row count up to `max_m`.
 pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
     let mut need = (0, 0);
     let mut take = |(p, c): (usize, usize)| need = (need.0.max(p), need.1.max(c));
@@ -210,6 +211,10 @@ pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize)
             for m in 1..=max_m.clamp(1, kernel.max_m()) {
                 take(w4a16_workspace(kernel, m, n, k, sms));
             }
+        }
+        let large = super::W4A16LargeKernel::configured().is_ok_and(|kernel| kernel.is_wgmma());
+        if large && super::takes_large_path(max_m) {
+            take(super::large_workspace_bound(max_m, n, k, sms));
         }
         return need;
     }

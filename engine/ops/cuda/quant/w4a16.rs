@@ -154,9 +154,9 @@ fn gemm(
 }
 
 /// Launches a checked W4A16 GEMM: refuses an `x` that is not 16-byte aligned, then takes the device pointers of
-/// `x`, `w`, `out` and the split-K workspace `ws` (`None` for the large-m kernel, which needs none) for
+/// `x`, `w`, `out` and the split-K workspace `ws` (`None` for one split of the large-m kernel) for
 /// [`launch_w4a16`]. `(kernel, splits, large)`: the decode kernel and its K splits, or with `large` the large-m
-/// kernel's plan (which takes neither).
+/// kernel's plan (`kernel` is then ignored; `splits` is the plan's).
 pub(super) fn launch_gemm(
     op: &str,
     stream: &CudaStream,
