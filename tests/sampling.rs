@@ -273,19 +273,24 @@ fn min_tokens_holds_back_the_stop_ids() {
     let row = [1.0, 0.5, 9.0, 0.0];
     let p = SamplingParams { min_tokens: 3, max_tokens: 10, ..SamplingParams::greedy() };
     assert!(!p.is_plain_greedy());
-    let mut s = Sampler::new(&p, &[]).with_eos_ids(&[2], &p);
+    let mut s = Sampler::new(&p, &[]).with_eos_ids(&[2]);
     let ids: Vec<u32> = (0..4).map(|_| s.sample(&row)).collect();
     assert_eq!(ids, [0, 0, 0, 2]);
     // stop_token_ids are held back too, even without EOS ids; ignore_eos leaves EOS free.
     let p = SamplingParams { min_tokens: 1, max_tokens: 4, stop_token_ids: vec![0], ..SamplingParams::greedy() };
-    let s = Sampler::new(&p, &[]).with_eos_ids(&[2], &p);
+    let s = Sampler::new(&p, &[]).with_eos_ids(&[2]);
     assert_eq!(s.banned_now(), &[0, 2]);
     assert_eq!(s.clone().sample(&[5.0, 1.0, 4.0]), 1, "0 and 2 banned");
     let free = SamplingParams { ignore_eos: true, ..p.clone() };
-    assert_eq!(Sampler::new(&free, &[]).with_eos_ids(&[2], &free).banned_now(), &[0]);
+    assert_eq!(Sampler::new(&free, &[]).with_eos_ids(&[2]).banned_now(), &[0]);
+    // The held-back ids are the stop checker's: stop_ids, sorted and without repeats.
+    let p = SamplingParams { min_tokens: 1, max_tokens: 4, stop_token_ids: vec![9, 3], ..SamplingParams::greedy() };
+    let s = Sampler::new(&p, &[]).with_eos_ids(&[9, 1, 1]);
+    assert_eq!(s.banned_now(), llama32::sampling::stop_ids(&[9, 1, 1], &p).as_slice());
+    assert_eq!(s.banned_now(), &[1, 3, 9]);
     // The distribution agrees with the draws: a banned token has no mass.
     let p = SamplingParams { min_tokens: 2, max_tokens: 4, ..params(1.0, 5) };
-    let s = Sampler::new(&p, &[]).with_eos_ids(&[2], &p);
+    let s = Sampler::new(&p, &[]).with_eos_ids(&[2]);
     assert!(s.distribution(&row).iter().all(|&(id, _)| id != 2));
     // The stop checker lets neither a stop id nor a stop string end the sequence before min_tokens.
     let p = SamplingParams { min_tokens: 3, max_tokens: 8, stop: vec!["ab".into()], ..SamplingParams::greedy() };

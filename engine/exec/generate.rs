@@ -165,7 +165,7 @@ pub fn generate<E: Executor + ?Sized>(
             computed: 0,
             prompt_len: r.prompt.len(),
             table: Vec::new(),
-            sampler: Sampler::new(&r.params, &r.prompt).with_eos_ids(&opts.eos_ids, &r.params),
+            sampler: Sampler::new(&r.params, &r.prompt).with_eos_ids(&opts.eos_ids),
             stop: StopChecker::new(&opts.eos_ids, &r.params),
             text: String::new(),
             finish: (r.params.max_tokens == 0).then_some(FinishReason::Length),

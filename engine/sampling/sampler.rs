@@ -47,6 +47,8 @@ pub struct Sampler {
     /// [`SamplingParams::min_tokens`], and the ids kept from being drawn until then ([`Sampler::with_eos_ids`]).
     min_tokens: usize,
     min_tokens_banned: Vec<u32>,
+    /// [`SamplingParams::ignore_eos`]: [`Sampler::with_eos_ids`] then adds nothing.
+    ignore_eos: bool,
     rng: ChaCha20Rng,
     /// Tokens of the prompt or the output (repetition penalty).
     seen: HashSet<u32>,
@@ -78,6 +80,7 @@ impl Sampler {
             logit_bias: params.logit_bias.clone(),
             min_tokens: params.min_tokens,
             min_tokens_banned: if params.min_tokens > 0 { super::stop_ids(&[], params) } else { Vec::new() },
+            ignore_eos: params.ignore_eos,
             rng,
             seen: prompt_ids.iter().copied().collect(),
             counts: HashMap::new(),
@@ -89,11 +92,13 @@ impl Sampler {
     }
 
     /// Adds the model's EOS ids (unless `ignore_eos`) to the ids that cannot be drawn before `min_tokens` tokens
-    /// (`stop_token_ids` are always among them), as [`super::StopChecker`] counts them. Without `min_tokens`, no
-    /// effect.
-    pub fn with_eos_ids(mut self, eos_ids: &[u32], params: &SamplingParams) -> Self {
-        if self.min_tokens > 0 {
-            self.min_tokens_banned = super::stop_ids(eos_ids, params);
+    /// (`stop_token_ids` are always among them): [`super::stop_ids`], as [`super::StopChecker`] counts them.
+    /// Without `min_tokens`, no effect.
+    pub fn with_eos_ids(mut self, eos_ids: &[u32]) -> Self {
+        if self.min_tokens > 0 && !self.ignore_eos {
+            self.min_tokens_banned.extend_from_slice(eos_ids);
+            self.min_tokens_banned.sort_unstable();
+            self.min_tokens_banned.dedup();
         }
         self
     }

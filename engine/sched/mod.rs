@@ -315,7 +315,7 @@ impl Scheduler {
         let seq = Seq {
             after,
             vision,
-            sampler: Sampler::new(&params, &prompt).with_eos_ids(&self.cfg.eos_ids, &params),
+            sampler: Sampler::new(&params, &prompt).with_eos_ids(&self.cfg.eos_ids),
             stop: StopChecker::new(&self.cfg.eos_ids, &params),
             prompt_len: prompt.len(),
             tokens: prompt,

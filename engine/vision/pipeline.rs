@@ -167,7 +167,7 @@ impl MllamaModel {
             }
             Some(self.mask(prompt, images)?)
         };
-        let mut sampler = Sampler::new(params, prompt).with_eos_ids(&self.cfg.text.base.eos_token_ids, params);
+        let mut sampler = Sampler::new(params, prompt).with_eos_ids(&self.cfg.text.base.eos_token_ids);
         let mut stop = StopChecker::new(&self.cfg.text.base.eos_token_ids, params);
         let vocab = self.cfg.text.base.vocab_size;
         let mut logits = text_step(w, &self.cfg.text, &mut cache, prompt, mask.as_ref().map(|m| m.data()))?;
