@@ -167,16 +167,17 @@ where
     let (ws, _ws) = workspace.device_ptr_mut(stream);
     let (op, _out) = out.device_ptr_mut(stream);
     let merge_counters = if fused { (ws + counters_at) & !3 } else { 0 };
+    let (out, workspace) = (op, ws);
     let ptrs = Ptrs {
-        out: op,
+        out,
         q: qp,
         k: kp,
         v: vp,
         positions: pos,
-        cu_seqlens: 0,
         block_tables: tables,
-        workspace: ws,
+        workspace,
         merge_counters,
+        ..Ptrs::default()
     };
     let sizes = Sizes {
         tokens: num_seqs,
@@ -287,17 +288,8 @@ where
     let (cu, _cu) = meta.cu_seqlens.device_ptr(stream);
     let (tables, _tables) = meta.block_tables.device_ptr(stream);
     let (op, _out) = out.device_ptr_mut(stream);
-    let ptrs = Ptrs {
-        out: op,
-        q: qp,
-        k: kp,
-        v: vp,
-        positions: pos,
-        cu_seqlens: cu,
-        block_tables: tables,
-        workspace: 0,
-        merge_counters: 0,
-    };
+    let ptrs =
+        Ptrs { out: op, q: qp, k: kp, v: vp, positions: pos, cu_seqlens: cu, block_tables: tables, ..Ptrs::default() };
     let sizes = Sizes {
         tokens,
         seqs,
@@ -367,8 +359,9 @@ fn check_common(op: &str, layout: &PagedLayout, l: &Lens, seqs: usize) -> Result
     Ok(())
 }
 
-/// Device pointers of one checked call (0 where the entry takes none).
+/// Device pointers of one checked call (0 where the entry takes none: the default).
 #[cfg_attr(not(llama32_cuda), allow(dead_code))]
+#[derive(Default)]
 struct Ptrs {
     out: u64,
     q: u64,
