@@ -727,3 +727,7 @@ async fn shutdown_deadline_ends_long_streams_with_an_error() {
 // The vLLM / OpenAI fields that steer or expose tokens: return_token_ids, logit_bias, min_tokens.
 #[path = "server/sampling_fields.rs"]
 mod sampling_fields;
+
+// Randomized bad fields: every answer a 200 or a 400 with a message.
+#[path = "server/fuzz.rs"]
+mod fuzz;
