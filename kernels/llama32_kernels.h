@@ -890,6 +890,42 @@ l32_status l32_encoder_attention(const l32_encoder_attention_params* params, voi
 /** Launches one warp that returns after `nanoseconds` of device time (at most L32_BUSY_WAIT_MAX_NS) on `stream`. */
 l32_status l32_busy_wait(uint64_t nanoseconds, void* stream);
 
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* grid probe (kernels/grid_probe.cu): grid-barrier latency and a stream across barriers, for a persistent step */
+
+/** Bytes per block per ring stage of the stream modes: `bytes` is a multiple of it. */
+#define L32_GRID_PROBE_CHUNK 16384
+/** The most phases (barriers) one launch takes. */
+#define L32_GRID_PROBE_MAX_PHASES (1 << 20)
+
+/** What l32_grid_probe measures. */
+typedef enum l32_grid_probe_mode {
+    /** `phases` phases of two grid barriers; `out[b]` counts the neighbour tags block b read wrong (0 if sound). */
+    L32_GRID_PROBE_BARRIER = 0,
+    /** Every block streams its share of `src` through a shared-memory ring; `out[b]` ^= its fold of the bytes. */
+    L32_GRID_PROBE_STREAM = 1,
+    /** STREAM with `phases` grid barriers spread over it, the ring's next chunks in flight across each. */
+    L32_GRID_PROBE_STREAM_BARRIER = 2,
+} l32_grid_probe_mode;
+
+/** One probe launch: a cooperative launch of one block per SM (l32_grid_probe_blocks blocks). */
+typedef struct l32_grid_probe_params {
+    const void* src;   /**< stream modes: `bytes` to read, 16-byte aligned; unused (may be NULL) for BARRIER */
+    int64_t bytes;     /**< stream modes: a multiple of L32_GRID_PROBE_CHUNK, at least blocks * (phases + 1) chunks */
+    uint32_t* sync;    /**< two u32 (arrivals, generation), zeroed before the first launch; each launch leaves the
+                            arrivals at 0, so a graph may replay it */
+    uint32_t* tags;    /**< BARRIER: one u32 per block */
+    uint32_t* out;     /**< one u32 per block, zeroed by the caller (see the modes) */
+    int32_t phases;    /**< BARRIER: phases; STREAM_BARRIER: barriers; 0 ..= L32_GRID_PROBE_MAX_PHASES */
+    int32_t mode;      /**< an l32_grid_probe_mode */
+} l32_grid_probe_params;
+
+/** The blocks one probe launch takes on the current device (one per SM), or 0 where it cannot run. */
+int32_t l32_grid_probe_blocks(void);
+
+/** Launches the probe on `stream` (L32_UNSUPPORTED where a block per SM cannot be resident). */
+l32_status l32_grid_probe(const l32_grid_probe_params* params, void* stream);
+
 /* END timing */
 
 #ifdef __cplusplus

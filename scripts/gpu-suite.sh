@@ -454,15 +454,19 @@ PY
     # What has never run on a GPU, in one short call, most telling first: the tests (each launch watched: a hang is
     # reported as HANG within LLAMA32_TEST_STALL_S), then the headline figures beside the measured defaults. The
     # fourteenth session's (sampling bias and min_tokens, the 3-stage decode ring), then the fifteenth's (split-K
-    # in the large-m W4A16 kernels, its SiLU epilogue on the executor's path). The thirteenth session's list ran on
-    # an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
+    # in the large-m W4A16 kernels, its SiLU epilogue on the executor's path, the grid probe). The thirteenth
+    # session's list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
     local ft
     for ft in cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
       cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
       cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \
-      cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul; do
+      cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul \
+      cuda_kernels::grid_probe_barrier_is_sound_and_the_stream_reads_every_byte; do
       gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     done
+    # What a persistent per-step decode kernel needs to know (docs/architecture.md): a grid barrier's latency, the
+    # weight-like stream with and without barriers, and whether the cooperative launch is captured in a graph.
+    gpu_bench 60 'grid probe' cuda_kernels::grid_probe_throughput
     # Every W4A16 projection through the row kernel (split where its grid is small, SiLU fused), golden checkpoint.
     gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
       LLAMA32_W4A16_LARGE_MIN_M=1 LLAMA32_W4A16_LARGE=wgmma-row

@@ -181,3 +181,112 @@ fn busy_wait_keeps_the_stream_busy() {
     let e = cuda::timing::busy_wait(&s, std::time::Duration::from_secs(2)).unwrap_err().to_string();
     assert!(e.contains("busy_wait") && e.contains("longer than"), "{e}");
 }
+
+/// The grid probe (`kernels/grid_probe.cu`, no CPU twin: it computes nothing a model uses): its grid barrier is
+/// sound (every block reads its neighbour's tag of the same phase, 2000 phases, twice, so the barrier's state
+/// is left ready for the next launch), and its stream modes read every byte (the fold of all blocks equals the
+/// host's xor of every word), with and without barriers; a stream too short for its barriers is refused by name.
+#[test]
+fn grid_probe_barrier_is_sound_and_the_stream_reads_every_byte() {
+    use cuda::timing::{GridProbe, GridProbeMode, GRID_PROBE_CHUNK};
+    let Some(s) = stream() else { return };
+    let blocks = GridProbe::blocks(&s).unwrap();
+    if blocks == 0 {
+        println!("skipped: a block per SM of the grid probe cannot be resident on this device");
+        return;
+    }
+    let mut probe = GridProbe::new(&s, blocks * GRID_PROBE_CHUNK * 20 + 5).unwrap();
+    assert_eq!(probe.bytes(), blocks * GRID_PROBE_CHUNK * 21, "rounded up to whole chunks");
+    for round in 0..2 {
+        probe.launch(&s, GridProbeMode::Barrier, 2000).unwrap();
+        assert_eq!(probe.wrong_tags(&s).unwrap(), 0, "round {round}: a block read a tag of another phase");
+    }
+    let want = probe.expected_fold(&s).unwrap();
+    for (mode, phases) in
+        [(GridProbeMode::Stream, 0), (GridProbeMode::StreamBarrier, 20), (GridProbeMode::StreamBarrier, 3)]
+    {
+        probe.launch(&s, mode, phases).unwrap();
+        let got = probe.outputs(&s).unwrap().iter().fold(0u32, |acc, &w| acc ^ w);
+        assert_eq!(got, want, "{mode:?} with {phases} barriers: the fold of the bytes read");
+    }
+    let e = probe.launch(&s, GridProbeMode::StreamBarrier, 21).unwrap_err().to_string();
+    assert!(e.contains("grid_probe") && e.contains("fewer than"), "{e}");
+    eprintln!("grid probe: {blocks} blocks, barrier sound over 2 x 2000 phases, stream folds match");
+}
+
+/// What a persistent per-step decode kernel needs to know first (docs/architecture.md), on the bytes of a 1B
+/// step (2.47 GB): the latency of one grid barrier of one block per SM, the stream's rate through a shared-memory
+/// ring, the same stream cut by 80 barriers (a 1B step's 5 per layer) and by 400, and whether the cooperative
+/// launch can be captured in a CUDA graph (the decode steps run as graphs). Lines `grid probe ...`.
+#[test]
+#[ignore]
+fn grid_probe_throughput() {
+    use cuda::timing::{GridProbe, GridProbeMode};
+    use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(probe_stream) = stream() else { return };
+    let ctx = probe_stream.context().clone();
+    // One stream orders everything here; cudarc's per-buffer events would break the graph capture below.
+    // SAFETY: called before this test allocates; every buffer below is used on the one stream created next.
+    unsafe { ctx.disable_event_tracking() };
+    let s = ctx.new_stream().expect("stream");
+    if GridProbe::blocks(&s).unwrap() == 0 {
+        println!("skipped: a block per SM of the grid probe cannot be resident on this device");
+        return;
+    }
+    let bytes = 2_471_000_000usize;
+    let mut probe = GridProbe::new(&s, bytes).unwrap();
+    let bytes = probe.bytes() as f64;
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    // The median of 7 timed launches after one untimed, in ms.
+    let time = |probe: &mut GridProbe, mode, phases| -> f64 {
+        probe.launch(&s, mode, phases).unwrap();
+        let mut ms: Vec<f32> = (0..7)
+            .map(|_| {
+                let start = s.record_event(timing).unwrap();
+                probe.launch(&s, mode, phases).unwrap();
+                let end = s.record_event(timing).unwrap();
+                start.elapsed_ms(&end).unwrap()
+            })
+            .collect();
+        ms.sort_by(f32::total_cmp);
+        f64::from(ms[3])
+    };
+    let barrier = time(&mut probe, GridProbeMode::Barrier, 1000);
+    assert_eq!(probe.wrong_tags(&s).unwrap(), 0);
+    eprintln!("grid probe barrier: {:.3} us per grid barrier ({} blocks)", barrier * 1e3 / 2000.0, probe.num_blocks());
+    let stream_ms = time(&mut probe, GridProbeMode::Stream, 0);
+    eprintln!("grid probe stream: {:.3} ms, {:.0} GB/s", stream_ms, bytes / stream_ms / 1e6);
+    for phases in [80, 400] {
+        let t = time(&mut probe, GridProbeMode::StreamBarrier, phases);
+        eprintln!(
+            "grid probe stream + {phases} barriers: {t:.3} ms, {:.0} GB/s, {:+.3} us per barrier over the stream alone",
+            bytes / t / 1e6,
+            (t - stream_ms) * 1e3 / phases as f64
+        );
+    }
+    // The decode steps run as CUDA graphs: can the cooperative launch be captured?
+    s.synchronize().unwrap();
+    let captured = s
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let launched = probe.launch(&s, GridProbeMode::StreamBarrier, 80).map_err(|e| e.to_string());
+            let graph = s.end_capture(CUgraphInstantiate_flags(0)).map_err(|e| e.to_string());
+            launched.and(graph)
+        });
+    match captured {
+        Ok(Some(graph)) => {
+            graph.launch().unwrap();
+            let start = s.record_event(timing).unwrap();
+            graph.launch().unwrap();
+            let end = s.record_event(timing).unwrap();
+            let ms = start.elapsed_ms(&end).unwrap();
+            let want = probe.expected_fold(&s).unwrap();
+            let got = probe.outputs(&s).unwrap().iter().fold(0u32, |acc, &w| acc ^ w);
+            assert_eq!(got, want, "the graph's fold");
+            eprintln!("grid probe in a CUDA graph: captured, {ms:.3} ms for stream + 80 barriers, fold correct");
+        }
+        Ok(None) => eprintln!("grid probe in a CUDA graph: the capture gave no graph"),
+        Err(e) => eprintln!("grid probe in a CUDA graph: not captured ({e})"),
+    }
+}
