@@ -107,8 +107,23 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, ui
 // (w >> s) & 0x000F000F keeps the two nibbles q & 0xF; XOR 0x4308 turns each half into the bf16 bit pattern of
 // 128 + (q + 8) (0x4300 is 128.0, whose ulp is 1, and nibble ^ 8 = q + 8 for a 4-bit two's complement q); the
 // bf16 subtraction of `bias` = 136 + z (a bf16 pair) leaves q - z, an integer in [-15, 15]: every step is exact.
+// The mask and the XOR are one LOP3 with a three-input table: written as C++, ptxas emits two (a LOP3 takes one
+// immediate, and it keeps both constants as immediates), so the operation is spelled out in PTX with the constants
+// as operands, which ptxas keeps in registers across the loop (fifteenth session: 8.75 -> 4 LOP3 per weight word in
+// the direct kernel's loop, the same results bit for bit).
+__device__ __forceinline__ uint32_t and_xor(uint32_t a, uint32_t mask, uint32_t x) {
+    uint32_t d;
+    // Table of (a & b) ^ c for a = 0xF0, b = 0xCC, c = 0xAA: (0xF0 & 0xCC) ^ 0xAA = 0x6A.
+    asm("lop3.b32 %0, %1, %2, %3, 0x6a;" : "=r"(d) : "r"(a), "r"(mask), "r"(x));
+    return d;
+}
+
+// kOneLop = false keeps the C++ form (two LOP3 with immediates, no register for a constant): for the bulk kernel,
+// which sits at its 128-register cap at m <= 16 and spilled 28 bytes with the one-LOP3 form.
+template <bool kOneLop = true>
 __device__ __forceinline__ uint32_t dequant_bf16x2(uint32_t w, int s, uint32_t bias) {
-    const uint32_t biased = ((w >> s) & 0x000F000Fu) ^ 0x43084308u;
+    const uint32_t biased =
+        kOneLop ? and_xor(w >> s, 0x000F000Fu, 0x43084308u) : ((w >> s) & 0x000F000Fu) ^ 0x43084308u;
     __nv_bfloat162 v, b;
     memcpy(&v, &biased, 4);
     memcpy(&b, &bias, 4);

@@ -20,9 +20,11 @@
 //     Timed on an H100 (2026-11-27) that moved m = 1 by -4% to +12% and won up to 8% at m = 16 on the 1B shapes,
 //     but cost 1.4-1.7x at m = 16 and 64 on the 90B matrices, so the engine asks for it by shape
 //     (quant::w4a16_l2_prefetch_for; docs/quantization.md).
-//   - Dequantization in registers: per 32-bit word (8 nibbles) four LOP3 + four HSUB2.BF16 give the four bf16x2
-//     A-fragment registers of a group's two m16n8k16 MMAs (exact: the registers hold q - z, see
-//     dequant_bf16x2). The activations are the B operand (8 tokens per MMA column tile; kMT = ceil(m / 8) tiles),
+//   - Dequantization in registers: per 32-bit word (8 nibbles) three shifts, four LOP3 and four HSUB2.BF16 give the
+//     four bf16x2 A-fragment registers of a group's two m16n8k16 MMAs (exact: the registers hold q - z, see
+//     dequant_bf16x2). Until the fifteenth session ptxas emitted two LOP3 per register (mask, then XOR: one LOP3
+//     takes one immediate), 8.75 LOP3 per word in the main loop; the PTX lop3 with the constants as operands makes
+//     it one (SASS, sm_90a: 415 -> 340 instructions per loop of four chunks at m <= 8; not yet timed). The activations are the B operand (8 tokens per MMA column tile; kMT = ceil(m / 8) tiles),
 //     read from global memory through L1 (every warp of a split reads the same x columns), one 16-byte load per
 //     group and token tile.
 //   - Group scales are applied in fp32, after the MMA: each group's two MMAs accumulate into a zeroed f32 tile,

@@ -208,7 +208,7 @@ __device__ __forceinline__ void chunk_mma(float (&acc)[kMT][4], const Frag& f, c
                                           int64_t chunk) {
 #pragma unroll
     for (int jg = 0; jg < 2; ++jg) {
-        const GroupA a = dequant_group<kZeros>(f, jg);
+        const GroupA a = dequant_group<kZeros, false>(f, jg);  // the two-LOP3 form: see dequant_bf16x2
 #pragma unroll
         for (int j = 0; j < kMT; ++j) group_mma(acc[j], a, ld_reuse_16(xr[j] + chunk * 8 + jg * 4));
     }

@@ -183,8 +183,9 @@ struct GroupA {
     float s_lo, s_hi;
 };
 
-// Group jg (0: columns 0..31 of the chunk, 1: 32..63) of a fragment, dequantized into MMA A registers.
-template <bool kZeros>
+// Group jg (0: columns 0..31 of the chunk, 1: 32..63) of a fragment, dequantized into MMA A registers (kOneLop: see
+// dequant_bf16x2; the same values either way).
+template <bool kZeros, bool kOneLop = true>
 __device__ __forceinline__ GroupA dequant_group(const Frag& f, int jg) {
     const uint32_t wa = jg == 0 ? f.w.x : f.w.z;  // row g
     const uint32_t wb = jg == 0 ? f.w.y : f.w.w;  // row g + 8
@@ -195,14 +196,14 @@ __device__ __forceinline__ GroupA dequant_group(const Frag& f, int jg) {
     }
     GroupA r;
     // First MMA: columns 8t..8t+3 (nibble pairs at bits 0 and 4); second: 8t+4..8t+7 (bits 8 and 12).
-    r.a[0] = dequant_bf16x2(wa, 0, bias_a);
-    r.a[1] = dequant_bf16x2(wb, 0, bias_b);
-    r.a[2] = dequant_bf16x2(wa, 4, bias_a);
-    r.a[3] = dequant_bf16x2(wb, 4, bias_b);
-    r.a[4] = dequant_bf16x2(wa, 8, bias_a);
-    r.a[5] = dequant_bf16x2(wb, 8, bias_b);
-    r.a[6] = dequant_bf16x2(wa, 12, bias_a);
-    r.a[7] = dequant_bf16x2(wb, 12, bias_b);
+    r.a[0] = dequant_bf16x2<kOneLop>(wa, 0, bias_a);
+    r.a[1] = dequant_bf16x2<kOneLop>(wb, 0, bias_b);
+    r.a[2] = dequant_bf16x2<kOneLop>(wa, 4, bias_a);
+    r.a[3] = dequant_bf16x2<kOneLop>(wb, 4, bias_b);
+    r.a[4] = dequant_bf16x2<kOneLop>(wa, 8, bias_a);
+    r.a[5] = dequant_bf16x2<kOneLop>(wb, 8, bias_b);
+    r.a[6] = dequant_bf16x2<kOneLop>(wa, 12, bias_a);
+    r.a[7] = dequant_bf16x2<kOneLop>(wb, 12, bias_b);
     r.s_lo = bf16_half(f.s.x, jg == 1);
     r.s_hi = bf16_half(f.s.y, jg == 1);
     return r;

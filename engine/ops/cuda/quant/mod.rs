@@ -26,13 +26,18 @@
 //! scale: exact). W4A16 scales are stored as bf16: this engine's scales are bf16 values already; the fp16 scales
 //! of Hugging Face formats are rounded to bf16 (8 significant bits) on upload.
 //!
-//! # Resources (ptxas, CUDA 13.0, sm_90a; no spills, no stack frame)
-//! `w4a16_kernel` (128 threads): 52-66 registers for m <= 8, 88-94 for m <= 32, 158 for m <= 64.
-//! The pipelined kernels (128 threads, [`W4A16Kernel::Pipelined`]): `w4a16_stream_kernel` 80 / 114 registers
-//! (symmetric / zero points); `w4a16_staged_kernel` 131 / 157 registers and 8 KB shared memory for m <= 16,
-//! 177 / 232 and 16 KB for m <= 32, 182 / 173 and 32 KB for m <= 64.
-//! The bulk kernel (128 threads, [`W4A16Kernel::Bulk`], sm_90a only): 107 / 104 registers for m <= 8 and 128 / 128 for
-//! m <= 16 (symmetric / zero points, the cap of four blocks per SM), 37 / 41 KB of static shared memory.
+//! # Resources (ptxas, CUDA 13.0, sm_90a; no spills, no stack frame unless said)
+//! Recounted in the fifteenth session, after the dequantization's mask and XOR became one LOP3
+//! (`kernels/quant/common.cuh`, `dequant_bf16x2`; the direct kernel's main loop went from 415 to 340 instructions
+//! per four chunks, the same results bit for bit). Symmetric / zero points:
+//! `w4a16_kernel` (128 threads): 56 / 62 registers for m <= 8, 63 / 72 for m <= 16, 84 / 108 for m <= 32, 162 / 158
+//! for m <= 64.
+//! The pipelined kernels (128 threads, [`W4A16Kernel::Pipelined`]): `w4a16_stream_kernel` 94 / 116 registers;
+//! `w4a16_staged_kernel` 131 / 162 registers and 8 KB shared memory for m <= 16, 175 / 243 and 16 KB for m <= 32,
+//! 180 / 173 and 32 KB for m <= 64.
+//! The bulk kernel (128 threads, [`W4A16Kernel::Bulk`], sm_90a only; it keeps the two-LOP3 form, its SASS unchanged):
+//! 98 / 98 registers for m <= 8 and 128 / 128 for m <= 16 (the cap of four blocks per SM; the zero-point variant
+//! spills 4 bytes), 37 / 41 KB of static shared memory.
 //! `w4a8_kernel` (256 threads): 198 / 215 registers on sm_90a (symmetric / zero points; the biased MMA accumulator)
 //! and 40.7 KB shared memory for the 128-token tile, 48-77 registers and 17.7-22.3 KB for the decode tiles.
 //! `w4a8_wgmma_kernel` (256 threads, sm_90a only): [`W4A8Kernel::Wgmma`] 237 registers and 112 KB dynamic shared
@@ -41,9 +46,9 @@
 //! 98 / 60 KB. `w4a8_wgmma_ws_kernel` ([`W4A8Kernel::WgmmaWs`], 384 threads, one block per SM): 161 registers and
 //! 84 KB (6 stages) for 128-token tiles, 98 registers and 80 KB (8 stages) for 64-token tiles.
 //! `w4a16_wgmma_kernel` (256 threads, [`w4a16_gemm_large`], sm_90a only, two blocks per SM; with split-K since the
-//! fifteenth session): 116 / 117 registers (symmetric / zero points) and 106 KB dynamic shared memory (5 stages) for
-//! 128-token tiles, 74 / 75 registers and 79 KB (6 stages) for 64-token tiles; [`W4A16LargeKernel::WgmmaRow`]
-//! 128 / 125 and 79 / 80; no spills (before split-K: 110 / 115, 76 / 79, 127 / 127, 79 / 79).
+//! fifteenth session): 116 / 117 registers and 106 KB dynamic shared memory (5 stages) for 128-token tiles,
+//! 75 / 77 registers and 79 KB (6 stages) for 64-token tiles; [`W4A16LargeKernel::WgmmaRow`] 128 / 128 and
+//! 80 / 85 (before split-K and the one-LOP3 dequantization: 110 / 115, 76 / 79, 127 / 127, 79 / 79).
 //! `act_quant_kernel`: 25-39 registers.
 //!
 //! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
