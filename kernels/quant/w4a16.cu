@@ -24,7 +24,11 @@
 //     four bf16x2 A-fragment registers of a group's two m16n8k16 MMAs (exact: the registers hold q - z, see
 //     dequant_bf16x2). Until the fifteenth session ptxas emitted two LOP3 per register (mask, then XOR: one LOP3
 //     takes one immediate), 8.75 LOP3 per word in the main loop; the PTX lop3 with the constants as operands makes
-//     it one (SASS, sm_90a: 415 -> 340 instructions per loop of four chunks at m <= 8; not yet timed). The activations are the B operand (8 tokens per MMA column tile; kMT = ceil(m / 8) tiles),
+//     it one (SASS, sm_90a: 415 -> 340 instructions per loop of four chunks at m <= 8; not yet timed).
+//   - Addresses: the weight, scale, zero-point and activation pointers walk the warp's chunks (w4a16_chunks takes
+//     the set's own pointers), so every load is a constant offset from a base register; before, each chunk's
+//     addresses were recomputed in 64 bits from its index (340 -> 284 instructions per loop at m <= 8, 981 -> 748
+//     and 162 -> 120 registers at m <= 64; same loads, same bits). The activations are the B operand (8 tokens per MMA column tile; kMT = ceil(m / 8) tiles),
 //     read from global memory through L1 (every warp of a split reads the same x columns), one 16-byte load per
 //     group and token tile.
 //   - Group scales are applied in fp32, after the MMA: each group's two MMAs accumulate into a zeroed f32 tile,
@@ -74,27 +78,29 @@ constexpr int kWarps = 4;   // 16-row tiles per block (one per warp)
 constexpr int kUnroll = 4;  // 64-column chunks loaded ahead per lane
 constexpr int64_t kMaxK = int64_t{1} << 24;
 
-// kN chunks starting at chunk c (of the warp's range, which ends at c_end): first (when `prefetch`) the next kN
-// chunks' weights, scales and zero points are asked of L2, then this set's loads are issued, then per chunk and
-// group come the dequantization and the MMAs. `prefetch` is uniform across the grid (an ablation switch).
+// The kN chunks at the pointers (the warp's next chunks; `left` of its range remain, these included): first (when
+// `prefetch`) the next kN chunks' weights, scales and zero points are asked of L2, then this set's loads are issued,
+// then per chunk and group come the dequantization and the MMAs. `prefetch` is uniform across the grid (an ablation
+// switch). The pointers are the set's own (the caller advances them by kN chunks), so every address below is a
+// constant offset from them: no 64-bit index arithmetic per chunk.
 template <int kMT, bool kZeros, int kN>
 __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* wq, const uint2* sc, const uint2* zr,
-                                             const uint4* const (&xr)[kMT], int c, int c_end, bool prefetch) {
+                                             const uint4* const (&xr)[kMT], int left, bool prefetch) {
 #pragma unroll
     for (int u = kN; u < 2 * kN; ++u) {
-        if (prefetch && c + u < c_end) {
-            prefetch_l2(wq + static_cast<int64_t>(c + u) * 32);
-            prefetch_l2(sc + static_cast<int64_t>(c + u) * 8);
-            if constexpr (kZeros) prefetch_l2(zr + static_cast<int64_t>(c + u) * 8);
+        if (prefetch && u < left) {
+            prefetch_l2(wq + u * 32);
+            prefetch_l2(sc + u * 8);
+            if constexpr (kZeros) prefetch_l2(zr + u * 8);
         }
     }
     uint4 w[kN];
     uint2 s[kN], z[kN];
 #pragma unroll
     for (int u = 0; u < kN; ++u) {
-        w[u] = ld_stream_16(wq + static_cast<int64_t>(c + u) * 32);
-        s[u] = ld_stream_8(sc + static_cast<int64_t>(c + u) * 8);
-        if constexpr (kZeros) z[u] = ld_stream_8(zr + static_cast<int64_t>(c + u) * 8);
+        w[u] = ld_stream_16(wq + u * 32);
+        s[u] = ld_stream_8(sc + u * 8);
+        if constexpr (kZeros) z[u] = ld_stream_8(zr + u * 8);
     }
 #pragma unroll
     for (int u = 0; u < kN; ++u) {
@@ -116,7 +122,7 @@ __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* 
 #pragma unroll
             for (int j = 0; j < kMT; ++j) {
                 // Columns 8t..8t+7 of this group for token row g of tile j.
-                const uint4 xb = ld_reuse_16(xr[j] + static_cast<int64_t>(c + u) * 8 + jg * 4);
+                const uint4 xb = ld_reuse_16(xr[j] + u * 8 + jg * 4);
                 float tile[4];
                 mma_bf16_zero(tile, a00, a01, a02, a03, xb.x, xb.y);
                 mma_bf16(tile, a10, a11, a12, a13, xb.z, xb.w);
@@ -158,9 +164,25 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
             xr[j] = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k) + t;
         }
         const bool prefetch = p.l2_prefetch != 0;
+        // The pointers walk the warp's chunks: chunk c of the tile is 32 uint4 of weights, 8 uint2 of scales (and
+        // zero points) and 8 uint4 of each activation row further on.
+        auto advance = [&](int chunks) {
+            wq += chunks * 32;
+            sc += chunks * 8;
+            if constexpr (kZeros) zr += chunks * 8;
+#pragma unroll
+            for (int j = 0; j < kMT; ++j) xr[j] += chunks * 8;
+        };
+        advance(c0);
         int c = c0;
-        for (; c + kUnroll <= c1; c += kUnroll) w4a16_chunks<kMT, kZeros, kUnroll>(acc, wq, sc, zr, xr, c, c1, prefetch);
-        for (; c < c1; ++c) w4a16_chunks<kMT, kZeros, 1>(acc, wq, sc, zr, xr, c, c1, prefetch);
+        for (; c + kUnroll <= c1; c += kUnroll) {
+            w4a16_chunks<kMT, kZeros, kUnroll>(acc, wq, sc, zr, xr, c1 - c, prefetch);
+            advance(kUnroll);
+        }
+        for (; c < c1; ++c) {
+            w4a16_chunks<kMT, kZeros, 1>(acc, wq, sc, zr, xr, c1 - c, prefetch);
+            advance(1);
+        }
     }
 
     // acc[j][e]: layout row 16 nt + g (+8 for e >= 2), token 8 j + 2 t (+1 for odd e).

@@ -59,27 +59,28 @@ __device__ __forceinline__ void load_frag(Frag& f, const uint4* wq, const uint2*
 
 // ---- stream kernel (m <= 8) ----------------------------------------------------------------------------------
 
-// Loads the chunks c .. c + kUnroll - 1 that lie below c1 (the others are left as they are and never used).
+// Loads the set's chunks (at the pointers: the set's first chunk) of which `left` remain in the warp's range (the
+// others are left as they are and never used). Every address is a constant offset from the pointers.
 template <bool kZeros>
-__device__ __forceinline__ void load_set(Frag (&f)[kUnroll], const uint4* wq, const uint2* sc, const uint2* zr, int c,
-                                         int c1) {
+__device__ __forceinline__ void load_set(Frag (&f)[kUnroll], const uint4* wq, const uint2* sc, const uint2* zr,
+                                         int left) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-        if (c + u < c1) load_frag<kZeros>(f[u], wq, sc, zr, c + u);
+        if (u < left) load_frag<kZeros>(f[u], wq, sc, zr, u);
     }
 }
 
-// The chunks c .. c + kUnroll - 1 below c1 of a loaded set, against token row xr (one 16-byte load per group).
+// The first `left` chunks of a loaded set, against token row xr at the set's first chunk (one 16-byte load per
+// group).
 template <bool kZeros>
-__device__ __forceinline__ void compute_set(float (&acc)[1][4], const Frag (&f)[kUnroll], const uint4* xr, int c,
-                                            int c1) {
+__device__ __forceinline__ void compute_set(float (&acc)[1][4], const Frag (&f)[kUnroll], const uint4* xr, int left) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-        if (c + u >= c1) break;
+        if (u >= left) break;
 #pragma unroll
         for (int jg = 0; jg < 2; ++jg) {
             const GroupA a = dequant_group<kZeros>(f[u], jg);
-            const uint4 xb = ld_reuse_16(xr + static_cast<int64_t>(c + u) * 8 + jg * 4);
+            const uint4 xb = ld_reuse_16(xr + u * 8 + jg * 4);
             group_mma(acc[0], a, xb);
         }
     }
@@ -101,15 +102,27 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_stream_kernel(const __grid_
         // Token g of the (single) token tile; rows past m repeat the last row (their outputs are discarded).
         const int row = min(l.g, l.m - 1);
         const bf16* xrow = static_cast<const bf16*>(p.x) + static_cast<int64_t>(row) * p.k;
-        const auto* xr = reinterpret_cast<const uint4*>(xrow) + l.t;
         const int c0 = l.c0, c1 = l.c1;
+        // Pointers at chunk c of the loop below (a chunk is 32 uint4 of weights, 8 uint2 of scales and zero points,
+        // 8 uint4 of the activation row), advanced by two sets per iteration.
+        const uint4* wq = tile.wq + c0 * 32;
+        const uint2* sc = tile.sc + c0 * 8;
+        const uint2* zr = nullptr;
+        if constexpr (kZeros) zr = tile.zr + c0 * 8;
+        const auto* xr = reinterpret_cast<const uint4*>(xrow) + l.t + c0 * 8;
+        constexpr int kZs = kZeros ? kUnroll * 8 : 0;  // zero-point offset of the next set (none without them)
         Frag fa[kUnroll], fb[kUnroll];
-        load_set<kZeros>(fa, tile.wq, tile.sc, tile.zr, c0, c1);
+        load_set<kZeros>(fa, wq, sc, zr, c1 - c0);
         for (int c = c0; c < c1; c += 2 * kUnroll) {
-            load_set<kZeros>(fb, tile.wq, tile.sc, tile.zr, c + kUnroll, c1);  // in flight while set A is computed
-            compute_set<kZeros>(acc, fa, xr, c, c1);
-            load_set<kZeros>(fa, tile.wq, tile.sc, tile.zr, c + 2 * kUnroll, c1);  // in flight while B is computed
-            compute_set<kZeros>(acc, fb, xr, c + kUnroll, c1);
+            // Set B in flight while set A is computed, then the next set A while B is.
+            load_set<kZeros>(fb, wq + kUnroll * 32, sc + kUnroll * 8, zr + kZs, c1 - c - kUnroll);
+            compute_set<kZeros>(acc, fa, xr, c1 - c);
+            load_set<kZeros>(fa, wq + 2 * kUnroll * 32, sc + 2 * kUnroll * 8, zr + 2 * kZs, c1 - c - 2 * kUnroll);
+            compute_set<kZeros>(acc, fb, xr + kUnroll * 8, c1 - c - kUnroll);
+            wq += 2 * kUnroll * 32;
+            sc += 2 * kUnroll * 8;
+            if constexpr (kZeros) zr += 2 * kUnroll * 8;
+            xr += 2 * kUnroll * 8;
         }
         w4a16_store_tile<1>(p, l, acc, nt);
     }

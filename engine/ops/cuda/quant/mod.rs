@@ -28,11 +28,12 @@
 //!
 //! # Resources (ptxas, CUDA 13.0, sm_90a; no spills, no stack frame unless said)
 //! Recounted in the fifteenth session, after the dequantization's mask and XOR became one LOP3
-//! (`kernels/quant/common.cuh`, `dequant_bf16x2`; the direct kernel's main loop went from 415 to 340 instructions
-//! per four chunks, the same results bit for bit). Symmetric / zero points:
-//! `w4a16_kernel` (128 threads): 56 / 62 registers for m <= 8, 63 / 72 for m <= 16, 84 / 108 for m <= 32, 162 / 158
+//! (`kernels/quant/common.cuh`, `dequant_bf16x2`) and the direct and stream kernels' loads became constant offsets
+//! from pointers that walk the chunks (the direct kernel's main loop: 415 -> 284 instructions per four chunks at
+//! m <= 8; the same results bit for bit). Symmetric / zero points:
+//! `w4a16_kernel` (128 threads): 48 / 48 registers for m <= 8, 56 / 65 for m <= 16, 76 / 80 for m <= 32, 120 / 117
 //! for m <= 64.
-//! The pipelined kernels (128 threads, [`W4A16Kernel::Pipelined`]): `w4a16_stream_kernel` 94 / 116 registers;
+//! The pipelined kernels (128 threads, [`W4A16Kernel::Pipelined`]): `w4a16_stream_kernel` 92 / 108 registers;
 //! `w4a16_staged_kernel` 131 / 162 registers and 8 KB shared memory for m <= 16, 175 / 243 and 16 KB for m <= 32,
 //! 180 / 173 and 32 KB for m <= 64.
 //! The bulk kernel (128 threads, [`W4A16Kernel::Bulk`], sm_90a only; it keeps the two-LOP3 form, its SASS unchanged):
