@@ -70,6 +70,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* sync) {
 // Tier 1. grid = one block per SM (cooperative), block = kThreads, dynamic shared memory kSmem for the stream modes.
 template <int kMode>
 __global__ void __launch_bounds__(kThreads, 1) grid_probe_kernel(const __grid_constant__ l32_grid_probe_params p) {
+    pdl_begin();  // a cooperative launch is never programmatic, so this returns at once; every kernel has it
     const unsigned b = blockIdx.x, nb = gridDim.x;
     if constexpr (kMode == L32_GRID_PROBE_BARRIER) {
         unsigned wrong = 0;

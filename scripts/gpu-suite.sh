@@ -470,9 +470,10 @@ PY
     # Every W4A16 projection through the row kernel (split where its grid is small, SiLU fused), golden checkpoint.
     gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
       LLAMA32_W4A16_LARGE_MIN_M=1 LLAMA32_W4A16_LARGE=wgmma-row
-    # W4A16 at m = 64 on every shape: the decode kernels beside the large-m row kernel with one and with its
-    # plan's K splits (lines `row/s1`, `row/sS`).
-    LLAMA32_QUANT_MS=64 gpu_bench 90 'GB/s|TFLOP/s' cuda_quant::quant_throughput m64
+    # W4A16 at m = 1 and 64 on every shape: the decode kernels (at m = 1 the first timing of the one-LOP3
+    # dequantization and the pointer-walking loads, against the H200 rows of 2026-11-28) beside, at m = 64, the
+    # large-m row kernel with one and with its plan's K splits (lines `row/s1`, `row/sS`).
+    LLAMA32_QUANT_MS=1,64 gpu_bench 120 'GB/s|TFLOP/s' cuda_quant::quant_throughput m1-64
     # Decode attention at batch 64, 2k context, with the 3-stage K/V ring beside the default (and prefill).
     gpu_bench 90 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput fresh
     # End to end where decode attention weighs most: 1B and 3B at batch 64, 1k-token prompts, default and 3 stages.
@@ -481,8 +482,10 @@ PY
       LLAMA32_DECODE_STAGES=$st bench_e2e 60 "1b 64 1024 64"
       LLAMA32_DECODE_STAGES=$st bench_e2e 60 "3b 64 1024 64"
     done
-    # W4A16 batch-64 decode through the large-m row kernel against the default decode kernels, with K splits (the
-    # default plan) and without (LLAMA32_W4A16_LARGE_SPLITS=1).
+    # W4A16 batch-1 decode (the fewer instructions per weight word), then batch 64 through the large-m row kernel
+    # against the default decode kernels, with K splits (the default plan) and without
+    # (LLAMA32_W4A16_LARGE_SPLITS=1).
+    bench_e2e 60 "1b 1 128 64 --quantize w4a16-g32"
     bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
     LLAMA32_W4A16_LARGE_MIN_M=33 LLAMA32_W4A16_LARGE=wgmma-row bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
     LLAMA32_W4A16_LARGE_MIN_M=33 LLAMA32_W4A16_LARGE=wgmma-row LLAMA32_W4A16_LARGE_SPLITS=1 \
