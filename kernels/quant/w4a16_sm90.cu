@@ -30,10 +30,10 @@
 // each k16 step holds 16 consecutive columns instead of spread ones, and wgmma rounds each step's sum into the f32
 // accumulator: other bits than kRow = false (seen on an H200, 2026-11-28), within the summation-order bound.
 //
-//   Split-K (grid.z = splits, fifteenth session, not yet run on a GPU): each split takes its share of the 64-column chunks
-// (split_range), writes f32 partials, and the block whose arrival completes its (token tile, row block) sums the
-// splits in split order and writes through w4a16_emit_pair (w4a16_finish_rows, as the decode kernels finish). For
-// few blocks: at 64 tokens on 11B's down projection the grid is 32 blocks on 132 SMs without it.
+//   Split-K (grid.z = splits; fifteenth session, not yet run on a GPU): each split takes its share of the 64-column
+// chunks (split_range), writes f32 partials, and the block whose arrival completes its (token tile, row block) sums
+// the splits in split order and writes through w4a16_emit_pair (w4a16_finish_rows, as the decode kernels finish).
+// For few blocks: at 64 tokens on 11B's down projection the grid is 32 blocks on 132 SMs without it.
 //
 // Registers from ptxas: see engine/ops/cuda/quant/mod.rs (module docs).
 #include <climits>
