@@ -90,10 +90,13 @@ pub struct SamplingParams {
 /// The ids that end a sequence with `params`: `stop_token_ids`, and `eos_ids` unless `ignore_eos`; sorted, each
 /// once.
 pub fn stop_ids(eos_ids: &[u32], params: &SamplingParams) -> Vec<u32> {
-    let mut ids: Vec<u32> = params.stop_token_ids.clone();
-    if !params.ignore_eos {
-        ids.extend_from_slice(eos_ids);
-    }
+    with_ids(params.stop_token_ids.clone(), if params.ignore_eos { &[] } else { eos_ids })
+}
+
+/// `ids` with `more` added, sorted, each once: how [`stop_ids`] (and the sampler's `min_tokens` list, built in two
+/// steps) gather the stop ids.
+pub(crate) fn with_ids(mut ids: Vec<u32>, more: &[u32]) -> Vec<u32> {
+    ids.extend_from_slice(more);
     ids.sort_unstable();
     ids.dedup();
     ids

@@ -96,9 +96,7 @@ impl Sampler {
     /// Without `min_tokens`, no effect.
     pub fn with_eos_ids(mut self, eos_ids: &[u32]) -> Self {
         if self.min_tokens > 0 && !self.ignore_eos {
-            self.min_tokens_banned.extend_from_slice(eos_ids);
-            self.min_tokens_banned.sort_unstable();
-            self.min_tokens_banned.dedup();
+            self.min_tokens_banned = super::with_ids(std::mem::take(&mut self.min_tokens_banned), eos_ids);
         }
         self
     }

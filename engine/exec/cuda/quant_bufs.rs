@@ -109,12 +109,14 @@ impl QuantBuffers {
             let kernel = k::quant::W4A16Kernel::configured(rows, n, kdim)?;
             let need = k::quant::w4a16_workspace(kernel, rows, n, kdim, num_sms);
             moved |= self.ensure_ws(stream, need, num_sms, capturing)?;
-        } else if k::quant::W4A16LargeKernel::configured()? == k::quant::W4A16LargeKernel::Dequant {
-            moved |= self.ensure_scratch(stream, k::quant::w4a16_chunk_rows(n, kdim) * kdim, capturing)?;
         } else {
             let large = k::quant::W4A16LargeKernel::configured()?;
-            let plan = k::quant::large_plan(large, rows, n, kdim, num_sms);
-            moved |= self.ensure_ws(stream, k::quant::large_workspace_for(plan, rows, n), num_sms, capturing)?;
+            if large.is_wgmma() {
+                let plan = k::quant::large_plan(large, rows, n, kdim, num_sms);
+                moved |= self.ensure_ws(stream, k::quant::large_workspace_for(plan, rows, n), num_sms, capturing)?;
+            } else {
+                moved |= self.ensure_scratch(stream, k::quant::w4a16_chunk_rows(n, kdim) * kdim, capturing)?;
+            }
         }
         Ok(moved)
     }
