@@ -15,6 +15,7 @@
 // so that cannot happen) traps after 2^26 tries instead of hanging the GPU.
 #include <cstdint>
 
+#include "common/grid_barrier.cuh"
 #include "common/status.cuh"
 #include "llama32_kernels.h"
 
@@ -25,14 +26,7 @@ constexpr int kThreads = 256;
 constexpr int kChunk = L32_GRID_PROBE_CHUNK;  // bytes per block per ring stage: 4 16-byte copies per thread
 constexpr int kStages = 8;                    // 128 KB of ring per block: one block per SM
 constexpr int kSmem = kStages * kChunk;
-constexpr unsigned kSpinLimit = 1u << 26;
 static_assert(kChunk == 4 * 16 * kThreads, "four 16-byte copies per thread per chunk");
-
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 
 __device__ __forceinline__ void copy16(void* smem, const void* gmem) {
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -44,27 +38,6 @@ __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;"
 template <int N>
 __device__ __forceinline__ void wait_groups() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-// Every block of the grid waits here until all have arrived; their global writes before it are visible to every
-// block after it (read them with __ldcg: L1 is not coherent). sync[0]: arrivals, sync[1]: generation.
-__device__ __forceinline__ void grid_barrier(unsigned* sync) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned gen = ld_acquire(sync + 1);
-        __threadfence();
-        if (atomicAdd(sync, 1u) == gridDim.x - 1) {
-            atomicExch(sync, 0u);  // nobody arrives at the next barrier before it sees the generation move
-            __threadfence();
-            atomicAdd(sync + 1, 1u);
-        } else {
-            for (unsigned tries = 0; ld_acquire(sync + 1) == gen; ++tries) {
-                if (tries == kSpinLimit) __trap();
-            }
-        }
-        __threadfence();
-    }
-    __syncthreads();
 }
 
 // Tier 1. grid = one block per SM (cooperative), block = kThreads, dynamic shared memory kSmem for the stream modes.

@@ -882,6 +882,71 @@ l32_status l32_encoder_attention(const l32_encoder_attention_params* params, voi
 /* END vision */
 
 /* ---------------------------------------------------------------------------------------------------------------- */
+/* persistent decode stack (kernels/decode_layers.cu): every decoder layer of a bf16 decode step in one launch */
+/* BEGIN decode_layers */
+
+/** The most decode tokens (sequences) l32_decode_layers takes: one MMA column tile of the skinny GEMM. */
+#define L32_DECODE_LAYERS_MAX_M 8
+
+/** One decoder layer's bf16 weights and KV-cache pools (the shapes of the l32_gemv and l32_paged_decode calls). */
+typedef struct l32_decode_layer_weights {
+    const void* attn_norm;  /**< [hidden] */
+    const void* wqkv;       /**< [(num_heads + 2 num_kv_heads) head_dim, hidden]: q rows, then k, then v */
+    const void* wo;         /**< [hidden, num_heads head_dim] */
+    const void* mlp_norm;   /**< [hidden] */
+    const void* w_gate_up;  /**< [2 inter, hidden]: gate rows, then up rows */
+    const void* w_down;     /**< [hidden, inter] */
+    void* k_cache;          /**< [num_slots, num_kv_heads, head_dim] */
+    void* v_cache;          /**< the same shape */
+} l32_decode_layer_weights;
+
+/**
+ * The decoder layers of one decode step (token s belongs to sequence s), in one cooperative launch of one block
+ * per SM whose phases are separated by grid barriers. Per layer: [RMSNorm (+ residual add), qkv, RoPE, KV write],
+ * [split-KV attention, splits merged by the last block of each (sequence, kv head)], [o], [RMSNorm + residual add,
+ * gate_up, SwiGLU], [down]. Every phase runs the device code of the multi-kernel step (l32_gemv with the norm
+ * prologue, rope_on and silu_pairs at warps = 8, l32_paged_decode with fused_merge), so the results are bit for bit
+ * those of that sequence of launches.
+ *
+ * On entry x holds the embedding rows; on return x holds the residual stream before the last layer's down
+ * projection and `delta` that projection's output (the final add + RMSNorm follows, as after the layers of the
+ * multi-kernel step). qkv, attn and act are scratch. Metadata is trusted: the host validates it.
+ */
+typedef struct l32_decode_layers_params {
+    const l32_decode_layer_weights* layers; /**< [num_layers] in device memory */
+    void* x;                      /**< [m, hidden] bf16: in the embedding rows, out the residual (see above) */
+    void* delta;                  /**< [m, hidden] bf16: out the last down projection */
+    void* qkv;                    /**< [m, (num_heads + 2 num_kv_heads) head_dim] bf16 scratch */
+    void* attn;                   /**< [m, num_heads head_dim] bf16 scratch */
+    void* act;                    /**< [m, inter] bf16 scratch */
+    const uint32_t* positions;    /**< [m] */
+    const uint32_t* slot_mapping; /**< [m]: < num_slots, or L32_PAD_SLOT */
+    const float* inv_freq;        /**< [head_dim / 2] */
+    const uint32_t* block_tables; /**< [m, max_blocks_per_seq] */
+    void* workspace;              /**< num_splits > 1: l32_paged_decode's split workspace for m sequences */
+    uint32_t* counters;           /**< 3 + m num_kv_heads u32, zero before the launch, zero after it */
+    int64_t num_slots;            /**< slots per cache pool */
+    int64_t max_blocks_per_seq;   /**< >= 1 */
+    int32_t num_layers;           /**< >= 1 */
+    int32_t m;                    /**< 1 ..= L32_DECODE_LAYERS_MAX_M */
+    int32_t hidden;               /**< a multiple of 8 */
+    int32_t inter;                /**< a multiple of 8 */
+    int32_t num_heads;            /**< a multiple of num_kv_heads, at most 16 per kv head */
+    int32_t num_kv_heads;         /**< >= 1 */
+    int32_t head_dim;             /**< 64 or 128 */
+    int32_t block_size;           /**< >= 1 */
+    int32_t num_splits;           /**< 1 ..= 256 */
+    float eps;                    /**< RMSNorm epsilon, >= 0 */
+    float scale;                  /**< softmax scale */
+    l32_dtype dtype;              /**< L32_DTYPE_BF16 */
+} l32_decode_layers_params;
+
+/** Launches the decode stack on `stream` (cooperative: L32_UNSUPPORTED where a block per SM cannot be resident). */
+l32_status l32_decode_layers(const l32_decode_layers_params* params, void* stream);
+
+/* END decode_layers */
+
+/* ---------------------------------------------------------------------------------------------------------------- */
 /* busy wait (kernels/timing.cu): a head start for the host when profiling a step */
 
 /** The longest wait l32_busy_wait takes: one second. */

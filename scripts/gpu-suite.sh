@@ -189,6 +189,31 @@ run() {
       tail -n 5 "$log"
     fi
   }
+  # `ab_lines`: one line per pair of bench.jsonl rows that differ in one switch only (the same model, batch, prompt
+  # and other switches): decode ms/step without / with it.
+  ab_lines() {
+    [[ -f $logs/bench.jsonl ]] || return 0
+    mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+def key(d):
+    return (d.get("model"), d["batch"], d["prompt_tokens"], d.get("w4a16_kernel"))
+switches = ("pdl", "fused_swiglu", "fused_rope", "fused_norm", "persistent_decode")
+for switch in switches:
+    for d in rows:
+        if d.get(switch) is not True:
+            continue
+        for e in rows:
+            if e is d or key(e) != key(d) or e.get(switch) is not False:
+                continue
+            if any(e.get(o) != d.get(o) for o in switches if o != switch):
+                continue
+            print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)" % (switch, d.get("model"), d["batch"],
+                  e["decode_ms_per_step"], d["decode_ms_per_step"], e["decode_ms_per_step"] / d["decode_ms_per_step"]))
+            break
+PY
+    )
+  }
   cd "$root"
   unpack_bundle
   if [[ ! -d "$bundle/tests" ]]; then
@@ -425,39 +450,19 @@ run() {
     bench_e2e 120 "1b 1 128 64 --fused-rope --fused-norm"
     bench_e2e 120 "1b 8 128 64 --fused-norm"
     bench_e2e 120 "1b 8 128 64"
-    # One line per pair: decode ms/step without / with each switch, from bench.jsonl.
-    if [[ -f $logs/bench.jsonl ]]; then
-      mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-def key(d):
-    return (d.get("model"), d["batch"], d["prompt_tokens"], d.get("w4a16_kernel"))
-switches = ("pdl", "fused_swiglu", "fused_rope", "fused_norm")
-for switch in switches:
-    for d in rows:
-        if d.get(switch) is not True:
-            continue
-        for e in rows:
-            if e is d or key(e) != key(d) or e.get(switch) is not False:
-                continue
-            if any(e.get(o) != d.get(o) for o in switches if o != switch):
-                continue
-            print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)" % (switch, d.get("model"), d["batch"],
-                  e["decode_ms_per_step"], d["decode_ms_per_step"], e["decode_ms_per_step"] / d["decode_ms_per_step"]))
-            break
-PY
-      )
-    fi
+    ab_lines
   fi
 
   if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
     # What has never run on a GPU, in one short call, most telling first: the tests (each launch watched: a hang is
     # reported as HANG within LLAMA32_TEST_STALL_S), then the headline figures beside the measured defaults. The
-    # fourteenth session's (sampling bias and min_tokens, the 3-stage decode ring), then the fifteenth's (split-K
-    # in the large-m W4A16 kernels, its SiLU epilogue on the executor's path, the grid probe). The thirteenth
+    # sixteenth session's persistent decode stack first, then the fourteenth's (sampling bias and min_tokens, the
+    # 3-stage decode ring), then the fifteenth's (split-K in the large-m W4A16 kernels, its SiLU epilogue on the
+    # executor's path, the grid probe). The thirteenth
     # session's list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
     local ft
-    for ft in cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
+    for ft in cuda_golden::cuda_persistent_decode_stack_changes_no_bit \
+      cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
       cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
       cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \
       cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul \
@@ -467,6 +472,14 @@ PY
     # What a persistent per-step decode kernel needs to know (docs/architecture.md): a grid barrier's latency, the
     # weight-like stream with and without barriers, and whether the cooperative launch is captured in a graph.
     gpu_bench 60 'grid probe' cuda_kernels::grid_probe_throughput
+    # The sixteenth session's persistent decode stack (every decoder layer in one launch, --persistent-decode)
+    # against the multi-kernel step, bf16 1B and 3B at batch 1 and 1B at batch 8; an A/B line per pair.
+    local spec
+    for spec in "1b 1 128 64" "3b 1 128 64" "1b 8 128 64"; do
+      bench_e2e 45 "$spec"
+      bench_e2e 45 "$spec --persistent-decode"
+    done
+    ab_lines
     # Every W4A16 projection through the row kernel (split where its grid is small, SiLU fused), golden checkpoint.
     gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
       LLAMA32_W4A16_LARGE_MIN_M=1 LLAMA32_W4A16_LARGE=wgmma-row

@@ -495,6 +495,10 @@ fn vision_logits_and_generate_with_images() {
     let mut cmd = bin();
     cmd.args(["logits", "--ids", &ids, "--out", "/tmp/never.npy", "--image", "/nonexistent.png", "--model"]).arg(&dir);
     fails_with(&mut cmd, &["/nonexistent.png"]);
+    let mut cmd = bin();
+    cmd.args(["generate", "--ids", &ids, "--persistent-decode"]);
+    with_images(&mut cmd);
+    fails_with(&mut cmd, &["--persistent-decode", "cross-attention"]);
 }
 
 /// `--random-weights` for a Llama 3.2 Vision directory that holds only its config: `logits --image` runs the

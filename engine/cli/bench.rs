@@ -350,6 +350,7 @@ fn bench_one(
         "fused_swiglu": !a.model.no_fused_swiglu,
         "fused_rope": a.model.fused_rope,
         "fused_norm": a.model.fused_norm,
+        "persistent_decode": a.model.persistent_decode,
         "ablate": ablate,
     });
     let tele = match telemetry {

@@ -302,6 +302,7 @@ fn load_cuda(
         fuse_swiglu: !a.no_fused_swiglu,
         fuse_rope: a.fused_rope,
         fuse_norm: a.fused_norm,
+        persistent_decode: a.persistent_decode,
     };
     let t0 = Instant::now();
     let eos_ids = cfg.eos_token_ids.clone();

@@ -120,6 +120,11 @@ pub struct ModelArgs {
     /// results; off by default: slower as timed on an H100, 2026-11-27).
     #[arg(long)]
     pub fused_norm: bool,
+    /// Run decode steps of up to 8 sequences through the persistent decode stack: every decoder layer in one
+    /// launch, one block per SM, phases separated by grid barriers (CUDA; bf16 text models on one GPU; the same
+    /// results as the layers one by one with 8-warp skinny GEMM tiles; off by default until a device run times it).
+    #[arg(long)]
+    pub persistent_decode: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.
     /// A checkpoint written by `llama32 quantize` is detected from its config.json and needs no flag.
     #[arg(long)]

@@ -16,6 +16,12 @@ pub fn vision_dir(m: &ModelArgs, has_images: bool) -> Result<Option<PathBuf>> {
     match &m.model {
         Some(dir) if is_mllama_dir(dir) => {
             super::load::Device::parse(&m.device)?;
+            if m.persistent_decode {
+                return Err(Error::request(
+                    "--persistent-decode: the stack runs the text models' layers; Llama 3.2 Vision's decoder also has \
+                     cross-attention layers",
+                ));
+            }
             if m.preset.is_some() {
                 return Err(Error::request(
                     "--preset: Llama 3.2 Vision runs from --model DIR (a config.json is enough with --random-weights)",

@@ -125,6 +125,30 @@ pub trait Ops {
     fn gather_logits(&mut self, local: Self::Act) -> Result<Self::Act> {
         Ok(local)
     }
+
+    /// Runs every decoder layer of `step` at once, where the backend has such a path and the step qualifies (the
+    /// CUDA backend's persistent decode stack). Afterwards `bufs.x` must hold the residual stream before the last
+    /// layer's down projection and `bufs.delta` that projection's output, as after the recipe's loop, and the cache
+    /// what the loop writes. Returns `false`, having done nothing, where it does not apply: the recipe then runs the
+    /// layers one by one. The default never applies.
+    fn decoder_layers(&mut self, bufs: LayerBufs<'_, Self::Act>, step: &StepInput) -> Result<bool> {
+        let _ = (bufs, step);
+        Ok(false)
+    }
+}
+
+/// The recipe's activation buffers lent to [`Ops::decoder_layers`], `[tokens, width]` each.
+pub struct LayerBufs<'a, A> {
+    /// `[tokens, hidden]`: the embedding rows on entry, the residual stream on return.
+    pub x: &'a mut A,
+    /// `[tokens, hidden]`: the last layer's down projection on return.
+    pub delta: &'a mut A,
+    /// `[tokens, qkv]` scratch.
+    pub qkv: &'a mut A,
+    /// `[tokens, q_dim]` scratch.
+    pub attn: &'a mut A,
+    /// `[tokens, inter]` scratch.
+    pub act: &'a mut A,
 }
 
 /// Widths the recipe needs from the config. For a tensor-parallel rank, take them from the rank's config
@@ -180,7 +204,9 @@ pub fn forward<O: Ops>(ops: &mut O, d: Dims, step: &StepInput) -> Result<O::Act>
     }
     ops.embed(&step.token_ids, &mut x)?;
     ops.all_reduce(&mut x)?;
-    for l in 0..d.layers {
+    let bufs = LayerBufs { x: &mut x, delta: &mut delta, qkv: &mut qkv, attn: &mut attn, act: &mut act };
+    let layers = if ops.decoder_layers(bufs, step)? { 0 } else { d.layers };
+    for l in 0..layers {
         if l == 0 {
             ops.rms_norm(&x, Norm::Attn(0), &mut h)?;
         } else {

@@ -172,33 +172,38 @@ fn cuda_greedy_picks_are_reference_near_argmax() {
     }
     for name in CASES {
         let case = Case::load(name);
-        let mut exec = case.cuda(16);
-        let prompt = case.ids("prompt_ids");
-        let n = case.reference["greedy_new_tokens"].as_u64().unwrap() as usize;
-        let params = SamplingParams { max_tokens: n, ..SamplingParams::greedy() };
-        let reqs = [GenRequest { prompt: prompt.clone(), params }];
-        let opts = GenerateOptions { eos_ids: case.cfg.eos_token_ids.clone(), max_step_tokens: 512 };
-        let got = generate(&mut exec, &reqs, &opts, &mut |_, _| Ok(String::new()), &mut |_, _| {}).unwrap();
-        let ids = &got[0].ids;
-        assert_eq!(ids.len(), n, "{name}: generated {} of {n} tokens", ids.len());
-        let mut forced = prompt.clone();
-        forced.extend_from_slice(&ids[..n - 1]);
-        let vocab = case.cfg.vocab_size;
-        let cpu = score(&mut case.cpu(), &forced, 512).unwrap();
-        let scale = case.reference["logits_max_abs"].as_f64().unwrap() as f32;
-        let tol = case.budget().max_rel * scale;
-        for (j, &id) in ids.iter().enumerate() {
-            let row = &cpu[(prompt.len() - 1 + j) * vocab..][..vocab];
-            let best = row.iter().fold(f32::MIN, |m, &x| m.max(x));
-            assert!(
-                row[id as usize] >= best - tol,
-                "{name}: step {j} picked {id} at logit {} but the reference best is {best} (tolerance {tol})",
-                row[id as usize]
-            );
-        }
-        let same = ids.iter().zip(&case.ids("greedy_ids")).take_while(|(a, b)| a == b).count();
-        eprintln!("{name}: all {n} greedy picks are reference near-argmax; first {same} equal HF f32 greedy");
+        assert_greedy_near_argmax(name, &case, &mut case.cuda(16));
     }
+}
+
+/// `exec`'s greedy continuation of the case's prompt: every pick within the worst-logit budget of the CPU
+/// reference's best at that point of its own trajectory.
+fn assert_greedy_near_argmax(name: &str, case: &Case, exec: &mut CudaExecutor) {
+    let prompt = case.ids("prompt_ids");
+    let n = case.reference["greedy_new_tokens"].as_u64().unwrap() as usize;
+    let params = SamplingParams { max_tokens: n, ..SamplingParams::greedy() };
+    let reqs = [GenRequest { prompt: prompt.clone(), params }];
+    let opts = GenerateOptions { eos_ids: case.cfg.eos_token_ids.clone(), max_step_tokens: 512 };
+    let got = generate(exec, &reqs, &opts, &mut |_, _| Ok(String::new()), &mut |_, _| {}).unwrap();
+    let ids = &got[0].ids;
+    assert_eq!(ids.len(), n, "{name}: generated {} of {n} tokens", ids.len());
+    let mut forced = prompt.clone();
+    forced.extend_from_slice(&ids[..n - 1]);
+    let vocab = case.cfg.vocab_size;
+    let cpu = score(&mut case.cpu(), &forced, 512).unwrap();
+    let scale = case.reference["logits_max_abs"].as_f64().unwrap() as f32;
+    let tol = case.budget().max_rel * scale;
+    for (j, &id) in ids.iter().enumerate() {
+        let row = &cpu[(prompt.len() - 1 + j) * vocab..][..vocab];
+        let best = row.iter().fold(f32::MIN, |m, &x| m.max(x));
+        assert!(
+            row[id as usize] >= best - tol,
+            "{name}: step {j} picked {id} at logit {} but the reference best is {best} (tolerance {tol})",
+            row[id as usize]
+        );
+    }
+    let same = ids.iter().zip(&case.ids("greedy_ids")).take_while(|(a, b)| a == b).count();
+    eprintln!("{name}: all {n} greedy picks are reference near-argmax; first {same} equal HF f32 greedy");
 }
 
 #[test]
@@ -408,6 +413,46 @@ fn cuda_norm_and_rope_gemv_fusions_change_no_bit() {
         exec.set_fuse_rope(true);
         exec.set_fuse_norm(on);
     });
+}
+
+/// The persistent decode stack (every decoder layer of a decode step in one launch) changes no bit: the prefill and
+/// decode rounds (decode batches of 1, 3 and 5 sequences; from CUDA graphs padded to 1, 4 and 8) give the logits of
+/// the layers one by one, both with the skinny GEMM at the stack's 8 warps per tile. Prefill steps run as before.
+/// The stack's greedy continuation is also held to the CPU reference (as `cuda_greedy_picks_are_reference_near_argmax`).
+#[test]
+fn cuda_persistent_decode_stack_changes_no_bit() {
+    if !device_ready() {
+        return;
+    }
+    for name in CASES {
+        let case = Case::load(name);
+        let ckpt = Checkpoint::open(&case.dir).unwrap();
+        let prompt = case.ids("prompt_ids");
+        for graphs in [0, 256] {
+            let opts = CudaOptions {
+                kv_tokens: Some(4096),
+                max_step_tokens: 512,
+                max_graph_batch: graphs,
+                ..Default::default()
+            };
+            let runs = [false, true].map(|on| {
+                let mut exec =
+                    CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(&ckpt), &opts, &|_| {}).unwrap();
+                exec.set_persistent_decode(on).unwrap();
+                llama32::ops::cuda::gemv::with_warps(8, || prefill_and_decode_rounds(&mut exec, &prompt)).unwrap()
+            });
+            let (off, on) = (&runs[0], &runs[1]);
+            assert_eq!(off.len(), on.len());
+            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
+                panic!("{name} graphs {graphs}: logit {i} is {} with the stack, {} without", on[i], off[i]);
+            }
+            eprintln!("{name} graphs {graphs}: {} logits bitwise equal with and without the stack", off.len());
+        }
+        // End to end at the default warp counts: the stack's greedy picks are the reference's near-argmax.
+        let mut exec = case.cuda(16);
+        exec.set_persistent_decode(true).unwrap();
+        assert_greedy_near_argmax(name, &case, &mut exec);
+    }
 }
 
 /// `step_greedy` picks on the device exactly the argmax of the logits `step` returns for the same step.

@@ -293,6 +293,11 @@ fn tp_cuda_model(
     if at_load.tables_int8 {
         desc.push_str(", int8 embeddings");
     }
+    if a.persistent_decode {
+        return Err(crate::Error::request(
+            "--persistent-decode runs on one GPU; it does not combine with tensor parallelism",
+        ));
+    }
     let t0 = std::time::Instant::now();
     let opts = crate::exec::cuda::CudaOptions {
         device: placement[0],
@@ -305,6 +310,7 @@ fn tp_cuda_model(
         fuse_swiglu: !a.no_fused_swiglu,
         fuse_rope: a.fused_rope,
         fuse_norm: a.fused_norm,
+        persistent_decode: false,
     };
     let ckpt;
     let src = match (&source, a.random_weights) {

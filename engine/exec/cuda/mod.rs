@@ -59,6 +59,10 @@ pub struct CudaOptions {
     /// gate_up) instead of a kernel of its own (off by default until a device run measures it; the same bits; see
     /// [`CudaExecutor::set_fuse_norm`]).
     pub fuse_norm: bool,
+    /// Run decode steps of up to 8 sequences through the persistent decode stack: every decoder layer in one
+    /// launch (`kernels/decode_layers.cu`; bf16 weights on one GPU; off by default until a device run measures it;
+    /// see [`CudaExecutor::set_persistent_decode`]).
+    pub persistent_decode: bool,
 }
 
 impl Default for CudaOptions {
@@ -74,6 +78,7 @@ impl Default for CudaOptions {
             fuse_swiglu: true,
             fuse_rope: false,
             fuse_norm: false,
+            persistent_decode: false,
         }
     }
 }
@@ -335,6 +340,16 @@ impl CudaExecutor {
         self.graphs.clear();
     }
 
+    /// Switches the persistent decode stack on or off ([`CudaOptions::persistent_decode`]): on, decode steps of up to
+    /// 8 sequences run every decoder layer in one cooperative launch, with the bits of the layers one by one at
+    /// 8-warp gemv tiles ([`k::gemv::with_warps`]). Fails, naming the cause, for quantized projections or under
+    /// tensor parallelism.
+    pub fn set_persistent_decode(&mut self, on: bool) -> Result<()> {
+        self.ops.set_persistent_decode(on)?;
+        self.graphs.clear();
+        Ok(())
+    }
+
     /// Turns the SwiGLU fusion into the decode gate_up projection (bf16 skinny GEMM or W4A16) on or off
     /// ([`CudaOptions::fuse_swiglu`]; off runs the projection and then the SiLU * up kernel, with the same bits).
     pub fn set_fuse_swiglu(&mut self, on: bool) {
@@ -432,6 +447,7 @@ impl CudaExecutor {
         ops.fuse_swiglu = opts.fuse_swiglu;
         ops.fuse_rope = opts.fuse_rope;
         ops.fuse_norm = opts.fuse_norm;
+        ops.set_persistent_decode(opts.persistent_decode)?;
         let ids = ops.stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))?;
         Ok(CudaExecutor {
             ops,

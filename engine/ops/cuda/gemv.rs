@@ -203,6 +203,37 @@ pub fn warps_per_block(n: usize, sms: usize) -> usize {
     }
 }
 
+thread_local! {
+    /// The warp count [`with_warps`] forces on this thread's launches, if any.
+    static FORCED_WARPS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every gemv-family launch this thread makes taking `warps` warps per block (8 or 16) instead of
+/// [`warps_per_block`]'s choice, then restores the choice (also when `f` panics). The warps split `k`, so the
+/// bits depend on it: this is for A/B timings and for comparing against kernels that split `k` the same way (the
+/// persistent decode stack, [`super::decode_layers`], runs 8-warp tiles).
+pub fn with_warps<R>(warps: usize, f: impl FnOnce() -> R) -> Result<R> {
+    if !matches!(warps, 8 | 16) {
+        return Err(Error::request(format!("gemv warps per block is {warps}, must be 8 or 16")));
+    }
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_WARPS.with(|w| w.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED_WARPS.with(|w| w.replace(Some(warps))));
+    Ok(f())
+}
+
+/// The warps per block of a launch with `n` output rows: [`with_warps`]'s, else [`warps_per_block`]'s.
+fn block_warps(n: usize, stream: &CudaStream) -> Result<usize> {
+    match FORCED_WARPS.with(std::cell::Cell::get) {
+        Some(w) => Ok(w),
+        None => Ok(warps_per_block(n, num_sms(stream)?)),
+    }
+}
+
 /// `out[i, j] = bf16(sum_c x[i, c] * w[j, c])` for `i < m`, `j < n`: a Linear layer with `w` in PyTorch's
 /// `[out_features, in_features]` layout.
 ///
@@ -260,7 +291,7 @@ fn gemv_impl(
         }
         // The warp count of the plain gemv over all 2 n rows, so the k split (and the bits) are the same.
         let rows = if pairs { 2 * n } else { n };
-        let warps = warps_per_block(rows, num_sms(stream)?);
+        let warps = block_warps(rows, stream)?;
         let (w, _w) = w.device_ptr(stream);
         for (name, ptr) in [("x", x), ("w", w)] {
             if ptr % 16 != 0 {
@@ -324,7 +355,7 @@ pub fn gemv_qkv_rope(
     }
     check_shapes(OP, (m, k, n), (x.input_len(), w.len(), qkv.len()), false)?;
     super::check_same_device(OP, stream, &[("w", w.stream())])?;
-    let warps = warps_per_block(n, num_sms(stream)?);
+    let warps = block_warps(n, stream)?;
     x.with_input(OP, stream, |x, norm| {
         check_prologue(OP, norm, (m, k, n))?;
         let (w, _w) = w.device_ptr(stream);
@@ -453,6 +484,22 @@ fn launch(_op: &str, _stream: &CudaStream, _launch: &GemvLaunch, _rope: Option<R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_warps_forces_the_count_on_this_thread_only_and_restores_it() {
+        assert!(with_warps(12, || ()).is_err());
+        let seen = with_warps(8, || {
+            let inner = with_warps(16, || FORCED_WARPS.with(std::cell::Cell::get)).unwrap();
+            let other = std::thread::spawn(|| FORCED_WARPS.with(std::cell::Cell::get)).join().unwrap();
+            (FORCED_WARPS.with(std::cell::Cell::get), inner, other)
+        })
+        .unwrap();
+        assert_eq!(seen, (Some(8), Some(16), None));
+        assert_eq!(FORCED_WARPS.with(std::cell::Cell::get), None);
+        let caught = std::panic::catch_unwind(|| with_warps(8, || panic!("inside")));
+        assert!(caught.is_err());
+        assert_eq!(FORCED_WARPS.with(std::cell::Cell::get), None);
+    }
 
     #[test]
     fn supports_the_decode_shapes_only() {

@@ -14,6 +14,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod decode_layers;
 pub mod embedding;
 pub mod encoder_attention;
 #[cfg(llama32_cuda)]

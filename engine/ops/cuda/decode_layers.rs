@@ -1,0 +1,480 @@
+//! The persistent decode stack on CUDA (`kernels/decode_layers.cu`, family `decode_layers`): every decoder layer
+//! of a bf16 decode step of up to [`MAX_M`] sequences in one cooperative launch of one block per SM, its phases
+//! separated by grid barriers.
+//!
+//! Each phase runs the device code of the multi-kernel step with the parameters that step gives it: the gemv family
+//! at 8 warps per tile with its norm prologue, RoPE + KV-write and SwiGLU epilogues, and the paged decode with the
+//! fused split merge. So the results are bit for bit those of that step run with 8-warp gemv tiles
+//! ([`super::gemv::with_warps`]); its CPU twin is the CPU model's layer loop ([`crate::model::forward`]).
+//!
+//! The layers' weights and caches are named once, in a [`LayerTable`] in device memory; each launch takes the step's
+//! buffers, metadata and a [`StackScratch`].
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::ops::cpu::attention::PagedLayout;
+use crate::{Error, Result};
+
+/// The most decode sequences one launch takes (one MMA column tile of the gemv).
+pub const MAX_M: usize = 8;
+/// The most KV splits per sequence (as the paged decode).
+const MAX_SPLITS: usize = super::attention::MAX_DECODE_SPLITS;
+/// The most query heads per kv head (as the paged decode).
+const MAX_GROUP: usize = 16;
+/// The longest hidden row the norm prologue takes (l32_norm's in-register rows).
+const MAX_HIDDEN: usize = 8 * 8 * 512;
+
+/// The model's sizes as the stack needs them.
+#[derive(Clone, Copy, Debug)]
+pub struct StackShape {
+    /// Heads, head_dim and cache block size.
+    pub layout: PagedLayout,
+    /// Hidden size (a multiple of 8).
+    pub hidden: usize,
+    /// MLP intermediate size (a multiple of 8).
+    pub inter: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Slots in each layer's cache pool (blocks times block size).
+    pub num_slots: usize,
+}
+
+impl StackShape {
+    /// Width of the fused qkv row.
+    fn qkv(&self) -> usize {
+        (self.layout.num_heads + 2 * self.layout.num_kv_heads) * self.layout.head_dim
+    }
+
+    /// Width of the attention output row.
+    fn q_dim(&self) -> usize {
+        self.layout.num_heads * self.layout.head_dim
+    }
+
+    /// Why the stack cannot run this shape, if it cannot.
+    fn unsupported(&self) -> Option<String> {
+        let l = &self.layout;
+        if !matches!(l.head_dim, 64 | 128) {
+            return Some(format!("head_dim {} (64 or 128 only)", l.head_dim));
+        }
+        if l.num_kv_heads == 0 || l.num_heads % l.num_kv_heads != 0 || l.num_heads / l.num_kv_heads > MAX_GROUP {
+            return Some(format!("{} query heads over {} kv heads", l.num_heads, l.num_kv_heads));
+        }
+        if self.hidden == 0 || self.hidden % 8 != 0 || self.hidden > MAX_HIDDEN {
+            return Some(format!("hidden size {} (a multiple of 8 up to {MAX_HIDDEN})", self.hidden));
+        }
+        if self.inter == 0 || self.inter % 8 != 0 || self.inter > i32::MAX as usize / 4 {
+            return Some(format!("intermediate size {} (a multiple of 8)", self.inter));
+        }
+        if l.block_size == 0 || self.num_slots == 0 || self.num_slots > super::rope::PAD_SLOT as usize {
+            return Some(format!("{} cache slots of block size {}", self.num_slots, l.block_size));
+        }
+        if !(self.eps >= 0.0 && self.eps.is_finite()) {
+            return Some(format!("RMSNorm epsilon {}", self.eps));
+        }
+        None
+    }
+}
+
+/// The most sequences (up to [`MAX_M`]) whose staged rows fit `smem` bytes of shared memory per block, as
+/// `kernels/decode_layers.cu` sizes them: 16 (k / 8 + 1) bytes per row of the widest input, or the decode
+/// attention's tiles, plus up to 8 KB of the kernel's static shared memory.
+fn max_sequences(shape: &StackShape, smem: usize) -> usize {
+    const STATIC: usize = 8 * 1024;
+    let widest = shape.hidden.max(shape.q_dim()).max(shape.inter);
+    let decode = if shape.layout.head_dim == 64 { 34_816 } else { 36_864 };
+    (1..=MAX_M).rev().find(|&m| (m * 16 * (widest / 8 + 1)).max(decode) + STATIC <= smem).unwrap_or(0)
+}
+
+/// True when the stack runs `m` decode sequences of a model of this shape (with bf16 weights).
+pub fn supports(shape: &StackShape, m: usize) -> bool {
+    (1..=MAX_M).contains(&m) && shape.unsupported().is_none()
+}
+
+/// One layer's device tensors, in the layouts of the gemv and paged-decode calls.
+pub struct StackLayer<'a> {
+    /// `[hidden]` input RMSNorm weight.
+    pub attn_norm: &'a CudaSlice<bf16>,
+    /// `[qkv, hidden]` fused q, k, v projection.
+    pub wqkv: &'a CudaSlice<bf16>,
+    /// `[hidden, q_dim]` output projection.
+    pub wo: &'a CudaSlice<bf16>,
+    /// `[hidden]` post-attention RMSNorm weight.
+    pub mlp_norm: &'a CudaSlice<bf16>,
+    /// `[2 inter, hidden]` fused gate (first) and up projection.
+    pub w_gate_up: &'a CudaSlice<bf16>,
+    /// `[hidden, inter]` down projection.
+    pub w_down: &'a CudaSlice<bf16>,
+    /// `[num_slots, num_kv_heads, head_dim]` key cache pool.
+    pub k_cache: &'a CudaSlice<bf16>,
+    /// The value cache pool, the same shape.
+    pub v_cache: &'a CudaSlice<bf16>,
+}
+
+/// The layers' device pointers in device memory (an array of `l32_decode_layer_weights`), with the shape they were
+/// checked against.
+pub struct LayerTable {
+    #[cfg_attr(not(llama32_cuda), allow(dead_code))]
+    buf: CudaSlice<u64>,
+    layers: usize,
+    shape: StackShape,
+    max_m: usize,
+}
+
+/// Pointers per layer in the table (the fields of `l32_decode_layer_weights`, in order).
+const TABLE_FIELDS: usize = 8;
+
+impl LayerTable {
+    /// Checks every layer's tensors against `shape` and uploads their addresses.
+    ///
+    /// # Safety
+    /// The table holds raw device addresses: every slice must stay allocated, unmoved, for as long as the table is
+    /// launched with, and the caches must not be used by other work running at the same time as a launch.
+    pub unsafe fn new(stream: &Arc<CudaStream>, shape: StackShape, layers: &[StackLayer<'_>]) -> Result<Self> {
+        const OP: &str = "decode_layers table";
+        if let Some(why) = shape.unsupported() {
+            return Err(Error::Backend(format!("{OP}: unsupported model shape: {why}")));
+        }
+        if layers.is_empty() || layers.len() > i32::MAX as usize {
+            return Err(Error::Backend(format!("{OP}: {} layers", layers.len())));
+        }
+        let (h, i, qkv, q) = (shape.hidden, shape.inter, shape.qkv(), shape.q_dim());
+        let slots = shape.num_slots * shape.layout.num_kv_heads * shape.layout.head_dim;
+        let mut words = Vec::with_capacity(layers.len() * TABLE_FIELDS);
+        for (l, layer) in layers.iter().enumerate() {
+            let fields: [(&str, &CudaSlice<bf16>, usize); TABLE_FIELDS] = [
+                ("attn_norm", layer.attn_norm, h),
+                ("wqkv", layer.wqkv, qkv * h),
+                ("wo", layer.wo, h * q),
+                ("mlp_norm", layer.mlp_norm, h),
+                ("w_gate_up", layer.w_gate_up, 2 * i * h),
+                ("w_down", layer.w_down, h * i),
+                ("k_cache", layer.k_cache, slots),
+                ("v_cache", layer.v_cache, slots),
+            ];
+            for (name, slice, need) in fields {
+                super::check_same_device(OP, stream, &[(name, slice.stream())])?;
+                if slice.len() < need {
+                    return Err(Error::Backend(format!(
+                        "{OP}: layer {l} `{name}` has {} elements, needs {need}",
+                        slice.len()
+                    )));
+                }
+                let (ptr, _guard) = slice.device_ptr(stream);
+                if ptr % 16 != 0 {
+                    return Err(Error::Backend(format!("{OP}: layer {l} `{name}` at {ptr:#x} is not 16-byte aligned")));
+                }
+                words.push(ptr);
+            }
+        }
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        let smem = stream
+            .context()
+            .attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| Error::Backend(format!("{OP}: querying the shared memory per block: {e}")))?;
+        let max_m = max_sequences(&shape, smem.max(0) as usize);
+        if max_m == 0 {
+            return Err(Error::Backend(format!("{OP}: {smem} bytes of shared memory per block are too few")));
+        }
+        let mut buf = stream.alloc_zeros::<u64>(words.len()).map_err(|e| Error::Backend(format!("{OP}: {e}")))?;
+        stream.memcpy_htod(&words, &mut buf).map_err(|e| Error::Backend(format!("{OP}: upload: {e}")))?;
+        Ok(LayerTable { buf, layers: layers.len(), shape, max_m })
+    }
+
+    /// The most sequences one launch takes on this device (its shared memory per block bounds the staged rows).
+    pub fn max_m(&self) -> usize {
+        self.max_m
+    }
+
+    /// Decoder layers in the table.
+    pub fn num_layers(&self) -> usize {
+        self.layers
+    }
+
+    /// The shape the table was checked against.
+    pub fn shape(&self) -> &StackShape {
+        &self.shape
+    }
+}
+
+/// The stack's own device state: the grid barrier, the norm prologue's counter and the split merge's counters,
+/// zero between launches (every launch leaves them zero, so a CUDA graph can replay it).
+pub struct StackScratch {
+    #[cfg_attr(not(llama32_cuda), allow(dead_code))]
+    counters: CudaSlice<u32>,
+}
+
+impl StackScratch {
+    /// Counters for up to [`MAX_M`] sequences of `num_kv_heads` kv heads.
+    pub fn new(stream: &Arc<CudaStream>, num_kv_heads: usize) -> Result<Self> {
+        let counters = stream
+            .alloc_zeros::<u32>(3 + MAX_M * num_kv_heads)
+            .map_err(|e| Error::Backend(format!("decode_layers scratch: {e}")))?;
+        Ok(StackScratch { counters })
+    }
+
+    fn words(&self) -> usize {
+        self.counters.len()
+    }
+}
+
+/// The step's activation buffers (`m` rows each; the first `m * width` elements are used).
+pub struct StackIo<'a, X> {
+    /// `[m, hidden]`: in the embedding rows; out the residual stream before the last layer's down projection.
+    pub x: &'a mut X,
+    /// `[m, hidden]`: out the last layer's down projection (the final add + RMSNorm follows).
+    pub delta: &'a mut X,
+    /// `[m, qkv]` scratch.
+    pub qkv: &'a mut X,
+    /// `[m, q_dim]` scratch.
+    pub attn: &'a mut X,
+    /// `[m, inter]` scratch.
+    pub act: &'a mut X,
+}
+
+/// The step's metadata on the device, as the paged decode and the RoPE epilogue read it.
+pub struct StackMeta<'a, U, F> {
+    /// `[m]` positions (context length minus one).
+    pub positions: &'a U,
+    /// `[m]` cache slots of the new tokens.
+    pub slot_mapping: &'a U,
+    /// `[head_dim / 2]` RoPE inverse frequencies.
+    pub inv_freq: &'a F,
+    /// `[m, max_blocks_per_seq]` block tables.
+    pub block_tables: &'a U,
+    /// Row length of the block tables.
+    pub max_blocks_per_seq: usize,
+    /// KV splits per sequence (as [`super::attention::decode_num_splits`] picks them).
+    pub num_splits: usize,
+}
+
+/// Runs every layer of the table over one decode step of `m` sequences (token s of sequence s). Enqueued on
+/// `stream`; returns without waiting. Errors name the operand at fault.
+#[allow(clippy::too_many_arguments)] // the operands of the five phases
+pub fn decode_layers<X, U, F, W>(
+    stream: &Arc<CudaStream>,
+    table: &LayerTable,
+    m: usize,
+    io: StackIo<'_, X>,
+    meta: &StackMeta<'_, U, F>,
+    workspace: &mut W,
+    scratch: &mut StackScratch,
+) -> Result<()>
+where
+    X: DevicePtrMut<bf16>,
+    U: DevicePtr<u32>,
+    F: DevicePtr<f32>,
+    W: DevicePtrMut<u8>,
+{
+    const OP: &str = "decode_layers";
+    super::ensure_built()?;
+    let s = table.shape;
+    let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
+    if !(1..=MAX_M).contains(&m) {
+        return fail(format!("{m} sequences, 1..={MAX_M} are supported"));
+    }
+    if meta.num_splits == 0 || meta.num_splits > MAX_SPLITS {
+        return fail(format!("num_splits is {}, must be in 1..={MAX_SPLITS}", meta.num_splits));
+    }
+    if meta.max_blocks_per_seq == 0 {
+        return fail("max_blocks_per_seq is 0".into());
+    }
+    let acts = [
+        ("x", io.x.len(), s.hidden),
+        ("delta", io.delta.len(), s.hidden),
+        ("qkv", io.qkv.len(), s.qkv()),
+        ("attn", io.attn.len(), s.q_dim()),
+        ("act", io.act.len(), s.inter),
+    ];
+    for (name, have, width) in acts {
+        if have < m * width {
+            return fail(format!("`{name}` has {have} elements, needs {m} x {width}"));
+        }
+    }
+    for (name, have, need) in [
+        ("positions", meta.positions.len(), m),
+        ("slot_mapping", meta.slot_mapping.len(), m),
+        ("inv_freq", meta.inv_freq.len(), s.layout.head_dim / 2),
+        ("block_tables", meta.block_tables.len(), m * meta.max_blocks_per_seq),
+    ] {
+        if have < need {
+            return fail(format!("`{name}` has {have} entries, needs {need}"));
+        }
+    }
+    let ws_need = super::attention::decode_workspace_bytes(&s.layout, m, meta.num_splits);
+    if workspace.len() < ws_need {
+        return fail(format!("`workspace` has {} bytes, {} splits need {ws_need}", workspace.len(), meta.num_splits));
+    }
+    if scratch.words() < 3 + m * s.layout.num_kv_heads {
+        return fail(format!("the scratch holds counters for fewer than {m} sequences"));
+    }
+    let operands = [
+        ("table", table.buf.stream()),
+        ("x", io.x.stream()),
+        ("delta", io.delta.stream()),
+        ("qkv", io.qkv.stream()),
+        ("attn", io.attn.stream()),
+        ("act", io.act.stream()),
+        ("positions", meta.positions.stream()),
+        ("slot_mapping", meta.slot_mapping.stream()),
+        ("inv_freq", meta.inv_freq.stream()),
+        ("block_tables", meta.block_tables.stream()),
+        ("workspace", workspace.stream()),
+        ("scratch", scratch.counters.stream()),
+    ];
+    super::check_same_device(OP, stream, &operands)?;
+    launch(OP, stream, table, m, io, meta, workspace, scratch)
+}
+
+#[cfg(llama32_cuda)]
+#[allow(clippy::too_many_arguments)]
+fn launch<X, U, F, W>(
+    op: &str,
+    stream: &Arc<CudaStream>,
+    table: &LayerTable,
+    m: usize,
+    io: StackIo<'_, X>,
+    meta: &StackMeta<'_, U, F>,
+    workspace: &mut W,
+    scratch: &mut StackScratch,
+) -> Result<()>
+where
+    X: DevicePtrMut<bf16>,
+    U: DevicePtr<u32>,
+    F: DevicePtr<f32>,
+    W: DevicePtrMut<u8>,
+{
+    use super::ffi;
+    use std::ffi::c_void;
+    let s = table.shape;
+    let (layers, _t) = table.buf.device_ptr(stream);
+    let (x, _x) = io.x.device_ptr_mut(stream);
+    let (delta, _d) = io.delta.device_ptr_mut(stream);
+    let (qkv, _q) = io.qkv.device_ptr_mut(stream);
+    let (attn, _a) = io.attn.device_ptr_mut(stream);
+    let (act, _c) = io.act.device_ptr_mut(stream);
+    let (positions, _p) = meta.positions.device_ptr(stream);
+    let (slots, _s) = meta.slot_mapping.device_ptr(stream);
+    let (inv_freq, _f) = meta.inv_freq.device_ptr(stream);
+    let (tables, _b) = meta.block_tables.device_ptr(stream);
+    let (ws, _w) = workspace.device_ptr_mut(stream);
+    let (counters, _k) = scratch.counters.device_ptr_mut(stream);
+    for (name, ptr) in [("x", x), ("delta", delta), ("qkv", qkv), ("attn", attn), ("act", act), ("workspace", ws)] {
+        if ptr % 16 != 0 {
+            return Err(Error::Backend(format!("{op}: `{name}` at {ptr:#x} is not 16-byte aligned")));
+        }
+    }
+    let l = &s.layout;
+    // All fit their C types: StackShape::unsupported bounds the sizes, m <= 8, num_splits <= 256.
+    let params = ffi::l32_decode_layers_params {
+        layers: layers as *const ffi::l32_decode_layer_weights,
+        x: x as *mut c_void,
+        delta: delta as *mut c_void,
+        qkv: qkv as *mut c_void,
+        attn: attn as *mut c_void,
+        act: act as *mut c_void,
+        positions: positions as *const u32,
+        slot_mapping: slots as *const u32,
+        inv_freq: inv_freq as *const f32,
+        block_tables: tables as *const u32,
+        workspace: if meta.num_splits > 1 { ws as *mut c_void } else { std::ptr::null_mut() },
+        counters: counters as *mut u32,
+        num_slots: s.num_slots as i64,
+        max_blocks_per_seq: meta.max_blocks_per_seq as i64,
+        num_layers: table.layers as i32,
+        m: m as i32,
+        hidden: s.hidden as i32,
+        inter: s.inter as i32,
+        num_heads: l.num_heads as i32,
+        num_kv_heads: l.num_kv_heads as i32,
+        head_dim: l.head_dim as i32,
+        block_size: l.block_size as i32,
+        num_splits: meta.num_splits as i32,
+        eps: s.eps,
+        scale: 1.0 / (l.head_dim as f32).sqrt(),
+        dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+    };
+    let raw = super::raw_stream(op, stream)?;
+    // SAFETY: the table's addresses are live (LayerTable::new's contract) and were checked against the shape; the
+    // step's buffers, metadata, workspace and counters are live slices on this stream's device whose lengths were
+    // checked above for m sequences, held until after the launch. Metadata values (positions, slots, tables) are
+    // the executor's validated step.
+    let status = unsafe { ffi::l32_decode_layers(&params, raw) };
+    super::check_launch(op, stream, status, || {
+        format!("{op} ({} layers, m {m}, {} splits)", table.layers, meta.num_splits)
+    })
+}
+
+#[cfg(not(llama32_cuda))]
+#[allow(clippy::too_many_arguments)]
+fn launch<X, U, F, W>(
+    _op: &str,
+    _stream: &Arc<CudaStream>,
+    _table: &LayerTable,
+    _m: usize,
+    _io: StackIo<'_, X>,
+    _meta: &StackMeta<'_, U, F>,
+    _workspace: &mut W,
+    _scratch: &mut StackScratch,
+) -> Result<()>
+where
+    X: DevicePtrMut<bf16>,
+    U: DevicePtr<u32>,
+    F: DevicePtr<f32>,
+    W: DevicePtrMut<u8>,
+{
+    super::ensure_built()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape_1b() -> StackShape {
+        StackShape {
+            layout: PagedLayout { num_heads: 32, num_kv_heads: 8, head_dim: 64, block_size: 16 },
+            hidden: 2048,
+            inter: 8192,
+            eps: 1e-5,
+            num_slots: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn takes_the_llama_text_shapes_up_to_eight_sequences() {
+        let one_b = shape_1b();
+        let three_b = StackShape {
+            layout: PagedLayout { num_heads: 24, num_kv_heads: 8, head_dim: 128, block_size: 16 },
+            hidden: 3072,
+            ..one_b
+        };
+        for s in [one_b, three_b] {
+            assert!((1..=8).all(|m| supports(&s, m)));
+            assert!(!supports(&s, 0) && !supports(&s, 9));
+            // Staged rows of 8192: all eight on an H100 (227 KB per block), five on an sm_89 (99 KB).
+            assert_eq!(max_sequences(&s, 227 * 1024), 8);
+            assert_eq!(max_sequences(&s, 99 * 1024), 5);
+            assert_eq!(max_sequences(&s, 40 * 1024), 0);
+        }
+    }
+
+    #[test]
+    fn refuses_what_the_kernel_cannot_run_and_says_why() {
+        let base = shape_1b();
+        let bad = [
+            StackShape { layout: PagedLayout { head_dim: 96, ..base.layout }, ..base },
+            StackShape { layout: PagedLayout { num_heads: 30, ..base.layout }, ..base },
+            StackShape { layout: PagedLayout { num_heads: 136, ..base.layout }, ..base },
+            StackShape { hidden: 2047, ..base },
+            StackShape { inter: 0, ..base },
+            StackShape { num_slots: 0, ..base },
+            StackShape { eps: f32::NAN, ..base },
+        ];
+        for s in bad {
+            assert!(!supports(&s, 1), "{s:?}");
+            assert!(s.unsupported().is_some_and(|why| !why.is_empty()));
+        }
+    }
+}

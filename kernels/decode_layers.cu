@@ -1,0 +1,309 @@
+// kernels/decode_layers.cu: the persistent decode stack (l32_decode_layers_params in llama32_kernels.h), every
+// decoder layer of a bf16 decode step of up to 8 sequences in one launch.
+//
+// Why: a 1B batch-1 step is ~130 dependent kernels, and each boundary exposes a ramp and a tail (the architecture
+// doc's "one persistent kernel per step": about 20 us a layer over the roofline on an H100). Here one cooperative
+// launch of one block per SM runs the 16 (or 28) layers, five phases each, separated by grid barriers
+// (common/grid_barrier.cuh); before a block arrives at a barrier it asks L2 for the first bytes of its weight rows
+// of the next projection, which no phase writes, so the weight stream need not stop at the barrier.
+//
+// Three tiers: the kernel, the launcher, the checked C entry.
+//
+// Phases of layer l (block b of B, 8 warps; "tiles" are those of kernels/gemv.cu, tile i taken by block i mod B):
+//   1. every block computes rms_norm(x [+ delta]) of the m rows into shared memory (the gemv norm prologue; with
+//      delta the last block through it writes x + delta back to x), then its qkv tiles with the RoPE + KV-write
+//      epilogue (gemv rope_on);
+//   2. the split-KV decode attention: item i = (split, kv head, sequence) taken by warps 0 .. kDecodeWarps - 1 of
+//      block i mod B (decode_device.cuh, a named barrier among those warps), the splits merged by the group that
+//      finishes last (fused merge);
+//   3. o: the attention rows staged into shared memory, then the tiles, output into delta;
+//   4. as 1 with the MLP norm and delta = o's output, then the gate_up tiles with the SwiGLU epilogue into act;
+//   5. down: act staged, the tiles, output into delta.
+// Every phase runs the multi-kernel step's device code with the parameters it would get (gemv at warps = 8), so the
+// bits are those of that step. Activations written in this launch are read from L2 (ld.global.cg, cp.async.cg,
+// __ldcg): L1 is not coherent across SMs. Weights and metadata, which nothing writes, go through the read-only path
+// as in the gemv kernel.
+//
+// Registers (ptxas, CUDA 13.0, sm_80 / sm_89 / sm_90a) and shared memory: see the launcher's notes below.
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "attention/decode_device.cuh"
+#include "common/grid_barrier.cuh"
+#include "common/status.cuh"
+#include "common/sync.cuh"
+#include "gemv_device.cuh"
+#include "llama32_kernels.h"
+
+namespace l32 {
+namespace {
+
+using namespace gemv_dev;
+using decode_dev::DecodeTraits;
+using decode_dev::kMaxGroup;
+
+constexpr int kWarps = 8;  // the gemv tiles' k split, and the block
+constexpr int kThreads = 32 * kWarps;
+constexpr int kMaxSplits = 256;
+
+// The decode attention's instantiation per head_dim, as l32_paged_decode picks it (two K/V stages).
+template <int D>
+struct StackTraits {
+    static constexpr int kDecodeWarps = D == 64 ? 4 : 2;
+    using Decode = DecodeTraits<D, kDecodeWarps, 2>;
+};
+
+// Bytes of m staged rows of k bf16 (stride 16 (k / 8 + 1): the gemv kernel's padded layout).
+__host__ __device__ inline int64_t rows_smem(int64_t m, int64_t k) { return m * 16 * (k / 8 + 1); }
+
+// Row i of x [m, k] into shared memory at xs + i * stride, from L2 (other blocks wrote x in this launch).
+__device__ __forceinline__ void stage_rows(const bf16* x, int m, int kv, unsigned char* xs, int stride) {
+    const auto* src = reinterpret_cast<const uint4*>(x);
+    for (int idx = threadIdx.x; idx < m * kv; idx += kThreads) {
+        const int r = idx / kv, c = idx % kv;
+        *reinterpret_cast<uint4*>(xs + r * stride + 16 * c) = __ldcg(src + static_cast<int64_t>(r) * kv + c);
+    }
+    __syncthreads();
+}
+
+// Tiles of a projection whose x rows are in shared memory at xs (row stride `stride`): tile blockIdx.x, then every
+// gridDim.x-th, each exactly as the gemv kernel's block `tile` computes it.
+template <int kMode>
+__device__ __forceinline__ void run_tiles(const l32_gemv_params& gp, int64_t tiles, unsigned char* xs, int stride,
+                                          float (&partial)[kWarps][8][kRows]) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int m = static_cast<int>(gp.m), kv = static_cast<int>(gp.k / 8);
+    XRows<1> xrows;
+    const int row = min(g, m - 1);
+    xrows.xr[0] = nullptr;  // not read: x comes from shared memory
+    xrows.xs[0] = smem_addr(xs) + static_cast<uint32_t>(row * stride);
+    const auto* w = static_cast<const bf16*>(gp.w);
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const BlockRows br = block_rows<kMode>(gp, g, tile);
+        const auto* w0 = reinterpret_cast<const uint4*>(w + br.r0 * gp.k);
+        const auto* w1 = reinterpret_cast<const uint4*>(w + br.r1 * gp.k);
+        gemv_tile<1, kWarps, kMode, true>(gp, br, w0, w1, xrows, partial, m, kv, warp, g, t, tile);
+        __syncthreads();  // the epilogue has read `partial`, which the next tile overwrites
+    }
+}
+
+// Asks L2 for the first bytes (up to 8 KB) of each of the 16 weight rows of this block's first tile of the next
+// projection, so that they stream in while the block waits at the barrier before it (sm_90; nothing elsewhere).
+template <int kMode>
+__device__ __forceinline__ void prefetch_first_tile(const l32_gemv_params& gp, int64_t tiles) {
+    if (threadIdx.x >= 16 || blockIdx.x >= tiles) return;
+    const BlockRows br = block_rows<kMode>(gp, threadIdx.x % 8, blockIdx.x);
+    const int64_t r = threadIdx.x < 8 ? br.r0 : br.r1;
+    const uint32_t bytes = static_cast<uint32_t>(min(gp.k * 2, int64_t{8192}));
+    prefetch_l2_bulk(static_cast<const bf16*>(gp.w) + r * gp.k, bytes);
+}
+
+// The gemv parameters of one projection (m rows, warps = 8), as the multi-kernel step passes them.
+__device__ __forceinline__ l32_gemv_params gemv_params(const l32_decode_layers_params& p, void* out, const void* x,
+                                                       const void* w, int64_t k, int64_t n) {
+    l32_gemv_params g = {};
+    g.out = out;
+    g.x = x;
+    g.w = w;
+    g.m = p.m;
+    g.k = k;
+    g.n = n;
+    g.warps = kWarps;
+    g.dtype = L32_DTYPE_BF16;
+    return g;
+}
+
+// The norm prologue's fields: weight, and with `residual` the delta added to x (counter: the stack's).
+__device__ __forceinline__ void set_norm(l32_gemv_params& g, const l32_decode_layers_params& p, const void* weight,
+                                         bool residual) {
+    g.norm.weight = weight;
+    g.norm.delta = residual ? p.delta : nullptr;
+    g.norm.counter = p.counters + 2;
+    g.norm.eps = p.eps;
+}
+
+// Layer L's qkv projection with the norm prologue (with `residual`, after the residual add) and the RoPE + KV-write
+// epilogue (D: head_dim).
+template <int D>
+__device__ __forceinline__ l32_gemv_params qkv_params(const l32_decode_layers_params& p,
+                                                      const l32_decode_layer_weights& L, bool residual) {
+    const int64_t n = int64_t{p.num_heads + 2 * p.num_kv_heads} * D;
+    l32_gemv_params g = gemv_params(p, p.qkv, p.x, L.wqkv, p.hidden, n);
+    set_norm(g, p, L.attn_norm, residual);
+    g.rope_on = 1;
+    g.rope.k_cache = L.k_cache;
+    g.rope.v_cache = L.v_cache;
+    g.rope.positions = p.positions;
+    g.rope.slot_mapping = p.slot_mapping;
+    g.rope.inv_freq = p.inv_freq;
+    g.rope.bad_slot = nullptr;
+    g.rope.num_slots = p.num_slots;
+    g.rope.num_heads = p.num_heads;
+    g.rope.num_kv_heads = p.num_kv_heads;
+    g.rope.head_dim = D;
+    return g;
+}
+
+// Tier 1. grid = one block per SM (cooperative), kThreads threads, smem_bytes (below) of dynamic shared
+// memory. D: head_dim.
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid_constant__ l32_decode_layers_params p) {
+    pdl_begin();  // a cooperative launch is never programmatic: returns at once
+    using S = StackTraits<D>;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float partial[kWarps][8][kRows];
+    __shared__ float s_m[S::kDecodeWarps][kMaxGroup], s_l[S::kDecodeWarps][kMaxGroup];
+    unsigned* const barrier = p.counters;
+    const int m = p.m;
+    const int64_t hidden = p.hidden, inter = p.inter;
+    const int64_t q_dim = int64_t{p.num_heads} * D, qkv_n = int64_t{p.num_heads + 2 * p.num_kv_heads} * D;
+    const int hidden_stride = static_cast<int>(16 * (hidden / 8 + 1));
+
+    for (int l = 0; l < p.num_layers; ++l) {
+        const l32_decode_layer_weights& L = p.layers[l];
+
+        // 1. norm (+ residual), qkv, RoPE, KV write.
+        const l32_gemv_params qkv = qkv_params<D>(p, L, l > 0);
+        norm_prologue<kWarps, true>(qkv, smem, hidden_stride, m, static_cast<int>(hidden / 8));
+        run_tiles<kRope>(qkv, qkv_n / kRows, smem, hidden_stride, partial);
+        const l32_gemv_params o = gemv_params(p, p.delta, p.attn, L.wo, q_dim, hidden);
+        prefetch_first_tile<kPlain>(o, (hidden + kRows - 1) / kRows);
+        grid_barrier(barrier);
+
+        // 2. attention.
+        if (threadIdx.x < 32 * S::kDecodeWarps) {
+            l32_paged_decode_params a = {};
+            a.out = p.attn;
+            a.q = p.qkv;
+            a.k_cache = L.k_cache;
+            a.v_cache = L.v_cache;
+            a.positions = p.positions;
+            a.block_tables = p.block_tables;
+            a.workspace = p.workspace;
+            a.merge_counters = p.counters + 3;
+            a.num_seqs = m;
+            a.q_stride = qkv_n;
+            a.max_blocks_per_seq = p.max_blocks_per_seq;
+            a.num_heads = p.num_heads;
+            a.num_kv_heads = p.num_kv_heads;
+            a.head_dim = D;
+            a.block_size = p.block_size;
+            a.num_splits = p.num_splits;
+            a.scale = p.scale;
+            a.fused_merge = 1;
+            a.dtype = L32_DTYPE_BF16;
+            const NamedSync group{1, 32 * S::kDecodeWarps};
+            const int items = p.num_splits * p.num_kv_heads * m;
+            for (int item = blockIdx.x; item < items; item += gridDim.x) {
+                const int split = item % p.num_splits, rest = item / p.num_splits;
+                decode_dev::decode_split<D, S::kDecodeWarps, true, 2>(a, split, rest % p.num_kv_heads,
+                                                                      rest / p.num_kv_heads, threadIdx.x, smem, s_m,
+                                                                      s_l, group);
+                group();  // the next item's copies overwrite what this one's merge reads
+            }
+        }
+        grid_barrier(barrier);
+
+        // 3. o.
+        const int q_stride = static_cast<int>(16 * (q_dim / 8 + 1));
+        stage_rows(static_cast<const bf16*>(p.attn), m, static_cast<int>(q_dim / 8), smem, q_stride);
+        run_tiles<kPlain>(o, (hidden + kRows - 1) / kRows, smem, q_stride, partial);
+        l32_gemv_params gate_up = gemv_params(p, p.act, p.x, L.w_gate_up, hidden, inter);
+        set_norm(gate_up, p, L.mlp_norm, true);
+        gate_up.silu_pairs = 1;
+        prefetch_first_tile<kSilu>(gate_up, (inter + kRows / 2 - 1) / (kRows / 2));
+        grid_barrier(barrier);
+
+        // 4. norm + residual, gate_up, SwiGLU.
+        norm_prologue<kWarps, true>(gate_up, smem, hidden_stride, m, static_cast<int>(hidden / 8));
+        run_tiles<kSilu>(gate_up, (inter + kRows / 2 - 1) / (kRows / 2), smem, hidden_stride, partial);
+        const l32_gemv_params down = gemv_params(p, p.delta, p.act, L.w_down, inter, hidden);
+        prefetch_first_tile<kPlain>(down, (hidden + kRows - 1) / kRows);
+        grid_barrier(barrier);
+
+        // 5. down.
+        const int inter_stride = static_cast<int>(16 * (inter / 8 + 1));
+        stage_rows(static_cast<const bf16*>(p.act), m, static_cast<int>(inter / 8), smem, inter_stride);
+        run_tiles<kPlain>(down, (hidden + kRows - 1) / kRows, smem, inter_stride, partial);
+        if (l + 1 < p.num_layers) {
+            const l32_decode_layer_weights& next = p.layers[l + 1];
+            prefetch_first_tile<kRope>(qkv_params<D>(p, next, true), qkv_n / kRows);
+            grid_barrier(barrier);
+        }
+    }
+}
+
+// Dynamic shared memory of one block: the widest staged rows, or the decode attention's tiles.
+template <int D>
+int64_t smem_bytes(const l32_decode_layers_params& p) {
+    const int64_t q_dim = int64_t{p.num_heads} * D;
+    const int64_t rows = rows_smem(p.m, std::max<int64_t>({p.hidden, q_dim, p.inter}));
+    return std::max<int64_t>(rows, StackTraits<D>::Decode::kSmemBytes);
+}
+
+// Blocks of one launch: one per SM, or 0 where one block with `smem` bytes cannot be resident on an SM.
+template <int D>
+int stack_blocks(size_t smem) {
+    int device = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+    if (allow_dynamic_smem(decode_layers_kernel<D>, smem) != L32_OK) return 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_layers_kernel<D>, kThreads, smem) !=
+        cudaSuccess) {
+        return 0;
+    }
+    return per_sm >= 1 ? sms : 0;
+}
+
+// Tier 2: a cooperative launch (every block resident, or the launch fails) of one block per SM.
+template <int D>
+l32_status launch(const l32_decode_layers_params& p, cudaStream_t stream) {
+    const auto smem = static_cast<size_t>(smem_bytes<D>(p));
+    const int blocks = stack_blocks<D>(smem);
+    if (blocks == 0) return L32_UNSUPPORTED;
+    void* args[] = {const_cast<l32_decode_layers_params*>(&p)};
+    (void)cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(decode_layers_kernel<D>), dim3(blocks),
+                                      dim3(kThreads), args, smem, stream);
+    return check_launch();
+}
+
+// The sizes the kernel takes (pointers aside).
+bool supported(const l32_decode_layers_params& p) {
+    if (p.dtype != L32_DTYPE_BF16 || (p.head_dim != 64 && p.head_dim != 128)) return false;
+    if (p.m < 1 || p.m > L32_DECODE_LAYERS_MAX_M || p.num_layers < 1) return false;
+    if (p.hidden <= 0 || p.hidden % 8 != 0 || p.inter <= 0 || p.inter % 8 != 0) return false;
+    if (p.num_heads <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) return false;
+    if (p.num_heads / p.num_kv_heads > kMaxGroup || p.num_splits < 1 || p.num_splits > kMaxSplits) return false;
+    // The norm's in-register rows (l32_norm: 8 vectors of 8 per thread of at most kNormMaxThreads).
+    if (p.hidden > 8 * 8 * kNormMaxThreads) return false;
+    const int64_t q_dim = int64_t{p.num_heads} * p.head_dim;
+    if (q_dim > INT_MAX / 4 || p.inter > INT_MAX / 4 || p.block_size < 1 || p.max_blocks_per_seq < 1) return false;
+    return p.num_slots >= 1 && p.num_slots <= int64_t{L32_PAD_SLOT};
+}
+
+}  // namespace
+}  // namespace l32
+
+// Tier 3: the checked entry.
+extern "C" l32_status l32_decode_layers(const l32_decode_layers_params* params, void* stream) {
+    using namespace l32;
+    if (params == nullptr) return L32_INVALID_ARGUMENT;
+    const l32_decode_layers_params& p = *params;
+    if (p.layers == nullptr || p.x == nullptr || p.delta == nullptr || p.qkv == nullptr || p.attn == nullptr ||
+        p.act == nullptr || p.positions == nullptr || p.slot_mapping == nullptr || p.inv_freq == nullptr ||
+        p.block_tables == nullptr || p.counters == nullptr) {
+        return L32_INVALID_ARGUMENT;
+    }
+    if (p.num_splits > 1 && p.workspace == nullptr) return L32_INVALID_ARGUMENT;
+    if (!(p.eps >= 0.f) || !std::isfinite(p.eps) || !(p.scale > 0.f) || !std::isfinite(p.scale)) {
+        return L32_INVALID_ARGUMENT;
+    }
+    if (!supported(p)) return L32_UNSUPPORTED;
+    const void* const rows[] = {p.x, p.delta, p.qkv, p.attn, p.act, p.workspace};
+    for (const void* a : rows) {
+        if (!is_aligned(a, 16)) return L32_UNSUPPORTED;
+    }
+    const auto s = static_cast<cudaStream_t>(stream);
+    return p.head_dim == 64 ? launch<64>(p, s) : launch<128>(p, s);
+}
