@@ -24,7 +24,11 @@
 // __ldcg): L1 is not coherent across SMs. Weights and metadata, which nothing writes, go through the read-only path
 // as in the gemv kernel.
 //
-// Registers (ptxas, CUDA 13.0, sm_80 / sm_89 / sm_90a) and shared memory: see the launcher's notes below.
+// ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), no spills, a 32-byte stack frame (sincosf's large-angle path, as in
+// the gemv RoPE epilogue): decode_layers_kernel<64> 168 / 172 / 180 registers, 4688 B static shared memory;
+// <128> 226 / 227 / 227 registers, 4432 B. One 256-thread block per SM either way. Dynamic shared memory: the
+// widest staged rows, 16 (k / 8 + 1) bytes a row (1B / 3B: the down input, 16 KB at m = 1, 131 KB at m = 8), or
+// the decode attention's 34-36 KB.
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -67,8 +71,30 @@ __device__ __forceinline__ void stage_rows(const bf16* x, int m, int kv, unsigne
     __syncthreads();
 }
 
+// Asks L2 for the first `max_bytes` (at most; 16-byte multiples) of each of the 16 weight rows of tile `tile`, one
+// bulk prefetch per row from threads 0-15 (sm_90; nothing elsewhere). Weights are never written, so this may run
+// ahead of any barrier.
+template <int kMode>
+__device__ __forceinline__ void prefetch_tile(const l32_gemv_params& gp, int64_t tile, int64_t tiles,
+                                              int64_t max_bytes) {
+    if (threadIdx.x >= 16 || tile >= tiles) return;
+    const BlockRows br = block_rows<kMode>(gp, threadIdx.x % 8, tile);
+    const int64_t r = threadIdx.x < 8 ? br.r0 : br.r1;
+    const auto bytes = static_cast<uint32_t>(min(gp.k * 2, max_bytes));
+    prefetch_l2_bulk(static_cast<const bf16*>(gp.w) + r * gp.k, bytes);
+}
+
+// This block's first tile of the next projection: the first 8 KB of each row, asked for before the barrier ahead of
+// it so that they stream in while the block waits.
+template <int kMode>
+__device__ __forceinline__ void prefetch_first_tile(const l32_gemv_params& gp, int64_t tiles) {
+    prefetch_tile<kMode>(gp, blockIdx.x, tiles, 8192);
+}
+
 // Tiles of a projection whose x rows are in shared memory at xs (row stride `stride`): tile blockIdx.x, then every
-// gridDim.x-th, each exactly as the gemv kernel's block `tile` computes it.
+// gridDim.x-th, each exactly as the gemv kernel's block `tile` computes it. While a tile runs, the next one's rows
+// (up to 16 KB each) are asked of L2, so that the stream goes on through the tile's reduction and epilogue (the
+// gemv kernel has two blocks per SM for that; this kernel has one).
 template <int kMode>
 __device__ __forceinline__ void run_tiles(const l32_gemv_params& gp, int64_t tiles, unsigned char* xs, int stride,
                                           float (&partial)[kWarps][8][kRows]) {
@@ -80,23 +106,13 @@ __device__ __forceinline__ void run_tiles(const l32_gemv_params& gp, int64_t til
     xrows.xs[0] = smem_addr(xs) + static_cast<uint32_t>(row * stride);
     const auto* w = static_cast<const bf16*>(gp.w);
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        prefetch_tile<kMode>(gp, tile + gridDim.x, tiles, 16384);
         const BlockRows br = block_rows<kMode>(gp, g, tile);
         const auto* w0 = reinterpret_cast<const uint4*>(w + br.r0 * gp.k);
         const auto* w1 = reinterpret_cast<const uint4*>(w + br.r1 * gp.k);
         gemv_tile<1, kWarps, kMode, true>(gp, br, w0, w1, xrows, partial, m, kv, warp, g, t, tile);
         __syncthreads();  // the epilogue has read `partial`, which the next tile overwrites
     }
-}
-
-// Asks L2 for the first bytes (up to 8 KB) of each of the 16 weight rows of this block's first tile of the next
-// projection, so that they stream in while the block waits at the barrier before it (sm_90; nothing elsewhere).
-template <int kMode>
-__device__ __forceinline__ void prefetch_first_tile(const l32_gemv_params& gp, int64_t tiles) {
-    if (threadIdx.x >= 16 || blockIdx.x >= tiles) return;
-    const BlockRows br = block_rows<kMode>(gp, threadIdx.x % 8, blockIdx.x);
-    const int64_t r = threadIdx.x < 8 ? br.r0 : br.r1;
-    const uint32_t bytes = static_cast<uint32_t>(min(gp.k * 2, int64_t{8192}));
-    prefetch_l2_bulk(static_cast<const bf16*>(gp.w) + r * gp.k, bytes);
 }
 
 // The gemv parameters of one projection (m rows, warps = 8), as the multi-kernel step passes them.
@@ -262,9 +278,19 @@ l32_status launch(const l32_decode_layers_params& p, cudaStream_t stream) {
     const auto smem = static_cast<size_t>(smem_bytes<D>(p));
     const int blocks = stack_blocks<D>(smem);
     if (blocks == 0) return L32_UNSUPPORTED;
-    void* args[] = {const_cast<l32_decode_layers_params*>(&p)};
-    (void)cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(decode_layers_kernel<D>), dim3(blocks),
-                                      dim3(kThreads), args, smem, stream);
+    // The cooperative attribute of cudaLaunchKernelEx (what cudaLaunchCooperativeKernel sets), which CUDA graphs
+    // keep on a captured kernel node ("valid for graph nodes, launches"): the decode graphs capture this launch.
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    (void)cudaLaunchKernelEx(&cfg, decode_layers_kernel<D>, p);
     return check_launch();
 }
 

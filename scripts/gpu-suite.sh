@@ -469,6 +469,10 @@ PY
       cuda_kernels::grid_probe_barrier_is_sound_and_the_stream_reads_every_byte; do
       gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     done
+    # The stack's split-KV attention and fused merge: the golden contexts (up to 256) split only below 256
+    # positions a split.
+    gpu_test_env split=32 cuda_golden::cuda_persistent_decode_stack_changes_no_bit LLAMA32_DECODE_SPLIT_POSITIONS=32 \
+      LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     # What a persistent per-step decode kernel needs to know (docs/architecture.md): a grid barrier's latency, the
     # weight-like stream with and without barriers, and whether the cooperative launch is captured in a graph.
     gpu_bench 60 'grid probe' cuda_kernels::grid_probe_throughput
