@@ -258,25 +258,11 @@ int64_t smem_bytes(const l32_decode_layers_params& p) {
     return std::max<int64_t>(rows, StackTraits<D>::Decode::kSmemBytes);
 }
 
-// Blocks of one launch: one per SM, or 0 where one block with `smem` bytes cannot be resident on an SM.
-template <int D>
-int stack_blocks(size_t smem) {
-    int device = 0, sms = 0, per_sm = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-    if (allow_dynamic_smem(decode_layers_kernel<D>, smem) != L32_OK) return 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_layers_kernel<D>, kThreads, smem) !=
-        cudaSuccess) {
-        return 0;
-    }
-    return per_sm >= 1 ? sms : 0;
-}
-
 // Tier 2: a cooperative launch (every block resident, or the launch fails) of one block per SM.
 template <int D>
 l32_status launch(const l32_decode_layers_params& p, cudaStream_t stream) {
     const auto smem = static_cast<size_t>(smem_bytes<D>(p));
-    const int blocks = stack_blocks<D>(smem);
+    const int blocks = one_block_per_sm(decode_layers_kernel<D>, kThreads, smem);
     if (blocks == 0) return L32_UNSUPPORTED;
     // The cooperative attribute of cudaLaunchKernelEx (what cudaLaunchCooperativeKernel sets), which CUDA graphs
     // keep on a captured kernel node ("valid for graph nodes, launches"): the decode graphs capture this launch.

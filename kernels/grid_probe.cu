@@ -109,15 +109,7 @@ __global__ void __launch_bounds__(kThreads, 1) grid_probe_kernel(const __grid_co
 // One block per SM when the kernel fits there once with its shared memory, else 0.
 template <int kMode>
 int probe_blocks(size_t smem) {
-    int device = 0, sms = 0, per_sm = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-    if (allow_dynamic_smem(grid_probe_kernel<kMode>, smem) != L32_OK) return 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grid_probe_kernel<kMode>, kThreads, smem) !=
-        cudaSuccess) {
-        return 0;
-    }
-    return per_sm >= 1 ? sms : 0;
+    return one_block_per_sm(grid_probe_kernel<kMode>, kThreads, smem);
 }
 
 // Tier 2: a cooperative launch (every block resident, or the launch fails) of one block per SM.

@@ -9,6 +9,10 @@
 // 2^26 tries instead of hanging the GPU.
 #pragma once
 
+#include <cuda_runtime.h>
+
+#include "common/status.cuh"
+
 namespace l32 {
 
 constexpr unsigned kGridSpinLimit = 1u << 26;
@@ -38,6 +42,18 @@ __device__ __forceinline__ void grid_barrier(unsigned* sync) {
         __threadfence();
     }
     __syncthreads();
+}
+
+// Blocks of a cooperative launch of `kernel` with one block per SM: the SM count of the current device, or 0 where
+// one block of `threads` threads and `smem` bytes of dynamic shared memory cannot be resident on an SM.
+template <class Kernel>
+int one_block_per_sm(Kernel kernel, int threads, size_t smem) {
+    int device = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+    if (allow_dynamic_smem(kernel, smem) != L32_OK) return 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess) return 0;
+    return per_sm >= 1 ? sms : 0;
 }
 
 }  // namespace l32

@@ -853,7 +853,7 @@ impl Ops for CudaOps {
         check("decoder_layers act", bufs.act, m, c.intermediate_size)?;
         let meta = self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?;
         let num_splits = k::attention::decode_num_splits(&self.layout, m, sz.max_context_len, self.num_sms);
-        let io = k::decode_layers::StackIo {
+        let io = LayerBufs {
             x: &mut bufs.x.buf,
             delta: &mut bufs.delta.buf,
             qkv: &mut bufs.qkv.buf,

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
+use crate::model::LayerBufs;
 use crate::ops::cpu::attention::PagedLayout;
 use crate::{Error, Result};
 
@@ -220,20 +221,6 @@ impl StackScratch {
     }
 }
 
-/// The step's activation buffers (`m` rows each; the first `m * width` elements are used).
-pub struct StackIo<'a, X> {
-    /// `[m, hidden]`: in the embedding rows; out the residual stream before the last layer's down projection.
-    pub x: &'a mut X,
-    /// `[m, hidden]`: out the last layer's down projection (the final add + RMSNorm follows).
-    pub delta: &'a mut X,
-    /// `[m, qkv]` scratch.
-    pub qkv: &'a mut X,
-    /// `[m, q_dim]` scratch.
-    pub attn: &'a mut X,
-    /// `[m, inter]` scratch.
-    pub act: &'a mut X,
-}
-
 /// The step's metadata on the device, as the paged decode and the RoPE epilogue read it.
 pub struct StackMeta<'a, U, F> {
     /// `[m]` positions (context length minus one).
@@ -250,14 +237,14 @@ pub struct StackMeta<'a, U, F> {
     pub num_splits: usize,
 }
 
-/// Runs every layer of the table over one decode step of `m` sequences (token s of sequence s). Enqueued on
+/// Runs every layer of the table over one decode step of `m` sequences (token s of sequence s), with the recipe's
+/// buffers `io` (`m` rows each; see [`LayerBufs`] for what x and delta hold before and after). Enqueued on
 /// `stream`; returns without waiting. Errors name the operand at fault.
-#[allow(clippy::too_many_arguments)] // the operands of the five phases
 pub fn decode_layers<X, U, F, W>(
     stream: &Arc<CudaStream>,
     table: &LayerTable,
     m: usize,
-    io: StackIo<'_, X>,
+    io: LayerBufs<'_, X>,
     meta: &StackMeta<'_, U, F>,
     workspace: &mut W,
     scratch: &mut StackScratch,
@@ -325,30 +312,7 @@ where
         ("scratch", scratch.counters.stream()),
     ];
     super::check_same_device(OP, stream, &operands)?;
-    launch(OP, stream, table, m, io, meta, workspace, scratch)
-}
-
-#[cfg(llama32_cuda)]
-#[allow(clippy::too_many_arguments)]
-fn launch<X, U, F, W>(
-    op: &str,
-    stream: &Arc<CudaStream>,
-    table: &LayerTable,
-    m: usize,
-    io: StackIo<'_, X>,
-    meta: &StackMeta<'_, U, F>,
-    workspace: &mut W,
-    scratch: &mut StackScratch,
-) -> Result<()>
-where
-    X: DevicePtrMut<bf16>,
-    U: DevicePtr<u32>,
-    F: DevicePtr<f32>,
-    W: DevicePtrMut<u8>,
-{
-    use super::ffi;
-    use std::ffi::c_void;
-    let s = table.shape;
+    // The guards are held until after the launch.
     let (layers, _t) = table.buf.device_ptr(stream);
     let (x, _x) = io.x.device_ptr_mut(stream);
     let (delta, _d) = io.delta.device_ptr_mut(stream);
@@ -363,24 +327,57 @@ where
     let (counters, _k) = scratch.counters.device_ptr_mut(stream);
     for (name, ptr) in [("x", x), ("delta", delta), ("qkv", qkv), ("attn", attn), ("act", act), ("workspace", ws)] {
         if ptr % 16 != 0 {
-            return Err(Error::Backend(format!("{op}: `{name}` at {ptr:#x} is not 16-byte aligned")));
+            return fail(format!("`{name}` at {ptr:#x} is not 16-byte aligned"));
         }
     }
+    let ptrs = StackPtrs { layers, x, delta, qkv, attn, act, positions, slots, inv_freq, tables, ws, counters };
+    launch(OP, stream, table, m, meta, &ptrs)
+}
+
+/// The device addresses of one checked launch.
+#[cfg_attr(not(llama32_cuda), allow(dead_code))]
+struct StackPtrs {
+    layers: u64,
+    x: u64,
+    delta: u64,
+    qkv: u64,
+    attn: u64,
+    act: u64,
+    positions: u64,
+    slots: u64,
+    inv_freq: u64,
+    tables: u64,
+    ws: u64,
+    counters: u64,
+}
+
+#[cfg(llama32_cuda)]
+fn launch<U, F>(
+    op: &str,
+    stream: &CudaStream,
+    table: &LayerTable,
+    m: usize,
+    meta: &StackMeta<'_, U, F>,
+    p: &StackPtrs,
+) -> Result<()> {
+    use super::ffi;
+    use std::ffi::c_void;
+    let s = table.shape;
     let l = &s.layout;
     // All fit their C types: StackShape::unsupported bounds the sizes, m <= 8, num_splits <= 256.
     let params = ffi::l32_decode_layers_params {
-        layers: layers as *const ffi::l32_decode_layer_weights,
-        x: x as *mut c_void,
-        delta: delta as *mut c_void,
-        qkv: qkv as *mut c_void,
-        attn: attn as *mut c_void,
-        act: act as *mut c_void,
-        positions: positions as *const u32,
-        slot_mapping: slots as *const u32,
-        inv_freq: inv_freq as *const f32,
-        block_tables: tables as *const u32,
-        workspace: if meta.num_splits > 1 { ws as *mut c_void } else { std::ptr::null_mut() },
-        counters: counters as *mut u32,
+        layers: p.layers as *const ffi::l32_decode_layer_weights,
+        x: p.x as *mut c_void,
+        delta: p.delta as *mut c_void,
+        qkv: p.qkv as *mut c_void,
+        attn: p.attn as *mut c_void,
+        act: p.act as *mut c_void,
+        positions: p.positions as *const u32,
+        slot_mapping: p.slots as *const u32,
+        inv_freq: p.inv_freq as *const f32,
+        block_tables: p.tables as *const u32,
+        workspace: if meta.num_splits > 1 { p.ws as *mut c_void } else { std::ptr::null_mut() },
+        counters: p.counters as *mut u32,
         num_slots: s.num_slots as i64,
         max_blocks_per_seq: meta.max_blocks_per_seq as i64,
         num_layers: table.layers as i32,
@@ -398,9 +395,9 @@ where
     };
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: the table's addresses are live (LayerTable::new's contract) and were checked against the shape; the
-    // step's buffers, metadata, workspace and counters are live slices on this stream's device whose lengths were
-    // checked above for m sequences, held until after the launch. Metadata values (positions, slots, tables) are
-    // the executor's validated step.
+    // step's buffers, metadata, workspace and counters are live slices on this stream's device whose lengths
+    // decode_layers checked for m sequences, their guards held until after this launch. Metadata values
+    // (positions, slots, tables) are the executor's validated step.
     let status = unsafe { ffi::l32_decode_layers(&params, raw) };
     super::check_launch(op, stream, status, || {
         format!("{op} ({} layers, m {m}, {} splits)", table.layers, meta.num_splits)
@@ -408,23 +405,14 @@ where
 }
 
 #[cfg(not(llama32_cuda))]
-#[allow(clippy::too_many_arguments)]
-fn launch<X, U, F, W>(
+fn launch<U, F>(
     _op: &str,
-    _stream: &Arc<CudaStream>,
+    _stream: &CudaStream,
     _table: &LayerTable,
     _m: usize,
-    _io: StackIo<'_, X>,
     _meta: &StackMeta<'_, U, F>,
-    _workspace: &mut W,
-    _scratch: &mut StackScratch,
-) -> Result<()>
-where
-    X: DevicePtrMut<bf16>,
-    U: DevicePtr<u32>,
-    F: DevicePtr<f32>,
-    W: DevicePtrMut<u8>,
-{
+    _p: &StackPtrs,
+) -> Result<()> {
     super::ensure_built()
 }
 
