@@ -462,6 +462,8 @@ PY
     # session's list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
     local ft
     for ft in cuda_golden::cuda_persistent_decode_stack_changes_no_bit \
+      cuda_decode_stack::decode_stack_matches_the_layers_at_the_llama_widths \
+      cuda_decode_stack::decode_stack_refuses_quantized_projections \
       cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
       cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
       cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \

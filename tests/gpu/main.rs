@@ -6,6 +6,7 @@
 mod common;
 
 mod cuda_attention;
+mod cuda_decode_stack;
 mod cuda_elementwise;
 mod cuda_encoder_attention;
 mod cuda_gemv;
