@@ -110,17 +110,7 @@ where
     const OP: &str = "paged_decode";
     super::ensure_built()?;
     let num_seqs = meta.positions.len();
-    let lens = Lens {
-        tokens: num_seqs,
-        q: q.qkv.len(),
-        q_stride: q.stride,
-        k: kv.k.len(),
-        v: kv.v.len(),
-        positions: num_seqs,
-        block_tables: meta.block_tables.len(),
-        max_blocks_per_seq: meta.max_blocks_per_seq,
-        out: out.len(),
-    };
+    let lens = Lens::of(num_seqs, q, kv, (meta.block_tables.len(), meta.max_blocks_per_seq), out.len());
     check_common(OP, &kv.layout, &lens, num_seqs)?;
     let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
     let group = kv.layout.num_heads / kv.layout.num_kv_heads;
@@ -238,17 +228,7 @@ where
     let Some(seqs) = meta.cu_seqlens.len().checked_sub(1).filter(|&s| s > 0) else {
         return fail(format!("`cu_seqlens` has {} entries, needs num_seqs + 1 >= 2", meta.cu_seqlens.len()));
     };
-    let lens = Lens {
-        tokens,
-        q: q.qkv.len(),
-        q_stride: q.stride,
-        k: kv.k.len(),
-        v: kv.v.len(),
-        positions: tokens,
-        block_tables: meta.block_tables.len(),
-        max_blocks_per_seq: meta.max_blocks_per_seq,
-        out: out.len(),
-    };
+    let lens = Lens::of(tokens, q, kv, (meta.block_tables.len(), meta.max_blocks_per_seq), out.len());
     check_common(OP, &kv.layout, &lens, seqs)?;
     if seqs > 65535 || tokens > i32::MAX as usize {
         return fail(format!("{seqs} sequences / {tokens} tokens: at most 65535 / 2^31-1 are supported"));
@@ -312,6 +292,30 @@ struct Lens {
     block_tables: usize,
     max_blocks_per_seq: usize,
     out: usize,
+}
+
+impl Lens {
+    /// The lengths of a call over `tokens` query rows (one position each) with block tables of
+    /// `block_tables` entries, rows of `max_blocks_per_seq`, and an output of `out` elements.
+    fn of<Q: DevicePtr<bf16>, C: DevicePtr<bf16>>(
+        tokens: usize,
+        q: &QueryRows<'_, Q>,
+        kv: &KvPools<'_, C>,
+        (block_tables, max_blocks_per_seq): (usize, usize),
+        out: usize,
+    ) -> Self {
+        Lens {
+            tokens,
+            q: q.qkv.len(),
+            q_stride: q.stride,
+            k: kv.k.len(),
+            v: kv.v.len(),
+            positions: tokens,
+            block_tables,
+            max_blocks_per_seq,
+            out,
+        }
+    }
 }
 
 /// Checks the layout and every length shared by both entries, for `seqs` sequences.
