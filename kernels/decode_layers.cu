@@ -264,19 +264,7 @@ l32_status launch(const l32_decode_layers_params& p, cudaStream_t stream) {
     const auto smem = static_cast<size_t>(smem_bytes<D>(p));
     const int blocks = one_block_per_sm(decode_layers_kernel<D>, kThreads, smem);
     if (blocks == 0) return L32_UNSUPPORTED;
-    // The cooperative attribute of cudaLaunchKernelEx (what cudaLaunchCooperativeKernel sets), which CUDA graphs
-    // keep on a captured kernel node ("valid for graph nodes, launches"): the decode graphs capture this launch.
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    (void)cudaLaunchKernelEx(&cfg, decode_layers_kernel<D>, p);
+    launch_cooperative(decode_layers_kernel<D>, blocks, kThreads, smem, stream, p);
     return check_launch();
 }
 

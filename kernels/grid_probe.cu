@@ -121,9 +121,7 @@ l32_status launch(const l32_grid_probe_params& p, cudaStream_t stream) {
     if (kMode != L32_GRID_PROBE_BARRIER && p.bytes / kChunk < int64_t{blocks} * (p.phases + 1)) {
         return L32_INVALID_ARGUMENT;  // a chunk per block and barrier interval, at least
     }
-    void* args[] = {const_cast<l32_grid_probe_params*>(&p)};
-    (void)cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(grid_probe_kernel<kMode>), dim3(blocks),
-                                      dim3(kThreads), args, smem, stream);
+    launch_cooperative(grid_probe_kernel<kMode>, blocks, kThreads, smem, stream, p);
     return check_launch();
 }
 

@@ -56,4 +56,24 @@ int one_block_per_sm(Kernel kernel, int threads, size_t smem) {
     return per_sm >= 1 ? sms : 0;
 }
 
+// Launches `kernel(params)` cooperatively (every block resident at once, or the launch fails) with `blocks` blocks:
+// the cooperative attribute of cudaLaunchKernelEx, which is what cudaLaunchCooperativeKernel sets and which a CUDA
+// graph keeps on a captured kernel node ("valid for graph nodes, launches"). A launch error is left for
+// check_launch().
+template <class Params>
+void launch_cooperative(void (*kernel)(Params), int blocks, int threads, size_t smem, cudaStream_t stream,
+                        const Params& params) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+    cfg.blockDim = dim3(static_cast<unsigned>(threads));
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    (void)cudaLaunchKernelEx(&cfg, kernel, params);
+}
+
 }  // namespace l32
