@@ -15,7 +15,8 @@
 //      epilogue (gemv rope_on);
 //   2. the split-KV decode attention: item i = (split, kv head, sequence) taken by warps 0 .. kDecodeWarps - 1 of
 //      block i mod B (decode_device.cuh, a named barrier among those warps), the splits merged by the group that
-//      finishes last (fused merge);
+//      finishes last (fused merge); meanwhile the idle warps ask L2 for the block's first two gate_up tiles, so
+//      that HBM keeps streaming weights while the attention reads the cache (o's first tile is asked for before);
 //   3. o: the attention rows staged into shared memory, then the tiles, output into delta;
 //   4. as 1 with the MLP norm and delta = o's output, then the gate_up tiles with the SwiGLU epilogue into act;
 //   5. down: act staged, the tiles, output into delta.
@@ -72,14 +73,15 @@ __device__ __forceinline__ void stage_rows(const bf16* x, int m, int kv, unsigne
 }
 
 // Asks L2 for the first `max_bytes` (at most; 16-byte multiples) of each of the 16 weight rows of tile `tile`, one
-// bulk prefetch per row from threads 0-15 (sm_90; nothing elsewhere). Weights are never written, so this may run
-// ahead of any barrier.
+// bulk prefetch per row from threads first .. first + 15 (sm_90; nothing elsewhere). Weights are never written, so
+// this may run ahead of any barrier.
 template <int kMode>
 __device__ __forceinline__ void prefetch_tile(const l32_gemv_params& gp, int64_t tile, int64_t tiles,
-                                              int64_t max_bytes) {
-    if (threadIdx.x >= 16 || tile >= tiles) return;
-    const BlockRows br = block_rows<kMode>(gp, threadIdx.x % 8, tile);
-    const int64_t r = threadIdx.x < 8 ? br.r0 : br.r1;
+                                              int64_t max_bytes, int first = 0) {
+    const int i = static_cast<int>(threadIdx.x) - first;
+    if (i < 0 || i >= 16 || tile >= tiles) return;
+    const BlockRows br = block_rows<kMode>(gp, i % 8, tile);
+    const int64_t r = i < 8 ? br.r0 : br.r1;
     const auto bytes = static_cast<uint32_t>(min(gp.k * 2, max_bytes));
     prefetch_l2_bulk(static_cast<const bf16*>(gp.w) + r * gp.k, bytes);
 }
@@ -187,7 +189,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         prefetch_first_tile<kPlain>(o, (hidden + kRows - 1) / kRows);
         grid_barrier(barrier);
 
-        // 2. attention.
+        // 2. attention. The warps it leaves idle ask L2 for this block's first two gate_up tiles meanwhile (o's
+        // first tile is already asked for: the weight stream goes on while attention reads the cache).
+        l32_gemv_params gate_up = gemv_params(p, p.act, p.x, L.w_gate_up, hidden, inter);
+        set_norm(gate_up, p, L.mlp_norm, true);
+        gate_up.silu_pairs = 1;
+        const int64_t gate_up_tiles = (inter + kRows / 2 - 1) / (kRows / 2);
+        constexpr int kIdle = 32 * S::kDecodeWarps;  // the first thread the attention leaves idle
+        prefetch_tile<kSilu>(gate_up, blockIdx.x, gate_up_tiles, 16384, kIdle);
+        prefetch_tile<kSilu>(gate_up, blockIdx.x + gridDim.x, gate_up_tiles, 16384, kIdle + 16);
         if (threadIdx.x < 32 * S::kDecodeWarps) {
             l32_paged_decode_params a = {};
             a.out = p.attn;
@@ -225,15 +235,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         const int q_stride = static_cast<int>(16 * (q_dim / 8 + 1));
         stage_rows(static_cast<const bf16*>(p.attn), m, static_cast<int>(q_dim / 8), smem, q_stride);
         run_tiles<kPlain>(o, (hidden + kRows - 1) / kRows, smem, q_stride, partial);
-        l32_gemv_params gate_up = gemv_params(p, p.act, p.x, L.w_gate_up, hidden, inter);
-        set_norm(gate_up, p, L.mlp_norm, true);
-        gate_up.silu_pairs = 1;
-        prefetch_first_tile<kSilu>(gate_up, (inter + kRows / 2 - 1) / (kRows / 2));
         grid_barrier(barrier);
 
         // 4. norm + residual, gate_up, SwiGLU.
         norm_prologue<kWarps, true>(gate_up, smem, hidden_stride, m, static_cast<int>(hidden / 8));
-        run_tiles<kSilu>(gate_up, (inter + kRows / 2 - 1) / (kRows / 2), smem, hidden_stride, partial);
+        run_tiles<kSilu>(gate_up, gate_up_tiles, smem, hidden_stride, partial);
         const l32_gemv_params down = gemv_params(p, p.delta, p.act, L.w_down, inter, hidden);
         prefetch_first_tile<kPlain>(down, (hidden + kRows - 1) / kRows);
         grid_barrier(barrier);
