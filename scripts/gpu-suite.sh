@@ -208,8 +208,10 @@ for switch in switches:
                 continue
             if any(e.get(o) != d.get(o) for o in switches if o != switch):
                 continue
-            print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)" % (switch, d.get("model"), d["batch"],
-                  e["decode_ms_per_step"], d["decode_ms_per_step"], e["decode_ms_per_step"] / d["decode_ms_per_step"]))
+            steps = " [%s steps through the stack]" % d.get("persistent_decode_steps") if switch == "persistent_decode" else ""
+            print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)%s" % (switch, d.get("model"), d["batch"],
+                  e["decode_ms_per_step"], d["decode_ms_per_step"], e["decode_ms_per_step"] / d["decode_ms_per_step"],
+                  steps))
             break
 PY
     )

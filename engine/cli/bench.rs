@@ -351,6 +351,7 @@ fn bench_one(
         "fused_rope": a.model.fused_rope,
         "fused_norm": a.model.fused_norm,
         "persistent_decode": a.model.persistent_decode,
+        "persistent_decode_steps": m.exec.fused_decode_steps(),
         "ablate": ablate,
     });
     let tele = match telemetry {

@@ -134,6 +134,12 @@ pub trait Executor {
     /// Runs one step: writes the new tokens' K/V into the cache and returns the requested logits.
     fn step(&mut self, input: &StepInput) -> Result<StepOutput>;
 
+    /// Steps so far whose decoder layers ran as one fused launch (the CUDA persistent decode stack,
+    /// `--persistent-decode`), for reports; 0 for a backend without one.
+    fn fused_decode_steps(&self) -> u64 {
+        0
+    }
+
     /// Runs one step and returns the argmax id of each requested logits row (lowest id on ties), for sequences
     /// that decode greedily without penalties. Backends that can pick on the device override this and skip
     /// copying the logits to the host.

@@ -48,7 +48,7 @@ fn rounds(cfg: &LlamaConfig, stack: bool, graphs: usize, dog: &Watchdog) -> Vec<
         CudaOptions { kv_tokens: Some(8192), max_step_tokens: 1024, max_graph_batch: graphs, ..Default::default() };
     let mut exec = CudaExecutor::new(cfg.clone(), WeightSource::Random(7), &opts, &|_| {}).unwrap();
     exec.set_persistent_decode(stack).unwrap();
-    llama32::ops::cuda::gemv::with_warps(8, || {
+    let logits = llama32::ops::cuda::gemv::with_warps(8, || {
         let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
         let prompts: Vec<Vec<u32>> = (0..8).map(|s| ids(s, 40 + 80 * s as usize, cfg.vocab_size)).collect();
         let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 8];
@@ -78,7 +78,13 @@ fn rounds(cfg: &LlamaConfig, stack: bool, graphs: usize, dog: &Watchdog) -> Vec<
         }
         logits
     })
-    .unwrap()
+    .unwrap();
+    // Every decode round of one sequence, at least, took the stack (larger batches may exceed a small GPU's
+    // shared memory); without the switch none.
+    let fused = exec.fused_decode_steps();
+    assert!(if stack { fused >= 4 } else { fused == 0 }, "stack {stack} graphs {graphs}: {fused} fused steps");
+    eprintln!("stack {stack} graphs {graphs}: {fused} of 16 decode steps through the stack");
+    logits
 }
 
 #[test]

@@ -95,6 +95,8 @@ pub(crate) fn graph_bucket(seqs: usize) -> usize {
 struct DecodeGraph {
     graph: CudaGraph,
     generation: u64,
+    /// The graph runs the layers through the persistent decode stack.
+    stack: bool,
     /// The pool slot the graph writes its logits to.
     logits_slot: usize,
 }
@@ -213,6 +215,8 @@ pub struct CudaExecutor {
     clock: Option<profile::EventClock>,
     /// The calls [`Executor::set_ablation`] leaves out (graphs are captured without them).
     ablate: Vec<&'static str>,
+    /// Steps whose layers ran through the persistent decode stack ([`Executor::fused_decode_steps`]).
+    stack_steps: u64,
 }
 
 impl CudaExecutor {
@@ -457,6 +461,7 @@ impl CudaExecutor {
             ids,
             clock: None,
             ablate: Vec::new(),
+            stack_steps: 0,
         })
     }
 
@@ -510,7 +515,9 @@ impl CudaExecutor {
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(drv("begin graph capture"))?;
             self.ops.capturing = true;
+            let launches = self.ops.stack_launches;
             let captured = forward_skipping(&mut self.ops, &self.ablate, dims, &padded);
+            let stack = self.ops.stack_launches > launches;
             self.ops.capturing = false;
             let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv("end graph capture"))?;
             let logits = captured?;
@@ -520,10 +527,11 @@ impl CudaExecutor {
             if self.ops.generation != generation {
                 return Err(Error::Backend("buffers moved during graph capture".into()));
             }
-            self.graphs.insert(key, DecodeGraph { graph, generation, logits_slot });
+            self.graphs.insert(key, DecodeGraph { graph, generation, stack, logits_slot });
         }
         let g = self.graphs.get(&key).ok_or_else(|| Error::Backend("decode graph missing".into()))?;
         g.graph.launch().map_err(drv("launch decode graph"))?;
+        self.stack_steps += u64::from(g.stack);
         Ok(g.logits_slot)
     }
 
@@ -552,7 +560,9 @@ impl CudaExecutor {
             return self.step_graph(input);
         }
         let dims = Dims::of(&self.ops.cfg);
+        let launches = self.ops.stack_launches;
         let logits = forward_skipping(&mut self.ops, &self.ablate, dims, input)?;
+        self.stack_steps += u64::from(self.ops.stack_launches > launches);
         let slot = logits.slot();
         self.ops.release(logits);
         Ok(slot)
@@ -590,6 +600,10 @@ impl Executor for CudaExecutor {
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
         let slot = self.run(input)?;
         self.read_logits(input, slot)
+    }
+
+    fn fused_decode_steps(&self) -> u64 {
+        self.stack_steps
     }
 
     fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {

@@ -152,6 +152,8 @@ pub struct CudaOps {
     /// The persistent decode stack's layer table and counters, while it is switched on
     /// ([`CudaOps::set_persistent_decode`]).
     stack: Option<DecodeStack>,
+    /// Launches of the persistent decode stack so far (eager, or recorded into a graph).
+    pub(super) stack_launches: u64,
     /// Set on a tensor-parallel rank: the communicator behind the [`Ops`] hooks and the rank's vocabulary slice.
     tp: Option<RankComm>,
 }
@@ -245,6 +247,7 @@ impl CudaOps {
             pending_norm: None,
             quant: QuantState { fuse: true, ..QuantState::default() },
             stack: None,
+            stack_launches: 0,
             tp: None,
         }
     }
@@ -877,6 +880,7 @@ impl Ops for CudaOps {
             &mut self.workspace,
             &mut stack.scratch,
         )?;
+        self.stack_launches += 1;
         Ok(true)
     }
 
