@@ -8,11 +8,8 @@
 //     block waits at one: whether the stream continues across barriers, as a persistent step's must.
 // It computes nothing a model uses, so it has no CPU twin; the GPU test checks the barrier's tags and the fold.
 //
-// The barrier (grid_barrier): thread 0 of each block reads the generation, arrives on the count (after a fence that
-// publishes the block's writes, gathered by __syncthreads), and the last arrival resets the count and bumps the
-// generation; the others poll the generation with acquire loads. Every launch leaves the count at 0, so a CUDA
-// graph can replay it. A poll that never sees the generation move (a block not resident: the launch is cooperative
-// so that cannot happen) traps after 2^26 tries instead of hanging the GPU.
+// The barrier is common/grid_barrier.cuh's (the persistent decode stack's): one atomic arrival per block on a
+// counter whose top bit flips when the last block arrives, acquire polls, a trap instead of a hang.
 #include <cstdint>
 
 #include "common/grid_barrier.cuh"

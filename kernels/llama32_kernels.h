@@ -924,7 +924,9 @@ typedef struct l32_decode_layers_params {
     const float* inv_freq;        /**< [head_dim / 2] */
     const uint32_t* block_tables; /**< [m, max_blocks_per_seq] */
     void* workspace;              /**< num_splits > 1: l32_paged_decode's split workspace for m sequences */
-    uint32_t* counters;           /**< 3 + m num_kv_heads u32, zero before the launch, zero after it */
+    uint32_t* counters;           /**< 3 + m num_kv_heads u32 (the grid barrier's two, the norm prologue's, the
+                                       split merge's), zeroed before the first launch; every launch leaves them fit
+                                       for the next (the barrier's top bit may stay set), so a graph may replay it */
     int64_t num_slots;            /**< slots per cache pool */
     int64_t max_blocks_per_seq;   /**< >= 1 */
     int32_t num_layers;           /**< >= 1 */
@@ -977,8 +979,8 @@ typedef enum l32_grid_probe_mode {
 typedef struct l32_grid_probe_params {
     const void* src;   /**< stream modes: `bytes` to read, 16-byte aligned; unused (may be NULL) for BARRIER */
     int64_t bytes;     /**< stream modes: a multiple of L32_GRID_PROBE_CHUNK, at least blocks * (phases + 1) chunks */
-    uint32_t* sync;    /**< two u32 (arrivals, generation), zeroed before the first launch; each launch leaves the
-                            arrivals at 0, so a graph may replay it */
+    uint32_t* sync;    /**< two u32, zeroed before the first launch (the grid barrier's counter, and one unused);
+                            every launch leaves them fit for the next, so a graph may replay it */
     uint32_t* tags;    /**< BARRIER: one u32 per block */
     uint32_t* out;     /**< one u32 per block, zeroed by the caller (see the modes) */
     int32_t phases;    /**< BARRIER: phases; STREAM_BARRIER: barriers; 0 ..= L32_GRID_PROBE_MAX_PHASES */

@@ -2,11 +2,9 @@
 // cooperative launch of at most the occupancy's blocks): the grid probe (grid_probe.cu) and the persistent decode
 // stack (decode_layers.cu).
 //
-// Thread 0 of each block reads the generation, arrives on the count (after a fence that publishes the block's
-// writes, gathered by __syncthreads), and the last arrival resets the count and bumps the generation; the others
-// poll the generation with acquire loads. Every launch leaves the count at 0, so a CUDA graph can replay it. A poll
-// that never sees the generation move (a block not resident, which a cooperative launch rules out) traps after
-// 2^26 tries instead of hanging the GPU.
+// Thread 0 of each block arrives on a counter whose top bit flips when the last block arrives (grid_barrier below)
+// and polls it with acquire loads. A poll that never sees the flip (a block not resident, which a cooperative launch
+// rules out) traps after 2^26 tries instead of hanging the GPU.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,20 +22,21 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
 }
 
 // Every block of the grid waits here until all have arrived; their global writes before it are visible to every
-// block after it (read them with __ldcg: L1 is not coherent). sync[0]: arrivals, sync[1]: generation.
+// block after it (read them from L2: ld.global.cg, __ldcg or cp.async.cg; L1 is not coherent across SMs).
+// sync[0] counts arrivals: block 0 adds 2^31 - (blocks - 1) and every other block 1, so one barrier's arrivals sum
+// to 2^31 exactly: the top bit flips when the last block arrives, and the low bits are zero again. Each block waits
+// (acquire loads) until the top bit differs from what it saw at its own arrival, which cannot happen before every
+// block has arrived, and cannot flip back before the waiter itself arrives at the next barrier. Nothing is reset, so
+// any launch may start where the last one left the word (a CUDA graph replays it). One atomic and one poll on the
+// critical path, the scheme of cooperative groups' grid sync. sync[1] is not used.
 __device__ __forceinline__ void grid_barrier(unsigned* sync) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        const unsigned gen = ld_acquire(sync + 1);
-        __threadfence();
-        if (atomicAdd(sync, 1u) == gridDim.x - 1) {
-            atomicExch(sync, 0u);  // nobody arrives at the next barrier before it sees the generation move
-            __threadfence();
-            atomicAdd(sync + 1, 1u);
-        } else {
-            for (unsigned tries = 0; ld_acquire(sync + 1) == gen; ++tries) {
-                if (tries == kGridSpinLimit) __trap();
-            }
+        const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        __threadfence();  // this block's writes (gathered by __syncthreads) are visible before its arrival counts
+        const unsigned seen = atomicAdd(sync, add);
+        for (unsigned tries = 0; ((ld_acquire(sync) ^ seen) & 0x80000000u) == 0; ++tries) {
+            if (tries == kGridSpinLimit) __trap();
         }
         __threadfence();
     }

@@ -200,8 +200,8 @@ impl LayerTable {
     }
 }
 
-/// The stack's own device state: the grid barrier, the norm prologue's counter and the split merge's counters,
-/// zero between launches (every launch leaves them zero, so a CUDA graph can replay it).
+/// The stack's own device state: the grid barrier's counter, the norm prologue's counter and the split merge's
+/// counters, zeroed once; every launch leaves them fit for the next (so a CUDA graph can replay it).
 pub struct StackScratch {
     #[cfg_attr(not(llama32_cuda), allow(dead_code))]
     counters: CudaSlice<u32>,
