@@ -93,7 +93,9 @@ pub(crate) fn graph_bucket(seqs: usize) -> usize {
 }
 
 struct DecodeGraph {
-    graph: CudaGraph,
+    /// `None`: this shape runs eagerly, because the driver could not capture the persistent decode stack's
+    /// cooperative launch.
+    graph: Option<CudaGraph>,
     generation: u64,
     /// The graph runs the layers through the persistent decode stack.
     stack: bool,
@@ -519,7 +521,19 @@ impl CudaExecutor {
             let captured = forward_skipping(&mut self.ops, &self.ablate, dims, &padded);
             let stack = self.ops.stack_launches > launches;
             self.ops.capturing = false;
-            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv("end graph capture"))?;
+            let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            if self.ops.stack_enabled() && (captured.is_err() || ended.is_err()) {
+                // The driver could not capture the persistent decode stack's cooperative launch: this shape's
+                // decode steps run eagerly (the stack is one launch, so a graph would gain little). An error of
+                // the step itself comes back from the eager run.
+                if let Ok(logits) = captured {
+                    self.ops.release(logits);
+                }
+                let entry = DecodeGraph { graph: None, generation: self.ops.generation, stack: true, logits_slot: 0 };
+                self.graphs.insert(key, entry);
+                return self.eager_step(dims, &padded);
+            }
+            let graph = ended.map_err(drv("end graph capture"))?;
             let logits = captured?;
             let logits_slot = logits.slot();
             self.ops.release(logits);
@@ -527,12 +541,25 @@ impl CudaExecutor {
             if self.ops.generation != generation {
                 return Err(Error::Backend("buffers moved during graph capture".into()));
             }
-            self.graphs.insert(key, DecodeGraph { graph, generation, stack, logits_slot });
+            self.graphs.insert(key, DecodeGraph { graph: Some(graph), generation, stack, logits_slot });
         }
         let g = self.graphs.get(&key).ok_or_else(|| Error::Backend("decode graph missing".into()))?;
-        g.graph.launch().map_err(drv("launch decode graph"))?;
+        let Some(graph) = g.graph.as_ref() else {
+            return self.eager_step(dims, &padded);
+        };
+        graph.launch().map_err(drv("launch decode graph"))?;
         self.stack_steps += u64::from(g.stack);
         Ok(g.logits_slot)
+    }
+
+    /// Runs `step` eagerly; returns the pool slot holding its logits.
+    fn eager_step(&mut self, dims: Dims, step: &StepInput) -> Result<usize> {
+        let launches = self.ops.stack_launches;
+        let logits = forward_skipping(&mut self.ops, &self.ablate, dims, step)?;
+        self.stack_steps += u64::from(self.ops.stack_launches > launches);
+        let slot = logits.slot();
+        self.ops.release(logits);
+        Ok(slot)
     }
 
     /// The padded, fixed-shape step a CUDA graph runs for the plain decode step `input`: the batch rounded up to
@@ -559,13 +586,7 @@ impl CudaExecutor {
         if self.runs_as_graph(input) {
             return self.step_graph(input);
         }
-        let dims = Dims::of(&self.ops.cfg);
-        let launches = self.ops.stack_launches;
-        let logits = forward_skipping(&mut self.ops, &self.ablate, dims, input)?;
-        self.stack_steps += u64::from(self.ops.stack_launches > launches);
-        let slot = logits.slot();
-        self.ops.release(logits);
-        Ok(slot)
+        self.eager_step(Dims::of(&self.ops.cfg), input)
     }
 
     fn logits_buffer(&self, slot: usize) -> Result<&CudaSlice<bf16>> {

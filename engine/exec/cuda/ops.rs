@@ -252,6 +252,11 @@ impl CudaOps {
         }
     }
 
+    /// True while the persistent decode stack is switched on.
+    pub(super) fn stack_enabled(&self) -> bool {
+        self.stack.is_some()
+    }
+
     /// The model's sizes as the persistent decode stack takes them.
     fn stack_shape(&self) -> k::decode_layers::StackShape {
         k::decode_layers::StackShape {
