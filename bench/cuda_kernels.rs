@@ -4,7 +4,8 @@
 //!
 //! Groups are named by kernel family (as `ops::cuda::<family>`): norm, embedding, rope, activation, paged_decode,
 //! paged_prefill, gemv, sampling, and quant (W4A16 / W4A8 at the 1B, 11B and 90B projection shapes; compare with
-//! torch's int4 tinygemm and cuBLAS bf16 from scripts/peers.py, run in the same device call).
+//! torch's int4 tinygemm and cuBLAS bf16 from scripts/peers.py, run in the same device call), and decode_layers
+//! (the persistent decode stack over all the 1B and 3B layers, in weight bytes per second).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -370,9 +371,94 @@ fn quant(c: &mut Criterion) {
     g.finish();
 }
 
+/// The persistent decode stack (`decode_layers`): every layer of the 1B (16) and 3B (28) models at their real
+/// widths, random weights, 1 and 8 sequences at a 512-token context. Throughput counts the layers' weight bytes, so
+/// the figure compares straight with the copy rate (issue 3: the 1B step at >= 86% of the HBM roofline).
+fn decode_stack(c: &mut Criterion) {
+    let Some(d) = Dev::open() else { return };
+    let sms = k::attention::num_sms(&d.stream).expect("SM count");
+    let mut g = c.benchmark_group("decode_layers");
+    for (name, hidden, inter, heads, dim, layers) in
+        [("1b", 2048usize, 8192usize, 32usize, 64usize, 16usize), ("3b", 3072, 8192, 24, 128, 28)]
+    {
+        let layout = PagedLayout { num_heads: heads, num_kv_heads: 8, head_dim: dim, block_size: 16 };
+        let (ctx, max_m) = (512usize, k::decode_layers::MAX_M);
+        let per_seq = ctx / 16 + 1;
+        let num_slots = max_m * per_seq * 16;
+        let qkv = (heads + 16) * dim;
+        let q_dim = heads * dim;
+        let weights: Vec<[CudaSlice<bf16>; 8]> = (0..layers as u32)
+            .map(|l| {
+                [
+                    d.data(hidden, 100 * l + 1),
+                    d.data(qkv * hidden, 100 * l + 2),
+                    d.data(hidden * q_dim, 100 * l + 3),
+                    d.data(hidden, 100 * l + 4),
+                    d.data(2 * inter * hidden, 100 * l + 5),
+                    d.data(hidden * inter, 100 * l + 6),
+                    d.data(num_slots * layout.slot_len(), 100 * l + 7),
+                    d.data(num_slots * layout.slot_len(), 100 * l + 8),
+                ]
+            })
+            .collect();
+        let stack_layers: Vec<_> =
+            weights
+                .iter()
+                .map(|[attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache]| {
+                    k::decode_layers::StackLayer { attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache }
+                })
+                .collect();
+        let shape = k::decode_layers::StackShape { layout, hidden, inter, eps: 1e-5, num_slots };
+        // SAFETY: `weights` outlives every launch with the table (both live until the end of this loop body), and
+        // nothing else uses the caches.
+        let table = unsafe { k::decode_layers::LayerTable::new(&d.stream, shape, &stack_layers) }.expect("table");
+        let mut scratch = k::decode_layers::StackScratch::new(&d.stream, 8).expect("scratch");
+        let weight_bytes = layers * 2 * (qkv * hidden + hidden * q_dim + 3 * inter * hidden);
+        let inv_freq = d.stream.clone_htod(&(0..dim / 2).map(|j| 1.0 / (j as f32 + 1.0)).collect::<Vec<f32>>());
+        let inv_freq = inv_freq.expect("upload");
+        for m in [1usize, max_m] {
+            let positions = d.u32s(&vec![(ctx - 1) as u32; m]);
+            let tables = d.u32s(&(0..(m * per_seq) as u32).collect::<Vec<_>>());
+            let slots: Vec<u32> = (0..m).map(|s| ((s * per_seq) * 16 + ctx - 1) as u32).collect();
+            let slots = d.u32s(&slots);
+            let splits = k::attention::decode_num_splits(&layout, m, ctx, sms);
+            let mut ws: CudaSlice<u8> = d
+                .stream
+                .alloc_zeros(k::attention::decode_workspace_bytes(&layout, m, splits).max(16))
+                .expect("workspace");
+            let (mut x, mut delta) = (d.data(m * hidden, 20), d.data(m * hidden, 21));
+            let (mut qkv_buf, mut attn, mut act) = (d.data(m * qkv, 22), d.data(m * q_dim, 23), d.data(m * inter, 24));
+            g.throughput(Throughput::Bytes(weight_bytes as u64));
+            g.bench_function(format!("{name}_{layers}l_m{m}_ctx{ctx}"), |b| {
+                b.iter_custom(|n| {
+                    d.time(n, &mut || {
+                        let io = llama32::model::LayerBufs {
+                            x: &mut x,
+                            delta: &mut delta,
+                            qkv: &mut qkv_buf,
+                            attn: &mut attn,
+                            act: &mut act,
+                        };
+                        let meta = k::decode_layers::StackMeta {
+                            positions: &positions,
+                            slot_mapping: &slots,
+                            inv_freq: &inv_freq,
+                            block_tables: &tables,
+                            max_blocks_per_seq: per_seq,
+                            num_splits: splits,
+                        };
+                        k::decode_layers::decode_layers(&d.stream, &table, m, io, &meta, &mut ws, &mut scratch).unwrap()
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_millis(300));
-    targets = norm, elementwise, attention, gemv_and_sampling, quant
+    targets = norm, elementwise, attention, gemv_and_sampling, quant, decode_stack
 }
 criterion_main!(benches);
