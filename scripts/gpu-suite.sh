@@ -541,14 +541,15 @@ PY
 
   if want targets; then
     # The text issues' targets on this card, back to back: 1B and 3B batch-1 decode (the defaults, then both decode
-    # fusions), 1B batch 64, 1B W4A16 at batch 1 (also with int8 tables) and 16 (the direct kernel's L2 prefetch by
+    # fusions, then the persistent decode stack), 1B batch 64, 1B W4A16 at batch 1 (also with int8 tables) and 16 (the direct kernel's L2 prefetch by
     # shape, then forced off and on at batch 16), 1B batch 1 with each kind of call left out in turn, 1B / 3B batch 1
     # with the decode attention split at 64 and 32 positions; then the W4A16 kernels at the 1B and 90B shapes with
     # that prefetch forced off, then on, and at the 11B and 90B shapes with 8 split-K blocks per SM (default 4);
     # then the copy and GEMM ceilings and HF transformers eager decode (1B, 3B).
     local tspec pf
-    for tspec in "1b 1 128 64" "1b 1 128 64 --fused-rope --fused-norm" "3b 1 128 64" \
-      "3b 1 128 64 --fused-rope --fused-norm" "1b 64 512 64" "1b 1 128 64 --quantize w4a16-g32" \
+    for tspec in "1b 1 128 64" "1b 1 128 64 --fused-rope --fused-norm" "1b 1 128 64 --persistent-decode" \
+      "3b 1 128 64" "3b 1 128 64 --fused-rope --fused-norm" "3b 1 128 64 --persistent-decode" "1b 64 512 64" \
+      "1b 1 128 64 --quantize w4a16-g32" \
       "1b 1 128 64 --quantize w4a16-g32 --embeddings int8" "1b 16 128 64 --quantize w4a16-g32"; do
       bench_e2e 60 "$tspec"
     done
