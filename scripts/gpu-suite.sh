@@ -578,7 +578,8 @@ PY
       mapfile -t -O "${#benches[@]}" benches < <(python3 - "$logs/bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-same = ("model", "batch", "prompt_tokens", "fused_rope", "fused_norm", "fused_swiglu", "pdl", "w4a16_prefetch")
+same = ("model", "batch", "prompt_tokens", "fused_rope", "fused_norm", "fused_swiglu", "pdl", "w4a16_prefetch",
+        "persistent_decode")
 def base_of(d, differ):
     keys = [k for k in same + ("decode_split_positions",) if k != differ]
     return next((e for e in rows if not e.get("ablate") and e.get("decode_split_positions") == 256
@@ -601,6 +602,7 @@ for d in rows:
 PY
       )
     fi
+    ab_lines
     if [[ -x "$bundle/tests/gpu" ]]; then
       for pf in 0 1; do
         LLAMA32_QUANT_SHAPES=1b,90b LLAMA32_W4A16_PREFETCH=$pf gpu_bench 90 'GB/s|TFLOP/s' \
