@@ -14,16 +14,7 @@ use llama32::quant::Scheme;
 use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
 
 use crate::common::Watchdog;
-
-fn device_ready() -> bool {
-    match llama32::ops::cuda::probe() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            false
-        }
-    }
-}
+use crate::cuda_tp::device_ready;
 
 /// A preset's widths with `layers` layers and a 4096-token vocabulary.
 fn config(preset: Preset, layers: usize) -> LlamaConfig {
