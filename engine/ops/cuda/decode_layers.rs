@@ -390,7 +390,7 @@ fn launch<U, F>(
         block_size: l.block_size as i32,
         num_splits: meta.num_splits as i32,
         eps: s.eps,
-        scale: 1.0 / (l.head_dim as f32).sqrt(),
+        scale: super::attention::softmax_scale(l),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::raw_stream(op, stream)?;

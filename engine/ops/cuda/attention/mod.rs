@@ -393,7 +393,7 @@ struct Sizes {
 
 /// `1 / sqrt(head_dim)`, the scale of [`crate::ops::cpu::attention::paged_attention`].
 #[cfg_attr(not(llama32_cuda), allow(dead_code))]
-fn softmax_scale(layout: &PagedLayout) -> f32 {
+pub(crate) fn softmax_scale(layout: &PagedLayout) -> f32 {
     1.0 / (layout.head_dim as f32).sqrt()
 }
 
