@@ -47,15 +47,15 @@ namespace {
 using namespace gemv_dev;
 using decode_dev::DecodeTraits;
 using decode_dev::kMaxGroup;
+using decode_dev::kMaxSplits;
 
 constexpr int kWarps = 8;  // the gemv tiles' k split, and the block
 constexpr int kThreads = 32 * kWarps;
-constexpr int kMaxSplits = 256;
 
 // The decode attention's instantiation per head_dim, as l32_paged_decode picks it (two K/V stages).
 template <int D>
 struct StackTraits {
-    static constexpr int kDecodeWarps = D == 64 ? 4 : 2;
+    static constexpr int kDecodeWarps = decode_dev::kDecodeWarps<D>;
     using Decode = DecodeTraits<D, kDecodeWarps, 2>;
 };
 

@@ -20,6 +20,11 @@ using namespace attn;
 constexpr int kMaxGroup = 16;   // query heads per kv head: the 16 rows of one MMA tile
 constexpr int kMaxSplits = 256;
 
+// The warps of the split decode at head_dim D, as l32_paged_decode instantiates it: 64-token tiles at d64, 32-token
+// tiles at d128 (DecodeTraits below; the registers bound the residency).
+template <int D>
+constexpr int kDecodeWarps = D == 64 ? 4 : 2;
+
 // Every size derived from (head_dim, warps, stages), read by the kernel and the launcher alike. kStages: the K/V
 // ring's depth (LLAMA32_DECODE_STAGES): 2 is the measured kernel (one tile in flight while one is used); 3 keeps two
 // in flight (53 KB at d128, 51 KB at d64: four CTAs per SM, over the default 48 KB, so the launcher opts in).

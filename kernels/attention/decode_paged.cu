@@ -116,6 +116,10 @@ extern "C" l32_status l32_paged_decode(const l32_paged_decode_params* params, vo
     if (p.stages != 0 && p.stages != 2 && p.stages != 3) return L32_INVALID_ARGUMENT;
     if (p.num_seqs == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
-    if (p.stages == 3) return p.head_dim == 64 ? l32::launch<64, 4, 3>(p, s) : l32::launch<128, 2, 3>(p, s);
-    return p.head_dim == 64 ? l32::launch<64, 4, 2>(p, s) : l32::launch<128, 2, 2>(p, s);
+    using l32::kDecodeWarps;
+    if (p.stages == 3) {
+        return p.head_dim == 64 ? l32::launch<64, kDecodeWarps<64>, 3>(p, s)
+                                : l32::launch<128, kDecodeWarps<128>, 3>(p, s);
+    }
+    return p.head_dim == 64 ? l32::launch<64, kDecodeWarps<64>, 2>(p, s) : l32::launch<128, kDecodeWarps<128>, 2>(p, s);
 }

@@ -12,6 +12,7 @@ use llama32::exec::Executor;
 use llama32::kv::BlockAllocator;
 use llama32::quant::Scheme;
 use llama32::weights::{Checkpoint, ModelWeights, WeightSource};
+use rand::RngExt;
 
 use crate::common::Watchdog;
 use crate::cuda_tp::device_ready;
@@ -23,13 +24,8 @@ fn config(preset: Preset, layers: usize) -> LlamaConfig {
 
 /// Token ids from a seeded generator, below `vocab`.
 fn ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
+    let mut rng = crate::common::rng(seed);
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
 
 /// Eight sequences with prompts of 40 to 600 tokens (one prefill step each), then decode rounds with 1, 2, 5 and 8

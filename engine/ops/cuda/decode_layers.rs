@@ -23,10 +23,10 @@ use crate::{Error, Result};
 pub const MAX_M: usize = 8;
 /// The most KV splits per sequence (as the paged decode).
 const MAX_SPLITS: usize = super::attention::MAX_DECODE_SPLITS;
-/// The most query heads per kv head (as the paged decode).
-const MAX_GROUP: usize = 16;
-/// The longest hidden row the norm prologue takes (l32_norm's in-register rows).
-const MAX_HIDDEN: usize = 8 * 8 * 512;
+/// The most query heads per kv head (the paged decode's).
+const MAX_GROUP: usize = super::attention::MAX_DECODE_GROUP;
+/// The longest hidden row (the gemv norm prologue's).
+const MAX_HIDDEN: usize = super::gemv::NORM_MAX_K;
 
 /// The model's sizes as the stack needs them.
 #[derive(Clone, Copy, Debug)]

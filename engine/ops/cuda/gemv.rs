@@ -23,7 +23,7 @@ const TILE_ROWS: usize = 16;
 /// 99 KB per block less the kernel's own static shared memory (up to 16464 bytes).
 const NORM_MAX_SMEM: usize = 82 * 1024;
 /// The longest row the norm prologue takes (l32_norm's in-register rows: 8 vectors of 8 for each of 512 threads).
-const NORM_MAX_K: usize = 8 * 8 * 512;
+pub(crate) const NORM_MAX_K: usize = 8 * 8 * 512;
 
 /// The input rows of a gemv-family call ([`gemv`], [`gemv_gate_up_silu`], [`gemv_qkv_rope`]): `x` in device memory
 /// (any bf16 device slice), or a [`NormPrologue`], whose normalized rows the kernel computes first.

@@ -82,7 +82,7 @@ pub use settings::{
 };
 
 /// The most query heads per kv head the decode kernel takes (one 16-row MMA tile).
-const MAX_DECODE_GROUP: usize = 16;
+pub(crate) const MAX_DECODE_GROUP: usize = 16;
 
 /// Paged decode: for each sequence `s`, its one query token (q row `s`, position `positions[s]`) attends to
 /// positions `0..=positions[s]`; `out[s]` is `[num_heads * head_dim]`.
