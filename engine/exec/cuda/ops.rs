@@ -19,6 +19,7 @@ use crate::ops::cuda as k;
 use crate::tp::cuda::DeviceComm;
 use crate::{Error, Result};
 
+mod decode_stack;
 mod norm_fusion;
 mod tp_logits;
 mod weights;
@@ -151,27 +152,11 @@ pub struct CudaOps {
     pub(super) quant: QuantState,
     /// The persistent decode stack's layer table and counters, while it is switched on
     /// ([`CudaOps::set_persistent_decode`]).
-    stack: Option<DecodeStack>,
+    stack: Option<decode_stack::DecodeStack>,
     /// Launches of the persistent decode stack so far (eager, or recorded into a graph).
     pub(super) stack_launches: u64,
     /// Set on a tensor-parallel rank: the communicator behind the [`Ops`] hooks and the rank's vocabulary slice.
     tp: Option<RankComm>,
-}
-
-/// A projection's bf16 weight for the persistent decode stack, or why it has none.
-fn stack_weight<'a>(w: &'a DeviceLinear, layer: usize, name: &str) -> Result<&'a CudaSlice<bf16>> {
-    match w {
-        DeviceLinear::Dense(slice) => Ok(slice),
-        DeviceLinear::Quant(_) => Err(Error::request(format!(
-            "the persistent decode stack takes bf16 weights; layer {layer} `{name}` is quantized"
-        ))),
-    }
-}
-
-/// The persistent decode stack (`kernels/decode_layers.cu`) over this model's layers.
-struct DecodeStack {
-    table: k::decode_layers::LayerTable,
-    scratch: k::decode_layers::StackScratch,
 }
 
 /// A tensor-parallel rank's side of [`CudaOps`]: its communicator, the embedding rows it holds, and buffers of the
@@ -250,62 +235,6 @@ impl CudaOps {
             stack_launches: 0,
             tp: None,
         }
-    }
-
-    /// True while the persistent decode stack is switched on.
-    pub(super) fn stack_enabled(&self) -> bool {
-        self.stack.is_some()
-    }
-
-    /// The model's sizes as the persistent decode stack takes them.
-    fn stack_shape(&self) -> k::decode_layers::StackShape {
-        k::decode_layers::StackShape {
-            layout: self.layout,
-            hidden: self.cfg.hidden_size,
-            inter: self.cfg.intermediate_size,
-            eps: self.cfg.rms_norm_eps,
-            num_slots: self.num_blocks * self.layout.block_size,
-        }
-    }
-
-    /// Switches the persistent decode stack on or off. On, decode steps of up to
-    /// [`k::decode_layers::MAX_M`] sequences run every decoder layer in one launch (the same bits as the layers one
-    /// by one with 8-warp gemv tiles); other steps run as before. It needs bf16 projections on one GPU.
-    pub(super) fn set_persistent_decode(&mut self, on: bool) -> Result<()> {
-        if !on {
-            self.stack = None;
-            return Ok(());
-        }
-        if self.stack.is_some() {
-            return Ok(());
-        }
-        if self.tp.is_some() {
-            return Err(Error::request("the persistent decode stack runs on one GPU, not under tensor parallelism"));
-        }
-        let shape = self.stack_shape();
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for (l, layer) in self.layers.iter().enumerate() {
-            let dense = |w, name| stack_weight(w, l, name);
-            layers.push(k::decode_layers::StackLayer {
-                attn_norm: &layer.attn_norm,
-                wqkv: dense(&layer.wqkv, "qkv")?,
-                wo: dense(&layer.wo, "o")?,
-                mlp_norm: &layer.mlp_norm,
-                w_gate_up: dense(&layer.w_gate_up, "gate_up")?,
-                w_down: dense(&layer.w_down, "down")?,
-                k_cache: &self.k_cache[l],
-                v_cache: &self.v_cache[l],
-            });
-        }
-        // SAFETY: the weights and caches are this executor's, allocated once and never moved or freed while it
-        // lives; the table lives in `self.stack` and is only launched on `self.stream`, which orders every use of
-        // the caches.
-        let table = unsafe { k::decode_layers::LayerTable::new(&self.stream, shape, &layers)? };
-        let scratch = k::decode_layers::StackScratch::new(&self.stream, shape.layout.num_kv_heads)?;
-        self.stack = Some(DecodeStack { table, scratch });
-        // Graphs captured before ran the layers one by one.
-        self.generation += 1;
-        Ok(())
     }
 
     /// Makes these kernels one rank of a tensor-parallel group: they must hold the rank's shard (built from
@@ -840,53 +769,7 @@ impl Ops for CudaOps {
     }
 
     fn decoder_layers(&mut self, bufs: LayerBufs<'_, CudaAct>, _step: &StepInput) -> Result<bool> {
-        let sz = self.sizes;
-        let m = sz.tokens;
-        let Some(stack) = self.stack.as_mut() else {
-            return Ok(false);
-        };
-        if !sz.decode || sz.seqs != m || m > stack.table.max_m() || !k::decode_layers::supports(stack.table.shape(), m)
-        {
-            return Ok(false);
-        }
-        if self.pending_norm.is_some() || self.quant.pending.is_some() {
-            return Err(Error::Backend("decoder_layers: a fused operation is pending".into()));
-        }
-        let c = &self.cfg;
-        let qkv_width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
-        check("decoder_layers x", bufs.x, m, c.hidden_size)?;
-        check("decoder_layers delta", bufs.delta, m, c.hidden_size)?;
-        check("decoder_layers qkv", bufs.qkv, m, qkv_width)?;
-        check("decoder_layers attn", bufs.attn, m, c.q_dim())?;
-        check("decoder_layers act", bufs.act, m, c.intermediate_size)?;
-        let meta = self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))?;
-        let num_splits = k::attention::decode_num_splits(&self.layout, m, sz.max_context_len, self.num_sms);
-        let io = LayerBufs {
-            x: &mut bufs.x.buf,
-            delta: &mut bufs.delta.buf,
-            qkv: &mut bufs.qkv.buf,
-            attn: &mut bufs.attn.buf,
-            act: &mut bufs.act.buf,
-        };
-        let step_meta = k::decode_layers::StackMeta {
-            positions: &meta.positions.slice(..m),
-            slot_mapping: &meta.slots.slice(..m),
-            inv_freq: &self.inv_freq,
-            block_tables: &meta.block_tables.slice(..sz.table_len),
-            max_blocks_per_seq: sz.max_blocks_per_seq,
-            num_splits,
-        };
-        k::decode_layers::decode_layers(
-            &self.stream,
-            &stack.table,
-            m,
-            io,
-            &step_meta,
-            &mut self.workspace,
-            &mut stack.scratch,
-        )?;
-        self.stack_launches += 1;
-        Ok(true)
+        self.run_decode_stack(bufs)
     }
 
     fn gather_rows(&mut self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) -> Result<()> {
