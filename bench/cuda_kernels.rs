@@ -371,15 +371,28 @@ fn quant(c: &mut Criterion) {
     g.finish();
 }
 
+/// A random W4A16 `[n, k]` projection on the device (`paired`: uploaded as SwiGLU's gate_up).
+fn w4a16_random(d: &Dev, n: usize, kdim: usize, seed: usize, paired: bool) -> k::quant::CudaQuantLinear {
+    use llama32::quant::{QuantLinear, QuantMatrix, Scheme};
+    let q: Vec<i8> = (0..n * kdim).map(|i| (((i + seed).wrapping_mul(2_654_435_761) >> 9) % 16) as i8 - 8).collect();
+    let matrix = QuantMatrix { n, k: kdim, group: 32, q, scales: vec![0.0125; n * kdim / 32], zeros: None };
+    let lin = QuantLinear { matrix, scheme: Scheme::W4A16_G32 };
+    let up = if paired { k::quant::CudaQuantLinear::upload_swiglu } else { k::quant::CudaQuantLinear::upload };
+    up(&d.stream, &lin).expect("upload")
+}
+
 /// The persistent decode stack (`decode_layers`): every layer of the 1B (16) and 3B (28) models at their real
-/// widths, random weights, 1 and 8 sequences at a 512-token context. Throughput counts the layers' weight bytes, so
-/// the figure compares straight with the copy rate (issue 3: the 1B step at >= 86% of the HBM roofline).
+/// widths, random weights (bf16, and W4A16 as `w4a16_`), 1 and 8 sequences at a 512-token context. Throughput counts
+/// the layers' weight bytes (W4A16: int4 and scales), so the figure compares straight with the copy rate (issue 3:
+/// the 1B step at >= 86% of the HBM roofline).
 fn decode_stack(c: &mut Criterion) {
     let Some(d) = Dev::open() else { return };
     let sms = k::attention::num_sms(&d.stream).expect("SM count");
     let mut g = c.benchmark_group("decode_layers");
-    for (name, hidden, inter, heads, dim, layers) in
+    for ((name, hidden, inter, heads, dim, layers), quant) in
         [("1b", 2048usize, 8192usize, 32usize, 64usize, 16usize), ("3b", 3072, 8192, 24, 128, 28)]
+            .into_iter()
+            .flat_map(|shape| [(shape, false), (shape, true)])
     {
         let layout = PagedLayout { num_heads: heads, num_kv_heads: 8, head_dim: dim, block_size: 16 };
         let (ctx, max_m) = (512usize, k::decode_layers::MAX_M);
@@ -387,33 +400,56 @@ fn decode_stack(c: &mut Criterion) {
         let num_slots = max_m * per_seq * 16;
         let qkv = (heads + 16) * dim;
         let q_dim = heads * dim;
+        // attn_norm, mlp_norm, the caches, and the bf16 projections (empty when quantized).
         let weights: Vec<[CudaSlice<bf16>; 8]> = (0..layers as u32)
             .map(|l| {
+                let proj = |len: usize, seed: u32| d.data(if quant { 8 } else { len }, 100 * l + seed);
                 [
                     d.data(hidden, 100 * l + 1),
-                    d.data(qkv * hidden, 100 * l + 2),
-                    d.data(hidden * q_dim, 100 * l + 3),
                     d.data(hidden, 100 * l + 4),
-                    d.data(2 * inter * hidden, 100 * l + 5),
-                    d.data(hidden * inter, 100 * l + 6),
                     d.data(num_slots * layout.slot_len(), 100 * l + 7),
                     d.data(num_slots * layout.slot_len(), 100 * l + 8),
+                    proj(qkv * hidden, 2),
+                    proj(hidden * q_dim, 3),
+                    proj(2 * inter * hidden, 5),
+                    proj(hidden * inter, 6),
                 ]
             })
             .collect();
-        let stack_layers: Vec<_> =
-            weights
-                .iter()
-                .map(|[attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache]| {
-                    k::decode_layers::StackLayer { attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_cache, v_cache }
+        let quant_weights: Vec<[k::quant::CudaQuantLinear; 4]> = if quant {
+            (0..layers)
+                .map(|l| {
+                    [
+                        w4a16_random(&d, qkv, hidden, 10 * l + 1, false),
+                        w4a16_random(&d, hidden, q_dim, 10 * l + 2, false),
+                        w4a16_random(&d, 2 * inter, hidden, 10 * l + 3, true),
+                        w4a16_random(&d, hidden, inter, 10 * l + 4, false),
+                    ]
                 })
-                .collect();
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let stack_layers: Vec<_> = weights
+            .iter()
+            .enumerate()
+            .map(|(l, [attn_norm, mlp_norm, k_cache, v_cache, wqkv, wo, w_gate_up, w_down])| {
+                let weights = match quant_weights.get(l) {
+                    Some([qkv, o, gate_up, down]) => k::decode_layers::StackWeights::W4A16 { qkv, o, gate_up, down },
+                    None => k::decode_layers::StackWeights::Bf16 { qkv: wqkv, o: wo, gate_up: w_gate_up, down: w_down },
+                };
+                k::decode_layers::StackLayer { attn_norm, mlp_norm, weights, k_cache, v_cache }
+            })
+            .collect();
         let shape = k::decode_layers::StackShape { layout, hidden, inter, eps: 1e-5, num_slots };
         // SAFETY: `weights` outlives every launch with the table (both live until the end of this loop body), and
         // nothing else uses the caches.
         let table = unsafe { k::decode_layers::LayerTable::new(&d.stream, shape, &stack_layers) }.expect("table");
         let mut scratch = k::decode_layers::StackScratch::new(&d.stream, 8).expect("scratch");
-        let weight_bytes = layers * 2 * (qkv * hidden + hidden * q_dim + 3 * inter * hidden);
+        let params = layers * (qkv * hidden + hidden * q_dim + 3 * inter * hidden);
+        // W4A16: half a byte per weight and a bf16 scale per 32.
+        let weight_bytes = if quant { params / 2 + params / 16 } else { 2 * params };
+        let tag = if quant { "w4a16_" } else { "" };
         let inv_freq = d.stream.clone_htod(&(0..dim / 2).map(|j| 1.0 / (j as f32 + 1.0)).collect::<Vec<f32>>());
         let inv_freq = inv_freq.expect("upload");
         for m in [1usize, max_m] {
@@ -429,7 +465,7 @@ fn decode_stack(c: &mut Criterion) {
             let (mut x, mut delta) = (d.data(m * hidden, 20), d.data(m * hidden, 21));
             let (mut qkv_buf, mut attn, mut act) = (d.data(m * qkv, 22), d.data(m * q_dim, 23), d.data(m * inter, 24));
             g.throughput(Throughput::Bytes(weight_bytes as u64));
-            g.bench_function(format!("{name}_{layers}l_m{m}_ctx{ctx}"), |b| {
+            g.bench_function(format!("{tag}{name}_{layers}l_m{m}_ctx{ctx}"), |b| {
                 b.iter_custom(|n| {
                     d.time(n, &mut || {
                         let io = llama32::model::LayerBufs {

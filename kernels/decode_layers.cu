@@ -1,5 +1,6 @@
 // kernels/decode_layers.cu: the persistent decode stack (l32_decode_layers_params in llama32_kernels.h), every
-// decoder layer of a bf16 decode step of up to 8 sequences in one launch.
+// decoder layer of a decode step of up to 8 sequences in one launch, with bf16 projections (the gemv tiles below) or
+// W4A16 ones (kernels/decode_layers_w4a16.cuh: the decode kernels' tiles at min(8, k / 64) K splits).
 //
 // Why: a 1B batch-1 step is ~130 dependent kernels, and each boundary exposes a ramp and a tail (the architecture
 // doc's "one persistent kernel per step": about 20 us a layer over the roofline on an H100). Here one cooperative
@@ -26,8 +27,9 @@
 // as in the gemv kernel.
 //
 // ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), no spills, a 32-byte stack frame (sincosf's large-angle path, as in
-// the gemv RoPE epilogue): decode_layers_kernel<64> 166 / 168 / 177 registers, 4688 B static shared memory;
-// <128> 226 / 225 / 225 registers, 4432 B. One 256-thread block per SM either way. Dynamic shared memory: the
+// the gemv RoPE epilogue; 64 bytes for W4A16 on sm_90a): bf16 decode_layers_kernel<64> 168 / 172 / 179 registers,
+// 4688 B static shared memory; <128> 226 / 225 / 225 registers, 4432 B. W4A16: <64> 182 / 184 / 189, 8784 B;
+// <128> 228 / 230 / 231, 8528 B. One 256-thread block per SM either way. Dynamic shared memory: the
 // widest staged rows, 16 (k / 8 + 1) bytes a row (1B / 3B: the down input, 16 KB at m = 1, 131 KB at m = 8), or
 // the decode attention's 34-36 KB.
 #include <climits>
@@ -38,6 +40,7 @@
 #include "common/grid_barrier.cuh"
 #include "common/status.cuh"
 #include "common/sync.cuh"
+#include "decode_layers_w4a16.cuh"
 #include "gemv_device.cuh"
 #include "llama32_kernels.h"
 
@@ -163,14 +166,20 @@ __device__ __forceinline__ l32_gemv_params qkv_params(const l32_decode_layers_pa
     return g;
 }
 
+// A layer's W4A16 projection (stack_w4::Proj): n rows of k.
+__device__ __forceinline__ stack_w4::Proj w4(const void* qweight, const void* scales, int64_t n, int64_t k) {
+    return stack_w4::proj(qweight, scales, n, k);
+}
+
 // Tier 1. grid = one block per SM (cooperative), kThreads threads, smem_bytes (below) of dynamic shared
-// memory. D: head_dim.
-template <int D>
+// memory. D: head_dim; kW4: W4A16 projections (decode_layers_w4a16.cuh) instead of bf16 gemv tiles.
+template <int D, bool kW4>
 __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid_constant__ l32_decode_layers_params p) {
     pdl_begin();  // a cooperative launch is never programmatic: returns at once
     using S = StackTraits<D>;
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ float partial[kWarps][8][kRows];
+    // bf16: the gemv tile's warp partials (partial[0]); W4A16: an item's split partials, two tiles.
+    __shared__ float partial[kW4 ? 2 : 1][kWarps][8][kRows];
     __shared__ float s_m[S::kDecodeWarps][kMaxGroup], s_l[S::kDecodeWarps][kMaxGroup];
     unsigned* const barrier = p.counters;
     const int m = p.m;
@@ -184,9 +193,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         // 1. norm (+ residual), qkv, RoPE, KV write.
         const l32_gemv_params qkv = qkv_params<D>(p, L, l > 0);
         norm_prologue<kWarps, true>(qkv, smem, hidden_stride, m, static_cast<int>(hidden / 8));
-        run_tiles<kRope>(qkv, qkv_n / kRows, smem, hidden_stride, partial);
         const l32_gemv_params o = gemv_params(p, p.delta, p.attn, L.wo, q_dim, hidden);
-        prefetch_first_tile<kPlain>(o, (hidden + kRows - 1) / kRows);
+        if constexpr (kW4) {
+            stack_w4::run_items<kRope>(w4(L.wqkv, L.s_qkv, qkv_n, hidden), smem, hidden_stride, m,
+                                       static_cast<bf16*>(p.qkv), qkv.rope, partial);
+            stack_w4::prefetch_block_item<kPlain>(w4(L.wo, L.s_o, hidden, q_dim), qkv.rope);
+        } else {
+            run_tiles<kRope>(qkv, qkv_n / kRows, smem, hidden_stride, partial[0]);
+            prefetch_first_tile<kPlain>(o, (hidden + kRows - 1) / kRows);
+        }
         grid_barrier(barrier);
 
         // 2. attention. The warps it leaves idle ask L2 for this block's first two gate_up tiles meanwhile (o's
@@ -196,8 +211,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         gate_up.silu_pairs = 1;
         const int64_t gate_up_tiles = (inter + kRows / 2 - 1) / (kRows / 2);
         constexpr int kIdle = 32 * S::kDecodeWarps;  // the first thread the attention leaves idle
-        prefetch_tile<kSilu>(gate_up, blockIdx.x, gate_up_tiles, 16384, kIdle);
-        prefetch_tile<kSilu>(gate_up, blockIdx.x + gridDim.x, gate_up_tiles, 16384, kIdle + 16);
+        const stack_w4::Proj w4_gate_up = w4(L.w_gate_up, L.s_gate_up, 2 * inter, hidden);
+        if constexpr (kW4) {
+            stack_w4::prefetch_block_item<kSilu>(w4_gate_up, qkv.rope, 0, kIdle);
+            stack_w4::prefetch_block_item<kSilu>(w4_gate_up, qkv.rope, 1, kIdle + 16);
+        } else {
+            prefetch_tile<kSilu>(gate_up, blockIdx.x, gate_up_tiles, 16384, kIdle);
+            prefetch_tile<kSilu>(gate_up, blockIdx.x + gridDim.x, gate_up_tiles, 16384, kIdle + 16);
+        }
         if (threadIdx.x < 32 * S::kDecodeWarps) {
             l32_paged_decode_params a = {};
             a.out = p.attn;
@@ -234,23 +255,43 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         // 3. o.
         const int q_stride = static_cast<int>(16 * (q_dim / 8 + 1));
         stage_rows(static_cast<const bf16*>(p.attn), m, static_cast<int>(q_dim / 8), smem, q_stride);
-        run_tiles<kPlain>(o, (hidden + kRows - 1) / kRows, smem, q_stride, partial);
+        if constexpr (kW4) {
+            stack_w4::run_items<kPlain>(w4(L.wo, L.s_o, hidden, q_dim), smem, q_stride, m, static_cast<bf16*>(p.delta),
+                                        qkv.rope, partial);
+        } else {
+            run_tiles<kPlain>(o, (hidden + kRows - 1) / kRows, smem, q_stride, partial[0]);
+        }
         grid_barrier(barrier);
 
         // 4. norm + residual, gate_up, SwiGLU.
         norm_prologue<kWarps, true>(gate_up, smem, hidden_stride, m, static_cast<int>(hidden / 8));
-        run_tiles<kSilu>(gate_up, gate_up_tiles, smem, hidden_stride, partial);
         const l32_gemv_params down = gemv_params(p, p.delta, p.act, L.w_down, inter, hidden);
-        prefetch_first_tile<kPlain>(down, (hidden + kRows - 1) / kRows);
+        if constexpr (kW4) {
+            stack_w4::run_items<kSilu>(w4_gate_up, smem, hidden_stride, m, static_cast<bf16*>(p.act), qkv.rope,
+                                       partial);
+            stack_w4::prefetch_block_item<kPlain>(w4(L.w_down, L.s_down, hidden, inter), qkv.rope);
+        } else {
+            run_tiles<kSilu>(gate_up, gate_up_tiles, smem, hidden_stride, partial[0]);
+            prefetch_first_tile<kPlain>(down, (hidden + kRows - 1) / kRows);
+        }
         grid_barrier(barrier);
 
         // 5. down.
         const int inter_stride = static_cast<int>(16 * (inter / 8 + 1));
         stage_rows(static_cast<const bf16*>(p.act), m, static_cast<int>(inter / 8), smem, inter_stride);
-        run_tiles<kPlain>(down, (hidden + kRows - 1) / kRows, smem, inter_stride, partial);
+        if constexpr (kW4) {
+            stack_w4::run_items<kPlain>(w4(L.w_down, L.s_down, hidden, inter), smem, inter_stride, m,
+                                        static_cast<bf16*>(p.delta), qkv.rope, partial);
+        } else {
+            run_tiles<kPlain>(down, (hidden + kRows - 1) / kRows, smem, inter_stride, partial[0]);
+        }
         if (l + 1 < p.num_layers) {
             const l32_decode_layer_weights& next = p.layers[l + 1];
-            prefetch_first_tile<kRope>(qkv_params<D>(p, next, true), qkv_n / kRows);
+            if constexpr (kW4) {
+                stack_w4::prefetch_block_item<kRope>(w4(next.wqkv, next.s_qkv, qkv_n, hidden), qkv.rope);
+            } else {
+                prefetch_first_tile<kRope>(qkv_params<D>(p, next, true), qkv_n / kRows);
+            }
             grid_barrier(barrier);
         }
     }
@@ -265,18 +306,29 @@ int64_t smem_bytes(const l32_decode_layers_params& p) {
 }
 
 // Tier 2: a cooperative launch (every block resident, or the launch fails) of one block per SM.
-template <int D>
+template <int D, bool kW4>
 l32_status launch(const l32_decode_layers_params& p, cudaStream_t stream) {
     const auto smem = static_cast<size_t>(smem_bytes<D>(p));
-    const int blocks = one_block_per_sm(decode_layers_kernel<D>, kThreads, smem);
+    const int blocks = one_block_per_sm(decode_layers_kernel<D, kW4>, kThreads, smem);
     if (blocks == 0) return L32_UNSUPPORTED;
-    launch_cooperative(decode_layers_kernel<D>, blocks, kThreads, smem, stream, p);
+    launch_cooperative(decode_layers_kernel<D, kW4>, blocks, kThreads, smem, stream, p);
     return check_launch();
+}
+
+template <int D>
+l32_status launch(const l32_decode_layers_params& p, cudaStream_t stream) {
+    return p.weights == L32_DECODE_WEIGHTS_W4A16 ? launch<D, true>(p, stream) : launch<D, false>(p, stream);
 }
 
 // The sizes the kernel takes (pointers aside).
 bool supported(const l32_decode_layers_params& p) {
     if (p.dtype != L32_DTYPE_BF16 || (p.head_dim != 64 && p.head_dim != 128)) return false;
+    if (p.weights != L32_DECODE_WEIGHTS_BF16 && p.weights != L32_DECODE_WEIGHTS_W4A16) return false;
+    // The W4A16 layout's 64-column chunks of every input width.
+    const int64_t in_q = int64_t{p.num_heads} * p.head_dim;
+    if (p.weights == L32_DECODE_WEIGHTS_W4A16 && (p.hidden % 64 != 0 || in_q % 64 != 0 || p.inter % 64 != 0)) {
+        return false;
+    }
     if (p.m < 1 || p.m > L32_DECODE_LAYERS_MAX_M || p.num_layers < 1) return false;
     if (p.hidden <= 0 || p.hidden % 8 != 0 || p.inter <= 0 || p.inter % 8 != 0) return false;
     if (p.num_heads <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) return false;

@@ -232,6 +232,28 @@ __device__ __forceinline__ void norm_prologue(const l32_gemv_params& p, unsigned
     if (threadIdx.x == 0) *p.norm.counter = 0u;  // for the next launch (a CUDA graph replays this one)
 }
 
+// The RoPE + KV-write epilogue of one rotation pair (l32_rope_kv_write's arithmetic, so its bits): pair
+// (j, j + head_dim / 2) of q or k head `head` (q heads first) of token i, whose unrotated bf16 values are a and b,
+// rotated by the token's position; q goes to row i of out (width n), k to the token's cache slot (slot_base: its
+// first element in the pool; nothing where the token is not cached).
+__device__ __forceinline__ void rope_write_pair(const l32_rope_params& r, bf16* out, int64_t n, int i, int head,
+                                                int j, float a, float b, int64_t slot_base, bool cached) {
+    const int d = r.head_dim, half = d / 2;
+    float sn, cs;
+    sincosf(__fmul_rn(static_cast<float>(r.positions[i]), r.inv_freq[j]), &sn, &cs);
+    float o1, o2;
+    rope_rotate(a, b, cs, sn, o1, o2);
+    if (head < r.num_heads) {
+        bf16* q = out + static_cast<int64_t>(i) * n + int64_t{head} * d + j;
+        q[0] = __float2bfloat16_rn(o1);
+        q[half] = __float2bfloat16_rn(o2);
+    } else if (cached) {
+        bf16* kc = static_cast<bf16*>(r.k_cache) + slot_base + int64_t{head - r.num_heads} * d + j;
+        kc[0] = __float2bfloat16_rn(o1);
+        kc[half] = __float2bfloat16_rn(o2);
+    }
+}
+
 // One block's tile of the product once x is ready: the main loop over k (kSmemX: x rows from shared memory), the
 // warps' partial tiles summed in warp order, and the mode's epilogue (see the kernel in gemv.cu). br, w0 and w1 are
 // the tile's rows (block_rows of tile `blk`); the block is kWarps * 32 threads; `partial` is free on entry and read
@@ -268,7 +290,7 @@ __device__ __forceinline__ void gemv_tile(const l32_gemv_params& p, const BlockR
         out[static_cast<int64_t>(i) * p.n + br.n0 + c] = __float2bfloat16_rn(silu_mul_f32(gate, up));
     } else if constexpr (kMode == kRope) {
         const l32_rope_params& r = p.rope;
-        const int d = r.head_dim, half = d / 2;
+        const int d = r.head_dim;
         const uint32_t slot = r.slot_mapping[i];
         const bool cached = slot < static_cast<uint64_t>(r.num_slots);
         if (!cached && slot != L32_PAD_SLOT && r.bad_slot != nullptr && c == 0 && blk == 0) *r.bad_slot = 1u;
@@ -280,22 +302,10 @@ __device__ __forceinline__ void gemv_tile(const l32_gemv_params& p, const BlockR
             static_cast<bf16*>(r.v_cache)[slot_base + vi] = sum(c);
             return;
         }
-        // q or k: pair (j0 + c, j0 + c + half) of head br.head, rotated as l32_rope_kv_write rotates it.
+        // q or k: pair (j0 + c, j0 + c + half) of head br.head.
         if (c >= kRows / 2) return;
-        const int j = br.j0 + c;
-        float sn, cs;
-        sincosf(__fmul_rn(static_cast<float>(r.positions[i]), r.inv_freq[j]), &sn, &cs);
-        float o1, o2;
-        rope_rotate(__bfloat162float(sum(c)), __bfloat162float(sum(c + kRows / 2)), cs, sn, o1, o2);
-        if (br.head < r.num_heads) {
-            bf16* q = out + static_cast<int64_t>(i) * p.n + int64_t{br.head} * d + j;
-            q[0] = __float2bfloat16_rn(o1);
-            q[half] = __float2bfloat16_rn(o2);
-        } else if (cached) {
-            bf16* kc = static_cast<bf16*>(r.k_cache) + slot_base + int64_t{br.head - r.num_heads} * d + j;
-            kc[0] = __float2bfloat16_rn(o1);
-            kc[half] = __float2bfloat16_rn(o2);
-        }
+        rope_write_pair(r, out, p.n, i, br.head, br.j0 + c, __bfloat162float(sum(c)),
+                        __bfloat162float(sum(c + kRows / 2)), slot_base, cached);
     } else {
         if (br.n0 + c >= p.n) return;
         out[static_cast<int64_t>(i) * p.n + br.n0 + c] = sum(c);

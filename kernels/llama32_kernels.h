@@ -882,22 +882,38 @@ l32_status l32_encoder_attention(const l32_encoder_attention_params* params, voi
 /* END vision */
 
 /* ---------------------------------------------------------------------------------------------------------------- */
-/* persistent decode stack (kernels/decode_layers.cu): every decoder layer of a bf16 decode step in one launch */
+/* persistent decode stack (kernels/decode_layers.cu): every decoder layer of a decode step in one launch */
 /* BEGIN decode_layers */
 
 /** The most decode tokens (sequences) l32_decode_layers takes: one MMA column tile of the skinny GEMM. */
 #define L32_DECODE_LAYERS_MAX_M 8
 
-/** One decoder layer's bf16 weights and KV-cache pools (the shapes of the l32_gemv and l32_paged_decode calls). */
+/** The projections' format in l32_decode_layers. */
+typedef enum l32_decode_weights {
+    /** bf16 [n, k] matrices (the l32_gemv calls). */
+    L32_DECODE_WEIGHTS_BF16 = 0,
+    /** W4A16 in l32_w4a16_params' layout, symmetric (no zero points), gate_up paired (pair_half = inter). */
+    L32_DECODE_WEIGHTS_W4A16 = 1,
+} l32_decode_weights;
+
+/**
+ * One decoder layer's weights and KV-cache pools (the shapes of the l32_gemv / l32_w4a16_gemm and l32_paged_decode
+ * calls). With L32_DECODE_WEIGHTS_W4A16 each projection pointer is its layout's int4 tiles (`qweight`) and the
+ * matching `s_*` its bf16 scales; with bf16 weights the `s_*` are unused.
+ */
 typedef struct l32_decode_layer_weights {
     const void* attn_norm;  /**< [hidden] */
     const void* wqkv;       /**< [(num_heads + 2 num_kv_heads) head_dim, hidden]: q rows, then k, then v */
     const void* wo;         /**< [hidden, num_heads head_dim] */
     const void* mlp_norm;   /**< [hidden] */
-    const void* w_gate_up;  /**< [2 inter, hidden]: gate rows, then up rows */
+    const void* w_gate_up;  /**< [2 inter, hidden]: gate rows, then up rows (W4A16: paired) */
     const void* w_down;     /**< [hidden, inter] */
     void* k_cache;          /**< [num_slots, num_kv_heads, head_dim] */
     void* v_cache;          /**< the same shape */
+    const void* s_qkv;      /**< W4A16: wqkv's scales */
+    const void* s_o;        /**< W4A16: wo's scales */
+    const void* s_gate_up;  /**< W4A16: w_gate_up's scales */
+    const void* s_down;     /**< W4A16: w_down's scales */
 } l32_decode_layer_weights;
 
 /**
@@ -906,7 +922,9 @@ typedef struct l32_decode_layer_weights {
  * [split-KV attention, splits merged by the last block of each (sequence, kv head)], [o], [RMSNorm + residual add,
  * gate_up, SwiGLU], [down]. Every phase runs the device code of the multi-kernel step (l32_gemv with the norm
  * prologue, rope_on and silu_pairs at warps = 8, l32_paged_decode with fused_merge), so the results are bit for bit
- * those of that sequence of launches.
+ * those of that sequence of launches. With W4A16 weights the projections are l32_w4a16_gemm's tiles at
+ * min(8, k / 64) K splits (the SwiGLU fused as with silu, RoPE and the KV write as l32_rope_kv_write after it), the
+ * norms l32_norm's: again the bits of that sequence of launches.
  *
  * On entry x holds the embedding rows; on return x holds the residual stream before the last layer's down
  * projection and `delta` that projection's output (the final add + RMSNorm follows, as after the layers of the
@@ -941,6 +959,7 @@ typedef struct l32_decode_layers_params {
     float eps;                    /**< RMSNorm epsilon, >= 0 */
     float scale;                  /**< softmax scale */
     l32_dtype dtype;              /**< L32_DTYPE_BF16 */
+    l32_decode_weights weights;   /**< the projections' format; W4A16 needs hidden, q_dim and inter % 64 == 0 */
 } l32_decode_layers_params;
 
 /** Launches the decode stack on `stream` (cooperative: L32_UNSUPPORTED where a block per SM cannot be resident). */

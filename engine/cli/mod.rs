@@ -121,8 +121,9 @@ pub struct ModelArgs {
     #[arg(long)]
     pub fused_norm: bool,
     /// Run decode steps of up to 8 sequences through the persistent decode stack: every decoder layer in one
-    /// launch, one block per SM, phases separated by grid barriers (CUDA; bf16 text models on one GPU; the same
-    /// results as the layers one by one with 8-warp skinny GEMM tiles; off by default until a device run times it).
+    /// launch, one block per SM, phases separated by grid barriers (CUDA; text models with bf16 or W4A16 projections
+    /// on one GPU; the same results as the layers one by one with 8-warp skinny GEMM tiles and 8 W4A16 K splits; off
+    /// by default until a device run times it).
     #[arg(long)]
     pub persistent_decode: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.

@@ -1,9 +1,9 @@
 //! The persistent decode stack (`--persistent-decode`) at the Llama 3.2 text shapes: random weights at the 1B and 3B
-//! widths with two layers and a small vocabulary. Decode steps of 1 to 8 sequences, eager and from CUDA graphs, give
-//! bitwise the logits of the layers one by one with the skinny GEMM at the stack's 8 warps per tile. At these widths
-//! each block of the stack runs several tiles of a projection (1B gate_up: 1024 tiles on ~132 SMs) and the contexts
-//! split the attention, which the golden cases' small projections and short contexts never do. Skipped without a
-//! CUDA device.
+//! widths with two layers and a small vocabulary, bf16 and W4A16. Decode steps of 1 to 8 sequences, eager and from
+//! CUDA graphs, give bitwise the logits of the layers one by one with the skinny GEMM at the stack's 8 warps per tile
+//! and the W4A16 kernels at its 8 K splits. At these widths each block of the stack runs several tiles of a
+//! projection (1B gate_up: 1024 tiles on ~132 SMs) and the contexts split the attention, which the golden cases'
+//! small projections and short contexts never do. Skipped without a CUDA device.
 
 use llama32::config::{LlamaConfig, Preset};
 use llama32::exec::cuda::{CudaExecutor, CudaOptions};
@@ -29,42 +29,49 @@ fn ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Eight sequences with prompts of 40 to 600 tokens (one prefill step each), then decode rounds with 1, 2, 5 and 8
-/// of them: every step's logits, in order, with the skinny GEMM at 8 warps per block.
-fn rounds(cfg: &LlamaConfig, stack: bool, graphs: usize, dog: &Watchdog) -> Vec<f32> {
+/// of them: every step's logits, in order, with the skinny GEMM at 8 warps per block and the W4A16 kernels at 8 K
+/// splits. `quant`: the random weights quantized to W4A16 (on the CPU, once per call).
+fn rounds(cfg: &LlamaConfig, quant: Option<&ModelWeights>, stack: bool, graphs: usize, dog: &Watchdog) -> Vec<f32> {
     let opts =
         CudaOptions { kv_tokens: Some(8192), max_step_tokens: 1024, max_graph_batch: graphs, ..Default::default() };
-    let mut exec = CudaExecutor::new(cfg.clone(), WeightSource::Random(7), &opts, &|_| {}).unwrap();
+    let mut exec = match quant {
+        Some(w) => CudaExecutor::from_weights(cfg.clone(), w, &opts).unwrap(),
+        None => CudaExecutor::new(cfg.clone(), WeightSource::Random(7), &opts, &|_| {}).unwrap(),
+    };
     exec.set_persistent_decode(stack).unwrap();
-    let logits = llama32::ops::cuda::gemv::with_warps(8, || {
-        let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
-        let prompts: Vec<Vec<u32>> = (0..8).map(|s| ids(s, 40 + 80 * s as usize, cfg.vocab_size)).collect();
-        let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 8];
-        let mut logits = Vec::new();
-        for (p, table) in prompts.iter().zip(tables.iter_mut()) {
-            alloc.ensure(table, p.len() + 32).unwrap();
-            let chunk = SeqChunk { tokens: p, start_pos: 0, block_table: table, logits: LogitsWanted::Last };
-            logits.extend(exec.step(&build_step(&[chunk], exec.block_size()).unwrap()).unwrap().logits);
-        }
-        let mut next: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let fresh = ids(99, 64, cfg.vocab_size);
-        for round in 0..16 {
-            let active = [1, 2, 5, 8][round % 4];
-            dog.at(format!("stack {stack} graphs {graphs} round {round} ({active} sequences)"));
-            let chunks: Vec<_> = (0..active)
-                .map(|s| SeqChunk {
-                    tokens: std::slice::from_ref(&fresh[(s + 3 * round) % fresh.len()]),
-                    start_pos: next[s],
-                    block_table: &tables[s],
-                    logits: LogitsWanted::Last,
-                })
-                .collect();
-            logits.extend(exec.step(&build_step(&chunks, exec.block_size()).unwrap()).unwrap().logits);
-            for p in next.iter_mut().take(active) {
-                *p += 1;
+    let logits = llama32::ops::cuda::quant::with_w4a16_splits(8, || {
+        llama32::ops::cuda::gemv::with_warps(8, || {
+            let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+            let prompts: Vec<Vec<u32>> = (0..8).map(|s| ids(s, 40 + 80 * s as usize, cfg.vocab_size)).collect();
+            let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 8];
+            let mut logits = Vec::new();
+            for (p, table) in prompts.iter().zip(tables.iter_mut()) {
+                alloc.ensure(table, p.len() + 32).unwrap();
+                let chunk = SeqChunk { tokens: p, start_pos: 0, block_table: table, logits: LogitsWanted::Last };
+                logits.extend(exec.step(&build_step(&[chunk], exec.block_size()).unwrap()).unwrap().logits);
             }
-        }
-        logits
+            let mut next: Vec<usize> = prompts.iter().map(Vec::len).collect();
+            let fresh = ids(99, 64, cfg.vocab_size);
+            for round in 0..16 {
+                let active = [1, 2, 5, 8][round % 4];
+                dog.at(format!("stack {stack} graphs {graphs} round {round} ({active} sequences)"));
+                let chunks: Vec<_> = (0..active)
+                    .map(|s| SeqChunk {
+                        tokens: std::slice::from_ref(&fresh[(s + 3 * round) % fresh.len()]),
+                        start_pos: next[s],
+                        block_table: &tables[s],
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
+                logits.extend(exec.step(&build_step(&chunks, exec.block_size()).unwrap()).unwrap().logits);
+                for p in next.iter_mut().take(active) {
+                    *p += 1;
+                }
+            }
+            logits
+        })
     })
+    .unwrap()
     .unwrap();
     // Every decode round of one sequence, at least, took the stack (larger batches may exceed a small GPU's
     // shared memory); without the switch none.
@@ -84,7 +91,7 @@ fn decode_stack_matches_the_layers_at_the_llama_widths() {
     for (name, preset) in [("1b", Preset::Llama32_1B), ("3b", Preset::Llama32_3B)] {
         let cfg = config(preset, 2);
         for graphs in [0, 256] {
-            let (off, on) = (rounds(&cfg, false, graphs, &dog), rounds(&cfg, true, graphs, &dog));
+            let (off, on) = (rounds(&cfg, None, false, graphs, &dog), rounds(&cfg, None, true, graphs, &dog));
             assert_eq!(off.len(), on.len());
             assert!(on.iter().all(|x| x.is_finite()), "{name} graphs {graphs}: non-finite logits");
             if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
@@ -96,22 +103,55 @@ fn decode_stack_matches_the_layers_at_the_llama_widths() {
     }
 }
 
-/// The stack refuses quantized projections with an error that names the layer and projection, when switched on and
-/// when asked for in the options.
+/// The same with the projections quantized to W4A16 (symmetric, group 32, gate_up paired on upload): the stack's
+/// W4A16 tiles against the W4A16 decode kernels at 8 K splits, followed by the RoPE and SiLU * up they fuse.
 #[test]
-fn decode_stack_refuses_quantized_projections() {
+fn decode_stack_w4a16_matches_the_layers_at_the_llama_widths() {
+    if !device_ready() {
+        return;
+    }
+    let dog = Watchdog::start("decode_stack_w4a16_matches_the_layers_at_the_llama_widths");
+    for (name, preset) in [("1b", Preset::Llama32_1B), ("3b", Preset::Llama32_3B)] {
+        let cfg = config(preset, 2);
+        let mut w = ModelWeights::random(&cfg, 7).unwrap();
+        w.quantize_in_place(Scheme::W4A16_G32).unwrap();
+        for graphs in [0, 256] {
+            let off = rounds(&cfg, Some(&w), false, graphs, &dog);
+            let on = rounds(&cfg, Some(&w), true, graphs, &dog);
+            assert_eq!(off.len(), on.len());
+            assert!(on.iter().all(|x| x.is_finite()), "{name} W4A16 graphs {graphs}: non-finite logits");
+            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
+                let row = i / cfg.vocab_size;
+                panic!(
+                    "{name} W4A16 graphs {graphs}: logit {i} (row {row}) is {} with the stack, {} without",
+                    on[i], off[i]
+                );
+            }
+            eprintln!("{name} W4A16, graphs {graphs}: {} logits bitwise equal with and without the stack", off.len());
+        }
+    }
+}
+
+/// The stack refuses W4A8 projections with an error that names the layer and projection, when switched on and when
+/// asked for in the options; it takes W4A16 ones.
+#[test]
+fn decode_stack_refuses_w4a8_projections() {
     if !device_ready() {
         return;
     }
     let dir = crate::common::golden_dir("cuda-d64-gqa4");
     let cfg = LlamaConfig::from_model_dir(&dir).unwrap();
-    let mut w = ModelWeights::load(&Checkpoint::open(&dir).unwrap(), &cfg, &|_| {}).unwrap();
-    w.quantize_in_place(Scheme::W4A16_G32).unwrap();
+    let bf16 = ModelWeights::load(&Checkpoint::open(&dir).unwrap(), &cfg, &|_| {}).unwrap();
     let opts = CudaOptions { kv_tokens: Some(256), max_step_tokens: 64, ..Default::default() };
+    let mut w = bf16.clone();
+    w.quantize_in_place(Scheme::W4A8_G32).unwrap();
     let mut exec = CudaExecutor::from_weights(cfg.clone(), &w, &opts).unwrap();
     let err = exec.set_persistent_decode(true).unwrap_err().to_string();
-    assert!(err.contains("bf16") && err.contains("layer 0") && err.contains("quantized"), "{err}");
-    let opts = CudaOptions { persistent_decode: true, ..opts };
-    let err = CudaExecutor::from_weights(cfg, &w, &opts).err().expect("refused").to_string();
-    assert!(err.contains("quantized"), "{err}");
+    assert!(err.contains("W4A8") && err.contains("layer 0") && err.contains("`qkv`"), "{err}");
+    let on = CudaOptions { persistent_decode: true, ..opts.clone() };
+    let err = CudaExecutor::from_weights(cfg.clone(), &w, &on).err().expect("refused").to_string();
+    assert!(err.contains("W4A8"), "{err}");
+    let mut w = bf16;
+    w.quantize_in_place(Scheme::W4A16_G32).unwrap();
+    CudaExecutor::from_weights(cfg, &w, &on).expect("the stack takes W4A16 projections");
 }

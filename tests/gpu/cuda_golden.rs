@@ -432,7 +432,9 @@ fn cuda_norm_and_rope_gemv_fusions_change_no_bit() {
 /// The persistent decode stack (every decoder layer of a decode step in one launch) changes no bit: the prefill and
 /// decode rounds (decode batches of 1, 3 and 5 sequences; from CUDA graphs padded to 1, 4 and 8) give the logits of
 /// the layers one by one, both with the skinny GEMM at the stack's 8 warps per tile. Prefill steps run as before.
-/// The stack's greedy continuation is also held to the CPU reference (as `cuda_greedy_picks_are_reference_near_argmax`).
+/// The same with the projections quantized to W4A16 (the stack's W4A16 tiles against the decode kernels at 8 K
+/// splits). The stack's greedy continuation is also held to the CPU reference (as
+/// `cuda_greedy_picks_are_reference_near_argmax`).
 #[test]
 fn cuda_persistent_decode_stack_changes_no_bit() {
     if !device_ready() {
@@ -443,6 +445,17 @@ fn cuda_persistent_decode_stack_changes_no_bit() {
         exec.set_persistent_decode(on).unwrap();
         exec
     });
+    // W4A16 projections: the stack's W4A16 tiles against the decode kernels at its 8 K splits.
+    llama32::ops::cuda::quant::with_w4a16_splits(8, || {
+        assert_switch_changes_no_bit_at("the W4A16 persistent decode stack", Some(8), &|case, ckpt, opts, on| {
+            let mut w = ModelWeights::load(ckpt, &case.cfg, &|_| {}).unwrap();
+            w.quantize_in_place(llama32::quant::Scheme::W4A16_G32).unwrap();
+            let mut exec = CudaExecutor::from_weights(case.cfg.clone(), &w, &opts).unwrap();
+            exec.set_persistent_decode(on).unwrap();
+            exec
+        })
+    })
+    .unwrap();
     for name in CASES {
         // End to end at the default warp counts: the stack's greedy picks are the reference's near-argmax.
         let case = Case::load(name);

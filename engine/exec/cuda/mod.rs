@@ -60,8 +60,8 @@ pub struct CudaOptions {
     /// [`CudaExecutor::set_fuse_norm`]).
     pub fuse_norm: bool,
     /// Run decode steps of up to 8 sequences through the persistent decode stack: every decoder layer in one
-    /// launch (`kernels/decode_layers.cu`; bf16 weights on one GPU; off by default until a device run measures it;
-    /// see [`CudaExecutor::set_persistent_decode`]).
+    /// launch (`kernels/decode_layers.cu`; bf16 or symmetric W4A16 projections on one GPU; off by default until a
+    /// device run measures it; see [`CudaExecutor::set_persistent_decode`]).
     pub persistent_decode: bool,
 }
 
@@ -348,8 +348,9 @@ impl CudaExecutor {
 
     /// Switches the persistent decode stack on or off ([`CudaOptions::persistent_decode`]): on, decode steps of up to
     /// 8 sequences run every decoder layer in one cooperative launch, with the bits of the layers one by one at
-    /// 8-warp gemv tiles ([`k::gemv::with_warps`]). Fails, naming the cause, for quantized projections or under
-    /// tensor parallelism.
+    /// 8-warp gemv tiles ([`k::gemv::with_warps`]) or, for W4A16 projections, at 8 K splits
+    /// ([`k::quant::with_w4a16_splits`]). Fails, naming the cause, for W4A8 projections, W4A16 ones with zero
+    /// points, a mix of formats, or under tensor parallelism.
     pub fn set_persistent_decode(&mut self, on: bool) -> Result<()> {
         self.ops.set_persistent_decode(on)?;
         self.graphs.clear();

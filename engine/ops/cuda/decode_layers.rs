@@ -1,11 +1,13 @@
 //! The persistent decode stack on CUDA (`kernels/decode_layers.cu`, family `decode_layers`): every decoder layer
-//! of a bf16 decode step of up to [`MAX_M`] sequences in one cooperative launch of one block per SM, its phases
-//! separated by grid barriers.
+//! of a decode step of up to [`MAX_M`] sequences in one cooperative launch of one block per SM, its phases
+//! separated by grid barriers. The projections are bf16 or W4A16 ([`StackWeights`]).
 //!
 //! Each phase runs the device code of the multi-kernel step with the parameters that step gives it: the gemv family
 //! at 8 warps per tile with its norm prologue, RoPE + KV-write and SwiGLU epilogues, and the paged decode with the
 //! fused split merge. So the results are bit for bit those of that step run with 8-warp gemv tiles
-//! ([`super::gemv::with_warps`]); its CPU twin is the CPU model's layer loop ([`crate::model::forward`]).
+//! ([`super::gemv::with_warps`]); its CPU twin is the CPU model's layer loop ([`crate::model::forward`]). With W4A16
+//! projections (`kernels/decode_layers_w4a16.cuh`) each runs the W4A16 decode kernels' tiles at `min(8, k / 64)` K
+//! splits, so the bits are those of the step with [`super::quant::with_w4a16_splits`]`(8)`.
 //!
 //! The layers' weights and caches are named once, in a [`LayerTable`] in device memory; each launch takes the step's
 //! buffers, metadata and a [`StackScratch`].
@@ -81,33 +83,90 @@ impl StackShape {
 
 /// The most sequences (up to [`MAX_M`]) whose staged rows fit `smem` bytes of shared memory per block, as
 /// `kernels/decode_layers.cu` sizes them: 16 (k / 8 + 1) bytes per row of the widest input, or the decode
-/// attention's tiles, plus up to 8 KB of the kernel's static shared memory.
+/// attention's tiles, plus up to 12 KB of the kernel's static shared memory (ptxas, sm_90a: 4.4-4.7 KB bf16,
+/// 8.5-8.8 KB W4A16).
 fn max_sequences(shape: &StackShape, smem: usize) -> usize {
-    const STATIC: usize = 8 * 1024;
+    const STATIC: usize = 12 * 1024;
     let widest = shape.hidden.max(shape.q_dim()).max(shape.inter);
     let decode = if shape.layout.head_dim == 64 { 34_816 } else { 36_864 };
     (1..=MAX_M).rev().find(|&m| (m * 16 * (widest / 8 + 1)).max(decode) + STATIC <= smem).unwrap_or(0)
 }
 
-/// True when the stack runs `m` decode sequences of a model of this shape (with bf16 weights).
-pub fn supports(shape: &StackShape, m: usize) -> bool {
-    (1..=MAX_M).contains(&m) && shape.unsupported().is_none()
+/// True when the stack runs `m` decode sequences of a model of this shape with projections of this format.
+pub fn supports(shape: &StackShape, format: WeightFormat, m: usize) -> bool {
+    (1..=MAX_M).contains(&m) && shape.unsupported().is_none() && shape.unsupported_for(format).is_none()
 }
 
-/// One layer's device tensors, in the layouts of the gemv and paged-decode calls.
+impl StackShape {
+    /// Why projections of `format` cannot run at this shape, if they cannot: W4A16 needs every input width (hidden,
+    /// q_dim, inter) a multiple of the layout's 64-column chunk.
+    fn unsupported_for(&self, format: WeightFormat) -> Option<String> {
+        let widths = [("hidden size", self.hidden), ("q_dim", self.q_dim()), ("intermediate size", self.inter)];
+        match format {
+            WeightFormat::Bf16 => None,
+            WeightFormat::W4A16 => widths
+                .iter()
+                .find(|(_, w)| w % super::quant::TILE_K != 0)
+                .map(|(what, w)| format!("{what} {w} (W4A16 needs multiples of {})", super::quant::TILE_K)),
+        }
+    }
+}
+
+/// The projections' format of a [`LayerTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// bf16 `[n, k]` matrices.
+    Bf16,
+    /// W4A16 in the decode kernels' layout, symmetric, gate_up paired.
+    W4A16,
+}
+
+/// One layer's projections: all bf16, or all W4A16.
+pub enum StackWeights<'a> {
+    /// bf16 `[n, k]`: qkv `[qkv, hidden]`, o `[hidden, q_dim]`, gate_up `[2 inter, hidden]` (gate rows first), down
+    /// `[hidden, inter]`.
+    Bf16 {
+        /// Fused q, k, v projection.
+        qkv: &'a CudaSlice<bf16>,
+        /// Output projection.
+        o: &'a CudaSlice<bf16>,
+        /// Fused gate and up projection.
+        gate_up: &'a CudaSlice<bf16>,
+        /// Down projection.
+        down: &'a CudaSlice<bf16>,
+    },
+    /// W4A16 (the same shapes), symmetric (no zero points), gate_up uploaded with its rows paired
+    /// ([`super::quant::CudaQuantLinear::upload_swiglu`]).
+    W4A16 {
+        /// Fused q, k, v projection.
+        qkv: &'a super::quant::CudaQuantLinear,
+        /// Output projection.
+        o: &'a super::quant::CudaQuantLinear,
+        /// Fused gate and up projection, paired.
+        gate_up: &'a super::quant::CudaQuantLinear,
+        /// Down projection.
+        down: &'a super::quant::CudaQuantLinear,
+    },
+}
+
+impl StackWeights<'_> {
+    /// The format.
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            StackWeights::Bf16 { .. } => WeightFormat::Bf16,
+            StackWeights::W4A16 { .. } => WeightFormat::W4A16,
+        }
+    }
+}
+
+/// One layer's device tensors, in the layouts of the gemv / W4A16 and paged-decode calls.
 pub struct StackLayer<'a> {
     /// `[hidden]` input RMSNorm weight.
     pub attn_norm: &'a CudaSlice<bf16>,
-    /// `[qkv, hidden]` fused q, k, v projection.
-    pub wqkv: &'a CudaSlice<bf16>,
-    /// `[hidden, q_dim]` output projection.
-    pub wo: &'a CudaSlice<bf16>,
     /// `[hidden]` post-attention RMSNorm weight.
     pub mlp_norm: &'a CudaSlice<bf16>,
-    /// `[2 inter, hidden]` fused gate (first) and up projection.
-    pub w_gate_up: &'a CudaSlice<bf16>,
-    /// `[hidden, inter]` down projection.
-    pub w_down: &'a CudaSlice<bf16>,
+    /// The four projections.
+    pub weights: StackWeights<'a>,
     /// `[num_slots, num_kv_heads, head_dim]` key cache pool.
     pub k_cache: &'a CudaSlice<bf16>,
     /// The value cache pool, the same shape.
@@ -121,11 +180,57 @@ pub struct LayerTable {
     buf: CudaSlice<u64>,
     layers: usize,
     shape: StackShape,
+    format: WeightFormat,
     max_m: usize,
 }
 
 /// Pointers per layer in the table (the fields of `l32_decode_layer_weights`, in order).
-const TABLE_FIELDS: usize = 8;
+const TABLE_FIELDS: usize = 12;
+
+/// A device slice's address on `stream`, checked to be on its device and 16-byte aligned, with at least `need`
+/// elements. Errors name layer `l`'s field.
+fn field_ptr<T>(stream: &Arc<CudaStream>, l: usize, name: &str, slice: &CudaSlice<T>, need: usize) -> Result<u64> {
+    const OP: &str = "decode_layers table";
+    super::check_same_device(OP, stream, &[(name, slice.stream())])?;
+    if slice.len() < need {
+        return Err(Error::Backend(format!("{OP}: layer {l} `{name}` has {} elements, needs {need}", slice.len())));
+    }
+    let (ptr, _guard) = slice.device_ptr(stream);
+    if ptr % 16 != 0 {
+        return Err(Error::Backend(format!("{OP}: layer {l} `{name}` at {ptr:#x} is not 16-byte aligned")));
+    }
+    Ok(ptr)
+}
+
+/// The addresses of a W4A16 projection `[n, k]` (its int4 tiles, then its scales) of layer `l`, checked: W4A16,
+/// symmetric, the shape, and for gate_up (`paired`) the paired layout.
+fn w4a16_ptrs(
+    stream: &Arc<CudaStream>,
+    l: usize,
+    name: &str,
+    q: &super::quant::CudaQuantLinear,
+    (n, k, paired): (usize, usize, bool),
+) -> Result<(u64, u64)> {
+    const OP: &str = "decode_layers table";
+    let fail = |why: &str| Err(Error::Backend(format!("{OP}: layer {l} `{name}` {why}")));
+    if q.is_w4a8() {
+        return fail("is W4A8; the stack takes bf16 or W4A16 projections");
+    }
+    if q.has_zeros() {
+        return fail("has zero points; the stack takes symmetric W4A16 weights");
+    }
+    if q.n() != n || q.k() != k {
+        return fail(&format!("is [{}, {}], expected [{n}, {k}]", q.n(), q.k()));
+    }
+    if paired && !q.swiglu_paired() {
+        return fail("was not uploaded with its gate and up rows paired");
+    }
+    let (qweight, scales) = q.w4a16_parts();
+    let tiles = super::quant::padded_n(n) / 16 * (k / super::quant::TILE_K);
+    let w = field_ptr(stream, l, name, qweight, tiles * 512)?;
+    let s = field_ptr(stream, l, name, scales, tiles * 64)?;
+    Ok((w, s))
+}
 
 impl LayerTable {
     /// Checks every layer's tensors against `shape` and uploads their addresses.
@@ -141,34 +246,48 @@ impl LayerTable {
         if layers.is_empty() || layers.len() > i32::MAX as usize {
             return Err(Error::Backend(format!("{OP}: {} layers", layers.len())));
         }
+        let format = layers[0].weights.format();
+        if let Some(why) = shape.unsupported_for(format) {
+            return Err(Error::Backend(format!("{OP}: unsupported model shape: {why}")));
+        }
         let (h, i, qkv, q) = (shape.hidden, shape.inter, shape.qkv(), shape.q_dim());
         let slots = shape.num_slots * shape.layout.num_kv_heads * shape.layout.head_dim;
         let mut words = Vec::with_capacity(layers.len() * TABLE_FIELDS);
         for (l, layer) in layers.iter().enumerate() {
-            let fields: [(&str, &CudaSlice<bf16>, usize); TABLE_FIELDS] = [
-                ("attn_norm", layer.attn_norm, h),
-                ("wqkv", layer.wqkv, qkv * h),
-                ("wo", layer.wo, h * q),
-                ("mlp_norm", layer.mlp_norm, h),
-                ("w_gate_up", layer.w_gate_up, 2 * i * h),
-                ("w_down", layer.w_down, h * i),
-                ("k_cache", layer.k_cache, slots),
-                ("v_cache", layer.v_cache, slots),
-            ];
-            for (name, slice, need) in fields {
-                super::check_same_device(OP, stream, &[(name, slice.stream())])?;
-                if slice.len() < need {
-                    return Err(Error::Backend(format!(
-                        "{OP}: layer {l} `{name}` has {} elements, needs {need}",
-                        slice.len()
-                    )));
-                }
-                let (ptr, _guard) = slice.device_ptr(stream);
-                if ptr % 16 != 0 {
-                    return Err(Error::Backend(format!("{OP}: layer {l} `{name}` at {ptr:#x} is not 16-byte aligned")));
-                }
-                words.push(ptr);
+            if layer.weights.format() != format {
+                return Err(Error::Backend(format!(
+                    "{OP}: layer {l} has {:?} projections, layer 0 {format:?}; the stack takes one format",
+                    layer.weights.format()
+                )));
             }
+            // Fields in l32_decode_layer_weights' order: attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down,
+            // k_cache, v_cache, then the four W4A16 scale pointers (0 for bf16).
+            let attn_norm = field_ptr(stream, l, "attn_norm", layer.attn_norm, h)?;
+            let mlp_norm = field_ptr(stream, l, "mlp_norm", layer.mlp_norm, h)?;
+            let (w, s) = match &layer.weights {
+                StackWeights::Bf16 { qkv: wqkv, o, gate_up, down } => (
+                    [
+                        field_ptr(stream, l, "wqkv", wqkv, qkv * h)?,
+                        field_ptr(stream, l, "wo", o, h * q)?,
+                        field_ptr(stream, l, "w_gate_up", gate_up, 2 * i * h)?,
+                        field_ptr(stream, l, "w_down", down, h * i)?,
+                    ],
+                    [0; 4],
+                ),
+                StackWeights::W4A16 { qkv: wqkv, o, gate_up, down } => {
+                    let parts = [
+                        w4a16_ptrs(stream, l, "wqkv", wqkv, (qkv, h, false))?,
+                        w4a16_ptrs(stream, l, "wo", o, (h, q, false))?,
+                        w4a16_ptrs(stream, l, "w_gate_up", gate_up, (2 * i, h, true))?,
+                        w4a16_ptrs(stream, l, "w_down", down, (h, i, false))?,
+                    ];
+                    (parts.map(|p| p.0), parts.map(|p| p.1))
+                }
+            };
+            let k_cache = field_ptr(stream, l, "k_cache", layer.k_cache, slots)?;
+            let v_cache = field_ptr(stream, l, "v_cache", layer.v_cache, slots)?;
+            words.extend([attn_norm, w[0], w[1], mlp_norm, w[2], w[3], k_cache, v_cache]);
+            words.extend(s);
         }
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
         let smem = stream
@@ -181,7 +300,12 @@ impl LayerTable {
         }
         let mut buf = stream.alloc_zeros::<u64>(words.len()).map_err(|e| Error::Backend(format!("{OP}: {e}")))?;
         stream.memcpy_htod(&words, &mut buf).map_err(|e| Error::Backend(format!("{OP}: upload: {e}")))?;
-        Ok(LayerTable { buf, layers: layers.len(), shape, max_m })
+        Ok(LayerTable { buf, layers: layers.len(), shape, format, max_m })
+    }
+
+    /// The projections' format.
+    pub fn format(&self) -> WeightFormat {
+        self.format
     }
 
     /// The most sequences one launch takes on this device (its shared memory per block bounds the staged rows).
@@ -392,6 +516,10 @@ fn launch<U, F>(
         eps: s.eps,
         scale: super::attention::softmax_scale(l),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
+        weights: match table.format {
+            WeightFormat::Bf16 => ffi::l32_decode_weights::L32_DECODE_WEIGHTS_BF16,
+            WeightFormat::W4A16 => ffi::l32_decode_weights::L32_DECODE_WEIGHTS_W4A16,
+        },
     };
     let raw = super::raw_stream(op, stream)?;
     // SAFETY: the table's addresses are live (LayerTable::new's contract) and were checked against the shape; the
@@ -439,8 +567,10 @@ mod tests {
             ..one_b
         };
         for s in [one_b, three_b] {
-            assert!((1..=8).all(|m| supports(&s, m)));
-            assert!(!supports(&s, 0) && !supports(&s, 9));
+            for f in [WeightFormat::Bf16, WeightFormat::W4A16] {
+                assert!((1..=8).all(|m| supports(&s, f, m)));
+                assert!(!supports(&s, f, 0) && !supports(&s, f, 9));
+            }
             // Staged rows of 8192: all eight on an H100 (227 KB per block), five on an sm_89 (99 KB).
             assert_eq!(max_sequences(&s, 227 * 1024), 8);
             assert_eq!(max_sequences(&s, 99 * 1024), 5);
@@ -461,8 +591,15 @@ mod tests {
             StackShape { eps: f32::NAN, ..base },
         ];
         for s in bad {
-            assert!(!supports(&s, 1), "{s:?}");
+            assert!(!supports(&s, WeightFormat::Bf16, 1), "{s:?}");
             assert!(s.unsupported().is_some_and(|why| !why.is_empty()));
         }
+        // W4A16 reads 64-column chunks of every input width; bf16 takes multiples of 8.
+        let narrow = StackShape { hidden: 2056, ..base };
+        assert!(supports(&narrow, WeightFormat::Bf16, 1));
+        assert!(!supports(&narrow, WeightFormat::W4A16, 1));
+        assert!(narrow.unsupported_for(WeightFormat::W4A16).is_some_and(|why| why.contains("hidden size 2056")));
+        let narrow_inter = StackShape { inter: 8200, ..base };
+        assert!(narrow_inter.unsupported_for(WeightFormat::W4A16).is_some_and(|why| why.contains("intermediate")));
     }
 }

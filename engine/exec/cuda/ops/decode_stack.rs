@@ -1,17 +1,39 @@
 //! The persistent decode stack of [`CudaOps`] (`--persistent-decode`, `kernels/decode_layers.cu`): a table of this
-//! model's bf16 layers built when the switch is turned on, and the [`Ops::decoder_layers`] hook that runs a decode
-//! step's layers through it in one launch (the bits of the layers one by one at 8-warp gemv tiles).
+//! model's layers (bf16 or W4A16 projections) built when the switch is turned on, and the [`Ops::decoder_layers`]
+//! hook that runs a decode step's layers through it in one launch (the bits of the layers one by one at 8-warp gemv
+//! tiles, or at 8 W4A16 K splits).
 
 use super::*;
 
-/// A projection's bf16 weight for the persistent decode stack, or why it has none.
-fn stack_weight<'a>(w: &'a DeviceLinear, layer: usize, name: &str) -> Result<&'a CudaSlice<bf16>> {
-    match w {
-        DeviceLinear::Dense(slice) => Ok(slice),
-        DeviceLinear::Quant(_) => Err(Error::request(format!(
-            "the persistent decode stack takes bf16 weights; layer {layer} `{name}` is quantized"
-        ))),
+/// Layer `l`'s four projections for the persistent decode stack: all bf16, or all symmetric W4A16; anything else
+/// (W4A8, zero points, a mix) is refused with the layer and projection named.
+fn stack_weights(layer: &DeviceLayer, l: usize) -> Result<k::decode_layers::StackWeights<'_>> {
+    let projections = [("qkv", &layer.wqkv), ("o", &layer.wo), ("gate_up", &layer.w_gate_up), ("down", &layer.w_down)];
+    if let [DeviceLinear::Dense(qkv), DeviceLinear::Dense(o), DeviceLinear::Dense(gate_up), DeviceLinear::Dense(down)] =
+        projections.map(|p| p.1)
+    {
+        return Ok(k::decode_layers::StackWeights::Bf16 { qkv, o, gate_up, down });
     }
+    let mut quant = Vec::with_capacity(4);
+    for (name, w) in projections {
+        match w {
+            DeviceLinear::Quant(q) if !q.is_w4a8() && !q.has_zeros() => quant.push(q.as_ref()),
+            DeviceLinear::Quant(q) => {
+                let why = if q.is_w4a8() { "W4A8" } else { "W4A16 with zero points" };
+                return Err(Error::request(format!(
+                    "the persistent decode stack takes bf16 or symmetric W4A16 weights; layer {l} `{name}` is \
+                     quantized {why}"
+                )));
+            }
+            DeviceLinear::Dense(_) => {
+                return Err(Error::request(format!(
+                    "the persistent decode stack takes all four projections of a layer in one format; layer {l} \
+                     `{name}` is bf16 and another is quantized"
+                )))
+            }
+        }
+    }
+    Ok(k::decode_layers::StackWeights::W4A16 { qkv: quant[0], o: quant[1], gate_up: quant[2], down: quant[3] })
 }
 
 /// The persistent decode stack (`kernels/decode_layers.cu`) over this model's layers.
@@ -39,7 +61,8 @@ impl CudaOps {
 
     /// Switches the persistent decode stack on or off. On, decode steps of up to
     /// [`k::decode_layers::MAX_M`] sequences run every decoder layer in one launch (the same bits as the layers one
-    /// by one with 8-warp gemv tiles); other steps run as before. It needs bf16 projections on one GPU.
+    /// by one with 8-warp gemv tiles, or W4A16 at 8 K splits); other steps run as before. It needs bf16 or
+    /// symmetric W4A16 projections on one GPU.
     pub(in crate::exec::cuda) fn set_persistent_decode(&mut self, on: bool) -> Result<()> {
         if !on {
             self.stack = None;
@@ -54,14 +77,10 @@ impl CudaOps {
         let shape = self.stack_shape();
         let mut layers = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
-            let dense = |w, name| stack_weight(w, l, name);
             layers.push(k::decode_layers::StackLayer {
                 attn_norm: &layer.attn_norm,
-                wqkv: dense(&layer.wqkv, "qkv")?,
-                wo: dense(&layer.wo, "o")?,
                 mlp_norm: &layer.mlp_norm,
-                w_gate_up: dense(&layer.w_gate_up, "gate_up")?,
-                w_down: dense(&layer.w_down, "down")?,
+                weights: stack_weights(layer, l)?,
                 k_cache: &self.k_cache[l],
                 v_cache: &self.v_cache[l],
             });

@@ -114,6 +114,12 @@ impl CudaQuantLinear {
         self.has_zeros
     }
 
+    /// The W4A16 layout's int4 tiles and bf16 scales (as bytes), for kernels outside this module that read the
+    /// layout (the persistent decode stack). For W4A8 the scales are f32.
+    pub fn w4a16_parts(&self) -> (&CudaSlice<u8>, &CudaSlice<u8>) {
+        (&self.qweight, &self.scales)
+    }
+
     /// Device bytes held (weights, scales, zero points, row constants).
     pub fn device_bytes(&self) -> usize {
         self.qweight.len()

@@ -84,8 +84,8 @@ pub use linear::CudaQuantLinear;
 pub use split_k::w4a16_workspace_for;
 pub use split_k::{
     w4a16_blocks_per_sm, w4a16_chunk_mib, w4a16_chunk_rows, w4a16_splits, w4a16_workspace, w4a8_plan, w4a8_plan_tiled,
-    w4a8_workspace, w4a8_workspace_for, workspace_bound, SplitKWorkspace, W4A8Plan, BULK_BLOCKS_PER_SM,
-    W4A16_BLOCKS_ENV, W4A16_CHUNK_ENV,
+    w4a8_workspace, w4a8_workspace_for, with_w4a16_splits, workspace_bound, SplitKWorkspace, W4A8Plan,
+    BULK_BLOCKS_PER_SM, W4A16_BLOCKS_ENV, W4A16_CHUNK_ENV,
 };
 pub use table::{dequant_rows, gemv_int8, gemv_int8_supports, CudaInt8Table, GEMV_INT8_MAX_M};
 pub use w4a16::{
@@ -175,7 +175,10 @@ impl W4A16Kernel {
     /// The kernel for an `m x k` by `k x n` product: the forced one where it runs at `m` on this device
     /// ([`runs`](Self::runs)), else [`for_shape`](Self::for_shape).
     pub fn configured(m: usize, n: usize, k: usize) -> crate::Result<Self> {
-        Ok(Self::forced()?.filter(|kernel| kernel.runs(m)).unwrap_or_else(|| Self::for_shape(m, n, k)))
+        let kernel = Self::forced()?.filter(|kernel| kernel.runs(m)).unwrap_or_else(|| Self::for_shape(m, n, k));
+        // Under with_w4a16_splits the cut is by K splits, which the bulk kernel does not take.
+        let split_k = split_k::forced_w4a16_splits().is_some();
+        Ok(if split_k && !kernel.splits_k() { W4A16Kernel::Direct } else { kernel })
     }
 
     /// Whether the kernel takes `m` rows of x on the current device: bulk only at m <= 16 on a device that runs it

@@ -95,6 +95,9 @@ pub fn w4a16_blocks_per_sm() -> Result<usize> {
 pub fn w4a16_splits(kernel: W4A16Kernel, m: usize, n: usize, k: usize, sms: usize) -> usize {
     let per_sm = BLOCKS_PER_SM.or_default();
     let chunks = (k / TILE_K).max(1);
+    if let Some(forced) = forced_w4a16_splits().filter(|_| kernel.splits_k()) {
+        return forced.min(chunks);
+    }
     if kernel == W4A16Kernel::Bulk {
         let units = padded_n(n) / TILE_N * chunks;
         return (per_sm.min(BULK_BLOCKS_PER_SM) * sms).min(units / BULK_WARPS).clamp(1, MAX_BULK_BLOCKS);
@@ -102,6 +105,35 @@ pub fn w4a16_splits(kernel: W4A16Kernel, m: usize, n: usize, k: usize, sms: usiz
     let blocks = padded_n(n).div_ceil(kernel.block_rows(m)).max(1);
     let cap = (chunks / 2).clamp(1, MAX_SPLITS);
     (per_sm * sms).div_ceil(blocks).clamp(1, cap)
+}
+
+thread_local! {
+    /// The K split count [`with_w4a16_splits`] forces on this thread's W4A16 decode launches, if any.
+    static FORCED_SPLITS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with this thread's W4A16 decode launches at `splits` K splits (`k / 64` where a matrix has fewer
+/// chunks) on the direct, pipelined or tiled kernel (where [`W4A16Kernel::configured`] would pick the bulk kernel,
+/// whose cut differs, it picks the direct one), then restores the heuristic (also when `f` panics). The split count
+/// fixes the bits: this is for comparing against kernels that cut K the same way (the persistent decode stack,
+/// [`crate::ops::cuda::decode_layers`], runs `min(8, k / 64)` splits) and for A/B timings.
+pub fn with_w4a16_splits<R>(splits: usize, f: impl FnOnce() -> R) -> Result<R> {
+    if !(1..=MAX_SPLITS).contains(&splits) {
+        return Err(Error::request(format!("W4A16 K splits is {splits}, must be in 1..={MAX_SPLITS}")));
+    }
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_SPLITS.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED_SPLITS.with(|s| s.replace(Some(splits))));
+    Ok(f())
+}
+
+/// The split count [`with_w4a16_splits`] forces on this thread, if any.
+pub(crate) fn forced_w4a16_splits() -> Option<usize> {
+    FORCED_SPLITS.with(std::cell::Cell::get)
 }
 
 /// Warps per block of the bulk kernel.
@@ -234,6 +266,32 @@ pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forced_w4a16_splits_hold_on_this_thread_only_and_cap_at_the_chunks() {
+        assert!(with_w4a16_splits(0, || ()).is_err() && with_w4a16_splits(MAX_SPLITS + 1, || ()).is_err());
+        let heuristic = w4a16_splits(W4A16Kernel::Direct, 1, 3072, 2048, 132);
+        let seen = with_w4a16_splits(8, || {
+            let other = std::thread::spawn(forced_w4a16_splits).join().unwrap();
+            (
+                // 1B qkv (32 chunks), a 3-chunk matrix, the pipelined kernel, and bulk's block count untouched.
+                w4a16_splits(W4A16Kernel::Direct, 1, 3072, 2048, 132),
+                w4a16_splits(W4A16Kernel::Direct, 1, 64, 192, 132),
+                w4a16_splits(W4A16Kernel::Pipelined, 1, 2048, 8192, 132),
+                w4a16_splits(W4A16Kernel::Bulk, 1, 57_344, 8192, 132) != 8,
+                // Where the bulk kernel would run, the configured kernel cuts by K splits instead.
+                W4A16Kernel::configured(1, 57_344, 8192).unwrap().splits_k(),
+                other,
+            )
+        })
+        .unwrap();
+        assert_eq!(seen, (8, 3, 8, true, true, None));
+        assert_eq!(forced_w4a16_splits(), None);
+        assert_eq!(w4a16_splits(W4A16Kernel::Direct, 1, 3072, 2048, 132), heuristic);
+        let caught = std::panic::catch_unwind(|| with_w4a16_splits(8, || panic!("inside")));
+        assert!(caught.is_err());
+        assert_eq!(forced_w4a16_splits(), None);
+    }
 
     #[test]
     fn large_m_chunks_are_whole_tiles_of_32_mib() {
