@@ -81,26 +81,42 @@ fn rounds(cfg: &LlamaConfig, quant: Option<&ModelWeights>, stack: bool, graphs: 
     logits
 }
 
+/// The rounds with and without the stack, at the 1B and 3B widths with two layers, eager and from graphs, compared
+/// bitwise; `quant` quantizes the random weights to W4A16 first.
+fn stack_matches_the_layers(test: &str, quant: bool) {
+    // Never run on a GPU when written: a hung barrier names its step.
+    let dog = Watchdog::start(test);
+    let what = if quant { "W4A16" } else { "bf16" };
+    for (name, preset) in [("1b", Preset::Llama32_1B), ("3b", Preset::Llama32_3B)] {
+        let cfg = config(preset, 2);
+        let weights = quant.then(|| {
+            let mut w = ModelWeights::random(&cfg, 7).unwrap();
+            w.quantize_in_place(Scheme::W4A16_G32).unwrap();
+            w
+        });
+        for graphs in [0, 256] {
+            let off = rounds(&cfg, weights.as_ref(), false, graphs, &dog);
+            let on = rounds(&cfg, weights.as_ref(), true, graphs, &dog);
+            assert_eq!(off.len(), on.len());
+            assert!(on.iter().all(|x| x.is_finite()), "{name} {what} graphs {graphs}: non-finite logits");
+            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
+                let row = i / cfg.vocab_size;
+                panic!(
+                    "{name} {what} graphs {graphs}: logit {i} (row {row}) is {} with the stack, {} without",
+                    on[i], off[i]
+                );
+            }
+            eprintln!("{name} {what}, graphs {graphs}: {} logits bitwise equal with and without the stack", off.len());
+        }
+    }
+}
+
 #[test]
 fn decode_stack_matches_the_layers_at_the_llama_widths() {
     if !device_ready() {
         return;
     }
-    // Never run on a GPU when written: a hung barrier names its step.
-    let dog = Watchdog::start("decode_stack_matches_the_layers_at_the_llama_widths");
-    for (name, preset) in [("1b", Preset::Llama32_1B), ("3b", Preset::Llama32_3B)] {
-        let cfg = config(preset, 2);
-        for graphs in [0, 256] {
-            let (off, on) = (rounds(&cfg, None, false, graphs, &dog), rounds(&cfg, None, true, graphs, &dog));
-            assert_eq!(off.len(), on.len());
-            assert!(on.iter().all(|x| x.is_finite()), "{name} graphs {graphs}: non-finite logits");
-            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
-                let row = i / cfg.vocab_size;
-                panic!("{name} graphs {graphs}: logit {i} (row {row}) is {} with the stack, {} without", on[i], off[i]);
-            }
-            eprintln!("{name} widths, graphs {graphs}: {} logits bitwise equal with and without the stack", off.len());
-        }
-    }
+    stack_matches_the_layers("decode_stack_matches_the_layers_at_the_llama_widths", false);
 }
 
 /// The same with the projections quantized to W4A16 (symmetric, group 32, gate_up paired on upload): the stack's
@@ -110,26 +126,7 @@ fn decode_stack_w4a16_matches_the_layers_at_the_llama_widths() {
     if !device_ready() {
         return;
     }
-    let dog = Watchdog::start("decode_stack_w4a16_matches_the_layers_at_the_llama_widths");
-    for (name, preset) in [("1b", Preset::Llama32_1B), ("3b", Preset::Llama32_3B)] {
-        let cfg = config(preset, 2);
-        let mut w = ModelWeights::random(&cfg, 7).unwrap();
-        w.quantize_in_place(Scheme::W4A16_G32).unwrap();
-        for graphs in [0, 256] {
-            let off = rounds(&cfg, Some(&w), false, graphs, &dog);
-            let on = rounds(&cfg, Some(&w), true, graphs, &dog);
-            assert_eq!(off.len(), on.len());
-            assert!(on.iter().all(|x| x.is_finite()), "{name} W4A16 graphs {graphs}: non-finite logits");
-            if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
-                let row = i / cfg.vocab_size;
-                panic!(
-                    "{name} W4A16 graphs {graphs}: logit {i} (row {row}) is {} with the stack, {} without",
-                    on[i], off[i]
-                );
-            }
-            eprintln!("{name} W4A16, graphs {graphs}: {} logits bitwise equal with and without the stack", off.len());
-        }
-    }
+    stack_matches_the_layers("decode_stack_w4a16_matches_the_layers_at_the_llama_widths", true);
 }
 
 /// The stack refuses W4A8 projections with an error that names the layer and projection, when switched on and when
