@@ -104,7 +104,7 @@ __device__ __forceinline__ void prefetch_item(const Proj& w, const Item& it, int
     const int i = static_cast<int>(threadIdx.x) - first;
     if (i < 0 || i >= it.tiles * (pieces + 1)) return;
     const int tile = i / (pieces + 1), piece = i % (pieces + 1);
-    const int64_t nt = it.nt[tile];
+    const int64_t nt = tile == 0 ? it.nt[0] : it.nt[1];  // not it.nt[tile]: that indexes local memory
     if (piece == pieces) {
         prefetch_l2_bulk(w.scales + nt * w.kc * 8, static_cast<uint32_t>(int64_t{w.kc} * 64));
         return;
@@ -172,15 +172,18 @@ __device__ __forceinline__ void item_splits(const Proj& w, const Item& it, const
         }
         xa += kUnroll * 128;
     }
-    for (; c < c1; ++c) {
-        chunks<kT, 1>(acc, wq, sc, xa);
+    // The rest (k / 64 / splits is rarely a multiple of 4: 3B's 48 chunks are 6 a warp) two, then one at a time.
+    if (c + 2 <= c1) {
+        chunks<kT, 2>(acc, wq, sc, xa);
 #pragma unroll
         for (int i = 0; i < kT; ++i) {
-            wq[i] += 32;
-            sc[i] += 8;
+            wq[i] += 2 * 32;
+            sc[i] += 2 * 8;
         }
-        xa += 128;
+        xa += 2 * 128;
+        c += 2;
     }
+    if (c < c1) chunks<kT, 1>(acc, wq, sc, xa);
     // acc[i][e]: row g (+8 for e >= 2), token 2 t (+1 for odd e).
 #pragma unroll
     for (int i = 0; i < kT; ++i) {
@@ -253,14 +256,20 @@ __device__ __forceinline__ int64_t items_of(const Proj& w, const l32_rope_params
     }
 }
 
-// The block's items of a projection (item blockIdx.x, then every gridDim.x-th), the next one's weights asked of L2
-// while one runs.
+// The block's items of a projection (item blockIdx.x, then every gridDim.x-th), the weights of the two after the
+// one that runs asked of L2 (an item is 18-37 KB at the 1B widths: two ahead keep ~5 MB in flight over 132 SMs,
+// about what the copy rate times the memory latency needs; the first item was asked for before the barrier).
 template <int kMode>
 __device__ __forceinline__ void run_items(const Proj& w, const unsigned char* xs, int stride, int m, bf16* out,
                                           const l32_rope_params& r, float (&part)[2][kWarps][8][16]) {
     const int64_t items = items_of<kMode>(w, r);
     for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
-        if (i + gridDim.x < items) prefetch_item(w, item_of<kMode>(r, i + gridDim.x), int64_t{1} << 20);
+        if (i == blockIdx.x && i + gridDim.x < items) {
+            prefetch_item(w, item_of<kMode>(r, i + gridDim.x), int64_t{1} << 20);
+        }
+        if (i + 2 * int64_t{gridDim.x} < items) {
+            prefetch_item(w, item_of<kMode>(r, i + 2 * int64_t{gridDim.x}), int64_t{1} << 20, 32);
+        }
         run_item<kMode>(w, item_of<kMode>(r, i), xs, stride, m, out, r, part);
         __syncthreads();  // the epilogue has read `part`, which the next item overwrites
     }
