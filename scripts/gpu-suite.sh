@@ -73,7 +73,9 @@ run() {
   # shapes, 1B end to end with each), fresh (opt-in: what has never run on a GPU, in one call: the tests of the
   # 3-stage decode K/V ring and of the logit bias / min_tokens in the GPU sampler under a 30-second stall watchdog,
   # then decode attention with 3 stages beside the default, kernel and 1B / 3B batch-64 end to end, and 1B W4A16
-  # batch-64 decode through the large-m row kernel).
+  # batch-64 decode through the large-m row kernel), stack (opt-in: the persistent decode stack alone, the first part
+  # of fresh: its bf16 and W4A16 tests, the split-attention rerun, the grid probe and the A/B decode rows, a few
+  # minutes; with fresh it runs once).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -455,24 +457,17 @@ PY
     ab_lines
   fi
 
-  if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
-    # What has never run on a GPU, in one short call, most telling first: the tests (each launch watched: a hang is
-    # reported as HANG within LLAMA32_TEST_STALL_S), then the headline figures beside the measured defaults. The
-    # sixteenth session's persistent decode stack first, then the fourteenth's (sampling bias and min_tokens, the
-    # 3-stage decode ring), then the fifteenth's (split-K in the large-m W4A16 kernels, its SiLU epilogue on the
-    # executor's path, the grid probe). The thirteenth
-    # session's list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
+  if (want stack || want fresh) && [[ -x "$bundle/tests/gpu" ]]; then
+    # The persistent decode stack (sixteenth session: bf16; seventeenth: W4A16), never run on a GPU when written:
+    # its tests (each launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then the headline
+    # figures beside the measured defaults.
     local ft
     for ft in cuda_golden::cuda_persistent_decode_stack_changes_no_bit \
       cuda_decode_stack::decode_stack_matches_the_layers_at_the_llama_widths \
       cuda_decode_stack::decode_stack_w4a16_matches_the_layers_at_the_llama_widths \
       cuda_decode_stack::decode_stack_refuses_w4a8_projections \
-      cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
-      cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
-      cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \
-      cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul \
       cuda_kernels::grid_probe_barrier_is_sound_and_the_stream_reads_every_byte; do
-      gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
+      gpu_test_env stack "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     done
     # The stack's split-KV attention and fused merge: the golden contexts (up to 256) split only below 256
     # positions a split.
@@ -481,9 +476,8 @@ PY
     # What a persistent per-step decode kernel needs to know (docs/architecture.md): a grid barrier's latency, the
     # weight-like stream with and without barriers, and whether the cooperative launch is captured in a graph.
     gpu_bench 60 'grid probe' cuda_kernels::grid_probe_throughput
-    # The sixteenth session's persistent decode stack (every decoder layer in one launch, --persistent-decode)
-    # against the multi-kernel step, bf16 1B and 3B at batch 1 and 1B at batch 8, then the seventeenth's W4A16 stack
-    # (issue 6: 1B W4A16 batch 1 >= 2.5x bf16; int8 tables, as that target needs); an A/B line per pair.
+    # The stack against the multi-kernel step: bf16 1B and 3B at batch 1 and 1B at batch 8, then W4A16 (issue 6: 1B
+    # W4A16 batch 1 >= 2.5x bf16; int8 tables, as that target needs); an A/B line per pair.
     local spec
     for spec in "1b 1 128 64" "3b 1 128 64" "1b 8 128 64" "1b 1 128 64 --quantize w4a16-g32 --embeddings int8" \
       "3b 1 128 64 --quantize w4a16-g32 --embeddings int8"; do
@@ -491,6 +485,20 @@ PY
       bench_e2e 45 "$spec --persistent-decode"
     done
     ab_lines
+  fi
+
+  if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
+    # The rest of what has never run on a GPU, in one short call, most telling first (after the stack above): the
+    # fourteenth session's tests (sampling bias and min_tokens, the 3-stage decode ring), then the fifteenth's
+    # (split-K in the large-m W4A16 kernels, its SiLU epilogue on the executor's path). The thirteenth session's
+    # list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
+    local ft
+    for ft in cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
+      cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
+      cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \
+      cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul; do
+      gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
+    done
     # Every W4A16 projection through the row kernel (split where its grid is small, SiLU fused), golden checkpoint.
     gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
       LLAMA32_W4A16_LARGE_MIN_M=1 LLAMA32_W4A16_LARGE=wgmma-row
