@@ -491,6 +491,11 @@ typedef enum l32_w4a16_kernel {
      * composed from the quad's words instead: the same bits, an eighth of the activation copies.
      */
     L32_W4A16_WGMMA_ROW = 5,
+    /**
+     * L32_W4A16_DIRECT (the same code, so the same bits) compiled for at most 128 registers at m <= 8, where ptxas
+     * then issues a warp's four chunk loads before their MMAs instead of one chunk at a time; DIRECT itself above.
+     */
+    L32_W4A16_DIRECT_BATCHED = 6,
 } l32_w4a16_kernel;
 
 /**

@@ -485,6 +485,9 @@ PY
       bench_e2e 45 "$spec --persistent-decode"
     done
     ab_lines
+    # The multi-kernel W4A16 step with the direct kernel's chunk loads issued together (seventeenth session; the
+    # kernel-by-kernel figures are quant_throughput's direct-batched column in fresh).
+    LLAMA32_W4A16_KERNEL=direct-batched bench_e2e 45 "1b 1 128 64 --quantize w4a16-g32 --embeddings int8"
   fi
 
   if want fresh && [[ -x "$bundle/tests/gpu" ]]; then

@@ -1,7 +1,8 @@
 // kernels/quant/w4a16.cu: 4-bit group-wise weights x bf16 activations (l32_w4a16_params in llama32_kernels.h):
 // the decode GEMM out[m, n] = x[m, k] @ dequant(w)[n, k]^T for m <= 64, and the dequantization of the same layout
 // into a bf16 [n, k] matrix (the large-m path: dequantize once into a scratch buffer, then cuBLASLt). This file
-// holds the direct decode kernel (L32_W4A16_DIRECT) and the checked entry of all three; the pipelined one
+// holds the direct decode kernel (L32_W4A16_DIRECT, and L32_W4A16_DIRECT_BATCHED: the same body under another launch
+// bound) and the checked entry of all three; the pipelined one
 // (L32_W4A16_PIPELINED) is kernels/quant/w4a16_pipelined.cu, the tiled one (L32_W4A16_TILED)
 // kernels/quant/w4a16_tiled.cu.
 //
@@ -135,9 +136,9 @@ __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* 
     }
 }
 
-// Tier 1. grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32. kMT = ceil(m / 8) token tiles.
+// The kernel's body (w4a16_kernel and w4a16_batched_kernel below). kMT = ceil(m / 8) token tiles.
 template <int kMT, bool kZeros>
-__global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constant__ l32_w4a16_params p) {
+__device__ __forceinline__ void w4a16_body(const l32_w4a16_params& p) {
     pdl_begin();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
@@ -215,11 +216,35 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
     w4a16_finish_split(p, m, npad, kWarps * 16);
 }
 
+// Tier 1. grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32.
+template <int kMT, bool kZeros>
+__global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constant__ l32_w4a16_params p) {
+    w4a16_body<kMT, kZeros>(p);
+}
+
+// L32_W4A16_DIRECT_BATCHED at m <= 8: the same body (so the same bits) under a launch bound of 4 blocks per SM
+// (at most 128 registers). That bound changes how ptxas schedules the chunk set (CUDA 13.0, sm_90a, cuobjdump): the
+// plain kernel places each chunk's weight load next to its MMAs (48 registers, about one chunk in flight per warp),
+// this one issues the set's four 16-byte weight loads and their activation and scale loads before the first MMA
+// (92 registers; 98 with zero points; no spills). At m > 8 the bound makes ptxas spill, so those take w4a16_kernel.
+template <bool kZeros>
+__global__ void __launch_bounds__(kWarps * 32, 4) w4a16_batched_kernel(const __grid_constant__ l32_w4a16_params p) {
+    w4a16_body<1, kZeros>(p);
+}
+
 // Tier 2.
 template <int kMT>
 l32_status launch_gemm(const l32_w4a16_params& p, cudaStream_t stream) {
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((ntiles + kWarps - 1) / kWarps), static_cast<unsigned>(p.splits));
+    if (kMT == 1 && p.kernel == L32_W4A16_DIRECT_BATCHED) {
+        if (p.zeros != nullptr) {
+            launch_kernel(w4a16_batched_kernel<true>, grid, kWarps * 32, 0, stream, p);
+        } else {
+            launch_kernel(w4a16_batched_kernel<false>, grid, kWarps * 32, 0, stream, p);
+        }
+        return check_launch();
+    }
     if (p.zeros != nullptr) {
         launch_kernel(w4a16_kernel<kMT, true>, grid, kWarps * 32, 0, stream, p);
     } else {
@@ -281,7 +306,8 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     const l32_w4a16_params& p = *params;
     if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
     if (p.kernel != L32_W4A16_DIRECT && p.kernel != L32_W4A16_PIPELINED && p.kernel != L32_W4A16_TILED &&
-        p.kernel != L32_W4A16_BULK && p.kernel != L32_W4A16_WGMMA && p.kernel != L32_W4A16_WGMMA_ROW) {
+        p.kernel != L32_W4A16_BULK && p.kernel != L32_W4A16_WGMMA && p.kernel != L32_W4A16_WGMMA_ROW &&
+        p.kernel != L32_W4A16_DIRECT_BATCHED) {
         return L32_INVALID_ARGUMENT;
     }
     if (p.out == nullptr || p.x == nullptr || p.qweight == nullptr || p.scales == nullptr) return L32_INVALID_ARGUMENT;

@@ -85,6 +85,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
             super::W4A16Kernel::Pipelined => ffi::l32_w4a16_kernel::L32_W4A16_PIPELINED,
             super::W4A16Kernel::Tiled => ffi::l32_w4a16_kernel::L32_W4A16_TILED,
             super::W4A16Kernel::Bulk => ffi::l32_w4a16_kernel::L32_W4A16_BULK,
+            super::W4A16Kernel::DirectBatched => ffi::l32_w4a16_kernel::L32_W4A16_DIRECT_BATCHED,
         },
         l2_prefetch: i32::from(!large && super::w4a16_l2_prefetch_for(l.m, l.n, l.k)?),
         bulk_variant: if large { 0 } else { super::w4a16_bulk_variant()? as i32 },

@@ -126,8 +126,9 @@ pub fn supports(k: usize, group: usize) -> bool {
 /// tile. They differ in how the weight stream overlaps the arithmetic (see `kernels/quant/w4a16_pipelined.cu` and
 /// `kernels/quant/w4a16_bulk.cu`). By default each call picks by shape ([`W4A16Kernel::for_shape`], from the
 /// H200 and H100 measurements of 2026-11-27); the environment variable [`W4A16Kernel::ENV`] (`auto`, `direct`,
-/// `pipelined`, `tiled` or `bulk`) can force one for the whole process, at the row counts and on the devices where
-/// it runs ([`W4A16Kernel::runs`]).
+/// `pipelined`, `tiled`, `bulk` or `direct-batched`) can force one for the whole process, at the row counts and on
+/// the devices where it runs ([`W4A16Kernel::runs`]). Direct, pipelined, tiled and direct-batched give the same bits
+/// for the same split count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A16Kernel {
     /// One 16-row tile per warp; every warp reads its activations; each chunk set is loaded, then computed.
@@ -144,10 +145,15 @@ pub enum W4A16Kernel {
     /// per warp, whatever the registers), with a deterministic in-kernel sum of the tiles a warp boundary cuts.
     /// Its `splits` count blocks, not K splits.
     Bulk,
+    /// The direct kernel's code (so its bits) compiled at m <= 8 for at most 128 registers, under which ptxas issues
+    /// a warp's four chunk loads before their MMAs (92 registers) where the direct kernel has about one chunk in
+    /// flight (48 registers); above 8 rows it is the direct kernel. Seventeenth session, not yet timed: only forced
+    /// (`direct-batched`), never picked by `auto` until a device run says where it wins.
+    DirectBatched,
 }
 
 impl crate::ops::cuda::switch::KernelSwitch for W4A16Kernel {
-    /// `auto` (the default), `direct`, `pipelined` or `tiled`.
+    /// `auto` (the default), `direct`, `pipelined`, `tiled`, `bulk` or `direct-batched`.
     const ENV: &'static str = "LLAMA32_W4A16_KERNEL";
     const WHAT: &'static str = "W4A16 kernel";
     const KERNELS: &'static [Self] = &Self::ALL;
@@ -158,6 +164,7 @@ impl crate::ops::cuda::switch::KernelSwitch for W4A16Kernel {
             W4A16Kernel::Pipelined => "pipelined",
             W4A16Kernel::Tiled => "tiled",
             W4A16Kernel::Bulk => "bulk",
+            W4A16Kernel::DirectBatched => "direct-batched",
         }
     }
 
@@ -169,8 +176,13 @@ impl crate::ops::cuda::switch::KernelSwitch for W4A16Kernel {
 
 impl W4A16Kernel {
     /// Every kernel.
-    pub const ALL: [W4A16Kernel; 4] =
-        [W4A16Kernel::Direct, W4A16Kernel::Pipelined, W4A16Kernel::Tiled, W4A16Kernel::Bulk];
+    pub const ALL: [W4A16Kernel; 5] = [
+        W4A16Kernel::Direct,
+        W4A16Kernel::Pipelined,
+        W4A16Kernel::Tiled,
+        W4A16Kernel::Bulk,
+        W4A16Kernel::DirectBatched,
+    ];
 
     /// The kernel for an `m x k` by `k x n` product: the forced one where it runs at `m` on this device
     /// ([`runs`](Self::runs)), else [`for_shape`](Self::for_shape).
