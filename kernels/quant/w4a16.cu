@@ -136,10 +136,10 @@ __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* 
     }
 }
 
-// The kernel's body (w4a16_kernel and w4a16_batched_kernel below). kMT = ceil(m / 8) token tiles.
+// The kernel's body (w4a16_kernel and w4a16_batched_kernel below, which call pdl_begin() first). kMT = ceil(m / 8)
+// token tiles.
 template <int kMT, bool kZeros>
 __device__ __forceinline__ void w4a16_body(const l32_w4a16_params& p) {
-    pdl_begin();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int m = static_cast<int>(p.m);
@@ -219,6 +219,7 @@ __device__ __forceinline__ void w4a16_body(const l32_w4a16_params& p) {
 // Tier 1. grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32.
 template <int kMT, bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constant__ l32_w4a16_params p) {
+    pdl_begin();
     w4a16_body<kMT, kZeros>(p);
 }
 
@@ -229,6 +230,7 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
 // (92 registers; 98 with zero points; no spills). At m > 8 the bound makes ptxas spill, so those take w4a16_kernel.
 template <bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32, 4) w4a16_batched_kernel(const __grid_constant__ l32_w4a16_params p) {
+    pdl_begin();
     w4a16_body<1, kZeros>(p);
 }
 
