@@ -28,7 +28,7 @@
 //
 // ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), no spills, a 32-byte stack frame (sincosf's large-angle path, as in
 // the gemv RoPE epilogue): bf16 decode_layers_kernel<64> 168 / 172 / 179 registers, 4688 B static shared memory;
-// <128> 226 / 225 / 225 registers, 4432 B. W4A16: <64> 182 / 184 / 168, 8784 B; <128> 228 / 230 / 224, 8528 B.
+// <128> 226 / 225 / 225 registers, 4432 B. W4A16: <64> 196 / 198 / 183, 8784 B; <128> 234 / 236 / 227, 8528 B.
 // One 256-thread block per SM either way. Dynamic shared memory: the
 // widest staged rows, 16 (k / 8 + 1) bytes a row (1B / 3B: the down input, 16 KB at m = 1, 131 KB at m = 8), or
 // the decode attention's 34-36 KB.
@@ -166,11 +166,6 @@ __device__ __forceinline__ l32_gemv_params qkv_params(const l32_decode_layers_pa
     return g;
 }
 
-// A layer's W4A16 projection (stack_w4::Proj): n rows of k.
-__device__ __forceinline__ stack_w4::Proj w4(const void* qweight, const void* scales, int64_t n, int64_t k) {
-    return stack_w4::proj(qweight, scales, n, k);
-}
-
 // Tier 1. grid = one block per SM (cooperative), kThreads threads, smem_bytes (below) of dynamic shared
 // memory. D: head_dim; kW4: W4A16 projections (decode_layers_w4a16.cuh) instead of bf16 gemv tiles.
 template <int D, bool kW4>
@@ -189,15 +184,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
 
     for (int l = 0; l < p.num_layers; ++l) {
         const l32_decode_layer_weights& L = p.layers[l];
+        // kW4: the layer's projections (unused by the bf16 instantiation).
+        const stack_w4::Proj w4_qkv = stack_w4::proj(L.wqkv, L.s_qkv, qkv_n, hidden);
+        const stack_w4::Proj w4_o = stack_w4::proj(L.wo, L.s_o, hidden, q_dim);
+        const stack_w4::Proj w4_gate_up = stack_w4::proj(L.w_gate_up, L.s_gate_up, 2 * inter, hidden);
+        const stack_w4::Proj w4_down = stack_w4::proj(L.w_down, L.s_down, hidden, inter);
 
         // 1. norm (+ residual), qkv, RoPE, KV write.
         const l32_gemv_params qkv = qkv_params<D>(p, L, l > 0);
         norm_prologue<kWarps, true>(qkv, smem, hidden_stride, m, static_cast<int>(hidden / 8));
         const l32_gemv_params o = gemv_params(p, p.delta, p.attn, L.wo, q_dim, hidden);
         if constexpr (kW4) {
-            stack_w4::run_items<kRope>(w4(L.wqkv, L.s_qkv, qkv_n, hidden), smem, hidden_stride, m,
-                                       static_cast<bf16*>(p.qkv), qkv.rope, partial);
-            stack_w4::prefetch_block_item<kPlain>(w4(L.wo, L.s_o, hidden, q_dim), qkv.rope);
+            stack_w4::run_items<kRope>(w4_qkv, smem, hidden_stride, m, static_cast<bf16*>(p.qkv), qkv.rope, partial);
+            stack_w4::prefetch_block_item<kPlain>(w4_o, qkv.rope);
         } else {
             run_tiles<kRope>(qkv, qkv_n / kRows, smem, hidden_stride, partial[0]);
             prefetch_first_tile<kPlain>(o, (hidden + kRows - 1) / kRows);
@@ -211,7 +210,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         gate_up.silu_pairs = 1;
         const int64_t gate_up_tiles = (inter + kRows / 2 - 1) / (kRows / 2);
         constexpr int kIdle = 32 * S::kDecodeWarps;  // the first thread the attention leaves idle
-        const stack_w4::Proj w4_gate_up = w4(L.w_gate_up, L.s_gate_up, 2 * inter, hidden);
         if constexpr (kW4) {
             stack_w4::prefetch_block_item<kSilu>(w4_gate_up, qkv.rope, 0, kIdle);
             stack_w4::prefetch_block_item<kSilu>(w4_gate_up, qkv.rope, 1, kIdle + 16);
@@ -256,8 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         const int q_stride = static_cast<int>(16 * (q_dim / 8 + 1));
         stage_rows(static_cast<const bf16*>(p.attn), m, static_cast<int>(q_dim / 8), smem, q_stride);
         if constexpr (kW4) {
-            stack_w4::run_items<kPlain>(w4(L.wo, L.s_o, hidden, q_dim), smem, q_stride, m, static_cast<bf16*>(p.delta),
-                                        qkv.rope, partial);
+            stack_w4::run_items<kPlain>(w4_o, smem, q_stride, m, static_cast<bf16*>(p.delta), qkv.rope, partial);
         } else {
             run_tiles<kPlain>(o, (hidden + kRows - 1) / kRows, smem, q_stride, partial[0]);
         }
@@ -269,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         if constexpr (kW4) {
             stack_w4::run_items<kSilu>(w4_gate_up, smem, hidden_stride, m, static_cast<bf16*>(p.act), qkv.rope,
                                        partial);
-            stack_w4::prefetch_block_item<kPlain>(w4(L.w_down, L.s_down, hidden, inter), qkv.rope);
+            stack_w4::prefetch_block_item<kPlain>(w4_down, qkv.rope);
         } else {
             run_tiles<kSilu>(gate_up, gate_up_tiles, smem, hidden_stride, partial[0]);
             prefetch_first_tile<kPlain>(down, (hidden + kRows - 1) / kRows);
@@ -280,15 +277,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         const int inter_stride = static_cast<int>(16 * (inter / 8 + 1));
         stage_rows(static_cast<const bf16*>(p.act), m, static_cast<int>(inter / 8), smem, inter_stride);
         if constexpr (kW4) {
-            stack_w4::run_items<kPlain>(w4(L.w_down, L.s_down, hidden, inter), smem, inter_stride, m,
-                                        static_cast<bf16*>(p.delta), qkv.rope, partial);
+            stack_w4::run_items<kPlain>(w4_down, smem, inter_stride, m, static_cast<bf16*>(p.delta), qkv.rope,
+                                        partial);
         } else {
             run_tiles<kPlain>(down, (hidden + kRows - 1) / kRows, smem, inter_stride, partial[0]);
         }
         if (l + 1 < p.num_layers) {
             const l32_decode_layer_weights& next = p.layers[l + 1];
             if constexpr (kW4) {
-                stack_w4::prefetch_block_item<kRope>(w4(next.wqkv, next.s_qkv, qkv_n, hidden), qkv.rope);
+                stack_w4::prefetch_block_item<kRope>(stack_w4::proj(next.wqkv, next.s_qkv, qkv_n, hidden), qkv.rope);
             } else {
                 prefetch_first_tile<kRope>(qkv_params<D>(p, next, true), qkv_n / kRows);
             }
@@ -324,9 +321,9 @@ l32_status launch(const l32_decode_layers_params& p, cudaStream_t stream) {
 bool supported(const l32_decode_layers_params& p) {
     if (p.dtype != L32_DTYPE_BF16 || (p.head_dim != 64 && p.head_dim != 128)) return false;
     if (p.weights != L32_DECODE_WEIGHTS_BF16 && p.weights != L32_DECODE_WEIGHTS_W4A16) return false;
+    const int64_t q_dim = int64_t{p.num_heads} * p.head_dim;
     // The W4A16 layout's 64-column chunks of every input width.
-    const int64_t in_q = int64_t{p.num_heads} * p.head_dim;
-    if (p.weights == L32_DECODE_WEIGHTS_W4A16 && (p.hidden % 64 != 0 || in_q % 64 != 0 || p.inter % 64 != 0)) {
+    if (p.weights == L32_DECODE_WEIGHTS_W4A16 && (p.hidden % 64 != 0 || q_dim % 64 != 0 || p.inter % 64 != 0)) {
         return false;
     }
     if (p.m < 1 || p.m > L32_DECODE_LAYERS_MAX_M || p.num_layers < 1) return false;
@@ -335,7 +332,6 @@ bool supported(const l32_decode_layers_params& p) {
     if (p.num_heads / p.num_kv_heads > kMaxGroup || p.num_splits < 1 || p.num_splits > kMaxSplits) return false;
     // The norm's in-register rows (l32_norm: 8 vectors of 8 per thread of at most kNormMaxThreads).
     if (p.hidden > 8 * 8 * kNormMaxThreads) return false;
-    const int64_t q_dim = int64_t{p.num_heads} * p.head_dim;
     if (q_dim > INT_MAX / 4 || p.inter > INT_MAX / 4 || p.block_size < 1 || p.max_blocks_per_seq < 1) return false;
     return p.num_slots >= 1 && p.num_slots <= int64_t{L32_PAD_SLOT};
 }
