@@ -216,14 +216,7 @@ pub fn with_warps<R>(warps: usize, f: impl FnOnce() -> R) -> Result<R> {
     if !matches!(warps, 8 | 16) {
         return Err(Error::request(format!("gemv warps per block is {warps}, must be 8 or 16")));
     }
-    struct Restore(Option<usize>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED_WARPS.with(|w| w.set(self.0));
-        }
-    }
-    let _restore = Restore(FORCED_WARPS.with(|w| w.replace(Some(warps))));
-    Ok(f())
+    Ok(super::with_override(&FORCED_WARPS, warps, f))
 }
 
 /// The warps per block of a launch with `n` output rows: [`with_warps`]'s, else [`warps_per_block`]'s.

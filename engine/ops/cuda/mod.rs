@@ -310,6 +310,22 @@ pub fn programmatic_launch() -> bool {
 }
 
 /// Checks that every operand lives on the device of `stream`, before any pointer is taken.
+/// A per-thread override of a launch heuristic (the gemv warp count, the W4A16 K splits), for A/B timings and for
+/// tests that compare kernels cutting the work the same way.
+pub(crate) type ThreadOverride = std::thread::LocalKey<std::cell::Cell<Option<usize>>>;
+
+/// Runs `f` with `cell` holding `Some(value)` on this thread, then restores what it held (also when `f` panics).
+pub(crate) fn with_override<R>(cell: &'static ThreadOverride, value: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(&'static ThreadOverride, Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.with(|c| c.set(self.1));
+        }
+    }
+    let _restore = Restore(cell, cell.with(|c| c.replace(Some(value))));
+    f()
+}
+
 pub(crate) fn check_same_device(op: &str, stream: &CudaStream, operands: &[(&str, &Arc<CudaStream>)]) -> Result<()> {
     let ordinal = stream.context().ordinal();
     for (name, s) in operands {

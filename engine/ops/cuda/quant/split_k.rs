@@ -121,14 +121,7 @@ pub fn with_w4a16_splits<R>(splits: usize, f: impl FnOnce() -> R) -> Result<R> {
     if !(1..=MAX_SPLITS).contains(&splits) {
         return Err(Error::request(format!("W4A16 K splits is {splits}, must be in 1..={MAX_SPLITS}")));
     }
-    struct Restore(Option<usize>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED_SPLITS.with(|s| s.set(self.0));
-        }
-    }
-    let _restore = Restore(FORCED_SPLITS.with(|s| s.replace(Some(splits))));
-    Ok(f())
+    Ok(crate::ops::cuda::with_override(&FORCED_SPLITS, splits, f))
 }
 
 /// The split count [`with_w4a16_splits`] forces on this thread, if any.
