@@ -400,49 +400,58 @@ fn decode_stack(c: &mut Criterion) {
         let num_slots = max_m * per_seq * 16;
         let qkv = (heads + 16) * dim;
         let q_dim = heads * dim;
-        // attn_norm, mlp_norm, the caches, and the bf16 projections (empty when quantized).
-        let weights: Vec<[CudaSlice<bf16>; 8]> = (0..layers as u32)
+        // Per layer: attn_norm, mlp_norm and the caches; then the projections, bf16 or W4A16 (the other empty).
+        let tensors: Vec<[CudaSlice<bf16>; 4]> = (0..layers as u32)
             .map(|l| {
-                let proj = |len: usize, seed: u32| d.data(if quant { 8 } else { len }, 100 * l + seed);
                 [
                     d.data(hidden, 100 * l + 1),
                     d.data(hidden, 100 * l + 4),
                     d.data(num_slots * layout.slot_len(), 100 * l + 7),
                     d.data(num_slots * layout.slot_len(), 100 * l + 8),
-                    proj(qkv * hidden, 2),
-                    proj(hidden * q_dim, 3),
-                    proj(2 * inter * hidden, 5),
-                    proj(hidden * inter, 6),
                 ]
             })
             .collect();
-        let quant_weights: Vec<[k::quant::CudaQuantLinear; 4]> = if quant {
-            (0..layers)
-                .map(|l| {
-                    [
-                        w4a16_random(&d, qkv, hidden, 10 * l + 1, false),
-                        w4a16_random(&d, hidden, q_dim, 10 * l + 2, false),
-                        w4a16_random(&d, 2 * inter, hidden, 10 * l + 3, true),
-                        w4a16_random(&d, hidden, inter, 10 * l + 4, false),
-                    ]
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let stack_layers: Vec<_> = weights
+        let dense: Vec<[CudaSlice<bf16>; 4]> = (0..layers as u32)
+            .filter(|_| !quant)
+            .map(|l| {
+                [
+                    d.data(qkv * hidden, 100 * l + 2),
+                    d.data(hidden * q_dim, 100 * l + 3),
+                    d.data(2 * inter * hidden, 100 * l + 5),
+                    d.data(hidden * inter, 100 * l + 6),
+                ]
+            })
+            .collect();
+        let quant_weights: Vec<[k::quant::CudaQuantLinear; 4]> = (0..layers)
+            .filter(|_| quant)
+            .map(|l| {
+                [
+                    w4a16_random(&d, qkv, hidden, 10 * l + 1, false),
+                    w4a16_random(&d, hidden, q_dim, 10 * l + 2, false),
+                    w4a16_random(&d, 2 * inter, hidden, 10 * l + 3, true),
+                    w4a16_random(&d, hidden, inter, 10 * l + 4, false),
+                ]
+            })
+            .collect();
+        let stack_layers: Vec<_> = tensors
             .iter()
             .enumerate()
-            .map(|(l, [attn_norm, mlp_norm, k_cache, v_cache, wqkv, wo, w_gate_up, w_down])| {
-                let weights = match quant_weights.get(l) {
-                    Some([qkv, o, gate_up, down]) => k::decode_layers::StackWeights::W4A16 { qkv, o, gate_up, down },
-                    None => k::decode_layers::StackWeights::Bf16 { qkv: wqkv, o: wo, gate_up: w_gate_up, down: w_down },
+            .map(|(l, [attn_norm, mlp_norm, k_cache, v_cache])| {
+                let weights = match (dense.get(l), quant_weights.get(l)) {
+                    (Some([qkv, o, gate_up, down]), _) => {
+                        k::decode_layers::StackWeights::Bf16 { qkv, o, gate_up, down }
+                    }
+                    (None, Some([qkv, o, gate_up, down])) => {
+                        k::decode_layers::StackWeights::W4A16 { qkv, o, gate_up, down }
+                    }
+                    (None, None) => unreachable!("layer {l} has neither bf16 nor W4A16 projections"),
                 };
                 k::decode_layers::StackLayer { attn_norm, mlp_norm, weights, k_cache, v_cache }
             })
             .collect();
         let shape = k::decode_layers::StackShape { layout, hidden, inter, eps: 1e-5, num_slots };
-        // SAFETY: `weights` outlives every launch with the table (both live until the end of this loop body), and
+        // SAFETY: the tensors and projections outlive every launch with the table (all live until the end of this loop
+        // body), and
         // nothing else uses the caches.
         let table = unsafe { k::decode_layers::LayerTable::new(&d.stream, shape, &stack_layers) }.expect("table");
         let mut scratch = k::decode_layers::StackScratch::new(&d.stream, 8).expect("scratch");
