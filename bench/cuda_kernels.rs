@@ -451,8 +451,7 @@ fn decode_stack(c: &mut Criterion) {
             .collect();
         let shape = k::decode_layers::StackShape { layout, hidden, inter, eps: 1e-5, num_slots };
         // SAFETY: the tensors and projections outlive every launch with the table (all live until the end of this loop
-        // body), and
-        // nothing else uses the caches.
+        // body), and nothing else uses the caches.
         let table = unsafe { k::decode_layers::LayerTable::new(&d.stream, shape, &stack_layers) }.expect("table");
         let mut scratch = k::decode_layers::StackScratch::new(&d.stream, 8).expect("scratch");
         let params = layers * (qkv * hidden + hidden * q_dim + 3 * inter * hidden);
