@@ -99,28 +99,45 @@ struct PaddedTile {
 
 // Loads positions [n0, n0 + ROWS) of one sequence's K and V (kv head `kv_head`) into swizzled tiles (layout Tile,
 // with a static offset(row, chunk) and kChunks), through the block table; rows at positions >= n_end are
-// zero-filled and their table entries are never read.
+// zero-filled (they read table entry 0, which every sequence's table row has, and copy nothing).
 //   k_cache, v_cache [num_blocks, block_size, num_kv_heads, D]; table [max_blocks_per_seq] of this sequence.
-template <int D, int ROWS, int THREADS, class Tile = SwizzledTile<D>>
+// The thread's table reads are all issued before its first copy: each cp.async asm is a compiler memory barrier,
+// so a table read placed between two copies (as in one loop over rows) could not be hoisted above the earlier
+// copies, and each tile paid one dependent L2 round trip per row pair in turn (prefill_sm90.cu's SASS at d128:
+// four) instead of one.
+// BATCH (a divisor of the thread's chunk count; all of them by default) bounds the table reads held in registers at
+// once: a register-starved caller (prefill_sm90_ws.cu's producer) reads and copies in batches of that many.
+template <int D, int ROWS, int THREADS, class Tile = SwizzledTile<D>, int BATCH = ROWS * Tile::kChunks / THREADS>
 __device__ __forceinline__ void load_kv_tile(bf16* sk, bf16* sv, const bf16* k_cache, const bf16* v_cache,
                                              const uint32_t* table, int n0, int n_end, int block_size,
                                              int64_t slot_stride, int kv_head) {
     constexpr int kTotal = ROWS * Tile::kChunks;
     static_assert(kTotal % THREADS == 0, "every thread copies the same number of chunks");
+    constexpr int kPer = kTotal / THREADS;
+    static_assert(kPer % BATCH == 0, "whole batches");
 #pragma unroll
-    for (int i = 0; i < kTotal / THREADS; ++i) {
-        const int idx = static_cast<int>(threadIdx.x) + i * THREADS;
-        const int row = idx / Tile::kChunks, chunk = idx % Tile::kChunks;
-        const int pos = n0 + row;
-        const bool valid = pos < n_end;
-        int64_t src = 0;
-        if (valid) {
-            const int64_t slot = static_cast<int64_t>(__ldg(table + pos / block_size)) * block_size + pos % block_size;
-            src = slot * slot_stride + kv_head * D + chunk * 8;
+    for (int b = 0; b < kPer; b += BATCH) {
+        uint32_t block[BATCH];
+#pragma unroll
+        for (int i = 0; i < BATCH; ++i) {
+            const int pos = n0 + (static_cast<int>(threadIdx.x) + (b + i) * THREADS) / Tile::kChunks;
+            block[i] = __ldg(table + (pos < n_end ? pos / block_size : 0));
         }
-        const int dst = Tile::offset(row, chunk);
-        cp_async16(sk + dst, k_cache + src, valid);
-        cp_async16(sv + dst, v_cache + src, valid);
+#pragma unroll
+        for (int i = 0; i < BATCH; ++i) {
+            const int idx = static_cast<int>(threadIdx.x) + (b + i) * THREADS;
+            const int row = idx / Tile::kChunks, chunk = idx % Tile::kChunks;
+            const int pos = n0 + row;
+            const bool valid = pos < n_end;
+            int64_t src = 0;
+            if (valid) {
+                const int64_t slot = static_cast<int64_t>(block[i]) * block_size + pos % block_size;
+                src = slot * slot_stride + kv_head * D + chunk * 8;
+            }
+            const int dst = Tile::offset(row, chunk);
+            cp_async16(sk + dst, k_cache + src, valid);
+            cp_async16(sv + dst, v_cache + src, valid);
+        }
     }
 }
 
