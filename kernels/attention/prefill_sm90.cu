@@ -118,14 +118,6 @@ __global__ void __launch_bounds__(256, 1)
         cp_async_wait<1>();                 // this thread's part of tile t has landed
         wgmma::fence_proxy_async_shared();  // ... and is visible to the proxy wgmma reads through
         __syncthreads();                    // every part of tile t; every thread is done with tile t - 1's stage
-        if (t + 2 < num_tiles) {
-            // Tile t + 2 into the stage tile t - 1 used.
-            bf16* next = skv + ((t + 2) % T::kStages) * 2 * KVTile::kElems;
-            load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(next, next + KVTile::kElems, k_cache, v_cache, table,
-                                                             n0 + 2 * T::kBlockN, n_end, p.block_size, slot_stride,
-                                                             kv_head);
-        }
-        cp_async_commit();
         const int stage = t % T::kStages;
 
         // S = Q K^T. fence_operands pins the last iteration's reads of s (P's packing) above the fence, as the PTX
@@ -134,6 +126,16 @@ __global__ void __launch_bounds__(256, 1)
         wgmma::fence();
         prefill90::issue_qk<D>(s, q_addr, sm.k_addr(stage));
         wgmma::commit();
+        // While the tensor cores run Q K^T: tile t + 2 into the stage tile t - 1 used (free since the barrier). Its
+        // block-table reads are dependent loads (an L2 round trip before the first copy can issue); issued here
+        // rather than before the product, that wait overlaps it instead of delaying it.
+        if (t + 2 < num_tiles) {
+            bf16* next = skv + ((t + 2) % T::kStages) * 2 * KVTile::kElems;
+            load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(next, next + KVTile::kElems, k_cache, v_cache, table,
+                                                             n0 + 2 * T::kBlockN, n_end, p.block_size, slot_stride,
+                                                             kv_head);
+        }
+        cp_async_commit();
         wgmma::wait<0>();
         wgmma::fence_operands(s);
 
