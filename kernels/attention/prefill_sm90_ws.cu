@@ -9,9 +9,11 @@
 // cores idle, then both run P V. This kernel keeps the arithmetic and changes who waits for what
 // (FlashAttention-3's scheme, written here from its description):
 //   - A producer warpgroup (threads 0-127) copies Q and the K / V tiles with cp.async through the block table into
-//     a ring of kStages stages. Per stage an mbarrier `full` (128 arrivals: each producer thread after its copies of
-//     the tile have landed and are fenced for the async proxy) and an mbarrier `empty` (8 arrivals: lane 0 of each
-//     consumer warp once the tile's last product has read it). No block-wide barrier after the start.
+//     a ring of kStages stages. Per stage an mbarrier `full` (128 arrivals: the copy unit arrives for each producer
+//     thread once its copies of the tile have landed, cp.async.mbarrier.arrive.noinc, so the producer never waits
+//     for its own copies and keeps up to kStages tiles in flight; each consumer thread fences for the async proxy
+//     after its wait) and an mbarrier `empty` (8 arrivals: lane 0 of each consumer warp once the tile's last
+//     product has read it). No block-wide barrier after the start.
 //   - Two consumer warpgroups (rows 0-63 and 64-127) take turns on the tensor cores: named barrier 1 + w is
 //     consumer w's turn; it issues its products, then hands the turn over (bar.arrive on the other's), then waits
 //     for its own results. So one consumer's softmax runs while the other's products run.
@@ -97,39 +99,29 @@ __global__ void __launch_bounds__(384, 1)
     const int num_tiles = (n_end + T::kBlockN - 1) / T::kBlockN;
 
     if (wg == 0) {
-        // The producer: tile t into stage t % kStages once the consumers released the tile kStages before it; the
-        // stage's `full` phase completes when every producer thread's copies of the tile (and, for tile 0, of Q)
-        // have landed and are fenced for the async proxy (wgmma reads through it). While the ring fills, tile t - 1
-        // is signalled after tile t is issued (two tiles in flight); after that, before the wait for tile t's
-        // stage, so that the consumers never wait for this thread to issue the next tile (the ring's depth hides
-        // the copies' latency then).
+        // The producer: tile t into stage t % kStages once the consumers released the tile kStages before it. Its
+        // `full` phase completes when every producer thread's copies so far (the tile's, and for tile 0 Q's) have
+        // landed: the copy unit arrives for the thread (noinc), so nothing here waits for a copy and up to kStages
+        // tiles are in flight. (The first form waited for tile t - 1 to land before issuing tile t: one tile in
+        // flight, and the producer's issue serialized behind each tile's latency.)
         sync90::regs_dealloc<T::kProducerRegs>();
         const bf16* k_cache = static_cast<const bf16*>(p.k_cache);
         const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
         const uint32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
         const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
-        auto landed = [&](int t) {
-            wgmma::fence_proxy_async_shared();
-            sync90::mbar_arrive(&full[t % T::kStages]);
-        };
         for (int t = 0; t < num_tiles; ++t) {
             const int stage = t % T::kStages;
-            if (t >= T::kStages) {
-                cp_async_wait<0>();  // tile t - 1, the only one in flight
-                landed(t - 1);
-                sync90::mbar_wait_bounded(&empty[stage], (t / T::kStages - 1) & 1);
-            }
+            if (t >= T::kStages) sync90::mbar_wait_bounded(&empty[stage], (t / T::kStages - 1) & 1);
             bf16* sk = sm.skv + stage * 2 * KVTile::kElems;
-            load_kv_tile<D, T::kBlockN, 128, KVTile>(sk, sk + KVTile::kElems, k_cache, v_cache, table, t * T::kBlockN,
-                                                     n_end, p.block_size, slot_stride, kv_head);
-            cp_async_commit();
-            if (t > 0 && t < T::kStages) {
-                cp_async_wait<1>();  // tile t - 1 has landed for this thread
-                landed(t - 1);
-            }
+            // One table read per chunk copied (BATCH 1): batching them (see load_kv_tile) spills at the
+            // producer's 72 registers, and here the consumers do not wait for the reads.
+            load_kv_tile<D, T::kBlockN, 128, KVTile, 1>(sk, sk + KVTile::kElems, k_cache, v_cache, table,
+                                                        t * T::kBlockN, n_end, p.block_size, slot_stride, kv_head);
+            sync90::cp_async_arrive_noinc(&full[stage]);
         }
+        // Nothing is left to issue; the copies in flight complete (and arrive) before this warpgroup leaves.
+        cp_async_commit();
         cp_async_wait<0>();
-        landed(num_tiles - 1);
         return;
     }
 
@@ -178,6 +170,7 @@ __global__ void __launch_bounds__(384, 1)
 
     // Tile 0: S alone, then the whole softmax (O is zero, nothing in flight).
     sync90::mbar_wait(&full[0], 0);
+    wgmma::fence_proxy_async_shared();  // the copies' bytes (generic proxy) before wgmma's reads (async proxy)
     sync90::named_sync(my_turn, T::kTurnThreads);
     wgmma::fence_operands(s);
     wgmma::fence();
@@ -191,6 +184,7 @@ __global__ void __launch_bounds__(384, 1)
 
     for (int t = 1; t < num_tiles; ++t) {
         sync90::mbar_wait(&full[t % T::kStages], (t / T::kStages) & 1);
+        wgmma::fence_proxy_async_shared();
         sync90::named_sync(my_turn, T::kTurnThreads);
         // s was read (packed into pa), o rescaled and pa written by ordinary instructions: pinned above the fence.
         wgmma::fence_operands(s);

@@ -28,6 +28,14 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
+// Arrives once on `bar` when every cp.async this thread has issued so far has landed (the copy unit arrives; the
+// thread goes on at once). `bar`'s count includes this arrival (.noinc). Its phase completing does not make the
+// bytes visible to the async proxy: a thread that waits on it and then lets wgmma read them fences first
+// (fence.proxy.async.shared::cta, after the wait).
+__device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // Arrives once on `bar` (its count is 1) and tells it `bytes` more will be delivered by copies before it completes.
 __device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
