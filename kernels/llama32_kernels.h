@@ -492,8 +492,9 @@ typedef enum l32_w4a16_kernel {
      */
     L32_W4A16_WGMMA_ROW = 5,
     /**
-     * L32_W4A16_DIRECT (the same code, so the same bits) compiled for at most 128 registers at m <= 8, where ptxas
-     * then issues a warp's four chunk loads before their MMAs instead of one chunk at a time; DIRECT itself above.
+     * L32_W4A16_DIRECT (the same code, so the same bits) compiled for at most 128 registers at m <= 8 and 168 at
+     * 9-16 rows, where ptxas then issues a warp's four chunk loads before their MMAs instead of one chunk at a time;
+     * DIRECT itself above 16 rows.
      */
     L32_W4A16_DIRECT_BATCHED = 6,
 } l32_w4a16_kernel;

@@ -223,15 +223,17 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
     w4a16_body<kMT, kZeros>(p);
 }
 
-// L32_W4A16_DIRECT_BATCHED at m <= 8: the same body (so the same bits) under a launch bound of 4 blocks per SM
-// (at most 128 registers). That bound changes how ptxas schedules the chunk set (CUDA 13.0, sm_90a, cuobjdump): the
-// plain kernel places each chunk's weight load next to its MMAs (48 registers, about one chunk in flight per warp),
-// this one issues the set's four 16-byte weight loads and their activation and scale loads before the first MMA
-// (92 registers; 98 with zero points; no spills). At m > 8 the bound makes ptxas spill, so those take w4a16_kernel.
-template <bool kZeros>
-__global__ void __launch_bounds__(kWarps * 32, 4) w4a16_batched_kernel(const __grid_constant__ l32_w4a16_params p) {
+// L32_W4A16_DIRECT_BATCHED at m <= 16: the same body (so the same bits) under a launch bound of 4 blocks per SM at
+// m <= 8 (at most 128 registers) and 3 at 9-16 rows (at most 168). That bound changes how ptxas schedules the chunk
+// set (CUDA 13.0, sm_90a, cuobjdump): the plain kernel places each chunk's weight load next to its MMAs (48
+// registers at m <= 8, about one chunk in flight per warp); this one issues the set's four 16-byte weight loads and
+// their activation and scale loads before the first MMA (92 registers at m <= 8, 98 with zero points; 134 at 9-16
+// rows; no spills). Above 16 rows (and at 9-16 under a 4-block bound) ptxas spills, so those take w4a16_kernel.
+template <int kMT, bool kZeros>
+__global__ void __launch_bounds__(kWarps * 32, kMT == 1 ? 4 : 3)
+    w4a16_batched_kernel(const __grid_constant__ l32_w4a16_params p) {
     pdl_begin();
-    w4a16_body<1, kZeros>(p);
+    w4a16_body<kMT, kZeros>(p);
 }
 
 // Tier 2.
@@ -239,13 +241,15 @@ template <int kMT>
 l32_status launch_gemm(const l32_w4a16_params& p, cudaStream_t stream) {
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((ntiles + kWarps - 1) / kWarps), static_cast<unsigned>(p.splits));
-    if (kMT == 1 && p.kernel == L32_W4A16_DIRECT_BATCHED) {
-        if (p.zeros != nullptr) {
-            launch_kernel(w4a16_batched_kernel<true>, grid, kWarps * 32, 0, stream, p);
-        } else {
-            launch_kernel(w4a16_batched_kernel<false>, grid, kWarps * 32, 0, stream, p);
+    if constexpr (kMT <= 2) {
+        if (p.kernel == L32_W4A16_DIRECT_BATCHED) {
+            if (p.zeros != nullptr) {
+                launch_kernel(w4a16_batched_kernel<kMT, true>, grid, kWarps * 32, 0, stream, p);
+            } else {
+                launch_kernel(w4a16_batched_kernel<kMT, false>, grid, kWarps * 32, 0, stream, p);
+            }
+            return check_launch();
         }
-        return check_launch();
     }
     if (p.zeros != nullptr) {
         launch_kernel(w4a16_kernel<kMT, true>, grid, kWarps * 32, 0, stream, p);

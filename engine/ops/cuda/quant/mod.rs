@@ -145,9 +145,10 @@ pub enum W4A16Kernel {
     /// per warp, whatever the registers), with a deterministic in-kernel sum of the tiles a warp boundary cuts.
     /// Its `splits` count blocks, not K splits.
     Bulk,
-    /// The direct kernel's code (so its bits) compiled at m <= 8 for at most 128 registers, under which ptxas issues
-    /// a warp's four chunk loads before their MMAs (92 registers) where the direct kernel has about one chunk in
-    /// flight (48 registers); above 8 rows it is the direct kernel. Seventeenth session, not yet timed: only forced
+    /// The direct kernel's code (so its bits) compiled at m <= 8 for at most 128 registers and at 9-16 rows for at
+    /// most 168, under which ptxas issues a warp's four chunk loads before their MMAs (92 and 134 registers) where
+    /// the direct kernel has about one chunk in flight (48 registers at m <= 8); above 16 rows it is the direct
+    /// kernel. Seventeenth session (m <= 8) and eighteenth (9-16 rows), not yet timed: only forced
     /// (`direct-batched`), never picked by `auto` until a device run says where it wins.
     DirectBatched,
 }
