@@ -44,14 +44,20 @@ __device__ __forceinline__ void grid_barrier(unsigned* sync) {
 }
 
 // Blocks of a cooperative launch of `kernel` with one block per SM: the SM count of the current device, or 0 where
-// one block of `threads` threads and `smem` bytes of dynamic shared memory cannot be resident on an SM.
+// one block of `threads` threads and `smem` bytes of dynamic shared memory cannot be resident on an SM. A failed
+// query's error is taken off the runtime's last-error slot, so that the caller's refusal (L32_UNSUPPORTED) is the
+// only report of it and the next launch's check_launch() does not blame that launch.
 template <class Kernel>
 int one_block_per_sm(Kernel kernel, int threads, size_t smem) {
     int device = 0, sms = 0, per_sm = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-    if (allow_dynamic_smem(kernel, smem) != L32_OK) return 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess) return 0;
+    const bool ok = cudaGetDevice(&device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+                    allow_dynamic_smem(kernel, smem) == L32_OK &&
+                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) == cudaSuccess;
+    if (!ok) {
+        (void)cudaGetLastError();
+        return 0;
+    }
     return per_sm >= 1 ? sms : 0;
 }
 
