@@ -473,6 +473,10 @@ PY
     # positions a split.
     gpu_test_env split=32 cuda_golden::cuda_persistent_decode_stack_changes_no_bit LLAMA32_DECODE_SPLIT_POSITIONS=32 \
       LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
+    # At the default split no block of a 132-SM card runs a second attention item (at most 128 items), and no split
+    # is empty; at 16 positions a split the Llama-width test has up to 320 items and empty last splits.
+    gpu_test_env split=16 cuda_decode_stack::decode_stack_matches_the_layers_at_the_llama_widths \
+      LLAMA32_DECODE_SPLIT_POSITIONS=16 LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     # What a persistent per-step decode kernel needs to know (docs/architecture.md): a grid barrier's latency, the
     # weight-like stream with and without barriers, and whether the cooperative launch is captured in a graph.
     gpu_bench 60 'grid probe' cuda_kernels::grid_probe_throughput
@@ -496,7 +500,11 @@ PY
     # (split-K in the large-m W4A16 kernels, its SiLU epilogue on the executor's path). The thirteenth session's
     # list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
     local ft
-    for ft in cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
+    # The eighteenth session's K/V tile loads (every table read before the first copy), the wgmma prefill's copies
+    # moved behind its Q K^T, and the warp-specialized producer that no longer waits for its own copies first.
+    for ft in cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
+      cuda_attention::paged_decode_matches_cpu \
+      cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
       cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
       cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \
       cuda_w4a16_large::w4a16_large_paired_swiglu_matches_plain_then_silu_mul; do
@@ -505,10 +513,11 @@ PY
     # Every W4A16 projection through the row kernel (split where its grid is small, SiLU fused), golden checkpoint.
     gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
       LLAMA32_W4A16_LARGE_MIN_M=1 LLAMA32_W4A16_LARGE=wgmma-row
-    # W4A16 at m = 1 and 64 on every shape: the decode kernels (at m = 1 the first timing of the one-LOP3
-    # dequantization and the pointer-walking loads, against the H200 rows of 2026-11-28) beside, at m = 64, the
-    # large-m row kernel with one and with its plan's K splits (lines `row/s1`, `row/sS`).
-    LLAMA32_QUANT_MS=1,64 gpu_bench 120 'GB/s|TFLOP/s' cuda_quant::quant_throughput m1-64
+    # W4A16 at m = 1, 16 and 64 on every shape: the decode kernels (at m = 1 the first timing of the one-LOP3
+    # dequantization and the pointer-walking loads, against the H200 rows of 2026-11-28; at m = 1 and 16 the
+    # direct-batched column) beside, at m = 64, the large-m row kernel with one and with its plan's K splits (lines
+    # `row/s1`, `row/sS`).
+    LLAMA32_QUANT_MS=1,16,64 gpu_bench 180 'GB/s|TFLOP/s' cuda_quant::quant_throughput m1-16-64
     # Decode attention at batch 64, 2k context, with the 3-stage K/V ring beside the default (and prefill).
     gpu_bench 90 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput fresh
     # End to end where decode attention weighs most: 1B and 3B at batch 64, 1k-token prompts, default and 3 stages.
