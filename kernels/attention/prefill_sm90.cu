@@ -10,7 +10,8 @@
 // Tiles. One CTA of 2 warpgroups (256 threads) per (128 folded query rows, sequence, kv head); warpgroup w owns rows
 // 64w..64w+63. The KV loop walks 128-position tiles from 0 to the CTA's largest position, three stages of K and V
 // in shared memory, loaded by every thread with 16-byte cp.async through the block table two tiles ahead (one
-// barrier per tile). Per tile and warpgroup:
+// barrier per tile; the copies are issued right after Q K^T, so their block-table reads wait behind the product).
+// Per tile and warpgroup:
 //   S (64 x 128, f32 in registers) = Q K^T: D / 16 wgmma m64n128k16, A = Q and B = K both K-major in shared memory;
 //   mask (only on tiles that cross some row's own position), online softmax in f32 with exp2 (common/attention.cuh,
 //   the same code as the mma.sync kernel: the accumulator layout is mma.m16n8k16's per warp);
@@ -44,8 +45,8 @@ using namespace attn;
 
 // Every size derived from head_dim, read by the kernel and the launcher alike.
 // ptxas (CUDA 13.0, sm_90a), no spills, 0-byte stack frames, 16 B static shared memory:
-//   paged_prefill_wgmma_kernel<64>:  177 registers (113 KB dynamic shared memory; one CTA per SM)
-//   paged_prefill_wgmma_kernel<128>: 230 registers (225 KB dynamic shared memory; one CTA per SM)
+//   paged_prefill_wgmma_kernel<64>:  175 registers (113 KB dynamic shared memory; one CTA per SM)
+//   paged_prefill_wgmma_kernel<128>: 233 registers (225 KB dynamic shared memory; one CTA per SM)
 template <int D>
 struct HopperPrefillTraits : prefill90::Tiles<D> {
     static constexpr int kWarpGroups = 2;
