@@ -131,7 +131,7 @@ __device__ __forceinline__ void decode_split(const l32_paged_decode_params& p, i
     for (int t = 0; t < num_tiles; ++t) {
         const int n0 = start + t * T::kBlockN;
         if constexpr (kStages == 2) {
-            // The measured kernel, as it was (its SASS unchanged).
+            // The measured kernel's loop (two stages: one tile in flight while one is used).
             if (t + 1 < num_tiles) {
                 bf16* next = skv + ((t + 1) % kStages) * 2 * T::kTileElems;
                 load_kv_tile<D, T::kBlockN, T::kThreads>(next, next + T::kTileElems, k_cache, v_cache, table,

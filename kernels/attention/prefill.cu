@@ -18,9 +18,12 @@
 //
 // Shared memory: Q 64 x D + 2 stages x (K + V) 64 x D bf16: 40 KB (D = 64) or 80 KB (D = 128, opted in above 48 KB;
 // two CTAs per H100 SM).
-// ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), no spills, 0-byte stack frames, 16 B static shared memory:
-//   paged_prefill_kernel<64>:   128 / 128 / 128 registers (40 KB dynamic shared memory)
-//   paged_prefill_kernel<128>:  240 / 240 / 244 registers (80 KB dynamic shared memory; 2 CTAs per SM)
+// ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), 16 B static shared memory:
+//   paged_prefill_kernel<64>:   128 / 128 / 128 registers (40 KB dynamic shared memory; 4 CTAs per SM). The launch
+//     bound holds it there: since load_kv_tile's cheaper copies (eighteenth session) ptxas would otherwise take
+//     130-135, one CTA per SM less; under it it keeps two or three values in local memory (8-12 bytes), stored
+//     before the KV loop and reloaded after it (on sm_90a one reload per KV tile).
+//   paged_prefill_kernel<128>:  202 / 202 / 217 registers, no spills (80 KB dynamic shared memory; 2 CTAs per SM)
 //
 // The Hopper path (wgmma, params.kernel = L32_PREFILL_WGMMA) is prefill_sm90.cu; this entry checks for both.
 #include <climits>
@@ -57,7 +60,8 @@ struct PrefillTraits {
 // kernel keeps its own copy: through those helpers ptxas gave it 131-134 registers instead of 128 at d64, one CTA
 // per SM less.)
 template <int D>
-__global__ void __launch_bounds__(128) paged_prefill_kernel(const __grid_constant__ l32_paged_prefill_params p) {
+__global__ void __launch_bounds__(128, D == 64 ? 4 : 2)
+    paged_prefill_kernel(const __grid_constant__ l32_paged_prefill_params p) {
     pdl_begin();
     using T = PrefillTraits<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -113,9 +113,7 @@ __global__ void __launch_bounds__(384, 1)
             const int stage = t % T::kStages;
             if (t >= T::kStages) sync90::mbar_wait_bounded(&empty[stage], (t / T::kStages - 1) & 1);
             bf16* sk = sm.skv + stage * 2 * KVTile::kElems;
-            // One table read per chunk copied (BATCH 1): batching them (see load_kv_tile) spills at the
-            // producer's 72 registers, and here the consumers do not wait for the reads.
-            load_kv_tile<D, T::kBlockN, 128, KVTile, 1>(sk, sk + KVTile::kElems, k_cache, v_cache, table,
+            load_kv_tile<D, T::kBlockN, 128, KVTile>(sk, sk + KVTile::kElems, k_cache, v_cache, table,
                                                         t * T::kBlockN, n_end, p.block_size, slot_stride, kv_head);
             sync90::cp_async_arrive_noinc(&full[stage]);
         }

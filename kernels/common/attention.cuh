@@ -99,45 +99,65 @@ struct PaddedTile {
 
 // Loads positions [n0, n0 + ROWS) of one sequence's K and V (kv head `kv_head`) into swizzled tiles (layout Tile,
 // with a static offset(row, chunk) and kChunks), through the block table; rows at positions >= n_end are
-// zero-filled (they read table entry 0, which every sequence's table row has, and copy nothing).
-//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, D]; table [max_blocks_per_seq] of this sequence.
-// The thread's table reads are all issued before its first copy: each cp.async asm is a compiler memory barrier,
-// so a table read placed between two copies (as in one loop over rows) could not be hoisted above the earlier
-// copies, and each tile paid one dependent L2 round trip per row pair in turn (prefill_sm90.cu's SASS at d128:
-// four) instead of one.
-// BATCH (a divisor of the thread's chunk count; all of them by default) bounds the table reads held in registers at
-// once: a register-starved caller (prefill_sm90_ws.cu's producer) reads and copies in batches of that many.
-template <int D, int ROWS, int THREADS, class Tile = SwizzledTile<D>, int BATCH = ROWS * Tile::kChunks / THREADS>
+// zero-filled (they read table entry 0, which every sequence's table row has, and copy nothing from slot 0).
+// Threads 0..THREADS-1 call it; thread tid copies chunk column tid % kChunks of rows tid / kChunks + j kStep.
+//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, D]; table [max_blocks_per_seq] of this sequence;
+//   slots (block * block_size + offset) and num_kv_heads * D * 2 bytes fit 32 bits.
+// What a copied row costs matters: the prefill kernels pay it in the same instruction stream as their products.
+// The first form spent about 90 instructions a row (a runtime division and remainder by block_size, 64-bit
+// products, a branch): 730 per thread and tile in prefill_sm90.cu at d128 (SASS, sm_90a). Here the thread's rows,
+// kStep positions apart, step through the table with one division per call, and a row's K address is one
+// 32 x 32 -> 64-bit multiply-add and one add per cache, with no branch: about 300 per thread and tile there.
+// All of a thread's table reads come before its first copy: each cp.async asm is a compiler memory barrier, so a
+// read placed between two copies (one loop over rows, as before) could not move above the earlier ones, and each
+// tile waited for its reads one after another (four dependent rounds at d128) instead of once.
+template <int D, int ROWS, int THREADS, class Tile = SwizzledTile<D>>
 __device__ __forceinline__ void load_kv_tile(bf16* sk, bf16* sv, const bf16* k_cache, const bf16* v_cache,
                                              const uint32_t* table, int n0, int n_end, int block_size,
                                              int64_t slot_stride, int kv_head) {
-    constexpr int kTotal = ROWS * Tile::kChunks;
-    static_assert(kTotal % THREADS == 0, "every thread copies the same number of chunks");
-    constexpr int kPer = kTotal / THREADS;
-    static_assert(kPer % BATCH == 0, "whole batches");
+    constexpr int kChunks = Tile::kChunks;
+    static_assert(THREADS % kChunks == 0, "a thread keeps one chunk column");
+    static_assert(ROWS % (THREADS / kChunks) == 0, "every thread copies the same number of rows");
+    constexpr int kStep = THREADS / kChunks;  // rows between a thread's copies
+    constexpr int kPer = ROWS / kStep;        // rows per thread
+    const int tid = static_cast<int>(threadIdx.x);
+    const int row0 = tid / kChunks, chunk = tid % kChunks;
+    // Byte offsets: a slot's chunk is one 32 x 32 -> 64-bit multiply-add from the thread's column (kv head and
+    // chunk), then one 64-bit add to each cache's base.
+    const uint32_t col_bytes = static_cast<uint32_t>(kv_head * D + chunk * 8) * 2;
+    const uint32_t slot_bytes = static_cast<uint32_t>(slot_stride) * 2;  // num_kv_heads * D bf16
+    // Position n0 + row0 + j kStep = q block_size + r, stepped from j = 0 (one division each).
+    int q = (n0 + row0) / block_size;
+    int r = n0 + row0 - q * block_size;
+    const int dq = kStep / block_size, dr = kStep - dq * block_size;
+    // The reads; the remainders are stepped again below rather than kept (fewer live registers: the mma.sync
+    // prefill at d64 stays at 128, its four CTAs per SM).
+    uint32_t block[kPer];
+    const int r0 = r;
 #pragma unroll
-    for (int b = 0; b < kPer; b += BATCH) {
-        uint32_t block[BATCH];
-#pragma unroll
-        for (int i = 0; i < BATCH; ++i) {
-            const int pos = n0 + (static_cast<int>(threadIdx.x) + (b + i) * THREADS) / Tile::kChunks;
-            block[i] = __ldg(table + (pos < n_end ? pos / block_size : 0));
+    for (int i = 0; i < kPer; ++i) {
+        const bool valid = n0 + row0 + i * kStep < n_end;
+        block[i] = __ldg(table + (valid ? static_cast<uint32_t>(q) : 0u));
+        q += dq;
+        r += dr;
+        if (r >= block_size) {
+            r -= block_size;
+            ++q;
         }
+    }
+    r = r0;
 #pragma unroll
-        for (int i = 0; i < BATCH; ++i) {
-            const int idx = static_cast<int>(threadIdx.x) + (b + i) * THREADS;
-            const int row = idx / Tile::kChunks, chunk = idx % Tile::kChunks;
-            const int pos = n0 + row;
-            const bool valid = pos < n_end;
-            int64_t src = 0;
-            if (valid) {
-                const int64_t slot = static_cast<int64_t>(block[i]) * block_size + pos % block_size;
-                src = slot * slot_stride + kv_head * D + chunk * 8;
-            }
-            const int dst = Tile::offset(row, chunk);
-            cp_async16(sk + dst, k_cache + src, valid);
-            cp_async16(sv + dst, v_cache + src, valid);
-        }
+    for (int i = 0; i < kPer; ++i) {
+        const int row = row0 + i * kStep;
+        const bool valid = n0 + row < n_end;
+        // Rows past the context copy nothing from slot 0's chunk (a valid address).
+        const uint32_t slot = valid ? block[i] * static_cast<uint32_t>(block_size) + static_cast<uint32_t>(r) : 0u;
+        const uint64_t off = static_cast<uint64_t>(slot) * slot_bytes + col_bytes;
+        const int dst = Tile::offset(row, chunk);
+        cp_async16(sk + dst, reinterpret_cast<const char*>(k_cache) + off, valid);
+        cp_async16(sv + dst, reinterpret_cast<const char*>(v_cache) + off, valid);
+        r += dr;
+        if (r >= block_size) r -= block_size;
     }
 }
 
