@@ -20,10 +20,11 @@
 // two CTAs per H100 SM).
 // ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), 16 B static shared memory:
 //   paged_prefill_kernel<64>:   128 / 128 / 128 registers (40 KB dynamic shared memory; 4 CTAs per SM). The launch
-//     bound holds it there: since load_kv_tile's cheaper copies (eighteenth session) ptxas would otherwise take
-//     130-135, one CTA per SM less; under it it keeps two or three values in local memory (8-12 bytes), stored
-//     before the KV loop and reloaded after it (on sm_90a one reload per KV tile).
-//   paged_prefill_kernel<128>:  202 / 202 / 217 registers, no spills (80 KB dynamic shared memory; 2 CTAs per SM)
+//     bound holds it there: since the eighteenth session's cheaper copies (load_kv_tile) and exponentials
+//     (exp2_ftz) ptxas would otherwise take 130-135, one CTA per SM less. Under it ptxas keeps 20 / 20 / 28 bytes
+//     in local memory, stored before the KV loop; two (sm_80, sm_89) or four (sm_90a) of them are reloaded once
+//     per KV tile, L1 hits among about 900 instructions.
+//   paged_prefill_kernel<128>:  209 / 209 / 216 registers, no spills (80 KB dynamic shared memory; 2 CTAs per SM)
 //
 // The Hopper path (wgmma, params.kernel = L32_PREFILL_WGMMA) is prefill_sm90.cu; this entry checks for both.
 #include <climits>
