@@ -28,7 +28,7 @@
 //
 // ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), no spills, a 32-byte stack frame (sincosf's large-angle path, as in
 // the gemv RoPE epilogue): bf16 decode_layers_kernel<64> 166 / 168 / 177 registers, 4688 B static shared memory;
-// <128> 205 / 209 / 213 registers, 4432 B. W4A16: <64> 194 / 196 / 182, 8784 B; <128> 221 / 225 / 216, 8528 B.
+// <128> 209 / 211 / 223 registers, 4432 B. W4A16: <64> 194 / 196 / 182, 8784 B; <128> 220 / 222 / 226, 8528 B.
 // One 256-thread block per SM either way. Dynamic shared memory: the
 // widest staged rows, 16 (k / 8 + 1) bytes a row (1B / 3B: the down input, 16 KB at m = 1, 131 KB at m = 8), or
 // the decode attention's 34-36 KB.

@@ -23,11 +23,12 @@
 // captured CUDA graph replays with new lengths); splits past the end of a short context write an empty state.
 //
 // Instantiations: head_dim 64 with 4 warps (64-token tiles), head_dim 128 with 2 warps (32-token tiles); 34 and
-// 36 KB of dynamic shared memory per CTA. Registers then bound the residency on an H100 SM: 4 CTAs (d64) or
-// 6 CTAs (d128), so batch 64 x 8 kv heads = 512 CTAs fits in one wave of 132 SMs either way.
+// 36 KB of dynamic shared memory per CTA. Registers then bound the residency on an H100 SM: 5 CTAs (d64; 4 at the
+// 116 registers sm_90a took before the eighteenth session) or 6 CTAs (d128), so batch 64 x 8 kv heads = 512 CTAs
+// fits in one wave of 132 SMs either way.
 // ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), no spills, 0-byte stack frames:
-//   paged_decode_kernel<64, 4>:   94 / 94 / 93 registers, 34816 B dynamic + 512 B static shared memory
-//   paged_decode_kernel<128, 2>:  161 / 160 / 159 registers, 36864 B dynamic + 256 B static shared memory
+//   paged_decode_kernel<64, 4>:   93 / 93 / 96 registers, 34816 B dynamic + 512 B static shared memory
+//   paged_decode_kernel<128, 2>:  159 / 159 / 163 registers, 36864 B dynamic + 256 B static shared memory
 //   merge_splits_kernel<64|128>:  32 / 39 / 32 registers
 //   the fused-merge instances (kFused) take the registers of their merge-kernel twins, plus 16 B of static shared memory
 #include <climits>

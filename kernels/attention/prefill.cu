@@ -20,11 +20,10 @@
 // two CTAs per H100 SM).
 // ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), 16 B static shared memory:
 //   paged_prefill_kernel<64>:   128 / 128 / 128 registers (40 KB dynamic shared memory; 4 CTAs per SM). The launch
-//     bound holds it there: since the eighteenth session's cheaper copies (load_kv_tile) and exponentials
-//     (exp2_ftz) ptxas would otherwise take 130-135, one CTA per SM less. Under it ptxas keeps 20 / 20 / 28 bytes
-//     in local memory, stored before the KV loop; two (sm_80, sm_89) or four (sm_90a) of them are reloaded once
-//     per KV tile, L1 hits among about 900 instructions.
-//   paged_prefill_kernel<128>:  209 / 209 / 216 registers, no spills (80 KB dynamic shared memory; 2 CTAs per SM)
+//     bound holds it there: with the eighteenth session's cheaper copies (load_kv_tile) ptxas took 130-135
+//     otherwise, one CTA per SM less. No spills on sm_80 / sm_89; 8 bytes on sm_90a (where the wgmma kernel is
+//     the default).
+//   paged_prefill_kernel<128>:  199 / 199 / 207 registers, no spills (80 KB dynamic shared memory; 2 CTAs per SM)
 //
 // The Hopper path (wgmma, params.kernel = L32_PREFILL_WGMMA) is prefill_sm90.cu; this entry checks for both.
 #include <climits>

@@ -45,8 +45,8 @@ using namespace attn;
 
 // Every size derived from head_dim, read by the kernel and the launcher alike.
 // ptxas (CUDA 13.0, sm_90a), no spills, 0-byte stack frames, 16 B static shared memory:
-//   paged_prefill_wgmma_kernel<64>:  168 registers (113 KB dynamic shared memory; one CTA per SM)
-//   paged_prefill_wgmma_kernel<128>: 213 registers (225 KB dynamic shared memory; one CTA per SM)
+//   paged_prefill_wgmma_kernel<64>:  157 registers (113 KB dynamic shared memory; one CTA per SM)
+//   paged_prefill_wgmma_kernel<128>: 201 registers (225 KB dynamic shared memory; one CTA per SM)
 template <int D>
 struct HopperPrefillTraits : prefill90::Tiles<D> {
     static constexpr int kWarpGroups = 2;

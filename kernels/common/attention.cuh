@@ -213,12 +213,28 @@ struct RowState {
     float l[2] = {0.f, 0.f};
 };
 
+// o's two rows (g: elements 0-1 of each column tile, g + 8: 2-3) times their factors (softmax_rows). A factor of
+// exactly 1 (the row's max held: exp2 of 0) changes no bit, so a warp whose rows all kept their max skips the
+// multiplies (64 per thread and tile at D = 128; most tiles once the running max has settled). The vote needs the
+// whole warp, which every caller has.
+template <int DT>
+__device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&alpha)[2]) {
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+        o[d][0] *= alpha[0];
+        o[d][1] *= alpha[0];
+        o[d][2] *= alpha[1];
+        o[d][3] *= alpha[1];
+    }
+}
+
 // The online-softmax update with the scores of one tile, for a thread's two rows (g and g + 8): s (raw q.k, masked
 // entries already -inf) becomes P = exp2(s * scale_log2 - m) in place and l is rescaled to the new max. Each row's
-// factor for o (exp2 of old max minus new) multiplies o's row right away with kRescale, else goes to alpha (for an
-// o still being written by an asynchronous product; rescale_rows applies it later: the same f32 operations per
+// factor for o (exp2 of old max minus new) goes to alpha, and with kRescale multiplies o's row at once
+// (rescale_rows), else later (for an o still being written by an asynchronous product: the same f32 operations per
 // element). A row that has seen only -inf so far keeps m = -inf and contributes zeros (its base is taken as 0, so
-// no -inf - -inf).
+// no -inf - -inf). Every caller runs it with whole warps (the rescale votes across the warp).
 template <bool kRescale, int NT, int DT>
 __device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2,
                                              float (&alpha)[2]) {
@@ -231,7 +247,7 @@ __device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&o)[DT][4
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(st.m[r], mx * scale_log2);
         const float base = m_new == -INFINITY ? 0.f : m_new;
-        const float a = exp2_ftz(st.m[r] - base);
+        alpha[r] = exp2_ftz(st.m[r] - base);
         st.m[r] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -240,24 +256,16 @@ __device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&o)[DT][4
             s[j][2 * r + 1] = exp2_ftz(fmaf(s[j][2 * r + 1], scale_log2, -base));
             sum += s[j][2 * r] + s[j][2 * r + 1];
         }
-        st.l[r] = st.l[r] * a + sum;
-        if constexpr (kRescale) {
-#pragma unroll
-            for (int d = 0; d < DT; ++d) {
-                o[d][2 * r] *= a;
-                o[d][2 * r + 1] *= a;
-            }
-        } else {
-            alpha[r] = a;
-        }
+        st.l[r] = st.l[r] * alpha[r] + sum;
     }
+    if constexpr (kRescale) rescale_rows(o, alpha);
 }
 
 // Online-softmax update with the scores of one tile, o rescaled at once (softmax_rows).
 template <int NT, int DT>
 __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2) {
-    float unused[2];
-    softmax_rows<true>(s, o, st, scale_log2, unused);
+    float alpha[2];
+    softmax_rows<true>(s, o, st, scale_log2, alpha);
 }
 
 // softmax_rows for an o still in flight: each row's factor into alpha, for rescale_rows later.
@@ -265,18 +273,6 @@ template <int NT, int DT>
 __device__ __forceinline__ void softmax_scores(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2,
                                                float (&alpha)[2]) {
     softmax_rows<false>(s, o, st, scale_log2, alpha);
-}
-
-// o's two rows (g: elements 0-1 of each column tile, g + 8: 2-3) times their factors from softmax_scores.
-template <int DT>
-__device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&alpha)[2]) {
-#pragma unroll
-    for (int d = 0; d < DT; ++d) {
-        o[d][0] *= alpha[0];
-        o[d][1] *= alpha[0];
-        o[d][2] *= alpha[1];
-        o[d][3] *= alpha[1];
-    }
 }
 
 // o (16 x D as D/8 column tiles) += P (16 x 8 * NT, from online_softmax, rounded to bf16) * V for tokens
