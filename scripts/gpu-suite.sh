@@ -518,8 +518,11 @@ PY
     # direct-batched column) beside, at m = 64, the large-m row kernel with one and with its plan's K splits (lines
     # `row/s1`, `row/sS`).
     LLAMA32_QUANT_MS=1,16,64 gpu_bench 180 'GB/s|TFLOP/s' cuda_quant::quant_throughput m1-16-64
-    # Decode attention at batch 64, 2k context, with the 3-stage K/V ring beside the default (and prefill).
+    # Decode attention at batch 64, 2k context, with the 3-stage K/V ring beside the default (and prefill), then
+    # torch SDPA (flash and cuDNN) and the copy ceiling on the same shapes, for issue 3's ratios after the
+    # eighteenth session's copies, exponentials and rescale vote.
     gpu_bench 90 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput fresh
+    [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 90 ceilings,sdpa sdpa-fresh
     # End to end where decode attention weighs most: 1B and 3B at batch 64, 1k-token prompts, default and 3 stages.
     local st
     for st in "" 3; do
