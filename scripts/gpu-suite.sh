@@ -70,12 +70,13 @@ run() {
   # end to end on 1B and 11B Vision W4A16, forced against the default; GPU_SUITE_SKIP_VISION=1 leaves out the 11B
   # rows), wgmma (opt-in: the Hopper W4A8 kernels beside mma and the large-m W4A16 kernel beside dequantize +
   # cuBLASLt: their tests, the golden end-to-end test with each forced, their criterion lines with cuBLAS at the same
-  # shapes, 1B end to end with each), fresh (opt-in: what has never run on a GPU, in one call: the tests of the
-  # 3-stage decode K/V ring and of the logit bias / min_tokens in the GPU sampler under a 30-second stall watchdog,
-  # then decode attention with 3 stages beside the default, kernel and 1B / 3B batch-64 end to end, and 1B W4A16
-  # batch-64 decode through the large-m row kernel), stack (opt-in: the persistent decode stack alone, the first part
-  # of fresh: its bf16 and W4A16 tests, the split-attention rerun, the grid probe and the A/B decode rows, a few
-  # minutes; with fresh it runs once).
+  # shapes, 1B end to end with each), fresh (opt-in: what has never run on a GPU besides the stack: the prefill and
+  # decode twin tests (the eighteenth session's copies, exponentials and rescale vote), the tests of the 3-stage
+  # decode K/V ring and of the logit bias / min_tokens in the GPU sampler under a 30-second stall watchdog, then the
+  # W4A16 kernels at m = 1, 16, 64 (direct-batched among them), the attention kernels with torch SDPA beside them,
+  # decode attention with 3 stages beside the default end to end, and 1B W4A16 batch-64 decode through the large-m
+  # row kernel), stack (opt-in: the persistent decode stack: its bf16 and W4A16 tests, the split-attention reruns,
+  # the grid probe and the A/B decode rows, a few minutes; `run stack,fresh` runs both).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -457,7 +458,7 @@ PY
     ab_lines
   fi
 
-  if (want stack || want fresh) && [[ -x "$bundle/tests/gpu" ]]; then
+  if want stack && [[ -x "$bundle/tests/gpu" ]]; then
     # The persistent decode stack (sixteenth session: bf16; seventeenth: W4A16), never run on a GPU when written:
     # its tests (each launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then the headline
     # figures beside the measured defaults.
@@ -495,13 +496,14 @@ PY
   fi
 
   if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
-    # The rest of what has never run on a GPU, in one short call, most telling first (after the stack above): the
+    # The rest of what has never run on a GPU besides the stack (its own stage above), most telling first: the
     # fourteenth session's tests (sampling bias and min_tokens, the 3-stage decode ring), then the fifteenth's
     # (split-K in the large-m W4A16 kernels, its SiLU epilogue on the executor's path). The thirteenth session's
     # list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
     local ft
-    # The eighteenth session's K/V tile loads (every table read before the first copy), the wgmma prefill's copies
-    # moved behind its Q K^T, and the warp-specialized producer that no longer waits for its own copies first.
+    # The eighteenth session's attention changes, in every decode and prefill of the defaults: the K/V tile loads
+    # (cheaper index arithmetic, every table read before the first copy), exp2_ftz, the rescale vote, the wgmma
+    # prefill's copies behind its Q K^T, and the warp-specialized producer's noinc arrivals.
     for ft in cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
       cuda_attention::paged_decode_matches_cpu \
       cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
@@ -851,7 +853,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk,wgmma,fresh]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk,wgmma,stack,fresh]|run-tp]" >&2
     exit 2
     ;;
 esac
