@@ -205,8 +205,8 @@ where
     paged_prefill_with(stream, PrefillKernel::configured(stream)?, q, kv, meta, out)
 }
 
-/// [`paged_prefill`] with the kernel chosen by the caller. [`PrefillKernel::Wgmma`] or [`PrefillKernel::WgmmaWs`]
-/// on a device other than compute capability 9.x is an error, before any launch.
+/// [`paged_prefill`] with the kernel chosen by the caller. A Hopper kernel ([`PrefillKernel::Wgmma`] and its
+/// forms) on a device other than compute capability 9.x is an error, before any launch.
 pub fn paged_prefill_with<Q, C, M, O>(
     stream: &CudaStream,
     kernel: PrefillKernel,
@@ -466,6 +466,7 @@ fn launch_prefill(
             PrefillKernel::Mma => ffi::l32_prefill_kernel::L32_PREFILL_MMA,
             PrefillKernel::Wgmma => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA,
             PrefillKernel::WgmmaWs => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA_WS,
+            PrefillKernel::WgmmaOverlap => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA_OVERLAP,
         },
     };
     let raw = super::raw_stream(op, stream)?;

@@ -26,11 +26,16 @@ pub enum PrefillKernel {
     /// kernel's bits but measured 21% slower (H200, 2026-11-28: 216 against 274 TFLOP/s at d128, 197 against 240
     /// at d64, 4 x 4096 causal), so `auto` does not pick it.
     WgmmaWs,
+    /// The wgmma kernel with FlashAttention-3's intra-warpgroup overlap and no producer: each warpgroup issues
+    /// S_t = Q K_t^T and O += P_{t-1} V_{t-1} together and computes tile t's exponents while the second runs; the
+    /// copies of tile t + 2 wait for a second barrier per tile. The wgmma kernel's bits. Where the wgmma kernel
+    /// runs. Eighteenth session, not yet timed: only forced (`wgmma-overlap`).
+    WgmmaOverlap,
 }
 
 impl crate::ops::cuda::switch::KernelSwitch for PrefillKernel {
-    /// `auto` (the default: [`PrefillKernel::Wgmma`] where it runs, else [`PrefillKernel::Mma`]), `mma`, `wgmma`
-    /// or `wgmma-ws`.
+    /// `auto` (the default: [`PrefillKernel::Wgmma`] where it runs, else [`PrefillKernel::Mma`]), `mma`, `wgmma`,
+    /// `wgmma-ws` or `wgmma-overlap`.
     const ENV: &'static str = "LLAMA32_PREFILL_KERNEL";
     const WHAT: &'static str = "prefill kernel";
     const KERNELS: &'static [Self] = &Self::ALL;
@@ -40,6 +45,7 @@ impl crate::ops::cuda::switch::KernelSwitch for PrefillKernel {
             PrefillKernel::Mma => "mma",
             PrefillKernel::Wgmma => "wgmma",
             PrefillKernel::WgmmaWs => "wgmma-ws",
+            PrefillKernel::WgmmaOverlap => "wgmma-overlap",
         }
     }
 
@@ -51,7 +57,8 @@ impl crate::ops::cuda::switch::KernelSwitch for PrefillKernel {
 
 impl PrefillKernel {
     /// Every kernel.
-    pub const ALL: [PrefillKernel; 3] = [PrefillKernel::Mma, PrefillKernel::Wgmma, PrefillKernel::WgmmaWs];
+    pub const ALL: [PrefillKernel; 4] =
+        [PrefillKernel::Mma, PrefillKernel::Wgmma, PrefillKernel::WgmmaWs, PrefillKernel::WgmmaOverlap];
 
     /// The kernel [`paged_prefill`](super::paged_prefill) runs on the stream's device: the forced one, else the wgmma kernel where it
     /// runs ([`supported`](Self::supported)), else the mma kernel.
@@ -67,7 +74,9 @@ impl PrefillKernel {
     pub fn supported(self, stream: &CudaStream) -> Result<bool> {
         Ok(match self {
             PrefillKernel::Mma => true,
-            PrefillKernel::Wgmma | PrefillKernel::WgmmaWs => compute_capability(stream)?.0 == 9 && wgmma_built(),
+            PrefillKernel::Wgmma | PrefillKernel::WgmmaWs | PrefillKernel::WgmmaOverlap => {
+                compute_capability(stream)?.0 == 9 && wgmma_built()
+            }
         })
     }
 }
