@@ -24,7 +24,8 @@ pub enum PrefillKernel {
     /// producer warpgroup fills an mbarrier ring of K / V tiles, two consumer warpgroups take turns on the tensor
     /// cores, and each overlaps its softmax with its own P V. Where the wgmma kernel runs. It gives the wgmma
     /// kernel's bits but measured 21% slower (H200, 2026-11-28: 216 against 274 TFLOP/s at d128, 197 against 240
-    /// at d64, 4 x 4096 causal), so `auto` does not pick it.
+    /// at d64, 4 x 4096 causal), so `auto` does not pick it. Since then (eighteenth session, not yet timed) its
+    /// producer no longer waits for each tile to land before issuing the next.
     WgmmaWs,
     /// The wgmma kernel with FlashAttention-3's intra-warpgroup overlap and no producer: each warpgroup issues
     /// S_t = Q K_t^T and O += P_{t-1} V_{t-1} together and computes tile t's exponents while the second runs; the
