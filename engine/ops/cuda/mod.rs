@@ -309,7 +309,6 @@ pub fn programmatic_launch() -> bool {
     }
 }
 
-/// Checks that every operand lives on the device of `stream`, before any pointer is taken.
 /// A per-thread override of a launch heuristic (the gemv warp count, the W4A16 K splits), for A/B timings and for
 /// tests that compare kernels cutting the work the same way.
 pub(crate) type ThreadOverride = std::thread::LocalKey<std::cell::Cell<Option<usize>>>;
@@ -326,6 +325,7 @@ pub(crate) fn with_override<R>(cell: &'static ThreadOverride, value: usize, f: i
     f()
 }
 
+/// Checks that every operand lives on the device of `stream`, before any pointer is taken.
 pub(crate) fn check_same_device(op: &str, stream: &CudaStream, operands: &[(&str, &Arc<CudaStream>)]) -> Result<()> {
     let ordinal = stream.context().ordinal();
     for (name, s) in operands {
