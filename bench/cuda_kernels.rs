@@ -249,7 +249,7 @@ const QUANT_SHAPES: [(&str, usize, usize); 6] = [
 /// to 264 MB) exceed L2, the 1B ones (up to 19 MB) fit in an H100's 50 MB L2, so the 1B figures are an upper bound
 /// of the streaming rate.
 fn quant(c: &mut Criterion) {
-    use llama32::quant::{QuantLinear, QuantMatrix, Scheme};
+    use llama32::quant::{QuantLinear, Scheme};
     let Some(d) = Dev::open() else { return };
     let sms = k::attention::num_sms(&d.stream).expect("SM count");
     let mut g = c.benchmark_group("quant");
@@ -260,8 +260,7 @@ fn quant(c: &mut Criterion) {
         Err(_) => vec![256, 1024],
     };
     for (name, kdim, n) in QUANT_SHAPES {
-        let q: Vec<i8> = (0..n * kdim).map(|i| ((i.wrapping_mul(2_654_435_761) >> 9) % 16) as i8 - 8).collect();
-        let qm = QuantMatrix { n, k: kdim, group: 32, q, scales: vec![0.0125; n * kdim / 32], zeros: None };
+        let qm = pattern_matrix(n, kdim, 0);
         let weight_bytes = (n * kdim / 2 + n * kdim / 32 * 2) as u64;
         // The large-m W4A16 kernels (Hopper) at the W4A8 rows and at m = 64 (batched decode through the large-m
         // path, LLAMA32_W4A16_LARGE_MIN_M), against cuBLAS bf16 at the same shapes (peers.py).
@@ -371,12 +370,17 @@ fn quant(c: &mut Criterion) {
     g.finish();
 }
 
+/// A symmetric group-32 `[n, k]` int4 matrix of pseudo-random values (a multiplicative hash of the index, shifted
+/// by `seed`) with every scale 0.0125.
+fn pattern_matrix(n: usize, kdim: usize, seed: usize) -> llama32::quant::QuantMatrix {
+    let q: Vec<i8> = (0..n * kdim).map(|i| (((i + seed).wrapping_mul(2_654_435_761) >> 9) % 16) as i8 - 8).collect();
+    llama32::quant::QuantMatrix { n, k: kdim, group: 32, q, scales: vec![0.0125; n * kdim / 32], zeros: None }
+}
+
 /// A random W4A16 `[n, k]` projection on the device (`paired`: uploaded as SwiGLU's gate_up).
 fn w4a16_random(d: &Dev, n: usize, kdim: usize, seed: usize, paired: bool) -> k::quant::CudaQuantLinear {
-    use llama32::quant::{QuantLinear, QuantMatrix, Scheme};
-    let q: Vec<i8> = (0..n * kdim).map(|i| (((i + seed).wrapping_mul(2_654_435_761) >> 9) % 16) as i8 - 8).collect();
-    let matrix = QuantMatrix { n, k: kdim, group: 32, q, scales: vec![0.0125; n * kdim / 32], zeros: None };
-    let lin = QuantLinear { matrix, scheme: Scheme::W4A16_G32 };
+    use llama32::quant::{QuantLinear, Scheme};
+    let lin = QuantLinear { matrix: pattern_matrix(n, kdim, seed), scheme: Scheme::W4A16_G32 };
     let up = if paired { k::quant::CudaQuantLinear::upload_swiglu } else { k::quant::CudaQuantLinear::upload };
     up(&d.stream, &lin).expect("upload")
 }
