@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(256, 1)
             wgmma::fence_operands(s);
             if (T::kBlockN - 1 > pos_min) prefill::mask_causal(s, 0, row_pos, tq);
             float alpha[2];
-            softmax_scores(s, o, st, scale_log2, alpha);
+            softmax_scores(s, st, scale_log2, alpha);
             finish_tile(0, alpha);
         }
         for (int t = 1; t < num_tiles; ++t) {
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(256, 1)
             wgmma::fence_operands(s);
             if (n0 + T::kBlockN - 1 > pos_min) prefill::mask_causal(s, n0, row_pos, tq);
             float alpha[2];
-            softmax_scores(s, o, st, scale_log2, alpha);  // touches s and st only: o and pa may be in flight
+            softmax_scores(s, st, scale_log2, alpha);  // o and pa may still be in flight
             wgmma::wait<0>();
             wgmma::fence_operands(o);
             wgmma::fence_operands(pa);

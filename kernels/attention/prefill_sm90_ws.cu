@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(384, 1)
         wgmma::fence_operands(s);
         mask(t);
         float alpha[2];
-        softmax_scores(s, o, st, scale_log2, alpha);  // touches s and st only: o and pa are in flight
+        softmax_scores(s, st, scale_log2, alpha);  // o and pa are in flight
         wgmma::wait<0>();
         wgmma::fence_operands(o);
         wgmma::fence_operands(pa);

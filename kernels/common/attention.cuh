@@ -213,7 +213,7 @@ struct RowState {
     float l[2] = {0.f, 0.f};
 };
 
-// o's two rows (g: elements 0-1 of each column tile, g + 8: 2-3) times their factors (softmax_rows). A factor of
+// o's two rows (g: elements 0-1 of each column tile, g + 8: 2-3) times their factors (softmax_scores). A factor of
 // exactly 1 (the row's max held: exp2 of 0) changes no bit, so a warp whose rows all kept their max skips the
 // multiplies (64 per thread and tile at D = 128; most tiles once the running max has settled). The vote needs the
 // whole warp, which every caller has.
@@ -229,15 +229,13 @@ __device__ __forceinline__ void rescale_rows(float (&o)[DT][4], const float (&al
     }
 }
 
-// The online-softmax update with the scores of one tile, for a thread's two rows (g and g + 8): s (raw q.k, masked
-// entries already -inf) becomes P = exp2(s * scale_log2 - m) in place and l is rescaled to the new max. Each row's
-// factor for o (exp2 of old max minus new) goes to alpha, and with kRescale multiplies o's row at once
-// (rescale_rows), else later (for an o still being written by an asynchronous product: the same f32 operations per
-// element). A row that has seen only -inf so far keeps m = -inf and contributes zeros (its base is taken as 0, so
-// no -inf - -inf). Every caller runs it with whole warps (the rescale votes across the warp).
-template <bool kRescale, int NT, int DT>
-__device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2,
-                                             float (&alpha)[2]) {
+// The scores' half of the online-softmax update of one tile, for a thread's two rows (g and g + 8): s (raw q.k,
+// masked entries already -inf) becomes P = exp2(s * scale_log2 - m) in place, l is rescaled to the new max, and each
+// row's factor for o (exp2 of old max minus new) goes to alpha for rescale_rows, now (online_softmax) or once an
+// asynchronous product still writing o is done (the same f32 operations per element). A row that has seen only
+// -inf so far keeps m = -inf and contributes zeros (its base is taken as 0, so no -inf - -inf).
+template <int NT>
+__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], RowState& st, float scale_log2, float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -258,21 +256,15 @@ __device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&o)[DT][4
         }
         st.l[r] = st.l[r] * alpha[r] + sum;
     }
-    if constexpr (kRescale) rescale_rows(o, alpha);
 }
 
-// Online-softmax update with the scores of one tile, o rescaled at once (softmax_rows).
+// The online-softmax update with the scores of one tile, o rescaled at once. Every caller runs it with whole warps
+// (the rescale votes across the warp).
 template <int NT, int DT>
 __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2) {
     float alpha[2];
-    softmax_rows<true>(s, o, st, scale_log2, alpha);
-}
-
-// softmax_rows for an o still in flight: each row's factor into alpha, for rescale_rows later.
-template <int NT, int DT>
-__device__ __forceinline__ void softmax_scores(float (&s)[NT][4], float (&o)[DT][4], RowState& st, float scale_log2,
-                                               float (&alpha)[2]) {
-    softmax_rows<false>(s, o, st, scale_log2, alpha);
+    softmax_scores(s, st, scale_log2, alpha);
+    rescale_rows(o, alpha);
 }
 
 // o (16 x D as D/8 column tiles) += P (16 x 8 * NT, from online_softmax, rounded to bf16) * V for tokens
