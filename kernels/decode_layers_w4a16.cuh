@@ -162,25 +162,24 @@ __device__ __forceinline__ void item_splits(const Proj& w, const Item& it, const
     }
     // Token row g of the MMA's column tile (rows past m read the last row; their outputs are dropped).
     uint32_t xa = smem_addr(xs) + static_cast<uint32_t>(min(g, m - 1) * stride + 16 * t + c0 * 128);
+    // The pointers walk the warp's chunks: a chunk is 32 uint4 of weights, 8 uint2 of scales, 128 bytes of x.
+    auto advance = [&](int n) {
+#pragma unroll
+        for (int i = 0; i < kT; ++i) {
+            wq[i] += n * 32;
+            sc[i] += n * 8;
+        }
+        xa += n * 128;
+    };
     int c = c0;
     for (; c + kUnroll <= c1; c += kUnroll) {
         chunks<kT, kUnroll>(acc, wq, sc, xa);
-#pragma unroll
-        for (int i = 0; i < kT; ++i) {
-            wq[i] += kUnroll * 32;
-            sc[i] += kUnroll * 8;
-        }
-        xa += kUnroll * 128;
+        advance(kUnroll);
     }
     // The rest (k / 64 / splits is rarely a multiple of 4: 3B's 48 chunks are 6 a warp) two, then one at a time.
     if (c + 2 <= c1) {
         chunks<kT, 2>(acc, wq, sc, xa);
-#pragma unroll
-        for (int i = 0; i < kT; ++i) {
-            wq[i] += 2 * 32;
-            sc[i] += 2 * 8;
-        }
-        xa += 2 * 128;
+        advance(2);
         c += 2;
     }
     if (c < c1) chunks<kT, 1>(acc, wq, sc, xa);

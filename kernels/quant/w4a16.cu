@@ -241,21 +241,14 @@ template <int kMT>
 l32_status launch_gemm(const l32_w4a16_params& p, cudaStream_t stream) {
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((ntiles + kWarps - 1) / kWarps), static_cast<unsigned>(p.splits));
+    const bool zeros = p.zeros != nullptr;
+    void (*kernel)(l32_w4a16_params) = zeros ? w4a16_kernel<kMT, true> : w4a16_kernel<kMT, false>;
     if constexpr (kMT <= 2) {
         if (p.kernel == L32_W4A16_DIRECT_BATCHED) {
-            if (p.zeros != nullptr) {
-                launch_kernel(w4a16_batched_kernel<kMT, true>, grid, kWarps * 32, 0, stream, p);
-            } else {
-                launch_kernel(w4a16_batched_kernel<kMT, false>, grid, kWarps * 32, 0, stream, p);
-            }
-            return check_launch();
+            kernel = zeros ? w4a16_batched_kernel<kMT, true> : w4a16_batched_kernel<kMT, false>;
         }
     }
-    if (p.zeros != nullptr) {
-        launch_kernel(w4a16_kernel<kMT, true>, grid, kWarps * 32, 0, stream, p);
-    } else {
-        launch_kernel(w4a16_kernel<kMT, false>, grid, kWarps * 32, 0, stream, p);
-    }
+    launch_kernel(kernel, grid, kWarps * 32, 0, stream, p);
     return check_launch();
 }
 
