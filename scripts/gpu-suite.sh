@@ -497,13 +497,13 @@ PY
 
   if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
     # The rest of what has never run on a GPU besides the stack (its own stage above), most telling first: the
-    # fourteenth session's tests (sampling bias and min_tokens, the 3-stage decode ring), then the fifteenth's
-    # (split-K in the large-m W4A16 kernels, its SiLU epilogue on the executor's path). The thirteenth session's
-    # list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
+    # eighteenth session's attention changes, in every decode and prefill of the defaults (the K/V tile loads with
+    # cheaper index arithmetic and every table read before the first copy, exp2_ftz, the rescale vote, the wgmma
+    # prefill's copies behind its Q K^T, the warp-specialized producer's noinc arrivals, the overlapped wgmma
+    # prefill); then the fourteenth session's tests (sampling bias and min_tokens, the 3-stage decode ring) and the
+    # fifteenth's (split-K in the large-m W4A16 kernels, its SiLU epilogue on the executor's path). The thirteenth
+    # session's list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
     local ft
-    # The eighteenth session's attention changes, in every decode and prefill of the defaults: the K/V tile loads
-    # (cheaper index arithmetic, every table read before the first copy), exp2_ftz, the rescale vote, the wgmma
-    # prefill's copies behind its Q K^T, and the warp-specialized producer's noinc arrivals.
     for ft in cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
       cuda_attention::paged_prefill_overlap_matches_wgmma_bits cuda_attention::paged_decode_matches_cpu \
       cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
