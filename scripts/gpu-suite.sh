@@ -462,8 +462,9 @@ PY
     # The persistent decode stack (sixteenth session: bf16; seventeenth: W4A16), never run on a GPU when written:
     # its tests (each launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then the headline
     # figures beside the measured defaults.
+    # (When the tests stage ran in this call, these tests already ran there.)
     local ft
-    for ft in cuda_golden::cuda_persistent_decode_stack_changes_no_bit \
+    want tests || for ft in cuda_golden::cuda_persistent_decode_stack_changes_no_bit \
       cuda_decode_stack::decode_stack_matches_the_layers_at_the_llama_widths \
       cuda_decode_stack::decode_stack_w4a16_matches_the_layers_at_the_llama_widths \
       cuda_decode_stack::decode_stack_refuses_w4a8_projections \
@@ -503,8 +504,9 @@ PY
     # prefill); then the fourteenth session's tests (sampling bias and min_tokens, the 3-stage decode ring) and the
     # fifteenth's (split-K in the large-m W4A16 kernels, its SiLU epilogue on the executor's path). The thirteenth
     # session's list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
+    # (When the tests stage ran in this call, these tests and the golden row-kernel run below already ran there.)
     local ft
-    for ft in cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
+    want tests || for ft in cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
       cuda_attention::paged_prefill_overlap_matches_wgmma_bits cuda_attention::paged_decode_matches_cpu \
       cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
       cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
@@ -513,18 +515,18 @@ PY
       gpu_test_env fresh "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     done
     # Every W4A16 projection through the row kernel (split where its grid is small, SiLU fused), golden checkpoint.
-    gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
+    want tests || gpu_test_env large_min_m=1,wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
       LLAMA32_W4A16_LARGE_MIN_M=1 LLAMA32_W4A16_LARGE=wgmma-row
-    # W4A16 at m = 1, 16 and 64 on every shape: the decode kernels (at m = 1 the first timing of the one-LOP3
-    # dequantization and the pointer-walking loads, against the H200 rows of 2026-11-28; at m = 1 and 16 the
-    # direct-batched column) beside, at m = 64, the large-m row kernel with one and with its plan's K splits (lines
-    # `row/s1`, `row/sS`).
-    LLAMA32_QUANT_MS=1,16,64 gpu_bench 180 'GB/s|TFLOP/s' cuda_quant::quant_throughput m1-16-64
     # Decode attention at batch 64, 2k context, with the 3-stage K/V ring beside the default (and prefill), then
     # torch SDPA (flash and cuDNN) and the copy ceiling on the same shapes, for issue 3's ratios after the
     # eighteenth session's copies, exponentials and rescale vote.
     gpu_bench 90 'GB/s|TFLOP/s' cuda_attention::paged_attention_throughput fresh
     [[ -n ${GPU_SUITE_SKIP_PEERS:-} ]] || peers 90 ceilings,sdpa sdpa-fresh
+    # W4A16 at m = 1, 16 and 64 on every shape: the decode kernels (at m = 1 the first timing of the one-LOP3
+    # dequantization and the pointer-walking loads, against the H200 rows of 2026-11-28; at m = 1 and 16 the
+    # direct-batched column) beside, at m = 64, the large-m row kernel with one and with its plan's K splits (lines
+    # `row/s1`, `row/sS`).
+    LLAMA32_QUANT_MS=1,16,64 gpu_bench 180 'GB/s|TFLOP/s' cuda_quant::quant_throughput m1-16-64
     # End to end where decode attention weighs most: 1B and 3B at batch 64, 1k-token prompts, default and 3 stages.
     local st
     for st in "" 3; do
