@@ -76,7 +76,10 @@ run() {
   # W4A16 kernels at m = 1, 16, 64 (direct-batched among them), the attention kernels with torch SDPA beside them,
   # decode attention with 3 stages beside the default end to end, and 1B W4A16 batch-64 decode through the large-m
   # row kernel), stack (opt-in: the persistent decode stack: its bf16 and W4A16 tests, the split-attention reruns,
-  # the grid probe and the A/B decode rows, a few minutes; `run stack,fresh` runs both).
+  # the grid probe and the A/B decode rows, a few minutes; `run stack,fresh` runs both), defaults (opt-in: end to
+  # end, each default the nineteenth session set beside the one it replaced: the warp-specialized prefill against
+  # the wgmma one, direct-batched W4A16 at batch 1, the large-m row kernel at batch 64, and the decode K/V ring at
+  # 2 and 3 stages at batch 64).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -541,6 +544,29 @@ PY
     LLAMA32_W4A16_LARGE_MIN_M=33 LLAMA32_W4A16_LARGE=wgmma-row bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
     LLAMA32_W4A16_LARGE_MIN_M=33 LLAMA32_W4A16_LARGE=wgmma-row LLAMA32_W4A16_LARGE_SPLITS=1 \
       bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
+  fi
+
+  if want defaults; then
+    # The nineteenth session's defaults against what they replaced (H200, 2026-11-28), end to end: prefill through
+    # the warp-specialized kernel (now `auto` on Hopper) and the wgmma one; W4A16 at batch 1 (direct-batched at
+    # m <= 8) and at batch 64 (the row kernel from 64 rows) against LLAMA32_W4A16_LARGE_MIN_M=65 (the decode
+    # kernels), and at batch 40 with the row kernel from 33 rows; then the decode K/V ring at 2 and 3 stages, twice
+    # each in turn, where attention weighs most.
+    local spec st
+    for spec in "3b 1 4096 8" "1b 4 2048 8"; do
+      bench_e2e 60 "$spec"
+      LLAMA32_PREFILL_KERNEL=wgmma bench_e2e 60 "$spec"
+    done
+    bench_e2e 60 "1b 1 128 64 --quantize w4a16-g32 --embeddings int8"
+    bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
+    LLAMA32_W4A16_LARGE_MIN_M=65 bench_e2e 60 "1b 64 128 64 --quantize w4a16-g32"
+    bench_e2e 60 "1b 40 128 64 --quantize w4a16-g32"
+    LLAMA32_W4A16_LARGE_MIN_M=33 bench_e2e 60 "1b 40 128 64 --quantize w4a16-g32"
+    for spec in "3b 64 1024 64" "3b 64 2048 32" "1b 64 2048 32"; do
+      for st in 2 3 2 3; do
+        LLAMA32_DECODE_STAGES=$st bench_e2e 60 "$spec"
+      done
+    done
   fi
 
   if want prefill && [[ -x "$bundle/tests/gpu" ]]; then

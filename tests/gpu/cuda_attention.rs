@@ -213,18 +213,18 @@ fn layout(heads: (usize, usize, usize), block_size: usize) -> PagedLayout {
     PagedLayout { num_heads: heads.0, num_kv_heads: heads.1, head_dim: heads.2, block_size }
 }
 
-/// `auto` (LLAMA32_PREFILL_KERNEL unset) picks the wgmma kernel exactly where it runs: compute capability 9.x with
-/// the sm_90a SASS that the GPU bundle holds.
+/// `auto` (LLAMA32_PREFILL_KERNEL unset) picks the warp-specialized wgmma kernel exactly where it runs: compute
+/// capability 9.x with the sm_90a SASS that the GPU bundle holds.
 #[test]
-fn prefill_auto_picks_wgmma_where_it_runs() {
+fn prefill_auto_picks_wgmma_ws_where_it_runs() {
     let Some(stream) = stream() else { return };
     if let Some(kernel) = PrefillKernel::forced().expect("LLAMA32_PREFILL_KERNEL") {
         assert_eq!(PrefillKernel::configured(&stream).unwrap(), kernel, "a forced kernel is the one configured");
         return;
     }
     let hopper = attn::compute_capability(&stream).unwrap().0 == 9;
-    assert_eq!(PrefillKernel::Wgmma.supported(&stream).unwrap(), hopper, "this bundle holds sm_90a SASS");
-    let want = if hopper { PrefillKernel::Wgmma } else { PrefillKernel::Mma };
+    assert_eq!(PrefillKernel::WgmmaWs.supported(&stream).unwrap(), hopper, "this bundle holds sm_90a SASS");
+    let want = if hopper { PrefillKernel::WgmmaWs } else { PrefillKernel::Mma };
     assert_eq!(PrefillKernel::configured(&stream).unwrap(), want);
 }
 

@@ -195,7 +195,9 @@ fn grid_probe_barrier_is_sound_and_the_stream_reads_every_byte() {
         println!("skipped: a block per SM of the grid probe cannot be resident on this device");
         return;
     }
-    let mut probe = GridProbe::new(&s, blocks * GRID_PROBE_CHUNK * 20 + 5).unwrap();
+    // A size 5 bytes short of 21 chunks per block: rounded up to whole chunks, the 21 chunks per block that 20
+    // barriers need.
+    let mut probe = GridProbe::new(&s, blocks * GRID_PROBE_CHUNK * 21 - 5).unwrap();
     assert_eq!(probe.bytes(), blocks * GRID_PROBE_CHUNK * 21, "rounded up to whole chunks");
     for round in 0..2 {
         probe.launch(&s, GridProbeMode::Barrier, 2000).unwrap();

@@ -142,7 +142,8 @@ fn w4a16_large_paired_swiglu_matches_plain_then_silu_mul() {
         return;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x1a7);
-    for (k, n, zeros) in [(128, 48, true), (2048, 16384, false)] {
+    // k 192: three 64-wide K tiles, one per split at 3 splits (k 128 has only two).
+    for (k, n, zeros) in [(192, 48, true), (2048, 16384, false)] {
         let half = n / 2;
         let qm = random_matrix(&mut rng, n, k, zeros);
         let w32: Vec<f32> = qm.dequantize().iter().map(|&v| bf16::from_f32(v).to_f32()).collect();

@@ -6,8 +6,9 @@
 //!   workspace;
 //! - W4A16 with more rows: the weight dequantized a chunk of rows at a time ([`k::quant::w4a16_chunk_rows`]) into
 //!   a scratch, each chunk multiplied by cuBLASLt into its columns of the output while it sits in L2; or, where
-//!   [`k::quant::W4A16LargeKernel::configured`] says so (Hopper, `LLAMA32_W4A16_LARGE=wgmma` or `wgmma-row`), one kernel that
-//!   dequantizes in registers ([`k::quant::w4a16_gemm_large`]);
+//!   [`k::quant::W4A16LargeKernel::configured_for`] says so (Hopper: by default the row kernel at decode sizes,
+//!   batch 64; or forced by `LLAMA32_W4A16_LARGE=wgmma` or `wgmma-row`), one kernel that dequantizes in registers
+//!   ([`k::quant::w4a16_gemm_large`]);
 //! - W4A8: the rows quantized to int8 per token (unless a norm or SiLU kernel already did, `fused`), then the
 //!   int8 kernel.
 //!
@@ -110,7 +111,7 @@ impl QuantBuffers {
             let need = k::quant::w4a16_workspace(kernel, rows, n, kdim, num_sms);
             moved |= self.ensure_ws(stream, need, num_sms, capturing)?;
         } else {
-            let large = k::quant::W4A16LargeKernel::configured()?;
+            let large = k::quant::W4A16LargeKernel::configured_for(rows)?;
             if large.is_wgmma() {
                 let plan = k::quant::large_plan(large, rows, n, kdim, num_sms);
                 moved |= self.ensure_ws(stream, k::quant::large_workspace_for(plan, rows, n), num_sms, capturing)?;
@@ -150,7 +151,7 @@ impl QuantBuffers {
             let ws = self.ws.as_mut().ok_or_else(missing)?;
             return k::quant::w4a16_gemm(stream, x, q, rows, ws, out);
         }
-        let large = k::quant::W4A16LargeKernel::configured()?;
+        let large = k::quant::W4A16LargeKernel::configured_for(rows)?;
         if large.is_wgmma() {
             let plan = k::quant::large_plan(large, rows, n, kdim, num_sms);
             return k::quant::w4a16_gemm_large(stream, (x, q, rows), plan, false, self.ws.as_mut(), out);
@@ -173,17 +174,17 @@ impl QuantBuffers {
 
     /// True when [`project_silu`](Self::project_silu) takes `rows` rows through `q`: a W4A16 `[gate; up]` weight
     /// uploaded with its rows paired ([`DeviceLinear::upload_gate_up`]), at decode sizes or where the large-m path
-    /// is a Hopper kernel ([`k::quant::W4A16LargeKernel::configured`]; the dequantize path has no SiLU epilogue).
+    /// is a Hopper kernel ([`k::quant::W4A16LargeKernel::configured_for`]; the dequantize path has no SiLU epilogue).
     pub(crate) fn silu_fusable(q: &k::quant::CudaQuantLinear, rows: usize) -> bool {
         !q.is_w4a8()
             && q.swiglu_paired()
             && rows >= 1
-            && (!k::quant::takes_large_path(rows) || Self::large_kernel().is_some())
+            && (!k::quant::takes_large_path(rows) || Self::large_kernel(rows).is_some())
     }
 
-    /// The large-m W4A16 kernel in force when it is a Hopper kernel (not the dequantize path).
-    fn large_kernel() -> Option<k::quant::W4A16LargeKernel> {
-        k::quant::W4A16LargeKernel::configured().ok().filter(|kernel| kernel.is_wgmma())
+    /// The large-m W4A16 kernel in force at `rows` rows when it is a Hopper kernel (not the dequantize path).
+    fn large_kernel(rows: usize) -> Option<k::quant::W4A16LargeKernel> {
+        k::quant::W4A16LargeKernel::configured_for(rows).ok().filter(|kernel| kernel.is_wgmma())
     }
 
     /// `out[rows, n / 2] = silu(gate) * up` of `x[rows, k] @ q^T` in one kernel, for a `q` and `rows` that
@@ -204,7 +205,7 @@ impl QuantBuffers {
             )));
         }
         if k::quant::takes_large_path(rows) {
-            let large = Self::large_kernel().ok_or_else(|| Error::Backend("no large-m W4A16 kernel".into()))?;
+            let large = Self::large_kernel(rows).ok_or_else(|| Error::Backend("no large-m W4A16 kernel".into()))?;
             let plan = k::quant::large_plan(large, rows, q.n(), q.k(), num_sms);
             return k::quant::w4a16_gemm_large(stream, (x, q, rows), plan, true, self.ws.as_mut(), out);
         }

@@ -13,29 +13,32 @@ use crate::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillKernel {
     /// mma.sync with ldmatrix operands, 64-row CTAs: every GPU (sm_80, sm_89, sm_90a). The default where the
-    /// wgmma kernel cannot run.
+    /// wgmma kernels cannot run.
     Mma,
     /// Hopper warpgroup MMA (wgmma) with Q, K and V read from swizzled shared memory, 128-row CTAs of two
     /// warpgroups and 128-position KV tiles: compute capability 9.x with a build that holds sm_90a SASS. The
-    /// default there: on an H100 (2026-11-27) it ran 4 x 4096 causal prefill at 281 TFLOP/s (d128) and 239 (d64)
-    /// against the mma kernel's 171 and 183, and 3B / 1B prefill end to end 1.14x / 1.11x faster.
+    /// default there until 2026-11-28: on an H100 (2026-11-27) it ran 4 x 4096 causal prefill at 281 TFLOP/s
+    /// (d128) and 239 (d64) against the mma kernel's 171 and 183, and 3B / 1B prefill end to end 1.14x / 1.11x
+    /// faster; after the eighteenth session's copies and exponentials, 365 and 274 on an H200 (2026-11-28).
     Wgmma,
     /// The wgmma kernel's tiles and products, warp-specialized (`kernels/attention/prefill_sm90_ws.cu`): a
     /// producer warpgroup fills an mbarrier ring of K / V tiles, two consumer warpgroups take turns on the tensor
     /// cores, and each overlaps its softmax with its own P V. Where the wgmma kernel runs. It gives the wgmma
-    /// kernel's bits but measured 21% slower (H200, 2026-11-28: 216 against 274 TFLOP/s at d128, 197 against 240
-    /// at d64, 4 x 4096 causal), so `auto` does not pick it. Since then (eighteenth session, not yet timed) its
-    /// producer no longer waits for each tile to land before issuing the next.
+    /// kernel's bits. The default where the wgmma kernels run: once its producer stopped waiting for each tile to
+    /// land before issuing the next (eighteenth session), it ran 4 x 4096 causal prefill at 438 TFLOP/s (d128)
+    /// and 328 (d64) on an H200 (2026-11-28, nineteenth session) against the wgmma kernel's 365 and 274 and cuDNN
+    /// SDPA's 577 (d128), where it had been 21% slower than the wgmma kernel (216 against 274 at d128).
     WgmmaWs,
     /// The wgmma kernel with FlashAttention-3's intra-warpgroup overlap and no producer: each warpgroup issues
     /// S_t = Q K_t^T and O += P_{t-1} V_{t-1} together and computes tile t's exponents while the second runs; the
     /// copies of tile t + 2 wait for a second barrier per tile. The wgmma kernel's bits. Where the wgmma kernel
-    /// runs. Eighteenth session, not yet timed: only forced (`wgmma-overlap`).
+    /// runs. Only forced (`wgmma-overlap`): 343 and 264 TFLOP/s (d128 / d64, H200, 2026-11-28), below the wgmma
+    /// kernel's 365 and 274.
     WgmmaOverlap,
 }
 
 impl crate::ops::cuda::switch::KernelSwitch for PrefillKernel {
-    /// `auto` (the default: [`PrefillKernel::Wgmma`] where it runs, else [`PrefillKernel::Mma`]), `mma`, `wgmma`,
+    /// `auto` (the default: [`PrefillKernel::WgmmaWs`] where it runs, else [`PrefillKernel::Mma`]), `mma`, `wgmma`,
     /// `wgmma-ws` or `wgmma-overlap`.
     const ENV: &'static str = "LLAMA32_PREFILL_KERNEL";
     const WHAT: &'static str = "prefill kernel";
@@ -61,13 +64,13 @@ impl PrefillKernel {
     pub const ALL: [PrefillKernel; 4] =
         [PrefillKernel::Mma, PrefillKernel::Wgmma, PrefillKernel::WgmmaWs, PrefillKernel::WgmmaOverlap];
 
-    /// The kernel [`paged_prefill`](super::paged_prefill) runs on the stream's device: the forced one, else the wgmma kernel where it
-    /// runs ([`supported`](Self::supported)), else the mma kernel.
+    /// The kernel [`paged_prefill`](super::paged_prefill) runs on the stream's device: the forced one, else the
+    /// warp-specialized wgmma kernel where it runs ([`supported`](Self::supported)), else the mma kernel.
     pub fn configured(stream: &CudaStream) -> Result<Self> {
         if let Some(kernel) = Self::forced()? {
             return Ok(kernel);
         }
-        Ok(if PrefillKernel::Wgmma.supported(stream)? { PrefillKernel::Wgmma } else { PrefillKernel::Mma })
+        Ok(if PrefillKernel::WgmmaWs.supported(stream)? { PrefillKernel::WgmmaWs } else { PrefillKernel::Mma })
     }
 
     /// Whether this kernel runs on the stream's device (wgmma: compute capability 9.x, and a kernels library

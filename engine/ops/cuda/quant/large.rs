@@ -1,4 +1,4 @@
-//! W4A16 above [`MAX_DECODE_M`](super::MAX_DECODE_M) rows (prefill; from [`large_min_m`] rows): which path runs
+//! W4A16 from [`large_min_m`] rows (prefill, and batch-64 decode): which path runs
 //! ([`W4A16LargeKernel`]), and the Hopper kernel that
 //! dequantizes in registers ([`w4a16_gemm_large`], `kernels/quant/w4a16_sm90.cu`). The other path, dequantize a
 //! chunk of rows into a scratch and multiply it with cuBLASLt, lives with the executor's buffers
@@ -12,9 +12,10 @@ use super::{padded_n, CudaQuantLinear, SplitKWorkspace, W4A16Kernel, MAX_SPLITS,
 use crate::ops::cuda::switch::KernelSwitch;
 use crate::{Error, Result};
 
-/// How a W4A16 projection of more than [`MAX_DECODE_M`](super::MAX_DECODE_M) rows runs. Both multiply by the same bf16 weights
-/// `bf16(s * (q - z))` with f32 accumulation; they differ in the order of the f32 sums. The environment variable
-/// [`W4A16LargeKernel::ENV`] (`auto`, `dequant`, `wgmma`, `wgmma-row`) forces one where it runs; `auto` keeps
+/// How a W4A16 projection on the large-m path ([`large_min_m`] rows and more) runs. All multiply by the same bf16
+/// weights `bf16(s * (q - z))` with f32 accumulation; they differ in the order of the f32 sums. The environment
+/// variable [`W4A16LargeKernel::ENV`] (`auto`, `dequant`, `wgmma`, `wgmma-row`) forces one where it runs; `auto`
+/// picks by row count ([`W4A16LargeKernel::configured_for`]): the row kernel at decode sizes on Hopper, else
 /// [`W4A16LargeKernel::Dequant`], which an H100 measured 4x faster than [`W4A16LargeKernel::Wgmma`] on 1B prefill
 /// (2026-11-28).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,26 +67,36 @@ impl W4A16LargeKernel {
         !self.is_wgmma() || large_wgmma_available()
     }
 
-    /// The path the executor takes: the forced one where it runs, else (and for `auto`)
-    /// [`W4A16LargeKernel::Dequant`]. An error names a bad value of [`W4A16LargeKernel::ENV`].
-    pub fn configured() -> Result<Self> {
-        Ok(Self::forced()?.filter(|k| k.runs()).unwrap_or(W4A16LargeKernel::Dequant))
+    /// The path the executor takes for a projection of `rows` rows on the large-m path: the forced one where it
+    /// runs; else (and for `auto`) [`W4A16LargeKernel::WgmmaRow`] at decode sizes (at most
+    /// [`MAX_DECODE_M`](super::MAX_DECODE_M) rows, from [`large_min_m`]) where it runs, and
+    /// [`W4A16LargeKernel::Dequant`] above. On an H200 (2026-11-28) the row kernel with its plan's splits ran every
+    /// 1B / 11B / 90B projection at m = 64 faster than the best decode kernel (1.07-2.0x; 1B W4A16 decode at batch
+    /// 64: 3.35 -> 2.46 ms a step), while dequantize + cuBLASLt stays the prefill path (4x the wgmma kernel on 1B
+    /// prefill, H100, and 272k against 145k tokens/s with the row kernel, H200). An error names a bad value of
+    /// [`W4A16LargeKernel::ENV`].
+    pub fn configured_for(rows: usize) -> Result<Self> {
+        if let Some(kernel) = Self::forced()?.filter(|k| k.runs()) {
+            return Ok(kernel);
+        }
+        let row = rows <= super::MAX_DECODE_M && W4A16LargeKernel::WgmmaRow.runs();
+        Ok(if row { W4A16LargeKernel::WgmmaRow } else { W4A16LargeKernel::Dequant })
     }
 }
 
-/// The environment variable that lowers the fewest rows a W4A16 projection sends down the large-m path
-/// ([`W4A16LargeKernel`]) instead of a decode kernel: 1 to [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1 (the default),
-/// read once per process. An A/B switch for batched decode, where the decode kernels ran at 0.41-0.46x cuBLAS bf16
-/// at m = 64 on the 90B shapes (H200, 2026-11-27) and 1B W4A16 decode at batch 64 took 3.53 ms a step against
-/// bf16's 2.72 (H100).
+/// The environment variable that sets the fewest rows a W4A16 projection sends down the large-m path
+/// ([`W4A16LargeKernel`]) instead of a decode kernel: 1 to [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1, read once per
+/// process. The default, [`MAX_DECODE_M`](super::MAX_DECODE_M) (64), sends batch-64 decode through the row kernel
+/// ([`W4A16LargeKernel::configured_for`]), measured faster there on every projection (H200, 2026-11-28); below 64
+/// rows the decode kernels are unmeasured against it, and 65 keeps every decode size on the decode kernels.
 pub const LARGE_MIN_M_ENV: &str = "LLAMA32_W4A16_LARGE_MIN_M";
 
 /// [`LARGE_MIN_M_ENV`]'s setting.
 static LARGE_MIN_M: crate::ops::cuda::EnvCount =
-    crate::ops::cuda::EnvCount::new(LARGE_MIN_M_ENV, super::MAX_DECODE_M + 1, 1..=super::MAX_DECODE_M + 1);
+    crate::ops::cuda::EnvCount::new(LARGE_MIN_M_ENV, super::MAX_DECODE_M, 1..=super::MAX_DECODE_M + 1);
 
 /// The fewest rows a W4A16 projection takes through the large-m path ([`LARGE_MIN_M_ENV`]; default
-/// [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1); an error names a bad value.
+/// [`MAX_DECODE_M`](super::MAX_DECODE_M)); an error names a bad value.
 pub fn large_min_m() -> Result<usize> {
     LARGE_MIN_M.get()
 }
@@ -142,14 +153,16 @@ pub fn set_large_splits(splits: Option<usize>) -> bool {
 }
 
 /// K splits of [`w4a16_gemm_large`] with `tile_m`-token tiles for `m` x `n` x `k` on `sms` SMs: none while the grid
-/// (128-row blocks by token tiles) has a block per SM; else enough for its two blocks per SM, with at least four
-/// 64-column chunks per split. At 64-token tiles on 132 SMs: m = 64 on 11B down (32 blocks) 9 splits, 90B down
-/// (64 blocks) 5; 11B gate_up (224 blocks) none. [`LARGE_SPLITS_ENV`] forces the count of a grid that would be
+/// (128-row blocks by token tiles) has a block per two SMs; else enough for its two blocks per SM, with at least
+/// four 64-column chunks per split. At 64-token tiles on 132 SMs: m = 64 on 11B down (32 blocks) 9 splits, 90B down
+/// (64 blocks) 5; 1B gate_up (128 blocks) and 11B gate_up (224) none. On an H200 (2026-11-28) the splits made
+/// m = 64 2.2x faster on 11B down (139 -> 62 us), 1.4x on 90B down and 1.2x on 1B qkv, but 3 splits of 1B gate_up's
+/// 128 blocks made it 1.7x slower (24 -> 41 us). [`LARGE_SPLITS_ENV`] forces the count of a grid that would be
 /// split (capped at a split per chunk).
 pub fn large_splits(tile_m: usize, m: usize, n: usize, k: usize, sms: usize) -> usize {
     let chunks = (k / TILE_K).max(1);
     let blocks = padded_n(n).div_ceil(128).max(1) * m.div_ceil(tile_m.max(1)).max(1);
-    if blocks >= sms {
+    if 2 * blocks > sms {
         return 1;
     }
     match LARGE_SPLITS.or_default() {
@@ -288,10 +301,11 @@ mod tests {
         assert_eq!(splits(64, 28672, 4096), 1);
         assert_eq!(splits(64, 3072, 2048), 8);
         assert_eq!(splits(64, 2048, 2048), 8);
-        assert_eq!(splits(64, 16384, 2048), 3);
+        assert_eq!(splits(64, 16384, 2048), 1, "128 blocks: more than one per two SMs");
         assert_eq!(splits(64, 2048, 8192), 17);
-        // m = 256 on 11B down: 4 x 32 = 128 blocks, just under the SM count -> 3; prefill sizes never split.
-        assert_eq!(splits(256, 4096, 14336), 3);
+        // m = 256 on 11B down: 4 x 32 = 128 blocks -> none; prefill sizes never split.
+        assert_eq!(splits(256, 4096, 14336), 1);
+        assert_eq!(splits(128, 4096, 14336), 5, "64 blocks");
         assert_eq!(splits(8192, 2048, 8192), 1);
         // A single chunk cannot split; tiny k keeps at least four chunks per split.
         assert_eq!(splits(64, 128, 64), 1);
@@ -329,12 +343,20 @@ mod tests {
     }
 
     #[test]
-    fn decode_sizes_keep_the_decode_kernels_by_default() {
-        // The default (the variable is not set in the test environment): up to MAX_DECODE_M rows decode kernels.
+    fn only_full_decode_batches_take_the_large_path_by_default() {
+        // The default (the variable is not set in the test environment): below MAX_DECODE_M rows the decode
+        // kernels, from MAX_DECODE_M on the large-m path.
         if std::env::var(LARGE_MIN_M_ENV).is_err() {
-            assert_eq!(large_min_m().unwrap(), super::super::MAX_DECODE_M + 1);
-            assert!(!takes_large_path(super::super::MAX_DECODE_M));
-            assert!(takes_large_path(super::super::MAX_DECODE_M + 1));
+            assert_eq!(large_min_m().unwrap(), super::super::MAX_DECODE_M);
+            assert!(!takes_large_path(super::super::MAX_DECODE_M - 1));
+            assert!(takes_large_path(super::super::MAX_DECODE_M));
+        }
+        // Without a forced kind: the row kernel at decode sizes where it runs, dequantize + cuBLASLt above.
+        if std::env::var(W4A16LargeKernel::ENV).is_err() {
+            let decode = W4A16LargeKernel::configured_for(super::super::MAX_DECODE_M).unwrap();
+            let want = if large_wgmma_available() { W4A16LargeKernel::WgmmaRow } else { W4A16LargeKernel::Dequant };
+            assert_eq!(decode, want);
+            assert_eq!(W4A16LargeKernel::configured_for(65).unwrap(), W4A16LargeKernel::Dequant);
         }
     }
 

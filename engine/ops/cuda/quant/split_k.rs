@@ -225,8 +225,8 @@ pub fn w4a8_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize
 }
 
 /// The largest `(partials, counters)` a `n` x `k` projection needs at up to `max_m` rows: any W4A16 decode
-/// kernel at up to 64 rows and, where the large-m path is a Hopper kernel ([`super::W4A16LargeKernel::configured`])
-/// and takes some of those rows ([`super::large_min_m`]), its split plans; or W4A8 at any row count up to `max_m`.
+/// kernel at up to 64 rows and, where the large-m path takes some of those rows ([`super::large_min_m`]) and is a
+/// Hopper kernel at some of them ([`super::W4A16LargeKernel::configured_for`]), its split plans; or W4A8 at any row count up to `max_m`.
 pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
     let mut need = (0, 0);
     let mut take = |(p, c): (usize, usize)| need = (need.0.max(p), need.1.max(c));
@@ -237,8 +237,10 @@ pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize)
                 take(w4a16_workspace(kernel, m, n, k, sms));
             }
         }
-        let large = super::W4A16LargeKernel::configured().is_ok_and(|kernel| kernel.is_wgmma());
-        if large && super::takes_large_path(max_m) {
+        // The large-m kernel at the fewest rows that take it, or at the most (the default picks by row count).
+        let wgmma = |rows| super::W4A16LargeKernel::configured_for(rows).is_ok_and(|kernel| kernel.is_wgmma());
+        let fewest = super::large_min_m().unwrap_or(super::MAX_DECODE_M + 1);
+        if super::takes_large_path(max_m) && (wgmma(fewest) || wgmma(max_m)) {
             take(super::large_workspace_bound(max_m, n, k, sms));
         }
         return need;
