@@ -70,12 +70,13 @@ run() {
   # end to end on 1B and 11B Vision W4A16, forced against the default; GPU_SUITE_SKIP_VISION=1 leaves out the 11B
   # rows), wgmma (opt-in: the Hopper W4A8 kernels beside mma and the large-m W4A16 kernel beside dequantize +
   # cuBLASLt: their tests, the golden end-to-end test with each forced, their criterion lines with cuBLAS at the same
-  # shapes, 1B end to end with each), fresh (opt-in: what has never run on a GPU besides the stack: the prefill and
-  # decode twin tests (the eighteenth session's copies, exponentials and rescale vote), the tests of the 3-stage
-  # decode K/V ring and of the logit bias / min_tokens in the GPU sampler under a 30-second stall watchdog, then the
-  # W4A16 kernels at m = 1, 16, 64 (direct-batched among them), the attention kernels with torch SDPA beside them,
-  # decode attention with 3 stages beside the default end to end, and 1B W4A16 batch-64 decode through the large-m
-  # row kernel), stack (opt-in: the persistent decode stack: its bf16 and W4A16 tests, the split-attention reruns,
+  # shapes, 1B end to end with each), fresh (opt-in: the fourteenth to eighteenth sessions' kernels and switches
+  # besides the stack, first run together on an H200 on 2026-11-28, in
+  # bench/results/2026-11-28-h200-defaults-stack-attention.md: the prefill and decode twin tests (the eighteenth
+  # session's copies, exponentials and rescale vote), the tests of the 3-stage decode K/V ring and of the logit
+  # bias / min_tokens in the GPU sampler under a 30-second stall watchdog, then the W4A16 kernels at m = 1, 16, 64
+  # (direct-batched among them), the attention kernels with torch SDPA beside them, decode attention with 3 stages
+  # beside the default end to end, and 1B W4A16 batch-64 decode through the large-m row kernel), stack (opt-in: the persistent decode stack: its bf16 and W4A16 tests, the split-attention reruns,
   # the grid probe and the A/B decode rows, a few minutes; `run stack,fresh` runs both), defaults (opt-in: end to
   # end, each default the nineteenth session set beside the one it replaced: the warp-specialized prefill against
   # the wgmma one, direct-batched W4A16 at batch 1, the large-m row kernel at batch 64, and the decode K/V ring at
@@ -462,7 +463,7 @@ PY
   fi
 
   if want stack && [[ -x "$bundle/tests/gpu" ]]; then
-    # The persistent decode stack (sixteenth session: bf16; seventeenth: W4A16), never run on a GPU when written:
+    # The persistent decode stack (sixteenth session: bf16; seventeenth: W4A16; first run on an H200 on 2026-11-28):
     # its tests (each launch watched: a hang is reported as HANG within LLAMA32_TEST_STALL_S), then the headline
     # figures beside the measured defaults.
     # (When the tests stage ran in this call, these tests already ran there.)
@@ -500,7 +501,7 @@ PY
   fi
 
   if want fresh && [[ -x "$bundle/tests/gpu" ]]; then
-    # The rest of what has never run on a GPU besides the stack (its own stage above), most telling first: the
+    # What had never run on a GPU besides the stack (its own stage above) until 2026-11-28, most telling first: the
     # eighteenth session's attention changes, in every decode and prefill of the defaults (the K/V tile loads with
     # cheaper index arithmetic and every table read before the first copy, exp2_ftz, the rescale vote, the wgmma
     # prefill's copies behind its Q K^T, the warp-specialized producer's noinc arrivals, the overlapped wgmma

@@ -1,13 +1,12 @@
 //! The device buffers of the quantized projections and the projection itself, shared by the text executor
 //! ([`super::CudaOps`]) and the Llama 3.2 Vision decoder ([`crate::vision::cuda::text`]).
 //!
-//! - W4A16 with at most [`k::quant::MAX_DECODE_M`] rows (below [`k::quant::large_min_m`], which
-//!   `LLAMA32_W4A16_LARGE_MIN_M` can lower): the fused dequantize-and-multiply kernel, split-K partials in the
-//!   workspace;
+//! - W4A16 below [`k::quant::large_min_m`] rows (33 by default; `LLAMA32_W4A16_LARGE_MIN_M` sets 1 to 65): the
+//!   fused dequantize-and-multiply decode kernels, split-K partials in the workspace;
 //! - W4A16 with more rows: the weight dequantized a chunk of rows at a time ([`k::quant::w4a16_chunk_rows`]) into
 //!   a scratch, each chunk multiplied by cuBLASLt into its columns of the output while it sits in L2; or, where
 //!   [`k::quant::W4A16LargeKernel::configured_for`] says so (Hopper: by default the row kernel at decode sizes,
-//!   batch 64; or forced by `LLAMA32_W4A16_LARGE=wgmma` or `wgmma-row`), one kernel that dequantizes in registers
+//!   33-64 rows; or forced by `LLAMA32_W4A16_LARGE=wgmma` or `wgmma-row`), one kernel that dequantizes in registers
 //!   ([`k::quant::w4a16_gemm_large`]);
 //! - W4A8: the rows quantized to int8 per token (unless a norm or SiLU kernel already did, `fused`), then the
 //!   int8 kernel.

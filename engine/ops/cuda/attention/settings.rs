@@ -206,11 +206,11 @@ pub fn set_decode_fused_merge(fused: Option<bool>) {
     DECODE_MERGE_SET.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The environment variable that sets the decode kernel's K/V ring: `2` (the default, the kernel as measured: one
-/// tile in flight while the other is used) or `3` (two in flight: 51-53 KB of shared memory per CTA, four CTAs per
-/// SM). On an H200 (2026-11-28, batch 64, 2k context) decode attention reached 0.89 of the copy rate at d64 but 0.72
-/// at d128, whose CTAs have the same 16 KB tile in flight with half the warps (2); the third stage is the A/B for
-/// whether more bytes in flight close that gap (not yet run on a GPU). The same bits either way. Read once per
+/// The environment variable that sets the decode kernel's K/V ring: `2` (the default: one tile in flight while the
+/// other is used) or `3` (two in flight: 51-53 KB of shared memory per CTA, four CTAs per SM). The same bits either
+/// way. On an H200 (2026-11-28, nineteenth session; batch 64, 2k context) the kernel alone went from 0.80 to 1.01
+/// of the copy rate at d128 and from 0.88 to 0.93 at d64 with 3 stages, but end to end 3B at batch 64 was 1-2%
+/// faster at 1k context and 4-10% slower at 2k, and 1B tied or lost, so the default stays 2. Read once per
 /// process; [`set_decode_stages`] overrides it.
 pub const DECODE_STAGES_ENV: &str = "LLAMA32_DECODE_STAGES";
 

@@ -1,4 +1,4 @@
-//! W4A16 from [`large_min_m`] rows (prefill, and batch-64 decode): which path runs
+//! W4A16 from [`large_min_m`] rows (prefill, and decode batches of 33-64): which path runs
 //! ([`W4A16LargeKernel`]), and the Hopper kernel that
 //! dequantizes in registers ([`w4a16_gemm_large`], `kernels/quant/w4a16_sm90.cu`). The other path, dequantize a
 //! chunk of rows into a scratch and multiply it with cuBLASLt, lives with the executor's buffers
@@ -86,17 +86,21 @@ impl W4A16LargeKernel {
 
 /// The environment variable that sets the fewest rows a W4A16 projection sends down the large-m path
 /// ([`W4A16LargeKernel`]) instead of a decode kernel: 1 to [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1, read once per
-/// process. The default, [`MAX_DECODE_M`](super::MAX_DECODE_M) (64), sends batch-64 decode through the row kernel
-/// ([`W4A16LargeKernel::configured_for`]), measured faster there on every projection (H200, 2026-11-28); below 64
-/// rows the decode kernels are unmeasured against it, and 65 keeps every decode size on the decode kernels.
+/// process. The default, [`LARGE_MIN_M_DEFAULT`] (33), sends decode batches of 33-64 rows through the row kernel
+/// ([`W4A16LargeKernel::configured_for`]): on an H200 (2026-11-28) it ran every 1B / 11B / 90B projection at m = 64
+/// faster than the best decode kernel, and 1B W4A16 decode took 2.21 ms a step at batch 40 (3.34 through the
+/// decode kernels: 2.91) and 2.50 at batch 64 (3.34). 65 keeps every decode size on the decode kernels.
 pub const LARGE_MIN_M_ENV: &str = "LLAMA32_W4A16_LARGE_MIN_M";
+
+/// The default of [`LARGE_MIN_M_ENV`]: the rows above the decode kernels' 32-row tiles.
+pub const LARGE_MIN_M_DEFAULT: usize = 33;
 
 /// [`LARGE_MIN_M_ENV`]'s setting.
 static LARGE_MIN_M: crate::ops::cuda::EnvCount =
-    crate::ops::cuda::EnvCount::new(LARGE_MIN_M_ENV, super::MAX_DECODE_M, 1..=super::MAX_DECODE_M + 1);
+    crate::ops::cuda::EnvCount::new(LARGE_MIN_M_ENV, LARGE_MIN_M_DEFAULT, 1..=super::MAX_DECODE_M + 1);
 
 /// The fewest rows a W4A16 projection takes through the large-m path ([`LARGE_MIN_M_ENV`]; default
-/// [`MAX_DECODE_M`](super::MAX_DECODE_M)); an error names a bad value.
+/// [`LARGE_MIN_M_DEFAULT`]); an error names a bad value.
 pub fn large_min_m() -> Result<usize> {
     LARGE_MIN_M.get()
 }
@@ -343,13 +347,13 @@ mod tests {
     }
 
     #[test]
-    fn only_full_decode_batches_take_the_large_path_by_default() {
-        // The default (the variable is not set in the test environment): below MAX_DECODE_M rows the decode
-        // kernels, from MAX_DECODE_M on the large-m path.
+    fn decode_batches_past_32_rows_take_the_large_path_by_default() {
+        // The default (the variable is not set in the test environment): up to 32 rows the decode kernels, from 33
+        // on the large-m path.
         if std::env::var(LARGE_MIN_M_ENV).is_err() {
-            assert_eq!(large_min_m().unwrap(), super::super::MAX_DECODE_M);
-            assert!(!takes_large_path(super::super::MAX_DECODE_M - 1));
-            assert!(takes_large_path(super::super::MAX_DECODE_M));
+            assert_eq!(large_min_m().unwrap(), 33);
+            assert!(!takes_large_path(32));
+            assert!(takes_large_path(33) && takes_large_path(super::super::MAX_DECODE_M));
         }
         // Without a forced kind: the row kernel at decode sizes where it runs, dequantize + cuBLASLt above.
         if std::env::var(W4A16LargeKernel::ENV).is_err() {

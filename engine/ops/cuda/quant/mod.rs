@@ -77,7 +77,7 @@ use crate::ops::cuda::switch::KernelSwitch;
 pub use large::{
     large_min_m, large_plan, large_splits, large_splits_setting, large_tile_m, large_wgmma_available,
     large_workspace_bound, large_workspace_for, set_large_splits, takes_large_path, w4a16_gemm_large, LargePlan,
-    W4A16LargeKernel, LARGE_MIN_M_ENV, LARGE_SPLITS_ENV,
+    W4A16LargeKernel, LARGE_MIN_M_DEFAULT, LARGE_MIN_M_ENV, LARGE_SPLITS_ENV,
 };
 pub use layout::{layout_w4a16, layout_w4a16_paired, layout_w4a8, HostW4A16, HostW4A8};
 pub use linear::CudaQuantLinear;
@@ -398,12 +398,12 @@ mod tests {
             (1, 3072, 2048, DirectBatched),  // 1B qkv
             (9, 8192, 28672, Direct),        // 8 < m <= 32: direct
             (16, 8192, 28672, Direct),       //
-            (32, 57344, 8192, Direct),   //
-            (64, 57344, 8192, Tiled),    // 90B gate_up
-            (33, 8192, 28672, Tiled),    // 90B down
-            (64, 28672, 4096, Tiled),    // 11B gate_up
-            (64, 16384, 2048, Direct),   // 1B gate_up: too small
-            (64, 4096, 14336, Direct),   // 11B down
+            (32, 57344, 8192, Direct),       //
+            (64, 57344, 8192, Tiled),        // 90B gate_up
+            (33, 8192, 28672, Tiled),        // 90B down
+            (64, 28672, 4096, Tiled),        // 11B gate_up
+            (64, 16384, 2048, Direct),       // 1B gate_up: too small
+            (64, 4096, 14336, Direct),       // 11B down
         ];
         for (m, n, k, want) in cases {
             assert_eq!(W4A16Kernel::pick(m, n, k, false), want, "m {m} n {n} k {k}");
