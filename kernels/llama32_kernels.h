@@ -244,9 +244,6 @@ typedef enum l32_prefill_kernel {
     /** L32_PREFILL_WGMMA's tiles and products with warp specialization: a producer warpgroup copies K / V into an
      * mbarrier ring and two consumer warpgroups take turns on the tensor cores; sm_90a only. */
     L32_PREFILL_WGMMA_WS = 2,
-    /** L32_PREFILL_WGMMA with each warpgroup's softmax of tile t overlapping its own P V of tile t - 1 (two commit
-     * groups per tile, no producer): the same bits; sm_90a only. */
-    L32_PREFILL_WGMMA_OVERLAP = 3,
 } l32_prefill_kernel;
 
 /** Variable-length query chunks (prefill, chunked prefill, prefix reuse, or decode tokens) over the paged cache. */

@@ -511,7 +511,7 @@ PY
     # (When the tests stage ran in this call, these tests and the golden row-kernel run below already ran there.)
     local ft
     want tests || for ft in cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
-      cuda_attention::paged_prefill_overlap_matches_wgmma_bits cuda_attention::paged_decode_matches_cpu \
+      cuda_attention::paged_decode_matches_cpu \
       cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
       cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \
       cuda_w4a16_large::w4a16_large_matches_cpu cuda_w4a16_large::w4a16_large_row_matches_cpu \
@@ -575,7 +575,7 @@ PY
     # the warp-specialized kernel) run in the tests stage; here the golden checkpoints go through the executor with
     # each Hopper kernel forced, one process each.
     local pk
-    for pk in wgmma wgmma-ws wgmma-overlap; do
+    for pk in wgmma wgmma-ws; do
       log="$logs/gpu.cuda_golden.prefill-$pk.log"
       rc=0
       LLAMA32_PREFILL_KERNEL=$pk tmo 150 "$bundle/tests/gpu" cuda_golden:: --test-threads=1 >"$log" 2>&1 || rc=$?
@@ -592,7 +592,7 @@ PY
     # Prefill-bound rows end to end (prefill tok/s), each kernel back to back.
     local pspec
     for pspec in "3b 4 2048 8" "1b 4 4096 8"; do
-      for pk in mma wgmma wgmma-ws wgmma-overlap; do LLAMA32_PREFILL_KERNEL=$pk bench_e2e 90 "$pspec"; done
+      for pk in mma wgmma wgmma-ws; do LLAMA32_PREFILL_KERNEL=$pk bench_e2e 90 "$pspec"; done
     done
   fi
 

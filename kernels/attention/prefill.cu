@@ -230,15 +230,12 @@ extern "C" l32_status l32_paged_prefill(const l32_paged_prefill_params* params, 
         !l32::is_aligned(p.k_cache, 16) || !l32::is_aligned(p.v_cache, 16)) {
         return L32_UNSUPPORTED;
     }
-    if (p.kernel != L32_PREFILL_MMA && p.kernel != L32_PREFILL_WGMMA && p.kernel != L32_PREFILL_WGMMA_WS &&
-        p.kernel != L32_PREFILL_WGMMA_OVERLAP) {
+    if (p.kernel != L32_PREFILL_MMA && p.kernel != L32_PREFILL_WGMMA && p.kernel != L32_PREFILL_WGMMA_WS) {
         return L32_INVALID_ARGUMENT;
     }
     if (p.num_tokens == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
-    if (p.kernel == L32_PREFILL_WGMMA || p.kernel == L32_PREFILL_WGMMA_OVERLAP) {
-        return l32::launch_paged_prefill_wgmma(p, s);
-    }
+    if (p.kernel == L32_PREFILL_WGMMA) return l32::launch_paged_prefill_wgmma(p, s);
     if (p.kernel == L32_PREFILL_WGMMA_WS) return l32::launch_paged_prefill_wgmma_ws(p, s);
     return p.head_dim == 64 ? l32::launch<64>(p, s) : l32::launch<128>(p, s);
 }

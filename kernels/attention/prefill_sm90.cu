@@ -20,9 +20,10 @@
 //   ("transposed") in shared memory, so V needs no transposed copy.
 // Each product is committed and waited for before its result is read; the two warpgroups (and their softmax and
 // tensor-core phases) overlap only as the warp schedulers interleave them. The warp-specialized form with a
-// producer and ping-pong consumers is prefill_sm90_ws.cu. L32_PREFILL_WGMMA_OVERLAP (kOverlap, eighteenth
-// session) keeps this kernel's shape and overlaps within each warpgroup instead: S_t and P_{t-1} V_{t-1} issued
-// together, tile t's exponents computed while the second runs (see the kernel).
+// producer and ping-pong consumers is prefill_sm90_ws.cu (the default on Hopper since 2026-11-28). A third form,
+// this kernel with FlashAttention-3's overlap inside each warpgroup (S_t and P_{t-1} V_{t-1} issued together, tile
+// t's exponents computed while the second ran, and a second barrier per tile before the next copies), was removed
+// after an H200 timed it behind this one (343 / 264 TFLOP/s at d128 / d64 against 365 / 274; ws 438 / 328).
 // The output goes through this warpgroup's own Q rows in shared memory and leaves in 16-byte stores.
 //
 // Shared memory: 1024-byte-aligned (the swizzle atoms), Q 128 x D + 3 stages x (K + V) 128 x D bf16:
@@ -58,8 +59,8 @@ struct HopperPrefillTraits : prefill90::Tiles<D> {
                   "the sm_90 opt-in limit per CTA (with the 16 static bytes)");
 };
 
-// Tier 1. See the file comment; kOverlap is L32_PREFILL_WGMMA_OVERLAP (below the plain loop).
-template <int D, bool kOverlap>
+// Tier 1. See the file comment.
+template <int D>
 __global__ void __launch_bounds__(256, 1)
     paged_prefill_wgmma_kernel(const __grid_constant__ l32_paged_prefill_params p) {
 #if L32_WGMMA_AVAILABLE
@@ -116,127 +117,49 @@ __global__ void __launch_bounds__(256, 1)
     // This warpgroup's 64 Q rows: column block b at sq + b * 128 rows * 128 bytes, rows 64 wg.. at 64 wg * 128 bytes.
     const uint32_t q_addr = sm.sq_addr + wg * 64 * 128;
 
-    if constexpr (!kOverlap) {
-        for (int t = 0; t < num_tiles; ++t) {
-            const int n0 = t * T::kBlockN;
-            cp_async_wait<1>();                 // this thread's part of tile t has landed
-            wgmma::fence_proxy_async_shared();  // ... and is visible to the proxy wgmma reads through
-            __syncthreads();                    // every part of tile t; every thread is done with tile t - 1's stage
-            const int stage = t % T::kStages;
+    for (int t = 0; t < num_tiles; ++t) {
+        const int n0 = t * T::kBlockN;
+        cp_async_wait<1>();                 // this thread's part of tile t has landed
+        wgmma::fence_proxy_async_shared();  // ... and is visible to the proxy wgmma reads through
+        __syncthreads();                    // every part of tile t; every thread is done with tile t - 1's stage
+        const int stage = t % T::kStages;
 
-            // S = Q K^T. fence_operands pins the last iteration's reads of s (P's packing) above the fence, as the PTX
-            // ISA asks of registers an asynchronous wgmma writes; the compiler could otherwise sink them below it.
-            wgmma::fence_operands(s);
-            wgmma::fence();
-            prefill90::issue_qk<D>(s, q_addr, sm.k_addr(stage));
-            wgmma::commit();
-            // While the tensor cores run Q K^T: tile t + 2 into the stage tile t - 1 used (free since the barrier). Its
-            // block-table reads are dependent loads (an L2 round trip before the first copy can issue); issued here
-            // rather than before the product, that wait overlaps it instead of delaying it.
-            if (t + 2 < num_tiles) {
-                bf16* next = skv + ((t + 2) % T::kStages) * 2 * KVTile::kElems;
-                load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(next, next + KVTile::kElems, k_cache, v_cache, table,
-                                                                 n0 + 2 * T::kBlockN, n_end, p.block_size, slot_stride,
-                                                                 kv_head);
-            }
-            cp_async_commit();
-            wgmma::wait<0>();
-            wgmma::fence_operands(s);
+        // S = Q K^T. fence_operands pins the last iteration's reads of s (P's packing) above the fence, as the PTX
+        // ISA asks of registers an asynchronous wgmma writes; the compiler could otherwise sink them below it.
+        wgmma::fence_operands(s);
+        wgmma::fence();
+        prefill90::issue_qk<D>(s, q_addr, sm.k_addr(stage));
+        wgmma::commit();
+        // While the tensor cores run Q K^T: tile t + 2 into the stage tile t - 1 used (free since the barrier). Its
+        // block-table reads are dependent loads (an L2 round trip before the first copy can issue); issued here
+        // rather than before the product, that wait overlaps it instead of delaying it.
+        if (t + 2 < num_tiles) {
+            bf16* next = skv + ((t + 2) % T::kStages) * 2 * KVTile::kElems;
+            load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(next, next + KVTile::kElems, k_cache, v_cache, table,
+                                                             n0 + 2 * T::kBlockN, n_end, p.block_size, slot_stride,
+                                                             kv_head);
+        }
+        cp_async_commit();
+        wgmma::wait<0>();
+        wgmma::fence_operands(s);
 
-            // Only tiles the causal boundary crosses for some row pay for the mask.
-            if (n0 + T::kBlockN - 1 > pos_min) prefill::mask_causal(s, n0, row_pos, tq);
-            online_softmax<NT, D / 8>(s, o, st, scale_log2);
+        // Only tiles the causal boundary crosses for some row pay for the mask.
+        if (n0 + T::kBlockN - 1 > pos_min) prefill::mask_causal(s, n0, row_pos, tq);
+        online_softmax<NT, D / 8>(s, o, st, scale_log2);
 
-            // O += P V.
-            uint32_t pa[NT / 2][4];
-            prefill90::pack_p<NT>(pa, s);
-            // o was rescaled and pa written by ordinary instructions: pinned above the fence that orders them before
-            // the asynchronous products.
-            wgmma::fence_operands(o);
-            wgmma::fence_operands(pa);
-            wgmma::fence();
-            prefill90::issue_pv<D>(o, pa, sm.v_addr(stage));
-            wgmma::commit();
-            wgmma::wait<0>();
-            wgmma::fence_operands(o);
-            wgmma::fence_operands(pa);  // the A registers stay allocated until the products that read them are done
-        }
-    } else {
-        // L32_PREFILL_WGMMA_OVERLAP: FlashAttention-3's intra-warpgroup overlap without a producer. At tile t a
-        // warpgroup issues S_t = Q K_t^T and O += P_{t-1} V_{t-1} as two commit groups, waits for S_t only, and
-        // computes tile t's exponents while P_{t-1} V_{t-1} still runs; then it waits for that, rescales O by tile
-        // t's factors and packs P_t. O += P_{t-1} V_{t-1}, then O *= alpha_t: the plain loop's f32 operations per
-        // output in the same order, so the same bits (the GPU test asserts it), as in prefill_sm90_ws.cu.
-        // P V now reads tile t - 1's stage while tile t's products run, so tile t + 2's copies (into that stage)
-        // wait for a second barrier per tile, after every thread's P_{t-1} V_{t-1} is done; they are still
-        // issued one and a half tiles ahead of their use.
-        uint32_t pa[NT / 2][4];  // P of the previous tile, packed
-        // Tile t's wait for its copies, then the barrier after which all of it is visible.
-        auto tile_landed = [&]() {
-            cp_async_wait<1>();                 // this thread's part of the tile has landed
-            wgmma::fence_proxy_async_shared();  // ... and is visible to the proxy wgmma reads through
-            __syncthreads();                    // every part of the tile
-        };
-        // After tile t's exponents: O rescaled and P_t packed once P_{t-1} V_{t-1} is done, then (a barrier: every
-        // thread's P_{t-1} V_{t-1} is done, tile t - 1's stage is free) tile t + 2's copies into that stage.
-        auto finish_tile = [&](int t, const float (&alpha)[2]) {
-            rescale_rows(o, alpha);
-            prefill90::pack_p<NT>(pa, s);
-            __syncthreads();
-            if (t + 2 < num_tiles) {
-                bf16* next = skv + ((t + 2) % T::kStages) * 2 * KVTile::kElems;
-                load_kv_tile<D, T::kBlockN, T::kThreads, KVTile>(next, next + KVTile::kElems, k_cache, v_cache,
-                                                                 table, (t + 2) * T::kBlockN, n_end, p.block_size,
-                                                                 slot_stride, kv_head);
-            }
-            cp_async_commit();
-        };
-        // Tile 0: S alone (O is zero, nothing else in flight).
-        {
-            tile_landed();
-            wgmma::fence_operands(s);
-            wgmma::fence();
-            prefill90::issue_qk<D>(s, q_addr, sm.k_addr(0));
-            wgmma::commit();
-            wgmma::wait<0>();
-            wgmma::fence_operands(s);
-            if (T::kBlockN - 1 > pos_min) prefill::mask_causal(s, 0, row_pos, tq);
-            float alpha[2];
-            softmax_scores(s, st, scale_log2, alpha);
-            finish_tile(0, alpha);
-        }
-        for (int t = 1; t < num_tiles; ++t) {
-            const int n0 = t * T::kBlockN;
-            tile_landed();
-            // s was read (packed into pa), o rescaled and pa written by ordinary instructions: pinned above the
-            // fence that orders them before the asynchronous products.
-            wgmma::fence_operands(s);
-            wgmma::fence_operands(o);
-            wgmma::fence_operands(pa);
-            wgmma::fence();
-            prefill90::issue_qk<D>(s, q_addr, sm.k_addr(t % T::kStages));
-            wgmma::commit();
-            prefill90::issue_pv<D>(o, pa, sm.v_addr((t - 1) % T::kStages));
-            wgmma::commit();
-            wgmma::wait<1>();  // S_t is done; P_{t-1} V_{t-1} may still run
-            wgmma::fence_operands(s);
-            if (n0 + T::kBlockN - 1 > pos_min) prefill::mask_causal(s, n0, row_pos, tq);
-            float alpha[2];
-            softmax_scores(s, st, scale_log2, alpha);  // o and pa may still be in flight
-            wgmma::wait<0>();
-            wgmma::fence_operands(o);
-            wgmma::fence_operands(pa);
-            finish_tile(t, alpha);
-        }
-        // The last tile's P V.
+        // O += P V.
+        uint32_t pa[NT / 2][4];
+        prefill90::pack_p<NT>(pa, s);
+        // o was rescaled and pa written by ordinary instructions: pinned above the fence that orders them before
+        // the asynchronous products.
         wgmma::fence_operands(o);
         wgmma::fence_operands(pa);
         wgmma::fence();
-        prefill90::issue_pv<D>(o, pa, sm.v_addr((num_tiles - 1) % T::kStages));
+        prefill90::issue_pv<D>(o, pa, sm.v_addr(stage));
         wgmma::commit();
         wgmma::wait<0>();
         wgmma::fence_operands(o);
-        wgmma::fence_operands(pa);
+        wgmma::fence_operands(pa);  // the A registers stay allocated until the products that read them are done
     }
     finish_row_sums(st);
 
@@ -249,11 +172,10 @@ __global__ void __launch_bounds__(256, 1)
 }
 
 // Tier 2.
-template <int D, bool kOverlap>
+template <int D>
 l32_status launch(const l32_paged_prefill_params& p, cudaStream_t stream) {
     using T = HopperPrefillTraits<D>;
-    return prefill::launch<T::kBlockM, T::kThreads, T::kSmemBytes>(paged_prefill_wgmma_kernel<D, kOverlap>, p,
-                                                                  stream);
+    return prefill::launch<T::kBlockM, T::kThreads, T::kSmemBytes>(paged_prefill_wgmma_kernel<D>, p, stream);
 }
 
 }  // namespace
@@ -270,10 +192,7 @@ bool prefill_wgmma_available() {
 
 l32_status launch_paged_prefill_wgmma(const l32_paged_prefill_params& p, cudaStream_t stream) {
     if (!prefill_wgmma_available()) return L32_UNSUPPORTED;
-    if (p.kernel == L32_PREFILL_WGMMA_OVERLAP) {
-        return p.head_dim == 64 ? launch<64, true>(p, stream) : launch<128, true>(p, stream);
-    }
-    return p.head_dim == 64 ? launch<64, false>(p, stream) : launch<128, false>(p, stream);
+    return p.head_dim == 64 ? launch<64>(p, stream) : launch<128>(p, stream);
 }
 
 }  // namespace l32

@@ -294,17 +294,10 @@ fn prefill_form_matches_wgmma_bits(name: &str, kernel: PrefillKernel) {
 }
 
 /// The warp-specialized wgmma prefill (`prefill_form_matches_wgmma_bits`). Its own test, so that a failure of the
-/// newer kernel leaves the other two's verdict standing.
+/// default kernel leaves the other two's verdict standing.
 #[test]
 fn paged_prefill_ws_matches_wgmma_bits() {
     prefill_form_matches_wgmma_bits("paged_prefill_ws_matches_wgmma_bits", PrefillKernel::WgmmaWs);
-}
-
-/// The wgmma prefill with its softmax overlapping its own P V (`prefill_form_matches_wgmma_bits`; eighteenth
-/// session, not yet run on a GPU when written).
-#[test]
-fn paged_prefill_overlap_matches_wgmma_bits() {
-    prefill_form_matches_wgmma_bits("paged_prefill_overlap_matches_wgmma_bits", PrefillKernel::WgmmaOverlap);
 }
 
 #[test]

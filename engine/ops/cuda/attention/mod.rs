@@ -466,7 +466,6 @@ fn launch_prefill(
             PrefillKernel::Mma => ffi::l32_prefill_kernel::L32_PREFILL_MMA,
             PrefillKernel::Wgmma => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA,
             PrefillKernel::WgmmaWs => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA_WS,
-            PrefillKernel::WgmmaOverlap => ffi::l32_prefill_kernel::L32_PREFILL_WGMMA_OVERLAP,
         },
     };
     let raw = super::raw_stream(op, stream)?;

@@ -27,19 +27,15 @@ pub enum PrefillKernel {
     /// kernel's bits. The default where the wgmma kernels run: once its producer stopped waiting for each tile to
     /// land before issuing the next (eighteenth session), it ran 4 x 4096 causal prefill at 438 TFLOP/s (d128)
     /// and 328 (d64) on an H200 (2026-11-28, nineteenth session) against the wgmma kernel's 365 and 274 and cuDNN
-    /// SDPA's 577 (d128), where it had been 21% slower than the wgmma kernel (216 against 274 at d128).
+    /// SDPA's 577 (d128), where it had been 21% slower than the wgmma kernel (216 against 274 at d128). (A third
+    /// Hopper form, the wgmma kernel with the overlap inside each warpgroup and no producer, ran 343 and 264 there
+    /// and was removed.)
     WgmmaWs,
-    /// The wgmma kernel with FlashAttention-3's intra-warpgroup overlap and no producer: each warpgroup issues
-    /// S_t = Q K_t^T and O += P_{t-1} V_{t-1} together and computes tile t's exponents while the second runs; the
-    /// copies of tile t + 2 wait for a second barrier per tile. The wgmma kernel's bits. Where the wgmma kernel
-    /// runs. Only forced (`wgmma-overlap`): 343 and 264 TFLOP/s (d128 / d64, H200, 2026-11-28), below the wgmma
-    /// kernel's 365 and 274.
-    WgmmaOverlap,
 }
 
 impl crate::ops::cuda::switch::KernelSwitch for PrefillKernel {
-    /// `auto` (the default: [`PrefillKernel::WgmmaWs`] where it runs, else [`PrefillKernel::Mma`]), `mma`, `wgmma`,
-    /// `wgmma-ws` or `wgmma-overlap`.
+    /// `auto` (the default: [`PrefillKernel::WgmmaWs`] where it runs, else [`PrefillKernel::Mma`]), `mma`, `wgmma`
+    /// or `wgmma-ws`.
     const ENV: &'static str = "LLAMA32_PREFILL_KERNEL";
     const WHAT: &'static str = "prefill kernel";
     const KERNELS: &'static [Self] = &Self::ALL;
@@ -49,7 +45,6 @@ impl crate::ops::cuda::switch::KernelSwitch for PrefillKernel {
             PrefillKernel::Mma => "mma",
             PrefillKernel::Wgmma => "wgmma",
             PrefillKernel::WgmmaWs => "wgmma-ws",
-            PrefillKernel::WgmmaOverlap => "wgmma-overlap",
         }
     }
 
@@ -61,8 +56,7 @@ impl crate::ops::cuda::switch::KernelSwitch for PrefillKernel {
 
 impl PrefillKernel {
     /// Every kernel.
-    pub const ALL: [PrefillKernel; 4] =
-        [PrefillKernel::Mma, PrefillKernel::Wgmma, PrefillKernel::WgmmaWs, PrefillKernel::WgmmaOverlap];
+    pub const ALL: [PrefillKernel; 3] = [PrefillKernel::Mma, PrefillKernel::Wgmma, PrefillKernel::WgmmaWs];
 
     /// The kernel [`paged_prefill`](super::paged_prefill) runs on the stream's device: the forced one, else the
     /// warp-specialized wgmma kernel where it runs ([`supported`](Self::supported)), else the mma kernel.
@@ -78,9 +72,7 @@ impl PrefillKernel {
     pub fn supported(self, stream: &CudaStream) -> Result<bool> {
         Ok(match self {
             PrefillKernel::Mma => true,
-            PrefillKernel::Wgmma | PrefillKernel::WgmmaWs | PrefillKernel::WgmmaOverlap => {
-                compute_capability(stream)?.0 == 9 && wgmma_built()
-            }
+            PrefillKernel::Wgmma | PrefillKernel::WgmmaWs => compute_capability(stream)?.0 == 9 && wgmma_built(),
         })
     }
 }
