@@ -22,7 +22,8 @@
 //   4. as 1 with the MLP norm and delta = o's output, then the gate_up tiles with the SwiGLU epilogue into act;
 //   5. down: act staged, the tiles, output into delta.
 // Every phase runs the multi-kernel step's device code with the parameters it would get (gemv at warps = 8), so the
-// bits are those of that step. Activations written in this launch are read from L2 (ld.global.cg, cp.async.cg,
+// bits are those of that step. Profiling: with params.phase_times each block's thread 0 writes %globaltimer where
+// each phase starts and ends (at the grid barriers), so the host can tell a phase's work from its wait. Activations written in this launch are read from L2 (ld.global.cg, cp.async.cg,
 // __ldcg): L1 is not coherent across SMs. Weights and metadata, which nothing writes, go through the read-only path
 // as in the gemv kernel.
 //
@@ -177,6 +178,20 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
     __shared__ float partial[kW4 ? 2 : 1][kWarps][8][kRows];
     __shared__ float s_m[S::kDecodeWarps][kMaxGroup], s_l[S::kDecodeWarps][kMaxGroup];
     unsigned* const barrier = p.counters;
+    // Profiling (p.phase_times): this block's [start, end] of phase ph of layer l, or nullptr when not timed.
+    const bool timed = p.phase_times != nullptr && static_cast<int>(gridDim.x) <= p.timing_blocks;
+    const auto slot = [&](int l, int ph) -> uint64_t* {
+        if (!timed) return nullptr;
+        const int64_t phase = static_cast<int64_t>(l) * L32_DECODE_LAYERS_PHASES + ph;
+        return p.phase_times + (phase * gridDim.x + blockIdx.x) * 2;
+    };
+    // The grid barrier after phase ph of layer l: the block's arrival ends that phase, its departure starts the next.
+    const auto barrier_after = [&](int l, int ph) {
+        uint64_t* const end = slot(l, ph);
+        uint64_t* const next = ph + 1 < L32_DECODE_LAYERS_PHASES ? slot(l, ph + 1) : slot(l + 1, 0);
+        grid_barrier(barrier, end == nullptr ? nullptr : end + 1, next);
+    };
+    if (timed && threadIdx.x == 0) *slot(0, 0) = global_ns();
     const int m = p.m;
     const int64_t hidden = p.hidden, inter = p.inter;
     const int64_t q_dim = int64_t{p.num_heads} * D, qkv_n = int64_t{p.num_heads + 2 * p.num_kv_heads} * D;
@@ -201,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
             run_tiles<kRope>(qkv, qkv_n / kRows, smem, hidden_stride, partial[0]);
             prefetch_first_tile<kPlain>(o, (hidden + kRows - 1) / kRows);
         }
-        grid_barrier(barrier);
+        barrier_after(l, 0);
 
         // 2. attention. The warps it leaves idle ask L2 for this block's first two gate_up tiles meanwhile (o's
         // first tile is already asked for: the weight stream goes on while attention reads the cache).
@@ -248,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
                 group();  // the next item's copies overwrite what this one's merge reads
             }
         }
-        grid_barrier(barrier);
+        barrier_after(l, 1);
 
         // 3. o.
         const int q_stride = static_cast<int>(16 * (q_dim / 8 + 1));
@@ -258,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
         } else {
             run_tiles<kPlain>(o, (hidden + kRows - 1) / kRows, smem, q_stride, partial[0]);
         }
-        grid_barrier(barrier);
+        barrier_after(l, 2);
 
         // 4. norm + residual, gate_up, SwiGLU.
         norm_prologue<kWarps, true>(gate_up, smem, hidden_stride, m, static_cast<int>(hidden / 8));
@@ -271,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
             run_tiles<kSilu>(gate_up, gate_up_tiles, smem, hidden_stride, partial[0]);
             prefetch_first_tile<kPlain>(down, (hidden + kRows - 1) / kRows);
         }
-        grid_barrier(barrier);
+        barrier_after(l, 3);
 
         // 5. down.
         const int inter_stride = static_cast<int>(16 * (inter / 8 + 1));
@@ -289,8 +304,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
             } else {
                 prefetch_first_tile<kRope>(qkv_params<D>(p, next, true), qkv_n / kRows);
             }
-            grid_barrier(barrier);
+            barrier_after(l, 4);
         }
+    }
+    if (timed) {
+        __syncthreads();  // every thread is through the last phase
+        if (threadIdx.x == 0) slot(p.num_layers - 1, L32_DECODE_LAYERS_PHASES - 1)[1] = global_ns();
     }
 }
 
@@ -350,6 +369,7 @@ extern "C" l32_status l32_decode_layers(const l32_decode_layers_params* params, 
         return L32_INVALID_ARGUMENT;
     }
     if (p.num_splits > 1 && p.workspace == nullptr) return L32_INVALID_ARGUMENT;
+    if (p.phase_times != nullptr && p.timing_blocks < 1) return L32_INVALID_ARGUMENT;
     if (!(p.eps >= 0.f) || !std::isfinite(p.eps) || !(p.scale > 0.f) || !std::isfinite(p.scale)) {
         return L32_INVALID_ARGUMENT;
     }

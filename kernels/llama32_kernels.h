@@ -966,7 +966,16 @@ typedef struct l32_decode_layers_params {
     float scale;                  /**< softmax scale */
     l32_dtype dtype;              /**< L32_DTYPE_BF16 */
     l32_decode_weights weights;   /**< the projections' format; W4A16 needs hidden, q_dim and inter % 64 == 0 */
+    uint64_t* phase_times;        /**< NULL, or (profiling) [num_layers][L32_DECODE_LAYERS_PHASES][timing_blocks][2]:
+                                       block b's %globaltimer (ns) where a phase starts (the kernel's start, or its
+                                       departure from the grid barrier before) and ends (its arrival at the barrier
+                                       after, or the kernel's end), taken by thread 0 once the block's threads are
+                                       through the phase. Written only when the grid has at most timing_blocks */
+    int32_t timing_blocks;        /**< blocks phase_times holds room for */
 } l32_decode_layers_params;
+
+/** Phases per layer of l32_decode_layers (norm + qkv, attention, o, norm + gate_up, down). */
+#define L32_DECODE_LAYERS_PHASES 5
 
 /** Launches the decode stack on `stream` (cooperative: L32_UNSUPPORTED where a block per SM cannot be resident). */
 l32_status l32_decode_layers(const l32_decode_layers_params* params, void* stream);

@@ -196,6 +196,28 @@ run() {
       tail -n 5 "$log"
     fi
   }
+  # `stack_phase_lines`: the persistent decode stack's phases from the last bench's JSON (persistent_decode_phases).
+  stack_phase_lines() {
+    [[ -f $last_bench_log ]] || return 0
+    mapfile -t -O "${#benches[@]}" benches < <(python3 - "$last_bench_log" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if not line.startswith("{"):
+        continue
+    d = json.loads(line)
+    p = d.get("persistent_decode_phases")
+    if not isinstance(p, dict):
+        print("stack phases %s: %s" % (d.get("model"), d.get("persistent_decode_phases_error", "none")))
+        continue
+    head = "stack phases %s b%d" % (d.get("model"), d["batch"])
+    print("%s: %.1f us a launch, %d layers on %d blocks, worst overlap %d ns" % (
+        head, p["total_us"], p["layers"], p["blocks"], p["worst_overlap_ns"]))
+    for ph in p["phases"]:
+        print("%s   %-18s span %8.1f us  work mean %8.1f  max %8.1f  release %6.1f" % (
+            head, ph["phase"], ph["span_us"], ph["mean_work_us"], ph["max_work_us"], ph["release_us"]))
+PY
+    )
+  }
   # `ab_lines`: one line per pair of bench.jsonl rows that differ in one switch only (the same model, batch, prompt
   # and other switches): decode ms/step without / with it.
   ab_lines() {
@@ -495,6 +517,12 @@ PY
       bench_e2e 45 "$spec --persistent-decode"
     done
     ab_lines
+    # Where the stack's time goes (nineteenth session): its phase timing (`--profile` with `--persistent-decode`),
+    # per kind of phase summed over the layers: span, mean and slowest block's work, the grid barrier's release.
+    for spec in "1b 1 128 64" "3b 1 128 64" "1b 1 128 64 --quantize w4a16-g32 --embeddings int8"; do
+      bench_e2e 60 "$spec --persistent-decode --profile 3"
+      stack_phase_lines
+    done
     # The multi-kernel W4A16 step with the direct kernel's chunk loads issued together (seventeenth session; the
     # kernel-by-kernel figures are quant_throughput's direct-batched column in fresh).
     LLAMA32_W4A16_KERNEL=direct-batched bench_e2e 45 "1b 1 128 64 --quantize w4a16-g32 --embeddings int8"

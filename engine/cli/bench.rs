@@ -56,7 +56,9 @@ pub struct BenchArgs {
     /// After each run, time this many decode steps (batch sequences at the prompt's length, in the shape their
     /// CUDA graph has) and prefill steps (up to 2048 prompt tokens) call by call: a table per step kind on stderr
     /// and a "profile" object in the JSON line. Eager, with an event around each call (see
-    /// `engine/model/profile.rs`); 0 (the default) profiles nothing. Text models on the CPU or one GPU.
+    /// `engine/model/profile.rs`); 0 (the default) profiles nothing. Text models on the CPU or one GPU. With
+    /// `--persistent-decode`, also that many decode steps with the stack's phases timed inside its launch: a
+    /// "persistent_decode_phases" object.
     #[arg(long, default_value_t = 0)]
     profile: usize,
     /// Leave out every call under these comma-separated labels (the profile's op names, e.g. "add_rms_norm",
@@ -401,8 +403,50 @@ fn bench_one(
         if let Some(obj) = out.as_object_mut() {
             obj.insert(key.into(), value);
         }
+        // Only where the run's decode steps took the stack (one GPU, up to 8 sequences); elsewhere the line says so.
+        if a.model.persistent_decode && profile_err.is_none() && m.exec.fused_decode_steps() == 0 {
+            if let Some(obj) = out.as_object_mut() {
+                let why = "the run's decode steps did not take the persistent decode stack";
+                obj.insert("persistent_decode_phases_error".into(), why.into());
+            }
+        } else if a.model.persistent_decode && profile_err.is_none() {
+            let (key, value) = match stack_phases(m.exec.as_mut(), batch, a.prompt_tokens, a.profile) {
+                Ok(p) => ("persistent_decode_phases", p),
+                Err(e) => {
+                    let v = serde_json::Value::String(e.to_string());
+                    profile_err = Some(e);
+                    ("persistent_decode_phases_error", v)
+                }
+            };
+            if let Some(obj) = out.as_object_mut() {
+                obj.insert(key.into(), value);
+            }
+        }
     }
     Ok((out, profile_err))
+}
+
+/// With `--profile` and `--persistent-decode`: `steps` decode steps of `batch` sequences with the stack's phase
+/// timing on (each step as a run replays it, from its CUDA graph where it has one), and the last launch's phases
+/// as JSON: per kind of phase summed over the layers, the span, the mean and slowest block's work and the grid
+/// barrier's release after it.
+fn stack_phases(exec: &mut dyn Executor, batch: usize, prompt: usize, steps: usize) -> Result<serde_json::Value> {
+    exec.set_fused_decode_timing(true)?;
+    let phases = synthetic_step(exec, batch, prompt, 1).and_then(|step| {
+        let before = exec.fused_decode_steps();
+        for _ in 0..steps.max(1) {
+            exec.step(&step)?;
+        }
+        if exec.fused_decode_steps() == before {
+            return Err(Error::request(format!(
+                "persistent decode phases: decode steps of {batch} sequences did not take the stack"
+            )));
+        }
+        exec.fused_decode_phases()
+    });
+    exec.set_fused_decode_timing(false)?;
+    let phases = phases?.ok_or_else(|| Error::Backend("persistent decode phases: timing was off".into()))?;
+    Ok(phases.to_json())
 }
 
 /// The most new tokens of the profiled prefill step (the scheduler's default step budget).

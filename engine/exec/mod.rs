@@ -140,6 +140,21 @@ pub trait Executor {
         0
     }
 
+    /// Turns per-phase timing of the fused decode launch on or off (profiling; read with
+    /// [`fused_decode_phases`](Self::fused_decode_phases)); a backend without a fused launch on refuses `on`.
+    fn set_fused_decode_timing(&mut self, on: bool) -> Result<()> {
+        if on {
+            return Err(Error::request("phase timing needs the CUDA persistent decode stack (--persistent-decode)"));
+        }
+        Ok(())
+    }
+
+    /// The phases of the last fused decode launch since timing was turned on (waits for the device); `None` while
+    /// timing is off.
+    fn fused_decode_phases(&self) -> Result<Option<crate::ops::cuda::decode_layers::StackPhases>> {
+        Ok(None)
+    }
+
     /// Runs one step and returns the argmax id of each requested logits row (lowest id on ties), for sequences
     /// that decode greedily without penalties. Backends that can pick on the device override this and skip
     /// copying the logits to the host.

@@ -9,11 +9,20 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "common/status.cuh"
 
 namespace l32 {
 
 constexpr unsigned kGridSpinLimit = 1u << 26;
+
+// The GPU's global nanosecond timer (%globaltimer: one clock for every SM, unlike clock64), for profiling.
+__device__ __forceinline__ uint64_t global_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
@@ -29,9 +38,12 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
 // block has arrived, and cannot flip back before the waiter itself arrives at the next barrier. Nothing is reset, so
 // any launch may start where the last one left the word (a CUDA graph replays it). One atomic and one poll on the
 // critical path, the scheme of cooperative groups' grid sync. sync[1] is not used.
-__device__ __forceinline__ void grid_barrier(unsigned* sync) {
+// Profiling: `arrive` and `depart`, when not null, get thread 0's global_ns() once every thread of the block has
+// arrived and once the barrier has opened for it.
+__device__ __forceinline__ void grid_barrier(unsigned* sync, uint64_t* arrive = nullptr, uint64_t* depart = nullptr) {
     __syncthreads();
     if (threadIdx.x == 0) {
+        if (arrive != nullptr) *arrive = global_ns();
         const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
         __threadfence();  // this block's writes (gathered by __syncthreads) are visible before its arrival counts
         const unsigned seen = atomicAdd(sync, add);
@@ -39,6 +51,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* sync) {
             if (tries == kGridSpinLimit) __trap();
         }
         __threadfence();
+        if (depart != nullptr) *depart = global_ns();
     }
     __syncthreads();
 }

@@ -152,3 +152,81 @@ fn decode_stack_refuses_w4a8_projections() {
     w.quantize_in_place(Scheme::W4A16_G32).unwrap();
     CudaExecutor::from_weights(cfg, &w, &on).expect("the stack takes W4A16 projections");
 }
+
+/// The stack's phase timing (`llama32 bench --profile` with `--persistent-decode`): with it on, decode steps give
+/// the same logits bit for bit as with it off; every block writes every timestamp; and no block leaves a grid
+/// barrier before the last block has arrived at it (within 1 us, for the timer's skew between SMs). Eager and from
+/// CUDA graphs, at the 1B widths with two layers and at the 3B widths (head_dim 128) eager.
+#[test]
+fn decode_stack_phase_timing_changes_no_bit_and_the_barriers_hold() {
+    if !device_ready() {
+        return;
+    }
+    let dog = Watchdog::start("decode_stack_phase_timing_changes_no_bit_and_the_barriers_hold");
+    for (name, preset, graphs) in
+        [("1b", Preset::Llama32_1B, 0), ("1b", Preset::Llama32_1B, 256), ("3b", Preset::Llama32_3B, 0)]
+    {
+        let cfg = config(preset, 2);
+        let prompt = ids(5, 300, cfg.vocab_size);
+        let next = ids(6, 8, cfg.vocab_size);
+        let run = |timed: bool| {
+            let opts = CudaOptions {
+                kv_tokens: Some(1024),
+                max_step_tokens: 512,
+                max_graph_batch: graphs,
+                persistent_decode: true,
+                ..Default::default()
+            };
+            let mut exec = CudaExecutor::new(cfg.clone(), WeightSource::Random(7), &opts, &|_| {}).unwrap();
+            exec.set_fused_decode_timing(timed).unwrap();
+            let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+            let mut table = Vec::new();
+            alloc.ensure(&mut table, prompt.len() + next.len()).unwrap();
+            let chunk = SeqChunk { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last };
+            let mut logits = exec.step(&build_step(&[chunk], exec.block_size()).unwrap()).unwrap().logits;
+            for (i, t) in next.iter().enumerate() {
+                dog.at(format!("{name} graphs {graphs} timed {timed} decode step {i}"));
+                let chunk = SeqChunk {
+                    tokens: std::slice::from_ref(t),
+                    start_pos: prompt.len() + i,
+                    block_table: &table,
+                    logits: LogitsWanted::Last,
+                };
+                logits.extend(exec.step(&build_step(&[chunk], exec.block_size()).unwrap()).unwrap().logits);
+            }
+            assert_eq!(exec.fused_decode_steps(), next.len() as u64, "{name}: every decode step took the stack");
+            (logits, exec.fused_decode_phases().unwrap())
+        };
+        let (plain, none) = run(false);
+        assert!(none.is_none(), "{name}: phases without timing");
+        let (timed, phases) = run(true);
+        if let Some(i) = (0..plain.len()).find(|&i| plain[i].to_bits() != timed[i].to_bits()) {
+            panic!("{name} graphs {graphs}: logit {i} is {} timed, {} untimed", timed[i], plain[i]);
+        }
+        let p = phases.expect("the timed launches' phases");
+        assert_eq!(p.layers, 2);
+        assert!(
+            p.worst_overlap_ns < 1000,
+            "{name}: a block left a barrier {} ns before the last arrived",
+            p.worst_overlap_ns
+        );
+        assert!(p.total_us > 0.0 && p.phases.iter().all(|ph| ph.span_us > 0.0 && ph.max_work_us >= ph.mean_work_us));
+        eprintln!(
+            "{name} graphs {graphs}: {} logits bitwise equal timed and untimed; last launch {:.1} us on {} blocks, \
+             worst overlap {} ns; {}",
+            plain.len(),
+            p.total_us,
+            p.blocks,
+            p.worst_overlap_ns,
+            llama32::ops::cuda::decode_layers::PHASE_NAMES
+                .iter()
+                .zip(&p.phases)
+                .map(|(n, ph)| format!(
+                    "{n} {:.1} (work {:.1} / {:.1}, release {:.1})",
+                    ph.span_us, ph.mean_work_us, ph.max_work_us, ph.release_us
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}

@@ -628,6 +628,14 @@ impl Executor for CudaExecutor {
         self.stack_steps
     }
 
+    fn set_fused_decode_timing(&mut self, on: bool) -> Result<()> {
+        self.ops.set_stack_timing(on)
+    }
+
+    fn fused_decode_phases(&self) -> Result<Option<crate::ops::cuda::decode_layers::StackPhases>> {
+        self.ops.stack_phases()
+    }
+
     fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
         crate::model::profile::check_ablation(&labels, &crate::model::profile::ABLATABLE, "the CUDA executor")?;
         if labels != self.ablate {

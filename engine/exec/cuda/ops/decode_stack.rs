@@ -96,6 +96,37 @@ impl CudaOps {
         Ok(())
     }
 
+    /// Turns the stack's phase timing on or off (profiling, [`stack_phases`](Self::stack_phases)); on needs the
+    /// stack on.
+    pub(in crate::exec::cuda) fn set_stack_timing(&mut self, on: bool) -> Result<()> {
+        let (stream, blocks) = (self.stream.clone(), self.num_sms);
+        let Some(stack) = self.stack.as_mut() else {
+            if on {
+                return Err(Error::request("phase timing of the persistent decode stack needs the stack on"));
+            }
+            return Ok(());
+        };
+        if stack.scratch.timing() == on {
+            return Ok(());
+        }
+        if on {
+            stack.scratch.enable_timing(&stream, stack.table.num_layers(), blocks)?;
+        } else {
+            stack.scratch.disable_timing();
+        }
+        // Graphs captured before hold the launch with the old timestamp pointer.
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// The phases of the stack's last timed launch; `None` while the stack or its timing is off.
+    pub(in crate::exec::cuda) fn stack_phases(&self) -> Result<Option<k::decode_layers::StackPhases>> {
+        match &self.stack {
+            Some(stack) => stack.scratch.phase_times(&self.stream),
+            None => Ok(None),
+        }
+    }
+
     /// [`Ops::decoder_layers`]: the step's layers through the stack when it is on and takes the step.
     pub(super) fn run_decode_stack(&mut self, bufs: LayerBufs<'_, CudaAct>) -> Result<bool> {
         let sz = self.sizes;
