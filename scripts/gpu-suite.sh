@@ -80,7 +80,7 @@ run() {
   # the grid probe and the A/B decode rows, a few minutes; `run stack,fresh` runs both), defaults (opt-in: end to
   # end, each default the nineteenth session set beside the one it replaced: the warp-specialized prefill against
   # the wgmma one, direct-batched W4A16 at batch 1, the large-m row kernel at batch 64, and the decode K/V ring at
-  # 2 and 3 stages at batch 64).
+  # 2 and 3 stages at batch 64, then the attention call inside a profiled 3B batch-64 step at each).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -596,6 +596,17 @@ PY
         LLAMA32_DECODE_STAGES=$st bench_e2e 60 "$spec"
       done
     done
+    # Why the third stage's 1.27x at d128 alone (kernel bench) did not show end to end (2026-11-28): the attention
+    # call's time inside a 3B batch-64 step, profiled call by call (the `profile` object and the stderr table of
+    # each log), at 2 and 3 stages.
+    for st in 2 3; do
+      LLAMA32_DECODE_STAGES=$st bench_e2e 90 "3b 64 2048 8 --profile 3"
+      grep -E '^(profile:|attention |linear |step )' "$last_bench_log" | sed "s/^/stages $st: /" \
+        >>"$logs/decode-stages-profile.txt" || true
+    done
+    if [[ -f $logs/decode-stages-profile.txt ]]; then
+      mapfile -t -O "${#benches[@]}" benches <"$logs/decode-stages-profile.txt"
+    fi
   fi
 
   if want prefill && [[ -x "$bundle/tests/gpu" ]]; then
