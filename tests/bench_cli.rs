@@ -191,5 +191,16 @@ fn bench_profile_times_decode_and_prefill_calls() {
         assert!(stderr.contains(&format!("profile: {kind} step")), "{stderr}");
     }
     assert!(stderr.contains("linear down") && stderr.contains("(between calls)"), "{stderr}");
+    assert!(v.get("persistent_decode_phases").is_none() && v.get("persistent_decode_phases_error").is_none(), "{v}");
+    // With --persistent-decode on the CPU (no stack there) the profile still runs and the line says why the stack's
+    // phases are missing, without failing the run.
+    all.push("--persistent-decode");
+    let o = bench(&all);
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(v["profile"]["decode"]["ops"].is_array(), "{v}");
+    let why = v["persistent_decode_phases_error"].as_str().unwrap_or_default();
+    assert!(why.contains("did not take the persistent decode stack"), "{v}");
     std::fs::remove_dir_all(&dir).ok();
 }

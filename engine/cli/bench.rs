@@ -392,38 +392,33 @@ fn bench_one(
     }
     let mut profile_err = None;
     if a.profile > 0 {
-        let (key, value) = match profile_steps(m.exec.as_mut(), batch, a.prompt_tokens, a.profile) {
-            Ok(p) => ("profile", p),
-            Err(e) => {
-                let v = serde_json::Value::String(e.to_string());
-                profile_err = Some(e);
-                ("profile_error", v)
-            }
-        };
-        if let Some(obj) = out.as_object_mut() {
-            obj.insert(key.into(), value);
-        }
+        let profile = profile_steps(m.exec.as_mut(), batch, a.prompt_tokens, a.profile);
+        put_result(&mut out, &mut profile_err, "profile", profile);
         // Only where the run's decode steps took the stack (one GPU, up to 8 sequences); elsewhere the line says so.
-        if a.model.persistent_decode && profile_err.is_none() && m.exec.fused_decode_steps() == 0 {
-            if let Some(obj) = out.as_object_mut() {
-                let why = "the run's decode steps did not take the persistent decode stack";
-                obj.insert("persistent_decode_phases_error".into(), why.into());
-            }
+        if a.model.persistent_decode && m.exec.fused_decode_steps() == 0 {
+            let why = Error::request("the run's decode steps did not take the persistent decode stack");
+            put_result(&mut out, &mut None, "persistent_decode_phases", Err(why));
         } else if a.model.persistent_decode && profile_err.is_none() {
-            let (key, value) = match stack_phases(m.exec.as_mut(), batch, a.prompt_tokens, a.profile) {
-                Ok(p) => ("persistent_decode_phases", p),
-                Err(e) => {
-                    let v = serde_json::Value::String(e.to_string());
-                    profile_err = Some(e);
-                    ("persistent_decode_phases_error", v)
-                }
-            };
-            if let Some(obj) = out.as_object_mut() {
-                obj.insert(key.into(), value);
-            }
+            let phases = stack_phases(m.exec.as_mut(), batch, a.prompt_tokens, a.profile);
+            put_result(&mut out, &mut profile_err, "persistent_decode_phases", phases);
         }
     }
     Ok((out, profile_err))
+}
+
+/// Puts `r` into the JSON object `out` under `key`, or its error's text under `key_error`, and that error into `err`.
+fn put_result(out: &mut serde_json::Value, err: &mut Option<Error>, key: &str, r: Result<serde_json::Value>) {
+    let (key, value) = match r {
+        Ok(v) => (key.to_string(), v),
+        Err(e) => {
+            let v = serde_json::Value::String(e.to_string());
+            *err = Some(e);
+            (format!("{key}_error"), v)
+        }
+    };
+    if let Some(obj) = out.as_object_mut() {
+        obj.insert(key, value);
+    }
 }
 
 /// With `--profile` and `--persistent-decode`: `steps` decode steps of `batch` sequences with the stack's phase
