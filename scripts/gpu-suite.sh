@@ -189,7 +189,7 @@ run() {
     if ((rc == 0)) && [[ -n $line ]]; then
       echo "$line" >>"$logs/bench.jsonl"
       rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench "$name b$batch p$prompt g$gen $extra" -)")
-      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], sys.argv[3]))' "$line" "$name" "$extra")")
+      benches+=("$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); s=d.get("steady_decode_ms_per_step"); print("%-3s b%-3d prefill %8.0f tok/s  decode %7.2f ms/step %9.0f tok/s  steady %s %s" % (sys.argv[2], d["batch"], d["prefill_tok_per_s"], d["decode_ms_per_step"], d["decode_tok_per_s"], "%7.2f ms/step" % s if s else "-", sys.argv[3]))' "$line" "$name" "$extra")")
     else
       failed=$((failed + 1))
       rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench "$name b$batch p$prompt g$gen $extra" -)")
@@ -238,9 +238,10 @@ for switch in switches:
             if any(e.get(o) != d.get(o) for o in switches if o != switch):
                 continue
             steps = " [%s steps through the stack]" % d.get("persistent_decode_steps") if switch == "persistent_decode" else ""
-            print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)%s" % (switch, d.get("model"), d["batch"],
-                  e["decode_ms_per_step"], d["decode_ms_per_step"], e["decode_ms_per_step"] / d["decode_ms_per_step"],
-                  steps))
+            # The steady decode steps (every sequence decoding, at one context) where both have them.
+            f = "steady_decode_ms_per_step" if d.get("steady_decode_ms_per_step") and e.get("steady_decode_ms_per_step") else "decode_ms_per_step"
+            print("A/B %-12s %s b%d: %.3f -> %.3f ms/step (%.2fx)%s%s" % (switch, d.get("model"), d["batch"],
+                  e[f], d[f], e[f] / d[f], steps, " steady" if f.startswith("steady") else ""))
             break
 PY
     )

@@ -62,6 +62,11 @@ fn bench_sweeps_batch_and_tensor_parallel() {
         assert_eq!(v["prompt_tokens"], 8);
         assert_eq!(v["gen_tokens"], 4);
         assert!(v.get("telemetry").is_none(), "no GPU telemetry on the CPU: {v}");
+        // The steady decode timing runs on GPUs only: its fields are there, null, without an error.
+        assert_eq!(v["steady_decode_context"], 8 + 4 / 2 + 1, "{v}");
+        for field in ["steady_decode_ms_per_step", "steady_decode_tok_per_s", "steady_decode_error"] {
+            assert!(v.get(field).is_some_and(serde_json::Value::is_null), "{field} in {v}");
+        }
     }
     let file = std::fs::read_to_string(&out_file).unwrap();
     let file_lines: Vec<&str> = file.lines().collect();

@@ -197,9 +197,9 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     }
     let total = a.prompt_tokens + a.gen_tokens;
     let max_batch = batches.iter().copied().max().unwrap_or(1);
-    // A profiled decode step puts every sequence at the prompt's length plus one, on blocks of its own.
-    let per_seq =
-        if a.profile > 0 { total.max(a.prompt_tokens + 1).next_multiple_of(a.model.block_size.max(1)) } else { total };
+    // The steady decode steps (and a profiled one) put every sequence on whole blocks of its own, up to the prompt's
+    // length plus half the generated tokens (at least one).
+    let per_seq = total.max(a.prompt_tokens + 1).next_multiple_of(a.model.block_size.max(1));
     let kv_tokens = a.model.kv_tokens.unwrap_or(per_seq * max_batch + 64);
     let model_args = ModelArgs { kv_tokens: Some(kv_tokens), ..a.model.clone() };
     let mut json_out = match &a.json_out {
@@ -312,6 +312,10 @@ fn bench_one(
     let decode_s = decode_t0.map_or(0.0, |t| (end - t).as_secs_f64());
     let f1 = mark(Instant::now());
     let decode_steps = a.gen_tokens.saturating_sub(1).max(1) as f64;
+    // On GPUs only (null on the CPU, the reference backend, where the extra steps would double a short run).
+    let steady =
+        (!m.gpus.is_empty()).then(|| steady_decode(m.exec.as_mut(), batch, a.prompt_tokens + a.gen_tokens / 2));
+    let steady_s = steady.as_ref().and_then(|r| r.as_ref().ok()).copied();
     let mut out = serde_json::json!({
         "device": m.device_name,
         "threads": rayon::current_num_threads(),
@@ -356,6 +360,20 @@ fn bench_one(
         "persistent_decode_steps": m.exec.fused_decode_steps(),
         "ablate": ablate,
     });
+    let steady_fields = [
+        ("steady_decode_context", serde_json::json!(a.prompt_tokens + a.gen_tokens / 2 + 1)),
+        ("steady_decode_ms_per_step", serde_json::json!(steady_s.map(|s| s * 1e3))),
+        ("steady_decode_tok_per_s", serde_json::json!(steady_s.map(|s| batch as f64 / s.max(1e-12)))),
+        (
+            "steady_decode_error",
+            serde_json::json!(steady.as_ref().and_then(|r| r.as_ref().err()).map(|e| e.to_string())),
+        ),
+    ];
+    if let Some(obj) = out.as_object_mut() {
+        for (key, value) in steady_fields {
+            obj.insert(key.into(), value);
+        }
+    }
     let tele = match telemetry {
         None => None,
         Some(Telemetry::Unavailable(why)) => Some(serde_json::json!({ "unavailable": why })),
@@ -444,6 +462,27 @@ fn stack_phases(exec: &mut dyn Executor, batch: usize, prompt: usize, steps: usi
     Ok(phases.to_json())
 }
 
+/// Decode steps in the steady-decode timing ([`steady_decode`]), after three untimed ones.
+const STEADY_DECODE_STEPS: usize = 16;
+
+/// Seconds per decode step of `batch` sequences all at context `start + 1`, every step alike: three untimed steps
+/// (they capture the step's CUDA graph where the executor has one), then the mean of [`STEADY_DECODE_STEPS`], each
+/// as a run takes it (greedy picks read back). The run's own decode figure is the window from the last sequence's
+/// first token to the end: where the prompts take more than one step's token budget, the first sequences are
+/// decoding (or done) before the last ones start, so that window holds a falling batch and prefill chunks; this one
+/// is the batch alone.
+fn steady_decode(exec: &mut dyn Executor, batch: usize, start: usize) -> Result<f64> {
+    let step = synthetic_step(exec, batch, start, 1)?;
+    for _ in 0..3 {
+        exec.step_greedy(&step)?;
+    }
+    let t0 = Instant::now();
+    for _ in 0..STEADY_DECODE_STEPS {
+        exec.step_greedy(&step)?;
+    }
+    Ok(t0.elapsed().as_secs_f64() / STEADY_DECODE_STEPS as f64)
+}
+
 /// The most new tokens of the profiled prefill step (the scheduler's default step budget).
 const PROFILE_PREFILL_TOKENS: usize = 2048;
 
@@ -455,7 +494,7 @@ fn synthetic_step(exec: &dyn Executor, seqs: usize, start: usize, new: usize) ->
     let per_seq = (start + new).div_ceil(bs);
     if seqs * per_seq > exec.num_blocks() {
         return Err(Error::request(format!(
-            "--profile: {seqs} sequences of {} tokens need {} KV blocks, the cache has {}",
+            "bench: {seqs} sequences of {} tokens need {} KV blocks, the cache has {}",
             start + new,
             seqs * per_seq,
             exec.num_blocks()

@@ -201,9 +201,9 @@ pub fn set_decode_fused_merge(fused: Option<bool>) {
 /// The environment variable that sets the decode kernel's K/V ring: `2` (the default: one tile in flight while the
 /// other is used) or `3` (two in flight: 51-53 KB of shared memory per CTA, four CTAs per SM). The same bits either
 /// way. On an H200 (2026-11-28, nineteenth session; batch 64, 2k context) the kernel alone went from 0.80 to 1.01
-/// of the copy rate at d128 and from 0.88 to 0.93 at d64 with 3 stages, but end to end 3B at batch 64 was 1-2%
-/// faster at 1k context and 4-10% slower at 2k, and 1B tied or lost, so the default stays 2. Read once per
-/// process; [`set_decode_stages`] overrides it.
+/// of the copy rate at d128 and from 0.88 to 0.93 at d64 with 3 stages; the end-to-end A/B of that run timed
+/// windows of fewer sequences than its batch (`llama32 bench`'s `steady_decode_ms_per_step` is the measure for the
+/// next one), so the default stays 2. Read once per process; [`set_decode_stages`] overrides it.
 pub const DECODE_STAGES_ENV: &str = "LLAMA32_DECODE_STAGES";
 
 /// The decode kernel's ring depth ([`DECODE_STAGES_ENV`], default 2; [`set_decode_stages`]).
