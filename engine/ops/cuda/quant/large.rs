@@ -85,30 +85,47 @@ impl W4A16LargeKernel {
 }
 
 /// The environment variable that sets the fewest rows a W4A16 projection sends down the large-m path
-/// ([`W4A16LargeKernel`]) instead of a decode kernel: 1 to [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1, read once per
-/// process. The default, [`LARGE_MIN_M_DEFAULT`] (33), sends decode batches of 33-64 rows through the row kernel
-/// ([`W4A16LargeKernel::configured_for`]): on an H200 (2026-11-28) it ran every 1B / 11B / 90B projection at m = 64
-/// faster than the best decode kernel, and 1B W4A16 decode took 2.21 ms a step at batch 40 (3.34 through the
-/// decode kernels: 2.91) and 2.50 at batch 64 (3.34). 65 keeps every decode size on the decode kernels.
+/// ([`W4A16LargeKernel`]) instead of a decode kernel: 1 to [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1, or 0 (unset:
+/// the default) for [`LARGE_MIN_M_DEFAULT`] where the large-m path is a Hopper kernel at decode sizes
+/// ([`W4A16LargeKernel::configured_for`]: the row kernel by default) and 65 elsewhere, so that other GPUs keep
+/// every decode size on the decode kernels (the dequantize path is unmeasured there). Read once per process. On an
+/// H200 (2026-11-28) the row kernel ran every 1B / 11B / 90B projection at m = 64 faster than the best decode
+/// kernel, and 1B W4A16 decode took 2.21 ms a step at batch 40 against 2.91 through the decode kernels, 2.50 at
+/// batch 64 against 3.34.
 pub const LARGE_MIN_M_ENV: &str = "LLAMA32_W4A16_LARGE_MIN_M";
 
-/// The default of [`LARGE_MIN_M_ENV`]: the rows above the decode kernels' 32-row tiles.
+/// The fewest rows on the large-m path by default where that path is a Hopper kernel at decode sizes: the rows
+/// above the decode kernels' 32-row tiles.
 pub const LARGE_MIN_M_DEFAULT: usize = 33;
 
-/// [`LARGE_MIN_M_ENV`]'s setting.
+/// [`LARGE_MIN_M_ENV`]'s setting (0: the default, resolved by [`resolve_min_m`]).
 static LARGE_MIN_M: crate::ops::cuda::EnvCount =
-    crate::ops::cuda::EnvCount::new(LARGE_MIN_M_ENV, LARGE_MIN_M_DEFAULT, 1..=super::MAX_DECODE_M + 1);
+    crate::ops::cuda::EnvCount::new(LARGE_MIN_M_ENV, 0, 0..=super::MAX_DECODE_M + 1);
 
-/// The fewest rows a W4A16 projection takes through the large-m path ([`LARGE_MIN_M_ENV`]; default
-/// [`LARGE_MIN_M_DEFAULT`]); an error names a bad value.
+/// The fewest rows for a setting of [`LARGE_MIN_M_ENV`]: the setting, or for 0 [`LARGE_MIN_M_DEFAULT`] where the
+/// large-m path at 64 rows is a Hopper kernel, else [`MAX_DECODE_M`](super::MAX_DECODE_M) + 1.
+fn resolve_min_m(setting: usize) -> usize {
+    if setting != 0 {
+        return setting;
+    }
+    let hopper = W4A16LargeKernel::configured_for(super::MAX_DECODE_M).is_ok_and(|k| k.is_wgmma());
+    if hopper {
+        LARGE_MIN_M_DEFAULT
+    } else {
+        super::MAX_DECODE_M + 1
+    }
+}
+
+/// The fewest rows a W4A16 projection takes through the large-m path ([`LARGE_MIN_M_ENV`]; by default
+/// [`LARGE_MIN_M_DEFAULT`] on Hopper, 65 elsewhere); an error names a bad value.
 pub fn large_min_m() -> Result<usize> {
-    LARGE_MIN_M.get()
+    LARGE_MIN_M.get().map(resolve_min_m)
 }
 
 /// True when a W4A16 projection of `rows` rows takes the large-m path ([`large_min_m`]; a bad value of
 /// [`LARGE_MIN_M_ENV`], which every kernel call refuses, counts as the default).
 pub fn takes_large_path(rows: usize) -> bool {
-    rows >= LARGE_MIN_M.or_default()
+    rows >= resolve_min_m(LARGE_MIN_M.or_default())
 }
 
 /// True when the current device runs [`w4a16_gemm_large`]: this build holds sm_90a SASS and the device has
@@ -348,13 +365,16 @@ mod tests {
 
     #[test]
     fn decode_batches_past_32_rows_take_the_large_path_by_default() {
-        // The default (the variable is not set in the test environment): up to 32 rows the decode kernels, from 33
-        // on the large-m path.
-        if std::env::var(LARGE_MIN_M_ENV).is_err() {
-            assert_eq!(large_min_m().unwrap(), 33);
-            assert!(!takes_large_path(32));
-            assert!(takes_large_path(33) && takes_large_path(super::super::MAX_DECODE_M));
+        // The default (the variables are not set in the test environment): on Hopper with sm_90a code up to 32
+        // rows the decode kernels, from 33 on the large-m path; elsewhere every decode size on the decode kernels.
+        if std::env::var(LARGE_MIN_M_ENV).is_err() && std::env::var(W4A16LargeKernel::ENV).is_err() {
+            let want = if large_wgmma_available() { 33 } else { 65 };
+            assert_eq!(large_min_m().unwrap(), want);
+            assert!(!takes_large_path(want - 1));
+            assert!(takes_large_path(want) && takes_large_path(65));
         }
+        assert_eq!(resolve_min_m(1), 1);
+        assert_eq!(resolve_min_m(65), 65);
         // Without a forced kind: the row kernel at decode sizes where it runs, dequantize + cuBLASLt above.
         if std::env::var(W4A16LargeKernel::ENV).is_err() {
             let decode = W4A16LargeKernel::configured_for(super::super::MAX_DECODE_M).unwrap();
