@@ -179,7 +179,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
     __shared__ float s_m[S::kDecodeWarps][kMaxGroup], s_l[S::kDecodeWarps][kMaxGroup];
     unsigned* const barrier = p.counters;
     // Profiling (p.phase_times): this block's [start, end] of phase ph of layer l, or nullptr when not timed.
-    const bool timed = p.phase_times != nullptr && static_cast<int>(gridDim.x) <= p.timing_blocks;
+    // Only a grid of exactly timing_blocks blocks writes: the host reads the layout with that stride.
+    const bool timed = p.phase_times != nullptr && static_cast<int>(gridDim.x) == p.timing_blocks;
     const auto slot = [&](int l, int ph) -> uint64_t* {
         if (!timed) return nullptr;
         const int64_t phase = static_cast<int64_t>(l) * L32_DECODE_LAYERS_PHASES + ph;

@@ -970,8 +970,8 @@ typedef struct l32_decode_layers_params {
                                        block b's %globaltimer (ns) where a phase starts (the kernel's start, or its
                                        departure from the grid barrier before) and ends (its arrival at the barrier
                                        after, or the kernel's end), taken by thread 0 once the block's threads are
-                                       through the phase. Written only when the grid has at most timing_blocks */
-    int32_t timing_blocks;        /**< blocks phase_times holds room for */
+                                       through the phase. Written only when the grid has timing_blocks blocks */
+    int32_t timing_blocks;        /**< blocks phase_times holds room for: the SM count (one block per SM) */
 } l32_decode_layers_params;
 
 /** Phases per layer of l32_decode_layers (norm + qkv, attention, o, norm + gate_up, down). */

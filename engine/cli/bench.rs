@@ -313,6 +313,8 @@ fn bench_one(
     let f1 = mark(Instant::now());
     let decode_steps = a.gen_tokens.saturating_sub(1).max(1) as f64;
     // On GPUs only (null on the CPU, the reference backend, where the extra steps would double a short run).
+    // Read before the steady steps below add theirs.
+    let stack_steps = m.exec.fused_decode_steps();
     let steady =
         (!m.gpus.is_empty()).then(|| steady_decode(m.exec.as_mut(), batch, a.prompt_tokens + a.gen_tokens / 2));
     let steady_s = steady.as_ref().and_then(|r| r.as_ref().ok()).copied();
@@ -357,7 +359,7 @@ fn bench_one(
         "fused_rope": a.model.fused_rope,
         "fused_norm": a.model.fused_norm,
         "persistent_decode": a.model.persistent_decode,
-        "persistent_decode_steps": m.exec.fused_decode_steps(),
+        "persistent_decode_steps": stack_steps,
         "ablate": ablate,
     });
     let steady_fields = [
@@ -412,13 +414,17 @@ fn bench_one(
     if a.profile > 0 {
         let profile = profile_steps(m.exec.as_mut(), batch, a.prompt_tokens, a.profile);
         put_result(&mut out, &mut profile_err, "profile", profile);
-        // Only where the run's decode steps took the stack (one GPU, up to 8 sequences); elsewhere the line says so.
-        if a.model.persistent_decode && m.exec.fused_decode_steps() == 0 {
-            let why = Error::request("the run's decode steps did not take the persistent decode stack");
-            put_result(&mut out, &mut None, "persistent_decode_phases", Err(why));
-        } else if a.model.persistent_decode && profile_err.is_none() {
-            let phases = stack_phases(m.exec.as_mut(), batch, a.prompt_tokens, a.profile);
-            put_result(&mut out, &mut profile_err, "persistent_decode_phases", phases);
+        // Where this batch's decode steps take the stack (one GPU, up to 8 sequences); elsewhere the line says why
+        // not, without failing the run (a sweep's other batches may take it).
+        if a.model.persistent_decode && profile_err.is_none() {
+            match stack_phases(m.exec.as_mut(), batch, a.prompt_tokens, a.profile) {
+                Ok(Some(phases)) => put_result(&mut out, &mut profile_err, "persistent_decode_phases", Ok(phases)),
+                Ok(None) => {
+                    let why = format!("decode steps of {batch} sequences did not take the persistent decode stack");
+                    put_result(&mut out, &mut None, "persistent_decode_phases", Err(Error::request(why)));
+                }
+                Err(e) => put_result(&mut out, &mut profile_err, "persistent_decode_phases", Err(e)),
+            }
         }
     }
     Ok((out, profile_err))
@@ -443,23 +449,35 @@ fn put_result(out: &mut serde_json::Value, err: &mut Option<Error>, key: &str, r
 /// timing on (each step as a run replays it, from its CUDA graph where it has one), and the last launch's phases
 /// as JSON: per kind of phase summed over the layers, the span, the mean and slowest block's work and the grid
 /// barrier's release after it.
-fn stack_phases(exec: &mut dyn Executor, batch: usize, prompt: usize, steps: usize) -> Result<serde_json::Value> {
-    exec.set_fused_decode_timing(true)?;
+/// `None` when those steps did not take the stack (more sequences than it takes, or no stack: the CPU).
+fn stack_phases(
+    exec: &mut dyn Executor,
+    batch: usize,
+    prompt: usize,
+    steps: usize,
+) -> Result<Option<serde_json::Value>> {
+    match exec.set_fused_decode_timing(true) {
+        // No stack to time (the CPU, or the stack off).
+        Err(Error::Request(_)) => return Ok(None),
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
     let phases = synthetic_step(exec, batch, prompt, 1).and_then(|step| {
         let before = exec.fused_decode_steps();
         for _ in 0..steps.max(1) {
             exec.step(&step)?;
         }
         if exec.fused_decode_steps() == before {
-            return Err(Error::request(format!(
-                "persistent decode phases: decode steps of {batch} sequences did not take the stack"
-            )));
+            return Ok(None);
         }
-        exec.fused_decode_phases()
+        let phases = exec.fused_decode_phases()?;
+        phases
+            .map(|p| p.to_json())
+            .ok_or_else(|| Error::Backend("persistent decode phases: timing was off".into()))
+            .map(Some)
     });
     exec.set_fused_decode_timing(false)?;
-    let phases = phases?.ok_or_else(|| Error::Backend("persistent decode phases: timing was off".into()))?;
-    Ok(phases.to_json())
+    phases
 }
 
 /// Decode steps in the steady-decode timing ([`steady_decode`]), after three untimed ones.

@@ -354,8 +354,8 @@ impl StackScratch {
     }
 
     /// Has later launches time their phases (profiling; [`phase_times`](Self::phase_times)): room for `layers`
-    /// layers on a grid of up to `blocks` blocks (the device's SMs: the stack runs one block per SM). A launch on
-    /// a larger grid writes nothing. A CUDA graph captured before keeps its launch untimed.
+    /// layers on a grid of `blocks` blocks (the device's SMs: the stack runs one block per SM). A launch on another
+    /// grid writes nothing. A CUDA graph captured before keeps its launch untimed.
     pub fn enable_timing(&mut self, stream: &Arc<CudaStream>, layers: usize, blocks: usize) -> Result<()> {
         if layers == 0 || blocks == 0 || blocks > i32::MAX as usize {
             return Err(Error::Backend(format!("decode_layers timing: {layers} layers of {blocks} blocks")));
@@ -376,8 +376,9 @@ impl StackScratch {
         self.timer.is_some()
     }
 
-    /// The phases of the last timed launch (waits for `stream`); `None` when timing is off. An error when a launch
-    /// has not written every timestamp (none ran since timing was turned on, or its grid was larger).
+    /// The phases of the last timed launch (waits for `stream`); `None` when timing is off. An error when no launch
+    /// since timing was turned on has written every timestamp (none ran, or on another grid); the timestamps are
+    /// zeroed only then, so they are the last complete launch's.
     pub fn phase_times(&self, stream: &Arc<CudaStream>) -> Result<Option<StackPhases>> {
         let Some(t) = &self.timer else {
             return Ok(None);

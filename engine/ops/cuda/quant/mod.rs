@@ -138,7 +138,8 @@ pub enum W4A16Kernel {
     Pipelined,
     /// For batches: 128-row blocks at every m, the activations and the weights both staged in shared memory with
     /// cp.async (double-buffered), so each activation fragment feeds both of a warp's row tiles. The default at
-    /// m > 32 for the largest matrices (see [`for_shape`](Self::for_shape)).
+    /// m > 32 for the largest matrices (see [`for_shape`](Self::for_shape)) where those rows stay on the decode
+    /// kernels (on Hopper, from 33 rows the large-m path takes them by default).
     Tiled,
     /// For m <= 16 on Hopper (compute capability 9.x): a persistent grid whose warps each take an equal share of the
     /// matrix's 64-column chunks, streamed through a shared-memory ring that TMA bulk copies fill (6-8 KB in flight
@@ -148,7 +149,7 @@ pub enum W4A16Kernel {
     /// The direct kernel's code (so its bits) compiled at m <= 8 for at most 128 registers and at 9-16 rows for at
     /// most 168, under which ptxas issues a warp's four chunk loads before their MMAs (92 and 134 registers) where
     /// the direct kernel has about one chunk in flight (48 registers at m <= 8); above 16 rows it is the direct
-    /// kernel. The default at m <= 8 ([`pick`](Self::pick)): on an H200 (2026-11-28) it reached 3072-3249 GB/s
+    /// kernel. The default at m <= 8 on Hopper ([`pick`](Self::pick)): on an H200 (2026-11-28) it reached 3072-3249 GB/s
     /// on the 90B projections at m = 1, against 2571-2806 for the best kernel before; at 9-16 rows it is only
     /// forced (`direct-batched`).
     DirectBatched,
@@ -214,11 +215,11 @@ impl W4A16Kernel {
         self != W4A16Kernel::Bulk
     }
 
-    /// The faster kernel at this shape on the current device: [`pick`](Self::pick) with the bulk kernel allowed
-    /// where it runs ([`bulk_available`]).
+    /// The faster kernel at this shape on the current device: [`pick`](Self::pick) with `hopper` where the bulk
+    /// kernel runs ([`bulk_available`]: compute capability 9.x with sm_90a code), where the picks were measured.
     pub fn for_shape(m: usize, n: usize, k: usize) -> Self {
-        // The device is asked only for the shapes the bulk kernel would take.
-        Self::pick(m, n, k, Self::bulk_shape(m, n, k) && bulk_available())
+        // The device is asked only for the shapes where the answer changes the pick.
+        Self::pick(m, n, k, (m <= 8 || Self::bulk_shape(m, n, k)) && bulk_available())
     }
 
     /// The shapes where the bulk kernel measured fastest (see [`pick`](Self::pick)): n k >= 2^27 and down-like
@@ -231,34 +232,37 @@ impl W4A16Kernel {
     /// `cuda_quant::quant_throughput`, the 1B / 11B / 90B projections at m = 1, 16, 64) and on an H100 (2026-11-27,
     /// seventh and eighth sessions, the same shapes with the tiled and bulk kernels;
     /// `bench/results/2026-11-27-h100-targets-prefill-w4a16.md` and `bench/results/2026-11-27-h100-w4a16-bulk.md`),
-    /// with `bulk` saying whether the bulk kernel runs here:
-    /// - direct-batched at m <= 8 (one 8-token tile, the same kernel for every m there): at m = 1 on an H200
+    /// with `hopper` saying whether this is a Hopper GPU with sm_90a code (where the bulk kernel runs):
+    /// - on Hopper, direct-batched at m <= 8 (one 8-token tile, the same kernel for every m there): at m = 1 on an H200
     ///   (2026-11-28, nineteenth session) it beat the kernel picked before on six of the eight projections, us per
     ///   call: 90B gate_up 99.8 (bulk) -> 86.0, 90B down 54.2 (bulk) -> 40.7, 11B down 15.6 (pipelined) -> 14.0,
     ///   1B down 9.34 (pipelined) -> 7.08, 1B qkv 6.04 -> 5.36, 1B o 5.14 -> 4.47; 11B gate_up tied (26.5 /
     ///   26.6) and 1B gate_up lost 3% (11.44 -> 11.82). At 9-16 rows it lost up to 1.25x (11B gate_up), so it
-    ///   stays at m <= 8;
-    /// - bulk, where it runs, on the largest matrices (n k >= 2^27: the 90B gate_up and down) at m <= 16 for the
+    ///   stays at m <= 8. Elsewhere (unmeasured there) the picks before it stand;
+    /// - on Hopper, bulk on the largest matrices (n k >= 2^27: the 90B gate_up and down) at 9-16 rows for the
     ///   down-like ones (k >= 2 n): H100, us per call, best other -> bulk: 90B down m = 16 87.6 -> 74.3 (H200
     ///   2026-11-28: 68.9, direct-batched 68.7, direct 91.4); it lost on 90B gate_up at m = 16 (128.6 -> 133.6),
     ///   on the 11B matrices (1.02-1.11x slower) and on every 1B one (1.2-2x slower);
-    /// - (before direct-batched, the pipelined kernel won m <= 8 when k >= 2 n: 1B 10.05 -> 9.62 us, 11B 22.9 ->
-    ///   19.7 us, 90B 71.4 -> 55.0 us, H200 2026-11-27);
+    /// - off Hopper, pipelined at m <= 8 when k >= 2 n (the down projections), as measured before direct-batched:
+    ///   1B 10.05 -> 9.62 us, 11B 22.9 -> 19.7 us, 90B 71.4 -> 55.0 us (H200, 2026-11-27);
     /// - tiled at m > 32 for the largest matrices (n k >= 2^27, the 90B gate_up and down) and the other wide, large
     ///   ones (n >= 4 k and n k >= 2^26, 11B gate_up): at m = 64 on the H100, 90B gate_up 475 -> 394 us, 90B down
     ///   265 -> 242 us and 11B gate_up 167 -> 155 us (the next best -> tiled), where it lost 1.3-1.7x on the 1B
     ///   matrices and 11B down;
     /// - direct everywhere else, and at 8 < m <= 32 in particular, where the pipelined kernel lost 1.2-2.3x (H200)
     ///   and the tiled one 1.1-2.3x (H100).
-    pub fn pick(m: usize, n: usize, k: usize, bulk: bool) -> Self {
+    pub fn pick(m: usize, n: usize, k: usize, hopper: bool) -> Self {
         let weights = n.saturating_mul(k);
+        let down_like = m <= 8 && k >= 2 * n;
         let large = m > 32 && (weights >= 1 << 27 || (n >= 4 * k && weights >= 1 << 26));
-        if m <= 8 {
+        if hopper && m <= 8 {
             W4A16Kernel::DirectBatched
-        } else if bulk && Self::bulk_shape(m, n, k) {
+        } else if hopper && Self::bulk_shape(m, n, k) {
             W4A16Kernel::Bulk
         } else if large {
             W4A16Kernel::Tiled
+        } else if down_like {
+            W4A16Kernel::Pipelined
         } else {
             W4A16Kernel::Direct
         }
@@ -385,31 +389,34 @@ mod tests {
 
     #[test]
     fn w4a16_kernel_for_shape_follows_the_measurements() {
-        use W4A16Kernel::{Bulk, Direct, DirectBatched, Tiled};
-        // (m, n, k, kernel): the measured winners of 2026-11-27 and -28 (H200, then H100), at the 1B / 11B / 90B
-        // projections.
+        use W4A16Kernel::{Bulk, Direct, DirectBatched, Pipelined, Tiled};
+        // (m, n, k, kernel) off Hopper: the measured winners of 2026-11-27 (H200, then H100), at the 1B / 11B / 90B
+        // projections, before direct-batched.
         let cases = [
-            (1, 2048, 8192, DirectBatched),  // 1B down
-            (1, 4096, 14336, DirectBatched), // 11B down
-            (1, 8192, 28672, DirectBatched), // 90B down
-            (8, 8192, 28672, DirectBatched), // the same 8-token tile
-            (1, 57344, 8192, DirectBatched), // 90B gate_up
-            (1, 16384, 2048, DirectBatched), // 1B gate_up (3% behind direct, the one loss)
-            (1, 3072, 2048, DirectBatched),  // 1B qkv
-            (9, 8192, 28672, Direct),        // 8 < m <= 32: direct
-            (16, 8192, 28672, Direct),       //
-            (32, 57344, 8192, Direct),       //
-            (64, 57344, 8192, Tiled),        // 90B gate_up
-            (33, 8192, 28672, Tiled),        // 90B down
-            (64, 28672, 4096, Tiled),        // 11B gate_up
-            (64, 16384, 2048, Direct),       // 1B gate_up: too small
-            (64, 4096, 14336, Direct),       // 11B down
+            (1, 2048, 8192, Pipelined),  // 1B down
+            (1, 4096, 14336, Pipelined), // 11B down
+            (1, 8192, 28672, Pipelined), // 90B down
+            (8, 8192, 28672, Pipelined), // the same 8-token tile
+            (1, 57344, 8192, Direct),    // 90B gate_up
+            (1, 16384, 2048, Direct),    // 1B gate_up
+            (1, 3072, 2048, Direct),     // 1B qkv
+            (9, 8192, 28672, Direct),    // 8 < m <= 32: direct
+            (16, 8192, 28672, Direct),   //
+            (32, 57344, 8192, Direct),   //
+            (64, 57344, 8192, Tiled),    // 90B gate_up
+            (33, 8192, 28672, Tiled),    // 90B down
+            (64, 28672, 4096, Tiled),    // 11B gate_up
+            (64, 16384, 2048, Direct),   // 1B gate_up: too small
+            (64, 4096, 14336, Direct),   // 11B down
         ];
         for (m, n, k, want) in cases {
             assert_eq!(W4A16Kernel::pick(m, n, k, false), want, "m {m} n {n} k {k}");
         }
-        // Where the bulk kernel runs (Hopper): the H100 winners of 2026-11-27 (eighth session).
+        // On Hopper: the H100 winners of 2026-11-27 (eighth session) and the H200 ones of 2026-11-28.
         let hopper = [
+            (1, 2048, 8192, DirectBatched),  // 1B down
+            (1, 3072, 2048, DirectBatched),  // 1B qkv
+            (8, 8192, 28672, DirectBatched), // the same 8-token tile
             (1, 57344, 8192, DirectBatched), // 90B gate_up: direct-batched beat bulk at m <= 8 (H200, -28)
             (8, 57344, 8192, DirectBatched), //
             (9, 57344, 8192, Direct),        // not down-like: no bulk
