@@ -495,6 +495,7 @@ PY
       cuda_decode_stack::decode_stack_matches_the_layers_at_the_llama_widths \
       cuda_decode_stack::decode_stack_w4a16_matches_the_layers_at_the_llama_widths \
       cuda_decode_stack::decode_stack_refuses_w4a8_projections \
+      cuda_decode_stack::decode_stack_phase_timing_changes_no_bit_and_the_barriers_hold \
       cuda_kernels::grid_probe_barrier_is_sound_and_the_stream_reads_every_byte; do
       gpu_test_env stack "$ft" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
     done
