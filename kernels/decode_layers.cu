@@ -23,8 +23,9 @@
 //   5. down: act staged, the tiles, output into delta.
 // Every phase runs the multi-kernel step's device code with the parameters it would get (gemv at warps = 8), so the
 // bits are those of that step. Profiling: with params.phase_times each block's thread 0 writes %globaltimer where
-// each phase starts and ends (at the grid barriers), so the host can tell a phase's work from its wait. Activations written in this launch are read from L2 (ld.global.cg, cp.async.cg,
-// __ldcg): L1 is not coherent across SMs. Weights and metadata, which nothing writes, go through the read-only path
+// each phase starts and ends (at the grid barriers), so the host can tell a phase's work from its wait.
+// Activations written in this launch are read from L2 (ld.global.cg, cp.async.cg, __ldcg): L1 is not coherent
+// across SMs. Weights and metadata, which nothing writes, go through the read-only path
 // as in the gemv kernel.
 //
 // ptxas (CUDA 13.0; sm_80 / sm_89 / sm_90a), no spills, a 32-byte stack frame (sincosf's large-angle path, as in

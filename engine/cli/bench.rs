@@ -312,9 +312,9 @@ fn bench_one(
     let decode_s = decode_t0.map_or(0.0, |t| (end - t).as_secs_f64());
     let f1 = mark(Instant::now());
     let decode_steps = a.gen_tokens.saturating_sub(1).max(1) as f64;
-    // On GPUs only (null on the CPU, the reference backend, where the extra steps would double a short run).
     // Read before the steady steps below add theirs.
     let stack_steps = m.exec.fused_decode_steps();
+    // On GPUs only (null on the CPU, the reference backend, where the extra steps would double a short run).
     let steady =
         (!m.gpus.is_empty()).then(|| steady_decode(m.exec.as_mut(), batch, a.prompt_tokens + a.gen_tokens / 2));
     let steady_s = steady.as_ref().and_then(|r| r.as_ref().ok()).copied();
@@ -421,7 +421,7 @@ fn bench_one(
                 Ok(Some(phases)) => put_result(&mut out, &mut profile_err, "persistent_decode_phases", Ok(phases)),
                 Ok(None) => {
                     let why = format!("decode steps of {batch} sequences did not take the persistent decode stack");
-                    put_result(&mut out, &mut None, "persistent_decode_phases", Err(Error::request(why)));
+                    out["persistent_decode_phases_error"] = why.into();
                 }
                 Err(e) => put_result(&mut out, &mut profile_err, "persistent_decode_phases", Err(e)),
             }

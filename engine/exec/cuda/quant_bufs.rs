@@ -2,8 +2,8 @@
 //! ([`super::CudaOps`]) and the Llama 3.2 Vision decoder ([`crate::vision::cuda::text`]).
 //!
 //! - W4A16 below [`k::quant::large_min_m`] rows (by default 33 on Hopper, 65 elsewhere;
-//!   `LLAMA32_W4A16_LARGE_MIN_M` sets 1 to 65, 0 for that default): the fused dequantize-and-multiply decode kernels, split-K partials
-//!   in the workspace;
+//!   `LLAMA32_W4A16_LARGE_MIN_M` sets 1 to 65, 0 for that default): the fused dequantize-and-multiply decode
+//!   kernels, split-K partials in the workspace;
 //! - W4A16 with more rows: the weight dequantized a chunk of rows at a time ([`k::quant::w4a16_chunk_rows`]) into
 //!   a scratch, each chunk multiplied by cuBLASLt into its columns of the output while it sits in L2; or, where
 //!   [`k::quant::W4A16LargeKernel::configured_for`] says so (Hopper: by default the row kernel at decode sizes,

@@ -174,8 +174,8 @@ pub fn set_large_splits(splits: Option<usize>) -> bool {
 }
 
 /// K splits of [`w4a16_gemm_large`] with `tile_m`-token tiles for `m` x `n` x `k` on `sms` SMs: none while the grid
-/// (128-row blocks by token tiles) has more than one block per two SMs; else enough for its two blocks per SM, with at least
-/// four 64-column chunks per split. At 64-token tiles on 132 SMs: m = 64 on 11B down (32 blocks) 9 splits, 90B down
+/// (128-row blocks by token tiles) has more than one block per two SMs; else enough for its two blocks per SM,
+/// with at least four 64-column chunks per split. At 64-token tiles on 132 SMs: m = 64 on 11B down (32 blocks) 9 splits, 90B down
 /// (64 blocks) 5; 1B gate_up (128 blocks) and 11B gate_up (224) none. On an H200 (2026-11-28) the splits made
 /// m = 64 2.2x faster on 11B down (139 -> 62 us), 1.4x on 90B down and 1.2x on 1B qkv, but 3 splits of 1B gate_up's
 /// 128 blocks made it 1.7x slower (24 -> 41 us). [`LARGE_SPLITS_ENV`] forces the count of a grid that would be

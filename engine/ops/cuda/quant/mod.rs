@@ -149,9 +149,9 @@ pub enum W4A16Kernel {
     /// The direct kernel's code (so its bits) compiled at m <= 8 for at most 128 registers and at 9-16 rows for at
     /// most 168, under which ptxas issues a warp's four chunk loads before their MMAs (92 and 134 registers) where
     /// the direct kernel has about one chunk in flight (48 registers at m <= 8); above 16 rows it is the direct
-    /// kernel. The default at m <= 8 on Hopper ([`pick`](Self::pick)): on an H200 (2026-11-28) it reached 3072-3249 GB/s
-    /// on the 90B projections at m = 1, against 2571-2806 for the best kernel before; at 9-16 rows it is only
-    /// forced (`direct-batched`).
+    /// kernel. The default at m <= 8 on Hopper ([`pick`](Self::pick)): on an H200 (2026-11-28) it reached
+    /// 3072-3249 GB/s on the 90B projections at m = 1, against 2571-2806 for the best kernel before; at 9-16 rows
+    /// it is only forced (`direct-batched`).
     DirectBatched,
 }
 

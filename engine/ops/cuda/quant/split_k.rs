@@ -226,7 +226,8 @@ pub fn w4a8_workspace(m: usize, n: usize, k: usize, sms: usize) -> (usize, usize
 
 /// The largest `(partials, counters)` a `n` x `k` projection needs at up to `max_m` rows: any W4A16 decode
 /// kernel at up to 64 rows and, where the large-m path takes some of those rows ([`super::large_min_m`]) and is a
-/// Hopper kernel at some of them ([`super::W4A16LargeKernel::configured_for`]), its split plans; or W4A8 at any row count up to `max_m`.
+/// Hopper kernel at some of them ([`super::W4A16LargeKernel::configured_for`]), its split plans; or W4A8 at any
+/// row count up to `max_m`.
 pub fn workspace_bound(w4a8: bool, max_m: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
     let mut need = (0, 0);
     let mut take = |(p, c): (usize, usize)| need = (need.0.max(p), need.1.max(c));
