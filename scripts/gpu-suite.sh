@@ -80,7 +80,8 @@ run() {
   # the grid probe and the A/B decode rows, a few minutes; `run stack,fresh` runs both), defaults (opt-in: end to
   # end, each default the nineteenth session set beside the one it replaced: the warp-specialized prefill against
   # the wgmma one, direct-batched W4A16 at batch 1, the large-m row kernel at batch 64, and the decode K/V ring at
-  # 2 and 3 stages at batch 64, then the attention call inside a profiled 3B batch-64 step at each).
+  # 2 and 3 stages at batch 64, then the attention call inside a profiled 3B batch-64 step at each; and the
+  # quantized decode kernels' loads before the wait, LLAMA32_QUANT_PREWAIT on and off, 1B batch 1 W4A16 and W4A8).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -169,6 +170,7 @@ run() {
     env_tag+="${LLAMA32_W4A16_TILED_STAGES:+ tiled_stages=$LLAMA32_W4A16_TILED_STAGES}"
     env_tag+="${LLAMA32_DECODE_MERGE:+ merge=$LLAMA32_DECODE_MERGE}"
     env_tag+="${LLAMA32_DECODE_STAGES:+ decode_stages=$LLAMA32_DECODE_STAGES}"
+    env_tag+="${LLAMA32_QUANT_PREWAIT:+ prewait=$LLAMA32_QUANT_PREWAIT}"
     tag="$preset.b$batch.p$prompt${extra:+.$(echo "$extra" | tr -c 'a-z0-9' '_')}$(echo "$env_tag" | tr -c 'a-z0-9=\n' '.')"
     log="$logs/bench.$tag.log"
     last_bench_log=$log
@@ -609,6 +611,15 @@ PY
     if [[ -f $logs/decode-stages-profile.txt ]]; then
       mapfile -t -O "${#benches[@]}" benches <"$logs/decode-stages-profile.txt"
     fi
+    # The twentieth session's loads before the wait in the quantized decode kernels (LLAMA32_QUANT_PREWAIT, on by
+    # default, built without a GPU): 1B batch 1 in W4A16 (int8 tables, the issue-6 row) and W4A8, on and off in
+    # turn, twice each.
+    local pw
+    for spec in "1b 1 128 64 --quantize w4a16-g32 --embeddings int8" "1b 1 128 64 --quantize w4a8-g32"; do
+      for pw in 1 0 1 0; do
+        LLAMA32_QUANT_PREWAIT=$pw bench_e2e 60 "$spec"
+      done
+    done
   fi
 
   if want prefill && [[ -x "$bundle/tests/gpu" ]]; then

@@ -370,6 +370,8 @@ fn bench_one(
             "steady_decode_error",
             serde_json::json!(steady.as_ref().and_then(|r| r.as_ref().err()).map(|e| e.to_string())),
         ),
+        // The quantized decode kernels' loads before the wait (LLAMA32_QUANT_PREWAIT), beside the switches above.
+        ("quant_prewait", serde_json::json!(crate::ops::cuda::quant::quant_prewait().ok())),
     ];
     if let Some(obj) = out.as_object_mut() {
         for (key, value) in steady_fields {

@@ -136,8 +136,8 @@ __device__ __forceinline__ void w4a16_chunks(float (&acc)[kMT][4], const uint4* 
     }
 }
 
-// The kernel's body (w4a16_kernel and w4a16_batched_kernel below, which call pdl_begin() first). kMT = ceil(m / 8)
-// token tiles.
+// The kernel's body (w4a16_kernel and w4a16_batched_kernel below call it after pdl_begin(), with only
+// w4a16_prewait's L2 hints before). kMT = ceil(m / 8) token tiles.
 template <int kMT, bool kZeros>
 __device__ __forceinline__ void w4a16_body(const l32_w4a16_params& p) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -216,9 +216,41 @@ __device__ __forceinline__ void w4a16_body(const l32_w4a16_params& p) {
     w4a16_finish_split(p, m, npad, kWarps * 16);
 }
 
+// Before the kernel waits for the previous one (p.prewait): asks L2 for the warp's first 2 kUnroll chunks, the
+// loads of its first two chunk sets, i.e. 4 KB of weights (chunk c of row tile nt is the 512 contiguous bytes at
+// (nt kc + c) 512, so the set is one contiguous run: a 128-byte line per lane) and their 512 bytes of scales (and of
+// zero points). No kernel of a step writes weights (kernels/common/launch.cuh), so under PDL these bytes stream in
+// while the previous kernel finishes, as the gemv, pipelined, tiled and bulk kernels' first bytes do. Only a hint:
+// the loads after the wait are those of w4a16_body either way, so are the bits.
+template <bool kZeros>
+__device__ __forceinline__ void w4a16_prewait(const l32_w4a16_params& p) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int ntiles = static_cast<int>((p.n + 15) / 16);
+    const int nt = blockIdx.x * kWarps + warp;
+    if (nt >= ntiles) return;
+    const int kc = static_cast<int>(p.k / 64);
+    int c0, c1;
+    split_range(kc, p.splits, blockIdx.y, c0, c1);
+    const int chunks = min(c1 - c0, 2 * kUnroll);
+    if (chunks <= 0) return;
+    const int64_t first = int64_t{nt} * kc + c0;  // the set's first chunk in the layout's chunk order
+    const auto* wq = static_cast<const uint8_t*>(p.qweight) + first * 512;
+    if (lane < chunks * 4) prefetch_l2(wq + lane * 128);  // chunks * 512 bytes (line-aligned in device allocations)
+    // Scales (and zero points): 64 bytes a chunk, contiguous, not line-aligned: lines at 128-byte steps from the
+    // first byte, and the line of the last byte.
+    const int bytes = chunks * 64;
+    const int lines = (bytes + 127) / 128;
+    if (lane <= lines) {
+        const int64_t off = first * 64 + (lane < lines ? lane * 128 : bytes - 1);
+        prefetch_l2(static_cast<const uint8_t*>(p.scales) + off);
+        if constexpr (kZeros) prefetch_l2(static_cast<const uint8_t*>(p.zeros) + off);
+    }
+}
+
 // Tier 1. grid = (ceil(n_tiles / kWarps), splits), block = kWarps * 32.
 template <int kMT, bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constant__ l32_w4a16_params p) {
+    if (p.prewait != 0) w4a16_prewait<kZeros>(p);
     pdl_begin();
     w4a16_body<kMT, kZeros>(p);
 }
@@ -228,10 +260,13 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_kernel(const __grid_constan
 // set (CUDA 13.0, sm_90a, cuobjdump): the plain kernel places each chunk's weight load next to its MMAs (48
 // registers at m <= 8, about one chunk in flight per warp); this one issues the set's four 16-byte weight loads and
 // their activation and scale loads before the first MMA (92 registers at m <= 8, 98 with zero points; 134 at 9-16
-// rows; no spills). Above 16 rows (and at 9-16 under a 4-block bound) ptxas spills, so those take w4a16_kernel.
+// rows; no spills; with w4a16_prewait in front since the twentieth session 90 / 109 and 134 / 144, the same 16 loads
+// ahead of the 16 MMAs at m <= 8). Above 16 rows (and at 9-16 under a 4-block bound) ptxas spills, so those take
+// w4a16_kernel.
 template <int kMT, bool kZeros>
 __global__ void __launch_bounds__(kWarps * 32, kMT == 1 ? 4 : 3)
     w4a16_batched_kernel(const __grid_constant__ l32_w4a16_params p) {
+    if (p.prewait != 0) w4a16_prewait<kZeros>(p);
     pdl_begin();
     w4a16_body<kMT, kZeros>(p);
 }
@@ -248,7 +283,10 @@ l32_status launch_gemm(const l32_w4a16_params& p, cudaStream_t stream) {
             kernel = zeros ? w4a16_batched_kernel<kMT, true> : w4a16_batched_kernel<kMT, false>;
         }
     }
-    launch_kernel(kernel, grid, kWarps * 32, 0, stream, p);
+    // The L2 hints before the wait only pay under PDL (where the previous kernel is still running).
+    l32_w4a16_params q = p;
+    q.prewait = p.prewait != 0 && programmatic_launch_applies() ? 1 : 0;
+    launch_kernel(kernel, grid, kWarps * 32, 0, stream, q);
     return check_launch();
 }
 

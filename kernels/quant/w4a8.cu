@@ -69,10 +69,43 @@ __device__ __forceinline__ int b_offset(int r, int ch) {
     return r * 64 + seg * 32 + (ch & 1) * 16;
 }
 
+// The weights, scales and zero points of chunk c of the block's 8 weight row tiles (from nt0) into stage s, one
+// 16-byte cp.async per thread (not committed); tiles past n are zero-filled. Weights only: w4a8_kernel may issue it
+// before it waits for the previous kernel (p.prewait).
+template <bool kZeros>
+__device__ __forceinline__ void stage_weights(uint8_t* s, const l32_w4a8_params& p, int nt0, int ntiles, int kc,
+                                              int c) {
+    const auto* wq = static_cast<const uint8_t*>(p.qweight);
+    const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
+    {
+        const int i = threadIdx.x;  // 256 threads x 16 bytes = the 8 weight tiles
+        const int nt = nt0 + i / 32;
+        const bool ok = nt < ntiles;
+        const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
+        cp_async16(s + i * 16, wq + src, ok);
+    }
+    if (threadIdx.x < kSBytes / 16) {  // 64 x 16 bytes: tile i / 8, lane group i % 8
+        const int i = threadIdx.x;
+        const int nt = nt0 + i / 8;
+        const bool ok = nt < ntiles;
+        const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 8 + i % 8) * 16;
+        cp_async16(s + kABytes + i * 16, sc + src, ok);
+    }
+    if constexpr (kZeros) {
+        if (threadIdx.x >= 64 && threadIdx.x < 64 + kZBytes / 16) {  // 16 x 16 bytes: tile i / 2, half i % 2
+            const auto* zr = static_cast<const uint8_t*>(p.zeros);
+            const int i = threadIdx.x - 64;
+            const int nt = nt0 + i / 2;
+            const bool ok = nt < ntiles;
+            const int64_t src = (int64_t{ok ? nt : 0} * kc + c) * 32 + (i % 2) * 16;
+            cp_async16(s + kABytes + kSBytes + i * 16, zr + src, ok);
+        }
+    }
+}
+
 // Tier 1. grid = (ceil(n_pad / 128), ceil(m / BM), splits), block = 256; BM = kWarpsM * kWM * 8.
 template <int kWarpsN, int kWarpsM, int kWN, int kWM, bool kZeros>
 __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ l32_w4a8_params p) {
-    pdl_begin();
     static_assert(kWarpsN * kWarpsM * 32 == kThreads, "8 warps");
     static_assert(kWarpsN * kWN == kTilesN, "the warps cover the block's 8 weight row tiles");
     // The prefill tile (several warps along m), whose per-group epilogue bounds it, takes the biased MMA.
@@ -94,37 +127,31 @@ __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ 
     int c0, c1;
     split_range(kc, p.splits, blockIdx.z, c0, c1);
 
-    const auto* wq = static_cast<const uint8_t*>(p.qweight);
-    const auto* sc = reinterpret_cast<const uint8_t*>(p.scales);
-    const auto* zr = static_cast<const uint8_t*>(p.zeros);
-    const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
+    float acc[kWN][kWM][4];
+#pragma unroll
+    for (int i = 0; i < kWN; ++i) {
+#pragma unroll
+        for (int j = 0; j < kWM; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+    }
 
-    // Copies chunk c into stage `stage`. Weight tiles past n and token rows past m are zero-filled.
-    auto load_stage = [&](int stage, int c) {
+    // The first stages. With p.prewait their weights, scales and zero points are copied before the wait for the
+    // previous kernel, which writes xq (never the weights: kernels/common/launch.cuh), so under PDL they arrive while
+    // it finishes. They join the first commit group, which the loop's first wait on the copies covers either way;
+    // the copies and the bits are the same.
+    const bool early = p.prewait != 0;
+    if (early) {
+#pragma unroll
+        for (int s = 0; s < kStages - 1; ++s) {
+            if (c0 + s < c1) stage_weights<kZeros>(smem[s], p, nt0, ntiles, kc, c0 + s);
+        }
+    }
+    pdl_begin();
+    const auto* xq = reinterpret_cast<const uint8_t*>(p.xq);
+    // Copies chunk c into stage `stage`: its weights, scales and zero points (stage_weights), then its activations.
+    // Token rows past m are zero-filled.
+    auto load_stage = [&](int stage, int c, bool weights) {
         uint8_t* s = smem[stage];
-        {
-            const int i = threadIdx.x;  // 256 threads x 16 bytes = the 8 weight tiles
-            const int nt = nt0 + i / 32;
-            const bool ok = nt < ntiles;
-            const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
-            cp_async16(s + i * 16, wq + src, ok);
-        }
-        if (threadIdx.x < kSBytes / 16) {  // 64 x 16 bytes: tile i / 8, lane group i % 8
-            const int i = threadIdx.x;
-            const int nt = nt0 + i / 8;
-            const bool ok = nt < ntiles;
-            const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 8 + i % 8) * 16;
-            cp_async16(s + kABytes + i * 16, sc + src, ok);
-        }
-        if constexpr (kZeros) {
-            if (threadIdx.x >= 64 && threadIdx.x < 64 + kZBytes / 16) {  // 16 x 16 bytes: tile i / 2, half i % 2
-                const int i = threadIdx.x - 64;
-                const int nt = nt0 + i / 2;
-                const bool ok = nt < ntiles;
-                const int64_t src = (int64_t{ok ? nt : 0} * kc + c) * 32 + (i % 2) * 16;
-                cp_async16(s + kABytes + kSBytes + i * 16, zr + src, ok);
-            }
-        }
+        if (weights) stage_weights<kZeros>(s, p, nt0, ntiles, kc, c);
         for (int i = threadIdx.x; i < kBM * 4; i += kThreads) {
             const int r = i / 4, ch = i % 4;
             const int tok = m0 + r;
@@ -133,24 +160,16 @@ __global__ void __launch_bounds__(kThreads) w4a8_kernel(const __grid_constant__ 
             cp_async16(s + kABytes + kSBytes + kZBytes + b_offset(r, ch), xq + src, ok);
         }
     };
-
-    float acc[kWN][kWM][4];
-#pragma unroll
-    for (int i = 0; i < kWN; ++i) {
-#pragma unroll
-        for (int j = 0; j < kWM; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
-    }
-
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (c0 + s < c1) load_stage(s, c0 + s);
+        if (c0 + s < c1) load_stage(s, c0 + s, !early);
         cp_async_commit();
     }
     for (int c = c0; c < c1; ++c) {
         cp_async_wait<kStages - 2>();
         __syncthreads();  // chunk c is in its stage for every thread; the stage refilled below is no longer read
         const int next = c + kStages - 1;
-        if (next < c1) load_stage((next - c0) % kStages, next);
+        if (next < c1) load_stage((next - c0) % kStages, next, true);
         cp_async_commit();
 
         const uint8_t* s = smem[(c - c0) % kStages];
@@ -256,10 +275,14 @@ l32_status launch(const l32_w4a8_params& p, cudaStream_t stream) {
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((ntiles + kTilesN - 1) / kTilesN), static_cast<unsigned>((p.m + kBM - 1) / kBM),
                     static_cast<unsigned>(p.splits));
-    if (p.zeros != nullptr) {
-        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, true>, grid, kThreads, 0, stream, p);
+    // The early weight copies only pay under PDL; without it they would only make the first wait cover two stages'
+    // weights instead of one.
+    l32_w4a8_params q = p;
+    q.prewait = p.prewait != 0 && programmatic_launch_applies() ? 1 : 0;
+    if (q.zeros != nullptr) {
+        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, true>, grid, kThreads, 0, stream, q);
     } else {
-        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, false>, grid, kThreads, 0, stream, p);
+        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, false>, grid, kThreads, 0, stream, q);
     }
     return check_launch();
 }

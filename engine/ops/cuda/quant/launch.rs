@@ -97,6 +97,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         } else {
             0
         },
+        prewait: i32::from(!large && super::quant_prewait()?),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;
@@ -160,6 +161,7 @@ pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch, kernel:
             super::W4A8Kernel::WgmmaRow => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_ROW,
             super::W4A8Kernel::WgmmaWs => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_WS,
         },
+        prewait: i32::from(super::quant_prewait()?),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;

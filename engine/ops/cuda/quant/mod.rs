@@ -321,6 +321,37 @@ pub fn w4a16_l2_prefetch_for(m: usize, n: usize, k: usize) -> crate::Result<bool
     Ok(w4a16_l2_prefetch_forced()?.unwrap_or(m <= 8 || n.saturating_mul(k) < 1 << 27))
 }
 
+/// The environment variable that switches off (`0`, `off`, `false`) or on (`1`, `on`, `true`; unset or empty: on)
+/// the weight loads that the decode-size quantized kernels issue before they wait for the previous kernel: the
+/// direct W4A16 kernels ask L2 for each warp's first two chunk sets (4 KB of weights, and their scales and zero
+/// points), and the W4A8 mma kernel copies its first stages' weights, scales and zero points into shared memory.
+/// Under programmatic dependent launch those bytes arrive while the previous kernel finishes, as the first bytes of
+/// the bf16 skinny GEMM and the pipelined, tiled and bulk W4A16 kernels do. The launchers drop it where PDL does not
+/// apply (switched off, or not Hopper), where it could only cost. No kernel of a step writes weights, so the bits
+/// are the same either way. Added in the twentieth session without a GPU: not yet timed (the `defaults`
+/// stage of `scripts/gpu-suite.sh` runs the A/B). Read once per process.
+pub const QUANT_PREWAIT_ENV: &str = "LLAMA32_QUANT_PREWAIT";
+
+/// Whether the quantized decode kernels issue their first weight loads before waiting ([`QUANT_PREWAIT_ENV`],
+/// default on); a value it does not know is an error naming the variable.
+pub fn quant_prewait() -> crate::Result<bool> {
+    static VALUE: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    VALUE
+        .get_or_init(|| {
+            let value = std::env::var(QUANT_PREWAIT_ENV).unwrap_or_default();
+            let value = value.trim().to_ascii_lowercase();
+            match crate::ops::cuda::on_off(&value) {
+                Some(on) => Ok(on),
+                None if value.is_empty() => Ok(true),
+                None => {
+                    Err(format!("{QUANT_PREWAIT_ENV}: unknown value {value:?} (expected 1, on, true, 0, off or false)"))
+                }
+            }
+        })
+        .clone()
+        .map_err(crate::Error::Request)
+}
+
 /// The environment variable that runs the bulk W4A16 kernel in a measurement variant (0 to 3; default 0, the
 /// product): bit 0 streams the weights through its ring without arithmetic and writes no output (the copy path's
 /// rate alone; results are garbage), bit 1 drops its copies' L2 evict-first hint (same bits). Read once per process.
@@ -455,6 +486,14 @@ mod tests {
         set_w4a16_tiled_stages(Some(4)).unwrap();
         set_w4a16_tiled_stages(None).unwrap();
         assert_eq!(w4a16_tiled_stages().unwrap(), 2, "None goes back to the variable's");
+    }
+
+    #[test]
+    fn quant_prewait_is_on_unless_switched_off() {
+        match std::env::var(QUANT_PREWAIT_ENV) {
+            Ok(v) if !v.trim().is_empty() => eprintln!("skipped: {QUANT_PREWAIT_ENV} is set"),
+            _ => assert!(quant_prewait().unwrap(), "on by default"),
+        }
     }
 
     #[test]
