@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
     // bf16: the gemv tile's warp partials (partial[0]); W4A16: an item's split partials, two tiles.
     __shared__ float partial[kW4 ? 2 : 1][kWarps][8][kRows];
     __shared__ float s_m[S::kDecodeWarps][kMaxGroup], s_l[S::kDecodeWarps][kMaxGroup];
-    unsigned* const barrier = p.counters;
+    GridBarrier barrier(p.counters);
     // Profiling (p.phase_times): this block's [start, end] of phase ph of layer l, or nullptr when not timed.
     // Only a grid of exactly timing_blocks blocks writes: the host reads the layout with that stride.
     const bool timed = p.phase_times != nullptr && static_cast<int>(gridDim.x) == p.timing_blocks;
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
     const auto barrier_after = [&](int l, int ph) {
         uint64_t* const end = slot(l, ph);
         uint64_t* const next = ph + 1 < L32_DECODE_LAYERS_PHASES ? slot(l, ph + 1) : slot(l + 1, 0);
-        grid_barrier(barrier, end == nullptr ? nullptr : end + 1, next);
+        barrier.wait(end == nullptr ? nullptr : end + 1, next);
     };
     if (timed && threadIdx.x == 0) *slot(0, 0) = global_ns();
     const int m = p.m;

@@ -5,11 +5,11 @@
 //   - STREAM: the rate of a weight-like stream through a shared-memory ring (cp.async, kStages chunks of 16 KB per
 //     block in flight), every byte folded so that the loads stay;
 //   - STREAM_BARRIER: the same stream cut by `phases` grid barriers, with the ring's next chunks in flight while a
-//     block waits at one: whether the stream continues across barriers, as a persistent step's must.
+//     block waits at one: whether the stream continues across barriers, as a persistent step's must;
+//   - BARRIER_ATOMIC: BARRIER with the barrier's earlier form (grid_barrier_atomic), for the comparison.
 // It computes nothing a model uses, so it has no CPU twin; the GPU test checks the barrier's tags and the fold.
-//
-// The barrier is common/grid_barrier.cuh's (the persistent decode stack's): one atomic arrival per block on a
-// counter whose top bit flips when the last block arrives, acquire polls, a trap instead of a hang.
+// The barrier is common/grid_barrier.cuh's GridBarrier (the persistent decode stack's): one red.release arrival per
+// block on a counter whose top bit flips when the last block arrives, acquire polls, a trap instead of a hang.
 #include <cstdint>
 
 #include "common/grid_barrier.cuh"
@@ -37,21 +37,32 @@ __device__ __forceinline__ void wait_groups() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// The barrier under test: GridBarrier, or in BARRIER_ATOMIC its earlier form.
+template <int kMode>
+__device__ __forceinline__ void probe_barrier(GridBarrier& bar, unsigned* sync) {
+    if constexpr (kMode == L32_GRID_PROBE_BARRIER_ATOMIC) {
+        grid_barrier_atomic(sync);
+    } else {
+        bar.wait();
+    }
+}
+
 // Tier 1. grid = one block per SM (cooperative), block = kThreads, dynamic shared memory kSmem for the stream modes.
 template <int kMode>
 __global__ void __launch_bounds__(kThreads, 1) grid_probe_kernel(const __grid_constant__ l32_grid_probe_params p) {
     pdl_begin();  // a cooperative launch is never programmatic, so this returns at once; every kernel has it
     const unsigned b = blockIdx.x, nb = gridDim.x;
-    if constexpr (kMode == L32_GRID_PROBE_BARRIER) {
+    GridBarrier bar(p.sync);  // unused by STREAM and BARRIER_ATOMIC: one load of thread 0 at the start
+    if constexpr (kMode == L32_GRID_PROBE_BARRIER || kMode == L32_GRID_PROBE_BARRIER_ATOMIC) {
         unsigned wrong = 0;
         for (int phase = 0; phase < p.phases; ++phase) {
             if (threadIdx.x == 0) p.tags[b] = static_cast<unsigned>(phase) * nb + b;
-            grid_barrier(p.sync);
+            probe_barrier<kMode>(bar, p.sync);
             if (threadIdx.x == 0) {
                 const unsigned next = (b + 1) % nb;
                 wrong += __ldcg(p.tags + next) != static_cast<unsigned>(phase) * nb + next;
             }
-            grid_barrier(p.sync);  // no tag is overwritten before its reader has read it
+            probe_barrier<kMode>(bar, p.sync);  // no tag is overwritten before its reader has read it
         }
         if (threadIdx.x == 0) p.out[b] = wrong;
         return;
@@ -92,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 1) grid_probe_kernel(const __grid_co
             }
             if constexpr (kMode == L32_GRID_PROBE_STREAM_BARRIER) {
                 if (k <= p.phases && i + 1 == static_cast<int64_t>(k) * fewest / (p.phases + 1)) {
-                    grid_barrier(p.sync);
+                    bar.wait();
                     ++k;
                 }
             }
@@ -112,10 +123,11 @@ int probe_blocks(size_t smem) {
 // Tier 2: a cooperative launch (every block resident, or the launch fails) of one block per SM.
 template <int kMode>
 l32_status launch(const l32_grid_probe_params& p, cudaStream_t stream) {
-    const size_t smem = kMode == L32_GRID_PROBE_BARRIER ? 0 : kSmem;
+    constexpr bool kStream = kMode == L32_GRID_PROBE_STREAM || kMode == L32_GRID_PROBE_STREAM_BARRIER;
+    const size_t smem = kStream ? kSmem : 0;
     const int blocks = probe_blocks<kMode>(smem);
     if (blocks == 0) return L32_UNSUPPORTED;
-    if (kMode != L32_GRID_PROBE_BARRIER && p.bytes / kChunk < int64_t{blocks} * (p.phases + 1)) {
+    if (kStream && p.bytes / kChunk < int64_t{blocks} * (p.phases + 1)) {
         return L32_INVALID_ARGUMENT;  // a chunk per block and barrier interval, at least
     }
     launch_cooperative(grid_probe_kernel<kMode>, blocks, kThreads, smem, stream, p);
@@ -138,8 +150,10 @@ extern "C" l32_status l32_grid_probe(const l32_grid_probe_params* params, void* 
     const auto s = static_cast<cudaStream_t>(stream);
     switch (p.mode) {
         case L32_GRID_PROBE_BARRIER:
+        case L32_GRID_PROBE_BARRIER_ATOMIC:
             if (p.tags == nullptr) return L32_INVALID_ARGUMENT;
-            return launch<L32_GRID_PROBE_BARRIER>(p, s);
+            return p.mode == L32_GRID_PROBE_BARRIER ? launch<L32_GRID_PROBE_BARRIER>(p, s)
+                                                    : launch<L32_GRID_PROBE_BARRIER_ATOMIC>(p, s);
         case L32_GRID_PROBE_STREAM:
         case L32_GRID_PROBE_STREAM_BARRIER:
             if (p.src == nullptr || p.bytes <= 0 || p.bytes % L32_GRID_PROBE_CHUNK != 0) return L32_INVALID_ARGUMENT;

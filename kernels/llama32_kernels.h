@@ -1011,6 +1011,8 @@ typedef enum l32_grid_probe_mode {
     L32_GRID_PROBE_STREAM = 1,
     /** STREAM with `phases` grid barriers spread over it, the ring's next chunks in flight across each. */
     L32_GRID_PROBE_STREAM_BARRIER = 2,
+    /** BARRIER with the grid barrier's earlier form (an atomicAdd arrival), for the comparison. */
+    L32_GRID_PROBE_BARRIER_ATOMIC = 3,
 } l32_grid_probe_mode;
 
 /** One probe launch: a cooperative launch of one block per SM (l32_grid_probe_blocks blocks). */
@@ -1019,9 +1021,9 @@ typedef struct l32_grid_probe_params {
     int64_t bytes;     /**< stream modes: a multiple of L32_GRID_PROBE_CHUNK, at least blocks * (phases + 1) chunks */
     uint32_t* sync;    /**< two u32, zeroed before the first launch (the grid barrier's counter, and one unused);
                             every launch leaves them fit for the next, so a graph may replay it */
-    uint32_t* tags;    /**< BARRIER: one u32 per block */
+    uint32_t* tags;    /**< BARRIER(_ATOMIC): one u32 per block */
     uint32_t* out;     /**< one u32 per block, zeroed by the caller (see the modes) */
-    int32_t phases;    /**< BARRIER: phases; STREAM_BARRIER: barriers; 0 ..= L32_GRID_PROBE_MAX_PHASES */
+    int32_t phases;    /**< BARRIER(_ATOMIC): phases; STREAM_BARRIER: barriers; 0 ..= L32_GRID_PROBE_MAX_PHASES */
     int32_t mode;      /**< an l32_grid_probe_mode */
 } l32_grid_probe_params;
 

@@ -2,7 +2,7 @@
 // cooperative launch of at most the occupancy's blocks): the grid probe (grid_probe.cu) and the persistent decode
 // stack (decode_layers.cu).
 //
-// Thread 0 of each block arrives on a counter whose top bit flips when the last block arrives (grid_barrier below)
+// Thread 0 of each block arrives on a counter whose top bit flips when the last block arrives (GridBarrier below)
 // and polls it with acquire loads. A poll that never sees the flip (a block not resident, which a cooperative launch
 // rules out) traps after 2^26 tries instead of hanging the GPU.
 #pragma once
@@ -24,26 +24,74 @@ __device__ __forceinline__ uint64_t global_ns() {
     return t;
 }
 
+__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 
-// Every block of the grid waits here until all have arrived; their global writes before it are visible to every
-// block after it (read them from L2: ld.global.cg, __ldcg or cp.async.cg; L1 is not coherent across SMs).
+// Publishes this block's arrival: a relaxed-order add with release semantics at GPU scope (the writes this thread
+// has made or observed, the block's gathered by the __syncthreads before it, are visible to whoever acquires the
+// sum), without waiting for the result.
+__device__ __forceinline__ void red_release_add(unsigned* p, unsigned v) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// A barrier among every block of the grid: wait() returns once all blocks have arrived, and their global writes
+// before it are visible to every block after it (read them from L2: ld.global.cg, __ldcg or cp.async.cg; L1 is not
+// coherent across SMs).
 // sync[0] counts arrivals: block 0 adds 2^31 - (blocks - 1) and every other block 1, so one barrier's arrivals sum
-// to 2^31 exactly: the top bit flips when the last block arrives, and the low bits are zero again. Each block waits
-// (acquire loads) until the top bit differs from what it saw at its own arrival, which cannot happen before every
-// block has arrived, and cannot flip back before the waiter itself arrives at the next barrier. Nothing is reset, so
-// any launch may start where the last one left the word (a CUDA graph replays it). One atomic and one poll on the
-// critical path, the scheme of cooperative groups' grid sync. sync[1] is not used.
+// to 2^31 exactly: the top bit flips when the last block arrives, and the low bits are zero again. Nothing is reset,
+// so any launch may start where the last one left the word (a CUDA graph replays it). Each block's thread 0 reads
+// the word's top bit once, at construction, before the block's first arrival (the bit cannot flip before then: the
+// flip needs every block's arrival), and from then on knows the bit each barrier leaves: it flips once per barrier.
+// So an arrival needs no result: one red.release (fire and forget) and acquire polls until the bit is the expected
+// one, which cannot happen before every block has arrived, and cannot change again before this block arrives at the
+// next barrier. The last block to arrive leaves one L2 round trip after its arrival instead of two (an atomic's
+// returned value, then a poll): the scheme CUTLASS's generic barrier uses (red.release arrivals, ld.acquire waits),
+// here with the phase kept per block. The form before it (atomicAdd, the cooperative groups scheme) stays as
+// grid_barrier_atomic, which the grid probe times beside it.
 // Profiling: `arrive` and `depart`, when not null, get thread 0's global_ns() once every thread of the block has
 // arrived and once the barrier has opened for it.
-__device__ __forceinline__ void grid_barrier(unsigned* sync, uint64_t* arrive = nullptr, uint64_t* depart = nullptr) {
+// A poll that never sees the flip (a block not resident, which a cooperative launch rules out) traps after 2^26
+// tries instead of hanging the GPU.
+struct GridBarrier {
+    unsigned* sync;
+    unsigned next_top;  // thread 0: the top bit of sync[0] once the next barrier has opened
+
+    // Every thread of the block constructs it, before the block's first arrival.
+    __device__ __forceinline__ explicit GridBarrier(unsigned* s) : sync(s), next_top(0) {
+        if (threadIdx.x == 0) next_top = (ld_relaxed(s) & 0x80000000u) ^ 0x80000000u;
+    }
+
+    __device__ __forceinline__ void wait(uint64_t* arrive = nullptr, uint64_t* depart = nullptr) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            if (arrive != nullptr) *arrive = global_ns();
+            red_release_add(sync, blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u);
+            for (unsigned tries = 0; (ld_acquire(sync) & 0x80000000u) != next_top; ++tries) {
+                if (tries == kGridSpinLimit) __trap();
+            }
+            next_top ^= 0x80000000u;
+            if (depart != nullptr) *depart = global_ns();
+        }
+        __syncthreads();
+    }
+};
+
+// The barrier's earlier form (until the twentieth session), kept for the grid probe's comparison
+// (L32_GRID_PROBE_BARRIER_ATOMIC): the same counter, but each arrival is an atomicAdd after a __threadfence, and the
+// block waits until the top bit differs from the one its own atomic returned; a __threadfence after the wait. It
+// needs no per-block state; the last block to arrive waits for its atomic's result before its first poll.
+__device__ __forceinline__ void grid_barrier_atomic(unsigned* sync) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (arrive != nullptr) *arrive = global_ns();
         const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
         __threadfence();  // this block's writes (gathered by __syncthreads) are visible before its arrival counts
         const unsigned seen = atomicAdd(sync, add);
@@ -51,7 +99,6 @@ __device__ __forceinline__ void grid_barrier(unsigned* sync, uint64_t* arrive = 
             if (tries == kGridSpinLimit) __trap();
         }
         __threadfence();
-        if (depart != nullptr) *depart = global_ns();
     }
     __syncthreads();
 }

@@ -182,9 +182,9 @@ fn busy_wait_keeps_the_stream_busy() {
     assert!(e.contains("busy_wait") && e.contains("longer than"), "{e}");
 }
 
-/// The grid probe (`kernels/grid_probe.cu`, no CPU twin: it computes nothing a model uses): its grid barrier is
-/// sound (every block reads its neighbour's tag of the same phase, 2000 phases, twice, so the barrier's state
-/// is left ready for the next launch), and its stream modes read every byte (the fold of all blocks equals the
+/// The grid probe (`kernels/grid_probe.cu`, no CPU twin: it computes nothing a model uses): its grid barrier and
+/// the barrier's earlier form are sound (every block reads its neighbour's tag of the same phase, 2000 phases,
+/// twice each in turn, so each leaves the barrier's state ready for the next launch), and its stream modes read every byte (the fold of all blocks equals the
 /// host's xor of every word), with and without barriers; a stream too short for its barriers is refused by name.
 #[test]
 fn grid_probe_barrier_is_sound_and_the_stream_reads_every_byte() {
@@ -199,9 +199,16 @@ fn grid_probe_barrier_is_sound_and_the_stream_reads_every_byte() {
     // barriers need.
     let mut probe = GridProbe::new(&s, blocks * GRID_PROBE_CHUNK * 21 - 5).unwrap();
     assert_eq!(probe.bytes(), blocks * GRID_PROBE_CHUNK * 21, "rounded up to whole chunks");
+    // Both barrier forms, in turn on the same counter: each leaves it fit for the other.
     for round in 0..2 {
-        probe.launch(&s, GridProbeMode::Barrier, 2000).unwrap();
-        assert_eq!(probe.wrong_tags(&s).unwrap(), 0, "round {round}: a block read a tag of another phase");
+        for mode in [GridProbeMode::Barrier, GridProbeMode::BarrierAtomic] {
+            probe.launch(&s, mode, 2000).unwrap();
+            assert_eq!(
+                probe.wrong_tags(&s).unwrap(),
+                0,
+                "round {round}, {mode:?}: a block read a tag of another phase"
+            );
+        }
     }
     let want = probe.expected_fold();
     for (mode, phases) in
@@ -256,6 +263,12 @@ fn grid_probe_throughput() {
     let barrier = time(&mut probe, GridProbeMode::Barrier, 1000);
     assert_eq!(probe.wrong_tags(&s).unwrap(), 0);
     eprintln!("grid probe barrier: {:.3} us per grid barrier ({} blocks)", barrier * 1e3 / 2000.0, probe.num_blocks());
+    let atomic = time(&mut probe, GridProbeMode::BarrierAtomic, 1000);
+    assert_eq!(probe.wrong_tags(&s).unwrap(), 0);
+    eprintln!(
+        "grid probe barrier (atomic arrival, the form until the twentieth session): {:.3} us per grid barrier",
+        atomic * 1e3 / 2000.0
+    );
     let stream_ms = time(&mut probe, GridProbeMode::Stream, 0);
     eprintln!("grid probe stream: {:.3} ms, {:.0} GB/s", stream_ms, bytes / stream_ms / 1e6);
     for phases in [80, 400] {

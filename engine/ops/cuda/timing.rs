@@ -55,6 +55,16 @@ pub enum GridProbeMode {
     /// [`GridProbeMode::Stream`] with `phases` grid barriers spread over it, the ring's next chunks in flight across
     /// each.
     StreamBarrier,
+    /// [`GridProbeMode::Barrier`] with the grid barrier's earlier form (an `atomicAdd` arrival whose result the
+    /// block waits for before it polls), to time the two side by side.
+    BarrierAtomic,
+}
+
+impl GridProbeMode {
+    /// True for the modes that stream the source ([`GridProbeMode::Stream`], [`GridProbeMode::StreamBarrier`]).
+    pub fn streams(self) -> bool {
+        matches!(self, GridProbeMode::Stream | GridProbeMode::StreamBarrier)
+    }
 }
 
 /// The grid probe's buffers: a stream source of [`GridProbe::bytes`] bytes (deterministic, not zero), the
@@ -126,7 +136,7 @@ impl GridProbe {
         if phases > GRID_PROBE_MAX_PHASES {
             return Err(Error::Backend(format!("{OP}: {phases} phases, at most {GRID_PROBE_MAX_PHASES}")));
         }
-        if mode != GridProbeMode::Barrier && self.bytes() / GRID_PROBE_CHUNK < self.blocks * (phases + 1) {
+        if mode.streams() && self.bytes() / GRID_PROBE_CHUNK < self.blocks * (phases + 1) {
             return Err(Error::Backend(format!(
                 "{OP}: {} bytes are fewer than a {GRID_PROBE_CHUNK}-byte chunk per block ({}) and interval ({})",
                 self.bytes(),
@@ -144,8 +154,8 @@ impl GridProbe {
         stream.clone_dtoh(&self.out).map_err(|e| Error::Backend(format!("grid probe: read the outputs: {e}")))
     }
 
-    /// The wrong neighbour tags of the last [`GridProbeMode::Barrier`] launch, all blocks together (0 when the
-    /// barrier is sound).
+    /// The wrong neighbour tags of the last [`GridProbeMode::Barrier`] (or [`GridProbeMode::BarrierAtomic`]) launch,
+    /// all blocks together (0 when the barrier is sound).
     pub fn wrong_tags(&self, stream: &Arc<CudaStream>) -> Result<u64> {
         Ok(self.outputs(stream)?.iter().map(|&w| u64::from(w)).sum())
     }
@@ -186,6 +196,7 @@ fn launch_probe(
         GridProbeMode::Barrier => super::ffi::l32_grid_probe_mode::L32_GRID_PROBE_BARRIER,
         GridProbeMode::Stream => super::ffi::l32_grid_probe_mode::L32_GRID_PROBE_STREAM,
         GridProbeMode::StreamBarrier => super::ffi::l32_grid_probe_mode::L32_GRID_PROBE_STREAM_BARRIER,
+        GridProbeMode::BarrierAtomic => super::ffi::l32_grid_probe_mode::L32_GRID_PROBE_BARRIER_ATOMIC,
     };
     let params = super::ffi::l32_grid_probe_params {
         src: src as *const std::ffi::c_void,
