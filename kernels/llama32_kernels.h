@@ -528,8 +528,9 @@ typedef struct l32_w4a16_params {
     int32_t tile_m;         /**< WGMMA(_ROW) only: tokens per block, 64 or 128 */
     int32_t tiled_stages;   /**< TILED only: stage buffers in its cp.async ring, 2 ..= 4 (0 means 2), lowered to what
                                  fits the device's shared memory per block; the same bits at every depth */
-    int32_t prewait;        /**< DIRECT(_BATCHED) only: nonzero asks L2 for each warp's first two chunk sets before
-                                 waiting for the previous kernel (programmatic dependent launch); the same bits */
+    int32_t prewait;        /**< DIRECT(_BATCHED) and WGMMA(_ROW): nonzero reads the first weights before waiting for
+                                 the previous kernel under PDL (DIRECT: L2 hints for each warp's first two chunk sets;
+                                 WGMMA: the first two stages' weight copies); ignored without PDL; the same bits */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a16_params;
 
@@ -611,7 +612,8 @@ typedef struct l32_w4a8_params {
     int32_t tile_m;         /**< tokens per block: 8, 16, 32 (decode) or 128 (prefill); 64 or 128 for the WGMMA ones */
     l32_w4a8_kernel kernel; /**< which kernel */
     int32_t prewait;        /**< MMA only: nonzero issues the copies of the first stages' weights, scales and zero
-                                 points before waiting for the previous kernel (which writes xq); the same bits */
+                                 points before waiting for the previous kernel (which writes xq) under PDL; ignored
+                                 without PDL; the same bits */
     l32_dtype dtype;        /**< L32_DTYPE_BF16 */
 } l32_w4a8_params;
 

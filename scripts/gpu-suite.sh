@@ -81,7 +81,8 @@ run() {
   # end, each default the nineteenth session set beside the one it replaced: the warp-specialized prefill against
   # the wgmma one, direct-batched W4A16 at batch 1, the large-m row kernel at batch 64, and the decode K/V ring at
   # 2 and 3 stages at batch 64, then the attention call inside a profiled 3B batch-64 step at each; and the
-  # quantized decode kernels' loads before the wait, LLAMA32_QUANT_PREWAIT on and off, 1B batch 1 W4A16 and W4A8).
+  # quantized kernels' loads before the wait, LLAMA32_QUANT_PREWAIT on and off, 1B batch 1 W4A16 and W4A8 and
+  # batch 64 W4A16).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -612,10 +613,11 @@ PY
       mapfile -t -O "${#benches[@]}" benches <"$logs/decode-stages-profile.txt"
     fi
     # The twentieth session's loads before the wait in the quantized decode kernels (LLAMA32_QUANT_PREWAIT, on by
-    # default, built without a GPU): 1B batch 1 in W4A16 (int8 tables, the issue-6 row) and W4A8, on and off in
-    # turn, twice each.
+    # default, built without a GPU): 1B batch 1 in W4A16 (int8 tables, the issue-6 row) and W4A8, and 1B batch 64
+    # in W4A16 (the large-m row kernel), on and off in turn, twice each.
     local pw
-    for spec in "1b 1 128 64 --quantize w4a16-g32 --embeddings int8" "1b 1 128 64 --quantize w4a8-g32"; do
+    for spec in "1b 1 128 64 --quantize w4a16-g32 --embeddings int8" "1b 1 128 64 --quantize w4a8-g32" \
+      "1b 64 128 64 --quantize w4a16-g32"; do
       for pw in 1 0 1 0; do
         LLAMA32_QUANT_PREWAIT=$pw bench_e2e 60 "$spec"
       done

@@ -8,9 +8,10 @@
 // statement of every kernel of this library: griddepcontrol.wait blocks until the previous grid has completed and
 // its memory operations are visible, before the kernel reads or writes any global memory. (The weight-streaming
 // kernels first ask L2 for their first weights, which no kernel of a step writes: the gemv and the direct, pipelined
-// and tiled W4A16 ones; the bulk W4A16 and the W4A8 mma kernels copy their first weight stages into shared memory.) So
-// results are bit for bit those of ordinary launches. A kernel from another library (cuBLASLt) before or after ours is serialized as
-// usual, and devices other than sm_90 (Hopper) get ordinary launches (see programmatic_launch_applies).
+// and tiled W4A16 ones; the bulk and large-m W4A16 and the W4A8 mma kernels copy their first weight stages into
+// shared memory.) So results are bit for bit those of ordinary launches. A kernel from another library (cuBLASLt)
+// before or after ours is serialized as usual, and devices other than sm_90 (Hopper) get ordinary launches (see
+// programmatic_launch_applies).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -35,6 +35,10 @@
 // the splits in split order and writes through w4a16_emit_pair (w4a16_finish_rows, as the decode kernels finish).
 // For few blocks: at 64 tokens on 11B's down projection the grid is 32 blocks on 132 SMs without it.
 //
+//   Prewait (p.prewait, under PDL; twentieth session, not yet run on a GPU): the first two stages' weights, scales
+// and zero points are copied before the wait for the previous kernel (stage_weights_sm90), the activations after
+// it; the same copies and bits.
+//
 // Registers from ptxas: see engine/ops/cuda/quant/mod.rs (module docs).
 #include <climits>
 #include <cstdint>
@@ -71,6 +75,35 @@ struct W4A16WgmmaTraits {
     static_assert(kStages >= 3, "at least two chunks in flight");
 };
 
+// The weights, scales and zero points of chunk c of the block's 8 weight row tiles (from nt0) into the stage at s,
+// one 16-byte weight copy per thread and 8-byte scale (and zero-point) copies (not committed); tiles past n are
+// zero-filled. Weights only: w4a16_wgmma_kernel may issue it before it waits for the previous kernel (p.prewait).
+template <class T, bool kZeros>
+__device__ __forceinline__ void stage_weights_sm90(unsigned char* s, const l32_w4a16_params& p, int nt0, int ntiles,
+                                                   int kc, int c) {
+    static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
+    const auto* wq = static_cast<const uint8_t*>(p.qweight);
+    {
+        const int i = threadIdx.x;
+        const int nt = nt0 + i / 32;
+        const bool ok = nt < ntiles;
+        const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
+        cp_async16(s + T::kXBytes + i * 16, wq + src, ok);
+    }
+    if (threadIdx.x < T::kTiles * 8) {  // 64 entries of 8 bytes (the scales are only 8-byte aligned)
+        const auto* sc = static_cast<const uint8_t*>(p.scales);
+        const int i = threadIdx.x;
+        const int nt = nt0 + i / 8;
+        const bool ok = nt < ntiles;
+        const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 8 + i % 8) * 8;
+        cp_async_ca<8>(s + T::kXBytes + T::kWBytes + i * 8, sc + src, ok);
+        if constexpr (kZeros) {
+            const auto* zr = static_cast<const uint8_t*>(p.zeros);
+            cp_async_ca<8>(s + T::kXBytes + T::kWBytes + T::kSBytes + i * 8, zr + src, ok);
+        }
+    }
+}
+
 // Tier 1. grid = (ceil(m / kBN), ceil(n_pad / 128), splits), block = 256, dynamic shared memory kSmemBytes.
 template <int kBN, int kStages, bool kZeros, bool kRow>
 __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlocks)
@@ -79,7 +112,6 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
     using T = W4A16WgmmaTraits<kBN, kStages>;
     using XTile = typename T::XTile;
     constexpr int NT = kBN / 8;  // accumulator column tiles of 8 tokens
-    pdl_begin();
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw_addr = smem_addr(smem_raw);
     const uint32_t base_addr = (raw_addr + T::kAlign - 1) & ~static_cast<uint32_t>(T::kAlign - 1);
@@ -96,9 +128,21 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
     split_range(kc, p.splits, blockIdx.z, c0, c1);
     const int nchunks = c1 - c0;
 
-    const auto* wq = static_cast<const uint8_t*>(p.qweight);
-    const auto* sc = static_cast<const uint8_t*>(p.scales);
-    const auto* zr = static_cast<const uint8_t*>(p.zeros);
+    // The first two stages. With p.prewait their weights, scales and zero points are copied before the wait for the
+    // previous kernel, which writes x (never the weights: kernels/common/launch.cuh), so under PDL they arrive while
+    // it finishes. They join the first commit group, which the loop's first wait on the copies covers either way
+    // (two stages, not all kStages - 1, so that this wait covers little more than before); the copies and the bits
+    // are the same.
+    constexpr int kEarly = 2;
+    static_assert(kEarly <= kStages - 1, "early stages are among the first ones");
+    const bool early = p.prewait != 0;
+    if (early) {
+#pragma unroll
+        for (int s = 0; s < kEarly; ++s) {
+            if (s < nchunks) stage_weights_sm90<T, kZeros>(smem + s * T::kStageBytes, p, nt0, ntiles, kc, c0 + s);
+        }
+    }
+    pdl_begin();
     const auto* x = static_cast<const uint8_t*>(p.x);
 
     // kRow: each thread's activation copies, the same in every chunk but for the chunk's 128-byte column offset
@@ -112,8 +156,9 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
             dst = XTile::offset(r, piece) * 2;
         });
 
-    // Copies chunk c into stage `stage`. Token rows past m and weight tiles past n are zero-filled.
-    auto load_stage = [&](int stage, int c) {
+    // Copies chunk c into stage `stage`: its activations, then (with `weights`) its weights, scales and zero points
+    // (stage_weights_sm90). Token rows past m are zero-filled.
+    auto load_stage = [&](int stage, int c, bool weights) {
         unsigned char* s = smem + stage * T::kStageBytes;
         if constexpr (kRow) {
             row_copies.issue(s, int64_t{c} * 128);
@@ -133,22 +178,7 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
                 cp_async_ca<4>(s + elem * 2, x + src, ok);
             }
         }
-        static_assert(T::kTiles * 32 == T::kThreads, "one weight copy per thread");
-        {
-            const int i = threadIdx.x;
-            const int nt = nt0 + i / 32;
-            const bool ok = nt < ntiles;
-            const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 32 + i % 32) * 16;
-            cp_async16(s + T::kXBytes + i * 16, wq + src, ok);
-        }
-        if (threadIdx.x < T::kTiles * 8) {  // 64 entries of 8 bytes (the scales are only 8-byte aligned)
-            const int i = threadIdx.x;
-            const int nt = nt0 + i / 8;
-            const bool ok = nt < ntiles;
-            const int64_t src = ((int64_t{ok ? nt : 0} * kc + c) * 8 + i % 8) * 8;
-            cp_async_ca<8>(s + T::kXBytes + T::kWBytes + i * 8, sc + src, ok);
-            if constexpr (kZeros) cp_async_ca<8>(s + T::kXBytes + T::kWBytes + T::kSBytes + i * 8, zr + src, ok);
-        }
+        if (weights) stage_weights_sm90<T, kZeros>(s, p, nt0, ntiles, kc, c);
     };
 
     float d[NT][4];
@@ -157,7 +187,7 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
     // Local chunk i is chunk c0 + i of the matrix, in stage i % kStages.
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < nchunks) load_stage(s, c0 + s);
+        if (s < nchunks) load_stage(s, c0 + s, !early || s >= kEarly);
         cp_async_commit();
     }
 #pragma unroll 1
@@ -166,7 +196,7 @@ __global__ void __launch_bounds__(256, W4A16WgmmaTraits<kBN, kStages>::kMinBlock
         wgmma::fence_proxy_async_shared();
         __syncthreads();  // ... and for every thread; chunk c - 1's products are done (waited in its iteration)
         const int next = c + kStages - 1;
-        if (next < nchunks) load_stage(next % kStages, c0 + next);
+        if (next < nchunks) load_stage(next % kStages, c0 + next, true);
         cp_async_commit();
 
         const unsigned char* s = smem + (c % kStages) * T::kStageBytes;
@@ -270,7 +300,11 @@ l32_status launch(const l32_w4a16_params& p, cudaStream_t stream) {
                                            : w4a16_wgmma_kernel<kBN, kStages, false, kRow>;
     const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
     if (smem != L32_OK) return smem;
-    launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, p);
+    // The early weight copies only pay under PDL; without it they would only make the first wait cover more stages'
+    // weights.
+    l32_w4a16_params q = p;
+    q.prewait = p.prewait != 0 && programmatic_launch_applies() ? 1 : 0;
+    launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, q);
     return check_launch();
 }
 

@@ -455,8 +455,8 @@ mod tests {
                 let wait = body.find("pdl_begin();");
                 assert!(wait.is_some(), "{name}: the kernel at byte {start} never calls pdl_begin()");
                 // Before the wait, only the streaming kernels' weight prefetches and weight copies may touch memory
-                // (prefetch_l2*, w4a16_prewait, the bulk kernel's fill, w4a8's stage_weights): none of these names
-                // holds a banned word, and a load of anything else would.
+                // (prefetch_l2*, w4a16_prewait, the bulk kernel's fill, stage_weights, stage_weights_sm90): none of
+                // these names holds a banned word, and a load of anything else would.
                 let before = &body[..wait.unwrap_or(0)];
                 for banned in ["ld_", "load_", "__ldg", "cp_async", "store_", "atomic", "out["] {
                     assert!(!before.contains(banned), "{name}: `{banned}` before pdl_begin() at byte {start}");

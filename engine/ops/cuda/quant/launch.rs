@@ -97,7 +97,7 @@ pub(super) fn launch_w4a16(op: &str, stream: &CudaStream, l: &GemmLaunch) -> Res
         } else {
             0
         },
-        prewait: i32::from(!large && super::quant_prewait()?),
+        prewait: i32::from(super::quant_prewait()?),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,
     };
     let raw = super::super::raw_stream(op, stream)?;

@@ -50,6 +50,10 @@
 //! fifteenth session): 116 / 117 registers and 106 KB dynamic shared memory (5 stages) for 128-token tiles,
 //! 75 / 77 registers and 79 KB (6 stages) for 64-token tiles; [`W4A16LargeKernel::WgmmaRow`] 128 / 128 and
 //! 80 / 85 (before split-K and the one-LOP3 dequantization: 110 / 115, 76 / 79, 127 / 127, 79 / 79).
+//! With the twentieth session's weight loads before the PDL wait ([`QUANT_PREWAIT_ENV`]; sm_90a, no spills):
+//! `w4a16_kernel` 46 / 55, 63 / 66, 77 / 82, 120 / 117; the direct-batched kernel 90 / 109 (m <= 8) and 134 / 144
+//! (m <= 16); `w4a8_kernel` 211 / 215 (128-token tile), 58-72 (decode tiles); `w4a16_wgmma_kernel` 116 / 119,
+//! 74 / 75, row 128 / 128, 80 / 85.
 //! `act_quant_kernel`: 25-39 registers.
 //!
 //! In a build without CUDA the wrappers return `Error::Backend("built without CUDA ...")`; the host-side layout
@@ -322,9 +326,10 @@ pub fn w4a16_l2_prefetch_for(m: usize, n: usize, k: usize) -> crate::Result<bool
 }
 
 /// The environment variable that switches off (`0`, `off`, `false`) or on (`1`, `on`, `true`; unset or empty: on)
-/// the weight loads that the decode-size quantized kernels issue before they wait for the previous kernel: the
-/// direct W4A16 kernels ask L2 for each warp's first two chunk sets (4 KB of weights, and their scales and zero
-/// points), and the W4A8 mma kernel copies its first stages' weights, scales and zero points into shared memory.
+/// the weight loads that quantized kernels issue before they wait for the previous kernel: the direct W4A16 kernels
+/// ask L2 for each warp's first two chunk sets (4 KB of weights, and their scales and zero points), and the W4A8 mma
+/// kernel and the large-m W4A16 kernels (`wgmma`, and `wgmma-row`, Hopper's default at 33-64 rows) copy their first
+/// two stages' weights, scales and zero points into shared memory.
 /// Under programmatic dependent launch those bytes arrive while the previous kernel finishes, as the first bytes of
 /// the bf16 skinny GEMM and the pipelined, tiled and bulk W4A16 kernels do. The launchers drop it where PDL does not
 /// apply (switched off, or not Hopper), where it could only cost. No kernel of a step writes weights, so the bits
@@ -332,7 +337,7 @@ pub fn w4a16_l2_prefetch_for(m: usize, n: usize, k: usize) -> crate::Result<bool
 /// stage of `scripts/gpu-suite.sh` runs the A/B). Read once per process.
 pub const QUANT_PREWAIT_ENV: &str = "LLAMA32_QUANT_PREWAIT";
 
-/// Whether the quantized decode kernels issue their first weight loads before waiting ([`QUANT_PREWAIT_ENV`],
+/// Whether the quantized kernels issue their first weight loads before waiting ([`QUANT_PREWAIT_ENV`],
 /// default on); a value it does not know is an error naming the variable.
 pub fn quant_prewait() -> crate::Result<bool> {
     static VALUE: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
