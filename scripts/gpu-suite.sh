@@ -80,9 +80,9 @@ run() {
   # the grid probe and the A/B decode rows, a few minutes; `run stack,fresh` runs both), defaults (opt-in: end to
   # end, each default the nineteenth session set beside the one it replaced: the warp-specialized prefill against
   # the wgmma one, direct-batched W4A16 at batch 1, the large-m row kernel at batch 64, and the decode K/V ring at
-  # 2 and 3 stages at batch 64, then the attention call inside a profiled 3B batch-64 step at each; and the
-  # quantized kernels' loads before the wait, LLAMA32_QUANT_PREWAIT on and off, 1B batch 1 W4A16 and W4A8 and
-  # batch 64 W4A16).
+  # 2 and 3 stages at batch 64, then the attention call inside a profiled 3B batch-64 step at each), prewait (opt-in:
+  # the quantized kernels' loads before the PDL wait, LLAMA32_QUANT_PREWAIT on and off in turn, twice each, at 1B
+  # batch 1 W4A16 with int8 tables and W4A8 and batch 64 W4A16; twelve runs, about three minutes).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -612,10 +612,13 @@ PY
     if [[ -f $logs/decode-stages-profile.txt ]]; then
       mapfile -t -O "${#benches[@]}" benches <"$logs/decode-stages-profile.txt"
     fi
-    # The twentieth session's loads before the wait in the quantized decode kernels (LLAMA32_QUANT_PREWAIT, on by
-    # default, built without a GPU): 1B batch 1 in W4A16 (int8 tables, the issue-6 row) and W4A8, and 1B batch 64
+  fi
+
+  if want prewait; then
+    # The twentieth session's loads before the wait in the quantized kernels (LLAMA32_QUANT_PREWAIT, on by default,
+    # built without a GPU): 1B batch 1 in W4A16 (int8 tables, the issue-6 row) and W4A8, and 1B batch 64
     # in W4A16 (the large-m row kernel), on and off in turn, twice each.
-    local pw
+    local pw spec
     for spec in "1b 1 128 64 --quantize w4a16-g32 --embeddings int8" "1b 1 128 64 --quantize w4a8-g32" \
       "1b 64 128 64 --quantize w4a16-g32"; do
       for pw in 1 0 1 0; do
@@ -936,7 +939,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk,wgmma,stack,fresh]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk,wgmma,stack,fresh,defaults,prewait]|run-tp]" >&2
     exit 2
     ;;
 esac

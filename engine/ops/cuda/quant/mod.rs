@@ -333,8 +333,8 @@ pub fn w4a16_l2_prefetch_for(m: usize, n: usize, k: usize) -> crate::Result<bool
 /// Under programmatic dependent launch those bytes arrive while the previous kernel finishes, as the first bytes of
 /// the bf16 skinny GEMM and the pipelined, tiled and bulk W4A16 kernels do. The launchers drop it where PDL does not
 /// apply (switched off, or not Hopper), where it could only cost. No kernel of a step writes weights, so the bits
-/// are the same either way. Added in the twentieth session without a GPU: not yet timed (the `defaults`
-/// stage of `scripts/gpu-suite.sh` runs the A/B). Read once per process.
+/// are the same either way. Added in the twentieth session without a GPU: not yet timed (the `prewait` stage of
+/// `scripts/gpu-suite.sh` runs the A/B). Read once per process.
 pub const QUANT_PREWAIT_ENV: &str = "LLAMA32_QUANT_PREWAIT";
 
 /// Whether the quantized kernels issue their first weight loads before waiting ([`QUANT_PREWAIT_ENV`],
