@@ -88,6 +88,13 @@ inline bool programmatic_launch_applies() {
     return programmatic_launch_flag.load(std::memory_order_relaxed) != 0 && device_runs_sm90a();
 }
 
+// A params struct's `prewait` request (weight loads before the kernel waits for the previous one) where it can pay:
+// under PDL only, where the previous kernel may still be running; without PDL the early loads could only make the
+// first wait cover more. The checked entries apply it once, for every kernel behind them.
+inline int32_t prewait_under_pdl(int32_t requested) {
+    return requested != 0 && programmatic_launch_applies() ? 1 : 0;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with PDL when programmatic_launch_applies(). A launch error is
 // left for check_launch() (cudaGetLastError reports it either way).
 template <typename... KernelArgs, typename... Args>

@@ -283,10 +283,7 @@ l32_status launch_gemm(const l32_w4a16_params& p, cudaStream_t stream) {
             kernel = zeros ? w4a16_batched_kernel<kMT, true> : w4a16_batched_kernel<kMT, false>;
         }
     }
-    // The L2 hints before the wait only pay under PDL (where the previous kernel is still running).
-    l32_w4a16_params q = p;
-    q.prewait = p.prewait != 0 && programmatic_launch_applies() ? 1 : 0;
-    launch_kernel(kernel, grid, kWarps * 32, 0, stream, q);
+    launch_kernel(kernel, grid, kWarps * 32, 0, stream, p);
     return check_launch();
 }
 
@@ -366,11 +363,13 @@ extern "C" l32_status l32_w4a16_gemm(const l32_w4a16_params* params, void* strea
     if (p.kernel == L32_W4A16_PIPELINED) return quant::launch_w4a16_pipelined(p, s);
     if (p.kernel == L32_W4A16_TILED) return quant::launch_w4a16_tiled(p, s);
     if (p.kernel == L32_W4A16_BULK) return quant::launch_w4a16_bulk(p, s);
-    if (large) return quant::launch_w4a16_wgmma(p, s);
-    if (p.m <= 8) return quant::launch_gemm<1>(p, s);
-    if (p.m <= 16) return quant::launch_gemm<2>(p, s);
-    if (p.m <= 32) return quant::launch_gemm<4>(p, s);
-    return quant::launch_gemm<8>(p, s);
+    l32_w4a16_params q = p;  // the direct and large-m kernels read prewait
+    q.prewait = prewait_under_pdl(p.prewait);
+    if (large) return quant::launch_w4a16_wgmma(q, s);
+    if (q.m <= 8) return quant::launch_gemm<1>(q, s);
+    if (q.m <= 16) return quant::launch_gemm<2>(q, s);
+    if (q.m <= 32) return quant::launch_gemm<4>(q, s);
+    return quant::launch_gemm<8>(q, s);
 }
 
 extern "C" l32_status l32_w4a16_dequant(const l32_w4a16_dequant_params* params, void* stream) {

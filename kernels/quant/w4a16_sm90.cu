@@ -300,11 +300,7 @@ l32_status launch(const l32_w4a16_params& p, cudaStream_t stream) {
                                            : w4a16_wgmma_kernel<kBN, kStages, false, kRow>;
     const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
     if (smem != L32_OK) return smem;
-    // The early weight copies only pay under PDL; without it they would only make the first wait cover more stages'
-    // weights.
-    l32_w4a16_params q = p;
-    q.prewait = p.prewait != 0 && programmatic_launch_applies() ? 1 : 0;
-    launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, q);
+    launch_kernel(kernel, grid, T::kThreads, T::kSmemBytes, stream, p);
     return check_launch();
 }
 

@@ -275,14 +275,10 @@ l32_status launch(const l32_w4a8_params& p, cudaStream_t stream) {
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((ntiles + kTilesN - 1) / kTilesN), static_cast<unsigned>((p.m + kBM - 1) / kBM),
                     static_cast<unsigned>(p.splits));
-    // The early weight copies only pay under PDL; without it they would only make the first wait cover two stages'
-    // weights instead of one.
-    l32_w4a8_params q = p;
-    q.prewait = p.prewait != 0 && programmatic_launch_applies() ? 1 : 0;
-    if (q.zeros != nullptr) {
-        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, true>, grid, kThreads, 0, stream, q);
+    if (p.zeros != nullptr) {
+        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, true>, grid, kThreads, 0, stream, p);
     } else {
-        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, false>, grid, kThreads, 0, stream, q);
+        launch_kernel(w4a8_kernel<kWarpsN, kWarpsM, kWN, kWM, false>, grid, kThreads, 0, stream, p);
     }
     return check_launch();
 }
@@ -322,10 +318,12 @@ extern "C" l32_status l32_w4a8_gemm(const l32_w4a8_params* params, void* stream)
     if (p.m == 0 || p.n == 0) return L32_OK;
     const auto s = static_cast<cudaStream_t>(stream);
     if (p.kernel != L32_W4A8_MMA) return quant::launch_w4a8_wgmma(p, s);
-    switch (p.tile_m) {
-        case 8: return quant::launch<8, 1, 1, 1>(p, s);
-        case 16: return quant::launch<8, 1, 1, 2>(p, s);
-        case 32: return quant::launch<8, 1, 1, 4>(p, s);
-        default: return quant::launch<2, 4, 4, 4>(p, s);
+    l32_w4a8_params q = p;  // the mma kernel reads prewait
+    q.prewait = prewait_under_pdl(p.prewait);
+    switch (q.tile_m) {
+        case 8: return quant::launch<8, 1, 1, 1>(q, s);
+        case 16: return quant::launch<8, 1, 1, 2>(q, s);
+        case 32: return quant::launch<8, 1, 1, 4>(q, s);
+        default: return quant::launch<2, 4, 4, 4>(q, s);
     }
 }

@@ -183,6 +183,7 @@ pub(crate) fn ensure_built() -> Result<()> {
         quant::w4a16_chunk_mib()?;
         quant::large_min_m()?;
         quant::large_splits_setting()?;
+        quant::quant_prewait()?;
         quant::w4a16_bulk_variant().map(|_| ())
     } else {
         Err(Error::Backend(NOT_BUILT.into()))
@@ -198,8 +199,16 @@ pub const PDL_ENV: &str = "LLAMA32_PDL";
 /// Applies [`PDL_ENV`] once per process; a value it does not know is an error naming the variable, every time.
 fn pdl_from_env() -> Result<()> {
     static APPLIED: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
-    let parse = |v: &str| if v.is_empty() { Some(true) } else { on_off(v) };
-    switch_from_env(&APPLIED, PDL_ENV, "1 or 0", parse, set_programmatic_launch_raw).map(|_| ())
+    switch_from_env(&APPLIED, PDL_ENV, "1 or 0", on_unless_off, set_programmatic_launch_raw).map(|_| ())
+}
+
+/// The parse of a switch that is on by default: unset (empty) is on, else [`on_off`].
+fn on_unless_off(value: &str) -> Option<bool> {
+    if value.is_empty() {
+        Some(true)
+    } else {
+        on_off(value)
+    }
 }
 
 /// A process-wide on / off switch read from the environment variable `env` once (`cell` keeps the outcome):

@@ -331,8 +331,8 @@ pub fn w4a16_l2_prefetch_for(m: usize, n: usize, k: usize) -> crate::Result<bool
 /// kernel and the large-m W4A16 kernels (`wgmma`, and `wgmma-row`, Hopper's default at 33-64 rows) copy their first
 /// two stages' weights, scales and zero points into shared memory.
 /// Under programmatic dependent launch those bytes arrive while the previous kernel finishes, as the first bytes of
-/// the bf16 skinny GEMM and the pipelined, tiled and bulk W4A16 kernels do. The launchers drop it where PDL does not
-/// apply (switched off, or not Hopper), where it could only cost. No kernel of a step writes weights, so the bits
+/// the bf16 skinny GEMM and the pipelined, tiled and bulk W4A16 kernels do. The kernels' checked entries drop it
+/// where PDL does not apply (switched off, or not Hopper), where it could only cost. No kernel of a step writes weights, so the bits
 /// are the same either way. Added in the twentieth session without a GPU: not yet timed (the `prewait` stage of
 /// `scripts/gpu-suite.sh` runs the A/B). Read once per process.
 pub const QUANT_PREWAIT_ENV: &str = "LLAMA32_QUANT_PREWAIT";
@@ -341,20 +341,9 @@ pub const QUANT_PREWAIT_ENV: &str = "LLAMA32_QUANT_PREWAIT";
 /// default on); a value it does not know is an error naming the variable.
 pub fn quant_prewait() -> crate::Result<bool> {
     static VALUE: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
-    VALUE
-        .get_or_init(|| {
-            let value = std::env::var(QUANT_PREWAIT_ENV).unwrap_or_default();
-            let value = value.trim().to_ascii_lowercase();
-            match crate::ops::cuda::on_off(&value) {
-                Some(on) => Ok(on),
-                None if value.is_empty() => Ok(true),
-                None => {
-                    Err(format!("{QUANT_PREWAIT_ENV}: unknown value {value:?} (expected 1, on, true, 0, off or false)"))
-                }
-            }
-        })
-        .clone()
-        .map_err(crate::Error::Request)
+    // Nothing to apply in the kernels library: each launch passes the setting in its parameters.
+    let expected = "1, on, true, 0, off or false";
+    super::switch_from_env(&VALUE, QUANT_PREWAIT_ENV, expected, super::on_unless_off, |_| {})
 }
 
 /// The environment variable that runs the bulk W4A16 kernel in a measurement variant (0 to 3; default 0, the
