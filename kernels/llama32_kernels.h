@@ -585,6 +585,13 @@ typedef enum l32_w4a8_kernel {
      * warpgroups compute without a block barrier per chunk; the same bits.
      */
     L32_W4A8_WGMMA_WS = 4,
+    /**
+     * L32_W4A8_WGMMA_ROW's products fed by the TMA unit: one thread issues each chunk's activations, weights and
+     * scales as three tensor-map boxes completing on an mbarrier, instead of every thread's cp.async; the same bits.
+     */
+    L32_W4A8_WGMMA_TMA = 5,
+    /** L32_W4A8_WGMMA_WS with L32_W4A8_WGMMA_TMA's copies (one producer thread); the same bits. */
+    L32_W4A8_WGMMA_WS_TMA = 6,
 } l32_w4a8_kernel;
 
 /**

@@ -82,7 +82,11 @@ run() {
   # the wgmma one, direct-batched W4A16 at batch 1, the large-m row kernel at batch 64, and the decode K/V ring at
   # 2 and 3 stages at batch 64, then the attention call inside a profiled 3B batch-64 step at each), prewait (opt-in:
   # the quantized kernels' loads before the PDL wait, LLAMA32_QUANT_PREWAIT on and off in turn, twice each, at 1B
-  # batch 1 W4A16 with int8 tables and W4A8 and batch 64 W4A16; twelve runs, about three minutes).
+  # batch 1 W4A16 with int8 tables and W4A8 and batch 64 W4A16; twelve runs, about three minutes), tma (opt-in: the
+  # TMA-fed W4A8 kernels wgmma-tma and wgmma-ws-tma, built without a GPU: their twin tests and the golden end-to-end
+  # test with each forced, unless the tests stage ran in the same call; their criterion lines at m = 256 and 1024 beside
+  # wgmma-row and wgmma-ws; 1B W4A8 prefill (4 x 2048 tokens) and batch-64 decode with each beside the kernel it
+  # would replace; about three minutes).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -320,6 +324,10 @@ PY
       gpu_test_env w4a8=wgmma cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma
       gpu_test_env w4a8=wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma-row
       gpu_test_env w4a8=wgmma-ws cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu LLAMA32_W4A8_KERNEL=wgmma-ws
+      gpu_test_env w4a8=wgmma-tma cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
+        LLAMA32_W4A8_KERNEL=wgmma-tma
+      gpu_test_env w4a8=wgmma-ws-tma cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
+        LLAMA32_W4A8_KERNEL=wgmma-ws-tma
       gpu_test_env large=wgmma-row cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
         LLAMA32_W4A16_LARGE=wgmma-row
       # Every W4A16 projection, decode steps and graphs included, through the large-m path (either kind).
@@ -624,6 +632,45 @@ PY
       for pw in 1 0 1 0; do
         LLAMA32_QUANT_PREWAIT=$pw bench_e2e 60 "$spec"
       done
+    done
+  fi
+
+  if want tma; then
+    # The twenty-first session's W4A8 kernels fed by tensor-map copies (kernels/quant/w4a8_sm90.cu, opt-in through
+    # LLAMA32_W4A8_KERNEL, built without a GPU). Their tests first (the tests stage runs them when it ran in this
+    # call), each launch under the 30-second stall watchdog.
+    local tt w8
+    if [[ -x "$bundle/tests/gpu" ]]; then
+      want tests || for tt in cuda_w4a8_wgmma::w4a8_wgmma_tma_matches_its_cpu_twin_bit_for_bit \
+        cuda_w4a8_wgmma::w4a8_wgmma_ws_tma_matches_its_cpu_twin_bit_for_bit; do
+        gpu_test_env tma "$tt" LLAMA32_TEST_STALL_S="${LLAMA32_TEST_STALL_S:-30}"
+      done
+      for w8 in wgmma-tma wgmma-ws-tma; do
+        want tests || gpu_test_env "w4a8=$w8" cuda_quant::e2e::quantized_checkpoint_on_cuda_matches_cpu \
+          LLAMA32_W4A8_KERNEL="$w8"
+      done
+    fi
+    # Kernel by kernel at m = 256 and 1024 (1B to 90B shapes): the TMA kernels beside the ones they would replace.
+    if [[ -x "$bundle/bench/cuda_kernels" && -z ${GPU_SUITE_SKIP_CRITERION:-} ]]; then
+      log="$logs/criterion.tma.log"
+      rc=0
+      (cd "$(mktemp -d)" && LLAMA32_BENCH_W4A8_M=256,1024 LLAMA32_BENCH_W4A8_TMA=1 tmo 240 \
+        "$bundle/bench/cuda_kernels" --bench --noplot \
+        'quant/w4a8_wgmma-(row|ws|tma|ws-tma)_m') >"$log" 2>&1 || rc=$?
+      mapfile -t -O "${#benches[@]}" benches < <(awk '/^quant\// {name=$1} /thrpt:/ {print "criterion " name " " $0}' "$log")
+      if ((rc != 0)); then
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL criterion "quant/w4a8 tma (see $log)" -)")
+        tail -n 5 "$log"
+      fi
+    fi
+    # End to end: 1B W4A8 prefill of 4 x 2048 tokens (m = 8192: wgmma-row by default) and batch-64 decode (m = 64:
+    # wgmma-ws by default), each against its TMA form.
+    for w8 in wgmma-row wgmma-tma; do
+      LLAMA32_W4A8_KERNEL=$w8 bench_e2e 60 "1b 4 2048 8 --quantize w4a8-g32"
+    done
+    for w8 in wgmma-ws wgmma-ws-tma; do
+      LLAMA32_W4A8_KERNEL=$w8 bench_e2e 60 "1b 64 128 64 --quantize w4a8-g32"
     done
   fi
 
@@ -939,7 +986,7 @@ case "${1:-build}" in
   run) run "${2:-}" ;;
   run-tp) run_tp ;;
   *)
-    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk,wgmma,stack,fresh,defaults,prewait]|run-tp]" >&2
+    echo "usage: scripts/gpu-suite.sh [build|run [tests,quant,kernels,vision,vquant,e2e,pdl,profile,ncu,prefill,targets,bulk,wgmma,stack,fresh,defaults,prewait,tma]|run-tp]" >&2
     exit 2
     ;;
 esac

@@ -42,16 +42,21 @@ __device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, unsigned bytes
                  : "memory");
 }
 
-// One try_wait (which may suspend the thread for a while): true once the phase of `bar` with parity `parity` has
-// completed (acquire).
-__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, unsigned parity) {
+// One try_wait (which may suspend the thread for a while): true once the phase of the barrier at shared address
+// `bar_addr` with parity `parity` has completed (acquire).
+__device__ __forceinline__ bool mbar_try_wait_at(uint32_t bar_addr, unsigned parity) {
     unsigned done;
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
         : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
+        : "r"(bar_addr), "r"(parity)
         : "memory");
     return done != 0;
+}
+
+// mbar_try_wait_at on `bar`.
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, unsigned parity) {
+    return mbar_try_wait_at(smem_addr(bar), parity);
 }
 
 // Spins until the phase of `bar` with parity `parity` has completed (acquire).
@@ -60,12 +65,18 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
     }
 }
 
-// mbar_wait that traps after 2^26 failed tries (each may suspend the thread for a while: seconds in all) instead
-// of hanging the GPU when a ring is out of step (for kernels not yet proven on a device).
-__device__ __forceinline__ void mbar_wait_bounded(uint64_t* bar, unsigned parity) {
-    for (unsigned tries = 0; !mbar_try_wait(bar, parity); ++tries) {
+// mbar_wait (on the barrier at shared address `bar_addr`) that traps after 2^26 failed tries (each may suspend the
+// thread for a while: seconds in all) instead of hanging the GPU when a ring is out of step (for kernels not yet
+// proven on a device).
+__device__ __forceinline__ void mbar_wait_bounded_at(uint32_t bar_addr, unsigned parity) {
+    for (unsigned tries = 0; !mbar_try_wait_at(bar_addr, parity); ++tries) {
         if (tries == (1u << 26)) __trap();
     }
+}
+
+// mbar_wait_bounded_at on `bar`.
+__device__ __forceinline__ void mbar_wait_bounded(uint64_t* bar, unsigned parity) {
+    mbar_wait_bounded_at(smem_addr(bar), parity);
 }
 
 // Named barrier `id` (1..15; 0 is __syncthreads's) of `threads` threads: waits until that many have arrived

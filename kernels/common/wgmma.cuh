@@ -58,6 +58,16 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t smem_byte_addr, uint32_t
            (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
 }
 
+// The descriptor of a 64-byte-swizzled K-major operand (swizzle mode 2 in bits 62-63): atoms of 8 rows x 64 bytes
+// (512 bytes, each 512-byte aligned, as TMA's 64-byte swizzle writes them), `sbo_bytes` from one 8-row atom to the
+// next; the leading byte offset is unused. A k step inside the 64-byte row starts that many bytes later, as with
+// desc_sw128.
+__device__ __forceinline__ uint64_t desc_sw64(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFF) |
+           (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+           (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (uint64_t{2} << 62);
+}
+
 // The descriptor of a shared-memory operand without swizzle ("interleave" mode 0): core matrices of 8 rows x 16
 // bytes, each 128 contiguous bytes; `lbo_bytes` apart along K (the contraction dimension), `sbo_bytes` apart along
 // M or N (from one 8-row group to the next). Each core matrix must be 16-byte aligned.

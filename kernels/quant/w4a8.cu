@@ -301,7 +301,8 @@ extern "C" l32_status l32_w4a8_gemm(const l32_w4a8_params* params, void* stream)
     if (p.m > INT_MAX / 2 || p.k % 64 != 0 || p.k > quant::kMaxK || p.n > INT_MAX - 128) return L32_UNSUPPORTED;
     if (p.splits > p.k / 64 || p.splits > 65535) return L32_UNSUPPORTED;
     if (p.kernel != L32_W4A8_MMA && p.kernel != L32_W4A8_WGMMA && p.kernel != L32_W4A8_WGMMA_SERIAL &&
-        p.kernel != L32_W4A8_WGMMA_ROW && p.kernel != L32_W4A8_WGMMA_WS) {
+        p.kernel != L32_W4A8_WGMMA_ROW && p.kernel != L32_W4A8_WGMMA_WS && p.kernel != L32_W4A8_WGMMA_TMA &&
+        p.kernel != L32_W4A8_WGMMA_WS_TMA) {
         return L32_INVALID_ARGUMENT;
     }
     if (p.kernel != L32_W4A8_MMA) {

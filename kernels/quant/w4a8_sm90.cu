@@ -65,6 +65,7 @@
 #include "common/bf16.cuh"
 #include "common/mbarrier.cuh"
 #include "common/status.cuh"
+#include "common/tma.cuh"
 #include "common/wgmma.cuh"
 #include "llama32_kernels.h"
 #include "quant/common.cuh"
@@ -75,7 +76,7 @@ namespace l32 {
 namespace quant {
 namespace {
 
-template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow>
+template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow, bool kTma = false>
 struct W4A8WgmmaTraits {
     static_assert(kBN == 64 || kBN == 128, "64 or 128 tokens per block");
     static constexpr int kTokens = kBN;             // tokens per block (the grid's x tiles)
@@ -90,7 +91,12 @@ struct W4A8WgmmaTraits {
     // A stage: activations, weights, and the scale entries of its chunk and of the next one (whose first scales
     // close the chunk's last coefficient).
     static constexpr int kStageBytes = kActBytes + kWBytes + 2 * kSBytes;
-    static constexpr int kSmemBytes = kStages * kStageBytes;
+    // kTma (the TMA kernels): the same bytes per stage, laid out as the three tensor-map boxes write them (see
+    // w4a8_wgmma_tma_kernel), every stage on a 1024-byte boundary (the dynamic shared memory is aligned by hand).
+    static_assert(!kTma || (kRow && !kOverlap), "the TMA kernels run the row kernel's serial products");
+    static_assert(!kTma || kStageBytes % 1024 == 0, "every stage 1024-byte aligned");
+    static constexpr int kAlign = kTma ? 1024 : 0;
+    static constexpr int kSmemBytes = kStages * kStageBytes + kAlign;
     static_assert(kSmemBytes <= 227 * 1024, "the sm_90 opt-in limit per CTA");
     // Chunks loaded ahead of the one computed: every product of a chunk is waited for within its iteration, so the
     // stage refilled after the next barrier (the previous chunk's) is free.
@@ -202,9 +208,9 @@ struct ChunkCopies {
 // `tile` of the block (warp tile % 4 of warpgroup tile / 4) owns weight row tile `tile`, with every token of the
 // block's kBN. chunk() runs one chunk from its stage in shared memory; store() writes the sums out (finished at one
 // split, f32 partials otherwise).
-template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow>
+template <int kWG, int kBN, int kStages, bool kOverlap, bool kRow, bool kTma = false>
 struct Products {
-    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow>;
+    using T = W4A8WgmmaTraits<kWG, kBN, kStages, kOverlap, kRow, kTma>;
     static constexpr int kH = T::kHalves;
     static constexpr int NT = T::kHN / 8;        // accumulator column tiles of 8 tokens per half
     static constexpr float kBias = 12582912.0f;  // 1.5 * 2^23, the float whose bits are kI2fBias
@@ -236,14 +242,44 @@ struct Products {
         }
     }
 
+    // kTma: warp `tile`'s lane `lane`'s byte offsets in a stage (its scale entries, its first weight word) and its
+    // nibble shift, computed once before the chunk loop and kept in registers (ptxas otherwise recomputes them from
+    // the thread index in every chunk: ~30 instructions a chunk in a kernel bound by issue slots).
+    struct Lane {
+        int s_off = 0, w_off = 0, shift = 0;
+    };
+    __device__ __forceinline__ static Lane lane_offsets(int tile, int lane) {
+        static_assert(kTma, "the other kernels compute their offsets per chunk");
+        const int g = lane / 4, t = lane % 4;
+        Lane l;
+        l.s_off = T::kActBytes + T::kWBytes + tile * 256 + g * 16;
+        l.w_off = T::kActBytes + tile * 512 + (lane & ~3) * 16 + (t >> 1) * 16;
+        l.shift = (t & 1) ? 0 : 4;
+        asm volatile("" : "+r"(l.s_off), "+r"(l.w_off), "+r"(l.shift));  // opaque: not recomputed later
+        return l;
+    }
+
     // The products of one chunk (the rel-th of the split; `last`: the split's last) from its stage `s`.
     __device__ __forceinline__ void chunk(const uint8_t* s, int tile, int lane, int rel, bool last) {
+        chunk_at(s, 0, Lane{}, tile, lane, rel, last);
+    }
+
+    // chunk() given, for kTma, the stage's shared address `s_addr` and this thread's offsets `lo` too (the TMA
+    // kernels keep them in registers; the others ignore both).
+    __device__ __forceinline__ void chunk_at(const uint8_t* s, uint32_t s_addr, const Lane& lo, int tile, int lane,
+                                             int rel, bool last) {
         const int g = lane / 4, t = lane % 4;
         // Scale entries of chunks c and c + 1: (row g, group 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8,
-        // 2c + 1).
-        const float4 sv = *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + (tile * 8 + g) * 16);
-        const float4 sn =
-            *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + T::kSBytes + (tile * 8 + g) * 16);
+        // 2c + 1). kTma: the tile's 128 bytes of chunk c, then its 128 of chunk c + 1; else chunk c's of every tile,
+        // then chunk c + 1's.
+        float4 sv, sn;
+        if constexpr (kTma) {
+            sv = *reinterpret_cast<const float4*>(s + lo.s_off);
+            sn = *reinterpret_cast<const float4*>(s + lo.s_off + 128);
+        } else {
+            sv = *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + (tile * 8 + g) * 16);
+            sn = *reinterpret_cast<const float4*>(s + T::kActBytes + T::kWBytes + T::kSBytes + (tile * 8 + g) * 16);
+        }
         const bool seg_start = rel % T::kSegChunks == 0;
         const bool seg_end = rel % T::kSegChunks == T::kSegChunks - 1 || last;
         // Both groups' A fragments (16 q as int8; row g from .x / .z, row g + 8 from .y / .w of a lane's 16 bytes),
@@ -254,18 +290,26 @@ struct Products {
         if constexpr (kRow) {
             // Natural k order (slot s is column s): slots 4t..4t+3 are columns 4t.. of quad lane t / 2, slots
             // 16 + 4t.. those of quad lane 2 + t / 2, in its low nibbles for even t, high nibbles for odd t.
-            const uint8_t* wt = s + T::kActBytes + tile * 512 + (lane & ~3) * 16;
-            const uint4 lo = *reinterpret_cast<const uint4*>(wt + (t >> 1) * 16);
-            const uint4 hi = *reinterpret_cast<const uint4*>(wt + (2 + (t >> 1)) * 16);
-            const int sh = (t & 1) ? 0 : 4;
-            a[0][0] = (lo.x << sh) & kHi;
-            a[0][1] = (lo.y << sh) & kHi;
-            a[0][2] = (hi.x << sh) & kHi;
-            a[0][3] = (hi.y << sh) & kHi;
-            a[1][0] = (lo.z << sh) & kHi;
-            a[1][1] = (lo.w << sh) & kHi;
-            a[1][2] = (hi.z << sh) & kHi;
-            a[1][3] = (hi.w << sh) & kHi;
+            uint4 w_lo, w_hi;
+            int sh;
+            if constexpr (kTma) {
+                w_lo = *reinterpret_cast<const uint4*>(s + lo.w_off);
+                w_hi = *reinterpret_cast<const uint4*>(s + lo.w_off + 32);
+                sh = lo.shift;
+            } else {
+                const uint8_t* wt = s + T::kActBytes + tile * 512 + (lane & ~3) * 16;
+                w_lo = *reinterpret_cast<const uint4*>(wt + (t >> 1) * 16);
+                w_hi = *reinterpret_cast<const uint4*>(wt + (2 + (t >> 1)) * 16);
+                sh = (t & 1) ? 0 : 4;
+            }
+            a[0][0] = (w_lo.x << sh) & kHi;
+            a[0][1] = (w_lo.y << sh) & kHi;
+            a[0][2] = (w_hi.x << sh) & kHi;
+            a[0][3] = (w_hi.y << sh) & kHi;
+            a[1][0] = (w_lo.z << sh) & kHi;
+            a[1][1] = (w_lo.w << sh) & kHi;
+            a[1][2] = (w_hi.z << sh) & kHi;
+            a[1][3] = (w_hi.w << sh) & kHi;
         } else {
             // The activations' k order follows the lane's own word: slot 4t + i is column 8t + i, slot
             // 16 + 4t + i is column 8t + 4 + i.
@@ -307,11 +351,19 @@ struct Products {
                         }
                     }
                 }
-                const uint32_t b_addr = smem_addr(s + jg * (kBN * 32) + h * (T::kHN / 8) * 256);
+                // B: kTma, the 64-byte-swizzled token rows (8-row atoms 512 bytes apart) from group jg's 32 bytes;
+                // else the core matrices of group jg, half h.
+                uint64_t desc_b;
+                if constexpr (kTma) {
+                    desc_b = wgmma::desc_sw64(s_addr + jg * 32, 16, 512);
+                } else {
+                    const uint32_t b_addr = smem_addr(s + jg * (kBN * 32) + h * (T::kHN / 8) * 256);
+                    desc_b = wgmma::desc_interleave(b_addr, 128, 256);
+                }
                 wgmma::fence_operands(d[h]);
                 wgmma::fence_operands(a[jg]);
                 wgmma::fence();
-                wgmma::mma_rs_s8<T::kHN>(d[h], a[jg], wgmma::desc_interleave(b_addr, 128, 256));
+                wgmma::mma_rs_s8<T::kHN>(d[h], a[jg], desc_b);
                 wgmma::commit();
                 if constexpr (!kOverlap) {
                     wgmma::wait<0>();
@@ -532,15 +584,218 @@ __global__ void __launch_bounds__(384, 1) w4a8_wgmma_ws_kernel(const __grid_cons
 #endif
 }
 
+// The three tensor maps of the TMA kernels (encoded per launch by w4a8_maps): each chunk's stage is three boxes.
+//   - act: xq as k bytes x m rows (uint8), boxes of 64 columns x kBN tokens, 64-byte swizzle: chunk c's activations
+//     of tokens m0 .. m0 + kBN as kBN rows of 64 bytes in 8-row atoms of 512 bytes, which wgmma reads through a
+//     64-byte-swizzle descriptor (group j at byte 32 j of each row). Tokens past m are zeros.
+//   - weights: each 16-row tile's chunks as one row of kc x 512 bytes (uint32 elements), boxes of one chunk (128
+//     elements) x kTiles tiles: the stage's weights as the other kernels copy them (tile t at byte 512 t). Tiles
+//     past the last are zeros.
+//   - scales: each tile's scale entries as one row of kc x 128 bytes, boxes of two chunks (64 elements) x kTiles
+//     tiles: per tile, chunk c's 128 bytes then chunk c + 1's (zeros past the last chunk), 256 bytes a tile.
+struct W4A8Maps {  // each map 128-byte aligned (CUtensorMap's own alignment)
+    CUtensorMap act;
+    CUtensorMap weights;
+    CUtensorMap scales;
+};
+
+#if L32_WGMMA_AVAILABLE
+// One thread's start of a TMA kernel: the maps asked for ahead of their first use, and the `full` barriers (one
+// arrival each: the issuing thread's expect_tx; then the boxes' bytes) and `empty` barriers (`empty_count`
+// arrivals; none when `empty` is null) initialized and fenced for the TMA unit. The block barrier that follows
+// publishes them.
+template <int kStages>
+__device__ __forceinline__ void tma_ring_init(const W4A8Maps& maps, uint64_t* full, uint64_t* empty,
+                                              unsigned empty_count) {
+    tma::prefetch_map(&maps.act);
+    tma::prefetch_map(&maps.weights);
+    tma::prefetch_map(&maps.scales);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+        sync90::mbar_init(&full[s], 1);
+        if (empty != nullptr) sync90::mbar_init(&empty[s], empty_count);
+    }
+    sync90::mbar_init_fence();
+}
+
+// The first 1024-byte boundary in the dynamic shared memory (the TMA kernels ask for 1024 bytes more).
+__device__ __forceinline__ uint8_t* align_1024(uint8_t* raw) {
+    const uint32_t a = smem_addr(raw);
+    return raw + (((a + 1023u) & ~1023u) - a);
+}
+
+// The consumers' side of a TMA kernel's ring: the stage and phase parity of the next chunk, and the shared
+// addresses of stage 0 and of its `full` barrier, computed once (opaque to ptxas, which would recompute them in
+// every chunk).
+template <class T, int kStages>
+struct TmaRing {
+    uint32_t smem_base, full_base;
+    int stage = 0;
+    unsigned phase = 0;
+
+    __device__ __forceinline__ TmaRing(uint8_t* smem, uint64_t* full)
+        : smem_base(smem_addr(smem)), full_base(smem_addr(full)) {
+        asm volatile("" : "+r"(smem_base), "+r"(full_base));
+    }
+
+    // Waits for the next chunk (the rel-th of the split; `last`: its last) to land and runs its products; returns
+    // the stage it read, and moves on by one.
+    template <class Prod>
+    __device__ __forceinline__ int consume(Prod& prod, uint8_t* smem, const typename Prod::Lane& lo, int tile,
+                                           int lane, int rel, bool last) {
+        sync90::mbar_wait_bounded_at(full_base + stage * 8, phase);
+        const int off = stage * T::kStageBytes;
+        prod.chunk_at(smem + off, smem_base + off, lo, tile, lane, rel, last);
+        const int done = stage;
+        if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+        }
+        return done;
+    }
+};
+
+// Issues the three boxes of chunk c (the rel-th of the split) into stage rel % kStages, completing on its `full`
+// barrier (one thread).
+template <class T, int kStages>
+__device__ __forceinline__ void tma_issue_chunk(const W4A8Maps& maps, uint8_t* smem, uint64_t* full, int rel, int c,
+                                                int m0, int nt0) {
+    const int stage = rel % kStages;
+    uint8_t* st = smem + stage * T::kStageBytes;
+    sync90::mbar_arrive_expect(&full[stage], T::kStageBytes);
+    tma::load_2d(st, &maps.act, c * 64, m0, &full[stage]);
+    tma::load_2d(st + T::kActBytes, &maps.weights, c * 128, nt0, &full[stage]);
+    tma::load_2d(st + T::kActBytes + T::kWBytes, &maps.scales, c * 32, nt0, &full[stage]);
+}
+#endif
+
+// Tier 1 (L32_W4A8_WGMMA_TMA). The row kernel's products (serial, natural-order activations: the same bits) fed by
+// the TMA unit: thread 0 issues each chunk's three boxes (W4A8Maps) into a kStages-deep ring, each stage completing
+// on its mbarrier `full`, and every thread waits there instead of issuing its share of ~1,000 cp.async per chunk.
+// The fifteenth session's count put ~75 of the row kernel's ~220 instructions per chunk and warp in those copies
+// (their address arithmetic, zero-fill predicates and the stage index), which left it bound by issue slots.
+// The block barrier per chunk stays: after it, every warp is done with the previous chunk, whose stage thread 0
+// then refills. Grid, tiles, split-K and the store as the row kernel; 256 threads.
+template <int kBN, int kStages>
+__global__ void __launch_bounds__(256, W4A8WgmmaTraits<2, kBN, kStages, false, true, true>::kMinBlocks)
+    w4a8_wgmma_tma_kernel(const __grid_constant__ l32_w4a8_params p, const __grid_constant__ W4A8Maps maps) {
+#if L32_WGMMA_AVAILABLE
+    using T = W4A8WgmmaTraits<2, kBN, kStages, false, true, true>;
+    pdl_begin();
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    __shared__ uint64_t full[kStages];
+    uint8_t* smem = align_1024(smem_raw);
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const BlockSpan<T> span(p);
+    const int chunks = span.c1 - span.c0;
+    if (threadIdx.x == 0) tma_ring_init<kStages>(maps, full, nullptr, 0);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int rel = 0; rel < T::kAhead && rel < chunks; ++rel) {
+            tma_issue_chunk<T, kStages>(maps, smem, full, rel, span.c0 + rel, span.m0, span.nt0);
+        }
+    }
+    using Prod = Products<2, kBN, kStages, false, true, true>;
+    Prod prod;
+    const typename Prod::Lane lane_off = Prod::lane_offsets(warp, lane);
+    TmaRing<T, kStages> ring(smem, full);
+#pragma unroll 1
+    for (int rel = 0; rel < chunks; ++rel) {
+        if (rel > 0) __syncthreads();  // every warp is done with chunk rel - 1, whose stage is refilled next
+        if (threadIdx.x == 0 && rel + T::kAhead < chunks) {
+            const int ahead = rel + T::kAhead;
+            tma_issue_chunk<T, kStages>(maps, smem, full, ahead, span.c0 + ahead, span.m0, span.nt0);
+        }
+        ring.consume(prod, smem, lane_off, warp, lane, rel, rel + 1 == chunks);
+    }
+    prod.store(p, span.npad, span.nt0, warp, span.m0, lane);
+    span.splitk_finish(p);
+#else
+    (void)p;
+    (void)maps;
+    __trap();  // only sm_90a runs this kernel; the launcher refuses every other device
+#endif
+}
+
+// Tier 1 (L32_W4A8_WGMMA_WS_TMA). The ws kernel with the TMA kernel's copies: warp 0 of the producer warpgroup
+// waits for a stage's `empty` (8 arrivals: lane 0 of each consumer warp once the chunk's products are done) and its
+// lane 0 issues the chunk's three boxes onto the stage's `full`; the rest of that warpgroup only joins the split-K
+// finish. The consumers as in w4a8_wgmma_ws_kernel (the same bits), with bounded waits (a ring out of step traps
+// instead of hanging: this kernel has not run on a GPU yet). 384 threads, one block per SM.
+template <int kBN, int kStages>
+__global__ void __launch_bounds__(384, 1)
+    w4a8_wgmma_ws_tma_kernel(const __grid_constant__ l32_w4a8_params p, const __grid_constant__ W4A8Maps maps) {
+#if L32_WGMMA_AVAILABLE
+    using T = W4A8WgmmaTraits<2, kBN, kStages, false, true, true>;
+    constexpr int kProducers = 128;
+    pdl_begin();
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    __shared__ uint64_t full[kStages], empty[kStages];
+    uint8_t* smem = align_1024(smem_raw);
+
+    const BlockSpan<T> span(p);
+    const int chunks = span.c1 - span.c0;
+    if (threadIdx.x == 0) tma_ring_init<kStages>(maps, full, empty, T::kTiles);
+    __syncthreads();
+
+    if (threadIdx.x < 32) {
+        // Warp 0 waits for each stage to come back; its lane 0 issues the boxes (the warp stays converged).
+        for (int rel = 0; rel < chunks; ++rel) {
+            const int stage = rel % kStages;
+            if (rel >= kStages) sync90::mbar_wait_bounded(&empty[stage], (rel / kStages - 1) & 1);
+            if (threadIdx.x == 0) tma_issue_chunk<T, kStages>(maps, smem, full, rel, span.c0 + rel, span.m0, span.nt0);
+            __syncwarp();
+        }
+    } else if (threadIdx.x >= kProducers) {
+        const int tile = static_cast<int>(threadIdx.x) / 32 - kProducers / 32, lane = threadIdx.x % 32;
+        using Prod = Products<2, kBN, kStages, false, true, true>;
+        Prod prod;
+        const typename Prod::Lane lane_off = Prod::lane_offsets(tile, lane);
+        TmaRing<T, kStages> ring(smem, full);
+#pragma unroll 1
+        for (int rel = 0; rel < chunks; ++rel) {
+            const int stage = ring.consume(prod, smem, lane_off, tile, lane, rel, rel + 1 == chunks);
+            __syncwarp();
+            if (lane == 0) sync90::mbar_arrive(&empty[stage]);
+        }
+        prod.store(p, span.npad, span.nt0, tile, span.m0, lane);
+    }
+    span.splitk_finish(p);
+#else
+    (void)p;
+    (void)maps;
+    __trap();  // only sm_90a runs this kernel; the launcher refuses every other device
+#endif
+}
+
+// The TMA kernels' maps for `p` with kBN-token boxes (see W4A8Maps).
+template <int kBN, int kTiles>
+l32_status w4a8_maps(const l32_w4a8_params& p, W4A8Maps& maps) {
+    const auto k = static_cast<uint64_t>(p.k), kc = k / 64, ntiles = static_cast<uint64_t>((p.n + 15) / 16);
+    l32_status s = tma::encode_2d(&maps.act, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.xq, k, static_cast<uint64_t>(p.m), k,
+                                  64, kBN, CU_TENSOR_MAP_SWIZZLE_64B);
+    if (s == L32_OK) {
+        s = tma::encode_2d(&maps.weights, CU_TENSOR_MAP_DATA_TYPE_UINT32, p.qweight, kc * 128, ntiles, kc * 512, 128,
+                           kTiles, CU_TENSOR_MAP_SWIZZLE_NONE);
+    }
+    if (s == L32_OK) {
+        s = tma::encode_2d(&maps.scales, CU_TENSOR_MAP_DATA_TYPE_UINT32, p.scales, kc * 32, ntiles, kc * 128, 64,
+                           kTiles, CU_TENSOR_MAP_SWIZZLE_NONE);
+    }
+    return s;
+}
+
 // Tier 2. `kernel` over the grid of T's tiles (token tiles, weight row blocks, splits) with `threads` threads.
-template <class T>
-l32_status launch_tiles(void (*kernel)(l32_w4a8_params), int threads, const l32_w4a8_params& p, cudaStream_t stream) {
+template <class T, class... Extra>
+l32_status launch_tiles(void (*kernel)(l32_w4a8_params, Extra...), int threads, const l32_w4a8_params& p,
+                        cudaStream_t stream, const Extra&... extra) {
     const int64_t ntiles = (p.n + 15) / 16;
     const dim3 grid(static_cast<unsigned>((p.m + T::kTokens - 1) / T::kTokens),
                     static_cast<unsigned>((ntiles + T::kTiles - 1) / T::kTiles), static_cast<unsigned>(p.splits));
     const l32_status smem = allow_dynamic_smem(kernel, T::kSmemBytes);
     if (smem != L32_OK) return smem;
-    launch_kernel(kernel, grid, threads, T::kSmemBytes, stream, p);
+    launch_kernel(kernel, grid, threads, T::kSmemBytes, stream, p, extra...);
     return check_launch();
 }
 
@@ -558,6 +813,32 @@ l32_status launch_ws(const l32_w4a8_params& p, cudaStream_t stream) {
     return launch_tiles<T>(w4a8_wgmma_ws_kernel<kBN, kStages>, 384, p, stream);
 }
 
+// The TMA kernels: the ws one (384 threads) or the block-barrier one (256). Where a box would be larger than its
+// whole tensor (fewer than kBN tokens, fewer than kTiles weight tiles, or a single chunk, whose scales box spans
+// two), the cp.async kernel with the same products runs instead (the same bits): the encoder accepts such boxes,
+// but other projects report that copies through them fault, and the zero fill they would rely on is what the
+// partial boxes at a tensor's edge, which every larger shape has, already exercise.
+template <int kBN, int kStages, bool kWs>
+l32_status launch_tma(const l32_w4a8_params& p, cudaStream_t stream) {
+    using T = W4A8WgmmaTraits<2, kBN, kStages, false, true, true>;
+    if (p.m < kBN || (p.n + 15) / 16 < T::kTiles || p.k < 128) {
+        if constexpr (kWs) {
+            return launch_ws<kBN, kStages>(p, stream);
+        } else {
+            return launch<2, kBN, kStages, false, true>(p, stream);
+        }
+    }
+    W4A8Maps maps;
+    const l32_status s = w4a8_maps<kBN, T::kTiles>(p, maps);
+    if (s != L32_OK) return s;
+    if constexpr (kWs) {
+        static_assert(T::kThreads + 128 == 384 && T::kMinBlocks >= 1, "the ws kernel's block, as in launch_ws");
+        return launch_tiles<T>(w4a8_wgmma_ws_tma_kernel<kBN, kStages>, 384, p, stream, maps);
+    } else {
+        return launch_tiles<T>(w4a8_wgmma_tma_kernel<kBN, kStages>, T::kThreads, p, stream, maps);
+    }
+}
+
 }  // namespace
 
 // Built without sm_90a SASS (LLAMA32_CUDA_ARCHS without 90a, see build.rs) the kernel body would only trap, so the
@@ -566,7 +847,11 @@ bool w4a8_wgmma_available() {
 #ifndef L32_SASS_SM90A
     return false;
 #else
-    return device_runs_sm90a();
+    if (!device_runs_sm90a()) return false;
+    // Looks the tensor-map encoder up here, once, so that the first TMA launch does not do it inside a graph
+    // capture.
+    (void)tma::encoder();
+    return true;
 #endif
 }
 
@@ -575,6 +860,12 @@ l32_status launch_w4a8_wgmma(const l32_w4a8_params& p, cudaStream_t stream) {
     if (p.zeros != nullptr || (p.tile_m != 64 && p.tile_m != 128)) return L32_UNSUPPORTED;
     if ((p.m + p.tile_m - 1) / p.tile_m > INT_MAX) return L32_UNSUPPORTED;
     if (p.kernel == L32_W4A8_WGMMA_WS) return p.tile_m == 64 ? launch_ws<64, 8>(p, stream) : launch_ws<128, 6>(p, stream);
+    if (p.kernel == L32_W4A8_WGMMA_TMA) {
+        return p.tile_m == 64 ? launch_tma<64, 6, false>(p, stream) : launch_tma<128, 6, false>(p, stream);
+    }
+    if (p.kernel == L32_W4A8_WGMMA_WS_TMA) {
+        return p.tile_m == 64 ? launch_tma<64, 8, true>(p, stream) : launch_tma<128, 6, true>(p, stream);
+    }
     if (p.kernel == L32_W4A8_WGMMA_ROW) {
         return p.tile_m == 64 ? launch<2, 64, 6, false, true>(p, stream) : launch<2, 128, 6, false, true>(p, stream);
     }

@@ -1,9 +1,9 @@
 //! Twin tests of the Hopper W4A8 kernels (`kernels/quant/w4a8_sm90.cu`, `W4A8Kernel::Wgmma`, `WgmmaSerial`,
-//! `WgmmaRow` and `WgmmaWs`, which give the same bits; one test for the measured pair and one for each newer
-//! kernel, each launch announced to a watchdog that aborts a hung test and names the launch): bit for bit against
-//! its CPU twin (`ops::cpu::w4a8_segmented`, the same f32 operations in the same order), within a stated bound of
-//! torchao's numerics (`w4a8_linear`), deterministic, for 64- and 128-token tiles and several K splits, on fresh
-//! random weights and activations with the output poisoned before each launch.
+//! `WgmmaRow`, `WgmmaWs`, `WgmmaTma` and `WgmmaWsTma`, which give the same bits; one test for the measured pair and
+//! one for each newer kernel, each launch announced to a watchdog that aborts a hung test and names the launch): bit
+//! for bit against its CPU twin (`ops::cpu::w4a8_segmented`, the same f32 operations in the same order), within a
+//! stated bound of torchao's numerics (`w4a8_linear`), deterministic, for 64- and 128-token tiles and several K
+//! splits, on fresh random weights and activations with the output poisoned before each launch.
 //!
 //! Without a CUDA build or a device, each test prints "skipped: no CUDA device" and returns; on a device without
 //! the kernel (not compute capability 9.x, or a build without sm_90a) the twin tests print "skipped:" too, after
@@ -77,6 +77,20 @@ fn w4a8_wgmma_row_matches_its_cpu_twin_bit_for_bit() {
 #[test]
 fn w4a8_wgmma_ws_matches_its_cpu_twin_bit_for_bit() {
     twin_test("w4a8_wgmma_ws_matches_its_cpu_twin_bit_for_bit", &[W4A8Kernel::WgmmaWs]);
+}
+
+/// `wgmma-tma` (the row kernel's products fed by tensor-map copies into 64-byte-swizzled stages) against the twin:
+/// tokens past m and weight tiles past n come from the copies' zero fill, the scales of the chunk after the last
+/// too.
+#[test]
+fn w4a8_wgmma_tma_matches_its_cpu_twin_bit_for_bit() {
+    twin_test("w4a8_wgmma_tma_matches_its_cpu_twin_bit_for_bit", &[W4A8Kernel::WgmmaTma]);
+}
+
+/// `wgmma-ws-tma` (the ws kernel with one producer thread issuing the tensor-map copies) against the twin.
+#[test]
+fn w4a8_wgmma_ws_tma_matches_its_cpu_twin_bit_for_bit() {
+    twin_test("w4a8_wgmma_ws_tma_matches_its_cpu_twin_bit_for_bit", &[W4A8Kernel::WgmmaWsTma]);
 }
 
 /// Every (shape, m, plan) of `kernels`: the kernel's bits are the bf16 rounding of the twin's values, a second run

@@ -217,7 +217,8 @@ pub(super) fn ncu_quant_targets() {
     let x = upload(&stream, &random_rows(&mut rng, m, k, (-1.0, 1.0), false));
     let mut acts = poisoned_acts(&stream, m, k);
     act_quant(&stream, ActSource::Rows(x.slice(..)), m, k, &mut acts, None).unwrap();
-    for kernel in W4A8Kernel::ALL.into_iter().filter(|kernel| kernel.runs(&w)) {
+    // The TMA kernels have twin tests of their own (cuda_w4a8_wgmma); a fault in one here would end this test.
+    for kernel in W4A8Kernel::ALL.into_iter().filter(|kernel| kernel.runs(&w) && !kernel.is_tma()) {
         let mut out = stream.alloc_zeros::<bf16>(m * n).unwrap();
         w4a8_gemm_with(&stream, &acts, &w, m, &mut ws, &mut out, w4a8_plan(kernel, m, n, k, sms)).unwrap();
         finite(&format!("w4a8 {} 11b gate_up m 256", kernel.name()), &out);

@@ -160,6 +160,8 @@ pub(super) fn launch_w4a8(op: &str, stream: &CudaStream, l: &GemmLaunch, kernel:
             super::W4A8Kernel::WgmmaSerial => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_SERIAL,
             super::W4A8Kernel::WgmmaRow => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_ROW,
             super::W4A8Kernel::WgmmaWs => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_WS,
+            super::W4A8Kernel::WgmmaTma => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_TMA,
+            super::W4A8Kernel::WgmmaWsTma => ffi::l32_w4a8_kernel::L32_W4A8_WGMMA_WS_TMA,
         },
         prewait: i32::from(super::quant_prewait()?),
         dtype: ffi::l32_dtype::L32_DTYPE_BF16,

@@ -167,13 +167,14 @@ pub struct W4A8Plan {
 /// The launch shape of `kernel` for `m` x `n` x `k` on `sms` SMs.
 /// - mma: the smallest token tile that covers m <= 32, else 128; K splits only while the grid is smaller than the
 ///   SM count (about two 256-thread blocks per SM then), with at least two 64-column chunks per split.
-/// - wgmma, wgmma-serial and wgmma-ws: 128-token tiles (one block per SM: ~200 registers x 256 threads) when they
-///   make at least one block per SM, else 64-token tiles (two per SM; one for wgmma-ws, whose blocks have 384
-///   threads);
-/// - wgmma-row: 64-token tiles always (98 registers: two blocks per SM), which an H200 measured 10-18% faster than
-///   its 128-token tiles at m = 256 and 1024 on every 11B / 90B row where the rule above takes 128 (2026-11-28);
-/// - then K splits (every wgmma variant) up to two blocks per SM (one for 128 and for wgmma-ws), with at least one
-///   whole 4-chunk segment per split.
+/// - wgmma, wgmma-serial, wgmma-ws and wgmma-ws-tma: 128-token tiles (one block per SM: ~200 registers x 256
+///   threads) when they make at least one block per SM, else 64-token tiles (two per SM; one for the ws kernels,
+///   whose blocks have 384 threads);
+/// - wgmma-row and wgmma-tma (the row kernel's products with TMA copies): 64-token tiles always (98 and 89
+///   registers: two blocks per SM), which an H200 measured 10-18% faster than 128-token tiles for wgmma-row at
+///   m = 256 and 1024 on every 11B / 90B row where the rule above takes 128 (2026-11-28);
+/// - then K splits (every wgmma variant) up to two blocks per SM (one for 128 and for the ws kernels), with at
+///   least one whole 4-chunk segment per split.
 pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -> W4A8Plan {
     let row_blocks = padded_n(n).div_ceil(W4A8_BLOCK_N).max(1);
     let tile_m = match kernel {
@@ -183,7 +184,7 @@ pub fn w4a8_plan(kernel: W4A8Kernel, m: usize, n: usize, k: usize, sms: usize) -
             17..=32 => 32,
             _ => 128,
         },
-        W4A8Kernel::WgmmaRow => 64,
+        W4A8Kernel::WgmmaRow | W4A8Kernel::WgmmaTma => 64,
         _ if row_blocks * m.div_ceil(128) >= sms => 128,
         _ => 64,
     };
@@ -197,7 +198,7 @@ pub fn w4a8_plan_tiled(kernel: W4A8Kernel, tile_m: usize, m: usize, n: usize, k:
     // Blocks per SM the kernel keeps resident, and the fewest 64-column chunks per split.
     let (per_sm, min_chunks) = match kernel {
         W4A8Kernel::Mma => (2, 2),
-        W4A8Kernel::WgmmaWs => (1, 4), // 384 threads: one block per SM at either tile
+        W4A8Kernel::WgmmaWs | W4A8Kernel::WgmmaWsTma => (1, 4), // 384 threads: one block per SM at either tile
         _ if tile_m == 128 => (1, 4),
         _ => (2, 4),
     };

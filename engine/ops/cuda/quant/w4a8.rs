@@ -13,7 +13,8 @@ use crate::{Error, Result};
 
 /// Which W4A8 kernel [`w4a8_gemm`] runs. Both compute torchao's 8da4w product with exact s32 group sums; they
 /// differ in how the f32 sum of the scaled group terms is rounded (see [`W4A8Kernel::Wgmma`]). The environment
-/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`, `wgmma-row`, `wgmma-ws`) forces one where it
+/// variable [`W4A8Kernel::ENV`] (`auto`, `mma`, `wgmma`, `wgmma-serial`, `wgmma-row`, `wgmma-ws`, `wgmma-tma`,
+/// `wgmma-ws-tma`) forces one where it
 /// runs; `auto` takes [`W4A8Kernel::Mma`] up to [`WGMMA_MIN_M`] rows (its decode tiles), then where the Hopper kernels
 /// run [`W4A8Kernel::WgmmaWs`] below [`ROW_AUTO_MIN_M`] rows and [`W4A8Kernel::WgmmaRow`] (64-token tiles) from
 /// there (measured on an H200, 2026-11-28: `bench/results/2026-11-28-h200-fresh-kernels.md`).
@@ -43,10 +44,19 @@ pub enum W4A8Kernel {
     /// batch 64 (m = 64) decoded in 3.10 ms a step with it against 3.49 (row), 3.66 (wgmma) and 4.40 (mma) on an
     /// H200 (2026-11-28).
     WgmmaWs,
+    /// [`W4A8Kernel::WgmmaRow`]'s products fed by the TMA unit: one thread issues each chunk's activations
+    /// (64-byte-swizzled rows), weights and scales as three tensor-map boxes completing on an mbarrier, instead of
+    /// every thread's cp.async; the same bits. The row kernel is bound by issue slots: by the sm_90a SASS its chunk
+    /// loop drops from about 210 to about 160 instructions per warp and chunk (twenty-first session; not yet run on
+    /// a GPU, so `auto` never takes it).
+    WgmmaTma,
+    /// [`W4A8Kernel::WgmmaWs`] with [`W4A8Kernel::WgmmaTma`]'s copies: one producer thread instead of a producer
+    /// warpgroup of cp.async; the same bits. Not yet run on a GPU.
+    WgmmaWsTma,
 }
 
 impl KernelSwitch for W4A8Kernel {
-    /// `auto` (the default), `mma`, `wgmma`, `wgmma-serial`, `wgmma-row` or `wgmma-ws`.
+    /// `auto` (the default), `mma`, `wgmma`, `wgmma-serial`, `wgmma-row`, `wgmma-ws`, `wgmma-tma` or `wgmma-ws-tma`.
     const ENV: &'static str = "LLAMA32_W4A8_KERNEL";
     const WHAT: &'static str = "W4A8 kernel";
     const KERNELS: &'static [Self] = &W4A8Kernel::ALL;
@@ -58,6 +68,8 @@ impl KernelSwitch for W4A8Kernel {
             W4A8Kernel::WgmmaSerial => "wgmma-serial",
             W4A8Kernel::WgmmaRow => "wgmma-row",
             W4A8Kernel::WgmmaWs => "wgmma-ws",
+            W4A8Kernel::WgmmaTma => "wgmma-tma",
+            W4A8Kernel::WgmmaWsTma => "wgmma-ws-tma",
         }
     }
 
@@ -69,8 +81,21 @@ impl KernelSwitch for W4A8Kernel {
 
 impl W4A8Kernel {
     /// Every kernel.
-    pub const ALL: [W4A8Kernel; 5] =
-        [W4A8Kernel::Mma, W4A8Kernel::Wgmma, W4A8Kernel::WgmmaSerial, W4A8Kernel::WgmmaRow, W4A8Kernel::WgmmaWs];
+    pub const ALL: [W4A8Kernel; 7] = [
+        W4A8Kernel::Mma,
+        W4A8Kernel::Wgmma,
+        W4A8Kernel::WgmmaSerial,
+        W4A8Kernel::WgmmaRow,
+        W4A8Kernel::WgmmaWs,
+        W4A8Kernel::WgmmaTma,
+        W4A8Kernel::WgmmaWsTma,
+    ];
+
+    /// True for the kernels fed by tensor-map copies ([`W4A8Kernel::WgmmaTma`], [`W4A8Kernel::WgmmaWsTma`]): not yet
+    /// run on a GPU, so the benches of the other kernels leave them out.
+    pub fn is_tma(self) -> bool {
+        matches!(self, W4A8Kernel::WgmmaTma | W4A8Kernel::WgmmaWsTma)
+    }
 
     /// True for the Hopper kernels (every kernel but [`W4A8Kernel::Mma`]).
     pub fn is_wgmma(self) -> bool {
