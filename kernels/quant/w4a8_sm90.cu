@@ -261,12 +261,12 @@ struct Products {
 
     // The products of one chunk (the rel-th of the split; `last`: the split's last) from its stage `s`.
     __device__ __forceinline__ void chunk(const uint8_t* s, int tile, int lane, int rel, bool last) {
-        chunk_at(s, 0, Lane{}, tile, lane, rel, last);
+        chunk_at(s, uint64_t{0}, Lane{}, tile, lane, rel, last);
     }
 
-    // chunk() given, for kTma, the stage's shared address `s_addr` and this thread's offsets `lo` too (the TMA
-    // kernels keep them in registers; the others ignore both).
-    __device__ __forceinline__ void chunk_at(const uint8_t* s, uint32_t s_addr, const Lane& lo, int tile, int lane,
+    // chunk() given, for kTma, the descriptor of the stage's activations `act_desc` (group 0; the TMA kernels
+    // derive it from stage 0's by one add) and this thread's offsets `lo` too (the others ignore both).
+    __device__ __forceinline__ void chunk_at(const uint8_t* s, uint64_t act_desc, const Lane& lo, int tile, int lane,
                                              int rel, bool last) {
         const int g = lane / 4, t = lane % 4;
         // Scale entries of chunks c and c + 1: (row g, group 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8,
@@ -355,7 +355,7 @@ struct Products {
                 // else the core matrices of group jg, half h.
                 uint64_t desc_b;
                 if constexpr (kTma) {
-                    desc_b = wgmma::desc_sw64(s_addr + jg * 32, 16, 512);
+                    desc_b = act_desc + jg * (32 >> 4);  // the start address field, in 16-byte units
                 } else {
                     const uint32_t b_addr = smem_addr(s + jg * (kBN * 32) + h * (T::kHN / 8) * 256);
                     desc_b = wgmma::desc_interleave(b_addr, 128, 256);
@@ -624,18 +624,21 @@ __device__ __forceinline__ uint8_t* align_1024(uint8_t* raw) {
     return raw + (((a + 1023u) & ~1023u) - a);
 }
 
-// The consumers' side of a TMA kernel's ring: the stage and phase parity of the next chunk, and the shared
-// addresses of stage 0 and of its `full` barrier, computed once (opaque to ptxas, which would recompute them in
-// every chunk).
+// The consumers' side of a TMA kernel's ring: the stage and phase parity of the next chunk, the wgmma descriptor
+// of stage 0's activations (64-byte swizzle, SBO 512) and the shared address of its `full` barrier, computed once
+// (opaque to ptxas, which would rebuild them in every chunk). A stage's descriptor is stage 0's plus its offset in
+// 16-byte units: shared addresses stay below 2^18, so the 14-bit start field never carries into the next one.
 template <class T, int kStages>
 struct TmaRing {
-    uint32_t smem_base, full_base;
+    uint64_t desc_base;
+    uint32_t full_base;
     int stage = 0;
     unsigned phase = 0;
 
     __device__ __forceinline__ TmaRing(uint8_t* smem, uint64_t* full)
-        : smem_base(smem_addr(smem)), full_base(smem_addr(full)) {
-        asm volatile("" : "+r"(smem_base), "+r"(full_base));
+        : desc_base(wgmma::desc_sw64(smem_addr(smem), 16, 512)), full_base(smem_addr(full)) {
+        static_assert(kStages * T::kStageBytes + 1024 <= 227 * 1024, "stage offsets within the shared window");
+        asm volatile("" : "+l"(desc_base), "+r"(full_base));
     }
 
     // Waits for the next chunk (the rel-th of the split; `last`: its last) to land and runs its products; returns
@@ -645,7 +648,7 @@ struct TmaRing {
                                            int lane, int rel, bool last) {
         sync90::mbar_wait_bounded_at(full_base + stage * 8, phase);
         const int off = stage * T::kStageBytes;
-        prod.chunk_at(smem + off, smem_base + off, lo, tile, lane, rel, last);
+        prod.chunk_at(smem + off, desc_base + static_cast<uint32_t>(off >> 4), lo, tile, lane, rel, last);
         const int done = stage;
         if (++stage == kStages) {
             stage = 0;

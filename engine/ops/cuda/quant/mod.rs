@@ -48,7 +48,7 @@
 //! 84 KB (6 stages) for 128-token tiles, 98 registers and 80 KB (8 stages) for 64-token tiles.
 //! `w4a8_wgmma_tma_kernel` ([`W4A8Kernel::WgmmaTma`], 256 threads): 153 registers and 85 KB (6 stages, plus 1 KB
 //! to align the swizzled stages) for 128-token tiles, 89 registers and 61 KB for 64-token tiles (two per SM).
-//! `w4a8_wgmma_ws_tma_kernel` ([`W4A8Kernel::WgmmaWsTma`], 384 threads): 161 / 85 KB and 98 / 81 KB (8 stages).
+//! `w4a8_wgmma_ws_tma_kernel` ([`W4A8Kernel::WgmmaWsTma`], 384 threads): 161 / 85 KB and 99 / 81 KB (8 stages).
 //! `w4a16_wgmma_kernel` (256 threads, [`w4a16_gemm_large`], sm_90a only, two blocks per SM; with split-K since the
 //! fifteenth session): 116 / 117 registers and 106 KB dynamic shared memory (5 stages) for 128-token tiles,
 //! 75 / 77 registers and 79 KB (6 stages) for 64-token tiles; [`W4A16LargeKernel::WgmmaRow`] 128 / 128 and

@@ -47,7 +47,7 @@ pub enum W4A8Kernel {
     /// [`W4A8Kernel::WgmmaRow`]'s products fed by the TMA unit: one thread issues each chunk's activations
     /// (64-byte-swizzled rows), weights and scales as three tensor-map boxes completing on an mbarrier, instead of
     /// every thread's cp.async; the same bits. The row kernel is bound by issue slots: by the sm_90a SASS its chunk
-    /// loop drops from about 210 to about 160 instructions per warp and chunk (twenty-first session; not yet run on
+    /// loop drops from about 210 to about 150 instructions per warp and chunk (twenty-first session; not yet run on
     /// a GPU, so `auto` never takes it).
     WgmmaTma,
     /// [`W4A8Kernel::WgmmaWs`] with [`W4A8Kernel::WgmmaTma`]'s copies: one producer thread instead of a producer
