@@ -59,26 +59,17 @@ struct Smem {
 // Descriptor of a 128-byte-swizzled K-major operand (Q as A, K as B): SBO 1024 (8-row atoms), LBO unused.
 __device__ __forceinline__ uint64_t k_major_desc(uint32_t addr) { return wgmma::desc_sw128(addr, 16, 1024); }
 
-// The descriptor of desc_sw128(addr + off, lbo, sbo) from its two 32-bit halves: the low half of `base`'s plus
-// off / 16 in its start-address field (shared addresses below 2^18: the 14-bit field never carries into the
-// LBO), the high half as it is. So each step's descriptor is one 32-bit add of a constant instead of a rebuild
-// from the address (~5 uniform instructions; 24 descriptors a KV tile at D = 128).
-__device__ __forceinline__ uint64_t desc_plus(uint64_t base, uint32_t off) {
-    const uint32_t lo = static_cast<uint32_t>(base) + (off >> 4);
-    return (base & 0xFFFFFFFF00000000ull) | lo;
-}
-
 // Issues S = Q K^T over D in k16 steps (not committed): step ks is column block ks / 4, 32-byte offset ks % 4
 // within its rows. q_addr: this warpgroup's 64 Q rows (column block b at + b * 128 rows * 128 bytes).
 template <int D>
 __device__ __forceinline__ void issue_qk(float (&s)[Tiles<D>::NT][4], uint32_t q_addr, uint32_t k_addr) {
     using T = Tiles<D>;
-    const uint64_t qd = k_major_desc(q_addr), kd = k_major_desc(k_addr);
+    const uint64_t qd = k_major_desc(q_addr), kd = k_major_desc(k_addr);  // steps by wgmma::desc_plus: 24 a tile
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
         const uint32_t qo = (ks / 4) * T::QTile::kBlockBytes + (ks % 4) * 32;
         const uint32_t ko = (ks / 4) * T::KVTile::kBlockBytes + (ks % 4) * 32;
-        wgmma::mma_ss<T::kBlockN>(s, desc_plus(qd, qo), desc_plus(kd, ko), ks > 0);
+        wgmma::mma_ss<T::kBlockN>(s, wgmma::desc_plus(qd, qo), wgmma::desc_plus(kd, ko), ks > 0);
     }
 }
 
@@ -91,7 +82,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], const uint32_t (&
     const uint64_t vd = wgmma::desc_sw128(v_addr, T::KVTile::kBlockBytes, 1024);
 #pragma unroll
     for (int kk = 0; kk < T::NT / 2; ++kk) {
-        wgmma::mma_rs_bt<D>(o, pa[kk], desc_plus(vd, kk * 16 * 128));
+        wgmma::mma_rs_bt<D>(o, pa[kk], wgmma::desc_plus(vd, kk * 16 * 128));
     }
 }
 #endif

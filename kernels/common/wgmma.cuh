@@ -51,30 +51,41 @@ struct Sw128Tile {
 };
 
 // The 64-bit shared-memory matrix descriptor: start address, leading and stride byte offsets (each in 16-byte
-// units, 14 bits), base offset 0 (atoms 1024-byte aligned), and swizzle mode 1 (128-byte) in bits 62-63.
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+// units, 14 bits), base offset 0 (atoms aligned to their swizzle pattern), and the swizzle mode in bits 62-63
+// (0 none, 1 128-byte, 2 64-byte). The named forms below build it.
+__device__ __forceinline__ uint64_t desc(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes,
+                                         uint64_t mode) {
     return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFF) |
            (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
-           (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
+           (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (mode << 62);
 }
 
-// The descriptor of a 64-byte-swizzled K-major operand (swizzle mode 2 in bits 62-63): atoms of 8 rows x 64 bytes
-// (512 bytes, each 512-byte aligned, as TMA's 64-byte swizzle writes them), `sbo_bytes` from one 8-row atom to the
-// next; the leading byte offset is unused. A k step inside the 64-byte row starts that many bytes later, as with
-// desc_sw128.
+// The descriptor of a 128-byte-swizzled operand (atoms 1024-byte aligned).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return desc(smem_byte_addr, lbo_bytes, sbo_bytes, 1);
+}
+
+// The descriptor of a 64-byte-swizzled K-major operand: atoms of 8 rows x 64 bytes (512 bytes, each 512-byte
+// aligned, as TMA's 64-byte swizzle writes them), `sbo_bytes` from one 8-row atom to the next; the leading byte
+// offset is unused. A k step inside the 64-byte row starts that many bytes later, as with desc_sw128.
 __device__ __forceinline__ uint64_t desc_sw64(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-    return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFF) |
-           (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
-           (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (uint64_t{2} << 62);
+    return desc(smem_byte_addr, lbo_bytes, sbo_bytes, 2);
 }
 
 // The descriptor of a shared-memory operand without swizzle ("interleave" mode 0): core matrices of 8 rows x 16
 // bytes, each 128 contiguous bytes; `lbo_bytes` apart along K (the contraction dimension), `sbo_bytes` apart along
 // M or N (from one 8-row group to the next). Each core matrix must be 16-byte aligned.
 __device__ __forceinline__ uint64_t desc_interleave(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-    return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFF) |
-           (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
-           (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32);
+    return desc(smem_byte_addr, lbo_bytes, sbo_bytes, 0);
+}
+
+// The descriptor of the operand `off` bytes (a multiple of 16) after the one `base` describes, with the same
+// offsets and mode: `base`'s low half plus off / 16 in its start-address field, the high half as it is. Shared
+// addresses stay below 2^18, so the 14-bit field never carries into the LBO. One 32-bit add of a constant instead
+// of a rebuild from the address (~5 uniform instructions), for kernels that step through a tile.
+__device__ __forceinline__ uint64_t desc_plus(uint64_t base, uint32_t off) {
+    const uint32_t lo = static_cast<uint32_t>(base) + (off >> 4);
+    return (base & 0xFFFFFFFF00000000ull) | lo;
 }
 
 // Orders this thread's earlier register writes (accumulators, A fragments) before the wgmma that follows.

@@ -355,7 +355,7 @@ struct Products {
                 // else the core matrices of group jg, half h.
                 uint64_t desc_b;
                 if constexpr (kTma) {
-                    desc_b = act_desc + jg * (32 >> 4);  // the start address field, in 16-byte units
+                    desc_b = wgmma::desc_plus(act_desc, jg * 32);
                 } else {
                     const uint32_t b_addr = smem_addr(s + jg * (kBN * 32) + h * (T::kHN / 8) * 256);
                     desc_b = wgmma::desc_interleave(b_addr, 128, 256);
@@ -618,7 +618,8 @@ __device__ __forceinline__ void tma_ring_init(const W4A8Maps& maps, uint64_t* fu
     sync90::mbar_init_fence();
 }
 
-// The first 1024-byte boundary in the dynamic shared memory (the TMA kernels ask for 1024 bytes more).
+// The first 1024-byte boundary in the dynamic shared memory (the TMA kernels ask for 1024 bytes more; the arithmetic
+// of the other swizzled-tile kernels' own alignment, prefill90::Smem and w4a16_wgmma_kernel).
 __device__ __forceinline__ uint8_t* align_1024(uint8_t* raw) {
     const uint32_t a = smem_addr(raw);
     return raw + (((a + 1023u) & ~1023u) - a);
@@ -626,8 +627,8 @@ __device__ __forceinline__ uint8_t* align_1024(uint8_t* raw) {
 
 // The consumers' side of a TMA kernel's ring: the stage and phase parity of the next chunk, the wgmma descriptor
 // of stage 0's activations (64-byte swizzle, SBO 512) and the shared address of its `full` barrier, computed once
-// (opaque to ptxas, which would rebuild them in every chunk). A stage's descriptor is stage 0's plus its offset in
-// 16-byte units: shared addresses stay below 2^18, so the 14-bit start field never carries into the next one.
+// (opaque to ptxas, which would rebuild them in every chunk). A stage's descriptor is stage 0's stepped by its offset
+// (wgmma::desc_plus).
 template <class T, int kStages>
 struct TmaRing {
     uint64_t desc_base;
@@ -648,7 +649,7 @@ struct TmaRing {
                                            int lane, int rel, bool last) {
         sync90::mbar_wait_bounded_at(full_base + stage * 8, phase);
         const int off = stage * T::kStageBytes;
-        prod.chunk_at(smem + off, desc_base + static_cast<uint32_t>(off >> 4), lo, tile, lane, rel, last);
+        prod.chunk_at(smem + off, wgmma::desc_plus(desc_base, off), lo, tile, lane, rel, last);
         const int done = stage;
         if (++stage == kStages) {
             stage = 0;
@@ -675,8 +676,9 @@ __device__ __forceinline__ void tma_issue_chunk(const W4A8Maps& maps, uint8_t* s
 // Tier 1 (L32_W4A8_WGMMA_TMA). The row kernel's products (serial, natural-order activations: the same bits) fed by
 // the TMA unit: thread 0 issues each chunk's three boxes (W4A8Maps) into a kStages-deep ring, each stage completing
 // on its mbarrier `full`, and every thread waits there instead of issuing its share of ~1,000 cp.async per chunk.
-// The fifteenth session's count put ~75 of the row kernel's ~220 instructions per chunk and warp in those copies
-// (their address arithmetic, zero-fill predicates and the stage index), which left it bound by issue slots.
+// The row kernel is bound by issue slots; by the SASS (twenty-first session) its copies (address arithmetic,
+// zero-fill predicates, the stage index) and the per-chunk offset and descriptor arithmetic, which this kernel keeps
+// in registers, take ~60 of its ~210 instructions per chunk and warp (docs/quantization.md).
 // The block barrier per chunk stays: after it, every warp is done with the previous chunk, whose stage thread 0
 // then refills. Grid, tiles, split-K and the store as the row kernel; 256 threads.
 template <int kBN, int kStages>
