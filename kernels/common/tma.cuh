@@ -1,6 +1,6 @@
 // Hopper (sm_90) tensor memory access: a tiled 2-D box copied from global to shared memory by the TMA unit, one
 // instruction from one thread, completing on an mbarrier (expect_tx), with the host-side encoding of the tensor map
-// that describes the global tensor. Used by the W4A8 TMA kernels (kernels/quant/w4a8_sm90.cu).
+// that describes the global tensor. Used by the W4A8 TMA kernels (kernels/quant/w4a8_sm90_tma.cu).
 //
 // Host side. The encoder (cuTensorMapEncodeTiled) is a driver entry point; the library links the static CUDA
 // runtime and no libcuda, so it is looked up once through the runtime (cudaGetDriverEntryPointByVersion) and
