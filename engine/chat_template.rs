@@ -29,6 +29,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     templates: Vec<NamedTemplate>,
     special_tokens: Vec<(String, String)>,
+    /// Where the templates came from (a file name and field, no directory: render errors reach API clients).
+    origin: String,
 }
 
 struct NamedTemplate {
@@ -101,11 +103,12 @@ impl ChatTemplate {
 
         let jinja_path = dir.join("chat_template.jinja");
         let json_path = dir.join("chat_template.json");
-        let sources: Vec<(String, String)> = if jinja_path.exists() {
+        let (sources, origin): (Vec<(String, String)>, &str) = if jinja_path.exists() {
             let text = std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?;
-            vec![("default".to_string(), text)]
+            (vec![("default".to_string(), text)], "chat_template.jinja")
         } else if let Some(t) = config.as_ref().and_then(|c| c.get("chat_template")).filter(|t| !t.is_null()) {
-            template_sources(t).map_err(|msg| Error::config(&config_path, "chat_template", msg))?
+            let sources = template_sources(t).map_err(|msg| Error::config(&config_path, "chat_template", msg))?;
+            (sources, "tokenizer_config.json `chat_template`")
         } else if json_path.exists() {
             let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
             let value: Json =
@@ -113,7 +116,10 @@ impl ChatTemplate {
             let t = value
                 .get("chat_template")
                 .ok_or_else(|| Error::config(&json_path, "chat_template", "missing field"))?;
-            template_sources(t).map_err(|msg| Error::config(&json_path, "chat_template", msg))?
+            (
+                template_sources(t).map_err(|msg| Error::config(&json_path, "chat_template", msg))?,
+                "chat_template.json `chat_template`",
+            )
         } else {
             return Err(Error::Template(format!(
                 "no chat template in {}: looked for chat_template.jinja, \"chat_template\" in tokenizer_config.json, \
@@ -121,16 +127,16 @@ impl ChatTemplate {
                 dir.display()
             )));
         };
-        Self::build(sources, special_tokens)
+        Self::build(sources, special_tokens, origin.into())
     }
 
     /// Compiles one template source with the given BOS and EOS tokens.
     pub fn from_source(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let special = vec![("bos_token".into(), bos_token.into()), ("eos_token".into(), eos_token.into())];
-        Self::build(vec![("default".into(), source.into())], special)
+        Self::build(vec![("default".into(), source.into())], special, "the given chat template".into())
     }
 
-    fn build(sources: Vec<(String, String)>, special_tokens: Vec<(String, String)>) -> Result<Self> {
+    fn build(sources: Vec<(String, String)>, special_tokens: Vec<(String, String)>, origin: String) -> Result<Self> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -148,10 +154,10 @@ impl ChatTemplate {
         for (name, source) in sources {
             let takes_parts = iterates_content(&source);
             env.add_template_owned(name.clone(), source)
-                .map_err(|e| Error::Template(format!("template {name:?} does not compile: {e}")))?;
+                .map_err(|e| Error::Template(format!("{origin}: template {name:?} does not compile: {e}")))?;
             templates.push(NamedTemplate { name, takes_parts });
         }
-        Ok(ChatTemplate { env, templates, special_tokens })
+        Ok(ChatTemplate { env, templates, special_tokens, origin })
     }
 
     /// Renders `req` to prompt text (BOS included when the template emits it, as Llama's does).
@@ -194,8 +200,9 @@ impl ChatTemplate {
         );
         set("documents", Value::from(()));
         set("add_generation_prompt", Value::from(opts.add_generation_prompt));
-        let template = self.env.get_template(&tpl.name).map_err(|e| Error::Template(e.to_string()))?;
-        template.render(Value::from_object(OrderedMap(ctx))).map_err(|e| Error::Template(render_error(&e)))
+        let in_origin = |msg: String| Error::Template(format!("{msg} (chat template from {})", self.origin));
+        let template = self.env.get_template(&tpl.name).map_err(|e| in_origin(e.to_string()))?;
+        template.render(Value::from_object(OrderedMap(ctx))).map_err(|e| in_origin(render_error(&e)))
     }
 
     fn select(&self, has_tools: bool) -> Result<&NamedTemplate> {
@@ -203,7 +210,7 @@ impl ChatTemplate {
         let chosen = if has_tools { find("tool_use").or_else(|| find("default")) } else { find("default") };
         chosen.ok_or_else(|| {
             let names: Vec<&str> = self.templates.iter().map(|t| t.name.as_str()).collect();
-            Error::Template(format!("several chat templates ({names:?}) and none is named \"default\""))
+            Error::Template(format!("{}: chat templates {names:?}, none named \"default\"", self.origin))
         })
     }
 }
@@ -212,6 +219,7 @@ impl ChatTemplate {
 fn template_sources(t: &Json) -> std::result::Result<Vec<(String, String)>, String> {
     match t {
         Json::String(s) => Ok(vec![("default".to_string(), s.clone())]),
+        Json::Array(items) if items.is_empty() => Err("an empty list of templates".into()),
         Json::Array(items) => items
             .iter()
             .enumerate()

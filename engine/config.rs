@@ -197,11 +197,15 @@ impl<'a> Fields<'a> {
     fn f32_opt(&self, field: &str) -> Result<Option<f32>> {
         match self.get(field) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .map(|x| Some(x as f32))
-                .ok_or_else(|| self.err(field, format!("expected a number, got {v}"))),
+            Some(v) => {
+                let x = v.as_f64().ok_or_else(|| self.err(field, format!("expected a number, got {v}")))?;
+                // Checked after the conversion: 1e300 is a finite f64 but an infinite f32, and 1e-300 a zero one.
+                let f = x as f32;
+                if !f.is_finite() || (f == 0.0 && x != 0.0) {
+                    return Err(self.err(field, format!("{v} is out of the range of a 32-bit float")));
+                }
+                Ok(Some(f))
+            }
         }
     }
 
@@ -562,6 +566,11 @@ mod tests {
         assert!(e.contains("rope_scaling.original_max_position_embeddings"), "{e}");
         let e = parse("[1]").unwrap_err().to_string();
         assert!(e.contains("config.json"), "{e}");
+        // Finite as JSON numbers (f64), but not as f32: infinite or flushed to zero.
+        for (field, v) in [("rms_norm_eps", "1e300"), ("rope_theta", "-1e39"), ("rms_norm_eps", "1e-300")] {
+            let e = parse(&format!(r#"{BASE},"{field}":{v}}}"#)).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("range of a 32-bit float"), "{field} {v}: {e}");
+        }
     }
 
     #[test]

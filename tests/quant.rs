@@ -215,6 +215,43 @@ fn hf_bad_tensors_are_refused_by_name() {
     let e = read_err(&dir, 16, 64);
     assert!(e.contains("missing tensor `model.layers.0.self_attn.q_proj.qzeros`"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
+    // Unpacked compressed-tensors zero points outside int4's range.
+    let ct = golden("quant-hf").join("ct-asym-g32");
+    for (tag, dtype, value) in [("ctzp8", DType::I8, 100i32), ("ctzp32", DType::I32, 8)] {
+        let dir = edited(&ct, tag, |t| {
+            let z = t.iter_mut().find(|x| x.0.ends_with(".weight_zero_point")).unwrap();
+            let mut vals = [0i32; 32];
+            vals[5] = value;
+            z.3 = match dtype {
+                DType::I8 => vals.iter().map(|&v| v as i8 as u8).collect(),
+                _ => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            };
+            (z.1, z.2) = (dtype, vec![16, 2]);
+        });
+        let e = read_err(&dir, 16, 64);
+        assert!(e.contains("weight_zero_point") && e.contains(&format!("zero point {value} at [2, 1]")), "{tag}: {e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+/// `quantize` checks its source as the loaders do: a checkpoint they would refuse is not quantized.
+#[test]
+fn quantize_refuses_a_source_that_does_not_match_its_config() {
+    let src = golden("tied-gqa4");
+    let dir = edited(&src, "q-src-transposed", |t| {
+        let k = t.iter_mut().find(|x| x.0 == "model.layers.0.self_attn.k_proj.weight").unwrap();
+        k.2.reverse();
+    });
+    let out = scratch("q-src-out");
+    let o = run_quantize(&["--model", dir.to_str().unwrap(), "--scheme", "w4a16-g32", "--out", out.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("model.layers.0.self_attn.k_proj.weight") && e.contains("[128, 32]"),
+        "{e}"
+    );
+    assert!(!out.join("model.safetensors").exists(), "nothing is written");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&out).ok();
 }
 
 fn run_quantize(args: &[&str]) -> std::process::Output {

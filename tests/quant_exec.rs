@@ -38,8 +38,7 @@ fn max_abs(v: &[f32]) -> f32 {
 /// Largest |got - want| relative to the largest |want|.
 fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len(), "lengths");
-    let d =
-        got.iter().zip(want).fold(0.0f32, |m, (a, b)| if (a - b).is_nan() { f32::NAN } else { m.max((a - b).abs()) });
+    let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, common::sticky_nan_max);
     d / max_abs(want)
 }
 
@@ -53,6 +52,20 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// output (~16 ulps) bounds that, while a single activation integer off by one moves an output by
 /// `sx * sw * |q|` (about 1e-3 of the largest output here).
 const TORCHAO_TOL: f32 = 2e-6;
+
+/// The comparisons below start outputs as NaN, so a row the code under test never writes must fail them wherever
+/// it is (`f32::max` alone drops a NaN that is not last).
+#[test]
+fn comparison_helpers_keep_a_nan_anywhere() {
+    let want = [1.0f32, 2.0, 3.0];
+    for at in 0..3 {
+        let mut got = want;
+        got[at] = f32::NAN;
+        assert!(rel_err(&got, &want).is_nan(), "rel_err lost a NaN at {at}");
+        assert!(common::max_rel(&got, &want).is_nan(), "max_rel lost a NaN at {at}");
+    }
+    assert_eq!(rel_err(&[1.0, 2.5, 3.0], &want), 0.5 / 3.0);
+}
 
 #[test]
 fn w4a8_kernel_matches_torchao_linear_forward_8da4w() {
@@ -440,7 +453,34 @@ fn broken_quantized_checkpoints_name_the_tensor() {
     });
     let e = Model::open(&qdir3).load().expect_err("bad norm").to_string();
     assert!(e.contains(norm), "{e}");
-    for d in [qdir, qdir2, qdir3] {
+
+    // Tensors the model would not read are refused by name, as in a dense checkpoint: a dense weight left beside
+    // a projection's quantized tensors, a stray name, and a whole layer once config.json says one layer fewer
+    // (which would otherwise run as a truncated model).
+    let qdir4 = quantized_case("tied-gqa4", Scheme::W4A16_G32);
+    rewrite(&qdir4, |t| {
+        t.push(("model.layers.0.self_attn.q_proj.weight".into(), llama32::weights::DType::BF16, vec![1], vec![0; 2]));
+        t.push(("bogus.tensor".into(), llama32::weights::DType::F32, vec![1], vec![0; 4]));
+    });
+    let e = Model::open(&qdir4).load().expect_err("stray tensors").to_string();
+    assert!(e.contains("unexpected tensor `model.layers.0.self_attn.q_proj.weight`"), "{e}");
+    assert!(e.contains("unexpected tensor `bogus.tensor`"), "{e}");
+    let qdir5 = quantized_case("tied-gqa4", Scheme::W4A8_G32);
+    let path = qdir5.join("config.json");
+    let mut root: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    root["num_hidden_layers"] = 1.into();
+    std::fs::write(&path, root.to_string()).unwrap();
+    let e = Model::open(&qdir5).load().expect_err("a layer too many").to_string();
+    assert!(e.contains("unexpected tensor `model.layers.1.mlp.down_proj.qweight`"), "{e}");
+    // A non-finite scale would make every logit NaN: refused by name.
+    let qdir6 = quantized_case("tied-gqa4", Scheme::W4A16_G32);
+    rewrite(&qdir6, |t| {
+        let s = t.iter_mut().find(|x| x.0 == "model.layers.0.mlp.down_proj.scales").unwrap();
+        s.3[2..4].copy_from_slice(&half::bf16::INFINITY.to_bits().to_le_bytes());
+    });
+    let e = Model::open(&qdir6).load().expect_err("infinite scale").to_string();
+    assert!(e.contains("model.layers.0.mlp.down_proj") && e.contains("row 0, group 1 is inf"), "{e}");
+    for d in [qdir, qdir2, qdir3, qdir4, qdir5, qdir6] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

@@ -442,6 +442,16 @@ fn bad_inputs_give_named_errors() {
     std::fs::remove_dir_all(&dir).ok();
 
     let Some(toks) = tokenizers() else { return };
+    // An added token declared past the vocabulary's next free id: the tokenizers crate would renumber it silently.
+    let mut v = read_json(&data_dir().unwrap().join("tokenizer.computed.json"));
+    assert_eq!(v["added_tokens"][0]["content"], "<|begin_of_text|>");
+    v["added_tokens"][0]["id"] = 200_000.into();
+    let dir = scratch("renumbered");
+    let p = dir.join("tokenizer.json");
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = Tokenizer::from_file(&p).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("<|begin_of_text|>") && e.contains("declares id 200000"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
     for tok in toks {
         let e = tok.decode(&[9906, 128_256], false).unwrap_err().to_string();
         assert!(e.contains("128256"), "{e}");

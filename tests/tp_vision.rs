@@ -349,6 +349,7 @@ fn batch_with_tensor_parallel_2_answers_like_tp1() {
     // --tensor-parallel on CUDA without a usable device: a clear error, not a panic (tests/gpu/cuda_tp.rs runs the
     // CUDA ranks on a device).
     if llama32::ops::cuda::probe().is_ok() {
+        eprintln!("skipped: the no-device error of --tensor-parallel on CUDA (a device is present here)");
         std::fs::remove_dir_all(&dir).ok();
         return;
     }

@@ -202,6 +202,9 @@ fn bad_fields_are_named_with_the_file() {
         (edited(|v| v["vision_config"]["patch_size"] = json!("14")), "vision_config.patch_size"),
         (edited(|v| v["vision_config"]["patch_size"] = json!(56)), "vision_config.patch_size"),
         (edited(|v| v["vision_config"]["image_size"] = json!([28, 56])), "vision_config.image_size"),
+        (edited(|v| v["vision_config"]["image_size"] = json!(8192)), "vision_config.image_size"),
+        (edited(|v| v["vision_config"]["image_size"] = json!([1u64 << 63, 1u64 << 63])), "vision_config.image_size"),
+        (edited(|v| v["vision_config"]["norm_eps"] = json!(1e300)), "vision_config.norm_eps"),
         (edited(|v| v["vision_config"]["attention_heads"] = json!(5)), "vision_config.attention_heads"),
         (
             edited(|v| v["vision_config"]["intermediate_layers_indices"] = json!([0, 2])),

@@ -82,6 +82,23 @@ fn wrong_shape_is_named_with_both_shapes() {
     );
 }
 
+/// A dense weight stored as integers would convert by value: refused, naming the tensor, the file and the dtype.
+#[test]
+fn integer_dense_weight_is_refused() {
+    let dir = edited_copy("int", |t| {
+        let k = t.iter_mut().find(|(n, ..)| n == "model.layers.0.self_attn.k_proj.weight").unwrap();
+        k.1 = DType::I8;
+        k.3.truncate(32 * 128);
+        let norm = t.iter_mut().find(|(n, ..)| n == "model.norm.weight").unwrap();
+        norm.1 = DType::I32;
+        norm.3.resize(128 * 4, 0);
+    });
+    let e = load_err(&dir);
+    for want in ["`model.layers.0.self_attn.k_proj.weight` in model.safetensors is I8", "`model.norm.weight`", "I32"] {
+        assert!(e.contains(want) && e.contains("expected BF16, F16 or F32"), "{want}: {e}");
+    }
+}
+
 #[test]
 fn truncated_file_is_rejected_naming_the_tensor() {
     let dir = edited_copy("trunc", |_| {});
@@ -106,6 +123,49 @@ fn missing_checkpoint_and_shard_are_reported() {
     let e = Checkpoint::open(&dir).unwrap_err().to_string();
     assert!(e.contains("model-00001-of-00002.safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The shard index must agree with the shards' headers: a tensor listed in the wrong shard, one listed that no
+/// shard holds, one left out, and an empty file name are refused, naming the index and the tensor.
+#[test]
+fn shard_index_disagreements_are_named() {
+    let src = golden("untied-gqa2-sharded");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("model.safetensors.index.json")).unwrap()).unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 4] = [
+        (
+            "moved",
+            |m| m["lm_head.weight"] = "model-00001-of-00002.safetensors".into(),
+            "lists `lm_head.weight` in model-00001-of-00002.safetensors, but it is in model-00002-of-00002.safetensors",
+        ),
+        (
+            "ghost",
+            |m| m["model.ghost.weight"] = "model-00001-of-00002.safetensors".into(),
+            "lists `model.ghost.weight` in model-00001-of-00002.safetensors, which has no such tensor",
+        ),
+        (
+            "unlisted",
+            |m| {
+                m.as_object_mut().unwrap().remove("model.norm.weight");
+            },
+            "does not list `model.norm.weight`",
+        ),
+        ("empty", |m| m["model.norm.weight"] = "".into(), "weight_map[`model.norm.weight`]: bad file name ``"),
+    ];
+    for (tag, edit, want) in cases {
+        let dir = std::env::temp_dir().join(format!("llama32-index-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let mut idx = index.clone();
+        edit(&mut idx["weight_map"]);
+        std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string()).unwrap();
+        let e = Checkpoint::open(&dir).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("model.safetensors.index.json"), "{tag}: {e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
 
 #[test]

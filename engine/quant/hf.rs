@@ -307,12 +307,24 @@ pub fn read_compressed(
                 packed_z = i32s(&zv);
                 Some(CtZeros::Packed(&packed_z))
             }
-            (DType::I8, s) if s == [n, k / group] => {
-                unpacked_z = zv.bytes.iter().map(|&b| b as i8).collect();
-                Some(CtZeros::Unpacked(&unpacked_z))
-            }
-            (DType::I32, s) if s == [n, k / group] => {
-                unpacked_z = i32s(&zv).into_iter().map(|v| v.clamp(-8, 8) as i8).collect();
+            (DType::I8 | DType::I32, s) if s == [n, k / group] => {
+                let values: Vec<i32> = match zv.dtype {
+                    DType::I8 => zv.bytes.iter().map(|&b| i32::from(b as i8)).collect(),
+                    _ => i32s(&zv),
+                };
+                // An unpacked zero point is an int4 value; outside [-8, 7] the file is not what it claims.
+                if let Some(i) = values.iter().position(|v| !(-8..=7).contains(v)) {
+                    return Err(Error::weights(
+                        zpath,
+                        format!(
+                            "tensor `{zname}`: zero point {} at [{}, {}] is outside int4's [-8, 7]",
+                            values[i],
+                            i / (k / group),
+                            i % (k / group)
+                        ),
+                    ));
+                }
+                unpacked_z = values.into_iter().map(|v| v as i8).collect();
                 Some(CtZeros::Unpacked(&unpacked_z))
             }
             (d, s) => {

@@ -43,6 +43,30 @@ impl HfTokenizer {
         tk.with_padding(None);
         tk.set_encode_special_tokens(true);
 
+        // The tokenizers crate gives an added token whose declared id is taken or past the vocabulary the next free
+        // id instead, silently: a model would then see other ids than it was trained with. Refuse that.
+        let raw: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::tokenizer(path, format!("cannot parse tokenizer.json: {e}")))?;
+        for (i, t) in raw.get("added_tokens").and_then(serde_json::Value::as_array).into_iter().flatten().enumerate() {
+            let (Some(id), Some(content)) =
+                (t.get("id").and_then(serde_json::Value::as_u64), t.get("content").and_then(serde_json::Value::as_str))
+            else {
+                return Err(Error::tokenizer(
+                    path,
+                    format!("added_tokens[{i}]: expected an integer `id` and a string `content`"),
+                ));
+            };
+            if tk.token_to_id(content).map(u64::from) != Some(id) {
+                return Err(Error::tokenizer(
+                    path,
+                    format!(
+                        "added_tokens[{i}] `{content}` declares id {id}, but the vocabulary gives it {:?} (an id out \
+                         of order or already taken)",
+                        tk.token_to_id(content)
+                    ),
+                ));
+            }
+        }
         let n = tk.get_vocab_size(true);
         let added = tk.get_added_tokens_decoder();
         let mut specials: Vec<(String, u32)> =

@@ -11,6 +11,7 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use crate::config::{LlamaConfig, RopeConfig, RopeScaling};
+use crate::vision::image::MAX_TILE_SIZE;
 use crate::{Error, Result};
 
 /// Extra rows of the text embedding table beyond `vocab_size` (the image token and reserved ids): transformers
@@ -471,6 +472,10 @@ fn parse_vision(path: &Path, obj: Option<&Map<String, Value>>) -> Result<MllamaV
         return Err(v.err("attention_heads", format!("{attention_heads} does not divide hidden_size {hidden_size}")));
     }
     let image_size = v.square_or("image_size", 448)?;
+    if image_size > MAX_TILE_SIZE {
+        let why = "the largest tile the image preprocessor takes";
+        return Err(v.err("image_size", format!("{image_size} exceeds {MAX_TILE_SIZE}, {why}")));
+    }
     let patch_size = v.square_or("patch_size", 14)?;
     if patch_size > image_size {
         return Err(v.err("patch_size", format!("{patch_size} exceeds image_size {image_size}")));
@@ -619,9 +624,10 @@ impl<'a> Obj<'a> {
             None => Ok(default),
             Some(v) => v
                 .as_f64()
-                .filter(|x| x.is_finite() && *x > 0.0)
                 .map(|x| x as f32)
-                .ok_or_else(|| self.err(field, format!("expected a positive number, got {v}"))),
+                // Checked as an f32: 1e300 would be infinite and 1e-300 zero.
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| self.err(field, format!("expected a positive number within f32's range, got {v}"))),
         }
     }
 
@@ -631,7 +637,7 @@ impl<'a> Obj<'a> {
             Some(Value::Array(items)) => {
                 let sides: Vec<u64> = items.iter().filter_map(Value::as_u64).collect();
                 match sides[..] {
-                    [a, b] if a == b && a > 0 && items.len() == 2 => Ok(a as usize),
+                    [a, b] if a == b && a > 0 && a <= u32::MAX as u64 && items.len() == 2 => Ok(a as usize),
                     _ => Err(self.err(
                         field,
                         format!("expected a positive integer or a square [n, n], got {}", Value::Array(items.clone())),

@@ -29,6 +29,7 @@ impl Checkpoint {
     /// Opens `model.safetensors.index.json` and its shards, or a single `model.safetensors`.
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
+        let mut listed = None;
         let shard_names: Vec<String> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let root: Value =
@@ -42,7 +43,7 @@ impl Checkpoint {
                 let file = file
                     .as_str()
                     .ok_or_else(|| Error::weights(&index_path, format!("weight_map[`{tensor}`] is not a file name")))?;
-                if file.contains('/') || file.contains('\\') || file.starts_with("..") {
+                if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with("..") {
                     return Err(Error::weights(&index_path, format!("weight_map[`{tensor}`]: bad file name `{file}`")));
                 }
                 if !names.iter().any(|n| n == file) {
@@ -50,12 +51,19 @@ impl Checkpoint {
                 }
             }
             names.sort();
+            listed = Some(map.clone());
             names
         } else if dir.join("model.safetensors").exists() {
             vec!["model.safetensors".into()]
         } else {
             return Err(Error::weights(dir, "no model.safetensors or model.safetensors.index.json in this directory"));
         };
+        for n in &shard_names {
+            let path = dir.join(n);
+            if path.exists() && !path.is_file() {
+                return Err(Error::weights(&path, "not a regular file"));
+            }
+        }
         let files: Vec<SafeTensorsFile> =
             shard_names.iter().map(|n| SafeTensorsFile::open(&dir.join(n))).collect::<Result<_>>()?;
         let mut index = BTreeMap::new();
@@ -67,6 +75,30 @@ impl Checkpoint {
                         format!("tensor `{name}` also appears in {}", files[prev].path().display()),
                     ));
                 }
+            }
+        }
+        // The index must describe the shards: every tensor it lists in the shard it names, and none left out.
+        if let Some(map) = listed {
+            let mut problems = Vec::new();
+            for (tensor, file) in &map {
+                let want = file.as_str().unwrap_or_default();
+                match index.get(tensor) {
+                    None => problems.push(format!("lists `{tensor}` in {want}, which has no such tensor")),
+                    Some(&i) if shard_names[i] != want => {
+                        problems.push(format!("lists `{tensor}` in {want}, but it is in {}", shard_names[i]))
+                    }
+                    Some(_) => {}
+                }
+            }
+            problems.extend(index.keys().filter(|n| !map.contains_key(*n)).map(|n| format!("does not list `{n}`")));
+            if !problems.is_empty() {
+                let n = problems.len();
+                let shown: Vec<String> = problems.into_iter().take(10).collect();
+                let more = if n > 10 { format!("\n  ... and {} more", n - 10) } else { String::new() };
+                return Err(Error::weights(
+                    &index_path,
+                    format!("{n} disagreement(s) with the shards:\n  {}{more}", shown.join("\n  ")),
+                ));
             }
         }
         Ok(Checkpoint { dir: dir.to_path_buf(), files, index })
@@ -172,6 +204,11 @@ pub fn check_checkpoint(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()> {
                 "tensor `{name}` in {} has shape {:?}, expected {shape:?}",
                 path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
                 view.shape
+            )),
+            Some((view, path)) if !view.dtype.is_float() => problems.push(format!(
+                "tensor `{name}` in {} is {}, expected BF16, F16 or F32",
+                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                view.dtype.name()
             )),
             Some(_) => {}
         }
@@ -663,10 +700,13 @@ pub fn quantized_bytes(m: &QuantMatrix) -> u64 {
     (m.n * m.k) as u64 / 2 + groups * 2 + m.zeros.as_ref().map_or(0, |_| groups.div_ceil(2))
 }
 
-/// Checks the norms of a quantized checkpoint against the config, all at once; the projections and tables are
+/// Checks a quantized checkpoint against the config, all at once: the norms' shapes and dtypes, and that it holds
+/// no tensor the model does not read (a layer past `num_hidden_layers`, a dense `weight` left beside a projection's
+/// quantized tensors, a stray name), as [`check_checkpoint`] does for a dense one. The projections and tables are
 /// checked by [`read_linear`] and [`read_table_f32`] as they are read.
 fn check_unquantized_tensors(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()> {
     let mut problems = Vec::new();
+    let mut known = std::collections::HashSet::new();
     for (name, shape) in expected_tensors(cfg) {
         if !name.ends_with("norm.weight") {
             continue;
@@ -676,14 +716,48 @@ fn check_unquantized_tensors(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()>
             Some((view, _)) if view.shape != shape.as_slice() => {
                 problems.push(format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape))
             }
+            Some((view, _)) if !view.dtype.is_float() => {
+                problems.push(format!("tensor `{name}` is {}, expected BF16, F16 or F32", view.dtype.name()))
+            }
             Some(_) => {}
+        }
+        known.insert(name);
+    }
+    // Projections: `<prefix>.<suffix>` for any suffix of the quantized formats, but not a dense `weight` or a
+    // `bias`. Tables: the bf16 `weight`, or the int8 form's `qweight_int8` and `scales`.
+    let mut projections = std::collections::HashSet::new();
+    for l in 0..cfg.num_hidden_layers {
+        for x in ["q", "k", "v", "o"] {
+            projections.insert(format!("model.layers.{l}.self_attn.{x}_proj"));
+        }
+        for x in ["gate", "up", "down"] {
+            projections.insert(format!("model.layers.{l}.mlp.{x}_proj"));
+        }
+    }
+    let mut tables = vec!["model.embed_tokens"];
+    if !cfg.tie_word_embeddings {
+        tables.push("lm_head");
+    }
+    for name in ckpt.names() {
+        let (prefix, suffix) = name.rsplit_once('.').unwrap_or(("", name));
+        let read = known.contains(name)
+            || (projections.contains(prefix) && !matches!(suffix, "weight" | "bias"))
+            || (tables.contains(&prefix) && matches!(suffix, "weight" | "qweight_int8" | "scales"))
+            || name.ends_with(".rotary_emb.inv_freq")
+            || (cfg.tie_word_embeddings && name == "lm_head.weight");
+        if !read {
+            problems.push(format!(
+                "unexpected tensor `{name}` (not read by a quantized LlamaForCausalLM with this config)"
+            ));
         }
     }
     if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::weights(ckpt.dir(), format!("{} tensor problem(s):\n  {}", problems.len(), problems.join("\n  "))))
+        return Ok(());
     }
+    let n = problems.len();
+    let shown: Vec<String> = problems.into_iter().take(20).collect();
+    let more = if n > 20 { format!("\n  ... and {} more", n - 20) } else { String::new() };
+    Err(Error::weights(ckpt.dir(), format!("{n} tensor problem(s):\n  {}{more}", shown.join("\n  "))))
 }
 
 /// Stacks quantized matrices with the same `k`, group and scheme along rows (q;k;v, gate;up).

@@ -47,6 +47,12 @@ impl DType {
         }
     }
 
+    /// Whether this is a floating-point type (`BF16`, `F16`, `F32`): what a dense weight must be stored as. Integer
+    /// tensors would convert by value, so a dense weight stored as integers is refused rather than read.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::BF16 | DType::F16 | DType::F32)
+    }
+
     /// The safetensors spelling (`BF16`, `F16`, `F32`).
     pub fn name(self) -> &'static str {
         match self {

@@ -94,6 +94,22 @@ pub fn tiny_model_dir(tag: &str) -> Option<PathBuf> {
     Some(dir)
 }
 
+/// The CPU executor [`tiny_engine`] serves: the tiny model in `dir` with random weights (seed 7), unit layer norms
+/// and a final norm of 20, and a KV cache of `kv_tokens` tokens in blocks of 16.
+pub fn tiny_executor(dir: &Path, kv_tokens: usize) -> llama32::Result<llama32::exec::cpu::CpuExecutor> {
+    let cfg = llama32::config::LlamaConfig::from_model_dir(dir)?;
+    let mut w = llama32::weights::ModelWeights::random(&cfg, 7)?;
+    // Unit layer norms and a final norm of 20 give logits with a standard deviation near 3, so the next-token
+    // distribution is peaked like a trained model's: rounding differences between batchings (chunk sizes,
+    // recompute after preemption) then cannot flip a sampled token, and "same seed, same text" is testable.
+    for l in &mut w.layers {
+        l.attn_norm.fill(1.0);
+        l.mlp_norm.fill(1.0);
+    }
+    w.final_norm.fill(20.0);
+    llama32::exec::cpu::CpuExecutor::with_capacity(cfg, w, kv_tokens, 16)
+}
+
 /// A CPU engine over the tiny model in `dir` (random weights, seed 7) with a KV cache of `kv_tokens` tokens in
 /// blocks of 16, and the handlers' context for it (served as `tiny`).
 pub fn tiny_engine(
@@ -103,19 +119,8 @@ pub fn tiny_engine(
 ) -> (llama32::serve::engine::EngineHandle, llama32::serve::api::ServeContext) {
     use llama32::serve::engine::EngineHandle;
     let d = dir.to_path_buf();
-    let make = move || -> llama32::Result<Box<dyn llama32::exec::Executor>> {
-        let cfg = llama32::config::LlamaConfig::from_model_dir(&d)?;
-        let mut w = llama32::weights::ModelWeights::random(&cfg, 7)?;
-        // Unit layer norms and a final norm of 20 give logits with a standard deviation near 3, so the next-token
-        // distribution is peaked like a trained model's: rounding differences between batchings (chunk sizes,
-        // recompute after preemption) then cannot flip a sampled token, and "same seed, same text" is testable.
-        for l in &mut w.layers {
-            l.attn_norm.fill(1.0);
-            l.mlp_norm.fill(1.0);
-        }
-        w.final_norm.fill(20.0);
-        Ok(Box::new(llama32::exec::cpu::CpuExecutor::with_capacity(cfg, w, kv_tokens, 16)?))
-    };
+    let make =
+        move || -> llama32::Result<Box<dyn llama32::exec::Executor>> { Ok(Box::new(tiny_executor(&d, kv_tokens)?)) };
     let tok = Arc::new(llama32::tokenizer::Tokenizer::from_model_dir(dir).expect("tokenizer"));
     let engine = EngineHandle::start(make, Some(tok.clone()), cfg).expect("engine starts");
     let ctx =
@@ -181,12 +186,21 @@ pub fn chunked_prefill_with_images(
     logits
 }
 
-/// max |got - want| / max |want|; NaN when any difference is NaN (so both `<=` and `>` checks fail on it).
+/// max |got - want| / max |want|; NaN when any difference is NaN, wherever it is (so both `<=` and `>` checks fail
+/// on it). `f32::max` returns its other operand when one is NaN, so the NaN has to be kept explicitly.
 pub fn max_rel(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len(), "lengths");
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
-        / scale
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, sticky_nan_max) / scale
+}
+
+/// `m.max(d)`, except that a NaN on either side gives NaN: a fold with it keeps a NaN met anywhere.
+pub fn sticky_nan_max(m: f32, d: f32) -> f32 {
+    if m.is_nan() || d.is_nan() {
+        f32::NAN
+    } else {
+        m.max(d)
+    }
 }
 
 /// max |got - want| / max |want| with a NaN difference counted as infinite: for worst-case folds with `f32::max`,

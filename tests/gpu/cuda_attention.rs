@@ -262,14 +262,15 @@ fn prefill_cases(stream: &Arc<CudaStream>, kernel: PrefillKernel, dog: &Watchdog
         }
     }
     if !supported {
-        eprintln!("paged_prefill [{}]: not run, this device lacks it (refused as it should be)", kernel.name());
+        // "skipped:" is what the suite's table reads: a half of a test that did not run must not count as a pass.
+        eprintln!("skipped: paged_prefill [{}] needs compute capability 9.x (refused as it should be)", kernel.name());
         return None;
     }
     Some(bits)
 }
 
 /// The mma and wgmma prefill kernels against the CPU twin; a kernel the device lacks (wgmma below compute
-/// capability 9.x) must be refused by name before any launch, and the test says it was not run.
+/// capability 9.x) must be refused by name before any launch, and the test says it was skipped.
 #[test]
 fn paged_prefill_matches_cpu() {
     let Some(stream) = stream() else { return };

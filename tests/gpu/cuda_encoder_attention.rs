@@ -87,18 +87,29 @@ fn check_case(
     let got = to_f32(&download(s, &out));
     let name = format!("{images} x {seq} rows, {heads} x {hd}, flags {}, pad {out_pad}", flags.is_some());
     let mut worst = 0f32;
-    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-        if w == POISON {
-            assert_eq!(g, bf16::from_f32(POISON).to_f32(), "{name}: element {i} outside the heads was written");
-            continue;
+    for (r, (g_row, w_row)) in got.chunks(out_stride).zip(want.chunks(out_stride)).enumerate() {
+        for (i, (&g, &w)) in g_row.iter().zip(w_row).enumerate().skip(dim) {
+            assert_eq!(w, POISON, "{name}: the twin wrote row {r} element {i}, outside the heads");
+            assert_eq!(
+                g,
+                bf16::from_f32(POISON).to_f32(),
+                "{name}: row {r} element {i}, outside the heads, was written"
+            );
         }
-        // bf16 output and bf16 probabilities in P V: 1e-2 absolute and relative.
-        let r = (g - w).abs() / (1e-2 + 1e-2 * w.abs());
-        let r = if r.is_nan() { f32::INFINITY } else { r };
-        assert!(r <= 1.0, "{name}: element {i} (row {}): got {g} want {w}", i / out_stride);
-        worst = worst.max(r);
+        // bf16 output and bf16 probabilities in P V: per (row, head), 2^-7 of the head's largest output plus 1e-3,
+        // the paged attention kernels' rule (`cuda_attention::assert_close`). Outputs here are ~0.1, so an absolute
+        // floor of 1e-2 would hide a dropped key tile.
+        for (h, (gh, wh)) in g_row[..dim].chunks(hd).zip(w_row[..dim].chunks(hd)).enumerate() {
+            let tol = wh.iter().fold(0f32, |m, x| m.max(x.abs())) / 128.0 + 1e-3;
+            for (c, (&g, &w)) in gh.iter().zip(wh).enumerate() {
+                let e = (g - w).abs() / tol;
+                let e = if e.is_nan() { f32::INFINITY } else { e };
+                assert!(e <= 1.0, "{name}: row {r} head {h} dim {c}: got {g} want {w} (tolerance {tol:e})");
+                worst = worst.max(e);
+            }
+        }
     }
-    eprintln!("{name}: worst error {worst:.3} of the budget");
+    eprintln!("{name}: worst error {worst:.3} of the tolerance");
 }
 
 #[test]

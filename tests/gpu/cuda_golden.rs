@@ -307,15 +307,17 @@ fn cuda_ablation_leaves_calls_out_of_eager_steps_and_graphs() {
 /// For every CUDA golden case, eager and from CUDA graphs: the prefill and decode rounds with a switch off and on
 /// (`make` builds the executor for a case, a graph limit and the switch) give bitwise-equal logits.
 fn assert_switch_changes_no_bit(what: &str, make: &dyn Fn(&Case, &Checkpoint, CudaOptions, bool) -> CudaExecutor) {
-    assert_switch_changes_no_bit_at(what, None, make);
+    assert_switch_changes_no_bit_at(what, None, make, &|_, _| {});
 }
 
 /// [`assert_switch_changes_no_bit`], with every skinny GEMM launch at `warps` warps per block when given
-/// ([`llama32::ops::cuda::gemv::with_warps`]).
+/// ([`llama32::ops::cuda::gemv::with_warps`]); `ran` then checks each executor after its rounds (given the switch),
+/// so that a switch whose path never engaged cannot pass by comparing a path with itself.
 fn assert_switch_changes_no_bit_at(
     what: &str,
     warps: Option<usize>,
     make: &dyn Fn(&Case, &Checkpoint, CudaOptions, bool) -> CudaExecutor,
+    ran: &dyn Fn(&CudaExecutor, bool),
 ) {
     for name in CASES {
         let case = Case::load(name);
@@ -334,8 +336,15 @@ fn assert_switch_changes_no_bit_at(
                 }
                 None => prefill_and_decode_rounds(exec, &prompt),
             };
-            let runs: Vec<Vec<f32>> =
-                [false, true].iter().map(|&on| rounds(&mut make(&case, &ckpt, opts.clone(), on))).collect();
+            let runs: Vec<Vec<f32>> = [false, true]
+                .iter()
+                .map(|&on| {
+                    let mut exec = make(&case, &ckpt, opts.clone(), on);
+                    let logits = rounds(&mut exec);
+                    ran(&exec, on);
+                    logits
+                })
+                .collect();
             let (off, on) = (&runs[0], &runs[1]);
             assert_eq!(off.len(), on.len());
             if let Some(i) = (0..off.len()).find(|&i| off[i].to_bits() != on[i].to_bits()) {
@@ -440,20 +449,35 @@ fn cuda_persistent_decode_stack_changes_no_bit() {
     if !device_ready() {
         return;
     }
-    assert_switch_changes_no_bit_at("the persistent decode stack", Some(8), &|case, ckpt, opts, on| {
-        let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap();
-        exec.set_persistent_decode(on).unwrap();
-        exec
-    });
-    // W4A16 projections: the stack's W4A16 tiles against the decode kernels at its 8 K splits.
-    llama32::ops::cuda::quant::with_w4a16_splits(8, || {
-        assert_switch_changes_no_bit_at("the W4A16 persistent decode stack", Some(8), &|case, ckpt, opts, on| {
-            let mut w = ModelWeights::load(ckpt, &case.cfg, &|_| {}).unwrap();
-            w.quantize_in_place(llama32::quant::Scheme::W4A16_G32).unwrap();
-            let mut exec = CudaExecutor::from_weights(case.cfg.clone(), &w, &opts).unwrap();
+    // Off, no step may take the stack; on, the decode rounds must (the prefill steps do not).
+    let stack_ran = |exec: &CudaExecutor, on: bool| {
+        let steps = exec.fused_decode_steps();
+        assert_eq!(steps > 0, on, "{steps} decode steps went through the stack with it {}", ["off", "on"][on as usize]);
+    };
+    assert_switch_changes_no_bit_at(
+        "the persistent decode stack",
+        Some(8),
+        &|case, ckpt, opts, on| {
+            let mut exec = CudaExecutor::new(case.cfg.clone(), WeightSource::Checkpoint(ckpt), &opts, &|_| {}).unwrap();
             exec.set_persistent_decode(on).unwrap();
             exec
-        })
+        },
+        &stack_ran,
+    );
+    // W4A16 projections: the stack's W4A16 tiles against the decode kernels at its 8 K splits.
+    llama32::ops::cuda::quant::with_w4a16_splits(8, || {
+        assert_switch_changes_no_bit_at(
+            "the W4A16 persistent decode stack",
+            Some(8),
+            &|case, ckpt, opts, on| {
+                let mut w = ModelWeights::load(ckpt, &case.cfg, &|_| {}).unwrap();
+                w.quantize_in_place(llama32::quant::Scheme::W4A16_G32).unwrap();
+                let mut exec = CudaExecutor::from_weights(case.cfg.clone(), &w, &opts).unwrap();
+                exec.set_persistent_decode(on).unwrap();
+                exec
+            },
+            &stack_ran,
+        )
     })
     .unwrap();
     for name in CASES {

@@ -440,10 +440,19 @@ fn sampling_rejects_bad_shapes() {
         cuda::sampling::sample(&stream, &logits, vocab, &params, &uniforms, Some(&bad_bias), &mut out),
         "`penalties.bias`",
     );
-    // A well-formed call still works: all-zero rows under greedy give id 0.
+    // A well-formed call still works, into poisoned ids: each row's largest logit is id 1 (2.0, then id 2 at 1.5),
+    // and a presence penalty of 1 on the tokens seen (row 0: id 1; row 1: none; row 2: id 2) moves row 0 to id 2.
+    let mut row = vec![bf16::ZERO; vocab];
+    row[1] = bf16::from_f32(2.0);
+    row[2] = bf16::from_f32(1.5);
+    row[5] = bf16::from_f32(1.0);
+    let peaked = upload(&stream, &row.repeat(3));
+    let present = SamplingParams { presence_penalty: 1.0, ..SamplingParams::greedy() };
+    let params = upload(&stream, &[SampleRow::new(&present); 3]);
+    let mut out = upload(&stream, &[u32::MAX - 1; 3]);
     let good = Penalties { offsets: &o4, ids: &ids, counts: &ids, bias: None };
-    cuda::sampling::sample(&stream, &logits, vocab, &params, &uniforms, Some(&good), &mut out).expect("valid call");
-    assert_eq!(download(&stream, &out), [0, 0, 0]);
+    cuda::sampling::sample(&stream, &peaked, vocab, &params, &uniforms, Some(&good), &mut out).expect("valid call");
+    assert_eq!(download(&stream, &out), [2, 1, 1]);
 }
 
 // ------------------------------------------------------------------------------------------------------------------

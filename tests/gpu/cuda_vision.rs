@@ -245,8 +245,9 @@ fn run_gather_attention(
     let mut out = up_bf16(s, &vec![POISON; tokens * shape.out_stride]);
     kv::gather_attention(s, shape, &io, &mut out).unwrap();
     let got = to_f32(&download(s, &out));
-    // Only the heads are written: the rest of a row keeps the poison on both sides.
-    check_close(&format!("gather_attention {shape:?}"), &got, &bf(&want), 1e-2, 1e-2);
+    // Only the heads are written: the rest of a row keeps the poison on both sides. The kernel works in f32 like
+    // the twin, so after the bf16 store the two differ by at most one bf16 ulp (2^-7 of the value).
+    check_close(&format!("gather_attention {shape:?}"), &got, &bf(&want), 1e-4, 1.0 / 128.0);
 }
 
 #[test]
@@ -303,7 +304,8 @@ fn gather_attention_matches_cpu() {
         };
         let mut out = up_bf16(&s, &vec![POISON; rows * dim]);
         kv::gather_attention(&s, &shape, &io, &mut out).unwrap();
-        check_close(&format!("vision attention {heads}x{hd}"), &to_f32(&download(&s, &out)), &bf(&want), 1e-2, 1e-2);
+        let got = to_f32(&download(&s, &out));
+        check_close(&format!("vision attention {heads}x{hd}"), &got, &bf(&want), 1e-4, 1.0 / 128.0);
     }
     // Paged causal text layout with GQA, odd block size and head_dim 8 and 128.
     for (heads, kvh, hd, bs) in [(8, 2, 8, 5), (4, 4, 128, 3), (6, 2, 24, 16)] {

@@ -131,7 +131,6 @@ mod tests {
     use crate::ops::cpu::quant::w4a8_linear;
     use crate::ops::cuda::quant::layout_w4a8;
     use crate::quant::numerics::{quantize_activations, quantize_matrix};
-    use half::bf16;
 
     /// Deterministic pseudo-random values in [-scale, scale].
     fn data(len: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -236,7 +235,5 @@ mod tests {
         z.zeros = Some(vec![0; 8]);
         let e = w4a8_segmented(&xq, &[1.0], &[0], 1, &z, &[0.0; 4], 1).unwrap_err().to_string();
         assert!(e.contains("zero points"), "{e}");
-        // The kernel writes the bf16 of the twin's value; a quick check that the rounding is the usual one.
-        assert_eq!(bf16::from_f32(1.0 + 1.0 / 512.0).to_f32(), 1.0);
     }
 }

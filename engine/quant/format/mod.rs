@@ -174,11 +174,12 @@ impl QuantizationConfig {
     /// Reads `quantization_config` from a parsed config.json (`path` is named in errors). `Ok(None)` when the
     /// checkpoint is not quantized; an error for a quantization this engine cannot run (naming the field).
     pub fn from_config_json(root: &Value, path: &Path) -> Result<Option<QuantizationConfig>> {
-        let Some(q) = root.get("quantization_config").or_else(|| root.get("compression_config")) else {
+        // A null config counts as absent, as a null field does everywhere else.
+        let present = |k: &str| root.get(k).filter(|v| !v.is_null());
+        let Some(q) = present("quantization_config").or_else(|| present("compression_config")) else {
             return Ok(None);
         };
-        let field =
-            if root.get("quantization_config").is_some() { "quantization_config" } else { "compression_config" };
+        let field = if present("quantization_config").is_some() { "quantization_config" } else { "compression_config" };
         let err = |sub: &str, msg: String| Error::config(path, format!("{field}.{sub}"), msg);
         let obj = q.as_object().ok_or_else(|| Error::config(path, field, "not an object"))?;
         let method = obj
@@ -192,7 +193,21 @@ impl QuantizationConfig {
                 .filter_map(|v| v.as_str().map(str::to_owned))
                 .collect()
         };
-        let int = |keys: &[&str]| -> Option<i64> { keys.iter().find_map(|k| obj.get(*k).and_then(Value::as_i64)) };
+        // Typed reads: a present field of the wrong type is an error naming it, never its default.
+        let field_of = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        let int = |keys: &[&str]| -> Result<Option<i64>> {
+            match keys.iter().find_map(|k| field_of(k).map(|v| (*k, v))) {
+                None => Ok(None),
+                Some((k, v)) => v.as_i64().map(Some).ok_or_else(|| err(k, format!("expected an integer, got {v}"))),
+            }
+        };
+        let text = |k: &str| -> Result<Option<&str>> {
+            field_of(k).map(|v| v.as_str().ok_or_else(|| err(k, format!("expected a string, got {v}")))).transpose()
+        };
+        let flag = |k: &str, default: bool| -> Result<bool> {
+            field_of(k)
+                .map_or(Ok(default), |v| v.as_bool().ok_or_else(|| err(k, format!("expected true or false, got {v}"))))
+        };
         let check_bits = |bits: Option<i64>, key: &str| -> Result<()> {
             match bits {
                 Some(4) => Ok(()),
@@ -213,11 +228,11 @@ impl QuantizationConfig {
         let w4a16 = |group| Scheme { group, act: ActQuant::None };
         let cfg = match method {
             QUANT_METHOD => {
-                check_bits(int(&["bits"]), "bits")?;
+                check_bits(int(&["bits"])?, "bits")?;
                 let scheme_s =
                     obj.get("scheme").and_then(Value::as_str).ok_or_else(|| err("scheme", "missing".into()))?;
                 let scheme = Scheme::parse(scheme_s).map_err(|e| err("scheme", e.to_string()))?;
-                if let Some(g) = int(&["group_size"]) {
+                if let Some(g) = int(&["group_size"])? {
                     if g as usize != scheme.group {
                         return Err(err("group_size", format!("{g} disagrees with scheme `{scheme_s}`")));
                     }
@@ -225,29 +240,32 @@ impl QuantizationConfig {
                 if scheme.group % 2 != 0 || scheme.group < 2 {
                     return Err(err("scheme", format!("group size {} is not supported", scheme.group)));
                 }
-                if let Some(m) = obj.get("weight_mapping").and_then(Value::as_str) {
+                if let Some(m) = text("weight_mapping")? {
                     if m != "symmetric" {
                         return Err(err("weight_mapping", format!("`{m}` is not supported (only symmetric)")));
                     }
                 }
-                let act = obj.get("activation").and_then(Value::as_str).unwrap_or(activation_name(scheme.act));
+                let act = text("activation")?.unwrap_or(activation_name(scheme.act));
                 if act != activation_name(scheme.act) {
                     return Err(err("activation", format!("`{act}` disagrees with scheme `{scheme_s}`")));
                 }
-                let embeddings = match obj.get("embeddings").and_then(Value::as_str) {
+                let embeddings = match text("embeddings")? {
                     None => EmbeddingQuant::Bf16,
                     Some(s) => EmbeddingQuant::parse(s).map_err(|e| err("embeddings", e.to_string()))?,
                 };
                 QuantizationConfig::llama32(scheme, embeddings, names(&["modules_not_converted"]))
             }
             "gptq" => {
-                check_bits(int(&["bits"]), "bits")?;
-                let group = check_group(int(&["group_size"]), "group_size")?;
-                let fmt = obj
-                    .get("checkpoint_format")
-                    .or_else(|| obj.get("meta").and_then(|m| m.get("checkpoint_format")))
-                    .and_then(Value::as_str)
-                    .unwrap_or("gptq");
+                check_bits(int(&["bits"])?, "bits")?;
+                let group = check_group(int(&["group_size"])?, "group_size")?;
+                let fmt = match text("checkpoint_format")? {
+                    Some(f) => f,
+                    None => obj
+                        .get("meta")
+                        .and_then(|m| m.get("checkpoint_format"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("gptq"),
+                };
                 let v2 = match fmt {
                     "gptq" => false,
                     "gptq_v2" => true,
@@ -258,22 +276,21 @@ impl QuantizationConfig {
                         ))
                     }
                 };
-                let flag = |k: &str, default: bool| obj.get(k).and_then(Value::as_bool).unwrap_or(default);
                 QuantizationConfig {
-                    format: QuantFormat::Gptq { sym: flag("sym", true), v2, desc_act: flag("desc_act", false) },
+                    format: QuantFormat::Gptq { sym: flag("sym", true)?, v2, desc_act: flag("desc_act", false)? },
                     scheme: w4a16(group),
                     embeddings: EmbeddingQuant::Bf16,
                     modules_not_converted: names(&["modules_not_converted", "modules_to_not_convert"]),
                 }
             }
             "awq" => {
-                check_bits(int(&["bits", "w_bit"]), "bits")?;
-                let group = check_group(int(&["group_size", "q_group_size"]), "group_size")?;
-                let version = obj.get("version").and_then(Value::as_str).unwrap_or("gemm");
+                check_bits(int(&["bits", "w_bit"])?, "bits")?;
+                let group = check_group(int(&["group_size", "q_group_size"])?, "group_size")?;
+                let version = text("version")?.unwrap_or("gemm");
                 if !version.eq_ignore_ascii_case("gemm") {
                     return Err(err("version", format!("AWQ `{version}` layout is not supported (only GEMM)")));
                 }
-                if obj.get("zero_point").and_then(Value::as_bool) == Some(false) {
+                if !flag("zero_point", true)? {
                     return Err(err("zero_point", "AWQ without zero points is not supported".into()));
                 }
                 QuantizationConfig {
@@ -345,7 +362,13 @@ impl QuantizationConfig {
                     ))
                 }
             }
-            if get("dynamic").and_then(Value::as_bool) == Some(true) {
+            let bool_of = |k: &str, default: bool| -> Result<bool> {
+                get(k).filter(|v| !v.is_null()).map_or(Ok(default), |v| {
+                    v.as_bool()
+                        .ok_or_else(|| err(&sub(&format!("weights.{k}")), format!("expected true or false, got {v}")))
+                })
+            };
+            if bool_of("dynamic", false)? {
                 return Err(err(&sub("weights.dynamic"), "dynamic weight quantization is not supported".into()));
             }
             if let Some(a) = g.get("input_activations").filter(|a| !a.is_null()) {
@@ -354,7 +377,7 @@ impl QuantizationConfig {
                     format!("quantized input activations ({a}) are not supported (only weight-only int4)"),
                 ));
             }
-            let symmetric = get("symmetric").and_then(Value::as_bool).unwrap_or(true);
+            let symmetric = bool_of("symmetric", true)?;
             if let Some(prev) = found {
                 if prev != (group, symmetric) {
                     return Err(err("config_groups", "groups with different weight settings are not supported".into()));
@@ -390,5 +413,19 @@ mod tests {
         let back = QuantizationConfig::from_config_json(&json!({"quantization_config": c.to_json()}), p).unwrap();
         assert_eq!(back, Some(c));
         assert_eq!(QuantizationConfig::from_config_json(&json!({}), p).unwrap(), None);
+        assert_eq!(QuantizationConfig::from_config_json(&json!({"quantization_config": null}), p).unwrap(), None);
+        // A field of the wrong type is refused by name, not read as its default.
+        let gptq = |k: &str, v: Value| {
+            let mut q = json!({"quant_method": "gptq", "bits": 4, "group_size": 32});
+            q[k] = v;
+            e(q)
+        };
+        for (k, v) in [("sym", json!("false")), ("desc_act", json!("yes")), ("bits", json!("4"))] {
+            let msg = gptq(k, v);
+            assert!(msg.contains(&format!("quantization_config.{k}")) && msg.contains("expected"), "{k}: {msg}");
+        }
+        let ct = e(json!({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "pack-quantized",
+            "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": "false"}}}}));
+        assert!(ct.contains("config_groups.g.weights.symmetric") && ct.contains("true or false"), "{ct}");
     }
 }

@@ -57,6 +57,19 @@ pub fn read_linear(
         QuantFormat::Awq => hf::read_awq(ckpt, prefix, n, k, group)?,
         QuantFormat::CompressedTensors { symmetric } => hf::read_compressed(ckpt, prefix, n, k, group, *symmetric)?,
     };
+    // An infinite or NaN scale would turn every logit into NaN downstream: refuse it here, by name and place.
+    if let Some(i) = matrix.scales.iter().position(|s| !s.is_finite()) {
+        let groups = matrix.groups();
+        return Err(Error::weights(
+            ckpt.dir(),
+            format!(
+                "`{prefix}`: the scale of output row {}, group {} is {}, not a finite value",
+                i / groups,
+                i % groups,
+                matrix.scales[i]
+            ),
+        ));
+    }
     Ok(QuantLinear { matrix, scheme: qcfg.scheme })
 }
 

@@ -222,6 +222,16 @@ pub fn quantize_checkpoint(
             src.display()
         )));
     }
+    // The source must be the model its config.json describes, as the loaders check it: quantizing a checkpoint
+    // they would refuse (a layer more or fewer, a transposed matrix, the wrong vocabulary) would write one they
+    // might not.
+    match arch {
+        Arch::Llama => crate::weights::check_checkpoint(&ckpt, &crate::config::LlamaConfig::from_model_dir(src)?)?,
+        Arch::Mllama => {
+            let cfg = crate::vision::config::MllamaConfig::from_model_dir(src)?;
+            crate::vision::weights::check_mllama_checkpoint(&ckpt, &cfg)?;
+        }
+    }
 
     // Plan every output tensor (and so every shard's header) before writing anything.
     let mut plans = Vec::new();

@@ -44,6 +44,9 @@ pub const MAX_TILE_PIXELS: usize = 1 << 26;
 /// `size.height` (= `size.width`) of the Llama 3.2 Vision preprocessor: the tile side in pixels.
 pub const LLAMA32_TILE_SIZE: usize = 560;
 
+/// The largest tile side the preprocessor (and so `vision_config.image_size`) accepts.
+pub const MAX_TILE_SIZE: usize = 4096;
+
 /// The CLIP mean used by Llama 3.2 Vision, as written in `preprocessor_config.json` (used as f32, like numpy).
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 
@@ -215,8 +218,8 @@ impl PreprocessorConfig {
         if self.max_image_tiles == 0 || self.max_image_tiles > 64 {
             return Err(("max_image_tiles", format!("{} is out of range 1..=64", self.max_image_tiles)));
         }
-        if self.tile_size == 0 || self.tile_size > 4096 {
-            return Err(("size", format!("tile size {} is out of range 1..=4096", self.tile_size)));
+        if self.tile_size == 0 || self.tile_size > MAX_TILE_SIZE {
+            return Err(("size", format!("tile size {} is out of range 1..={MAX_TILE_SIZE}", self.tile_size)));
         }
         if self.max_image_tiles * self.tile_size * self.tile_size > MAX_TILE_PIXELS {
             return Err((

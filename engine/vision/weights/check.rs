@@ -129,6 +129,11 @@ pub(crate) fn check_tensors(
                 path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
                 view.shape
             )),
+            Some((view, path)) if !view.dtype.is_float() => misshapen.push(format!(
+                "tensor `{name}` in {} is {}, expected BF16, F16 or F32",
+                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                view.dtype.name()
+            )),
             Some(_) => {}
         }
     }
