@@ -49,6 +49,10 @@ pub enum Error {
     /// A backend (CUDA driver, kernel launch) failure.
     #[error("backend: {0}")]
     Backend(String),
+    /// A well-formed request refused for now because the engine is full (its waiting queue is at
+    /// `--max-waiting`): transient, not the request's fault; retrying later can succeed.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 /// Result alias for the crate.

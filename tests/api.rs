@@ -53,6 +53,8 @@ fn validation_errors_name_the_field() {
         (chat(json!({"max_tokens": 5000})), "max_tokens", "maximum context length is 1024"),
         (chat(json!({"max_completion_tokens": 0})), "max_completion_tokens", "max_completion_tokens"),
         (chat(json!({"stop": 3})), "stop", "stop"),
+        (chat(json!({"stop": vec!["x"; 65]})), "stop", "at most 64 strings"),
+        (chat(json!({"stop": ["a", "b".repeat(1025)]})), "stop[1]", "at most 1024 bytes"),
         (chat(json!({"logit_bias": {"1": 500}})), "logit_bias[1]", "must be in [-100, 100]"),
         (chat(json!({"logit_bias": {"one": 5}})), "logit_bias", "key `one` is not a token id"),
         (chat(json!({"suffix": "x"})), "suffix", "not supported"),
@@ -65,6 +67,13 @@ fn validation_errors_name_the_field() {
             chat(json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}})),
             "tool_choice",
             "`nope` is not in tools",
+        ),
+        (
+            chat(
+                json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "f\"}<|eot_id|>"}}}),
+            ),
+            "tool_choice",
+            "1 to 64 letters",
         ),
         (json!({"messages": [{"role": "robot", "content": "hi"}]}), "messages[0].role", "messages[0].role"),
         (json!({"messages": []}), "messages", "must not be empty"),
@@ -93,6 +102,9 @@ fn validation_errors_name_the_field() {
     assert!(msg.contains("echo"), "{msg}");
     let (msg, _) = err(&c, Endpoint::Completions, json!({}));
     assert!(msg.contains("prompt: missing"), "{msg}");
+    let (msg, p) = err(&c, Endpoint::Completions, json!({"prompt": vec![vec![1, 2]; 1025]}));
+    assert!(msg.contains("1025 prompts") && msg.contains("at most 1024"), "{msg}");
+    assert_eq!(p.as_deref(), Some("prompt"));
 }
 
 #[test]
@@ -233,4 +245,44 @@ fn completions_objects_index_choices_and_report_logprobs() {
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"]["total_tokens"], 8, "usage sums over prompts");
     assert!(sb.push(0, Event::Error("boom".into())).is_err());
+
+    // Two alternatives whose bytes are lone non-UTF-8 bytes both read as U+FFFD: the second keeps its own entry
+    // under vLLM's `token_id:N` name instead of overwriting the first.
+    let tok = c.tokenizer.clone().expect("tokenizer");
+    let lone: Vec<u32> =
+        (0..100_000u32).filter(|&i| tok.token_bytes(i).is_some_and(|b| b.len() == 1 && b[0] >= 0x80)).take(2).collect();
+    let p = prepare(&c, Endpoint::Completions, &json!({"prompt": "a", "logprobs": 2})).unwrap();
+    let mut sb = StreamBuilder::new(&c, &p);
+    let top = vec![(lone[0], -1.0), (lone[1], -2.0)];
+    let ev = Event::Delta {
+        index: 0,
+        text: String::new(),
+        ids: vec![lone[0]],
+        logprobs: vec![TokenLogprob { id: lone[0], logprob: -1.0, top }],
+    };
+    let chunk = &sb.push(0, ev).unwrap()[0];
+    let want = json!([{"\u{FFFD}": -1.0, format!("token_id:{}", lone[1]): -2.0}]);
+    assert_eq!(chunk["choices"][0]["logprobs"]["top_logprobs"], want, "{chunk}");
+}
+
+/// `generation_config.json` defaults out of range are refused when the server starts, naming the file and the field,
+/// instead of failing every request that relies on them as if the request were at fault.
+#[test]
+fn bad_generation_config_defaults_are_refused_by_field() {
+    use llama32::serve::api::SamplingDefaults;
+    let dir = std::env::temp_dir().join(format!("llama32-genconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (body, field) in [
+        (r#"{"temperature": 1e39}"#, "temperature"),
+        (r#"{"temperature": 0.6, "top_p": -5}"#, "top_p"),
+        (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
+    ] {
+        std::fs::write(dir.join("generation_config.json"), body).unwrap();
+        let e = SamplingDefaults::from_model_dir(&dir).expect_err(body).to_string();
+        assert!(e.contains("generation_config.json") && e.contains(field), "{body}: {e}");
+    }
+    std::fs::write(dir.join("generation_config.json"), r#"{"temperature": 0.6, "top_p": 0.9}"#).unwrap();
+    let d = SamplingDefaults::from_model_dir(&dir).unwrap();
+    assert_eq!((d.temperature, d.top_p), (Some(0.6), Some(0.9)));
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -301,6 +301,35 @@ fn resume_after_a_torn_write_completes_the_file() {
     let err = run_batch(&e, &ctx, &o).expect_err("a corrupt middle line is refused").to_string();
     assert!(err.contains("corrupt.jsonl") && err.contains("line 2"), "{err}");
     assert_eq!(std::fs::read_to_string(&o.output).unwrap(), text);
+
+    // Only what an interrupted write leaves is cut: a last line that is not the start of a result line, with or
+    // without results before it, is someone's data and is refused, the file untouched.
+    for (name, text) in [
+        ("notes.txt", "my important notes".to_string()),
+        (
+            "tail.jsonl",
+            format!(
+                "{}
+{}
+see above",
+                full_lines[0], full_lines[1]
+            ),
+        ),
+    ] {
+        let o = opts(&dir, "in.jsonl", name, 16);
+        std::fs::write(&o.output, &text).unwrap();
+        let err = run_batch(&e, &ctx, &o).expect_err("not a torn write").to_string();
+        assert!(err.contains(name) && err.contains("not a torn result line"), "{name}: {err}");
+        assert_eq!(std::fs::read_to_string(&o.output).unwrap(), text, "{name} untouched");
+    }
+
+    // The input under another name (a hard link) is refused as the output, before anything is read or cut.
+    let o = opts(&dir, "in.jsonl", "link.jsonl", 16);
+    std::fs::hard_link(&full.input, &o.output).unwrap();
+    let before = std::fs::read(&full.input).unwrap();
+    let err = run_batch(&e, &ctx, &o).expect_err("the input as the output").to_string();
+    assert!(err.contains("is the input file"), "{err}");
+    assert_eq!(std::fs::read(&full.input).unwrap(), before);
 }
 
 #[test]

@@ -172,6 +172,16 @@ fn request_errors_name_the_path() {
         (r#"{"messages": [{"role": "user", "content": "a"}], "temperature": "hot"}"#, "temperature: invalid type"),
         (r#"{"messages": [{"role": "user", "content": "a"}], "stop": [1]}"#, "stop:"),
         (r#"{"messages": [{"role": "user", "content": "a"}], "tools": ["f"]}"#, "tools[0]: expected an object"),
+        (
+            r#"{"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}"#,
+            "tools[0].function: expected",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {}}]}"#,
+            "tools[0].function: expected an object with a non-empty `name`",
+        ),
+        (r#"{"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "retrieval"}]}"#, "tools[0].type"),
+        (r#"{"messages": [{"role": "user", "content": "a"}], "tools": [{"description": "d"}]}"#, "tools[0]: expected"),
     ];
     for (body, msg) in cases {
         let err = ChatRequest::from_json(body).unwrap_err().to_string();
@@ -342,5 +352,20 @@ fn model_dir_template_sources() {
     std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": 5}"#).unwrap();
     let err = ChatTemplate::from_model_dir(&dir).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json") && err.contains("bos_token"), "{err}");
+
+    // Template errors name where the template came from: at load (a syntax error), at render (an exception the
+    // template raises), and an empty list of templates.
+    let dir = root.join("errors");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), "{% if %}").unwrap();
+    let err = ChatTemplate::from_model_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("chat_template.jinja") && err.contains("does not compile"), "{err}");
+    std::fs::write(dir.join("chat_template.jinja"), "{{ raise_exception('boom') }}").unwrap();
+    let err = ChatTemplate::from_model_dir(&dir).unwrap().render(&user, &opts).unwrap_err().to_string();
+    assert!(err.contains("boom") && err.contains("chat_template.jinja"), "{err}");
+    std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"chat_template": []}"#).unwrap();
+    let err = ChatTemplate::from_model_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("tokenizer_config.json") && err.contains("chat_template") && err.contains("empty"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }

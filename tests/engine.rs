@@ -139,6 +139,28 @@ fn logprobs_match_the_logits_and_do_not_change_the_tokens() {
         assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
         assert!(lp.top[0].1 >= lp.logprob, "the best alternative is at least as likely as the pick");
     }
+    // Against the model itself: score prompt + completion in one pass with the same executor and take each
+    // position's log-softmax. The engine ran a prefill and then one decode step a token, so rounding differs a
+    // little; an off-by-one row, another sequence's row or logits after the sampling transforms differ by far more.
+    let dir = common::tiny_model_dir("logprobs-score").expect("the engine above found the test data");
+    let mut ex = common::tiny_executor(&dir, 4096).unwrap();
+    let ids: Vec<u32> = p.iter().chain(&with.ids[0]).copied().collect();
+    let logits = llama32::exec::generate::score(&mut ex, &ids, 16).unwrap();
+    let vocab = logits.len() / ids.len();
+    for (i, lp) in with.logprobs[0].iter().enumerate() {
+        let row = &logits[(p.len() - 1 + i) * vocab..(p.len() + i) * vocab];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        let want = |id: u32| (row[id as usize] as f64 - lse) as f32;
+        assert!((lp.logprob - want(lp.id)).abs() < 1e-3, "token {i}: logprob {} against {}", lp.logprob, want(lp.id));
+        let mut order: Vec<u32> = (0..vocab as u32).collect();
+        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        for (k, &(id, v)) in lp.top.iter().enumerate() {
+            assert!((v - want(id)).abs() < 1e-3, "token {i}, alternative {k}: {v} against {}", want(id));
+            assert!((v - want(order[k])).abs() < 1e-3, "token {i}: alternative {k} is not the {k}-th most likely");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     // Greedy: the pick is the most likely token.
     let mut g = GenerateRequest::new(p, SamplingParams { max_tokens: 5, ignore_eos: true, ..Default::default() });
     g.logprobs = Some(1);
@@ -213,7 +235,9 @@ fn refusals_name_the_problem() {
     assert!(err(bad).contains("top_p"));
     let mut many = GenerateRequest::new(prompt(0, 4), sampled(4, 0));
     many.n = 3;
-    assert!(err(many).contains("queue is full"));
+    // A full queue is transient, not the request's fault: its own variant (429 over HTTP, never a batch result).
+    let full = e.submit_blocking(many).err().expect("a full queue refuses");
+    assert!(matches!(full, llama32::Error::Overloaded(_)) && full.to_string().contains("queue is full"), "{full}");
 }
 
 #[test]

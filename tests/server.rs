@@ -448,8 +448,11 @@ async fn malformed_requests_get_400s_naming_the_field() {
     let c = "/v1/chat/completions";
     check("invalid JSON", srv.post_raw(p, b"{\"prompt\": ".to_vec()).await, "not valid JSON");
     check("invalid UTF-8", srv.post_raw(p, b"{\"prompt\": \"\xff\xfe\"}".to_vec()).await, "not valid UTF-8");
+    // A body over the limit: 413, with its declared length (refused before it is read).
     let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(LIMIT + 100)).into_bytes();
-    check("body over the limit", srv.post_raw(p, big).await, &LIMIT.to_string());
+    let (status, body) = srv.post_raw(p, big).await;
+    assert_eq!((status, &body["error"]["type"]), (413, &json!("invalid_request_error")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains(&LIMIT.to_string()), "{body}");
     check("not an object", srv.post(p, &json!([1, 2])).await, "expected a JSON object");
     check("unknown model", srv.post(c, &chat(json!({"model": "gpt-4"}))).await, "model");
     check("temperature", srv.post(c, &chat(json!({"temperature": -1}))).await, "temperature");

@@ -130,6 +130,21 @@ async fn image_chat_requests_over_http() {
         let msg = e["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{bad}: {msg}");
     }
+    // `<|image|>` typed as text with no image, and an image in a system message (which the template drops): the
+    // token and image counts disagree, named before any image is decoded.
+    let sys_image = json!({"messages": [
+        {"role": "system", "content": [{"type": "image_url", "image_url": {"url": img0}}]},
+        {"role": "user", "content": "hi"}], "max_tokens": 2});
+    for (body, counts) in [
+        (ask(json!("<|image|>What is this?"), false), "1 `<|image|>` token(s) but the request has 0"),
+        (sys_image, "0 `<|image|>` token(s) but the request has 1"),
+    ] {
+        let r = client.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let e: Value = r.json().await.unwrap();
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(counts) && e["error"]["param"] == "messages", "{body}: {e}");
+    }
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
 }

@@ -246,6 +246,19 @@ impl ChatRequest {
                 if !t.is_object() {
                     return Err(Error::request(format!("tools[{i}]: expected an object")));
                 }
+                // OpenAI's `{"type": "function", "function": {"name", ...}}`, or a bare function definition with
+                // its `name` (as transformers' templates also take): a tool the model cannot name is refused.
+                let (what, f) = match t.get("type") {
+                    None => (format!("tools[{i}]"), Some(t)),
+                    Some(Json::String(ty)) if ty == "function" => (format!("tools[{i}].function"), t.get("function")),
+                    Some(ty) => {
+                        return Err(Error::request(format!("tools[{i}].type: expected \"function\", got {ty}")))
+                    }
+                };
+                let named = f.and_then(|f| f.get("name")).and_then(Json::as_str).is_some_and(|n| !n.is_empty());
+                if !named {
+                    return Err(Error::request(format!("{what}: expected an object with a non-empty `name`")));
+                }
             }
         }
         req.messages = messages;

@@ -105,6 +105,12 @@ pub(crate) fn with_ids(mut ids: Vec<u32>, more: &[u32]) -> Vec<u32> {
 /// The largest `|bias|` of [`SamplingParams::logit_bias`] (OpenAI's range, -100 to 100).
 pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
+/// Most stop strings per request (OpenAI takes 4; vLLM has no bound): each is checked after every token.
+pub const MAX_STOP_STRINGS: usize = 64;
+
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 1024;
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
@@ -180,6 +186,19 @@ impl SamplingParams {
         }
         if let Some(i) = self.stop.iter().position(|s| s.is_empty()) {
             return Err(Error::request(format!("stop[{i}] must be a non-empty string")));
+        }
+        // Every generated token is checked against every stop string on the engine thread, which serves everyone.
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(Error::request(format!(
+                "stop must hold at most {MAX_STOP_STRINGS} strings, got {}",
+                self.stop.len()
+            )));
+        }
+        if let Some(i) = self.stop.iter().position(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(Error::request(format!(
+                "stop[{i}] must be at most {MAX_STOP_BYTES} bytes long, got {}",
+                self.stop[i].len()
+            )));
         }
         if let Some(&id) = self.stop_token_ids.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(Error::request(format!(

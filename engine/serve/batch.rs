@@ -69,6 +69,34 @@ pub struct BatchSummary {
     pub output_tokens_per_s: f64,
 }
 
+/// Checks, without touching either file, what can be checked before a model is loaded: the input opens, the output
+/// can be created in its directory, and the output is not the input (by path, symbolic link or hard link).
+pub fn check_files(opts: &BatchOptions) -> Result<()> {
+    File::open(&opts.input).map_err(|e| Error::io(&opts.input, e))?;
+    check_output_dir(&opts.output)?;
+    if same_file(&opts.input, &opts.output) {
+        return Err(Error::request(format!("batch: the output file {} is the input file", opts.output.display())));
+    }
+    Ok(())
+}
+
+/// Whether two paths name the same existing file: the same device and inode where the platform has them (a hard
+/// link has another path but the same inode), else the same canonical path.
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// How every result line of an output file starts (serde_json keeps the key order): a torn last line, which an
+/// interrupted write leaves, starts so too, or is a prefix of it.
+const RECORD_START: &[u8] = b"{\"id\":\"batch_req_";
+
 /// Runs the batch `opts.input` through `engine` and writes (or completes) `opts.output`.
 ///
 /// Must be called from a plain thread: it runs its own (current-thread) tokio runtime. Errors (returned before or
@@ -81,13 +109,8 @@ pub fn run_batch(engine: &EngineHandle, ctx: &ServeContext, opts: &BatchOptions)
     if tokio::runtime::Handle::try_current().is_ok() {
         return Err(Error::request("batch: run_batch must be called from a plain thread, not inside a tokio runtime"));
     }
+    check_files(opts)?;
     let input = File::open(&opts.input).map_err(|e| Error::io(&opts.input, e))?;
-    check_output_dir(&opts.output)?;
-    if let (Ok(a), Ok(b)) = (opts.input.canonicalize(), opts.output.canonicalize()) {
-        if a == b {
-            return Err(Error::request(format!("batch: the output file {} is the input file", opts.output.display())));
-        }
-    }
     let existing = Existing::load(&opts.output)?;
     if existing.cut > 0 && opts.progress {
         eprintln!(
@@ -239,11 +262,15 @@ impl Existing {
                     good_end = pos;
                     ex.missing_newline = !has_newline;
                 }
-                Err(_) if last => break,
+                // Only what an interrupted write of a result leaves is cut: the last line, without its newline,
+                // starting as every result line does. Anything else is someone's data, and is left alone.
+                Err(_) if last && !has_newline && (buf.starts_with(RECORD_START) || RECORD_START.starts_with(&buf)) => {
+                    break
+                }
                 Err(e) => {
                     return Err(Error::request(format!(
-                        "{}: line {line_no} is not valid JSON ({e}) and is not the last line; only a torn last line \
-                         is repaired",
+                        "{}: line {line_no} is not valid JSON ({e}) and is not a torn result line (only the last line \
+                         of an interrupted write is repaired); refusing to append to it",
                         path.display()
                     )))
                 }

@@ -477,7 +477,7 @@ impl<'t> Core<'t> {
         }
         let waiting = self.sched.metrics().waiting + self.images.parked_seqs();
         if self.cfg.max_waiting > 0 && waiting + req.best_of > self.cfg.max_waiting {
-            return Err(Error::request(format!(
+            return Err(Error::Overloaded(format!(
                 "the queue is full ({waiting} sequences waiting, limit {}); retry later",
                 self.cfg.max_waiting
             )));

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -63,6 +63,16 @@ impl Default for ServerOptions {
 /// How long after the engine's shutdown deadline [`serve`] still waits for connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a client may take to send a request body once its headers are in: a client that stalls (or declares
+/// more bytes than it sends) gets a 408 instead of holding its connection and handler forever.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Requests with images decoded and encoded at once, at most: each can take several hundred MB at the decoder's
+/// pixel limit, so a burst of small image files must queue rather than run the host out of memory.
+fn image_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4)
+}
+
 /// What every handler shares.
 #[derive(Clone)]
 struct AppState {
@@ -70,6 +80,8 @@ struct AppState {
     ctx: Arc<ServeContext>,
     max_body_bytes: usize,
     shutting_down: Arc<AtomicBool>,
+    /// Permits for image preparation ([`image_slots`]).
+    image_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -86,7 +98,8 @@ pub fn router(
     max_body_bytes: usize,
     shutting_down: Arc<AtomicBool>,
 ) -> Router {
-    let state = AppState { engine, ctx, max_body_bytes, shutting_down };
+    let image_slots = Arc::new(tokio::sync::Semaphore::new(image_slots()));
+    let state = AppState { engine, ctx, max_body_bytes, shutting_down, image_slots };
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -292,23 +305,43 @@ async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> Respons
     error_response(&e)
 }
 
-async fn chat_completions(State(s): State<AppState>, body: Body) -> Response {
-    generate(s, Endpoint::Chat, body).await
+async fn chat_completions(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    generate(s, Endpoint::Chat, &headers, body).await
 }
 
-async fn completions(State(s): State<AppState>, body: Body) -> Response {
-    generate(s, Endpoint::Completions, body).await
+async fn completions(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    generate(s, Endpoint::Completions, &headers, body).await
 }
 
-/// Reads and parses a JSON request body of at most `limit` bytes.
-async fn read_json(body: Body, limit: usize) -> std::result::Result<Value, ApiError> {
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
+/// The 413 for a body over `limit` bytes.
+fn too_large(limit: usize) -> ApiError {
+    ApiError {
+        status: 413,
+        ..ApiError::bad_request(None, format!("request body: larger than the limit of {limit} bytes"))
+    }
+}
+
+/// Reads and parses a JSON request body of at most `limit` bytes: a declared `Content-Length` over the limit is
+/// refused before any byte is read (413), and a body not complete within [`BODY_READ_TIMEOUT`] gets a 408.
+async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> std::result::Result<Value, ApiError> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let bytes = match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            let secs = BODY_READ_TIMEOUT.as_secs();
+            return Err(ApiError {
+                status: 408,
+                ..ApiError::bad_request(None, format!("request body: not received within {secs} s"))
+            });
+        }
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
             let too_long = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
                 .any(|e| e.to_string().contains("length limit exceeded"));
             return Err(if too_long {
-                ApiError::bad_request(None, format!("request body: larger than the limit of {limit} bytes"))
+                too_large(limit)
             } else {
                 ApiError::bad_request(None, format!("request body: could not be read: {e}"))
             });
@@ -321,20 +354,26 @@ async fn read_json(body: Body, limit: usize) -> std::result::Result<Value, ApiEr
 }
 
 /// A generation request: parse, validate, submit every prompt, then answer with JSON or a stream of events.
-async fn generate(s: AppState, endpoint: Endpoint, body: Body) -> Response {
+async fn generate(s: AppState, endpoint: Endpoint, headers: &HeaderMap, body: Body) -> Response {
     if s.shutting_down() {
         return error_response(&shutting_down_error());
     }
-    let json = match read_json(body, s.max_body_bytes).await {
+    let json = match read_json(headers, body, s.max_body_bytes).await {
         Ok(j) => j,
         Err(e) => return error_response(&e),
     };
-    let mut prep = match api::prepare(&s.ctx, endpoint, &json) {
-        Ok(p) => p,
-        Err(e) => return error_response(&e),
+    // Rendering and tokenizing a long prompt takes seconds: off the async workers, which answer everyone else.
+    let ctx = s.ctx.clone();
+    let mut prep = match tokio::task::spawn_blocking(move || api::prepare(&ctx, endpoint, &json)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return error_response(&e),
+        Err(e) => return error_response(&ApiError::server(500, format!("request preparation failed: {e}"))),
     };
     if !prep.images.is_empty() {
-        // Image encoding is heavy compute: keep it off the async workers.
+        // Image decoding and encoding are heavy compute and memory: off the async workers, a few at a time.
+        let Ok(_permit) = s.image_slots.clone().acquire_owned().await else {
+            return error_response(&shutting_down_error());
+        };
         let ctx = s.ctx.clone();
         match tokio::task::spawn_blocking(move || api::attach_images(&ctx, &mut prep).map(|()| prep)).await {
             Ok(Ok(p)) => prep = p,
@@ -363,6 +402,8 @@ fn submit_error(s: &AppState, e: &Error) -> ApiError {
     }
     match e {
         Error::Request(_) => ApiError::from_request_error(e),
+        // Transient: 429, as OpenAI answers a rate limit, so that clients back off and retry.
+        Error::Overloaded(m) => ApiError::server(429, m.clone()),
         Error::Backend(m) => ApiError::server(503, format!("the engine is not available: {m}")),
         other => ApiError::server(500, other.to_string()),
     }

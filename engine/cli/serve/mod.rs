@@ -250,6 +250,12 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
         if a.max_in_flight == 0 {
             return Err(Error::request("--max-in-flight must be at least 1"));
         }
+        // A refusal for a full queue is transient; in a batch it would have to become a line's final result.
+        if a.engine.max_waiting != 0 {
+            return Err(Error::request(
+                "--max-waiting does not apply to batch, which bounds its queue with --max-in-flight",
+            ));
+        }
         let note = "(only the follower nodes of a multi-node run, --node-rank > 0, run without it)";
         let input = a.input.ok_or_else(|| Error::request(format!("--input FILE is required {note}")))?;
         let output = a.output.ok_or_else(|| Error::request(format!("--output FILE is required {note}")))?;
@@ -266,8 +272,10 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
         Role::Alone => None,
     };
     let (input, output) = files.ok_or_else(|| Error::Backend("batch: no input on node 0".into()))?;
-    let (engine, ctx) = start_engine(&a.model, &a.engine, lead)?;
     let opts = BatchOptions { input, output, max_in_flight: a.max_in_flight, progress: !a.no_progress };
+    // The files' faults are reported before a model is loaded (run_batch checks them again).
+    crate::serve::batch::check_files(&opts)?;
+    let (engine, ctx) = start_engine(&a.model, &a.engine, lead)?;
     let summary = run_batch(&engine, &ctx, &opts);
     engine.shutdown(None);
     engine.join();

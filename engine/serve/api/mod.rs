@@ -89,6 +89,10 @@ impl std::fmt::Display for ApiError {
 
 type ApiResult<T> = std::result::Result<T, ApiError>;
 
+/// Most prompts in one `/v1/completions` request (each runs `best_of` sequences): a bound on the work one HTTP
+/// request can queue ahead of everyone else's.
+pub const MAX_PROMPTS: usize = 1024;
+
 /// Sampling defaults from the model's `generation_config.json` (vLLM's `--generation-config auto`); request fields
 /// override them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -125,11 +129,19 @@ impl SamplingDefaults {
             None | Some(Json::Null) => None,
             Some(x) => Some(x.as_u64().ok_or_else(|| Error::config(&path, "top_k", "expected an integer >= 0"))?),
         };
+        // The ranges a request's own values must meet, checked here so that a bad file fails at startup, named,
+        // instead of failing every request that relies on the default.
+        let ranged = |k: &str, ok: fn(f32) -> bool, range: &str| -> Result<Option<f32>> {
+            match f(k)? {
+                Some(x) if !ok(x) => Err(Error::config(&path, k, format!("must be {range}, got {x}"))),
+                x => Ok(x),
+            }
+        };
         Ok(SamplingDefaults {
-            temperature: f("temperature")?,
-            top_p: f("top_p")?,
+            temperature: ranged("temperature", |t| t.is_finite() && t >= 0.0, "a finite number >= 0")?,
+            top_p: ranged("top_p", |p| p > 0.0 && p <= 1.0, "in (0, 1]")?,
             top_k: top_k.map(|k| k as usize),
-            repetition_penalty: f("repetition_penalty")?,
+            repetition_penalty: ranged("repetition_penalty", |r| r.is_finite() && r > 0.0, "a finite number > 0")?,
         })
     }
 }
@@ -390,6 +402,18 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
                         o.get("function").and_then(|f| f.get("name")).and_then(Json::as_str).ok_or_else(|| {
                             ApiError::bad_request(Some("tool_choice"), "tool_choice.function.name: missing")
                         })?;
+                    // OpenAI's rule for function names; the forced prefix is prompt text encoded with special
+                    // tokens parsed, so a name must not carry quotes or `<|...|>` into it.
+                    let valid = |n: &str| {
+                        (1..=64).contains(&n.len())
+                            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                    };
+                    if !valid(name) {
+                        return Err(ApiError::bad_request(
+                            Some("tool_choice"),
+                            "tool_choice.function.name: must be 1 to 64 letters, digits, underscores or dashes",
+                        ));
+                    }
                     let known =
                         req.tools.iter().flatten().any(|t| {
                             t.get("function").and_then(|f| f.get("name")).and_then(Json::as_str) == Some(name)
@@ -423,6 +447,22 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
                 None => tok.encode(&text, EncodeOptions { add_bos: false, parse_special: true }),
             }
             .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+            if let Some(v) = &ctx.vision {
+                // Checked here, before any image is decoded: `<|image|>` typed as text, or an image part the template
+                // leaves out (Llama 3.2's drops images outside user messages), would otherwise fail later under an
+                // internal name.
+                let tokens = ids.iter().filter(|&&t| t == v.cfg.image_token_index).count();
+                if tokens != images.len() {
+                    return Err(ApiError::bad_request(
+                        Some("messages"),
+                        format!(
+                            "messages: the rendered prompt holds {tokens} `<|image|>` token(s) but the request has {} \
+                             image(s) (images go in user messages; `<|image|>` is not text)",
+                            images.len()
+                        ),
+                    ));
+                }
+            }
             prompts.push((ids, forced, "messages"));
         }
         Endpoint::Completions => {
@@ -450,6 +490,12 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
                     }
                 }
                 _ => return Err(bad()),
+            }
+            if texts.len() > MAX_PROMPTS {
+                return Err(ApiError::bad_request(
+                    Some("prompt"),
+                    format!("prompt: {} prompts in one request; at most {MAX_PROMPTS}", texts.len()),
+                ));
             }
             for t in texts {
                 let (ids, text) = match t {

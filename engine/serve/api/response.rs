@@ -44,15 +44,21 @@ fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Json {
 fn completion_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob], start: usize) -> Json {
     let mut offset = start;
     let (mut tokens, mut lp, mut top, mut offs) = (vec![], vec![], vec![], vec![]);
+    // A token's name: its text, or vLLM's `token_id:N` without a tokenizer (every text would be "").
+    let name = |id: u32| if tok.is_some() { token_json(tok, id).0 } else { format!("token_id:{id}") };
     for l in lps {
         let (t, _) = token_json(tok, l.id);
         offs.push(offset);
         offset += t.len();
-        tokens.push(Json::from(t));
+        tokens.push(Json::from(name(l.id)));
         lp.push(finite(l.logprob));
+        // `top_logprobs` maps names to log-probabilities: two alternatives whose bytes decode to the same lossy
+        // text would share a key, and one would be lost; the second takes its `token_id:N` name instead.
         let mut m = Map::new();
         for &(i, p) in &l.top {
-            m.insert(token_json(tok, i).0, finite(p));
+            let key = name(i);
+            let key = if m.contains_key(&key) { format!("token_id:{i}") } else { key };
+            m.insert(key, finite(p));
         }
         top.push(Json::Object(m));
     }
