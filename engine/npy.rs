@@ -255,7 +255,44 @@ fn write<T: Copy>(path: &Path, descr: &str, shape: &[usize], data: &[T], put: im
     for &x in data {
         put(x, &mut out);
     }
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    check_output(path)?;
+    // Written beside the target and renamed over it once complete: an error part way (a full disk) leaves any
+    // earlier file as it was.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::write(&tmp, out).and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Checks that an array can be written to `path` without destroying anything else: its directory exists, and
+/// whatever is there already is an .npy array (by its magic bytes), which a new one may replace. A checkpoint,
+/// a config or a directory given by a slip of `--out` is refused, named. Callers run it before long work.
+pub fn check_output(path: &Path) -> Result<()> {
+    let refuse = |msg: &str| Err(Error::io(path, std::io::Error::new(ErrorKind::AlreadyExists, msg.to_string())));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(Error::io(path, std::io::Error::new(ErrorKind::NotFound, "its directory does not exist")));
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+        Ok(m) if !m.is_file() => refuse("exists and is not a regular file; refusing to replace it"),
+        Ok(_) => {
+            let mut head = [0u8; 6];
+            let is_npy = std::fs::File::open(path)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                .is_ok_and(|()| &head == MAGIC);
+            if is_npy {
+                Ok(())
+            } else {
+                refuse("exists and is not an .npy array; refusing to overwrite it (remove it first)")
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -354,6 +391,16 @@ mod tests {
         assert_eq!((bytes.len() - 4) % 64, 0);
         let a = read_f32(&p).unwrap();
         assert_eq!((a.shape, a.data), (shape, vec![7.0]));
+        // Anything but an .npy array is not replaced (a checkpoint named by a slip of --out), nor is a directory.
+        let precious = dir.join("model.safetensors");
+        std::fs::write(&precious, b"weights").unwrap();
+        let e = write_f32(&precious, &[1], &[1.0]).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors") && e.contains("not an .npy array"), "{e}");
+        assert_eq!(std::fs::read(&precious).unwrap(), b"weights");
+        assert!(write_f32(&dir, &[1], &[1.0]).unwrap_err().to_string().contains("not a regular file"));
+        assert!(write_f32(&dir.join("no/such/dir/a.npy"), &[1], &[1.0]).is_err());
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 2, "no temporary file left behind: {left:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -304,6 +304,13 @@ fn resume_after_a_torn_write_completes_the_file() {
 
     // Only what an interrupted write leaves is cut: a last line that is not the start of a result line, with or
     // without results before it, is someone's data and is refused, the file untouched.
+    // The input file itself copied as the output (its lines have `custom_id`s but are requests, not results).
+    let o = opts(&dir, "in.jsonl", "copy.jsonl", 16);
+    std::fs::copy(&full.input, &o.output).unwrap();
+    let text = std::fs::read_to_string(&o.output).unwrap();
+    let err = run_batch(&e, &ctx, &o).expect_err("requests are not results").to_string();
+    assert!(err.contains("copy.jsonl") && err.contains("line 1 is not a batch result"), "{err}");
+    assert_eq!(std::fs::read_to_string(&o.output).unwrap(), text, "copy.jsonl untouched");
     for (name, text) in [
         ("notes.txt", "my important notes".to_string()),
         (

@@ -189,6 +189,42 @@ fn absurd_sizes_get_clear_errors_not_aborts() {
             &["KV cache", "too large"],
         );
     }
+    // Token counts are bounded where they are parsed: sums of them wrapped to small numbers that passed the checks
+    // after them (a panic in bench, an abort in bench-serve).
+    let model = golden("tied-gqa4");
+    for (cmd, flag) in [("bench", "--prompt-tokens"), ("bench", "--gen-tokens"), ("generate", "--max-tokens")] {
+        let ids: &[&str] = if cmd == "generate" { &["--ids", "1"] } else { &[] };
+        fails_with(
+            bin().args([cmd, "--random-weights", "--model"]).arg(&model).args(ids).args([flag, "18446744073709551615"]),
+            &[flag],
+        );
+    }
+}
+
+/// Output to a full or closed stdout is an error naming stdout (it was a panic); a pipe whose reader has gone ends
+/// the process quietly. Negative values reach the sampling flags that take them.
+#[test]
+fn stdout_errors_and_negative_flag_values() {
+    let model = golden("tied-gqa4");
+    if Path::new("/dev/full").exists() {
+        let full = std::fs::File::options().write(true).open("/dev/full").unwrap();
+        let out = bin().args(["info", "--random-weights", "--model"]).arg(&model).stdout(full).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("<stdout>") && !err.contains("panicked"), "{err}");
+    }
+    let out = run(bin().args(["generate", "--random-weights", "--model"]).arg(&model).args([
+        "--ids",
+        "1,2",
+        "--max-tokens",
+        "2",
+        "--frequency-penalty",
+        "-0.5",
+        "--presence-penalty",
+        "-1",
+        "--json",
+    ]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ids"].as_array().map(Vec::len), Some(2), "{v}");
 }
 
 /// `bench-serve` on a small model: its prompts start with the model's own BOS (a vocabulary of 512 refused the

@@ -20,10 +20,10 @@ pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Prompt tokens per sequence.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = super::token_count())]
     prompt_tokens: usize,
     /// Generated tokens per sequence.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::token_count())]
     gen_tokens: usize,
     /// Sequences decoded together; a comma list (e.g. 1,16,64) runs each, printing one JSON line per run.
     #[arg(long, default_value = "1")]
@@ -48,10 +48,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 50)]
     telemetry_interval_ms: u64,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// After each run, time this many decode steps (batch sequences at the prompt's length, in the shape their
     /// CUDA graph has) and prefill steps (up to 2048 prompt tokens) call by call: a table per step kind on stderr
@@ -59,7 +59,7 @@ pub struct BenchArgs {
     /// `engine/model/profile.rs`); 0 (the default) profiles nothing. Text models on the CPU or one GPU. With
     /// `--persistent-decode`, also that many decode steps with the stack's phases timed inside its launch: a
     /// "persistent_decode_phases" object.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000))]
     profile: usize,
     /// Leave out every call under these comma-separated labels (the profile's op names, e.g. "add_rms_norm",
     /// "attention", "linear o" or linear_o), in graphs and eager steps alike: the step time against a run without --ablate is
@@ -70,14 +70,18 @@ pub struct BenchArgs {
 }
 
 /// Parses a comma list of positive integers for `flag`, naming the bad item.
+/// The largest value of a count list (`--batch`, `--tensor-parallel`).
+const MAX_COUNT: usize = 1 << 27;
+
 fn parse_counts(s: &str, flag: &str) -> Result<Vec<usize>> {
     let v: Vec<usize> = s
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .map(|t| match t.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(Error::request(format!("{flag}: `{t}` is not a positive integer"))),
+            // Bounded so that sequences x tokens cannot overflow the KV size computed from them.
+            Ok(n) if n > 0 && n <= MAX_COUNT => Ok(n),
+            _ => Err(Error::request(format!("{flag}: `{t}` is not an integer in 1..={MAX_COUNT}"))),
         })
         .collect::<Result<_>>()?;
     if v.is_empty() {
@@ -229,8 +233,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         for &batch in &batches {
             let (out, profile_err) = bench_one(&a, &mut m, (tp, batch), &ablate, telemetry.as_ref())?;
             let line = out.to_string();
-            println!("{line}");
-            std::io::stdout().flush().ok();
+            outln!("{line}")?;
             if let (Some(f), Some(p)) = (json_out.as_mut(), &a.json_out) {
                 writeln!(f, "{line}").map_err(|e| Error::request(format!("--json-out {}: {e}", p.display())))?;
             }
@@ -258,7 +261,7 @@ fn bench_one(
     let vocab = m.exec.config().vocab_size as u32;
     let reqs: Vec<GenRequest> = (0..batch)
         .map(|b| GenRequest {
-            prompt: (0..a.prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32 % (vocab - 1)) + 1).collect(),
+            prompt: (0..a.prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32 % (vocab - 1).max(1)) + 1).collect(),
             params: SamplingParams {
                 max_tokens: a.gen_tokens,
                 ignore_eos: true,

@@ -1,5 +1,32 @@
 //! The `llama32` command line: `logits`, `generate`, `tokenize`, `render`, `info`, `bench`, `serve` and `batch`.
 
+/// `println!` to stdout that returns an error naming stdout instead of panicking when stdout is closed (a pipe
+/// into `head`) or full.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(|e| $crate::Error::io("<stdout>", e))
+    }};
+}
+
+/// `print!` as [`outln!`] (flushed: it is used for streamed text).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        write!(o, $($arg)*).and_then(|()| o.flush()).map_err(|e| $crate::Error::io("<stdout>", e))
+    }};
+}
+
+/// The largest token count a flag takes: 2^24, over a hundred times Llama 3.2's 128K context, so that sums and
+/// products of such counts (KV sizes, buffers) cannot overflow into a small number that passes a later check.
+pub(crate) const MAX_TOKENS_FLAG: u64 = 1 << 24;
+
+/// The clap parser of a token-count flag (0..=[`MAX_TOKENS_FLAG`]).
+pub(crate) fn token_count() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_TOKENS_FLAG)
+}
+
 mod bench;
 mod load;
 mod plan;
@@ -8,7 +35,6 @@ mod quantize;
 mod serve;
 mod vision;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -179,28 +205,28 @@ pub struct GenerateArgs {
     #[arg(long)]
     system: Option<String>,
     /// Maximum new tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = token_count())]
     max_tokens: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Top-k cutoff (0 = off).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Min-p cutoff (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
     /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
     /// Frequency penalty (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
     /// Presence penalty (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     presence_penalty: f32,
     /// Sampling seed (reproducible output).
     #[arg(long)]
@@ -291,6 +317,8 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids, "--ids")?;
+    crate::npy::check_output(&a.out)?; // before loading anything: a bad --out would waste the whole run
+
     let tp = a.tensor_parallel;
     serve::check_tensor_parallel(tp, &a.model.device, a.devices.as_deref())?;
     if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
@@ -361,7 +389,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let tok = load_tokenizer(&a.model)?;
     let prompt = build_prompt(&a, tok.as_ref(), 0, None)?;
     let params = sampling_params(&a);
-    let mut m = load_model(&a.model, prompt.len() + a.max_tokens)?;
+    // The cache holds what can run: prompt + new tokens, but never past the context, where generation stops anyway.
+    let (cfg, _) = load::resolve_config(&a.model)?;
+    let mut m = load_model(&a.model, (prompt.len() + a.max_tokens).min(cfg.max_position_embeddings))?;
     if tok.is_none() && !a.stop.is_empty() {
         return Err(Error::request("--stop needs a tokenizer to see text"));
     }
@@ -375,29 +405,29 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let json = a.json;
     let mut on_text = |_seq: usize, s: &str| {
         if !json {
-            print!("{s}");
-            let _ = std::io::stdout().flush();
+            // A closed stdout shows at the final line below, which returns the error.
+            let _ = out!("{s}");
         }
     };
     let t0 = Instant::now();
     let reqs = [GenRequest { prompt: prompt.clone(), params }];
     let out = run_scheduled(m.exec.as_mut(), &m.eos_ids, &reqs, 512, &mut detok, &mut on_text)?;
     let secs = t0.elapsed().as_secs_f64();
-    print_generation(json, tok.is_some(), &out[0], prompt.len(), secs);
+    print_generation(json, tok.is_some(), &out[0], prompt.len(), secs)?;
     Ok(())
 }
 
 /// The end of `generate`'s output: the JSON object (`--json`), or a newline after the streamed text (the ids when
 /// there is no tokenizer); then the timing line on stderr.
-fn print_generation(json: bool, has_tokenizer: bool, g: &Generation, prompt_len: usize, secs: f64) {
+fn print_generation(json: bool, has_tokenizer: bool, g: &Generation, prompt_len: usize, secs: f64) -> Result<()> {
     if json {
         let text = if has_tokenizer { serde_json::Value::from(g.text.clone()) } else { serde_json::Value::Null };
-        println!("{}", serde_json::json!({"ids": g.ids, "text": text, "finish_reason": g.finish.as_str()}));
+        outln!("{}", serde_json::json!({"ids": g.ids, "text": text, "finish_reason": g.finish.as_str()}))?;
     } else {
         if !has_tokenizer {
-            print!("(no tokenizer: generated ids) {:?}", g.ids);
+            out!("(no tokenizer: generated ids) {:?}", g.ids)?;
         }
-        println!();
+        outln!()?;
     }
     eprintln!(
         "{prompt_len} prompt + {} generated tokens in {secs:.2} s ({:.2} tok/s overall), finish_reason={}",
@@ -405,6 +435,7 @@ fn print_generation(json: bool, has_tokenizer: bool, g: &Generation, prompt_len:
         g.ids.len() as f64 / secs,
         g.finish
     );
+    Ok(())
 }
 
 fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
@@ -414,7 +445,7 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
         (None, None) => return Err(Error::request("pass --model DIR or --tokenizer FILE")),
     };
     let ids = tok.encode(&a.text, EncodeOptions { add_bos: a.bos, parse_special: a.special })?;
-    println!("{}", serde_json::json!({ "ids": ids }));
+    outln!("{}", serde_json::json!({ "ids": ids }))?;
     Ok(())
 }
 
@@ -429,13 +460,13 @@ fn cmd_render(a: RenderArgs) -> Result<()> {
     let req = ChatRequest::from_json(&body).map_err(|e| Error::request(format!("{}: {e}", a.request.display())))?;
     let template = ChatTemplate::from_model_dir(&a.model)?;
     let opts = RenderOptions { add_generation_prompt: !a.no_generation_prompt, date_string: a.date.clone() };
-    print!("{}", template.render(&req, &opts)?);
+    out!("{}", template.render(&req, &opts)?)?;
     Ok(())
 }
 
 fn cmd_info(a: ModelArgs) -> Result<()> {
     if let Some(info) = vision::info(&a)? {
-        println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&info).unwrap_or_default())?;
         return Ok(());
     }
     let (cfg, source) = load::resolve_config(&a)?;
@@ -468,7 +499,7 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
             "kv_full_context_bf16_gib": gib(cfg.kv_bytes_per_token(2) as f64 * ctx as f64),
         },
     });
-    println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(&info).unwrap_or_default())?;
     Ok(())
 }
 

@@ -109,31 +109,36 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
             "detail": detail,
             "table": rows,
         });
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&out).unwrap_or_default())?;
         return Ok(());
     }
     let p = &detail;
-    println!(
+    outln!(
         "model {} on {} x {}, batch {}, context {}, images {}",
-        shape.name, a.tp, gpu.name, w.batch, w.context, w.images
-    );
-    println!(
+        shape.name,
+        a.tp,
+        gpu.name,
+        w.batch,
+        w.context,
+        w.images
+    )?;
+    outln!(
         "  per rank: {} query heads, {} KV heads (each KV head on {} rank(s)), intermediate {}, vocab {}",
         plan.heads_per_rank(),
         plan.kv_heads_per_rank(),
         plan.kv_replication(),
         shape.text.intermediate_size / a.tp,
         shape.text.vocab_size / a.tp
-    );
-    println!(
+    )?;
+    outln!(
         "  weights: {} per rank of {} ({}{}); decode reads {} per rank per step",
         gb(p.weight_bytes_per_rank),
         gb(p.weight_bytes_total),
         quant.map_or_else(|| "bf16".to_string(), |q| format!("bf16, projections {}", q.name())),
         if int8_tables { ", int8 embedding and lm_head" } else { "" },
         gb(p.decode_weight_bytes_per_rank)
-    );
-    println!(
+    )?;
+    outln!(
         "  KV: {:.0} B per token per rank; capacity {} tokens at {} of {} GB minus {} GB reserve{}",
         p.kv_bytes_per_token_per_rank,
         p.kv_capacity_tokens,
@@ -141,20 +146,20 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
         gpu.memory_gb.value,
         gpu.activation_reserve_gb.value,
         if p.fits { "" } else { " (weights do not fit)" }
-    );
+    )?;
     if p.cross_kv_bytes_per_image_per_rank > 0.0 {
-        println!("  cross-attention KV: {} per image per rank", gb(p.cross_kv_bytes_per_image_per_rank));
+        outln!("  cross-attention KV: {} per image per rank", gb(p.cross_kv_bytes_per_image_per_rank))?;
     }
-    println!(
+    outln!(
         "  all-reduce: {} per step, {:.0} B payload per token; ring sends {:.0} B per GPU per step; logits all-gather {:.0} B",
         p.allreduces_per_step, p.allreduce_bytes_per_token, p.allreduce_ring_bytes_per_gpu_per_step, p.logits_gather_bytes_per_step
-    );
-    println!();
-    println!("| tp | weights/rank | fits | KV capacity (tokens) | t_mem ms | t_comm ms | step ms | tok/s |");
-    println!("|---|---|---|---|---|---|---|---|");
+    )?;
+    outln!()?;
+    outln!("| tp | weights/rank | fits | KV capacity (tokens) | t_mem ms | t_comm ms | step ms | tok/s |")?;
+    outln!("|---|---|---|---|---|---|---|---|")?;
     for (r, tp) in table.iter().zip([1, 2, 4, 8]) {
         match r {
-            Ok(p) => println!(
+            Ok(p) => outln!(
                 "| {tp} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
                 gb(p.weight_bytes_per_rank),
                 if p.fits { "yes" } else { "no" },
@@ -163,15 +168,15 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
                 p.t_comm_ms,
                 p.step_ms,
                 p.tokens_per_s
-            ),
-            Err(e) => println!("| {tp} | {e} |  |  |  |  |  |  |"),
+            )?,
+            Err(e) => outln!("| {tp} | {e} |  |  |  |  |  |  |")?,
         }
     }
     if quant.is_some_and(|q| q.act != crate::quant::ActQuant::None) {
-        println!("(tensor parallelism refuses W4A8: the rows with tp > 1 are predictions only)");
+        outln!("(tensor parallelism refuses W4A8: the rows with tp > 1 are predictions only)")?;
     }
-    println!();
-    println!("inputs:");
+    outln!()?;
+    outln!("inputs:")?;
     let int4 = quant.map(|_| ("int4 projection efficiency", &gpu.int4_efficiency));
     for (what, f) in [
         ("HBM copy", &gpu.hbm_copy_gbps),
@@ -184,7 +189,7 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
     .into_iter()
     .chain(int4)
     {
-        println!("  {what}: {:.3} {} ({})", f.value, f.unit, f.source);
+        outln!("  {what}: {:.3} {} ({})", f.value, f.unit, f.source)?;
     }
     Ok(())
 }

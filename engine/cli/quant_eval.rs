@@ -31,10 +31,10 @@ pub struct QuantEvalArgs {
     #[arg(long)]
     scheme: Vec<String>,
     /// Prompt length; ids are deterministic: `(7919 * i + 17) mod (vocab - 3) + 1`.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::token_count())]
     prompt_tokens: usize,
     /// Greedy tokens decoded after the prompt.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::token_count())]
     gen_tokens: usize,
 }
 
@@ -261,7 +261,7 @@ pub fn cmd_quant_eval(a: QuantEvalArgs) -> Result<()> {
         "activation_quantization_alone": act_only,
         "baseline_load_and_run_s": load_note,
     });
-    println!("{report}");
+    outln!("{report}")?;
     Ok(())
 }
 

@@ -47,7 +47,7 @@ pub fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
     bar.finish_and_clear();
     let r = result?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!(
+    outln!(
         "quantized {} projections to {}{} and copied {} tensors in {:.1}s: {} bytes ({:.2} GiB) -> {} bytes ({:.2} GiB, \
          {:.1}%) in {} file{}; wrote {}",
         r.tensors_int4,
@@ -63,6 +63,6 @@ pub fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         r.shards,
         if r.shards == 1 { "" } else { "s" },
         a.out.display()
-    );
+    )?;
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! `logits` and `generate` for Llama 3.2 Vision checkpoints (`--image`): on the CPU reference, as tensor-parallel
 //! CPU ranks (`logits`), or with the text decoder on CUDA (`logits --device cuda`).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -269,14 +268,14 @@ pub fn generate(a: &GenerateArgs, dir: &Path) -> Result<()> {
     let json = a.json;
     let mut on_text = |s: &str| {
         if !json {
-            print!("{s}");
-            let _ = std::io::stdout().flush();
+            // A closed stdout shows at the final line, which returns the error.
+            let _ = out!("{s}");
         }
     };
     let t0 = Instant::now();
     let g = model.generate(&prompt, &enc, &params, &mut detok, &mut on_text)?;
     let secs = t0.elapsed().as_secs_f64();
-    print_generation(json, tok.is_some(), &g, prompt.len(), secs);
+    print_generation(json, tok.is_some(), &g, prompt.len(), secs)?;
     Ok(())
 }
 

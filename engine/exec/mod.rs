@@ -74,7 +74,9 @@ impl StepInput {
             return bad("cu_seqlens must strictly increase (every sequence has at least one new token)".into());
         }
         let seqs = self.num_seqs();
-        if self.max_blocks_per_seq == 0 || self.block_tables.len() != seqs * self.max_blocks_per_seq {
+        // Checked: a step decoded from another node carries max_blocks_per_seq as a raw 64-bit number, and a
+        // wrapped product could equal an empty table and pass.
+        if self.max_blocks_per_seq == 0 || Some(self.block_tables.len()) != seqs.checked_mul(self.max_blocks_per_seq) {
             return bad(format!(
                 "block_tables has {} entries, expected {seqs} x {}",
                 self.block_tables.len(),

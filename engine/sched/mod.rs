@@ -289,7 +289,7 @@ impl Scheduler {
             )));
         }
         // The cache holds every token but the last one generated.
-        let most_cached = (prompt.len() + params.max_tokens - 1).min(max_len - 1);
+        let most_cached = (prompt.len().saturating_add(params.max_tokens) - 1).min(max_len - 1);
         let (bs, nb) = (self.kv.block_size(), self.kv.num_blocks());
         if most_cached.div_ceil(bs) > nb {
             return Err(at(format!(

@@ -247,6 +247,19 @@ impl Existing {
                 continue;
             }
             match serde_json::from_slice::<Json>(&buf) {
+                // A result line has the shape this runner writes; an input file (it has `custom_id`s too) or any
+                // other JSON lines given as --output are someone's data, not results to resume from.
+                Ok(v)
+                    if !(v.get("id").and_then(Json::as_str).is_some_and(|i| i.starts_with("batch_req_"))
+                        && v.get("response").is_some()
+                        && v.get("error").is_some()) =>
+                {
+                    return Err(Error::request(format!(
+                        "{}: line {line_no} is not a batch result (no `id` of batch_req_..., `response` and `error`); \
+                         refusing to append to it",
+                        path.display()
+                    )))
+                }
                 Ok(v) => {
                     let id = match v.get("custom_id") {
                         Some(Json::String(s)) => Some(s.clone()),

@@ -136,6 +136,27 @@ fn write_frame(w: &mut impl Write, tag: u8, payload: &[u8]) -> std::io::Result<(
     w.flush()
 }
 
+/// Reads from a connection until a fixed instant: each read waits at most the time left, so a peer that trickles
+/// bytes cannot stretch a bounded exchange.
+pub(crate) struct Until<'a> {
+    /// The connection.
+    pub(crate) conn: &'a TcpStream,
+    /// When reading stops with `TimedOut`.
+    pub(crate) until: Instant,
+}
+
+impl Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        self.conn.set_read_timeout(Some(left))?;
+        let mut c = self.conn;
+        c.read(buf)
+    }
+}
+
 fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
@@ -193,7 +214,10 @@ impl<E: Executor> MultiNodeExecutor<E> {
                 }
                 Err(e) => return Err(net("accept".into())(e)),
             };
-            match Self::greet(conn, nnodes, local.block_size(), &slots) {
+            // A hello gets 10 s, and never past the run's deadline: a peer that trickles bytes cannot hold the
+            // accept loop (read_exact would restart a per-read timeout on every byte).
+            let until = (Instant::now() + Duration::from_secs(10)).min(deadline);
+            match Self::greet(conn, nnodes, local.block_size(), &slots, until) {
                 Ok((f, blocks)) => {
                     num_blocks = num_blocks.min(blocks);
                     let node = f.node;
@@ -212,17 +236,17 @@ impl<E: Executor> MultiNodeExecutor<E> {
         nnodes: usize,
         block_size: usize,
         slots: &[Option<Follower>],
+        until: Instant,
     ) -> Result<(Follower, usize)> {
         conn.set_nonblocking(false).map_err(net("set_blocking".into()))?;
-        conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(net("set_read_timeout".into()))?;
-        let mut rx = BufReader::new(conn.try_clone().map_err(net("clone".into()))?);
+        let mut hello_rx = Until { conn: &conn, until };
         let mut magic = [0u8; 6];
-        rx.read_exact(&mut magic).map_err(net("hello".into()))?;
+        hello_rx.read_exact(&mut magic).map_err(net("hello".into()))?;
         if &magic != MAGIC {
             return Err(Error::Backend("not a llama32 node".into()));
         }
         let hello: Vec<u32> =
-            (0..4).map(|_| read_u32(&mut rx)).collect::<std::io::Result<_>>().map_err(net("hello".into()))?;
+            (0..4).map(|_| read_u32(&mut hello_rx)).collect::<std::io::Result<_>>().map_err(net("hello".into()))?;
         let (node, their_nodes, their_block, blocks) =
             (hello[0] as usize, hello[1] as usize, hello[2] as usize, hello[3] as usize);
         if their_nodes != nnodes {
@@ -231,6 +255,9 @@ impl<E: Executor> MultiNodeExecutor<E> {
         if node == 0 || node >= nnodes || slots[node].is_some() {
             return Err(Error::Backend(format!("node rank {node} is invalid or already joined")));
         }
+        if blocks == 0 {
+            return Err(Error::Backend(format!("node {node} has no KV blocks (its cache would be the run's)")));
+        }
         if their_block != block_size {
             return Err(Error::Backend(format!(
                 "node {node} has KV blocks of {their_block} tokens, node 0 of {block_size} (use the same --block-size)"
@@ -238,6 +265,7 @@ impl<E: Executor> MultiNodeExecutor<E> {
         }
         // Steps may take long (the first one captures graphs); a dead node shows up as a closed connection.
         conn.set_read_timeout(None).map_err(net("set_read_timeout".into()))?;
+        let rx = BufReader::new(conn.try_clone().map_err(net("clone".into()))?);
         let mut tx = BufWriter::new(conn);
         tx.write_all(&[1]).and_then(|()| tx.flush()).map_err(net(format!("accepting node {node}")))?;
         Ok((Follower { node, tx, rx }, blocks))
@@ -275,8 +303,16 @@ impl<E: Executor> MultiNodeExecutor<E> {
                     return Ok(u64::from_le_bytes(d));
                 }
                 let len = read_u32(&mut f.rx).map_err(net(format!("reading node {node}'s error")))? as usize;
-                let mut msg = vec![0u8; len.min(1 << 20)];
-                f.rx.read_exact(&mut msg).map_err(net(format!("reading node {node}'s error")))?;
+                // The whole message is read (the stream stays in step), its first MiB kept.
+                let mut msg = Vec::new();
+                (&mut f.rx)
+                    .take(len as u64)
+                    .read_to_end(&mut msg)
+                    .map_err(net(format!("reading node {node}'s error")))?;
+                if msg.len() != len {
+                    return Err(Error::Backend(format!("node {node}: connection closed inside its error message")));
+                }
+                msg.truncate(1 << 20);
                 Err(Error::Backend(format!("node {node}: {}", String::from_utf8_lossy(&msg))))
             });
             match answer {
@@ -460,8 +496,19 @@ pub fn follow<E: Executor + ?Sized>(
         hello.extend_from_slice(&(v as u32).to_le_bytes());
     }
     tx.write_all(&hello).and_then(|()| tx.flush()).map_err(net("sending hello".into()))?;
+    // Node 0's acceptance: one byte 1, within what is left of the deadline (another service on the port, or a
+    // node 0 that never answers, must not hang this node or be read as calls).
     let mut ok = [0u8; 1];
-    rx.read_exact(&mut ok).map_err(net("node 0 refused this node (see its log)".into()))?;
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+    rx.get_ref().set_read_timeout(Some(left)).map_err(net("set_read_timeout".into()))?;
+    rx.read_exact(&mut ok).map_err(net("node 0 refused this node or did not answer (see its log)".into()))?;
+    if ok[0] != 1 {
+        return Err(Error::Backend(format!(
+            "multi-node control: {master} answered {:#04x}, not a llama32 node 0",
+            ok[0]
+        )));
+    }
+    rx.get_ref().set_read_timeout(None).map_err(net("set_read_timeout".into()))?;
     loop {
         let mut head = [0u8; 9];
         rx.read_exact(&mut head).map_err(net("reading a call (node 0 gone?)".into()))?;
@@ -470,8 +517,12 @@ pub fn follow<E: Executor + ?Sized>(
         if len > MAX_FRAME {
             return Err(Error::Backend(format!("multi-node control: frame of {len} bytes")));
         }
-        let mut payload = vec![0u8; len as usize];
-        rx.read_exact(&mut payload).map_err(net("reading a call".into()))?;
+        // Read as it arrives: a length alone does not reserve memory.
+        let mut payload = Vec::new();
+        (&mut rx).take(len).read_to_end(&mut payload).map_err(net("reading a call".into()))?;
+        if payload.len() as u64 != len {
+            return Err(Error::Backend("multi-node control: node 0 closed the connection inside a call".into()));
+        }
         if tag == TAG_END {
             return Ok(());
         }
@@ -623,6 +674,53 @@ mod tests {
         assert!(e.contains("timed out"), "{e}");
         assert!(t.join().unwrap().contains("refused"));
         assert!(follow(&mut exec(1), "127.0.0.1:1", 0, 2, Duration::from_millis(10)).is_err());
+
+        // A peer that trickles its hello a byte at a time cannot hold the leader past its deadline.
+        let port = listener.local_addr().unwrap().port();
+        let drip = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            for b in MAGIC.iter().chain(&[1u8; 16]) {
+                if c.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let t0 = Instant::now();
+        let e = MultiNodeExecutor::lead(exec(1), &listener, 2, Duration::from_millis(1000)).err().unwrap().to_string();
+        assert!(e.contains("timed out") && t0.elapsed() < Duration::from_secs(3), "{e} after {:?}", t0.elapsed());
+        drip.join().unwrap();
+
+        // Something else on node 0's port (it answers, but not with node 0's acceptance byte) is named, not read
+        // as calls.
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = other.local_addr().unwrap().port();
+        let fake = std::thread::spawn(move || {
+            let (mut c, _) = other.accept().unwrap();
+            let mut hello = [0u8; 22];
+            c.read_exact(&mut hello).unwrap();
+            c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+        });
+        let e = follow(&mut exec(1), &format!("127.0.0.1:{port}"), 1, 2, Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("not a llama32 node 0"), "{e}");
+        fake.join().unwrap();
+    }
+
+    /// A step whose block-table size overflows (max_blocks_per_seq as a raw 64-bit number from the wire) is refused,
+    /// not wrapped into a match with an empty table.
+    #[test]
+    fn a_wrapping_block_table_size_is_refused() {
+        let s = StepInput {
+            token_ids: vec![1, 2],
+            positions: vec![0, 0],
+            cu_seqlens: vec![0, 1, 2],
+            block_tables: vec![],
+            max_blocks_per_seq: 1 << 63,
+            slot_mapping: vec![0, 4],
+            logits_rows: vec![0, 1],
+        };
+        let e = s.validate(&tiny(), 16, 4).unwrap_err().to_string();
+        assert!(e.contains("block_tables has 0 entries"), "{e}");
     }
 
     #[test]

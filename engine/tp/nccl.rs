@@ -64,10 +64,12 @@ impl RendezvousServer {
                 Err(e) => return Err(net_err("accept", e)),
             };
             conn.set_nonblocking(false).map_err(|e| net_err("set_blocking", e))?;
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-            conn.set_read_timeout(Some(left)).map_err(|e| net_err("set_read_timeout", e))?;
+            // A hello gets 10 s at most (and never past the deadline): an idle stray connection (a port scan, a
+            // health check) must not take the real ranks' whole wait.
+            let until =
+                (Instant::now() + Duration::from_secs(10)).min(deadline).max(Instant::now() + Duration::from_millis(1));
             let mut hello = [0u8; 14];
-            if let Err(e) = conn.read_exact(&mut hello) {
+            if let Err(e) = (crate::tp::multinode::Until { conn: &conn, until }).read_exact(&mut hello) {
                 eprintln!("tensor-parallel rendezvous: ignoring {peer}: {e}");
                 continue;
             }

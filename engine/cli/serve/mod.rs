@@ -69,7 +69,7 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 29500)]
     pub master_port: u16,
     /// Seconds a multi-node run waits for the other nodes (the NCCL rendezvous, then the control connection).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub node_timeout: u64,
     /// Llama 3.2 Vision on CUDA: image tiles whose cross-attention K/V the decoder keeps at once, all requests
     /// together. An image takes max_num_tiles (4) until its prompt has run, then only its real tiles; requests
@@ -223,8 +223,8 @@ fn start_engine(a: &ModelArgs, e: &EngineArgs, lead: Option<Lead>) -> Result<(En
 
 /// Runs `llama32 serve` until Ctrl-C / SIGTERM.
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
-    if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
-        return Err(Error::request("--shutdown-timeout must be a number of seconds >= 0"));
+    if !(a.shutdown_timeout.is_finite() && (0.0..=86_400.0).contains(&a.shutdown_timeout)) {
+        return Err(Error::request("--shutdown-timeout must be a number of seconds in [0, 86400]"));
     }
     let lead = match node_role(&a.model, &a.engine)? {
         Role::Follow(node) => return follow_node(&a.model, &a.engine, &node),
@@ -280,7 +280,7 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
     engine.shutdown(None);
     engine.join();
     let summary = summary?;
-    println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    outln!("{}", serde_json::to_string(&summary).unwrap_or_default())?;
     Ok(())
 }
 
@@ -301,10 +301,10 @@ pub struct BenchServeArgs {
     #[arg(long, default_value_t = 4)]
     requests_per_client: usize,
     /// Prompt tokens per request (random ids).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::cli::token_count())]
     prompt_tokens: usize,
     /// Generated tokens per request.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cli::token_count())]
     max_tokens: usize,
 }
 
@@ -348,7 +348,7 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         v["prompt_tokens"] = base.prompt_tokens.into();
         v["max_tokens"] = base.max_tokens.into();
         v["requests_per_client"] = base.requests_per_client.into();
-        println!("{v}");
+        outln!("{v}")
     };
     if let Some(url) = &a.url {
         let hostport = url.trim_start_matches("http://").trim_end_matches('/');
@@ -363,7 +363,7 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         let mut failed_levels = Vec::new();
         for &c in &levels {
             let r = rt.block_on(run_load(&LoadOptions { clients: c as usize, ..base.clone() }));
-            report(c, &r, &base, &mut failed_levels);
+            report(c, &r, &base, &mut failed_levels)?;
         }
         return no_failed_level(&failed_levels);
     }
@@ -401,7 +401,7 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         let mut failed_levels = Vec::new();
         for &c in &levels {
             let r = run_load(&LoadOptions { clients: c as usize, ..base.clone() }).await;
-            report(c, &r, &base, &mut failed_levels);
+            report(c, &r, &base, &mut failed_levels)?;
         }
         let _ = stop_tx.send(());
         server.await.map_err(|e| Error::Backend(format!("server task: {e}")))??;
