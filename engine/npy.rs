@@ -255,7 +255,10 @@ fn write<T: Copy>(path: &Path, descr: &str, shape: &[usize], data: &[T], put: im
     for &x in data {
         put(x, &mut out);
     }
-    check_output(path)?;
+    if !check_output(path)? {
+        // A device, a pipe or a symbolic link: written in place (a rename would replace the link, or fail).
+        return std::fs::write(path, out).map_err(|e| Error::io(path, e));
+    }
     // Written beside the target and renamed over it once complete: an error part way (a full disk) leaves any
     // earlier file as it was.
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -268,26 +271,31 @@ fn write<T: Copy>(path: &Path, descr: &str, shape: &[usize], data: &[T], put: im
 }
 
 /// Checks that an array can be written to `path` without destroying anything else: its directory exists, and
-/// whatever is there already is an .npy array (by its magic bytes), which a new one may replace. A checkpoint,
-/// a config or a directory given by a slip of `--out` is refused, named. Callers run it before long work.
-pub fn check_output(path: &Path) -> Result<()> {
+/// whatever is there already is an .npy array (by its magic bytes) or an empty file, which a new one may replace,
+/// or a device or pipe (`/dev/null`) to write into. A checkpoint, a config or a directory given by a slip of
+/// `--out` is refused, named. Callers run it before long work. Returns whether the path is a regular file (or
+/// nothing yet) that may be replaced by a rename.
+pub fn check_output(path: &Path) -> Result<bool> {
     let refuse = |msg: &str| Err(Error::io(path, std::io::Error::new(ErrorKind::AlreadyExists, msg.to_string())));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             return Err(Error::io(path, std::io::Error::new(ErrorKind::NotFound, "its directory does not exist")));
         }
     }
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+    let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(!link),
         Err(e) => Err(Error::io(path, e)),
-        Ok(m) if !m.is_file() => refuse("exists and is not a regular file; refusing to replace it"),
-        Ok(_) => {
+        Ok(m) if m.is_dir() => refuse("is a directory"),
+        Ok(m) if !m.is_file() => Ok(false),
+        Ok(m) => {
             let mut head = [0u8; 6];
-            let is_npy = std::fs::File::open(path)
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-                .is_ok_and(|()| &head == MAGIC);
+            let is_npy = m.len() == 0
+                || std::fs::File::open(path)
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                    .is_ok_and(|()| &head == MAGIC);
             if is_npy {
-                Ok(())
+                Ok(!link)
             } else {
                 refuse("exists and is not an .npy array; refusing to overwrite it (remove it first)")
             }
@@ -397,7 +405,16 @@ mod tests {
         let e = write_f32(&precious, &[1], &[1.0]).unwrap_err().to_string();
         assert!(e.contains("model.safetensors") && e.contains("not an .npy array"), "{e}");
         assert_eq!(std::fs::read(&precious).unwrap(), b"weights");
-        assert!(write_f32(&dir, &[1], &[1.0]).unwrap_err().to_string().contains("not a regular file"));
+        assert!(write_f32(&dir, &[1], &[1.0]).unwrap_err().to_string().contains("is a directory"));
+        // An empty file (mktemp's) is replaced; a device is written into.
+        let empty = dir.join("empty.npy");
+        std::fs::write(&empty, b"").unwrap();
+        write_f32(&empty, &[1], &[1.0]).unwrap();
+        assert_eq!(read_f32(&empty).unwrap().data, vec![1.0]);
+        std::fs::remove_file(&empty).unwrap();
+        if Path::new("/dev/null").exists() {
+            write_f32(Path::new("/dev/null"), &[1], &[1.0]).unwrap();
+        }
         assert!(write_f32(&dir.join("no/such/dir/a.npy"), &[1], &[1.0]).is_err());
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(left.len(), 2, "no temporary file left behind: {left:?}");

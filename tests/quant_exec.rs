@@ -461,10 +461,18 @@ fn broken_quantized_checkpoints_name_the_tensor() {
     rewrite(&qdir4, |t| {
         t.push(("model.layers.0.self_attn.q_proj.weight".into(), llama32::weights::DType::BF16, vec![1], vec![0; 2]));
         t.push(("bogus.tensor".into(), llama32::weights::DType::F32, vec![1], vec![0; 4]));
+        // GPTQ-style all-zero biases are ignored; a non-zero one would be dropped, so it is refused.
+        t.push(("model.layers.0.self_attn.k_proj.bias".into(), llama32::weights::DType::F32, vec![1], vec![0; 4]));
+        let one = 1.0f32.to_le_bytes().to_vec();
+        t.push(("model.layers.0.self_attn.v_proj.bias".into(), llama32::weights::DType::F32, vec![1], one));
+        t.push(("model.layers.0.self_attn.k_scale".into(), llama32::weights::DType::F32, vec![1], vec![0; 4]));
     });
     let e = Model::open(&qdir4).load().expect_err("stray tensors").to_string();
     assert!(e.contains("unexpected tensor `model.layers.0.self_attn.q_proj.weight`"), "{e}");
     assert!(e.contains("unexpected tensor `bogus.tensor`"), "{e}");
+    assert!(e.contains("unexpected tensor `model.layers.0.self_attn.v_proj.bias`"), "{e}");
+    assert!(!e.contains("k_proj.bias") && !e.contains("k_scale"), "{e}");
+    assert!(e.starts_with(&format!("{}: 3 tensor problem(s)", qdir4.display())), "{e}");
     let qdir5 = quantized_case("tied-gqa4", Scheme::W4A8_G32);
     let path = qdir5.join("config.json");
     let mut root: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -125,8 +125,10 @@ fn missing_checkpoint_and_shard_are_reported() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The shard index must agree with the shards' headers: a tensor listed in the wrong shard, one listed that no
-/// shard holds, one left out, and an empty file name are refused, naming the index and the tensor.
+/// The shard index must agree with the shards' headers: a tensor listed in another shard than the one holding it
+/// and an empty file name are refused, naming the index and the tensor. An entry no shard holds (Hugging Face's
+/// safetensors conversion leaves a tied lm_head's) and a tensor the index leaves out are tolerated, as by
+/// transformers.
 #[test]
 fn shard_index_disagreements_are_named() {
     let src = golden("untied-gqa2-sharded");
@@ -139,17 +141,13 @@ fn shard_index_disagreements_are_named() {
             |m| m["lm_head.weight"] = "model-00001-of-00002.safetensors".into(),
             "lists `lm_head.weight` in model-00001-of-00002.safetensors, but it is in model-00002-of-00002.safetensors",
         ),
-        (
-            "ghost",
-            |m| m["model.ghost.weight"] = "model-00001-of-00002.safetensors".into(),
-            "lists `model.ghost.weight` in model-00001-of-00002.safetensors, which has no such tensor",
-        ),
+        ("ghost", |m| m["model.ghost.weight"] = "model-00001-of-00002.safetensors".into(), ""),
         (
             "unlisted",
             |m| {
                 m.as_object_mut().unwrap().remove("model.norm.weight");
             },
-            "does not list `model.norm.weight`",
+            "",
         ),
         ("empty", |m| m["model.norm.weight"] = "".into(), "weight_map[`model.norm.weight`]: bad file name ``"),
     ];
@@ -162,8 +160,17 @@ fn shard_index_disagreements_are_named() {
         let mut idx = index.clone();
         edit(&mut idx["weight_map"]);
         std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string()).unwrap();
-        let e = Checkpoint::open(&dir).unwrap_err().to_string();
-        assert!(e.contains(want) && e.contains("model.safetensors.index.json"), "{tag}: {e}");
+        match Checkpoint::open(&dir) {
+            Ok(c) if want.is_empty() => assert!(c.get("model.norm.weight").is_some(), "{tag}"),
+            Ok(_) => panic!("{tag}: opened"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    !want.is_empty() && e.contains(want) && e.contains("model.safetensors.index.json"),
+                    "{tag}: {e}"
+                );
+            }
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -249,7 +249,7 @@ impl ChatRequest {
                 // OpenAI's `{"type": "function", "function": {"name", ...}}`, or a bare function definition with
                 // its `name` (as transformers' templates also take): a tool the model cannot name is refused.
                 let (what, f) = match t.get("type") {
-                    None => (format!("tools[{i}]"), Some(t)),
+                    None | Some(Json::Null) => (format!("tools[{i}]"), Some(t)),
                     Some(Json::String(ty)) if ty == "function" => (format!("tools[{i}].function"), t.get("function")),
                     Some(ty) => {
                         return Err(Error::request(format!("tools[{i}].type: expected \"function\", got {ty}")))

@@ -69,10 +69,10 @@ pub struct BenchArgs {
     ablate: Option<String>,
 }
 
-/// Parses a comma list of positive integers for `flag`, naming the bad item.
 /// The largest value of a count list (`--batch`, `--tensor-parallel`).
 const MAX_COUNT: usize = 1 << 27;
 
+/// Parses a comma list of positive integers (each at most [`MAX_COUNT`]) for `flag`, naming the bad item.
 fn parse_counts(s: &str, flag: &str) -> Result<Vec<usize>> {
     let v: Vec<usize> = s
         .split(',')

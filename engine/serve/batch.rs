@@ -277,7 +277,14 @@ impl Existing {
                 }
                 // Only what an interrupted write of a result leaves is cut: the last line, without its newline,
                 // starting as every result line does. Anything else is someone's data, and is left alone.
-                Err(_) if last && !has_newline && (buf.starts_with(RECORD_START) || RECORD_START.starts_with(&buf)) => {
+                // (A power loss can also leave a block of NUL bytes after the last complete line.)
+                Err(_)
+                    if last
+                        && !has_newline
+                        && (buf.starts_with(RECORD_START)
+                            || RECORD_START.starts_with(&buf)
+                            || buf.iter().all(|&b| b == 0)) =>
+                {
                     break
                 }
                 Err(e) => {

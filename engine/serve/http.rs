@@ -82,6 +82,8 @@ struct AppState {
     shutting_down: Arc<AtomicBool>,
     /// Permits for image preparation ([`image_slots`]).
     image_slots: Arc<tokio::sync::Semaphore>,
+    /// Permits for request preparation (template and tokenizer): one per core.
+    prepare_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -99,7 +101,9 @@ pub fn router(
     shutting_down: Arc<AtomicBool>,
 ) -> Router {
     let image_slots = Arc::new(tokio::sync::Semaphore::new(image_slots()));
-    let state = AppState { engine, ctx, max_body_bytes, shutting_down, image_slots };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let prepare_slots = Arc::new(tokio::sync::Semaphore::new(cores));
+    let state = AppState { engine, ctx, max_body_bytes, shutting_down, image_slots, prepare_slots };
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -362,20 +366,33 @@ async fn generate(s: AppState, endpoint: Endpoint, headers: &HeaderMap, body: Bo
         Ok(j) => j,
         Err(e) => return error_response(&e),
     };
-    // Rendering and tokenizing a long prompt takes seconds: off the async workers, which answer everyone else.
+    // Rendering and tokenizing a long prompt takes seconds: off the async workers, which answer everyone else, and
+    // a bounded number at once. Each permit moves into its blocking task: a client that goes away drops this
+    // handler, not the work already started, so the permit must live as long as the work.
     let ctx = s.ctx.clone();
-    let mut prep = match tokio::task::spawn_blocking(move || api::prepare(&ctx, endpoint, &json)).await {
+    let Ok(permit) = s.prepare_slots.clone().acquire_owned().await else {
+        return error_response(&shutting_down_error());
+    };
+    let prepared = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        api::prepare(&ctx, endpoint, &json)
+    });
+    let mut prep = match prepared.await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return error_response(&e),
         Err(e) => return error_response(&ApiError::server(500, format!("request preparation failed: {e}"))),
     };
     if !prep.images.is_empty() {
         // Image decoding and encoding are heavy compute and memory: off the async workers, a few at a time.
-        let Ok(_permit) = s.image_slots.clone().acquire_owned().await else {
+        let Ok(permit) = s.image_slots.clone().acquire_owned().await else {
             return error_response(&shutting_down_error());
         };
         let ctx = s.ctx.clone();
-        match tokio::task::spawn_blocking(move || api::attach_images(&ctx, &mut prep).map(|()| prep)).await {
+        let encoded = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            api::attach_images(&ctx, &mut prep).map(|()| prep)
+        });
+        match encoded.await {
             Ok(Ok(p)) => prep = p,
             Ok(Err(e)) => return error_response(&e),
             Err(e) => return error_response(&ApiError::server(500, format!("image encoding failed: {e}"))),

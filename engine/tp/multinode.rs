@@ -303,16 +303,15 @@ impl<E: Executor> MultiNodeExecutor<E> {
                     return Ok(u64::from_le_bytes(d));
                 }
                 let len = read_u32(&mut f.rx).map_err(net(format!("reading node {node}'s error")))? as usize;
-                // The whole message is read (the stream stays in step), its first MiB kept.
-                let mut msg = Vec::new();
-                (&mut f.rx)
-                    .take(len as u64)
-                    .read_to_end(&mut msg)
-                    .map_err(net(format!("reading node {node}'s error")))?;
-                if msg.len() != len {
+                // The first MiB is kept and the rest read and dropped, so that the stream stays in step.
+                let keep = len.min(1 << 20);
+                let mut msg = Vec::with_capacity(keep);
+                let reading = net(format!("reading node {node}'s error"));
+                (&mut f.rx).take(keep as u64).read_to_end(&mut msg).map_err(&reading)?;
+                let rest = std::io::copy(&mut (&mut f.rx).take((len - keep) as u64), &mut std::io::sink());
+                if msg.len() != keep || rest.map_err(reading)? != (len - keep) as u64 {
                     return Err(Error::Backend(format!("node {node}: connection closed inside its error message")));
                 }
-                msg.truncate(1 << 20);
                 Err(Error::Backend(format!("node {node}: {}", String::from_utf8_lossy(&msg))))
             });
             match answer {
@@ -496,11 +495,11 @@ pub fn follow<E: Executor + ?Sized>(
         hello.extend_from_slice(&(v as u32).to_le_bytes());
     }
     tx.write_all(&hello).and_then(|()| tx.flush()).map_err(net("sending hello".into()))?;
-    // Node 0's acceptance: one byte 1, within what is left of the deadline (another service on the port, or a
-    // node 0 that never answers, must not hang this node or be read as calls).
+    // Node 0's acceptance: one byte 1, within a whole --node-timeout from the connection (node 0 accepts only
+    // once its own ranks have loaded, which may take longer than this node's did), so that another service on the
+    // port, or a node 0 that never answers, cannot hang this node or be read as calls.
     let mut ok = [0u8; 1];
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-    rx.get_ref().set_read_timeout(Some(left)).map_err(net("set_read_timeout".into()))?;
+    rx.get_ref().set_read_timeout(Some(timeout)).map_err(net("set_read_timeout".into()))?;
     rx.read_exact(&mut ok).map_err(net("node 0 refused this node or did not answer (see its log)".into()))?;
     if ok[0] != 1 {
         return Err(Error::Backend(format!(

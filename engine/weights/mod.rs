@@ -77,20 +77,20 @@ impl Checkpoint {
                 }
             }
         }
-        // The index must describe the shards: every tensor it lists in the shard it names, and none left out.
+        // A tensor the index places in another shard than the one holding it means shards from different writes.
+        // Entries no shard holds are tolerated, as transformers and vLLM do: Hugging Face's safetensors conversion
+        // copies the index of the PyTorch files but drops shared tensors (a tied lm_head) from the shards. Tensors
+        // the index leaves out are read too (loaders read every tensor of every listed shard).
         if let Some(map) = listed {
             let mut problems = Vec::new();
             for (tensor, file) in &map {
                 let want = file.as_str().unwrap_or_default();
-                match index.get(tensor) {
-                    None => problems.push(format!("lists `{tensor}` in {want}, which has no such tensor")),
-                    Some(&i) if shard_names[i] != want => {
-                        problems.push(format!("lists `{tensor}` in {want}, but it is in {}", shard_names[i]))
+                if let Some(&i) = index.get(tensor) {
+                    if shard_names[i] != want {
+                        problems.push(format!("lists `{tensor}` in {want}, but it is in {}", shard_names[i]));
                     }
-                    Some(_) => {}
                 }
             }
-            problems.extend(index.keys().filter(|n| !map.contains_key(*n)).map(|n| format!("does not list `{n}`")));
             if !problems.is_empty() {
                 let n = problems.len();
                 let shown: Vec<String> = problems.into_iter().take(10).collect();
@@ -723,8 +723,11 @@ fn check_unquantized_tensors(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()>
         }
         known.insert(name);
     }
-    // Projections: `<prefix>.<suffix>` for any suffix of the quantized formats, but not a dense `weight` or a
-    // `bias`. Tables: the bf16 `weight`, or the int8 form's `qweight_int8` and `scales`.
+    // Projections: `<prefix>.<suffix>` for any suffix of the quantized formats, but not a dense `weight`, and a
+    // `bias` only when it is all zeros (GPTQ-for-LLaMa and older AutoGPTQ write such buffers; a non-zero one would
+    // be dropped silently). Tables: the bf16 `weight`, or the int8 form's `qweight_int8` and `scales`; a tied
+    // model's `lm_head` in any of those forms is ignored, as a dense checkpoint's `lm_head.weight` is. Ignored as
+    // other loaders do: rotary caches and the KV-cache scales of checkpoints made for an fp8 cache.
     let mut projections = std::collections::HashSet::new();
     for l in 0..cfg.num_hidden_layers {
         for x in ["q", "k", "v", "o"] {
@@ -734,17 +737,17 @@ fn check_unquantized_tensors(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()>
             projections.insert(format!("model.layers.{l}.mlp.{x}_proj"));
         }
     }
-    let mut tables = vec!["model.embed_tokens"];
-    if !cfg.tie_word_embeddings {
-        tables.push("lm_head");
-    }
+    let tables = ["model.embed_tokens", "lm_head"];
+    let zero_bias =
+        |name: &str| ckpt.get(name).is_some_and(|(v, _)| v.dtype.is_float() && v.to_f32().iter().all(|&x| x == 0.0));
     for name in ckpt.names() {
         let (prefix, suffix) = name.rsplit_once('.').unwrap_or(("", name));
         let read = known.contains(name)
-            || (projections.contains(prefix) && !matches!(suffix, "weight" | "bias"))
+            || (projections.contains(prefix) && suffix != "weight" && (suffix != "bias" || zero_bias(name)))
             || (tables.contains(&prefix) && matches!(suffix, "weight" | "qweight_int8" | "scales"))
-            || name.ends_with(".rotary_emb.inv_freq")
-            || (cfg.tie_word_embeddings && name == "lm_head.weight");
+            || name.contains(".rotary_emb.")
+            || (name.starts_with("model.layers.")
+                && (name.ends_with(".self_attn.k_scale") || name.ends_with(".self_attn.v_scale")));
         if !read {
             problems.push(format!(
                 "unexpected tensor `{name}` (not read by a quantized LlamaForCausalLM with this config)"

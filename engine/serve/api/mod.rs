@@ -402,22 +402,19 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
                         o.get("function").and_then(|f| f.get("name")).and_then(Json::as_str).ok_or_else(|| {
                             ApiError::bad_request(Some("tool_choice"), "tool_choice.function.name: missing")
                         })?;
-                    // OpenAI's rule for function names; the forced prefix is prompt text encoded with special
-                    // tokens parsed, so a name must not carry quotes or `<|...|>` into it.
-                    let valid = |n: &str| {
-                        (1..=64).contains(&n.len())
-                            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-                    };
-                    if !valid(name) {
+                    // The forced prefix is prompt text encoded with special tokens parsed: the name goes in
+                    // JSON-escaped, and special-token text (`<|eot_id|>`) is refused.
+                    if name.contains("<|") {
                         return Err(ApiError::bad_request(
                             Some("tool_choice"),
-                            "tool_choice.function.name: must be 1 to 64 letters, digits, underscores or dashes",
+                            "tool_choice.function.name: must not contain special-token text (`<|`)",
                         ));
                     }
-                    let known =
-                        req.tools.iter().flatten().any(|t| {
-                            t.get("function").and_then(|f| f.get("name")).and_then(Json::as_str) == Some(name)
-                        });
+                    let known = req
+                        .tools
+                        .iter()
+                        .flatten()
+                        .any(|t| t.get("function").unwrap_or(t).get("name").and_then(Json::as_str) == Some(name));
                     if !known {
                         return Err(ApiError::bad_request(
                             Some("tool_choice"),
@@ -425,7 +422,8 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
                         ));
                     }
                     parse_tools = true;
-                    forced = format!("{{\"name\": \"{name}\", \"parameters\": ");
+                    let quoted = serde_json::to_string(name).unwrap_or_default();
+                    forced = format!("{{\"name\": {quoted}, \"parameters\": ");
                 }
                 Some(other) => {
                     return Err(ApiError::bad_request(
