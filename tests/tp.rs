@@ -199,6 +199,12 @@ fn quantized_golden_checkpoints_match_tp1_quantized() {
             let e = TpCpuExecutor::with_capacity(cfg.clone(), qsrc, tp, 64, BLOCK).err().map(|e| e.to_string());
             assert!(e.as_deref().is_some_and(|e| e.contains(tensor)), "{e:?}");
         }
+        // The ranks check the checkpoint as the whole-model loader does: with one layer fewer in the config, the
+        // last layer's tensors are named instead of being left out of a truncated model.
+        let fewer = LlamaConfig { num_hidden_layers: cfg.num_hidden_layers - 1, ..cfg.clone() };
+        let e = TpCpuExecutor::with_capacity(fewer, qsrc, 2, 64, BLOCK).err().map(|e| e.to_string());
+        let last = format!("unexpected tensor `model.layers.{}.", cfg.num_hidden_layers - 1);
+        assert!(e.as_deref().is_some_and(|e| e.contains(&last)), "{e:?}");
         // Quantizing an already quantized checkpoint again is refused.
         let e = TpCpuExecutor::with_capacity_quantized(cfg.clone(), qsrc, 2, Some(scheme), 64, BLOCK).err();
         assert!(e.is_some_and(|e| e.to_string().contains("already quantized")));

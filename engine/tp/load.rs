@@ -289,7 +289,9 @@ pub fn load_rank_weights_with(
                 "tensor parallelism: random weights cannot be read as a quantized checkpoint (quantize them at load)",
             ))
         }
-        (Some(RankQuant::Checkpoint(_)), WeightSource::Checkpoint(_)) => {}
+        (Some(RankQuant::Checkpoint(_)), WeightSource::Checkpoint(ckpt)) => {
+            crate::weights::check_quantized_checkpoint(ckpt, plan.config())?
+        }
         (_, WeightSource::Checkpoint(ckpt)) => check_checkpoint(ckpt, plan.config())?,
         (_, WeightSource::Random(_)) => {}
     }

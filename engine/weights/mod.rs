@@ -524,7 +524,7 @@ impl ModelWeights {
         qcfg: &QuantizationConfig,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Self> {
-        check_unquantized_tensors(ckpt, cfg)?;
+        check_quantized_checkpoint(ckpt, cfg)?;
         check_host_memory(cfg)?;
         let done = std::sync::atomic::AtomicU64::new(0);
         let tick = |bytes: u64| {
@@ -704,7 +704,7 @@ pub fn quantized_bytes(m: &QuantMatrix) -> u64 {
 /// no tensor the model does not read (a layer past `num_hidden_layers`, a dense `weight` left beside a projection's
 /// quantized tensors, a stray name), as [`check_checkpoint`] does for a dense one. The projections and tables are
 /// checked by [`read_linear`] and [`read_table_f32`] as they are read.
-fn check_unquantized_tensors(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()> {
+pub fn check_quantized_checkpoint(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()> {
     let mut problems = Vec::new();
     let mut known = std::collections::HashSet::new();
     for (name, shape) in expected_tensors(cfg) {
