@@ -122,6 +122,10 @@ fn missing_checkpoint_and_shard_are_reported() {
     .unwrap();
     let e = Checkpoint::open(&dir).unwrap_err().to_string();
     assert!(e.contains("model-00001-of-00002.safetensors"), "{e}");
+    // A directory where a shard should be is named as such (mapping it failed with "No such device").
+    std::fs::create_dir(dir.join("model-00001-of-00002.safetensors")).unwrap();
+    let e = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("model-00001-of-00002.safetensors") && e.contains("not a regular file"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -385,12 +385,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
         return vision::generate(&a, &dir);
     }
-    load::resolve_config(&a.model)?; // Fail fast on a bad --model before reading the tokenizer.
+    let (cfg, _) = load::resolve_config(&a.model)?; // Fail fast on a bad --model before reading the tokenizer.
     let tok = load_tokenizer(&a.model)?;
     let prompt = build_prompt(&a, tok.as_ref(), 0, None)?;
     let params = sampling_params(&a);
     // The cache holds what can run: prompt + new tokens, but never past the context, where generation stops anyway.
-    let (cfg, _) = load::resolve_config(&a.model)?;
     let mut m = load_model(&a.model, (prompt.len() + a.max_tokens).min(cfg.max_position_embeddings))?;
     if tok.is_none() && !a.stop.is_empty() {
         return Err(Error::request("--stop needs a tokenizer to see text"));

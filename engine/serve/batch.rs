@@ -70,14 +70,15 @@ pub struct BatchSummary {
 }
 
 /// Checks, without touching either file, what can be checked before a model is loaded: the input opens, the output
-/// can be created in its directory, and the output is not the input (by path, symbolic link or hard link).
-pub fn check_files(opts: &BatchOptions) -> Result<()> {
-    File::open(&opts.input).map_err(|e| Error::io(&opts.input, e))?;
+/// can be created in its directory, and the output is not the input (by path, symbolic link or hard link). Returns
+/// the opened input.
+pub fn check_files(opts: &BatchOptions) -> Result<File> {
+    let input = File::open(&opts.input).map_err(|e| Error::io(&opts.input, e))?;
     check_output_dir(&opts.output)?;
     if same_file(&opts.input, &opts.output) {
         return Err(Error::request(format!("batch: the output file {} is the input file", opts.output.display())));
     }
-    Ok(())
+    Ok(input)
 }
 
 /// Whether two paths name the same existing file: the same device and inode where the platform has them (a hard
@@ -109,8 +110,7 @@ pub fn run_batch(engine: &EngineHandle, ctx: &ServeContext, opts: &BatchOptions)
     if tokio::runtime::Handle::try_current().is_ok() {
         return Err(Error::request("batch: run_batch must be called from a plain thread, not inside a tokio runtime"));
     }
-    check_files(opts)?;
-    let input = File::open(&opts.input).map_err(|e| Error::io(&opts.input, e))?;
+    let input = check_files(opts)?;
     let existing = Existing::load(&opts.output)?;
     if existing.cut > 0 && opts.progress {
         eprintln!(

@@ -67,11 +67,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// more bytes than it sends) gets a 408 instead of holding its connection and handler forever.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Requests with images decoded and encoded at once, at most: each can take several hundred MB at the decoder's
-/// pixel limit, so a burst of small image files must queue rather than run the host out of memory.
-fn image_slots() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4)
-}
+/// Requests with images decoded and encoded at once, at most (fewer on a host with fewer cores): each can take
+/// several hundred MB at the decoder's pixel limit, so a burst of small image files must queue rather than run
+/// the host out of memory.
+const MAX_IMAGE_PREPARATIONS: usize = 4;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -80,7 +79,7 @@ struct AppState {
     ctx: Arc<ServeContext>,
     max_body_bytes: usize,
     shutting_down: Arc<AtomicBool>,
-    /// Permits for image preparation ([`image_slots`]).
+    /// Permits for image preparation ([`MAX_IMAGE_PREPARATIONS`]).
     image_slots: Arc<tokio::sync::Semaphore>,
     /// Permits for request preparation (template and tokenizer): one per core.
     prepare_slots: Arc<tokio::sync::Semaphore>,
@@ -100,8 +99,8 @@ pub fn router(
     max_body_bytes: usize,
     shutting_down: Arc<AtomicBool>,
 ) -> Router {
-    let image_slots = Arc::new(tokio::sync::Semaphore::new(image_slots()));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let image_slots = Arc::new(tokio::sync::Semaphore::new(cores.min(MAX_IMAGE_PREPARATIONS)));
     let prepare_slots = Arc::new(tokio::sync::Semaphore::new(cores));
     let state = AppState { engine, ctx, max_body_bytes, shutting_down, image_slots, prepare_slots };
     let app = Router::new()

@@ -1,6 +1,7 @@
 //! Checkpoint loading: memory-mapped safetensors (single file or sharded), checked tensor by tensor against the
 //! config, converted into a backend's layout. Also generates random weights at a preset's real shapes.
 
+mod check;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
@@ -10,6 +11,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde_json::Value;
 
+pub(crate) use self::check::tensor_mismatch;
+pub use self::check::{check_checkpoint, check_quantized_checkpoint, expected_tensors};
 pub use self::safetensors::{DType, SafeTensorsFile, TensorInfo, TensorView};
 use crate::config::LlamaConfig;
 use crate::quant::format::{read_linear, read_table_f32, read_table_int8, QuantizationConfig};
@@ -29,7 +32,8 @@ impl Checkpoint {
     /// Opens `model.safetensors.index.json` and its shards, or a single `model.safetensors`.
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
-        let mut listed = None;
+        // Every (tensor, shard) pair of the index, checked against the shards' headers below.
+        let mut listed: Vec<(String, String)> = Vec::new();
         let shard_names: Vec<String> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let root: Value =
@@ -49,21 +53,15 @@ impl Checkpoint {
                 if !names.iter().any(|n| n == file) {
                     names.push(file.to_owned());
                 }
+                listed.push((tensor.clone(), file.to_owned()));
             }
             names.sort();
-            listed = Some(map.clone());
             names
         } else if dir.join("model.safetensors").exists() {
             vec!["model.safetensors".into()]
         } else {
             return Err(Error::weights(dir, "no model.safetensors or model.safetensors.index.json in this directory"));
         };
-        for n in &shard_names {
-            let path = dir.join(n);
-            if path.exists() && !path.is_file() {
-                return Err(Error::weights(&path, "not a regular file"));
-            }
-        }
         let files: Vec<SafeTensorsFile> =
             shard_names.iter().map(|n| SafeTensorsFile::open(&dir.join(n))).collect::<Result<_>>()?;
         let mut index = BTreeMap::new();
@@ -81,25 +79,22 @@ impl Checkpoint {
         // Entries no shard holds are tolerated, as transformers and vLLM do: Hugging Face's safetensors conversion
         // copies the index of the PyTorch files but drops shared tensors (a tied lm_head) from the shards. Tensors
         // the index leaves out are read too (loaders read every tensor of every listed shard).
-        if let Some(map) = listed {
-            let mut problems = Vec::new();
-            for (tensor, file) in &map {
-                let want = file.as_str().unwrap_or_default();
-                if let Some(&i) = index.get(tensor) {
-                    if shard_names[i] != want {
-                        problems.push(format!("lists `{tensor}` in {want}, but it is in {}", shard_names[i]));
-                    }
-                }
-            }
-            if !problems.is_empty() {
-                let n = problems.len();
-                let shown: Vec<String> = problems.into_iter().take(10).collect();
-                let more = if n > 10 { format!("\n  ... and {} more", n - 10) } else { String::new() };
-                return Err(Error::weights(
-                    &index_path,
-                    format!("{n} disagreement(s) with the shards:\n  {}{more}", shown.join("\n  ")),
-                ));
-            }
+        let problems: Vec<String> = listed
+            .iter()
+            .filter_map(|(tensor, want)| {
+                let i = *index.get(tensor)?;
+                (shard_names[i] != *want)
+                    .then(|| format!("lists `{tensor}` in {want}, but it is in {}", shard_names[i]))
+            })
+            .collect();
+        if !problems.is_empty() {
+            let n = problems.len();
+            let shown: Vec<String> = problems.into_iter().take(10).collect();
+            let more = if n > 10 { format!("\n  ... and {} more", n - 10) } else { String::new() };
+            return Err(Error::weights(
+                &index_path,
+                format!("{n} disagreement(s) with the shards:\n  {}{more}", shown.join("\n  ")),
+            ));
         }
         Ok(Checkpoint { dir: dir.to_path_buf(), files, index })
     }
@@ -164,70 +159,6 @@ fn host_memory_available() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib.saturating_mul(1024))
-}
-
-/// The tensors a `LlamaForCausalLM` checkpoint must hold, with their shapes.
-pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        out.extend([
-            (format!("{p}.input_layernorm.weight"), vec![h]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![cfg.q_dim(), h]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![cfg.kv_dim(), h]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![cfg.kv_dim(), h]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![h, cfg.q_dim()]),
-            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
-            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
-            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
-        ]);
-    }
-    out.push(("model.norm.weight".into(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".into(), vec![v, h]));
-    }
-    out
-}
-
-/// Checks that the checkpoint holds exactly the expected tensors with the expected shapes.
-///
-/// Every problem is reported at once: missing tensors, unexpected ones and wrong shapes, each by name.
-pub fn check_checkpoint(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()> {
-    let expected = expected_tensors(cfg);
-    let mut problems = Vec::new();
-    for (name, shape) in &expected {
-        match ckpt.get(name) {
-            None => problems.push(format!("missing tensor `{name}` (expected shape {shape:?})")),
-            Some((view, path)) if view.shape != shape.as_slice() => problems.push(format!(
-                "tensor `{name}` in {} has shape {:?}, expected {shape:?}",
-                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
-                view.shape
-            )),
-            Some((view, path)) if !view.dtype.is_float() => problems.push(format!(
-                "tensor `{name}` in {} is {}, expected BF16, F16 or F32",
-                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
-                view.dtype.name()
-            )),
-            Some(_) => {}
-        }
-    }
-    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    for name in ckpt.names() {
-        let ignorable = name.ends_with(".rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight");
-        if !known.contains(name) && !ignorable {
-            problems.push(format!("unexpected tensor `{name}` (not part of LlamaForCausalLM with this config)"));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        let n = problems.len();
-        let shown: Vec<String> = problems.into_iter().take(20).collect();
-        let more = if n > 20 { format!("\n  ... and {} more", n - 20) } else { String::new() };
-        Err(Error::weights(ckpt.dir(), format!("{n} tensor problem(s):\n  {}{more}", shown.join("\n  "))))
-    }
 }
 
 /// Where weight values come from: a checked checkpoint, or seeded random values at the config's shapes.
@@ -698,69 +629,6 @@ impl ModelWeights {
 pub fn quantized_bytes(m: &QuantMatrix) -> u64 {
     let groups = (m.n * m.groups()) as u64;
     (m.n * m.k) as u64 / 2 + groups * 2 + m.zeros.as_ref().map_or(0, |_| groups.div_ceil(2))
-}
-
-/// Checks a quantized checkpoint against the config, all at once: the norms' shapes and dtypes, and that it holds
-/// no tensor the model does not read (a layer past `num_hidden_layers`, a dense `weight` left beside a projection's
-/// quantized tensors, a stray name), as [`check_checkpoint`] does for a dense one. The projections and tables are
-/// checked by [`read_linear`] and [`read_table_f32`] as they are read.
-pub fn check_quantized_checkpoint(ckpt: &Checkpoint, cfg: &LlamaConfig) -> Result<()> {
-    let mut problems = Vec::new();
-    let mut known = std::collections::HashSet::new();
-    for (name, shape) in expected_tensors(cfg) {
-        if !name.ends_with("norm.weight") {
-            continue;
-        }
-        match ckpt.get(&name) {
-            None => problems.push(format!("missing tensor `{name}` (expected shape {shape:?})")),
-            Some((view, _)) if view.shape != shape.as_slice() => {
-                problems.push(format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape))
-            }
-            Some((view, _)) if !view.dtype.is_float() => {
-                problems.push(format!("tensor `{name}` is {}, expected BF16, F16 or F32", view.dtype.name()))
-            }
-            Some(_) => {}
-        }
-        known.insert(name);
-    }
-    // Projections: `<prefix>.<suffix>` for any suffix of the quantized formats, but not a dense `weight`, and a
-    // `bias` only when it is all zeros (GPTQ-for-LLaMa and older AutoGPTQ write such buffers; a non-zero one would
-    // be dropped silently). Tables: the bf16 `weight`, or the int8 form's `qweight_int8` and `scales`; a tied
-    // model's `lm_head` in any of those forms is ignored, as a dense checkpoint's `lm_head.weight` is. Ignored as
-    // other loaders do: rotary caches and the KV-cache scales of checkpoints made for an fp8 cache.
-    let mut projections = std::collections::HashSet::new();
-    for l in 0..cfg.num_hidden_layers {
-        for x in ["q", "k", "v", "o"] {
-            projections.insert(format!("model.layers.{l}.self_attn.{x}_proj"));
-        }
-        for x in ["gate", "up", "down"] {
-            projections.insert(format!("model.layers.{l}.mlp.{x}_proj"));
-        }
-    }
-    let tables = ["model.embed_tokens", "lm_head"];
-    let zero_bias =
-        |name: &str| ckpt.get(name).is_some_and(|(v, _)| v.dtype.is_float() && v.to_f32().iter().all(|&x| x == 0.0));
-    for name in ckpt.names() {
-        let (prefix, suffix) = name.rsplit_once('.').unwrap_or(("", name));
-        let read = known.contains(name)
-            || (projections.contains(prefix) && suffix != "weight" && (suffix != "bias" || zero_bias(name)))
-            || (tables.contains(&prefix) && matches!(suffix, "weight" | "qweight_int8" | "scales"))
-            || name.contains(".rotary_emb.")
-            || (name.starts_with("model.layers.")
-                && (name.ends_with(".self_attn.k_scale") || name.ends_with(".self_attn.v_scale")));
-        if !read {
-            problems.push(format!(
-                "unexpected tensor `{name}` (not read by a quantized LlamaForCausalLM with this config)"
-            ));
-        }
-    }
-    if problems.is_empty() {
-        return Ok(());
-    }
-    let n = problems.len();
-    let shown: Vec<String> = problems.into_iter().take(20).collect();
-    let more = if n > 20 { format!("\n  ... and {} more", n - 20) } else { String::new() };
-    Err(Error::weights(ckpt.dir(), format!("{n} tensor problem(s):\n  {}{more}", shown.join("\n  "))))
 }
 
 /// Stacks quantized matrices with the same `k`, group and scheme along rows (q;k;v, gate;up).

@@ -178,6 +178,10 @@ impl SafeTensorsFile {
     /// Opens and memory-maps `path`, validating the header and every tensor's byte range.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // A directory opens, and mapping it fails with an unhelpful "No such device".
+        if !file.metadata().map_err(|e| Error::io(path, e))?.is_file() {
+            return Err(Error::weights(path, "not a regular file"));
+        }
         // SAFETY: the map is read-only; a checkpoint modified while mapped is outside what we can defend against,
         // as for every mmap-based loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

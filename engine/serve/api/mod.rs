@@ -129,20 +129,30 @@ impl SamplingDefaults {
             None | Some(Json::Null) => None,
             Some(x) => Some(x.as_u64().ok_or_else(|| Error::config(&path, "top_k", "expected an integer >= 0"))?),
         };
-        // The ranges a request's own values must meet, checked here so that a bad file fails at startup, named,
-        // instead of failing every request that relies on the default.
-        let ranged = |k: &str, ok: fn(f32) -> bool, range: &str| -> Result<Option<f32>> {
-            match f(k)? {
-                Some(x) if !ok(x) => Err(Error::config(&path, k, format!("must be {range}, got {x}"))),
-                x => Ok(x),
-            }
-        };
-        Ok(SamplingDefaults {
-            temperature: ranged("temperature", |t| t.is_finite() && t >= 0.0, "a finite number >= 0")?,
-            top_p: ranged("top_p", |p| p > 0.0 && p <= 1.0, "in (0, 1]")?,
+        let d = SamplingDefaults {
+            temperature: f("temperature")?,
+            top_p: f("top_p")?,
             top_k: top_k.map(|k| k as usize),
-            repetition_penalty: ranged("repetition_penalty", |r| r.is_finite() && r > 0.0, "a finite number > 0")?,
-        })
+            repetition_penalty: f("repetition_penalty")?,
+        };
+        // Each default must meet the range a request's own value must (SamplingParams::validate), checked here so
+        // that a bad file fails at startup, named, instead of failing every request that relies on the default.
+        let base = SamplingParams::default();
+        for (k, params) in [
+            ("temperature", d.temperature.map(|temperature| SamplingParams { temperature, ..base.clone() })),
+            ("top_p", d.top_p.map(|top_p| SamplingParams { top_p, ..base.clone() })),
+            (
+                "repetition_penalty",
+                d.repetition_penalty.map(|repetition_penalty| SamplingParams { repetition_penalty, ..base.clone() }),
+            ),
+        ] {
+            match params.map(|p| p.validate(usize::MAX)) {
+                Some(Err(Error::Request(m))) => return Err(Error::config(&path, k, m)),
+                Some(Err(e)) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(d)
     }
 }
 

@@ -124,17 +124,7 @@ pub(crate) fn check_tensors(
     for (name, shape) in &expected {
         match ckpt.get(name) {
             None => missing.push(format!("missing tensor `{name}` (expected shape {shape:?})")),
-            Some((view, path)) if view.shape != shape.as_slice() => misshapen.push(format!(
-                "tensor `{name}` in {} has shape {:?}, expected {shape:?}",
-                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
-                view.shape
-            )),
-            Some((view, path)) if !view.dtype.is_float() => misshapen.push(format!(
-                "tensor `{name}` in {} is {}, expected BF16, F16 or F32",
-                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
-                view.dtype.name()
-            )),
-            Some(_) => {}
+            Some((view, path)) => misshapen.extend(crate::weights::tensor_mismatch(name, shape, &view, path)),
         }
     }
     let known: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
