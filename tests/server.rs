@@ -429,7 +429,8 @@ async fn malformed_requests_get_400s_naming_the_field() {
     let Some((engine, ctx)) = tiny("http-bad", 4096, EngineConfig::default()).await else { return };
     const LIMIT: usize = 16384;
     let flag = Arc::new(AtomicBool::new(false));
-    let app = http::router(engine, Arc::new(ctx), LIMIT, flag.clone());
+    let opts = ServerOptions { max_body_bytes: LIMIT, ..Default::default() };
+    let app = http::router(engine, Arc::new(ctx), &opts, flag.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -725,6 +726,78 @@ async fn shutdown_deadline_ends_long_streams_with_an_error() {
     let served = stopping.await.expect("stop task").expect("serve returns in time");
     served.expect("serve task").expect("serve returns Ok");
     assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+/// Writes `head` and then `body` in `pieces` pieces, `gap` apart, on a raw connection to `srv`, and returns what
+/// the server answered (all of it, up to its close or 10 s).
+async fn trickle(srv: &Server, head: &str, body: &[u8], pieces: usize, gap: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = srv.base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head.as_bytes()).await.expect("write head");
+    for piece in body.chunks(body.len().div_ceil(pieces.max(1)).max(1)) {
+        tokio::time::sleep(gap).await;
+        if tcp.write_all(piece).await.is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_timed_out_and_steady_ones_served() {
+    let opts = ServerOptions {
+        header_timeout: Duration::from_millis(500),
+        body_timeout: Duration::from_millis(800),
+        ..Default::default()
+    };
+    let Some(mut srv) = start("http-slow", 4096, EngineConfig::default(), opts).await else { return };
+    let body = json!({"prompt": ids(3, 6), "max_tokens": 2}).to_string();
+    let head = |len: usize| {
+        format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n")
+    };
+
+    // Headers that never end: the connection is closed after the header timeout, not held.
+    let t = Instant::now();
+    let answer = trickle(&srv, "POST /v1/completions HTTP/1.1\r\nhost: x\r\n", b"", 0, Duration::ZERO).await;
+    let waited = t.elapsed();
+    assert!(waited < Duration::from_secs(5), "a stalled header held its connection for {waited:?}: {answer:?}");
+    assert!(!answer.contains(" 200 "), "{answer}");
+
+    // A body that stops halfway: 408 after the idle timeout.
+    let half = &body.as_bytes()[..body.len() / 2];
+    let t = Instant::now();
+    let answer = trickle(&srv, &head(body.len()), half, 1, Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("no data for"), "{answer}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // A body sent steadily in pieces 300 ms apart, 2.4 s in all (three times the idle timeout): served.
+    let answer = trickle(&srv, &head(body.len()), body.as_bytes(), 8, Duration::from_millis(300)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"completion_tokens\":2"), "{answer}");
+    srv.stop(Duration::from_secs(5)).await.expect("serve returns Ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let cfg = EngineConfig { max_seqs: 1, max_waiting: 1, ..EngineConfig::default() };
+    let Some(mut srv) = start("http-429", 4096, cfg, ServerOptions::default()).await else { return };
+    let long = |seed| json!({"prompt": ids(seed, 8), "max_tokens": 900, "ignore_eos": true, "stream": true});
+    // One running (its first tokens are out), one waiting: the queue is full.
+    let running = srv.client.post(srv.url("/v1/completions")).json(&long(1)).send().await.expect("request sent");
+    let (_, running) = read_sse(running, 2).await;
+    let waiting = srv.client.post(srv.url("/v1/completions")).json(&long(2)).send().await.expect("request sent");
+    assert_eq!(waiting.status(), 200);
+    let r = srv.client.post(srv.url("/v1/completions")).json(&long(3)).send().await.expect("request sent");
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let body: Value = r.json().await.expect("JSON error body");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("queue is full")), "{body}");
+    drop((running, waiting));
+    srv.stop(Duration::from_secs(10)).await.expect("serve returns Ok");
 }
 
 // The vLLM / OpenAI fields that steer or expose tokens: return_token_ids, logit_bias, min_tokens.

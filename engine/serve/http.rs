@@ -47,6 +47,12 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// How long running requests may go on after a shutdown signal before they are ended with an error.
     pub shutdown_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request's headers (also how long an idle keep-alive connection
+    /// stays open): a client that trickles its headers is disconnected instead of holding its connection forever.
+    pub header_timeout: Duration,
+    /// The longest pause allowed while a request body arrives (nginx's `client_body_timeout`): a client that stalls,
+    /// or declares more bytes than it sends, gets a 408. A slow but steady upload is not cut.
+    pub body_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -56,6 +62,8 @@ impl Default for ServerOptions {
             port: 8000,
             max_body_bytes: 16 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -63,9 +71,11 @@ impl Default for ServerOptions {
 /// How long after the engine's shutdown deadline [`serve`] still waits for connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// How long a client may take to send a request body once its headers are in: a client that stalls (or declares
-/// more bytes than it sends) gets a 408 instead of holding its connection and handler forever.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a whole request body may take, however steadily it arrives (a 408 after that).
+const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long the accept loop waits after an error that is not the client's (out of file descriptors, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Requests with images decoded and encoded at once, at most (fewer on a host with fewer cores): each can take
 /// several hundred MB at the decoder's pixel limit, so a burst of small image files must queue rather than run
@@ -78,6 +88,7 @@ struct AppState {
     engine: EngineHandle,
     ctx: Arc<ServeContext>,
     max_body_bytes: usize,
+    body_timeout: Duration,
     shutting_down: Arc<AtomicBool>,
     /// Permits for image preparation ([`MAX_IMAGE_PREPARATIONS`]).
     image_slots: Arc<tokio::sync::Semaphore>,
@@ -91,18 +102,20 @@ impl AppState {
     }
 }
 
-/// The application's routes over `engine`. Request bodies over `max_body_bytes` are refused with a 400; while
-/// `shutting_down` is set, generation requests and `/health` get a 503.
+/// The application's routes over `engine`. Request bodies over `opts.max_body_bytes` are refused with a 413 and
+/// bodies that stall for `opts.body_timeout` with a 408; while `shutting_down` is set, generation requests and
+/// `/health` get a 503.
 pub fn router(
     engine: EngineHandle,
     ctx: Arc<ServeContext>,
-    max_body_bytes: usize,
+    opts: &ServerOptions,
     shutting_down: Arc<AtomicBool>,
 ) -> Router {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let image_slots = Arc::new(tokio::sync::Semaphore::new(cores.min(MAX_IMAGE_PREPARATIONS)));
     let prepare_slots = Arc::new(tokio::sync::Semaphore::new(cores));
-    let state = AppState { engine, ctx, max_body_bytes, shutting_down, image_slots, prepare_slots };
+    let (max_body_bytes, body_timeout) = (opts.max_body_bytes, opts.body_timeout);
+    let state = AppState { engine, ctx, max_body_bytes, body_timeout, shutting_down, image_slots, prepare_slots };
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -132,7 +145,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let app = router(engine.clone(), ctx, opts.max_body_bytes, shutting_down.clone());
+    let app = router(engine.clone(), ctx, &opts, shutting_down.clone());
     let (flag, eng, timeout) = (shutting_down.clone(), engine.clone(), opts.shutdown_timeout);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -150,7 +163,7 @@ pub async fn serve(
         }
     };
     let served = tokio::select! {
-        r = axum::serve(listener, app).with_graceful_shutdown(signal) => r,
+        r = accept_loop(listener, app, &opts, signal) => r,
         () = cap => {
             eprintln!("shutdown: gave up waiting for the remaining connections");
             Ok(())
@@ -164,6 +177,58 @@ pub async fn serve(
     let joined = tokio::task::spawn_blocking(move || e.join()).await;
     served.map_err(|e| Error::Backend(format!("HTTP server: {e}")))?;
     joined.map_err(|e| Error::Backend(format!("waiting for the engine thread: {e}")))?;
+    Ok(())
+}
+
+/// Accepts connections on `listener` and serves `app` on each (HTTP/1.1 with [`ServerOptions::header_timeout`])
+/// until `signal` resolves; then stops accepting, lets every connection finish its requests in flight, and
+/// returns once all are closed. axum's own `serve` sets no header timeout, so a client could hold a connection
+/// (and a file descriptor) forever by never finishing its headers.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    opts: &ServerOptions,
+    signal: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper::server::conn::http1;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(opts.header_timeout);
+    let graceful = GracefulShutdown::new();
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut signal => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            // The client's failure (it reset or aborted before the accept): nothing to wait for.
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: keep serving the open connections and try again shortly.
+                eprintln!("accepting a connection: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A connection's error (the client reset it, a header timeout) concerns that client only.
+            let _ = watched.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     Ok(())
 }
 
@@ -242,9 +307,16 @@ async fn log_request(req: Request, next: Next) -> Response {
     resp
 }
 
+/// The seconds a client is told to wait (`Retry-After`) before it retries a request refused with a 429.
+const RETRY_AFTER_SECS: &str = "1";
+
 fn error_response(e: &ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(e.body())).into_response()
+    let mut resp = (status, Json(e.body())).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    }
+    resp
 }
 
 fn shutting_down_error() -> ApiError {
@@ -324,32 +396,48 @@ fn too_large(limit: usize) -> ApiError {
     }
 }
 
+/// The 408 for a body that did not arrive in time.
+fn body_timed_out(what: String) -> ApiError {
+    ApiError { status: 408, ..ApiError::bad_request(None, format!("request body: {what}")) }
+}
+
 /// Reads and parses a JSON request body of at most `limit` bytes: a declared `Content-Length` over the limit is
-/// refused before any byte is read (413), and a body not complete within [`BODY_READ_TIMEOUT`] gets a 408.
-async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> std::result::Result<Value, ApiError> {
+/// refused before any byte is read (413), and a body that pauses for `idle` (or takes [`BODY_TOTAL_TIMEOUT`] in
+/// all) gets a 408.
+async fn read_json(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    idle: Duration,
+) -> std::result::Result<Value, ApiError> {
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    let bytes = match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
-        Err(_) => {
-            let secs = BODY_READ_TIMEOUT.as_secs();
-            return Err(ApiError {
-                status: 408,
-                ..ApiError::bad_request(None, format!("request body: not received within {secs} s"))
-            });
+    let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
+    let mut data = body.into_data_stream();
+    let mut bytes = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+    loop {
+        let wait = (tokio::time::Instant::now() + idle).min(deadline);
+        let chunk = match tokio::time::timeout_at(wait, data.next()).await {
+            Ok(Some(Ok(c))) => c,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(None, format!("request body: could not be read: {e}")));
+            }
+            Err(_) if wait == deadline => {
+                return Err(body_timed_out(format!("not complete within {} s", BODY_TOTAL_TIMEOUT.as_secs())));
+            }
+            Err(_) => {
+                let (secs, got) = (idle.as_secs_f64(), bytes.len());
+                return Err(body_timed_out(format!("no data for {secs:.0} s (after {got} bytes)")));
+            }
+        };
+        if bytes.len() + chunk.len() > limit {
+            return Err(too_large(limit));
         }
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            let too_long = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                .any(|e| e.to_string().contains("length limit exceeded"));
-            return Err(if too_long {
-                too_large(limit)
-            } else {
-                ApiError::bad_request(None, format!("request body: could not be read: {e}"))
-            });
-        }
-    };
+        bytes.extend_from_slice(&chunk);
+    }
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         ApiError::bad_request(None, format!("request body is not valid UTF-8 (at byte {})", e.valid_up_to()))
     })?;
@@ -361,7 +449,7 @@ async fn generate(s: AppState, endpoint: Endpoint, headers: &HeaderMap, body: Bo
     if s.shutting_down() {
         return error_response(&shutting_down_error());
     }
-    let json = match read_json(headers, body, s.max_body_bytes).await {
+    let json = match read_json(headers, body, s.max_body_bytes, s.body_timeout).await {
         Ok(j) => j,
         Err(e) => return error_response(&e),
     };

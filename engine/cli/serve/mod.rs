@@ -238,6 +238,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         port: a.port,
         max_body_bytes: a.max_body_bytes,
         shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
+        ..ServerOptions::default()
     };
     run_blocking(engine, ctx, opts)
 }
