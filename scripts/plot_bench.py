@@ -26,7 +26,7 @@ def load(path):
             v = json.loads(line)
         except json.JSONDecodeError as e:
             sys.exit(f"{path}:{n}: not JSON ({e})")
-        if not isinstance(v, dict) or "batch" not in v or "decode_tok_per_s" not in v:
+        if not isinstance(v, dict) or "batch" not in v or v.get("decode_tok_per_s") is None:
             continue
         tele = v.get("telemetry") or {}
         rows.append(

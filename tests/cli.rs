@@ -201,6 +201,74 @@ fn absurd_sizes_get_clear_errors_not_aborts() {
     }
 }
 
+/// Flag values that used to be ignored or silently changed are refused before anything loads, naming the flag.
+#[test]
+fn flags_that_would_be_ignored_or_changed_are_refused() {
+    let model = golden("tied-gqa4");
+    let m = model.to_str().unwrap();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["generate", "--model", m, "--ids", "1,,2"], &["--ids", "item 2 of 3 is empty"]),
+        (&["generate", "--model", m, "--prompt", "hi", "--system", "be brief"], &["--system", "--chat"]),
+        (&["generate", "--model", m, "--ids", "1,2", "--chat"], &["--chat", "--prompt"]),
+        (&["logits", "--model", m, "--ids", "1", "--out", "/tmp/never.npy", "--block-size", "0"], &["--block-size 0"]),
+        (
+            &["logits", "--model", m, "--ids", "1", "--out", "/tmp/never.npy", "--tokenizer", "/nonexistent"],
+            &["--tokenizer"],
+        ),
+        (&["serve", "--model", m, "--kv-tokens", "0"], &["--kv-tokens 0", "one block"]),
+        (
+            &["batch", "--model", m, "--kv-tokens", "8", "--input", "/x.jsonl", "--output", "/y.jsonl"],
+            &["--kv-tokens 8"],
+        ),
+        (&["info", "--model", m, "--device", "bogus"], &["bogus"]),
+        (&["info", "--model", m, "--gpu-memory-utilization", "nan"], &["--gpu-memory-utilization"]),
+        (
+            &["bench", "--model", m, "--random-weights", "--prompt-tokens", "300", "--gen-tokens", "4"],
+            &["context length (256)"],
+        ),
+        (
+            &["bench", "--model", m, "--random-weights", "--batch", "8", "--kv-tokens", "32", "--prompt-tokens", "4"],
+            &["--kv-tokens 32", "--batch 8"],
+        ),
+        (&["bench", "--model", m, "--random-weights", "--devices", "0"], &["--devices", "--device cuda"]),
+        (&["bench", "--model", m, "--random-weights", "--telemetry-interval-ms", "0"], &["--telemetry-interval-ms"]),
+        (&["bench-serve", "--model", m, "--clients", "4294967295"], &["--clients", "1..=16384"]),
+        (
+            &[
+                "bench-serve",
+                "--url",
+                "127.0.0.1:1",
+                "--served-model-name",
+                "x",
+                "--kv-tokens",
+                "64",
+                "--max-num-seqs",
+                "4",
+            ],
+            &["--url", "--kv-tokens, --max-num-seqs"],
+        ),
+        (&["plan", "--batch", "0"], &["--batch"]),
+        (&["plan", "--model", "1b", "--images", "2"], &["--images", "text model"]),
+        (&["plan", "--model", "1b", "--context", "1000000"], &["--context 1000000", "131072"]),
+    ];
+    for (args, needles) in cases {
+        let started = std::time::Instant::now();
+        fails_with(bin().args(*args), needles);
+        assert!(started.elapsed().as_secs() < 20, "{args:?} took {:?}", started.elapsed());
+    }
+    // One generated token measures no decode rate: null, not a rate over an empty window.
+    let out = run(bin().args(["bench", "--model", m, "--random-weights", "--prompt-tokens", "4", "--gen-tokens", "1"]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["decode_tok_per_s"].is_null() && v["decode_ms_per_step"].is_null(), "{v}");
+    assert!(v["prefill_tok_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    // The CUDA switches are null on the CPU, where they change nothing.
+    assert!(v["fused_rope"].is_null() && v["persistent_decode"].is_null(), "{v}");
+    // `plan` with a batch whose KV does not fit says so in the table.
+    let out = run(bin().args(["plan", "--batch", "100000"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("| 8 | 23.77 GB | no (KV) |") && text.contains("does not fit"), "{text}");
+}
+
 /// Output to a full or closed stdout is an error naming stdout (it was a panic); a pipe whose reader has gone ends
 /// the process quietly. Negative values reach the sampling flags that take them.
 #[test]

@@ -341,6 +341,35 @@ fn cli_quantizes_a_sharded_text_checkpoint() {
     std::fs::remove_dir_all(&again).ok();
 }
 
+/// A Hugging Face cache snapshot links every file to a blob, and some checkpoints keep their tokenizer only as
+/// `original/tokenizer.model`: the quantized copy must still have its tokenizer and configs.
+#[cfg(unix)]
+#[test]
+fn quantize_copies_linked_files_and_the_original_tokenizer() {
+    let golden_dir = golden("tied-gqa4");
+    let src = scratch("linked-src");
+    let out = scratch("linked-out");
+    std::fs::create_dir_all(src.join("original")).unwrap();
+    for entry in std::fs::read_dir(&golden_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let target = std::fs::canonicalize(&path).unwrap();
+        std::os::unix::fs::symlink(target, src.join(path.file_name().unwrap())).unwrap();
+    }
+    let tiktoken = b"IQ== 0\nIg== 1\n";
+    std::fs::write(src.join("original/tokenizer.model"), tiktoken).unwrap();
+    std::fs::write(src.join("original/consolidated.00.pth"), b"not copied").unwrap();
+    let report = quantize_checkpoint(&src, &out, Scheme::W4A16_G32, &QuantizeOptions::default(), &|_, _| {}).unwrap();
+    for f in ["config.json", "generation_config.json", "original/tokenizer.model"] {
+        assert!(out.join(f).is_file(), "{f} missing from the output ({report:?})");
+    }
+    assert!(report.files_copied.contains(&"generation_config.json".to_string()), "{report:?}");
+    assert!(!out.join("original/consolidated.00.pth").exists());
+    assert_eq!(std::fs::read(out.join("original/tokenizer.model")).unwrap(), tiktoken);
+    assert_eq!(qcfg_of(&out).scheme, Scheme::W4A16_G32);
+    std::fs::remove_dir_all(&src).ok();
+    std::fs::remove_dir_all(&out).ok();
+}
+
 #[test]
 fn int8_embeddings_and_sharded_output() {
     let src = golden("tied-gqa4");

@@ -43,6 +43,12 @@ fn image_count_must_match_the_image_tokens() {
     let none = m.encode(&[]).unwrap();
     let err = m.logits(&ids, &none).unwrap_err().to_string();
     assert!(err.contains("no image"), "{err}");
+    // Generation refuses it the same way (it used to run, the image tokens attending to nothing).
+    let params = SamplingParams { max_tokens: 2, ..SamplingParams::greedy() };
+    let err = m.generate(&ids, &none, &params, &mut |_| Ok(String::new()), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("2 <|image|> token(s) but no image"), "{err}");
+    let one_err = m.generate(&ids, &one, &params, &mut |_| Ok(String::new()), &mut |_| {});
+    assert!(one_err.is_err(), "two <|image|> tokens, one image");
     let bad = m.encode(&[("broken.png".into(), b"\x89PNG\r\n\x1a\nnope".to_vec())]).unwrap_err().to_string();
     assert!(bad.contains("broken.png"), "{bad}");
     // Text-only prompts run without images.

@@ -45,7 +45,7 @@ pub struct BenchArgs {
     #[arg(long)]
     json_out: Option<PathBuf>,
     /// Milliseconds between NVML telemetry samples (CUDA only).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     telemetry_interval_ms: u64,
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
@@ -175,14 +175,21 @@ fn bench_model(
 }
 
 pub fn cmd_bench(a: BenchArgs) -> Result<()> {
+    a.model.check()?;
     let batches = parse_counts(&a.batch, "--batch")?;
     let tps = parse_counts(&a.tensor_parallel, "--tensor-parallel")?;
     if a.prompt_tokens == 0 {
         return Err(Error::request("--prompt-tokens and --batch must be positive"));
     }
+    if a.gen_tokens == 0 {
+        return Err(Error::request("--gen-tokens must be at least 1"));
+    }
     let device = Device::parse(&a.model.device)?;
     // Fail before loading anything on a bad placement flag or when a degree cannot shard the model.
     if let Some(d) = &a.devices {
+        if device == Device::Cpu {
+            return Err(Error::request("--devices places CUDA ranks: it needs --device cuda[:N]"));
+        }
         parse_devices(d)?;
     }
     serve::tp_comm_kind(&a.tp_comm, &[])?;
@@ -200,11 +207,26 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
     }
     let total = a.prompt_tokens + a.gen_tokens;
+    if total > cfg.max_position_embeddings {
+        return Err(Error::request(format!(
+            "--prompt-tokens + --gen-tokens ({total}) exceed the model's context length ({})",
+            cfg.max_position_embeddings
+        )));
+    }
     let max_batch = batches.iter().copied().max().unwrap_or(1);
     // The steady decode steps (and a profiled one) put every sequence on whole blocks of its own, up to the prompt's
     // length plus half the generated tokens (at least one).
-    let per_seq = total.max(a.prompt_tokens + 1).next_multiple_of(a.model.block_size.max(1));
-    let kv_tokens = a.model.kv_tokens.unwrap_or(per_seq * max_batch + 64);
+    let per_seq = total.max(a.prompt_tokens + 1).next_multiple_of(a.model.block_size);
+    let need = per_seq.checked_mul(max_batch).ok_or_else(|| Error::request("--batch: too large"))?;
+    // A smaller cache would run the batch a few sequences at a time while the line reports it as one batch.
+    if let Some(k) = a.model.kv_tokens.filter(|&k| k < need) {
+        return Err(Error::request(format!(
+            "--kv-tokens {k}: --batch {max_batch} sequences of {total} tokens need {need} (whole blocks of {}); \
+             leave --kv-tokens out to size the cache for the run",
+            a.model.block_size
+        )));
+    }
+    let kv_tokens = a.model.kv_tokens.unwrap_or(need + 64);
     let model_args = ModelArgs { kv_tokens: Some(kv_tokens), ..a.model.clone() };
     let mut json_out = match &a.json_out {
         Some(p) => Some(
@@ -221,7 +243,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         m.exec.set_ablation(ablate.clone())?;
         let telemetry = match device {
             Device::Cuda(_) => {
-                let interval = std::time::Duration::from_millis(a.telemetry_interval_ms.max(1));
+                let interval = std::time::Duration::from_millis(a.telemetry_interval_ms);
                 let t = crate::telemetry::Telemetry::start(&m.gpus, interval);
                 if let crate::telemetry::Telemetry::Unavailable(why) = &t {
                     eprintln!("GPU telemetry unavailable: {why}");
@@ -314,7 +336,10 @@ fn bench_one(
     let full_s = (end - t1).as_secs_f64();
     let decode_s = decode_t0.map_or(0.0, |t| (end - t).as_secs_f64());
     let f1 = mark(Instant::now());
-    let decode_steps = a.gen_tokens.saturating_sub(1).max(1) as f64;
+    // The steps after every sequence's first token: none with --gen-tokens 1, where no decode rate is measured.
+    let decode_steps = a.gen_tokens.saturating_sub(1) as f64;
+    let decode_measured = decode_steps > 0.0 && decode_s > 0.0;
+    let cuda = !m.gpus.is_empty();
     // Read before the steady steps below add theirs.
     let stack_steps = m.exec.fused_decode_steps();
     // On GPUs only (null on the CPU, the reference backend, where the extra steps would double a short run); every
@@ -331,8 +356,8 @@ fn bench_one(
         "load_s": m.load_secs,
         "prefill_s": prefill_s,
         "prefill_tok_per_s": (batch * a.prompt_tokens) as f64 / prefill_s,
-        "decode_ms_per_step": decode_s * 1e3 / decode_steps,
-        "decode_tok_per_s": batch as f64 * decode_steps / decode_s.max(1e-9),
+        "decode_ms_per_step": decode_measured.then(|| decode_s * 1e3 / decode_steps),
+        "decode_tok_per_s": decode_measured.then(|| batch as f64 * decode_steps / decode_s),
         "total_s": full_s,
         "output_tok_per_s": (batch * a.gen_tokens) as f64 / full_s,
         "tp": tp,
@@ -359,10 +384,11 @@ fn bench_one(
         "decode_split_positions": crate::ops::cuda::attention::decode_split_positions().ok(),
         "decode_merge": crate::ops::cuda::attention::decode_fused_merge().ok().map(|f| if f { "fused" } else { "kernel" }),
         "decode_stages": crate::ops::cuda::attention::decode_stages().ok(),
-        "fused_swiglu": !a.model.no_fused_swiglu,
-        "fused_rope": a.model.fused_rope,
-        "fused_norm": a.model.fused_norm,
-        "persistent_decode": a.model.persistent_decode,
+        // CUDA switches: null on the CPU, where they change nothing.
+        "fused_swiglu": cuda.then_some(!a.model.no_fused_swiglu),
+        "fused_rope": cuda.then_some(a.model.fused_rope),
+        "fused_norm": cuda.then_some(a.model.fused_norm),
+        "persistent_decode": cuda.then_some(a.model.persistent_decode),
         "persistent_decode_steps": stack_steps,
         "ablate": ablate,
     });
@@ -399,7 +425,7 @@ fn bench_one(
                 batch * a.gen_tokens.saturating_sub(1),
             );
             Some(serde_json::json!({
-                "interval_ms": a.telemetry_interval_ms.max(1),
+                "interval_ms": a.telemetry_interval_ms,
                 "prefill_window_s": p1.saturating_duration_since(p0).as_secs_f64(),
                 "window_s": f1.saturating_duration_since(p1).as_secs_f64(),
                 "energy_j": e.energy_j,

@@ -117,7 +117,8 @@ pub struct ModelArgs {
     /// Execution device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Tokens of KV cache to allocate (default: enough for the request).
+    /// Tokens of KV cache to allocate, at least one block (default: logits, generate and bench size it for the
+    /// request; serve and batch take 16384 on the CPU and what --gpu-memory-utilization leaves on CUDA).
     #[arg(long)]
     pub kv_tokens: Option<usize>,
     /// Tokens per KV cache block.
@@ -149,7 +150,7 @@ pub struct ModelArgs {
     /// Run decode steps of up to 8 sequences through the persistent decode stack: every decoder layer in one
     /// launch, one block per SM, phases separated by grid barriers (CUDA; text models with bf16 or W4A16 projections
     /// on one GPU; the same results as the layers one by one with 8-warp skinny GEMM tiles and 8 W4A16 K splits; off
-    /// by default until a device run times it).
+    /// by default: slower than the layers one by one as timed on an H200, 2026-11-28).
     #[arg(long)]
     pub persistent_decode: bool,
     /// Quantize the projections at load time (w4a16-g32 or w4a8-g32), e.g. with --random-weights for benchmarks.
@@ -161,6 +162,42 @@ pub struct ModelArgs {
     /// largest decode read of the small models). A checkpoint that stores int8 tables keeps them either way.
     #[arg(long, default_value = "bf16")]
     pub embeddings: String,
+}
+
+/// The largest `--block-size`: the paged kernels take any size, but a block holds one sequence's tokens only, so
+/// larger blocks only waste KV memory (vLLM's CUDA sizes stop at 128).
+pub const MAX_BLOCK_SIZE: usize = 1024;
+
+impl ModelArgs {
+    /// Refuses flag values no command can run with, before anything is loaded: a device that does not parse, a
+    /// block size outside 1..=[`MAX_BLOCK_SIZE`], a `--kv-tokens` under one block, a `--gpu-memory-utilization`
+    /// outside [0.05, 1] and a `--tokenizer` that is not a file.
+    pub fn check(&self) -> Result<()> {
+        Device::parse(&self.device)?;
+        if !(1..=MAX_BLOCK_SIZE).contains(&self.block_size) {
+            return Err(Error::request(format!(
+                "--block-size {}: must be in 1..={MAX_BLOCK_SIZE} tokens",
+                self.block_size
+            )));
+        }
+        if let Some(k) = self.kv_tokens.filter(|&k| k < self.block_size) {
+            return Err(Error::request(format!(
+                "--kv-tokens {k}: the KV cache must hold at least one block (--block-size {})",
+                self.block_size
+            )));
+        }
+        if !(0.05..=1.0).contains(&self.gpu_memory_utilization) {
+            return Err(Error::request(format!(
+                "--gpu-memory-utilization {}: must be in [0.05, 1]",
+                self.gpu_memory_utilization
+            )));
+        }
+        if let Some(t) = self.tokenizer.as_ref().filter(|t| !t.is_file()) {
+            let why = if t.exists() { "not a regular file" } else { "no such file" };
+            return Err(Error::request(format!("--tokenizer {}: {why}", t.display())));
+        }
+        Ok(())
+    }
 }
 
 /// `llama32 logits`.
@@ -237,7 +274,8 @@ pub struct GenerateArgs {
     /// Keep going past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// Print {"ids": [...], "text": "..."} instead of streaming text.
+    /// Print {"ids": [...], "text": "...", "finish_reason": "..."} instead of streaming text (text is null without
+    /// a tokenizer).
     #[arg(long)]
     json: bool,
     /// Image file (JPEG, PNG, WebP) for a Llama 3.2 Vision model (repeatable). Without `<|image|>` in the prompt,
@@ -283,18 +321,28 @@ pub struct RenderArgs {
     no_generation_prompt: bool,
 }
 
-/// Parses a comma-separated id list, naming the bad item.
-pub fn parse_ids(s: &str, flag: &str) -> Result<Vec<u32>> {
-    let ids: Vec<u32> = s
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().map_err(|_| Error::request(format!("{flag}: `{t}` is not a token id"))))
-        .collect::<Result<_>>()?;
-    if ids.is_empty() {
-        return Err(Error::request(format!("{flag}: no token ids given")));
+/// Parses a comma-separated list of non-negative integers (`what`: "token id", "client count"), naming the bad
+/// item: an empty item (`1,,2`) is an error, a trailing comma is not.
+pub fn parse_list(s: &str, flag: &str, what: &str) -> Result<Vec<u32>> {
+    let mut items: Vec<&str> = s.split(',').map(str::trim).collect();
+    if items.len() > 1 && items.last() == Some(&"") {
+        items.pop();
     }
-    Ok(ids)
+    if items == [""] {
+        return Err(Error::request(format!("{flag}: no {what}s given")));
+    }
+    let item = |(i, t): (usize, &&str)| {
+        if t.is_empty() {
+            return Err(Error::request(format!("{flag}: item {} of {} is empty", i + 1, items.len())));
+        }
+        t.parse::<u32>().map_err(|_| Error::request(format!("{flag}: `{t}` is not a {what}")))
+    };
+    items.iter().enumerate().map(item).collect()
+}
+
+/// Parses a comma-separated token id list, naming the bad item.
+pub fn parse_ids(s: &str, flag: &str) -> Result<Vec<u32>> {
+    parse_list(s, flag, "token id")
 }
 
 /// Runs the command line and returns the process exit code.
@@ -316,6 +364,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    a.model.check()?;
     let ids = parse_ids(&a.ids, "--ids")?;
     crate::npy::check_output(&a.out)?; // before loading anything: a bad --out would waste the whole run
 
@@ -382,6 +431,13 @@ fn load_tokenizer(model: &ModelArgs) -> Result<Option<Tokenizer>> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    a.model.check()?;
+    if a.system.is_some() && !a.chat {
+        return Err(Error::request("--system is the system message of --chat: add --chat"));
+    }
+    if a.chat && a.prompt.is_none() {
+        return Err(Error::request("--chat renders --prompt TEXT through the chat template: give --prompt"));
+    }
     if let Some(dir) = vision::vision_dir(&a.model, !a.image.is_empty())? {
         return vision::generate(&a, &dir);
     }
@@ -464,6 +520,7 @@ fn cmd_render(a: RenderArgs) -> Result<()> {
 }
 
 fn cmd_info(a: ModelArgs) -> Result<()> {
+    a.check()?;
     if let Some(info) = vision::info(&a)? {
         outln!("{}", serde_json::to_string_pretty(&info).unwrap_or_default())?;
         return Ok(());

@@ -14,19 +14,19 @@ pub struct PlanArgs {
     /// Model: a preset (1b, 3b, 11b-vision, 90b-vision) or a Hugging Face model directory.
     #[arg(long, default_value = "90b-vision")]
     model: String,
-    /// Tensor-parallel size to detail (the table always shows 1, 2, 4 and 8).
+    /// Tensor-parallel size to detail (the table shows 1, 2, 4, 8 and this one).
     #[arg(long, default_value_t = 8)]
     tp: usize,
     /// GPU whose figures to use (h100, h200).
     #[arg(long, default_value = "h100")]
     gpu: String,
-    /// Sequences decoding together.
+    /// Sequences decoding together (their KV must fit, else the table says "no (KV)").
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Context tokens per sequence.
+    /// Context tokens per sequence, up to the model's context length.
     #[arg(long, default_value_t = 2048)]
     context: usize,
-    /// Images per sequence (vision models: their cross-attention K/V are read every step).
+    /// Images per sequence (vision models only: their cross-attention K/V are read every step).
     #[arg(long, default_value_t = 0)]
     images: usize,
     /// Override the per-collective latency (microseconds; the default is an assumption, see the output).
@@ -70,7 +70,20 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
         gpu.link_gbps_per_direction.value = l;
         gpu.link_gbps_per_direction.source = "given with --link-gbps".into();
     }
-    let w = Workload { batch: a.batch.max(1), context: a.context, images: a.images };
+    if a.batch == 0 || a.context == 0 {
+        return Err(Error::request("--batch and --context must be at least 1"));
+    }
+    let max_ctx = shape.text.max_position_embeddings;
+    if a.context > max_ctx {
+        return Err(Error::request(format!(
+            "--context {}: over {}'s context length of {max_ctx} tokens",
+            a.context, shape.name
+        )));
+    }
+    if a.images > 0 && shape.cross_layers == 0 {
+        return Err(Error::request(format!("--images: {} is a text model (no cross-attention)", shape.name)));
+    }
+    let w = Workload { batch: a.batch, context: a.context, images: a.images };
     let quant = a.quantize.as_deref().map(Scheme::parse).transpose()?;
     let int8_tables = match EmbeddingQuant::parse(&a.embeddings) {
         Ok(e) => e == EmbeddingQuant::Int8,
@@ -81,12 +94,18 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
     let st = Storage { projections: quant, int8_tables };
     let detail = predict_stored(&shape, a.tp, &gpu, &w, st)?;
     let plan = TpPlan::new(&shape.text, a.tp)?;
+    // 1, 2, 4, 8, and the detailed degree where it is another.
+    let mut sizes = vec![1, 2, 4, 8];
+    if !sizes.contains(&a.tp) {
+        sizes.push(a.tp);
+        sizes.sort_unstable();
+    }
     let table: Vec<std::result::Result<Prediction, String>> =
-        [1, 2, 4, 8].iter().map(|&tp| predict_stored(&shape, tp, &gpu, &w, st).map_err(|e| e.to_string())).collect();
+        sizes.iter().map(|&tp| predict_stored(&shape, tp, &gpu, &w, st).map_err(|e| e.to_string())).collect();
     if a.json {
         let rows: Vec<serde_json::Value> = table
             .iter()
-            .zip([1, 2, 4, 8])
+            .zip(&sizes)
             .map(|(p, tp)| match p {
                 Ok(p) => serde_json::to_value(p).unwrap_or_default(),
                 Err(e) => serde_json::json!({"tp": tp, "error": e}),
@@ -147,6 +166,15 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
         gpu.activation_reserve_gb.value,
         if p.fits { "" } else { " (weights do not fit)" }
     )?;
+    if p.fits && !p.workload_fits {
+        outln!(
+            "  the workload does not fit: batch {} x context {} needs {:.0} KV tokens{}",
+            w.batch,
+            w.context,
+            w.batch as f64 * w.context as f64,
+            if w.images > 0 { format!(" and {} image(s) per sequence", w.images) } else { String::new() }
+        )?;
+    }
     if p.cross_kv_bytes_per_image_per_rank > 0.0 {
         outln!("  cross-attention KV: {} per image per rank", gb(p.cross_kv_bytes_per_image_per_rank))?;
     }
@@ -157,12 +185,16 @@ pub fn cmd_plan(a: PlanArgs) -> Result<()> {
     outln!()?;
     outln!("| tp | weights/rank | fits | KV capacity (tokens) | t_mem ms | t_comm ms | step ms | tok/s |")?;
     outln!("|---|---|---|---|---|---|---|---|")?;
-    for (r, tp) in table.iter().zip([1, 2, 4, 8]) {
+    for (r, tp) in table.iter().zip(&sizes) {
         match r {
             Ok(p) => outln!(
                 "| {tp} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
                 gb(p.weight_bytes_per_rank),
-                if p.fits { "yes" } else { "no" },
+                match (p.fits, p.workload_fits) {
+                    (true, true) => "yes",
+                    (true, false) => "no (KV)",
+                    _ => "no (weights)",
+                },
                 p.kv_capacity_tokens,
                 p.t_memory_ms,
                 p.t_comm_ms,

@@ -153,6 +153,7 @@ fn run(cfg: &LlamaConfig, weights: ModelWeights, a: &QuantEvalArgs, prompt: &[u3
 
 /// Runs the subcommand: prints one JSON object.
 pub fn cmd_quant_eval(a: QuantEvalArgs) -> Result<()> {
+    a.model.check()?;
     if Device::parse(&a.model.device)? != Device::Cpu {
         return Err(Error::request("quant-eval runs on the CPU reference: use --device cpu"));
     }

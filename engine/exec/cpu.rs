@@ -126,8 +126,8 @@ impl CpuOps {
             inv_freq,
             layout,
             num_blocks,
-            k_cache: vec![vec![0.0; pool]; layers],
-            v_cache: vec![vec![0.0; pool]; layers],
+            k_cache: zeroed_pools(layers, pool, "K")?,
+            v_cache: zeroed_pools(layers, pool, "V")?,
             seq_of_token: Vec::new(),
             weights,
             cfg,
@@ -316,6 +316,26 @@ pub struct CpuExecutor {
     ops: CpuOps,
     /// The calls [`Executor::set_ablation`] leaves out.
     ablate: Vec<&'static str>,
+}
+
+/// `layers` zeroed f32 pools of `pool` values each, or an error where the host refuses the memory (an address-space
+/// limit, `ulimit -v`, which `MemAvailable` does not show) instead of an abort in the allocator. Each pool is
+/// probed with a fallible reservation first, then allocated zeroed, which leaves its pages untouched until used.
+fn zeroed_pools(layers: usize, pool: usize, what: &str) -> Result<Vec<Vec<f32>>> {
+    (0..layers)
+        .map(|l| {
+            let mut probe: Vec<f32> = Vec::new();
+            probe.try_reserve_exact(pool).map_err(|_| {
+                Error::request(format!(
+                    "the {what} cache of layer {l} ({:.2} GiB of f32) cannot be allocated: ask for fewer KV tokens \
+                     (--kv-tokens, or a smaller --batch or prompt)",
+                    pool as f64 * 4.0 / (1u64 << 30) as f64
+                ))
+            })?;
+            drop(probe);
+            Ok(vec![0.0; pool])
+        })
+        .collect()
 }
 
 impl CpuExecutor {

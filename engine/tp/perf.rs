@@ -286,6 +286,9 @@ pub struct Prediction {
     pub fits: bool,
     /// KV tokens one rank can hold (= tokens the group can hold; each rank holds its heads of every token).
     pub kv_capacity_tokens: f64,
+    /// Whether the workload fits too: the weights, and the batch's self-attention KV (batch x context tokens)
+    /// plus its images' cross-attention KV in what the weights leave.
+    pub workload_fits: bool,
     /// All-reduces per step.
     pub allreduces_per_step: usize,
     /// All-reduce payload per token per step (bytes summed over the all-reduces).
@@ -362,6 +365,8 @@ pub fn predict_stored(shape: &ModelShape, tp: usize, gpu: &Gpu, w: &Workload, st
     let free = usable - mine;
     let fits = free > 0.0;
     let kv_capacity = if fits { (free / kv_tok).floor() } else { 0.0 };
+    let workload_kv = w.batch as f64 * (w.context as f64 * kv_tok + w.images as f64 * cross_img);
+    let workload_fits = fits && workload_kv <= free;
 
     let (b, n) = (w.batch as f64, tp as f64);
     let bw = gpu.hbm_copy_gbps.value * 1e9 * gpu.decode_efficiency.value;
@@ -385,6 +390,7 @@ pub fn predict_stored(shape: &ModelShape, tp: usize, gpu: &Gpu, w: &Workload, st
         cross_kv_bytes_per_image_per_rank: cross_img,
         fits,
         kv_capacity_tokens: kv_capacity,
+        workload_fits,
         allreduces_per_step: if tp > 1 { allreduces } else { 0 },
         allreduce_bytes_per_token: if tp > 1 { payload_token } else { 0.0 },
         allreduce_ring_bytes_per_gpu_per_step: ring,

@@ -35,7 +35,8 @@ pub struct EngineArgs {
     /// Most new tokens per engine step (prefill chunks are cut to fit).
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
-    /// Most sequences waiting for admission before new requests are refused (0: no limit).
+    /// Most sequences waiting for admission before new requests are refused with a 429 (0: no limit; serve and
+    /// bench-serve only: batch refuses it, its queue is --max-in-flight).
     #[arg(long, default_value_t = 0)]
     pub max_waiting: usize,
     /// Name clients use in `model` (default: the model directory's name, or the preset's).
@@ -223,6 +224,7 @@ fn start_engine(a: &ModelArgs, e: &EngineArgs, lead: Option<Lead>) -> Result<(En
 
 /// Runs `llama32 serve` until Ctrl-C / SIGTERM.
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
+    a.model.check()?;
     if !(a.shutdown_timeout.is_finite() && (0.0..=86_400.0).contains(&a.shutdown_timeout)) {
         return Err(Error::request("--shutdown-timeout must be a number of seconds in [0, 86400]"));
     }
@@ -245,6 +247,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
 
 /// Runs `llama32 batch` and prints its summary as JSON.
 pub fn cmd_batch(a: BatchArgs) -> Result<()> {
+    a.model.check()?;
     // A follower node (--node-rank > 0; `node_role` checks the rest) runs node 0's steps: it needs (and reads) no
     // batch file.
     let files = if a.engine.node_rank == 0 {
@@ -311,19 +314,24 @@ pub struct BenchServeArgs {
 
 /// Runs `llama32 bench-serve`: one JSON line per load level with TTFT, ITL and throughput.
 pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
-    if a.url.is_some() && a.engine.nnodes > 1 {
-        return Err(Error::request("--url measures a running server: leave out --nnodes (start the nodes with serve)"));
+    a.model.check()?;
+    if a.url.is_some() {
+        check_url_mode(&a.model, &a.engine)?;
     }
     let lead = match node_role(&a.model, &a.engine)? {
         Role::Follow(node) => return follow_node(&a.model, &a.engine, &node),
         Role::Lead(lead) => Some(lead),
         Role::Alone => None,
     };
-    let levels = super::parse_ids(&a.clients, "--clients")?;
-    if levels.contains(&0) || a.requests_per_client == 0 || a.prompt_tokens == 0 || a.max_tokens == 0 {
-        return Err(Error::request(
-            "--clients, --requests-per-client, --prompt-tokens and --max-tokens must be positive",
-        ));
+    let levels = super::parse_list(&a.clients, "--clients", "client count")?;
+    if let Some(&c) = levels.iter().find(|&&c| c == 0 || c as usize > MAX_CLIENTS) {
+        return Err(Error::request(format!("--clients: {c} is not in 1..={MAX_CLIENTS}")));
+    }
+    if a.requests_per_client == 0 || a.prompt_tokens == 0 || a.max_tokens == 0 {
+        return Err(Error::request("--requests-per-client, --prompt-tokens and --max-tokens must be positive"));
+    }
+    if a.requests_per_client > MAX_REQUESTS_PER_CLIENT {
+        return Err(Error::request(format!("--requests-per-client: at most {MAX_REQUESTS_PER_CLIENT}")));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -360,6 +368,13 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         base.model = a.engine.served_model_name.clone().unwrap_or_default();
         if base.model.is_empty() {
             return Err(Error::request("--url needs --served-model-name (the `model` to send)"));
+        }
+        // The prompts are random token ids: inside the served model's vocabulary (from --model's config.json when
+        // given, else Llama 3.2's), led by its BOS.
+        if a.model.model.is_some() {
+            let (cfg, _) = super::load::resolve_config(&a.model)?;
+            base.vocab = cfg.vocab_size.min(128000) as u32;
+            base.bos = cfg.bos_token_id.filter(|&b| (b as usize) < cfg.vocab_size).unwrap_or(0);
         }
         let mut failed_levels = Vec::new();
         for &c in &levels {
@@ -408,6 +423,49 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         server.await.map_err(|e| Error::Backend(format!("server task: {e}")))??;
         no_failed_level(&failed_levels)
     })
+}
+
+/// The most concurrent clients of one `bench-serve` level (each holds a connection, and a loopback host has about
+/// 28,000 ephemeral ports).
+const MAX_CLIENTS: usize = 16384;
+
+/// The most requests per client and level.
+const MAX_REQUESTS_PER_CLIENT: usize = 1 << 20;
+
+/// `bench-serve --url` measures a server started elsewhere: the flags that would configure a local model or engine
+/// have no effect there, so they are refused rather than ignored. `--model DIR` is allowed (its config.json gives
+/// the vocabulary of the random prompts).
+fn check_url_mode(m: &ModelArgs, e: &EngineArgs) -> Result<()> {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        e: EngineArgs,
+    }
+    let defaults = <Defaults as clap::Parser>::try_parse_from(["bench-serve"])
+        .map_err(|err| Error::Backend(format!("engine flag defaults: {err}")))?
+        .e;
+    let given = [
+        ("--preset", m.preset.is_some()),
+        ("--random-weights", m.random_weights),
+        ("--device", m.device != "cpu"),
+        ("--kv-tokens", m.kv_tokens.is_some()),
+        ("--quantize", m.quantize.is_some()),
+        ("--tensor-parallel", e.tensor_parallel != defaults.tensor_parallel),
+        ("--devices", e.devices.is_some()),
+        ("--nnodes", e.nnodes != defaults.nnodes),
+        ("--max-model-len", e.max_model_len.is_some()),
+        ("--max-waiting", e.max_waiting != defaults.max_waiting),
+        ("--max-num-seqs", e.max_num_seqs != defaults.max_num_seqs),
+        ("--max-num-batched-tokens", e.max_num_batched_tokens != defaults.max_num_batched_tokens),
+    ];
+    let set: Vec<&str> = given.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect();
+    if set.is_empty() {
+        return Ok(());
+    }
+    Err(Error::request(format!(
+        "--url measures a running server: {} configure a local engine and would be ignored (start the server with them)",
+        set.join(", ")
+    )))
 }
 
 /// bench-serve's verdict: an error naming the first client level at which no request succeeded (it measured

@@ -46,7 +46,8 @@ pub struct QuantizeReport {
     pub bytes_out: u64,
     /// Safetensors files written.
     pub shards: usize,
-    /// Other files copied (tokenizer, chat template, generation and preprocessor configs).
+    /// Other files copied (tokenizer, chat template, generation and preprocessor configs; `original/tokenizer.model`
+    /// too, where the source has one).
     pub files_copied: Vec<String>,
 }
 
@@ -432,16 +433,28 @@ pub fn quantize_checkpoint(
     }
     write_json(&out.join("config.json"), &root)?;
 
+    // Every other top-level file, followed through symbolic links (a Hugging Face cache snapshot is all links).
     for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let entry = entry.map_err(|e| Error::io(src, e))?;
         let fname = entry.file_name().to_string_lossy().into_owned();
-        let ft = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
-        if !ft.is_file() || is_weight_file(&fname) {
+        let meta = std::fs::metadata(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        if !meta.is_file() || is_weight_file(&fname) {
             continue;
         }
         let dst: PathBuf = out.join(&fname);
         std::fs::copy(entry.path(), &dst).map_err(|e| Error::io(&dst, e))?;
         report.files_copied.push(fname);
+    }
+    // Meta's tiktoken tokenizer where a checkpoint keeps it only under original/ (the rest of that folder is
+    // Meta's own copy of the weights, not copied).
+    const ORIGINAL_TOKENIZER: &str = "original/tokenizer.model";
+    if src.join(ORIGINAL_TOKENIZER).is_file() {
+        let dst = out.join(ORIGINAL_TOKENIZER);
+        if let Some(dir) = dst.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::copy(src.join(ORIGINAL_TOKENIZER), &dst).map_err(|e| Error::io(&dst, e))?;
+        report.files_copied.push(ORIGINAL_TOKENIZER.into());
     }
     report.files_copied.sort();
     Ok(report)
