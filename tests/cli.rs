@@ -250,6 +250,14 @@ fn flags_that_would_be_ignored_or_changed_are_refused() {
         (&["plan", "--batch", "0"], &["--batch"]),
         (&["plan", "--model", "1b", "--images", "2"], &["--images", "text model"]),
         (&["plan", "--model", "1b", "--context", "1000000"], &["--context 1000000", "131072"]),
+        (&["serve", "--model", m, "--served-model-name", ""], &["--served-model-name"]),
+        (&["serve", "--model", m, "--max-num-seqs", "0"], &["--max-num-seqs must be at least 1"]),
+        (&["serve", "--model", m, "--max-body-bytes", "0"], &["--max-body-bytes 0"]),
+        (&["serve", "--model", m, "--shutdown-timeout", "-1"], &["--shutdown-timeout must be"]),
+        (&["quant-eval", "--model", m, "--scheme", "w4a16-g32", "--scheme", "w4a16-g32"], &["given twice"]),
+        (&["tokenize", "--model", m, "--tokenizer", "/t.model", "--text", "x"], &["--tokenizer", "cannot be used"]),
+        (&["info", "--preset", "90b-vision", "--quantize", "bogus"], &["bogus"]),
+        (&["info", "--preset", "90b-vision", "--embeddings", "int4"], &["--embeddings"]),
     ];
     for (args, needles) in cases {
         let started = std::time::Instant::now();
@@ -263,6 +271,17 @@ fn flags_that_would_be_ignored_or_changed_are_refused() {
     assert!(v["prefill_tok_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
     // The CUDA switches are null on the CPU, where they change nothing.
     assert!(v["fused_rope"].is_null() && v["persistent_decode"].is_null(), "{v}");
+    // Vision `info` reports the quantization it is asked for (it used to ignore the flags).
+    let out = run(bin().args(["info", "--preset", "90b-vision", "--quantize", "w4a16-g32", "--embeddings", "int8"]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let q = &v["quantization"];
+    assert_eq!((q["scheme"].as_str(), q["embeddings"].as_str()), (Some("w4a16-g32"), Some("int8")), "{v}");
+    let gb = q["weights_bytes_total"].as_f64().unwrap_or(0.0) / 1e9;
+    assert!((45.0..60.0).contains(&gb), "90B in W4A16: {gb} GB");
+    // A port already taken fails before the model loads.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    fails_with(bin().args(["serve", "--model", m, "--port", &port]), &["cannot listen on 127.0.0.1:", "--port"]);
     // `plan` with a batch whose KV does not fit says so in the table.
     let out = run(bin().args(["plan", "--batch", "100000"]));
     let text = String::from_utf8_lossy(&out.stdout);

@@ -288,7 +288,7 @@ pub struct GenerateArgs {
 #[derive(Debug, Args)]
 pub struct TokenizeArgs {
     /// Model directory holding the tokenizer.
-    #[arg(long, required_unless_present = "tokenizer")]
+    #[arg(long, required_unless_present = "tokenizer", conflicts_with = "tokenizer")]
     model: Option<PathBuf>,
     /// Tokenizer file (tokenizer.json or tokenizer.model).
     #[arg(long)]
@@ -446,7 +446,17 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let prompt = build_prompt(&a, tok.as_ref(), 0, None)?;
     let params = sampling_params(&a);
     // The cache holds what can run: prompt + new tokens, but never past the context, where generation stops anyway.
-    let mut m = load_model(&a.model, (prompt.len() + a.max_tokens).min(cfg.max_position_embeddings))?;
+    let ctx = cfg.max_position_embeddings;
+    if prompt.len() + a.max_tokens > ctx {
+        eprintln!(
+            "note: --max-tokens {} runs past the context length ({ctx} tokens, {} of them the prompt): at most {} \
+             tokens can be generated (finish_reason `length`)",
+            a.max_tokens,
+            prompt.len(),
+            ctx.saturating_sub(prompt.len())
+        );
+    }
+    let mut m = load_model(&a.model, (prompt.len() + a.max_tokens).min(ctx))?;
     if tok.is_none() && !a.stop.is_empty() {
         return Err(Error::request("--stop needs a tokenizer to see text"));
     }
@@ -505,6 +515,9 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
 }
 
 fn cmd_render(a: RenderArgs) -> Result<()> {
+    if a.date.as_deref().is_some_and(|d| d.trim().is_empty()) {
+        return Err(Error::request("--date: empty (leave it out for today's date)"));
+    }
     let body = if a.request.as_os_str() == "-" {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| Error::io("<stdin>", e))?;

@@ -163,12 +163,12 @@ pub fn cmd_quant_eval(a: QuantEvalArgs) -> Result<()> {
     if a.prompt_tokens == 0 {
         return Err(Error::request("--prompt-tokens must be positive"));
     }
-    if a.model.block_size == 0 {
-        return Err(Error::request("--block-size must be positive"));
-    }
     let names: Vec<String> =
         if a.scheme.is_empty() { vec!["w4a16-g32".into(), "w4a8-g32".into()] } else { a.scheme.clone() };
     let schemes = names.iter().map(|s| Scheme::parse(s)).collect::<Result<Vec<_>>>()?;
+    if let Some((i, s)) = schemes.iter().enumerate().find(|(i, s)| schemes[..*i].contains(s)) {
+        return Err(Error::request(format!("--scheme {}: given twice (the second time as item {})", s.name(), i + 1)));
+    }
     let (cfg, source) = resolve_config(&a.model)?;
     if let Source::Dir(dir) = &source {
         if super::load::checkpoint_quantization(dir)?.is_some() {

@@ -295,6 +295,7 @@ pub fn info(a: &ModelArgs) -> Result<Option<serde_json::Value>> {
         }
         _ => return Ok(None),
     };
+    let quantization = vision_quantization_info(a)?;
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let params = cfg.num_parameters();
     let t = &cfg.text.base;
@@ -325,6 +326,7 @@ pub fn info(a: &ModelArgs) -> Result<Option<serde_json::Value>> {
             "image_token_index": cfg.image_token_index,
         },
         "parameters": params,
+        "quantization": quantization,
         "memory_plan": {
             "checkpoint_bytes": ckpt_bytes,
             "weights_bf16_gib": gib(params as f64 * 2.0),
@@ -333,4 +335,39 @@ pub fn info(a: &ModelArgs) -> Result<Option<serde_json::Value>> {
             "cross_kv_bytes_per_image_bf16": cross_image,
         },
     })))
+}
+
+/// The `quantization` object of vision `info`: the scheme of `--quantize` or of a quantized checkpoint (not both),
+/// how the vocabulary tables are held, and the weight bytes so stored (the language model's projections in int4,
+/// everything else bf16, by the same count as `llama32 plan`); `null` for a bf16 model.
+fn vision_quantization_info(a: &ModelArgs) -> Result<serde_json::Value> {
+    use crate::tp::perf::{predict_stored, Gpu, ModelShape, Storage, Workload};
+    let at_load = super::load::at_load(a)?;
+    let (model, ckpt) = match (&a.model, &a.preset) {
+        (Some(dir), _) => (dir.display().to_string(), super::load::checkpoint_quantization(dir)?),
+        (None, Some(name)) => (name.clone(), None),
+        (None, None) => return Ok(serde_json::Value::Null),
+    };
+    if let (Some(s), Some(_)) = (at_load.scheme, &ckpt) {
+        return Err(Error::request(format!(
+            "--quantize {}: the checkpoint is already quantized (its config.json has a quantization_config)",
+            s.name()
+        )));
+    }
+    let scheme = at_load.scheme.or(ckpt.as_ref().map(|q| q.scheme));
+    let int8_tables = at_load.tables_int8
+        || ckpt.as_ref().is_some_and(|q| q.embeddings == crate::quant::format::EmbeddingQuant::Int8);
+    if scheme.is_none() && !int8_tables {
+        return Ok(serde_json::Value::Null);
+    }
+    let shape = ModelShape::resolve(&model)?;
+    let w = Workload { batch: 1, context: 1, images: 0 };
+    let st = Storage { projections: scheme, int8_tables };
+    let p = predict_stored(&shape, 1, &Gpu::by_name("h100")?, &w, st)?;
+    Ok(serde_json::json!({
+        "scheme": scheme.map(|s| s.name()),
+        "checkpoint_quantization": ckpt.map(|q| q.to_string()),
+        "embeddings": if int8_tables { "int8" } else { "bf16" },
+        "weights_bytes_total": p.weight_bytes_total,
+    }))
 }

@@ -80,6 +80,30 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
+    /// Refuses limits no engine can run with, naming the flag, before anything loads.
+    fn check(&self) -> Result<()> {
+        for (flag, v) in [
+            ("--max-num-seqs", self.max_num_seqs),
+            ("--max-num-batched-tokens", self.max_num_batched_tokens),
+            ("--tensor-parallel", self.tensor_parallel),
+            ("--nnodes", self.nnodes),
+            ("--cross-attention-tiles", self.cross_attention_tiles),
+        ] {
+            if v == 0 {
+                return Err(Error::request(format!("{flag} must be at least 1")));
+            }
+        }
+        if self.max_model_len == Some(0) {
+            return Err(Error::request("--max-model-len must be at least 1"));
+        }
+        if let Some(name) = self.served_model_name.as_deref().filter(|n| n.trim().is_empty() || n.len() > 256) {
+            return Err(Error::request(format!(
+                "--served-model-name `{name}`: must be 1 to 256 bytes, not only spaces (clients send it as `model`)"
+            )));
+        }
+        Ok(())
+    }
+
     /// The scheduler limits these flags set.
     fn engine_config(&self) -> EngineConfig {
         EngineConfig {
@@ -104,11 +128,11 @@ pub struct ServeArgs {
     /// Port to listen on.
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Largest accepted request body, in bytes.
+    /// Largest accepted request body, in bytes (at least 1024).
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
     /// Seconds the running requests get to finish after Ctrl-C / SIGTERM.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     shutdown_timeout: f64,
 }
 
@@ -225,14 +249,19 @@ fn start_engine(a: &ModelArgs, e: &EngineArgs, lead: Option<Lead>) -> Result<(En
 /// Runs `llama32 serve` until Ctrl-C / SIGTERM.
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     a.model.check()?;
+    a.engine.check()?;
     if !(a.shutdown_timeout.is_finite() && (0.0..=86_400.0).contains(&a.shutdown_timeout)) {
         return Err(Error::request("--shutdown-timeout must be a number of seconds in [0, 86400]"));
+    }
+    if a.max_body_bytes < 1024 {
+        return Err(Error::request(format!("--max-body-bytes {}: must be at least 1024", a.max_body_bytes)));
     }
     let lead = match node_role(&a.model, &a.engine)? {
         Role::Follow(node) => return follow_node(&a.model, &a.engine, &node),
         Role::Lead(lead) => Some(lead),
         Role::Alone => None,
     };
+    check_listen_address(&a.host, a.port)?;
     let (engine, ctx) = start_engine(&a.model, &a.engine, lead)?;
     eprintln!("serving model `{}` (max_model_len {} tokens)", ctx.model_name, ctx.info.max_model_len);
     let opts = ServerOptions {
@@ -245,9 +274,26 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     run_blocking(engine, ctx, opts)
 }
 
+/// Fails before the model loads (minutes, for a large one) where the server could not listen: a host that does not
+/// resolve, or a port taken or not allowed. The trial socket is closed at once; the server binds again after
+/// loading.
+fn check_listen_address(host: &str, port: u16) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let shown = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| Error::request(format!("--host {host}: cannot resolve it ({e})")))?
+        .collect();
+    let first = addrs.first().ok_or_else(|| Error::request(format!("--host {host}: resolves to no address")))?;
+    std::net::TcpListener::bind(first)
+        .map(drop)
+        .map_err(|e| Error::request(format!("cannot listen on {shown} (--host, --port): {e}")))
+}
+
 /// Runs `llama32 batch` and prints its summary as JSON.
 pub fn cmd_batch(a: BatchArgs) -> Result<()> {
     a.model.check()?;
+    a.engine.check()?;
     // A follower node (--node-rank > 0; `node_role` checks the rest) runs node 0's steps: it needs (and reads) no
     // batch file.
     let files = if a.engine.node_rank == 0 {
@@ -315,6 +361,7 @@ pub struct BenchServeArgs {
 /// Runs `llama32 bench-serve`: one JSON line per load level with TTFT, ITL and throughput.
 pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
     a.model.check()?;
+    a.engine.check()?;
     if a.url.is_some() {
         check_url_mode(&a.model, &a.engine)?;
     }
