@@ -79,4 +79,12 @@ impl Error {
     pub fn request(msg: impl Into<String>) -> Self {
         Error::Request(msg.into())
     }
+    /// The message without the "invalid request: " prefix for a request error (which already names its field),
+    /// the whole display otherwise: for wrapping in another message that names the request.
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Request(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
 }

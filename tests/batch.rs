@@ -164,6 +164,11 @@ fn mixed_input() -> Vec<(String, Expect)> {
                 Expect::Error("duplicate_custom_id", Some("req-2"), "req-2"),
             )),
             26 => v.push(("[1, 2, 3]".into(), Expect::Error("invalid_request", None, "object"))),
+            28 => v.push((
+                json!({"custom_id": 77, "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}})
+                    .to_string(),
+                Expect::Error("invalid_request", None, "custom_id: expected a string, got 77"),
+            )),
             _ => {}
         }
     }

@@ -478,6 +478,10 @@ async fn malformed_requests_get_400s_naming_the_field() {
     check("logit_bias twice", srv.post(p, &cmpl(json!({"logit_bias": {"50": 1, "050": 2}}))).await, "given twice");
     check("missing prompt", srv.post(p, &json!({"max_tokens": 2})).await, "prompt");
     check("missing messages", srv.post(c, &json!({"max_tokens": 2})).await, "messages");
+    // A template that fails only because of chat_template_kwargs blames them, not the messages.
+    let (status, body) = srv.post(c, &chat(json!({"chat_template_kwargs": {"date_string": 5}}))).await;
+    assert_eq!(body["error"]["param"], "chat_template_kwargs", "{body}");
+    check("chat_template_kwargs", (status, body), "chat_template_kwargs: chat template:");
 
     let r = srv.get("/v1/nothing").await;
     assert_eq!(r.status(), 404);

@@ -525,7 +525,8 @@ fn cmd_render(a: RenderArgs) -> Result<()> {
     } else {
         std::fs::read_to_string(&a.request).map_err(|e| Error::io(&a.request, e))?
     };
-    let req = ChatRequest::from_json(&body).map_err(|e| Error::request(format!("{}: {e}", a.request.display())))?;
+    let req = ChatRequest::from_json(&body)
+        .map_err(|e| Error::request(format!("{}: {}", a.request.display(), e.detail())))?;
     let template = ChatTemplate::from_model_dir(&a.model)?;
     let opts = RenderOptions { add_generation_prompt: !a.no_generation_prompt, date_string: a.date.clone() };
     out!("{}", template.render(&req, &opts)?)?;

@@ -421,6 +421,15 @@ fn to_line(v: &Json) -> String {
 }
 
 /// An error record: no response.
+/// `v` as JSON, cut to 64 bytes for an error message.
+fn short_json(v: &Json) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text,
+    }
+}
+
 fn error_record(custom_id: Option<&str>, code: &str, message: String) -> Record {
     let v = json!({
         "id": batch_id(), "custom_id": custom_id, "response": null,
@@ -568,7 +577,7 @@ impl Run<'_> {
                         (Some(o), Some(id), None)
                     }
                     None | Some(Json::Null) => (None, None, Some("missing field `custom_id`".to_string())),
-                    Some(_) => (None, None, Some("custom_id: expected a string".to_string())),
+                    Some(v) => (None, None, Some(format!("custom_id: expected a string, got {}", short_json(v)))),
                 },
                 Ok(_) => (None, None, Some("expected a JSON object".to_string())),
             },

@@ -53,10 +53,7 @@ impl ApiError {
 
     /// A 400 from a library error; the field is taken from a `field: message` prefix when there is one.
     pub fn from_request_error(e: &Error) -> Self {
-        let msg = match e {
-            Error::Request(m) => m.clone(),
-            other => other.to_string(),
-        };
+        let msg = e.detail();
         // The engine's "request N: " prefix means nothing to a client.
         let msg = match msg.strip_prefix("request ").and_then(|r| r.split_once(": ")) {
             Some((n, rest)) if n.chars().all(|c| c.is_ascii_digit()) => rest.to_string(),
@@ -446,9 +443,16 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
                 // `<|python_tag|>` (built-in tool calls) must survive detokenization.
                 skip_special = false;
             }
-            let rendered = template
-                .render(&req, &RenderOptions::default())
-                .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
+            let opts = RenderOptions::default();
+            let rendered = template.render(&req, &opts).map_err(|e| {
+                // A template that fails only with the request's chat_template_kwargs fails because of them.
+                let kwargs = req.chat_template_kwargs.as_ref().is_some_and(|k| !k.is_empty())
+                    && template.render(&ChatRequest { chat_template_kwargs: None, ..req.clone() }, &opts).is_ok();
+                let field = if kwargs { "chat_template_kwargs" } else { "messages" };
+                let detail = e.detail();
+                let msg = if detail.starts_with(field) { detail } else { format!("{field}: {detail}") };
+                ApiError::bad_request(Some(field), msg)
+            })?;
             let text = format!("{rendered}{forced}");
             let ids = match &ctx.vision {
                 Some(v) => crate::vision::pipeline::encode_with_images(tok, &text, v.cfg.image_token_index),
