@@ -416,7 +416,8 @@ async fn read_json(
     }
     let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
     let mut data = body.into_data_stream();
-    let mut bytes = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+    // Room for the declared length, but no more than 1 MiB up front: a client's word costs nothing to give.
+    let mut bytes = Vec::with_capacity(declared.map_or(0, |n| n.min(1 << 20) as usize));
     loop {
         let wait = (tokio::time::Instant::now() + idle).min(deadline);
         let chunk = match tokio::time::timeout_at(wait, data.next()).await {
