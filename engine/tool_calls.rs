@@ -86,7 +86,10 @@ pub fn new_call_id() -> String {
         z ^ (z >> 31)
     };
     let seed = mix(nanos ^ u64::from(std::process::id()).rotate_left(32));
-    format!("call_{:016x}{:08x}", mix(seed.wrapping_add(n)), (mix(seed ^ n) >> 32) as u32)
+    // `mix` is a bijection, so the first part is unique per counter value; the tail is mixed from it (two parts
+    // mixed from `seed + n` and `seed ^ n` were equal whenever `seed & n == 0`).
+    let head = mix(seed.wrapping_add(n));
+    format!("call_{head:016x}{:08x}", (mix(head ^ 0x9e37_79b9_7f4a_7c15) >> 32) as u32)
 }
 
 // ---------------------------------------------------------------------------------------------------------------

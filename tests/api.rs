@@ -45,10 +45,12 @@ fn validation_errors_name_the_field() {
         b
     };
     let cases: Vec<(Value, &str, &str)> = vec![
-        (chat(json!({"model": "gpt-4"})), "model", "does not exist"),
         (chat(json!({"temperature": -1})), "temperature", "temperature"),
         (chat(json!({"temperature": "hot"})), "temperature", "temperature: invalid type"),
-        (chat(json!({"top_p": 0})), "top_p", "top_p"),
+        (chat(json!({"top_p": 1.5})), "top_p", "top_p"),
+        (chat(json!({"functions": [{"name": "f"}]})), "functions", "use tools"),
+        (chat(json!({"function_call": "auto"})), "function_call", "use tools"),
+        (chat(json!({"stream_options": {"include_usage": true}})), "stream_options", "only allowed when stream"),
         (chat(json!({"n": 0})), "n", "n: must be in"),
         (chat(json!({"max_tokens": 5000})), "max_tokens", "maximum context length is 1024"),
         (chat(json!({"max_completion_tokens": 0})), "max_completion_tokens", "max_completion_tokens"),
@@ -98,6 +100,18 @@ fn validation_errors_name_the_field() {
         assert!(msg.contains(needle), "{body}: message {msg:?} lacks {needle:?}");
         assert_eq!(p.as_deref(), Some(param), "{body}: {msg}");
     }
+    // An unknown model is a 404, as OpenAI and vLLM answer (the OpenAI client raises NotFoundError).
+    let e = prepare(&c, Endpoint::Chat, &chat(json!({"model": "gpt-4"}))).expect_err("unknown model");
+    assert_eq!((e.status, e.param.as_deref()), (404, Some("model")), "{}", e.message);
+    assert!(e.message.contains("does not exist"), "{}", e.message);
+    // OpenAI's top_p range includes 0: the most likely token alone (top-k 1).
+    let p = prepare(&c, Endpoint::Chat, &chat(json!({"top_p": 0, "temperature": 1}))).unwrap();
+    assert_eq!((p.requests[0].params.top_p, p.requests[0].params.top_k), (1.0, 1));
+    // OpenAI's `developer` role is the system prompt.
+    let dev = json!({"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]});
+    let sys = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]});
+    let (a, b) = (prepare(&c, Endpoint::Chat, &dev).unwrap(), prepare(&c, Endpoint::Chat, &sys).unwrap());
+    assert_eq!(a.requests[0].prompt, b.requests[0].prompt);
     let long: Vec<u32> = (0..1100).map(|i| 1000 + i).collect();
     let (msg, p) = err(&c, Endpoint::Completions, json!({"prompt": long}));
     assert!(msg.contains("maximum context length is 1024") && msg.contains("1100"), "{msg}");
@@ -295,4 +309,41 @@ fn bad_generation_config_defaults_are_refused_by_field() {
     let d = SamplingDefaults::from_model_dir(&dir).unwrap();
     assert_eq!((d.temperature, d.top_p), (Some(0.6), Some(0.9)));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Completions `text_offset` counts characters (Python string indices) of the text as returned, so a special token
+/// left out of it takes no room, and it runs on across stream chunks; `top_logprobs` holds the sampled token too
+/// (OpenAI: up to `logprobs + 1` entries).
+#[test]
+fn completions_logprobs_offsets_count_characters_and_include_the_sampled_token() {
+    let Some(c) = ctx("api-offsets", false) else { return };
+    let tok = c.tokenizer.clone().expect("tokenizer");
+    let find = |s: &str| (0..128_000u32).find(|&i| tok.token_bytes(i) == Some(s.as_bytes())).expect(s);
+    let (e_acute, x) = (find("\u{e9}"), find("x"));
+    let eot = 128009; // <|eot_id|>, special: not in the text
+    assert!(tok.is_special(eot));
+    let ids = [e_acute, eot, x];
+    let lp = |id: u32| TokenLogprob { id, logprob: -1.0, top: vec![(find("y"), -0.5)] };
+    let body = json!({"prompt": "a", "logprobs": 1});
+    let p = prepare(&c, Endpoint::Completions, &body).unwrap();
+    let mut rb = ResponseBuilder::new(&c, &p);
+    let ev = Event::Delta { index: 0, text: "\u{e9}x".into(), ids: ids.to_vec(), logprobs: ids.map(lp).to_vec() };
+    rb.push(0, ev).unwrap();
+    rb.push(0, Event::Finished { index: 0, reason: FinishReason::Length }).unwrap();
+    rb.push(0, Event::Done(Usage { prompt_tokens: 1, completion_tokens: 3, total_tokens: 4 })).unwrap();
+    let out = rb.build();
+    let l = &out["choices"][0]["logprobs"];
+    assert_eq!(l["text_offset"], json!([0, 1, 1]), "{out}");
+    assert_eq!(l["top_logprobs"][0], json!({"y": -0.5, "\u{e9}": -1.0}), "{out}");
+    // Streamed one token a chunk: the offsets go on from chunk to chunk.
+    let p = prepare(&c, Endpoint::Completions, &json!({"prompt": "a", "logprobs": 1, "stream": true})).unwrap();
+    let mut sb = StreamBuilder::new(&c, &p);
+    let mut offsets = Vec::new();
+    for (id, text) in ids.iter().zip(["\u{e9}", "", "x"]) {
+        let ev = Event::Delta { index: 0, text: text.into(), ids: vec![*id], logprobs: vec![lp(*id)] };
+        for chunk in sb.push(0, ev).unwrap() {
+            offsets.extend(chunk["choices"][0]["logprobs"]["text_offset"].as_array().cloned().unwrap_or_default());
+        }
+    }
+    assert_eq!(offsets, vec![json!(0), json!(1), json!(1)]);
 }

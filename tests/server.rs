@@ -455,9 +455,10 @@ async fn malformed_requests_get_400s_naming_the_field() {
     assert_eq!((status, &body["error"]["type"]), (413, &json!("invalid_request_error")), "{body}");
     assert!(body["error"]["message"].as_str().unwrap_or_default().contains(&LIMIT.to_string()), "{body}");
     check("not an object", srv.post(p, &json!([1, 2])).await, "expected a JSON object");
-    check("unknown model", srv.post(c, &chat(json!({"model": "gpt-4"}))).await, "model");
+    let (status, body) = srv.post(c, &chat(json!({"model": "gpt-4"}))).await;
+    assert_eq!((status, &body["error"]["param"]), (404, &json!("model")), "unknown model: {body}");
     check("temperature", srv.post(c, &chat(json!({"temperature": -1}))).await, "temperature");
-    check("top_p", srv.post(p, &cmpl(json!({"top_p": 0}))).await, "top_p");
+    check("top_p", srv.post(p, &cmpl(json!({"top_p": -0.5}))).await, "top_p");
     let (status, body) = srv.post(p, &cmpl(json!({"n": 0}))).await;
     assert_eq!(body["error"]["param"], "n", "{body}");
     check("n", (status, body), "n:");
@@ -582,6 +583,15 @@ async fn endpoints_and_response_shapes() {
         assert_eq!(top.len(), 3, "{e}");
         assert!(top.windows(2).all(|w| w[0] >= w[1]), "alternatives not sorted: {top:?}");
         assert!(top.iter().all(|&t| t <= 0.0) && lp <= top[0] + 1e-6, "{e}");
+    }
+
+    // The response's id in `x-request-id`, which OpenAI's clients expose as `_request_id`, streamed or not.
+    for stream in [false, true] {
+        let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": stream});
+        let r = srv.client.post(srv.url(c)).json(&body).send().await.expect("request sent");
+        let id = r.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let text = r.text().await.expect("body");
+        assert!(id.as_deref().is_some_and(|id| id.starts_with("chatcmpl-") && text.contains(id)), "{id:?}: {text}");
     }
 
     // n = 3.

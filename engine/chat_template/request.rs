@@ -85,7 +85,8 @@ impl StopSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// System prompt.
+    /// System prompt (OpenAI's newer name for it, `developer`, is read as this).
+    #[serde(alias = "developer")]
     System,
     /// The user.
     User,

@@ -544,7 +544,16 @@ async fn json_response(s: AppState, prep: Prepared, streams: Vec<RequestStream>)
     if done < total {
         return error_response(&engine_error(&s, ENDED_EARLY.into()));
     }
-    Json(rb.build()).into_response()
+    let mut resp = Json(rb.build()).into_response();
+    set_request_id(&mut resp, &prep.id);
+    resp
+}
+
+/// `x-request-id`: the response's id, which OpenAI's clients expose as `_request_id`.
+fn set_request_id(resp: &mut Response, id: &str) {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
 }
 
 fn sse_data(v: &Value) -> Bytes {
@@ -552,6 +561,7 @@ fn sse_data(v: &Value) -> Bytes {
 }
 
 fn stream_response(s: AppState, prep: Prepared, streams: Vec<RequestStream>) -> Response {
+    let id = prep.id.clone();
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     let driver = async move {
         let total = streams.len();
@@ -578,6 +588,7 @@ fn stream_response(s: AppState, prep: Prepared, streams: Vec<RequestStream>) -> 
     };
     let body = Body::from_stream(Driven { rx, driver: Some(Box::pin(driver)) });
     let mut resp = Response::new(body);
+    set_request_id(&mut resp, &id);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

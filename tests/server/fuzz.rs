@@ -2,8 +2,8 @@
 //! (top-level, or inside the first message) replaced by values of the wrong type or range (null, booleans,
 //! negative, huge and fractional numbers, strings, arrays, objects, long and non-ASCII text) or by plausible ones
 //! (so that valid combinations of sampling, log-probability, echo, stop and tool fields run too), on the tiny test
-//! model; a fifth of them stream. Every answer must be a 200 with choices (or an event stream ending in `[DONE]`)
-//! or a 400 whose message is a non-empty string: never a 500, a hang or a dropped connection. The server must
+//! model; a fifth of them stream. Every answer must be a 200 with choices (or an event stream ending in `[DONE]`),
+//! a 400 whose message is a non-empty string or a 404 for an unknown `model`: never a 500, a hang or a dropped connection. The server must
 //! still serve a plain request afterwards. Seeded, so a failure replays; the seed and body are in the message.
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -174,6 +174,8 @@ async fn randomized_bad_fields_get_200s_or_400s() {
                 assert!(v["choices"].as_array().is_some_and(|c| !c.is_empty()), "{what}: 200 without choices: {v}");
                 ok += 1;
             }
+            // 404: a `model` that is not the served one, as OpenAI answers.
+            404 if v["error"]["param"] == "model" => refused += 1,
             400 => {
                 let msg = v["error"]["message"].as_str().unwrap_or_default();
                 assert!(!msg.trim().is_empty(), "{what}: 400 without a message: {v}");

@@ -294,14 +294,28 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
     let model = match f.get("model") {
         None => ctx.model_name.clone(),
         Some(Json::String(m)) if *m == ctx.model_name => m.clone(),
+        // 404, as OpenAI and vLLM answer (the client raises NotFoundError).
         Some(Json::String(m)) => {
-            return Err(ApiError::bad_request(
-                Some("model"),
-                format!("model: `{m}` does not exist; this server serves `{}`", ctx.model_name),
-            ))
+            return Err(ApiError {
+                status: 404,
+                ..ApiError::bad_request(
+                    Some("model"),
+                    format!("model: `{m}` does not exist; this server serves `{}`", ctx.model_name),
+                )
+            })
         }
         Some(_) => return Err(ApiError::bad_request(Some("model"), "model: expected a string")),
     };
+    for legacy in ["functions", "function_call"] {
+        if f.get(legacy).is_some() {
+            return Err(ApiError::bad_request(
+                Some(legacy),
+                format!(
+                    "{legacy}: the deprecated function-calling fields are not supported; use tools and tool_choice"
+                ),
+            ));
+        }
+    }
     if f.get("suffix").is_some_and(|s| s.as_str() != Some("")) {
         return Err(ApiError::bad_request(Some("suffix"), "suffix: not supported by this server"));
     }
@@ -318,7 +332,14 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
     }
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
-        None => false,
+        None | Some(Json::Null) => false,
+        // As OpenAI and vLLM answer: the options would be silently without effect.
+        Some(_) if !stream => {
+            return Err(ApiError::bad_request(
+                Some("stream_options"),
+                "stream_options: only allowed when stream is true",
+            ))
+        }
         Some(Json::Object(o)) => Fields(o)
             .bool("include_usage")
             .map_err(|e| ApiError { param: Some("stream_options.include_usage".into()), ..e })?
@@ -567,9 +588,14 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
         Some(k) => k as usize,
     };
     let seed = f.int("seed")?.map(|s| s as u64);
+    // OpenAI takes top_p in [0, 1]: a nucleus of mass 0 is the single most likely token, which top-k 1 keeps.
+    let (top_p, top_k) = match f.f32("top_p")?.or(d.top_p).unwrap_or(1.0) {
+        0.0 => (1.0, 1),
+        p => (p, top_k),
+    };
     let base = SamplingParams {
         temperature: f.f32("temperature")?.or(d.temperature).unwrap_or(1.0),
-        top_p: f.f32("top_p")?.or(d.top_p).unwrap_or(1.0),
+        top_p,
         top_k,
         min_p: f.f32("min_p")?.unwrap_or(0.0),
         repetition_penalty: f.f32("repetition_penalty")?.or(d.repetition_penalty).unwrap_or(1.0),

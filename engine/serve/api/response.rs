@@ -40,8 +40,16 @@ fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Json {
     json!({ "content": content })
 }
 
-/// Completions `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), offsets from `start`.
-fn completion_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob], start: usize) -> Json {
+/// Completions `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) and the offset after the
+/// last token. Offsets count characters (Python string indices, as OpenAI's clients slice `text` with them) from
+/// `start`; a special token left out of the text (`skip_special`) takes no room. `top_logprobs` holds the
+/// alternatives and the sampled token, up to `logprobs + 1` entries as OpenAI documents.
+fn completion_logprobs(
+    tok: Option<&Tokenizer>,
+    lps: &[TokenLogprob],
+    start: usize,
+    skip_special: bool,
+) -> (Json, usize) {
     let mut offset = start;
     let (mut tokens, mut lp, mut top, mut offs) = (vec![], vec![], vec![], vec![]);
     // A token's name: its text, or vLLM's `token_id:N` without a tokenizer (every text would be "").
@@ -49,20 +57,23 @@ fn completion_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob], start: usi
     for l in lps {
         let (t, _) = token_json(tok, l.id);
         offs.push(offset);
-        offset += t.len();
+        if !(skip_special && tok.is_some_and(|t| t.is_special(l.id))) {
+            offset += t.chars().count();
+        }
         tokens.push(Json::from(name(l.id)));
         lp.push(finite(l.logprob));
         // `top_logprobs` maps names to log-probabilities: two alternatives whose bytes decode to the same lossy
         // text would share a key, and one would be lost; the second takes its `token_id:N` name instead.
         let mut m = Map::new();
-        for &(i, p) in &l.top {
+        let sampled = (!l.top.iter().any(|&(i, _)| i == l.id)).then_some((l.id, l.logprob));
+        for &(i, p) in l.top.iter().chain(&sampled) {
             let key = name(i);
             let key = if m.contains_key(&key) { format!("token_id:{i}") } else { key };
             m.insert(key, finite(p));
         }
         top.push(Json::Object(m));
     }
-    json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs})
+    (json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs}), offset)
 }
 
 /// JSON has no infinities: `-inf` becomes -9999.0, as vLLM does.
@@ -156,8 +167,10 @@ impl<'a> ResponseBuilder<'a> {
                         out.push(choice);
                     }
                     Endpoint::Completions => {
+                        let skip = p.requests[pi].skip_special_tokens;
+                        let start = prefix.chars().count();
                         let lp =
-                            if p.logprobs { completion_logprobs(tok, &c.logprobs, prefix.len()) } else { Json::Null };
+                            if p.logprobs { completion_logprobs(tok, &c.logprobs, start, skip).0 } else { Json::Null };
                         let reason = c.finish.map(FinishReason::as_str);
                         let mut choice = json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason});
                         if p.return_token_ids {
@@ -193,6 +206,8 @@ pub struct StreamBuilder<'a> {
     prep: &'a Prepared,
     started: Vec<Vec<bool>>,
     held: Vec<Vec<Choice>>,
+    /// Per prompt, per completion: the character offset of the next token's text (completions `text_offset`).
+    offsets: Vec<Vec<usize>>,
     usage: Usage,
     done: usize,
 }
@@ -205,6 +220,7 @@ impl<'a> StreamBuilder<'a> {
             prep,
             started: prep.requests.iter().map(|_| vec![false; prep.n]).collect(),
             held: prep.requests.iter().map(|_| vec![Choice::default(); prep.n]).collect(),
+            offsets: prep.prefixes.iter().map(|pre| vec![pre.chars().count(); prep.n]).collect(),
             usage: Usage::default(),
             done: 0,
         }
@@ -278,7 +294,14 @@ impl<'a> StreamBuilder<'a> {
                         json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
                     }
                     Endpoint::Completions => {
-                        let lp = if p.logprobs { completion_logprobs(tok, &logprobs, 0) } else { Json::Null };
+                        let lp = if p.logprobs {
+                            let skip = p.requests[prompt].skip_special_tokens;
+                            let (lp, next) = completion_logprobs(tok, &logprobs, self.offsets[prompt][i], skip);
+                            self.offsets[prompt][i] = next;
+                            lp
+                        } else {
+                            Json::Null
+                        };
                         json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null})
                     }
                 };
