@@ -247,6 +247,8 @@ fn flags_that_would_be_ignored_or_changed_are_refused() {
             ],
             &["--url", "--kv-tokens, --max-num-seqs"],
         ),
+        (&["bench-serve", "--url", "127.0.0.1:1", "--served-model-name", "x", "--block-size", "32"], &["--block-size"]),
+        (&["serve", "--model", m, "--max-body-bytes", "68719476736"], &["--max-body-bytes", "1 GiB"]),
         (&["plan", "--batch", "0"], &["--batch"]),
         (&["plan", "--model", "1b", "--images", "2"], &["--images", "text model"]),
         (&["plan", "--model", "1b", "--context", "1000000"], &["--context 1000000", "131072"]),
@@ -278,6 +280,13 @@ fn flags_that_would_be_ignored_or_changed_are_refused() {
     assert_eq!((q["scheme"].as_str(), q["embeddings"].as_str()), (Some("w4a16-g32"), Some("int8")), "{v}");
     let gb = q["weights_bytes_total"].as_f64().unwrap_or(0.0) / 1e9;
     assert!((45.0..60.0).contains(&gb), "90B in W4A16: {gb} GB");
+    // `bench-serve --url` reads a vision checkpoint's vocabulary too (a closed port: every request fails, not the
+    // config).
+    let vision = golden("mllama-resize");
+    let mut cmd = bin();
+    cmd.args(["bench-serve", "--url", "127.0.0.1:1", "--served-model-name", "x", "--model"]).arg(&vision);
+    cmd.args(["--clients", "1", "--requests-per-client", "1", "--prompt-tokens", "4", "--max-tokens", "2"]);
+    fails_with(&mut cmd, &["no request succeeded"]);
     // A port already taken fails before the model loads.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();

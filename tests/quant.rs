@@ -358,12 +358,15 @@ fn quantize_copies_linked_files_and_the_original_tokenizer() {
     let tiktoken = b"IQ== 0\nIg== 1\n";
     std::fs::write(src.join("original/tokenizer.model"), tiktoken).unwrap();
     std::fs::write(src.join("original/consolidated.00.pth"), b"not copied").unwrap();
+    // A link to a blob that is gone is left out, not the end of the run.
+    std::os::unix::fs::symlink("/nonexistent/blob", src.join("README.md")).unwrap();
     let report = quantize_checkpoint(&src, &out, Scheme::W4A16_G32, &QuantizeOptions::default(), &|_, _| {}).unwrap();
     for f in ["config.json", "generation_config.json", "original/tokenizer.model"] {
         assert!(out.join(f).is_file(), "{f} missing from the output ({report:?})");
     }
     assert!(report.files_copied.contains(&"generation_config.json".to_string()), "{report:?}");
     assert!(!out.join("original/consolidated.00.pth").exists());
+    assert_eq!(report.broken_links, vec!["README.md".to_string()]);
     assert_eq!(std::fs::read(out.join("original/tokenizer.model")).unwrap(), tiktoken);
     assert_eq!(qcfg_of(&out).scheme, Scheme::W4A16_G32);
     std::fs::remove_dir_all(&src).ok();

@@ -762,9 +762,11 @@ async fn trickle(srv: &Server, head: &str, body: &[u8], pieces: usize, gap: Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_timed_out_and_steady_ones_served() {
+    // A limit far over any body sent here: what a client declares must not be reserved up front.
     let opts = ServerOptions {
         header_timeout: Duration::from_millis(500),
         body_timeout: Duration::from_millis(800),
+        max_body_bytes: 1 << 40,
         ..Default::default()
     };
     let Some(mut srv) = start("http-slow", 4096, EngineConfig::default(), opts).await else { return };
@@ -787,6 +789,10 @@ async fn slow_clients_are_timed_out_and_steady_ones_served() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("no data for"), "{answer}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // A declared length of 64 GiB within that limit, one byte sent: a 408, not 64 GiB reserved (which aborted).
+    let answer = trickle(&srv, &head(1 << 36), b"{", 1, Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 
     // A body sent steadily in pieces 300 ms apart, 2.4 s in all (three times the idle timeout): served.
     let answer = trickle(&srv, &head(body.len()), body.as_bytes(), 8, Duration::from_millis(300)).await;

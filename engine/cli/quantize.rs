@@ -64,5 +64,12 @@ pub fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         if r.shards == 1 { "" } else { "s" },
         a.out.display()
     )?;
+    if !r.broken_links.is_empty() {
+        eprintln!(
+            "warning: not copied, symbolic links to nothing in {}: {}",
+            a.model.display(),
+            r.broken_links.join(", ")
+        );
+    }
     Ok(())
 }

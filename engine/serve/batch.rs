@@ -420,8 +420,7 @@ fn to_line(v: &Json) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-/// An error record: no response.
-/// `v` as JSON, cut to 64 bytes for an error message.
+/// `v` as JSON, cut to 64 characters for an error message.
 fn short_json(v: &Json) -> String {
     let text = v.to_string();
     match text.char_indices().nth(64) {
@@ -430,6 +429,7 @@ fn short_json(v: &Json) -> String {
     }
 }
 
+/// An error record: no response.
 fn error_record(custom_id: Option<&str>, code: &str, message: String) -> Record {
     let v = json!({
         "id": batch_id(), "custom_id": custom_id, "response": null,

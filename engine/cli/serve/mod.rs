@@ -128,7 +128,7 @@ pub struct ServeArgs {
     /// Port to listen on.
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Largest accepted request body, in bytes (at least 1024).
+    /// Largest accepted request body, in bytes (1024 to 1 GiB).
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
     /// Seconds the running requests get to finish after Ctrl-C / SIGTERM.
@@ -158,6 +158,9 @@ pub struct BatchArgs {
     #[arg(long)]
     no_progress: bool,
 }
+
+/// The largest `--max-body-bytes`: a body is read whole into memory before it is parsed.
+const MAX_BODY_BYTES: usize = 1 << 30;
 
 /// KV cache tokens on the CPU backend when `--kv-tokens` is not given (the CUDA backend sizes it from free memory).
 const CPU_DEFAULT_KV_TOKENS: usize = 16384;
@@ -253,8 +256,11 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     if !(a.shutdown_timeout.is_finite() && (0.0..=86_400.0).contains(&a.shutdown_timeout)) {
         return Err(Error::request("--shutdown-timeout must be a number of seconds in [0, 86400]"));
     }
-    if a.max_body_bytes < 1024 {
-        return Err(Error::request(format!("--max-body-bytes {}: must be at least 1024", a.max_body_bytes)));
+    if !(1024..=MAX_BODY_BYTES).contains(&a.max_body_bytes) {
+        return Err(Error::request(format!(
+            "--max-body-bytes {}: must be in 1024..={MAX_BODY_BYTES} (1 GiB: a request body is held in memory)",
+            a.max_body_bytes
+        )));
     }
     let lead = match node_role(&a.model, &a.engine)? {
         Role::Follow(node) => return follow_node(&a.model, &a.engine, &node),
@@ -284,10 +290,18 @@ fn check_listen_address(host: &str, port: u16) -> Result<()> {
         .to_socket_addrs()
         .map_err(|e| Error::request(format!("--host {host}: cannot resolve it ({e})")))?
         .collect();
-    let first = addrs.first().ok_or_else(|| Error::request(format!("--host {host}: resolves to no address")))?;
-    std::net::TcpListener::bind(first)
-        .map(drop)
-        .map_err(|e| Error::request(format!("cannot listen on {shown} (--host, --port): {e}")))
+    // As the server's bind does: the first address that takes it.
+    let mut last = None;
+    for addr in &addrs {
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => Error::request(format!("cannot listen on {shown} (--host, --port): {e}")),
+        None => Error::request(format!("--host {host}: resolves to no address")),
+    })
 }
 
 /// Runs `llama32 batch` and prints its summary as JSON.
@@ -418,8 +432,12 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         }
         // The prompts are random token ids: inside the served model's vocabulary (from --model's config.json when
         // given, else Llama 3.2's), led by its BOS.
-        if a.model.model.is_some() {
-            let (cfg, _) = super::load::resolve_config(&a.model)?;
+        if let Some(dir) = &a.model.model {
+            let cfg = if crate::vision::pipeline::is_mllama_dir(dir) {
+                crate::vision::config::MllamaConfig::from_model_dir(dir)?.text.base
+            } else {
+                super::load::resolve_config(&a.model)?.0
+            };
             base.vocab = cfg.vocab_size.min(128000) as u32;
             base.bos = cfg.bos_token_id.filter(|&b| (b as usize) < cfg.vocab_size).unwrap_or(0);
         }
@@ -486,17 +504,30 @@ fn check_url_mode(m: &ModelArgs, e: &EngineArgs) -> Result<()> {
     #[derive(clap::Parser)]
     struct Defaults {
         #[command(flatten)]
+        m: ModelArgs,
+        #[command(flatten)]
         e: EngineArgs,
     }
-    let defaults = <Defaults as clap::Parser>::try_parse_from(["bench-serve"])
-        .map_err(|err| Error::Backend(format!("engine flag defaults: {err}")))?
-        .e;
+    let Defaults { m: dm, e: defaults } = <Defaults as clap::Parser>::try_parse_from(["bench-serve"])
+        .map_err(|err| Error::Backend(format!("flag defaults: {err}")))?;
     let given = [
         ("--preset", m.preset.is_some()),
         ("--random-weights", m.random_weights),
-        ("--device", m.device != "cpu"),
+        ("--weights-seed", m.weights_seed != dm.weights_seed),
+        ("--tokenizer", m.tokenizer.is_some()),
+        ("--device", m.device != dm.device),
         ("--kv-tokens", m.kv_tokens.is_some()),
+        ("--block-size", m.block_size != dm.block_size),
+        ("--gpu-memory-utilization", m.gpu_memory_utilization != dm.gpu_memory_utilization),
+        ("--cuda-graph-max-batch", m.cuda_graph_max_batch != dm.cuda_graph_max_batch),
+        ("--no-skinny-gemm", m.no_skinny_gemm),
+        ("--no-fused-swiglu", m.no_fused_swiglu),
+        ("--fused-rope", m.fused_rope),
+        ("--fused-norm", m.fused_norm),
+        ("--persistent-decode", m.persistent_decode),
         ("--quantize", m.quantize.is_some()),
+        ("--embeddings", m.embeddings != dm.embeddings),
+        ("--cross-attention-tiles", e.cross_attention_tiles != defaults.cross_attention_tiles),
         ("--tensor-parallel", e.tensor_parallel != defaults.tensor_parallel),
         ("--devices", e.devices.is_some()),
         ("--nnodes", e.nnodes != defaults.nnodes),

@@ -49,6 +49,9 @@ pub struct QuantizeReport {
     /// Other files copied (tokenizer, chat template, generation and preprocessor configs; `original/tokenizer.model`
     /// too, where the source has one).
     pub files_copied: Vec<String>,
+    /// Symbolic links in the source that lead nowhere (a Hugging Face cache with a deleted or partial blob): not
+    /// copied.
+    pub broken_links: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -437,7 +440,14 @@ pub fn quantize_checkpoint(
     for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let entry = entry.map_err(|e| Error::io(src, e))?;
         let fname = entry.file_name().to_string_lossy().into_owned();
-        let meta = std::fs::metadata(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        let meta = match std::fs::metadata(entry.path()) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && ft_is_link(&entry) => {
+                report.broken_links.push(fname);
+                continue;
+            }
+            Err(e) => return Err(Error::io(entry.path(), e)),
+        };
         if !meta.is_file() || is_weight_file(&fname) {
             continue;
         }
@@ -458,6 +468,11 @@ pub fn quantize_checkpoint(
     }
     report.files_copied.sort();
     Ok(report)
+}
+
+/// Whether a directory entry is itself a symbolic link.
+fn ft_is_link(entry: &std::fs::DirEntry) -> bool {
+    entry.file_type().is_ok_and(|t| t.is_symlink())
 }
 
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
