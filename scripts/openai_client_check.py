@@ -13,6 +13,7 @@ Python that has it (.ci/run sets one up).
 """
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -49,14 +50,34 @@ def model_dir(data: Path, out: Path) -> Path:
     return out
 
 
+def vision_model_dir(data: Path, out: Path) -> Path:
+    """The golden mllama-two-images config widened to the Llama 3 vocabulary, with the vision chat template."""
+    cfg = json.loads((ROOT / "tests/golden/mllama-two-images/config.json").read_text())
+    cfg["image_token_index"] = 128256
+    cfg["text_config"].update(vocab_size=128256, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+                              pad_token_id=128004, max_position_embeddings=1024)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(data / "tokenizer.model", out / "tokenizer.model")
+    template = json.loads((data / "Llama-3.2-11B-Vision-Instruct/chat_template.reconstructed.json").read_text())
+    tc = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": template["chat_template"]}
+    (out / "tokenizer_config.json").write_text(json.dumps(tc))
+    return out
+
+
+def png_url(name: str) -> str:
+    data = (ROOT / "tests/golden/mllama-two-images" / name).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start(binary: str, model: Path, port: int, log: Path) -> subprocess.Popen:
-    args = [binary, "serve", "--model", str(model), "--random-weights", "--served-model-name", MODEL,
+def start(binary: str, model: Path, port: int, log: Path, name: str = MODEL) -> subprocess.Popen:
+    args = [binary, "serve", "--model", str(model), "--random-weights", "--served-model-name", name,
             "--port", str(port), "--kv-tokens", "8192"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     deadline = time.time() + 120
@@ -167,6 +188,35 @@ def other_checks(c: OpenAI):
               else "temperature" in str(e), str(e))
 
 
+def vision_checks(c: OpenAI):
+    """Images as OpenAI content parts (data URLs), one and two per message, plain and streamed."""
+    one = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url("image0.png")}},
+                                        {"type": "text", "text": "What is this?"}]}]
+    r = c.chat.completions.create(model=VISION_MODEL, messages=one, max_tokens=4, temperature=0)
+    check("vision: an image part", r.usage.completion_tokens >= 1 and r.choices[0].message.role == "assistant",
+          str(r.usage))
+    chunks = list(c.chat.completions.create(model=VISION_MODEL, messages=one, max_tokens=4, temperature=0,
+                                            stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    check("vision: streamed, the same text", text == (r.choices[0].message.content or ""), f"{text!r}")
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url("image0.png")}},
+                                        {"type": "image_url", "image_url": {"url": png_url("image1.png")}},
+                                        {"type": "text", "text": "What is this?"}]}]
+    r2 = c.chat.completions.create(model=VISION_MODEL, messages=two, max_tokens=3, temperature=0)
+    check("vision: two images, one <|image|> token more", r2.usage.prompt_tokens == r.usage.prompt_tokens + 1,
+          f"{r2.usage.prompt_tokens} vs {r.usage.prompt_tokens}")
+    try:
+        bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                            {"type": "text", "text": "x"}]}]
+        c.chat.completions.create(model=VISION_MODEL, messages=bad, max_tokens=2)
+        check("vision: a broken image is a BadRequestError", False, "no error")
+    except openai.BadRequestError:
+        check("vision: a broken image is a BadRequestError", True)
+
+
+VISION_MODEL = "tiny-vision"
+
+
 def run_checks(c: OpenAI):
     """Each group on its own: an exception (the client refusing an answer, say) fails that group only."""
     for group in (chat_checks, openai_field_checks, completions_checks, other_checks):
@@ -174,6 +224,14 @@ def run_checks(c: OpenAI):
             group(c)
         except Exception as e:  # noqa: BLE001 -- any exception is the finding
             check(group.__name__, False, f"{type(e).__name__}: {e}")
+
+
+def stop(proc: subprocess.Popen):
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main():
@@ -188,11 +246,18 @@ def main():
         try:
             run_checks(OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60))
         finally:
-            proc.terminate()
+            stop(proc)
+        vision = vision_model_dir(Path(a.data), Path(tmp) / "vision")
+        port = free_port()
+        proc = start(a.bin, vision, port, Path(tmp) / "serve-vision.log", VISION_MODEL)
+        try:
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                vision_checks(client)
+            except Exception as e:  # noqa: BLE001 -- any exception is the finding
+                check("vision_checks", False, f"{type(e).__name__}: {e}")
+        finally:
+            stop(proc)
     print(f"openai {openai.__version__}: {len(FAILED)} check(s) failed" + (f": {FAILED}" if FAILED else ""))
     sys.exit(1 if FAILED else 0)
 
