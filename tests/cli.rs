@@ -249,6 +249,8 @@ fn flags_that_would_be_ignored_or_changed_are_refused() {
         ),
         (&["bench-serve", "--url", "127.0.0.1:1", "--served-model-name", "x", "--block-size", "32"], &["--block-size"]),
         (&["serve", "--model", m, "--max-body-bytes", "68719476736"], &["--max-body-bytes", "1 GiB"]),
+        (&["serve", "--model", m, "--api-key", "has space"], &["--api-key"]),
+        (&["bench-serve", "--model", m, "--api-key", "k"], &["--api-key", "--url"]),
         (&["plan", "--batch", "0"], &["--batch"]),
         (&["plan", "--model", "1b", "--images", "2"], &["--images", "text model"]),
         (&["plan", "--model", "1b", "--context", "1000000"], &["--context 1000000", "131072"]),

@@ -820,6 +820,36 @@ async fn a_full_queue_answers_429_with_retry_after() {
     srv.stop(Duration::from_secs(10)).await.expect("serve returns Ok");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_guards_the_v1_routes_only() {
+    let opts = ServerOptions { api_key: Some("s3cret-key".into()), ..Default::default() };
+    let Some(mut srv) = start("http-key", 4096, EngineConfig::default(), opts).await else { return };
+    let body = json!({"prompt": ids(4, 5), "max_tokens": 2});
+    for auth in [None, Some("Bearer wrong"), Some("Bearer s3cret-ke"), Some("Basic s3cret-key"), Some("s3cret-key")] {
+        let mut r = srv.client.post(srv.url("/v1/completions")).json(&body);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        let r = r.send().await.expect("request sent");
+        assert_eq!(r.status(), 401, "{auth:?}");
+        assert_eq!(r.headers().get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
+        let e: Value = r.json().await.expect("JSON error body");
+        assert!(e["error"]["message"].as_str().is_some_and(|m| m.contains("API key")), "{e}");
+    }
+    let r = srv.client.get(srv.url("/v1/models")).send().await.expect("request sent");
+    assert_eq!(r.status(), 401);
+    // The right key, any case of the scheme.
+    for scheme in ["Bearer", "bearer"] {
+        let r = srv.client.post(srv.url("/v1/completions")).header("authorization", format!("{scheme} s3cret-key"));
+        let r = r.json(&body).send().await.expect("request sent");
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    // Probes and scrapers need no key.
+    assert_eq!(srv.get("/health").await.status(), 200);
+    assert_eq!(srv.get("/metrics").await.status(), 200);
+    srv.stop(Duration::from_secs(5)).await.expect("serve returns Ok");
+}
+
 // The vLLM / OpenAI fields that steer or expose tokens: return_token_ids, logit_bias, min_tokens.
 #[path = "server/sampling_fields.rs"]
 mod sampling_fields;

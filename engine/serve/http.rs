@@ -53,6 +53,9 @@ pub struct ServerOptions {
     /// The longest pause allowed while a request body arrives (nginx's `client_body_timeout`): a client that stalls,
     /// or declares more bytes than it sends, gets a 408. A slow but steady upload is not cut.
     pub body_timeout: Duration,
+    /// When set, every `/v1/*` request must carry `Authorization: Bearer KEY` (a 401 otherwise), as with vLLM's
+    /// `--api-key`; `/health` and `/metrics` stay open for probes and scrapers.
+    pub api_key: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -64,6 +67,7 @@ impl Default for ServerOptions {
             shutdown_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
+            api_key: None,
         }
     }
 }
@@ -126,6 +130,13 @@ pub fn router(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
+    let app = match opts.api_key.clone() {
+        Some(key) => app.layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+            let key = key.clone();
+            async move { require_api_key(&key, req, next).await }
+        })),
+        None => app,
+    };
     if std::env::var_os("LLAMA32_LOG_REQUESTS").is_some_and(|v| !v.is_empty() && v != "0") {
         app.layer(axum::middleware::from_fn(log_request))
     } else {
@@ -297,6 +308,35 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+/// Lets a `/v1/*` request through only with `Authorization: Bearer KEY` (compared in constant time); a 401 in
+/// OpenAI's shape otherwise. Other paths (`/health`, `/metrics`) pass.
+async fn require_api_key(key: &str, req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/v1") {
+        return next.run(req).await;
+    }
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, token) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+        return next.run(req).await;
+    }
+    let e = ApiError {
+        status: 401,
+        message: "invalid or missing API key: send `Authorization: Bearer KEY`".into(),
+        kind: "invalid_request_error",
+        param: None,
+    };
+    let mut resp = error_response(&e);
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Equality whose time does not depend on where the first difference is (only on the lengths).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn log_request(req: Request, next: Next) -> Response {

@@ -36,6 +36,8 @@ pub struct LoadOptions {
     pub bos: u32,
     /// The `model` field.
     pub model: String,
+    /// Sent as `Authorization: Bearer KEY` when set (a server started with `--api-key`).
+    pub api_key: Option<String>,
 }
 
 /// Percentiles of one latency, in milliseconds.
@@ -169,9 +171,10 @@ async fn one_request(o: &LoadOptions, seed: u64) -> Result<One> {
         "ignore_eos": true, "temperature": 0, "stream_options": {"include_usage": true},
     })
     .to_string();
+    let auth = o.api_key.as_ref().map_or_else(String::new, |k| format!("Authorization: Bearer {k}\r\n"));
     let req = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
+         {auth}Connection: close\r\n\r\n{body}",
         o.addr,
         body.len()
     );

@@ -134,6 +134,24 @@ pub struct ServeArgs {
     /// Seconds the running requests get to finish after Ctrl-C / SIGTERM.
     #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     shutdown_timeout: f64,
+    /// Require `Authorization: Bearer KEY` on every /v1 route (401 otherwise; /health and /metrics stay open).
+    /// Default: the LLAMA32_API_KEY environment variable, when set (which keeps the key out of `ps`).
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+/// `--api-key`, or the LLAMA32_API_KEY environment variable; an empty or unprintable key is refused.
+fn api_key(flag: Option<&str>) -> Result<Option<String>> {
+    let key = match flag {
+        Some(k) => Some(k.to_string()),
+        None => std::env::var("LLAMA32_API_KEY").ok().filter(|k| !k.is_empty()),
+    };
+    match key {
+        Some(k) if k.trim().is_empty() || k.len() > 4096 || !k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Err(Error::request("--api-key (or LLAMA32_API_KEY): 1 to 4096 printable ASCII characters without spaces"))
+        }
+        k => Ok(k),
+    }
 }
 
 /// `llama32 batch`.
@@ -268,6 +286,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         Role::Alone => None,
     };
     check_listen_address(&a.host, a.port)?;
+    let api_key = api_key(a.api_key.as_deref())?;
     let (engine, ctx) = start_engine(&a.model, &a.engine, lead)?;
     eprintln!("serving model `{}` (max_model_len {} tokens)", ctx.model_name, ctx.info.max_model_len);
     let opts = ServerOptions {
@@ -275,6 +294,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         port: a.port,
         max_body_bytes: a.max_body_bytes,
         shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
+        api_key,
         ..ServerOptions::default()
     };
     run_blocking(engine, ctx, opts)
@@ -370,6 +390,9 @@ pub struct BenchServeArgs {
     /// Generated tokens per request.
     #[arg(long, default_value_t = 128, value_parser = crate::cli::token_count())]
     max_tokens: usize,
+    /// With --url: the server's API key (sent as `Authorization: Bearer KEY`); default: LLAMA32_API_KEY.
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 /// Runs `llama32 bench-serve`: one JSON line per load level with TTFT, ITL and throughput.
@@ -378,6 +401,10 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
     a.engine.check()?;
     if a.url.is_some() {
         check_url_mode(&a.model, &a.engine)?;
+    } else if a.api_key.is_some() {
+        return Err(Error::request(
+            "--api-key is the key of a server given with --url (the in-process one needs none)",
+        ));
     }
     let lead = match node_role(&a.model, &a.engine)? {
         Role::Follow(node) => return follow_node(&a.model, &a.engine, &node),
@@ -407,6 +434,7 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         vocab: 128000,
         bos: 128000,
         model: String::new(),
+        api_key: if a.url.is_some() { api_key(a.api_key.as_deref())? } else { None },
     };
     // Prints a level's report; a level where no request succeeded measured nothing, and is kept in `failed` for
     // the verdict after every level's report (no_failed_level).
