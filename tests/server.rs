@@ -594,6 +594,27 @@ async fn endpoints_and_response_shapes() {
         assert!(id.as_deref().is_some_and(|id| id.starts_with("chatcmpl-") && text.contains(id)), "{id:?}: {text}");
     }
 
+    // vLLM's /tokenize, /detokenize and /version.
+    let (status, t) = srv.post("/tokenize", &json!({"prompt": "Hello world"})).await;
+    assert_eq!(status, 200, "{t}");
+    let tokens = t["tokens"].as_array().expect("tokens").clone();
+    assert_eq!((t["count"].as_u64(), tokens.first()), (Some(tokens.len() as u64), Some(&json!(128000))), "{t}");
+    assert_eq!(t["max_model_len"], 1024);
+    let (_, plain) = srv.post("/tokenize", &json!({"prompt": "Hello world", "add_special_tokens": false})).await;
+    assert_eq!(plain["tokens"].as_array().map(|v| &v[..]), Some(&tokens[1..]), "{plain}");
+    let (status, d) = srv.post("/detokenize", &json!({"tokens": plain["tokens"]})).await;
+    assert_eq!((status, &d["prompt"]), (200, &json!("Hello world")), "{d}");
+    let messages = json!([{"role": "user", "content": "Hello there"}]);
+    let (_, t) = srv.post("/tokenize", &json!({"messages": messages})).await;
+    let (_, r) = srv.post(c, &json!({"messages": messages, "max_tokens": 1})).await;
+    assert_eq!(t["count"], r["usage"]["prompt_tokens"], "the chat prompt as generation renders it: {t}");
+    let (status, e) = srv.post("/tokenize", &json!({"prompt": "a", "messages": messages})).await;
+    assert_eq!(status, 400, "{e}");
+    let (status, e) = srv.post("/detokenize", &json!({"tokens": [1, -2]})).await;
+    assert_eq!((status, &e["error"]["param"]), (400, &json!("tokens")), "{e}");
+    let v: Value = srv.get("/version").await.json().await.expect("version JSON");
+    assert!(v["version"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+
     // n = 3.
     let (status, resp) = srv
         .post(

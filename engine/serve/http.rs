@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP server (`llama32 serve`) on axum.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or server-sent events), `GET /v1/models`,
-//! `GET /v1/models/{id}`, `GET /health` and `GET /metrics` (Prometheus). Every error is an OpenAI-style JSON body
+//! `GET /v1/models/{id}`, vLLM's `POST /tokenize`, `POST /detokenize` and `GET /version`, `GET /health` and
+//! `GET /metrics` (Prometheus). Every error is an OpenAI-style JSON body
 //! `{"error": {"message", "type", "param", "code"}}`.
 //!
 //! A response owns the engine's [`RequestStream`]s of its request: when a client goes away, hyper drops the
@@ -125,6 +126,9 @@ pub fn router(
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/version", get(version))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -418,6 +422,45 @@ async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> Respons
         param: Some("model".into()),
     };
     error_response(&e)
+}
+
+async fn version() -> Response {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
+}
+
+/// vLLM's `/tokenize` and `/detokenize` ([`api::tokenize`], [`api::detokenize`]), off the async workers.
+async fn token_route(
+    s: AppState,
+    headers: &HeaderMap,
+    body: Body,
+    f: fn(&ServeContext, &Value) -> std::result::Result<Value, ApiError>,
+) -> Response {
+    let json = match read_json(headers, body, s.max_body_bytes, s.body_timeout).await {
+        Ok(j) => j,
+        Err(e) => return error_response(&e),
+    };
+    let Ok(permit) = s.prepare_slots.clone().acquire_owned().await else {
+        return error_response(&shutting_down_error());
+    };
+    let ctx = s.ctx.clone();
+    match tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f(&ctx, &json)
+    })
+    .await
+    {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => error_response(&e),
+        Err(e) => error_response(&ApiError::server(500, format!("tokenization failed: {e}"))),
+    }
+}
+
+async fn tokenize(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    token_route(s, &headers, body, api::tokenize).await
+}
+
+async fn detokenize(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    token_route(s, &headers, body, api::detokenize).await
 }
 
 async fn chat_completions(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {

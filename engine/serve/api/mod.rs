@@ -734,6 +734,69 @@ fn data_url_bytes(k: usize, url: Option<&str>) -> ApiResult<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(clean).map_err(|e| bad(format!("invalid base64: {e}")))
 }
 
+/// vLLM's `POST /tokenize`: the token ids the server would run for a completions `prompt` (one string or id
+/// list; `add_special_tokens: false` leaves out the BOS) or a chat `messages` list (rendered by the chat template,
+/// tools included), as `{"count", "max_model_len", "tokens"}`. The prompt is validated as a generation request
+/// would be, so one longer than the context is refused here too.
+pub fn tokenize(ctx: &ServeContext, body: &Json) -> ApiResult<Json> {
+    let Json::Object(obj) = body else {
+        return Err(ApiError::bad_request(None, "request body: expected a JSON object"));
+    };
+    let endpoint = match (obj.contains_key("messages"), obj.contains_key("prompt")) {
+        (true, false) => Endpoint::Chat,
+        (false, true) => Endpoint::Completions,
+        _ => return Err(ApiError::bad_request(None, "request body: give exactly one of `prompt` and `messages`")),
+    };
+    let add_special = Fields(obj).bool("add_special_tokens")?.unwrap_or(true);
+    // Only the prompt's fields: nothing is generated.
+    let mut req = obj.clone();
+    for k in ["stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs", "echo", "max_completion_tokens"] {
+        req.remove(k);
+    }
+    req.insert("max_tokens".into(), Json::from(1));
+    req.remove("add_special_tokens");
+    let prep = prepare(ctx, endpoint, &Json::Object(req))?;
+    let [r] = prep.requests.as_slice() else {
+        return Err(ApiError::bad_request(Some("prompt"), "prompt: one prompt at a time"));
+    };
+    let mut tokens = r.prompt.clone();
+    let bos = ctx.info.config.bos_token_id;
+    if endpoint == Endpoint::Completions && !add_special && bos.is_some_and(|b| tokens.first() == Some(&b)) {
+        tokens.remove(0);
+    }
+    Ok(serde_json::json!({"count": tokens.len(), "max_model_len": ctx.info.max_model_len, "tokens": tokens}))
+}
+
+/// vLLM's `POST /detokenize`: `{"tokens": [ids]}` to `{"prompt": text}` (special tokens kept).
+pub fn detokenize(ctx: &ServeContext, body: &Json) -> ApiResult<Json> {
+    let tok = ctx
+        .tokenizer
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request(None, "detokenize needs a tokenizer, and this model has none"))?;
+    let bad = || ApiError::bad_request(Some("tokens"), "tokens: expected an array of token ids");
+    let ids: Vec<u32> = body
+        .get("tokens")
+        .and_then(Json::as_array)
+        .ok_or_else(bad)?
+        .iter()
+        .map(|x| x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32))
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    if let Some(m) = body.get("model").and_then(Json::as_str).filter(|m| *m != ctx.model_name) {
+        return Err(ApiError {
+            status: 404,
+            ..ApiError::bad_request(
+                Some("model"),
+                format!("model: `{m}` does not exist; this server serves `{}`", ctx.model_name),
+            )
+        });
+    }
+    let text = tok
+        .decode(&ids, false)
+        .map_err(|e| ApiError::bad_request(Some("tokens"), format!("tokens: {}", e.detail())))?;
+    Ok(serde_json::json!({ "prompt": text }))
+}
+
 /// Encodes a chat request's images (preprocessing, vision encoder, projector: the expensive part, so callers run it
 /// off the async workers) and attaches them with the prompt's cross-attention mask to its engine request.
 pub fn attach_images(ctx: &ServeContext, prep: &mut Prepared) -> ApiResult<()> {
