@@ -107,6 +107,10 @@ fn validation_errors_name_the_field() {
     // OpenAI's top_p range includes 0: the most likely token alone (top-k 1).
     let p = prepare(&c, Endpoint::Chat, &chat(json!({"top_p": 0, "temperature": 1}))).unwrap();
     assert_eq!((p.requests[0].params.top_p, p.requests[0].params.top_k), (1.0, 1));
+    let (msg, _) = err(&c, Endpoint::Chat, chat(json!({"top_p": 1.5})));
+    assert!(msg.contains("[0, 1]"), "{msg}");
+    // An empty stream_options is no option: accepted without stream, as vLLM does.
+    assert!(prepare(&c, Endpoint::Chat, &chat(json!({"stream_options": {}}))).is_ok());
     // OpenAI's `developer` role is the system prompt.
     let dev = json!({"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]});
     let sys = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]});

@@ -612,6 +612,17 @@ async fn endpoints_and_response_shapes() {
     assert_eq!(status, 400, "{e}");
     let (status, e) = srv.post("/detokenize", &json!({"tokens": [1, -2]})).await;
     assert_eq!((status, &e["error"]["param"]), (400, &json!("tokens")), "{e}");
+    let (status, e) = srv.post("/detokenize", &json!({"tokens": [1, 999999]})).await;
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(status == 400 && msg.contains("999999") && !msg.contains('/'), "no server path in the message: {e}");
+    // Prompts longer than the context are counted (clients count to cut); token ids are taken as given; a null
+    // `messages` is absent.
+    let (status, t) = srv.post("/tokenize", &json!({"prompt": ids(9, 1100), "min_tokens": 5})).await;
+    assert_eq!((status, t["count"].as_u64()), (200, Some(1100)), "{t}");
+    let (_, t) = srv.post("/tokenize", &json!({"prompt": [128000, 9906], "add_special_tokens": false})).await;
+    assert_eq!(t["tokens"], json!([128000, 9906]), "{t}");
+    let (status, t) = srv.post("/tokenize", &json!({"prompt": "hi", "messages": null})).await;
+    assert_eq!(status, 200, "{t}");
     let v: Value = srv.get("/version").await.json().await.expect("version JSON");
     assert!(v["version"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
 

@@ -287,6 +287,11 @@ pub fn new_id(prefix: &str) -> String {
 
 /// Validates `body` for `endpoint` and turns it into engine requests. Errors are 400s naming the field.
 pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult<Prepared> {
+    prepare_within(ctx, endpoint, body, ctx.info.max_model_len)
+}
+
+/// [`prepare`] against a context length of `ctx_len` tokens (`/tokenize` counts prompts of any length).
+fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: usize) -> ApiResult<Prepared> {
     let Json::Object(obj) = body else {
         return Err(ApiError::bad_request(None, "request body: expected a JSON object"));
     };
@@ -333,7 +338,8 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None | Some(Json::Null) => false,
-        // As OpenAI and vLLM answer: the options would be silently without effect.
+        // As OpenAI and vLLM answer: the options would be silently without effect (an empty object is no option).
+        Some(Json::Object(o)) if !stream && o.is_empty() => false,
         Some(_) if !stream => {
             return Err(ApiError::bad_request(
                 Some("stream_options"),
@@ -558,7 +564,6 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
     // Sampling.
     let d = &ctx.defaults;
     let cfg = &ctx.info.config;
-    let ctx_len = ctx.info.max_model_len;
     let max_tokens = match f.uint("max_completion_tokens", 1, i64::MAX)? {
         Some(m) => Some((m, "max_completion_tokens")),
         None => f.uint("max_tokens", 1, i64::MAX)?.map(|m| (m, "max_tokens")),
@@ -591,6 +596,9 @@ pub fn prepare(ctx: &ServeContext, endpoint: Endpoint, body: &Json) -> ApiResult
     // OpenAI takes top_p in [0, 1]: a nucleus of mass 0 is the single most likely token, which top-k 1 keeps.
     let (top_p, top_k) = match f.f32("top_p")?.or(d.top_p).unwrap_or(1.0) {
         0.0 => (1.0, 1),
+        p if !(0.0..=1.0).contains(&p) => {
+            return Err(ApiError::bad_request(Some("top_p"), format!("top_p must be in [0, 1], got {p}")));
+        }
         p => (p, top_k),
     };
     let base = SamplingParams {
@@ -742,26 +750,28 @@ pub fn tokenize(ctx: &ServeContext, body: &Json) -> ApiResult<Json> {
     let Json::Object(obj) = body else {
         return Err(ApiError::bad_request(None, "request body: expected a JSON object"));
     };
-    let endpoint = match (obj.contains_key("messages"), obj.contains_key("prompt")) {
+    let f = Fields(obj);
+    let endpoint = match (f.get("messages").is_some(), f.get("prompt").is_some()) {
         (true, false) => Endpoint::Chat,
         (false, true) => Endpoint::Completions,
         _ => return Err(ApiError::bad_request(None, "request body: give exactly one of `prompt` and `messages`")),
     };
-    let add_special = Fields(obj).bool("add_special_tokens")?.unwrap_or(true);
-    // Only the prompt's fields: nothing is generated.
-    let mut req = obj.clone();
-    for k in ["stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs", "echo", "max_completion_tokens"] {
-        req.remove(k);
-    }
+    let add_special = f.bool("add_special_tokens")?.unwrap_or(true);
+    // Only the prompt's fields: nothing is generated, and the prompt may be longer than the context (vLLM does not
+    // check it here either: clients count tokens to decide how to cut).
+    let keep = ["model", "messages", "prompt", "tools", "tool_choice", "chat_template_kwargs"];
+    let mut req: serde_json::Map<String, Json> =
+        obj.iter().filter(|(k, _)| keep.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
     req.insert("max_tokens".into(), Json::from(1));
-    req.remove("add_special_tokens");
-    let prep = prepare(ctx, endpoint, &Json::Object(req))?;
+    let prep = prepare_within(ctx, endpoint, &Json::Object(req), usize::MAX)?;
     let [r] = prep.requests.as_slice() else {
         return Err(ApiError::bad_request(Some("prompt"), "prompt: one prompt at a time"));
     };
     let mut tokens = r.prompt.clone();
+    // The BOS the server adds to a text prompt (a token-id prompt is taken as given).
+    let text_prompt = f.get("prompt").is_some_and(Json::is_string);
     let bos = ctx.info.config.bos_token_id;
-    if endpoint == Endpoint::Completions && !add_special && bos.is_some_and(|b| tokens.first() == Some(&b)) {
+    if text_prompt && !add_special && bos.is_some_and(|b| tokens.first() == Some(&b)) {
         tokens.remove(0);
     }
     Ok(serde_json::json!({"count": tokens.len(), "max_model_len": ctx.info.max_model_len, "tokens": tokens}))
@@ -782,6 +792,12 @@ pub fn detokenize(ctx: &ServeContext, body: &Json) -> ApiResult<Json> {
         .map(|x| x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32))
         .collect::<Option<_>>()
         .ok_or_else(bad)?;
+    // Only ids the tokenizer has, checked here so that the error names no server file; a vision model's image
+    // token reads as `<|image|>`, as its prompts write it.
+    let image = ctx.vision.as_ref().map(|v| v.cfg.image_token_index);
+    if let Some(t) = ids.iter().find(|&&t| Some(t) != image && tok.token_bytes(t).is_none()) {
+        return Err(ApiError::bad_request(Some("tokens"), format!("tokens: token id {t} is not in the vocabulary")));
+    }
     if let Some(m) = body.get("model").and_then(Json::as_str).filter(|m| *m != ctx.model_name) {
         return Err(ApiError {
             status: 404,
@@ -791,9 +807,14 @@ pub fn detokenize(ctx: &ServeContext, body: &Json) -> ApiResult<Json> {
             )
         });
     }
-    let text = tok
-        .decode(&ids, false)
-        .map_err(|e| ApiError::bad_request(Some("tokens"), format!("tokens: {}", e.detail())))?;
+    let mut text = String::new();
+    for (k, part) in ids.split(|&t| Some(t) == image).enumerate() {
+        if k > 0 {
+            text.push_str("<|image|>");
+        }
+        let piece = tok.decode(part, false);
+        text.push_str(&piece.map_err(|e| ApiError::bad_request(Some("tokens"), format!("tokens: {}", e.detail())))?);
+    }
     Ok(serde_json::json!({ "prompt": text }))
 }
 
