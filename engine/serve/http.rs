@@ -439,20 +439,30 @@ async fn token_route(
         Ok(j) => j,
         Err(e) => return error_response(&e),
     };
-    let Ok(permit) = s.prepare_slots.clone().acquire_owned().await else {
-        return error_response(&shutting_down_error());
-    };
     let ctx = s.ctx.clone();
-    match tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        f(&ctx, &json)
-    })
-    .await
-    {
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => error_response(&e),
-        Err(e) => error_response(&ApiError::server(500, format!("tokenization failed: {e}"))),
+    match blocking(&s.prepare_slots, "tokenization", move || f(&ctx, &json)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(&e),
     }
+}
+
+/// Runs `work` off the async workers (which answer everyone else) once `slots` has a permit, so that only a
+/// bounded number run at once. The permit moves into the blocking task: a client that goes away drops its handler,
+/// not the work already started, so the permit must live as long as the work. `what` names the work in the 500
+/// for a task that panicked.
+async fn blocking<T: Send + 'static>(
+    slots: &Arc<tokio::sync::Semaphore>,
+    what: &str,
+    work: impl FnOnce() -> std::result::Result<T, ApiError> + Send + 'static,
+) -> std::result::Result<T, ApiError> {
+    let Ok(permit) = slots.clone().acquire_owned().await else {
+        return Err(shutting_down_error());
+    };
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    });
+    task.await.unwrap_or_else(|e| Err(ApiError::server(500, format!("{what} failed: {e}"))))
 }
 
 async fn tokenize(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
@@ -537,36 +547,21 @@ async fn generate(s: AppState, endpoint: Endpoint, headers: &HeaderMap, body: Bo
         Ok(j) => j,
         Err(e) => return error_response(&e),
     };
-    // Rendering and tokenizing a long prompt takes seconds: off the async workers, which answer everyone else, and
-    // a bounded number at once. Each permit moves into its blocking task: a client that goes away drops this
-    // handler, not the work already started, so the permit must live as long as the work.
+    // Rendering and tokenizing a long prompt takes seconds.
     let ctx = s.ctx.clone();
-    let Ok(permit) = s.prepare_slots.clone().acquire_owned().await else {
-        return error_response(&shutting_down_error());
-    };
-    let prepared = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        api::prepare(&ctx, endpoint, &json)
-    });
-    let mut prep = match prepared.await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return error_response(&e),
-        Err(e) => return error_response(&ApiError::server(500, format!("request preparation failed: {e}"))),
-    };
-    if !prep.images.is_empty() {
-        // Image decoding and encoding are heavy compute and memory: off the async workers, a few at a time.
-        let Ok(permit) = s.image_slots.clone().acquire_owned().await else {
-            return error_response(&shutting_down_error());
+    let mut prep =
+        match blocking(&s.prepare_slots, "request preparation", move || api::prepare(&ctx, endpoint, &json)).await {
+            Ok(p) => p,
+            Err(e) => return error_response(&e),
         };
+    if !prep.images.is_empty() {
+        // Image decoding and encoding are heavy compute and memory: a few at a time.
         let ctx = s.ctx.clone();
-        let encoded = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            api::attach_images(&ctx, &mut prep).map(|()| prep)
-        });
+        let encoded =
+            blocking(&s.image_slots, "image encoding", move || api::attach_images(&ctx, &mut prep).map(|()| prep));
         match encoded.await {
-            Ok(Ok(p)) => prep = p,
-            Ok(Err(e)) => return error_response(&e),
-            Err(e) => return error_response(&ApiError::server(500, format!("image encoding failed: {e}"))),
+            Ok(p) => prep = p,
+            Err(e) => return error_response(&e),
         }
     }
     let mut streams = Vec::with_capacity(prep.requests.len());
