@@ -92,9 +92,6 @@ pub struct LoadedModel {
 /// Loads the model named by `a` with a KV cache for at least `min_tokens` tokens (or `--kv-tokens`).
 pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
     let device = Device::parse(&a.device)?;
-    if a.block_size == 0 {
-        return Err(Error::request("--block-size must be positive"));
-    }
     let (cfg, source) = resolve_config(a)?;
     if a.model.is_none() && a.preset.is_none() {
         eprintln!(

@@ -79,10 +79,7 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
     let cfg = encoder.cfg.clone();
     drop(encoder);
     let mask = if enc.is_empty() {
-        let n = ids.iter().filter(|&&t| t == cfg.image_token_index).count();
-        if n > 0 {
-            return Err(Error::request(format!("the prompt has {n} <|image|> token(s) but no image was given")));
-        }
+        cfg.refuse_image_tokens_without_images(ids)?;
         None
     } else {
         let max_tiles = cfg.vision.max_num_tiles;
@@ -95,9 +92,6 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
     };
     if ids.is_empty() {
         return Err(Error::request("--ids: no tokens"));
-    }
-    if m.block_size == 0 {
-        return Err(Error::request("--block-size must be positive"));
     }
     let kv_tokens = m.kv_tokens.unwrap_or(ids.len()).max(ids.len());
     let ckpt = crate::weights::Checkpoint::open(dir)?;
@@ -118,9 +112,6 @@ pub fn logits_tp(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out
 fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: &Path, device: usize) -> Result<()> {
     if ids.is_empty() {
         return Err(Error::request("--ids: no tokens"));
-    }
-    if m.block_size == 0 {
-        return Err(Error::request("--block-size must be positive"));
     }
     let t0 = Instant::now();
     let mut encoder = if m.random_weights {
@@ -341,19 +332,19 @@ pub fn info(a: &ModelArgs) -> Result<Option<serde_json::Value>> {
 /// how the vocabulary tables are held, and the weight bytes so stored (the language model's projections in int4,
 /// everything else bf16, by the same count as `llama32 plan`); `null` for a bf16 model.
 fn vision_quantization_info(a: &ModelArgs) -> Result<serde_json::Value> {
+    use super::load::{quantization_of, Quantization, Source};
     use crate::tp::perf::{predict_stored, Gpu, ModelShape, Storage, Workload};
     let at_load = super::load::at_load(a)?;
-    let (model, ckpt) = match (&a.model, &a.preset) {
-        (Some(dir), _) => (dir.display().to_string(), super::load::checkpoint_quantization(dir)?),
-        (None, Some(name)) => (name.clone(), None),
+    // The text models' rule (`--quantize` or a quantized checkpoint, not both); a preset has no checkpoint.
+    let (model, quant) = match (&a.model, &a.preset) {
+        (Some(dir), _) => (dir.display().to_string(), quantization_of(a, &Source::Dir(dir.clone()))?),
+        (None, Some(name)) => (name.clone(), at_load.scheme.map(Quantization::AtLoad)),
         (None, None) => return Ok(serde_json::Value::Null),
     };
-    if let (Some(s), Some(_)) = (at_load.scheme, &ckpt) {
-        return Err(Error::request(format!(
-            "--quantize {}: the checkpoint is already quantized (its config.json has a quantization_config)",
-            s.name()
-        )));
-    }
+    let ckpt = match quant {
+        Some(Quantization::Checkpoint(q)) => Some(q),
+        _ => None,
+    };
     let scheme = at_load.scheme.or(ckpt.as_ref().map(|q| q.scheme));
     let int8_tables = at_load.tables_int8
         || ckpt.as_ref().is_some_and(|q| q.embeddings == crate::quant::format::EmbeddingQuant::Int8);

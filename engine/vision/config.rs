@@ -217,6 +217,16 @@ impl MllamaConfig {
         self.vision.max_num_tiles * self.vision.num_patches()
     }
 
+    /// Refuses `<|image|>` tokens in a prompt that comes without images, as the HF processor does: without
+    /// images they would attend to nothing and run as an ordinary (meaningless) embedding row.
+    pub fn refuse_image_tokens_without_images(&self, prompt: &[u32]) -> Result<()> {
+        let n = prompt.iter().filter(|&&t| t == self.image_token_index).count();
+        if n > 0 {
+            return Err(Error::request(format!("the prompt has {n} <|image|> token(s) but no image was given")));
+        }
+        Ok(())
+    }
+
     /// Merges `eos_token_id` from `generation_config.json` in `dir`, if present, into the text model's stop ids.
     pub fn merge_generation_config(&mut self, dir: &Path) -> Result<()> {
         self.text.base.merge_generation_config(dir)

@@ -124,20 +124,10 @@ impl MllamaModel {
         )
     }
 
-    /// Refuses `<|image|>` tokens in a prompt that comes without images, as the HF processor does: without
-    /// images they would attend to nothing and run as an ordinary (meaningless) embedding row.
-    fn check_image_tokens_without_images(&self, prompt: &[u32]) -> Result<()> {
-        let n = prompt.iter().filter(|&&t| t == self.cfg.image_token_index).count();
-        if n > 0 {
-            return Err(Error::request(format!("the prompt has {n} <|image|> token(s) but no image was given")));
-        }
-        Ok(())
-    }
-
     /// Logits `[prompt.len(), vocab]` of the whole prompt.
     pub fn logits(&self, prompt: &[u32], images: &EncodedImages) -> Result<Vec<f32>> {
         if images.is_empty() {
-            self.check_image_tokens_without_images(prompt)?;
+            self.cfg.refuse_image_tokens_without_images(prompt)?;
             return text_forward(&self.weights.text, &self.cfg, prompt, None, None);
         }
         let mask = self.mask(prompt, images)?;
@@ -167,7 +157,7 @@ impl MllamaModel {
         let mut cache = TextCache::new(w, &self.cfg.text)?;
         let per_image = images.states.len() / images.len().max(1);
         let mask = if images.is_empty() {
-            self.check_image_tokens_without_images(prompt)?;
+            self.cfg.refuse_image_tokens_without_images(prompt)?;
             None
         } else {
             for k in 0..images.len() {

@@ -103,9 +103,6 @@ pub(super) fn tp_quantization(
 pub(crate) fn tp_cpu_executor(a: &ModelArgs, tp: usize, kv_tokens: usize) -> Result<crate::tp::TpCpuExecutor> {
     let (cfg, source) = load::resolve_config(a)?;
     let at_load = tp_quantization(a, &source, &cfg, tp)?;
-    if a.block_size == 0 {
-        return Err(Error::request("--block-size must be positive"));
-    }
     let ckpt;
     let src = match (&source, a.random_weights) {
         (load::Source::Dir(dir), false) => {
@@ -265,9 +262,6 @@ fn tp_cuda_model(
 ) -> Result<TpCudaModel> {
     if load::Device::parse(&a.device)? == load::Device::Cpu {
         return Err(Error::request("tensor-parallel CUDA ranks need --device cuda or cuda:K"));
-    }
-    if a.block_size == 0 {
-        return Err(Error::request("--block-size must be positive"));
     }
     let (cfg, source) = load::resolve_config(a)?;
     crate::tp::TpPlan::new(&cfg, tp)?;

@@ -219,19 +219,13 @@ pub(crate) fn vision_logits_tp_cuda(
     if ids.is_empty() {
         return Err(Error::request("--ids: no tokens"));
     }
-    if m.block_size == 0 {
-        return Err(Error::request("--block-size must be positive"));
-    }
     let cfg = crate::vision::config::MllamaConfig::from_model_dir(dir)?;
     crate::tp::TpPlan::new(&cfg.text.base, tp)?;
     let placement = cuda_rank_placement(&m.device, tp, devices, false)?;
     let kind = tp_comm_kind("auto", &placement)?;
     let t0 = std::time::Instant::now();
     let (cfg, enc, mask) = if images.is_empty() {
-        let n = ids.iter().filter(|&&t| t == cfg.image_token_index).count();
-        if n > 0 {
-            return Err(Error::request(format!("the prompt has {n} <|image|> token(s) but no image was given")));
-        }
+        cfg.refuse_image_tokens_without_images(ids)?;
         (cfg, crate::vision::pipeline::EncodedImages { states: Vec::new(), num_tiles: Vec::new() }, None)
     } else {
         let mut encoder = crate::vision::pipeline::ImageEncoder::load(dir)?;
