@@ -160,6 +160,35 @@ def completions_checks(c: OpenAI):
     r = c.completions.create(model=MODEL, prompt="Echo me", max_tokens=2, echo=True)
     check("completions: echo", r.choices[0].text.startswith("Echo me"))
 
+    # Prompt log-probabilities as lm-evaluation-harness asks for them: echo + logprobs, token-id prompts, max_tokens
+    # 0 (the prompt alone) or 1 (its last entry is the generated token).
+    text = "Score me, please"
+    r = c.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    ch, u = r.choices[0], r.usage
+    lp = ch.logprobs
+    check("completions: echo + logprobs + max_tokens 0 gives the prompt alone",
+          ch.text == text and ch.finish_reason == "length" and u.completion_tokens == 0
+          and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == u.prompt_tokens,
+          f"{ch} {u}")
+    check("completions: echo + logprobs: the first token has none, the others are log-probabilities",
+          lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+          and all(v is not None and v <= 0 for v in lp.token_logprobs[1:]), str(lp.token_logprobs))
+    ids = c.completions.create(model=MODEL, prompt=text, max_tokens=1,
+                               extra_body={"return_token_ids": True}).choices[0].prompt_token_ids
+    r = c.completions.create(model=MODEL, prompt=[ids], max_tokens=1, echo=True, logprobs=1, temperature=0, seed=1234)
+    lp1 = r.choices[0].logprobs
+    same = len(lp1.token_logprobs) == len(ids) + 1 and all(
+        (a is None and b is None) or abs(a - b) < 1e-4 for a, b in zip(lp1.token_logprobs, lp.token_logprobs))
+    check("completions: echo + logprobs with token ids and max_tokens 1 (lm-eval's request)", same,
+          f"{lp1.token_logprobs} vs {lp.token_logprobs}")
+    greedy = lp1.token_logprobs[-1] == max(lp1.top_logprobs[-1].values())
+    check("completions: the generated token of a greedy request is its position's best", greedy, str(lp1.top_logprobs[-1]))
+    r = c.completions.create(model=MODEL, prompt=[ids], max_tokens=1, extra_body={"prompt_logprobs": 0})
+    pl = getattr(r.choices[0], "prompt_logprobs", None)
+    check("completions: vLLM prompt_logprobs", isinstance(pl, list) and len(pl) == len(ids) and pl[0] is None
+          and all(abs(e[str(t)]["logprob"] - v) < 1e-4 for e, t, v in zip(pl[1:], ids[1:], lp.token_logprobs[1:])),
+          str(pl)[:300])
+
 
 
 def other_checks(c: OpenAI):

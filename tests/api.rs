@@ -126,8 +126,12 @@ fn validation_errors_name_the_field() {
     assert!(msg.contains("prompt: expected"), "{msg}");
     let (msg, _) = err(&c, Endpoint::Completions, json!({"prompt": "a", "suffix": "b"}));
     assert!(msg.contains("suffix"), "{msg}");
-    let (msg, _) = err(&c, Endpoint::Completions, json!({"prompt": "a", "echo": true, "logprobs": 2}));
-    assert!(msg.contains("echo"), "{msg}");
+    let (msg, p) = err(&c, Endpoint::Completions, json!({"prompt": "a", "max_tokens": 0}));
+    assert!(msg.contains("only with echo"), "{msg}");
+    assert_eq!(p.as_deref(), Some("max_tokens"));
+    let (msg, p) = err(&c, Endpoint::Completions, json!({"prompt": "a", "prompt_logprobs": 21}));
+    assert!(msg.contains("[0, 20]"), "{msg}");
+    assert_eq!(p.as_deref(), Some("prompt_logprobs"));
     let (msg, _) = err(&c, Endpoint::Completions, json!({}));
     assert!(msg.contains("prompt: missing"), "{msg}");
     let (msg, p) = err(&c, Endpoint::Completions, json!({"prompt": vec![vec![1, 2]; 1025]}));
@@ -167,6 +171,17 @@ fn sampling_fields_defaults_and_limits() {
     assert_eq!(p.requests[1].logprobs, Some(3));
     let p = prepare(&c, Endpoint::Completions, &json!({"prompt": [128000, 9906], "echo": true})).unwrap();
     assert_eq!(p.prefixes[0], "Hello", "echo decodes a token prompt (special tokens skipped)");
+    assert_eq!(p.requests[0].prompt_logprobs, None, "echo alone scores nothing");
+    // echo + logprobs scores the prompt; max_tokens 0 asks for the prompt alone (one token generated, dropped).
+    let body = json!({"prompt": [128000, 9906], "echo": true, "logprobs": 2, "max_tokens": 0});
+    let p = prepare(&c, Endpoint::Completions, &body).unwrap();
+    assert_eq!((p.requests[0].prompt_logprobs, p.requests[0].logprobs), (Some(2), Some(2)));
+    assert!(p.echo_logprobs && p.prompt_only && !p.vllm_prompt_logprobs);
+    assert_eq!(p.requests[0].params.max_tokens, 1);
+    let p = prepare(&c, Endpoint::Chat, &json!({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 0}))
+        .unwrap();
+    assert_eq!(p.requests[0].prompt_logprobs, Some(0));
+    assert!(p.vllm_prompt_logprobs && !p.echo_logprobs && !p.prompt_only && !p.logprobs);
 }
 
 #[test]
@@ -249,7 +264,7 @@ fn completions_objects_index_choices_and_report_logprobs() {
         &json!({"prompt": ["a", "b"], "n": 2, "logprobs": 1, "stream": true, "stream_options": {"include_usage": true}}),
     )
     .unwrap();
-    let lp = |id: u32| TokenLogprob { id, logprob: -0.5, top: vec![(id, -0.5)] };
+    let lp = |id: u32| TokenLogprob { id, logprob: -0.5, rank: 1, top: vec![(id, -0.5)] };
     let mut sb = StreamBuilder::new(&c, &p);
     let mut chunks = Vec::new();
     for prompt in 0..2 {
@@ -286,7 +301,7 @@ fn completions_objects_index_choices_and_report_logprobs() {
         index: 0,
         text: String::new(),
         ids: vec![lone[0]],
-        logprobs: vec![TokenLogprob { id: lone[0], logprob: -1.0, top }],
+        logprobs: vec![TokenLogprob { id: lone[0], logprob: -1.0, rank: 1, top }],
     };
     let chunk = &sb.push(0, ev).unwrap()[0];
     let want = json!([{"\u{FFFD}": -1.0, format!("token_id:{}", lone[1]): -2.0}]);
@@ -327,7 +342,7 @@ fn completions_logprobs_offsets_count_characters_and_include_the_sampled_token()
     let eot = 128009; // <|eot_id|>, special: not in the text
     assert!(tok.is_special(eot));
     let ids = [e_acute, eot, x];
-    let lp = |id: u32| TokenLogprob { id, logprob: -1.0, top: vec![(find("y"), -0.5)] };
+    let lp = |id: u32| TokenLogprob { id, logprob: -1.0, rank: 2, top: vec![(find("y"), -0.5)] };
     let body = json!({"prompt": "a", "logprobs": 1});
     let p = prepare(&c, Endpoint::Completions, &body).unwrap();
     let mut rb = ResponseBuilder::new(&c, &p);

@@ -8,12 +8,14 @@ use llama32::serve::engine::{EngineConfig, EngineHandle, RequestStream};
 use llama32::serve::{Event, GenerateRequest, TokenLogprob, Usage};
 
 /// Everything one request produced: per completion text, ids, logprobs and finish reason; and the usage.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct Out {
     text: Vec<String>,
     ids: Vec<Vec<u32>>,
     logprobs: Vec<Vec<TokenLogprob>>,
     finish: Vec<Option<FinishReason>>,
+    /// The prompt's log-probabilities (sent once, before any delta).
+    prompt: Option<Vec<TokenLogprob>>,
     usage: Option<Usage>,
     error: Option<String>,
 }
@@ -33,6 +35,11 @@ fn drain(mut s: RequestStream, n: usize) -> Out {
                 o.text[index].push_str(&text);
                 o.ids[index].extend(ids);
                 o.logprobs[index].extend(logprobs);
+            }
+            Event::PromptLogprobs(p) => {
+                assert!(o.prompt.is_none(), "prompt log-probabilities sent twice");
+                assert!(o.ids.iter().all(Vec::is_empty), "prompt log-probabilities after a delta");
+                o.prompt = Some(p);
             }
             Event::Finished { index, reason } => o.finish[index] = Some(reason),
             Event::Done(u) => o.usage = Some(u),
@@ -171,14 +178,87 @@ fn logprobs_match_the_logits_and_do_not_change_the_tokens() {
     }
 }
 
+/// Log-softmax of a logits row, in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+#[test]
+fn prompt_logprobs_score_every_prompt_token_once() {
+    // Chunks of 16 tokens: the prompt's rows come over three steps.
+    let Some(e) = engine("prompt-lp", 4096, EngineConfig { max_step_tokens: 16, ..Default::default() }) else {
+        return;
+    };
+    let p = prompt(9, 40);
+    let mut plain = GenerateRequest::new(p.clone(), sampled(3, 7));
+    plain.n = 2;
+    // Run first, so that the prompt's blocks are cached: the scored request must not take them.
+    let plain = drain(e.submit_blocking(plain).unwrap(), 2);
+    let mut r = GenerateRequest::new(p.clone(), sampled(3, 7));
+    r.n = 2;
+    r.prompt_logprobs = Some(4);
+    let scored = drain(e.submit_blocking(r).unwrap(), 2);
+    assert_eq!(scored.error, None);
+    assert_eq!(scored.ids, plain.ids, "asking for prompt logprobs changed the sampled tokens");
+    assert_eq!(scored.usage, plain.usage);
+    let lps = scored.prompt.expect("prompt log-probabilities");
+    assert_eq!(lps.len(), p.len() - 1, "one entry per prompt token after the first");
+    // Against the model itself, scoring the prompt in one pass.
+    let dir = common::tiny_model_dir("prompt-lp-score").expect("the engine above found the test data");
+    let mut ex = common::tiny_executor(&dir, 4096).unwrap();
+    let logits = llama32::exec::generate::score(&mut ex, &p, 40).unwrap();
+    let vocab = logits.len() / p.len();
+    for (i, lp) in lps.iter().enumerate() {
+        let want = log_softmax(&logits[i * vocab..(i + 1) * vocab]);
+        assert_eq!(lp.id, p[i + 1], "entry {i} scores prompt token {}", i + 1);
+        assert!(
+            (lp.logprob as f64 - want[lp.id as usize]).abs() < 1e-3,
+            "token {}: {} against {}",
+            i + 1,
+            lp.logprob,
+            want[lp.id as usize]
+        );
+        let better = want.iter().filter(|&&x| x > want[lp.id as usize] + 1e-3).count() as u32;
+        let close = want.iter().filter(|&&x| (x - want[lp.id as usize]).abs() <= 1e-3).count() as u32;
+        assert!(lp.rank > better && lp.rank <= better + close, "token {}: rank {} ({better} better)", i + 1, lp.rank);
+        assert_eq!(lp.top.len(), 4);
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+        for (k, &(id, v)) in lp.top.iter().enumerate() {
+            assert!((v as f64 - want[id as usize]).abs() < 1e-3, "token {}, alternative {k}", i + 1);
+            assert!((v as f64 - want[order[k]]).abs() < 1e-3, "token {}: alternative {k} is not the {k}-th", i + 1);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    // A one-token prompt has nothing to score: an empty list, still sent.
+    let mut one = GenerateRequest::new(vec![128000], sampled(2, 1));
+    one.prompt_logprobs = Some(0);
+    let one = drain(e.submit_blocking(one).unwrap(), 1);
+    assert_eq!(one.prompt, Some(Vec::new()));
+    assert_eq!(one.ids[0].len(), 2);
+    // The limit is the one of `logprobs`.
+    let mut many = GenerateRequest::new(p, sampled(2, 1));
+    many.prompt_logprobs = Some(21);
+    let err = e.submit_blocking(many).err().expect("refused").to_string();
+    assert!(err.contains("prompt_logprobs must be at most 20"), "{err}");
+}
+
 #[test]
 fn kv_exhaustion_preempts_and_loses_nothing() {
     // 24 blocks of 16 tokens; 10 requests of 40 + 60 tokens need 7 blocks each at the end.
     let Some(e) = engine("preempt", 24 * 16, EngineConfig { max_step_tokens: 128, ..Default::default() }) else {
         return;
     };
-    let reqs: Vec<GenerateRequest> =
-        (0..10).map(|k| GenerateRequest::new(prompt(20 + k, 40), sampled(60, 1000 + k as u64))).collect();
+    // Every third request also scores its prompt: a preempted prompt computes its rows again.
+    let reqs: Vec<GenerateRequest> = (0..10)
+        .map(|k| {
+            let mut r = GenerateRequest::new(prompt(20 + k, 40), sampled(60, 1000 + k as u64));
+            r.prompt_logprobs = (k % 3 == 0).then_some(1);
+            r
+        })
+        .collect();
     let streams: Vec<RequestStream> = reqs.iter().map(|r| e.submit_blocking(r.clone()).unwrap()).collect();
     let together: Vec<Out> = streams.into_iter().map(|s| drain(s, 1)).collect();
     let snap = e.metrics().snapshot();
@@ -186,7 +266,14 @@ fn kv_exhaustion_preempts_and_loses_nothing() {
     for (k, (r, o)) in reqs.iter().zip(&together).enumerate() {
         assert_eq!(o.error, None);
         let solo = drain(e.submit_blocking(r.clone()).unwrap(), 1);
-        assert_eq!(o, &solo, "request {k} changed under preemption");
+        assert_eq!(o.prompt.as_ref().map(Vec::len), r.prompt_logprobs.map(|_| 39), "request {k}");
+        // Prompt scores from other batchings may round differently; the rest must be equal.
+        let (mut o, mut solo) = (o.clone(), solo);
+        for (a, b) in o.prompt.take().into_iter().flatten().zip(solo.prompt.take().into_iter().flatten()) {
+            assert_eq!((a.id, a.top[0].0), (b.id, b.top[0].0), "request {k}");
+            assert!((a.logprob - b.logprob).abs() < 1e-4, "request {k}: {} against {}", a.logprob, b.logprob);
+        }
+        assert_eq!(o, solo, "request {k} changed under preemption");
     }
     let kv = e.metrics().snapshot().sched.kv;
     assert_eq!(kv.used_blocks, 0, "blocks leaked");

@@ -135,6 +135,61 @@ fn greedy_ids_match_transformers_batched() {
     }
 }
 
+/// Prompt log-probabilities through the serving engine (prefill in 40-token chunks, the prompt's blocks cached by
+/// an earlier request) are the log-softmax of transformers' logits, with its most likely tokens as alternatives.
+#[test]
+fn prompt_logprobs_through_the_engine_match_transformers() {
+    use llama32::serve::engine::{EngineConfig, EngineHandle};
+    use llama32::serve::{Event, GenerateRequest};
+    for name in ["tied-gqa4", "cuda-d128-gqa3"] {
+        let case = Case::load(name);
+        let prompt = case.ids("prompt_ids");
+        let (dir, cfg) = (case.dir.clone(), case.cfg.clone());
+        let make = move || -> llama32::Result<Box<dyn Executor>> {
+            let w = ModelWeights::load(&Checkpoint::open(&dir)?, &cfg, &|_| {})?;
+            Ok(Box::new(CpuExecutor::with_capacity(cfg, w, 512, 16)?))
+        };
+        let e = EngineHandle::start(make, None, EngineConfig { max_step_tokens: 40, ..Default::default() }).unwrap();
+        let params = SamplingParams { max_tokens: 1, ..SamplingParams::greedy() };
+        let mut first = e.submit_blocking(GenerateRequest::new(prompt.clone(), params.clone())).unwrap();
+        while first.blocking_next().is_some() {}
+        let mut r = GenerateRequest::new(prompt.clone(), params);
+        r.prompt_logprobs = Some(3);
+        let mut s = e.submit_blocking(r).unwrap();
+        let mut scores = None;
+        while let Some(ev) = s.blocking_next() {
+            match ev {
+                Event::PromptLogprobs(p) => scores = Some(p),
+                Event::Error(m) => panic!("{name}: {m}"),
+                _ => {}
+            }
+        }
+        let scores = scores.expect("prompt log-probabilities");
+        assert_eq!(scores.len(), prompt.len() - 1, "{name}");
+        let want = case.ref_logits("logits.npy");
+        let vocab = case.cfg.vocab_size;
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let tol = 3.0 * REL_TOL as f64 * scale;
+        let mut worst = 0f64;
+        for (i, lp) in scores.iter().enumerate() {
+            assert_eq!(lp.id, prompt[i + 1], "{name}: entry {i}");
+            let row = &want[i * vocab..(i + 1) * vocab];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let hf = |id: u32| row[id as usize] as f64 - lse;
+            let mut order: Vec<u32> = (0..vocab as u32).collect();
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            worst = worst.max((lp.logprob as f64 - hf(lp.id)).abs());
+            assert_eq!(lp.top.len(), 3, "{name}");
+            for (k, &(id, v)) in lp.top.iter().enumerate() {
+                worst = worst.max((v as f64 - hf(id)).abs()).max((v as f64 - hf(order[k])).abs());
+            }
+        }
+        assert!(worst <= tol, "{name}: prompt logprobs differ from transformers' by {worst:.2e} (tolerance {tol:.2e})");
+        eprintln!("{name}: prompt logprobs max |diff| {worst:.2e}");
+    }
+}
+
 #[test]
 fn bad_token_id_is_rejected() {
     let case = Case::load("tied-gqa4");

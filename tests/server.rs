@@ -782,6 +782,10 @@ mod limits;
 #[path = "server/sampling_fields.rs"]
 mod sampling_fields;
 
+// Prompt log-probabilities: echo with logprobs, max_tokens 0, vLLM's prompt_logprobs.
+#[path = "server/prompt_logprobs.rs"]
+mod prompt_logprobs;
+
 // Randomized bad fields: every answer a 200 or a 400 with a message.
 #[path = "server/fuzz.rs"]
 mod fuzz;

@@ -54,7 +54,7 @@ fn drain(mut s: RequestStream) -> (Vec<u32>, Option<FinishReason>, Option<String
             Event::Delta { ids: i, .. } => ids.extend(i),
             Event::Finished { reason, .. } => fin = Some(reason),
             Event::Error(m) => err = Some(m),
-            Event::Done(_) => {}
+            Event::Done(_) | Event::PromptLogprobs(_) => {}
         }
     }
     (ids, fin, err)
@@ -82,6 +82,50 @@ fn vision_requests_match_transformers_and_share_steps_with_text() {
     let again = drain(e.submit_blocking(request(&c, greedy(3))).unwrap());
     assert_eq!(again.0, c.greedy[..3]);
     assert!(e.metrics().snapshot().sched.kv.hit_tokens > hits0, "same images, same prefix: cache hit");
+}
+
+/// Prompt log-probabilities of a vision request (its prompt split into 5-token chunks, the images' prefix blocks
+/// cached by an earlier request) are the log-softmax of transformers' logits; an `<|image|>` token, outside the
+/// output vocabulary, is impossible (-inf, ranked last).
+#[test]
+fn vision_prompt_logprobs_match_transformers() {
+    let c = case("mllama-two-images");
+    let e = engine(&c.model.dir, 1024, 4, EngineConfig { max_step_tokens: 5, ..Default::default() });
+    assert_eq!(drain(e.submit_blocking(request(&c, greedy(2))).unwrap()).0, c.greedy[..2]);
+    let mut r = request(&c, greedy(2));
+    r.prompt_logprobs = Some(2);
+    let mut s = e.submit_blocking(r).unwrap();
+    let mut scores = None;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            Event::PromptLogprobs(p) => scores = Some(p),
+            Event::Error(m) => panic!("{m}"),
+            _ => {}
+        }
+    }
+    let scores = scores.expect("prompt log-probabilities");
+    assert_eq!(scores.len(), c.ids.len() - 1);
+    let want = llama32::npy::read_f32(&c.model.dir.join("logits.npy")).unwrap();
+    let vocab = want.shape[1];
+    let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let image = c.model.cfg.image_token_index;
+    let mut images = 0;
+    for (i, lp) in scores.iter().enumerate() {
+        assert_eq!(lp.id, c.ids[i + 1]);
+        if lp.id == image {
+            assert_eq!((lp.logprob, lp.rank as usize), (f32::NEG_INFINITY, vocab + 1), "position {}", i + 1);
+            images += 1;
+            continue;
+        }
+        let row = &want.data[i * vocab..(i + 1) * vocab];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        let hf = row[lp.id as usize] as f64 - lse;
+        assert!((lp.logprob as f64 - hf).abs() <= 3e-4 * scale, "position {}: {} against {hf}", i + 1, lp.logprob);
+        let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (k, &x)| if x > b.1 { (k, x) } else { b });
+        assert!((lp.top[0].1 as f64 - (best.1 as f64 - lse)).abs() <= 3e-4 * scale, "position {}", i + 1);
+    }
+    assert_eq!(images, c.ids[1..].iter().filter(|&&t| t == image).count());
 }
 
 #[test]

@@ -203,6 +203,13 @@ impl KvManager {
     /// with the same salt (0 is the plain chain). A vision request salts with its images' hash, because its K/V
     /// after an image token depends on the image, not on the tokens alone.
     pub fn allocate_salted(&mut self, seq: SeqId, prompt_tokens: &[u32], salt: u64) -> Result<Allocation> {
+        self.allocate_with(seq, prompt_tokens, salt, true)
+    }
+
+    /// [`allocate_salted`](Self::allocate_salted), looking the prefix up only when `reuse` is set: without it
+    /// every block is fresh and the whole prompt is computed (prompt log-probabilities need every row), and the
+    /// lookup is not counted in the hit rate. Its blocks are registered for later requests as usual.
+    pub fn allocate_with(&mut self, seq: SeqId, prompt_tokens: &[u32], salt: u64, reuse: bool) -> Result<Allocation> {
         if self.seqs.contains_key(&seq) {
             return Err(Error::request(format!("KV manager: sequence {seq} already holds blocks")));
         }
@@ -214,7 +221,8 @@ impl KvManager {
         let (mut hits, mut hashes) = (Vec::new(), Vec::new());
         let root = if salt == 0 { ROOT_HASH } else { block_hash(ROOT_HASH ^ salt, &[]) };
         let mut parent = root;
-        for chunk in prompt_tokens[..lookup_len].chunks_exact(bs) {
+        let looked_up = if reuse { lookup_len } else { 0 };
+        for chunk in prompt_tokens[..looked_up].chunks_exact(bs) {
             let h = block_hash(parent, chunk);
             match self.by_hash.get(&h) {
                 Some(&b)
@@ -249,7 +257,7 @@ impl KvManager {
         }
         let cached_tokens = hashes.len() * bs;
         self.hit_tokens += cached_tokens as u64;
-        self.queried_tokens += lookup_len as u64;
+        self.queried_tokens += looked_up as u64;
         self.seqs.insert(
             seq,
             SeqBlocks { root, table: table.clone(), tokens: prompt_tokens.to_vec(), computed: cached_tokens, hashes },

@@ -11,8 +11,8 @@ use crate::{Error, Result};
 /// ([`Executor::step_greedy`]) when every sampled sequence is plain greedy, else each sequence's sampler
 /// ([`Executor::step_sample`]). Either way the ids are recorded in the samplers.
 pub fn run_step<E: Executor + ?Sized>(sched: &mut Scheduler, exec: &mut E, plan: &StepPlan) -> Result<Vec<u32>> {
-    let picked = if plan.images.iter().any(Option::is_some) {
-        // Steps with images (vision models) return logits and sample on the host.
+    let picked = if plan.images.iter().any(Option::is_some) || plan.has_prompt_rows() {
+        // Steps with images (vision models) or prompt rows return logits and sample on the host.
         run_step_on_host(sched, exec, plan)?.0
     } else if sched.all_plain_greedy(plan) {
         let ids = exec.step_greedy(&plan.input)?;
@@ -63,9 +63,10 @@ pub fn run_to_completion<E: Executor + ?Sized>(
     Ok(done)
 }
 
-/// Runs `plan` (images included) with the logits copied to the host, and picks each row's id there with its
-/// sequence's sampler (the ids are recorded in the samplers). Returns the ids and the logits `[rows, vocab]`, for
-/// callers that also need log-probabilities.
+/// Runs `plan` (images included) with the logits copied to the host, and picks each sampled row's id there with
+/// its sequence's sampler (the ids are recorded in the samplers). Returns the ids and the logits of every row,
+/// `[plan.input.logits_rows.len(), vocab]` (sampled rows at [`StepPlan::sample_rows`], prompt rows at
+/// [`StepPlan::prompt_rows`]), for callers that also need log-probabilities.
 pub fn run_step_on_host<E: Executor + ?Sized>(
     sched: &mut Scheduler,
     exec: &mut E,
@@ -73,11 +74,23 @@ pub fn run_step_on_host<E: Executor + ?Sized>(
 ) -> Result<(Vec<u32>, Vec<f32>)> {
     let out = exec.step_with_images(&plan.input, &plan_images(plan))?;
     let vocab = exec.config().vocab_size;
-    let mut rows = sched.sample_rows(plan)?;
-    if out.logits.len() != rows.len() * vocab {
-        return Err(Error::Backend(format!("{} logits for {} rows", out.logits.len(), rows.len())));
+    let total = plan.input.logits_rows.len();
+    if out.logits.len() != total * vocab {
+        return Err(Error::Backend(format!("{} logits for {total} rows", out.logits.len())));
     }
-    let picked = rows.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect();
+    let mut rows = sched.sample_rows(plan)?;
+    if plan.sample_rows.len() != rows.len() || plan.sample_rows.iter().any(|&r| r >= total) {
+        return Err(Error::Backend(format!(
+            "sampled rows {:?} of {total} for {} sequences",
+            plan.sample_rows,
+            rows.len()
+        )));
+    }
+    let picked = rows
+        .iter_mut()
+        .zip(&plan.sample_rows)
+        .map(|(r, &row)| r.sampler.sample(&out.logits[row * vocab..(row + 1) * vocab]))
+        .collect();
     Ok((picked, out.logits))
 }
 

@@ -44,7 +44,14 @@ pub struct SchedulerConfig {
     pub max_model_len: usize,
     /// Vocabulary size (request validation).
     pub vocab_size: usize,
+    /// Most logits rows per step for prompt log-probabilities ([`Scheduler::want_prompt_logits`]): a prompt that
+    /// wants them is prefilled in chunks of at most this many tokens, so the `[rows, vocab]` logits stay bounded.
+    pub max_prompt_logits_rows: usize,
 }
+
+/// Default [`SchedulerConfig::max_prompt_logits_rows`]: 512 rows of a 128256-token vocabulary are 131 MB of bf16
+/// logits on a device (within the 1024 rows the CUDA memory plan reserves) and 263 MB as f32 on the host.
+pub const DEFAULT_PROMPT_LOGITS_ROWS: usize = 512;
 
 impl SchedulerConfig {
     /// Limits for a model: EOS ids, context length and vocabulary from `cfg`.
@@ -55,6 +62,7 @@ impl SchedulerConfig {
             eos_ids: cfg.eos_token_ids.clone(),
             max_model_len: cfg.max_position_embeddings,
             vocab_size: cfg.vocab_size,
+            max_prompt_logits_rows: DEFAULT_PROMPT_LOGITS_ROWS,
         }
     }
 }
@@ -104,8 +112,33 @@ pub struct StepPlan {
     pub chunks: Vec<PlannedChunk>,
     /// Per chunk: its images (vision requests), or `None`.
     pub images: Vec<Option<PlanImages>>,
-    /// The sequence of each logits row, in row order.
+    /// The sequence of each sampled logits row, in order.
     pub logits_seqs: Vec<SeqId>,
+    /// The logits row of each entry of `logits_seqs`. Without `prompt_rows` this is `0..logits_seqs.len()`.
+    pub sample_rows: Vec<usize>,
+    /// Runs of prompt rows whose logits score the prompt's next token (prompt log-probabilities).
+    pub prompt_rows: Vec<PromptRows>,
+}
+
+impl StepPlan {
+    /// Whether the plan has rows besides the sampled ones (they need the logits on the host).
+    pub fn has_prompt_rows(&self) -> bool {
+        !self.prompt_rows.is_empty()
+    }
+}
+
+/// A run of logits rows of one sequence's prefill chunk that score its prompt: row `first_row + i` holds the
+/// logits at position `start + i`, the distribution of prompt token `start + i + 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptRows {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Position of the first row's token.
+    pub start: usize,
+    /// Number of rows.
+    pub len: usize,
+    /// Index of the first row among the step's logits rows.
+    pub first_row: usize,
 }
 
 /// A finished sequence.
@@ -155,6 +188,9 @@ struct Seq {
     /// cached) before this one is admitted, so that it shares the prompt's blocks.
     after: Option<SeqId>,
     vision: Option<SeqVision>,
+    /// Its prompt is computed with logits for every row (prompt log-probabilities), bypassing the prefix cache;
+    /// cleared once the whole prompt has been computed.
+    prompt_logits: bool,
 }
 
 /// Continuous-batching scheduler over a [`KvManager`].
@@ -324,10 +360,23 @@ impl Scheduler {
             text: String::new(),
             plain_greedy: params.is_plain_greedy(),
             params,
+            prompt_logits: false,
         };
         self.seqs.insert(id, seq);
         self.enqueue_waiting(id);
         id
+    }
+
+    /// Asks for the logits of every prompt row of `seq` (prompt log-probabilities): its prompt is computed in full,
+    /// bypassing the prefix cache, and its chunks' rows appear in [`StepPlan::prompt_rows`]. Only for a sequence
+    /// still waiting for its first admission; a preempted sequence recomputes its rows.
+    pub fn want_prompt_logits(&mut self, seq: SeqId) -> Result<()> {
+        let s = self.seqs.get_mut(&seq).ok_or_else(|| Error::request(format!("scheduler: unknown sequence {seq}")))?;
+        if s.computed > 0 || self.running.contains(&seq) {
+            return Err(Error::request(format!("scheduler: sequence {seq} is already running")));
+        }
+        s.prompt_logits = true;
+        Ok(())
     }
 
     /// Whether `id` waits for the first sequence of its `n > 1` request to compute the shared prompt.
@@ -397,7 +446,8 @@ impl Scheduler {
                 i += 1;
             }
         }
-        // 2. Prefill chunks of admitted sequences.
+        // 2. Prefill chunks of admitted sequences. Prompts that want every row's logits share a row budget.
+        let mut rows_left = self.cfg.max_prompt_logits_rows;
         for &id in &self.running {
             if budget == 0 {
                 break;
@@ -407,7 +457,14 @@ impl Scheduler {
             if decoding || self.kv.num_tokens(id) != s.tokens.len() || s.computed >= s.tokens.len() {
                 continue;
             }
-            let n = (s.tokens.len() - s.computed).min(budget);
+            let mut n = (s.tokens.len() - s.computed).min(budget);
+            if s.prompt_logits {
+                if rows_left == 0 {
+                    continue;
+                }
+                n = n.min(rows_left);
+                rows_left -= n;
+            }
             chunks.push(PlannedChunk { seq: id, start: s.computed, len: n, sample: s.computed + n == s.tokens.len() });
             budget -= n;
         }
@@ -423,11 +480,20 @@ impl Scheduler {
                 self.waiting.remove(j);
                 continue;
             };
+            if s.prompt_logits && rows_left == 0 {
+                j += 1;
+                continue;
+            }
             let salt = s.vision.as_ref().map_or(0, |v| v.salt);
-            let Ok(a) = self.kv.allocate_salted(id, &s.tokens, salt) else { break };
+            // A prompt that wants every row's logits is computed in full: cached blocks would skip its rows.
+            let Ok(a) = self.kv.allocate_with(id, &s.tokens, salt, !s.prompt_logits) else { break };
             self.waiting.remove(j);
             s.computed = a.cached_tokens;
-            let n = (s.tokens.len() - s.computed).min(budget);
+            let mut n = (s.tokens.len() - s.computed).min(budget);
+            if s.prompt_logits {
+                n = n.min(rows_left);
+                rows_left -= n;
+            }
             chunks.push(PlannedChunk { seq: id, start: s.computed, len: n, sample: s.computed + n == s.tokens.len() });
             budget -= n;
             let k = self.key(id);
@@ -438,17 +504,43 @@ impl Scheduler {
             return Ok(None);
         }
         let bs = self.kv.block_size();
+        let (mut logits_seqs, mut sample_rows, mut prompt_rows) = (Vec::new(), Vec::new(), Vec::new());
+        let mut row = 0;
         let seq_chunks: Vec<SeqChunk<'_>> = chunks
             .iter()
-            .map(|c| SeqChunk {
-                tokens: &self.seqs[&c.seq].tokens[c.start..c.start + c.len],
-                start_pos: c.start,
-                block_table: self.kv.table(c.seq),
-                logits: if c.sample { LogitsWanted::Last } else { LogitsWanted::None },
+            .map(|c| {
+                let s = &self.seqs[&c.seq];
+                let logits = if s.prompt_logits {
+                    // Every row: the last one of a chunk that ends the prompt is sampled, the others score the
+                    // prompt's next token.
+                    let scored = c.len - usize::from(c.sample);
+                    if scored > 0 {
+                        prompt_rows.push(PromptRows { seq: c.seq, start: c.start, len: scored, first_row: row });
+                    }
+                    row += scored;
+                    LogitsWanted::All
+                } else if c.sample {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                };
+                if c.sample {
+                    logits_seqs.push(c.seq);
+                    sample_rows.push(row);
+                    row += 1;
+                }
+                SeqChunk {
+                    tokens: &s.tokens[c.start..c.start + c.len],
+                    start_pos: c.start,
+                    block_table: self.kv.table(c.seq),
+                    logits,
+                }
             })
             .collect();
         let input = build_step(&seq_chunks, bs)?;
-        let logits_seqs = chunks.iter().filter(|c| c.sample).map(|c| c.seq).collect();
+        if input.logits_rows.len() != row {
+            return Err(Error::Backend(format!("scheduler: {} logits rows planned as {row}", input.logits_rows.len())));
+        }
         let images = chunks
             .iter()
             .map(|c| {
@@ -464,7 +556,7 @@ impl Scheduler {
                 })
             })
             .collect();
-        Ok(Some(StepPlan { input, chunks, images, logits_seqs }))
+        Ok(Some(StepPlan { input, chunks, images, logits_seqs, sample_rows, prompt_rows }))
     }
 
     /// Whether every sequence sampled in `plan` decodes greedily without penalties (so the backend may pick the
@@ -525,6 +617,9 @@ impl Scheduler {
                 return Err(Error::Backend(format!("scheduler: stale plan for sequence {}", c.seq)));
             }
             s.computed += c.len;
+            if s.computed >= s.prompt_len {
+                s.prompt_logits = false;
+            }
             self.kv.mark_computed(c.seq, s.computed)?;
             let Some(t) = id_row else { continue };
             s.tokens.push(t);

@@ -105,6 +105,7 @@ fn random_workloads_complete_with_the_ids_they_get_alone() {
             eos_ids: vec![0],
             max_model_len: 256,
             vocab_size: vocab,
+            max_prompt_logits_rows: 1 + rng.random_range(0..12usize),
         };
         let mut sched = Scheduler::new(cfg, KvManager::new(num_blocks, bs).unwrap()).unwrap();
         // Prompts over a tiny alphabet, so that blocks often share a parent and differ only slightly.
@@ -126,6 +127,8 @@ fn random_workloads_complete_with_the_ids_they_get_alone() {
         arrivals.sort_by_key(|a| a.0);
         let mut want = HashMap::new();
         let mut got = HashMap::new();
+        // Sequences that want prompt logits: their prompt, and the argmax of each prompt row so far.
+        let mut scored: HashMap<SeqId, (Vec<u32>, Vec<u32>)> = HashMap::new();
         let mut next = 0;
         let mut step = 0;
         while next < arrivals.len() || sched.has_work() {
@@ -134,6 +137,10 @@ fn random_workloads_complete_with_the_ids_they_get_alone() {
                 let n = if next % 4 == 0 { 1 + next % 3 } else { 1 };
                 match sched.add_request_n(p.clone(), params.clone(), n, *prio) {
                     Ok(ids) => {
+                        if next % 3 == 1 {
+                            sched.want_prompt_logits(ids[0]).unwrap();
+                            scored.insert(ids[0], (p.clone(), Vec::new()));
+                        }
                         for id in ids {
                             want.insert(id, alone(p, params, vocab));
                         }
@@ -145,7 +152,21 @@ fn random_workloads_complete_with_the_ids_they_get_alone() {
             if let Some(plan) = sched.schedule().unwrap() {
                 assert!(plan.input.num_tokens() <= sched.cfg.max_step_tokens);
                 assert!(plan.chunks.len() <= sched.cfg.max_seqs);
-                let picked = run_step(&mut sched, &mut exec, &plan).unwrap();
+                let prompt_rows: usize = plan.prompt_rows.iter().map(|r| r.len).sum();
+                assert!(prompt_rows <= sched.cfg.max_prompt_logits_rows, "seed {seed}: {prompt_rows} prompt rows");
+                let picked = if plan.has_prompt_rows() {
+                    let (picked, logits) = run_step_on_host(&mut sched, &mut exec, &plan).unwrap();
+                    let argmax: Vec<u32> = logits.chunks(vocab).map(crate::sampling::argmax).collect();
+                    for r in &plan.prompt_rows {
+                        let (_, rows) = scored.get_mut(&r.seq).expect("prompt rows of a sequence that wants them");
+                        assert_eq!(rows.len().min(r.start), r.start, "seed {seed}: rows skipped before {}", r.start);
+                        rows.truncate(r.start); // preempted: computed again
+                        rows.extend(&argmax[r.first_row..r.first_row + r.len]);
+                    }
+                    picked
+                } else {
+                    run_step(&mut sched, &mut exec, &plan).unwrap()
+                };
                 for f in sched.update(&plan, &picked, &mut |_, _| Ok(String::new())).unwrap().finished {
                     got.insert(f.seq, (f.generation.ids, f.generation.finish));
                 }
@@ -157,6 +178,14 @@ fn random_workloads_complete_with_the_ids_they_get_alone() {
             assert!(step < 100_000, "seed {seed}: no progress");
         }
         assert_eq!(got, want, "seed {seed}");
+        // Every prompt row of every sequence that asked was computed (none taken from the prefix cache), and row
+        // p holds the distribution after the prompt's first p + 1 tokens.
+        for (seq, (p, rows)) in &scored {
+            let expect: Vec<u32> = (1..p.len()).map(|k| next_id(&p[..k], vocab)).collect();
+            if got.contains_key(seq) {
+                assert_eq!(rows, &expect, "seed {seed}: prompt rows of sequence {seq}");
+            }
+        }
         let m = sched.metrics();
         assert_eq!(m.kv.used_blocks, 0, "seed {seed}: blocks leaked");
         total_preemptions += m.preemptions;
@@ -169,7 +198,14 @@ fn random_workloads_complete_with_the_ids_they_get_alone() {
 #[test]
 fn abort_frees_blocks() {
     let mut exec = MockExec::new(32, 16, 4);
-    let cfg = SchedulerConfig { max_step_tokens: 8, max_seqs: 4, eos_ids: vec![0], max_model_len: 256, vocab_size: 32 };
+    let cfg = SchedulerConfig {
+        max_step_tokens: 8,
+        max_seqs: 4,
+        eos_ids: vec![0],
+        max_model_len: 256,
+        vocab_size: 32,
+        max_prompt_logits_rows: 8,
+    };
     let mut sched = Scheduler::new(cfg, KvManager::new(16, 4).unwrap()).unwrap();
     let params = SamplingParams { max_tokens: 20, ignore_eos: true, ..SamplingParams::greedy() };
     let a = sched.add_request(vec![1, 2, 3, 4, 5], params.clone(), 0).unwrap();

@@ -13,6 +13,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::images::{ImageSets, Parked};
@@ -284,33 +285,106 @@ impl EngineHandle {
     }
 }
 
-/// Log-probability of `id` and the `top` most likely ids under `softmax(logits)`, computed in f64.
+/// `e^x` for `x <= 0` in a form compilers vectorize: `2^n · 2^f`, with `n` the nearest integer to `x·log2(e)`
+/// (clamped at -126: smaller terms are negligible next to the maximum's 1) and `2^f = e^(f ln 2)`, `|f| <= 1/2`,
+/// from its degree-6 Taylor polynomial (relative error below 2e-7). NaN gives 2^-126.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // 1.5 · 2^23: adding it rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E;
+    let t = if t > -126.0 { t } else { -126.0 };
+    let r = t + ROUND;
+    let f = (t - (r - ROUND)) * std::f32::consts::LN_2;
+    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    // n + 127 as the exponent field: the bits of r are those of ROUND plus n.
+    let scale = r.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
+    p * f32::from_bits(scale)
+}
+
+/// The largest value of `v` that is not NaN (`-inf` when there is none), in eight lanes.
+fn max_not_nan(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut it = v.chunks_exact(8);
+    for c in &mut it {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    it.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// `ln Σ e^(v - m)` over the values of `v` (NaN ones add nothing measurable), for `m` their maximum: f32 terms
+/// summed in eight lanes over blocks of 512, the blocks in f64. Runs the AVX2 build where the CPU has AVX2; both
+/// builds do the same operations in the same order (no FMA contraction), so their results are identical.
+fn log_sum_exp_below(v: &[f32], m: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of `log_sum_exp_avx2`.
+            return unsafe { log_sum_exp_avx2(v, m) };
+        }
+    }
+    log_sum_exp_body(v, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn log_sum_exp_avx2(v: &[f32], m: f32) -> f64 {
+    log_sum_exp_body(v, m)
+}
+
+#[inline(always)]
+fn log_sum_exp_body(v: &[f32], m: f32) -> f64 {
+    let mut total = 0f64;
+    for block in v.chunks(512) {
+        let mut lanes = [0f32; 32];
+        let mut it = block.chunks_exact(32);
+        for c in &mut it {
+            for (l, &x) in lanes.iter_mut().zip(c) {
+                *l += exp_nonpositive(x - m);
+            }
+        }
+        let rest: f64 = it.remainder().iter().map(|&x| exp_nonpositive(x - m) as f64).sum();
+        total += rest + lanes.iter().map(|&x| x as f64).sum::<f64>();
+    }
+    total.ln()
+}
+
+/// Log-probability of `id` and the `top` most likely ids under `softmax(logits)`: the log-sum-exp in f32 terms with
+/// f64 sums (absolute error about 1e-6), one vocabulary pass each for it, the alternatives and the rank.
 pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
-    let m = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = if m.is_finite() {
-        m + logits.iter().filter(|v| !v.is_nan()).map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
-    } else {
-        m
-    };
+    let max = max_not_nan(logits);
+    let m = max as f64;
+    let lse = if m.is_finite() { m + log_sum_exp_below(logits, max) } else { m };
     let lp = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { (v as f64 - lse) as f32 };
     let mut best: Vec<(u32, f32)> = Vec::new();
     if top > 0 {
         // Keep the `top` largest, ties broken by lower id, with one sorted insertion per candidate that beats the
         // current worst.
-        for (i, &v) in logits.iter().enumerate() {
-            if v.is_nan() {
+        // Blocks whose maximum does not beat the worst kept value (most of them, once `top` are kept) are skipped.
+        for (b, block) in logits.chunks(64).enumerate() {
+            if best.len() == top && max_not_nan(block) <= best[top - 1].1 {
                 continue;
             }
-            if best.len() == top && v <= best[top - 1].1 {
-                continue;
+            for (j, &v) in block.iter().enumerate() {
+                if v.is_nan() || (best.len() == top && v <= best[top - 1].1) {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= v);
+                best.insert(at, ((b * 64 + j) as u32, v));
+                best.truncate(top);
             }
-            let at = best.partition_point(|&(_, b)| b >= v);
-            best.insert(at, (i as u32, v));
-            best.truncate(top);
         }
     }
+    let rank = match logits.get(id as usize) {
+        Some(&v) if !v.is_nan() => 1 + logits.iter().filter(|&&x| x > v).count(),
+        // Outside the vocabulary (a vision model's image token) or NaN: after every scored token.
+        _ => 1 + logits.iter().filter(|x| !x.is_nan()).count(),
+    };
     TokenLogprob {
         id,
+        rank: rank as u32,
         logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |&v| lp(v)),
         top: best.into_iter().map(|(i, v)| (i, lp(v))).collect(),
     }
@@ -326,6 +400,9 @@ struct Req {
     buffered: bool,
     logprobs: Option<usize>,
     prompt_len: usize,
+    /// Prompt log-probabilities: the alternatives wanted, the prompt (the rows' targets), the entries so far
+    /// (prompt tokens `1..`), and whether they were sent.
+    prompt_logprobs: Option<PromptScores>,
     arrived: Instant,
     first_token: bool,
     completion_tokens: usize,
@@ -336,6 +413,14 @@ struct Req {
     cum_logprob: Vec<f64>,
     /// The key of the image set this request holds a reference to.
     image_key: Option<u64>,
+}
+
+/// A request's prompt log-probabilities as its prefill computes them.
+struct PromptScores {
+    top: usize,
+    prompt: Vec<u32>,
+    scores: Vec<TokenLogprob>,
+    sent: bool,
 }
 
 struct SeqInfo {
@@ -472,6 +557,9 @@ impl<'t> Core<'t> {
         if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
             return Err(Error::request(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}")));
         }
+        if req.prompt_logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::request(format!("prompt_logprobs must be at most {MAX_TOP_LOGPROBS}")));
+        }
         if self.tok.is_none() && !req.params.stop.is_empty() {
             return Err(Error::request("stop strings need a tokenizer, and this model has none"));
         }
@@ -513,6 +601,16 @@ impl<'t> Core<'t> {
                 return Err(e);
             }
         };
+        if req.prompt_logprobs.is_some() {
+            // The first completion computes the prompt (the others wait for it and share its blocks).
+            if let Err(e) = seqs.first().map_or(Ok(()), |&s| self.sched.want_prompt_logits(s)) {
+                for &s in &seqs {
+                    self.sched.abort(s);
+                }
+                self.release_images(image_key);
+                return Err(e);
+            }
+        }
         for (k, &s) in seqs.iter().enumerate() {
             self.seqs.insert(s, SeqInfo { req: id, k, last_token: None });
             if let Some(key) = image_key {
@@ -531,6 +629,12 @@ impl<'t> Core<'t> {
                 buffered: req.best_of > req.n,
                 logprobs: req.logprobs,
                 prompt_len: req.prompt.len(),
+                prompt_logprobs: req.prompt_logprobs.map(|top| PromptScores {
+                    top,
+                    prompt: req.prompt.clone(),
+                    scores: Vec::new(),
+                    sent: false,
+                }),
                 arrived: Instant::now(),
                 first_token: false,
                 completion_tokens: 0,
@@ -591,22 +695,43 @@ impl<'t> Core<'t> {
             .collect()
     }
 
-    fn run_plan(&mut self, plan: &StepPlan) -> Result<(Vec<u32>, Vec<Option<TokenLogprob>>)> {
+    /// Runs `plan`. Returns the picked ids, their log-probabilities where wanted, and the prompt scores of its
+    /// prompt rows (sequence, position of the first row, one entry per row).
+    #[allow(clippy::type_complexity)]
+    fn run_plan(
+        &mut self,
+        plan: &StepPlan,
+    ) -> Result<(Vec<u32>, Vec<Option<TokenLogprob>>, Vec<(SeqId, usize, Vec<TokenLogprob>)>)> {
         let wants = self.logprob_rows(plan);
-        if wants.iter().all(Option::is_none) {
+        if wants.iter().all(Option::is_none) && !plan.has_prompt_rows() {
             let picked = run_step(&mut self.sched, self.exec.as_mut(), plan)?;
-            return Ok((picked, vec![None; plan.logits_seqs.len()]));
+            return Ok((picked, vec![None; plan.logits_seqs.len()], Vec::new()));
         }
         // Log-probabilities need the logits on the host: sample there too.
         let (picked, logits) = run_step_on_host(&mut self.sched, self.exec.as_mut(), plan)?;
         let vocab = self.exec.config().vocab_size;
-        let lps = logits
-            .chunks(vocab)
+        let row = |r: usize| &logits[r * vocab..(r + 1) * vocab];
+        let lps = plan
+            .sample_rows
+            .iter()
             .zip(&picked)
             .zip(&wants)
-            .map(|((l, &id), w)| w.map(|k| token_logprob(l, id, k)))
+            .map(|((&r, &id), w)| w.map(|k| token_logprob(row(r), id, k)))
             .collect();
-        Ok((picked, lps))
+        let mut prompt = Vec::with_capacity(plan.prompt_rows.len());
+        for pr in &plan.prompt_rows {
+            let scores = self.seqs.get(&pr.seq).and_then(|i| self.reqs.get(&i.req)?.prompt_logprobs.as_ref());
+            let Some(ps) = scores else { continue };
+            let targets = ps.prompt.get(pr.start + 1..pr.start + 1 + pr.len).ok_or_else(|| {
+                Error::Backend(format!("prompt rows {}..+{} past a prompt of {}", pr.start, pr.len, ps.prompt.len()))
+            })?;
+            // One pass over the vocabulary per row: spread the rows over the cores.
+            let top = ps.top;
+            let scored: Vec<TokenLogprob> =
+                (0..pr.len).into_par_iter().map(|i| token_logprob(row(pr.first_row + i), targets[i], top)).collect();
+            prompt.push((pr.seq, pr.start, scored));
+        }
+        Ok((picked, lps, prompt))
     }
 
     fn step(&mut self) {
@@ -632,7 +757,7 @@ impl<'t> Core<'t> {
             self.images.after_step(self.exec.as_mut(), &plan)?;
             Ok(out)
         });
-        let (picked, lps) = match ran {
+        let (picked, lps, prompt_scores) = match ran {
             Ok(x) => x,
             Err(e) => {
                 self.fail_all(&format!("step failed: {e}"));
@@ -641,6 +766,14 @@ impl<'t> Core<'t> {
         };
         // Before any event goes out, so that a client who sees a token also sees the trims of its step.
         self.metrics.set_images(self.images.len(), self.images.counts());
+        for (seq, start, scores) in prompt_scores {
+            let ps = self.seqs.get(&seq).and_then(|i| self.reqs.get_mut(&i.req)?.prompt_logprobs.as_mut());
+            if let Some(ps) = ps {
+                // A preempted prompt computes its rows again from its start.
+                ps.scores.truncate(start);
+                ps.scores.extend(scores);
+            }
+        }
         let (tok, decoders) = (self.tok, &mut self.decoders);
         let mut detok = |seq: SeqId, id: u32| -> Result<String> {
             match (tok, decoders.get_mut(&seq)) {
@@ -678,6 +811,14 @@ impl<'t> Core<'t> {
             let k = info.k;
             if let Some(lp) = &lp {
                 r.cum_logprob[k] += lp.logprob as f64;
+            }
+            // Every prompt row comes before the first sampled one.
+            if let Some(ps) = r.prompt_logprobs.as_mut().filter(|p| !p.sent) {
+                ps.sent = true;
+                if r.events.send(Event::PromptLogprobs(std::mem::take(&mut ps.scores))).is_err() {
+                    dead.push(info.req);
+                    continue;
+                }
             }
             let text = texts.remove(&seq).unwrap_or_default();
             let fin = finished.get(&seq).copied();
@@ -755,7 +896,37 @@ mod tests {
         let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
         assert_eq!(ids, vec![1, 3, 2]);
         assert!((lp.top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(lp.rank, 3);
+        assert_eq!(token_logprob(&logits, 1, 0).rank, 1);
+        assert_eq!(token_logprob(&logits, 5, 0).rank, 5);
         assert!(token_logprob(&logits, 0, 0).top.is_empty());
         assert_eq!(token_logprob(&logits, 4, 1).logprob, f32::NEG_INFINITY);
+    }
+
+    /// The vectorized log-sum-exp against an f64 one on a full vocabulary of logits spread like a model's (and a
+    /// few -inf, as a mask would leave), and the alternatives against a sort.
+    #[test]
+    fn fast_log_softmax_matches_f64() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for spread in [0.5f32, 3.0, 30.0] {
+            let mut logits: Vec<f32> = (0..128_256).map(|_| rng.random_range(-1.0f32..1.0) * spread).collect();
+            for k in 0..10 {
+                logits[k * 9973] = f32::NEG_INFINITY;
+            }
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+            let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            for id in [1u32, 17, 5000, 128_255, order[0] as u32, order[7] as u32] {
+                let lp = token_logprob(&logits, id, 8);
+                let want = logits[id as usize] as f64 - lse;
+                assert!((lp.logprob as f64 - want).abs() < 2e-6 * want.abs().max(1.0), "spread {spread}, id {id}");
+                let ids: Vec<usize> = lp.top.iter().map(|t| t.0 as usize).collect();
+                assert_eq!(ids, order[..8], "spread {spread}");
+                let rank = 1 + logits.iter().filter(|&&x| x > logits[id as usize]).count();
+                assert_eq!(lp.rank as usize, rank);
+            }
+        }
     }
 }

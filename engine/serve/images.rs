@@ -253,6 +253,8 @@ mod tests {
                 .map(|&(_, key, rows)| Some(PlanImages { key, mask: rows.iter().flatten().copied().collect() }))
                 .collect(),
             logits_seqs: Vec::new(),
+            sample_rows: Vec::new(),
+            prompt_rows: Vec::new(),
         }
     }
 

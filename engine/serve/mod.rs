@@ -33,6 +33,10 @@ pub struct GenerateRequest {
     /// Return the log-probability of each chosen token and this many most likely alternatives (`Some(0)`: the
     /// chosen token only).
     pub logprobs: Option<usize>,
+    /// Return the log-probability of every prompt token after the first, with this many most likely
+    /// alternatives, in one [`Event::PromptLogprobs`] (vLLM's `prompt_logprobs`; OpenAI's `echo` with
+    /// `logprobs`). The prompt is then computed in full, bypassing the prefix cache.
+    pub prompt_logprobs: Option<usize>,
     /// Higher is served first; FIFO within a priority.
     pub priority: i32,
     /// Leave special tokens (other than the stop tokens) out of the text.
@@ -50,6 +54,7 @@ impl GenerateRequest {
             n: 1,
             best_of: 1,
             logprobs: None,
+            prompt_logprobs: None,
             priority: 0,
             skip_special_tokens: true,
             images: None,
@@ -107,6 +112,8 @@ pub struct TokenLogprob {
     pub id: u32,
     /// Its log-probability under the model's distribution (log-softmax of the raw logits).
     pub logprob: f32,
+    /// 1 + the number of tokens more likely than it (vLLM's `rank`).
+    pub rank: u32,
     /// The most likely tokens at this position, most likely first (ties: lower id first).
     pub top: Vec<(u32, f32)>,
 }
@@ -127,6 +134,9 @@ pub enum Event {
         /// One entry per id when `logprobs` was asked for, else empty.
         logprobs: Vec<TokenLogprob>,
     },
+    /// The log-probabilities of prompt tokens `1..` (the first token has none), each with the requested number of
+    /// alternatives; sent once, before the first delta, when [`GenerateRequest::prompt_logprobs`] asked for them.
+    PromptLogprobs(Vec<TokenLogprob>),
     /// Completion `index` finished; no more deltas follow for it.
     Finished {
         /// The completion.

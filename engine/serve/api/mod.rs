@@ -6,7 +6,7 @@
 //! `temperature`, `top_p`, `n`, `stop`, `seed`, `frequency_penalty`, `presence_penalty`, `logprobs`,
 //! `top_logprobs`, `stream`, `stream_options`, `tools`, `tool_choice`, `echo`, `best_of`, `user`), and vLLM's
 //! extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
-//! `priority`, `chat_template_kwargs`, `return_token_ids`, `min_tokens`); `logit_bias` maps token ids (as strings,
+//! `priority`, `chat_template_kwargs`, `return_token_ids`, `min_tokens`, `prompt_logprobs`); `logit_bias` maps token ids (as strings,
 //! OpenAI's shape) to biases in [-100, 100]. Fields the engine cannot honor (`suffix`, a non-text
 //! `response_format`) are refused with a 400 naming them rather than silently ignored; unknown fields are ignored,
 //! as OpenAI does.
@@ -14,6 +14,12 @@
 //! `tool_choice`: `"none"` renders the conversation without the tools; `"auto"` (the default when `tools` are
 //! given) renders them and parses the answer into `tool_calls`; `"required"` and a named function also force the
 //! start of the JSON call (`{"name": "` or `{"name": "f", "parameters": `) into the answer, a prefix, not a grammar.
+//!
+//! Prompt log-probabilities: `echo` with `logprobs` on `/v1/completions` puts the prompt's tokens first in the
+//! choice's `logprobs` (the first token with `null`s, as OpenAI's legacy API did), and `max_tokens: 0` with `echo`
+//! returns the prompt alone; this is how lm-evaluation-harness scores log-likelihoods. vLLM's `prompt_logprobs: k`
+//! (both endpoints) returns them as vLLM does, a list with `null` first and then `{"id": {"logprob", "rank",
+//! "decoded_token"}}` per token. Such a prompt is computed in full (the prefix cache is bypassed for it).
 //!
 //! `return_token_ids` (vLLM's extension): each choice also carries its generated `token_ids` (the stop token
 //! included) and the prompt's `prompt_token_ids` (per choice for completions, at the top level for chat); in a
@@ -228,6 +234,13 @@ pub struct Prepared {
     pub parse_tools: bool,
     /// Report log-probabilities.
     pub logprobs: bool,
+    /// Completions with `echo` and `logprobs`: the prompt's tokens lead the choice's `logprobs` (the first with
+    /// `null`s).
+    pub echo_logprobs: bool,
+    /// vLLM's `prompt_logprobs`: a `prompt_logprobs` list (per choice for completions, at the top level for chat).
+    pub vllm_prompt_logprobs: bool,
+    /// `max_tokens: 0` with `echo`: the one token the engine generates is left out of the response.
+    pub prompt_only: bool,
     /// Return the prompt's and the completions' token ids (`return_token_ids`, or a model without a tokenizer).
     pub return_token_ids: bool,
     /// Image files of a chat request (from `data:` URLs), to be encoded by [`attach_images`] before submission.
@@ -379,9 +392,11 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
     if echo && endpoint == Endpoint::Chat {
         return Err(ApiError::bad_request(Some("echo"), "echo: only for /v1/completions"));
     }
-    if echo && logprobs.is_some() {
-        return Err(ApiError::bad_request(Some("echo"), "echo together with logprobs is not supported"));
-    }
+    // Prompt log-probabilities: OpenAI's `echo` with `logprobs` (in the choice's `logprobs`), vLLM's
+    // `prompt_logprobs` (a list of its own).
+    let vllm_prompt_logprobs = f.uint("prompt_logprobs", 0, MAX_TOP_LOGPROBS as i64)?;
+    let echo_logprobs = if echo { logprobs } else { None };
+    let prompt_logprobs = echo_logprobs.max(vllm_prompt_logprobs);
     let mut skip_special = f.bool("skip_special_tokens")?.unwrap_or(true);
     let return_token_ids = f.bool("return_token_ids")?.unwrap_or(false) || ctx.tokenizer.is_none();
     let priority = f.int("priority")?.unwrap_or(0).clamp(i32::MIN as i64, i32::MAX as i64) as i32;
@@ -567,10 +582,25 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
     // Sampling.
     let d = &ctx.defaults;
     let cfg = &ctx.info.config;
-    let max_tokens = match f.uint("max_completion_tokens", 1, i64::MAX)? {
+    let mut max_tokens = match f.uint("max_completion_tokens", 1, i64::MAX)? {
         Some(m) => Some((m, "max_completion_tokens")),
-        None => f.uint("max_tokens", 1, i64::MAX)?.map(|m| (m, "max_tokens")),
+        None => f.uint("max_tokens", 0, i64::MAX)?.map(|m| (m, "max_tokens")),
     };
+    // `max_tokens: 0` with `echo`: the prompt alone (with its log-probabilities), as OpenAI's legacy API answers
+    // and lm-evaluation-harness asks. The engine generates one token, which the response leaves out.
+    let prompt_only = max_tokens.is_some_and(|(m, _)| m == 0);
+    if prompt_only {
+        if !echo {
+            return Err(ApiError::bad_request(
+                Some("max_tokens"),
+                "max_tokens: 0 is accepted only with echo: true (the prompt alone); otherwise it must be at least 1",
+            ));
+        }
+        if min_tokens > 0 {
+            return Err(ApiError::bad_request(Some("min_tokens"), "min_tokens: must be 0 with max_tokens 0"));
+        }
+        max_tokens = Some((1, "max_tokens"));
+    }
     let stop = match f.get("stop") {
         None => Vec::new(),
         Some(Json::String(s)) => vec![s.clone()],
@@ -683,6 +713,7 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
             n,
             best_of,
             logprobs,
+            prompt_logprobs,
             priority,
             skip_special_tokens: skip_special,
             images: None,
@@ -702,6 +733,9 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
         prefixes,
         parse_tools,
         logprobs: logprobs.is_some(),
+        echo_logprobs: echo_logprobs.is_some(),
+        vllm_prompt_logprobs: vllm_prompt_logprobs.is_some(),
+        prompt_only,
         return_token_ids,
         images,
     })

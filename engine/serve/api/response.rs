@@ -76,6 +76,44 @@ fn completion_logprobs(
     (json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs}), offset)
 }
 
+/// The prompt's part of completions `logprobs` under `echo`: the first token with `null`s (nothing scores it),
+/// then `scores` (prompt tokens `1..`). Offsets count from the start of the echoed prompt.
+fn echo_logprobs(tok: Option<&Tokenizer>, prompt: &[u32], scores: &[TokenLogprob], skip_special: bool) -> Json {
+    let Some(&first) = prompt.first() else { return completion_logprobs(tok, &[], 0, skip_special).0 };
+    let (text, _) = token_json(tok, first);
+    let width = if skip_special && tok.is_some_and(|t| t.is_special(first)) { 0 } else { text.chars().count() };
+    let name = if tok.is_some() { text } else { format!("token_id:{first}") };
+    let head = json!({"tokens": [name], "token_logprobs": [null], "top_logprobs": [null], "text_offset": [0]});
+    join_logprobs(head, completion_logprobs(tok, scores, width, skip_special).0)
+}
+
+/// Completions `logprobs` objects `a` then `b`, their four lists concatenated.
+fn join_logprobs(mut a: Json, b: Json) -> Json {
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(x), Some(y)) = (a.get_mut(key).and_then(Json::as_array_mut), b.get(key).and_then(Json::as_array)) {
+            x.extend(y.iter().cloned());
+        }
+    }
+    a
+}
+
+/// vLLM's `prompt_logprobs`: `null` for the first prompt token, then per token a map from token id (as a string)
+/// to `{"logprob", "rank", "decoded_token"}` holding the prompt's token and its most likely alternatives.
+fn vllm_prompt_logprobs(tok: Option<&Tokenizer>, scores: Option<&[TokenLogprob]>) -> Json {
+    let Some(scores) = scores else { return Json::Null };
+    let entry = |id: u32, lp: f32, rank: usize| json!({"logprob": finite(lp), "rank": rank, "decoded_token": token_json(tok, id).0});
+    let mut out = vec![Json::Null];
+    for l in scores {
+        let mut m = Map::new();
+        m.insert(l.id.to_string(), entry(l.id, l.logprob, l.rank as usize));
+        for (k, &(i, p)) in l.top.iter().enumerate() {
+            m.entry(i.to_string()).or_insert_with(|| entry(i, p, k + 1));
+        }
+        out.push(Json::Object(m));
+    }
+    Json::Array(out)
+}
+
 /// JSON has no infinities: `-inf` becomes -9999.0, as vLLM does.
 fn finite(v: f32) -> Json {
     if v.is_finite() {
@@ -83,6 +121,14 @@ fn finite(v: f32) -> Json {
     } else {
         json!(-9999.0)
     }
+}
+
+/// Adds one request's usage; with `prompt_only` (`max_tokens: 0`) its generated token is not counted.
+fn add_usage(total: &mut Usage, u: &Usage, prompt_only: bool) {
+    let completion = if prompt_only { 0 } else { u.completion_tokens };
+    total.prompt_tokens += u.prompt_tokens;
+    total.completion_tokens += completion;
+    total.total_tokens += u.prompt_tokens + completion;
 }
 
 fn usage_json(u: &Usage) -> Json {
@@ -106,6 +152,8 @@ pub struct ResponseBuilder<'a> {
     prep: &'a Prepared,
     /// Per prompt, per completion.
     choices: Vec<Vec<Choice>>,
+    /// Per prompt: its prompt log-probabilities, once they came.
+    prompt_scores: Vec<Option<Vec<TokenLogprob>>>,
     usage: Usage,
 }
 
@@ -113,12 +161,15 @@ impl<'a> ResponseBuilder<'a> {
     /// An empty response for `prep`.
     pub fn new(ctx: &'a ServeContext, prep: &'a Prepared) -> Self {
         let choices = prep.requests.iter().map(|_| vec![Choice::default(); prep.n]).collect();
-        ResponseBuilder { ctx, prep, choices, usage: Usage::default() }
+        let prompt_scores = vec![None; prep.requests.len()];
+        ResponseBuilder { ctx, prep, choices, prompt_scores, usage: Usage::default() }
     }
 
     /// Adds one event of prompt `prompt`'s request. Returns the error message of an [`Event::Error`].
     pub fn push(&mut self, prompt: usize, ev: Event) -> std::result::Result<(), String> {
+        let prompt_only = self.prep.prompt_only;
         match ev {
+            Event::Delta { .. } if prompt_only => {}
             Event::Delta { index, text, ids, logprobs } => {
                 if let Some(c) = self.choices.get_mut(prompt).and_then(|p| p.get_mut(index)) {
                     c.text.push_str(&text);
@@ -126,16 +177,17 @@ impl<'a> ResponseBuilder<'a> {
                     c.logprobs.extend(logprobs);
                 }
             }
-            Event::Finished { index, reason } => {
-                if let Some(c) = self.choices.get_mut(prompt).and_then(|p| p.get_mut(index)) {
-                    c.finish = Some(reason);
+            Event::PromptLogprobs(scores) => {
+                if let Some(p) = self.prompt_scores.get_mut(prompt) {
+                    *p = Some(scores);
                 }
             }
-            Event::Done(u) => {
-                self.usage.prompt_tokens += u.prompt_tokens;
-                self.usage.completion_tokens += u.completion_tokens;
-                self.usage.total_tokens += u.total_tokens;
+            Event::Finished { index, reason } => {
+                if let Some(c) = self.choices.get_mut(prompt).and_then(|p| p.get_mut(index)) {
+                    c.finish = Some(if prompt_only { FinishReason::Length } else { reason });
+                }
             }
+            Event::Done(u) => add_usage(&mut self.usage, &u, prompt_only),
             Event::Error(e) => return Err(e),
         }
         Ok(())
@@ -167,15 +219,23 @@ impl<'a> ResponseBuilder<'a> {
                         out.push(choice);
                     }
                     Endpoint::Completions => {
-                        let skip = p.requests[pi].skip_special_tokens;
+                        let req = &p.requests[pi];
+                        let skip = req.skip_special_tokens;
                         let start = prefix.chars().count();
-                        let lp =
+                        let scores = self.prompt_scores[pi].as_deref();
+                        let mut lp =
                             if p.logprobs { completion_logprobs(tok, &c.logprobs, start, skip).0 } else { Json::Null };
+                        if p.echo_logprobs {
+                            lp = join_logprobs(echo_logprobs(tok, &req.prompt, scores.unwrap_or_default(), skip), lp);
+                        }
                         let reason = c.finish.map(FinishReason::as_str);
                         let mut choice = json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason});
+                        if p.vllm_prompt_logprobs {
+                            choice["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores);
+                        }
                         if p.return_token_ids {
                             choice["token_ids"] = json!(c.ids);
-                            choice["prompt_token_ids"] = json!(p.requests[pi].prompt);
+                            choice["prompt_token_ids"] = json!(req.prompt);
                         }
                         out.push(choice);
                     }
@@ -189,6 +249,9 @@ impl<'a> ResponseBuilder<'a> {
         });
         if p.return_token_ids && p.endpoint == Endpoint::Chat {
             resp["prompt_token_ids"] = p.requests.first().map_or(Json::Null, |r| json!(r.prompt));
+        }
+        if p.vllm_prompt_logprobs && p.endpoint == Endpoint::Chat {
+            resp["prompt_logprobs"] = vllm_prompt_logprobs(tok, self.prompt_scores.first().and_then(Option::as_deref));
         }
         resp
     }
@@ -208,6 +271,8 @@ pub struct StreamBuilder<'a> {
     held: Vec<Vec<Choice>>,
     /// Per prompt, per completion: the character offset of the next token's text (completions `text_offset`).
     offsets: Vec<Vec<usize>>,
+    /// Per prompt: its prompt log-probabilities, once they came (they come before its first delta).
+    prompt_scores: Vec<Option<Vec<TokenLogprob>>>,
     usage: Usage,
     done: usize,
 }
@@ -221,6 +286,7 @@ impl<'a> StreamBuilder<'a> {
             started: prep.requests.iter().map(|_| vec![false; prep.n]).collect(),
             held: prep.requests.iter().map(|_| vec![Choice::default(); prep.n]).collect(),
             offsets: prep.prefixes.iter().map(|pre| vec![pre.chars().count(); prep.n]).collect(),
+            prompt_scores: vec![None; prep.requests.len()],
             usage: Usage::default(),
             done: 0,
         }
@@ -243,24 +309,38 @@ impl<'a> StreamBuilder<'a> {
         self.started[prompt][i] = true;
         let index = prompt * self.prep.n + i;
         let prefix = self.prep.prefixes[prompt].clone();
-        let ids = self.prep.return_token_ids;
-        let prompt_ids = || json!(self.prep.requests[prompt].prompt);
-        match self.prep.endpoint {
+        let p = self.prep;
+        let ids = p.return_token_ids;
+        let req = &p.requests[prompt];
+        let tok = self.ctx.tokenizer.as_deref();
+        let scores = self.prompt_scores[prompt].as_deref();
+        match p.endpoint {
             Endpoint::Chat => {
                 let mut c = self.chunk(json!({
                     "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
                     "finish_reason": null
                 }));
                 if ids {
-                    c["prompt_token_ids"] = prompt_ids();
+                    c["prompt_token_ids"] = json!(req.prompt);
+                }
+                if p.vllm_prompt_logprobs {
+                    c["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores);
                 }
                 out.push(c);
             }
-            Endpoint::Completions if !prefix.is_empty() || ids => {
-                let mut choice = json!({"index": index, "text": prefix, "logprobs": null, "finish_reason": null});
+            Endpoint::Completions if !prefix.is_empty() || ids || p.vllm_prompt_logprobs => {
+                let lp = if p.echo_logprobs {
+                    echo_logprobs(tok, &req.prompt, scores.unwrap_or_default(), req.skip_special_tokens)
+                } else {
+                    Json::Null
+                };
+                let mut choice = json!({"index": index, "text": prefix, "logprobs": lp, "finish_reason": null});
+                if p.vllm_prompt_logprobs {
+                    choice["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores);
+                }
                 if ids {
                     choice["token_ids"] = json!([]);
-                    choice["prompt_token_ids"] = prompt_ids();
+                    choice["prompt_token_ids"] = json!(req.prompt);
                 }
                 out.push(self.chunk(choice));
             }
@@ -274,6 +354,12 @@ impl<'a> StreamBuilder<'a> {
         let p = self.prep;
         let mut out = Vec::new();
         match ev {
+            Event::PromptLogprobs(scores) => {
+                if let Some(slot) = self.prompt_scores.get_mut(prompt) {
+                    *slot = Some(scores);
+                }
+            }
+            Event::Delta { index: i, .. } if p.prompt_only => self.first(prompt, i, &mut out),
             Event::Delta { index: i, text, ids, logprobs } => {
                 self.first(prompt, i, &mut out);
                 let index = prompt * p.n + i;
@@ -311,6 +397,7 @@ impl<'a> StreamBuilder<'a> {
                 out.push(self.chunk(choice));
             }
             Event::Finished { index: i, reason } => {
+                let reason = if p.prompt_only { FinishReason::Length } else { reason };
                 self.first(prompt, i, &mut out);
                 let index = prompt * p.n + i;
                 match p.endpoint {
@@ -358,9 +445,7 @@ impl<'a> StreamBuilder<'a> {
                 }
             }
             Event::Done(u) => {
-                self.usage.prompt_tokens += u.prompt_tokens;
-                self.usage.completion_tokens += u.completion_tokens;
-                self.usage.total_tokens += u.total_tokens;
+                add_usage(&mut self.usage, &u, p.prompt_only);
                 self.done += 1;
                 if self.done == p.requests.len() && p.include_usage {
                     let object = if p.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
