@@ -176,12 +176,12 @@ fn sampling_fields_defaults_and_limits() {
     let body = json!({"prompt": [128000, 9906], "echo": true, "logprobs": 2, "max_tokens": 0});
     let p = prepare(&c, Endpoint::Completions, &body).unwrap();
     assert_eq!((p.requests[0].prompt_logprobs, p.requests[0].logprobs), (Some(2), Some(2)));
-    assert!(p.echo_logprobs && p.prompt_only && !p.vllm_prompt_logprobs);
+    assert_eq!((p.echo_logprobs, p.vllm_prompt_logprobs, p.prompt_only), (Some(2), None, true));
     assert_eq!(p.requests[0].params.max_tokens, 1);
     let p = prepare(&c, Endpoint::Chat, &json!({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 0}))
         .unwrap();
     assert_eq!(p.requests[0].prompt_logprobs, Some(0));
-    assert!(p.vllm_prompt_logprobs && !p.echo_logprobs && !p.prompt_only && !p.logprobs);
+    assert_eq!((p.echo_logprobs, p.vllm_prompt_logprobs, p.prompt_only, p.logprobs), (None, Some(0), false, false));
 }
 
 #[test]

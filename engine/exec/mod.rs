@@ -136,6 +136,11 @@ pub trait Executor {
     /// Runs one step: writes the new tokens' K/V into the cache and returns the requested logits.
     fn step(&mut self, input: &StepInput) -> Result<StepOutput>;
 
+    /// Most logits rows one step may ask for (a device buffer's size); `None`: no limit of its own.
+    fn max_logits_rows(&self) -> Option<usize> {
+        None
+    }
+
     /// Steps so far whose decoder layers ran as one fused launch (the CUDA persistent decode stack,
     /// `--persistent-decode`), for reports; 0 for a backend without one.
     fn fused_decode_steps(&self) -> u64 {

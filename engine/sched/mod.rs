@@ -46,6 +46,8 @@ pub struct SchedulerConfig {
     pub vocab_size: usize,
     /// Most logits rows per step for prompt log-probabilities ([`Scheduler::want_prompt_logits`]): a prompt that
     /// wants them is prefilled in chunks of at most this many tokens, so the `[rows, vocab]` logits stay bounded.
+    /// With the sampled rows (at most `max_seqs`) a step has at most `max_seqs` + this many rows; 0 refuses prompt
+    /// log-probabilities.
     pub max_prompt_logits_rows: usize,
 }
 
@@ -371,6 +373,12 @@ impl Scheduler {
     /// bypassing the prefix cache, and its chunks' rows appear in [`StepPlan::prompt_rows`]. Only for a sequence
     /// still waiting for its first admission; a preempted sequence recomputes its rows.
     pub fn want_prompt_logits(&mut self, seq: SeqId) -> Result<()> {
+        if self.cfg.max_prompt_logits_rows == 0 {
+            return Err(Error::request(
+                "prompt log-probabilities are not available here: the executor's logits buffer has no rows for them \
+                 beyond one per running sequence",
+            ));
+        }
         let s = self.seqs.get_mut(&seq).ok_or_else(|| Error::request(format!("scheduler: unknown sequence {seq}")))?;
         if s.computed > 0 || self.running.contains(&seq) {
             return Err(Error::request(format!("scheduler: sequence {seq} is already running")));

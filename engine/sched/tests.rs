@@ -196,6 +196,22 @@ fn random_workloads_complete_with_the_ids_they_get_alone() {
 }
 
 #[test]
+fn prompt_logits_need_rows_for_them() {
+    let cfg = SchedulerConfig {
+        max_step_tokens: 8,
+        max_seqs: 4,
+        eos_ids: vec![0],
+        max_model_len: 256,
+        vocab_size: 32,
+        max_prompt_logits_rows: 0,
+    };
+    let mut sched = Scheduler::new(cfg, KvManager::new(16, 4).unwrap()).unwrap();
+    let a = sched.add_request(vec![1, 2, 3], SamplingParams { max_tokens: 4, ..SamplingParams::greedy() }, 0).unwrap();
+    let err = sched.want_prompt_logits(a).unwrap_err().to_string();
+    assert!(err.contains("not available"), "{err}");
+}
+
+#[test]
 fn abort_frees_blocks() {
     let mut exec = MockExec::new(32, 16, 4);
     let cfg = SchedulerConfig {

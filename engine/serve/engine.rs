@@ -184,6 +184,11 @@ impl EngineHandle {
                     let kv = KvManager::new(info.num_blocks, info.block_size)?;
                     let mut scfg = SchedulerConfig::new(&info.config, cfg.max_step_tokens, cfg.max_seqs);
                     scfg.max_model_len = max_model_len;
+                    // Sampled rows take up to max_seqs of an executor's logits rows; prompt rows get the rest.
+                    if let Some(rows) = exec.max_logits_rows() {
+                        scfg.max_prompt_logits_rows =
+                            scfg.max_prompt_logits_rows.min(rows.saturating_sub(cfg.max_seqs));
+                    }
                     Ok((exec, Scheduler::new(scfg, kv)?, info))
                 };
                 match setup() {
@@ -378,7 +383,7 @@ pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
         }
     }
     let rank = match logits.get(id as usize) {
-        Some(&v) if !v.is_nan() => 1 + logits.iter().filter(|&&x| x > v).count(),
+        Some(&v) if !v.is_nan() => logits.iter().filter(|&&x| x >= v).count(),
         // Outside the vocabulary (a vision model's image token) or NaN: after every scored token.
         _ => 1 + logits.iter().filter(|x| !x.is_nan()).count(),
     };
@@ -897,7 +902,7 @@ mod tests {
         assert_eq!(ids, vec![1, 3, 2]);
         assert!((lp.top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-6);
         assert_eq!(lp.rank, 3);
-        assert_eq!(token_logprob(&logits, 1, 0).rank, 1);
+        assert_eq!(token_logprob(&logits, 1, 0).rank, 2, "a tie shares the worse rank, as in vLLM");
         assert_eq!(token_logprob(&logits, 5, 0).rank, 5);
         assert!(token_logprob(&logits, 0, 0).top.is_empty());
         assert_eq!(token_logprob(&logits, 4, 1).logprob, f32::NEG_INFINITY);
@@ -924,7 +929,7 @@ mod tests {
                 assert!((lp.logprob as f64 - want).abs() < 2e-6 * want.abs().max(1.0), "spread {spread}, id {id}");
                 let ids: Vec<usize> = lp.top.iter().map(|t| t.0 as usize).collect();
                 assert_eq!(ids, order[..8], "spread {spread}");
-                let rank = 1 + logits.iter().filter(|&&x| x > logits[id as usize]).count();
+                let rank = logits.iter().filter(|&&x| x >= logits[id as usize]).count();
                 assert_eq!(lp.rank as usize, rank);
             }
         }

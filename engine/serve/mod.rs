@@ -112,7 +112,7 @@ pub struct TokenLogprob {
     pub id: u32,
     /// Its log-probability under the model's distribution (log-softmax of the raw logits).
     pub logprob: f32,
-    /// 1 + the number of tokens more likely than it (vLLM's `rank`).
+    /// The number of tokens at least as likely as it, itself included (vLLM's `rank`: ties share the worse one).
     pub rank: u32,
     /// The most likely tokens at this position, most likely first (ties: lower id first).
     pub top: Vec<(u32, f32)>,

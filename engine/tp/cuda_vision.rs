@@ -265,6 +265,10 @@ impl Executor for TpMllamaCudaExecutor {
         self.step_with_images(input, &[])
     }
 
+    fn max_logits_rows(&self) -> Option<usize> {
+        self.ranks.iter().filter_map(|r| r.0.max_logits_rows()).min()
+    }
+
     /// Every rank uploads the same projected states and computes the cross-attention K/V of its own KV heads (the
     /// ranks work at once); a set that fails on any rank is registered on none (and an earlier set with that key is
     /// gone).

@@ -399,6 +399,10 @@ impl<E: Executor> Executor for MultiNodeExecutor<E> {
         self.num_blocks
     }
 
+    fn max_logits_rows(&self) -> Option<usize> {
+        self.local.max_logits_rows()
+    }
+
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
         let p = payload(|e| {
             e.step(input);

@@ -119,6 +119,28 @@ async fn chat_prompt_logprobs_and_bad_values() {
     assert_eq!(firsts.len(), 2, "one first chunk per choice: {sse:?}");
     assert_eq!(firsts[0]["prompt_logprobs"], resp["prompt_logprobs"], "{sse:?}");
 
+    // The echo part keeps `logprobs` alternatives (at most logprobs + 1 entries) when prompt_logprobs asks for
+    // more; a prompt whose echo is empty text still streams its logprobs; a text prompt's offsets start after the
+    // BOS the server adds even when special tokens are shown, and never pass the text.
+    let body = json!({"model": "tiny", "prompt": "Hi there", "max_tokens": 2, "echo": true, "logprobs": 1,
+                      "prompt_logprobs": 5, "skip_special_tokens": false});
+    let (status, resp) = srv.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    let c = &resp["choices"][0];
+    let tops = c["logprobs"]["top_logprobs"].as_array().unwrap();
+    assert!(tops[1..].iter().all(|t| t.as_object().is_some_and(|m| m.len() <= 2)), "{resp}");
+    assert!(c["prompt_logprobs"][1].as_object().is_some_and(|m| m.len() >= 5), "{resp}");
+    let offsets: Vec<u64> =
+        c["logprobs"]["text_offset"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let text_len = c["text"].as_str().unwrap().chars().count() as u64;
+    assert_eq!(offsets[..3], [0, 0, 2], "{resp}");
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]) && offsets.iter().all(|&o| o <= text_len), "{offsets:?}");
+    let body = json!({"model": "tiny", "prompt": [128000, 128006], "max_tokens": 0, "echo": true, "logprobs": 1,
+                      "stream": true});
+    let sse = stream_all(&srv, "/v1/completions", &body).await;
+    let first = sse.choices(0).next().expect("a first chunk");
+    assert_eq!((first["text"].as_str(), first["logprobs"]["tokens"].as_array().map(Vec::len)), (Some(""), Some(2)));
+
     for (body, param) in [
         (json!({"prompt": "a", "max_tokens": 0}), "max_tokens"),
         (json!({"prompt": "a", "max_tokens": 0, "echo": true, "min_tokens": 1}), "min_tokens"),

@@ -193,7 +193,8 @@ pub(super) fn vision_cuda_options(
         kv_tokens: a.kv_tokens.unwrap_or(block.max(1)),
         gpu_memory_utilization: if a.kv_tokens.is_some() { None } else { Some(a.gpu_memory_utilization) },
         max_step_tokens: e.max_num_batched_tokens.max(1),
-        max_logits_rows: e.max_num_seqs.max(1),
+        // One sampled row per sequence, and the rows of prompt log-probabilities.
+        max_logits_rows: e.max_num_seqs.max(1) + crate::sched::DEFAULT_PROMPT_LOGITS_ROWS,
         skinny_gemm: !a.no_skinny_gemm,
         fuse_swiglu: !a.no_fused_swiglu,
         fuse_norm: a.fused_norm,

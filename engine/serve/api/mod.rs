@@ -234,11 +234,12 @@ pub struct Prepared {
     pub parse_tools: bool,
     /// Report log-probabilities.
     pub logprobs: bool,
-    /// Completions with `echo` and `logprobs`: the prompt's tokens lead the choice's `logprobs` (the first with
-    /// `null`s).
-    pub echo_logprobs: bool,
-    /// vLLM's `prompt_logprobs`: a `prompt_logprobs` list (per choice for completions, at the top level for chat).
-    pub vllm_prompt_logprobs: bool,
+    /// Completions with `echo` and `logprobs: k`: the prompt's tokens lead the choice's `logprobs` (the first
+    /// with `null`s), each with `k` alternatives.
+    pub echo_logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs: k`: a `prompt_logprobs` list (per choice for completions, at the top level for
+    /// chat) with `k` alternatives a token.
+    pub vllm_prompt_logprobs: Option<usize>,
     /// `max_tokens: 0` with `echo`: the one token the engine generates is left out of the response.
     pub prompt_only: bool,
     /// Return the prompt's and the completions' token ids (`return_token_ids`, or a model without a tokenizer).
@@ -733,8 +734,8 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
         prefixes,
         parse_tools,
         logprobs: logprobs.is_some(),
-        echo_logprobs: echo_logprobs.is_some(),
-        vllm_prompt_logprobs: vllm_prompt_logprobs.is_some(),
+        echo_logprobs,
+        vllm_prompt_logprobs,
         prompt_only,
         return_token_ids,
         images,

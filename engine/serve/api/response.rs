@@ -77,14 +77,35 @@ fn completion_logprobs(
 }
 
 /// The prompt's part of completions `logprobs` under `echo`: the first token with `null`s (nothing scores it),
-/// then `scores` (prompt tokens `1..`). Offsets count from the start of the echoed prompt.
-fn echo_logprobs(tok: Option<&Tokenizer>, prompt: &[u32], scores: &[TokenLogprob], skip_special: bool) -> Json {
+/// then `scores` (prompt tokens `1..`) with at most `top` alternatives each. Offsets count from the start of the
+/// echoed `text`: a first token the text does not show (the BOS the server adds to a text prompt) takes no room,
+/// and no offset passes the text's end (a character split across tokens counts once per piece).
+fn echo_logprobs(
+    tok: Option<&Tokenizer>,
+    prompt: &[u32],
+    scores: &[TokenLogprob],
+    top: usize,
+    text: &str,
+    skip_special: bool,
+) -> Json {
     let Some(&first) = prompt.first() else { return completion_logprobs(tok, &[], 0, skip_special).0 };
-    let (text, _) = token_json(tok, first);
-    let width = if skip_special && tok.is_some_and(|t| t.is_special(first)) { 0 } else { text.chars().count() };
-    let name = if tok.is_some() { text } else { format!("token_id:{first}") };
+    let (first_text, _) = token_json(tok, first);
+    let shown = !(skip_special && tok.is_some_and(|t| t.is_special(first))) && text.starts_with(&first_text);
+    let width = if shown { first_text.chars().count() } else { 0 };
+    let name = if tok.is_some() { first_text } else { format!("token_id:{first}") };
     let head = json!({"tokens": [name], "token_logprobs": [null], "top_logprobs": [null], "text_offset": [0]});
-    join_logprobs(head, completion_logprobs(tok, scores, width, skip_special).0)
+    let trimmed: Vec<TokenLogprob> =
+        scores.iter().map(|l| TokenLogprob { top: l.top.iter().take(top).copied().collect(), ..l.clone() }).collect();
+    let mut lp = join_logprobs(head, completion_logprobs(tok, &trimmed, width, skip_special).0);
+    let end = text.chars().count();
+    if let Some(offs) = lp.get_mut("text_offset").and_then(Json::as_array_mut) {
+        for o in offs.iter_mut() {
+            if o.as_u64().is_some_and(|v| v as usize > end) {
+                *o = json!(end);
+            }
+        }
+    }
+    lp
 }
 
 /// Completions `logprobs` objects `a` then `b`, their four lists concatenated.
@@ -98,16 +119,18 @@ fn join_logprobs(mut a: Json, b: Json) -> Json {
 }
 
 /// vLLM's `prompt_logprobs`: `null` for the first prompt token, then per token a map from token id (as a string)
-/// to `{"logprob", "rank", "decoded_token"}` holding the prompt's token and its most likely alternatives.
-fn vllm_prompt_logprobs(tok: Option<&Tokenizer>, scores: Option<&[TokenLogprob]>) -> Json {
+/// to `{"logprob", "rank", "decoded_token"}` holding the prompt's token and its `top` most likely alternatives. As
+/// in vLLM, an alternative's rank is its place, and it wins over the prompt token's own entry when they are the
+/// same token.
+fn vllm_prompt_logprobs(tok: Option<&Tokenizer>, scores: Option<&[TokenLogprob]>, top: usize) -> Json {
     let Some(scores) = scores else { return Json::Null };
     let entry = |id: u32, lp: f32, rank: usize| json!({"logprob": finite(lp), "rank": rank, "decoded_token": token_json(tok, id).0});
     let mut out = vec![Json::Null];
     for l in scores {
         let mut m = Map::new();
         m.insert(l.id.to_string(), entry(l.id, l.logprob, l.rank as usize));
-        for (k, &(i, p)) in l.top.iter().enumerate() {
-            m.entry(i.to_string()).or_insert_with(|| entry(i, p, k + 1));
+        for (k, &(i, p)) in l.top.iter().take(top).enumerate() {
+            m.insert(i.to_string(), entry(i, p, k + 1));
         }
         out.push(Json::Object(m));
     }
@@ -225,13 +248,14 @@ impl<'a> ResponseBuilder<'a> {
                         let scores = self.prompt_scores[pi].as_deref();
                         let mut lp =
                             if p.logprobs { completion_logprobs(tok, &c.logprobs, start, skip).0 } else { Json::Null };
-                        if p.echo_logprobs {
-                            lp = join_logprobs(echo_logprobs(tok, &req.prompt, scores.unwrap_or_default(), skip), lp);
+                        if let Some(top) = p.echo_logprobs {
+                            let echo = echo_logprobs(tok, &req.prompt, scores.unwrap_or_default(), top, prefix, skip);
+                            lp = join_logprobs(echo, lp);
                         }
                         let reason = c.finish.map(FinishReason::as_str);
                         let mut choice = json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason});
-                        if p.vllm_prompt_logprobs {
-                            choice["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores);
+                        if let Some(top) = p.vllm_prompt_logprobs {
+                            choice["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores, top);
                         }
                         if p.return_token_ids {
                             choice["token_ids"] = json!(c.ids);
@@ -250,8 +274,9 @@ impl<'a> ResponseBuilder<'a> {
         if p.return_token_ids && p.endpoint == Endpoint::Chat {
             resp["prompt_token_ids"] = p.requests.first().map_or(Json::Null, |r| json!(r.prompt));
         }
-        if p.vllm_prompt_logprobs && p.endpoint == Endpoint::Chat {
-            resp["prompt_logprobs"] = vllm_prompt_logprobs(tok, self.prompt_scores.first().and_then(Option::as_deref));
+        if let (Some(top), Endpoint::Chat) = (p.vllm_prompt_logprobs, p.endpoint) {
+            let scores = self.prompt_scores.first().and_then(Option::as_deref);
+            resp["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores, top);
         }
         resp
     }
@@ -323,20 +348,24 @@ impl<'a> StreamBuilder<'a> {
                 if ids {
                     c["prompt_token_ids"] = json!(req.prompt);
                 }
-                if p.vllm_prompt_logprobs {
-                    c["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores);
+                if let Some(top) = p.vllm_prompt_logprobs {
+                    c["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores, top);
                 }
                 out.push(c);
             }
-            Endpoint::Completions if !prefix.is_empty() || ids || p.vllm_prompt_logprobs => {
-                let lp = if p.echo_logprobs {
-                    echo_logprobs(tok, &req.prompt, scores.unwrap_or_default(), req.skip_special_tokens)
-                } else {
-                    Json::Null
+            Endpoint::Completions
+                if !prefix.is_empty() || ids || p.echo_logprobs.is_some() || p.vllm_prompt_logprobs.is_some() =>
+            {
+                let lp = match p.echo_logprobs {
+                    Some(top) => {
+                        let skip = req.skip_special_tokens;
+                        echo_logprobs(tok, &req.prompt, scores.unwrap_or_default(), top, &prefix, skip)
+                    }
+                    None => Json::Null,
                 };
                 let mut choice = json!({"index": index, "text": prefix, "logprobs": lp, "finish_reason": null});
-                if p.vllm_prompt_logprobs {
-                    choice["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores);
+                if let Some(top) = p.vllm_prompt_logprobs {
+                    choice["prompt_logprobs"] = vllm_prompt_logprobs(tok, scores, top);
                 }
                 if ids {
                     choice["token_ids"] = json!([]);

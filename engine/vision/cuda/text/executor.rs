@@ -27,6 +27,10 @@ impl Executor for MllamaCudaExecutor {
         self.run(input, &[])
     }
 
+    fn max_logits_rows(&self) -> Option<usize> {
+        Some(self.opts.max_logits_rows)
+    }
+
     fn set_ablation(&mut self, labels: Vec<&'static str>) -> Result<()> {
         MllamaCudaExecutor::set_ablation(self, labels)
     }
