@@ -199,6 +199,21 @@ def other_checks(c: OpenAI):
     r = c.chat.completions.create(model=MODEL, messages=hi, tools=tools, max_tokens=4)
     check("tools: accepted", r.choices[0].finish_reason in ("stop", "length", "tool_calls"))
 
+    # Structured outputs: a JSON schema in OpenAI's response_format, and vLLM's guided_choice.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+              "required": ["ok", "color"], "additionalProperties": False}
+    r = c.chat.completions.create(model=MODEL, messages=hi, max_tokens=32, temperature=1.0, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    try:
+        v = json.loads(r.choices[0].message.content)
+        ok = isinstance(v.get("ok"), bool) and v.get("color") in ("red", "green") and len(v) == 2
+    except ValueError:
+        ok = False
+    check("structured outputs: response_format json_schema", ok and r.choices[0].finish_reason == "stop",
+          str(r.choices[0]))
+    r = c.completions.create(model=MODEL, prompt="Pick:", max_tokens=8, extra_body={"guided_choice": ["left", "right"]})
+    check("structured outputs: guided_choice", r.choices[0].text in ("left", "right"), r.choices[0].text)
+
     # Models.
     check("models.list", [m.id for m in c.models.list()] == [MODEL])
     check("models.retrieve", c.models.retrieve(MODEL).id == MODEL)

@@ -60,7 +60,7 @@ fn validation_errors_name_the_field() {
         (chat(json!({"logit_bias": {"1": 500}})), "logit_bias[1]", "must be in [-100, 100]"),
         (chat(json!({"logit_bias": {"one": 5}})), "logit_bias", "key `one` is not a token id"),
         (chat(json!({"suffix": "x"})), "suffix", "not supported"),
-        (chat(json!({"response_format": {"type": "json_object"}})), "response_format", "guided"),
+        (chat(json!({"response_format": {"type": "yaml"}})), "response_format", "json_schema"),
         (chat(json!({"top_logprobs": 3})), "top_logprobs", "needs logprobs"),
         (chat(json!({"logprobs": true, "top_logprobs": 50})), "top_logprobs", "[0, 20]"),
         (chat(json!({"stream": true, "best_of": 3})), "best_of", "streaming"),

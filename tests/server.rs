@@ -243,7 +243,7 @@ fn ids(k: u64, len: usize) -> Vec<u32> {
 /// batch shapes (the CPU GEMM is not batch-invariant) would flip a sampled token between two runs.
 fn client_request(k: u64) -> (&'static str, Value) {
     let max_tokens = 8 + k % 9;
-    if k % 2 == 0 {
+    if k.is_multiple_of(2) {
         let body = json!({
             "model": "tiny", "messages": [{"role": "user", "content": format!("Client {k}: tell me a story.")}],
             "temperature": 0.8, "top_k": 40, "seed": k, "max_tokens": max_tokens, "ignore_eos": true,
@@ -785,6 +785,10 @@ mod sampling_fields;
 // Prompt log-probabilities: echo with logprobs, max_tokens 0, vLLM's prompt_logprobs.
 #[path = "server/prompt_logprobs.rs"]
 mod prompt_logprobs;
+
+// Structured outputs: response_format, guided_*, structured_outputs.
+#[path = "server/structured.rs"]
+mod structured;
 
 // Randomized bad fields: every answer a 200 or a 400 with a message.
 #[path = "server/fuzz.rs"]

@@ -63,7 +63,7 @@ pub struct LogitError {
 impl LogitError {
     /// Compares `got` with `want`, both `[rows, vocab]` (argmax ties go to the lowest id, as greedy sampling does).
     pub fn of(got: &[f32], want: &[f32], vocab: usize) -> Result<Self> {
-        if vocab == 0 || got.len() != want.len() || got.len() % vocab != 0 || got.is_empty() {
+        if vocab == 0 || got.len() != want.len() || !got.len().is_multiple_of(vocab) || got.is_empty() {
             return Err(Error::request(format!(
                 "logit comparison: {} vs {} values for vocabulary {vocab}",
                 got.len(),

@@ -57,7 +57,7 @@ fn none_if_zero(z: Vec<i8>) -> Option<Vec<i8>> {
 }
 
 fn check_dims(what: &str, n: usize, k: usize, group: usize, n_mult: usize, k_mult: usize) -> Result<()> {
-    if group == 0 || k % group != 0 || n % n_mult != 0 || k % k_mult != 0 {
+    if group == 0 || !k.is_multiple_of(group) || !n.is_multiple_of(n_mult) || !k.is_multiple_of(k_mult) {
         return Err(Error::request(format!(
             "{what}: a [{n}, {k}] matrix in groups of {group} cannot be stored in this format (n must be a multiple \
              of {n_mult}, k of {k_mult} and of the group)"

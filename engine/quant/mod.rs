@@ -49,7 +49,7 @@ impl Scheme {
             return Err(bad());
         };
         let group: usize = rest.parse().map_err(|_| bad())?;
-        if group == 0 || group % 2 != 0 {
+        if group == 0 || !group.is_multiple_of(2) {
             return Err(bad());
         }
         Ok(Scheme { group, act })
@@ -118,7 +118,7 @@ impl QuantMatrix {
     /// weights'. Reproducible from `(seed, stream)`; rows are generated in parallel.
     pub fn random(n: usize, k: usize, group: usize, seed: u64, stream: u64) -> Result<QuantMatrix> {
         use rayon::prelude::*;
-        if group == 0 || k % group != 0 {
+        if group == 0 || !k.is_multiple_of(group) {
             return Err(Error::request(format!("random int4 weights: k = {k} is not a multiple of group {group}")));
         }
         let mix = crate::weights::splitmix;
@@ -152,7 +152,7 @@ impl QuantMatrix {
                 "quantized {shape} matrix: rows {rows:?} / columns {cols:?} are out of range"
             )));
         }
-        if self.group == 0 || cols.start % self.group != 0 || cols.end % self.group != 0 {
+        if self.group == 0 || !cols.start.is_multiple_of(self.group) || !cols.end.is_multiple_of(self.group) {
             return Err(Error::request(format!(
                 "quantized {shape} matrix: columns {}..{} do not start and end on a boundary of the quantization \
                  group {}",

@@ -104,7 +104,7 @@ fn check_finite(w: &[f32], k: usize, what: &str) -> Result<()> {
 ///
 /// Errors when `k` is not a multiple of `group`, `group` is 0, `w.len() != n * k`, or a weight is NaN/inf.
 pub fn quantize_matrix(w: &[f32], n: usize, k: usize, group: usize) -> Result<QuantMatrix> {
-    if group == 0 || k % group != 0 {
+    if group == 0 || !k.is_multiple_of(group) {
         return Err(Error::request(format!(
             "cannot quantize a [{n}, {k}] matrix in groups of {group}: {k} is not a multiple of {group}"
         )));

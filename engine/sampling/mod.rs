@@ -47,6 +47,41 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// The tokens a row may pick (structured outputs): a bitset over the vocabulary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenMask {
+    bits: Vec<u64>,
+    len: usize,
+}
+
+impl TokenMask {
+    /// A mask of `len` tokens allowing none.
+    pub fn new(len: usize) -> Self {
+        TokenMask { bits: vec![0; len.div_ceil(64)], len }
+    }
+
+    /// Allows token `id` (ids past the vocabulary are ignored).
+    pub fn allow(&mut self, id: u32) {
+        if (id as usize) < self.len {
+            self.bits[id as usize / 64] |= 1 << (id % 64);
+        }
+    }
+
+    /// Whether token `id` is allowed.
+    pub fn allows(&self, id: u32) -> bool {
+        (id as usize) < self.len && self.bits[id as usize / 64] >> (id % 64) & 1 == 1
+    }
+
+    /// Sets the logits of every token it does not allow to `-inf`.
+    pub fn apply(&self, logits: &mut [f32]) {
+        for (i, l) in logits.iter_mut().enumerate() {
+            if !self.allows(i as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// Temperatures below this are treated as greedy (vLLM's `_SAMPLING_EPS`).
 pub const GREEDY_TEMPERATURE_EPS: f32 = 1e-5;
 
@@ -218,5 +253,24 @@ impl SamplingParams {
             check(ok, &format!("logit_bias[{id}]"), "in [-100, 100]", bias)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenMask;
+
+    #[test]
+    fn a_mask_keeps_only_its_tokens() {
+        let mut m = TokenMask::new(130);
+        for id in [0, 63, 64, 129, 500] {
+            m.allow(id);
+        }
+        assert!(m.allows(63) && m.allows(64) && m.allows(129) && !m.allows(1) && !m.allows(500));
+        let mut row: Vec<f32> = (0..130).map(|i| i as f32).collect();
+        m.apply(&mut row);
+        let kept: Vec<usize> = row.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, _)| i).collect();
+        assert_eq!(kept, [0, 63, 64, 129]);
+        assert_eq!(crate::sampling::argmax(&row), 129);
     }
 }

@@ -4,6 +4,7 @@ use super::{Scheduler, StepPlan, StepUpdate};
 use crate::exec::generate::Generation;
 use crate::exec::Executor;
 use crate::kv::prefix::SeqId;
+use crate::sampling::TokenMask;
 use crate::vision::exec::SeqImages;
 use crate::{Error, Result};
 
@@ -72,6 +73,18 @@ pub fn run_step_on_host<E: Executor + ?Sized>(
     exec: &mut E,
     plan: &StepPlan,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
+    run_step_on_host_masked(sched, exec, plan, &[])
+}
+
+/// [`run_step_on_host`] where sampled row `i` may carry a token mask `masks[i]` (structured outputs): its sampler
+/// sees a copy of the row with every other token at `-inf`. The returned logits are the model's. `masks` may be
+/// empty (no row masked).
+pub fn run_step_on_host_masked<E: Executor + ?Sized>(
+    sched: &mut Scheduler,
+    exec: &mut E,
+    plan: &StepPlan,
+    masks: &[Option<TokenMask>],
+) -> Result<(Vec<u32>, Vec<f32>)> {
     let out = exec.step_with_images(&plan.input, &plan_images(plan))?;
     let vocab = exec.config().vocab_size;
     let total = plan.input.logits_rows.len();
@@ -86,10 +99,23 @@ pub fn run_step_on_host<E: Executor + ?Sized>(
             rows.len()
         )));
     }
+    let mut masked = Vec::new();
     let picked = rows
         .iter_mut()
         .zip(&plan.sample_rows)
-        .map(|(r, &row)| r.sampler.sample(&out.logits[row * vocab..(row + 1) * vocab]))
+        .enumerate()
+        .map(|(i, (r, &row))| {
+            let logits = &out.logits[row * vocab..(row + 1) * vocab];
+            match masks.get(i).and_then(Option::as_ref) {
+                Some(m) => {
+                    masked.clear();
+                    masked.extend_from_slice(logits);
+                    m.apply(&mut masked);
+                    r.sampler.sample(&masked)
+                }
+                None => r.sampler.sample(logits),
+            }
+        })
         .collect();
     Ok((picked, out.logits))
 }

@@ -16,6 +16,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
+use super::guided::Guide;
 use super::images::{ImageSets, Parked};
 use super::metrics::Metrics;
 use super::{Event, GenerateRequest, TokenLogprob, Usage};
@@ -23,7 +24,8 @@ use crate::config::LlamaConfig;
 use crate::exec::Executor;
 use crate::kv::prefix::{KvManager, SeqId};
 use crate::sampling::FinishReason;
-use crate::sched::{run_step, run_step_on_host, Scheduler, SchedulerConfig, SeqVision, StepPlan};
+use crate::sampling::TokenMask;
+use crate::sched::{run_step, run_step_on_host_masked, Scheduler, SchedulerConfig, SeqVision, StepPlan};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -444,10 +446,14 @@ struct Core<'t> {
     reqs: HashMap<u64, Req>,
     seqs: HashMap<SeqId, SeqInfo>,
     decoders: HashMap<SeqId, StreamDecoder<'t>>,
+    /// Structured outputs: each guided sequence's grammar state.
+    guides: HashMap<SeqId, Guide>,
     shutting_down: bool,
     deadline: Option<Instant>,
     /// The image sets registered with the executor (holders, padding-tile trimming).
     images: ImageSets,
+    /// Guided sequences whose grammar failed this step, and why.
+    guide_failures: Vec<(SeqId, String)>,
 }
 
 impl<'t> Core<'t> {
@@ -461,6 +467,7 @@ impl<'t> Core<'t> {
     fn drop_seq(&mut self, seq: SeqId) {
         self.seqs.remove(&seq);
         self.decoders.remove(&seq);
+        self.guides.remove(&seq);
         self.images.seq_done(seq);
     }
 
@@ -480,9 +487,11 @@ impl<'t> Core<'t> {
             reqs: HashMap::new(),
             seqs: HashMap::new(),
             decoders: HashMap::new(),
+            guides: HashMap::new(),
             shutting_down: false,
             deadline: None,
             images: ImageSets::default(),
+            guide_failures: Vec::new(),
         }
     }
 
@@ -565,6 +574,11 @@ impl<'t> Core<'t> {
         if req.prompt_logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
             return Err(Error::request(format!("prompt_logprobs must be at most {MAX_TOP_LOGPROBS}")));
         }
+        if req.guide.is_some() && (req.params.ignore_eos || req.params.min_tokens > 0) {
+            return Err(Error::request(
+                "structured outputs end where the grammar ends: ignore_eos and min_tokens cannot be combined with them",
+            ));
+        }
         if self.tok.is_none() && !req.params.stop.is_empty() {
             return Err(Error::request("stop strings need a tokenizer, and this model has none"));
         }
@@ -617,6 +631,9 @@ impl<'t> Core<'t> {
             }
         }
         for (k, &s) in seqs.iter().enumerate() {
+            if let Some(g) = &req.guide {
+                self.guides.insert(s, g.clone());
+            }
             self.seqs.insert(s, SeqInfo { req: id, k, last_token: None });
             if let Some(key) = image_key {
                 self.images.add_seq(s, key);
@@ -708,12 +725,13 @@ impl<'t> Core<'t> {
         plan: &StepPlan,
     ) -> Result<(Vec<u32>, Vec<Option<TokenLogprob>>, Vec<(SeqId, usize, Vec<TokenLogprob>)>)> {
         let wants = self.logprob_rows(plan);
-        if wants.iter().all(Option::is_none) && !plan.has_prompt_rows() {
+        let masks = self.guide_masks(plan);
+        if wants.iter().all(Option::is_none) && !plan.has_prompt_rows() && masks.is_empty() {
             let picked = run_step(&mut self.sched, self.exec.as_mut(), plan)?;
             return Ok((picked, vec![None; plan.logits_seqs.len()], Vec::new()));
         }
-        // Log-probabilities need the logits on the host: sample there too.
-        let (picked, logits) = run_step_on_host(&mut self.sched, self.exec.as_mut(), plan)?;
+        // Log-probabilities and token masks need the logits on the host: sample there too.
+        let (picked, logits) = run_step_on_host_masked(&mut self.sched, self.exec.as_mut(), plan, &masks)?;
         let vocab = self.exec.config().vocab_size;
         let row = |r: usize| &logits[r * vocab..(r + 1) * vocab];
         let lps = plan
@@ -737,6 +755,48 @@ impl<'t> Core<'t> {
             prompt.push((pr.seq, pr.start, scored));
         }
         Ok((picked, lps, prompt))
+    }
+
+    /// The token mask of each sampled row of `plan` whose sequence is guided (empty when none is), computed on the
+    /// cores in parallel. A guide that fails fails its request after the step.
+    fn guide_masks(&mut self, plan: &StepPlan) -> Vec<Option<TokenMask>> {
+        if self.guides.is_empty() || !plan.logits_seqs.iter().any(|s| self.guides.contains_key(s)) {
+            return Vec::new();
+        }
+        let mut mine: Vec<(SeqId, &mut Guide)> =
+            self.guides.iter_mut().filter(|(s, _)| plan.logits_seqs.contains(s)).map(|(&s, g)| (s, g)).collect();
+        let computed: HashMap<SeqId, Result<TokenMask>> = mine.par_iter_mut().map(|(s, g)| (*s, g.mask())).collect();
+        plan.logits_seqs
+            .iter()
+            .map(|s| match computed.get(s) {
+                Some(Ok(m)) => Some(m.clone()),
+                Some(Err(e)) => {
+                    self.guide_failures.push((*s, e.to_string()));
+                    None
+                }
+                None => None,
+            })
+            .collect()
+    }
+
+    /// Advances the guided sequences of `plan` by their picked ids.
+    fn advance_guides(&mut self, plan: &StepPlan, picked: &[u32]) {
+        for (s, &id) in plan.logits_seqs.iter().zip(picked) {
+            if let Some(g) = self.guides.get_mut(s) {
+                if let Err(e) = g.advance(id) {
+                    self.guide_failures.push((*s, e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Fails the requests whose guides failed this step.
+    fn fail_guided(&mut self) {
+        for (seq, msg) in std::mem::take(&mut self.guide_failures) {
+            if let Some(req) = self.seqs.get(&seq).map(|i| i.req) {
+                self.fail(req, &msg);
+            }
+        }
     }
 
     fn step(&mut self) {
@@ -769,6 +829,7 @@ impl<'t> Core<'t> {
                 return;
             }
         };
+        self.advance_guides(&plan, &picked);
         // Before any event goes out, so that a client who sees a token also sees the trims of its step.
         self.metrics.set_images(self.images.len(), self.images.counts());
         for (seq, start, scores) in prompt_scores {
@@ -858,6 +919,7 @@ impl<'t> Core<'t> {
         for id in done {
             self.complete(id);
         }
+        self.fail_guided();
     }
 
     /// Sends a finished request's remaining events: for `best_of > n`, the best `n` completions (highest

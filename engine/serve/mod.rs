@@ -11,6 +11,7 @@
 pub mod api;
 pub mod batch;
 pub mod engine;
+pub mod guided;
 pub mod http;
 pub mod images;
 pub mod loadgen;
@@ -43,6 +44,8 @@ pub struct GenerateRequest {
     pub skip_special_tokens: bool,
     /// The prompt's images (Llama 3.2 Vision models).
     pub images: Option<RequestImages>,
+    /// Structured output: the grammar every completion must follow (each completion gets its own copy).
+    pub guide: Option<guided::Guide>,
 }
 
 impl GenerateRequest {
@@ -58,6 +61,7 @@ impl GenerateRequest {
             priority: 0,
             skip_special_tokens: true,
             images: None,
+            guide: None,
         }
     }
 }
@@ -180,5 +184,7 @@ pub fn context_for(
         defaults = api::SamplingDefaults::from_model_dir(dir)?;
     }
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Ok(api::ServeContext { model_name, tokenizer, template, info, defaults, started, vision: None })
+    let guides =
+        std::sync::Arc::new(guided::Guides::new(tokenizer.clone(), info.config.vocab_size, &info.config.eos_token_ids));
+    Ok(api::ServeContext { model_name, tokenizer, template, info, defaults, started, vision: None, guides })
 }

@@ -97,30 +97,30 @@ impl TpPlan {
             return Err(Error::request("--tensor-parallel must be at least 1"));
         }
         let c = cfg;
-        if c.num_attention_heads % tp != 0 {
+        if !c.num_attention_heads.is_multiple_of(tp) {
             return Err(not_divisible("num_attention_heads", c.num_attention_heads, tp));
         }
         let kv = c.num_key_value_heads;
-        if kv == 0 || c.num_attention_heads % kv != 0 {
+        if kv == 0 || !c.num_attention_heads.is_multiple_of(kv) {
             return Err(Error::request(format!(
                 "tensor parallelism: `num_key_value_heads` ({kv}) must divide `num_attention_heads` ({})",
                 c.num_attention_heads
             )));
         }
-        if tp <= kv && kv % tp != 0 {
+        if tp <= kv && !kv.is_multiple_of(tp) {
             return Err(not_divisible("num_key_value_heads", kv, tp));
         }
-        if tp > kv && tp % kv != 0 {
+        if tp > kv && !tp.is_multiple_of(kv) {
             return Err(Error::request(format!(
                 "tensor parallelism: --tensor-parallel {tp} exceeds `num_key_value_heads` ({kv}) and is not a \
                  multiple of it, so a rank's query heads would need KV heads held by two ranks; use a divisor or \
                  a multiple of {kv}"
             )));
         }
-        if c.intermediate_size % tp != 0 {
+        if !c.intermediate_size.is_multiple_of(tp) {
             return Err(not_divisible("intermediate_size", c.intermediate_size, tp));
         }
-        if c.vocab_size % tp != 0 {
+        if !c.vocab_size.is_multiple_of(tp) {
             return Err(not_divisible("vocab_size", c.vocab_size, tp));
         }
         Ok(TpPlan { cfg: cfg.clone(), tp })

@@ -182,7 +182,7 @@ pub fn vision_forward(
 pub fn project(w: &MllamaWeights, cfg: &MllamaConfig, vision_out: &[f32]) -> Result<Vec<f32>> {
     let (vdim, hidden) = (cfg.vision.vision_output_dim, cfg.text.base.hidden_size);
     let per_tile = cfg.vision.num_patches() * vdim;
-    if per_tile == 0 || vision_out.len() % per_tile != 0 {
+    if per_tile == 0 || !vision_out.len().is_multiple_of(per_tile) {
         return Err(Error::request(format!(
             "vision output has {} values, not a whole number of tiles of {} patches x {vdim} (vision_output_dim)",
             vision_out.len(),
@@ -456,7 +456,7 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
 /// The config invariants the forward relies on (the parser enforces them; a hand-built config may not).
 fn check_config(cfg: &MllamaVisionConfig) -> Result<()> {
     let bad = |field: &str, msg: String| Err(Error::config("<vision config>", format!("vision_config.{field}"), msg));
-    if cfg.hidden_size == 0 || cfg.attention_heads == 0 || cfg.hidden_size % cfg.attention_heads != 0 {
+    if cfg.hidden_size == 0 || cfg.attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.attention_heads) {
         return bad(
             "attention_heads",
             format!("{} heads must divide hidden_size {} (both non-zero)", cfg.attention_heads, cfg.hidden_size),

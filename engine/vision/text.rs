@@ -272,7 +272,7 @@ pub fn cross_kv(
     if tokens_per_tile == 0 {
         return Err(Error::request("cross_attention_states: tokens per tile must be positive"));
     }
-    if states.is_empty() || states.len() % (tokens_per_tile * hidden) != 0 {
+    if states.is_empty() || !states.len().is_multiple_of(tokens_per_tile * hidden) {
         return Err(Error::request(format!(
             "cross_attention_states: {} values is not a positive multiple of tokens per tile {tokens_per_tile} x hidden {hidden}",
             states.len()
@@ -305,7 +305,7 @@ pub fn cross_attention(
     let c = &cfg.base;
     let (hidden, q_dim, head_dim) = (c.hidden_size, c.q_dim(), c.head_dim);
     let (heads, group) = (c.num_attention_heads, c.gqa_group());
-    if h.len() % hidden != 0 {
+    if !h.len().is_multiple_of(hidden) {
         return Err(Error::request(format!(
             "cross attention: {} input values is not a multiple of hidden {hidden}",
             h.len()

@@ -314,7 +314,7 @@ pub fn serialize(tensors: &[(&str, DType, &[usize], &[u8])]) -> Vec<u8> {
         offset += bytes.len();
     }
     let mut head = serde_json::to_vec(&Value::Object(header)).unwrap_or_default();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + head.len() + offset);

@@ -199,7 +199,7 @@ fn check_two_ranks(c: &Case, tps: &[usize]) {
         assert_eq!(rank_cfg.vocab_size, t.vocab_size, "{name}: a rank returns the full vocabulary");
         // `vocab + 8` rows split evenly when tp divides them: the last rank holds the image token's row.
         let rows = c.cfg().text.embed_rows();
-        let want_rows = if rows % tp == 0 { rows - rows / tp..rows } else { 0..rows };
+        let want_rows = if rows.is_multiple_of(tp) { rows - rows / tp..rows } else { 0..rows };
         assert_eq!(exec.rank(tp - 1).unwrap().embed_rows(), want_rows, "{name}");
         // A bad request (its image set is not registered yet) fails before the ranks start: the group stays usable.
         let e = exec.step_with_images(&s.steps[0], &s.images(0)).err().map(|e| e.to_string()).unwrap_or_default();

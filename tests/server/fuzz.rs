@@ -72,7 +72,7 @@ fn plausible(rng: &mut ChaCha8Rng, field: &str) -> Option<Value> {
         "ignore_eos" | "skip_special_tokens" | "return_token_ids" | "echo" => json!(rng.random_bool(0.5)),
         "tools" => json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]),
         "tool_choice" => json!(["none", "auto", "required"][rng.random_range(0..3)]),
-        "response_format" => json!({"type": "text"}),
+        "response_format" => [json!({"type": "text"}), json!({"type": "json_object"})][rng.random_range(0..2)].clone(),
         "priority" => json!(rng.random_range(-5..5)),
         "/messages/0/content" => json!([{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]),
         "/messages/0/role" => json!(["system", "user", "assistant", "tool", "ipython"][rng.random_range(0..5)]),

@@ -305,7 +305,7 @@ impl CudaOps {
     /// The W4A8 projection that consumes the output of `norm` when its activation quantization is fused into the
     /// norm kernel, if any.
     fn fused_norm_target(&self, norm: Norm, hidden: usize) -> Option<Linear> {
-        if !self.quant.fuse || hidden % 8 != 0 {
+        if !self.quant.fuse || !hidden.is_multiple_of(8) {
             return None;
         }
         let (l, lin) = match norm {
@@ -611,7 +611,7 @@ impl Ops for CudaOps {
         let rows = gate_up.rows;
         // After GateUp(l), when Down(l) is W4A8: SiLU * up and the int8 quantization in one kernel.
         let fuse_for = match self.quant.last_linear {
-            Some(Linear::GateUp(l)) if self.quant.fuse && inter % 8 == 0 => {
+            Some(Linear::GateUp(l)) if self.quant.fuse && inter.is_multiple_of(8) => {
                 self.layers.get(l).and_then(|layer| layer.w_down.w4a8()).filter(|q| q.k() == inter).map(|_| l)
             }
             _ => None,
@@ -648,7 +648,7 @@ impl Ops for CudaOps {
             && self.skinny_gemm
             && rows == t
             && qkv.cols == n
-            && self.layout.head_dim % 16 == 0
+            && self.layout.head_dim.is_multiple_of(16)
             && n <= SKINNY_MAX_N
             && k::gemv::supports(rows, kdim);
         match weight {

@@ -40,7 +40,12 @@ impl PreparedW4A8 {
     /// or the checkpoint reader always agrees).
     pub fn new(w: Arc<QuantLinear>) -> Self {
         let m = &w.matrix;
-        assert!(m.group > 0 && m.k % m.group == 0, "PreparedW4A8: k {} not a multiple of group {}", m.k, m.group);
+        assert!(
+            m.group > 0 && m.k.is_multiple_of(m.group),
+            "PreparedW4A8: k {} not a multiple of group {}",
+            m.k,
+            m.group
+        );
         let groups = m.groups();
         assert_eq!(m.q.len(), m.n * m.k, "PreparedW4A8: q length");
         assert_eq!(m.scales.len(), m.n * groups, "PreparedW4A8: scales length");

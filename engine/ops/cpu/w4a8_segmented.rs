@@ -51,7 +51,7 @@ pub fn w4a8_segmented(
     if w.zeros.is_some() {
         return bad("the matrix has zero points; the kernel takes symmetric weights only".into());
     }
-    if k == 0 || k % 64 != 0 || w.group == 0 || w.group % 32 != 0 || k % w.group != 0 {
+    if k == 0 || k % 64 != 0 || w.group == 0 || !w.group.is_multiple_of(32) || k % w.group != 0 {
         return bad(format!("k {k} and group {} must be multiples of 64 and 32, the group dividing k", w.group));
     }
     let chunks = k / 64;
@@ -107,7 +107,7 @@ fn split_sum(sums: &[i64], sw: &[f32], c0: usize, c1: usize) -> Result<f32> {
     for c in c0..c1 {
         let rel = c - c0;
         let seg_end = rel % seg_chunks == seg_chunks - 1 || c + 1 == c1;
-        if rel % seg_chunks == 0 {
+        if rel.is_multiple_of(seg_chunks) {
             acc = (-sw[2 * c]).mul_add(BIAS, acc);
             d = 0;
         }

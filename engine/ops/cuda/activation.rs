@@ -38,7 +38,7 @@ fn check_shapes(op: &str, gate_up: usize, inter: usize, out: usize) -> Result<us
     if inter == 0 || inter > MAX_INTER {
         return fail(format!("inter is {inter}, must be in 1..=2^30"));
     }
-    if gate_up % (2 * inter) != 0 {
+    if !gate_up.is_multiple_of(2 * inter) {
         return fail(format!("`gate_up` has {gate_up} elements, not a multiple of 2 x inter = {}", 2 * inter));
     }
     let rows = gate_up / (2 * inter);

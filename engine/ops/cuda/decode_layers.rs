@@ -65,13 +65,16 @@ impl StackShape {
         if !matches!(l.head_dim, 64 | 128) {
             return Some(format!("head_dim {} (64 or 128 only)", l.head_dim));
         }
-        if l.num_kv_heads == 0 || l.num_heads % l.num_kv_heads != 0 || l.num_heads / l.num_kv_heads > MAX_GROUP {
+        if l.num_kv_heads == 0
+            || !l.num_heads.is_multiple_of(l.num_kv_heads)
+            || l.num_heads / l.num_kv_heads > MAX_GROUP
+        {
             return Some(format!("{} query heads over {} kv heads", l.num_heads, l.num_kv_heads));
         }
-        if self.hidden == 0 || self.hidden % 8 != 0 || self.hidden > MAX_HIDDEN {
+        if self.hidden == 0 || !self.hidden.is_multiple_of(8) || self.hidden > MAX_HIDDEN {
             return Some(format!("hidden size {} (a multiple of 8 up to {MAX_HIDDEN})", self.hidden));
         }
-        if self.inter == 0 || self.inter % 8 != 0 || self.inter > i32::MAX as usize / 4 {
+        if self.inter == 0 || !self.inter.is_multiple_of(8) || self.inter > i32::MAX as usize / 4 {
             return Some(format!("intermediate size {} (a multiple of 8)", self.inter));
         }
         if l.block_size == 0 || self.num_slots == 0 || self.num_slots > super::rope::PAD_SLOT as usize {

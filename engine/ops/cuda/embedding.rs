@@ -112,7 +112,7 @@ fn check_shapes(op: &str, lens: &Lens, hidden: usize) -> Result<usize> {
     if hidden == 0 || hidden > MAX_HIDDEN {
         return fail(format!("hidden is {hidden}, must be in 1..=2^30"));
     }
-    if lens.table == 0 || lens.table % hidden != 0 {
+    if lens.table == 0 || !lens.table.is_multiple_of(hidden) {
         return fail(format!("`table` has {} elements, expected a positive multiple of hidden = {hidden}", lens.table));
     }
     if lens.ids > i32::MAX as usize {

@@ -70,7 +70,7 @@ where
     if s.num_heads == 0 || s.num_heads > 65535 || s.num_seqs > 65535 || s.seq_len == 0 || s.seq_len > 1 << 30 {
         return fail(format!("{} heads, {} sequences of {} rows", s.num_heads, s.num_seqs, s.seq_len));
     }
-    if s.q_stride % 8 != 0 || s.kv_stride % 8 != 0 || s.out_stride % 2 != 0 {
+    if !s.q_stride.is_multiple_of(8) || !s.kv_stride.is_multiple_of(8) || !s.out_stride.is_multiple_of(2) {
         return fail(format!("strides q {} / kv {} / out {} misaligned", s.q_stride, s.kv_stride, s.out_stride));
     }
     if s.q_stride < width || s.kv_stride < width || s.out_stride < width {

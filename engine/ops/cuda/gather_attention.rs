@@ -70,19 +70,19 @@ where
     const OP: &str = "gather_attention";
     super::ensure_built()?;
     let hd = s.head_dim;
-    if hd == 0 || hd % 8 != 0 || hd > MAX_GATHER_HEAD_DIM {
+    if hd == 0 || !hd.is_multiple_of(8) || hd > MAX_GATHER_HEAD_DIM {
         return fail(OP, format!("head_dim {hd} unsupported (a multiple of 8 up to {MAX_GATHER_HEAD_DIM})"));
     }
-    if s.num_kv_heads == 0 || s.num_heads % s.num_kv_heads != 0 || s.num_heads == 0 {
+    if s.num_kv_heads == 0 || !s.num_heads.is_multiple_of(s.num_kv_heads) || s.num_heads == 0 {
         return fail(OP, format!("{} heads / {} kv heads", s.num_heads, s.num_kv_heads));
     }
     if s.block_size == 0 || s.block_size > i32::MAX as usize || s.max_blocks_per_seq == 0 {
         return fail(OP, format!("block_size {} / max_blocks_per_seq {}", s.block_size, s.max_blocks_per_seq));
     }
-    if s.q_stride % 8 != 0 || s.q_stride < s.num_heads * hd || s.out_stride < s.num_heads * hd {
+    if !s.q_stride.is_multiple_of(8) || s.q_stride < s.num_heads * hd || s.out_stride < s.num_heads * hd {
         return fail(OP, format!("q stride {} / out stride {} too short or misaligned", s.q_stride, s.out_stride));
     }
-    if s.kv_stride % 8 != 0 || s.kv_stride < s.num_kv_heads * hd {
+    if !s.kv_stride.is_multiple_of(8) || s.kv_stride < s.num_kv_heads * hd {
         return fail(OP, format!("kv stride {} too short or not a multiple of 8", s.kv_stride));
     }
     if !(s.scale > 0.0 && s.scale.is_finite()) {

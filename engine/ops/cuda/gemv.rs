@@ -187,7 +187,7 @@ impl GemvInput for NormPrologue {
 /// True when [`gemv`] takes `m` rows of `x` with inner dimension `k`: `m` in `1..=16` and `k` a positive multiple
 /// of 8 (up to 2^24). The operands must also be 16-byte aligned, which every cudarc allocation is.
 pub fn supports(m: usize, k: usize) -> bool {
-    (1..=MAX_M).contains(&m) && k > 0 && k % 8 == 0 && k <= MAX_K
+    (1..=MAX_M).contains(&m) && k > 0 && k.is_multiple_of(8) && k <= MAX_K
 }
 
 /// Warps per thread block (which split `k`), given `n` output columns and `sms` streaming multiprocessors.
@@ -337,7 +337,7 @@ pub fn gemv_qkv_rope(
     let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
     let l = shape.layout;
     let n = (l.num_heads + 2 * l.num_kv_heads) * l.head_dim;
-    if l.head_dim == 0 || l.head_dim % 16 != 0 {
+    if l.head_dim == 0 || !l.head_dim.is_multiple_of(16) {
         return fail(format!("head_dim is {}, must be a positive multiple of 16", l.head_dim));
     }
     if shape.qkv_stride != n {

@@ -88,7 +88,7 @@ fn check_shapes(op: &str, lens: &Lens, hidden: usize, eps: f32) -> Result<usize>
     if lens.weight != hidden {
         return fail(format!("`weight` has {} elements, expected hidden = {hidden}", lens.weight));
     }
-    if lens.x % hidden != 0 {
+    if !lens.x.is_multiple_of(hidden) {
         return fail(format!("`x` has {} elements, not a multiple of hidden = {hidden}", lens.x));
     }
     let rows = lens.x / hidden;

@@ -199,7 +199,7 @@ fn check_shapes(op: &str, shape: &RopeKvShape, lens: &Lens) -> Result<usize> {
     }
     let slot_len = num_kv_heads * head_dim;
     let block_len = slot_len * block_size;
-    if lens.k_cache == 0 || lens.k_cache % block_len != 0 {
+    if lens.k_cache == 0 || !lens.k_cache.is_multiple_of(block_len) {
         return fail(format!(
             "`k_cache` has {} elements, expected a positive multiple of block_size {block_size} x {num_kv_heads} kv \
              heads x head_dim {head_dim} = {block_len}",

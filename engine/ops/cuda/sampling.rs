@@ -295,7 +295,7 @@ fn check_rows(op: &str, logits: usize, vocab: usize, max_vocab: usize) -> Result
     if vocab == 0 || vocab > max_vocab {
         return fail(format!("vocab is {vocab}, must be in 1..={max_vocab}"));
     }
-    if logits % vocab != 0 {
+    if !logits.is_multiple_of(vocab) {
         return fail(format!("`logits` has {logits} elements, not a multiple of vocab {vocab}"));
     }
     let rows = logits / vocab;

@@ -45,7 +45,7 @@ pub fn read_linear(
 ) -> Result<QuantLinear> {
     let prefix = prefix.strip_suffix(".weight").unwrap_or(prefix);
     let group = qcfg.scheme.group;
-    if group == 0 || k % group != 0 {
+    if group == 0 || !k.is_multiple_of(group) {
         return Err(Error::weights(
             ckpt.dir(),
             format!("`{prefix}`: input size {k} is not a multiple of the quantization group {group}"),
@@ -74,7 +74,7 @@ pub fn read_linear(
 }
 
 fn read_llama32(ckpt: &Checkpoint, prefix: &str, n: usize, k: usize, group: usize) -> Result<QuantMatrix> {
-    if k % 2 != 0 {
+    if !k.is_multiple_of(2) {
         return Err(Error::weights(ckpt.dir(), format!("`{prefix}`: odd input size {k} cannot hold packed int4")));
     }
     let why = "llama32 int4 layout";

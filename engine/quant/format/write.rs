@@ -187,7 +187,7 @@ pub fn quantize_checkpoint(
     opts: &QuantizeOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<QuantizeReport> {
-    if scheme.group == 0 || scheme.group % 2 != 0 {
+    if scheme.group == 0 || !scheme.group.is_multiple_of(2) {
         return Err(Error::request(format!("quantization group {} must be even and positive", scheme.group)));
     }
     let cfg_path = src.join("config.json");

@@ -133,7 +133,7 @@ impl CudaVisionEncoder {
         {
             return Err(Error::weights("<mllama>", "multi_modal_projector does not match the config"));
         }
-        if v.head_dim() % 8 != 0 || v.head_dim() > kv::MAX_GATHER_HEAD_DIM {
+        if !v.head_dim().is_multiple_of(8) || v.head_dim() > kv::MAX_GATHER_HEAD_DIM {
             return Err(Error::request(format!(
                 "the CUDA vision encoder takes a head_dim that is a multiple of 8 up to {}; this model has {}",
                 kv::MAX_GATHER_HEAD_DIM,

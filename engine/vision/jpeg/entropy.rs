@@ -197,7 +197,7 @@ impl Decoder {
                 return Err(truncated());
             }
             for ux in 0..units_x {
-                if ri > 0 && mcu_count > 0 && mcu_count % ri == 0 {
+                if ri > 0 && mcu_count > 0 && mcu_count.is_multiple_of(ri) {
                     bits.restart();
                     preds = [0; 4];
                     eobrun = 0;

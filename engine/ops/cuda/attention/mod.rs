@@ -335,7 +335,7 @@ fn check_common(op: &str, layout: &PagedLayout, l: &Lens, seqs: usize) -> Result
         return fail(format!("block_size is {block_size}, must be in 1..=2^31-1"));
     }
     let row = num_heads * head_dim;
-    if l.q_stride < row || l.q_stride % 8 != 0 {
+    if l.q_stride < row || !l.q_stride.is_multiple_of(8) {
         return fail(format!("q stride {} must be >= num_heads * head_dim = {row} and a multiple of 8", l.q_stride));
     }
     if l.tokens > 0 && l.q < (l.tokens - 1) * l.q_stride + row {
@@ -348,7 +348,7 @@ fn check_common(op: &str, layout: &PagedLayout, l: &Lens, seqs: usize) -> Result
         return fail(format!("`out` has {} elements, expected {} tokens x {row}", l.out, l.tokens));
     }
     let block = block_size * num_kv_heads * head_dim;
-    if l.k == 0 || l.k % block != 0 {
+    if l.k == 0 || !l.k.is_multiple_of(block) {
         return fail(format!("`k` has {} elements, not a positive multiple of one block ({block})", l.k));
     }
     if l.v != l.k {

@@ -169,7 +169,7 @@ pub fn layout_w4a16(m: &QuantMatrix) -> Result<HostW4A16> {
 /// kernel can apply SiLU * up as it writes (`l32_w4a16_params.silu`). The kernels still write a plain output in the
 /// matrix's row order, so the paired layout serves every W4A16 path. Errors name what the kernels cannot take.
 pub fn layout_w4a16_paired(m: &QuantMatrix) -> Result<HostW4A16> {
-    if m.n % 16 != 0 {
+    if !m.n.is_multiple_of(16) {
         return Err(Error::request(format!(
             "quantized [{}, {}] matrix: pairing gate and up rows needs n = 2 x a multiple of 8",
             m.n, m.k

@@ -52,7 +52,7 @@ impl CudaQuantLinear {
         let m = &w.matrix;
         match w.scheme.act {
             ActQuant::None => {
-                let paired = swiglu && m.n % 16 == 0 && m.n > 0;
+                let paired = swiglu && m.n.is_multiple_of(16) && m.n > 0;
                 let h = if paired { layout_w4a16_paired(m)? } else { layout_w4a16(m)? };
                 Ok(CudaQuantLinear {
                     scheme: w.scheme,

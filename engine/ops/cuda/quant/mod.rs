@@ -125,7 +125,12 @@ const W4A8_BLOCK_N: usize = 128;
 /// True when the kernels take a matrix with `k` columns in groups of `group`: `k` a positive multiple of 64 (up to
 /// 2^24) and `group` a positive multiple of 32 that divides `k`.
 pub fn supports(k: usize, group: usize) -> bool {
-    k > 0 && k % TILE_K == 0 && k <= MAX_K && group > 0 && group % KERNEL_GROUP == 0 && k % group == 0
+    k > 0
+        && k.is_multiple_of(TILE_K)
+        && k <= MAX_K
+        && group > 0
+        && group.is_multiple_of(KERNEL_GROUP)
+        && k.is_multiple_of(group)
 }
 
 /// Which W4A16 decode kernel [`w4a16_gemm`] runs. All compute the same product over the same layout; direct,

@@ -68,7 +68,7 @@ impl CudaInt8Table {
 
 /// True when [`gemv_int8`] takes `m` rows of width `k`.
 pub fn gemv_int8_supports(m: usize, k: usize) -> bool {
-    (1..=GEMV_INT8_MAX_M).contains(&m) && k > 0 && k % 16 == 0 && k <= MAX_K
+    (1..=GEMV_INT8_MAX_M).contains(&m) && k > 0 && k.is_multiple_of(16) && k <= MAX_K
 }
 
 /// `out[i, j] = bf16(scales[j] * sum_c x[i, c] * q[j, c])` for `i < m`, `j <` the table's rows: the decode product

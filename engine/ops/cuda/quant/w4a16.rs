@@ -234,7 +234,7 @@ fn dequant(
     if w.is_w4a8() {
         return fail("the weight is W4A8".into());
     }
-    let on_tile = |r: usize| r % 16 == 0;
+    let on_tile = |r: usize| r.is_multiple_of(16);
     let whole = rows == (0..w.n);
     if (rows.is_empty() && !whole) || rows.end > w.n || !on_tile(rows.start) || !(on_tile(rows.end) || rows.end == w.n)
     {

@@ -231,7 +231,7 @@ pub fn act_quant(
     const OP: &str = "act_quant";
     super::super::ensure_built()?;
     let fail = |msg: String| Err(Error::Backend(format!("{OP}: {msg}")));
-    if hidden == 0 || hidden % 8 != 0 || hidden > 1 << 30 {
+    if hidden == 0 || !hidden.is_multiple_of(8) || hidden > 1 << 30 {
         return fail(format!("hidden is {hidden}, must be a positive multiple of 8 up to 2^30"));
     }
     if rows > i32::MAX as usize {

@@ -146,7 +146,7 @@ fn check_options(t: &LlamaConfig, opts: &MllamaCudaOptions) -> Result<()> {
             return Err(Error::request(format!("--gpu-memory-utilization must be in [0.05, 1], got {u}")));
         }
     }
-    if t.head_dim % 8 != 0 || t.head_dim > kv::MAX_GATHER_HEAD_DIM {
+    if !t.head_dim.is_multiple_of(8) || t.head_dim > kv::MAX_GATHER_HEAD_DIM {
         return Err(Error::request(format!(
             "the CUDA text path takes a head_dim that is a multiple of 8 up to {}; this model has {}",
             kv::MAX_GATHER_HEAD_DIM,

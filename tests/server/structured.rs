@@ -1,0 +1,118 @@
+//! Server tests of structured outputs (OpenAI's `response_format`, vLLM's `guided_*` and `structured_outputs`) on
+//! the tiny random-weight model: whatever the weights, every answer must match its grammar. A module of
+//! tests/server.rs.
+
+use super::*;
+
+fn text_of(resp: &Value, i: usize) -> String {
+    let c = &resp["choices"][i];
+    c["text"].as_str().or_else(|| c["message"]["content"].as_str()).unwrap_or_else(|| panic!("no text: {resp}")).into()
+}
+
+/// Choices, a regex and JSON schemas (OpenAI's shape, vLLM's as object and as string, streamed chat): each
+/// completion matches and stops there, with sampling at temperature 1 and several completions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_matches_its_grammar() {
+    let Some(mut srv) = start("http-guided", 4096, EngineConfig::default(), ServerOptions::default()).await else {
+        return;
+    };
+    let choices = ["yes", "no", "maybe not"];
+    let body = json!({"model": "tiny", "prompt": "Answer:", "max_tokens": 16, "n": 4, "temperature": 1.0,
+                      "seed": 5, "guided_choice": choices, "logprobs": 0});
+    let (status, resp) = srv.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    for i in 0..4 {
+        assert!(choices.contains(&text_of(&resp, i).as_str()), "{resp}");
+        assert_eq!(resp["choices"][i]["finish_reason"], "stop", "{resp}");
+        // The logprobs are the model's, of tokens the grammar allowed.
+        let lps = resp["choices"][i]["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert!(lps.iter().all(|v| v.as_f64().is_some_and(|x| x <= 0.0)), "{resp}");
+    }
+    let so = with(body.clone(), json!({"guided_choice": null, "structured_outputs": {"choice": ["on", "off"]}}));
+    let (status, resp) = srv.post("/v1/completions", &so).await;
+    assert_eq!(status, 200, "{resp}");
+    assert!((0..4).all(|i| ["on", "off"].contains(&text_of(&resp, i).as_str())), "{resp}");
+
+    let rx = json!({"model": "tiny", "prompt": "Phone:", "max_tokens": 20, "temperature": 1.0, "seed": 9,
+                    "guided_regex": "[0-9]{3}-[0-9]{4}"});
+    let (status, resp) = srv.post("/v1/completions", &rx).await;
+    assert_eq!(status, 200, "{resp}");
+    let t = text_of(&resp, 0);
+    let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+    assert!(t.len() == 8 && digits(&t[..3]) && &t[3..4] == "-" && digits(&t[4..]), "{t:?}");
+
+    let schema = json!({"type": "object", "properties": {
+        "ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["ok", "color", "n"], "additionalProperties": false});
+    let check = |t: &str| {
+        let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("not JSON ({e}): {t:?}"));
+        assert!(v["ok"].is_boolean() && ["red", "green"].contains(&v["color"].as_str().unwrap_or("")), "{t}");
+        assert!(v["n"].as_u64().is_some_and(|n| n <= 99) && v.as_object().unwrap().len() == 3, "{t}");
+    };
+    let bodies = [
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}}),
+        json!({"guided_json": schema}),
+        json!({"guided_json": schema.to_string()}),
+        json!({"structured_outputs": {"json": schema}}),
+    ];
+    for extra in bodies {
+        let body = with(
+            json!({"model": "tiny", "prompt": "JSON:", "max_tokens": 64, "temperature": 1.0, "seed": 3,
+                                "n": 2}),
+            extra.clone(),
+        );
+        let (status, resp) = srv.post("/v1/completions", &body).await;
+        assert_eq!(status, 200, "{extra}: {resp}");
+        for i in 0..2 {
+            check(&text_of(&resp, i));
+            assert_eq!(resp["choices"][i]["finish_reason"], "stop", "{resp}");
+        }
+    }
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "A color?"}], "max_tokens": 64,
+                      "temperature": 1.0, "seed": 1, "stream": true,
+                      "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}});
+    let sse = stream_all(&srv, "/v1/chat/completions", &chat).await;
+    assert!(sse.done && sse.error().is_none(), "{sse:?}");
+    check(&sse.text(0));
+    assert_eq!(sse.finish_reason(0).as_deref(), Some("stop"));
+    // Any JSON object: the output starts as one (random weights may not finish it within max_tokens).
+    let body = json!({"model": "tiny", "prompt": "JSON:", "max_tokens": 8, "response_format": {"type": "json_object"}});
+    let (status, resp) = srv.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    assert!(text_of(&resp, 0).starts_with('{'), "{resp}");
+    srv.stop(Duration::from_secs(30)).await.expect("clean stop");
+}
+
+/// Bad constraints are 400s naming their field; a model without a tokenizer has no structured outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_constraints_are_named() {
+    let Some(mut srv) = start("http-guided-bad", 4096, EngineConfig::default(), ServerOptions::default()).await else {
+        return;
+    };
+    for (body, param, says) in [
+        (json!({"guided_regex": "("}), "guided_regex", "unclosed group"),
+        (json!({"guided_choice": []}), "guided_choice", "non-empty array"),
+        (json!({"guided_json": "not json"}), "guided_json", "JSON schema"),
+        (json!({"guided_json": {"type": "object"}, "guided_regex": "a"}), "guided_regex", "only one"),
+        (json!({"response_format": {"type": "xml"}}), "response_format", "json_schema"),
+        (json!({"response_format": {"type": "json_schema"}}), "response_format", "schema is missing"),
+        (json!({"structured_outputs": {"yaml": "x"}}), "structured_outputs", "not supported"),
+        (json!({"guided_choice": ["a"], "ignore_eos": true}), "ignore_eos", "cannot be combined"),
+        (json!({"guided_choice": ["a"], "min_tokens": 2}), "min_tokens", "cannot be combined"),
+        (json!({"guided_json": {"type": "object", "properties": {"a": {"type": "nope"}}}}), "guided_json", ""),
+    ] {
+        let body = with(json!({"model": "tiny", "prompt": "x", "max_tokens": 4}), body);
+        let (status, resp) = srv.post("/v1/completions", &body).await;
+        assert_eq!(status, 400, "{body}: {resp}");
+        assert_eq!(resp["error"]["param"], param, "{body}: {resp}");
+        assert!(resp["error"]["message"].as_str().unwrap().contains(says), "{body}: {resp}");
+    }
+    srv.stop(Duration::from_secs(30)).await.expect("clean stop");
+    let mut notok = start_without_tokenizer("guided").await;
+    let (status, resp) =
+        notok.post("/v1/completions", &json!({"model": "tiny", "prompt": [1, 2], "guided_choice": ["a"]})).await;
+    assert_eq!(status, 400, "{resp}");
+    assert!(resp["error"]["message"].as_str().unwrap().contains("need a tokenizer"), "{resp}");
+    notok.stop(Duration::from_secs(30)).await.expect("clean stop");
+}
