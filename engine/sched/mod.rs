@@ -228,6 +228,11 @@ impl Scheduler {
         })
     }
 
+    /// The model's end-of-sequence ids.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.cfg.eos_ids
+    }
+
     /// The block manager (tables, metrics).
     pub fn kv(&self) -> &KvManager {
         &self.kv

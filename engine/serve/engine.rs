@@ -452,8 +452,8 @@ struct Core<'t> {
     deadline: Option<Instant>,
     /// The image sets registered with the executor (holders, padding-tile trimming).
     images: ImageSets,
-    /// Guided sequences whose grammar failed this step, and why.
-    guide_failures: Vec<(SeqId, String)>,
+    /// Requests whose grammar failed this step, and why.
+    guide_failures: Vec<(u64, String)>,
 }
 
 impl<'t> Core<'t> {
@@ -758,42 +758,60 @@ impl<'t> Core<'t> {
     }
 
     /// The token mask of each sampled row of `plan` whose sequence is guided (empty when none is), computed on the
-    /// cores in parallel. A guide that fails fails its request after the step.
+    /// cores in parallel. A guide that fails gets a mask of the EOS ids alone (its row is never sampled free), and
+    /// its request fails after the step, its token unsent.
     fn guide_masks(&mut self, plan: &StepPlan) -> Vec<Option<TokenMask>> {
         if self.guides.is_empty() || !plan.logits_seqs.iter().any(|s| self.guides.contains_key(s)) {
             return Vec::new();
         }
+        let wanted: std::collections::HashSet<SeqId> = plan.logits_seqs.iter().copied().collect();
         let mut mine: Vec<(SeqId, &mut Guide)> =
-            self.guides.iter_mut().filter(|(s, _)| plan.logits_seqs.contains(s)).map(|(&s, g)| (s, g)).collect();
-        let computed: HashMap<SeqId, Result<TokenMask>> = mine.par_iter_mut().map(|(s, g)| (*s, g.mask())).collect();
-        plan.logits_seqs
-            .iter()
-            .map(|s| match computed.get(s) {
-                Some(Ok(m)) => Some(m.clone()),
+            self.guides.iter_mut().filter(|(s, _)| wanted.contains(s)).map(|(&s, g)| (s, g)).collect();
+        let mut computed: HashMap<SeqId, Result<TokenMask>> =
+            mine.par_iter_mut().map(|(s, g)| (*s, g.mask())).collect();
+        let vocab = self.exec.config().vocab_size;
+        let mut masks = Vec::with_capacity(plan.logits_seqs.len());
+        for s in &plan.logits_seqs {
+            masks.push(match computed.remove(s) {
+                Some(Ok(m)) => Some(m),
                 Some(Err(e)) => {
-                    self.guide_failures.push((*s, e.to_string()));
-                    None
+                    self.guide_failed(*s, e.to_string());
+                    let mut eos = TokenMask::new(vocab);
+                    self.sched.eos_ids().iter().for_each(|&t| eos.allow(t));
+                    Some(eos)
                 }
                 None => None,
-            })
-            .collect()
+            });
+        }
+        masks
+    }
+
+    /// Records that sequence `seq`'s guide failed: its request fails after the step.
+    fn guide_failed(&mut self, seq: SeqId, msg: String) {
+        if let Some(i) = self.seqs.get(&seq) {
+            self.guide_failures.push((i.req, msg));
+        }
     }
 
     /// Advances the guided sequences of `plan` by their picked ids.
     fn advance_guides(&mut self, plan: &StepPlan, picked: &[u32]) {
+        let mut failed = Vec::new();
         for (s, &id) in plan.logits_seqs.iter().zip(picked) {
             if let Some(g) = self.guides.get_mut(s) {
                 if let Err(e) = g.advance(id) {
-                    self.guide_failures.push((*s, e.to_string()));
+                    failed.push((*s, e.to_string()));
                 }
             }
+        }
+        for (s, msg) in failed {
+            self.guide_failed(s, msg);
         }
     }
 
     /// Fails the requests whose guides failed this step.
     fn fail_guided(&mut self) {
-        for (seq, msg) in std::mem::take(&mut self.guide_failures) {
-            if let Some(req) = self.seqs.get(&seq).map(|i| i.req) {
+        for (req, msg) in std::mem::take(&mut self.guide_failures) {
+            if self.reqs.contains_key(&req) {
                 self.fail(req, &msg);
             }
         }
@@ -863,6 +881,9 @@ impl<'t> Core<'t> {
         let mut done: Vec<u64> = Vec::new();
         for ((&seq, &id), lp) in plan.logits_seqs.iter().zip(&picked).zip(lps) {
             let Some(info) = self.seqs.get_mut(&seq) else { continue };
+            if self.guide_failures.iter().any(|(req, _)| *req == info.req) {
+                continue; // failed: its token is not sent, the error is
+            }
             let Some(r) = self.reqs.get_mut(&info.req) else { continue };
             generated += 1;
             r.completion_tokens += 1;

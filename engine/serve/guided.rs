@@ -97,7 +97,8 @@ impl Guides {
             .tokenizer
             .as_ref()
             .ok_or_else(|| Error::request("structured outputs need a tokenizer, and this model has none"))?;
-        let eos = *self.eos_ids.first().ok_or_else(|| Error::request("structured outputs need an EOS token"))?;
+        let eos_ids: Vec<u32> = self.eos_ids.iter().copied().filter(|&e| (e as usize) < self.vocab_size).collect();
+        let eos = *eos_ids.first().ok_or_else(|| Error::request("structured outputs need an EOS token"))?;
         // Special tokens (and ids the tokenizer lacks) get a 0xFF-led name that no grammar matches.
         let words: Vec<Vec<u8>> = (0..self.vocab_size as u32)
             .map(|id| match tok.token_bytes(id) {
@@ -109,7 +110,8 @@ impl Guides {
                 }
             })
             .collect();
-        let trie = TokTrie::from(&TokRxInfo::new(self.vocab_size as u32, eos), &words);
+        // Every EOS id ends a grammar (Llama 3.2 Instruct has three).
+        let trie = TokTrie::from(&TokRxInfo::new(self.vocab_size as u32, eos), &words).with_eos_tokens(&eos_ids);
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory =
             ParserFactory::new_simple(&env).map_err(|e| Error::Backend(format!("structured outputs: {e}")))?;
@@ -121,9 +123,16 @@ impl Guides {
     pub fn compile(&self, spec: &GuideSpec) -> Result<Guide> {
         let factory = self.factory()?;
         let parser = factory.create_parser(spec.grammar()?).map_err(|e| Error::request(format!("{e}")))?;
-        let matcher = Matcher::new(Ok(parser));
+        let mut matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(Error::request(e));
+        }
+        // A grammar that compiles may still produce nothing (a schema whose $ref loops back to itself): its first
+        // mask fails. Found here, it is the client's 400 rather than a failed generation.
+        if matcher.compute_mask().is_err() {
+            return Err(Error::request(
+                "the grammar cannot produce any text (for example, a schema or rule that only refers back to itself)",
+            ));
         }
         Ok(Guide { matcher, eos_ids: self.eos_ids.clone(), vocab_size: self.vocab_size })
     }

@@ -101,6 +101,8 @@ async fn bad_constraints_are_named() {
         (json!({"guided_choice": ["a"], "ignore_eos": true}), "ignore_eos", "cannot be combined"),
         (json!({"guided_choice": ["a"], "min_tokens": 2}), "min_tokens", "cannot be combined"),
         (json!({"guided_json": {"type": "object", "properties": {"a": {"type": "nope"}}}}), "guided_json", ""),
+        (json!({"guided_json": {"$ref": "#"}}), "guided_json", "cannot produce any text"),
+        (json!({"guided_grammar": "start: a\na: b\nb: a"}), "guided_grammar", "cannot produce any text"),
     ] {
         let body = with(json!({"model": "tiny", "prompt": "x", "max_tokens": 4}), body);
         let (status, resp) = srv.post("/v1/completions", &body).await;
@@ -108,6 +110,17 @@ async fn bad_constraints_are_named() {
         assert_eq!(resp["error"]["param"], param, "{body}: {resp}");
         assert!(resp["error"]["message"].as_str().unwrap().contains(says), "{body}: {resp}");
     }
+    // A forced tool call's prefix and a grammar cannot both hold; vLLM's backend switches are accepted.
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+                      "tools": tools, "tool_choice": "required", "response_format": {"type": "json_object"}});
+    let (status, resp) = srv.post("/v1/chat/completions", &chat).await;
+    assert_eq!((status, resp["error"]["param"].as_str()), (400, Some("tool_choice")), "{resp}");
+    let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 4,
+                      "structured_outputs": {"choice": ["a", "b"], "disable_fallback": true, "json": null}});
+    let (status, resp) = srv.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    assert!(["a", "b"].contains(&text_of(&resp, 0).as_str()), "{resp}");
     srv.stop(Duration::from_secs(30)).await.expect("clean stop");
     let mut notok = start_without_tokenizer("guided").await;
     let (status, resp) =

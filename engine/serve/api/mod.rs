@@ -665,6 +665,15 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
                 format!("{other}: cannot be combined with {field} (a structured output ends where its grammar ends)"),
             ));
         }
+        Some((_, field)) if endpoint == Endpoint::Chat && prompts.iter().any(|p| !p.1.is_empty()) => {
+            return Err(ApiError::bad_request(
+                Some("tool_choice"),
+                format!(
+                    "tool_choice: a required or named tool call forces the start of the answer, which {field} \
+                     would not follow; use one or the other"
+                ),
+            ));
+        }
         Some((spec, field)) => Some(
             ctx.guides
                 .compile(spec)
@@ -757,7 +766,9 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
 /// The structured output a request asks for, and the field that asks: OpenAI's `response_format`
 /// (`json_object`, or `json_schema` with its `schema`), vLLM's `guided_json` (a schema, as an object or a JSON
 /// string), `guided_regex`, `guided_choice`, `guided_grammar` (llguidance's Lark dialect), or vLLM's newer
-/// `structured_outputs` object with one of `json`, `regex`, `choice`, `grammar`, `json_object`. At most one.
+/// `structured_outputs` object with one of `json`, `regex`, `choice`, `grammar`, `json_object` (its boolean
+/// backend switches `disable_any_whitespace`, `disable_fallback`, `disable_additional_properties` are accepted and
+/// have no effect: JSON is always compact). At most one.
 fn guide_spec(f: &Fields<'_>) -> ApiResult<Option<(GuideSpec, &'static str)>> {
     let mut found: Vec<(GuideSpec, &'static str)> = Vec::new();
     let bad = |field: &str, what: &str| ApiError::bad_request(Some(field), format!("{field}: expected {what}"));
@@ -826,6 +837,10 @@ fn guide_spec(f: &Fields<'_>) -> ApiResult<Option<(GuideSpec, &'static str)>> {
                 "grammar" => text(v, "structured_outputs", GuideSpec::Lark)?,
                 "json_object" if v.as_bool() == Some(true) => GuideSpec::JsonObject,
                 "json_object" => continue,
+                // vLLM's backend switches: JSON here is always compact and never falls back to another engine.
+                "disable_any_whitespace" | "disable_fallback" | "disable_additional_properties" if v.is_boolean() => {
+                    continue
+                }
                 other => {
                     return Err(ApiError::bad_request(
                         Some("structured_outputs"),
