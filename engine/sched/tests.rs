@@ -195,17 +195,22 @@ fn random_workloads_complete_with_the_ids_they_get_alone() {
     assert!(total_preemptions > 0 && total_hits > 0, "preemptions {total_preemptions}, hit tokens {total_hits}");
 }
 
-#[test]
-fn prompt_logits_need_rows_for_them() {
+/// A scheduler of 8-token steps and 4 sequences over 16 blocks of 4 tokens (vocabulary 32, EOS 0).
+fn small(max_prompt_logits_rows: usize) -> Scheduler {
     let cfg = SchedulerConfig {
         max_step_tokens: 8,
         max_seqs: 4,
         eos_ids: vec![0],
         max_model_len: 256,
         vocab_size: 32,
-        max_prompt_logits_rows: 0,
+        max_prompt_logits_rows,
     };
-    let mut sched = Scheduler::new(cfg, KvManager::new(16, 4).unwrap()).unwrap();
+    Scheduler::new(cfg, KvManager::new(16, 4).unwrap()).unwrap()
+}
+
+#[test]
+fn prompt_logits_need_rows_for_them() {
+    let mut sched = small(0);
     let a = sched.add_request(vec![1, 2, 3], SamplingParams { max_tokens: 4, ..SamplingParams::greedy() }, 0).unwrap();
     let err = sched.want_prompt_logits(a).unwrap_err().to_string();
     assert!(err.contains("not available"), "{err}");
@@ -214,15 +219,7 @@ fn prompt_logits_need_rows_for_them() {
 #[test]
 fn abort_frees_blocks() {
     let mut exec = MockExec::new(32, 16, 4);
-    let cfg = SchedulerConfig {
-        max_step_tokens: 8,
-        max_seqs: 4,
-        eos_ids: vec![0],
-        max_model_len: 256,
-        vocab_size: 32,
-        max_prompt_logits_rows: 8,
-    };
-    let mut sched = Scheduler::new(cfg, KvManager::new(16, 4).unwrap()).unwrap();
+    let mut sched = small(8);
     let params = SamplingParams { max_tokens: 20, ignore_eos: true, ..SamplingParams::greedy() };
     let a = sched.add_request(vec![1, 2, 3, 4, 5], params.clone(), 0).unwrap();
     let b = sched.add_request(vec![6, 7, 8], params, 0).unwrap();
