@@ -152,6 +152,16 @@ fn mixed_input() -> Vec<(String, Expect)> {
                 Expect::Status400("temperature"),
             )),
             18 => v.push(("   \t".into(), Expect::Blank)),
+            // Structured outputs and prompt scoring work in a batch as on the server.
+            10 => {
+                let body =
+                    json!({"prompt": "Pick:", "max_tokens": 8, "seed": 3, "guided_choice": ["port", "starboard"]});
+                v.push((line("guided", "/v1/completions", &body).to_string(), Expect::Ok(Endpoint::Completions, body)))
+            }
+            14 => {
+                let body = json!({"prompt": "Charts of the bay", "max_tokens": 0, "echo": true, "logprobs": 2});
+                v.push((line("scored", "/v1/completions", &body).to_string(), Expect::Ok(Endpoint::Completions, body)))
+            }
             20 => {
                 let ids: Vec<u32> = (0..1100).map(|i| 1000 + i % 3000).collect();
                 v.push((
@@ -213,7 +223,12 @@ fn mixed_batch_writes_every_result_in_input_order() {
                 let want = direct(&e, &ctx, *endpoint, body);
                 assert_eq!(essence(&resp["body"]), essence(&want), "line {line_no}: batch differs from a direct run");
                 let n = want["choices"].as_array().unwrap().len();
-                assert!(n >= 1 && want["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+                let prompt_only = body["max_tokens"] == 0;
+                assert!(n >= 1 && (prompt_only || want["usage"]["completion_tokens"].as_u64().unwrap() > 0));
+                if prompt_only {
+                    let scored = resp["body"]["choices"][0]["logprobs"]["token_logprobs"].as_array().map(Vec::len);
+                    assert_eq!(scored, want["usage"]["prompt_tokens"].as_u64().map(|p| p as usize), "{rec}");
+                }
                 prompt_tokens += want["usage"]["prompt_tokens"].as_u64().unwrap();
                 completion_tokens += want["usage"]["completion_tokens"].as_u64().unwrap();
             }

@@ -680,7 +680,10 @@ impl Run<'_> {
         for (p, e) in events {
             if let Event::Done(u) = &e {
                 prompt_tokens += u.prompt_tokens as u64;
-                completion_tokens += u.completion_tokens as u64;
+                // `max_tokens: 0` with `echo`: the one token generated is not part of the answer.
+                if !job.prep.prompt_only {
+                    completion_tokens += u.completion_tokens as u64;
+                }
             }
             if let Err(m) = b.push(p, e) {
                 return response_record(&job.custom_id, 500, &job.prep.id, ApiError::server(500, m).body());
