@@ -122,6 +122,61 @@ fn cuda_logits_match_transformers() {
     }
 }
 
+/// Prompt log-probabilities through the serving engine on the CUDA executor (prefill in 40-token chunks, every row's
+/// logits read back, the prompt's blocks cached by an earlier request): transformers' log-softmax within twice the
+/// logits budget.
+#[test]
+fn cuda_engine_prompt_logprobs_match_transformers() {
+    use llama32::serve::engine::{EngineConfig, EngineHandle};
+    use llama32::serve::{Event, GenerateRequest};
+    if !device_ready() {
+        return;
+    }
+    for name in CASES {
+        let case = Case::load(name);
+        let prompt = case.ids("prompt_ids");
+        let (dir, cfg) = (case.dir.clone(), case.cfg.clone());
+        let make = move || -> llama32::Result<Box<dyn Executor>> {
+            let ckpt = Checkpoint::open(&dir)?;
+            let opts =
+                CudaOptions { block_size: 16, kv_tokens: Some(1024), max_step_tokens: 512, ..Default::default() };
+            Ok(Box::new(CudaExecutor::new(cfg, WeightSource::Checkpoint(&ckpt), &opts, &|_| {})?))
+        };
+        let e = EngineHandle::start(make, None, EngineConfig { max_step_tokens: 40, ..Default::default() }).unwrap();
+        let params = SamplingParams { max_tokens: 2, ..SamplingParams::greedy() };
+        let mut first = e.submit_blocking(GenerateRequest::new(prompt.clone(), params.clone())).unwrap();
+        while first.blocking_next().is_some() {}
+        let mut r = GenerateRequest::new(prompt.clone(), params);
+        r.prompt_logprobs = Some(3);
+        let mut s = e.submit_blocking(r).unwrap();
+        let mut scores = None;
+        while let Some(ev) = s.blocking_next() {
+            match ev {
+                Event::PromptLogprobs(p) => scores = Some(p),
+                Event::Error(m) => panic!("{name}: {m}"),
+                _ => {}
+            }
+        }
+        let scores = scores.expect("prompt log-probabilities");
+        assert_eq!(scores.len(), prompt.len() - 1, "{name}");
+        let want = case.ref_logits("logits.npy");
+        let vocab = case.cfg.vocab_size;
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let tol = 2.0 * case.budget().max_rel as f64 * scale;
+        let mut worst = 0f64;
+        for (i, lp) in scores.iter().enumerate() {
+            assert_eq!(lp.id, prompt[i + 1], "{name}: entry {i}");
+            let row = &want[i * vocab..(i + 1) * vocab];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            worst = worst.max((lp.logprob as f64 - (row[lp.id as usize] as f64 - lse)).abs());
+            assert!(lp.top.len() == 3 && lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{name}: entry {i}");
+        }
+        eprintln!("{name}: CUDA prompt logprobs max |diff| {worst:.2e} (tolerance {tol:.2e})");
+        assert!(worst <= tol, "{name}: prompt logprobs differ from transformers' by {worst:.2e} (tolerance {tol:.2e})");
+    }
+}
+
 #[test]
 fn cuda_batched_step_matches_cpu_step() {
     if !device_ready() {
