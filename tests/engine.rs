@@ -245,6 +245,64 @@ fn prompt_logprobs_score_every_prompt_token_once() {
     assert!(err.contains("prompt_logprobs must be at most 20"), "{err}");
 }
 
+/// The tiny CPU executor with a logits-row limit of its own, as a device buffer or memory plan sets one: a step
+/// that asks for more rows fails.
+struct Limited(llama32::exec::cpu::CpuExecutor, usize);
+
+impl llama32::exec::Executor for Limited {
+    fn config(&self) -> &llama32::config::LlamaConfig {
+        self.0.config()
+    }
+    fn block_size(&self) -> usize {
+        self.0.block_size()
+    }
+    fn num_blocks(&self) -> usize {
+        self.0.num_blocks()
+    }
+    fn max_logits_rows(&self) -> Option<usize> {
+        Some(self.1)
+    }
+    fn step(&mut self, input: &llama32::exec::StepInput) -> llama32::Result<llama32::exec::StepOutput> {
+        if input.logits_rows.len() > self.1 {
+            return Err(llama32::Error::Backend(format!("{} logits rows, limit {}", input.logits_rows.len(), self.1)));
+        }
+        self.0.step(input)
+    }
+}
+
+#[test]
+fn prompt_logprobs_stay_within_the_executors_logits_rows() {
+    let Some(dir) = common::tiny_model_dir("prompt-lp-limit") else { return };
+    let start = |limit: usize| {
+        let d = dir.clone();
+        let make = move || -> llama32::Result<Box<dyn llama32::exec::Executor>> {
+            Ok(Box::new(Limited(common::tiny_executor(&d, 4096)?, limit)))
+        };
+        let cfg = EngineConfig { max_step_tokens: 64, max_seqs: 4, ..Default::default() };
+        EngineHandle::start(make, None, cfg).expect("engine starts")
+    };
+    // 4 sequences may sample: 3 rows a step are left for the prompt's 39.
+    let e = start(4 + 3);
+    let streams: Vec<RequestStream> = (0..3)
+        .map(|k| {
+            let mut r = GenerateRequest::new(prompt(30 + k, 40), sampled(6, k as u64));
+            r.prompt_logprobs = (k == 0).then_some(2);
+            e.submit_blocking(r).unwrap()
+        })
+        .collect();
+    let outs: Vec<Out> = streams.into_iter().map(|s| drain(s, 1)).collect();
+    assert!(outs.iter().all(|o| o.error.is_none()), "{:?}", outs.iter().map(|o| &o.error).collect::<Vec<_>>());
+    assert_eq!(outs[0].prompt.as_ref().map(Vec::len), Some(39));
+    // No row left for them: refused by name, and the engine goes on.
+    let e = start(4);
+    let mut r = GenerateRequest::new(prompt(1, 10), sampled(2, 1));
+    r.prompt_logprobs = Some(0);
+    let err = e.submit_blocking(r).err().expect("refused").to_string();
+    assert!(err.contains("prompt log-probabilities are not available"), "{err}");
+    assert_eq!(drain(e.submit_blocking(GenerateRequest::new(prompt(1, 10), sampled(2, 1))).unwrap(), 1).error, None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn kv_exhaustion_preempts_and_loses_nothing() {
     // 24 blocks of 16 tokens; 10 requests of 40 + 60 tokens need 7 blocks each at the end.

@@ -136,7 +136,8 @@ pub trait Executor {
     /// Runs one step: writes the new tokens' K/V into the cache and returns the requested logits.
     fn step(&mut self, input: &StepInput) -> Result<StepOutput>;
 
-    /// Most logits rows one step may ask for (a device buffer's size); `None`: no limit of its own.
+    /// Most logits rows one step may ask for (a device buffer's size, or what a memory plan reserved); `None`: no
+    /// limit of its own. The engine keeps prompt log-probabilities' rows within it, after one row per sequence.
     fn max_logits_rows(&self) -> Option<usize> {
         None
     }

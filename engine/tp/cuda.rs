@@ -231,6 +231,8 @@ pub struct TpCudaExecutor {
     tp: usize,
     num_blocks: usize,
     block_size: usize,
+    /// Logits rows a step may ask for within each rank's memory plan.
+    planned_logits_rows: usize,
 }
 
 impl TpCudaExecutor {
@@ -281,7 +283,7 @@ impl TpCudaExecutor {
         let ranks =
             Self::load_ranks(&plan, (0..tp).collect(), &placement, src, (quant.as_ref(), at_load.tables_int8), opts)?;
         let comms = device_comms(kind, ranks.iter().map(|o| o.stream().clone()).collect())?;
-        Self::finish(cfg, &plan, ranks, (0..tp).collect(), comms, opts.block_size)
+        Self::finish(cfg, &plan, ranks, (0..tp).collect(), comms, opts)
     }
 
     /// This process's one rank of a multi-process (and possibly multi-node) NCCL group described by `spec`, on CUDA
@@ -328,7 +330,7 @@ impl TpCudaExecutor {
         let ranks =
             Self::load_ranks(&plan, rank_ids.clone(), devices, src, (quant.as_ref(), at_load.tables_int8), opts)?;
         let comms = node_comms(ranks.iter().map(|o| o.stream().clone()).collect(), spec)?;
-        Self::finish(cfg, &plan, ranks, rank_ids, comms, opts.block_size)
+        Self::finish(cfg, &plan, ranks, rank_ids, comms, opts)
     }
 
     /// Uploads the shards of `rank_ids` (rank `rank_ids[i]` on device `placement[i]`), then sizes every cache.
@@ -380,8 +382,9 @@ impl TpCudaExecutor {
         mut ranks: Vec<CudaOps>,
         rank_ids: Vec<usize>,
         comms: Vec<Box<dyn DeviceComm>>,
-        block_size: usize,
+        opts: &CudaOptions,
     ) -> Result<Self> {
+        let block_size = opts.block_size;
         if comms.len() != ranks.len() {
             return Err(Error::Backend(format!("{} communicators for {} ranks", comms.len(), ranks.len())));
         }
@@ -402,7 +405,17 @@ impl TpCudaExecutor {
             ops.set_tensor_parallel(comm, vocab);
         }
         let rank_cfg = plan.rank_config();
-        Ok(TpCudaExecutor { cfg, rank_cfg, ranks, rank_ids, tp: plan.tp(), num_blocks, block_size })
+        let planned_logits_rows = crate::exec::cuda::planned_logits_rows(opts);
+        Ok(TpCudaExecutor {
+            cfg,
+            rank_cfg,
+            ranks,
+            rank_ids,
+            tp: plan.tp(),
+            num_blocks,
+            block_size,
+            planned_logits_rows,
+        })
     }
 
     /// The size of the group.
@@ -491,6 +504,10 @@ impl Executor for TpCudaExecutor {
 
     fn num_blocks(&self) -> usize {
         self.num_blocks
+    }
+
+    fn max_logits_rows(&self) -> Option<usize> {
+        Some(self.planned_logits_rows)
     }
 
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {

@@ -171,11 +171,16 @@ fn memory_in_use(stream: &Arc<CudaStream>, opts: &CudaOptions) -> Result<(usize,
     Ok((total - free, (total as f64 * opts.gpu_memory_utilization as f64) as usize, total))
 }
 
+/// Logits rows the memory plan reserves room for ([`act_reserve`]): a step's rows are among its tokens.
+pub(crate) fn planned_logits_rows(opts: &CudaOptions) -> usize {
+    opts.max_step_tokens.min(1024)
+}
+
 /// Bytes kept free for activations and workspaces of steps of up to `opts.max_step_tokens` tokens.
 fn act_reserve(cfg: &LlamaConfig, opts: &CudaOptions, layers: &[DeviceLayer], stream: &CudaStream) -> Result<usize> {
     let t = opts.max_step_tokens;
     Ok(2 * t * (4 * cfg.hidden_size + cfg.q_dim() + 2 * cfg.kv_dim() + 3 * cfg.intermediate_size)
-        + 2 * t.min(1024) * cfg.vocab_size
+        + 2 * planned_logits_rows(opts) * cfg.vocab_size
         + quant_reserve(cfg, layers, t, num_sms_for_plan(stream)?)
         + (256 << 20))
 }
@@ -219,6 +224,8 @@ pub struct CudaExecutor {
     ablate: Vec<&'static str>,
     /// Steps whose layers ran through the persistent decode stack ([`Executor::fused_decode_steps`]).
     stack_steps: u64,
+    /// Logits rows a step may ask for within the memory plan's reserve ([`act_reserve`]).
+    planned_logits_rows: usize,
 }
 
 impl CudaExecutor {
@@ -465,6 +472,7 @@ impl CudaExecutor {
             clock: None,
             ablate: Vec::new(),
             stack_steps: 0,
+            planned_logits_rows: planned_logits_rows(opts),
         })
     }
 
@@ -617,6 +625,10 @@ impl Executor for CudaExecutor {
 
     fn num_blocks(&self) -> usize {
         self.ops.num_blocks
+    }
+
+    fn max_logits_rows(&self) -> Option<usize> {
+        Some(self.planned_logits_rows)
     }
 
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
