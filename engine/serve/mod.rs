@@ -15,6 +15,7 @@ pub mod guided;
 pub mod http;
 pub mod images;
 pub mod loadgen;
+pub mod logprob;
 pub mod metrics;
 
 use crate::sampling::{FinishReason, SamplingParams};
