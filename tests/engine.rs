@@ -178,13 +178,6 @@ fn logprobs_match_the_logits_and_do_not_change_the_tokens() {
     }
 }
 
-/// Log-softmax of a logits row, in f64.
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-    row.iter().map(|&x| x as f64 - lse).collect()
-}
-
 #[test]
 fn prompt_logprobs_score_every_prompt_token_once() {
     // Chunks of 16 tokens: the prompt's rows come over three steps.
@@ -211,7 +204,7 @@ fn prompt_logprobs_score_every_prompt_token_once() {
     let logits = llama32::exec::generate::score(&mut ex, &p, 40).unwrap();
     let vocab = logits.len() / p.len();
     for (i, lp) in lps.iter().enumerate() {
-        let want = log_softmax(&logits[i * vocab..(i + 1) * vocab]);
+        let want = common::log_softmax(&logits[i * vocab..(i + 1) * vocab]);
         assert_eq!(lp.id, p[i + 1], "entry {i} scores prompt token {}", i + 1);
         assert!(
             (lp.logprob as f64 - want[lp.id as usize]).abs() < 1e-3,

@@ -140,7 +140,7 @@ fn greedy_ids_match_transformers_batched() {
 #[test]
 fn prompt_logprobs_through_the_engine_match_transformers() {
     use llama32::serve::engine::{EngineConfig, EngineHandle};
-    use llama32::serve::{Event, GenerateRequest};
+    use llama32::serve::GenerateRequest;
     for name in ["tied-gqa4", "cuda-d128-gqa3"] {
         let case = Case::load(name);
         let prompt = case.ids("prompt_ids");
@@ -155,16 +155,7 @@ fn prompt_logprobs_through_the_engine_match_transformers() {
         while first.blocking_next().is_some() {}
         let mut r = GenerateRequest::new(prompt.clone(), params);
         r.prompt_logprobs = Some(3);
-        let mut s = e.submit_blocking(r).unwrap();
-        let mut scores = None;
-        while let Some(ev) = s.blocking_next() {
-            match ev {
-                Event::PromptLogprobs(p) => scores = Some(p),
-                Event::Error(m) => panic!("{name}: {m}"),
-                _ => {}
-            }
-        }
-        let scores = scores.expect("prompt log-probabilities");
+        let scores = common::prompt_logprobs_of(e.submit_blocking(r).unwrap(), name);
         assert_eq!(scores.len(), prompt.len() - 1, "{name}");
         let want = case.ref_logits("logits.npy");
         let vocab = case.cfg.vocab_size;
@@ -174,9 +165,8 @@ fn prompt_logprobs_through_the_engine_match_transformers() {
         for (i, lp) in scores.iter().enumerate() {
             assert_eq!(lp.id, prompt[i + 1], "{name}: entry {i}");
             let row = &want[i * vocab..(i + 1) * vocab];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-            let hf = |id: u32| row[id as usize] as f64 - lse;
+            let ls = common::log_softmax(row);
+            let hf = |id: u32| ls[id as usize];
             let mut order: Vec<u32> = (0..vocab as u32).collect();
             order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
             worst = worst.max((lp.logprob as f64 - hf(lp.id)).abs());

@@ -94,16 +94,7 @@ fn vision_prompt_logprobs_match_transformers() {
     assert_eq!(drain(e.submit_blocking(request(&c, greedy(2))).unwrap()).0, c.greedy[..2]);
     let mut r = request(&c, greedy(2));
     r.prompt_logprobs = Some(2);
-    let mut s = e.submit_blocking(r).unwrap();
-    let mut scores = None;
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            Event::PromptLogprobs(p) => scores = Some(p),
-            Event::Error(m) => panic!("{m}"),
-            _ => {}
-        }
-    }
-    let scores = scores.expect("prompt log-probabilities");
+    let scores = common::prompt_logprobs_of(e.submit_blocking(r).unwrap(), "vision request");
     assert_eq!(scores.len(), c.ids.len() - 1);
     let want = llama32::npy::read_f32(&c.model.dir.join("logits.npy")).unwrap();
     let vocab = want.shape[1];
@@ -118,12 +109,11 @@ fn vision_prompt_logprobs_match_transformers() {
             continue;
         }
         let row = &want.data[i * vocab..(i + 1) * vocab];
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-        let hf = row[lp.id as usize] as f64 - lse;
+        let ls = common::log_softmax(row);
+        let hf = ls[lp.id as usize];
         assert!((lp.logprob as f64 - hf).abs() <= 3e-4 * scale, "position {}: {} against {hf}", i + 1, lp.logprob);
         let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (k, &x)| if x > b.1 { (k, x) } else { b });
-        assert!((lp.top[0].1 as f64 - (best.1 as f64 - lse)).abs() <= 3e-4 * scale, "position {}", i + 1);
+        assert!((lp.top[0].1 as f64 - ls[best.0]).abs() <= 3e-4 * scale, "position {}", i + 1);
     }
     assert_eq!(images, c.ids[1..].iter().filter(|&&t| t == image).count());
 }

@@ -363,3 +363,26 @@ impl<F: FnMut()> Drop for OnDrop<F> {
         (self.0)()
     }
 }
+
+/// Log-softmax of a logits row, in f64.
+pub fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// The prompt log-probabilities a request's events carry (`what` names the request in a failure).
+pub fn prompt_logprobs_of(
+    mut s: llama32::serve::engine::RequestStream,
+    what: &str,
+) -> Vec<llama32::serve::TokenLogprob> {
+    let mut scores = None;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            llama32::serve::Event::PromptLogprobs(p) => scores = Some(p),
+            llama32::serve::Event::Error(m) => panic!("{what}: {m}"),
+            _ => {}
+        }
+    }
+    scores.unwrap_or_else(|| panic!("{what}: no prompt log-probabilities"))
+}

@@ -128,7 +128,7 @@ fn cuda_logits_match_transformers() {
 #[test]
 fn cuda_engine_prompt_logprobs_match_transformers() {
     use llama32::serve::engine::{EngineConfig, EngineHandle};
-    use llama32::serve::{Event, GenerateRequest};
+    use llama32::serve::GenerateRequest;
     if !device_ready() {
         return;
     }
@@ -148,16 +148,7 @@ fn cuda_engine_prompt_logprobs_match_transformers() {
         while first.blocking_next().is_some() {}
         let mut r = GenerateRequest::new(prompt.clone(), params);
         r.prompt_logprobs = Some(3);
-        let mut s = e.submit_blocking(r).unwrap();
-        let mut scores = None;
-        while let Some(ev) = s.blocking_next() {
-            match ev {
-                Event::PromptLogprobs(p) => scores = Some(p),
-                Event::Error(m) => panic!("{name}: {m}"),
-                _ => {}
-            }
-        }
-        let scores = scores.expect("prompt log-probabilities");
+        let scores = crate::common::prompt_logprobs_of(e.submit_blocking(r).unwrap(), name);
         assert_eq!(scores.len(), prompt.len() - 1, "{name}");
         let want = case.ref_logits("logits.npy");
         let vocab = case.cfg.vocab_size;
@@ -166,10 +157,8 @@ fn cuda_engine_prompt_logprobs_match_transformers() {
         let mut worst = 0f64;
         for (i, lp) in scores.iter().enumerate() {
             assert_eq!(lp.id, prompt[i + 1], "{name}: entry {i}");
-            let row = &want[i * vocab..(i + 1) * vocab];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-            worst = worst.max((lp.logprob as f64 - (row[lp.id as usize] as f64 - lse)).abs());
+            let ls = crate::common::log_softmax(&want[i * vocab..(i + 1) * vocab]);
+            worst = worst.max((lp.logprob as f64 - ls[lp.id as usize]).abs());
             assert!(lp.top.len() == 3 && lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{name}: entry {i}");
         }
         eprintln!("{name}: CUDA prompt logprobs max |diff| {worst:.2e} (tolerance {tol:.2e})");
