@@ -361,6 +361,61 @@ l32_status l32_sample(const l32_sample_params* params, void* stream);
 /* END sampling */
 
 /* ---------------------------------------------------------------------------------------------------------------- */
+/* token masks and log-probabilities over logits rows (kernels/logprobs.cu) */
+/* BEGIN logprobs */
+
+/**
+ * Token masks (structured outputs), in place: for each j < masks, every logit v of row rows[j] whose bit is clear in
+ * mask j (bit v % 32 of bits[j * words + v / 32]) becomes -inf; logits whose bit is set keep their value. The twin of
+ * `crate::sampling::TokenMask::apply`. dtype: L32_DTYPE_BF16 only.
+ */
+typedef struct l32_mask_params {
+    void* logits;           /**< [*, vocab], contiguous rows, written in place */
+    const uint32_t* rows;   /**< [masks]: the row each mask applies to (no row twice) */
+    const uint32_t* bits;   /**< [masks, words] */
+    int64_t masks;          /**< any count >= 0 (0 launches nothing), at most 65535 */
+    int64_t vocab;          /**< 1 ..= 2^30 */
+    int64_t words;          /**< words per mask, >= ceil(vocab / 32) */
+    l32_dtype dtype;        /**< L32_DTYPE_BF16 */
+} l32_mask_params;
+
+/** Launches the token masks (logprobs family) on `stream`. */
+l32_status l32_mask_logits(const l32_mask_params* params, void* stream);
+
+/** The most alternatives l32_token_logprobs returns per entry. */
+#define L32_MAX_TOP_LOGPROBS 64
+
+/**
+ * Log-probabilities under the softmax of logits rows (the twin of `crate::sampling::token_logprob`): entry j scores
+ * token ids[j] under row rows[j]. NaN logits take no part; with M the largest other logit, the log-sum-exp is
+ * M + ln(sum exp(l - M)) (expf terms, f64 sums), or M itself when M is infinite.
+ *   - out_logprob[j] = (f32)((f64)l[id] - lse), -inf for an id >= vocab or a NaN logit;
+ *   - out_rank[j] = the number of logits >= l[id] (ties share the worse rank), 1 + the number of non-NaN logits for
+ *     an id >= vocab or a NaN logit;
+ *   - out_top_ids / out_top_logprobs [j, 0..top): the `top` largest logits, largest first, ties lower id first (-0
+ *     ties with +0), with their log-probabilities; past the row's non-NaN logits the id is 0xFFFFFFFF.
+ * dtype: L32_DTYPE_BF16 only.
+ */
+typedef struct l32_logprob_params {
+    float* out_logprob;         /**< [n] */
+    uint32_t* out_rank;         /**< [n] */
+    uint32_t* out_top_ids;      /**< [n, top]; may be null when top is 0 */
+    float* out_top_logprobs;    /**< [n, top]; may be null when top is 0 */
+    const void* logits;         /**< [*, vocab], contiguous rows */
+    const uint32_t* rows;       /**< [n]: each entry's row */
+    const uint32_t* ids;        /**< [n]: each entry's token (any value) */
+    int64_t n;                  /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
+    int64_t vocab;              /**< 1 ..= 2^30 */
+    int32_t top;                /**< 0 ..= L32_MAX_TOP_LOGPROBS */
+    l32_dtype dtype;            /**< L32_DTYPE_BF16 */
+} l32_logprob_params;
+
+/** Launches the scoring (logprobs family) on `stream`. */
+l32_status l32_token_logprobs(const l32_logprob_params* params, void* stream);
+
+/* END logprobs */
+
+/* ---------------------------------------------------------------------------------------------------------------- */
 /* skinny GEMM for decode: out = x @ w^T with few rows of x (kernels/gemv.cu) */
 /* BEGIN gemv */
 

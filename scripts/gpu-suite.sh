@@ -551,7 +551,10 @@ PY
     # session's list ran on an H200 on 2026-11-28 (bench/results/2026-11-28-h200-fresh-kernels.md).
     # (When the tests stage ran in this call, these tests and the golden row-kernel run below already ran there.)
     local ft
-    want tests || for ft in cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
+    # The twenty-fourth and twenty-fifth sessions' scored steps (device masks and log-probabilities) come first.
+    want tests || for ft in cuda_logprobs::mask_logits_matches_token_mask cuda_logprobs::token_logprobs_match_cpu \
+      cuda_logprobs::logprobs_reject_bad_shapes cuda_golden::cuda_scored_step_matches_host \
+      cuda_golden::cuda_engine_prompt_logprobs_match_transformers cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
       cuda_attention::paged_decode_matches_cpu \
       cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \
       cuda_golden::cuda_step_sample_matches_cpu_sampler cuda_sampling::sampling_rejects_bad_shapes \

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod generate;
+pub mod scored;
 
 use crate::config::LlamaConfig;
 use crate::{Error, Result};
@@ -244,6 +245,25 @@ pub trait Executor {
             return Err(Error::request("this model takes no images (it is not a Llama 3.2 Vision model)"));
         }
         self.step(input)
+    }
+
+    /// Runs one step (sequence `s` seeing `images[s]`, as [`step_with_images`](Self::step_with_images)), picks an
+    /// id for each sampled row `sample_rows[i]` with `seqs[i]` (with every token `masks[i]` disallows at `-inf`,
+    /// where `masks` has one), and scores each entry of `scores` under the model's unmasked logits. Returns the
+    /// picked ids (recorded in the samplers) and the scores in `scores`' order. The reference
+    /// ([`scored::host_step_scored`]) brings the logits to the host; a device backend may mask, sample and score on
+    /// the device and bring back only the results.
+    #[allow(clippy::too_many_arguments)]
+    fn step_scored(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<crate::vision::exec::SeqImages<'_>>],
+        seqs: &mut [SampleSeq<'_>],
+        sample_rows: &[usize],
+        masks: &[Option<crate::sampling::TokenMask>],
+        scores: &[scored::ScoreRow],
+    ) -> Result<(Vec<u32>, Vec<crate::sampling::TokenLogprob>)> {
+        scored::host_step_scored(self, input, images, seqs, sample_rows, masks, scores)
     }
 
     /// Runs one step and samples one id per requested logits row with that row's sequence state (penalties,

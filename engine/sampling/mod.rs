@@ -37,9 +37,11 @@
 //! The cost is `O(V)` plus `O(k log k)` for a small `top_k`; top-p without top-k first bounds the nucleus
 //! with a histogram of the scaled logits and sorts only that superset (`O(V log V)` in the worst case).
 
+mod logprob;
 mod sampler;
 mod stop;
 
+pub use logprob::{token_logprob, TokenLogprob};
 pub use sampler::{argmax, Sampler};
 pub use stop::{FinishReason, StopChecker, StopStep};
 
@@ -70,6 +72,12 @@ impl TokenMask {
     /// Whether token `id` is allowed.
     pub fn allows(&self, id: u32) -> bool {
         (id as usize) < self.len && self.bits[id as usize / 64] >> (id % 64) & 1 == 1
+    }
+
+    /// The bitset: bit `id % 64` of word `id / 64` is set when token `id` is allowed (no bit at or past the
+    /// mask's length is set).
+    pub fn words(&self) -> &[u64] {
+        &self.bits
     }
 
     /// Sets the logits of every token it does not allow to `-inf`.

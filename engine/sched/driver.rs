@@ -2,9 +2,10 @@
 
 use super::{Scheduler, StepPlan, StepUpdate};
 use crate::exec::generate::Generation;
+use crate::exec::scored::ScoreRow;
 use crate::exec::Executor;
 use crate::kv::prefix::SeqId;
-use crate::sampling::TokenMask;
+use crate::sampling::{TokenLogprob, TokenMask};
 use crate::vision::exec::SeqImages;
 use crate::{Error, Result};
 
@@ -73,18 +74,6 @@ pub fn run_step_on_host<E: Executor + ?Sized>(
     exec: &mut E,
     plan: &StepPlan,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
-    run_step_on_host_masked(sched, exec, plan, &[])
-}
-
-/// [`run_step_on_host`] where sampled row `i` may carry a token mask `masks[i]` (structured outputs): its sampler
-/// sees a copy of the row with every other token at `-inf`. The returned logits are the model's. `masks` may be
-/// empty (no row masked).
-pub fn run_step_on_host_masked<E: Executor + ?Sized>(
-    sched: &mut Scheduler,
-    exec: &mut E,
-    plan: &StepPlan,
-    masks: &[Option<TokenMask>],
-) -> Result<(Vec<u32>, Vec<f32>)> {
     let out = exec.step_with_images(&plan.input, &plan_images(plan))?;
     let vocab = exec.config().vocab_size;
     let total = plan.input.logits_rows.len();
@@ -99,25 +88,23 @@ pub fn run_step_on_host_masked<E: Executor + ?Sized>(
             rows.len()
         )));
     }
-    let mut masked = Vec::new();
-    let picked = rows
-        .iter_mut()
-        .zip(&plan.sample_rows)
-        .enumerate()
-        .map(|(i, (r, &row))| {
-            let logits = &out.logits[row * vocab..(row + 1) * vocab];
-            match masks.get(i).and_then(Option::as_ref) {
-                Some(m) => {
-                    masked.clear();
-                    masked.extend_from_slice(logits);
-                    m.apply(&mut masked);
-                    r.sampler.sample(&masked)
-                }
-                None => r.sampler.sample(logits),
-            }
-        })
-        .collect();
-    Ok((picked, out.logits))
+    let picked =
+        rows.iter_mut().zip(&plan.sample_rows).map(|(r, &row)| r.sampler.sample(&out.logits[row * vocab..][..vocab]));
+    Ok((picked.collect(), out.logits))
+}
+
+/// Runs `plan` through [`Executor::step_scored`]: sampled row `i` may carry a token mask `masks[i]` (structured
+/// outputs; `masks` may be empty), and each entry of `scores` is scored under the model's logits. Returns the picked
+/// ids (recorded in the samplers) and the scores in `scores`' order.
+pub fn run_step_scored<E: Executor + ?Sized>(
+    sched: &mut Scheduler,
+    exec: &mut E,
+    plan: &StepPlan,
+    masks: &[Option<TokenMask>],
+    scores: &[ScoreRow],
+) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
+    let mut rows = sched.sample_rows(plan)?;
+    exec.step_scored(&plan.input, &plan_images(plan), &mut rows, &plan.sample_rows, masks, scores)
 }
 
 /// The per-sequence images of `plan` as [`Executor::step_with_images`] takes them (empty when no chunk has any).

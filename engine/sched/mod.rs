@@ -20,7 +20,7 @@
 
 mod driver;
 
-pub use driver::{plan_images, run_step, run_step_on_host, run_step_on_host_masked, run_to_completion};
+pub use driver::{plan_images, run_step, run_step_on_host, run_step_scored, run_to_completion};
 
 use std::collections::HashMap;
 

@@ -13,19 +13,19 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::guided::Guide;
 use super::images::{ImageSets, Parked};
-pub use super::logprob::token_logprob;
 use super::metrics::Metrics;
 use super::{Event, GenerateRequest, TokenLogprob, Usage};
 use crate::config::LlamaConfig;
+use crate::exec::scored::ScoreRow;
 use crate::exec::Executor;
 use crate::kv::prefix::{KvManager, SeqId};
+pub use crate::sampling::token_logprob;
 use crate::sampling::FinishReason;
-use crate::sched::{run_step, run_step_on_host_masked, Scheduler, SchedulerConfig, SeqVision, StepPlan};
+use crate::sched::{run_step, run_step_scored, Scheduler, SchedulerConfig, SeqVision, StepPlan};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -627,30 +627,41 @@ impl<'t> Core<'t> {
             let picked = run_step(&mut self.sched, self.exec.as_mut(), plan)?;
             return Ok((picked, vec![None; plan.logits_seqs.len()], Vec::new()));
         }
-        // Log-probabilities and token masks need the logits on the host: sample there too.
-        let (picked, logits) = run_step_on_host_masked(&mut self.sched, self.exec.as_mut(), plan, &masks)?;
-        let vocab = self.exec.config().vocab_size;
-        let row = |r: usize| &logits[r * vocab..(r + 1) * vocab];
-        let lps = plan
+        // Sampled rows scored by their pick first, then every prompt row of every request that wants them.
+        let mut scores: Vec<ScoreRow> = plan
             .sample_rows
             .iter()
-            .zip(&picked)
             .zip(&wants)
-            .map(|((&r, &id), w)| w.map(|k| token_logprob(row(r), id, k)))
+            .filter_map(|(&row, w)| w.map(|top| ScoreRow { row, id: None, top }))
             .collect();
-        let mut prompt = Vec::with_capacity(plan.prompt_rows.len());
+        let sampled_scores = scores.len();
+        let mut prompt_spans = Vec::with_capacity(plan.prompt_rows.len());
         for pr in &plan.prompt_rows {
-            let scores = self.seqs.get(&pr.seq).and_then(|i| self.reqs.get(&i.req)?.prompt_logprobs.as_ref());
-            let Some(ps) = scores else { continue };
+            let wanted = self.seqs.get(&pr.seq).and_then(|i| self.reqs.get(&i.req)?.prompt_logprobs.as_ref());
+            let Some(ps) = wanted else { continue };
             let targets = ps.prompt.get(pr.start + 1..pr.start + 1 + pr.len).ok_or_else(|| {
                 Error::Backend(format!("prompt rows {}..+{} past a prompt of {}", pr.start, pr.len, ps.prompt.len()))
             })?;
-            // One pass over the vocabulary per row: spread the rows over the cores.
             let top = ps.top;
-            let scored: Vec<TokenLogprob> =
-                (0..pr.len).into_par_iter().map(|i| token_logprob(row(pr.first_row + i), targets[i], top)).collect();
-            prompt.push((pr.seq, pr.start, scored));
+            scores.extend(targets.iter().enumerate().map(|(i, &t)| ScoreRow {
+                row: pr.first_row + i,
+                id: Some(t),
+                top,
+            }));
+            prompt_spans.push((pr.seq, pr.start, pr.len));
         }
+        let (picked, mut scored) = run_step_scored(&mut self.sched, self.exec.as_mut(), plan, &masks, &scores)?;
+        if scored.len() != scores.len() {
+            return Err(Error::Backend(format!("{} scores for {} scored rows", scored.len(), scores.len())));
+        }
+        let mut prompt = Vec::with_capacity(prompt_spans.len());
+        let mut rest = scored.split_off(sampled_scores);
+        for (seq, start, len) in prompt_spans {
+            let tail = rest.split_off(len);
+            prompt.push((seq, start, std::mem::replace(&mut rest, tail)));
+        }
+        let mut sampled = scored.into_iter();
+        let lps = wants.iter().map(|w| w.and_then(|_| sampled.next())).collect();
         Ok((picked, lps, prompt))
     }
 

@@ -15,9 +15,9 @@ pub mod guided;
 pub mod http;
 pub mod images;
 pub mod loadgen;
-pub mod logprob;
 pub mod metrics;
 
+pub use crate::sampling::TokenLogprob;
 use crate::sampling::{FinishReason, SamplingParams};
 
 /// One generation request as the engine sees it: prompt ids and how to sample them.
@@ -108,19 +108,6 @@ impl RequestImages {
             hash: h.finish() | 1,
         })
     }
-}
-
-/// A token's log-probability and its most likely alternatives.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenLogprob {
-    /// The token id.
-    pub id: u32,
-    /// Its log-probability under the model's distribution (log-softmax of the raw logits).
-    pub logprob: f32,
-    /// The number of tokens at least as likely as it, itself included (vLLM's `rank`: ties share the worse one).
-    pub rank: u32,
-    /// The most likely tokens at this position, most likely first (ties: lower id first).
-    pub top: Vec<(u32, f32)>,
 }
 
 /// What the engine sends back for one request, in order. Every request ends with exactly one [`Event::Done`] or

@@ -166,6 +166,86 @@ fn cuda_engine_prompt_logprobs_match_transformers() {
     }
 }
 
+/// A scored step on the device (prompt rows scored by given ids, token masks, picks scored from masked and plain
+/// rows, sampled rows that are not consecutive) against the host reference on the same executor and step: the
+/// same picks, ranks and alternatives, log-probabilities within 4e-6 relative.
+#[test]
+fn cuda_scored_step_matches_host() {
+    use llama32::exec::scored::{host_step_scored, ScoreRow};
+    use llama32::exec::SampleSeq;
+    use llama32::sampling::{Sampler, TokenMask};
+    if !device_ready() {
+        return;
+    }
+    for name in CASES {
+        let case = Case::load(name);
+        let (p1, p2) = (case.ids("prompt_ids"), case.ids("prompt2_ids"));
+        let mut exec = case.cuda(16);
+        let vocab = case.cfg.vocab_size;
+        let mut alloc = BlockAllocator::new(exec.num_blocks(), exec.block_size());
+        let (mut t1, mut t2, mut t3) = (Vec::new(), Vec::new(), Vec::new());
+        alloc.ensure(&mut t1, p1.len() + 1).unwrap();
+        alloc.ensure(&mut t2, p2.len() + 1).unwrap();
+        alloc.ensure(&mut t3, p1.len() + 1).unwrap();
+        // Rows 0..n1: sequence 1's prompt (its last row sampled); n1: sequence 2's last; n1 + 1: sequence 3's last.
+        let step = build_step(
+            &[
+                SeqChunk { tokens: &p1, start_pos: 0, block_table: &t1, logits: LogitsWanted::All },
+                SeqChunk { tokens: &p2, start_pos: 0, block_table: &t2, logits: LogitsWanted::Last },
+                SeqChunk { tokens: &p1, start_pos: 0, block_table: &t3, logits: LogitsWanted::Last },
+            ],
+            exec.block_size(),
+        )
+        .unwrap();
+        let n1 = p1.len();
+        let sample_rows = [n1 - 1, n1, n1 + 1];
+        let mut strict = TokenMask::new(vocab);
+        [3u32, 17, 250].iter().for_each(|&t| strict.allow(t % vocab as u32));
+        let mut even = TokenMask::new(vocab);
+        (0..vocab as u32).step_by(2).for_each(|t| even.allow(t));
+        let masks = vec![None, Some(strict.clone()), Some(even.clone())];
+        let mut scores: Vec<ScoreRow> = (0..n1 - 1).map(|i| ScoreRow { row: i, id: Some(p1[i + 1]), top: 4 }).collect();
+        scores.push(ScoreRow { row: n1 - 1, id: None, top: 5 });
+        scores.push(ScoreRow { row: n1, id: None, top: 0 });
+        scores.push(ScoreRow { row: n1 + 1, id: None, top: 20 });
+        // A given token on a masked row: scored under the unmasked logits.
+        scores.push(ScoreRow { row: n1, id: Some(5), top: 2 });
+        let params = [
+            SamplingParams::greedy(),
+            SamplingParams { temperature: 0.8, top_k: 3, seed: Some(7), ..SamplingParams::default() },
+            SamplingParams { repetition_penalty: 1.3, ..SamplingParams::greedy() },
+        ];
+        let prompts = [&p1, &p2, &p1];
+        let mut run = |device: bool| {
+            let mut samplers: Vec<Sampler> = params.iter().zip(prompts).map(|(p, pr)| Sampler::new(p, pr)).collect();
+            let mut seqs: Vec<SampleSeq<'_>> = samplers
+                .iter_mut()
+                .zip(&params)
+                .zip(prompts)
+                .map(|((sampler, params), prompt)| SampleSeq { params, sampler, prompt, output: &[] })
+                .collect();
+            if device {
+                exec.step_scored(&step, &[], &mut seqs, &sample_rows, &masks, &scores).unwrap()
+            } else {
+                host_step_scored(&mut exec, &step, &[], &mut seqs, &sample_rows, &masks, &scores).unwrap()
+            }
+        };
+        let (dev_ids, dev_scores) = run(true);
+        let (host_ids, host_scores) = run(false);
+        assert_eq!(dev_ids, host_ids, "{name}: picks");
+        assert!(strict.allows(dev_ids[1]) && even.allows(dev_ids[2]), "{name}: picks {dev_ids:?} outside their masks");
+        assert_eq!(dev_scores.len(), scores.len(), "{name}");
+        let close = |g: f32, w: f32| g == w || ((g - w).abs() as f64) <= 4e-6 * (w.abs() as f64).max(1.0);
+        for (j, (d, h)) in dev_scores.iter().zip(&host_scores).enumerate() {
+            assert_eq!((d.id, d.rank), (h.id, h.rank), "{name}: entry {j}");
+            assert_eq!(d.top.iter().map(|t| t.0).collect::<Vec<_>>(), h.top.iter().map(|t| t.0).collect::<Vec<_>>());
+            assert!(close(d.logprob, h.logprob), "{name}: entry {j}: {} vs {}", d.logprob, h.logprob);
+            assert!(d.top.iter().zip(&h.top).all(|(a, b)| close(a.1, b.1)), "{name}: entry {j} alternatives");
+        }
+        eprintln!("{name}: scored step on the device matches the host ({} entries, picks {dev_ids:?})", scores.len());
+    }
+}
+
 #[test]
 fn cuda_batched_step_matches_cpu_step() {
     if !device_ready() {

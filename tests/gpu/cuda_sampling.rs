@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 const MARGIN: f64 = 2e-6;
 
 /// A stream on device 0, or None (after saying why) where CUDA cannot run.
-fn stream() -> Option<Arc<CudaStream>> {
+pub(crate) fn stream() -> Option<Arc<CudaStream>> {
     if let Err(e) = cuda::probe() {
         eprintln!("skipped: no CUDA device ({e})");
         return None;
@@ -34,11 +34,14 @@ fn stream() -> Option<Arc<CudaStream>> {
     Some(ctx.new_stream().expect("a CUDA stream"))
 }
 
-fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, v: &[T]) -> CudaSlice<T> {
+pub(crate) fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, v: &[T]) -> CudaSlice<T> {
     stream.clone_htod(v).expect("host to device copy")
 }
 
-fn download<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(stream: &Arc<CudaStream>, v: &CudaSlice<T>) -> Vec<T> {
+pub(crate) fn download<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(
+    stream: &Arc<CudaStream>,
+    v: &CudaSlice<T>,
+) -> Vec<T> {
     stream.clone_dtoh(v).expect("device to host copy")
 }
 
@@ -49,13 +52,13 @@ fn normal(rng: &mut ChaCha8Rng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
-fn to_f32(v: &[bf16]) -> Vec<f32> {
+pub(crate) fn to_f32(v: &[bf16]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
 /// One logits row of kind `kind` (0..=9): normal rows at several scales, rows with ties at the maximum, NaN, ±inf,
 /// ±0, constant rows, all-NaN and all--inf rows.
-fn logits_row(rng: &mut ChaCha8Rng, vocab: usize, kind: usize) -> Vec<bf16> {
+pub(crate) fn logits_row(rng: &mut ChaCha8Rng, vocab: usize, kind: usize) -> Vec<bf16> {
     let scale = [0.5f32, 1.0, 2.0, 4.0][rng.random_range(0..4)];
     let mut row: Vec<bf16> = (0..vocab).map(|_| bf16::from_f32(scale * normal(rng))).collect();
     let pick = |rng: &mut ChaCha8Rng| rng.random_range(0..vocab);

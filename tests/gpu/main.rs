@@ -13,6 +13,7 @@ mod cuda_gemv;
 mod cuda_golden;
 mod cuda_int8_table;
 mod cuda_kernels;
+mod cuda_logprobs;
 mod cuda_quant;
 mod cuda_sampling;
 mod cuda_tp;

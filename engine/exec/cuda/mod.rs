@@ -11,6 +11,7 @@ pub(crate) mod dense;
 pub(crate) mod ops;
 mod profile;
 pub(crate) mod quant_bufs;
+mod sample;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -712,62 +713,24 @@ impl Executor for CudaExecutor {
             let out = self.step(input)?;
             return Ok(seqs.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect());
         }
-        // Host side first: the per-row parameters, one uniform per sampled (non-greedy) row from the sequence's
-        // own stream, exactly as the CPU sampler would draw it, and the penalty lists.
-        let params: Vec<k::sampling::SampleRow> = seqs.iter().map(|r| k::sampling::SampleRow::new(r.params)).collect();
-        let uniforms: Vec<f64> =
-            seqs.iter_mut().map(|r| if r.params.is_greedy() { 0.0 } else { r.sampler.next_uniform() }).collect();
-        // Penalties and logit bias: a row lists its prompt and output only when it has a penalty on, and its biased
-        // tokens, with a bias of -inf on the stop ids while `min_tokens` holds them back.
-        let biased = |r: &SampleSeq<'_>| !r.params.logit_bias.is_empty() || !r.sampler.banned_now().is_empty();
-        let penalized = seqs.iter().any(|r| r.params.has_penalties() || biased(r));
-        let mut lists = k::sampling::PenaltyLists::new();
-        if penalized {
-            for r in seqs.iter() {
-                let (prompt, output) = if r.params.has_penalties() { (r.prompt, r.output) } else { (&[][..], &[][..]) };
-                let banned = r.sampler.banned_now().iter().map(|&id| (id, f32::NEG_INFINITY));
-                let bias: Vec<(u32, f32)> = r.params.logit_bias.iter().copied().chain(banned).collect();
-                lists.push_row_biased(prompt, output, &bias)?;
-            }
-        }
+        let inputs = sample::SamplingInputs::new(seqs)?;
         let slot = self.run(input)?;
-        let stream = self.ops.stream.clone();
-        let up_err = drv("upload sampling inputs");
-        let d_params = stream.clone_htod(&params).map_err(&up_err)?;
-        let d_uniforms = stream.clone_htod(&uniforms).map_err(&up_err)?;
-        let d_lists = if penalized {
-            Some((
-                stream.clone_htod(lists.offsets()).map_err(&up_err)?,
-                stream.clone_htod(lists.ids()).map_err(&up_err)?,
-                stream.clone_htod(lists.counts()).map_err(&up_err)?,
-                if lists.has_bias() { Some(stream.clone_htod(lists.bias()).map_err(&up_err)?) } else { None },
-            ))
-        } else {
-            None
-        };
-        let penalties = d_lists.as_ref().map(|(offsets, ids, counts, bias)| k::sampling::Penalties {
-            offsets,
-            ids,
-            counts,
-            bias: bias.as_ref().map(|b| b as &dyn cudarc::driver::DevicePtr<f32>),
-        });
-        if self.ids.len() < rows {
-            self.ids = stream.alloc_zeros::<u32>(rows.next_power_of_two()).map_err(drv("allocate ids"))?;
+        let rows: Vec<usize> = (0..rows).collect();
+        self.sample_slot(slot, &rows, &inputs, seqs)
+    }
+
+    fn step_scored(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<crate::vision::exec::SeqImages<'_>>],
+        seqs: &mut [SampleSeq<'_>],
+        sample_rows: &[usize],
+        masks: &[Option<crate::sampling::TokenMask>],
+        scores: &[crate::exec::scored::ScoreRow],
+    ) -> Result<(Vec<u32>, Vec<crate::sampling::TokenLogprob>)> {
+        if self.scores_on_device(images.iter().any(Option::is_some), masks, scores) {
+            return self.device_step_scored(input, seqs, sample_rows, masks, scores);
         }
-        let buf = self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
-        k::sampling::sample(
-            &stream,
-            &buf.slice(..rows * vocab),
-            vocab,
-            &d_params,
-            &d_uniforms,
-            penalties.as_ref(),
-            &mut self.ids.slice_mut(..rows),
-        )?;
-        let ids = stream.clone_dtoh(&self.ids.slice(..rows)).map_err(drv("read sampled ids"))?;
-        for (r, &id) in seqs.iter_mut().zip(&ids) {
-            r.sampler.accept(id);
-        }
-        Ok(ids)
+        crate::exec::scored::host_step_scored(self, input, images, seqs, sample_rows, masks, scores)
     }
 }

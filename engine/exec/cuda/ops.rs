@@ -290,6 +290,11 @@ impl CudaOps {
         self.pool.get(slot).and_then(Option::as_ref)
     }
 
+    /// [`pooled`](Self::pooled), writable (token masks are applied to the logits in place).
+    pub(super) fn pooled_mut(&mut self, slot: usize) -> Option<&mut CudaSlice<bf16>> {
+        self.pool.get_mut(slot).and_then(Option::as_mut)
+    }
+
     fn meta(&self) -> Result<&MetaBufs> {
         self.meta.as_ref().ok_or_else(|| Error::Backend("no step in progress".into()))
     }

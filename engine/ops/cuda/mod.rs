@@ -21,6 +21,7 @@ pub mod encoder_attention;
 mod ffi;
 pub mod gather_attention;
 pub mod gemv;
+pub mod logprobs;
 pub mod norm;
 pub mod quant;
 pub mod rope;

@@ -1,8 +1,20 @@
 //! Log-probabilities of a token under a logits row ([`token_logprob`]): the log-softmax, the most likely
-//! alternatives and the rank, in one vocabulary pass each, vectorized (the engine scores every sampled row that
-//! wants logprobs and every prompt row of `prompt_logprobs` with it).
+//! alternatives and the rank, in one vocabulary pass each, vectorized (the host twin of the CUDA scoring kernel;
+//! the serving engine scores every sampled row that wants logprobs and every prompt row of `prompt_logprobs`
+//! with it on backends that hand it the logits).
 
-use super::TokenLogprob;
+/// A token's log-probability and its most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The token id.
+    pub id: u32,
+    /// Its log-probability under the model's distribution (log-softmax of the raw logits).
+    pub logprob: f32,
+    /// The number of tokens at least as likely as it, itself included (vLLM's `rank`: ties share the worse one).
+    pub rank: u32,
+    /// The most likely tokens at this position, most likely first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+}
 
 /// `e^x` for `x <= 0` in a form compilers vectorize: `2^n · 2^f`, with `n` the nearest integer to `x·log2(e)`
 /// (clamped at -126: smaller terms are negligible next to the maximum's 1) and `2^f = e^(f ln 2)`, `|f| <= 1/2`,

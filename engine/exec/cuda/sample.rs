@@ -1,0 +1,306 @@
+//! Sampling, token masks and scoring on the device for [`CudaExecutor`]: [`Executor::step_sample`] and
+//! [`Executor::step_scored`] leave the logits where they are and bring back the picked ids (and, for scored rows,
+//! a log-probability, a rank and the alternatives per entry) instead of every row's logits.
+//!
+//! A scored step, in stream order after the forward:
+//! 1. the entries with a given token (prompt rows) are scored on the raw logits;
+//! 2. the sampled rows that are masked and also scored by their pick are copied aside (scoring wants the model's
+//!    logits, and the masks write `-inf` in place);
+//! 3. the masks go up as bitsets and are applied in place;
+//! 4. each run of consecutive sampled rows is sampled by one launch, and the ids come back;
+//! 5. the entries scored by their pick are scored (masked rows from their copies), and every entry's results come
+//!    back.
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use half::bf16;
+
+use super::ops::drv;
+use super::CudaExecutor;
+use crate::exec::scored::{check_scored, ScoreRow};
+use crate::exec::SampleSeq;
+use crate::ops::cuda as k;
+use crate::sampling::{TokenLogprob, TokenMask};
+use crate::{Error, Result};
+
+/// A step's host-side sampling inputs, made before the step runs: each row's parameters, one uniform per sampled
+/// (non-greedy) row from the sequence's own stream, exactly as the CPU sampler would draw it, and the penalty lists.
+pub(super) struct SamplingInputs {
+    params: Vec<k::sampling::SampleRow>,
+    uniforms: Vec<f64>,
+    /// `None` when no row has a penalty, a logit bias or a banned token.
+    lists: Option<k::sampling::PenaltyLists>,
+}
+
+impl SamplingInputs {
+    /// Draws the uniforms from `seqs`' streams and builds the lists.
+    pub(super) fn new(seqs: &mut [SampleSeq<'_>]) -> Result<Self> {
+        let params = seqs.iter().map(|r| k::sampling::SampleRow::new(r.params)).collect();
+        let uniforms =
+            seqs.iter_mut().map(|r| if r.params.is_greedy() { 0.0 } else { r.sampler.next_uniform() }).collect();
+        // Penalties and logit bias: a row lists its prompt and output only when it has a penalty on, and its biased
+        // tokens, with a bias of -inf on the stop ids while `min_tokens` holds them back.
+        let biased = |r: &SampleSeq<'_>| !r.params.logit_bias.is_empty() || !r.sampler.banned_now().is_empty();
+        let lists = if seqs.iter().any(|r| r.params.has_penalties() || biased(r)) {
+            let mut lists = k::sampling::PenaltyLists::new();
+            for r in seqs.iter() {
+                let (prompt, output) = if r.params.has_penalties() { (r.prompt, r.output) } else { (&[][..], &[][..]) };
+                let banned = r.sampler.banned_now().iter().map(|&id| (id, f32::NEG_INFINITY));
+                let bias: Vec<(u32, f32)> = r.params.logit_bias.iter().copied().chain(banned).collect();
+                lists.push_row_biased(prompt, output, &bias)?;
+            }
+            Some(lists)
+        } else {
+            None
+        };
+        Ok(SamplingInputs { params, uniforms, lists })
+    }
+}
+
+/// The runs of consecutive rows in `rows`: `(first index, first row, length)`.
+fn runs(rows: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        match out.last_mut() {
+            Some((_, first, len)) if *first + *len == r => *len += 1,
+            _ => out.push((i, r, 1)),
+        }
+    }
+    out
+}
+
+/// `v` as u32 device indices (rows and ids of this crate fit: steps hold at most 2^31 rows, vocabularies 2^30).
+fn as_u32(v: impl Iterator<Item = usize>) -> Vec<u32> {
+    v.map(|x| x as u32).collect()
+}
+
+/// The device outputs of one scoring launch group: `n` entries of `top` alternatives.
+struct ScoreBufs {
+    logprob: CudaSlice<f32>,
+    rank: CudaSlice<u32>,
+    top_ids: CudaSlice<u32>,
+    top_lps: CudaSlice<f32>,
+    top: usize,
+}
+
+impl ScoreBufs {
+    fn new(stream: &std::sync::Arc<CudaStream>, n: usize, top: usize) -> Result<Self> {
+        let e = drv("allocate scores");
+        // At least one element each: an empty allocation is refused by some drivers.
+        let (n1, nt) = (n.max(1), (n * top).max(1));
+        Ok(ScoreBufs {
+            logprob: stream.alloc_zeros::<f32>(n1).map_err(&e)?,
+            rank: stream.alloc_zeros::<u32>(n1).map_err(&e)?,
+            top_ids: stream.alloc_zeros::<u32>(nt).map_err(&e)?,
+            top_lps: stream.alloc_zeros::<f32>(nt).map_err(&e)?,
+            top,
+        })
+    }
+
+    /// Scores `entries` (row, token) of `logits` into outputs `at..at + entries.len()`.
+    fn score(
+        &mut self,
+        stream: &std::sync::Arc<CudaStream>,
+        logits: &impl DevicePtr<bf16>,
+        vocab: usize,
+        entries: &[(usize, u32)],
+        at: usize,
+    ) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let (n, top) = (entries.len(), self.top);
+        let up = drv("upload scored rows");
+        let rows = stream.clone_htod(&as_u32(entries.iter().map(|e| e.0))).map_err(&up)?;
+        let ids = stream.clone_htod(&entries.iter().map(|e| e.1).collect::<Vec<u32>>()).map_err(&up)?;
+        let mut out = k::logprobs::ScoredRows {
+            logprob: &mut self.logprob.slice_mut(at..at + n),
+            rank: &mut self.rank.slice_mut(at..at + n),
+            top_ids: &mut self.top_ids.slice_mut(at * top..(at + n) * top),
+            top_logprobs: &mut self.top_lps.slice_mut(at * top..(at + n) * top),
+        };
+        k::logprobs::token_logprobs(stream, logits, vocab, &rows, &ids, top, &mut out)
+    }
+}
+
+impl CudaExecutor {
+    /// Whether [`step_scored`](Self::device_step_scored) can run a step on the device: no images (a text model
+    /// has none to see), a vocabulary the sampler takes, and alternatives and masks within the kernels' limits.
+    pub(super) fn scores_on_device(&self, has_images: bool, masks: &[Option<TokenMask>], scores: &[ScoreRow]) -> bool {
+        !has_images
+            && self.ops.cfg.vocab_size <= k::sampling::MAX_SAMPLE_VOCAB
+            && scores.iter().all(|s| s.top <= k::logprobs::MAX_TOP)
+            && masks.iter().flatten().count() <= k::logprobs::MAX_MASKS
+    }
+
+    /// Samples sequence `i` from logits row `rows[i]` of pool slot `slot` with `inputs` (one launch per run of
+    /// consecutive rows), reads the ids back and records them in the samplers.
+    pub(super) fn sample_slot(
+        &mut self,
+        slot: usize,
+        rows: &[usize],
+        inputs: &SamplingInputs,
+        seqs: &mut [SampleSeq<'_>],
+    ) -> Result<Vec<u32>> {
+        let (n, vocab) = (rows.len(), self.ops.cfg.vocab_size);
+        let stream = self.ops.stream.clone();
+        let up_err = drv("upload sampling inputs");
+        let d_params = stream.clone_htod(&inputs.params).map_err(&up_err)?;
+        let d_uniforms = stream.clone_htod(&inputs.uniforms).map_err(&up_err)?;
+        let d_lists = match &inputs.lists {
+            Some(lists) => Some((
+                stream.clone_htod(lists.offsets()).map_err(&up_err)?,
+                stream.clone_htod(lists.ids()).map_err(&up_err)?,
+                stream.clone_htod(lists.counts()).map_err(&up_err)?,
+                if lists.has_bias() { Some(stream.clone_htod(lists.bias()).map_err(&up_err)?) } else { None },
+            )),
+            None => None,
+        };
+        if self.ids.len() < n {
+            self.ids = stream.alloc_zeros::<u32>(n.next_power_of_two()).map_err(drv("allocate ids"))?;
+        }
+        let buf = self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
+        for (i, first, len) in runs(rows) {
+            // A run's offsets are a window of the lists' offsets: they index the whole id, count and bias arrays.
+            let offsets = d_lists.as_ref().map(|l| l.0.slice(i..i + len + 1));
+            let penalties = d_lists.as_ref().zip(offsets.as_ref()).map(|((_, ids, counts, bias), offsets)| {
+                k::sampling::Penalties {
+                    offsets,
+                    ids,
+                    counts,
+                    bias: bias.as_ref().map(|b| b as &dyn cudarc::driver::DevicePtr<f32>),
+                }
+            });
+            k::sampling::sample(
+                &stream,
+                &buf.slice(first * vocab..(first + len) * vocab),
+                vocab,
+                &d_params.slice(i..i + len),
+                &d_uniforms.slice(i..i + len),
+                penalties.as_ref(),
+                &mut self.ids.slice_mut(i..i + len),
+            )?;
+        }
+        let ids = stream.clone_dtoh(&self.ids.slice(..n)).map_err(drv("read sampled ids"))?;
+        for (r, &id) in seqs.iter_mut().zip(&ids) {
+            r.sampler.accept(id);
+        }
+        Ok(ids)
+    }
+
+    /// [`Executor::step_scored`] on the device (module docs), for a step [`scores_on_device`](Self::scores_on_device)
+    /// accepts.
+    pub(super) fn device_step_scored(
+        &mut self,
+        input: &crate::exec::StepInput,
+        seqs: &mut [SampleSeq<'_>],
+        sample_rows: &[usize],
+        masks: &[Option<TokenMask>],
+        scores: &[ScoreRow],
+    ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
+        let (total, vocab) = (input.logits_rows.len(), self.ops.cfg.vocab_size);
+        let index = check_scored(total, seqs.len(), sample_rows, masks, scores)?;
+        let inputs = SamplingInputs::new(seqs)?;
+        let slot = self.run(input)?;
+        if total == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let stream = self.ops.stream.clone();
+        let masked = |i: usize| masks.get(i).is_some_and(Option::is_some);
+        // Output order: the given tokens, then the picks from unmasked rows, then the picks from masked rows.
+        let given: Vec<usize> = (0..scores.len()).filter(|&j| scores[j].id.is_some()).collect();
+        let (picks_masked, picks_plain): (Vec<usize>, Vec<usize>) =
+            (0..scores.len()).filter(|&j| scores[j].id.is_none()).partition(|&j| masked(index[&scores[j].row]));
+        let order: Vec<usize> = given.iter().chain(&picks_plain).chain(&picks_masked).copied().collect();
+        let top = scores.iter().map(|s| s.top).max().unwrap_or(0);
+        let mut out = ScoreBufs::new(&stream, scores.len(), top)?;
+        let logits_err = || Error::Backend("logits buffer missing".into());
+        // 1. Given tokens, on the raw logits.
+        {
+            let buf = self.ops.pooled(slot).ok_or_else(logits_err)?;
+            let entries: Vec<(usize, u32)> =
+                given.iter().map(|&j| (scores[j].row, scores[j].id.unwrap_or_default())).collect();
+            out.score(&stream, &buf.slice(..total * vocab), vocab, &entries, 0)?;
+        }
+        // 2. Copies of the masked rows scored by their pick (one per distinct row).
+        let mut copy_of: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+        for &j in &picks_masked {
+            let next = copy_of.len();
+            copy_of.entry(scores[j].row).or_insert(next);
+        }
+        let copies = if copy_of.is_empty() {
+            None
+        } else {
+            let mut c = stream.alloc_zeros::<bf16>(copy_of.len() * vocab).map_err(drv("allocate masked-row copies"))?;
+            let buf = self.ops.pooled(slot).ok_or_else(logits_err)?;
+            for (&row, &at) in &copy_of {
+                stream
+                    .memcpy_dtod(
+                        &buf.slice(row * vocab..(row + 1) * vocab),
+                        &mut c.slice_mut(at * vocab..(at + 1) * vocab),
+                    )
+                    .map_err(drv("copy a masked row"))?;
+            }
+            Some(c)
+        };
+        // 3. The masks, in place.
+        let mut mask_rows = Vec::new();
+        let mut bits = Vec::new();
+        for (i, m) in masks.iter().enumerate() {
+            if let Some(m) = m {
+                mask_rows.push(sample_rows[i] as u32);
+                k::logprobs::mask_words(m, vocab, &mut bits);
+            }
+        }
+        if !mask_rows.is_empty() {
+            let up = drv("upload token masks");
+            let d_rows = stream.clone_htod(&mask_rows).map_err(&up)?;
+            let d_bits = stream.clone_htod(&bits).map_err(&up)?;
+            let buf = self.ops.pooled_mut(slot).ok_or_else(logits_err)?;
+            k::logprobs::mask_logits(&stream, &mut buf.slice_mut(..total * vocab), vocab, &d_rows, &d_bits)?;
+        }
+        // 4. Sampling.
+        let picked = self.sample_slot(slot, sample_rows, &inputs, seqs)?;
+        // 5. The picks' scores, then every result back.
+        let pick = |j: usize| picked[index[&scores[j].row]];
+        {
+            let buf = self.ops.pooled(slot).ok_or_else(logits_err)?;
+            let plain: Vec<(usize, u32)> = picks_plain.iter().map(|&j| (scores[j].row, pick(j))).collect();
+            out.score(&stream, &buf.slice(..total * vocab), vocab, &plain, given.len())?;
+        }
+        if let Some(c) = &copies {
+            let entries: Vec<(usize, u32)> = picks_masked.iter().map(|&j| (copy_of[&scores[j].row], pick(j))).collect();
+            out.score(&stream, c, vocab, &entries, given.len() + picks_plain.len())?;
+        }
+        if scores.is_empty() {
+            return Ok((picked, Vec::new()));
+        }
+        let rd = drv("read scores");
+        let lp = stream.clone_dtoh(&out.logprob).map_err(&rd)?;
+        let rank = stream.clone_dtoh(&out.rank).map_err(&rd)?;
+        let top_ids = stream.clone_dtoh(&out.top_ids).map_err(&rd)?;
+        let top_lps = stream.clone_dtoh(&out.top_lps).map_err(&rd)?;
+        let mut scored = vec![None; scores.len()];
+        for (at, &j) in order.iter().enumerate() {
+            let id = scores[j].id.unwrap_or_else(|| pick(j));
+            let host = (&lp[..], &rank[..], &top_ids[..], &top_lps[..]);
+            scored[j] = Some(k::logprobs::ScoredRows::entry(host, top, at, id, scores[j].top));
+        }
+        scored
+            .into_iter()
+            .map(|s| s.ok_or_else(|| Error::Backend("an entry was not scored".into())))
+            .collect::<Result<Vec<_>>>()
+            .map(|s| (picked, s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_group_consecutive_rows() {
+        assert_eq!(runs(&[]), vec![]);
+        assert_eq!(runs(&[0, 1, 2]), vec![(0, 0, 3)]);
+        assert_eq!(runs(&[3, 7, 8, 9, 12]), vec![(0, 3, 1), (1, 7, 3), (4, 12, 1)]);
+    }
+}
