@@ -373,6 +373,7 @@ typedef struct l32_mask_params {
     void* logits;           /**< [*, vocab], contiguous rows, written in place */
     const uint32_t* rows;   /**< [masks]: the row each mask applies to (no row twice) */
     const uint32_t* bits;   /**< [masks, words] */
+    int64_t total_rows;     /**< rows in `logits`: a mask naming a row at or past it is skipped */
     int64_t masks;          /**< any count >= 0 (0 launches nothing), at most 65535 */
     int64_t vocab;          /**< 1 ..= 2^30 */
     int64_t words;          /**< words per mask, >= ceil(vocab / 32) */
@@ -404,9 +405,13 @@ typedef struct l32_logprob_params {
     const void* logits;         /**< [*, vocab], contiguous rows */
     const uint32_t* rows;       /**< [n]: each entry's row */
     const uint32_t* ids;        /**< [n]: each entry's token (any value) */
+    const int32_t* entry_top;   /**< [n]: each entry's alternatives, at most `top` (its later slots get the
+                                     placeholder); null: `top` for every entry */
+    int64_t total_rows;         /**< rows in `logits`: an entry naming a row at or past it gets a NaN logprob,
+                                     rank 0 and placeholders */
     int64_t n;                  /**< any count >= 0 (0 launches nothing), at most 2^31 - 1 */
     int64_t vocab;              /**< 1 ..= 2^30 */
-    int32_t top;                /**< 0 ..= L32_MAX_TOP_LOGPROBS */
+    int32_t top;                /**< 0 ..= L32_MAX_TOP_LOGPROBS: the stride of the alternatives' outputs */
     l32_dtype dtype;            /**< L32_DTYPE_BF16 */
 } l32_logprob_params;
 

@@ -10,8 +10,9 @@
 //   1. one pass: each thread's online maximum and f64 sum of expf(l - max) over its logits (NaN and -inf add
 //      nothing), then the block's maximum M and sum S: lse = M + ln S (M when M is infinite);
 //   2. one pass: the rank, the count of logits >= the scored token's;
-//   3. one pass per alternative: the largest (value, -id) key strictly below the previous alternative's, so the
-//      alternatives come out largest first, ties lower id first, without sorting or shared candidate buffers.
+//   3. one pass per alternative the entry wants: the largest (value, -id) key strictly below the previous
+//      alternative's, so the alternatives come out largest first, ties lower id first, without sorting or shared
+//      candidate buffers.
 // That is top + 2 passes; the CPU twin's single-pass selection suits a core, this one suits a CTA. Scoring runs only
 // for rows that want logprobs, after the step's sampling.
 #include <cfloat>
@@ -38,10 +39,6 @@ __device__ __forceinline__ uint32_t float_key(float x) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-__device__ __forceinline__ float key_float(uint32_t k) {
-    return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
-}
-
 // The alternatives' order as one u64: larger value first, then lower id; NaN is 0 (never picked), -0 ties with +0.
 // Every non-NaN key is above 0 (float_key(-inf) is 0x007FFFFF).
 __device__ __forceinline__ uint64_t order_key(float x, uint32_t id) {
@@ -56,6 +53,7 @@ __global__ void __launch_bounds__(kMaskThreads) mask_kernel(const __grid_constan
     const int64_t first = w * 32;
     if (first >= p.vocab) return;
     const int64_t j = blockIdx.y;
+    if (static_cast<int64_t>(p.rows[j]) >= p.total_rows) return;
     const uint32_t word = p.bits[j * p.words + w];
     if (word == 0xFFFFFFFFu) return;
     bf16* row = static_cast<bf16*>(p.logits) + static_cast<int64_t>(p.rows[j]) * p.vocab;
@@ -73,6 +71,19 @@ __device__ __forceinline__ float block_max(float v) { return -block_min(-v); }
 __global__ void __launch_bounds__(kThreads) logprob_kernel(const __grid_constant__ l32_logprob_params p) {
     pdl_begin();
     const int64_t j = blockIdx.x;
+    const int top = p.entry_top != nullptr ? min(max(p.entry_top[j], 0), p.top) : p.top;
+    if (static_cast<int64_t>(p.rows[j]) >= p.total_rows) {
+        // A row outside the buffer (a caller's bug): marked, never read.
+        if (threadIdx.x == 0) {
+            p.out_logprob[j] = NAN;
+            p.out_rank[j] = 0;
+            for (int r = 0; r < p.top; ++r) {
+                p.out_top_ids[j * p.top + r] = kNoId;
+                p.out_top_logprobs[j * p.top + r] = -INFINITY;
+            }
+        }
+        return;
+    }
     const bf16* row = static_cast<const bf16*>(p.logits) + static_cast<int64_t>(p.rows[j]) * p.vocab;
     const int64_t vocab = p.vocab;
 
@@ -119,7 +130,8 @@ __global__ void __launch_bounds__(kThreads) logprob_kernel(const __grid_constant
     uint64_t prev = ~uint64_t{0};
     for (int r = 0; r < p.top; ++r) {
         uint64_t best = 0;
-        if (prev != 0) {
+        // Past the entry's own count the slots get the placeholder (r and top are the same on every thread).
+        if (prev != 0 && r < top) {
             for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
                 const uint64_t k = order_key(__bfloat162float(row[i]), static_cast<uint32_t>(i));
                 if (k < prev && k > best) best = k;
@@ -132,8 +144,10 @@ __global__ void __launch_bounds__(kThreads) logprob_kernel(const __grid_constant
                 p.out_top_ids[o] = kNoId;
                 p.out_top_logprobs[o] = -INFINITY;
             } else {
-                const float x = key_float(static_cast<uint32_t>(best >> 32));
-                p.out_top_ids[o] = kNoId - static_cast<uint32_t>(best);
+                // The logit itself (the key folds -0 into +0), so that the sign of a zero result is the CPU's.
+                const uint32_t id = kNoId - static_cast<uint32_t>(best);
+                const float x = __bfloat162float(row[id]);
+                p.out_top_ids[o] = id;
                 p.out_top_logprobs[o] = static_cast<float>(static_cast<double>(x) - lse);
             }
         }
@@ -148,7 +162,7 @@ extern "C" l32_status l32_mask_logits(const l32_mask_params* params, void* strea
     if (params == nullptr) return L32_INVALID_ARGUMENT;
     const l32_mask_params& p = *params;
     if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
-    if (p.masks < 0 || p.vocab <= 0 || p.words < (p.vocab + 31) / 32) return L32_INVALID_ARGUMENT;
+    if (p.masks < 0 || p.vocab <= 0 || p.total_rows < 0 || p.words < (p.vocab + 31) / 32) return L32_INVALID_ARGUMENT;
     if (p.masks > 0 && (p.logits == nullptr || p.rows == nullptr || p.bits == nullptr)) return L32_INVALID_ARGUMENT;
     if (p.masks > 65535 || p.vocab > (int64_t{1} << 30)) return L32_UNSUPPORTED;
     if (p.masks == 0) return L32_OK;
@@ -163,7 +177,7 @@ extern "C" l32_status l32_token_logprobs(const l32_logprob_params* params, void*
     if (params == nullptr) return L32_INVALID_ARGUMENT;
     const l32_logprob_params& p = *params;
     if (p.dtype != L32_DTYPE_BF16) return L32_UNSUPPORTED;
-    if (p.n < 0 || p.vocab <= 0 || p.top < 0) return L32_INVALID_ARGUMENT;
+    if (p.n < 0 || p.vocab <= 0 || p.top < 0 || p.total_rows < 0) return L32_INVALID_ARGUMENT;
     if (p.n > 0 && (p.out_logprob == nullptr || p.out_rank == nullptr || p.logits == nullptr || p.rows == nullptr ||
                     p.ids == nullptr)) {
         return L32_INVALID_ARGUMENT;

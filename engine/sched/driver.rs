@@ -9,13 +9,15 @@ use crate::sampling::{TokenLogprob, TokenMask};
 use crate::vision::exec::SeqImages;
 use crate::{Error, Result};
 
-/// Runs `plan` and returns the id picked for each of its logits rows: the backend's argmax
+/// Runs `plan` and returns the id picked for each of its sampled rows: the backend's argmax
 /// ([`Executor::step_greedy`]) when every sampled sequence is plain greedy, else each sequence's sampler
-/// ([`Executor::step_sample`]). Either way the ids are recorded in the samplers.
+/// ([`Executor::step_sample`]), or [`Executor::step_scored`] for a step with images or prompt rows. Either way the
+/// ids are recorded in the samplers.
 pub fn run_step<E: Executor + ?Sized>(sched: &mut Scheduler, exec: &mut E, plan: &StepPlan) -> Result<Vec<u32>> {
     let picked = if plan.images.iter().any(Option::is_some) || plan.has_prompt_rows() {
-        // Steps with images (vision models) or prompt rows return logits and sample on the host.
-        run_step_on_host(sched, exec, plan)?.0
+        // Steps with images (vision models) or prompt rows pick through the scored step (on the device where the
+        // executor can, else on the host), with nothing to score.
+        run_step_scored(sched, exec, plan, &[], &[])?.0
     } else if sched.all_plain_greedy(plan) {
         let ids = exec.step_greedy(&plan.input)?;
         sched.accept_picked(plan, &ids);

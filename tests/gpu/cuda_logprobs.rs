@@ -1,9 +1,11 @@
 //! Twin tests of the CUDA `logprobs` family against the CPU reference:
 //! - `mask_logits` against `TokenMask::apply` on the bf16 rows widened to f32 (permissive, strict, empty and full
-//!   masks on some rows of a buffer; the other rows must stay as they were): values must be equal;
+//!   masks on some rows of a buffer, one naming a row past it; the other rows must stay as they were): values must
+//!   be equal;
 //! - `token_logprobs` against `sampling::token_logprob` (random rows of every kind of `cuda_sampling::logits_row`,
-//!   ids inside and past the vocabulary, 0 to 64 alternatives, entries sharing rows): ranks and alternatives' ids
-//!   must be equal, log-probabilities within 4e-6 relative (the two log-sum-exps sum differently).
+//!   ids inside and past the vocabulary, 0 to 64 alternatives and each entry its own count, entries sharing rows,
+//!   one entry past the buffer's rows): ranks and alternatives' ids must be equal, log-probabilities within 4e-6
+//!   relative (the two log-sum-exps sum differently).
 //!
 //! Without a CUDA build or a device, each test prints "skipped: no CUDA device" and returns.
 
@@ -39,7 +41,10 @@ fn mask_logits_matches_token_mask() {
         // About half the rows masked, in a shuffled order.
         let mut masked: Vec<usize> = (0..rows).filter(|_| rng.random::<bool>()).collect();
         masked.reverse();
-        let masks: Vec<TokenMask> = masked.iter().map(|&r| mask_of(&mut rng, vocab, r % 4)).collect();
+        let mut masks: Vec<TokenMask> = masked.iter().map(|&r| mask_of(&mut rng, vocab, r % 4)).collect();
+        // A mask naming a row past the buffer: skipped, nothing written.
+        masked.push(rows + 1);
+        masks.push(TokenMask::new(vocab));
         let mut bits = Vec::new();
         masks.iter().for_each(|m| mask_words(m, vocab, &mut bits));
         let mut d_logits = upload(&stream, &host);
@@ -77,10 +82,15 @@ fn token_logprobs_match_cpu() {
                 entries.push((r as u32, llama32::sampling::argmax(row)));
             }
             entries.sort_by_key(|_| rng.random::<u32>());
+            // Each entry its own number of alternatives (at most `top`), and one entry past the buffer's rows.
+            let mut tops: Vec<i32> = entries.iter().map(|_| rng.random_range(0..=top as i32)).collect();
+            entries.push((rows as u32 + 2, 0));
+            tops.push(top as i32);
             let n = entries.len();
             let d_logits = upload(&stream, &host);
             let d_rows = upload(&stream, &entries.iter().map(|e| e.0).collect::<Vec<_>>());
             let d_ids = upload(&stream, &entries.iter().map(|e| e.1).collect::<Vec<_>>());
+            let d_tops = upload(&stream, &tops);
             // Poisoned outputs: every entry must be written.
             let mut lp = upload(&stream, &vec![f32::NAN; n]);
             let mut rank = upload(&stream, &vec![u32::MAX - 1; n]);
@@ -93,13 +103,17 @@ fn token_logprobs_match_cpu() {
                     top_ids: &mut top_ids.slice_mut(..n * top),
                     top_logprobs: &mut top_lps.slice_mut(..n * top),
                 };
-                token_logprobs(&stream, &d_logits, vocab, &d_rows, &d_ids, top, &mut out).expect("token_logprobs");
+                token_logprobs(&stream, &d_logits, vocab, &d_rows, &d_ids, Some(&d_tops), top, &mut out)
+                    .expect("token_logprobs");
             }
             let host_out = (download(&stream, &lp), download(&stream, &rank));
             let (ti, tl) = (download(&stream, &top_ids), download(&stream, &top_lps));
-            for (j, &(r, id)) in entries.iter().enumerate() {
+            let outside = ScoredRows::entry((&host_out.0, &host_out.1, &ti, &tl), top, n - 1, 0, top);
+            assert!(outside.logprob.is_nan() && outside.rank == 0 && outside.top.is_empty(), "row past the buffer");
+            for (j, &(r, id)) in entries[..n - 1].iter().enumerate() {
                 let row = &widened[r as usize * vocab..(r as usize + 1) * vocab];
-                let want = token_logprob(row, id, top);
+                let want = token_logprob(row, id, tops[j] as usize);
+                // Read with the whole stride: the slots past the entry's own count hold placeholders.
                 let got = ScoredRows::entry((&host_out.0, &host_out.1, &ti, &tl), top, j, id, top);
                 let at = format!("seed {seed}, vocab {vocab}, top {top}, entry {j} (row {r}, id {id})");
                 assert_eq!(got.rank, want.rank, "{at}: rank");
@@ -111,6 +125,8 @@ fn token_logprobs_match_cpu() {
                         || ((g - w).abs() as f64) <= 4e-6 * (w.abs() as f64).max(1.0)
                 };
                 assert!(close(got.logprob, want.logprob), "{at}: logprob {} vs {}", got.logprob, want.logprob);
+                // The sign of a zero too (the kernel reads the winner's own logit).
+                assert!(got.top.iter().zip(&want.top).all(|(g, w)| g.1 != 0.0 || g.1.to_bits() == w.1.to_bits()));
                 for (g, w) in got.top.iter().zip(&want.top) {
                     assert!(close(g.1, w.1), "{at}: alternative {} logprob {} vs {}", w.0, g.1, w.1);
                 }
@@ -130,10 +146,12 @@ fn logprobs_reject_bad_shapes() {
     let mut tl = upload(&stream, &[0f32; 2]);
     let mut out = ScoredRows { logprob: &mut lp, rank: &mut rank, top_ids: &mut ti, top_logprobs: &mut tl };
     let err = |r: llama32::Result<()>| r.unwrap_err().to_string();
-    assert!(err(token_logprobs(&stream, &logits, 3, &rows, &ids, 2, &mut out)).contains("`logits`"));
-    assert!(err(token_logprobs(&stream, &logits, 10, &rows, &ids, 3, &mut out)).contains("`out.top_ids`"));
-    assert!(err(token_logprobs(&stream, &logits, 10, &rows, &ids, MAX_TOP + 1, &mut out)).contains("top is"));
-    token_logprobs(&stream, &logits, 10, &rows, &ids, 2, &mut out).expect("matching shapes");
+    assert!(err(token_logprobs(&stream, &logits, 3, &rows, &ids, None, 2, &mut out)).contains("`logits`"));
+    assert!(err(token_logprobs(&stream, &logits, 10, &rows, &ids, None, 3, &mut out)).contains("`out.top_ids`"));
+    assert!(err(token_logprobs(&stream, &logits, 10, &rows, &ids, None, MAX_TOP + 1, &mut out)).contains("top is"));
+    let two = upload(&stream, &[1i32, 1]);
+    assert!(err(token_logprobs(&stream, &logits, 10, &rows, &ids, Some(&two), 2, &mut out)).contains("`entry_top`"));
+    token_logprobs(&stream, &logits, 10, &rows, &ids, None, 2, &mut out).expect("matching shapes");
     let mut l = upload(&stream, &[bf16::ZERO; 20]);
     let bits = upload(&stream, &[0u32; 3]);
     assert!(err(mask_logits(&stream, &mut l, 10, &rows, &bits)).contains("`bits`"));

@@ -568,6 +568,90 @@ fn cuda_mixed_batch_matches_cpu_executor() {
     }
 }
 
+/// The vision executor's device picking: a step with images (a text-only sequence, masked, and an image prompt with
+/// every row scored by its next prompt token, the image tokens among them) through `step_scored` on the device
+/// against `host_step_scored` on the same executor and step (the same picks, ranks and alternatives, close
+/// log-probabilities), then greedy and sampled decode steps against the argmax and the CPU sampler of the logits.
+#[test]
+fn cuda_mllama_scored_step_matches_host() {
+    use llama32::exec::scored::{host_step_scored, ScoreRow};
+    use llama32::exec::SampleSeq;
+    use llama32::sampling::{Sampler, SamplingParams, TokenMask};
+    if cuda_stream().is_none() {
+        return;
+    }
+    let c = text_case("mllama-two-images");
+    let mask = c.model.mask(&c.ids, &c.images).unwrap();
+    let text: Vec<u32> = c.ids.iter().copied().filter(|&t| t != c.model.cfg.image_token_index).collect();
+    let vocab = c.model.cfg.text.base.vocab_size;
+    let mut ex = cuda_exec(&c, 8);
+    ex.add_images(1, &c.images).unwrap();
+    let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    alloc.ensure(&mut ta, c.ids.len() + 2).unwrap();
+    alloc.ensure(&mut tb, text.len() + 2).unwrap();
+    // Row 0: the text-only sequence's last; rows 1..=n: the image prompt's every row (its last sampled).
+    let chunks = [
+        SeqChunk { tokens: &text, start_pos: 0, block_table: &tb, logits: LogitsWanted::Last },
+        SeqChunk { tokens: &c.ids, start_pos: 0, block_table: &ta, logits: LogitsWanted::All },
+    ];
+    let step = build_step(&chunks, ex.block_size()).unwrap();
+    let images = [None, Some(SeqImages { key: 1, mask: mask.data() })];
+    let n = c.ids.len();
+    let sample_rows = [0, n];
+    let mut allowed = TokenMask::new(vocab);
+    (1..vocab as u32).step_by(3).for_each(|t| allowed.allow(t));
+    let masks = vec![Some(allowed.clone()), None];
+    let mut scores: Vec<ScoreRow> =
+        (0..n - 1).map(|i| ScoreRow { row: 1 + i, id: Some(c.ids[i + 1]), top: 3 }).collect();
+    scores.push(ScoreRow { row: 0, id: None, top: 4 });
+    scores.push(ScoreRow { row: n, id: None, top: 0 });
+    // A penalty on the second sequence: its lists are a window at index 1 (rows 0 and n are two runs).
+    let params = [
+        SamplingParams { temperature: 0.9, seed: Some(11), ..SamplingParams::default() },
+        SamplingParams { repetition_penalty: 1.2, ..SamplingParams::greedy() },
+    ];
+    let prompts = [&text, &c.ids];
+    let run = |ex: &mut MllamaCudaExecutor, device: bool| {
+        let mut samplers: Vec<Sampler> = params.iter().zip(prompts).map(|(p, pr)| Sampler::new(p, pr)).collect();
+        let mut seqs: Vec<SampleSeq<'_>> = samplers
+            .iter_mut()
+            .zip(&params)
+            .zip(prompts)
+            .map(|((sampler, params), prompt)| SampleSeq { params, sampler, prompt, output: &[] })
+            .collect();
+        if device {
+            ex.step_scored(&step, &images, &mut seqs, &sample_rows, &masks, &scores).unwrap()
+        } else {
+            host_step_scored(ex, &step, &images, &mut seqs, &sample_rows, &masks, &scores).unwrap()
+        }
+    };
+    let (dev_ids, dev_scores) = run(&mut ex, true);
+    let (host_ids, host_scores) = run(&mut ex, false);
+    assert_eq!(dev_ids, host_ids, "picks");
+    assert!(allowed.allows(dev_ids[0]), "pick {} outside its mask", dev_ids[0]);
+    let close = |g: f32, w: f32| g == w || ((g - w).abs() as f64) <= 4e-6 * (w.abs() as f64).max(1.0);
+    for (j, (d, h)) in dev_scores.iter().zip(&host_scores).enumerate() {
+        assert_eq!((d.id, d.rank), (h.id, h.rank), "entry {j}");
+        assert_eq!(d.top.iter().map(|t| t.0).collect::<Vec<_>>(), h.top.iter().map(|t| t.0).collect::<Vec<_>>());
+        assert!(close(d.logprob, h.logprob), "entry {j}: {} vs {}", d.logprob, h.logprob);
+        assert!(d.top.iter().zip(&h.top).all(|(a, b)| close(a.1, b.1)), "entry {j} alternatives");
+    }
+    assert_eq!(dev_scores.len(), scores.len());
+    // A decode step of the text-only sequence, three times over the same cache slots: its logits, then greedy and
+    // sampled picks on the device against the argmax and the CPU sampler of those logits.
+    let chunk = SeqChunk { tokens: &[dev_ids[0]], start_pos: text.len(), block_table: &tb, logits: LogitsWanted::Last };
+    let decode = build_step(&[chunk], ex.block_size()).unwrap();
+    let logits = ex.step(&decode).unwrap().logits;
+    assert_eq!(ex.step_greedy(&decode).unwrap(), vec![argmax(&logits)], "greedy");
+    let p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(5), ..SamplingParams::default() };
+    let mut on_device = Sampler::new(&p, &text);
+    let seq = SampleSeq { params: &p, sampler: &mut on_device, prompt: &text, output: &[] };
+    let picked = ex.step_sample(&decode, &mut [seq]).unwrap();
+    assert_eq!(picked, vec![Sampler::new(&p, &text).sample(&logits)], "sampled");
+    eprintln!("vision scored step on the device matches the host ({} entries, picks {dev_ids:?})", scores.len());
+}
+
 /// Decode steps replayed from CUDA graphs equal the eager steps bit for bit: a batch of two vision sequences (on
 /// two image sets) and a text-only one (bucket 4, one padding row), then the text-only and one vision sequence
 /// (bucket 2), then the text-only one alone and the vision one alone (both bucket 1: the same graph must serve a

@@ -11,7 +11,7 @@ pub(crate) mod dense;
 pub(crate) mod ops;
 mod profile;
 pub(crate) mod quant_bufs;
-mod sample;
+pub(crate) mod sample;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -217,8 +217,8 @@ pub struct CudaExecutor {
     max_blocks_per_seq: usize,
     /// Decode graphs by (batch bucket, KV splits, block-table width).
     graphs: HashMap<(usize, usize, usize), DecodeGraph>,
-    /// Ids picked on the device by [`Executor::step_greedy`].
-    ids: CudaSlice<u32>,
+    /// Picks ids on the device ([`Executor::step_greedy`], [`Executor::step_sample`], [`Executor::step_scored`]).
+    sampler: sample::DeviceSampler,
     /// The step profiler's events, made on the first [`Executor::profile_step`].
     clock: Option<profile::EventClock>,
     /// The calls [`Executor::set_ablation`] leaves out (graphs are captured without them).
@@ -463,13 +463,13 @@ impl CudaExecutor {
         ops.fuse_rope = opts.fuse_rope;
         ops.fuse_norm = opts.fuse_norm;
         ops.set_persistent_decode(opts.persistent_decode)?;
-        let ids = ops.stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))?;
+        let sampler = sample::DeviceSampler::new(&ops.stream)?;
         Ok(CudaExecutor {
             ops,
             max_graph_batch: opts.max_graph_batch,
             max_blocks_per_seq,
             graphs: HashMap::new(),
-            ids,
+            sampler,
             clock: None,
             ablate: Vec::new(),
             stack_steps: 0,
@@ -691,16 +691,9 @@ impl Executor for CudaExecutor {
     fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
         let slot = self.run(input)?;
         let (rows, vocab) = (input.logits_rows.len(), self.ops.cfg.vocab_size);
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
-        if self.ids.len() < rows {
-            self.ids = self.ops.stream.alloc_zeros::<u32>(rows.next_power_of_two()).map_err(drv("allocate ids"))?;
-        }
         let buf = self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
         // The logits stay on the device: one id per row comes back.
-        k::sampling::argmax(&self.ops.stream, &buf.slice(..rows * vocab), vocab, &mut self.ids.slice_mut(..rows))?;
-        self.ops.stream.clone_dtoh(&self.ids.slice(..rows)).map_err(drv("read sampled ids"))
+        self.sampler.greedy(&self.ops.stream, buf, rows, vocab)
     }
 
     fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
@@ -713,10 +706,10 @@ impl Executor for CudaExecutor {
             let out = self.step(input)?;
             return Ok(seqs.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect());
         }
-        let inputs = sample::SamplingInputs::new(seqs)?;
         let slot = self.run(input)?;
+        let buf = self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
         let rows: Vec<usize> = (0..rows).collect();
-        self.sample_slot(slot, &rows, &inputs, seqs)
+        self.sampler.sample(&self.ops.stream, buf, vocab, &rows, seqs)
     }
 
     fn step_scored(
@@ -728,9 +721,15 @@ impl Executor for CudaExecutor {
         masks: &[Option<crate::sampling::TokenMask>],
         scores: &[crate::exec::scored::ScoreRow],
     ) -> Result<(Vec<u32>, Vec<crate::sampling::TokenLogprob>)> {
-        if self.scores_on_device(images.iter().any(Option::is_some), masks, scores) {
-            return self.device_step_scored(input, seqs, sample_rows, masks, scores);
+        let (total, vocab) = (input.logits_rows.len(), self.ops.cfg.vocab_size);
+        if images.iter().any(Option::is_some) || !sample::scores_on_device(vocab, masks, scores) {
+            return crate::exec::scored::host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
-        crate::exec::scored::host_step_scored(self, input, images, seqs, sample_rows, masks, scores)
+        // Checked before the step runs, so that a bad call changes no cache.
+        crate::exec::scored::check_scored(total, seqs.len(), sample_rows, masks, scores)?;
+        let slot = self.run(input)?;
+        let stream = self.ops.stream.clone();
+        let buf = self.ops.pooled_mut(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
+        self.sampler.scored(&stream, buf, total, vocab, seqs, sample_rows, masks, scores)
     }
 }

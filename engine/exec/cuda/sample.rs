@@ -1,6 +1,7 @@
-//! Sampling, token masks and scoring on the device for [`CudaExecutor`]: [`Executor::step_sample`] and
-//! [`Executor::step_scored`] leave the logits where they are and bring back the picked ids (and, for scored rows,
-//! a log-probability, a rank and the alternatives per entry) instead of every row's logits.
+//! Sampling, token masks and scoring on the device ([`DeviceSampler`], shared by the one-GPU text executor and the
+//! vision executor): `step_greedy`, `step_sample` and `step_scored` leave the logits where they are and bring back
+//! the picked ids (and, for scored rows, a log-probability, a rank and the alternatives per entry) instead of every
+//! row's logits.
 //!
 //! A scored step, in stream order after the forward:
 //! 1. the entries with a given token (prompt rows) are scored on the raw logits;
@@ -11,11 +12,13 @@
 //! 5. the entries scored by their pick are scored (masked rows from their copies), and every entry's results come
 //!    back.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 
 use super::ops::drv;
-use super::CudaExecutor;
 use crate::exec::scored::{check_scored, ScoreRow};
 use crate::exec::SampleSeq;
 use crate::ops::cuda as k;
@@ -24,7 +27,7 @@ use crate::{Error, Result};
 
 /// A step's host-side sampling inputs, made before the step runs: each row's parameters, one uniform per sampled
 /// (non-greedy) row from the sequence's own stream, exactly as the CPU sampler would draw it, and the penalty lists.
-pub(super) struct SamplingInputs {
+struct SamplingInputs {
     params: Vec<k::sampling::SampleRow>,
     uniforms: Vec<f64>,
     /// `None` when no row has a penalty, a logit bias or a banned token.
@@ -33,7 +36,7 @@ pub(super) struct SamplingInputs {
 
 impl SamplingInputs {
     /// Draws the uniforms from `seqs`' streams and builds the lists.
-    pub(super) fn new(seqs: &mut [SampleSeq<'_>]) -> Result<Self> {
+    fn new(seqs: &mut [SampleSeq<'_>]) -> Result<Self> {
         let params = seqs.iter().map(|r| k::sampling::SampleRow::new(r.params)).collect();
         let uniforms =
             seqs.iter_mut().map(|r| if r.params.is_greedy() { 0.0 } else { r.sampler.next_uniform() }).collect();
@@ -83,7 +86,7 @@ struct ScoreBufs {
 }
 
 impl ScoreBufs {
-    fn new(stream: &std::sync::Arc<CudaStream>, n: usize, top: usize) -> Result<Self> {
+    fn new(stream: &Arc<CudaStream>, n: usize, top: usize) -> Result<Self> {
         let e = drv("allocate scores");
         // At least one element each: an empty allocation is refused by some drivers.
         let (n1, nt) = (n.max(1), (n * top).max(1));
@@ -96,13 +99,13 @@ impl ScoreBufs {
         })
     }
 
-    /// Scores `entries` (row, token) of `logits` into outputs `at..at + entries.len()`.
+    /// Scores `entries` (row, token, alternatives) of `logits` into outputs `at..at + entries.len()`.
     fn score(
         &mut self,
-        stream: &std::sync::Arc<CudaStream>,
+        stream: &Arc<CudaStream>,
         logits: &impl DevicePtr<bf16>,
         vocab: usize,
-        entries: &[(usize, u32)],
+        entries: &[(usize, u32, usize)],
         at: usize,
     ) -> Result<()> {
         if entries.is_empty() {
@@ -112,37 +115,79 @@ impl ScoreBufs {
         let up = drv("upload scored rows");
         let rows = stream.clone_htod(&as_u32(entries.iter().map(|e| e.0))).map_err(&up)?;
         let ids = stream.clone_htod(&entries.iter().map(|e| e.1).collect::<Vec<u32>>()).map_err(&up)?;
+        let tops = stream.clone_htod(&entries.iter().map(|e| e.2 as i32).collect::<Vec<i32>>()).map_err(&up)?;
         let mut out = k::logprobs::ScoredRows {
             logprob: &mut self.logprob.slice_mut(at..at + n),
             rank: &mut self.rank.slice_mut(at..at + n),
             top_ids: &mut self.top_ids.slice_mut(at * top..(at + n) * top),
             top_logprobs: &mut self.top_lps.slice_mut(at * top..(at + n) * top),
         };
-        k::logprobs::token_logprobs(stream, logits, vocab, &rows, &ids, top, &mut out)
+        k::logprobs::token_logprobs(stream, logits, vocab, &rows, &ids, Some(&tops), top, &mut out)
     }
 }
 
-impl CudaExecutor {
-    /// Whether [`step_scored`](Self::device_step_scored) can run a step on the device: no images (a text model
-    /// has none to see), a vocabulary the sampler takes, and alternatives and masks within the kernels' limits.
-    pub(super) fn scores_on_device(&self, has_images: bool, masks: &[Option<TokenMask>], scores: &[ScoreRow]) -> bool {
-        !has_images
-            && self.ops.cfg.vocab_size <= k::sampling::MAX_SAMPLE_VOCAB
-            && scores.iter().all(|s| s.top <= k::logprobs::MAX_TOP)
-            && masks.iter().flatten().count() <= k::logprobs::MAX_MASKS
+/// Whether [`DeviceSampler::scored`] takes a step: no images (the caller's executor decides that), a vocabulary
+/// the sampler takes, and alternatives and masks within the kernels' limits.
+pub(crate) fn scores_on_device(vocab: usize, masks: &[Option<TokenMask>], scores: &[ScoreRow]) -> bool {
+    vocab <= k::sampling::MAX_SAMPLE_VOCAB
+        && scores.iter().all(|s| s.top <= k::logprobs::MAX_TOP)
+        && masks.iter().flatten().count() <= k::logprobs::MAX_MASKS
+}
+
+/// The picking end of a CUDA executor's step, over the `[rows, vocab]` bf16 logits its forward left on the device:
+/// greedy ids, sampled ids and scored steps, each bringing back only its results. Owns the device buffer the
+/// picked ids land in.
+pub(crate) struct DeviceSampler {
+    ids: CudaSlice<u32>,
+}
+
+impl DeviceSampler {
+    /// A sampler with room for 256 ids (it grows on demand, outside graph capture).
+    pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        Ok(DeviceSampler { ids: stream.alloc_zeros::<u32>(256).map_err(drv("allocate ids"))? })
     }
 
-    /// Samples sequence `i` from logits row `rows[i]` of pool slot `slot` with `inputs` (one launch per run of
-    /// consecutive rows), reads the ids back and records them in the samplers.
-    pub(super) fn sample_slot(
+    fn ensure_ids(&mut self, stream: &Arc<CudaStream>, n: usize) -> Result<()> {
+        if self.ids.len() < n {
+            self.ids = stream.alloc_zeros::<u32>(n.next_power_of_two()).map_err(drv("allocate ids"))?;
+        }
+        Ok(())
+    }
+
+    /// The argmax of each of the first `rows` rows of `logits`.
+    pub(crate) fn greedy(
         &mut self,
-        slot: usize,
+        stream: &Arc<CudaStream>,
+        logits: &CudaSlice<bf16>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<Vec<u32>> {
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.ensure_ids(stream, rows)?;
+        k::sampling::argmax(stream, &logits.slice(..rows * vocab), vocab, &mut self.ids.slice_mut(..rows))?;
+        stream.clone_dtoh(&self.ids.slice(..rows)).map_err(drv("read sampled ids"))
+    }
+
+    /// Samples sequence `i` from row `rows[i]` of `logits` (one launch per run of consecutive rows), reads the ids
+    /// back and records them in the samplers. `seqs`' uniforms are drawn here.
+    pub(crate) fn sample(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        logits: &CudaSlice<bf16>,
+        vocab: usize,
         rows: &[usize],
-        inputs: &SamplingInputs,
         seqs: &mut [SampleSeq<'_>],
     ) -> Result<Vec<u32>> {
-        let (n, vocab) = (rows.len(), self.ops.cfg.vocab_size);
-        let stream = self.ops.stream.clone();
+        let n = rows.len();
+        if n != seqs.len() {
+            return Err(Error::Backend(format!("sample: {} sequences for {n} rows", seqs.len())));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let inputs = SamplingInputs::new(seqs)?;
         let up_err = drv("upload sampling inputs");
         let d_params = stream.clone_htod(&inputs.params).map_err(&up_err)?;
         let d_uniforms = stream.clone_htod(&inputs.uniforms).map_err(&up_err)?;
@@ -155,10 +200,7 @@ impl CudaExecutor {
             )),
             None => None,
         };
-        if self.ids.len() < n {
-            self.ids = stream.alloc_zeros::<u32>(n.next_power_of_two()).map_err(drv("allocate ids"))?;
-        }
-        let buf = self.ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
+        self.ensure_ids(stream, n)?;
         for (i, first, len) in runs(rows) {
             // A run's offsets are a window of the lists' offsets: they index the whole id, count and bias arrays.
             let offsets = d_lists.as_ref().map(|l| l.0.slice(i..i + len + 1));
@@ -171,8 +213,8 @@ impl CudaExecutor {
                 }
             });
             k::sampling::sample(
-                &stream,
-                &buf.slice(first * vocab..(first + len) * vocab),
+                stream,
+                &logits.slice(first * vocab..(first + len) * vocab),
                 vocab,
                 &d_params.slice(i..i + len),
                 &d_uniforms.slice(i..i + len),
@@ -187,24 +229,24 @@ impl CudaExecutor {
         Ok(ids)
     }
 
-    /// [`Executor::step_scored`] on the device (module docs), for a step [`scores_on_device`](Self::scores_on_device)
-    /// accepts.
-    pub(super) fn device_step_scored(
+    /// [`crate::exec::Executor::step_scored`]'s picking end (module docs) over the step's `total` rows of `logits`
+    /// (the masks write into them), for a step [`scores_on_device`] accepts.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn scored(
         &mut self,
-        input: &crate::exec::StepInput,
+        stream: &Arc<CudaStream>,
+        logits: &mut CudaSlice<bf16>,
+        total: usize,
+        vocab: usize,
         seqs: &mut [SampleSeq<'_>],
         sample_rows: &[usize],
         masks: &[Option<TokenMask>],
         scores: &[ScoreRow],
     ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
-        let (total, vocab) = (input.logits_rows.len(), self.ops.cfg.vocab_size);
         let index = check_scored(total, seqs.len(), sample_rows, masks, scores)?;
-        let inputs = SamplingInputs::new(seqs)?;
-        let slot = self.run(input)?;
         if total == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
-        let stream = self.ops.stream.clone();
         let masked = |i: usize| masks.get(i).is_some_and(Option::is_some);
         // Output order: the given tokens, then the picks from unmasked rows, then the picks from masked rows.
         let given: Vec<usize> = (0..scores.len()).filter(|&j| scores[j].id.is_some()).collect();
@@ -212,17 +254,17 @@ impl CudaExecutor {
             (0..scores.len()).filter(|&j| scores[j].id.is_none()).partition(|&j| masked(index[&scores[j].row]));
         let order: Vec<usize> = given.iter().chain(&picks_plain).chain(&picks_masked).copied().collect();
         let top = scores.iter().map(|s| s.top).max().unwrap_or(0);
-        let mut out = ScoreBufs::new(&stream, scores.len(), top)?;
-        let logits_err = || Error::Backend("logits buffer missing".into());
+        // Nothing to score (a step with masks only, or with images): no output buffers.
+        let mut out = if scores.is_empty() { None } else { Some(ScoreBufs::new(stream, scores.len(), top)?) };
+        let rows = total * vocab;
         // 1. Given tokens, on the raw logits.
-        {
-            let buf = self.ops.pooled(slot).ok_or_else(logits_err)?;
-            let entries: Vec<(usize, u32)> =
-                given.iter().map(|&j| (scores[j].row, scores[j].id.unwrap_or_default())).collect();
-            out.score(&stream, &buf.slice(..total * vocab), vocab, &entries, 0)?;
+        let entries: Vec<(usize, u32, usize)> =
+            given.iter().map(|&j| (scores[j].row, scores[j].id.unwrap_or_default(), scores[j].top)).collect();
+        if let Some(o) = out.as_mut() {
+            o.score(stream, &logits.slice(..rows), vocab, &entries, 0)?;
         }
         // 2. Copies of the masked rows scored by their pick (one per distinct row).
-        let mut copy_of: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+        let mut copy_of: HashMap<usize, usize> = HashMap::new();
         for &j in &picks_masked {
             let next = copy_of.len();
             copy_of.entry(scores[j].row).or_insert(next);
@@ -231,14 +273,10 @@ impl CudaExecutor {
             None
         } else {
             let mut c = stream.alloc_zeros::<bf16>(copy_of.len() * vocab).map_err(drv("allocate masked-row copies"))?;
-            let buf = self.ops.pooled(slot).ok_or_else(logits_err)?;
             for (&row, &at) in &copy_of {
-                stream
-                    .memcpy_dtod(
-                        &buf.slice(row * vocab..(row + 1) * vocab),
-                        &mut c.slice_mut(at * vocab..(at + 1) * vocab),
-                    )
-                    .map_err(drv("copy a masked row"))?;
+                let (src, mut dst) =
+                    (logits.slice(row * vocab..(row + 1) * vocab), c.slice_mut(at * vocab..(at + 1) * vocab));
+                stream.memcpy_dtod(&src, &mut dst).map_err(drv("copy a masked row"))?;
             }
             Some(c)
         };
@@ -255,41 +293,36 @@ impl CudaExecutor {
             let up = drv("upload token masks");
             let d_rows = stream.clone_htod(&mask_rows).map_err(&up)?;
             let d_bits = stream.clone_htod(&bits).map_err(&up)?;
-            let buf = self.ops.pooled_mut(slot).ok_or_else(logits_err)?;
-            k::logprobs::mask_logits(&stream, &mut buf.slice_mut(..total * vocab), vocab, &d_rows, &d_bits)?;
+            k::logprobs::mask_logits(stream, &mut logits.slice_mut(..rows), vocab, &d_rows, &d_bits)?;
         }
         // 4. Sampling.
-        let picked = self.sample_slot(slot, sample_rows, &inputs, seqs)?;
+        let picked = self.sample(stream, logits, vocab, sample_rows, seqs)?;
         // 5. The picks' scores, then every result back.
         let pick = |j: usize| picked[index[&scores[j].row]];
-        {
-            let buf = self.ops.pooled(slot).ok_or_else(logits_err)?;
-            let plain: Vec<(usize, u32)> = picks_plain.iter().map(|&j| (scores[j].row, pick(j))).collect();
-            out.score(&stream, &buf.slice(..total * vocab), vocab, &plain, given.len())?;
-        }
-        if let Some(c) = &copies {
-            let entries: Vec<(usize, u32)> = picks_masked.iter().map(|&j| (copy_of[&scores[j].row], pick(j))).collect();
-            out.score(&stream, c, vocab, &entries, given.len() + picks_plain.len())?;
-        }
-        if scores.is_empty() {
+        let plain: Vec<(usize, u32, usize)> =
+            picks_plain.iter().map(|&j| (scores[j].row, pick(j), scores[j].top)).collect();
+        let Some(mut out) = out else {
             return Ok((picked, Vec::new()));
+        };
+        out.score(stream, &logits.slice(..rows), vocab, &plain, given.len())?;
+        if let Some(c) = &copies {
+            let entries: Vec<(usize, u32, usize)> =
+                picks_masked.iter().map(|&j| (copy_of[&scores[j].row], pick(j), scores[j].top)).collect();
+            out.score(stream, c, vocab, &entries, given.len() + picks_plain.len())?;
         }
         let rd = drv("read scores");
         let lp = stream.clone_dtoh(&out.logprob).map_err(&rd)?;
         let rank = stream.clone_dtoh(&out.rank).map_err(&rd)?;
         let top_ids = stream.clone_dtoh(&out.top_ids).map_err(&rd)?;
         let top_lps = stream.clone_dtoh(&out.top_lps).map_err(&rd)?;
-        let mut scored = vec![None; scores.len()];
+        let mut scored: Vec<Option<TokenLogprob>> = vec![None; scores.len()];
         for (at, &j) in order.iter().enumerate() {
             let id = scores[j].id.unwrap_or_else(|| pick(j));
             let host = (&lp[..], &rank[..], &top_ids[..], &top_lps[..]);
             scored[j] = Some(k::logprobs::ScoredRows::entry(host, top, at, id, scores[j].top));
         }
-        scored
-            .into_iter()
-            .map(|s| s.ok_or_else(|| Error::Backend("an entry was not scored".into())))
-            .collect::<Result<Vec<_>>>()
-            .map(|s| (picked, s))
+        let scored = scored.into_iter().map(|s| s.ok_or_else(|| Error::Backend("an entry was not scored".into())));
+        Ok((picked, scored.collect::<Result<Vec<_>>>()?))
     }
 }
 

@@ -45,8 +45,8 @@ pub fn mask_words(mask: &TokenMask, vocab: usize, out: &mut Vec<u32>) {
 
 /// Sets to `-inf`, for each mask `j`, every logit of row `rows[j]` whose token mask `j` disallows.
 ///
-/// - `logits`: `[*, vocab]`, written in place; `rows`: `[masks]`, each a row of `logits`, no row twice;
-///   `bits`: `[masks, words_per_mask(vocab)]` ([`mask_words`]).
+/// - `logits`: `[*, vocab]`, written in place; `rows`: `[masks]`, each a row of `logits` (the kernel skips one
+///   past them), no row twice; `bits`: `[masks, words_per_mask(vocab)]` ([`mask_words`]).
 ///
 /// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
 pub fn mask_logits(
@@ -75,10 +75,15 @@ pub fn mask_logits(
         stream,
         &[("logits", logits.stream()), ("rows", rows.stream()), ("bits", bits.stream())],
     )?;
+    let total_rows = logits.len() / vocab;
     let (rows_ptr, _rows) = rows.device_ptr(stream);
     let (bits_ptr, _bits) = bits.device_ptr(stream);
     let (out, _out) = logits.device_ptr_mut(stream);
-    launch_mask(OP, stream, &MaskLaunch { logits: out, rows: rows_ptr, bits: bits_ptr, masks, vocab, words })
+    launch_mask(
+        OP,
+        stream,
+        &MaskLaunch { logits: out, rows: rows_ptr, bits: bits_ptr, total_rows, masks, vocab, words },
+    )
 }
 
 /// The device outputs of [`token_logprobs`] for `n` entries with `top` alternatives each.
@@ -108,15 +113,19 @@ impl ScoredRows<'_> {
 }
 
 /// Scores entry `j`: token `ids[j]` under row `rows[j]` of `logits` (`[*, vocab]`), as
-/// [`crate::sampling::token_logprob`] with `top` alternatives (at most [`MAX_TOP`]); writes `out`.
+/// [`crate::sampling::token_logprob`] with `entry_top[j]` alternatives (`None`: `top` for every entry; at most
+/// `top`, itself at most [`MAX_TOP`] and the stride of the alternatives' outputs); writes `out`. An entry whose row
+/// is past `logits` gets a NaN log-probability and rank 0.
 ///
 /// Enqueued on `stream`; returns without waiting. Errors name the operand at fault.
+#[allow(clippy::too_many_arguments)]
 pub fn token_logprobs(
     stream: &CudaStream,
     logits: &impl DevicePtr<bf16>,
     vocab: usize,
     rows: &impl DevicePtr<u32>,
     ids: &impl DevicePtr<u32>,
+    entry_top: Option<&dyn DevicePtr<i32>>,
     top: usize,
     out: &mut ScoredRows<'_>,
 ) -> Result<()> {
@@ -129,6 +138,9 @@ pub fn token_logprobs(
     let n = rows.len();
     if n > i32::MAX as usize {
         return Err(Error::Backend(format!("{OP}: {n} entries, at most 2^31-1")));
+    }
+    if let Some(t) = entry_top.filter(|t| t.len() != n) {
+        return Err(Error::Backend(format!("{OP}: `entry_top` has {} elements, expected {n}", t.len())));
     }
     for (name, got, want) in [
         ("ids", ids.len(), n),
@@ -157,6 +169,7 @@ pub fn token_logprobs(
     let (logits_ptr, _logits) = logits.device_ptr(stream);
     let (rows_ptr, _rows) = rows.device_ptr(stream);
     let (ids_ptr, _ids) = ids.device_ptr(stream);
+    let tops = entry_top.map(|t| t.device_ptr(stream));
     let (lp, _lp) = out.logprob.device_ptr_mut(stream);
     let (rank, _rank) = out.rank.device_ptr_mut(stream);
     let (top_ids, _top_ids) = out.top_ids.device_ptr_mut(stream);
@@ -172,6 +185,8 @@ pub fn token_logprobs(
             logits: logits_ptr,
             rows: rows_ptr,
             ids: ids_ptr,
+            entry_top: tops.as_ref().map(|t| t.0),
+            total_rows: logits.len() / vocab,
             n,
             vocab,
             top,
@@ -196,6 +211,7 @@ struct MaskLaunch {
     logits: u64,
     rows: u64,
     bits: u64,
+    total_rows: usize,
     masks: usize,
     vocab: usize,
     words: usize,
@@ -211,6 +227,8 @@ struct LogprobLaunch {
     logits: u64,
     rows: u64,
     ids: u64,
+    entry_top: Option<u64>,
+    total_rows: usize,
     n: usize,
     vocab: usize,
     top: usize,
@@ -225,6 +243,7 @@ fn launch_mask(op: &str, stream: &CudaStream, l: &MaskLaunch) -> Result<()> {
         logits: l.logits as *mut c_void,
         rows: l.rows as *const u32,
         bits: l.bits as *const u32,
+        total_rows: l.total_rows as i64,
         masks: l.masks as i64,
         vocab: l.vocab as i64,
         words: l.words as i64,
@@ -251,6 +270,8 @@ fn launch_logprobs(op: &str, stream: &CudaStream, l: &LogprobLaunch) -> Result<(
         logits: l.logits as *const c_void,
         rows: l.rows as *const u32,
         ids: l.ids as *const u32,
+        entry_top: l.entry_top.map_or(std::ptr::null(), |t| t as *const i32),
+        total_rows: l.total_rows as i64,
         n: l.n as i64,
         vocab: l.vocab as i64,
         top: l.top as i32,

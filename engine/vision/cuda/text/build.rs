@@ -549,6 +549,7 @@ impl MllamaCudaExecutor {
             capturing: false,
             tp,
             ablate: Vec::new(),
+            sampler: crate::exec::cuda::sample::DeviceSampler::new(&stream)?,
             stream,
         })
     }

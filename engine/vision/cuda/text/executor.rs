@@ -1,10 +1,14 @@
 //! The [`Executor`] impl of [`MllamaCudaExecutor`]: text-only steps, image-set registration and vision steps (a
-//! tensor-parallel rank first stages its vocab-parallel token ids).
+//! tensor-parallel rank first stages its vocab-parallel token ids); greedy, sampled and scored steps pick on the
+//! device ([`crate::exec::cuda::sample::DeviceSampler`]).
 
 use super::super::upload_bf16;
 use super::MllamaCudaExecutor;
 use crate::config::LlamaConfig;
-use crate::exec::{Executor, StepInput, StepOutput};
+use crate::exec::cuda::sample::scores_on_device;
+use crate::exec::scored::{check_scored, host_step_scored, ScoreRow};
+use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
+use crate::sampling::{TokenLogprob, TokenMask};
 use crate::vision::exec::SeqImages;
 use crate::vision::pipeline::EncodedImages;
 use crate::{Error, Result};
@@ -63,5 +67,46 @@ impl Executor for MllamaCudaExecutor {
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
         self.stage_rank_ids(input)?;
         self.run(input, images)
+    }
+
+    fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
+        self.stage_rank_ids(input)?;
+        self.run_device(input, &[])?;
+        let (rows, vocab) = (input.logits_rows.len(), self.cfg.text.base.vocab_size);
+        // The logits stay on the device: one id per row comes back.
+        self.sampler.greedy(&self.stream, &self.acts.logits, rows, vocab)
+    }
+
+    fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
+        let rows: Vec<usize> = (0..input.logits_rows.len()).collect();
+        if seqs.len() != rows.len() {
+            return Err(Error::request(format!(
+                "step_sample: {} sequences for {} logits rows",
+                seqs.len(),
+                rows.len()
+            )));
+        }
+        let (picked, _) = self.step_scored(input, &[], seqs, &rows, &[], &[])?;
+        Ok(picked)
+    }
+
+    fn step_scored(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<SeqImages<'_>>],
+        seqs: &mut [SampleSeq<'_>],
+        sample_rows: &[usize],
+        masks: &[Option<TokenMask>],
+        scores: &[ScoreRow],
+    ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
+        let (total, vocab) = (input.logits_rows.len(), self.cfg.text.base.vocab_size);
+        if !scores_on_device(vocab, masks, scores) {
+            return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
+        }
+        // Checked before the step runs, so that a bad call changes no cache.
+        check_scored(total, seqs.len(), sample_rows, masks, scores)?;
+        self.stage_rank_ids(input)?;
+        self.run_device(input, images)?;
+        self.sampler.scored(&self.stream, &mut self.acts.logits, total, vocab, seqs, sample_rows, masks, scores)
     }
 }

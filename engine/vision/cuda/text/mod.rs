@@ -199,6 +199,8 @@ pub struct MllamaCudaExecutor {
     tp: Option<build::RankTp>,
     /// The calls [`MllamaCudaExecutor::set_ablation`] leaves out.
     ablate: Vec<&'static str>,
+    /// Picks ids from the logits on the device (greedy, sampled and scored steps).
+    sampler: crate::exec::cuda::sample::DeviceSampler,
 }
 
 /// A captured decode step and the buffer generation its pointers belong to.

@@ -181,16 +181,20 @@ impl MllamaCudaExecutor {
         Ok(sz)
     }
 
-    pub(super) fn run(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
+    /// Runs the step, leaving its logits rows at the front of the logits buffer on the device.
+    pub(super) fn run_device(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<()> {
         self.check_step(input, images)?;
-        let rows = input.logits_rows.len();
         if self.graph_eligible(input) {
-            self.step_graph(input, images)?;
+            self.step_graph(input, images)
         } else {
             let sz = self.begin(input, images, None)?;
-            self.forward(sz, rows)?;
+            self.forward(sz, input.logits_rows.len())
         }
-        let n = rows * self.cfg.text.base.vocab_size;
+    }
+
+    pub(super) fn run(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
+        self.run_device(input, images)?;
+        let n = input.logits_rows.len() * self.cfg.text.base.vocab_size;
         if n == 0 {
             return Ok(StepOutput::default());
         }
