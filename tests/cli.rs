@@ -221,6 +221,11 @@ fn flags_that_would_be_ignored_or_changed_are_refused() {
             &["--kv-tokens 8"],
         ),
         (&["info", "--model", m, "--device", "bogus"], &["bogus"]),
+        (
+            &["logits", "--model", m, "--ids", "1", "--out", "/tmp/never.npy", "--weights-seed", "3"],
+            &["--weights-seed 3", "--random-weights"],
+        ),
+        (&["serve", "--model", m, "--weights-seed", "3"], &["--weights-seed 3"]),
         (&["info", "--model", m, "--gpu-memory-utilization", "nan"], &["--gpu-memory-utilization"]),
         (
             &["bench", "--model", m, "--random-weights", "--prompt-tokens", "300", "--gen-tokens", "4"],

@@ -97,7 +97,7 @@ pub fn load_model(a: &ModelArgs, min_tokens: usize) -> Result<LoadedModel> {
         eprintln!(
             "no --model given: using the built-in Llama 3.2 1B preset with RANDOM weights (seed {}); \
              its output is meaningless text, useful only to exercise the engine",
-            a.weights_seed
+            a.seed()
         );
     }
     if let Device::Cuda(ordinal) = device {
@@ -221,7 +221,7 @@ pub fn load_cpu_weights_as_stored(a: &ModelArgs, cfg: &LlamaConfig, source: &Sou
             bar.finish_and_clear();
             w
         }
-        _ => ModelWeights::random(cfg, a.weights_seed)?,
+        _ => ModelWeights::random(cfg, a.seed())?,
     };
     match (&quant, a.random_weights) {
         (Some(Quantization::AtLoad(scheme)), _) => weights.quantize_in_place(*scheme)?,
@@ -335,7 +335,7 @@ fn load_cuda(
             if a.random_weights {
                 desc.push_str(" with random weights");
             }
-            CudaExecutor::new(cfg, WeightSource::Random(a.weights_seed), &opts, &|_| {})?
+            CudaExecutor::new(cfg, WeightSource::Random(a.seed()), &opts, &|_| {})?
         }
     };
     if exec.num_blocks() * exec.block_size() < min_tokens {

@@ -108,9 +108,9 @@ pub struct ModelArgs {
     /// Use random weights at the model's real shapes instead of the checkpoint's (for benchmarking).
     #[arg(long)]
     pub random_weights: bool,
-    /// Seed for --random-weights.
-    #[arg(long, default_value_t = 0)]
-    pub weights_seed: u64,
+    /// Seed for random weights (--random-weights, or a --preset); 0 when absent.
+    #[arg(long)]
+    pub weights_seed: Option<u64>,
     /// Tokenizer file (tokenizer.json or tiktoken tokenizer.model); defaults to the model directory's.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -169,11 +169,24 @@ pub struct ModelArgs {
 pub const MAX_BLOCK_SIZE: usize = 1024;
 
 impl ModelArgs {
+    /// The seed of random weights (`--weights-seed`, 0 when absent).
+    pub fn seed(&self) -> u64 {
+        self.weights_seed.unwrap_or(0)
+    }
+
     /// Refuses flag values no command can run with, before anything is loaded: a device that does not parse, a
     /// block size outside 1..=[`MAX_BLOCK_SIZE`], a `--kv-tokens` under one block, a `--gpu-memory-utilization`
-    /// outside [0.05, 1] and a `--tokenizer` that is not a file.
+    /// outside [0.05, 1], a `--tokenizer` that is not a file, and a `--weights-seed` with a `--model` whose own
+    /// weights load (it would be ignored).
     pub fn check(&self) -> Result<()> {
         Device::parse(&self.device)?;
+        if let (Some(seed), Some(dir), false) = (self.weights_seed, &self.model, self.random_weights) {
+            return Err(Error::request(format!(
+                "--weights-seed {seed}: {} loads its own weights; add --random-weights to replace them with random \
+                 ones of that seed, or drop --weights-seed",
+                dir.display()
+            )));
+        }
         if !(1..=MAX_BLOCK_SIZE).contains(&self.block_size) {
             return Err(Error::request(format!(
                 "--block-size {}: must be in 1..={MAX_BLOCK_SIZE} tokens",

@@ -240,9 +240,9 @@ pub fn cmd_quant_eval(a: QuantEvalArgs) -> Result<()> {
     let report = json!({
         "model": match &source {
             Source::Dir(d) if a.model.random_weights => format!("{} with random weights (seed {})", d.display(),
-                a.model.weights_seed),
+                a.model.seed()),
             Source::Dir(d) => d.display().to_string(),
-            Source::Preset(p) => format!("preset {} with random weights (seed {})", p.name(), a.model.weights_seed),
+            Source::Preset(p) => format!("preset {} with random weights (seed {})", p.name(), a.model.seed()),
         },
         "device": format!("cpu reference ({} threads)", rayon::current_num_threads()),
         "prompt_tokens": a.prompt_tokens,

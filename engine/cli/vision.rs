@@ -41,7 +41,7 @@ fn load(m: &ModelArgs, dir: &Path, images: &[PathBuf]) -> Result<(MllamaModel, E
     let t0 = Instant::now();
     let at_load = super::load::at_load(m)?;
     let model = if m.random_weights {
-        MllamaModel::random(dir, m.weights_seed, at_load)?
+        MllamaModel::random(dir, m.seed(), at_load)?
     } else {
         MllamaModel::load_with(dir, at_load)?
     };
@@ -115,7 +115,7 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
     }
     let t0 = Instant::now();
     let mut encoder = if m.random_weights {
-        crate::vision::pipeline::ImageEncoder::random(dir, m.weights_seed)?
+        crate::vision::pipeline::ImageEncoder::random(dir, m.seed())?
     } else {
         crate::vision::pipeline::ImageEncoder::load(dir)?
     };
@@ -149,7 +149,7 @@ fn logits_cuda(m: &ModelArgs, dir: &Path, ids: &[u32], images: &[PathBuf], out: 
         ..Default::default()
     };
     let mut exec =
-        cuda_text_decoder((super::load::at_load(m)?, m.random_weights.then_some(m.weights_seed)), dir, &cfg, &opts)?;
+        cuda_text_decoder((super::load::at_load(m)?, m.random_weights.then_some(m.seed())), dir, &cfg, &opts)?;
     let none = EncodedImages { states: Vec::new(), num_tiles: Vec::new() };
     match &mask {
         Some((mask, enc)) => prefill_to_npy(&mut exec, &cfg, m.block_size, ids, enc, Some(mask), out),

@@ -109,7 +109,7 @@ pub(crate) fn tp_cpu_executor(a: &ModelArgs, tp: usize, kv_tokens: usize) -> Res
             ckpt = crate::weights::Checkpoint::open(dir)?;
             crate::weights::WeightSource::Checkpoint(&ckpt)
         }
-        _ => crate::weights::WeightSource::Random(a.weights_seed),
+        _ => crate::weights::WeightSource::Random(a.seed()),
     };
     crate::tp::TpCpuExecutor::with_capacity_quantized(cfg, src, tp, at_load, kv_tokens, a.block_size)
 }
@@ -316,7 +316,7 @@ fn tp_cuda_model(
             }
             crate::weights::WeightSource::Checkpoint(&ckpt)
         }
-        _ => crate::weights::WeightSource::Random(a.weights_seed),
+        _ => crate::weights::WeightSource::Random(a.seed()),
     };
     let exec = match node {
         Some((n, _)) => {

@@ -51,7 +51,7 @@ pub(super) fn start_vision_engine(
     let (mut encoder, text) = if tp == 1 && cuda_tp.is_none() && device == load::Device::Cpu {
         let at_load = load::at_load(a)?;
         let model = if a.random_weights {
-            crate::vision::pipeline::MllamaModel::random(dir, a.weights_seed, at_load)?
+            crate::vision::pipeline::MllamaModel::random(dir, a.seed(), at_load)?
         } else {
             crate::vision::pipeline::MllamaModel::load_with(dir, at_load)?
         };
@@ -59,7 +59,7 @@ pub(super) fn start_vision_engine(
         (encoder, Some(text))
     } else {
         let encoder = if a.random_weights {
-            crate::vision::pipeline::ImageEncoder::random(dir, a.weights_seed)?
+            crate::vision::pipeline::ImageEncoder::random(dir, a.seed())?
         } else {
             crate::vision::pipeline::ImageEncoder::load(dir)?
         };
@@ -83,7 +83,7 @@ pub(super) fn start_vision_engine(
     // The CUDA text decoder: `--kv-tokens` exactly, or what fits under --gpu-memory-utilization.
     let cuda_opts = vision_cuda_options(a, e, cuda_device.unwrap_or(0));
     let at_load = load::at_load(a)?;
-    let random_seed = a.random_weights.then_some(a.weights_seed);
+    let random_seed = a.random_weights.then_some(a.seed());
     let make = move || -> Result<Box<dyn crate::exec::Executor>> {
         use crate::exec::Executor as _;
         if let Some((placement, kind)) = cuda_tp {
