@@ -40,25 +40,79 @@ fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Json {
     json!({ "content": content })
 }
 
-/// Completions `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) and the offset after the
-/// last token. Offsets count characters (Python string indices, as OpenAI's clients slice `text` with them) from
-/// `start`; a special token left out of the text (`skip_special`) takes no room. `top_logprobs` holds the
-/// alternatives and the sampled token, up to `logprobs + 1` entries as OpenAI documents.
+/// Where the next token's text starts in a completion's text, in characters (completions `text_offset`), from
+/// the tokens' bytes: a character whose bytes span several tokens counts once, when its last byte comes (the
+/// tokens before that start where it does), and an invalid byte sequence counts as the one U+FFFD a lossy decoding
+/// gives it.
+#[derive(Clone, Debug, Default)]
+struct TextOffsets {
+    offset: usize,
+    /// The bytes of a character not yet complete.
+    carry: Vec<u8>,
+}
+
+impl TextOffsets {
+    fn at(offset: usize) -> Self {
+        TextOffsets { offset, carry: Vec::new() }
+    }
+
+    /// Returns where a token of `bytes` starts and moves past it.
+    fn advance(&mut self, bytes: &[u8]) -> usize {
+        let at = self.offset;
+        self.carry.extend_from_slice(bytes);
+        let mut rest: &[u8] = &self.carry;
+        let mut chars = 0;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    chars += s.chars().count();
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    chars += std::str::from_utf8(valid).map_or(0, |v| v.chars().count());
+                    match e.error_len() {
+                        // An invalid sequence: one replacement character.
+                        Some(n) => {
+                            chars += 1;
+                            rest = &after[n..];
+                        }
+                        // A character cut short: wait for its next bytes.
+                        None => {
+                            rest = after;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let left = rest.to_vec();
+        self.carry = left;
+        self.offset += chars;
+        at
+    }
+}
+
+/// Completions `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), moving `offsets` past the
+/// tokens. Offsets count characters (Python string indices, as OpenAI's clients slice `text` with them); a special
+/// token left out of the text (`skip_special`) takes no room. `top_logprobs` holds the alternatives and the sampled
+/// token, up to `logprobs + 1` entries as OpenAI documents.
 fn completion_logprobs(
     tok: Option<&Tokenizer>,
     lps: &[TokenLogprob],
-    start: usize,
+    offsets: &mut TextOffsets,
     skip_special: bool,
-) -> (Json, usize) {
-    let mut offset = start;
+) -> Json {
     let (mut tokens, mut lp, mut top, mut offs) = (vec![], vec![], vec![], vec![]);
     // A token's name: its text, or vLLM's `token_id:N` without a tokenizer (every text would be "").
     let name = |id: u32| if tok.is_some() { token_json(tok, id).0 } else { format!("token_id:{id}") };
     for l in lps {
-        let (t, _) = token_json(tok, l.id);
-        offs.push(offset);
-        if !(skip_special && tok.is_some_and(|t| t.is_special(l.id))) {
-            offset += t.chars().count();
+        let (_, bytes) = token_json(tok, l.id);
+        if skip_special && tok.is_some_and(|t| t.is_special(l.id)) {
+            offs.push(offsets.offset);
+        } else {
+            offs.push(offsets.advance(&bytes));
         }
         tokens.push(Json::from(name(l.id)));
         lp.push(finite(l.logprob));
@@ -73,13 +127,13 @@ fn completion_logprobs(
         }
         top.push(Json::Object(m));
     }
-    (json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs}), offset)
+    json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs})
 }
 
 /// The prompt's part of completions `logprobs` under `echo`: the first token with `null`s (nothing scores it),
 /// then `scores` (prompt tokens `1..`) with at most `top` alternatives each. Offsets count from the start of the
 /// echoed `text`: a first token the text does not show (the BOS the server adds to a text prompt) takes no room,
-/// and no offset passes the text's end (a character split across tokens counts once per piece).
+/// and no offset passes the text's end.
 fn echo_logprobs(
     tok: Option<&Tokenizer>,
     prompt: &[u32],
@@ -88,7 +142,9 @@ fn echo_logprobs(
     text: &str,
     skip_special: bool,
 ) -> Json {
-    let Some(&first) = prompt.first() else { return completion_logprobs(tok, &[], 0, skip_special).0 };
+    let Some(&first) = prompt.first() else {
+        return completion_logprobs(tok, &[], &mut TextOffsets::default(), skip_special);
+    };
     let (first_text, _) = token_json(tok, first);
     let shown = !(skip_special && tok.is_some_and(|t| t.is_special(first))) && text.starts_with(&first_text);
     let width = if shown { first_text.chars().count() } else { 0 };
@@ -96,7 +152,7 @@ fn echo_logprobs(
     let head = json!({"tokens": [name], "token_logprobs": [null], "top_logprobs": [null], "text_offset": [0]});
     let trimmed: Vec<TokenLogprob> =
         scores.iter().map(|l| TokenLogprob { top: l.top.iter().take(top).copied().collect(), ..l.clone() }).collect();
-    let mut lp = join_logprobs(head, completion_logprobs(tok, &trimmed, width, skip_special).0);
+    let mut lp = join_logprobs(head, completion_logprobs(tok, &trimmed, &mut TextOffsets::at(width), skip_special));
     let end = text.chars().count();
     if let Some(offs) = lp.get_mut("text_offset").and_then(Json::as_array_mut) {
         for o in offs.iter_mut() {
@@ -244,10 +300,13 @@ impl<'a> ResponseBuilder<'a> {
                     Endpoint::Completions => {
                         let req = &p.requests[pi];
                         let skip = req.skip_special_tokens;
-                        let start = prefix.chars().count();
+                        let mut offsets = TextOffsets::at(prefix.chars().count());
                         let scores = self.prompt_scores[pi].as_deref();
-                        let mut lp =
-                            if p.logprobs { completion_logprobs(tok, &c.logprobs, start, skip).0 } else { Json::Null };
+                        let mut lp = if p.logprobs {
+                            completion_logprobs(tok, &c.logprobs, &mut offsets, skip)
+                        } else {
+                            Json::Null
+                        };
                         if let Some(top) = p.echo_logprobs {
                             let echo = echo_logprobs(tok, &req.prompt, scores.unwrap_or_default(), top, prefix, skip);
                             lp = join_logprobs(echo, lp);
@@ -294,8 +353,8 @@ pub struct StreamBuilder<'a> {
     prep: &'a Prepared,
     started: Vec<Vec<bool>>,
     held: Vec<Vec<Choice>>,
-    /// Per prompt, per completion: the character offset of the next token's text (completions `text_offset`).
-    offsets: Vec<Vec<usize>>,
+    /// Per prompt, per completion: where the next token's text starts (completions `text_offset`).
+    offsets: Vec<Vec<TextOffsets>>,
     /// Per prompt: its prompt log-probabilities, once they came (they come before its first delta).
     prompt_scores: Vec<Option<Vec<TokenLogprob>>>,
     usage: Usage,
@@ -310,7 +369,7 @@ impl<'a> StreamBuilder<'a> {
             prep,
             started: prep.requests.iter().map(|_| vec![false; prep.n]).collect(),
             held: prep.requests.iter().map(|_| vec![Choice::default(); prep.n]).collect(),
-            offsets: prep.prefixes.iter().map(|pre| vec![pre.chars().count(); prep.n]).collect(),
+            offsets: prep.prefixes.iter().map(|pre| vec![TextOffsets::at(pre.chars().count()); prep.n]).collect(),
             prompt_scores: vec![None; prep.requests.len()],
             usage: Usage::default(),
             done: 0,
@@ -411,9 +470,7 @@ impl<'a> StreamBuilder<'a> {
                     Endpoint::Completions => {
                         let lp = if p.logprobs {
                             let skip = p.requests[prompt].skip_special_tokens;
-                            let (lp, next) = completion_logprobs(tok, &logprobs, self.offsets[prompt][i], skip);
-                            self.offsets[prompt][i] = next;
-                            lp
+                            completion_logprobs(tok, &logprobs, &mut self.offsets[prompt][i], skip)
                         } else {
                             Json::Null
                         };
@@ -487,5 +544,23 @@ impl<'a> StreamBuilder<'a> {
             Event::Error(e) => return Err(e),
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TextOffsets;
+
+    #[test]
+    fn text_offsets_count_a_split_character_once() {
+        // "a€b" with the euro sign's three bytes over two tokens, then an invalid byte and a cut-short character.
+        let mut o = TextOffsets::at(5);
+        let starts: Vec<usize> =
+            [&b"a"[..], &[0xE2, 0x82], &[0xAC], b"b", &[0xFF], b"c", &[0xC3]].iter().map(|b| o.advance(b)).collect();
+        assert_eq!(starts, vec![5, 6, 6, 7, 8, 9, 10]);
+        assert_eq!(o.offset, 10, "the cut-short character waits for its next byte");
+        assert_eq!(o.advance(&[0xA9]), 10);
+        assert_eq!(o.offset, 11);
+        assert_eq!("a€b\u{FFFD}cé".chars().count() + 5, o.offset);
     }
 }
