@@ -81,6 +81,41 @@ async fn every_answer_matches_its_grammar() {
     let (status, resp) = srv.post("/v1/completions", &body).await;
     assert_eq!(status, 200, "{resp}");
     assert!(text_of(&resp, 0).starts_with('{'), "{resp}");
+    // JSON Schema's `true`: any JSON value.
+    let body = json!({"model": "tiny", "prompt": "JSON:", "max_tokens": 8, "guided_json": true});
+    let (status, resp) = srv.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    srv.stop(Duration::from_secs(30)).await.expect("clean stop");
+}
+
+/// vLLM's whitespace pattern: with the space token pushed up by a logit bias, an object with no free string under
+/// the default compact grammar has no space, and one whose pattern allows spaces between JSON tokens has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whitespace_pattern_lets_spaces_in() {
+    let Some(mut srv) = start("http-guided-ws", 4096, EngineConfig::default(), ServerOptions::default()).await else {
+        return;
+    };
+    let (status, tok) =
+        srv.post("/tokenize", &json!({"model": "tiny", "prompt": " ", "add_special_tokens": false})).await;
+    assert_eq!(status, 200, "{tok}");
+    let space = tok["tokens"][0].as_u64().unwrap_or_else(|| panic!("no token: {tok}"));
+    // No free string anywhere (the key is fixed, the value an integer): a space can only be whitespace.
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+                        "additionalProperties": false});
+    let base = json!({"model": "tiny", "prompt": "JSON:", "max_tokens": 6, "logit_bias": {space.to_string(): 100},
+                      "guided_json": schema});
+    let (status, resp) = srv.post("/v1/completions", &base).await;
+    assert_eq!(status, 200, "{resp}");
+    let compact = text_of(&resp, 0);
+    assert!(compact.starts_with('{') && !compact.contains(' '), "{compact:?}");
+    for extra in
+        [json!({"guided_whitespace_pattern": "[ ]+"}), json!({"structured_outputs": {"whitespace_pattern": "[ ]+"}})]
+    {
+        let (status, resp) = srv.post("/v1/completions", &with(base.clone(), extra.clone())).await;
+        assert_eq!(status, 200, "{extra}: {resp}");
+        let spaced = text_of(&resp, 0);
+        assert!(spaced.starts_with('{') && spaced.contains(' '), "{extra}: {spaced:?}");
+    }
     srv.stop(Duration::from_secs(30)).await.expect("clean stop");
 }
 
@@ -103,6 +138,10 @@ async fn bad_constraints_are_named() {
         (json!({"guided_json": {"type": "object", "properties": {"a": {"type": "nope"}}}}), "guided_json", ""),
         (json!({"guided_json": {"$ref": "#"}}), "guided_json", "cannot produce any text"),
         (json!({"guided_grammar": "start: a\na: b\nb: a"}), "guided_grammar", "cannot produce any text"),
+        (json!({"guided_json": false}), "guided_json", "matches nothing"),
+        (json!({"guided_regex": "a", "guided_whitespace_pattern": " "}), "guided_whitespace_pattern", "JSON outputs"),
+        (json!({"guided_whitespace_pattern": " "}), "guided_whitespace_pattern", "asks for none"),
+        (json!({"guided_json": true, "guided_whitespace_pattern": 3}), "guided_whitespace_pattern", "non-empty string"),
     ] {
         let body = with(json!({"model": "tiny", "prompt": "x", "max_tokens": 4}), body);
         let (status, resp) = srv.post("/v1/completions", &body).await;

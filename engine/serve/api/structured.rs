@@ -10,19 +10,27 @@ use crate::serve::guided::GuideSpec;
 /// string), `guided_regex`, `guided_choice`, `guided_grammar` (llguidance's Lark dialect), or vLLM's newer
 /// `structured_outputs` object with one of `json`, `regex`, `choice`, `grammar`, `json_object` (its boolean
 /// backend switches `disable_any_whitespace`, `disable_fallback`, `disable_additional_properties` are accepted and
-/// have no effect: JSON is always compact). At most one.
+/// have no effect). At most one. A schema may be the boolean `true` (any JSON value); `false` matches nothing and is
+/// refused. JSON is compact unless vLLM's `guided_whitespace_pattern` (or `structured_outputs.whitespace_pattern`)
+/// gives the regular expression whitespace between JSON tokens must match; it applies to JSON outputs only.
 pub(super) fn guide_spec(f: &Fields<'_>) -> ApiResult<Option<(GuideSpec, &'static str)>> {
     let mut found: Vec<(GuideSpec, &'static str)> = Vec::new();
     let bad = |field: &str, what: &str| ApiError::bad_request(Some(field), format!("{field}: expected {what}"));
     let schema = |v: &Json, field: &str| -> ApiResult<GuideSpec> {
-        match v {
-            Json::Object(_) => Ok(GuideSpec::JsonSchema(v.clone())),
-            Json::String(s) => serde_json::from_str::<Json>(s)
-                .ok()
-                .filter(Json::is_object)
-                .map(GuideSpec::JsonSchema)
-                .ok_or_else(|| bad(field, "a JSON schema (an object, or a string holding one)")),
-            _ => Err(bad(field, "a JSON schema (an object, or a string holding one)")),
+        let what = "a JSON schema (an object or `true`, or a string holding one)";
+        let parsed = match v {
+            Json::String(s) => serde_json::from_str::<Json>(s).map_err(|_| bad(field, what))?,
+            other => other.clone(),
+        };
+        match parsed {
+            Json::Object(_) => Ok(GuideSpec::JsonSchema(parsed)),
+            // JSON Schema's `true` is the empty schema: any JSON value.
+            Json::Bool(true) => Ok(GuideSpec::JsonSchema(Json::Object(Default::default()))),
+            Json::Bool(false) => Err(ApiError::bad_request(
+                Some(field),
+                format!("{field}: the schema `false` matches nothing, so no output could satisfy it"),
+            )),
+            _ => Err(bad(field, what)),
         }
     };
     let choice = |v: &Json, field: &str| -> ApiResult<GuideSpec> {
@@ -69,10 +77,21 @@ pub(super) fn guide_spec(f: &Fields<'_>) -> ApiResult<Option<(GuideSpec, &'stati
     if let Some(v) = f.get("guided_grammar") {
         found.push((text(v, "guided_grammar", GuideSpec::Lark)?, "guided_grammar"));
     }
+    let mut whitespace: Option<(String, &'static str)> = None;
+    let pattern = |v: &Json, field: &str| -> ApiResult<String> {
+        v.as_str().filter(|s| !s.is_empty()).map(String::from).ok_or_else(|| bad(field, "a non-empty string"))
+    };
+    if let Some(v) = f.get("guided_whitespace_pattern").filter(|v| !v.is_null()) {
+        whitespace = Some((pattern(v, "guided_whitespace_pattern")?, "guided_whitespace_pattern"));
+    }
     if let Some(so) = f.get("structured_outputs") {
         let o = so.as_object().ok_or_else(|| bad("structured_outputs", "an object"))?;
         for (k, v) in o.iter().filter(|(_, v)| !v.is_null()) {
             let spec = match k.as_str() {
+                "whitespace_pattern" => {
+                    whitespace = Some((pattern(v, "structured_outputs")?, "structured_outputs"));
+                    continue;
+                }
                 "json" => schema(v, "structured_outputs")?,
                 "regex" => text(v, "structured_outputs", GuideSpec::Regex)?,
                 "choice" => choice(v, "structured_outputs")?,
@@ -87,8 +106,9 @@ pub(super) fn guide_spec(f: &Fields<'_>) -> ApiResult<Option<(GuideSpec, &'stati
                     return Err(ApiError::bad_request(
                         Some("structured_outputs"),
                         format!(
-                        "structured_outputs: `{other}` is not supported (json, regex, choice, grammar, json_object)"
-                    ),
+                            "structured_outputs: `{other}` is not supported (json, regex, choice, grammar, \
+                             json_object, whitespace_pattern)"
+                        ),
                     ))
                 }
             };
@@ -102,5 +122,35 @@ pub(super) fn guide_spec(f: &Fields<'_>) -> ApiResult<Option<(GuideSpec, &'stati
             format!("{}: only one structured output per request, got {}", found[1].1, names.join(" and ")),
         ));
     }
-    Ok(found.pop())
+    let Some((spec, field)) = found.pop() else {
+        return match whitespace {
+            Some((_, w)) => Err(ApiError::bad_request(
+                Some(w),
+                format!("{w}: a whitespace pattern applies to JSON outputs, and the request asks for none"),
+            )),
+            None => Ok(None),
+        };
+    };
+    let spec = match (spec, whitespace) {
+        (spec, None) => spec,
+        (GuideSpec::JsonSchema(mut schema), Some((pattern, _))) => {
+            if let Some(obj) = schema.as_object_mut() {
+                let opts = obj.entry("x-guidance").or_insert_with(|| Json::Object(Default::default()));
+                if let Some(o) = opts.as_object_mut() {
+                    o.insert("whitespace_pattern".into(), Json::String(pattern));
+                }
+            }
+            GuideSpec::JsonSchema(schema)
+        }
+        (GuideSpec::JsonObject, Some((pattern, _))) => {
+            GuideSpec::JsonSchema(serde_json::json!({"type": "object", "x-guidance": {"whitespace_pattern": pattern}}))
+        }
+        (_, Some((_, w))) => {
+            return Err(ApiError::bad_request(
+                Some(w),
+                format!("{w}: a whitespace pattern applies to JSON outputs, not to {field}'s kind of output"),
+            ))
+        }
+    };
+    Ok(Some((spec, field)))
 }
