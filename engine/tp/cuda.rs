@@ -26,10 +26,14 @@ use super::load::{check_quantized_plan, load_rank_weights_at, RankQuant};
 use super::nccl::{GroupSpec, NcclComm};
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
+use crate::exec::cuda::sample::{scores_on_device, DeviceSampler};
 use crate::exec::cuda::{CudaExecutor, CudaOps, CudaOptions};
-use crate::exec::{Executor, StepInput, StepOutput};
+use crate::exec::scored::{check_scored, host_step_scored, ScoreRow};
+use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
 use crate::model::{forward, Dims, Ops};
 use crate::quant::{AtLoad, Scheme};
+use crate::sampling::{TokenLogprob, TokenMask};
+use crate::vision::exec::SeqImages;
 use crate::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -233,6 +237,8 @@ pub struct TpCudaExecutor {
     block_size: usize,
     /// Logits rows a step may ask for within each rank's memory plan.
     planned_logits_rows: usize,
+    /// Picks ids from the first local rank's logits on its device (greedy, sampled and scored steps).
+    sampler: DeviceSampler,
 }
 
 impl TpCudaExecutor {
@@ -406,6 +412,9 @@ impl TpCudaExecutor {
         }
         let rank_cfg = plan.rank_config();
         let planned_logits_rows = crate::exec::cuda::planned_logits_rows(opts);
+        let first = ranks.first().ok_or_else(|| Error::Backend("a tensor-parallel executor needs a rank".into()))?;
+        first.stream().context().bind_to_thread().map_err(drv("bind device"))?;
+        let sampler = DeviceSampler::new(first.stream())?;
         Ok(TpCudaExecutor {
             cfg,
             rank_cfg,
@@ -415,6 +424,7 @@ impl TpCudaExecutor {
             num_blocks,
             block_size,
             planned_logits_rows,
+            sampler,
         })
     }
 
@@ -441,15 +451,21 @@ impl TpCudaExecutor {
     /// Runs one step on every local rank and returns each local rank's full-vocabulary logits (as f32 from bf16),
     /// in rank order.
     pub fn step_all_ranks(&mut self, input: &StepInput) -> Result<Vec<Vec<f32>>> {
-        Ok(self.run(input, true)?.into_iter().map(|l| l.unwrap_or_default()).collect())
+        Ok(self.run(input, Read::All)?.into_iter().map(|(l, _)| l.unwrap_or_default()).collect())
     }
 
-    /// Runs the step on all local ranks at once; reads back the logits of every rank (`all`) or of the first.
-    fn run(&mut self, input: &StepInput, all: bool) -> Result<Vec<Option<Vec<f32>>>> {
+    /// Runs the step on all local ranks at once; reads back the logits of every rank, of the first, or of none
+    /// (every rank waits for its work). Returns each rank's logits (when read) and its logits' pool slot.
+    fn run(&mut self, input: &StepInput, read: Read) -> Result<Vec<(Option<Vec<f32>>, usize)>> {
         input.validate(&self.cfg, self.num_blocks, self.block_size)?;
         let dims = Dims::of(&self.rank_cfg);
         let n = input.logits_rows.len() * self.cfg.vocab_size;
-        let f = |i: usize, ops: &mut CudaOps| rank_step(ops, dims, input, (all || i == 0).then_some(n));
+        let wants = |i: usize| match read {
+            Read::All => true,
+            Read::First => i == 0,
+            Read::None => false,
+        };
+        let f = |i: usize, ops: &mut CudaOps| rank_step(ops, dims, input, wants(i).then_some(n));
         let abort = |ops: &CudaOps, why: &str| {
             if let Some(c) = ops.device_comm() {
                 c.abort(why);
@@ -457,6 +473,23 @@ impl TpCudaExecutor {
         };
         on_ranks(&mut self.ranks, &f, &abort)
     }
+
+    /// Runs the step with the logits left on the devices, and binds the first local rank's device to this thread
+    /// for picking from them. Returns that rank's logits slot.
+    fn run_on_device(&mut self, input: &StepInput) -> Result<usize> {
+        let slot = self.run(input, Read::None)?.first().map(|r| r.1);
+        let first = self.ranks.first().ok_or_else(|| Error::Backend("no local rank".into()))?;
+        first.stream().context().bind_to_thread().map_err(drv("bind device"))?;
+        slot.ok_or_else(|| Error::Backend("no local rank".into()))
+    }
+}
+
+/// Which ranks' logits a step reads back to the host.
+#[derive(Clone, Copy)]
+enum Read {
+    All,
+    First,
+    None,
 }
 
 /// The quantization of a text model's ranks ([`RankQuant::resolve`]), checked against `plan`.
@@ -473,9 +506,16 @@ pub(crate) fn rank_err(rank: usize, device: usize, e: Error) -> Error {
 }
 
 /// One rank's step: the recipe over the rank's shard, then (when `read` is the logits length) the logits to the host.
-fn rank_step(ops: &mut CudaOps, dims: Dims, input: &StepInput, read: Option<usize>) -> Result<Option<Vec<f32>>> {
+/// Returns them and the pool slot the logits stay in until the next step.
+fn rank_step(
+    ops: &mut CudaOps,
+    dims: Dims,
+    input: &StepInput,
+    read: Option<usize>,
+) -> Result<(Option<Vec<f32>>, usize)> {
     ops.stream().context().bind_to_thread().map_err(drv("bind device"))?;
     let logits = forward(ops, dims, input)?;
+    let slot = logits.slot();
     let host = match read {
         Some(n) if logits.view().len() < n => {
             Err(Error::Backend(format!("rank logits hold {} values, expected {n}", logits.view().len())))
@@ -490,7 +530,7 @@ fn rank_step(ops: &mut CudaOps, dims: Dims, input: &StepInput, read: Option<usiz
         None => ops.stream().synchronize().map(|()| None).map_err(drv("synchronize")),
     };
     ops.release(logits);
-    host
+    host.map(|h| (h, slot))
 }
 
 impl Executor for TpCudaExecutor {
@@ -511,8 +551,55 @@ impl Executor for TpCudaExecutor {
     }
 
     fn step(&mut self, input: &StepInput) -> Result<StepOutput> {
-        let first = self.run(input, false)?.into_iter().next().flatten().unwrap_or_default();
+        let first = self.run(input, Read::First)?.into_iter().next().and_then(|r| r.0).unwrap_or_default();
         Ok(StepOutput { logits: first })
+    }
+
+    fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
+        let slot = self.run_on_device(input)?;
+        let (rows, vocab) = (input.logits_rows.len(), self.cfg.vocab_size);
+        let ops = &self.ranks[0];
+        let buf = ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
+        // The logits stay on the device: one id per row comes back.
+        self.sampler.greedy(ops.stream(), buf, rows, vocab)
+    }
+
+    fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
+        let (rows, vocab) = (input.logits_rows.len(), self.cfg.vocab_size);
+        if seqs.len() != rows {
+            return Err(Error::request(format!("step_sample: {} sequences for {rows} logits rows", seqs.len())));
+        }
+        if vocab > crate::ops::cuda::sampling::MAX_SAMPLE_VOCAB {
+            let out = self.step(input)?;
+            return Ok(seqs.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect());
+        }
+        let slot = self.run_on_device(input)?;
+        let ops = &self.ranks[0];
+        let buf = ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
+        let rows: Vec<usize> = (0..rows).collect();
+        self.sampler.sample(ops.stream(), buf, vocab, &rows, seqs)
+    }
+
+    fn step_scored(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<SeqImages<'_>>],
+        seqs: &mut [SampleSeq<'_>],
+        sample_rows: &[usize],
+        masks: &[Option<TokenMask>],
+        scores: &[ScoreRow],
+    ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
+        let (total, vocab) = (input.logits_rows.len(), self.cfg.vocab_size);
+        if images.iter().any(Option::is_some) || !scores_on_device(vocab, masks, scores) {
+            return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
+        }
+        // Checked before the step runs, so that a bad call changes no cache.
+        check_scored(total, seqs.len(), sample_rows, masks, scores)?;
+        let slot = self.run_on_device(input)?;
+        let ops = &mut self.ranks[0];
+        let stream = ops.stream().clone();
+        let buf = ops.pooled_mut(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
+        self.sampler.scored(&stream, buf, total, vocab, seqs, sample_rows, masks, scores)
     }
 }
 

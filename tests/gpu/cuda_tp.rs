@@ -336,6 +336,54 @@ fn check_in_process(model: &Model, tps: &[usize]) {
         assert!(en.within(budget), "{name}: {en} against the f32 reference exceeds {budget}");
         assert!(dn.within(between), "{name}: {dn} against tp=1 on CUDA exceeds {between}");
         check_argmax(&name, &got, &want, vocab, budget.max);
+        check_device_picks(&name, &mut exec, &steps[DECODE_STEPS], vocab);
+    }
+}
+
+/// Picks on the device against picks from the same step's logits on the host (the step is run again each time, on
+/// the same cache slots): greedy ids against the argmax, seeded sampled ids against the CPU sampler, and a scored
+/// step (the first row masked to odd tokens, both rows scored by their picks) against `host_step_scored`.
+fn check_device_picks(name: &str, exec: &mut dyn Executor, step: &StepInput, vocab: usize) {
+    use llama32::exec::scored::{host_step_scored, ScoreRow};
+    use llama32::exec::SampleSeq;
+    use llama32::sampling::{Sampler, SamplingParams, TokenMask};
+    let logits = exec.step(step).unwrap().logits;
+    let rows = step.logits_rows.len();
+    let want: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
+    assert_eq!(exec.step_greedy(step).unwrap(), want, "{name}: device greedy ids");
+    let params = SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(3), ..SamplingParams::default() };
+    let fresh = || (0..rows).map(|_| Sampler::new(&params, &[])).collect::<Vec<_>>();
+    let mut on_device = fresh();
+    let mut rows_dev: Vec<SampleSeq<'_>> =
+        on_device.iter_mut().map(|sampler| SampleSeq { params: &params, sampler, prompt: &[], output: &[] }).collect();
+    let picked = exec.step_sample(step, &mut rows_dev).unwrap();
+    let on_host: Vec<u32> = fresh().iter_mut().zip(logits.chunks(vocab)).map(|(s, l)| s.sample(l)).collect();
+    assert_eq!(picked, on_host, "{name}: device sampled ids");
+    let mut odd = TokenMask::new(vocab);
+    (1..vocab as u32).step_by(2).for_each(|t| odd.allow(t));
+    let masks: Vec<Option<TokenMask>> = (0..rows).map(|r| (r == 0).then(|| odd.clone())).collect();
+    let sample_rows: Vec<usize> = (0..rows).collect();
+    let scores: Vec<ScoreRow> = (0..rows).map(|row| ScoreRow { row, id: None, top: 5 }).collect();
+    let mut scored = |device: bool| {
+        let mut samplers: Vec<Sampler> = (0..rows).map(|_| Sampler::new(&SamplingParams::greedy(), &[])).collect();
+        let greedy = SamplingParams::greedy();
+        let mut seqs: Vec<SampleSeq<'_>> = samplers
+            .iter_mut()
+            .map(|sampler| SampleSeq { params: &greedy, sampler, prompt: &[], output: &[] })
+            .collect();
+        if device {
+            exec.step_scored(step, &[], &mut seqs, &sample_rows, &masks, &scores).unwrap()
+        } else {
+            host_step_scored(exec, step, &[], &mut seqs, &sample_rows, &masks, &scores).unwrap()
+        }
+    };
+    let (d, h) = (scored(true), scored(false));
+    assert_eq!(d.0, h.0, "{name}: scored picks");
+    assert!(odd.allows(d.0[0]), "{name}: a masked pick outside its mask");
+    for (j, (a, b)) in d.1.iter().zip(&h.1).enumerate() {
+        assert_eq!((a.id, a.rank), (b.id, b.rank), "{name}: entry {j}");
+        assert_eq!(a.top.iter().map(|t| t.0).collect::<Vec<_>>(), b.top.iter().map(|t| t.0).collect::<Vec<_>>());
+        assert!((a.logprob - b.logprob).abs() <= 4e-6 * b.logprob.abs().max(1.0), "{name}: entry {j} logprob");
     }
 }
 

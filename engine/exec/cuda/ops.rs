@@ -41,7 +41,7 @@ pub struct CudaAct {
 
 impl CudaAct {
     /// The pool slot this buffer returns to.
-    pub(super) fn slot(&self) -> usize {
+    pub(crate) fn slot(&self) -> usize {
         self.slot
     }
 
@@ -286,12 +286,12 @@ impl CudaOps {
     }
 
     /// The pooled buffer of `slot`, when it is not lent out.
-    pub(super) fn pooled(&self, slot: usize) -> Option<&CudaSlice<bf16>> {
+    pub(crate) fn pooled(&self, slot: usize) -> Option<&CudaSlice<bf16>> {
         self.pool.get(slot).and_then(Option::as_ref)
     }
 
     /// [`pooled`](Self::pooled), writable (token masks are applied to the logits in place).
-    pub(super) fn pooled_mut(&mut self, slot: usize) -> Option<&mut CudaSlice<bf16>> {
+    pub(crate) fn pooled_mut(&mut self, slot: usize) -> Option<&mut CudaSlice<bf16>> {
         self.pool.get_mut(slot).and_then(Option::as_mut)
     }
 
