@@ -171,9 +171,8 @@ fn cuda_engine_prompt_logprobs_match_transformers() {
 /// same picks, ranks and alternatives, log-probabilities within 4e-6 relative.
 #[test]
 fn cuda_scored_step_matches_host() {
-    use llama32::exec::scored::{host_step_scored, ScoreRow};
-    use llama32::exec::SampleSeq;
-    use llama32::sampling::{Sampler, TokenMask};
+    use llama32::exec::scored::ScoreRow;
+    use llama32::sampling::TokenMask;
     if !device_ready() {
         return;
     }
@@ -216,33 +215,17 @@ fn cuda_scored_step_matches_host() {
             SamplingParams { repetition_penalty: 1.3, ..SamplingParams::greedy() },
             SamplingParams { temperature: 0.8, top_k: 3, seed: Some(7), ..SamplingParams::default() },
         ];
-        let prompts = [&p1, &p1, &p2];
-        let mut run = |device: bool| {
-            let mut samplers: Vec<Sampler> = params.iter().zip(prompts).map(|(p, pr)| Sampler::new(p, pr)).collect();
-            let mut seqs: Vec<SampleSeq<'_>> = samplers
-                .iter_mut()
-                .zip(&params)
-                .zip(prompts)
-                .map(|((sampler, params), prompt)| SampleSeq { params, sampler, prompt, output: &[] })
-                .collect();
-            if device {
-                exec.step_scored(&step, &[], &mut seqs, &sample_rows, &masks, &scores).unwrap()
-            } else {
-                host_step_scored(&mut exec, &step, &[], &mut seqs, &sample_rows, &masks, &scores).unwrap()
-            }
+        let prompts: [&[u32]; 3] = [&p1, &p1, &p2];
+        let scored = crate::scored::Scored {
+            images: &[],
+            params: &params,
+            prompts: &prompts,
+            sample_rows: &sample_rows,
+            masks: &masks,
+            scores: &scores,
         };
-        let (dev_ids, dev_scores) = run(true);
-        let (host_ids, host_scores) = run(false);
-        assert_eq!(dev_ids, host_ids, "{name}: picks");
+        let (dev_ids, _) = scored.check(name, &mut exec, &step);
         assert!(even.allows(dev_ids[1]) && strict.allows(dev_ids[2]), "{name}: picks {dev_ids:?} outside their masks");
-        assert_eq!(dev_scores.len(), scores.len(), "{name}");
-        let close = |g: f32, w: f32| g == w || ((g - w).abs() as f64) <= 4e-6 * (w.abs() as f64).max(1.0);
-        for (j, (d, h)) in dev_scores.iter().zip(&host_scores).enumerate() {
-            assert_eq!((d.id, d.rank), (h.id, h.rank), "{name}: entry {j}");
-            assert_eq!(d.top.iter().map(|t| t.0).collect::<Vec<_>>(), h.top.iter().map(|t| t.0).collect::<Vec<_>>());
-            assert!(close(d.logprob, h.logprob), "{name}: entry {j}: {} vs {}", d.logprob, h.logprob);
-            assert!(d.top.iter().zip(&h.top).all(|(a, b)| close(a.1, b.1)), "{name}: entry {j} alternatives");
-        }
         eprintln!("{name}: scored step on the device matches the host ({} entries, picks {dev_ids:?})", scores.len());
     }
 }

@@ -344,7 +344,7 @@ fn check_in_process(model: &Model, tps: &[usize]) {
 /// the same cache slots): greedy ids against the argmax, seeded sampled ids against the CPU sampler, and a scored
 /// step (the first row masked to odd tokens, both rows scored by their picks) against `host_step_scored`.
 fn check_device_picks(name: &str, exec: &mut dyn Executor, step: &StepInput, vocab: usize) {
-    use llama32::exec::scored::{host_step_scored, ScoreRow};
+    use llama32::exec::scored::ScoreRow;
     use llama32::exec::SampleSeq;
     use llama32::sampling::{Sampler, SamplingParams, TokenMask};
     let logits = exec.step(step).unwrap().logits;
@@ -364,27 +364,18 @@ fn check_device_picks(name: &str, exec: &mut dyn Executor, step: &StepInput, voc
     let masks: Vec<Option<TokenMask>> = (0..rows).map(|r| (r == 0).then(|| odd.clone())).collect();
     let sample_rows: Vec<usize> = (0..rows).collect();
     let scores: Vec<ScoreRow> = (0..rows).map(|row| ScoreRow { row, id: None, top: 5 }).collect();
-    let mut scored = |device: bool| {
-        let mut samplers: Vec<Sampler> = (0..rows).map(|_| Sampler::new(&SamplingParams::greedy(), &[])).collect();
-        let greedy = SamplingParams::greedy();
-        let mut seqs: Vec<SampleSeq<'_>> = samplers
-            .iter_mut()
-            .map(|sampler| SampleSeq { params: &greedy, sampler, prompt: &[], output: &[] })
-            .collect();
-        if device {
-            exec.step_scored(step, &[], &mut seqs, &sample_rows, &masks, &scores).unwrap()
-        } else {
-            host_step_scored(exec, step, &[], &mut seqs, &sample_rows, &masks, &scores).unwrap()
-        }
+    let greedy = vec![SamplingParams::greedy(); rows];
+    let prompts: Vec<&[u32]> = vec![&[]; rows];
+    let scored = crate::scored::Scored {
+        images: &[],
+        params: &greedy,
+        prompts: &prompts,
+        sample_rows: &sample_rows,
+        masks: &masks,
+        scores: &scores,
     };
-    let (d, h) = (scored(true), scored(false));
-    assert_eq!(d.0, h.0, "{name}: scored picks");
-    assert!(odd.allows(d.0[0]), "{name}: a masked pick outside its mask");
-    for (j, (a, b)) in d.1.iter().zip(&h.1).enumerate() {
-        assert_eq!((a.id, a.rank), (b.id, b.rank), "{name}: entry {j}");
-        assert_eq!(a.top.iter().map(|t| t.0).collect::<Vec<_>>(), b.top.iter().map(|t| t.0).collect::<Vec<_>>());
-        assert!((a.logprob - b.logprob).abs() <= 4e-6 * b.logprob.abs().max(1.0), "{name}: entry {j} logprob");
-    }
+    let (ids, _) = scored.check(name, exec, step);
+    assert!(odd.allows(ids[0]), "{name}: a masked pick outside its mask");
 }
 
 #[test]

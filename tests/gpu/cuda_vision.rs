@@ -574,7 +574,7 @@ fn cuda_mixed_batch_matches_cpu_executor() {
 /// log-probabilities), then greedy and sampled decode steps against the argmax and the CPU sampler of the logits.
 #[test]
 fn cuda_mllama_scored_step_matches_host() {
-    use llama32::exec::scored::{host_step_scored, ScoreRow};
+    use llama32::exec::scored::ScoreRow;
     use llama32::exec::SampleSeq;
     use llama32::sampling::{Sampler, SamplingParams, TokenMask};
     if cuda_stream().is_none() {
@@ -611,33 +611,17 @@ fn cuda_mllama_scored_step_matches_host() {
         SamplingParams { temperature: 0.9, seed: Some(11), ..SamplingParams::default() },
         SamplingParams { repetition_penalty: 1.2, ..SamplingParams::greedy() },
     ];
-    let prompts = [&text, &c.ids];
-    let run = |ex: &mut MllamaCudaExecutor, device: bool| {
-        let mut samplers: Vec<Sampler> = params.iter().zip(prompts).map(|(p, pr)| Sampler::new(p, pr)).collect();
-        let mut seqs: Vec<SampleSeq<'_>> = samplers
-            .iter_mut()
-            .zip(&params)
-            .zip(prompts)
-            .map(|((sampler, params), prompt)| SampleSeq { params, sampler, prompt, output: &[] })
-            .collect();
-        if device {
-            ex.step_scored(&step, &images, &mut seqs, &sample_rows, &masks, &scores).unwrap()
-        } else {
-            host_step_scored(ex, &step, &images, &mut seqs, &sample_rows, &masks, &scores).unwrap()
-        }
+    let prompts: [&[u32]; 2] = [&text, &c.ids];
+    let scored = crate::scored::Scored {
+        images: &images,
+        params: &params,
+        prompts: &prompts,
+        sample_rows: &sample_rows,
+        masks: &masks,
+        scores: &scores,
     };
-    let (dev_ids, dev_scores) = run(&mut ex, true);
-    let (host_ids, host_scores) = run(&mut ex, false);
-    assert_eq!(dev_ids, host_ids, "picks");
+    let (dev_ids, _) = scored.check("mllama-two-images", &mut ex, &step);
     assert!(allowed.allows(dev_ids[0]), "pick {} outside its mask", dev_ids[0]);
-    let close = |g: f32, w: f32| g == w || ((g - w).abs() as f64) <= 4e-6 * (w.abs() as f64).max(1.0);
-    for (j, (d, h)) in dev_scores.iter().zip(&host_scores).enumerate() {
-        assert_eq!((d.id, d.rank), (h.id, h.rank), "entry {j}");
-        assert_eq!(d.top.iter().map(|t| t.0).collect::<Vec<_>>(), h.top.iter().map(|t| t.0).collect::<Vec<_>>());
-        assert!(close(d.logprob, h.logprob), "entry {j}: {} vs {}", d.logprob, h.logprob);
-        assert!(d.top.iter().zip(&h.top).all(|(a, b)| close(a.1, b.1)), "entry {j} alternatives");
-    }
-    assert_eq!(dev_scores.len(), scores.len());
     // A decode step of the text-only sequence, three times over the same cache slots: its logits, then greedy and
     // sampled picks on the device against the argmax and the CPU sampler of those logits.
     let chunk = SeqChunk { tokens: &[dev_ids[0]], start_pos: text.len(), block_table: &tb, logits: LogitsWanted::Last };

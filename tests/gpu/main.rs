@@ -21,4 +21,5 @@ mod cuda_vision;
 mod cuda_vision_quant;
 mod cuda_w4a16_large;
 mod cuda_w4a8_wgmma;
+mod scored;
 mod watchdog;
