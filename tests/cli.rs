@@ -226,6 +226,9 @@ fn flags_that_would_be_ignored_or_changed_are_refused() {
             &["--weights-seed 3", "--random-weights"],
         ),
         (&["serve", "--model", m, "--weights-seed", "3"], &["--weights-seed 3"]),
+        (&["bench", "--model", m, "--random-weights", "--batch", "1,,2"], &["--batch", "item 2 of 3 is empty"]),
+        (&["bench", "--model", m, "--random-weights", "--batch", "0"], &["--batch", "`0` is not an integer in 1..="]),
+        (&["bench", "--model", m, "--random-weights", "--tensor-parallel", "x"], &["--tensor-parallel", "`x`"]),
         (&["info", "--model", m, "--gpu-memory-utilization", "nan"], &["--gpu-memory-utilization"]),
         (
             &["bench", "--model", m, "--random-weights", "--prompt-tokens", "300", "--gen-tokens", "4"],

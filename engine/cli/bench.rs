@@ -72,22 +72,17 @@ pub struct BenchArgs {
 /// The largest value of a count list (`--batch`, `--tensor-parallel`).
 const MAX_COUNT: usize = 1 << 27;
 
-/// Parses a comma list of positive integers (each at most [`MAX_COUNT`]) for `flag`, naming the bad item.
+/// Parses a comma list of positive integers (each at most [`MAX_COUNT`]) for `flag`, naming the bad item (the list
+/// syntax of [`super::parse_list`]: an empty item is an error).
 fn parse_counts(s: &str, flag: &str) -> Result<Vec<usize>> {
-    let v: Vec<usize> = s
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| match t.parse::<usize>() {
+    super::parse_list(s, flag, "positive integer")?
+        .into_iter()
+        .map(|n| match n as usize {
             // Bounded so that sequences x tokens cannot overflow the KV size computed from them.
-            Ok(n) if n > 0 && n <= MAX_COUNT => Ok(n),
-            _ => Err(Error::request(format!("{flag}: `{t}` is not an integer in 1..={MAX_COUNT}"))),
+            n @ 1..=MAX_COUNT => Ok(n),
+            n => Err(Error::request(format!("{flag}: `{n}` is not an integer in 1..={MAX_COUNT}"))),
         })
-        .collect::<Result<_>>()?;
-    if v.is_empty() {
-        return Err(Error::request(format!("{flag}: no values given")));
-    }
-    Ok(v)
+        .collect()
 }
 
 /// Parses `--devices` (`0,1` or `cuda:0,cuda:1`) into CUDA ordinals.
