@@ -248,11 +248,12 @@ pub trait Executor {
     }
 
     /// Runs one step (sequence `s` seeing `images[s]`, as [`step_with_images`](Self::step_with_images)), picks an
-    /// id for each sampled row `sample_rows[i]` with `seqs[i]` (with every token `masks[i]` disallows at `-inf`,
-    /// where `masks` has one), and scores each entry of `scores` under the model's unmasked logits. Returns the
-    /// picked ids (recorded in the samplers) and the scores in `scores`' order. The reference
-    /// ([`scored::host_step_scored`]) brings the logits to the host; a device backend may mask, sample and score on
-    /// the device and bring back only the results.
+    /// id for each sampled row `sample_rows[i]` with `seqs[i]` (with every token `masks()[i]` disallows at `-inf`,
+    /// where the masks have one; `masks` is called once, after the forward is issued, so that a device backend
+    /// overlaps the masks' computation with it; an empty list masks nothing), and scores each entry of `scores`
+    /// under the model's unmasked logits. Returns the picked ids (recorded in the samplers) and the scores in
+    /// `scores`' order. The reference ([`scored::host_step_scored`]) brings the logits to the host; a device backend
+    /// may mask, sample and score on the device and bring back only the results.
     #[allow(clippy::too_many_arguments)]
     fn step_scored(
         &mut self,
@@ -260,7 +261,7 @@ pub trait Executor {
         images: &[Option<crate::vision::exec::SeqImages<'_>>],
         seqs: &mut [SampleSeq<'_>],
         sample_rows: &[usize],
-        masks: &[Option<crate::sampling::TokenMask>],
+        masks: scored::MaskSource<'_>,
         scores: &[scored::ScoreRow],
     ) -> Result<(Vec<u32>, Vec<crate::sampling::TokenLogprob>)> {
         scored::host_step_scored(self, input, images, seqs, sample_rows, masks, scores)

@@ -11,6 +11,10 @@ use crate::sampling::{token_logprob, TokenLogprob, TokenMask};
 use crate::vision::exec::SeqImages;
 use crate::{Error, Result};
 
+/// The token masks of a scored step's sampled rows, computed on demand (once, after the forward is issued): one
+/// entry per sampled row, or an empty list for none.
+pub type MaskSource<'a> = &'a mut dyn FnMut() -> Vec<Option<TokenMask>>;
+
 /// One token to score: its log-probability, rank and most likely alternatives under logits row `row`, the model's
 /// logits before any token mask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,9 +61,9 @@ pub fn check_scored(
     Ok(index)
 }
 
-/// [`super::Executor::step_scored`] with the logits on the host: runs the step, samples each row on the cores in
-/// parallel (a masked row from a copy with every disallowed token at `-inf`), then scores each entry with
-/// [`token_logprob`] on the unmasked logits.
+/// [`super::Executor::step_scored`] with the logits on the host: runs the step, takes the masks, samples each row on
+/// the cores in parallel (a masked row from a copy with every disallowed token at `-inf`), then scores each entry
+/// with [`token_logprob`] on the unmasked logits.
 #[allow(clippy::too_many_arguments)]
 pub fn host_step_scored<E: Executor + ?Sized>(
     exec: &mut E,
@@ -67,12 +71,14 @@ pub fn host_step_scored<E: Executor + ?Sized>(
     images: &[Option<SeqImages<'_>>],
     seqs: &mut [SampleSeq<'_>],
     sample_rows: &[usize],
-    masks: &[Option<TokenMask>],
+    masks: MaskSource<'_>,
     scores: &[ScoreRow],
 ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
     let total = input.logits_rows.len();
-    let index = check_scored(total, seqs.len(), sample_rows, masks, scores)?;
+    check_scored(total, seqs.len(), sample_rows, &[], scores)?;
     let out = exec.step_with_images(input, images)?;
+    let masks = &masks();
+    let index = check_scored(total, seqs.len(), sample_rows, masks, scores)?;
     let vocab = exec.config().vocab_size;
     if out.logits.len() != total * vocab {
         return Err(Error::Backend(format!("{} logits for {total} rows", out.logits.len())));

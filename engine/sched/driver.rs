@@ -2,10 +2,10 @@
 
 use super::{Scheduler, StepPlan, StepUpdate};
 use crate::exec::generate::Generation;
-use crate::exec::scored::ScoreRow;
+use crate::exec::scored::{MaskSource, ScoreRow};
 use crate::exec::Executor;
 use crate::kv::prefix::SeqId;
-use crate::sampling::{TokenLogprob, TokenMask};
+use crate::sampling::TokenLogprob;
 use crate::vision::exec::SeqImages;
 use crate::{Error, Result};
 
@@ -17,7 +17,7 @@ pub fn run_step<E: Executor + ?Sized>(sched: &mut Scheduler, exec: &mut E, plan:
     let picked = if plan.images.iter().any(Option::is_some) || plan.has_prompt_rows() {
         // Steps with images (vision models) or prompt rows pick through the scored step (on the device where the
         // executor can, else on the host), with nothing to score.
-        run_step_scored(sched, exec, plan, &[], &[])?.0
+        run_step_scored(sched, exec, plan, &mut Vec::new, &[])?.0
     } else if sched.all_plain_greedy(plan) {
         let ids = exec.step_greedy(&plan.input)?;
         sched.accept_picked(plan, &ids);
@@ -95,14 +95,14 @@ pub fn run_step_on_host<E: Executor + ?Sized>(
     Ok((picked.collect(), out.logits))
 }
 
-/// Runs `plan` through [`Executor::step_scored`]: sampled row `i` may carry a token mask `masks[i]` (structured
-/// outputs; `masks` may be empty), and each entry of `scores` is scored under the model's logits. Returns the picked
-/// ids (recorded in the samplers) and the scores in `scores`' order.
+/// Runs `plan` through [`Executor::step_scored`]: sampled row `i` may carry a token mask `masks()[i]` (structured
+/// outputs; computed once the forward is issued; an empty list masks nothing), and each entry of `scores` is scored
+/// under the model's logits. Returns the picked ids (recorded in the samplers) and the scores in `scores`' order.
 pub fn run_step_scored<E: Executor + ?Sized>(
     sched: &mut Scheduler,
     exec: &mut E,
     plan: &StepPlan,
-    masks: &[Option<TokenMask>],
+    masks: MaskSource<'_>,
     scores: &[ScoreRow],
 ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
     let mut rows = sched.sample_rows(plan)?;

@@ -622,8 +622,8 @@ impl<'t> Core<'t> {
         plan: &StepPlan,
     ) -> Result<(Vec<u32>, Vec<Option<TokenLogprob>>, Vec<(SeqId, usize, Vec<TokenLogprob>)>)> {
         let wants = self.logprob_rows(plan);
-        let masks = self.guide_masks(plan);
-        if wants.iter().all(Option::is_none) && !plan.has_prompt_rows() && masks.is_empty() {
+        let guided = !self.guides.is_empty() && plan.logits_seqs.iter().any(|s| self.guides.contains_key(s));
+        if wants.iter().all(Option::is_none) && !plan.has_prompt_rows() && !guided {
             let picked = run_step(&mut self.sched, self.exec.as_mut(), plan)?;
             return Ok((picked, vec![None; plan.logits_seqs.len()], Vec::new()));
         }
@@ -650,7 +650,12 @@ impl<'t> Core<'t> {
             }));
             prompt_spans.push((pr.seq, pr.start, pr.len));
         }
-        let (picked, mut scored) = run_step_scored(&mut self.sched, self.exec.as_mut(), plan, &masks, &scores)?;
+        // The guided rows' masks, computed by the executor's call once the forward is issued.
+        let vocab = self.exec.config().vocab_size;
+        let eos = self.sched.eos_ids().to_vec();
+        let (guides, seqs, failures) = (&mut self.guides, &self.seqs, &mut self.guide_failures);
+        let mut masks = || if guided { guides::masks(guides, seqs, failures, &eos, vocab, plan) } else { Vec::new() };
+        let (picked, mut scored) = run_step_scored(&mut self.sched, self.exec.as_mut(), plan, &mut masks, &scores)?;
         if scored.len() != scores.len() {
             return Err(Error::Backend(format!("{} scores for {} scored rows", scored.len(), scores.len())));
         }

@@ -28,11 +28,11 @@ use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::cuda::sample::{scores_on_device, DeviceSampler};
 use crate::exec::cuda::{CudaExecutor, CudaOps, CudaOptions};
-use crate::exec::scored::{check_scored, host_step_scored, ScoreRow};
+use crate::exec::scored::{check_scored, host_step_scored, MaskSource, ScoreRow};
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
 use crate::model::{forward, Dims, Ops};
 use crate::quant::{AtLoad, Scheme};
-use crate::sampling::{TokenLogprob, TokenMask};
+use crate::sampling::TokenLogprob;
 use crate::vision::exec::SeqImages;
 use crate::weights::WeightSource;
 use crate::{Error, Result};
@@ -586,16 +586,18 @@ impl Executor for TpCudaExecutor {
         images: &[Option<SeqImages<'_>>],
         seqs: &mut [SampleSeq<'_>],
         sample_rows: &[usize],
-        masks: &[Option<TokenMask>],
+        masks: MaskSource<'_>,
         scores: &[ScoreRow],
     ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
         let (total, vocab) = (input.logits_rows.len(), self.cfg.vocab_size);
-        if images.iter().any(Option::is_some) || !scores_on_device(vocab, masks, scores) {
+        if images.iter().any(Option::is_some) || !scores_on_device(vocab, sample_rows.len(), scores) {
             return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
         // Checked before the step runs, so that a bad call changes no cache.
-        check_scored(total, seqs.len(), sample_rows, masks, scores)?;
+        check_scored(total, seqs.len(), sample_rows, &[], scores)?;
+        // The ranks wait for their work here, so the masks come after it (no overlap under tensor parallelism).
         let slot = self.run_on_device(input)?;
+        let masks = &masks();
         let ops = &mut self.ranks[0];
         let stream = ops.stream().clone();
         let buf = ops.pooled_mut(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;

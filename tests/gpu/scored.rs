@@ -28,11 +28,12 @@ impl Scored<'_> {
             .zip(self.prompts)
             .map(|((sampler, params), prompt)| SampleSeq { params, sampler, prompt, output: &[] })
             .collect();
-        let (rows, masks, scores) = (self.sample_rows, self.masks, self.scores);
+        let (rows, scores) = (self.sample_rows, self.scores);
+        let mut masks = || self.masks.to_vec();
         if device {
-            exec.step_scored(step, self.images, &mut seqs, rows, masks, scores).unwrap()
+            exec.step_scored(step, self.images, &mut seqs, rows, &mut masks, scores).unwrap()
         } else {
-            host_step_scored(exec, step, self.images, &mut seqs, rows, masks, scores).unwrap()
+            host_step_scored(exec, step, self.images, &mut seqs, rows, &mut masks, scores).unwrap()
         }
     }
 

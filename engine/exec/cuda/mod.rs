@@ -718,16 +718,18 @@ impl Executor for CudaExecutor {
         images: &[Option<crate::vision::exec::SeqImages<'_>>],
         seqs: &mut [SampleSeq<'_>],
         sample_rows: &[usize],
-        masks: &[Option<crate::sampling::TokenMask>],
+        masks: crate::exec::scored::MaskSource<'_>,
         scores: &[crate::exec::scored::ScoreRow],
     ) -> Result<(Vec<u32>, Vec<crate::sampling::TokenLogprob>)> {
         let (total, vocab) = (input.logits_rows.len(), self.ops.cfg.vocab_size);
-        if images.iter().any(Option::is_some) || !sample::scores_on_device(vocab, masks, scores) {
+        if images.iter().any(Option::is_some) || !sample::scores_on_device(vocab, sample_rows.len(), scores) {
             return crate::exec::scored::host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
         // Checked before the step runs, so that a bad call changes no cache.
-        crate::exec::scored::check_scored(total, seqs.len(), sample_rows, masks, scores)?;
+        crate::exec::scored::check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         let slot = self.run(input)?;
+        // The forward is issued, not finished: the masks are computed while the device runs it.
+        let masks = &masks();
         let stream = self.ops.stream.clone();
         let buf = self.ops.pooled_mut(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
         self.sampler.scored(&stream, buf, total, vocab, seqs, sample_rows, masks, scores)

@@ -127,11 +127,11 @@ impl ScoreBufs {
 }
 
 /// Whether [`DeviceSampler::scored`] takes a step: no images (the caller's executor decides that), a vocabulary
-/// the sampler takes, and alternatives and masks within the kernels' limits.
-pub(crate) fn scores_on_device(vocab: usize, masks: &[Option<TokenMask>], scores: &[ScoreRow]) -> bool {
+/// the sampler takes, and alternatives and masks (at most one per sampled row) within the kernels' limits.
+pub(crate) fn scores_on_device(vocab: usize, sample_rows: usize, scores: &[ScoreRow]) -> bool {
     vocab <= k::sampling::MAX_SAMPLE_VOCAB
         && scores.iter().all(|s| s.top <= k::logprobs::MAX_TOP)
-        && masks.iter().flatten().count() <= k::logprobs::MAX_MASKS
+        && sample_rows <= k::logprobs::MAX_MASKS
 }
 
 /// The picking end of a CUDA executor's step, over the `[rows, vocab]` bf16 logits its forward left on the device:

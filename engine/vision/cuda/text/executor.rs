@@ -6,9 +6,9 @@ use super::super::upload_bf16;
 use super::MllamaCudaExecutor;
 use crate::config::LlamaConfig;
 use crate::exec::cuda::sample::scores_on_device;
-use crate::exec::scored::{check_scored, host_step_scored, ScoreRow};
+use crate::exec::scored::{check_scored, host_step_scored, MaskSource, ScoreRow};
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
-use crate::sampling::{TokenLogprob, TokenMask};
+use crate::sampling::TokenLogprob;
 use crate::vision::exec::SeqImages;
 use crate::vision::pipeline::EncodedImages;
 use crate::{Error, Result};
@@ -86,7 +86,7 @@ impl Executor for MllamaCudaExecutor {
                 rows.len()
             )));
         }
-        let (picked, _) = self.step_scored(input, &[], seqs, &rows, &[], &[])?;
+        let (picked, _) = self.step_scored(input, &[], seqs, &rows, &mut Vec::new, &[])?;
         Ok(picked)
     }
 
@@ -96,17 +96,19 @@ impl Executor for MllamaCudaExecutor {
         images: &[Option<SeqImages<'_>>],
         seqs: &mut [SampleSeq<'_>],
         sample_rows: &[usize],
-        masks: &[Option<TokenMask>],
+        masks: MaskSource<'_>,
         scores: &[ScoreRow],
     ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
         let (total, vocab) = (input.logits_rows.len(), self.cfg.text.base.vocab_size);
-        if !scores_on_device(vocab, masks, scores) {
+        if !scores_on_device(vocab, sample_rows.len(), scores) {
             return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
         // Checked before the step runs, so that a bad call changes no cache.
-        check_scored(total, seqs.len(), sample_rows, masks, scores)?;
+        check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         self.stage_rank_ids(input)?;
         self.run_device(input, images)?;
+        // The forward is issued, not finished: the masks are computed while the device runs it.
+        let masks = &masks();
         self.sampler.scored(&self.stream, &mut self.acts.logits, total, vocab, seqs, sample_rows, masks, scores)
     }
 }
