@@ -555,6 +555,7 @@ PY
     want tests || for ft in cuda_logprobs::mask_logits_matches_token_mask cuda_logprobs::token_logprobs_match_cpu \
       cuda_logprobs::logprobs_reject_bad_shapes cuda_golden::cuda_scored_step_matches_host \
       cuda_vision::cuda_mllama_scored_step_matches_host cuda_tp::cuda_tp_in_process_ranks_on_one_gpu_match_tp1 \
+      cuda_tp_vision::cuda_tp_vision_two_ranks_on_one_gpu_match_tp1 \
       cuda_golden::cuda_engine_prompt_logprobs_match_transformers cuda_attention::paged_prefill_matches_cpu cuda_attention::paged_prefill_ws_matches_wgmma_bits \
       cuda_attention::paged_decode_matches_cpu \
       cuda_attention::paged_decode_stages_change_no_bit cuda_sampling::sample_matches_cpu \

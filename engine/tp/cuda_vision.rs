@@ -25,8 +25,11 @@ use super::load::MllamaRankSource;
 use super::nccl::GroupSpec;
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
-use crate::exec::{Executor, StepInput, StepOutput};
+use crate::exec::cuda::sample::scores_on_device;
+use crate::exec::scored::{check_scored, host_step_scored, MaskSource, ScoreRow};
+use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
 use crate::quant::AtLoad;
+use crate::sampling::TokenLogprob;
 use crate::vision::config::MllamaConfig;
 use crate::vision::cuda::text::{MllamaCudaExecutor, MllamaCudaOptions};
 use crate::vision::exec::SeqImages;
@@ -213,6 +216,24 @@ impl TpMllamaCudaExecutor {
         self.on_all_ranks(true, |rank| rank.step_with_images(input, images).map(|o| o.logits))
     }
 
+    /// Runs a step on every rank with the logits left on the devices (each rank waits for its work, so that a
+    /// failure shows in this step), and returns the first local rank, its device bound to this thread, for picking
+    /// from its full-vocabulary logits.
+    fn step_on_device(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<SeqImages<'_>>],
+    ) -> Result<&mut MllamaCudaExecutor> {
+        self.check(input, images)?;
+        self.on_all_ranks(true, |rank| {
+            rank.step_on_device(input, images)?;
+            rank.stream().synchronize().map_err(|e| Error::Backend(format!("synchronize: {e}")))
+        })?;
+        let first = &mut self.ranks.first_mut().ok_or_else(|| Error::Backend("no local rank".into()))?.0;
+        first.stream().context().bind_to_thread().map_err(|e| Error::Backend(format!("bind device: {e}")))?;
+        Ok(first)
+    }
+
     /// Checks a step once before the ranks run it: a bad request fails here, without aborting the group (a rank
     /// that fails inside a step aborts it, which releases the others but leaves the group unusable).
     fn check(&self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<()> {
@@ -313,6 +334,42 @@ impl Executor for TpMllamaCudaExecutor {
             }
         }
         Ok(found)
+    }
+
+    fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
+        self.step_on_device(input, &[])?.pick_greedy(input.logits_rows.len())
+    }
+
+    fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
+        let rows: Vec<usize> = (0..input.logits_rows.len()).collect();
+        if seqs.len() != rows.len() {
+            return Err(Error::request(format!(
+                "step_sample: {} sequences for {} logits rows",
+                seqs.len(),
+                rows.len()
+            )));
+        }
+        let (picked, _) = self.step_scored(input, &[], seqs, &rows, &mut Vec::new, &[])?;
+        Ok(picked)
+    }
+
+    fn step_scored(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<SeqImages<'_>>],
+        seqs: &mut [SampleSeq<'_>],
+        sample_rows: &[usize],
+        masks: MaskSource<'_>,
+        scores: &[ScoreRow],
+    ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
+        let total = input.logits_rows.len();
+        if !scores_on_device(self.cfg.text.base.vocab_size, sample_rows.len(), scores) {
+            return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
+        }
+        // Checked before the step runs, so that a bad call changes no cache.
+        check_scored(total, seqs.len(), sample_rows, &[], scores)?;
+        let first = self.step_on_device(input, images)?;
+        first.pick_scored(total, seqs, sample_rows, &masks(), scores)
     }
 
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {

@@ -343,7 +343,7 @@ fn check_in_process(model: &Model, tps: &[usize]) {
 /// Picks on the device against picks from the same step's logits on the host (the step is run again each time, on
 /// the same cache slots): greedy ids against the argmax, seeded sampled ids against the CPU sampler, and a scored
 /// step (the first row masked to odd tokens, both rows scored by their picks) against `host_step_scored`.
-fn check_device_picks(name: &str, exec: &mut dyn Executor, step: &StepInput, vocab: usize) {
+pub(crate) fn check_device_picks(name: &str, exec: &mut dyn Executor, step: &StepInput, vocab: usize) {
     use llama32::exec::scored::ScoreRow;
     use llama32::exec::SampleSeq;
     use llama32::sampling::{Sampler, SamplingParams, TokenMask};

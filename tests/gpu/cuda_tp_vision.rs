@@ -225,6 +225,9 @@ fn check_two_ranks(c: &Case, tps: &[usize]) {
         assert!(en.within(budget), "{name}: {en} against the f32 reference exceeds {budget}");
         assert!(dn.within(between), "{name}: {dn} against tp=1 on CUDA exceeds {between}");
         check_argmax(&name, &got, &s.want, vocab, budget.max);
+        // Picks on the first rank's device against the host, on the last decode step (now without images).
+        let last = s.steps.last().unwrap();
+        crate::cuda_tp::check_device_picks(&name, &mut exec, last, vocab);
     }
 }
 

@@ -70,11 +70,8 @@ impl Executor for MllamaCudaExecutor {
     }
 
     fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
-        self.stage_rank_ids(input)?;
-        self.run_device(input, &[])?;
-        let (rows, vocab) = (input.logits_rows.len(), self.cfg.text.base.vocab_size);
-        // The logits stay on the device: one id per row comes back.
-        self.sampler.greedy(&self.stream, &self.acts.logits, rows, vocab)
+        self.step_on_device(input, &[])?;
+        self.pick_greedy(input.logits_rows.len())
     }
 
     fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
@@ -105,10 +102,37 @@ impl Executor for MllamaCudaExecutor {
         }
         // Checked before the step runs, so that a bad call changes no cache.
         check_scored(total, seqs.len(), sample_rows, &[], scores)?;
-        self.stage_rank_ids(input)?;
-        self.run_device(input, images)?;
+        self.step_on_device(input, images)?;
         // The forward is issued, not finished: the masks are computed while the device runs it.
         let masks = &masks();
+        self.pick_scored(total, seqs, sample_rows, masks, scores)
+    }
+}
+
+impl MllamaCudaExecutor {
+    /// Runs a step with its logits left on the device (a tensor-parallel rank first stages its token ids).
+    pub(crate) fn step_on_device(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<()> {
+        self.stage_rank_ids(input)?;
+        self.run_device(input, images)
+    }
+
+    /// The argmax of each of the last step's first `rows` logits rows, picked on the device.
+    pub(crate) fn pick_greedy(&mut self, rows: usize) -> Result<Vec<u32>> {
+        let vocab = self.cfg.text.base.vocab_size;
+        // The logits stay on the device: one id per row comes back.
+        self.sampler.greedy(&self.stream, &self.acts.logits, rows, vocab)
+    }
+
+    /// [`Executor::step_scored`]'s picks and scores over the last step's `total` logits rows, on the device.
+    pub(crate) fn pick_scored(
+        &mut self,
+        total: usize,
+        seqs: &mut [SampleSeq<'_>],
+        sample_rows: &[usize],
+        masks: &[Option<crate::sampling::TokenMask>],
+        scores: &[ScoreRow],
+    ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
+        let vocab = self.cfg.text.base.vocab_size;
         self.sampler.scored(&self.stream, &mut self.acts.logits, total, vocab, seqs, sample_rows, masks, scores)
     }
 }
