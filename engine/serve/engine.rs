@@ -652,7 +652,7 @@ impl<'t> Core<'t> {
         }
         // The guided rows' masks, computed by the executor's call once the forward is issued.
         let vocab = self.exec.config().vocab_size;
-        let eos = self.sched.eos_ids().to_vec();
+        let eos = if guided { self.sched.eos_ids().to_vec() } else { Vec::new() };
         let (guides, seqs, failures) = (&mut self.guides, &self.seqs, &mut self.guide_failures);
         let mut masks = || if guided { guides::masks(guides, seqs, failures, &eos, vocab, plan) } else { Vec::new() };
         let (picked, mut scored) = run_step_scored(&mut self.sched, self.exec.as_mut(), plan, &mut masks, &scores)?;

@@ -593,7 +593,8 @@ impl Executor for TpCudaExecutor {
         if images.iter().any(Option::is_some) || !scores_on_device(vocab, sample_rows.len(), scores) {
             return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
-        // Checked before the step runs, so that a bad call changes no cache.
+        // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
+        // after the forward, are checked with the picks).
         check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         // The ranks wait for their work here, so the masks come after it (no overlap under tensor parallelism).
         let slot = self.run_on_device(input)?;

@@ -366,7 +366,8 @@ impl Executor for TpMllamaCudaExecutor {
         if !scores_on_device(self.cfg.text.base.vocab_size, sample_rows.len(), scores) {
             return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
-        // Checked before the step runs, so that a bad call changes no cache.
+        // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
+        // after the forward, are checked with the picks).
         check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         let first = self.step_on_device(input, images)?;
         first.pick_scored(total, seqs, sample_rows, &masks(), scores)

@@ -418,6 +418,15 @@ impl<E: Executor> Executor for MultiNodeExecutor<E> {
     }
 
     fn step_sample(&mut self, input: &StepInput, rows: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
+        // Refused before the followers are told to run the step: a leader that failed afterwards, before the
+        // forward, would leave them waiting in its collectives.
+        if rows.len() != input.logits_rows.len() {
+            return Err(Error::request(format!(
+                "step_sample: {} sequences for {} logits rows",
+                rows.len(),
+                input.logits_rows.len()
+            )));
+        }
         let p = payload(|e| {
             e.step(input);
         });

@@ -71,6 +71,17 @@ fn runs(rows: &[usize]) -> Vec<(usize, usize, usize)> {
     out
 }
 
+/// Checks that a logits buffer holds `rows` rows of `vocab` (a short one would be a bug of the executor's plan).
+fn check_holds(logits: &CudaSlice<bf16>, rows: usize, vocab: usize) -> Result<()> {
+    if logits.len() < rows * vocab {
+        return Err(Error::Backend(format!(
+            "the logits buffer holds {} values, not {rows} rows of {vocab}",
+            logits.len()
+        )));
+    }
+    Ok(())
+}
+
 /// `v` as u32 device indices (rows and ids of this crate fit: steps hold at most 2^31 rows, vocabularies 2^30).
 fn as_u32(v: impl Iterator<Item = usize>) -> Vec<u32> {
     v.map(|x| x as u32).collect()
@@ -165,6 +176,7 @@ impl DeviceSampler {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        check_holds(logits, rows, vocab)?;
         self.ensure_ids(stream, rows)?;
         k::sampling::argmax(stream, &logits.slice(..rows * vocab), vocab, &mut self.ids.slice_mut(..rows))?;
         stream.clone_dtoh(&self.ids.slice(..rows)).map_err(drv("read sampled ids"))
@@ -187,6 +199,7 @@ impl DeviceSampler {
         if n == 0 {
             return Ok(Vec::new());
         }
+        check_holds(logits, rows.iter().max().map_or(0, |&r| r + 1), vocab)?;
         let inputs = SamplingInputs::new(seqs)?;
         let up_err = drv("upload sampling inputs");
         let d_params = stream.clone_htod(&inputs.params).map_err(&up_err)?;
@@ -247,6 +260,7 @@ impl DeviceSampler {
         if total == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
+        check_holds(logits, total, vocab)?;
         let masked = |i: usize| masks.get(i).is_some_and(Option::is_some);
         // Output order: the given tokens, then the picks from unmasked rows, then the picks from masked rows.
         let given: Vec<usize> = (0..scores.len()).filter(|&j| scores[j].id.is_some()).collect();

@@ -100,7 +100,8 @@ impl Executor for MllamaCudaExecutor {
         if !scores_on_device(vocab, sample_rows.len(), scores) {
             return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
-        // Checked before the step runs, so that a bad call changes no cache.
+        // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
+        // after the forward, are checked with the picks).
         check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         self.step_on_device(input, images)?;
         // The forward is issued, not finished: the masks are computed while the device runs it.
