@@ -169,13 +169,15 @@ pub(crate) fn node_comms(streams: Vec<Arc<CudaStream>>, spec: &GroupSpec) -> Res
 /// The per-rank results of one collective step, in rank order, or the first failing rank's own error: a rank
 /// that failed aborts the group, so the others report "group aborted", which is only returned when no rank has a
 /// more specific error.
-/// Runs `f(i, rank)` on every rank at once, one scoped host thread each. A rank whose `f` fails or panics calls
-/// `abort(rank, error)` (so that ranks waiting for it in a collective are released); the first rank's own error is
-/// returned rather than the "group aborted" it caused on the others.
-pub(crate) fn on_ranks<R: Send, T: Send>(
+/// Runs `f(i, rank)` on every rank at once, one scoped host thread each, and `during` on the calling thread
+/// meanwhile (a step's token masks; a no-op elsewhere). A rank whose `f` fails or panics calls `abort(rank, error)`
+/// (so that ranks waiting for it in a collective are released); the first rank's own error is returned rather than
+/// the "group aborted" it caused on the others.
+pub(crate) fn on_ranks_during<R: Send, T: Send>(
     ranks: &mut [R],
     f: &(dyn Fn(usize, &mut R) -> Result<T> + Sync),
     abort: &(dyn Fn(&R, &str) + Sync),
+    during: &mut dyn FnMut(),
 ) -> Result<Vec<T>> {
     let results: Vec<Result<T>> = std::thread::scope(|s| {
         let handles: Vec<_> = ranks
@@ -194,6 +196,7 @@ pub(crate) fn on_ranks<R: Send, T: Send>(
                 })
             })
             .collect();
+        during();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err(Error::Backend("a tensor-parallel rank thread died".into()))))
@@ -457,6 +460,16 @@ impl TpCudaExecutor {
     /// Runs the step on all local ranks at once; reads back the logits of every rank, of the first, or of none
     /// (every rank waits for its work). Returns each rank's logits (when read) and its logits' pool slot.
     fn run(&mut self, input: &StepInput, read: Read) -> Result<Vec<(Option<Vec<f32>>, usize)>> {
+        self.run_during(input, read, &mut || {})
+    }
+
+    /// [`run`](Self::run), running `during` on this thread while the ranks work.
+    fn run_during(
+        &mut self,
+        input: &StepInput,
+        read: Read,
+        during: &mut dyn FnMut(),
+    ) -> Result<Vec<(Option<Vec<f32>>, usize)>> {
         input.validate(&self.cfg, self.num_blocks, self.block_size)?;
         let dims = Dims::of(&self.rank_cfg);
         let n = input.logits_rows.len() * self.cfg.vocab_size;
@@ -471,13 +484,13 @@ impl TpCudaExecutor {
                 c.abort(why);
             }
         };
-        on_ranks(&mut self.ranks, &f, &abort)
+        on_ranks_during(&mut self.ranks, &f, &abort, during)
     }
 
-    /// Runs the step with the logits left on the devices, and binds the first local rank's device to this thread
-    /// for picking from them. Returns that rank's logits slot.
-    fn run_on_device(&mut self, input: &StepInput) -> Result<usize> {
-        let slot = self.run(input, Read::None)?.first().map(|r| r.1);
+    /// Runs the step with the logits left on the devices (`during` runs on this thread meanwhile), and binds the
+    /// first local rank's device to this thread for picking from them. Returns that rank's logits slot.
+    fn run_on_device(&mut self, input: &StepInput, during: &mut dyn FnMut()) -> Result<usize> {
+        let slot = self.run_during(input, Read::None, during)?.first().map(|r| r.1);
         let first = self.ranks.first().ok_or_else(|| Error::Backend("no local rank".into()))?;
         first.stream().context().bind_to_thread().map_err(drv("bind device"))?;
         slot.ok_or_else(|| Error::Backend("no local rank".into()))
@@ -556,7 +569,7 @@ impl Executor for TpCudaExecutor {
     }
 
     fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
-        let slot = self.run_on_device(input)?;
+        let slot = self.run_on_device(input, &mut || {})?;
         let (rows, vocab) = (input.logits_rows.len(), self.cfg.vocab_size);
         let ops = &self.ranks[0];
         let buf = ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
@@ -573,7 +586,7 @@ impl Executor for TpCudaExecutor {
             let out = self.step(input)?;
             return Ok(seqs.iter_mut().zip(out.logits.chunks(vocab)).map(|(r, l)| r.sampler.sample(l)).collect());
         }
-        let slot = self.run_on_device(input)?;
+        let slot = self.run_on_device(input, &mut || {})?;
         let ops = &self.ranks[0];
         let buf = ops.pooled(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;
         let rows: Vec<usize> = (0..rows).collect();
@@ -596,9 +609,10 @@ impl Executor for TpCudaExecutor {
         // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
         // after the forward, are checked with the picks).
         check_scored(total, seqs.len(), sample_rows, &[], scores)?;
-        // The ranks wait for their work here, so the masks come after it (no overlap under tensor parallelism).
-        let slot = self.run_on_device(input)?;
-        let masks = &masks();
+        // The masks are computed on this thread while the rank threads run the step.
+        let mut computed = Vec::new();
+        let slot = self.run_on_device(input, &mut || computed = masks())?;
+        let masks = &computed;
         let ops = &mut self.ranks[0];
         let stream = ops.stream().clone();
         let buf = ops.pooled_mut(slot).ok_or_else(|| Error::Backend("logits buffer missing".into()))?;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
-use super::cuda::{device_comms, node_comms, on_ranks, rank_err, DeviceComm, TpCommKind};
+use super::cuda::{device_comms, node_comms, on_ranks_during, rank_err, DeviceComm, TpCommKind};
 use super::load::MllamaRankSource;
 use super::nccl::GroupSpec;
 use super::plan::TpPlan;
@@ -223,12 +223,14 @@ impl TpMllamaCudaExecutor {
         &mut self,
         input: &StepInput,
         images: &[Option<SeqImages<'_>>],
+        during: &mut dyn FnMut(),
     ) -> Result<&mut MllamaCudaExecutor> {
         self.check(input, images)?;
-        self.on_all_ranks(true, |rank| {
+        let step = |rank: &mut MllamaCudaExecutor| {
             rank.step_on_device(input, images)?;
             rank.stream().synchronize().map_err(|e| Error::Backend(format!("synchronize: {e}")))
-        })?;
+        };
+        self.on_all_ranks_during(true, step, during)?;
         let first = &mut self.ranks.first_mut().ok_or_else(|| Error::Backend("no local rank".into()))?.0;
         first.stream().context().bind_to_thread().map_err(|e| Error::Backend(format!("bind device: {e}")))?;
         Ok(first)
@@ -251,6 +253,16 @@ impl TpMllamaCudaExecutor {
         collective: bool,
         f: impl Fn(&mut MllamaCudaExecutor) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
+        self.on_all_ranks_during(collective, f, &mut || {})
+    }
+
+    /// [`on_all_ranks`](Self::on_all_ranks), running `during` on this thread while the ranks work.
+    fn on_all_ranks_during<T: Send>(
+        &mut self,
+        collective: bool,
+        f: impl Fn(&mut MllamaCudaExecutor) -> Result<T> + Sync,
+        during: &mut dyn FnMut(),
+    ) -> Result<Vec<T>> {
         let ids = &self.rank_ids;
         let run = |i: usize, cell: &mut Rank| {
             let (rank, r) = (&mut cell.0, ids[i]);
@@ -265,7 +277,7 @@ impl TpMllamaCudaExecutor {
                 c.abort(why);
             }
         };
-        on_ranks(&mut self.ranks, &run, &abort)
+        on_ranks_during(&mut self.ranks, &run, &abort, during)
     }
 }
 
@@ -337,7 +349,7 @@ impl Executor for TpMllamaCudaExecutor {
     }
 
     fn step_greedy(&mut self, input: &StepInput) -> Result<Vec<u32>> {
-        self.step_on_device(input, &[])?.pick_greedy(input.logits_rows.len())
+        self.step_on_device(input, &[], &mut || {})?.pick_greedy(input.logits_rows.len())
     }
 
     fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
@@ -369,8 +381,10 @@ impl Executor for TpMllamaCudaExecutor {
         // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
         // after the forward, are checked with the picks).
         check_scored(total, seqs.len(), sample_rows, &[], scores)?;
-        let first = self.step_on_device(input, images)?;
-        first.pick_scored(total, seqs, sample_rows, &masks(), scores)
+        // The masks are computed on this thread while the rank threads run the step.
+        let mut computed = Vec::new();
+        let first = self.step_on_device(input, images, &mut || computed = masks())?;
+        first.pick_scored(total, seqs, sample_rows, &computed, scores)
     }
 
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
