@@ -61,6 +61,20 @@ pub fn check_scored(
     Ok(index)
 }
 
+/// [`super::Executor::step_sample`] through [`super::Executor::step_scored`]: every logits row sampled, in order,
+/// nothing masked or scored (for executors whose picking lives in `step_scored`).
+pub fn sample_every_row<E: Executor + ?Sized>(
+    exec: &mut E,
+    input: &StepInput,
+    seqs: &mut [SampleSeq<'_>],
+) -> Result<Vec<u32>> {
+    let rows: Vec<usize> = (0..input.logits_rows.len()).collect();
+    if seqs.len() != rows.len() {
+        return Err(Error::request(format!("step_sample: {} sequences for {} logits rows", seqs.len(), rows.len())));
+    }
+    Ok(exec.step_scored(input, &[], seqs, &rows, &mut Vec::new, &[])?.0)
+}
+
 /// [`super::Executor::step_scored`] with the logits on the host: runs the step, takes the masks, samples each row on
 /// the cores in parallel (a masked row from a copy with every disallowed token at `-inf`), then scores each entry
 /// with [`token_logprob`] on the unmasked logits.

@@ -28,7 +28,7 @@ use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::cuda::sample::{scores_on_device, DeviceSampler};
 use crate::exec::cuda::{CudaExecutor, CudaOps, CudaOptions};
-use crate::exec::scored::{check_scored, host_step_scored, MaskSource, ScoreRow};
+use crate::exec::scored::{host_step_scored, MaskSource, ScoreRow};
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
 use crate::model::{forward, Dims, Ops};
 use crate::quant::{AtLoad, Scheme};
@@ -603,12 +603,9 @@ impl Executor for TpCudaExecutor {
         scores: &[ScoreRow],
     ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
         let (total, vocab) = (input.logits_rows.len(), self.cfg.vocab_size);
-        if images.iter().any(Option::is_some) || !scores_on_device(vocab, sample_rows.len(), scores) {
+        if images.iter().any(Option::is_some) || !scores_on_device(vocab, total, seqs.len(), sample_rows, scores)? {
             return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
-        // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
-        // after the forward, are checked with the picks).
-        check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         // The masks are computed on this thread while the rank threads run the step.
         let mut computed = Vec::new();
         let slot = self.run_on_device(input, &mut || computed = masks())?;

@@ -26,7 +26,7 @@ use super::nccl::GroupSpec;
 use super::plan::TpPlan;
 use crate::config::LlamaConfig;
 use crate::exec::cuda::sample::scores_on_device;
-use crate::exec::scored::{check_scored, host_step_scored, MaskSource, ScoreRow};
+use crate::exec::scored::{host_step_scored, sample_every_row, MaskSource, ScoreRow};
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
 use crate::quant::AtLoad;
 use crate::sampling::TokenLogprob;
@@ -353,16 +353,7 @@ impl Executor for TpMllamaCudaExecutor {
     }
 
     fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
-        let rows: Vec<usize> = (0..input.logits_rows.len()).collect();
-        if seqs.len() != rows.len() {
-            return Err(Error::request(format!(
-                "step_sample: {} sequences for {} logits rows",
-                seqs.len(),
-                rows.len()
-            )));
-        }
-        let (picked, _) = self.step_scored(input, &[], seqs, &rows, &mut Vec::new, &[])?;
-        Ok(picked)
+        sample_every_row(self, input, seqs)
     }
 
     fn step_scored(
@@ -375,12 +366,9 @@ impl Executor for TpMllamaCudaExecutor {
         scores: &[ScoreRow],
     ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
         let total = input.logits_rows.len();
-        if !scores_on_device(self.cfg.text.base.vocab_size, sample_rows.len(), scores) {
+        if !scores_on_device(self.cfg.text.base.vocab_size, total, seqs.len(), sample_rows, scores)? {
             return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
-        // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
-        // after the forward, are checked with the picks).
-        check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         // The masks are computed on this thread while the rank threads run the step.
         let mut computed = Vec::new();
         let first = self.step_on_device(input, images, &mut || computed = masks())?;

@@ -532,9 +532,7 @@ fn cuda_mixed_batch_matches_cpu_executor() {
     for ex in execs {
         ex.add_images(1, &c.images).unwrap();
         let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
-        let (mut ta, mut tb) = (Vec::new(), Vec::new());
-        alloc.ensure(&mut ta, c.ids.len() + 2).unwrap();
-        alloc.ensure(&mut tb, text.len() + 2).unwrap();
+        let [tb, ta] = crate::common::interleaved_tables(&mut alloc, [text.len() + 2, c.ids.len() + 2]);
         let chunks = [
             SeqChunk { tokens: &text, start_pos: 0, block_table: &tb, logits: LogitsWanted::Last },
             SeqChunk { tokens: &c.ids, start_pos: 0, block_table: &ta, logits: LogitsWanted::Last },
@@ -587,9 +585,7 @@ fn cuda_mllama_scored_step_matches_host() {
     let mut ex = cuda_exec(&c, 8);
     ex.add_images(1, &c.images).unwrap();
     let mut alloc = BlockAllocator::new(ex.num_blocks(), ex.block_size());
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    alloc.ensure(&mut ta, c.ids.len() + 2).unwrap();
-    alloc.ensure(&mut tb, text.len() + 2).unwrap();
+    let [tb, ta] = crate::common::interleaved_tables(&mut alloc, [text.len() + 2, c.ids.len() + 2]);
     // Row 0: the text-only sequence's last; rows 1..=n: the image prompt's every row (its last sampled).
     let chunks = [
         SeqChunk { tokens: &text, start_pos: 0, block_table: &tb, logits: LogitsWanted::Last },

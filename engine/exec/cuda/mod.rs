@@ -722,12 +722,11 @@ impl Executor for CudaExecutor {
         scores: &[crate::exec::scored::ScoreRow],
     ) -> Result<(Vec<u32>, Vec<crate::sampling::TokenLogprob>)> {
         let (total, vocab) = (input.logits_rows.len(), self.ops.cfg.vocab_size);
-        if images.iter().any(Option::is_some) || !sample::scores_on_device(vocab, sample_rows.len(), scores) {
+        if images.iter().any(Option::is_some)
+            || !sample::scores_on_device(vocab, total, seqs.len(), sample_rows, scores)?
+        {
             return crate::exec::scored::host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
-        // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
-        // after the forward, are checked with the picks).
-        crate::exec::scored::check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         let slot = self.run(input)?;
         // The forward is issued, not finished: the masks are computed while the device runs it.
         let masks = &masks();

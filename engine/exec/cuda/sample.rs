@@ -137,12 +137,25 @@ impl ScoreBufs {
     }
 }
 
-/// Whether [`DeviceSampler::scored`] takes a step: no images (the caller's executor decides that), a vocabulary
-/// the sampler takes, and alternatives and masks (at most one per sampled row) within the kernels' limits.
-pub(crate) fn scores_on_device(vocab: usize, sample_rows: usize, scores: &[ScoreRow]) -> bool {
-    vocab <= k::sampling::MAX_SAMPLE_VOCAB
+/// Whether [`DeviceSampler::scored`] takes a scored step of `total` logits rows: a vocabulary the sampler takes,
+/// and alternatives and masks (at most one per sampled row) within the kernels' limits (images are the caller's
+/// executor's to judge). `Ok(false)`: the host path. When it does, the step's shape is checked here, before the
+/// step runs, so that a bad call changes no cache (the masks, which come after the forward, are checked with the
+/// picks).
+pub(crate) fn scores_on_device(
+    vocab: usize,
+    total: usize,
+    seqs: usize,
+    sample_rows: &[usize],
+    scores: &[ScoreRow],
+) -> Result<bool> {
+    let fits = vocab <= k::sampling::MAX_SAMPLE_VOCAB
         && scores.iter().all(|s| s.top <= k::logprobs::MAX_TOP)
-        && sample_rows <= k::logprobs::MAX_MASKS
+        && sample_rows.len() <= k::logprobs::MAX_MASKS;
+    if fits {
+        check_scored(total, seqs, sample_rows, &[], scores)?;
+    }
+    Ok(fits)
 }
 
 /// The picking end of a CUDA executor's step, over the `[rows, vocab]` bf16 logits its forward left on the device:

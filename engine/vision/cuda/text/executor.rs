@@ -6,7 +6,7 @@ use super::super::upload_bf16;
 use super::MllamaCudaExecutor;
 use crate::config::LlamaConfig;
 use crate::exec::cuda::sample::scores_on_device;
-use crate::exec::scored::{check_scored, host_step_scored, MaskSource, ScoreRow};
+use crate::exec::scored::{host_step_scored, sample_every_row, MaskSource, ScoreRow};
 use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
 use crate::sampling::TokenLogprob;
 use crate::vision::exec::SeqImages;
@@ -75,16 +75,7 @@ impl Executor for MllamaCudaExecutor {
     }
 
     fn step_sample(&mut self, input: &StepInput, seqs: &mut [SampleSeq<'_>]) -> Result<Vec<u32>> {
-        let rows: Vec<usize> = (0..input.logits_rows.len()).collect();
-        if seqs.len() != rows.len() {
-            return Err(Error::request(format!(
-                "step_sample: {} sequences for {} logits rows",
-                seqs.len(),
-                rows.len()
-            )));
-        }
-        let (picked, _) = self.step_scored(input, &[], seqs, &rows, &mut Vec::new, &[])?;
-        Ok(picked)
+        sample_every_row(self, input, seqs)
     }
 
     fn step_scored(
@@ -97,12 +88,9 @@ impl Executor for MllamaCudaExecutor {
         scores: &[ScoreRow],
     ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
         let (total, vocab) = (input.logits_rows.len(), self.cfg.text.base.vocab_size);
-        if !scores_on_device(vocab, sample_rows.len(), scores) {
+        if !scores_on_device(vocab, total, seqs.len(), sample_rows, scores)? {
             return host_step_scored(self, input, images, seqs, sample_rows, masks, scores);
         }
-        // The shape is checked before the step runs, so that a bad call changes no cache (the masks, which come
-        // after the forward, are checked with the picks).
-        check_scored(total, seqs.len(), sample_rows, &[], scores)?;
         self.step_on_device(input, images)?;
         // The forward is issued, not finished: the masks are computed while the device runs it.
         let masks = &masks();
