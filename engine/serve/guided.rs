@@ -1,5 +1,5 @@
-//! Structured outputs: a request's output constrained to a JSON schema, any JSON object, a regular expression or
-//! one of a list of strings (OpenAI's `response_format`, vLLM's `guided_*` and `structured_outputs`).
+//! Structured outputs: a request's output constrained to a JSON schema, any JSON object, a regular expression, one
+//! of a list of strings or a grammar (Lark or GBNF) (OpenAI's `response_format`, vLLM's `guided_*` and `structured_outputs`).
 //!
 //! The grammar engine is llguidance (the one vLLM, SGLang and llama.cpp use). [`Guides`] builds its token trie over
 //! the tokenizer's vocabulary once, on the first guided request, and compiles each request's grammar into a
@@ -19,6 +19,7 @@ use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value as Json;
 
+use super::gbnf;
 use crate::sampling::TokenMask;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -36,6 +37,19 @@ pub enum GuideSpec {
     Choice(Vec<String>),
     /// A grammar in llguidance's Lark dialect.
     Lark(String),
+    /// A grammar in GBNF, llama.cpp's format (see [`crate::serve::gbnf`]).
+    Gbnf(String),
+}
+
+impl GuideSpec {
+    /// A grammar: GBNF when its first definition is `name ::= ...`, as vLLM tells them apart; Lark otherwise.
+    pub fn grammar_text(text: String) -> Self {
+        if gbnf::is_gbnf(&text) {
+            GuideSpec::Gbnf(text)
+        } else {
+            GuideSpec::Lark(text)
+        }
+    }
 }
 
 impl GuideSpec {
@@ -62,6 +76,7 @@ impl GuideSpec {
                 TopLevelGrammar::from_regex(&format!("(?:{})", alts.join("|")))
             }
             GuideSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+            GuideSpec::Gbnf(g) => TopLevelGrammar::from_lark(gbnf::to_lark(g).map_err(Error::request)?),
         })
     }
 }

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod batch;
 pub mod engine;
+pub mod gbnf;
 pub mod guided;
 pub mod http;
 pub mod images;

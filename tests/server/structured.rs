@@ -81,6 +81,18 @@ async fn every_answer_matches_its_grammar() {
     let (status, resp) = srv.post("/v1/completions", &body).await;
     assert_eq!(status, 200, "{resp}");
     assert!(text_of(&resp, 0).starts_with('{'), "{resp}");
+    // A GBNF grammar (llama.cpp's format, vLLM's default), told from Lark by its `::=`.
+    let gbnf = "# an id\nroot ::= \"id-\" digit{2} ( \"a\" | \"b\" )\ndigit ::= [0-9]\n";
+    for extra in [json!({"guided_grammar": gbnf}), json!({"structured_outputs": {"grammar": gbnf}})] {
+        let body =
+            with(json!({"model": "tiny", "prompt": "Id:", "max_tokens": 16, "temperature": 1.0, "seed": 4}), extra);
+        let (status, resp) = srv.post("/v1/completions", &body).await;
+        assert_eq!(status, 200, "{resp}");
+        let t = text_of(&resp, 0);
+        let b = t.as_bytes();
+        assert!(t.len() == 6 && t.starts_with("id-") && b[3..5].iter().all(u8::is_ascii_digit), "{t:?}");
+        assert!(matches!(b[5], b'a' | b'b') && resp["choices"][0]["finish_reason"] == "stop", "{resp}");
+    }
     // JSON Schema's `true`: any JSON value.
     let body = json!({"model": "tiny", "prompt": "JSON:", "max_tokens": 8, "guided_json": true});
     let (status, resp) = srv.post("/v1/completions", &body).await;
@@ -138,6 +150,8 @@ async fn bad_constraints_are_named() {
         (json!({"guided_json": {"type": "object", "properties": {"a": {"type": "nope"}}}}), "guided_json", ""),
         (json!({"guided_json": {"$ref": "#"}}), "guided_json", "cannot produce any text"),
         (json!({"guided_grammar": "start: a\na: b\nb: a"}), "guided_grammar", "cannot produce any text"),
+        (json!({"guided_grammar": "root ::= item"}), "guided_grammar", "GBNF line 1, column 10: the rule `item`"),
+        (json!({"structured_outputs": {"grammar": "root ::= [z-a]"}}), "structured_outputs", "is reversed"),
         (json!({"guided_json": false}), "guided_json", "matches nothing"),
         (json!({"guided_regex": "a", "guided_whitespace_pattern": " "}), "guided_whitespace_pattern", "JSON outputs"),
         (json!({"guided_whitespace_pattern": " "}), "guided_whitespace_pattern", "asks for none"),

@@ -7,8 +7,8 @@ use crate::serve::guided::GuideSpec;
 
 /// The structured output a request asks for, and the field that asks: OpenAI's `response_format`
 /// (`json_object`, or `json_schema` with its `schema`), vLLM's `guided_json` (a schema, as an object or a JSON
-/// string), `guided_regex`, `guided_choice`, `guided_grammar` (llguidance's Lark dialect), or vLLM's newer
-/// `structured_outputs` object with one of `json`, `regex`, `choice`, `grammar`, `json_object` (its boolean
+/// string), `guided_regex`, `guided_choice`, `guided_grammar` (llguidance's Lark dialect, or GBNF), or vLLM's
+/// newer `structured_outputs` object with one of `json`, `regex`, `choice`, `grammar`, `json_object` (its boolean
 /// backend switches `disable_any_whitespace`, `disable_fallback`, `disable_additional_properties` are accepted and
 /// have no effect). At most one. A schema may be the boolean `true` (any JSON value); `false` matches nothing and is
 /// refused. JSON is compact unless vLLM's `guided_whitespace_pattern` (or `structured_outputs.whitespace_pattern`)
@@ -75,7 +75,7 @@ pub(super) fn guide_spec(f: &Fields<'_>) -> ApiResult<Option<(GuideSpec, &'stati
         found.push((choice(v, "guided_choice")?, "guided_choice"));
     }
     if let Some(v) = f.get("guided_grammar") {
-        found.push((text(v, "guided_grammar", GuideSpec::Lark)?, "guided_grammar"));
+        found.push((text(v, "guided_grammar", GuideSpec::grammar_text)?, "guided_grammar"));
     }
     let mut whitespace: Option<(String, &'static str)> = None;
     let pattern = |v: &Json, field: &str| -> ApiResult<String> {
@@ -95,7 +95,7 @@ pub(super) fn guide_spec(f: &Fields<'_>) -> ApiResult<Option<(GuideSpec, &'stati
                 "json" => schema(v, "structured_outputs")?,
                 "regex" => text(v, "structured_outputs", GuideSpec::Regex)?,
                 "choice" => choice(v, "structured_outputs")?,
-                "grammar" => text(v, "structured_outputs", GuideSpec::Lark)?,
+                "grammar" => text(v, "structured_outputs", GuideSpec::grammar_text)?,
                 "json_object" if v.as_bool() == Some(true) => GuideSpec::JsonObject,
                 "json_object" => continue,
                 // vLLM's backend switches: JSON here is always compact and never falls back to another engine.
