@@ -199,15 +199,21 @@ fn builtin_call(s: &str) -> Option<ToolCall> {
     (!name.contains('.')).then_some(ToolCall { name, arguments })
 }
 
+/// How deep lists, tuples and dicts may nest in a Python-form call (serde_json's limit for the JSON forms): a
+/// model's output is read on a server thread, and deeper text would overflow its stack.
+const MAX_DEPTH: usize = 128;
+
 /// A tiny parser for Python call syntax with literal keyword arguments.
 struct Py<'a> {
     s: &'a str,
     pos: usize,
+    /// Containers open at `pos`.
+    depth: usize,
 }
 
 impl<'a> Py<'a> {
     fn new(s: &'a str) -> Self {
-        Py { s, pos: 0 }
+        Py { s, pos: 0, depth: 0 }
     }
     fn peek(&self) -> Option<char> {
         self.s[self.pos..].chars().next()
@@ -268,10 +274,29 @@ impl<'a> Py<'a> {
         }
         Some((name, Json::Object(args)))
     }
-    /// A Python (or JSON) literal.
+    /// A Python (or JSON) literal; `None` past [`MAX_DEPTH`] nested containers.
     fn value(&mut self) -> Option<Json> {
         match self.peek()? {
+            '[' | '(' | '{' if self.depth < MAX_DEPTH => {
+                self.depth += 1;
+                let v = self.container();
+                self.depth -= 1;
+                v
+            }
+            '[' | '(' | '{' => None,
             '\'' | '"' => self.string().map(Json::String),
+            c if c == '-' || c == '+' || c == '.' || c.is_ascii_digit() => self.number(),
+            _ => match self.ident()? {
+                "True" | "true" => Some(Json::Bool(true)),
+                "False" | "false" => Some(Json::Bool(false)),
+                "None" | "null" => Some(Json::Null),
+                _ => None,
+            },
+        }
+    }
+    /// A list, tuple or dict.
+    fn container(&mut self) -> Option<Json> {
+        match self.peek()? {
             '[' | '(' => {
                 let close = if self.next()? == '[' { ']' } else { ')' };
                 let mut items = Vec::new();
@@ -317,13 +342,7 @@ impl<'a> Py<'a> {
                 }
                 Some(Json::Object(map))
             }
-            c if c == '-' || c == '+' || c == '.' || c.is_ascii_digit() => self.number(),
-            _ => match self.ident()? {
-                "True" | "true" => Some(Json::Bool(true)),
-                "False" | "false" => Some(Json::Bool(false)),
-                "None" | "null" => Some(Json::Null),
-                _ => None,
-            },
+            _ => None,
         }
     }
     fn number(&mut self) -> Option<Json> {
@@ -384,6 +403,12 @@ mod tests {
         assert_eq!(p.value(), Some(json!([1, -2500.0, "a'b", "é", [1, 2], {"k": null}, 3, 1000])));
         assert_eq!(Py::new("1-2").value(), None);
         assert_eq!(Py::new("foo").value(), None);
+        // Nesting is bounded: deep text is no call (and no stack overflow), shallower text still parses.
+        let deep = |n: usize| format!("f(a={}1{})", "[".repeat(n), "]".repeat(n));
+        assert!(Py::new(&deep(MAX_DEPTH)).call().is_some());
+        assert!(Py::new(&deep(MAX_DEPTH + 1)).call().is_none());
+        assert!(Py::new(&deep(1_000_000)).call().is_none());
+        assert!(matches!(parse_tool_calls(&format!("[{}]", deep(1_000_000))), ParsedOutput::Text(_)));
     }
 
     #[test]
