@@ -457,8 +457,9 @@ fn bad_inputs_give_named_errors() {
         assert!(e.contains("128256"), "{e}");
         let e = tok.decode(&[u32::MAX], false).unwrap_err().to_string();
         assert!(e.contains(&u32::MAX.to_string()), "{e}");
+        // A generated id the tokenizer lacks decodes to nothing (the engine's other sequences go on).
         let mut s = tok.stream_decoder(false);
-        let e = s.push(200_000).unwrap_err().to_string();
-        assert!(e.contains("200000"), "{e}");
+        assert_eq!(s.push(200_000).unwrap(), "");
+        assert_eq!(s.push(9906).unwrap(), "Hello");
     }
 }

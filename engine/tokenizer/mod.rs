@@ -321,7 +321,8 @@ impl SpecialSplitter {
 }
 
 /// Turns ids into text one at a time, never splitting a UTF-8 character: bytes of an unfinished character
-/// are held back until it completes. The concatenated output equals [`Tokenizer::decode`] of all ids.
+/// are held back until it completes. The concatenated output equals [`Tokenizer::decode`] of all ids (which refuses an
+/// unknown id, where this decoder skips it).
 pub struct StreamDecoder<'a> {
     tok: &'a Tokenizer,
     skip_special: bool,
@@ -329,9 +330,11 @@ pub struct StreamDecoder<'a> {
 }
 
 impl StreamDecoder<'_> {
-    /// Adds one id; returns the text it completes (possibly ""). Unknown ids are an error naming the id.
+    /// Adds one id; returns the text it completes (possibly ""). An id the tokenizer lacks (a row of a padded
+    /// vocabulary, which a model may still pick) decodes to nothing, as HF tokenizers' `decode` skips it: one odd
+    /// generated id must not fail the engine's other sequences.
     pub fn push(&mut self, id: u32) -> Result<String> {
-        let bytes = self.tok.id_bytes(id)?;
+        let Some(bytes) = self.tok.token_bytes(id) else { return Ok(String::new()) };
         if self.skip_special && self.tok.is_special(id) {
             return Ok(String::new());
         }
@@ -428,7 +431,8 @@ mod tests {
         assert_eq!(s.push(0xE2).unwrap(), "");
         assert_eq!(s.finish(), "\u{FFFD}");
         assert_eq!(t.decode(&[u32::from(e[0]), 97, 0xE2], false).unwrap(), "\u{FFFD}a\u{FFFD}");
-        assert!(s.push(100_000).is_err());
+        assert_eq!(s.push(100_000).unwrap(), "");
+        assert_eq!(s.push(u32::from(b'b')).unwrap(), "b");
         let err = t.decode(&[7, 99_999], false).unwrap_err().to_string();
         assert!(err.contains("99999"), "{err}");
     }

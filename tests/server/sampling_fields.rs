@@ -141,3 +141,32 @@ async fn min_tokens_holds_back_eos() {
     assert_eq!(resp["error"]["param"], "min_tokens", "{resp}");
     srv.stop(Duration::from_secs(30)).await.expect("clean stop");
 }
+
+/// A padded vocabulary (config `vocab_size` past the tokenizer's ids, as in many fine-tunes): an id the tokenizer
+/// lacks, forced by `logit_bias`, is returned among the ids and adds no text, and the request running beside it
+/// is untouched (it used to fail every request in the engine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_past_the_tokenizer_fails_nothing() {
+    let Some(dir) = common::tiny_model_dir("http-padded") else { return };
+    let path = dir.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["vocab_size"] = json!(128_320);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let (engine, ctx) = tokio::task::spawn_blocking(move || common::tiny_engine(&dir, 4096, EngineConfig::default()))
+        .await
+        .expect("engine");
+    let mut srv = serve_on(engine, ctx, ServerOptions::default()).await;
+    let padded = 128_300u64;
+    let forced = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0,
+                        "ignore_eos": true, "return_token_ids": true, "logit_bias": {padded.to_string(): 100}});
+    let beside = json!({"model": "tiny", "prompt": "Hello", "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+    let (a, b) = tokio::join!(srv.post("/v1/completions", &forced), srv.post("/v1/completions", &beside));
+    assert_eq!(a.0, 200, "{}", a.1);
+    assert_eq!(id_list(&a.1["choices"][0]["token_ids"]), vec![padded; 3], "{}", a.1);
+    assert_eq!(choice_text(&a.1, 0), "", "{}", a.1);
+    assert_eq!((b.0, b.1["usage"]["completion_tokens"].as_u64()), (200, Some(24)), "{}", b.1);
+    let sse = stream_all(&srv, "/v1/completions", &with(forced, json!({"stream": true}))).await;
+    assert!(sse.done && sse.error().is_none(), "{sse:?}");
+    assert_eq!(streamed_ids(&sse, 0).0, vec![padded; 3], "{sse:?}");
+    srv.stop(Duration::from_secs(30)).await.expect("clean stop");
+}
