@@ -100,6 +100,19 @@ fn validation_errors_name_the_field() {
         assert!(msg.contains(needle), "{body}: message {msg:?} lacks {needle:?}");
         assert_eq!(p.as_deref(), Some(param), "{body}: {msg}");
     }
+    // One request starts at most MAX_SEQUENCES sequences (prompts x best_of), named by the field that multiplies.
+    let prompts = |k: usize| json!(vec![vec![9906u32]; k]);
+    let cap = llama32::serve::api::MAX_SEQUENCES;
+    for (body, param) in [
+        (json!({"prompt": prompts(cap / 64 + 1), "n": 64}), "n"),
+        (json!({"prompt": prompts(cap / 128 + 1), "n": 2, "best_of": 128}), "best_of"),
+    ] {
+        let (msg, p) = err(&c, Endpoint::Completions, body.clone());
+        assert!(msg.contains(&format!("sequences in one request; at most {cap}")), "{msg}");
+        assert_eq!(p.as_deref(), Some(param), "{msg}");
+    }
+    let p = prepare(&c, Endpoint::Completions, &json!({"prompt": prompts(cap / 64), "n": 64})).unwrap();
+    assert_eq!((p.requests.len(), p.requests[0].n), (cap / 64, 64));
     // An unknown model is a 404, as OpenAI and vLLM answer (the OpenAI client raises NotFoundError).
     let e = prepare(&c, Endpoint::Chat, &chat(json!({"model": "gpt-4"}))).expect_err("unknown model");
     assert_eq!((e.status, e.param.as_deref()), (404, Some("model")), "{}", e.message);

@@ -82,7 +82,8 @@ impl Sampler {
             min_tokens_banned: if params.min_tokens > 0 { super::stop_ids(&[], params) } else { Vec::new() },
             ignore_eos: params.ignore_eos,
             rng,
-            seen: prompt_ids.iter().copied().collect(),
+            // Only the repetition penalty reads `seen`: without it, a long prompt costs no set.
+            seen: if params.repetition_penalty != 1.0 { prompt_ids.iter().copied().collect() } else { HashSet::new() },
             counts: HashMap::new(),
             n_output: 0,
             row: Vec::new(),
@@ -161,7 +162,9 @@ impl Sampler {
 
     /// Records `id` as generated without sampling it (a forced token); it then counts for the penalties.
     pub fn accept(&mut self, id: u32) {
-        self.seen.insert(id);
+        if self.repetition_penalty != 1.0 {
+            self.seen.insert(id);
+        }
         *self.counts.entry(id).or_insert(0) += 1;
         self.n_output += 1;
     }

@@ -97,6 +97,10 @@ type ApiResult<T> = std::result::Result<T, ApiError>;
 /// request can queue ahead of everyone else's.
 pub const MAX_PROMPTS: usize = 1024;
 
+/// Most sequences one request may start (prompts times `best_of`): each holds its own copy of its prompt from the
+/// moment the request is queued, so this bounds the memory one request can take before any of it runs.
+pub const MAX_SEQUENCES: usize = 4096;
+
 /// Sampling defaults from the model's `generation_config.json` (vLLM's `--generation-config auto`); request fields
 /// override them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -655,6 +659,17 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
         ));
     }
 
+    if prompts.len() * best_of > MAX_SEQUENCES {
+        let field = if best_of == n { "n" } else { "best_of" };
+        return Err(ApiError::bad_request(
+            Some(field),
+            format!(
+                "{field}: {} prompts x {best_of} completions is {} sequences in one request; at most {MAX_SEQUENCES}",
+                prompts.len(),
+                prompts.len() * best_of
+            ),
+        ));
+    }
     let guide = match &guide_spec {
         None => None,
         Some((_, field)) if base.ignore_eos || min_tokens > 0 => {
