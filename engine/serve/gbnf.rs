@@ -580,6 +580,12 @@ mod tests {
         );
     }
 
+    /// The documented difference from llama.cpp: a lexeme that can still grow is not cut short.
+    #[test]
+    fn lexemes_are_greedy() {
+        check(r#"root ::= ("a" | "ab") "b""#, &["abb"], &["ab"]);
+    }
+
     #[test]
     fn names_stay_distinct() {
         let lark = to_lark("root ::= A a a-1 2\nA ::= \"1\"\na ::= \"2\"\na-1 ::= \"3\"\n2 ::= \"4\"\n").unwrap();
