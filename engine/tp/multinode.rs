@@ -22,7 +22,8 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use crate::config::LlamaConfig;
-use crate::exec::{Executor, SampleSeq, StepInput, StepOutput};
+use crate::exec::{scored, Executor, SampleSeq, StepInput, StepOutput};
+use crate::sampling::TokenLogprob;
 use crate::vision::exec::SeqImages;
 use crate::vision::pipeline::EncodedImages;
 use crate::{Error, Result};
@@ -433,6 +434,32 @@ impl<E: Executor> Executor for MultiNodeExecutor<E> {
         self.call(TAG_SAMPLE, &p, |e| e.step_sample(input, rows), |_| None)
     }
 
+    /// The leader's executor samples, masks and scores on its own first rank, as on one node. The followers run
+    /// the same forward (with images as `step_with_images`, without as `step_greedy`) and their picks are unused.
+    fn step_scored(
+        &mut self,
+        input: &StepInput,
+        images: &[Option<SeqImages<'_>>],
+        seqs: &mut [SampleSeq<'_>],
+        sample_rows: &[usize],
+        masks: scored::MaskSource<'_>,
+        scores: &[scored::ScoreRow],
+    ) -> Result<(Vec<u32>, Vec<TokenLogprob>)> {
+        // Refused before the followers are told to run the step, as in step_sample.
+        scored::check_scored(input.logits_rows.len(), seqs.len(), sample_rows, &[], scores)?;
+        let (tag, p) = if images.iter().any(Option::is_some) {
+            (TAG_IMAGES_STEP, encode_images_step(input, images))
+        } else {
+            (
+                TAG_SAMPLE,
+                payload(|e| {
+                    e.step(input);
+                }),
+            )
+        };
+        self.call(tag, &p, |e| e.step_scored(input, images, seqs, sample_rows, masks, scores), |_| None)
+    }
+
     fn step_with_images(&mut self, input: &StepInput, images: &[Option<SeqImages<'_>>]) -> Result<StepOutput> {
         let p = encode_images_step(input, images);
         self.call(TAG_IMAGES_STEP, &p, |e| e.step_with_images(input, images), |o| Some(Check::Bits(logits_digest(o))))
@@ -649,6 +676,46 @@ mod tests {
         assert!(leader.add_images(1, &im).unwrap_err().to_string().contains("takes no images"));
         assert!(!leader.remove_images(1));
         assert!(!leader.trim_images(1).unwrap());
+        drop(leader);
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+    }
+
+    /// A scored step (masks, sampled and prompt scores) on the leader gives what one node gives, and the followers
+    /// stay in step; a mismatched one is refused before they are told to run it.
+    #[test]
+    fn scored_steps_pick_on_the_leader() {
+        use crate::sampling::{Sampler, SamplingParams, TokenMask};
+        use scored::ScoreRow;
+        let (mut leader, threads) = group(5, &[5]);
+        let mut plain = exec(5);
+        let table: Vec<u32> = (0..4).collect();
+        let prompt = [1u32, 7, 42, 9, 100];
+        let chunk = SeqChunk { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::All };
+        let step = build_step(&[chunk], 4).unwrap();
+        let params = SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() };
+        let scores = [ScoreRow { row: 1, id: Some(42), top: 2 }, ScoreRow { row: 4, id: None, top: 3 }];
+        let run = |e: &mut dyn Executor| {
+            let mut sampler = Sampler::new(&params, &prompt);
+            let mut seqs = [SampleSeq { params: &params, sampler: &mut sampler, prompt: &prompt, output: &[] }];
+            let mut masks = || {
+                let mut m = TokenMask::new(256);
+                (10..20).for_each(|id| m.allow(id));
+                vec![Some(m)]
+            };
+            e.step_scored(&step, &[], &mut seqs, &[4], &mut masks, &scores).unwrap()
+        };
+        let (picks, scored) = run(&mut leader);
+        assert_eq!((picks.clone(), scored.clone()), run(&mut plain));
+        assert!((10..20).contains(&picks[0]) && scored.len() == 2 && scored[1].top.len() == 3, "{picks:?} {scored:?}");
+        // One sampled row for no sequence: refused by the leader alone, and the group goes on.
+        let mut none: [SampleSeq<'_>; 0] = [];
+        assert!(leader.step_scored(&step, &[], &mut none, &[4], &mut Vec::new, &[]).is_err());
+        let next = [3u32];
+        let chunk = SeqChunk { tokens: &next, start_pos: 5, block_table: &table, logits: LogitsWanted::Last };
+        let step = build_step(&[chunk], 4).unwrap();
+        assert_eq!(leader.step_greedy(&step).unwrap(), plain.step_greedy(&step).unwrap());
         drop(leader);
         for t in threads {
             t.join().unwrap().unwrap();
