@@ -3,14 +3,16 @@
 //!
 //! The syntax is llama.cpp's (`grammars/README.md` there):
 //! - `name ::= alternatives`, one rule a line; a rule continues on the next line only inside parentheses or after
-//!   a `|`. Names are letters, digits and `-`. Generation starts at `root`.
+//!   a `|`. Names are letters, digits, `-` and (as xgrammar, vLLM's default, allows) `_`. Generation starts at
+//!   `root`.
 //! - Terminals: `"literal"`, character classes `[a-z]` and `[^...]`, and `.` for any character. Literals and
 //!   classes take the escapes `\x41`, `\u0041`, `\U00000041`, `\t`, `\n`, `\r`, `\\`, `\"`, `\[`, `\]` and `\-`.
 //! - Grouping `( )`, alternatives `|`, and the repetitions `*`, `+`, `?`, `{m}`, `{m,}` and `{m,n}`.
 //! - `#` starts a comment that runs to the end of the line.
 //!
 //! llama.cpp's newer token references (`<[1000]>`, `<think>`, `!<...>`) are refused by name. A rule defined twice,
-//! a reference to an undefined rule, and a grammar without `root` are errors (llama.cpp too refuses the last two).
+//! a reference to an undefined rule, and a grammar without `root` are errors (llama.cpp too refuses the last two),
+//! as are empty classes (`[]`, `[^]`), reversed ranges (`[z-a]`) and counts past llguidance's `i32`.
 //!
 //! One difference remains, the one every llguidance user has: literals and classes become llguidance lexemes, and
 //! a lexeme that could still grow is not cut short for a shorter alternative. `("a" | "ab") "b"` does not match
@@ -23,7 +25,7 @@ use std::fmt::Write as _;
 /// and `::=`.
 pub fn is_gbnf(grammar: &str) -> bool {
     grammar
-        .lines()
+        .split(['\n', '\r'])
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("//"))
         .is_some_and(|l| l.trim_start_matches(is_word_char).trim_start().starts_with("::="))
@@ -69,8 +71,12 @@ struct Rule {
     alts: Vec<Vec<Item>>,
 }
 
-/// How deep groups (and repetitions of repetitions, which become groups) may nest: llguidance's own limit for Lark.
-const MAX_NESTING: usize = 30;
+/// How deep groups (and repetitions of repetitions, which become groups) may nest: llguidance's own limit for Lark
+/// (30 levels, of which the rule and its body take two).
+const MAX_NESTING: usize = 28;
+
+/// The largest repetition count: llguidance reads counts as `i32` and takes `i32::MAX` for "no maximum".
+const MAX_COUNT: u32 = i32::MAX as u32 - 1;
 
 struct Parser<'a> {
     src: &'a str,
@@ -88,8 +94,9 @@ fn nesting(item: &Item) -> usize {
     }
 }
 
+/// A character of a rule name: llama.cpp's letters, digits and `-`, and xgrammar's `_` (vLLM's examples use it).
 fn is_word_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '-'
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
 }
 
 impl Parser<'_> {
@@ -210,7 +217,11 @@ impl Parser<'_> {
         if self.pos == start {
             return Err(self.error(start, "expecting a number"));
         }
-        self.src[start..self.pos].parse().map_err(|_| self.error(start, "the number is too large"))
+        self.src[start..self.pos]
+            .parse()
+            .ok()
+            .filter(|&n| n <= MAX_COUNT)
+            .ok_or_else(|| self.error(start, format!("the number is too large (at most {MAX_COUNT})")))
     }
 
     fn sequence(&mut self, nested: bool) -> Result<Vec<Item>, String> {
@@ -259,8 +270,8 @@ impl Parser<'_> {
                         }
                     }
                     self.pos += 1;
-                    if ranges.is_empty() && !negated {
-                        return Err(self.error(at, "the empty character class `[]` matches nothing"));
+                    if ranges.is_empty() {
+                        return Err(self.error(at, "an empty character class (`[]` or `[^]`) is not supported"));
                     }
                     Item::Class { negated, ranges }
                 }
@@ -363,6 +374,8 @@ fn located(src: &str, at: usize, what: impl std::fmt::Display) -> String {
 /// a name two GBNF names would share gets a numbered suffix.
 fn lark_names(rules: &[Rule]) -> HashMap<&str, String> {
     let mut taken: HashSet<String> = HashSet::from(["start".to_string()]);
+    // The next suffix to try for each base, so that many names sharing a base cost linear time.
+    let mut next: HashMap<String, usize> = HashMap::new();
     let mut names: HashMap<&str, String> = HashMap::from([("root", "start".to_string())]);
     for r in rules {
         if names.contains_key(r.name.as_str()) {
@@ -373,10 +386,10 @@ fn lark_names(rules: &[Rule]) -> HashMap<&str, String> {
             base.insert_str(0, "r-");
         }
         let mut name = base.clone();
-        let mut n = 1;
+        let n = next.entry(base.clone()).or_insert(1);
         while taken.contains(&name) {
             name = format!("{base}-{n}");
-            n += 1;
+            *n += 1;
         }
         taken.insert(name.clone());
         names.insert(&r.name, name);
@@ -430,7 +443,6 @@ fn alternates(src: &str, names: &HashMap<&str, String>, alts: &[Vec<Item>], out:
 fn item(src: &str, names: &HashMap<&str, String>, item: &Item, out: &mut String) -> Result<(), String> {
     match item {
         Item::Lit(s) => lark_string(s, out),
-        Item::Class { negated: true, ranges } if ranges.is_empty() => out.push_str("/(?s:.)/"),
         Item::Class { negated, ranges } => {
             out.push_str(if *negated { "/[^" } else { "/[" });
             for &(lo, hi) in ranges {
@@ -544,6 +556,8 @@ mod tests {
         assert!(!is_gbnf("start: \"a ::= b\"\n"));
         assert!(!is_gbnf("// x ::= y\nstart: \"a\""));
         assert!(!is_gbnf(""));
+        assert!(is_gbnf("# a comment\rroot ::= \"a\""));
+        assert!(is_gbnf("select_statement ::= \"SELECT\"\nroot ::= select_statement"));
     }
 
     #[test]
@@ -586,6 +600,26 @@ mod tests {
         check(r#"root ::= ("a" | "ab") "b""#, &["abb"], &["ab"]);
     }
 
+    /// As deep as llguidance takes, and vLLM's example SQL grammar (names with `_`).
+    #[test]
+    fn limits_and_vllm_names() {
+        check(&format!("root ::= {}\"a\"{}", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING)), &["a"], &["b"]);
+        check(&format!("root ::= \"a\"{}", "?*".repeat(MAX_NESTING / 2) + "?"), &["", "aa"], &["b"]);
+        let sql = "root ::= select_statement\nselect_statement ::= \"SELECT \" column \" from \" table\n\
+                   column ::= \"col_1 \" | \"col_2 \"\ntable ::= \"table_1 \" | \"table_2 \"\n";
+        check(sql, &["SELECT col_1  from table_2 "], &["SELECT col_3  from table_2 "]);
+        // Many names that differ only in case take linear time (each gets the next free suffix).
+        let mut g = String::from("root ::= \"x\"\n");
+        for i in 0..20_000u32 {
+            let name: String = (0..15).map(|b| if i >> b & 1 == 1 { 'A' } else { 'a' }).collect();
+            g.push_str(&format!("{name} ::= \"\"\n"));
+        }
+        let t = std::time::Instant::now();
+        let lark = to_lark(&g).unwrap();
+        assert!(lark.contains("aaaaaaaaaaaaaaa-19999:"), "{}", &lark[lark.len() - 200..]);
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
     #[test]
     fn names_stay_distinct() {
         let lark = to_lark("root ::= A a a-1 2\nA ::= \"1\"\na ::= \"2\"\na-1 ::= \"3\"\n2 ::= \"4\"\n").unwrap();
@@ -602,21 +636,23 @@ mod tests {
             ("root = \"a\"", "line 1, column 6: expecting `::=`"),
             ("root ::= \"a", "line 1, column 10: the literal is not closed"),
             ("root ::= [a-", "the character class is not closed"),
-            ("root ::= []", "matches nothing"),
+            ("root ::= []", "empty character class"),
+            ("root ::= [^]", "empty character class"),
             ("root ::= [z-a]", "the range 'z'-'a' is reversed"),
             ("root ::= ( \"a\"", "expecting `)` to close the group at line 1, column 10"),
             ("root ::= * \"a\"", "`*` must follow the item it repeats"),
             ("root ::= \"a\"{3,2}", "the maximum is below the minimum"),
             ("root ::= \"a\"{x}", "expecting a number"),
             ("root ::= \"a\"{99999999999}", "too large"),
+            ("root ::= \"a\"{0,2147483647}", "at most 2147483646"),
             ("root ::= \"\\q\"", "unknown escape `\\q`"),
             ("root ::= \"\\u12\"", "`\\u` takes 4 hex digits"),
             ("root ::= \"\\UFFFFFFFF\"", "not a Unicode character"),
             ("root ::= <think> \"a\"", "token references"),
             ("root ::= \"a\" \"b\"\n  \"c\"", "line 2, column 3: expecting a rule name"),
             ("root ::= \"a\" ) \"b\"", "line 1, column 14: expecting a line end, found ')'"),
-            (&format!("root ::= {}\"a\"{}", "(".repeat(100_000), ")".repeat(100_000)), "column 40: groups nest more"),
-            (&format!("root ::= \"a\"{}", "*".repeat(100_000)), "column 44: repetitions and groups nest more"),
+            (&format!("root ::= {}\"a\"{}", "(".repeat(100_000), ")".repeat(100_000)), "column 38: groups nest more"),
+            (&format!("root ::= \"a\"{}", "*".repeat(100_000)), "column 42: repetitions and groups nest more"),
         ] {
             let e = to_lark(g).expect_err(g);
             assert!(e.contains(says), "{g:?}: {e}");
