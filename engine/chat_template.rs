@@ -9,6 +9,7 @@
 //! whose `content` is an array of parts goes to a template that does not iterate over content (the text
 //! models' template) as its text parts joined with `"\n"` (HF would render the Python repr of the list).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -202,7 +203,7 @@ impl ChatTemplate {
         set("add_generation_prompt", Value::from(opts.add_generation_prompt));
         let in_origin = |msg: String| Error::Template(format!("{msg} (chat template from {})", self.origin));
         let template = self.env.get_template(&tpl.name).map_err(|e| in_origin(e.to_string()))?;
-        template.render(Value::from_object(OrderedMap(ctx))).map_err(|e| in_origin(render_error(&e)))
+        template.render(Value::from_object(OrderedMap::new(ctx))).map_err(|e| in_origin(render_error(&e)))
     }
 
     fn select(&self, has_tools: bool) -> Result<&NamedTemplate> {
@@ -253,26 +254,41 @@ fn render_error(e: &minijinja::Error) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 // Template values
 
-/// A JSON object as a template value that keeps its key order (Python dicts do; minijinja's maps sort).
+/// A JSON object as a template value that keeps its key order (Python dicts do; minijinja's maps sort). Lookups
+/// go through a hash index: `tojson` looks up every key, and a request's tool schema may have a million.
 #[derive(Debug)]
-struct OrderedMap(Vec<(Value, Value)>);
+struct OrderedMap {
+    entries: Vec<(Value, Value)>,
+    /// Each key's first entry.
+    index: HashMap<Value, usize>,
+}
+
+impl OrderedMap {
+    fn new(entries: Vec<(Value, Value)>) -> Self {
+        let mut index = HashMap::with_capacity(entries.len());
+        for (i, (k, _)) in entries.iter().enumerate() {
+            index.entry(k.clone()).or_insert(i);
+        }
+        OrderedMap { entries, index }
+    }
+}
 
 impl Object for OrderedMap {
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        self.index.get(key).map(|&i| self.entries[i].1.clone())
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        self.mapped_enumerator(|this| Box::new(this.0.iter().map(|(k, _)| k.clone())))
+        self.mapped_enumerator(|this| Box::new(this.entries.iter().map(|(k, _)| k.clone())))
     }
 
     fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
-        Some(self.0.len())
+        Some(self.entries.len())
     }
 }
 
 fn ordered_map(entries: Vec<(&str, Value)>) -> Value {
-    Value::from_object(OrderedMap(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect()))
+    Value::from_object(OrderedMap::new(entries.into_iter().map(|(k, v)| (Value::from(k), v)).collect()))
 }
 
 /// A JSON value as a template value (objects keep their key order).
@@ -291,9 +307,9 @@ fn json_to_value(v: &Json) -> Value {
         }
         Json::String(s) => Value::from(s.as_str()),
         Json::Array(items) => Value::from(items.iter().map(json_to_value).collect::<Vec<_>>()),
-        Json::Object(m) => {
-            Value::from_object(OrderedMap(m.iter().map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))).collect()))
-        }
+        Json::Object(m) => Value::from_object(OrderedMap::new(
+            m.iter().map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))).collect(),
+        )),
     }
 }
 
@@ -365,7 +381,7 @@ fn message_value(index: usize, m: &ChatMessage, takes_parts: bool) -> Result<Val
             all.push((Value::from(k.as_str()), json_to_value(v)));
         }
     }
-    Ok(Value::from_object(OrderedMap(all)))
+    Ok(Value::from_object(OrderedMap::new(all)))
 }
 
 // ---------------------------------------------------------------------------------------------------------------

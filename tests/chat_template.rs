@@ -150,6 +150,21 @@ fn custom_template_features() {
     assert!(err.contains("chat_template.jinja") && err.contains("tokenizer_config.json"), "{err}");
 }
 
+/// `tojson` of a tool whose schema has 200k keys takes linear time (each key's lookup was a scan of the object:
+/// minutes of a prepare thread from one request).
+#[test]
+fn tojson_of_a_huge_object_is_linear() {
+    let t = ChatTemplate::from_source("{{ tools[0] | tojson }}", "", "").unwrap();
+    let keys: serde_json::Map<String, serde_json::Value> = (0..200_000).map(|i| (format!("k{i}"), i.into())).collect();
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": keys}}]);
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "x"}], "tools": tools});
+    let req = ChatRequest::from_json(&body.to_string()).unwrap();
+    let t0 = std::time::Instant::now();
+    let got = t.render(&req, &RenderOptions::default()).unwrap();
+    assert!(got.ends_with("\"k199999\": 199999}}}"), "{}", &got[got.len() - 60..]);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", t0.elapsed());
+}
+
 #[test]
 fn request_errors_name_the_path() {
     let cases = [
