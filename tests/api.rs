@@ -164,6 +164,11 @@ fn sampling_fields_defaults_and_limits() {
         "stop": ["a", "b"], "stop_token_ids": [7], "ignore_eos": true, "n": 2, "best_of": 3, "priority": 4,
         "logprobs": true, "top_logprobs": 2, "max_completion_tokens": 9, "max_tokens": 100,
         "frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.1, "min_p": 0.05});
+    // `priority` only under --scheduling-policy priority; vLLM's lower-first becomes the scheduler's higher-first.
+    let (msg, param) = err(&c, Endpoint::Chat, body.clone());
+    assert!(msg.contains("--scheduling-policy priority") && param.as_deref() == Some("priority"), "{msg}");
+    let mut c = c;
+    c.priority_scheduling = true;
     let p = prepare(&c, Endpoint::Chat, &body).unwrap();
     let r = &p.requests[0];
     assert_eq!(r.params.temperature, 0.0);
@@ -173,7 +178,11 @@ fn sampling_fields_defaults_and_limits() {
     assert_eq!(r.params.stop_token_ids, vec![7]);
     assert!(r.params.ignore_eos);
     assert_eq!(r.params.max_tokens, 9, "max_completion_tokens wins over max_tokens");
-    assert_eq!((r.n, r.best_of, r.priority, r.logprobs), (2, 3, 4, Some(2)));
+    assert_eq!((r.n, r.best_of, r.priority, r.logprobs), (2, 3, -4, Some(2)));
+    let mut urgent = body.clone();
+    urgent["priority"] = json!(i64::MIN);
+    let urgent = prepare(&c, Endpoint::Chat, &urgent).unwrap();
+    assert_eq!(urgent.requests[0].priority, i32::MAX);
     assert_eq!((r.params.frequency_penalty, r.params.presence_penalty), (0.5, -0.5));
     // Completions: BOS + text, default max_tokens 16, several prompts.
     let p =

@@ -175,5 +175,15 @@ pub fn context_for(
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let guides =
         std::sync::Arc::new(guided::Guides::new(tokenizer.clone(), info.config.vocab_size, &info.config.eos_token_ids));
-    Ok(api::ServeContext { model_name, tokenizer, template, info, defaults, started, vision: None, guides })
+    Ok(api::ServeContext {
+        model_name,
+        tokenizer,
+        template,
+        info,
+        defaults,
+        started,
+        vision: None,
+        guides,
+        priority_scheduling: false,
+    })
 }

@@ -77,6 +77,20 @@ pub struct EngineArgs {
     /// whose images do not fit wait for room.
     #[arg(long, default_value_t = 64)]
     pub cross_attention_tiles: usize,
+    /// How waiting requests are ordered, as vLLM's flag: `fcfs` (first come, first served; a request's `priority`
+    /// other than 0 is refused) or `priority` (lower `priority` first, then arrival; a running sequence may be
+    /// preempted for a more urgent one when the KV cache runs out).
+    #[arg(long, value_enum, default_value_t = SchedulingPolicy::Fcfs)]
+    pub scheduling_policy: SchedulingPolicy,
+}
+
+/// `--scheduling-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchedulingPolicy {
+    /// First come, first served.
+    Fcfs,
+    /// By each request's `priority`, lower first.
+    Priority,
 }
 
 impl EngineArgs {
@@ -186,6 +200,13 @@ const CPU_DEFAULT_KV_TOKENS: usize = 16384;
 /// Starts the engine thread for `a` (the model is loaded there) and builds the handlers' context; `lead`: this is
 /// node 0 of a multi-node run ([`node_role`]).
 fn start_engine(a: &ModelArgs, e: &EngineArgs, lead: Option<Lead>) -> Result<(EngineHandle, ServeContext)> {
+    let (engine, mut ctx) = load_engine(a, e, lead)?;
+    ctx.priority_scheduling = e.scheduling_policy == SchedulingPolicy::Priority;
+    Ok((engine, ctx))
+}
+
+/// [`start_engine`] before the request policy: the model, its executor and the engine thread.
+fn load_engine(a: &ModelArgs, e: &EngineArgs, lead: Option<Lead>) -> Result<(EngineHandle, ServeContext)> {
     check_tensor_parallel(e.tensor_parallel, &a.device, e.devices.as_deref())?;
     if let Some(dir) = super::vision::vision_dir(a, false)? {
         check_vision_tensor_parallel(e.tensor_parallel, a)?;
@@ -563,6 +584,7 @@ fn check_url_mode(m: &ModelArgs, e: &EngineArgs) -> Result<()> {
         ("--max-waiting", e.max_waiting != defaults.max_waiting),
         ("--max-num-seqs", e.max_num_seqs != defaults.max_num_seqs),
         ("--max-num-batched-tokens", e.max_num_batched_tokens != defaults.max_num_batched_tokens),
+        ("--scheduling-policy", e.scheduling_policy != defaults.scheduling_policy),
     ];
     let set: Vec<&str> = given.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect();
     if set.is_empty() {

@@ -6,8 +6,9 @@
 //! `temperature`, `top_p`, `n`, `stop`, `seed`, `frequency_penalty`, `presence_penalty`, `logprobs`,
 //! `top_logprobs`, `stream`, `stream_options`, `tools`, `tool_choice`, `echo`, `best_of`, `user`), and vLLM's
 //! extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
-//! `priority`, `chat_template_kwargs`, `return_token_ids`, `min_tokens`, `prompt_logprobs`); `logit_bias` maps token ids (as strings,
-//! OpenAI's shape) to biases in [-100, 100]. Structured outputs ([`crate::serve::guided`]): `response_format`
+//! `priority` (lower first, as in vLLM, under `--scheduling-policy priority`), `chat_template_kwargs`,
+//! `return_token_ids`, `min_tokens`, `prompt_logprobs`); `logit_bias` maps token ids (as strings, OpenAI's shape)
+//! to biases in [-100, 100]. Structured outputs ([`crate::serve::guided`]): `response_format`
 //! (`json_object`, `json_schema`), and vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`
 //! and `structured_outputs`. Fields the engine cannot honor (`suffix`) are refused with a 400 naming them rather
 //! than silently ignored; unknown fields are ignored, as OpenAI does.
@@ -183,6 +184,8 @@ pub struct ServeContext {
     pub vision: Option<Arc<crate::vision::pipeline::ImageEncoder>>,
     /// The grammar engine of structured outputs (built on the first request that asks for one).
     pub guides: Arc<super::guided::Guides>,
+    /// Whether requests may set `priority` (`--scheduling-policy priority`; vLLM refuses it otherwise too).
+    pub priority_scheduling: bool,
 }
 
 /// Most images in one request.
@@ -399,7 +402,18 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
     let prompt_logprobs = echo_logprobs.max(vllm_prompt_logprobs);
     let mut skip_special = f.bool("skip_special_tokens")?.unwrap_or(true);
     let return_token_ids = f.bool("return_token_ids")?.unwrap_or(false) || ctx.tokenizer.is_none();
-    let priority = f.int("priority")?.unwrap_or(0).clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+    // vLLM's meaning: lower first, and only under `--scheduling-policy priority` (the scheduler's is higher first).
+    let priority = f.int("priority")?.unwrap_or(0).clamp(-(i32::MAX as i64), i32::MAX as i64) as i32;
+    if priority != 0 && !ctx.priority_scheduling {
+        return Err(ApiError::bad_request(
+            Some("priority"),
+            format!(
+                "priority: {priority} needs a server started with --scheduling-policy priority (this one serves \
+                 first come, first served)"
+            ),
+        ));
+    }
+    let priority = -priority;
 
     // Prompts.
     let tok = ctx.tokenizer.as_deref();
