@@ -113,6 +113,21 @@ fn validation_errors_name_the_field() {
     }
     let p = prepare(&c, Endpoint::Completions, &json!({"prompt": prompts(cap / 64), "n": 64})).unwrap();
     assert_eq!((p.requests.len(), p.requests[0].n), (cap / 64, 64));
+    // Prompt log-probabilities, counted as every choice carries them: 100 x 1000 tokens x 21 x 2 choices is past
+    // MAX_PROMPT_LOGPROBS (4194304), 99 prompts are not; echo with logprobs counts the same, named `logprobs`.
+    let long = |k: usize| json!(vec![vec![9906u32; 1000]; k]);
+    let body = |k: usize, extra: Value| {
+        let mut b = json!({"prompt": long(k), "n": 2, "max_tokens": 1});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let (msg, p) = err(&c, Endpoint::Completions, body(100, json!({"prompt_logprobs": 20})));
+    assert!(msg.contains("4200000 prompt log-probabilities") && msg.contains("at most 4194304"), "{msg}");
+    assert_eq!(p.as_deref(), Some("prompt_logprobs"));
+    let (msg, p) = err(&c, Endpoint::Completions, body(100, json!({"echo": true, "logprobs": 20})));
+    assert!(msg.contains("4200000"), "{msg}");
+    assert_eq!(p.as_deref(), Some("logprobs"));
+    assert!(prepare(&c, Endpoint::Completions, &body(99, json!({"prompt_logprobs": 20}))).is_ok());
     // An unknown model is a 404, as OpenAI and vLLM answer (the OpenAI client raises NotFoundError).
     let e = prepare(&c, Endpoint::Chat, &chat(json!({"model": "gpt-4"}))).expect_err("unknown model");
     assert_eq!((e.status, e.param.as_deref()), (404, Some("model")), "{}", e.message);

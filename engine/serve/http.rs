@@ -622,7 +622,11 @@ async fn json_response(s: AppState, prep: Prepared, streams: Vec<RequestStream>)
     if done < total {
         return error_response(&engine_error(&s, ENDED_EARLY.into()));
     }
-    let mut resp = Json(rb.build()).into_response();
+    // Building and serializing a large response (prompt logprobs of a long prompt, many choices) takes a while:
+    // this worker hands its other tasks on meanwhile (on a runtime with several workers; `run` makes one).
+    let build = || Json(rb.build()).into_response();
+    let multi = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+    let mut resp = if multi { tokio::task::block_in_place(build) } else { build() };
     set_request_id(&mut resp, &prep.id);
     resp
 }

@@ -102,6 +102,12 @@ pub const MAX_PROMPTS: usize = 1024;
 /// moment the request is queued, so this bounds the memory one request can take before any of it runs.
 pub const MAX_SEQUENCES: usize = 4096;
 
+/// Most prompt log-probabilities one request may ask for, counted as every choice carries them: prompt tokens x (1 +
+/// alternatives) x choices. A whole 128K-token prompt with 20 alternatives and one choice is 2.75 M; each becomes a
+/// JSON object in the response, so this bounds what one short request can make the server build (the list is the
+/// same for every choice of a prompt, and 128 choices of a long prompt asked for hundreds of GB).
+pub const MAX_PROMPT_LOGPROBS: usize = 1 << 22;
+
 /// Sampling defaults from the model's `generation_config.json` (vLLM's `--generation-config auto`); request fields
 /// override them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -711,6 +717,7 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
     let mut requests = Vec::with_capacity(prompts.len());
     let mut prefixes = Vec::with_capacity(prompts.len());
     let several = prompts.len() > 1;
+    let mut prompt_entries = 0usize;
     for (i, (ids, prefix, what)) in prompts.into_iter().enumerate() {
         let label = if several { format!("{what}[{i}]") } else { what.to_string() };
         if ids.is_empty() {
@@ -755,6 +762,9 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
                 format!("min_tokens: {min_tokens} is more than the {max} tokens {label} may generate"),
             ));
         }
+        if let Some(k) = prompt_logprobs {
+            prompt_entries = prompt_entries.saturating_add(ids.len() * (k + 1) * n);
+        }
         let params = SamplingParams { max_tokens: max, min_tokens, ..base.clone() };
         requests.push(GenerateRequest {
             prompt: ids,
@@ -769,6 +779,16 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
             guide: guide.clone(),
         });
         prefixes.push(prefix);
+    }
+    if prompt_entries > MAX_PROMPT_LOGPROBS {
+        let field = if vllm_prompt_logprobs.is_some() { "prompt_logprobs" } else { "logprobs" };
+        return Err(ApiError::bad_request(
+            Some(field),
+            format!(
+                "{field}: {prompt_entries} prompt log-probabilities (prompt tokens x (1 + alternatives) x choices); \
+                 at most {MAX_PROMPT_LOGPROBS} a request"
+            ),
+        ));
     }
     let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
     Ok(Prepared {
