@@ -549,6 +549,27 @@ fn partial_match_that_is_not_a_stop_is_released() {
     assert_eq!(c.finish(), "ST");
 }
 
+/// 64 stop strings of 1 KB that share a 512-byte prefix the text keeps matching: each token costs the checker its
+/// new bytes times the strings (trying every held suffix length cost about 0.6 ms a token on the engine thread).
+#[test]
+fn stop_strings_cost_linear_time() {
+    let stops: Vec<String> = (0..64).map(|i| format!("{}b{}", "a".repeat(512), "x".repeat(447 + i))).collect();
+    let p = SamplingParams { stop: stops, max_tokens: 20_001, ..SamplingParams::greedy() };
+    let mut c = StopChecker::new(&[2], &p);
+    let t = std::time::Instant::now();
+    let mut emitted = 0;
+    for _ in 0..20_000 {
+        let st = c.push(7, "a");
+        assert_eq!(st.finished, None);
+        emitted += st.emit.len();
+    }
+    // Everything but the 512 held `a`s went out.
+    assert_eq!(emitted, 20_000 - 512);
+    let last = c.push(7, "bx");
+    assert_eq!((last.emit.len(), last.finished), (512 + 2, Some(FinishReason::Length)));
+    assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
 #[test]
 fn multiple_stop_strings_earliest_wins() {
     let mut c = StopChecker::new(&EOS, &stop_params(&["world", "lo w", "\n\n"], 100));
