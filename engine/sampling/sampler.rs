@@ -1,7 +1,7 @@
 //! The per-sequence [`Sampler`]: logit bias, penalties, temperature, min-p, top-k, top-p and the seeded draw.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -52,8 +52,10 @@ pub struct Sampler {
     rng: ChaCha20Rng,
     /// Tokens of the prompt or the output (repetition penalty).
     seen: HashSet<u32>,
-    /// Occurrences of each token in the output (frequency and presence penalties).
-    counts: HashMap<u32, u32>,
+    /// The prompt's distinct tokens in increasing order, under a repetition penalty (for [`Sampler::history`]).
+    prompt_ids: Vec<u32>,
+    /// Occurrences of each token in the output (frequency and presence penalties), in id order.
+    counts: BTreeMap<u32, u32>,
     n_output: usize,
     /// Reused buffers: the penalized row and the candidate list.
     row: Vec<f32>,
@@ -84,7 +86,15 @@ impl Sampler {
             rng,
             // Only the repetition penalty reads `seen`: without it, a long prompt costs no set.
             seen: if params.repetition_penalty != 1.0 { prompt_ids.iter().copied().collect() } else { HashSet::new() },
-            counts: HashMap::new(),
+            prompt_ids: if params.repetition_penalty != 1.0 {
+                let mut ids = prompt_ids.to_vec();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            } else {
+                Vec::new()
+            },
+            counts: BTreeMap::new(),
             n_output: 0,
             row: Vec::new(),
             cand: Vec::new(),
@@ -158,6 +168,14 @@ impl Sampler {
             || !self.banned_now().is_empty()
             || (self.repetition_penalty != 1.0 && !self.seen.is_empty())
             || ((self.frequency_penalty != 0.0 || self.presence_penalty != 0.0) && !self.counts.is_empty())
+    }
+
+    /// What the penalties read, in increasing id order: the prompt's distinct tokens (only under a repetition
+    /// penalty, the one penalty that reads them) and each output token's occurrences, with the number of output
+    /// tokens recorded. Kept as the tokens come, so that a device sampler's penalty lists need no sort of the whole
+    /// history each step.
+    pub fn history(&self) -> (&[u32], impl Iterator<Item = (u32, u32)> + '_, usize) {
+        (&self.prompt_ids, self.counts.iter().map(|(&id, &n)| (id, n)), self.n_output)
     }
 
     /// Records `id` as generated without sampling it (a forced token); it then counts for the penalties.

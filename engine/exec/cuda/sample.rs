@@ -46,10 +46,18 @@ impl SamplingInputs {
         let lists = if seqs.iter().any(|r| r.params.has_penalties() || biased(r)) {
             let mut lists = k::sampling::PenaltyLists::new();
             for r in seqs.iter() {
-                let (prompt, output) = if r.params.has_penalties() { (r.prompt, r.output) } else { (&[][..], &[][..]) };
                 let banned = r.sampler.banned_now().iter().map(|&id| (id, f32::NEG_INFINITY));
                 let bias: Vec<(u32, f32)> = r.params.logit_bias.iter().copied().chain(banned).collect();
-                lists.push_row_biased(prompt, output, &bias)?;
+                // The sampler's history is kept sorted as the tokens come; it stands for the slices when it has
+                // recorded exactly this output (always, for the scheduler's and generate's sequences).
+                let (prompt, counts, recorded) = r.sampler.history();
+                if !r.params.has_penalties() {
+                    lists.push_row_sorted(&[], [], &bias)?;
+                } else if recorded == r.output.len() {
+                    lists.push_row_sorted(prompt, counts, &bias)?;
+                } else {
+                    lists.push_row_biased(r.prompt, r.output, &bias)?;
+                }
             }
             Some(lists)
         } else {

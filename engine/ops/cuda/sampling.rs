@@ -127,14 +127,62 @@ impl PenaltyLists {
     /// entry of its own marked [`PENALTY_UNSEEN`]. A row without penalties passes an empty `prompt` and `output`, so
     /// that only its biased tokens are listed.
     pub fn push_row_biased(&mut self, prompt: &[u32], output: &[u32], bias: &[(u32, f32)]) -> Result<()> {
-        // (id, output occurrences, seen, bias).
-        let mut row: Vec<(u32, u32, bool, f32)> = prompt
-            .iter()
-            .map(|&t| (t, 0, true, 0.0))
-            .chain(output.iter().map(|&t| (t, 1, true, 0.0)))
-            .chain(bias.iter().map(|&(t, b)| (t, 0, false, b)))
-            .collect();
-        row.sort_unstable_by_key(|&(id, ..)| id);
+        let mut prompt = prompt.to_vec();
+        prompt.sort_unstable();
+        prompt.dedup();
+        let mut output = output.to_vec();
+        output.sort_unstable();
+        let counts = output.chunk_by(|a, b| a == b).map(|run| (run[0], u32::try_from(run.len()).unwrap_or(u32::MAX)));
+        self.push_row_sorted(&prompt, counts, bias)
+    }
+
+    /// [`push_row_biased`](Self::push_row_biased) from a history kept sorted
+    /// ([`crate::sampling::Sampler::history`]): the prompt's distinct ids in increasing order and the output's
+    /// `(id, occurrences)` in increasing id order. Merged, not sorted: the cost is the row's length (the bias alone
+    /// is sorted).
+    pub fn push_row_sorted(
+        &mut self,
+        prompt: &[u32],
+        output: impl IntoIterator<Item = (u32, u32)>,
+        bias: &[(u32, f32)],
+    ) -> Result<()> {
+        // The history as (id, output occurrences), every id seen.
+        let mut output = output.into_iter().peekable();
+        let mut history: Vec<(u32, u32)> = Vec::with_capacity(prompt.len());
+        let mut p = prompt.iter().copied().peekable();
+        loop {
+            let next = match (p.peek(), output.peek()) {
+                (Some(&a), Some(&(b, n))) if a == b => {
+                    p.next();
+                    output.next();
+                    (a, n)
+                }
+                (Some(&a), Some(&(b, _))) if a < b => {
+                    p.next();
+                    (a, 0)
+                }
+                (_, Some(_)) => output.next().unwrap_or_default(),
+                (Some(_), None) => (p.next().unwrap_or_default(), 0),
+                (None, None) => break,
+            };
+            history.push(next);
+        }
+        let mut bias = bias.to_vec();
+        bias.sort_by_key(|&(id, _)| id);
+        // (id, output occurrences, seen, bias), in id order: the history and the bias merged.
+        let (mut i, mut j) = (0, 0);
+        let row = std::iter::from_fn(|| {
+            let from_history = j == bias.len() || (i < history.len() && history[i].0 <= bias[j].0);
+            if from_history {
+                let &(id, n) = history.get(i)?;
+                i += 1;
+                Some((id, n, true, 0.0))
+            } else {
+                let (id, b) = bias[j];
+                j += 1;
+                Some((id, 0, false, b))
+            }
+        });
         let start = self.ids.len();
         for (id, n, seen, b) in row {
             if self.ids.len() > start && self.ids.last() == Some(&id) {
@@ -426,6 +474,65 @@ mod tests {
         assert_eq!(p.offsets(), &[0, 3, 3, 4]);
         assert_eq!(p.ids(), &[3, 5, 7, 1]);
         assert_eq!(p.counts(), &[1, 0, 3, 0]);
+    }
+
+    /// A row from a sampler's sorted history is the row from the raw prompt and output: the same lists under a
+    /// repetition penalty, and without one the same but for the prompt-only ids (count 0, no penalty to apply).
+    #[test]
+    fn penalty_rows_from_the_sampler_history_match_the_slices() {
+        use crate::sampling::{Sampler, SamplingParams};
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for case in 0..2000 {
+            let prompt: Vec<u32> = (0..next(40)).map(|_| next(50) as u32).collect();
+            let output: Vec<u32> = (0..next(40)).map(|_| next(60) as u32).collect();
+            let mut bias: Vec<(u32, f32)> = (0..next(4)).map(|_| (next(70) as u32, next(9) as f32 - 4.0)).collect();
+            bias.extend((0..next(3)).map(|_| (next(70) as u32, f32::NEG_INFINITY)));
+            let repetition = if case % 2 == 0 { 1.3 } else { 1.0 };
+            let params =
+                SamplingParams { repetition_penalty: repetition, frequency_penalty: 0.5, ..Default::default() };
+            let mut sampler = Sampler::new(&params, &prompt);
+            output.iter().for_each(|&t| sampler.accept(t));
+            let (sorted, counts, recorded) = sampler.history();
+            assert_eq!(recorded, output.len());
+            let mut from_history = PenaltyLists::new();
+            from_history.push_row_sorted(sorted, counts, &bias).unwrap();
+            let mut from_slices = PenaltyLists::new();
+            let prompt_part: &[u32] = if repetition != 1.0 { &prompt } else { &[] };
+            from_slices.push_row_biased(prompt_part, &output, &bias).unwrap();
+            let row =
+                |l: &PenaltyLists| (l.offsets().to_vec(), l.ids().to_vec(), l.counts().to_vec(), l.bias().to_vec());
+            assert_eq!(row(&from_history), row(&from_slices), "{prompt:?} {output:?} {bias:?}");
+            // And the merge is the lists' first form: every entry sorted, then runs of one id folded.
+            let mut all: Vec<(u32, u32, bool, f32)> = prompt_part
+                .iter()
+                .map(|&t| (t, 0, true, 0.0))
+                .chain(output.iter().map(|&t| (t, 1, true, 0.0)))
+                .chain(bias.iter().map(|&(t, b)| (t, 0, false, b)))
+                .collect();
+            all.sort_by_key(|&(id, ..)| id);
+            let mut want: Vec<(u32, u32, f32)> = Vec::new();
+            for (id, n, seen, b) in all {
+                let flag = if seen { 0 } else { PENALTY_UNSEEN };
+                match want.last_mut() {
+                    Some(last) if last.0 == id => {
+                        let unseen = last.1 & PENALTY_UNSEEN != 0 && !seen;
+                        last.1 = ((last.1 & !PENALTY_UNSEEN) + n) | if unseen { PENALTY_UNSEEN } else { 0 };
+                        last.2 += b;
+                    }
+                    _ => want.push((id, n | flag, b)),
+                }
+            }
+            let got: Vec<(u32, u32, f32)> = (0..from_slices.ids().len())
+                .map(|k| (from_slices.ids()[k], from_slices.counts()[k], from_slices.bias()[k]))
+                .collect();
+            assert_eq!(got, want, "{prompt:?} {output:?} {bias:?}");
+        }
     }
 
     #[test]
