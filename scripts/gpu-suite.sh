@@ -86,7 +86,8 @@ run() {
   # TMA-fed W4A8 kernels wgmma-tma and wgmma-ws-tma, built without a GPU: their twin tests and the golden end-to-end
   # test with each forced, unless the tests stage ran in the same call; their criterion lines at m = 256 and 1024 beside
   # wgmma-row and wgmma-ws; 1B W4A8 prefill (4 x 2048 tokens) and batch-64 decode with each beside the kernel it
-  # would replace; about three minutes).
+  # would replace; about three minutes), scored (opt-in: bench-serve at 64 clients with logprobs, prompt logprobs,
+  # sampling with penalties and a JSON schema, each beside the plain row; about two minutes).
   # LLAMA32_SUITE_SECONDS bounds the whole run: a step that would start past
   # it is reported as TIME. A 15-minute device session runs them as separate calls, tests first.
   # GPU_SUITE_SKIP_CRITERION=1 / GPU_SUITE_SKIP_PEERS=1 leave out the criterion quant group (about two minutes) / the
@@ -637,6 +638,42 @@ PY
       for pw in 1 0 1 0; do
         LLAMA32_QUANT_PREWAIT=$pw bench_e2e 60 "$spec"
       done
+    done
+  fi
+
+  if want scored; then
+    # The twenty-fifth session's device picking (scored steps: masks, logprobs, prompt logprobs, penalties on the
+    # device, built without a GPU) and the twenty-sixth's sorted penalty lists, end to end: 1B served in-process, 64
+    # streaming clients of 512-token prompts and 128 tokens, one request each, plain and with each kind of scored
+    # step (bench-serve --extra-body). Their ITL against the plain row is the cost of each.
+    local extra name log rc spec tok=()
+    # Structured outputs need the tokenizer (the reference data's; without it the guided row is a SKIP).
+    [[ -f "${LLAMA32_TEST_DATA:-}/tokenizer.model" ]] && tok=(--tokenizer "$LLAMA32_TEST_DATA/tokenizer.model")
+    local schema='{"type":"object","properties":{"text":{"type":"string","maxLength":400}},"required":["text"]}'
+    for spec in 'plain|{}' 'logprobs5|{"logprobs": 5}' 'prompt_logprobs1|{"prompt_logprobs": 1}' \
+      'sampled_penalized|{"temperature": 1.0, "seed": 1, "repetition_penalty": 1.1, "frequency_penalty": 0.2}' \
+      "guided_json|{\"ignore_eos\": false, \"guided_json\": $schema}"; do
+      name=${spec%%|*} extra=${spec#*|} log="$logs/scored.$name.log" rc=0
+      if [[ $name == guided_json && ${#tok[@]} == 0 ]]; then
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' SKIP scored "1b guided_json (no LLAMA32_TEST_DATA tokenizer)" -)")
+        continue
+      fi
+      tmo 120 "$bundle/bin/llama32" bench-serve --preset 1b --random-weights --device cuda "${tok[@]}" --clients 64 \
+        --requests-per-client 1 --prompt-tokens 512 --max-tokens 128 --extra-body "$extra" >"$log" 2>&1 || rc=$?
+      if ((rc == 0)) && grep -q '^{' "$log"; then
+        grep '^{' "$log" >>"$logs/bench.jsonl"
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS scored "1b 64 clients p512 g128 $name" -)")
+        benches+=("$(grep '^{' "$log" | tail -1 | python3 -c '
+  import json, sys
+  d = json.loads(sys.stdin.read())
+  print("scored %-18s 64 clients: TTFT p50 %7.1f ms  ITL p50 %6.2f p99 %6.2f ms  %8.0f tok/s  ok %d err %d" % (
+      sys.argv[1], d["ttft_ms"]["p50"], d["itl_ms"]["p50"], d["itl_ms"]["p99"], d["output_tok_per_s"], d["ok"],
+      d["errors"]))' "$name")")
+      else
+        failed=$((failed + 1))
+        rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL scored "1b 64 clients p512 g128 $name" -)")
+        tail -n 5 "$log"
+      fi
     done
   fi
 

@@ -259,6 +259,9 @@ fn flags_that_would_be_ignored_or_changed_are_refused() {
         (&["serve", "--model", m, "--max-body-bytes", "68719476736"], &["--max-body-bytes", "1 GiB"]),
         (&["serve", "--model", m, "--api-key", "has space"], &["--api-key"]),
         (&["bench-serve", "--model", m, "--api-key", "k"], &["--api-key", "--url"]),
+        (&["bench-serve", "--model", m, "--extra-body", "[1]"], &["--extra-body", "JSON object"]),
+        (&["bench-serve", "--model", m, "--extra-body", "{\"stream\": false}"], &["--extra-body", "`stream` is set"]),
+        (&["serve", "--model", m, "--scheduling-policy", "lifo"], &["--scheduling-policy", "fcfs"]),
         (&["plan", "--batch", "0"], &["--batch"]),
         (&["plan", "--model", "1b", "--images", "2"], &["--images", "text model"]),
         (&["plan", "--model", "1b", "--context", "1000000"], &["--context 1000000", "131072"]),
@@ -349,6 +352,24 @@ fn bench_serve_runs_on_a_small_model_and_fails_when_nothing_succeeds() {
     assert_eq!(v["ttft_ms"]["count"].as_u64(), Some(2), "{v}");
     assert_eq!(v["itl_ms"]["count"].as_u64(), Some(tokens - 2), "{v}");
     assert!(v["ttft_ms"]["mean"].as_f64().unwrap() > 0.0, "{v}");
+    // --extra-body goes into every request (sampled, with logprobs here) and is echoed in the level's line.
+    let extra = r#"{"logprobs": 2, "temperature": 1.0, "seed": 3}"#;
+    let out = run(bin()
+        .args(["bench-serve", "--model"])
+        .arg(&model)
+        .args(["--clients", "2", "--extra-body", extra])
+        .args(args));
+    let v: Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert_eq!((v["ok"].as_u64(), v["extra_body"]["logprobs"].as_u64()), (Some(2), Some(2)), "{v}");
+    // A field the server refuses fails every request, and so the run.
+    fails_with(
+        bin()
+            .args(["bench-serve", "--model"])
+            .arg(&model)
+            .args(["--clients", "1", "--extra-body", r#"{"top_p": 7}"#])
+            .args(args),
+        &["no request succeeded at 1 client(s)", "top_p"],
+    );
     // A --url whose server answers nothing useful: no request succeeds, and the run fails.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

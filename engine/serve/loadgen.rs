@@ -38,6 +38,20 @@ pub struct LoadOptions {
     pub model: String,
     /// Sent as `Authorization: Bearer KEY` when set (a server started with `--api-key`).
     pub api_key: Option<String>,
+    /// Fields added to every request body, over the defaults (e.g. `logprobs`, a `guided_json` schema, sampling
+    /// fields); see [`check_extra_body`].
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Refuses an `extra_body` that the load generator cannot run with: one that replaces the fields it must set itself
+/// (`model`, `prompt`, `stream`, `stream_options`), naming the field.
+pub fn check_extra_body(extra: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    match extra.keys().find(|k| ["model", "prompt", "stream", "stream_options"].contains(&k.as_str())) {
+        Some(k) => Err(Error::request(format!(
+            "`{k}` is set by the load generator (a streamed completion of random prompt ids)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Percentiles of one latency, in milliseconds.
@@ -166,11 +180,14 @@ fn prompt_ids(o: &LoadOptions, seed: u64) -> Vec<u32> {
 
 async fn one_request(o: &LoadOptions, seed: u64) -> Result<One> {
     let io = |e: std::io::Error| Error::Backend(format!("{}: {e}", o.addr));
-    let body = json!({
+    let mut body = json!({
         "model": o.model, "prompt": prompt_ids(o, seed), "max_tokens": o.max_tokens, "stream": true,
         "ignore_eos": true, "temperature": 0, "stream_options": {"include_usage": true},
-    })
-    .to_string();
+    });
+    if let Some(obj) = body.as_object_mut() {
+        obj.extend(o.extra_body.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let body = body.to_string();
     let auth = o.api_key.as_ref().map_or_else(String::new, |k| format!("Authorization: Bearer {k}\r\n"));
     let req = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\

@@ -414,6 +414,11 @@ pub struct BenchServeArgs {
     /// With --url: the server's API key (sent as `Authorization: Bearer KEY`); default: LLAMA32_API_KEY.
     #[arg(long)]
     api_key: Option<String>,
+    /// A JSON object of fields added to every request, over the defaults (greedy, `ignore_eos`): e.g.
+    /// '{"logprobs": 5}', '{"temperature": 1, "repetition_penalty": 1.1}', or a structured output with
+    /// '{"ignore_eos": false, "guided_json": {...}}'. Echoed in each level's line as `extra_body`.
+    #[arg(long)]
+    extra_body: Option<String>,
 }
 
 /// Runs `llama32 bench-serve`: one JSON line per load level with TTFT, ITL and throughput.
@@ -442,6 +447,16 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
     if a.requests_per_client > MAX_REQUESTS_PER_CLIENT {
         return Err(Error::request(format!("--requests-per-client: at most {MAX_REQUESTS_PER_CLIENT}")));
     }
+    let extra_body = match a.extra_body.as_deref() {
+        None => serde_json::Map::new(),
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(_) => return Err(Error::request("--extra-body: expected a JSON object")),
+            Err(e) => return Err(Error::request(format!("--extra-body: not valid JSON: {e}"))),
+        },
+    };
+    crate::serve::loadgen::check_extra_body(&extra_body)
+        .map_err(|e| Error::request(format!("--extra-body: {}", e.detail())))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -456,6 +471,7 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         bos: 128000,
         model: String::new(),
         api_key: if a.url.is_some() { api_key(a.api_key.as_deref())? } else { None },
+        extra_body,
     };
     // Prints a level's report; a level where no request succeeded measured nothing, and is kept in `failed` for
     // the verdict after every level's report (no_failed_level).
@@ -467,6 +483,9 @@ pub fn cmd_bench_serve(a: BenchServeArgs) -> Result<()> {
         v["prompt_tokens"] = base.prompt_tokens.into();
         v["max_tokens"] = base.max_tokens.into();
         v["requests_per_client"] = base.requests_per_client.into();
+        if !base.extra_body.is_empty() {
+            v["extra_body"] = serde_json::Value::Object(base.extra_body.clone());
+        }
         outln!("{v}")
     };
     if let Some(url) = &a.url {
