@@ -1,6 +1,7 @@
 //! Stop conditions and stream-safe text emission: EOS / stop token ids, stop strings, `max_tokens`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -52,10 +53,9 @@ pub struct StopStep {
 #[derive(Clone, Debug)]
 pub struct StopChecker {
     stop_ids: Vec<u32>,
-    stop_strings: Vec<String>,
-    /// Each stop string's Knuth-Morris-Pratt borders: `borders[j][i]` is the longest proper border of its first
-    /// `i + 1` bytes.
-    borders: Vec<Vec<u32>>,
+    /// The stop strings and each one's Knuth-Morris-Pratt borders (`borders[i]`: the longest proper border of its
+    /// first `i + 1` bytes), shared by the clones of a checker (the `n` completions of a request).
+    stop_strings: Arc<[(String, Box<[u32]>)]>,
     /// Each stop string's automaton state: the longest suffix of the text so far that is a proper prefix of it.
     states: Vec<usize>,
     max_tokens: usize,
@@ -68,10 +68,10 @@ pub struct StopChecker {
 impl StopChecker {
     /// A checker for one sequence; `eos_ids` are the model's end-of-sequence ids.
     pub fn new(eos_ids: &[u32], params: &SamplingParams) -> Self {
-        let stop_strings: Vec<String> = params.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+        let stop_strings: Arc<[(String, Box<[u32]>)]> =
+            params.stop.iter().filter(|s| !s.is_empty()).map(|s| (s.clone(), borders(s.as_bytes()))).collect();
         StopChecker {
             stop_ids: super::stop_ids(eos_ids, params),
-            borders: stop_strings.iter().map(|s| borders(s.as_bytes())).collect(),
             states: vec![0; stop_strings.len()],
             stop_strings,
             max_tokens: params.max_tokens,
@@ -138,7 +138,7 @@ impl StopChecker {
     fn advance(&mut self, new: &[u8], checks: bool) -> Option<usize> {
         let base = self.pending.len() - new.len();
         let mut earliest: Option<usize> = None;
-        for ((s, border), state) in self.stop_strings.iter().zip(&self.borders).zip(&mut self.states) {
+        for ((s, border), state) in self.stop_strings.iter().zip(&mut self.states) {
             let pat = s.as_bytes();
             let mut q = *state;
             for (i, &c) in new.iter().enumerate() {
@@ -172,7 +172,7 @@ impl StopChecker {
 }
 
 /// Knuth-Morris-Pratt borders of `pat`: entry `i` is the length of the longest proper border of `pat[..=i]`.
-fn borders(pat: &[u8]) -> Vec<u32> {
+fn borders(pat: &[u8]) -> Box<[u32]> {
     let mut border = vec![0u32; pat.len()];
     let mut k = 0usize;
     for i in 1..pat.len() {
@@ -184,7 +184,7 @@ fn borders(pat: &[u8]) -> Vec<u32> {
         }
         border[i] = k as u32;
     }
-    border
+    border.into_boxed_slice()
 }
 
 /// One automaton step: from `q` matched bytes of `pat` (`q < pat.len()`, `pat` not empty), by byte `c`.

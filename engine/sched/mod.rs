@@ -257,7 +257,8 @@ impl Scheduler {
     /// parameters or ids, a prompt that fills the context, or more KV blocks than the whole cache holds.
     pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams, priority: i32) -> Result<SeqId> {
         self.check_request(&prompt, &params, None)?;
-        Ok(self.push_seq(prompt, params, priority, None, None))
+        let stop = StopChecker::new(&self.cfg.eos_ids, &params);
+        Ok(self.push_seq(prompt, params, stop, priority, None, None))
     }
 
     /// Queues `n` completions of one prompt (OpenAI's `n`), returned as consecutive ids. The first is scheduled like
@@ -289,11 +290,13 @@ impl Scheduler {
             return Err(Error::request(format!("request {}: n must be at least 1, got 0", self.next_id)));
         }
         self.check_request(&prompt, &params, vision.as_ref())?;
-        let first = self.push_seq(prompt.clone(), params.clone(), priority, None, vision.clone());
+        // One checker, cloned: the completions share its stop strings and their automata tables.
+        let stop = StopChecker::new(&self.cfg.eos_ids, &params);
+        let first = self.push_seq(prompt.clone(), params.clone(), stop.clone(), priority, None, vision.clone());
         let mut ids = vec![first];
         for k in 1..n {
             let p = SamplingParams { seed: params.seed.map(|s| s.wrapping_add(k as u64)), ..params.clone() };
-            ids.push(self.push_seq(prompt.clone(), p, priority, Some(first), vision.clone()));
+            ids.push(self.push_seq(prompt.clone(), p, stop.clone(), priority, Some(first), vision.clone()));
         }
         Ok(ids)
     }
@@ -349,6 +352,7 @@ impl Scheduler {
         &mut self,
         prompt: Vec<u32>,
         params: SamplingParams,
+        stop: StopChecker,
         priority: i32,
         after: Option<SeqId>,
         vision: Option<SeqVision>,
@@ -359,7 +363,7 @@ impl Scheduler {
             after,
             vision,
             sampler: Sampler::new(&params, &prompt).with_eos_ids(&self.cfg.eos_ids),
-            stop: StopChecker::new(&self.cfg.eos_ids, &params),
+            stop,
             prompt_len: prompt.len(),
             tokens: prompt,
             computed: 0,
