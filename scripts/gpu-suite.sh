@@ -664,11 +664,11 @@ PY
         grep '^{' "$log" >>"$logs/bench.jsonl"
         rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS scored "1b 64 clients p512 g128 $name" -)")
         benches+=("$(grep '^{' "$log" | tail -1 | python3 -c '
-  import json, sys
-  d = json.loads(sys.stdin.read())
-  print("scored %-18s 64 clients: TTFT p50 %7.1f ms  ITL p50 %6.2f p99 %6.2f ms  %8.0f tok/s  ok %d err %d" % (
-      sys.argv[1], d["ttft_ms"]["p50"], d["itl_ms"]["p50"], d["itl_ms"]["p99"], d["output_tok_per_s"], d["ok"],
-      d["errors"]))' "$name")")
+import json, sys
+d = json.loads(sys.stdin.read())
+print("scored %-18s 64 clients: TTFT p50 %7.1f ms  ITL p50 %6.2f p99 %6.2f ms  %8.0f tok/s  ok %d err %d" % (
+    sys.argv[1], d["ttft_ms"]["p50"], d["itl_ms"]["p50"], d["itl_ms"]["p99"], d["output_tok_per_s"], d["ok"],
+    d["errors"]))' "$name")")
       else
         failed=$((failed + 1))
         rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL scored "1b 64 clients p512 g128 $name" -)")
@@ -997,12 +997,12 @@ PY
       grep '^{' "$log" >>"$logs/bench.jsonl"
       rows+=("$(printf '%-4s  %-16s %-48s %7s' PASS bench-serve "1b p512 g128, 1/16/64/256 clients" -)")
       mapfile -t -O "${#benches[@]}" benches < <(grep '^{' "$log" | python3 -c '
-  import json, sys
-  for l in sys.stdin:
-      d = json.loads(l)
-      print("serve %3d clients: TTFT p50 %7.1f p99 %7.1f ms  ITL p50 %6.2f p99 %6.2f ms  %8.0f tok/s  ok %d err %d" % (
-          d["clients"], d["ttft_ms"]["p50"], d["ttft_ms"]["p99"], d["itl_ms"]["p50"], d["itl_ms"]["p99"],
-          d["output_tok_per_s"], d["ok"], d["errors"]))')
+import json, sys
+for l in sys.stdin:
+    d = json.loads(l)
+    print("serve %3d clients: TTFT p50 %7.1f p99 %7.1f ms  ITL p50 %6.2f p99 %6.2f ms  %8.0f tok/s  ok %d err %d" % (
+        d["clients"], d["ttft_ms"]["p50"], d["ttft_ms"]["p99"], d["itl_ms"]["p50"], d["itl_ms"]["p99"],
+        d["output_tok_per_s"], d["ok"], d["errors"]))')
     else
       failed=$((failed + 1))
       rows+=("$(printf '%-4s  %-16s %-48s %7s' FAIL bench-serve "1b p512 g128, 1/16/64/256 clients" -)")

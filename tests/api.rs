@@ -128,6 +128,11 @@ fn validation_errors_name_the_field() {
     assert!(msg.contains("4200000"), "{msg}");
     assert_eq!(p.as_deref(), Some("logprobs"));
     assert!(prepare(&c, Endpoint::Completions, &body(99, json!({"prompt_logprobs": 20}))).is_ok());
+    // Both lists when both are asked for: 50 x 1000 x (21 + 21) x 2 is past it.
+    let both = json!({"echo": true, "logprobs": 20, "prompt_logprobs": 20});
+    let (msg, p) = err(&c, Endpoint::Completions, body(50, both));
+    assert!(msg.contains("4200000") && p.as_deref() == Some("prompt_logprobs"), "{msg}");
+    assert!(prepare(&c, Endpoint::Completions, &body(50, json!({"prompt_logprobs": 20}))).is_ok());
     // An unknown model is a 404, as OpenAI and vLLM answer (the OpenAI client raises NotFoundError).
     let e = prepare(&c, Endpoint::Chat, &chat(json!({"model": "gpt-4"}))).expect_err("unknown model");
     assert_eq!((e.status, e.param.as_deref()), (404, Some("model")), "{}", e.message);

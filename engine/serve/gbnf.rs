@@ -340,7 +340,7 @@ impl Parser<'_> {
                         }
                     };
                     let item = Item::Repeat(Box::new(last), op);
-                    if nesting(&item) > MAX_NESTING {
+                    if self.depth + nesting(&item) > MAX_NESTING {
                         return Err(self.error(at, format!("repetitions and groups nest more than {MAX_NESTING} deep")));
                     }
                     item
@@ -605,6 +605,11 @@ mod tests {
     fn limits_and_vllm_names() {
         check(&format!("root ::= {}\"a\"{}", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING)), &["a"], &["b"]);
         check(&format!("root ::= \"a\"{}", "?*".repeat(MAX_NESTING / 2) + "?"), &["", "aa"], &["b"]);
+        // Groups and repetitions inside them count together.
+        let (open, close) = ("(".repeat(MAX_NESTING - 1), ")".repeat(MAX_NESTING - 1));
+        check(&format!("root ::= {open}\"a\"**{close}"), &["", "aaa"], &["b"]);
+        let e = to_lark(&format!("root ::= {open}\"a\"***{close}")).unwrap_err();
+        assert!(e.contains("repetitions and groups nest more than 28 deep"), "{e}");
         let sql = "root ::= select_statement\nselect_statement ::= \"SELECT \" column \" from \" table\n\
                    column ::= \"col_1 \" | \"col_2 \"\ntable ::= \"table_1 \" | \"table_2 \"\n";
         check(sql, &["SELECT col_1  from table_2 "], &["SELECT col_3  from table_2 "]);

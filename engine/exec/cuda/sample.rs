@@ -59,7 +59,9 @@ impl SamplingInputs {
                     lists.push_row_biased(r.prompt, r.output, &bias)?;
                 }
             }
-            Some(lists)
+            // Rows whose penalties list nothing yet (a frequency penalty before any output): no lists, and no
+            // empty device allocation, which some drivers refuse.
+            (!lists.ids().is_empty()).then_some(lists)
         } else {
             None
         };

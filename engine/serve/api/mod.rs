@@ -35,9 +35,9 @@ use serde_json::{json, Map, Value as Json};
 
 use super::engine::{EngineInfo, MAX_COMPLETIONS, MAX_TOP_LOGPROBS};
 use super::GenerateRequest;
-use crate::chat_template::{ChatRequest, ChatTemplate, RenderOptions};
+use crate::chat_template::ChatTemplate;
 use crate::sampling::SamplingParams;
-use crate::tokenizer::{EncodeOptions, Tokenizer};
+use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
 /// An OpenAI-style error: HTTP status and the `{"error": {...}}` body.
@@ -102,8 +102,9 @@ pub const MAX_PROMPTS: usize = 1024;
 /// moment the request is queued, so this bounds the memory one request can take before any of it runs.
 pub const MAX_SEQUENCES: usize = 4096;
 
-/// Most prompt log-probabilities one request may ask for, counted as every choice carries them: prompt tokens x (1 +
-/// alternatives) x choices. A whole 128K-token prompt with 20 alternatives and one choice is 2.75 M; each becomes a
+/// Most prompt log-probabilities one request may ask for, counted as the response carries them: prompt tokens x (1 +
+/// alternatives) for each list (a completion choice may carry both `echo`'s and `prompt_logprobs`), times the
+/// choices (a non-streamed chat response has one list for all). A whole 128K-token prompt with 20 alternatives and one choice is 2.75 M; each becomes a
 /// JSON object in the response, so this bounds what one short request can make the server build (the list is the
 /// same for every choice of a prompt, and 128 choices of a long prompt asked for hundreds of GB).
 pub const MAX_PROMPT_LOGPROBS: usize = 1 << 22;
@@ -423,181 +424,19 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
 
     // Prompts.
     let tok = ctx.tokenizer.as_deref();
-    let need_tok = |what: &str| {
-        tok.ok_or_else(|| ApiError::bad_request(None, format!("{what} needs a tokenizer, and this model has none")))
-    };
-    let mut parse_tools = false;
-    let mut images: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut prompts: Vec<(Vec<u32>, String, &'static str)> = Vec::new(); // ids, prefix, param name
-    match endpoint {
+    let (mut parse_tools, mut images) = (false, Vec::new());
+    let prompts = match endpoint {
         Endpoint::Chat => {
-            let mut req = ChatRequest::from_value(body.clone()).map_err(|e| ApiError::from_request_error(&e))?;
-            let urls = req.images();
-            if !urls.is_empty() && ctx.vision.is_none() {
-                return Err(ApiError::bad_request(
-                    Some("messages"),
-                    "messages: image content needs a vision model; this server serves a text model",
-                ));
-            }
-            if urls.len() > MAX_IMAGES {
-                return Err(ApiError::bad_request(
-                    Some("messages"),
-                    format!("messages: {} images, at most {MAX_IMAGES} per request", urls.len()),
-                ));
-            }
-            for (k, url) in urls.iter().enumerate() {
-                images.push((format!("image {k}"), data_url_bytes(k, *url)?));
-            }
-            let template = ctx.template.as_deref().ok_or_else(|| {
-                ApiError::bad_request(None, "/v1/chat/completions needs a chat template, and this model has none")
-            })?;
-            let tok = need_tok("/v1/chat/completions")?;
-            let tools_given = req.tools.as_ref().is_some_and(|t| !t.is_empty());
-            let choice = req.tool_choice.clone();
-            let mut forced = String::new();
-            match &choice {
-                None => parse_tools = tools_given,
-                Some(Json::String(s)) if s == "none" => req.tools = None,
-                Some(Json::String(s)) if s == "auto" => parse_tools = tools_given,
-                Some(Json::String(s)) if s == "required" => {
-                    if !tools_given {
-                        return Err(ApiError::bad_request(
-                            Some("tool_choice"),
-                            "tool_choice: \"required\" needs tools",
-                        ));
-                    }
-                    parse_tools = true;
-                    forced = "{\"name\": \"".into();
-                }
-                Some(Json::Object(o)) => {
-                    let name =
-                        o.get("function").and_then(|f| f.get("name")).and_then(Json::as_str).ok_or_else(|| {
-                            ApiError::bad_request(Some("tool_choice"), "tool_choice.function.name: missing")
-                        })?;
-                    // The forced prefix is prompt text encoded with special tokens parsed: the name goes in
-                    // JSON-escaped, and special-token text (`<|eot_id|>`) is refused.
-                    if name.contains("<|") {
-                        return Err(ApiError::bad_request(
-                            Some("tool_choice"),
-                            "tool_choice.function.name: must not contain special-token text (`<|`)",
-                        ));
-                    }
-                    let known = req
-                        .tools
-                        .iter()
-                        .flatten()
-                        .any(|t| t.get("function").unwrap_or(t).get("name").and_then(Json::as_str) == Some(name));
-                    if !known {
-                        return Err(ApiError::bad_request(
-                            Some("tool_choice"),
-                            format!("tool_choice: function `{name}` is not in tools"),
-                        ));
-                    }
-                    parse_tools = true;
-                    let quoted = serde_json::to_string(name).unwrap_or_default();
-                    forced = format!("{{\"name\": {quoted}, \"parameters\": ");
-                }
-                Some(other) => {
-                    return Err(ApiError::bad_request(
-                        Some("tool_choice"),
-                        format!("tool_choice: expected \"none\", \"auto\", \"required\" or a function, got {other}"),
-                    ))
-                }
-            }
+            let c = prompts::chat(ctx, body)?;
+            (parse_tools, images) = (c.parse_tools, c.images);
             if parse_tools {
                 // `<|python_tag|>` (built-in tool calls) must survive detokenization.
                 skip_special = false;
             }
-            let opts = RenderOptions::default();
-            let rendered = template.render(&req, &opts).map_err(|e| {
-                // A template that fails only with the request's chat_template_kwargs fails because of them.
-                let kwargs = req.chat_template_kwargs.as_ref().is_some_and(|k| !k.is_empty())
-                    && template.render(&ChatRequest { chat_template_kwargs: None, ..req.clone() }, &opts).is_ok();
-                let field = if kwargs { "chat_template_kwargs" } else { "messages" };
-                let detail = e.detail();
-                let msg = if detail.starts_with(field) { detail } else { format!("{field}: {detail}") };
-                ApiError::bad_request(Some(field), msg)
-            })?;
-            let text = format!("{rendered}{forced}");
-            let ids = match &ctx.vision {
-                Some(v) => crate::vision::pipeline::encode_with_images(tok, &text, v.cfg.image_token_index),
-                None => tok.encode(&text, EncodeOptions { add_bos: false, parse_special: true }),
-            }
-            .map_err(|e| ApiError::bad_request(Some("messages"), format!("messages: {e}")))?;
-            if let Some(v) = &ctx.vision {
-                // Checked here, before any image is decoded: `<|image|>` typed as text, or an image part the template
-                // leaves out (Llama 3.2's drops images outside user messages), would otherwise fail later under an
-                // internal name.
-                let tokens = ids.iter().filter(|&&t| t == v.cfg.image_token_index).count();
-                if tokens != images.len() {
-                    return Err(ApiError::bad_request(
-                        Some("messages"),
-                        format!(
-                            "messages: the rendered prompt holds {tokens} `<|image|>` token(s) but the request has {} \
-                             image(s) (images go in user messages; `<|image|>` is not text)",
-                            images.len()
-                        ),
-                    ));
-                }
-            }
-            prompts.push((ids, forced, "messages"));
+            vec![(c.ids, c.forced, "messages")]
         }
-        Endpoint::Completions => {
-            let p = f.get("prompt").ok_or_else(|| ApiError::bad_request(Some("prompt"), "prompt: missing field"))?;
-            let bad = || {
-                ApiError::bad_request(
-                    Some("prompt"),
-                    "prompt: expected a string, an array of strings, an array of token ids, or an array of arrays of token ids",
-                )
-            };
-            let ids_of = |v: &Json| -> Option<Vec<u32>> {
-                v.as_array()?.iter().map(|x| x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32)).collect()
-            };
-            let mut texts: Vec<std::result::Result<String, Vec<u32>>> = Vec::new();
-            match p {
-                Json::String(s) => texts.push(Ok(s.clone())),
-                Json::Array(items) if items.is_empty() => return Err(bad()),
-                Json::Array(items) if items.iter().all(Json::is_string) => {
-                    texts.extend(items.iter().filter_map(Json::as_str).map(|s| Ok(s.to_string())))
-                }
-                Json::Array(items) if items.iter().all(Json::is_number) => texts.push(Err(ids_of(p).ok_or_else(bad)?)),
-                Json::Array(items) if items.iter().all(Json::is_array) => {
-                    for it in items {
-                        texts.push(Err(ids_of(it).ok_or_else(bad)?));
-                    }
-                }
-                _ => return Err(bad()),
-            }
-            if texts.len() > MAX_PROMPTS {
-                return Err(ApiError::bad_request(
-                    Some("prompt"),
-                    format!("prompt: {} prompts in one request; at most {MAX_PROMPTS}", texts.len()),
-                ));
-            }
-            for t in texts {
-                let (ids, text) = match t {
-                    Ok(s) => {
-                        let tok = need_tok("a text prompt")?;
-                        let ids = tok
-                            .encode(&s, EncodeOptions { add_bos: true, parse_special: false })
-                            .map_err(|e| ApiError::bad_request(Some("prompt"), format!("prompt: {e}")))?;
-                        (ids, s)
-                    }
-                    Err(ids) => {
-                        let text = if echo {
-                            need_tok("echo")?
-                                .decode(&ids, skip_special)
-                                .map_err(|e| ApiError::bad_request(Some("prompt"), format!("prompt: {e}")))?
-                        } else {
-                            String::new()
-                        };
-                        (ids, text)
-                    }
-                };
-                prompts.push((ids, if echo { text } else { String::new() }, "prompt"));
-            }
-        }
-    }
+        Endpoint::Completions => prompts::completions(ctx, &f, echo, skip_special)?,
+    };
 
     // Sampling.
     let d = &ctx.defaults;
@@ -762,9 +601,11 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
                 format!("min_tokens: {min_tokens} is more than the {max} tokens {label} may generate"),
             ));
         }
-        if let Some(k) = prompt_logprobs {
-            prompt_entries = prompt_entries.saturating_add(ids.len() * (k + 1) * n);
-        }
+        // A completion choice carries the echoed list and vLLM's each; a chat response carries vLLM's once (each
+        // choice's first chunk, streamed).
+        let per_token = echo_logprobs.map_or(0, |k| k + 1) + vllm_prompt_logprobs.map_or(0, |k| k + 1);
+        let copies = if endpoint == Endpoint::Chat && !stream { 1 } else { n };
+        prompt_entries = prompt_entries.saturating_add(ids.len() * per_token * copies);
         let params = SamplingParams { max_tokens: max, min_tokens, ..base.clone() };
         requests.push(GenerateRequest {
             prompt: ids,
@@ -869,6 +710,7 @@ pub fn attach_images(ctx: &ServeContext, prep: &mut Prepared) -> ApiResult<()> {
     Ok(())
 }
 
+mod prompts;
 mod response;
 mod structured;
 mod tokens;
