@@ -7,7 +7,7 @@
 //! next token, so its KV blocks are freed. Shutdown stops admission, lets the running requests finish until a
 //! deadline, then fails the rest with an error event, so no caller waits forever.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -615,8 +615,21 @@ impl<'t> Core<'t> {
             .filter(|c| self.seqs.get(&c.seq).is_some_and(|_| c.len > 1 || !c.sample))
             .map(|c| c.len)
             .sum();
-        let ran = self.images.before_step(self.exec.as_mut(), &plan).and_then(|()| {
-            let out = self.run_plan(&plan)?;
+        let refused = self.images.before_step(self.exec.as_mut(), &plan);
+        if !refused.is_empty() {
+            // Their image set did not fit back in the pool: those requests fail alone (with the executor's reason),
+            // this plan is dropped, and the next step is planned without them.
+            let mut failed = HashSet::new();
+            for (seq, e) in refused {
+                if let Some(req) = self.seqs.get(&seq).map(|s| s.req).filter(|&r| failed.insert(r)) {
+                    let msg = format!("images: {} (the cross-attention pool filled up; retry)", e.detail());
+                    self.fail(req, &msg);
+                }
+            }
+            self.metrics.set_sched(self.sched.metrics());
+            return;
+        }
+        let ran = self.run_plan(&plan).and_then(|out| {
             self.images.after_step(self.exec.as_mut(), &plan)?;
             Ok(out)
         });
@@ -711,6 +724,9 @@ impl<'t> Core<'t> {
                 self.drop_seq(seq);
             }
         }
+        // A request whose several sequences all found its client gone is aborted (and counted) once.
+        dead.sort_unstable();
+        dead.dedup();
         for id in dead {
             self.abort(id);
             self.metrics.request_finished("aborted", None);

@@ -22,7 +22,7 @@ use crate::exec::Executor;
 use crate::kv::prefix::SeqId;
 use crate::sched::StepPlan;
 use crate::vision::pipeline::EncodedImages;
-use crate::Result;
+use crate::{Error, Result};
 
 /// One set registered with the executor.
 struct ImageSet {
@@ -93,8 +93,11 @@ impl ImageSets {
 
     /// Before `plan` runs: a chunk whose first row sees no image needs its set's padding tiles, so a trimmed set
     /// is registered again in full, and the chunk's sequence counts as pending until a step ends on a row that
-    /// sees an image.
-    pub fn before_step(&mut self, exec: &mut dyn Executor, plan: &StepPlan) -> Result<()> {
+    /// sees an image. Returns the sequences whose set could not be registered again (the pool filled up after
+    /// their request was admitted, or they recompute after a preemption): the caller fails their requests alone
+    /// and plans again, instead of failing the step and every request with it. The set stays as it was.
+    pub fn before_step(&mut self, exec: &mut dyn Executor, plan: &StepPlan) -> Vec<(SeqId, Error)> {
+        let mut refused = Vec::new();
         for (chunk, im) in plan.chunks.iter().zip(&plan.images) {
             let Some(im) = im else { continue };
             let row_len = im.mask.len() / chunk.len.max(1);
@@ -102,16 +105,19 @@ impl ImageSets {
             if first_sees || row_len == 0 {
                 continue;
             }
-            self.pending.insert(chunk.seq, im.key);
             if let Some(set) = self.sets.get_mut(&im.key) {
                 if set.trimmed {
-                    exec.add_images(im.key, &set.encoded)?;
+                    if let Err(e) = exec.add_images(im.key, &set.encoded) {
+                        refused.push((chunk.seq, e));
+                        continue;
+                    }
                     set.trimmed = false;
                     self.readds += 1;
                 }
             }
+            self.pending.insert(chunk.seq, im.key);
         }
-        Ok(())
+        refused
     }
 
     /// After `plan` ran: sequences whose last row saw an image have no rows seeing none left (the processor's
@@ -201,15 +207,16 @@ mod tests {
     use crate::exec::{StepInput, StepOutput};
     use crate::sched::{PlanImages, PlannedChunk};
 
-    /// Records the image calls it gets.
+    /// Records the image calls it gets; refuses every `add_images` while `full` (a pool with no room).
     struct Recorder {
         cfg: LlamaConfig,
         log: Vec<String>,
+        full: bool,
     }
 
     impl Default for Recorder {
         fn default() -> Self {
-            Recorder { cfg: crate::config::Preset::Llama32_1B.config(), log: Vec::new() }
+            Recorder { cfg: crate::config::Preset::Llama32_1B.config(), log: Vec::new(), full: false }
         }
     }
 
@@ -227,6 +234,9 @@ mod tests {
             Ok(StepOutput::default())
         }
         fn add_images(&mut self, key: u64, _: &EncodedImages) -> Result<()> {
+            if self.full {
+                return Err(Error::request("4 tiles do not fit"));
+            }
             self.log.push(format!("add {key}"));
             Ok(())
         }
@@ -273,23 +283,23 @@ mod tests {
         // Seq 1 runs its whole prompt (a row before the image, then rows that see it); seq 2 only a first chunk
         // of rows before the image: the set stays whole.
         let p = plan(&[(1, 7, &[[0, 0], [1, 0], [1, 0]]), (2, 7, &[[0, 0]])]);
-        sets.before_step(&mut ex, &p).unwrap();
+        assert!(sets.before_step(&mut ex, &p).is_empty());
         sets.after_step(&mut ex, &p).unwrap();
         assert_eq!(ex.log, ["add 7"]);
         // Seq 2 reaches the image: now it can go.
         let p = plan(&[(1, 7, &[[1, 0]]), (2, 7, &[[0, 0], [1, 0]])]);
-        sets.before_step(&mut ex, &p).unwrap();
+        assert!(sets.before_step(&mut ex, &p).is_empty());
         sets.after_step(&mut ex, &p).unwrap();
         assert_eq!(ex.log, ["add 7", "trim 7"]);
         assert_eq!(sets.counts(), (1, 0));
         // Decode steps change nothing.
         let p = plan(&[(1, 7, &[[1, 0]]), (2, 7, &[[1, 0]])]);
-        sets.before_step(&mut ex, &p).unwrap();
+        assert!(sets.before_step(&mut ex, &p).is_empty());
         sets.after_step(&mut ex, &p).unwrap();
         assert_eq!(ex.log.len(), 2);
         // Seq 2 is preempted and recomputes its prompt: the full set comes back first, then goes again.
         let p = plan(&[(2, 7, &[[0, 0], [1, 0]])]);
-        sets.before_step(&mut ex, &p).unwrap();
+        assert!(sets.before_step(&mut ex, &p).is_empty());
         assert_eq!(ex.log, ["add 7", "trim 7", "add 7"]);
         sets.after_step(&mut ex, &p).unwrap();
         assert_eq!(ex.log, ["add 7", "trim 7", "add 7", "trim 7"]);
@@ -301,6 +311,38 @@ mod tests {
         assert_eq!(ex.log.last().map(String::as_str), Some("remove 7"));
     }
 
+    /// A trimmed set that does not fit back (the pool filled up after its request was admitted) refuses that
+    /// sequence alone, and stays trimmed and registered for the sequences already past their image; once there is
+    /// room it comes back.
+    #[test]
+    fn a_readd_that_does_not_fit_refuses_its_sequence_alone() {
+        let (mut ex, mut sets) = (Recorder::default(), ImageSets::default());
+        sets.retain(&mut ex, 7, &encoded()).unwrap();
+        sets.add_seq(1, 7);
+        let p = plan(&[(1, 7, &[[0, 0], [1, 0]])]);
+        assert!(sets.before_step(&mut ex, &p).is_empty());
+        sets.after_step(&mut ex, &p).unwrap();
+        assert_eq!(ex.log, ["add 7", "trim 7"]);
+        sets.retain(&mut ex, 7, &encoded()).unwrap();
+        sets.add_seq(2, 7);
+        ex.full = true;
+        // Seq 1 decodes (its row sees the image) beside seq 2's first chunk, which needs the padding tiles.
+        let p = plan(&[(1, 7, &[[1, 0]]), (2, 7, &[[0, 0], [1, 0]])]);
+        let refused = sets.before_step(&mut ex, &p);
+        assert_eq!(refused.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2]);
+        assert!(refused[0].1.to_string().contains("do not fit"), "{}", refused[0].1);
+        assert_eq!((ex.log.len(), sets.counts()), (2, (1, 0)), "nothing registered, the set still trimmed");
+        // The engine fails seq 2's request and plans again; with room, a later holder gets the set back.
+        sets.seq_done(2);
+        sets.release(&mut ex, Some(7));
+        ex.full = false;
+        sets.retain(&mut ex, 7, &encoded()).unwrap();
+        sets.add_seq(3, 7);
+        let p = plan(&[(1, 7, &[[1, 0]]), (3, 7, &[[0, 0], [1, 0]])]);
+        assert!(sets.before_step(&mut ex, &p).is_empty());
+        assert_eq!((ex.log.last().map(String::as_str), sets.counts()), (Some("add 7"), (1, 1)));
+    }
+
     #[test]
     fn a_waiting_holder_keeps_the_set_whole_until_it_runs() {
         let (mut ex, mut sets) = (Recorder::default(), ImageSets::default());
@@ -310,7 +352,7 @@ mod tests {
         sets.add_seq(2, 3);
         // Only seq 1 runs; seq 2 is still waiting, unscheduled.
         let p = plan(&[(1, 3, &[[0, 0], [0, 1]])]);
-        sets.before_step(&mut ex, &p).unwrap();
+        assert!(sets.before_step(&mut ex, &p).is_empty());
         sets.after_step(&mut ex, &p).unwrap();
         assert_eq!(ex.log, ["add 3"]);
         // Seq 2 finishes without ever running (aborted): the set is trimmed after the next step.
@@ -322,7 +364,7 @@ mod tests {
         sets.retain(&mut ex, 4, &encoded()).unwrap();
         sets.add_seq(5, 4);
         let p = plan(&[(5, 4, &[[1, 1], [1, 1]])]);
-        sets.before_step(&mut ex, &p).unwrap();
+        assert!(sets.before_step(&mut ex, &p).is_empty());
         sets.after_step(&mut ex, &p).unwrap();
         assert_eq!(ex.log, ["add 3", "trim 3", "add 4", "trim 4"]);
     }

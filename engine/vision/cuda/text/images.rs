@@ -40,15 +40,18 @@ impl MllamaCudaExecutor {
                 states.len()
             )));
         }
-        self.release_set(key);
+        // The set this one replaces gives its tiles back, but only once the new one is known to fit: a refused
+        // registration leaves the old set (a trimmed one, still read by its running sequences) in place.
         let need = map.columns();
-        if need > self.free_tiles.len() {
+        let own = self.sets.get(&key).map_or(0, |s| s.blocks.len());
+        if need > self.free_tiles.len() + own {
             return Err(Error::request(format!(
                 "add_images: {need} tiles do not fit in the cross-attention pool ({} of {} free)",
-                self.free_tiles.len(),
+                self.free_tiles.len() + own,
                 self.cross_tiles
             )));
         }
+        self.release_set(key);
         // The lowest free blocks, in order: a set added to an empty pool gets consecutive blocks.
         let blocks: Vec<u32> = self.free_tiles.iter().take(need).copied().collect();
         for b in &blocks {
