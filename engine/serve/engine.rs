@@ -621,7 +621,12 @@ impl<'t> Core<'t> {
             // this plan is dropped, and the next step is planned without them.
             let mut failed = HashSet::new();
             for (seq, e) in refused {
-                if let Some(req) = self.seqs.get(&seq).map(|s| s.req).filter(|&r| failed.insert(r)) {
+                let Some(req) = self.seqs.get(&seq).map(|s| s.req) else {
+                    // No request to fail: planning again would refuse the same chunk forever.
+                    self.fail_all(&format!("step failed: {e}"));
+                    return;
+                };
+                if failed.insert(req) {
                     let msg = format!("images: {} (the cross-attention pool filled up; retry)", e.detail());
                     self.fail(req, &msg);
                 }
