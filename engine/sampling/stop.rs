@@ -218,6 +218,9 @@ fn suffix_prefix(text: &[u8], pat: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
     use super::{suffix_prefix, FinishReason, StopChecker};
     use crate::sampling::SamplingParams;
 
@@ -252,13 +255,8 @@ mod tests {
     /// (so that borders, overlaps and several occurrences in one piece are common).
     #[test]
     fn automata_match_the_reference() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |m: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % m
-        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |m: u64| rng.random_range(0..m);
         fn word(next: &mut impl FnMut(u64) -> u64, max: u64) -> String {
             (0..next(max)).map(|_| if next(2) == 0 { 'a' } else { 'b' }).collect()
         }
@@ -286,13 +284,8 @@ mod tests {
     /// Against the definition, on random strings over a small alphabet (many borders).
     #[test]
     fn suffix_prefix_is_the_longest() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |m: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % m
-        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut next = move |m: u64| rng.random_range(0..m);
         for _ in 0..20_000 {
             let text: Vec<u8> = (0..next(12)).map(|_| b'a' + next(3) as u8).collect();
             let pat: Vec<u8> = (0..next(12)).map(|_| b'a' + next(3) as u8).collect();

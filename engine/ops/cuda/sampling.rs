@@ -480,14 +480,12 @@ mod tests {
     /// repetition penalty, and without one the same but for the prompt-only ids (count 0, no penalty to apply).
     #[test]
     fn penalty_rows_from_the_sampler_history_match_the_slices() {
+        use rand::{RngExt, SeedableRng};
+        use rand_chacha::ChaCha8Rng;
+
         use crate::sampling::{Sampler, SamplingParams};
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let mut next = move |m: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % m
-        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0x1234_5678_9abc_def1);
+        let mut next = move |m: u64| rng.random_range(0..m);
         for case in 0..2000 {
             let prompt: Vec<u32> = (0..next(40)).map(|_| next(50) as u32).collect();
             let output: Vec<u32> = (0..next(40)).map(|_| next(60) as u32).collect();
