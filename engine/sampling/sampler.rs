@@ -1,7 +1,7 @@
 //! The per-sequence [`Sampler`]: logit bias, penalties, temperature, min-p, top-k, top-p and the seeded draw.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -50,9 +50,8 @@ pub struct Sampler {
     /// [`SamplingParams::ignore_eos`]: [`Sampler::with_eos_ids`] then adds nothing.
     ignore_eos: bool,
     rng: ChaCha20Rng,
-    /// Tokens of the prompt or the output (repetition penalty).
-    seen: HashSet<u32>,
-    /// The prompt's distinct tokens in increasing order, under a repetition penalty (for [`Sampler::history`]).
+    /// The prompt's distinct tokens in increasing order, under a repetition penalty (the one penalty that reads
+    /// them): with the output's tokens (`counts`), the tokens it penalizes.
     prompt_ids: Vec<u32>,
     /// Occurrences of each token in the output (frequency and presence penalties), in id order.
     counts: BTreeMap<u32, u32>,
@@ -84,8 +83,6 @@ impl Sampler {
             min_tokens_banned: if params.min_tokens > 0 { super::stop_ids(&[], params) } else { Vec::new() },
             ignore_eos: params.ignore_eos,
             rng,
-            // Only the repetition penalty reads `seen`: without it, a long prompt costs no set.
-            seen: if params.repetition_penalty != 1.0 { prompt_ids.iter().copied().collect() } else { HashSet::new() },
             prompt_ids: if params.repetition_penalty != 1.0 {
                 let mut ids = prompt_ids.to_vec();
                 ids.sort_unstable();
@@ -166,7 +163,7 @@ impl Sampler {
     fn penalties_active(&self) -> bool {
         !self.logit_bias.is_empty()
             || !self.banned_now().is_empty()
-            || (self.repetition_penalty != 1.0 && !self.seen.is_empty())
+            || (self.repetition_penalty != 1.0 && !(self.prompt_ids.is_empty() && self.counts.is_empty()))
             || ((self.frequency_penalty != 0.0 || self.presence_penalty != 0.0) && !self.counts.is_empty())
     }
 
@@ -180,9 +177,6 @@ impl Sampler {
 
     /// Records `id` as generated without sampling it (a forced token); it then counts for the penalties.
     pub fn accept(&mut self, id: u32) {
-        if self.repetition_penalty != 1.0 {
-            self.seen.insert(id);
-        }
         *self.counts.entry(id).or_insert(0) += 1;
         self.n_output += 1;
     }
@@ -205,7 +199,9 @@ impl Sampler {
         }
         let r = self.repetition_penalty;
         if r != 1.0 {
-            for &id in &self.seen {
+            // Every token of the prompt or the output, once.
+            let output_only = self.counts.keys().filter(|id| self.prompt_ids.binary_search(id).is_err());
+            for &id in self.prompt_ids.iter().chain(output_only) {
                 if let Some(l) = logits.get_mut(id as usize) {
                     *l = if *l > 0.0 { *l / r } else { *l * r };
                 }
