@@ -1,5 +1,6 @@
 //! Structured outputs: a request's output constrained to a JSON schema, any JSON object, a regular expression, one
-//! of a list of strings or a grammar (Lark or GBNF) (OpenAI's `response_format`, vLLM's `guided_*` and `structured_outputs`).
+//! of a list of strings or a grammar, Lark or GBNF (OpenAI's `response_format`, vLLM's `guided_*` and
+//! `structured_outputs`).
 //!
 //! The grammar engine is llguidance (the one vLLM, SGLang and llama.cpp use). [`Guides`] builds its token trie over
 //! the tokenizer's vocabulary once, on the first guided request, and compiles each request's grammar into a

@@ -104,9 +104,9 @@ pub const MAX_SEQUENCES: usize = 4096;
 
 /// Most prompt log-probabilities one request may ask for, counted as the response carries them: prompt tokens x (1 +
 /// alternatives) for each list (a completion choice may carry both `echo`'s and `prompt_logprobs`), times the
-/// choices (a non-streamed chat response has one list for all). A whole 128K-token prompt with 20 alternatives and one choice is 2.75 M; each becomes a
-/// JSON object in the response, so this bounds what one short request can make the server build (the list is the
-/// same for every choice of a prompt, and 128 choices of a long prompt asked for hundreds of GB).
+/// choices (a non-streamed chat response has one list for all). A whole 128K-token prompt with 20 alternatives and
+/// one choice is 2.75 M. Each becomes a JSON object in the response, so this bounds what one short request can make
+/// the server build (128 choices of a long prompt asked for hundreds of GB).
 pub const MAX_PROMPT_LOGPROBS: usize = 1 << 22;
 
 /// Sampling defaults from the model's `generation_config.json` (vLLM's `--generation-config auto`); request fields
@@ -424,19 +424,17 @@ fn prepare_within(ctx: &ServeContext, endpoint: Endpoint, body: &Json, ctx_len: 
 
     // Prompts.
     let tok = ctx.tokenizer.as_deref();
-    let (mut parse_tools, mut images) = (false, Vec::new());
-    let prompts = match endpoint {
+    let (prompts, parse_tools, images) = match endpoint {
         Endpoint::Chat => {
             let c = prompts::chat(ctx, body)?;
-            (parse_tools, images) = (c.parse_tools, c.images);
-            if parse_tools {
-                // `<|python_tag|>` (built-in tool calls) must survive detokenization.
-                skip_special = false;
-            }
-            vec![(c.ids, c.forced, "messages")]
+            (vec![(c.ids, c.forced, "messages")], c.parse_tools, c.images)
         }
-        Endpoint::Completions => prompts::completions(ctx, &f, echo, skip_special)?,
+        Endpoint::Completions => (prompts::completions(ctx, &f, echo, skip_special)?, false, Vec::new()),
     };
+    if parse_tools {
+        // `<|python_tag|>` (built-in tool calls) must survive detokenization.
+        skip_special = false;
+    }
 
     // Sampling.
     let d = &ctx.defaults;
